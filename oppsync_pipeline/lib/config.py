@@ -1,0 +1,328 @@
+"""oppsync.yaml: one validated configuration file.
+
+Configuration flows one way: file (+ environment for secrets) -> these typed models -> resources -> assets.
+Secrets are never written in the file: a credential is a reference to an environment variable
+(`${NAME}`), resolved only when a connector is built, and looked up in an optional dotenv-style
+secrets file when the environment does not have it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CRMS = ("salesforce", "hubspot", "dynamics", "connectwise", "autotask")
+CrmName = Literal["salesforce", "hubspot", "dynamics", "connectwise", "autotask"]
+FilterOp = Literal["equal", "not_equal", "more_than", "less_than", "at_least", "at_most", "in"]
+DEFAULT_CONFIG_PATH = Path("oppsync.yaml")
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+# Canonical fields a connection may point at a custom CRM field (seed 002: created date / created by).
+OVERRIDABLE_FIELDS = ("created_at", "created_by_crm_id", "project_name", "client_name", "stage", "amount",
+                      "close_date", "probability", "sales_executive")
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; `problems` holds one `key.path: message` line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecordFilter(_Strict):
+    """A record filter as in seed 001: field, operator, value. Pushed down into the CRM's query language."""
+
+    field: str
+    op: FilterOp
+    value: Any
+
+    @model_validator(mode="after")
+    def _value_shape(self) -> RecordFilter:
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("operator 'in' takes a list value, e.g. value: [a, b]")
+        if self.op != "in" and isinstance(self.value, (list, dict)):
+            raise ValueError(f"operator '{self.op}' takes a single value, not a list")
+        return self
+
+
+class QuotaConfig(_Strict):
+    """How much of the CRM's API quota one run may use before it stops early and reports 'skipped'."""
+
+    run_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    stop_at_usage: Annotated[float, Field(gt=0, le=1)] = 0.9
+
+
+class Qualification(_Strict):
+    """Seed 004: what makes an opportunity 'qualified' (stages, or a probability threshold)."""
+
+    stages: list[str] = []
+    min_probability: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
+class ConnectionConfig(_Strict):
+    name: str
+    crm: CrmName
+    base_url: str
+    credentials: dict[str, str] = {}
+    schedule: str = "30 * * * *"
+    full_sync_schedule: str = "0 2 * * *"
+    timezone: str = "UTC"
+    open_statuses: list[str] | None = None
+    filters: list[RecordFilter] = []
+    fields: dict[str, str] = {}
+    page_size: Annotated[int, Field(ge=1)] | None = None
+    overlap_minutes: Annotated[int, Field(ge=0)] = 10
+    max_delete_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    quota: QuotaConfig = QuotaConfig()
+    stage_categories: dict[str, Literal["open", "won", "lost"]] = {}
+    qualification: Qualification | None = None
+    options: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"'{v}' must be lowercase letters, digits, '-' or '_', starting with a letter")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parsed = urlparse(v)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"'{v}' is not an http(s) URL; write e.g. https://yourorg.my.salesforce.com")
+        return v.rstrip("/")
+
+    @field_validator("schedule", "full_sync_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not croniter.is_valid(v) or len(v.split()) != 5:
+            raise ValueError(f"'{v}' is not a 5-field cron expression; the default is '30 * * * *'")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return _check_timezone(v)
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, ref in v.items():
+            if not isinstance(ref, str) or not _ENV_REF.match(ref):
+                raise ValueError(
+                    f"credential '{key}' must reference an environment variable as '${{NAME}}'; "
+                    "secrets are never written in oppsync.yaml"
+                )
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(OVERRIDABLE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown canonical field(s) {unknown}; overridable: {list(OVERRIDABLE_FIELDS)}")
+        return v
+
+    def credential_env_vars(self) -> dict[str, str]:
+        return {key: _ENV_REF.match(ref).group(1) for key, ref in self.credentials.items()}  # type: ignore[union-attr]
+
+
+class UserConfig(_Strict):
+    """An internal user, linked to CRM user ids per connection (first linked wins, seed 002)."""
+
+    id: str
+    name: str
+    email: str | None = None
+    crm_ids: dict[str, list[str]] = {}
+
+
+class WarehouseConfig(_Strict):
+    url: str = "duckdb:///.oppsync/warehouse.duckdb"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0]
+        if scheme == "postgresql" or scheme == "postgres":
+            raise ValueError(
+                f"'{scheme}://' names no driver; write postgresql+psycopg2://user@host:5432/db"
+            )
+        if scheme not in ("duckdb", "postgresql+psycopg2", "postgresql+psycopg"):
+            raise ValueError(f"unsupported scheme '{scheme}'; use duckdb:///path or postgresql+psycopg2://...")
+        return v
+
+    @property
+    def backend(self) -> Literal["duckdb", "postgres"]:
+        return "duckdb" if self.url.startswith("duckdb") else "postgres"
+
+
+class ReportingConfig(_Strict):
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return _check_timezone(v)
+
+
+class SandboxConfig(_Strict):
+    """The built-in CRM sandbox: started by `make run` / `oppsync run` when enabled."""
+
+    enabled: bool = False
+    seed: int = 42
+    opportunities: Annotated[int, Field(ge=0)] = 2000
+    latency_ms: Annotated[int, Field(ge=0)] = 0
+
+
+class OppsyncConfig(_Strict):
+    warehouse: WarehouseConfig = WarehouseConfig()
+    reporting: ReportingConfig = ReportingConfig()
+    secrets_file: str | None = None
+    sandbox: SandboxConfig = SandboxConfig()
+    connections: list[ConnectionConfig] = []
+    users: list[UserConfig] = []
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> OppsyncConfig:
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        for i, conn in enumerate(self.connections):
+            if conn.name in seen:
+                problems.append(
+                    f"connections[{i}].name: '{conn.name}' is already used by connections[{seen[conn.name]}]; "
+                    "connection names must be unique"
+                )
+            seen.setdefault(conn.name, i)
+        for i, user in enumerate(self.users):
+            for conn_name in user.crm_ids:
+                if conn_name not in seen:
+                    problems.append(f"users[{i}].crm_ids.{conn_name}: no connection named '{conn_name}'")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def connection(self, name: str) -> ConnectionConfig:
+        for conn in self.connections:
+            if conn.name == name:
+                return conn
+        raise ConfigError([f"connections: no connection named '{name}' (have: {[c.name for c in self.connections]})"])
+
+
+def _check_timezone(v: str) -> str:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"'{v}' is not an IANA time zone such as 'UTC' or 'Europe/Berlin'") from None
+    return v
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            msg = f"{e['input']!r} is not one of {e['ctx']['expected']}"
+        elif e["type"] == "extra_forbidden":
+            msg = f"unknown key {path.rsplit('.', 1)[-1]!r}; check the spelling against the README"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        for line in msg.split("\n"):
+            # cross-checks carry their own key paths
+            problems.append(line if (not path and ":" in line) else f"{path or '<root>'}: {line}")
+    return problems
+
+
+def parse_config(data: Mapping[str, Any] | None, source: str = "oppsync.yaml") -> OppsyncConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"<root>: {source} must hold a mapping of keys, not {type(data).__name__}"])
+    try:
+        return OppsyncConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def config_path(explicit: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(explicit or environ.get("OPPSYNC_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> OppsyncConfig:
+    p = config_path(path, environ)
+    if not p.exists():
+        raise ConfigError([f"<file>: {p} not found; create it (see README) or point OPPSYNC_CONFIG at it"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError([f"<file>: {p} is not valid YAML: {err}"]) from None
+    cfg = parse_config(data, str(p))
+    if cfg.secrets_file and not Path(cfg.secrets_file).is_absolute():
+        cfg = cfg.model_copy(update={"secrets_file": str((p.parent / cfg.secrets_file).resolve())})
+    return cfg
+
+
+def read_secrets_file(path: str | None) -> dict[str, str]:
+    if not path or not Path(path).exists():
+        return {}
+    values: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return values
+
+
+def resolve_credentials(
+    cfg: OppsyncConfig, conn: ConnectionConfig, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Credential values for one connection: environment first, then the secrets file."""
+    environ = os.environ if environ is None else environ
+    file_values = read_secrets_file(cfg.secrets_file)
+    resolved, missing = {}, []
+    for key, var in conn.credential_env_vars().items():
+        value = environ.get(var) or file_values.get(var)
+        if not value:
+            missing.append(f"connections.{conn.name}.credentials.{key}: environment variable {var} is not set; "
+                           f"export {var}=... or add it to the secrets file")
+        else:
+            resolved[key] = value
+    if missing:
+        raise ConfigError(missing)
+    return resolved
+
+
+def check_config(cfg: OppsyncConfig, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Problems that need more than the schema: missing credential variables, connector-specific keys."""
+    from oppsync_pipeline.lib.crm import connector_class
+
+    problems: list[str] = []
+    for i, conn in enumerate(cfg.connections):
+        try:
+            resolve_credentials(cfg, conn, environ)
+        except ConfigError as err:
+            problems += [p.replace(f"connections.{conn.name}.", f"connections[{i}].") for p in err.problems]
+        cls = connector_class(conn.crm)
+        problems += [f"connections[{i}].{p}" for p in cls.validate_connection(conn)]
+    return problems

@@ -1,0 +1,247 @@
+"""One HTTP client for all five CRMs: timeouts, retries that honour Retry-After, token refresh on 401,
+per-run statistics and the quota budget.
+
+Retries use tenacity rather than urllib3's Retry because each CRM signals "slow down" differently
+(Salesforce 403 REQUEST_LIMIT_EXCEEDED is final, Autotask adds latency then 429, HubSpot 429 with a
+JSON body) and because the run must report how many retries it made and how long it waited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+
+
+class CrmError(Exception):
+    """A CRM call failed in a way retrying will not fix. The message never carries credentials."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthError(CrmError):
+    """Credentials were refused."""
+
+
+class QuotaExhausted(CrmError):
+    """The CRM's quota, or this run's budget of it, is spent: stop and report the run as skipped."""
+
+
+class RetryableHttpError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+@dataclass
+class RequestStats:
+    """What one run cost the CRM: recorded on the sync-run row and the Dagster materialization."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    seconds_waited: float = 0.0
+    token_refreshes: int = 0
+    quota_used: int | None = None    # the CRM's own usage counter, when it reports one
+    quota_limit: int | None = None
+    server_time: Any = None          # `Date` header of the first response (the run's start, server side)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "api_requests": self.requests,
+            "retries": self.retries,
+            "rate_limited_responses": self.rate_limited,
+            "seconds_waited_on_rate_limits": round(self.seconds_waited, 3),
+            "token_refreshes": self.token_refreshes,
+            "quota_used": self.quota_used,
+            "quota_limit": self.quota_limit,
+        }
+
+
+class Auth:
+    """How a CRM authenticates. Subclasses add headers and, for OAuth, fetch / refresh tokens."""
+
+    refreshable = False
+
+    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def refresh(self, session: requests.Session) -> None:
+        raise AuthError("credentials were refused (401)", status=401)
+
+
+class NoAuth(Auth):
+    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
+        return None
+
+
+@dataclass
+class QuotaBudget:
+    """Stop early rather than starve the customer's other integrations (peers.md complaint 5)."""
+
+    run_share: float = 0.25        # share of the CRM's quota limit one run may spend
+    stop_at_usage: float = 0.9     # stop when the CRM reports total usage at this share of its limit
+    max_requests: int | None = None  # absolute cap, for tests and for CRMs that report no limit
+
+    def check(self, stats: RequestStats) -> None:
+        if self.max_requests is not None and stats.requests >= self.max_requests:
+            raise QuotaExhausted(f"run budget of {self.max_requests} API requests spent")
+        if stats.quota_limit:
+            if stats.requests >= self.run_share * stats.quota_limit:
+                raise QuotaExhausted(
+                    f"run used {stats.requests} requests, its budget is {self.run_share:.0%} of the "
+                    f"CRM's {stats.quota_limit}"
+                )
+            if stats.quota_used is not None and stats.quota_used >= self.stop_at_usage * stats.quota_limit:
+                raise QuotaExhausted(
+                    f"CRM reports {stats.quota_used}/{stats.quota_limit} of its quota used; "
+                    f"stopping at {self.stop_at_usage:.0%} to leave room for other integrations"
+                )
+
+
+def retry_after_seconds(response: requests.Response, default: float | None = None) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return default
+
+
+@dataclass
+class ApiClient:
+    """A requests.Session bound to one CRM tenant."""
+
+    base_url: str
+    auth: Auth
+    stats: RequestStats = field(default_factory=RequestStats)
+    budget: QuotaBudget = field(default_factory=QuotaBudget)
+    timeout: tuple[float, float] = (10.0, 120.0)
+    max_attempts: int = 8
+    max_wait: float = 300.0
+    # Per-CRM hooks: read usage headers; turn a response into an exception (quota, rate limit, error).
+    observe: Callable[[requests.Response, RequestStats], None] | None = None
+    classify: Callable[[requests.Response], Exception | None] | None = None
+    sleep: Callable[[float], None] = time.sleep
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def url(self, path: str) -> str:
+        if path.startswith("http://") or path.startswith("https://"):
+            return path
+        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        retrying = Retrying(
+            retry=retry_if_exception(lambda e: isinstance(e, (RetryableHttpError, requests.ConnectionError,
+                                                              requests.Timeout, requests.exceptions.ChunkedEncodingError))),
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            sleep=self._sleep_and_count,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._once, method, path, **kwargs)
+        except RetryableHttpError as err:
+            raise CrmError(f"{method} {_safe_path(path)} still failing after {self.max_attempts} attempts: {err}",
+                           status=err.status) from None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            raise CrmError(f"{method} {_safe_path(path)} unreachable after {self.max_attempts} attempts: "
+                           f"{type(err).__name__}") from None
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        return self.parse_json(self.request("GET", path, **kwargs))
+
+    def post_json(self, path: str, body: Any, **kwargs: Any) -> Any:
+        return self.parse_json(self.request("POST", path, json=body, **kwargs))
+
+    @staticmethod
+    def parse_json(response: requests.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            # A malformed or truncated page: fail the run (nothing is written until the extract completes).
+            raise CrmError(
+                f"{response.request.method} {_safe_path(response.url)} returned a body that is not valid JSON "
+                f"({len(response.content)} bytes)", status=response.status_code, code="MALFORMED_BODY"
+            ) from None
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        self.budget.check(self.stats)
+        refreshed = False
+        while True:
+            headers = dict(kwargs.pop("headers", None) or {})
+            self.auth.apply(self.session, headers)
+            self.stats.requests += 1
+            response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
+            kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if self.stats.server_time is None and response.headers.get("Date"):
+                self.stats.server_time = parsedate_to_datetime(response.headers["Date"])
+            if self.observe:
+                self.observe(response, self.stats)
+            if response.status_code == 401 and self.auth.refreshable and not refreshed:
+                # Token expired mid-run: get a new one once, then repeat the same request.
+                self.stats.token_refreshes += 1
+                self.auth.refresh(self.session)
+                refreshed = True
+                continue
+            break
+        problem = self.classify(response) if self.classify else None
+        if problem is not None:
+            raise problem
+        if response.status_code in RETRYABLE_STATUS:
+            if response.status_code == 429:
+                self.stats.rate_limited += 1
+            raise RetryableHttpError(f"HTTP {response.status_code}", retry_after_seconds(response),
+                                     status=response.status_code)
+        if response.status_code == 401:
+            raise AuthError(f"{method} {_safe_path(path)}: credentials were refused (401)", status=401)
+        if response.status_code >= 400:
+            raise CrmError(f"{method} {_safe_path(path)} failed with HTTP {response.status_code}: "
+                           f"{_safe_body(response)}", status=response.status_code)
+        return response
+
+    def _wait(self, state: RetryCallState) -> float:
+        err = state.outcome.exception() if state.outcome else None
+        if isinstance(err, RetryableHttpError) and err.retry_after is not None:
+            return min(err.retry_after, self.max_wait)
+        return wait_exponential_jitter(initial=0.5, max=30)(state)
+
+    def _sleep_and_count(self, seconds: float) -> None:
+        self.stats.seconds_waited += seconds
+        self.sleep(seconds)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.stats.retries += 1
+        err = state.outcome.exception() if state.outcome else None
+        log.info("retrying after %s (attempt %d)", type(err).__name__ if err else "?", state.attempt_number)
+
+
+def _safe_path(url: str) -> str:
+    """The path of a URL without its query string (which may carry filter values, never credentials)."""
+    return url.split("?", 1)[0]
+
+
+def _safe_body(response: requests.Response, limit: int = 300) -> str:
+    text = response.text[:limit]
+    return text.replace("\n", " ")

@@ -1,0 +1,160 @@
+"""The canonical records every connector produces, whatever the CRM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any, Literal
+
+Status = Literal["open", "won", "lost"]
+
+# The fields whose change makes a new version (history row) and an `updated` event. `modified_at` and the
+# raw payload are deliberately left out: a touched-but-unchanged record is not a new version.
+TRACKED_FIELDS = (
+    "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage", "status",
+    "amount", "currency", "close_date", "probability", "created_at", "created_by_crm_id",
+)
+
+
+@dataclass(slots=True)
+class Opportunity:
+    connection: str
+    crm: str
+    source_id: str
+    project_name: str | None
+    client_name: str | None
+    service_location: str | None
+    sales_executive: str | None
+    owner_crm_id: str | None
+    stage: str | None
+    status: Status
+    amount: float | None
+    currency: str | None
+    close_date: date | None
+    probability: float | None
+    created_at: datetime | None
+    created_by_crm_id: str | None
+    modified_at: datetime | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def row_hash(self) -> str:
+        return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))
+
+
+def row_hash(*values: Any) -> str:
+    """A stable digest of the tracked values (same value, same text, whatever the Python type)."""
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append("\x00")
+        elif isinstance(v, float):
+            parts.append(repr(round(v, 6)))
+        elif isinstance(v, datetime):
+            parts.append(to_utc(v).strftime("%Y-%m-%dT%H:%M:%S.%f"))
+        else:
+            parts.append(str(v))
+    return hashlib.md5("\x1f".join(parts).encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def raw_json(raw: dict[str, Any]) -> str:
+    # NUL cannot live in a Postgres text column; CRM data can carry it (hostile input). Keep it visible, escaped.
+    return json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":")).replace("\\u0000", "\\\\u0000")
+
+
+@dataclass(frozen=True, slots=True)
+class CrmUser:
+    """An owner or creator as the CRM knows them (User, owner, systemuser/team, member, Resource)."""
+
+    crm_user_id: str
+    name: str | None
+    email: str | None = None
+    kind: str = "user"  # user | team | owner
+    active: bool = True
+    # HubSpot: owners have an owner id and a user id; creators are referenced by user id.
+    alt_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """One stage or status of the tenant, with the CRM's own open / won semantics."""
+
+    key: str          # the value that appears on the opportunity (stage name, id, status id ...)
+    label: str
+    is_closed: bool
+    is_won: bool
+    sort_order: int = 0
+    pipeline: str | None = None
+    probability: float | None = None
+
+    @property
+    def category(self) -> Status:
+        return "open" if not self.is_closed else ("won" if self.is_won else "lost")
+
+
+def to_utc(value: datetime) -> datetime:
+    """Naive UTC datetimes are what the warehouse stores (portable across DuckDB and Postgres)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """Parse the date-time forms the five CRMs emit into naive UTC.
+
+    Salesforce `2024-06-11T09:12:44.000+0000`, HubSpot `2024-06-11T09:12:44.123Z` or epoch millis,
+    Dataverse `2024-06-11T09:12:44Z`, ConnectWise `2024-06-11T09:12:44Z`, Autotask `2024-06-11T09:12:44.12Z`
+    (fraction of variable length).
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return to_utc(value)
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.isdigit()):
+        return datetime.fromtimestamp(int(value) / 1000, tz=timezone.utc).replace(tzinfo=None)
+    text = str(value).strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    # +0000 -> +00:00
+    if len(text) > 5 and text[-5] in "+-" and text[-4:].isdigit():
+        text = text[:-2] + ":" + text[-2:]
+    # fromisoformat in 3.11 accepts 1-6 fractional digits but not 7 (.NET emits 7)
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = "".join(ch for ch in rest if ch.isdigit())
+        tail = rest[len(digits):]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{tail}"
+    parsed = datetime.fromisoformat(text)
+    return to_utc(parsed)
+
+
+def parse_date(value: Any) -> date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    text = str(value)
+    if len(text) == 10:
+        return date.fromisoformat(text)
+    parsed = parse_datetime(text)
+    return parsed.date() if parsed else None
+
+
+def parse_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def clean_text(value: Any) -> str | None:
+    """CRM text as the warehouse can hold it: NUL bytes removed (Postgres rejects them), rest unchanged."""
+    if value is None:
+        return None
+    text = str(value)
+    return text.replace("\x00", "") if "\x00" in text else text

@@ -1,0 +1,102 @@
+"""Start the five simulators together and describe them as an oppsync.yaml connections block.
+
+Every CRM module in this package exposes the same three names:
+  `build(seed, opportunities, faults=None, clock=None) -> Simulator`
+  `SANDBOX_CREDENTIALS: dict[str, str]`   credential key -> the (public, sandbox-only) value it accepts
+  `CRM: str`
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer, Simulator
+
+CRMS = ("salesforce", "hubspot", "dynamics", "connectwise", "autotask")
+DEFAULT_PORTS = {"salesforce": 8701, "hubspot": 8702, "dynamics": 8703, "connectwise": 8704, "autotask": 8705}
+
+
+def crm_module(crm: str) -> ModuleType:
+    return importlib.import_module(f"oppsync_pipeline.sandbox.{crm}")
+
+
+def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None) -> Simulator:
+    return crm_module(crm).build(seed=seed, opportunities=opportunities, faults=faults)
+
+
+def connection_name(crm: str) -> str:
+    return f"sandbox-{crm}"
+
+
+def env_var(connection: str, key: str) -> str:
+    return f"OPPSYNC_{connection.upper().replace('-', '_')}_{key.upper()}"
+
+
+@dataclass
+class Sandbox:
+    """The five simulators, each on its own port at the URL root like the real host."""
+
+    crms: tuple[str, ...] = CRMS
+    seed: int = 42
+    opportunities: int = 1000
+    ports: dict[str, int] = field(default_factory=dict)   # 0 or missing: a free port
+    latency_ms: int = 0
+    servers: dict[str, SandboxServer] = field(default_factory=dict)
+
+    def start(self) -> Sandbox:
+        for crm in self.crms:
+            sim = build_simulator(crm, self.seed, self.opportunities, FaultPlan(latency_ms=self.latency_ms))
+            self.servers[crm] = SandboxServer(sim, port=self.ports.get(crm, 0)).start()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def simulator(self, crm: str) -> Simulator:
+        return self.servers[crm].simulator
+
+    def url(self, crm: str) -> str:
+        return self.servers[crm].url
+
+    def connections(self) -> list[dict[str, Any]]:
+        out = []
+        for crm, server in self.servers.items():
+            name = connection_name(crm)
+            creds = crm_module(crm).SANDBOX_CREDENTIALS
+            out.append({
+                "name": name, "crm": crm, "base_url": server.url,
+                "credentials": {k: "${" + env_var(name, k) + "}" for k in creds},
+            })
+        return out
+
+    def secrets(self) -> dict[str, str]:
+        values = {}
+        for crm in self.servers:
+            for k, v in crm_module(crm).SANDBOX_CREDENTIALS.items():
+                values[env_var(connection_name(crm), k)] = v
+        return values
+
+    def write_config(self, path: Path, warehouse_url: str = "duckdb:///.oppsync/warehouse.duckdb") -> Path:
+        """Write an oppsync.yaml for these simulators, with a secrets file beside it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secrets = path.with_suffix(".secrets.env")
+        secrets.write_text("# sandbox-only credentials, not secrets\n" +
+                           "".join(f"{k}={v}\n" for k, v in self.secrets().items()), encoding="utf-8")
+        config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets.name,
+                  "connections": self.connections()}
+        path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        return path

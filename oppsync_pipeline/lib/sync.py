@@ -1,0 +1,183 @@
+"""One sync of one connection, in two steps that Dagster runs as two assets (with quality checks between):
+
+  extract:   lock the connection, read the open and the not-open sets (and the delete feed) page by page
+             into staging; on any failure nothing outside staging changes, and staging is discarded.
+  reconcile: apply the completed extract in one transaction (reconcile.py), advance the bookmark, unlock.
+
+The bookmark never passes the start of the run (server time), incremental reads start an overlap window
+before it, and duplicates are removed in reconcile: late-committed and tied rows are never missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import requests
+from sqlalchemy.engine import Engine
+
+from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig, resolve_credentials
+from oppsync_pipeline.lib.crm import connector_class
+from oppsync_pipeline.lib.crm.base import CrmConnector
+from oppsync_pipeline.lib.crm.http import QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.record import to_utc
+from oppsync_pipeline.lib.warehouse import store
+from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
+from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
+
+log = logging.getLogger(__name__)
+LOCK_TTL = timedelta(hours=2)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def scrub(message: str, secrets: dict[str, str]) -> str:
+    """Remove credential values from a message before it reaches a log, the warehouse or Dagster."""
+    for value in secrets.values():
+        if value and len(value) >= 4:
+            message = message.replace(value, "***")
+    return message
+
+
+@dataclass
+class ExtractOutcome:
+    extract_id: str
+    connection: str
+    crm: str
+    mode: str
+    status: str                       # complete | skipped | failed
+    started_at: datetime
+    since: datetime | None = None
+    new_cursor: datetime | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SyncSummary:
+    extract: ExtractOutcome
+    result: ReconcileResult | None
+
+    def as_row(self) -> dict[str, Any]:
+        r = self.result.as_dict() if self.result else {}
+        return {"connection": self.extract.connection, "crm": self.extract.crm, "mode": self.extract.mode,
+                "status": self.extract.status, "fetched": r.get("fetched", 0), "created": r.get("created", 0),
+                "updated": r.get("updated", 0), "closed": r.get("closed", 0), "deleted": r.get("deleted", 0),
+                "api_requests": self.extract.stats.get("api_requests", 0), "seconds": round(self.extract.seconds, 2)}
+
+
+def build_connector(cfg: OppsyncConfig, conn: ConnectionConfig, *, session: requests.Session | None = None,
+                    sleep: Callable[[float], None] = time.sleep, budget: QuotaBudget | None = None) -> CrmConnector:
+    credentials = resolve_credentials(cfg, conn)
+    return connector_class(conn.crm)(conn, credentials, session=session, sleep=sleep, budget=budget)
+
+
+def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, run_id: str, mode: str = "auto",
+                connector: CrmConnector | None = None, now: datetime | None = None) -> ExtractOutcome:
+    t0 = time.monotonic()
+    started = now or utcnow()
+    ensure_schema(engine)
+    state = store.get_state(engine, conn.name)
+    if mode == "auto":
+        mode = "incremental" if state.cursor is not None else "full"
+    if mode not in ("full", "incremental"):
+        raise ValueError(f"mode must be full, incremental or auto, not {mode!r}")
+    since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
+    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since)
+    store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
+    secrets: dict[str, str] = {}
+    try:
+        connector = connector or build_connector(cfg, conn)
+        secrets = connector.credentials
+        store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
+                            started_at=started, since=since)
+        store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
+        store.save_users(engine, conn.name, connector.users(), started)
+        counts = {"open": 0, "closed": 0, "deleted": 0}
+        seq, max_modified = 0, None
+        for open_set in (True, False):
+            for page in connector.opportunities(open_set=open_set, since=since):
+                store.stage_page(engine, run_id, page, open_set, seq)
+                seq += len(page)
+                counts["open" if open_set else "closed"] += len(page)
+                for o in page:
+                    if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
+                        max_modified = o.modified_at
+        if state.cursor is not None:
+            for page in connector.deleted(since if since else state.cursor):
+                counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
+        server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+        out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
+        out.counts, out.stats, out.status = counts, connector.stats.as_metadata(), "complete"
+        store.finish_extract(engine, run_id, status="complete", finished_at=utcnow(), new_cursor=out.new_cursor,
+                             counts=counts, stats=out.stats)
+    except QuotaExhausted as err:
+        out.status, out.error = "skipped", scrub(str(err), secrets)
+        out.stats = connector.stats.as_metadata() if connector else {}
+        _close_failed(engine, out)
+    except Exception as err:
+        out.status, out.error = "failed", scrub(f"{type(err).__name__}: {err}", secrets)
+        out.stats = connector.stats.as_metadata() if connector else {}
+        _close_failed(engine, out)
+        raise ExtractFailed(out.error) from None
+    finally:
+        out.seconds = time.monotonic() - t0
+    return out
+
+
+class ExtractFailed(Exception):
+    """The extract failed; the warehouse is unchanged and the message is free of credentials."""
+
+
+def _close_failed(engine: Engine, out: ExtractOutcome) -> None:
+    finished = utcnow()
+    store.finish_extract(engine, out.extract_id, status=out.status, finished_at=finished, counts=out.counts,
+                         stats=out.stats, error=out.error)
+    with transaction(engine) as c:
+        store.record_run(c, {"run_id": out.extract_id, "connection": out.connection, "crm": out.crm,
+                             "mode": out.mode, "started_at": out.started_at, "finished_at": finished,
+                             "status": out.status, "fetched": sum(out.counts.values()) if out.counts else 0,
+                             "api_requests": out.stats.get("api_requests"), "retries": out.stats.get("retries"),
+                             "seconds_waited": out.stats.get("seconds_waited_on_rate_limits"),
+                             "quota_used": out.stats.get("quota_used"), "quota_limit": out.stats.get("quota_limit"),
+                             "error": out.error})
+    store.release_lock(engine, out.connection, out.extract_id)
+
+
+def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
+                  now: datetime | None = None) -> ReconcileResult:
+    t0 = time.monotonic()
+    try:
+        result = reconcile(engine, extract_id=out.extract_id, connection=conn.name, crm=conn.crm, mode=out.mode,
+                           run_id=out.extract_id, observed_at=out.started_at, recorded_at=now or utcnow(),
+                           max_delete_share=conn.max_delete_share, new_cursor=out.new_cursor,
+                           started_at=out.started_at, stats=out.stats)
+    except Exception as err:
+        with transaction(engine) as c:
+            store.record_run(c, {"run_id": out.extract_id, "connection": out.connection, "crm": out.crm,
+                                 "mode": out.mode, "started_at": out.started_at, "finished_at": utcnow(),
+                                 "status": "refused" if type(err).__name__ == "DeleteGuardRefused" else "failed",
+                                 "fetched": sum(out.counts.values()), "api_requests": out.stats.get("api_requests"),
+                                 "error": f"{type(err).__name__}: {err}"})
+        store.release_lock(engine, conn.name, out.extract_id)
+        raise
+    store.release_lock(engine, conn.name, out.extract_id)
+    out.seconds += time.monotonic() - t0
+    return result
+
+
+def sync_connection(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, run_id: str,
+                    mode: str = "auto", connector: CrmConnector | None = None) -> SyncSummary:
+    """Extract then reconcile, without quality checks (Dagster runs the checks between the two)."""
+    out = run_extract(cfg, conn, engine, run_id=run_id, mode=mode, connector=connector)
+    if out.status != "complete":
+        return SyncSummary(out, None)
+    return SyncSummary(out, run_reconcile(conn, engine, out))

@@ -1,0 +1,100 @@
+"""Engines for the two warehouses and bulk loading into them.
+
+DuckDB allows one writing process per file: connections are opened per unit of work (NullPool) and
+opening retries while another process holds the file, so Dagster runs of different connections can
+share the embedded warehouse one transaction at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from oppsync_pipeline.lib.warehouse.schema import migrate
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("duckdb:"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    return engine
+
+
+def backend(engine: Engine) -> str:
+    return "duckdb" if engine.dialect.name == "duckdb" else "postgres"
+
+
+@contextmanager
+def transaction(engine: Engine, attempts: int = 60) -> Iterator[Connection]:
+    """A connection in a transaction, retrying the connect while another process holds the DuckDB file."""
+    for attempt in range(attempts):
+        try:
+            conn = engine.connect()
+            break
+        except OperationalError as err:
+            if backend(engine) != "duckdb" or "lock" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.2 * (attempt + 1), 2.0))
+    try:
+        with conn.begin():
+            yield conn
+    finally:
+        conn.close()
+
+
+def ensure_schema(engine: Engine) -> list[int]:
+    with transaction(engine) as conn:
+        return migrate(conn)
+
+
+def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "duckdb":
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(rows, columns=list(columns))
+        raw = conn.connection.dbapi_connection
+        name = f"_bulk_{id(frame)}"
+        raw.register(name, frame)
+        try:
+            cols = ", ".join(columns)
+            raw.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
+        finally:
+            raw.unregister(name)
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        for row in rows:
+            writer.writerow(["\\N" if v is None else _pg_text(v) for v in row])
+        buf.seek(0)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.copy_expert(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buf)
+        finally:
+            cursor.close()
+    return len(rows)
+
+
+def _pg_text(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    if isinstance(v, str) and v == "\\N":
+        return "\\\\N"
+    return v

@@ -1,0 +1,256 @@
+"""Reconcile one completed extract of one connection into current state, events and history.
+
+Set-based: a handful of statements over the staged rows, in ONE transaction, so a run commits whole or
+not at all, and re-running the same extract changes nothing. The rules (issue: reconciliation engine):
+  unknown id                         -> created (at the CRM's created date), plus closed_won/lost if closed
+  known id, values changed           -> updated (listing fields); stage change -> stage_changed
+  open -> not-open                   -> closed_won / closed_lost;  not-open -> open -> reopened
+  full run, known id in neither set  -> deleted (refused above max_delete_share); back again -> restored
+  native delete feed                 -> deleted, in either mode
+  nothing changed                    -> no event, no new history version, row not rewritten
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+
+from oppsync_pipeline.lib.record import TRACKED_FIELDS
+from oppsync_pipeline.lib.warehouse.engine import transaction
+from oppsync_pipeline.lib.warehouse.store import assert_lock, record_run
+
+S = "oppsync"
+DATA_COLUMNS = ["crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
+                "stage", "status", "amount", "currency", "close_date", "probability", "created_at",
+                "created_by_crm_id", "modified_at"]
+
+
+class DeleteGuardRefused(Exception):
+    """A full run would delete more than the allowed share of a connection's opportunities."""
+
+
+@dataclass
+class ReconcileResult:
+    fetched: int = 0
+    created: int = 0
+    updated: int = 0
+    closed: int = 0
+    reopened: int = 0
+    deleted: int = 0
+    restored: int = 0
+    skipped: int = 0
+    events: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str, run_id: str,
+              observed_at: datetime, recorded_at: datetime, max_delete_share: float = 0.5,
+              new_cursor: datetime | None = None, started_at: datetime | None = None,
+              stats: dict | None = None, check_lock: bool = True) -> ReconcileResult:
+    """Apply a completed extract. `observed_at` (the run's start) stamps history versions and inferred deletes;
+    `recorded_at` stamps events. All or nothing."""
+    with transaction(engine) as conn:
+        if check_lock:
+            assert_lock(conn, connection, run_id)
+        status = conn.execute(text(f"SELECT status FROM {S}.extracts WHERE extract_id = :x"),
+                              {"x": extract_id}).scalar()
+        if status == "reconciled":
+            return _already(conn, run_id)
+        if status != "complete":
+            raise RuntimeError(f"extract {extract_id} is '{status}', not complete: nothing to reconcile")
+        p = {"x": extract_id, "c": connection, "crm": crm, "run": run_id, "obs": observed_at, "rec": recorded_at}
+        _build_diff(conn, p, full=(mode == "full"))
+        result = _count(conn)
+        live = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
+                                 "AND deleted_at IS NULL"), p).scalar() or 0
+        inferred = conn.execute(text("SELECT count(*) FROM rc_del WHERE inferred")).scalar() or 0
+        if mode == "full" and live and inferred > max_delete_share * live:
+            raise DeleteGuardRefused(
+                f"full sync of '{connection}' would delete {inferred} of {live} opportunities "
+                f"({inferred / live:.0%}), more than max_delete_share={max_delete_share:.0%}; nothing was changed. "
+                "If the CRM really lost them, raise connections[].max_delete_share for one run.")
+        result.events = _write_events(conn, p)
+        _write_history(conn, p)
+        _write_current(conn, p)
+        conn.execute(text(f"UPDATE {S}.extracts SET status = 'reconciled' WHERE extract_id = :x"), p)
+        conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), p)
+        conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), p)
+        _advance_state(conn, p, mode, new_cursor)
+        stats = stats or {}
+        record_run(conn, {
+            "run_id": run_id, "connection": connection, "crm": crm, "mode": mode,
+            "started_at": started_at or observed_at, "finished_at": recorded_at, "status": "success",
+            **result.as_dict(), "api_requests": stats.get("api_requests"), "retries": stats.get("retries"),
+            "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
+            "quota_limit": stats.get("quota_limit"),
+        })
+        for t in ("rc_src", "rc_diff", "rc_del"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
+        return result
+
+
+def _already(conn: Connection, run_id: str) -> ReconcileResult:
+    row = conn.execute(text(f"SELECT fetched, created, updated, closed, reopened, deleted, restored, skipped "
+                            f"FROM {S}.sync_runs WHERE run_id = :r"), {"r": run_id}).first()
+    return ReconcileResult(*row) if row else ReconcileResult()
+
+
+def _build_diff(conn: Connection, p: dict, full: bool) -> None:
+    for t in ("rc_src", "rc_diff", "rc_del"):
+        conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
+    # One row per id: a record seen twice (duplicated across pages, or moving between the open and the
+    # not-open set during the sync) counts once, as its latest version.
+    conn.execute(text(f"""
+        CREATE TEMPORARY TABLE rc_src AS
+        SELECT * FROM (
+            SELECT s.*, row_number() OVER (
+                PARTITION BY s.source_id ORDER BY s.modified_at DESC NULLS LAST, s.seq DESC) AS rn
+            FROM {S}.stage_opportunities s WHERE s.extract_id = :x
+        ) t WHERE rn = 1"""), p)
+    changed = ", ".join(
+        f"CASE WHEN s.{f} IS DISTINCT FROM o.{f} THEN '{f}' END" for f in TRACKED_FIELDS)
+    conn.execute(text(f"""
+        CREATE TEMPORARY TABLE rc_diff AS
+        SELECT s.source_id,
+               CASE WHEN o.source_id IS NULL THEN 'new'
+                    WHEN o.deleted_at IS NOT NULL THEN 'restored'
+                    WHEN o.row_hash <> s.row_hash THEN 'changed'
+                    ELSE 'same' END AS kind,
+               o.status AS old_status, o.stage AS old_stage, o.version AS old_version, o.closed_at AS old_closed_at,
+               CASE WHEN o.source_id IS NULL THEN '' ELSE concat_ws(',', {changed}) END AS changed_fields,
+               s.status AS new_status, s.stage AS new_stage,
+               COALESCE(s.modified_at, :obs) AS changed_at
+        FROM rc_src s
+        LEFT JOIN {S}.opportunities o ON o.connection = :c AND o.source_id = s.source_id"""), p)
+    # Deletes: inferred in full runs (known live id in neither set), and from the CRM's delete feed.
+    inferred = f"""
+        SELECT o.source_id, CAST(:obs AS TIMESTAMP) AS deleted_at, TRUE AS inferred
+        FROM {S}.opportunities o
+        WHERE o.connection = :c AND o.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM rc_src s WHERE s.source_id = o.source_id)""" if full else ""
+    native = f"""
+        SELECT d.source_id, MAX(COALESCE(d.deleted_at, :obs)) AS deleted_at, FALSE AS inferred
+        FROM {S}.stage_deletes d
+        JOIN {S}.opportunities o ON o.connection = :c AND o.source_id = d.source_id AND o.deleted_at IS NULL
+        WHERE d.extract_id = :x AND NOT EXISTS (SELECT 1 FROM rc_src s WHERE s.source_id = d.source_id)
+        GROUP BY d.source_id"""
+    if full:
+        # a native delete also found by inference counts once, with the CRM's own timestamp
+        union = f"""SELECT source_id, MAX(deleted_at) AS deleted_at, BOOL_AND(inferred) AS inferred
+                    FROM ({inferred} UNION ALL {native}) u GROUP BY source_id"""
+    else:
+        union = native
+    conn.execute(text(f"CREATE TEMPORARY TABLE rc_del AS {union}"), p)
+
+
+def _count(conn: Connection) -> ReconcileResult:
+    row = conn.execute(text("""
+        SELECT count(*),
+               count(*) FILTER (WHERE kind = 'new'),
+               count(*) FILTER (WHERE kind IN ('changed', 'restored') AND changed_fields <> ''),
+               count(*) FILTER (WHERE new_status <> 'open' AND (kind = 'new' OR
+                                  (kind IN ('changed', 'restored') AND new_status IS DISTINCT FROM old_status))),
+               count(*) FILTER (WHERE kind IN ('changed', 'restored') AND new_status = 'open'
+                                  AND old_status <> 'open'),
+               count(*) FILTER (WHERE kind = 'restored'),
+               count(*) FILTER (WHERE kind = 'same')
+        FROM rc_diff""")).one()
+    deleted = conn.execute(text("SELECT count(*) FROM rc_del")).scalar() or 0
+    return ReconcileResult(fetched=row[0], created=row[1], updated=row[2], closed=row[3], reopened=row[4],
+                           restored=row[5], skipped=row[6], deleted=deleted)
+
+
+def _write_events(conn: Connection, p: dict) -> int:
+    base = f"""INSERT INTO {S}.opportunity_events (event_id, connection, crm, source_id, event_type, occurred_at,
+                   recorded_at, run_id, changed_fields, old_value, new_value, owner_crm_id, created_by_crm_id,
+                   amount, status)"""
+    def ev(event_type: str, occurred: str, where: str, changed: str = "NULL", old: str = "NULL",
+           new: str = "NULL", type_expr: str | None = None) -> str:
+        t = type_expr or f"'{event_type}'"
+        return f"""
+        SELECT :run || ':' || d.source_id || ':' || {t}, :c, :crm, d.source_id, {t}, {occurred}, :rec, :run,
+               {changed}, {old}, {new}, s.owner_crm_id, s.created_by_crm_id, s.amount, s.status
+        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id WHERE {where}"""
+    closed_type = "CASE WHEN d.new_status = 'won' THEN 'closed_won' ELSE 'closed_lost' END"
+    statements = [
+        ev("created", "COALESCE(s.created_at, :obs)", "d.kind = 'new'"),
+        ev("closed", "d.changed_at", "d.kind = 'new' AND d.new_status <> 'open'", type_expr=closed_type),
+        ev("restored", "d.changed_at", "d.kind = 'restored'"),
+        ev("updated", "d.changed_at", "d.kind IN ('changed', 'restored') AND d.changed_fields <> ''",
+           changed="d.changed_fields"),
+        ev("stage_changed", "d.changed_at",
+           "d.kind IN ('changed', 'restored') AND d.new_stage IS DISTINCT FROM d.old_stage",
+           old="d.old_stage", new="d.new_stage"),
+        ev("closed", "d.changed_at",
+           "d.kind IN ('changed', 'restored') AND d.new_status <> 'open' "
+           "AND d.new_status IS DISTINCT FROM d.old_status", old="d.old_status", new="d.new_status",
+           type_expr=closed_type),
+        ev("reopened", "d.changed_at",
+           "d.kind IN ('changed', 'restored') AND d.new_status = 'open' AND d.old_status <> 'open'",
+           old="d.old_status", new="d.new_status"),
+    ]
+    total = 0
+    for select in statements:
+        total += conn.execute(text(base + select), p).rowcount or 0
+    total += conn.execute(text(base + f"""
+        SELECT :run || ':' || x.source_id || ':' || 'deleted', :c, :crm, x.source_id, 'deleted', x.deleted_at, :rec,
+               :run, NULL, NULL, NULL, o.owner_crm_id, o.created_by_crm_id, o.amount, o.status
+        FROM rc_del x JOIN {S}.opportunities o ON o.connection = :c AND o.source_id = x.source_id"""), p).rowcount or 0
+    return total
+
+
+def _write_history(conn: Connection, p: dict) -> None:
+    conn.execute(text(f"""
+        UPDATE {S}.opportunity_history SET valid_to = :obs
+        WHERE connection = :c AND valid_to IS NULL
+          AND source_id IN (SELECT source_id FROM rc_diff WHERE kind IN ('changed', 'restored')
+                            UNION SELECT source_id FROM rc_del)"""), p)
+    cols = ", ".join(DATA_COLUMNS)
+    scols = ", ".join(f"s.{c}" for c in DATA_COLUMNS)
+    conn.execute(text(f"""
+        INSERT INTO {S}.opportunity_history (connection, source_id, version, {cols}, row_hash, valid_from, valid_to,
+                                             run_id)
+        SELECT :c, s.source_id, COALESCE(d.old_version, 0) + 1, {scols}, s.row_hash, :obs, NULL, :run
+        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id
+        WHERE d.kind IN ('new', 'changed', 'restored')"""), p)
+
+
+def _write_current(conn: Connection, p: dict) -> None:
+    cols = ", ".join(DATA_COLUMNS)
+    scols = ", ".join(f"s.{c}" for c in DATA_COLUMNS)
+    conn.execute(text(f"""
+        INSERT INTO {S}.opportunities (connection, source_id, {cols}, raw, row_hash, version, first_seen_at,
+                                       last_seen_at, closed_at, deleted_at, last_run_id)
+        SELECT :c, s.source_id, {scols}, s.raw, s.row_hash, 1, :obs, :obs,
+               CASE WHEN s.status <> 'open' THEN d.changed_at END, NULL, :run
+        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id WHERE d.kind = 'new'"""), p)
+    sets = ", ".join(f"{c} = s.{c}" for c in DATA_COLUMNS)
+    conn.execute(text(f"""
+        UPDATE {S}.opportunities AS o SET {sets}, raw = s.raw, row_hash = s.row_hash,
+               version = d.old_version + 1, last_seen_at = :obs, deleted_at = NULL, last_run_id = :run,
+               closed_at = CASE WHEN s.status = 'open' THEN NULL
+                                WHEN d.old_status = 'open' OR d.old_status IS DISTINCT FROM s.status THEN d.changed_at
+                                ELSE d.old_closed_at END
+        FROM rc_diff d, rc_src s
+        WHERE o.connection = :c AND o.source_id = d.source_id AND s.source_id = d.source_id
+          AND d.kind IN ('changed', 'restored')"""), p)
+    conn.execute(text(f"""
+        UPDATE {S}.opportunities AS o SET deleted_at = x.deleted_at, last_run_id = :run
+        FROM rc_del x WHERE o.connection = :c AND o.source_id = x.source_id"""), p)
+
+
+def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | None) -> None:
+    row = conn.execute(text(f"SELECT cursor, last_full_sync_at FROM {S}.sync_state WHERE connection = :c"), p).first()
+    cursor = new_cursor if new_cursor is not None else (row.cursor if row else None)
+    if row is not None and row.cursor is not None and cursor is not None and cursor < row.cursor:
+        cursor = row.cursor  # the bookmark never moves backwards
+    full_at = p["obs"] if mode == "full" else (row.last_full_sync_at if row else None)
+    conn.execute(text(f"DELETE FROM {S}.sync_state WHERE connection = :c"), p)
+    conn.execute(text(f"INSERT INTO {S}.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
+                      "last_run_id) VALUES (:c, :cur, :full, :rec, :run)"),
+                 {**p, "cur": cursor, "full": full_at})

@@ -1,0 +1,192 @@
+"""The `oppsync` schema, and its migrations.
+
+Tables are defined once with SQLAlchemy Core, so DuckDB and Postgres get the same DDL. Migrations are
+numbered steps recorded in `oppsync.schema_migrations`; each runs once, in a transaction, and only ever
+adds (raw tables are additive-only: a CRM schema change never drops data, peers.md complaint 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Boolean, Column, Date, DateTime, Float, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
+    text,
+)
+from sqlalchemy.engine import Connection
+
+SCHEMA = "oppsync"
+metadata = MetaData(schema=SCHEMA)
+
+
+def _canonical_columns() -> list[Column]:
+    return [
+        Column("crm", String, nullable=False),
+        Column("project_name", Text), Column("client_name", Text), Column("service_location", Text),
+        Column("sales_executive", Text), Column("owner_crm_id", String), Column("stage", Text),
+        Column("status", String, nullable=False), Column("amount", Float), Column("currency", String),
+        Column("close_date", Date), Column("probability", Float), Column("created_at", DateTime),
+        Column("created_by_crm_id", String), Column("modified_at", DateTime),
+    ]
+
+
+CANONICAL = [c.name for c in _canonical_columns()]
+
+opportunities = Table(
+    "opportunities", metadata,
+    Column("connection", String, nullable=False), Column("source_id", String, nullable=False),
+    *_canonical_columns(),
+    Column("raw", Text), Column("row_hash", String, nullable=False), Column("version", Integer, nullable=False),
+    Column("first_seen_at", DateTime, nullable=False), Column("last_seen_at", DateTime, nullable=False),
+    Column("closed_at", DateTime), Column("deleted_at", DateTime), Column("last_run_id", String),
+    PrimaryKeyConstraint("connection", "source_id"),
+)
+
+opportunity_history = Table(
+    "opportunity_history", metadata,
+    Column("connection", String, nullable=False), Column("source_id", String, nullable=False),
+    Column("version", Integer, nullable=False),
+    *_canonical_columns(),
+    Column("row_hash", String, nullable=False),
+    Column("valid_from", DateTime, nullable=False), Column("valid_to", DateTime), Column("run_id", String),
+    PrimaryKeyConstraint("connection", "source_id", "version"),
+)
+
+opportunity_events = Table(
+    "opportunity_events", metadata,
+    Column("event_id", String, primary_key=True),
+    Column("connection", String, nullable=False), Column("crm", String, nullable=False),
+    Column("source_id", String, nullable=False), Column("event_type", String, nullable=False),
+    Column("occurred_at", DateTime), Column("recorded_at", DateTime, nullable=False),
+    Column("run_id", String, nullable=False), Column("changed_fields", Text),
+    Column("old_value", Text), Column("new_value", Text),
+    Column("owner_crm_id", String), Column("created_by_crm_id", String), Column("amount", Float),
+    Column("status", String),
+)
+
+stage_opportunities = Table(
+    "stage_opportunities", metadata,
+    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False), Column("seq", Integer, nullable=False),
+    Column("in_open_set", Boolean, nullable=False),
+    *_canonical_columns(),
+    Column("raw", Text), Column("row_hash", String, nullable=False),
+)
+
+stage_deletes = Table(
+    "stage_deletes", metadata,
+    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False), Column("deleted_at", DateTime),
+)
+
+extracts = Table(
+    "extracts", metadata,
+    Column("extract_id", String, primary_key=True), Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False), Column("mode", String, nullable=False),
+    Column("status", String, nullable=False),  # running | complete | failed | skipped | reconciled | refused
+    Column("started_at", DateTime, nullable=False), Column("finished_at", DateTime),
+    Column("since_cursor", DateTime), Column("new_cursor", DateTime),
+    Column("fetched_open", Integer), Column("fetched_closed", Integer), Column("fetched_deleted", Integer),
+    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Float),
+    Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+)
+
+sync_runs = Table(
+    "sync_runs", metadata,
+    Column("run_id", String, primary_key=True), Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False), Column("mode", String, nullable=False),
+    Column("started_at", DateTime, nullable=False), Column("finished_at", DateTime),
+    Column("status", String, nullable=False),  # success | failed | skipped | refused
+    Column("fetched", Integer), Column("created", Integer), Column("updated", Integer), Column("closed", Integer),
+    Column("reopened", Integer), Column("deleted", Integer), Column("restored", Integer),
+    Column("skipped", Integer),  # fetched rows that were unchanged (not rewritten)
+    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Float),
+    Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+)
+
+sync_state = Table(
+    "sync_state", metadata,
+    Column("connection", String, primary_key=True), Column("cursor", DateTime),
+    Column("last_full_sync_at", DateTime), Column("last_success_at", DateTime), Column("last_run_id", String),
+)
+
+sync_locks = Table(
+    "sync_locks", metadata,
+    Column("connection", String, primary_key=True), Column("run_id", String, nullable=False),
+    Column("holder", String, nullable=False),  # host:pid, to recognise a crashed holder on this host
+    Column("acquired_at", DateTime, nullable=False), Column("expires_at", DateTime, nullable=False),
+)
+
+crm_users = Table(
+    "crm_users", metadata,
+    Column("connection", String, nullable=False), Column("crm_user_id", String, nullable=False),
+    Column("name", Text), Column("email", Text), Column("kind", String), Column("active", Boolean),
+    Column("alt_ids", Text), Column("updated_at", DateTime),
+    PrimaryKeyConstraint("connection", "crm_user_id"),
+)
+
+crm_stages = Table(
+    "crm_stages", metadata,
+    Column("connection", String, nullable=False), Column("stage_key", String, nullable=False),
+    Column("label", Text), Column("pipeline", Text), Column("is_closed", Boolean), Column("is_won", Boolean),
+    Column("sort_order", Integer), Column("probability", Float),
+    Column("category", String, nullable=False),  # open | won | lost, after the connection's stage mapping
+    PrimaryKeyConstraint("connection", "stage_key"),
+)
+
+users = Table(
+    "users", metadata,
+    Column("user_id", String, primary_key=True), Column("name", Text, nullable=False), Column("email", Text),
+)
+
+user_links = Table(
+    "user_links", metadata,
+    Column("user_id", String, nullable=False), Column("connection", String, nullable=False),
+    Column("crm_user_id", String, nullable=False),
+    Column("link_order", Integer, nullable=False),  # first linked wins when several users share a CRM user
+    Column("linked_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("user_id", "connection", "crm_user_id"),
+)
+
+connections = Table(
+    "connections", metadata,
+    Column("name", String, primary_key=True), Column("crm", String, nullable=False),
+    Column("qualified_stages", Text), Column("qualified_min_probability", Float),
+    Column("updated_at", DateTime),
+)
+
+schema_migrations = Table(
+    "schema_migrations", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False), Column("applied_at", DateTime, nullable=False),
+)
+
+
+def _m1_initial(conn: Connection) -> None:
+    for table in metadata.sorted_tables:
+        if table.name != "schema_migrations":
+            table.create(conn, checkfirst=True)
+    Index("ix_stage_opp_extract", stage_opportunities.c.extract_id).create(conn, checkfirst=True)
+    Index("ix_events_conn_source", opportunity_events.c.connection,
+          opportunity_events.c.source_id).create(conn, checkfirst=True)
+    Index("ix_history_open", opportunity_history.c.connection, opportunity_history.c.source_id,
+          opportunity_history.c.valid_to).create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _m1_initial),
+]
+
+
+def migrate(conn: Connection) -> list[int]:
+    """Bring the schema up to date; returns the versions applied. Safe to call on every run."""
+    conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+    schema_migrations.create(conn, checkfirst=True)
+    done = {r[0] for r in conn.execute(schema_migrations.select().with_only_columns(schema_migrations.c.version))}
+    applied = []
+    for version, step in MIGRATIONS:
+        if version in done:
+            continue
+        step(conn)
+        conn.execute(schema_migrations.insert().values(version=version, applied_at=text("CURRENT_TIMESTAMP")))
+        applied.append(version)
+    return applied

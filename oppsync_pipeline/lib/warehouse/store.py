@@ -1,0 +1,210 @@
+"""Everything the sync writes besides the reconcile itself: extract bookkeeping, staged pages,
+the per-connection lease lock, CRM users and stages, internal users and their links.
+
+Every statement uses bound parameters; table and column names come from schema.py, never from input.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+
+from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, clean_text, raw_json, to_utc
+from oppsync_pipeline.lib.warehouse.engine import bulk_insert, transaction
+from oppsync_pipeline.lib.warehouse.schema import CANONICAL
+
+S = "oppsync"
+STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", *CANONICAL, "raw", "row_hash"]
+
+
+class LockHeld(Exception):
+    """Another run of the same connection holds the warehouse lock."""
+
+
+def holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(holder: str) -> bool:
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell for another host: trust the lease expiry
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(engine: Engine, connection: str, run_id: str, now: datetime, ttl: timedelta) -> None:
+    """Take the connection's lease, or raise LockHeld. A lease whose holder died on this host, or whose
+    expiry passed, is taken over: a crashed run never blocks the next one for long."""
+    with transaction(engine) as conn:
+        row = conn.execute(text(f"SELECT run_id, holder, expires_at FROM {S}.sync_locks WHERE connection = :c"),
+                           {"c": connection}).first()
+        if row is not None and row.run_id != run_id:
+            if row.expires_at > now and _pid_alive(row.holder):
+                raise LockHeld(f"connection '{connection}' is being synced by run {row.run_id} "
+                               f"({row.holder}) until {row.expires_at:%Y-%m-%d %H:%M:%S} UTC at the latest")
+        params = {"c": connection, "r": run_id, "h": holder_id(), "a": now, "e": now + ttl}
+        if row is None:
+            conn.execute(text(f"INSERT INTO {S}.sync_locks (connection, run_id, holder, acquired_at, expires_at) "
+                              "VALUES (:c, :r, :h, :a, :e)"), params)
+        else:
+            conn.execute(text(f"UPDATE {S}.sync_locks SET run_id = :r, holder = :h, acquired_at = :a, "
+                              "expires_at = :e WHERE connection = :c"), params)
+
+
+def assert_lock(conn: Connection, connection: str, run_id: str) -> None:
+    """Inside the reconcile transaction: fail unless this run still holds the lease."""
+    locked = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+    row = conn.execute(text(f"SELECT run_id FROM {S}.sync_locks WHERE connection = :c{locked}"),
+                       {"c": connection}).first()
+    if row is None or row.run_id != run_id:
+        raise LockHeld(f"run {run_id} lost the lock on connection '{connection}'")
+
+
+def release_lock(engine: Engine, connection: str, run_id: str) -> None:
+    with transaction(engine) as conn:
+        conn.execute(text(f"DELETE FROM {S}.sync_locks WHERE connection = :c AND run_id = :r"),
+                     {"c": connection, "r": run_id})
+
+
+@dataclass
+class SyncState:
+    cursor: datetime | None = None
+    last_full_sync_at: datetime | None = None
+    last_success_at: datetime | None = None
+
+
+def get_state(engine: Engine, connection: str) -> SyncState:
+    with transaction(engine) as conn:
+        row = conn.execute(text(f"SELECT cursor, last_full_sync_at, last_success_at FROM {S}.sync_state "
+                                "WHERE connection = :c"), {"c": connection}).first()
+    return SyncState(*row) if row else SyncState()
+
+
+def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str,
+                  started_at: datetime, since: datetime | None) -> None:
+    with transaction(engine) as conn:
+        # Staged rows of extracts that never completed (crashed runs) are garbage: drop them.
+        conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE connection = :c AND extract_id IN "
+                          f"(SELECT extract_id FROM {S}.extracts WHERE connection = :c AND status <> 'complete')"),
+                     {"c": connection})
+        conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE connection = :c AND extract_id IN "
+                          f"(SELECT extract_id FROM {S}.extracts WHERE connection = :c AND status <> 'complete')"),
+                     {"c": connection})
+        conn.execute(text(f"UPDATE {S}.extracts SET status = 'failed', error = 'abandoned (process ended)' "
+                          "WHERE connection = :c AND status = 'running'"), {"c": connection})
+        conn.execute(text(f"DELETE FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id})
+        conn.execute(text(f"INSERT INTO {S}.extracts (extract_id, connection, crm, mode, status, started_at, "
+                          "since_cursor) VALUES (:x, :c, :crm, :m, 'running', :s, :since)"),
+                     {"x": extract_id, "c": connection, "crm": crm, "m": mode, "s": started_at, "since": since})
+
+
+def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int) -> int:
+    """Write one page of extracted records to staging (its own short transaction: extract streams)."""
+    rows = []
+    for i, o in enumerate(page):
+        rows.append((
+            extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm,
+            clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
+            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), o.status,
+            o.amount, clean_text(o.currency), o.close_date, o.probability,
+            to_utc(o.created_at) if o.created_at else None, clean_text(o.created_by_crm_id),
+            to_utc(o.modified_at) if o.modified_at else None, raw_json(o.raw), o.row_hash(),
+        ))
+    with transaction(engine) as conn:
+        return bulk_insert(conn, f"{S}.stage_opportunities", STAGE_COLUMNS, rows)
+
+
+def stage_deletes(engine: Engine, extract_id: str, connection: str,
+                  page: Iterable[tuple[str, datetime | None]]) -> int:
+    rows = [(extract_id, connection, str(sid), to_utc(at) if at else None) for sid, at in page]
+    with transaction(engine) as conn:
+        return bulk_insert(conn, f"{S}.stage_deletes", ["extract_id", "connection", "source_id", "deleted_at"], rows)
+
+
+def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at: datetime,
+                   new_cursor: datetime | None = None, counts: dict[str, int] | None = None,
+                   stats: dict[str, Any] | None = None, error: str | None = None) -> None:
+    counts, stats = counts or {}, stats or {}
+    with transaction(engine) as conn:
+        conn.execute(text(
+            f"UPDATE {S}.extracts SET status = :st, finished_at = :f, new_cursor = :nc, fetched_open = :fo, "
+            "fetched_closed = :fc, fetched_deleted = :fd, api_requests = :rq, retries = :rt, seconds_waited = :sw, "
+            "quota_used = :qu, quota_limit = :ql, error = :err WHERE extract_id = :x"),
+            {"st": status, "f": finished_at, "nc": new_cursor, "fo": counts.get("open", 0),
+             "fc": counts.get("closed", 0), "fd": counts.get("deleted", 0), "rq": stats.get("api_requests"),
+             "rt": stats.get("retries"), "sw": stats.get("seconds_waited_on_rate_limits"),
+             "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id})
+        if status != "complete":
+            conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), {"x": extract_id})
+            conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), {"x": extract_id})
+
+
+def record_run(conn: Connection, run: dict[str, Any]) -> None:
+    """Insert or replace the sync_runs audit row (inside the caller's transaction)."""
+    conn.execute(text(f"DELETE FROM {S}.sync_runs WHERE run_id = :run_id"), {"run_id": run["run_id"]})
+    cols = ["run_id", "connection", "crm", "mode", "started_at", "finished_at", "status", "fetched", "created",
+            "updated", "closed", "reopened", "deleted", "restored", "skipped", "api_requests", "retries",
+            "seconds_waited", "quota_used", "quota_limit", "error"]
+    conn.execute(text(f"INSERT INTO {S}.sync_runs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
+                 {c: run.get(c) for c in cols})
+
+
+def save_users(engine: Engine, connection: str, users: Iterable[CrmUser], now: datetime) -> int:
+    rows = {u.crm_user_id: u for u in users}
+    with transaction(engine) as conn:
+        conn.execute(text(f"DELETE FROM {S}.crm_users WHERE connection = :c"), {"c": connection})
+        return bulk_insert(conn, f"{S}.crm_users",
+                           ["connection", "crm_user_id", "name", "email", "kind", "active", "alt_ids", "updated_at"],
+                           [(connection, u.crm_user_id, clean_text(u.name), clean_text(u.email), u.kind, u.active,
+                             ",".join(u.alt_ids), now) for u in rows.values()])
+
+
+def save_stages(engine: Engine, connection: str, stages: Iterable[StageInfo], categories: dict[str, str]) -> int:
+    """The tenant's stages with their category; the connection's stage mapping overrides the CRM's flags."""
+    rows = []
+    for s in stages:
+        category = categories.get(s.key) or categories.get(s.label) or s.category
+        rows.append((connection, s.key, clean_text(s.label), s.pipeline, s.is_closed, s.is_won, s.sort_order,
+                     s.probability, category))
+    with transaction(engine) as conn:
+        conn.execute(text(f"DELETE FROM {S}.crm_stages WHERE connection = :c"), {"c": connection})
+        return bulk_insert(conn, f"{S}.crm_stages", ["connection", "stage_key", "label", "pipeline", "is_closed",
+                                                     "is_won", "sort_order", "probability", "category"], rows)
+
+
+def save_directory(engine: Engine, cfg: Any, now: datetime) -> None:
+    """Internal users, their links to CRM users (in configured order: first linked wins), and connection
+    settings the mart needs. Replaced wholesale from configuration; attribution is computed at read time,
+    so a link added later credits past opportunities too (retroactive)."""
+    with transaction(engine) as conn:
+        conn.execute(text(f"DELETE FROM {S}.user_links"))
+        conn.execute(text(f"DELETE FROM {S}.users"))
+        bulk_insert(conn, f"{S}.users", ["user_id", "name", "email"], [(u.id, u.name, u.email) for u in cfg.users])
+        links, order = [], 0
+        for u in cfg.users:
+            for connection, ids in u.crm_ids.items():
+                for crm_id in ids:
+                    order += 1
+                    links.append((u.id, connection, str(crm_id), order, now))
+        bulk_insert(conn, f"{S}.user_links", ["user_id", "connection", "crm_user_id", "link_order", "linked_at"],
+                    links)
+        conn.execute(text(f"DELETE FROM {S}.connections"))
+        bulk_insert(conn, f"{S}.connections",
+                    ["name", "crm", "qualified_stages", "qualified_min_probability", "updated_at"],
+                    [(c.name, c.crm,
+                      "\x1f".join(c.qualification.stages) if c.qualification else None,
+                      c.qualification.min_probability if c.qualification else None, now)
+                     for c in cfg.connections])

@@ -225,7 +225,7 @@ class ApiClient:
         err = state.outcome.exception() if state.outcome else None
         if isinstance(err, RetryableHttpError) and err.retry_after is not None:
             return min(err.retry_after, self.max_wait)
-        return wait_exponential_jitter(initial=0.5, max=30)(state)
+        return wait_exponential_jitter(multiplier=0.5, max=30)(state)
 
     def _sleep_and_count(self, seconds: float) -> None:
         self.stats.seconds_waited += seconds

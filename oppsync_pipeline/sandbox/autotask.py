@@ -1,0 +1,710 @@
+"""Autotask PSA REST API v1.0 simulator (crm-api-notes.md section 5).
+
+What it reproduces:
+- Zone discovery: `GET /atservicesrest/v1.0/zoneInformation?user=<username>` (no auth, never faulted or
+  throttled) returns `{"zoneName", "url", "webUrl", "ci"}`; `url` is this server's root + `/ATServicesRest/`
+  (REST base = url + `V1.0/`). A blank or unknown user gets 500. Paths are case-insensitive like IIS.
+- Auth: the three headers `ApiIntegrationCode`, `UserName`, `Secret` on every other call; missing or wrong
+  gives 401 with an empty body. Credentials never expire; instead `expire_tokens()` (the `token_expiry` fault)
+  moves the tenant to another zone (`/z<N>/ATServicesRest/...`): calls to the old zone get 401 until the client
+  looks the zone up again, which is what django-autotask does after a 401.
+- `POST /V1.0/{Entity}/query` with `{"MaxRecords": 1..500, "IncludeFields": [...], "filter": [...]}` (ops eq,
+  noteq, gt, gte, lt, lte, beginsWith, endsWith, contains, exist, notExist, in, notIn; groups and / or with
+  `items`; `"udf": true` for user-defined fields), or `GET ...query?search=<json>`. Results are ordered by id.
+  `pageDetails.nextPageUrl` is an absolute `.../query/next?paging=<json>` URL. When the query was a POST the
+  next URL carries no `search` and must be POSTed (replaying the body); a GET on it is 405
+  `{"Message": "The requested resource does not support http method 'GET'."}` (the silent stop at 500 rows).
+  GET-initiated queries get `&search=` in the next URL, and GET works on it. When `IncludeFields` omits `id`
+  and there are more than MaxRecords results, no nextPageUrl is given (Autotask requires `id` to page).
+- `POST|GET /V1.0/{Entity}/query/count` -> `{"queryCount": n}`.
+- `GET /V1.0/Opportunities/entityInformation/fields` with picklists whose `value` is a STRING;
+  `.../entityInformation/userDefinedFields`.
+- Entities: Opportunities, Companies, Contacts, Resources, Countries (query, count, `GET /{Entity}/{id}` ->
+  `{"item": ...}`). Writes: `POST /V1.0/Opportunities` (create, `{"itemId": id}`), `PATCH` / `PUT
+  /V1.0/Opportunities` with `id` in the body. Opportunities cannot be deleted through the API (DELETE is 405),
+  so deletions happen only from the control side (`world.delete`, `/__sandbox/advance`).
+- `lastActivity` is the only change timestamp. A PATCH that only changes user-defined fields does not move it
+  (and `advance()` makes silent changes), so incremental syncs miss those until a full sync.
+- The hourly request threshold per database (10,000 by default, `threshold=` for tests), counted on the
+  virtual clock over a rolling 60 minutes: `GET /V1.0/ThresholdInformation` (not counted) reports it; latency
+  is added at 50 % (0.5 s) and 75 % (1 s) of it (scaled by `latency_scale`), and past it every call is 429
+  `{"errors": [...]}` with Retry-After.
+- Errors: `{"errors": ["..."]}`; query / validation errors are 500 like the real API; framework errors
+  (404 / 405) are `{"Message": "..."}`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import json
+import re
+import threading
+import time
+import zlib
+from datetime import date, datetime, timedelta
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from oppsync_pipeline.lib.record import parse_datetime
+from oppsync_pipeline.sandbox.server import (
+    FaultPlan, FaultRule, Handler, HttpError, Request, Response, Simulator,
+)
+from oppsync_pipeline.sandbox.world import (
+    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World,
+)
+
+CRM = "autotask"
+SANDBOX_CREDENTIALS = {
+    "username": "oppsync-api@sandbox.example.com",
+    "secret": "sandbox-autotask-secret",
+    "integration_code": "SANDBOXTRACKINGID0001",
+}
+
+OPP_BASE, USER_BASE, COMPANY_BASE, CONTACT_BASE = 29684000, 29682885, 174, 30682000
+
+# Opportunity status picklist (the world's stage key is the status value as a string).
+STATUSES = [
+    SimStage("0", "Not Ready To Buy", False, False, 10.0, 0),
+    SimStage("1", "Active", False, False, 50.0, 1),
+    SimStage("2", "Lost", True, False, 0.0, 2),
+    SimStage("3", "Closed", True, True, 100.0, 3),
+    SimStage("4", "Implemented", True, True, 100.0, 4),
+    SimStage("5", "On Hold", False, False, 20.0, 5),   # a tenant's own (non-system) status
+]
+SYSTEM_STATUSES = {"0", "1", "2", "3", "4"}
+# Opportunity stage picklist (tenant-defined sales stages; independent of status).
+STAGES = [(1, "Prospect"), (2, "Qualified"), (3, "Proposal"), (4, "Negotiation"), (5, "Verbal")]
+COUNTRIES = {"USA": (237, "US", "United States"), "Germany": (82, "DE", "Germany"), "UK": (236, "GB", "United Kingdom"),
+             "France": (75, "FR", "France"), "Japan": (111, "JP", "Japan")}
+REGIONS = ["West", "East", "EMEA", "APAC", "O'Hare \"Central\""]
+UDF_NAMES = ("Region", "Original Create Date", "Original Creator")
+
+_ROOT = r"(?:/z(?P<zone>\d+))?/atservicesrest/v1\.0"
+_NOT_GET = "The requested resource does not support http method '{}'."
+
+
+def profile() -> TenantProfile:
+    return TenantProfile(
+        crm=CRM, stages=list(STATUSES),
+        opportunity_id=lambda seq: str(OPP_BASE + seq),
+        user_id=lambda i: str(USER_BASE + i),
+        account_id=lambda i: str(COMPANY_BASE + i),
+        currencies=("USD",), precision=timedelta(milliseconds=10), users=25,
+    )
+
+
+def at_datetime(dt: datetime | None) -> str | None:
+    """Autotask's UTC datetimes: milliseconds with trailing zeros trimmed (`...44.12Z`, `...44Z`)."""
+    if dt is None:
+        return None
+    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    ms = dt.microsecond // 1000
+    return f"{base}.{f'{ms:03d}'.rstrip('0')}Z" if ms else base + "Z"
+
+
+def at_date(d: date | None) -> str | None:
+    return None if d is None else d.strftime("%Y-%m-%dT00:00:00Z")
+
+
+def _h(*parts: Any) -> int:
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+class Entity:
+    """One queryable entity: its rows (as sorted int ids), one field's value, and the rendered record."""
+
+    def __init__(self, name: str, ids: Callable[[], list[int]], get: Callable[[int], Any],
+                 value: Callable[[Any, str, bool], Any], render: Callable[[Any], dict[str, Any]],
+                 fields: dict[str, str]):
+        self.name, self.ids, self.get, self.value, self.render, self.fields = name, ids, get, value, render, fields
+
+
+class AutotaskSimulator(Simulator):
+    crm = CRM
+    unfaulted = re.compile(r"^(/__sandbox/|/atservicesrest/v1\.0/zoneinformation)", re.IGNORECASE)
+
+    def __init__(self, world: World, faults: FaultPlan | None = None, *, threshold: int = 10_000,
+                 latency_scale: float = 1.0):
+        super().__init__(world, faults)
+        self.threshold = threshold
+        self.latency_scale = latency_scale
+        self.zone = 1
+        self.api_resource = 0                   # the API user is resource #0 (creator of API-made records)
+        self._window: collections.deque[datetime] = collections.deque()
+        self._window_lock = threading.Lock()
+        self.cache = QueryCache()
+        self._snapshots: dict[str, list[int]] = {}
+        self._snap_seq = 0
+        self.contacts = self._make_contacts()
+        self.entities = {e.name.lower(): e for e in (
+            self._opportunities_entity(), self._companies_entity(), self._contacts_entity(),
+            self._resources_entity(), self._countries_entity())}
+        root = _ROOT
+        self.route("GET", r"/atservicesrest/v1\.0/zoneinformation", self.zone_information)
+        self.route("GET", root + r"/thresholdinformation", self._api(self.threshold_information, counted=False))
+        self.route("GET", root + r"/opportunities/entityinformation/fields", self._api(self.entity_fields))
+        self.route("GET", root + r"/opportunities/entityinformation/userdefinedfields", self._api(self.udf_fields))
+        self.route("GET", root + r"/opportunities/entityinformation", self._api(self.entity_info))
+        for method in ("POST", "GET"):
+            self.route(method, root + r"/(?P<entity>\w+)/query/count", self._api(self.count))
+            self.route(method, root + r"/(?P<entity>\w+)/query/(?P<direction>next|prev)",
+                       self._api(self.query_next))
+            self.route(method, root + r"/(?P<entity>\w+)/query", self._api(self.query))
+        self.route("GET", root + r"/(?P<entity>\w+)/(?P<id>-?\d+)", self._api(self.get_one))
+        self.route("POST", root + r"/opportunities", self._api(self.create))
+        self.route("PATCH", root + r"/opportunities", self._api(self.update))
+        self.route("PUT", root + r"/opportunities", self._api(self.update))
+        self.route("DELETE", root + r"/opportunities/(?P<id>\d+)", self._api(self.delete_refused))
+
+    # -- framework -------------------------------------------------------------------------------------------------
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        self.routes.append((method, re.compile("^" + pattern + "$", re.IGNORECASE), handler))
+
+    def error_response(self, err: HttpError) -> Response:
+        if err.status in (404, 405):
+            return Response.json({"Message": err.message}, err.status, err.headers)
+        if err.status == 401:
+            return Response(401, b"", dict(err.headers))
+        return Response.json({"errors": [err.message]}, err.status, err.headers)
+
+    def rate_limit_response(self, rule: FaultRule) -> Response:
+        return Response.json({"errors": ["The request was rejected: the API request threshold has been exceeded."]},
+                             429, {"Retry-After": str(int(rule.seconds))})
+
+    def expire_tokens(self) -> None:
+        """Autotask has no tokens; the nearest real event is the database moving to another zone."""
+        self.zone += 1
+
+    def zone_base(self, req: Request) -> str:
+        host = req.header("host") or "127.0.0.1"
+        prefix = "" if self.zone == 1 else f"/z{self.zone}"
+        return f"http://{host}{prefix}/ATServicesRest/"
+
+    def _api(self, handler: Handler, counted: bool = True) -> Handler:
+        def wrapped(req: Request) -> Response:
+            self._authenticate(req)
+            if counted:
+                self._throttle()
+            return handler(req)
+        return wrapped
+
+    def _authenticate(self, req: Request) -> None:
+        ok = (req.header("apiintegrationcode") == SANDBOX_CREDENTIALS["integration_code"]
+              and (req.header("username") or "").lower() == SANDBOX_CREDENTIALS["username"]
+              and req.header("secret") == SANDBOX_CREDENTIALS["secret"])
+        if not ok or int(req.params.get("zone") or 1) != self.zone:
+            raise HttpError(401, "UNAUTHORIZED", "Unauthorized")
+
+    def _throttle(self) -> None:
+        now = self.world.clock.now()
+        with self._window_lock:
+            used = self._used(now)
+            if used >= self.threshold:
+                raise HttpError(429, "THRESHOLD", f"The request was rejected: {used} requests in the last 60 "
+                                f"minutes reached the threshold of {self.threshold} for this database.",
+                                {"Retry-After": "60"})
+            self._window.append(now)
+        share = (used + 1) / self.threshold
+        delay = 1.0 if share >= 0.75 else (0.5 if share >= 0.5 else 0.0)
+        if delay and self.latency_scale:
+            time.sleep(delay * self.latency_scale)
+
+    def _used(self, now: datetime) -> int:
+        cutoff = now - timedelta(minutes=60)
+        while self._window and self._window[0] <= cutoff:
+            self._window.popleft()
+        return len(self._window)
+
+    # -- zone, threshold, entity information -----------------------------------------------------------------------
+
+    def zone_information(self, req: Request) -> Response:
+        user = (req.arg("user") or "").strip().lower()
+        if user != SANDBOX_CREDENTIALS["username"]:
+            raise HttpError(500, "ZONE", "Zone information could not be determined")
+        host = req.header("host") or "127.0.0.1"
+        return Response.json({"zoneName": f"America West {self.zone}", "url": self.zone_base(req),
+                              "webUrl": f"http://{host}/", "ci": 271828})
+
+    def threshold_information(self, req: Request) -> Response:
+        with self._window_lock:
+            used = self._used(self.world.clock.now())
+        return Response.json({"externalRequestThreshold": self.threshold, "requestThresholdTimeframe": 60,
+                              "currentTimeframeRequestCount": used})
+
+    def entity_info(self, req: Request) -> Response:
+        return Response.json({"info": {"name": "Opportunity", "canCreate": True, "canDelete": False,
+                                       "canQuery": True, "canUpdate": True, "hasUserDefinedFields": True,
+                                       "supportsWebhookCallouts": False, "userAccessForCreate": "All",
+                                       "userAccessForDelete": "None", "userAccessForQuery": "All",
+                                       "userAccessForUpdate": "All"}})
+
+    def entity_fields(self, req: Request) -> Response:
+        def field(name: str, dtype: str, *, required: bool = False, readonly: bool = False,
+                  picklist: list[dict[str, Any]] | None = None, ref: str = "") -> dict[str, Any]:
+            return {"name": name, "dataType": dtype, "length": 0 if dtype != "string" else 128,
+                    "isRequired": required, "isReadOnly": readonly, "isQueryable": True,
+                    "isReference": bool(ref), "referenceEntityType": ref, "isPickList": picklist is not None,
+                    "picklistValues": picklist, "picklistParentValueField": "", "isSupportedWebhookField": False}
+        status_values = [{"value": s.key, "label": s.label, "isDefaultValue": s.key == "1", "sortOrder": s.order,
+                          "parentValue": "", "isActive": True, "isSystem": s.key in SYSTEM_STATUSES}
+                         for s in STATUSES]
+        stage_values = [{"value": str(v), "label": label, "isDefaultValue": v == 1, "sortOrder": v,
+                         "parentValue": "", "isActive": v != 5, "isSystem": False} for v, label in STAGES]
+        types = self.entities["opportunities"].fields
+        out = []
+        for name, dtype in types.items():
+            if name == "status":
+                out.append(field(name, dtype, required=True, picklist=status_values))
+            elif name == "stage":
+                out.append(field(name, dtype, picklist=stage_values))
+            else:
+                out.append(field(name, dtype, required=name in ("title", "amount", "companyID", "ownerResourceID",
+                                                                "probability", "projectedCloseDate"),
+                                 readonly=name in ("id", "createDate", "lastActivity", "creatorResourceID"),
+                                 ref={"companyID": "Company", "contactID": "Contact",
+                                      "ownerResourceID": "Resource", "creatorResourceID": "Resource"}.get(name, "")))
+        return Response.json({"fields": out})
+
+    def udf_fields(self, req: Request) -> Response:
+        return Response.json({"fields": [
+            {"name": n, "label": n, "type": "string", "dataType": "string", "length": 100, "isRequired": False,
+             "isReadOnly": False, "isQueryable": True, "isPickList": False, "picklistValues": None,
+             "isActive": True, "isVisibleToClientPortal": False, "displayFormat": 1, "sortOrder": i}
+            for i, n in enumerate(UDF_NAMES)]})
+
+    # -- query -----------------------------------------------------------------------------------------------------
+
+    def _entity(self, req: Request) -> Entity:
+        name = (req.params.get("entity") or "").lower()
+        if name not in self.entities:
+            raise HttpError(404, "NOT_FOUND", f"No HTTP resource was found that matches the request URI "
+                                              f"'{req.path}'.")
+        return self.entities[name]
+
+    def _search(self, req: Request) -> tuple[dict[str, Any], bool]:
+        """The query body and whether it came as `?search=` (GET)."""
+        if req.method == "GET":
+            raw = req.arg("search")
+            if raw is None:
+                raise HttpError(500, "QUERY", "A search parameter is required for a GET query.")
+            try:
+                return json.loads(raw), True
+            except ValueError:
+                raise HttpError(500, "QUERY", "The search parameter is not valid JSON.") from None
+        try:
+            body = req.json()
+        except ValueError:
+            raise HttpError(500, "QUERY", "The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise HttpError(500, "QUERY", "The request body must be a query object.")
+        return body, False
+
+    def _matching(self, ent: Entity, body: dict[str, Any]) -> list[int]:
+        filters = body.get("filter") or body.get("Filter") or []
+        if not isinstance(filters, list) or not filters:
+            raise HttpError(500, "QUERY", "A query requires at least one filter, e.g. "
+                                          '{"op":"gt","field":"id","value":0}.')
+        pred = _compile({"op": "and", "items": filters}, ent)
+        key = (ent.name, json.dumps(filters, sort_keys=True), self.world.version)
+
+        def compute() -> list[int]:
+            with self.world.lock:
+                return [i for i in ent.ids() if pred(ent.get(i))]
+        return self.cache.get_or_compute(key, compute)
+
+    def count(self, req: Request) -> Response:
+        ent = self._entity(req)
+        body, _ = self._search(req)
+        return Response.json({"queryCount": len(self._matching(ent, body))})
+
+    def query(self, req: Request) -> Response:
+        ent = self._entity(req)
+        body, from_get = self._search(req)
+        ids = self._matching(ent, body)
+        with self.world.lock:
+            self._snap_seq += 1
+            token = f"{self._snap_seq:x}"
+            self._snapshots[token] = ids
+            if len(self._snapshots) > 256:
+                self._snapshots.pop(next(iter(self._snapshots)))
+        return self._page(req, ent, body, ids, token, 0, from_get)
+
+    def query_next(self, req: Request) -> Response:
+        ent = self._entity(req)
+        try:
+            paging = json.loads(req.arg("paging") or "")
+        except ValueError:
+            raise HttpError(500, "QUERY", "The paging parameter is missing or not valid JSON.") from None
+        if req.method == "GET" and req.arg("search") is None:
+            # The query began as a POST: its next URL carries no search and only accepts POST.
+            raise HttpError(405, "METHOD", _NOT_GET.format("GET"))
+        body, from_get = self._search(req)
+        ids = self._snapshots.get(str(paging.get("snapshot")))
+        if ids is None:   # snapshot evicted: re-run the query; id paging stays correct
+            ids = self._matching(ent, body)
+        token = str(paging.get("snapshot"))
+        if (req.params.get("direction") or "next").lower() == "prev":
+            size = int(paging.get("pageSize", 500))
+            end = bisect.bisect_left(ids, int(paging.get("firstId", 0)))
+            start = max(0, end - size)
+            return self._page(req, ent, body, ids, token, ids[start - 1] if start else -(2 ** 62), from_get)
+        return self._page(req, ent, body, ids, token, int(paging.get("lastId", 0)), from_get)
+
+    def _page(self, req: Request, ent: Entity, body: dict[str, Any], ids: list[int], token: str, after: int,
+              from_get: bool) -> Response:
+        size = body.get("MaxRecords", body.get("maxRecords", 500))
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 500:
+            raise HttpError(500, "QUERY", f"MaxRecords must be between 1 and 500; got {size!r}.")
+        include = body.get("IncludeFields") or body.get("includeFields") or None
+        start = bisect.bisect_right(ids, after)
+        chunk = ids[start:start + size]
+        with self.world.lock:
+            items = [ent.render(ent.get(i)) for i in chunk]
+        items = [x for x in items if x is not None]
+        if include:
+            wanted = {f.lower() for f in include}
+            items = [{k: v for k, v in it.items() if k.lower() in wanted} for it in items]
+        more = start + size < len(ids)
+        next_url = None
+        if more and (not include or "id" in {f.lower() for f in include}):
+            paging = json.dumps({"pageSize": size, "snapshot": token, "lastId": chunk[-1]}, separators=(",", ":"))
+            next_url = f"{self.zone_base(req)}V1.0/{ent.name}/query/next?paging={quote(paging)}"
+            if from_get:
+                next_url += "&search=" + quote(json.dumps(body, separators=(",", ":")))
+        prev_url = None
+        if start > 0:
+            prev_url = f"{self.zone_base(req)}V1.0/{ent.name}/query/prev?paging=" + quote(json.dumps(
+                {"pageSize": size, "snapshot": token, "firstId": chunk[0] if chunk else after},
+                separators=(",", ":")))
+            if from_get:
+                prev_url += "&search=" + quote(json.dumps(body, separators=(",", ":")))
+        return Response.json({"items": items, "pageDetails": {"count": len(items), "requestCount": size,
+                                                              "prevPageUrl": prev_url, "nextPageUrl": next_url}})
+
+    def get_one(self, req: Request) -> Response:
+        ent = self._entity(req)
+        with self.world.lock:
+            obj = ent.get(int(req.params["id"]))
+            return Response.json({"item": ent.render(obj) if obj is not None else None})
+
+    # -- writes ----------------------------------------------------------------------------------------------------
+
+    def create(self, req: Request) -> Response:
+        body = req.json() or {}
+        missing = [f for f in ("title", "companyID", "ownerResourceID", "status", "amount", "probability",
+                               "projectedCloseDate") if body.get(f) is None]
+        if missing:
+            raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
+        values = self._values(body)
+        values["creator"] = self.api_resource
+        opp = self.world.create(**values)
+        return Response.json({"itemId": int(opp.native_id)})
+
+    def update(self, req: Request) -> Response:
+        body = req.json() or {}
+        try:
+            oid = str(int(body.get("id")))
+        except (TypeError, ValueError):
+            raise HttpError(500, "VALIDATION", "The id field is required to update an Opportunity.") from None
+        if self.world.get(oid) is None:
+            raise HttpError(500, "VALIDATION", f"Opportunity with id {oid} was not found.")
+        values = self._values({k: v for k, v in body.items() if k != "id"})
+        # Only user-defined fields changed: Autotask does not record that as activity.
+        bump = any(not k.startswith("udf:") for k in values)
+        self.world.update(oid, bump=bump, **values)
+        return Response.json({"itemId": int(oid)})
+
+    def delete_refused(self, req: Request) -> Response:
+        raise HttpError(405, "METHOD", _NOT_GET.format("DELETE"))
+
+    def _values(self, body: dict[str, Any]) -> dict[str, Any]:
+        w = self.world
+        out: dict[str, Any] = {}
+        for k, v in body.items():
+            if k == "title":
+                out["name"] = v
+            elif k == "companyID":
+                idx = int(v) - COMPANY_BASE
+                if not 0 <= idx < len(w.accounts):
+                    raise HttpError(500, "VALIDATION", f"Company with id {v} was not found.")
+                out["account"] = idx
+            elif k == "ownerResourceID":
+                idx = int(v) - USER_BASE
+                if not 0 <= idx < len(w.users):
+                    raise HttpError(500, "VALIDATION", f"Resource with id {v} was not found.")
+                out["owner"] = idx
+            elif k == "status":
+                if str(v) not in w.stages:
+                    raise HttpError(500, "VALIDATION", f"Value {v!r} is not a valid picklist value for status.")
+                out["stage"] = str(v)
+            elif k == "stage":
+                out["at_stage"] = int(v)
+            elif k == "amount":
+                out["amount"] = float(v)
+            elif k == "probability":
+                out["prob"] = int(v)
+            elif k == "projectedCloseDate":
+                out["close_date"] = parse_datetime(v).date()  # type: ignore[union-attr]
+            elif k in ("contactID", "cost"):
+                out[k] = v
+            elif k == "userDefinedFields":
+                for udf in v or []:
+                    out["udf:" + udf["name"]] = udf.get("value")
+            elif k in ("createDate", "lastActivity", "creatorResourceID"):
+                continue  # read-only, ignored like the real API
+            else:
+                raise HttpError(500, "VALIDATION", f"Unable to find {k} in the Opportunity entity.")
+        if "prob" in out:   # after the status (which sets the status's default probability)
+            out["probability"] = float(out.pop("prob"))
+        return out
+
+    # -- entities --------------------------------------------------------------------------------------------------
+
+    def _make_contacts(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.world.accounts:
+            for k in range(2):
+                i = 2 * a.idx + k
+                out.append({"id": CONTACT_BASE + i, "companyID": int(a.native_id),
+                            "firstName": FIRST[_h("cf", i) % len(FIRST)], "lastName": LAST[_h("cl", i) % len(LAST)],
+                            "emailAddress": f"contact{i}@example.com", "isActive": 1, "title": None})
+        return out
+
+    def contact_for(self, o: SimOpportunity) -> int | None:
+        extra = o.extra or {}
+        if "contactID" in extra:
+            return extra["contactID"]
+        if o.account is None or o.seq % 7 == 0:
+            return None
+        return CONTACT_BASE + 2 * o.account + o.seq % 2
+
+    def _opportunities_entity(self) -> Entity:
+        w = self.world
+        fields = {"id": "long", "title": "string", "companyID": "integer", "contactID": "integer",
+                  "ownerResourceID": "integer", "creatorResourceID": "integer", "amount": "double",
+                  "cost": "double", "probability": "integer", "stage": "integer", "status": "integer",
+                  "projectedCloseDate": "datetime", "closedDate": "datetime", "lostDate": "datetime",
+                  "createDate": "datetime", "lastActivity": "datetime", "totalAmountMonths": "integer",
+                  "useQuoteTotals": "boolean", "onetimeRevenue": "double", "monthlyRevenue": "double",
+                  "yearlyRevenue": "double", "opportunityCategoryID": "integer", "leadSource": "integer",
+                  "rating": "integer"}
+
+        def ids() -> list[int]:
+            return sorted(int(o.native_id) for o in w.live())
+
+        def get(i: int) -> SimOpportunity | None:
+            return w.get(str(i))
+
+        def render(o: SimOpportunity | None) -> dict[str, Any] | None:
+            if o is None:
+                return None
+            extra = o.extra or {}
+            status = w.stages[o.stage]
+            amount = o.amount if o.amount is not None else 0.0
+            cost = extra.get("cost", round(amount * (0.55 + (o.seq % 30) / 100), 2))
+            return {
+                "id": int(o.native_id), "title": o.name,
+                "companyID": int(w.accounts[o.account].native_id) if o.account is not None else 0,
+                "contactID": self.contact_for(o),
+                "ownerResourceID": int(w.users[o.owner].native_id),
+                "creatorResourceID": int(w.users[o.creator].native_id),
+                "amount": amount, "cost": cost, "onetimeRevenue": round(amount * 0.2, 2),
+                "monthlyRevenue": round(amount * 0.8 / 12, 2), "yearlyRevenue": 0.0,
+                "probability": int(round(o.probability)) if o.probability is not None else 0,
+                "stage": extra.get("at_stage", STAGES[o.seq % len(STAGES)][0]),
+                "status": int(o.stage), "rating": o.seq % 3 + 1, "leadSource": o.seq % 5 + 1,
+                "opportunityCategoryID": 1,
+                "projectedCloseDate": at_date(o.close_date),
+                "closedDate": at_date(o.close_date) if status.is_closed and status.is_won else None,
+                "lostDate": at_date(o.close_date) if status.is_closed and not status.is_won else None,
+                "startDate": at_date(o.created_at.date()),
+                "createDate": at_datetime(o.created_at), "lastActivity": at_datetime(o.modified_at),
+                "totalAmountMonths": 12, "useQuoteTotals": False,
+                "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in UDF_NAMES],
+            }
+
+        fast: dict[str, Callable[[SimOpportunity], Any]] = {
+            "id": lambda o: int(o.native_id), "status": lambda o: int(o.stage), "title": lambda o: o.name,
+            "lastactivity": lambda o: o.modified_at, "createdate": lambda o: o.created_at,
+            "ownerresourceid": lambda o: int(w.users[o.owner].native_id),
+            "creatorresourceid": lambda o: int(w.users[o.creator].native_id),
+            "amount": lambda o: o.amount if o.amount is not None else 0.0,
+        }
+
+        def value(o: SimOpportunity, name: str, udf: bool) -> Any:
+            if udf:
+                return self._udf(o, name)
+            getter = fast.get(name.lower())
+            return getter(o) if getter else _get_ci(render(o), name)
+
+        return Entity("Opportunities", ids, get, value, render, fields)
+
+    def _udf(self, o: SimOpportunity, name: str) -> Any:
+        extra = o.extra or {}
+        if "udf:" + name in extra:
+            return extra["udf:" + name]
+        if name == "Region":
+            return REGIONS[_h("r", o.seq) % len(REGIONS)]
+        if name == "Original Create Date":   # migrated records carry the legacy CRM's creation date (seed 002)
+            return at_datetime(o.created_at - timedelta(days=30)) if o.seq % 4 == 0 else None
+        if name == "Original Creator":
+            return str(USER_BASE + (o.seq % 25)) if o.seq % 4 == 0 else None
+        return None
+
+    def _companies_entity(self) -> Entity:
+        w = self.world
+        fields = {"id": "integer", "companyName": "string", "address1": "string", "address2": "string",
+                  "city": "string", "state": "string", "postalCode": "string", "countryID": "integer",
+                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer"}
+
+        def render(i: int | None) -> dict[str, Any] | None:
+            if i is None:
+                return None
+            a = w.accounts[i]
+            return {"id": int(a.native_id), "companyName": a.name, "address1": a.street, "address2": None,
+                    "city": a.city, "state": a.state, "postalCode": a.postal_code,
+                    "countryID": COUNTRIES[a.country][0] if a.country in COUNTRIES else None,
+                    "phone": f"+1 555 {1000 + a.idx % 9000}", "isActive": True,
+                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1, "userDefinedFields": []}
+
+        return Entity("Companies", lambda: [int(a.native_id) for a in w.accounts],
+                      lambda i: (i - COMPANY_BASE) if 0 <= i - COMPANY_BASE < len(w.accounts) else None,
+                      lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+
+    def _contacts_entity(self) -> Entity:
+        by_id = {c["id"]: c for c in self.contacts}
+        fields = {"id": "integer", "companyID": "integer", "firstName": "string", "lastName": "string",
+                  "emailAddress": "string", "isActive": "integer"}
+        return Entity("Contacts", lambda: [c["id"] for c in self.contacts], by_id.get,
+                      lambda c, name, udf: None if udf else _get_ci(c, name), lambda c: dict(c) if c else None,
+                      fields)
+
+    def _resources_entity(self) -> Entity:
+        w = self.world
+        fields = {"id": "integer", "firstName": "string", "lastName": "string", "email": "string",
+                  "userName": "string", "isActive": "boolean", "resourceType": "string", "title": "string"}
+
+        def render(i: int | None) -> dict[str, Any] | None:
+            if i is None:
+                return None
+            u = w.users[i]
+            first, _, last = u.name.partition(" ")
+            return {"id": int(u.native_id), "firstName": first, "lastName": last, "email": u.email,
+                    "userName": u.email.split("@")[0], "isActive": u.active, "resourceType": "Employee",
+                    "licenseType": 1, "userType": 1, "title": "Account Manager"}
+
+        return Entity("Resources", lambda: [int(u.native_id) for u in w.users],
+                      lambda i: (i - USER_BASE) if 0 <= i - USER_BASE < len(w.users) else None,
+                      lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+
+    def _countries_entity(self) -> Entity:
+        rows = {cid: {"id": cid, "countryCode": code, "name": name, "displayName": name, "isActive": True,
+                      "isDefaultCountry": code == "US", "addressFormatID": 1}
+                for cid, code, name in COUNTRIES.values()}
+        fields = {"id": "integer", "countryCode": "string", "name": "string", "displayName": "string",
+                  "isActive": "boolean"}
+        return Entity("Countries", lambda: sorted(rows), rows.get,
+                      lambda c, name, udf: None if udf else _get_ci(c, name), lambda c: dict(c) if c else None,
+                      fields)
+
+
+def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:
+    if rec is None:
+        return None
+    if name in rec:
+        return rec[name]
+    low = name.lower()
+    return next((v for k, v in rec.items() if k.lower() == low), None)
+
+
+# -- the filter grammar --------------------------------------------------------------------------------------------
+
+_OPS = {"eq", "noteq", "gt", "gte", "lt", "lte", "beginswith", "endswith", "contains", "exist", "notexist",
+        "in", "notin", "and", "or"}
+
+
+def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
+    """One filter node -> a predicate over the entity's objects (values compared by the field's type)."""
+    if not isinstance(node, dict) or "op" not in node:
+        raise HttpError(500, "QUERY", f"Invalid filter expression: {json.dumps(node)[:200]}")
+    op = str(node["op"]).lower()
+    if op not in _OPS:
+        raise HttpError(500, "QUERY", f"Unsupported operator '{node['op']}'.")
+    if op in ("and", "or"):
+        items = node.get("items")
+        if not isinstance(items, list) or not items:
+            raise HttpError(500, "QUERY", f"The '{op}' group requires a non-empty items list.")
+        preds = [_compile(i, ent) for i in items]
+        return (lambda o: all(p(o) for p in preds)) if op == "and" else (lambda o: any(p(o) for p in preds))
+    name = node.get("field")
+    udf = bool(node.get("udf"))
+    if not isinstance(name, str):
+        raise HttpError(500, "QUERY", "A filter condition requires a field.")
+    if not udf and name.lower() not in {f.lower() for f in ent.fields}:
+        raise HttpError(500, "QUERY", f"Unable to find {name} in the {ent.name[:-1]} entity.")
+    if udf and ent.name != "Opportunities" or udf and name not in UDF_NAMES:
+        raise HttpError(500, "QUERY", f"Unable to find user-defined field {name} in the {ent.name[:-1]} entity.")
+    dtype = "string" if udf else next(t for f, t in ent.fields.items() if f.lower() == name.lower())
+    conv = _converter(dtype)
+
+    def get(o: Any) -> Any:
+        return conv(ent.value(o, name, udf))
+
+    if op == "exist":
+        return lambda o: ent.value(o, name, udf) not in (None, "")
+    if op == "notexist":
+        return lambda o: ent.value(o, name, udf) in (None, "")
+    if "value" not in node:
+        raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} requires a value.")
+    raw = node["value"]
+    if op in ("in", "notin"):
+        if not isinstance(raw, list):
+            raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} requires a list value.")
+        wanted = {_convert_value(conv, v, name) for v in raw}
+        if op == "in":
+            return lambda o: get(o) in wanted
+        return lambda o: (v := get(o)) is not None and v not in wanted
+    if isinstance(raw, (list, dict)):
+        raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} takes a single value.")
+    val = _convert_value(conv, raw, name)
+    if op in ("beginswith", "endswith", "contains"):
+        s = str(raw).casefold()
+        fn = {"beginswith": str.startswith, "endswith": str.endswith, "contains": str.__contains__}[op]
+        return lambda o: (v := ent.value(o, name, udf)) is not None and fn(str(v).casefold(), s)
+
+    def cmp(o: Any) -> bool:
+        v = get(o)
+        if v is None or val is None:
+            return op == "noteq" and (v is None) != (val is None)
+        return {"eq": v == val, "noteq": v != val, "gt": v > val, "gte": v >= val,
+                "lt": v < val, "lte": v <= val}[op]
+    return cmp
+
+
+def _converter(dtype: str) -> Callable[[Any], Any]:
+    if dtype == "datetime":
+        return lambda v: parse_datetime(v) if v not in (None, "") else None
+    if dtype in ("integer", "long", "short", "double", "decimal"):
+        return lambda v: float(v) if v not in (None, "") else None
+    if dtype == "boolean":
+        return lambda v: None if v is None else (v if isinstance(v, bool) else str(v).lower() == "true")
+    return lambda v: None if v is None else str(v).casefold()   # SQL Server's case-insensitive collation
+
+
+def _convert_value(conv: Callable[[Any], Any], raw: Any, name: str) -> Any:
+    try:
+        return conv(raw)
+    except (TypeError, ValueError):
+        raise HttpError(500, "QUERY", f"Value {json.dumps(raw)[:100]} is not valid for field {name}.") from None
+
+
+def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
+          **options: Any) -> AutotaskSimulator:
+    world = World(profile(), seed, opportunities, clock=clock)
+    for o in world.opps.values():   # Autotask keeps milliseconds: give generated history fractions of a second
+        o.created_at += timedelta(milliseconds=10 * (_h("c", o.seq) % 100))
+        o.modified_at = max(o.created_at, o.modified_at - timedelta(milliseconds=10 * (_h("m", o.seq) % 100)))
+    return AutotaskSimulator(world, faults, **options)

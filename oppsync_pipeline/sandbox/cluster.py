@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer, Simulator
+from oppsync_pipeline.sandbox.world import Clock
 
 CRMS = ("salesforce", "hubspot", "dynamics", "connectwise", "autotask")
 DEFAULT_PORTS = {"salesforce": 8701, "hubspot": 8702, "dynamics": 8703, "connectwise": 8704, "autotask": 8705}
@@ -26,8 +28,12 @@ def crm_module(crm: str) -> ModuleType:
     return importlib.import_module(f"oppsync_pipeline.sandbox.{crm}")
 
 
-def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None) -> Simulator:
-    return crm_module(crm).build(seed=seed, opportunities=opportunities, faults=faults)
+def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
+                    anchor: datetime | None = None) -> Simulator:
+    """`anchor`: the moment the tenant's data is generated relative to. The same seed and anchor give the
+    same tenant, so a restarted sandbox is the same CRM."""
+    clock = Clock(start=anchor) if anchor else None
+    return crm_module(crm).build(seed=seed, opportunities=opportunities, faults=faults, clock=clock)
 
 
 def connection_name(crm: str) -> str:
@@ -47,11 +53,16 @@ class Sandbox:
     opportunities: int = 1000
     ports: dict[str, int] = field(default_factory=dict)   # 0 or missing: a free port
     latency_ms: int = 0
+    anchor: datetime | None = None
+    faults: FaultPlan | None = None
     servers: dict[str, SandboxServer] = field(default_factory=dict)
 
     def start(self) -> Sandbox:
         for crm in self.crms:
-            sim = build_simulator(crm, self.seed, self.opportunities, FaultPlan(latency_ms=self.latency_ms))
+            plan = FaultPlan.from_json({"rules": [r.__dict__ for r in self.faults.rules], "seed": self.faults.seed,
+                                        "latency_ms": self.latency_ms}) if self.faults else FaultPlan(
+                                            latency_ms=self.latency_ms)
+            sim = build_simulator(crm, self.seed, self.opportunities, plan, anchor=self.anchor)
             self.servers[crm] = SandboxServer(sim, port=self.ports.get(crm, 0)).start()
         return self
 
@@ -77,10 +88,13 @@ class Sandbox:
         for crm, server in self.servers.items():
             name = connection_name(crm)
             creds = crm_module(crm).SANDBOX_CREDENTIALS
-            out.append({
-                "name": name, "crm": crm, "base_url": server.url,
-                "credentials": {k: "${" + env_var(name, k) + "}" for k in creds},
-            })
+            entry = {"name": name, "crm": crm, "base_url": server.url,
+                     "credentials": {k: "${" + env_var(name, k) + "}" for k in creds}}
+            # e.g. Dynamics: the Entra token endpoint is served by the simulator, not login.microsoftonline.com
+            options = getattr(crm_module(crm), "connection_options", lambda url: {})(server.url)
+            if options:
+                entry["options"] = options
+            out.append(entry)
         return out
 
     def secrets(self) -> dict[str, str]:

@@ -40,6 +40,11 @@ class Clock:
         with self._lock:
             self._offset += delta
 
+    @property
+    def start(self) -> datetime:
+        """The anchor: generated data is relative to it, so the same seed and anchor give the same tenant."""
+        return self._start_virtual
+
 
 def truncate(t: datetime, precision: timedelta) -> datetime:
     us = int(precision / timedelta(microseconds=1))
@@ -141,6 +146,7 @@ class World:
         self.seed = seed
         self.rng = random.Random(f"{profile.crm}:{seed}")
         self.clock = clock or Clock(precision=profile.precision)
+        self.clock.precision = profile.precision  # a shared or injected clock still ticks like this CRM
         self.lock = threading.RLock()
         self.version = 0
         self.stages: dict[str, SimStage] = {s.key: s for s in profile.stages}
@@ -174,7 +180,7 @@ class World:
                 None if missing else city[2], None if missing else city[3],
                 site_id=str(1000 + i), site_name="Main" if rng.random() < 0.8 else f"Branch {i % 7}",
             ))
-        now = self.clock.now()
+        now = truncate(self.clock.start, timedelta(seconds=1))  # not now(): real milliseconds would leak in
         two_years = 730 * 24 * 3600
         for _ in range(n):
             created = now - timedelta(seconds=rng.randint(3600, two_years))

@@ -1,0 +1,437 @@
+"""HubSpot connector (CRM v3): deals through search, windowed on `hs_lastmodifieddate` to stay under the
+10,000-results cap of one search query.
+
+- Auth: a private-app token (`access_token`), or OAuth (`client_id`, `client_secret`, `refresh_token`, optionally a
+  current `access_token`): the token is refreshed at `POST /oauth/v1/token` on a 401 and the request repeated.
+- Open set: `dealstage IN <open stage ids>`, where open means the pipeline stage's `metadata.isClosed` is "false"
+  (or the connection's `open_statuses`). Stage ids are unique across pipelines (custom ones are numeric).
+- Reads: `POST /crm/v3/objects/deals/search` sorted by `hs_lastmodifieddate` ASC, filtered to a window
+  `[lo, hi)`; a window whose `total` passes 10,000 is split in halves; a single millisecond holding more than
+  10,000 deals is read by keyset on `hs_object_id`. Search is throttled to `options.search_requests_per_second`
+  (default 4; HubSpot allows about 5 per second per portal).
+- Companies: one v4 batch association read per page (`POST /crm/v4/associations/deals/companies/batch/read`,
+  duplicates across association types collapse to one company per `toObjectId`, the Primary one wins), then
+  `POST /crm/v3/objects/companies/batch/read` for the companies not seen yet in this run.
+- Owners: `hubspot_owner_id` is an owner id; `hs_created_by_user_id` is a USER id (owners.userId). `users()` yields
+  one CrmUser per owner keyed by the user id with the owner id as alt id, archived owners included.
+- Deletes: archived deals (`GET /crm/v3/objects/deals?archived=true`, `archivedAt`); archiving does not bump
+  `hs_lastmodifieddate`, so incremental search never sees them.
+- Quota: `X-HubSpot-RateLimit-Daily` / `-Daily-Remaining` (non-search responses only); a 429 with
+  `policyName: DAILY` is QuotaExhausted; ten-secondly and secondly 429s are retried.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import requests
+
+from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.http import AuthError, Auth, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, clean_text, parse_date, parse_datetime,
+                                         parse_float, to_utc)
+
+SEARCH_CAP = 10_000
+LIST_MAX = 100
+BATCH_MAX = 100
+MAX_FILTERS_PER_GROUP = 10
+EPOCH = datetime(1970, 1, 1)
+PRIMARY_TYPE_ID = 5
+DATE_FIELDS = frozenset({"createdate", "closedate", "hs_lastmodifieddate", "notes_last_updated",
+                         "hs_date_entered_closedwon", "hs_date_entered_closedlost", "hs_lastactivitydate"})
+OAUTH_KEYS = ("client_id", "client_secret", "refresh_token")
+COMPANY_PROPERTIES = ["name", "address", "city", "state", "zip", "country"]
+DEAL_PROPERTIES = ["dealname", "amount", "dealstage", "pipeline", "closedate", "createdate", "hs_lastmodifieddate",
+                   "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
+                   "hs_deal_stage_probability"]
+_OPS = {"equal": "EQ", "not_equal": "NEQ", "more_than": "GT", "less_than": "LT", "at_least": "GTE", "at_most": "LTE",
+        "in": "IN"}
+_CUSTOM = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
+
+
+# -- auth -------------------------------------------------------------------------------------------------------------
+
+class HubSpotAuth(Auth):
+    """Bearer token: a private-app token as is, or an OAuth access token refreshed with the refresh token."""
+
+    def __init__(self, credentials: dict[str, str], token_url: str):
+        self.oauth = all(credentials.get(k) for k in OAUTH_KEYS)
+        self.refreshable = self.oauth
+        self._credentials = credentials
+        self._token_url = token_url
+        self._token: str | None = credentials.get("access_token") or None
+        self.expires_at: float | None = None
+
+    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
+        if self._token is None or (self.expires_at is not None and time.monotonic() >= self.expires_at):
+            self.refresh(session)
+        headers["Authorization"] = f"Bearer {self._token}"
+
+    def refresh(self, session: requests.Session) -> None:
+        if not self.oauth:
+            raise AuthError("HubSpot refused the private app token (401); rotate it in the HubSpot app settings",
+                            status=401)
+        data = {"grant_type": "refresh_token", **{k: self._credentials[k] for k in OAUTH_KEYS}}
+        response = session.post(self._token_url, data=data, timeout=(10, 60))
+        if response.status_code != 200:
+            try:
+                status = response.json().get("status", "")
+            except ValueError:
+                status = ""
+            raise AuthError(f"HubSpot OAuth token refresh failed with HTTP {response.status_code} {status}".rstrip(),
+                            status=response.status_code, code=status or None)
+        body = response.json()
+        self._token = body["access_token"]
+        expires_in = body.get("expires_in")
+        # refresh a minute early; a 401 before that still triggers one refresh in ApiClient
+        self.expires_at = time.monotonic() + max(0, int(expires_in) - 60) if expires_in else None
+
+
+# -- usage headers and quota ------------------------------------------------------------------------------------------
+
+def observe(response: requests.Response, stats: RequestStats) -> None:
+    daily = response.headers.get("X-HubSpot-RateLimit-Daily")
+    remaining = response.headers.get("X-HubSpot-RateLimit-Daily-Remaining")
+    if daily and daily.isdigit():
+        stats.quota_limit = int(daily)
+        if remaining and remaining.isdigit():
+            stats.quota_used = int(daily) - int(remaining)
+
+
+def classify(response: requests.Response) -> Exception | None:
+    if response.status_code != 429:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and str(body.get("policyName", "")).upper() == "DAILY":
+        return QuotaExhausted("HubSpot reports the portal's daily API limit is spent (429, policy DAILY)",
+                              status=429, code="DAILY")
+    return None
+
+
+# -- connector ----------------------------------------------------------------------------------------------------
+
+class HubSpotConnector(CrmConnector):
+    crm = "hubspot"
+    max_page_size = 200          # search; list pages are capped at 100
+    native_deletes = True
+    credential_keys = ("access_token",)
+    known_fields = frozenset({
+        "dealname", "amount", "amount_in_home_currency", "dealstage", "pipeline", "closedate", "createdate",
+        "hs_lastmodifieddate", "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
+        "hs_deal_stage_probability", "hs_forecast_probability", "hs_is_closed", "hs_is_closed_won", "dealtype",
+        "description", "hs_priority", "hs_analytics_source", "hubspot_team_id", "hs_closed_amount",
+        "hs_date_entered_closedwon", "hs_date_entered_closedlost", "notes_last_updated", "hs_lastactivitydate",
+    })
+
+    observe = staticmethod(observe)
+    classify = staticmethod(classify)
+
+    def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
+        super().__init__(conn, credentials, **kwargs)
+        self.search_rps = float(conn.options.get("search_requests_per_second", 4))
+        self._last_search = 0.0
+        self._owners: dict[str, CrmUser] | None = None
+        self._companies: dict[str, dict[str, Any]] = {}
+
+    def make_auth(self) -> Auth:
+        token_url = self.conn.options.get("token_url") or f"{self.conn.base_url}/oauth/v1/token"
+        return HubSpotAuth(self.credentials, token_url)
+
+    @classmethod
+    def validate_connection(cls, conn: ConnectionConfig) -> list[str]:
+        problems = [p for p in super().validate_connection(conn) if not p.startswith("credentials:")]
+        keys = set(conn.credentials)
+        private = keys == {"access_token"}
+        oauth = set(OAUTH_KEYS) <= keys <= set(OAUTH_KEYS) | {"access_token"}
+        if not (private or oauth):
+            problems.append(f"credentials: hubspot takes either ['access_token'] (private app) or "
+                            f"{list(OAUTH_KEYS)} (OAuth, optionally with access_token); got {sorted(keys)}")
+        return problems
+
+    @classmethod
+    def is_custom_field(cls, name: str) -> bool:
+        # HubSpot custom property names are lowercase internal names; the hs_ prefix is reserved for HubSpot's own.
+        return bool(_CUSTOM.match(name)) and not name.startswith("hs_")
+
+    # -- stages and users ---------------------------------------------------------------------------------------
+
+    def fetch_stages(self) -> list[StageInfo]:
+        body = self.client.get_json("/crm/v3/pipelines/deals")
+        out = []
+        for p_index, pipeline in enumerate(sorted(body.get("results", []), key=lambda p: p.get("displayOrder", 0))):
+            for stage in pipeline.get("stages", []):
+                meta = stage.get("metadata") or {}
+                closed = str(meta.get("isClosed", "false")).lower() == "true"
+                prob = parse_float(meta.get("probability"))
+                out.append(StageInfo(
+                    key=str(stage["id"]), label=stage.get("label") or str(stage["id"]), is_closed=closed,
+                    is_won=closed and prob is not None and prob >= 1.0,
+                    sort_order=p_index * 1000 + int(stage.get("displayOrder") or 0),
+                    pipeline=str(pipeline.get("id")), probability=None if prob is None else round(prob * 100, 4)))
+        return out
+
+    def users(self) -> Iterable[CrmUser]:
+        return list(self._owner_map().values())
+
+    def _owner_map(self) -> dict[str, CrmUser]:
+        """Owner id -> CrmUser (keyed by user id, owner id as alt id), active and archived owners."""
+        if self._owners is None:
+            owners: dict[str, CrmUser] = {}
+            for archived in ("false", "true"):
+                after: str | None = None
+                while True:
+                    params = {"limit": 100, "archived": archived, **({"after": after} if after else {})}
+                    body = self.client.get_json("/crm/v3/owners", params=params)
+                    for o in body.get("results", []):
+                        oid = str(o["id"])
+                        name = " ".join(p for p in (o.get("firstName"), o.get("lastName")) if p) or None
+                        uid = o.get("userId") or o.get("userIdIncludingInactive")  # archived owners: userId null
+                        owners[oid] = CrmUser(crm_user_id=str(uid) if uid is not None else oid,
+                                              name=clean_text(name or o.get("email")), email=o.get("email"),
+                                              kind="user", active=not o.get("archived", archived == "true"),
+                                              alt_ids=(oid,) if uid is not None else ())
+                    after = ((body.get("paging") or {}).get("next") or {}).get("after")
+                    if not after:
+                        break
+            self._owners = owners
+        return self._owners
+
+    # -- opportunities -----------------------------------------------------------------------------------------
+
+    def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        stage_ids = self.open_stage_keys(open_set)
+        if not stage_ids:
+            return
+        pushed, leftover = self._render_filters()
+        base = [{"propertyName": "dealstage", "operator": "IN", "values": stage_ids}, *pushed]
+        properties = self._properties()
+        lo = _ms(since) if since is not None else None
+        # the window's upper end: just past the newest matching deal, so every window is a fixed slice of time
+        newest = self._search(base + _range(lo, None), ["hs_lastmodifieddate"], "DESCENDING", 1)
+        if not newest.get("results"):
+            return
+        hi = _ms(parse_datetime(newest["results"][0]["properties"]["hs_lastmodifieddate"])) + 1
+        self._owner_map()
+        for records in self._window(base, properties, lo, hi):
+            page = [self._map(r) for r in self._with_companies(records)]
+            if leftover:
+                page = [o for o in page if all(matches(f, _get(o.raw, f.field)) for f in leftover)]
+            if page:
+                yield page
+
+    def _window(self, base: list[dict[str, Any]], properties: list[str], lo: int | None,
+                hi: int) -> Iterator[list[dict[str, Any]]]:
+        """Pages of raw deals with lo <= hs_lastmodifieddate < hi, ascending, splitting past the search cap."""
+        body = self._search(base + _range(lo, hi), properties, "ASCENDING", self.page_size)
+        total = int(body.get("total", 0))
+        if total == 0:
+            return
+        if total > SEARCH_CAP:
+            if lo is None:
+                lo = _ms(parse_datetime(body["results"][0]["properties"]["hs_lastmodifieddate"]))
+            if hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                yield from self._window(base, properties, lo, mid)
+                yield from self._window(base, properties, mid, hi)
+            else:
+                yield from self._one_millisecond(base, properties, lo)
+            return
+        while True:
+            yield body["results"]
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if not after or not body["results"]:
+                return
+            body = self._search(base + _range(lo, hi), properties, "ASCENDING", self.page_size, after)
+
+    def _one_millisecond(self, base: list[dict[str, Any]], properties: list[str],
+                         at: int) -> Iterator[list[dict[str, Any]]]:
+        """More than 10,000 deals share one timestamp: keyset on hs_object_id (never an offset)."""
+        last = 0
+        while True:
+            filters = base + [{"propertyName": "hs_lastmodifieddate", "operator": "EQ", "value": str(at)},
+                              {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]
+            body = self._search(filters, properties, "ASCENDING", self.page_size, sort_by="hs_object_id")
+            results = body.get("results") or []
+            if not results:
+                return
+            yield results
+            last = max(int(r["id"]) for r in results)
+            if len(results) < self.page_size:
+                return
+
+    def _search(self, filters: list[dict[str, Any]], properties: list[str], direction: str, limit: int,
+                after: str | None = None, sort_by: str = "hs_lastmodifieddate") -> dict[str, Any]:
+        if self.search_rps > 0:
+            wait = self._last_search + 1.0 / self.search_rps - time.monotonic()
+            if wait > 0:
+                self.client.sleep(wait)
+            self._last_search = time.monotonic()
+        body: dict[str, Any] = {"filterGroups": [{"filters": filters}],
+                                "sorts": [{"propertyName": sort_by, "direction": direction}],
+                                "properties": properties, "limit": min(limit, self.max_page_size)}
+        if after:
+            body["after"] = str(after)
+        return self.client.post_json("/crm/v3/objects/deals/search", body)
+
+    def _properties(self) -> list[str]:
+        names = list(DEAL_PROPERTIES)
+        for native in list(self.conn.fields.values()) + [f.field for f in self.conn.filters]:
+            if native not in names:
+                names.append(native)
+        return names
+
+    # -- companies ---------------------------------------------------------------------------------------------
+
+    def _with_companies(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Attach each deal's primary company (one per deal, however many association types point at it)."""
+        ids = [str(r["id"]) for r in records]
+        primary: dict[str, str] = {}
+        for start in range(0, len(ids), BATCH_MAX * 10):
+            body = self.client.post_json("/crm/v4/associations/deals/companies/batch/read",
+                                         {"inputs": [{"id": i} for i in ids[start:start + BATCH_MAX * 10]]})
+            for result in body.get("results", []):
+                primary[str(result["from"]["id"])] = _primary_company(result.get("to") or [])
+        missing = sorted({c for c in primary.values() if c and c not in self._companies})
+        for start in range(0, len(missing), BATCH_MAX):
+            chunk = missing[start:start + BATCH_MAX]
+            body = self.client.post_json("/crm/v3/objects/companies/batch/read",
+                                         {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
+            for company in body.get("results", []):
+                self._companies[str(company["id"])] = company.get("properties") or {}
+        if len(self._companies) > 200_000:   # keep memory flat on huge portals
+            self._companies.clear()
+        out = []
+        for r in records:
+            cid = primary.get(str(r["id"]))
+            out.append({**r, "company_id": cid, "company": self._companies.get(cid) if cid else None})
+        return out
+
+    # -- mapping -----------------------------------------------------------------------------------------------
+
+    def _map(self, rec: dict[str, Any]) -> Opportunity:
+        props = rec.get("properties") or {}
+        company = rec.pop("company", None) or {}
+        company_id = rec.pop("company_id", None)
+        raw = {**rec, "associations": {"companies": [company_id] if company_id else []}}
+        stage = props.get(self.field("stage", "dealstage"))
+        owner_id = props.get("hubspot_owner_id") or None
+        owner = self._owner_map().get(owner_id) if owner_id else None
+        info = self.stages().get(stage) if stage else None
+        prob = parse_float(props.get(self.field("probability", "hs_deal_stage_probability")))
+        if prob is not None and self.field("probability", "hs_deal_stage_probability") in (
+                "hs_deal_stage_probability", "hs_forecast_probability"):
+            prob = prob * 100
+        if prob is None and info is not None:
+            prob = info.probability
+        address = [company.get(k) for k in ("address", "city", "state", "zip", "country")]
+        return self.opportunity(
+            rec["id"], raw,
+            project_name=clean_text(props.get(self.field("project_name", "dealname"))),
+            client_name=clean_text(props.get(self.field("client_name", "name"))) if "client_name" in self.conn.fields
+            else clean_text(company.get("name")),
+            service_location=clean_text(", ".join(a for a in address if a)) or None,
+            sales_executive=props.get(self.field("sales_executive", "")) if "sales_executive" in self.conn.fields
+            else (owner.name if owner else None),
+            owner_crm_id=owner_id,
+            stage=stage,
+            status=self.status_for(stage),
+            amount=parse_float(props.get(self.field("amount", "amount"))),
+            currency=props.get("deal_currency_code") or None,
+            close_date=parse_date(props.get(self.field("close_date", "closedate"))),
+            probability=None if prob is None else round(prob, 4),
+            created_at=parse_datetime(props.get(self.field("created_at", "createdate"))),
+            created_by_crm_id=props.get(self.field("created_by_crm_id", "hs_created_by_user_id")) or None,
+            modified_at=parse_datetime(props.get("hs_lastmodifieddate")),
+        )
+
+    # -- deletes -----------------------------------------------------------------------------------------------
+
+    def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"archived": "true", "limit": min(self.page_size, LIST_MAX),
+                                      "properties": "hs_object_id"}
+            if after:
+                params["after"] = after
+            body = self.client.get_json("/crm/v3/objects/deals", params=params)
+            page = []
+            for r in body.get("results", []):
+                at = parse_datetime(r.get("archivedAt"))
+                if since is None or at is None or at >= since:
+                    page.append((str(r["id"]), at))
+            if page:
+                yield page
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if not after:
+                return
+
+    # -- filters -----------------------------------------------------------------------------------------------
+
+    def _render_filters(self) -> tuple[list[dict[str, Any]], list[RecordFilter]]:
+        """Search filters for the connection's filters (values travel as JSON strings: nothing to inject);
+        those past the per-group limit are applied after fetching."""
+        room = MAX_FILTERS_PER_GROUP - 4   # dealstage, the window's two bounds, one keyset bound
+        pushed = [render_filter(f) for f in self.conn.filters[:room]]
+        return pushed, list(self.conn.filters[room:])
+
+
+def render_filter(f: RecordFilter) -> dict[str, Any]:
+    op = _OPS[f.op]
+    if f.op == "in":
+        return {"propertyName": f.field, "operator": "IN", "values": [_value(f.field, v) for v in f.value]}
+    if f.value is None:
+        return {"propertyName": f.field, "operator": "NOT_HAS_PROPERTY" if op == "EQ" else "HAS_PROPERTY"}
+    return {"propertyName": f.field, "operator": op, "value": _value(f.field, f.value)}
+
+
+def _value(field: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if field in DATE_FIELDS:
+        if isinstance(value, datetime):
+            return str(_ms(value))
+        text = str(value)
+        if not text.isdigit():
+            dt = parse_datetime(text) if len(text) > 10 else datetime.combine(parse_date(text), datetime.min.time())
+            return str(_ms(dt))
+        return text
+    return str(value)
+
+
+def _range(lo: int | None, hi: int | None) -> list[dict[str, Any]]:
+    out = []
+    if lo is not None:
+        out.append({"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(lo)})
+    if hi is not None:
+        out.append({"propertyName": "hs_lastmodifieddate", "operator": "LT", "value": str(hi)})
+    return out
+
+
+def _ms(dt: datetime | None) -> int:
+    return (to_utc(dt) - EPOCH) // timedelta(milliseconds=1)  # type: ignore[arg-type]
+
+
+def _primary_company(to: list[dict[str, Any]]) -> str | None:
+    """One company per deal: v4 lists a company once per association type set, v3 once per type; the Primary
+    (typeId 5) wins, else the first."""
+    first: str | None = None
+    for t in to:
+        cid = str(t.get("toObjectId", t.get("id")))
+        types = t.get("associationTypes") or []
+        if any(a.get("typeId") == PRIMARY_TYPE_ID for a in types) or t.get("type") == "deal_to_company":
+            return cid
+        first = first or cid
+    return first
+
+
+def _get(raw: dict[str, Any], field: str) -> Any:
+    return (raw.get("properties") or {}).get(field)
+

@@ -1,0 +1,995 @@
+"""ConnectWise Manage (PSA) REST API 3.0 simulator.
+
+What it reproduces (crm-api-notes.md section 4):
+- `GET /login/companyinfo/{company}` (no auth) for codebase discovery; the API itself under
+  `/{codebase}apis/3.0/` for the discovered codebase and for `v4_6_release/`, which most tenants accept.
+- HTTP Basic `company+publicKey:privateKey` plus the required `clientId` header on every API call
+  (missing clientId: 400 naming it; bad keys: 401). API keys never expire, so there is no token to expire.
+- `/sales/opportunities` with `conditions` (`= != < <= > >= contains like in (...) not in`, `and`/`or`/`not`,
+  parentheses, "strings" with backslash escapes, [datetimes], numbers, true/false/null; field paths such as
+  `status/id`, `company/name`, `_info/lastUpdated` or `lastUpdated`), `customFieldConditions`, `orderBy`,
+  `fields`, `page`/`pageSize` (default 25, more than 1000 is a 400) and the `Link` header (`page=` last,
+  `rel="next"` omitted on the last page). Bare JSON arrays. Forward-only paging (`pagination-type:
+  forward-only` + `pageId`) is served too.
+- Navigable paging is offset paging re-evaluated against the current data, like the real server: a query is
+  snapshotted per (query, world version), so a change between two page requests shifts the offsets.
+- No scalar amount: the revenue lives in `/sales/opportunities/{id}/forecast` (forecastItems + totals).
+- `/sales/opportunities/statuses` (tenant-specific, with closedFlag / wonFlag / lostFlag / inactiveFlag /
+  defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`,
+  `/company/companies[/{id}[/sites[/{siteId}]]]`, `/system/members`, and `/count` on the lists.
+- Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
+- Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
+  per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+
+CRM = "connectwise"
+COMPANY_ID = "oppsync"
+CODEBASE = "v2025_1/"
+SANDBOX_CREDENTIALS = {
+    "company_id": COMPANY_ID,
+    "public_key": "sandboxPublicKey1",
+    "private_key": "sandboxPrivateKey1",
+    "client_id": "2f8c3b1e-6a4d-4c1b-9e7f-0a1b2c3d4e5f",
+}
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 25
+
+# Tenant statuses: id, name, closed, won, lost, inactive, default, probability the world gives the stage.
+STATUSES = [
+    (1, "Open", False, False, False, False, True, 20.0),
+    (2, "Won", True, True, False, False, False, 100.0),
+    (3, "Lost", True, False, True, False, False, 0.0),
+    (4, "No Decision", True, False, False, False, False, 0.0),
+    (5, "Quoted", False, False, False, False, False, 50.0),
+    (6, "Negotiation", False, False, False, False, False, 80.0),
+    (7, "On Hold", False, False, False, True, False, 10.0),
+]
+SALES_STAGES = [(1, "1.Prospect"), (2, "2.Qualification"), (3, "3.Quote"), (4, "4.Negotiation"), (5, "5.Closing")]
+CURRENCIES = {
+    "USD": {"id": 7, "symbol": "$", "currencyCode": "USD", "decimalSeparator": ".", "numberOfDecimals": 2,
+            "thousandsSeparator": ",", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
+            "currencyIdentifier": "USD", "displayIdFlag": False, "rightAlign": False, "name": "US Dollars"},
+    "EUR": {"id": 8, "symbol": "€", "currencyCode": "EUR", "decimalSeparator": ",", "numberOfDecimals": 2,
+            "thousandsSeparator": ".", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
+            "currencyIdentifier": "EUR", "displayIdFlag": False, "rightAlign": True, "name": "Euro"},
+    "GBP": {"id": 9, "symbol": "£", "currencyCode": "GBP", "decimalSeparator": ".", "numberOfDecimals": 2,
+            "thousandsSeparator": ",", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
+            "currencyIdentifier": "GBP", "displayIdFlag": False, "rightAlign": False, "name": "Pound Sterling"},
+}
+_CODES = {"NOT_FOUND": "NotFound", "METHOD_NOT_ALLOWED": "MethodNotAllowed", "INTERNAL_ERROR": "UnexpectedError",
+          "SERVER_UNAVAILABLE": "ServiceUnavailable"}
+REGIONS = ["West", "East", "North", "South", None]
+FORECAST_TYPES = ["Service", "Product", "Agreement"]
+MEMBER_ID_BASE = 150
+COMPANY_ID_BASE = 250
+
+
+def _iso(value: datetime | date | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _slug(text: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9]", "", ascii_text)
+
+
+# -- the conditions language -----------------------------------------------------------------------------------
+
+class ConditionError(ValueError):
+    pass
+
+
+_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<lp>\() | (?P<rp>\)) | (?P<comma>,)
+    | (?P<op><=|>=|!=|<>|=|<|>)
+    | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+    | (?P<dt>\[[^\]]*\])
+    | (?P<num>-?\d+(?:\.\d+)?(?![A-Za-z_/]))
+    | (?P<word>[A-Za-z_][A-Za-z0-9_/.]*)
+    )""", re.VERBOSE)
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise ConditionError(f"unexpected character at position {pos}: {text[pos:pos + 10]!r}")
+        kind = m.lastgroup or ""
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def _unquote(s: str) -> str:
+    body = s[1:-1]
+    return re.sub(r"\\(.)", r"\1", body)
+
+
+def _parse_dt(text: str) -> datetime:
+    inner = text[1:-1].strip()
+    try:
+        if inner.endswith("Z"):
+            inner = inner[:-1]
+        value = datetime.fromisoformat(inner)
+    except ValueError:
+        raise ConditionError(f"{text} is not a valid date-time") from None
+    return value.replace(tzinfo=None)
+
+
+Getter = Callable[[Any, str], Any]
+Predicate = Callable[[Any], bool]
+
+
+class _Parser:
+    """Recursive descent: expr := term (or term)*; term := factor (and factor)*;
+    factor := not factor | ( expr ) | path op value."""
+
+    def __init__(self, text: str, getter: Getter, known: Callable[[str], bool]):
+        self.toks = _tokens(text)
+        self.i = 0
+        self.getter = getter
+        self.known = known
+
+    def parse(self) -> Predicate:
+        pred = self.expr()
+        if self.i != len(self.toks):
+            raise ConditionError(f"unexpected {self.toks[self.i][1]!r}")
+        return pred
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self) -> tuple[str, str]:
+        if self.i >= len(self.toks):
+            raise ConditionError("unexpected end of conditions")
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def word(self, *words: str) -> bool:
+        tok = self.peek()
+        if tok and tok[0] == "word" and tok[1].lower() in words:
+            self.i += 1
+            return True
+        return False
+
+    def expr(self) -> Predicate:
+        parts = [self.term()]
+        while self.word("or"):
+            parts.append(self.term())
+        return parts[0] if len(parts) == 1 else (lambda r, ps=parts: any(p(r) for p in ps))
+
+    def term(self) -> Predicate:
+        parts = [self.factor()]
+        while self.word("and"):
+            parts.append(self.factor())
+        return parts[0] if len(parts) == 1 else (lambda r, ps=parts: all(p(r) for p in ps))
+
+    def factor(self) -> Predicate:
+        if self.word("not"):
+            inner = self.factor()
+            return lambda r: not inner(r)
+        tok = self.peek()
+        if tok and tok[0] == "lp":
+            self.take()
+            inner = self.expr()
+            if self.take()[0] != "rp":
+                raise ConditionError("missing ')'")
+            return inner
+        kind, path = self.take()
+        if kind != "word":
+            raise ConditionError(f"expected a field name, got {path!r}")
+        if not self.known(path):
+            raise ConditionError(f"Unknown field '{path}'")
+        negate = self.word("not")
+        tok = self.take()
+        if tok[0] == "op":
+            if negate:
+                raise ConditionError("'not' before a comparison operator")
+            op = "!=" if tok[1] == "<>" else tok[1]
+            value = self.value()
+            return _compare(self.getter, path, op, value)
+        word = tok[1].lower() if tok[0] == "word" else ""
+        if word == "in":
+            if self.take()[0] != "lp":
+                raise ConditionError("'in' needs a parenthesised list")
+            values = [self.value()]
+            while True:
+                t = self.take()
+                if t[0] == "rp":
+                    break
+                if t[0] != "comma":
+                    raise ConditionError("expected ',' or ')' in list")
+                values.append(self.value())
+            keys = {_norm(v) for v in values}
+            get = self.getter
+            pred: Predicate = lambda r: _norm(get(r, path)) in keys
+        elif word in ("contains", "like"):
+            value = self.value()
+            if not isinstance(value, str):
+                raise ConditionError(f"'{word}' needs a string value")
+            needle = value.lower()
+            if word == "contains":
+                rx = re.compile(re.escape(needle))
+            else:
+                rx = re.compile("^" + ".*".join(re.escape(p) for p in re.split(r"[*%]", needle)) + "$")
+            get = self.getter
+            pred = lambda r: (v := get(r, path)) is not None and rx.search(str(v).lower()) is not None
+        else:
+            raise ConditionError(f"unknown operator {tok[1]!r}")
+        return (lambda r: not pred(r)) if negate else pred
+
+    def value(self) -> Any:
+        kind, text = self.take()
+        if kind == "str":
+            return _unquote(text)
+        if kind == "dt":
+            return _parse_dt(text)
+        if kind == "num":
+            return float(text) if "." in text else int(text)
+        if kind == "word" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind == "word" and text.lower() == "null":
+            return None
+        raise ConditionError(f"expected a value, got {text!r}")
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.lower()
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, date) and not isinstance(v, datetime):
+        return datetime(v.year, v.month, v.day)
+    return v
+
+
+def _compare(get: Getter, path: str, op: str, value: Any) -> Predicate:
+    want = _norm(value)
+
+    def pred(r: Any) -> bool:
+        have = _norm(get(r, path))
+        if op == "=":
+            return have == want
+        if op == "!=":
+            return have != want
+        if have is None or want is None:
+            return False
+        if isinstance(have, datetime) and not isinstance(want, datetime):
+            # CW wants date-times in [brackets]; a quoted date is an error, not a silent mismatch
+            raise HttpError(400, "InvalidObject", f"conditions: {path} is a date-time; write it as [{want}]")
+        if isinstance(have, (int, float)) and isinstance(want, str):
+            return False
+        try:
+            return {"<": have < want, "<=": have <= want, ">": have > want, ">=": have >= want}[op]
+        except TypeError:
+            return False
+    return pred
+
+
+def compile_conditions(text: str | None, getter: Getter, known: Callable[[str], bool]) -> Predicate:
+    if not text or not text.strip():
+        return lambda r: True
+    try:
+        return _Parser(text, getter, known).parse()
+    except ConditionError as err:
+        raise HttpError(400, "InvalidObject", f"conditions: {err}") from None
+
+
+def dict_getter(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("/"):
+        if not isinstance(value, dict):
+            return None
+        key = next((k for k in value if k.lower() == part.lower()), None)
+        if key is None:
+            return None
+        value = value[key]
+    if isinstance(value, str) and len(value) == 20 and value[4] == "-" and value.endswith("Z"):
+        try:
+            return datetime.fromisoformat(value[:-1])
+        except ValueError:
+            return value
+    return value
+
+
+def order_key(spec: str | None, getter: Getter) -> list[tuple[str, bool]]:
+    """`orderBy=_info/lastUpdated asc, id desc` -> [(path, descending)]."""
+    keys = []
+    for part in (spec or "").split(","):
+        words = part.split()
+        if not words:
+            continue
+        if len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("asc", "desc")):
+            raise HttpError(400, "InvalidObject", f"orderBy: cannot parse '{part.strip()}'")
+        keys.append((words[0], len(words) == 2 and words[1].lower() == "desc"))
+    return keys
+
+
+def sort_records(records: list[Any], keys: list[tuple[str, bool]], getter: Getter) -> list[Any]:
+    for path, desc in reversed(keys):
+        # nulls first ascending, like SQL Server
+        records.sort(key=lambda r: (lambda v: (v is not None, v if v is not None else 0))(_norm(getter(r, path))),
+                     reverse=desc)
+    return records
+
+
+def select_fields(record: dict[str, Any], fields: str | None) -> dict[str, Any]:
+    if not fields:
+        return record
+    out: dict[str, Any] = {}
+    for f in fields.split(","):
+        parts = f.strip().split("/")
+        src: Any = record
+        dst = out
+        for i, part in enumerate(parts):
+            if not isinstance(src, dict):
+                break
+            key = next((k for k in src if k.lower() == part.lower()), None)
+            if key is None:
+                break
+            if i == len(parts) - 1:
+                dst[key] = src[key]
+            else:
+                src = src[key]
+                dst = dst.setdefault(key, {})
+    return out
+
+
+# -- the simulator ---------------------------------------------------------------------------------------------
+
+OPP_FIELDS = {
+    "id", "name", "company/id", "company/identifier", "company/name", "site/id", "site/name",
+    "primarysalesrep/id", "primarysalesrep/identifier", "primarysalesrep/name", "status/id", "status/name",
+    "stage/id", "stage/name", "probability/id", "expectedclosedate", "closeddate", "closedby",
+    "datebecamelead", "currency/id", "currency/currencycode", "_info/lastupdated", "lastupdated",
+    "_info/dateentered", "dateentered", "_info/enteredby", "enteredby", "_info/updatedby", "updatedby",
+    "closedflag", "source", "locationid", "businessunitid", "type/id", "type/name",
+}
+
+
+class ConnectWiseSimulator(Simulator):
+    crm = CRM
+
+    def __init__(self, world: World, faults: FaultPlan | None = None, requests_per_minute: int | None = None):
+        super().__init__(world, faults)
+        self.cache = QueryCache()
+        self.requests_per_minute = requests_per_minute
+        self._window: tuple[datetime, int] | None = None
+        self.members = {u.native_id: u for u in world.users}
+        self.member_by_id = {MEMBER_ID_BASE + u.idx: u for u in world.users}
+        self.statuses = {int(s.key): s for s in world.stages.values()}
+        self.forecast_extra: dict[str, list[dict[str, Any]]] = {}
+        self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
+        api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
+        self.route("GET", api + r"/sales/opportunities", self._list_opps)
+        self.route("POST", api + r"/sales/opportunities", self._create_opp)
+        self.route("GET", api + r"/sales/opportunities/count", self._count_opps)
+        self.route("GET", api + r"/sales/opportunities/statuses", self._list_statuses)
+        self.route("GET", api + r"/sales/opportunities/statuses/(?P<id>\d+)", self._get_status)
+        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)", self._get_opp)
+        self.route("PATCH", api + r"/sales/opportunities/(?P<id>\d+)", self._patch_opp)
+        self.route("PUT", api + r"/sales/opportunities/(?P<id>\d+)", self._put_opp)
+        self.route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
+        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
+        self.route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
+        self.route("GET", api + r"/sales/probabilities", self._list_probabilities)
+        self.route("GET", api + r"/sales/stages", self._list_stages)
+        self.route("GET", api + r"/system/members", self._list_members)
+        self.route("GET", api + r"/system/members/count", self._count_members)
+        self.route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
+        self.route("GET", api + r"/company/companies", self._list_companies)
+        self.route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
+        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
+        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
+
+    # -- framework hooks ---------------------------------------------------------------------------------------
+
+    def error_response(self, err: HttpError) -> Response:
+        code = _CODES.get(err.code, err.code)  # the framework's own errors, in CW's PascalCase codes
+        body: dict[str, Any] = {"code": code, "message": err.message}
+        if err.status == 400 and err.code == "InvalidObject":
+            body["errors"] = getattr(err, "errors", None) or []
+        return Response.json(body, err.status, err.headers)
+
+    def rate_limit_response(self, rule: FaultRule) -> Response:
+        return Response.json({"code": "TooManyRequests", "message": "Too many requests. Please retry later."},
+                             429, {"Retry-After": str(max(1, int(rule.seconds)))})
+
+    def handle(self, req: Request) -> Response:
+        if "/apis/3.0/" in req.path:
+            try:
+                self._authenticate(req)
+                self._allowance()
+            except HttpError as err:
+                return self.error_response(err)
+        return super().handle(req)
+
+    def _authenticate(self, req: Request) -> None:
+        if not req.header("clientid"):
+            raise HttpError(400, "InvalidObject",
+                            "A clientId header is required. Register one at https://developer.connectwise.com/ClientID")
+        auth = req.header("authorization") or ""
+        expected = "{company_id}+{public_key}:{private_key}".format(**SANDBOX_CREDENTIALS)
+        ok = False
+        if auth.startswith("Basic "):
+            try:
+                ok = base64.b64decode(auth[6:]).decode("utf-8") == expected
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+        if not ok:
+            raise HttpError(401, "Unauthorized", "Incorrect public/private key")
+
+    def _allowance(self) -> None:
+        if not self.requests_per_minute:
+            return
+        now = self.world.clock.now()
+        start, used = self._window or (now, 0)
+        if now - start >= timedelta(minutes=1):
+            start, used = now, 0
+        if used >= self.requests_per_minute:
+            wait = max(1, int((start + timedelta(minutes=1) - now).total_seconds()))
+            raise HttpError(429, "TooManyRequests", "Too many requests. Please retry later.",
+                            {"Retry-After": str(wait)})
+        self._window = (start, used + 1)
+
+    # -- rendering ---------------------------------------------------------------------------------------------
+
+    def _href(self, req: Request | None, path: str) -> str:
+        host = (req.header("host") if req else None) or "127.0.0.1"
+        codebase = (req.params.get("codebase") + "/") if req and req.params.get("codebase") else CODEBASE
+        return f"http://{host}/{codebase}apis/3.0{path}"
+
+    def member_ref(self, idx: int, req: Request | None) -> dict[str, Any]:
+        u = self.world.users[idx]
+        mid = MEMBER_ID_BASE + u.idx
+        return {"id": mid, "identifier": u.native_id, "name": u.name,
+                "_info": {"member_href": self._href(req, f"/system/members/{mid}")}}
+
+    def render(self, o: SimOpportunity, req: Request | None = None) -> dict[str, Any]:
+        st = self.world.stages[o.stage]
+        sid = int(st.key)
+        acc = self.world.accounts[o.account] if o.account is not None else None
+        prob = None if o.probability is None else int(round(o.probability / 10.0)) * 10
+        closed = st.is_closed
+        sales_stage = SALES_STAGES[min(len(SALES_STAGES) - 1, int((o.probability or 0) // 20))]
+        region = (o.extra or {}).get("Region", REGIONS[o.seq % len(REGIONS)])
+        currency = CURRENCIES.get(o.currency, CURRENCIES["USD"])
+        custom = [{"id": 1, "caption": "Region", "type": "Text", "entryMethod": "EntryField",
+                   "numberOfDecimals": 0, "value": region},
+                  {"id": 2, "caption": "Original Created", "type": "Date", "entryMethod": "EntryField",
+                   "numberOfDecimals": 0, "value": (o.extra or {}).get("Original Created")}]
+        return {
+            "id": int(o.native_id),
+            "name": o.name,
+            "type": {"id": 1, "name": "Managed Services",
+                     "_info": {"type_href": self._href(req, "/sales/opportunities/types/1")}},
+            "stage": {"id": sales_stage[0], "name": sales_stage[1], "_info": None},
+            "status": {"id": sid, "name": st.label,
+                       "_info": {"status_href": self._href(req, f"/sales/opportunities/statuses/{sid}")}},
+            "priority": {"id": 7, "name": "Clear Flag", "_info": None},
+            "probability": None if prob is None else {
+                "id": prob // 10 + 1, "name": f"{prob}%",
+                "_info": {"probability_href": self._href(req, f"/sales/probabilities/{prob // 10 + 1}")}},
+            "rating": {"id": 4, "name": "Hot", "_info": None},
+            "expectedCloseDate": _iso(o.close_date),
+            "closedDate": _iso(o.close_date) if closed else None,
+            "closedBy": self.member_ref(o.owner, req) if closed else None,
+            "company": None if acc is None else {
+                "id": int(acc.native_id), "identifier": _slug(acc.name)[:25], "name": acc.name,
+                "_info": {"company_href": self._href(req, f"/company/companies/{acc.native_id}")}},
+            "site": None if acc is None else {
+                "id": int(acc.site_id or 0), "name": acc.site_name,
+                "_info": {"site_href": self._href(req, f"/company/companies/{acc.native_id}/sites/{acc.site_id}")}},
+            "primarySalesRep": self.member_ref(o.owner, req),
+            "secondarySalesRep": None,
+            "locationId": 2,
+            "businessUnitId": 10,
+            "source": "Referral",
+            "dateBecameLead": _iso(o.created_at),
+            "currency": {**currency,
+                         "_info": {"currency_href": self._href(req, f"/finance/currencies/{currency['id']}")}},
+            "totalSalesTax": 0.0,
+            "customFields": custom,
+            "_info": {
+                "lastUpdated": _iso(o.modified_at),
+                "updatedBy": self.world.users[o.owner].native_id,
+                "dateEntered": _iso(o.created_at),
+                "enteredBy": self.world.users[o.creator].native_id,
+                "notes_href": self._href(req, f"/sales/opportunities/{o.native_id}/notes"),
+                "forecast_href": self._href(req, f"/sales/opportunities/{o.native_id}/forecast"),
+            },
+        }
+
+    def forecast_items(self, o: SimOpportunity) -> list[dict[str, Any]]:
+        """The opportunity's amount split into 1-3 lines that sum to it exactly (to the cent)."""
+        if o.amount is None:
+            return []
+        n = 1 + o.seq % 3
+        cents = int(round(o.amount * 100))
+        shares = [cents // n] * n
+        shares[0] += cents - sum(shares)
+        st = self.world.stages[o.stage]
+        items = []
+        for i, share in enumerate(shares):
+            revenue = share / 100
+            items.append({
+                "id": o.seq * 10 + i, "forecastDescription": f"{FORECAST_TYPES[i]} revenue",
+                "opportunity": {"id": int(o.native_id), "name": o.name},
+                "quantity": 1.0, "status": {"id": int(st.key), "name": st.label},
+                "catalogItem": None, "productDescription": None, "productClass": None,
+                "revenue": revenue, "cost": round(revenue * 0.6, 2), "margin": round(revenue * 0.4, 2),
+                "percentage": 40.0, "includeFlag": True, "linkFlag": False,
+                "recurringFlag": FORECAST_TYPES[i] == "Agreement",
+                "taxableFlag": False, "forecastType": FORECAST_TYPES[i], "sequenceNumber": i + 1,
+                "_info": {"lastUpdated": _iso(o.modified_at), "updatedBy": self.world.users[o.owner].native_id},
+            })
+        return items
+
+    # -- paging ------------------------------------------------------------------------------------------------
+
+    def _paged(self, req: Request, records: list[Any], render: Callable[[Any], dict[str, Any]]) -> Response:
+        fields = req.arg("fields")
+        size = _int_arg(req, "pageSize", DEFAULT_PAGE_SIZE)
+        if size < 1 or size > MAX_PAGE_SIZE:
+            raise HttpError(400, "InvalidObject", f"pageSize must be between 1 and {MAX_PAGE_SIZE}")
+        if (req.header("pagination-type") or "").lower() == "forward-only":
+            after = _int_arg(req, "pageId", 0)
+            ids = [r for r in records if _record_id(r) > after]
+            ids.sort(key=_record_id)
+            chunk = ids[:size]
+            headers = {}
+            if len(ids) > size:
+                headers["Link"] = f"<{self._link(req, pageId=_record_id(chunk[-1]))}>; rel=\"next\""
+            return Response.json([select_fields(render(r), fields) for r in chunk], headers=headers)
+        page = _int_arg(req, "page", 1)
+        if page < 1:
+            raise HttpError(400, "InvalidObject", "page must be 1 or more")
+        total = len(records)
+        last = max(1, -(-total // size))
+        chunk = records[(page - 1) * size: page * size]
+        links = []
+        if page > 1:
+            links.append(f"<{self._link(req, page=1)}>; rel=\"first\"")
+            links.append(f"<{self._link(req, page=min(page - 1, last))}>; rel=\"prev\"")
+        if page < last:
+            links.append(f"<{self._link(req, page=page + 1)}>; rel=\"next\"")
+            links.append(f"<{self._link(req, page=last)}>; rel=\"last\"")
+        headers = {"Link": ", ".join(links)} if links else {}
+        return Response.json([select_fields(render(r), fields) for r in chunk], headers=headers)
+
+    def _link(self, req: Request, **paging: int) -> str:
+        """Same query, paging parameter last (pyconnectwise reads `page=(\\d+)>; rel=...`)."""
+        params = [(k, v) for k, vs in req.query.items() if k not in ("page", "pageId") for v in vs]
+        params += [(k, str(v)) for k, v in paging.items()]
+        host = req.header("host") or "127.0.0.1"
+        return f"http://{host}{req.path}?" + urlencode(params, quote_via=quote)
+
+    # -- opportunities -----------------------------------------------------------------------------------------
+
+    def _opp_getter(self, o: SimOpportunity, path: str) -> Any:
+        p = path.lower()
+        if p.startswith("_info/"):
+            p = p[6:]
+        st = self.world.stages[o.stage]
+        acc = self.world.accounts[o.account] if o.account is not None else None
+        if p == "id":
+            return int(o.native_id)
+        if p == "name":
+            return o.name
+        if p.startswith("company/"):
+            if acc is None:
+                return None
+            return {"company/id": int(acc.native_id), "company/name": acc.name,
+                    "company/identifier": _slug(acc.name)[:25]}[p]
+        if p.startswith("site/"):
+            if acc is None:
+                return None
+            return int(acc.site_id or 0) if p == "site/id" else acc.site_name
+        if p.startswith("primarysalesrep/"):
+            u = self.world.users[o.owner]
+            return {"primarysalesrep/id": MEMBER_ID_BASE + u.idx, "primarysalesrep/identifier": u.native_id,
+                    "primarysalesrep/name": u.name}[p]
+        if p == "status/id":
+            return int(st.key)
+        if p == "status/name":
+            return st.label
+        if p == "closedflag":
+            return st.is_closed
+        if p in ("lastupdated",):
+            return o.modified_at
+        if p == "dateentered" or p == "datebecamelead":
+            return o.created_at
+        if p == "enteredby":
+            return self.world.users[o.creator].native_id
+        if p == "updatedby":
+            return self.world.users[o.owner].native_id
+        if p in ("expectedclosedate",):
+            return o.close_date
+        if p == "closeddate":
+            return o.close_date if st.is_closed else None
+        # the rest: from the rendered record (slower, rarely queried)
+        return dict_getter(self.render(o), path)
+
+    def _opp_known(self, path: str) -> bool:
+        return path.lower() in OPP_FIELDS
+
+    def _query(self, req: Request) -> list[SimOpportunity]:
+        conditions = req.arg("conditions")
+        custom = req.arg("customFieldConditions")
+        order = req.arg("orderBy")
+        key = ("opps", conditions, custom, order, self.world.version)
+
+        def compute() -> list[SimOpportunity]:
+            pred = compile_conditions(conditions, self._opp_getter, self._opp_known)
+            cpred = compile_conditions(custom, dict_getter, lambda p: p.lower() in ("id", "caption", "value"))
+            with self.world.lock:
+                rows = [o for o in self.world.live() if pred(o)]
+            if custom:
+                rows = [o for o in rows if any(cpred(cf) for cf in self.render(o)["customFields"])]
+            keys = order_key(order, self._opp_getter) or [("id", False)]
+            for path, _ in keys:
+                if not self._opp_known(path):
+                    raise HttpError(400, "InvalidObject", f"orderBy: Unknown field '{path}'")
+            return sort_records(rows, keys, self._opp_getter)
+        return self.cache.get_or_compute(key, compute)
+
+    def _list_opps(self, req: Request) -> Response:
+        return self._paged(req, self._query(req), lambda o: self.render(o, req))
+
+    def _count_opps(self, req: Request) -> Response:
+        return Response.json({"count": len(self._query(req))})
+
+    def _opp(self, req: Request) -> SimOpportunity:
+        o = self.world.get(req.params["id"])
+        if o is None:
+            raise HttpError(404, "NotFound", f"Opportunity with id {req.params['id']} not found")
+        return o
+
+    def _get_opp(self, req: Request) -> Response:
+        return Response.json(select_fields(self.render(self._opp(req), req), req.arg("fields")))
+
+    def _get_forecast(self, req: Request) -> Response:
+        o = self._opp(req)
+        items = self.forecast_items(o)
+
+        def total(kind: str | None) -> dict[str, float]:
+            rows = [i for i in items if kind is None or i["forecastType"] == kind]
+            rev = round(sum(i["revenue"] for i in rows), 2)
+            cost = round(sum(i["cost"] for i in rows), 2)
+            return {"id": 0, "revenue": rev, "cost": cost, "margin": round(rev - cost, 2),
+                    "percentage": round((rev - cost) / rev * 100, 2) if rev else 0.0}
+        st = self.world.stages[o.stage]
+        all_total = total(None)
+        zero = {"id": 0, "revenue": 0.0, "cost": 0.0, "margin": 0.0, "percentage": 0.0}
+        return Response.json({
+            "id": int(o.native_id), "forecastItems": items,
+            "productRevenue": total("Product"), "serviceRevenue": total("Service"),
+            "agreementRevenue": total("Agreement"), "timeRevenue": zero, "expenseRevenue": zero,
+            "forecastRevenueTotals": all_total, "inclusiveRevenueTotals": all_total,
+            "recurringTotal": total("Agreement")["revenue"],
+            "wonRevenue": all_total if st.is_closed and st.is_won else zero,
+            "lostRevenue": all_total if st.is_closed and not st.is_won else zero,
+            "openRevenue": all_total if not st.is_closed else zero,
+            "otherRevenue1": zero, "otherRevenue2": zero, "salesTaxRevenue": 0.0,
+            "forecastTotalWithTaxes": all_total["revenue"],
+            "expectedProbability": int(o.probability or 0), "taxCode": None, "billingTerms": None,
+            "currency": {k: v for k, v in CURRENCIES.get(o.currency, CURRENCIES["USD"]).items()
+                         if k in ("id", "symbol", "currencyCode", "name")},
+            "_info": {"lastUpdated": _iso(o.modified_at)},
+        })
+
+    def _add_forecast(self, req: Request) -> Response:
+        o = self._opp(req)
+        body = req.json() or {}
+        try:
+            revenue = float(body["revenue"])
+        except (KeyError, TypeError, ValueError):
+            raise _invalid("forecast", "revenue", "Revenue is required") from None
+        self.world.update(o.native_id, amount=round((o.amount or 0) + revenue, 2))
+        return Response.json(
+            {"id": o.seq * 10 + 9, "revenue": revenue, "forecastType": body.get("forecastType", "Service"),
+             "opportunity": {"id": int(o.native_id)}, "includeFlag": True}, 201)
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def _values_from(self, body: dict[str, Any], partial: bool) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, val in body.items():
+            k = key.lower()
+            if k == "name":
+                if not isinstance(val, str) or not val.strip() or len(val) > 100:
+                    raise _invalid("opportunity", "name",
+                                   "The field name must be a string with a maximum length of 100.")
+                values["name"] = val
+            elif k == "company":
+                cid = _ref_id(val)
+                acc = self.world.account_by_native(str(cid)) if cid is not None else None
+                if acc is None:
+                    raise _invalid("opportunity", "company", "Company not found")
+                values["account"] = acc.idx
+            elif k in ("primarysalesrep",):
+                u = self._member_from_ref(val)
+                if u is None:
+                    raise _invalid("opportunity", "primarySalesRep", "Member not found")
+                values["owner"] = u.idx
+            elif k == "status":
+                sid = _ref_id(val)
+                if sid not in self.statuses:
+                    raise _invalid("opportunity", "status", f"Status {sid} not found")
+                values["stage"] = str(sid)
+            elif k == "expectedclosedate":
+                values["close_date"] = datetime.fromisoformat(str(val).rstrip("Z")).date() if val else None
+            elif k == "currency":
+                code = val.get("currencyCode") if isinstance(val, dict) else None
+                cid = _ref_id(val)
+                match = next((c for c, d in CURRENCIES.items() if d["id"] == cid or c == code), None)
+                if match:
+                    values["currency"] = match
+            elif k == "customfields" and isinstance(val, list):
+                for cf in val:
+                    if isinstance(cf, dict) and cf.get("caption"):
+                        values[cf["caption"]] = cf.get("value")
+            # other writable fields (type, source, notes ...) are accepted and not modelled
+        if not partial:
+            missing = [f for f, k in (("name", "name"), ("company", "account"), ("primarySalesRep", "owner"))
+                       if k not in values]
+            if missing:
+                err = HttpError(400, "InvalidObject", "opportunity object is invalid")
+                err.errors = [{"code": "NullValue", "message": f"The {m} field is required.",
+                               "resource": "opportunity", "field": m} for m in missing]  # type: ignore[attr-defined]
+                raise err
+        return values
+
+    def _member_from_ref(self, ref: Any) -> Any:
+        if not isinstance(ref, dict):
+            return None
+        if ref.get("id") is not None:
+            return self.member_by_id.get(int(ref["id"]))
+        if ref.get("identifier"):
+            return self.members.get(ref["identifier"])
+        return None
+
+    def _create_opp(self, req: Request) -> Response:
+        body = req.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "InvalidObject", "opportunity object is invalid")
+        values = self._values_from(body, partial=False)
+        values.setdefault("stage", str(next(s[0] for s in STATUSES if s[6])))
+        values["creator"] = values["owner"]
+        values.setdefault("amount", None)
+        o = self.world.create(**values)
+        return Response.json(self.render(o, req), 201)
+
+    def _patch_opp(self, req: Request) -> Response:
+        o = self._opp(req)
+        ops = req.json()
+        if not isinstance(ops, list):
+            raise HttpError(400, "InvalidObject", "PATCH body must be a JSON Patch array")
+        body: dict[str, Any] = {}
+        for op in ops:
+            if not isinstance(op, dict) or op.get("op") not in ("replace", "add", "remove") or "path" not in op:
+                raise HttpError(400, "InvalidObject", "Each patch operation needs op (add/replace/remove) and path")
+            parts = str(op["path"]).strip("/").split("/")
+            value = None if op["op"] == "remove" else op.get("value")
+            if len(parts) == 2:
+                value = {parts[1]: value}
+            body[parts[0]] = value
+        self.world.update(o.native_id, **self._values_from(body, partial=True))
+        return Response.json(self.render(o, req))
+
+    def _put_opp(self, req: Request) -> Response:
+        o = self._opp(req)
+        body = req.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "InvalidObject", "opportunity object is invalid")
+        self.world.update(o.native_id, **self._values_from(body, partial=False))
+        return Response.json(self.render(o, req))
+
+    def _delete_opp(self, req: Request) -> Response:
+        o = self._opp(req)
+        self.world.delete(o.native_id)
+        return Response.empty(204)
+
+    # -- reference data ----------------------------------------------------------------------------------------
+
+    def _list_dicts(self, req: Request, rows: Iterable[dict[str, Any]]) -> Response:
+        conditions, order = req.arg("conditions"), req.arg("orderBy")
+        rows = list(rows)
+        known = _known_from(rows)
+        pred = compile_conditions(conditions, dict_getter, known)
+        out = [r for r in rows if pred(r)]
+        out = sort_records(out, order_key(order, dict_getter) or [("id", False)], dict_getter)
+        return self._paged(req, out, lambda r: r)
+
+    def status_dicts(self, req: Request) -> list[dict[str, Any]]:
+        out = []
+        for sid, name, closed, won, lost, inactive, default, _ in STATUSES:
+            out.append({"id": sid, "name": name, "wonFlag": won, "lostFlag": lost, "closedFlag": closed,
+                        "inactiveFlag": inactive, "defaultFlag": default, "enteredBy": "admin1",
+                        "dateEntered": "2019-03-01T12:00:00Z",
+                        "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"}})
+        return out
+
+    def _list_statuses(self, req: Request) -> Response:
+        return self._list_dicts(req, self.status_dicts(req))
+
+    def _get_status(self, req: Request) -> Response:
+        row = next((s for s in self.status_dicts(req) if s["id"] == int(req.params["id"])), None)
+        if row is None:
+            raise HttpError(404, "NotFound", f"OpportunityStatus with id {req.params['id']} not found")
+        return Response.json(row)
+
+    def _list_probabilities(self, req: Request) -> Response:
+        rows = [{"id": p // 10 + 1, "probability": p, "_info": {"lastUpdated": "2019-03-01T12:00:00Z"}}
+                for p in range(0, 101, 10)]
+        return self._list_dicts(req, rows)
+
+    def _list_stages(self, req: Request) -> Response:
+        rows = [{"id": i, "name": n, "seqNumber": i, "defaultFlag": i == 1, "_info": {}} for i, n in SALES_STAGES]
+        return self._list_dicts(req, rows)
+
+    def member_dict(self, u: Any, req: Request) -> dict[str, Any]:
+        first, _, last = u.name.partition(" ")
+        mid = MEMBER_ID_BASE + u.idx
+        return {"id": mid, "identifier": u.native_id, "firstName": first, "lastName": last,
+                "officeEmail": u.email, "primaryEmail": u.email, "inactiveFlag": not u.active,
+                "title": "Account Manager", "licenseClass": "F",
+                "_info": {"lastUpdated": "2020-01-01T00:00:00Z",
+                          "member_href": self._href(req, f"/system/members/{mid}")}}
+
+    def _list_members(self, req: Request) -> Response:
+        return self._list_dicts(req, (self.member_dict(u, req) for u in self.world.users))
+
+    def _count_members(self, req: Request) -> Response:
+        rows = [self.member_dict(u, req) for u in self.world.users]
+        pred = compile_conditions(req.arg("conditions"), dict_getter, _known_from(rows))
+        return Response.json({"count": sum(1 for r in rows if pred(r))})
+
+    def _get_member(self, req: Request) -> Response:
+        u = self.member_by_id.get(int(req.params["id"]))
+        if u is None:
+            raise HttpError(404, "NotFound", f"Member with id {req.params['id']} not found")
+        return Response.json(self.member_dict(u, req))
+
+    def company_dict(self, a: Any, req: Request) -> dict[str, Any]:
+        return {"id": int(a.native_id), "identifier": _slug(a.name)[:25], "name": a.name,
+                "status": {"id": 1, "name": "Active"}, "addressLine1": a.street, "addressLine2": None,
+                "city": a.city, "state": a.state, "zip": a.postal_code,
+                "country": None if a.country is None else {"id": 1, "name": a.country},
+                "site": {"id": int(a.site_id or 0), "name": a.site_name}, "deletedFlag": False,
+                "_info": {"lastUpdated": "2021-01-01T00:00:00Z",
+                          "sites_href": self._href(req, f"/company/companies/{a.native_id}/sites")}}
+
+    def site_dict(self, a: Any, req: Request) -> dict[str, Any]:
+        return {"id": int(a.site_id or 0), "name": a.site_name, "addressLine1": a.street, "addressLine2": None,
+                "city": a.city, "stateReference": None if a.state is None else {"identifier": a.state},
+                "zip": a.postal_code, "country": None if a.country is None else {"id": 1, "name": a.country},
+                "primaryAddressFlag": True, "company": {"id": int(a.native_id), "name": a.name},
+                "_info": {"lastUpdated": "2021-01-01T00:00:00Z"}}
+
+    def _company(self, req: Request) -> Any:
+        a = self.world.account_by_native(req.params["id"])
+        if a is None:
+            raise HttpError(404, "NotFound", f"Company with id {req.params['id']} not found")
+        return a
+
+    def _list_companies(self, req: Request) -> Response:
+        return self._list_dicts(req, (self.company_dict(a, req) for a in self.world.accounts))
+
+    def _get_company(self, req: Request) -> Response:
+        return Response.json(self.company_dict(self._company(req), req))
+
+    def _list_sites(self, req: Request) -> Response:
+        return self._list_dicts(req, [self.site_dict(self._company(req), req)])
+
+    def _get_site(self, req: Request) -> Response:
+        a = self._company(req)
+        if str(a.site_id) != req.params["site"]:
+            raise HttpError(404, "NotFound", f"Site with id {req.params['site']} not found")
+        return Response.json(self.site_dict(a, req))
+
+    def _companyinfo(self, req: Request) -> Response:
+        if req.params["company"].lower() != COMPANY_ID.lower():
+            raise HttpError(404, "NotFound", "Company not found")
+        host = req.header("host") or "127.0.0.1"
+        return Response.json({
+            "CompanyName": "OppSync Sandbox MSP", "Codebase": CODEBASE, "VersionCode": "v2025.1",
+            "VersionNumber": "v4.6.120000", "CompanyID": COMPANY_ID, "IsCloud": True, "SiteUrl": host,
+            "AllowAnonymousAccess": False,
+        })
+
+
+def _record_id(r: Any) -> int:
+    return int(r.native_id) if isinstance(r, SimOpportunity) else int(r["id"])
+
+
+def _int_arg(req: Request, name: str, default: int) -> int:
+    value = req.arg(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise HttpError(400, "InvalidObject", f"{name} must be an integer") from None
+
+
+def _ref_id(val: Any) -> int | None:
+    if isinstance(val, dict) and val.get("id") is not None:
+        try:
+            return int(val["id"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _invalid(resource: str, field: str, message: str) -> HttpError:
+    err = HttpError(400, "InvalidObject", f"{resource} object is invalid")
+    err.errors = [  # type: ignore[attr-defined]
+        {"code": "InvalidField", "message": message, "resource": resource, "field": field}]
+    return err
+
+
+def _known_from(rows: list[dict[str, Any]]) -> Callable[[str], bool]:
+    def paths(d: dict[str, Any], prefix: str = "") -> Iterable[str]:
+        for k, v in d.items():
+            yield (prefix + k).lower()
+            if isinstance(v, dict):
+                yield from paths(v, prefix + k + "/")
+    known: set[str] = set()
+    for r in rows[:5]:
+        known.update(paths(r))
+    return lambda p: p.lower() in known or not rows
+
+
+# -- the tenant --------------------------------------------------------------------------------------------------
+
+def profile() -> TenantProfile:
+    stages = [SimStage(str(sid), name, closed, won, prob, order)
+              for order, (sid, name, closed, won, lost, inactive, default, prob) in enumerate(STATUSES)]
+    return TenantProfile(
+        crm=CRM, stages=stages,
+        opportunity_id=lambda seq: str(seq),
+        user_id=lambda i: f"member{i}",
+        account_id=lambda i: str(COMPANY_ID_BASE + i),
+        currencies=("USD", "USD", "EUR", "GBP"),
+        precision=timedelta(seconds=1),
+    )
+
+
+def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
+          requests_per_minute: int | None = None) -> ConnectWiseSimulator:
+    world = World(profile(), seed, opportunities, clock=clock)
+    # members are known by an identifier derived from their name (first initial + last name), like CW
+    seen: set[str] = set()
+    for u in world.users:
+        first, _, last = u.name.partition(" ")
+        ident = (_slug(first)[:1] + _slug(last)).lower()[:15] or f"member{u.idx}"
+        if ident in seen:
+            ident = f"{ident[:13]}{u.idx}"
+        seen.add(ident)
+        u.native_id = ident
+        u.alt_id = str(MEMBER_ID_BASE + u.idx)
+    return ConnectWiseSimulator(world, faults, requests_per_minute=requests_per_minute)

@@ -1,0 +1,1212 @@
+"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 simulator (crm-api-notes.md section 3).
+
+What it serves, at the URL root like the real hosts (the Entra ID token endpoint shares the host):
+  POST /{tenant}/oauth2/v2.0/token                   client credentials -> bearer token (AADSTS error bodies)
+  GET  /{tenant}/v2.0/.well-known/openid-configuration   OpenID discovery (for msal)
+  GET  /api/data/v9.2/                               service document (401 + WWW-Authenticate without a token)
+  GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup and the statuscode option set
+  GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies}
+       $select $filter $orderby $top $count $expand, Prefer odata.maxpagesize / include-annotations /
+       odata.track-changes (@odata.deltaLink, $deltatoken, $deletedEntity rows), @odata.nextLink + $skiptoken
+  POST /opportunities, PATCH|DELETE /opportunities(<guid>), POST /WinOpportunity, POST /LoseOpportunity
+
+A first page snapshots the matching ids; the opaque $skiptoken (a Dataverse-style paging cookie) names the snapshot
+and position, so every further page costs O(page) and reusing a nextLink returns the same page. Creating a record
+through the API makes the application user (a systemuser named "# oppsync sandbox") its creator. msal insists on an
+https authority: tests reach the http simulator through an http_client that rewrites the scheme (discovery
+answers with https endpoints, as Entra does). Service protection: a sliding 300 s window of `request_limit` requests per app, 429 +
+Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlencode
+
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, SimUser, TenantProfile, World
+
+CRM = "dynamics"
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
+SANDBOX_CREDENTIALS = {"tenant_id": TENANT_ID, "client_id": CLIENT_ID, "client_secret": "sandbox~dataverse.secret"}
+API = "/api/data/v9.2"
+REQUEST_LIMIT = 6000
+WINDOW_SECONDS = 300
+DELTA_TOKEN_DAYS = 7
+FORMATTED = "OData.Community.Display.V1.FormattedValue"
+LOGICALNAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
+NAVPROP = "Microsoft.Dynamics.CRM.associatednavigationproperty"
+GUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# The tenant's custom columns (publisher prefixes new_ and cr123_); anything else is an unknown property.
+CUSTOM_COLUMNS = ("new_region", "cr123_legacyid")
+APP_USER_NAME = "# oppsync sandbox"
+
+# Status reasons (statuscode) with their state (statecode 0 Open, 1 Won, 2 Lost); the 1000000xx ones are the
+# tenant's own custom status reasons.
+STATUS_REASONS = [
+    SimStage("1", "In Progress", False, False, 40.0, 1),
+    SimStage("2", "On Hold", False, False, 10.0, 2),
+    SimStage("100000000", "Awaiting PO", False, False, 80.0, 3),
+    SimStage("3", "Won", True, True, 100.0, 4),
+    SimStage("4", "Canceled", True, False, 0.0, 5),
+    SimStage("5", "Out-Sold", True, False, 0.0, 6),
+    SimStage("100000001", "No Decision", True, False, 0.0, 7),
+]
+STATE_LABELS = {0: "Open", 1: "Won", 2: "Lost"}
+SALES_STAGES = ["Qualify", "Develop", "Propose", "Close"]
+CURRENCIES = {"USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
+              "EUR": ("4f2b3c1d-e646-e111-8eb7-78e7d162ced1", "Euro", "€"),
+              "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£")}
+CURRENCY_BY_ID = {v[0]: k for k, v in CURRENCIES.items()}
+BUSINESS_UNIT = "0d2b8a2c-3b5e-ee11-be6f-000d3a5a1b2c"
+OPPORTUNITY_METADATA_ID = "4fd7f6b0-0000-0000-0000-0000000000a3"
+
+
+def _guid(i: int, tail: str) -> str:
+    return f"{i:08x}-{tail}"
+
+
+def opportunity_id(i: int) -> str:
+    return _guid(i, "7d9a-ee11-bdf4-000d3a5a1b2c")
+
+
+def owner_id(i: int) -> str:
+    return _guid(i, "6b69-e111-8f65-78e7d1620f5e")
+
+
+def account_id(i: int) -> str:
+    return _guid(i, "0000-ee11-bdf4-000d3a5a1b2c")
+
+
+def iso(dt: datetime | None) -> str | None:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt is not None else None
+
+
+def state_of(stage: SimStage) -> int:
+    return 0 if not stage.is_closed else (1 if stage.is_won else 2)
+
+
+def odata_error(status: int, code: str, message: str) -> HttpError:
+    return HttpError(status, code, message)
+
+
+def bad_query(message: str) -> HttpError:
+    return HttpError(400, "0x80060888", message)
+
+
+# -- OData $filter ---------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<str>'(?:[^']|'')*')
+    | (?P<dstr>"(?:[^"\\]|\\.)*")
+    | (?P<guid>""" + GUID_RE + r""")(?![\w-])
+    | (?P<dt>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)(?![\w:])
+    | (?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[mMdDfFlL]?)(?![\w.])
+    | (?P<ident>[A-Za-z_$@][\w.]*)
+    | (?P<punct>[()\[\],/=])
+    )""", re.VERBOSE)
+
+Getter = Callable[[Any, str], Any]
+
+
+def tokenize(text: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    pos = 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise bad_query(f"Syntax error at position {pos} in '{text}'.")
+        pos = m.end()
+        kind = m.lastgroup
+        val = m.group(kind)
+        if kind == "str":
+            out.append(("lit", val[1:-1].replace("''", "'")))
+        elif kind == "dstr":
+            out.append(("lit", json.loads(val)))
+        elif kind == "guid":
+            out.append(("lit", val.lower()))
+        elif kind == "dt":
+            out.append(("lit", date.fromisoformat(val) if len(val) == 10 else _parse_dt(val)))
+        elif kind == "num":
+            v = val.rstrip("mMdDfFlL")
+            out.append(("lit", float(v) if any(c in v for c in ".eE") else int(v)))
+        elif kind == "ident":
+            low = val.lower()
+            if low in ("true", "false"):
+                out.append(("lit", low == "true"))
+            elif low == "null":
+                out.append(("lit", None))
+            else:
+                out.append(("ident", val))
+        else:
+            out.append(("p", val))
+    return out
+
+
+def _parse_dt(text: str) -> datetime:
+    t = text.replace("Z", "+00:00")
+    if len(t) == 16:
+        t += ":00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is not None:
+        from datetime import timezone
+        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
+    return dt
+
+
+def _norm(a: Any, b: Any) -> tuple[Any, Any]:
+    """Comparable forms: dates vs datetimes, numbers vs numeric strings, case-insensitive text."""
+    if isinstance(a, datetime) and isinstance(b, date) and not isinstance(b, datetime):
+        b = datetime.combine(b, datetime.min.time())
+    elif isinstance(b, datetime) and isinstance(a, date) and not isinstance(a, datetime):
+        a = datetime.combine(a, datetime.min.time())
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and isinstance(b, str):
+        try:
+            b = float(b)
+        except ValueError:
+            raise bad_query(f"A binary operator with incompatible types was detected: '{b}'.") from None
+    if isinstance(a, str) and isinstance(b, str):
+        return a.casefold(), b.casefold()
+    return a, b
+
+
+def _compare(op: str, a: Any, b: Any) -> bool:
+    if op in ("eq", "ne"):
+        if a is None or b is None:
+            return (a is b) == (op == "eq")
+        a, b = _norm(a, b)
+        return (a == b) == (op == "eq")
+    if a is None or b is None:
+        return False
+    a, b = _norm(a, b)
+    try:
+        return {"gt": a > b, "ge": a >= b, "lt": a < b, "le": a <= b}[op]
+    except TypeError:
+        raise bad_query(f"A binary operator with incompatible types was detected for '{op}'.") from None
+
+
+class FilterParser:
+    """Recursive descent over OData $filter: or / and / not, parentheses, comparisons, functions."""
+
+    OPS = ("eq", "ne", "gt", "ge", "lt", "le")
+
+    def __init__(self, text: str, columns: Callable[[str], bool], entity: str):
+        self.toks = tokenize(text)
+        self.i = 0
+        self.columns = columns
+        self.entity = entity
+
+    def parse(self) -> Callable[[Any, Getter], bool]:
+        node = self._or()
+        if self.i != len(self.toks):
+            raise bad_query(f"Syntax error: unexpected '{self.toks[self.i][1]}'.")
+        return node
+
+    def _peek(self) -> tuple[str, Any] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def _take(self, kind: str | None = None, value: Any = None) -> tuple[str, Any]:
+        tok = self._peek()
+        if tok is None or (kind and tok[0] != kind) or (value is not None and str(tok[1]).lower() != value):
+            raise bad_query(f"Syntax error: expected {value or kind}, found {tok[1] if tok else 'end of input'}.")
+        self.i += 1
+        return tok
+
+    def _is_word(self, word: str) -> bool:
+        tok = self._peek()
+        return tok is not None and tok[0] == "ident" and tok[1].lower() == word
+
+    def _or(self):
+        left = self._and()
+        while self._is_word("or"):
+            self.i += 1
+            right = self._and()
+            left = (lambda l, r: lambda o, g: l(o, g) or r(o, g))(left, right)
+        return left
+
+    def _and(self):
+        left = self._unary()
+        while self._is_word("and"):
+            self.i += 1
+            right = self._unary()
+            left = (lambda l, r: lambda o, g: l(o, g) and r(o, g))(left, right)
+        return left
+
+    def _unary(self):
+        if self._is_word("not"):
+            self.i += 1
+            inner = self._unary()
+            return lambda o, g: not inner(o, g)
+        tok = self._peek()
+        if tok == ("p", "("):
+            self.i += 1
+            node = self._or()
+            self._take("p", ")")
+            return node
+        if tok and tok[0] == "ident":
+            name = tok[1]
+            nxt = self.toks[self.i + 1] if self.i + 1 < len(self.toks) else None
+            if nxt == ("p", "("):
+                return self._function(name)
+        return self._comparison()
+
+    def _operand(self):
+        tok = self._take()
+        if tok[0] == "lit":
+            v = tok[1]
+            return lambda o, g: v
+        if tok[0] != "ident":
+            raise bad_query(f"Syntax error: unexpected '{tok[1]}'.")
+        path = tok[1]
+        while self._peek() == ("p", "/"):
+            self.i += 1
+            path += "/" + self._take("ident")[1]
+        if not self.columns(path):
+            raise bad_query(f"Could not find a property named '{path}' on type "
+                            f"'Microsoft.Dynamics.CRM.{self.entity}'.")
+        return lambda o, g: g(o, path)
+
+    def _comparison(self):
+        left = self._operand()
+        op_tok = self._take("ident")
+        op = op_tok[1].lower()
+        if op not in self.OPS:
+            raise bad_query(f"Syntax error: unknown operator '{op_tok[1]}'.")
+        right = self._operand()
+        return lambda o, g: _compare(op, left(o, g), right(o, g))
+
+    def _function(self, name: str):
+        self.i += 2  # name (
+        low = name.lower()
+        if low in ("contains", "startswith", "endswith"):
+            prop = self._operand()
+            self._take("p", ",")
+            needle = self._operand()
+            self._take("p", ")")
+            test = {"contains": lambda a, b: b in a, "startswith": str.startswith, "endswith": str.endswith}[low]
+
+            def fn(o, g):
+                a, b = prop(o, g), needle(o, g)
+                return a is not None and b is not None and test(str(a).casefold(), str(b).casefold())
+            return fn
+        if low == "microsoft.dynamics.crm.in":
+            args: dict[str, Any] = {}
+            while True:
+                key = self._take("ident")[1]
+                self._take("p", "=")
+                if self._peek() == ("p", "["):
+                    self.i += 1
+                    values = []
+                    while self._peek() != ("p", "]"):
+                        values.append(self._take("lit")[1])
+                        if self._peek() == ("p", ","):
+                            self.i += 1
+                    self.i += 1
+                    args[key] = values
+                else:
+                    args[key] = self._take("lit")[1]
+                if self._peek() == ("p", ","):
+                    self.i += 1
+                    continue
+                self._take("p", ")")
+                break
+            prop, values = args.get("PropertyName"), args.get("PropertyValues")
+            if not isinstance(prop, str) or not isinstance(values, list):
+                raise bad_query("Microsoft.Dynamics.CRM.In requires PropertyName and PropertyValues.")
+            if not self.columns(prop):
+                raise bad_query(f"Could not find a property named '{prop}' on type "
+                                f"'Microsoft.Dynamics.CRM.{self.entity}'.")
+            return lambda o, g: any(_compare("eq", g(o, prop), v) for v in values)
+        raise bad_query(f"The function '{name}' is not supported by this sandbox.")
+
+
+# -- entity sets -----------------------------------------------------------------------------------------------
+
+class EntitySet:
+    """One entity set: its rows, typed column getters and lookups (for $expand and annotations)."""
+
+    def __init__(self, name: str, logical: str, key: str, rows: Callable[[], Iterable[Any]],
+                 columns: dict[str, Callable[[Any], Any]], lookups: dict[str, tuple[str, str]] | None = None,
+                 formatted: dict[str, Callable[[Any], Any]] | None = None):
+        self.name, self.logical, self.key = name, logical, key
+        self.rows = rows
+        self.columns = columns
+        # _x_value -> (navigation property, entity set of the target) ; target set may be resolved per row
+        self.lookups = lookups or {}
+        self.formatted = formatted or {}
+
+    def has(self, name: str) -> bool:
+        return name in self.columns
+
+
+class DynamicsSimulator(Simulator):
+    crm = CRM
+
+    def __init__(self, world: World, faults: FaultPlan | None = None):
+        super().__init__(world, faults)
+        self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
+        self.request_limit = REQUEST_LIMIT
+        self._window: deque[float] = deque()
+        self._window_lock = threading.Lock()
+        self._snapshots: OrderedDict[str, Any] = OrderedDict()
+        self._snap_lock = threading.Lock()
+        self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
+        self.change_tracking_enabled = True
+        self.closes: list[dict[str, Any]] = []         # opportunityclose activities created by Win/Lose
+        # Service connectors call as an application user: a systemuser named after the app registration.
+        self.app_user = next((u for u in world.users if u.name == APP_USER_NAME), None) or self._add_app_user()
+        self.users_by_id = {u.native_id: u for u in world.users}
+        self.accounts_by_id = {a.native_id: a for a in world.accounts}
+        self.sets = self._entity_sets()
+        t = r"(?P<tenant>[^/]+)"
+        self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
+        self.route("GET", rf"/{t}/v2\.0/\.well-known/openid-configuration", self.openid_configuration)
+        self.route("GET", rf"{API}/?", self.service_document)
+        self.route("GET", rf"{API}/\$metadata", self.metadata)
+        self.route("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
+        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
+                          r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)",
+                   self.status_metadata)
+        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies)",
+                   self.collection)
+        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts)\((?P<id>{GUID_RE})\)",
+                   self.single)
+        self.route("POST", rf"{API}/opportunities", self.create)
+        self.route("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
+        self.route("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
+        self.route("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
+
+    def _add_app_user(self) -> SimUser:
+        user = SimUser(len(self.world.users), owner_id(len(self.world.users)), APP_USER_NAME,
+                       f"{CLIENT_ID}@sandbox.onmicrosoft.com")
+        self.world.users.append(user)
+        return user
+
+    # -- the CRM's forms of errors, throttling, token expiry, usage headers --------------------------------------
+
+    def error_response(self, err: HttpError) -> Response:
+        if err.status == 401:
+            return Response.empty(401, {**err.headers, "WWW-Authenticate": self._www_authenticate()})
+        code = err.code
+        if not code.startswith("0x"):  # framework errors (404 route, 503 fault ...) in the Dataverse shape
+            code = {404: "0x80060888", 405: "0x80060888", 503: "0x80040216"}.get(err.status, "0x80040216")
+        return Response.json({"error": {"code": code, "message": err.message}}, err.status,
+                             {"OData-Version": "4.0", **err.headers})
+
+    def rate_limit_response(self, rule: FaultRule) -> Response:
+        return Response.json(
+            {"error": {"code": "0x80072322", "message": f"Number of requests exceeded the limit of "
+                                                        f"{self.request_limit} over time window of "
+                                                        f"{WINDOW_SECONDS} seconds."}},
+            429, {"Retry-After": str(max(0, int(rule.seconds))), "OData-Version": "4.0"})
+
+    def expire_tokens(self) -> None:
+        self.tokens.clear()
+
+    def common_headers(self, req: Request) -> dict[str, str]:
+        if not req.path.startswith(API):
+            return {}
+        with self._window_lock:
+            used = len(self._window)
+        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(max(0, self.request_limit - used)),
+                "x-ms-ratelimit-time-remaining-xrm-requests": "1,200,000.00",
+                "OData-Version": "4.0", "x-ms-service-request-id": secrets.token_hex(8)}
+
+    def _www_authenticate(self) -> str:
+        return (f"Bearer authorization_uri=https://login.microsoftonline.com/{TENANT_ID}/oauth2/authorize, "
+                f"resource_id=https://sandbox.crm.dynamics.com/")
+
+    def _authorize(self, req: Request) -> None:
+        header = req.header("authorization") or ""
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        expiry = self.tokens.get(token or "")
+        if expiry is None or expiry < time.time():
+            raise HttpError(401, "ExpiredAuthTicket", "")
+        now = time.monotonic()
+        with self._window_lock:
+            while self._window and self._window[0] <= now - WINDOW_SECONDS:
+                self._window.popleft()
+            if len(self._window) >= self.request_limit:
+                retry = max(1, int(self._window[0] + WINDOW_SECONDS - now) + 1)
+                raise HttpError(429, "0x80072322",
+                                f"Number of requests exceeded the limit of {self.request_limit} over time window "
+                                f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
+            self._window.append(now)
+
+    def _base(self, req: Request) -> str:
+        return f"http://{req.header('host', '127.0.0.1')}"
+
+    # -- Entra ID ------------------------------------------------------------------------------------------------
+
+    def _aad_error(self, status: int, error: str, code: int, description: str) -> Response:
+        now = self.world.clock.now().strftime("%Y-%m-%d %H:%M:%SZ")
+        trace, corr = _uuid(), _uuid()
+        return Response.json({
+            "error": error,
+            "error_description": f"AADSTS{code}: {description}\r\nTrace ID: {trace}\r\nCorrelation ID: {corr}"
+                                 f"\r\nTimestamp: {now}",
+            "error_codes": [code], "timestamp": now, "trace_id": trace, "correlation_id": corr,
+            "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+        }, status, {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
+
+    def token(self, req: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        if req.params["tenant"] not in (TENANT_ID, "sandbox.onmicrosoft.com"):
+            return self._aad_error(400, "invalid_request", 90002,
+                                   f"Tenant '{req.params['tenant']}' not found. Check to make sure you have the "
+                                   "correct tenant ID and are signing into the correct cloud.")
+        if form.get("grant_type") != "client_credentials":
+            return self._aad_error(400, "unsupported_grant_type", 70003,
+                                   "The app requested an unsupported grant type.")
+        if form.get("client_id") != CLIENT_ID:
+            return self._aad_error(400, "unauthorized_client", 700016,
+                                   f"Application with identifier '{form.get('client_id')}' was not found in the "
+                                   f"directory '{req.params['tenant']}'.")
+        if form.get("client_secret") != SANDBOX_CREDENTIALS["client_secret"]:
+            return self._aad_error(401, "invalid_client", 7000215,
+                                   "Invalid client secret provided. Ensure the secret being sent in the request is "
+                                   f"the client secret value, not the client secret ID, for a secret added to app "
+                                   f"'{CLIENT_ID}'.")
+        scope = form.get("scope", "")
+        if not scope.endswith("/.default") or not scope.startswith(("http://", "https://")):
+            return self._aad_error(400, "invalid_scope", 1002012,
+                                   f"The provided value for scope {scope} is not valid. Client credential flows "
+                                   "must have a scope value with /.default suffixed to the resource identifier "
+                                   "(application ID URI).")
+        header = base64.urlsafe_b64encode(b'{"typ":"JWT","alg":"RS256"}').rstrip(b"=").decode()
+        claims = base64.urlsafe_b64encode(json.dumps(
+            {"aud": scope[: -len("/.default")], "tid": TENANT_ID, "appid": CLIENT_ID}).encode()).rstrip(b"=").decode()
+        token = f"{header}.{claims}.{secrets.token_urlsafe(24)}"
+        self.tokens[token] = time.time() + 3599
+        return Response.json({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
+                              "access_token": token}, headers={"Cache-Control": "no-store, no-cache"})
+
+    def openid_configuration(self, req: Request) -> Response:
+        # Entra answers with https endpoints only (msal refuses anything else).
+        host = f"https://{req.header('host', '127.0.0.1')}"
+        t = req.params["tenant"]
+        return Response.json({
+            "token_endpoint": f"{host}/{t}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": f"{host}/{t}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{host}/{t}/v2.0",
+            "authorization_endpoint": f"{host}/{t}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{host}/{t}/oauth2/v2.0/devicecode",
+            "end_session_endpoint": f"{host}/{t}/oauth2/v2.0/logout",
+            "tenant_region_scope": "EU",
+        })
+
+    # -- metadata ------------------------------------------------------------------------------------------------
+
+    def service_document(self, req: Request) -> Response:
+        self._authorize(req)
+        base = self._base(req) + API
+        return Response.json({"@odata.context": f"{base}/$metadata", "value": [
+            {"name": s, "kind": "EntitySet", "url": s} for s in self.sets]})
+
+    def metadata(self, req: Request) -> Response:
+        """A small CSDL document: the entity types this sandbox serves, with their properties."""
+        self._authorize(req)
+        types = {"opportunities": {"estimatedvalue": "Edm.Decimal", "exchangerate": "Edm.Decimal",
+                                   "estimatedvalue_base": "Edm.Decimal", "estimatedclosedate": "Edm.Date",
+                                   "actualclosedate": "Edm.Date", "closeprobability": "Edm.Int32",
+                                   "statecode": "Edm.Int32", "statuscode": "Edm.Int32", "salesstage": "Edm.Int32",
+                                   "createdon": "Edm.DateTimeOffset", "modifiedon": "Edm.DateTimeOffset",
+                                   "new_originalcreatedon": "Edm.DateTimeOffset", "versionnumber": "Edm.Int64"}}
+        parts = ['<?xml version="1.0" encoding="utf-8"?>',
+                 '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>',
+                 '<Schema Namespace="Microsoft.Dynamics.CRM" Alias="mscrm" '
+                 'xmlns="http://docs.oasis-open.org/odata/ns/edm">']
+        for es in self.sets.values():
+            kinds = types.get(es.name, {})
+            parts.append(f'<EntityType Name="{es.logical}"><Key><PropertyRef Name="{es.key}" /></Key>')
+            for col in es.columns:
+                edm = "Edm.Guid" if col == es.key or col.endswith("_value") else kinds.get(col, "Edm.String")
+                parts.append(f'<Property Name="{col}" Type="{edm}" />')
+            parts.append("</EntityType>")
+        parts.append('<EntityContainer Name="System">')
+        parts += [f'<EntitySet Name="{es.name}" EntityType="Microsoft.Dynamics.CRM.{es.logical}" />'
+                  for es in self.sets.values()]
+        parts.append("</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>")
+        return Response(200, "".join(parts).encode("utf-8"), {"Content-Type": "application/xml",
+                                                              "OData-Version": "4.0"})
+
+    def entity_definitions(self, req: Request) -> Response:
+        self._authorize(req)
+        rows = [{"LogicalName": s.logical, "EntitySetName": s.name, "PrimaryIdAttribute": s.key,
+                 "SchemaName": s.logical.title(), "ChangeTrackingEnabled": s.name == "opportunities"
+                 and self.change_tracking_enabled, "MetadataId": OPPORTUNITY_METADATA_ID if s.name ==
+                 "opportunities" else _uuid()} for s in self.sets.values()]
+        text = req.arg("$filter")
+        if text:
+            pred = FilterParser(text, lambda c: c in rows[0], "EntityMetadata").parse()
+            rows = [r for r in rows if pred(r, lambda r, c: r.get(c))]
+        select = [c for c in (req.arg("$select") or "").split(",") if c]
+        if select:
+            rows = [{k: r[k] for k in ["MetadataId", *select] if k in r} for r in rows]
+        return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions", "value": rows})
+
+    def status_metadata(self, req: Request) -> Response:
+        self._authorize(req)
+        attr, kind = req.params["attr"], req.params["kind"]
+        want = "StatusAttributeMetadata" if attr == "statuscode" else "StateAttributeMetadata"
+        if kind != want:
+            raise bad_query(f"Attribute '{attr}' is not of type Microsoft.Dynamics.CRM.{kind}.")
+        if attr == "statuscode":
+            options = [{"Value": int(s.key), "State": state_of(s), "Label": _label(s.label),
+                        "Color": None, "IsManaged": not s.key.startswith("1000"),
+                        "TransitionData": None} for s in sorted(self.world.stages.values(), key=lambda s: s.order)]
+        else:
+            defaults = {0: 1, 1: 3, 2: 4}
+            options = [{"Value": v, "DefaultStatus": defaults[v], "InvariantName": lbl, "Label": _label(lbl)}
+                       for v, lbl in STATE_LABELS.items()]
+        body = {"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('opportunity')/Attributes"
+                                  f"/Microsoft.Dynamics.CRM.{kind}(OptionSet())/$entity",
+                "LogicalName": attr, "MetadataId": _uuid(), "AttributeType": "Status" if attr == "statuscode"
+                else "State"}
+        if "OptionSet" in (req.arg("$expand") or ""):
+            body["OptionSet"] = {"MetadataId": _uuid(), "Name": f"opportunity_{attr}", "OptionSetType":
+                                 "Status" if attr == "statuscode" else "State", "Options": options}
+        return Response.json(body)
+
+    # -- entity sets ---------------------------------------------------------------------------------------------
+
+    def _entity_sets(self) -> dict[str, EntitySet]:
+        w = self.world
+        stage = lambda o: w.stages[o.stage]  # noqa: E731
+        owner = lambda o: w.users[o.owner]  # noqa: E731
+
+        def account(o: SimOpportunity):
+            return w.accounts[o.account] if o.account is not None else None
+
+        opp_cols: dict[str, Callable[[Any], Any]] = {
+            "opportunityid": lambda o: o.native_id,
+            "name": lambda o: o.name,
+            "estimatedvalue": lambda o: o.amount,
+            "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount * _rate(o.currency), 4),
+            "exchangerate": lambda o: _rate(o.currency),
+            "estimatedclosedate": lambda o: o.close_date,
+            "actualclosedate": lambda o: o.close_date if stage(o).is_closed else None,
+            "closeprobability": lambda o: None if o.probability is None else int(round(o.probability)),
+            "statecode": lambda o: state_of(stage(o)),
+            "statuscode": lambda o: int(o.stage),
+            "salesstage": lambda o: _salesstage(o, stage(o)),
+            "stepname": lambda o: f"{_salesstage(o, stage(o)) + 1}-{SALES_STAGES[_salesstage(o, stage(o))]}",
+            "description": lambda o: (o.extra or {}).get("description"),
+            "_parentaccountid_value": lambda o: account(o).native_id if account(o) else None,
+            "_customerid_value": lambda o: account(o).native_id if account(o) else None,
+            "_ownerid_value": lambda o: owner(o).native_id,
+            "_owninguser_value": lambda o: owner(o).native_id if owner(o).kind == "user" else None,
+            "_owningteam_value": lambda o: owner(o).native_id if owner(o).kind == "team" else None,
+            "_owningbusinessunit_value": lambda o: BUSINESS_UNIT,
+            "_createdby_value": lambda o: w.users[o.creator].native_id,
+            "_modifiedby_value": lambda o: w.users[o.creator if owner(o).kind == "team" else o.owner].native_id,
+            "_transactioncurrencyid_value": lambda o: CURRENCIES[o.currency][0],
+            "createdon": lambda o: o.created_at,
+            "modifiedon": lambda o: o.modified_at,
+            "versionnumber": lambda o: int(o.modified_at.timestamp()) * 1000 + o.seq % 1000,
+            # a tenant custom column (publisher prefix new_): the legacy system's creation date (seed 002)
+            "new_originalcreatedon": lambda o: (o.extra or {}).get(
+                "new_originalcreatedon", None if o.seq % 5 == 0 else o.created_at - timedelta(days=30 + o.seq % 90)),
+            **{c: (lambda o, c=c: (o.extra or {}).get(c)) for c in CUSTOM_COLUMNS},
+        }
+        opp_lookups = {
+            "_parentaccountid_value": ("parentaccountid", "accounts"),
+            "_customerid_value": ("customerid_account", "accounts"),
+            "_ownerid_value": ("ownerid", "owner"),
+            "_owninguser_value": ("owninguser", "systemusers"),
+            "_owningteam_value": ("owningteam", "teams"),
+            "_owningbusinessunit_value": ("owningbusinessunit", "businessunits"),
+            "_createdby_value": ("createdby", "systemusers"),
+            "_modifiedby_value": ("modifiedby", "systemusers"),
+            "_transactioncurrencyid_value": ("transactioncurrencyid", "transactioncurrencies"),
+        }
+        opp_fmt = {
+            "estimatedvalue": lambda o: None if o.amount is None else f"{CURRENCIES[o.currency][2]}{o.amount:,.2f}",
+            "estimatedclosedate": lambda o: o.close_date and f"{o.close_date.month}/{o.close_date.day}/"
+                                                            f"{o.close_date.year}",
+            "statecode": lambda o: STATE_LABELS[state_of(stage(o))],
+            "statuscode": lambda o: stage(o).label,
+            "salesstage": lambda o: SALES_STAGES[_salesstage(o, stage(o))],
+            "closeprobability": lambda o: None if o.probability is None else str(int(round(o.probability))),
+            "createdon": lambda o: _fmt_dt(o.created_at),
+            "modifiedon": lambda o: _fmt_dt(o.modified_at),
+        }
+        users = lambda: (u for u in w.users if u.kind == "user")  # noqa: E731
+        teams = lambda: (u for u in w.users if u.kind == "team")  # noqa: E731
+        user_cols = {"systemuserid": lambda u: u.native_id, "fullname": lambda u: u.name,
+                     "internalemailaddress": lambda u: u.email,
+                     "domainname": lambda u: u.email, "isdisabled": lambda u: not u.active,
+                     "firstname": lambda u: u.name.split(" ", 1)[0],
+                     "lastname": lambda u: u.name.split(" ", 1)[-1],
+                     "_businessunitid_value": lambda u: BUSINESS_UNIT}
+        team_cols = {"teamid": lambda u: u.native_id, "name": lambda u: u.name, "teamtype": lambda u: 0,
+                     "emailaddress": lambda u: u.email, "_businessunitid_value": lambda u: BUSINESS_UNIT}
+
+        def composite(a):
+            line2 = " ".join(p for p in (a.city and a.city + ",", a.state, a.postal_code) if p).rstrip(",")
+            return "\r\n".join(p for p in (a.street, line2, a.country) if p) or None
+
+        acc_cols = {"accountid": lambda a: a.native_id, "name": lambda a: a.name,
+                    "address1_line1": lambda a: a.street, "address1_city": lambda a: a.city,
+                    "address1_stateorprovince": lambda a: a.state, "address1_postalcode": lambda a: a.postal_code,
+                    "address1_country": lambda a: a.country, "address1_composite": composite}
+        cur_rows = [(k, *v) for k, v in CURRENCIES.items()]
+        cur_cols = {"transactioncurrencyid": lambda c: c[1], "isocurrencycode": lambda c: c[0],
+                    "currencyname": lambda c: c[2], "currencysymbol": lambda c: c[3],
+                    "exchangerate": lambda c: _rate(c[0])}
+        return {
+            "opportunities": EntitySet("opportunities", "opportunity", "opportunityid", lambda: w.live(), opp_cols,
+                                       opp_lookups, opp_fmt),
+            "systemusers": EntitySet("systemusers", "systemuser", "systemuserid", users, user_cols),
+            "teams": EntitySet("teams", "team", "teamid", teams, team_cols),
+            "accounts": EntitySet("accounts", "account", "accountid", lambda: iter(w.accounts), acc_cols),
+            "transactioncurrencies": EntitySet("transactioncurrencies", "transactioncurrency",
+                                               "transactioncurrencyid", lambda: iter(cur_rows), cur_cols),
+        }
+
+    def _getter(self, es: EntitySet) -> Getter:
+        cols = es.columns
+
+        def get(row: Any, name: str) -> Any:
+            if "/" in name:
+                nav, col = name.split("/", 1)
+                target = self._expand_target(es, row, nav)
+                if target is None:
+                    return None
+                return self.sets[target[0]].columns[col](target[1]) if col in self.sets[target[0]].columns else None
+            if name in cols:
+                return cols[name](row)
+            return (getattr(row, "extra", None) or {}).get(name)
+        return get
+
+    def _has_column(self, es: EntitySet) -> Callable[[str], bool]:
+        def has(name: str) -> bool:
+            if "/" in name:
+                nav, col = name.split("/", 1)
+                for lk, (n, target) in es.lookups.items():
+                    if n == nav:
+                        return target in self.sets and col in self.sets[target].columns
+                return False
+            return name in es.columns
+        return has
+
+    def _expand_target(self, es: EntitySet, row: Any, nav: str) -> tuple[str, Any] | None:
+        for lk, (n, target) in es.lookups.items():
+            if n != nav:
+                continue
+            value = es.columns[lk](row)
+            if value is None:
+                return None
+            if target in ("accounts",):
+                return "accounts", self.accounts_by_id.get(value)
+            if target in ("systemusers", "teams", "owner"):
+                u = self.users_by_id.get(value)
+                return ("teams" if u.kind == "team" else "systemusers"), u
+            if target == "transactioncurrencies":
+                iso_code = CURRENCY_BY_ID[value]
+                return target, (iso_code, *CURRENCIES[iso_code])
+            return None
+        raise bad_query(f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM.{es.logical}'.")
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def single(self, req: Request) -> Response:
+        self._authorize(req)
+        es = self.sets[req.params["set"]]
+        getter = self._getter(es)
+        row = next((r for r in es.rows() if getter(r, es.key) == req.params["id"].lower()), None)
+        if row is None:
+            raise odata_error(404, "0x80040217", f"{es.logical} With Id = {req.params['id']} Does Not Exist")
+        q = self._query(req, es)
+        body = {"@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}/$entity",
+                **self._render(req, es, row, q)}
+        return Response.json(body)
+
+    def _query(self, req: Request, es: EntitySet) -> dict[str, Any]:
+        if req.arg("$skip") is not None:
+            raise bad_query("The query parameter $skip is not supported")
+        select = [c.strip() for c in (req.arg("$select") or "").split(",") if c.strip()]
+        has = self._has_column(es)
+        for c in select:
+            if not has(c):
+                raise bad_query(f"Could not find a property named '{c}' on type 'Microsoft.Dynamics.CRM.{es.logical}'.")
+        if select and "estimatedvalue" in select and "_transactioncurrencyid_value" not in select:
+            select.append("_transactioncurrencyid_value")
+        expand = _parse_expand(req.arg("$expand") or "")
+        for nav, sub in expand.items():
+            if not any(n == nav for n, _ in es.lookups.values()):
+                raise bad_query(f"Could not find a property named '{nav}' on type "
+                                f"'Microsoft.Dynamics.CRM.{es.logical}'.")
+        return {"select": select, "expand": expand}
+
+    def _prefer(self, req: Request) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for part in _split_top(req.header("prefer") or "", ","):
+            part = part.strip()
+            if not part:
+                continue
+            k, _, v = part.partition("=")
+            out[k.strip().lower()] = v.strip().strip('"')
+        return out
+
+    def collection(self, req: Request) -> Response:
+        self._authorize(req)
+        es = self.sets[req.params["set"]]
+        prefer = self._prefer(req)
+        q = self._query(req, es)
+        tracking = "odata.track-changes" in prefer or req.arg("$deltatoken") is not None
+        if tracking:
+            if es.name != "opportunities" or not self.change_tracking_enabled:
+                raise bad_query(f"Change tracking is not enabled for the entity '{es.logical}'.")
+            bad = [p for p in ("$filter", "$orderby", "$expand", "$top", "$count") if req.arg(p) is not None]
+            if bad:
+                raise odata_error(400, "0x80060888", f"The query parameter {bad[0]} is not supported with change "
+                                                     "tracking (Prefer: odata.track-changes).")
+        applied = []
+        page_size = 5000
+        if "odata.maxpagesize" in prefer:
+            try:
+                asked = int(prefer["odata.maxpagesize"])
+            except ValueError:
+                raise bad_query("odata.maxpagesize must be an integer") from None
+            if 0 < asked <= 5000:
+                page_size = asked
+                applied.append(f"odata.maxpagesize={asked}")
+        annotations = prefer.get("odata.include-annotations")
+        if annotations is not None:
+            applied.append(f'odata.include-annotations="{annotations}"')
+        if tracking and "odata.track-changes" in prefer:
+            applied.append("odata.track-changes")
+        top = req.arg("$top")
+        if top is not None and not top.isdigit():
+            raise bad_query(f"Invalid value '{top}' for $top.")
+        skiptoken = req.arg("$skiptoken")
+        offset = 0
+        snap_id = None
+        if skiptoken:
+            snap_id, offset = _read_cookie(skiptoken)
+        snap = self._snapshot(es, req, snap_id)
+        entries = snap["entries"]
+        total = len(entries)
+        if top is not None and "odata.maxpagesize" not in prefer:
+            entries = entries[: int(top)]
+            page_size = max(1, len(entries)) if entries else 1
+        page = entries[offset: offset + page_size]
+        base = self._base(req) + API
+        ctx_cols = ",".join(q["select"] + [f"{n}({','.join(s)})" for n, s in q["expand"].items()])
+        body: dict[str, Any] = {"@odata.context": f"{base}/$metadata#{es.name}" + (f"({ctx_cols})" if ctx_cols
+                                                                                   else "")}
+        if req.arg("$count") == "true":
+            body["@odata.count"] = min(total, 5000)
+            if total > 5000:
+                body["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = True
+        want = _annotation_matcher(annotations)
+        rows = []
+        by_id = self.world.opps if es.name == "opportunities" else None
+        for kind, ident in page:
+            if kind == "deleted":
+                rows.append({"@odata.context": f"{base}/$metadata#{es.name}/$deletedEntity", "id": ident,
+                             "reason": "deleted"})
+                continue
+            row = by_id.get(ident) if by_id is not None else ident
+            if row is None or (by_id is not None and row.deleted_at is not None):
+                continue  # deleted since the snapshot: real cursors skip it too
+            rows.append(self._render(req, es, row, q, want))
+        body["value"] = rows
+        if offset + page_size < len(entries):
+            params = {k: v[0] for k, v in req.query.items() if k != "$skiptoken"}
+            params["$skiptoken"] = _make_cookie(snap["id"], offset + page_size, offset // page_size + 2,
+                                                page[-1][1] if page and isinstance(page[-1][1], str) else "")
+            body["@odata.nextLink"] = f"{base}/{es.name}?" + urlencode(params, quote_via=quote, safe="$,()'=/")
+        elif tracking:
+            token = f"{self.world.version}!{snap['at'].strftime('%m/%d/%Y %H:%M:%S')}"
+            # deletions already visible when the token was issued are not reported again by it
+            seen = frozenset(o.native_id for o in self.world.opps.values()
+                             if o.deleted_at is not None and o.deleted_at >= snap["at"])
+            self.delta_tokens[token] = (snap["at"], seen)
+            params = {k: v[0] for k, v in req.query.items() if k in ("$select",)}
+            params["$deltatoken"] = token
+            body["@odata.deltaLink"] = f"{base}/{es.name}?" + urlencode(params, quote_via=quote, safe="$,()'=/")
+        headers = {"Preference-Applied": ",".join(applied)} if applied else {}
+        return Response.json(body, headers={"OData-Version": "4.0", **headers})
+
+    def _snapshot(self, es: EntitySet, req: Request, snap_id: str | None) -> dict[str, Any]:
+        with self._snap_lock:
+            if snap_id and snap_id in self._snapshots:
+                self._snapshots.move_to_end(snap_id)
+                return self._snapshots[snap_id]
+        # A fresh query, or a paging cookie whose snapshot was evicted: evaluate against the current world.
+        with self.world.lock:
+            at = self.world.clock.now()
+            entries = self._evaluate(es, req)
+        snap = {"id": snap_id or secrets.token_hex(6), "entries": entries, "at": at}
+        with self._snap_lock:
+            self._snapshots[snap["id"]] = snap
+            while len(self._snapshots) > 64:
+                self._snapshots.popitem(last=False)
+        return snap
+
+    def _evaluate(self, es: EntitySet, req: Request) -> list[tuple[str, Any]]:
+        getter = self._getter(es)
+        deltatoken = req.arg("$deltatoken")
+        if deltatoken is not None:
+            issued, seen = self.delta_tokens.get(deltatoken) or (None, frozenset())
+            if issued is None:
+                raise odata_error(400, "0x80040203", f"The delta token '{deltatoken}' is not valid.")
+            if self.world.clock.now() - issued > timedelta(days=DELTA_TOKEN_DAYS):
+                raise odata_error(400, "0x80040203", "The delta token has expired (change tracking data is kept "
+                                                     f"for {DELTA_TOKEN_DAYS} days); run a full sync.")
+            changed = [o for o in self.world.live() if o.modified_at >= issued]
+            changed.sort(key=lambda o: (o.modified_at, o.native_id))
+            gone = sorted((o for o in self.world.opps.values() if o.deleted_at is not None and o.deleted_at >= issued
+                           and o.created_at < issued and o.native_id not in seen),
+                          key=lambda o: (o.deleted_at, o.native_id))
+            return [("row", o.native_id) for o in changed] + [("deleted", o.native_id) for o in gone]
+        rows: Iterable[Any] = es.rows()
+        text = req.arg("$filter")
+        if text:
+            pred = FilterParser(text, self._has_column(es), es.logical).parse()
+            rows = [r for r in rows if pred(r, getter)]
+        else:
+            rows = list(rows)
+        order = _parse_orderby(req.arg("$orderby"), self._has_column(es), es.logical) or [(es.key, False)]
+        for col, desc in reversed(order):
+            rows.sort(key=lambda r, c=col: _sort_key(getter(r, c)), reverse=desc)
+        if es.name == "opportunities":
+            return [("row", r.native_id) for r in rows]
+        return [("row", r) for r in rows]
+
+    def _render(self, req: Request, es: EntitySet, row: Any, q: dict[str, Any],
+                want: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        want = want or _annotation_matcher(self._prefer(req).get("odata.include-annotations"))
+        getter = self._getter(es)
+        cols = q["select"] or list(es.columns)
+        if es.key not in cols:
+            cols = [es.key, *cols]
+        out: dict[str, Any] = {}
+        if es.name == "opportunities":
+            out["@odata.etag"] = f'W/"{es.columns["versionnumber"](row)}"'
+        for c in cols:
+            value = getter(row, c)
+            if c in es.formatted and value is not None and want(FORMATTED):
+                out[f"{c}@{FORMATTED}"] = es.formatted[c](row)
+            if c in es.lookups and value is not None:
+                nav, target = es.lookups[c]
+                tgt = self._expand_target(es, row, nav)
+                logical = self.sets[tgt[0]].logical if tgt else target.rstrip("s")
+                if want(FORMATTED) and tgt and tgt[1] is not None:
+                    tset = self.sets[tgt[0]]
+                    name_col = next(n for n in ("fullname", "name", "currencyname") if n in tset.columns)
+                    out[f"{c}@{FORMATTED}"] = tset.columns[name_col](tgt[1])
+                if want(NAVPROP):
+                    out[f"{c}@{NAVPROP}"] = nav
+                if want(LOGICALNAME):
+                    out[f"{c}@{LOGICALNAME}"] = logical if nav != "owningbusinessunit" else "businessunit"
+            out[c] = _json_value(value)
+        for nav, sub in q["expand"].items():
+            tgt = self._expand_target(es, row, nav)
+            if tgt is None or tgt[1] is None:
+                out[nav] = None
+                continue
+            tset = self.sets[tgt[0]]
+            sub_cols = [s for s in sub if s in tset.columns] or list(tset.columns)
+            nested = {c: _json_value(tset.columns[c](tgt[1])) for c in sub_cols}
+            nested[tset.key] = tset.columns[tset.key](tgt[1])
+            if nav == "ownerid":
+                nested = {"@odata.type": f"#Microsoft.Dynamics.CRM.{tset.logical}", "ownerid": nested[tset.key],
+                          **{k: v for k, v in nested.items() if k != tset.key}}
+            out[nav] = nested
+        return out
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    def _values(self, body: Any, creating: bool) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise odata_error(400, "0x80048d19", "Error identified in Payload provided by the user for Entity :"
+                                                 "'opportunities'")
+        w = self.world
+        values: dict[str, Any] = {}
+        for k, v in body.items():
+            if k == "name":
+                values["name"] = v
+            elif k == "estimatedvalue":
+                values["amount"] = None if v is None else float(v)
+            elif k == "estimatedclosedate":
+                values["close_date"] = None if v is None else date.fromisoformat(str(v)[:10])
+            elif k == "closeprobability":
+                values["probability"] = None if v is None else float(v)
+            elif k in ("statuscode", "statecode"):
+                continue  # handled below
+            elif k == "description":
+                values.setdefault("extra_description", v)
+            elif k.endswith("@odata.bind"):
+                nav = k[: -len("@odata.bind")]
+                m = re.match(r"^/?(\w+)\((" + GUID_RE + r")\)$", str(v))
+                if not m:
+                    raise odata_error(400, "0x80048d19", f"Invalid URI in {k}: '{v}'.")
+                eset, ident = m.group(1), m.group(2).lower()
+                if nav in ("parentaccountid", "customerid_account") and eset == "accounts":
+                    acc = self.accounts_by_id.get(ident)
+                    if acc is None:
+                        raise odata_error(404, "0x80040217", f"account With Id = {ident} Does Not Exist")
+                    values["account"] = acc.idx
+                elif nav == "ownerid" and eset in ("systemusers", "teams"):
+                    u = self.users_by_id.get(ident)
+                    if u is None or (u.kind == "team") != (eset == "teams"):
+                        raise odata_error(404, "0x80040217", f"{eset[:-1]} With Id = {ident} Does Not Exist")
+                    values["owner"] = u.idx
+                elif nav == "transactioncurrencyid" and eset == "transactioncurrencies":
+                    if ident not in CURRENCY_BY_ID:
+                        raise odata_error(404, "0x80040217", f"transactioncurrency With Id = {ident} Does Not Exist")
+                    values["currency"] = CURRENCY_BY_ID[ident]
+                else:
+                    raise odata_error(400, "0x80048d19", f"An undeclared property '{nav}' which only has property "
+                                                         "annotations in the payload but no property value was "
+                                                         "found in the payload.")
+            elif k in CUSTOM_COLUMNS or k == "new_originalcreatedon":
+                values[k] = v
+            else:
+                raise odata_error(400, "0x80048d19", f"Invalid property '{k}' was found in entity "
+                                                     "'Microsoft.Dynamics.CRM.opportunity'.")
+        if "statuscode" in body:
+            key = str(body["statuscode"])
+            if key not in w.stages:
+                raise odata_error(400, "0x80040203", f"{key} is not a valid status code for state code "
+                                                     f"OpportunityState.{STATE_LABELS[body.get('statecode', 0)]}")
+            if creating and w.stages[key].is_closed:
+                raise odata_error(400, "0x80040203", "A new opportunity must be created open; close it with "
+                                                     "WinOpportunity or LoseOpportunity.")
+            values["stage"] = key
+        elif "statecode" in body:
+            if body["statecode"] != 0:
+                raise odata_error(400, "0x80040203", "Use WinOpportunity or LoseOpportunity to close an opportunity.")
+            values["stage"] = w.stage_for(None, "open").key
+        if "extra_description" in values:
+            values["description"] = values.pop("extra_description")
+        return values
+
+    def create(self, req: Request) -> Response:
+        self._authorize(req)
+        values = self._values(req.json(), creating=True)
+        values.setdefault("stage", "1")
+        values.setdefault("account", None)
+        values.setdefault("amount", None)
+        values["creator"] = self.app_user.idx  # the calling application user creates the record
+        opp = self.world.create(**values)
+        return self._written(req, opp, 201)
+
+    def _written(self, req: Request, opp: SimOpportunity, status: int) -> Response:
+        entity_id = f"{self._base(req)}{API}/opportunities({opp.native_id})"
+        headers = {"OData-EntityId": entity_id, "Location": entity_id}
+        if "return=representation" in (req.header("prefer") or ""):
+            es = self.sets["opportunities"]
+            return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#opportunities/$entity",
+                                  **self._render(req, es, opp, self._query(req, es))}, status, headers)
+        return Response.empty(204, headers)
+
+    def _live(self, ident: str) -> SimOpportunity:
+        opp = self.world.get(ident.lower())
+        if opp is None:
+            raise odata_error(404, "0x80040217", f"opportunity With Id = {ident} Does Not Exist")
+        return opp
+
+    def update(self, req: Request) -> Response:
+        self._authorize(req)
+        opp = self._live(req.params["id"])
+        body = req.json() or {}
+        values = self._values(body, creating=False)
+        closed = self.world.stages[opp.stage].is_closed
+        reopening = "stage" in values and not self.world.stages[values["stage"]].is_closed
+        if closed and not reopening:
+            raise odata_error(400, "0x80043b1e", "This opportunity is closed or canceled and cannot be edited; "
+                                                 "reopen it first (statecode 0).")
+        if "stage" in values and self.world.stages[values["stage"]].is_closed and not closed:
+            raise odata_error(400, "0x80040203", "Use WinOpportunity or LoseOpportunity to close an opportunity.")
+        opp = self.world.update(opp.native_id, **values)
+        return self._written(req, opp, 200) if "return=representation" in (req.header("prefer") or "") else \
+            Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
+
+    def delete(self, req: Request) -> Response:
+        self._authorize(req)
+        opp = self._live(req.params["id"])
+        self.world.delete(opp.native_id)
+        return Response.empty(204)
+
+    def close(self, req: Request) -> Response:
+        self._authorize(req)
+        body = req.json() or {}
+        won = req.params["action"] == "WinOpportunity"
+        close = body.get("OpportunityClose") or {}
+        bind = str(close.get("opportunityid@odata.bind", ""))
+        m = re.match(r"^/?opportunities\((" + GUID_RE + r")\)$", bind)
+        if not m:
+            raise odata_error(400, "0x80040203", "OpportunityClose.opportunityid@odata.bind is required.")
+        opp = self._live(m.group(1))
+        status = str(body.get("Status", 3 if won else 4))
+        st = self.world.stages.get(status)
+        if st is None or not st.is_closed or st.is_won != won:
+            raise odata_error(400, "0x80040203", f"{status} is not a valid status code for state code "
+                                                 f"OpportunityState.{'Won' if won else 'Lost'}")
+        if self.world.stages[opp.stage].is_closed:
+            raise odata_error(400, "0x80043b1e", "This opportunity is already closed.")
+        now = self.world.clock.now()
+        self.world.update(opp.native_id, stage=status, close_date=now.date())
+        self.closes.append({"activityid": _uuid(), "opportunityid": opp.native_id, "subject": close.get("subject"),
+                            "actualrevenue": close.get("actualrevenue"), "statuscode": int(status)})
+        return Response.empty(204)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+def _uuid() -> str:
+    import uuid
+    return str(uuid.uuid4())
+
+
+def _label(text: str) -> dict[str, Any]:
+    loc = {"Label": text, "LanguageCode": 1033, "IsManaged": True, "MetadataId": _uuid(), "HasChanged": None}
+    return {"LocalizedLabels": [loc], "UserLocalizedLabel": loc}
+
+
+def _rate(currency: str) -> float:
+    return {"USD": 1.0, "EUR": 0.92, "GBP": 0.79}.get(currency, 1.0)
+
+
+def _salesstage(o: SimOpportunity, stage: SimStage) -> int:
+    return 3 if stage.is_closed else (o.seq % 3)
+
+
+def _fmt_dt(dt: datetime) -> str:
+    hour = dt.hour % 12 or 12
+    return f"{dt.month}/{dt.day}/{dt.year} {hour}:{dt.minute:02d} {'AM' if dt.hour < 12 else 'PM'}"
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return iso(v)
+    if isinstance(v, date):
+        return v.isoformat()
+    return v
+
+
+def _sort_key(v: Any) -> tuple:
+    if v is None:
+        return (0, 0)
+    if isinstance(v, str):
+        return (1, v.casefold())
+    if isinstance(v, bool):
+        return (1, int(v))
+    return (1, v)
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside quotes and parentheses."""
+    parts, depth, quote_ch, cur = [], 0, None, []
+    for ch in text:
+        if quote_ch:
+            if ch == quote_ch:
+                quote_ch = None
+        elif ch in "\"'":
+            quote_ch = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _parse_expand(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for part in _split_top(text, ","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.match(r"^(\w+)(?:\((.*)\))?$", part)
+        if not m:
+            raise bad_query(f"Syntax error in $expand at '{part}'.")
+        select: list[str] = []
+        for opt in (m.group(2) or "").split(";"):
+            k, _, v = opt.partition("=")
+            if k.strip() == "$select":
+                select = [c.strip() for c in v.split(",") if c.strip()]
+        out[m.group(1)] = select
+    return out
+
+
+def _parse_orderby(text: str | None, has: Callable[[str], bool], entity: str) -> list[tuple[str, bool]]:
+    out = []
+    for part in (text or "").split(","):
+        bits = part.split()
+        if not bits:
+            continue
+        if not has(bits[0]):
+            raise bad_query(f"Could not find a property named '{bits[0]}' on type 'Microsoft.Dynamics.CRM.{entity}'.")
+        direction = bits[1].lower() if len(bits) > 1 else "asc"
+        if direction not in ("asc", "desc") or len(bits) > 2:
+            raise bad_query(f"Syntax error in $orderby at '{part}'.")
+        out.append((bits[0], direction == "desc"))
+    return out
+
+
+def _annotation_matcher(value: str | None) -> Callable[[str], bool]:
+    if not value:
+        return lambda name: False
+    patterns = [p.strip() for p in value.split(",") if p.strip()]
+    return lambda name: any(p.startswith("-") is False and fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _make_cookie(snap_id: str, offset: int, page: int, last_id: str) -> str:
+    inner = f'<cookie page="{page - 1}"><opportunityid last="{{{last_id.upper()}}}" /><snapshot id="{snap_id}" ' \
+            f'pos="{offset}" /></cookie>'
+    return f'<cookie pagenumber="{page}" pagingcookie="{quote(inner)}" istracking="False" />'
+
+
+def _read_cookie(token: str) -> tuple[str, int]:
+    m = re.search(r'pagingcookie="([^"]+)"', unquote(token) if token.startswith("%") else token)
+    inner = unquote(unquote(m.group(1))) if m else ""
+    s = re.search(r'<snapshot id="(\w+)" pos="(\d+)"', inner)
+    if not s:
+        raise odata_error(400, "0x80040203", "Invalid $skiptoken (paging cookie).")
+    return s.group(1), int(s.group(2))
+
+
+# -- construction ----------------------------------------------------------------------------------------------
+
+def profile() -> TenantProfile:
+    return TenantProfile(crm=CRM, stages=list(STATUS_REASONS), opportunity_id=opportunity_id, user_id=owner_id,
+                         account_id=account_id, currencies=tuple(CURRENCIES), team_owners=3)
+
+
+def connection_options(url: str) -> dict[str, Any]:
+    """The `options` a sandbox connection needs: Entra ID is served by the simulator itself."""
+    return {"authority_url": url, "change_tracking": True}
+
+
+def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
+          clock: Clock | None = None) -> DynamicsSimulator:
+    return DynamicsSimulator(World(profile(), seed, opportunities, clock=clock), faults)

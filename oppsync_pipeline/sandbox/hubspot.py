@@ -1,0 +1,812 @@
+"""HubSpot CRM v3 simulator: deals, search, pipelines, owners, companies and deal-company associations.
+
+What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
+- Auth: a private-app token (`Authorization: Bearer pat-na1-...`, never expires) and OAuth
+  (`POST /oauth/v1/token`, form-encoded `grant_type=refresh_token`, `expires_in` 1800 on the virtual clock).
+  A bad token is a 401 with `category: INVALID_AUTHENTICATION`; an expired OAuth token a 401 with
+  `category: EXPIRED_AUTHENTICATION`.
+- Every `properties` value is a string or null; ids are strings; booleans are "true" / "false";
+  `createdAt` / `updatedAt` (and `archivedAt` in archived listings) are ISO with milliseconds.
+- List `GET /crm/v3/objects/deals`: default limit 10, max 100, opaque `after`, `paging` omitted on the last page,
+  `archived=true` lists only archived deals. `associations=companies` on list / read.
+- Search `POST /crm/v3/objects/deals/search`: filterGroups (OR of ANDed filters; EQ NEQ LT LTE GT GTE IN NOT_IN
+  HAS_PROPERTY NOT_HAS_PROPERTY BETWEEN CONTAINS_TOKEN), one sort, limit max 200, `after` a string offset,
+  `total`, a 400 when `after + limit` passes 10,000, the default property set when `properties` is not given,
+  archived deals never returned. Ties on the sort property are ordered by hs_object_id (documented choice).
+- Deleting a deal archives it and does NOT bump `hs_lastmodifieddate`.
+- Pipelines with stage `metadata.isClosed` / `metadata.probability` as STRINGS; the `default` sales pipeline plus a
+  custom pipeline with numeric stage ids.
+- Owners carry `id` (owner id) and `userId` (user id); `hs_created_by_user_id` on deals is a USER id. Owners of
+  deactivated users are archived (listed only with `archived=true`) but still referenced by deals.
+- Deals carry their company twice: `deal_to_company` and `deal_to_company_unlabeled` (v3 shapes); v4 returns one
+  `toObjectId` with two association types. Some deals have a second, non-primary company.
+- Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
+  separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
+  (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qs
+
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+
+CRM = "hubspot"
+PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-0000-4000-8000-sandbox00001"
+OAUTH_CLIENT_ID = "sandbox-client-2f9c"
+OAUTH_CLIENT_SECRET = "sandbox-secret-7b41"
+OAUTH_REFRESH_TOKEN = "na1-sandbox-refresh-0000-4000-8000"
+SANDBOX_CREDENTIALS = {"access_token": PRIVATE_APP_TOKEN}
+# The OAuth credential set (public apps): the connector refreshes the access token on 401.
+SANDBOX_OAUTH_CREDENTIALS = {"client_id": OAUTH_CLIENT_ID, "client_secret": OAUTH_CLIENT_SECRET,
+                             "refresh_token": OAUTH_REFRESH_TOKEN}
+
+SEARCH_CAP = 10_000
+LIST_MAX = 100
+SEARCH_MAX = 200
+TOKEN_SECONDS = 1800
+DEFAULT_PROPERTIES = ("dealname", "amount", "closedate", "pipeline", "dealstage", "createdate",
+                      "hs_lastmodifieddate", "hs_object_id")
+COMPANY_DEFAULT_PROPERTIES = ("name", "domain", "createdate", "hs_lastmodifieddate", "hs_object_id")
+DATE_PROPERTIES = frozenset({"createdate", "hs_lastmodifieddate", "closedate"})
+NUMBER_PROPERTIES = frozenset({"amount", "hs_object_id", "hs_deal_stage_probability", "amount_in_home_currency"})
+READ_ONLY = frozenset({"hs_object_id", "hs_lastmodifieddate", "createdate", "hs_created_by_user_id",
+                       "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won"})
+EPOCH = datetime(1970, 1, 1)
+ONE_MS = timedelta(milliseconds=1)
+PRIMARY_TYPE_ID, UNLABELED_TYPE_ID = 5, 341
+
+DEFAULT_PIPELINE = "default"
+CUSTOM_PIPELINE = "87654321"
+STAGES = [
+    SimStage("appointmentscheduled", "Appointment Scheduled", False, False, 20, 0, DEFAULT_PIPELINE),
+    SimStage("qualifiedtobuy", "Qualified To Buy", False, False, 40, 1, DEFAULT_PIPELINE),
+    SimStage("presentationscheduled", "Presentation Scheduled", False, False, 60, 2, DEFAULT_PIPELINE),
+    SimStage("decisionmakerboughtin", "Decision Maker Bought-In", False, False, 80, 3, DEFAULT_PIPELINE),
+    SimStage("contractsent", "Contract Sent", False, False, 90, 4, DEFAULT_PIPELINE),
+    SimStage("closedwon", "Closed Won", True, True, 100, 5, DEFAULT_PIPELINE),
+    SimStage("closedlost", "Closed Lost", True, False, 0, 6, DEFAULT_PIPELINE),
+    SimStage("145236001", "Discovery", False, False, 10, 10, CUSTOM_PIPELINE),
+    SimStage("145236002", "Proposal", False, False, 50, 11, CUSTOM_PIPELINE),
+    SimStage("145236003", "Verbal Yes", False, False, 80, 12, CUSTOM_PIPELINE),
+    SimStage("145236004", "Signed", True, True, 100, 13, CUSTOM_PIPELINE),
+    SimStage("145236005", "Lost to competitor", True, False, 0, 14, CUSTOM_PIPELINE),
+]
+PIPELINES = {DEFAULT_PIPELINE: "Sales Pipeline", CUSTOM_PIPELINE: "Managed Services"}
+PIPELINE_CREATED = "2020-05-12T08:00:00.000Z"
+
+
+def deal_id(seq: int) -> str:
+    return str(18_300_000_000 + seq)
+
+
+def owner_id(i: int) -> str:
+    return str(61_234_500 + i * 7)
+
+
+def user_id(i: int) -> str:
+    return str(9_012_300 + i * 13)
+
+
+def company_id(i: int) -> str:
+    return str(9_876_500_000 + i * 3)
+
+
+def profile() -> TenantProfile:
+    return TenantProfile(crm=CRM, stages=[SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order,
+                                                   s.pipeline) for s in STAGES],
+                         opportunity_id=deal_id, user_id=owner_id, account_id=company_id,
+                         precision=timedelta(milliseconds=1))
+
+
+@dataclass
+class Limits:
+    """Per-portal limits (Professional private app by default). 0 disables a limit."""
+
+    ten_secondly: int = 190
+    search_per_second: int = 5
+    daily: int = 650_000
+
+
+class RateLimited(HttpError):
+    def __init__(self, policy: str, message: str, retry_after: float | None = None):
+        headers = {"Retry-After": _num(retry_after)} if retry_after is not None else {}
+        super().__init__(429, "RATE_LIMIT", message, headers)
+        self.policy = policy
+
+
+# -- rendering helpers ----------------------------------------------------------------------------------------------
+
+def iso_ms(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def epoch_ms(dt: datetime) -> int:
+    return (dt - EPOCH) // ONE_MS
+
+
+def _num(value: float | None) -> str | None:
+    if value is None:
+        return None
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+def _to_ms(value: Any) -> int | None:
+    """A filter value for a date property: epoch millis (string or number) or an ISO date / date-time."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if len(text) == 10:
+        return epoch_ms(datetime.combine(date.fromisoformat(text), datetime.min.time()))
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
+    return epoch_ms(dt)
+
+
+def _error_body(message: str, category: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "error", "message": message, "correlationId": str(uuid.uuid4()), "category": category, **extra}
+
+
+class HubSpotSimulator(Simulator):
+    crm = CRM
+
+    def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None):
+        super().__init__(world, faults)
+        self.limits = limits or Limits()
+        self.cache = QueryCache()
+        self._snap: tuple[int, list[SimOpportunity], dict[str, list[Any]]] | None = None
+        self.tokens: dict[str, datetime] = {}      # OAuth access token -> expiry (virtual clock)
+        self.daily_used = 0
+        self._window: deque[float] = deque()       # non-search request times, last 10 s
+        self._search_window: deque[float] = deque()
+        self._limit_lock = threading.Lock()
+        self._token_seq = 0
+        for u in world.users:                      # every owner is backed by a HubSpot user
+            u.alt_id = user_id(u.idx)
+        if world.users and all(u.active for u in world.users):
+            world.users[-1].active = False         # a deactivated user: its owner is archived, deals still point at it
+        self._user_by_owner = {u.native_id: u for u in world.users}
+        self._account_by_id = {a.native_id: a for a in world.accounts}
+        r = self.route
+        r("POST", r"/oauth/v1/token", self.oauth_token)
+        r("GET", r"/crm/v3/pipelines/deals", self.pipelines)
+        r("GET", r"/crm/v3/pipelines/deals/(?P<pipeline>[^/]+)/stages", self.pipeline_stages)
+        r("GET", r"/crm/v3/owners/?", self.owners)
+        r("GET", r"/crm/v3/owners/(?P<id>[^/]+)", self.owner)
+        r("POST", r"/crm/v3/objects/(?:deals|0-3)/search", self.search)
+        r("POST", r"/crm/v3/objects/(?:deals|0-3)/batch/read", self.batch_read_deals)
+        r("GET", r"/crm/v3/objects/(?:deals|0-3)", self.list_deals)
+        r("POST", r"/crm/v3/objects/(?:deals|0-3)", self.create_deal)
+        r("GET", r"/crm/v3/objects/(?:deals|0-3)/(?P<id>[^/]+)", self.read_deal)
+        r("PATCH", r"/crm/v3/objects/(?:deals|0-3)/(?P<id>[^/]+)", self.update_deal)
+        r("DELETE", r"/crm/v3/objects/(?:deals|0-3)/(?P<id>[^/]+)", self.delete_deal)
+        r("GET", r"/crm/v3/objects/companies/(?P<id>[^/]+)", self.read_company)
+        r("POST", r"/crm/v3/objects/companies/batch/read", self.batch_read_companies)
+        r("GET", r"/crm/v4/objects/deals/(?P<id>[^/]+)/associations/companies", self.v4_deal_companies)
+        r("POST", r"/crm/v4/associations/deals/companies/batch/read", self.v4_batch_associations)
+        r("POST", r"/crm/v3/associations/deals/companies/batch/read", self.v3_batch_associations)
+
+    # -- framework hooks --------------------------------------------------------------------------------------------
+
+    def error_response(self, err: HttpError) -> Response:
+        if isinstance(err, RateLimited):
+            body = {"status": "error", "message": err.message, "errorType": "RATE_LIMIT",
+                    "correlationId": str(uuid.uuid4()), "policyName": err.policy, "requestId": str(uuid.uuid4())}
+            return Response.json(body, 429, err.headers)
+        category = {400: "VALIDATION_ERROR", 404: "OBJECT_NOT_FOUND", 405: "VALIDATION_ERROR"}.get(err.status, err.code)
+        if err.status in (401, 403):
+            category = err.code
+        return Response.json(_error_body(err.message, category), err.status, err.headers)
+
+    def rate_limit_response(self, rule: FaultRule) -> Response:
+        return self.error_response(RateLimited("TEN_SECONDLY_ROLLING",
+                                               "You have reached your ten_secondly_rolling limit.",
+                                               retry_after=rule.seconds))
+
+    def expire_tokens(self) -> None:
+        now = self.world.clock.now()
+        for token in self.tokens:
+            self.tokens[token] = min(self.tokens[token], now - timedelta(seconds=1))
+
+    def common_headers(self, req: Request) -> dict[str, str]:
+        if not self._metered(req) or self._is_search(req):
+            return {}
+        with self._limit_lock:
+            remaining = max(0, self.limits.ten_secondly - len(self._window)) if self.limits.ten_secondly else 0
+            return {
+                "X-HubSpot-RateLimit-Daily": str(self.limits.daily),
+                "X-HubSpot-RateLimit-Daily-Remaining": str(max(0, self.limits.daily - self.daily_used)),
+                "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+                "X-HubSpot-RateLimit-Max": str(self.limits.ten_secondly),
+                "X-HubSpot-RateLimit-Remaining": str(remaining),
+                "X-HubSpot-RateLimit-Secondly": str(max(1, self.limits.ten_secondly // 10)),
+                "X-HubSpot-RateLimit-Secondly-Remaining": str(max(0, remaining // 10)),
+            }
+
+    def _dispatch(self, req: Request) -> Response:
+        if self._metered(req):
+            self._authenticate(req)
+            self._meter(req)
+        return super()._dispatch(req)
+
+    @staticmethod
+    def _metered(req: Request) -> bool:
+        return req.path.startswith("/crm/")
+
+    @staticmethod
+    def _is_search(req: Request) -> bool:
+        return req.path.endswith("/search")
+
+    def _authenticate(self, req: Request) -> None:
+        header = req.header("authorization") or ""
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if token and token == PRIVATE_APP_TOKEN:
+            return
+        expiry = self.tokens.get(token) if token else None
+        if expiry is not None:
+            now = self.world.clock.now()
+            if now < expiry:
+                return
+            ago = max(1, int((now - expiry).total_seconds()))
+            raise HttpError(401, "EXPIRED_AUTHENTICATION",
+                            f"The OAuth token used to make this call expired {ago} second(s) ago.")
+        raise HttpError(401, "INVALID_AUTHENTICATION",
+                        "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can "
+                        "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview")
+
+    def _meter(self, req: Request) -> None:
+        now = time.monotonic()
+        with self._limit_lock:
+            if self.limits.daily and self.daily_used >= self.limits.daily:
+                raise RateLimited("DAILY", "You have reached your daily limit.")
+            if self._is_search(req):
+                window, limit, span, policy = self._search_window, self.limits.search_per_second, 1.0, "SECONDLY"
+                message = "You have reached your secondly limit."
+            else:
+                window, limit, span, policy = self._window, self.limits.ten_secondly, 10.0, "TEN_SECONDLY_ROLLING"
+                message = "You have reached your ten_secondly_rolling limit."
+            while window and window[0] <= now - span:
+                window.popleft()
+            if limit and len(window) >= limit:
+                raise RateLimited(policy, message)
+            window.append(now)
+            self.daily_used += 1
+
+    # -- OAuth ------------------------------------------------------------------------------------------------------
+
+    def oauth_token(self, req: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8")).items()}
+        if form.get("grant_type") != "refresh_token":
+            return Response.json({"status": "BAD_GRANT_TYPE", "message": "grant_type must be refresh_token here",
+                                  "correlationId": str(uuid.uuid4())}, 400)
+        if form.get("client_id") != OAUTH_CLIENT_ID or form.get("client_secret") != OAUTH_CLIENT_SECRET:
+            return Response.json({"status": "BAD_CLIENT_ID", "message": "missing or invalid client_id / client_secret",
+                                  "correlationId": str(uuid.uuid4())}, 400)
+        if form.get("refresh_token") != OAUTH_REFRESH_TOKEN:
+            return Response.json({"status": "BAD_REFRESH_TOKEN", "message": "missing or unknown refresh token",
+                                  "correlationId": str(uuid.uuid4())}, 400)
+        with self._limit_lock:
+            self._token_seq += 1
+            token = f"CJ{self._token_seq:04d}{uuid.uuid4().hex}"
+            self.tokens[token] = self.world.clock.now() + timedelta(seconds=TOKEN_SECONDS)
+        return Response.json({"token_type": "bearer", "refresh_token": OAUTH_REFRESH_TOKEN, "access_token": token,
+                              "expires_in": TOKEN_SECONDS})
+
+    # -- pipelines and owners ---------------------------------------------------------------------------------------
+
+    def _stage_json(self, s: SimStage) -> dict[str, Any]:
+        return {"id": s.key, "label": s.label, "displayOrder": s.order % 10,
+                "metadata": {"isClosed": "true" if s.is_closed else "false",
+                             "probability": str(round(s.probability / 100, 2))},
+                "archived": False, "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED,
+                "writePermissions": "CRM_PERMISSIONS_ENFORCEMENT"}
+
+    def _pipeline_json(self, pid: str) -> dict[str, Any]:
+        stages = sorted((s for s in self.world.stages.values() if s.pipeline == pid), key=lambda s: s.order)
+        return {"id": pid, "label": PIPELINES[pid], "displayOrder": list(PIPELINES).index(pid), "archived": False,
+                "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED,
+                "stages": [self._stage_json(s) for s in stages]}
+
+    def pipelines(self, req: Request) -> Response:
+        return Response.json({"results": [self._pipeline_json(p) for p in PIPELINES]})
+
+    def pipeline_stages(self, req: Request) -> Response:
+        pid = req.params["pipeline"]
+        if pid not in PIPELINES:
+            raise HttpError(404, "OBJECT_NOT_FOUND", f"Unable to find pipeline with id {pid}")
+        return Response.json({"results": self._pipeline_json(pid)["stages"]})
+
+    def _owner_json(self, u: Any) -> dict[str, Any]:
+        first, _, last = u.name.partition(" ")
+        return {"id": u.native_id, "email": u.email, "type": "PERSON", "firstName": first, "lastName": last,
+                # a deactivated user's owner is archived and loses userId; userIdIncludingInactive keeps it
+                "userId": int(u.alt_id) if u.active else None, "userIdIncludingInactive": int(u.alt_id),
+                "createdAt": "2021-01-04T10:00:00.000Z", "updatedAt": "2024-01-04T10:00:00.000Z",
+                "archived": not u.active,
+                "teams": [{"id": str(100 + u.idx % 3), "name": ["West", "East", "EMEA"][u.idx % 3], "primary": True}]}
+
+    def owners(self, req: Request) -> Response:
+        archived = (req.arg("archived", "false") or "false").lower() == "true"
+        email = req.arg("email")
+        limit = max(1, min(int(req.arg("limit", "100") or 100), 500))
+        users = [u for u in self.world.users if (not u.active) == archived and (email is None or u.email == email)]
+        start = _decode_offset(req.arg("after"))
+        page = users[start:start + limit]
+        body: dict[str, Any] = {"results": [self._owner_json(u) for u in page]}
+        if start + limit < len(users):
+            after = _encode(str(start + limit))
+            body["paging"] = {"next": {"after": after, "link": f"?after={after}"}}
+        return Response.json(body)
+
+    def owner(self, req: Request) -> Response:
+        u = self._user_by_owner.get(req.params["id"])
+        if u is None:
+            raise HttpError(404, "OBJECT_NOT_FOUND", f"Unable to find owner with id {req.params['id']}")
+        return Response.json(self._owner_json(u))
+
+    # -- deals: rendering -------------------------------------------------------------------------------------------
+
+    def _companies_of(self, opp: SimOpportunity) -> list[str]:
+        """The primary company first, then (for some deals) a second, non-primary one."""
+        if opp.account is None:
+            return []
+        out = [self.world.accounts[opp.account].native_id]
+        if opp.seq % 10 == 3 and len(self.world.accounts) > 1:
+            out.append(self.world.accounts[(opp.account + 1) % len(self.world.accounts)].native_id)
+        return out
+
+    def _property(self, opp: SimOpportunity, name: str) -> str | None:
+        w = self.world
+        if name == "dealname":
+            return opp.name
+        if name in ("amount", "amount_in_home_currency"):
+            return _num(opp.amount)
+        if name == "dealstage":
+            return opp.stage
+        if name == "pipeline":
+            return w.stages[opp.stage].pipeline
+        if name == "closedate":
+            if opp.close_date is None:
+                return None
+            hour = opp.seq % 24  # a UTC date-time: late-evening ones fall on the next day in the Americas
+            return f"{opp.close_date.isoformat()}T{hour:02d}:00:00Z"
+        if name == "createdate":
+            return iso_ms(opp.created_at)
+        if name == "hs_lastmodifieddate":
+            return iso_ms(opp.modified_at)
+        if name == "hs_object_id":
+            return opp.native_id
+        if name == "hubspot_owner_id":
+            return w.users[opp.owner].native_id
+        if name == "hs_created_by_user_id":
+            return w.users[opp.creator].alt_id
+        if name == "deal_currency_code":
+            return opp.currency
+        if name == "hs_deal_stage_probability":
+            return None if opp.probability is None else str(round(opp.probability / 100, 4))
+        if name == "hs_is_closed":
+            return "true" if w.stages[opp.stage].is_closed else "false"
+        if name == "hs_is_closed_won":
+            return "true" if w.stages[opp.stage].is_won else "false"
+        if opp.extra and name in opp.extra:
+            v = opp.extra[name]
+            if v is None or isinstance(v, str):
+                return v
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, datetime):
+                return iso_ms(v)
+            return str(v)
+        return None
+
+    def _deal_json(self, opp: SimOpportunity, properties: list[str] | None, associations: list[str] = (),
+                   archived: bool = False) -> dict[str, Any]:
+        names = properties if properties else DEFAULT_PROPERTIES
+        props = {n: self._property(opp, n) for n in names if n}
+        out: dict[str, Any] = {"id": opp.native_id, "properties": props, "createdAt": iso_ms(opp.created_at),
+                               "updatedAt": iso_ms(opp.modified_at), "archived": archived}
+        if archived:
+            out["archivedAt"] = iso_ms(opp.deleted_at)
+        if "companies" in associations:
+            results = []
+            for i, cid in enumerate(self._companies_of(opp)):
+                if i == 0:
+                    results.append({"id": cid, "type": "deal_to_company"})
+                results.append({"id": cid, "type": "deal_to_company_unlabeled"})
+            if results:
+                out["associations"] = {"companies": {"results": results}}
+        return out
+
+    @staticmethod
+    def _csv(req: Request, name: str) -> list[str]:
+        out: list[str] = []
+        for v in req.query.get(name, []):
+            out.extend(p.strip() for p in v.split(",") if p.strip())
+        return out
+
+    def _get_deal(self, native_id: str, archived: bool = False) -> SimOpportunity:
+        opp = self.world.opps.get(native_id)
+        if opp is None or (opp.deleted_at is not None) != archived:
+            raise HttpError(404, "OBJECT_NOT_FOUND", "Object not found.  objectId are usually numeric.")
+        return opp
+
+    # -- deals: list, read, batch read ------------------------------------------------------------------------------
+
+    def _sorted_ids(self, archived: bool) -> list[int]:
+        w = self.world
+        return self.cache.get_or_compute(
+            ("list", archived, w.version),
+            lambda: sorted(int(o.native_id) for o in list(w.opps.values()) if (o.deleted_at is not None) == archived))
+
+    def list_deals(self, req: Request) -> Response:
+        limit = int(req.arg("limit", "10") or 10)
+        if limit < 1 or limit > LIST_MAX:
+            raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {LIST_MAX}; got {limit}")
+        archived = (req.arg("archived", "false") or "false").lower() == "true"
+        ids = self._sorted_ids(archived)
+        after = req.arg("after")
+        start = bisect_right(ids, _decode_offset(after)) if after else 0
+        page = ids[start:start + limit]
+        props, assoc = self._csv(req, "properties"), self._csv(req, "associations")
+        body: dict[str, Any] = {"results": [self._deal_json(self.world.opps[str(i)], props, assoc, archived)
+                                            for i in page]}
+        if start + limit < len(ids):
+            cursor = _encode(str(page[-1]))
+            body["paging"] = {"next": {"after": cursor, "link": f"?after={cursor}"}}
+        return Response.json(body)
+
+    def read_deal(self, req: Request) -> Response:
+        archived = (req.arg("archived", "false") or "false").lower() == "true"
+        opp = self._get_deal(req.params["id"], archived)
+        return Response.json(self._deal_json(opp, self._csv(req, "properties"), self._csv(req, "associations"),
+                                             archived))
+
+    def batch_read_deals(self, req: Request) -> Response:
+        body = req.json() or {}
+        inputs = body.get("inputs") or []
+        if len(inputs) > 100:
+            raise HttpError(400, "VALIDATION_ERROR", "Batch read is limited to 100 inputs")
+        started = iso_ms(self.world.clock.now())
+        results = [self._deal_json(self.world.opps[i["id"]], body.get("properties"))
+                   for i in inputs if self.world.get(str(i.get("id"))) is not None]
+        return Response.json({"status": "COMPLETE", "results": results, "startedAt": started,
+                              "completedAt": iso_ms(self.world.clock.now())})
+
+    # -- deals: search ----------------------------------------------------------------------------------------------
+
+    def _getter(self, name: str):
+        w = self.world
+        if name == "hs_lastmodifieddate":
+            return lambda o: epoch_ms(o.modified_at)
+        if name == "createdate":
+            return lambda o: epoch_ms(o.created_at)
+        if name == "closedate":
+            return lambda o: None if o.close_date is None else _to_ms(self._property(o, "closedate"))
+        if name == "hs_object_id":
+            return lambda o: int(o.native_id) if o.native_id.isdigit() else None
+        if name in ("amount", "amount_in_home_currency"):
+            return lambda o: o.amount
+        if name == "dealstage":
+            return lambda o: o.stage
+        if name == "pipeline":
+            return lambda o: w.stages[o.stage].pipeline
+        if name == "hs_deal_stage_probability":
+            return lambda o: None if o.probability is None else o.probability / 100
+        return lambda o: self._property(o, name)
+
+    def _snapshot(self) -> tuple[int, list[SimOpportunity], dict[str, list[Any]]]:
+        """Live deals in id order plus lazily built property columns, per world version."""
+        snap = self._snap
+        if snap is None or snap[0] != self.world.version:
+            with self.world.lock:
+                version = self.world.version
+                live = sorted((o for o in self.world.opps.values() if o.deleted_at is None), key=_seq)
+            snap = self._snap = (version, live, {})
+        return snap
+
+    def _column(self, snap: tuple[int, list[SimOpportunity], dict[str, list[Any]]], name: str) -> list[Any]:
+        cols = snap[2]
+        if name not in cols:
+            get = self._getter(name)
+            if name in DATE_PROPERTIES or name in NUMBER_PROPERTIES:
+                cols[name] = [get(o) for o in snap[1]]
+            else:   # text compares case-insensitively
+                cols[name] = [None if (v := get(o)) is None else str(v).lower() for o in snap[1]]
+        return cols[name]
+
+    def _compile(self, f: dict[str, Any]) -> tuple[str, Any]:
+        """(property, predicate on the property's normalised value)."""
+        name, op = f.get("propertyName"), str(f.get("operator", "")).upper()
+        if not name or not op:
+            raise HttpError(400, "VALIDATION_ERROR", "Each filter needs propertyName and operator")
+        if name in DATE_PROPERTIES:
+            conv = _to_ms
+        elif name in NUMBER_PROPERTIES:
+            def conv(v: Any) -> float:
+                return float(v)
+        else:
+            def conv(v: Any) -> str:
+                return str(v).lower()
+        try:
+            if op in ("IN", "NOT_IN"):
+                values = {conv(v) for v in (f.get("values") or [])}
+                return name, ((lambda a: a in values) if op == "IN" else (lambda a: a not in values))
+            if op == "HAS_PROPERTY":
+                return name, lambda a: a not in (None, "")
+            if op == "NOT_HAS_PROPERTY":
+                return name, lambda a: a in (None, "")
+            if op == "BETWEEN":
+                lo, hi = conv(f.get("value")), conv(f.get("highValue"))
+                return name, lambda a: a is not None and lo <= a <= hi
+            if op in ("CONTAINS_TOKEN", "NOT_CONTAINS_TOKEN"):
+                token = str(f.get("value", "")).lower().strip("*")
+                if op == "CONTAINS_TOKEN":
+                    return name, lambda a: token in str(a or "").lower()
+                return name, lambda a: token not in str(a or "").lower()
+            value = conv(f.get("value"))
+        except (TypeError, ValueError):
+            raise HttpError(400, "VALIDATION_ERROR",
+                            f"Invalid value {f.get('value')!r} for property {name} and operator {op}") from None
+        cmp = {"EQ": lambda a: a == value, "NEQ": lambda a: a != value, "LT": lambda a: a is not None and a < value,
+               "LTE": lambda a: a is not None and a <= value, "GT": lambda a: a is not None and a > value,
+               "GTE": lambda a: a is not None and a >= value}.get(op)
+        if cmp is None:
+            raise HttpError(400, "VALIDATION_ERROR", f"Unsupported operator {op}")
+        return name, cmp
+
+    def search(self, req: Request) -> Response:
+        body = req.json() or {}
+        groups = body.get("filterGroups") or []
+        if len(groups) > 5 or any(len(g.get("filters") or []) > 10 for g in groups) or \
+                sum(len(g.get("filters") or []) for g in groups) > 25:
+            raise HttpError(400, "VALIDATION_ERROR", "Too many filters: at most 5 filterGroups, 10 filters per group "
+                                                     "and 25 filters in total")
+        sorts = body.get("sorts") or []
+        if len(sorts) > 1:
+            raise HttpError(400, "VALIDATION_ERROR", "Only one sort is allowed")
+        limit = int(body.get("limit") or 10)
+        if limit < 1 or limit > SEARCH_MAX:
+            raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {SEARCH_MAX}; got {limit}")
+        try:
+            after = int(body.get("after") or 0)
+        except (TypeError, ValueError):
+            raise HttpError(400, "VALIDATION_ERROR", "after must be a numeric offset") from None
+        if after + limit > SEARCH_CAP:
+            raise HttpError(400, "VALIDATION_ERROR",
+                            f"There was a problem with the request. Search results are limited to {SEARCH_CAP} "
+                            f"(after {after} + limit {limit} exceeds it); narrow the query.")
+        key = ("search", json.dumps([groups, sorts, body.get("query")], sort_keys=True, default=str),
+               self.world.version)
+        ids = self.cache.get_or_compute(key, lambda: self._run_search(groups, sorts, body.get("query")))
+        page = ids[after:after + limit]
+        props = body.get("properties") or None
+        out: dict[str, Any] = {"total": len(ids),
+                               "results": [self._deal_json(self.world.opps[i], props) for i in page]}
+        if after + limit < len(ids):
+            out["paging"] = {"next": {"after": str(after + limit)}}
+        return Response.json(out)
+
+    def _run_search(self, groups: list[dict[str, Any]], sorts: list[Any], query: str | None) -> list[str]:
+        compiled = [[self._compile(f) for f in (g.get("filters") or [])] for g in groups]
+        snap = self._snapshot()
+        live = snap[1]
+        if compiled:
+            keep: set[int] = set()
+            for group in compiled:
+                idx: Any = range(len(live))
+                for name, pred in group:
+                    col = self._column(snap, name)
+                    idx = [i for i in idx if pred(col[i])]
+                keep.update(idx)
+            idx = sorted(keep)
+        else:
+            idx = list(range(len(live)))
+        if query:
+            q = str(query).lower()
+            idx = [i for i in idx if q in live[i].name.lower()]
+        if sorts:
+            sort = sorts[0]
+            if isinstance(sort, str):   # the official client sends plain names ("-name" for descending)
+                sort = {"propertyName": sort.lstrip("-"),
+                        "direction": "DESCENDING" if sort.startswith("-") else "ASCENDING"}
+            col = self._column(snap, sort.get("propertyName") or "hs_object_id")
+            desc = str(sort.get("direction", "ASCENDING")).upper().startswith("DESC")
+            # nulls last; ties by hs_object_id ascending (the snapshot is in id order and the sort is stable)
+            present = [i for i in idx if col[i] is not None]
+            present.sort(key=col.__getitem__, reverse=desc)
+            idx = present + [i for i in idx if col[i] is None]
+        return [live[i].native_id for i in idx]
+
+    # -- deals: write -----------------------------------------------------------------------------------------------
+
+    def _values(self, props: dict[str, Any], current: SimOpportunity | None) -> dict[str, Any]:
+        w, values = self.world, {}
+        bad = sorted(set(props) & READ_ONLY)
+        if bad:
+            raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: {bad} are read-only")
+        pipeline = props.get("pipeline") or (w.stages[current.stage].pipeline if current else DEFAULT_PIPELINE)
+        if pipeline not in PIPELINES:
+            raise HttpError(400, "VALIDATION_ERROR",
+                            f"Property values were not valid: pipeline {pipeline!r} does not exist")
+        for k, v in props.items():
+            if k == "dealname":
+                values["name"] = v
+            elif k == "amount":
+                try:
+                    values["amount"] = None if v in (None, "") else float(v)
+                except (TypeError, ValueError):
+                    raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: amount {v!r}") from None
+            elif k == "dealstage":
+                st = w.stages.get(str(v))
+                if st is None or st.pipeline != pipeline:
+                    raise HttpError(400, "VALIDATION_ERROR",
+                                    f"Property values were not valid: {v!r} is not a valid dealstage of "
+                                    f"pipeline {pipeline}")
+                values["stage"] = st.key
+            elif k == "closedate":
+                values["close_date"] = None if v in (None, "") else (EPOCH + timedelta(milliseconds=_to_ms(v))).date()
+            elif k == "hubspot_owner_id":
+                u = self._user_by_owner.get(str(v))
+                if u is None:
+                    raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: owner {v!r} not found")
+                values["owner"] = u.idx
+            elif k == "deal_currency_code":
+                values["currency"] = v
+            elif k != "pipeline":
+                values[k] = v
+        if current is None and "stage" not in values:
+            values["stage"] = w.stage_for(pipeline, "open").key
+        elif "pipeline" in props and "stage" not in values and w.stages[current.stage].pipeline != pipeline:
+            raise HttpError(400, "VALIDATION_ERROR",
+                            "Property values were not valid: changing pipeline needs a dealstage")
+        return values
+
+    def create_deal(self, req: Request) -> Response:
+        body = req.json() or {}
+        values = self._values(body.get("properties") or {}, None)
+        account = None
+        for a in body.get("associations") or []:
+            acc = self._account_by_id.get(str((a.get("to") or {}).get("id")))
+            if acc is not None:
+                account = acc.idx
+        opp = self.world.create(account=account, **values)
+        return Response.json(self._deal_json(opp, list(DEFAULT_PROPERTIES) + list(body.get("properties") or {})), 201)
+
+    def update_deal(self, req: Request) -> Response:
+        opp = self._get_deal(req.params["id"])
+        props = (req.json() or {}).get("properties") or {}
+        values = self._values(props, opp)
+        opp = self.world.update(opp.native_id, **values)
+        return Response.json(self._deal_json(opp, list(DEFAULT_PROPERTIES) + list(props)))
+
+    def delete_deal(self, req: Request) -> Response:
+        opp = self._get_deal(req.params["id"])
+        self.world.delete(opp.native_id, bump=False)   # archiving does not move hs_lastmodifieddate
+        return Response.empty(204)
+
+    # -- companies and associations -----------------------------------------------------------------------------------
+
+    def _company_json(self, acc: Any, properties: list[str] | None) -> dict[str, Any]:
+        values = {"name": acc.name, "address": acc.street, "city": acc.city, "state": acc.state, "zip": acc.postal_code,
+                  "country": acc.country, "domain": f"{acc.name.split(' ')[0].lower()}.example.com",
+                  "createdate": "2022-03-01T10:00:00.000Z", "hs_lastmodifieddate": "2024-03-01T10:00:00.000Z",
+                  "hs_object_id": acc.native_id}
+        names = properties or COMPANY_DEFAULT_PROPERTIES
+        return {"id": acc.native_id, "properties": {n: values.get(n) for n in names},
+                "createdAt": "2022-03-01T10:00:00.000Z", "updatedAt": "2024-03-01T10:00:00.000Z", "archived": False}
+
+    def read_company(self, req: Request) -> Response:
+        acc = self._account_by_id.get(req.params["id"])
+        if acc is None:
+            raise HttpError(404, "OBJECT_NOT_FOUND", "Object not found.  objectId are usually numeric.")
+        return Response.json(self._company_json(acc, self._csv(req, "properties")))
+
+    def batch_read_companies(self, req: Request) -> Response:
+        body = req.json() or {}
+        inputs = body.get("inputs") or []
+        if len(inputs) > 100:
+            raise HttpError(400, "VALIDATION_ERROR", "Batch read is limited to 100 inputs")
+        started = iso_ms(self.world.clock.now())
+        found = [self._account_by_id.get(str(i.get("id"))) for i in inputs]
+        missing = [str(i.get("id")) for i, a in zip(inputs, found) if a is None]
+        out: dict[str, Any] = {"status": "COMPLETE", "results": [self._company_json(a, body.get("properties"))
+                                                                 for a in found if a is not None],
+                               "startedAt": started, "completedAt": iso_ms(self.world.clock.now())}
+        if missing:
+            out["numErrors"] = 1
+            out["errors"] = [{"status": "error", "category": "OBJECT_NOT_FOUND",
+                              "message": "Could not get some COMPANY objects, they may be deleted or not exist.",
+                              "context": {"ids": missing}}]
+            return Response.json(out, 207)
+        return Response.json(out)
+
+    def _v4_to(self, opp: SimOpportunity) -> list[dict[str, Any]]:
+        out = []
+        for i, cid in enumerate(self._companies_of(opp)):
+            types = [{"category": "HUBSPOT_DEFINED", "typeId": UNLABELED_TYPE_ID, "label": None}]
+            if i == 0:
+                types.insert(0, {"category": "HUBSPOT_DEFINED", "typeId": PRIMARY_TYPE_ID, "label": "Primary"})
+            out.append({"toObjectId": int(cid), "associationTypes": types})
+        return out
+
+    def v4_deal_companies(self, req: Request) -> Response:
+        return Response.json({"results": self._v4_to(self._get_deal(req.params["id"]))})
+
+    def _batch_inputs(self, req: Request) -> list[str]:
+        inputs = (req.json() or {}).get("inputs") or []
+        if len(inputs) > 1000:
+            raise HttpError(400, "VALIDATION_ERROR", "Batch association read is limited to 1000 inputs")
+        return [str(i.get("id")) for i in inputs]
+
+    def v4_batch_associations(self, req: Request) -> Response:
+        results = []
+        for did in self._batch_inputs(req):
+            opp = self.world.get(did)
+            if opp is not None and opp.account is not None:
+                results.append({"from": {"id": did}, "to": self._v4_to(opp)})
+        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
+                              "completedAt": iso_ms(self.world.clock.now())})
+
+    def v3_batch_associations(self, req: Request) -> Response:
+        results = []
+        for did in self._batch_inputs(req):
+            opp = self.world.get(did)
+            if opp is None or opp.account is None:
+                continue
+            to = []
+            for i, cid in enumerate(self._companies_of(opp)):
+                if i == 0:
+                    to.append({"id": cid, "type": "deal_to_company"})
+                to.append({"id": cid, "type": "deal_to_company_unlabeled"})
+            results.append({"from": {"id": did}, "to": to})
+        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
+                              "completedAt": iso_ms(self.world.clock.now())})
+
+
+def _seq(o: SimOpportunity) -> int:
+    return o.seq
+
+
+def _encode(text: str) -> str:
+    return base64.urlsafe_b64encode((text + "\n").encode()).decode()
+
+
+def _decode(cursor: str | None) -> str:
+    try:
+        return base64.urlsafe_b64decode(str(cursor).encode()).decode().strip()
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "VALIDATION_ERROR", f"Invalid paging cursor {cursor!r}") from None
+
+
+def _decode_offset(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    text = _decode(cursor)
+    if not text.isdigit():
+        raise HttpError(400, "VALIDATION_ERROR", f"Invalid paging cursor {cursor!r}")
+    return int(text)
+
+
+def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
+          limits: Limits | None = None) -> HubSpotSimulator:
+    world = World(profile(), seed=seed, opportunities=opportunities, clock=clock)
+    return HubSpotSimulator(world, faults, limits)

@@ -1,0 +1,1015 @@
+"""Salesforce simulator: OAuth client-credentials token endpoint, REST `query` / `queryAll` with a SOQL subset,
+cursor paging through `nextRecordsUrl`, sObject CRUD, getDeleted / getUpdated, and the org's daily API
+allocation reported in `Sforce-Limit-Info`.
+
+What it reproduces (crm-api-notes.md section 1.11): `attributes` on every record and nested parent, `null`
+for unset parents, relative `nextRecordsUrl` under `/services/data/vNN.0/query/`, `totalSize` = full count,
+`Sforce-Query-Options: batchSize` clamped to 200..2000, errors as JSON arrays, 401 INVALID_SESSION_ID,
+403 REQUEST_LIMIT_EXCEEDED when the allocation is spent, IsDeleted rows only through `queryAll`, datetimes as
+`2024-06-11T09:12:44.000+0000`, unquoted datetime / date literals in SOQL (a quoted one is INVALID_FIELD),
+case-insensitive string equality, and "AND and OR need parentheses" (MALFORMED_QUERY).
+
+Deleted rows stay in the Recycle Bin (queryAll, getDeleted) for 15 days, then are purged: older deletes can only
+be found by reconciling id lists.
+
+Not reproduced: date functions and relative date literals (LAST_N_DAYS:n ...), GROUP BY / aggregates other
+than COUNT(), sub-queries, INCLUDES/EXCLUDES, field-level security, concurrent-request limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qs
+
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimStage, TenantProfile, World, truncate
+
+CRM = "salesforce"
+SANDBOX_CREDENTIALS = {"client_id": "3MVG9sandbox.oppsync.client", "client_secret": "sandbox-sf-secret-0001"}
+API_VERSIONS = tuple(f"{v}.0" for v in range(31, 63))
+DEFAULT_DAILY_LIMIT = 100_000
+GET_DELETED_DAYS = 15
+RECYCLE_BIN_DAYS = 15   # deleted rows stay visible to queryAll this long, then are purged (hard-deleted)
+
+# -- ids ---------------------------------------------------------------------------------------------------------
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+
+
+def to18(id15: str) -> str:
+    """The case-safe 18-character form of a 15-character Salesforce id (checksum of upper-case positions)."""
+    suffix = ""
+    for i in range(3):
+        chunk = id15[i * 5:(i + 1) * 5]
+        bits = sum(1 << j for j, ch in enumerate(chunk) if "A" <= ch <= "Z")
+        suffix += _SUFFIX[bits]
+    return id15 + suffix
+
+
+def _b62(n: int, width: int) -> str:
+    out = ""
+    while n:
+        n, r = divmod(n, 62)
+        out = _B62[r] + out
+    return out.rjust(width, "0")
+
+
+def sf_id(prefix: str, n: int, pod: str = "Hs") -> str:
+    """`006Hs0000` + base62 sequence: 15 characters, then the 3-character checksum."""
+    return to18(f"{prefix}{pod}0000{_b62(n, 6)}")
+
+
+ORG_ID = sf_id("00D", 1, pod="5g")
+
+# -- the tenant --------------------------------------------------------------------------------------------------
+
+# Standard OpportunityStage picklist plus one tenant-custom open stage (with an apostrophe: escaping matters).
+STAGES = [
+    SimStage("Prospecting", "Prospecting", False, False, 10, 1),
+    SimStage("Qualification", "Qualification", False, False, 10, 2),
+    SimStage("Needs Analysis", "Needs Analysis", False, False, 20, 3),
+    SimStage("Value Proposition", "Value Proposition", False, False, 50, 4),
+    SimStage("Id. Decision Makers", "Id. Decision Makers", False, False, 60, 5),
+    SimStage("Perception Analysis", "Perception Analysis", False, False, 70, 6),
+    SimStage("Proposal/Price Quote", "Proposal/Price Quote", False, False, 75, 7),
+    SimStage("Negotiation/Review", "Negotiation/Review", False, False, 90, 8),
+    SimStage("Customer's Legal Review", "Customer's Legal Review", False, False, 95, 9),
+    SimStage("Closed Won", "Closed Won", True, True, 100, 10),
+    SimStage("Closed Lost", "Closed Lost", True, False, 0, 11),
+]
+FORECAST = {"Prospecting": "Pipeline", "Qualification": "Pipeline", "Needs Analysis": "Pipeline",
+            "Value Proposition": "Pipeline", "Id. Decision Makers": "Pipeline", "Perception Analysis": "Pipeline",
+            "Proposal/Price Quote": "Pipeline", "Negotiation/Review": "Pipeline",
+            "Customer's Legal Review": "Commit", "Closed Won": "Closed", "Closed Lost": "Omitted"}
+CUSTOM_FIELDS = {"Original_Created_Date__c": "datetime", "Original_Creator__c": "id", "Region__c": "string",
+                 "Legacy_Id__c": "string"}
+
+
+def profile() -> TenantProfile:
+    return TenantProfile(
+        crm=CRM, stages=[SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order) for s in STAGES],
+        opportunity_id=lambda i: sf_id("006", i), user_id=lambda i: sf_id("005", i + 1),
+        account_id=lambda i: sf_id("001", i + 1), currencies=("USD", "EUR", "GBP"), users=25,
+    )
+
+
+def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
+          *, daily_limit: int = DEFAULT_DAILY_LIMIT, multi_currency: bool = True) -> SalesforceSimulator:
+    world = World(profile(), seed, opportunities, clock=clock)
+    # Tenant custom fields (seed 002): migrated records carry their original creation date and creator.
+    rng = world.rng
+    for opp in world.opps.values():
+        if rng.random() < 0.3:
+            opp.extra = {
+                "Original_Created_Date__c": opp.created_at - timedelta(days=rng.randint(1, 400)),
+                "Original_Creator__c": world.users[rng.randrange(len(world.users))].native_id,
+                "Legacy_Id__c": f"LEG-{opp.seq:06d}",
+            }
+    return SalesforceSimulator(world, faults, daily_limit=daily_limit, multi_currency=multi_currency)
+
+
+# -- formats -----------------------------------------------------------------------------------------------------
+
+def sf_datetime(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}+0000"
+
+
+def _parse_iso(text: str) -> datetime:
+    """A datetime literal / query parameter to naive UTC (Z, +hh:mm, +hhmm, fraction optional)."""
+    t = text.strip().replace(" ", "+")
+    if t.endswith("Z"):
+        t = t[:-1] + "+00:00"
+    m = re.match(r"^(.*[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2}):?(\d{2})$", t)
+    if m:
+        t = f"{m.group(1)}{m.group(2)}:{m.group(3)}"
+    value = datetime.fromisoformat(t)
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _json_value(ftype: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if ftype == "datetime":
+        return sf_datetime(value)
+    if ftype == "date":
+        return value.isoformat()
+    if ftype in ("number", "currency", "percent"):
+        return float(value)
+    return value
+
+
+# -- schema ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FieldDef:
+    name: str                       # canonical API name, e.g. "Account.BillingCity"
+    type: str                       # id | string | picklist | number | currency | percent | date | datetime | boolean
+    get: Callable[[Any], Any]
+    updatable: bool = False
+
+
+@dataclass
+class Relationship:
+    name: str                       # "Account"
+    sobject: str                    # "Account"
+    parent_id: Callable[[Any], str | None]
+
+
+@dataclass
+class SObject:
+    name: str
+    fields: dict[str, FieldDef]      # lower-cased name (dotted for parent fields) -> definition
+    relationships: dict[str, Relationship]
+    rows: Callable[[bool], list[Any]]   # include_deleted -> rows in default order
+    key: Callable[[Any], Any]
+    row: Callable[[Any], Any]           # key -> row
+    url_id: Callable[[Any], str]
+
+    def add(self, name: str, ftype: str, get: Callable[[Any], Any], updatable: bool = False) -> None:
+        self.fields[name.lower()] = FieldDef(name, ftype, get, updatable)
+
+
+# -- SOQL ----------------------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<str>'(?:[^'\\]|\\.)*')
+  | (?P<dt>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:\d{2}))
+  | (?P<date>\d{4}-\d{2}-\d{2})(?![\d:T])
+  | (?P<num>-?\d+(?:\.\d+)?)
+  | (?P<op><=|>=|!=|<>|=|<|>)
+  | (?P<punct>[(),])
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
+""", re.X)
+_ESCAPES = {"'": "'", '"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f",
+            "_": "\\_", "%": "\\%"}
+_KEYWORDS = {"select", "from", "where", "and", "or", "not", "in", "like", "order", "by", "asc", "desc", "nulls",
+             "first", "last", "limit", "offset", "true", "false", "null"}
+
+
+class SfError(HttpError):
+    """An error that names the fields it is about (REQUIRED_FIELD_MISSING, INVALID_FIELD_FOR_INSERT_UPDATE)."""
+
+    def __init__(self, status: int, code: str, message: str, fields: list[str]):
+        super().__init__(status, code, message)
+        self.fields = fields
+
+
+def _malformed(message: str) -> HttpError:
+    return HttpError(400, "MALFORMED_QUERY", message)
+
+
+@dataclass
+class Tok:
+    kind: str
+    value: Any
+    text: str
+    pos: int
+
+
+def tokenize(soql: str) -> list[Tok]:
+    toks, pos = [], 0
+    while pos < len(soql):
+        m = _TOKEN.match(soql, pos)
+        if not m:
+            if soql[pos] == "'":
+                raise _malformed(f"line 1:{pos} mismatched character '<EOF>' expecting '''")
+            raise _malformed(f"line 1:{pos} no viable alternative at character '{soql[pos]}'")
+        kind, text = m.lastgroup, m.group()
+        if kind != "ws":
+            value: Any = text
+            if kind == "str":
+                value = _unescape(text[1:-1], pos)
+            elif kind == "dt":
+                value = _parse_iso(text)
+            elif kind == "date":
+                value = date.fromisoformat(text)
+            elif kind == "num":
+                value = float(text)
+            elif kind == "ident" and text.lower() in _KEYWORDS:
+                kind, value = "kw", text.lower()
+            toks.append(Tok(kind, value, text, pos))
+        pos = m.end()
+    toks.append(Tok("eof", None, "<EOF>", len(soql)))
+    return toks
+
+
+def _unescape(body: str, pos: int) -> str:
+    out, i = [], 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\":
+            nxt = body[i + 1] if i + 1 < len(body) else ""
+            if nxt not in _ESCAPES:
+                raise _malformed(f"line 1:{pos + i} Invalid string literal '{body}'. Illegal escape sequence "
+                                 f"'\\{nxt}'")
+            out.append(_ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+@dataclass
+class Query:
+    sobject: SObject
+    fields: list[FieldDef]
+    count_only: bool
+    where: Callable[[Any], bool] | None
+    order: list[tuple[FieldDef, bool, bool]]   # field, descending, nulls_first
+    limit: int | None
+    offset: int
+
+
+class SoqlParser:
+    def __init__(self, soql: str, schemas: dict[str, SObject]):
+        self.soql = soql
+        self.toks = tokenize(soql)
+        self.i = 0
+        self.schemas = schemas
+
+    # token helpers
+    def peek(self, k: int = 0) -> Tok:
+        return self.toks[min(self.i + k, len(self.toks) - 1)]
+
+    def next(self) -> Tok:
+        tok = self.toks[self.i]
+        self.i = min(self.i + 1, len(self.toks) - 1)
+        return tok
+
+    def is_kw(self, *words: str) -> bool:
+        t = self.peek()
+        return t.kind == "kw" and t.value in words
+
+    def expect_kw(self, word: str) -> None:
+        t = self.next()
+        if not (t.kind == "kw" and t.value == word):
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'" if t.kind != "eof"
+                             else f"line 1:{t.pos} mismatched input '<EOF>' expecting {word.upper()}")
+
+    def expect_punct(self, ch: str) -> None:
+        t = self.next()
+        if not (t.kind == "punct" and t.value == ch):
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+
+    def parse(self) -> Query:
+        self.expect_kw("select")
+        raw_fields: list[Tok] = []
+        count_only = False
+        if self.peek().kind == "ident" and self.peek().value.lower() == "count" and self.peek(1).text == "(":
+            self.next(); self.expect_punct("("); self.expect_punct(")")
+            count_only = True
+        else:
+            while True:
+                t = self.next()
+                if t.kind != "ident":
+                    raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+                raw_fields.append(t)
+                if self.peek().kind == "punct" and self.peek().value == ",":
+                    self.next()
+                    continue
+                break
+        self.expect_kw("from")
+        t = self.next()
+        if t.kind != "ident":
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        sobject = self.schemas.get(t.value.lower())
+        if sobject is None:
+            raise HttpError(400, "INVALID_TYPE", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
+                            f"sObject type '{t.value}' is not supported. If you are attempting to use a custom "
+                            "object, be sure to append the '__c' after the entity name.")
+        self.sobject = sobject
+        fields, seen = [], set()
+        for ft in raw_fields:
+            fd = self.field(ft)
+            if fd.name.lower() in seen:
+                raise _malformed(f"duplicate field selected: {fd.name}")
+            seen.add(fd.name.lower())
+            fields.append(fd)
+        where = None
+        if self.is_kw("where"):
+            self.next()
+            where = self.condition()
+        order: list[tuple[FieldDef, bool, bool]] = []
+        if self.is_kw("order"):
+            self.next(); self.expect_kw("by")
+            while True:
+                fd = self.field(self.next())
+                desc = False
+                if self.is_kw("asc", "desc"):
+                    desc = self.next().value == "desc"
+                nulls_first = not desc
+                if self.is_kw("nulls"):
+                    self.next()
+                    t = self.next()
+                    if not (t.kind == "kw" and t.value in ("first", "last")):
+                        raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+                    nulls_first = t.value == "first"
+                order.append((fd, desc, nulls_first))
+                if self.peek().kind == "punct" and self.peek().value == ",":
+                    self.next()
+                    continue
+                break
+        limit = offset = None
+        if self.is_kw("limit"):
+            self.next()
+            limit = self.integer()
+        if self.is_kw("offset"):
+            self.next()
+            offset = self.integer()
+            if offset > 2000:
+                raise HttpError(400, "NUMBER_OUTSIDE_VALID_RANGE", "Maximum SOQL offset allowed is 2000")
+        t = self.peek()
+        if t.kind != "eof":
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        return Query(sobject, fields, count_only, where, order, limit, offset or 0)
+
+    def integer(self) -> int:
+        t = self.next()
+        if t.kind != "num" or t.value != int(t.value) or t.value < 0:
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        return int(t.value)
+
+    def field(self, t: Tok) -> FieldDef:
+        if t.kind != "ident":
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        fd = self.sobject.fields.get(t.value.lower())
+        if fd is None:
+            if "." in t.value and t.value.split(".")[0].lower() not in self.sobject.relationships:
+                msg = (f"Didn't understand relationship '{t.value.split('.')[0]}' in field path. If you are "
+                       "attempting to use a custom relationship, be sure to append the '__r' after the custom "
+                       "relationship name.")
+            else:
+                msg = (f"No such column '{t.value.split('.')[-1]}' on entity '{self.sobject.name}'. If you are "
+                       "attempting to use a custom field, be sure to append the '__c' after the custom field name.")
+            raise HttpError(400, "INVALID_FIELD", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n{msg}")
+        return fd
+
+    # conditions: SOQL refuses AND and OR at one level without parentheses
+    def condition(self) -> Callable[[Any], bool]:
+        first = self.unary()
+        if not self.is_kw("and", "or"):
+            return first
+        op = self.peek().value
+        parts = [first]
+        while self.is_kw("and", "or"):
+            t = self.next()
+            if t.value != op:
+                raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+            parts.append(self.unary())
+        if op == "and":
+            return lambda row: all(p(row) for p in parts)
+        return lambda row: any(p(row) for p in parts)
+
+    def unary(self) -> Callable[[Any], bool]:
+        if self.is_kw("not"):
+            self.next()
+            inner = self.unary()
+            return lambda row: not inner(row)
+        if self.peek().kind == "punct" and self.peek().value == "(":
+            self.next()
+            inner = self.condition()
+            self.expect_punct(")")
+            return inner
+        return self.comparison()
+
+    def comparison(self) -> Callable[[Any], bool]:
+        fd = self.field(self.next())
+        t = self.next()
+        negate = False
+        if t.kind == "kw" and t.value == "not":
+            negate = True
+            t = self.next()
+            if not (t.kind == "kw" and t.value == "in"):
+                raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        if t.kind == "kw" and t.value == "in":
+            self.expect_punct("(")
+            values = []
+            while True:
+                values.append(self.literal(fd))
+                if self.peek().kind == "punct" and self.peek().value == ",":
+                    self.next()
+                    continue
+                break
+            self.expect_punct(")")
+            wanted = {_norm(fd, v) for v in values}
+            get = fd.get
+            if negate:
+                return lambda row: _norm(fd, get(row)) not in wanted
+            return lambda row: _norm(fd, get(row)) in wanted
+        if t.kind == "kw" and t.value == "like":
+            lit = self.next()
+            if lit.kind != "str":
+                raise _malformed(f"line 1:{lit.pos} unexpected token: '{lit.text}'")
+            pattern = _like_regex(lit.value)
+            get = fd.get
+            return lambda row: (v := get(row)) is not None and pattern.match(str(v)) is not None
+        if t.kind != "op":
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        op = "!=" if t.value == "<>" else t.value
+        value = _norm(fd, self.literal(fd, allow_null=op in ("=", "!=")))
+        get = fd.get
+        if value is None:
+            return (lambda row: get(row) is None) if op == "=" else (lambda row: get(row) is not None)
+        if op == "=":
+            return lambda row: _norm(fd, get(row)) == value
+        if op == "!=":
+            return lambda row: _norm(fd, get(row)) != value
+        cmp = {"<": lambda a: a < value, "<=": lambda a: a <= value, ">": lambda a: a > value,
+               ">=": lambda a: a >= value}[op]
+        return lambda row: (a := _norm(fd, get(row))) is not None and cmp(a)
+
+    def literal(self, fd: FieldDef, allow_null: bool = True) -> Any:
+        t = self.next()
+        if t.kind == "kw" and t.value == "null":
+            return None
+        expected = {"datetime": ("dt", "dateTime", False), "date": ("date", "date", False),
+                    "number": ("num", "double", False), "currency": ("num", "currency", False),
+                    "percent": ("num", "percent", False), "boolean": ("bool", "boolean", False)}.get(
+            fd.type, ("str", "string", True))
+        kind, type_name, quoted = expected
+        if kind == "bool":
+            if t.kind == "kw" and t.value in ("true", "false"):
+                return t.value == "true"
+        elif t.kind == kind:
+            return t.value
+        if t.kind in ("punct", "op", "eof") or (t.kind == "kw" and t.value not in ("true", "false")):
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        if t.kind == "ident":  # date literals such as TODAY are not modelled: treat as unknown
+            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+        quote = "should be enclosed in quotes" if quoted else "should not be enclosed in quotes"
+        raise HttpError(400, "INVALID_FIELD", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
+                        f"value of filter criterion for field '{fd.name.split('.')[-1]}' must be of type "
+                        f"{type_name} and {quote}")
+
+
+def _norm(fd: FieldDef, value: Any) -> Any:
+    if value is None:
+        return None
+    if fd.type in ("string", "picklist", "id") and isinstance(value, str):
+        return value.lower()  # SOQL string comparison is case-insensitive
+    if fd.type in ("number", "currency", "percent"):
+        return float(value)
+    return value
+
+
+def _like_regex(pattern: str) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and pattern[i + 1] in "_%":
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
+        i += 1
+    return re.compile("^" + "".join(out) + "$", re.I | re.S)
+
+
+def _sort_key(fd: FieldDef, desc: bool, nulls_first: bool) -> Callable[[Any], Any]:
+    # Under reverse=True the largest key comes first, so the null flag is flipped for DESC.
+    null_flag = (0 if nulls_first else 2) if not desc else (2 if nulls_first else 0)
+    get = fd.get
+
+    def key(row: Any) -> Any:
+        v = get(row)
+        if v is None:
+            return (null_flag, 0)
+        if isinstance(v, str):
+            v = v.lower()
+        return (1, v)
+    return key
+
+
+# -- the simulator --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Cursor:
+    query: Query
+    keys: list[Any]
+    include_deleted: bool
+    batch: int
+    created: float = field(default_factory=time.monotonic)
+
+
+class SalesforceSimulator(Simulator):
+    crm = CRM
+    unfaulted = re.compile(r"^/__sandbox/|^/services/oauth2/")
+
+    def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
+                 multi_currency: bool = True):
+        super().__init__(world, faults)
+        self.daily_limit = daily_limit
+        self.api_usage = 0
+        self.multi_currency = multi_currency
+        self.tokens: set[str] = set()
+        self.cursors: OrderedDict[str, _Cursor] = OrderedDict()
+        self.cache = QueryCache()
+        self._lock = threading.Lock()
+        self._locator_seq = itertools.count(1)
+        self._signing_key = hashlib.sha256(f"sf-sandbox:{world.seed}".encode()).digest()
+        self.schemas = self._schemas()
+        self.route("POST", r"/services/oauth2/token", self._token)
+        self.route("GET", r"/services/data/?", self._versions)
+        v = r"/services/data/v(?P<version>\d+\.\d)"
+        self._api("GET", v + r"/?", self._resources)
+        self._api("GET", v + r"/limits/?", self._limits)
+        self._api("GET", v + r"/(?P<endpoint>query|queryAll)/?", self._query)
+        self._api("GET", v + r"/(?P<endpoint>query|queryAll)/(?P<locator>[A-Za-z0-9]+-\d+)/?", self._query_more)
+        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/deleted/?", self._get_deleted)
+        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/updated/?", self._get_updated)
+        self._api("POST", v + r"/sobjects/(?P<sobject>\w+)/?", self._create)
+        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._get_record)
+        self._api("PATCH", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._update)
+        self._api("DELETE", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._delete)
+
+    # -- Simulator hooks ----------------------------------------------------------------------------------------
+
+    def error_response(self, err: HttpError) -> Response:
+        body: dict[str, Any] = {"message": err.message, "errorCode": err.code}
+        if isinstance(err, SfError):
+            body["fields"] = err.fields
+        return Response.json([body], err.status, err.headers)
+
+    def rate_limit_response(self, rule: FaultRule) -> Response:
+        # Salesforce has no 429 on the REST API: a spent allocation is 403 REQUEST_LIMIT_EXCEEDED, final.
+        return Response.json([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+                             403, {"Sforce-Limit-Info": self._usage_header()})
+
+    def expire_tokens(self) -> None:
+        with self._lock:
+            self.tokens.clear()
+
+    def common_headers(self, req: Request) -> dict[str, str]:
+        if req.path.startswith("/services/data"):
+            return {"Sforce-Limit-Info": self._usage_header()}
+        return {}
+
+    def _usage_header(self) -> str:
+        return f"api-usage={self.api_usage}/{self.daily_limit}"
+
+    # -- auth and allocation ------------------------------------------------------------------------------------
+
+    def _api(self, method: str, pattern: str, handler: Callable[[Request], Response]) -> None:
+        def guarded(req: Request) -> Response:
+            auth = req.header("authorization") or ""
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            with self._lock:
+                valid = token in self.tokens
+            if not valid:
+                raise HttpError(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            if req.params.get("version") not in API_VERSIONS:
+                raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+            with self._lock:
+                if self.api_usage >= self.daily_limit:
+                    raise HttpError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+                self.api_usage += 1
+            return handler(req)
+        self.route(method, pattern, guarded)
+
+    def _token(self, req: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        grant = form.get("grant_type")
+        if grant != "client_credentials":
+            return Response.json({"error": "unsupported_grant_type", "error_description": "grant type not supported"},
+                                 400)
+        ok = (hmac.compare_digest(form.get("client_id", ""), SANDBOX_CREDENTIALS["client_id"])
+              and hmac.compare_digest(form.get("client_secret", ""), SANDBOX_CREDENTIALS["client_secret"]))
+        if not ok:
+            return Response.json({"error": "invalid_grant", "error_description": "authentication failure"}, 400)
+        token = f"{ORG_ID[:15]}!{secrets.token_urlsafe(48)}"
+        with self._lock:
+            self.tokens.add(token)
+        user_id = self.world.users[0].native_id
+        identity = f"https://login.salesforce.com/id/{ORG_ID}/{user_id}"
+        issued_at = str(int(time.time() * 1000))
+        signature = base64.b64encode(hmac.new(self._signing_key, (identity + issued_at).encode(),
+                                              hashlib.sha256).digest()).decode()
+        host = req.header("host") or "127.0.0.1"
+        return Response.json({"access_token": token, "signature": signature, "scope": "api",
+                              "instance_url": f"http://{host}", "id": identity, "token_type": "Bearer",
+                              "issued_at": issued_at})
+
+    def _versions(self, req: Request) -> Response:
+        return Response.json([{"label": f"Release {v}", "url": f"/services/data/v{v}", "version": v}
+                              for v in API_VERSIONS])
+
+    def _resources(self, req: Request) -> Response:
+        base = f"/services/data/v{req.params['version']}"
+        return Response.json({k: f"{base}/{k}" for k in ("limits", "query", "queryAll", "sobjects")})
+
+    def _limits(self, req: Request) -> Response:
+        return Response.json({"DailyApiRequests": {"Max": self.daily_limit,
+                                                   "Remaining": max(0, self.daily_limit - self.api_usage)}})
+
+    # -- query ----------------------------------------------------------------------------------------------------
+
+    def _query(self, req: Request) -> Response:
+        soql = req.arg("q")
+        if not soql:
+            raise HttpError(400, "MALFORMED_QUERY", "A query string has to be specified")
+        include_deleted = req.params["endpoint"] == "queryAll"
+        query = SoqlParser(soql, self.schemas).parse()
+        with self.world.lock:
+            # queryAll's answer also moves with time (the Recycle Bin is purged after 15 days)
+            minute = truncate(self.world.clock.now(), timedelta(minutes=1)) if include_deleted else None
+            cache_key = (soql, include_deleted, self.world.version, minute)
+            keys = self.cache.get_or_compute(cache_key, lambda: self._matching(query, include_deleted))
+            if query.count_only:
+                return Response.json({"totalSize": len(keys), "done": True, "records": []})
+            cursor = _Cursor(query, keys, include_deleted, self._batch_size(req))
+            return self._page(req.params["version"], cursor, 0)
+
+    def _query_more(self, req: Request) -> Response:
+        locator, _, offset = req.params["locator"].rpartition("-")
+        with self._lock:
+            cursor = self.cursors.get(locator)
+        if cursor is None or int(offset) > len(cursor.keys):
+            raise HttpError(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+        if req.header("sforce-query-options"):
+            cursor.batch = self._batch_size(req)
+        with self.world.lock:
+            return self._page(req.params["version"], cursor, int(offset), locator)
+
+    @staticmethod
+    def _batch_size(req: Request) -> int:
+        opts = req.header("sforce-query-options") or ""
+        m = re.search(r"batchSize\s*=\s*(\d+)", opts, re.I)
+        if not m:
+            return 2000
+        return max(200, min(2000, int(m.group(1))))
+
+    def _matching(self, query: Query, include_deleted: bool) -> list[Any]:
+        rows = query.sobject.rows(include_deleted)
+        if query.where is not None:
+            rows = [r for r in rows if query.where(r)]
+        for fd, desc, nulls_first in reversed(query.order):
+            rows.sort(key=_sort_key(fd, desc, nulls_first), reverse=desc)
+        end = None if query.limit is None else query.offset + query.limit
+        rows = rows[query.offset:end]
+        return [query.sobject.key(r) for r in rows]
+
+    def _page(self, version: str, cursor: _Cursor, offset: int, locator: str | None = None) -> Response:
+        end = min(offset + cursor.batch, len(cursor.keys))
+        sobject = cursor.query.sobject
+        records = [self._render(sobject, sobject.row(k), cursor.query.fields, version)
+                   for k in cursor.keys[offset:end]]
+        body: dict[str, Any] = {"totalSize": len(cursor.keys), "done": end >= len(cursor.keys)}
+        if end < len(cursor.keys):
+            if locator is None:
+                locator = to18(f"01gRO0000{_b62(next(self._locator_seq), 6)}")
+                with self._lock:
+                    self.cursors[locator] = cursor
+                    while len(self.cursors) > 512:
+                        self.cursors.popitem(last=False)
+            body["nextRecordsUrl"] = f"/services/data/v{version}/query/{locator}-{end}"
+        body["records"] = records
+        return Response.json(body)
+
+    def _render(self, sobject: SObject, row: Any, fields: list[FieldDef], version: str) -> dict[str, Any]:
+        rec: dict[str, Any] = {"attributes": {"type": sobject.name,
+                                              "url": f"/services/data/v{version}/sobjects/{sobject.name}/"
+                                                     f"{sobject.url_id(row)}"}}
+        for fd in fields:
+            if "." in fd.name:
+                rel_name, leaf = fd.name.split(".", 1)
+                rel = sobject.relationships[rel_name.lower()]
+                parent_id = rel.parent_id(row)
+                if parent_id is None:
+                    rec[rel.name] = None
+                    continue
+                parent = rec.get(rel.name)
+                if parent is None:
+                    parent = rec[rel.name] = {"attributes": {
+                        "type": rel.sobject, "url": f"/services/data/v{version}/sobjects/{rel.sobject}/{parent_id}"}}
+                parent[leaf] = _json_value(fd.type, fd.get(row))
+            else:
+                rec[fd.name] = _json_value(fd.type, fd.get(row))
+        return rec
+
+    # -- schemas --------------------------------------------------------------------------------------------------
+
+    def _schemas(self) -> dict[str, SObject]:
+        w = self.world
+        users, accounts, stages = w.users, w.accounts, w.stages
+
+        def modstamp(o: Any) -> datetime:
+            # Deleting a record moves its SystemModstamp (what queryAll ... IsDeleted = true relies on).
+            return o.modified_at if o.deleted_at is None else max(o.modified_at, o.deleted_at)
+
+        def opp_rows(deleted: bool) -> list[Any]:
+            if not deleted:
+                return [o for o in w.opps.values() if o.deleted_at is None]
+            purge_before = w.clock.now() - timedelta(days=RECYCLE_BIN_DAYS)
+            return [o for o in w.opps.values() if o.deleted_at is None or o.deleted_at >= purge_before]
+
+        opp = SObject("Opportunity", {}, {}, opp_rows,
+                      key=lambda o: o.native_id, row=lambda k: w.opps[k], url_id=lambda o: o.native_id)
+        opp.add("Id", "id", lambda o: o.native_id)
+        opp.add("Name", "string", lambda o: o.name, True)
+        opp.add("AccountId", "id", lambda o: accounts[o.account].native_id if o.account is not None else None, True)
+        opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True)
+        opp.add("Amount", "currency", lambda o: o.amount, True)
+        opp.add("StageName", "picklist", lambda o: o.stage, True)
+        opp.add("ForecastCategoryName", "picklist", lambda o: FORECAST.get(o.stage, "Pipeline"))
+        opp.add("Probability", "percent", lambda o: o.probability, True)
+        opp.add("ExpectedRevenue", "currency",
+                lambda o: None if o.amount is None else round(o.amount * (o.probability or 0) / 100, 2))
+        opp.add("CloseDate", "date", lambda o: o.close_date, True)
+        opp.add("IsClosed", "boolean", lambda o: stages[o.stage].is_closed)
+        opp.add("IsWon", "boolean", lambda o: stages[o.stage].is_won)
+        opp.add("Type", "picklist", lambda o: (o.extra or {}).get("Type"), True)
+        opp.add("LeadSource", "picklist", lambda o: (o.extra or {}).get("LeadSource"), True)
+        opp.add("Description", "string", lambda o: (o.extra or {}).get("Description"), True)
+        opp.add("NextStep", "string", lambda o: (o.extra or {}).get("NextStep"), True)
+        opp.add("CreatedDate", "datetime", lambda o: o.created_at)
+        opp.add("CreatedById", "id", lambda o: users[o.creator].native_id)
+        opp.add("LastModifiedDate", "datetime", modstamp)
+        opp.add("LastModifiedById", "id", lambda o: users[o.owner].native_id)
+        opp.add("SystemModstamp", "datetime", modstamp)
+        opp.add("IsDeleted", "boolean", lambda o: o.deleted_at is not None)
+        if self.multi_currency:
+            opp.add("CurrencyIsoCode", "picklist", lambda o: o.currency, True)
+        for name, ftype in CUSTOM_FIELDS.items():
+            opp.add(name, ftype, (lambda n: lambda o: (o.extra or {}).get(n))(name), True)
+        account_fields = {"Id": ("id", lambda a: a.native_id), "Name": ("string", lambda a: a.name),
+                          "BillingStreet": ("string", lambda a: a.street), "BillingCity": ("string", lambda a: a.city),
+                          "BillingState": ("string", lambda a: a.state),
+                          "BillingPostalCode": ("string", lambda a: a.postal_code),
+                          "BillingCountry": ("string", lambda a: a.country)}
+        user_fields = {"Id": ("id", lambda u: u.native_id), "Name": ("string", lambda u: u.name),
+                       "FirstName": ("string", lambda u: u.name.split(" ", 1)[0]),
+                       "LastName": ("string", lambda u: u.name.split(" ", 1)[-1]),
+                       "Email": ("string", lambda u: u.email),
+                       "Username": ("string", lambda u: u.email + ".oppsync"),
+                       "IsActive": ("boolean", lambda u: u.active),
+                       "UserType": ("picklist", lambda u: "Standard")}
+        for leaf, (ftype, get) in account_fields.items():
+            opp.add(f"Account.{leaf}", ftype,
+                    (lambda g: lambda o: g(accounts[o.account]) if o.account is not None else None)(get))
+        for rel, attr in (("Owner", "owner"), ("CreatedBy", "creator"), ("LastModifiedBy", "owner")):
+            for leaf, (ftype, get) in user_fields.items():
+                opp.add(f"{rel}.{leaf}", ftype, (lambda g, a: lambda o: g(users[getattr(o, a)]))(get, attr))
+        opp.relationships = {
+            "account": Relationship("Account", "Account",
+                                    lambda o: accounts[o.account].native_id if o.account is not None else None),
+            "owner": Relationship("Owner", "User", lambda o: users[o.owner].native_id),
+            "createdby": Relationship("CreatedBy", "User", lambda o: users[o.creator].native_id),
+            "lastmodifiedby": Relationship("LastModifiedBy", "User", lambda o: users[o.owner].native_id),
+        }
+
+        user = SObject("User", {}, {}, lambda deleted: list(users), key=lambda u: u.idx, row=lambda k: users[k],
+                       url_id=lambda u: u.native_id)
+        for leaf, (ftype, get) in user_fields.items():
+            user.add(leaf, ftype, get)
+
+        account = SObject("Account", {}, {}, lambda deleted: list(accounts), key=lambda a: a.idx,
+                          row=lambda k: accounts[k], url_id=lambda a: a.native_id)
+        for leaf, (ftype, get) in account_fields.items():
+            account.add(leaf, ftype, get)
+
+        stage_rows = sorted(stages.values(), key=lambda s: s.order)
+        stage_id = {s.key: sf_id("01J", s.order) for s in stage_rows}
+        stage = SObject("OpportunityStage", {}, {}, lambda deleted: list(stage_rows), key=lambda s: s.key,
+                        row=lambda k: stages[k], url_id=lambda s: stage_id[s.key])
+        stage.add("Id", "id", lambda s: stage_id[s.key])
+        stage.add("MasterLabel", "string", lambda s: s.label)
+        stage.add("ApiName", "string", lambda s: s.key)
+        stage.add("IsActive", "boolean", lambda s: True)
+        stage.add("IsClosed", "boolean", lambda s: s.is_closed)
+        stage.add("IsWon", "boolean", lambda s: s.is_won)
+        stage.add("DefaultProbability", "percent", lambda s: s.probability)
+        stage.add("ForecastCategory", "picklist", lambda s: FORECAST.get(s.key, "Pipeline").replace(" ", ""))
+        stage.add("ForecastCategoryName", "picklist", lambda s: FORECAST.get(s.key, "Pipeline"))
+        stage.add("SortOrder", "number", lambda s: s.order)
+        stage.add("Description", "string", lambda s: None)
+        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage}
+
+    # -- getDeleted / getUpdated ------------------------------------------------------------------------------------
+
+    def _window(self, req: Request) -> tuple[datetime, datetime, datetime]:
+        if req.params["sobject"].lower() != "opportunity":
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+        try:
+            start = _parse_iso(req.arg("start") or "")
+            end = _parse_iso(req.arg("end") or "")
+        except ValueError:
+            raise HttpError(400, "MALFORMED_QUERY", "start and end must be ISO-8601 date-times") from None
+        now = self.world.clock.now()
+        start = truncate(start, timedelta(minutes=1))
+        end = truncate(min(end, now), timedelta(minutes=1))
+        if start >= end:
+            raise HttpError(400, "INVALID_REPLICATION_DATE", "startDate must chronologically precede endDate by "
+                                                             "more than one minute")
+        if start < now - timedelta(days=30):
+            raise HttpError(400, "INVALID_REPLICATION_DATE", "startDate cannot be more than 30 days ago")
+        return start, end, now
+
+    def _get_deleted(self, req: Request) -> Response:
+        start, end, now = self._window(req)
+        earliest = truncate(now - timedelta(days=GET_DELETED_DAYS), timedelta(minutes=1))
+        with self.world.lock:
+            rows = [o for o in self.world.opps.values()
+                    if o.deleted_at is not None and max(start, earliest) <= o.deleted_at < end]
+        rows.sort(key=lambda o: o.deleted_at)  # type: ignore[arg-type, return-value]
+        return Response.json({"deletedRecords": [{"id": o.native_id, "deletedDate": sf_datetime(o.deleted_at)}
+                                                 for o in rows],
+                              "earliestDateAvailable": sf_datetime(earliest),
+                              "latestDateCovered": sf_datetime(end)})
+
+    def _get_updated(self, req: Request) -> Response:
+        start, end, _ = self._window(req)
+        with self.world.lock:
+            ids = [o.native_id for o in self.world.opps.values()
+                   if o.deleted_at is None and start <= o.modified_at < end]
+        return Response.json({"ids": ids, "latestDateCovered": sf_datetime(end)})
+
+    # -- sObject rows ---------------------------------------------------------------------------------------------
+
+    def _opportunity(self, req: Request) -> Any:
+        if req.params["sobject"].lower() != "opportunity":
+            if req.params["sobject"].lower() in self.schemas:
+                raise HttpError(405, "METHOD_NOT_ALLOWED", "The sandbox only writes Opportunity rows")
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+        return self.schemas["opportunity"]
+
+    def _find(self, native_id: str, include_deleted: bool = False) -> Any:
+        key = native_id if len(native_id) == 18 else to18(native_id)
+        opp = self.world.opps.get(key)
+        if opp is None:
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+        if opp.deleted_at is not None and opp.deleted_at < self.world.clock.now() - timedelta(days=RECYCLE_BIN_DAYS):
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")   # purged
+        if opp.deleted_at is not None and not include_deleted:
+            raise HttpError(404, "ENTITY_IS_DELETED", "entity is deleted")
+        return opp
+
+    def _get_record(self, req: Request) -> Response:
+        sobject = self._opportunity(req)
+        with self.world.lock:
+            opp = self._find(req.params["id"])
+            fields = [fd for fd in sobject.fields.values() if "." not in fd.name]
+            return Response.json(self._render(sobject, opp, fields, req.params["version"]))
+
+    def _values(self, body: Any, sobject: SObject) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise HttpError(400, "JSON_PARSER_ERROR", "The request body must be a JSON object")
+        values: dict[str, Any] = {}
+        readonly = []
+        for name, value in body.items():
+            if name == "attributes":
+                continue
+            fd = sobject.fields.get(name.lower())
+            if fd is None or "." in fd.name:
+                raise HttpError(400, "INVALID_FIELD", f"No such column '{name}' on sobject of type Opportunity")
+            if not fd.updatable:
+                readonly.append(fd.name)
+                continue
+            values[fd.name] = self._coerce(fd, value)
+        if readonly:
+            raise SfError(400, "INVALID_FIELD_FOR_INSERT_UPDATE",
+                          f"Unable to create/update fields: {', '.join(readonly)}. Please check the security "
+                          "settings of this field and verify that it is read/write for your profile or "
+                          "permission set.", readonly)
+        return values
+
+    def _coerce(self, fd: FieldDef, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            if fd.type == "datetime":
+                return _parse_iso(str(value))
+            if fd.type == "date":
+                return date.fromisoformat(str(value)[:10])
+            if fd.type in ("number", "currency", "percent"):
+                return float(value)
+        except (TypeError, ValueError):
+            raise HttpError(400, "JSON_PARSER_ERROR",
+                            f"Cannot deserialize instance of {fd.type} from value {value!r}") from None
+        if fd.name == "StageName" and value not in self.world.stages:
+            raise HttpError(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                            f"Stage: bad value for restricted picklist field: {value}")
+        if fd.name == "CurrencyIsoCode" and value not in self.world.profile.currencies:
+            raise HttpError(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                            f"Opportunity Currency: bad value for restricted picklist field: {value}")
+        return value
+
+    def _world_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """API field names -> World attributes (stage before probability: a stage sets its default)."""
+        out: dict[str, Any] = {}
+        if "StageName" in values:
+            out["stage"] = values.pop("StageName")
+        for name, value in values.items():
+            if name == "Name":
+                out["name"] = value
+            elif name == "AccountId":
+                acc = None if value is None else self.world.account_by_native(
+                    value if len(value) == 18 else to18(value))
+                if value is not None and acc is None:
+                    raise HttpError(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id")
+                out["account"] = acc.idx if acc else None
+            elif name == "OwnerId":
+                user = self.world.user_by_native(value if value and len(value) == 18 else to18(value or ""))
+                if user is None:
+                    raise HttpError(400, "INVALID_CROSS_REFERENCE_KEY", "Owner ID: owner cannot be blank")
+                out["owner"] = user.idx
+            elif name == "Amount":
+                out["amount"] = value
+            elif name == "Probability":
+                out["probability"] = value
+            elif name == "CloseDate":
+                out["close_date"] = value
+            elif name == "CurrencyIsoCode":
+                out["currency"] = value
+            else:
+                out[name] = value  # custom and unmodelled fields live in `extra`
+        return out
+
+    def _create(self, req: Request) -> Response:
+        sobject = self._opportunity(req)
+        values = self._values(req.json(), sobject)
+        missing = [f for f in ("Name", "StageName", "CloseDate") if values.get(f) in (None, "")]
+        if missing:
+            raise SfError(400, "REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]",
+                          missing)
+        with self.world.lock:
+            defaults = {"account": None, "amount": None, "owner": 0, "creator": 0,
+                        "currency": self.world.profile.currencies[0]}
+            opp = self.world.create(**{**defaults, **self._world_values(values)})
+        return Response.json({"id": opp.native_id, "success": True, "errors": []}, 201)
+
+    def _update(self, req: Request) -> Response:
+        sobject = self._opportunity(req)
+        values = self._values(req.json(), sobject)
+        with self.world.lock:
+            opp = self._find(req.params["id"])
+            if "StageName" in values and values["StageName"] is None:
+                raise SfError(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [StageName]",
+                              ["StageName"])
+            self.world.update(opp.native_id, **self._world_values(values))
+        return Response.empty(204)
+
+    def _delete(self, req: Request) -> Response:
+        self._opportunity(req)
+        with self.world.lock:
+            opp = self._find(req.params["id"])
+            self.world.delete(opp.native_id)
+        return Response.empty(204)

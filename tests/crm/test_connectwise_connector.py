@@ -1,0 +1,271 @@
+"""ConnectWiseConnector against the ConnectWise simulator over HTTP (no HTTP mocks)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
+from oppsync_pipeline.lib.crm import connector_class
+from oppsync_pipeline.lib.crm.connectwise import ConnectWiseConnector, render_condition
+from oppsync_pipeline.lib.crm.http import AuthError, CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.sandbox import connectwise as cw
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
+
+CREDS = dict(cw.SANDBOX_CREDENTIALS)
+
+
+def make_conn(url: str, **kw) -> ConnectionConfig:
+    return ConnectionConfig(name="sandbox-connectwise", crm="connectwise", base_url=url,
+                            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+                            page_size=kw.pop("page_size", 60), **kw)
+
+
+def connector(url: str, creds: dict | None = None, **kw) -> ConnectWiseConnector:
+    budget = kw.pop("budget", None)
+    cls = connector_class("connectwise")
+    return cls(make_conn(url, **kw), creds or CREDS, budget=budget, sleep=lambda s: None)
+
+
+def collect(conn: ConnectWiseConnector, since=None) -> dict[str, object]:
+    out = {}
+    for open_set in (True, False):
+        for page in conn.opportunities(open_set=open_set, since=since):
+            assert len(page) <= conn.page_size
+            for opp in page:
+                assert opp.source_id not in out, "an opportunity came twice"
+                out[opp.source_id] = opp
+    return out
+
+
+def expected(sim, o) -> dict:
+    w = sim.world
+    acc = w.accounts[o.account] if o.account is not None else None
+    return dict(
+        project_name=o.name, client_name=acc.name if acc else None, service_location=acc.site_name if acc else None,
+        sales_executive=w.users[o.owner].name, owner_crm_id=w.users[o.owner].native_id, stage=o.stage,
+        status=w.status(o), amount=None if o.amount is None else round(o.amount, 2), currency=o.currency,
+        close_date=o.close_date, probability=None if o.probability is None else float(int(round(o.probability / 10)) * 10),
+        created_at=o.created_at, created_by_crm_id=w.users[o.creator].native_id, modified_at=o.modified_at,
+    )
+
+
+@pytest.fixture(scope="module")
+def server():
+    with SandboxServer(cw.build(seed=11, opportunities=500)) as srv:
+        yield srv
+
+
+def test_full_sync_equals_the_world_field_by_field(server):
+    conn = connector(server.url)
+    got = collect(conn)
+    sim = server.simulator
+    live = {o.native_id: o for o in sim.world.live()}
+    assert set(got) == set(live)
+    for sid, opp in got.items():
+        want = expected(sim, live[sid])
+        have = {k: getattr(opp, k) for k in want}
+        assert have == want, sid
+        assert opp.raw["id"] == int(sid) and opp.connection == "sandbox-connectwise" and opp.crm == "connectwise"
+    # the discovered codebase is used, and every opportunity cost one forecast request
+    assert conn._api_base.endswith("/v2025_1/apis/3.0")
+    assert conn.stats.requests >= len(live)
+    statuses = {o.status for o in got.values()}
+    assert statuses == {"open", "won", "lost"}
+    # "No Decision" is closed, neither won nor lost
+    nd = [o for o in got.values() if o.stage == "4"]
+    assert nd and all(o.status == "lost" for o in nd)
+
+
+@pytest.mark.parametrize("paging", ["navigable", "keyset"])
+def test_incremental_after_activity_returns_every_change_including_ties(paging):
+    sim = cw.build(seed=12, opportunities=600)
+    with SandboxServer(sim) as srv:
+        since = sim.world.clock.now()
+        sim.world.advance(hours=3, rate=0.02)
+        changed = {o.native_id for o in sim.world.live() if o.modified_at >= since}
+        conn = connector(srv.url, page_size=7, options={"paging": paging})
+        got = collect(conn, since=since)
+        assert changed and set(got) == changed
+        # bursts share one timestamp: check that some tie exists and all of it arrived
+        stamps = [o.modified_at for o in got.values()]
+        assert max(stamps.count(s) for s in set(stamps)) > 1
+        for sid, opp in got.items():
+            assert {k: getattr(opp, k) for k in ("status", "stage", "amount", "modified_at")} == {
+                k: v for k, v in expected(sim, sim.world.opps[sid]).items() if k in ("status", "stage", "amount", "modified_at")}
+        # inclusive cursor: the records stamped exactly `since`-equal are kept
+        edge = max(stamps)
+        again = collect(connector(srv.url), since=edge)
+        assert set(again) == {sid for sid, o in got.items() if o.modified_at >= edge}
+
+
+@pytest.mark.parametrize("paging,skipped", [("navigable", 1), ("keyset", 0)])
+def test_a_record_leaving_the_set_between_pages(paging, skipped):
+    """Offset paging re-evaluated per page skips one record when an earlier one leaves the set; keyset does not."""
+    sim = cw.build(seed=17, opportunities=300)
+    with SandboxServer(sim) as srv:
+        before = {o.native_id for o in sim.world.live() if sim.world.status(o) == "open"}
+        conn = connector(srv.url, page_size=20, options={"forecast": False, "paging": paging})
+        pages = conn.opportunities(open_set=True, since=None)
+        first = next(pages)
+        sim.world.update(first[0].source_id, stage="2")  # won: leaves the open set
+        seen = {o.source_id for o in first} | {o.source_id for page in pages for o in page}
+        assert len(before - seen) == skipped
+
+
+def test_full_sync_keyset_paging_equals_the_world(server):
+    got = collect(connector(server.url, page_size=45, options={"paging": "keyset", "forecast": False}))
+    assert set(got) == {o.native_id for o in server.simulator.world.live()}
+
+
+def test_open_statuses_override(server):
+    conn = connector(server.url, open_statuses=["Open", "Quoted"], options={"forecast": False})
+    got = collect(conn)
+    sim = server.simulator
+    for opp in got.values():
+        label = sim.world.stages[opp.stage].label
+        if label in ("Open", "Quoted"):
+            assert opp.status == "open"
+        else:
+            assert opp.status == ("won" if label == "Won" else "lost")
+    assert any(sim.world.stages[o.stage].label == "Negotiation" for o in got.values())
+    open_ids = set()
+    for page in conn.opportunities(open_set=True, since=None):
+        open_ids |= {o.source_id for o in page}
+    assert open_ids == {o.native_id for o in sim.world.live() if o.stage in ("1", "5")}
+
+
+def test_filters_are_pushed_down_and_escaped(server):
+    sim = server.simulator
+    acc = next(a for a in sim.world.accounts if '"' in a.name)
+    f = RecordFilter(field="company/name", op="equal", value=acc.name)
+    assert render_condition(f) == 'company/name = "' + acc.name.replace('"', '\\"') + '"'
+    got = collect(connector(server.url, filters=[f]))
+    assert set(got) == {o.native_id for o in sim.world.live() if o.account == acc.idx}
+    # an injection attempt stays a string literal: nothing matches, nothing extra is returned
+    evil = RecordFilter(field="name", op="equal", value='x" or id > 0 or name = "y\\')
+    assert collect(connector(server.url, filters=[evil])) == {}
+    # numbers and date-times are validated, never spliced raw
+    with pytest.raises(CrmError):
+        collect(connector(server.url, filters=[RecordFilter(field="company/id", op="equal", value="1 or 1=1")]))
+    with pytest.raises(CrmError):
+        collect(connector(server.url, filters=[RecordFilter(field="expectedCloseDate", op="more_than",
+                                                            value="2024-01-01] or id > [0")]))
+    # in, comparisons on dates, and a custom field (customFieldConditions + post-check)
+    filters = [RecordFilter(field="status/name", op="in", value=["Open", "Won"]),
+               RecordFilter(field="expectedCloseDate", op="at_least", value="2025-06-01"),
+               RecordFilter(field="custom:Region", op="equal", value="West")]
+    got = collect(connector(server.url, filters=filters))
+    want = {o.native_id for o in sim.world.live()
+            if sim.world.stages[o.stage].label in ("Open", "Won") and o.close_date is not None
+            and o.close_date.isoformat() >= "2025-06-01" and cw.REGIONS[o.seq % 5] == "West"}
+    assert want and set(got) == want
+
+
+def test_validate_connection_names_fields():
+    conn = make_conn("http://127.0.0.1:1", filters=[RecordFilter(field="nosuch", op="equal", value=1),
+                                                    RecordFilter(field="custom:Region", op="equal", value="W")],
+                     fields={"created_at": "custom:Original Created"})
+    problems = ConnectWiseConnector.validate_connection(conn)
+    assert len(problems) == 1 and "nosuch" in problems[0]
+
+
+def test_created_at_from_a_custom_field(server):
+    sim = server.simulator
+    o = next(iter(sim.world.live()))
+    sim.world.update(o.native_id, bump=False, **{"Original Created": "2019-05-04T03:02:01Z"})
+    conn = connector(server.url, fields={"created_at": "custom:Original Created"},
+                     filters=[RecordFilter(field="id", op="equal", value=int(o.native_id))])
+    got = collect(conn)
+    assert str(got[o.native_id].created_at) == "2019-05-04 03:02:01"
+
+
+def test_users_resolve_owners_and_creators(server):
+    conn = connector(server.url)
+    users = {u.crm_user_id: u for u in conn.users()}
+    sim = server.simulator
+    assert len(users) == len(sim.world.users)
+    for u in sim.world.users:
+        assert users[u.native_id].name == u.name and users[u.native_id].email == u.email
+        assert users[u.native_id].active == u.active and users[u.native_id].alt_ids == (u.alt_id,)
+    got = collect(connector(server.url, options={"forecast": False}))
+    assert all(o.owner_crm_id in users and o.created_by_crm_id in users for o in got.values())
+    assert all(o.amount is None for o in got.values())
+
+
+def test_forecast_off_costs_one_request_per_page(server):
+    conn = connector(server.url, page_size=100, options={"forecast": False, "codebase": "v4_6_release/"})
+    got = collect(conn)
+    pages = sum(-(-n // 100) for n in (sum(1 for o in got.values() if o.status == "open"),
+                                       sum(1 for o in got.values() if o.status != "open")))
+    assert conn.stats.requests == 1 + pages  # statuses + pages, no discovery call
+
+
+def test_bad_credentials_fail_without_leaking_the_key(server):
+    creds = {**CREDS, "private_key": "s3cret-wrong-key"}
+    conn = connector(server.url, creds)
+    with pytest.raises(AuthError) as err:
+        conn.stages()
+    assert "s3cret" not in str(err.value) and conn.stats.retries == 0
+
+
+def test_token_expiry_fault_is_harmless_keys_do_not_expire():
+    sim = cw.build(seed=13, opportunities=200, faults=FaultPlan(rules=[FaultRule("token_expiry", after=3)]))
+    with SandboxServer(sim) as srv:
+        got = collect(connector(srv.url, page_size=25, options={"forecast": False}))
+        assert set(got) == {o.native_id for o in sim.world.live()}
+
+
+def test_429_and_5xx_are_retried():
+    plan = FaultPlan(rules=[FaultRule("rate_limit", after=3, count=2, seconds=2),
+                            FaultRule("server_error", after=6, count=1)])
+    sim = cw.build(seed=14, opportunities=200, faults=plan)
+    with SandboxServer(sim) as srv:
+        conn = connector(srv.url, page_size=25, options={"forecast": False})
+        got = collect(conn)
+        assert set(got) == {o.native_id for o in sim.world.live()}
+        assert conn.stats.retries == 3 and conn.stats.rate_limited == 2 and conn.stats.seconds_waited >= 4
+
+
+def test_allowance_throttle_is_waited_out():
+    sim = cw.build(seed=15, opportunities=200, requests_per_minute=4)
+    with SandboxServer(sim) as srv:
+        waits = []
+
+        def sleep(seconds):  # the virtual clock moves instead of the test waiting
+            waits.append(seconds)
+            sim.world.clock.advance(timedelta(seconds=seconds))
+        conn = ConnectWiseConnector(make_conn(srv.url, page_size=25, options={"forecast": False}), CREDS, sleep=sleep)
+        got = collect(conn)
+        assert set(got) == {o.native_id for o in sim.world.live()} and waits and conn.stats.rate_limited >= 1
+
+
+def test_quota_budget_and_long_throttle_stop_the_run():
+    sim = cw.build(seed=16, opportunities=200,
+                   faults=FaultPlan(rules=[FaultRule("rate_limit", after=2, count=1, seconds=3600)]))
+    with SandboxServer(sim) as srv:
+        conn = connector(srv.url, page_size=25)
+        with pytest.raises(QuotaExhausted):
+            collect(conn)
+        assert conn.stats.retries == 0
+        conn = connector(srv.url, page_size=25, budget=QuotaBudget(max_requests=5))
+        with pytest.raises(QuotaExhausted):
+            collect(conn)
+        assert conn.stats.requests == 5
+
+
+def test_no_delete_feed_and_hard_deletes_vanish(server):
+    conn = connector(server.url, options={"forecast": False})
+    assert list(conn.deleted(None)) == []
+    victim = next(iter(server.simulator.world.live()))
+    server.simulator.world.delete(victim.native_id)
+    assert victim.native_id not in collect(conn)
+
+
+def test_next_links_stay_on_the_api_host():
+    from oppsync_pipeline.lib.crm.connectwise import _same_origin
+    api = "http://127.0.0.1:1/v4_6_release/apis/3.0/sales/opportunities"
+    assert _same_origin("https://elsewhere.example/v4_6_release/apis/3.0/sales/opportunities?pageSize=5&page=2", api) \
+        == "http://127.0.0.1:1/v4_6_release/apis/3.0/sales/opportunities?pageSize=5&page=2"
+    assert _same_origin(None, api) is None

@@ -87,6 +87,8 @@ extracts = Table(
     Column("started_at", DateTime, nullable=False), Column("finished_at", DateTime),
     Column("since_cursor", DateTime), Column("new_cursor", DateTime),
     Column("fetched_open", Integer), Column("fetched_closed", Integer), Column("fetched_deleted", Integer),
+    # distinct ids by status as the CRM reported them (latest version per id): the count check's reference
+    Column("reported_open", Integer), Column("reported_closed", Integer),
     Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Float),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
 )

@@ -147,9 +147,20 @@ def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at:
              "fc": counts.get("closed", 0), "fd": counts.get("deleted", 0), "rq": stats.get("api_requests"),
              "rt": stats.get("retries"), "sw": stats.get("seconds_waited_on_rate_limits"),
              "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id})
-        if status != "complete":
+        if status == "complete":
+            conn.execute(text(f"""
+                UPDATE {S}.extracts SET
+                    reported_open = (SELECT count(*) FROM ({_LATEST}) t WHERE status = 'open'),
+                    reported_closed = (SELECT count(*) FROM ({_LATEST}) t WHERE status <> 'open')
+                WHERE extract_id = :x"""), {"x": extract_id})
+        else:
             conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), {"x": extract_id})
             conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), {"x": extract_id})
+
+
+_LATEST = f"""SELECT status FROM (
+    SELECT status, row_number() OVER (PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
+    FROM {S}.stage_opportunities WHERE extract_id = :x) v WHERE rn = 1"""
 
 
 def record_run(conn: Connection, run: dict[str, Any]) -> None:
@@ -208,3 +219,41 @@ def save_directory(engine: Engine, cfg: Any, now: datetime) -> None:
                       "\x1f".join(c.qualification.stages) if c.qualification else None,
                       c.qualification.min_probability if c.qualification else None, now)
                      for c in cfg.connections])
+
+
+def load_extract(engine: Engine, extract_id: str) -> dict[str, Any] | None:
+    """The extracts row of one run (the reconcile step picks up what the extract step recorded)."""
+    with transaction(engine) as conn:
+        row = conn.execute(text(f"SELECT * FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id}).mappings().first()
+    return dict(row) if row else None
+
+
+def warehouse_counts(engine: Engine, connection: str) -> dict[str, int]:
+    """Live opportunities of a connection by status (for the post-reconcile count check)."""
+    with transaction(engine) as conn:
+        rows = conn.execute(text(f"SELECT status, count(*) FROM {S}.opportunities WHERE connection = :c "
+                                 "AND deleted_at IS NULL GROUP BY status"), {"c": connection}).fetchall()
+    return {status: n for status, n in rows}
+
+
+def attribution_gaps(engine: Engine, connection: str) -> dict[str, Any]:
+    """Share of live opportunities whose creator links to no internal user, and stages the tenant's stage
+    list does not know (WARN checks: visible, never blocking)."""
+    with transaction(engine) as conn:
+        total = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
+                                  "AND deleted_at IS NULL"), {"c": connection}).scalar() or 0
+        unmapped = conn.execute(text(f"""
+            SELECT count(*) FROM {S}.opportunities o
+            WHERE o.connection = :c AND o.deleted_at IS NULL AND NOT EXISTS (
+                SELECT 1 FROM {S}.user_links l
+                LEFT JOIN {S}.crm_users u ON u.connection = l.connection AND u.crm_user_id = l.crm_user_id
+                WHERE l.connection = o.connection AND (l.crm_user_id = o.created_by_crm_id
+                      OR ',' || COALESCE(u.alt_ids, '') || ',' LIKE '%,' || o.created_by_crm_id || ',%'))"""),
+            {"c": connection}).scalar() or 0
+        unknown = conn.execute(text(f"""
+            SELECT o.stage, count(*) FROM {S}.opportunities o
+            WHERE o.connection = :c AND o.deleted_at IS NULL AND NOT EXISTS (
+                SELECT 1 FROM {S}.crm_stages s WHERE s.connection = o.connection AND s.stage_key = o.stage)
+            GROUP BY o.stage ORDER BY 2 DESC"""), {"c": connection}).fetchall()
+    return {"total": total, "unmapped_creators": unmapped,
+            "unknown_stages": {str(stage): n for stage, n in unknown}}

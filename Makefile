@@ -1,0 +1,51 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+export GX_ANALYTICS_ENABLED := false
+export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
+
+.PHONY: install run test test-fast dev sandbox bench reliability check-defs docs clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+install: $(STAMP)
+	@mkdir -p $(DAGSTER_HOME) && test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+## the main job on the embedded default: sandbox CRMs -> DuckDB -> outcomes mart
+run: install
+	$(BIN)/oppsync run
+
+## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must)
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## the Dagster UI on the embedded default, with the sandbox serving in the background
+dev: install
+	$(BIN)/oppsync sandbox serve & trap 'kill $$!' EXIT; $(BIN)/dagster dev -w workspace.yaml
+
+sandbox: install
+	$(BIN)/oppsync sandbox serve
+
+check-defs: install
+	$(BIN)/dg check defs
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+reliability: install
+	$(BIN)/python -m pytest -q tests/reliability -m "reliability or not reliability" --reliability-full
+
+docs: install
+	cd dbt && OPPSYNC_DUCKDB_PATH=$(CURDIR)/.oppsync/warehouse.duckdb ../$(BIN)/dbt docs generate --profiles-dir . --target duckdb
+
+clean:
+	rm -rf .oppsync dbt/target dbt/logs .pytest_cache

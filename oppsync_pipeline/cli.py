@@ -1,0 +1,313 @@
+"""The `oppsync` command.
+
+  oppsync config check                      validate oppsync.yaml and the credentials it references
+  oppsync run                               the main job: every connection, then the mart (make run)
+  oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
+  oppsync sandbox serve                     the five CRM simulators, with a matching oppsync.yaml
+  oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
+
+Runs go through Dagster against the instance in $DAGSTER_HOME (default .oppsync/dagster), so they
+appear in the UI's run history next to scheduled runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+from oppsync_pipeline.lib.config import ConfigError, OppsyncConfig, check_config, config_path, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE_DIR = Path(".oppsync")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oppsync", description="Sync CRM opportunities into a warehouse.")
+    parser.add_argument("--config", help="path to oppsync.yaml (default: $OPPSYNC_CONFIG or ./oppsync.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg_p = sub.add_parser("config", help="configuration commands")
+    cfg_p.add_argument("action", choices=["check"])
+
+    run_p = sub.add_parser("run", help="sync every connection, then build the mart")
+    run_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
+    run_p.add_argument("--advance-hours", type=float, default=0.0,
+                       help="sandbox only: simulate N hours of CRM activity before syncing")
+
+    sync_p = sub.add_parser("sync", help="sync one connection now (through Dagster)")
+    sync_p.add_argument("--connection", required=True)
+    sync_p.add_argument("--full", action="store_true")
+
+    sb = sub.add_parser("sandbox", help="the built-in CRM sandbox")
+    sb_sub = sb.add_subparsers(dest="action", required=True)
+    serve = sb_sub.add_parser("serve", help="serve the five simulators until interrupted")
+    serve.add_argument("--seed", type=int, default=42)
+    serve.add_argument("--opportunities", type=int, default=2000, help="opportunities per CRM")
+    serve.add_argument("--port-base", type=int, default=8701, help="salesforce=base, hubspot=base+1, ...")
+    serve.add_argument("--latency-ms", type=int, default=0)
+    serve.add_argument("--faults", help="JSON fault plan applied to every simulator (see README)")
+    serve.add_argument("--crm", action="append", help="serve only these CRMs (repeatable)")
+    serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
+    adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
+    adv.add_argument("--hours", type=float, default=1.0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "config":
+            return cmd_config_check(args.config)
+        if args.command == "run":
+            return cmd_run(args.config, full=args.full, advance_hours=args.advance_hours)
+        if args.command == "sync":
+            return cmd_sync(args.config, args.connection, full=args.full)
+        if args.command == "sandbox" and args.action == "serve":
+            return cmd_sandbox_serve(args)
+        if args.command == "sandbox" and args.action == "advance":
+            return cmd_sandbox_advance(args.config, args.hours)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    return 1
+
+
+# -- config -----------------------------------------------------------------------------------------------------
+
+def cmd_config_check(path: str | None) -> int:
+    cfg = load_config(path)
+    problems = check_config(cfg)
+    if problems:
+        print(f"{config_path(path)}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    print(f"{config_path(path)}: OK ({len(cfg.connections)} connection(s), warehouse {cfg.warehouse.backend})")
+    return 0
+
+
+# -- running through Dagster ---------------------------------------------------------------------------------------
+
+def _prepare_dagster(path: str | None) -> tuple[Path, OppsyncConfig]:
+    cfg_file = config_path(path).resolve()
+    cfg = load_config(cfg_file)
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    os.environ["OPPSYNC_CONFIG"] = str(cfg_file)
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("DAGSTER_HOME"):
+        home = (STATE_DIR / "dagster").resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists() and (ROOT / "dagster.yaml").exists():
+            shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+        os.environ["DAGSTER_HOME"] = str(home)
+    return cfg_file, cfg
+
+
+def _load_defs():
+    import dagster as dg
+
+    return dg.load_from_defs_folder(path_within_project=ROOT / "oppsync_pipeline")
+
+
+def run_connection(defs, instance, conn, mode: str):
+    from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_job_name
+
+    job = defs.resolve_job_def(sync_job_name(conn))
+    return job.execute_in_process(run_config=quiet(extract_run_config(conn, mode)), instance=instance,
+                                  tags={"oppsync/connection": conn.name, "oppsync/mode": mode,
+                                        "oppsync/trigger": "cli"}, raise_on_error=False)
+
+
+def cmd_sync(path: str | None, connection: str, full: bool) -> int:
+    import dagster as dg
+
+    _, cfg = _prepare_dagster(path)
+    conn = cfg.connection(connection)
+    with _sandbox_if_enabled(cfg):
+        defs = _load_defs()
+        with dg.DagsterInstance.get() as instance:
+            result = run_connection(defs, instance, conn, "full" if full else "auto")
+    _print_summary(cfg, [(conn, result)])
+    return 0 if result.success else 1
+
+
+def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) -> int:
+    import dagster as dg
+
+    from oppsync_pipeline.defs.crm.schedules import quiet
+
+    t0 = time.monotonic()
+    _, cfg = _prepare_dagster(path)
+    with _sandbox_if_enabled(cfg, advance_hours=advance_hours):
+        defs = _load_defs()
+        results = []
+        with dg.DagsterInstance.get() as instance:
+            for conn in cfg.connections:
+                results.append((conn, run_connection(defs, instance, conn, "full" if full else "auto")))
+            mart = defs.resolve_job_def("build_mart").execute_in_process(
+                run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False)
+    ok = _print_summary(cfg, results)
+    rows = _mart_rows(cfg) if mart.success else None
+    print(f"\nmart: {'built' if mart.success else 'FAILED'}"
+          + (f", marts.outcomes has {rows} rows" if rows is not None else ""))
+    if cfg.warehouse.backend == "duckdb":
+        print(f"warehouse: {Path(cfg.warehouse.url.split(':///', 1)[1]).resolve()}")
+    else:
+        print(f"warehouse: {_redact_url(cfg.warehouse.url)}")
+    print(f"dagster runs: {os.environ['DAGSTER_HOME']} (make dev to browse)  total {time.monotonic() - t0:.1f}s")
+    return 0 if ok and mart.success else 1
+
+
+def _print_summary(cfg: OppsyncConfig, results) -> bool:
+    from sqlalchemy import text
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
+
+    engine = make_engine(cfg.warehouse.url)
+    header = ("connection", "crm", "mode", "status", "fetched", "created", "updated", "closed", "deleted",
+              "api_requests", "seconds")
+    lines, ok = [header], True
+    with transaction(engine) as c:
+        for conn, result in results:
+            row = c.execute(text("SELECT mode, status, fetched, created, updated, closed, deleted, api_requests, "
+                                 "started_at, finished_at, error FROM oppsync.sync_runs WHERE run_id = :r"),
+                            {"r": result.run_id}).first()
+            if row is None:
+                ok = False
+                lines.append((conn.name, conn.crm, "-", "failed", "-", "-", "-", "-", "-", "-", "-"))
+                continue
+            secs = (row.finished_at - row.started_at).total_seconds() if row.finished_at else 0
+            lines.append((conn.name, conn.crm, row.mode, row.status, row.fetched, row.created, row.updated,
+                          row.closed, row.deleted, row.api_requests, f"{secs:.1f}"))
+            if row.status == "failed" or not result.success:
+                ok = False
+                if row.error:
+                    print(f"{conn.name}: {row.error}", file=sys.stderr)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+    return ok
+
+
+def _mart_rows(cfg: OppsyncConfig) -> int | None:
+    from sqlalchemy import text
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
+
+    try:
+        with transaction(make_engine(cfg.warehouse.url)) as c:
+            return c.execute(text("SELECT count(*) FROM marts.outcomes")).scalar()
+    except Exception:
+        return None
+
+
+def _redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# -- sandbox -------------------------------------------------------------------------------------------------------
+
+class _sandbox_if_enabled:
+    """Start the simulators the configuration points at, unless something already answers there
+    (a `make dev` sandbox, or `oppsync sandbox serve` in another terminal)."""
+
+    def __init__(self, cfg: OppsyncConfig, advance_hours: float = 0.0):
+        self.cfg, self.advance_hours, self.servers = cfg, advance_hours, []
+
+    def __enter__(self):
+        if not self.cfg.sandbox.enabled:
+            return self
+        from oppsync_pipeline.sandbox.cluster import build_simulator
+        from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer
+
+        anchor = sandbox_anchor()
+        for conn in self.cfg.connections:
+            url = urlparse(conn.base_url)
+            if url.hostname not in ("127.0.0.1", "localhost"):
+                continue
+            if _answers(conn.base_url):
+                continue
+            sim = build_simulator(conn.crm, self.cfg.sandbox.seed, self.cfg.sandbox.opportunities,
+                                  FaultPlan(latency_ms=self.cfg.sandbox.latency_ms), anchor=anchor)
+            if self.advance_hours:
+                sim.world.advance(self.advance_hours)
+            self.servers.append(SandboxServer(sim, port=url.port or 80).start())
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.servers:
+            s.stop()
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        requests.get(base_url.rstrip("/") + "/__sandbox/state", timeout=0.5)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def sandbox_anchor() -> datetime:
+    """The sandbox's data is generated relative to a fixed moment, kept in .oppsync/, so that restarting it
+    regenerates the same tenant (a real CRM does not change because a process restarted)."""
+    f = STATE_DIR / "sandbox-anchor"
+    if f.exists():
+        return datetime.fromisoformat(f.read_text().strip())
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    anchor = datetime.utcnow().replace(microsecond=0)
+    f.write_text(anchor.isoformat())
+    return anchor
+
+
+def cmd_sandbox_serve(args) -> int:
+    from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS, Sandbox
+    from oppsync_pipeline.sandbox.server import FaultPlan
+
+    crms = tuple(args.crm) if args.crm else CRMS
+    ports = {crm: args.port_base + (DEFAULT_PORTS[crm] - DEFAULT_PORTS["salesforce"]) for crm in crms}
+    faults = FaultPlan.from_json(json.loads(args.faults)) if args.faults else None
+    t0 = time.monotonic()
+    sandbox = Sandbox(crms=crms, seed=args.seed, opportunities=args.opportunities, ports=ports,
+                      latency_ms=args.latency_ms, anchor=sandbox_anchor(), faults=faults).start()
+    print(f"sandbox: {len(crms)} simulators, {args.opportunities} opportunities each, ready in "
+          f"{time.monotonic() - t0:.1f}s", flush=True)
+    for crm in crms:
+        print(f"  {crm:<12} {sandbox.url(crm)}", flush=True)
+    if args.write_config:
+        path = sandbox.write_config(Path(args.write_config))
+        print(f"wrote {path} (and {path.with_suffix('.secrets.env').name})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        sandbox.stop()
+    return 0
+
+
+def cmd_sandbox_advance(path: str | None, hours: float) -> int:
+    cfg = load_config(path)
+    for conn in cfg.connections:
+        try:
+            r = requests.post(conn.base_url + "/__sandbox/advance", json={"hours": hours}, timeout=60)
+            print(f"{conn.name}: {r.json()}")
+        except requests.RequestException as err:
+            print(f"{conn.name}: not a running sandbox ({type(err).__name__})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Per connection, two assets: the extracted sets (staged in the warehouse) and the reconciled
+opportunities. Quality checks sit between them and block reconcile when they fail."""
+
+
+from datetime import timedelta
+from typing import Literal
+
+import dagster as dg
+from croniter import croniter
+
+from oppsync_pipeline.defs.resources import OppsyncResource
+from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.sync import ExtractOutcome, run_extract, run_reconcile
+from oppsync_pipeline.lib.warehouse import store
+
+
+class SyncConfig(dg.Config):
+    """`auto` is incremental once a bookmark exists; the nightly schedule and `--full` ask for `full`,
+    which reads every id and so detects deletes in CRMs without a delete feed."""
+
+    mode: Literal["auto", "full", "incremental"] = "auto"
+
+
+def key_part(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def extract_key(conn: ConnectionConfig) -> dg.AssetKey:
+    return dg.AssetKey(["oppsync", key_part(conn.name), "extract"])
+
+
+def opportunities_key(conn: ConnectionConfig) -> dg.AssetKey:
+    return dg.AssetKey(["oppsync", key_part(conn.name), "opportunities"])
+
+
+def schedule_interval(cron: str) -> timedelta:
+    it = croniter(cron)
+    first = it.get_next(float)
+    return timedelta(seconds=it.get_next(float) - first)
+
+
+def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
+    group = f"crm_{key_part(conn.name)}"
+    tags = {"oppsync/connection": conn.name}
+
+    @dg.asset(
+        key=extract_key(conn), group_name=group, kinds={"python", conn.crm}, tags={"crm": conn.crm},
+        output_required=False, op_tags=tags,
+        description=f"The open and the not-open opportunity sets of '{conn.name}' ({conn.crm}), read page by "
+                    "page into the warehouse's staging table. Skipped (not failed) when the API quota budget is spent.",
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL,
+                                    jitter=dg.Jitter.PLUS_MINUS),
+    )
+    def extract(context: dg.AssetExecutionContext, config: SyncConfig, oppsync: OppsyncResource):
+        cfg = oppsync.app_config()
+        out = run_extract(cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run_id, mode=config.mode)
+        if out.status == "skipped":
+            context.log.warning(f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
+                                "the next run picks up where this one stopped.")
+            return
+        yield dg.MaterializeResult(metadata=_extract_metadata(out))
+
+    @dg.asset(
+        key=opportunities_key(conn), deps=[extract], group_name=group, kinds={"sql", conn.crm},
+        tags={"crm": conn.crm}, op_tags=tags,
+        description=f"Current opportunities of '{conn.name}' with their event log and history, reconciled in one "
+                    "transaction from the extract of the same run.",
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=2 * schedule_interval(conn.schedule),
+                                                        warn_window=schedule_interval(conn.schedule) + timedelta(minutes=15)),
+    )
+    def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
+        engine = oppsync.engine()
+        row = store.load_extract(engine, context.run_id)
+        if row is None or row["status"] != "complete":
+            raise dg.Failure(f"no completed extract for run {context.run_id} of '{conn.name}'")
+        out = ExtractOutcome(
+            extract_id=row["extract_id"], connection=conn.name, crm=conn.crm, mode=row["mode"], status="complete",
+            started_at=row["started_at"], since=row["since_cursor"], new_cursor=row["new_cursor"],
+            counts={"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
+                    "deleted": row["fetched_deleted"] or 0},
+            stats={"api_requests": row["api_requests"], "retries": row["retries"],
+                   "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
+                   "quota_limit": row["quota_limit"]})
+        result = run_reconcile(oppsync.app_config().connection(conn.name), engine, out)
+        counts = store.warehouse_counts(engine, conn.name)
+        return dg.MaterializeResult(metadata={
+            **{f"rows_{k}": v for k, v in result.as_dict().items()},
+            "mode": out.mode, "warehouse_open": counts.get("open", 0), "warehouse_won": counts.get("won", 0),
+            "warehouse_lost": counts.get("lost", 0),
+            "bookmark": str(out.new_cursor) if out.new_cursor else "none",
+        })
+
+    return [extract, opportunities]
+
+
+def _extract_metadata(out: ExtractOutcome) -> dict:
+    stats = out.stats
+    return {
+        "mode": out.mode, "rows_fetched_open": out.counts.get("open", 0),
+        "rows_fetched_not_open": out.counts.get("closed", 0), "deletes_from_feed": out.counts.get("deleted", 0),
+        "since": str(out.since) if out.since else "full read", "api_requests": stats.get("api_requests", 0),
+        "retries": stats.get("retries", 0), "rate_limited_responses": stats.get("rate_limited_responses", 0),
+        "seconds_waited_on_rate_limits": stats.get("seconds_waited_on_rate_limits", 0.0),
+        "token_refreshes": stats.get("token_refreshes", 0),
+        "quota_used": stats.get("quota_used") if stats.get("quota_used") is not None else "not reported",
+        "quota_limit": stats.get("quota_limit") if stats.get("quota_limit") is not None else "not reported",
+        "seconds": round(out.seconds, 2),
+    }

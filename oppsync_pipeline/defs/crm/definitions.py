@@ -1,0 +1,21 @@
+"""Built from oppsync.yaml at load time: per connection, its assets, checks, job and schedules."""
+
+import dagster as dg
+
+from oppsync_pipeline.defs.crm.assets import connection_assets
+from oppsync_pipeline.defs.crm.checks import connection_checks
+from oppsync_pipeline.defs.crm.schedules import connection_schedules, sync_job
+from oppsync_pipeline.defs.resources import load_app_config
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    _, cfg = load_app_config()
+    assets, checks, jobs, schedules = [], [], [], []
+    for conn in cfg.connections:
+        assets += connection_assets(conn)
+        checks += connection_checks(conn)
+        job = sync_job(conn)
+        jobs.append(job)
+        schedules += connection_schedules(conn, job)
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules)

@@ -1,0 +1,54 @@
+"""One hourly schedule per connection (seed 000: at half past the hour, by default) and one nightly full
+sync per connection, for deletes in CRMs without a delete feed. Each run syncs that connection only."""
+
+
+from __future__ import annotations
+
+import dagster as dg
+
+from oppsync_pipeline.defs.crm.assets import extract_key, key_part, opportunities_key
+from oppsync_pipeline.lib.config import ConnectionConfig
+
+
+def sync_job_name(conn: ConnectionConfig) -> str:
+    return f"sync_{key_part(conn.name)}"
+
+
+def sync_job(conn: ConnectionConfig) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        sync_job_name(conn),
+        selection=dg.AssetSelection.assets(extract_key(conn), opportunities_key(conn)),
+        description=f"Sync '{conn.name}' ({conn.crm}): extract, quality checks, reconcile.",
+        # the run-queue limit in dagster.yaml keys on this tag: one run per connection at a time
+        tags={"oppsync/connection": conn.name, "crm": conn.crm},
+    )
+
+
+def connection_schedules(conn: ConnectionConfig, job: dg.UnresolvedAssetJobDefinition) -> list[dg.ScheduleDefinition]:
+    def make(name: str, cron: str, mode: str, description: str) -> dg.ScheduleDefinition:
+        @dg.schedule(name=name, cron_schedule=cron, execution_timezone=conn.timezone, job=job,
+                     default_status=dg.DefaultScheduleStatus.RUNNING, description=description)
+        def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+            return dg.RunRequest(
+                run_key=f"{name}:{context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ''}",
+                run_config=extract_run_config(conn, mode),
+                tags={"oppsync/connection": conn.name, "oppsync/mode": mode},
+            )
+        return _schedule
+
+    return [
+        make(f"sync_{key_part(conn.name)}", conn.schedule, "auto",
+             f"Hourly sync of '{conn.name}' ({conn.schedule}, {conn.timezone})."),
+        make(f"full_sync_{key_part(conn.name)}", conn.full_sync_schedule, "full",
+             f"Nightly full sync of '{conn.name}': reads every id, detects deletes."),
+    ]
+
+
+def extract_run_config(conn: ConnectionConfig, mode: str) -> dict:
+    """Run config selecting the sync mode for the connection's extract asset."""
+    return {"ops": {f"oppsync__{key_part(conn.name)}__extract": {"config": {"mode": mode}}}}
+
+
+def quiet(run_config: dict, level: str = "WARNING") -> dict:
+    """The same run config with Dagster's console logger at `level` (the CLI prints its own summary)."""
+    return {**run_config, "loggers": {"console": {"config": {"log_level": level}}}}

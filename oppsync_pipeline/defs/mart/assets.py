@@ -1,0 +1,84 @@
+"""The outcomes mart: dbt models over the oppsync tables. They follow the syncs on their own
+(eager automation: any connection's reconcile materializing makes the mart stale) rather than on a
+second hand-written schedule."""
+
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+
+from sqlalchemy import text
+
+from oppsync_pipeline.defs.crm.assets import opportunities_key
+from oppsync_pipeline.defs.resources import OppsyncResource
+from oppsync_pipeline.lib.config import OppsyncConfig
+from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_env, dbt_target, dbt_vars
+from oppsync_pipeline.lib.warehouse.engine import transaction
+
+
+class OppsyncTranslator(DagsterDbtTranslator):
+    """Models reading the oppsync tables depend on every connection's reconciled opportunities."""
+
+    def __init__(self, upstream: list[dg.AssetKey]):
+        super().__init__()
+        self.upstream = upstream
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        node = manifest["nodes"].get(unique_id) or {}
+        if node.get("resource_type") != "model":
+            return spec
+        sources = [d for d in node.get("depends_on", {}).get("nodes", []) if d.startswith("source.")]
+        if sources:
+            deps = [d for d in spec.deps if d.asset_key.path[:1] != ["oppsync"]]
+            spec = spec.replace_attributes(deps=[*deps, *(dg.AssetDep(k) for k in self.upstream)])
+        return spec.replace_attributes(group_name="mart", automation_condition=dg.AutomationCondition.eager())
+
+
+def with_row_counts(events: list, engine) -> list:
+    """Add `dagster/row_count` to each model's materialization (the mart's row counts in the UI)."""
+    out = []
+    with transaction(engine) as conn:
+        for event in events:
+            table = (getattr(event, "metadata", None) or {}).get("dagster/table_name")
+            if isinstance(event, dg.Output) and table is not None:
+                name = ".".join(str(table.value).split(".")[-2:])
+                try:
+                    with conn.begin_nested():
+                        n = conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
+                    event = event.with_metadata({**event.metadata, "dagster/row_count": int(n)})
+                except Exception:  # a view over a missing table etc.: no count, never a failed run
+                    pass
+            out.append(event)
+    return out
+
+
+def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
+    os.environ.update(dbt_env(cfg))
+    # dbt is installed beside this interpreter; the virtualenv need not be activated
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    project = DbtProject(project_dir=DBT_PROJECT_DIR, target=dbt_target(cfg), profiles_dir=DBT_PROJECT_DIR)
+    if not project.manifest_path.exists():
+        project.preparer.prepare(project)  # dbt parse, once, when the manifest is missing
+    translator = OppsyncTranslator([opportunities_key(c) for c in cfg.connections])
+    build_vars = json.dumps(dbt_vars(cfg))
+
+    @dbt_assets(manifest=project.manifest_path, project=project, dagster_dbt_translator=translator,
+                name="outcomes_mart")
+    def outcomes_mart(context: dg.AssetExecutionContext, dbt: DbtCliResource, oppsync: OppsyncResource):
+        # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
+        # handle while dbt still holds the file, which DuckDB refuses.
+        events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
+        yield from with_row_counts(events, oppsync.engine())
+
+    return dg.Definitions(assets=[outcomes_mart],
+                          resources={"dbt": DbtCliResource(project_dir=project, target=dbt_target(cfg),
+                                                           profiles_dir=str(DBT_PROJECT_DIR))})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import (
-    Boolean, Column, Date, DateTime, Float, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
+    Boolean, Column, Date, DateTime, Double, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
     text,
 )
 from sqlalchemy.engine import Connection
@@ -24,8 +24,8 @@ def _canonical_columns() -> list[Column]:
         Column("crm", String, nullable=False),
         Column("project_name", Text), Column("client_name", Text), Column("service_location", Text),
         Column("sales_executive", Text), Column("owner_crm_id", String), Column("stage", Text),
-        Column("status", String, nullable=False), Column("amount", Float), Column("currency", String),
-        Column("close_date", Date), Column("probability", Float), Column("created_at", DateTime),
+        Column("status", String, nullable=False), Column("amount", Double), Column("currency", String),
+        Column("close_date", Date), Column("probability", Double), Column("created_at", DateTime),
         Column("created_by_crm_id", String), Column("modified_at", DateTime),
     ]
 
@@ -50,6 +50,7 @@ opportunity_history = Table(
     Column("row_hash", String, nullable=False),
     Column("valid_from", DateTime, nullable=False), Column("valid_to", DateTime), Column("run_id", String),
     PrimaryKeyConstraint("connection", "source_id", "version"),
+    Index("ix_history_open", "connection", "source_id", "valid_to"),
 )
 
 opportunity_events = Table(
@@ -60,8 +61,9 @@ opportunity_events = Table(
     Column("occurred_at", DateTime), Column("recorded_at", DateTime, nullable=False),
     Column("run_id", String, nullable=False), Column("changed_fields", Text),
     Column("old_value", Text), Column("new_value", Text),
-    Column("owner_crm_id", String), Column("created_by_crm_id", String), Column("amount", Float),
+    Column("owner_crm_id", String), Column("created_by_crm_id", String), Column("amount", Double),
     Column("status", String),
+    Index("ix_events_conn_source", "connection", "source_id"),
 )
 
 stage_opportunities = Table(
@@ -71,6 +73,7 @@ stage_opportunities = Table(
     Column("in_open_set", Boolean, nullable=False),
     *_canonical_columns(),
     Column("raw", Text), Column("row_hash", String, nullable=False),
+    Index("ix_stage_opp_extract", "extract_id"),
 )
 
 stage_deletes = Table(
@@ -89,7 +92,7 @@ extracts = Table(
     Column("fetched_open", Integer), Column("fetched_closed", Integer), Column("fetched_deleted", Integer),
     # distinct ids by status as the CRM reported them (latest version per id): the count check's reference
     Column("reported_open", Integer), Column("reported_closed", Integer),
-    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Float),
+    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
 )
 
@@ -102,7 +105,7 @@ sync_runs = Table(
     Column("fetched", Integer), Column("created", Integer), Column("updated", Integer), Column("closed", Integer),
     Column("reopened", Integer), Column("deleted", Integer), Column("restored", Integer),
     Column("skipped", Integer),  # fetched rows that were unchanged (not rewritten)
-    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Float),
+    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
 )
 
@@ -131,7 +134,7 @@ crm_stages = Table(
     "crm_stages", metadata,
     Column("connection", String, nullable=False), Column("stage_key", String, nullable=False),
     Column("label", Text), Column("pipeline", Text), Column("is_closed", Boolean), Column("is_won", Boolean),
-    Column("sort_order", Integer), Column("probability", Float),
+    Column("sort_order", Integer), Column("probability", Double),
     Column("category", String, nullable=False),  # open | won | lost, after the connection's stage mapping
     PrimaryKeyConstraint("connection", "stage_key"),
 )
@@ -153,7 +156,7 @@ user_links = Table(
 connections = Table(
     "connections", metadata,
     Column("name", String, primary_key=True), Column("crm", String, nullable=False),
-    Column("qualified_stages", Text), Column("qualified_min_probability", Float),
+    Column("qualified_stages", Text), Column("qualified_min_probability", Double),
     Column("updated_at", DateTime),
 )
 
@@ -167,11 +170,6 @@ def _m1_initial(conn: Connection) -> None:
     for table in metadata.sorted_tables:
         if table.name != "schema_migrations":
             table.create(conn, checkfirst=True)
-    Index("ix_stage_opp_extract", stage_opportunities.c.extract_id).create(conn, checkfirst=True)
-    Index("ix_events_conn_source", opportunity_events.c.connection,
-          opportunity_events.c.source_id).create(conn, checkfirst=True)
-    Index("ix_history_open", opportunity_history.c.connection, opportunity_history.c.source_id,
-          opportunity_history.c.valid_to).create(conn, checkfirst=True)
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [

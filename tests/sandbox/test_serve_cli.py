@@ -1,0 +1,64 @@
+"""`oppsync sandbox serve`: five simulators on their own ports, a matching oppsync.yaml, and a first
+answer within 30 s at 100,000 opportunities per CRM (issue acceptance; the wait is a deadline for the
+command to become usable, not a speed benchmark)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port_base(n: int = 5) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_free(base + i) for i in range(n)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_100k_answers_within_30s_and_writes_a_valid_config(tmp_path: Path):
+    base = free_port_base()
+    cfg = tmp_path / "oppsync.yaml"
+    proc = subprocess.Popen(
+        [str(BIN / "oppsync"), "sandbox", "serve", "--opportunities", "100000", "--port-base", str(base),
+         "--write-config", str(cfg)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started, first = time.monotonic(), None
+        while time.monotonic() - started < 30:
+            try:
+                state = requests.get(f"http://127.0.0.1:{base}/__sandbox/state", timeout=1).json()
+                first = time.monotonic() - started
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert first is not None, "the sandbox did not answer within 30 s"
+        assert state["crm"] == "salesforce" and state["opportunities"] + state["deleted"] == 100_000
+        deadline = time.monotonic() + 120
+        while not cfg.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        env = {**os.environ, "OPPSYNC_CONFIG": str(cfg)}
+        check = subprocess.run([str(BIN / "oppsync"), "config", "check"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        assert "5 connection(s)" in check.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

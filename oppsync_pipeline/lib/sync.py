@@ -99,6 +99,9 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         secrets = connector.credentials
         store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
                             started_at=started, since=since)
+        # Internal users and their links come from configuration; attribution is computed at read time, so
+        # a link added later credits past opportunities too.
+        store.save_directory(engine, cfg, started)
         store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
         store.save_users(engine, conn.name, connector.users(), started)
         counts = {"open": 0, "closed": 0, "deleted": 0}

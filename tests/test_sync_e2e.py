@@ -97,3 +97,26 @@ def test_full_then_incremental_then_full_matches_crm(crm: str, warehouse_url: st
             assert c.execute(text("SELECT count(*) FROM oppsync.opportunity_events")).scalar() == events_before
             runs = c.execute(text("SELECT status, count(*) FROM oppsync.sync_runs GROUP BY status")).fetchall()
         assert dict(runs) == {"success": 6}
+
+
+@pytest.mark.parametrize("crm", ["salesforce", "hubspot", "dynamics"])
+def test_native_delete_feeds_remove_deletes_in_incremental_runs(crm: str, duckdb_url: str, tmp_path: Path):
+    """CRMs with a delete feed (Salesforce delete log, HubSpot archived deals, Dataverse change tracking
+    whose delta link is kept in sync_state between runs) delete without waiting for a full sync."""
+    sim = build_simulator(crm, seed=11, opportunities=300)
+    with SandboxServer(sim) as server:
+        cfg = sandbox_config({crm: server}, duckdb_url, tmp_path, extra=FAST)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        sync_connection(cfg, conn, engine, run_id="r1")
+        gone = [o.native_id for o in list(sim.world.live())[:3]]
+        for native_id in gone:
+            sim.world.delete(native_id)
+        sim.world.clock.advance(__import__("datetime").timedelta(minutes=2))
+        step = sync_connection(cfg, conn, engine, run_id="r2")  # a new connector instance, as in production
+        assert step.extract.mode == "incremental"
+        assert step.result.deleted == 3
+        with engine.connect() as c:
+            deleted = {r[0] for r in c.execute(text(
+                "SELECT source_id FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"))}
+        assert deleted == {str(i) for i in gone}

@@ -96,6 +96,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     secrets: dict[str, str] = {}
     try:
         connector = connector or build_connector(cfg, conn)
+        connector.resume_token = state.resume_token
         secrets = connector.credentials
         store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
                             started_at=started, since=since)
@@ -114,14 +115,14 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
                 for o in page:
                     if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
                         max_modified = o.modified_at
-        if state.cursor is not None:
+        if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         out.counts, out.stats, out.status = counts, connector.stats.as_metadata(), "complete"
         store.finish_extract(engine, run_id, status="complete", finished_at=utcnow(), new_cursor=out.new_cursor,
-                             counts=counts, stats=out.stats)
+                             counts=counts, stats=out.stats, resume_token=connector.resume_token)
     except QuotaExhausted as err:
         out.status, out.error = "skipped", scrub(str(err), secrets)
         out.stats = connector.stats.as_metadata() if connector else {}

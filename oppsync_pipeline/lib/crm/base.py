@@ -38,6 +38,8 @@ class CrmConnector(ABC):
     known_fields: ClassVar[frozenset[str]] = frozenset()
     # Filters the CRM can evaluate server-side; the rest are applied after fetching.
     pushdown_filters: ClassVar[bool] = True
+    # The delete feed must be read once to set a baseline before it reports anything (Dataverse delta links).
+    delete_feed_needs_baseline: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -117,6 +119,15 @@ class CrmConnector(ABC):
     def is_custom_field(cls, name: str) -> bool:
         """Each CRM names custom fields its own way (Salesforce `__c`, Dataverse publisher prefix ...)."""
         return False
+
+    @property
+    def resume_token(self) -> str | None:
+        """A CRM-side change cursor the sync layer stores between runs (e.g. a Dataverse delta link)."""
+        return None
+
+    @resume_token.setter
+    def resume_token(self, value: str | None) -> None:
+        return None
 
     # -- shared behaviour -------------------------------------------------------------------------------------
 

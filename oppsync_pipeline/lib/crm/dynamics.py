@@ -10,11 +10,10 @@ connection sets `open_statuses` (labels or statuscode values).
 Incremental: `modifiedon ge <since>` ordered by `modifiedon,opportunityid`, paged with `Prefer:
 odata.maxpagesize` and `@odata.nextLink` used verbatim.
 Deletes (`options.change_tracking: true`): Dataverse hard-deletes, and only change tracking reports deletions.
-A delta token must be stored between runs to be useful; the sync layer has no place for one yet, so
-`deleted()` uses `options.delta_link` when the caller passes one and otherwise runs an initial
-`Prefer: odata.track-changes` read that only establishes a baseline (no deletions on that call). The new
-delta link is kept in `self.delta_link` for a caller that can persist it; calling `deleted()` again on the same
-connector reports the records deleted in between. Full syncs detect deletions by id diff anyway.
+The delta link is the connector's `resume_token`, which the sync layer stores in `oppsync.sync_state` between
+runs; without one (first run, or `options.delta_link` unset) `deleted()` runs an initial
+`Prefer: odata.track-changes` read that only establishes a baseline (no deletions on that call). An expired
+delta token (7 days by default) fails the read; full syncs detect deletions by id diff anyway.
 Options: authority_url (default https://login.microsoftonline.com), scope (default `<base_url>/.default`),
 change_tracking, delta_link, request_limit (service-protection window size used for quota stats, 6000).
 """
@@ -148,6 +147,16 @@ class DynamicsConnector(CrmConnector):
         "_campaignid_value", "_originatingleadid_value"})
 
     delta_link: str | None = None
+    delete_feed_needs_baseline = True
+
+    @property
+    def resume_token(self) -> str | None:
+        return self.delta_link if self.conn.options.get("change_tracking") else None
+
+    @resume_token.setter
+    def resume_token(self, value: str | None) -> None:
+        if value:
+            self.delta_link = value
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:

@@ -141,7 +141,9 @@ def _build_diff(conn: Connection, p: dict, full: bool) -> None:
         GROUP BY d.source_id"""
     if full:
         # a native delete also found by inference counts once, with the CRM's own timestamp
-        union = f"""SELECT source_id, MAX(deleted_at) AS deleted_at, BOOL_AND(inferred) AS inferred
+        union = f"""SELECT source_id,
+                           COALESCE(MAX(deleted_at) FILTER (WHERE NOT inferred), MAX(deleted_at)) AS deleted_at,
+                           BOOL_AND(inferred) AS inferred
                     FROM ({inferred} UNION ALL {native}) u GROUP BY source_id"""
     else:
         union = native
@@ -245,12 +247,15 @@ def _write_current(conn: Connection, p: dict) -> None:
 
 
 def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | None) -> None:
-    row = conn.execute(text(f"SELECT cursor, last_full_sync_at FROM {S}.sync_state WHERE connection = :c"), p).first()
+    row = conn.execute(text(f"SELECT cursor, last_full_sync_at, resume_token FROM {S}.sync_state "
+                            "WHERE connection = :c"), p).first()
+    token = conn.execute(text(f"SELECT new_resume_token FROM {S}.extracts WHERE extract_id = :x"), p).scalar()
+    token = token or (row.resume_token if row else None)
     cursor = new_cursor if new_cursor is not None else (row.cursor if row else None)
     if row is not None and row.cursor is not None and cursor is not None and cursor < row.cursor:
         cursor = row.cursor  # the bookmark never moves backwards
     full_at = p["obs"] if mode == "full" else (row.last_full_sync_at if row else None)
     conn.execute(text(f"DELETE FROM {S}.sync_state WHERE connection = :c"), p)
     conn.execute(text(f"INSERT INTO {S}.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
-                      "last_run_id) VALUES (:c, :cur, :full, :rec, :run)"),
-                 {**p, "cur": cursor, "full": full_at})
+                      "last_run_id, resume_token) VALUES (:c, :cur, :full, :rec, :run, :tok)"),
+                 {**p, "cur": cursor, "full": full_at, "tok": token})

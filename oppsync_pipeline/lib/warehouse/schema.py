@@ -94,6 +94,7 @@ extracts = Table(
     Column("reported_open", Integer), Column("reported_closed", Integer),
     Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+    Column("new_resume_token", Text),
 )
 
 sync_runs = Table(
@@ -113,6 +114,7 @@ sync_state = Table(
     "sync_state", metadata,
     Column("connection", String, primary_key=True), Column("cursor", DateTime),
     Column("last_full_sync_at", DateTime), Column("last_success_at", DateTime), Column("last_run_id", String),
+    Column("resume_token", Text),  # a CRM's own change cursor to carry between runs (Dataverse delta link)
 )
 
 sync_locks = Table(
@@ -172,8 +174,14 @@ def _m1_initial(conn: Connection) -> None:
             table.create(conn, checkfirst=True)
 
 
+def _m2_resume_tokens(conn: Connection) -> None:
+    for table, column in (("sync_state", "resume_token"), ("extracts", "new_resume_token")):
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} TEXT"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
+    (2, _m2_resume_tokens),
 ]
 
 

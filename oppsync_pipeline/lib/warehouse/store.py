@@ -84,12 +84,13 @@ class SyncState:
     cursor: datetime | None = None
     last_full_sync_at: datetime | None = None
     last_success_at: datetime | None = None
+    resume_token: str | None = None
 
 
 def get_state(engine: Engine, connection: str) -> SyncState:
     with transaction(engine) as conn:
-        row = conn.execute(text(f"SELECT cursor, last_full_sync_at, last_success_at FROM {S}.sync_state "
-                                "WHERE connection = :c"), {"c": connection}).first()
+        row = conn.execute(text(f"SELECT cursor, last_full_sync_at, last_success_at, resume_token "
+                                f"FROM {S}.sync_state WHERE connection = :c"), {"c": connection}).first()
     return SyncState(*row) if row else SyncState()
 
 
@@ -136,17 +137,19 @@ def stage_deletes(engine: Engine, extract_id: str, connection: str,
 
 def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at: datetime,
                    new_cursor: datetime | None = None, counts: dict[str, int] | None = None,
-                   stats: dict[str, Any] | None = None, error: str | None = None) -> None:
+                   stats: dict[str, Any] | None = None, error: str | None = None,
+                   resume_token: str | None = None) -> None:
     counts, stats = counts or {}, stats or {}
     with transaction(engine) as conn:
         conn.execute(text(
             f"UPDATE {S}.extracts SET status = :st, finished_at = :f, new_cursor = :nc, fetched_open = :fo, "
             "fetched_closed = :fc, fetched_deleted = :fd, api_requests = :rq, retries = :rt, seconds_waited = :sw, "
-            "quota_used = :qu, quota_limit = :ql, error = :err WHERE extract_id = :x"),
+            "quota_used = :qu, quota_limit = :ql, error = :err, new_resume_token = :tok WHERE extract_id = :x"),
             {"st": status, "f": finished_at, "nc": new_cursor, "fo": counts.get("open", 0),
              "fc": counts.get("closed", 0), "fd": counts.get("deleted", 0), "rq": stats.get("api_requests"),
              "rt": stats.get("retries"), "sw": stats.get("seconds_waited_on_rate_limits"),
-             "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id})
+             "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id,
+             "tok": resume_token})
         if status == "complete":
             conn.execute(text(f"""
                 UPDATE {S}.extracts SET

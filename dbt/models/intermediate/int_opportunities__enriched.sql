@@ -1,0 +1,127 @@
+-- One row per opportunity with everything the marts report: stage category, qualification, closure,
+-- the internal users credited (creator / current owner / owner at close; 'unmapped' when no link) and
+-- freshness. Deleted opportunities stay here (is_deleted) and are left out of the outcomes.
+-- A table: the join of the views above is the expensive step, read by three models and their tests.
+{{ config(materialized='table') }}
+
+with
+
+opportunities as (
+
+    select * from {{ ref('int_opportunities__categorized') }}
+
+),
+
+qualified as (
+
+    select * from {{ ref('int_opportunities__qualified') }}
+
+),
+
+closures as (
+
+    select * from {{ ref('int_opportunities__closures') }}
+
+),
+
+attribution as (
+
+    select * from {{ ref('int_crm_user_attribution') }}
+
+),
+
+sync_state as (
+
+    select * from {{ ref('stg_oppsync__sync_state') }}
+
+),
+
+sync_runs as (
+
+    select * from {{ ref('stg_oppsync__sync_runs') }}
+
+),
+
+joined as (
+
+    select
+        o.connection,
+        o.crm,
+        o.source_id,
+        o.project_name,
+        o.client_name,
+        o.service_location,
+        o.sales_executive,
+        o.owner_crm_id,
+        owner_attr.crm_user_name as owner_crm_name,
+        coalesce(owner_attr.user_id, '{{ var("unmapped_user_id") }}') as owner_user_id,
+        coalesce(owner_attr.user_name, '{{ var("unmapped_user_name") }}') as owner_user_name,
+        o.stage,
+        o.stage_label,
+        o.stage_category,
+        o.stage_known,
+        o.status as crm_status,
+        o.deleted_at is not null as is_deleted,
+        o.deleted_at,
+        o.amount,
+        o.currency,
+        o.close_date,
+        o.probability,
+        coalesce(o.created_at, o.first_seen_at) as created_at,
+        o.created_at is null as created_at_is_estimated,
+        o.created_by_crm_id,
+        creator_attr.crm_user_name as created_by_crm_name,
+        coalesce(creator_attr.user_id, '{{ var("unmapped_user_id") }}') as created_by_user_id,
+        coalesce(creator_attr.user_name, '{{ var("unmapped_user_name") }}') as created_by_user_name,
+        c.closed_at,
+        c.owner_at_close_crm_id,
+        case
+            when c.source_id is null then null
+            else coalesce(close_attr.user_id, '{{ var("unmapped_user_id") }}')
+        end as owner_at_close_user_id,
+        case
+            when c.source_id is null then null
+            else coalesce(close_attr.user_name, '{{ var("unmapped_user_name") }}')
+        end as owner_at_close_user_name,
+        coalesce(q.is_qualified, false) as is_qualified,
+        o.modified_at,
+        o.first_seen_at,
+        case
+            when o.deleted_at is not null then coalesce(r.finished_at, o.last_seen_at)
+            else coalesce(greatest(s.last_success_at, o.last_seen_at), o.last_seen_at)
+        end as last_synced_at,
+        o.version
+    from opportunities as o
+    left join qualified as q
+        on q.connection = o.connection
+        and q.source_id = o.source_id
+    left join closures as c
+        on c.connection = o.connection
+        and c.source_id = o.source_id
+    left join attribution as owner_attr
+        on owner_attr.connection = o.connection
+        and owner_attr.crm_user_id = o.owner_crm_id
+    left join attribution as creator_attr
+        on creator_attr.connection = o.connection
+        and creator_attr.crm_user_id = o.created_by_crm_id
+    left join attribution as close_attr
+        on close_attr.connection = o.connection
+        and close_attr.crm_user_id = c.owner_at_close_crm_id
+    left join sync_state as s
+        on s.connection = o.connection
+    left join sync_runs as r
+        on r.run_id = o.last_run_id
+
+),
+
+final as (
+
+    select
+        *,
+        {{ to_reporting_tz('created_at') }} as created_at_local,
+        {{ to_reporting_tz('closed_at') }} as closed_at_local
+    from joined
+
+)
+
+select * from final

@@ -1,0 +1,55 @@
+with
+
+enriched as (
+
+    select * from {{ ref('int_opportunities__enriched') }}
+
+),
+
+final as (
+
+    select
+        cast(connection as text) as connection,
+        cast(crm as text) as crm,
+        cast(source_id as text) as source_id,
+        cast(project_name as text) as project_name,
+        cast(client_name as text) as client_name,
+        cast(service_location as text) as service_location,
+        cast(sales_executive as text) as sales_executive,
+        cast(owner_crm_id as text) as owner_crm_id,
+        cast(owner_crm_name as text) as owner_crm_name,
+        cast(owner_user_id as text) as owner_user_id,
+        cast(owner_user_name as text) as owner_user_name,
+        cast(stage as text) as stage,
+        cast(stage_label as text) as stage_label,
+        cast(stage_category as text) as stage_category,
+        cast(stage_known as boolean) as stage_known,
+        cast(crm_status as text) as crm_status,
+        cast(is_deleted as boolean) as is_deleted,
+        cast(deleted_at as timestamp) as deleted_at,
+        cast(amount as double precision) as amount,
+        cast(currency as text) as currency,
+        cast(close_date as date) as close_date,
+        cast(probability as double precision) as probability,
+        cast(is_qualified as boolean) as is_qualified,
+        cast(created_at as timestamp) as created_at,
+        cast(created_at_local as timestamp) as created_at_local,
+        cast(created_at_is_estimated as boolean) as created_at_is_estimated,
+        cast(created_by_crm_id as text) as created_by_crm_id,
+        cast(created_by_crm_name as text) as created_by_crm_name,
+        cast(created_by_user_id as text) as created_by_user_id,
+        cast(created_by_user_name as text) as created_by_user_name,
+        cast(closed_at as timestamp) as closed_at,
+        cast(closed_at_local as timestamp) as closed_at_local,
+        cast(owner_at_close_crm_id as text) as owner_at_close_crm_id,
+        cast(owner_at_close_user_id as text) as owner_at_close_user_id,
+        cast(owner_at_close_user_name as text) as owner_at_close_user_name,
+        cast(modified_at as timestamp) as modified_at,
+        cast(first_seen_at as timestamp) as first_seen_at,
+        cast(last_synced_at as timestamp) as last_synced_at,
+        cast(version as integer) as version
+    from enriched
+
+)
+
+select * from final

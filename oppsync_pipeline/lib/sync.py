@@ -159,6 +159,9 @@ def _close_failed(engine: Engine, out: ExtractOutcome) -> None:
 def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
                   now: datetime | None = None) -> ReconcileResult:
     t0 = time.monotonic()
+    # Take (or re-take) the lease for the extract's run: a retried reconcile after a crash or a failure
+    # takes over from the dead holder, and still refuses while another live run holds the connection.
+    store.acquire_lock(engine, conn.name, out.extract_id, utcnow(), LOCK_TTL)
     try:
         result = reconcile(engine, extract_id=out.extract_id, connection=conn.name, crm=conn.crm, mode=out.mode,
                            run_id=out.extract_id, observed_at=out.started_at, recorded_at=now or utcnow(),

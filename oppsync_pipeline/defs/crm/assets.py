@@ -76,9 +76,15 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
         engine = oppsync.engine()
-        row = store.load_extract(engine, context.run.run_id)
+        # A re-execution from failure is a new run reusing the original's extract: look it up by lineage.
+        run = context.run
+        row = next((r for r in (store.load_extract(engine, rid) for rid in
+                                dict.fromkeys(x for x in (run.run_id, run.parent_run_id, run.root_run_id) if x))
+                    if r is not None), None)
         if row is None or row["status"] != "complete":
-            raise dg.Failure(f"no completed extract for run {context.run.run_id} of '{conn.name}'")
+            raise dg.Failure(f"no completed extract for run {run.run_id} of '{conn.name}' "
+                             f"({'none found' if row is None else row['status']}); run the sync again",
+                             allow_retries=False)
         out = ExtractOutcome(
             extract_id=row["extract_id"], connection=conn.name, crm=conn.crm, mode=row["mode"], status="complete",
             started_at=row["started_at"], since=row["since_cursor"], new_cursor=row["new_cursor"],

@@ -324,8 +324,10 @@ class SalesforceConnector(CrmConnector):
 
     def _get_deleted(self, since: datetime, now: datetime) -> list[list[tuple[str, datetime | None]]] | None:
         """The delete log for [since, now]; None when the log no longer reaches back to `since`."""
-        start = since.replace(second=0, microsecond=0)
         end = (now + timedelta(minutes=1)).replace(second=0, microsecond=0)
+        # Salesforce wants start more than one minute before end (400 INVALID_REPLICATION_DATE otherwise, e.g.
+        # when the bookmark is seconds old); a wider window only re-reads deletes already applied.
+        start = min(since.replace(second=0, microsecond=0), end - timedelta(minutes=2))
         body = self.client.get_json(f"{self.data_path}/sobjects/Opportunity/deleted/",
                                     params={"start": _iso(start), "end": _iso(end)})
         earliest = parse_datetime(body.get("earliestDateAvailable"))

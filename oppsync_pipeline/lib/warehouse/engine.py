@@ -7,7 +7,6 @@ share the embedded warehouse one transaction at a time.
 
 from __future__ import annotations
 
-import csv
 import io
 import time
 from collections.abc import Iterator, Sequence
@@ -78,10 +77,11 @@ def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequ
         finally:
             raw.unregister(name)
     else:
+        # Every value is quoted and NULL is the unquoted \N: in CSV mode a quoted field is never NULL, so a
+        # CRM text that reads exactly \N survives (csv.writer left it unquoted, and it came back as \\N).
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
         for row in rows:
-            writer.writerow(["\\N" if v is None else _pg_text(v) for v in row])
+            buf.write(",".join("\\N" if v is None else _pg_csv_quoted(v) for v in row) + "\n")
         buf.seek(0)
         cursor = conn.connection.dbapi_connection.cursor()
         try:
@@ -92,9 +92,7 @@ def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequ
     return len(rows)
 
 
-def _pg_text(v: Any) -> Any:
-    if isinstance(v, bool):
-        return "t" if v else "f"
-    if isinstance(v, str) and v == "\\N":
-        return "\\\\N"
-    return v
+def _pg_csv_quoted(v: Any) -> str:
+    text = ("t" if v else "f") if isinstance(v, bool) else str(v)
+    return '"' + text.replace('"', '""') + '"'
+

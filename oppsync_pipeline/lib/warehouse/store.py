@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, clean_text, raw_json, to_utc
+from oppsync_pipeline.lib.record import (
+    TRACKED_FIELDS, CrmUser, Opportunity, StageInfo, clean_text, raw_json, row_hash, to_utc,
+)
 from oppsync_pipeline.lib.warehouse.engine import bulk_insert, transaction
 from oppsync_pipeline.lib.warehouse.schema import CANONICAL
 
@@ -97,15 +99,15 @@ def get_state(engine: Engine, connection: str) -> SyncState:
 def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str,
                   started_at: datetime, since: datetime | None) -> None:
     with transaction(engine) as conn:
-        # Staged rows of extracts that never completed (crashed runs) are garbage: drop them.
-        conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE connection = :c AND extract_id IN "
-                          f"(SELECT extract_id FROM {S}.extracts WHERE connection = :c AND status <> 'complete')"),
-                     {"c": connection})
-        conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE connection = :c AND extract_id IN "
-                          f"(SELECT extract_id FROM {S}.extracts WHERE connection = :c AND status <> 'complete')"),
-                     {"c": connection})
+        # A new extract supersedes every earlier one of the connection that was not reconciled (crashed runs,
+        # or a completed extract whose reconcile never happened): their staged rows are garbage.
+        p = {"c": connection, "x": extract_id}
         conn.execute(text(f"UPDATE {S}.extracts SET status = 'failed', error = 'abandoned (process ended)' "
-                          "WHERE connection = :c AND status = 'running'"), {"c": connection})
+                          "WHERE connection = :c AND status = 'running' AND extract_id <> :x"), p)
+        conn.execute(text(f"UPDATE {S}.extracts SET status = 'superseded' "
+                          "WHERE connection = :c AND status = 'complete' AND extract_id <> :x"), p)
+        conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE connection = :c"), p)
+        conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE connection = :c"), p)
         conn.execute(text(f"DELETE FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id})
         conn.execute(text(f"INSERT INTO {S}.extracts (extract_id, connection, crm, mode, status, started_at, "
                           "since_cursor) VALUES (:x, :c, :crm, :m, 'running', :s, :since)"),
@@ -113,17 +115,24 @@ def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str,
 
 
 def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int) -> int:
-    """Write one page of extracted records to staging (its own short transaction: extract streams)."""
+    """Write one page of extracted records to staging (its own short transaction: extract streams).
+
+    The row hash is taken over the values as they will be stored (NUL bytes cleaned), so a record whose
+    stored values are unchanged always hashes the same."""
     rows = []
     for i, o in enumerate(page):
-        rows.append((
-            extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm,
-            clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
-            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), o.status,
-            o.amount, clean_text(o.currency), o.close_date, o.probability,
-            to_utc(o.created_at) if o.created_at else None, clean_text(o.created_by_crm_id),
-            to_utc(o.modified_at) if o.modified_at else None, raw_json(o.raw), o.row_hash(),
-        ))
+        values = {
+            "project_name": clean_text(o.project_name), "client_name": clean_text(o.client_name),
+            "service_location": clean_text(o.service_location), "sales_executive": clean_text(o.sales_executive),
+            "owner_crm_id": clean_text(o.owner_crm_id), "stage": clean_text(o.stage), "status": o.status,
+            "amount": o.amount, "currency": clean_text(o.currency), "close_date": o.close_date,
+            "probability": o.probability, "created_at": to_utc(o.created_at) if o.created_at else None,
+            "created_by_crm_id": clean_text(o.created_by_crm_id),
+        }
+        modified = to_utc(o.modified_at) if o.modified_at else None
+        rows.append((extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm,
+                     *(values[f] for f in CANONICAL[1:-1]), modified, raw_json(o.raw),
+                     row_hash(*(values[f] for f in TRACKED_FIELDS))))
     with transaction(engine) as conn:
         return bulk_insert(conn, f"{S}.stage_opportunities", STAGE_COLUMNS, rows)
 

@@ -21,19 +21,20 @@ def utcnow() -> datetime:
 
 
 class Clock:
-    """Virtual UTC time: real time since start, shifted by `advance`. Timestamps are truncated to the
-    CRM's precision so that, as in the real APIs, many records share one timestamp."""
+    """Virtual UTC time: real time shifted forward by `advance`, so it never goes back, across restarts
+    too, as a real CRM's clock does not. `start` is the anchor the tenant's data was generated relative
+    to (earlier than now when a restarted sandbox regenerates the same tenant). Timestamps are truncated
+    to the CRM's precision so that, as in the real APIs, many records share one timestamp."""
 
     def __init__(self, start: datetime | None = None, precision: timedelta = timedelta(seconds=1)):
-        self._start_real = utcnow()
-        self._start_virtual = start or self._start_real.replace(microsecond=0)
+        self._start_virtual = start or utcnow().replace(microsecond=0)
         self._offset = timedelta()
         self._lock = threading.Lock()
         self.precision = precision
 
     def now(self) -> datetime:
         with self._lock:
-            t = self._start_virtual + (utcnow() - self._start_real) + self._offset
+            t = max(utcnow(), self._start_virtual) + self._offset
         return truncate(t, self.precision)
 
     def advance(self, delta: timedelta) -> None:

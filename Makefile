@@ -42,7 +42,7 @@ bench: install
 	$(BIN)/python -m benchmarks
 
 reliability: install
-	$(BIN)/python -m pytest -q tests/reliability -m "reliability or not reliability" --reliability-full
+	OPPSYNC_RELIABILITY=full $(BIN)/python -m pytest -q -s tests/reliability
 
 docs: install
 	cd dbt && OPPSYNC_DUCKDB_PATH=$(CURDIR)/.oppsync/warehouse.duckdb ../$(BIN)/dbt docs generate --profiles-dir . --target duckdb

@@ -120,3 +120,23 @@ def test_native_delete_feeds_remove_deletes_in_incremental_runs(crm: str, duckdb
             deleted = {r[0] for r in c.execute(text(
                 "SELECT source_id FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"))}
         assert deleted == {str(i) for i in gone}
+
+
+def test_a_refused_dataverse_delta_link_starts_a_new_baseline(duckdb_url: str, tmp_path: Path):
+    """A stored delta token the CRM no longer accepts (expired, or the sandbox restarted) must not fail the
+    run: the connector starts a new baseline and the next full sync catches deletes in the gap."""
+    sim = build_simulator("dynamics", seed=5, opportunities=120)
+    with SandboxServer(sim) as server:
+        cfg = sandbox_config({"dynamics": server}, duckdb_url, tmp_path)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        sync_connection(cfg, conn, engine, run_id="r1")
+        with engine.begin() as c:
+            token = c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()
+            assert token and "deltatoken" in token.lower()
+            c.execute(text("UPDATE oppsync.sync_state SET resume_token = :t"),
+                      {"t": token.split("deltatoken=")[0] + "deltatoken=0%2111%2F22%2F2000%2000%3A00%3A00"})
+        step = sync_connection(cfg, conn, engine, run_id="r2")
+        assert step.result is not None and step.extract.status == "complete"
+        with engine.connect() as c:
+            assert "2000" not in c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()

@@ -30,15 +30,17 @@ class SuiteResult:
 
 
 def staged_frame(engine: Engine, extract_id: str) -> pd.DataFrame:
-    """The columns the suite checks, one row per distinct (id, set, content) of the extract.
+    """The columns the suite checks, one row per distinct (id, set, version, content) of the extract.
 
-    Exact duplicates (the same record on two pages) are legitimate and deduplicated by reconcile; two
-    *different* versions of one id within one set are not, and fail the uniqueness expectation."""
+    Exact duplicates (the same record on two pages) and newer versions of a record changed while it was
+    being read are legitimate, and reconcile keeps the latest; two *different* contents for the same id,
+    set and modification time are not, and fail the uniqueness expectation."""
     with transaction(engine) as conn:
         rows = conn.execute(text(
-            "SELECT DISTINCT source_id, in_open_set, row_hash, status, amount, created_at "
+            "SELECT DISTINCT source_id, in_open_set, modified_at, row_hash, status, amount, created_at "
             "FROM oppsync.stage_opportunities WHERE extract_id = :x"), {"x": extract_id}).fetchall()
-    return pd.DataFrame(rows, columns=["source_id", "in_open_set", "row_hash", "status", "amount", "created_at"])
+    return pd.DataFrame(rows, columns=["source_id", "in_open_set", "modified_at", "row_hash", "status", "amount",
+                                       "created_at"])
 
 
 def validate_extract(frame: pd.DataFrame, server_now: datetime, tolerance: timedelta = timedelta(hours=1)) -> SuiteResult:
@@ -54,7 +56,7 @@ def validate_extract(frame: pd.DataFrame, server_now: datetime, tolerance: timed
     suite = context.suites.add(gx.ExpectationSuite(name="extracted_opportunities"))
     for expectation in (
         gxe.ExpectColumnValuesToNotBeNull(column="source_id"),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["source_id", "in_open_set"]),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["source_id", "in_open_set", "modified_at"]),
         gxe.ExpectColumnValuesToBeInSet(column="status", value_set=STATUSES),
         gxe.ExpectColumnValuesToBeBetween(column="created_at", max_value=server_now + tolerance),
         gxe.ExpectColumnValuesToBeBetween(column="amount", min_value=0),

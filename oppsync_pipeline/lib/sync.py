@@ -107,14 +107,27 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         store.save_users(engine, conn.name, connector.users(), started)
         counts = {"open": 0, "closed": 0, "deleted": 0}
         seq, max_modified = 0, None
-        for open_set in (True, False):
-            for page in connector.opportunities(open_set=open_set, since=since):
-                store.stage_page(engine, run_id, page, open_set, seq)
-                seq += len(page)
-                counts["open" if open_set else "closed"] += len(page)
-                for o in page:
-                    if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
-                        max_modified = o.modified_at
+
+        def read_sets(read_since: datetime | None, counted: bool) -> None:
+            nonlocal seq, max_modified
+            for open_set in (True, False):
+                for page in connector.opportunities(open_set=open_set, since=read_since):
+                    store.stage_page(engine, run_id, page, open_set, seq)
+                    seq += len(page)
+                    if counted:
+                        counts["open" if open_set else "closed"] += len(page)
+                    for o in page:
+                        if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
+                            max_modified = o.modified_at
+
+        read_sets(since, counted=True)
+        if mode == "full":
+            # A record that moved between the sets while they were read (reopened after the open set was
+            # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
+            # both sets once more for changes since the run started on the server's clock; reconcile keeps
+            # each record's latest version.
+            run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+            read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)

@@ -20,6 +20,7 @@ change_tracking, delta_link, request_limit (service-protection window size used 
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -51,6 +52,7 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,7})?)?(Z|[+-]\d{2}:\d{2})$")
 # Publisher-prefixed custom columns (new_x, cr123_x, msdyn_x) and their lookup form (_new_x_value).
+log = logging.getLogger(__name__)
 CUSTOM = re.compile(r"^(_[a-z][a-z0-9]{1,7}_[a-z0-9_]+_value|[a-z][a-z0-9]{1,7}_[a-z0-9_]+)$")
 NUMERIC = frozenset({"estimatedvalue", "closeprobability", "statecode", "statuscode", "salesstage",
                      "exchangerate", "actualvalue", "budgetamount", "versionnumber"})
@@ -303,7 +305,18 @@ class DynamicsConnector(CrmConnector):
         url: str | None = link
         seen: set[str] = set()
         while url:
-            body = self.client.get_json(url, headers=headers)
+            try:
+                body = self.client.get_json(url, headers=headers)
+            except CrmError as err:
+                if url == link and err.status == 400:
+                    # The stored delta token is no longer accepted (expired after 7 days, or change tracking
+                    # was reset): start a new baseline. Deletes in the gap are found by the next full sync.
+                    log.warning("Dataverse refused the stored delta link (%s); starting a new baseline", err.code)
+                    self.delta_link = None
+                    for body in self._pages("opportunities", {"$select": "opportunityid"}, headers):
+                        self.delta_link = body.get("@odata.deltaLink") or self.delta_link
+                    return
+                raise
             gone = [(row["id"], None) for row in body.get("value", [])
                     if str(row.get("@odata.context", "")).endswith("/$deletedEntity")]
             if gone:

@@ -1,0 +1,76 @@
+"""Each benchmark runs at a tiny size and produces its row(s) of figures, and a run writes RESULTS.md.
+
+No timing assertions: speed and memory targets live in the benchmarks' own report, never in the test suite.
+The end-to-end benchmark (Dagster + dbt, minutes even when tiny) is marked slow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main, parse_args
+from benchmarks.common import Figure, postgres_available
+from benchmarks import api_efficiency, end_to_end, memory, reconcile_throughput
+
+TINY = ["--rows", "1000", "--page-size", "250", "--api-opportunities", "300", "--latency-opportunities", "300",
+        "--latency-connectwise", "30", "--memory-opportunities", "300", "--e2e-opportunities", "300",
+        "--e2e-connectwise", "50"]
+
+
+def figures_ok(figures: list[Figure]) -> None:
+    assert figures
+    for f in figures:
+        assert f.measured and f.measured != "FAILED", f
+        assert f.verdict in ("PASS", "MISS", "info"), f
+
+
+def test_reconcile_engine_and_dlt_on_duckdb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Postgres has its own test below; here only DuckDB, to keep this file fast.
+    monkeypatch.setattr(reconcile_throughput, "postgres_available", lambda: False)
+    figures = reconcile_throughput.run(parse_args(TINY), tmp_path)
+    subjects = [f.subject for f in figures]
+    assert subjects[:3] == ["duckdb engine", "duckdb dlt merge", "duckdb engine/dlt"]
+    figures_ok(figures[:3])
+
+
+@pytest.mark.postgres
+def test_reconcile_engine_on_postgres(tmp_path: Path):
+    if not postgres_available():
+        pytest.skip("Postgres unreachable")
+    figures = reconcile_throughput.run(parse_args(TINY + ["--no-dlt"]), tmp_path)
+    assert [f.subject for f in figures] == ["duckdb engine", "postgres engine"]
+    figures_ok(figures)
+
+
+def test_api_efficiency(tmp_path: Path):
+    # two CRMs keep this fast: HubSpot (search windows, lookups per page) and ConnectWise (forecasts in the minimum)
+    figures = api_efficiency.run(parse_args(TINY + ["--api-crm", "hubspot", "--api-crm", "connectwise"]), tmp_path)
+    assert [f.subject for f in figures] == ["hubspot", "connectwise"]
+    figures_ok(figures)
+    assert all("requests" in f.measured for f in figures)
+
+
+def test_memory_in_a_child_process(tmp_path: Path):
+    figures = memory.run(parse_args(TINY), tmp_path)
+    figures_ok(figures)
+    assert figures[0].measured.endswith("MB peak RSS")
+
+
+def test_a_run_prints_one_table_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Through the command line, with the latency benchmark at a tiny size on one CRM."""
+    results = tmp_path / "RESULTS.md"
+    assert main(["--only", "latency", "--latency-opportunities", "300", "--latency-crm", "salesforce",
+                 "--workdir", str(tmp_path / "w"), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark" in out and "latency floor" in out
+    text = results.read_text()
+    assert "MemTotal" in text and "--latency-opportunities 300" in text and "| latency floor | salesforce |" in text
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny(tmp_path: Path):
+    figures = end_to_end.run(parse_args(TINY), tmp_path)
+    figures_ok(figures)
+    assert "all jobs succeeded" in figures[0].notes

@@ -8,6 +8,7 @@ share the embedded warehouse one transaction at a time.
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,11 @@ def make_engine(url: str) -> Engine:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, poolclass=NullPool)
+        # DuckDB's buffer pool may otherwise grow to 80% of RAM during a large reconcile; past this limit it
+        # spills to disk, which keeps a million-row sync inside a few hundred MB.
+        limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "192MB")
+        engine = create_engine(url, poolclass=NullPool,
+                               connect_args={"config": {"memory_limit": limit, "preserve_insertion_order": False}})
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
     return engine

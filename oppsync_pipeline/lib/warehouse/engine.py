@@ -29,8 +29,9 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # DuckDB's buffer pool may otherwise grow to 80% of RAM during a large reconcile; past this limit it
-        # spills to disk, which keeps a million-row sync inside a few hundred MB.
-        limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "192MB")
+        # spills to disk. At 192MB a 200k-opportunity sync peaked at 389 MB RSS (947 MB uncapped) but a 1M
+        # sync failed inside DuckDB, so the default leaves room; lower it where memory matters more.
+        limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "1GB")
         engine = create_engine(url, poolclass=NullPool,
                                connect_args={"config": {"memory_limit": limit, "preserve_insertion_order": False}})
     else:

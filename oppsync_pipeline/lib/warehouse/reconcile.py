@@ -105,10 +105,13 @@ def _build_diff(conn: Connection, p: dict, full: bool) -> None:
         conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
     # One row per id: a record seen twice (duplicated across pages, or moving between the open and the
     # not-open set during the sync) counts once, as its latest version.
+    # The raw payload stays in staging (joined back by seq when rows are written): carrying it through the
+    # window would hold every staged JSON document in memory at once.
+    narrow = ", ".join(f"s.{c}" for c in ("source_id", "seq", "in_open_set", *DATA_COLUMNS, "row_hash"))
     conn.execute(text(f"""
         CREATE TEMPORARY TABLE rc_src AS
         SELECT * FROM (
-            SELECT s.*, row_number() OVER (
+            SELECT {narrow}, row_number() OVER (
                 PARTITION BY s.source_id ORDER BY s.modified_at DESC NULLS LAST, s.seq DESC) AS rn
             FROM {S}.stage_opportunities s WHERE s.extract_id = :x
         ) t WHERE rn = 1"""), p)
@@ -240,19 +243,21 @@ def _write_current(conn: Connection, p: dict) -> None:
     conn.execute(text(f"""
         INSERT INTO {S}.opportunities (connection, source_id, {cols}, raw, row_hash, version, first_seen_at,
                                        last_seen_at, closed_at, deleted_at, last_run_id)
-        SELECT :c, s.source_id, {scols}, s.raw, s.row_hash, 1, :obs, :obs,
+        SELECT :c, s.source_id, {scols}, r.raw, s.row_hash, 1, :obs, :obs,
                CASE WHEN s.status <> 'open' THEN d.changed_at END, NULL, :run
-        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id WHERE d.kind = 'new'"""), p)
+        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id
+        JOIN {S}.stage_opportunities r ON r.extract_id = :x AND r.seq = s.seq
+        WHERE d.kind = 'new'"""), p)
     sets = ", ".join(f"{c} = s.{c}" for c in DATA_COLUMNS)
     conn.execute(text(f"""
-        UPDATE {S}.opportunities AS o SET {sets}, raw = s.raw, row_hash = s.row_hash,
+        UPDATE {S}.opportunities AS o SET {sets}, raw = r.raw, row_hash = s.row_hash,
                version = d.old_version + 1, last_seen_at = :obs, deleted_at = NULL, last_run_id = :run,
                closed_at = CASE WHEN s.status = 'open' THEN NULL
                                 WHEN d.old_status = 'open' OR d.old_status IS DISTINCT FROM s.status THEN d.changed_at
                                 ELSE d.old_closed_at END
-        FROM rc_diff d, rc_src s
+        FROM rc_diff d, rc_src s, {S}.stage_opportunities r
         WHERE o.connection = :c AND o.source_id = d.source_id AND s.source_id = d.source_id
-          AND d.kind IN ('changed', 'restored')"""), p)
+          AND r.extract_id = :x AND r.seq = s.seq AND d.kind IN ('changed', 'restored')"""), p)
     conn.execute(text(f"""
         UPDATE {S}.opportunities AS o SET deleted_at = x.deleted_at, last_run_id = :run
         FROM rc_del x WHERE o.connection = :c AND o.source_id = x.source_id"""), p)

@@ -63,7 +63,9 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         child = subprocess.run([sys.executable, "-m", "benchmarks.memory_child", "--crm", CRM, "--url", url,
                                 "--workdir", str(workdir / "child")], capture_output=True, text=True, check=False)
         if child.returncode != 0:
-            raise RuntimeError(f"the sync child failed:\n{child.stderr[-2000:]}")
+            lines = child.stderr.strip().splitlines() or ["(no output)"]
+            # the exception itself is the last line; the traceback before it is context
+            raise RuntimeError(f"the sync child failed: {lines[-1][:400]}\n" + "\n".join(lines[-40:-1]))
         figures = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
         server.terminate()

@@ -139,11 +139,11 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     except QuotaExhausted as err:
         out.status, out.error = "skipped", scrub(str(err), secrets)
         out.stats = connector.stats.as_metadata() if connector else {}
-        _close_failed(engine, out)
+        close_extract(engine, out)
     except Exception as err:
         out.status, out.error = "failed", scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = connector.stats.as_metadata() if connector else {}
-        _close_failed(engine, out)
+        close_extract(engine, out)
         raise ExtractFailed(out.error) from None
     finally:
         out.seconds = time.monotonic() - t0
@@ -154,7 +154,22 @@ class ExtractFailed(Exception):
     """The extract failed; the warehouse is unchanged and the message is free of credentials."""
 
 
-def _close_failed(engine: Engine, out: ExtractOutcome) -> None:
+def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractOutcome:
+    """The outcome an extract recorded in `oppsync.extracts` (read back by the reconcile step and checks)."""
+    return ExtractOutcome(
+        extract_id=row["extract_id"], connection=row["connection"], crm=row["crm"], mode=row["mode"],
+        status=status or row["status"], started_at=row["started_at"], since=row["since_cursor"],
+        new_cursor=row["new_cursor"],
+        counts={"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
+                "deleted": row["fetched_deleted"] or 0},
+        stats={"api_requests": row["api_requests"], "retries": row["retries"],
+               "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
+               "quota_limit": row["quota_limit"]})
+
+
+def close_extract(engine: Engine, out: ExtractOutcome) -> None:
+    """End an extract that will not be reconciled (failed, skipped for quota, refused by a check): record it,
+    drop its staging, record the sync run and release the connection's lock. The bookmark does not move."""
     finished = utcnow()
     store.finish_extract(engine, out.extract_id, status=out.status, finished_at=finished, counts=out.counts,
                          stats=out.stats, error=out.error)

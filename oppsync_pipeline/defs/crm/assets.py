@@ -10,7 +10,7 @@ from croniter import croniter
 
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
-from oppsync_pipeline.lib.sync import ExtractOutcome, run_extract, run_reconcile
+from oppsync_pipeline.lib.sync import ExtractOutcome, outcome_from_row, run_extract, run_reconcile
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.store import LockHeld
 
@@ -85,14 +85,7 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
             raise dg.Failure(f"no completed extract for run {run.run_id} of '{conn.name}' "
                              f"({'none found' if row is None else row['status']}); run the sync again",
                              allow_retries=False)
-        out = ExtractOutcome(
-            extract_id=row["extract_id"], connection=conn.name, crm=conn.crm, mode=row["mode"], status="complete",
-            started_at=row["started_at"], since=row["since_cursor"], new_cursor=row["new_cursor"],
-            counts={"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
-                    "deleted": row["fetched_deleted"] or 0},
-            stats={"api_requests": row["api_requests"], "retries": row["retries"],
-                   "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
-                   "quota_limit": row["quota_limit"]})
+        out = outcome_from_row(row, status="complete")
         result = run_reconcile(oppsync.app_config().connection(conn.name), engine, out)
         counts = store.warehouse_counts(engine, conn.name)
         return dg.MaterializeResult(metadata={

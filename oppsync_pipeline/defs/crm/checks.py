@@ -8,9 +8,8 @@ from oppsync_pipeline.defs.crm.assets import extract_key, opportunities_key
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.quality import staged_frame, validate_extract
-from oppsync_pipeline.lib.sync import utcnow
+from oppsync_pipeline.lib.sync import close_extract, outcome_from_row, utcnow
 from oppsync_pipeline.lib.warehouse import store
-from oppsync_pipeline.lib.warehouse.engine import transaction
 
 UNMAPPED_WARN_SHARE = 0.2
 
@@ -75,18 +74,6 @@ def refuse_extract(engine, conn: ConnectionConfig, run_id: str, reason: str) -> 
     row = store.load_extract(engine, run_id)
     if row is None:
         return
-    finished = utcnow()
-    counts = {"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
-              "deleted": row["fetched_deleted"] or 0}
-    stats = {"api_requests": row["api_requests"], "retries": row["retries"],
-             "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
-             "quota_limit": row["quota_limit"]}
-    store.finish_extract(engine, run_id, status="refused", finished_at=finished, counts=counts, stats=stats,
-                         error=reason)
-    with transaction(engine) as c:
-        store.record_run(c, {"run_id": run_id, "connection": conn.name, "crm": conn.crm, "mode": row["mode"],
-                             "started_at": row["started_at"], "finished_at": finished, "status": "refused",
-                             "fetched": sum(counts.values()), "api_requests": row["api_requests"],
-                             "retries": row["retries"], "seconds_waited": row["seconds_waited"],
-                             "quota_used": row["quota_used"], "quota_limit": row["quota_limit"], "error": reason})
-    store.release_lock(engine, conn.name, run_id)
+    out = outcome_from_row(row, status="refused")
+    out.error = reason
+    close_extract(engine, out)

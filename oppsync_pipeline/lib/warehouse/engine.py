@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
@@ -23,19 +23,45 @@ from sqlalchemy.pool import NullPool
 from oppsync_pipeline.lib.warehouse.schema import migrate
 
 
+# Rows per DuckDB row group in the warehouse file (DuckDB's default is 122,880). A statement that writes many
+# rows fills one row group per thread in memory before compressing it to disk; with raw CRM payloads of 1-2.5 kB
+# that is 110-320 MB per thread, more than the memory limit below allows, and the first full sync of a large
+# tenant failed with "Out of Memory". At 16,384 it is 15-45 MB per thread; scans barely notice.
+DUCKDB_ROW_GROUP_SIZE = 16_384
+DUCKDB_CATALOG = "warehouse"
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("duckdb:"):
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # DuckDB's buffer pool may otherwise grow to 80% of RAM during a large reconcile; past this limit it
-        # spills to disk. At 192MB a 200k-opportunity sync peaked at 389 MB RSS (947 MB uncapped) but a 1M
-        # sync failed inside DuckDB, so the default leaves room; lower it where memory matters more.
-        limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "1GB")
-        engine = create_engine(url, poolclass=NullPool,
-                               connect_args={"config": {"memory_limit": limit, "preserve_insertion_order": False}})
-    else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+        return _duckdb_engine(url)
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def _duckdb_engine(url: str) -> Engine:
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    # DuckDB's buffer pool may otherwise grow to 80% of RAM; past this limit it spills to disk. With ART-free
+    # fact tables (schema migration 3) and small row groups a full sync of 1,000,000 Salesforce opportunities
+    # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful.
+    config: dict[str, Any] = {"memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB"),
+                              "preserve_insertion_order": False}
+    threads = os.environ.get("OPPSYNC_DUCKDB_THREADS")
+    if threads:
+        config["threads"] = int(threads)
+    if not path or path == ":memory:":
+        return create_engine(url, poolclass=NullPool, connect_args={"config": config})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # The row group size is an option of ATTACH, not of opening a file: open an in-memory database and attach
+    # the warehouse file as the default catalog. Spill files go where DuckDB puts them for a file database.
+    config["temp_directory"] = f"{path}.tmp"
+    engine = create_engine("duckdb:///:memory:", poolclass=NullPool, connect_args={"config": config})
+    quoted = path.replace("'", "''")
+
+    @event.listens_for(engine, "connect")
+    def attach_warehouse(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(
+            f"ATTACH '{quoted}' AS {DUCKDB_CATALOG} (ROW_GROUP_SIZE {DUCKDB_ROW_GROUP_SIZE})")
+        dbapi_connection.execute(f"USE {DUCKDB_CATALOG}")
+
     return engine
 
 

@@ -179,9 +179,49 @@ def _m2_resume_tokens(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} TEXT"))
 
 
+# The tables that grow with the CRM (one row per opportunity, version, event or staged record).
+FACT_TABLES = ("opportunities", "opportunity_history", "opportunity_events", "stage_opportunities")
+
+
+def _unindexed_copy(table: Table, name: str) -> Table:
+    """The table's columns (types, NOT NULL) without its primary key or indexes."""
+    columns = [Column(c.name, c.type, nullable=c.nullable) for c in table.columns]
+    return Table(name, MetaData(schema=SCHEMA), *columns)
+
+
+def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
+    """DuckDB only: rebuild the fact tables without primary keys or indexes.
+
+    DuckDB enforces keys with ART indexes that must fit in its memory limit while a transaction writes them
+    and are not spilled: a full sync of 1,000,000 opportunities writes about 5 million index entries in one
+    transaction and failed with "Out of Memory" under a 192 MB limit. DuckDB joins by hashing, so it never
+    needs them to be fast; uniqueness is the reconcile's job (one row per id out of its dedupe window,
+    versions numbered from the current row, event ids from run, id and type), checked by its property
+    test and by the mart's dbt tests. Postgres keeps its keys: B-trees live on disk.
+    """
+    if conn.dialect.name != "duckdb":
+        return
+    for name in FACT_TABLES:
+        has_index = conn.execute(text(
+            "SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t"),
+            {"s": SCHEMA, "t": name}).scalar()
+        has_key = conn.execute(text(
+            "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
+            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"), {"s": SCHEMA, "t": name}).scalar()
+        if not has_index and not has_key:
+            continue
+        rebuilt = _unindexed_copy(metadata.tables[f"{SCHEMA}.{name}"], f"{name}__m3")
+        rebuilt.create(conn)
+        cols = ", ".join(c.name for c in rebuilt.columns)
+        conn.execute(text(f"INSERT INTO {SCHEMA}.{name}__m3 ({cols}) SELECT {cols} FROM {SCHEMA}.{name}"))
+        conn.execute(text(f"DROP TABLE {SCHEMA}.{name}"))
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{name}__m3 RENAME TO {name}"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
+    (3, _m3_duckdb_fact_tables_without_art),
 ]
 
 

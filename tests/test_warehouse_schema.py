@@ -1,0 +1,104 @@
+"""Schema migrations on real warehouses: a warehouse created by an older version keeps every row.
+
+Migration 3 rebuilds DuckDB's fact tables without ART indexes (they must fit in DuckDB's memory limit while a
+transaction writes them; a 1,000,000-opportunity full sync failed on them). Postgres keeps its keys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from sqlalchemy import text
+
+from oppsync_pipeline.lib.warehouse.engine import (DUCKDB_CATALOG, DUCKDB_ROW_GROUP_SIZE, ensure_schema, make_engine,
+                                                    transaction)
+from oppsync_pipeline.lib.warehouse.schema import FACT_TABLES, MIGRATIONS, SCHEMA, schema_migrations
+
+T0 = datetime(2026, 1, 5, 9, 30)
+
+
+def _migrate_to(engine, version: int) -> None:
+    """Build the schema as a release with migrations up to `version` left it."""
+    with transaction(engine) as conn:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        schema_migrations.create(conn, checkfirst=True)
+        for number, step in MIGRATIONS:
+            if number <= version:
+                step(conn)
+                conn.execute(schema_migrations.insert().values(version=number, applied_at=T0))
+
+
+def _seed(engine) -> None:
+    with transaction(engine) as conn:
+        conn.execute(text(f"""
+            INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, version, first_seen_at,
+                                                last_seen_at, project_name, raw)
+            VALUES ('c', '001', 'salesforce', 'open', 'h1', 1, :t, :t, 'O''Brien; DROP', '{{"Id": "001"}}'),
+                   ('c', '002', 'salesforce', 'won', 'h2', 2, :t, :t, NULL, NULL)"""), {"t": T0})
+        conn.execute(text(f"""
+            INSERT INTO {SCHEMA}.opportunity_events (event_id, connection, crm, source_id, event_type, occurred_at,
+                                                     recorded_at, run_id)
+            VALUES ('r1:001:created', 'c', 'salesforce', '001', 'created', :t, :t, 'r1')"""), {"t": T0})
+        conn.execute(text(f"""
+            INSERT INTO {SCHEMA}.opportunity_history (connection, source_id, version, crm, status, row_hash,
+                                                      valid_from)
+            VALUES ('c', '001', 1, 'salesforce', 'open', 'h1', :t)"""), {"t": T0})
+
+
+def _keys_and_indexes(conn, table: str) -> int:
+    if conn.dialect.name == "duckdb":
+        return conn.execute(text(
+            "SELECT (SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t) + "
+            "(SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
+            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE'))"), {"s": SCHEMA, "t": table}).scalar()
+    return conn.execute(text("SELECT count(*) FROM pg_indexes WHERE schemaname = :s AND tablename = :t"),
+                        {"s": SCHEMA, "t": table}).scalar()
+
+
+def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
+    engine = make_engine(warehouse_url)
+    _migrate_to(engine, 2)
+    _seed(engine)
+    with engine.connect() as conn:
+        assert _keys_and_indexes(conn, "opportunities") > 0   # the old layout had its keys
+
+    assert ensure_schema(engine) == [3]
+    assert ensure_schema(engine) == []                       # once only
+
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT source_id, status, version, project_name, raw, first_seen_at "
+                                 f"FROM {SCHEMA}.opportunities ORDER BY source_id")).all()
+        assert [tuple(r) for r in rows] == [("001", "open", 1, "O'Brien; DROP", '{"Id": "001"}', T0),
+                                            ("002", "won", 2, None, None, T0)]
+        assert conn.execute(text(f"SELECT event_id FROM {SCHEMA}.opportunity_events")).scalar() == "r1:001:created"
+        assert conn.execute(text(f"SELECT count(*) FROM {SCHEMA}.opportunity_history")).scalar() == 1
+        for table in FACT_TABLES:
+            if engine.dialect.name == "duckdb":
+                assert _keys_and_indexes(conn, table) == 0, table
+            else:
+                assert _keys_and_indexes(conn, table) > 0, table   # Postgres keeps its B-trees
+        # NOT NULL survives the rebuild
+        with pytest.raises(Exception, match="(?i)not.null|null value"):
+            conn.execute(text(f"INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, "
+                              "version, first_seen_at, last_seen_at) VALUES ('c', NULL, 'x', 'open', 'h', 1, "
+                              "current_timestamp, current_timestamp)"))
+
+
+def test_the_duckdb_warehouse_is_written_in_small_row_groups(duckdb_url: str):
+    """Wide rows are buffered one row group per thread while a statement writes them: the engine attaches the
+    file with a small row group size so a large first sync fits the memory limit."""
+    engine = make_engine(duckdb_url)
+    ensure_schema(engine)
+    n = DUCKDB_ROW_GROUP_SIZE * 3
+    with transaction(engine) as conn:
+        assert conn.execute(text("SELECT current_database()")).scalar() == DUCKDB_CATALOG
+        conn.execute(text(f"""
+            INSERT INTO {SCHEMA}.stage_opportunities (extract_id, connection, source_id, seq, in_open_set, crm,
+                                                      status, row_hash, raw)
+            SELECT 'x', 'c', CAST(i AS VARCHAR), i, TRUE, 'salesforce', 'open', 'h', repeat('r', 500)
+            FROM range({n}) t(i)"""))
+    with engine.connect() as conn:
+        groups = conn.execute(text(
+            f"SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('{SCHEMA}.stage_opportunities')")).scalar()
+    assert groups >= 3

@@ -1,13 +1,14 @@
-"""HubSpot connector (CRM v3): deals through search, windowed on `hs_lastmodifieddate` to stay under the
-10,000-results cap of one search query.
+"""HubSpot connector (CRM v3): deals through search, read by keyset on `hs_object_id` so that no query ever
+pages past the 10,000-results cap of one search.
 
 - Auth: a private-app token (`access_token`), or OAuth (`client_id`, `client_secret`, `refresh_token`, optionally a
   current `access_token`): the token is refreshed at `POST /oauth/v1/token` on a 401 and the request repeated.
 - Open set: `dealstage IN <open stage ids>`, where open means the pipeline stage's `metadata.isClosed` is "false"
   (or the connection's `open_statuses`). Stage ids are unique across pipelines (custom ones are numeric).
-- Reads: `POST /crm/v3/objects/deals/search` sorted by `hs_lastmodifieddate` ASC, filtered to a window
-  `[lo, hi)`; a window whose `total` passes 10,000 is split in halves; a single millisecond holding more than
-  10,000 deals is read by keyset on `hs_object_id`. Search is throttled to `options.search_requests_per_second`
+- Reads: `POST /crm/v3/objects/deals/search` sorted by `hs_object_id` ASC with `hs_object_id GT <last id read>`
+  (plus `hs_lastmodifieddate GTE <since>` in incremental runs): any number of deals changed in any window,
+  even at one millisecond, is read completely, and deals changing during the read shift nothing. Search is
+  throttled to `options.search_requests_per_second`
   (default 4; HubSpot allows about 5 per second per portal).
 - Companies: one v4 batch association read per page (`POST /crm/v4/associations/deals/companies/batch/read`,
   duplicates across association types collapse to one company per `toObjectId`, the Primary one wins), then
@@ -36,7 +37,6 @@ from oppsync_pipeline.lib.crm.http import AuthError, Auth, QuotaExhausted, Reque
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, clean_text, parse_date, parse_datetime,
                                          parse_float, to_utc)
 
-SEARCH_CAP = 10_000
 LIST_MAX = 100
 BATCH_MAX = 100
 MAX_FILTERS_PER_GROUP = 10
@@ -212,63 +212,45 @@ class HubSpotConnector(CrmConnector):
             return
         pushed, leftover = self._render_filters()
         base = [{"propertyName": "dealstage", "operator": "IN", "values": stage_ids}, *pushed]
+        if since is not None:
+            base.append({"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))})
         properties = self._properties()
-        lo = _ms(since) if since is not None else None
-        # the window's upper end: just past the newest matching deal, so every window is a fixed slice of time
-        newest = self._search(base + _range(lo, None), ["hs_lastmodifieddate"], "DESCENDING", 1)
-        if not newest.get("results"):
-            return
-        hi = _ms(parse_datetime(newest["results"][0]["properties"]["hs_lastmodifieddate"])) + 1
         self._owner_map()
-        for records in self._window(base, properties, lo, hi):
+        for records in self._keyset(base, properties):
             page = [self._map(r) for r in self._with_companies(records)]
             if leftover:
                 page = [o for o in page if all(matches(f, _get(o.raw, f.field)) for f in leftover)]
             if page:
                 yield page
 
-    def _window(self, base: list[dict[str, Any]], properties: list[str], lo: int | None,
-                hi: int) -> Iterator[list[dict[str, Any]]]:
-        """Pages of raw deals with lo <= hs_lastmodifieddate < hi, ascending, splitting past the search cap."""
-        body = self._search(base + _range(lo, hi), properties, "ASCENDING", self.page_size)
-        total = int(body.get("total", 0))
-        if total == 0:
-            return
-        if total > SEARCH_CAP:
-            if lo is None:
-                lo = _ms(parse_datetime(body["results"][0]["properties"]["hs_lastmodifieddate"]))
-            if hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                yield from self._window(base, properties, lo, mid)
-                yield from self._window(base, properties, mid, hi)
-            else:
-                yield from self._one_millisecond(base, properties, lo)
-            return
-        while True:
-            yield body["results"]
-            after = ((body.get("paging") or {}).get("next") or {}).get("after")
-            if not after or not body["results"]:
-                return
-            body = self._search(base + _range(lo, hi), properties, "ASCENDING", self.page_size, after)
+    def _keyset(self, base: list[dict[str, Any]], properties: list[str]) -> Iterator[list[dict[str, Any]]]:
+        """Pages of raw deals in `hs_object_id` order, each query restarting past the last id read.
 
-    def _one_millisecond(self, base: list[dict[str, Any]], properties: list[str],
-                         at: int) -> Iterator[list[dict[str, Any]]]:
-        """More than 10,000 deals share one timestamp: keyset on hs_object_id (never an offset)."""
+        Never search's `after`: it is an offset, capped at 10,000 results (400 beyond), and an offset shifts
+        when a deal leaves the result set while we page (a deal won during a full read of the open set moved
+        every later deal up by one, and one of them was never read). An id bound does neither: a deal that
+        changes during the read is caught by the run's catch-up read or the next incremental run, and every
+        other deal is read exactly once however many match."""
         last = 0
         while True:
-            filters = base + [{"propertyName": "hs_lastmodifieddate", "operator": "EQ", "value": str(at)},
-                              {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]
+            filters = base + [{"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]
             body = self._search(filters, properties, "ASCENDING", self.page_size, sort_by="hs_object_id")
             results = body.get("results") or []
             if not results:
                 return
             yield results
-            last = max(int(r["id"]) for r in results)
-            if len(results) < self.page_size:
-                return
+            # the next query starts after the page's last deal in the server's order (not the page's largest
+            # id: a stray deal repeated from another page must not move the bound past deals not yet read)
+            following = int(results[-1]["id"])
+            if following <= last:
+                raise ValueError(f"HubSpot search returned deals out of hs_object_id order (last id {following} "
+                                 f"after {last}): stopping rather than skipping or re-reading deals")
+            last = following
+            if not (body.get("paging") or {}).get("next"):
+                return   # no further page exists
 
     def _search(self, filters: list[dict[str, Any]], properties: list[str], direction: str, limit: int,
-                after: str | None = None, sort_by: str = "hs_lastmodifieddate") -> dict[str, Any]:
+                sort_by: str) -> dict[str, Any]:
         if self.search_rps > 0:
             wait = self._last_search + 1.0 / self.search_rps - time.monotonic()
             if wait > 0:
@@ -277,8 +259,6 @@ class HubSpotConnector(CrmConnector):
         body: dict[str, Any] = {"filterGroups": [{"filters": filters}],
                                 "sorts": [{"propertyName": sort_by, "direction": direction}],
                                 "properties": properties, "limit": min(limit, self.max_page_size)}
-        if after:
-            body["after"] = str(after)
         return self.client.post_json("/crm/v3/objects/deals/search", body)
 
     def _properties(self) -> list[str]:
@@ -378,7 +358,7 @@ class HubSpotConnector(CrmConnector):
     def _render_filters(self) -> tuple[list[dict[str, Any]], list[RecordFilter]]:
         """Search filters for the connection's filters (values travel as JSON strings: nothing to inject);
         those past the per-group limit are applied after fetching."""
-        room = MAX_FILTERS_PER_GROUP - 4   # dealstage, the window's two bounds, one keyset bound
+        room = MAX_FILTERS_PER_GROUP - 3   # dealstage, the modified-since bound, the keyset bound
         pushed = [render_filter(f) for f in self.conn.filters[:room]]
         return pushed, list(self.conn.filters[room:])
 
@@ -404,15 +384,6 @@ def _value(field: str, value: Any) -> str:
             return str(_ms(dt))
         return text
     return str(value)
-
-
-def _range(lo: int | None, hi: int | None) -> list[dict[str, Any]]:
-    out = []
-    if lo is not None:
-        out.append({"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(lo)})
-    if hi is not None:
-        out.append({"propertyName": "hs_lastmodifieddate", "operator": "LT", "value": str(hi)})
-    return out
 
 
 def _ms(dt: datetime | None) -> int:

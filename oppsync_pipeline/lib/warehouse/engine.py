@@ -54,12 +54,10 @@ def _duckdb_engine(url: str) -> Engine:
     # the warehouse file as the default catalog. Spill files go where DuckDB puts them for a file database.
     config["temp_directory"] = f"{path}.tmp"
     engine = create_engine("duckdb:///:memory:", poolclass=NullPool, connect_args={"config": config})
-    quoted = path.replace("'", "''")
 
     @event.listens_for(engine, "connect")
     def attach_warehouse(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.execute(
-            f"ATTACH '{quoted}' AS {DUCKDB_CATALOG} (ROW_GROUP_SIZE {DUCKDB_ROW_GROUP_SIZE})")
+        dbapi_connection.execute(f"ATTACH ? AS {DUCKDB_CATALOG} (ROW_GROUP_SIZE {DUCKDB_ROW_GROUP_SIZE})", [path])
         dbapi_connection.execute(f"USE {DUCKDB_CATALOG}")
 
     return engine

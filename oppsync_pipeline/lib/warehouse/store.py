@@ -24,6 +24,8 @@ from oppsync_pipeline.lib.warehouse.schema import CANONICAL
 
 S = "oppsync"
 STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", *CANONICAL, "raw", "row_hash"]
+# stage_page writes the tracked values positionally, between `crm` and `modified_at`
+assert tuple(CANONICAL[1:-1]) == TRACKED_FIELDS, "stage_page's column order no longer matches CANONICAL"
 
 
 class LockHeld(Exception):
@@ -121,18 +123,13 @@ def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_
     stored values are unchanged always hashes the same."""
     rows = []
     for i, o in enumerate(page):
-        values = {
-            "project_name": clean_text(o.project_name), "client_name": clean_text(o.client_name),
-            "service_location": clean_text(o.service_location), "sales_executive": clean_text(o.sales_executive),
-            "owner_crm_id": clean_text(o.owner_crm_id), "stage": clean_text(o.stage), "status": o.status,
-            "amount": o.amount, "currency": clean_text(o.currency), "close_date": o.close_date,
-            "probability": o.probability, "created_at": to_utc(o.created_at) if o.created_at else None,
-            "created_by_crm_id": clean_text(o.created_by_crm_id),
-        }
-        modified = to_utc(o.modified_at) if o.modified_at else None
-        rows.append((extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm,
-                     *(values[f] for f in CANONICAL[1:-1]), modified, raw_json(o.raw),
-                     row_hash(*(values[f] for f in TRACKED_FIELDS))))
+        tracked = (  # TRACKED_FIELDS, in order
+            clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
+            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), o.status, o.amount,
+            clean_text(o.currency), o.close_date, o.probability, to_utc(o.created_at) if o.created_at else None,
+            clean_text(o.created_by_crm_id))
+        rows.append((extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm, *tracked,
+                     to_utc(o.modified_at) if o.modified_at else None, raw_json(o.raw), row_hash(*tracked)))
     with transaction(engine) as conn:
         return bulk_insert(conn, f"{S}.stage_opportunities", STAGE_COLUMNS, rows)
 

@@ -32,7 +32,6 @@ SMALLER_DEFAULTS = {
     "rows": 50_000,                  # brief: 1,000,000
     "latency_opportunities": 10_000,  # brief: 100,000
     "latency_connectwise": 500,
-    "memory_opportunities": 200_000,  # brief: 1,000,000
     "e2e_opportunities": 5_000,       # brief: 100,000
     "e2e_connectwise": 1_000,
 }

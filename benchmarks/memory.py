@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         server.terminate()
         server.wait(timeout=60)
     peak = figures["peak_rss_mb"]
+    limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB (default)")
     notes = (f"N={n:,}, fetched {figures['fetched']:,} in {figures['seconds']:.0f}s with {figures['requests']} "
-             f"requests; VmHWM of the sync process")
+             f"requests; VmHWM of the sync process; DuckDB memory limit {limit}")
     return [Figure(NAME, f"{CRM} -> duckdb", f"{peak:.0f} MB peak RSS", f"< {TARGET_MB} MB",
                    verdict(peak < TARGET_MB), notes)]

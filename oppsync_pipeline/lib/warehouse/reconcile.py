@@ -89,7 +89,7 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
             "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
             "quota_limit": stats.get("quota_limit"),
         })
-        for t in ("rc_src", "rc_diff", "rc_del"):
+        for t in ("rc_src", "rc_diff", "rc_del", "rc_upd"):
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
         return result
 
@@ -101,7 +101,7 @@ def _already(conn: Connection, run_id: str) -> ReconcileResult:
 
 
 def _build_diff(conn: Connection, p: dict, full: bool) -> None:
-    for t in ("rc_src", "rc_diff", "rc_del"):
+    for t in ("rc_src", "rc_diff", "rc_del", "rc_upd"):
         conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
     # One row per id: a record seen twice (duplicated across pages, or moving between the open and the
     # not-open set during the sync) counts once, as its latest version.
@@ -248,16 +248,26 @@ def _write_current(conn: Connection, p: dict) -> None:
         FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id
         JOIN {S}.stage_opportunities r ON r.extract_id = :x AND r.seq = s.seq
         WHERE d.kind = 'new'"""), p)
-    sets = ", ".join(f"{c} = s.{c}" for c in DATA_COLUMNS)
+    # The changed rows' new values, raw payload included, gathered first: joined inside the UPDATE, DuckDB
+    # took 196 s for 110,000 changed rows of 1,000,000 (the same rows gathered, then updated: seconds).
+    conn.execute(text("DROP TABLE IF EXISTS rc_upd"))
     conn.execute(text(f"""
-        UPDATE {S}.opportunities AS o SET {sets}, raw = r.raw, row_hash = s.row_hash,
-               version = d.old_version + 1, last_seen_at = :obs, deleted_at = NULL, last_run_id = :run,
-               closed_at = CASE WHEN s.status = 'open' THEN NULL
-                                WHEN d.old_status = 'open' OR d.old_status IS DISTINCT FROM s.status THEN d.changed_at
-                                ELSE d.old_closed_at END
-        FROM rc_diff d, rc_src s, {S}.stage_opportunities r
-        WHERE o.connection = :c AND o.source_id = d.source_id AND s.source_id = d.source_id
-          AND r.extract_id = :x AND r.seq = s.seq AND d.kind IN ('changed', 'restored')"""), p)
+        CREATE TEMPORARY TABLE rc_upd AS
+        SELECT s.source_id, {scols}, r.raw, s.row_hash, d.old_version + 1 AS version,
+               CASE WHEN s.status = 'open' THEN NULL
+                    WHEN d.old_status = 'open' OR d.old_status IS DISTINCT FROM s.status THEN d.changed_at
+                    ELSE d.old_closed_at END AS closed_at
+        FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id
+        JOIN {S}.stage_opportunities r ON r.extract_id = :x AND r.seq = s.seq
+        WHERE d.kind IN ('changed', 'restored')"""), p)
+    _analyze(conn, "rc_upd")
+    sets = ", ".join(f"{c} = u.{c}" for c in DATA_COLUMNS)
+    conn.execute(text(f"""
+        UPDATE {S}.opportunities AS o SET {sets}, raw = u.raw, row_hash = u.row_hash, version = u.version,
+               last_seen_at = :obs, deleted_at = NULL, last_run_id = :run, closed_at = u.closed_at
+        FROM rc_upd u
+        WHERE o.connection = :c AND o.source_id = u.source_id"""), p)
+    conn.execute(text("DROP TABLE rc_upd"))
     conn.execute(text(f"""
         UPDATE {S}.opportunities AS o SET deleted_at = x.deleted_at, last_run_id = :run
         FROM rc_del x WHERE o.connection = :c AND o.source_id = x.source_id"""), p)

@@ -111,7 +111,7 @@ WAREHOUSE = Path(__file__).resolve().parents[2] / "oppsync_pipeline" / "lib" / "
 # table name made from id(); `narrow` is a column list from schema.py; `changed` is a CASE list over
 # record.TRACKED_FIELDS; DUCKDB_CATALOG and DUCKDB_ROW_GROUP_SIZE are engine.py constants. Anything else (a run id, a connection name, a filter value) must be a
 # bound parameter.
-ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "narrow", "sets", "changed", "union", "locked", "t", "table", "column",
+ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "rcols", "narrow", "sets", "changed", "union", "locked", "t", "table", "column",
            "name", "DUCKDB_CATALOG", "DUCKDB_ROW_GROUP_SIZE",
            "', '.join(columns)", "', '.join(cols)", "', '.join((':' + c for c in cols))"}
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}

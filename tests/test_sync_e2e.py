@@ -134,9 +134,11 @@ def test_a_refused_dataverse_delta_link_starts_a_new_baseline(duckdb_url: str, t
         with engine.begin() as c:
             token = c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()
             assert token and "deltatoken" in token.lower()
-            c.execute(text("UPDATE oppsync.sync_state SET resume_token = :t"),
-                      {"t": token.split("deltatoken=")[0] + "deltatoken=0%2111%2F22%2F2000%2000%3A00%3A00"})
+            stale = token.split("deltatoken=")[0] + "deltatoken=0%2111%2F22%2F2000%2000%3A00%3A00"
+            c.execute(text("UPDATE oppsync.sync_state SET resume_token = :t"), {"t": stale})
         step = sync_connection(cfg, conn, engine, run_id="r2")
         assert step.result is not None and step.extract.status == "complete"
         with engine.connect() as c:
-            assert "2000" not in c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()
+            fresh = c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()
+        # the year of the stale link, "/2000 " encoded (a fresh link made at 00:xx holds "%2000" for the hour)
+        assert fresh != stale and "%2F2000%20" not in fresh

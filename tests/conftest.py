@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,15 @@ def duckdb_url(tmp_path: Path) -> str:
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Both warehouses: every test using it runs once on DuckDB and once on Postgres."""
-    if request.param == "duckdb":
-        yield f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    with warehouse_database(request.param, tmp_path) as url:
+        yield url
+
+
+@contextmanager
+def warehouse_database(backend: str, tmp_dir: Path) -> Iterator[str]:
+    """A warehouse URL: a DuckDB file in `tmp_dir`, or a fresh Postgres database dropped afterwards."""
+    if backend == "duckdb":
+        yield f"duckdb:///{tmp_dir / 'warehouse.duckdb'}"
         return
     require_postgres()
     name, url = _new_database()

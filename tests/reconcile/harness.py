@@ -56,20 +56,24 @@ def open_engine(url: str) -> Engine:
 
 @contextmanager
 def warehouse_database(backend: str, tmp_dir: Path) -> Iterator[str]:
-    """A warehouse URL for a whole test module: a DuckDB file, or one fresh Postgres database (creating a
-    database costs ~1 s; tests share it and empty the oppsync tables instead)."""
+    """A warehouse URL for a whole test module (creating a Postgres database costs ~1 s; tests share it and
+    empty the oppsync tables instead)."""
     # imported here: the crash test's child process imports this module and must start fast
-    from tests.conftest import _drop_database, _new_database, require_postgres
+    from tests.conftest import warehouse_database as shared
 
-    if backend == "duckdb":
-        yield f"duckdb:///{tmp_dir / 'warehouse.duckdb'}"
-        return
-    require_postgres()
-    name, url = _new_database()
-    try:
+    with shared(backend, tmp_dir) as url:
         yield url
-    finally:
-        _drop_database(name)
+
+
+@contextmanager
+def migrated_engine(backend: str, tmp_dir: Path) -> Iterator[Engine]:
+    """`open_engine` on a module's warehouse, disposed afterwards."""
+    with warehouse_database(backend, tmp_dir) as url:
+        engine = open_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def opp(source_id: str, *, status: str = "open", stage: str | None = None, amount: float | None = 1000.0,

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from oppsync_pipeline.lib.record import Opportunity
 from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused
 from tests.reconcile.harness import (
-    CURRENT_COLUMNS, HISTORY_COLUMNS, T0, Extract, current, empty_tables, events, history, opp, open_engine, sync,
-    warehouse_database,
+    CURRENT_COLUMNS, HISTORY_COLUMNS, T0, Extract, current, empty_tables, events, history, migrated_engine, opp,
+    sync,
 )
 from tests.reconcile.model import Model
 
@@ -165,10 +165,8 @@ def compare(engine, model: Model) -> None:
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def engine(request, tmp_path_factory):
-    with warehouse_database(request.param, tmp_path_factory.mktemp("property")) as url:
-        engine = open_engine(url)
+    with migrated_engine(request.param, tmp_path_factory.mktemp("property")) as engine:
         yield engine
-        engine.dispose()
 
 
 # OPPSYNC_PROPERTY_EXAMPLES=500 explores further (e.g. before changing reconcile.py); 25 keeps the suite fast.

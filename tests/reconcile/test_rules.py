@@ -19,7 +19,7 @@ from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused, reconcile
 from tests.reconcile.harness import (
     CONNECTION, LOCK_TTL, T0, Extract, current, empty_tables, event_types, events, full, history, incremental, opp,
-    open_engine, reconcile_extract, snapshot, stage_extract, sync, warehouse_database,
+    migrated_engine, reconcile_extract, snapshot, stage_extract, sync,
 )
 
 T1, T2, T3 = T0 + timedelta(hours=1), T0 + timedelta(hours=2), T0 + timedelta(hours=3)
@@ -28,10 +28,8 @@ MOD1, MOD2 = datetime(2026, 2, 1, 12, 0), datetime(2026, 3, 1, 9, 30)
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 def module_engine(request, tmp_path_factory):
-    with warehouse_database(request.param, tmp_path_factory.mktemp("rules")) as url:
-        engine = open_engine(url)
+    with migrated_engine(request.param, tmp_path_factory.mktemp("rules")) as engine:
         yield engine
-        engine.dispose()
 
 
 @pytest.fixture

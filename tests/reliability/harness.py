@@ -98,34 +98,29 @@ def snapshot(engine: Engine, connection: str) -> Snapshot:
 def invariants(engine: Engine, connection: str) -> list[str]:
     """What must hold after any sequence of runs: one 'created' per id, history versions 1..n without gaps,
     current version and hash equal to the latest history version, no run that left its lock behind."""
+    checks = [
+        ("ids with != 1 created event",
+         "SELECT source_id, count(*) FROM oppsync.opportunity_events WHERE connection = :c "
+         "AND event_type = 'created' GROUP BY source_id HAVING count(*) <> 1"),
+        ("ids without a created event",
+         "SELECT o.source_id FROM oppsync.opportunities o WHERE o.connection = :c AND NOT EXISTS (SELECT 1 FROM "
+         "oppsync.opportunity_events e WHERE e.connection = o.connection AND e.source_id = o.source_id "
+         "AND e.event_type = 'created')"),
+        ("history versions with gaps",
+         "SELECT source_id FROM oppsync.opportunity_history WHERE connection = :c "
+         "GROUP BY source_id HAVING max(version) <> count(*) OR min(version) <> 1"),
+        ("current rows not matching their open history version",
+         "SELECT o.source_id FROM oppsync.opportunities o JOIN oppsync.opportunity_history h "
+         "ON h.connection = o.connection AND h.source_id = o.source_id AND h.valid_to IS NULL "
+         "WHERE o.connection = :c AND (h.version <> o.version OR h.row_hash <> o.row_hash)"),
+        ("lock left behind by", "SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
+    ]
     problems = []
     with engine.connect() as c:
-        dup = c.execute(text("SELECT source_id, count(*) FROM oppsync.opportunity_events WHERE connection = :c "
-                             "AND event_type = 'created' GROUP BY source_id HAVING count(*) <> 1"),
-                        {"c": connection}).fetchall()
-        if dup:
-            problems.append(f"ids with != 1 created event: {dup[:3]}")
-        missing = c.execute(text("SELECT o.source_id FROM oppsync.opportunities o WHERE o.connection = :c AND NOT "
-                                 "EXISTS (SELECT 1 FROM oppsync.opportunity_events e WHERE e.connection = o.connection"
-                                 " AND e.source_id = o.source_id AND e.event_type = 'created')"),
-                            {"c": connection}).fetchall()
-        if missing:
-            problems.append(f"ids without a created event: {missing[:3]}")
-        gaps = c.execute(text("SELECT source_id FROM oppsync.opportunity_history WHERE connection = :c "
-                              "GROUP BY source_id HAVING max(version) <> count(*) OR min(version) <> 1"),
-                         {"c": connection}).fetchall()
-        if gaps:
-            problems.append(f"history versions with gaps: {gaps[:3]}")
-        stale = c.execute(text("SELECT o.source_id FROM oppsync.opportunities o JOIN oppsync.opportunity_history h "
-                               "ON h.connection = o.connection AND h.source_id = o.source_id AND h.valid_to IS NULL "
-                               "WHERE o.connection = :c AND (h.version <> o.version OR h.row_hash <> o.row_hash)"),
-                          {"c": connection}).fetchall()
-        if stale:
-            problems.append(f"current rows not matching their open history version: {stale[:3]}")
-        locks = c.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
-                          {"c": connection}).fetchall()
-        if locks:
-            problems.append(f"lock left behind by {locks}")
+        for what, sql in checks:
+            rows = c.execute(text(sql), {"c": connection}).fetchall()
+            if rows:
+                problems.append(f"{what}: {rows[:3]}")
     return problems
 
 

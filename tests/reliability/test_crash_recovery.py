@@ -33,7 +33,8 @@ from tests.reliability.crash_child import KILL_POINTS
 from tests.reliability.harness import FULL, invariants, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
-TRIALS = 30 if FULL else 2          # per warehouse
+TRIALS = 64 if FULL else 2          # per warehouse; a few finish before their kill point
+MIN_KILLS = 50 if FULL else 1       # the issue: at least 50 kill points, on DuckDB and on Postgres
 SIZE = 150
 PAGE_SIZE = 30
 EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
@@ -142,4 +143,4 @@ def test_killed_sync_converges_on_rerun(backend: str, crms: dict, tmp_path: Path
         finally:
             drop()
     print(f"\ncrash recovery on {backend}: {killed} kills of {TRIALS} trials, all converged: " + "; ".join(report))
-    assert killed >= TRIALS * 0.6, f"only {killed} of {TRIALS} trials killed the child"
+    assert killed >= max(MIN_KILLS, TRIALS * 0.6), f"only {killed} of {TRIALS} trials killed the child"

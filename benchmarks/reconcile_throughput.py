@@ -1,5 +1,5 @@
 """Reconcile throughput (issue 9 / issue 4): a snapshot of N+1% opportunities (10% changed, 1% closed, 1% new)
-applied to a warehouse already holding N, through the real engine (store.stage_page in pages, then
+applied to a warehouse already holding N, through the real engine (store.StagingWriter page by page, then
 reconcile.reconcile as a full run), against dlt's `merge` of the same rows into the same database.
 
 Both sides time the same logical operation: loading the changed snapshot on top of the initial one. The
@@ -79,16 +79,19 @@ def _one_backend(url: str, backend: str, args: argparse.Namespace, workdir: Path
 
 
 def _stage_extract(engine, extract_id: str, pages) -> None:
+    """Stage the pages as run_extract does (sync.py): through a StagingWriter, the open set and the
+    not-open set of each page separately."""
     store.begin_extract(engine, extract_id=extract_id, connection=synthetic.CONNECTION, crm=synthetic.CRM,
                         mode="full", started_at=datetime(2026, 3, 1), since=None)
+    staging = store.StagingWriter(engine, extract_id)
     seq = 0
     for p in pages:
         open_rows = [o for o in p if o.status == "open"]
         closed_rows = [o for o in p if o.status != "open"]
         for rows, is_open in ((open_rows, True), (closed_rows, False)):
             if rows:
-                store.stage_page(engine, extract_id, rows, is_open, seq)
-                seq += len(rows)
+                seq += staging.add(rows, is_open, seq)
+    staging.flush()
     store.finish_extract(engine, extract_id, status="complete", finished_at=datetime(2026, 3, 1),
                          counts={"open": seq})
 

@@ -107,12 +107,13 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         store.save_users(engine, conn.name, connector.users(), started)
         counts = {"open": 0, "closed": 0, "deleted": 0}
         seq, max_modified = 0, None
+        staging = store.StagingWriter(engine, run_id)
 
         def read_sets(read_since: datetime | None, counted: bool) -> None:
             nonlocal seq, max_modified
             for open_set in (True, False):
                 for page in connector.opportunities(open_set=open_set, since=read_since):
-                    store.stage_page(engine, run_id, page, open_set, seq)
+                    staging.add(page, open_set, seq)
                     seq += len(page)
                     if counted:
                         counts["open" if open_set else "closed"] += len(page)
@@ -128,6 +129,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             # each record's latest version.
             run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
             read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
+        staging.flush()
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)

@@ -27,7 +27,8 @@ from oppsync_pipeline.lib.warehouse.engine import make_engine
 KILL_POINTS: dict[str, tuple[Any, str]] = {
     "extract.begin": (store, "begin_extract"),
     "extract.request": (ApiClient, "request"),
-    "extract.stage_page": (store, "stage_page"),
+    "extract.stage_page": (store.StagingWriter, "add"),
+    "extract.stage_flush": (store.StagingWriter, "flush"),
     "extract.save_users": (store, "save_users"),
     "extract.finish": (store, "finish_extract"),
     "reconcile.events": (reconcile, "_write_events"),

@@ -108,10 +108,11 @@ def test_awkward_crm_text_round_trips(crm: str, warehouse_url: str, tmp_path: Pa
 WAREHOUSE = Path(__file__).resolve().parents[2] / "oppsync_pipeline" / "lib" / "warehouse"
 # What an f-string that reaches a SQL call may interpolate: the schema-name constant, table names from
 # schema.py, column lists built from schema.py's constants, SQL fragments of those, and a temporary
-# table name made from id(); `narrow` is a column list from schema.py; `changed` is a CASE list over
-# record.TRACKED_FIELDS; DUCKDB_CATALOG and DUCKDB_ROW_GROUP_SIZE are engine.py constants. Anything else (a run id, a connection name, a filter value) must be a
+# table name made from id(); `narrow` and `plain` are column lists from schema.py; `changed` is a CASE list over
+# record.TRACKED_FIELDS; `values` is bulk_insert's column list with store.DUCKDB_ROW_HASH (an expression over
+# record.TRACKED_FIELDS) in place of row_hash; DUCKDB_CATALOG and DUCKDB_ROW_GROUP_SIZE are engine.py constants. Anything else (a run id, a connection name, a filter value) must be a
 # bound parameter.
-ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "rcols", "narrow", "sets", "changed", "union", "locked", "t", "table", "column",
+ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "rcols", "narrow", "plain", "values", "sets", "changed", "union", "locked", "t", "table", "column",
            "name", "DUCKDB_CATALOG", "DUCKDB_ROW_GROUP_SIZE",
            "', '.join(columns)", "', '.join(cols)", "', '.join((':' + c for c in cols))"}
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,16 @@ def ensure_schema(engine: Engine) -> list[int]:
         return migrate(conn)
 
 
-def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY."""
+def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                computed: Mapping[str, str] | None = None) -> int:
+    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY.
+
+    `computed` (DuckDB only) gives some columns as SQL expressions over the inserted ones (the column itself
+    included), evaluated by the insert."""
     if not rows:
         return 0
+    if computed and conn.dialect.name != "duckdb":
+        raise ValueError("computed columns are a DuckDB insert feature; COPY cannot evaluate expressions")
     if conn.dialect.name == "duckdb":
         import pandas as pd
 
@@ -103,7 +109,8 @@ def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequ
         raw.register(name, frame)
         try:
             cols = ", ".join(columns)
-            raw.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
+            values = ", ".join((computed or {}).get(c, c) for c in columns)
+            raw.execute(f"INSERT INTO {table} ({cols}) SELECT {values} FROM {name}")
         finally:
             raw.unregister(name)
     else:

@@ -237,7 +237,8 @@ def read(url: str) -> dict:
 KILL_POINTS = [
     ("before", "SELECT run_id FROM oppsync.sync_locks", None),  # first statement: the lock check
     ("after", "CREATE TEMPORARY TABLE rc_src", None),
-    ("during", "CREATE TEMPORARY TABLE rc_diff", "opportunities"),
+    ("during", "CREATE TEMPORARY TABLE rc_cls", "opportunities"),
+    ("after", "CREATE TEMPORARY TABLE rc_diff", None),
     ("after", "INSERT INTO oppsync.opportunity_events", None),
     ("during", "INSERT INTO oppsync.opportunity_events", "opportunity_events"),
     ("during", "UPDATE oppsync.opportunity_history", "opportunity_history"),

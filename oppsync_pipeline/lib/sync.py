@@ -20,11 +20,11 @@ from typing import Any
 import requests
 from sqlalchemy.engine import Engine
 
-from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig, resolve_credentials
+from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncConfig, resolve_credentials
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
-from oppsync_pipeline.lib.crm.http import QuotaBudget, QuotaExhausted
-from oppsync_pipeline.lib.record import to_utc
+from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
 from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
@@ -86,10 +86,18 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     started = now or utcnow()
     ensure_schema(engine)
     state = store.get_state(engine, conn.name)
+    if mode not in ("auto", "full", "incremental"):
+        raise ValueError(f"mode must be full, incremental or auto, not {mode!r}")
+    synced_before, mapping_version = store.state_mapping_version(engine, conn.name)
+    remap = synced_before and (mapping_version or 0) < MAPPING_VERSION
     if mode == "auto":
         mode = "incremental" if state.cursor is not None else "full"
-    if mode not in ("full", "incremental"):
-        raise ValueError(f"mode must be full, incremental or auto, not {mode!r}")
+    if remap and mode == "incremental":
+        # The warehouse holds values mapped by an older connector: one full read rewrites them all (and the
+        # reconcile records no update events for the remapping).
+        log.warning("%s: last synced under mapping version %s, now %s: running a full re-baseline sync",
+                    conn.name, mapping_version, MAPPING_VERSION)
+        mode = "full"
     since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
     out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since)
     store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
@@ -98,6 +106,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         connector = connector or build_connector(cfg, conn)
         connector.resume_token = state.resume_token
         secrets = connector.credentials
+        connector.prepare()
         store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
                             started_at=started, since=since)
         # Internal users and their links come from configuration; attribution is computed at read time, so
@@ -146,14 +155,28 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         out.status, out.error = "failed", scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = connector.stats.as_metadata() if connector else {}
         close_extract(engine, out)
-        raise ExtractFailed(out.error) from None
+        raise ExtractFailed(out.error, permanent=is_permanent(err)) from None
     finally:
         out.seconds = time.monotonic() - t0
     return out
 
 
 class ExtractFailed(Exception):
-    """The extract failed; the warehouse is unchanged and the message is free of credentials."""
+    """The extract failed; the warehouse is unchanged and the message is free of credentials.
+
+    `permanent`: retrying the run cannot help (a refused query, a missing permission, bad credentials,
+    bad configuration): the Dagster asset fails at once instead of waiting out its retry policy."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def is_permanent(err: BaseException) -> bool:
+    """Errors classified once, in the HTTP layer (CrmError.permanent), plus configuration errors."""
+    if isinstance(err, CrmError):
+        return err.permanent
+    return isinstance(err, ConfigError)
 
 
 def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractOutcome:
@@ -166,7 +189,8 @@ def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractO
                 "deleted": row["fetched_deleted"] or 0},
         stats={"api_requests": row["api_requests"], "retries": row["retries"],
                "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
-               "quota_limit": row["quota_limit"]})
+               "quota_limit": row["quota_limit"], "token_requests": row.get("token_requests"),
+               "warnings": (row.get("warnings") or "").splitlines()})
 
 
 def close_extract(engine: Engine, out: ExtractOutcome) -> None:
@@ -182,7 +206,8 @@ def close_extract(engine: Engine, out: ExtractOutcome) -> None:
                              "api_requests": out.stats.get("api_requests"), "retries": out.stats.get("retries"),
                              "seconds_waited": out.stats.get("seconds_waited_on_rate_limits"),
                              "quota_used": out.stats.get("quota_used"), "quota_limit": out.stats.get("quota_limit"),
-                             "error": out.error})
+                             "token_requests": out.stats.get("token_requests"),
+                             "warnings": store.warnings_text(out.stats), "error": out.error})
     store.release_lock(engine, out.connection, out.extract_id)
 
 

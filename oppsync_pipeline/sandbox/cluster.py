@@ -1,9 +1,16 @@
 """Start the five simulators together and describe them as an oppsync.yaml connections block.
 
-Every CRM module in this package exposes the same three names:
-  `build(seed, opportunities, faults=None, clock=None) -> Simulator`
+Every CRM module in this package exposes the same names:
+  `build(seed, opportunities, faults=None, clock=None, *, variant="default") -> Simulator`
   `SANDBOX_CREDENTIALS: dict[str, str]`   credential key -> the (public, sandbox-only) value it accepts
   `CRM: str`
+  `VARIANTS: dict[str, str]`              tenant variant -> what makes it differ (vendor-documented tenants:
+                                          single-currency orgs, API users without rights to optional
+                                          endpoints, custom fields, stage ids that are not the labels ...);
+                                          "default" is the tenant `make run` and the suite meet
+  `truth(simulator) -> dict[str, dict]`   the tenant's opportunities as a user of that CRM sees them, by id:
+                                          the canonical fields computed from the simulator's own data (never
+                                          through a connector), for the variant matrix test
 """
 
 from __future__ import annotations
@@ -29,11 +36,16 @@ def crm_module(crm: str) -> ModuleType:
 
 
 def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
-                    anchor: datetime | None = None) -> Simulator:
+                    anchor: datetime | None = None, variant: str = "default") -> Simulator:
     """`anchor`: the moment the tenant's data is generated relative to. The same seed and anchor give the
-    same tenant, so a restarted sandbox is the same CRM."""
+    same tenant, so a restarted sandbox is the same CRM. `variant`: one of the module's VARIANTS."""
+    module = crm_module(crm)
+    known = getattr(module, "VARIANTS", {"default": ""})
+    if variant not in known:
+        raise ValueError(f"unknown {crm} sandbox variant {variant!r}; one of {sorted(known)}")
     clock = Clock(start=anchor) if anchor else None
-    return crm_module(crm).build(seed=seed, opportunities=opportunities, faults=faults, clock=clock)
+    extra = {"variant": variant} if variant != "default" else {}
+    return module.build(seed=seed, opportunities=opportunities, faults=faults, clock=clock, **extra)
 
 
 def connection_name(crm: str) -> str:
@@ -55,6 +67,7 @@ class Sandbox:
     latency_ms: int = 0
     anchor: datetime | None = None
     faults: FaultPlan | None = None
+    variants: dict[str, str] = field(default_factory=dict)   # crm -> tenant variant (default: "default")
     servers: dict[str, SandboxServer] = field(default_factory=dict)
 
     def start(self) -> Sandbox:
@@ -62,7 +75,8 @@ class Sandbox:
             plan = FaultPlan.from_json({"rules": [r.__dict__ for r in self.faults.rules], "seed": self.faults.seed,
                                         "latency_ms": self.latency_ms}) if self.faults else FaultPlan(
                                             latency_ms=self.latency_ms)
-            sim = build_simulator(crm, self.seed, self.opportunities, plan, anchor=self.anchor)
+            sim = build_simulator(crm, self.seed, self.opportunities, plan, anchor=self.anchor,
+                                  variant=self.variants.get(crm, "default"))
             self.servers[crm] = SandboxServer(sim, port=self.ports.get(crm, 0)).start()
         return self
 

@@ -106,6 +106,9 @@ class SimOpportunity:
     modified_at: datetime
     deleted_at: datetime | None = None
     extra: dict[str, Any] | None = None   # custom fields and anything written that the world does not model
+    # The sales stage, where the CRM keeps it apart from the status the world's `stage` models (ConnectWise
+    # stage vs status, Autotask stage vs status, Dataverse business-process stage vs statuscode).
+    sales_stage: str | None = None
 
 
 @dataclass
@@ -122,6 +125,9 @@ class TenantProfile:
     team_owners: int = 0          # how many owners are teams (Dataverse)
     users: int = 25
     accounts_per_opportunity: float = 0.3
+    # Sales stages kept apart from `stages` (which then are the CRM's statuses), in the CRM's order; the last
+    # one flagged is_won is where won opportunities stand. None: the stage is the status (Salesforce, HubSpot).
+    sales_stages: list[SimStage] | None = None
 
 
 FIRST = ["Dana", "Ana", "José", "Zoë", "Liam", "Chloé", "Noah", "Björn", "Mia", "Ōta", "Sven", "Priya", "O'Neil",
@@ -151,6 +157,7 @@ class World:
         self.lock = threading.RLock()
         self.version = 0
         self.stages: dict[str, SimStage] = {s.key: s for s in profile.stages}
+        self.sales_stages: dict[str, SimStage] = {s.key: s for s in profile.sales_stages or []}
         self.users: list[SimUser] = []
         self.accounts: list[SimAccount] = []
         self.opps: dict[str, SimOpportunity] = {}
@@ -208,10 +215,37 @@ class World:
         self._seq += 1
         opp.seq = self._seq
         opp.native_id = opp.native_id or self.profile.opportunity_id(self._seq)
+        if opp.sales_stage is None:
+            self._assign_sales_stage(opp)
         self.opps[opp.native_id] = opp
         return opp
 
+    def _assign_sales_stage(self, opp: SimOpportunity) -> None:
+        """A sales stage that fits the status: won deals stand in the won stage, lost ones where they were lost,
+        open ones in an open stage. Derived from the record (never from the shared rng, so adding sales
+        stages to a profile leaves every other generated value as it was)."""
+        if not self.sales_stages:
+            return
+        ordered = sorted(self.sales_stages.values(), key=lambda s: s.order)
+        status = self.status(opp)
+        pick = opp.seq * 7919 + sum(map(ord, opp.stage))
+        if status == "won":
+            won = [s for s in ordered if s.is_won] or ordered[-1:]
+            opp.sales_stage = won[0].key
+        else:
+            open_ = [s for s in ordered if not s.is_closed] or ordered
+            if status == "lost":
+                lost = [s for s in ordered if s.is_closed and not s.is_won]
+                open_ = lost + open_ if lost and pick % 2 else open_
+            opp.sales_stage = open_[pick % len(open_)].key
+
     # -- reading -----------------------------------------------------------------------------------------------
+
+    def sales_stage_of(self, opp: SimOpportunity) -> SimStage:
+        """The stage users see: the separate sales stage where the CRM has one, else the stage itself."""
+        if self.sales_stages and opp.sales_stage is not None:
+            return self.sales_stages[opp.sales_stage]
+        return self.stages[opp.stage]
 
     def status(self, opp: SimOpportunity) -> str:
         st = self.stages[opp.stage]
@@ -291,6 +325,7 @@ class World:
             setattr(opp, key, value)
             if key == "stage":
                 opp.probability = self.stages[value].probability
+                self._assign_sales_stage(opp)
         else:
             if opp.extra is None:
                 opp.extra = {}

@@ -10,7 +10,7 @@ from croniter import croniter
 
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
-from oppsync_pipeline.lib.sync import ExtractOutcome, outcome_from_row, run_extract, run_reconcile
+from oppsync_pipeline.lib.sync import ExtractFailed, ExtractOutcome, outcome_from_row, run_extract, run_reconcile
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.store import LockHeld
 
@@ -60,6 +60,12 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         except (LockHeld, ConfigError) as err:
             # Retrying cannot help: another run holds the connection, or the configuration is wrong.
             raise dg.Failure(str(err), allow_retries=False) from None
+        except ExtractFailed as err:
+            if err.permanent:
+                # A refused query, a missing permission, bad credentials: the same answer in 30 s. Transient
+                # failures were already retried in the HTTP client; those left keep the retry policy.
+                raise dg.Failure(f"{conn.name}: {err}", allow_retries=False) from None
+            raise
         if out.status == "skipped":
             context.log.warning(f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
                                 "the next run picks up where this one stopped.")
@@ -107,6 +113,8 @@ def _extract_metadata(out: ExtractOutcome) -> dict:
         "retries": stats.get("retries", 0), "rate_limited_responses": stats.get("rate_limited_responses", 0),
         "seconds_waited_on_rate_limits": stats.get("seconds_waited_on_rate_limits", 0.0),
         "token_refreshes": stats.get("token_refreshes", 0),
+        "token_requests": stats.get("token_requests", 0),
+        "warnings": "\n".join(stats.get("warnings") or []) or "none",
         "quota_used": stats.get("quota_used") if stats.get("quota_used") is not None else "not reported",
         "quota_limit": stats.get("quota_limit") if stats.get("quota_limit") is not None else "not reported",
         "seconds": round(out.seconds, 2),

@@ -15,16 +15,32 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
-from oppsync_pipeline.lib.crm.http import ApiClient, Auth, QuotaBudget, RequestStats
+from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, RequestStats
 from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime, parse_float
 
 Page = list[Opportunity]
+T = TypeVar("T")
+
+# Optional reads (dictionaries, quota polls, enrichments) that answer with one of these are skipped with a
+# warning and a documented fallback: real API users often lack rights to metadata endpoints.
+OPTIONAL_REFUSALS = (403, 404)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One thing a connection reads (or not) in this tenant, and why: `config check --online` prints these,
+    the run's metadata carries the ones that were not available."""
+
+    name: str
+    available: bool
+    detail: str = ""
 
 
 class CrmConnector(ABC):
@@ -63,6 +79,9 @@ class CrmConnector(ABC):
             session=session or requests.Session(),
         )
         self._stages: dict[str, StageInfo] | None = None
+        self._statuses: dict[str, StageInfo] | None = None
+        self._prepared = False
+        self.capabilities: dict[str, Capability] = {}
 
     # -- what each CRM provides -------------------------------------------------------------------------------
 
@@ -76,9 +95,21 @@ class CrmConnector(ABC):
         """Turn a CRM-specific response into an exception (e.g. quota spent); None to use the defaults."""
         return None
 
+    def discover_tenant(self) -> None:
+        """Learn what this tenant has before the first query (optional fields, custom fields, field types,
+        which lookups it exposes): Salesforce describe, Dataverse attribute metadata, HubSpot properties,
+        Autotask entityInformation/fields. Record what will and will not be read with `self.note`.
+        Runs once per run (see `prepare`)."""
+
     @abstractmethod
     def fetch_stages(self) -> list[StageInfo]:
-        """The tenant's stages / statuses with the CRM's own open / won semantics."""
+        """The tenant's sales stages as users see them (key = the stage's id / API value, label = its name),
+        with the CRM's own open / won flags where the stage carries them."""
+
+    def fetch_statuses(self) -> list[StageInfo]:
+        """The CRM's statuses with their open / won flags, where the status is not the stage (ConnectWise,
+        Autotask, Dataverse statuscode). Empty: the stage's flags (or the record's) decide the status."""
+        return []
 
     @abstractmethod
     def users(self) -> Iterable[CrmUser]:
@@ -135,10 +166,83 @@ class CrmConnector(ABC):
     def stats(self) -> RequestStats:
         return self.client.stats
 
+    def prepare(self) -> None:
+        """Discover the tenant once per run (cached): connectors call this before building a query."""
+        if not self._prepared:
+            self._prepared = True
+            self.discover_tenant()
+
+    def discover(self) -> list[Capability]:
+        """What `oppsync config check --online` reports: the same discovery a run does, the dictionaries, and
+        one page of each opportunity set (the required reads), each noted as read or not and why."""
+        self.prepare()
+        self.stages()
+        self.statuses()
+        for open_set in (True, False):
+            what = "opportunities (open set)" if open_set else "opportunities (not-open set)"
+            try:
+                next(iter(self.opportunities(open_set=open_set, since=None)), None)
+                self.note(what, True, "readable")
+            except CrmError as err:
+                self.note(what, False, f"REQUIRED and refused: {err}")
+        return list(self.capabilities.values())
+
+    def note(self, name: str, available: bool, detail: str = "") -> None:
+        self.capabilities[name] = Capability(name, available, detail)
+
+    def optional(self, name: str, call: Callable[[], T], fallback: T, *, fallback_text: str,
+                 refusals: tuple[int, ...] = OPTIONAL_REFUSALS) -> T:
+        """Run a read that only enriches or meters the sync. Refused (403/404 by default): a warning in the
+        run's metadata and `sync_runs.warnings`, and `fallback` instead; never a failed run."""
+        try:
+            value = call()
+        except CrmError as err:
+            if err.status not in refusals:
+                raise
+            message = f"{name}: HTTP {err.status}, not readable by this API user; {fallback_text}"
+            self.stats.warn(message)
+            self.note(name, False, f"HTTP {err.status}; {fallback_text}")
+            return fallback
+        self.note(name, True, "readable")
+        return value
+
     def stages(self) -> dict[str, StageInfo]:
         if self._stages is None:
+            self.prepare()
             self._stages = {s.key: s for s in self.fetch_stages()}
         return self._stages
+
+    def statuses(self) -> dict[str, StageInfo]:
+        if self._statuses is None:
+            self.prepare()
+            self._statuses = {s.key: s for s in self.fetch_statuses()}
+        return self._statuses
+
+    def stage_name(self, stage_id: Any) -> str | None:
+        """The stage's name for a stage id (the id itself when the tenant's dictionary does not know it)."""
+        if stage_id is None or stage_id == "":
+            return None
+        info = self.stages().get(str(stage_id))
+        return info.label if info else str(stage_id)
+
+    def resolve_status(self, stage: str | None, crm_status: str | None, flags: Status) -> Status:
+        """open / won / lost of one record, one rule for all five CRMs:
+          1. the connection's `stage_categories`, by stage name (or CRM status label): seed 003 counts a won
+             *stage* as won while the CRM's status still says active;
+          2. the connection's `open_statuses` (seed 000), by CRM status label or stage name: listed -> open,
+             otherwise closed, won when the CRM's flags say won;
+          3. the CRM's own flags (`flags`, computed by the connector from the stage / status dictionaries or
+             the record's IsClosed / IsWon / statecode)."""
+        categories = self.conn.stage_categories
+        for name in (stage, crm_status):
+            if name is not None and name in categories:
+                return categories[name]
+        if self.conn.open_statuses is not None:
+            names = {n for n in (stage, crm_status) if n is not None}
+            if names & set(self.conn.open_statuses):
+                return "open"
+            return "won" if flags == "won" else "lost"
+        return flags
 
     def status_for(self, stage_key: str | None, *, is_closed: bool | None = None, is_won: bool | None = None) -> Status:
         """open / won / lost: the connection's open statuses when configured (seed 000), else the CRM's flags."""

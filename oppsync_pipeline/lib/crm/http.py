@@ -24,16 +24,29 @@ RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
 class CrmError(Exception):
-    """A CRM call failed in a way retrying will not fix. The message never carries credentials."""
+    """A CRM call failed. The message never carries credentials.
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+    `permanent`: retrying cannot help (400, 403, 404, refused credentials, a malformed answer to a
+    deterministic query): the run fails at once and Dagster's retry policy is skipped. Transient failures
+    (429, 5xx, timeouts, resets) are retried inside ApiClient; when those retries are spent the error is
+    raised with permanent=False and the run may be retried later."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None, *,
+                 permanent: bool | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        # By default an HTTP 4xx (other than 429) is permanent; an answer of the wrong shape may be a bad
+        # page that the next run does not get, so it is not.
+        self.permanent = permanent if permanent is not None else (
+            status is not None and 400 <= status < 500 and status != 429)
 
 
 class AuthError(CrmError):
     """Credentials were refused."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message, status, code, permanent=True)
 
 
 class QuotaExhausted(CrmError):
@@ -59,10 +72,18 @@ class RequestStats:
     quota_used: int | None = None    # the CRM's own usage counter, when it reports one
     quota_limit: int | None = None
     server_time: Any = None          # `Date` header of the first response (the run's start, server side)
+    token_requests: int = 0          # OAuth / session token calls (included in `requests`: the CRM counts them)
+    warnings: list[str] = field(default_factory=list)  # optional reads refused, and the fallback used
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
             "api_requests": self.requests,
+            "token_requests": self.token_requests,
+            "warnings": list(self.warnings),
             "retries": self.retries,
             "rate_limited_responses": self.rate_limited,
             "seconds_waited_on_rate_limits": round(self.seconds_waited, 3),
@@ -73,9 +94,19 @@ class RequestStats:
 
 
 class Auth:
-    """How a CRM authenticates. Subclasses add headers and, for OAuth, fetch / refresh tokens."""
+    """How a CRM authenticates. Subclasses add headers and, for OAuth, fetch / refresh tokens.
+
+    Token calls go through `token_request`, so they are counted with the run's requests (the CRM counts
+    them against its limits too) and reported separately."""
 
     refreshable = False
+    stats: RequestStats | None = None   # bound by ApiClient
+
+    def token_request(self, session: requests.Session, method: str, url: str, **kwargs: Any) -> requests.Response:
+        if self.stats is not None:
+            self.stats.requests += 1
+            self.stats.token_requests += 1
+        return session.request(method, url, **kwargs)
 
     def apply(self, session: requests.Session, headers: dict[str, str]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -143,6 +174,9 @@ class ApiClient:
     sleep: Callable[[float], None] = time.sleep
     session: requests.Session = field(default_factory=requests.Session)
 
+    def __post_init__(self) -> None:
+        self.auth.stats = self.stats
+
     def url(self, path: str) -> str:
         if path.startswith("http://") or path.startswith("https://"):
             return path
@@ -162,10 +196,11 @@ class ApiClient:
             return retrying(self._once, method, path, **kwargs)
         except RetryableHttpError as err:
             raise CrmError(f"{method} {_safe_path(path)} still failing after {self.max_attempts} attempts: {err}",
-                           status=err.status) from None
+                           status=err.status, permanent=False) from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
             raise CrmError(f"{method} {_safe_path(path)} unreachable after {self.max_attempts} attempts: "
-                           f"{type(err).__name__}") from None
+                           f"{type(err).__name__}; check base_url and that the host is reachable",
+                           permanent=False) from None
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.parse_json(self.request("GET", path, **kwargs))
@@ -215,10 +250,11 @@ class ApiClient:
             raise RetryableHttpError(f"HTTP {response.status_code}", retry_after_seconds(response),
                                      status=response.status_code)
         if response.status_code == 401:
-            raise AuthError(f"{method} {_safe_path(path)}: credentials were refused (401)", status=401)
+            raise AuthError(f"{method} {_safe_path(path)}: credentials were refused (401) even after a new token; "
+                            "check the connection's credentials and that the API user is active", status=401)
         if response.status_code >= 400:
             raise CrmError(f"{method} {_safe_path(path)} failed with HTTP {response.status_code}: "
-                           f"{_safe_body(response)}", status=response.status_code)
+                           f"{_safe_body(response)}. {fix_hint(response.status_code)}", status=response.status_code)
         return response
 
     def _wait(self, state: RetryCallState) -> float:
@@ -235,6 +271,20 @@ class ApiClient:
         self.stats.retries += 1
         err = state.outcome.exception() if state.outcome else None
         log.info("retrying after %s (attempt %d)", type(err).__name__ if err else "?", state.attempt_number)
+
+
+def fix_hint(status: int | None) -> str:
+    """What a user should check for a permanent HTTP error (the connector's own message may be sharper)."""
+    if status == 403:
+        return ("The API user lacks a permission this read needs: grant it read access to the object in the CRM "
+                "(README: per-CRM prerequisites), or run `oppsync config check --online` to see what is readable.")
+    if status == 404:
+        return ("Not found: check the connection's base_url, options.api_version and that the object or "
+                "field exists in this tenant (`oppsync config check --online`).")
+    if status == 400:
+        return ("The CRM refused the query: check the connection's filters, fields and options against the "
+                "tenant's fields (`oppsync config check --online` lists them).")
+    return "Check the connection's configuration (`oppsync config check --online`)."
 
 
 def _safe_path(url: str) -> str:

@@ -18,14 +18,14 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from oppsync_pipeline.lib.record import TRACKED_FIELDS
+from oppsync_pipeline.lib.record import MAPPING_VERSION, TRACKED_FIELDS
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.store import assert_lock, record_run
 
 S = "oppsync"
 DATA_COLUMNS = ["crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
-                "stage", "status", "amount", "currency", "close_date", "probability", "created_at",
-                "created_by_crm_id", "modified_at"]
+                "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date", "probability",
+                "created_at", "created_by_crm_id", "modified_at"]
 
 
 # The reconcile's working tables (temporary: private to its transaction's connection)
@@ -68,6 +68,7 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
         if status != "complete":
             raise RuntimeError(f"extract {extract_id} is '{status}', not complete: nothing to reconcile")
         p = {"x": extract_id, "c": connection, "crm": crm, "run": run_id, "obs": observed_at, "rec": recorded_at}
+        rebaseline = _needs_rebaseline(conn, p)
         _build_diff(conn, p, full=(mode == "full"))
         result = _count(conn)
         live = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
@@ -78,7 +79,10 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
                 f"full sync of '{connection}' would delete {inferred} of {live} opportunities "
                 f"({inferred / live:.0%}), more than max_delete_share={max_delete_share:.0%}; nothing was changed. "
                 "If the CRM really lost them, raise connections[].max_delete_share for one run.")
-        result.events = _write_events(conn, p)
+        result.events = _write_events(conn, p, rebaseline)
+        if rebaseline:
+            # The values changed because the mapping did, not the CRM: no `updated` count for them either.
+            result.updated = 0
         _write_history(conn, p)
         _write_current(conn, p)
         conn.execute(text(f"UPDATE {S}.extracts SET status = 'reconciled' WHERE extract_id = :x"), p)
@@ -91,11 +95,26 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
             "started_at": started_at or observed_at, "finished_at": recorded_at, "status": "success",
             **result.as_dict(), "api_requests": stats.get("api_requests"), "retries": stats.get("retries"),
             "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
-            "quota_limit": stats.get("quota_limit"),
+            "quota_limit": stats.get("quota_limit"), "token_requests": stats.get("token_requests"),
+            "warnings": "\n".join([*(stats.get("warnings") or []),
+                                   *(["re-baselined: values rewritten under mapping version "
+                                      f"{MAPPING_VERSION} without update events"] if rebaseline else [])]) or None,
         })
         for t in _TEMP_TABLES:
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
         return result
+
+
+def _needs_rebaseline(conn: Connection, p: dict) -> bool:
+    """A connection last synced under an older record.MAPPING_VERSION (or before versions were recorded):
+    this run's value changes come from the new mapping (stage names for ids, one address form ...), not from
+    the CRM, so they are written as new versions without `updated` / `stage_changed` events. Status changes
+    (closes, reopens), creations and deletes are still recorded: the mapping never changes open/won/lost."""
+    row = conn.execute(text(f"SELECT mapping_version FROM {S}.sync_state WHERE connection = :c"), p).first()
+    if row is None:
+        return False
+    has_rows = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c"), p).scalar()
+    return bool(has_rows) and (row[0] is None or row[0] < MAPPING_VERSION)
 
 
 def _already(conn: Connection, run_id: str) -> ReconcileResult:
@@ -216,7 +235,11 @@ def _count(conn: Connection) -> ReconcileResult:
                            restored=row[5], skipped=row[6], deleted=deleted)
 
 
-def _write_events(conn: Connection, p: dict) -> int:
+# The event statements of _write_events, in order.
+_EVENT_KINDS = ("created", "closed", "restored", "updated", "stage_changed", "closed", "reopened")
+
+
+def _write_events(conn: Connection, p: dict, rebaseline: bool = False) -> int:
     base = f"""INSERT INTO {S}.opportunity_events (event_id, connection, crm, source_id, event_type, occurred_at,
                    recorded_at, run_id, changed_fields, old_value, new_value, owner_crm_id, created_by_crm_id,
                    amount, status)"""
@@ -245,6 +268,9 @@ def _write_events(conn: Connection, p: dict) -> int:
            "d.kind IN ('changed', 'restored') AND d.new_status = 'open' AND d.old_status <> 'open'",
            old="d.old_status", new="d.new_status"),
     ]
+    assert len(statements) == len(_EVENT_KINDS)
+    if rebaseline:
+        statements = [st for st, kind in zip(statements, _EVENT_KINDS) if kind not in ("updated", "stage_changed")]
     total = 0
     for select in statements:
         total += conn.execute(text(base + select), p).rowcount or 0
@@ -319,6 +345,7 @@ def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | 
         cursor = row.cursor  # the bookmark never moves backwards
     full_at = p["obs"] if mode == "full" else (row.last_full_sync_at if row else None)
     conn.execute(text(f"DELETE FROM {S}.sync_state WHERE connection = :c"), p)
+    version = conn.execute(text(f"SELECT mapping_version FROM {S}.extracts WHERE extract_id = :x"), p).scalar()
     conn.execute(text(f"INSERT INTO {S}.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
-                      "last_run_id, resume_token) VALUES (:c, :cur, :full, :rec, :run, :tok)"),
-                 {**p, "cur": cursor, "full": full_at, "tok": token})
+                      "last_run_id, resume_token, mapping_version) VALUES (:c, :cur, :full, :rec, :run, :tok, :mv)"),
+                 {**p, "cur": cursor, "full": full_at, "tok": token, "mv": version or MAPPING_VERSION})

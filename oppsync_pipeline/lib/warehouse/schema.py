@@ -24,6 +24,7 @@ def _canonical_columns() -> list[Column]:
         Column("crm", String, nullable=False),
         Column("project_name", Text), Column("client_name", Text), Column("service_location", Text),
         Column("sales_executive", Text), Column("owner_crm_id", String), Column("stage", Text),
+        Column("stage_id", Text), Column("crm_status", Text),
         Column("status", String, nullable=False), Column("amount", Double), Column("currency", String),
         Column("close_date", Date), Column("probability", Double), Column("created_at", DateTime),
         Column("created_by_crm_id", String), Column("modified_at", DateTime),
@@ -95,6 +96,7 @@ extracts = Table(
     Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
     Column("new_resume_token", Text),
+    Column("token_requests", Integer), Column("warnings", Text), Column("mapping_version", Integer),
 )
 
 sync_runs = Table(
@@ -108,6 +110,9 @@ sync_runs = Table(
     Column("skipped", Integer),  # fetched rows that were unchanged (not rewritten)
     Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+    # OAuth / session token requests (also counted in api_requests: the CRM counts them too)
+    Column("token_requests", Integer),
+    Column("warnings", Text),  # optional reads that were refused (403/404) and the fallback used, one a line
 )
 
 sync_state = Table(
@@ -115,6 +120,7 @@ sync_state = Table(
     Column("connection", String, primary_key=True), Column("cursor", DateTime),
     Column("last_full_sync_at", DateTime), Column("last_success_at", DateTime), Column("last_run_id", String),
     Column("resume_token", Text),  # a CRM's own change cursor to carry between runs (Dataverse delta link)
+    Column("mapping_version", Integer),  # record.MAPPING_VERSION of the last successful sync
 )
 
 sync_locks = Table(
@@ -212,16 +218,33 @@ def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
             continue
         rebuilt = _unindexed_copy(metadata.tables[f"{SCHEMA}.{name}"], f"{name}__m3")
         rebuilt.create(conn)
-        cols = ", ".join(c.name for c in rebuilt.columns)
+        # the columns the old table has (later migrations add theirs; the copy leaves them NULL)
+        existing = set(conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = :s AND table_name = :t"),
+            {"s": SCHEMA, "t": name}).scalars())
+        cols = ", ".join(c.name for c in rebuilt.columns if c.name in existing)
         conn.execute(text(f"INSERT INTO {SCHEMA}.{name}__m3 ({cols}) SELECT {cols} FROM {SCHEMA}.{name}"))
         conn.execute(text(f"DROP TABLE {SCHEMA}.{name}"))
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{name}__m3 RENAME TO {name}"))
+
+
+def _m4_stage_model(conn: Connection) -> None:
+    """The stage model (stage name, stage id, CRM status), token requests and optional-read warnings per run,
+    and the mapping version a connection was last synced with (record.MAPPING_VERSION)."""
+    added = [(t, c, "TEXT") for t in ("opportunities", "opportunity_history", "stage_opportunities")
+             for c in ("stage_id", "crm_status")]
+    added += [("extracts", "token_requests", "INTEGER"), ("extracts", "warnings", "TEXT"),
+              ("extracts", "mapping_version", "INTEGER"), ("sync_runs", "token_requests", "INTEGER"),
+              ("sync_runs", "warnings", "TEXT"), ("sync_state", "mapping_version", "INTEGER")]
+    for table, column, sql_type in added:
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {sql_type}"))
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
     (3, _m3_duckdb_fact_tables_without_art),
+    (4, _m4_stage_model),
 ]
 
 

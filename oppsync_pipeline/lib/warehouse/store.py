@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from oppsync_pipeline.lib.record import (
-    TRACKED_FIELDS, CrmUser, Opportunity, StageInfo, clean_text, raw_json, row_hash, to_utc,
+    MAPPING_VERSION, TRACKED_FIELDS, CrmUser, Opportunity, StageInfo, clean_text, raw_json, row_hash, to_utc,
 )
 from oppsync_pipeline.lib.warehouse.engine import backend, bulk_insert, transaction
 from oppsync_pipeline.lib.warehouse.schema import CANONICAL
@@ -161,7 +161,8 @@ def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool,
         created_at = to_utc(o.created_at) if o.created_at else None
         tracked = (  # TRACKED_FIELDS, in order
             clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
-            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), o.status, o.amount,
+            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), clean_text(o.stage_id),
+            clean_text(o.crm_status), o.status, o.amount,
             clean_text(o.currency), o.close_date, o.probability, created_at, clean_text(o.created_by_crm_id))
         digest = row_hash(*tracked) if with_hash or _hash_needs_python(o.amount, o.probability, created_at) \
             else None
@@ -246,12 +247,14 @@ def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at:
         conn.execute(text(
             f"UPDATE {S}.extracts SET status = :st, finished_at = :f, new_cursor = :nc, fetched_open = :fo, "
             "fetched_closed = :fc, fetched_deleted = :fd, api_requests = :rq, retries = :rt, seconds_waited = :sw, "
-            "quota_used = :qu, quota_limit = :ql, error = :err, new_resume_token = :tok WHERE extract_id = :x"),
+            "quota_used = :qu, quota_limit = :ql, error = :err, new_resume_token = :tok, token_requests = :tq, "
+            "warnings = :w, mapping_version = :mv WHERE extract_id = :x"),
             {"st": status, "f": finished_at, "nc": new_cursor, "fo": counts.get("open", 0),
              "fc": counts.get("closed", 0), "fd": counts.get("deleted", 0), "rq": stats.get("api_requests"),
              "rt": stats.get("retries"), "sw": stats.get("seconds_waited_on_rate_limits"),
              "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id,
-             "tok": resume_token})
+             "tok": resume_token, "tq": stats.get("token_requests"), "w": warnings_text(stats),
+             "mv": MAPPING_VERSION})
         if status == "complete":
             conn.execute(text(f"""
                 UPDATE {S}.extracts SET
@@ -261,6 +264,21 @@ def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at:
         else:
             conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), {"x": extract_id})
             conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), {"x": extract_id})
+
+
+def warnings_text(stats: dict[str, Any]) -> str | None:
+    """The run's warnings (optional reads refused, fallbacks used), one a line, for the audit tables."""
+    return "\n".join(stats.get("warnings") or []) or None
+
+
+def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | None]:
+    """(whether the connection was synced before, the record.MAPPING_VERSION it was last synced with)."""
+    with transaction(engine) as conn:
+        row = conn.execute(text(f"SELECT cursor, last_success_at, mapping_version FROM {S}.sync_state "
+                                "WHERE connection = :c"), {"c": connection}).first()
+    if row is None:
+        return False, None
+    return (row[0] is not None or row[1] is not None), row[2]
 
 
 _LATEST = f"""SELECT status FROM (
@@ -273,7 +291,7 @@ def record_run(conn: Connection, run: dict[str, Any]) -> None:
     conn.execute(text(f"DELETE FROM {S}.sync_runs WHERE run_id = :run_id"), {"run_id": run["run_id"]})
     cols = ["run_id", "connection", "crm", "mode", "started_at", "finished_at", "status", "fetched", "created",
             "updated", "closed", "reopened", "deleted", "restored", "skipped", "api_requests", "retries",
-            "seconds_waited", "quota_used", "quota_limit", "error"]
+            "seconds_waited", "quota_used", "quota_limit", "error", "token_requests", "warnings"]
     conn.execute(text(f"INSERT INTO {S}.sync_runs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
                  {c: run.get(c) for c in cols})
 

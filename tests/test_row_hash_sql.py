@@ -30,7 +30,8 @@ def opportunity(i: int, values: tuple) -> Opportunity:
     name, client, owner, stage, amount, close, prob, created, creator = values
     return Opportunity(connection="c1", crm="salesforce", source_id=f"id{i}", project_name=name,
                        client_name=client, service_location=None, sales_executive=owner, owner_crm_id=owner,
-                       stage=stage, status="open", amount=amount, currency="USD", close_date=close,
+                       stage=stage, stage_id=None if stage is None else f"id:{stage}", crm_status=client,
+                       status="open", amount=amount, currency="USD", close_date=close,
                        probability=prob, created_at=created, created_by_crm_id=creator,
                        modified_at=datetime(2026, 1, 1) + timedelta(seconds=i), raw={"Id": f"id{i}"})
 
@@ -62,5 +63,5 @@ def test_the_python_hash_is_the_definition():
     o = opportunity(0, ("Deal", "Acme", "005A", "Prospecting", 1000.0, date(2026, 5, 1), 10.0,
                         datetime(2026, 1, 2, 3, 4, 5, 6), "005B"))
     assert store.staged_rows("x", [o], True, 0)[0][-1] == row_hash(
-        "Deal", "Acme", None, "005A", "005A", "Prospecting", "open", 1000.0, "USD", date(2026, 5, 1), 10.0,
+        "Deal", "Acme", None, "005A", "005A", "Prospecting", "id:Prospecting", "Acme", "open", 1000.0, "USD", date(2026, 5, 1), 10.0,
         datetime(2026, 1, 2, 3, 4, 5, 6), "005B")

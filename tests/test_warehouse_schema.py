@@ -63,7 +63,7 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     with engine.connect() as conn:
         assert _keys_and_indexes(conn, "opportunities") > 0   # the old layout had its keys
 
-    assert ensure_schema(engine) == [3]
+    assert ensure_schema(engine) == [3, 4]
     assert ensure_schema(engine) == []                       # once only
 
     with engine.connect() as conn:
@@ -83,6 +83,35 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
             conn.execute(text(f"INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, "
                               "version, first_seen_at, last_seen_at) VALUES ('c', NULL, 'x', 'open', 'h', 1, "
                               "current_timestamp, current_timestamp)"))
+
+
+# The columns migration 4 adds (the stage model, token requests, warnings, mapping version).
+M4_COLUMNS = [("opportunities", "stage_id"), ("opportunities", "crm_status"), ("opportunity_history", "stage_id"),
+              ("opportunity_history", "crm_status"), ("stage_opportunities", "stage_id"),
+              ("stage_opportunities", "crm_status"), ("extracts", "token_requests"), ("extracts", "warnings"),
+              ("extracts", "mapping_version"), ("sync_runs", "token_requests"), ("sync_runs", "warnings"),
+              ("sync_state", "mapping_version")]
+
+
+def _columns(conn, table: str) -> set[str]:
+    return set(conn.execute(text("SELECT column_name FROM information_schema.columns WHERE table_schema = :s "
+                                 "AND table_name = :t"), {"s": SCHEMA, "t": table}).scalars())
+
+
+def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(warehouse_url: str):
+    engine = make_engine(warehouse_url)
+    _migrate_to(engine, 3)
+    with transaction(engine) as conn:   # as release 3 left it: without migration 4's columns
+        for table, column in M4_COLUMNS:
+            conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
+    _seed(engine)
+    assert ensure_schema(engine) == [4]
+    with engine.connect() as conn:
+        for table, column in M4_COLUMNS:
+            assert column in _columns(conn, table), (table, column)
+        rows = conn.execute(text(f"SELECT source_id, status, stage_id, crm_status FROM {SCHEMA}.opportunities "
+                                 "ORDER BY source_id")).all()
+        assert [tuple(r) for r in rows] == [("001", "open", None, None), ("002", "won", None, None)]
 
 
 def test_the_duckdb_warehouse_is_written_in_small_row_groups(duckdb_url: str):

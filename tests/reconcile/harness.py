@@ -34,14 +34,14 @@ TABLES = ("opportunities", "opportunity_history", "opportunity_events", "stage_o
           "extracts", "sync_runs", "sync_state", "sync_locks")
 
 CURRENT_COLUMNS = ("source_id", "project_name", "client_name", "service_location", "sales_executive",
-                   "owner_crm_id", "stage", "status", "amount", "currency", "close_date", "probability",
-                   "created_at", "created_by_crm_id", "modified_at", "row_hash", "version", "first_seen_at",
+                   "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
+                   "probability", "created_at", "created_by_crm_id", "modified_at", "row_hash", "version", "first_seen_at",
                    "last_seen_at", "closed_at", "deleted_at", "last_run_id")
 EVENT_COLUMNS = ("run_id", "source_id", "event_type", "occurred_at", "recorded_at", "changed_fields", "old_value",
                  "new_value", "owner_crm_id", "created_by_crm_id", "amount", "status")
 HISTORY_COLUMNS = ("source_id", "version", "project_name", "client_name", "service_location", "sales_executive",
-                   "owner_crm_id", "stage", "status", "amount", "currency", "close_date", "probability",
-                   "created_at", "created_by_crm_id", "modified_at", "row_hash", "valid_from", "valid_to", "run_id")
+                   "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
+                   "probability", "created_at", "created_by_crm_id", "modified_at", "row_hash", "valid_from", "valid_to", "run_id")
 
 
 def open_engine(url: str) -> Engine:

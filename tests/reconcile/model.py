@@ -26,7 +26,7 @@ from oppsync_pipeline.lib.record import TRACKED_FIELDS, Opportunity, clean_text,
 from oppsync_pipeline.lib.warehouse.reconcile import DATA_COLUMNS, DeleteGuardRefused, ReconcileResult
 
 TEXT_FIELDS = ("project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage",
-               "currency", "created_by_crm_id")
+               "stage_id", "crm_status", "currency", "created_by_crm_id")
 CLOSED_EVENT = {"won": "closed_won", "lost": "closed_lost"}
 
 

@@ -111,6 +111,9 @@ def apply_change(crm: Crm, data) -> None:
         changes = {"project_name": name.replace("\x00", "") if "\x00" in name else name[:1] + "\x00" + name[1:]}
     else:  # touch: only modified_at moves
         changes = {}
+    if "stage" in changes:  # the stage's id and the CRM status move with it (the stage model)
+        changes["stage_id"] = f"id:{changes['stage']}"
+        changes["crm_status"] = changes.get("status", record.status).title()
     crm.live[sid] = replace(record, modified_at=crm.modified(data), **changes)
     crm.dirty.add(sid)
 

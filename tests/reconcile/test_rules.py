@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused, reconcile
@@ -272,3 +273,33 @@ def test_reconcile_refuses_an_extract_that_is_not_complete(engine):
         reconcile(engine, extract_id="r1", connection=CONNECTION, crm="salesforce", mode="full", run_id="r1",
                   observed_at=T0, recorded_at=T0)
     assert current(engine) == {}
+
+
+def _synced_under_mapping_version(engine, version) -> None:
+    with transaction(engine) as c:
+        c.execute(text("UPDATE oppsync.sync_state SET mapping_version = :v WHERE connection = :c"),
+                  {"v": version, "c": CONNECTION})
+
+
+@pytest.mark.parametrize("old_version", [None, 1])
+def test_a_warehouse_synced_under_an_older_mapping_is_rebaselined_without_update_events(engine, old_version):
+    """Stage ids became stage names (mapping version 2): the first sync after the upgrade rewrites the values
+    as new versions, with no `updated` / `stage_changed` events for the remapping; a real close in the same
+    run is still recorded, and the next run is ordinary again."""
+    sync(engine, "r1", full(opp("a", stage="75698714"), opp("b", stage="contractsent")), T0)
+    _synced_under_mapping_version(engine, old_version)
+    result = sync(engine, "r2", full(opp("a", stage="Proposal", stage_id="75698714", crm_status="75698714"),
+                                     opp("b", status="won", stage="Closed Won", stage_id="closedwon",
+                                         modified_at=MOD2)), T1)
+    assert event_types(engine, "r2") == [("b", "closed_won")]
+    assert (result.updated, result.closed) == (0, 1)
+    rows = current(engine)
+    assert (rows["a"]["stage"], rows["a"]["version"]) == ("Proposal", 2)
+    with transaction(engine) as c:
+        warnings, version = c.execute(text(
+            "SELECT r.warnings, s.mapping_version FROM oppsync.sync_runs r JOIN oppsync.sync_state s "
+            "ON s.connection = r.connection WHERE r.run_id = 'r2'")).one()
+    assert "re-baselined" in warnings and version == MAPPING_VERSION
+    sync(engine, "r3", full(opp("a", stage="Negotiation", stage_id="75698715", modified_at=MOD2),
+                            opp("b", status="won", stage="Closed Won", stage_id="closedwon", modified_at=MOD2)), T2)
+    assert event_types(engine, "r3") == [("a", "stage_changed"), ("a", "updated")]

@@ -1,6 +1,7 @@
 """The `oppsync` command.
 
   oppsync config check                      validate oppsync.yaml and the credentials it references
+  oppsync config check --online             ... then ask each CRM what this tenant has: what will be read and why
   oppsync run                               the main job: every connection, then the mart (make run)
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
   oppsync sandbox serve                     the five CRM simulators, with a matching oppsync.yaml
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg_p = sub.add_parser("config", help="configuration commands")
     cfg_p.add_argument("action", choices=["check"])
+    cfg_p.add_argument("--online", action="store_true",
+                       help="also connect to each CRM and report what the sync will and will not read, and why")
+    cfg_p.add_argument("--connection", action="append", help="with --online: only these connections (repeatable)")
 
     run_p = sub.add_parser("run", help="sync every connection, then build the mart")
     run_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--faults", help="JSON fault plan applied to every simulator (see README)")
     serve.add_argument("--crm", action="append", help="serve only these CRMs (repeatable)")
     serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
+    serve.add_argument("--variant", action="append", metavar="CRM=VARIANT",
+                       help="serve a tenant variant, e.g. salesforce=multi_currency (see `oppsync sandbox variants`)")
+    sb_sub.add_parser("variants", help="list each simulator's tenant variants")
     adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
     adv.add_argument("--hours", type=float, default=1.0)
 
@@ -67,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "config":
-            return cmd_config_check(args.config)
+            return cmd_config_check(args.config, online=args.online, only=args.connection)
         if args.command == "run":
             return cmd_run(args.config, full=args.full, advance_hours=args.advance_hours)
         if args.command == "sync":
             return cmd_sync(args.config, args.connection, full=args.full)
         if args.command == "sandbox" and args.action == "serve":
             return cmd_sandbox_serve(args)
+        if args.command == "sandbox" and args.action == "variants":
+            return cmd_sandbox_variants()
         if args.command == "sandbox" and args.action == "advance":
             return cmd_sandbox_advance(args.config, args.hours)
     except ConfigError as err:
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- config -----------------------------------------------------------------------------------------------------
 
-def cmd_config_check(path: str | None) -> int:
+def cmd_config_check(path: str | None, online: bool = False, only: list[str] | None = None) -> int:
     cfg = load_config(path)
     problems = check_config(cfg)
     if problems:
@@ -93,7 +102,36 @@ def cmd_config_check(path: str | None) -> int:
             print(f"  {p}", file=sys.stderr)
         return 2
     print(f"{config_path(path)}: OK ({len(cfg.connections)} connection(s), warehouse {cfg.warehouse.backend})")
-    return 0
+    if not online:
+        return 0
+    connections = [cfg.connection(name) for name in only] if only else cfg.connections
+    with _sandbox_if_enabled(cfg):
+        failed = sum(not check_online(cfg, conn) for conn in connections)
+    return 3 if failed else 0
+
+
+def check_online(cfg: OppsyncConfig, conn) -> bool:
+    """The discovery a run does, printed: per capability `read` or `skipped` (optional, with the fallback)
+    or `REFUSED` (required: the sync would fail). False when the connection cannot sync."""
+    from oppsync_pipeline.lib.crm.http import CrmError
+    from oppsync_pipeline.lib.sync import build_connector, scrub
+
+    connector = build_connector(cfg, conn)
+    try:
+        capabilities = connector.discover()
+        error = None
+    except CrmError as err:
+        capabilities, error = list(connector.capabilities.values()), scrub(str(err), connector.credentials)
+    stats = connector.stats
+    required_refused = [c for c in capabilities if not c.available and c.detail.startswith("REQUIRED")]
+    verdict = "cannot sync" if (error or required_refused) else "will sync"
+    print(f"\n{conn.name} ({conn.crm}): {verdict}; {stats.requests} request(s), {stats.token_requests} for tokens")
+    for c in capabilities:
+        mark = "read" if c.available else ("REFUSED" if c.detail.startswith("REQUIRED") else "skipped")
+        print(f"  {mark:<8} {c.name}" + (f": {c.detail}" if c.detail and c.detail != "readable" else ""))
+    if error:
+        print(f"  ERROR    {error}")
+    return verdict == "will sync"
 
 
 # -- running through Dagster ---------------------------------------------------------------------------------------
@@ -242,7 +280,8 @@ class _sandbox_if_enabled:
             if _answers(conn.base_url):
                 continue
             sim = build_simulator(conn.crm, self.cfg.sandbox.seed, self.cfg.sandbox.opportunities,
-                                  FaultPlan(latency_ms=self.cfg.sandbox.latency_ms), anchor=anchor)
+                                  FaultPlan(latency_ms=self.cfg.sandbox.latency_ms), anchor=anchor,
+                                  variant=self.cfg.sandbox.variants.get(conn.crm, "default"))
             if self.advance_hours:
                 sim.world.advance(self.advance_hours)
             self.servers.append(SandboxServer(sim, port=url.port or 80).start())
@@ -273,6 +312,16 @@ def sandbox_anchor() -> datetime:
     return anchor
 
 
+def cmd_sandbox_variants() -> int:
+    from oppsync_pipeline.sandbox.cluster import CRMS, crm_module
+
+    for crm in CRMS:
+        print(crm)
+        for name, what in getattr(crm_module(crm), "VARIANTS", {"default": ""}).items():
+            print(f"  {name:<20} {what}")
+    return 0
+
+
 def cmd_sandbox_serve(args) -> int:
     from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS, Sandbox
     from oppsync_pipeline.sandbox.server import FaultPlan
@@ -281,8 +330,9 @@ def cmd_sandbox_serve(args) -> int:
     ports = {crm: args.port_base + (DEFAULT_PORTS[crm] - DEFAULT_PORTS["salesforce"]) for crm in crms}
     faults = FaultPlan.from_json(json.loads(args.faults)) if args.faults else None
     t0 = time.monotonic()
+    variants = dict(v.split("=", 1) for v in args.variant or [])
     sandbox = Sandbox(crms=crms, seed=args.seed, opportunities=args.opportunities, ports=ports,
-                      latency_ms=args.latency_ms, anchor=sandbox_anchor(), faults=faults).start()
+                      latency_ms=args.latency_ms, anchor=sandbox_anchor(), faults=faults, variants=variants).start()
     print(f"sandbox: {len(crms)} simulators, {args.opportunities} opportunities each, ready in "
           f"{time.monotonic() - t0:.1f}s", flush=True)
     for crm in crms:

@@ -188,6 +188,9 @@ class SandboxConfig(_Strict):
     seed: int = 42
     opportunities: Annotated[int, Field(ge=0)] = 2000
     latency_ms: Annotated[int, Field(ge=0)] = 0
+    # crm -> tenant variant (a single-currency org, an API user without rights to optional endpoints ...):
+    # try the connectors against the tenants the vendors document; `oppsync sandbox variants` lists them
+    variants: dict[str, str] = {}
 
 
 class OppsyncConfig(_Strict):

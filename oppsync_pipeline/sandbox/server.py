@@ -82,7 +82,13 @@ class HttpError(Exception):
 
 # -- faults ----------------------------------------------------------------------------------------------------
 
-FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "drop", "token_expiry", "malformed", "truncated")
+FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "drop", "token_expiry", "malformed", "truncated",
+               "forbidden", "not_found", "bad_request")
+# Permanent errors, answered in the CRM's own error shape (error_response): a permission the API user lacks,
+# an object or path the tenant does not have, a query the CRM refuses. Retrying never helps.
+PERMANENT_FAULTS = {"forbidden": (403, "INSUFFICIENT_ACCESS", "The API user lacks permission for this operation"),
+                    "not_found": (404, "NOT_FOUND", "The requested resource does not exist"),
+                    "bad_request": (400, "INVALID_FIELD", "No such column on entity")}
 
 
 @dataclass
@@ -219,6 +225,8 @@ class Simulator:
             return None
         if rule.kind == "drop":
             return Response(drop=True)
+        if rule.kind in PERMANENT_FAULTS:
+            return self.error_response(HttpError(*PERMANENT_FAULTS[rule.kind]))
         if rule.kind == "token_expiry":
             self.expire_tokens()
             return None

@@ -32,14 +32,19 @@ class CrmError(Exception):
     raised with permanent=False and the run may be retried later."""
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None, *,
-                 permanent: bool | None = None):
+                 permanent: bool | None = None, hint: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.hint = hint  # what to check (a config key, a permission); the client adds a generic one
         # By default an HTTP 4xx (other than 429) is permanent; an answer of the wrong shape may be a bad
         # page that the next run does not get, so it is not.
         self.permanent = permanent if permanent is not None else (
             status is not None and 400 <= status < 500 and status != 429)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}. {self.hint}" if self.hint else text
 
 
 class AuthError(CrmError):
@@ -243,6 +248,8 @@ class ApiClient:
             break
         problem = self.classify(response) if self.classify else None
         if problem is not None:
+            if type(problem) is CrmError and problem.permanent and problem.hint is None:
+                problem.hint = f"({method} {_safe_path(path)}) {fix_hint(problem.status)}"
             raise problem
         if response.status_code in RETRYABLE_STATUS:
             if response.status_code == 429:
@@ -254,7 +261,8 @@ class ApiClient:
                             "check the connection's credentials and that the API user is active", status=401)
         if response.status_code >= 400:
             raise CrmError(f"{method} {_safe_path(path)} failed with HTTP {response.status_code}: "
-                           f"{_safe_body(response)}. {fix_hint(response.status_code)}", status=response.status_code)
+                           f"{_safe_body(response)}", status=response.status_code,
+                           hint=fix_hint(response.status_code))
         return response
 
     def _wait(self, state: RetryCallState) -> float:

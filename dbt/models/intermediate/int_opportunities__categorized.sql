@@ -1,6 +1,8 @@
--- Stage category (open / won / lost) from the connection's crm_stages (which already apply the
--- connection's stage mapping). A stage missing from crm_stages falls back to the opportunity's status
--- and is flagged stage_known = false (a warn-severity test lists them).
+-- The stage as the connection's crm_stages know it. `stage` is the stage's name and `stage_id` its key (rows
+-- synced before the stage model carry the key in `stage` and no stage_id: the join takes either).
+-- stage_category is the opportunity's status (open / won / lost): the connector already applied the
+-- connection's stage_categories / open_statuses to the CRM's flags. A stage missing from crm_stages is
+-- flagged stage_known = false (a warn-severity test lists them).
 with
 
 opportunities as (
@@ -20,12 +22,12 @@ final as (
     select
         o.*,
         s.stage_label,
-        coalesce(s.stage_category, o.status) as stage_category,
+        o.status as stage_category,
         s.stage_key is not null as stage_known
     from opportunities as o
     left join stages as s
         on s.connection = o.connection
-        and s.stage_key = o.stage
+        and s.stage_key = coalesce(o.stage_id, o.stage)
 
 )
 

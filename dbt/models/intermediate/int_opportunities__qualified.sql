@@ -49,9 +49,9 @@ qualified_stages as (
 
 versions as (
 
-    select connection, source_id, stage, probability from history
+    select connection, source_id, stage, stage_id, probability from history
     union all
-    select connection, source_id, stage, probability from opportunities
+    select connection, source_id, stage, stage_id, probability from opportunities
 
 ),
 
@@ -61,12 +61,13 @@ versions_labeled as (
         v.connection,
         v.source_id,
         v.stage,
+        v.stage_id,
         s.stage_label,
         v.probability
     from versions as v
     left join stages as s
         on s.connection = v.connection
-        and s.stage_key = v.stage
+        and s.stage_key = coalesce(v.stage_id, v.stage)
 
 ),
 
@@ -76,7 +77,7 @@ reached_stage as (
     from versions_labeled as v
     inner join qualified_stages as q
         on q.connection = v.connection
-        and (q.qualified_stage = v.stage or q.qualified_stage = v.stage_label)
+        and (q.qualified_stage in (v.stage, v.stage_id, v.stage_label))
 
 ),
 

@@ -41,6 +41,7 @@ final as (
         cast(c.owner_crm_id as text) as owner_crm_id,
         cast(c.created_by_crm_id as text) as created_by_crm_id,
         cast(c.amount as double precision) as amount,
+        cast(c.status as text) as status,
         cast(c.status as text) as crm_status,
         cast(c.changed_fields as text) as changed_fields,
         cast(c.old_value as text) as old_value,

@@ -18,6 +18,8 @@ renamed as (
         cast(sales_executive as text) as sales_executive,
         cast(owner_crm_id as text) as owner_crm_id,
         cast(stage as text) as stage,
+        cast(stage_id as text) as stage_id,
+        cast(crm_status as text) as crm_status,
         cast(status as text) as status,
         cast(amount as double precision) as amount,
         cast(currency as text) as currency,

@@ -176,8 +176,15 @@ class CrmConnector(ABC):
         """What `oppsync config check --online` reports: the same discovery a run does, the dictionaries, and
         one page of each opportunity set (the required reads), each noted as read or not and why."""
         self.prepare()
-        self.stages()
-        self.statuses()
+        stages, statuses = self.stages(), self.statuses()
+        self.note("stage list", bool(stages), f"{len(stages)} stage(s)" if stages else "none known: stage ids kept")
+        if statuses:
+            self.note("status list", True, f"{len(statuses)} status(es)")
+        try:
+            n_users = sum(1 for _ in self.users())
+            self.note("users (owners and creators)", True, f"{n_users} user(s)")
+        except CrmError as err:
+            self.note("users (owners and creators)", False, f"REQUIRED and refused: {err}")
         for open_set in (True, False):
             what = "opportunities (open set)" if open_set else "opportunities (not-open set)"
             try:

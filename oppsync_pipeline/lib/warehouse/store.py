@@ -365,18 +365,26 @@ def attribution_gaps(engine: Engine, connection: str) -> dict[str, Any]:
     with transaction(engine) as conn:
         total = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
                                   "AND deleted_at IS NULL"), {"c": connection}).scalar() or 0
+        # A link names any id of the person (ConnectWise: the member id or its identifier; HubSpot: the owner
+        # id or the user id): both sides are matched through crm_users' alt_ids, as the mart's attribution does.
         unmapped = conn.execute(text(f"""
             SELECT count(*) FROM {S}.opportunities o
             WHERE o.connection = :c AND o.deleted_at IS NULL AND NOT EXISTS (
+                SELECT 1 FROM {S}.user_links l WHERE l.connection = o.connection
+                  AND l.crm_user_id = o.created_by_crm_id)
+              AND NOT EXISTS (
                 SELECT 1 FROM {S}.user_links l
-                LEFT JOIN {S}.crm_users u ON u.connection = l.connection AND u.crm_user_id = l.crm_user_id
-                WHERE l.connection = o.connection AND (l.crm_user_id = o.created_by_crm_id
+                JOIN {S}.crm_users u ON u.connection = l.connection
+                  AND (u.crm_user_id = l.crm_user_id
+                       OR ',' || COALESCE(u.alt_ids, '') || ',' LIKE '%,' || l.crm_user_id || ',%')
+                WHERE l.connection = o.connection AND (u.crm_user_id = o.created_by_crm_id
                       OR ',' || COALESCE(u.alt_ids, '') || ',' LIKE '%,' || o.created_by_crm_id || ',%'))"""),
             {"c": connection}).scalar() or 0
         unknown = conn.execute(text(f"""
             SELECT o.stage, count(*) FROM {S}.opportunities o
             WHERE o.connection = :c AND o.deleted_at IS NULL AND NOT EXISTS (
-                SELECT 1 FROM {S}.crm_stages s WHERE s.connection = o.connection AND s.stage_key = o.stage)
+                SELECT 1 FROM {S}.crm_stages s WHERE s.connection = o.connection
+                  AND s.stage_key = COALESCE(o.stage_id, o.stage))
             GROUP BY o.stage ORDER BY 2 DESC"""), {"c": connection}).fetchall()
     return {"total": total, "unmapped_creators": unmapped,
             "unknown_stages": {str(stage): n for stage, n in unknown}}

@@ -15,8 +15,13 @@ What it reproduces (crm-api-notes.md section 4):
   snapshotted per (query, world version), so a change between two page requests shifts the offsets.
 - No scalar amount: the revenue lives in `/sales/opportunities/{id}/forecast` (forecastItems + totals).
 - `/sales/opportunities/statuses` (tenant-specific, with closedFlag / wonFlag / lostFlag / inactiveFlag /
-  defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`,
-  `/company/companies[/{id}[/sites[/{siteId}]]]`, `/system/members`, and `/count` on the lists.
+  defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`
+  (the sales stages: the opportunity's `stage` reference, independent of its `status`; no open / won flags),
+  `/company/companies[/{id}[/sites[/{siteId}]]]` (sites with addressLine1/2, city, stateReference, zip,
+  country), `/system/members`, and `/count` on the lists. Custom fields without a value carry no `value` key.
+- Security roles: every API area can be refused (`sim.refused`, 403 `{"code": "Unauthorized", "message":
+  "You do not have permission ..."}`); tenant VARIANTS select the refusals, renamed statuses and stages, and
+  extra custom fields; `truth(sim)` is the tenant as a CW user sees it (for the variant matrix test).
 - Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
 - Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
@@ -73,8 +78,11 @@ CUSTOM_STATUSES = [
 ]
 CUSTOM_SALES_STAGES = [(31, "Discovery", False), (32, "Demo", False), (33, "Proposal", False),
                        (34, "Contracting", False), (35, "Signed", True)]
-# Optional endpoints and the security-role area that grants them (Setup Tables / System / Companies / Sales).
-OPTIONAL_AREAS = {
+# Endpoints and the security-role area that grants them (System > Security Roles, Inquire Level). A test can
+# refuse any of them (`sim.refused = {...}`); the no_optional_rights variant refuses the OPTIONAL ones.
+AREAS = {
+    "statuses": (r"/sales/opportunities/statuses(/\d+)?$", "Sales > Opportunity Status (Table Setup)"),
+    "opportunities": (r"/sales/opportunities(/count|/\d+)?$", "Sales > Opportunities"),
     "stages": (r"/sales/stages(/\d+)?$", "Sales > Opportunity Stage (Table Setup)"),
     "probabilities": (r"/sales/probabilities(/\d+)?$", "Sales > Opportunity Probability (Table Setup)"),
     "members": (r"/system/members(/count|/\d+)?$", "System > Member Maintenance"),
@@ -82,6 +90,7 @@ OPTIONAL_AREAS = {
     "forecast": (r"/sales/opportunities/\d+/forecast$", "Sales > Opportunity forecast (Sales > Opportunities: "
                                                           "Forecast)"),
 }
+OPTIONAL_AREAS = frozenset({"stages", "probabilities", "members", "companies", "forecast"})
 # Tenant variants the tests can select (`build(variant=...)`, `Sandbox(variants={...})`).
 VARIANTS = {
     "default": "the sandbox tenant: statuses Open/Won/Lost/No Decision/Quoted/Negotiation/On Hold, sales stages "
@@ -415,7 +424,7 @@ class ConnectWiseSimulator(Simulator):
         if variant not in VARIANTS:
             raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
         self.variant = variant
-        self.refused = frozenset(OPTIONAL_AREAS) if variant == "no_optional_rights" else frozenset()
+        self.refused: frozenset[str] = OPTIONAL_AREAS if variant == "no_optional_rights" else frozenset()
         self.status_rows = CUSTOM_STATUSES if variant == "custom_statuses" else STATUSES
         self.stage_rows = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
         self.cache = QueryCache()
@@ -464,6 +473,11 @@ class ConnectWiseSimulator(Simulator):
 
     def handle(self, req: Request) -> Response:
         if "/apis/3.0/" in req.path:
+            codebase = req.path.lstrip("/").split("/", 1)[0] + "/"
+            if codebase not in (CODEBASE, "v4_6_release/"):
+                # an unknown codebase is not this tenant's API at all (cloud answers 404 before any auth)
+                return self.error_response(HttpError(404, "NotFound", f"The requested codebase {codebase} "
+                                                                      "was not found"))
             try:
                 self._authenticate(req)
                 self._allowance()
@@ -478,7 +492,7 @@ class ConnectWiseSimulator(Simulator):
             return
         path = req.path.split("/apis/3.0", 1)[1]
         for area in self.refused:
-            pattern, role = OPTIONAL_AREAS[area]
+            pattern, role = AREAS[area]
             if re.search(pattern, path):
                 raise HttpError(403, "Unauthorized", f"You do not have permission to access this resource. "
                                                      f"Required security role permission: {role} (Inquire Level)")

@@ -5,7 +5,8 @@
 - Base URL: `conn.base_url` is the site (e.g. https://api-na.myconnectwise.net); the codebase is discovered with
   `GET /login/companyinfo/{company}` (needs no auth; same host) and the API lives at `{site}/{Codebase}apis/3.0`.
   `options.codebase` (e.g. "v4_6_release/") skips discovery; a 404 on discovery falls back to v4_6_release/.
-- Open set: `status/id in (<statuses with closedFlag=false>)`, or the connection's `open_statuses` names;
+- Open set: `status/id in (<statuses that resolve_status calls open>)`: closedFlag=false, or the connection's
+  `open_statuses` / `stage_categories` by status name;
   not-open: `status/id not in (...)` (the exact complement, also for statuses added mid-run).
   Incremental: `_info/lastUpdated>=[since]`, `orderBy=_info/lastUpdated asc, id asc`; full: `orderBy=id asc`.
 - Paging: `page`/`pageSize` (max 1000), following the `Link` header's rel="next" until it is absent.
@@ -17,8 +18,17 @@
   `childConditions` form that returns forecast lines with the opportunity, so this costs ONE extra request
   per opportunity returned (a full sync of N opportunities costs about N + N/1000 requests; incremental runs
   only pay for the changed ones). `options.forecast: false` skips it (amount None, 1 request per page).
-- Users: `/system/members`; owner and creator ids are member *identifiers* (what `_info.enteredBy` holds);
-  the numeric member id is kept in `alt_ids`.
+- Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
+  `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag
+  (`/sales/opportunities/statuses`, required) through `resolve_status` (stage_categories, open_statuses).
+- service_location: the company site's address (`GET /company/companies/{c}/sites/{s}`, once per site per run,
+  read for a whole page before it is mapped), in the canonical `format_address` form.
+- Users: `/system/members`; owner = `primarySalesRep.id`, creator = `_info/enteredBy` (a member identifier)
+  mapped to the member's numeric id; users() keys members by numeric id and keeps the identifier in alt_ids.
+- Optional reads (403 -> a warning in the run's metadata and the fallback): `/sales/stages` (the record's
+  `stage.name`), `/system/members` (creators stay identifiers, no member names), company sites (the site's
+  name), the forecast (amount None), `/sales/probabilities` (the reference's name or the forecast's
+  expectedProbability). See docs/crms/connectwise.md.
 - No usage headers and no published quota: observe() records nothing; plain 429 + Retry-After is retried by
   ApiClient; a 429 asking to wait longer than `options.max_retry_after` seconds (default 900) is treated as
   the allowance being spent (QuotaExhausted) rather than stalling the run.

@@ -299,3 +299,17 @@ def test_a_permanent_error_fails_the_sync_run_without_dagster_retry(warehouse_ur
             assert "Sales > Opportunities" in str(err.value)
         finally:
             engine.dispose()
+
+
+def test_discover_reports_what_will_and_will_not_be_read_and_runs_once():
+    with served("no_optional_rights", n=30) as srv:
+        session = CountingSession()
+        conn = connector(srv.url, session=session)
+        report = {c.name: c for c in conn.discover()}
+        assert report["opportunities (open set)"].available and report["opportunities (not-open set)"].available
+        assert not report["members (/system/members)"].available
+        assert "HTTP 403" in report["sales stages (/sales/stages)"].detail
+        assert "Region" in report["custom fields"].detail
+        collect(conn)  # the same run: discovery and dictionaries are not read again
+        assert sum(p.endswith("/sales/opportunities/statuses") for p in session.paths) == 1
+        assert sum(p.endswith("/login/companyinfo/" + CREDS["company_id"]) for p in session.paths) == 1

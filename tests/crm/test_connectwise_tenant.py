@@ -313,3 +313,19 @@ def test_discover_reports_what_will_and_will_not_be_read_and_runs_once():
         collect(conn)  # the same run: discovery and dictionaries are not read again
         assert sum(p.endswith("/sales/opportunities/statuses") for p in session.paths) == 1
         assert sum(p.endswith("/login/companyinfo/" + CREDS["company_id"]) for p in session.paths) == 1
+
+
+def test_a_status_created_mid_run_is_read_before_the_page_is_mapped():
+    from oppsync_pipeline.sandbox.world import SimStage
+    with served("default", n=40) as srv:
+        sim = srv.simulator
+        conn = connector(srv.url, options={"forecast": False})
+        conn.prepare()  # the run's dictionaries are read
+        sim.status_rows = [*cw.STATUSES, (8, "Verbal Yes", False, False, False, False, False, 90.0)]
+        sim.world.stages["8"] = SimStage("8", "Verbal Yes", False, False, 90.0, 8)
+        sim.statuses[8] = sim.world.stages["8"]
+        victim = next(iter(sim.world.live()))
+        sim.world.update(victim.native_id, stage="8")
+        got = collect(conn)  # status 8 is outside the known open ids: it comes with the not-open set
+        assert got[victim.native_id].crm_status == "Verbal Yes" and got[victim.native_id].status == "open"
+        assert set(got) == {o.native_id for o in sim.world.live()}

@@ -363,6 +363,7 @@ class ConnectWiseConnector(CrmConnector):
         unknown = {str((r.get("status") or {}).get("id")) for r in rows} - set(self.statuses()) - {"None"}
         if unknown and not self._statuses_refreshed:
             self._statuses, self._statuses_refreshed = None, True  # a status created mid-run: read them again
+            self.statuses()
         self._resolve_sites(rows)
         forecasts = self._forecasts(rows)
         return [self._map(r, forecasts.get(r["id"])) for r in rows]

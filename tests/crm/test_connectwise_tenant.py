@@ -329,3 +329,21 @@ def test_a_status_created_mid_run_is_read_before_the_page_is_mapped():
         got = collect(conn)  # status 8 is outside the known open ids: it comes with the not-open set
         assert got[victim.native_id].crm_status == "Verbal Yes" and got[victim.native_id].status == "open"
         assert set(got) == {o.native_id for o in sim.world.live()}
+
+
+def test_an_opportunity_deleted_before_its_forecast_is_read_does_not_fail_the_run():
+    with served("default", n=40) as srv:
+        sim = srv.simulator
+        conn = connector(srv.url, page_size=40)
+        conn.prepare()
+        pages = conn.opportunities(open_set=True, since=None)
+        victim = next(o for o in sim.world.live() if sim.world.status(o) == "open" and o.amount is not None)
+        real = conn._forecasts
+
+        def delete_first(rows):
+            sim.world.delete(victim.native_id)
+            return real(rows)
+        conn._forecasts = delete_first  # type: ignore[method-assign]
+        got = {o.source_id: o for page in pages for o in page}
+        assert got[victim.native_id].amount is None
+        assert any("deleted while it was read" in w for w in conn.stats.warnings)

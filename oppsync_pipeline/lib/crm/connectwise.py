@@ -401,9 +401,17 @@ class ConnectWiseConnector(CrmConnector):
             if not self._forecast_readable:
                 break
             opp_id = int(r["id"])
-            data = self.optional("forecast (amount)",
-                                 lambda: self.client.get_json(self.api(f"/sales/opportunities/{opp_id}/forecast")),
-                                 _REFUSED, fallback_text="amount is empty (None)", refusals=(403,))
+            try:
+                data = self.optional("forecast (amount)",
+                                     lambda: self.client.get_json(self.api(f"/sales/opportunities/{opp_id}/forecast")),
+                                     _REFUSED, fallback_text="amount is empty (None)", refusals=(403,))
+            except CrmError as err:
+                if err.status != 404:
+                    raise
+                # deleted between the list page and its forecast: the next full sync drops it
+                self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
+                out[r["id"]] = None
+                continue
             if data is _REFUSED:
                 self._forecast_readable = False
                 break

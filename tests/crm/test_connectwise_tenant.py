@@ -310,6 +310,9 @@ def test_discover_reports_what_will_and_will_not_be_read_and_runs_once():
         assert not report["members (/system/members)"].available
         assert "HTTP 403" in report["sales stages (/sales/stages)"].detail
         assert "Region" in report["custom fields"].detail
+        assert sum(p.endswith("/forecast") for p in session.paths) == 1  # refused once, then not asked again
+        # a check reads small pages: the custom-field sample and one page of each set
+        assert len([p for p in session.paths if p.endswith("/sales/opportunities")]) == 3
         collect(conn)  # the same run: discovery and dictionaries are not read again
         assert sum(p.endswith("/sales/opportunities/statuses") for p in session.paths) == 1
         assert sum(p.endswith("/login/companyinfo/" + CREDS["company_id"]) for p in session.paths) == 1

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import Capability, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, retry_after_seconds
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
@@ -222,10 +222,20 @@ class ConnectWiseConnector(CrmConnector):
         self.note("company sites (service_location)", True,
                   "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run")
 
-    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    def discover(self) -> list[Capability]:
+        """`config check --online`: the shared discovery, reading small pages (each opportunity read costs a
+        forecast and maybe a site request; a check needs a few, not a thousand)."""
+        page_size = self.page_size
+        self.page_size = min(page_size, 5)
+        try:
+            return super().discover()
+        finally:
+            self.page_size = page_size
+
+    def _pages(self, path: str, params: dict[str, Any], page_size: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """GET a list endpoint page by page, following Link rel="next" to the end."""
         url: str | None = self.api(path)
-        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": self.page_size}
+        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": page_size or self.page_size}
         while url:
             response = self.client.request("GET", url, params=query)
             rows = self.client.parse_json(response)
@@ -238,7 +248,8 @@ class ConnectWiseConnector(CrmConnector):
                 raise CrmError(f"GET {path}: empty page with a next link")
 
     def _all(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [row for page in self._pages(path, params) for row in page]
+        """A whole dictionary (statuses, stages, members ...), in pages of the most CW serves."""
+        return [row for page in self._pages(path, params, self.max_page_size) for row in page]
 
     # -- dictionaries ------------------------------------------------------------------------------------------
 

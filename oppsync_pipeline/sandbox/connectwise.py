@@ -15,8 +15,13 @@ What it reproduces (crm-api-notes.md section 4):
   snapshotted per (query, world version), so a change between two page requests shifts the offsets.
 - No scalar amount: the revenue lives in `/sales/opportunities/{id}/forecast` (forecastItems + totals).
 - `/sales/opportunities/statuses` (tenant-specific, with closedFlag / wonFlag / lostFlag / inactiveFlag /
-  defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`,
-  `/company/companies[/{id}[/sites[/{siteId}]]]`, `/system/members`, and `/count` on the lists.
+  defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`
+  (the sales stages: the opportunity's `stage` reference, independent of its `status`; no open / won flags),
+  `/company/companies[/{id}[/sites[/{siteId}]]]` (sites with addressLine1/2, city, stateReference, zip,
+  country), `/system/members`, and `/count` on the lists. Custom fields without a value carry no `value` key.
+- Security roles: every API area can be refused (`sim.refused`, 403 `{"code": "Unauthorized", "message":
+  "You do not have permission ..."}`); tenant VARIANTS select the refusals, renamed statuses and stages, and
+  extra custom fields; `truth(sim)` is the tenant as a CW user sees it (for the variant matrix test).
 - Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
 - Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
@@ -32,6 +37,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
 
@@ -57,7 +63,46 @@ STATUSES = [
     (6, "Negotiation", False, False, False, False, False, 80.0),
     (7, "On Hold", False, False, False, True, False, 10.0),
 ]
-SALES_STAGES = [(1, "1.Prospect"), (2, "2.Qualification"), (3, "3.Quote"), (4, "4.Negotiation"), (5, "5.Closing")]
+# Sales stages (`/sales/stages`): the pipeline step users see, independent of the status. id, name, and
+# whether won opportunities stand there (the world's assignment only: CW stages carry no open / won flags).
+SALES_STAGES = [(1, "1.Prospect", False), (2, "2.Qualification", False), (3, "3.Quote", False),
+                (4, "4.Negotiation", False), (5, "5.Closing", True)]
+# A tenant that renamed and re-numbered both lists (admins do: Setup Tables > Opportunity Status / Stage).
+CUSTOM_STATUSES = [
+    (11, "Active", False, False, False, False, True, 20.0),
+    (12, "Pending Contract", False, False, False, False, False, 70.0),
+    (13, "Closed - Won", True, True, False, False, False, 100.0),
+    (14, "Closed - Lost", True, False, True, False, False, 0.0),
+    (15, "Closed - No Decision", True, False, False, False, False, 0.0),
+    (16, "Stalled", False, False, False, True, False, 10.0),
+]
+CUSTOM_SALES_STAGES = [(31, "Discovery", False), (32, "Demo", False), (33, "Proposal", False),
+                       (34, "Contracting", False), (35, "Signed", True)]
+# Endpoints and the security-role area that grants them (System > Security Roles, Inquire Level). A test can
+# refuse any of them (`sim.refused = {...}`); the no_optional_rights variant refuses the OPTIONAL ones.
+AREAS = {
+    "statuses": (r"/sales/opportunities/statuses(/\d+)?$", "Sales > Opportunity Status (Table Setup)"),
+    "opportunities": (r"/sales/opportunities(/count|/\d+)?$", "Sales > Opportunities"),
+    "stages": (r"/sales/stages(/\d+)?$", "Sales > Opportunity Stage (Table Setup)"),
+    "probabilities": (r"/sales/probabilities(/\d+)?$", "Sales > Opportunity Probability (Table Setup)"),
+    "members": (r"/system/members(/count|/\d+)?$", "System > Member Maintenance"),
+    "companies": (r"/company/companies(/.*)?$", "Companies > Company Maintenance"),
+    "forecast": (r"/sales/opportunities/\d+/forecast$", "Sales > Opportunity forecast (Sales > Opportunities: "
+                                                          "Forecast)"),
+}
+OPTIONAL_AREAS = frozenset({"stages", "probabilities", "members", "companies", "forecast"})
+# Tenant variants the tests can select (`build(variant=...)`, `Sandbox(variants={...})`).
+VARIANTS = {
+    "default": "the sandbox tenant: statuses Open/Won/Lost/No Decision/Quoted/Negotiation/On Hold, sales stages "
+               "1.Prospect..5.Closing, custom fields Region and Original Created; the API member may read everything",
+    "no_optional_rights": "the API member's security role lacks every optional area: /sales/stages, "
+                          "/sales/probabilities, /system/members, /company/companies (sites) and the per-opportunity "
+                          "forecast answer 403 {code: Unauthorized}",
+    "custom_statuses": "statuses and sales stages renamed and re-numbered (Active, Pending Contract, Closed - Won ...; "
+                       "Discovery, Demo, Proposal, Contracting, Signed)",
+    "custom_fields": "more opportunity custom fields, some named like standard fields (Stage, Amount, Site) with "
+                     "values that differ from them, a Number and a Checkbox field and empty values",
+}
 CURRENCIES = {
     "USD": {"id": 7, "symbol": "$", "currencyCode": "USD", "decimalSeparator": ".", "numberOfDecimals": 2,
             "thousandsSeparator": ",", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
@@ -373,8 +418,15 @@ OPP_FIELDS = {
 class ConnectWiseSimulator(Simulator):
     crm = CRM
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, requests_per_minute: int | None = None):
+    def __init__(self, world: World, faults: FaultPlan | None = None, requests_per_minute: int | None = None,
+                 variant: str = "default"):
         super().__init__(world, faults)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+        self.variant = variant
+        self.refused: frozenset[str] = OPTIONAL_AREAS if variant == "no_optional_rights" else frozenset()
+        self.status_rows = CUSTOM_STATUSES if variant == "custom_statuses" else STATUSES
+        self.stage_rows = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
         self.cache = QueryCache()
         self.requests_per_minute = requests_per_minute
         self._window: tuple[datetime, int] | None = None
@@ -397,6 +449,7 @@ class ConnectWiseSimulator(Simulator):
         self.route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
         self.route("GET", api + r"/sales/probabilities", self._list_probabilities)
         self.route("GET", api + r"/sales/stages", self._list_stages)
+        self.route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
         self.route("GET", api + r"/system/members", self._list_members)
         self.route("GET", api + r"/system/members/count", self._count_members)
         self.route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
@@ -420,12 +473,29 @@ class ConnectWiseSimulator(Simulator):
 
     def handle(self, req: Request) -> Response:
         if "/apis/3.0/" in req.path:
+            codebase = req.path.lstrip("/").split("/", 1)[0] + "/"
+            if codebase not in (CODEBASE, "v4_6_release/"):
+                # an unknown codebase is not this tenant's API at all (cloud answers 404 before any auth)
+                return self.error_response(HttpError(404, "NotFound", f"The requested codebase {codebase} "
+                                                                      "was not found"))
             try:
                 self._authenticate(req)
                 self._allowance()
+                self._authorize(req)
             except HttpError as err:
                 return self.error_response(err)
         return super().handle(req)
+
+    def _authorize(self, req: Request) -> None:
+        """The API member's security role: an area it may not inquire on answers 403 (no_optional_rights)."""
+        if not self.refused:
+            return
+        path = req.path.split("/apis/3.0", 1)[1]
+        for area in self.refused:
+            pattern, role = AREAS[area]
+            if re.search(pattern, path):
+                raise HttpError(403, "Unauthorized", f"You do not have permission to access this resource. "
+                                                     f"Required security role permission: {role} (Inquire Level)")
 
     def _authenticate(self, req: Request) -> None:
         if not req.header("clientid"):
@@ -474,19 +544,25 @@ class ConnectWiseSimulator(Simulator):
         acc = self.world.accounts[o.account] if o.account is not None else None
         prob = None if o.probability is None else int(round(o.probability / 10.0)) * 10
         closed = st.is_closed
-        sales_stage = SALES_STAGES[min(len(SALES_STAGES) - 1, int((o.probability or 0) // 20))]
+        sales_stage = self.world.sales_stage_of(o)
         region = (o.extra or {}).get("Region", REGIONS[o.seq % len(REGIONS)])
         currency = CURRENCIES.get(o.currency, CURRENCIES["USD"])
         custom = [{"id": 1, "caption": "Region", "type": "Text", "entryMethod": "EntryField",
                    "numberOfDecimals": 0, "value": region},
                   {"id": 2, "caption": "Original Created", "type": "Date", "entryMethod": "EntryField",
                    "numberOfDecimals": 0, "value": (o.extra or {}).get("Original Created")}]
+        if self.variant == "custom_fields":
+            custom += self.extra_custom_fields(o)
+        for cf in custom:  # CW leaves `value` out of a custom field that has none
+            if cf.get("value") is None:
+                cf.pop("value", None)
         return {
             "id": int(o.native_id),
             "name": o.name,
             "type": {"id": 1, "name": "Managed Services",
                      "_info": {"type_href": self._href(req, "/sales/opportunities/types/1")}},
-            "stage": {"id": sales_stage[0], "name": sales_stage[1], "_info": None},
+            "stage": {"id": int(sales_stage.key), "name": sales_stage.label,
+                      "_info": {"stage_href": self._href(req, f"/sales/stages/{sales_stage.key}")}},
             "status": {"id": sid, "name": st.label,
                        "_info": {"status_href": self._href(req, f"/sales/opportunities/statuses/{sid}")}},
             "priority": {"id": 7, "name": "Clear Flag", "_info": None},
@@ -522,6 +598,21 @@ class ConnectWiseSimulator(Simulator):
                 "forecast_href": self._href(req, f"/sales/opportunities/{o.native_id}/forecast"),
             },
         }
+
+    def extra_custom_fields(self, o: SimOpportunity) -> list[dict[str, Any]]:
+        """custom_fields: captions that look like standard fields (a connector must never read them as such),
+        a Number, a Checkbox, and fields that are empty on many records."""
+        decoy = self.world.sales_stages[sorted(self.world.sales_stages)[o.seq % len(self.world.sales_stages)]]
+        return [
+            {"id": 3, "caption": "Stage", "type": "Text", "entryMethod": "List", "numberOfDecimals": 0,
+             "value": f"Legacy {decoy.label}" if o.seq % 4 else None},
+            {"id": 4, "caption": "Amount", "type": "Number", "entryMethod": "EntryField", "numberOfDecimals": 2,
+             "value": round((o.seq * 137.5) % 9000, 2)},
+            {"id": 5, "caption": "Site", "type": "Text", "entryMethod": "EntryField", "numberOfDecimals": 0,
+             "value": "Remote\nsecond line" if o.seq % 3 == 0 else None},
+            {"id": 6, "caption": "Renewal", "type": "Checkbox", "entryMethod": "EntryField", "numberOfDecimals": 0,
+             "value": o.seq % 2 == 0},
+        ]
 
     def forecast_items(self, o: SimOpportunity) -> list[dict[str, Any]]:
         """The opportunity's amount split into 1-3 lines that sum to it exactly (to the cent)."""
@@ -616,6 +707,9 @@ class ConnectWiseSimulator(Simulator):
             return int(st.key)
         if p == "status/name":
             return st.label
+        if p in ("stage/id", "stage/name"):
+            ss = self.world.sales_stage_of(o)
+            return int(ss.key) if p == "stage/id" else ss.label
         if p == "closedflag":
             return st.is_closed
         if p in ("lastupdated",):
@@ -717,6 +811,7 @@ class ConnectWiseSimulator(Simulator):
 
     def _values_from(self, body: dict[str, Any], partial: bool) -> dict[str, Any]:
         values: dict[str, Any] = {}
+        stage_key: str | None = None
         for key, val in body.items():
             k = key.lower()
             if k == "name":
@@ -740,6 +835,11 @@ class ConnectWiseSimulator(Simulator):
                 if sid not in self.statuses:
                     raise _invalid("opportunity", "status", f"Status {sid} not found")
                 values["stage"] = str(sid)
+            elif k == "stage":
+                gid = _ref_id(val)
+                if str(gid) not in self.world.sales_stages:
+                    raise _invalid("opportunity", "stage", f"Stage {gid} not found")
+                stage_key = str(gid)
             elif k == "expectedclosedate":
                 values["close_date"] = datetime.fromisoformat(str(val).rstrip("Z")).date() if val else None
             elif k == "currency":
@@ -753,6 +853,8 @@ class ConnectWiseSimulator(Simulator):
                     if isinstance(cf, dict) and cf.get("caption"):
                         values[cf["caption"]] = cf.get("value")
             # other writable fields (type, source, notes ...) are accepted and not modelled
+        if stage_key is not None:
+            values["sales_stage"] = stage_key  # after "stage" (the status), which re-assigns the sales stage
         if not partial:
             missing = [f for f, k in (("name", "name"), ("company", "account"), ("primarySalesRep", "owner"))
                        if k not in values]
@@ -777,7 +879,7 @@ class ConnectWiseSimulator(Simulator):
         if not isinstance(body, dict):
             raise HttpError(400, "InvalidObject", "opportunity object is invalid")
         values = self._values_from(body, partial=False)
-        values.setdefault("stage", str(next(s[0] for s in STATUSES if s[6])))
+        values.setdefault("stage", str(next(s[0] for s in self.status_rows if s[6])))
         values["creator"] = values["owner"]
         values.setdefault("amount", None)
         o = self.world.create(**values)
@@ -826,7 +928,7 @@ class ConnectWiseSimulator(Simulator):
 
     def status_dicts(self, req: Request) -> list[dict[str, Any]]:
         out = []
-        for sid, name, closed, won, lost, inactive, default, _ in STATUSES:
+        for sid, name, closed, won, lost, inactive, default, _ in self.status_rows:
             out.append({"id": sid, "name": name, "wonFlag": won, "lostFlag": lost, "closedFlag": closed,
                         "inactiveFlag": inactive, "defaultFlag": default, "enteredBy": "admin1",
                         "dateEntered": "2019-03-01T12:00:00Z",
@@ -847,9 +949,20 @@ class ConnectWiseSimulator(Simulator):
                 for p in range(0, 101, 10)]
         return self._list_dicts(req, rows)
 
+    def _get_stage(self, req: Request) -> Response:
+        row = next((r for r in self._stage_dicts() if r["id"] == int(req.params["id"])), None)
+        if row is None:
+            raise HttpError(404, "NotFound", f"OpportunityStage with id {req.params['id']} not found")
+        return Response.json(row)
+
     def _list_stages(self, req: Request) -> Response:
-        rows = [{"id": i, "name": n, "seqNumber": i, "defaultFlag": i == 1, "_info": {}} for i, n in SALES_STAGES]
-        return self._list_dicts(req, rows)
+        return self._list_dicts(req, self._stage_dicts())
+
+    def _stage_dicts(self) -> list[dict[str, Any]]:
+        rows = [{"id": i, "name": n, "seqNumber": seq + 1, "defaultFlag": seq == 0, "probability": None,
+                 "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"}}
+                for seq, (i, n, _) in enumerate(self.stage_rows)]
+        return rows
 
     def member_dict(self, u: Any, req: Request) -> dict[str, Any]:
         first, _, last = u.name.partition(" ")
@@ -884,9 +997,12 @@ class ConnectWiseSimulator(Simulator):
                           "sites_href": self._href(req, f"/company/companies/{a.native_id}/sites")}}
 
     def site_dict(self, a: Any, req: Request) -> dict[str, Any]:
-        return {"id": int(a.site_id or 0), "name": a.site_name, "addressLine1": a.street, "addressLine2": None,
-                "city": a.city, "stateReference": None if a.state is None else {"identifier": a.state},
-                "zip": a.postal_code, "country": None if a.country is None else {"id": 1, "name": a.country},
+        line1, line2, city, state, postal, country = site_address(a)
+        return {"id": int(a.site_id or 0), "name": a.site_name, "addressLine1": line1, "addressLine2": line2,
+                "addressLine3": None, "city": city,
+                "stateReference": None if state is None else {"id": 1 + sum(map(ord, state)) % 50,
+                                                               "identifier": state, "name": state},
+                "zip": postal, "country": None if country is None else {"id": 1, "name": country},
                 "primaryAddressFlag": True, "company": {"id": int(a.native_id), "name": a.name},
                 "_info": {"lastUpdated": "2021-01-01T00:00:00Z"}}
 
@@ -920,6 +1036,18 @@ class ConnectWiseSimulator(Simulator):
             "VersionNumber": "v4.6.120000", "CompanyID": COMPANY_ID, "IsCloud": True, "SiteUrl": host,
             "AllowAnonymousAccess": False,
         })
+
+
+def site_address(a: Any) -> tuple[str | None, ...]:
+    """A company site's address parts: addressLine1, addressLine2, city, state, zip, country. Some sites have
+    a second line (a suite), some a line break typed into the first line, as real tenants do (derived from the
+    account, no rng draws)."""
+    line1, line2 = a.street, None
+    if line1 is not None and a.idx % 3 == 0:
+        line2 = f"Suite {100 + a.idx}"
+    if line1 is not None and a.idx % 7 == 0:
+        line1 = f"{line1}\nBuilding B"
+    return line1, line2, a.city, a.state, a.postal_code, a.country
 
 
 def _record_id(r: Any) -> int:
@@ -966,11 +1094,16 @@ def _known_from(rows: list[dict[str, Any]]) -> Callable[[str], bool]:
 
 # -- the tenant --------------------------------------------------------------------------------------------------
 
-def profile() -> TenantProfile:
+def profile(variant: str = "default") -> TenantProfile:
+    """The world's `stages` are CW statuses; its `sales_stages` the CW sales stages (`/sales/stages`)."""
+    statuses = CUSTOM_STATUSES if variant == "custom_statuses" else STATUSES
+    sales = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
     stages = [SimStage(str(sid), name, closed, won, prob, order)
-              for order, (sid, name, closed, won, lost, inactive, default, prob) in enumerate(STATUSES)]
+              for order, (sid, name, closed, won, lost, inactive, default, prob) in enumerate(statuses)]
+    sales_stages = [SimStage(str(gid), name, won, won, 100.0 if won else 0.0, order)
+                    for order, (gid, name, won) in enumerate(sales)]
     return TenantProfile(
-        crm=CRM, stages=stages,
+        crm=CRM, stages=stages, sales_stages=sales_stages,
         opportunity_id=lambda seq: str(seq),
         user_id=lambda i: f"member{i}",
         account_id=lambda i: str(COMPANY_ID_BASE + i),
@@ -980,8 +1113,10 @@ def profile() -> TenantProfile:
 
 
 def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          requests_per_minute: int | None = None) -> ConnectWiseSimulator:
-    world = World(profile(), seed, opportunities, clock=clock)
+          requests_per_minute: int | None = None, variant: str = "default") -> ConnectWiseSimulator:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+    world = World(profile(variant), seed, opportunities, clock=clock)
     # members are known by an identifier derived from their name (first initial + last name), like CW
     seen: set[str] = set()
     for u in world.users:
@@ -992,4 +1127,44 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
         seen.add(ident)
         u.native_id = ident
         u.alt_id = str(MEMBER_ID_BASE + u.idx)
-    return ConnectWiseSimulator(world, faults, requests_per_minute=requests_per_minute)
+    return ConnectWiseSimulator(world, faults, requests_per_minute=requests_per_minute, variant=variant)
+
+
+def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
+    """The tenant's live opportunities as a ConnectWise user sees them, from the simulator's own data.
+
+    stage = the sales stage's name (`stage.name`), stage_id its id, crm_status the status name, status from
+    the status's closed / won flags; owner and creator = numeric member ids; service_location = the company
+    site's address in the canonical form (the site's name when the site has no address); amount = the sum of
+    the forecast lines. Where the variant's API member may not read an optional area, the value is the
+    documented fallback an API user gets (docs/crms/connectwise.md): the site's name, no amount, the creator's
+    member identifier.
+    """
+    w = sim.world
+    out: dict[str, dict[str, Any]] = {}
+    for o in w.live():
+        acc = w.accounts[o.account] if o.account is not None else None
+        if acc is None:
+            location = None
+        elif "companies" in sim.refused:
+            location = acc.site_name
+        else:
+            location = format_address(*site_address(acc)) or acc.site_name
+        creator = w.users[o.creator]
+        stage = w.sales_stage_of(o)
+        out[o.native_id] = {
+            "project_name": o.name,
+            "client_name": acc.name if acc else None,
+            "service_location": location,
+            "owner_crm_id": str(MEMBER_ID_BASE + w.users[o.owner].idx),
+            "created_by_crm_id": creator.native_id if "members" in sim.refused else str(MEMBER_ID_BASE + creator.idx),
+            "stage": stage.label,
+            "stage_id": stage.key,
+            "crm_status": w.stages[o.stage].label,
+            "status": w.status(o),
+            "amount": None if o.amount is None or "forecast" in sim.refused else round(o.amount, 2),
+            "currency": o.currency,
+            "close_date": o.close_date,
+            "created_at": o.created_at,
+        }
+    return out

@@ -40,14 +40,12 @@ def collect(conn: ConnectWiseConnector, since=None) -> dict[str, object]:
 
 
 def expected(sim, o) -> dict:
+    """The tenant's truth (the sandbox's own view, never the connector's) plus the fields it leaves out."""
     w = sim.world
-    acc = w.accounts[o.account] if o.account is not None else None
     return dict(
-        project_name=o.name, client_name=acc.name if acc else None, service_location=acc.site_name if acc else None,
-        sales_executive=w.users[o.owner].name, owner_crm_id=w.users[o.owner].native_id, stage=o.stage,
-        status=w.status(o), amount=None if o.amount is None else round(o.amount, 2), currency=o.currency,
-        close_date=o.close_date, probability=None if o.probability is None else float(int(round(o.probability / 10)) * 10),
-        created_at=o.created_at, created_by_crm_id=w.users[o.creator].native_id, modified_at=o.modified_at,
+        cw.truth(sim)[o.native_id], sales_executive=w.users[o.owner].name,
+        probability=None if o.probability is None else float(int(round(o.probability / 10)) * 10),
+        modified_at=o.modified_at,
     )
 
 
@@ -74,8 +72,15 @@ def test_full_sync_equals_the_world_field_by_field(server):
     statuses = {o.status for o in got.values()}
     assert statuses == {"open", "won", "lost"}
     # "No Decision" is closed, neither won nor lost
-    nd = [o for o in got.values() if o.stage == "4"]
+    nd = [o for o in got.values() if o.crm_status == "No Decision"]
     assert nd and all(o.status == "lost" for o in nd)
+    # stage is the sales stage's name, never the status; owners and creators are numeric member ids
+    assert {o.stage for o in got.values()} == {name for _, name, _ in cw.SALES_STAGES}
+    assert all(o.owner_crm_id.isdigit() and o.created_by_crm_id.isdigit() for o in got.values())
+    # service_location is the site's address, with line 2 and line breaks in the canonical form
+    assert any("Suite" in (o.service_location or "") for o in got.values())
+    assert any(", Building B, " in (o.service_location or "") for o in got.values())
+    assert not any("\n" in (o.service_location or "") for o in got.values())
 
 
 @pytest.mark.parametrize("paging", ["navigable", "keyset"])
@@ -92,8 +97,9 @@ def test_incremental_after_activity_returns_every_change_including_ties(paging):
         stamps = [o.modified_at for o in got.values()]
         assert max(stamps.count(s) for s in set(stamps)) > 1
         for sid, opp in got.items():
-            assert {k: getattr(opp, k) for k in ("status", "stage", "amount", "modified_at")} == {
-                k: v for k, v in expected(sim, sim.world.opps[sid]).items() if k in ("status", "stage", "amount", "modified_at")}
+            keys = ("status", "stage", "stage_id", "crm_status", "amount", "modified_at")
+            assert {k: getattr(opp, k) for k in keys} == {
+                k: v for k, v in expected(sim, sim.world.opps[sid]).items() if k in keys}
         # inclusive cursor: the records stamped exactly `since`-equal are kept
         edge = max(stamps)
         again = collect(connector(srv.url), since=edge)
@@ -124,12 +130,13 @@ def test_open_statuses_override(server):
     got = collect(conn)
     sim = server.simulator
     for opp in got.values():
-        label = sim.world.stages[opp.stage].label
+        label = sim.world.stages[sim.world.opps[opp.source_id].stage].label
+        assert opp.crm_status == label
         if label in ("Open", "Quoted"):
             assert opp.status == "open"
         else:
             assert opp.status == ("won" if label == "Won" else "lost")
-    assert any(sim.world.stages[o.stage].label == "Negotiation" for o in got.values())
+    assert any(o.crm_status == "Negotiation" for o in got.values())
     open_ids = set()
     for page in conn.opportunities(open_set=True, since=None):
         open_ids |= {o.source_id for o in page}
@@ -182,13 +189,16 @@ def test_created_at_from_a_custom_field(server):
 
 
 def test_users_resolve_owners_and_creators(server):
+    """Members by numeric id (owner_crm_id / created_by_crm_id); the identifier (what crm_ids held before
+    mapping version 2, and what _info/enteredBy holds) stays in alt_ids."""
     conn = connector(server.url)
     users = {u.crm_user_id: u for u in conn.users()}
     sim = server.simulator
     assert len(users) == len(sim.world.users)
     for u in sim.world.users:
-        assert users[u.native_id].name == u.name and users[u.native_id].email == u.email
-        assert users[u.native_id].active == u.active and users[u.native_id].alt_ids == (u.alt_id,)
+        mine = users[u.alt_id]
+        assert mine.crm_user_id == str(cw.MEMBER_ID_BASE + u.idx) and mine.alt_ids == (u.native_id,)
+        assert mine.name == u.name and mine.email == u.email and mine.active == u.active
     got = collect(connector(server.url, options={"forecast": False}))
     assert all(o.owner_crm_id in users and o.created_by_crm_id in users for o in got.values())
     assert all(o.amount is None for o in got.values())
@@ -199,7 +209,11 @@ def test_forecast_off_costs_one_request_per_page(server):
     got = collect(conn)
     pages = sum(-(-n // 100) for n in (sum(1 for o in got.values() if o.status == "open"),
                                        sum(1 for o in got.values() if o.status != "open")))
-    assert conn.stats.requests == 1 + pages  # statuses + pages, no discovery call
+    sites = {(o.raw["company"]["id"], o.raw["site"]["id"]) for o in got.values() if o.raw.get("company")}
+    # discovery: statuses, stages, members (one page), probabilities, one custom-field sample; no companyinfo
+    # call; then one read per distinct company site (cached for the run) and the pages
+    assert conn.stats.requests == 5 + len(sites) + pages
+    assert conn.stats.token_requests == 0  # Basic auth: there is no token call
 
 
 def test_bad_credentials_fail_without_leaking_the_key(server):

@@ -282,3 +282,75 @@ def test_large_world_builds_and_answers_quickly():
         r2 = requests.get(r.links["next"]["url"], auth=AUTH, headers=HEADERS, timeout=10)
         assert r2.status_code == 200 and len(r2.json()) == 1000
     assert (datetime.now() - t0).total_seconds() < 25
+
+
+# -- issue 14: sales stages, site addresses, security roles, tenant variants ----------------------------------------
+
+def test_sales_stages_are_apart_from_statuses(server, api):
+    stages = get(f"{api}/sales/stages").json()
+    assert [s["name"] for s in stages] == [name for _, name, _ in cw.SALES_STAGES]
+    assert all("closedFlag" not in s and "wonFlag" not in s for s in stages)  # CW stages carry no flags
+    world = server.simulator.world
+    rows, _ = page_all(f"{api}/sales/opportunities", {"pageSize": 1000, "fields": "id,stage,status"})
+    for r in rows:
+        o = world.opps[str(r["id"])]
+        assert r["stage"]["id"] == int(world.sales_stage_of(o).key) and r["status"]["id"] == int(o.stage)
+        if world.status(o) == "won":
+            assert r["stage"]["name"] == "5.Closing"
+    assert ids_of(api, "stage/name = \"3.Quote\"") == sorted(
+        int(o.native_id) for o in live(server) if world.sales_stage_of(o).label == "3.Quote")
+    assert get(f"{api}/sales/stages/3").json()["name"] == "3.Quote"
+
+
+def ids_of(api, cond):
+    rows, _ = page_all(f"{api}/sales/opportunities", {"conditions": cond, "pageSize": 1000, "fields": "id"})
+    return sorted(r["id"] for r in rows)
+
+
+def test_sites_carry_every_address_line(server, api):
+    accounts = [a for a in server.simulator.world.accounts if a.street][:30]
+    sites = [get(f"{api}/company/companies/{a.native_id}/sites/{a.site_id}").json() for a in accounts]
+    assert any(s["addressLine2"] for s in sites) and any("\n" in s["addressLine1"] for s in sites)
+    assert all({"addressLine1", "addressLine2", "city", "stateReference", "zip", "country"} <= set(s) for s in sites)
+
+
+def test_unknown_codebase_is_404(server):
+    r = get(f"{server.url}/v2001_1/apis/3.0/sales/opportunities")
+    assert r.status_code == 404 and r.json()["code"] == "NotFound"
+
+
+def test_variants_are_listed_and_unknown_ones_refused():
+    assert {"default", "no_optional_rights", "custom_statuses", "custom_fields"} <= set(cw.VARIANTS)
+    with pytest.raises(ValueError):
+        cw.build(seed=1, opportunities=5, variant="nosuch")
+
+
+def test_no_optional_rights_refuses_each_optional_area_in_cw_shape():
+    with SandboxServer(cw.build(seed=3, opportunities=20, variant="no_optional_rights")) as srv:
+        api = f"{srv.url}/v4_6_release/apis/3.0"
+        acc = next(a for a in srv.simulator.world.accounts)
+        refused = ["/sales/stages", "/sales/probabilities", "/system/members", "/system/members/count",
+                   f"/company/companies/{acc.native_id}", f"/company/companies/{acc.native_id}/sites/{acc.site_id}",
+                   "/sales/opportunities/1/forecast"]
+        for path in refused:
+            r = get(api + path)
+            assert r.status_code == 403, path
+            assert r.json()["code"] == "Unauthorized" and "permission" in r.json()["message"]
+        for path in ("/sales/opportunities", "/sales/opportunities/statuses", "/sales/opportunities/count"):
+            assert get(api + path).status_code == 200, path
+
+
+def test_custom_statuses_and_custom_fields_tenants():
+    with SandboxServer(cw.build(seed=3, opportunities=40, variant="custom_statuses")) as srv:
+        api = f"{srv.url}/v4_6_release/apis/3.0"
+        names = {s["name"] for s in get(f"{api}/sales/opportunities/statuses").json()}
+        assert names == {row[1] for row in cw.CUSTOM_STATUSES}
+        assert [s["id"] for s in get(f"{api}/sales/stages").json()] == [row[0] for row in cw.CUSTOM_SALES_STAGES]
+        truth = cw.truth(srv.simulator)
+        assert {t["stage"] for t in truth.values()} <= {row[1] for row in cw.CUSTOM_SALES_STAGES}
+    with SandboxServer(cw.build(seed=3, opportunities=40, variant="custom_fields")) as srv:
+        api = f"{srv.url}/v4_6_release/apis/3.0"
+        o = get(f"{api}/sales/opportunities", pageSize=40).json()
+        captions = {cf["caption"] for cf in o[0]["customFields"]}
+        assert {"Region", "Stage", "Amount", "Site", "Renewal"} <= captions
+        assert any("value" not in cf for r in o for cf in r["customFields"])  # empty: no value key

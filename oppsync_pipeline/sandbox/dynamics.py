@@ -415,6 +415,13 @@ class DynamicsSimulator(Simulator):
         self.app_user = next((u for u in world.users if u.name == APP_USER_NAME), None) or self._add_app_user()
         self.users_by_id = {u.native_id: u for u in world.users}
         self.accounts_by_id = {a.native_id: a for a in world.accounts}
+        # Accounts carry their own modifiedon: a rename or a new address moves it (the opportunity's does not).
+        # The world does not stamp account edits, so the simulator notices them (at the latest when a query
+        # reads the account) and stamps the clock's time then.
+        self._account_marks: dict[int, tuple[tuple, datetime]] = {}
+        since = world.clock.now() - timedelta(days=30)
+        for a in world.accounts:
+            self._account_marks[a.idx] = (_account_signature(a), since)
         self.sets = self._entity_sets()
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
@@ -776,7 +783,8 @@ class DynamicsSimulator(Simulator):
                     "address1_line1": lambda a: address_lines(a)[0], "address1_line2": lambda a: address_lines(a)[1],
                     "address1_line3": lambda a: address_lines(a)[2], "address1_city": lambda a: a.city,
                     "address1_stateorprovince": lambda a: a.state, "address1_postalcode": lambda a: a.postal_code,
-                    "address1_country": lambda a: a.country, "address1_composite": composite}
+                    "address1_country": lambda a: a.country, "address1_composite": composite,
+                    "modifiedon": self._account_modified}
         cur_rows = [(k, *v) for k, v in CURRENCIES.items()]
         stage_cols = {"processstageid": lambda st: st.key, "stagename": lambda st: st.label,
                       "stagecategory": lambda st: min(st.order - 1, 3),
@@ -814,13 +822,24 @@ class DynamicsSimulator(Simulator):
             return (getattr(row, "extra", None) or {}).get(name)
         return get
 
+    def _account_modified(self, a: SimAccount) -> datetime:
+        signature = _account_signature(a)
+        mark = self._account_marks.get(a.idx)
+        if mark is None or mark[0] != signature:
+            mark = (signature, self.world.clock.now())
+            self._account_marks[a.idx] = mark
+        return mark[1]
+
     def _has_column(self, es: EntitySet) -> Callable[[str], bool]:
         def has(name: str) -> bool:
             if "/" in name:
                 nav, col = name.split("/", 1)
                 for lk, (n, target) in es.lookups.items():
-                    if n == nav:
-                        return target in self.sets and col in self.sets[target].columns
+                    if n == nav and nav not in self.hidden_navigation:
+                        if target in self.sets and col in self.sets[target].columns:
+                            self._require_read(target)  # a path through a lookup reads the target table
+                            return True
+                        return False
                 return False
             return name in es.columns
         return has
@@ -1240,6 +1259,10 @@ _TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "exchangera
           "statecode": "State", "statuscode": "Status", "salesstage": "Picklist", "cr123_dealphase": "Picklist",
           "versionnumber": "BigInt", "stageid": "Uniqueidentifier", "processid": "Uniqueidentifier",
           "isdisabled": "Boolean", "teamtype": "Picklist", "stagecategory": "Picklist"}
+
+
+def _account_signature(a: SimAccount) -> tuple:
+    return (a.name, a.street, a.city, a.state, a.postal_code, a.country)
 
 
 def _attribute_type(es: EntitySet, col: str) -> str:

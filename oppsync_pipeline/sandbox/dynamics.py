@@ -51,7 +51,7 @@ GUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA
 # The tenant's custom columns (publisher prefixes new_ and cr123_); anything else is an unknown property.
 CUSTOM_COLUMNS = ("new_region", "cr123_legacyid")
 # More custom columns in the custom_fields tenant (only there; selecting them elsewhere is a 400).
-CUSTOM_TENANT_COLUMNS = ("new_servicesite", "cr123_dealphase", "_new_signedby_value")
+CUSTOM_TENANT_COLUMNS = ("new_servicesite", "cr123_dealphase", "_new_signedby_value", "new_winchance")
 DEAL_PHASES = {100000000: "Early", 100000001: "Committed", 100000002: "Upside"}
 APP_USER_NAME = "# oppsync sandbox"
 
@@ -87,7 +87,7 @@ CUSTOM_PROCESS_STAGES = [
     SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a05", "Signed", True, True, 100.0, 5),
 ]
 # Privileges the application user's security role may lack, and what Dataverse names in the 403 for each.
-PRIVILEGES = {"prvReadEntity": (9800, "entity"), "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
+PRIVILEGES = {"prvReadOpportunity": (3, "opportunity"), "prvReadEntity": (9800, "entity"), "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
               "prvReadTeam": (9, "team"), "prvReadWorkflow": (4703, "workflow")}
 VARIANTS = {
     "default": "the API user has a System Customizer-like role: metadata, accounts, users, teams and processes",
@@ -510,7 +510,7 @@ class DynamicsSimulator(Simulator):
                                                  f"entity '{entity}'. context.Caller={self.app_user.native_id}")
 
     def _require_read(self, entity_set: str) -> None:
-        privilege = {"accounts": "prvReadAccount", "systemusers": "prvReadUser", "teams": "prvReadTeam",
+        privilege = {"opportunities": "prvReadOpportunity", "accounts": "prvReadAccount", "systemusers": "prvReadUser", "teams": "prvReadTeam",
                      "processstages": "prvReadWorkflow"}.get(entity_set)
         if privilege:
             self._require(privilege)
@@ -705,6 +705,7 @@ class DynamicsSimulator(Simulator):
             "estimatedvalue": lambda o: o.amount,
             "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount * _rate(o.currency), 4),
             "exchangerate": lambda o: _rate(o.currency),
+            "budgetamount": lambda o: None if o.amount is None or o.seq % 4 == 0 else round(o.amount * 0.8, 2),
             "estimatedclosedate": lambda o: o.close_date,
             "actualclosedate": lambda o: o.close_date if stage(o).is_closed else None,
             "closeprobability": lambda o: None if o.probability is None else int(round(o.probability)),
@@ -738,6 +739,7 @@ class DynamicsSimulator(Simulator):
                 "new_servicesite": lambda o: (o.extra or {}).get("new_servicesite", f"Site {o.seq % 4}"),
                 "cr123_dealphase": lambda o: (o.extra or {}).get("cr123_dealphase", 100000000 + o.seq % 3),
                 "_new_signedby_value": lambda o: None if o.seq % 4 else w.users[o.creator].native_id,
+                "new_winchance": lambda o: (o.extra or {}).get("new_winchance", (o.seq * 37) % 101),
             })
         opp_lookups = {
             "_parentaccountid_value": ("parentaccountid", "accounts"),
@@ -1253,7 +1255,8 @@ _METADATA_TYPE = {"String": "StringAttribute", "Lookup": "LookupAttribute", "Own
                   "Integer": "IntegerAttribute", "State": "StateAttribute", "Status": "StatusAttribute",
                   "Picklist": "PicklistAttribute", "BigInt": "BigIntAttribute", "Decimal": "DecimalAttribute",
                   "Uniqueidentifier": "UniqueIdentifierAttribute", "Boolean": "BooleanAttribute"}
-_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "exchangerate": "Decimal",
+_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "budgetamount": "Money",
+          "exchangerate": "Decimal", "new_winchance": "Integer",
           "estimatedclosedate": "DateTime", "actualclosedate": "DateTime", "createdon": "DateTime",
           "modifiedon": "DateTime", "new_originalcreatedon": "DateTime", "closeprobability": "Integer",
           "statecode": "State", "statuscode": "Status", "salesstage": "Picklist", "cr123_dealphase": "Picklist",

@@ -4,8 +4,8 @@ What it serves, at the URL root like the real hosts (the Entra ID token endpoint
   POST /{tenant}/oauth2/v2.0/token                   client credentials -> bearer token (AADSTS error bodies)
   GET  /{tenant}/v2.0/.well-known/openid-configuration   OpenID discovery (for msal)
   GET  /api/data/v9.2/                               service document (401 + WWW-Authenticate without a token)
-  GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup and the statuscode option set
-  GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies}
+  GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup, attribute metadata, the statuscode option set
+  GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies|processstages}
        $select $filter $orderby $top $count $expand, Prefer odata.maxpagesize / include-annotations /
        odata.track-changes (@odata.deltaLink, $deltatoken, $deletedEntity rows), @odata.nextLink + $skiptoken
   POST /opportunities, PATCH|DELETE /opportunities(<guid>), POST /WinOpportunity, POST /LoseOpportunity
@@ -16,6 +16,11 @@ through the API makes the application user (a systemuser named "# oppsync sandbo
 https authority: tests reach the http simulator through an http_client that rewrites the scheme (discovery
 answers with https endpoints, as Entra does). Service protection: a sliding 300 s window of `request_limit` requests per app, 429 +
 Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer.
+Tenant variants (`VARIANTS`): the application user's security role may lack privileges (403 0x80040220 "Principal
+user ... is missing prvRead... privilege", also for a $expand or a $filter path into a table it cannot read), a
+navigation property may be hidden (400), a customised tenant has its own business process and more custom columns.
+The opportunity's stage is a business process stage (`stageid`, `stepname`; the world's sales stages); `truth()`
+is the tenant as that API user sees it.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ CUSTOM_PROCESS_STAGES = [
     SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a05", "Signed", True, True, 100.0, 5),
 ]
 # Privileges the application user's security role may lack, and what Dataverse names in the 403 for each.
-PRIVILEGES = {"prvReadOpportunity": (3, "opportunity"), "prvReadEntity": (9800, "entity"), "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
+PRIVILEGES = {"prvReadOpportunity": (3, "opportunity"), "prvReadEntity": (9800, "entity"),
+              "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
               "prvReadTeam": (9, "team"), "prvReadWorkflow": (4703, "workflow")}
 VARIANTS = {
     "default": "the API user has a System Customizer-like role: metadata, accounts, users, teams and processes",
@@ -510,7 +516,8 @@ class DynamicsSimulator(Simulator):
                                                  f"entity '{entity}'. context.Caller={self.app_user.native_id}")
 
     def _require_read(self, entity_set: str) -> None:
-        privilege = {"opportunities": "prvReadOpportunity", "accounts": "prvReadAccount", "systemusers": "prvReadUser", "teams": "prvReadTeam",
+        privilege = {"opportunities": "prvReadOpportunity", "accounts": "prvReadAccount",
+                     "systemusers": "prvReadUser", "teams": "prvReadTeam",
                      "processstages": "prvReadWorkflow"}.get(entity_set)
         if privilege:
             self._require(privilege)

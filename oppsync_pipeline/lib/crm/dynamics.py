@@ -276,7 +276,7 @@ class DynamicsConnector(CrmConnector):
     def discover_tenant(self) -> None:
         attributes = self.optional(
             "opportunity attribute metadata", self._read_attributes, None,
-            fallback_text="standard opportunity columns assumed (stage id from stageid); configured custom "
+            fallback_text="(needs prvReadEntity) standard opportunity columns assumed (stage id from stageid); configured custom "
                           "columns are selected unchecked")
         self._attributes = attributes
         if attributes is not None:
@@ -295,11 +295,11 @@ class DynamicsConnector(CrmConnector):
                                "the columns)", status=400, code="UNKNOWN_COLUMN")
         self._currencies = self.optional(
             "transaction currencies", self._read_currencies, {},
-            fallback_text="currency left empty (the API user cannot read transactioncurrency)")
+            fallback_text="(needs prvReadTransactionCurrency) currency left empty")
         self._expand_account = self.optional(
             "account $expand (client address)", self._probe_account_expand, False,
-            fallback_text="client_name from the account lookup's formatted value; service_location left empty "
-                          "(grant the application user read access to accounts)",
+            fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
+                          "service_location left empty",
             refusals=(400, 403, 404))
 
     def _read_attributes(self) -> dict[str, str]:
@@ -336,7 +336,7 @@ class DynamicsConnector(CrmConnector):
             return [StageInfo(key=str(r["processstageid"]).lower(), label=str(r.get("stagename") or ""),
                               is_closed=False, is_won=False, sort_order=i) for i, r in enumerate(rows)]
         return self.optional("business process stages (processstages)", read, [],
-                             fallback_text="crm_stages left empty; each record's stage (stepname) and stage id "
+                             fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage (stepname) and stage id "
                                            "are still read")
 
     def fetch_statuses(self) -> list[StageInfo]:
@@ -352,7 +352,8 @@ class DynamicsConnector(CrmConnector):
                                      sort_order=i))
             return out
         return self.optional("status reason metadata (statuscode)", read, list(DEFAULT_STATUS_REASONS),
-                             fallback_text="crm_status from the records' formatted values, status from statecode; "
+                             fallback_text="(needs prvReadEntity) crm_status from the records' formatted values, "
+                                           "status from statecode; "
                                            "open_statuses matched against the default status reasons only")
 
     def users(self) -> Iterable[CrmUser]:
@@ -362,11 +363,11 @@ class DynamicsConnector(CrmConnector):
                 CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"), kind="user",
                         active=not u.get("isdisabled", False))
                 for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"})], [],
-                fallback_text="owners and creators kept as ids; owner names from the records' formatted values")
+                fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the records' formatted values")
             teams = self.optional("teams", lambda: [
                 CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
                 for t in self._rows("teams", {"$select": "name"})], [],
-                fallback_text="team owners kept as ids; their names from the records' formatted values")
+                fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' formatted values")
             self._users = people + teams
         return self._users
 

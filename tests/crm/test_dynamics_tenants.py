@@ -7,12 +7,16 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import text
 
-from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS, ConnectionConfig
 from oppsync_pipeline.lib.crm.dynamics import DynamicsConnector
 from oppsync_pipeline.lib.crm.http import CrmError
+from oppsync_pipeline.lib.sync import ExtractFailed, sync_connection
+from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import dynamics as sandbox
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
+from tests.conftest import sandbox_config
 
 N = 200
 
@@ -113,7 +117,6 @@ def test_every_accepted_field_override_takes_effect():
               "amount": "budgetamount", "close_date": "actualclosedate", "probability": "new_winchance",
               "created_at": "new_originalcreatedon", "created_by_crm_id": "_new_signedby_value",
               "sales_executive": "_modifiedby_value"}
-    from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS
     assert set(fields) == set(OVERRIDABLE_FIELDS)
     with serve("custom_fields") as srv:
         world, sim = srv.simulator.world, srv.simulator
@@ -196,3 +199,21 @@ def test_token_requests_are_counted_with_the_requests():
         assert conn.stats.requests == srv.simulator.request_count - before
         meta = conn.stats.as_metadata()
         assert meta["token_requests"] == 2 and meta["api_requests"] == conn.stats.requests
+
+
+def test_a_permanent_error_fails_the_sync_at_once_and_skips_the_retry_policy(duckdb_url, tmp_path):
+    with serve() as srv:
+        srv.simulator.denied.add("prvReadOpportunity")
+        cfg = sandbox_config({"dynamics": srv}, duckdb_url, tmp_path)
+        engine = make_engine(cfg.warehouse.url)
+        started = time.monotonic()
+        with pytest.raises(ExtractFailed) as err:
+            sync_connection(cfg, cfg.connections[0], engine, run_id="denied")
+        assert time.monotonic() - started < 10
+        assert err.value.permanent and "prvReadOpportunity" in str(err.value)
+        with engine.connect() as c:
+            row = c.execute(text("SELECT status, error, retries, token_requests FROM oppsync.sync_runs "
+                                 "WHERE run_id = 'denied'")).one()
+        engine.dispose()
+        assert row.status == "failed" and "prvReadOpportunity" in row.error and row.retries == 0
+        assert row.token_requests == 1

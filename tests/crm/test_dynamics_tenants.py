@@ -168,6 +168,7 @@ def test_permanent_errors_fail_fast_and_name_what_to_check():
         assert time.monotonic() - started < 10
         assert "prvReadOpportunity" in str(err.value) and "security role" in str(err.value)
         assert "'opportunity' table" in str(err.value)
+        assert conn.stats.warnings == []   # the required read failed; no optional read is blamed
         # base_url pointing somewhere that is not the Web API root
         srv.simulator.denied.clear()
         conn = make(srv)

@@ -203,6 +203,14 @@ def _error_message(response: requests.Response) -> str:
         return response.text[:300]
 
 
+class _RequiredReadFailed(Exception):
+    """The account expand probe met a refused opportunity read: the required read's error, not an optional one."""
+
+    def __init__(self, error: CrmError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class DynamicsConnector(CrmConnector):
     crm = "dynamics"
     max_page_size = 5000
@@ -276,8 +284,8 @@ class DynamicsConnector(CrmConnector):
     def discover_tenant(self) -> None:
         attributes = self.optional(
             "opportunity attribute metadata", self._read_attributes, None,
-            fallback_text="(needs prvReadEntity) standard opportunity columns assumed (stage id from stageid); configured custom "
-                          "columns are selected unchecked")
+            fallback_text="(needs prvReadEntity) standard opportunity columns assumed (stage id from stageid); "
+                          "configured custom columns are selected unchecked")
         self._attributes = attributes
         if attributes is not None:
             custom = sorted(c for c in attributes if self.is_custom_field(c))
@@ -296,11 +304,14 @@ class DynamicsConnector(CrmConnector):
         self._currencies = self.optional(
             "transaction currencies", self._read_currencies, {},
             fallback_text="(needs prvReadTransactionCurrency) currency left empty")
-        self._expand_account = self.optional(
-            "account $expand (client address)", self._probe_account_expand, False,
-            fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
-                          "service_location left empty",
-            refusals=(400, 403, 404))
+        try:
+            self._expand_account = self.optional(
+                "account $expand (client address)", self._probe_account_expand, False,
+                fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
+                              "service_location left empty",
+                refusals=(400, 403, 404))
+        except _RequiredReadFailed as failed:
+            raise failed.error from None
 
     def _read_attributes(self) -> dict[str, str]:
         """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType."""
@@ -319,9 +330,16 @@ class DynamicsConnector(CrmConnector):
 
     def _probe_account_expand(self) -> bool:
         """One row with the account expanded: Dataverse answers 403 when the API user may not read accounts and
-        400 when the environment does not expose the navigation property."""
-        self.client.get_json(f"{API}/opportunities", params={
-            "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=self._headers())
+        400 when the environment does not expose the navigation property. (No odata.maxpagesize here: Dataverse
+        ignores $top next to it.) A refused opportunity read is the required read failing, not this one."""
+        headers = {k: v for k, v in self._headers().items() if k != "Prefer"}
+        try:
+            self.client.get_json(f"{API}/opportunities", params={
+                "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=headers)
+        except CrmError as err:
+            if "prvReadOpportunity" in str(err):
+                raise _RequiredReadFailed(err) from None
+            raise
         return True
 
     # -- stages, statuses and users -------------------------------------------------------------------------------
@@ -336,8 +354,8 @@ class DynamicsConnector(CrmConnector):
             return [StageInfo(key=str(r["processstageid"]).lower(), label=str(r.get("stagename") or ""),
                               is_closed=False, is_won=False, sort_order=i) for i, r in enumerate(rows)]
         return self.optional("business process stages (processstages)", read, [],
-                             fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage (stepname) and stage id "
-                                           "are still read")
+                             fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage "
+                                           "(stepname) and stage id are still read")
 
     def fetch_statuses(self) -> list[StageInfo]:
         def read() -> list[StageInfo]:
@@ -363,11 +381,13 @@ class DynamicsConnector(CrmConnector):
                 CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"), kind="user",
                         active=not u.get("isdisabled", False))
                 for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"})], [],
-                fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the records' formatted values")
+                fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the "
+                              "records' formatted values")
             teams = self.optional("teams", lambda: [
                 CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
                 for t in self._rows("teams", {"$select": "name"})], [],
-                fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' formatted values")
+                fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' "
+                              "formatted values")
             self._users = people + teams
         return self._users
 

@@ -713,6 +713,10 @@ class DynamicsSimulator(Simulator):
             "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount * _rate(o.currency), 4),
             "exchangerate": lambda o: _rate(o.currency),
             "budgetamount": lambda o: None if o.amount is None or o.seq % 4 == 0 else round(o.amount * 0.8, 2),
+            "actualvalue": lambda o: o.amount if stage(o).is_won else None,
+            "overriddencreatedon": lambda o: None,
+            "_campaignid_value": lambda o: None,
+            "_originatingleadid_value": lambda o: None,
             "estimatedclosedate": lambda o: o.close_date,
             "actualclosedate": lambda o: o.close_date if stage(o).is_closed else None,
             "closeprobability": lambda o: None if o.probability is None else int(round(o.probability)),
@@ -758,6 +762,8 @@ class DynamicsSimulator(Simulator):
             "_createdby_value": ("createdby", "systemusers"),
             "_modifiedby_value": ("modifiedby", "systemusers"),
             "_transactioncurrencyid_value": ("transactioncurrencyid", "transactioncurrencies"),
+            "_campaignid_value": ("campaignid", "campaigns"),
+            "_originatingleadid_value": ("originatingleadid", "leads"),
         }
         if self.custom_tenant:
             opp_lookups["_new_signedby_value"] = ("new_signedby", "systemusers")
@@ -1262,7 +1268,8 @@ _METADATA_TYPE = {"String": "StringAttribute", "Lookup": "LookupAttribute", "Own
                   "Integer": "IntegerAttribute", "State": "StateAttribute", "Status": "StatusAttribute",
                   "Picklist": "PicklistAttribute", "BigInt": "BigIntAttribute", "Decimal": "DecimalAttribute",
                   "Uniqueidentifier": "UniqueIdentifierAttribute", "Boolean": "BooleanAttribute"}
-_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "budgetamount": "Money",
+_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "budgetamount": "Money", "actualvalue": "Money",
+          "overriddencreatedon": "DateTime",
           "exchangerate": "Decimal", "new_winchance": "Integer",
           "estimatedclosedate": "DateTime", "actualclosedate": "DateTime", "createdon": "DateTime",
           "modifiedon": "DateTime", "new_originalcreatedon": "DateTime", "closeprobability": "Integer",

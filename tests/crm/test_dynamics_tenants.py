@@ -111,6 +111,14 @@ def test_discovery_reads_custom_columns_and_the_custom_process_stages():
         assert report["opportunities (open set)"].available and report["opportunities (not-open set)"].available
 
 
+def test_every_column_config_check_accepts_exists_in_the_sandbox_tenant():
+    with serve() as srv:
+        conn = make(srv)
+        conn.prepare()
+        assert set(DynamicsConnector.known_fields) <= set(conn._attributes)
+        assert all(DynamicsConnector.field_known(c) for c in conn._attributes if DynamicsConnector.is_custom_field(c))
+
+
 def test_every_accepted_field_override_takes_effect():
     """Each canonical field a connection may point elsewhere, pointed at a column this tenant has."""
     fields = {"project_name": "description", "client_name": "new_servicesite", "stage": "cr123_dealphase",

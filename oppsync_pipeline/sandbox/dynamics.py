@@ -4,8 +4,8 @@ What it serves, at the URL root like the real hosts (the Entra ID token endpoint
   POST /{tenant}/oauth2/v2.0/token                   client credentials -> bearer token (AADSTS error bodies)
   GET  /{tenant}/v2.0/.well-known/openid-configuration   OpenID discovery (for msal)
   GET  /api/data/v9.2/                               service document (401 + WWW-Authenticate without a token)
-  GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup and the statuscode option set
-  GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies}
+  GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup, attribute metadata, the statuscode option set
+  GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies|processstages}
        $select $filter $orderby $top $count $expand, Prefer odata.maxpagesize / include-annotations /
        odata.track-changes (@odata.deltaLink, $deltatoken, $deletedEntity rows), @odata.nextLink + $skiptoken
   POST /opportunities, PATCH|DELETE /opportunities(<guid>), POST /WinOpportunity, POST /LoseOpportunity
@@ -16,6 +16,11 @@ through the API makes the application user (a systemuser named "# oppsync sandbo
 https authority: tests reach the http simulator through an http_client that rewrites the scheme (discovery
 answers with https endpoints, as Entra does). Service protection: a sliding 300 s window of `request_limit` requests per app, 429 +
 Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer.
+Tenant variants (`VARIANTS`): the application user's security role may lack privileges (403 0x80040220 "Principal
+user ... is missing prvRead... privilege", also for a $expand or a $filter path into a table it cannot read), a
+navigation property may be hidden (400), a customised tenant has its own business process and more custom columns.
+The opportunity's stage is a business process stage (`stageid`, `stepname`; the world's sales stages); `truth()`
+is the tenant as that API user sees it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, SimUser, TenantProfile, World
+from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World
 
 CRM = "dynamics"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -50,6 +55,9 @@ NAVPROP = "Microsoft.Dynamics.CRM.associatednavigationproperty"
 GUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 # The tenant's custom columns (publisher prefixes new_ and cr123_); anything else is an unknown property.
 CUSTOM_COLUMNS = ("new_region", "cr123_legacyid")
+# More custom columns in the custom_fields tenant (only there; selecting them elsewhere is a 400).
+CUSTOM_TENANT_COLUMNS = ("new_servicesite", "cr123_dealphase", "_new_signedby_value", "new_winchance")
+DEAL_PHASES = {100000000: "Early", 100000001: "Committed", 100000002: "Upside"}
 APP_USER_NAME = "# oppsync sandbox"
 
 # Status reasons (statuscode) with their state (statecode 0 Open, 1 Won, 2 Lost); the 1000000xx ones are the
@@ -64,7 +72,39 @@ STATUS_REASONS = [
     SimStage("100000001", "No Decision", True, False, 0.0, 7),
 ]
 STATE_LABELS = {0: "Open", 1: "Won", 2: "Lost"}
-SALES_STAGES = ["Qualify", "Develop", "Propose", "Close"]
+SALES_STAGES = ["Qualify", "Develop", "Propose", "Close"]   # the salesstage picklist (stage categories)
+# The business process flow's stages (processstage rows; the opportunity's `stageid` and `stepname`): ids that
+# are not the labels, named as the Pipeline Phase column shows them. Won deals stand in the last stage; lost ones
+# where they were abandoned. The custom_fields tenant runs its own process with other stage names.
+SALES_PROCESS_ID = "3e8ebee6-a2bc-4451-9c5f-b146b085413a"
+PROCESS_STAGES = [
+    SimStage("6b9ce83d-3571-4a1f-8a92-0e6b2c8c2b01", "1-Qualify", False, False, 10.0, 1),
+    SimStage("650e06b4-789b-46c1-822b-0da76bedb1ed", "2-Develop", False, False, 40.0, 2),
+    SimStage("d3ca8878-8d7b-47b9-852d-fcd838790cfd", "3-Propose", False, False, 70.0, 3),
+    SimStage("bb7e830a-61bd-441b-b1fd-6bee15c98b0b", "4-Close", True, True, 100.0, 4),
+]
+CUSTOM_PROCESS_ID = "a1f00d5e-0b7a-4c1e-9f3a-5d2b7e9c0a10"
+CUSTOM_PROCESS_STAGES = [
+    SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a01", "Discovery", False, False, 10.0, 1),
+    SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a02", "Solution Design", False, False, 35.0, 2),
+    SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a03", "Commercials", False, False, 60.0, 3),
+    SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a04", "Legal Review", False, False, 80.0, 4),
+    SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a05", "Signed", True, True, 100.0, 5),
+]
+# Privileges the application user's security role may lack, and what Dataverse names in the 403 for each.
+PRIVILEGES = {"prvReadOpportunity": (3, "opportunity"), "prvReadEntity": (9800, "entity"),
+              "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
+              "prvReadTeam": (9, "team"), "prvReadWorkflow": (4703, "workflow")}
+VARIANTS = {
+    "default": "the API user has a System Customizer-like role: metadata, accounts, users, teams and processes",
+    "no_optional_rights": "the API user may read opportunities (and currencies) only: attribute and status "
+                          "metadata, process stages, systemusers, teams and accounts (so $expand of the account "
+                          "lookup) answer 403 0x80040220 (missing prvRead... privilege)",
+    "no_expand": "the API user cannot read accounts: $expand=parentaccountid answers 403 (missing prvReadAccount); "
+                 "the account's name is still visible as the lookup's formatted value",
+    "custom_fields": "a customised tenant: its own business process flow (other stage names and ids) and more "
+                     "custom columns (new_servicesite text, cr123_dealphase picklist, new_signedby lookup)",
+}
 CURRENCIES = {"USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
               "EUR": ("4f2b3c1d-e646-e111-8eb7-78e7d162ced1", "Euro", "€"),
               "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£")}
@@ -355,8 +395,19 @@ class EntitySet:
 class DynamicsSimulator(Simulator):
     crm = CRM
 
-    def __init__(self, world: World, faults: FaultPlan | None = None):
+    def __init__(self, world: World, faults: FaultPlan | None = None, variant: str = "default"):
         super().__init__(world, faults)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown dynamics sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+        self.variant = variant
+        # Privileges the application user's role lacks (403 0x80040220 naming the privilege), and navigation
+        # properties this tenant does not expose (400 "Could not find a property named ...").
+        self.denied: set[str] = {
+            "no_optional_rights": {"prvReadEntity", "prvReadAccount", "prvReadUser", "prvReadTeam", "prvReadWorkflow"},
+            "no_expand": {"prvReadAccount"}}.get(variant, set())
+        self.hidden_navigation: set[str] = set()
+        self.custom_tenant = variant == "custom_fields"
+        self.process_id = CUSTOM_PROCESS_ID if self.custom_tenant else SALES_PROCESS_ID
         self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
         self.request_limit = REQUEST_LIMIT
         self._window: deque[float] = deque()
@@ -370,6 +421,13 @@ class DynamicsSimulator(Simulator):
         self.app_user = next((u for u in world.users if u.name == APP_USER_NAME), None) or self._add_app_user()
         self.users_by_id = {u.native_id: u for u in world.users}
         self.accounts_by_id = {a.native_id: a for a in world.accounts}
+        # Accounts carry their own modifiedon: a rename or a new address moves it (the opportunity's does not).
+        # The world does not stamp account edits, so the simulator notices them (at the latest when a query
+        # reads the account) and stamps the clock's time then.
+        self._account_marks: dict[int, tuple[tuple, datetime]] = {}
+        since = world.clock.now() - timedelta(days=30)
+        for a in world.accounts:
+            self._account_marks[a.idx] = (_account_signature(a), since)
         self.sets = self._entity_sets()
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
@@ -380,10 +438,12 @@ class DynamicsSimulator(Simulator):
         self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
                           r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)",
                    self.status_metadata)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies)",
-                   self.collection)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts)\((?P<id>{GUID_RE})\)",
-                   self.single)
+        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes",
+                   self.attribute_metadata)
+        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
+                          r"processstages)", self.collection)
+        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
+                          rf"\((?P<id>{GUID_RE})\)", self.single)
         self.route("POST", rf"{API}/opportunities", self.create)
         self.route("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
         self.route("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
@@ -445,6 +505,22 @@ class DynamicsSimulator(Simulator):
                                 f"Number of requests exceeded the limit of {self.request_limit} over time window "
                                 f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
             self._window.append(now)
+
+    def _require(self, privilege: str) -> None:
+        """403 in Dataverse's shape when the application user's security role lacks `privilege`."""
+        if privilege in self.denied:
+            otc, entity = PRIVILEGES[privilege]
+            raise odata_error(403, "0x80040220", f"Principal user (Id={self.app_user.native_id}, type=8, roleCount=1, "
+                                                 f"privilegeCount=212, accessMode=4), is missing {privilege} privilege "
+                                                 f"(Id={_guid(otc, 'a5b3-4c1d-9e2f-00000000abcd')}) on OTC={otc} for "
+                                                 f"entity '{entity}'. context.Caller={self.app_user.native_id}")
+
+    def _require_read(self, entity_set: str) -> None:
+        privilege = {"opportunities": "prvReadOpportunity", "accounts": "prvReadAccount",
+                     "systemusers": "prvReadUser", "teams": "prvReadTeam",
+                     "processstages": "prvReadWorkflow"}.get(entity_set)
+        if privilege:
+            self._require(privilege)
 
     def _base(self, req: Request) -> str:
         return f"http://{req.header('host', '127.0.0.1')}"
@@ -530,7 +606,8 @@ class DynamicsSimulator(Simulator):
                                    "actualclosedate": "Edm.Date", "closeprobability": "Edm.Int32",
                                    "statecode": "Edm.Int32", "statuscode": "Edm.Int32", "salesstage": "Edm.Int32",
                                    "createdon": "Edm.DateTimeOffset", "modifiedon": "Edm.DateTimeOffset",
-                                   "new_originalcreatedon": "Edm.DateTimeOffset", "versionnumber": "Edm.Int64"}}
+                                   "new_originalcreatedon": "Edm.DateTimeOffset", "versionnumber": "Edm.Int64",
+                                   "stageid": "Edm.Guid", "processid": "Edm.Guid", "cr123_dealphase": "Edm.Int32"}}
         parts = ['<?xml version="1.0" encoding="utf-8"?>',
                  '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>',
                  '<Schema Namespace="Microsoft.Dynamics.CRM" Alias="mscrm" '
@@ -551,6 +628,7 @@ class DynamicsSimulator(Simulator):
 
     def entity_definitions(self, req: Request) -> Response:
         self._authorize(req)
+        self._require("prvReadEntity")
         rows = [{"LogicalName": s.logical, "EntitySetName": s.name, "PrimaryIdAttribute": s.key,
                  "SchemaName": s.logical.title(), "ChangeTrackingEnabled": s.name == "opportunities"
                  and self.change_tracking_enabled, "MetadataId": OPPORTUNITY_METADATA_ID if s.name ==
@@ -566,6 +644,7 @@ class DynamicsSimulator(Simulator):
 
     def status_metadata(self, req: Request) -> Response:
         self._authorize(req)
+        self._require("prvReadEntity")
         attr, kind = req.params["attr"], req.params["kind"]
         want = "StatusAttributeMetadata" if attr == "statuscode" else "StateAttributeMetadata"
         if kind != want:
@@ -587,6 +666,36 @@ class DynamicsSimulator(Simulator):
                                  "Status" if attr == "statuscode" else "State", "Options": options}
         return Response.json(body)
 
+    def attribute_metadata(self, req: Request) -> Response:
+        """`EntityDefinitions(LogicalName='opportunity')/Attributes`: one AttributeMetadata per column (custom
+        ones with IsCustomAttribute), lookups under their logical name (`parentaccountid`, not the Web API's
+        `_parentaccountid_value`)."""
+        self._authorize(req)
+        self._require("prvReadEntity")
+        entity = req.params["entity"]
+        es = next((e for e in self.sets.values() if e.logical == entity), None)
+        if es is None:
+            raise odata_error(404, "0x80040217", f"Could not find entity with LogicalName = {entity}")
+        rows = []
+        for col in es.columns:
+            logical = col[1:-len("_value")] if col.startswith("_") and col.endswith("_value") else col
+            kind = _attribute_type(es, col)
+            rows.append({"@odata.type": f"#Microsoft.Dynamics.CRM.{_METADATA_TYPE.get(kind, 'Attribute')}Metadata",
+                         "LogicalName": logical, "SchemaName": logical.title(), "AttributeType": kind,
+                         "IsCustomAttribute": bool(re.match(r"^[a-z][a-z0-9]{1,7}_", logical))
+                         and not logical.startswith(("msdyn_", "adx_")),
+                         "AttributeOf": None, "IsValidForRead": True,
+                         "MetadataId": _guid(sum(map(ord, logical)), "0000-4000-8000-000000000a77")})
+        text = req.arg("$filter")
+        if text:
+            pred = FilterParser(text, lambda c: c in rows[0], "AttributeMetadata").parse()
+            rows = [r for r in rows if pred(r, lambda r, c: r.get(c))]
+        select = [c for c in (req.arg("$select") or "").split(",") if c]
+        if select:
+            rows = [{k: r[k] for k in ["@odata.type", "MetadataId", *select] if k in r} for r in rows]
+        return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('{entity}')/"
+                                                "Attributes", "value": rows})
+
     # -- entity sets ---------------------------------------------------------------------------------------------
 
     def _entity_sets(self) -> dict[str, EntitySet]:
@@ -603,13 +712,21 @@ class DynamicsSimulator(Simulator):
             "estimatedvalue": lambda o: o.amount,
             "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount * _rate(o.currency), 4),
             "exchangerate": lambda o: _rate(o.currency),
+            "budgetamount": lambda o: None if o.amount is None or o.seq % 4 == 0 else round(o.amount * 0.8, 2),
+            "actualvalue": lambda o: o.amount if stage(o).is_won else None,
+            "overriddencreatedon": lambda o: None,
+            "_campaignid_value": lambda o: None,
+            "_originatingleadid_value": lambda o: None,
             "estimatedclosedate": lambda o: o.close_date,
             "actualclosedate": lambda o: o.close_date if stage(o).is_closed else None,
             "closeprobability": lambda o: None if o.probability is None else int(round(o.probability)),
             "statecode": lambda o: state_of(stage(o)),
             "statuscode": lambda o: int(o.stage),
-            "salesstage": lambda o: _salesstage(o, stage(o)),
-            "stepname": lambda o: f"{_salesstage(o, stage(o)) + 1}-{SALES_STAGES[_salesstage(o, stage(o))]}",
+            "salesstage": lambda o: _salesstage(w, o),
+            # the business process flow: the active stage's id and the Pipeline Phase text it writes
+            "stepname": lambda o: w.sales_stage_of(o).label,
+            "stageid": lambda o: w.sales_stage_of(o).key,
+            "processid": lambda o: self.process_id,
             "description": lambda o: (o.extra or {}).get("description"),
             "_parentaccountid_value": lambda o: account(o).native_id if account(o) else None,
             "_customerid_value": lambda o: account(o).native_id if account(o) else None,
@@ -628,6 +745,13 @@ class DynamicsSimulator(Simulator):
                 "new_originalcreatedon", None if o.seq % 5 == 0 else o.created_at - timedelta(days=30 + o.seq % 90)),
             **{c: (lambda o, c=c: (o.extra or {}).get(c)) for c in CUSTOM_COLUMNS},
         }
+        if self.custom_tenant:
+            opp_cols.update({
+                "new_servicesite": lambda o: (o.extra or {}).get("new_servicesite", f"Site {o.seq % 4}"),
+                "cr123_dealphase": lambda o: (o.extra or {}).get("cr123_dealphase", 100000000 + o.seq % 3),
+                "_new_signedby_value": lambda o: None if o.seq % 4 else w.users[o.creator].native_id,
+                "new_winchance": lambda o: (o.extra or {}).get("new_winchance", (o.seq * 37) % 101),
+            })
         opp_lookups = {
             "_parentaccountid_value": ("parentaccountid", "accounts"),
             "_customerid_value": ("customerid_account", "accounts"),
@@ -638,14 +762,19 @@ class DynamicsSimulator(Simulator):
             "_createdby_value": ("createdby", "systemusers"),
             "_modifiedby_value": ("modifiedby", "systemusers"),
             "_transactioncurrencyid_value": ("transactioncurrencyid", "transactioncurrencies"),
+            "_campaignid_value": ("campaignid", "campaigns"),
+            "_originatingleadid_value": ("originatingleadid", "leads"),
         }
+        if self.custom_tenant:
+            opp_lookups["_new_signedby_value"] = ("new_signedby", "systemusers")
         opp_fmt = {
             "estimatedvalue": lambda o: None if o.amount is None else f"{CURRENCIES[o.currency][2]}{o.amount:,.2f}",
             "estimatedclosedate": lambda o: o.close_date and f"{o.close_date.month}/{o.close_date.day}/"
                                                             f"{o.close_date.year}",
             "statecode": lambda o: STATE_LABELS[state_of(stage(o))],
             "statuscode": lambda o: stage(o).label,
-            "salesstage": lambda o: SALES_STAGES[_salesstage(o, stage(o))],
+            "salesstage": lambda o: SALES_STAGES[_salesstage(w, o)],
+            "cr123_dealphase": lambda o: DEAL_PHASES.get(opp_cols["cr123_dealphase"](o)),
             "closeprobability": lambda o: None if o.probability is None else str(int(round(o.probability))),
             "createdon": lambda o: _fmt_dt(o.created_at),
             "modifiedon": lambda o: _fmt_dt(o.modified_at),
@@ -663,13 +792,19 @@ class DynamicsSimulator(Simulator):
 
         def composite(a):
             line2 = " ".join(p for p in (a.city and a.city + ",", a.state, a.postal_code) if p).rstrip(",")
-            return "\r\n".join(p for p in (a.street, line2, a.country) if p) or None
+            return "\r\n".join(p for p in (*address_lines(a), line2, a.country) if p) or None
 
         acc_cols = {"accountid": lambda a: a.native_id, "name": lambda a: a.name,
-                    "address1_line1": lambda a: a.street, "address1_city": lambda a: a.city,
+                    "address1_line1": lambda a: address_lines(a)[0], "address1_line2": lambda a: address_lines(a)[1],
+                    "address1_line3": lambda a: address_lines(a)[2], "address1_city": lambda a: a.city,
                     "address1_stateorprovince": lambda a: a.state, "address1_postalcode": lambda a: a.postal_code,
-                    "address1_country": lambda a: a.country, "address1_composite": composite}
+                    "address1_country": lambda a: a.country, "address1_composite": composite,
+                    "modifiedon": self._account_modified}
         cur_rows = [(k, *v) for k, v in CURRENCIES.items()]
+        stage_cols = {"processstageid": lambda st: st.key, "stagename": lambda st: st.label,
+                      "stagecategory": lambda st: min(st.order - 1, 3),
+                      "primaryentitytypecode": lambda st: "opportunity",
+                      "_processid_value": lambda st: self.process_id}
         cur_cols = {"transactioncurrencyid": lambda c: c[1], "isocurrencycode": lambda c: c[0],
                     "currencyname": lambda c: c[2], "currencysymbol": lambda c: c[3],
                     "exchangerate": lambda c: _rate(c[0])}
@@ -681,6 +816,10 @@ class DynamicsSimulator(Simulator):
             "accounts": EntitySet("accounts", "account", "accountid", lambda: iter(w.accounts), acc_cols),
             "transactioncurrencies": EntitySet("transactioncurrencies", "transactioncurrency",
                                                "transactioncurrencyid", lambda: iter(cur_rows), cur_cols),
+            "processstages": EntitySet("processstages", "processstage", "processstageid",
+                                       lambda: iter(sorted(w.sales_stages.values(), key=lambda st: st.order)),
+                                       stage_cols, {"_processid_value": ("processid", "workflows")},
+                                       {"stagecategory": lambda st: SALES_STAGES[min(st.order - 1, 3)]}),
         }
 
     def _getter(self, es: EntitySet) -> Getter:
@@ -698,13 +837,24 @@ class DynamicsSimulator(Simulator):
             return (getattr(row, "extra", None) or {}).get(name)
         return get
 
+    def _account_modified(self, a: SimAccount) -> datetime:
+        signature = _account_signature(a)
+        mark = self._account_marks.get(a.idx)
+        if mark is None or mark[0] != signature:
+            mark = (signature, self.world.clock.now())
+            self._account_marks[a.idx] = mark
+        return mark[1]
+
     def _has_column(self, es: EntitySet) -> Callable[[str], bool]:
         def has(name: str) -> bool:
             if "/" in name:
                 nav, col = name.split("/", 1)
                 for lk, (n, target) in es.lookups.items():
-                    if n == nav:
-                        return target in self.sets and col in self.sets[target].columns
+                    if n == nav and nav not in self.hidden_navigation:
+                        if target in self.sets and col in self.sets[target].columns:
+                            self._require_read(target)  # a path through a lookup reads the target table
+                            return True
+                        return False
                 return False
             return name in es.columns
         return has
@@ -732,6 +882,7 @@ class DynamicsSimulator(Simulator):
     def single(self, req: Request) -> Response:
         self._authorize(req)
         es = self.sets[req.params["set"]]
+        self._require_read(es.name)
         getter = self._getter(es)
         row = next((r for r in es.rows() if getter(r, es.key) == req.params["id"].lower()), None)
         if row is None:
@@ -753,9 +904,13 @@ class DynamicsSimulator(Simulator):
             select.append("_transactioncurrencyid_value")
         expand = _parse_expand(req.arg("$expand") or "")
         for nav, sub in expand.items():
-            if not any(n == nav for n, _ in es.lookups.values()):
+            target = next((t for n, t in es.lookups.values() if n == nav), None)
+            if target is None or nav in self.hidden_navigation:
                 raise bad_query(f"Could not find a property named '{nav}' on type "
                                 f"'Microsoft.Dynamics.CRM.{es.logical}'.")
+            # expanding a lookup reads the target table: the caller needs read privilege on it
+            for name in (("systemusers", "teams") if target == "owner" else (target,)):
+                self._require_read(name)
         return {"select": select, "expand": expand}
 
     def _prefer(self, req: Request) -> dict[str, str]:
@@ -771,6 +926,7 @@ class DynamicsSimulator(Simulator):
     def collection(self, req: Request) -> Response:
         self._authorize(req)
         es = self.sets[req.params["set"]]
+        self._require_read(es.name)
         prefer = self._prefer(req)
         q = self._query(req, es)
         tracking = "odata.track-changes" in prefer or req.arg("$deltatoken") is not None
@@ -1091,8 +1247,47 @@ def _rate(currency: str) -> float:
     return {"USD": 1.0, "EUR": 0.92, "GBP": 0.79}.get(currency, 1.0)
 
 
-def _salesstage(o: SimOpportunity, stage: SimStage) -> int:
-    return 3 if stage.is_closed else (o.seq % 3)
+def _salesstage(w: World, o: SimOpportunity) -> int:
+    """The salesstage picklist (0 Qualify .. 3 Close) follows the process stage's position."""
+    return min(w.sales_stage_of(o).order - 1, 3)
+
+
+def address_lines(a: SimAccount) -> tuple[str | None, str | None, str | None]:
+    """address1_line1..3 of an account: the world's street, and (sandbox-own, deterministic) a second and third
+    line on some accounts, and a line break typed inside line 1 on others."""
+    if a.street is None:
+        return None, None, None
+    line1 = a.street + ("\r\nc/o Reception" if a.idx % 11 == 5 else "")
+    line2 = f"Suite {100 + a.idx}" if a.idx % 3 == 0 else None
+    line3 = "Building B" if a.idx % 7 == 2 else None
+    return line1, line2, line3
+
+
+_METADATA_TYPE = {"String": "StringAttribute", "Lookup": "LookupAttribute", "Owner": "LookupAttribute",
+                  "Customer": "LookupAttribute", "Money": "MoneyAttribute", "DateTime": "DateTimeAttribute",
+                  "Integer": "IntegerAttribute", "State": "StateAttribute", "Status": "StatusAttribute",
+                  "Picklist": "PicklistAttribute", "BigInt": "BigIntAttribute", "Decimal": "DecimalAttribute",
+                  "Uniqueidentifier": "UniqueIdentifierAttribute", "Boolean": "BooleanAttribute"}
+_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "budgetamount": "Money", "actualvalue": "Money",
+          "overriddencreatedon": "DateTime",
+          "exchangerate": "Decimal", "new_winchance": "Integer",
+          "estimatedclosedate": "DateTime", "actualclosedate": "DateTime", "createdon": "DateTime",
+          "modifiedon": "DateTime", "new_originalcreatedon": "DateTime", "closeprobability": "Integer",
+          "statecode": "State", "statuscode": "Status", "salesstage": "Picklist", "cr123_dealphase": "Picklist",
+          "versionnumber": "BigInt", "stageid": "Uniqueidentifier", "processid": "Uniqueidentifier",
+          "isdisabled": "Boolean", "teamtype": "Picklist", "stagecategory": "Picklist"}
+
+
+def _account_signature(a: SimAccount) -> tuple:
+    return (a.name, a.street, a.city, a.state, a.postal_code, a.country)
+
+
+def _attribute_type(es: EntitySet, col: str) -> str:
+    if col == es.key:
+        return "Uniqueidentifier"
+    if col in es.lookups:
+        return {"_ownerid_value": "Owner", "_customerid_value": "Customer"}.get(col, "Lookup")
+    return _TYPES.get(col, "String")
 
 
 def _fmt_dt(dt: datetime) -> str:
@@ -1197,9 +1392,11 @@ def _read_cookie(token: str) -> tuple[str, int]:
 
 # -- construction ----------------------------------------------------------------------------------------------
 
-def profile() -> TenantProfile:
+def profile(variant: str = "default") -> TenantProfile:
+    stages = CUSTOM_PROCESS_STAGES if variant == "custom_fields" else PROCESS_STAGES
     return TenantProfile(crm=CRM, stages=list(STATUS_REASONS), opportunity_id=opportunity_id, user_id=owner_id,
-                         account_id=account_id, currencies=tuple(CURRENCIES), team_owners=3)
+                         account_id=account_id, currencies=tuple(CURRENCIES), team_owners=3,
+                         sales_stages=list(stages))
 
 
 def connection_options(url: str) -> dict[str, Any]:
@@ -1208,5 +1405,43 @@ def connection_options(url: str) -> dict[str, Any]:
 
 
 def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
-          clock: Clock | None = None) -> DynamicsSimulator:
-    return DynamicsSimulator(World(profile(), seed, opportunities, clock=clock), faults)
+          clock: Clock | None = None, *, variant: str = "default") -> DynamicsSimulator:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown dynamics sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+    return DynamicsSimulator(World(profile(variant), seed, opportunities, clock=clock), faults, variant=variant)
+
+
+def truth(sim: DynamicsSimulator) -> dict[str, dict[str, Any]]:
+    """The live opportunities as a Dynamics user with the API user's rights sees them, from the world and this
+    simulator's own data: the account's name is the lookup's display name (visible without account rights);
+    its address only to a user who may read accounts. stage = the Pipeline Phase (stepname) of the business
+    process stage, stage_id = that stage's id, crm_status = the Status Reason's label, status from the
+    Status (statecode)."""
+    w = sim.world
+    can_read_accounts = "prvReadAccount" not in sim.denied
+    out: dict[str, dict[str, Any]] = {}
+    for o in w.live():
+        acc = w.accounts[o.account] if o.account is not None else None
+        location = None
+        if acc is not None and can_read_accounts:
+            parts = [*address_lines(acc), acc.city, acc.state, acc.postal_code, acc.country]
+            lines = [ln.strip() for p in parts if p for ln in str(p).replace("\r\n", "\n").split("\n")]
+            location = ", ".join(ln for ln in lines if ln) or None
+        sales_stage = w.sales_stage_of(o)
+        status = w.stages[o.stage]
+        out[o.native_id] = {
+            "project_name": o.name,
+            "client_name": acc.name if acc else None,
+            "service_location": location,
+            "owner_crm_id": w.users[o.owner].native_id,
+            "created_by_crm_id": w.users[o.creator].native_id,
+            "stage": sales_stage.label,
+            "stage_id": sales_stage.key,
+            "crm_status": status.label,
+            "status": w.status(o),
+            "amount": o.amount,
+            "currency": o.currency,
+            "close_date": o.close_date,
+            "created_at": o.created_at,
+        }
+    return out

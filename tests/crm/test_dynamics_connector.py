@@ -53,7 +53,10 @@ def test_full_sync_matches_world_field_by_field(server):
     for sid, o in live.items():
         g = got[sid]
         assert g.status == world.status(o)
-        assert g.stage == o.stage
+        # stage = the business process stage (Pipeline Phase), stage_id = its id, crm_status = status reason label
+        assert g.stage == world.sales_stage_of(o).label and g.stage_id == world.sales_stage_of(o).key
+        assert g.stage_id != g.stage
+        assert g.crm_status == world.stages[o.stage].label
         assert g.amount == o.amount
         assert g.currency == o.currency
         assert g.close_date == o.close_date
@@ -69,11 +72,23 @@ def test_full_sync_matches_world_field_by_field(server):
         if acc is None or acc.street is None:
             assert g.service_location is None
         else:
-            assert g.service_location.startswith(acc.street) and acc.city in g.service_location
+            line1, line2, line3 = sandbox.address_lines(acc)
+            lines = [p.strip() for p in line1.split("\r\n")] + [p for p in (line2, line3) if p]
+            expect = ", ".join([*lines, *(p for p in (acc.city, acc.state, acc.postal_code, acc.country) if p)])
+            assert g.service_location == expect and "\n" not in g.service_location
         assert g.raw["stepname"] and "salesstage" in g.raw
+    # every address line was read: some accounts have a line 2, a line 3, a line break inside line 1
+    located = [g.service_location for g in got.values() if g.service_location]
+    assert any("Suite " in x for x in located) and any("Building B" in x for x in located)
+    assert any("c/o Reception" in x for x in located)
+    statuses = conn.statuses()
+    assert statuses["3"].is_won and statuses["4"].is_closed and not statuses["100000000"].is_closed
+    assert statuses["100000001"].label == "No Decision" and statuses["100000001"].category == "lost"
     stages = conn.stages()
-    assert stages["3"].is_won and stages["4"].is_closed and not stages["100000000"].is_closed
-    assert stages["100000001"].label == "No Decision" and stages["100000001"].category == "lost"
+    assert [s.label for s in stages.values()] == ["1-Qualify", "2-Develop", "3-Propose", "4-Close"]
+    assert set(stages) == {s.key for s in world.sales_stages.values()}
+    assert {o.crm_status for o in got.values()} >= {"In Progress", "Awaiting PO", "Won", "No Decision"}
+    assert conn.stats.warnings == []
     assert any(o.owner_crm_id and o.raw.get("_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname") == "team"
                for o in got.values())
     # many pages were needed
@@ -84,33 +99,51 @@ def test_incremental_returns_every_change_including_ties(server):
     conn = make(server)
     world = server.simulator.world
     since = world.clock.now()
+    names = {a.idx: a.name for a in world.accounts}
     world.advance(hours=3, rate=0.05)
     changed = {o.native_id for o in world.live() if o.modified_at >= since}
-    assert len(changed) > 20
+    # a renamed account leaves its opportunities' modifiedon as it was: they are asked for through the account
+    renamed = {a.idx for a in world.accounts if a.name != names[a.idx]}
+    via_account = {o.native_id for o in world.live() if o.account in renamed}
+    assert len(changed) > 20 and renamed and via_account - changed
     got = fetch(conn, True, since) + fetch(conn, False, since)
     ids = [o.source_id for o in got]
     assert len(ids) == len(set(ids))
-    assert set(ids) == changed
+    assert set(ids) == changed | via_account
+    assert all(world.accounts[world.opps[i].account].name.endswith("(renamed)") for i in via_account - changed)
     # ties: several records share one modifiedon and all came back
-    stamps = [o.modified_at for o in got]
+    stamps = [o.modified_at for o in got if o.source_id in changed]
     assert max(stamps.count(s) for s in stamps) > 1
-    assert all(o.modified_at >= since for o in got)
+    assert all(o.modified_at >= since for o in got if o.source_id not in via_account)
     # ordered by (modifiedon, id) within each set
     open_only = fetch(conn, True, since)
     assert [(o.modified_at, o.source_id) for o in open_only] == sorted((o.modified_at, o.source_id) for o in open_only)
 
 
 def test_open_statuses_override(server):
+    # status reason labels or values (statuscode)
     conn = make(server, open_statuses=["In Progress", "100000000"])
     world = server.simulator.world
     open_ = fetch(conn, True)
     closed = fetch(conn, False)
-    assert {o.stage for o in open_} == {"1", "100000000"}
-    assert "2" in {o.stage for o in closed}  # On Hold is not open for this connection
+    assert {o.crm_status for o in open_} == {"In Progress", "Awaiting PO"}
+    assert "On Hold" in {o.crm_status for o in closed}  # On Hold is not open for this connection
     assert all(o.status == "open" for o in open_)
-    on_hold = [o for o in closed if o.stage == "2"]
+    on_hold = [o for o in closed if o.crm_status == "On Hold"]
     assert on_hold and all(o.status == "lost" for o in on_hold)
     assert len(open_) + len(closed) == sum(1 for _ in world.live())
+    # stage names (the business process stage) too, by the same rule as the record's status
+    conn = make(server, open_statuses=["2-Develop", "On Hold"])
+    open_, closed = fetch(conn, True), fetch(conn, False)
+    assert open_ and all(o.stage == "2-Develop" or o.crm_status == "On Hold" for o in open_)
+    assert all(o.status == "open" for o in open_) and all(o.status != "open" for o in closed)
+    assert not any(o.stage == "2-Develop" or o.crm_status == "On Hold" for o in closed)
+    assert len(open_) + len(closed) == sum(1 for _ in world.live())
+    # stage_categories (by stage name) win over the CRM's flags: an open deal in 3-Propose counts as won
+    conn = make(server, stage_categories={"3-Propose": "won"})
+    got = fetch(conn, True)
+    assert {o.status for o in got if o.stage == "3-Propose"} == {"won"}
+    assert {o.status for o in got if o.stage != "3-Propose"} == {"open"}
 
 
 def test_filters_pushed_down_and_escaped(server):
@@ -132,8 +165,9 @@ def test_filters_pushed_down_and_escaped(server):
     expect = {o.native_id for o in world.live() if o.amount is not None and o.amount >= 100000
               and world.users[o.owner].native_id == owner}
     assert {o.source_id for o in got} == expect
-    # the filter really went to the server: fewer requests than a full read
-    assert conn.stats.requests < 8
+    # the filter really went to the server: fewer requests than a full read (12+ pages of 50); the rest is the
+    # token, discovery (attribute metadata, currencies, the account expand probe) and the status reasons
+    assert conn.stats.requests < 9 and conn.stats.token_requests == 1
     assert DynamicsConnector.validate_connection(make(server, filters=[
         {"field": "nosuchfield", "op": "equal", "value": 1}]).conn)
     assert not DynamicsConnector.validate_connection(make(server, filters=[

@@ -319,3 +319,106 @@ def test_100k_world_builds_fast_and_answers_first_page():
         t2 = time.monotonic()
         assert s.get(r.json()["@odata.nextLink"]).status_code == 200
         second = time.monotonic() - t2
+
+
+def test_attribute_metadata_lists_columns_lookups_and_custom_columns(api):
+    r = api.get(api.base + "/EntityDefinitions(LogicalName='opportunity')/Attributes",
+                params={"$select": "LogicalName,AttributeType,IsCustomAttribute"})
+    assert r.status_code == 200
+    attrs = {a["LogicalName"]: a for a in r.json()["value"]}
+    assert attrs["parentaccountid"]["AttributeType"] == "Lookup" and "_parentaccountid_value" not in attrs
+    assert attrs["ownerid"]["AttributeType"] == "Owner" and attrs["customerid"]["AttributeType"] == "Customer"
+    assert attrs["statuscode"]["AttributeType"] == "Status" and attrs["stageid"]["AttributeType"] == "Uniqueidentifier"
+    assert attrs["new_region"]["IsCustomAttribute"] and not attrs["name"]["IsCustomAttribute"]
+    assert "new_servicesite" not in attrs   # only the custom_fields tenant has it
+    assert all(a["@odata.type"].endswith("AttributeMetadata") for a in attrs.values())
+
+
+def test_business_process_stages_and_the_records_stage(api, srv):
+    world = srv.simulator.world
+    r = api.get(api.base + "/processstages", params={
+        "$select": "processstageid,stagename,stagecategory", "$filter": "primaryentitytypecode eq 'opportunity'",
+        "$orderby": "stagecategory"},
+        headers={"Prefer": 'odata.include-annotations="*"'})
+    stages = r.json()["value"]
+    assert [s["stagename"] for s in stages] == ["1-Qualify", "2-Develop", "3-Propose", "4-Close"]
+    assert stages[1]["stagecategory@OData.Community.Display.V1.FormattedValue"] == "Develop"
+    rows = api.get(api.base + "/opportunities", params={"$select": "stageid,stepname,salesstage,statecode"}).json()
+    by_id = {s["processstageid"]: s["stagename"] for s in stages}
+    for x in rows["value"]:
+        assert by_id[x["stageid"]] == x["stepname"]
+        if x["statecode"] == 1:
+            assert x["stepname"] == "4-Close"      # won deals stand in the last stage
+        o = world.opps[x["opportunityid"]]
+        assert x["stepname"] == world.sales_stage_of(o).label
+
+
+def test_account_address_lines_and_modifiedon(api, srv):
+    world = srv.simulator.world
+    rows = api.get(api.base + "/accounts", params={
+        "$select": "address1_line1,address1_line2,address1_line3,modifiedon"}).json()["value"]
+    assert any(r["address1_line2"] for r in rows) and any(r["address1_line3"] for r in rows)
+    assert any("\r\n" in (r["address1_line1"] or "") for r in rows)
+    acc = world.accounts[3]
+    before = {r["accountid"]: r["modifiedon"] for r in rows}[acc.native_id]
+    world.clock.advance(timedelta(minutes=10))
+    acc.name += " (renamed)"
+    stamp = world.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    ids = {x["opportunityid"] for x in api.get(api.base + "/opportunities", params={
+        "$select": "name", "$filter": f"parentaccountid/modifiedon ge {stamp}"}).json()["value"]}
+    assert ids == {o.native_id for o in world.live() if o.account == 3}
+    after = api.get(api.base + f"/accounts({acc.native_id})", params={"$select": "modifiedon"}).json()["modifiedon"]
+    assert after > before
+
+
+@pytest.mark.parametrize("variant,path,params,privilege", [
+    ("no_optional_rights", "/EntityDefinitions(LogicalName='opportunity')/Attributes", {}, "prvReadEntity"),
+    ("no_optional_rights", "/systemusers", {"$select": "fullname"}, "prvReadUser"),
+    ("no_optional_rights", "/teams", {"$select": "name"}, "prvReadTeam"),
+    ("no_optional_rights", "/processstages", {"$select": "stagename"}, "prvReadWorkflow"),
+    ("no_optional_rights", "/EntityDefinitions(LogicalName='opportunity')/Attributes(LogicalName='statuscode')/"
+                           "Microsoft.Dynamics.CRM.StatusAttributeMetadata", {}, "prvReadEntity"),
+    ("no_expand", "/opportunities", {"$select": "name", "$expand": "parentaccountid($select=name)"},
+     "prvReadAccount"),
+    ("no_expand", "/accounts", {"$select": "name"}, "prvReadAccount"),
+])
+def test_variants_refuse_in_dataverses_403_shape(variant, path, params, privilege):
+    with SandboxServer(sandbox.build(seed=3, opportunities=50, variant=variant)) as server:
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {token_for(server.url)}"
+        r = s.get(server.url + API + path, params=params)
+        assert r.status_code == 403
+        err = r.json()["error"]
+        assert err["code"] == "0x80040220" and f"is missing {privilege} privilege" in err["message"]
+        assert err["message"].startswith("Principal user (Id=")
+        # what the user may read still answers, with lookup names as formatted values
+        r = s.get(server.url + API + "/opportunities", params={"$select": "name,_parentaccountid_value"},
+                  headers={"Prefer": 'odata.include-annotations="*"'})
+        assert r.status_code == 200
+        assert any("_parentaccountid_value@OData.Community.Display.V1.FormattedValue" in x for x in r.json()["value"])
+
+
+def test_a_hidden_navigation_property_is_an_unknown_property():
+    sim = sandbox.build(seed=3, opportunities=20)
+    sim.hidden_navigation.add("parentaccountid")
+    with SandboxServer(sim) as server:
+        r = requests.get(server.url + API + "/opportunities", params={"$expand": "parentaccountid($select=name)"},
+                         headers={"Authorization": f"Bearer {token_for(server.url)}"})
+        assert r.status_code == 400 and "Could not find a property named 'parentaccountid'" in \
+            r.json()["error"]["message"]
+
+
+def test_variants_and_truth():
+    assert {"default", "no_optional_rights", "no_expand", "custom_fields"} <= set(sandbox.VARIANTS)
+    with pytest.raises(ValueError):
+        sandbox.build(seed=1, opportunities=5, variant="nope")
+    default, custom = (sandbox.build(seed=4, opportunities=40, variant=v) for v in ("default", "custom_fields"))
+    t, c = sandbox.truth(default), sandbox.truth(custom)
+    assert set(t) == set(c)
+    assert {r["stage"] for r in t.values()} <= {"1-Qualify", "2-Develop", "3-Propose", "4-Close"}
+    assert {r["stage"] for r in c.values()} <= {"Discovery", "Solution Design", "Commercials", "Legal Review",
+                                               "Signed"}
+    assert all(r["stage_id"] != r["stage"] for r in t.values())
+    restricted = sandbox.truth(sandbox.build(seed=4, opportunities=40, variant="no_expand"))
+    assert all(r["service_location"] is None for r in restricted.values())
+    assert [r["client_name"] for r in restricted.values()] == [r["client_name"] for r in t.values()]

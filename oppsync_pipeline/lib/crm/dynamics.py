@@ -1,19 +1,26 @@
-"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 (crm-api-notes.md section 3).
+"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 (crm-api-notes.md section 3; docs/crms/dynamics.md).
 
-Auth: Entra ID client credentials (`POST {authority}/{tenant}/oauth2/v2.0/token`, scope `<org url>/.default`);
-no refresh token exists in this flow, so a 401 mid-paging simply fetches a new token and repeats the request.
-Stage key: the status reason (`statuscode`, as a string); `fetch_stages()` reads the status reasons with their
-state (0 Open, 1 Won, 2 Lost) from the statuscode StatusAttributeMetadata, custom status reasons included.
-`stepname` / `salesstage` stay in `raw`.
-Open set: `statecode eq 0` (not-open: `statecode ne 0`), or `Microsoft.Dynamics.CRM.In(statuscode, ...)` when the
-connection sets `open_statuses` (labels or statuscode values).
+Auth: Entra ID client credentials (`POST {authority}/{tenant}/oauth2/v2.0/token`, scope `<org url>/.default`),
+sent through `Auth.token_request` so it is counted; no refresh token exists in this flow, so a 401 mid-paging
+fetches a new token and repeats the request.
+Discovery (once per run, `discover_tenant`): the opportunity's attribute metadata (custom columns, the stage id
+column, configured overrides checked before the first query), the currency dictionary, and whether the API user
+may expand the account lookup. Each optional read that is refused (403 0x80040220 "missing prvRead...") is a
+warning with a fallback, never a failed run; the opportunity reads are required.
+Stage model: `stage` = the business process stage as the record shows it (`stepname`, the Pipeline Phase; or the
+column `fields.stage` names, by its formatted value), `stage_id` = `stageid` (the process stage's id),
+`crm_status` = the Status Reason's label (the statuscode formatted value, else the status metadata), `status` =
+`resolve_status` over the Status (`statecode` 0 Open, 1 Won, 2 Lost). `fetch_stages()` = the tenant's process
+stages (`processstages`), `fetch_statuses()` = the status reasons with their state.
+Open set: `statecode eq 0` (not-open: `statecode ne 0`); with `open_statuses` (status reason labels or values, or
+stage names): the matching status reasons and stage names, and its negation.
 Incremental: `modifiedon ge <since>` ordered by `modifiedon,opportunityid`, paged with `Prefer:
 odata.maxpagesize` and `@odata.nextLink` used verbatim.
 Deletes (`options.change_tracking: true`): Dataverse hard-deletes, and only change tracking reports deletions.
 The delta link is the connector's `resume_token`, which the sync layer stores in `oppsync.sync_state` between
 runs; without one (first run, or `options.delta_link` unset) `deleted()` runs an initial
 `Prefer: odata.track-changes` read that only establishes a baseline (no deletions on that call). An expired
-delta token (7 days by default) fails the read; full syncs detect deletions by id diff anyway.
+delta token (7 days by default) starts a new baseline; full syncs detect deletions by id diff anyway.
 Options: authority_url (default https://login.microsoftonline.com), scope (default `<base_url>/.default`),
 change_tracking, delta_link, request_limit (service-protection window size used for quota stats, 6000).
 """
@@ -32,8 +39,8 @@ import requests
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, clean_text, parse_date, parse_datetime,
-                                         parse_float, to_utc)
+from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
+                                         parse_date, parse_datetime, parse_float, to_utc)
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
@@ -43,10 +50,22 @@ ANNOTATIONS = 'odata.include-annotations="OData.Community.Display.V1.FormattedVa
 SELECT = ("opportunityid", "name", "estimatedvalue", "estimatedclosedate", "closeprobability", "statecode",
           "statuscode", "stepname", "salesstage", "_parentaccountid_value", "_customerid_value", "_ownerid_value",
           "createdon", "_createdby_value", "modifiedon", "_transactioncurrencyid_value")
-ACCOUNT_SELECT = ("name", "address1_line1", "address1_city", "address1_stateorprovince", "address1_postalcode",
-                  "address1_country", "address1_composite")
-EXPAND = (f"parentaccountid($select={','.join(ACCOUNT_SELECT)}),"
-          "transactioncurrencyid($select=isocurrencycode)")
+STAGE_ID = "stageid"   # the business process stage's id: a Uniqueidentifier column (a lookup, _stageid_value, in some)
+ACCOUNT_SELECT = ("name", "address1_line1", "address1_line2", "address1_line3", "address1_city",
+                  "address1_stateorprovince", "address1_postalcode", "address1_country")
+ACCOUNT_EXPAND = f"parentaccountid($select={','.join(ACCOUNT_SELECT)})"
+ATTRIBUTES = f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes"
+STATUS_METADATA = (f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes(LogicalName='statuscode')/"
+                   "Microsoft.Dynamics.CRM.StatusAttributeMetadata")
+LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
+STATES: dict[int, Status] = {0: "open", 1: "won", 2: "lost"}
+# The opportunity's out-of-the-box status reasons (crm-api-notes 3.5): the fallback when the status metadata is
+# refused (custom status reasons are then known by their formatted labels only).
+DEFAULT_STATUS_REASONS = (StageInfo("1", "In Progress", False, False, 0), StageInfo("2", "On Hold", False, False, 1),
+                          StageInfo("3", "Won", True, True, 2), StageInfo("4", "Canceled", True, False, 3),
+                          StageInfo("5", "Out-Sold", True, False, 4))
+PRIVILEGE = re.compile(r"missing (prv\w+) privilege.*?for entity '(\w+)'", re.S)
+UNKNOWN_PROPERTY = re.compile(r"Could not find a property named '([^']+)'")
 GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -82,8 +101,8 @@ class EntraAuth(Auth):
 
     def refresh(self, session: requests.Session) -> None:
         try:
-            resp = session.post(self.token_url, data=self._form, headers={"Accept": "application/json"},
-                                timeout=self.timeout)
+            resp = self.token_request(session, "POST", self.token_url, data=self._form,
+                                      headers={"Accept": "application/json"}, timeout=self.timeout)
         except requests.RequestException as err:
             raise CrmError(f"Entra ID token endpoint unreachable: {type(err).__name__}") from None
         try:
@@ -114,8 +133,8 @@ def observe(response: requests.Response, stats: RequestStats, limit: int = 6000)
 
 
 def classify(response: requests.Response, max_wait: float = 300.0) -> Exception | None:
-    """A 429 is retried after Retry-After; one that asks to wait longer than a run can, or a 403 for an app
-    that is not an application user of the environment, ends the run."""
+    """A 429 is retried after Retry-After, unless it asks to wait longer than a run can (then the run ends as
+    skipped). 400 / 403 / 404 are permanent: see `explain` for the message."""
     if response.status_code == 429:
         try:
             wait = float(response.headers.get("Retry-After", "0"))
@@ -124,11 +143,50 @@ def classify(response: requests.Response, max_wait: float = 300.0) -> Exception 
         if wait >= max_wait:
             return QuotaExhausted(f"Dataverse service protection limit reached; retry after {wait:.0f}s",
                                   status=429, code=_error_code(response))
-    if response.status_code == 403:
-        return AuthError(f"Dataverse refused access (403 {_error_code(response)}): the app is not an "
-                         "application user of this environment, or lacks privileges", status=403,
-                         code=_error_code(response))
     return None
+
+
+def explain(response: requests.Response, fields: dict[str, str] | None = None,
+            filters: list[RecordFilter] | None = None) -> CrmError | None:
+    """A permanent Dataverse error with what to check: the privilege and table to add to the application
+    user's security role (403 0x80040220), the app registration that is not an application user of the
+    environment (other 403s), the `fields.*` / `filters[i].field` naming a column the table lacks (400),
+    base_url (404)."""
+    status = response.status_code
+    if status not in (400, 403, 404):
+        return None
+    code = _error_code(response)
+    message = _error_message(response)
+    where = f"GET {response.request.path_url.split('?', 1)[0] if response.request is not None else ''}"
+    if status == 403:
+        m = PRIVILEGE.search(message)
+        if m:
+            text = (f"{where}: Dataverse refused the read (403 {code}): the application user's security role lacks "
+                    f"{m.group(1)} (read access to the '{m.group(2)}' table). Add it to the role assigned to the "
+                    "app's application user (Power Platform admin center > environment > Settings > Application "
+                    "users), see docs/crms/dynamics.md")
+        else:
+            text = (f"{where}: Dataverse refused access (403 {code}): the app registration (credentials.client_id) "
+                    "is not an enabled application user of this environment, or has no security role. Add it "
+                    "under Power Platform admin center > environment > Settings > Application users, with a role "
+                    f"that reads opportunities. ({message[:160]})")
+        return CrmError(text, status=403, code=code)
+    if status == 400:
+        m = UNKNOWN_PROPERTY.search(message)
+        if m:
+            column = m.group(1)
+            keys = [f"fields.{k}" for k, v in (fields or {}).items() if v == column]
+            keys += [f"filters[{i}].field" for i, f in enumerate(filters or []) if f.field == column]
+            check = (" and ".join(keys) if keys else "the connection's fields: and filters:")
+            text = (f"{where}: this Dataverse environment has no column or navigation property '{column}' "
+                    f"(400 {code}): check {check} against the table's columns (`oppsync config check --online` "
+                    "lists them; custom columns carry the publisher prefix, e.g. new_region)")
+        else:
+            text = (f"{where}: Dataverse refused the query (400 {code}): {message[:200]}. Check the connection's "
+                    "filters:, fields: and options against this environment")
+        return CrmError(text, status=400, code=code)
+    return CrmError(f"{where}: not found (404 {code}): check base_url, the environment URL "
+                    f"(https://<org>.crm.dynamics.com, without /api/data). {message[:160]}", status=404, code=code)
 
 
 def _error_code(response: requests.Response) -> str | None:
@@ -136,6 +194,21 @@ def _error_code(response: requests.Response) -> str | None:
         return str(response.json()["error"]["code"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
+class _RequiredReadFailed(Exception):
+    """The account expand probe met a refused opportunity read: the required read's error, not an optional one."""
+
+    def __init__(self, error: CrmError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class DynamicsConnector(CrmConnector):
@@ -150,6 +223,13 @@ class DynamicsConnector(CrmConnector):
 
     delta_link: str | None = None
     delete_feed_needs_baseline = True
+    # What discovery learned (per run): column -> AttributeType (None: metadata refused), the stage id column,
+    # currency id -> ISO code, whether the account lookup may be expanded.
+    _attributes: dict[str, str] | None = None
+    _stage_id_column: str | None = STAGE_ID
+    _currencies: dict[str, str] | None = None
+    _expand_account = False
+    _users: list[CrmUser] | None = None
 
     @property
     def resume_token(self) -> str | None:
@@ -174,7 +254,7 @@ class DynamicsConnector(CrmConnector):
         observe(response, stats, int(self.conn.options.get("request_limit", 6000)))
 
     def classify(self, response: requests.Response) -> Exception | None:
-        return classify(response)
+        return classify(response) or explain(response, self.conn.fields, self.conn.filters)
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -196,63 +276,185 @@ class DynamicsConnector(CrmConnector):
                 seen.add(nxt)
             url, params = nxt, None
 
-    # -- stages and users -----------------------------------------------------------------------------------------
+    def _rows(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        return [row for body in self._pages(path, params, self._headers()) for row in body.get("value", [])]
+
+    # -- discovery ------------------------------------------------------------------------------------------------
+
+    def discover_tenant(self) -> None:
+        attributes = self.optional(
+            "opportunity attribute metadata", self._read_attributes, None,
+            fallback_text="(needs prvReadEntity) standard opportunity columns assumed (stage id from stageid); "
+                          "configured custom columns are selected unchecked")
+        self._attributes = attributes
+        if attributes is not None:
+            custom = sorted(c for c in attributes if self.is_custom_field(c))
+            self.note("custom columns", True, ", ".join(custom) or "none in this environment")
+            self._stage_id_column = next((c for c in (STAGE_ID, f"_{STAGE_ID}_value") if c in attributes), None)
+            self.note("stage id", self._stage_id_column is not None,
+                      self._stage_id_column or "no stageid column: stage_id left empty")
+            missing = [f"fields.{k}: '{v}'" for k, v in self.conn.fields.items() if v not in attributes]
+            missing += [f"filters[{i}].field: '{f.field}'" for i, f in enumerate(self.conn.filters)
+                        if f.field not in attributes]
+            if missing:
+                raise CrmError("this Dataverse environment's opportunity table has no column "
+                               + "; ".join(missing) + ": correct these keys (custom columns carry the publisher "
+                               "prefix, lookups the _<name>_value form; `oppsync config check --online` lists "
+                               "the columns)", status=400, code="UNKNOWN_COLUMN")
+        self._currencies = self.optional(
+            "transaction currencies", self._read_currencies, {},
+            fallback_text="(needs prvReadTransactionCurrency) currency left empty")
+        try:
+            self._expand_account = self.optional(
+                "account $expand (client address)", self._probe_account_expand, False,
+                fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
+                              "service_location left empty",
+                refusals=(400, 403, 404))
+        except _RequiredReadFailed as failed:
+            raise failed.error from None
+
+    def _read_attributes(self) -> dict[str, str]:
+        """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType."""
+        body = self.client.get_json(ATTRIBUTES, params={"$select": "LogicalName,AttributeType,IsCustomAttribute"},
+                                    headers=self._headers())
+        out = {}
+        for a in body.get("value", []):
+            name, kind = a.get("LogicalName"), str(a.get("AttributeType") or "")
+            if name:
+                out[f"_{name}_value" if kind in LOOKUP_TYPES else name] = kind
+        return out
+
+    def _read_currencies(self) -> dict[str, str]:
+        rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"})
+        return {str(r["transactioncurrencyid"]).lower(): r.get("isocurrencycode") for r in rows}
+
+    def _probe_account_expand(self) -> bool:
+        """One row with the account expanded: Dataverse answers 403 when the API user may not read accounts and
+        400 when the environment does not expose the navigation property. (No odata.maxpagesize here: Dataverse
+        ignores $top next to it.) A refused opportunity read is the required read failing, not this one."""
+        headers = {k: v for k, v in self._headers().items() if k != "Prefer"}
+        try:
+            self.client.get_json(f"{API}/opportunities", params={
+                "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=headers)
+        except CrmError as err:
+            if "prvReadOpportunity" in str(err):
+                raise _RequiredReadFailed(err) from None
+            raise
+        return True
+
+    # -- stages, statuses and users -------------------------------------------------------------------------------
 
     def fetch_stages(self) -> list[StageInfo]:
-        body = self.client.get_json(
-            f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes(LogicalName='statuscode')/"
-            "Microsoft.Dynamics.CRM.StatusAttributeMetadata",
-            params={"$select": "LogicalName", "$expand": "OptionSet($select=Options)"}, headers=self._headers())
-        stages = []
-        for i, opt in enumerate((body.get("OptionSet") or {}).get("Options") or []):
-            label = ((opt.get("Label") or {}).get("UserLocalizedLabel") or {}).get("Label") or str(opt["Value"])
-            state = int(opt.get("State", 0))
-            stages.append(StageInfo(key=str(opt["Value"]), label=label, is_closed=state != 0, is_won=state == 1,
-                                    sort_order=i))
-        return stages
+        """The business process stages of the opportunity's processes (key = processstageid, label = the name).
+        They carry no open / won meaning: statecode decides."""
+        def read() -> list[StageInfo]:
+            rows = self._rows("processstages", {"$select": "processstageid,stagename,stagecategory,_processid_value",
+                                                "$filter": "primaryentitytypecode eq 'opportunity'"})
+            rows.sort(key=lambda r: (str(r.get("_processid_value") or ""), r.get("stagecategory") or 0))
+            return [StageInfo(key=str(r["processstageid"]).lower(), label=str(r.get("stagename") or ""),
+                              is_closed=False, is_won=False, sort_order=i) for i, r in enumerate(rows)]
+        return self.optional("business process stages (processstages)", read, [],
+                             fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage "
+                                           "(stepname) and stage id are still read")
+
+    def fetch_statuses(self) -> list[StageInfo]:
+        def read() -> list[StageInfo]:
+            body = self.client.get_json(STATUS_METADATA, params={"$select": "LogicalName",
+                                                                 "$expand": "OptionSet($select=Options)"},
+                                        headers=self._headers())
+            out = []
+            for i, opt in enumerate((body.get("OptionSet") or {}).get("Options") or []):
+                label = ((opt.get("Label") or {}).get("UserLocalizedLabel") or {}).get("Label") or str(opt["Value"])
+                state = int(opt.get("State", 0))
+                out.append(StageInfo(key=str(opt["Value"]), label=label, is_closed=state != 0, is_won=state == 1,
+                                     sort_order=i))
+            return out
+        return self.optional("status reason metadata (statuscode)", read, list(DEFAULT_STATUS_REASONS),
+                             fallback_text="(needs prvReadEntity) crm_status from the records' formatted values, "
+                                           "status from statecode; "
+                                           "open_statuses matched against the default status reasons only")
 
     def users(self) -> Iterable[CrmUser]:
-        headers = self._headers()
-        for body in self._pages("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"}, headers):
-            for u in body.get("value", []):
-                yield CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"),
-                              kind="user", active=not u.get("isdisabled", False))
-        for body in self._pages("teams", {"$select": "name"}, headers):
-            for t in body.get("value", []):
-                yield CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
+        if self._users is None:
+            self.prepare()
+            people = self.optional("systemusers", lambda: [
+                CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"), kind="user",
+                        active=not u.get("isdisabled", False))
+                for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"})], [],
+                fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the "
+                              "records' formatted values")
+            teams = self.optional("teams", lambda: [
+                CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
+                for t in self._rows("teams", {"$select": "name"})], [],
+                fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' "
+                              "formatted values")
+            self._users = people + teams
+        return self._users
 
     # -- opportunities --------------------------------------------------------------------------------------------
 
     def _select(self) -> str:
-        extra = [v for v in self.conn.fields.values() if v not in SELECT and "/" not in v]
-        return ",".join(dict.fromkeys([*SELECT, *extra]))
+        stage_id = [self._stage_id_column] if self._stage_id_column else []
+        extra = [v for v in self.conn.fields.values() if "/" not in v]
+        return ",".join(dict.fromkeys([*SELECT, *stage_id, *extra]))
 
     def open_filter(self, open_set: bool) -> str | None:
-        """The open (or not-open) set as a $filter clause; None when it is empty."""
+        """The open (or not-open) set as a $filter clause; "" for every record, None when the set is empty."""
         if self.conn.open_statuses is None:
             return "statecode eq 0" if open_set else "statecode ne 0"
-        keys = [k for k in self.open_stage_keys(open_set) if k.isdigit()]
-        if not keys:
-            return None
-        return ("Microsoft.Dynamics.CRM.In(PropertyName='statuscode',PropertyValues=["
-                + ",".join(f"'{k}'" for k in keys) + "])")
+        names = set(self.conn.open_statuses)
+        statuses = self.statuses()
+        codes = [k for k, s in statuses.items() if k in names and k.isdigit() or s.label in names]
+        known = {k for k in codes} | {statuses[k].label for k in codes}
+        stage_names = sorted(n for n in names if n not in known and not n.isdigit())
+        clauses = []
+        if codes:
+            clauses.append("Microsoft.Dynamics.CRM.In(PropertyName='statuscode',PropertyValues=["
+                           + ",".join(f"'{k}'" for k in codes) + "])")
+        if stage_names:
+            clauses.append("Microsoft.Dynamics.CRM.In(PropertyName='stepname',PropertyValues=["
+                           + ",".join(literal("stepname", n) for n in stage_names) + "])")
+        if not clauses:
+            return None if open_set else ""
+        either = " or ".join(clauses)
+        return either if open_set else f"not ({either})"
 
     def query_filter(self, open_set: bool, since: datetime | None) -> str | None:
         clause = self.open_filter(open_set)
         if clause is None:
             return None
-        parts = [clause]
+        parts = [clause] if clause else []
         if since is not None:
-            parts.append(f"modifiedon ge {to_utc(since).strftime('%Y-%m-%dT%H:%M:%SZ')}")
+            stamp = to_utc(since).strftime('%Y-%m-%dT%H:%M:%SZ')
+            if self._expand_account:
+                # A renamed or moved account leaves the opportunity's modifiedon as it was: ask for those too.
+                parts.append(f"modifiedon ge {stamp} or parentaccountid/modifiedon ge {stamp}")
+            elif self._account_changes_visible():
+                parts.append(f"modifiedon ge {stamp}")
         parts += [render_filter(f) for f in self.conn.filters]
         return " and ".join(f"({p})" if " or " in p else p for p in parts)
 
+    def _account_changes_visible(self) -> bool:
+        """Without read access to accounts an incremental read cannot ask which accounts were renamed (their
+        names reach the records only as lookup display names, and renames leave the opportunity's modifiedon
+        as it was): such runs re-read every opportunity, unless `options.incremental_account_names: false`."""
+        if self.conn.options.get("incremental_account_names", True) is False:
+            return True
+        self.stats.warn("incremental read: accounts are not readable, so account renames cannot be asked for; "
+                        "every opportunity is re-read (grant read access to accounts, or set "
+                        "options.incremental_account_names: false to accept renames arriving with full syncs)")
+        return False
+
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        self.prepare()
         flt = self.query_filter(open_set, since)
         if flt is None:
             return
-        params = {"$select": self._select(), "$filter": flt, "$orderby": "modifiedon asc,opportunityid asc",
-                  "$expand": EXPAND}
+        params = {"$select": self._select(), "$orderby": "modifiedon asc,opportunityid asc"}
+        if flt:
+            params["$filter"] = flt
+        if self._expand_account:
+            params["$expand"] = ACCOUNT_EXPAND
         owners: dict[str, str | None] | None = None
         for body in self._pages("opportunities", params, self._headers(ANNOTATIONS)):
             page = []
@@ -265,30 +467,51 @@ class DynamicsConnector(CrmConnector):
 
     def _map(self, row: dict[str, Any], owners: dict[str, str | None] | None = None) -> Opportunity:
         account = row.get("parentaccountid") or None
-        stage = None if row.get("statuscode") is None else str(row["statuscode"])
         owner = row.get("_ownerid_value")
-        currency = (row.get("transactioncurrencyid") or {}).get("isocurrencycode")
         overrides = self.conn.fields
+        code = row.get("statuscode")
+        info = self.statuses().get(str(code)) if code is not None else None
+        crm_status = (clean_text(row.get(f"statuscode{FORMATTED}")) or (info.label if info else None)
+                      or (None if code is None else str(code)))
+        state = row.get("statecode")
+        flags: Status = STATES.get(state, "open") if state is not None else (info.category if info else "open")
+        stage_id = row.get(self._stage_id_column) if self._stage_id_column else None
+        stage_id = str(stage_id).lower() if stage_id else None
+        if "stage" in overrides:
+            stage = _text(row, overrides["stage"])
+        else:
+            known = self.stages().get(stage_id) if stage_id else None
+            stage = clean_text(row.get("stepname")) or (known.label if known else None)
+        currency_id = row.get("_transactioncurrencyid_value")
         return self.opportunity(
             row["opportunityid"], row,
-            project_name=clean_text(row.get(overrides.get("project_name", "name"))),
-            client_name=clean_text(row.get(overrides["client_name"]) if "client_name" in overrides else
-                                   (account or {}).get("name") or row.get(f"_parentaccountid_value{FORMATTED}")),
+            project_name=_text(row, overrides.get("project_name", "name")),
+            client_name=(_text(row, overrides["client_name"]) if "client_name" in overrides else
+                         clean_text((account or {}).get("name") or row.get(f"_parentaccountid_value{FORMATTED}"))),
             service_location=clean_text(_address(account)),
-            sales_executive=clean_text(row.get(overrides["sales_executive"]) if "sales_executive" in overrides
-                                       else row.get(f"_ownerid_value{FORMATTED}") or (owners or {}).get(owner)),
+            sales_executive=(_text(row, overrides["sales_executive"]) if "sales_executive" in overrides
+                             else clean_text(row.get(f"_ownerid_value{FORMATTED}") or (owners or {}).get(owner))),
             owner_crm_id=owner,
-            stage=str(row.get(overrides["stage"])) if "stage" in overrides else stage,
-            status=self.status_for(stage, is_closed=row.get("statecode") not in (0, None),
-                                   is_won=row.get("statecode") == 1),
+            stage=stage,
+            stage_id=stage_id,
+            crm_status=crm_status,
+            status=self._status(stage, crm_status, code, flags),
             amount=parse_float(row.get(overrides.get("amount", "estimatedvalue"))),
-            currency=currency,
+            currency=(self._currencies or {}).get(str(currency_id).lower()) if currency_id else None,
             close_date=parse_date(row.get(overrides.get("close_date", "estimatedclosedate"))),
             probability=parse_float(row.get(overrides.get("probability", "closeprobability"))),
             created_at=parse_datetime(row.get(self.field("created_at", "createdon"))),
             created_by_crm_id=row.get(self.field("created_by_crm_id", "_createdby_value")),
             modified_at=parse_datetime(row.get("modifiedon")),
         )
+
+    def _status(self, stage: str | None, crm_status: str | None, code: Any, flags: Status) -> Status:
+        """`resolve_status`, with `open_statuses` also accepting status reason values (statuscode numbers)."""
+        opened = self.conn.open_statuses
+        if (opened is not None and code is not None and str(code) in opened
+                and not any(n in self.conn.stage_categories for n in (stage, crm_status) if n is not None)):
+            return "open"
+        return self.resolve_status(stage, crm_status, flags)
 
     # -- deletions (change tracking) -----------------------------------------------------------------------------
 
@@ -330,15 +553,18 @@ class DynamicsConnector(CrmConnector):
 
 
 def _address(account: dict[str, Any] | None) -> str | None:
+    """The account's address in the canonical form: every address1 line, then city, state, postal code, country."""
     if not account:
         return None
-    parts = [account.get(k) for k in ("address1_line1", "address1_city", "address1_stateorprovince",
-                                      "address1_postalcode", "address1_country")]
-    joined = ", ".join(str(p) for p in parts if p)
-    if joined:
-        return joined
-    composite = account.get("address1_composite")
-    return ", ".join(line.strip() for line in str(composite).splitlines() if line.strip()) if composite else None
+    return format_address(*(account.get(k) for k in ACCOUNT_SELECT[1:]))
+
+
+def _text(row: dict[str, Any], column: str) -> str | None:
+    """A column as users see it: the formatted value of an option set or lookup (its label / name), else the value."""
+    value = row.get(f"{column}{FORMATTED}")
+    if value is None:
+        value = row.get(column)
+    return None if value is None else clean_text(str(value))
 
 
 # -- filter rendering ----------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_hundred_thousand_deals_build_and_answer_fast():
         assert listed.status_code == 200
 
 
-# -- tenant variants, properties, companies -----------------------------------------------------------------------------
+# -- tenant variants, properties, companies ------------------------------------------------------------------------
 
 def test_properties_api_lists_types_options_and_owner_references(server):
     props = {p["name"]: p for p in http(server, "GET", "/crm/v3/properties/deals").json()["results"]}
@@ -345,7 +345,9 @@ def test_no_optional_rights_refuses_every_optional_endpoint_in_hubspots_shape():
         for method, path, body in refused:
             r = http(srv, method, path, json=body)
             assert r.status_code == 403, path
-            assert r.json()["category"] == "MISSING_SCOPES" and r.json()["errors"][0]["context"]["requiredGranularScopes"]
+            refusal = r.json()
+            assert refusal["category"] == "MISSING_SCOPES"
+            assert refusal["errors"][0]["context"]["requiredGranularScopes"]
         assert http(srv, "POST", "/crm/v3/objects/deals/search", json={"limit": 5}).status_code == 200
         assert http(srv, "GET", f"/crm/v3/objects/deals/{deal}").status_code == 200
 

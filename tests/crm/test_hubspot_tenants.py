@@ -174,3 +174,22 @@ def test_token_requests_are_counted_and_reported():
         assert oauth.stats.requests == private.stats.requests + 1
         assert oauth.stats.requests == srv.simulator.request_count - before    # every request the API saw
         assert oauth.stats.as_metadata()["token_requests"] == 1
+
+
+def test_pipelines_refused_alone_labels_come_from_the_dealstage_options(monkeypatch):
+    """An app that may read the properties but not the pipelines: the stage keeps its label (the dealstage
+    property's options), the status comes from the deal's own hs_is_closed / hs_is_closed_won."""
+    monkeypatch.setattr(sim, "OPTIONAL_SCOPES", [p for p in sim.OPTIONAL_SCOPES if p[0] == "/crm/v3/pipelines/"])
+    with serve("default") as srv:
+        srv.simulator.variant = "no_optional_rights"        # the scope check, restricted to the pipelines
+        world = srv.simulator.world
+        connector = make(srv.url)
+        got = sync(connector)
+        assert set(got) == {o.native_id for o in world.live()}
+        for sid, opp in got.items():
+            w = world.opps[sid]
+            assert opp.stage == world.stages[w.stage].label and opp.stage_id == w.stage
+            assert opp.status == world.status(w) and opp.client_name == (
+                world.accounts[w.account].name if w.account is not None else None)
+        assert len(connector.stats.warnings) == 1 and "deal pipelines" in connector.stats.warnings[0]
+        assert connector.stages() == {}

@@ -20,6 +20,16 @@ What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
   deactivated users are archived (listed only with `archived=true`) but still referenced by deals.
 - Deals carry their company twice: `deal_to_company` and `deal_to_company_unlabeled` (v3 shapes); v4 returns one
   `toObjectId` with two association types. Some deals have a second, non-primary company.
+- Properties API `GET /crm/v3/properties/deals` (and `/{name}`): every deal property with its type, `options`
+  (enumerations: internal value + label; `dealstage` lists every pipeline's stages) and `referencedObjectType`
+  (`OWNER` for owner properties). Search filters or sorts on a property the portal does not have are a 400;
+  writing one is a 400 `PROPERTY_DOESNT_EXIST`; asking for one in `properties` is silently ignored (as HubSpot).
+- Companies carry `address`, `address2`, `city`, `state`, `zip`, `country`; some street fields hold a line break
+  (multi-line values pasted or imported), some companies have a second street line.
+- Tenant variants (`VARIANTS`): an app without the optional scopes answers 403 `MISSING_SCOPES` in HubSpot's
+  shape (`errors[].context.requiredGranularScopes`, `links.scopes`) on pipelines, owners, companies,
+  associations and the properties API; a portal with custom deal properties; a portal whose stages were
+  relabelled (no stage id equals its label).
 - Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
   separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
   (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
@@ -86,6 +96,78 @@ STAGES = [
 PIPELINES = {DEFAULT_PIPELINE: "Sales Pipeline", CUSTOM_PIPELINE: "Managed Services"}
 PIPELINE_CREATED = "2020-05-12T08:00:00.000Z"
 
+VARIANTS: dict[str, str] = {
+    "default": "Professional portal: the default sales pipeline and a custom one with numeric stage ids; a private "
+               "app granted every scope oppsync reads with",
+    "no_optional_rights": "a private app granted only crm.objects.deals.read: pipelines, owners, companies, deal-"
+                          "company associations and the properties API answer 403 MISSING_SCOPES",
+    "custom_fields": "a portal with custom deal properties (text, datetime, number, date, an enumeration stage, an "
+                     "owner property) that a connection's `fields:` can point at",
+    "renamed_stages": "the admin relabelled the default pipeline's stages and added a renewals pipeline: no stage id "
+                      "is its label (internal names and numeric ids)",
+}
+# renamed_stages: what the portal's admin renamed the default stages to, and the extra pipeline
+RENAMED = {"appointmentscheduled": "Intro call booked", "qualifiedtobuy": "Needs confirmed",
+           "presentationscheduled": "Demo given", "decisionmakerboughtin": "Champion on board",
+           "contractsent": "Proposal out", "closedwon": "Won", "closedlost": "Lost"}
+RENEWALS_PIPELINE = "99120007"
+RENEWAL_STAGES = [
+    SimStage("99120101", "Renewal due", False, False, 30, 20, RENEWALS_PIPELINE),
+    SimStage("99120102", "Quote sent", False, False, 70, 21, RENEWALS_PIPELINE),
+    SimStage("99120103", "Renewed", True, True, 100, 22, RENEWALS_PIPELINE),
+    SimStage("99120104", "Churned", True, False, 0, 23, RENEWALS_PIPELINE),
+]
+# What an app with only crm.objects.deals.read is refused (path prefix -> the scopes HubSpot names).
+OPTIONAL_SCOPES = [
+    ("/crm/v3/pipelines/", ["crm.objects.deals.read", "automation", "tickets"]),
+    ("/crm/v3/owners", ["crm.objects.owners.read"]),
+    ("/crm/v3/objects/companies", ["crm.objects.companies.read"]),
+    ("/crm/v4/associations/deals/companies", ["crm.objects.companies.read"]),
+    ("/crm/v4/associations/companies/deals", ["crm.objects.companies.read"]),
+    ("/crm/v3/associations/deals/companies", ["crm.objects.companies.read"]),
+    ("/crm/v4/objects/deals/", ["crm.objects.companies.read"]),
+    ("/crm/v3/properties/", ["crm.schemas.deals.read"]),
+]
+
+# The deal properties every portal has: name -> (type, fieldType, label). The calculated ones are read-only.
+STANDARD_PROPERTIES: dict[str, tuple[str, str, str]] = {
+    "dealname": ("string", "text", "Deal Name"), "amount": ("number", "number", "Amount"),
+    "amount_in_home_currency": ("number", "number", "Amount in company currency"),
+    "dealstage": ("enumeration", "radio", "Deal Stage"), "pipeline": ("enumeration", "select", "Pipeline"),
+    "closedate": ("datetime", "date", "Close Date"), "createdate": ("datetime", "date", "Create Date"),
+    "hs_lastmodifieddate": ("datetime", "date", "Last Modified Date"),
+    "hs_object_id": ("number", "number", "Record ID"),
+    "hubspot_owner_id": ("enumeration", "select", "Deal owner"),
+    "hs_created_by_user_id": ("number", "number", "Created by user ID"),
+    "deal_currency_code": ("enumeration", "select", "Currency"),
+    "hs_deal_stage_probability": ("number", "number", "Deal Stage Probability"),
+    "hs_forecast_probability": ("number", "number", "Forecast Probability"),
+    "hs_is_closed": ("bool", "booleancheckbox", "Is Deal Closed?"),
+    "hs_is_closed_won": ("bool", "booleancheckbox", "Is Closed Won"),
+    "hs_closed_amount": ("number", "calculation_equation", "Closed Deal Amount"),
+    "dealtype": ("enumeration", "radio", "Deal Type"), "description": ("string", "textarea", "Deal Description"),
+    "hs_priority": ("enumeration", "select", "Priority"),
+    "hs_analytics_source": ("enumeration", "select", "Original Traffic Source"),
+    "hubspot_team_id": ("enumeration", "select", "HubSpot Team"),
+    "hs_date_entered_closedwon": ("datetime", "date", "Date entered 'Closed Won'"),
+    "hs_date_entered_closedlost": ("datetime", "date", "Date entered 'Closed Lost'"),
+    "notes_last_updated": ("datetime", "date", "Last Activity Date"),
+    "hs_lastactivitydate": ("datetime", "date", "Last Activity Date"),
+}
+# custom_fields: the portal's own deal properties -> (type, fieldType, label, options or None)
+CUSTOM_STAGE_OPTIONS = [("scoping", "Scoping"), ("build", "Build & test"), ("handover", "Handover")]
+CUSTOM_PROPERTIES: dict[str, tuple[str, str, str, list[tuple[str, str]] | None]] = {
+    "project_code": ("string", "text", "Project code", None),
+    "client_label": ("string", "text", "Client (as invoiced)", None),
+    "original_create_date": ("datetime", "date", "Original create date", None),
+    "created_by_custom": ("string", "text", "Created by (legacy CRM user id)", None),
+    "sales_stage_custom": ("enumeration", "select", "Delivery stage", CUSTOM_STAGE_OPTIONS),
+    "account_manager": ("enumeration", "select", "Account manager", None),   # an OWNER property
+    "contract_value": ("number", "number", "Contract value", None),
+    "go_live_date": ("date", "date", "Go-live date", None),
+    "win_chance": ("number", "number", "Win chance (%)", None),
+}
+
 
 def deal_id(seq: int) -> str:
     return str(18_300_000_000 + seq)
@@ -103,11 +185,50 @@ def company_id(i: int) -> str:
     return str(9_876_500_000 + i * 3)
 
 
-def profile() -> TenantProfile:
-    return TenantProfile(crm=CRM, stages=[SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order,
-                                                   s.pipeline) for s in STAGES],
-                         opportunity_id=deal_id, user_id=owner_id, account_id=company_id,
+def profile(variant: str = "default") -> TenantProfile:
+    stages = [SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order, s.pipeline) for s in STAGES]
+    if variant == "renamed_stages":
+        for s in stages:
+            s.label = RENAMED.get(s.key, s.label)
+        stages += [SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order, s.pipeline)
+                   for s in RENEWAL_STAGES]
+    return TenantProfile(crm=CRM, stages=stages, opportunity_id=deal_id, user_id=owner_id, account_id=company_id,
                          precision=timedelta(milliseconds=1))
+
+
+def pipelines_of(variant: str) -> dict[str, str]:
+    if variant == "renamed_stages":
+        return {**PIPELINES, RENEWALS_PIPELINE: "Renewals"}
+    return dict(PIPELINES)
+
+
+def company_street(acc: Any) -> tuple[str | None, str | None]:
+    """The company's `address` and `address2`, derived from the account (no rng draws): some companies have a
+    second street line, some a street field holding a line break (a multi-line value pasted or imported)."""
+    if acc.street is None:
+        return None, None
+    if acc.idx % 4 == 1:
+        return acc.street, f"Suite {100 + acc.idx}"
+    if acc.idx % 9 == 2:
+        return f"{acc.street}\nBuilding B", None
+    return acc.street, None
+
+
+def custom_values(opp: SimOpportunity, world: World) -> dict[str, Any]:
+    """custom_fields: the values of the portal's custom deal properties for one deal (from the record, no rng)."""
+    users = world.users
+    out: dict[str, Any] = {
+        "project_code": f"PRJ-{opp.seq:05d}",
+        "client_label": (f"{world.accounts[opp.account].name} (key account)" if opp.account is not None else None),
+        "original_create_date": opp.created_at - timedelta(days=30 + opp.seq % 400),
+        "created_by_custom": f"legacy-{opp.creator:03d}",
+        "sales_stage_custom": None if opp.seq % 7 == 0 else CUSTOM_STAGE_OPTIONS[opp.seq % 3][0],
+        "account_manager": users[(opp.owner + 1) % len(users)].native_id,
+        "contract_value": None if opp.amount is None else round(opp.amount * 1.2, 2),
+        "go_live_date": (opp.close_date + timedelta(days=45)).isoformat() if opp.close_date else None,
+        "win_chance": str(opp.seq % 101),
+    }
+    return out
 
 
 @dataclass
@@ -124,6 +245,14 @@ class RateLimited(HttpError):
         headers = {"Retry-After": _num(retry_after)} if retry_after is not None else {}
         super().__init__(429, "RATE_LIMIT", message, headers)
         self.policy = policy
+
+
+class MissingScopes(HttpError):
+    def __init__(self, scopes: list[str]):
+        super().__init__(403, "MISSING_SCOPES",
+                         "This app hasn't been granted all required scopes to make this call. "
+                         "Read more about required scopes here: https://developers.hubspot.com/scopes.")
+        self.scopes = scopes
 
 
 # -- rendering helpers ----------------------------------------------------------------------------------------------
@@ -169,8 +298,13 @@ def _error_body(message: str, category: str, **extra: Any) -> dict[str, Any]:
 class HubSpotSimulator(Simulator):
     crm = CRM
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None):
+    def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None,
+                 variant: str = "default"):
         super().__init__(world, faults)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown hubspot variant {variant!r}; one of {sorted(VARIANTS)}")
+        self.variant = variant
+        self.pipelines_map = pipelines_of(variant)
         self.limits = limits or Limits()
         self.cache = QueryCache()
         self._snap: tuple[int, list[SimOpportunity], dict[str, list[Any]]] | None = None
@@ -186,7 +320,14 @@ class HubSpotSimulator(Simulator):
             world.users[-1].active = False         # a deactivated user: its owner is archived, deals still point at it
         self._user_by_owner = {u.native_id: u for u in world.users}
         self._account_by_id = {a.native_id: a for a in world.accounts}
+        self.custom_properties = dict(CUSTOM_PROPERTIES) if variant == "custom_fields" else {}
+        self._property_names = frozenset(STANDARD_PROPERTIES) | frozenset(self.custom_properties)
+        if self.custom_properties:
+            for opp in world.opps.values():
+                opp.extra = {**custom_values(opp, world), **(opp.extra or {})}
         r = self.route
+        r("GET", r"/crm/v3/properties/(?:deals|0-3)/?", self.properties_list)
+        r("GET", r"/crm/v3/properties/(?:deals|0-3)/(?P<name>[^/]+)", self.property_read)
         r("POST", r"/oauth/v1/token", self.oauth_token)
         r("GET", r"/crm/v3/pipelines/deals", self.pipelines)
         r("GET", r"/crm/v3/pipelines/deals/(?P<pipeline>[^/]+)/stages", self.pipeline_stages)
@@ -204,10 +345,22 @@ class HubSpotSimulator(Simulator):
         r("GET", r"/crm/v4/objects/deals/(?P<id>[^/]+)/associations/companies", self.v4_deal_companies)
         r("POST", r"/crm/v4/associations/deals/companies/batch/read", self.v4_batch_associations)
         r("POST", r"/crm/v3/associations/deals/companies/batch/read", self.v3_batch_associations)
+        r("POST", r"/crm/v3/objects/companies/search", self.search_companies)
+        r("POST", r"/crm/v4/associations/companies/deals/batch/read", self.v4_batch_company_deals)
+        self._company_seen: dict[str, str] = {a.native_id: a.name for a in world.accounts}
+        self._company_modified: dict[str, datetime] = {}
+        self._company_version = -1
+        self._deals_by_company: tuple[int, dict[str, list[str]]] | None = None
 
     # -- framework hooks --------------------------------------------------------------------------------------------
 
     def error_response(self, err: HttpError) -> Response:
+        if isinstance(err, MissingScopes):
+            body = _error_body(err.message, "MISSING_SCOPES",
+                               errors=[{"message": "One or more of the following scopes are required.",
+                                        "context": {"requiredGranularScopes": err.scopes}}],
+                               links={"scopes": "https://developers.hubspot.com/scopes"})
+            return Response.json(body, 403, err.headers)
         if isinstance(err, RateLimited):
             body = {"status": "error", "message": err.message, "errorType": "RATE_LIMIT",
                     "correlationId": str(uuid.uuid4()), "policyName": err.policy, "requestId": str(uuid.uuid4())}
@@ -246,7 +399,17 @@ class HubSpotSimulator(Simulator):
         if self._metered(req):
             self._authenticate(req)
             self._meter(req)
+            self._check_scopes(req)
         return super()._dispatch(req)
+
+    def _check_scopes(self, req: Request) -> None:
+        """no_optional_rights: the app was granted crm.objects.deals.read only."""
+        if self.variant != "no_optional_rights":
+            return
+        for prefix, scopes in OPTIONAL_SCOPES:
+            if req.path.startswith(prefix) and not (prefix == "/crm/v4/objects/deals/" and
+                                                    not req.path.endswith("/companies")):
+                raise MissingScopes(scopes)
 
     @staticmethod
     def _metered(req: Request) -> bool:
@@ -311,6 +474,53 @@ class HubSpotSimulator(Simulator):
         return Response.json({"token_type": "bearer", "refresh_token": OAUTH_REFRESH_TOKEN, "access_token": token,
                               "expires_in": TOKEN_SECONDS})
 
+    # -- properties -------------------------------------------------------------------------------------------------
+
+    def property_names(self) -> frozenset[str]:
+        return self._property_names
+
+    def _property_json(self, name: str) -> dict[str, Any]:
+        options: list[dict[str, Any]] = []
+        referenced = None
+        if name in STANDARD_PROPERTIES:
+            typ, field_type, label = STANDARD_PROPERTIES[name]
+            custom = False
+            if name == "dealstage":
+                options = [{"label": s.label, "value": s.key, "displayOrder": s.order, "hidden": False}
+                           for s in sorted(self.world.stages.values(), key=lambda s: s.order)]
+            elif name == "pipeline":
+                options = [{"label": lbl, "value": pid, "displayOrder": i, "hidden": False}
+                           for i, (pid, lbl) in enumerate(self.pipelines_map.items())]
+            elif name == "hubspot_owner_id":
+                referenced = "OWNER"
+        else:
+            typ, field_type, label, opts = self.custom_properties[name]
+            custom = True
+            options = [{"label": lbl, "value": v, "displayOrder": i, "hidden": False}
+                       for i, (v, lbl) in enumerate(opts or [])]
+            if name == "account_manager":
+                referenced = "OWNER"
+        out: dict[str, Any] = {
+            "name": name, "label": label, "type": typ, "fieldType": field_type, "description": "",
+            "groupName": "dealinformation", "options": options, "displayOrder": -1,
+            "calculated": name in READ_ONLY and name.startswith("hs_"), "externalOptions": referenced is not None,
+            "hasUniqueValue": name == "hs_object_id", "hidden": False, "hubspotDefined": not custom,
+            "modificationMetadata": {"archivable": custom, "readOnlyDefinition": not custom,
+                                     "readOnlyValue": name in READ_ONLY},
+            "formField": custom, "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED, "archived": False}
+        if referenced:
+            out["referencedObjectType"] = referenced
+        return out
+
+    def properties_list(self, req: Request) -> Response:
+        return Response.json({"results": [self._property_json(n) for n in sorted(self.property_names())]})
+
+    def property_read(self, req: Request) -> Response:
+        name = req.params["name"]
+        if name not in self.property_names():
+            raise HttpError(404, "OBJECT_NOT_FOUND", f"Unable to find property {name} for object type 0-3")
+        return Response.json(self._property_json(name))
+
     # -- pipelines and owners ---------------------------------------------------------------------------------------
 
     def _stage_json(self, s: SimStage) -> dict[str, Any]:
@@ -322,16 +532,17 @@ class HubSpotSimulator(Simulator):
 
     def _pipeline_json(self, pid: str) -> dict[str, Any]:
         stages = sorted((s for s in self.world.stages.values() if s.pipeline == pid), key=lambda s: s.order)
-        return {"id": pid, "label": PIPELINES[pid], "displayOrder": list(PIPELINES).index(pid), "archived": False,
+        return {"id": pid, "label": self.pipelines_map[pid], "displayOrder": list(self.pipelines_map).index(pid),
+                "archived": False,
                 "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED,
                 "stages": [self._stage_json(s) for s in stages]}
 
     def pipelines(self, req: Request) -> Response:
-        return Response.json({"results": [self._pipeline_json(p) for p in PIPELINES]})
+        return Response.json({"results": [self._pipeline_json(p) for p in self.pipelines_map]})
 
     def pipeline_stages(self, req: Request) -> Response:
         pid = req.params["pipeline"]
-        if pid not in PIPELINES:
+        if pid not in self.pipelines_map:
             raise HttpError(404, "OBJECT_NOT_FOUND", f"Unable to find pipeline with id {pid}")
         return Response.json({"results": self._pipeline_json(pid)["stages"]})
 
@@ -421,7 +632,8 @@ class HubSpotSimulator(Simulator):
     def _deal_json(self, opp: SimOpportunity, properties: list[str] | None, associations: list[str] = (),
                    archived: bool = False) -> dict[str, Any]:
         names = properties if properties else DEFAULT_PROPERTIES
-        props = {n: self._property(opp, n) for n in names if n}
+        known = self._property_names   # HubSpot leaves out requested properties the portal does not have
+        props = {n: self._property(opp, n) for n in names if n and n in known}
         out: dict[str, Any] = {"id": opp.native_id, "properties": props, "createdAt": iso_ms(opp.created_at),
                                "updatedAt": iso_ms(opp.modified_at), "archived": archived}
         if archived:
@@ -538,6 +750,9 @@ class HubSpotSimulator(Simulator):
         name, op = f.get("propertyName"), str(f.get("operator", "")).upper()
         if not name or not op:
             raise HttpError(400, "VALIDATION_ERROR", "Each filter needs propertyName and operator")
+        if name not in self.property_names():
+            raise HttpError(400, "VALIDATION_ERROR", f"There was a problem with the request: the property {name} "
+                                                     f"does not exist on object type 0-3 (deals)")
         if name in DATE_PROPERTIES:
             conv = _to_ms
         elif name in NUMBER_PROPERTIES:
@@ -583,6 +798,11 @@ class HubSpotSimulator(Simulator):
         sorts = body.get("sorts") or []
         if len(sorts) > 1:
             raise HttpError(400, "VALIDATION_ERROR", "Only one sort is allowed")
+        for sort in sorts:
+            name = sort.lstrip("-") if isinstance(sort, str) else (sort or {}).get("propertyName")
+            if name and name not in self.property_names():
+                raise HttpError(400, "VALIDATION_ERROR", f"There was a problem with the request: the property "
+                                                         f"{name} does not exist on object type 0-3 (deals)")
         limit = int(body.get("limit") or 10)
         if limit < 1 or limit > SEARCH_MAX:
             raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {SEARCH_MAX}; got {limit}")
@@ -640,11 +860,15 @@ class HubSpotSimulator(Simulator):
 
     def _values(self, props: dict[str, Any], current: SimOpportunity | None) -> dict[str, Any]:
         w, values = self.world, {}
+        unknown = sorted(set(props) - self.property_names())
+        if unknown:
+            raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: PROPERTY_DOESNT_EXIST "
+                                                     f"{unknown} do not exist on deals")
         bad = sorted(set(props) & READ_ONLY)
         if bad:
             raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: {bad} are read-only")
         pipeline = props.get("pipeline") or (w.stages[current.stage].pipeline if current else DEFAULT_PIPELINE)
-        if pipeline not in PIPELINES:
+        if pipeline not in self.pipelines_map:
             raise HttpError(400, "VALIDATION_ERROR",
                             f"Property values were not valid: pipeline {pipeline!r} does not exist")
         for k, v in props.items():
@@ -705,14 +929,85 @@ class HubSpotSimulator(Simulator):
 
     # -- companies and associations -----------------------------------------------------------------------------------
 
+    def _company_stamps(self) -> dict[str, datetime]:
+        """Company hs_lastmodifieddate: a renamed company (the world renames accounts without a timestamp) is
+        stamped when the simulator first sees the new name, which is never before the rename happened. A
+        company edit does not touch its deals' hs_lastmodifieddate (as in HubSpot)."""
+        with self.world.lock:
+            if self._company_version != self.world.version:
+                now = self.world.clock.now()
+                for acc in self.world.accounts:
+                    if self._company_seen.get(acc.native_id) != acc.name:
+                        self._company_seen[acc.native_id] = acc.name
+                        self._company_modified[acc.native_id] = now
+                self._company_version = self.world.version
+            return self._company_modified
+
     def _company_json(self, acc: Any, properties: list[str] | None) -> dict[str, Any]:
-        values = {"name": acc.name, "address": acc.street, "city": acc.city, "state": acc.state, "zip": acc.postal_code,
+        street, street2 = company_street(acc)
+        modified = iso_ms(self._company_stamps().get(acc.native_id)) or "2024-03-01T10:00:00.000Z"
+        values = {"name": acc.name, "address": street, "address2": street2, "city": acc.city, "state": acc.state,
+                  "zip": acc.postal_code,
                   "country": acc.country, "domain": f"{acc.name.split(' ')[0].lower()}.example.com",
-                  "createdate": "2022-03-01T10:00:00.000Z", "hs_lastmodifieddate": "2024-03-01T10:00:00.000Z",
+                  "createdate": "2022-03-01T10:00:00.000Z", "hs_lastmodifieddate": modified,
                   "hs_object_id": acc.native_id}
         names = properties or COMPANY_DEFAULT_PROPERTIES
         return {"id": acc.native_id, "properties": {n: values.get(n) for n in names},
-                "createdAt": "2022-03-01T10:00:00.000Z", "updatedAt": "2024-03-01T10:00:00.000Z", "archived": False}
+                "createdAt": "2022-03-01T10:00:00.000Z", "updatedAt": modified, "archived": False}
+
+    def search_companies(self, req: Request) -> Response:
+        """Company search, on what a sync asks: hs_lastmodifieddate and hs_object_id bounds, sorted by
+        hs_object_id; other properties are a 400 here (not modelled)."""
+        body = req.json() or {}
+        stamps = self._company_stamps()
+        default = datetime(2024, 3, 1, 10)
+        rows = sorted(self.world.accounts, key=lambda a: int(a.native_id))
+        for group in body.get("filterGroups") or []:
+            for f in group.get("filters") or []:
+                name, op = f.get("propertyName"), str(f.get("operator", "")).upper()
+                if name == "hs_lastmodifieddate":
+                    value = _to_ms(f.get("value"))
+                    def get(a: Any) -> Any:
+                        return epoch_ms(stamps.get(a.native_id, default))
+                elif name == "hs_object_id":
+                    value = int(f.get("value"))
+                    def get(a: Any) -> Any:
+                        return int(a.native_id)
+                else:
+                    raise HttpError(400, "VALIDATION_ERROR", f"company search on {name} is not modelled")
+                cmp = {"GT": lambda x: x > value, "GTE": lambda x: x >= value, "LT": lambda x: x < value,
+                       "LTE": lambda x: x <= value, "EQ": lambda x: x == value}.get(op)
+                if cmp is None:
+                    raise HttpError(400, "VALIDATION_ERROR", f"Unsupported operator {op}")
+                rows = [a for a in rows if cmp(get(a))]
+        limit = int(body.get("limit") or 10)
+        if limit < 1 or limit > SEARCH_MAX:
+            raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {SEARCH_MAX}; got {limit}")
+        after = int(body.get("after") or 0)
+        page = rows[after:after + limit]
+        out: dict[str, Any] = {"total": len(rows),
+                               "results": [self._company_json(a, body.get("properties")) for a in page]}
+        if after + limit < len(rows):
+            out["paging"] = {"next": {"after": str(after + limit)}}
+        return Response.json(out)
+
+    def v4_batch_company_deals(self, req: Request) -> Response:
+        snap = self._deals_by_company
+        if snap is None or snap[0] != self.world.version:
+            index: dict[str, list[str]] = {}
+            for opp in self.world.live():
+                for cid in self._companies_of(opp):
+                    index.setdefault(cid, []).append(opp.native_id)
+            snap = self._deals_by_company = (self.world.version, index)
+        results = []
+        for cid in self._batch_inputs(req):
+            deals = snap[1].get(cid)
+            if deals:
+                results.append({"from": {"id": cid}, "to": [
+                    {"toObjectId": int(d), "associationTypes": [
+                        {"category": "HUBSPOT_DEFINED", "typeId": 342, "label": None}]} for d in deals]})
+        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
+                              "completedAt": iso_ms(self.world.clock.now())})
 
     def read_company(self, req: Request) -> Response:
         acc = self._account_by_id.get(req.params["id"])
@@ -807,6 +1102,36 @@ def _decode_offset(cursor: str | None) -> int:
 
 
 def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          limits: Limits | None = None) -> HubSpotSimulator:
-    world = World(profile(), seed=seed, opportunities=opportunities, clock=clock)
-    return HubSpotSimulator(world, faults, limits)
+          limits: Limits | None = None, variant: str = "default") -> HubSpotSimulator:
+    world = World(profile(variant), seed=seed, opportunities=opportunities, clock=clock)
+    return HubSpotSimulator(world, faults, limits, variant=variant)
+
+
+def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
+    """The portal's live deals as this API user reads them in HubSpot, computed from the simulator's own data.
+
+    The variant decides what the user can read: an app without the optional scopes (no_optional_rights) sees
+    no companies (client name and address None) and no pipeline labels (the stage is shown as its id); owner
+    and creator ids are deal properties and stay. Otherwise the stage is the pipeline stage's label, the
+    address is the primary company's street lines, city, state, zip and country joined with ", " (line breaks
+    inside a line become ", " as well)."""
+    world = simulator.world
+    refused = simulator.variant == "no_optional_rights"
+    out: dict[str, dict[str, Any]] = {}
+    for opp in world.live():
+        stage = world.stages[opp.stage]
+        client = location = None
+        if opp.account is not None and not refused:
+            acc = world.accounts[opp.account]
+            street, street2 = company_street(acc)
+            parts = [street, street2, acc.city, acc.state, acc.postal_code, acc.country]
+            lines = [ln.strip() for p in parts if p for ln in str(p).split("\n") if ln.strip()]
+            client, location = acc.name, (", ".join(lines) or None)
+        out[opp.native_id] = {
+            "project_name": opp.name, "client_name": client, "service_location": location,
+            "owner_crm_id": world.users[opp.owner].native_id, "created_by_crm_id": world.users[opp.creator].alt_id,
+            "stage": opp.stage if refused else stage.label, "stage_id": opp.stage, "crm_status": opp.stage,
+            "status": world.status(opp), "amount": opp.amount, "currency": opp.currency,
+            "close_date": opp.close_date, "created_at": opp.created_at,
+        }
+    return out

@@ -295,3 +295,91 @@ def test_hundred_thousand_deals_build_and_answer_fast():
         assert r2.status_code == 200
         listed = http(srv, "GET", "/crm/v3/objects/deals?limit=100")
         assert listed.status_code == 200
+
+
+# -- tenant variants, properties, companies ------------------------------------------------------------------------
+
+def test_properties_api_lists_types_options_and_owner_references(server):
+    props = {p["name"]: p for p in http(server, "GET", "/crm/v3/properties/deals").json()["results"]}
+    assert props["dealstage"]["type"] == "enumeration"
+    options = {o["value"]: o["label"] for o in props["dealstage"]["options"]}
+    assert options["contractsent"] == "Contract Sent" and options["145236002"] == "Proposal"
+    assert props["hubspot_owner_id"]["referencedObjectType"] == "OWNER"
+    assert all(p["hubspotDefined"] for p in props.values())                # no custom properties by default
+    assert http(server, "GET", "/crm/v3/properties/deals/closedate").json()["type"] == "datetime"
+    assert http(server, "GET", "/crm/v3/properties/deals/project_code").status_code == 404
+
+
+def test_unknown_properties_are_refused_in_filters_sorts_and_writes_and_ignored_when_requested(server):
+    bad = http(server, "POST", "/crm/v3/objects/deals/search", json={"filterGroups": [{"filters": [
+        {"propertyName": "project_code", "operator": "EQ", "value": "x"}]}]})
+    assert bad.status_code == 400 and bad.json()["category"] == "VALIDATION_ERROR" and "project_code" in bad.text
+    assert http(server, "POST", "/crm/v3/objects/deals/search",
+                json={"sorts": [{"propertyName": "nope", "direction": "ASCENDING"}]}).status_code == 400
+    deal = next(iter(live_ids(server)))
+    write = http(server, "PATCH", f"/crm/v3/objects/deals/{deal}", json={"properties": {"project_code": "x"}})
+    assert write.status_code == 400 and "PROPERTY_DOESNT_EXIST" in write.text
+    got = http(server, "GET", f"/crm/v3/objects/deals/{deal}?properties=dealname,project_code").json()
+    assert set(got["properties"]) == {"dealname"}
+
+
+def test_company_address_lines(server):
+    accounts = server.simulator.world.accounts
+    ids = [a.native_id for a in accounts[:40]]
+    body = http(server, "POST", "/crm/v3/objects/companies/batch/read",
+                json={"properties": ["address", "address2"], "inputs": [{"id": i} for i in ids]}).json()
+    props = [c["properties"] for c in body["results"]]
+    assert any(p["address2"] for p in props) and any("\n" in (p["address"] or "") for p in props)
+
+
+def test_no_optional_rights_refuses_every_optional_endpoint_in_hubspots_shape():
+    with SandboxServer(sim.build(seed=7, opportunities=30, limits=NO_LIMITS, variant="no_optional_rights")) as srv:
+        deal = next(o.native_id for o in srv.simulator.world.live() if o.account is not None)
+        refused = [("GET", "/crm/v3/pipelines/deals", None), ("GET", "/crm/v3/owners", None),
+                   ("GET", "/crm/v3/properties/deals", None),
+                   ("POST", "/crm/v3/objects/companies/batch/read", {"inputs": [{"id": "1"}]}),
+                   ("POST", "/crm/v3/objects/companies/search", {}),
+                   ("POST", "/crm/v4/associations/deals/companies/batch/read", {"inputs": [{"id": deal}]}),
+                   ("POST", "/crm/v4/associations/companies/deals/batch/read", {"inputs": [{"id": "1"}]}),
+                   ("GET", f"/crm/v4/objects/deals/{deal}/associations/companies", None)]
+        for method, path, body in refused:
+            r = http(srv, method, path, json=body)
+            assert r.status_code == 403, path
+            refusal = r.json()
+            assert refusal["category"] == "MISSING_SCOPES"
+            assert refusal["errors"][0]["context"]["requiredGranularScopes"]
+        assert http(srv, "POST", "/crm/v3/objects/deals/search", json={"limit": 5}).status_code == 200
+        assert http(srv, "GET", f"/crm/v3/objects/deals/{deal}").status_code == 200
+
+
+def test_renamed_stages_and_custom_fields_variants():
+    with SandboxServer(sim.build(seed=7, opportunities=60, limits=NO_LIMITS, variant="renamed_stages")) as srv:
+        pipelines = http(srv, "GET", "/crm/v3/pipelines/deals").json()["results"]
+        stages = [s for p in pipelines for s in p["stages"]]
+        assert len(pipelines) == 3 and all(s["id"] != s["label"] for s in stages)
+        assert {s["label"] for s in stages} >= {"Won", "Proposal out", "Renewed"}
+    with SandboxServer(sim.build(seed=7, opportunities=60, limits=NO_LIMITS, variant="custom_fields")) as srv:
+        props = {p["name"]: p for p in http(srv, "GET", "/crm/v3/properties/deals").json()["results"]}
+        assert not props["sales_stage_custom"]["hubspotDefined"] and props["sales_stage_custom"]["options"]
+        body = http(srv, "POST", "/crm/v3/objects/deals/search", json={
+            "filterGroups": [{"filters": [{"propertyName": "project_code", "operator": "HAS_PROPERTY"}]}],
+            "properties": ["project_code", "original_create_date"], "limit": 5}).json()
+        assert body["total"] == 60 and body["results"][0]["properties"]["project_code"].startswith("PRJ-")
+
+
+def test_a_renamed_company_is_modified_its_deals_are_not():
+    with SandboxServer(sim.build(seed=7, opportunities=60, limits=NO_LIMITS)) as srv:
+        world = srv.simulator.world
+        opp = next(o for o in world.live() if o.account is not None)
+        cid, before = world.accounts[opp.account].native_id, opp.modified_at
+        world.clock.advance(timedelta(minutes=5))
+        since = sim.epoch_ms(world.clock.now())
+        world.accounts[opp.account].name += " (renamed)"
+        world.version += 1
+        found = http(srv, "POST", "/crm/v3/objects/companies/search", json={"filterGroups": [{"filters": [
+            {"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(since)}]}], "limit": 100}).json()
+        assert [c["id"] for c in found["results"]] == [cid]
+        deals = http(srv, "POST", "/crm/v4/associations/companies/deals/batch/read",
+                     json={"inputs": [{"id": cid}]}).json()["results"][0]["to"]
+        assert int(opp.native_id) in {d["toObjectId"] for d in deals}
+        assert world.opps[opp.native_id].modified_at == before

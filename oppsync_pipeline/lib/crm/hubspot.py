@@ -2,9 +2,23 @@
 pages past the 10,000-results cap of one search.
 
 - Auth: a private-app token (`access_token`), or OAuth (`client_id`, `client_secret`, `refresh_token`, optionally a
-  current `access_token`): the token is refreshed at `POST /oauth/v1/token` on a 401 and the request repeated.
-- Open set: `dealstage IN <open stage ids>`, where open means the pipeline stage's `metadata.isClosed` is "false"
-  (or the connection's `open_statuses`). Stage ids are unique across pipelines (custom ones are numeric).
+  current `access_token`): the token is refreshed at `POST /oauth/v1/token` on a 401 and the request repeated;
+  token requests are counted with the run's requests (`Auth.token_request`).
+- Discovery (once per run): the properties API (`GET /crm/v3/properties/deals`, scope crm.schemas.deals.read)
+  says which deal properties exist: a `fields:` override or filter naming a property the portal does not have
+  fails at once, naming it; only existing properties are requested; enumeration values are shown by their
+  option label and owner properties by the owner's name. Refused: a warning, the documented defaults are used.
+- Stage model: `stage` = the pipeline stage's label (pipelines API), `stage_id` = `crm_status` = the deal's
+  `dealstage` id (`contractsent`, `145236002`). Open / won / lost from the stage's `metadata.isClosed` and
+  probability (won = closed at 1.0), through `resolve_status` (stage_categories, open_statuses). Pipelines
+  refused: the stage's label from the dealstage property's options (else the id itself) and the deal's own
+  `hs_is_closed` / `hs_is_closed_won`.
+- Open set: `dealstage IN <ids whose resolved status is open>` (not-open: the others); without the pipelines,
+  `hs_is_closed EQ false|true`; when a `fields.stage` override and a status rule meet (or rules without
+  pipelines), every deal is read and each set keeps the deals whose resolved status fits it.
+- Optional reads (a 403/404 is a warning in the run and `sync_runs.warnings`, never a failed run): pipelines,
+  owners (scope crm.objects.owners.read; fallback: owner ids without names), companies and deal-company
+  associations (scope crm.objects.companies.read; fallback: no client name / address), properties.
 - Reads: `POST /crm/v3/objects/deals/search` sorted by `hs_object_id` ASC with `hs_object_id GT <last id read>`
   (plus `hs_lastmodifieddate GTE <since>` in incremental runs): any number of deals changed in any window,
   even at one millisecond, is read completely, and deals changing during the read shift nothing. Search is
@@ -23,6 +37,7 @@ pages past the 10,000-results cap of one search.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -33,9 +48,9 @@ import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
-from oppsync_pipeline.lib.crm.http import AuthError, Auth, QuotaExhausted, RequestStats
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, clean_text, parse_date, parse_datetime,
-                                         parse_float, to_utc)
+from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
+                                         parse_date, parse_datetime, parse_float, to_utc)
 
 LIST_MAX = 100
 BATCH_MAX = 100
@@ -45,10 +60,21 @@ PRIMARY_TYPE_ID = 5
 DATE_FIELDS = frozenset({"createdate", "closedate", "hs_lastmodifieddate", "notes_last_updated",
                          "hs_date_entered_closedwon", "hs_date_entered_closedlost", "hs_lastactivitydate"})
 OAUTH_KEYS = ("client_id", "client_secret", "refresh_token")
-COMPANY_PROPERTIES = ["name", "address", "city", "state", "zip", "country"]
+COMPANY_PROPERTIES = ["name", "address", "address2", "city", "state", "zip", "country"]
 DEAL_PROPERTIES = ["dealname", "amount", "dealstage", "pipeline", "closedate", "createdate", "hs_lastmodifieddate",
                    "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
-                   "hs_deal_stage_probability"]
+                   "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won"]
+# Optional reads: the capability name (with the scope it needs) and what the run does without it.
+PROPERTIES_READ = "deal properties (scope crm.schemas.deals.read)"
+PIPELINES_READ = "deal pipelines (stage labels and closed/won flags)"
+OWNERS_READ = "owners (scope crm.objects.owners.read)"
+COMPANIES_READ = "companies and deal-company associations (scope crm.objects.companies.read)"
+PROPERTIES_FALLBACK = ("the standard deal properties are requested and configured custom properties are not "
+                       "checked before the first query")
+PIPELINES_FALLBACK = ("stage = the dealstage property's option label, else the stage id; open/won from each deal's "
+                      "hs_is_closed / hs_is_closed_won")
+OWNERS_FALLBACK = "owner and creator ids are kept without names (sales_executive empty, no users listed)"
+COMPANIES_FALLBACK = "client_name and service_location stay empty"
 _OPS = {"equal": "EQ", "not_equal": "NEQ", "more_than": "GT", "less_than": "LT", "at_least": "GTE", "at_most": "LTE",
         "in": "IN"}
 _CUSTOM = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
@@ -77,14 +103,19 @@ class HubSpotAuth(Auth):
             raise AuthError("HubSpot refused the private app token (401); rotate it in the HubSpot app settings",
                             status=401)
         data = {"grant_type": "refresh_token", **{k: self._credentials[k] for k in OAUTH_KEYS}}
-        response = session.post(self._token_url, data=data, timeout=(10, 60))
+        response = self.token_request(session, "POST", self._token_url, data=data, timeout=(10, 60))
         if response.status_code != 200:
             try:
-                status = response.json().get("status", "")
-            except ValueError:
+                status = str(response.json().get("status", ""))
+            except (ValueError, AttributeError):
                 status = ""
-            raise AuthError(f"HubSpot OAuth token refresh failed with HTTP {response.status_code} {status}".rstrip(),
-                            status=response.status_code, code=status or None)
+            hint = {"BAD_REFRESH_TOKEN": "credentials.refresh_token is no longer valid (withdrawn, or issued to another app): "
+                                         "re-authorise the app and store its new refresh token",
+                    "BAD_CLIENT_ID": "check credentials.client_id and credentials.client_secret against the app's "
+                                     "Auth settings"}.get(status, "check credentials.client_id, client_secret and "
+                                                                  "refresh_token, and options.token_url")
+            raise AuthError(f"HubSpot OAuth token refresh failed with HTTP {response.status_code} "
+                            f"{status}".rstrip() + f"; {hint}", status=response.status_code, code=status or None)
         body = response.json()
         self._token = body["access_token"]
         expires_in = body.get("expires_in")
@@ -104,16 +135,42 @@ def observe(response: requests.Response, stats: RequestStats) -> None:
 
 
 def classify(response: requests.Response) -> Exception | None:
-    if response.status_code != 429:
+    """HubSpot's answers that need more than the status code: a spent daily limit, and the permanent errors
+    (400 / 403 / 404) with a message that names what to check."""
+    status = response.status_code
+    if status not in (400, 403, 404, 429):
         return None
     try:
         body = response.json()
     except ValueError:
         return None
-    if isinstance(body, dict) and str(body.get("policyName", "")).upper() == "DAILY":
-        return QuotaExhausted("HubSpot reports the portal's daily API limit is spent (429, policy DAILY)",
-                              status=429, code="DAILY")
-    return None
+    if not isinstance(body, dict):
+        return None
+    if status == 429:
+        if str(body.get("policyName", "")).upper() == "DAILY":
+            return QuotaExhausted("HubSpot reports the portal's daily API limit is spent (429, policy DAILY)",
+                                  status=429, code="DAILY")
+        return None
+    category = str(body.get("category") or body.get("status") or "")
+    message = str(body.get("message") or "")[:300]
+    what = f"HubSpot refused {response.request.method} {response.url.split('?', 1)[0]} ({status} {category})"
+    if status == 403 and category == "MISSING_SCOPES":
+        scopes = sorted({sc for e in body.get("errors") or [] if isinstance(e, dict)
+                         for key in ("requiredGranularScopes", "requiredScopes")
+                         for sc in ((e.get("context") or {}).get(key) or [])})
+        return CrmError(f"{what}: the app lacks the scope(s) {', '.join(scopes) or '(not named)'}; add them to the "
+                        "private app's scopes (Settings > Integrations > Private apps) or the OAuth app's and "
+                        "re-install (README: HubSpot prerequisites)", status=403, code="MISSING_SCOPES")
+    if status == 403:
+        return CrmError(f"{what}: {message}; the app's user lacks a HubSpot permission for this read: check the "
+                        "private app's scopes and the portal's user permissions", status=403, code=category or None)
+    if status == 400:
+        return CrmError(f"{what}: {message}; check the connection's `fields:` and `filters:` (every property named "
+                        "there must exist on deals in this portal, by its internal name; `oppsync config check "
+                        "--online` lists them) and options.page_size (at most 200)", status=400,
+                        code=category or None)
+    return CrmError(f"{what}: {message}; check the connection's base_url (https://api.hubapi.com) and that the "
+                    "object exists in this portal", status=404, code=category or None)
 
 
 # -- connector ----------------------------------------------------------------------------------------------------
@@ -140,6 +197,10 @@ class HubSpotConnector(CrmConnector):
         self._last_search = 0.0
         self._owners: dict[str, CrmUser] | None = None
         self._companies: dict[str, dict[str, Any]] = {}
+        self._companies_refused = False
+        self._deal_properties: dict[str, dict[str, Any]] | None = None   # None: not discovered (refused)
+        self._by_pipeline: dict[tuple[str, str], StageInfo] = {}
+        self._changed_company_deals: set[str] | None = None
 
     def make_auth(self) -> Auth:
         token_url = self.conn.options.get("token_url") or f"{self.conn.base_url}/oauth/v1/token"
@@ -161,22 +222,66 @@ class HubSpotConnector(CrmConnector):
         # HubSpot custom property names are lowercase internal names; the hs_ prefix is reserved for HubSpot's own.
         return bool(_CUSTOM.match(name)) and not name.startswith("hs_")
 
+    # -- discovery ----------------------------------------------------------------------------------------------
+
+    def discover_tenant(self) -> None:
+        """Which deal properties this portal has (properties API), checked against the connection's `fields:` and
+        `filters:` before the first query: a missing one is a permanent error naming it and the fix."""
+        props = self.optional(PROPERTIES_READ, self._read_properties, None, fallback_text=PROPERTIES_FALLBACK)
+        self._deal_properties = props
+        if props is None:
+            return
+        problems = [f"fields.{canonical}: deal property '{native}' does not exist in this HubSpot portal"
+                    for canonical, native in self.conn.fields.items() if native not in props]
+        problems += [f"filters[{i}].field: deal property '{f.field}' does not exist in this HubSpot portal"
+                     for i, f in enumerate(self.conn.filters) if f.field not in props]
+        if problems:
+            raise CrmError("; ".join(problems) + ". Create the property in HubSpot (Settings > Properties > Deal "
+                           "properties) or correct the connection's configuration to the property's internal name "
+                           "(`oppsync config check --online` lists this portal's deal properties)",
+                           status=400, code="PROPERTY_DOESNT_EXIST", permanent=True)
+        custom = sorted(n for n, p in props.items() if not p.get("hubspotDefined", True))
+        absent = [n for n in DEAL_PROPERTIES if n not in props]
+        self.note(PROPERTIES_READ, True, f"{len(props)} deal properties, custom: {custom or 'none'}"
+                  + (f"; not in this portal (not requested): {absent}" if absent else ""))
+        for canonical, native in self.conn.fields.items():
+            meta = props[native]
+            kind = "owner" if meta.get("referencedObjectType") == "OWNER" else meta.get("type")
+            shown = " (shown by option label)" if meta.get("options") and kind != "owner" else ""
+            self.note(f"fields.{canonical}", True, f"read from '{native}' ({kind}){shown}")
+
+    def _read_properties(self) -> dict[str, dict[str, Any]]:
+        body = self.client.get_json("/crm/v3/properties/deals", params={"archived": "false"})
+        return {str(p["name"]): p for p in body.get("results", []) if p.get("name")}
+
     # -- stages and users ---------------------------------------------------------------------------------------
 
     def fetch_stages(self) -> list[StageInfo]:
-        body = self.client.get_json("/crm/v3/pipelines/deals")
+        body = self.optional(PIPELINES_READ, lambda: self.client.get_json("/crm/v3/pipelines/deals"), None,
+                             fallback_text=PIPELINES_FALLBACK)
+        if body is None:
+            return []
         out = []
         for p_index, pipeline in enumerate(sorted(body.get("results", []), key=lambda p: p.get("displayOrder", 0))):
             for stage in pipeline.get("stages", []):
                 meta = stage.get("metadata") or {}
                 closed = str(meta.get("isClosed", "false")).lower() == "true"
                 prob = parse_float(meta.get("probability"))
-                out.append(StageInfo(
+                info = StageInfo(
                     key=str(stage["id"]), label=stage.get("label") or str(stage["id"]), is_closed=closed,
                     is_won=closed and prob is not None and prob >= 1.0,
                     sort_order=p_index * 1000 + int(stage.get("displayOrder") or 0),
-                    pipeline=str(pipeline.get("id")), probability=None if prob is None else round(prob * 100, 4)))
+                    pipeline=str(pipeline.get("id")), probability=None if prob is None else round(prob * 100, 4))
+                self._by_pipeline[(str(pipeline.get("id")), info.key)] = info
+                out.append(info)
         return out
+
+    def _stage_info(self, pipeline: str | None, stage_id: str | None) -> StageInfo | None:
+        """Stage ids are scoped to their pipeline: resolve the pair, then the id alone."""
+        if not stage_id:
+            return None
+        stages = self.stages()
+        return self._by_pipeline.get((str(pipeline), stage_id)) or stages.get(stage_id)
 
     def users(self) -> Iterable[CrmUser]:
         return list(self._owner_map().values())
@@ -184,44 +289,127 @@ class HubSpotConnector(CrmConnector):
     def _owner_map(self) -> dict[str, CrmUser]:
         """Owner id -> CrmUser (keyed by user id, owner id as alt id), active and archived owners."""
         if self._owners is None:
-            owners: dict[str, CrmUser] = {}
-            for archived in ("false", "true"):
-                after: str | None = None
-                while True:
-                    params = {"limit": 100, "archived": archived, **({"after": after} if after else {})}
-                    body = self.client.get_json("/crm/v3/owners", params=params)
-                    for o in body.get("results", []):
-                        oid = str(o["id"])
-                        name = " ".join(p for p in (o.get("firstName"), o.get("lastName")) if p) or None
-                        uid = o.get("userId") or o.get("userIdIncludingInactive")  # archived owners: userId null
-                        owners[oid] = CrmUser(crm_user_id=str(uid) if uid is not None else oid,
-                                              name=clean_text(name or o.get("email")), email=o.get("email"),
-                                              kind="user", active=not o.get("archived", archived == "true"),
-                                              alt_ids=(oid,) if uid is not None else ())
-                    after = ((body.get("paging") or {}).get("next") or {}).get("after")
-                    if not after:
-                        break
-            self._owners = owners
+            self._owners = self.optional(OWNERS_READ, self._read_owners, {}, fallback_text=OWNERS_FALLBACK)
         return self._owners
+
+    def _read_owners(self) -> dict[str, CrmUser]:
+        owners: dict[str, CrmUser] = {}
+        for archived in ("false", "true"):
+            after: str | None = None
+            while True:
+                params = {"limit": 100, "archived": archived, **({"after": after} if after else {})}
+                body = self.client.get_json("/crm/v3/owners", params=params)
+                for o in body.get("results", []):
+                    oid = str(o["id"])
+                    name = " ".join(p for p in (o.get("firstName"), o.get("lastName")) if p) or None
+                    uid = o.get("userId") or o.get("userIdIncludingInactive")  # archived owners: userId null
+                    owners[oid] = CrmUser(crm_user_id=str(uid) if uid is not None else oid,
+                                          name=clean_text(name or o.get("email")), email=o.get("email"),
+                                          kind="user", active=not o.get("archived", archived == "true"),
+                                          alt_ids=(oid,) if uid is not None else ())
+                after = ((body.get("paging") or {}).get("next") or {}).get("after")
+                if not after:
+                    break
+        return owners
 
     # -- opportunities -----------------------------------------------------------------------------------------
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
-        stage_ids = self.open_stage_keys(open_set)
-        if not stage_ids:
+        self.prepare()
+        selects, post_filter = self._status_filter(open_set)
+        if selects is None:
             return
         pushed, leftover = self._render_filters()
-        base = [{"propertyName": "dealstage", "operator": "IN", "values": stage_ids}, *pushed]
+        base = [*selects, *pushed]
         if since is not None:
             base.append({"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))})
         properties = self._properties()
         self._owner_map()
-        for records in self._keyset(base, properties):
+        seen: set[str] = set()
+        batches: Iterable[list[dict[str, Any]]] = self._keyset(base, properties)
+        if since is not None:
+            batches = itertools.chain(batches, self._company_catch_up(since, [*selects, *pushed], properties, seen))
+        for records in batches:
+            records = [r for r in records if str(r["id"]) not in seen]
+            seen.update(str(r["id"]) for r in records)
             page = [self._map(r) for r in self._with_companies(records)]
             if leftover:
                 page = [o for o in page if all(matches(f, _get(o.raw, f.field)) for f in leftover)]
+            if post_filter:
+                page = [o for o in page if (o.status == "open") == open_set]
             if page:
                 yield page
+
+    def _company_catch_up(self, since: datetime, base: list[dict[str, Any]], properties: list[str],
+                          seen: set[str]) -> Iterator[list[dict[str, Any]]]:
+        """Incremental runs: editing a company (a rename, a new address) does not bump its deals'
+        hs_lastmodifieddate, so the deals of companies modified since the cursor are read again by id."""
+        deal_ids = self._deals_of_changed_companies(since)
+        todo = sorted((d for d in deal_ids if d not in seen), key=int)
+        for start in range(0, len(todo), BATCH_MAX):
+            chunk = todo[start:start + BATCH_MAX]
+            filters = base + [{"propertyName": "hs_object_id", "operator": "IN", "values": chunk}]
+            body = self._search(filters, properties, "ASCENDING", BATCH_MAX, sort_by="hs_object_id")
+            if body.get("results"):
+                yield body["results"]
+
+    def _deals_of_changed_companies(self, since: datetime) -> set[str]:
+        """Deal ids associated with companies modified at or after `since` (once per run; empty when the
+        companies cannot be read: then there is no company data to refresh)."""
+        if self._changed_company_deals is None:
+            self._changed_company_deals = set()
+            if self._companies_refused:
+                return self._changed_company_deals
+            got = self.optional(COMPANIES_READ, lambda: self._read_changed_company_deals(since), None,
+                                fallback_text=COMPANIES_FALLBACK)
+            if got is None:
+                self._companies_refused = True
+            else:
+                self._changed_company_deals = got
+        return self._changed_company_deals
+
+    def _read_changed_company_deals(self, since: datetime) -> set[str]:
+        companies: list[str] = []
+        last = 0
+        while True:   # keyset on hs_object_id, as for deals (search offsets stop at 10,000)
+            body = self.client.post_json("/crm/v3/objects/companies/search", {
+                "filterGroups": [{"filters": [
+                    {"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))},
+                    {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]}],
+                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                "properties": ["hs_object_id"], "limit": 200})
+            results = body.get("results") or []
+            companies += [str(c["id"]) for c in results]
+            if not results or not (body.get("paging") or {}).get("next"):
+                break
+            last = int(results[-1]["id"])
+        deals: set[str] = set()
+        for start in range(0, len(companies), BATCH_MAX * 10):
+            body = self.client.post_json("/crm/v4/associations/companies/deals/batch/read",
+                                         {"inputs": [{"id": c} for c in companies[start:start + BATCH_MAX * 10]]})
+            for result in body.get("results", []):
+                deals.update(str(t.get("toObjectId")) for t in result.get("to") or [])
+        return deals
+
+    def _status_filter(self, open_set: bool) -> tuple[list[dict[str, Any]] | None, bool]:
+        """(search filters that select the set, or None when the set is empty; whether each page must still be
+        filtered by the resolved status).
+
+        With the pipelines the status of a deal follows from its stage alone, so the set is a `dealstage IN`
+        list, unless a `fields.stage` override feeds a status rule (stage_categories / open_statuses) with
+        another property's values. Without the pipelines: the deal's own `hs_is_closed`, or, when rules apply,
+        every deal read and filtered here."""
+        stages = self.stages()
+        rules = bool(self.conn.stage_categories) or self.conn.open_statuses is not None
+        if stages and not (rules and "stage" in self.conn.fields):
+            ids = [k for k, s in stages.items() if (self.resolve_status(s.label, k, s.category) == "open") == open_set]
+            if not ids:
+                return None, False
+            return [{"propertyName": "dealstage", "operator": "IN", "values": ids}], False
+        if not rules:
+            closed = "false" if open_set else "true"
+            return [{"propertyName": "hs_is_closed", "operator": "EQ", "value": closed}], False
+        return [], True
 
     def _keyset(self, base: list[dict[str, Any]], properties: list[str]) -> Iterator[list[dict[str, Any]]]:
         """Pages of raw deals in `hs_object_id` order, each query restarting past the last id read.
@@ -262,7 +450,10 @@ class HubSpotConnector(CrmConnector):
         return self.client.post_json("/crm/v3/objects/deals/search", body)
 
     def _properties(self) -> list[str]:
-        names = list(DEAL_PROPERTIES)
+        """The standard properties the portal has (all of them when discovery was refused: HubSpot leaves out
+        requested properties that do not exist), then the configured ones."""
+        known = self._deal_properties
+        names = [n for n in DEAL_PROPERTIES if known is None or n in known]
         for native in list(self.conn.fields.values()) + [f.field for f in self.conn.filters]:
             if native not in names:
                 names.append(native)
@@ -271,14 +462,32 @@ class HubSpotConnector(CrmConnector):
     # -- companies ---------------------------------------------------------------------------------------------
 
     def _with_companies(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Attach each deal's primary company (one per deal, however many association types point at it)."""
+        """Attach each deal's primary company (one per deal, however many association types point at it).
+        Optional: refused once (scope crm.objects.companies.read), not asked again in this run."""
+        primary: dict[str, str | None] = {}
+        if not self._companies_refused:
+            got = self.optional(COMPANIES_READ, lambda: self._primary_companies(records), None,
+                                fallback_text=COMPANIES_FALLBACK)
+            if got is None:
+                self._companies_refused = True
+            else:
+                primary = got
+        out = []
+        for r in records:
+            cid = primary.get(str(r["id"]))
+            out.append({**r, "company_id": cid, "company": self._companies.get(cid) if cid else None})
+        return out
+
+    def _primary_companies(self, records: list[dict[str, Any]]) -> dict[str, str | None]:
         ids = [str(r["id"]) for r in records]
-        primary: dict[str, str] = {}
+        primary: dict[str, str | None] = {}
         for start in range(0, len(ids), BATCH_MAX * 10):
             body = self.client.post_json("/crm/v4/associations/deals/companies/batch/read",
                                          {"inputs": [{"id": i} for i in ids[start:start + BATCH_MAX * 10]]})
             for result in body.get("results", []):
                 primary[str(result["from"]["id"])] = _primary_company(result.get("to") or [])
+        if len(self._companies) > 200_000:   # keep memory flat on huge portals
+            self._companies.clear()
         missing = sorted({c for c in primary.values() if c and c not in self._companies})
         for start in range(0, len(missing), BATCH_MAX):
             chunk = missing[start:start + BATCH_MAX]
@@ -286,43 +495,67 @@ class HubSpotConnector(CrmConnector):
                                          {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
             for company in body.get("results", []):
                 self._companies[str(company["id"])] = company.get("properties") or {}
-        if len(self._companies) > 200_000:   # keep memory flat on huge portals
-            self._companies.clear()
-        out = []
-        for r in records:
-            cid = primary.get(str(r["id"]))
-            out.append({**r, "company_id": cid, "company": self._companies.get(cid) if cid else None})
-        return out
+        return primary
 
     # -- mapping -----------------------------------------------------------------------------------------------
+
+    def _display(self, prop: str, value: Any) -> str | None:
+        """A property's value as users see it: an enumeration's option label, an owner property's owner name."""
+        if value is None or value == "":
+            return None
+        text = str(value)
+        meta = (self._deal_properties or {}).get(prop)
+        if not meta:
+            return clean_text(text)
+        if meta.get("referencedObjectType") == "OWNER":
+            owner = self._owner_map().get(text)
+            return owner.name if owner and owner.name else text
+        for option in meta.get("options") or []:
+            if str(option.get("value")) == text:
+                return clean_text(option.get("label")) or text
+        return clean_text(text)
 
     def _map(self, rec: dict[str, Any]) -> Opportunity:
         props = rec.get("properties") or {}
         company = rec.pop("company", None) or {}
         company_id = rec.pop("company_id", None)
         raw = {**rec, "associations": {"companies": [company_id] if company_id else []}}
-        stage = props.get(self.field("stage", "dealstage"))
+        fields = self.conn.fields
+        stage_id = props.get("dealstage") or None
+        info = self._stage_info(props.get("pipeline"), stage_id)
+        if info is not None:
+            flags: Status = info.category
+            stage_name = info.label
+        else:
+            closed, won = props.get("hs_is_closed") == "true", props.get("hs_is_closed_won") == "true"
+            flags = "open" if not closed else ("won" if won else "lost")
+            stage_name = self._display("dealstage", stage_id)
+        if "stage" in fields:   # another property holds the stage users work with: its value is the stage id
+            stage_id = props.get(fields["stage"]) or None
+            stage_name = self._display(fields["stage"], stage_id)
         owner_id = props.get("hubspot_owner_id") or None
         owner = self._owner_map().get(owner_id) if owner_id else None
-        info = self.stages().get(stage) if stage else None
-        prob = parse_float(props.get(self.field("probability", "hs_deal_stage_probability")))
-        if prob is not None and self.field("probability", "hs_deal_stage_probability") in (
-                "hs_deal_stage_probability", "hs_forecast_probability"):
+        prob_field = self.field("probability", "hs_deal_stage_probability")
+        prob = parse_float(props.get(prob_field))
+        if prob is not None and prob_field in ("hs_deal_stage_probability", "hs_forecast_probability"):
             prob = prob * 100
-        if prob is None and info is not None:
+        if prob is None and info is not None and "probability" not in fields:
             prob = info.probability
-        address = [company.get(k) for k in ("address", "city", "state", "zip", "country")]
+        name_field = self.field("project_name", "dealname")
         return self.opportunity(
             rec["id"], raw,
-            project_name=clean_text(props.get(self.field("project_name", "dealname"))),
-            client_name=clean_text(props.get(self.field("client_name", "name"))) if "client_name" in self.conn.fields
-            else clean_text(company.get("name")),
-            service_location=clean_text(", ".join(a for a in address if a)) or None,
-            sales_executive=props.get(self.field("sales_executive", "")) if "sales_executive" in self.conn.fields
-            else (owner.name if owner else None),
+            project_name=self._display(name_field, props.get(name_field)),
+            client_name=self._display(fields["client_name"], props.get(fields["client_name"]))
+            if "client_name" in fields else clean_text(company.get("name")),
+            service_location=format_address(*(company.get(k) for k in ("address", "address2", "city", "state", "zip",
+                                                                        "country"))),
+            sales_executive=self._display(fields["sales_executive"], props.get(fields["sales_executive"]))
+            if "sales_executive" in fields else (owner.name if owner else None),
             owner_crm_id=owner_id,
-            stage=stage,
-            status=self.status_for(stage),
+            stage=stage_name,
+            stage_id=stage_id,
+            crm_status=props.get("dealstage") or None,
+            status=self.resolve_status(stage_name, props.get("dealstage") or None, flags),
             amount=parse_float(props.get(self.field("amount", "amount"))),
             currency=props.get("deal_currency_code") or None,
             close_date=parse_date(props.get(self.field("close_date", "closedate"))),

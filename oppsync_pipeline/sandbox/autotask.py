@@ -62,7 +62,7 @@ from oppsync_pipeline.sandbox.server import (
     FaultPlan, FaultRule, Handler, HttpError, Request, Response, Simulator,
 )
 from oppsync_pipeline.sandbox.world import (
-    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World,
+    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World, truncate,
 )
 
 CRM = "autotask"
@@ -217,6 +217,10 @@ class AutotaskSimulator(Simulator):
         self._snapshots: dict[str, list[int]] = {}
         self._snap_seq = 0
         self.contacts = self._make_contacts()
+        # Companies' lastTrackedModifiedDateTime: a rename (world.advance) is noticed on the next read.
+        self._company_names = {a.idx: a.name for a in world.accounts}
+        self._company_modified = {a.idx: truncate(world.clock.start - timedelta(days=400 + a.idx % 300, seconds=a.idx),
+                                                  timedelta(milliseconds=10)) for a in world.accounts}
         self.entities = {e.name.lower(): e for e in (
             self._opportunities_entity(), self._companies_entity(), self._contacts_entity(),
             self._resources_entity(), self._countries_entity())}
@@ -663,7 +667,8 @@ class AutotaskSimulator(Simulator):
         w = self.world
         fields = {"id": "integer", "companyName": "string", "address1": "string", "address2": "string",
                   "city": "string", "state": "string", "postalCode": "string", "countryID": "integer",
-                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer"}
+                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer",
+                  "lastTrackedModifiedDateTime": "datetime"}
 
         def render(i: int | None) -> dict[str, Any] | None:
             if i is None:
@@ -674,11 +679,20 @@ class AutotaskSimulator(Simulator):
                     "city": a.city, "state": a.state, "postalCode": a.postal_code,
                     "countryID": COUNTRIES[a.country][0] if a.country in COUNTRIES else None,
                     "phone": f"+1 555 {1000 + a.idx % 9000}", "isActive": True,
-                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1, "userDefinedFields": []}
+                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1,
+                    "lastTrackedModifiedDateTime": at_datetime(self.company_modified(i)), "userDefinedFields": []}
 
         return Entity("Companies", lambda: [int(a.native_id) for a in w.accounts],
                       lambda i: (i - COMPANY_BASE) if 0 <= i - COMPANY_BASE < len(w.accounts) else None,
                       lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+
+    def company_modified(self, i: int) -> datetime:
+        """When the company was last changed (its name is what the world changes), on the virtual clock."""
+        a = self.world.accounts[i]
+        if self._company_names.get(i) != a.name:
+            self._company_names[i] = a.name
+            self._company_modified[i] = self.world.clock.now()
+        return self._company_modified[i]
 
     def _contacts_entity(self) -> Entity:
         by_id = {c["id"]: c for c in self.contacts}

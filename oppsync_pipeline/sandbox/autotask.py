@@ -589,6 +589,7 @@ class AutotaskSimulator(Simulator):
                   "ownerResourceID": "integer", "creatorResourceID": "integer", "amount": "double",
                   "cost": "double", "probability": "integer", "stage": "integer", "status": "integer",
                   "projectedCloseDate": "datetime", "closedDate": "datetime", "lostDate": "datetime",
+                  "startDate": "datetime",
                   "createDate": "datetime", "lastActivity": "datetime", "totalAmountMonths": "integer",
                   "useQuoteTotals": "boolean", "onetimeRevenue": "double", "monthlyRevenue": "double",
                   "yearlyRevenue": "double", "opportunityCategoryID": "integer", "leadSource": "integer",

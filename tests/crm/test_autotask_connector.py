@@ -157,8 +157,11 @@ def test_open_statuses_override_by_label_and_value(served):
     assert {o.status for o in closed.values() if o.crm_status in ("Not Ready To Buy", "On Hold")} == {"lost"}
     assert {o.status for o in closed.values() if o.crm_status == "Closed"} == {"won"}
     c2 = connector(srv.url, open_statuses=["0", "On Hold"])
-    ids2 = {o.source_id for p in c2.opportunities(open_set=True, since=None) for o in p}
-    assert ids2 == {o.native_id for o in live if o.stage in ("0", "5")}
+    open2 = {o.source_id: o for p in c2.opportunities(open_set=True, since=None) for o in p}
+    assert set(open2) == {o.native_id for o in live if o.stage in ("0", "5")}
+    assert {o.status for o in open2.values()} == {"open"}      # by value or by label: open, as the set says
+    closed2 = [o for p in c2.opportunities(open_set=False, since=None) for o in p]
+    assert {o.status for o in closed2 if o.crm_status == "Active"} == {"lost"}
 
 
 def test_filters_pushed_down_and_injection_safe(served):

@@ -495,7 +495,7 @@ class AutotaskConnector(CrmConnector):
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
-            status=self.resolve_status(stage, crm_status, self._status_flags(status_key)),
+            status=self._resolve(stage, crm_status, status_key),
             amount=parse_float(self._get(r, self.field("amount", "amount"))),
             currency=self.conn.options.get("currency"),
             close_date=parse_date(self._get(r, self.field("close_date", "projectedCloseDate"))),
@@ -504,6 +504,15 @@ class AutotaskConnector(CrmConnector):
             created_by_crm_id=_str(self._get(r, self.field("created_by_crm_id", "creatorResourceID"))),
             modified_at=parse_datetime(r.get("lastActivity")),
         )
+
+    def _resolve(self, stage: str | None, crm_status: str | None, status_key: str | None) -> Status:
+        """`resolve_status`, plus `open_statuses` naming a status by its value ("0"), as the set queries do."""
+        status = self.resolve_status(stage, crm_status, self._status_flags(status_key))
+        opens, categories = self.conn.open_statuses, self.conn.stage_categories
+        if (status != "open" and opens is not None and status_key in opens
+                and stage not in categories and crm_status not in categories):
+            return "open"
+        return status
 
     def _value(self, r: dict[str, Any], name: str) -> str | None:
         """A field's value as text users see: a picklist value becomes its label."""

@@ -218,3 +218,34 @@ def test_discovery_runs_once_per_run():
         assert c.stats.requests == n
         caps = {cap.name: cap for cap in c.discover()}
         assert caps["stage picklist"].available and caps["Opportunities/entityInformation/fields"].available
+
+
+def test_sync_fails_fast_on_a_refused_required_read_and_records_refused_optional_reads(warehouse_url, tmp_path):
+    from sqlalchemy import text
+
+    from oppsync_pipeline.lib.sync import ExtractFailed, sync_connection
+    from oppsync_pipeline.lib.warehouse.engine import make_engine
+    from tests.conftest import sandbox_config
+
+    sim = at.build(seed=29, opportunities=40)
+    sim.tenant = dataclasses.replace(sim.tenant, refused=frozenset({"opportunities", "thresholdinformation"}))
+    with SandboxServer(sim) as srv:
+        cfg = sandbox_config({"autotask": srv}, warehouse_url, tmp_path)
+        engine = make_engine(cfg.warehouse.url)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ExtractFailed) as err:
+                sync_connection(cfg, cfg.connections[0], engine, run_id="at-refused", mode="full")
+            assert err.value.permanent and time.monotonic() - t0 < 10
+            assert "CRM > Opportunities" in str(err.value)
+            # the optional read refused on the way is a warning, the required one the error
+            sim.tenant = dataclasses.replace(sim.tenant, refused=frozenset({"thresholdinformation"}))
+            done = sync_connection(cfg, cfg.connections[0], engine, run_id="at-ok", mode="full")
+            assert done.extract.status == "complete"
+            with engine.connect() as c:
+                row = c.execute(text("SELECT warnings, api_requests, token_requests FROM oppsync.sync_runs "
+                                     "WHERE run_id = 'at-ok'")).one()
+            assert "ThresholdInformation: HTTP 403" in row.warnings and row.api_requests > 0
+            assert row.token_requests == 0
+        finally:
+            engine.dispose()

@@ -411,9 +411,9 @@ class AutotaskConnector(CrmConnector):
         return {"op": "in" if open_set else "notIn", "field": "status", "value": open_values}
 
     def _open_by_status(self, key: str, label: str, flags: Status) -> bool:
-        categories = self.conn.stage_categories
-        if label in categories or key in categories:
-            return categories.get(label, categories.get(key)) == "open"
+        categories = self.conn.stage_categories     # by name, as resolve_status reads them
+        if label in categories:
+            return categories[label] == "open"
         if self.conn.open_statuses is not None:
             return bool({key, label} & set(self.conn.open_statuses))
         return flags == "open"

@@ -249,3 +249,16 @@ def test_sync_fails_fast_on_a_refused_required_read_and_records_refused_optional
             assert row.token_requests == 0
         finally:
             engine.dispose()
+
+
+def test_company_changes_unreadable_only_loses_renames_until_the_next_full_sync():
+    sim = at.build(seed=30, opportunities=80)
+    with SandboxServer(sim) as srv:
+        since = sim.world.clock.now()
+        sim.world.advance(hours=2, rate=0.05)
+        ent = sim.entities["companies"]
+        ent.fields = {k: v for k, v in ent.fields.items() if k != "lastTrackedModifiedDateTime"}
+        c = connector(srv.url)
+        got = fetch(c, since=since)
+        assert set(got) == {o.native_id for o in sim.world.live() if o.modified_at >= since}
+        assert any(w.startswith("Companies changed since the cursor: HTTP 500") for w in c.stats.warnings)

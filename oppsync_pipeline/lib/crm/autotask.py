@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
@@ -231,11 +231,12 @@ class AutotaskConnector(CrmConnector):
         if problems:
             raise ConfigError(problems)
 
-    def _optional(self, name: str, call: Any, fallback: Any, fallback_text: str) -> Any:
+    def _optional(self, name: str, call: Any, fallback: Any, fallback_text: str,
+                  refusals: tuple[int, ...] = OPTIONAL_REFUSALS) -> Any:
         if name in self._refused:
             return fallback
         marker = object()
-        value = self.optional(name, call, marker, fallback_text=fallback_text)
+        value = self.optional(name, call, marker, fallback_text=fallback_text, refusals=refusals)
         if value is marker:
             self._refused.add(name)
             return fallback
@@ -382,6 +383,8 @@ class AutotaskConnector(CrmConnector):
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
         replaced). Optional: refused, renames reach the warehouse with the next full sync."""
+        if "Companies" in self._refused:
+            return []
         if self._company_changes is None or self._company_changes[0] != since:
             def read() -> list[int]:
                 ids = []
@@ -390,8 +393,10 @@ class AutotaskConnector(CrmConnector):
                     self._companies.update((int(c["id"]), c) for c in page)
                     ids += [int(c["id"]) for c in page]
                 return ids
+            # 500 too: a tenant whose Companies cannot be queried by lastTrackedModifiedDateTime only loses this.
             self._company_changes = (since, self._optional(
-                "Companies", read, [], "client_name and service_location are left empty"))
+                "Companies changed since the cursor", read, [],
+                "renamed companies reach the warehouse with the next full sync", refusals=(403, 404, 500)))
         return self._company_changes[1]
 
     def _status_filter(self, open_set: bool) -> dict[str, Any]:

@@ -30,7 +30,16 @@ What it reproduces:
   is added at 50 % (0.5 s) and 75 % (1 s) of it (scaled by `latency_scale`), and past it every call is 429
   `{"errors": [...]}` with Retry-After.
 - Errors: `{"errors": ["..."]}`; query / validation errors are 500 like the real API; framework errors
-  (404 / 405) are `{"Message": "..."}`.
+  (404 / 405) are `{"Message": "..."}`. An API user whose security level lacks access gets 403 with
+  `{"errors": ["The logged in Resource does not have the adequate permissions ..."]}`.
+- Sales stage vs status: `status` is the world's stage (the status picklist, system values 0-4 plus the tenant's
+  own); `stage` is the world's separate `sales_stage` (the tenant's stage picklist). Companies have
+  `address1` / `address2` (some a second line, some a street typed over two lines), city, state, postalCode,
+  countryID.
+- Tenant variants (`VARIANTS`, `build(variant=...)`): default, no_optional_rights (403 on every optional
+  read), custom_statuses (relabelled and tenant-defined statuses, stage values that are not 1..n, deals in the
+  won stage while the status stays open), udf_fields (other user-defined fields). `truth(sim)` is the tenant as
+  its users see it, for the variant matrix test.
 """
 
 from __future__ import annotations
@@ -42,17 +51,18 @@ import re
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from oppsync_pipeline.lib.record import parse_datetime
+from oppsync_pipeline.lib.record import format_address, parse_datetime
 from oppsync_pipeline.sandbox.server import (
     FaultPlan, FaultRule, Handler, HttpError, Request, Response, Simulator,
 )
 from oppsync_pipeline.sandbox.world import (
-    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World,
+    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World, truncate,
 )
 
 CRM = "autotask"
@@ -64,7 +74,8 @@ SANDBOX_CREDENTIALS = {
 
 OPP_BASE, USER_BASE, COMPANY_BASE, CONTACT_BASE = 29684000, 29682885, 174, 30682000
 
-# Opportunity status picklist (the world's stage key is the status value as a string).
+# Opportunity status picklist (the world's stage key is the status value as a string). Values 0-4 are Autotask's
+# system statuses (0 Not Ready To Buy, 1 Active, 2 Lost, 3 Closed = won, 4 Implemented); a tenant may add its own.
 STATUSES = [
     SimStage("0", "Not Ready To Buy", False, False, 10.0, 0),
     SimStage("1", "Active", False, False, 50.0, 1),
@@ -74,20 +85,85 @@ STATUSES = [
     SimStage("5", "On Hold", False, False, 20.0, 5),   # a tenant's own (non-system) status
 ]
 SYSTEM_STATUSES = {"0", "1", "2", "3", "4"}
-# Opportunity stage picklist (tenant-defined sales stages; independent of status).
-STAGES = [(1, "Prospect"), (2, "Qualified"), (3, "Proposal"), (4, "Negotiation"), (5, "Verbal")]
+# Opportunity stage picklist: the tenant's sales stages (Admin > Opportunity Stages), kept apart from the status.
+# The flags only tell the world where won / lost deals stand; the API carries none (status decides open / won).
+STAGES = [
+    SimStage("1", "Prospect", False, False, 10.0, 1), SimStage("2", "Qualified", False, False, 30.0, 2),
+    SimStage("3", "Proposal", False, False, 50.0, 3), SimStage("4", "Negotiation", False, False, 70.0, 4),
+    SimStage("5", "Verbal", False, False, 90.0, 5), SimStage("6", "Closed Won", True, True, 100.0, 6),
+    SimStage("7", "Closed Lost", True, False, 0.0, 7),
+]
+INACTIVE_STAGES = {"5"}    # retired picklist value: still on old records, still labelled
 COUNTRIES = {"USA": (237, "US", "United States"), "Germany": (82, "DE", "Germany"), "UK": (236, "GB", "United Kingdom"),
              "France": (75, "FR", "France"), "Japan": (111, "JP", "Japan")}
 REGIONS = ["West", "East", "EMEA", "APAC", "O'Hare \"Central\""]
 UDF_NAMES = ("Region", "Original Create Date", "Original Creator")
 
+# custom_statuses: system statuses relabelled, tenant-defined statuses (open and closed) with values far from the
+# defaults, and a stage picklist whose values are not 1..n and whose labels are the tenant's own.
+CUSTOM_STATUSES = [
+    SimStage("0", "Nurture", False, False, 10.0, 0),
+    SimStage("1", "Open", False, False, 50.0, 1),
+    SimStage("2", "Lost Deal", True, False, 0.0, 2),
+    SimStage("3", "Won", True, True, 100.0, 3),
+    SimStage("4", "Implemented", True, True, 100.0, 4),
+    SimStage("11", "Awaiting Budget", False, False, 25.0, 5),
+    SimStage("12", "Cancelled", True, False, 0.0, 6),
+]
+CUSTOM_STAGES = [
+    SimStage("101", "Discovery", False, False, 10.0, 1), SimStage("102", "Demo Given", False, False, 40.0, 2),
+    SimStage("103", "Quote Sent", False, False, 60.0, 3), SimStage("104", "Closed Won", True, True, 100.0, 4),
+    SimStage("105", "Closed Lost", True, False, 0.0, 5),
+]
+# udf_fields: a tenant with more user-defined fields (and without "Region").
+EXTRA_UDF_NAMES = ("Original Create Date", "Original Creator", "Territory", "Deal Source", "Renewal Of")
+
+VARIANTS = {
+    "default": "statuses 0-4 plus a tenant status (5 On Hold), stage picklist 1-7 (Prospect .. Closed Lost), "
+               "UDFs Region / Original Create Date / Original Creator; the API user has full access",
+    "no_optional_rights": "the API user's security level refuses every optional read with 403 {\"errors\": [...]}: "
+                          "ThresholdInformation, Companies, Contacts, Resources, Countries, "
+                          "Opportunities/entityInformation/fields and userDefinedFields",
+    "custom_statuses": "relabelled system statuses plus tenant statuses 11 Awaiting Budget (open) and 12 Cancelled "
+                       "(lost); stage picklist 101-105 (Discovery .. Closed Won / Closed Lost); some deals sit in "
+                       "the won stage while their status stays Open (seed 003)",
+    "udf_fields": "user-defined fields Original Create Date, Original Creator, Territory, Deal Source, Renewal Of "
+                  "(no Region)",
+}
+# What a security level without rights refuses (the optional reads). The body is Autotask's error shape.
+OPTIONAL_ENDPOINTS = ("thresholdinformation", "companies", "contacts", "resources", "countries",
+                      "entityinformation/fields", "entityinformation/userdefinedfields")
+NO_RIGHTS = "The logged in Resource does not have the adequate permissions to access this entity or endpoint."
+
+
+@dataclass(frozen=True)
+class Tenant:
+    statuses: list[SimStage]
+    stages: list[SimStage]
+    udf_names: tuple[str, ...] = UDF_NAMES
+    refused: frozenset[str] = frozenset()
+    won_stage_while_open: bool = False
+
+
+def tenant(variant: str) -> Tenant:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown autotask sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+    if variant == "custom_statuses":
+        return Tenant(CUSTOM_STATUSES, CUSTOM_STAGES, won_stage_while_open=True)
+    if variant == "udf_fields":
+        return Tenant(STATUSES, STAGES, EXTRA_UDF_NAMES)
+    if variant == "no_optional_rights":
+        return Tenant(STATUSES, STAGES, refused=frozenset(OPTIONAL_ENDPOINTS))
+    return Tenant(STATUSES, STAGES)
+
 _ROOT = r"(?:/z(?P<zone>\d+))?/atservicesrest/v1\.0"
 _NOT_GET = "The requested resource does not support http method '{}'."
 
 
-def profile() -> TenantProfile:
+def profile(t: Tenant | None = None) -> TenantProfile:
+    t = t or tenant("default")
     return TenantProfile(
-        crm=CRM, stages=list(STATUSES),
+        crm=CRM, stages=list(t.statuses), sales_stages=list(t.stages),
         opportunity_id=lambda seq: str(OPP_BASE + seq),
         user_id=lambda i: str(USER_BASE + i),
         account_id=lambda i: str(COMPANY_BASE + i),
@@ -117,8 +193,9 @@ class Entity:
 
     def __init__(self, name: str, ids: Callable[[], list[int]], get: Callable[[int], Any],
                  value: Callable[[Any, str, bool], Any], render: Callable[[Any], dict[str, Any]],
-                 fields: dict[str, str]):
+                 fields: dict[str, str], udfs: tuple[str, ...] = ()):
         self.name, self.ids, self.get, self.value, self.render, self.fields = name, ids, get, value, render, fields
+        self.udfs = udfs
 
 
 class AutotaskSimulator(Simulator):
@@ -126,8 +203,10 @@ class AutotaskSimulator(Simulator):
     unfaulted = re.compile(r"^(/__sandbox/|/atservicesrest/v1\.0/zoneinformation)", re.IGNORECASE)
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, threshold: int = 10_000,
-                 latency_scale: float = 1.0):
+                 latency_scale: float = 1.0, variant: str = "default"):
         super().__init__(world, faults)
+        self.variant = variant
+        self.tenant = tenant(variant)
         self.threshold = threshold
         self.latency_scale = latency_scale
         self.zone = 1
@@ -138,6 +217,10 @@ class AutotaskSimulator(Simulator):
         self._snapshots: dict[str, list[int]] = {}
         self._snap_seq = 0
         self.contacts = self._make_contacts()
+        # Companies' lastTrackedModifiedDateTime: a rename (world.advance) is noticed on the next read.
+        self._company_names = {a.idx: a.name for a in world.accounts}
+        self._company_modified = {a.idx: truncate(world.clock.start - timedelta(days=400 + a.idx % 300, seconds=a.idx),
+                                                  timedelta(milliseconds=10)) for a in world.accounts}
         self.entities = {e.name.lower(): e for e in (
             self._opportunities_entity(), self._companies_entity(), self._contacts_entity(),
             self._resources_entity(), self._countries_entity())}
@@ -188,6 +271,7 @@ class AutotaskSimulator(Simulator):
             self._authenticate(req)
             if counted:
                 self._throttle()
+            self._refuse_without_rights(req)
             return handler(req)
         return wrapped
 
@@ -197,6 +281,18 @@ class AutotaskSimulator(Simulator):
               and req.header("secret") == SANDBOX_CREDENTIALS["secret"])
         if not ok or int(req.params.get("zone") or 1) != self.zone:
             raise HttpError(401, "UNAUTHORIZED", "Unauthorized")
+
+    def _refuse_without_rights(self, req: Request) -> None:
+        """A security level without access to an optional entity or endpoint: 403 in Autotask's error shape."""
+        if not self.tenant.refused:
+            return
+        path, entity = req.path.lower().rstrip("/"), (req.params.get("entity") or "").lower()
+        if any(entity == key or path.endswith("/" + key) for key in self.tenant.refused):
+            raise HttpError(403, "FORBIDDEN", NO_RIGHTS)
+
+    def refused(self, key: str) -> bool:
+        """Whether this tenant's API user is refused an optional read (`OPTIONAL_ENDPOINTS` key)."""
+        return key in self.tenant.refused
 
     def _throttle(self) -> None:
         now = self.world.clock.now()
@@ -250,9 +346,11 @@ class AutotaskSimulator(Simulator):
                     "picklistValues": picklist, "picklistParentValueField": "", "isSupportedWebhookField": False}
         status_values = [{"value": s.key, "label": s.label, "isDefaultValue": s.key == "1", "sortOrder": s.order,
                           "parentValue": "", "isActive": True, "isSystem": s.key in SYSTEM_STATUSES}
-                         for s in STATUSES]
-        stage_values = [{"value": str(v), "label": label, "isDefaultValue": v == 1, "sortOrder": v,
-                         "parentValue": "", "isActive": v != 5, "isSystem": False} for v, label in STAGES]
+                         for s in self.tenant.statuses]
+        first = min(self.tenant.stages, key=lambda s: s.order).key
+        stage_values = [{"value": s.key, "label": s.label, "isDefaultValue": s.key == first, "sortOrder": s.order,
+                         "parentValue": "", "isActive": s.key not in INACTIVE_STAGES, "isSystem": False}
+                        for s in self.tenant.stages]
         types = self.entities["opportunities"].fields
         out = []
         for name, dtype in types.items():
@@ -273,7 +371,7 @@ class AutotaskSimulator(Simulator):
             {"name": n, "label": n, "type": "string", "dataType": "string", "length": 100, "isRequired": False,
              "isReadOnly": False, "isQueryable": True, "isPickList": False, "picklistValues": None,
              "isActive": True, "isVisibleToClientPortal": False, "displayFormat": 1, "sortOrder": i}
-            for i, n in enumerate(UDF_NAMES)]})
+            for i, n in enumerate(self.tenant.udf_names)]})
 
     # -- query -----------------------------------------------------------------------------------------------------
 
@@ -441,7 +539,9 @@ class AutotaskSimulator(Simulator):
                     raise HttpError(500, "VALIDATION", f"Value {v!r} is not a valid picklist value for status.")
                 out["stage"] = str(v)
             elif k == "stage":
-                out["at_stage"] = int(v)
+                if str(v) not in w.sales_stages:
+                    raise HttpError(500, "VALIDATION", f"Value {v!r} is not a valid picklist value for stage.")
+                out["sales_stage"] = str(v)
             elif k == "amount":
                 out["amount"] = float(v)
             elif k == "probability":
@@ -459,6 +559,8 @@ class AutotaskSimulator(Simulator):
                 raise HttpError(500, "VALIDATION", f"Unable to find {k} in the Opportunity entity.")
         if "prob" in out:   # after the status (which sets the status's default probability)
             out["probability"] = float(out.pop("prob"))
+        if "sales_stage" in out:   # after the status (a status change moves the deal to a fitting stage)
+            out["sales_stage"] = out.pop("sales_stage")
         return out
 
     # -- entities --------------------------------------------------------------------------------------------------
@@ -487,6 +589,7 @@ class AutotaskSimulator(Simulator):
                   "ownerResourceID": "integer", "creatorResourceID": "integer", "amount": "double",
                   "cost": "double", "probability": "integer", "stage": "integer", "status": "integer",
                   "projectedCloseDate": "datetime", "closedDate": "datetime", "lostDate": "datetime",
+                  "startDate": "datetime",
                   "createDate": "datetime", "lastActivity": "datetime", "totalAmountMonths": "integer",
                   "useQuoteTotals": "boolean", "onetimeRevenue": "double", "monthlyRevenue": "double",
                   "yearlyRevenue": "double", "opportunityCategoryID": "integer", "leadSource": "integer",
@@ -514,7 +617,7 @@ class AutotaskSimulator(Simulator):
                 "amount": amount, "cost": cost, "onetimeRevenue": round(amount * 0.2, 2),
                 "monthlyRevenue": round(amount * 0.8 / 12, 2), "yearlyRevenue": 0.0,
                 "probability": int(round(o.probability)) if o.probability is not None else 0,
-                "stage": extra.get("at_stage", STAGES[o.seq % len(STAGES)][0]),
+                "stage": int(o.sales_stage) if o.sales_stage is not None else None,
                 "status": int(o.stage), "rating": o.seq % 3 + 1, "leadSource": o.seq % 5 + 1,
                 "opportunityCategoryID": 1,
                 "projectedCloseDate": at_date(o.close_date),
@@ -523,11 +626,12 @@ class AutotaskSimulator(Simulator):
                 "startDate": at_date(o.created_at.date()),
                 "createDate": at_datetime(o.created_at), "lastActivity": at_datetime(o.modified_at),
                 "totalAmountMonths": 12, "useQuoteTotals": False,
-                "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in UDF_NAMES],
+                "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in self.tenant.udf_names],
             }
 
         fast: dict[str, Callable[[SimOpportunity], Any]] = {
             "id": lambda o: int(o.native_id), "status": lambda o: int(o.stage), "title": lambda o: o.name,
+            "stage": lambda o: int(o.sales_stage) if o.sales_stage is not None else None,
             "lastactivity": lambda o: o.modified_at, "createdate": lambda o: o.created_at,
             "ownerresourceid": lambda o: int(w.users[o.owner].native_id),
             "creatorresourceid": lambda o: int(w.users[o.creator].native_id),
@@ -540,7 +644,7 @@ class AutotaskSimulator(Simulator):
             getter = fast.get(name.lower())
             return getter(o) if getter else _get_ci(render(o), name)
 
-        return Entity("Opportunities", ids, get, value, render, fields)
+        return Entity("Opportunities", ids, get, value, render, fields, self.tenant.udf_names)
 
     def _udf(self, o: SimOpportunity, name: str) -> Any:
         extra = o.extra or {}
@@ -552,27 +656,44 @@ class AutotaskSimulator(Simulator):
             return at_datetime(o.created_at - timedelta(days=30)) if o.seq % 4 == 0 else None
         if name == "Original Creator":
             return str(USER_BASE + (o.seq % 25)) if o.seq % 4 == 0 else None
+        if name == "Territory":
+            return ["North", "South", "Central", None][_h("t", o.seq) % 4]
+        if name == "Deal Source":
+            return ["Referral", "Web", "Partner: Müller & Söhne"][_h("d", o.seq) % 3]
+        if name == "Renewal Of":
+            return str(OPP_BASE + o.seq // 2) if o.seq % 6 == 0 else None
         return None
 
     def _companies_entity(self) -> Entity:
         w = self.world
         fields = {"id": "integer", "companyName": "string", "address1": "string", "address2": "string",
                   "city": "string", "state": "string", "postalCode": "string", "countryID": "integer",
-                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer"}
+                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer",
+                  "lastTrackedModifiedDateTime": "datetime"}
 
         def render(i: int | None) -> dict[str, Any] | None:
             if i is None:
                 return None
             a = w.accounts[i]
-            return {"id": int(a.native_id), "companyName": a.name, "address1": a.street, "address2": None,
+            line1, line2 = street_lines(a)
+            return {"id": int(a.native_id), "companyName": a.name, "address1": line1, "address2": line2,
                     "city": a.city, "state": a.state, "postalCode": a.postal_code,
                     "countryID": COUNTRIES[a.country][0] if a.country in COUNTRIES else None,
                     "phone": f"+1 555 {1000 + a.idx % 9000}", "isActive": True,
-                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1, "userDefinedFields": []}
+                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1,
+                    "lastTrackedModifiedDateTime": at_datetime(self.company_modified(i)), "userDefinedFields": []}
 
         return Entity("Companies", lambda: [int(a.native_id) for a in w.accounts],
                       lambda i: (i - COMPANY_BASE) if 0 <= i - COMPANY_BASE < len(w.accounts) else None,
                       lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+
+    def company_modified(self, i: int) -> datetime:
+        """When the company was last changed (its name is what the world changes), on the virtual clock."""
+        a = self.world.accounts[i]
+        if self._company_names.get(i) != a.name:
+            self._company_names[i] = a.name
+            self._company_modified[i] = self.world.clock.now()
+        return self._company_modified[i]
 
     def _contacts_entity(self) -> Entity:
         by_id = {c["id"]: c for c in self.contacts}
@@ -645,7 +766,7 @@ def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
         raise HttpError(500, "QUERY", "A filter condition requires a field.")
     if not udf and name.lower() not in {f.lower() for f in ent.fields}:
         raise HttpError(500, "QUERY", f"Unable to find {name} in the {ent.name[:-1]} entity.")
-    if udf and ent.name != "Opportunities" or udf and name not in UDF_NAMES:
+    if udf and name not in ent.udfs:
         raise HttpError(500, "QUERY", f"Unable to find user-defined field {name} in the {ent.name[:-1]} entity.")
     dtype = "string" if udf else next(t for f, t in ent.fields.items() if f.lower() == name.lower())
     conv = _converter(dtype)
@@ -701,10 +822,59 @@ def _convert_value(conv: Callable[[Any], Any], raw: Any, name: str) -> Any:
         raise HttpError(500, "QUERY", f"Value {json.dumps(raw)[:100]} is not valid for field {name}.") from None
 
 
+def street_lines(a: Any) -> tuple[str | None, str | None]:
+    """A company's address1 / address2: some have a second line, some a street typed over two lines."""
+    if not a.street:
+        return None, None
+    line1 = a.street + "\nGebäude B" if a.idx % 7 == 3 else a.street
+    return line1, (f"Suite {100 + a.idx}" if a.idx % 4 == 1 else None)
+
+
 def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          **options: Any) -> AutotaskSimulator:
-    world = World(profile(), seed, opportunities, clock=clock)
+          *, variant: str = "default", **options: Any) -> AutotaskSimulator:
+    t = tenant(variant)
+    world = World(profile(t), seed, opportunities, clock=clock)
+    won_stage = next(s.key for s in sorted(t.stages, key=lambda s: s.order) if s.is_won)
     for o in world.opps.values():   # Autotask keeps milliseconds: give generated history fractions of a second
         o.created_at += timedelta(milliseconds=10 * (_h("c", o.seq) % 100))
         o.modified_at = max(o.created_at, o.modified_at - timedelta(milliseconds=10 * (_h("m", o.seq) % 100)))
-    return AutotaskSimulator(world, faults, **options)
+        if t.won_stage_while_open and o.stage == "1" and o.seq % 4 == 0:
+            o.sales_stage = won_stage    # the deal is won in the stage, the status was never moved (seed 003)
+    return AutotaskSimulator(world, faults, variant=variant, **options)
+
+
+# -- the tenant as its users see it ----------------------------------------------------------------------------
+
+DEFAULT_STATUS_CATEGORY = {"2": "lost", "3": "won", "4": "won"}   # the documented system values; others open
+
+
+def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
+    """The live opportunities as a user of this tenant sees them through the API user's rights, from the
+    simulator's own data: stage / status labels from the tenant's picklists (their values when the API user may
+    not read entityInformation), the company's name and address (None when Companies are refused; the country's
+    name unless Countries are refused), open / won / lost from the status."""
+    w = sim.world
+    labels = not sim.refused("entityinformation/fields")
+    out: dict[str, dict[str, Any]] = {}
+    with w.lock:
+        for o in w.live():
+            status = w.stages[o.stage]
+            stage = w.sales_stages.get(o.sales_stage) if o.sales_stage is not None else None
+            acc = w.accounts[o.account] if o.account is not None and not sim.refused("companies") else None
+            location = None
+            if acc is not None:
+                country = COUNTRIES.get(acc.country or "", (None, None, None))[2]
+                location = format_address(*street_lines(acc), acc.city, acc.state, acc.postal_code,
+                                          None if sim.refused("countries") else country)
+            out[o.native_id] = {
+                "project_name": o.name, "client_name": acc.name if acc is not None else None,
+                "service_location": location,
+                "owner_crm_id": w.users[o.owner].native_id, "created_by_crm_id": w.users[o.creator].native_id,
+                "stage": (stage.label if labels else stage.key) if stage else None,
+                "stage_id": stage.key if stage else None,
+                "crm_status": status.label if labels else status.key,
+                "status": w.status(o) if labels else DEFAULT_STATUS_CATEGORY.get(status.key, "open"),
+                "amount": o.amount if o.amount is not None else 0.0, "currency": None,
+                "close_date": o.close_date, "created_at": o.created_at,
+            }
+    return out

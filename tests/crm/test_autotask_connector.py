@@ -46,10 +46,13 @@ def expected(sim: at.AutotaskSimulator, o) -> dict:
     location = None
     if acc is not None:
         country = at.COUNTRIES[acc.country][2] if acc.country in at.COUNTRIES else None
-        region = " ".join(x for x in (acc.state, acc.postal_code) if x)
-        location = ", ".join(x for x in (acc.street, acc.city, region or None, country) if x) or None
+        line1, line2 = at.street_lines(acc)
+        parts = [*(line1 or "").split("\n"), line2, acc.city, acc.state, acc.postal_code, country]
+        location = ", ".join(x for x in parts if x) or None
+    stage = w.sales_stages[o.sales_stage]
     return dict(project_name=o.name, client_name=acc.name if acc else None, service_location=location,
-                sales_executive=executive, owner_crm_id=w.users[o.owner].native_id, stage=o.stage,
+                sales_executive=executive, owner_crm_id=w.users[o.owner].native_id, stage=stage.label,
+                stage_id=stage.key, crm_status=w.stages[o.stage].label,
                 status=w.status(o), amount=o.amount if o.amount is not None else 0.0,
                 close_date=o.close_date, probability=float(int(round(o.probability or 0))),
                 created_at=o.created_at.replace(microsecond=o.created_at.microsecond // 1000 * 1000),
@@ -76,20 +79,30 @@ def test_full_sync_equals_world_field_by_field(served):
         assert {k: getattr(rec, k) for k in exp} == exp, sid
         assert rec.raw["id"] == int(sid) and rec.crm == "autotask" and rec.connection == "at-test"
     opens = [o for o in got.values() if o.status == "open"]
-    assert len(opens) > 500 and {o.stage for o in opens} == {"0", "1", "5"}
-    assert {o.status for o in got.values() if o.stage in ("3", "4")} == {"won"}
+    assert len(opens) > 500 and {o.crm_status for o in opens} == {"Not Ready To Buy", "Active", "On Hold"}
+    assert {o.status for o in got.values() if o.raw["status"] in (3, 4)} == {"won"}
+    assert {o.stage for o in got.values() if o.raw["status"] in (3, 4)} == {"Closed Won"}
+    # every address line is read: second lines, and streets typed over two lines become ", "
+    assert any("Suite " in (o.service_location or "") for o in got.values())
+    assert any("Gebäude B" in (o.service_location or "") for o in got.values())
+    assert not any("\n" in (o.service_location or "") for o in got.values())
     # fallback to the owner's name is exercised (records without a contact)
     assert any(o.raw["contactID"] is None for o in got.values())
     # one zone lookup, one threshold poll, one picklist read, then queries; companies fetched in batches
     assert c.stats.requests < 40 and c.stats.quota_limit == 10_000 and c.stats.quota_used is not None
 
 
-def test_stages_from_the_status_picklist(served):
+def test_stages_from_the_stage_picklist_statuses_from_the_status_picklist(served):
     sim, srv = served
-    stages = connector(srv.url).stages()
-    assert {k: (s.label, s.category) for k, s in stages.items()} == {
+    c = connector(srv.url)
+    assert {k: s.label for k, s in c.stages().items()} == {
+        "1": "Prospect", "2": "Qualified", "3": "Proposal", "4": "Negotiation", "5": "Verbal", "6": "Closed Won",
+        "7": "Closed Lost"}
+    assert {k: (s.label, s.category) for k, s in c.statuses().items()} == {
         "0": ("Not Ready To Buy", "open"), "1": ("Active", "open"), "2": ("Lost", "lost"),
         "3": ("Closed", "won"), "4": ("Implemented", "won"), "5": ("On Hold", "open")}
+    assert c.stage_name("6") == "Closed Won" and c.stage_name("99") == "99"
+    assert c.stats.warnings == []
 
 
 def test_users_resolved(served):
@@ -108,9 +121,15 @@ def test_incremental_returns_every_change_with_ties():
     sim = at.build(seed=12, opportunities=600)
     with SandboxServer(sim) as srv:
         since = sim.world.clock.now()
+        names = [a.name for a in sim.world.accounts]
         counts = sim.world.advance(hours=3, rate=0.02)
+        renamed = {a.idx for a in sim.world.accounts if a.name != names[a.idx]}
+        assert renamed and counts["created"]
         changed = {o.native_id for o in sim.world.live() if o.modified_at >= since}
-        assert changed and counts["created"]
+        # a renamed company does not touch its opportunities' lastActivity: they are re-read by company
+        by_company = {o.native_id for o in sim.world.live() if o.account in renamed} - changed
+        assert by_company
+        changed |= by_company
         burst = [o.modified_at for o in sim.world.live() if o.modified_at >= since]
         assert len(burst) > len(set(burst))         # several records share one timestamp
         c = connector(srv.url, page_size=7)       # many pages
@@ -119,7 +138,7 @@ def test_incremental_returns_every_change_with_ties():
         # the tie boundary: since == an exact shared timestamp is inclusive
         tie = max(set(burst), key=burst.count)
         got_tie = fetch(connector(srv.url, page_size=50), since=tie)
-        assert {o.native_id for o in sim.world.live() if o.modified_at >= tie} == set(got_tie)
+        assert {o.native_id for o in sim.world.live() if o.modified_at >= tie} | by_company == set(got_tie)
         # deletions are not reported (no delete feed) and drop out of the full set
         victim = next(iter(changed))
         sim.world.delete(victim)
@@ -135,11 +154,14 @@ def test_open_statuses_override_by_label_and_value(served):
     assert open_ids == {o.native_id for o in live if o.stage == "1"}
     closed = {o.source_id: o for p in c.opportunities(open_set=False, since=None) for o in p}
     assert set(closed) == {o.native_id for o in live if o.stage != "1"}
-    assert {o.status for o in closed.values() if o.stage in ("0", "5")} == {"lost"}
-    assert {o.status for o in closed.values() if o.stage == "3"} == {"won"}
+    assert {o.status for o in closed.values() if o.crm_status in ("Not Ready To Buy", "On Hold")} == {"lost"}
+    assert {o.status for o in closed.values() if o.crm_status == "Closed"} == {"won"}
     c2 = connector(srv.url, open_statuses=["0", "On Hold"])
-    ids2 = {o.source_id for p in c2.opportunities(open_set=True, since=None) for o in p}
-    assert ids2 == {o.native_id for o in live if o.stage in ("0", "5")}
+    open2 = {o.source_id: o for p in c2.opportunities(open_set=True, since=None) for o in p}
+    assert set(open2) == {o.native_id for o in live if o.stage in ("0", "5")}
+    assert {o.status for o in open2.values()} == {"open"}      # by value or by label: open, as the set says
+    closed2 = [o for p in c2.opportunities(open_set=False, since=None) for o in p]
+    assert {o.status for o in closed2 if o.crm_status == "Active"} == {"lost"}
 
 
 def test_filters_pushed_down_and_injection_safe(served):

@@ -289,3 +289,107 @@ def test_large_world_answers_quickly():
                  {"MaxRecords": 500, "filter": [{"op": "in", "field": "status", "value": [0, 1, 5]}]})
         assert r.status_code == 200 and time.perf_counter() - t2 < 2
     assert time.perf_counter() - t < 30
+
+
+# -- tenant variants (issue 14) ------------------------------------------------------------------------------------
+
+def _api_of(srv) -> str:
+    return srv.url + "/ATServicesRest/V1.0/"
+
+
+def test_variants_declared_and_built():
+    assert {"default", "no_optional_rights", "custom_statuses", "udf_fields"} == set(at.VARIANTS)
+    with pytest.raises(ValueError):
+        at.build(seed=1, opportunities=5, variant="nope")
+
+
+def test_stage_picklist_is_the_sales_stage_apart_from_the_status(server, api):
+    world = server.simulator.world
+    fields = requests.get(api + "Opportunities/entityInformation/fields", headers=HEADERS, timeout=10).json()
+    stage = next(f for f in fields["fields"] if f["name"] == "stage")
+    labels = {v["value"]: v["label"] for v in stage["picklistValues"]}
+    assert labels == {s.key: s.label for s in at.STAGES}
+    items = [o for p in page_all_post(api, {"MaxRecords": 500, "filter": ALL}) for o in p["items"]]
+    for item in items[:200]:
+        o = world.get(str(item["id"]))
+        assert str(item["stage"]) == o.sales_stage and str(item["status"]) == o.stage
+    won = {str(i["stage"]) for i in items if i["status"] in (3, 4)}
+    assert won == {"6"}                      # won deals stand in the won stage
+    r = requests.patch(api + "Opportunities", data=json.dumps({"id": items[0]["id"], "stage": 99}),
+                       headers=HEADERS, timeout=10)
+    assert r.status_code == 500 and "stage" in r.json()["errors"][0]
+
+
+def test_no_optional_rights_refuses_each_optional_read_with_403_errors():
+    sim = at.build(seed=2, opportunities=30, variant="no_optional_rights")
+    with SandboxServer(sim) as srv:
+        api = _api_of(srv)
+        for method, path in (("GET", "ThresholdInformation"), ("GET", "Opportunities/entityInformation/fields"),
+                             ("GET", "Opportunities/entityInformation/userDefinedFields"),
+                             ("POST", "Companies/query"), ("POST", "Contacts/query"), ("POST", "Resources/query"),
+                             ("POST", "Countries/query"), ("GET", f"Companies/{at.COMPANY_BASE}")):
+            r = requests.request(method, api + path, data=json.dumps({"filter": ALL}), headers=HEADERS, timeout=10)
+            assert r.status_code == 403, path
+            assert r.json() == {"errors": [at.NO_RIGHTS]}
+        assert post(api + "Opportunities/query", {"filter": ALL}).status_code == 200
+        # credentials are still checked first
+        assert requests.get(api + "ThresholdInformation", headers=dict(HEADERS, Secret="x"),
+                            timeout=10).status_code == 401
+
+
+def test_custom_statuses_tenant():
+    sim = at.build(seed=3, opportunities=200, variant="custom_statuses")
+    with SandboxServer(sim) as srv:
+        api = _api_of(srv)
+        fields = requests.get(api + "Opportunities/entityInformation/fields", headers=HEADERS, timeout=10).json()
+        by_name = {f["name"]: f for f in fields["fields"]}
+        statuses = {v["value"]: (v["label"], v["isSystem"]) for v in by_name["status"]["picklistValues"]}
+        assert statuses["11"] == ("Awaiting Budget", False) and statuses["1"] == ("Open", True)
+        assert {v["value"] for v in by_name["stage"]["picklistValues"]} == {"101", "102", "103", "104", "105"}
+        items = [o for p in page_all_post(api, {"MaxRecords": 500, "filter": ALL}) for o in p["items"]]
+        assert any(i["status"] == 1 and i["stage"] == 104 for i in items)     # won stage, status still Open
+        assert any(i["status"] == 12 for i in items) and any(i["status"] == 11 for i in items)
+
+
+def test_udf_fields_tenant():
+    sim = at.build(seed=4, opportunities=60, variant="udf_fields")
+    with SandboxServer(sim) as srv:
+        api = _api_of(srv)
+        udfs = requests.get(api + "Opportunities/entityInformation/userDefinedFields", headers=HEADERS, timeout=10)
+        assert [f["name"] for f in udfs.json()["fields"]] == list(at.EXTRA_UDF_NAMES)
+        r = post(api + "Opportunities/query", {"filter": [{"op": "eq", "field": "Region", "value": "West",
+                                                            "udf": True}]})
+        assert r.status_code == 500 and "Region" in r.json()["errors"][0]
+        items = post(api + "Opportunities/query", {"filter": [{"op": "exist", "field": "Territory",
+                                                               "udf": True}]}).json()["items"]
+        assert items and all(any(u["name"] == "Territory" and u["value"] for u in i["userDefinedFields"])
+                             for i in items)
+
+
+def test_company_changes_move_last_tracked_modified():
+    sim = at.build(seed=5, opportunities=200)
+    with SandboxServer(sim) as srv:
+        api = _api_of(srv)
+        since = sim.world.clock.now()
+        cutoff = since.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        flt = [{"op": "gte", "field": "lastTrackedModifiedDateTime", "value": cutoff}]
+        assert post(api + "Companies/query", {"filter": flt}).json()["items"] == []
+        acc = sim.world.accounts[3]
+        with sim.world.lock:          # as world.advance renames an account
+            acc.name += " (renamed)"
+            sim.world.version += 1
+        sim.world.clock.advance(timedelta(seconds=2))
+        items = post(api + "Companies/query", {"filter": flt}).json()["items"]
+        assert [c["id"] for c in items] == [int(acc.native_id)] and items[0]["companyName"] == acc.name
+
+
+def test_truth_is_the_tenant_as_users_see_it():
+    sim = at.build(seed=6, opportunities=50, variant="no_optional_rights")
+    t = at.truth(sim)
+    assert set(t) == {o.native_id for o in sim.world.live()}
+    assert {r["client_name"] for r in t.values()} == {None} and {r["service_location"] for r in t.values()} == {None}
+    assert all(r["stage"] == r["stage_id"] for r in t.values())
+    sim = at.build(seed=6, opportunities=50)
+    t = at.truth(sim)
+    assert {r["stage"] for r in t.values()} <= {s.label for s in at.STAGES}
+    assert any(r["service_location"] and "Suite" in r["service_location"] for r in t.values())

@@ -8,18 +8,33 @@
 - Paging: `POST Opportunities/query` with `MaxRecords` = page size (<= 500); `pageDetails.nextPageUrl` is
   POSTed with the same body (a GET on it is 405 for POST-initiated queries and would stop at 500 rows). Next
   URLs are followed relative to the current zone so a zone move mid-paging is survived. Results are by id.
-- Open set: `status in <open values>`; not-open: `status notIn <open values>`. The status picklist is read
-  from `Opportunities/entityInformation/fields` (values are strings). Without `open_statuses`, the system
-  values 2 Lost, 3 Closed (won) and 4 Implemented (won) are closed and everything else (0 Not Ready To Buy,
-  1 Active, tenant-defined values) is open; a tenant-defined value whose label says lost / closed / won /
-  implemented / cancelled counts as closed. `open_statuses` may name statuses by label or by value.
-  The canonical `stage` is the status value ("1"); the Autotask `stage` picklist stays in `raw`.
+- Discovery (once per run, `discover_tenant`): the zone, `Opportunities/entityInformation/fields` (the stage and
+  status picklists, which fields exist) and `.../userDefinedFields`. A configured field or filter the tenant
+  does not have is a ConfigError naming its key, before the first query.
+- Stage model: `stage` = the `stage` picklist label users see, `stage_id` = its value, `crm_status` = the
+  `status` picklist label. open / won / lost through `resolve_status`: `stage_categories` by stage (or status)
+  label first (seed 003: a deal in the "Closed Won" stage while its status stays Active), then `open_statuses`,
+  then the status's own meaning: system values 2 Lost, 3 Closed (won), 4 Implemented (won) are closed and
+  0 Not Ready To Buy, 1 Active open whatever the tenant relabelled them; a tenant-defined status whose label
+  says lost / closed / won / implemented / cancelled is closed, other tenant statuses are open.
+  `fields: {stage: <field>}` takes any picklist field (its label) or `udf:<name>`.
+- Open set: `status in <open values>` (by `stage_categories` / `open_statuses` on the status label, else the
+  status's meaning); not-open: `status notIn <open values>`, the exact complement. Without the picklist the
+  closed system values are listed instead.
+- Optional reads (`self.optional`: a 403 / 404 is a warning in the run and a fallback): entityInformation
+  (labels = values, status from the system values), userDefinedFields (udf: fields unchecked),
+  ThresholdInformation (no quota figures), Companies (no client name / address), Contacts (sales executive
+  from the owner), Resources (users by id only), Countries (address without country). Some Autotask
+  permission failures are 500 "... does not have the adequate permissions ...": classified as 403.
 - Incremental: `lastActivity gte since`. Opportunities have no last-modified field; `lastActivity` does not
   move on every edit (user-defined-field-only edits, some recalculated values), so the scheduled full sync
-  is what catches those. There is no delete feed (`deleted()` yields nothing; deletes come from full-sync
+  is what catches those. A company rename does not move its opportunities' lastActivity either: incremental
+  runs also read Companies changed since the cursor (`lastTrackedModifiedDateTime`) and re-read their
+  opportunities. There is no delete feed (`deleted()` yields nothing; deletes come from full-sync
   reconciliation).
 - Mapping (seed 000): title -> project_name; companyID -> Companies.companyName -> client_name and the
-  company address (address1, address2, city, state postalCode, country) -> service_location; contactID ->
+  company address (`format_address`: address1, address2, city, state, postalCode, country name from
+  countryID) -> service_location; contactID ->
   Contacts "first last" -> sales_executive, falling back to the owner resource's name when there is no
   contact. Companies and Contacts are fetched per page in batches with an `in` filter and cached.
 - Custom (user-defined) fields are named `udf:<name>` in filters and field overrides; they are sent with
@@ -38,18 +53,30 @@ from typing import Any, ClassVar
 
 import requests
 
-from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.config import ConfigError, RecordFilter
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats
 from oppsync_pipeline.lib.record import (
-    CrmUser, Opportunity, StageInfo, clean_text, parse_date, parse_datetime, parse_float, to_utc,
+    CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
+    to_utc,
 )
 
 THRESHOLD_POLL_EVERY = 100
 BATCH = 200            # ids per `in` lookup of companies / contacts
 _NO_AUTH = "X-Oppsync-No-Auth"
-_CLOSED_WON = {"3", "4"}
+_SYSTEM = {"0", "1", "2", "3", "4"}     # Autotask's system statuses: 0 Not Ready To Buy, 1 Active, 2 Lost ...
+_CLOSED_WON = {"3", "4"}                # 3 Closed (won), 4 Implemented (won, post-sale)
 _CLOSED_LOST = {"2"}
+_NO_RIGHTS = re.compile(r"adequate permission|not have (the )?permission|access denied", re.IGNORECASE)
+# What a security level must grant for each read (Admin > Security Levels > a copy of "API User (system)").
+_RIGHTS = {
+    "opportunities": "CRM > Opportunities (REQUIRED: the opportunity reads)",
+    "companies": "CRM > Companies / Accounts (optional: client name and address)",
+    "contacts": "CRM > Contacts (optional: the sales executive's name)",
+    "resources": "Admin > Resources / Users (optional: user names and emails)",
+    "countries": "Countries (optional: the country in addresses)",
+    "thresholdinformation": "ThresholdInformation (optional: the hourly request quota)",
+}
 _CLOSED_LABEL = re.compile(r"\b(lost|closed|won|implemented|cancel+ed)\b", re.IGNORECASE)
 _LOST_LABEL = re.compile(r"\b(lost|cancel+ed)\b", re.IGNORECASE)
 _V10 = re.compile(r"/v1\.0/", re.IGNORECASE)
@@ -78,19 +105,48 @@ def observe(response: requests.Response, stats: RequestStats) -> None:
     """Autotask reports usage in no header; see AutotaskConnector._poll_threshold."""
 
 
+def _errors(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    errors = body.get("errors") or ([body["Message"]] if body.get("Message") else [])
+    return "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors)[:300]
+
+
+def _what(url: str) -> str:
+    """The entity / endpoint a request was about (`Opportunities`, `Companies`, `ThresholdInformation` ...)."""
+    m = _V10.search(url)
+    tail = url[m.end():] if m else url
+    return tail.split("?")[0].split("/")[0] or "the API"
+
+
 def classify(response: requests.Response) -> Exception | None:
-    if response.status_code == 500 and "zoneinformation" in response.url.lower():
-        return CrmError("Autotask zone lookup failed: the API username is unknown (or blank)", status=500,
-                        code="ZONE_LOOKUP")
-    if response.status_code == 500:
-        # Autotask answers query and validation errors with 500 {"errors": [...]}: retrying will not help.
-        try:
-            errors = response.json().get("errors")
-        except (ValueError, AttributeError):
-            errors = None
-        if errors:
-            text = "; ".join(str(e) for e in errors)[:300]
-            return CrmError(f"Autotask rejected the request: {text}", status=500, code="AUTOTASK_ERROR")
+    """Autotask's errors, each with what to check. Permission failures come as 403, and some as 500 with "does
+    not have the adequate permissions" (crm-api-notes 5.1): both are a 403, so optional reads fall back."""
+    status = response.status_code
+    if status == 500 and "zoneinformation" in response.url.lower():
+        return CrmError("Autotask zone lookup failed (500): the API username is unknown or blank; check the "
+                        "connection's `username` credential (the API-only user's email) and base_url "
+                        "(https://webservices.autotask.net)", status=500, code="ZONE_LOOKUP", permanent=True)
+    text = _errors(response) if status in (400, 403, 404, 500) else ""
+    what = _what(response.url)
+    if status == 403 or (status == 500 and _NO_RIGHTS.search(text)):
+        return CrmError(f"Autotask refused {what} (HTTP {status}: {text or 'forbidden'}); check the API user's "
+                        f"security level (Admin > Security Levels, a copy of 'API User (system)'): it needs view "
+                        f"access to {_RIGHTS.get(what.lower(), what)}", status=403, code="NO_RIGHTS",
+                        permanent=True)
+    if status == 404:
+        return CrmError(f"Autotask has no {what} endpoint here (404: {text}); check base_url (the zone lookup "
+                        "host https://webservices.autotask.net, or the zone's .../ATServicesRest)", status=404,
+                        code="NOT_FOUND", permanent=True)
+    if status in (400, 500) and text:
+        # Query and validation errors (500 {"errors": [...]}): the same query fails the same way on a retry.
+        return CrmError(f"Autotask rejected the {what} request ({status}: {text}); check the connection's "
+                        "`filters` and `fields` (user-defined fields as `udf:<name>`) against "
+                        "`oppsync config check --online`", status=status, code="AUTOTASK_ERROR", permanent=True)
     return None
 
 
@@ -119,6 +175,10 @@ class AutotaskConnector(CrmConnector):
         self._resources: dict[int, dict[str, Any]] | None = None
         self._countries: dict[int, str] | None = None
         self._last_poll: int | None = None
+        self._fields: dict[str, dict[str, Any]] | None = None   # entityInformation/fields by name (None: refused)
+        self._udfs: set[str] | None = None                      # user-defined field names (None: refused)
+        self._refused: set[str] = set()                         # optional reads refused this run: not asked again
+        self._company_changes: tuple[datetime, list[int]] | None = None
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -134,7 +194,53 @@ class AutotaskConnector(CrmConnector):
     def classify(self, response: requests.Response) -> Exception | None:
         return classify(response)
 
-    # -- zone and threshold ---------------------------------------------------------------------------------------
+    # -- discovery, zone and threshold ------------------------------------------------------------------------------
+
+    def discover_tenant(self) -> None:
+        """The zone, then the Opportunities entity's fields (picklists: stage and status labels, which fields
+        exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
+        tenant does not have is a configuration error named by its key, before the first query."""
+        self._ensure_zone()
+        fields = self._optional("Opportunities/entityInformation/fields",
+                                lambda: self.client.get_json("Opportunities/entityInformation/fields"), None,
+                                "stage and status labels are their picklist values; open / won / lost from "
+                                "Autotask's system status values (2 Lost, 3 Closed, 4 Implemented closed; "
+                                "others open)")
+        if fields is not None:
+            self._fields = {str(f.get("name")): f for f in fields.get("fields") or [] if f.get("name")}
+            self.note("stage picklist", "stage" in self._fields,
+                      "stage = the stage picklist label" if "stage" in self._fields else "no stage field")
+        udfs = self._optional("Opportunities/entityInformation/userDefinedFields",
+                              lambda: self.client.get_json("Opportunities/entityInformation/userDefinedFields"),
+                              None, "configured udf: fields are sent unchecked")
+        if udfs is not None:
+            self._udfs = {str(f.get("name")) for f in udfs.get("fields") or [] if f.get("name")}
+        self._check_configured_fields()
+
+    def _check_configured_fields(self) -> None:
+        wanted = [(f"fields.{k}", v) for k, v in self.conn.fields.items()]
+        wanted += [(f"filters[{i}].field", f.field) for i, f in enumerate(self.conn.filters)]
+        problems = []
+        for key, name in wanted:
+            if name.startswith("udf:"):
+                if self._udfs is not None and name[4:] not in self._udfs:
+                    problems.append(f"{key}: this Autotask tenant has no user-defined field '{name[4:]}' on "
+                                    f"Opportunities; it has {sorted(self._udfs)}")
+            elif self._fields is not None and name not in self._fields:
+                problems.append(f"{key}: this Autotask tenant's Opportunities have no field '{name}'")
+        if problems:
+            raise ConfigError(problems)
+
+    def _optional(self, name: str, call: Any, fallback: Any, fallback_text: str,
+                  refusals: tuple[int, ...] = OPTIONAL_REFUSALS) -> Any:
+        if name in self._refused:
+            return fallback
+        marker = object()
+        value = self.optional(name, call, marker, fallback_text=fallback_text, refusals=refusals)
+        if value is marker:
+            self._refused.add(name)
+            return fallback
+        return value
 
     def _ensure_zone(self) -> None:
         if self._zone is None:
@@ -143,6 +249,7 @@ class AutotaskConnector(CrmConnector):
             self._poll_threshold()
 
     def _discover(self) -> None:
+        """Zone lookup: an ordinary (unauthenticated) request, counted in stats.requests like every other."""
         base = self.conn.base_url.rstrip("/")
         if "/atservicesrest" in base.lower():
             url = base
@@ -151,7 +258,8 @@ class AutotaskConnector(CrmConnector):
                                         params={"user": self.credentials["username"]}, headers={_NO_AUTH: "1"})
             url = str(info.get("url") or "")
             if not url:
-                raise CrmError("Autotask zone lookup returned no url", code="ZONE_LOOKUP")
+                raise CrmError("Autotask zone lookup returned no url; check base_url", code="ZONE_LOOKUP",
+                               permanent=True)
         url = url.rstrip("/")
         if not url.lower().endswith("/v1.0"):
             url += "/V1.0"
@@ -165,24 +273,50 @@ class AutotaskConnector(CrmConnector):
 
     def _poll_threshold(self) -> None:
         self._last_poll = self.stats.requests
-        data = self.client.get_json("ThresholdInformation")
+        data = self._optional("ThresholdInformation", lambda: self.client.get_json("ThresholdInformation"), None,
+                              "no quota figures (Autotask sends no usage headers): the run's budget is not "
+                              "metered against the hourly threshold; 429s are still waited out")
         if isinstance(data, dict) and data.get("externalRequestThreshold"):
             self.stats.quota_limit = int(data["externalRequestThreshold"])
             self.stats.quota_used = int(data.get("currentTimeframeRequestCount") or 0)
             self.client.budget.check(self.stats)
 
-    # -- stages and users ------------------------------------------------------------------------------------------
+    # -- stages, statuses and users ----------------------------------------------------------------------------------
+
+    def _picklist(self, name: str) -> list[dict[str, Any]]:
+        field = (self._fields or {}).get(name) or {}
+        return [v for v in field.get("picklistValues") or [] if v.get("value") is not None]
+
+    def _label(self, field: str, value: Any) -> str | None:
+        """A picklist value's label (the value itself when the field is no picklist or the label is unknown)."""
+        if value is None or value == "":
+            return None
+        key = str(value)
+        return next((str(v.get("label") or key) for v in self._picklist(field) if str(v["value"]) == key), key)
 
     def fetch_stages(self) -> list[StageInfo]:
-        self._ensure_zone()
-        fields = self.client.get_json("Opportunities/entityInformation/fields").get("fields") or []
-        status = next((f for f in fields if str(f.get("name", "")).lower() == "status"), None)
-        if status is None:
-            raise CrmError("Autotask: the Opportunities entity has no status picklist", code="NO_STATUS")
+        """The stage picklist (Admin > Opportunity Stages): key = value, label = what users see. Autotask gives
+        stages no open / won flags; those shown come from the label and are informational only (the status
+        decides open / won / lost, `stage_categories` may override it by stage name)."""
         out = []
-        for v in status.get("picklistValues") or []:
+        for v in self._picklist("stage"):
             key, label = str(v["value"]), str(v.get("label") or v["value"])
-            if v.get("isSystem", key in {"0", "1", "2", "3", "4"}) and key in {"0", "1", "2", "3", "4"}:
+            closed = bool(_CLOSED_LABEL.search(label))
+            out.append(StageInfo(key=key, label=label, is_closed=closed,
+                                 is_won=closed and not _LOST_LABEL.search(label),
+                                 sort_order=int(v.get("sortOrder") or 0)))
+        return out
+
+    def fetch_statuses(self) -> list[StageInfo]:
+        """The status picklist with open / won flags: the system values by their documented meaning (whatever
+        the tenant renamed them to), tenant-defined values by their label. Without entityInformation: the
+        system values, labelled by value."""
+        values = self._picklist("status") if self._fields is not None else [
+            {"value": k, "label": k, "isSystem": True, "sortOrder": int(k)} for k in sorted(_SYSTEM)]
+        out = []
+        for v in values:
+            key, label = str(v["value"]), str(v.get("label") or v["value"])
+            if key in _SYSTEM and v.get("isSystem", True):
                 closed, won = key in _CLOSED_WON | _CLOSED_LOST, key in _CLOSED_WON
             else:
                 closed = bool(_CLOSED_LABEL.search(label))
@@ -191,6 +325,12 @@ class AutotaskConnector(CrmConnector):
                                  sort_order=int(v.get("sortOrder") or 0)))
         return out
 
+    def _status_flags(self, key: str | None) -> Status:
+        info = self.statuses().get(key) if key is not None else None
+        if info is not None:
+            return info.category
+        return "won" if key in _CLOSED_WON else ("lost" if key in _CLOSED_LOST else "open")
+
     def users(self) -> Iterable[CrmUser]:
         for r in self._all_resources().values():
             yield CrmUser(str(r["id"]), _person(r), r.get("email"), active=bool(r.get("isActive", True)))
@@ -198,30 +338,90 @@ class AutotaskConnector(CrmConnector):
     def _all_resources(self) -> dict[int, dict[str, Any]]:
         if self._resources is None:
             self._ensure_zone()
-            res: dict[int, dict[str, Any]] = {}
-            for page in self._query("Resources", [{"op": "gt", "field": "id", "value": 0}],
-                                    self.max_page_size):
-                res.update((int(r["id"]), r) for r in page)
-            self._resources = res
+
+            def read() -> dict[int, dict[str, Any]]:
+                res: dict[int, dict[str, Any]] = {}
+                for page in self._query("Resources", [{"op": "gt", "field": "id", "value": 0}],
+                                        self.max_page_size):
+                    res.update((int(r["id"]), r) for r in page)
+                return res
+            self._resources = self._optional("Resources", read, {},
+                                             "users are known by their resource ids only (no names / emails; "
+                                             "sales_executive falls back to the contact's name or none)")
         return self._resources
 
     # -- opportunities ---------------------------------------------------------------------------------------------
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        self.prepare()
         self._ensure_zone()
         filters: list[dict[str, Any]] = [self._status_filter(open_set)]
         if since is not None:
             filters.append({"op": "gte", "field": "lastActivity", "value": _at_value(since)})
         filters += [render_filter(f) for f in self.conn.filters]
+        seen: set[int] = set()
         for items in self._query("Opportunities", filters):
+            if since is not None:
+                seen.update(int(r["id"]) for r in items)
             self._lookup(items)
             yield [self._map(r) for r in items]
+        if since is None:
+            return
+        # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
+        # of companies changed since the cursor (Companies.lastTrackedModifiedDateTime), once each.
+        changed = self._changed_companies(since)
+        base = [f for f in filters if f.get("field") != "lastActivity"]
+        for i in range(0, len(changed), BATCH):
+            by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i:i + BATCH]}]
+            for items in self._query("Opportunities", by_company):
+                items = [r for r in items if int(r["id"]) not in seen]
+                seen.update(int(r["id"]) for r in items)
+                if items:
+                    self._lookup(items)
+                    yield [self._map(r) for r in items]
+
+    def _changed_companies(self, since: datetime) -> list[int]:
+        """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
+        replaced). Optional: refused, renames reach the warehouse with the next full sync."""
+        if "Companies" in self._refused:
+            return []
+        if self._company_changes is None or self._company_changes[0] != since:
+            def read() -> list[int]:
+                ids = []
+                for page in self._query("Companies", [{"op": "gte", "field": "lastTrackedModifiedDateTime",
+                                                       "value": _at_value(since)}], self.max_page_size):
+                    self._companies.update((int(c["id"]), c) for c in page)
+                    ids += [int(c["id"]) for c in page]
+                return ids
+            # 500 too: a tenant whose Companies cannot be queried by lastTrackedModifiedDateTime only loses this.
+            self._company_changes = (since, self._optional(
+                "Companies changed since the cursor", read, [],
+                "renamed companies reach the warehouse with the next full sync", refusals=(403, 404, 500)))
+        return self._company_changes[1]
 
     def _status_filter(self, open_set: bool) -> dict[str, Any]:
-        open_values = [int(k) for k in self.open_stage_keys(True) if k.lstrip("-").isdigit()]
+        """The open set by status: the statuses `resolve_status` makes open when the stage does not override
+        it (`open_statuses` by status label or value, else the status flags). The not-open set is its exact
+        complement, so every record is read once; a stage named in `stage_categories` / `open_statuses` changes
+        the record's status, not the set it is read in. Without the picklist, the closed system values are
+        listed instead (unknown tenant statuses count as open)."""
+        statuses = self.statuses()
+        if self._fields is None:
+            closed = sorted(int(k) for k in _CLOSED_WON | _CLOSED_LOST)
+            return {"op": "notIn" if open_set else "in", "field": "status", "value": closed}
+        open_values = [int(k) for k, s in statuses.items() if k.lstrip("-").isdigit()
+                       and self._open_by_status(k, s.label, s.category)]
         if not open_values:   # nothing is open: "open" matches no record, "not open" matches every record
             return {"op": "lt", "field": "id", "value": 0} if open_set else {"op": "gt", "field": "id", "value": 0}
         return {"op": "in" if open_set else "notIn", "field": "status", "value": open_values}
+
+    def _open_by_status(self, key: str, label: str, flags: Status) -> bool:
+        categories = self.conn.stage_categories     # by name, as resolve_status reads them
+        if label in categories:
+            return categories[label] == "open"
+        if self.conn.open_statuses is not None:
+            return bool({key, label} & set(self.conn.open_statuses))
+        return flags == "open"
 
     def _query(self, entity: str, filters: list[dict[str, Any]],
                max_records: int | None = None) -> Iterator[list[dict[str, Any]]]:
@@ -241,21 +441,38 @@ class AutotaskConnector(CrmConnector):
             path = _relative(nxt)
 
     def _lookup(self, items: list[dict[str, Any]]) -> None:
-        """Fetch this page's companies and contacts not seen yet, in batches (never one call per record)."""
-        for entity, key, cache in (("Companies", "companyID", self._companies),
-                                   ("Contacts", "contactID", self._contacts)):
+        """Fetch this page's companies and contacts not seen yet, in batches (never one call per record). Both
+        are optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
+        for entity, key, cache, text in (
+                ("Companies", "companyID", self._companies,
+                 "client_name and service_location are left empty"),
+                ("Contacts", "contactID", self._contacts,
+                 "sales_executive falls back to the owner resource's name")):
             wanted = sorted({int(r[key]) for r in items if r.get(key) not in (None, 0, "")} - cache.keys())
-            for i in range(0, len(wanted), BATCH):
-                chunk = wanted[i:i + BATCH]
-                for page in self._query(entity, [{"op": "in", "field": "id", "value": chunk}], self.max_page_size):
-                    cache.update((int(x["id"]), x) for x in page)
-                for missing in set(chunk) - cache.keys():
-                    cache[missing] = {}
+            if not wanted or entity in self._refused:
+                continue
+
+            def read(wanted: list[int] = wanted, entity: str = entity) -> dict[int, dict[str, Any]]:
+                found: dict[int, dict[str, Any]] = {}
+                for i in range(0, len(wanted), BATCH):
+                    chunk = wanted[i:i + BATCH]
+                    for page in self._query(entity, [{"op": "in", "field": "id", "value": chunk}],
+                                            self.max_page_size):
+                        found.update((int(x["id"]), x) for x in page)
+                return found
+            found = self._optional(entity, read, None, text)
+            if found is not None:
+                cache.update(found)
+                cache.update((missing, {}) for missing in set(wanted) - found.keys())
         if self._countries is None and any(c.get("countryID") for c in self._companies.values()):
-            self._countries = {}
-            for page in self._query("Countries", [{"op": "gt", "field": "id", "value": 0}],
-                                    self.max_page_size):
-                self._countries.update((int(c["id"]), c.get("displayName") or c.get("name")) for c in page)
+            def countries() -> dict[int, str]:
+                out: dict[int, str] = {}
+                for page in self._query("Countries", [{"op": "gt", "field": "id", "value": 0}],
+                                        self.max_page_size):
+                    out.update((int(c["id"]), c.get("displayName") or c.get("name")) for c in page)
+                return out
+            self._countries = self._optional("Countries", countries, {},
+                                             "service_location is written without the country")
 
     def _map(self, r: dict[str, Any]) -> Opportunity:
         company = self._companies.get(int(r.get("companyID") or 0)) or {}
@@ -265,28 +482,49 @@ class AutotaskConnector(CrmConnector):
         if not executive and owner is not None:
             executive = _person(self._all_resources().get(int(owner)) or {})
         if "sales_executive" in self.conn.fields:
-            executive = _str(self._get(r, self.conn.fields["sales_executive"]))
-        status_key = str(r["status"]) if r.get("status") is not None else None
-        created_by = self._get(r, self.field("created_by_crm_id", "creatorResourceID"))
-        probability = parse_float(self._get(r, self.field("probability", "probability")))
+            executive = self._value(r, self.conn.fields["sales_executive"])
+        client = clean_text(company.get("companyName")) if "client_name" not in self.conn.fields \
+            else self._value(r, self.conn.fields["client_name"])
+        stage_field = self.field("stage", "stage")
+        stage_id = _str(self._get(r, stage_field))
+        stage = self._value(r, stage_field)
+        status_key = _str(r.get("status"))
+        crm_status = self._label("status", status_key)
         return self.opportunity(
             r["id"], r,
-            project_name=clean_text(self._get(r, self.field("project_name", "title"))),
-            client_name=clean_text(company.get("companyName")) if "client_name" not in self.conn.fields
-            else clean_text(self._get(r, self.conn.fields["client_name"])),
+            project_name=self._value(r, self.field("project_name", "title")),
+            client_name=client,
             service_location=self._address(company),
             sales_executive=clean_text(executive),
             owner_crm_id=_str(owner),
-            stage=status_key,
-            status=self.status_for(status_key),
+            stage=stage,
+            stage_id=stage_id,
+            crm_status=crm_status,
+            status=self._resolve(stage, crm_status, status_key),
             amount=parse_float(self._get(r, self.field("amount", "amount"))),
             currency=self.conn.options.get("currency"),
             close_date=parse_date(self._get(r, self.field("close_date", "projectedCloseDate"))),
-            probability=probability,
+            probability=parse_float(self._get(r, self.field("probability", "probability"))),
             created_at=parse_datetime(self._get(r, self.field("created_at", "createDate"))),
-            created_by_crm_id=_str(created_by),
+            created_by_crm_id=_str(self._get(r, self.field("created_by_crm_id", "creatorResourceID"))),
             modified_at=parse_datetime(r.get("lastActivity")),
         )
+
+    def _resolve(self, stage: str | None, crm_status: str | None, status_key: str | None) -> Status:
+        """`resolve_status`, plus `open_statuses` naming a status by its value ("0"), as the set queries do."""
+        status = self.resolve_status(stage, crm_status, self._status_flags(status_key))
+        opens, categories = self.conn.open_statuses, self.conn.stage_categories
+        if (status != "open" and opens is not None and status_key in opens
+                and stage not in categories and crm_status not in categories):
+            return "open"
+        return status
+
+    def _value(self, r: dict[str, Any], name: str) -> str | None:
+        """A field's value as text users see: a picklist value becomes its label."""
+        value = self._get(r, name)
+        if not name.startswith("udf:") and self._picklist(name):
+            return clean_text(self._label(name, value))
+        return clean_text(value) if value not in (None, "") else None
 
     @staticmethod
     def _get(r: dict[str, Any], name: str) -> Any:
@@ -299,9 +537,8 @@ class AutotaskConnector(CrmConnector):
         if not c:
             return None
         country = (self._countries or {}).get(int(c["countryID"])) if c.get("countryID") else None
-        region = " ".join(x for x in (c.get("state"), c.get("postalCode")) if x)
-        parts = [c.get("address1"), c.get("address2"), c.get("city"), region or None, country]
-        return clean_text(", ".join(str(p) for p in parts if p)) or None
+        return clean_text(format_address(c.get("address1"), c.get("address2"), c.get("city"), c.get("state"),
+                                         c.get("postalCode"), country))
 
 
 def _person(r: dict[str, Any]) -> str | None:

@@ -207,6 +207,10 @@ def _configured_fields(conn: Any) -> list[tuple[str, str]]:
     return out
 
 
+class _Spent(Exception):
+    """Carries a QuotaExhausted through `optional` (which would take its 403 for a refused read)."""
+
+
 # -- the connector ---------------------------------------------------------------------------------------------
 
 class SalesforceConnector(CrmConnector):
@@ -380,9 +384,18 @@ class SalesforceConnector(CrmConnector):
 
     def _optional(self, name: str, call: Any, fallback: T, *, fallback_text: str) -> T:
         """`optional`, plus Salesforce's answer for an object the API user may not read: SOQL and describe say
-        the object does not exist (400 INVALID_TYPE) rather than 403."""
+        the object does not exist (400 INVALID_TYPE) rather than 403. A spent allocation (403
+        REQUEST_LIMIT_EXCEEDED) is not a refusal: it stops the run as it would on any other read."""
+        def guarded() -> T:
+            try:
+                return call()
+            except QuotaExhausted as err:
+                raise _Spent(err) from None
+
         try:
-            return self.optional(name, call, fallback, fallback_text=fallback_text)
+            return self.optional(name, guarded, fallback, fallback_text=fallback_text)
+        except _Spent as spent:
+            raise spent.args[0] from None
         except CrmError as err:
             if err.status != 400 or err.code != "INVALID_TYPE":
                 raise

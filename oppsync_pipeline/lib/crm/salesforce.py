@@ -104,7 +104,8 @@ class SalesforceAuth(Auth):
     def refresh(self, session: requests.Session) -> None:
         self._token = None
         try:
-            # Counted with the run's requests (token_request): Salesforce counts logins too.
+            # Counted in the run's api_requests and token_requests (token_request): every request sent counts,
+            # although the org's daily allocation (Sforce-Limit-Info) counts REST calls only.
             resp = self.token_request(session, "POST", self.token_url,
                                       data={"grant_type": "client_credentials", "client_id": self._client_id,
                                             "client_secret": self._client_secret},

@@ -51,9 +51,10 @@ def test_discover_reports_what_will_be_read():
     with served("no_optional_rights") as srv:
         refused = {c.name: c for c in connect(srv.url).discover() if not c.available}
     assert set(refused) == {"API limits (/limits)", "org currency (Organization.DefaultCurrencyIsoCode)",
-                            "stage dictionary (OpportunityStage)"}
+                            "stage dictionary (OpportunityStage)", "CurrencyIsoCode"}
     assert "INVALID_TYPE" in refused["stage dictionary (OpportunityStage)"].detail
-    assert caps["Opportunity describe"].available
+    assert caps["Opportunity describe"].available and "custom fields: none" in caps["Opportunity describe"].detail
+    assert not caps["CurrencyIsoCode"].available and "single-currency" in caps["CurrencyIsoCode"].detail
     assert caps["org currency (Organization.DefaultCurrencyIsoCode)"].available
     assert caps["stage dictionary (OpportunityStage)"].available and caps["API limits (/limits)"].available
     assert caps["opportunities (open set)"].available and caps["opportunities (not-open set)"].available
@@ -94,7 +95,7 @@ def test_no_optional_rights_syncs_with_warnings_and_fallbacks():
         assert c.stats.quota_limit == sfsim.DEFAULT_DAILY_LIMIT
         assert {k for k, v in c.capabilities.items() if not v.available} == {
             "API limits (/limits)", "org currency (Organization.DefaultCurrencyIsoCode)",
-            "stage dictionary (OpportunityStage)", "users (User query)"}
+            "stage dictionary (OpportunityStage)", "users (User query)", "CurrencyIsoCode"}
 
 
 def test_no_optional_rights_with_configured_currency_and_open_statuses():

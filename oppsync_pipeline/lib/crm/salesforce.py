@@ -297,7 +297,9 @@ class SalesforceConnector(CrmConnector):
         configured fields checked against it, the currency model, and the org's API allocation (optional)."""
         self._parents = {}
         self._fields = self.describe("Opportunity")
-        self.note("Opportunity describe", True, f"{len(self._fields)} fields visible to the API user")
+        custom = sorted(str(f["name"]) for f in self._fields.values() if str(f["name"]).endswith("__c"))
+        self.note("Opportunity describe", True, f"{len(self._fields)} fields visible to the API user; custom "
+                                                f"fields: {', '.join(custom) if custom else 'none'}")
         self._check_configured_fields()
         self._discover_currency()
         self._optional("API limits (/limits)", self._read_limits, None,
@@ -358,6 +360,10 @@ class SalesforceConnector(CrmConnector):
                            "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
                            code="INVALID_FIELD", permanent=True)
         self._multi_currency = present if override is None else bool(override)
+        self.note("CurrencyIsoCode", self._multi_currency,
+                  ("read: multi-currency org" if self._multi_currency else
+                   "not read: options.multi_currency is false" if present else
+                   "not read: single-currency org (Opportunity describe has no CurrencyIsoCode)"))
         if self._multi_currency:
             self.note("currency", True, "multi-currency org: each opportunity's CurrencyIsoCode")
             return

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
-from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS
+from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaExhausted
-from oppsync_pipeline.lib.crm.salesforce import SalesforceConnector
+from oppsync_pipeline.lib.crm.salesforce import SalesforceConnector, fix_for
 from oppsync_pipeline.lib.sync import ExtractFailed, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import salesforce as sfsim
@@ -315,3 +314,23 @@ def test_multi_line_billing_street_becomes_one_canonical_address():
         austin = next(r for r in got.values() if r.raw.get("Account") and r.raw["Account"].get("BillingState"))
         acc = austin.raw["Account"]
         assert f", {acc['BillingState']}, {acc['BillingPostalCode']}, " in austin.service_location
+
+
+def test_an_unknown_api_version_fails_at_once_naming_the_option():
+    with served("default", n=20) as srv:
+        c = connect(srv.url, options={"api_version": "30.0"})
+        with pytest.raises(CrmError) as err:
+            c.prepare()
+        assert err.value.status == 404 and err.value.permanent and "options.api_version" in str(err.value)
+        assert c.stats.retries == 0
+
+
+def test_fix_hints_name_what_to_check():
+    conn = connect("https://example.my.salesforce.com", fields={"created_at": "Original_Created_Date__c"}).conn
+    assert "fields.created_at" in fix_for("INVALID_FIELD", "No such column 'Original_Created_Date__c' on entity "
+                                                           "'Opportunity'", conn)
+    assert "options.multi_currency" in fix_for("INVALID_FIELD", "No such column 'CurrencyIsoCode' on entity", conn)
+    assert "filters:" in fix_for("MALFORMED_QUERY", "unexpected token", conn)
+    assert "Read on the object" in fix_for("INVALID_TYPE", "sObject type 'User' is not supported.", conn)
+    assert "API Enabled" in fix_for("API_DISABLED_FOR_ORG", "The REST API is not enabled", conn)
+    assert fix_for("UNKNOWN_EXCEPTION", "x", conn) is None

@@ -77,6 +77,8 @@ ORG_ID = sf_id("00D", 1, pod="5g")
 # -- the tenant --------------------------------------------------------------------------------------------------
 
 # Standard OpportunityStage picklist plus one tenant-custom open stage (with an apostrophe: escaping matters).
+# The key is the value's ApiName, which is what Opportunity.StageName holds; the label is OpportunityStage's
+# MasterLabel, what users see. In the default org they are equal (values created with their label as API name).
 STAGES = [
     SimStage("Prospecting", "Prospecting", False, False, 10, 1),
     SimStage("Qualification", "Qualification", False, False, 10, 2),
@@ -90,26 +92,56 @@ STAGES = [
     SimStage("Closed Won", "Closed Won", True, True, 100, 10),
     SimStage("Closed Lost", "Closed Lost", True, False, 0, 11),
 ]
+# Variant `stage_api_names`: an admin relabelled stages after creation; the ApiName (and so the value records
+# carry in StageName) kept the old text, users see the new MasterLabel.
+RELABELLED = {"Prospecting": "Discovery", "Id. Decision Makers": "Identify Decision Makers",
+              "Negotiation/Review": "Negotiation", "Closed Won": "Won - Signed", "Closed Lost": "Lost"}
 FORECAST = {"Prospecting": "Pipeline", "Qualification": "Pipeline", "Needs Analysis": "Pipeline",
             "Value Proposition": "Pipeline", "Id. Decision Makers": "Pipeline", "Perception Analysis": "Pipeline",
-            "Proposal/Price Quote": "Pipeline", "Negotiation/Review": "Pipeline",
+            "Proposal/Price Quote": "Best Case", "Negotiation/Review": "Best Case",
             "Customer's Legal Review": "Commit", "Closed Won": "Closed", "Closed Lost": "Omitted"}
+# Variant `custom_fields` (seed 002): migrated records carry their original creation date and creator.
 CUSTOM_FIELDS = {"Original_Created_Date__c": "datetime", "Original_Creator__c": "id", "Region__c": "string",
-                 "Legacy_Id__c": "string"}
+                 "Legacy_Id__c": "string", "Partner_Account__c": "id"}
+CUSTOM_REFERENCES = {"Original_Creator__c": ("User", "Original_Creator__r"),
+                     "Partner_Account__c": ("Account", "Partner_Account__r")}
+ORG_CURRENCY = "USD"   # the corporate currency (Organization.DefaultCurrencyIsoCode)
+
+VARIANTS: dict[str, str] = {
+    "default": "single-currency org (the Salesforce default: Opportunity has no CurrencyIsoCode, the currency is "
+               "Organization.DefaultCurrencyIsoCode), no custom fields, stage API names equal to their labels, "
+               "an API user with every optional right",
+    "multi_currency": "multi-currency org: Opportunity.CurrencyIsoCode exists and each record has its own",
+    "custom_fields": "custom fields on Opportunity: Original_Created_Date__c (datetime), Original_Creator__c "
+                     "(User lookup), Partner_Account__c (Account lookup), Region__c, Legacy_Id__c",
+    "stage_api_names": "stages relabelled after creation: StageName carries the ApiName, users see the "
+                       "OpportunityStage MasterLabel, which differs",
+    "no_optional_rights": "API user without 'View Setup and Configuration' (/limits: 403 INSUFFICIENT_ACCESS) and "
+                          "without access to OpportunityStage, Organization and User (SOQL and describe: "
+                          "400 INVALID_TYPE, the object is not visible to the user)",
+}
+# What the API user of `no_optional_rights` cannot see.
+REFUSED_OBJECTS = ("opportunitystage", "organization", "user")
 
 
-def profile() -> TenantProfile:
+def profile(variant: str = "default") -> TenantProfile:
+    relabel = RELABELLED if variant == "stage_api_names" else {}
     return TenantProfile(
-        crm=CRM, stages=[SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order) for s in STAGES],
+        crm=CRM, stages=[SimStage(s.key, relabel.get(s.key, s.label), s.is_closed, s.is_won, s.probability, s.order)
+                         for s in STAGES],
         opportunity_id=lambda i: sf_id("006", i), user_id=lambda i: sf_id("005", i + 1),
         account_id=lambda i: sf_id("001", i + 1), currencies=("USD", "EUR", "GBP"), users=25,
     )
 
 
 def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          *, daily_limit: int = DEFAULT_DAILY_LIMIT, multi_currency: bool = True) -> SalesforceSimulator:
-    world = World(profile(), seed, opportunities, clock=clock)
-    # Tenant custom fields (seed 002): migrated records carry their original creation date and creator.
+          *, daily_limit: int = DEFAULT_DAILY_LIMIT, multi_currency: bool | None = None,
+          variant: str = "default") -> SalesforceSimulator:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown salesforce sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
+    world = World(profile(variant), seed, opportunities, clock=clock)
+    # Custom field values are drawn in every variant (the same rng stream, so every variant is the same tenant);
+    # only `custom_fields` has the fields in its schema.
     rng = world.rng
     for opp in world.opps.values():
         if rng.random() < 0.3:
@@ -118,7 +150,53 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
                 "Original_Creator__c": world.users[rng.randrange(len(world.users))].native_id,
                 "Legacy_Id__c": f"LEG-{opp.seq:06d}",
             }
-    return SalesforceSimulator(world, faults, daily_limit=daily_limit, multi_currency=multi_currency)
+    # Account.BillingStreet is a multi-line textarea: some streets carry a second (and third) line.
+    for acc in world.accounts:
+        if acc.street and acc.idx % 3 == 0:
+            sep = "\r\n" if acc.idx % 2 else "\n"
+            acc.street = f"{acc.street}{sep}Suite {100 + acc.idx}" + ("\nBuilding B" if acc.idx % 9 == 0 else "")
+    if multi_currency is None:
+        multi_currency = variant == "multi_currency"
+    return SalesforceSimulator(world, faults, daily_limit=daily_limit, multi_currency=multi_currency,
+                               custom_fields=variant == "custom_fields",
+                               optional_rights=variant != "no_optional_rights", variant=variant)
+
+
+def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
+    """The live opportunities as a Salesforce user (the API user of the variant) sees them, from the simulator's
+    own data. Where the API user cannot read something (no_optional_rights: the stage dictionary, the org's
+    currency), the value is what that user can read: StageName itself, no currency."""
+    w = sim.world
+    out: dict[str, dict[str, Any]] = {}
+    with w.lock:
+        for o in w.live():
+            acc = w.accounts[o.account] if o.account is not None else None
+            st = w.stages[o.stage]
+            if sim.multi_currency:
+                currency: str | None = o.currency
+            else:
+                currency = ORG_CURRENCY if sim.optional_rights else None
+            out[o.native_id] = {
+                "project_name": o.name, "client_name": acc.name if acc else None,
+                "service_location": _address_as_seen(acc), "owner_crm_id": w.users[o.owner].native_id,
+                "created_by_crm_id": w.users[o.creator].native_id,
+                "stage": st.label if sim.optional_rights else st.key, "stage_id": st.key,
+                "crm_status": FORECAST.get(st.key, "Pipeline"), "status": w.status(o), "amount": o.amount,
+                "currency": currency, "close_date": o.close_date, "created_at": o.created_at,
+            }
+    return out
+
+
+def _address_as_seen(acc: Any) -> str | None:
+    """Billing address as one line: every street line, city, state, postal code, country, ", "-joined."""
+    if acc is None:
+        return None
+    parts: list[str] = []
+    for part in (acc.street, acc.city, acc.state, acc.postal_code, acc.country):
+        for line in str(part or "").splitlines():
+            if line.strip():
+                parts.append(line.strip())
+    return ", ".join(parts) or None
 
 
 # -- formats -----------------------------------------------------------------------------------------------------
@@ -163,6 +241,9 @@ class FieldDef:
     type: str                       # id | string | picklist | number | currency | percent | date | datetime | boolean
     get: Callable[[Any], Any]
     updatable: bool = False
+    reference_to: tuple[str, ...] = ()    # lookups: the sObject(s) the id refers to (describe `referenceTo`)
+    relationship: str | None = None        # lookups: the relationship name (`Owner`, `Original_Creator__r`)
+    textarea: bool = False                 # long text (describe type `textarea`)
 
 
 @dataclass
@@ -182,8 +263,26 @@ class SObject:
     row: Callable[[Any], Any]           # key -> row
     url_id: Callable[[Any], str]
 
-    def add(self, name: str, ftype: str, get: Callable[[Any], Any], updatable: bool = False) -> None:
-        self.fields[name.lower()] = FieldDef(name, ftype, get, updatable)
+    def add(self, name: str, ftype: str, get: Callable[[Any], Any], updatable: bool = False, **kw: Any) -> None:
+        self.fields[name.lower()] = FieldDef(name, ftype, get, updatable, **kw)
+
+    def describe(self) -> dict[str, Any]:
+        """`GET /sobjects/{name}/describe`: the object's own fields (what this API user can see), with their
+        types, lookups' referenceTo / relationshipName, and custom flags."""
+        fields = []
+        for fd in self.fields.values():
+            if "." in fd.name:
+                continue
+            ftype = {"number": "double"}.get(fd.type, fd.type)
+            if fd.reference_to:
+                ftype = "reference"
+            elif fd.textarea:
+                ftype = "textarea"
+            fields.append({"name": fd.name, "label": fd.name.removesuffix("__c").replace("_", " "), "type": ftype,
+                           "custom": fd.name.endswith("__c"), "nillable": fd.name != "Id",
+                           "referenceTo": list(fd.reference_to), "relationshipName": fd.relationship,
+                           "updateable": fd.updatable, "filterable": True, "sortable": True})
+        return {"name": self.name, "label": self.name, "custom": False, "queryable": True, "fields": fields}
 
 
 # -- SOQL ----------------------------------------------------------------------------------------------------------
@@ -555,11 +654,15 @@ class SalesforceSimulator(Simulator):
     unfaulted = re.compile(r"^/__sandbox/|^/services/oauth2/")
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
-                 multi_currency: bool = True):
+                 multi_currency: bool = False, custom_fields: bool = False, optional_rights: bool = True,
+                 variant: str = "default"):
         super().__init__(world, faults)
         self.daily_limit = daily_limit
         self.api_usage = 0
         self.multi_currency = multi_currency
+        self.custom_fields = custom_fields
+        self.optional_rights = optional_rights   # False: View Setup, OpportunityStage, Organization, User refused
+        self.variant = variant
         self.tokens: set[str] = set()
         self.cursors: OrderedDict[str, _Cursor] = OrderedDict()
         self.cache = QueryCache()
@@ -574,6 +677,7 @@ class SalesforceSimulator(Simulator):
         self._api("GET", v + r"/limits/?", self._limits)
         self._api("GET", v + r"/(?P<endpoint>query|queryAll)/?", self._query)
         self._api("GET", v + r"/(?P<endpoint>query|queryAll)/(?P<locator>[A-Za-z0-9]+-\d+)/?", self._query_more)
+        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/describe/?", self._describe)
         self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/deleted/?", self._get_deleted)
         self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/updated/?", self._get_updated)
         self._api("POST", v + r"/sobjects/(?P<sobject>\w+)/?", self._create)
@@ -657,6 +761,9 @@ class SalesforceSimulator(Simulator):
         return Response.json({k: f"{base}/{k}" for k in ("limits", "query", "queryAll", "sobjects")})
 
     def _limits(self, req: Request) -> Response:
+        if not self.optional_rights:
+            raise HttpError(403, "INSUFFICIENT_ACCESS", "You don't have permission to view this org's limits: the "
+                            "View Setup and Configuration permission is required")
         return Response.json({"DailyApiRequests": {"Max": self.daily_limit,
                                                    "Remaining": max(0, self.daily_limit - self.api_usage)}})
 
@@ -667,7 +774,7 @@ class SalesforceSimulator(Simulator):
         if not soql:
             raise HttpError(400, "MALFORMED_QUERY", "A query string has to be specified")
         include_deleted = req.params["endpoint"] == "queryAll"
-        query = SoqlParser(soql, self.schemas).parse()
+        query = SoqlParser(soql, self.visible_schemas()).parse()
         with self.world.lock:
             # queryAll's answer also moves with time (the Recycle Bin is purged after 15 days)
             minute = truncate(self.world.clock.now(), timedelta(minutes=1)) if include_deleted else None
@@ -745,6 +852,22 @@ class SalesforceSimulator(Simulator):
                 rec[fd.name] = _json_value(fd.type, fd.get(row))
         return rec
 
+    def visible_schemas(self) -> dict[str, SObject]:
+        """The sObjects this API user can see: an object without read access is, to SOQL and describe, an object
+        that does not exist (400 INVALID_TYPE)."""
+        if self.optional_rights:
+            return self.schemas
+        return {k: v for k, v in self.schemas.items() if k not in REFUSED_OBJECTS}
+
+    def _describe(self, req: Request) -> Response:
+        name = req.params["sobject"]
+        sobject = self.visible_schemas().get(name.lower())
+        if sobject is None and name.lower() in self.schemas:
+            raise HttpError(400, "INVALID_TYPE", f"sObject type '{name}' is not supported.")
+        if sobject is None:
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+        return Response.json(sobject.describe())
+
     # -- schemas --------------------------------------------------------------------------------------------------
 
     def _schemas(self) -> dict[str, SObject]:
@@ -765,8 +888,10 @@ class SalesforceSimulator(Simulator):
                       key=lambda o: o.native_id, row=lambda k: w.opps[k], url_id=lambda o: o.native_id)
         opp.add("Id", "id", lambda o: o.native_id)
         opp.add("Name", "string", lambda o: o.name, True)
-        opp.add("AccountId", "id", lambda o: accounts[o.account].native_id if o.account is not None else None, True)
-        opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True)
+        opp.add("AccountId", "id", lambda o: accounts[o.account].native_id if o.account is not None else None, True,
+                reference_to=("Account",), relationship="Account")
+        opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True, reference_to=("User",),
+                relationship="Owner")
         opp.add("Amount", "currency", lambda o: o.amount, True)
         opp.add("StageName", "picklist", lambda o: o.stage, True)
         opp.add("ForecastCategoryName", "picklist", lambda o: FORECAST.get(o.stage, "Pipeline"))
@@ -778,18 +903,23 @@ class SalesforceSimulator(Simulator):
         opp.add("IsWon", "boolean", lambda o: stages[o.stage].is_won)
         opp.add("Type", "picklist", lambda o: (o.extra or {}).get("Type"), True)
         opp.add("LeadSource", "picklist", lambda o: (o.extra or {}).get("LeadSource"), True)
-        opp.add("Description", "string", lambda o: (o.extra or {}).get("Description"), True)
+        opp.add("Description", "string", lambda o: (o.extra or {}).get("Description"), True, textarea=True)
         opp.add("NextStep", "string", lambda o: (o.extra or {}).get("NextStep"), True)
         opp.add("CreatedDate", "datetime", lambda o: o.created_at)
-        opp.add("CreatedById", "id", lambda o: users[o.creator].native_id)
+        opp.add("CreatedById", "id", lambda o: users[o.creator].native_id, reference_to=("User",),
+                relationship="CreatedBy")
         opp.add("LastModifiedDate", "datetime", modstamp)
-        opp.add("LastModifiedById", "id", lambda o: users[o.owner].native_id)
+        opp.add("LastModifiedById", "id", lambda o: users[o.owner].native_id, reference_to=("User",),
+                relationship="LastModifiedBy")
         opp.add("SystemModstamp", "datetime", modstamp)
         opp.add("IsDeleted", "boolean", lambda o: o.deleted_at is not None)
         if self.multi_currency:
             opp.add("CurrencyIsoCode", "picklist", lambda o: o.currency, True)
-        for name, ftype in CUSTOM_FIELDS.items():
-            opp.add(name, ftype, (lambda n: lambda o: (o.extra or {}).get(n))(name), True)
+        if self.custom_fields:
+            for name, ftype in CUSTOM_FIELDS.items():
+                ref, rel = CUSTOM_REFERENCES.get(name, (None, None))
+                opp.add(name, ftype, (lambda n: lambda o: (o.extra or {}).get(n))(name), True,
+                        reference_to=(ref,) if ref else (), relationship=rel)
         account_fields = {"Id": ("id", lambda a: a.native_id), "Name": ("string", lambda a: a.name),
                           "BillingStreet": ("string", lambda a: a.street), "BillingCity": ("string", lambda a: a.city),
                           "BillingState": ("string", lambda a: a.state),
@@ -824,7 +954,7 @@ class SalesforceSimulator(Simulator):
         account = SObject("Account", {}, {}, lambda deleted: list(accounts), key=lambda a: a.idx,
                           row=lambda k: accounts[k], url_id=lambda a: a.native_id)
         for leaf, (ftype, get) in account_fields.items():
-            account.add(leaf, ftype, get)
+            account.add(leaf, ftype, get, textarea=leaf == "BillingStreet")
 
         stage_rows = sorted(stages.values(), key=lambda s: s.order)
         stage_id = {s.key: sf_id("01J", s.order) for s in stage_rows}
@@ -841,7 +971,14 @@ class SalesforceSimulator(Simulator):
         stage.add("ForecastCategoryName", "picklist", lambda s: FORECAST.get(s.key, "Pipeline"))
         stage.add("SortOrder", "number", lambda s: s.order)
         stage.add("Description", "string", lambda s: None)
-        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage}
+        org = SObject("Organization", {}, {}, lambda deleted: [ORG_ID], key=lambda k: k, row=lambda k: k,
+                      url_id=lambda k: k)
+        org.add("Id", "id", lambda k: k)
+        org.add("Name", "string", lambda k: "oppsync sandbox org")
+        org.add("DefaultCurrencyIsoCode", "picklist", lambda k: ORG_CURRENCY)
+        org.add("OrganizationType", "picklist", lambda k: "Enterprise Edition")
+        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage,
+                "organization": org}
 
     # -- getDeleted / getUpdated ------------------------------------------------------------------------------------
 

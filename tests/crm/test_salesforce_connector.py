@@ -61,25 +61,18 @@ def sync(connector, since=None):
     return out, pages
 
 
-def expected_location(world, opp):
-    if opp.account is None:
-        return None
-    a = world.accounts[opp.account]
-    return billing_address({"BillingStreet": a.street, "BillingCity": a.city, "BillingState": a.state,
-                            "BillingPostalCode": a.postal_code, "BillingCountry": a.country})
-
-
-def assert_matches_world(world, got: dict, expected_ids) -> None:
+def assert_matches_world(sim, got: dict, expected_ids) -> None:
+    """Field by field against the tenant as its users see it (sfsim.truth), plus what truth does not cover."""
+    world, truth = sim.world, sfsim.truth(sim)
     assert set(got) == set(expected_ids)
     for oid in expected_ids:
         o, r = world.opps[oid], got[oid]
-        acc = world.accounts[o.account] if o.account is not None else None
-        assert (r.project_name, r.client_name, r.service_location) == (
-            o.name, acc.name if acc else None, expected_location(world, o))
+        for f, value in truth[oid].items():
+            assert getattr(r, f) == value, (oid, f)
         assert r.sales_executive == world.users[o.owner].name
         assert r.owner_crm_id == world.users[o.owner].native_id
-        assert r.stage == o.stage and r.status == world.status(o)
-        assert r.amount == o.amount and r.currency == o.currency and r.close_date == o.close_date
+        assert r.stage == world.stages[o.stage].label and r.stage_id == o.stage and r.status == world.status(o)
+        assert r.crm_status == sfsim.FORECAST[o.stage]
         assert r.probability == o.probability
         assert r.created_at == o.created_at and r.created_by_crm_id == world.users[o.creator].native_id
         assert r.modified_at == o.modified_at
@@ -97,12 +90,16 @@ def test_full_sync_equals_world_field_by_field(sandbox):
     assert stages["Closed Lost"].category == "lost" and stages["Customer's Legal Review"].category == "open"
     got, pages = sync(c)
     live = [o.native_id for o in w.live()]
-    assert_matches_world(w, got, live)
+    assert_matches_world(sandbox.simulator, got, live)
     assert sum(1 for s, _ in pages if s) > 1 and sum(1 for s, _ in pages if not s) > 1   # paged in both sets
     assert max(n for _, n in pages) <= PAGE
     assert {o.status for o in got.values()} == {"open", "won", "lost"}
-    assert c.stats.requests == 1 + len(pages) and c.stats.retries == 0
-    assert c.stats.quota_limit == sfsim.DEFAULT_DAILY_LIMIT and c.stats.quota_used == c.stats.requests
+    # token, describe, limits, org currency, stage dictionary, then the pages
+    assert c.stats.requests == 5 + len(pages) and c.stats.retries == 0 and c.stats.token_requests == 1
+    assert c.stats.warnings == [] and {o.currency for o in got.values()} == {sfsim.ORG_CURRENCY}
+    # the org's allocation counts REST calls; the token request is ours to count (api_requests includes it)
+    assert c.stats.quota_limit == sfsim.DEFAULT_DAILY_LIMIT
+    assert c.stats.quota_used == c.stats.requests - c.stats.token_requests
 
 
 def test_incremental_after_activity_returns_every_change(sandbox):
@@ -117,7 +114,7 @@ def test_incremental_after_activity_returns_every_change(sandbox):
     expected = [o.native_id for o in w.live() if o.modified_at >= since]
     changed = {o.native_id for o in w.live() if o.modified_at >= t0}
     assert changed and changed <= set(got)
-    assert_matches_world(w, got, expected)
+    assert_matches_world(sandbox.simulator, got, expected)
     ties = Counter(o.modified_at for o in got.values() if o.modified_at >= t0)
     assert max(ties.values()) >= 3                 # the burst shares one timestamp: all of it came back
     # the cursor is inclusive: asking from the burst's own second still returns the whole burst
@@ -221,11 +218,14 @@ def test_validate_connection_knows_salesforce_fields():
 
 # -- custom fields (seed 002) -------------------------------------------------------------------------------------------
 
-def test_created_fields_from_custom_fields(sandbox):
-    w = sandbox.simulator.world
-    c = connect(sandbox.url, fields={"created_at": "Original_Created_Date__c",
+def test_created_fields_from_custom_fields():
+    sim = sfsim.build(seed=5, opportunities=400, variant="custom_fields")
+    w = sim.world
+    with SandboxServer(sim) as srv:
+        c = connect(srv.url, fields={"created_at": "Original_Created_Date__c",
                                      "created_by_crm_id": "Original_Creator__c"})
-    got, _ = sync(c)
+        got, _ = sync(c)
+        assert c.capabilities["fields.created_by_crm_id"].detail == "Original_Creator__c (reference)"
     with_custom = 0
     for oid, r in got.items():
         extra = w.opps[oid].extra or {}
@@ -320,7 +320,8 @@ def test_deleted_uses_the_delete_log_inside_15_days(sandbox):
     rows = [r for page in fresh.deleted(t0) for r in page]
     assert sorted(i for i, _ in rows) == sorted(victims)
     assert all(at is not None and at >= t0 for _, at in rows)
-    assert fresh.stats.requests <= 3                 # one getDeleted (plus token-less clock read)
+    # token, describe (its Date header is the server's clock), limits, org currency, one getDeleted
+    assert fresh.stats.requests <= 5 and fresh.stats.token_requests == 1
 
 
 def test_deleted_falls_back_to_query_all_beyond_15_days(sandbox):
@@ -343,14 +344,37 @@ def test_deleted_falls_back_to_query_all_beyond_15_days(sandbox):
     assert purged not in {i for i, _ in rows_all}
 
 
-def test_tenant_without_multi_currency():
-    sim = sfsim.build(seed=5, opportunities=300, multi_currency=False)
+def test_single_currency_org_is_the_default_and_needs_no_option():
+    """Salesforce's default org has no CurrencyIsoCode: the connector learns it from describe, never names the
+    field, and takes the org's currency (options.currency overrides)."""
+    sim = sfsim.build(seed=5, opportunities=300)
     with SandboxServer(sim) as srv:
+        c = connect(srv.url)
+        got, _ = sync(c)
+        assert "CurrencyIsoCode" not in c.opportunity_soql(True, None)
+        assert len(got) == 300 and {o.currency for o in got.values()} == {sfsim.ORG_CURRENCY}
+        assert c.capabilities["org currency (Organization.DefaultCurrencyIsoCode)"].available is True
+        got, _ = sync(connect(srv.url, options={"currency": "EUR"}))
+        assert {o.currency for o in got.values()} == {"EUR"}
+        # forcing multi-currency on a single-currency org: a permanent error naming the option, before any query
+        forced = connect(srv.url, options={"multi_currency": True})
         with pytest.raises(CrmError) as err:
-            sync(connect(srv.url))
-        assert err.value.code == "INVALID_FIELD"
-        got, _ = sync(connect(srv.url, options={"multi_currency": False, "currency": "EUR"}))
-        assert len(got) == 300 and {o.currency for o in got.values()} == {"EUR"}
+            sync(forced)
+        assert err.value.permanent and "options.multi_currency" in str(err.value)
+        assert forced.stats.requests == 2   # token and describe
+
+
+def test_multi_currency_org_reads_each_records_currency():
+    sim = sfsim.build(seed=5, opportunities=300, variant="multi_currency")
+    with SandboxServer(sim) as srv:
+        c = connect(srv.url)
+        got, _ = sync(c)
+        assert "CurrencyIsoCode" in c.opportunity_soql(True, None)
+        assert {o.currency for o in got.values()} == {"USD", "EUR", "GBP"}
+        for oid, r in got.items():
+            assert r.currency == sim.world.opps[oid].currency
+        got, _ = sync(connect(srv.url, options={"multi_currency": False, "currency": "CHF"}))
+        assert {o.currency for o in got.values()} == {"CHF"}
 
 
 # -- pure pieces ---------------------------------------------------------------------------------------------------------
@@ -374,7 +398,7 @@ def test_usage_header_parsing_and_classification():
                                      "errorCode": "REQUEST_LIMIT_EXCEEDED"}]))
     assert isinstance(busy, RetryableHttpError)
     bad = classify(_response(400, [{"message": "No such column", "errorCode": "INVALID_FIELD"}]))
-    assert isinstance(bad, CrmError) and bad.code == "INVALID_FIELD"
+    assert isinstance(bad, CrmError) and bad.code == "INVALID_FIELD" and bad.permanent
     assert classify(_response(503, [{"message": "busy", "errorCode": "SERVER_UNAVAILABLE"}])) is None
     assert classify(_response(401, [{"message": "x", "errorCode": "INVALID_SESSION_ID"}])) is None
 

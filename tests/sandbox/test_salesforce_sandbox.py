@@ -138,7 +138,7 @@ def test_batch_size_is_clamped_to_200_2000(server):
 def test_record_shape_relationships_and_formats(sf, server):
     w = server.simulator.world
     soql = ("SELECT Id, Name, AccountId, Account.Name, Account.BillingCity, OwnerId, Owner.Name, Owner.Email, "
-            "CreatedBy.Name, Amount, CurrencyIsoCode, StageName, Probability, CloseDate, IsClosed, IsWon, "
+            "CreatedBy.Name, Amount, StageName, Probability, CloseDate, IsClosed, IsWon, "
             "CreatedDate, CreatedById, SystemModstamp FROM Opportunity")
     records = sf.query_all(soql)["records"]
     with_account = next(r for r in records if r["AccountId"])
@@ -241,7 +241,7 @@ def test_stages_and_users(sf, server):
 # -- writes -------------------------------------------------------------------------------------------------------
 
 def test_create_update_get_delete_and_query_all_sees_deleted():
-    sim = sfsim.build(seed=11, opportunities=300)
+    sim = sfsim.build(seed=11, opportunities=300, variant="custom_fields")
     with SandboxServer(sim) as srv:
         tok = token(srv.url)
         sf = Salesforce(instance_url=srv.url, session_id=tok["access_token"], version=V, session=_session())
@@ -370,3 +370,77 @@ def test_large_world_builds_and_answers_quickly():
         assert r.status_code == 200 and r.json()["totalSize"] > 50_000
         nxt = requests.get(srv.url + r.json()["nextRecordsUrl"], headers=h)
         assert len(nxt.json()["records"]) == 2000
+
+
+# -- tenant variants -----------------------------------------------------------------------------------------------
+
+def _get(url: str, path: str, **params) -> requests.Response:
+    return requests.get(f"{url}/services/data/v{V}{path}", params=params, headers=auth_headers(url))
+
+
+def test_variants_are_listed_and_default_is_single_currency():
+    assert {"default", "no_optional_rights", "multi_currency", "custom_fields", "stage_api_names"} <= set(
+        sfsim.VARIANTS)
+    with pytest.raises(ValueError):
+        sfsim.build(seed=1, opportunities=10, variant="nope")
+    with SandboxServer(sfsim.build(seed=1, opportunities=50)) as srv:
+        fields = {f["name"]: f for f in _get(srv.url, "/sobjects/Opportunity/describe").json()["fields"]}
+        assert "CurrencyIsoCode" not in fields and not any(n.endswith("__c") for n in fields)
+        assert fields["OwnerId"]["type"] == "reference" and fields["OwnerId"]["referenceTo"] == ["User"]
+        assert fields["OwnerId"]["relationshipName"] == "Owner" and fields["Amount"]["type"] == "currency"
+        r = _get(srv.url, "/query", q="SELECT Id, CurrencyIsoCode FROM Opportunity")
+        assert r.status_code == 400 and r.json()[0]["errorCode"] == "INVALID_FIELD"
+        assert "No such column 'CurrencyIsoCode'" in r.json()[0]["message"]
+        org = _get(srv.url, "/query", q="SELECT DefaultCurrencyIsoCode FROM Organization").json()["records"]
+        assert org[0]["DefaultCurrencyIsoCode"] == sfsim.ORG_CURRENCY
+        account = {f["name"]: f for f in _get(srv.url, "/sobjects/Account/describe").json()["fields"]}
+        assert account["BillingStreet"]["type"] == "textarea"
+        streets = _get(srv.url, "/query", q="SELECT BillingStreet FROM Account").json()["records"]
+        assert any("\n" in (s["BillingStreet"] or "") for s in streets)
+        assert _get(srv.url, "/sobjects/Nope/describe").status_code == 404
+
+
+def test_multi_currency_and_custom_fields_variants():
+    with SandboxServer(sfsim.build(seed=1, opportunities=50, variant="multi_currency")) as srv:
+        fields = {f["name"] for f in _get(srv.url, "/sobjects/Opportunity/describe").json()["fields"]}
+        assert "CurrencyIsoCode" in fields
+        rows = _get(srv.url, "/query", q="SELECT CurrencyIsoCode FROM Opportunity").json()["records"]
+        assert {r["CurrencyIsoCode"] for r in rows} == {"USD", "EUR", "GBP"}
+    with SandboxServer(sfsim.build(seed=1, opportunities=50, variant="custom_fields")) as srv:
+        fields = {f["name"]: f for f in _get(srv.url, "/sobjects/Opportunity/describe").json()["fields"]}
+        creator = fields["Original_Creator__c"]
+        assert creator["type"] == "reference" and creator["referenceTo"] == ["User"] and creator["custom"]
+        assert fields["Partner_Account__c"]["referenceTo"] == ["Account"]
+        assert fields["Original_Created_Date__c"]["type"] == "datetime"
+
+
+def test_stage_api_names_variant_relabels_master_labels_only():
+    with SandboxServer(sfsim.build(seed=1, opportunities=50, variant="stage_api_names")) as srv:
+        stages = _get(srv.url, "/query", q="SELECT MasterLabel, ApiName FROM OpportunityStage").json()["records"]
+        pairs = {s["ApiName"]: s["MasterLabel"] for s in stages}
+        assert pairs["Closed Won"] == "Won - Signed" and pairs["Qualification"] == "Qualification"
+        values = {r["StageName"] for r in _get(srv.url, "/query", q="SELECT StageName FROM Opportunity").json()[
+            "records"]}
+        assert values <= set(pairs) and "Won - Signed" not in values
+
+
+def test_no_optional_rights_refuses_in_salesforce_shapes():
+    with SandboxServer(sfsim.build(seed=1, opportunities=50, variant="no_optional_rights")) as srv:
+        r = _get(srv.url, "/limits/")
+        assert r.status_code == 403 and r.json()[0]["errorCode"] == "INSUFFICIENT_ACCESS"
+        for obj in ("OpportunityStage", "Organization", "User"):
+            r = _get(srv.url, "/query", q=f"SELECT Id FROM {obj}")
+            assert r.status_code == 400 and r.json()[0]["errorCode"] == "INVALID_TYPE", obj
+            assert _get(srv.url, f"/sobjects/{obj}/describe").json()[0]["errorCode"] == "INVALID_TYPE"
+        # the opportunities (and their Owner relationship) stay readable
+        rows = _get(srv.url, "/query", q="SELECT Id, Owner.Name FROM Opportunity").json()["records"]
+        assert len(rows) == 50 and all(r["Owner"]["Name"] for r in rows)
+
+
+def test_truth_is_the_tenant_as_its_users_see_it():
+    sim = sfsim.build(seed=1, opportunities=60, variant="stage_api_names")
+    truth = sfsim.truth(sim)
+    assert set(truth) == {o.native_id for o in sim.world.live()}
+    o = next(o for o in sim.world.live() if o.stage == "Closed Won")
+    assert truth[o.native_id]["stage"] == "Won - Signed" and truth[o.native_id]["stage_id"] == "Closed Won"
+    assert truth[o.native_id]["status"] == "won" and truth[o.native_id]["currency"] == sfsim.ORG_CURRENCY

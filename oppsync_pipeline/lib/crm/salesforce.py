@@ -1,5 +1,15 @@
 """Salesforce: REST API + SOQL over the Opportunity sObject.
 
+Discovery (once per run): `GET sobjects/Opportunity/describe` says which fields this org has and this API user
+can see: `CurrencyIsoCode` only in multi-currency orgs (a single-currency org takes its currency from
+`Organization.DefaultCurrencyIsoCode`), the custom fields a connection names in `fields:` / `filters:` (they
+must exist; a `created_by_crm_id` field must be a lookup to User) and the types filter literals are rendered
+with. Optional reads, each refused with a warning and a fallback: `/limits` (quota from `Sforce-Limit-Info`),
+the Organization query (no currency), the OpportunityStage dictionary (StageName as name and id, status from
+each record's IsClosed / IsWon), the User query (no names).
+Stage model: `stage` = the stage's MasterLabel (what users see) for the StageName value the record carries,
+`stage_id` = that value (the stage's ApiName), `crm_status` = ForecastCategoryName.
+
 Auth: OAuth 2.0 client-credentials flow against `{base_url}/services/oauth2/token` (the org's My Domain host);
 a 401 INVALID_SESSION_ID mid-paging gets a new token and the same request is repeated (ApiClient).
 Paging: `GET /services/data/vNN.0/query?q=` then the relative `nextRecordsUrl` until `done`; page size through
@@ -23,7 +33,7 @@ from typing import Any
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page, T
 from oppsync_pipeline.lib.crm.http import (
     Auth,
     AuthError,
@@ -36,7 +46,9 @@ from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
     StageInfo,
+    Status,
     clean_text,
+    format_address,
     parse_date,
     parse_datetime,
     parse_float,
@@ -62,6 +74,10 @@ FIELD_TYPES: dict[str, str] = {
     "Account.BillingState": "string", "Account.BillingPostalCode": "string", "Account.BillingCountry": "string",
     "Owner.Name": "string", "Owner.Email": "string", "CreatedBy.Name": "string", "CreatedBy.Email": "string",
 }
+# Types of describe mapped to the SOQL literal kinds (anything else is a quoted string).
+_DESCRIBE_TYPES = {"double": "number", "currency": "number", "percent": "number", "int": "number", "long": "number",
+                   "date": "date", "datetime": "datetime", "boolean": "boolean"}
+_NO_COLUMN = re.compile(r"No such column '([A-Za-z0-9_]+)'|Didn't understand relationship '([A-Za-z0-9_]+)'")
 _OPS = {"equal": "=", "not_equal": "!=", "more_than": ">", "less_than": "<", "at_least": ">=", "at_most": "<="}
 
 
@@ -88,10 +104,12 @@ class SalesforceAuth(Auth):
     def refresh(self, session: requests.Session) -> None:
         self._token = None
         try:
-            resp = session.post(self.token_url, data={"grant_type": "client_credentials",
-                                                      "client_id": self._client_id,
-                                                      "client_secret": self._client_secret},
-                                headers={"Accept": "application/json"}, timeout=self.timeout)
+            # Counted in the run's api_requests and token_requests (token_request): every request sent counts,
+            # although the org's daily allocation (Sforce-Limit-Info) counts REST calls only.
+            resp = self.token_request(session, "POST", self.token_url,
+                                      data={"grant_type": "client_credentials", "client_id": self._client_id,
+                                            "client_secret": self._client_secret},
+                                      headers={"Accept": "application/json"}, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as err:
             # A connection error is worth retrying: the request that needed the token is repeated.
             raise RetryableHttpError(f"token endpoint unreachable: {type(err).__name__}") from None
@@ -152,6 +170,48 @@ def classify(response: requests.Response) -> Exception | None:
     return None
 
 
+def fix_for(code: str | None, message: str, conn: Any = None) -> str | None:
+    """What to check for a refused request, naming the config key or permission (None: nothing sharper)."""
+    if code == "INVALID_FIELD":
+        m = _NO_COLUMN.search(message)
+        name = (m.group(1) or m.group(2)) if m else None
+        if name and name.lower() == "currencyisocode":
+            return ("this org has no multi-currency (Opportunity.CurrencyIsoCode does not exist): remove "
+                    "options.multi_currency or set it to false; the currency then comes from the org's default "
+                    "or options.currency")
+        for key, native in _configured_fields(conn):
+            if name and name.lower() in [p.lower() for p in native.split(".")]:
+                return (f"check {key} ('{native}'): the field does not exist in this org or the API user has no "
+                        "field-level read access to it (Setup > Object Manager > Opportunity > Fields)")
+        return ("a field the query names is not visible to the API user: check the connection's fields: and "
+                "filters:, field-level security for the API user, and options.api_version")
+    if code == "MALFORMED_QUERY":
+        return "check the connection's filters: (field names, operators and values) and fields:"
+    if code == "INVALID_TYPE":
+        return ("the API user cannot see this object: grant it Read on the object in its profile or a permission "
+                "set (Opportunity, Account and User are required)")
+    if code in ("INSUFFICIENT_ACCESS", "INSUFFICIENT_ACCESS_OR_READONLY"):
+        return "the API user lacks a permission for this request: check its profile / permission sets"
+    if code in ("API_DISABLED_FOR_ORG", "API_CURRENTLY_DISABLED"):
+        return ("the API user needs the 'API Enabled' permission, in an edition with API access (Enterprise, "
+                "Unlimited, Performance, Developer; Professional only with the API add-on)")
+    if code == "NOT_FOUND":
+        return "check base_url (the org's My Domain URL) and options.api_version"
+    return None
+
+
+def _configured_fields(conn: Any) -> list[tuple[str, str]]:
+    if conn is None:
+        return []
+    out = [(f"fields.{k}", v) for k, v in conn.fields.items()]
+    out += [(f"filters[{i}].field", f.field) for i, f in enumerate(conn.filters)]
+    return out
+
+
+class _Spent(Exception):
+    """Carries a QuotaExhausted through `optional` (which would take its 403 for a refused read)."""
+
+
 # -- the connector ---------------------------------------------------------------------------------------------
 
 class SalesforceConnector(CrmConnector):
@@ -162,6 +222,12 @@ class SalesforceConnector(CrmConnector):
     credential_keys = ("client_id", "client_secret")
     known_fields = frozenset(FIELD_TYPES)
     _server_now: datetime | None = None   # the CRM's clock (latest `Date` header seen)
+    # learnt by discover_tenant (once per run)
+    _fields: dict[str, dict[str, Any]] | None = None       # Opportunity describe, by lower-cased field name
+    _parents: dict[str, dict[str, dict[str, Any]]] | None = None
+    _multi_currency: bool = False
+    _org_currency: str | None = None
+    _stage_by_value: dict[str, StageInfo] | None = None
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -181,7 +247,12 @@ class SalesforceConnector(CrmConnector):
             self._server_now = max(parsed)
 
     def classify(self, response: requests.Response) -> Exception | None:
-        return classify(response)
+        problem = classify(response)
+        if isinstance(problem, CrmError) and not isinstance(problem, QuotaExhausted):
+            hint = fix_for(problem.code, str(problem), self.conn)
+            if hint:
+                problem.args = (f"{problem}. Fix: {hint}",)
+        return problem
 
     # -- endpoints --------------------------------------------------------------------------------------------
 
@@ -195,7 +266,9 @@ class SalesforceConnector(CrmConnector):
 
     @property
     def multi_currency(self) -> bool:
-        return bool(self.conn.options.get("multi_currency", True))
+        """Whether opportunities carry their own currency: describe decides, options.multi_currency overrides."""
+        self.prepare()
+        return self._multi_currency
 
     def query(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
         """Pages of records for one SOQL query, following `nextRecordsUrl` to the end."""
@@ -212,9 +285,140 @@ class SalesforceConnector(CrmConnector):
                 return
             body = self.client.get_json(next_url, headers=headers)
 
+    def describe(self, sobject: str) -> dict[str, dict[str, Any]]:
+        """`sobjects/{sobject}/describe`: the fields this API user can see, by lower-cased name."""
+        body = self.client.get_json(f"{self.data_path}/sobjects/{sobject}/describe")
+        return {str(f["name"]).lower(): f for f in body.get("fields") or [] if isinstance(f, dict) and f.get("name")}
+
+    # -- discovery ----------------------------------------------------------------------------------------------
+
+    def discover_tenant(self) -> None:
+        """Opportunity describe (required: an API user that may query opportunities may describe them), the
+        configured fields checked against it, the currency model, and the org's API allocation (optional)."""
+        self._parents = {}
+        self._fields = self.describe("Opportunity")
+        custom = sorted(str(f["name"]) for f in self._fields.values() if str(f["name"]).endswith("__c"))
+        self.note("Opportunity describe", True, f"{len(self._fields)} fields visible to the API user; custom "
+                                                f"fields: {', '.join(custom) if custom else 'none'}")
+        self._check_configured_fields()
+        self._discover_currency()
+        self._optional("API limits (/limits)", self._read_limits, None,
+                       fallback_text="quota read from the Sforce-Limit-Info header of every response")
+
+    def _check_configured_fields(self) -> None:
+        for key, native in _configured_fields(self.conn):
+            info = self._field_info(native, key)
+            if key.startswith("fields.") and info is not None:
+                self.note(key, True, f"{native} ({info.get('type')})")
+        creator = self.conn.fields.get("created_by_crm_id")
+        if creator:
+            info = self._field_info(creator, "fields.created_by_crm_id")
+            refs = (info or {}).get("referenceTo") or []
+            if info is not None and (info.get("type") != "reference" or "User" not in refs):
+                what = f"a lookup to {'/'.join(refs)}" if refs else f"a {info.get('type')} field"
+                raise CrmError(f"fields.created_by_crm_id: '{creator}' is {what}, not a lookup to User; the creator "
+                               "must be a User id (CreatedById, or a custom User lookup such as "
+                               "Original_Creator__c): point fields.created_by_crm_id at one",
+                               code="INVALID_FIELD", permanent=True)
+
+    def _field_info(self, native: str, key: str) -> dict[str, Any] | None:
+        """describe of one configured field (dotted: the parent's describe for custom parent fields; standard
+        parent fields are taken as they are). A field this org does not have is a permanent error naming `key`."""
+        assert self._fields is not None and self._parents is not None
+        _checked_field(native)
+        parts = native.split(".")
+        if len(parts) == 1:
+            info = self._fields.get(native.lower())
+            if info is None:
+                raise CrmError(f"{key}: '{native}' is not a field of Opportunity in this org, or the API user has "
+                               "no field-level read access to it; check the API name in Setup > Object Manager > "
+                               f"Opportunity > Fields (custom fields end in __c) and fix {key}",
+                               code="INVALID_FIELD", permanent=True)
+            return info
+        rel = next((f for f in self._fields.values() if str(f.get("relationshipName") or "").lower()
+                    == parts[0].lower()), None)
+        if rel is None:
+            raise CrmError(f"{key}: '{native}': Opportunity has no relationship '{parts[0]}' in this org (custom "
+                           f"relationships end in __r); fix {key}", code="INVALID_FIELD", permanent=True)
+        if len(parts) != 2 or not parts[1].endswith("__c") or not rel.get("referenceTo"):
+            return None
+        parent = str(rel["referenceTo"][0])
+        if parent not in self._parents:
+            self._parents[parent] = self.describe(parent)
+        info = self._parents[parent].get(parts[1].lower())
+        if info is None:
+            raise CrmError(f"{key}: '{native}': {parent} has no field '{parts[1]}' visible to the API user; fix "
+                           f"{key}", code="INVALID_FIELD", permanent=True)
+        return info
+
+    def _discover_currency(self) -> None:
+        assert self._fields is not None
+        present = "currencyisocode" in self._fields
+        override = self.conn.options.get("multi_currency")
+        if override is not None and bool(override) and not present:
+            raise CrmError("options.multi_currency is true, but Opportunity has no CurrencyIsoCode in this org "
+                           "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
+                           code="INVALID_FIELD", permanent=True)
+        self._multi_currency = present if override is None else bool(override)
+        self.note("CurrencyIsoCode", self._multi_currency,
+                  ("read: multi-currency org" if self._multi_currency else
+                   "not read: options.multi_currency is false" if present else
+                   "not read: single-currency org (Opportunity describe has no CurrencyIsoCode)"))
+        if self._multi_currency:
+            self.note("currency", True, "multi-currency org: each opportunity's CurrencyIsoCode")
+            return
+        configured = self.conn.options.get("currency")
+        if configured:
+            self._org_currency = str(configured)
+            self.note("currency", True, f"options.currency: {configured}")
+            return
+        self._org_currency = self._optional(
+            "org currency (Organization.DefaultCurrencyIsoCode)", self._read_org_currency, None,
+            fallback_text="single-currency org: currency left empty (set options.currency to fill it)")
+
+    def _read_org_currency(self) -> str | None:
+        for page in self.query("SELECT DefaultCurrencyIsoCode FROM Organization"):
+            for r in page:
+                return r.get("DefaultCurrencyIsoCode")
+        return None
+
+    def _read_limits(self) -> None:
+        daily = (self.client.get_json(f"{self.data_path}/limits/") or {}).get("DailyApiRequests") or {}
+        if daily.get("Max") is not None:
+            self.stats.quota_limit = int(daily["Max"])
+            if daily.get("Remaining") is not None:
+                self.stats.quota_used = int(daily["Max"]) - int(daily["Remaining"])
+
+    def _optional(self, name: str, call: Any, fallback: T, *, fallback_text: str) -> T:
+        """`optional`, plus Salesforce's answer for an object the API user may not read: SOQL and describe say
+        the object does not exist (400 INVALID_TYPE) rather than 403. A spent allocation (403
+        REQUEST_LIMIT_EXCEEDED) is not a refusal: it stops the run as it would on any other read."""
+        def guarded() -> T:
+            try:
+                return call()
+            except QuotaExhausted as err:
+                raise _Spent(err) from None
+
+        try:
+            return self.optional(name, guarded, fallback, fallback_text=fallback_text)
+        except _Spent as spent:
+            raise spent.args[0] from None
+        except CrmError as err:
+            if err.status != 400 or err.code != "INVALID_TYPE":
+                raise
+            self.stats.warn(f"{name}: HTTP 400 INVALID_TYPE, the object is not visible to this API user; "
+                            f"{fallback_text}")
+            self.note(name, False, f"HTTP 400 INVALID_TYPE (no access to the object); {fallback_text}")
+            return fallback
+
     # -- CrmConnector -------------------------------------------------------------------------------------------
 
     def fetch_stages(self) -> list[StageInfo]:
+        return self._optional("stage dictionary (OpportunityStage)", self._read_stages, [],
+                              fallback_text="StageName is both the stage name and stage_id; open/won/lost from "
+                                            "each record's IsClosed / IsWon")
+
+    def _read_stages(self) -> list[StageInfo]:
         soql = ("SELECT Id, MasterLabel, ApiName, IsActive, IsClosed, IsWon, DefaultProbability, SortOrder "
                 "FROM OpportunityStage ORDER BY SortOrder")
         stages = []
@@ -227,6 +431,10 @@ class SalesforceConnector(CrmConnector):
         return stages
 
     def users(self) -> Iterable[CrmUser]:
+        return self._optional("users (User query)", lambda: list(self._read_users()), [],
+                              fallback_text="owner and creator ids are kept, without names or emails")
+
+    def _read_users(self) -> Iterator[CrmUser]:
         for page in self.query("SELECT Id, Name, Email, IsActive FROM User ORDER BY Id"):
             for r in page:
                 yield CrmUser(crm_user_id=r["Id"], name=clean_text(r.get("Name")), email=r.get("Email"),
@@ -237,8 +445,7 @@ class SalesforceConnector(CrmConnector):
             yield [self._map(r) for r in records]
 
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
-        if since is not None and self._server_now is None:
-            self.client.get_json(f"{self.data_path}/limits/")   # the server's clock (Date header), one call
+        self.prepare()   # discovery's responses carry the server's clock (Date header)
         now = self._now()
         if since is not None and to_utc(since) > now - GET_DELETED_WINDOW + _SAFETY:
             result = self._get_deleted(to_utc(since), now)
@@ -258,9 +465,9 @@ class SalesforceConnector(CrmConnector):
     def select_fields(self) -> list[str]:
         fields = ["Id", "Name", "AccountId", "Account.Name", "Account.BillingStreet", "Account.BillingCity",
                   "Account.BillingState", "Account.BillingPostalCode", "Account.BillingCountry", "OwnerId",
-                  "Owner.Name", "Owner.Email", "StageName", "IsClosed", "IsWon", "Amount", "CloseDate",
-                  "Probability", "CreatedDate", "CreatedById", "SystemModstamp"]
-        if self.multi_currency:
+                  "Owner.Name", "Owner.Email", "StageName", "ForecastCategoryName", "IsClosed", "IsWon", "Amount",
+                  "CloseDate", "Probability", "CreatedDate", "CreatedById", "SystemModstamp"]
+        if self.multi_currency:   # only where describe lists it (single-currency orgs: 400 INVALID_FIELD)
             fields.append("CurrencyIsoCode")
         for native in self.conn.fields.values():
             fields.append(_checked_field(native))
@@ -283,20 +490,67 @@ class SalesforceConnector(CrmConnector):
     def _open_clause(self, open_set: bool) -> str:
         if self.conn.open_statuses is None:
             return f"IsClosed = {'false' if open_set else 'true'}"
-        # The configured names, plus the stage keys whose label is configured (status_for matches both).
-        names = list(dict.fromkeys([*self.conn.open_statuses, *self.open_stage_keys(True)]))
+        # resolve_status: a record is open when its stage name or its forecast category is listed. Stage names
+        # are labels; the records carry the stage's value (ApiName): ask for the values whose label is listed.
+        names = list(dict.fromkeys(self.conn.open_statuses))
         if not names:
             return "Id = null" if open_set else "Id != null"
-        return f"StageName {'IN' if open_set else 'NOT IN'} ({', '.join(soql_string(n) for n in names)})"
+        stage_field = self.field("stage", "StageName")
+        values = names
+        if stage_field == "StageName":
+            by_label: dict[str, list[str]] = {}
+            for info in self.stages().values():
+                by_label.setdefault(info.label, []).append(info.key)
+            known = set(self.stages())
+            values = list(dict.fromkeys(v for n in names for v in by_label.get(n, [] if n in known else [n])))
+        stage_list = ", ".join(soql_string(n) for n in values)
+        forecast_list = ", ".join(soql_string(n) for n in names)
+        if open_set:
+            return (f"{stage_field} IN ({stage_list}) OR ForecastCategoryName IN ({forecast_list})" if values
+                    else f"ForecastCategoryName IN ({forecast_list})")
+        return (f"{stage_field} NOT IN ({stage_list}) AND ForecastCategoryName NOT IN ({forecast_list})" if values
+                else f"ForecastCategoryName NOT IN ({forecast_list})")
 
     def _field_type(self, name: str) -> str:
         declared = self.conn.options.get("field_types", {}) or {}
-        return declared.get(name) or FIELD_TYPES.get(name, "string")
+        if declared.get(name):
+            return declared[name]
+        self.prepare()
+        info = (self._fields or {}).get(name.lower()) if "." not in name else None
+        if info is not None:
+            return _DESCRIBE_TYPES.get(str(info.get("type")), "string")
+        return FIELD_TYPES.get(name, "string")
 
     # -- mapping ----------------------------------------------------------------------------------------------------
 
+    def _stage_of(self, r: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(stage name users see, stage id): the OpportunityStage MasterLabel of the StageName value the record
+        carries, and that value (the ApiName); StageName for both when the dictionary is not readable. A
+        `fields.stage` override names a field whose value is the stage as users see it."""
+        override = self.conn.fields.get("stage")
+        value = _get(r, override or "StageName")
+        if value is None or value == "":
+            return None, None
+        value = clean_text(str(value))
+        if override:
+            return value, value
+        if self._stage_by_value is None:
+            lookup = {s.label: s for s in self.stages().values()}
+            lookup.update(self.stages())   # the value is the ApiName; older orgs without ApiName carry the label
+            self._stage_by_value = lookup
+        info = self._stage_by_value.get(value or "")
+        return (info.label, info.key) if info else (value, value)
+
+    def _flags(self, r: dict[str, Any], stage_id: str | None) -> Status:
+        """open / won / lost from the record's own IsClosed / IsWon (the stage's semantics, derived by Salesforce)."""
+        if r.get("IsClosed") is not None:
+            return "open" if not r.get("IsClosed") else ("won" if r.get("IsWon") else "lost")
+        info = self.stages().get(stage_id) if stage_id else None
+        return info.category if info else "open"
+
     def _map(self, r: dict[str, Any]) -> Opportunity:
-        stage = _get(r, self.field("stage", "StageName"))
+        stage, stage_id = self._stage_of(r)
+        crm_status = clean_text(r.get("ForecastCategoryName"))
         account = r.get("Account") or {}
         return self.opportunity(
             r["Id"], r,
@@ -305,10 +559,10 @@ class SalesforceConnector(CrmConnector):
             service_location=clean_text(billing_address(account)),
             sales_executive=clean_text(_get(r, self.field("sales_executive", "Owner.Name"))),
             owner_crm_id=r.get("OwnerId"),
-            stage=stage,
-            status=self.status_for(stage, is_closed=r.get("IsClosed"), is_won=r.get("IsWon")),
+            stage=stage, stage_id=stage_id, crm_status=crm_status,
+            status=self.resolve_status(stage, crm_status, self._flags(r, stage_id)),
             amount=parse_float(_get(r, self.field("amount", "Amount"))),
-            currency=r.get("CurrencyIsoCode") if self.multi_currency else self.conn.options.get("currency"),
+            currency=r.get("CurrencyIsoCode") if self._multi_currency else self._org_currency,
             close_date=parse_date(_get(r, self.field("close_date", "CloseDate"))),
             probability=parse_float(_get(r, self.field("probability", "Probability"))),
             created_at=parse_datetime(_get(r, self.field("created_at", "CreatedDate"))),
@@ -394,13 +648,14 @@ def render_filter(f: RecordFilter, ftype: str) -> str:
             return f"{field} IN ({', '.join(soql_literal(v, ftype) for v in f.value)})"
         return f"{field} {_OPS[f.op]} {soql_literal(f.value, ftype)}"
     except (TypeError, ValueError) as err:
-        raise CrmError(f"filter on {field}: value does not fit the field's type {ftype} ({err})",
-                       code="INVALID_FILTER") from None
+        raise CrmError(f"filter on {field}: value does not fit the field's type {ftype} ({err}); fix the "
+                       "value in filters: (or options.field_types)", code="INVALID_FILTER", permanent=True) from None
 
 
 def _checked_field(name: str) -> str:
     if not _FIELD_NAME.match(name):
-        raise CrmError(f"'{name}' is not a Salesforce field name", code="INVALID_FIELD")
+        raise CrmError(f"'{name}' is not a Salesforce field name; fix it in fields: / filters:", code="INVALID_FIELD",
+                       permanent=True)
     return name
 
 
@@ -421,8 +676,7 @@ def _get(record: dict[str, Any] | None, path: str) -> Any:
 
 
 def billing_address(account: dict[str, Any]) -> str | None:
-    """`street, city, state postal, country`, skipping missing parts."""
-    region = " ".join(p for p in (account.get("BillingState"), account.get("BillingPostalCode")) if p)
-    parts = [account.get("BillingStreet"), account.get("BillingCity"), region, account.get("BillingCountry")]
-    text = ", ".join(str(p).strip() for p in parts if p and str(p).strip())
-    return text or None
+    """The account's billing address in the canonical form: every line of the multi-line BillingStreet, then
+    city, state, postal code, country (record.format_address)."""
+    return format_address(account.get("BillingStreet"), account.get("BillingCity"), account.get("BillingState"),
+                          account.get("BillingPostalCode"), account.get("BillingCountry"))

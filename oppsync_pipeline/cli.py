@@ -120,7 +120,7 @@ def check_online(cfg: OppsyncConfig, conn) -> bool:
     try:
         capabilities = connector.discover()
         error = None
-    except CrmError as err:
+    except (CrmError, ConfigError) as err:
         capabilities, error = list(connector.capabilities.values()), scrub(str(err), connector.credentials)
     stats = connector.stats
     required_refused = [c for c in capabilities if not c.available and c.detail.startswith("REQUIRED")]

@@ -21,8 +21,8 @@ from typing import Any, ClassVar, TypeVar
 
 import requests
 
-from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
-from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, RequestStats
+from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
+from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime, parse_float
 
 Page = list[Opportunity]
@@ -175,7 +175,11 @@ class CrmConnector(ABC):
     def discover(self) -> list[Capability]:
         """What `oppsync config check --online` reports: the same discovery a run does, the dictionaries, and
         one page of each opportunity set (the required reads), each noted as read or not and why."""
-        self.prepare()
+        try:
+            self.prepare()
+        except (CrmError, ConfigError) as err:
+            self.note("tenant discovery", False, f"REQUIRED and refused: {err}")
+            return list(self.capabilities.values())
         stages, statuses = self.stages(), self.statuses()
         self.note("stage list", bool(stages), f"{len(stages)} stage(s)" if stages else "none known: stage ids kept")
         if statuses:
@@ -204,7 +208,8 @@ class CrmConnector(ABC):
         try:
             value = call()
         except CrmError as err:
-            if err.status not in refusals:
+            # a spent quota (Salesforce answers it with a 403 too) stops the run; it is not a missing right
+            if err.status not in refusals or isinstance(err, QuotaExhausted):
                 raise
             message = f"{name}: HTTP {err.status}, not readable by this API user; {fallback_text}"
             self.stats.warn(message)

@@ -231,13 +231,14 @@ def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
 def _m4_stage_model(conn: Connection) -> None:
     """The stage model (stage name, stage id, CRM status), token requests and optional-read warnings per run,
     and the mapping version a connection was last synced with (record.MAPPING_VERSION)."""
-    added = [(t, c, "TEXT") for t in ("opportunities", "opportunity_history", "stage_opportunities")
-             for c in ("stage_id", "crm_status")]
-    added += [("extracts", "token_requests", "INTEGER"), ("extracts", "warnings", "TEXT"),
-              ("extracts", "mapping_version", "INTEGER"), ("sync_runs", "token_requests", "INTEGER"),
-              ("sync_runs", "warnings", "TEXT"), ("sync_state", "mapping_version", "INTEGER")]
-    for table, column, sql_type in added:
-        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {sql_type}"))
+    text_columns = [(t, c) for t in ("opportunities", "opportunity_history", "stage_opportunities")
+                    for c in ("stage_id", "crm_status")] + [("extracts", "warnings"), ("sync_runs", "warnings")]
+    integer_columns = [("extracts", "token_requests"), ("extracts", "mapping_version"),
+                       ("sync_runs", "token_requests"), ("sync_state", "mapping_version")]
+    for table, column in text_columns:
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} TEXT"))
+    for table, column in integer_columns:
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} INTEGER"))
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [

@@ -50,7 +50,8 @@ def test_discover_reports_what_will_be_read():
     with served("no_optional_rights") as srv:
         refused = {c.name: c for c in connect(srv.url).discover() if not c.available}
     assert set(refused) == {"API limits (/limits)", "org currency (Organization.DefaultCurrencyIsoCode)",
-                            "stage dictionary (OpportunityStage)", "CurrencyIsoCode"}
+                            "stage dictionary (OpportunityStage)", "CurrencyIsoCode", "users (User query)",
+                            "stage list", "users (owners and creators)"}
     assert "INVALID_TYPE" in refused["stage dictionary (OpportunityStage)"].detail
     assert caps["Opportunity describe"].available and "custom fields: none" in caps["Opportunity describe"].detail
     assert not caps["CurrencyIsoCode"].available and "single-currency" in caps["CurrencyIsoCode"].detail

@@ -11,7 +11,7 @@ import pytest
 
 from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.crm.base import CrmConnector
-from oppsync_pipeline.lib.crm.http import ApiClient, Auth, AuthError, CrmError, QuotaBudget
+from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaBudget
 from oppsync_pipeline.lib.record import format_address
 
 

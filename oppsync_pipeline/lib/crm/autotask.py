@@ -55,7 +55,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
-from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats
+from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
     to_utc,
@@ -106,12 +106,7 @@ def observe(response: requests.Response, stats: RequestStats) -> None:
 
 
 def _errors(response: requests.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    if not isinstance(body, dict):
-        return ""
+    body = json_object(response)
     errors = body.get("errors") or ([body["Message"]] if body.get("Message") else [])
     return "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors)[:300]
 

@@ -181,12 +181,14 @@ class CrmConnector(ABC):
             self.note("tenant discovery", False, f"REQUIRED and refused: {err}")
             return list(self.capabilities.values())
         stages, statuses = self.stages(), self.statuses()
-        self.note("stage list", bool(stages), f"{len(stages)} stage(s)" if stages else "none known: stage ids kept")
+        self.note("stage list", bool(stages), f"{len(stages)} stage(s)" if stages
+                  else "none readable: oppsync.crm_stages stays empty (stages are still read from each record)")
         if statuses:
             self.note("status list", True, f"{len(statuses)} status(es)")
         try:
             n_users = sum(1 for _ in self.users())
-            self.note("users (owners and creators)", True, f"{n_users} user(s)")
+            self.note("users (owners and creators)", bool(n_users), f"{n_users} user(s)" if n_users
+                      else "none readable: owners and creators are kept as CRM ids, without names")
         except CrmError as err:
             self.note("users (owners and creators)", False, f"REQUIRED and refused: {err}")
         for open_set in (True, False):

@@ -53,7 +53,9 @@ import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import Capability, CrmConnector, Page
-from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, retry_after_seconds
+from oppsync_pipeline.lib.crm.http import (
+    Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
+)
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
 )
@@ -544,11 +546,8 @@ def _forecast_amount(forecast: dict[str, Any]) -> float | None:
 
 def _cw_message(response: requests.Response) -> str:
     """CW's error body `{"code", "message", "errors": [{"message"}]}` as one line (never the request)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    if not isinstance(body, dict):
+    body = json_object(response)
+    if not body:
         return ""
     parts = [f"{body.get('code') or ''}: {body.get('message') or ''}".strip(": ")]
     parts += [str(e.get("message")) for e in body.get("errors") or [] if isinstance(e, dict) and e.get("message")]

@@ -38,7 +38,7 @@ import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import CrmConnector, Page
-from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 
@@ -190,17 +190,13 @@ def explain(response: requests.Response, fields: dict[str, str] | None = None,
 
 
 def _error_code(response: requests.Response) -> str | None:
-    try:
-        return str(response.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    error = json_object(response).get("error")
+    return str(error["code"]) if isinstance(error, dict) and "code" in error else None
 
 
 def _error_message(response: requests.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300]
+    error = json_object(response).get("error")
+    return str(error["message"]) if isinstance(error, dict) and "message" in error else response.text[:300]
 
 
 class _RequiredReadFailed(Exception):

@@ -281,6 +281,20 @@ class ApiClient:
         log.info("retrying after %s (attempt %d)", type(err).__name__ if err else "?", state.attempt_number)
 
 
+def json_body(response: requests.Response) -> Any:
+    """A response's JSON, or None when it is not JSON (error bodies are often HTML or empty)."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def json_object(response: requests.Response) -> dict[str, Any]:
+    """A response's JSON object (an error body), or {} when it is not one."""
+    body = json_body(response)
+    return body if isinstance(body, dict) else {}
+
+
 def fix_hint(status: int | None) -> str:
     """What a user should check for a permanent HTTP error (the connector's own message may be sharper)."""
     if status == 403:

@@ -48,7 +48,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
-from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 
@@ -105,10 +105,7 @@ class HubSpotAuth(Auth):
         data = {"grant_type": "refresh_token", **{k: self._credentials[k] for k in OAUTH_KEYS}}
         response = self.token_request(session, "POST", self._token_url, data=data, timeout=(10, 60))
         if response.status_code != 200:
-            try:
-                status = str(response.json().get("status", ""))
-            except (ValueError, AttributeError):
-                status = ""
+            status = str(json_object(response).get("status", ""))
             hint = {"BAD_REFRESH_TOKEN": "credentials.refresh_token is no longer valid (withdrawn, or issued to another app): "
                                          "re-authorise the app and store its new refresh token",
                     "BAD_CLIENT_ID": "check credentials.client_id and credentials.client_secret against the app's "
@@ -140,11 +137,8 @@ def classify(response: requests.Response) -> Exception | None:
     status = response.status_code
     if status not in (400, 403, 404, 429):
         return None
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    if not isinstance(body, dict):
+    body = json_object(response)
+    if not body:
         return None
     if status == 429:
         if str(body.get("policyName", "")).upper() == "DAILY":

@@ -41,6 +41,7 @@ from oppsync_pipeline.lib.crm.http import (
     QuotaExhausted,
     RequestStats,
     RetryableHttpError,
+    json_body,
 )
 from oppsync_pipeline.lib.record import (
     CrmUser,
@@ -142,10 +143,7 @@ def observe(response: requests.Response, stats: RequestStats) -> None:
 
 
 def _errors(response: requests.Response) -> list[dict[str, Any]]:
-    try:
-        body = response.json()
-    except ValueError:
-        return []
+    body = json_body(response)
     if isinstance(body, list):
         return [e for e in body if isinstance(e, dict)]
     return [body] if isinstance(body, dict) else []

@@ -142,3 +142,33 @@ def test_a_refused_dataverse_delta_link_starts_a_new_baseline(duckdb_url: str, t
             fresh = c.execute(text("SELECT resume_token FROM oppsync.sync_state")).scalar()
         # the year of the stale link, "/2000 " encoded (a fresh link made at 00:xx holds "%2000" for the hour)
         assert fresh != stale and "%2F2000%20" not in fresh
+
+
+@pytest.mark.parametrize("crm", ["hubspot", "autotask"])
+def test_an_upgrade_to_a_new_mapping_rebaselines_with_one_full_read_and_no_update_events(crm: str,
+                                                                                          warehouse_url: str,
+                                                                                          tmp_path: Path):
+    """A warehouse written by an older connector (stage ids in `stage`, say): the next scheduled (auto) sync
+    reads everything once, rewrites the values and records no `updated` / `stage_changed` events for it;
+    the one after is incremental again."""
+    sim = build_simulator(crm, seed=13, opportunities=150)
+    with SandboxServer(sim) as server:
+        cfg = sandbox_config({crm: server}, warehouse_url, tmp_path, extra=FAST)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        sync_connection(cfg, conn, engine, run_id="r1")
+        with engine.begin() as c:   # as the previous release left it: stage keys, no stage_id, no version
+            # (its digests were taken over fewer fields, so none matches a digest of today's values)
+            c.execute(text("UPDATE oppsync.opportunities SET stage = 'old:' || COALESCE(stage_id, ''), "
+                           "stage_id = NULL, crm_status = NULL, row_hash = 'digest of release 0.2'"))
+            c.execute(text("UPDATE oppsync.sync_state SET mapping_version = NULL"))
+        upgrade = sync_connection(cfg, conn, engine, run_id="r2")
+        assert upgrade.extract.mode == "full"
+        assert upgrade.result.updated == 0 and upgrade.result.created == 0
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM oppsync.opportunity_events WHERE run_id = 'r2'")).scalar() == 0
+            assert c.execute(text("SELECT count(*) FROM oppsync.opportunities WHERE stage LIKE 'old:%'")).scalar() == 0
+            assert "re-baselined" in c.execute(text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = 'r2'")).scalar()
+        sim.world.advance(hours=1, rate=0.05)
+        after = sync_connection(cfg, conn, engine, run_id="r3")
+        assert after.extract.mode == "incremental"

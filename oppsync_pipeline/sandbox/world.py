@@ -76,6 +76,9 @@ class SimAccount:
     country: str | None
     site_id: str | None = None  # ConnectWise company site
     site_name: str | None = None
+    # When the account itself last changed (a rename): it does not move its opportunities' change cursor, in
+    # any of the five CRMs; a connector that shows the client's name must ask for changed accounts too.
+    modified_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -260,6 +263,13 @@ class World:
             return None
         return o
 
+    def account_modified(self, acc: SimAccount) -> datetime:
+        """The account's own change time: its last rename, else a fixed moment well before the tenant's data
+        (derived from the account, not drawn from the rng, so generated tenants stay as they were)."""
+        if acc.modified_at is not None:
+            return acc.modified_at
+        return truncate(self.clock.start - timedelta(days=800 + acc.idx % 300, seconds=acc.idx), self.profile.precision)
+
     def user_by_native(self, native_id: str) -> SimUser | None:
         return next((u for u in self.users if u.native_id == native_id or u.alt_id == native_id), None)
 
@@ -391,6 +401,7 @@ class World:
                     elif kind == "account_renamed" and opp.account is not None:
                         acc = self.accounts[opp.account]
                         acc.name = acc.name + " (renamed)" if not acc.name.endswith(")") else acc.name[:-10]
+                        acc.modified_at = at
                         counts[kind] += 1
                         continue
                     elif kind == "silent_changed":

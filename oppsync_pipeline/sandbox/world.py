@@ -330,6 +330,17 @@ class World:
             self.version += 1
             return opp
 
+    def rename_account(self, idx: int, name: str | None = None, *, at: datetime | None = None) -> SimAccount:
+        """Rename an account (what a user does on the account's own page): the account's change time moves,
+        its opportunities' does not."""
+        with self.lock:
+            acc = self.accounts[idx]
+            acc.name = name if name is not None else (
+                acc.name + " (renamed)" if not acc.name.endswith(")") else acc.name[:-10])
+            acc.modified_at = at or self.clock.now()
+            self.version += 1
+            return acc
+
     def _set(self, opp: SimOpportunity, key: str, value: Any) -> None:
         if key in SimOpportunity.__slots__ and key not in ("native_id", "seq"):
             setattr(opp, key, value)
@@ -399,9 +410,7 @@ class World:
                         counts[kind] += 1
                         continue
                     elif kind == "account_renamed" and opp.account is not None:
-                        acc = self.accounts[opp.account]
-                        acc.name = acc.name + " (renamed)" if not acc.name.endswith(")") else acc.name[:-10]
-                        acc.modified_at = at
+                        self.rename_account(opp.account, at=at)
                         counts[kind] += 1
                         continue
                     elif kind == "silent_changed":

@@ -924,7 +924,12 @@ class SalesforceSimulator(Simulator):
                           "BillingStreet": ("string", lambda a: a.street), "BillingCity": ("string", lambda a: a.city),
                           "BillingState": ("string", lambda a: a.state),
                           "BillingPostalCode": ("string", lambda a: a.postal_code),
-                          "BillingCountry": ("string", lambda a: a.country)}
+                          "BillingCountry": ("string", lambda a: a.country),
+                          # The account's own change stamps: a rename moves them, never the Opportunity's
+                          # SystemModstamp. As parent fields they can be filtered on from Opportunity
+                          # (`Account.SystemModstamp >= X`), also inside an OR group.
+                          "LastModifiedDate": ("datetime", w.account_modified),
+                          "SystemModstamp": ("datetime", w.account_modified)}
         user_fields = {"Id": ("id", lambda u: u.native_id), "Name": ("string", lambda u: u.name),
                        "FirstName": ("string", lambda u: u.name.split(" ", 1)[0]),
                        "LastName": ("string", lambda u: u.name.split(" ", 1)[-1]),

@@ -111,7 +111,9 @@ def test_incremental_after_activity_returns_every_change(sandbox):
     assert counts["created"] and counts["stage_moved"]
     since = t0 - timedelta(minutes=10)            # the caller's overlap window
     got, pages = sync(connect(sandbox.url), since=since)
-    expected = [o.native_id for o in w.live() if o.modified_at >= since]
+    # the changed records, and the records of accounts renamed since (their own stamp did not move)
+    renamed = {a.idx for a in w.accounts if w.account_modified(a) >= since}
+    expected = [o.native_id for o in w.live() if o.modified_at >= since or o.account in renamed]
     changed = {o.native_id for o in w.live() if o.modified_at >= t0}
     assert changed and changed <= set(got)
     assert_matches_world(sandbox.simulator, got, expected)
@@ -411,17 +413,34 @@ def _response(status, body=None, headers=None):
     return r
 
 
-def test_account_rename_does_not_move_the_cursor(sandbox):
-    """Salesforce quirk: a parent (Account) change does not bump the Opportunity's SystemModstamp, so only a full
-    sync sees it (peers.md complaint 6: periodic full reconciliation)."""
+def test_account_rename_does_not_move_the_cursor_but_is_read_incrementally(sandbox):
+    """Salesforce quirk: a parent (Account) change does not bump the Opportunity's SystemModstamp. The incremental
+    query also asks for opportunities whose Account.SystemModstamp moved (one SOQL, no extra request), so the
+    rename arrives with the next incremental read, once, in its set."""
     w = sandbox.simulator.world
     opp = next(o for o in w.live() if o.account is not None)
+    siblings = {o.native_id for o in w.live() if o.account == opp.account}
+    stamp = opp.modified_at
     t0 = w.clock.now()
     w.clock.advance(timedelta(minutes=1))
-    with w.lock:
-        w.accounts[opp.account].name = "Renamed Holdings"
+    with w.lock:                  # as world.advance renames an account: the account's own stamp moves
+        acc = w.accounts[opp.account]
+        acc.name, acc.modified_at = "Renamed Holdings", w.clock.now()
         w.version += 1
-    inc, _ = sync(connect(sandbox.url), since=t0)
-    assert opp.native_id not in inc
+    assert opp.modified_at == stamp                   # the opportunity's cursor did not move
+    c = connect(sandbox.url)
+    served = sandbox.simulator.request_count
+    inc, pages = sync(c, since=t0)                    # sync() asserts each record comes back once
+    assert set(inc) == siblings and inc[opp.native_id].client_name == "Renamed Holdings"
+    assert all(r.modified_at == w.opps[i].modified_at < t0 for i, r in inc.items())
+    # honest counts: every request the server saw is in the stats (the renamed accounts cost no extra query)
+    assert c.stats.requests == sandbox.simulator.request_count - served
+    assert len(pages) == 2
+    soql = c.opportunity_soql(True, t0)
+    lit = t0.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"(SystemModstamp >= {lit} OR Account.SystemModstamp >= {lit})" in soql
+    # a later incremental run from after the rename no longer reads them
+    later, _ = sync(connect(sandbox.url), since=w.clock.now() + timedelta(seconds=1))
+    assert not set(later) & siblings
     full, _ = sync(connect(sandbox.url))
     assert full[opp.native_id].client_name == "Renamed Holdings"

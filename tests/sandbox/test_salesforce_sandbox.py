@@ -444,3 +444,67 @@ def test_truth_is_the_tenant_as_its_users_see_it():
     o = next(o for o in sim.world.live() if o.stage == "Closed Won")
     assert truth[o.native_id]["stage"] == "Won - Signed" and truth[o.native_id]["stage_id"] == "Closed Won"
     assert truth[o.native_id]["status"] == "won" and truth[o.native_id]["currency"] == sfsim.ORG_CURRENCY
+
+
+# -- account change stamps (renames) ---------------------------------------------------------------------------------
+
+def test_a_renamed_account_moves_its_own_stamp_never_its_opportunities():
+    """A rename stamps Account.SystemModstamp / LastModifiedDate only; Opportunity.SystemModstamp stays. From
+    Opportunity the account's stamp is a parent field: selectable, and comparable inside an OR group."""
+    sim = sfsim.build(seed=11, opportunities=400)
+    w = sim.world
+    with SandboxServer(sim) as srv:
+        h = auth_headers(srv.url)
+
+        def query(soql: str) -> requests.Response:
+            return requests.get(f"{srv.url}/services/data/v{V}/query", params={"q": soql}, headers=h)
+
+        def ids(where: str) -> set[str]:
+            r = query(f"SELECT Id FROM Opportunity WHERE {where}")
+            assert r.status_code == 200, r.text
+            return {rec["Id"] for rec in r.json()["records"]}
+
+        t0 = w.clock.now()
+        before = {o.native_id: o.modified_at for o in w.live()}
+        w.clock.advance(timedelta(minutes=5))
+        counts = w.advance(hours=24, rate=0.05)
+        assert counts["account_renamed"]
+        renamed = {a.idx for a in w.accounts if a.modified_at is not None and a.modified_at >= t0}
+        assert renamed
+        of_renamed = {o.native_id for o in w.live() if o.account in renamed}
+        # an opportunity whose only change is its account's rename kept its stamp
+        untouched = {i for i in of_renamed if i in before and w.opps[i].modified_at == before[i]}
+        assert untouched
+        lit = t0.strftime("%Y-%m-%dT%H:%M:%SZ")
+        changed = {o.native_id for o in w.live() if o.modified_at >= t0}
+        assert ids(f"SystemModstamp >= {lit}") == changed
+        assert ids(f"Account.SystemModstamp >= {lit}") == of_renamed
+        assert ids(f"Account.LastModifiedDate >= {lit}") == of_renamed
+        both = ids(f"IsClosed = false AND (SystemModstamp >= {lit} OR Account.SystemModstamp >= {lit})")
+        assert both == {o.native_id for o in w.live() if (o.native_id in changed or o.native_id in of_renamed)
+                        and not w.stages[o.stage].is_closed}
+        # an opportunity without an account never matches a comparison on its account's fields
+        assert not any(w.opps[i].account is None for i in ids(f"Account.SystemModstamp >= 2000-01-01T00:00:00Z"))
+        # the stamps as records carry them, and the Account object itself answers on its own stamp
+        r = query(f"SELECT Id, Account.SystemModstamp FROM Opportunity WHERE Id = '{sorted(untouched)[0]}'")
+        acc = w.accounts[w.opps[sorted(untouched)[0]].account]
+        assert r.json()["records"][0]["Account"]["SystemModstamp"] == sfsim.sf_datetime(acc.modified_at)
+        r = query(f"SELECT Id, Name, SystemModstamp FROM Account WHERE SystemModstamp >= {lit}")
+        assert {rec["Id"] for rec in r.json()["records"]} == {w.accounts[i].native_id for i in renamed}
+        names = {f["name"] for f in _get(srv.url, "/sobjects/Account/describe").json()["fields"]}
+        assert {"SystemModstamp", "LastModifiedDate"} <= names
+        # nothing kinder than SOQL: AND and OR at one level need parentheses, datetimes are unquoted, the
+        # relationship must exist, and there is no sub-query to lean on
+        refused = {
+            f"SELECT Id FROM Opportunity WHERE IsClosed = false AND SystemModstamp >= {lit} OR "
+            f"Account.SystemModstamp >= {lit}": "MALFORMED_QUERY",
+            f"SELECT Id FROM Opportunity WHERE Account.SystemModstamp >= '{lit}'": "INVALID_FIELD",
+            f"SELECT Id FROM Opportunity WHERE Account.SystemModstamp >= {t0.date().isoformat()}": "INVALID_FIELD",
+            f"SELECT Id FROM Opportunity WHERE Accounts.SystemModstamp >= {lit}": "INVALID_FIELD",
+            f"SELECT Id FROM Opportunity WHERE Account.Modstamp >= {lit}": "INVALID_FIELD",
+            f"SELECT Id FROM Opportunity WHERE SystemModstamp >= {lit} OR AccountId IN "
+            f"(SELECT Id FROM Account WHERE SystemModstamp >= {lit})": "MALFORMED_QUERY",
+        }
+        for soql, code in refused.items():
+            r = query(soql)
+            assert r.status_code == 400 and r.json()[0]["errorCode"] == code, (soql, r.text)

@@ -15,7 +15,9 @@ a 401 INVALID_SESSION_ID mid-paging gets a new token and the same request is rep
 Paging: `GET /services/data/vNN.0/query?q=` then the relative `nextRecordsUrl` until `done`; page size through
 `Sforce-Query-Options: batchSize=N` (200..2000).
 Open set: `IsClosed = false` (the tenant's OpportunityStage semantics), or `StageName IN (open_statuses)`.
-Incremental: `SystemModstamp >= since ORDER BY SystemModstamp, Id` (SystemModstamp also moves on system changes).
+Incremental: `(SystemModstamp >= since OR Account.SystemModstamp >= since) ORDER BY SystemModstamp, Id`
+(SystemModstamp also moves on system changes; an account rename moves only the account's own stamp, so the
+opportunities of accounts changed since the cursor are asked for in the same query: no extra request).
 Deletes: getDeleted (`/sobjects/Opportunity/deleted/`) when `since` is inside its 15-day window, else
 `queryAll ... WHERE IsDeleted = true`.
 Quota: `Sforce-Limit-Info: api-usage=N/LIMIT` on every response; 403 REQUEST_LIMIT_EXCEEDED is final.
@@ -73,6 +75,7 @@ FIELD_TYPES: dict[str, str] = {
     "SystemModstamp": "datetime", "IsDeleted": "boolean",
     "Account.Name": "string", "Account.BillingStreet": "string", "Account.BillingCity": "string",
     "Account.BillingState": "string", "Account.BillingPostalCode": "string", "Account.BillingCountry": "string",
+    "Account.SystemModstamp": "datetime", "Account.LastModifiedDate": "datetime",
     "Owner.Name": "string", "Owner.Email": "string", "CreatedBy.Name": "string", "CreatedBy.Email": "string",
 }
 # Types of describe mapped to the SOQL literal kinds (anything else is a quoted string).
@@ -480,7 +483,11 @@ class SalesforceConnector(CrmConnector):
         where = [self._open_clause(open_set)]
         where += [render_filter(f, self._field_type(f.field)) for f in self.conn.filters]
         if since is not None:
-            where.append(f"SystemModstamp >= {soql_datetime(since)}")
+            # Renaming an account (or editing its billing address) does not move its opportunities'
+            # SystemModstamp: the same query also asks for the opportunities whose account changed since
+            # `since` (a parent-field comparison inside an OR group), so each comes back once, in its set.
+            stamp = soql_datetime(since)
+            where.append(f"SystemModstamp >= {stamp} OR Account.SystemModstamp >= {stamp}")
         return (f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
                 + " AND ".join(f"({w})" if " OR " in w else w for w in where)
                 + " ORDER BY SystemModstamp, Id")

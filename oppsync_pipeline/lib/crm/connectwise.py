@@ -9,6 +9,9 @@
   `open_statuses` / `stage_categories` by status name;
   not-open: `status/id not in (...)` (the exact complement, also for statuses added mid-run).
   Incremental: `_info/lastUpdated>=[since]`, `orderBy=_info/lastUpdated asc, id asc`; full: `orderBy=id asc`.
+  A company rename moves only the company's `_info/lastUpdated`: incremental reads also list the companies
+  changed since the cursor (`/company/companies`, optional) and re-read their opportunities by
+  `company/id in (...)`, COMPANY_CHUNK ids a query, skipping ids already read.
 - Paging: `page`/`pageSize` (max 1000), following the `Link` header's rel="next" until it is absent.
   That is offset paging the server re-evaluates per page, so a record leaving the set between two page
   requests makes one later record slip onto an already-read page (missed until the next full sync).
@@ -27,7 +30,7 @@
   mapped to the member's numeric id; users() keys members by numeric id and keeps the identifier in alt_ids.
 - Optional reads (403 -> a warning in the run's metadata and the fallback): `/sales/stages` (the record's
   `stage.name`), `/system/members` (creators stay identifiers, no member names), company sites (the site's
-  name), the forecast (amount None), `/sales/probabilities` (the reference's name or the forecast's
+  name), changed companies (renames wait for the next full sync), the forecast (amount None), `/sales/probabilities` (the reference's name or the forecast's
   expectedProbability). See docs/crms/connectwise.md.
 - No usage headers and no published quota: observe() records nothing; plain 429 + Retry-After is retried by
   ApiClient; a 429 asking to wait longer than `options.max_retry_after` seconds (default 900) is treated as

@@ -18,7 +18,9 @@ What it reproduces (crm-api-notes.md section 4):
   defaultFlag; "No Decision" is closed but neither won nor lost), `/sales/probabilities`, `/sales/stages`
   (the sales stages: the opportunity's `stage` reference, independent of its `status`; no open / won flags),
   `/company/companies[/{id}[/sites[/{siteId}]]]` (sites with addressLine1/2, city, stateReference, zip,
-  country), `/system/members`, and `/count` on the lists. Custom fields without a value carry no `value` key.
+  country; a company's `_info.lastUpdated` is its own change time, filterable as
+  `conditions=_info/lastUpdated>=[...]`: renaming a company moves it, NOT its opportunities' lastUpdated),
+  `/system/members`, and `/count` on the lists. Custom fields without a value carry no `value` key.
 - Security roles: every API area can be refused (`sim.refused`, 403 `{"code": "Unauthorized", "message":
   "You do not have permission ..."}`); tenant VARIANTS select the refusals, renamed statuses and stages, and
   extra custom fields; `truth(sim)` is the tenant as a CW user sees it (for the variant matrix test).
@@ -993,7 +995,8 @@ class ConnectWiseSimulator(Simulator):
                 "city": a.city, "state": a.state, "zip": a.postal_code,
                 "country": None if a.country is None else {"id": 1, "name": a.country},
                 "site": {"id": int(a.site_id or 0), "name": a.site_name}, "deletedFlag": False,
-                "_info": {"lastUpdated": "2021-01-01T00:00:00Z",
+                # the company's own change time (a rename moves it; its opportunities' lastUpdated stays)
+                "_info": {"lastUpdated": _iso(self.world.account_modified(a)), "updatedBy": "admin1",
                           "sites_href": self._href(req, f"/company/companies/{a.native_id}/sites")}}
 
     def site_dict(self, a: Any, req: Request) -> dict[str, Any]:

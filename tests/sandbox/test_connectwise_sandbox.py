@@ -354,3 +354,37 @@ def test_custom_statuses_and_custom_fields_tenants():
         captions = {cf["caption"] for cf in o[0]["customFields"]}
         assert {"Region", "Stage", "Amount", "Site", "Renewal"} <= captions
         assert any("value" not in cf for r in o for cf in r["customFields"])  # empty: no value key
+
+
+def test_a_company_rename_moves_the_company_lastupdated_not_its_opportunities():
+    sim = cw.build(seed=8, opportunities=60)
+    world = sim.world
+    with SandboxServer(sim) as srv:
+        api = f"{srv.url}/v4_6_release/apis/3.0"
+        opp = next(o for o in world.live() if o.account is not None)
+        acc = world.accounts[opp.account]
+        before = get(f"{api}/sales/opportunities/{opp.native_id}").json()["_info"]["lastUpdated"]
+        world.clock.advance(timedelta(minutes=5))
+        since = world.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert get(f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]").json() == []
+        world.clock.advance(timedelta(minutes=1))
+        with world.lock:
+            acc.name, acc.modified_at = acc.name + " (renamed)", world.clock.now()
+            world.version += 1
+        changed = get(f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]",
+                      fields="id,name,_info/lastUpdated").json()
+        assert [c["id"] for c in changed] == [int(acc.native_id)] and changed[0]["name"] == acc.name
+        assert changed[0]["_info"]["lastUpdated"] > since
+        # the opportunity shows the new name, with its own lastUpdated unmoved
+        after = get(f"{api}/sales/opportunities/{opp.native_id}").json()
+        assert after["company"]["name"] == acc.name and after["_info"]["lastUpdated"] == before
+        rows = get(f"{api}/sales/opportunities", conditions=f"company/id in ({acc.native_id})", pageSize=1000).json()
+        assert opp.native_id in {str(r["id"]) for r in rows}
+        # an untouched company carries a stamp well before the tenant's data
+        other = next(a for a in world.accounts if a is not acc)
+        stamp = get(f"{api}/company/companies/{other.native_id}").json()["_info"]["lastUpdated"]
+        assert stamp < before
+        # the security role may refuse the list: 403 in CW's shape
+        sim.refused = frozenset({"companies"})
+        r = get(f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]")
+        assert r.status_code == 403 and r.json()["code"] == "Unauthorized"

@@ -9,6 +9,9 @@
   `open_statuses` / `stage_categories` by status name;
   not-open: `status/id not in (...)` (the exact complement, also for statuses added mid-run).
   Incremental: `_info/lastUpdated>=[since]`, `orderBy=_info/lastUpdated asc, id asc`; full: `orderBy=id asc`.
+  A company rename moves only the company's `_info/lastUpdated`: incremental reads also list the companies
+  changed since the cursor (`/company/companies`, optional) and re-read their opportunities by
+  `company/id in (...)`, COMPANY_CHUNK ids a query, skipping ids already read.
 - Paging: `page`/`pageSize` (max 1000), following the `Link` header's rel="next" until it is absent.
   That is offset paging the server re-evaluates per page, so a record leaving the set between two page
   requests makes one later record slip onto an already-read page (missed until the next full sync).
@@ -27,7 +30,7 @@
   mapped to the member's numeric id; users() keys members by numeric id and keeps the identifier in alt_ids.
 - Optional reads (403 -> a warning in the run's metadata and the fallback): `/sales/stages` (the record's
   `stage.name`), `/system/members` (creators stay identifiers, no member names), company sites (the site's
-  name), the forecast (amount None), `/sales/probabilities` (the reference's name or the forecast's
+  name), changed companies (renames wait for the next full sync), the forecast (amount None), `/sales/probabilities` (the reference's name or the forecast's
   expectedProbability). See docs/crms/connectwise.md.
 - No usage headers and no published quota: observe() records nothing; plain 429 + Retry-After is retried by
   ApiClient; a 429 asking to wait longer than `options.max_retry_after` seconds (default 900) is treated as
@@ -62,6 +65,8 @@ from oppsync_pipeline.lib.record import (
 
 API_VERSION = "application/vnd.connectwise.com+json; version=2025.1"
 DEFAULT_CODEBASE = "v4_6_release/"
+# Company ids per `company/id in (...)` re-read of a renamed company's opportunities (keeps the URL short).
+COMPANY_CHUNK = 100
 
 # Condition paths a filter / field override may name, and which of them are numbers or date-times.
 NUMERIC_FIELDS = frozenset({
@@ -121,6 +126,8 @@ class ConnectWiseConnector(CrmConnector):
         self._sites: dict[tuple[int, int], str | None] = {}     # (company id, site id) -> canonical address
         self._sites_readable = True
         self._forecast_readable = True
+        self._company_changes: tuple[datetime, list[int]] | None = None   # (since, changed company ids)
+        self._companies_listable = True
         self.custom_fields_seen: tuple[str, ...] = ()
 
     def make_auth(self) -> Auth:
@@ -312,32 +319,70 @@ class ConnectWiseConnector(CrmConnector):
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         self.prepare()
         open_ids = self.open_status_ids(True)
-        parts = []
+        base = []
         if open_set:
             if not open_ids:
                 return
-            parts.append(f"status/id in ({','.join(_int_text(k) for k in open_ids)})")
+            base.append(f"status/id in ({','.join(_int_text(k) for k in open_ids)})")
         elif open_ids:
-            parts.append(f"status/id not in ({','.join(_int_text(k) for k in open_ids)})")
-        if since is not None:
-            parts.append(f"_info/lastUpdated>={_dt(since)}")
+            base.append(f"status/id not in ({','.join(_int_text(k) for k in open_ids)})")
         standard = [f for f in self.conn.filters if not self.is_custom_field(f.field)]
         custom = [f for f in self.conn.filters if self.is_custom_field(f.field)]
-        parts += [render_condition(f) for f in standard]
-        params: dict[str, Any] = {"orderBy": "_info/lastUpdated asc, id asc" if since is not None else "id asc"}
+        base += [render_condition(f) for f in standard]
+        extra: dict[str, Any] = {}
         if custom:
-            params["customFieldConditions"] = render_custom_condition(custom[0])
-        if self.conn.options.get("paging", "navigable") == "keyset":
-            pages = self._keyset_pages(parts, params, by_updated=since is not None)
-        else:
-            if parts:
-                params["conditions"] = _and(parts)
-            pages = self._pages("/sales/opportunities", params)
-        for rows in pages:
+            extra["customFieldConditions"] = render_custom_condition(custom[0])
+        parts = base + ([f"_info/lastUpdated>={_dt(since)}"] if since is not None else [])
+        order = "_info/lastUpdated asc, id asc" if since is not None else "id asc"
+        seen: set[int] = set()
+        for rows in self._opportunity_rows(parts, {"orderBy": order, **extra}, by_updated=since is not None):
+            seen.update(int(r["id"]) for r in rows)
             if custom:
                 rows = [r for r in rows if self.post_filter(r, _value)]
             if rows:
                 yield self._map_page(rows)
+        if since is None:
+            return
+        # A renamed company leaves its opportunities' lastUpdated as it was: read the opportunities of the
+        # companies changed since the cursor again (same set, same filters), each opportunity once.
+        companies = self._changed_companies(since)
+        for start in range(0, len(companies), COMPANY_CHUNK):
+            chunk = companies[start:start + COMPANY_CHUNK]
+            by_company = base + [f"company/id in ({','.join(_int_text(c) for c in chunk)})"]
+            for rows in self._opportunity_rows(by_company, {"orderBy": "id asc", **extra}, by_updated=False):
+                rows = [r for r in rows if int(r["id"]) not in seen]
+                seen.update(int(r["id"]) for r in rows)
+                if custom:
+                    rows = [r for r in rows if self.post_filter(r, _value)]
+                if rows:
+                    yield self._map_page(rows)
+
+    def _opportunity_rows(self, parts: list[str], params: dict[str, Any],
+                          by_updated: bool) -> Iterator[list[dict[str, Any]]]:
+        """The opportunity list for these conditions, page by page (navigable or `options.paging: keyset`)."""
+        if self.conn.options.get("paging", "navigable") == "keyset":
+            return self._keyset_pages(parts, params, by_updated=by_updated)
+        return self._pages("/sales/opportunities", {**params, "conditions": _and(parts)} if parts else params)
+
+    def _changed_companies(self, since: datetime) -> list[int]:
+        """Ids of the companies whose own `_info/lastUpdated` is at or after `since` (a rename moves it, not
+        their opportunities'): `GET /company/companies?conditions=_info/lastUpdated>=[since]&fields=id`, pages
+        of 1000, read once per cursor (the open and the not-open set share it). Optional: refused (403, the
+        security role lacks Company Maintenance), renames reach the warehouse with the next full sync."""
+        if self._company_changes is not None and self._company_changes[0] == since:
+            return self._company_changes[1]
+        if not self._companies_listable:
+            return []
+        params = {"conditions": f"_info/lastUpdated>={_dt(since)}", "orderBy": "id asc", "fields": "id"}
+        rows = self.optional(
+            "companies changed since the cursor (account renames)", lambda: self._all("/company/companies", params),
+            _REFUSED, fallback_text="renamed companies reach the warehouse with the next full sync", refusals=(403,))
+        if rows is _REFUSED:
+            self._companies_listable = False
+            return []
+        ids = sorted({int(r["id"]) for r in rows if r.get("id") is not None})
+        self._company_changes = (since, ids)
+        return ids
 
     def _keyset_pages(self, parts: list[str], params: dict[str, Any],
                       by_updated: bool) -> Iterator[list[dict[str, Any]]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
@@ -47,8 +48,8 @@ def set_bookmark(engine, connection: str, cursor) -> None:
     with transaction(engine) as c:
         c.execute(text("DELETE FROM oppsync.sync_state WHERE connection = :c"), {"c": connection})
         c.execute(text("INSERT INTO oppsync.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
-                       "last_run_id) VALUES (:c, :cur, :cur, :cur, 'bench-bookmark')"),
-                  {"c": connection, "cur": cursor})
+                       "last_run_id, mapping_version) VALUES (:c, :cur, :cur, :cur, 'bench-bookmark', :mv)"),
+                  {"c": connection, "cur": cursor, "mv": MAPPING_VERSION})
 
 
 def measure(crm: str, n: int, workdir: Path) -> Figure:

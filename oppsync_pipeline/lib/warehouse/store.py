@@ -272,13 +272,16 @@ def warnings_text(stats: dict[str, Any]) -> str | None:
 
 
 def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | None]:
-    """(whether the connection was synced before, the record.MAPPING_VERSION it was last synced with)."""
+    """(whether the warehouse holds opportunities of the connection from an earlier sync, the
+    record.MAPPING_VERSION it was last synced with). The same test as the reconcile's re-baseline."""
     with transaction(engine) as conn:
-        row = conn.execute(text(f"SELECT cursor, last_success_at, mapping_version FROM {S}.sync_state "
-                                "WHERE connection = :c"), {"c": connection}).first()
-    if row is None:
-        return False, None
-    return (row[0] is not None or row[1] is not None), row[2]
+        row = conn.execute(text(f"SELECT mapping_version FROM {S}.sync_state WHERE connection = :c"),
+                           {"c": connection}).first()
+        if row is None:
+            return False, None
+        has_rows = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c"),
+                                {"c": connection}).scalar()
+    return bool(has_rows), row[0]
 
 
 _LATEST = f"""SELECT status FROM (

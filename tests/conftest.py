@@ -101,6 +101,14 @@ def warehouse_database(backend: str, tmp_dir: Path) -> Iterator[str]:
         _drop_database(name)
 
 
+def live_client_names(engine: Any, connection: str) -> dict[str, str | None]:
+    """source_id -> client_name of a connection's live opportunities in the warehouse."""
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT source_id, client_name FROM oppsync.opportunities "
+                              "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
+        return {r.source_id: r.client_name for r in rows}
+
+
 def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
                    extra: dict[str, dict[str, Any]] | None = None, **top: Any) -> OppsyncConfig:
     """An OppsyncConfig for running SandboxServers ({crm: server}), credentials in a secrets file.

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import text
 
 from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.crm.connectwise import COMPANY_CHUNK, ConnectWiseConnector
@@ -19,7 +18,7 @@ from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import connectwise as cw
 from oppsync_pipeline.sandbox.server import SandboxServer
-from tests.conftest import sandbox_config
+from tests.conftest import live_client_names, sandbox_config
 
 CREDS = dict(cw.SANDBOX_CREDENTIALS)
 WARNING = "renamed companies reach the warehouse with the next full sync"
@@ -160,13 +159,6 @@ def test_refused_company_read_warns_and_the_incremental_read_still_completes():
         assert [p for p, _ in session.calls if p == "/company/companies"] == ["/company/companies"]
 
 
-def _client_names(engine, connection: str) -> dict[str, str]:
-    with engine.connect() as c:
-        rows = c.execute(text("SELECT source_id, client_name FROM oppsync.opportunities "
-                              "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
-        return {r.source_id: r.client_name for r in rows}
-
-
 def test_a_rename_after_a_full_sync_reaches_the_warehouse_incrementally(duckdb_url: str, tmp_path: Path):
     sim = cw.build(seed=34, opportunities=150)
     world = sim.world
@@ -185,7 +177,7 @@ def test_a_rename_after_a_full_sync_reaches_the_warehouse_incrementally(duckdb_u
             inc = sync_connection(cfg, conn, engine, run_id="cw-inc", mode="incremental")
             assert inc.extract.status == "complete", inc.extract.error
             assert inc.extract.mode == "incremental"
-            names = _client_names(engine, conn.name)
+            names = live_client_names(engine, conn.name)
             truth = cw.truth(sim)
             assert {sid: names[sid] for sid in truth} == {sid: t["client_name"] for sid, t in truth.items()}
             assert all(names[sid] == acc.name for sid in of_renamed)

@@ -7,20 +7,12 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import text
 
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import salesforce as sfsim
 from oppsync_pipeline.sandbox.server import SandboxServer
-from tests.conftest import sandbox_config
-
-
-def _client_names(engine, connection: str) -> dict[str, str | None]:
-    with engine.connect() as c:
-        rows = c.execute(text("SELECT source_id, client_name FROM oppsync.opportunities "
-                              "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
-        return {r.source_id: r.client_name for r in rows}
+from tests.conftest import live_client_names, sandbox_config
 
 
 def test_a_renamed_account_reaches_the_warehouse_on_the_next_incremental_sync(warehouse_url: str, tmp_path: Path):
@@ -46,13 +38,13 @@ def test_a_renamed_account_reaches_the_warehouse_on_the_next_incremental_sync(wa
                 acc = w.accounts[idx]
                 old, acc.name, acc.modified_at = acc.name, "Renamed Holdings GmbH", w.clock.now()
                 w.version += 1
-            assert _client_names(engine, conn.name)[next(iter(ids))] == old
+            assert live_client_names(engine, conn.name)[next(iter(ids))] == old
             w.clock.advance(timedelta(minutes=1))
 
             inc = sync_connection(cfg, conn, engine, run_id="inc", mode="incremental")
             assert inc.extract.mode == "incremental" and inc.extract.status == "complete"
             assert {i: w.opps[i].modified_at for i in ids} == stamps          # no opportunity cursor moved
-            names = _client_names(engine, conn.name)
+            names = live_client_names(engine, conn.name)
             assert {names[i] for i in ids} == {"Renamed Holdings GmbH"}
             # read once each: the run fetched the renamed account's opportunities plus what the cursor's
             # overlap re-reads anyway, and updated only the renamed ones

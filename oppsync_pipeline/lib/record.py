@@ -17,13 +17,15 @@ Status = Literal["open", "won", "lost"]
 TRACKED_FIELDS = (
     "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage", "stage_id",
     "crm_status", "status", "amount", "currency", "close_date", "probability", "created_at", "created_by_crm_id",
+    "crm_closed_at",
 )
 
 # Bumped whenever what a connector writes into a canonical field changes meaning (2: `stage` became the stage
 # name users see, `stage_id` / `crm_status` were added, addresses took one form, ConnectWise owners their
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
 # values without recording `updated` / `stage_changed` events for the remapping (sync.py, reconcile.py).
-MAPPING_VERSION = 2
+# 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
+MAPPING_VERSION = 3
 
 
 @dataclass(slots=True)
@@ -48,6 +50,11 @@ class Opportunity:
     raw: dict[str, Any] = field(default_factory=dict)
     stage_id: str | None = None      # the CRM's id / API value of that stage
     crm_status: str | None = None    # the CRM's own status label (HubSpot: the stage id; Dataverse: statuscode)
+    # When the CRM says the opportunity closed (won / lost), and the CRM field that said it (`actualclosedate`,
+    # `closedDate`, `hs_closed_won_date`, `LastStageChangeDate`, `CloseDate` ...). None while open, or where
+    # the CRM keeps no such value: the reconcile then dates the close by `modified_at` (closed_at_source).
+    crm_closed_at: datetime | None = None
+    crm_closed_at_field: str | None = None
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))

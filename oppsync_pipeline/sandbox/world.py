@@ -112,6 +112,10 @@ class SimOpportunity:
     # The sales stage, where the CRM keeps it apart from the status the world's `stage` models (ConnectWise
     # stage vs status, Autotask stage vs status, Dataverse business-process stage vs statuscode).
     sales_stage: str | None = None
+    # When the opportunity entered its current closed status (won / lost); None while open. What the CRM
+    # exposes as its close time (Dataverse actualclosedate, ConnectWise / Autotask closedDate, HubSpot
+    # hs_closed_won_date / hs_closed_lost_date, Salesforce LastStageChangeDate / CloseDate).
+    closed_at: datetime | None = None
 
 
 @dataclass
@@ -220,6 +224,12 @@ class World:
         opp.native_id = opp.native_id or self.profile.opportunity_id(self._seq)
         if opp.sales_stage is None:
             self._assign_sales_stage(opp)
+        if opp.closed_at is None and self.status(opp) != "open":
+            # generated history: closed somewhere between creation and the last edit (often long before it);
+            # derived from the record, never from the shared rng, so every other generated value stays as it was
+            span = (opp.modified_at - opp.created_at).total_seconds()
+            share = (opp.seq * 2654435761 % 1000) / 1000
+            opp.closed_at = truncate(opp.created_at + timedelta(seconds=span * share), self.profile.precision)
         self.opps[opp.native_id] = opp
         return opp
 
@@ -296,6 +306,7 @@ class World:
             for k, v in values.items():
                 self._set(opp, k, v)
             opp.created_at = opp.modified_at = now
+            opp.closed_at = now if self.status(opp) != "open" else None
             self.version += 1
             return self._insert(opp)
 
@@ -305,12 +316,23 @@ class World:
         (Salesforce formula fields, HubSpot archiving)."""
         with self.lock:
             opp = self.opps[native_id]
+            before = self.status(opp)
             for k, v in values.items():
                 self._set(opp, k, v)
+            if "closed_at" not in values:
+                self._status_moved(opp, before, touch_time or self.clock.now())
             if bump:
                 opp.modified_at = touch_time or self.clock.now()
             self.version += 1
             return opp
+
+    def _status_moved(self, opp: SimOpportunity, before: str, at: datetime) -> None:
+        """Keep the close time with the status: set when the opportunity enters a closed status (or moves
+        between won and lost), cleared on a reopen."""
+        after = self.status(opp)
+        if after == before:
+            return
+        opp.closed_at = None if after == "open" else truncate(at, self.profile.precision)
 
     def delete(self, native_id: str, *, bump: bool = False) -> SimOpportunity:
         with self.lock:
@@ -393,6 +415,7 @@ class World:
                         continue
                     status = self.status(opp)
                     pipeline = self.stages[opp.stage].pipeline
+                    before = status
                     if kind == "stage_moved" and status == "open":
                         opens = [s for s in self.stages.values() if not s.is_closed and s.pipeline == pipeline]
                         self._set(opp, "stage", rng.choice(opens).key)
@@ -420,6 +443,7 @@ class World:
                         continue
                     else:
                         continue
+                    self._status_moved(opp, before, at)
                     opp.modified_at = at
                     counts[kind] += 1
             self.version += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -122,6 +122,25 @@ class CrmConnector(ABC):
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
         """Pages of (source_id, deleted_at) from the CRM's native delete feed; nothing when it has none."""
         return iter(())
+
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """Pages of the current records of these ids that the CRM still has (not deleted, archived or in a
+        recycle bin), read WITHOUT the connection's filters and mapped as `opportunities` maps them; ids it
+        no longer has are simply absent. Batched to the CRM's limits (ids per request, URL length).
+
+        A full sync asks this for the opportunities it expected but did not read: those returned left the
+        connection's scope (a filter no longer matches) and get `left_scope`; only those absent are deleted."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read opportunities by id")
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """The value a filter on CRM field `field` compares, read from a raw record as this connector receives
+        it (nested paths, formatted values ...): filters are evaluated in Python on records read by id."""
+        return raw.get(field)
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        """Whether a record read without filters (fetch_by_ids) matches the connection's filters."""
+        return all(matches(f, self.filter_value(opp.raw, f.field)) for f in self.conn.filters)
 
     @classmethod
     def validate_connection(cls, conn: ConnectionConfig) -> list[str]:

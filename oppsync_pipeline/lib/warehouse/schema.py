@@ -27,7 +27,8 @@ def _canonical_columns() -> list[Column]:
         Column("stage_id", Text), Column("crm_status", Text),
         Column("status", String, nullable=False), Column("amount", Double), Column("currency", String),
         Column("close_date", Date), Column("probability", Double), Column("created_at", DateTime),
-        Column("created_by_crm_id", String), Column("modified_at", DateTime),
+        Column("created_by_crm_id", String), Column("crm_closed_at", DateTime), Column("modified_at", DateTime),
+        Column("crm_closed_at_field", String),
     ]
 
 

@@ -23,9 +23,14 @@ from oppsync_pipeline.lib.warehouse.engine import backend, bulk_insert, transact
 from oppsync_pipeline.lib.warehouse.schema import CANONICAL
 
 S = "oppsync"
-STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", *CANONICAL, "raw", "row_hash"]
-# stage_page writes the tracked values positionally, between `crm` and `modified_at`
-assert tuple(CANONICAL[1:-1]) == TRACKED_FIELDS, "stage_page's column order no longer matches CANONICAL"
+STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", "scope", *CANONICAL, "raw",
+                 "row_hash"]
+# staged_rows writes the tracked values positionally, between `crm` and `modified_at`
+assert tuple(CANONICAL[1:1 + len(TRACKED_FIELDS)]) == TRACKED_FIELDS, "staged_rows' column order no longer matches"
+assert CANONICAL[1 + len(TRACKED_FIELDS):] == ["modified_at", "crm_closed_at_field"]
+
+# Why a staged record is (not) in the connection's scope (scope.py): only `in` records are synced as such.
+SCOPE_IN, SCOPE_FILTERED_OUT, SCOPE_BEFORE_STAGE = "in", "filtered_out", "before_stage"
 
 
 class LockHeld(Exception):
@@ -129,7 +134,7 @@ def _duckdb_hash_text(field: str) -> str:
         text_of = f"CAST(CAST({field} AS DOUBLE) AS VARCHAR)"   # shortest round-trip form, as repr()
     elif field == "close_date":
         text_of = f"CAST(CAST({field} AS DATE) AS VARCHAR)"
-    elif field == "created_at":
+    elif field in ("created_at", "crm_closed_at"):
         text_of = f"strftime(CAST({field} AS TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%f')"
     else:
         text_of = f"CAST({field} AS VARCHAR)"
@@ -140,18 +145,20 @@ DUCKDB_ROW_HASH = f"coalesce(row_hash, md5(concat_ws(chr(31), {', '.join(map(_du
 RAW = STAGE_COLUMNS.index("raw")
 
 
-def _hash_needs_python(amount: Any, probability: Any, created_at: datetime | None) -> bool:
+def _hash_needs_python(amount: Any, probability: Any, created_at: datetime | None,
+                       closed_at: datetime | None = None) -> bool:
     for v in (amount, probability):
         # whole numbers first: round(v, 6) is a decimal conversion (~1 us), is_integer a comparison
         if v is not None and (type(v) is not float or not (v.is_integer() or round(v, 6) == v)):
             return True
-    return created_at is not None and created_at.year < 1000
+    return (created_at is not None and created_at.year < 1000) or (closed_at is not None and closed_at.year < 1000)
 
 
 def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int, *,
-                with_hash: bool = True) -> list[tuple]:
+                with_hash: bool = True, scopes: Sequence[str] | None = None) -> list[tuple]:
     """One page of extracted records as staging rows (STAGE_COLUMNS order). With with_hash=False the
-    row_hash is None where DUCKDB_ROW_HASH computes it the same, during the insert.
+    row_hash is None where DUCKDB_ROW_HASH computes it the same, during the insert. `scopes`: each record's
+    scope verdict (SCOPE_*), all `in` when None.
 
     The row hash is taken over the values as they will be stored (NUL bytes cleaned), so a record whose
     stored values are unchanged always hashes the same."""
@@ -159,15 +166,18 @@ def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool,
     add = rows.append
     for i, o in enumerate(page):
         created_at = to_utc(o.created_at) if o.created_at else None
+        closed_at = to_utc(o.crm_closed_at) if o.crm_closed_at else None
         tracked = (  # TRACKED_FIELDS, in order
             clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
             clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), clean_text(o.stage_id),
             clean_text(o.crm_status), o.status, o.amount,
-            clean_text(o.currency), o.close_date, o.probability, created_at, clean_text(o.created_by_crm_id))
-        digest = row_hash(*tracked) if with_hash or _hash_needs_python(o.amount, o.probability, created_at) \
-            else None
-        add((extract_id, o.connection, o.source_id, seq0 + i, in_open_set, o.crm, *tracked,
-             to_utc(o.modified_at) if o.modified_at else None, raw_json(o.raw), digest))
+            clean_text(o.currency), o.close_date, o.probability, created_at, clean_text(o.created_by_crm_id),
+            closed_at)
+        digest = row_hash(*tracked) if with_hash or _hash_needs_python(o.amount, o.probability, created_at,
+                                                                      closed_at) else None
+        add((extract_id, o.connection, o.source_id, seq0 + i, in_open_set,
+             scopes[i] if scopes is not None else SCOPE_IN, o.crm, *tracked,
+             to_utc(o.modified_at) if o.modified_at else None, o.crm_closed_at_field, raw_json(o.raw), digest))
     return rows
 
 
@@ -216,8 +226,9 @@ class StagingWriter:
         self._rows: list[tuple] = []
         self._chars = 0
 
-    def add(self, page: Sequence[Opportunity], in_open_set: bool, seq0: int) -> int:
-        rows = staged_rows(self.extract_id, page, in_open_set, seq0, with_hash=self._with_hash)
+    def add(self, page: Sequence[Opportunity], in_open_set: bool, seq0: int,
+            scopes: Sequence[str] | None = None) -> int:
+        rows = staged_rows(self.extract_id, page, in_open_set, seq0, with_hash=self._with_hash, scopes=scopes)
         self._rows.extend(rows)
         self._chars += sum(len(r[RAW]) for r in rows)  # the raw JSON dominates a row's size
         if len(self._rows) >= self.batch_rows or self._chars >= self.batch_chars:

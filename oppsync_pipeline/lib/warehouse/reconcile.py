@@ -20,12 +20,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from oppsync_pipeline.lib.record import MAPPING_VERSION, TRACKED_FIELDS
 from oppsync_pipeline.lib.warehouse.engine import transaction
+from oppsync_pipeline.lib.warehouse.schema import CANONICAL
 from oppsync_pipeline.lib.warehouse.store import assert_lock, record_run
 
 S = "oppsync"
-DATA_COLUMNS = ["crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
-                "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date", "probability",
-                "created_at", "created_by_crm_id", "modified_at"]
+DATA_COLUMNS = list(CANONICAL)  # the canonical record's columns, as schema.py defines them
 
 
 # The reconcile's working tables (temporary: private to its transaction's connection)

@@ -41,6 +41,10 @@ opportunities = Table(
     Column("raw", Text), Column("row_hash", String, nullable=False), Column("version", Integer, nullable=False),
     Column("first_seen_at", DateTime, nullable=False), Column("last_seen_at", DateTime, nullable=False),
     Column("closed_at", DateTime), Column("deleted_at", DateTime), Column("last_run_id", String),
+    # where closed_at came from: the CRM field (crm_closed_at_field), else `modified_at` or `observed`
+    Column("closed_at_source", String),
+    # False once the record left the connection's scope (a filter no longer matches it): kept, not tracked
+    Column("in_scope", Boolean), Column("scope_changed_at", DateTime),
     PrimaryKeyConstraint("connection", "source_id"),
 )
 
@@ -65,6 +69,7 @@ opportunity_events = Table(
     Column("old_value", Text), Column("new_value", Text),
     Column("owner_crm_id", String), Column("created_by_crm_id", String), Column("amount", Double),
     Column("status", String),
+    Column("change_id", String),  # the events one observed CRM edit produced share it
     Index("ix_events_conn_source", "connection", "source_id"),
 )
 
@@ -73,6 +78,7 @@ stage_opportunities = Table(
     Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
     Column("source_id", String, nullable=False), Column("seq", Integer, nullable=False),
     Column("in_open_set", Boolean, nullable=False),
+    Column("scope", String),  # in | filtered_out | before_stage (store.SCOPE_*)
     *_canonical_columns(),
     Column("raw", Text), Column("row_hash", String, nullable=False),
     Index("ix_stage_opp_extract", "extract_id"),
@@ -98,6 +104,7 @@ extracts = Table(
     Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
     Column("new_resume_token", Text),
     Column("token_requests", Integer), Column("warnings", Text), Column("mapping_version", Integer),
+    Column("scope_fingerprint", String), Column("scope", Text),  # the scope the extract read (scope.py)
 )
 
 sync_runs = Table(
@@ -114,6 +121,9 @@ sync_runs = Table(
     # OAuth / session token requests (also counted in api_requests: the CRM counts them too)
     Column("token_requests", Integer),
     Column("warnings", Text),  # optional reads that were refused (403/404) and the fallback used, one a line
+    # counts of the other event kinds (each count is the number of events of its kind)
+    Column("stage_changed", Integer), Column("left_scope", Integer), Column("entered_scope", Integer),
+    Column("scope_fingerprint", String),
 )
 
 sync_state = Table(
@@ -122,6 +132,7 @@ sync_state = Table(
     Column("last_full_sync_at", DateTime), Column("last_success_at", DateTime), Column("last_run_id", String),
     Column("resume_token", Text),  # a CRM's own change cursor to carry between runs (Dataverse delta link)
     Column("mapping_version", Integer),  # record.MAPPING_VERSION of the last successful sync
+    Column("scope_fingerprint", String), Column("scope", Text),  # the scope of the last successful sync
 )
 
 sync_locks = Table(
@@ -242,11 +253,29 @@ def _m4_stage_model(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} INTEGER"))
 
 
+def _m5_history_truth(conn: Connection) -> None:
+    """Close times from the CRM, scope as a first-class thing, one event model (change_id)."""
+    columns = [(t, "crm_closed_at", "TIMESTAMP") for t in ("opportunities", "opportunity_history",
+                                                              "stage_opportunities")]
+    columns += [(t, "crm_closed_at_field", "TEXT") for t in ("opportunities", "opportunity_history",
+                                                              "stage_opportunities")]
+    columns += [("opportunities", "closed_at_source", "TEXT"), ("opportunities", "in_scope", "BOOLEAN"),
+                ("opportunities", "scope_changed_at", "TIMESTAMP"), ("opportunity_events", "change_id", "TEXT"),
+                ("stage_opportunities", "scope", "TEXT"),
+                ("extracts", "scope_fingerprint", "TEXT"), ("extracts", "scope", "TEXT"),
+                ("sync_state", "scope_fingerprint", "TEXT"), ("sync_state", "scope", "TEXT"),
+                ("sync_runs", "stage_changed", "INTEGER"), ("sync_runs", "left_scope", "INTEGER"),
+                ("sync_runs", "entered_scope", "INTEGER"), ("sync_runs", "scope_fingerprint", "TEXT")]
+    for table, column, type_ in columns:
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
     (3, _m3_duckdb_fact_tables_without_art),
     (4, _m4_stage_model),
+    (5, _m5_history_truth),
 ]
 
 

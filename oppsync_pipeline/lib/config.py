@@ -91,6 +91,9 @@ class ConnectionConfig(_Strict):
     quota: QuotaConfig = QuotaConfig()
     stage_categories: dict[str, Literal["open", "won", "lost"]] = {}
     qualification: Qualification | None = None
+    # Seed 001: track an opportunity from the moment it reaches this stage (or any later one in the CRM's
+    # stage order), and keep tracking it after, even if it moves back. A stage name (or id) of the tenant.
+    track_from_stage: str | None = None
     options: dict[str, Any] = {}
 
     @field_validator("name")

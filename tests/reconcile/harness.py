@@ -35,13 +35,15 @@ TABLES = ("opportunities", "opportunity_history", "opportunity_events", "stage_o
 
 CURRENT_COLUMNS = ("source_id", "project_name", "client_name", "service_location", "sales_executive",
                    "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
-                   "probability", "created_at", "created_by_crm_id", "modified_at", "row_hash", "version", "first_seen_at",
-                   "last_seen_at", "closed_at", "deleted_at", "last_run_id")
+                   "probability", "created_at", "created_by_crm_id", "crm_closed_at", "crm_closed_at_field", "modified_at",
+                   "row_hash", "version", "first_seen_at", "last_seen_at", "closed_at", "closed_at_source", "deleted_at",
+                   "last_run_id", "in_scope", "scope_changed_at")
 EVENT_COLUMNS = ("run_id", "source_id", "event_type", "occurred_at", "recorded_at", "changed_fields", "old_value",
-                 "new_value", "owner_crm_id", "created_by_crm_id", "amount", "status")
+                 "new_value", "owner_crm_id", "created_by_crm_id", "amount", "status", "change_id")
 HISTORY_COLUMNS = ("source_id", "version", "project_name", "client_name", "service_location", "sales_executive",
                    "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
-                   "probability", "created_at", "created_by_crm_id", "modified_at", "row_hash", "valid_from", "valid_to", "run_id")
+                   "probability", "created_at", "created_by_crm_id", "crm_closed_at", "crm_closed_at_field",
+                   "modified_at", "row_hash", "valid_from", "valid_to", "run_id")
 
 
 def open_engine(url: str) -> Engine:
@@ -93,20 +95,27 @@ def opp(source_id: str, *, status: str = "open", stage: str | None = None, amoun
 
 @dataclass
 class Extract:
-    """What one extract staged: pages as (in_open_set, records), and native delete-feed entries."""
+    """What one extract staged: pages as (in_open_set, records), native delete-feed entries, and the scope
+    verdict (store.SCOPE_*) of staged records that are not simply in scope, by id."""
 
     mode: str = "full"
     pages: list[tuple[bool, Sequence[Opportunity]]] = field(default_factory=list)
     deletes: list[tuple[str, datetime | None]] = field(default_factory=list)
+    scopes: dict[str, str] = field(default_factory=dict)
+
+    def scope_of(self, source_id: str) -> str:
+        return self.scopes.get(source_id, store.SCOPE_IN)
 
 
 def stage_extract(engine: Engine, extract_id: str, extract: Extract, started_at: datetime) -> None:
     store.begin_extract(engine, extract_id=extract_id, connection=CONNECTION, crm=CRM, mode=extract.mode,
                         started_at=started_at, since=None)
     seq = 0
+    writer = store.StagingWriter(engine, extract_id)
     for in_open_set, page in extract.pages:
-        store.stage_page(engine, extract_id, page, in_open_set, seq)
+        writer.add(page, in_open_set, seq, [extract.scope_of(o.source_id) for o in page])
         seq += len(page)
+    writer.flush()
     if extract.deletes:
         store.stage_deletes(engine, extract_id, CONNECTION, extract.deletes)
     store.finish_extract(engine, extract_id, status="complete", finished_at=started_at)

@@ -5,6 +5,9 @@ warehouse must clean), stage moves, closes won/lost, reopens, touches (only modi
 undeletes; between them, syncs that are full or incremental (the changed records plus some unchanged
 overlap), with records duplicated across pages, stale copies in the other set (a record that moved between
 the open and the not-open set while the extract ran), and optional native delete-feed entries (some stale).
+Records carry the CRM's close time (or none: the fallback), may stop or start matching the connection's
+filters (a full sync then reads them by id: `filtered_out`), and with a stage trigger drawn, records in the
+first stage have not reached it (`before_stage`).
 After every sync the current table, the event log and the history must equal the model's, and the run's
 counts must match; a delete-guard refusal must be a refusal on both sides.
 
@@ -46,7 +49,9 @@ FIELD_VALUES = {
     "probability": (None, 10.0, 50.0, 90.0),
     "created_at": (datetime(2025, 12, 1, 8, 0), None),
 }
-OPS = ("create", "create", "edit", "edit", "stage", "close", "reopen", "touch", "nul", "delete", "restore")
+OPS = ("create", "create", "edit", "edit", "stage", "close", "reopen", "touch", "nul", "delete", "restore",
+       "filter_out", "filter_in", "close_time")
+CLOSE_FIELD = "closedDate"
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Crm:
     dirty: set[str] = field(default_factory=set)
     deleted_since_sync: dict[str, datetime] = field(default_factory=dict)
     next_id: int = 0
+    filtered_out: set[str] = field(default_factory=set)   # no longer match the connection's filters
+    stage_trigger: bool = False                            # track from the second stage on
 
     def tick(self) -> datetime:
         self.clock += timedelta(minutes=1)
@@ -76,8 +83,9 @@ def apply_change(crm: Crm, data) -> None:
         sid = f"o{crm.next_id:02d}"
         crm.next_id += 1
         status = data.draw(st.sampled_from(("open", "open", "won", "lost")), label="created status")
-        crm.live[sid] = opp(sid, status=status, modified_at=now,
-                            created_at=now - timedelta(days=data.draw(st.integers(0, 30), label="age")))
+        age = timedelta(days=data.draw(st.integers(0, 30), label="age"))
+        crm.live[sid] = opp(sid, status=status, modified_at=now, created_at=now - age,
+                            **close_fields(data, status, now - age / 2))
         crm.dirty.add(sid)
         return
     if op == "restore":
@@ -90,6 +98,11 @@ def apply_change(crm: Crm, data) -> None:
         return
     sid = data.draw(st.sampled_from(live_ids), label="target")
     record = crm.live[sid]
+    if op in ("filter_out", "filter_in"):  # an edit that makes the record (not) match the filters
+        (crm.filtered_out.add if op == "filter_out" else crm.filtered_out.discard)(sid)
+        crm.live[sid] = replace(record, modified_at=crm.modified(data))
+        crm.dirty.add(sid)
+        return
     if op == "delete":
         crm.deleted[sid] = (crm.live.pop(sid), now)
         crm.deleted_since_sync[sid] = now
@@ -103,9 +116,12 @@ def apply_change(crm: Crm, data) -> None:
             else {"stage": CLOSED_STAGE[record.status] + data.draw(st.sampled_from(("", " (final)")), label="s")}
     elif op == "close":
         status = data.draw(st.sampled_from(("won", "lost")), label="close as")
-        changes = {"status": status, "stage": CLOSED_STAGE[status]}
+        changes = {"status": status, "stage": CLOSED_STAGE[status], **close_fields(data, status, now)}
     elif op == "reopen":
-        changes = {"status": "open", "stage": data.draw(st.sampled_from(OPEN_STAGES), label="reopen stage")}
+        changes = {"status": "open", "stage": data.draw(st.sampled_from(OPEN_STAGES), label="reopen stage"),
+                   "crm_closed_at": None, "crm_closed_at_field": None}
+    elif op == "close_time":  # the CRM's close time corrected (or set / cleared) on a closed record
+        changes = close_fields(data, record.status, now - timedelta(days=3))
     elif op == "nul":  # a NUL byte appears in / disappears from the text: the stored (cleaned) value is the same
         name = record.project_name or ""
         changes = {"project_name": name.replace("\x00", "") if "\x00" in name else name[:1] + "\x00" + name[1:]}
@@ -118,14 +134,33 @@ def apply_change(crm: Crm, data) -> None:
     crm.dirty.add(sid)
 
 
+def close_fields(data, status: str, at: datetime) -> dict:
+    """The CRM's own close time of a closed record: present (the CRM field), or absent (the fallback)."""
+    if status == "open" or not data.draw(st.booleans(), label="crm close time"):
+        return {"crm_closed_at": None, "crm_closed_at_field": None}
+    return {"crm_closed_at": at, "crm_closed_at_field": CLOSE_FIELD}
+
+
+def scope_verdicts(crm: Crm, records) -> dict[str, str]:
+    verdicts = {}
+    for r in records:
+        if r.source_id in crm.filtered_out:
+            verdicts[r.source_id] = "filtered_out"
+        elif crm.stage_trigger and r.stage == OPEN_STAGES[0]:
+            verdicts[r.source_id] = "before_stage"
+    return verdicts
+
+
 def build_extract(crm: Crm, data, mode: str) -> Extract:
     if mode == "full":
+        # the filtered read, plus the records that no longer match, read by id (what sync.py does for the
+        # ids it expected; reading all of them here is a superset: unknown ones are ignored either way)
         included = sorted(crm.live)
-    else:
-        unchanged = sorted(set(crm.live) - crm.dirty)
+    else:  # the filtered incremental read never sees records that do not match
+        unchanged = sorted(set(crm.live) - crm.dirty - crm.filtered_out)
         overlap = data.draw(st.lists(st.sampled_from(unchanged), unique=True, max_size=3), label="overlap") \
             if unchanged else []
-        included = sorted(crm.dirty & set(crm.live)) + overlap
+        included = sorted((crm.dirty & set(crm.live)) - crm.filtered_out) + overlap
     records = [crm.live[sid] for sid in included]
     open_page = [r for r in records if r.status == "open"]
     closed_page = [r for r in records if r.status != "open"]
@@ -157,7 +192,7 @@ def build_extract(crm: Crm, data, mode: str) -> Extract:
             sid = included[0] if included else None
             if sid:
                 deletes.append((sid, crm.clock))
-    return Extract(mode, [(s, p) for s, p in pages if p], deletes)
+    return Extract(mode, [(s, p) for s, p in pages if p], deletes, scopes=scope_verdicts(crm, records))
 
 
 def compare(engine, model: Model) -> None:
@@ -180,6 +215,7 @@ def test_engine_matches_the_reference_model(engine, data):
     empty_tables(engine)
     syncs = 0
     crm, model = Crm(), Model()
+    crm.stage_trigger = data.draw(st.booleans(), label="stage trigger")
     for run in range(data.draw(st.integers(1, 5), label="syncs")):
         for _ in range(data.draw(st.integers(0, 6), label="changes")):
             apply_change(crm, data)
@@ -192,7 +228,7 @@ def test_engine_matches_the_reference_model(engine, data):
         try:
             expected = model.reconcile(run_id=run_id, mode=mode, staged=staged, deletes=extract.deletes,
                                        observed_at=observed, recorded_at=observed + timedelta(minutes=1),
-                                       max_delete_share=share)
+                                       max_delete_share=share, scopes=extract.scopes)
         except DeleteGuardRefused:
             hypothesis.event("a full sync refused by the delete guard")
             with pytest.raises(DeleteGuardRefused):

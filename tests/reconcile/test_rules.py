@@ -76,11 +76,22 @@ def test_changed_values_make_an_updated_event_listing_the_fields_and_a_new_versi
 
 def test_a_stage_change_records_old_and_new_stage(engine):
     sync(engine, "r1", full(opp("a")), T0)
-    sync(engine, "r2", full(opp("a", stage="Negotiation", modified_at=MOD2)), T1)
-    assert event_types(engine, "r2") == [("a", "stage_changed"), ("a", "updated")]
+    result = sync(engine, "r2", full(opp("a", stage="Negotiation", modified_at=MOD2)), T1)
+    # one kind of change, one event: the move is not also an `updated`
+    assert event_types(engine, "r2") == [("a", "stage_changed")]
     event = only_event(engine, "r2", "a", "stage_changed")
     assert (event["old_value"], event["new_value"], event["occurred_at"]) == ("Prospecting", "Negotiation", MOD2)
-    assert only_event(engine, "r2", "a", "updated")["changed_fields"] == "stage"
+    assert (event["changed_fields"], event["change_id"]) == ("stage", "r2:a")
+    assert (result.stage_changed, result.updated) == (1, 0)
+
+
+def test_a_stage_move_with_another_edit_is_one_event_per_kind_sharing_a_change_id(engine):
+    sync(engine, "r1", full(opp("a")), T0)
+    result = sync(engine, "r2", full(opp("a", stage="Negotiation", amount=7.0, modified_at=MOD2)), T1)
+    assert event_types(engine, "r2") == [("a", "stage_changed"), ("a", "updated")]
+    assert only_event(engine, "r2", "a", "updated")["changed_fields"] == "amount"
+    assert {e["change_id"] for e in events(engine, "r2")} == {"r2:a"}
+    assert (result.stage_changed, result.updated) == (1, 1)
 
 
 @pytest.mark.parametrize("status", ["won", "lost"])
@@ -88,17 +99,20 @@ def test_open_to_closed_is_closed_won_or_lost(engine, status):
     sync(engine, "r1", full(opp("a")), T0)
     result = sync(engine, "r2", full(opp("a", status=status, modified_at=MOD2)), T1)
     assert result.closed == 1
-    assert event_types(engine, "r2") == [("a", f"closed_{status}"), ("a", "stage_changed"), ("a", "updated")]
+    # the close alone: its stage move is part of it, not a stage_changed or an updated
+    assert event_types(engine, "r2") == [("a", f"closed_{status}")]
     event = only_event(engine, "r2", "a", f"closed_{status}")
     assert (event["old_value"], event["new_value"], event["occurred_at"]) == ("open", status, MOD2)
-    assert current(engine)["a"]["closed_at"] == MOD2
+    assert event["changed_fields"] == "status,stage"
+    assert (current(engine)["a"]["closed_at"], current(engine)["a"]["closed_at_source"]) == (MOD2, "modified_at")
+    assert (result.updated, result.stage_changed) == (0, 0)
 
 
 def test_closed_to_open_is_reopened_and_clears_closed_at(engine):
     sync(engine, "r1", full(opp("a", status="won", modified_at=MOD1)), T0)
     result = sync(engine, "r2", full(opp("a", modified_at=MOD2)), T1)
     assert result.reopened == 1
-    assert event_types(engine, "r2") == [("a", "reopened"), ("a", "stage_changed"), ("a", "updated")]
+    assert event_types(engine, "r2") == [("a", "reopened")]
     event = only_event(engine, "r2", "a", "reopened")
     assert (event["old_value"], event["new_value"]) == ("won", "open")
     row = current(engine)["a"]
@@ -127,8 +141,7 @@ def test_a_restored_record_that_changed_meanwhile_is_restored_and_updated(engine
     sync(engine, "r1", full(opp("a"), opp("b"), opp("c")), T0)
     sync(engine, "r2", full(opp("b"), opp("c")), T1)
     sync(engine, "r3", full(opp("a", status="lost", modified_at=MOD2), opp("b"), opp("c")), T2)
-    assert event_types(engine, "r3") == [("a", "closed_lost"), ("a", "restored"), ("a", "stage_changed"),
-                                         ("a", "updated")]
+    assert event_types(engine, "r3") == [("a", "closed_lost"), ("a", "restored")]
     assert current(engine)["a"]["closed_at"] == MOD2
 
 
@@ -302,4 +315,4 @@ def test_a_warehouse_synced_under_an_older_mapping_is_rebaselined_without_update
     assert "re-baselined" in warnings and version == MAPPING_VERSION
     sync(engine, "r3", full(opp("a", stage="Negotiation", stage_id="75698715", modified_at=MOD2),
                             opp("b", status="won", stage="Closed Won", stage_id="closedwon", modified_at=MOD2)), T2)
-    assert event_types(engine, "r3") == [("a", "stage_changed"), ("a", "updated")]
+    assert event_types(engine, "r3") == [("a", "stage_changed")]

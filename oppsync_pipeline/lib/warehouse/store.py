@@ -305,7 +305,8 @@ def record_run(conn: Connection, run: dict[str, Any]) -> None:
     conn.execute(text(f"DELETE FROM {S}.sync_runs WHERE run_id = :run_id"), {"run_id": run["run_id"]})
     cols = ["run_id", "connection", "crm", "mode", "started_at", "finished_at", "status", "fetched", "created",
             "updated", "closed", "reopened", "deleted", "restored", "skipped", "api_requests", "retries",
-            "seconds_waited", "quota_used", "quota_limit", "error", "token_requests", "warnings"]
+            "seconds_waited", "quota_used", "quota_limit", "error", "token_requests", "warnings", "stage_changed",
+            "left_scope", "entered_scope", "scope_fingerprint"]
     conn.execute(text(f"INSERT INTO {S}.sync_runs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
                  {c: run.get(c) for c in cols})
 

@@ -131,3 +131,35 @@ def test_the_duckdb_warehouse_is_written_in_small_row_groups(duckdb_url: str):
         groups = conn.execute(text(
             f"SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('{SCHEMA}.stage_opportunities')")).scalar()
     assert groups >= 3
+
+
+def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehouse_url: str):
+    """Migration 5 rewrites the overlapping events of the old model (a close wrote closed_*, stage_changed and
+    updated; a stage move stage_changed and updated) to one event per kind of change, with change ids."""
+    engine = make_engine(warehouse_url)
+    _migrate_to(engine, 4)
+    _seed(engine)
+    with transaction(engine) as conn:
+        conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET closed_at = :t WHERE source_id = '002'"), {"t": T0})
+        old_events = [  # (run, source, type, changed_fields)
+            ("r1", "a", "closed_won", None), ("r1", "a", "stage_changed", None),
+            ("r1", "a", "updated", "stage,stage_id,status,amount"),
+            ("r2", "b", "stage_changed", None), ("r2", "b", "updated", "stage"),
+            ("r3", "c", "updated", "amount,owner_crm_id"), ("r3", "d", "reopened", None),
+            ("r3", "d", "stage_changed", None), ("r3", "d", "updated", "stage,crm_status,status")]
+        for run, sid, kind, fields in old_events:
+            conn.execute(text(f"""
+                INSERT INTO {SCHEMA}.opportunity_events (event_id, connection, crm, source_id, event_type,
+                                                         occurred_at, recorded_at, run_id, changed_fields)
+                VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
+                         {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields})
+    assert ensure_schema(engine) == [5]
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT run_id, source_id, event_type, changed_fields, change_id "
+                                 f"FROM {SCHEMA}.opportunity_events")).all()
+        opps = conn.execute(text(f"SELECT source_id, closed_at_source, in_scope FROM {SCHEMA}.opportunities")).all()
+    assert sorted(tuple(r) for r in rows) == [
+        ("r1", "001", "created", None, "r1:001"), ("r1", "a", "closed_won", None, "r1:a"), ("r1", "a", "updated", "amount", "r1:a"),
+        ("r2", "b", "stage_changed", None, "r2:b"),
+        ("r3", "c", "updated", "amount,owner_crm_id", "r3:c"), ("r3", "d", "reopened", None, "r3:d")]
+    assert sorted(tuple(r) for r in opps) == [("001", None, True), ("002", "modified_at", True)]

@@ -25,6 +25,7 @@ from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
+from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
 from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
@@ -59,6 +60,7 @@ class ExtractOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    scope_fingerprint: str | None = None
 
 
 @dataclass
@@ -90,6 +92,10 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         raise ValueError(f"mode must be full, incremental or auto, not {mode!r}")
     synced_before, mapping_version = store.state_mapping_version(engine, conn.name)
     remap = synced_before and (mapping_version or 0) < MAPPING_VERSION
+    # The scope this run reads under; a different one than the last sync's is read in full (records that
+    # no longer match leave the scope, ones that match now enter it) and announced in the run's warnings.
+    fingerprint = scope_fingerprint(conn)
+    scope_changed = [] if state.scope_fingerprint in (None, fingerprint) else scope_changes(state.scope, conn)
     if mode == "auto":
         mode = "incremental" if state.cursor is not None else "full"
     if remap and mode == "incremental":
@@ -98,8 +104,12 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         log.warning("%s: last synced under mapping version %s, now %s: running a full re-baseline sync",
                     conn.name, mapping_version, MAPPING_VERSION)
         mode = "full"
+    if scope_changed and mode == "incremental":
+        log.warning("%s: the connection's scope changed (%s): running a full sync", conn.name,
+                    "; ".join(scope_changed))
+        mode = "full"
     since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
-    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since)
+    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since, scope_fingerprint=fingerprint)
     store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
     secrets: dict[str, str] = {}
     try:
@@ -107,8 +117,12 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         connector.resume_token = state.resume_token
         secrets = connector.credentials
         connector.prepare()
+        if scope_changed:
+            connector.stats.warn("scope changed since the last sync (" + "; ".join(scope_changed) + "): read in "
+                                 "full; records that no longer match left the scope, none were deleted for it")
+        trigger = StageTrigger.resolve(conn, connector.stages())
         store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
-                            started_at=started, since=since)
+                            started_at=started, since=since, scope_fingerprint=fingerprint, scope=scope_text(conn))
         # Internal users and their links come from configuration; attribution is computed at read time, so
         # a link added later credits past opportunities too.
         store.save_directory(engine, cfg, started)
@@ -122,7 +136,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             nonlocal seq, max_modified
             for open_set in (True, False):
                 for page in connector.opportunities(open_set=open_set, since=read_since):
-                    staging.add(page, open_set, seq)
+                    staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
                     seq += len(page)
                     if counted:
                         counts["open" if open_set else "closed"] += len(page)
@@ -138,13 +152,16 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             # each record's latest version.
             run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
             read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
+            staging.flush()
+            seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out)
         staging.flush()
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
-        out.counts, out.stats, out.status = counts, connector.stats.as_metadata(), "complete"
+        out.counts, out.status = counts, "complete"
+        out.stats = {**connector.stats.as_metadata(), **out.stats}
         store.finish_extract(engine, run_id, status="complete", finished_at=utcnow(), new_cursor=out.new_cursor,
                              counts=counts, stats=out.stats, resume_token=connector.resume_token)
     except QuotaExhausted as err:
@@ -159,6 +176,27 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     finally:
         out.seconds = time.monotonic() - t0
     return out
+
+
+def _read_missing_by_id(engine: Engine, connector: CrmConnector, staging: store.StagingWriter, run_id: str,
+                        connection: str, trigger: StageTrigger | None, seq: int, out: ExtractOutcome) -> int:
+    """A full sync's check of the ids it expected and did not read: read them by id WITHOUT the connection's
+    filters. Found and matching the filters: staged as usual (they moved between the sets unseen); found
+    and not matching: staged as `filtered_out` (the reconcile records left_scope, never a delete); not
+    found: the CRM no longer has them, and the reconcile infers their deletion."""
+    missing = store.missing_ids(engine, run_id, connection)
+    found = out_of_scope = 0
+    for page in connector.fetch_by_ids(missing) if missing else ():
+        scopes = [verdict(o, trigger, connector.matches_filters(o)) for o in page]
+        for open_set in (True, False):
+            part = [(o, v) for o, v in zip(page, scopes) if (o.status == "open") == open_set]
+            if part:
+                staging.add([o for o, _ in part], open_set, seq, [v for _, v in part])
+                seq += len(part)
+        found += len(page)
+        out_of_scope += sum(1 for v in scopes if v == store.SCOPE_FILTERED_OUT)
+    out.stats.update(read_by_id=len(missing), found_by_id=found, out_of_scope_by_id=out_of_scope)
+    return seq
 
 
 class ExtractFailed(Exception):

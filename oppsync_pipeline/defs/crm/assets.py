@@ -107,13 +107,16 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
 def _extract_metadata(out: ExtractOutcome) -> dict:
     stats = out.stats
     return {
-        "mode": out.mode, "rows_fetched_open": out.counts.get("open", 0),
+        "mode": out.mode, "scope": out.scope_fingerprint or "none", "rows_fetched_open": out.counts.get("open", 0),
         "rows_fetched_not_open": out.counts.get("closed", 0), "deletes_from_feed": out.counts.get("deleted", 0),
         "since": str(out.since) if out.since else "full read", "api_requests": stats.get("api_requests", 0),
         "retries": stats.get("retries", 0), "rate_limited_responses": stats.get("rate_limited_responses", 0),
         "seconds_waited_on_rate_limits": stats.get("seconds_waited_on_rate_limits", 0.0),
         "token_refreshes": stats.get("token_refreshes", 0),
         "token_requests": stats.get("token_requests", 0),
+        # a full sync reads the ids it expected and did not see by id: out of scope (kept) or gone (deleted)
+        "read_by_id": stats.get("read_by_id", 0), "found_by_id": stats.get("found_by_id", 0),
+        "out_of_scope_by_id": stats.get("out_of_scope_by_id", 0),
         "warnings": "\n".join(stats.get("warnings") or []) or "none",
         "quota_used": stats.get("quota_used") if stats.get("quota_used") is not None else "not reported",
         "quota_limit": stats.get("quota_limit") if stats.get("quota_limit") is not None else "not reported",

@@ -268,6 +268,53 @@ def _m5_history_truth(conn: Connection) -> None:
                 ("sync_runs", "entered_scope", "INTEGER"), ("sync_runs", "scope_fingerprint", "TEXT")]
     for table, column, type_ in columns:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}"))
+    conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET in_scope = TRUE WHERE in_scope IS NULL"))
+    # closes recorded so far were dated by the record's last edit (the next sync's re-baseline corrects them)
+    conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET closed_at_source = 'modified_at' "
+                      "WHERE closed_at IS NOT NULL AND closed_at_source IS NULL"))
+    _rewrite_events_to_one_event_model(conn)
+
+
+# The tracked fields a status transition owns, and those a stage move owns (reconcile.py's event model).
+_STATUS_OWNED = {"status", "stage", "stage_id", "crm_status", "crm_closed_at"}
+_STAGE_OWNED = {"stage", "stage_id", "crm_status"}
+
+
+def _rewrite_events_to_one_event_model(conn: Connection) -> None:
+    """Events written before version 5 overlapped: a close wrote closed_*, stage_changed and updated (listing
+    status and stage); a stage move stage_changed and updated (listing stage). Rewritten to one event per kind:
+    the stage_changed of a close or reopen is dropped, the fields another event owns leave `updated` (which
+    goes when nothing is left), and the events of one run and record share a change_id."""
+    e = f"{SCHEMA}.opportunity_events"
+    conn.execute(text(f"UPDATE {e} SET change_id = run_id || ':' || source_id WHERE change_id IS NULL"))
+    status_kinds = "('closed_won', 'closed_lost', 'reopened')"
+    rows = conn.execute(text(f"""
+        SELECT u.event_id, u.changed_fields,
+               EXISTS (SELECT 1 FROM {e} x WHERE x.change_id = u.change_id AND x.connection = u.connection
+                       AND x.event_type IN {status_kinds}) AS status_event,
+               EXISTS (SELECT 1 FROM {e} x WHERE x.change_id = u.change_id AND x.connection = u.connection
+                       AND x.event_type = 'stage_changed') AS stage_event
+        FROM {e} u WHERE u.event_type = 'updated'""")).all()
+    rewritten = []
+    for event_id, fields, status_event, stage_event in rows:
+        owned = _STATUS_OWNED if status_event else _STAGE_OWNED if stage_event else set()
+        kept = [f for f in (fields or "").split(",") if f and f not in owned]
+        if len(kept) != len([f for f in (fields or "").split(",") if f]):
+            rewritten.append((event_id, ",".join(kept)))
+    conn.execute(text(f"""
+        DELETE FROM {e} WHERE event_type = 'stage_changed' AND EXISTS (
+            SELECT 1 FROM {e} x WHERE x.change_id = {e}.change_id AND x.connection = {e}.connection
+            AND x.event_type IN {status_kinds})"""))
+    if not rewritten:
+        return
+    from oppsync_pipeline.lib.warehouse.engine import bulk_insert  # engine.py imports this module
+
+    conn.execute(text("CREATE TEMPORARY TABLE m5_updated (event_id TEXT, changed_fields TEXT)"))
+    bulk_insert(conn, "m5_updated", ["event_id", "changed_fields"], rewritten)
+    conn.execute(text(f"DELETE FROM {e} WHERE event_id IN (SELECT event_id FROM m5_updated WHERE changed_fields = '')"))
+    conn.execute(text(f"""UPDATE {e} SET changed_fields = m.changed_fields FROM m5_updated m
+                          WHERE {e}.event_id = m.event_id AND m.changed_fields <> ''"""))
+    conn.execute(text("DROP TABLE m5_updated"))
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [

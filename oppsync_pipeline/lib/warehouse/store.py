@@ -94,17 +94,33 @@ class SyncState:
     last_full_sync_at: datetime | None = None
     last_success_at: datetime | None = None
     resume_token: str | None = None
+    scope_fingerprint: str | None = None   # the scope of the last successful sync (scope.py)
+    scope: str | None = None
 
 
 def get_state(engine: Engine, connection: str) -> SyncState:
     with transaction(engine) as conn:
-        row = conn.execute(text(f"SELECT cursor, last_full_sync_at, last_success_at, resume_token "
-                                f"FROM {S}.sync_state WHERE connection = :c"), {"c": connection}).first()
+        row = conn.execute(text(f"SELECT cursor, last_full_sync_at, last_success_at, resume_token, "
+                                f"scope_fingerprint, scope FROM {S}.sync_state WHERE connection = :c"),
+                           {"c": connection}).first()
     return SyncState(*row) if row else SyncState()
 
 
+def missing_ids(engine: Engine, extract_id: str, connection: str) -> list[str]:
+    """The connection's opportunities not deleted in the warehouse that this extract did not stage: a full
+    sync reads them by id to tell the ones that left its scope from the ones the CRM no longer has."""
+    with transaction(engine) as conn:
+        return list(conn.execute(text(f"""
+            SELECT o.source_id FROM {S}.opportunities o
+            WHERE o.connection = :c AND o.deleted_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM {S}.stage_opportunities s
+                              WHERE s.extract_id = :x AND s.source_id = o.source_id)
+            ORDER BY o.source_id"""), {"c": connection, "x": extract_id}).scalars())
+
+
 def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str,
-                  started_at: datetime, since: datetime | None) -> None:
+                  started_at: datetime, since: datetime | None, scope_fingerprint: str | None = None,
+                  scope: str | None = None) -> None:
     with transaction(engine) as conn:
         # A new extract supersedes every earlier one of the connection that was not reconciled (crashed runs,
         # or a completed extract whose reconcile never happened): their staged rows are garbage.
@@ -117,8 +133,10 @@ def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str,
         conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE connection = :c"), p)
         conn.execute(text(f"DELETE FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id})
         conn.execute(text(f"INSERT INTO {S}.extracts (extract_id, connection, crm, mode, status, started_at, "
-                          "since_cursor) VALUES (:x, :c, :crm, :m, 'running', :s, :since)"),
-                     {"x": extract_id, "c": connection, "crm": crm, "m": mode, "s": started_at, "since": since})
+                          "since_cursor, scope_fingerprint, scope) "
+                          "VALUES (:x, :c, :crm, :m, 'running', :s, :since, :fp, :scope)"),
+                     {"x": extract_id, "c": connection, "crm": crm, "m": mode, "s": started_at, "since": since,
+                      "fp": scope_fingerprint, "scope": scope})
 
 
 # How DuckDB computes record.row_hash itself while it inserts a staged batch: the same text of each value,

@@ -3,6 +3,8 @@
 -- closed_won / closed_lost event ("owner at the event"), falling back to the current owner.
 -- When the stage mapping makes a deal won / lost although the CRM status is still open (no close event),
 -- the first SCD2 version of the current closed streak supplies the time (its CRM modified_at) and owner.
+-- closed_at_source: the CRM field the close time came from (e.g. actualclosedate), 'modified_at' / 'observed'
+-- where the CRM has none, 'stage_mapping' for the history-based time above.
 -- One row per opportunity whose stage_category is won or lost.
 with
 
@@ -118,6 +120,10 @@ final as (
             when o.closed_at is not null then o.closed_at
             else coalesce(s.changed_at, o.modified_at, o.last_seen_at)
         end as closed_at,
+        case
+            when o.closed_at is not null then coalesce(o.closed_at_source, 'modified_at')
+            else 'stage_mapping'
+        end as closed_at_source,
         case
             when o.closed_at is not null and e.source_id is not null then e.owner_crm_id
             when o.closed_at is not null then o.owner_crm_id

@@ -65,6 +65,8 @@ joined as (
         o.status,
         o.deleted_at is not null as is_deleted,
         o.deleted_at,
+        o.in_scope as is_in_scope,
+        o.scope_changed_at,
         o.amount,
         o.currency,
         o.close_date,
@@ -76,6 +78,7 @@ joined as (
         coalesce(creator_attr.user_id, '{{ var("unmapped_user_id") }}') as created_by_user_id,
         coalesce(creator_attr.user_name, '{{ var("unmapped_user_name") }}') as created_by_user_name,
         c.closed_at,
+        c.closed_at_source,
         c.owner_at_close_crm_id,
         case
             when c.source_id is null then null
@@ -121,7 +124,12 @@ final as (
     select
         *,
         {{ to_reporting_tz('created_at') }} as created_at_local,
-        {{ to_reporting_tz('closed_at') }} as closed_at_local
+        -- a close time the CRM keeps as a date (Salesforce CloseDate) is that local day, not a UTC midnight
+        case
+            when closed_at_source in ({{ "'" ~ var('date_only_close_sources') | join("', '") ~ "'" }})
+                then cast(closed_at as timestamp)
+            else {{ to_reporting_tz('closed_at') }}
+        end as closed_at_local
     from joined
 
 )

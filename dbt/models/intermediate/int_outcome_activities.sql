@@ -1,13 +1,15 @@
 -- The credited activities behind marts.outcomes, one row per (opportunity, activity):
 --   created -> the CREATOR (created_by_user_id) at created_at;
 --   won / lost -> the OWNER AT CLOSE (owner_at_close_user_id) at closed_at.
--- Deleted opportunities are excluded (they stay visible in marts.opportunities with is_deleted).
+-- Deleted opportunities and those out of the connection's scope are excluded (they stay visible in
+-- marts.opportunities with is_deleted / is_in_scope).
 with
 
 opportunities as (
 
     select * from {{ ref('int_opportunities__enriched') }}
     where not is_deleted
+        and is_in_scope
 
 ),
 

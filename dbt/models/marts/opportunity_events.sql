@@ -45,7 +45,8 @@ final as (
         cast(c.status as text) as crm_status,
         cast(c.changed_fields as text) as changed_fields,
         cast(c.old_value as text) as old_value,
-        cast(c.new_value as text) as new_value
+        cast(c.new_value as text) as new_value,
+        cast(c.change_id as text) as change_id
     from credited as c
     left join attribution as a
         on a.connection = c.connection

@@ -27,6 +27,8 @@ renamed as (
         cast(probability as double precision) as probability,
         cast(created_at as timestamp) as created_at,
         cast(created_by_crm_id as text) as created_by_crm_id,
+        cast(crm_closed_at as timestamp) as crm_closed_at,
+        cast(crm_closed_at_field as text) as crm_closed_at_field,
         cast(modified_at as timestamp) as modified_at,
         cast(raw as text) as raw_json,
         cast(row_hash as text) as row_hash,
@@ -34,7 +36,11 @@ renamed as (
         cast(first_seen_at as timestamp) as first_seen_at,
         cast(last_seen_at as timestamp) as last_seen_at,
         cast(closed_at as timestamp) as closed_at,
+        cast(closed_at_source as text) as closed_at_source,
         cast(deleted_at as timestamp) as deleted_at,
+        -- rows written before scopes existed were all in scope
+        cast(coalesce(in_scope, true) as boolean) as in_scope,
+        cast(scope_changed_at as timestamp) as scope_changed_at,
         cast(last_run_id as text) as last_run_id
 
     from source

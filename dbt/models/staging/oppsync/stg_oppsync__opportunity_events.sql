@@ -23,7 +23,8 @@ renamed as (
         cast(owner_crm_id as text) as owner_crm_id,
         cast(created_by_crm_id as text) as created_by_crm_id,
         cast(amount as double precision) as amount,
-        cast(status as text) as status
+        cast(status as text) as status,
+        cast(change_id as text) as change_id
 
     from source
 

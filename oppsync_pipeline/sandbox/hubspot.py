@@ -954,6 +954,7 @@ class HubSpotSimulator(Simulator):
     def create_deal(self, req: Request) -> Response:
         body = req.json() or {}
         values = self._values(body.get("properties") or {}, None)
+        values.setdefault("close_date", None)   # a deal created without closedate has none (the world would draw one)
         account = None
         for a in body.get("associations") or []:
             acc = self._account_by_id.get(str((a.get("to") or {}).get("id")))

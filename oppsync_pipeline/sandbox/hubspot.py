@@ -14,6 +14,12 @@ What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
   `total`, a 400 when `after + limit` passes 10,000, the default property set when `properties` is not given,
   archived deals never returned. Ties on the sort property are ordered by hs_object_id (documented choice).
 - Deleting a deal archives it and does NOT bump `hs_lastmodifieddate`.
+- Close time: the calculated `hs_closed_won_date` / `hs_closed_lost_date` (read-only datetimes, ISO with ms and Z)
+  carry the world's `closed_at` while the deal stands in a closed-won / closed-lost stage, empty elsewhere;
+  `closedate` is the user's expected close date-time, which HubSpot fills with the close moment when a deal is
+  closed through the API with it empty.
+- Batch read `POST /crm/v3/objects/deals/batch/read`: at most 100 inputs, `archived` as a query parameter; ids not
+  found (archived, unknown) are one OBJECT_NOT_FOUND entry of `errors` (`context.ids`) in a 207 Multi-Status.
 - Pipelines with stage `metadata.isClosed` / `metadata.probability` as STRINGS; the `default` sales pipeline plus a
   custom pipeline with numeric stage ids.
 - Owners carry `id` (owner id) and `userId` (user id); `hs_created_by_user_id` on deals is a USER id. Owners of
@@ -29,7 +35,7 @@ What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
 - Tenant variants (`VARIANTS`): an app without the optional scopes answers 403 `MISSING_SCOPES` in HubSpot's
   shape (`errors[].context.requiredGranularScopes`, `links.scopes`) on pipelines, owners, companies,
   associations and the properties API; a portal with custom deal properties; a portal whose stages were
-  relabelled (no stage id equals its label).
+  relabelled (no stage id equals its label); an older portal without the calculated close-time properties.
 - Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
   separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
   (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
@@ -69,10 +75,18 @@ TOKEN_SECONDS = 1800
 DEFAULT_PROPERTIES = ("dealname", "amount", "closedate", "pipeline", "dealstage", "createdate",
                       "hs_lastmodifieddate", "hs_object_id")
 COMPANY_DEFAULT_PROPERTIES = ("name", "domain", "createdate", "hs_lastmodifieddate", "hs_object_id")
-DATE_PROPERTIES = frozenset({"createdate", "hs_lastmodifieddate", "closedate"})
+DATE_PROPERTIES = frozenset({"createdate", "hs_lastmodifieddate", "closedate", "hs_closed_won_date",
+                             "hs_closed_lost_date"})
 NUMBER_PROPERTIES = frozenset({"amount", "hs_object_id", "hs_deal_stage_probability", "amount_in_home_currency"})
 READ_ONLY = frozenset({"hs_object_id", "hs_lastmodifieddate", "createdate", "hs_created_by_user_id",
-                       "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won"})
+                       "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won", "hs_closed_won_date",
+                       "hs_closed_lost_date"})
+# The calculated close-time properties, stamped by HubSpot when a deal enters a closed-won / closed-lost stage;
+# older portals do not list them (variant no_closed_won_date).
+CLOSE_TIME_PROPERTIES = {"hs_closed_won_date": "won", "hs_closed_lost_date": "lost"}
+BATCH_READ_MAX = 100
+# Where the simulator keeps the moment HubSpot filled an empty closedate on a close (not a deal property).
+CLOSEDATE_STAMP = "_closedate_filled_at"
 EPOCH = datetime(1970, 1, 1)
 ONE_MS = timedelta(milliseconds=1)
 PRIMARY_TYPE_ID, UNLABELED_TYPE_ID = 5, 341
@@ -103,6 +117,8 @@ VARIANTS: dict[str, str] = {
                           "company associations and the properties API answer 403 MISSING_SCOPES",
     "custom_fields": "a portal with custom deal properties (text, datetime, number, date, an enumeration stage, an "
                      "owner property) that a connection's `fields:` can point at",
+    "no_closed_won_date": "an older portal whose deal properties lack the calculated hs_closed_won_date and "
+                          "hs_closed_lost_date: asked for, they are left out; searched on, a 400",
     "renamed_stages": "the admin relabelled the default pipeline's stages and added a renewals pipeline: no stage id "
                       "is its label (internal names and numeric ids)",
 }
@@ -149,6 +165,8 @@ STANDARD_PROPERTIES: dict[str, tuple[str, str, str]] = {
     "hs_priority": ("enumeration", "select", "Priority"),
     "hs_analytics_source": ("enumeration", "select", "Original Traffic Source"),
     "hubspot_team_id": ("enumeration", "select", "HubSpot Team"),
+    "hs_closed_won_date": ("datetime", "date", "Closed Won Date (Internal)"),
+    "hs_closed_lost_date": ("datetime", "date", "Closed Lost Date"),
     "hs_date_entered_closedwon": ("datetime", "date", "Date entered 'Closed Won'"),
     "hs_date_entered_closedlost": ("datetime", "date", "Date entered 'Closed Lost'"),
     "notes_last_updated": ("datetime", "date", "Last Activity Date"),
@@ -321,7 +339,10 @@ class HubSpotSimulator(Simulator):
         self._user_by_owner = {u.native_id: u for u in world.users}
         self._account_by_id = {a.native_id: a for a in world.accounts}
         self.custom_properties = dict(CUSTOM_PROPERTIES) if variant == "custom_fields" else {}
-        self._property_names = frozenset(STANDARD_PROPERTIES) | frozenset(self.custom_properties)
+        standard = frozenset(STANDARD_PROPERTIES)
+        if variant == "no_closed_won_date":
+            standard -= frozenset(CLOSE_TIME_PROPERTIES)
+        self._property_names = standard | frozenset(self.custom_properties)
         if self.custom_properties:
             for opp in world.opps.values():
                 opp.extra = {**custom_values(opp, world), **(opp.extra or {})}
@@ -598,6 +619,9 @@ class HubSpotSimulator(Simulator):
         if name == "closedate":
             if opp.close_date is None:
                 return None
+            stamped = (opp.extra or {}).get(CLOSEDATE_STAMP)
+            if stamped is not None:   # filled by HubSpot on the close: the close moment itself
+                return iso_ms(stamped)
             hour = opp.seq % 24  # a UTC date-time: late-evening ones fall on the next day in the Americas
             return f"{opp.close_date.isoformat()}T{hour:02d}:00:00Z"
         if name == "createdate":
@@ -618,6 +642,9 @@ class HubSpotSimulator(Simulator):
             return "true" if w.stages[opp.stage].is_closed else "false"
         if name == "hs_is_closed_won":
             return "true" if w.stages[opp.stage].is_won else "false"
+        if name in CLOSE_TIME_PROPERTIES:
+            # set on entering a closed-won (closed-lost) stage, empty while the deal is anywhere else
+            return iso_ms(opp.closed_at) if w.status(opp) == CLOSE_TIME_PROPERTIES[name] else None
         if opp.extra and name in opp.extra:
             v = opp.extra[name]
             if v is None or isinstance(v, str):
@@ -693,15 +720,34 @@ class HubSpotSimulator(Simulator):
                                              archived))
 
     def batch_read_deals(self, req: Request) -> Response:
+        """`POST /crm/v3/objects/deals/batch/read?archived=false|true`: at most 100 inputs; `archived` is a query
+        parameter (default false: live deals only; true: archived ones only). Ids not found among those (never
+        existed, or on the other side of `archived`) are one OBJECT_NOT_FOUND entry of `errors`, listing them
+        in `context.ids`, and the answer is 207 Multi-Status; all found: 200."""
         body = req.json() or {}
         inputs = body.get("inputs") or []
-        if len(inputs) > 100:
-            raise HttpError(400, "VALIDATION_ERROR", "Batch read is limited to 100 inputs")
+        if len(inputs) > BATCH_READ_MAX:
+            raise HttpError(400, "VALIDATION_ERROR", f"Batch read is limited to {BATCH_READ_MAX} inputs")
+        if body.get("idProperty"):
+            raise HttpError(400, "VALIDATION_ERROR", "idProperty is not modelled by this simulator")
+        archived = (req.arg("archived", "false") or "false").lower() == "true"
         started = iso_ms(self.world.clock.now())
-        results = [self._deal_json(self.world.opps[i["id"]], body.get("properties"))
-                   for i in inputs if self.world.get(str(i.get("id"))) is not None]
-        return Response.json({"status": "COMPLETE", "results": results, "startedAt": started,
-                              "completedAt": iso_ms(self.world.clock.now())})
+        found, missing = [], []
+        for ident in dict.fromkeys(str(i.get("id")) for i in inputs):
+            opp = self.world.opps.get(ident)
+            if opp is None or (opp.deleted_at is not None) != archived:
+                missing.append(ident)
+            else:
+                found.append(self._deal_json(opp, body.get("properties"), archived=archived))
+        out: dict[str, Any] = {"status": "COMPLETE", "results": found, "startedAt": started,
+                               "completedAt": iso_ms(self.world.clock.now())}
+        if not missing:
+            return Response.json(out)
+        out["numErrors"] = 1
+        out["errors"] = [{"status": "error", "category": "OBJECT_NOT_FOUND",
+                          "message": "Could not get some DEAL objects, they may be deleted or not exist. "
+                                     "Check that ids are valid.", "context": {"ids": missing}}]
+        return Response.json(out, 207)
 
     # -- deals: search ----------------------------------------------------------------------------------------------
 
@@ -888,6 +934,7 @@ class HubSpotSimulator(Simulator):
                 values["stage"] = st.key
             elif k == "closedate":
                 values["close_date"] = None if v in (None, "") else (EPOCH + timedelta(milliseconds=_to_ms(v))).date()
+                values[CLOSEDATE_STAMP] = None
             elif k == "hubspot_owner_id":
                 u = self._user_by_owner.get(str(v))
                 if u is None:
@@ -907,20 +954,29 @@ class HubSpotSimulator(Simulator):
     def create_deal(self, req: Request) -> Response:
         body = req.json() or {}
         values = self._values(body.get("properties") or {}, None)
+        values.setdefault("close_date", None)   # a deal created without closedate has none (the world would draw one)
         account = None
         for a in body.get("associations") or []:
             acc = self._account_by_id.get(str((a.get("to") or {}).get("id")))
             if acc is not None:
                 account = acc.idx
-        opp = self.world.create(account=account, **values)
+        opp = self._fill_closedate(self.world.create(account=account, **values))
         return Response.json(self._deal_json(opp, list(DEFAULT_PROPERTIES) + list(body.get("properties") or {})), 201)
 
     def update_deal(self, req: Request) -> Response:
         opp = self._get_deal(req.params["id"])
         props = (req.json() or {}).get("properties") or {}
         values = self._values(props, opp)
-        opp = self.world.update(opp.native_id, **values)
+        opp = self._fill_closedate(self.world.update(opp.native_id, **values))
         return Response.json(self._deal_json(opp, list(DEFAULT_PROPERTIES) + list(props)))
+
+    def _fill_closedate(self, opp: SimOpportunity) -> SimOpportunity:
+        """HubSpot sets an empty closedate to the moment a deal is closed (won or lost); a closedate already
+        set (the expected close date users keep) stays as it is."""
+        if opp.close_date is None and opp.closed_at is not None:
+            opp = self.world.update(opp.native_id, bump=False, close_date=opp.closed_at.date(),
+                                    **{CLOSEDATE_STAMP: opp.closed_at})
+        return opp
 
     def delete_deal(self, req: Request) -> Response:
         opp = self._get_deal(req.params["id"])
@@ -1107,6 +1163,18 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
     return HubSpotSimulator(world, faults, limits, variant=variant)
 
 
+def close_time_truth(simulator: HubSpotSimulator, opp: SimOpportunity) -> datetime | None:
+    """When HubSpot says the deal closed: the world's close time, except in portals without the calculated
+    properties (no_closed_won_date), where only `closedate` says it (the close moment only when HubSpot filled
+    an empty one on the close; else the date-time users keep)."""
+    if simulator.world.status(opp) == "open":
+        return None
+    if simulator.variant != "no_closed_won_date":
+        return opp.closed_at
+    text = simulator._property(opp, "closedate")
+    return None if text is None else datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
+
+
 def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
     """The portal's live deals as this API user reads them in HubSpot, computed from the simulator's own data.
 
@@ -1133,5 +1201,6 @@ def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
             "stage": opp.stage if refused else stage.label, "stage_id": opp.stage, "crm_status": opp.stage,
             "status": world.status(opp), "amount": opp.amount, "currency": opp.currency,
             "close_date": opp.close_date, "created_at": opp.created_at,
+            "crm_closed_at": close_time_truth(simulator, opp),
         }
     return out

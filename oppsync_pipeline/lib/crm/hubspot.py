@@ -29,6 +29,11 @@ pages past the 10,000-results cap of one search.
   `POST /crm/v3/objects/companies/batch/read` for the companies not seen yet in this run.
 - Owners: `hubspot_owner_id` is an owner id; `hs_created_by_user_id` is a USER id (owners.userId). `users()` yields
   one CrmUser per owner keyed by the user id with the owner id as alt id, archived owners included.
+- Close time (`crm_closed_at`): won deals by `hs_closed_won_date`, lost ones by `hs_closed_lost_date` (calculated
+  when the deal enters such a stage), else `closedate`; portals whose property list lacks the calculated ones
+  read `closedate` alone (a capability note, no warning).
+- Read by id (`fetch_by_ids`): `POST /crm/v3/objects/deals/batch/read?archived=false`, 100 ids per request; ids
+  HubSpot no longer has are OBJECT_NOT_FOUND entries of a 207 answer's `errors` and are simply absent.
 - Deletes: archived deals (`GET /crm/v3/objects/deals?archived=true`, `archivedAt`); archiving does not bump
   `hs_lastmodifieddate`, so incremental search never sees them.
 - Quota: `X-HubSpot-RateLimit-Daily` / `-Daily-Remaining` (non-search responses only); a 429 with
@@ -40,8 +45,8 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import requests
@@ -58,14 +63,25 @@ MAX_FILTERS_PER_GROUP = 10
 EPOCH = datetime(1970, 1, 1)
 PRIMARY_TYPE_ID = 5
 DATE_FIELDS = frozenset({"createdate", "closedate", "hs_lastmodifieddate", "notes_last_updated",
-                         "hs_date_entered_closedwon", "hs_date_entered_closedlost", "hs_lastactivitydate"})
+                         "hs_date_entered_closedwon", "hs_date_entered_closedlost", "hs_lastactivitydate",
+                         "hs_closed_won_date", "hs_closed_lost_date"})
 OAUTH_KEYS = ("client_id", "client_secret", "refresh_token")
 COMPANY_PROPERTIES = ["name", "address", "address2", "city", "state", "zip", "country"]
 DEAL_PROPERTIES = ["dealname", "amount", "dealstage", "pipeline", "closedate", "createdate", "hs_lastmodifieddate",
                    "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
-                   "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won"]
+                   "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won", "hs_closed_won_date",
+                   "hs_closed_lost_date"]
+# Where a closed deal's close time is read, first non-empty wins: the calculated property HubSpot stamps when the
+# deal enters a closed-won / closed-lost stage, else `closedate` (user-editable; HubSpot fills it on the close
+# when it is empty). Older portals lack the calculated ones in their property list: then `closedate` alone.
+CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {"won": ("hs_closed_won_date", "closedate"),
+                                                 "lost": ("hs_closed_lost_date", "closedate")}
+CALCULATED_CLOSE_TIME = ("hs_closed_won_date", "hs_closed_lost_date")
 # Optional reads: the capability name (with the scope it needs) and what the run does without it.
 PROPERTIES_READ = "deal properties (scope crm.schemas.deals.read)"
+CLOSE_TIME_READ = "close time (hs_closed_won_date / hs_closed_lost_date)"
+CLOSE_TIME_FALLBACK = ("not in this portal's deal properties: closed deals are dated by closedate (user-editable), "
+                       "and without it by the last modification")
 PIPELINES_READ = "deal pipelines (stage labels and closed/won flags)"
 OWNERS_READ = "owners (scope crm.objects.owners.read)"
 COMPANIES_READ = "companies and deal-company associations (scope crm.objects.companies.read)"
@@ -180,6 +196,7 @@ class HubSpotConnector(CrmConnector):
         "hs_deal_stage_probability", "hs_forecast_probability", "hs_is_closed", "hs_is_closed_won", "dealtype",
         "description", "hs_priority", "hs_analytics_source", "hubspot_team_id", "hs_closed_amount",
         "hs_date_entered_closedwon", "hs_date_entered_closedlost", "notes_last_updated", "hs_lastactivitydate",
+        "hs_closed_won_date", "hs_closed_lost_date",
     })
 
     observe = staticmethod(observe)
@@ -223,6 +240,7 @@ class HubSpotConnector(CrmConnector):
         `filters:` before the first query: a missing one is a permanent error naming it and the fix."""
         props = self.optional(PROPERTIES_READ, self._read_properties, None, fallback_text=PROPERTIES_FALLBACK)
         self._deal_properties = props
+        self._note_close_time(props)
         if props is None:
             return
         problems = [f"fields.{canonical}: deal property '{native}' does not exist in this HubSpot portal"
@@ -243,6 +261,21 @@ class HubSpotConnector(CrmConnector):
             kind = "owner" if meta.get("referencedObjectType") == "OWNER" else meta.get("type")
             shown = " (shown by option label)" if meta.get("options") and kind != "owner" else ""
             self.note(f"fields.{canonical}", True, f"read from '{native}' ({kind}){shown}")
+
+    def _note_close_time(self, props: dict[str, dict[str, Any]] | None) -> None:
+        """Whether closed deals can be dated by HubSpot's calculated close properties. Portals whose property
+        list lacks them (older portals) date them by `closedate`; never a failed run, and no warning: the
+        fallback is HubSpot's own close date."""
+        if props is None:
+            self.note(CLOSE_TIME_READ, True, "requested unchecked (properties API refused); a deal without them "
+                                             "is dated by closedate")
+            return
+        missing = [n for n in CALCULATED_CLOSE_TIME if n not in props]
+        if missing:
+            self.note(CLOSE_TIME_READ, False, f"{', '.join(missing)} {CLOSE_TIME_FALLBACK}")
+        else:
+            self.note(CLOSE_TIME_READ, True, "won deals by hs_closed_won_date, lost by hs_closed_lost_date, "
+                                             "else closedate")
 
     def _read_properties(self) -> dict[str, dict[str, Any]]:
         body = self.client.get_json("/crm/v3/properties/deals", params={"archived": "false"})
@@ -328,7 +361,7 @@ class HubSpotConnector(CrmConnector):
             seen.update(str(r["id"]) for r in records)
             page = [self._map(r) for r in self._with_companies(records)]
             if leftover:
-                page = [o for o in page if all(matches(f, _get(o.raw, f.field)) for f in leftover)]
+                page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
             if post_filter:
                 page = [o for o in page if (o.status == "open") == open_set]
             if page:
@@ -536,6 +569,8 @@ class HubSpotConnector(CrmConnector):
         if prob is None and info is not None and "probability" not in fields:
             prob = info.probability
         name_field = self.field("project_name", "dealname")
+        status = self.resolve_status(stage_name, props.get("dealstage") or None, flags)
+        closed_at, closed_field = close_time(props, status)
         return self.opportunity(
             rec["id"], raw,
             project_name=self._display(name_field, props.get(name_field)),
@@ -549,7 +584,7 @@ class HubSpotConnector(CrmConnector):
             stage=stage_name,
             stage_id=stage_id,
             crm_status=props.get("dealstage") or None,
-            status=self.resolve_status(stage_name, props.get("dealstage") or None, flags),
+            status=status,
             amount=parse_float(props.get(self.field("amount", "amount"))),
             currency=props.get("deal_currency_code") or None,
             close_date=parse_date(props.get(self.field("close_date", "closedate"))),
@@ -557,6 +592,8 @@ class HubSpotConnector(CrmConnector):
             created_at=parse_datetime(props.get(self.field("created_at", "createdate"))),
             created_by_crm_id=props.get(self.field("created_by_crm_id", "hs_created_by_user_id")) or None,
             modified_at=parse_datetime(props.get("hs_lastmodifieddate")),
+            crm_closed_at=closed_at,
+            crm_closed_at_field=closed_field,
         )
 
     # -- deletes -----------------------------------------------------------------------------------------------
@@ -579,6 +616,57 @@ class HubSpotConnector(CrmConnector):
             after = ((body.get("paging") or {}).get("next") or {}).get("after")
             if not after:
                 return
+
+    # -- read by id -------------------------------------------------------------------------------------------
+
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """The live deals among `ids`, read with `POST /crm/v3/objects/deals/batch/read` (100 inputs per
+        request, `archived=false`): no search, so neither the connection's filters nor a stage set apply, and
+        the search's per-second limit is not spent. Same properties, owners and companies as `opportunities`."""
+        self.prepare()
+        properties = self._properties()
+        self._owner_map()
+        wanted = list(dict.fromkeys(str(i) for i in ids))   # once each, in the caller's order
+        for start in range(0, len(wanted), BATCH_MAX):
+            records = self._batch_read(wanted[start:start + BATCH_MAX], properties)
+            if records:
+                yield [self._map(r) for r in self._with_companies(records)]
+
+    def _batch_read(self, ids: list[str], properties: list[str]) -> list[dict[str, Any]]:
+        """One batch read. Ids HubSpot no longer has (deleted, archived, never existed) come back as an
+        OBJECT_NOT_FOUND entry of `errors` in a 207 Multi-Status answer next to the found `results`
+        (developers.hubspot.com, "Multi-status errors"): absent, not an error. Any other entry fails the run."""
+        # `archived` is a query parameter of batch/read (HubSpot's OpenAPI spec), not a body field
+        body = self.client.post_json("/crm/v3/objects/deals/batch/read",
+                                     {"properties": properties, "inputs": [{"id": i} for i in ids]},
+                                     params={"archived": "false"})
+        other = [e for e in body.get("errors") or [] if e.get("category") != "OBJECT_NOT_FOUND"]
+        if other:
+            first = other[0]
+            raise CrmError(f"HubSpot refused part of a deal batch read ({len(other)} error(s)): "
+                           f"{first.get('category')}: {str(first.get('message') or '')[:300]}",
+                           status=400, code=str(first.get("category") or "BATCH_ERROR"), permanent=True)
+        asked = set(ids)
+        return [r for r in body.get("results") or [] if str(r.get("id")) in asked]
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """The deal property as HubSpot returned it (`raw["properties"]`)."""
+        return _get(raw, field)
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        return all(self._matches(f, opp.raw) for f in self.conn.filters)
+
+    def _matches(self, f: RecordFilter, raw: dict[str, Any]) -> bool:
+        """A filter evaluated in Python as deal search evaluates it: date properties compare as instants
+        (a filter value may be epoch milliseconds, an ISO date or a date-time), booleans as "true" / "false",
+        text case-insensitively; numbers as numbers (the shared `matches`)."""
+        date_like = self._is_date_property(f.field)
+        return matches(_search_form(f, date_like), _fold(self.filter_value(raw, f.field), date_like))
+
+    def _is_date_property(self, name: str) -> bool:
+        meta = (self._deal_properties or {}).get(name) or {}
+        return name in DATE_FIELDS or meta.get("type") in ("datetime", "date")
 
     # -- filters -----------------------------------------------------------------------------------------------
 
@@ -628,6 +716,42 @@ def _primary_company(to: list[dict[str, Any]]) -> str | None:
             return cid
         first = first or cid
     return first
+
+
+def _fold(value: Any, date_like: bool) -> Any:
+    """One side of a comparison in the form deal search compares it."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if date_like:
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return datetime.combine(value, datetime.min.time())
+        try:
+            return parse_datetime(value) if isinstance(value, (str, int, float, datetime)) else value
+        except ValueError:   # not a date: HubSpot would refuse such a filter; compare it as text
+            return str(value).lower()
+    if isinstance(value, str) and parse_float(value) is None:
+        return value.lower()
+    return value
+
+
+def _search_form(f: RecordFilter, date_like: bool) -> RecordFilter:
+    """The filter with its value(s) in the form `_fold` gives the record's value."""
+    if f.op == "in":
+        return f.model_copy(update={"value": [_fold(v, date_like) for v in f.value]})
+    return f.model_copy(update={"value": _fold(f.value, date_like)})
+
+
+def close_time(props: dict[str, Any], status: Status) -> tuple[datetime | None, str | None]:
+    """(when the deal closed, the property that said it) for a won / lost deal; (None, None) while open or when
+    no property has a value. HubSpot's date-times are UTC ISO strings (`2024-06-11T09:12:44.123Z`); a date-only
+    value (`2024-06-11`, a property written as a date) is taken as 00:00 UTC of that day."""
+    for name in CLOSE_TIME_FIELDS.get(status, ()):
+        value = props.get(name)
+        if value not in (None, ""):
+            return parse_datetime(value), name
+    return None, None
 
 
 def _get(raw: dict[str, Any], field: str) -> Any:

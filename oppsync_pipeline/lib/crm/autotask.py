@@ -413,7 +413,7 @@ class AutotaskConnector(CrmConnector):
         contacts, resources, close time)."""
         self.prepare()
         self._ensure_zone()
-        wanted = sorted({int(i) for i in ids if str(i).strip().isdigit()})
+        wanted = sorted({int(i) for i in ids if str(i).strip().isascii() and str(i).strip().isdigit()})
         for i in range(0, len(wanted), IDS_PER_IN):
             chunk = wanted[i:i + IDS_PER_IN]
             for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}]):

@@ -38,8 +38,14 @@ What it reproduces:
   countryID.
 - Tenant variants (`VARIANTS`, `build(variant=...)`): default, no_optional_rights (403 on every optional
   read), custom_statuses (relabelled and tenant-defined statuses, stage values that are not 1..n, deals in the
-  won stage while the status stays open), udf_fields (other user-defined fields). `truth(sim)` is the tenant as
-  its users see it, for the variant matrix test.
+  won stage while the status stays open), udf_fields (other user-defined fields), no_lost_date (an Opportunities
+  entity without lostDate). `truth(sim)` is the tenant as its users see it, for the variant matrix test.
+- Close time: `closedDate` (won: status Closed / Implemented) and `lostDate` (lost) are UTC datetimes in the
+  same format as `lastActivity`, from the world's `closed_at`; null while open, cleared on a reopen, moved on a
+  won <-> lost switch. Never the projected close date.
+- By id: `POST /V1.0/Opportunities/query` with `{"op": "in", "field": "id", "value": [...]}`; an `in` / `notIn`
+  listing more than 500 values is a 500 query error. Opportunities cannot be deleted through the API, and a
+  deleted one (control side) is simply absent from every query: Autotask keeps no recycle bin or tombstone.
 """
 
 from __future__ import annotations
@@ -129,6 +135,10 @@ VARIANTS = {
                        "the won stage while their status stays Open (seed 003)",
     "udf_fields": "user-defined fields Original Create Date, Original Creator, Territory, Deal Source, Renewal Of "
                   "(no Region)",
+    # The SOAP-era Opportunity entity had ClosedDate and no LostDate (opendns/autotask-php Opportunity.php);
+    # whether a REST tenant can still lack lostDate is unconfirmed [U]: this is the tenant the fallback is for.
+    "no_lost_date": "the Opportunities entity has closedDate but no lostDate (not in entityInformation/fields, "
+                    "not on records, a filter on it is a 500): lost opportunities carry no close time",
 }
 # What a security level without rights refuses (the optional reads). The body is Autotask's error shape.
 OPTIONAL_ENDPOINTS = ("thresholdinformation", "companies", "contacts", "resources", "countries",
@@ -143,6 +153,9 @@ class Tenant:
     udf_names: tuple[str, ...] = UDF_NAMES
     refused: frozenset[str] = frozenset()
     won_stage_while_open: bool = False
+    # Opportunities fields this tenant's entity does not have: not in entityInformation/fields, not on records,
+    # and a filter on them is Autotask's 500 "Unable to find ... in the Opportunity entity".
+    absent_fields: frozenset[str] = frozenset()
 
 
 def tenant(variant: str) -> Tenant:
@@ -154,6 +167,8 @@ def tenant(variant: str) -> Tenant:
         return Tenant(STATUSES, STAGES, EXTRA_UDF_NAMES)
     if variant == "no_optional_rights":
         return Tenant(STATUSES, STAGES, refused=frozenset(OPTIONAL_ENDPOINTS))
+    if variant == "no_lost_date":
+        return Tenant(STATUSES, STAGES, absent_fields=frozenset({"lostDate"}))
     return Tenant(STATUSES, STAGES)
 
 _ROOT = r"(?:/z(?P<zone>\d+))?/atservicesrest/v1\.0"
@@ -594,6 +609,11 @@ class AutotaskSimulator(Simulator):
                   "useQuoteTotals": "boolean", "onetimeRevenue": "double", "monthlyRevenue": "double",
                   "yearlyRevenue": "double", "opportunityCategoryID": "integer", "leadSource": "integer",
                   "rating": "integer"}
+        # closedDate / lostDate: datetimes (the swagger-generated clients type both time.Time: go-autotask
+        # entities/opportunities.go), set when the status becomes Closed / Implemented (won) or Lost, from the
+        # world's close time; None while open and after a reopen (crm-api-notes 5.5).
+        absent = self.tenant.absent_fields
+        fields = {k: v for k, v in fields.items() if k not in absent}
 
         def ids() -> list[int]:
             return sorted(int(o.native_id) for o in w.live())
@@ -608,7 +628,7 @@ class AutotaskSimulator(Simulator):
             status = w.stages[o.stage]
             amount = o.amount if o.amount is not None else 0.0
             cost = extra.get("cost", round(amount * (0.55 + (o.seq % 30) / 100), 2))
-            return {
+            rec = {
                 "id": int(o.native_id), "title": o.name,
                 "companyID": int(w.accounts[o.account].native_id) if o.account is not None else 0,
                 "contactID": self.contact_for(o),
@@ -621,13 +641,16 @@ class AutotaskSimulator(Simulator):
                 "status": int(o.stage), "rating": o.seq % 3 + 1, "leadSource": o.seq % 5 + 1,
                 "opportunityCategoryID": 1,
                 "projectedCloseDate": at_date(o.close_date),
-                "closedDate": at_date(o.close_date) if status.is_closed and status.is_won else None,
-                "lostDate": at_date(o.close_date) if status.is_closed and not status.is_won else None,
+                "closedDate": at_datetime(o.closed_at) if status.is_closed and status.is_won else None,
+                "lostDate": at_datetime(o.closed_at) if status.is_closed and not status.is_won else None,
                 "startDate": at_date(o.created_at.date()),
                 "createDate": at_datetime(o.created_at), "lastActivity": at_datetime(o.modified_at),
                 "totalAmountMonths": 12, "useQuoteTotals": False,
                 "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in self.tenant.udf_names],
             }
+            for name in absent:   # a field this tenant's Opportunities entity does not have is not sent at all
+                rec.pop(name, None)
+            return rec
 
         fast: dict[str, Callable[[SimOpportunity], Any]] = {
             "id": lambda o: int(o.native_id), "status": lambda o: int(o.stage), "title": lambda o: o.name,
@@ -743,6 +766,9 @@ def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:
 
 # -- the filter grammar --------------------------------------------------------------------------------------------
 
+# Values one `in` / `notIn` condition may list: 500 (the SOAP thresholds page's 500 conditions per query, and
+# the limit the REST by-id reads are batched to; crm-api-notes 5.2). More is a query error, not a truncation.
+IN_LIMIT = 500
 _OPS = {"eq", "noteq", "gt", "gte", "lt", "lte", "beginswith", "endswith", "contains", "exist", "notexist",
         "in", "notin", "and", "or"}
 
@@ -784,6 +810,9 @@ def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
     if op in ("in", "notin"):
         if not isinstance(raw, list):
             raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} requires a list value.")
+        if len(raw) > IN_LIMIT:
+            raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} takes at most {IN_LIMIT} "
+                                          f"values; got {len(raw)}.")
         wanted = {_convert_value(conv, v, name) for v in raw}
         if op == "in":
             return lambda o: get(o) in wanted
@@ -838,6 +867,8 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
     for o in world.opps.values():   # Autotask keeps milliseconds: give generated history fractions of a second
         o.created_at += timedelta(milliseconds=10 * (_h("c", o.seq) % 100))
         o.modified_at = max(o.created_at, o.modified_at - timedelta(milliseconds=10 * (_h("m", o.seq) % 100)))
+        if o.closed_at is not None:   # the close stays between the (shifted) creation and the last edit
+            o.closed_at = min(max(o.closed_at, o.created_at), o.modified_at)
         if t.won_stage_while_open and o.stage == "1" and o.seq % 4 == 0:
             o.sales_stage = won_stage    # the deal is won in the stage, the status was never moved (seed 003)
     return AutotaskSimulator(world, faults, variant=variant, **options)
@@ -846,6 +877,15 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
 # -- the tenant as its users see it ----------------------------------------------------------------------------
 
 DEFAULT_STATUS_CATEGORY = {"2": "lost", "3": "won", "4": "won"}   # the documented system values; others open
+
+
+def closed_at(sim: AutotaskSimulator, o: SimOpportunity) -> datetime | None:
+    """The close time the API shows for `o`: closedDate when its status is won, lostDate when lost (None when
+    the tenant has no lostDate), None while open."""
+    status = sim.world.status(o)
+    if status == "open" or (status == "lost" and "lostDate" in sim.tenant.absent_fields):
+        return None
+    return o.closed_at
 
 
 def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
@@ -876,5 +916,6 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
                 "status": w.status(o) if labels else DEFAULT_STATUS_CATEGORY.get(status.key, "open"),
                 "amount": o.amount if o.amount is not None else 0.0, "currency": None,
                 "close_date": o.close_date, "created_at": o.created_at,
+                "crm_closed_at": closed_at(sim, o),
             }
     return out

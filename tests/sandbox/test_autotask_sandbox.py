@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 import requests
 
+from oppsync_pipeline.lib.record import parse_datetime
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
 
@@ -232,6 +233,70 @@ def test_create_update_and_no_delete(server, api):
     assert r.status_code == 405 and "Message" in r.json()
 
 
+def test_close_times_are_when_the_status_closed_not_the_projected_date(server, api):
+    world = server.simulator.world
+    items = [o for p in page_all_post(api, {"MaxRecords": 500, "filter": ALL}) for o in p["items"]]
+    dt = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,3})?Z$")
+    seen = {"won": 0, "lost": 0, "open": 0}
+    for item in items:
+        o = world.get(str(item["id"]))
+        status = world.status(o)
+        seen[status] += 1
+        won, lost = item["closedDate"], item["lostDate"]
+        if status == "open":
+            assert won is None and lost is None, item["id"]
+            continue
+        value, other = (won, lost) if status == "won" else (lost, won)
+        assert other is None and dt.match(value), item["id"]
+        assert value == at.at_datetime(o.closed_at)
+        assert parse_datetime(item["createDate"]) <= parse_datetime(value) <= parse_datetime(item["lastActivity"])
+    assert min(seen.values()) > 50
+    # generated closes often lie long before the last edit: the projected date or lastActivity would be wrong
+    assert sum(1 for i in items if i["closedDate"] and i["closedDate"][:10] < i["lastActivity"][:10]) > 50
+    assert sum(1 for i in items if i["lostDate"] and i["lostDate"][:10] < i["lastActivity"][:10]) > 50
+
+
+def test_close_time_follows_status_changes(server, api):
+    world = server.simulator.world
+    oid = next(int(o.native_id) for o in world.live() if o.stage == "1")
+
+    def patch_status(value: int) -> dict:
+        world.clock.advance(timedelta(seconds=3))
+        r = requests.patch(api + "Opportunities", data=json.dumps({"id": oid, "status": value}), headers=HEADERS,
+                           timeout=10)
+        assert r.status_code == 200, r.text
+        return requests.get(api + f"Opportunities/{oid}", headers=HEADERS, timeout=10).json()["item"]
+
+    lost = patch_status(2)
+    assert lost["closedDate"] is None and lost["lostDate"] == lost["lastActivity"]
+    won = patch_status(3)
+    assert won["lostDate"] is None and won["closedDate"] == won["lastActivity"]
+    assert parse_datetime(won["closedDate"]) > parse_datetime(lost["lostDate"])
+    still = patch_status(4)           # Closed -> Implemented: still won, the close time stays
+    assert still["closedDate"] == won["closedDate"]
+    reopened = patch_status(1)
+    assert reopened["closedDate"] is None and reopened["lostDate"] is None
+    found = post(api + "Opportunities/query", {"filter": [{"op": "exist", "field": "closedDate"},
+                                                          {"op": "eq", "field": "id", "value": oid}]})
+    assert found.json()["items"] == []
+
+
+def test_in_takes_at_most_500_values_and_deleted_records_are_absent(server, api):
+    world = server.simulator.world
+    live = sorted(int(o.native_id) for o in world.live())
+    r = post(api + "Opportunities/query", {"filter": [{"op": "in", "field": "id", "value": live[:501]}]})
+    assert r.status_code == 500 and "500" in r.json()["errors"][0]
+    gone = live[3]
+    world.delete(str(gone))
+    ids = live[:500]
+    r = post(api + "Opportunities/query", {"MaxRecords": 500, "filter": [{"op": "in", "field": "id", "value": ids}]})
+    assert r.status_code == 200
+    got = [i["id"] for i in r.json()["items"]]
+    assert gone not in got and got == [i for i in ids if i != gone]
+    assert r.json()["pageDetails"]["nextPageUrl"] is None
+    assert requests.get(api + f"Opportunities/{gone}", headers=HEADERS, timeout=10).json() == {"item": None}
+
+
 def test_threshold_latency_and_429():
     sim = at.build(seed=3, opportunities=50, threshold=20, latency_scale=0.05)
     with SandboxServer(sim) as srv:
@@ -298,7 +363,7 @@ def _api_of(srv) -> str:
 
 
 def test_variants_declared_and_built():
-    assert {"default", "no_optional_rights", "custom_statuses", "udf_fields"} == set(at.VARIANTS)
+    assert {"default", "no_optional_rights", "custom_statuses", "udf_fields", "no_lost_date"} == set(at.VARIANTS)
     with pytest.raises(ValueError):
         at.build(seed=1, opportunities=5, variant="nope")
 
@@ -393,3 +458,19 @@ def test_truth_is_the_tenant_as_users_see_it():
     t = at.truth(sim)
     assert {r["stage"] for r in t.values()} <= {s.label for s in at.STAGES}
     assert any(r["service_location"] and "Suite" in r["service_location"] for r in t.values())
+
+
+def test_no_lost_date_tenant():
+    sim = at.build(seed=8, opportunities=120, variant="no_lost_date")
+    with SandboxServer(sim) as srv:
+        api = _api_of(srv)
+        fields = requests.get(api + "Opportunities/entityInformation/fields", headers=HEADERS, timeout=10).json()
+        names = {f["name"] for f in fields["fields"]}
+        assert "closedDate" in names and "lostDate" not in names
+        items = [o for p in page_all_post(api, {"MaxRecords": 500, "filter": ALL}) for o in p["items"]]
+        assert all("lostDate" not in i for i in items)
+        assert any(i["closedDate"] for i in items)
+        r = post(api + "Opportunities/query", {"filter": [{"op": "exist", "field": "lostDate"}]})
+        assert r.status_code == 500 and "lostDate" in r.json()["errors"][0]
+        t = at.truth(sim)
+        assert all(t[sid]["crm_closed_at"] is None for sid in t if t[sid]["status"] == "lost")

@@ -37,6 +37,12 @@
   countryID) -> service_location; contactID ->
   Contacts "first last" -> sales_executive, falling back to the owner resource's name when there is no
   contact. Companies and Contacts are fetched per page in batches with an `in` filter and cached.
+- Close time: crm_closed_at = `closedDate` for won records, `lostDate` for lost ones (CLOSE_TIME_FIELDS),
+  read from the same query (Autotask returns every field). A field the tenant's entityInformation does not list
+  is not read (noted): those records keep crm_closed_at None and the reconcile dates them by lastActivity.
+- By id (`fetch_by_ids`): `Opportunities/query` with `id in [...]` (500 values per condition), without the
+  connection's filters or a status set. Deleted opportunities are absent (Autotask has no soft delete).
+  `filter_value` reads a field (or `udf:<name>`) and folds text, as Autotask compares text case-insensitively.
 - Custom (user-defined) fields are named `udf:<name>` in filters and field overrides; they are sent with
   `"udf": true`. Filter values go into the JSON body as JSON values (no string building, so no injection).
 - Quota: Autotask sends no usage headers. `GET ThresholdInformation` is polled at the start and every
@@ -47,14 +53,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
-from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
@@ -63,6 +69,11 @@ from oppsync_pipeline.lib.record import (
 
 THRESHOLD_POLL_EVERY = 100
 BATCH = 200            # ids per `in` lookup of companies / contacts
+IDS_PER_IN = 500       # values one `in` condition may list (crm-api-notes 5.2): the by-id read's batch
+# Where Autotask records when an opportunity closed, by outcome, in the order read: closedDate is set when the
+# status becomes Closed (won) / Implemented, lostDate when it becomes Lost (crm-api-notes 5.5; both datetimes in
+# the swagger-generated clients, go-autotask entities/opportunities.go). Neither is the projected close date.
+CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {"won": ("closedDate",), "lost": ("lostDate",)}
 _NO_AUTH = "X-Oppsync-No-Auth"
 _SYSTEM = {"0", "1", "2", "3", "4"}     # Autotask's system statuses: 0 Not Ready To Buy, 1 Active, 2 Lost ...
 _CLOSED_WON = {"3", "4"}                # 3 Closed (won), 4 Implemented (won, post-sale)
@@ -80,6 +91,7 @@ _RIGHTS = {
 _CLOSED_LABEL = re.compile(r"\b(lost|closed|won|implemented|cancel+ed)\b", re.IGNORECASE)
 _LOST_LABEL = re.compile(r"\b(lost|cancel+ed)\b", re.IGNORECASE)
 _V10 = re.compile(r"/v1\.0/", re.IGNORECASE)
+_DATE_TEXT = re.compile(r"^\d{4}-\d\d-\d\d")    # compared as a datetime by `matches`, not as text
 
 
 class AutotaskAuth(Auth):
@@ -174,6 +186,7 @@ class AutotaskConnector(CrmConnector):
         self._udfs: set[str] | None = None                      # user-defined field names (None: refused)
         self._refused: set[str] = set()                         # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
+        self._no_close_fields: set[str] = set()                 # close-time fields this tenant does not have
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -211,6 +224,23 @@ class AutotaskConnector(CrmConnector):
         if udfs is not None:
             self._udfs = {str(f.get("name")) for f in udfs.get("fields") or [] if f.get("name")}
         self._check_configured_fields()
+        self._discover_close_fields()
+
+    def _discover_close_fields(self) -> None:
+        """Which close-time fields this tenant's Opportunities have (entityInformation/fields). One it lacks is
+        not read: those records get no crm_closed_at and the reconcile dates their close by lastActivity.
+        Without entityInformation the records themselves tell (an absent field reads as empty)."""
+        for status, names in CLOSE_TIME_FIELDS.items():
+            for name in names:
+                what = f"close time of {status} opportunities ({name})"
+                if self._fields is None:
+                    self.note(what, True, "entityInformation not readable: read from each record when present")
+                elif name in self._fields:
+                    self.note(what, True, f"crm_closed_at = {name}")
+                else:
+                    self._no_close_fields.add(name)
+                    self.note(what, False, f"this tenant's Opportunities have no {name}: {status} opportunities "
+                                           "are dated by lastActivity (closed_at_source = modified_at)")
 
     def _check_configured_fields(self) -> None:
         wanted = [(f"fields.{k}", v) for k, v in self.conn.fields.items()]
@@ -375,6 +405,31 @@ class AutotaskConnector(CrmConnector):
                     self._lookup(items)
                     yield [self._map(r) for r in items]
 
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """The current records of these ids: `POST Opportunities/query` with `id in [...]`, at most IDS_PER_IN
+        values per condition, and nothing else (no connection filters, no status set). Autotask has no soft
+        delete or recycle bin: a deleted opportunity matches no query, so it is simply absent, as are ids that
+        never existed (or are not Autotask ids at all). Mapped as `opportunities` maps them (companies,
+        contacts, resources, close time)."""
+        self.prepare()
+        self._ensure_zone()
+        wanted = sorted({int(i) for i in ids if str(i).strip().isascii() and str(i).strip().isdigit()})
+        for i in range(0, len(wanted), IDS_PER_IN):
+            chunk = wanted[i:i + IDS_PER_IN]
+            for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}]):
+                self._lookup(items)
+                yield [self._map(r) for r in items]
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """What an Autotask filter on `field` compares: the record's field, a user-defined field for
+        `udf:<name>`. Text is casefolded (`matches_filters` folds the filter's side too): Autotask compares
+        text case-insensitively (SQL Server's default collation), so `title equal "acme"` matches "ACME"."""
+        return _fold(cls._get(raw, field))
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        return all(matches(_fold_filter(f), self.filter_value(opp.raw, f.field)) for f in self.conn.filters)
+
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
         replaced). Optional: refused, renames reach the warehouse with the next full sync."""
@@ -485,6 +540,8 @@ class AutotaskConnector(CrmConnector):
         stage = self._value(r, stage_field)
         status_key = _str(r.get("status"))
         crm_status = self._label("status", status_key)
+        status = self._resolve(stage, crm_status, status_key)
+        closed_at, closed_at_field = self._closed_at(r, status)
         return self.opportunity(
             r["id"], r,
             project_name=self._value(r, self.field("project_name", "title")),
@@ -495,7 +552,7 @@ class AutotaskConnector(CrmConnector):
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
-            status=self._resolve(stage, crm_status, status_key),
+            status=status,
             amount=parse_float(self._get(r, self.field("amount", "amount"))),
             currency=self.conn.options.get("currency"),
             close_date=parse_date(self._get(r, self.field("close_date", "projectedCloseDate"))),
@@ -503,7 +560,21 @@ class AutotaskConnector(CrmConnector):
             created_at=parse_datetime(self._get(r, self.field("created_at", "createDate"))),
             created_by_crm_id=_str(self._get(r, self.field("created_by_crm_id", "creatorResourceID"))),
             modified_at=parse_datetime(r.get("lastActivity")),
+            crm_closed_at=closed_at,
+            crm_closed_at_field=closed_at_field,
         )
+
+    def _closed_at(self, r: dict[str, Any], status: Status) -> tuple[datetime | None, str | None]:
+        """When Autotask says the record closed, and the field that said it: the first non-empty of the fields
+        for its outcome (CLOSE_TIME_FIELDS). None for open records and where the field is empty or absent.
+        A date-only value (no time) reads as 00:00 UTC of that date."""
+        for name in CLOSE_TIME_FIELDS.get(status, ()):
+            if name in self._no_close_fields:
+                continue
+            value = parse_datetime(r.get(name))
+            if value is not None:
+                return value, name
+        return None, None
 
     def _resolve(self, stage: str | None, crm_status: str | None, status_key: str | None) -> Status:
         """`resolve_status`, plus `open_statuses` naming a status by its value ("0"), as the set queries do."""
@@ -539,6 +610,19 @@ class AutotaskConnector(CrmConnector):
 def _person(r: dict[str, Any]) -> str | None:
     name = " ".join(str(x) for x in (r.get("firstName"), r.get("lastName")) if x)
     return name or None
+
+
+def _fold(v: Any) -> Any:
+    """Text as Autotask compares it (case-insensitively); numbers, dates as text and the rest unchanged, so
+    `matches` still compares them as numbers and datetimes."""
+    if not isinstance(v, str) or parse_float(v) is not None or _DATE_TEXT.match(v):
+        return v
+    return v.casefold()
+
+
+def _fold_filter(f: RecordFilter) -> RecordFilter:
+    value = [_fold(v) for v in f.value] if isinstance(f.value, list) else _fold(f.value)
+    return f.model_copy(update={"value": value})
 
 
 def _str(v: Any) -> str | None:

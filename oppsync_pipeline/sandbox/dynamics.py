@@ -18,7 +18,15 @@ answers with https endpoints, as Entra does). Service protection: a sliding 300 
 Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer.
 Tenant variants (`VARIANTS`): the application user's security role may lack privileges (403 0x80040220 "Principal
 user ... is missing prvRead... privilege", also for a $expand or a $filter path into a table it cannot read), a
-navigation property may be hidden (400), a customised tenant has its own business process and more custom columns.
+navigation property may be hidden (400), a customised tenant has its own business process and more custom columns,
+and a tenant may have column security on `actualclosedate` (the API user then reads it empty).
+Close time: `actualclosedate` (Date Only, `YYYY-MM-DD`) is the date the opportunity entered its current closed state
+(the world's `closed_at`, or the OpportunityClose's `actualend` given to WinOpportunity / LoseOpportunity). Reopening
+does not clear it (no Microsoft document says the platform does; the column is an ordinary writable one), so an open
+record that was closed before still carries its last close date; the next close overwrites it.
+Reads by id: `$filter=Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=['<guid>',...])` (or an
+`or` chain of `opportunityid eq <guid>`); deleted records are gone (hard delete). A GET whose URL is longer than
+32,768 characters is refused with 414 before it reaches the service (Microsoft: "use $batch for longer URLs").
 The opportunity's stage is a business process stage (`stageid`, `stepname`; the world's sales stages); `truth()`
 is the tenant as that API user sees it.
 """
@@ -104,7 +112,14 @@ VARIANTS = {
                  "the account's name is still visible as the lookup's formatted value",
     "custom_fields": "a customised tenant: its own business process flow (other stage names and ids) and more "
                      "custom columns (new_servicesite text, cr123_dealphase picklist, new_signedby lookup)",
+    "secured_close_date": "column security on actualclosedate (IsSecured in its attribute metadata) and no field "
+                          "security profile granting the API user read: Dataverse returns the column empty on "
+                          "every record, indistinguishable from null (column-level-security.md)",
 }
+# Columns with column-level security in each variant, for which the API user holds no field permission.
+SECURED_COLUMNS = {"secured_close_date": frozenset({"actualclosedate"})}
+# The longest GET URL Dataverse accepts; longer queries go in a $batch body (up to 64 KB; execute-batch docs).
+MAX_URL_LENGTH = 32_768
 CURRENCIES = {"USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
               "EUR": ("4f2b3c1d-e646-e111-8eb7-78e7d162ced1", "Euro", "€"),
               "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£")}
@@ -406,6 +421,8 @@ class DynamicsSimulator(Simulator):
             "no_optional_rights": {"prvReadEntity", "prvReadAccount", "prvReadUser", "prvReadTeam", "prvReadWorkflow"},
             "no_expand": {"prvReadAccount"}}.get(variant, set())
         self.hidden_navigation: set[str] = set()
+        # Columns under column security the API user may not read: Dataverse returns them empty.
+        self.secured: frozenset[str] = SECURED_COLUMNS.get(variant, frozenset())
         self.custom_tenant = variant == "custom_fields"
         self.process_id = CUSTOM_PROCESS_ID if self.custom_tenant else SALES_PROCESS_ID
         self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
@@ -417,6 +434,10 @@ class DynamicsSimulator(Simulator):
         self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
         self.change_tracking_enabled = True
         self.closes: list[dict[str, Any]] = []         # opportunityclose activities created by Win/Lose
+        # actualclosedate outlives a reopen: the last close date seen per opportunity (see _remember_closes).
+        self._last_close: dict[str, date] = {}
+        self._closes_version = -1
+        self._remember_closes()
         # Service connectors call as an application user: a systemuser named after the app registration.
         self.app_user = next((u for u in world.users if u.name == APP_USER_NAME), None) or self._add_app_user()
         self.users_by_id = {u.native_id: u for u in world.users}
@@ -448,6 +469,13 @@ class DynamicsSimulator(Simulator):
         self.route("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
         self.route("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
         self.route("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
+
+    def handle(self, req: Request) -> Response:
+        """A URL past Dataverse's limit is refused by the front end (HTTP.sys) before auth or throttling."""
+        if len(self._base(req)) + len(req.raw_path or req.path) > MAX_URL_LENGTH:
+            return Response(414, b"<h2>Request URL Too Long</h2><hr><p>HTTP Error 414. The request URL is too "
+                                 b"long.</p>", {"Content-Type": "text/html; charset=us-ascii"})
+        return super().handle(req)
 
     def _add_app_user(self) -> SimUser:
         user = SimUser(len(self.world.users), owner_id(len(self.world.users)), APP_USER_NAME,
@@ -684,7 +712,7 @@ class DynamicsSimulator(Simulator):
                          "LogicalName": logical, "SchemaName": logical.title(), "AttributeType": kind,
                          "IsCustomAttribute": bool(re.match(r"^[a-z][a-z0-9]{1,7}_", logical))
                          and not logical.startswith(("msdyn_", "adx_")),
-                         "AttributeOf": None, "IsValidForRead": True,
+                         "AttributeOf": None, "IsValidForRead": True, "IsSecured": col in self.secured,
                          "MetadataId": _guid(sum(map(ord, logical)), "0000-4000-8000-000000000a77")})
         text = req.arg("$filter")
         if text:
@@ -718,7 +746,7 @@ class DynamicsSimulator(Simulator):
             "_campaignid_value": lambda o: None,
             "_originatingleadid_value": lambda o: None,
             "estimatedclosedate": lambda o: o.close_date,
-            "actualclosedate": lambda o: o.close_date if stage(o).is_closed else None,
+            "actualclosedate": self._actual_close_date,
             "closeprobability": lambda o: None if o.probability is None else int(round(o.probability)),
             "statecode": lambda o: state_of(stage(o)),
             "statuscode": lambda o: int(o.stage),
@@ -769,8 +797,8 @@ class DynamicsSimulator(Simulator):
             opp_lookups["_new_signedby_value"] = ("new_signedby", "systemusers")
         opp_fmt = {
             "estimatedvalue": lambda o: None if o.amount is None else f"{CURRENCIES[o.currency][2]}{o.amount:,.2f}",
-            "estimatedclosedate": lambda o: o.close_date and f"{o.close_date.month}/{o.close_date.day}/"
-                                                            f"{o.close_date.year}",
+            "estimatedclosedate": lambda o: o.close_date and _fmt_date(o.close_date),
+            "actualclosedate": lambda o: (d := self._actual_close_date(o)) and _fmt_date(d),
             "statecode": lambda o: STATE_LABELS[state_of(stage(o))],
             "statuscode": lambda o: stage(o).label,
             "salesstage": lambda o: SALES_STAGES[_salesstage(w, o)],
@@ -844,6 +872,27 @@ class DynamicsSimulator(Simulator):
             mark = (signature, self.world.clock.now())
             self._account_marks[a.idx] = mark
         return mark[1]
+
+    def _actual_close_date(self, o: SimOpportunity) -> date | None:
+        """actualclosedate (Date Only): the date the record entered its closed state, in the application user's
+        time zone (UTC here); an open record keeps the date of its last close; empty under column security."""
+        if "actualclosedate" in self.secured:
+            return None
+        if o.closed_at is not None and self.world.stages[o.stage].is_closed:
+            self._last_close[o.native_id] = o.closed_at.date()
+            return self._last_close[o.native_id]
+        return self._last_close.get(o.native_id)
+
+    def _remember_closes(self) -> None:
+        """Note every closed record's close date while the world still holds it: the world clears `closed_at` on a
+        reopen (World.advance, World.update), Dataverse keeps actualclosedate. Runs when the world has changed."""
+        w = self.world
+        if self._closes_version == w.version:
+            return
+        for o in w.opps.values():
+            if o.closed_at is not None and w.stages[o.stage].is_closed:
+                self._last_close[o.native_id] = o.closed_at.date()
+        self._closes_version = w.version
 
     def _has_column(self, es: EntitySet) -> Callable[[str], bool]:
         def has(name: str) -> bool:
@@ -1013,6 +1062,8 @@ class DynamicsSimulator(Simulator):
         # A fresh query, or a paging cookie whose snapshot was evicted: evaluate against the current world.
         with self.world.lock:
             at = self.world.clock.now()
+            if es.name == "opportunities":
+                self._remember_closes()
             entries = self._evaluate(es, req)
         snap = {"id": snap_id or secrets.token_hex(6), "entries": entries, "at": at}
         with self._snap_lock:
@@ -1197,7 +1248,9 @@ class DynamicsSimulator(Simulator):
                                                  "reopen it first (statecode 0).")
         if "stage" in values and self.world.stages[values["stage"]].is_closed and not closed:
             raise odata_error(400, "0x80040203", "Use WinOpportunity or LoseOpportunity to close an opportunity.")
-        opp = self.world.update(opp.native_id, **values)
+        with self.world.lock:
+            self._remember_closes()  # a reopen keeps actualclosedate
+            opp = self.world.update(opp.native_id, **values)
         return self._written(req, opp, 200) if "return=representation" in (req.header("prefer") or "") else \
             Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
 
@@ -1225,9 +1278,12 @@ class DynamicsSimulator(Simulator):
         if self.world.stages[opp.stage].is_closed:
             raise odata_error(400, "0x80043b1e", "This opportunity is already closed.")
         now = self.world.clock.now()
-        self.world.update(opp.native_id, stage=status, close_date=now.date())
+        # The close activity's actualend ("Closed On") dates the close; without one the platform uses today.
+        closed_at = _actual_end(close.get("actualend")) or now
+        self.world.update(opp.native_id, stage=status, close_date=now.date(), closed_at=closed_at)
         self.closes.append({"activityid": _uuid(), "opportunityid": opp.native_id, "subject": close.get("subject"),
-                            "actualrevenue": close.get("actualrevenue"), "statuscode": int(status)})
+                            "actualrevenue": close.get("actualrevenue"), "actualend": iso(closed_at),
+                            "statuscode": int(status)})
         return Response.empty(204)
 
 
@@ -1288,6 +1344,22 @@ def _attribute_type(es: EntitySet, col: str) -> str:
     if col in es.lookups:
         return {"_ownerid_value": "Owner", "_customerid_value": "Customer"}.get(col, "Lookup")
     return _TYPES.get(col, "String")
+
+
+def _fmt_date(d: date) -> str:
+    return f"{d.month}/{d.day}/{d.year}"
+
+
+def _actual_end(value: Any) -> datetime | None:
+    """OpportunityClose.actualend (Edm.DateTimeOffset; a bare date is taken as 00:00 UTC) as naive UTC."""
+    if value in (None, ""):
+        return None
+    text = str(value)
+    try:
+        return _parse_dt(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
+    except ValueError:
+        raise odata_error(400, "0x80048d19", f"Cannot convert the literal '{text}' to the expected type "
+                                             "'Edm.DateTimeOffset'.") from None
 
 
 def _fmt_dt(dt: datetime) -> str:
@@ -1443,5 +1515,13 @@ def truth(sim: DynamicsSimulator) -> dict[str, dict[str, Any]]:
             "currency": o.currency,
             "close_date": o.close_date,
             "created_at": o.created_at,
+            # actualclosedate is Date Only: the connector reads it as 00:00 UTC of that date
+            "crm_closed_at": _closed_at_truth(sim, o),
         }
     return out
+
+
+def _closed_at_truth(sim: DynamicsSimulator, o: SimOpportunity) -> datetime | None:
+    if sim.world.status(o) == "open" or o.closed_at is None or "actualclosedate" in sim.secured:
+        return None
+    return datetime.combine(o.closed_at.date(), datetime.min.time())

@@ -422,3 +422,83 @@ def test_variants_and_truth():
     restricted = sandbox.truth(sandbox.build(seed=4, opportunities=40, variant="no_expand"))
     assert all(r["service_location"] is None for r in restricted.values())
     assert [r["client_name"] for r in restricted.values()] == [r["client_name"] for r in t.values()]
+
+
+def test_actualclosedate_is_date_only_kept_on_reopen_and_overwritten_by_the_next_close(api, srv):
+    world = srv.simulator.world
+    closed = next(o for o in world.live() if world.status(o) == "won")
+    row = api.get(api.base + f"/opportunities({closed.native_id})", params={"$select": "actualclosedate,statecode"},
+                  headers={"Prefer": 'odata.include-annotations="*"'}).json()
+    d = closed.closed_at.date()
+    assert row["actualclosedate"] == d.isoformat() and row["statecode"] == 1
+    assert row["actualclosedate@OData.Community.Display.V1.FormattedValue"] == f"{d.month}/{d.day}/{d.year}"
+    assert api.patch(api.base + f"/opportunities({closed.native_id})",
+                     json={"statecode": 0, "statuscode": 1}).status_code == 204
+    row = api.get(api.base + f"/opportunities({closed.native_id})", params={"$select": "actualclosedate"}).json()
+    assert world.opps[closed.native_id].closed_at is None and row["actualclosedate"] == d.isoformat()
+    r = api.post(api.base + "/LoseOpportunity", json={"Status": 5, "OpportunityClose": {
+        "actualend": "2031-02-03", "opportunityid@odata.bind": f"/opportunities({closed.native_id})"}})
+    assert r.status_code == 204
+    row = api.get(api.base + f"/opportunities({closed.native_id})", params={"$select": "actualclosedate"}).json()
+    assert row["actualclosedate"] == "2031-02-03" and world.status(world.opps[closed.native_id]) == "lost"
+    r = api.post(api.base + "/opportunities", json={"name": "never closed"})
+    never = r.headers["OData-EntityId"].rsplit("(", 1)[1].rstrip(")")
+    row = api.get(api.base + f"/opportunities({never})", params={"$select": "actualclosedate"}).json()
+    assert row["actualclosedate"] is None
+    r = api.post(api.base + "/WinOpportunity", json={"Status": 3, "OpportunityClose": {
+        "actualend": "March", "opportunityid@odata.bind": f"/opportunities({never})"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "0x80048d19"
+
+
+def test_a_reopen_inside_world_activity_keeps_the_last_close_date(srv, api):
+    world = srv.simulator.world
+    won = next(o for o in world.live() if world.status(o) == "won")
+    d = won.closed_at.date()
+    world.update(won.native_id, stage="1")   # reopened by someone else, between two reads
+    rows = api.get(api.base + "/opportunities", params={
+        "$select": "actualclosedate", "$filter": f"opportunityid eq {won.native_id}"}).json()["value"]
+    assert rows == [{"@odata.etag": rows[0]["@odata.etag"], "opportunityid": won.native_id,
+                     "actualclosedate": d.isoformat()}]
+
+
+def test_read_by_id_with_the_in_function_and_the_url_limit(api, srv):
+    world = srv.simulator.world
+    ids = sorted(o.native_id for o in world.live())[:120]
+    world.delete(ids[0])
+    unknown = sandbox.opportunity_id(99_999)
+    values = ",".join(f"'{i}'" for i in [*ids, unknown])
+    r = api.get(api.base + "/opportunities", params={
+        "$select": "name,statecode", "$filter": f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',"
+                                                f"PropertyValues=[{values}])"}, headers={"Prefer": "odata.maxpagesize=100"})
+    assert r.status_code == 200
+    body = r.json()
+    page2 = api.get(body["@odata.nextLink"], headers={"Prefer": "odata.maxpagesize=100"}).json()
+    got = [row["opportunityid"] for row in body["value"] + page2["value"]]
+    assert sorted(got) == ids[1:] and "@odata.nextLink" not in page2   # deleted and unknown ids: simply absent
+    # the same through an `or` chain
+    chain = " or ".join(f"opportunityid eq {i}" for i in ids[:5])
+    rows = api.get(api.base + "/opportunities", params={"$select": "name", "$filter": chain}).json()["value"]
+    assert sorted(row["opportunityid"] for row in rows) == ids[1:5]
+    # past 32,768 characters the front end refuses the URL before the service sees it
+    many = ",".join(f"'{sandbox.opportunity_id(i)}'" for i in range(1, 800))
+    before = srv.simulator.request_count
+    r = api.get(api.base + "/opportunities", params={
+        "$filter": f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[{many}])"})
+    assert r.status_code == 414 and len(r.request.url) > sandbox.MAX_URL_LENGTH
+    assert srv.simulator.request_count == before
+
+
+def test_secured_close_date_variant_reads_empty_and_says_so_in_metadata():
+    with SandboxServer(sandbox.build(seed=3, opportunities=60, variant="secured_close_date")) as server:
+        headers = {"Authorization": f"Bearer {token_for(server.url)}", "Accept": "application/json"}
+        attrs = requests.get(server.url + API + "/EntityDefinitions(LogicalName='opportunity')/Attributes",
+                             params={"$select": "LogicalName,IsSecured"}, headers=headers).json()["value"]
+        assert {a["LogicalName"] for a in attrs if a["IsSecured"]} == {"actualclosedate"}
+        rows = requests.get(server.url + API + "/opportunities", params={
+            "$select": "actualclosedate,statecode", "$filter": "statecode ne 0"}, headers=headers).json()["value"]
+        assert rows and all(r["actualclosedate"] is None for r in rows)
+    with SandboxServer(sandbox.build(seed=3, opportunities=60)) as server:
+        headers = {"Authorization": f"Bearer {token_for(server.url)}", "Accept": "application/json"}
+        attrs = requests.get(server.url + API + "/EntityDefinitions(LogicalName='opportunity')/Attributes",
+                             params={"$select": "LogicalName,IsSecured"}, headers=headers).json()["value"]
+        assert not any(a["IsSecured"] for a in attrs)

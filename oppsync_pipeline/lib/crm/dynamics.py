@@ -21,6 +21,14 @@ The delta link is the connector's `resume_token`, which the sync layer stores in
 runs; without one (first run, or `options.delta_link` unset) `deleted()` runs an initial
 `Prefer: odata.track-changes` read that only establishes a baseline (no deletions on that call). An expired
 delta token (7 days by default) starts a new baseline; full syncs detect deletions by id diff anyway.
+Close time (`crm_closed_at`): `actualclosedate`, which WinOpportunity / LoseOpportunity set from the close
+activity's date. It is Date Only (`YYYY-MM-DD`, no time zone), read as 00:00 of that date (naive UTC), and only for
+records whose statecode says closed: reopening does not clear it, so an open record may carry an old close date.
+Under column security the API user may read it empty (attribute metadata `IsSecured`): those closes are then dated
+by modifiedon in the reconcile. The `opportunityclose` activity's `actualend` is not read (see docs/crms/dynamics.md).
+By id (`fetch_by_ids`): `Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[...])`, 100 ids per
+request (about 4.6 KB of a GET URL Dataverse caps at 32,768 characters), same $select / $expand / owner names as the
+opportunity reads, without the connection's filters; deleted records are hard-deleted, so simply absent.
 Options: authority_url (default https://login.microsoftonline.com), scope (default `<base_url>/.default`),
 change_tracking, delta_link, request_limit (service-protection window size used for quota stats, 6000).
 """
@@ -30,14 +38,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
@@ -50,6 +58,11 @@ ANNOTATIONS = 'odata.include-annotations="OData.Community.Display.V1.FormattedVa
 SELECT = ("opportunityid", "name", "estimatedvalue", "estimatedclosedate", "closeprobability", "statecode",
           "statuscode", "stepname", "salesstage", "_parentaccountid_value", "_customerid_value", "_ownerid_value",
           "createdon", "_createdby_value", "modifiedon", "_transactioncurrencyid_value")
+# The CRM's own record of when a closed opportunity closed, in the order read (first non-empty wins).
+CLOSE_TIME = ("actualclosedate",)
+# Ids per by-id request: 100 GUIDs are ~4.6 KB of percent-encoded In(...) literals, far below the 32,768-character
+# GET URL limit (execute-batch-operations-using-web-api.md) even with a long $select / $expand.
+BY_ID_BATCH = 100
 STAGE_ID = "stageid"   # the business process stage's id: a Uniqueidentifier column (a lookup, _stageid_value, in some)
 ACCOUNT_SELECT = ("name", "address1_line1", "address1_line2", "address1_line3", "address1_city",
                   "address1_stateorprovince", "address1_postalcode", "address1_country")
@@ -222,6 +235,8 @@ class DynamicsConnector(CrmConnector):
     # What discovery learned (per run): column -> AttributeType (None: metadata refused), the stage id column,
     # currency id -> ISO code, whether the account lookup may be expanded.
     _attributes: dict[str, str] | None = None
+    _secured: frozenset[str] = frozenset()          # columns under column security (metadata IsSecured)
+    _close_columns: tuple[str, ...] = CLOSE_TIME    # the close-time columns this environment has
     _stage_id_column: str | None = STAGE_ID
     _currencies: dict[str, str] | None = None
     _expand_account = False
@@ -289,6 +304,7 @@ class DynamicsConnector(CrmConnector):
             self._stage_id_column = next((c for c in (STAGE_ID, f"_{STAGE_ID}_value") if c in attributes), None)
             self.note("stage id", self._stage_id_column is not None,
                       self._stage_id_column or "no stageid column: stage_id left empty")
+            self._close_columns = tuple(c for c in CLOSE_TIME if c in attributes)
             missing = [f"fields.{k}: '{v}'" for k, v in self.conn.fields.items() if v not in attributes]
             missing += [f"filters[{i}].field: '{f.field}'" for i, f in enumerate(self.conn.filters)
                         if f.field not in attributes]
@@ -297,6 +313,7 @@ class DynamicsConnector(CrmConnector):
                                + "; ".join(missing) + ": correct these keys (custom columns carry the publisher "
                                "prefix, lookups the _<name>_value form; `oppsync config check --online` lists "
                                "the columns)", status=400, code="UNKNOWN_COLUMN")
+        self._note_close_time()
         self._currencies = self.optional(
             "transaction currencies", self._read_currencies, {},
             fallback_text="(needs prvReadTransactionCurrency) currency left empty")
@@ -310,15 +327,38 @@ class DynamicsConnector(CrmConnector):
             raise failed.error from None
 
     def _read_attributes(self) -> dict[str, str]:
-        """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType."""
-        body = self.client.get_json(ATTRIBUTES, params={"$select": "LogicalName,AttributeType,IsCustomAttribute"},
-                                    headers=self._headers())
-        out = {}
+        """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType; the secured columns are
+        kept aside (`IsSecured`: column-level security, readable to everyone per column-level-security.md)."""
+        body = self.client.get_json(ATTRIBUTES, params={
+            "$select": "LogicalName,AttributeType,IsCustomAttribute,IsSecured"}, headers=self._headers())
+        out, secured = {}, set()
         for a in body.get("value", []):
             name, kind = a.get("LogicalName"), str(a.get("AttributeType") or "")
             if name:
-                out[f"_{name}_value" if kind in LOOKUP_TYPES else name] = kind
+                column = f"_{name}_value" if kind in LOOKUP_TYPES else name
+                out[column] = kind
+                if a.get("IsSecured"):
+                    secured.add(column)
+        self._secured = frozenset(secured)
         return out
+
+    def _note_close_time(self) -> None:
+        """What `crm_closed_at` will come from in this environment. A secured actualclosedate is still selected:
+        a field security profile may grant the API user read, and without one Dataverse answers it empty (not an
+        error), which leaves the close dated by modifiedon."""
+        name = "close time (actualclosedate)"
+        if not self._close_columns:
+            self.note(name, False, "no actualclosedate column: closes dated by modifiedon")
+        elif self._attributes is None:
+            self.note(name, True, "assumed present (attribute metadata not readable); Date Only, read as 00:00 UTC")
+        elif set(self._close_columns) & self._secured:
+            text = ("actualclosedate is column-secured in this environment: unless the application user's field "
+                    "security profile grants read, Dataverse returns it empty and closes are dated by modifiedon "
+                    "(closed_at_source 'modified_at')")
+            self.stats.warn(f"{name}: {text}")
+            self.note(name, False, text)
+        else:
+            self.note(name, True, "Date Only, read as 00:00 UTC of that date")
 
     def _read_currencies(self) -> dict[str, str]:
         rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"})
@@ -390,9 +430,12 @@ class DynamicsConnector(CrmConnector):
     # -- opportunities --------------------------------------------------------------------------------------------
 
     def _select(self) -> str:
+        """The columns every opportunity read asks for: the mapping's, the close time, the `fields:` overrides,
+        and the filtered columns (so a record read by id can be checked against the filters in Python)."""
         stage_id = [self._stage_id_column] if self._stage_id_column else []
         extra = [v for v in self.conn.fields.values() if "/" not in v]
-        return ",".join(dict.fromkeys([*SELECT, *stage_id, *extra]))
+        filtered = [f.field for f in self.conn.filters]
+        return ",".join(dict.fromkeys([*SELECT, *stage_id, *self._close_columns, *extra, *filtered]))
 
     def open_filter(self, open_set: bool) -> str | None:
         """The open (or not-open) set as a $filter clause; "" for every record, None when the set is empty."""
@@ -446,7 +489,36 @@ class DynamicsConnector(CrmConnector):
         flt = self.query_filter(open_set, since)
         if flt is None:
             return
-        params = {"$select": self._select(), "$orderby": "modifiedon asc,opportunityid asc"}
+        yield from self._read(flt, orderby="modifiedon asc,opportunityid asc")
+
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """The records of `ids` Dataverse still has, without the connection's filters or an open / closed
+        restriction, BY_ID_BATCH ids per request. Ids that are not GUIDs cannot name a Dataverse record (and
+        would make the query a 400): they are absent like deleted ones."""
+        self.prepare()
+        wanted = list(dict.fromkeys(str(i).lower() for i in ids if GUID.match(str(i))))
+        for start in range(0, len(wanted), BY_ID_BATCH):
+            yield from self._read(by_id_filter(wanted[start:start + BY_ID_BATCH]))
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """The value Dataverse compares: the raw column (never its formatted label); lookups and GUIDs in lower
+        case, as `literal` renders them."""
+        value = raw.get(field)
+        if isinstance(value, str) and GUID.match(value):
+            return value.lower()
+        return value
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        """As Dataverse evaluates the pushed-down filter: text compares case-insensitively (the default
+        collation), so both sides are case-folded; numbers and dates as `matches` compares them."""
+        return all(matches(_folded(f), _fold(self.filter_value(opp.raw, f.field))) for f in self.conn.filters)
+
+    def _read(self, flt: str, orderby: str | None = None) -> Iterator[Page]:
+        """One opportunity query, mapped page by page: owner names from the formatted values, else the users."""
+        params = {"$select": self._select()}
+        if orderby:
+            params["$orderby"] = orderby
         if flt:
             params["$filter"] = flt
         if self._expand_account:
@@ -479,6 +551,8 @@ class DynamicsConnector(CrmConnector):
             known = self.stages().get(stage_id) if stage_id else None
             stage = clean_text(row.get("stepname")) or (known.label if known else None)
         currency_id = row.get("_transactioncurrencyid_value")
+        status = self._status(stage, crm_status, code, flags)
+        closed_at, closed_field = self._closed_at(row, status, state)
         return self.opportunity(
             row["opportunityid"], row,
             project_name=_text(row, overrides.get("project_name", "name")),
@@ -491,7 +565,7 @@ class DynamicsConnector(CrmConnector):
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
-            status=self._status(stage, crm_status, code, flags),
+            status=status,
             amount=parse_float(row.get(overrides.get("amount", "estimatedvalue"))),
             currency=(self._currencies or {}).get(str(currency_id).lower()) if currency_id else None,
             close_date=parse_date(row.get(overrides.get("close_date", "estimatedclosedate"))),
@@ -499,7 +573,22 @@ class DynamicsConnector(CrmConnector):
             created_at=parse_datetime(row.get(self.field("created_at", "createdon"))),
             created_by_crm_id=row.get(self.field("created_by_crm_id", "_createdby_value")),
             modified_at=parse_datetime(row.get("modifiedon")),
+            crm_closed_at=closed_at,
+            crm_closed_at_field=closed_field,
         )
+
+    def _closed_at(self, row: dict[str, Any], status: Status, state: Any) -> tuple[datetime | None, str | None]:
+        """When a closed record closed, and the column that said so. Only where both the resolved status and the
+        CRM's statecode say closed: actualclosedate survives a reopen, so on a record Dataverse has open (even
+        one the connection counts as closed through `open_statuses`) it is a stale date. Date Only values are
+        00:00 of that date."""
+        if status == "open" or state not in (1, 2):
+            return None, None
+        for column in self._close_columns:
+            value = parse_datetime(row.get(column))
+            if value is not None:
+                return value, column
+        return None, None
 
     def _status(self, stage: str | None, crm_status: str | None, code: Any, flags: Status) -> Status:
         """`resolve_status`, with `open_statuses` also accepting status reason values (statuscode numbers)."""
@@ -546,6 +635,25 @@ class DynamicsConnector(CrmConnector):
             if url in seen:
                 raise CrmError("Dataverse returned the same @odata.nextLink twice on a delta read", code="PAGING_LOOP")
             seen.add(url or "")
+
+
+def by_id_filter(ids: Sequence[str]) -> str:
+    """`opportunityid` in `ids` (lower-case GUIDs, already validated) with the Dataverse query function."""
+    values = ",".join(f"'{i}'" for i in ids)
+    return f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[{values}])"
+
+
+def _fold(value: Any) -> Any:
+    """Text in the form Dataverse's case-insensitive collation compares; ISO dates stay as they are (`matches`
+    reads them as dates)."""
+    if isinstance(value, str) and not (ISO_DATE.match(value) or ISO_DATETIME.match(value)):
+        return value.casefold()
+    return value
+
+
+def _folded(f: RecordFilter) -> RecordFilter:
+    value = [_fold(v) for v in f.value] if isinstance(f.value, list) else _fold(f.value)
+    return f.model_copy(update={"value": value})
 
 
 def _address(account: dict[str, Any] | None) -> str | None:

@@ -24,7 +24,7 @@ from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
 
 COMPARED = ("project_name", "client_name", "service_location", "owner_crm_id", "created_by_crm_id", "stage",
-            "stage_id", "crm_status", "status", "amount", "currency", "close_date", "created_at")
+            "stage_id", "crm_status", "status", "amount", "currency", "close_date", "created_at", "crm_closed_at")
 SIZE = 80
 # Test speed only: the client-side search pacing (the simulator still enforces HubSpot's limit).
 FAST = {"hubspot": {"options": {"search_requests_per_second": 0}}}

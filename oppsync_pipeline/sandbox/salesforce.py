@@ -671,14 +671,15 @@ def _sort_key(fd: FieldDef, desc: bool, nulls_first: bool) -> Callable[[Any], An
 # -- LastStageChangeDate ------------------------------------------------------------------------------------------
 
 class StageChanges:
-    """`Opportunity.LastStageChangeDate`: when StageName last changed; null while it never changed since the record
-    was created (the field is nillable; integrations read it as `LastStageChangeDate || CreatedDate`). Salesforce
-    never clears it: a reopen is a stage change like any other.
+    """`Opportunity.LastStageChangeDate`: when StageName last changed. Nillable: an open record whose stage never
+    changed since it was created reads null (integrations read it as `LastStageChangeDate || CreatedDate`).
+    Salesforce never clears it: a reopen is a stage change like any other.
 
-    A closed record's value is the world's `closed_at` (entering its closed stage, exact). The world keeps no time
-    for moves between open stages, so the simulator remembers the stage it last saw per record: a different stage
-    now means a move, dated by the record's `modified_at` (the move bumped it; a later edit before the next read
-    makes the date later than the move, never earlier). Records are remembered from the start, so a generated
+    A closed record's value is the world's `closed_at`: entering its closed stage was its last stage change (a
+    record created closed, at its creation; a world that knows no close time, null). The world keeps no time for
+    moves between open stages, so the simulator remembers the stage it last saw per record: a different stage now
+    means a move, dated by the record's `modified_at` (the move bumped it; an edit after the move and before the
+    next read dates it later than the move, never earlier). Records are remembered from the start, so a generated
     open record reads null until its stage moves."""
 
     def __init__(self, world: World):
@@ -687,7 +688,7 @@ class StageChanges:
             o.native_id: (o.stage, o.closed_at) for o in world.opps.values()}
 
     def last_change(self, opp: Any) -> datetime | None:
-        if opp.closed_at is not None:
+        if self.world.stages[opp.stage].is_closed:
             self._seen[opp.native_id] = (opp.stage, opp.closed_at)
             return opp.closed_at
         seen = self._seen.get(opp.native_id)

@@ -198,8 +198,19 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
                 "stage": st.label if sim.optional_rights else st.key, "stage_id": st.key,
                 "crm_status": FORECAST.get(st.key, "Pipeline"), "status": w.status(o), "amount": o.amount,
                 "currency": currency, "close_date": o.close_date, "created_at": o.created_at,
+                "crm_closed_at": _close_time_as_seen(sim, o),
             }
     return out
+
+
+def _close_time_as_seen(sim: SalesforceSimulator, o: Any) -> datetime | None:
+    """A closed opportunity's close time as the API user can read it: LastStageChangeDate (the world's closed_at)
+    where the field is visible, else the CloseDate day at midnight; None while open."""
+    if sim.world.status(o) == "open":
+        return None
+    if sim.last_stage_change_date and o.closed_at is not None:
+        return o.closed_at
+    return datetime(o.close_date.year, o.close_date.month, o.close_date.day) if o.close_date else None
 
 
 def _address_as_seen(acc: Any) -> str | None:

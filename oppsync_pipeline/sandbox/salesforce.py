@@ -7,7 +7,12 @@ for unset parents, relative `nextRecordsUrl` under `/services/data/vNN.0/query/`
 `Sforce-Query-Options: batchSize` clamped to 200..2000, errors as JSON arrays, 401 INVALID_SESSION_ID,
 403 REQUEST_LIMIT_EXCEEDED when the allocation is spent, IsDeleted rows only through `queryAll`, datetimes as
 `2024-06-11T09:12:44.000+0000`, unquoted datetime / date literals in SOQL (a quoted one is INVALID_FIELD),
-case-insensitive string equality, and "AND and OR need parentheses" (MALFORMED_QUERY).
+case-insensitive string equality, and "AND and OR need parentheses" (MALFORMED_QUERY), a malformed id literal
+refused (400 INVALID_QUERY_FILTER_OPERATOR "invalid ID field"), fields an API version does not have absent from its
+describe and SOQL (LastStageChangeDate before 52.0), and the 16,384-byte limit on URI plus headers (414 / 431).
+
+Close time: `LastStageChangeDate` (datetime, nillable, read-only, API 52.0+) is when StageName last changed (see
+`StageChanges`); a closed record's `CloseDate` is the day it closed (users set it on close).
 
 Deleted rows stay in the Recycle Bin (queryAll, getDeleted) for 15 days, then are purged: older deletes can only
 be found by reconciling id lists.
@@ -119,6 +124,9 @@ VARIANTS: dict[str, str] = {
     "no_optional_rights": "API user without 'View Setup and Configuration' (/limits: 403 INSUFFICIENT_ACCESS) and "
                           "without access to OpportunityStage, Organization and User (SOQL and describe: "
                           "400 INVALID_TYPE, the object is not visible to the user)",
+    "no_last_stage_change_date": "Opportunity.LastStageChangeDate hidden from the API user by field-level security "
+                                 "(what an API version before 52.0 also sees): describe does not list it, SOQL "
+                                 "naming it is 400 INVALID_FIELD",
 }
 # What the API user of `no_optional_rights` cannot see.
 REFUSED_OBJECTS = ("opportunitystage", "organization", "user")
@@ -155,11 +163,18 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
         if acc.street and acc.idx % 3 == 0:
             sep = "\r\n" if acc.idx % 2 else "\n"
             acc.street = f"{acc.street}{sep}Suite {100 + acc.idx}" + ("\nBuilding B" if acc.idx % 9 == 0 else "")
+    # CloseDate is a plain date field users keep; on a close they are prompted to set it to the day, and reports
+    # take it as the close date: generated history closed on its `closed_at` day (World.advance sets it when a
+    # deal is won or lost; a close written through the API keeps whatever CloseDate the writer left).
+    for opp in world.opps.values():
+        if opp.closed_at is not None:
+            opp.close_date = opp.closed_at.date()
     if multi_currency is None:
         multi_currency = variant == "multi_currency"
     return SalesforceSimulator(world, faults, daily_limit=daily_limit, multi_currency=multi_currency,
                                custom_fields=variant == "custom_fields",
-                               optional_rights=variant != "no_optional_rights", variant=variant)
+                               optional_rights=variant != "no_optional_rights",
+                               last_stage_change_date=variant != "no_last_stage_change_date", variant=variant)
 
 
 def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
@@ -183,8 +198,19 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
                 "stage": st.label if sim.optional_rights else st.key, "stage_id": st.key,
                 "crm_status": FORECAST.get(st.key, "Pipeline"), "status": w.status(o), "amount": o.amount,
                 "currency": currency, "close_date": o.close_date, "created_at": o.created_at,
+                "crm_closed_at": _close_time_as_seen(sim, o),
             }
     return out
+
+
+def _close_time_as_seen(sim: SalesforceSimulator, o: Any) -> datetime | None:
+    """A closed opportunity's close time as the API user can read it: LastStageChangeDate (the world's closed_at)
+    where the field is visible, else the CloseDate day at midnight; None while open."""
+    if sim.world.status(o) == "open":
+        return None
+    if sim.last_stage_change_date and o.closed_at is not None:
+        return o.closed_at
+    return datetime(o.close_date.year, o.close_date.month, o.close_date.day) if o.close_date else None
 
 
 def _address_as_seen(acc: Any) -> str | None:
@@ -244,6 +270,7 @@ class FieldDef:
     reference_to: tuple[str, ...] = ()    # lookups: the sObject(s) the id refers to (describe `referenceTo`)
     relationship: str | None = None        # lookups: the relationship name (`Owner`, `Original_Creator__r`)
     textarea: bool = False                 # long text (describe type `textarea`)
+    since: str | None = None               # the API version that added the field (absent from older versions)
 
 
 @dataclass
@@ -265,6 +292,14 @@ class SObject:
 
     def add(self, name: str, ftype: str, get: Callable[[Any], Any], updatable: bool = False, **kw: Any) -> None:
         self.fields[name.lower()] = FieldDef(name, ftype, get, updatable, **kw)
+
+    def for_version(self, version: str) -> SObject:
+        """The object as an API version sees it: fields added in a later version do not exist in its describe,
+        and SOQL naming them is INVALID_FIELD ("No such column"), as with LastStageChangeDate before 52.0."""
+        if all(fd.since is None or float(fd.since) <= float(version) for fd in self.fields.values()):
+            return self
+        fields = {k: fd for k, fd in self.fields.items() if fd.since is None or float(fd.since) <= float(version)}
+        return SObject(self.name, fields, self.relationships, self.rows, self.key, self.row, self.url_id)
 
     def describe(self) -> dict[str, Any]:
         """`GET /sobjects/{name}/describe`: the object's own fields (what this API user can see), with their
@@ -299,6 +334,7 @@ _TOKEN = re.compile(r"""
 """, re.X)
 _ESCAPES = {"'": "'", '"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f",
             "_": "\\_", "%": "\\%"}
+_ID = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
 _KEYWORDS = {"select", "from", "where", "and", "or", "not", "in", "like", "order", "by", "asc", "desc", "nulls",
              "first", "last", "limit", "offset", "true", "false", "null"}
 
@@ -589,6 +625,11 @@ class SoqlParser:
             if t.kind == "kw" and t.value in ("true", "false"):
                 return t.value == "true"
         elif t.kind == kind:
+            if fd.type == "id" and not _ID.match(t.value):
+                # an id that cannot be one is refused, not compared ("invalid ID field"); a well-formed id the
+                # org does not have matches nothing
+                raise HttpError(400, "INVALID_QUERY_FILTER_OPERATOR", f"\n{self.soql}\n^\nERROR at Row:1:Column:"
+                                f"{t.pos + 1}\ninvalid ID field: {t.value}")
             return t.value
         if t.kind in ("punct", "op", "eof") or (t.kind == "kw" and t.value not in ("true", "false")):
             raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
@@ -638,6 +679,58 @@ def _sort_key(fd: FieldDef, desc: bool, nulls_first: bool) -> Callable[[Any], An
     return key
 
 
+# -- LastStageChangeDate ------------------------------------------------------------------------------------------
+
+class StageChanges:
+    """`Opportunity.LastStageChangeDate`: when StageName last changed. Nillable: an open record whose stage never
+    changed since it was created reads null (integrations read it as `LastStageChangeDate || CreatedDate`).
+    Salesforce never clears it: a reopen is a stage change like any other.
+
+    A closed record's value is the world's `closed_at`: entering its closed stage was its last stage change (a
+    record created closed, at its creation; a world that knows no close time, null). The world keeps no time for
+    moves between open stages, so the simulator remembers the stage it last saw per record: a different stage now
+    means a move, dated by the record's `modified_at` (the move bumped it; an edit after the move and before the
+    next read dates it later than the move, never earlier). Records are remembered from the start, so a generated
+    open record reads null until its stage moves."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self._seen: dict[str, tuple[str, datetime | None]] = {
+            o.native_id: (o.stage, o.closed_at) for o in world.opps.values()}
+
+    def last_change(self, opp: Any) -> datetime | None:
+        if self.world.stages[opp.stage].is_closed:
+            self._seen[opp.native_id] = (opp.stage, opp.closed_at)
+            return opp.closed_at
+        seen = self._seen.get(opp.native_id)
+        if seen is None:                        # created since: in this stage from its creation
+            self._seen[opp.native_id] = (opp.stage, None)
+            return None
+        stage, at = seen
+        if stage != opp.stage:
+            at = opp.modified_at
+            self._seen[opp.native_id] = (opp.stage, at)
+        return at
+
+
+# -- request size -------------------------------------------------------------------------------------------------
+
+# "The URI plus headers of a REST request must stay under 16,384 bytes" (help article 000386264): a longer URI is
+# 414, longer headers 431, answered by the edge before authentication (the body is not the API's JSON array).
+MAX_REQUEST_BYTES = 16_384
+
+
+def _over_request_limit(req: Request) -> Response | None:
+    uri = len((req.raw_path or req.path).encode("utf-8"))
+    headers = sum(len(k) + len(v) + 4 for k, v in req.headers.items())
+    if uri > MAX_REQUEST_BYTES:
+        return Response(414, b"<html><body>414 URI Too Long</body></html>", {"Content-Type": "text/html"})
+    if uri + headers > MAX_REQUEST_BYTES:
+        return Response(431, b"<html><body>431 Request Header Fields Too Large</body></html>",
+                        {"Content-Type": "text/html"})
+    return None
+
+
 # -- the simulator --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -655,13 +748,15 @@ class SalesforceSimulator(Simulator):
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
                  multi_currency: bool = False, custom_fields: bool = False, optional_rights: bool = True,
-                 variant: str = "default"):
+                 last_stage_change_date: bool = True, variant: str = "default"):
         super().__init__(world, faults)
         self.daily_limit = daily_limit
         self.api_usage = 0
         self.multi_currency = multi_currency
         self.custom_fields = custom_fields
         self.optional_rights = optional_rights   # False: View Setup, OpportunityStage, Organization, User refused
+        self.last_stage_change_date = last_stage_change_date   # False: the field is hidden (field-level security)
+        self.stage_changes = StageChanges(world)
         self.variant = variant
         self.tokens: set[str] = set()
         self.cursors: OrderedDict[str, _Cursor] = OrderedDict()
@@ -714,6 +809,9 @@ class SalesforceSimulator(Simulator):
 
     def _api(self, method: str, pattern: str, handler: Callable[[Request], Response]) -> None:
         def guarded(req: Request) -> Response:
+            too_long = _over_request_limit(req)
+            if too_long is not None:
+                return too_long
             auth = req.header("authorization") or ""
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             with self._lock:
@@ -774,7 +872,7 @@ class SalesforceSimulator(Simulator):
         if not soql:
             raise HttpError(400, "MALFORMED_QUERY", "A query string has to be specified")
         include_deleted = req.params["endpoint"] == "queryAll"
-        query = SoqlParser(soql, self.visible_schemas()).parse()
+        query = SoqlParser(soql, self.visible_schemas(req.params["version"])).parse()
         with self.world.lock:
             # queryAll's answer also moves with time (the Recycle Bin is purged after 15 days)
             minute = truncate(self.world.clock.now(), timedelta(minutes=1)) if include_deleted else None
@@ -852,16 +950,15 @@ class SalesforceSimulator(Simulator):
                 rec[fd.name] = _json_value(fd.type, fd.get(row))
         return rec
 
-    def visible_schemas(self) -> dict[str, SObject]:
-        """The sObjects this API user can see: an object without read access is, to SOQL and describe, an object
-        that does not exist (400 INVALID_TYPE)."""
-        if self.optional_rights:
-            return self.schemas
-        return {k: v for k, v in self.schemas.items() if k not in REFUSED_OBJECTS}
+    def visible_schemas(self, version: str) -> dict[str, SObject]:
+        """The sObjects this API user can see, as API `version` describes them: an object without read access
+        is, to SOQL and describe, an object that does not exist (400 INVALID_TYPE)."""
+        return {k: v.for_version(version) for k, v in self.schemas.items()
+                if self.optional_rights or k not in REFUSED_OBJECTS}
 
     def _describe(self, req: Request) -> Response:
         name = req.params["sobject"]
-        sobject = self.visible_schemas().get(name.lower())
+        sobject = self.visible_schemas(req.params["version"]).get(name.lower())
         if sobject is None and name.lower() in self.schemas:
             raise HttpError(400, "INVALID_TYPE", f"sObject type '{name}' is not supported.")
         if sobject is None:
@@ -913,6 +1010,9 @@ class SalesforceSimulator(Simulator):
                 relationship="LastModifiedBy")
         opp.add("SystemModstamp", "datetime", modstamp)
         opp.add("IsDeleted", "boolean", lambda o: o.deleted_at is not None)
+        if self.last_stage_change_date:
+            # Read-only, nillable, API 52.0+ (Summer '21): when StageName last changed.
+            opp.add("LastStageChangeDate", "datetime", self.stage_changes.last_change, since="52.0")
         if self.multi_currency:
             opp.add("CurrencyIsoCode", "picklist", lambda o: o.currency, True)
         if self.custom_fields:
@@ -1048,7 +1148,7 @@ class SalesforceSimulator(Simulator):
         sobject = self._opportunity(req)
         with self.world.lock:
             opp = self._find(req.params["id"])
-            fields = [fd for fd in sobject.fields.values() if "." not in fd.name]
+            fields = [fd for fd in sobject.for_version(req.params["version"]).fields.values() if "." not in fd.name]
             return Response.json(self._render(sobject, opp, fields, req.params["version"]))
 
     def _values(self, body: Any, sobject: SObject) -> dict[str, Any]:

@@ -508,3 +508,116 @@ def test_a_renamed_account_moves_its_own_stamp_never_its_opportunities():
         for soql, code in refused.items():
             r = query(soql)
             assert r.status_code == 400 and r.json()[0]["errorCode"] == code, (soql, r.text)
+
+
+# -- close time and reads by id (issue 15) ------------------------------------------------------------------------
+
+def _describe_fields(url: str, headers: dict, version: str = V) -> dict[str, dict]:
+    r = requests.get(f"{url}/services/data/v{version}/sobjects/Opportunity/describe", headers=headers)
+    assert r.status_code == 200, r.text
+    return {f["name"]: f for f in r.json()["fields"]}
+
+
+def test_last_stage_change_date_is_when_the_stage_last_changed():
+    sim = sfsim.build(seed=13, opportunities=300)
+    w = sim.world
+    with SandboxServer(sim) as srv:
+        tok = token(srv.url)
+        h = {"Authorization": f"Bearer {tok['access_token']}"}
+        sf = Salesforce(instance_url=srv.url, session_id=tok["access_token"], version=V, session=_session())
+        field = _describe_fields(srv.url, h)["LastStageChangeDate"]
+        assert field["type"] == "datetime" and field["nillable"] and not field["updateable"]
+
+        def row(oid: str) -> dict:
+            return sf.query(f"SELECT Id, StageName, LastStageChangeDate, CloseDate FROM Opportunity "
+                            f"WHERE Id = '{oid}'")["records"][0]
+
+        rows = sf.query_all("SELECT Id, IsClosed, LastStageChangeDate, CloseDate FROM Opportunity")["records"]
+        closed = [r for r in rows if r["IsClosed"]]
+        assert closed and all(r["IsClosed"] is not None for r in rows)
+        for r in closed:   # entering the closed stage; generated closes long before the last edit, often
+            o = w.opps[r["Id"]]
+            assert r["LastStageChangeDate"] == sfsim.sf_datetime(o.closed_at)
+            assert r["CloseDate"] == o.closed_at.date().isoformat()
+        assert sum(w.opps[r["Id"]].closed_at < w.opps[r["Id"]].modified_at - timedelta(days=30) for r in closed) > 10
+        assert all(r["LastStageChangeDate"] is None for r in rows if not r["IsClosed"])   # never moved yet
+
+        oid = next(r["Id"] for r in rows if not r["IsClosed"])
+        w.clock.advance(timedelta(hours=1))
+        sf.Opportunity.update(oid, {"StageName": "Needs Analysis" if w.opps[oid].stage != "Needs Analysis"
+                                    else "Qualification"})
+        moved = w.opps[oid].modified_at   # the write's time (the clock runs on in real time)
+        assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(moved)
+        w.clock.advance(timedelta(hours=1))
+        sf.Opportunity.update(oid, {"Amount": 10.0})                       # not a stage change
+        assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(moved)
+        w.clock.advance(timedelta(hours=1))
+        sf.Opportunity.update(oid, {"StageName": "Closed Lost"})
+        lost = w.opps[oid].modified_at
+        assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(lost) == sfsim.sf_datetime(w.opps[oid].closed_at)
+        w.clock.advance(timedelta(hours=1))
+        sf.Opportunity.update(oid, {"StageName": "Prospecting"})           # a reopen moves it, never clears it
+        assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(w.opps[oid].modified_at) > sfsim.sf_datetime(lost)
+        # activity that moves stages outside the API is seen too: a move between open stages is dated by the
+        # record's last edit (the world keeps no time for it), never earlier than the move
+        stages_before = {i: o.stage for i, o in w.opps.items()}
+        start = w.clock.now()
+        w.advance(hours=24, rate=0.05)
+        after = sf.query_all("SELECT Id, IsClosed, LastStageChangeDate FROM Opportunity")["records"]
+        moved_open = 0
+        for r in after:
+            o = w.opps[r["Id"]]
+            if r["IsClosed"]:
+                assert r["LastStageChangeDate"] == sfsim.sf_datetime(o.closed_at)
+            elif stages_before.get(o.native_id, o.stage) != o.stage:
+                moved_open += 1
+                assert r["LastStageChangeDate"] == sfsim.sf_datetime(o.modified_at) and o.modified_at > start
+        assert moved_open
+        with pytest.raises(SalesforceMalformedRequest) as err:
+            sf.Opportunity.update(oid, {"LastStageChangeDate": "2024-01-01T00:00:00Z"})
+        assert err.value.content[0]["errorCode"] == "INVALID_FIELD_FOR_INSERT_UPDATE"
+
+
+@pytest.mark.parametrize("variant,version", [("default", "51.0"), ("no_last_stage_change_date", V)])
+def test_last_stage_change_date_absent_before_52_and_when_hidden(variant, version):
+    with SandboxServer(sfsim.build(seed=13, opportunities=50, variant=variant)) as srv:
+        h = auth_headers(srv.url)
+        fields = _describe_fields(srv.url, h, version)
+        assert "LastStageChangeDate" not in fields and "CloseDate" in fields
+        r = requests.get(f"{srv.url}/services/data/v{version}/query", headers=h,
+                         params={"q": "SELECT Id, LastStageChangeDate FROM Opportunity"})
+        assert r.status_code == 400 and r.json()[0]["errorCode"] == "INVALID_FIELD"
+        assert "No such column 'LastStageChangeDate'" in r.json()[0]["message"]
+        oid = next(iter(srv.simulator.world.opps))
+        assert "LastStageChangeDate" not in requests.get(
+            f"{srv.url}/services/data/v{version}/sobjects/Opportunity/{oid}", headers=h).json()
+
+
+def test_query_by_ids_absent_ids_malformed_ids_and_the_request_size_limit():
+    sim = sfsim.build(seed=13, opportunities=300)
+    w = sim.world
+    with SandboxServer(sim) as srv:
+        h = auth_headers(srv.url)
+
+        def query(soql: str, endpoint: str = "query") -> requests.Response:
+            return requests.get(f"{srv.url}/services/data/v{V}/{endpoint}", params={"q": soql}, headers=h)
+
+        live = list(w.opps)[:3]
+        gone = list(w.opps)[3]
+        w.delete(gone)
+        unknown = sfsim.sf_id("006", 99_999)
+        soql = f"SELECT Id FROM Opportunity WHERE Id IN ({', '.join(repr(i) for i in [*live, gone, unknown])})"
+        assert {r["Id"] for r in query(soql).json()["records"]} == set(live)            # Recycle Bin: queryAll only
+        assert {r["Id"] for r in query(soql, "queryAll").json()["records"]} == {*live, gone}
+        bad = query("SELECT Id FROM Opportunity WHERE Id IN ('006Hs0000000001', 'not-an-id')")
+        assert bad.status_code == 400 and bad.json()[0]["errorCode"] == "INVALID_QUERY_FILTER_OPERATOR"
+        assert "invalid ID field: not-an-id" in bad.json()[0]["message"]
+        assert query("SELECT Id FROM Opportunity WHERE Id = null").json()["totalSize"] == 0
+        # URI plus headers over 16,384 bytes: refused before the API (no JSON array, no allocation spent)
+        used = sim.api_usage
+        ids = ", ".join(repr(sfsim.sf_id("006", n)) for n in range(1, 700))
+        r = query(f"SELECT Id FROM Opportunity WHERE Id IN ({ids})")
+        assert r.status_code == 414 and sim.api_usage == used
+        r = requests.get(f"{srv.url}/services/data/v{V}/query", params={"q": "SELECT Id FROM Opportunity"},
+                         headers={**h, "X-Padding": "x" * 16_300})
+        assert r.status_code == 431

@@ -20,6 +20,9 @@ Incremental: `(SystemModstamp >= since OR Account.SystemModstamp >= since) ORDER
 opportunities of accounts changed since the cursor are asked for in the same query: no extra request).
 Deletes: getDeleted (`/sobjects/Opportunity/deleted/`) when `since` is inside its 15-day window, else
 `queryAll ... WHERE IsDeleted = true`.
+Close time (won / lost records): `LastStageChangeDate` (API 52.0+, when describe lists it), else `CloseDate`'s day at
+00:00 UTC. Read by id: the same select list `WHERE Id IN (...)` through /query (the Recycle Bin is left out), at most
+300 ids and a URI well under the 16,384-byte limit per query; filters are then evaluated in Python as SOQL would.
 Quota: `Sforce-Limit-Info: api-usage=N/LIMIT` on every response; 403 REQUEST_LIMIT_EXCEEDED is final.
 """
 
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 
@@ -72,7 +76,7 @@ FIELD_TYPES: dict[str, str] = {
     "ExpectedRevenue": "number", "CloseDate": "date", "IsClosed": "boolean", "IsWon": "boolean", "Type": "string",
     "LeadSource": "string", "Description": "string", "NextStep": "string", "CreatedDate": "datetime",
     "CreatedById": "string", "LastModifiedDate": "datetime", "LastModifiedById": "string",
-    "SystemModstamp": "datetime", "IsDeleted": "boolean",
+    "SystemModstamp": "datetime", "IsDeleted": "boolean", "LastStageChangeDate": "datetime",
     "Account.Name": "string", "Account.BillingStreet": "string", "Account.BillingCity": "string",
     "Account.BillingState": "string", "Account.BillingPostalCode": "string", "Account.BillingCountry": "string",
     "Account.SystemModstamp": "datetime", "Account.LastModifiedDate": "datetime",
@@ -83,6 +87,18 @@ _DESCRIBE_TYPES = {"double": "number", "currency": "number", "percent": "number"
                    "date": "date", "datetime": "datetime", "boolean": "boolean"}
 _NO_COLUMN = re.compile(r"No such column '([A-Za-z0-9_]+)'|Didn't understand relationship '([A-Za-z0-9_]+)'")
 _OPS = {"equal": "=", "not_equal": "!=", "more_than": ">", "less_than": "<", "at_least": ">=", "at_most": "<="}
+# Record ids are 15 (case-sensitive) or 18 characters; anything else cannot be an id of the org, and SOQL refuses it
+# as a literal (400 INVALID_QUERY_FILTER_OPERATOR "invalid ID field") instead of matching nothing.
+_SF_ID = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
+# Reads by id: at most this many ids per SOQL, and the encoded `/query?q=` URI kept under this many bytes. URI plus
+# headers must stay under 16,384 bytes (help article 000386264: 414 / 431 beyond); 4 KB is left for the headers
+# (the bearer token, Sforce-Query-Options, Host). 300 quoted 18-character ids encode to ~8,400 bytes.
+ID_BATCH = 300
+MAX_QUERY_URI = 16_384 - 4_096
+# The close time: `LastStageChangeDate` (API 52.0+, may be hidden by field-level security) when the org has it,
+# else the day in `CloseDate` (what Salesforce reports take as a closed opportunity's close date) at 00:00 UTC.
+LAST_STAGE_CHANGE = "LastStageChangeDate"
+CLOSE_DATE = "CloseDate"
 
 
 # -- auth -----------------------------------------------------------------------------------------------------
@@ -229,6 +245,7 @@ class SalesforceConnector(CrmConnector):
     _multi_currency: bool = False
     _org_currency: str | None = None
     _stage_by_value: dict[str, StageInfo] | None = None
+    _last_stage_change: bool = False                       # describe lists LastStageChangeDate
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -303,6 +320,7 @@ class SalesforceConnector(CrmConnector):
                                                 f"fields: {', '.join(custom) if custom else 'none'}")
         self._check_configured_fields()
         self._discover_currency()
+        self._discover_close_time()
         self._optional("API limits (/limits)", self._read_limits, None,
                        fallback_text="quota read from the Sforce-Limit-Info header of every response")
 
@@ -377,6 +395,20 @@ class SalesforceConnector(CrmConnector):
             "org currency (Organization.DefaultCurrencyIsoCode)", self._read_org_currency, None,
             fallback_text="single-currency org: currency left empty (set options.currency to fill it)")
 
+    def _discover_close_time(self) -> None:
+        """LastStageChangeDate exists from API 52.0 and only where field-level security lets the API user read it:
+        describe (of the API version the connector speaks) decides; without it the close time is CloseDate's day."""
+        assert self._fields is not None
+        self._last_stage_change = LAST_STAGE_CHANGE.lower() in self._fields
+        self.note("close time", True,
+                  f"{LAST_STAGE_CHANGE} (when the stage last changed), else {CLOSE_DATE} at 00:00 UTC"
+                  if self._last_stage_change else
+                  f"{CLOSE_DATE} at 00:00 UTC only: Opportunity describe has no {LAST_STAGE_CHANGE} (API version "
+                  f"before 52.0, options.api_version = {self.api_version}, or hidden from the API user by field-level "
+                  "security); closes are dated by day")
+        self.note(LAST_STAGE_CHANGE, self._last_stage_change,
+                  "read" if self._last_stage_change else "not in describe: closes dated by CloseDate")
+
     def _read_org_currency(self) -> str | None:
         for page in self.query("SELECT DefaultCurrencyIsoCode FROM Organization"):
             for r in page:
@@ -445,6 +477,38 @@ class SalesforceConnector(CrmConnector):
         for records in self.query(self.opportunity_soql(open_set, since)):
             yield [self._map(r) for r in records]
 
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """`SELECT <the select list> FROM Opportunity WHERE Id IN (...)` through /query, which leaves out the
+        Recycle Bin: deleted and unknown ids are simply absent. No filters, no open/closed clause. Batched to
+        ID_BATCH ids and a URI under MAX_QUERY_URI; each batch pages through nextRecordsUrl."""
+        wanted = [i for i in dict.fromkeys(str(i) for i in ids) if _SF_ID.match(i)]
+        if not wanted:
+            return
+        head = f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE Id IN ("
+        tail = ") ORDER BY Id"
+        for batch in id_batches(wanted, len(_encoded(head + tail))):
+            for records in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
+                yield [self._map(r) for r in records]
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """The value a filter on `field` compares: the record's field by API name, dotted through parents
+        (`Account.BillingCountry`), null when a parent is null; the select list carries every filter field."""
+        return _get(raw, field)
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        """The connection's filters evaluated as SOQL evaluates them: values of the field's describe type, the
+        literal as it would be rendered (datetimes floored to the second), text compared case-insensitively,
+        null equal only to null and never ordered."""
+        for f in self.conn.filters:
+            ftype = self._field_type(f.field)
+            render_filter(f, ftype)   # a value that cannot be rendered fails here as it fails the query
+            if not soql_matches(f.op, soql_value(self.filter_value(opp.raw, f.field), ftype),
+                                [filter_operand(v, ftype) for v in f.value] if f.op == "in"
+                                else filter_operand(f.value, ftype)):
+                return False
+        return True
+
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
         self.prepare()   # discovery's responses carry the server's clock (Date header)
         now = self._now()
@@ -470,8 +534,12 @@ class SalesforceConnector(CrmConnector):
                   "CloseDate", "Probability", "CreatedDate", "CreatedById", "SystemModstamp"]
         if self.multi_currency:   # only where describe lists it (single-currency orgs: 400 INVALID_FIELD)
             fields.append("CurrencyIsoCode")
+        if self._last_stage_change:   # only where describe lists it (API < 52.0, hidden by FLS: INVALID_FIELD)
+            fields.append(LAST_STAGE_CHANGE)
         for native in self.conn.fields.values():
             fields.append(_checked_field(native))
+        for f in self.conn.filters:   # records read by id are filtered in Python (matches_filters)
+            fields.append(_checked_field(f.field))
         seen, out = set(), []
         for f in fields:
             if f.lower() not in seen:
@@ -557,6 +625,8 @@ class SalesforceConnector(CrmConnector):
         stage, stage_id = self._stage_of(r)
         crm_status = clean_text(r.get("ForecastCategoryName"))
         account = r.get("Account") or {}
+        status = self.resolve_status(stage, crm_status, self._flags(r, stage_id))
+        closed_at, closed_at_field = self._closed_at(r, status)
         return self.opportunity(
             r["Id"], r,
             project_name=clean_text(_get(r, self.field("project_name", "Name"))),
@@ -565,7 +635,7 @@ class SalesforceConnector(CrmConnector):
             sales_executive=clean_text(_get(r, self.field("sales_executive", "Owner.Name"))),
             owner_crm_id=r.get("OwnerId"),
             stage=stage, stage_id=stage_id, crm_status=crm_status,
-            status=self.resolve_status(stage, crm_status, self._flags(r, stage_id)),
+            status=status, crm_closed_at=closed_at, crm_closed_at_field=closed_at_field,
             amount=parse_float(_get(r, self.field("amount", "Amount"))),
             currency=r.get("CurrencyIsoCode") if self._multi_currency else self._org_currency,
             close_date=parse_date(_get(r, self.field("close_date", "CloseDate"))),
@@ -574,6 +644,20 @@ class SalesforceConnector(CrmConnector):
             created_by_crm_id=_get(r, self.field("created_by_crm_id", "CreatedById")),
             modified_at=parse_datetime(r.get("SystemModstamp")),
         )
+
+    def _closed_at(self, r: dict[str, Any], status: Status) -> tuple[datetime | None, str | None]:
+        """When a won / lost record closed, and the field that said it: LastStageChangeDate (entering the closed
+        stage is its last stage change), else CloseDate's day at 00:00 (a date-only field); None while open."""
+        if status == "open":
+            return None, None
+        if self._last_stage_change:
+            at = parse_datetime(r.get(LAST_STAGE_CHANGE))
+            if at is not None:
+                return at, LAST_STAGE_CHANGE
+        day = parse_date(r.get(CLOSE_DATE))
+        if day is not None:
+            return datetime(day.year, day.month, day.day), CLOSE_DATE
+        return None, None
 
     # -- deletes ----------------------------------------------------------------------------------------------------
 
@@ -655,6 +739,72 @@ def render_filter(f: RecordFilter, ftype: str) -> str:
     except (TypeError, ValueError) as err:
         raise CrmError(f"filter on {field}: value does not fit the field's type {ftype} ({err}); fix the "
                        "value in filters: (or options.field_types)", code="INVALID_FILTER", permanent=True) from None
+
+
+def _encoded(soql: str) -> str:
+    """`q=<soql>` as requests encodes it into the URI (form encoding: a quote is 3 bytes, a space 1)."""
+    return urlencode({"q": soql})
+
+
+def id_batches(ids: list[str], fixed: int, *, per_query: int = ID_BATCH, limit: int = MAX_QUERY_URI) -> Iterator[list[str]]:
+    """Consecutive runs of `ids` of at most `per_query` ids whose quoted, comma-separated list encodes to at most
+    `limit - fixed` bytes (`fixed`: the encoded rest of the query)."""
+    batch: list[str] = []
+    size = fixed
+    for i in ids:
+        cost = len(_encoded(soql_string(i) + ", ")) - 2   # less the "q="
+        if batch and (len(batch) >= per_query or size + cost > limit):
+            yield batch
+            batch, size = [], fixed
+        batch.append(i)
+        size += cost
+    if batch:
+        yield batch
+
+
+def soql_value(value: Any, ftype: str) -> Any:
+    """A record's value as SOQL compares it for a field of `ftype`: numbers, dates, datetimes (naive UTC) and
+    booleans as such, text case-insensitively; an empty value is null."""
+    if value is None or value == "":
+        return None
+    if ftype == "number":
+        return parse_float(value)
+    if ftype == "boolean":
+        return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+    if ftype == "date":
+        return parse_date(value)
+    if ftype == "datetime":
+        return parse_datetime(value)
+    return str(value).casefold()
+
+
+def filter_operand(value: Any, ftype: str) -> Any:
+    """A filter's value as the query would carry it (soql_literal: a datetime floored to the second, a date-only
+    value at midnight), to compare in Python."""
+    if ftype == "string":   # quoted text as it is, compared case-insensitively
+        if value is None:
+            return None
+        return ("true" if value else "false") if isinstance(value, bool) else str(value).casefold()
+    literal = soql_literal(value, ftype)
+    return None if literal == "null" else soql_value(literal, ftype)
+
+
+def soql_matches(op: str, actual: Any, wanted: Any) -> bool:
+    """One SOQL comparison: `=` / `!=` treat null as a value (`!= x` matches null), `IN` matches listed values,
+    ordering comparisons never match null."""
+    if op == "equal":
+        return actual == wanted
+    if op == "not_equal":
+        return actual != wanted
+    if op == "in":
+        return actual is not None and actual in wanted
+    if actual is None or wanted is None:
+        return False
+    try:
+        return {"more_than": actual > wanted, "less_than": actual < wanted, "at_least": actual >= wanted,
+                "at_most": actual <= wanted}[op]
+    except TypeError:
+        return False
 
 
 def _checked_field(name: str) -> str:

@@ -1181,7 +1181,8 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
     site's address in the canonical form (the site's name when the site has no address); amount = the sum of
     the forecast lines. Where the variant's API member may not read an optional area, the value is the
     documented fallback an API user gets (docs/crms/connectwise.md): the site's name, no amount, the creator's
-    member identifier.
+    member identifier. crm_closed_at = the record's closedDate when its status resolves won / lost (None when
+    open, and for migrated_history's closes before go-live, which carry no closedDate).
     """
     w = sim.world
     out: dict[str, dict[str, Any]] = {}

@@ -27,6 +27,14 @@ What it reproduces (crm-api-notes.md section 4):
 - Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
 - Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
+- Close time: `closedDate` (`YYYY-MM-DDTHH:MM:SSZ`) and `closedBy` (a member reference) are set while the
+  opportunity stands in a status with closedFlag (from the world's `closed_at`: stamped when it entered that
+  status) and null while it is open; a reopen clears both (crm-api-notes 4.5: "set when the opportunity
+  closes"; the clearing on reopen is not documented and follows the world). `closedDate` is filterable
+  (`closedDate>=[...]`). The `migrated_history` variant has closed records without a closedDate.
+- Read by id: `conditions=id in (...)` on the list; an id the tenant no longer has (hard delete) is simply not
+  in the array. CW runs on IIS, whose request filtering refuses a query string over 2048 bytes
+  (maxQueryString default) with a 404.15 HTML page before the application sees it: so does the simulator.
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ SANDBOX_CREDENTIALS = {
 }
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 25
+# IIS request filtering's default maxQueryString (bytes): a longer query string never reaches CW's API.
+MAX_QUERY_STRING = 2048
+# migrated_history: the tenant went live on ConnectWise this long before the data's anchor; closes before that
+# were imported with their closed status but without a closedDate.
+GO_LIVE_BEFORE_ANCHOR = timedelta(days=365)
 
 # Tenant statuses: id, name, closed, won, lost, inactive, default, probability the world gives the stage.
 STATUSES = [
@@ -104,6 +117,9 @@ VARIANTS = {
                        "Discovery, Demo, Proposal, Contracting, Signed)",
     "custom_fields": "more opportunity custom fields, some named like standard fields (Stage, Amount, Site) with "
                      "values that differ from them, a Number and a Checkbox field and empty values",
+    "migrated_history": "a tenant that moved to ConnectWise a year before the data's anchor: opportunities closed "
+                        "before go-live were imported in their closed status with closedDate and closedBy empty "
+                        "(CW stamps them only when a record enters a closed status); later closes carry them",
 }
 CURRENCIES = {
     "USD": {"id": 7, "symbol": "$", "currencyCode": "USD", "decimalSeparator": ".", "numberOfDecimals": 2,
@@ -474,6 +490,9 @@ class ConnectWiseSimulator(Simulator):
                              429, {"Retry-After": str(max(1, int(rule.seconds)))})
 
     def handle(self, req: Request) -> Response:
+        query = req.raw_path.partition("?")[2]
+        if len(query.encode("utf-8")) > MAX_QUERY_STRING:
+            return iis_query_too_long()
         if "/apis/3.0/" in req.path:
             codebase = req.path.lstrip("/").split("/", 1)[0] + "/"
             if codebase not in (CODEBASE, "v4_6_release/"):
@@ -545,7 +564,7 @@ class ConnectWiseSimulator(Simulator):
         sid = int(st.key)
         acc = self.world.accounts[o.account] if o.account is not None else None
         prob = None if o.probability is None else int(round(o.probability / 10.0)) * 10
-        closed = st.is_closed
+        closed_at = self.closed_date(o)
         sales_stage = self.world.sales_stage_of(o)
         region = (o.extra or {}).get("Region", REGIONS[o.seq % len(REGIONS)])
         currency = CURRENCIES.get(o.currency, CURRENCIES["USD"])
@@ -573,8 +592,8 @@ class ConnectWiseSimulator(Simulator):
                 "_info": {"probability_href": self._href(req, f"/sales/probabilities/{prob // 10 + 1}")}},
             "rating": {"id": 4, "name": "Hot", "_info": None},
             "expectedCloseDate": _iso(o.close_date),
-            "closedDate": _iso(o.close_date) if closed else None,
-            "closedBy": self.member_ref(o.owner, req) if closed else None,
+            "closedDate": _iso(closed_at),
+            "closedBy": self.member_ref(o.owner, req) if closed_at is not None else None,
             "company": None if acc is None else {
                 "id": int(acc.native_id), "identifier": _slug(acc.name)[:25], "name": acc.name,
                 "_info": {"company_href": self._href(req, f"/company/companies/{acc.native_id}")}},
@@ -600,6 +619,18 @@ class ConnectWiseSimulator(Simulator):
                 "forecast_href": self._href(req, f"/sales/opportunities/{o.native_id}/forecast"),
             },
         }
+
+    def closed_date(self, o: SimOpportunity) -> datetime | None:
+        """The record's closedDate: when it entered its closed status, null while open; in migrated_history
+        null too for closes before go-live (imported closed, never stamped)."""
+        if not self.world.stages[o.stage].is_closed or o.closed_at is None:
+            return None
+        if self.variant == "migrated_history" and o.closed_at < self.go_live():
+            return None
+        return o.closed_at
+
+    def go_live(self) -> datetime:
+        return self.world.clock.start - GO_LIVE_BEFORE_ANCHOR
 
     def extra_custom_fields(self, o: SimOpportunity) -> list[dict[str, Any]]:
         """custom_fields: captions that look like standard fields (a connector must never read them as such),
@@ -725,7 +756,7 @@ class ConnectWiseSimulator(Simulator):
         if p in ("expectedclosedate",):
             return o.close_date
         if p == "closeddate":
-            return o.close_date if st.is_closed else None
+            return self.closed_date(o)
         # the rest: from the rendered record (slower, rarely queried)
         return dict_getter(self.render(o), path)
 
@@ -1041,6 +1072,15 @@ class ConnectWiseSimulator(Simulator):
         })
 
 
+def iis_query_too_long() -> Response:
+    """What IIS request filtering answers for a query string over maxQueryString: 404 substatus 15, an HTML
+    page (not CW's JSON error shape: the API never saw the request)."""
+    body = ("<!DOCTYPE html><html><head><title>IIS 10.0 Detailed Error - 404.15 - Not Found</title></head><body>"
+            "<h3>HTTP Error 404.15 - Not Found</h3><h4>The request filtering module is configured to deny a "
+            "request where the query string is too long.</h4></body></html>").encode("utf-8")
+    return Response(404, body, {"Content-Type": "text/html"})
+
+
 def site_address(a: Any) -> tuple[str | None, ...]:
     """A company site's address parts: addressLine1, addressLine2, city, state, zip, country. Some sites have
     a second line (a suite), some a line break typed into the first line, as real tenants do (derived from the
@@ -1141,7 +1181,8 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
     site's address in the canonical form (the site's name when the site has no address); amount = the sum of
     the forecast lines. Where the variant's API member may not read an optional area, the value is the
     documented fallback an API user gets (docs/crms/connectwise.md): the site's name, no amount, the creator's
-    member identifier.
+    member identifier. crm_closed_at = the record's closedDate when its status resolves won / lost (None when
+    open, and for migrated_history's closes before go-live, which carry no closedDate).
     """
     w = sim.world
     out: dict[str, dict[str, Any]] = {}
@@ -1169,5 +1210,7 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
             "currency": o.currency,
             "close_date": o.close_date,
             "created_at": o.created_at,
+            # closedDate where the record carries one and its status resolves won / lost (open: None)
+            "crm_closed_at": sim.closed_date(o) if w.status(o) != "open" else None,
         }
     return out

@@ -388,3 +388,63 @@ def test_a_company_rename_moves_the_company_lastupdated_not_its_opportunities():
         sim.refused = frozenset({"companies"})
         r = get(f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]")
         assert r.status_code == 403 and r.json()["code"] == "Unauthorized"
+
+
+def test_closed_date_is_the_close_time_while_closed_and_null_while_open(server, api):
+    world = server.simulator.world
+    rows, _ = page_all(f"{api}/sales/opportunities", {"pageSize": 1000})
+    for r in rows:
+        o = world.opps[str(r["id"])]
+        if world.stages[o.stage].is_closed:
+            assert r["closedDate"] == o.closed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            assert r["closedBy"]["id"] >= cw.MEMBER_ID_BASE
+        else:
+            assert r["closedDate"] is None and r["closedBy"] is None
+    # the close is not the last edit (generated closes lie between creation and the last change)
+    assert any(r["closedDate"] and r["closedDate"] < r["_info"]["lastUpdated"] for r in rows)
+    # filterable as a date-time
+    cut = sorted(o.closed_at for o in live(server) if o.closed_at)[10]
+    assert ids_of(api, f"closedDate>=[{cut:%Y-%m-%dT%H:%M:%SZ}]") == sorted(
+        int(o.native_id) for o in live(server) if o.closed_at and o.closed_at >= cut)
+
+
+def test_reopen_clears_closed_date_and_a_new_close_stamps_it_again():
+    sim = cw.build(seed=9, opportunities=20)
+    with SandboxServer(sim) as srv:
+        api = f"{srv.url}/v4_6_release/apis/3.0"
+        o = next(o for o in sim.world.live() if sim.world.status(o) == "won")
+        url = f"{api}/sales/opportunities/{o.native_id}"
+        status = lambda sid: [{"op": "replace", "path": "status", "value": {"id": sid}}]
+        r = requests.patch(url, json=status(1), auth=AUTH, headers=HEADERS, timeout=10)
+        assert r.status_code == 200 and r.json()["closedDate"] is None and r.json()["closedBy"] is None
+        sim.world.clock.advance(timedelta(days=3))
+        r = requests.patch(url, json=status(3), auth=AUTH, headers=HEADERS, timeout=10)
+        assert r.json()["closedDate"] == sim.world.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_migrated_history_has_closed_records_without_closed_date():
+    sim = cw.build(seed=9, opportunities=150, variant="migrated_history")
+    with SandboxServer(sim) as srv:
+        rows = get(f"{srv.url}/v4_6_release/apis/3.0/sales/opportunities", pageSize=1000).json()
+        w = sim.world
+        closed = [r for r in rows if w.stages[str(r["status"]["id"])].is_closed]
+        undated = [r for r in closed if r["closedDate"] is None]
+        assert undated and len(undated) < len(closed)
+        assert all(w.opps[str(r["id"])].closed_at < sim.go_live() and r["closedBy"] is None for r in undated)
+
+
+def test_id_in_returns_live_ids_only(server, api):
+    sim = server.simulator
+    victim = next(o for o in sim.world.live() if int(o.native_id) > 550)
+    sim.world.delete(victim.native_id)
+    asked = [1, 2, int(victim.native_id), 999999]
+    rows = get(f"{api}/sales/opportunities", conditions=f"id in ({','.join(map(str, asked))})", pageSize=1000).json()
+    assert sorted(r["id"] for r in rows) == [1, 2]
+
+
+def test_a_query_string_over_iis_max_query_string_is_a_404_15_page(server, api):
+    ids = ",".join(str(10_000_000 + i) for i in range(300))
+    r = get(f"{api}/sales/opportunities", conditions=f"id in ({ids})")
+    assert r.status_code == 404 and "404.15" in r.text and r.headers["Content-Type"].startswith("text/html")
+    fits = ",".join(str(10_000_000 + i) for i in range(150))
+    assert get(f"{api}/sales/opportunities", conditions=f"id in ({fits})").json() == []

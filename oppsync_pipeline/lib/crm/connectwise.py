@@ -41,21 +41,30 @@
   (only the first such filter; all custom-field filters are also re-checked after fetching, because CW
   evaluates customFieldConditions per custom-field row).
 - Standard fields are named by their CW condition path: `company/name`, `status/name`, `_info/dateEntered`...
+- Close time: `crm_closed_at` = `closedDate` (a date-time CW stamps when the record enters a closed status,
+  null while open), for records whose resolved status is won / lost; empty on a closed record (imported
+  closed, say): None, and the reconcile dates the close by `_info/lastUpdated`. The list is read without
+  `fields=`, so closedDate comes with every record (no extra request, no tenant lacks it).
+- Read by id (`fetch_by_ids`): `GET /sales/opportunities?conditions=id in (...)`, no status or filter
+  conditions, BY_ID_CHUNK ids a request and the query string under MAX_QUERY_CHARS (CW runs on IIS, which
+  refuses query strings over 2048 bytes); hard-deleted ids are simply not returned. Mapped as the lists are
+  (forecast, cached sites). `filter_value` / `matches_filters` evaluate filters as CW's conditions do
+  (text case-insensitively, as SQL Server's default collation compares).
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import Capability, CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import Capability, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
@@ -67,6 +76,13 @@ API_VERSION = "application/vnd.connectwise.com+json; version=2025.1"
 DEFAULT_CODEBASE = "v4_6_release/"
 # Company ids per `company/id in (...)` re-read of a renamed company's opportunities (keeps the URL short).
 COMPANY_CHUNK = 100
+# Opportunity ids per `id in (...)` read by id: one page each (CW serves up to 1000 a page).
+BY_ID_CHUNK = 200
+# The longest query string a by-id request sends: IIS (which CW runs on) refuses over 2048 bytes
+# (request filtering maxQueryString, 404.15); spinen/connectwise-php-client caps whole URIs at 2000.
+MAX_QUERY_CHARS = 2000
+# The CW field that dates a close (crm_closed_at_field).
+CLOSED_DATE = "closedDate"
 
 # Condition paths a filter / field override may name, and which of them are numbers or date-times.
 NUMERIC_FIELDS = frozenset({
@@ -166,6 +182,10 @@ class ConnectWiseConnector(CrmConnector):
             return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
                             f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
                             "or run `oppsync config check --online` to see what is readable", status=403)
+        if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
+                                  else "") > MAX_QUERY_CHARS:
+            return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
+                            "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
         if status == 404:
             return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
                             "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
@@ -338,7 +358,7 @@ class ConnectWiseConnector(CrmConnector):
         for rows in self._opportunity_rows(parts, {"orderBy": order, **extra}, by_updated=since is not None):
             seen.update(int(r["id"]) for r in rows)
             if custom:
-                rows = [r for r in rows if self.post_filter(r, _value)]
+                rows = [r for r in rows if self._matches_raw(r, custom)]
             if rows:
                 yield self._map_page(rows)
         if since is None:
@@ -353,9 +373,44 @@ class ConnectWiseConnector(CrmConnector):
                 rows = [r for r in rows if int(r["id"]) not in seen]
                 seen.update(int(r["id"]) for r in rows)
                 if custom:
-                    rows = [r for r in rows if self.post_filter(r, _value)]
+                    rows = [r for r in rows if self._matches_raw(r, custom)]
                 if rows:
                     yield self._map_page(rows)
+
+    def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
+        """The current records of these ids, whatever their status and the connection's filters:
+        `conditions=id in (...)` in chunks (BY_ID_CHUNK ids, query string at most MAX_QUERY_CHARS), each one
+        page of up to 1000; CW has no soft delete, so a deleted id is simply absent. Mapped as opportunities()
+        maps (forecast per record, each site read once per run), in pages of the connection's page size."""
+        self.prepare()
+        wanted = sorted({int(i) for i in ids if str(i).strip().isdigit()})  # CW ids are integers; others: absent
+        for chunk in _id_chunks(wanted):
+            params = {"conditions": f"id in ({','.join(map(str, chunk))})", "orderBy": "id asc"}
+            for rows in self._pages("/sales/opportunities", params, self.max_page_size):
+                for start in range(0, len(rows), self.page_size):
+                    yield self._map_page(rows[start:start + self.page_size])
+
+    @classmethod
+    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
+        """The value a filter's condition path (`company/name`, `_info/lastUpdated`) or custom field
+        (`custom:Region`) compares, read from the record as the list returns it."""
+        return _value(raw, field)
+
+    def matches_filters(self, opp: Opportunity) -> bool:
+        return self._matches_raw(opp.raw, self.conn.filters)
+
+    def _matches_raw(self, raw: dict[str, Any], filters: Iterable[RecordFilter]) -> bool:
+        """Filters evaluated as CW's conditions evaluate them: text case-insensitively (SQL Server's default
+        collation), date-times as date-times, `closedFlag` from the record's status (the record does not
+        carry it)."""
+        for f in filters:
+            value = self.filter_value(raw, f.field)
+            if f.field == "closedFlag" and value is None:
+                info = self.statuses().get(str((raw.get("status") or {}).get("id")))
+                value = info.is_closed if info else None
+            if not matches(_cw_filter(f), _cw_norm(value)):
+                return False
+        return True
 
     def _opportunity_rows(self, parts: list[str], params: dict[str, Any],
                           by_updated: bool) -> Iterator[list[dict[str, Any]]]:
@@ -516,6 +571,7 @@ class ConnectWiseConnector(CrmConnector):
         crm_status = status_info.label if status_info else _text(status_ref.get("name"))
         flags = status_info.category if status_info else ("won" if r.get("closedFlag") and r.get("wonFlag") else
                                                           "lost" if r.get("closedFlag") else "open")
+        status = self.resolve_status(stage, crm_status, flags)
         amount_path = self.conn.fields.get("amount")
         if amount_path:
             amount = parse_float(_value(r, amount_path))
@@ -539,7 +595,7 @@ class ConnectWiseConnector(CrmConnector):
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
-            status=self.resolve_status(stage, crm_status, flags),
+            status=status,
             amount=amount,
             currency=currency.get("currencyCode") if isinstance(currency, dict) else None,
             close_date=_date(_value(r, self.field("close_date", "expectedCloseDate"))),
@@ -547,12 +603,57 @@ class ConnectWiseConnector(CrmConnector):
             created_at=_datetime(created),
             created_by_crm_id=created_by,
             modified_at=_datetime((r.get("_info") or {}).get("lastUpdated")),
+            **_closed_at(r, status),
         )
 
     def forecast_amount(self, opp_id: Any) -> float | None:
         """One opportunity's amount (the sum of its forecast lines)."""
         return _forecast_amount(_forecast_dict(self.client.get_json(
             self.api(f"/sales/opportunities/{int(opp_id)}/forecast"))))
+
+
+def _closed_at(r: dict[str, Any], status: str) -> dict[str, Any]:
+    """crm_closed_at / crm_closed_at_field from `closedDate`, for won / lost records only (an open record's is
+    None, even where CW still shows one, e.g. a status the connection's open_statuses call open). A date-only
+    value reads as 00:00 UTC of that date."""
+    closed = _datetime(r.get(CLOSED_DATE)) if status != "open" else None
+    return {"crm_closed_at": closed, "crm_closed_at_field": CLOSED_DATE if closed is not None else None}
+
+
+def _id_chunks(ids: list[int]) -> Iterator[list[int]]:
+    """Ids in chunks of at most BY_ID_CHUNK whose `id in (...)` query string stays within MAX_QUERY_CHARS
+    (measured as requests encodes it, with the paging parameters _pages adds)."""
+    chunk: list[int] = []
+    for i in ids:
+        if chunk and (len(chunk) >= BY_ID_CHUNK or _by_id_query_length(chunk + [i]) > MAX_QUERY_CHARS):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
+def _by_id_query_length(chunk: list[int]) -> int:
+    return len(urlencode({"conditions": f"id in ({','.join(map(str, chunk))})", "orderBy": "id asc",
+                          "page": 1, "pageSize": ConnectWiseConnector.max_page_size}))
+
+
+def _cw_norm(value: Any) -> Any:
+    """A value as CW's conditions compare it: text case-insensitively, dates as date-times (00:00 UTC)."""
+    if isinstance(value, str):
+        if len(value) >= 10 and value[4] == "-" and value[7] == "-":
+            parsed = _datetime(value)
+            if parsed is not None:
+                return parsed
+        return value.lower()
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day)
+    return value
+
+
+def _cw_filter(f: RecordFilter) -> RecordFilter:
+    value = [_cw_norm(v) for v in f.value] if f.op == "in" else _cw_norm(f.value)
+    return f.model_copy(update={"value": value})
 
 
 def site_address(site: dict[str, Any]) -> str | None:

@@ -114,6 +114,9 @@ WAREHOUSE = Path(__file__).resolve().parents[2] / "oppsync_pipeline" / "lib" / "
 # bound parameter.
 ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "rcols", "narrow", "plain", "values", "sets", "changed", "union", "locked", "t", "table", "column",
            "name", "DUCKDB_CATALOG", "DUCKDB_ROW_GROUP_SIZE",
+           # reconcile's and migration 5's fragments, built from module constants (field and kind names)
+           "scope", "same_close", "fields(STAGE_FIELDS)", "fields(STATUS_FIELDS)", "fields(TRACKED_FIELDS)",
+           "stage_moved", "status_moved", "updated", "type_", "e", "status_kinds",
            "', '.join(columns)", "', '.join(cols)", "', '.join((':' + c for c in cols))"}
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}
 

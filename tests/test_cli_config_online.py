@@ -65,3 +65,21 @@ def test_an_api_user_without_rights_to_optional_endpoints_still_syncs_and_is_tol
         assert ": will sync;" in block, block
         assert re.search(r"\n  skipped +\S", block), f"{crm}: no optional read reported as skipped:\n{block}"
         assert "HTTP 403" in block, block
+
+
+def test_an_unknown_trigger_stage_is_named_with_the_tenants_stages(tmp_path):
+    """track_from_stage is resolved against the tenant's stage list: a typo cannot pass the online check."""
+    from oppsync_pipeline.lib.sync import build_connector
+    from oppsync_pipeline.sandbox.cluster import build_simulator
+    from oppsync_pipeline.sandbox.server import SandboxServer
+    from tests.conftest import sandbox_config
+
+    with SandboxServer(build_simulator("salesforce", opportunities=20)) as server:
+        for stage, ok in (("Qualification", True), ("Qualifcation", False)):
+            cfg = sandbox_config({"salesforce": server}, f"duckdb:///{tmp_path}/w.duckdb", tmp_path,
+                                 extra={"salesforce": {"track_from_stage": stage}})
+            caps = {c.name: c for c in build_connector(cfg, cfg.connections[0]).discover()}
+            assert caps["stage trigger"].available is ok
+            if not ok:
+                assert "no stage 'Qualifcation'" in caps["stage trigger"].detail
+                assert "Qualification" in caps["stage trigger"].detail

@@ -204,6 +204,14 @@ class CrmConnector(ABC):
                   else "none readable: oppsync.crm_stages stays empty (stages are still read from each record)")
         if statuses:
             self.note("status list", True, f"{len(statuses)} status(es)")
+        if self.conn.track_from_stage is not None:
+            from oppsync_pipeline.lib.scope import StageTrigger  # scope.py imports the warehouse layer
+
+            try:
+                StageTrigger.resolve(self.conn, stages)
+                self.note("stage trigger", True, f"tracks opportunities from stage '{self.conn.track_from_stage}' on")
+            except ConfigError as err:
+                self.note("stage trigger", False, "REQUIRED and not usable: " + "; ".join(err.problems))
         try:
             n_users = sum(1 for _ in self.users())
             self.note("users (owners and creators)", bool(n_users), f"{n_users} user(s)" if n_users

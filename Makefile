@@ -23,7 +23,7 @@ run: install
 
 ## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must)
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -30,7 +30,7 @@ from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
 
-SIZE = {"connectwise": 150}
+SIZE = {"connectwise": 100}
 FAST = {"hubspot": {"options": {"search_requests_per_second": 0}}}
 # The CRM field of the opportunity's owner (a server-side filter on it excludes one owner's deals).
 OWNER_FIELD = {"salesforce": "OwnerId", "hubspot": "hubspot_owner_id", "dynamics": "_ownerid_value",
@@ -65,7 +65,7 @@ def run_events(engine, run_id: str) -> list:
 @pytest.fixture(params=CRMS)
 def tenant(request, tmp_path):
     crm = request.param
-    sim = build_simulator(crm, seed=11, opportunities=SIZE.get(crm, 300))
+    sim = build_simulator(crm, seed=11, opportunities=SIZE.get(crm, 150))
     with SandboxServer(sim) as server:
         yield crm, sim, server
 
@@ -220,7 +220,7 @@ def test_one_close_with_a_rename_is_one_event_per_kind_sharing_a_change_id(tenan
 # --- the backfill rule, through the mart, on both warehouses ------------------------------------------------
 
 def test_the_outcomes_mart_places_each_historic_win_and_loss_in_its_close_month(warehouse_url, tmp_path):
-    sims = {crm: build_simulator(crm, seed=5, opportunities=SIZE.get(crm, 200)) for crm in CRMS}
+    sims = {crm: build_simulator(crm, seed=5, opportunities=SIZE.get(crm, 120)) for crm in CRMS}
     servers = {crm: SandboxServer(sim) for crm, sim in sims.items()}
     for s in servers.values():
         s.start()

@@ -19,7 +19,9 @@ from oppsync_pipeline.defs.resources import _engine
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.dagster.conftest import every_creator_mapped, load_defs, start_servers, stop_servers, write_config
 
-CONNECTIONS = {"sf-good": "salesforce", "sf-bad": "salesforce", "sf-quota": "salesforce"}
+CONNECTIONS = {"sf-good": "salesforce", "sf-bad": "salesforce", "sf-quota": "salesforce", "sf-scoped": "salesforce"}
+# A connection with a scope: tracked from a stage on, and (in the test) a filter that some deals leave.
+SCOPED = {"sf-scoped": {"track_from_stage": "Needs Analysis"}}
 
 
 @dataclass
@@ -58,7 +60,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     servers = start_servers(CONNECTIONS)
     try:
         url = f"duckdb:///{tmp / 'warehouse.duckdb'}"
-        config = write_config(tmp / "oppsync.yaml", servers, url, users=every_creator_mapped(servers))
+        config = write_config(tmp / "oppsync.yaml", servers, url, extra=SCOPED, users=every_creator_mapped(servers))
         with pytest.MonkeyPatch.context() as mp:
             yield Setup(load_defs(config, mp), servers, url)
     finally:
@@ -167,3 +169,24 @@ def test_a_spent_quota_skips_the_run_and_the_next_run_completes_the_data(setup: 
     assert materialized(done)[key("sf-quota", "extract")]["mode"] == "full"  # the bookmark never moved
     assert set(setup.rows("sf-quota")) == {o.native_id for o in simulator.world.live()}
     assert [r[1] for r in setup.sync_runs("sf-quota")] == ["skipped", "success"]
+
+
+def test_the_counts_check_compares_what_is_in_scope(setup: Setup, dagster_instance):
+    """A stage-triggered connection reads every deal but tracks only those at or past the stage (and keeps
+    those that moved back): the CRM's count and the warehouse's are both of what is in scope."""
+    world = setup.world("sf-scoped")
+    result = run(setup, "sf-scoped", dagster_instance, mode="full")
+    assert result.success
+    evaluations = checks(result)
+    assert evaluations["counts_match_crm"].passed, evaluations["counts_match_crm"].metadata
+    tracked = setup.rows("sf-scoped")
+    assert 0 < len(tracked) < len(list(world.live()))
+    # one tracked deal moves back before the trigger stage: still tracked, still counted on both sides
+    back = next(o for o in world.live() if o.native_id in tracked and world.status(o) == "open"
+                and o.stage != "Prospecting")
+    world.update(back.native_id, stage="Prospecting")
+    again = run(setup, "sf-scoped", dagster_instance, mode="full")
+    assert again.success and checks(again)["counts_match_crm"].passed
+    assert set(setup.rows("sf-scoped")) == set(tracked)
+    meta = materialized(again)[key("sf-scoped", "extract")]
+    assert meta["scope"] != "none" and meta["read_by_id"] == 0

@@ -313,9 +313,15 @@ def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | 
     return bool(has_rows), row[0]
 
 
+# The latest staged version of each id the reconcile will track: in scope, or before the stage trigger but
+# already tracked (once tracked, kept). Records read by id that left the filters, and untracked ones before
+# the trigger stage, are not part of what the CRM reported for this connection.
 _LATEST = f"""SELECT status FROM (
-    SELECT status, row_number() OVER (PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
-    FROM {S}.stage_opportunities WHERE extract_id = :x) v WHERE rn = 1"""
+    SELECT status, source_id, connection, scope, row_number() OVER (
+        PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
+    FROM {S}.stage_opportunities WHERE extract_id = :x) v
+    WHERE rn = 1 AND (COALESCE(v.scope, 'in') = 'in' OR (v.scope = 'before_stage' AND EXISTS (
+        SELECT 1 FROM {S}.opportunities o WHERE o.connection = v.connection AND o.source_id = v.source_id)))"""
 
 
 def record_run(conn: Connection, run: dict[str, Any]) -> None:
@@ -385,10 +391,11 @@ def load_extract(engine: Engine, extract_id: str) -> dict[str, Any] | None:
 
 
 def warehouse_counts(engine: Engine, connection: str) -> dict[str, int]:
-    """Live opportunities of a connection by status (for the post-reconcile count check)."""
+    """Live, in-scope opportunities of a connection by status (for the post-reconcile count check)."""
     with transaction(engine) as conn:
         rows = conn.execute(text(f"SELECT status, count(*) FROM {S}.opportunities WHERE connection = :c "
-                                 "AND deleted_at IS NULL GROUP BY status"), {"c": connection}).fetchall()
+                                 "AND deleted_at IS NULL AND in_scope IS NOT FALSE GROUP BY status"),
+                            {"c": connection}).fetchall()
     return {status: n for status, n in rows}
 
 

@@ -70,7 +70,9 @@ def tenant(request, tmp_path):
         yield crm, sim, server
 
 
-def test_a_first_sync_dates_historic_closes_by_the_crms_close_time(tenant, duckdb_url, tmp_path):
+def test_historic_closes_are_dated_by_the_crm_and_a_new_close_is_one_event_per_kind(tenant, duckdb_url, tmp_path):
+    """A first full sync dates each historic close by the CRM's close time; then one CRM edit that closes a deal
+    and renames it writes exactly one event row per kind, sharing a change_id."""
     crm, sim, server = tenant
     cfg = config(crm, server, duckdb_url, tmp_path)
     engine = make_engine(cfg.warehouse.url)
@@ -94,6 +96,24 @@ def test_a_first_sync_dates_historic_closes_by_the_crms_close_time(tenant, duckd
                           "JOIN oppsync.opportunities o ON o.source_id = e.source_id AND o.connection = e.connection "
                           "WHERE e.event_type IN ('closed_won', 'closed_lost')")
     assert len(events) == len(closed) and all(e.occurred_at == e.closed_at for e in events)
+
+    world = sim.world
+    opp = next(o for o in world.live() if world.status(o) == "open")
+    won = world.stage_for(world.stages[opp.stage].pipeline, "won")
+    world.clock.advance(timedelta(minutes=5))
+    world.update(opp.native_id, stage=won.key, name=opp.name + " (signed)")
+    world.clock.advance(timedelta(minutes=5))
+    out = sync_connection(cfg, cfg.connections[0], engine, run_id="r2")
+    events = [e for e in run_events(engine, "r2") if e.source_id == opp.native_id]
+    assert [e.event_type for e in events] == ["closed_won", "updated"]
+    closed, updated = events
+    # the rename (and the probability the stage brought along), none of the fields the close owns
+    fields = set(updated.changed_fields.split(","))
+    assert "project_name" in fields and not fields & {"status", "stage", "stage_id", "crm_status", "crm_closed_at"}
+    assert "status" in closed.changed_fields and "project_name" not in closed.changed_fields
+    assert closed.change_id == updated.change_id == f"r2:{opp.native_id}"
+    assert closed.occurred_at == expected_close(crm, world.get(opp.native_id).closed_at)
+    assert (out.result.closed, out.result.updated, out.result.stage_changed) == (1, 1, 0)
 
 
 def test_a_filter_added_then_removed_moves_opportunities_out_of_scope_and_back_never_deleting(
@@ -192,31 +212,6 @@ def test_a_stage_triggered_connection_tracks_what_reached_the_stage_and_keeps_it
     assert full.result.deleted == 0 and full.result.left_scope == 0    # the full read keeps it too
 
 
-def test_one_close_with_a_rename_is_one_event_per_kind_sharing_a_change_id(tenant, duckdb_url, tmp_path):
-    crm, sim, server = tenant
-    world = sim.world
-    cfg = config(crm, server, duckdb_url, tmp_path)
-    engine = make_engine(cfg.warehouse.url)
-    ensure_schema(engine)
-    sync_connection(cfg, cfg.connections[0], engine, run_id="r1")
-    opp = next(o for o in world.live() if world.status(o) == "open")
-    won = world.stage_for(world.stages[opp.stage].pipeline, "won")
-    world.clock.advance(timedelta(minutes=5))
-    world.update(opp.native_id, stage=won.key, name=opp.name + " (signed)")
-    world.clock.advance(timedelta(minutes=5))
-    out = sync_connection(cfg, cfg.connections[0], engine, run_id="r2")
-    events = [e for e in run_events(engine, "r2") if e.source_id == opp.native_id]
-    assert [e.event_type for e in events] == ["closed_won", "updated"]
-    closed, updated = events
-    # the rename (and the probability the stage brought along), none of the fields the close owns
-    fields = set(updated.changed_fields.split(","))
-    assert "project_name" in fields and not fields & {"status", "stage", "stage_id", "crm_status", "crm_closed_at"}
-    assert "status" in closed.changed_fields and "project_name" not in closed.changed_fields
-    assert closed.change_id == updated.change_id == f"r2:{opp.native_id}"
-    assert closed.occurred_at == expected_close(crm, world.get(opp.native_id).closed_at)
-    assert (out.result.closed, out.result.updated, out.result.stage_changed) == (1, 1, 0)
-
-
 # --- the backfill rule, through the mart, on both warehouses ------------------------------------------------
 
 def test_the_outcomes_mart_places_each_historic_win_and_loss_in_its_close_month(warehouse_url, tmp_path):
@@ -237,7 +232,8 @@ def test_the_outcomes_mart_places_each_historic_win_and_loss_in_its_close_month(
            "DBT_TARGET_PATH": str(tmp_path / "dbt_target"), "DBT_LOG_PATH": str(tmp_path / "dbt_logs"),
            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
     dbt = Path(sys.executable).parent / "dbt"
-    proc = subprocess.run([str(dbt), "build", "--select", "+outcomes", "--exclude", "test_type:unit",
+    # the models only (their data and unit tests run in tests/dbt)
+    proc = subprocess.run([str(dbt), "run", "--select", "+outcomes",
                            "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
                            "--target", dbt_target(cfg)], cwd=DBT_PROJECT_DIR, env=env, capture_output=True,
                           text=True, timeout=600)

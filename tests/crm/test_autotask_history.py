@@ -11,6 +11,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.autotask import IDS_PER_IN, AutotaskConnector
+from oppsync_pipeline.lib.crm.base import matches
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.server import SandboxServer
 
@@ -200,8 +201,14 @@ def test_filter_value_and_matches_filters_agree_with_the_server(served, filters)
 def test_filter_value_reads_fields_and_user_defined_fields():
     raw = {"amount": 12.5, "title": "Acme RENEWAL", "userDefinedFields": [{"name": "Region", "value": "West"}]}
     assert AutotaskConnector.filter_value(raw, "amount") == 12.5
-    assert AutotaskConnector.filter_value(raw, "udf:Region") == "west"
-    assert AutotaskConnector.filter_value(raw, "title") == "acme renewal"
+    assert AutotaskConnector.filter_value(raw, "udf:Region") == "West"
+    assert AutotaskConnector.filter_value(raw, "title") == "Acme RENEWAL"
+    # compared as Autotask compares text: case-insensitively, on both sides (the shared `matches`)
+    assert AutotaskConnector.filters_ignore_case
+    assert matches(RecordFilter(field="udf:Region", op="equal", value="west"),
+                   AutotaskConnector.filter_value(raw, "udf:Region"), ignore_case=True)
+    assert matches(RecordFilter(field="title", op="in", value=["acme renewal"]),
+                   AutotaskConnector.filter_value(raw, "title"), ignore_case=True)
     assert AutotaskConnector.filter_value(raw, "udf:Missing") is None
     assert AutotaskConnector.filter_value({"lastActivity": "2024-06-11T09:12:44.12Z"}, "lastActivity") \
         == "2024-06-11T09:12:44.12Z"

@@ -168,3 +168,16 @@ def test_quota_budget_still_counts_token_requests(server):
     c.client.get_json("/data")          # token + request = 2
     with pytest.raises(CrmError):
         c.client.get_json("/data")
+
+
+def test_shared_filter_matching_reads_yaml_dates_and_folds_case_only_when_asked():
+    from datetime import date
+
+    from oppsync_pipeline.lib.config import RecordFilter
+    from oppsync_pipeline.lib.crm.base import matches
+
+    since = RecordFilter(field="closedDate", op="at_least", value=date(2026, 1, 31))   # YAML's 2026-01-31
+    assert matches(since, "2026-02-01T08:00:00Z") and not matches(since, "2026-01-30T23:59:59Z")
+    name = RecordFilter(field="name", op="equal", value="acme")
+    assert not matches(name, "ACME") and matches(name, "ACME", ignore_case=True)
+    assert matches(RecordFilter(field="amount", op="more_than", value="5"), 12.5, ignore_case=True)

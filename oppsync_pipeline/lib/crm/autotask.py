@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
-from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
@@ -91,7 +91,6 @@ _RIGHTS = {
 _CLOSED_LABEL = re.compile(r"\b(lost|closed|won|implemented|cancel+ed)\b", re.IGNORECASE)
 _LOST_LABEL = re.compile(r"\b(lost|cancel+ed)\b", re.IGNORECASE)
 _V10 = re.compile(r"/v1\.0/", re.IGNORECASE)
-_DATE_TEXT = re.compile(r"^\d{4}-\d\d-\d\d")    # compared as a datetime by `matches`, not as text
 
 
 class AutotaskAuth(Auth):
@@ -158,6 +157,7 @@ def classify(response: requests.Response) -> Exception | None:
 
 
 class AutotaskConnector(CrmConnector):
+    filters_ignore_case = True   # SQL Server's default collation
     crm = "autotask"
     max_page_size = 500
     native_deletes = False
@@ -423,12 +423,8 @@ class AutotaskConnector(CrmConnector):
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
         """What an Autotask filter on `field` compares: the record's field, a user-defined field for
-        `udf:<name>`. Text is casefolded (`matches_filters` folds the filter's side too): Autotask compares
-        text case-insensitively (SQL Server's default collation), so `title equal "acme"` matches "ACME"."""
-        return _fold(cls._get(raw, field))
-
-    def matches_filters(self, opp: Opportunity) -> bool:
-        return all(matches(_fold_filter(f), self.filter_value(opp.raw, f.field)) for f in self.conn.filters)
+        `udf:<name>` (compared case-insensitively, `filters_ignore_case`)."""
+        return cls._get(raw, field)
 
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
@@ -610,19 +606,6 @@ class AutotaskConnector(CrmConnector):
 def _person(r: dict[str, Any]) -> str | None:
     name = " ".join(str(x) for x in (r.get("firstName"), r.get("lastName")) if x)
     return name or None
-
-
-def _fold(v: Any) -> Any:
-    """Text as Autotask compares it (case-insensitively); numbers, dates as text and the rest unchanged, so
-    `matches` still compares them as numbers and datetimes."""
-    if not isinstance(v, str) or parse_float(v) is not None or _DATE_TEXT.match(v):
-        return v
-    return v.casefold()
-
-
-def _fold_filter(f: RecordFilter) -> RecordFilter:
-    value = [_fold(v) for v in f.value] if isinstance(f.value, list) else _fold(f.value)
-    return f.model_copy(update={"value": value})
 
 
 def _str(v: Any) -> str | None:

@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, ClassVar, TypeVar
 
 import requests
@@ -56,6 +56,9 @@ class CrmConnector(ABC):
     pushdown_filters: ClassVar[bool] = True
     # The delete feed must be read once to set a baseline before it reports anything (Dataverse delta links).
     delete_feed_needs_baseline: ClassVar[bool] = False
+    # The CRM compares text in filters case-insensitively (SQL Server's default collation: Dataverse,
+    # ConnectWise, Autotask): filters evaluated in Python on records read by id must agree with it.
+    filters_ignore_case: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -140,7 +143,8 @@ class CrmConnector(ABC):
 
     def matches_filters(self, opp: Opportunity) -> bool:
         """Whether a record read without filters (fetch_by_ids) matches the connection's filters."""
-        return all(matches(f, self.filter_value(opp.raw, f.field)) for f in self.conn.filters)
+        return all(matches(f, self.filter_value(opp.raw, f.field), ignore_case=self.filters_ignore_case)
+                   for f in self.conn.filters)
 
     @classmethod
     def validate_connection(cls, conn: ConnectionConfig) -> list[str]:
@@ -316,16 +320,21 @@ class CrmConnector(ABC):
         return Opportunity(connection=self.conn.name, crm=self.crm, source_id=str(source_id), raw=raw, **values)
 
 
-def matches(f: RecordFilter, actual: Any) -> bool:
-    """Evaluate one filter in Python with the CRM's comparison semantics (numbers as numbers, else text)."""
+def matches(f: RecordFilter, actual: Any, *, ignore_case: bool = False) -> bool:
+    """Evaluate one filter in Python with the CRM's comparison semantics (numbers as numbers, dates as
+    date-times, else text; text case-folded on both sides where the CRM ignores case)."""
     def norm(v: Any) -> Any:
         if isinstance(v, bool) or v is None:
             return v
         num = parse_float(v)
         if num is not None and not isinstance(v, (datetime,)):
             return num
+        if isinstance(v, date) and not isinstance(v, datetime):   # YAML reads 2026-01-31 as a date
+            return datetime.combine(v, datetime.min.time())
         dt = _maybe_datetime(v)
-        return dt if dt is not None else str(v)
+        if dt is not None:
+            return dt
+        return str(v).casefold() if ignore_case else str(v)
 
     a = norm(actual)
     if f.op == "in":

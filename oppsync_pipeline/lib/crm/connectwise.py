@@ -126,6 +126,7 @@ class ConnectWiseAuth(Auth):
 # -- connector -----------------------------------------------------------------------------------------------------
 
 class ConnectWiseConnector(CrmConnector):
+    filters_ignore_case = True   # SQL Server's default collation
     crm = "connectwise"
     max_page_size = 1000
     native_deletes = False
@@ -408,7 +409,7 @@ class ConnectWiseConnector(CrmConnector):
             if f.field == "closedFlag" and value is None:
                 info = self.statuses().get(str((raw.get("status") or {}).get("id")))
                 value = info.is_closed if info else None
-            if not matches(_cw_filter(f), _cw_norm(value)):
+            if not matches(f, value, ignore_case=self.filters_ignore_case):
                 return False
         return True
 
@@ -636,24 +637,6 @@ def _id_chunks(ids: list[int]) -> Iterator[list[int]]:
 def _by_id_query_length(chunk: list[int]) -> int:
     return len(urlencode({"conditions": f"id in ({','.join(map(str, chunk))})", "orderBy": "id asc",
                           "page": 1, "pageSize": ConnectWiseConnector.max_page_size}))
-
-
-def _cw_norm(value: Any) -> Any:
-    """A value as CW's conditions compare it: text case-insensitively, dates as date-times (00:00 UTC)."""
-    if isinstance(value, str):
-        if len(value) >= 10 and value[4] == "-" and value[7] == "-":
-            parsed = _datetime(value)
-            if parsed is not None:
-                return parsed
-        return value.lower()
-    if isinstance(value, date) and not isinstance(value, datetime):
-        return datetime(value.year, value.month, value.day)
-    return value
-
-
-def _cw_filter(f: RecordFilter) -> RecordFilter:
-    value = [_cw_norm(v) for v in f.value] if f.op == "in" else _cw_norm(f.value)
-    return f.model_copy(update={"value": value})
 
 
 def site_address(site: dict[str, Any]) -> str | None:

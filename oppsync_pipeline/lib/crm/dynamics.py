@@ -45,7 +45,7 @@ from typing import Any
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
@@ -221,6 +221,7 @@ class _RequiredReadFailed(Exception):
 
 
 class DynamicsConnector(CrmConnector):
+    filters_ignore_case = True   # SQL Server's default collation
     crm = "dynamics"
     max_page_size = 5000
     native_deletes = True
@@ -509,11 +510,6 @@ class DynamicsConnector(CrmConnector):
             return value.lower()
         return value
 
-    def matches_filters(self, opp: Opportunity) -> bool:
-        """As Dataverse evaluates the pushed-down filter: text compares case-insensitively (the default
-        collation), so both sides are case-folded; numbers and dates as `matches` compares them."""
-        return all(matches(_folded(f), _fold(self.filter_value(opp.raw, f.field))) for f in self.conn.filters)
-
     def _read(self, flt: str, orderby: str | None = None) -> Iterator[Page]:
         """One opportunity query, mapped page by page: owner names from the formatted values, else the users."""
         params = {"$select": self._select()}
@@ -641,19 +637,6 @@ def by_id_filter(ids: Sequence[str]) -> str:
     """`opportunityid` in `ids` (lower-case GUIDs, already validated) with the Dataverse query function."""
     values = ",".join(f"'{i}'" for i in ids)
     return f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[{values}])"
-
-
-def _fold(value: Any) -> Any:
-    """Text in the form Dataverse's case-insensitive collation compares; ISO dates stay as they are (`matches`
-    reads them as dates)."""
-    if isinstance(value, str) and not (ISO_DATE.match(value) or ISO_DATETIME.match(value)):
-        return value.casefold()
-    return value
-
-
-def _folded(f: RecordFilter) -> RecordFilter:
-    value = [_fold(v) for v in f.value] if isinstance(f.value, list) else _fold(f.value)
-    return f.model_copy(update={"value": value})
 
 
 def _address(account: dict[str, Any] | None) -> str | None:

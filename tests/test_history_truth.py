@@ -212,6 +212,29 @@ def test_a_stage_triggered_connection_tracks_what_reached_the_stage_and_keeps_it
     assert full.result.deleted == 0 and full.result.left_scope == 0    # the full read keeps it too
 
 
+def test_a_by_id_answer_of_the_wrong_shape_fails_the_run_and_deletes_nothing(duckdb_url, tmp_path):
+    """The by-id read decides what is deleted: a HubSpot batch read that answers valid JSON without its
+    `results` list must fail the sync, not make every asked deal look gone."""
+    from oppsync_pipeline.lib.sync import ExtractFailed
+    from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule
+
+    faults = FaultPlan([FaultRule("wrong_shape", count=0, path="batch/read")])
+    sim = build_simulator("hubspot", seed=11, opportunities=150, faults=faults)
+    with SandboxServer(sim) as server:
+        cfg = config("hubspot", server, duckdb_url, tmp_path)
+        engine = make_engine(cfg.warehouse.url)
+        ensure_schema(engine)
+        sync_connection(cfg, cfg.connections[0], engine, run_id="r1")
+        owner = rows(engine, "SELECT owner_crm_id FROM oppsync.opportunities WHERE owner_crm_id IS NOT NULL")[0][0]
+        filtered = config("hubspot", server, duckdb_url, tmp_path,
+                          filters=[{"field": OWNER_FIELD["hubspot"], "op": "not_equal", "value": owner}])
+        with pytest.raises(ExtractFailed, match="without a `results` list"):
+            sync_connection(filtered, filtered.connections[0], engine, run_id="r2")
+    assert rows(engine, "SELECT count(*) FROM oppsync.opportunity_events WHERE run_id = 'r2'")[0][0] == 0
+    assert rows(engine, "SELECT count(*) FROM oppsync.opportunities WHERE deleted_at IS NOT NULL "
+                        "OR in_scope IS FALSE")[0][0] == 0
+
+
 # --- the backfill rule, through the mart, on both warehouses ------------------------------------------------
 
 def test_the_outcomes_mart_places_each_historic_win_and_loss_in_its_close_month(warehouse_url, tmp_path):

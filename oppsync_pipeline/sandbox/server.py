@@ -83,7 +83,7 @@ class HttpError(Exception):
 # -- faults ----------------------------------------------------------------------------------------------------
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "drop", "token_expiry", "malformed", "truncated",
-               "forbidden", "not_found", "bad_request")
+               "forbidden", "not_found", "bad_request", "wrong_shape")
 # Permanent errors, answered in the CRM's own error shape (error_response): a permission the API user lacks,
 # an object or path the tenant does not have, a query the CRM refuses. Retrying never helps.
 PERMANENT_FAULTS = {"forbidden": (403, "INSUFFICIENT_ACCESS", "The API user lacks permission for this operation"),
@@ -238,6 +238,8 @@ class Simulator:
         if rule.kind == "truncated":
             cut = resp.body[: max(1, len(resp.body) // 2)]
             return Response(resp.status, cut, dict(resp.headers))
+        if rule.kind == "wrong_shape":   # valid JSON, right status, none of the keys the answer should have
+            return Response(resp.status, b'{"status": "COMPLETE"}', {"Content-Type": "application/json"})
         return resp
 
     # -- control endpoints ---------------------------------------------------------------------------------------

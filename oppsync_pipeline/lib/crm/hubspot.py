@@ -640,6 +640,14 @@ class HubSpotConnector(CrmConnector):
         body = self.client.post_json("/crm/v3/objects/deals/batch/read",
                                      {"properties": properties, "inputs": [{"id": i} for i in ids]},
                                      params={"archived": "false"})
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list) or any(not isinstance(r, dict) or r.get("id") in (None, "")
+                                                for r in results):
+            # an id missing from this answer would be taken as deleted: an answer of the wrong shape fails
+            # the run (retried) instead
+            raise CrmError(f"HubSpot deal batch read answered without a `results` list of deals with ids "
+                           f"(keys: {sorted(body)[:8] if isinstance(body, dict) else type(body).__name__}); "
+                           "nothing was inferred deleted", status=None, code="BAD_SHAPE", permanent=False)
         other = [e for e in body.get("errors") or [] if e.get("category") != "OBJECT_NOT_FOUND"]
         if other:
             first = other[0]
@@ -647,7 +655,7 @@ class HubSpotConnector(CrmConnector):
                            f"{first.get('category')}: {str(first.get('message') or '')[:300]}",
                            status=400, code=str(first.get("category") or "BATCH_ERROR"), permanent=True)
         asked = set(ids)
-        return [r for r in body.get("results") or [] if str(r.get("id")) in asked]
+        return [r for r in results if str(r.get("id")) in asked]
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:

@@ -8,6 +8,7 @@ secrets file when the environment does not have it.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -88,6 +89,9 @@ class ConnectionConfig(_Strict):
     page_size: Annotated[int, Field(ge=1)] | None = None
     overlap_minutes: Annotated[int, Field(ge=0)] = 10
     max_delete_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # Records failing validation are quarantined (quarantine.py); more than this share of the connection's
+    # records quarantined in one run blocks the run.
+    quarantine_max_share: Annotated[float, Field(ge=0, le=1)] = 0.01
     quota: QuotaConfig = QuotaConfig()
     stage_categories: dict[str, Literal["open", "won", "lost"]] = {}
     qualification: Qualification | None = None
@@ -142,6 +146,19 @@ class ConnectionConfig(_Strict):
             raise ValueError(f"unknown canonical field(s) {unknown}; overridable: {list(OVERRIDABLE_FIELDS)}")
         return v
 
+    @model_validator(mode="after")
+    def _options(self) -> ConnectionConfig:
+        """`options` are the CRM's own (each connector's Options model): typos and wrong types are refused here,
+        at load time, instead of being ignored by the run."""
+        from oppsync_pipeline.lib.crm import connector_class  # the connectors import this module
+
+        model = connector_class(self.crm).Options
+        try:
+            model.model_validate(self.options)
+        except ValidationError as err:
+            raise ValueError("\n".join(_option_problems(err, model, self.crm))) from None
+        return self
+
     def credential_env_vars(self) -> dict[str, str]:
         return {key: _ENV_REF.match(ref).group(1) for key, ref in self.credentials.items()}  # type: ignore[union-attr]
 
@@ -166,8 +183,20 @@ class WarehouseConfig(_Strict):
             raise ValueError(
                 f"'{scheme}://' names no driver; write postgresql+psycopg2://user@host:5432/db"
             )
+        if not v.strip():
+            raise ValueError("is empty; write duckdb:///.oppsync/warehouse.duckdb or "
+                             "postgresql+psycopg2://user@host:5432/db")
         if scheme not in ("duckdb", "postgresql+psycopg2", "postgresql+psycopg"):
             raise ValueError(f"unsupported scheme '{scheme}'; use duckdb:///path or postgresql+psycopg2://...")
+        rest = v.split("://", 1)[1] if "://" in v else ""
+        if scheme == "duckdb" and not rest.lstrip("/").strip():
+            raise ValueError(f"'{v}' names no database file; write duckdb:///.oppsync/warehouse.duckdb (relative) "
+                             "or duckdb:////abs/path/warehouse.duckdb (':memory:' is not kept between runs)")
+        if scheme.startswith("postgresql"):
+            parsed = urlparse(v)
+            if not (parsed.hostname or "host=" in parsed.query) or not parsed.path.strip("/"):
+                raise ValueError(f"'{v}' needs a host and a database name; write "
+                                 f"{scheme}://user@host:5432/database")
         return v
 
     @property
@@ -238,6 +267,21 @@ def _check_timezone(v: str) -> str:
     return v
 
 
+def _option_problems(err: ValidationError, model: type[BaseModel], crm: str) -> list[str]:
+    """One line per bad option, as `.options.<key>: <what is wrong>` (appended to the connection's path)."""
+    known = sorted(model.model_fields)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][0]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f".options.{key}: unknown {crm} option{hint} ({crm} takes {known or 'no options'})")
+        else:
+            lines.append(f".options.{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    return lines
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -252,6 +296,9 @@ def _format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "required key is missing"
         for line in msg.split("\n"):
+            if line.startswith("."):   # a key below this path (a connection's options)
+                problems.append(f"{path}{line}")
+                continue
             # cross-checks carry their own key paths
             problems.append(line if (not path and ":" in line) else f"{path or '<root>'}: {line}")
     return problems

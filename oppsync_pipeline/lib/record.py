@@ -87,8 +87,12 @@ def raw_json(raw: dict[str, Any]) -> str:
     kept visible, escaped."""
     try:
         text = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode("utf-8")
-    except (orjson.JSONEncodeError, TypeError):   # integers past 64 bits, say
+    except (orjson.JSONEncodeError, TypeError):   # integers past 64 bits, lone surrogates
         text = json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate: kept, as the JSON escape the CRM sent
+            text = json.dumps(raw, default=str, ensure_ascii=True, separators=(",", ":"))
     return text.replace("\\u0000", "\\\\u0000")
 
 
@@ -129,6 +133,16 @@ def to_utc(value: datetime) -> datetime:
     return value
 
 
+class BadValue(ValueError):
+    """A CRM value that cannot be read as what the field holds (the record is quarantined, naming the field
+    that holds `value`)."""
+
+    def __init__(self, value: Any, expected: str, field: str | None = None):
+        self.value, self.field = value, field
+        shown = repr(value)
+        super().__init__(f"cannot read {shown[:60] + '...' if len(shown) > 60 else shown} as {expected}")
+
+
 def parse_datetime(value: Any) -> datetime | None:
     """Parse the date-time forms the five CRMs emit into naive UTC.
 
@@ -141,7 +155,10 @@ def parse_datetime(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return to_utc(value)
     if isinstance(value, (int, float)) or (isinstance(value, str) and value.isdigit()):
-        return datetime.fromtimestamp(int(value) / 1000, tz=timezone.utc).replace(tzinfo=None)
+        try:
+            return datetime.fromtimestamp(int(value) / 1000, tz=timezone.utc).replace(tzinfo=None)
+        except (OverflowError, OSError, ValueError):
+            raise BadValue(value, "a date-time (epoch milliseconds out of range)") from None
     text = str(value).strip()
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
@@ -154,7 +171,10 @@ def parse_datetime(value: Any) -> datetime | None:
         digits = "".join(ch for ch in rest if ch.isdigit())
         tail = rest[len(digits):]
         text = f"{head}.{digits[:6].ljust(6, '0')}{tail}"
-    parsed = datetime.fromisoformat(text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadValue(value, "an ISO 8601 date-time") from None
     return to_utc(parsed)
 
 
@@ -167,8 +187,14 @@ def parse_date(value: Any) -> date | None:
         return value
     text = str(value)
     if len(text) == 10:
-        return date.fromisoformat(text)
-    parsed = parse_datetime(text)
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            raise BadValue(value, "a date (YYYY-MM-DD)") from None
+    try:
+        parsed = parse_datetime(text)
+    except BadValue:
+        raise BadValue(value, "a date") from None
     return parsed.date() if parsed else None
 
 

@@ -136,6 +136,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             nonlocal seq, max_modified
             for open_set in (True, False):
                 for page in connector.opportunities(open_set=open_set, since=read_since):
+                    set_aside(connector, engine, run_id, conn.name)
                     staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
                     seq += len(page)
                     if counted:
@@ -155,6 +156,9 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             staging.flush()
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out)
         staging.flush()
+        set_aside(connector, engine, run_id, conn.name)   # a set's last page may have yielded nothing
+        _check_quarantine(engine, conn, run_id, connector)
+        out.stats.update(_check_completeness(engine, connector, run_id, mode))
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
@@ -178,6 +182,63 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     return out
 
 
+def set_aside(connector: CrmConnector, engine: Engine, run_id: str, connection: str) -> None:
+    """Write the records the connector quarantined since the last call (quarantine.py)."""
+    entries = connector.drain_quarantine()
+    if entries:
+        for q in entries:
+            log.warning("%s: quarantined %s", connection, q.describe())
+        store.save_quarantine(engine, run_id, connection, entries, utcnow())
+
+
+class QuarantineThreshold(Exception):
+    """More of a connection's records failed validation than `quarantine_max_share` allows."""
+
+
+def _check_quarantine(engine: Engine, conn: ConnectionConfig, run_id: str, connector: CrmConnector) -> None:
+    """Quarantined records are reported (a warning naming them) and, beyond `quarantine_max_share` of the
+    connection's records, block the run: so many bad records is a broken connection, not bad data."""
+    n, examples = store.quarantined(engine, run_id)
+    if not n:
+        return
+    shown = "; ".join(f"{e['source_id'] or '<no id>'}.{e['field']}: {e['reason']}" for e in examples[:5])
+    size = max(store.staged_count(engine, run_id) + n, store.live_count(engine, conn.name))
+    if n > conn.quarantine_max_share * size:
+        raise QuarantineThreshold(
+            f"{n} of {size} {conn.crm} records failed validation ({n / size:.1%}), more than "
+            f"quarantine_max_share={conn.quarantine_max_share:.1%}; nothing was changed. First: {shown}. "
+            "See oppsync.quarantine for all; fix the records in the CRM or raise connections[].quarantine_max_share")
+    connector.stats.warn(f"{n} record(s) quarantined (neither synced nor deleted; oppsync.quarantine): {shown}")
+
+
+def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mode: str) -> dict[str, Any]:
+    """A full sync infers deletes from the ids it did not read, so it must have read every record the CRM has:
+    each set's distinct records received are compared with the CRM's own count (asked again when short: records
+    deleted or moved during the read lower it). Short: deletes are not inferred this run, and the run says so."""
+    counts: dict[bool, int | None] = {}
+    received: dict[bool, int] = {}
+    short = []
+    for open_set, tally in connector.tallies.items() if mode == "full" else ():
+        crm_count = tally.crm_count if tally.crm_count is not None else connector.count(open_set)
+        if crm_count is not None and tally.received < crm_count:
+            recount = connector.count(open_set)
+            crm_count = recount if recount is not None else crm_count
+        counts[open_set], received[open_set] = crm_count, tally.received
+        if crm_count is not None and tally.received < crm_count:
+            short.append(f"{'open' if open_set else 'not-open'} set: {tally.received} received, the CRM counts "
+                         f"{crm_count}")
+    if short:
+        connector.stats.warn("deletes not inferred: the CRM delivered fewer records than its own count ("
+                             + "; ".join(short) + "); the next full sync infers them")
+    n, _ = store.quarantined(engine, run_id, limit=0)
+    clock = to_utc(connector.stats.server_time) if connector.stats.server_time else None
+    store.save_completeness(engine, run_id, counts=counts, received=received, inferable=not short,
+                            quarantined=n, crm_clock=clock)
+    return {"quarantined": n, "deletes_inferable": not short,
+            **{f"crm_count_{'open' if k else 'closed'}": v for k, v in counts.items()},
+            **{f"received_{'open' if k else 'closed'}": v for k, v in received.items()}}
+
+
 def _read_missing_by_id(engine: Engine, connector: CrmConnector, staging: store.StagingWriter, run_id: str,
                         connection: str, trigger: StageTrigger | None, seq: int, out: ExtractOutcome) -> int:
     """A full sync's check of the ids it expected and did not read: read them by id WITHOUT the connection's
@@ -187,6 +248,7 @@ def _read_missing_by_id(engine: Engine, connector: CrmConnector, staging: store.
     missing = store.missing_ids(engine, run_id, connection)
     found = out_of_scope = 0
     for page in connector.fetch_by_ids(missing) if missing else ():
+        set_aside(connector, engine, run_id, connection)
         scopes = [verdict(o, trigger, connector.matches_filters(o)) for o in page]
         for open_set in (True, False):
             part = [(o, v) for o, v in zip(page, scopes) if (o.status == "open") == open_set]
@@ -214,7 +276,7 @@ def is_permanent(err: BaseException) -> bool:
     """Errors classified once, in the HTTP layer (CrmError.permanent), plus configuration errors."""
     if isinstance(err, CrmError):
         return err.permanent
-    return isinstance(err, ConfigError)
+    return isinstance(err, (ConfigError, QuarantineThreshold))
 
 
 def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractOutcome:

@@ -105,11 +105,14 @@ def test_a_good_sync_passes_every_check_and_reports_its_numbers(setup: Setup, da
 
     evaluations = checks(result)
     assert {name: e.passed for name, e in evaluations.items()} == {
-        "extract_quality": True, "counts_match_crm": True, "attribution_and_stages": True}
+        "extract_quality": True, "counts_match_crm": True, "quarantine": True, "attribution_and_stages": True}
     quality = evaluations["extract_quality"].metadata
     assert quality["rows_checked"].value == live and quality["failed_expectations"].value == 0
     counts = evaluations["counts_match_crm"].metadata
-    assert counts["crm_open"].value == counts["warehouse_open"].value == extract["rows_fetched_open"]
+    assert counts["read_open"].value == counts["warehouse_open"].value == extract["rows_fetched_open"]
+    # the CRM's own count (SOQL totalSize of the set's query) and what its pages delivered agree
+    assert counts["crm_count_open"].value == counts["received_open"].value == extract["rows_fetched_open"]
+    assert counts["deletes_inferred"].value is True
     assert [r[1] for r in setup.sync_runs("sf-good")] == ["success"]
     assert len(setup.rows("sf-good")) == live
 

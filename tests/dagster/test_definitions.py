@@ -88,6 +88,7 @@ def test_the_sync_job_selects_only_its_connections_assets_and_checks(defs: dg.De
     checks = {(c.asset_key, c.name) for c in job.asset_layer.asset_graph.asset_check_keys}
     assert checks == {(key("oppsync", "sandbox_salesforce", "extract"), "extract_quality"),
                       (key("oppsync", "sandbox_salesforce", "opportunities"), "counts_match_crm"),
+                      (key("oppsync", "sandbox_salesforce", "opportunities"), "quarantine"),
                       (key("oppsync", "sandbox_salesforce", "opportunities"), "attribution_and_stages")}
     assert job.tags["oppsync/connection"] == "sandbox-salesforce"
 

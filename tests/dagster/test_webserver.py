@@ -156,8 +156,8 @@ def test_the_ui_shows_the_graph_checks_and_schedules_and_syncs_now(webserver: We
     assert extract["groupName"] == opportunities["groupName"] == "crm_sandbox_salesforce"
     assert {"path": ["oppsync", "sandbox_salesforce", "extract"]} in opportunities["dependencyKeys"]
     assert extract["assetChecksOrError"]["checks"] == [{"name": "extract_quality", "blocking": True}]
-    assert {c["name"] for c in opportunities["assetChecksOrError"]["checks"]} == {"counts_match_crm",
-                                                                                  "attribution_and_stages"}
+    assert {c["name"] for c in opportunities["assetChecksOrError"]["checks"]} == {
+        "counts_match_crm", "quarantine", "attribution_and_stages"}
     assert nodes[("marts", "outcomes")]["groupName"] == "mart"
 
     # "Synchronize now" for one connection

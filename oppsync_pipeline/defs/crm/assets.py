@@ -104,6 +104,10 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     return [extract, opportunities]
 
 
+def _or_none(value: object) -> object:
+    return "not counted" if value is None else value
+
+
 def _extract_metadata(out: ExtractOutcome) -> dict:
     stats = out.stats
     return {
@@ -117,6 +121,13 @@ def _extract_metadata(out: ExtractOutcome) -> dict:
         # a full sync reads the ids it expected and did not see by id: out of scope (kept) or gone (deleted)
         "read_by_id": stats.get("read_by_id", 0), "found_by_id": stats.get("found_by_id", 0),
         "out_of_scope_by_id": stats.get("out_of_scope_by_id", 0),
+        # completeness of a full read against the CRM's own counts; records set aside (oppsync.quarantine)
+        "crm_count_open": _or_none(stats.get("crm_count_open")), "received_open": _or_none(stats.get("received_open")),
+        "crm_count_closed": _or_none(stats.get("crm_count_closed")),
+        "received_closed": _or_none(stats.get("received_closed")),
+        "deletes_inferable": bool(stats.get("deletes_inferable", out.mode == "full")) if out.mode == "full"
+        else "incremental run: no deletes inferred",
+        "quarantined": stats.get("quarantined", 0),
         "warnings": "\n".join(stats.get("warnings") or []) or "none",
         "quota_used": stats.get("quota_used") if stats.get("quota_used") is not None else "not reported",
         "quota_limit": stats.get("quota_limit") if stats.get("quota_limit") is not None else "not reported",

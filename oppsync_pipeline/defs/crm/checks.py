@@ -36,7 +36,9 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
                       "expectations": dg.MetadataValue.json(result.expectations)})
 
     @dg.asset_check(asset=opportunities_key(conn), name="counts_match_crm",
-                    description="After a full sync the warehouse's open / closed counts equal what the CRM returned.")
+                    description="After a full sync: every set delivered at least the records the CRM itself counts "
+                                "(its own count: SOQL COUNT(), search total, $count, /count, query/count), and the "
+                                "warehouse's open / closed counts equal what was read.")
     def counts_match_crm(context: dg.AssetCheckExecutionContext, oppsync: OppsyncResource) -> dg.AssetCheckResult:
         engine = oppsync.engine()
         row = store.load_extract(engine, context.op_execution_context.run_id)
@@ -46,11 +48,31 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
             return dg.AssetCheckResult(passed=True, metadata={
                 "note": "incremental run: the CRM reported only changed rows; compared on the next full sync",
                 "warehouse_open": wh_open, "warehouse_closed": wh_closed})
-        crm_open, crm_closed = row["reported_open"] or 0, row["reported_closed"] or 0
+        read_open, read_closed = row["reported_open"] or 0, row["reported_closed"] or 0
+        short = [f"{name}: {received} received of {counted} the CRM counts"
+                 for name, counted, received in (("open set", row["crm_count_open"], row["received_open"]),
+                                                 ("not-open set", row["crm_count_closed"], row["received_closed"]))
+                 if counted is not None and (received or 0) < counted]
         return dg.AssetCheckResult(
-            passed=(crm_open, crm_closed) == (wh_open, wh_closed),
-            metadata={"crm_open": crm_open, "crm_closed": crm_closed, "warehouse_open": wh_open,
+            passed=not short and (read_open, read_closed) == (wh_open, wh_closed),
+            metadata={"crm_count_open": _shown(row["crm_count_open"]),
+                      "crm_count_closed": _shown(row["crm_count_closed"]),
+                      "received_open": _shown(row["received_open"]), "received_closed": _shown(row["received_closed"]),
+                      "deletes_inferred": row["deletes_inferable"] is not False,
+                      "short_reads": "; ".join(short) or "none",
+                      "read_open": read_open, "read_closed": read_closed, "warehouse_open": wh_open,
                       "warehouse_closed": wh_closed})
+
+    @dg.asset_check(asset=opportunities_key(conn), name="quarantine",
+                    description="WARN when records failed validation and were set aside (oppsync.quarantine): they "
+                                "were neither synced nor treated as deleted. Beyond quarantine_max_share the run is "
+                                "blocked instead.")
+    def quarantine(context: dg.AssetCheckExecutionContext, oppsync: OppsyncResource) -> dg.AssetCheckResult:
+        n, entries = store.quarantined(oppsync.engine(), context.op_execution_context.run_id)
+        return dg.AssetCheckResult(
+            passed=n == 0, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"quarantined": n, "records": dg.MetadataValue.json(entries),
+                      "ids": ", ".join(sorted({str(e["source_id"]) for e in entries})) or "none"})
 
     @dg.asset_check(asset=opportunities_key(conn), name="attribution_and_stages",
                     description="WARN when many creators map to no internal user, or stages are not in the "
@@ -64,7 +86,11 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
             metadata={"unmapped_creator_share": round(share, 4), "unmapped_creators": gaps["unmapped_creators"],
                       "opportunities": gaps["total"], "unknown_stages": dg.MetadataValue.json(gaps["unknown_stages"])})
 
-    return [extract_quality, counts_match_crm, attribution_and_stages]
+    return [extract_quality, counts_match_crm, quarantine, attribution_and_stages]
+
+
+def _shown(value: object) -> object:
+    return "not counted" if value is None else value
 
 
 def refuse_extract(engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:

@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
-from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
@@ -156,7 +156,14 @@ def classify(response: requests.Response) -> Exception | None:
     return None
 
 
+class AutotaskOptions(ConnectorOptions):
+    """`options:` of an Autotask connection."""
+
+    currency: str | None = None                 # the instance's currency (Autotask amounts carry none)
+
+
 class AutotaskConnector(CrmConnector):
+    Options = AutotaskOptions
     filters_ignore_case = True   # SQL Server's default collation
     crm = "autotask"
     max_page_size = 500
@@ -389,7 +396,7 @@ class AutotaskConnector(CrmConnector):
             if since is not None:
                 seen.update(int(r["id"]) for r in items)
             self._lookup(items)
-            yield [self._map(r) for r in items]
+            yield self.map_records(items, self._map, _record_id)
         if since is None:
             return
         # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
@@ -403,7 +410,7 @@ class AutotaskConnector(CrmConnector):
                 seen.update(int(r["id"]) for r in items)
                 if items:
                     self._lookup(items)
-                    yield [self._map(r) for r in items]
+                    yield self.map_records(items, self._map, _record_id)
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """The current records of these ids: `POST Opportunities/query` with `id in [...]`, at most IDS_PER_IN
@@ -418,7 +425,7 @@ class AutotaskConnector(CrmConnector):
             chunk = wanted[i:i + IDS_PER_IN]
             for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}]):
                 self._lookup(items)
-                yield [self._map(r) for r in items]
+                yield self.map_records(items, self._map, _record_id)
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -633,3 +640,7 @@ def render_filter(f: RecordFilter) -> dict[str, Any]:
     if f.field.startswith("udf:"):
         node["field"], node["udf"] = f.field[4:], True
     return node
+
+
+def _record_id(record: dict[str, Any]) -> Any:
+    return record.get("id") if isinstance(record, dict) else None

@@ -15,15 +15,19 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, ClassVar, TypeVar
 
 import requests
 
+from pydantic import BaseModel, ConfigDict
+
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
-from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime, parse_float
+from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
+from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime,
+                                         parse_float, to_utc)
 
 Page = list[Opportunity]
 T = TypeVar("T")
@@ -31,6 +35,28 @@ T = TypeVar("T")
 # Optional reads (dictionaries, quota polls, enrichments) that answer with one of these are skipped with a
 # warning and a documented fallback: real API users often lack rights to metadata endpoints.
 OPTIONAL_REFUSALS = (403, 404)
+
+
+class ConnectorOptions(BaseModel):
+    """A CRM's `options:` (each connector subclasses it): unknown keys and values of the wrong type are refused
+    when the configuration is loaded, with the key path (`connections[0].options.forcast: unknown key`).
+    Strict: YAML's `"false"` is a string, not a boolean."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass
+class SetTally:
+    """A full read of one set: what the CRM said it holds (its own count, from the first page or a count
+    request) and how many distinct records it actually delivered (before any filtering in Python)."""
+
+    crm_count: int | None = None
+    received: int = 0
+    ids: set[str] = field(default_factory=set, repr=False)
+
+    def add(self, ids: Iterable[Any]) -> None:
+        self.ids.update(str(i) for i in ids)
+        self.received = len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,8 @@ class CrmConnector(ABC):
     # The CRM compares text in filters case-insensitively (SQL Server's default collation: Dataverse,
     # ConnectWise, Autotask): filters evaluated in Python on records read by id must agree with it.
     filters_ignore_case: ClassVar[bool] = False
+    # The connector's `options:` model (ConnectionConfig validates `options` against it).
+    Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
 
     def __init__(
         self,
@@ -85,6 +113,11 @@ class CrmConnector(ABC):
         self._statuses: dict[str, StageInfo] | None = None
         self._prepared = False
         self.capabilities: dict[str, Capability] = {}
+        self.options = self.Options.model_validate(conn.options)
+        # Records that failed validation this run (sync.py drains it after each page into oppsync.quarantine).
+        self.quarantined: list[Quarantined] = []
+        # Full reads of each set (open_set -> tally): the sync compares what was received with the CRM's count.
+        self.tallies: dict[bool, SetTally] = {}
 
     # -- what each CRM provides -------------------------------------------------------------------------------
 
@@ -121,6 +154,12 @@ class CrmConnector(ABC):
     @abstractmethod
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         """Pages of the open (or not-open) set; only records modified at or after `since` when given."""
+
+    def count(self, open_set: bool) -> int | None:
+        """The CRM's own count, asked now, of the open (or not-open) set as `opportunities(open_set, None)`
+        queries it (SOQL COUNT(), HubSpot search total, Dataverse $count, ConnectWise /count, Autotask
+        query/count). None when the CRM cannot count it: the sync then cannot guard deletes with it."""
+        return None
 
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
         """Pages of (source_id, deleted_at) from the CRM's native delete feed; nothing when it has none."""
@@ -317,7 +356,56 @@ class CrmConnector(ABC):
         return all(matches(f, getter(record, f.field)) for f in self.conn.filters)
 
     def opportunity(self, source_id: str, raw: dict[str, Any], **values: Any) -> Opportunity:
+        if source_id is None or str(source_id).strip() == "":
+            raise KeyError("id")
         return Opportunity(connection=self.conn.name, crm=self.crm, source_id=str(source_id), raw=raw, **values)
+
+    # -- validation of what a CRM returns ------------------------------------------------------------------------
+
+    def tally(self, open_set: bool, since: datetime | None, ids: Iterable[Any], crm_count: int | None = None) -> None:
+        """Count what a full read of a set received (call per page, before filtering in Python); `crm_count`
+        when the CRM reports the set's size on the way (SOQL totalSize, HubSpot total, @odata.count)."""
+        if since is not None:
+            return
+        t = self.tallies.setdefault(open_set, SetTally())
+        if crm_count is not None and t.crm_count is None:
+            t.crm_count = crm_count
+        t.add(ids)
+
+    def map_records(self, records: Iterable[dict[str, Any]], mapper: Callable[..., Opportunity],
+                    id_of: Callable[[dict[str, Any]], Any], *args: Any) -> Page:
+        """Map a page, record by record: a record whose value cannot be read (an unparsable date, a missing
+        key) or that fails validation (negative amount, created ahead of the CRM's clock, a lone surrogate)
+        is quarantined with its field and reason, and the rest of the page goes on. Errors of the CRM
+        (CrmError) still fail the run."""
+        clock = to_utc(self.stats.server_time) if self.stats.server_time else None
+        page: Page = []
+        for r in records:
+            try:
+                opp = mapper(r, *args)
+            except CrmError:
+                raise
+            except (KeyError, ValueError, TypeError, OverflowError, IndexError, AttributeError) as err:
+                self.quarantined.append(mapping_failure(self.crm, _safe_id(id_of, r), r, err))
+                continue
+            problems = record_problems(opp, clock)
+            if problems:
+                self.quarantined.extend(problems)
+                continue
+            page.append(opp)
+        return page
+
+    def drain_quarantine(self) -> list[Quarantined]:
+        out, self.quarantined = self.quarantined, []
+        return out
+
+
+def _safe_id(id_of: Callable[[dict[str, Any]], Any], record: Any) -> str | None:
+    try:
+        value = id_of(record)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None
+    return None if value is None else str(value)
 
 
 def matches(f: RecordFilter, actual: Any, *, ignore_case: bool = False) -> bool:

@@ -58,13 +58,14 @@ import base64
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
+from pydantic import Field
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import Capability, CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
@@ -125,7 +126,17 @@ class ConnectWiseAuth(Auth):
 
 # -- connector -----------------------------------------------------------------------------------------------------
 
+class ConnectWiseOptions(ConnectorOptions):
+    """`options:` of a ConnectWise Manage connection."""
+
+    codebase: str | None = None                 # e.g. "v4_6_release/" (skips /login/companyinfo discovery)
+    forecast: bool = True                       # read each opportunity's forecast for its amount
+    paging: Literal["navigable", "keyset"] = "navigable"
+    max_retry_after: Annotated[float, Field(ge=0)] = 900
+
+
 class ConnectWiseConnector(CrmConnector):
+    Options = ConnectWiseOptions
     filters_ignore_case = True   # SQL Server's default collation
     crm = "connectwise"
     max_page_size = 1000

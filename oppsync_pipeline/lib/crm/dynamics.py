@@ -40,12 +40,13 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import requests
+from pydantic import Field
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
@@ -220,7 +221,19 @@ class _RequiredReadFailed(Exception):
         self.error = error
 
 
+class DynamicsOptions(ConnectorOptions):
+    """`options:` of a Dynamics 365 (Dataverse) connection."""
+
+    authority_url: str = "https://login.microsoftonline.com"
+    scope: str | None = None                    # default <base_url>/.default
+    change_tracking: bool = False               # the delete feed (Dataverse change tracking)
+    delta_link: str | None = None               # a change-tracking delta link to start from
+    request_limit: Annotated[int, Field(gt=0)] = 6000      # the service protection limit per 5 minutes
+    incremental_account_names: bool = True
+
+
 class DynamicsConnector(CrmConnector):
+    Options = DynamicsOptions
     filters_ignore_case = True   # SQL Server's default collation
     crm = "dynamics"
     max_page_size = 5000

@@ -47,12 +47,13 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import requests
+from pydantic import Field
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
@@ -185,7 +186,15 @@ def classify(response: requests.Response) -> Exception | None:
 
 # -- connector ----------------------------------------------------------------------------------------------------
 
+class HubSpotOptions(ConnectorOptions):
+    """`options:` of a HubSpot connection."""
+
+    search_requests_per_second: Annotated[float, Field(ge=0)] = 4   # 0: no client-side pacing
+    token_url: str | None = None                                      # OAuth refresh-token endpoint override
+
+
 class HubSpotConnector(CrmConnector):
+    Options = HubSpotOptions
     crm = "hubspot"
     max_page_size = 200          # search; list pages are capped at 100
     native_deletes = True
@@ -359,7 +368,7 @@ class HubSpotConnector(CrmConnector):
         for records in batches:
             records = [r for r in records if str(r["id"]) not in seen]
             seen.update(str(r["id"]) for r in records)
-            page = [self._map(r) for r in self._with_companies(records)]
+            page = self.map_records(self._with_companies(records), self._map, _record_id)
             if leftover:
                 page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
             if post_filter:
@@ -630,7 +639,7 @@ class HubSpotConnector(CrmConnector):
         for start in range(0, len(wanted), BATCH_MAX):
             records = self._batch_read(wanted[start:start + BATCH_MAX], properties)
             if records:
-                yield [self._map(r) for r in self._with_companies(records)]
+                yield self.map_records(self._with_companies(records), self._map, _record_id)
 
     def _batch_read(self, ids: list[str], properties: list[str]) -> list[dict[str, Any]]:
         """One batch read. Ids HubSpot no longer has (deleted, archived, never existed) come back as an
@@ -765,3 +774,7 @@ def close_time(props: dict[str, Any], status: Status) -> tuple[datetime | None, 
 def _get(raw: dict[str, Any], field: str) -> Any:
     return (raw.get("properties") or {}).get(field)
 
+
+
+def _record_id(record: dict[str, Any]) -> Any:
+    return record.get("id") if isinstance(record, dict) else None

@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 import requests
 
 from oppsync_pipeline.lib.config import RecordFilter
-from oppsync_pipeline.lib.crm.base import CrmConnector, Page, T
+from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, T
 from oppsync_pipeline.lib.crm.http import (
     Auth,
     AuthError,
@@ -231,7 +231,17 @@ class _Spent(Exception):
 
 # -- the connector ---------------------------------------------------------------------------------------------
 
+class SalesforceOptions(ConnectorOptions):
+    """`options:` of a Salesforce connection."""
+
+    api_version: str | float = DEFAULT_API_VERSION   # "61.0" (a YAML 61.0 is read as the number)
+    multi_currency: bool | None = None               # overrides describe's answer (CurrencyIsoCode present)
+    currency: str | None = None                      # single-currency orgs whose Organization is not readable
+    field_types: dict[str, str] = {}                 # SOQL literal types for filter fields describe cannot see
+
+
 class SalesforceConnector(CrmConnector):
+    Options = SalesforceOptions
     crm = "salesforce"
     max_page_size = 2000
     min_page_size = 200
@@ -475,7 +485,7 @@ class SalesforceConnector(CrmConnector):
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         for records in self.query(self.opportunity_soql(open_set, since)):
-            yield [self._map(r) for r in records]
+            yield self.map_records(records, self._map, _record_id)
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """`SELECT <the select list> FROM Opportunity WHERE Id IN (...)` through /query, which leaves out the
@@ -488,7 +498,7 @@ class SalesforceConnector(CrmConnector):
         tail = ") ORDER BY Id"
         for batch in id_batches(wanted, len(_encoded(head + tail))):
             for records in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
-                yield [self._map(r) for r in records]
+                yield self.map_records(records, self._map, _record_id)
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -835,3 +845,7 @@ def billing_address(account: dict[str, Any]) -> str | None:
     city, state, postal code, country (record.format_address)."""
     return format_address(account.get("BillingStreet"), account.get("BillingCity"), account.get("BillingState"),
                           account.get("BillingPostalCode"), account.get("BillingCountry"))
+
+
+def _record_id(record: dict[str, Any]) -> Any:
+    return record.get("Id") if isinstance(record, dict) else None

@@ -72,8 +72,8 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
     with transaction(engine) as conn:
         if check_lock:
             assert_lock(conn, connection, run_id)
-        row = conn.execute(text(f"SELECT status, scope_fingerprint FROM {S}.extracts WHERE extract_id = :x"),
-                           {"x": extract_id}).first()
+        row = conn.execute(text(f"SELECT status, scope_fingerprint, deletes_inferable, quarantined "
+                                f"FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id}).first()
         status = row[0] if row else None
         if status == "reconciled":
             return _already(conn, run_id)
@@ -82,7 +82,10 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
         p = {"x": extract_id, "c": connection, "crm": crm, "run": run_id, "obs": observed_at, "rec": recorded_at}
         rebaseline = _needs_rebaseline(conn, p)
         p["scope_changed"] = _scope_changed(conn, p, row[1])
-        _build_diff(conn, p, full=(mode == "full"))
+        # A full read that delivered fewer records than the CRM counts (sync.py) proves nothing about the ids
+        # it did not see: no delete is inferred from it (the delete feed still counts).
+        infer_deletes = mode == "full" and row[2] is not False
+        _build_diff(conn, p, full=infer_deletes)
         live = conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
                                  "AND deleted_at IS NULL"), p).scalar() or 0
         inferred = conn.execute(text("SELECT count(*) FROM rc_del WHERE inferred")).scalar() or 0
@@ -113,7 +116,7 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
             **result.as_dict(), "api_requests": stats.get("api_requests"), "retries": stats.get("retries"),
             "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
             "quota_limit": stats.get("quota_limit"), "token_requests": stats.get("token_requests"),
-            "warnings": "\n".join(notes) or None, "scope_fingerprint": row[1],
+            "warnings": "\n".join(notes) or None, "scope_fingerprint": row[1], "quarantined": row[3],
         })
         for t in _TEMP_TABLES:
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
@@ -259,7 +262,9 @@ def _build_diff(conn: Connection, p: dict, full: bool) -> None:
         SELECT o.source_id, CAST(:obs AS TIMESTAMP) AS deleted_at, TRUE AS inferred
         FROM {S}.opportunities o
         WHERE o.connection = :c AND o.deleted_at IS NULL
-          AND NOT EXISTS (SELECT 1 FROM rc_src s WHERE s.source_id = o.source_id)""" if full else ""
+          AND NOT EXISTS (SELECT 1 FROM rc_src s WHERE s.source_id = o.source_id)
+          AND NOT EXISTS (SELECT 1 FROM {S}.quarantine q WHERE q.extract_id = :x AND q.source_id = o.source_id)""" \
+        if full else ""
     native = f"""
         SELECT d.source_id, MAX(COALESCE(d.deleted_at, :obs)) AS deleted_at, FALSE AS inferred
         FROM {S}.stage_deletes d

@@ -105,6 +105,12 @@ extracts = Table(
     Column("new_resume_token", Text),
     Column("token_requests", Integer), Column("warnings", Text), Column("mapping_version", Integer),
     Column("scope_fingerprint", String), Column("scope", Text),  # the scope the extract read (scope.py)
+    # A full read's completeness: the CRM's own count of each set and the distinct records it delivered;
+    # deletes are inferred only when every set delivered at least what the CRM counts (`deletes_inferable`).
+    Column("crm_count_open", Integer), Column("crm_count_closed", Integer),
+    Column("received_open", Integer), Column("received_closed", Integer),
+    Column("deletes_inferable", Boolean), Column("quarantined", Integer),
+    Column("crm_clock", DateTime),   # the CRM's clock at the run's start (Date header): "the future" is judged by it
 )
 
 sync_runs = Table(
@@ -124,6 +130,17 @@ sync_runs = Table(
     # counts of the other event kinds (each count is the number of events of its kind)
     Column("stage_changed", Integer), Column("left_scope", Integer), Column("entered_scope", Integer),
     Column("scope_fingerprint", String),
+    Column("quarantined", Integer),  # records set aside (oppsync.quarantine), neither synced nor deleted
+)
+
+# Records a run set aside: they failed validation (quarantine.py), with the field and the reason. Kept per run
+# (the extract's id) for diagnosis; a record fixed in the CRM simply stops appearing.
+quarantine = Table(
+    "quarantine", metadata,
+    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False), Column("source_id", String),
+    Column("field", String, nullable=False), Column("reason", Text, nullable=False), Column("value", Text),
+    Column("quarantined_at", DateTime, nullable=False),
 )
 
 sync_state = Table(
@@ -317,12 +334,24 @@ def _rewrite_events_to_one_event_model(conn: Connection) -> None:
     conn.execute(text("DROP TABLE m5_updated"))
 
 
+def _m6_hostile_answers(conn: Connection) -> None:
+    """Counts from the CRM guard deletes; bad records are quarantined (issue 22)."""
+    columns = [("extracts", c, "INTEGER") for c in ("crm_count_open", "crm_count_closed", "received_open",
+                                                      "received_closed", "quarantined")]
+    columns += [("extracts", "deletes_inferable", "BOOLEAN"), ("extracts", "crm_clock", "TIMESTAMP"),
+                ("sync_runs", "quarantined", "INTEGER")]
+    for table, column, type_ in columns:
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}"))
+    quarantine.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
     (3, _m3_duckdb_fact_tables_without_art),
     (4, _m4_stage_model),
     (5, _m5_history_truth),
+    (6, _m6_hostile_answers),
 ]
 
 

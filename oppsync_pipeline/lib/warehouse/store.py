@@ -115,7 +115,58 @@ def missing_ids(engine: Engine, extract_id: str, connection: str) -> list[str]:
             WHERE o.connection = :c AND o.deleted_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM {S}.stage_opportunities s
                               WHERE s.extract_id = :x AND s.source_id = o.source_id)
+              AND NOT EXISTS (SELECT 1 FROM {S}.quarantine q
+                              WHERE q.extract_id = :x AND q.source_id = o.source_id)
             ORDER BY o.source_id"""), {"c": connection, "x": extract_id}).scalars())
+
+
+def save_quarantine(engine: Engine, extract_id: str, connection: str, entries: Sequence[Any], now: datetime) -> int:
+    """Set records aside (quarantine.Quarantined): they stay out of staging; the reconcile neither updates nor
+    deletes them."""
+    if not entries:
+        return 0
+    with transaction(engine) as conn:
+        return bulk_insert(conn, f"{S}.quarantine", ["extract_id", "connection", "crm", "source_id", "field",
+                                                     "reason", "value", "quarantined_at"],
+                           [(extract_id, connection, q.crm, q.source_id, q.field, q.reason, q.value, now)
+                            for q in entries])
+
+
+def quarantined(engine: Engine, extract_id: str, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:
+    """How many distinct records an extract quarantined, and the first entries (id, field, reason)."""
+    with transaction(engine) as conn:
+        n = conn.execute(text(f"SELECT count(DISTINCT COALESCE(source_id, '')) FROM {S}.quarantine "
+                              "WHERE extract_id = :x"), {"x": extract_id}).scalar() or 0
+        rows = conn.execute(text(f"SELECT source_id, field, reason FROM {S}.quarantine WHERE extract_id = :x "
+                                 "ORDER BY source_id, field LIMIT :n"), {"x": extract_id, "n": limit}).mappings()
+        return n, [dict(r) for r in rows]
+
+
+def staged_count(engine: Engine, extract_id: str) -> int:
+    """Distinct records an extract staged."""
+    with transaction(engine) as conn:
+        return conn.execute(text(f"SELECT count(DISTINCT source_id) FROM {S}.stage_opportunities "
+                                 "WHERE extract_id = :x"), {"x": extract_id}).scalar() or 0
+
+
+def live_count(engine: Engine, connection: str) -> int:
+    """The connection's opportunities the warehouse holds as not deleted."""
+    with transaction(engine) as conn:
+        return conn.execute(text(f"SELECT count(*) FROM {S}.opportunities WHERE connection = :c "
+                                 "AND deleted_at IS NULL"), {"c": connection}).scalar() or 0
+
+
+def save_completeness(engine: Engine, extract_id: str, *, counts: dict[bool, int | None],
+                      received: dict[bool, int], inferable: bool, quarantined: int,
+                      crm_clock: datetime | None) -> None:
+    """A full read's completeness against the CRM's own counts (sync.py decides `inferable`)."""
+    with transaction(engine) as conn:
+        conn.execute(text(f"UPDATE {S}.extracts SET crm_count_open = :co, crm_count_closed = :cc, "
+                          "received_open = :ro, received_closed = :rc, deletes_inferable = :ok, quarantined = :q, "
+                          "crm_clock = :clock WHERE extract_id = :x"),
+                     {"co": counts.get(True), "cc": counts.get(False), "ro": received.get(True),
+                      "rc": received.get(False), "ok": inferable, "q": quarantined, "clock": crm_clock,
+                      "x": extract_id})
 
 
 def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str,
@@ -330,7 +381,7 @@ def record_run(conn: Connection, run: dict[str, Any]) -> None:
     cols = ["run_id", "connection", "crm", "mode", "started_at", "finished_at", "status", "fetched", "created",
             "updated", "closed", "reopened", "deleted", "restored", "skipped", "api_requests", "retries",
             "seconds_waited", "quota_used", "quota_limit", "error", "token_requests", "warnings", "stage_changed",
-            "left_scope", "entered_scope", "scope_fingerprint"]
+            "left_scope", "entered_scope", "scope_fingerprint", "quarantined"]
     conn.execute(text(f"INSERT INTO {S}.sync_runs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
                  {c: run.get(c) for c in cols})
 

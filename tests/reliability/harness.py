@@ -145,6 +145,8 @@ class PageHook:
     crm: str
     rewrite: Callable[[list, int, Request], None] | None = None
     after: Callable[[int], None] | None = None
+    # the whole decoded body (envelope included: next links, counts, list keys); returns the body to send
+    rewrite_body: Callable[[Any, int, Request], Any] | None = None
     pages: int = 0
     active: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -161,16 +163,18 @@ class PageHook:
             with self._lock:
                 self.pages += 1
                 n = self.pages
-            if self.rewrite is not None:
+            if self.rewrite is not None or self.rewrite_body is not None:
                 try:
                     body = json.loads(resp.body)
                 except ValueError:
                     return resp
                 records = records_of(body)
-                if records:
+                if records and self.rewrite is not None:
                     self.rewrite(records, n, req)
-                    headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-type"}
-                    resp = Response.json(body, resp.status, headers)
+                if self.rewrite_body is not None:
+                    body = self.rewrite_body(body, n, req)
+                headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-type"}
+                resp = Response.json(body, resp.status, headers)
             if self.after is not None:
                 self.after(n)
             return resp

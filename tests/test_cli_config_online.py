@@ -83,3 +83,33 @@ def test_an_unknown_trigger_stage_is_named_with_the_tenants_stages(tmp_path):
             if not ok:
                 assert "no stage 'Qualifcation'" in caps["stage trigger"].detail
                 assert "Qualification" in caps["stage trigger"].detail
+
+
+@pytest.mark.parametrize("crm", CRMS)
+def test_stage_and_status_names_in_the_configuration_are_checked_against_the_tenant(tmp_path, crm):
+    """A typo in open_statuses used to pass `config check` and mark every deal closed; in stage_categories or
+    the qualification stages it silently matched nothing. The online check names it, with the closest name."""
+    from oppsync_pipeline.lib.sync import build_connector
+    from oppsync_pipeline.sandbox.cluster import build_simulator
+    from oppsync_pipeline.sandbox.server import SandboxServer
+    from tests.conftest import sandbox_config
+
+    with SandboxServer(build_simulator(crm, opportunities=20)) as server:
+        def discover(extra: dict) -> dict:
+            cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path}/w.duckdb", tmp_path, extra={crm: extra})
+            return {c.name: c for c in build_connector(cfg, cfg.connections[0]).discover()}
+
+        plain = build_connector(*(lambda cfg: (cfg, cfg.connections[0]))(
+            sandbox_config({crm: server}, f"duckdb:///{tmp_path}/w.duckdb", tmp_path)))
+        names = sorted({s.label for s in (*plain.stages().values(), *plain.statuses().values()) if len(s.label) > 4})
+        real = names[0]
+        typo = real[:2] + real[3:]                      # one letter dropped
+        good = discover({"open_statuses": [real], "stage_categories": {real: "open"}})
+        assert good["stage and status names"].available, good["stage and status names"].detail
+        for extra, key in (({"open_statuses": [typo]}, "open_statuses"),
+                           ({"stage_categories": {typo: "won"}}, "stage_categories"),
+                           ({"qualification": {"stages": [typo]}}, "qualification.stages")):
+            cap = discover(extra)["stage and status names"]
+            assert not cap.available and cap.detail.startswith("REQUIRED"), cap
+            assert f"{key}: '{typo}' is not a stage or status of this tenant" in cap.detail
+            assert f"did you mean '{real}'?" in cap.detail, cap.detail

@@ -83,3 +83,50 @@ def test_the_shipped_embedded_default_is_valid():
     cfg = load_config(root / "oppsync.yaml")
     assert cfg.sandbox.enabled and len(cfg.connections) == 5
     assert check_config(cfg, environ={}) == []
+
+
+@pytest.mark.parametrize("crm,options,problem", [
+    ("connectwise", {"forcast": False}, "connections[0].options.forcast: unknown connectwise option; "
+                                        "did you mean 'forecast'?"),
+    ("connectwise", {"forecast": "false"}, "connections[0].options.forecast: Input should be a valid boolean "
+                                           "(got 'false')"),
+    ("connectwise", {"paging": "offset"}, "connections[0].options.paging: Input should be 'navigable' or 'keyset'"),
+    ("hubspot", {"search_requests_per_second": -1}, "connections[0].options.search_requests_per_second: "
+                                                    "Input should be greater than or equal to 0"),
+    ("dynamics", {"change_tracking": "yes"}, "connections[0].options.change_tracking: Input should be a valid boolean"),
+    ("salesforce", {"multi_currency": 1}, "connections[0].options.multi_currency: Input should be a valid boolean"),
+    ("autotask", {"curency": "EUR"}, "connections[0].options.curency: unknown autotask option; "
+                                     "did you mean 'currency'?"),
+])
+def test_options_are_typed_per_crm(crm, options, problem):
+    """`options` used to be an untyped dict: typos were ignored and the string "false" was true."""
+    with pytest.raises(ConfigError) as err:
+        parse_config({"connections": [{"name": "c", "crm": crm, "base_url": "https://x.example.com",
+                                       "options": options}]})
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_valid_options_pass_with_their_types():
+    cfg = parse_config({"connections": [
+        {"name": "cw", "crm": "connectwise", "base_url": "https://x.example.com",
+         "options": {"forecast": False, "paging": "keyset", "max_retry_after": 60}},
+        {"name": "sf", "crm": "salesforce", "base_url": "https://x.example.com", "options": {"api_version": 61.0}}]})
+    assert cfg.connections[0].options["forecast"] is False
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("", "is empty"), ("duckdb:///", "names no database file"), ("duckdb://", "names no database file"),
+    ("postgresql+psycopg2://", "needs a host and a database name"),
+    ("postgresql+psycopg2://postgres@127.0.0.1:5432", "needs a host and a database name"),
+])
+def test_an_empty_or_scheme_only_warehouse_url_is_refused(url, problem):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"warehouse": {"url": url}})
+    assert err.value.problems[0].startswith("warehouse.url: ") and problem in err.value.problems[0], err.value.problems
+
+
+def test_warehouse_urls_that_name_a_database_pass():
+    for url in ("duckdb:///.oppsync/w.duckdb", "duckdb:////tmp/w.duckdb",
+                "postgresql+psycopg2://postgres@127.0.0.1:5432/warehouse",
+                "postgresql+psycopg2:///warehouse?host=/var/run/postgresql"):
+        assert parse_config({"warehouse": {"url": url}}).warehouse.url == url

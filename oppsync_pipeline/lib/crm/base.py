@@ -12,6 +12,7 @@ Each CRM module has the same shape, in the same order:
 
 from __future__ import annotations
 
+import difflib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -247,6 +248,7 @@ class CrmConnector(ABC):
                   else "none readable: oppsync.crm_stages stays empty (stages are still read from each record)")
         if statuses:
             self.note("status list", True, f"{len(statuses)} status(es)")
+        self._check_stage_names(stages, statuses)
         if self.conn.track_from_stage is not None:
             from oppsync_pipeline.lib.scope import StageTrigger  # scope.py imports the warehouse layer
 
@@ -269,6 +271,30 @@ class CrmConnector(ABC):
             except CrmError as err:
                 self.note(what, False, f"REQUIRED and refused: {err}")
         return list(self.capabilities.values())
+
+    def _check_stage_names(self, stages: dict[str, StageInfo], statuses: dict[str, StageInfo]) -> None:
+        """Stage and status names the configuration relies on must exist in this tenant: a typo in
+        `open_statuses` silently makes every opportunity closed, one in `stage_categories` or the qualification
+        stages silently matches nothing. Checked against the tenant's stage and status dictionaries (names and
+        ids), with the closest name as a suggestion."""
+        known = {s.label for s in (*stages.values(), *statuses.values())} | set(stages) | set(statuses)
+        if not known:
+            return
+        uses = [("open_statuses", n) for n in self.conn.open_statuses or []]
+        uses += [("stage_categories", n) for n in self.conn.stage_categories]
+        if self.conn.qualification is not None:
+            uses += [("qualification.stages", n) for n in self.conn.qualification.stages]
+        problems = []
+        for key, name in uses:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+                problems.append(f"{key}: '{name}' is not a stage or status of this tenant"
+                                + (f"; did you mean '{close[0]}'?" if close else
+                                   f" (it has: {', '.join(sorted(s.label for s in stages.values())[:12])})"))
+        if uses:
+            self.note("stage and status names", not problems,
+                      "REQUIRED and not usable: " + "; ".join(problems) if problems
+                      else f"{len(uses)} configured name(s) found in the tenant")
 
     def note(self, name: str, available: bool, detail: str = "") -> None:
         self.capabilities[name] = Capability(name, available, detail)

@@ -131,3 +131,28 @@ def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
     secrets_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
     return parse_config({"warehouse": {"url": warehouse_url}, "secrets_file": str(secrets_file),
                          "connections": connections, **top})
+
+
+# -- the reliability report (tests/reliability/report.py) ----------------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller names a fresh results file before xdist starts its workers (they inherit it)."""
+    if hasattr(config, "workerinput"):
+        return
+    from tests.reliability import report
+
+    path = report.DEFAULT_RESULTS.with_name(f"results-{os.getpid()}.jsonl")
+    path.unlink(missing_ok=True)
+    os.environ["OPPSYNC_RELIABILITY_RESULTS"] = str(path)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    from tests.reliability import report
+
+    rows = report.read_rows()
+    if rows:
+        terminalreporter.write_line(report.table(rows))
+        report.results_path().unlink(missing_ok=True)
+

@@ -30,6 +30,7 @@ KILL_POINTS: dict[str, tuple[Any, str]] = {
     "extract.stage_page": (store.StagingWriter, "add"),
     "extract.stage_flush": (store.StagingWriter, "flush"),
     "extract.save_users": (store, "save_users"),
+    "extract.completeness": (store, "save_completeness"),
     "extract.finish": (store, "finish_extract"),
     "reconcile.events": (reconcile, "_write_events"),
     "reconcile.history": (reconcile, "_write_history"),

@@ -41,8 +41,9 @@ check-defs: install
 bench: install
 	$(BIN)/python -m benchmarks
 
+## faults x CRMs, crash kills on both warehouses, hostile answers, secrets, lease races: ends with one table
 reliability: install
-	OPPSYNC_RELIABILITY=full $(BIN)/python -m pytest -q -s tests/reliability
+	OPPSYNC_RELIABILITY=full $(BIN)/python -m pytest -q -n 2 --dist load tests/reliability
 
 docs: install
 	cd dbt && OPPSYNC_DUCKDB_PATH=$(CURDIR)/.oppsync/warehouse.duckdb ../$(BIN)/dbt docs generate --profiles-dir . --target duckdb

@@ -336,10 +336,14 @@ def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at:
              "tok": resume_token, "tq": stats.get("token_requests"), "w": warnings_text(stats),
              "mv": MAPPING_VERSION})
         if status == "complete":
+            # what the warehouse will hold after reconcile: the staged records, and the quarantined ones it
+            # already has (kept as they were)
             conn.execute(text(f"""
                 UPDATE {S}.extracts SET
-                    reported_open = (SELECT count(*) FROM ({_LATEST}) t WHERE status = 'open'),
+                    reported_open = (SELECT count(*) FROM ({_LATEST}) t WHERE status = 'open')
+                                    + ({_KEPT} AND o.status = 'open'),
                     reported_closed = (SELECT count(*) FROM ({_LATEST}) t WHERE status <> 'open')
+                                    + ({_KEPT} AND o.status <> 'open')
                 WHERE extract_id = :x"""), {"x": extract_id})
         else:
             conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), {"x": extract_id})
@@ -373,6 +377,13 @@ _LATEST = f"""SELECT status FROM (
     FROM {S}.stage_opportunities WHERE extract_id = :x) v
     WHERE rn = 1 AND (COALESCE(v.scope, 'in') = 'in' OR (v.scope = 'before_stage' AND EXISTS (
         SELECT 1 FROM {S}.opportunities o WHERE o.connection = v.connection AND o.source_id = v.source_id)))"""
+
+
+# Quarantined records the warehouse holds (live, in scope) and the extract did not stage: kept unchanged.
+_KEPT = f"""SELECT count(DISTINCT q.source_id) FROM {S}.quarantine q
+    JOIN {S}.opportunities o ON o.connection = q.connection AND o.source_id = q.source_id
+    WHERE q.extract_id = :x AND o.deleted_at IS NULL AND o.in_scope IS NOT FALSE
+      AND NOT EXISTS (SELECT 1 FROM {S}.stage_opportunities s WHERE s.extract_id = :x AND s.source_id = q.source_id)"""
 
 
 def record_run(conn: Connection, run: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from oppsync_pipeline.sandbox.server import FaultRule
 from tests.dagster.conftest import every_creator_mapped, load_defs, start_servers, stop_servers, write_config
 from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, snapshot
 from tests.reliability.report import reported, unclear
-from tests.reliability.test_fault_matrix import ID_KEY, bad_records
+from tests.reliability.test_fault_matrix import bad_records
 
 SELECTED = CRMS if FULL else ("salesforce",)
 EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
@@ -101,4 +101,3 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         assert last_run(url, name)[0] == "success" and last_run(url, name)[2] == 2
         after = snapshot(engine, name)
         assert not any(e[1] in ("deleted", "restored") for e in after.events), "a quarantined record was deleted"
-        assert ID_KEY[crm]

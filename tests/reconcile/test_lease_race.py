@@ -1,12 +1,13 @@
 """Twenty runs of one connection starting at the same moment: exactly one takes the lease, on DuckDB and
 Postgres, whether the lease was free, held by a dead process on this host, or expired; every other run gets
-LockHeld naming the winner, and no other error.
+LockHeld naming the winner, and no other error. And a run releasing its expired lease just as another takes
+it over leaves the lease to the taker, whichever commits first.
 
 Threads each with their own engine, released together by a Barrier; on Postgres also twenty processes. The
 threads race a few rounds per test. Against the check-then-act lease this replaces (read, decide in Python,
-then insert or update), 20 rounds of each race failed: DuckDB threads 13, 15 and 18 of 20 (free, dead
-holder, expired; a loser's IntegrityError or transaction conflict), Postgres threads 20 of 20 in all three
-(free: a loser's IntegrityError; dead or expired holder: 3 to 20 winners), Postgres processes 15 and 18 of 20.
+then insert or update), in two measurements of 20 rounds of each race: DuckDB threads failed 13 to 18 rounds
+of 20 (a loser's IntegrityError or transaction conflict), Postgres threads 20 of 20 (free: a loser's
+IntegrityError; dead or expired holder: 3 to 20 winners), Postgres processes 15 to 19 of 20.
 
 DuckDB lets one process at a time open a warehouse file, so runs in different processes are serialised by
 the file lock before they reach the lease. Its in-process race is between connections to one database
@@ -23,12 +24,14 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
@@ -91,8 +94,17 @@ class Outcomes:
     errors: list[str]
 
 
-def race_threads(url: str) -> Outcomes:
+@contextmanager
+def starter_engines(url: str) -> Iterator[list[Engine]]:
     engines = [starter_engine(url) for _ in range(STARTERS)]
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def race_threads(engines: list[Engine]) -> Outcomes:
     barrier = threading.Barrier(STARTERS)
     out = Outcomes([], {}, [])
 
@@ -112,8 +124,6 @@ def race_threads(url: str) -> Outcomes:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    for e in engines:
-        e.dispose()
     return out
 
 
@@ -184,10 +194,11 @@ def url_of(engine: Engine) -> str:
 
 @pytest.mark.parametrize("previous", PREVIOUS, ids=lambda f: f.__name__)
 def test_twenty_threads_starting_together_one_takes_the_lease(engine, previous: Callable[[Engine], None]):
-    for _ in range(ROUNDS):
-        empty_tables(engine)
-        previous(engine)
-        assert_one_winner(engine, race_threads(url_of(engine)))
+    with starter_engines(url_of(engine)) as engines:
+        for _ in range(ROUNDS):
+            empty_tables(engine)
+            previous(engine)
+            assert_one_winner(engine, race_threads(engines))
 
 
 @pytest.mark.postgres
@@ -201,7 +212,8 @@ def test_twenty_processes_starting_together_one_takes_the_lease(engine, previous
 def test_the_winner_takes_its_lease_again_and_the_losers_still_cannot(engine):
     """Re-taking by the same run (reconcile after extract, a retried step) renews the lease."""
     lease_of_a_dead_process(engine)
-    out = race_threads(url_of(engine))
+    with starter_engines(url_of(engine)) as engines:
+        out = race_threads(engines)
     winner, loser = out.won[0], next(iter(out.held))
     store.acquire_lock(engine, CONNECTION, winner, STARTED + timedelta(minutes=30), LOCK_TTL)
     with transaction(engine) as conn:
@@ -209,3 +221,55 @@ def test_the_winner_takes_its_lease_again_and_the_losers_still_cannot(engine):
     assert tuple(renewed) == (winner, STARTED + timedelta(minutes=30), STARTED + timedelta(minutes=30) + LOCK_TTL)
     with pytest.raises(store.LockHeld, match=rf"already running \(run {winner}, since 2026-03-01 09:31:00 UTC"):
         store.acquire_lock(engine, CONNECTION, loser, STARTED + timedelta(minutes=31), LOCK_TTL)
+
+
+PAUSE_AT_COMMIT = 0.2  # seconds the first transaction waits at its commit while the second one runs
+
+
+def first_pauses_at_commit_while_second_runs(url: str, first: Callable[[Engine], None],
+                                             second: Callable[[Engine], None]) -> None:
+    """Run `first` on its own engine; when its transaction is about to commit, start `second` on another
+    engine in a thread and let it run against the uncommitted change for a moment before committing."""
+    first_engine, second_engine = starter_engine(url), starter_engine(url)
+    failures: list[str] = []
+
+    def run_second() -> None:
+        try:
+            second(second_engine)
+        except Exception as err:  # noqa: BLE001 - reported by the test
+            failures.append(f"{type(err).__name__}: {err}")
+
+    racer = threading.Thread(target=run_second)
+
+    @event.listens_for(first_engine, "commit")
+    def start_second_then_commit(conn) -> None:
+        if not racer.is_alive() and racer.ident is None:
+            racer.start()
+            time.sleep(PAUSE_AT_COMMIT)
+
+    try:
+        first(first_engine)
+        racer.join(timeout=30)
+    finally:
+        first_engine.dispose()
+        second_engine.dispose()
+    assert failures == []
+
+
+def take_over(engine: Engine) -> None:
+    store.acquire_lock(engine, CONNECTION, "new", STARTED, LOCK_TTL)
+
+
+def release_the_expired(engine: Engine) -> None:
+    store.release_lock(engine, CONNECTION, "expired")
+
+
+@pytest.mark.parametrize("first, second", [(take_over, release_the_expired), (release_the_expired, take_over)],
+                         ids=["takeover_commits_first", "release_commits_first"])
+def test_a_release_racing_a_takeover_leaves_the_lease_to_the_taker(engine, first, second):
+    expired_lease(engine)  # its run is still alive on another host, finishing after its lease expired
+    first_pauses_at_commit_while_second_runs(url_of(engine), first, second)
+    with transaction(engine) as conn:
+        holders = conn.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
+                               {"c": CONNECTION}).scalars().all()
+    assert holders == ["new"]

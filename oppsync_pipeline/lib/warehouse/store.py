@@ -89,8 +89,12 @@ def acquire_lock(engine: Engine, connection: str, run_id: str, now: datetime, tt
         except DBAPIError as err:
             if not _lost_a_race(engine, err):
                 raise
-        time.sleep(min(LEASE_RETRY_PAUSE * 2 ** attempt, LEASE_RETRY_PAUSE_MAX))
+        _pause_after_lost_race(attempt)
     raise LockHeld(_still_contended_message(engine, lease))
+
+
+def _pause_after_lost_race(attempt: int) -> None:
+    time.sleep(min(LEASE_RETRY_PAUSE * 2 ** attempt, LEASE_RETRY_PAUSE_MAX))
 
 
 def _take_lease(conn: Connection, lease: _Lease) -> bool:
@@ -176,9 +180,28 @@ def assert_lock(conn: Connection, connection: str, run_id: str) -> None:
 
 
 def release_lock(engine: Engine, connection: str, run_id: str) -> None:
-    with transaction(engine) as conn:
-        conn.execute(text(f"DELETE FROM {S}.sync_locks WHERE connection = :c AND run_id = :r"),
-                     {"c": connection, "r": run_id})
+    """Give the lease back if this run still holds it. A run that outlived its lease may release it just as
+    another takes it over: whichever commits second must see the first, never delete the new holder's row."""
+    for attempt in range(LEASE_ATTEMPTS):
+        try:
+            with transaction(engine) as conn:
+                _delete_own_lease(conn, connection, run_id)
+            return
+        except DBAPIError as err:
+            if not _lost_a_race(engine, err) or attempt == LEASE_ATTEMPTS - 1:
+                raise
+        _pause_after_lost_race(attempt)
+
+
+def _delete_own_lease(conn: Connection, connection: str, run_id: str) -> None:
+    # DuckDB (2.0) does not always see a DELETE and a concurrent UPDATE of the same row as a conflict: with a
+    # bare UPDATE in the other transaction both committed and the updated row was gone. Rewriting the columns
+    # a takeover writes makes the two conflict whatever else the taker's transaction did, and _lost_a_race
+    # retries. Postgres needs none of it (the row lock orders them); the rewrite costs it nothing.
+    params = {"c": connection, "r": run_id}
+    conn.execute(text(f"UPDATE {S}.sync_locks SET run_id = run_id, holder = holder, acquired_at = acquired_at, "
+                      "expires_at = expires_at WHERE connection = :c AND run_id = :r"), params)
+    conn.execute(text(f"DELETE FROM {S}.sync_locks WHERE connection = :c AND run_id = :r"), params)
 
 
 @dataclass

@@ -247,7 +247,7 @@ def test_reconciling_the_same_extract_twice_changes_nothing(engine):
 
 def test_a_second_run_cannot_take_the_lock_while_the_first_holds_it(engine):
     store.acquire_lock(engine, CONNECTION, "r1", T0, LOCK_TTL)
-    with pytest.raises(store.LockHeld, match="being synced by run r1"):
+    with pytest.raises(store.LockHeld, match=r"already running \(run r1, since 2026-03-01 09:00:00 UTC"):
         store.acquire_lock(engine, CONNECTION, "r2", T0 + timedelta(minutes=5), LOCK_TTL)
     # nor reconcile without holding it
     stage_extract(engine, "r2", full(opp("a")), T0)

@@ -43,7 +43,7 @@ bench: install
 
 ## faults x CRMs, crash kills on both warehouses, hostile answers, secrets, lease races: ends with one table
 reliability: install
-	OPPSYNC_RELIABILITY=full $(BIN)/python -m pytest -q -n 2 --dist load tests/reliability
+	OPPSYNC_RELIABILITY=full $(BIN)/python -m pytest -q -n 2 --dist load tests/reliability tests/reconcile/test_lease_race.py
 
 docs: install
 	cd dbt && OPPSYNC_DUCKDB_PATH=$(CURDIR)/.oppsync/warehouse.duckdb ../$(BIN)/dbt docs generate --profiles-dir . --target duckdb

@@ -38,6 +38,7 @@ from sqlalchemy.pool import NullPool
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
 from tests.reconcile.harness import CONNECTION, LOCK_TTL, T0, empty_tables, migrated_engine
+from tests.reliability.report import reported
 
 STARTERS = 20
 ROUNDS = 3
@@ -175,7 +176,14 @@ def start_in_process(url: str, run_id: str, barrier, all_tried, results) -> None
     engine.dispose()
 
 
-def assert_one_winner(engine: Engine, out: Outcomes) -> None:
+# the report's column per starting state
+LABEL = {"no_lease": "free", "lease_of_a_dead_process": "dead holder", "expired_lease": "expired"}
+
+
+def assert_one_winner(engine: Engine, out: Outcomes, row=None) -> None:
+    if row is not None:   # the reliability report: a second winner is a duplicated run; any other message unclear
+        row.duplicated_events += max(0, len(out.won) - 1)
+        row.unclear_errors += len(out.errors) + sum(1 for m in out.held.values() if not HELD.match(m))
     assert out.errors == [], "a starter failed with something other than LockHeld"
     assert len(out.won) == 1, f"{len(out.won)} starters took the lease: {out.won}"
     assert len(out.held) == STARTERS - 1
@@ -194,19 +202,21 @@ def url_of(engine: Engine) -> str:
 
 @pytest.mark.parametrize("previous", PREVIOUS, ids=lambda f: f.__name__)
 def test_twenty_threads_starting_together_one_takes_the_lease(engine, previous: Callable[[Engine], None]):
-    with starter_engines(url_of(engine)) as engines:
+    with reported(f"lease_race_threads_{engine.dialect.name}", LABEL[previous.__name__]) as row, \
+            starter_engines(url_of(engine)) as engines:
         for _ in range(ROUNDS):
             empty_tables(engine)
             previous(engine)
-            assert_one_winner(engine, race_threads(engines))
+            assert_one_winner(engine, race_threads(engines), row)
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("module_engine", ["postgres"], indirect=True)  # DuckDB: see the module docstring
 @pytest.mark.parametrize("previous", [no_lease, lease_of_a_dead_process], ids=lambda f: f.__name__)
 def test_twenty_processes_starting_together_one_takes_the_lease(engine, previous: Callable[[Engine], None]):
-    previous(engine)
-    assert_one_winner(engine, race_processes(url_of(engine)))
+    with reported("lease_race_processes_postgresql", LABEL[previous.__name__]) as row:
+        previous(engine)
+        assert_one_winner(engine, race_processes(url_of(engine)), row)
 
 
 def test_the_winner_takes_its_lease_again_and_the_losers_still_cannot(engine):

@@ -8,6 +8,15 @@
 - Paging: `POST Opportunities/query` with `MaxRecords` = page size (<= 500); `pageDetails.nextPageUrl` is
   POSTed with the same body (a GET on it is 405 for POST-initiated queries and would stop at 500 rows). Next
   URLs are followed relative to the current zone so a zone move mid-paging is survived. Results are by id.
+- Every answer is validated before use (pages.py; QueryPage, CountAnswer, FieldsAnswer ... below): a page
+  needs `items` (records with an integer `id`) and `pageDetails` with `nextPageUrl` (null on the last page).
+  One that does not fit fails the run naming the URL and page number, instead of reading as an empty last page.
+  Paging ends: a nextPageUrl already followed, a page starting with the id an earlier page started with (an API
+  ignoring the paging hands out ever-new next links) or more pages than the set's count allows fail the run.
+- Counts: a full read of a set first asks `POST Opportunities/query/count` with the same filter ->
+  `{"queryCount": n}` (one request per set; incremental reads ask nothing). The sync infers no deletes when
+  fewer records arrived than that; the count also bounds the paging, and the by-id reads are bounded by the
+  number of ids asked.
 - Discovery (once per run, `discover_tenant`): the zone, `Opportunities/entityInformation/fields` (the stage and
   status picklists, which fields exist) and `.../userDefinedFields`. A configured field or filter the tenant
   does not have is a ConfigError naming its key, before the first query.
@@ -58,10 +67,13 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import requests
+from pydantic import Field, StrictInt, StrictStr
+from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
+from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
     to_utc,
@@ -156,6 +168,72 @@ def classify(response: requests.Response) -> Exception | None:
     return None
 
 
+# -- the answers the connector reads (crm-api-notes 5.1-5.5), validated before use -----------------------------------
+
+class EntityRecord(TypedDict):
+    """A queried record (opportunity, company, contact, resource, country): only its id is checked; the
+    connector reads the dict as received. Autotask ids are integers."""
+
+    id: StrictInt
+
+
+class PageDetails(PageModel):
+    # Present on every page, null on the last: a page without it is not "the end".
+    nextPageUrl: StrictStr | None
+
+
+class QueryPage(PageModel):
+    """`POST {Entity}/query` and each nextPageUrl: `{"items": [...], "pageDetails": {...}}`."""
+
+    items: list[EntityRecord]
+    pageDetails: PageDetails
+
+
+class CountAnswer(PageModel):
+    """`POST {Entity}/query/count`."""
+
+    queryCount: StrictInt = Field(ge=0)
+
+
+class PicklistValue(TypedDict):
+    value: StrictStr | StrictInt        # documented as a string although the field is an integer
+    label: NotRequired[StrictStr | None]
+
+
+class FieldInfo(TypedDict):
+    name: StrictStr
+    picklistValues: NotRequired[list[PicklistValue] | None]
+
+
+class FieldsAnswer(PageModel):
+    """`GET Opportunities/entityInformation/fields`: the field list, with the stage and status picklists."""
+
+    fields: list[FieldInfo]
+
+
+class NamedField(TypedDict):
+    name: StrictStr
+
+
+class UserDefinedFieldsAnswer(PageModel):
+    """`GET Opportunities/entityInformation/userDefinedFields`."""
+
+    fields: list[NamedField]
+
+
+class ZoneAnswer(PageModel):
+    """`GET zoneInformation?user=`: the zone's REST root."""
+
+    url: StrictStr = Field(min_length=1)
+
+
+class ThresholdAnswer(PageModel):
+    """`GET ThresholdInformation`: the hourly request threshold and this hour's count."""
+
+    externalRequestThreshold: StrictInt
+    currentTimeframeRequestCount: StrictInt
+
+
 class AutotaskOptions(ConnectorOptions):
     """`options:` of an Autotask connection."""
 
@@ -217,19 +295,21 @@ class AutotaskConnector(CrmConnector):
         tenant does not have is a configuration error named by its key, before the first query."""
         self._ensure_zone()
         fields = self._optional("Opportunities/entityInformation/fields",
-                                lambda: self.client.get_json("Opportunities/entityInformation/fields"), None,
+                                lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
+                                None,
                                 "stage and status labels are their picklist values; open / won / lost from "
                                 "Autotask's system status values (2 Lost, 3 Closed, 4 Implemented closed; "
                                 "others open)")
         if fields is not None:
-            self._fields = {str(f.get("name")): f for f in fields.get("fields") or [] if f.get("name")}
+            self._fields = {f["name"]: f for f in fields["fields"] if f["name"]}
             self.note("stage picklist", "stage" in self._fields,
                       "stage = the stage picklist label" if "stage" in self._fields else "no stage field")
         udfs = self._optional("Opportunities/entityInformation/userDefinedFields",
-                              lambda: self.client.get_json("Opportunities/entityInformation/userDefinedFields"),
+                              lambda: self._get_checked(UserDefinedFieldsAnswer,
+                                                        "Opportunities/entityInformation/userDefinedFields"),
                               None, "configured udf: fields are sent unchecked")
         if udfs is not None:
-            self._udfs = {str(f.get("name")) for f in udfs.get("fields") or [] if f.get("name")}
+            self._udfs = {f["name"] for f in udfs["fields"] if f["name"]}
         self._check_configured_fields()
         self._discover_close_fields()
 
@@ -286,12 +366,17 @@ class AutotaskConnector(CrmConnector):
         if "/atservicesrest" in base.lower():
             url = base
         else:
-            info = self.client.get_json(f"{base}/atservicesrest/v1.0/zoneInformation",
-                                        params={"user": self.credentials["username"]}, headers={_NO_AUTH: "1"})
-            url = str(info.get("url") or "")
-            if not url:
-                raise CrmError("Autotask zone lookup returned no url; check base_url", code="ZONE_LOOKUP",
-                               permanent=True)
+            lookup = f"{base}/atservicesrest/v1.0/zoneInformation"
+            info = self.client.get_json(lookup, params={"user": self.credentials["username"]},
+                                        headers={_NO_AUTH: "1"})
+            try:
+                url = check_page(ZoneAnswer, info, crm=self.crm, url=lookup).url
+            except PageError as err:
+                # Whatever answers there is not Autotask's zone lookup: the same answer comes every time.
+                err.permanent, err.code = True, "ZONE_LOOKUP"
+                err.hint = ("Check base_url: the zone lookup host https://webservices.autotask.net, or the "
+                            "zone's .../ATServicesRest")
+                raise
         url = url.rstrip("/")
         if not url.lower().endswith("/v1.0"):
             url += "/V1.0"
@@ -305,19 +390,20 @@ class AutotaskConnector(CrmConnector):
 
     def _poll_threshold(self) -> None:
         self._last_poll = self.stats.requests
-        data = self._optional("ThresholdInformation", lambda: self.client.get_json("ThresholdInformation"), None,
+        data = self._optional("ThresholdInformation",
+                              lambda: self._get_checked(ThresholdAnswer, "ThresholdInformation"), None,
                               "no quota figures (Autotask sends no usage headers): the run's budget is not "
                               "metered against the hourly threshold; 429s are still waited out")
-        if isinstance(data, dict) and data.get("externalRequestThreshold"):
-            self.stats.quota_limit = int(data["externalRequestThreshold"])
-            self.stats.quota_used = int(data.get("currentTimeframeRequestCount") or 0)
+        if data is not None and data["externalRequestThreshold"] > 0:
+            self.stats.quota_limit = data["externalRequestThreshold"]
+            self.stats.quota_used = data["currentTimeframeRequestCount"]
             self.client.budget.check(self.stats)
 
     # -- stages, statuses and users ----------------------------------------------------------------------------------
 
     def _picklist(self, name: str) -> list[dict[str, Any]]:
         field = (self._fields or {}).get(name) or {}
-        return [v for v in field.get("picklistValues") or [] if v.get("value") is not None]
+        return field.get("picklistValues") or []
 
     def _label(self, field: str, value: Any) -> str | None:
         """A picklist value's label (the value itself when the field is no picklist or the label is unknown)."""
@@ -375,7 +461,7 @@ class AutotaskConnector(CrmConnector):
                 res: dict[int, dict[str, Any]] = {}
                 for page in self._query("Resources", [{"op": "gt", "field": "id", "value": 0}],
                                         self.max_page_size):
-                    res.update((int(r["id"]), r) for r in page)
+                    res.update((r["id"], r) for r in page)
                 return res
             self._resources = self._optional("Resources", read, {},
                                              "users are known by their resource ids only (no names / emails; "
@@ -385,16 +471,21 @@ class AutotaskConnector(CrmConnector):
     # -- opportunities ---------------------------------------------------------------------------------------------
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        """The open (or not-open) set. A full read (no `since`) first asks Autotask how many records the set
+        holds (`query/count`, one request): the sync compares what it received with that count before it
+        infers deletes, and the paging may not run past it."""
         self.prepare()
         self._ensure_zone()
-        filters: list[dict[str, Any]] = [self._status_filter(open_set)]
-        if since is not None:
-            filters.append({"op": "gte", "field": "lastActivity", "value": _at_value(since)})
-        filters += [render_filter(f) for f in self.conn.filters]
+        filters = self._set_filters(open_set, since)
+        total = None
+        if since is None:
+            total = self._count("Opportunities", filters)
+            self.tally(open_set, since, (), crm_count=total)
         seen: set[int] = set()
-        for items in self._query("Opportunities", filters):
+        for items in self._query("Opportunities", filters, expect=total):
+            self.tally(open_set, since, (r["id"] for r in items))
             if since is not None:
-                seen.update(int(r["id"]) for r in items)
+                seen.update(r["id"] for r in items)
             self._lookup(items)
             yield self.map_records(items, self._map, _record_id)
         if since is None:
@@ -402,15 +493,28 @@ class AutotaskConnector(CrmConnector):
         # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
         # of companies changed since the cursor (Companies.lastTrackedModifiedDateTime), once each.
         changed = self._changed_companies(since)
-        base = [f for f in filters if f.get("field") != "lastActivity"]
+        base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
             by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i:i + BATCH]}]
             for items in self._query("Opportunities", by_company):
-                items = [r for r in items if int(r["id"]) not in seen]
-                seen.update(int(r["id"]) for r in items)
+                items = [r for r in items if r["id"] not in seen]
+                seen.update(r["id"] for r in items)
                 if items:
                     self._lookup(items)
                     yield self.map_records(items, self._map, _record_id)
+
+    def count(self, open_set: bool) -> int:
+        """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
+        `opportunities(open_set, None)` queries with (status set and the connection's filters)."""
+        self.prepare()
+        self._ensure_zone()
+        return self._count("Opportunities", self._set_filters(open_set, None))
+
+    def _set_filters(self, open_set: bool, since: datetime | None) -> list[dict[str, Any]]:
+        filters: list[dict[str, Any]] = [self._status_filter(open_set)]
+        if since is not None:
+            filters.append({"op": "gte", "field": "lastActivity", "value": _at_value(since)})
+        return filters + [render_filter(f) for f in self.conn.filters]
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """The current records of these ids: `POST Opportunities/query` with `id in [...]`, at most IDS_PER_IN
@@ -423,7 +527,8 @@ class AutotaskConnector(CrmConnector):
         wanted = sorted({int(i) for i in ids if str(i).strip().isascii() and str(i).strip().isdigit()})
         for i in range(0, len(wanted), IDS_PER_IN):
             chunk = wanted[i:i + IDS_PER_IN]
-            for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}]):
+            for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}],
+                                     expect=len(chunk)):
                 self._lookup(items)
                 yield self.map_records(items, self._map, _record_id)
 
@@ -443,8 +548,8 @@ class AutotaskConnector(CrmConnector):
                 ids = []
                 for page in self._query("Companies", [{"op": "gte", "field": "lastTrackedModifiedDateTime",
                                                        "value": _at_value(since)}], self.max_page_size):
-                    self._companies.update((int(c["id"]), c) for c in page)
-                    ids += [int(c["id"]) for c in page]
+                    self._companies.update((c["id"], c) for c in page)
+                    ids += [c["id"] for c in page]
                 return ids
             # 500 too: a tenant whose Companies cannot be queried by lastTrackedModifiedDateTime only loses this.
             self._company_changes = (since, self._optional(
@@ -476,22 +581,45 @@ class AutotaskConnector(CrmConnector):
             return bool({key, label} & set(self.conn.open_statuses))
         return flags == "open"
 
-    def _query(self, entity: str, filters: list[dict[str, Any]],
-               max_records: int | None = None) -> Iterator[list[dict[str, Any]]]:
-        """POST the query, then POST the same body to every nextPageUrl until there is none."""
+    def _query(self, entity: str, filters: list[dict[str, Any]], max_records: int | None = None, *,
+               expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """POST the query, then POST the same body to every nextPageUrl until one is null. Each page is checked
+        (QueryPage) before a record of it is used. The paging must end: a next link already followed, a page
+        that starts where an earlier one started (an API ignoring the paging) and, when `expect` says how many
+        records can match, more pages than that allows each fail the run."""
         body = {"MaxRecords": max_records or self.page_size, "filter": filters}
         path = f"{entity}/query"
+        trail = PageTrail(self.crm, self.client.url(path))
+        trail.expect(expect, body["MaxRecords"])
+        trail.follow(path)
+        starts: dict[int, int] = {}     # the first id of each page -> its page number
         while True:
             if self.stats.requests - (self._last_poll or 0) >= THRESHOLD_POLL_EVERY:
                 self._poll_threshold()
+            url = self.client.url(path)
             data = self.client.post_json(path, body)
-            items = data.get("items") or []
+            page = check_page(QueryPage, data, crm=self.crm, url=url, page=trail.pages + 1)
+            items: list[dict[str, Any]] = data["items"]
+            number = trail.page(len(items))
             if items:
+                _check_new_start(starts, items[0]["id"], number, crm=self.crm, url=url)
                 yield items
-            nxt = (data.get("pageDetails") or {}).get("nextPageUrl")
+            nxt = page.pageDetails.nextPageUrl
             if not nxt:
                 return
             path = _relative(nxt)
+            trail.follow(path)
+
+    def _count(self, entity: str, filters: list[dict[str, Any]]) -> int:
+        path = f"{entity}/query/count"
+        data = self.client.post_json(path, {"filter": filters})
+        return check_page(CountAnswer, data, crm=self.crm, url=self.client.url(path)).queryCount
+
+    def _get_checked(self, model: type[PageModel], path: str) -> Any:
+        """A GET answer, validated as `model`; returned as received."""
+        data = self.client.get_json(path)
+        check_page(model, data, crm=self.crm, url=self.client.url(path))
+        return data
 
     def _lookup(self, items: list[dict[str, Any]]) -> None:
         """Fetch this page's companies and contacts not seen yet, in batches (never one call per record). Both
@@ -501,7 +629,7 @@ class AutotaskConnector(CrmConnector):
                  "client_name and service_location are left empty"),
                 ("Contacts", "contactID", self._contacts,
                  "sales_executive falls back to the owner resource's name")):
-            wanted = sorted({int(r[key]) for r in items if r.get(key) not in (None, 0, "")} - cache.keys())
+            wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys())
             if not wanted or entity in self._refused:
                 continue
 
@@ -510,8 +638,8 @@ class AutotaskConnector(CrmConnector):
                 for i in range(0, len(wanted), BATCH):
                     chunk = wanted[i:i + BATCH]
                     for page in self._query(entity, [{"op": "in", "field": "id", "value": chunk}],
-                                            self.max_page_size):
-                        found.update((int(x["id"]), x) for x in page)
+                                            self.max_page_size, expect=len(chunk)):
+                        found.update((x["id"], x) for x in page)
                 return found
             found = self._optional(entity, read, None, text)
             if found is not None:
@@ -522,7 +650,7 @@ class AutotaskConnector(CrmConnector):
                 out: dict[int, str] = {}
                 for page in self._query("Countries", [{"op": "gt", "field": "id", "value": 0}],
                                         self.max_page_size):
-                    out.update((int(c["id"]), c.get("displayName") or c.get("name")) for c in page)
+                    out.update((c["id"], c.get("displayName") or c.get("name")) for c in page)
                 return out
             self._countries = self._optional("Countries", countries, {},
                                              "service_location is written without the country")
@@ -557,7 +685,7 @@ class AutotaskConnector(CrmConnector):
             crm_status=crm_status,
             status=status,
             amount=parse_float(self._get(r, self.field("amount", "amount"))),
-            currency=self.conn.options.get("currency"),
+            currency=self.options.currency,
             close_date=parse_date(self._get(r, self.field("close_date", "projectedCloseDate"))),
             probability=parse_float(self._get(r, self.field("probability", "probability"))),
             created_at=parse_datetime(self._get(r, self.field("created_at", "createDate"))),
@@ -640,6 +768,20 @@ def render_filter(f: RecordFilter) -> dict[str, Any]:
     if f.field.startswith("udf:"):
         node["field"], node["udf"] = f.field[4:], True
     return node
+
+
+def _is_id(value: Any) -> bool:
+    """An Autotask reference that can be looked up (an int other than 0; bool is no id)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value != 0
+
+
+def _check_new_start(starts: dict[int, int], first_id: int, number: int, *, crm: str, url: str) -> None:
+    """Pages of one query hold different records, so no two start with the same id: one that does means the
+    API answers the same page again whatever the next link says (next links then never repeat)."""
+    if first_id in starts:
+        raise PageError(f"it starts with record {first_id}, as page {starts[first_id]} did: the API repeats "
+                        "pages instead of following nextPageUrl (paging loops)", crm=crm, url=url, page=number)
+    starts[first_id] = number
 
 
 def _record_id(record: dict[str, Any]) -> Any:

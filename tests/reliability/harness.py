@@ -32,7 +32,7 @@ OPPORTUNITY_PAGES = {
     "hubspot": r"/objects/(?:deals|0-3)(?:/search)?$",
     "dynamics": r"/opportunities$",
     "connectwise": r"/sales/opportunities$",
-    "autotask": r"(?i)/opportunities/query",   # Autotask paths are case-insensitive (/V1.0/Opportunities)
+    "autotask": r"(?i)/opportunities/query(?:/next)?$",   # pages only, not query/count (case-insensitive paths)
 }
 
 CURRENT_COLUMNS = ("crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",

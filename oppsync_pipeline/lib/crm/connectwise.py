@@ -16,10 +16,15 @@
   That is offset paging the server re-evaluates per page, so a record leaving the set between two page
   requests makes one later record slip onto an already-read page (missed until the next full sync).
   `options.paging: keyset` avoids it: always page 1 with `id>last` (or `(lastUpdated, id) > last`) added.
+  Every answer is checked against its documented shape first (the page models below); a next link or keyset
+  position already followed, more pages than CW's count allows, or (uncounted reads) a page repeating the
+  previous one fails the run.
+- Counts: a full read of a set first asks `GET /sales/opportunities/count` with the same conditions
+  (`{"count": n}`, one request per set): the sync infers no delete from a set that delivered fewer ids.
 - Amount: CW has no scalar amount. It is the sum of `revenue` over `GET /sales/opportunities/{id}/forecast`
   `forecastItems` (no forecast lines: amount None). There is no bulk forecast endpoint and no `fields` /
   `childConditions` form that returns forecast lines with the opportunity, so this costs ONE extra request
-  per opportunity returned (a full sync of N opportunities costs about N + N/1000 requests; incremental runs
+  per opportunity returned (a full sync of N opportunities costs about N + N/1000 + 2 requests; incremental runs
   only pay for the changed ones). `options.forecast: false` skips it (amount None, 1 request per page).
 - Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
   `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag

@@ -217,8 +217,9 @@ def test_forecast_off_costs_one_request_per_page(server):
                                        sum(1 for o in got.values() if o.status != "open")))
     sites = {(o.raw["company"]["id"], o.raw["site"]["id"]) for o in got.values() if o.raw.get("company")}
     # discovery: statuses, stages, members (one page), probabilities, one custom-field sample; no companyinfo
-    # call; then one read per distinct company site (cached for the run) and the pages
-    assert conn.stats.requests == 5 + len(sites) + pages
+    # call; then one read per distinct company site (cached for the run), one count per set (a full read asks
+    # CW how many records the set holds) and the pages
+    assert conn.stats.requests == 5 + len(sites) + 2 + pages
     assert conn.stats.token_requests == 0  # Basic auth: there is no token call
 
 

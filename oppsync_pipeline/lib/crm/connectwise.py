@@ -16,10 +16,15 @@
   That is offset paging the server re-evaluates per page, so a record leaving the set between two page
   requests makes one later record slip onto an already-read page (missed until the next full sync).
   `options.paging: keyset` avoids it: always page 1 with `id>last` (or `(lastUpdated, id) > last`) added.
+  Every answer is checked against its documented shape first (the page models below); a next link or keyset
+  position already followed, more pages than CW's count allows, or (uncounted reads) a page repeating the
+  previous one fails the run.
+- Counts: a full read of a set first asks `GET /sales/opportunities/count` with the same conditions
+  (`{"count": n}`, one request per set): the sync infers no delete from a set that delivered fewer ids.
 - Amount: CW has no scalar amount. It is the sum of `revenue` over `GET /sales/opportunities/{id}/forecast`
   `forecastItems` (no forecast lines: amount None). There is no bulk forecast endpoint and no `fields` /
   `childConditions` form that returns forecast lines with the opportunity, so this costs ONE extra request
-  per opportunity returned (a full sync of N opportunities costs about N + N/1000 requests; incremental runs
+  per opportunity returned (a full sync of N opportunities costs about N + N/1000 + 2 requests; incremental runs
   only pay for the changed ones). `options.forecast: false` skips it (amount None, 1 request per page).
 - Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
   `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag
@@ -59,16 +64,18 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
-from pydantic import Field
+from pydantic import Field, Strict, StrictBool
+from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
+from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
 )
@@ -101,6 +108,57 @@ TEXT_FIELDS = frozenset({
 })
 OPERATORS = {"equal": "=", "not_equal": "!=", "more_than": ">", "less_than": "<", "at_least": ">=", "at_most": "<="}
 _CUSTOM = re.compile(r"^custom:(?:#(?P<id>\d+)|(?P<caption>.+))$")
+
+
+# -- page models: each answer is checked against the documented shape before one record of it is used --------
+
+CwId = Annotated[int, Strict()]   # CW ids are integers: a null, "12" or 1.5 is not an id
+
+
+class Row(TypedDict):
+    """A row of a CW list (opportunities, members, companies, stages, probabilities): the id is what the
+    connector relies on; the other keys are read from the dict as received."""
+
+    id: CwId
+
+
+class StatusRow(TypedDict):
+    """An opportunity status: its flags split the open and the not-open sets, so a status without them cannot
+    be placed (read as open, it would turn every won record of it into an open one)."""
+
+    id: CwId
+    name: str
+    closedFlag: StrictBool
+    wonFlag: StrictBool
+
+
+Rows = list[Row]
+StatusRows = list[StatusRow]
+
+
+class CountAnswer(PageModel):
+    """`GET .../count`: `{"count": n}`."""
+
+    count: Annotated[int, Strict(), Field(ge=0)]
+
+
+class ForecastAnswer(PageModel):
+    """`GET /sales/opportunities/{id}/forecast`: the opportunity's revenue lines (an empty list: no amount)."""
+
+    id: CwId
+    forecastItems: list[dict[str, Any]]
+
+
+class SiteAnswer(PageModel):
+    """`GET /company/companies/{c}/sites/{s}`."""
+
+    id: CwId
+
+
+class CompanyInfo(PageModel):
+    """`GET /login/companyinfo/{company}` (no auth): the codebase, when the site knows the company."""
+
+    Codebase: str | None = None
 
 
 # -- auth ----------------------------------------------------------------------------------------------------------
@@ -176,7 +234,7 @@ class ConnectWiseConnector(CrmConnector):
         status = response.status_code
         if status == 429:
             wait = retry_after_seconds(response)
-            limit = float(self.conn.options.get("max_retry_after", 900))
+            limit = self.options.max_retry_after
             if wait is not None and wait > limit:
                 return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
                                       f"(more than the {limit:.0f}s this run waits)", status=429)
@@ -217,13 +275,13 @@ class ConnectWiseConnector(CrmConnector):
 
     def _discover(self) -> str:
         site = self.conn.base_url.rstrip("/")
-        codebase = self.conn.options.get("codebase")
+        codebase = self.options.codebase
         if codebase:
             self.note("codebase", True, f"{codebase} (options.codebase)")
         else:
+            url = f"{site}/login/companyinfo/{self.credentials['company_id']}"
             try:
-                info = self.client.get_json(f"{site}/login/companyinfo/{self.credentials['company_id']}")
-                codebase = (info or {}).get("Codebase") if isinstance(info, dict) else None
+                codebase = check_page(CompanyInfo, self.client.get_json(url), crm=self.crm, url=url).Codebase
             except CrmError as err:
                 if err.status != 404:
                     raise
@@ -242,10 +300,11 @@ class ConnectWiseConnector(CrmConnector):
         self._member_rows()
         if not self.conn.fields.get("probability"):
             self._probability_table()
-        rows = self.client.get_json(self.api("/sales/opportunities"),
-                                    params={"pageSize": 1, "fields": "id,customFields", "orderBy": "id desc"})
-        captions = tuple(str(cf.get("caption")) for r in (rows if isinstance(rows, list) else [])
-                         for cf in (r.get("customFields") or []) if cf.get("caption"))
+        sample = self.api("/sales/opportunities")
+        rows = self.client.get_json(sample, params={"pageSize": 1, "fields": "id,customFields", "orderBy": "id desc"})
+        check_page(Rows, rows, crm=self.crm, url=sample, page=1)
+        captions = tuple(str(cf.get("caption")) for r in rows for cf in (r.get("customFields") or [])
+                         if isinstance(cf, dict) and cf.get("caption"))
         self.custom_fields_seen = captions
         self.note("custom fields", True, ", ".join(captions) if captions else "none on this tenant's opportunities")
         configured = [(f"fields.{k}", v) for k, v in self.conn.fields.items()] + \
@@ -256,9 +315,9 @@ class ConnectWiseConnector(CrmConnector):
                 self.stats.warn(f"{where}: custom field '{m.group('caption')}' is not on this tenant's "
                                 f"opportunities (seen: {', '.join(captions) or 'none'}); its value reads as empty")
                 self.note(f"{where} ({path})", False, "custom field not on this tenant's opportunities")
-        self.note("forecast (amount)", self.conn.options.get("forecast", True) and not self.conn.fields.get("amount"),
-                  "one GET /sales/opportunities/{id}/forecast per opportunity read" if self.conn.options.get(
-                      "forecast", True) and not self.conn.fields.get("amount") else
+        reads_forecast = self.options.forecast and not self.conn.fields.get("amount")
+        self.note("forecast (amount)", reads_forecast,
+                  "one GET /sales/opportunities/{id}/forecast per opportunity read" if reads_forecast else
                   "not read (options.forecast: false or fields.amount)")
         self.note("company sites (service_location)", True,
                   "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run")
@@ -273,24 +332,41 @@ class ConnectWiseConnector(CrmConnector):
         finally:
             self.page_size = page_size
 
-    def _pages(self, path: str, params: dict[str, Any], page_size: int | None = None) -> Iterator[list[dict[str, Any]]]:
-        """GET a list endpoint page by page, following Link rel="next" to the end."""
-        url: str | None = self.api(path)
-        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": page_size or self.page_size}
-        while url:
+    def _pages(self, path: str, params: dict[str, Any], model: Any = Rows, page_size: int | None = None,
+               expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """GET a list endpoint page by page, following Link rel="next" to the end. Each page is checked against
+        `model` before it is used. A next link already followed fails the read; so do more pages than `expect`
+        (the CRM's count of the list) allows, or, without a count, a page holding exactly the previous page's
+        records (a server ignoring `page`)."""
+        size = page_size or self.page_size
+        url = self.api(path)
+        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": size}
+        trail = PageTrail(self.crm, url)
+        trail.expect(expect, size)
+        trail.follow(_cursor(url, query))
+        previous: list[int] = []
+        while True:
             response = self.client.request("GET", url, params=query)
             rows = self.client.parse_json(response)
-            if not isinstance(rows, list):
-                raise CrmError(f"GET {path}: expected a JSON array, got {type(rows).__name__}")
+            check_page(model, rows, crm=self.crm, url=url, page=trail.pages + 1)
+            n = trail.page(len(rows))
+            ids = [r["id"] for r in rows]
+            if trail.total is None and ids and ids == previous:
+                raise PageError("the page holds the same records as the one before: paging loops (the server "
+                                "ignores the page parameter)", crm=self.crm, url=url, page=n)
+            previous = ids
             yield rows
-            url = _same_origin(response.links.get("next", {}).get("url"), self.api(path))
-            query = None  # the next link carries the whole query
-            if url and not rows:
-                raise CrmError(f"GET {path}: empty page with a next link")
+            link = _same_origin(response.links.get("next", {}).get("url"), self.api(path))
+            if link is None:
+                return
+            if not rows:
+                raise PageError("an empty page with a next link", crm=self.crm, url=url, page=n)
+            trail.follow(_cursor(link, None))
+            url, query = link, None  # the next link carries the whole query
 
-    def _all(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _all(self, path: str, params: dict[str, Any], model: Any = Rows) -> list[dict[str, Any]]:
         """A whole dictionary (statuses, stages, members ...), in pages of the most CW serves."""
-        return [row for page in self._pages(path, params, self.max_page_size) for row in page]
+        return [row for page in self._pages(path, params, model, self.max_page_size) for row in page]
 
     # -- dictionaries ------------------------------------------------------------------------------------------
 
@@ -308,7 +384,7 @@ class ConnectWiseConnector(CrmConnector):
         return [StageInfo(key=str(s["id"]), label=s.get("name") or str(s["id"]),
                           is_closed=bool(s.get("closedFlag")), is_won=bool(s.get("wonFlag")),
                           sort_order=int(s["id"]))
-                for s in self._all("/sales/opportunities/statuses", {"orderBy": "id asc"})]
+                for s in self._all("/sales/opportunities/statuses", {"orderBy": "id asc"}, StatusRows)]
 
     def _member_rows(self) -> list[dict[str, Any]]:
         if self._members is None:
@@ -349,26 +425,23 @@ class ConnectWiseConnector(CrmConnector):
                 if (self.resolve_status(None, s.label, s.category) == "open") == open_set]
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        """Pages of the set. A full read first asks CW to count the set (one request): the count bounds the
+        paging and is what the sync compares the ids received with before it infers deletes."""
         self.prepare()
-        open_ids = self.open_status_ids(True)
-        base = []
-        if open_set:
-            if not open_ids:
-                return
-            base.append(f"status/id in ({','.join(_int_text(k) for k in open_ids)})")
-        elif open_ids:
-            base.append(f"status/id not in ({','.join(_int_text(k) for k in open_ids)})")
-        standard = [f for f in self.conn.filters if not self.is_custom_field(f.field)]
+        query = self._set_query(open_set)
+        crm_count = self.count(open_set) if since is None else None
+        self.tally(open_set, since, [], crm_count)
+        if query is None:
+            return
+        base, extra = query
         custom = [f for f in self.conn.filters if self.is_custom_field(f.field)]
-        base += [render_condition(f) for f in standard]
-        extra: dict[str, Any] = {}
-        if custom:
-            extra["customFieldConditions"] = render_custom_condition(custom[0])
         parts = base + ([f"_info/lastUpdated>={_dt(since)}"] if since is not None else [])
         order = "_info/lastUpdated asc, id asc" if since is not None else "id asc"
         seen: set[int] = set()
-        for rows in self._opportunity_rows(parts, {"orderBy": order, **extra}, by_updated=since is not None):
-            seen.update(int(r["id"]) for r in rows)
+        for rows in self._opportunity_rows(parts, {"orderBy": order, **extra}, by_updated=since is not None,
+                                           expect=crm_count):
+            seen.update(r["id"] for r in rows)
+            self.tally(open_set, since, [r["id"] for r in rows])
             if custom:
                 rows = [r for r in rows if self._matches_raw(r, custom)]
             if rows:
@@ -382,12 +455,42 @@ class ConnectWiseConnector(CrmConnector):
             chunk = companies[start:start + COMPANY_CHUNK]
             by_company = base + [f"company/id in ({','.join(_int_text(c) for c in chunk)})"]
             for rows in self._opportunity_rows(by_company, {"orderBy": "id asc", **extra}, by_updated=False):
-                rows = [r for r in rows if int(r["id"]) not in seen]
-                seen.update(int(r["id"]) for r in rows)
+                rows = [r for r in rows if r["id"] not in seen]
+                seen.update(r["id"] for r in rows)
                 if custom:
                     rows = [r for r in rows if self._matches_raw(r, custom)]
                 if rows:
                     yield self._map_page(rows)
+
+    def count(self, open_set: bool) -> int | None:
+        """CW's own count of the set as `opportunities(open_set, None)` reads it, filters included:
+        `GET /sales/opportunities/count` with the same conditions and customFieldConditions -> {"count": n}."""
+        self.prepare()
+        query = self._set_query(open_set)
+        if query is None:
+            return 0
+        base, extra = query
+        url = self.api("/sales/opportunities/count")
+        params = {**extra, **({"conditions": _and(base)} if base else {})}
+        return check_page(CountAnswer, self.client.get_json(url, params=params), crm=self.crm, url=url).count
+
+    def _set_query(self, open_set: bool) -> tuple[list[str], dict[str, Any]] | None:
+        """The conditions (and customFieldConditions) of the open or the not-open set with the connection's
+        filters; None when the set is empty by definition (no status is open)."""
+        open_ids = self.open_status_ids(True)
+        base = []
+        if open_set:
+            if not open_ids:
+                return None
+            base.append(f"status/id in ({','.join(_int_text(k) for k in open_ids)})")
+        elif open_ids:
+            base.append(f"status/id not in ({','.join(_int_text(k) for k in open_ids)})")
+        standard = [f for f in self.conn.filters if not self.is_custom_field(f.field)]
+        custom = [f for f in self.conn.filters if self.is_custom_field(f.field)]
+        base += [render_condition(f) for f in standard]
+        # only the first custom field is pushed down; every one is re-checked after fetching (see the docstring)
+        extra = {"customFieldConditions": render_custom_condition(custom[0])} if custom else {}
+        return base, extra
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """The current records of these ids, whatever their status and the connection's filters:
@@ -398,7 +501,8 @@ class ConnectWiseConnector(CrmConnector):
         wanted = sorted({int(i) for i in ids if str(i).strip().isdigit()})  # CW ids are integers; others: absent
         for chunk in _id_chunks(wanted):
             params = {"conditions": f"id in ({','.join(map(str, chunk))})", "orderBy": "id asc"}
-            for rows in self._pages("/sales/opportunities", params, self.max_page_size):
+            # at most the ids asked for: the chunk's size bounds the paging
+            for rows in self._pages("/sales/opportunities", params, Rows, self.max_page_size, expect=len(chunk)):
                 for start in range(0, len(rows), self.page_size):
                     yield self._map_page(rows[start:start + self.page_size])
 
@@ -424,12 +528,14 @@ class ConnectWiseConnector(CrmConnector):
                 return False
         return True
 
-    def _opportunity_rows(self, parts: list[str], params: dict[str, Any],
-                          by_updated: bool) -> Iterator[list[dict[str, Any]]]:
-        """The opportunity list for these conditions, page by page (navigable or `options.paging: keyset`)."""
-        if self.conn.options.get("paging", "navigable") == "keyset":
-            return self._keyset_pages(parts, params, by_updated=by_updated)
-        return self._pages("/sales/opportunities", {**params, "conditions": _and(parts)} if parts else params)
+    def _opportunity_rows(self, parts: list[str], params: dict[str, Any], by_updated: bool,
+                          expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """The opportunity list for these conditions, page by page (navigable or `options.paging: keyset`);
+        `expect`: CW's count of it, when asked."""
+        if self.options.paging == "keyset":
+            return self._keyset_pages(parts, params, by_updated=by_updated, expect=expect)
+        return self._pages("/sales/opportunities", {**params, "conditions": _and(parts)} if parts else params,
+                           Rows, expect=expect)
 
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies whose own `_info/lastUpdated` is at or after `since` (a rename moves it, not
@@ -447,51 +553,60 @@ class ConnectWiseConnector(CrmConnector):
         if rows is _REFUSED:
             self._companies_listable = False
             return []
-        ids = sorted({int(r["id"]) for r in rows if r.get("id") is not None})
+        ids = sorted({r["id"] for r in rows})
         self._company_changes = (since, ids)
         return ids
 
-    def _keyset_pages(self, parts: list[str], params: dict[str, Any],
-                      by_updated: bool) -> Iterator[list[dict[str, Any]]]:
+    def _keyset_pages(self, parts: list[str], params: dict[str, Any], by_updated: bool,
+                      expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """`options.paging: keyset`: always page 1, resuming after the last (lastUpdated, id) seen.
 
         Navigable paging is offset paging that the server re-evaluates per page: an opportunity leaving the
         set (closed, deleted, re-stamped) between two page requests shifts every later one back and one is
-        never read in this pass. Keyset paging cannot skip; it costs the same number of requests.
+        never read in this pass. Keyset paging cannot skip; it costs the same number of requests. A position
+        resumed from twice (a server ignoring the condition) fails the read, as do more pages than `expect`.
         """
-        cursor: dict[str, Any] | None = None
         url = self.api("/sales/opportunities")
+        trail = PageTrail(self.crm, url)
+        trail.expect(expect, self.page_size)
+        after: str | None = None
         while True:
-            clause = list(parts)
-            if cursor is not None:
-                last_id = _int_text(cursor["id"])
-                if by_updated:
-                    stamp = _dt((cursor.get("_info") or {}).get("lastUpdated"))
-                    clause.append(f"(_info/lastUpdated>{stamp} or (_info/lastUpdated={stamp} and id>{last_id}))")
-                else:
-                    clause.append(f"id>{last_id}")
+            clause = list(parts) + ([after] if after else [])
             query = {**params, "page": 1, "pageSize": self.page_size}
             if clause:
                 query["conditions"] = _and(clause)
             rows = self.client.get_json(url, params=query)
-            if not isinstance(rows, list):
-                raise CrmError(f"GET /sales/opportunities: expected a JSON array, got {type(rows).__name__}")
+            check_page(Rows, rows, crm=self.crm, url=url, page=trail.pages + 1)
+            n = trail.page(len(rows))
             if rows:
                 yield rows
             if len(rows) < self.page_size:
                 return
-            cursor = rows[-1]
+            after = self._resume_after(rows[-1], by_updated, url, n)
+            trail.follow(after)
+
+    def _resume_after(self, last: dict[str, Any], by_updated: bool, url: str, page: int) -> str:
+        """The condition that resumes a keyset read after its last record."""
+        if not by_updated:
+            return f"id>{last['id']}"
+        try:
+            stamp = _dt((last.get("_info") or {}).get("lastUpdated"))
+        except CrmError:
+            raise PageError(f"record {last['id']} has no readable _info.lastUpdated to resume after",
+                            crm=self.crm, url=url, page=page) from None
+        return f"(_info/lastUpdated>{stamp} or (_info/lastUpdated={stamp} and id>{last['id']}))"
 
     # -- enrichment: everything a page needs is read before it is mapped (no I/O inside _map) -----------------
 
     def _map_page(self, rows: list[dict[str, Any]]) -> Page:
-        unknown = {str((r.get("status") or {}).get("id")) for r in rows} - set(self.statuses()) - {"None"}
+        """A page mapped record by record (base.map_records: a record that cannot be read is quarantined, the
+        rest go on), its sites and forecasts read first."""
+        unknown = {str(_ref(r, "status").get("id")) for r in rows} - set(self.statuses()) - {"None"}
         if unknown and not self._statuses_refreshed:
             self._statuses, self._statuses_refreshed = None, True  # a status created mid-run: read them again
             self.statuses()
         self._resolve_sites(rows)
-        forecasts = self._forecasts(rows)
-        return [self._map(r, forecasts.get(r["id"])) for r in rows]
+        return self.map_records(rows, self._map, _record_id, self._forecasts(rows))
 
     def _resolve_sites(self, rows: list[dict[str, Any]]) -> None:
         """The company sites this page names, each read once per run (GET /company/companies/{c}/sites/{s})."""
@@ -499,17 +614,16 @@ class ConnectWiseConnector(CrmConnector):
             key = _site_key(r)
             if key is None or key in self._sites or not self._sites_readable:
                 continue
-            company_id, site_id = key
+            url = self.api(f"/company/companies/{key[0]}/sites/{key[1]}")
             try:
                 site = self.optional(
                     "company sites (service_location)",
-                    lambda: self.client.get_json(self.api(f"/company/companies/{company_id}/sites/{site_id}")),
-                    _REFUSED, fallback_text="service_location is the site's name", refusals=(403,))
+                    lambda: self._get_checked(SiteAnswer, url), _REFUSED, fallback_text="service_location is the site's name", refusals=(403,))
             except CrmError as err:
                 if err.status != 404:
                     raise
                 # one site gone (deleted since the opportunity named it): its name, the other sites still read
-                self.stats.warn(f"company site {site_id} of company {company_id} not found (404): "
+                self.stats.warn(f"company site {key[1]} of company {key[0]} not found (404): "
                                 "service_location is the site's name for its opportunities")
                 site = None
             if site is _REFUSED:
@@ -519,29 +633,35 @@ class ConnectWiseConnector(CrmConnector):
 
     def _forecasts(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
         """Each opportunity's forecast (its revenue lines): no bulk endpoint, one GET per opportunity."""
-        if self.conn.fields.get("amount") or not self.conn.options.get("forecast", True):
+        if self.conn.fields.get("amount") or not self.options.forecast:
             return {}
         out: dict[Any, dict[str, Any] | None] = {}
         for r in rows:
             if not self._forecast_readable:
                 break
-            opp_id = int(r["id"])
+            opp_id = r["id"]
+            url = self.api(f"/sales/opportunities/{opp_id}/forecast")
             try:
-                data = self.optional("forecast (amount)",
-                                     lambda: self.client.get_json(self.api(f"/sales/opportunities/{opp_id}/forecast")),
+                data = self.optional("forecast (amount)", lambda: self._get_checked(ForecastAnswer, url),
                                      _REFUSED, fallback_text="amount is empty (None)", refusals=(403,))
             except CrmError as err:
                 if err.status != 404:
                     raise
                 # deleted between the list page and its forecast: the next full sync drops it
                 self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
-                out[r["id"]] = None
+                out[opp_id] = None
                 continue
             if data is _REFUSED:
                 self._forecast_readable = False
                 break
-            out[r["id"]] = _forecast_dict(data)
+            out[opp_id] = data
         return out
+
+    def _get_checked(self, model: Any, url: str) -> Any:
+        """One answer, checked against its documented shape (pages.py) and returned as received."""
+        body = self.client.get_json(url)
+        check_page(model, body, crm=self.crm, url=url)
+        return body
 
     def _probability(self, r: dict[str, Any], forecast: dict[str, Any] | None) -> float | None:
         ref = r.get("probability")
@@ -566,9 +686,11 @@ class ConnectWiseConnector(CrmConnector):
             return text
         return self._member_ids.get(text.lower(), text)
 
-    def _map(self, r: dict[str, Any], forecast: dict[str, Any] | None = None) -> Opportunity:
-        stage_ref = r.get("stage") if isinstance(r.get("stage"), dict) else {}
-        status_ref = r.get("status") if isinstance(r.get("status"), dict) else {}
+    def _map(self, r: dict[str, Any], forecasts: dict[Any, dict[str, Any] | None] | None = None) -> Opportunity:
+        """One record; `forecasts`: the page's forecasts by opportunity id, read before (no I/O in here).
+        A value that cannot be read raises (BadValue, KeyError): map_records quarantines the record."""
+        forecast = (forecasts or {}).get(r["id"])
+        stage_ref, status_ref = _ref(r, "stage"), _ref(r, "status")
         stage_path = self.conn.fields.get("stage")
         if stage_path:
             stage_value = _value(r, stage_path)
@@ -610,25 +732,24 @@ class ConnectWiseConnector(CrmConnector):
             status=status,
             amount=amount,
             currency=currency.get("currencyCode") if isinstance(currency, dict) else None,
-            close_date=_date(_value(r, self.field("close_date", "expectedCloseDate"))),
+            close_date=parse_date(_value(r, self.field("close_date", "expectedCloseDate"))),
             probability=probability,
-            created_at=_datetime(created),
+            created_at=parse_datetime(created),
             created_by_crm_id=created_by,
-            modified_at=_datetime((r.get("_info") or {}).get("lastUpdated")),
+            modified_at=parse_datetime(_value(r, "_info/lastUpdated")),
             **_closed_at(r, status),
         )
 
     def forecast_amount(self, opp_id: Any) -> float | None:
         """One opportunity's amount (the sum of its forecast lines)."""
-        return _forecast_amount(_forecast_dict(self.client.get_json(
-            self.api(f"/sales/opportunities/{int(opp_id)}/forecast"))))
+        return _forecast_amount(self._get_checked(ForecastAnswer, self.api(f"/sales/opportunities/{int(opp_id)}/forecast")))
 
 
 def _closed_at(r: dict[str, Any], status: str) -> dict[str, Any]:
     """crm_closed_at / crm_closed_at_field from `closedDate`, for won / lost records only (an open record's is
     None, even where CW still shows one, e.g. a status the connection's open_statuses call open). A date-only
     value reads as 00:00 UTC of that date."""
-    closed = _datetime(r.get(CLOSED_DATE)) if status != "open" else None
+    closed = parse_datetime(r.get(CLOSED_DATE)) if status != "open" else None
     return {"crm_closed_at": closed, "crm_closed_at_field": CLOSED_DATE if closed is not None else None}
 
 
@@ -661,6 +782,16 @@ def site_address(site: dict[str, Any]) -> str | None:
                           site.get("zip"), country) or _text(site.get("name"))
 
 
+def _record_id(record: Any) -> Any:
+    return record.get("id") if isinstance(record, dict) else None
+
+
+def _ref(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """A reference (`status`, `stage` ...) of a record; {} when absent or not an object."""
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _site_key(r: dict[str, Any]) -> tuple[int, int] | None:
     site, company = r.get("site"), r.get("company")
     if not isinstance(site, dict) or not isinstance(company, dict):
@@ -671,15 +802,8 @@ def _site_key(r: dict[str, Any]) -> tuple[int, int] | None:
         return None
 
 
-def _forecast_dict(data: Any) -> dict[str, Any]:
-    if isinstance(data, list):  # some generated clients model it as a list of forecasts
-        return {"forecastItems": [i for f in data for i in (f.get("forecastItems") or [f])],
-                "expectedProbability": next((f.get("expectedProbability") for f in data), None)}
-    return data if isinstance(data, dict) else {}
-
-
 def _forecast_amount(forecast: dict[str, Any]) -> float | None:
-    revenues = [parse_float(i.get("revenue")) for i in forecast.get("forecastItems") or []]
+    revenues = [parse_float(i.get("revenue")) for i in forecast["forecastItems"]]
     revenues = [r for r in revenues if r is not None]
     return round(sum(revenues), 2) if revenues else None
 
@@ -720,6 +844,14 @@ def _same_origin(link: str | None, api_url: str) -> str | None:
         return None
     target, ours = urlsplit(link), urlsplit(api_url)
     return urlunsplit((ours.scheme, ours.netloc, target.path, target.query, ""))
+
+
+def _cursor(url: str, params: dict[str, Any] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A page request as a position to compare: its path and query parameters, in any order and encoding
+    (the first request's parameters and a next link that points back to it are the same position)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + [(k, str(v)) for k, v in (params or {}).items()]
+    return parts.path, tuple(sorted(query))
 
 
 def _and(parts: list[str]) -> str:

@@ -145,7 +145,8 @@ class PageHook:
     crm: str
     rewrite: Callable[[list, int, Request], None] | None = None
     after: Callable[[int], None] | None = None
-    # the whole decoded body (envelope included: next links, counts, list keys); returns the body to send
+    # the whole decoded body (envelope included: next links, counts, list keys); returns the body to send, or
+    # (body, headers) to change response headers too (ConnectWise's next link is the Link header)
     rewrite_body: Callable[[Any, int, Request], Any] | None = None
     pages: int = 0
     active: bool = True
@@ -174,7 +175,13 @@ class PageHook:
                 if self.rewrite_body is not None:
                     body = self.rewrite_body(body, n, req)
                 headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-type"}
-                resp = Response.json(body, resp.status, headers)
+                if isinstance(body, tuple):
+                    body, changed = body
+                    headers = {k: v for k, v in headers.items() if k.lower() not in {c.lower() for c in changed}}
+                    headers.update(changed)
+                # ASCII-escaped, as CRMs send it: a rewritten lone surrogate must reach the client as \ud800
+                resp = Response(resp.status, json.dumps(body, separators=(",", ":")).encode("ascii"),
+                                {**headers, "Content-Type": "application/json"})
             if self.after is not None:
                 self.after(n)
             return resp

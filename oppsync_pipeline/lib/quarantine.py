@@ -42,7 +42,7 @@ def mapping_failure(crm: str, source_id: str | None, raw: Any, err: Exception) -
         key = str(err.args[0]) if err.args else "?"
         return Quarantined(crm, source_id, key, f"required field {key!r} is missing or null")
     if isinstance(err, BadValue):
-        path = locate(raw, err.value) or err.field or "?"
+        path = err.field or locate(raw, err.value) or "?"   # the connector knows best where it read it
         return Quarantined(crm, source_id, path, str(err), _short(err.value))
     return Quarantined(crm, source_id, "?", f"cannot be mapped: {type(err).__name__}: {_short(str(err), 200)}")
 

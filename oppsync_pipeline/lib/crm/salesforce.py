@@ -49,7 +49,6 @@ from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, T
-from oppsync_pipeline.lib.crm.pages import PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.http import (
     Auth,
     AuthError,
@@ -59,6 +58,7 @@ from oppsync_pipeline.lib.crm.http import (
     RetryableHttpError,
     json_body,
 )
+from oppsync_pipeline.lib.crm.pages import PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -134,6 +134,14 @@ class IdRecord(TypedDict):
 
     __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
     Id: SalesforceId
+
+
+class DeletedRow(TypedDict):
+    """A Recycle Bin row of queryAll (`SELECT Id, SystemModstamp ... WHERE IsDeleted = true`)."""
+
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    Id: SalesforceId
+    SystemModstamp: SalesforceDatetime
 
 
 class StageRecord(TypedDict):
@@ -669,9 +677,9 @@ class SalesforceConnector(CrmConnector):
         if since is not None:
             soql += f" AND SystemModstamp >= {soql_datetime(since)}"
         soql += " ORDER BY SystemModstamp, Id"
-        for rows in self.query(soql, include_deleted=True):
+        for rows in self.query(soql, DeletedRow, include_deleted=True):
             if rows.records:
-                yield [(r["Id"], parse_datetime(r.get("SystemModstamp"))) for r in rows.records]
+                yield [(r["Id"], parse_datetime(r["SystemModstamp"])) for r in rows.records]
 
     # -- SOQL -----------------------------------------------------------------------------------------------------
 

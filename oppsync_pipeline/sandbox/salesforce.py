@@ -17,6 +17,9 @@ Close time: `LastStageChangeDate` (datetime, nillable, read-only, API 52.0+) is 
 Deleted rows stay in the Recycle Bin (queryAll, getDeleted) for 15 days, then are purged: older deletes can only
 be found by reconciling id lists.
 
+`SELECT COUNT() FROM ... WHERE ...` answers `{"totalSize": n, "done": true, "records": []}`; COUNT() with ORDER BY is
+refused (MALFORMED_QUERY), as the SOQL reference says.
+
 Not reproduced: date functions and relative date literals (LAST_N_DAYS:n ...), GROUP BY / aggregates other
 than COUNT(), sub-queries, INCLUDES/EXCLUDES, field-level security, concurrent-request limits.
 """
@@ -503,6 +506,9 @@ class SoqlParser:
                     self.next()
                     continue
                 break
+        if count_only and order:
+            # "You can't use COUNT() with an ORDER BY clause" (SOQL reference, COUNT()); the wording is ours
+            raise _malformed("COUNT() cannot be used with ORDER BY")
         limit = offset = None
         if self.is_kw("limit"):
             self.next()

@@ -24,6 +24,13 @@ Close time (won / lost records): `LastStageChangeDate` (API 52.0+, when describe
 00:00 UTC. Read by id: the same select list `WHERE Id IN (...)` through /query (the Recycle Bin is left out), at most
 300 ids and a URI well under the 16,384-byte limit per query; filters are then evaluated in Python as SOQL would.
 Quota: `Sforce-Limit-Info: api-usage=N/LIMIT` on every response; 403 REQUEST_LIMIT_EXCEEDED is final.
+Validation (pages.py): every answer is checked before use against the shape Salesforce documents (QueryPage:
+`totalSize`, `done`, `records`, and `nextRecordsUrl` while not done, a relative path on this org; record ids 15 or
+18 alphanumerics; describe's `fields`, getDeleted's `deletedRecords` and dates, `/limits`' DailyApiRequests): a
+page that does not fit fails the run naming the URL and page number. Paging is bounded by the first page's
+`totalSize`, and a `nextRecordsUrl` followed before fails the run. Count: a full read of a set tallies the ids it
+received against that `totalSize` (free: no extra request); `count()` asks `SELECT COUNT() ... WHERE <the same
+where>` (the sync asks it again when a read came up short).
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Annotated, Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urlencode
 
 import requests
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
+from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, T
@@ -49,6 +58,7 @@ from oppsync_pipeline.lib.crm.http import (
     RetryableHttpError,
     json_body,
 )
+from oppsync_pipeline.lib.crm.pages import PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -99,6 +109,117 @@ MAX_QUERY_URI = 16_384 - 4_096
 # else the day in `CloseDate` (what Salesforce reports take as a closed opportunity's close date) at 00:00 UTC.
 LAST_STAGE_CHANGE = "LastStageChangeDate"
 CLOSE_DATE = "CloseDate"
+
+
+# -- pages: the answers Salesforce documents, checked before use (pages.py) -------------------------------------------
+
+def _readable_datetime(value: str) -> str:
+    parse_datetime(value)   # BadValue (a ValueError) when it is not a date-time Salesforce writes
+    return value
+
+
+SalesforceId = Annotated[str, StringConstraints(strict=True, pattern=_SF_ID.pattern)]
+SalesforceDatetime = Annotated[str, StringConstraints(strict=True), AfterValidator(_readable_datetime)]
+# `nextRecordsUrl` is relative to the org's host ("/services/data/v62.0/query/01gRO0000016PIAYA2-2000"): anything
+# else (another host, another resource) would get the bearer token sent where Salesforce never pointed.
+NextRecordsUrl = Annotated[str, StringConstraints(strict=True,
+                                                  pattern=r"^/services/data/v\d+\.\d/(?:query|queryAll)/[^/?#\s]+/?$")]
+# Records are checked for the keys the connector cannot do without; their other keys are neither checked nor
+# copied (without `ignore`, a TypedDict inside a PageModel inherits its `allow` and copies every field: 10x slower).
+_ONLY_DECLARED = ConfigDict(extra="ignore")
+
+
+class IdRecord(TypedDict):
+    """A record of a query that selects Id (opportunities, users, queryAll's deleted rows)."""
+
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    Id: SalesforceId
+
+
+class DeletedRow(TypedDict):
+    """A Recycle Bin row of queryAll (`SELECT Id, SystemModstamp ... WHERE IsDeleted = true`)."""
+
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    Id: SalesforceId
+    SystemModstamp: SalesforceDatetime
+
+
+class StageRecord(TypedDict):
+    """An OpportunityStage row: MasterLabel is what users see (ApiName is null in orgs older than the field)."""
+
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    MasterLabel: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    ApiName: NotRequired[Annotated[str, StringConstraints(strict=True)] | None]
+
+
+class OrgRecord(TypedDict):
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    DefaultCurrencyIsoCode: Annotated[str, StringConstraints(strict=True)] | None
+
+
+R = TypeVar("R")
+
+
+class QueryPage(PageModel, Generic[R]):
+    """A page of `/query`, `/queryAll` or a `nextRecordsUrl`. `totalSize` counts every row the query matches (on
+    every page), `done` says whether this is the last page."""
+
+    totalSize: StrictInt = Field(ge=0)
+    done: StrictBool
+    records: list[R]
+    nextRecordsUrl: NextRecordsUrl | None = None
+
+    @model_validator(mode="after")
+    def _next_page_named_unless_done(self) -> QueryPage[R]:
+        if not self.done and self.nextRecordsUrl is None:
+            raise ValueError("done is false but there is no nextRecordsUrl")
+        return self
+
+
+class CountAnswer(PageModel):
+    """`SELECT COUNT() ...`: the count is `totalSize` (the records list is empty, or null in older versions)."""
+
+    totalSize: StrictInt = Field(ge=0)
+    done: StrictBool
+
+
+class DescribeField(TypedDict):
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    name: Annotated[str, StringConstraints(strict=True, min_length=1)]
+
+
+class Describe(PageModel):
+    fields: list[DescribeField]
+
+
+class DeletedRecord(TypedDict):
+    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    id: SalesforceId
+    deletedDate: SalesforceDatetime
+
+
+class DeletedPage(PageModel):
+    """getDeleted: the ids deleted in the window, and how far back the delete log still reaches."""
+
+    deletedRecords: list[DeletedRecord]
+    earliestDateAvailable: SalesforceDatetime
+    latestDateCovered: SalesforceDatetime
+
+
+class DailyRequests(PageModel):
+    Max: StrictInt = Field(ge=0)
+    Remaining: StrictInt
+
+
+class Limits(PageModel):
+    DailyApiRequests: DailyRequests
+
+
+class Rows(NamedTuple):
+    """One page of a query: its records as Salesforce sent them, and the query's totalSize."""
+
+    records: list[dict[str, Any]]
+    total: int
 
 
 # -- auth -----------------------------------------------------------------------------------------------------
@@ -286,7 +407,7 @@ class SalesforceConnector(CrmConnector):
 
     @property
     def api_version(self) -> str:
-        return str(self.conn.options.get("api_version", DEFAULT_API_VERSION)).lstrip("v")
+        return str(self.options.api_version).lstrip("v")
 
     @property
     def data_path(self) -> str:
@@ -298,25 +419,38 @@ class SalesforceConnector(CrmConnector):
         self.prepare()
         return self._multi_currency
 
-    def query(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
-        """Pages of records for one SOQL query, following `nextRecordsUrl` to the end."""
+    @property
+    def _query_headers(self) -> dict[str, str]:
         batch = max(self.min_page_size, min(self.page_size, self.max_page_size))
-        headers = {"Sforce-Query-Options": f"batchSize={batch}", "Accept": "application/json"}
-        endpoint = "queryAll" if include_deleted else "query"
-        body = self.client.get_json(f"{self.data_path}/{endpoint}", params={"q": soql}, headers=headers)
+        return {"Sforce-Query-Options": f"batchSize={batch}", "Accept": "application/json"}
+
+    def query(self, soql: str, record: Any = IdRecord, *, include_deleted: bool = False) -> Iterator[Rows]:
+        """Every page of one SOQL query (`record`: what each of its records must carry), following
+        `nextRecordsUrl` until `done`. Each page is checked before use; the paging is bounded by the first page's
+        totalSize and fails on a next link it followed before."""
+        url = f"{self.data_path}/{'queryAll' if include_deleted else 'query'}"
+        trail = PageTrail(self.crm, url)
+        body = self.client.get_json(url, params={"q": soql}, headers=self._query_headers)
         while True:
-            records = body.get("records") or []
-            if records:
-                yield records
-            next_url = body.get("nextRecordsUrl")
-            if body.get("done", True) or not next_url:
+            page = check_page(QueryPage[record], body, crm=self.crm, url=url, page=trail.pages + 1)
+            if trail.pages == 0:
+                # Salesforce may send batches smaller than asked ("no guarantee", QueryOptions): the bound assumes
+                # its smallest documented batch.
+                trail.expect(page.totalSize, self.min_page_size)
+            trail.page(len(page.records))
+            yield Rows(body["records"], page.totalSize)
+            if page.done:
                 return
-            body = self.client.get_json(next_url, headers=headers)
+            url = str(page.nextRecordsUrl)
+            trail.follow(url)
+            body = self.client.get_json(url, headers=self._query_headers)
 
     def describe(self, sobject: str) -> dict[str, dict[str, Any]]:
         """`sobjects/{sobject}/describe`: the fields this API user can see, by lower-cased name."""
-        body = self.client.get_json(f"{self.data_path}/sobjects/{sobject}/describe")
-        return {str(f["name"]).lower(): f for f in body.get("fields") or [] if isinstance(f, dict) and f.get("name")}
+        url = f"{self.data_path}/sobjects/{sobject}/describe"
+        body = self.client.get_json(url)
+        check_page(Describe, body, crm=self.crm, url=url)
+        return {str(f["name"]).lower(): f for f in body["fields"]}
 
     # -- discovery ----------------------------------------------------------------------------------------------
 
@@ -383,7 +517,7 @@ class SalesforceConnector(CrmConnector):
     def _discover_currency(self) -> None:
         assert self._fields is not None
         present = "currencyisocode" in self._fields
-        override = self.conn.options.get("multi_currency")
+        override = self.options.multi_currency
         if override is not None and bool(override) and not present:
             raise CrmError("options.multi_currency is true, but Opportunity has no CurrencyIsoCode in this org "
                            "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
@@ -396,7 +530,7 @@ class SalesforceConnector(CrmConnector):
         if self._multi_currency:
             self.note("currency", True, "multi-currency org: each opportunity's CurrencyIsoCode")
             return
-        configured = self.conn.options.get("currency")
+        configured = self.options.currency
         if configured:
             self._org_currency = str(configured)
             self.note("currency", True, f"options.currency: {configured}")
@@ -420,17 +554,16 @@ class SalesforceConnector(CrmConnector):
                   "read" if self._last_stage_change else "not in describe: closes dated by CloseDate")
 
     def _read_org_currency(self) -> str | None:
-        for page in self.query("SELECT DefaultCurrencyIsoCode FROM Organization"):
-            for r in page:
-                return r.get("DefaultCurrencyIsoCode")
+        for rows in self.query("SELECT DefaultCurrencyIsoCode FROM Organization", OrgRecord):
+            for r in rows.records:
+                return r["DefaultCurrencyIsoCode"]
         return None
 
     def _read_limits(self) -> None:
-        daily = (self.client.get_json(f"{self.data_path}/limits/") or {}).get("DailyApiRequests") or {}
-        if daily.get("Max") is not None:
-            self.stats.quota_limit = int(daily["Max"])
-            if daily.get("Remaining") is not None:
-                self.stats.quota_used = int(daily["Max"]) - int(daily["Remaining"])
+        url = f"{self.data_path}/limits/"
+        daily = check_page(Limits, self.client.get_json(url), crm=self.crm, url=url).DailyApiRequests
+        self.stats.quota_limit = daily.Max
+        self.stats.quota_used = daily.Max - daily.Remaining
 
     def _optional(self, name: str, call: Any, fallback: T, *, fallback_text: str) -> T:
         """`optional`, plus Salesforce's answer for an object the API user may not read: SOQL and describe say
@@ -465,8 +598,8 @@ class SalesforceConnector(CrmConnector):
         soql = ("SELECT Id, MasterLabel, ApiName, IsActive, IsClosed, IsWon, DefaultProbability, SortOrder "
                 "FROM OpportunityStage ORDER BY SortOrder")
         stages = []
-        for page in self.query(soql):
-            for r in page:
+        for rows in self.query(soql, StageRecord):
+            for r in rows.records:
                 stages.append(StageInfo(key=r.get("ApiName") or r["MasterLabel"], label=r["MasterLabel"],
                                         is_closed=bool(r.get("IsClosed")), is_won=bool(r.get("IsWon")),
                                         sort_order=int(r.get("SortOrder") or 0),
@@ -478,14 +611,25 @@ class SalesforceConnector(CrmConnector):
                               fallback_text="owner and creator ids are kept, without names or emails")
 
     def _read_users(self) -> Iterator[CrmUser]:
-        for page in self.query("SELECT Id, Name, Email, IsActive FROM User ORDER BY Id"):
-            for r in page:
+        for rows in self.query("SELECT Id, Name, Email, IsActive FROM User ORDER BY Id"):
+            for r in rows.records:
                 yield CrmUser(crm_user_id=r["Id"], name=clean_text(r.get("Name")), email=r.get("Email"),
                               kind="user", active=bool(r.get("IsActive", True)))
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
-        for records in self.query(self.opportunity_soql(open_set, since)):
-            yield self.map_records(records, self._map, _record_id)
+        for rows in self.query(self.opportunity_soql(open_set, since)):
+            # every id received counts, quarantined or not; the first page's totalSize is the CRM's own count
+            self.tally(open_set, since, (r["Id"] for r in rows.records), crm_count=rows.total)
+            if rows.records:
+                yield self.map_records(rows.records, self._map, _record_id)
+
+    def count(self, open_set: bool) -> int | None:
+        """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize
+        (COUNT() takes no ORDER BY)."""
+        url = f"{self.data_path}/query"
+        soql = f"SELECT COUNT() FROM Opportunity WHERE {self.opportunity_where(open_set, None)}"
+        body = self.client.get_json(url, params={"q": soql}, headers=self._query_headers)
+        return check_page(CountAnswer, body, crm=self.crm, url=url, page=1).totalSize
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """`SELECT <the select list> FROM Opportunity WHERE Id IN (...)` through /query, which leaves out the
@@ -497,8 +641,9 @@ class SalesforceConnector(CrmConnector):
         head = f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE Id IN ("
         tail = ") ORDER BY Id"
         for batch in id_batches(wanted, len(_encoded(head + tail))):
-            for records in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
-                yield self.map_records(records, self._map, _record_id)
+            for rows in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
+                if rows.records:
+                    yield self.map_records(rows.records, self._map, _record_id)
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -532,8 +677,9 @@ class SalesforceConnector(CrmConnector):
         if since is not None:
             soql += f" AND SystemModstamp >= {soql_datetime(since)}"
         soql += " ORDER BY SystemModstamp, Id"
-        for records in self.query(soql, include_deleted=True):
-            yield [(r["Id"], parse_datetime(r.get("SystemModstamp"))) for r in records]
+        for rows in self.query(soql, DeletedRow, include_deleted=True):
+            if rows.records:
+                yield [(r["Id"], parse_datetime(r["SystemModstamp"])) for r in rows.records]
 
     # -- SOQL -----------------------------------------------------------------------------------------------------
 
@@ -558,6 +704,11 @@ class SalesforceConnector(CrmConnector):
         return out
 
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
+        return (f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
+                f"{self.opportunity_where(open_set, since)} ORDER BY SystemModstamp, Id")
+
+    def opportunity_where(self, open_set: bool, since: datetime | None) -> str:
+        """The WHERE of a set's read (also what count() counts): the set, the connection's filters, and since."""
         where = [self._open_clause(open_set)]
         where += [render_filter(f, self._field_type(f.field)) for f in self.conn.filters]
         if since is not None:
@@ -566,9 +717,7 @@ class SalesforceConnector(CrmConnector):
             # `since` (a parent-field comparison inside an OR group), so each comes back once, in its set.
             stamp = soql_datetime(since)
             where.append(f"SystemModstamp >= {stamp} OR Account.SystemModstamp >= {stamp}")
-        return (f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
-                + " AND ".join(f"({w})" if " OR " in w else w for w in where)
-                + " ORDER BY SystemModstamp, Id")
+        return " AND ".join(f"({w})" if " OR " in w else w for w in where)
 
     def _open_clause(self, open_set: bool) -> str:
         if self.conn.open_statuses is None:
@@ -595,7 +744,7 @@ class SalesforceConnector(CrmConnector):
                 else f"ForecastCategoryName NOT IN ({forecast_list})")
 
     def _field_type(self, name: str) -> str:
-        declared = self.conn.options.get("field_types", {}) or {}
+        declared = self.options.field_types
         if declared.get(name):
             return declared[name]
         self.prepare()
@@ -681,12 +830,13 @@ class SalesforceConnector(CrmConnector):
         # Salesforce wants start more than one minute before end (400 INVALID_REPLICATION_DATE otherwise, e.g.
         # when the bookmark is seconds old); a wider window only re-reads deletes already applied.
         start = min(since.replace(second=0, microsecond=0), end - timedelta(minutes=2))
-        body = self.client.get_json(f"{self.data_path}/sobjects/Opportunity/deleted/",
-                                    params={"start": _iso(start), "end": _iso(end)})
-        earliest = parse_datetime(body.get("earliestDateAvailable"))
+        url = f"{self.data_path}/sobjects/Opportunity/deleted/"
+        body = self.client.get_json(url, params={"start": _iso(start), "end": _iso(end)})
+        feed = check_page(DeletedPage, body, crm=self.crm, url=url)
+        earliest = parse_datetime(feed.earliestDateAvailable)
         if earliest is not None and earliest > start:
             return None
-        rows = [(d["id"], parse_datetime(d.get("deletedDate"))) for d in body.get("deletedRecords") or []]
+        rows = [(d["id"], parse_datetime(d["deletedDate"])) for d in feed.deletedRecords]
         size = self.page_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]
 

@@ -83,9 +83,15 @@ def dagster_against_library(n: int, workdir: Path) -> Figure:
     ratio = dagster["peak_rss_mb"] / library["peak_rss_mb"]
     notes = (f"N={n:,}; library {library['peak_rss_mb']:.0f} MB in {library['seconds']:.0f}s, Dagster "
              f"{dagster['peak_rss_mb']:.0f} MB in {dagster['seconds']:.0f}s (sync job: extract, blocking quality "
-             f"check, reconcile, checks); fetched {dagster['fetched']:,}")
+             f"check, reconcile, checks); fetched {dagster['fetched']:,}; before the sync started "
+             f"{library['rss_before_run_mb']:.0f} MB (library) and {dagster['rss_before_run_mb']:.0f} MB (Dagster, "
+             f"definitions loaded): the sync itself added {growth(library):.0f} MB and {growth(dagster):.0f} MB")
     return Figure(NAME, f"{CRM} -> duckdb, Dagster / library", f"{dagster['peak_rss_mb']:.0f} MB, {ratio:.2f}x",
                   f"<= {1 + DAGSTER_OVERHEAD:.2f}x", verdict(ratio <= 1 + DAGSTER_OVERHEAD), notes)
+
+
+def growth(figures: dict) -> float:
+    return figures["peak_rss_mb"] - figures["rss_before_run_mb"]
 
 
 @contextmanager

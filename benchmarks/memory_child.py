@@ -26,19 +26,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def through_library(crm: str, url: str, workdir: Path) -> dict:
     cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
     engine = make_engine(cfg.warehouse.url)
     ensure_schema(engine)
+    before_run = rss_mb()
     summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")
     return {"fetched": summary.result.fetched if summary.result else 0,
-            "requests": summary.extract.stats.get("api_requests")}
+            "requests": summary.extract.stats.get("api_requests"), "rss_before_run_mb": before_run}
 
 
 def through_dagster(crm: str, url: str, workdir: Path) -> dict:
@@ -57,13 +66,14 @@ def through_dagster(crm: str, url: str, workdir: Path) -> dict:
     _, cfg = _prepare_dagster(str(cfg_file))
     defs = _load_defs()
     with dg.DagsterInstance.get() as instance:
+        before_run = rss_mb()   # Dagster, the project's definitions (dagster-dbt and dbt included), the instance
         result = run_connection(defs, instance, cfg.connections[0], "full")
     if not result.success:
         raise RuntimeError(f"the Dagster sync job of {cfg.connections[0].name} failed")
     extract = next(e.materialization.metadata for e in result.get_asset_materialization_events()
                    if e.asset_key.path[-1] == "extract")
     return {"fetched": extract["rows_fetched_open"].value + extract["rows_fetched_not_open"].value,
-            "requests": extract["api_requests"].value}
+            "requests": extract["api_requests"].value, "rss_before_run_mb": before_run}
 
 
 def main() -> None:

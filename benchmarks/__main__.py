@@ -54,7 +54,8 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
     brief = {"rows": 1_000_000, "latency_opportunities": 100_000, "memory_opportunities": 1_000_000,
              "e2e_opportunities": 100_000}
     shown = {"reconcile": ["rows"], "api": ["api_opportunities"],
-             "latency": ["latency_opportunities", "latency_connectwise"], "memory": ["memory_opportunities"],
+             "latency": ["latency_opportunities", "latency_connectwise"],
+             "memory": ["memory_opportunities", "memory_dagster_opportunities"],
              "e2e": ["e2e_opportunities", "e2e_connectwise"]}
     out = []
     for name in names:

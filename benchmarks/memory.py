@@ -2,6 +2,9 @@
 that runs only the sync. The simulator serves from another process (`oppsync sandbox serve`), so its
 in-memory tenant is not counted. Peak RSS is the child's own VmHWM (/proc/self/status, read as it ends):
 getrusage(RUSAGE_CHILDREN) would mix in every child the benchmark run waited for before (dlt's workers).
+
+Issue 22: the same full sync of M opportunities through the library and through Dagster (the sync job with
+its checks, as `oppsync sync` runs it); Dagster's peak must stay within 10% of the library's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -21,12 +26,15 @@ from benchmarks.common import Figure, progress, verdict
 
 NAME = "memory"
 TARGET_MB = 500
+DAGSTER_OVERHEAD = 0.10   # Dagster's peak may exceed the library's by this share
 CRM = "salesforce"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory")
     g.add_argument("--memory-opportunities", type=int, default=1_000_000, help="Salesforce tenant size")
+    g.add_argument("--memory-dagster-opportunities", type=int, default=100_000,
+                   help="tenant size of the library-vs-Dagster comparison (0: skip it)")
 
 
 def free_port() -> int:
@@ -49,8 +57,46 @@ def wait_until_serving(url: str, server: subprocess.Popen, timeout: float) -> No
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
-    n = args.memory_opportunities
     workdir.mkdir(parents=True, exist_ok=True)
+    n = args.memory_opportunities
+    with serving(n, workdir) as url:
+        progress("memory: sandbox ready, syncing in a child process")
+        figures = measure(url, workdir / "child", "library")
+    limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB (default)")
+    peak = figures["peak_rss_mb"]
+    notes = (f"N={n:,}, fetched {figures['fetched']:,} in {figures['seconds']:.0f}s with {figures['requests']} "
+             f"requests; VmHWM of the sync process; DuckDB memory limit {limit}")
+    out = [Figure(NAME, f"{CRM} -> duckdb", f"{peak:.0f} MB peak RSS", f"< {TARGET_MB} MB",
+                  verdict(peak < TARGET_MB), notes)]
+    if args.memory_dagster_opportunities:
+        out.append(dagster_against_library(args.memory_dagster_opportunities, workdir / "dagster-vs-library"))
+    return out
+
+
+def dagster_against_library(n: int, workdir: Path) -> Figure:
+    """The same full sync through the library and through Dagster, each in a fresh child and warehouse."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with serving(n, workdir) as url:
+        progress("memory: syncing through the library, then through Dagster")
+        library = measure(url, workdir / "library", "library")
+        dagster = measure(url, workdir / "dagster", "dagster")
+    ratio = dagster["peak_rss_mb"] / library["peak_rss_mb"]
+    notes = (f"N={n:,}; library {library['peak_rss_mb']:.0f} MB in {library['seconds']:.0f}s, Dagster "
+             f"{dagster['peak_rss_mb']:.0f} MB in {dagster['seconds']:.0f}s (sync job: extract, blocking quality "
+             f"check, reconcile, checks); fetched {dagster['fetched']:,}; before the sync started "
+             f"{library['rss_before_run_mb']:.0f} MB (library) and {dagster['rss_before_run_mb']:.0f} MB (Dagster, "
+             f"definitions loaded): the sync itself added {growth(library):.0f} MB and {growth(dagster):.0f} MB")
+    return Figure(NAME, f"{CRM} -> duckdb, Dagster / library", f"{dagster['peak_rss_mb']:.0f} MB, {ratio:.2f}x",
+                  f"<= {1 + DAGSTER_OVERHEAD:.2f}x", verdict(ratio <= 1 + DAGSTER_OVERHEAD), notes)
+
+
+def growth(figures: dict) -> float:
+    return figures["peak_rss_mb"] - figures["rss_before_run_mb"]
+
+
+@contextmanager
+def serving(n: int, workdir: Path) -> Iterator[str]:
+    """A Salesforce tenant of n opportunities served by another process (its memory is not the sync's)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     oppsync = Path(sys.executable).with_name("oppsync")
@@ -60,20 +106,18 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
                               stderr=subprocess.DEVNULL)
     try:
         wait_until_serving(url, server, timeout=900)
-        progress("memory: sandbox ready, syncing in a child process")
-        child = subprocess.run([sys.executable, "-m", "benchmarks.memory_child", "--crm", CRM, "--url", url,
-                                "--workdir", str(workdir / "child")], capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            lines = child.stderr.strip().splitlines() or ["(no output)"]
-            # the exception itself is the last line; the traceback before it is context
-            raise RuntimeError(f"the sync child failed: {lines[-1][:400]}\n" + "\n".join(lines[-40:-1]))
-        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=60)
-    peak = figures["peak_rss_mb"]
-    limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB (default)")
-    notes = (f"N={n:,}, fetched {figures['fetched']:,} in {figures['seconds']:.0f}s with {figures['requests']} "
-             f"requests; VmHWM of the sync process; DuckDB memory limit {limit}")
-    return [Figure(NAME, f"{CRM} -> duckdb", f"{peak:.0f} MB peak RSS", f"< {TARGET_MB} MB",
-                   verdict(peak < TARGET_MB), notes)]
+
+
+def measure(url: str, workdir: Path, via: str) -> dict:
+    """Run one full sync in a child process (`benchmarks.memory_child`) and return what it reports."""
+    child = subprocess.run([sys.executable, "-m", "benchmarks.memory_child", "--crm", CRM, "--url", url,
+                            "--workdir", str(workdir), "--via", via], capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines() or ["(no output)"]
+        # the exception itself is the last line; the traceback before it is context
+        raise RuntimeError(f"the sync child ({via}) failed: {lines[-1][:400]}\n" + "\n".join(lines[-40:-1]))
+    return json.loads(child.stdout.strip().splitlines()[-1])

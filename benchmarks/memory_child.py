@@ -1,26 +1,79 @@
 """The process whose memory the memory benchmark measures: it runs ONLY one full sync of one sandbox CRM into
 DuckDB, then prints its own peak RSS (VmHWM) as JSON. Usage:
-    python -m benchmarks.memory_child --crm salesforce --url http://127.0.0.1:PORT --workdir DIR
+    python -m benchmarks.memory_child --crm salesforce --url http://127.0.0.1:PORT --workdir DIR [--via dagster]
+
+`--via library` (the default) calls the sync layer; `--via dagster` runs the connection's sync job the way
+`oppsync sync` does (definitions loaded from the defs folder, the job executed in process with its checks).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
+
+import yaml
 
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 
-from benchmarks.common import sandbox_config
+from benchmarks.common import sandbox_config, sandbox_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def through_library(crm: str, url: str, workdir: Path) -> dict:
+    cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
+    engine = make_engine(cfg.warehouse.url)
+    ensure_schema(engine)
+    before_run = rss_mb()
+    summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")
+    return {"fetched": summary.result.fetched if summary.result else 0,
+            "requests": summary.extract.stats.get("api_requests"), "rss_before_run_mb": before_run}
+
+
+def through_dagster(crm: str, url: str, workdir: Path) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / "oppsync.yaml"
+    doc = sandbox_config_dict({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
+    cfg_file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    home = workdir / "dagster"
+    home.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    import dagster as dg
+
+    from oppsync_pipeline.cli import _load_defs, _prepare_dagster, run_connection
+
+    _, cfg = _prepare_dagster(str(cfg_file))
+    defs = _load_defs()
+    with dg.DagsterInstance.get() as instance:
+        before_run = rss_mb()   # Dagster, the project's definitions (dagster-dbt and dbt included), the instance
+        result = run_connection(defs, instance, cfg.connections[0], "full")
+    if not result.success:
+        raise RuntimeError(f"the Dagster sync job of {cfg.connections[0].name} failed")
+    extract = next(e.materialization.metadata for e in result.get_asset_materialization_events()
+                   if e.asset_key.path[-1] == "extract")
+    return {"fetched": extract["rows_fetched_open"].value + extract["rows_fetched_not_open"].value,
+            "requests": extract["api_requests"].value, "rss_before_run_mb": before_run}
 
 
 def main() -> None:
@@ -28,16 +81,12 @@ def main() -> None:
     p.add_argument("--crm", default="salesforce")
     p.add_argument("--url", required=True)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--via", choices=["library", "dagster"], default="library")
     args = p.parse_args()
-    workdir = Path(args.workdir)
-    cfg = sandbox_config({args.crm: args.url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
-    engine = make_engine(cfg.warehouse.url)
-    ensure_schema(engine)
+    sync = through_dagster if args.via == "dagster" else through_library
     t0 = time.perf_counter()
-    summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0,
-                      "fetched": summary.result.fetched if summary.result else 0,
-                      "requests": summary.extract.stats.get("api_requests")}))
+    figures = sync(args.crm, args.url, Path(args.workdir))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0, **figures}))
 
 
 if __name__ == "__main__":

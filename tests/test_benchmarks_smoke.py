@@ -15,7 +15,8 @@ from benchmarks.common import Figure, postgres_available
 from benchmarks import api_efficiency, end_to_end, memory, reconcile_throughput
 
 TINY = ["--rows", "1000", "--page-size", "250", "--api-opportunities", "300", "--latency-opportunities", "300",
-        "--latency-connectwise", "30", "--memory-opportunities", "300", "--e2e-opportunities", "300",
+        "--latency-connectwise", "30", "--memory-opportunities", "300", "--memory-dagster-opportunities", "300",
+        "--e2e-opportunities", "300",
         "--e2e-connectwise", "50"]
 
 
@@ -56,6 +57,8 @@ def test_memory_in_a_child_process(tmp_path: Path):
     figures = memory.run(parse_args(TINY), tmp_path)
     figures_ok(figures)
     assert figures[0].measured.endswith("MB peak RSS")
+    # the same sync through the library and through Dagster's sync job, compared
+    assert figures[1].subject.endswith("Dagster / library") and figures[1].measured.endswith("x")
 
 
 def test_a_run_prints_one_table_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture):

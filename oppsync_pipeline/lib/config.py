@@ -66,6 +66,9 @@ class QuotaConfig(_Strict):
 
     run_share: Annotated[float, Field(gt=0, le=1)] = 0.25
     stop_at_usage: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # Seconds a run may sleep in all when the CRM asks it to wait (Retry-After) or backs off after errors;
+    # a wait that would pass it ends the run as skipped instead (0: never wait).
+    max_wait_seconds: Annotated[float, Field(ge=0)] = 120.0
 
 
 class Qualification(_Strict):

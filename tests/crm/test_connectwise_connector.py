@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
+from oppsync_pipeline.lib.config import ConnectionConfig, QuotaConfig, RecordFilter
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.connectwise import ConnectWiseConnector, render_condition
 from oppsync_pipeline.lib.crm.http import AuthError, CrmError, QuotaBudget, QuotaExhausted
@@ -257,7 +257,10 @@ def test_allowance_throttle_is_waited_out():
         def sleep(seconds):  # the virtual clock moves instead of the test waiting
             waits.append(seconds)
             sim.world.clock.advance(timedelta(seconds=seconds))
-        conn = ConnectWiseConnector(make_conn(srv.url, page_size=25, options={"forecast": False}), CREDS, sleep=sleep)
+        # a minute's allowance of 4 requests makes this read wait ~1,000 s in all: more than a run's default
+        # budget of waits (quota.max_wait_seconds, 120 s), so this connection allows an hour
+        conn = ConnectWiseConnector(make_conn(srv.url, page_size=25, options={"forecast": False},
+                                              quota=QuotaConfig(max_wait_seconds=3600)), CREDS, sleep=sleep)
         got = collect(conn)
         assert set(got) == {o.native_id for o in sim.world.live()} and waits and conn.stats.rate_limited >= 1
 

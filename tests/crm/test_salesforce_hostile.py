@@ -146,7 +146,7 @@ WRONG_SHAPES = {
     "records-dropped": (_drop_records, "records is missing"),
     "done-as-text": (_done_as_text, "done: input should be a valid boolean (got 'false')"),
     # pages.describe lower-cases the reason
-    "not-done-without-next-link": (_not_done_without_next_link, "done is false but there is no nextrecordsurl"),
+    "not-done-without-next-link": (_not_done_without_next_link, "done is false but there is no nextRecordsUrl"),
 }
 
 

@@ -1,6 +1,6 @@
 """A connection's sync job materialized against a simulator (DuckDB warehouse): the checks pass on a good
-extract, a bad extract is stopped by the blocking Great Expectations check before reconcile touches the
-warehouse, and a spent API quota makes a skipped run that the next run makes up for.
+extract, a bad extract is stopped by the blocking quality check (SQL in the warehouse) before reconcile touches
+the warehouse, and a spent API quota makes a skipped run that the next run makes up for.
 
 One configuration, three connections (one per test, each with its own Salesforce simulator), loaded once:
 the tests share the definitions and the warehouse file, never a connection."""
@@ -134,6 +134,9 @@ def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: 
     failed = {(f["expectation"], f["column"]) for f in quality.metadata["failures"].value}
     assert failed == {("expect_column_values_to_be_between", "amount"),
                       ("expect_column_values_to_be_between", "created_at")}
+    # the failures name the records to look at in the CRM
+    assert {f["column"]: f["partial_unexpected_list"] for f in quality.metadata["failures"].value} == {
+        "amount": [negative], "created_at": [future]}
     failed_steps = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
     assert failed_steps == {"oppsync__sf_bad__extract_extract_quality"}
     assert "oppsync__sf_bad__opportunities" not in started_steps(result)

@@ -73,7 +73,7 @@ from typing_extensions import NotRequired, TypedDict
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
-from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
     to_utc,
@@ -173,6 +173,7 @@ def classify(response: requests.Response) -> Exception | None:
 class EntityRecord(TypedDict):
     """A queried record (opportunity, company, contact, resource, country): only its id is checked; the
     connector reads the dict as received. Autotask ids are integers."""
+    __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: StrictInt
 
@@ -196,11 +197,13 @@ class CountAnswer(PageModel):
 
 
 class PicklistValue(TypedDict):
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     value: StrictStr | StrictInt        # documented as a string although the field is an integer
     label: NotRequired[StrictStr | None]
 
 
 class FieldInfo(TypedDict):
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     name: StrictStr
     picklistValues: NotRequired[list[PicklistValue] | None]
 
@@ -212,6 +215,7 @@ class FieldsAnswer(PageModel):
 
 
 class NamedField(TypedDict):
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     name: StrictStr
 
 

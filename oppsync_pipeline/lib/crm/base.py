@@ -104,7 +104,8 @@ class CrmConnector(ABC):
         self.client = ApiClient(
             base_url=conn.base_url,
             auth=self.make_auth(),
-            budget=budget or QuotaBudget(conn.quota.run_share, conn.quota.stop_at_usage),
+            budget=budget or QuotaBudget(conn.quota.run_share, conn.quota.stop_at_usage,
+                                         max_wait_seconds=conn.quota.max_wait_seconds),
             observe=self.observe,
             classify=self.classify,
             sleep=sleep,

@@ -75,7 +75,7 @@ from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConne
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
-from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
 )
@@ -118,6 +118,7 @@ CwId = Annotated[int, Strict()]   # CW ids are integers: a null, "12" or 1.5 is 
 class Row(TypedDict):
     """A row of a CW list (opportunities, members, companies, stages, probabilities): the id is what the
     connector relies on; the other keys are read from the dict as received."""
+    __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: CwId
 
@@ -125,6 +126,7 @@ class Row(TypedDict):
 class StatusRow(TypedDict):
     """An opportunity status: its flags split the open and the not-open sets, so a status without them cannot
     be placed (read as open, it would turn every won record of it into an open one)."""
+    __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: CwId
     name: str

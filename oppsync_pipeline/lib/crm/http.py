@@ -132,6 +132,9 @@ class QuotaBudget:
     run_share: float = 0.25        # share of the CRM's quota limit one run may spend
     stop_at_usage: float = 0.9     # stop when the CRM reports total usage at this share of its limit
     max_requests: int | None = None  # absolute cap, for tests and for CRMs that report no limit
+    # Seconds one run may sleep on Retry-After and backoff in all: a CRM that keeps asking for long waits
+    # (300 s per answer, 7 retries per request) would otherwise hold the run, and its lock, for half an hour.
+    max_wait_seconds: float = 120.0
 
     def check(self, stats: RequestStats) -> None:
         if self.max_requests is not None and stats.requests >= self.max_requests:
@@ -276,9 +279,32 @@ class ApiClient:
         self.sleep(seconds)
 
     def _before_sleep(self, state: RetryCallState) -> None:
-        self.stats.retries += 1
+        """Runs only when a retry will sleep (tenacity computes a wait for the last attempt too, and sleeps
+        none): the wait budget is checked here, before anything is slept."""
         err = state.outcome.exception() if state.outcome else None
+        self._check_wait_budget(state.upcoming_sleep, err, state.args)
+        self.stats.retries += 1
         log.info("retrying after %s (attempt %d)", type(err).__name__ if err else "?", state.attempt_number)
+
+    def _check_wait_budget(self, seconds: float, err: BaseException | None, args: tuple[Any, ...]) -> None:
+        """Refuse a wait that would take the run past its budget of sleep (quota.max_wait_seconds).
+
+        When the CRM asked for the wait (Retry-After, or 429) the run ends skipped, as for a spent quota: the
+        next scheduled run tries again. A backoff after errors (5xx, timeouts) ends it failed, not permanent."""
+        budget = self.budget.max_wait_seconds
+        if self.stats.seconds_waited + seconds <= budget:
+            return
+        where = f"{args[0]} {_safe_path(args[1])}" if len(args) >= 2 else "a request"
+        spent = (f"this run may wait {budget:g}s in all on retries and has waited {self.stats.seconds_waited:g}s; "
+                 "raise the connection's quota.max_wait_seconds in oppsync.yaml to wait longer")
+        if isinstance(err, RetryableHttpError) and (err.retry_after is not None or err.status == 429):
+            asked = (f"Retry-After: {err.retry_after:g}" if err.retry_after is not None
+                     else f"no Retry-After, backing off {seconds:.0f}s")
+            raise QuotaExhausted(f"the CRM answered {where} with HTTP {err.status} ({asked}); not waiting: {spent}",
+                                 status=err.status)
+        what = f"HTTP {err.status}" if isinstance(err, RetryableHttpError) else type(err).__name__
+        raise CrmError(f"{where} failed ({what}); backing off {seconds:.0f}s more would pass the run's wait budget: "
+                       f"{spent}", status=getattr(err, "status", None), permanent=False)
 
 
 def json_body(response: requests.Response) -> Any:

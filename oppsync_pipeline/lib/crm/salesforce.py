@@ -44,7 +44,7 @@ from typing import Annotated, Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urlencode
 
 import requests
-from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StrictBool, StrictInt, StringConstraints, model_validator
 from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
@@ -58,7 +58,7 @@ from oppsync_pipeline.lib.crm.http import (
     RetryableHttpError,
     json_body,
 )
-from oppsync_pipeline.lib.crm.pages import PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -126,20 +126,19 @@ NextRecordsUrl = Annotated[str, StringConstraints(strict=True,
                                                   pattern=r"^/services/data/v\d+\.\d/(?:query|queryAll)/[^/?#\s]+/?$")]
 # Records are checked for the keys the connector cannot do without; their other keys are neither checked nor
 # copied (without `ignore`, a TypedDict inside a PageModel inherits its `allow` and copies every field: 10x slower).
-_ONLY_DECLARED = ConfigDict(extra="ignore")
 
 
 class IdRecord(TypedDict):
     """A record of a query that selects Id (opportunities, users, queryAll's deleted rows)."""
 
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     Id: SalesforceId
 
 
 class DeletedRow(TypedDict):
     """A Recycle Bin row of queryAll (`SELECT Id, SystemModstamp ... WHERE IsDeleted = true`)."""
 
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     Id: SalesforceId
     SystemModstamp: SalesforceDatetime
 
@@ -147,13 +146,13 @@ class DeletedRow(TypedDict):
 class StageRecord(TypedDict):
     """An OpportunityStage row: MasterLabel is what users see (ApiName is null in orgs older than the field)."""
 
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     MasterLabel: Annotated[str, StringConstraints(strict=True, min_length=1)]
     ApiName: NotRequired[Annotated[str, StringConstraints(strict=True)] | None]
 
 
 class OrgRecord(TypedDict):
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     DefaultCurrencyIsoCode: Annotated[str, StringConstraints(strict=True)] | None
 
 
@@ -184,7 +183,7 @@ class CountAnswer(PageModel):
 
 
 class DescribeField(TypedDict):
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     name: Annotated[str, StringConstraints(strict=True, min_length=1)]
 
 
@@ -193,7 +192,7 @@ class Describe(PageModel):
 
 
 class DeletedRecord(TypedDict):
-    __pydantic_config__ = _ONLY_DECLARED  # type: ignore[misc]
+    __pydantic_config__ = RECORD  # type: ignore[misc]
     id: SalesforceId
     deletedDate: SalesforceDatetime
 

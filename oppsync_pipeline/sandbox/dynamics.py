@@ -7,7 +7,9 @@ What it serves, at the URL root like the real hosts (the Entra ID token endpoint
   GET  /api/data/v9.2/EntityDefinitions...           entity-set lookup, attribute metadata, the statuscode option set
   GET  /api/data/v9.2/{opportunities|systemusers|teams|accounts|transactioncurrencies|processstages}
        $select $filter $orderby $top $count $expand, Prefer odata.maxpagesize / include-annotations /
-       odata.track-changes (@odata.deltaLink, $deltatoken, $deletedEntity rows), @odata.nextLink + $skiptoken
+       odata.track-changes (@odata.deltaLink, $deltatoken, $deletedEntity rows), @odata.nextLink + $skiptoken;
+       $count=true counts up to 5,000 (the totalrecordcount annotations on request);
+       $apply=filter(...)/aggregate($count as x) counts up to 50,000 (then 400 0x8004E023)
   POST /opportunities, PATCH|DELETE /opportunities(<guid>), POST /WinOpportunity, POST /LoseOpportunity
 
 A first page snapshots the matching ids; the opaque $skiptoken (a Dataverse-style paging cookie) names the snapshot
@@ -118,6 +120,11 @@ VARIANTS = {
 }
 # Columns with column-level security in each variant, for which the API user holds no field permission.
 SECURED_COLUMNS = {"secured_close_date": frozenset({"actualclosedate"})}
+# `$count=true` counts up to this many rows (count-rows.md); an aggregate ($apply) up to AGGREGATE_LIMIT, past
+# which the query is refused with AGGREGATE_LIMIT_CODE (aggregate-data.md: "limited to 50,000 records").
+COUNT_LIMIT = 5000
+AGGREGATE_LIMIT = 50_000
+AGGREGATE_LIMIT_CODE = "0x8004E023"
 # The longest GET URL Dataverse accepts; longer queries go in a $batch body (up to 64 KB; execute-batch docs).
 MAX_URL_LENGTH = 32_768
 CURRENCIES = {"USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
@@ -427,6 +434,7 @@ class DynamicsSimulator(Simulator):
         self.process_id = CUSTOM_PROCESS_ID if self.custom_tenant else SALES_PROCESS_ID
         self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
         self.request_limit = REQUEST_LIMIT
+        self.aggregate_limit = AGGREGATE_LIMIT   # a test may lower it to exercise counting in ranges
         self._window: deque[float] = deque()
         self._window_lock = threading.Lock()
         self._snapshots: OrderedDict[str, Any] = OrderedDict()
@@ -976,6 +984,8 @@ class DynamicsSimulator(Simulator):
         self._authorize(req)
         es = self.sets[req.params["set"]]
         self._require_read(es.name)
+        if req.arg("$apply") is not None:
+            return self._aggregate(req, es)
         prefer = self._prefer(req)
         q = self._query(req, es)
         tracking = "odata.track-changes" in prefer or req.arg("$deltatoken") is not None
@@ -1020,11 +1030,9 @@ class DynamicsSimulator(Simulator):
         ctx_cols = ",".join(q["select"] + [f"{n}({','.join(s)})" for n, s in q["expand"].items()])
         body: dict[str, Any] = {"@odata.context": f"{base}/$metadata#{es.name}" + (f"({ctx_cols})" if ctx_cols
                                                                                    else "")}
-        if req.arg("$count") == "true":
-            body["@odata.count"] = min(total, 5000)
-            if total > 5000:
-                body["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = True
         want = _annotation_matcher(annotations)
+        if req.arg("$count") == "true":
+            body.update(_count_annotations(total, want))
         rows = []
         by_id = self.world.opps if es.name == "opportunities" else None
         for kind, ident in page:
@@ -1053,6 +1061,33 @@ class DynamicsSimulator(Simulator):
             body["@odata.deltaLink"] = f"{base}/{es.name}?" + urlencode(params, quote_via=quote, safe="$,()'=/")
         headers = {"Preference-Applied": ",".join(applied)} if applied else {}
         return Response.json(body, headers={"OData-Version": "4.0", **headers})
+
+    def _aggregate(self, req: Request, es: EntitySet) -> Response:
+        """`$apply=[filter(<expr>)/]aggregate($count as <alias>)`: the number of matching records, refused past
+        the aggregate limit (50,000 records online; `aggregate_limit`). Other transformations (groupby, sum ...)
+        are Dataverse's too but not simulated: 400."""
+        m = re.fullmatch(r"(?:filter\((?P<flt>.*)\)/)?aggregate\(\$count as (?P<alias>[A-Za-z_]\w*)\)",
+                         (req.arg("$apply") or "").strip(), re.S)
+        if m is None:
+            raise bad_query("This sandbox supports $apply=filter(...)/aggregate($count as <alias>) only.")
+        matching: Iterable[Any] = es.rows()
+        if m.group("flt"):
+            pred = FilterParser(m.group("flt"), self._has_column(es), es.logical).parse()
+            getter = self._getter(es)
+            matching = (r for r in matching if pred(r, getter))
+        with self.world.lock:
+            if es.name == "opportunities":
+                self._remember_closes()
+            n = sum(1 for _ in matching)
+        if n > self.aggregate_limit:
+            raise odata_error(400, AGGREGATE_LIMIT_CODE, "AggregateQueryRecordLimit exceeded. Cannot perform this "
+                                                         "operation.")
+        alias = m.group("alias")
+        row: dict[str, Any] = {alias: n}
+        if _annotation_matcher(self._prefer(req).get("odata.include-annotations"))(FORMATTED):
+            row = {f"{alias}@{FORMATTED}": f"{n:,}", **row}
+        return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}({alias})",
+                              "value": [row]}, headers={"OData-Version": "4.0"})
 
     def _snapshot(self, es: EntitySet, req: Request, snap_id: str | None) -> dict[str, Any]:
         with self._snap_lock:
@@ -1437,6 +1472,17 @@ def _parse_orderby(text: str | None, has: Callable[[str], bool], entity: str) ->
         if direction not in ("asc", "desc") or len(bits) > 2:
             raise bad_query(f"Syntax error in $orderby at '{part}'.")
         out.append((bits[0], direction == "desc"))
+    return out
+
+
+def _count_annotations(total: int, want: Callable[[str], bool]) -> dict[str, Any]:
+    """`$count=true`: @odata.count up to COUNT_LIMIT; whether there are more only when the caller asks for the
+    totalrecordcount annotations (count-rows.md)."""
+    out: dict[str, Any] = {"@odata.count": min(total, COUNT_LIMIT)}
+    if want("Microsoft.Dynamics.CRM.totalrecordcount"):
+        out["@Microsoft.Dynamics.CRM.totalrecordcount"] = min(total, COUNT_LIMIT)
+    if want("Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"):
+        out["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = total > COUNT_LIMIT
     return out
 
 

@@ -16,6 +16,10 @@ Open set: `statecode eq 0` (not-open: `statecode ne 0`); with `open_statuses` (s
 stage names): the matching status reasons and stage names, and its negation.
 Incremental: `modifiedon ge <since>` ordered by `modifiedon,opportunityid`, paged with `Prefer:
 odata.maxpagesize` and `@odata.nextLink` used verbatim.
+Pages and counts (issue 22): every answer is checked against its model (below) before use and every paging
+sequence goes through a PageTrail (pages.py). Every opportunity query asks `$count=true`: `@odata.count`, capped
+at 5,000, bounds the paging; a full read of a larger set asks `count()` (`$apply` aggregate, exact up to 50,000,
+in createdon ranges beyond), which the sync compares with the ids it received before inferring deletes.
 Deletes (`options.change_tracking: true`): Dataverse hard-deletes, and only change tracking reports deletions.
 The delta link is the connector's `resume_token`, which the sync layer stores in `oppsync.sync_state` between
 runs; without one (first run, or `options.delta_link` unset) `deleted()` runs an initial
@@ -39,15 +43,18 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Generic, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import requests
-from pydantic import Field
+from pydantic import Field, Strict, StringConstraints, model_validator
+from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 
@@ -92,6 +99,107 @@ NUMERIC = frozenset({"estimatedvalue", "closeprobability", "statecode", "statusc
 DATETIMES = frozenset({"createdon", "modifiedon", "overriddencreatedon"})
 DATES = frozenset({"estimatedclosedate", "actualclosedate"})
 OPS = {"equal": "eq", "not_equal": "ne", "more_than": "gt", "less_than": "lt", "at_least": "ge", "at_most": "le"}
+# Full reads and incremental reads both page in this order (a stable order for the paging cookie).
+ORDER = "modifiedon asc,opportunityid asc"
+# `$count=true` counts at most this many records (count-rows.md): @odata.count 5000 means "5000 or more".
+COUNT_CAP = 5000
+# `$apply=.../aggregate($count as count)` aggregates at most 50,000 records (aggregate-data.md); beyond that
+# Dataverse refuses the query with this error code ("AggregateQueryRecordLimit exceeded").
+AGGREGATE_LIMIT_CODE = "0x8004E023"
+# Halvings of the createdon range when counting a set too large for one aggregate: 2^20 ranges is far more than
+# any tenant needs (50,000 records each); deeper means many records share one createdon second.
+MAX_COUNT_SPLITS = 20
+
+
+# -- page models: what each answer must hold before one value of it is used (pages.py) --------------------------
+
+Guid = Annotated[str, StringConstraints(pattern=GUID.pattern)]
+Count = Annotated[int, Strict(), Field(ge=0)]
+R = TypeVar("R")
+
+
+class Collection(PageModel, Generic[R]):
+    """A Dataverse collection page: `value` (the rows) and, when more follow, `@odata.nextLink`."""
+
+    value: list[R]
+    next_link: str | None = Field(None, alias="@odata.nextLink")
+
+
+class OpportunityRow(TypedDict):
+    opportunityid: Guid
+
+
+class OpportunityPage(Collection[OpportunityRow]):
+    """An opportunity query's page; `@odata.count` when `$count=true` was asked (capped at COUNT_CAP)."""
+
+    count: Count | None = Field(None, alias="@odata.count")
+
+
+DeletedRow = TypedDict("DeletedRow", {"@odata.context": Annotated[str, StringConstraints(pattern=r"/\$deletedEntity$")],
+                                      "id": Guid})
+
+
+class ChangesPage(Collection[DeletedRow | OpportunityRow]):
+    """A change-tracking page: changed rows and `$deletedEntity` rows; every page but the last links the next,
+    and the last carries the delta link for the next run (a page with neither is not an end, it is broken)."""
+
+    delta_link: str | None = Field(None, alias="@odata.deltaLink")
+
+    @model_validator(mode="after")
+    def _links_on(self) -> ChangesPage:
+        if not self.next_link and not self.delta_link:
+            raise ValueError("neither @odata.nextLink nor @odata.deltaLink: a change-tracking read ends with a "
+                             "delta link")
+        return self
+
+
+class CountRow(TypedDict):
+    count: Count
+
+
+class CountAnswer(PageModel):
+    """`$apply=...aggregate($count as count)`: one row holding the count."""
+
+    value: Annotated[list[CountRow], Field(min_length=1, max_length=1)]
+
+
+class CreatedRow(TypedDict):
+    createdon: datetime
+
+
+class AttributeRow(TypedDict):
+    LogicalName: str
+    AttributeType: NotRequired[str | None]
+    IsSecured: NotRequired[bool | None]
+
+
+class CurrencyRow(TypedDict):
+    transactioncurrencyid: Guid
+
+
+class StageRow(TypedDict):
+    processstageid: Guid
+
+
+class UserRow(TypedDict):
+    systemuserid: Guid
+
+
+class TeamRow(TypedDict):
+    teamid: Guid
+
+
+class StatusOption(TypedDict):
+    Value: Annotated[int, Strict()]
+    State: NotRequired[int | None]
+
+
+class OptionSet(TypedDict):
+    Options: list[StatusOption]
+
+
+class StatusMetadata(PageModel):
+    OptionSet: OptionSet
 
 
 class EntraAuth(Auth):
@@ -148,7 +256,8 @@ def observe(response: requests.Response, stats: RequestStats, limit: int = 6000)
 
 def classify(response: requests.Response, max_wait: float = 300.0) -> Exception | None:
     """A 429 is retried after Retry-After, unless it asks to wait longer than a run can (then the run ends as
-    skipped). 400 / 403 / 404 are permanent: see `explain` for the message."""
+    skipped). An aggregate over too many records is its own error (AGGREGATE_LIMIT_CODE). 400 / 403 / 404 are
+    permanent: see `explain` for the message."""
     if response.status_code == 429:
         try:
             wait = float(response.headers.get("Retry-After", "0"))
@@ -157,6 +266,10 @@ def classify(response: requests.Response, max_wait: float = 300.0) -> Exception 
         if wait >= max_wait:
             return QuotaExhausted(f"Dataverse service protection limit reached; retry after {wait:.0f}s",
                                   status=429, code=_error_code(response))
+    elif response.status_code >= 400 and (_error_code(response) or "").lower() == AGGREGATE_LIMIT_CODE.lower():
+        # Not retried whatever the status: `count()` counts such a set in parts.
+        return CrmError(f"Dataverse refused an aggregate over more than 50,000 records (HTTP {response.status_code} "
+                        f"{AGGREGATE_LIMIT_CODE})", status=response.status_code, code=AGGREGATE_LIMIT_CODE)
     return None
 
 
@@ -258,7 +371,7 @@ class DynamicsConnector(CrmConnector):
 
     @property
     def resume_token(self) -> str | None:
-        return self.delta_link if self.conn.options.get("change_tracking") else None
+        return self.delta_link if self.options.change_tracking else None
 
     @resume_token.setter
     def resume_token(self, value: str | None) -> None:
@@ -276,7 +389,7 @@ class DynamicsConnector(CrmConnector):
                          self.credentials["client_secret"], opts.get("scope", f"{self.conn.base_url}/.default"))
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
-        observe(response, stats, int(self.conn.options.get("request_limit", 6000)))
+        observe(response, stats, self.options.request_limit)
 
     def classify(self, response: requests.Response) -> Exception | None:
         return classify(response) or explain(response, self.conn.fields, self.conn.filters)
@@ -287,22 +400,36 @@ class DynamicsConnector(CrmConnector):
         return {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
                 "Prefer": ",".join((f"odata.maxpagesize={self.page_size}", *prefer))}
 
-    def _pages(self, path: str, params: dict[str, str] | None, headers: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Follow @odata.nextLink verbatim (same Prefer header) until the last page."""
-        url: str | None = f"{API}/{path}"
-        seen: set[str] = set()
-        while url:
-            body = self.client.get_json(url, params=params, headers=headers)
+    def _unpaged_headers(self) -> dict[str, str]:
+        """Without odata.maxpagesize: Dataverse ignores $top next to it."""
+        return {k: v for k, v in self._headers().items() if k != "Prefer"}
+
+    def _get(self, model: Any, url: str, *, page: int | None = None, **kwargs: Any) -> Any:
+        """One answer, checked against `model` before any value of it is used."""
+        body = self.client.get_json(url, **kwargs)
+        check_page(model, body, crm=self.crm, url=self.client.url(url), page=page)
+        return body
+
+    def _pages(self, url: str, params: dict[str, str] | None, headers: dict[str, str], model: Any,
+               trail: PageTrail | None = None) -> Iterator[dict[str, Any]]:
+        """Follow @odata.nextLink verbatim (same Prefer header) until the last page. Each page is checked against
+        `model` (a Collection) before it is yielded; `trail` fails the run on a next link followed before (the
+        query itself included) and on more pages than the count it was given allows."""
+        trail = trail or PageTrail(self.crm, self.client.url(url))
+        trail.follow(_cursor(url, params))
+        while True:
+            body = self._get(model, url, page=trail.pages + 1, params=params, headers=headers)
+            trail.page(len(body["value"]))
             yield body
             nxt = body.get("@odata.nextLink")
-            if nxt in seen:
-                raise CrmError(f"Dataverse returned the same @odata.nextLink twice for {path}", code="PAGING_LOOP")
-            if nxt:
-                seen.add(nxt)
+            if not nxt:
+                return
+            trail.follow(_cursor(nxt))
             url, params = nxt, None
 
-    def _rows(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        return [row for body in self._pages(path, params, self._headers()) for row in body.get("value", [])]
+    def _rows(self, path: str, params: dict[str, str], row: Any) -> list[dict[str, Any]]:
+        return [r for body in self._pages(f"{API}/{path}", params, self._headers(), Collection[row])
+                for r in body["value"]]
 
     # -- discovery ------------------------------------------------------------------------------------------------
 
@@ -343,16 +470,15 @@ class DynamicsConnector(CrmConnector):
     def _read_attributes(self) -> dict[str, str]:
         """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType; the secured columns are
         kept aside (`IsSecured`: column-level security, readable to everyone per column-level-security.md)."""
-        body = self.client.get_json(ATTRIBUTES, params={
+        body = self._get(Collection[AttributeRow], ATTRIBUTES, params={
             "$select": "LogicalName,AttributeType,IsCustomAttribute,IsSecured"}, headers=self._headers())
         out, secured = {}, set()
-        for a in body.get("value", []):
-            name, kind = a.get("LogicalName"), str(a.get("AttributeType") or "")
-            if name:
-                column = f"_{name}_value" if kind in LOOKUP_TYPES else name
-                out[column] = kind
-                if a.get("IsSecured"):
-                    secured.add(column)
+        for a in body["value"]:
+            name, kind = a["LogicalName"], str(a.get("AttributeType") or "")
+            column = f"_{name}_value" if kind in LOOKUP_TYPES else name
+            out[column] = kind
+            if a.get("IsSecured"):
+                secured.add(column)
         self._secured = frozenset(secured)
         return out
 
@@ -375,17 +501,16 @@ class DynamicsConnector(CrmConnector):
             self.note(name, True, "Date Only, read as 00:00 UTC of that date")
 
     def _read_currencies(self) -> dict[str, str]:
-        rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"})
+        rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"}, CurrencyRow)
         return {str(r["transactioncurrencyid"]).lower(): r.get("isocurrencycode") for r in rows}
 
     def _probe_account_expand(self) -> bool:
         """One row with the account expanded: Dataverse answers 403 when the API user may not read accounts and
         400 when the environment does not expose the navigation property. (No odata.maxpagesize here: Dataverse
         ignores $top next to it.) A refused opportunity read is the required read failing, not this one."""
-        headers = {k: v for k, v in self._headers().items() if k != "Prefer"}
         try:
-            self.client.get_json(f"{API}/opportunities", params={
-                "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=headers)
+            self._get(Collection[OpportunityRow], f"{API}/opportunities", params={
+                "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=self._unpaged_headers())
         except CrmError as err:
             if "prvReadOpportunity" in str(err):
                 raise _RequiredReadFailed(err) from None
@@ -399,7 +524,7 @@ class DynamicsConnector(CrmConnector):
         They carry no open / won meaning: statecode decides."""
         def read() -> list[StageInfo]:
             rows = self._rows("processstages", {"$select": "processstageid,stagename,stagecategory,_processid_value",
-                                                "$filter": "primaryentitytypecode eq 'opportunity'"})
+                                                "$filter": "primaryentitytypecode eq 'opportunity'"}, StageRow)
             rows.sort(key=lambda r: (str(r.get("_processid_value") or ""), r.get("stagecategory") or 0))
             return [StageInfo(key=str(r["processstageid"]).lower(), label=str(r.get("stagename") or ""),
                               is_closed=False, is_won=False, sort_order=i) for i, r in enumerate(rows)]
@@ -409,13 +534,12 @@ class DynamicsConnector(CrmConnector):
 
     def fetch_statuses(self) -> list[StageInfo]:
         def read() -> list[StageInfo]:
-            body = self.client.get_json(STATUS_METADATA, params={"$select": "LogicalName",
-                                                                 "$expand": "OptionSet($select=Options)"},
-                                        headers=self._headers())
+            body = self._get(StatusMetadata, STATUS_METADATA, params={
+                "$select": "LogicalName", "$expand": "OptionSet($select=Options)"}, headers=self._headers())
             out = []
-            for i, opt in enumerate((body.get("OptionSet") or {}).get("Options") or []):
+            for i, opt in enumerate(body["OptionSet"]["Options"]):
                 label = ((opt.get("Label") or {}).get("UserLocalizedLabel") or {}).get("Label") or str(opt["Value"])
-                state = int(opt.get("State", 0))
+                state = int(opt.get("State") or 0)
                 out.append(StageInfo(key=str(opt["Value"]), label=label, is_closed=state != 0, is_won=state == 1,
                                      sort_order=i))
             return out
@@ -430,12 +554,13 @@ class DynamicsConnector(CrmConnector):
             people = self.optional("systemusers", lambda: [
                 CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"), kind="user",
                         active=not u.get("isdisabled", False))
-                for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"})], [],
+                for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"}, UserRow)],
+                [],
                 fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the "
                               "records' formatted values")
             teams = self.optional("teams", lambda: [
                 CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
-                for t in self._rows("teams", {"$select": "name"})], [],
+                for t in self._rows("teams", {"$select": "name"}, TeamRow)], [],
                 fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' "
                               "formatted values")
             self._users = people + teams
@@ -491,7 +616,7 @@ class DynamicsConnector(CrmConnector):
         """Without read access to accounts an incremental read cannot ask which accounts were renamed (their
         names reach the records only as lookup display names, and renames leave the opportunity's modifiedon
         as it was): such runs re-read every opportunity, unless `options.incremental_account_names: false`."""
-        if self.conn.options.get("incremental_account_names", True) is False:
+        if not self.options.incremental_account_names:
             return True
         self.stats.warn("incremental read: accounts are not readable, so account renames cannot be asked for; "
                         "every opportunity is re-read (grant read access to accounts, or set "
@@ -499,20 +624,105 @@ class DynamicsConnector(CrmConnector):
         return False
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
+        """Pages of one set. Every query asks `$count=true` (no extra request): under COUNT_CAP the first page's
+        @odata.count bounds the paging and, in a full read, is the CRM's count the sync checks what it received
+        against; over it a full read asks `count()` once (an incremental read stays unbounded by a count)."""
         self.prepare()
         flt = self.query_filter(open_set, since)
         if flt is None:
             return
-        yield from self._read(flt, orderby="modifiedon asc,opportunityid asc")
+        trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
+        for body in self._opportunity_pages(flt, trail, orderby=ORDER):
+            rows = body["value"]
+            if trail.pages == 1:
+                trail.expect(self._set_size(open_set, since, body.get("@odata.count")), self.page_size)
+            self.tally(open_set, since, (r["opportunityid"] for r in rows), trail.total)
+            page = self._map_page(rows)
+            if page:
+                yield page
+
+    def _set_size(self, open_set: bool, since: datetime | None, counted: int | None) -> int | None:
+        if counted is not None and counted < COUNT_CAP:
+            return counted
+        return self.count(open_set) if since is None else None
+
+    def count(self, open_set: bool) -> int | None:
+        """The set's size as Dataverse counts it now, with the same $filter as `opportunities(open_set, None)`:
+        `$apply=filter(...)/aggregate($count as count)`, which is exact up to 50,000 records (`$count=true` stops
+        at 5,000); a larger set is counted in createdon ranges, halved until each fits."""
+        self.prepare()
+        flt = self.query_filter(open_set, None)
+        if flt is None:
+            return 0
+        n = self._aggregate_count(flt)
+        if n is not None:
+            return n
+        span = self._created_span(flt)
+        return 0 if span is None else self._count_in_ranges(flt, None, None, span, 0)
+
+    def _aggregate_count(self, flt: str) -> int | None:
+        """One aggregate count; None when the set is larger than Dataverse aggregates."""
+        apply = f"filter({flt})/aggregate($count as count)" if flt else "aggregate($count as count)"
+        try:
+            body = self._get(CountAnswer, f"{API}/opportunities", params={"$apply": apply},
+                             headers=self._unpaged_headers())
+        except CrmError as err:
+            if err.code == AGGREGATE_LIMIT_CODE:
+                return None
+            raise
+        return body["value"][0]["count"]
+
+    def _created_span(self, flt: str) -> tuple[datetime, datetime] | None:
+        """The first and the last createdon of the set (None when it is empty)."""
+        ends = []
+        for direction in ("asc", "desc"):
+            params = {"$select": "createdon", "$orderby": f"createdon {direction}", "$top": "1"}
+            if flt:
+                params["$filter"] = flt
+            url = f"{API}/opportunities"
+            body = self.client.get_json(url, params=params, headers=self._unpaged_headers())
+            rows = check_page(Collection[CreatedRow], body, crm=self.crm, url=self.client.url(url)).value
+            if not rows:
+                return None
+            ends.append(to_utc(rows[0]["createdon"]))
+        return ends[0], ends[1]
+
+    def _count_in_ranges(self, flt: str, lo: datetime | None, hi: datetime | None,
+                         span: tuple[datetime, datetime], depth: int) -> int | None:
+        """The set's records created in [lo, hi) (open ends: None), in halves while a half is too large to
+        aggregate. None, with a warning, when records created within one second are too many to count."""
+        if lo is not None or hi is not None:
+            n = self._aggregate_count(_and(flt, created_between(lo, hi)))
+            if n is not None:
+                return n
+        a, b = lo or span[0], hi or span[1]
+        mid = a + timedelta(seconds=int((b - a).total_seconds() // 2))
+        if mid <= a or depth >= MAX_COUNT_SPLITS:
+            self.stats.warn(f"the CRM's count of a set is not available: more records created around "
+                            f"{a:%Y-%m-%d %H:%M:%S} than Dataverse aggregates at once; deletes are inferred "
+                            "without it")
+            return None
+        left = self._count_in_ranges(flt, lo, mid, span, depth + 1)
+        right = self._count_in_ranges(flt, mid, hi, span, depth + 1) if left is not None else None
+        return None if right is None else left + right
 
     def fetch_by_ids(self, ids: Sequence[str]) -> Iterator[Page]:
         """The records of `ids` Dataverse still has, without the connection's filters or an open / closed
         restriction, BY_ID_BATCH ids per request. Ids that are not GUIDs cannot name a Dataverse record (and
-        would make the query a 400): they are absent like deleted ones."""
+        would make the query a 400): they are absent like deleted ones. An answer holding a record that was not
+        asked for means the id filter was not applied: absent ids would look deleted, so it fails the run."""
         self.prepare()
         wanted = list(dict.fromkeys(str(i).lower() for i in ids if GUID.match(str(i))))
         for start in range(0, len(wanted), BY_ID_BATCH):
-            yield from self._read(by_id_filter(wanted[start:start + BY_ID_BATCH]))
+            batch = wanted[start:start + BY_ID_BATCH]
+            trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
+            trail.expect(len(batch), self.page_size)
+            for body in self._opportunity_pages(by_id_filter(batch), trail):
+                rows = body["value"]
+                _only_asked(rows, set(batch), trail)
+                page = self._map_page(rows)
+                if page:
+                    yield page
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -523,24 +733,23 @@ class DynamicsConnector(CrmConnector):
             return value.lower()
         return value
 
-    def _read(self, flt: str, orderby: str | None = None) -> Iterator[Page]:
-        """One opportunity query, mapped page by page: owner names from the formatted values, else the users."""
-        params = {"$select": self._select()}
+    def _opportunity_pages(self, flt: str, trail: PageTrail, orderby: str | None = None) -> Iterator[dict[str, Any]]:
+        """One opportunity query's pages (checked, bounded by `trail`)."""
+        params = {"$select": self._select(), "$count": "true"}
         if orderby:
             params["$orderby"] = orderby
         if flt:
             params["$filter"] = flt
         if self._expand_account:
             params["$expand"] = ACCOUNT_EXPAND
-        owners: dict[str, str | None] | None = None
-        for body in self._pages("opportunities", params, self._headers(ANNOTATIONS)):
-            page = []
-            for row in body.get("value", []):
-                if row.get(f"_ownerid_value{FORMATTED}") is None and row.get("_ownerid_value") and owners is None:
-                    owners = {u.crm_user_id: u.name for u in self.users()}
-                page.append(self._map(row, owners))
-            if page:
-                yield page
+        return self._pages(f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail)
+
+    def _map_page(self, rows: list[dict[str, Any]]) -> Page:
+        """A page mapped record by record (a record that cannot be read is quarantined, the rest go on); owner
+        names from the formatted values, else from the users (read once, when a page needs them)."""
+        needs_users = any(r.get(f"_ownerid_value{FORMATTED}") is None and r.get("_ownerid_value") for r in rows)
+        owners = {u.crm_user_id: u.name for u in self.users()} if needs_users else None
+        return self.map_records(rows, self._map, _record_id, owners)
 
     def _map(self, row: dict[str, Any], owners: dict[str, str | None] | None = None) -> Opportunity:
         account = row.get("parentaccountid") or None
@@ -610,46 +819,71 @@ class DynamicsConnector(CrmConnector):
     # -- deletions (change tracking) -----------------------------------------------------------------------------
 
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
-        if not self.conn.options.get("change_tracking"):
+        if not self.options.change_tracking:
             return
-        link = self.delta_link or self.conn.options.get("delta_link")
-        headers = self._headers("odata.track-changes")
+        link = self.delta_link or self.options.delta_link
         if link is None:
-            # Baseline: page through the tracked set (ids only) to get a delta link; no deletions yet.
-            for body in self._pages("opportunities", {"$select": "opportunityid"}, headers):
-                self.delta_link = body.get("@odata.deltaLink") or self.delta_link
+            self._track_changes_baseline()
             return
-        url: str | None = link
-        seen: set[str] = set()
-        while url:
-            try:
-                body = self.client.get_json(url, headers=headers)
-            except CrmError as err:
-                if url == link and err.status == 400:
-                    # The stored delta token is no longer accepted (expired after 7 days, or change tracking
-                    # was reset): start a new baseline. Deletes in the gap are found by the next full sync.
-                    log.warning("Dataverse refused the stored delta link (%s); starting a new baseline", err.code)
-                    self.delta_link = None
-                    for body in self._pages("opportunities", {"$select": "opportunityid"}, headers):
-                        self.delta_link = body.get("@odata.deltaLink") or self.delta_link
-                    return
+        trail = PageTrail(self.crm, link)
+        try:
+            for body in self._pages(link, None, self._headers("odata.track-changes"), ChangesPage, trail):
+                gone = [(row["id"], None) for row in body["value"]
+                        if str(row.get("@odata.context", "")).endswith("/$deletedEntity")]
+                if gone:
+                    yield gone
+                self.delta_link = body.get("@odata.deltaLink") or self.delta_link
+        except CrmError as err:
+            if trail.pages or err.status != 400:
                 raise
-            gone = [(row["id"], None) for row in body.get("value", [])
-                    if str(row.get("@odata.context", "")).endswith("/$deletedEntity")]
-            if gone:
-                yield gone
-            if body.get("@odata.deltaLink"):
-                self.delta_link = body["@odata.deltaLink"]
-            url = body.get("@odata.nextLink")
-            if url in seen:
-                raise CrmError("Dataverse returned the same @odata.nextLink twice on a delta read", code="PAGING_LOOP")
-            seen.add(url or "")
+            # The stored delta token is no longer accepted (expired after 7 days, or change tracking was reset):
+            # start a new baseline. Deletes in the gap are found by the next full sync.
+            log.warning("Dataverse refused the stored delta link (%s); starting a new baseline", err.code)
+            self.delta_link = None
+            self._track_changes_baseline()
+
+    def _track_changes_baseline(self) -> None:
+        """Page through the tracked set (ids only) to get a delta link; no deletions are reported by it."""
+        for body in self._pages(f"{API}/opportunities", {"$select": "opportunityid"},
+                                self._headers("odata.track-changes"), ChangesPage):
+            self.delta_link = body.get("@odata.deltaLink") or self.delta_link
 
 
 def by_id_filter(ids: Sequence[str]) -> str:
     """`opportunityid` in `ids` (lower-case GUIDs, already validated) with the Dataverse query function."""
     values = ",".join(f"'{i}'" for i in ids)
     return f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[{values}])"
+
+
+def _record_id(row: Any) -> Any:
+    return row.get("opportunityid") if isinstance(row, dict) else None
+
+
+def _only_asked(rows: list[dict[str, Any]], asked: set[str], trail: PageTrail) -> None:
+    unasked = [r["opportunityid"] for r in rows if r["opportunityid"].lower() not in asked]
+    if unasked:
+        raise PageError(f"records that were not asked for ({', '.join(unasked[:3])}"
+                        f"{' ...' if len(unasked) > 3 else ''}) in an answer to a read by id: the id filter was "
+                        "not applied", crm=trail.crm, url=trail.url, page=trail.pages)
+
+
+def _cursor(url: str, params: dict[str, str] | None = None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A request's identity for loop detection: the path from the API root on (a proxy may prefix it) and the
+    query parameters, decoded and sorted (a next link is absolute, the first request relative with params)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list((params or {}).items())
+    return parts.path[parts.path.find(API):], tuple(sorted(query))
+
+
+def created_between(lo: datetime | None, hi: datetime | None) -> str:
+    """createdon in [lo, hi), either end open when None."""
+    parts = ([f"createdon ge {literal('createdon', lo)}"] if lo else []) + \
+            ([f"createdon lt {literal('createdon', hi)}"] if hi else [])
+    return " and ".join(parts)
+
+
+def _and(*clauses: str) -> str:
+    return " and ".join(f"({c})" for c in clauses if c)
 
 
 def _address(account: dict[str, Any] | None) -> str | None:

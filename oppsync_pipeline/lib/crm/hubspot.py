@@ -50,11 +50,14 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 
 import requests
-from pydantic import Field
+from pydantic import BaseModel, Field, StrictInt, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 
@@ -92,6 +95,11 @@ PIPELINES_FALLBACK = ("stage = the dealstage property's option label, else the s
                       "hs_is_closed / hs_is_closed_won")
 OWNERS_FALLBACK = "owner and creator ids are kept without names (sales_executive empty, no users listed)"
 COMPANIES_FALLBACK = "client_name and service_location stay empty"
+DEALS_PATH = "/crm/v3/objects/deals"
+DEAL_SEARCH_PATH = "/crm/v3/objects/deals/search"
+DEAL_BATCH_READ_PATH = "/crm/v3/objects/deals/batch/read"
+COMPANY_SEARCH_PATH = "/crm/v3/objects/companies/search"
+OWNERS_PATH = "/crm/v3/owners"
 _OPS = {"equal": "EQ", "not_equal": "NEQ", "more_than": "GT", "less_than": "LT", "at_least": "GTE", "at_most": "LTE",
         "in": "IN"}
 _CUSTOM = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
@@ -184,6 +192,102 @@ def classify(response: requests.Response) -> Exception | None:
                     "object exists in this portal", status=404, code=category or None)
 
 
+# -- pages: the documented shape of every answer read (pages.py) -----------------------------------------------------
+# Records name only the keys the connector relies on (extra keys are ignored); the connector keeps reading the
+# dicts it received. HubSpot object ids are numeric strings: deal ids are also the keyset position of a read.
+
+ObjectId = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]
+
+
+class IdRecord(TypedDict):
+    id: ObjectId
+
+
+class NextPage(BaseModel):
+    after: str
+
+
+class Paging(BaseModel):
+    """`paging` of a list or search answer; absent (or without `next`) on the last page."""
+
+    next: NextPage | None = None
+
+
+class ListPage(PageModel):
+    """`GET` lists paged by an opaque `after` cursor: archived deals, owners."""
+
+    results: list[IdRecord]
+    paging: Paging | None = None
+
+    @property
+    def after(self) -> str | None:
+        return self.paging.next.after if self.paging and self.paging.next else None
+
+
+class SearchPage(ListPage):
+    """`POST .../search`: `total` is the number of objects the whole query matches (not only this page)."""
+
+    total: Annotated[StrictInt, Field(ge=0)]
+
+
+class SearchCount(PageModel):
+    total: Annotated[StrictInt, Field(ge=0)]
+
+
+class Property(TypedDict):
+    name: Annotated[str, StringConstraints(min_length=1)]
+
+
+class PropertiesPage(PageModel):
+    results: list[Property]
+
+
+class Stage(TypedDict):
+    id: Annotated[str, StringConstraints(min_length=1)]
+
+
+class Pipeline(TypedDict):
+    id: Annotated[str, StringConstraints(min_length=1)]
+    stages: list[Stage]
+
+
+class PipelinesPage(PageModel):
+    results: list[Pipeline]
+
+
+class AssociatedObject(TypedDict):
+    toObjectId: StrictInt | ObjectId   # an integer in live answers, a string in HubSpot's spec
+
+
+Association = TypedDict("Association", {"from": IdRecord, "to": list[AssociatedObject]})
+
+
+class AssociationsPage(PageModel):
+    """v4 batch association reads (a 207 may carry `errors` for ids without associations)."""
+
+    results: list[Association]
+
+
+class BatchError(TypedDict):
+    category: str
+
+
+class BatchPage(PageModel):
+    """Batch reads of deals and companies: the found objects in `results`, the others as `errors` (207)."""
+
+    results: list[IdRecord]
+    errors: list[BatchError] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _results_listed(cls, body: Any) -> Any:
+        # every asked id missing from a by-id answer would be taken as deleted: say so when the list is absent
+        if isinstance(body, dict) and not isinstance(body.get("results"), list):
+            raise PydanticCustomError("no_results", "the batch read answered without a `results` list of objects "
+                                                    "with ids (every asked id would look gone)")
+        return body
+
+
 # -- connector ----------------------------------------------------------------------------------------------------
 
 class HubSpotOptions(ConnectorOptions):
@@ -213,7 +317,6 @@ class HubSpotConnector(CrmConnector):
 
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
-        self.search_rps = float(conn.options.get("search_requests_per_second", 4))
         self._last_search = 0.0
         self._owners: dict[str, CrmUser] | None = None
         self._companies: dict[str, dict[str, Any]] = {}
@@ -223,7 +326,8 @@ class HubSpotConnector(CrmConnector):
         self._changed_company_deals: set[str] | None = None
 
     def make_auth(self) -> Auth:
-        token_url = self.conn.options.get("token_url") or f"{self.conn.base_url}/oauth/v1/token"
+        # called by the base class before `self.options` exists
+        token_url = HubSpotOptions.model_validate(self.conn.options).token_url or f"{self.conn.base_url}/oauth/v1/token"
         return HubSpotAuth(self.credentials, token_url)
 
     @classmethod
@@ -287,19 +391,20 @@ class HubSpotConnector(CrmConnector):
                                              "else closedate")
 
     def _read_properties(self) -> dict[str, dict[str, Any]]:
-        body = self.client.get_json("/crm/v3/properties/deals", params={"archived": "false"})
-        return {str(p["name"]): p for p in body.get("results", []) if p.get("name")}
+        path = "/crm/v3/properties/deals"
+        body = self.client.get_json(path, params={"archived": "false"})
+        self._checked(PropertiesPage, body, path)
+        return {p["name"]: p for p in body["results"]}
 
     # -- stages and users ---------------------------------------------------------------------------------------
 
     def fetch_stages(self) -> list[StageInfo]:
-        body = self.optional(PIPELINES_READ, lambda: self.client.get_json("/crm/v3/pipelines/deals"), None,
-                             fallback_text=PIPELINES_FALLBACK)
+        body = self.optional(PIPELINES_READ, self._read_pipelines, None, fallback_text=PIPELINES_FALLBACK)
         if body is None:
             return []
         out = []
-        for p_index, pipeline in enumerate(sorted(body.get("results", []), key=lambda p: p.get("displayOrder", 0))):
-            for stage in pipeline.get("stages", []):
+        for p_index, pipeline in enumerate(sorted(body["results"], key=lambda p: p.get("displayOrder", 0))):
+            for stage in pipeline["stages"]:
                 meta = stage.get("metadata") or {}
                 closed = str(meta.get("isClosed", "false")).lower() == "true"
                 prob = parse_float(meta.get("probability"))
@@ -311,6 +416,12 @@ class HubSpotConnector(CrmConnector):
                 self._by_pipeline[(str(pipeline.get("id")), info.key)] = info
                 out.append(info)
         return out
+
+    def _read_pipelines(self) -> dict[str, Any]:
+        path = "/crm/v3/pipelines/deals"
+        body = self.client.get_json(path)
+        self._checked(PipelinesPage, body, path)
+        return body
 
     def _stage_info(self, pipeline: str | None, stage_id: str | None) -> StageInfo | None:
         """Stage ids are scoped to their pipeline: resolve the pair, then the id alone."""
@@ -331,43 +442,42 @@ class HubSpotConnector(CrmConnector):
     def _read_owners(self) -> dict[str, CrmUser]:
         owners: dict[str, CrmUser] = {}
         for archived in ("false", "true"):
-            after: str | None = None
-            while True:
-                params = {"limit": 100, "archived": archived, **({"after": after} if after else {})}
-                body = self.client.get_json("/crm/v3/owners", params=params)
-                for o in body.get("results", []):
-                    oid = str(o["id"])
+            for records in self._list_pages(OWNERS_PATH, {"limit": 100, "archived": archived}):
+                for o in records:
+                    oid = o["id"]
                     name = " ".join(p for p in (o.get("firstName"), o.get("lastName")) if p) or None
                     uid = o.get("userId") or o.get("userIdIncludingInactive")  # archived owners: userId null
                     owners[oid] = CrmUser(crm_user_id=str(uid) if uid is not None else oid,
                                           name=clean_text(name or o.get("email")), email=o.get("email"),
                                           kind="user", active=not o.get("archived", archived == "true"),
                                           alt_ids=(oid,) if uid is not None else ())
-                after = ((body.get("paging") or {}).get("next") or {}).get("after")
-                if not after:
-                    break
         return owners
 
     # -- opportunities -----------------------------------------------------------------------------------------
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         self.prepare()
-        selects, post_filter = self._status_filter(open_set)
-        if selects is None:
+        query = self._set_query(open_set)
+        if query is None:
             return
-        pushed, leftover = self._render_filters()
-        base = [*selects, *pushed]
+        filters, leftover, post_filter = query
+        base = list(filters)
         if since is not None:
             base.append({"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))})
         properties = self._properties()
         self._owner_map()
         seen: set[str] = set()
-        batches: Iterable[list[dict[str, Any]]] = self._keyset(base, properties)
+        pages: Iterable[tuple[list[dict[str, Any]], int | None]] = self._keyset(DEAL_SEARCH_PATH, base, properties,
+                                                                                self.page_size)
         if since is not None:
-            batches = itertools.chain(batches, self._company_catch_up(since, [*selects, *pushed], properties, seen))
-        for records in batches:
-            records = [r for r in records if str(r["id"]) not in seen]
-            seen.update(str(r["id"]) for r in records)
+            catch_up = self._company_catch_up(since, filters, properties, seen)
+            pages = itertools.chain(pages, ((records, None) for records in catch_up))
+        for records, set_count in pages:
+            self.tally(open_set, since, [r["id"] for r in records], set_count)
+            records = [r for r in records if r["id"] not in seen]
+            if not records:
+                continue
+            seen.update(r["id"] for r in records)
             page = self.map_records(self._with_companies(records), self._map, _record_id)
             if leftover:
                 page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
@@ -376,17 +486,37 @@ class HubSpotConnector(CrmConnector):
             if page:
                 yield page
 
+    def count(self, open_set: bool) -> int | None:
+        """The deals search counts for the set's full read (`total` of its first query, asked for one deal):
+        the same filters as `opportunities(open_set, None)`, so the same deals before any filtering in Python."""
+        self.prepare()
+        query = self._set_query(open_set)
+        if query is None:
+            return 0
+        body = self._search(DEAL_SEARCH_PATH, [*query[0], _past(0)], ["hs_object_id"], 1)
+        return self._checked(SearchCount, body, DEAL_SEARCH_PATH).total
+
+    def _set_query(self, open_set: bool) -> tuple[list[dict[str, Any]], list[RecordFilter], bool] | None:
+        """(search filters of the set's full read, the connection's filters left to Python, whether each page
+        must still be filtered by the resolved status); None when the set is empty."""
+        selects, post_filter = self._status_filter(open_set)
+        if selects is None:
+            return None
+        pushed, leftover = self._render_filters()
+        return [*selects, *pushed], leftover, post_filter
+
     def _company_catch_up(self, since: datetime, base: list[dict[str, Any]], properties: list[str],
                           seen: set[str]) -> Iterator[list[dict[str, Any]]]:
         """Incremental runs: editing a company (a rename, a new address) does not bump its deals'
         hs_lastmodifieddate, so the deals of companies modified since the cursor are read again by id."""
         deal_ids = self._deals_of_changed_companies(since)
         todo = sorted((d for d in deal_ids if d not in seen), key=int)
-        for start in range(0, len(todo), BATCH_MAX):
+        for n, start in enumerate(range(0, len(todo), BATCH_MAX), 1):
             chunk = todo[start:start + BATCH_MAX]
             filters = base + [{"propertyName": "hs_object_id", "operator": "IN", "values": chunk}]
-            body = self._search(filters, properties, "ASCENDING", BATCH_MAX, sort_by="hs_object_id")
-            if body.get("results"):
+            body = self._search(DEAL_SEARCH_PATH, filters, properties, BATCH_MAX)
+            self._checked(SearchPage, body, DEAL_SEARCH_PATH, n)
+            if body["results"]:
                 yield body["results"]
 
     def _deals_of_changed_companies(self, since: datetime) -> set[str]:
@@ -405,26 +535,16 @@ class HubSpotConnector(CrmConnector):
         return self._changed_company_deals
 
     def _read_changed_company_deals(self, since: datetime) -> set[str]:
-        companies: list[str] = []
-        last = 0
-        while True:   # keyset on hs_object_id, as for deals (search offsets stop at 10,000)
-            body = self.client.post_json("/crm/v3/objects/companies/search", {
-                "filterGroups": [{"filters": [
-                    {"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))},
-                    {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]}],
-                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
-                "properties": ["hs_object_id"], "limit": 200})
-            results = body.get("results") or []
-            companies += [str(c["id"]) for c in results]
-            if not results or not (body.get("paging") or {}).get("next"):
-                break
-            last = int(results[-1]["id"])
+        modified = [{"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))}]
+        companies = [c["id"] for records, _ in self._keyset(COMPANY_SEARCH_PATH, modified, ["hs_object_id"], 200)
+                     for c in records]
         deals: set[str] = set()
-        for start in range(0, len(companies), BATCH_MAX * 10):
-            body = self.client.post_json("/crm/v4/associations/companies/deals/batch/read",
-                                         {"inputs": [{"id": c} for c in companies[start:start + BATCH_MAX * 10]]})
-            for result in body.get("results", []):
-                deals.update(str(t.get("toObjectId")) for t in result.get("to") or [])
+        path = "/crm/v4/associations/companies/deals/batch/read"
+        for n, start in enumerate(range(0, len(companies), BATCH_MAX * 10), 1):
+            body = self.client.post_json(path, {"inputs": [{"id": c} for c in companies[start:start + BATCH_MAX * 10]]})
+            self._checked(AssociationsPage, body, path, n)
+            for result in body["results"]:
+                deals.update(str(t["toObjectId"]) for t in result["to"])
         return deals
 
     def _status_filter(self, open_set: bool) -> tuple[list[dict[str, Any]] | None, bool]:
@@ -447,43 +567,84 @@ class HubSpotConnector(CrmConnector):
             return [{"propertyName": "hs_is_closed", "operator": "EQ", "value": closed}], False
         return [], True
 
-    def _keyset(self, base: list[dict[str, Any]], properties: list[str]) -> Iterator[list[dict[str, Any]]]:
-        """Pages of raw deals in `hs_object_id` order, each query restarting past the last id read.
+    def _keyset(self, path: str, base: list[dict[str, Any]], properties: list[str],
+                limit: int) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+        """Pages of raw objects (deals, companies) in `hs_object_id` order, each query restarting past the last
+        id read; with each page, on the first one the number of objects the whole read matches (search's
+        `total`), else None. An empty first page is yielded too (a set of none is counted).
 
         Never search's `after`: it is an offset, capped at 10,000 results (400 beyond), and an offset shifts
         when a deal leaves the result set while we page (a deal won during a full read of the open set moved
         every later deal up by one, and one of them was never read). An id bound does neither: a deal that
         changes during the read is caught by the run's catch-up read or the next incremental run, and every
-        other deal is read exactly once however many match."""
+        other deal is read exactly once however many match. The id bound is also the paging cursor: it must
+        move forward, and the first page's `total` bounds the number of pages."""
+        trail = PageTrail(self.crm, self.client.url(path))
         last = 0
         while True:
-            filters = base + [{"propertyName": "hs_object_id", "operator": "GT", "value": str(last)}]
-            body = self._search(filters, properties, "ASCENDING", self.page_size, sort_by="hs_object_id")
-            results = body.get("results") or []
-            if not results:
+            body = self._search(path, base + [_past(last)], properties, limit)
+            page = self._checked(SearchPage, body, path, trail.pages + 1)
+            first = trail.pages == 0
+            if first:
+                trail.expect(page.total, min(limit, self.max_page_size))
+            trail.page(len(page.results))
+            if not page.results:
+                yield body["results"], (page.total if first else None)
                 return
-            yield results
-            # the next query starts after the page's last deal in the server's order (not the page's largest
-            # id: a stray deal repeated from another page must not move the bound past deals not yet read)
-            following = int(results[-1]["id"])
+            # the next query starts after the page's last object in the server's order (not the page's largest
+            # id: a stray object repeated from another page must not move the bound past ones not yet read);
+            # checked before the page is used
+            following = int(page.results[-1]["id"])
+            trail.follow(following)
             if following <= last:
-                raise ValueError(f"HubSpot search returned deals out of hs_object_id order (last id {following} "
-                                 f"after {last}): stopping rather than skipping or re-reading deals")
+                raise PageError(f"the page ends at hs_object_id {following}, not past the {last} it was asked to "
+                                "read after: paging loops (or the search ignores its sort)", crm=self.crm,
+                                url=trail.url, page=trail.pages)
+            yield body["results"], (page.total if first else None)
             last = following
-            if not (body.get("paging") or {}).get("next"):
-                return   # no further page exists
+            # the last page has no `paging.next`; one without it whose `total` says more remain past this
+            # position is read past (the id bound needs no cursor from the server)
+            if page.after is None and page.total <= len(page.results):
+                return
 
-    def _search(self, filters: list[dict[str, Any]], properties: list[str], direction: str, limit: int,
-                sort_by: str) -> dict[str, Any]:
-        if self.search_rps > 0:
-            wait = self._last_search + 1.0 / self.search_rps - time.monotonic()
+    def _search(self, path: str, filters: list[dict[str, Any]], properties: list[str], limit: int) -> Any:
+        """One search sorted by `hs_object_id`, paced to `options.search_requests_per_second` (HubSpot limits
+        searches per portal, whatever the object)."""
+        rps = self.options.search_requests_per_second
+        if rps > 0:
+            wait = self._last_search + 1.0 / rps - time.monotonic()
             if wait > 0:
                 self.client.sleep(wait)
             self._last_search = time.monotonic()
         body: dict[str, Any] = {"filterGroups": [{"filters": filters}],
-                                "sorts": [{"propertyName": sort_by, "direction": direction}],
+                                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
                                 "properties": properties, "limit": min(limit, self.max_page_size)}
-        return self.client.post_json("/crm/v3/objects/deals/search", body)
+        return self.client.post_json(path, body)
+
+    def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+        """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed
+        once, and a page of nothing but records read before means the list ignores its cursor: such lists
+        carry no count to bound them, so either is a loop."""
+        trail = PageTrail(self.crm, self.client.url(path))
+        seen: set[str] = set()
+        after: str | None = None
+        while True:
+            body = self.client.get_json(path, params={**params, **({"after": after} if after else {})})
+            page = self._checked(ListPage, body, path, trail.pages + 1)
+            number = trail.page(len(page.results))
+            ids = {r["id"] for r in page.results}
+            if ids and ids <= seen:
+                raise PageError(f"all {len(ids)} records of this page were on earlier pages: the list ignores its "
+                                "`after` cursor and paging loops", crm=self.crm, url=trail.url, page=number)
+            seen |= ids
+            yield body["results"]
+            after = page.after
+            if after is None:
+                return
+            trail.follow(after)
+
+    def _checked(self, model: type[PageModel], body: Any, path: str, page: int | None = None) -> Any:
+        return check_page(model, body, crm=self.crm, url=self.client.url(path), page=page)
 
     def _properties(self) -> list[str]:
         """The standard properties the portal has (all of them when discovery was refused: HubSpot leaves out
@@ -510,27 +671,30 @@ class HubSpotConnector(CrmConnector):
                 primary = got
         out = []
         for r in records:
-            cid = primary.get(str(r["id"]))
+            cid = primary.get(r["id"])
             out.append({**r, "company_id": cid, "company": self._companies.get(cid) if cid else None})
         return out
 
     def _primary_companies(self, records: list[dict[str, Any]]) -> dict[str, str | None]:
-        ids = [str(r["id"]) for r in records]
+        ids = [r["id"] for r in records]
         primary: dict[str, str | None] = {}
-        for start in range(0, len(ids), BATCH_MAX * 10):
-            body = self.client.post_json("/crm/v4/associations/deals/companies/batch/read",
-                                         {"inputs": [{"id": i} for i in ids[start:start + BATCH_MAX * 10]]})
-            for result in body.get("results", []):
-                primary[str(result["from"]["id"])] = _primary_company(result.get("to") or [])
+        path = "/crm/v4/associations/deals/companies/batch/read"
+        for n, start in enumerate(range(0, len(ids), BATCH_MAX * 10), 1):
+            body = self.client.post_json(path, {"inputs": [{"id": i} for i in ids[start:start + BATCH_MAX * 10]]})
+            self._checked(AssociationsPage, body, path, n)
+            for result in body["results"]:
+                primary[result["from"]["id"]] = _primary_company(result["to"])
         if len(self._companies) > 200_000:   # keep memory flat on huge portals
             self._companies.clear()
         missing = sorted({c for c in primary.values() if c and c not in self._companies})
-        for start in range(0, len(missing), BATCH_MAX):
+        path = "/crm/v3/objects/companies/batch/read"
+        for n, start in enumerate(range(0, len(missing), BATCH_MAX), 1):
             chunk = missing[start:start + BATCH_MAX]
-            body = self.client.post_json("/crm/v3/objects/companies/batch/read",
-                                         {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
-            for company in body.get("results", []):
-                self._companies[str(company["id"])] = company.get("properties") or {}
+            body = self.client.post_json(path, {"properties": COMPANY_PROPERTIES,
+                                                "inputs": [{"id": c} for c in chunk]})
+            self._checked(BatchPage, body, path, n)
+            for company in body["results"]:
+                self._companies[company["id"]] = company.get("properties") or {}
         return primary
 
     # -- mapping -----------------------------------------------------------------------------------------------
@@ -608,23 +772,15 @@ class HubSpotConnector(CrmConnector):
     # -- deletes -----------------------------------------------------------------------------------------------
 
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
-        after: str | None = None
-        while True:
-            params: dict[str, Any] = {"archived": "true", "limit": min(self.page_size, LIST_MAX),
-                                      "properties": "hs_object_id"}
-            if after:
-                params["after"] = after
-            body = self.client.get_json("/crm/v3/objects/deals", params=params)
+        params = {"archived": "true", "limit": min(self.page_size, LIST_MAX), "properties": "hs_object_id"}
+        for records in self._list_pages(DEALS_PATH, params):
             page = []
-            for r in body.get("results", []):
+            for r in records:
                 at = parse_datetime(r.get("archivedAt"))
                 if since is None or at is None or at >= since:
-                    page.append((str(r["id"]), at))
+                    page.append((r["id"], at))
             if page:
                 yield page
-            after = ((body.get("paging") or {}).get("next") or {}).get("after")
-            if not after:
-                return
 
     # -- read by id -------------------------------------------------------------------------------------------
 
@@ -636,35 +792,30 @@ class HubSpotConnector(CrmConnector):
         properties = self._properties()
         self._owner_map()
         wanted = list(dict.fromkeys(str(i) for i in ids))   # once each, in the caller's order
-        for start in range(0, len(wanted), BATCH_MAX):
-            records = self._batch_read(wanted[start:start + BATCH_MAX], properties)
+        for n, start in enumerate(range(0, len(wanted), BATCH_MAX), 1):
+            records = self._batch_read(wanted[start:start + BATCH_MAX], properties, n)
             if records:
                 yield self.map_records(self._with_companies(records), self._map, _record_id)
 
-    def _batch_read(self, ids: list[str], properties: list[str]) -> list[dict[str, Any]]:
-        """One batch read. Ids HubSpot no longer has (deleted, archived, never existed) come back as an
-        OBJECT_NOT_FOUND entry of `errors` in a 207 Multi-Status answer next to the found `results`
-        (developers.hubspot.com, "Multi-status errors"): absent, not an error. Any other entry fails the run."""
+    def _batch_read(self, ids: list[str], properties: list[str], n: int) -> list[dict[str, Any]]:
+        """One batch read (the n-th of this `fetch_by_ids`). Ids HubSpot no longer has (deleted, archived,
+        never existed) come back as an OBJECT_NOT_FOUND entry of `errors` in a 207 Multi-Status answer next to
+        the found `results` (developers.hubspot.com, "Multi-status errors"): absent, not an error. Any other
+        entry fails the run, and so does an answer of the wrong shape (an id missing from it would be taken
+        as deleted)."""
         # `archived` is a query parameter of batch/read (HubSpot's OpenAPI spec), not a body field
-        body = self.client.post_json("/crm/v3/objects/deals/batch/read",
+        body = self.client.post_json(DEAL_BATCH_READ_PATH,
                                      {"properties": properties, "inputs": [{"id": i} for i in ids]},
                                      params={"archived": "false"})
-        results = body.get("results") if isinstance(body, dict) else None
-        if not isinstance(results, list) or any(not isinstance(r, dict) or r.get("id") in (None, "")
-                                                for r in results):
-            # an id missing from this answer would be taken as deleted: an answer of the wrong shape fails
-            # the run (retried) instead
-            raise CrmError(f"HubSpot deal batch read answered without a `results` list of deals with ids "
-                           f"(keys: {sorted(body)[:8] if isinstance(body, dict) else type(body).__name__}); "
-                           "nothing was inferred deleted", status=None, code="BAD_SHAPE", permanent=False)
-        other = [e for e in body.get("errors") or [] if e.get("category") != "OBJECT_NOT_FOUND"]
+        self._checked(BatchPage, body, DEAL_BATCH_READ_PATH, n)
+        other = [e for e in body.get("errors", []) if e["category"] != "OBJECT_NOT_FOUND"]
         if other:
             first = other[0]
             raise CrmError(f"HubSpot refused part of a deal batch read ({len(other)} error(s)): "
-                           f"{first.get('category')}: {str(first.get('message') or '')[:300]}",
-                           status=400, code=str(first.get("category") or "BATCH_ERROR"), permanent=True)
+                           f"{first['category']}: {str(first.get('message') or '')[:300]}",
+                           status=400, code=first["category"] or "BATCH_ERROR", permanent=True)
         asked = set(ids)
-        return [r for r in results if str(r.get("id")) in asked]
+        return [r for r in body["results"] if r["id"] in asked]
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -716,6 +867,11 @@ def _value(field: str, value: Any) -> str:
             return str(_ms(dt))
         return text
     return str(value)
+
+
+def _past(last_id: int) -> dict[str, Any]:
+    """The keyset bound: objects after the last one read."""
+    return {"propertyName": "hs_object_id", "operator": "GT", "value": str(last_id)}
 
 
 def _ms(dt: datetime | None) -> int:

@@ -101,6 +101,7 @@ class CrmConnector(ABC):
         self.conn = conn
         self.credentials = credentials
         self.page_size = min(conn.page_size or self.max_page_size, self.max_page_size)
+        self.options = self.Options.model_validate(conn.options)   # before make_auth, which may read them
         self.client = ApiClient(
             base_url=conn.base_url,
             auth=self.make_auth(),
@@ -115,7 +116,6 @@ class CrmConnector(ABC):
         self._statuses: dict[str, StageInfo] | None = None
         self._prepared = False
         self.capabilities: dict[str, Capability] = {}
-        self.options = self.Options.model_validate(conn.options)
         # Records that failed validation this run (sync.py drains it after each page into oppsync.quarantine).
         self.quarantined: list[Quarantined] = []
         # Full reads of each set (open_set -> tally): the sync compares what was received with the CRM's count.

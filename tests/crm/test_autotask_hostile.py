@@ -205,7 +205,7 @@ def serving_page_one_again(fresh_ids: bool) -> Callable[[Any, int, Request], Any
 
 LOOPS = {
     "next_link_points_back": (lambda: loop_back, "was already followed: paging loops"),
-    "api_ignores_the_paging": (lambda: serving_page_one_again(False), "the API repeats pages"),
+    "api_ignores_the_paging": (lambda: serving_page_one_again(False), "the CRM repeats pages"),
     "endless_fresh_records": (lambda: serving_page_one_again(True), "than the CRM's count of"),
 }
 

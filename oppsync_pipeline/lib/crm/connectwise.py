@@ -338,25 +338,19 @@ class ConnectWiseConnector(CrmConnector):
                expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """GET a list endpoint page by page, following Link rel="next" to the end. Each page is checked against
         `model` before it is used. A next link already followed fails the read; so do more pages than `expect`
-        (the CRM's count of the list) allows, or, without a count, a page holding exactly the previous page's
-        records (a server ignoring `page`)."""
+        (the CRM's count of the list) allows, or a page starting with the record an earlier page started with
+        (a server ignoring `page`)."""
         size = page_size or self.page_size
         url = self.api(path)
         query: dict[str, Any] | None = {**params, "page": 1, "pageSize": size}
         trail = PageTrail(self.crm, url)
         trail.expect(expect, size)
         trail.follow(_cursor(url, query))
-        previous: list[int] = []
         while True:
             response = self.client.request("GET", url, params=query)
             rows = self.client.parse_json(response)
             check_page(model, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows))
-            ids = [r["id"] for r in rows]
-            if trail.total is None and ids and ids == previous:
-                raise PageError("the page holds the same records as the one before: paging loops (the server "
-                                "ignores the page parameter)", crm=self.crm, url=url, page=n)
-            previous = ids
+            n = trail.page(len(rows), rows[0]["id"] if rows else None)
             yield rows
             link = _same_origin(response.links.get("next", {}).get("url"), self.api(path))
             if link is None:
@@ -579,7 +573,7 @@ class ConnectWiseConnector(CrmConnector):
                 query["conditions"] = _and(clause)
             rows = self.client.get_json(url, params=query)
             check_page(Rows, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows))
+            n = trail.page(len(rows), rows[0]["id"] if rows else None)
             if rows:
                 yield rows
             if len(rows) < self.page_size:

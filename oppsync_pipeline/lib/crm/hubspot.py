@@ -623,20 +623,14 @@ class HubSpotConnector(CrmConnector):
 
     def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed
-        once, and a page of nothing but records read before means the list ignores its cursor: such lists
-        carry no count to bound them, so either is a loop."""
+        once, and a page starting with the record an earlier page started with means the list ignores its
+        cursor: such lists carry no count to bound them, so either is a loop."""
         trail = PageTrail(self.crm, self.client.url(path))
-        seen: set[str] = set()
         after: str | None = None
         while True:
             body = self.client.get_json(path, params={**params, **({"after": after} if after else {})})
             page = self._checked(ListPage, body, path, trail.pages + 1)
-            number = trail.page(len(page.results))
-            ids = {r["id"] for r in page.results}
-            if ids and ids <= seen:
-                raise PageError(f"all {len(ids)} records of this page were on earlier pages: the list ignores its "
-                                "`after` cursor and paging loops", crm=self.crm, url=trail.url, page=number)
-            seen |= ids
+            trail.page(len(page.results), page.results[0]["id"] if page.results else None)
             yield body["results"]
             after = page.after
             if after is None:

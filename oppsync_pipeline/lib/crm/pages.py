@@ -97,6 +97,7 @@ class PageTrail:
         self.max_pages = MAX_PAGES_UNCOUNTED
         self.total: int | None = None
         self._seen: set[Hashable] = set()
+        self._starts: dict[Hashable, int] = {}   # the first record id of each page -> its page number
 
     def expect(self, total: int | None, page_size: int) -> None:
         """The CRM says the sequence holds `total` records (SOQL totalSize, HubSpot total, @odata.count ...)."""
@@ -105,10 +106,19 @@ class PageTrail:
         self.total = total
         self.max_pages = -(-total // max(1, page_size)) + PAGE_SLACK
 
-    def page(self, n_records: int) -> int:
-        """Count one page received; returns its 1-based number."""
+    def page(self, n_records: int, first_id: Hashable | None = None) -> int:
+        """Count one page received; returns its 1-based number. `first_id`, the id of the page's first record:
+        pages of one sequence hold different records, so two that start with the same one mean the CRM answers
+        the same page whatever the cursor says (the cursors then never repeat, and lists without a count have
+        nothing else to stop them)."""
         self.pages += 1
         self.records += n_records
+        if first_id is not None:
+            if first_id in self._starts:
+                raise PageError(f"it starts with record {_short(first_id)}, as page {self._starts[first_id]} did: "
+                                "the CRM repeats pages instead of following its next-page cursor (paging loops)",
+                                crm=self.crm, url=self.url, page=self.pages)
+            self._starts[first_id] = self.pages
         if self.pages > self.max_pages:
             raise PageError(f"more pages ({self.pages}) than the CRM's count of {self.total} records allows "
                             f"({self.max_pages}): paging does not terminate", crm=self.crm, url=self.url,

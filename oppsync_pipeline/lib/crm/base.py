@@ -24,6 +24,7 @@ import requests
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime, parse_float
+from oppsync_pipeline.lib.scrub import Scrubber
 
 Page = list[Opportunity]
 T = TypeVar("T")
@@ -71,6 +72,8 @@ class CrmConnector(ABC):
     ):
         self.conn = conn
         self.credentials = credentials
+        # Masks this connection's secrets, the configured ones and those its Auth sends, in every form.
+        self.scrubber = Scrubber(credentials)
         self.page_size = min(conn.page_size or self.max_page_size, self.max_page_size)
         self.client = ApiClient(
             base_url=conn.base_url,
@@ -80,6 +83,7 @@ class CrmConnector(ABC):
             classify=self.classify,
             sleep=sleep,
             session=session or requests.Session(),
+            scrubber=self.scrubber,
         )
         self._stages: dict[str, StageInfo] | None = None
         self._statuses: dict[str, StageInfo] | None = None

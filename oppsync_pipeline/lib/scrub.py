@@ -74,11 +74,13 @@ class Scrubber:
     def add_sent_headers(self, before: Mapping[str, str], after: Mapping[str, str]) -> None:
         """What an Auth added to a request's headers (compare the headers before and after `apply`)."""
         for name, value in after.items():
-            if before.get(name) == value or name.lower() in NOT_CREDENTIALS or not isinstance(value, str):
+            if (before.get(name) == value or not isinstance(value, str) or name.lower() in NOT_CREDENTIALS
+                    or self.knows(value)):    # every request sends the same token: learned once
                 continue
             if name.lower() == "authorization":
                 self.add_authorization(value)
-            elif not self.knows(value):
+                self._known.add(value)
+            else:
                 self.add_secret(value)
 
     def add_authorization(self, value: str) -> None:

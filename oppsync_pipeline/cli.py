@@ -122,14 +122,14 @@ def check_online(cfg: OppsyncConfig, conn) -> bool:
     """The discovery a run does, printed: per capability `read` or `skipped` (optional, with the fallback)
     or `REFUSED` (required: the sync would fail). False when the connection cannot sync."""
     from oppsync_pipeline.lib.crm.http import CrmError
-    from oppsync_pipeline.lib.sync import build_connector
+    from oppsync_pipeline.lib.sync import build_connector, scrub
 
     connector = build_connector(cfg, conn)
     try:
         capabilities = connector.discover()
         error = None
     except (CrmError, ConfigError) as err:
-        capabilities, error = list(connector.capabilities.values()), connector.scrubber(str(err))
+        capabilities, error = list(connector.capabilities.values()), scrub(str(err), connector.scrubber)
     stats = connector.stats
     required_refused = [c for c in capabilities if not c.available and c.detail.startswith("REQUIRED")]
     verdict = "cannot sync" if (error or required_refused) else "will sync"
@@ -137,7 +137,7 @@ def check_online(cfg: OppsyncConfig, conn) -> bool:
     for c in capabilities:
         mark = "read" if c.available else ("REFUSED" if c.detail.startswith("REQUIRED") else "skipped")
         # a refused read's detail carries the CRM's answer, which may echo the request
-        detail = connector.scrubber(c.detail)
+        detail = scrub(c.detail, connector.scrubber)
         print(f"  {mark:<8} {c.name}" + (f": {detail}" if detail and detail != "readable" else ""))
     if error:
         print(f"  ERROR    {error}")

@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     adv.add_argument("--hours", type=float, default=1.0)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         if args.command == "config":
             return cmd_config_check(args.config, online=args.online, only=args.connection)
@@ -89,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         print(str(err), file=sys.stderr)
         return 2
     return 1
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr; every record (ours and other libraries') passes the secrets filter first."""
+    from oppsync_pipeline.lib.scrub import scrub_handlers
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scrub_handlers(logging.getLogger().handlers)
 
 
 # -- config -----------------------------------------------------------------------------------------------------
@@ -121,14 +129,16 @@ def check_online(cfg: OppsyncConfig, conn) -> bool:
         capabilities = connector.discover()
         error = None
     except (CrmError, ConfigError) as err:
-        capabilities, error = list(connector.capabilities.values()), scrub(str(err), connector.credentials)
+        capabilities, error = list(connector.capabilities.values()), scrub(str(err), connector.scrubber)
     stats = connector.stats
     required_refused = [c for c in capabilities if not c.available and c.detail.startswith("REQUIRED")]
     verdict = "cannot sync" if (error or required_refused) else "will sync"
     print(f"\n{conn.name} ({conn.crm}): {verdict}; {stats.requests} request(s), {stats.token_requests} for tokens")
     for c in capabilities:
         mark = "read" if c.available else ("REFUSED" if c.detail.startswith("REQUIRED") else "skipped")
-        print(f"  {mark:<8} {c.name}" + (f": {c.detail}" if c.detail and c.detail != "readable" else ""))
+        # a refused read's detail carries the CRM's answer, which may echo the request
+        detail = scrub(c.detail, connector.scrubber)
+        print(f"  {mark:<8} {c.name}" + (f": {detail}" if detail and detail != "readable" else ""))
     if error:
         print(f"  ERROR    {error}")
     return verdict == "will sync"

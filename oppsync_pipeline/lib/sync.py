@@ -10,9 +10,8 @@ before it, and duplicates are removed in reconcile: late-committed and tied rows
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,11 +25,12 @@ from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
+from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
 from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
 
-log = logging.getLogger(__name__)
+log = scrubbed_logger(__name__)
 LOCK_TTL = timedelta(hours=2)
 
 
@@ -38,12 +38,18 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def scrub(message: str, secrets: dict[str, str]) -> str:
-    """Remove credential values from a message before it reaches a log, the warehouse or Dagster."""
-    for value in secrets.values():
-        if value and len(value) >= 4:
-            message = message.replace(value, "***")
-    return message
+def scrub(message: str, secrets: Mapping[str, str] | Scrubber | None = None) -> str:
+    """Remove credentials from a message before it reaches a log, the warehouse or Dagster: those of `secrets`
+    (a connection's Scrubber, or its credential values) in every form, its identifiers whole, and the secrets
+    of every connection alive in this process (the tokens their Auth sent included)."""
+    if secrets is not None:
+        message = (secrets if isinstance(secrets, Scrubber) else Scrubber(secrets))(message)
+    return redact(message)
+
+
+def scrubbed_stats(stats: dict[str, Any], secrets: Scrubber | None) -> dict[str, Any]:
+    """A run's statistics with its warnings (texts of refused optional reads) scrubbed of credentials."""
+    return {**stats, "warnings": [scrub(w, secrets) for w in stats.get("warnings") or []]}
 
 
 @dataclass
@@ -111,11 +117,14 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
     out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since, scope_fingerprint=fingerprint)
     store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
-    secrets: dict[str, str] = {}
+    # Error texts are scrubbed before they are stored, raised to Dagster or logged, by the connector's
+    # scrubber: its credentials, and the tokens its Auth sent.
+    secrets: Scrubber | None = None
+    failure: ExtractFailed | None = None
     try:
         connector = connector or build_connector(cfg, conn)
         connector.resume_token = state.resume_token
-        secrets = connector.credentials
+        secrets = connector.scrubber
         connector.prepare()
         if scope_changed:
             connector.stats.warn("scope changed since the last sync (" + "; ".join(scope_changed) + "): read in "
@@ -165,20 +174,23 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         out.counts, out.status = counts, "complete"
-        out.stats = {**connector.stats.as_metadata(), **out.stats}
+        out.stats = scrubbed_stats({**connector.stats.as_metadata(), **out.stats}, secrets)
         store.finish_extract(engine, run_id, status="complete", finished_at=utcnow(), new_cursor=out.new_cursor,
                              counts=counts, stats=out.stats, resume_token=connector.resume_token)
     except QuotaExhausted as err:
         out.status, out.error = "skipped", scrub(str(err), secrets)
-        out.stats = connector.stats.as_metadata() if connector else {}
+        out.stats = scrubbed_stats(connector.stats.as_metadata(), secrets) if connector else {}
         close_extract(engine, out)
     except Exception as err:
         out.status, out.error = "failed", scrub(f"{type(err).__name__}: {err}", secrets)
-        out.stats = connector.stats.as_metadata() if connector else {}
+        out.stats = scrubbed_stats(connector.stats.as_metadata(), secrets) if connector else {}
         close_extract(engine, out)
-        raise ExtractFailed(out.error, permanent=is_permanent(err)) from None
+        failure = ExtractFailed(out.error, permanent=is_permanent(err))
     finally:
         out.seconds = time.monotonic() - t0
+    if failure is not None:
+        # Raised outside the handler, so that not even the exception's context holds the unscrubbed original.
+        raise failure
     return out
 
 
@@ -328,7 +340,7 @@ def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
                                  "mode": out.mode, "started_at": out.started_at, "finished_at": utcnow(),
                                  "status": "refused" if type(err).__name__ == "DeleteGuardRefused" else "failed",
                                  "fetched": sum(out.counts.values()), "api_requests": out.stats.get("api_requests"),
-                                 "error": f"{type(err).__name__}: {err}"})
+                                 "error": scrub(f"{type(err).__name__}: {err}")})
         store.release_lock(engine, conn.name, out.extract_id)
         raise
     store.release_lock(engine, conn.name, out.extract_id)

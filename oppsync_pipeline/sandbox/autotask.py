@@ -74,7 +74,7 @@ from oppsync_pipeline.sandbox.world import (
 CRM = "autotask"
 SANDBOX_CREDENTIALS = {
     "username": "oppsync-api@sandbox.example.com",
-    "secret": "sandbox-autotask-secret",
+    "secret": "Zr4*Lm9~Qx2@Wv7*Tn5k",
     "integration_code": "SANDBOXTRACKINGID0001",
 }
 

@@ -54,7 +54,7 @@ from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, Si
 CRM = "dynamics"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
-SANDBOX_CREDENTIALS = {"tenant_id": TENANT_ID, "client_id": CLIENT_ID, "client_secret": "sandbox~dataverse.secret"}
+SANDBOX_CREDENTIALS = {"tenant_id": TENANT_ID, "client_id": CLIENT_ID, "client_secret": "Xq48Q~aB3dE5fG7hJ9kL1mN3pR5tV7xZ9bD1fH3j"}
 API = "/api/data/v9.2"
 REQUEST_LIMIT = 6000
 WINDOW_SECONDS = 300

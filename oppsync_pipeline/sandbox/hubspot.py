@@ -59,10 +59,10 @@ from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Req
 from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "hubspot"
-PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-0000-4000-8000-sandbox00001"
+PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-7f3b-4c2e-9d1a-8e4b2f6c0a17"
 OAUTH_CLIENT_ID = "sandbox-client-2f9c"
-OAUTH_CLIENT_SECRET = "sandbox-secret-7b41"
-OAUTH_REFRESH_TOKEN = "na1-sandbox-refresh-0000-4000-8000"
+OAUTH_CLIENT_SECRET = "7b41c9e2-3d5a-4f8e-b0d1-2a6c9e4f8b3d"
+OAUTH_REFRESH_TOKEN = "na1-4e7a-9c1f-2b8d-6f3e0a5c7d92"
 SANDBOX_CREDENTIALS = {"access_token": PRIVATE_APP_TOKEN}
 # The OAuth credential set (public apps): the connector refreshes the access token on 401.
 SANDBOX_OAUTH_CREDENTIALS = {"client_id": OAUTH_CLIENT_ID, "client_secret": OAUTH_CLIENT_SECRET,

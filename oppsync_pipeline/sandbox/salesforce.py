@@ -45,7 +45,7 @@ from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Req
 from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimStage, TenantProfile, World, truncate
 
 CRM = "salesforce"
-SANDBOX_CREDENTIALS = {"client_id": "3MVG9sandbox.oppsync.client", "client_secret": "sandbox-sf-secret-0001"}
+SANDBOX_CREDENTIALS = {"client_id": "3MVG9sandbox.oppsync.client", "client_secret": "9F4C2A7E1B8D3F60C5A9E2B7D4F1083A6C9E5B2D7F4A1C8E3B6D9F2A5C8E1B47"}
 API_VERSIONS = tuple(f"{v}.0" for v in range(31, 63))
 DEFAULT_DAILY_LIMIT = 100_000
 GET_DELETED_DAYS = 15

@@ -10,7 +10,6 @@ as `oppsync sandbox serve`.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import re
 import socket
@@ -24,9 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from oppsync_pipeline.lib.scrub import scrubbed_logger
 from oppsync_pipeline.sandbox.world import World
 
-log = logging.getLogger(__name__)
+log = scrubbed_logger(__name__)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class HttpError(Exception):
 # -- faults ----------------------------------------------------------------------------------------------------
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "drop", "token_expiry", "malformed", "truncated",
-               "forbidden", "not_found", "bad_request", "wrong_shape")
+               "forbidden", "not_found", "bad_request", "wrong_shape", "echo_headers")
 # Permanent errors, answered in the CRM's own error shape (error_response): a permission the API user lacks,
 # an object or path the tenant does not have, a query the CRM refuses. Retrying never helps.
 PERMANENT_FAULTS = {"forbidden": (403, "INSUFFICIENT_ACCESS", "The API user lacks permission for this operation"),
@@ -142,6 +142,14 @@ class FaultPlan:
         return cls(rules=rules, seed=int(data.get("seed", 0)), latency_ms=int(data.get("latency_ms", 0)))
 
 
+def echo_request(req: Request) -> str:
+    """What a misbehaving API or proxy answers a request it refuses with: the request itself, headers first
+    (sorted by name, `Authorization` among them) then the query string."""
+    headers = "; ".join(f"{name}: {value}" for name, value in sorted(req.headers.items()))
+    query = req.raw_path.partition("?")[2]
+    return f"Request header field is invalid. Received {req.method} {req.path}; headers: {headers}; query: {query}"
+
+
 # -- the simulator base ------------------------------------------------------------------------------------------
 
 class Simulator:
@@ -185,7 +193,7 @@ class Simulator:
             time.sleep(self.faults.latency_ms / 1000)
         rule = None if self.unfaulted.match(req.path) else self.faults.pick(req)
         if rule is not None:
-            early = self._apply_fault_before(rule)
+            early = self._apply_fault_before(rule, req)
             if early is not None:
                 return early
         try:
@@ -215,7 +223,7 @@ class Simulator:
             raise HttpError(405, "METHOD_NOT_ALLOWED", f"HTTP method {req.method} not allowed for {req.path}")
         raise HttpError(404, "NOT_FOUND", f"The requested resource does not exist: {req.path}")
 
-    def _apply_fault_before(self, rule: FaultRule) -> Response | None:
+    def _apply_fault_before(self, rule: FaultRule, req: Request) -> Response | None:
         if rule.kind == "rate_limit":
             return self.rate_limit_response(rule)
         if rule.kind == "server_error":
@@ -227,6 +235,8 @@ class Simulator:
             return Response(drop=True)
         if rule.kind in PERMANENT_FAULTS:
             return self.error_response(HttpError(*PERMANENT_FAULTS[rule.kind]))
+        if rule.kind == "echo_headers":
+            return self.error_response(HttpError(400, "INVALID_HEADER", echo_request(req)))
         if rule.kind == "token_expiry":
             self.expire_tokens()
             return None

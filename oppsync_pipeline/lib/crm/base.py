@@ -29,6 +29,7 @@ from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime,
                                          parse_float, to_utc)
+from oppsync_pipeline.lib.scrub import Scrubber
 
 Page = list[Opportunity]
 T = TypeVar("T")
@@ -100,6 +101,8 @@ class CrmConnector(ABC):
     ):
         self.conn = conn
         self.credentials = credentials
+        # Masks this connection's secrets, the configured ones and those its Auth sends, in every form.
+        self.scrubber = Scrubber(credentials)
         self.page_size = min(conn.page_size or self.max_page_size, self.max_page_size)
         self.options = self.Options.model_validate(conn.options)   # before make_auth, which may read them
         self.client = ApiClient(
@@ -111,6 +114,7 @@ class CrmConnector(ABC):
             classify=self.classify,
             sleep=sleep,
             session=session or requests.Session(),
+            scrubber=self.scrubber,
         )
         self._stages: dict[str, StageInfo] | None = None
         self._statuses: dict[str, StageInfo] | None = None

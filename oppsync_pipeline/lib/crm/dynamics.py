@@ -39,7 +39,6 @@ change_tracking, delta_link, request_limit (service-protection window size used 
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +56,7 @@ from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhaus
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
+from oppsync_pipeline.lib.scrub import scrubbed_logger
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
@@ -92,7 +92,7 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,7})?)?(Z|[+-]\d{2}:\d{2})$")
 # Publisher-prefixed custom columns (new_x, cr123_x, msdyn_x) and their lookup form (_new_x_value).
-log = logging.getLogger(__name__)
+log = scrubbed_logger(__name__)
 CUSTOM = re.compile(r"^(_[a-z][a-z0-9]{1,7}_[a-z0-9_]+_value|[a-z][a-z0-9]{1,7}_[a-z0-9_]+)$")
 NUMERIC = frozenset({"estimatedvalue", "closeprobability", "statecode", "statuscode", "salesstage",
                      "exchangerate", "actualvalue", "budgetamount", "versionnumber"})

@@ -8,7 +8,6 @@ JSON body) and because the run must report how many retries it made and how long
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ from typing import Any
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-log = logging.getLogger(__name__)
+from oppsync_pipeline.lib.scrub import Scrubber, scrubbed_logger
+
+log = scrubbed_logger(__name__)
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
@@ -181,6 +182,8 @@ class ApiClient:
     classify: Callable[[requests.Response], Exception | None] | None = None
     sleep: Callable[[float], None] = time.sleep
     session: requests.Session = field(default_factory=requests.Session)
+    # Knows the connection's credentials and learns what the Auth sends (tokens obtained at run time).
+    scrubber: Scrubber = field(default_factory=Scrubber)
 
     def __post_init__(self) -> None:
         self.auth.stats = self.stats
@@ -234,7 +237,10 @@ class ApiClient:
         refreshed = False
         while True:
             headers = dict(kwargs.pop("headers", None) or {})
+            unauthenticated = dict(headers)
             self.auth.apply(self.session, headers)
+            # before the request is sent: an answer that echoes it must find the token already known
+            self.scrubber.add_sent_headers(unauthenticated, headers)
             self.stats.requests += 1
             response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}

@@ -218,7 +218,7 @@ def test_a_by_id_answer_of_the_wrong_shape_fails_the_run_and_deletes_nothing(duc
     from oppsync_pipeline.lib.sync import ExtractFailed
     from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule
 
-    faults = FaultPlan([FaultRule("wrong_shape", count=0, path="batch/read")])
+    faults = FaultPlan([FaultRule("wrong_shape", count=0, path="objects/deals/batch/read")])
     sim = build_simulator("hubspot", seed=11, opportunities=150, faults=faults)
     with SandboxServer(sim) as server:
         cfg = config("hubspot", server, duckdb_url, tmp_path)

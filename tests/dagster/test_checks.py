@@ -117,7 +117,9 @@ def test_a_good_sync_passes_every_check_and_reports_its_numbers(setup: Setup, da
     assert len(setup.rows("sf-good")) == live
 
 
-def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: Setup, dagster_instance):
+def test_too_many_bad_records_block_the_run_and_reconcile_never_runs(setup: Setup, dagster_instance):
+    """Bad records are quarantined one by one (tests/reliability/test_hostile_assets.py); beyond
+    quarantine_max_share (1%; here 2 of 120) the extract itself fails, naming them, and nothing changes."""
     assert run(setup, "sf-bad", dagster_instance).success
     before = setup.rows("sf-bad")
     world = setup.world("sf-bad")
@@ -128,22 +130,16 @@ def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: 
     result = run(setup, "sf-bad", dagster_instance)
 
     assert not result.success
-    assert set(materialized(result)) == {key("sf-bad", "extract")}  # no opportunities materialization
-    quality = checks(result)["extract_quality"]
-    assert not quality.passed and quality.severity == dg.AssetCheckSeverity.ERROR
-    failed = {(f["expectation"], f["column"]) for f in quality.metadata["failures"].value}
-    assert failed == {("expect_column_values_to_be_between", "amount"),
-                      ("expect_column_values_to_be_between", "created_at")}
-    # the failures name the records to look at in the CRM
-    assert {f["column"]: f["partial_unexpected_list"] for f in quality.metadata["failures"].value} == {
-        "amount": [negative], "created_at": [future]}
+    assert materialized(result) == {}
     failed_steps = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
-    assert failed_steps == {"oppsync__sf_bad__extract_extract_quality"}
+    assert failed_steps == {"oppsync__sf_bad__extract"}
     assert "oppsync__sf_bad__opportunities" not in started_steps(result)
     assert setup.rows("sf-bad") == before  # warehouse unchanged
-    # recorded as refused, lock released: the next run is not locked out by this one
     runs = setup.sync_runs("sf-bad")
-    assert [r[1] for r in runs] == ["success", "refused"] and "quality" in runs[-1][2]
+    assert [r[1] for r in runs] == ["success", "failed"]
+    # the error names the records and fields to look at in the CRM, and the key to change
+    assert f"{negative}.amount: negative amount" in runs[-1][2] and f"{future}.created_at" in runs[-1][2]
+    assert "quarantine_max_share" in runs[-1][2]
     assert setup.lock_holder("sf-bad") is None
 
     # the CRM's data is corrected: the next run applies it
@@ -152,7 +148,43 @@ def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: 
     again = run(setup, "sf-bad", dagster_instance)
     assert again.success
     assert setup.rows("sf-bad")[negative][1] == 5.0
-    assert [r[1] for r in setup.sync_runs("sf-bad")] == ["success", "refused", "success"]
+    assert [r[1] for r in setup.sync_runs("sf-bad")] == ["success", "failed", "success"]
+
+
+def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: Setup, dagster_instance):
+    """What no single record shows: one id served twice in a set with the same modification time and different
+    values. The blocking quality check refuses the extract before reconcile."""
+    from tests.reliability.harness import PageHook
+
+    assert run(setup, "sf-bad", dagster_instance).success
+    before = setup.rows("sf-bad")
+
+    def conflicting_copy(records: list, n: int, req) -> None:
+        if records and "StageName" in records[0]:
+            records.append({**records[0], "Name": records[0]["Name"] + " (other version)"})
+
+    hook = PageHook(setup.servers["sf-bad"].simulator, "salesforce", rewrite=conflicting_copy).install()
+    try:
+        result = run(setup, "sf-bad", dagster_instance)
+    finally:
+        hook.remove()
+
+    assert not result.success
+    assert set(materialized(result)) == {key("sf-bad", "extract")}  # no opportunities materialization
+    quality = checks(result)["extract_quality"]
+    assert not quality.passed and quality.severity == dg.AssetCheckSeverity.ERROR
+    failures = quality.metadata["failures"].value
+    assert [f["expectation"] for f in failures] == ["expect_compound_columns_to_be_unique"]
+    assert failures[0]["partial_unexpected_list"], failures   # names the records to look at
+    failed_steps = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
+    assert failed_steps == {"oppsync__sf_bad__extract_extract_quality"}
+    assert "oppsync__sf_bad__opportunities" not in started_steps(result)
+    assert setup.rows("sf-bad") == before  # warehouse unchanged
+    # recorded as refused, lock released: the next run is not locked out by this one
+    runs = setup.sync_runs("sf-bad")
+    assert runs[-1][1] == "refused" and "quality" in runs[-1][2]
+    assert setup.lock_holder("sf-bad") is None
+    assert run(setup, "sf-bad", dagster_instance).success
 
 
 def test_a_spent_quota_skips_the_run_and_the_next_run_completes_the_data(setup: Setup, dagster_instance):

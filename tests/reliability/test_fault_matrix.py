@@ -135,12 +135,29 @@ def huge_names(world, crm: str) -> None:
         world.update(o.native_id, name=("Ω" if i % 2 else "x") * 10_000)
 
 
+def opportunity_pages(crm: str, rewrite: Callable[[list, int], None]) -> Callable[[list, int, object], None]:
+    """A PageHook rewrite applied to pages of opportunity records only, numbered among themselves (Salesforce's
+    /query also serves the stage, user and organization lists)."""
+    seen = {"n": 0}
+
+    def is_opportunity(record) -> bool:
+        if not isinstance(record, dict) or ID_KEY[crm] not in record:
+            return False
+        return crm != "salesforce" or (record.get("attributes") or {}).get("type") == "Opportunity"
+
+    def hook(records: list, n: int, req) -> None:
+        if records and is_opportunity(records[0]):
+            seen["n"] += 1
+            rewrite(records, seen["n"])
+    return hook
+
+
 def null_ids(sim, crm: str) -> PageHook:
     """One record of the second opportunity page has a null id."""
-    def rewrite(records: list, n: int, req) -> None:
-        if n == 2 and isinstance(records[0], dict) and ID_KEY[crm] in records[0]:
+    def rewrite(records: list, n: int) -> None:
+        if n == 2:
             records[-1][ID_KEY[crm]] = None
-    return PageHook(sim, crm, rewrite=rewrite).install()
+    return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()
 
 
 def looping_cursor(sim, crm: str) -> PageHook:
@@ -151,10 +168,10 @@ def looping_cursor(sim, crm: str) -> PageHook:
 
 def short_page(sim, crm: str) -> PageHook:
     """The second page silently lacks five of its records (valid shape): the CRM's count says more exist."""
-    def rewrite(records: list, n: int, req) -> None:
-        if n == 2 and len(records) > 6 and isinstance(records[0], dict) and ID_KEY[crm] in records[0]:
+    def rewrite(records: list, n: int) -> None:
+        if n == 2 and len(records) > 6:
             del records[:5]
-    return PageHook(sim, crm, rewrite=rewrite).install()
+    return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()
 
 
 def _set(record: dict, key: str, value) -> None:
@@ -169,11 +186,11 @@ def _set(record: dict, key: str, value) -> None:
 def bad_records(sim, crm: str) -> PageHook:
     """Two records of the second page cannot be trusted: a lone surrogate in the name, an unreadable created
     date. They are quarantined; the rest of the sync proceeds and nothing is deleted for them."""
-    def rewrite(records: list, n: int, req) -> None:
-        if n == 2 and len(records) > 2 and isinstance(records[0], dict) and ID_KEY[crm] in records[0]:
+    def rewrite(records: list, n: int) -> None:
+        if n == 1 and len(records) > 2:
             _set(records[0], NAME_KEY[crm], "Deal \ud800 broken")
             _set(records[1], CREATED_KEY[crm], "31/12/2025 25:61")
-    return PageHook(sim, crm, rewrite=rewrite).install()
+    return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()
 
 
 def secrets_in_warehouse(engine, connection: str, crm: str) -> int:

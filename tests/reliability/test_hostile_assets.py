@@ -3,8 +3,9 @@ against its simulator, with the CRM's clock three hours ahead of ours (as `oppsy
 leaves it):
 
   1. a clean full sync; the CRM's clock moves on 3 hours with activity;
-  2. a wrong-shape page mid-paging: the extract fails naming the CRM, the page and what was wrong, the warehouse
-     is unchanged, the run is recorded as failed, the lease is released;
+  2. a wrong-shape page mid-paging: the extract attempt fails naming the CRM, the page and what was wrong, is
+     recorded as failed with nothing changed and the lease released; a bad page may not come again, so Dagster's
+     retry policy runs the step again (30 s later) and that attempt completes the sync;
   3. two bad records on a page: quarantined (WARN check `quarantine` naming their ids), everything else synced,
      the blocking quality check passes although records were created "in the future" by our clock.
 
@@ -35,7 +36,7 @@ EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     tmp = tmp_path_factory.mktemp("hostile_assets")
     names = {f"hostile-{crm}": crm for crm in SELECTED}
-    servers = start_servers(names, opportunities=120)
+    servers = start_servers(names, opportunities=300)   # 2 bad records stay under the 1% threshold
     try:
         url = f"duckdb:///{tmp / 'warehouse.duckdb'}"
         extra = {name: {"page_size": 25, **EXTRA.get(crm, {})} for name, crm in names.items()}
@@ -53,7 +54,16 @@ def run(defs: dg.Definitions, name: str, instance: dg.DagsterInstance) -> dg.Exe
         raise_on_error=False)
 
 
-def last_run(url: str, name: str) -> tuple:
+def chain(error) -> list[str]:
+    """The messages of a Dagster error and its causes (a retry request wraps the step's own error)."""
+    out = []
+    while error is not None:
+        out.append(error.message.strip())
+        error = error.cause
+    return out
+
+
+def last_run(url: str, name: str) -> tuple:  # (status, error, quarantined) of the latest sync run
     with _engine(url).connect() as c:
         return tuple(c.execute(text("SELECT status, error, quarantined FROM oppsync.sync_runs WHERE connection = :c "
                                     "ORDER BY started_at DESC LIMIT 1"), {"c": name}).one())
@@ -70,18 +80,26 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         assert run(defs, name, instance).success
         sim.world.advance(hours=3, rate=0.05)          # the CRM's clock is now 3 hours ahead of ours
 
-        before = snapshot(engine, name)
+        known = set(snapshot(engine, name).current)
         sim.faults.rules = [FaultRule("wrong_shape", path=OPPORTUNITY_PAGES[crm], after=2, count=1)]
         result = run(defs, name, instance)
+        fired = sum(r.fired for r in sim.faults.rules)
         sim.faults.rules = []
-        status, error, _ = last_run(url, name)
-        row.unclear_errors = unclear(error, rf"{crm}: page \d+ of /\S*: unexpected page shape")
-        assert not result.success and status == "failed", (status, error)
-        assert not row.unclear_errors, error
-        assert snapshot(engine, name).differences(before) == []
         with engine.connect() as c:
-            assert c.execute(text("SELECT count(*) FROM oppsync.sync_locks WHERE connection = :c"),
-                             {"c": name}).scalar() == 0
+            runs = c.execute(text("SELECT status FROM oppsync.sync_runs WHERE connection = :c ORDER BY started_at"),
+                             {"c": name}).scalars().all()
+            locks = c.execute(text("SELECT count(*) FROM oppsync.sync_locks WHERE connection = :c"),
+                              {"c": name}).scalar()
+        # the failed attempt's row is replaced by the retry's (one row per Dagster run): its error is in the
+        # run's event log, as the data engineer sees it in the UI
+        retried = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+        errors = [" / ".join(chain(e.event_specific_data.error)) for e in retried]
+        row.unclear_errors = sum(unclear(m, rf"{crm}: page \d+ of /\S*: unexpected page shape") for m in errors)
+        assert fired == 1 and len(retried) == 1, [e.event_type for e in result.all_events]
+        assert not row.unclear_errors, errors
+        assert result.success and runs[-1] == "success" and locks == 0, runs
+        deleted = {sid for sid, kind in snapshot(engine, name).events if kind == "deleted"}
+        assert deleted == known - {str(o.native_id) for o in sim.world.live()}, "deletes other than the CRM's"
 
         hook = bad_records(sim, crm)
         result = run(defs, name, instance)
@@ -100,4 +118,5 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         assert set(quarantine.metadata["ids"].value.split(", ")) == {r[0] for r in rows}
         assert last_run(url, name)[0] == "success" and last_run(url, name)[2] == 2
         after = snapshot(engine, name)
-        assert not any(e[1] in ("deleted", "restored") for e in after.events), "a quarantined record was deleted"
+        assert not ({r[0] for r in rows} & {sid for sid, kind in after.events if kind == "deleted"}), \
+            "a quarantined record was deleted"

@@ -112,7 +112,7 @@ WAREHOUSE = Path(__file__).resolve().parents[2] / "oppsync_pipeline" / "lib" / "
 # record.TRACKED_FIELDS; `values` is bulk_insert's column list with store.DUCKDB_ROW_HASH (an expression over
 # record.TRACKED_FIELDS) in place of row_hash; DUCKDB_CATALOG and DUCKDB_ROW_GROUP_SIZE are engine.py constants. Anything else (a run id, a connection name, a filter value) must be a
 # bound parameter.
-ALLOWED = {"S", "SCHEMA", "_LATEST", "cols", "scols", "rcols", "narrow", "plain", "values", "sets", "changed", "union", "locked", "t", "table", "column",
+ALLOWED = {"S", "SCHEMA", "_LATEST", "_KEPT", "cols", "scols", "rcols", "narrow", "plain", "values", "sets", "changed", "union", "locked", "t", "table", "column",
            "name", "DUCKDB_CATALOG", "DUCKDB_ROW_GROUP_SIZE",
            # reconcile's and migration 5's fragments, built from module constants (field and kind names)
            "scope", "same_close", "fields(STAGE_FIELDS)", "fields(STATUS_FIELDS)", "fields(TRACKED_FIELDS)",

@@ -94,7 +94,7 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         # run's event log, as the data engineer sees it in the UI
         retried = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
         errors = [" / ".join(chain(e.event_specific_data.error)) for e in retried]
-        row.unclear_errors = sum(unclear(m, rf"{crm}: page \d+ of /\S*: unexpected page shape") for m in errors)
+        row.unclear_errors = sum(unclear(m, rf"{crm}: page \d+ of \S+: unexpected page shape") for m in errors)
         assert fired == 1 and len(retried) == 1, [e.event_type for e in result.all_events]
         assert not row.unclear_errors, errors
         assert result.success and runs[-1] == "success" and locks == 0, runs

@@ -186,8 +186,11 @@ def _set(record: dict, key: str, value) -> None:
 def bad_records(sim, crm: str) -> PageHook:
     """Two records of the second page cannot be trusted: a lone surrogate in the name, an unreadable created
     date. They are quarantined; the rest of the sync proceeds and nothing is deleted for them."""
+    done = []
+
     def rewrite(records: list, n: int) -> None:
-        if n == 1 and len(records) > 2:
+        if not done and len(records) > 2:      # the first real page (not a one-record discovery probe)
+            done.append(n)
             _set(records[0], NAME_KEY[crm], "Deal \ud800 broken")
             _set(records[1], CREATED_KEY[crm], "31/12/2025 25:61")
     return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()

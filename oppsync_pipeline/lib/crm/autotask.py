@@ -491,7 +491,7 @@ class AutotaskConnector(CrmConnector):
             if since is not None:
                 seen.update(r["id"] for r in items)
             self._lookup(items)
-            yield self.map_records(items, self._map, _record_id)
+            yield self.map_records(items, self._map)
         if since is None:
             return
         # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
@@ -505,7 +505,7 @@ class AutotaskConnector(CrmConnector):
                 seen.update(r["id"] for r in items)
                 if items:
                     self._lookup(items)
-                    yield self.map_records(items, self._map, _record_id)
+                    yield self.map_records(items, self._map)
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
@@ -534,7 +534,7 @@ class AutotaskConnector(CrmConnector):
             for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}],
                                      expect=len(chunk)):
                 self._lookup(items)
-                yield self.map_records(items, self._map, _record_id)
+                yield self.map_records(items, self._map)
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -775,7 +775,3 @@ def render_filter(f: RecordFilter) -> dict[str, Any]:
 def _is_id(value: Any) -> bool:
     """An Autotask reference that can be looked up (an int other than 0; bool is no id)."""
     return isinstance(value, int) and not isinstance(value, bool) and value != 0
-
-
-def _record_id(record: dict[str, Any]) -> Any:
-    return record.get("id") if isinstance(record, dict) else None

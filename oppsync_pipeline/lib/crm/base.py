@@ -50,15 +50,19 @@ class ConnectorOptions(BaseModel):
 @dataclass
 class SetTally:
     """A full read of one set: what the CRM said it holds (its own count, from the first page or a count
-    request) and how many distinct records it actually delivered (before any filtering in Python)."""
+    request) and how many records it actually delivered (before any filtering in Python)."""
 
     crm_count: int | None = None
     received: int = 0
-    ids: set[str] = field(default_factory=set, repr=False)
+    _previous: set[str] = field(default_factory=set, repr=False)
 
     def add(self, ids: Iterable[Any]) -> None:
-        self.ids.update(str(i) for i in ids)
-        self.received = len(self.ids)
+        """Count a page's records. A record repeated from the page before (an offset shifting under the reader)
+        counts once; the ids of the whole read are not kept: at a million records they would cost ~100 MB of
+        a sync whose memory is otherwise flat."""
+        page = {str(i) for i in ids}
+        self.received += len(page - self._previous)
+        self._previous = page
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class CrmConnector(ABC):
     # The CRM compares text in filters case-insensitively (SQL Server's default collation: Dataverse,
     # ConnectWise, Autotask): filters evaluated in Python on records read by id must agree with it.
     filters_ignore_case: ClassVar[bool] = False
+    # The key of a record's id in the CRM's answers (names the record when it cannot be mapped).
+    id_field: ClassVar[str] = "id"
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
 
@@ -403,8 +409,7 @@ class CrmConnector(ABC):
             t.crm_count = crm_count
         t.add(ids)
 
-    def map_records(self, records: Iterable[dict[str, Any]], mapper: Callable[..., Opportunity],
-                    id_of: Callable[[dict[str, Any]], Any], *args: Any) -> Page:
+    def map_records(self, records: Iterable[dict[str, Any]], mapper: Callable[..., Opportunity], *args: Any) -> Page:
         """Map a page, record by record: a record whose value cannot be read (an unparsable date, a missing
         key) or that fails validation (negative amount, created ahead of the CRM's clock, a lone surrogate)
         is quarantined with its field and reason, and the rest of the page goes on. Errors of the CRM
@@ -417,7 +422,7 @@ class CrmConnector(ABC):
             except CrmError:
                 raise
             except (KeyError, ValueError, TypeError, OverflowError, IndexError, AttributeError) as err:
-                self.quarantined.append(mapping_failure(self.crm, _safe_id(id_of, r), r, err))
+                self.quarantined.append(mapping_failure(self.crm, self._id_of(r), r, err))
                 continue
             problems = record_problems(opp, clock)
             if problems:
@@ -426,17 +431,13 @@ class CrmConnector(ABC):
             page.append(opp)
         return page
 
+    def _id_of(self, record: Any) -> str | None:
+        value = record.get(self.id_field) if isinstance(record, dict) else None
+        return None if value is None else str(value)
+
     def drain_quarantine(self) -> list[Quarantined]:
         out, self.quarantined = self.quarantined, []
         return out
-
-
-def _safe_id(id_of: Callable[[dict[str, Any]], Any], record: Any) -> str | None:
-    try:
-        value = id_of(record)
-    except (KeyError, TypeError, AttributeError, IndexError):
-        return None
-    return None if value is None else str(value)
 
 
 def matches(f: RecordFilter, actual: Any, *, ignore_case: bool = False) -> bool:

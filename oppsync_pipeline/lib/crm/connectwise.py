@@ -602,7 +602,7 @@ class ConnectWiseConnector(CrmConnector):
             self._statuses, self._statuses_refreshed = None, True  # a status created mid-run: read them again
             self.statuses()
         self._resolve_sites(rows)
-        return self.map_records(rows, self._map, _record_id, self._forecasts(rows))
+        return self.map_records(rows, self._map, self._forecasts(rows))
 
     def _resolve_sites(self, rows: list[dict[str, Any]]) -> None:
         """The company sites this page names, each read once per run (GET /company/companies/{c}/sites/{s})."""
@@ -776,10 +776,6 @@ def site_address(site: dict[str, Any]) -> str | None:
     return format_address(site.get("addressLine1"), site.get("addressLine2"), site.get("addressLine3"),
                           site.get("city"), state or site.get("stateIdentifier") or site.get("state"),
                           site.get("zip"), country) or _text(site.get("name"))
-
-
-def _record_id(record: Any) -> Any:
-    return record.get("id") if isinstance(record, dict) else None
 
 
 def _ref(record: dict[str, Any], key: str) -> dict[str, Any]:

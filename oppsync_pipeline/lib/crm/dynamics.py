@@ -347,6 +347,7 @@ class DynamicsOptions(ConnectorOptions):
 
 class DynamicsConnector(CrmConnector):
     Options = DynamicsOptions
+    id_field = "opportunityid"
     filters_ignore_case = True   # SQL Server's default collation
     crm = "dynamics"
     max_page_size = 5000
@@ -749,7 +750,7 @@ class DynamicsConnector(CrmConnector):
         names from the formatted values, else from the users (read once, when a page needs them)."""
         needs_users = any(r.get(f"_ownerid_value{FORMATTED}") is None and r.get("_ownerid_value") for r in rows)
         owners = {u.crm_user_id: u.name for u in self.users()} if needs_users else None
-        return self.map_records(rows, self._map, _record_id, owners)
+        return self.map_records(rows, self._map, owners)
 
     def _map(self, row: dict[str, Any], owners: dict[str, str | None] | None = None) -> Opportunity:
         account = row.get("parentaccountid") or None
@@ -853,10 +854,6 @@ def by_id_filter(ids: Sequence[str]) -> str:
     """`opportunityid` in `ids` (lower-case GUIDs, already validated) with the Dataverse query function."""
     values = ",".join(f"'{i}'" for i in ids)
     return f"Microsoft.Dynamics.CRM.In(PropertyName='opportunityid',PropertyValues=[{values}])"
-
-
-def _record_id(row: Any) -> Any:
-    return row.get("opportunityid") if isinstance(row, dict) else None
 
 
 def _only_asked(rows: list[dict[str, Any]], asked: set[str], trail: PageTrail) -> None:

@@ -478,7 +478,7 @@ class HubSpotConnector(CrmConnector):
             if not records:
                 continue
             seen.update(r["id"] for r in records)
-            page = self.map_records(self._with_companies(records), self._map, _record_id)
+            page = self.map_records(self._with_companies(records), self._map)
             if leftover:
                 page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
             if post_filter:
@@ -789,7 +789,7 @@ class HubSpotConnector(CrmConnector):
         for n, start in enumerate(range(0, len(wanted), BATCH_MAX), 1):
             records = self._batch_read(wanted[start:start + BATCH_MAX], properties, n)
             if records:
-                yield self.map_records(self._with_companies(records), self._map, _record_id)
+                yield self.map_records(self._with_companies(records), self._map)
 
     def _batch_read(self, ids: list[str], properties: list[str], n: int) -> list[dict[str, Any]]:
         """One batch read (the n-th of this `fetch_by_ids`). Ids HubSpot no longer has (deleted, archived,
@@ -924,7 +924,3 @@ def close_time(props: dict[str, Any], status: Status) -> tuple[datetime | None, 
 def _get(raw: dict[str, Any], field: str) -> Any:
     return (raw.get("properties") or {}).get(field)
 
-
-
-def _record_id(record: dict[str, Any]) -> Any:
-    return record.get("id") if isinstance(record, dict) else None

@@ -362,6 +362,7 @@ class SalesforceOptions(ConnectorOptions):
 
 class SalesforceConnector(CrmConnector):
     Options = SalesforceOptions
+    id_field = "Id"
     crm = "salesforce"
     max_page_size = 2000
     min_page_size = 200
@@ -620,7 +621,7 @@ class SalesforceConnector(CrmConnector):
             # every id received counts, quarantined or not; the first page's totalSize is the CRM's own count
             self.tally(open_set, since, (r["Id"] for r in rows.records), crm_count=rows.total)
             if rows.records:
-                yield self.map_records(rows.records, self._map, _record_id)
+                yield self.map_records(rows.records, self._map)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize
@@ -642,7 +643,7 @@ class SalesforceConnector(CrmConnector):
         for batch in id_batches(wanted, len(_encoded(head + tail))):
             for rows in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
                 if rows.records:
-                    yield self.map_records(rows.records, self._map, _record_id)
+                    yield self.map_records(rows.records, self._map)
 
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
@@ -994,7 +995,3 @@ def billing_address(account: dict[str, Any]) -> str | None:
     city, state, postal code, country (record.format_address)."""
     return format_address(account.get("BillingStreet"), account.get("BillingCity"), account.get("BillingState"),
                           account.get("BillingPostalCode"), account.get("BillingCountry"))
-
-
-def _record_id(record: dict[str, Any]) -> Any:
-    return record.get("Id") if isinstance(record, dict) else None

@@ -166,8 +166,8 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out)
         staging.flush()
         set_aside(connector, engine, run_id, conn.name)   # a set's last page may have yielded nothing
-        _check_quarantine(engine, conn, run_id, connector)
-        out.stats.update(_check_completeness(engine, connector, run_id, mode))
+        quarantined = _check_quarantine(engine, conn, run_id, connector)
+        out.stats.update(_check_completeness(engine, connector, run_id, mode, quarantined))
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
@@ -207,12 +207,12 @@ class QuarantineThreshold(Exception):
     """More of a connection's records failed validation than `quarantine_max_share` allows."""
 
 
-def _check_quarantine(engine: Engine, conn: ConnectionConfig, run_id: str, connector: CrmConnector) -> None:
+def _check_quarantine(engine: Engine, conn: ConnectionConfig, run_id: str, connector: CrmConnector) -> int:
     """Quarantined records are reported (a warning naming them) and, beyond `quarantine_max_share` of the
     connection's records, block the run: so many bad records is a broken connection, not bad data."""
     n, examples = store.quarantined(engine, run_id)
     if not n:
-        return
+        return 0
     shown = "; ".join(f"{e['source_id'] or '<no id>'}.{e['field']}: {e['reason']}" for e in examples[:5])
     size = max(store.staged_count(engine, run_id) + n, store.live_count(engine, conn.name))
     if n > conn.quarantine_max_share * size:
@@ -221,9 +221,11 @@ def _check_quarantine(engine: Engine, conn: ConnectionConfig, run_id: str, conne
             f"quarantine_max_share={conn.quarantine_max_share:.1%}; nothing was changed. First: {shown}. "
             "See oppsync.quarantine for all; fix the records in the CRM or raise connections[].quarantine_max_share")
     connector.stats.warn(f"{n} record(s) quarantined (neither synced nor deleted; oppsync.quarantine): {shown}")
+    return n
 
 
-def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mode: str) -> dict[str, Any]:
+def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mode: str,
+                        quarantined: int) -> dict[str, Any]:
     """A full sync infers deletes from the ids it did not read, so it must have read every record the CRM has:
     each set's distinct records received are compared with the CRM's own count (asked again when short: records
     deleted or moved during the read lower it). Short: deletes are not inferred this run, and the run says so."""
@@ -242,11 +244,10 @@ def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mo
     if short:
         connector.stats.warn("deletes not inferred: the CRM delivered fewer records than its own count ("
                              + "; ".join(short) + "); the next full sync infers them")
-    n, _ = store.quarantined(engine, run_id, limit=0)
     clock = to_utc(connector.stats.server_time) if connector.stats.server_time else None
     store.save_completeness(engine, run_id, counts=counts, received=received, inferable=not short,
-                            quarantined=n, crm_clock=clock)
-    return {"quarantined": n, "deletes_inferable": not short,
+                            quarantined=quarantined, crm_clock=clock)
+    return {"quarantined": quarantined, "deletes_inferable": not short,
             **{f"crm_count_{'open' if k else 'closed'}": v for k, v in counts.items()},
             **{f"received_{'open' if k else 'closed'}": v for k, v in received.items()}}
 

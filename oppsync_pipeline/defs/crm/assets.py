@@ -104,7 +104,8 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     return [extract, opportunities]
 
 
-def _or_none(value: object) -> object:
+def counted(value: object) -> object:
+    """A count for run metadata: the number, or "not counted" where the CRM gave none."""
     return "not counted" if value is None else value
 
 
@@ -122,9 +123,9 @@ def _extract_metadata(out: ExtractOutcome) -> dict:
         "read_by_id": stats.get("read_by_id", 0), "found_by_id": stats.get("found_by_id", 0),
         "out_of_scope_by_id": stats.get("out_of_scope_by_id", 0),
         # completeness of a full read against the CRM's own counts; records set aside (oppsync.quarantine)
-        "crm_count_open": _or_none(stats.get("crm_count_open")), "received_open": _or_none(stats.get("received_open")),
-        "crm_count_closed": _or_none(stats.get("crm_count_closed")),
-        "received_closed": _or_none(stats.get("received_closed")),
+        "crm_count_open": counted(stats.get("crm_count_open")), "received_open": counted(stats.get("received_open")),
+        "crm_count_closed": counted(stats.get("crm_count_closed")),
+        "received_closed": counted(stats.get("received_closed")),
         "deletes_inferable": bool(stats.get("deletes_inferable", out.mode == "full")) if out.mode == "full"
         else "incremental run: no deletes inferred",
         "quarantined": stats.get("quarantined", 0),

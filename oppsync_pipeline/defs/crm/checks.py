@@ -4,7 +4,7 @@ reconcile), and after reconcile a count check and WARN-level attribution / stage
 
 import dagster as dg
 
-from oppsync_pipeline.defs.crm.assets import extract_key, opportunities_key
+from oppsync_pipeline.defs.crm.assets import counted, extract_key, opportunities_key
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.quality import validate_extract
@@ -54,15 +54,15 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
                 "note": "incremental run: the CRM reported only changed rows; compared on the next full sync",
                 "warehouse_open": wh_open, "warehouse_closed": wh_closed})
         read_open, read_closed = row["reported_open"] or 0, row["reported_closed"] or 0
-        short = [f"{name}: {received} received of {counted} the CRM counts"
-                 for name, counted, received in (("open set", row["crm_count_open"], row["received_open"]),
+        short = [f"{name}: {received} received of {crm_count} the CRM counts"
+                 for name, crm_count, received in (("open set", row["crm_count_open"], row["received_open"]),
                                                  ("not-open set", row["crm_count_closed"], row["received_closed"]))
-                 if counted is not None and (received or 0) < counted]
+                 if crm_count is not None and (received or 0) < crm_count]
         return dg.AssetCheckResult(
             passed=not short and (read_open, read_closed) == (wh_open, wh_closed),
-            metadata={"crm_count_open": _shown(row["crm_count_open"]),
-                      "crm_count_closed": _shown(row["crm_count_closed"]),
-                      "received_open": _shown(row["received_open"]), "received_closed": _shown(row["received_closed"]),
+            metadata={"crm_count_open": counted(row["crm_count_open"]),
+                      "crm_count_closed": counted(row["crm_count_closed"]),
+                      "received_open": counted(row["received_open"]), "received_closed": counted(row["received_closed"]),
                       "deletes_inferred": row["deletes_inferable"] is not False,
                       "short_reads": "; ".join(short) or "none",
                       "read_open": read_open, "read_closed": read_closed, "warehouse_open": wh_open,
@@ -93,9 +93,6 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
 
     return [extract_quality, counts_match_crm, quarantine, attribution_and_stages]
 
-
-def _shown(value: object) -> object:
-    return "not counted" if value is None else value
 
 
 def refuse_extract(engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:

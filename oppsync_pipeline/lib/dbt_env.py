@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -9,6 +13,11 @@ from sqlalchemy.engine import make_url
 from oppsync_pipeline.lib.config import OppsyncConfig
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt"
+
+
+def dbt_executable() -> str:
+    """dbt is installed beside this interpreter; the virtualenv need not be activated or on PATH."""
+    return str(Path(sys.executable).parent / "dbt")
 
 
 def dbt_target(cfg: OppsyncConfig) -> str:
@@ -28,3 +37,21 @@ def dbt_env(cfg: OppsyncConfig) -> dict[str, str]:
 
 def dbt_vars(cfg: OppsyncConfig) -> dict[str, str]:
     return {"reporting_timezone": cfg.reporting.timezone}
+
+
+@contextmanager
+def dbt_environment(cfg: OppsyncConfig) -> Iterator[None]:
+    """dbt's environment for the duration of one dbt call (parse at definitions load, build in the mart asset):
+    the profile's variables for the configured warehouse. The process environment is restored after, so
+    nothing else in the process (a sync in the same CLI run, another location) sees dbt's settings."""
+    wanted = dbt_env(cfg)
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -8,8 +8,7 @@ from oppsync_pipeline.defs.crm.schedules import connection_schedules, sync_job
 from oppsync_pipeline.defs.resources import load_app_config
 
 
-@dg.definitions
-def defs() -> dg.Definitions:
+def crm_definitions() -> dg.Definitions:
     _, cfg = load_app_config()
     assets, checks, jobs, schedules = [], [], [], []
     for conn in cfg.connections:
@@ -19,3 +18,8 @@ def defs() -> dg.Definitions:
         jobs.append(job)
         schedules += connection_schedules(conn, job)
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return crm_definitions()

@@ -4,8 +4,6 @@ second hand-written schedule."""
 
 
 import json
-import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from sqlalchemy import text
 from oppsync_pipeline.defs.crm.assets import opportunities_key
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import OppsyncConfig
-from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_env, dbt_target, dbt_vars
+from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_environment, dbt_executable, dbt_target, dbt_vars
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
 
@@ -73,14 +71,13 @@ def _manifest_stale(manifest: Path) -> bool:
 
 
 def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
-    os.environ.update(dbt_env(cfg))
-    # dbt is installed beside this interpreter; the virtualenv need not be activated
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     project = DbtProject(project_dir=DBT_PROJECT_DIR, target=dbt_target(cfg), profiles_dir=DBT_PROJECT_DIR)
-    if _manifest_stale(project.manifest_path):
-        project.preparer.prepare(project)  # dbt parse, when the manifest is missing or older than the project
+    with dbt_environment(cfg):
+        # `dagster dev` re-parses on every load (dagster-dbt's idiom); elsewhere the manifest is a build
+        # artefact, parsed here only when it is missing or older than the project (a model edited since).
+        project.prepare_if_dev()
+        if _manifest_stale(project.manifest_path):
+            project.preparer.prepare(project)
     translator = OppsyncTranslator([opportunities_key(c) for c in cfg.connections])
     build_vars = json.dumps(dbt_vars(cfg))
 
@@ -89,12 +86,13 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
     def outcomes_mart(context: dg.AssetExecutionContext, dbt: DbtCliResource, oppsync: OppsyncResource):
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
-        events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
+        with dbt_environment(oppsync.app_config()):
+            events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
         specs = context.assets_def.specs_by_key
         tables = {context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")
                   for key in context.selected_asset_keys}
         yield from with_row_counts(events, oppsync.engine(), tables)
 
     return dg.Definitions(assets=[outcomes_mart],
-                          resources={"dbt": DbtCliResource(project_dir=project, target=dbt_target(cfg),
+                          resources={"dbt": DbtCliResource(project_dir=project, target=dbt_target(cfg), dbt_executable=dbt_executable(),
                                                            profiles_dir=str(DBT_PROJECT_DIR))})

@@ -7,8 +7,7 @@ from oppsync_pipeline.defs.mart.dashboard import outcomes_dashboard
 from oppsync_pipeline.defs.resources import load_app_config
 
 
-@dg.definitions
-def defs() -> dg.Definitions:
+def mart_stage_definitions() -> dg.Definitions:
     _, cfg = load_app_config()
     mart_job = dg.define_asset_job("build_mart", selection=dg.AssetSelection.groups("mart"),
                                    description="Build the outcomes mart (dbt build) and its dashboard.")
@@ -20,3 +19,8 @@ def defs() -> dg.Definitions:
         mart_definitions(cfg),
         dg.Definitions(assets=[outcomes_dashboard], jobs=[mart_job], sensors=[follow]),
     )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return mart_stage_definitions()

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
 
-.PHONY: install run test test-fast dev sandbox bench reliability check-defs docs clean
+.PHONY: install lint run test test-fast dev sandbox bench reliability check-defs docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME) && test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+## ruff (lint + format check) over the Python, sqlfluff over the dbt project; seconds. To fix what is fixable:
+## .venv/bin/ruff check --fix . && .venv/bin/ruff format . && .venv/bin/sqlfluff fix dbt
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/sqlfluff lint dbt
 
 ## the main job on the embedded default: sandbox CRMs -> DuckDB -> outcomes mart
 run: install

@@ -31,15 +31,25 @@ users as (
 
 known_ids as (
 
-    select connection, crm_id from identities
+    select
+        connection,
+        crm_id
+    from identities
     union
-    select connection, crm_user_id as crm_id from links
+    select
+        connection,
+        crm_user_id as crm_id
+    from links
 
 ),
 
 equivalent_ids as (
 
-    select connection, crm_id, crm_id as equivalent_id from known_ids
+    select
+        connection,
+        crm_id,
+        crm_id as equivalent_id
+    from known_ids
     union
     select
         a.connection,
@@ -65,14 +75,15 @@ ranked_links as (
         ) as link_rank
     from equivalent_ids as e
     inner join links as l
-        on l.connection = e.connection
-        and l.crm_user_id = e.equivalent_id
+        on e.connection = l.connection
+        and e.equivalent_id = l.crm_user_id
 
 ),
 
 first_links as (
 
-    select * from ranked_links where link_rank = 1
+    select * from ranked_links
+    where link_rank = 1
 
 ),
 
@@ -88,8 +99,8 @@ crm_names as (
         ) as name_rank
     from identities as i
     inner join crm_users as u
-        on u.connection = i.connection
-        and u.crm_user_id = i.person_id
+        on i.connection = u.connection
+        and i.person_id = u.crm_user_id
 
 ),
 
@@ -104,13 +115,13 @@ final as (
         f.link_order
     from known_ids as k
     left join first_links as f
-        on f.connection = k.connection
-        and f.crm_id = k.crm_id
+        on k.connection = f.connection
+        and k.crm_id = f.crm_id
     left join users as u
-        on u.user_id = f.user_id
+        on f.user_id = u.user_id
     left join crm_names as n
-        on n.connection = k.connection
-        and n.crm_id = k.crm_id
+        on k.connection = n.connection
+        and k.crm_id = n.crm_id
         and n.name_rank = 1
 
 )

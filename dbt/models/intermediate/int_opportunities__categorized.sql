@@ -26,7 +26,7 @@ final as (
         s.stage_key is not null as stage_known
     from opportunities as o
     left join stages as s
-        on s.connection = o.connection
+        on o.connection = s.connection
         and s.stage_key = coalesce(o.stage_id, o.stage)
 
 )

@@ -34,7 +34,8 @@ stages as (
 
 closed_opportunities as (
 
-    select * from opportunities where stage_category in ('won', 'lost')
+    select * from opportunities
+    where stage_category in ('won', 'lost')
 
 ),
 
@@ -56,7 +57,8 @@ close_events as (
 
 latest_close_events as (
 
-    select * from close_events where event_rank = 1
+    select * from close_events
+    where event_rank = 1
 
 ),
 
@@ -71,8 +73,8 @@ history_categorized as (
         coalesce(s.stage_category, h.status) as stage_category
     from history as h
     left join stages as s
-        on s.connection = h.connection
-        and s.stage_key = h.stage
+        on h.connection = s.connection
+        and h.stage = s.stage_key
 
 ),
 
@@ -84,8 +86,8 @@ last_other_version as (
         max(h.version) as version
     from history_categorized as h
     inner join closed_opportunities as o
-        on o.connection = h.connection
-        and o.source_id = h.source_id
+        on h.connection = o.connection
+        and h.source_id = o.source_id
     where h.stage_category <> o.stage_category
     group by h.connection, h.source_id
 
@@ -101,11 +103,11 @@ streak_starts as (
         row_number() over (partition by h.connection, h.source_id order by h.version) as streak_rank
     from history_categorized as h
     inner join closed_opportunities as o
-        on o.connection = h.connection
-        and o.source_id = h.source_id
+        on h.connection = o.connection
+        and h.source_id = o.source_id
     left join last_other_version as l
-        on l.connection = h.connection
-        and l.source_id = h.source_id
+        on h.connection = l.connection
+        and h.source_id = l.source_id
     where h.stage_category = o.stage_category
         and h.version > coalesce(l.version, 0)
 
@@ -116,10 +118,7 @@ final as (
     select
         o.connection,
         o.source_id,
-        case
-            when o.closed_at is not null then o.closed_at
-            else coalesce(s.changed_at, o.modified_at, o.last_seen_at)
-        end as closed_at,
+        coalesce(o.closed_at, s.changed_at, o.modified_at, o.last_seen_at) as closed_at,
         case
             when o.closed_at is not null then coalesce(o.closed_at_source, 'modified_at')
             else 'stage_mapping'
@@ -131,11 +130,11 @@ final as (
         end as owner_at_close_crm_id
     from closed_opportunities as o
     left join latest_close_events as e
-        on e.connection = o.connection
-        and e.source_id = o.source_id
+        on o.connection = e.connection
+        and o.source_id = e.source_id
     left join streak_starts as s
-        on s.connection = o.connection
-        and s.source_id = o.source_id
+        on o.connection = s.connection
+        and o.source_id = s.source_id
         and s.streak_rank = 1
 
 )

@@ -98,24 +98,24 @@ joined as (
         o.version
     from opportunities as o
     left join qualified as q
-        on q.connection = o.connection
-        and q.source_id = o.source_id
+        on o.connection = q.connection
+        and o.source_id = q.source_id
     left join closures as c
-        on c.connection = o.connection
-        and c.source_id = o.source_id
+        on o.connection = c.connection
+        and o.source_id = c.source_id
     left join attribution as owner_attr
-        on owner_attr.connection = o.connection
-        and owner_attr.crm_user_id = o.owner_crm_id
+        on o.connection = owner_attr.connection
+        and o.owner_crm_id = owner_attr.crm_user_id
     left join attribution as creator_attr
-        on creator_attr.connection = o.connection
-        and creator_attr.crm_user_id = o.created_by_crm_id
+        on o.connection = creator_attr.connection
+        and o.created_by_crm_id = creator_attr.crm_user_id
     left join attribution as close_attr
-        on close_attr.connection = o.connection
-        and close_attr.crm_user_id = c.owner_at_close_crm_id
+        on o.connection = close_attr.connection
+        and c.owner_at_close_crm_id = close_attr.crm_user_id
     left join sync_state as s
-        on s.connection = o.connection
+        on o.connection = s.connection
     left join sync_runs as r
-        on r.run_id = o.last_run_id
+        on o.last_run_id = r.run_id
 
 ),
 

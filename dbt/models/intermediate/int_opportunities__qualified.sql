@@ -41,7 +41,9 @@ qualified_stage_parts as (
 
 qualified_stages as (
 
-    select distinct connection, trim(qualified_stage) as qualified_stage
+    select distinct
+        connection,
+        trim(qualified_stage) as qualified_stage
     from qualified_stage_parts
     where trim(qualified_stage) <> ''
 
@@ -49,9 +51,21 @@ qualified_stages as (
 
 versions as (
 
-    select connection, source_id, stage, stage_id, probability from history
+    select
+        connection,
+        source_id,
+        stage,
+        stage_id,
+        probability
+    from history
     union all
-    select connection, source_id, stage, stage_id, probability from opportunities
+    select
+        connection,
+        source_id,
+        stage,
+        stage_id,
+        probability
+    from opportunities
 
 ),
 
@@ -66,27 +80,31 @@ versions_labeled as (
         v.probability
     from versions as v
     left join stages as s
-        on s.connection = v.connection
+        on v.connection = s.connection
         and s.stage_key = coalesce(v.stage_id, v.stage)
 
 ),
 
 reached_stage as (
 
-    select distinct v.connection, v.source_id
+    select distinct
+        v.connection,
+        v.source_id
     from versions_labeled as v
     inner join qualified_stages as q
-        on q.connection = v.connection
+        on v.connection = q.connection
         and (q.qualified_stage in (v.stage, v.stage_id, v.stage_label))
 
 ),
 
 reached_probability as (
 
-    select distinct v.connection, v.source_id
+    select distinct
+        v.connection,
+        v.source_id
     from versions as v
     inner join connections as c
-        on c.connection = v.connection
+        on v.connection = c.connection
     where c.qualified_min_probability is not null
         and v.probability >= c.qualified_min_probability
 
@@ -103,13 +121,13 @@ final as (
         end as is_qualified
     from opportunities as o
     left join connections as c
-        on c.connection = o.connection
+        on o.connection = c.connection
     left join reached_stage as rs
-        on rs.connection = o.connection
-        and rs.source_id = o.source_id
+        on o.connection = rs.connection
+        and o.source_id = rs.source_id
     left join reached_probability as rp
-        on rp.connection = o.connection
-        and rp.source_id = o.source_id
+        on o.connection = rp.connection
+        and o.source_id = rp.source_id
 
 )
 

@@ -28,11 +28,11 @@ days as (
 final as (
 
     {% for grain in period_grains() %}
-    select distinct
-        cast('{{ grain }}' as text) as period_grain,
-        {{ period_start(grain, 'day') }} as period_start
-    from days
-    {% if not loop.last %}union all{% endif %}
+        select distinct
+            cast('{{ grain }}' as text) as period_grain,
+            {{ period_start(grain, 'day') }} as period_start
+        from days
+        {% if not loop.last %}union all{% endif %}
     {% endfor %}
 
 )

@@ -49,8 +49,8 @@ final as (
         cast(c.change_id as text) as change_id
     from credited as c
     left join attribution as a
-        on a.connection = c.connection
-        and a.crm_user_id = c.user_crm_id
+        on c.connection = a.connection
+        and c.user_crm_id = a.crm_user_id
 
 )
 

@@ -28,19 +28,19 @@ localized as (
 periodized as (
 
     {% for grain in period_grains() %}
-    select
-        cast('{{ grain }}' as text) as period_grain,
-        {{ period_start(grain, 'activity_at_local') }} as period_start,
-        connection,
-        crm,
-        user_id,
-        user_name,
-        activity,
-        coalesce(amount, 0) as amount,
-        currency,
-        is_qualified
-    from localized
-    {% if not loop.last %}union all{% endif %}
+        select
+            cast('{{ grain }}' as text) as period_grain,
+            {{ period_start(grain, 'activity_at_local') }} as period_start,
+            connection,
+            crm,
+            user_id,
+            user_name,
+            activity,
+            coalesce(amount, 0) as amount,
+            currency,
+            is_qualified
+        from localized
+        {% if not loop.last %}union all{% endif %}
     {% endfor %}
 
 ),
@@ -93,8 +93,8 @@ dense as (
         m.user_name
     from members as m
     inner join spine as s
-        on s.period_grain = m.period_grain
-        and s.period_start >= m.first_period_start
+        on m.period_grain = s.period_grain
+        and m.first_period_start <= s.period_start
 
 ),
 
@@ -130,16 +130,17 @@ final as (
             end as double precision
         ) as qualified_win_rate,
         cast(
-            case when x.min_currency = x.max_currency then x.min_currency
-                 when x.min_currency is not null then 'MIXED'
+            case
+                when x.min_currency = x.max_currency then x.min_currency
+                when x.min_currency is not null then 'MIXED'
             end as text
         ) as currency
     from dense as d
     left join metrics as x
-        on x.period_grain = d.period_grain
-        and x.period_start = d.period_start
-        and x.connection = d.connection
-        and x.user_id = d.user_id
+        on d.period_grain = x.period_grain
+        and d.period_start = x.period_start
+        and d.connection = x.connection
+        and d.user_id = x.user_id
 
 )
 

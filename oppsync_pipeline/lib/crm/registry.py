@@ -49,6 +49,9 @@ class CrmSpec:
     # `options:` a test or benchmark connection sets so that it does not wait on a limit the real API needs
     # and the simulator enforces on real time (HubSpot's search throttle)
     test_options: Mapping[str, Any] = field(default_factory=_frozen)
+    # `options:` that turn off optional reads costing one request per opportunity (ConnectWise's forecast),
+    # for tests and benchmarks that do not test them
+    lean_options: Mapping[str, Any] = field(default_factory=_frozen)
     # `options:` every sandbox connection needs; "{url}" is replaced by the simulator's URL (Dynamics: the
     # Entra ID token endpoint is served by the simulator, not login.microsoftonline.com)
     sandbox_options: Mapping[str, Any] = field(default_factory=_frozen)
@@ -91,7 +94,8 @@ SPECS: tuple[CrmSpec, ...] = (
             page_path=r"/sales/opportunities$",
             page_fields=_frozen({"project_name": "name", "created_at": "_info.dateEntered",
                                  "optional": "expectedCloseDate"}),
-            docs="docs/crms/connectwise.md"),
+            docs="docs/crms/connectwise.md",
+            lean_options=_frozen({"forecast": False})),
     CrmSpec("autotask", "oppsync_pipeline.lib.crm.autotask:AutotaskConnector",
             "oppsync_pipeline.sandbox.autotask", 8705,
             credential_keys=("username", "secret", "integration_code"), secret_keys=("secret",),

@@ -28,7 +28,7 @@ from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, tr
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
 
-from benchmarks.common import NO_SEARCH_THROTTLE, Figure, PathCountingSession, progress, sandbox_config, verdict
+from benchmarks.common import TEST_OPTIONS, Figure, PathCountingSession, progress, sandbox_config, verdict
 
 NAME = "api efficiency"
 TARGET = 1.1
@@ -58,7 +58,7 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
     world = sim.world
     with SandboxServer(sim) as server:
         cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir,
-                             extra=NO_SEARCH_THROTTLE)
+                             extra=TEST_OPTIONS)
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url)
         ensure_schema(engine)

@@ -17,13 +17,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from oppsync_pipeline.lib.config import OppsyncConfig, parse_config
-from oppsync_pipeline.sandbox.cluster import crm_module, env_var
+from oppsync_pipeline.lib.crm.registry import REGISTRY
+from oppsync_pipeline.sandbox.cluster import sandbox_connection
 
 PG_ADMIN_URL = os.environ.get("OPPSYNC_BENCH_PG", os.environ.get(
     "OPPSYNC_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
-# HubSpot's connector throttles search to ~4/s by default; the simulator does not rate-limit, so benchmarks
-# that count requests or time CPU turn the client-side throttle off (the latency benchmark states the real limit).
-NO_SEARCH_THROTTLE = {"hubspot": {"options": {"search_requests_per_second": 0}}}
+# The registry's test options (HubSpot's connector throttles search to ~4/s by default; the simulator does not
+# rate-limit): benchmarks that count requests or time CPU turn such client-side throttles off (the latency
+# benchmark keeps them and states the real limit).
+TEST_OPTIONS = {crm: {"options": dict(s.test_options)} for crm, s in REGISTRY.items() if s.test_options}
 
 
 @dataclass
@@ -64,18 +66,11 @@ def sandbox_config_dict(servers: dict[str, Any], warehouse_url: str, workdir: Pa
     secrets file written to `workdir` (the same shape as tests/conftest.sandbox_config, without pytest)."""
     secrets, connections = [], []
     for crm, server in servers.items():
-        url = server if isinstance(server, str) else server.url
-        mod = crm_module(crm)
-        name = f"sandbox-{crm}"
-        entry: dict[str, Any] = {"name": name, "crm": crm, "base_url": url,
-                                 "credentials": {k: "${" + env_var(name, k) + "}" for k in mod.SANDBOX_CREDENTIALS}}
-        options = getattr(mod, "connection_options", lambda url: {})(url)
-        if options:
-            entry["options"] = options
+        entry, values = sandbox_connection(crm, server if isinstance(server, str) else server.url)
         for key, value in (extra or {}).get(crm, {}).items():
             entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) else value
         connections.append(entry)
-        secrets += [f"{env_var(name, k)}={v}" for k, v in mod.SANDBOX_CREDENTIALS.items()]
+        secrets += [f"{k}={v}" for k, v in values.items()]
     workdir.mkdir(parents=True, exist_ok=True)
     secrets_file = workdir / "sandbox.secrets.env"
     secrets_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")

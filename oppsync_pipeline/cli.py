@@ -4,7 +4,7 @@
   oppsync config check --online             ... then ask each CRM what this tenant has: what will be read and why
   oppsync run                               the main job: every connection, then the mart (make run)
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
-  oppsync sandbox serve                     the five CRM simulators, with a matching oppsync.yaml
+  oppsync sandbox serve                     the CRM simulators (one per registered CRM), with a matching oppsync.yaml
   oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
 
 Runs go through Dagster against the instance in $DAGSTER_HOME (default .oppsync/dagster), so they
@@ -14,80 +14,79 @@ appear in the UI's run history next to scheduled runs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlparse
 
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError, OppsyncConfig, check_config, config_path, load_config
+from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY
+# the sandbox is imported when a command starts it (`config check` and --help stay quick)
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(".oppsync")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oppsync", description="Sync CRM opportunities into a warehouse.")
-    parser.add_argument("--config", help="path to oppsync.yaml (default: $OPPSYNC_CONFIG or ./oppsync.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """Every subcommand sets `run(args) -> exit code`, a small function calling lib/ or the sandbox."""
+    p = argparse.ArgumentParser(prog="oppsync", description="Sync CRM opportunities into a warehouse.")
+    p.add_argument("--config", help="path to oppsync.yaml (default: $OPPSYNC_CONFIG or ./oppsync.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
 
     cfg_p = sub.add_parser("config", help="configuration commands")
     cfg_p.add_argument("action", choices=["check"])
     cfg_p.add_argument("--online", action="store_true",
                        help="also connect to each CRM and report what the sync will and will not read, and why")
     cfg_p.add_argument("--connection", action="append", help="with --online: only these connections (repeatable)")
+    cfg_p.set_defaults(run=lambda a: cmd_config_check(a.config, online=a.online, only=a.connection))
 
     run_p = sub.add_parser("run", help="sync every connection, then build the mart")
     run_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
     run_p.add_argument("--advance-hours", type=float, default=0.0,
                        help="sandbox only: simulate N hours of CRM activity before syncing")
+    run_p.set_defaults(run=lambda a: cmd_run(a.config, full=a.full, advance_hours=a.advance_hours))
 
     sync_p = sub.add_parser("sync", help="sync one connection now (through Dagster)")
     sync_p.add_argument("--connection", required=True)
     sync_p.add_argument("--full", action="store_true")
+    sync_p.set_defaults(run=lambda a: cmd_sync(a.config, a.connection, full=a.full))
 
     sb = sub.add_parser("sandbox", help="the built-in CRM sandbox")
     sb_sub = sb.add_subparsers(dest="action", required=True)
-    serve = sb_sub.add_parser("serve", help="serve the five simulators until interrupted")
+    serve = sb_sub.add_parser("serve", help="serve the simulators until interrupted")
     serve.add_argument("--seed", type=int, default=42)
     serve.add_argument("--opportunities", type=int, default=2000, help="opportunities per CRM")
-    serve.add_argument("--port-base", type=int, default=8701, help="salesforce=base, hubspot=base+1, ...")
+    first = min(s.port for s in REGISTRY.values())
+    serve.add_argument("--port-base", type=int, default=first,
+                       help=", ".join(f"{s.name}=base+{s.port - first}" for s in REGISTRY.values()))
     serve.add_argument("--latency-ms", type=int, default=0)
     serve.add_argument("--faults", help="JSON fault plan applied to every simulator (see README)")
-    serve.add_argument("--crm", action="append", help="serve only these CRMs (repeatable)")
+    serve.add_argument("--crm", action="append", choices=CRMS, help="serve only these CRMs (repeatable)")
     serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
     serve.add_argument("--variant", action="append", metavar="CRM=VARIANT",
                        help="serve a tenant variant, e.g. salesforce=multi_currency (see `oppsync sandbox variants`)")
-    sb_sub.add_parser("variants", help="list each simulator's tenant variants")
+    serve.set_defaults(run=cmd_sandbox_serve)
+    sb_sub.add_parser("variants", help="list each simulator's tenant variants").set_defaults(
+        run=lambda a: cmd_sandbox_variants())
     adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
     adv.add_argument("--hours", type=float, default=1.0)
+    adv.set_defaults(run=lambda a: cmd_sandbox_advance(a.config, a.hours))
+    return p
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        if args.command == "config":
-            return cmd_config_check(args.config, online=args.online, only=args.connection)
-        if args.command == "run":
-            return cmd_run(args.config, full=args.full, advance_hours=args.advance_hours)
-        if args.command == "sync":
-            return cmd_sync(args.config, args.connection, full=args.full)
-        if args.command == "sandbox" and args.action == "serve":
-            return cmd_sandbox_serve(args)
-        if args.command == "sandbox" and args.action == "variants":
-            return cmd_sandbox_variants()
-        if args.command == "sandbox" and args.action == "advance":
-            return cmd_sandbox_advance(args.config, args.hours)
+        return args.run(args)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
-    return 1
 
 
 def configure_logging(verbose: bool) -> None:
@@ -113,7 +112,7 @@ def cmd_config_check(path: str | None, online: bool = False, only: list[str] | N
     if not online:
         return 0
     connections = [cfg.connection(name) for name in only] if only else cfg.connections
-    with _sandbox_if_enabled(cfg):
+    with _sandbox(cfg):
         failed = sum(not check_online(cfg, conn) for conn in connections)
     return 3 if failed else 0
 
@@ -183,7 +182,7 @@ def cmd_sync(path: str | None, connection: str, full: bool) -> int:
 
     _, cfg = _prepare_dagster(path)
     conn = cfg.connection(connection)
-    with _sandbox_if_enabled(cfg):
+    with _sandbox(cfg):
         defs = _load_defs()
         with dg.DagsterInstance.get() as instance:
             result = run_connection(defs, instance, conn, "full" if full else "auto")
@@ -198,7 +197,7 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
 
     t0 = time.monotonic()
     _, cfg = _prepare_dagster(path)
-    with _sandbox_if_enabled(cfg, advance_hours=advance_hours):
+    with _sandbox(cfg, advance_hours=advance_hours):
         defs = _load_defs()
         results = []
         with dg.DagsterInstance.get() as instance:
@@ -269,83 +268,32 @@ def _redact_url(url: str) -> str:
 
 # -- sandbox -------------------------------------------------------------------------------------------------------
 
-class _sandbox_if_enabled:
-    """Start the simulators the configuration points at, unless something already answers there
-    (a `make dev` sandbox, or `oppsync sandbox serve` in another terminal)."""
+def _sandbox(cfg: OppsyncConfig, advance_hours: float = 0.0):
+    from oppsync_pipeline.sandbox.serve import sandbox_if_enabled
 
-    def __init__(self, cfg: OppsyncConfig, advance_hours: float = 0.0):
-        self.cfg, self.advance_hours, self.servers = cfg, advance_hours, []
-
-    def __enter__(self):
-        if not self.cfg.sandbox.enabled:
-            return self
-        from oppsync_pipeline.sandbox.cluster import build_simulator
-        from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer
-
-        anchor = sandbox_anchor()
-        for conn in self.cfg.connections:
-            url = urlparse(conn.base_url)
-            if url.hostname not in ("127.0.0.1", "localhost"):
-                continue
-            if _answers(conn.base_url):
-                continue
-            sim = build_simulator(conn.crm, self.cfg.sandbox.seed, self.cfg.sandbox.opportunities,
-                                  FaultPlan(latency_ms=self.cfg.sandbox.latency_ms), anchor=anchor,
-                                  variant=self.cfg.sandbox.variants.get(conn.crm, "default"))
-            if self.advance_hours:
-                sim.world.advance(self.advance_hours)
-            self.servers.append(SandboxServer(sim, port=url.port or 80).start())
-        return self
-
-    def __exit__(self, *exc):
-        for s in self.servers:
-            s.stop()
-
-
-def _answers(base_url: str) -> bool:
-    try:
-        requests.get(base_url.rstrip("/") + "/__sandbox/state", timeout=0.5)
-        return True
-    except requests.RequestException:
-        return False
-
-
-def sandbox_anchor() -> datetime:
-    """The sandbox's data is generated relative to a fixed moment, kept in .oppsync/, so that restarting it
-    regenerates the same tenant (a real CRM does not change because a process restarted)."""
-    f = STATE_DIR / "sandbox-anchor"
-    if f.exists():
-        return datetime.fromisoformat(f.read_text().strip())
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    anchor = datetime.utcnow().replace(microsecond=0)
-    f.write_text(anchor.isoformat())
-    return anchor
+    return sandbox_if_enabled(cfg, advance_hours)
 
 
 def cmd_sandbox_variants() -> int:
-    from oppsync_pipeline.sandbox.cluster import CRMS, crm_module
+    from oppsync_pipeline.sandbox.serve import variants as sandbox_variants
 
-    for crm in CRMS:
+    for crm, variants in sandbox_variants().items():
         print(crm)
-        for name, what in getattr(crm_module(crm), "VARIANTS", {"default": ""}).items():
+        for name, what in variants.items():
             print(f"  {name:<20} {what}")
     return 0
 
 
-def cmd_sandbox_serve(args) -> int:
-    from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS, Sandbox
-    from oppsync_pipeline.sandbox.server import FaultPlan
+def cmd_sandbox_serve(args: argparse.Namespace) -> int:
+    from oppsync_pipeline.sandbox.serve import start_sandbox
 
-    crms = tuple(args.crm) if args.crm else CRMS
-    ports = {crm: args.port_base + (DEFAULT_PORTS[crm] - DEFAULT_PORTS["salesforce"]) for crm in crms}
-    faults = FaultPlan.from_json(json.loads(args.faults)) if args.faults else None
     t0 = time.monotonic()
-    variants = dict(v.split("=", 1) for v in args.variant or [])
-    sandbox = Sandbox(crms=crms, seed=args.seed, opportunities=args.opportunities, ports=ports,
-                      latency_ms=args.latency_ms, anchor=sandbox_anchor(), faults=faults, variants=variants).start()
-    print(f"sandbox: {len(crms)} simulators, {args.opportunities} opportunities each, ready in "
+    sandbox = start_sandbox(tuple(args.crm or ()), seed=args.seed, opportunities=args.opportunities,
+                            port_base=args.port_base, latency_ms=args.latency_ms, faults=args.faults,
+                            variants=args.variant)
+    print(f"sandbox: {len(sandbox.crms)} simulators, {args.opportunities} opportunities each, ready in "
           f"{time.monotonic() - t0:.1f}s", flush=True)
-    for crm in crms:
+    for crm in sandbox.crms:
         print(f"  {crm:<12} {sandbox.url(crm)}", flush=True)
     if args.write_config:
         path = sandbox.write_config(Path(args.write_config))
@@ -359,11 +307,12 @@ def cmd_sandbox_serve(args) -> int:
 
 
 def cmd_sandbox_advance(path: str | None, hours: float) -> int:
+    from oppsync_pipeline.sandbox.serve import advance
+
     cfg = load_config(path)
     for conn in cfg.connections:
         try:
-            r = requests.post(conn.base_url + "/__sandbox/advance", json={"hours": hours}, timeout=60)
-            print(f"{conn.name}: {r.json()}")
+            print(f"{conn.name}: {advance(conn.base_url, hours)}")
         except requests.RequestException as err:
             print(f"{conn.name}: not a running sandbox ({type(err).__name__})", file=sys.stderr)
     return 0

@@ -21,8 +21,11 @@ import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CRMS = ("salesforce", "hubspot", "dynamics", "connectwise", "autotask")
-CrmName = Literal["salesforce", "hubspot", "dynamics", "connectwise", "autotask"]
+from oppsync_pipeline.lib.crm.registry import CRMS, connector_class
+
+# The `crm:` values a connection accepts: the registry's CRMs (a Literal, so an unknown one is named with the
+# list of known ones).
+CrmName = Literal[CRMS]  # type: ignore[valid-type]
 FilterOp = Literal["equal", "not_equal", "more_than", "less_than", "at_least", "at_most", "in"]
 DEFAULT_CONFIG_PATH = Path("oppsync.yaml")
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -153,9 +156,7 @@ class ConnectionConfig(_Strict):
     def _options(self) -> ConnectionConfig:
         """`options` are the CRM's own (each connector's Options model): typos and wrong types are refused here,
         at load time, instead of being ignored by the run."""
-        from oppsync_pipeline.lib.crm import connector_class  # the connectors import this module
-
-        model = connector_class(self.crm).Options
+        model = connector_class(self.crm).Options   # imports the connector (which imports this module)
         try:
             model.model_validate(self.options)
         except ValidationError as err:
@@ -371,8 +372,6 @@ def resolve_credentials(
 
 def check_config(cfg: OppsyncConfig, environ: Mapping[str, str] | None = None) -> list[str]:
     """Problems that need more than the schema: missing credential variables, connector-specific keys."""
-    from oppsync_pipeline.lib.crm import connector_class
-
     problems: list[str] = []
     for i, conn in enumerate(cfg.connections):
         try:

@@ -1,6 +1,7 @@
-"""Start the five simulators together and describe them as an oppsync.yaml connections block.
+"""Start the simulators together and describe them as an oppsync.yaml connections block.
 
-Every CRM module in this package exposes the same names:
+Which simulators exist, and their ports, come from the CRM registry (lib/crm/registry.py). Every simulator
+module (a spec's `simulator`) exposes the same names:
   `build(seed, opportunities, faults=None, clock=None, *, variant="default") -> Simulator`
   `SANDBOX_CREDENTIALS: dict[str, str]`   credential key -> the (public, sandbox-only) value it accepts
   `CRM: str`
@@ -15,7 +16,6 @@ Every CRM module in this package exposes the same names:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,15 +24,24 @@ from typing import Any
 
 import yaml
 
+from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY, spec
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer, Simulator
 from oppsync_pipeline.sandbox.world import Clock
 
-CRMS = ("salesforce", "hubspot", "dynamics", "connectwise", "autotask")
-DEFAULT_PORTS = {"salesforce": 8701, "hubspot": 8702, "dynamics": 8703, "connectwise": 8704, "autotask": 8705}
+__all__ = ["CRMS", "DEFAULT_PORTS", "Sandbox", "build_simulator", "connection_name", "crm_module", "env_var",
+           "sandbox_connection", "serve_ports"]
+
+DEFAULT_PORTS = {crm: s.port for crm, s in REGISTRY.items()}
 
 
 def crm_module(crm: str) -> ModuleType:
-    return importlib.import_module(f"oppsync_pipeline.sandbox.{crm}")
+    return spec(crm).simulator_module()
+
+
+def serve_ports(crms: tuple[str, ...], base: int | None = None) -> dict[str, int]:
+    """Each CRM's registry port, all shifted so that the lowest registered port lands on `base`."""
+    shift = 0 if base is None else base - min(DEFAULT_PORTS.values())
+    return {crm: DEFAULT_PORTS[crm] + shift for crm in crms}
 
 
 def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
@@ -56,9 +65,22 @@ def env_var(connection: str, key: str) -> str:
     return f"OPPSYNC_{connection.upper().replace('-', '_')}_{key.upper()}"
 
 
+def sandbox_connection(crm: str, url: str, name: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """An oppsync.yaml connection entry for a simulator at `url`, and the secrets it references
+    (environment variable -> the simulator's public, sandbox-only credential)."""
+    name = name or connection_name(crm)
+    creds = crm_module(crm).SANDBOX_CREDENTIALS
+    entry: dict[str, Any] = {"name": name, "crm": crm, "base_url": url,
+                             "credentials": {k: "${" + env_var(name, k) + "}" for k in creds}}
+    options = spec(crm).sandbox_connection_options(url)
+    if options:
+        entry["options"] = options
+    return entry, {env_var(name, k): v for k, v in creds.items()}
+
+
 @dataclass
 class Sandbox:
-    """The five simulators, each on its own port at the URL root like the real host."""
+    """The registry's simulators, each on its own port at the URL root like the real host."""
 
     crms: tuple[str, ...] = CRMS
     seed: int = 42
@@ -98,25 +120,10 @@ class Sandbox:
         return self.servers[crm].url
 
     def connections(self) -> list[dict[str, Any]]:
-        out = []
-        for crm, server in self.servers.items():
-            name = connection_name(crm)
-            creds = crm_module(crm).SANDBOX_CREDENTIALS
-            entry = {"name": name, "crm": crm, "base_url": server.url,
-                     "credentials": {k: "${" + env_var(name, k) + "}" for k in creds}}
-            # e.g. Dynamics: the Entra token endpoint is served by the simulator, not login.microsoftonline.com
-            options = getattr(crm_module(crm), "connection_options", lambda url: {})(server.url)
-            if options:
-                entry["options"] = options
-            out.append(entry)
-        return out
+        return [sandbox_connection(crm, server.url)[0] for crm, server in self.servers.items()]
 
     def secrets(self) -> dict[str, str]:
-        values = {}
-        for crm in self.servers:
-            for k, v in crm_module(crm).SANDBOX_CREDENTIALS.items():
-                values[env_var(connection_name(crm), k)] = v
-        return values
+        return {k: v for crm, server in self.servers.items() for k, v in sandbox_connection(crm, server.url)[1].items()}
 
     def write_config(self, path: Path, warehouse_url: str = "duckdb:///.oppsync/warehouse.duckdb") -> Path:
         """Write an oppsync.yaml for these simulators, with a secrets file beside it."""

@@ -20,20 +20,32 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from oppsync_pipeline.lib.crm.registry import REGISTRY, spec
 from oppsync_pipeline.sandbox.server import Request, Response, Simulator
 
 # `make reliability` sets this: the whole matrix and every kill point; unset, a representative subset.
 FULL = os.environ.get("OPPSYNC_RELIABILITY") == "full"
 
 # The requests that carry pages of opportunities, per simulator (faults are aimed at these so they land
-# mid-paging rather than on the stage or user lists read before).
-OPPORTUNITY_PAGES = {
-    "salesforce": r"/query",
-    "hubspot": r"/objects/(?:deals|0-3)(?:/search)?$",
-    "dynamics": r"/opportunities$",
-    "connectwise": r"/sales/opportunities$",
-    "autotask": r"(?i)/opportunities/query(?:/next)?$",   # pages only, not query/count (case-insensitive paths)
-}
+# mid-paging rather than on the stage or user lists read before): each CRM's registry spec.
+OPPORTUNITY_PAGES = {crm: s.page_path for crm, s in REGISTRY.items()}
+
+
+def connection_extra(crm: str, lean: bool = False, **keys: Any) -> dict[str, Any]:
+    """What a test adds to a sandbox connection (`sandbox_config(extra={crm: ...})`): the registry's test
+    options (limits the simulator enforces on real time that a test need not wait on), with `lean` its lean
+    options too (no optional per-opportunity reads), and other connection keys (page_size ...)."""
+    merged = {**spec(crm).test_options, **(spec(crm).lean_options if lean else {})}
+    return {**keys, **({"options": merged} if merged else {})}
+
+
+def page_field(crm: str, field: str) -> str:
+    """Where `crm`'s opportunity pages carry a field: "id" (the connector's id_field), or a key of the spec's
+    page_fields ("project_name", "created_at", "optional")."""
+    if field == "id":
+        return spec(crm).connector_class().id_field
+    return spec(crm).page_fields[field]
+
 
 CURRENT_COLUMNS = ("crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
                    "stage", "status", "amount", "currency", "close_date", "probability", "created_at",

@@ -32,7 +32,7 @@ from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import _drop_database, _new_database, require_postgres, sandbox_config
 from tests.reliability.crash_child import KILL_POINTS
-from tests.reliability.harness import FULL, invariants, snapshot
+from tests.reliability.harness import FULL, connection_extra, invariants, snapshot
 from tests.reliability.report import reported
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,6 @@ TIMER_TRIALS = 4 if FULL else 0     # plain timers: interpreter start-up, somewh
 PARALLEL = 2 if FULL else 1         # trials at a time (each is two child processes; the CRMs are shared, read-only)
 SIZE = 150
 PAGE_SIZE = 30
-EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def crms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             servers[crm] = SandboxServer(build_simulator(crm, seed=5, opportunities=SIZE)).start()
             folder = base / crm
             folder.mkdir()
-            extra = {crm: {"page_size": PAGE_SIZE, **EXTRA.get(crm, {})}}
+            extra = {crm: connection_extra(crm, page_size=PAGE_SIZE)}
             cfg = sandbox_config({crm: servers[crm]}, f"duckdb:///{folder / 'unused.duckdb'}", folder, extra=extra)
             config_file = folder / "config.json"
             config_file.write_text(json.dumps(cfg.model_dump(mode="json")), encoding="utf-8")

@@ -31,24 +31,16 @@ from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import FaultRule, SandboxServer
 from tests.conftest import sandbox_config
-from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, PageHook, client_sleep, invariants, snapshot
+from tests.reliability.harness import (FULL, OPPORTUNITY_PAGES, PageHook, client_sleep, connection_extra, invariants,
+                                      page_field, snapshot)
 from tests.reliability.report import reported, unclear
 
 SIZE = {"connectwise": 200}          # ConnectWise pays one forecast request per opportunity
 OPPORTUNITIES = 300
 PAGE_SIZE = 40                       # 300 opportunities -> several pages per set: faults land mid-paging
-EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
-# A field each CRM's page carries that the mapping treats as optional (the "missing optional field" drift).
-OPTIONAL_KEY = {"salesforce": "Amount", "hubspot": "amount", "dynamics": "estimatedvalue",
-                "connectwise": "expectedCloseDate", "autotask": "amount"}
-
-# The key of a record's id in each CRM's pages (null ids must fail the page, not become a row named 'None').
-ID_KEY = {"salesforce": "Id", "hubspot": "id", "dynamics": "opportunityid", "connectwise": "id", "autotask": "id"}
-# Where each CRM's page carries the opportunity's name and created date (for the bad-record case).
-NAME_KEY = {"salesforce": "Name", "hubspot": "dealname", "dynamics": "name", "connectwise": "name",
-            "autotask": "title"}
-CREATED_KEY = {"salesforce": "CreatedDate", "hubspot": "createdate", "dynamics": "createdon",
-               "connectwise": "_info.dateEntered", "autotask": "createDate"}
+# A field each CRM's page carries that the mapping treats as optional (the "missing optional field" drift),
+# the key of a record's id (null ids must fail the page, not become a row named 'None'), and where the page
+# carries the opportunity's name and created date (for the bad-record case): harness.page_field.
 
 
 @dataclass
@@ -114,7 +106,7 @@ def add_unknown_field(sim, crm: str) -> PageHook:
 
 
 def drop_optional_field(sim, crm: str) -> PageHook:
-    key = OPTIONAL_KEY[crm]
+    key = page_field(crm, "optional")
 
     def rewrite(records: list, n: int, req) -> None:
         for r in records:
@@ -140,8 +132,10 @@ def opportunity_pages(crm: str, rewrite: Callable[[list, int], None]) -> Callabl
     /query also serves the stage, user and organization lists)."""
     seen = {"n": 0}
 
+    id_key = page_field(crm, "id")
+
     def is_opportunity(record) -> bool:
-        if not isinstance(record, dict) or ID_KEY[crm] not in record:
+        if not isinstance(record, dict) or id_key not in record:
             return False
         return crm != "salesforce" or (record.get("attributes") or {}).get("type") == "Opportunity"
 
@@ -156,7 +150,7 @@ def null_ids(sim, crm: str) -> PageHook:
     """One record of the second opportunity page has a null id."""
     def rewrite(records: list, n: int) -> None:
         if n == 2:
-            records[-1][ID_KEY[crm]] = None
+            records[-1][page_field(crm, "id")] = None
     return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()
 
 
@@ -191,8 +185,8 @@ def bad_records(sim, crm: str) -> PageHook:
     def rewrite(records: list, n: int) -> None:
         if not done and len(records) > 2:      # the first real page (not a one-record discovery probe)
             done.append(n)
-            _set(records[0], NAME_KEY[crm], "Deal \ud800 broken")
-            _set(records[1], CREATED_KEY[crm], "31/12/2025 25:61")
+            _set(records[0], page_field(crm, "project_name"), "Deal \ud800 broken")
+            _set(records[1], page_field(crm, "created_at"), "31/12/2025 25:61")
     return PageHook(sim, crm, rewrite=opportunity_pages(crm, rewrite)).install()
 
 
@@ -291,7 +285,7 @@ def run_case(crm: str, case: Case, tmp_path: Path, row) -> str:
     errors); returns a note, raises AssertionError on failure."""
     sim = build_simulator(crm, seed=11, opportunities=SIZE.get(crm, OPPORTUNITIES))
     with SandboxServer(sim) as server:
-        extra = {crm: {"page_size": PAGE_SIZE, **EXTRA.get(crm, {})}}
+        extra = {crm: connection_extra(crm, page_size=PAGE_SIZE)}
         cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'unused.duckdb'}", tmp_path, extra=extra)
         conn = cfg.connections[0]
         test_wh, ref_wh = (make_engine(f"duckdb:///{tmp_path / n}.duckdb") for n in ("test", "reference"))

@@ -24,12 +24,11 @@ from oppsync_pipeline.defs.resources import _engine
 from oppsync_pipeline.sandbox.cluster import CRMS
 from oppsync_pipeline.sandbox.server import FaultRule
 from tests.dagster.conftest import every_creator_mapped, load_defs, start_servers, stop_servers, write_config
-from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, snapshot
+from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, connection_extra, snapshot
 from tests.reliability.report import reported, unclear
 from tests.reliability.test_fault_matrix import bad_records
 
 SELECTED = CRMS if FULL else ("salesforce",)
-EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     servers = start_servers(names, opportunities=300)   # 2 bad records stay under the 1% threshold
     try:
         url = f"duckdb:///{tmp / 'warehouse.duckdb'}"
-        extra = {name: {"page_size": 25, **EXTRA.get(crm, {})} for name, crm in names.items()}
+        extra = {name: connection_extra(crm, page_size=25) for name, crm in names.items()}
         config = write_config(tmp / "oppsync.yaml", servers, url, extra=extra, users=every_creator_mapped(servers))
         with pytest.MonkeyPatch.context() as mp:
             yield load_defs(config, mp), servers, url

@@ -25,10 +25,8 @@ from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
+from tests.reliability.harness import connection_extra, page_field
 
-NAME_FIELD = {"salesforce": "Name", "hubspot": "dealname", "dynamics": "name", "connectwise": "name",
-              "autotask": "title"}
-EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}, "connectwise": {"options": {"forecast": False}}}
 
 INJECTIONS = [
     "x' OR Name != '",                                   # SOQL / OData single-quote break-out
@@ -63,16 +61,17 @@ def test_injection_in_filter_values_matches_only_the_literal(crm: str, tmp_path:
     open_stage = sim.world.stage_for(None, "open").key
     created = {p: sim.world.create(name=p, stage=open_stage).native_id for p in INJECTIONS}
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path, extra=EXTRA)
-        base = cfg.connections[0]
+        cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
+                             extra={crm: connection_extra(crm, lean=True)})
+        base, name_field = cfg.connections[0], page_field(crm, "project_name")
         outcomes = {}
         for payload, native_id in created.items():
-            conn = base.model_copy(update={"filters": [RecordFilter(field=NAME_FIELD[crm], op="equal", value=payload)]})
+            conn = base.model_copy(update={"filters": [RecordFilter(field=name_field, op="equal", value=payload)]})
             outcomes[payload] = _ids(build_connector(cfg, conn))
             assert outcomes[payload] == {str(native_id)}, \
                 f"{crm}: filter {payload!r} returned {len(outcomes[payload])} ids, expected only {native_id}"
         # and through 'in' (a list literal), all at once
-        conn = base.model_copy(update={"filters": [RecordFilter(field=NAME_FIELD[crm], op="in", value=INJECTIONS)]})
+        conn = base.model_copy(update={"filters": [RecordFilter(field=name_field, op="in", value=INJECTIONS)]})
         assert _ids(build_connector(cfg, conn)) == {str(i) for i in created.values()}
 
 
@@ -82,7 +81,7 @@ def test_awkward_crm_text_round_trips(crm: str, warehouse_url: str, tmp_path: Pa
     open_stage = sim.world.stage_for(None, "open").key
     created = {sim.world.create(name=n, stage=open_stage).native_id: n for n in AWKWARD_NAMES}
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({crm: server}, warehouse_url, tmp_path, extra=EXTRA)
+        cfg = sandbox_config({crm: server}, warehouse_url, tmp_path, extra={crm: connection_extra(crm, lean=True)})
         conn = cfg.connections[0]
         engine = make_engine(warehouse_url)
         ensure_schema(engine)

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from sqlalchemy import text
 
+from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.lib.scrub import PIECE, Scrubber, redact, scrub_handlers, scrubbed_logger
 from oppsync_pipeline.lib.sync import ExtractFailed, build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
@@ -35,20 +36,23 @@ from oppsync_pipeline.sandbox import hubspot as hubspot_sandbox
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator, crm_module, env_var
 from oppsync_pipeline.sandbox.server import FaultRule, SandboxServer, Simulator
 from tests.conftest import sandbox_config, warehouse_database
-from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, client_sleep
+from tests.reliability.harness import FULL, OPPORTUNITY_PAGES, client_sleep, connection_extra
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET_KEY = {"salesforce": "client_secret", "hubspot": "access_token", "dynamics": "client_secret",
-              "connectwise": "private_key", "autotask": "secret"}
+# the credential each simulator is made to accept a recognisable value for: its first secret key
+SECRET_KEY = {crm: s.secret_keys[0] for crm, s in REGISTRY.items()}
 # The normal suite: an OAuth client-credentials CRM and the Basic-auth one; `make reliability`: all five.
 SELECTED = CRMS if FULL else ("salesforce", "connectwise")
 BACKENDS = ("duckdb", pytest.param("postgres", marks=pytest.mark.postgres))
-EXTRA = {"hubspot": {"options": {"search_requests_per_second": 0}}, "connectwise": {"options": {"forecast": False}}}
-TAG = {"salesforce": "Sf4q", "hubspot": "Hb7w", "dynamics": "Dy2k", "connectwise": "Cw9x", "autotask": "At3m"}
+
+
+def tag(crm: str) -> str:
+    """Four characters that tell the CRMs' secrets apart (e.g. Sa0q): letters and a digit, as a secret has."""
+    return f"{crm[:2].title()}{list(REGISTRY).index(crm) % 10}q"
 
 
 def secret(crm: str) -> str:
-    return f"Vq{TAG[crm]}/x7K+Lm{TAG[crm]}=9Zr~W"
+    return f"Vq{tag(crm)}/x7K+Lm{tag(crm)}=9Zr~W"
 
 
 def wrong(crm: str) -> str:
@@ -179,7 +183,7 @@ def test_tokens_the_auth_sends_are_learned(recognisable_secrets, tmp_path: Path)
         issued = IssuedTokens(sim)
         with SandboxServer(sim) as server:
             cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
-                                 extra={crm: EXTRA.get(crm, {})})
+                                 extra={crm: connection_extra(crm, lean=True)})
             connector = build_connector(cfg, cfg.connections[0])
             connector.prepare()
         assert issued.values or crm == "connectwise", "no token was issued"
@@ -228,7 +232,7 @@ def test_no_secret_in_logs_errors_or_warehouse(crm: str, backend: str, recognisa
     issued = IssuedTokens(sim)
     messages = []
     with SandboxServer(sim) as server, warehouse_database(backend, tmp_path) as url:
-        cfg = sandbox_config({crm: server}, url, tmp_path, extra={crm: {"page_size": 20, **EXTRA.get(crm, {})}})
+        cfg = sandbox_config({crm: server}, url, tmp_path, extra={crm: connection_extra(crm, lean=True, page_size=20)})
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url)
         ensure_schema(engine)
@@ -280,7 +284,7 @@ def test_no_secret_in_config_check_output(recognisable_secrets, tmp_path: Path, 
         sim.faults.rules = [echo(crm)]
         with SandboxServer(sim) as server:
             cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
-                                 extra={crm: EXTRA.get(crm, {})})
+                                 extra={crm: connection_extra(crm, lean=True)})
             assert not check_online(cfg, cfg.connections[0])
         out = capsys.readouterr()
         printed = out.out + out.err
@@ -306,7 +310,7 @@ def test_no_secret_in_cli_output_warehouse_or_dagster_storage(backend: str, reco
             (folder / "dagster").mkdir(parents=True)
             server = stack.enter_context(SandboxServer(sim))
             url = stack.enter_context(warehouse_database(backend, folder))
-            cfg = sandbox_config({crm: server}, url, folder, extra={crm: EXTRA.get(crm, {})})
+            cfg = sandbox_config({crm: server}, url, folder, extra={crm: connection_extra(crm, lean=True)})
             config_file = folder / "oppsync.yaml"
             config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
             env = {**os.environ, "DAGSTER_HOME": str(folder / "dagster"), "PYTHONPATH": str(ROOT),
@@ -353,7 +357,7 @@ def test_no_secret_in_dagster_runs(recognisable_secrets, tmp_path: Path, monkeyp
     home = tmp_path / "dagster"
     try:
         cfg = sandbox_config(servers, f"duckdb:///{tmp_path / 'dagster.duckdb'}", tmp_path,
-                             extra={crm: EXTRA.get(crm, {}) for crm in SELECTED})
+                             extra={crm: connection_extra(crm, lean=True) for crm in SELECTED})
         config_file = tmp_path / "oppsync.yaml"
         config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         monkeypatch.setenv("OPPSYNC_CONFIG", str(config_file))

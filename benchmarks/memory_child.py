@@ -3,7 +3,7 @@ DuckDB, then prints its own peak RSS (VmHWM) as JSON. Usage:
     python -m benchmarks.memory_child --crm salesforce --url http://127.0.0.1:PORT --workdir DIR [--via dagster]
 
 `--via library` (the default) calls the sync layer; `--via dagster` runs the connection's sync job the way
-`oppsync sync` does (definitions loaded from the defs folder, the job executed in process with its checks).
+`oppsync sync` does (the syncs code location's definitions, the job executed in process with its checks).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def through_dagster(crm: str, url: str, workdir: Path) -> dict:
     from oppsync_pipeline.cli import _load_defs, _prepare_dagster, run_connection
 
     _, cfg = _prepare_dagster(str(cfg_file))
-    defs = _load_defs()
+    defs = _load_defs("syncs")   # as `oppsync sync` and a deployment's sync run worker load them: no dbt
     with dg.DagsterInstance.get() as instance:
-        before_run = rss_mb()   # Dagster, the project's definitions (dagster-dbt and dbt included), the instance
+        before_run = rss_mb()   # Dagster, the syncs location's definitions, the instance
         result = run_connection(defs, instance, cfg.connections[0], "full")
     if not result.success:
         raise RuntimeError(f"the Dagster sync job of {cfg.connections[0].name} failed")

@@ -162,9 +162,15 @@ def _prepare_dagster(path: str | None) -> tuple[Path, OppsyncConfig]:
     return cfg_file, cfg
 
 
-def _load_defs():
+def _load_defs(location: str | None = None):
+    """The whole project, or one code location's definitions (`syncs`: no dbt imported, as a deployment's
+    sync run worker loads them)."""
     import dagster as dg
 
+    if location:
+        from oppsync_pipeline.locations import load_location
+
+        return load_location(location)
     return dg.load_from_defs_folder(path_within_project=ROOT / "oppsync_pipeline")
 
 
@@ -183,7 +189,7 @@ def cmd_sync(path: str | None, connection: str, full: bool) -> int:
     _, cfg = _prepare_dagster(path)
     conn = cfg.connection(connection)
     with _sandbox(cfg):
-        defs = _load_defs()
+        defs = _load_defs("syncs")
         with dg.DagsterInstance.get() as instance:
             result = run_connection(defs, instance, conn, "full" if full else "auto")
     _print_summary(cfg, [(conn, result)])

@@ -64,7 +64,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 from pydantic import Field, Strict, StrictBool
@@ -76,6 +76,7 @@ from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
 )
@@ -342,23 +343,13 @@ class ConnectWiseConnector(CrmConnector):
         (a server ignoring `page`)."""
         size = page_size or self.page_size
         url = self.api(path)
-        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": size}
         trail = PageTrail(self.crm, url)
         trail.expect(expect, size)
-        trail.follow(_cursor(url, query))
-        while True:
-            response = self.client.request("GET", url, params=query)
-            rows = self.client.parse_json(response)
-            check_page(model, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows), rows[0]["id"] if rows else None)
-            yield rows
-            link = _same_origin(response.links.get("next", {}).get("url"), self.api(path))
-            if link is None:
-                return
-            if not rows:
-                raise PageError("an empty page with a next link", crm=self.crm, url=url, page=n)
-            trail.follow(_cursor(link, None))
-            url, query = link, None  # the next link carries the whole query
+        request = PageRequest("GET", url, params={**params, "page": 1, "pageSize": size})
+        # the next link carries the whole query; it is sent to the API's own host only
+        paginator = HeaderLinkPaginator(resolve=lambda link: _same_origin(link, url))
+        for fetched in self.pages(request, paginator, model=model, first_id="id", trail=trail):
+            yield fetched.records
 
     def _all(self, path: str, params: dict[str, Any], model: Any = Rows) -> list[dict[str, Any]]:
         """A whole dictionary (statuses, stages, members ...), in pages of the most CW serves."""
@@ -565,21 +556,22 @@ class ConnectWiseConnector(CrmConnector):
         url = self.api("/sales/opportunities")
         trail = PageTrail(self.crm, url)
         trail.expect(expect, self.page_size)
-        after: str | None = None
-        while True:
+
+        def resume(request: PageRequest, after: str | None) -> None:
             clause = list(parts) + ([after] if after else [])
-            query = {**params, "page": 1, "pageSize": self.page_size}
+            request.params = {**params, "page": 1, "pageSize": self.page_size}
             if clause:
-                query["conditions"] = _and(clause)
-            rows = self.client.get_json(url, params=query)
-            check_page(Rows, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows), rows[0]["id"] if rows else None)
-            if rows:
-                yield rows
-            if len(rows) < self.page_size:
-                return
-            after = self._resume_after(rows[-1], by_updated, url, n)
-            trail.follow(after)
+                request.params["conditions"] = _and(clause)
+
+        def after(fetched: Fetched) -> str | None:
+            if len(fetched.records) < self.page_size:
+                return None
+            return self._resume_after(fetched.records[-1], by_updated, fetched.url, fetched.number)
+
+        for fetched in self.pages(PageRequest("GET", url), KeysetPaginator(apply=resume, after=after), model=Rows,
+                                  first_id="id", trail=trail):
+            if fetched.records:
+                yield fetched.records
 
     def _resume_after(self, last: dict[str, Any], by_updated: bool, url: str, page: int) -> str:
         """The condition that resumes a keyset read after its last record."""
@@ -836,14 +828,6 @@ def _same_origin(link: str | None, api_url: str) -> str | None:
         return None
     target, ours = urlsplit(link), urlsplit(api_url)
     return urlunsplit((ours.scheme, ours.netloc, target.path, target.query, ""))
-
-
-def _cursor(url: str, params: dict[str, Any] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """A page request as a position to compare: its path and query parameters, in any order and encoding
-    (the first request's parameters and a next link that points back to it are the same position)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True) + [(k, str(v)) for k, v in (params or {}).items()]
-    return parts.path, tuple(sorted(query))
 
 
 def _and(parts: list[str]) -> str:

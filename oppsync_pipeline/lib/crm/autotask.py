@@ -125,6 +125,8 @@ class AutotaskAuth(Auth):
         self._rediscover()
 
 
+# -- observe / classify -----------------------------------------------------------------------------------------
+
 def observe(response: requests.Response, stats: RequestStats) -> None:
     """Autotask reports usage in no header; see AutotaskConnector._poll_threshold."""
 

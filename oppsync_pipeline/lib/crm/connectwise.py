@@ -185,6 +185,51 @@ class ConnectWiseAuth(Auth):
         return "ConnectWiseAuth(<redacted>)"
 
 
+# -- observe / classify -----------------------------------------------------------------------------------------
+
+def observe(response: requests.Response, stats: RequestStats) -> None:
+    """ConnectWise sends no usage headers and publishes no quota: nothing to record."""
+
+
+def classify(response: requests.Response, max_retry_after: float = 900.0) -> Exception | None:
+    """ConnectWise's answers with what to check: a throttle longer than the run waits (429 + Retry-After), the
+    refused keys (401: they do not expire, nothing to refresh), 400 / 403 / 404 naming the key or the
+    security-role area to fix."""
+    status = response.status_code
+    if status == 429:
+        wait = retry_after_seconds(response)
+        if wait is not None and wait > max_retry_after:
+            return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
+                                  f"(more than the {max_retry_after:.0f}s this run waits)", status=429)
+        return None
+    if status == 401:
+        return AuthError("ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
+                         "private_key (System > Members > API Members > API Keys); keys do not expire, so "
+                         "nothing is retried", status=401)
+    if status not in (400, 403, 404):
+        return None
+    path = urlsplit(response.request.url or "").path if response.request is not None else ""
+    message = _cw_message(response)
+    where = f"GET {path}" if path else "ConnectWise"
+    if status == 403:
+        return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
+                        f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
+                        "or run `oppsync config check --online` to see what is readable", status=403)
+    if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
+                              else "") > MAX_QUERY_CHARS:
+        return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
+                        "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
+    if status == 404:
+        return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
+                        "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
+                        "ConnectWise cloud a 404 can also mean the company_id is wrong", status=404)
+    hint = ("check credentials.client_id (register one at developer.connectwise.com)"
+            if "clientid" in message.lower() else
+            "check the connection's filters and fields: names are ConnectWise condition paths "
+            "(company/name, status/name, _info/lastUpdated) or custom:<caption>")
+    return CrmError(f"{where}: HTTP 400 {message}; {hint}", status=400)
+
+
 # -- connector -----------------------------------------------------------------------------------------------------
 
 class ConnectWiseOptions(ConnectorOptions):
@@ -231,43 +276,10 @@ class ConnectWiseConnector(CrmConnector):
         return bool(_CUSTOM.match(name))
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
-        """ConnectWise sends no usage headers and publishes no quota: nothing to record."""
+        observe(response, stats)
 
     def classify(self, response: requests.Response) -> Exception | None:
-        status = response.status_code
-        if status == 429:
-            wait = retry_after_seconds(response)
-            limit = self.options.max_retry_after
-            if wait is not None and wait > limit:
-                return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
-                                      f"(more than the {limit:.0f}s this run waits)", status=429)
-            return None
-        if status == 401:
-            return AuthError("ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
-                             "private_key (System > Members > API Members > API Keys); keys do not expire, so "
-                             "nothing is retried", status=401)
-        if status not in (400, 403, 404):
-            return None
-        path = urlsplit(response.request.url or "").path if response.request is not None else ""
-        message = _cw_message(response)
-        where = f"GET {path}" if path else "ConnectWise"
-        if status == 403:
-            return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
-                            f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
-                            "or run `oppsync config check --online` to see what is readable", status=403)
-        if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
-                                  else "") > MAX_QUERY_CHARS:
-            return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
-                            "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
-        if status == 404:
-            return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
-                            "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
-                            "ConnectWise cloud a 404 can also mean the company_id is wrong", status=404)
-        hint = ("check credentials.client_id (register one at developer.connectwise.com)"
-                if "clientid" in message.lower() else
-                "check the connection's filters and fields: names are ConnectWise condition paths "
-                "(company/name, status/name, _info/lastUpdated) or custom:<caption>")
-        return CrmError(f"{where}: HTTP 400 {message}; {hint}", status=400)
+        return classify(response, self.options.max_retry_after)
 
     # -- base URL and tenant discovery -------------------------------------------------------------------------
 

@@ -242,6 +242,8 @@ class EntraAuth(Auth):
         self.expires_at = time.monotonic() + float(body.get("expires_in", 3599))
 
 
+# -- observe / classify -----------------------------------------------------------------------------------------
+
 def observe(response: requests.Response, stats: RequestStats, limit: int = 6000) -> None:
     """Service protection: requests left in the 5-minute window -> quota used / limit."""
     remaining = response.headers.get("x-ms-ratelimit-burst-remaining-xrm-requests")

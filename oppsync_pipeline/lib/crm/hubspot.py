@@ -146,7 +146,7 @@ class HubSpotAuth(Auth):
         self.expires_at = time.monotonic() + max(0, int(expires_in) - 60) if expires_in else None
 
 
-# -- usage headers and quota ------------------------------------------------------------------------------------------
+# -- observe / classify -----------------------------------------------------------------------------------------
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     daily = response.headers.get("X-HubSpot-RateLimit-Daily")
@@ -313,9 +313,6 @@ class HubSpotConnector(CrmConnector):
         "hs_closed_won_date", "hs_closed_lost_date",
     })
 
-    observe = staticmethod(observe)
-    classify = staticmethod(classify)
-
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
         self._last_search = 0.0
@@ -330,6 +327,12 @@ class HubSpotConnector(CrmConnector):
         # called by the base class before `self.options` exists
         token_url = HubSpotOptions.model_validate(self.conn.options).token_url or f"{self.conn.base_url}/oauth/v1/token"
         return HubSpotAuth(self.credentials, token_url)
+
+    def observe(self, response: requests.Response, stats: RequestStats) -> None:
+        observe(response, stats)
+
+    def classify(self, response: requests.Response) -> Exception | None:
+        return classify(response)
 
     @classmethod
     def validate_connection(cls, conn: ConnectionConfig) -> list[str]:

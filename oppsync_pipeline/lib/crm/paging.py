@@ -93,24 +93,25 @@ def url_position(url: str, params: dict[str, Any] | None = None, root: str = "")
     return path, tuple(sorted(query))
 
 
-class JSONLinkPaginator(Paginator):
-    """The next page's URL in the body (`next_url` reads it from the validated page; None on the last page).
-    The next request is sent to it as it is, with the same method, headers and body and without the first
-    request's parameters (the link carries the query). `resolve` rewrites the link first (Autotask: the part
-    after `/V1.0/`, so it resolves against the current zone); `root` as in `url_position`."""
+class _LinkPaginator(Paginator):
+    """The next page named by a URL: sent to as it is, with the same method, headers and body and without the
+    first request's parameters (the link carries the query). The URL is the position (`root` as in
+    `url_position`)."""
 
-    def __init__(self, next_url: Callable[[Any], str | None], *, resolve: Callable[[str], str] = str,
-                 root: str = ""):
+    def __init__(self, root: str = ""):
         super().__init__()
-        self.next_url, self.resolve, self.root = next_url, resolve, root
+        self.root = root
         self._next: str | None = None
+
+    @abstractmethod
+    def next_link(self, fetched: Fetched) -> str | None:
+        """The next page's URL as it will be requested; None on the last page."""
 
     def init_request(self, request: PageRequest) -> None:
         self.position = url_position(request.url, request.params, self.root)
 
     def update_state(self, fetched: Fetched, trail: PageTrail) -> None:
-        link = self.next_url(fetched.page)
-        self._next = self.resolve(link) if link else None
+        self._next = self.next_link(fetched) or None
         self.has_next_page = self._next is not None
         self.position = url_position(self._next, None, self.root) if self._next else None
 
@@ -118,20 +119,36 @@ class JSONLinkPaginator(Paginator):
         request.url, request.params = str(self._next), None
 
 
-class HeaderLinkPaginator(JSONLinkPaginator):
+class JSONLinkPaginator(_LinkPaginator):
+    """The next page's URL in the body: `next_url` reads it from the validated page (None on the last page);
+    `resolve` rewrites it (Autotask: the part after `/V1.0/`, so it resolves against the current zone)."""
+
+    def __init__(self, next_url: Callable[[Any], str | None], *, resolve: Callable[[str], str] = str,
+                 root: str = ""):
+        super().__init__(root)
+        self.next_url, self.resolve = next_url, resolve
+
+    def next_link(self, fetched: Fetched) -> str | None:
+        link = self.next_url(fetched.page)
+        return self.resolve(link) if link else None
+
+
+class HeaderLinkPaginator(_LinkPaginator):
     """Page numbers followed through the `Link: <...>; rel="next"` header (RFC 8288) until a page has none.
-    `resolve` may refuse a link (None: the sequence ends); an empty page that links a next one is broken."""
+    `resolve` rewrites the link (None: not followed, the sequence ends). An empty page that links a next one
+    is broken: a page-numbered list has nothing after an empty page."""
 
     def __init__(self, *, resolve: Callable[[str], str | None] = str, root: str = ""):
-        super().__init__(lambda page: None, root=root)
-        self.resolve_link = resolve
+        super().__init__(root)
+        self.resolve = resolve
+
+    def next_link(self, fetched: Fetched) -> str | None:
+        link = fetched.response.links.get("next", {}).get("url")
+        return self.resolve(link) if link else None
 
     def update_state(self, fetched: Fetched, trail: PageTrail) -> None:
-        link = fetched.response.links.get("next", {}).get("url")
-        self._next = self.resolve_link(link) if link else None
-        self.has_next_page = self._next is not None
-        self.position = url_position(self._next, None, self.root) if self._next else None
-        if self._next and not fetched.records:
+        super().update_state(fetched, trail)
+        if self.has_next_page and not fetched.records:
             raise PageError("an empty page with a next link", crm=trail.crm, url=fetched.url, page=fetched.number)
 
 

@@ -193,3 +193,10 @@ def test_url_position_compares_paths_and_decoded_sorted_parameters():
     assert url_position("/api/data/v9.2/x", {"$top": 5}) == url_position("https://p.test/api/data/v9.2/x?%24top=5")
     assert url_position("https://proxy.test/pre/api/x?a=1", root="/api/") == url_position("/api/x", {"a": "1"},
                                                                                           root="/api/")
+
+
+def test_a_count_asked_beforehand_bounds_the_pages_too():
+    api, _ = client([{"records": recs(i), "next": f"/q/{i + 1}"} for i in range(1, 10)])
+    with pytest.raises(PageError, match=r"page 5 of .*more pages \(5\) than the CRM's count of 1 records allows \(4\)"):
+        list(paginate(api, PageRequest("GET", "/q"), JSONLinkPaginator(lambda p: p.next), crm="crm",
+                      model=LinkPage, records="records", expect=1, page_size=1))

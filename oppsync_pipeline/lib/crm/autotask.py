@@ -73,7 +73,7 @@ from typing_extensions import NotRequired, TypedDict
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
-from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
@@ -596,12 +596,11 @@ class AutotaskConnector(CrmConnector):
         records can match, more pages than that allows each fail the run."""
         body = {"MaxRecords": max_records or self.page_size, "filter": filters}
         path = f"{entity}/query"
-        trail = PageTrail(self.crm, self.client.url(path))
-        trail.expect(expect, body["MaxRecords"])
         # every next page is POSTed the same body, at its path from /V1.0/ on (the zone may move mid-run)
         paginator = JSONLinkPaginator(lambda page: page.pageDetails.nextPageUrl, resolve=_relative)
         for fetched in self.pages(PageRequest("POST", path, json=body), paginator, model=QueryPage, records="items",
-                                  first_id="id", trail=trail, before_request=self._poll_when_due):
+                                  first_id="id", expect=expect, page_size=body["MaxRecords"],
+                                  before_request=self._poll_when_due):
             if fetched.records:
                 yield fetched.records
 

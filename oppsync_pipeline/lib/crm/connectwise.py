@@ -75,7 +75,7 @@ from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConne
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
-from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
@@ -355,12 +355,10 @@ class ConnectWiseConnector(CrmConnector):
         (a server ignoring `page`)."""
         size = page_size or self.page_size
         url = self.api(path)
-        trail = PageTrail(self.crm, url)
-        trail.expect(expect, size)
         request = PageRequest("GET", url, params={**params, "page": 1, "pageSize": size})
         # the next link carries the whole query; it is sent to the API's own host only
         paginator = HeaderLinkPaginator(resolve=lambda link: _same_origin(link, url))
-        for fetched in self.pages(request, paginator, model=model, first_id="id", trail=trail):
+        for fetched in self.pages(request, paginator, model=model, first_id="id", expect=expect, page_size=size):
             yield fetched.records
 
     def _all(self, path: str, params: dict[str, Any], model: Any = Rows) -> list[dict[str, Any]]:
@@ -566,8 +564,6 @@ class ConnectWiseConnector(CrmConnector):
         resumed from twice (a server ignoring the condition) fails the read, as do more pages than `expect`.
         """
         url = self.api("/sales/opportunities")
-        trail = PageTrail(self.crm, url)
-        trail.expect(expect, self.page_size)
 
         def resume(request: PageRequest, after: str | None) -> None:
             clause = list(parts) + ([after] if after else [])
@@ -581,7 +577,7 @@ class ConnectWiseConnector(CrmConnector):
             return self._resume_after(fetched.records[-1], by_updated, fetched.url, fetched.number)
 
         for fetched in self.pages(PageRequest("GET", url), KeysetPaginator(apply=resume, after=after), model=Rows,
-                                  first_id="id", trail=trail):
+                                  first_id="id", expect=expect, page_size=self.page_size):
             if fetched.records:
                 yield fetched.records
 

@@ -211,20 +211,22 @@ class KeysetPaginator(Paginator):
 
 
 def paginate(client: ApiClient, request: PageRequest, paginator: Paginator, *, crm: str, model: Any,
-             records: str | None = None, first_id: str | None = None,
+             records: str | None = None, first_id: str | None = None, expect: int | None = None,
              total: Callable[[Any], int | None] | None = None, page_size: int = 1,
              trail: PageTrail | None = None, full_url: bool = True,
              before_request: Callable[[], None] | None = None) -> Iterator[Fetched]:
     """The pages of one sequence, each validated as `model` before it is yielded.
 
     `records`: the key of the page's record list (None: the body is the list); `first_id`: the key of a
-    record's id, for the repeated-page guard (None: the CRM's cursors are guard enough); `total(page)`: the
-    CRM's count of the sequence read from its first page, which bounds the pages (`page_size` records each);
+    record's id, for the repeated-page guard (None: the CRM's cursors are guard enough); `expect`: the CRM's
+    count of the sequence asked beforehand, or `total(page)`: read from its first page; either bounds the pages
+    (`page_size` records each);
     `trail`: a PageTrail the caller bounds or reads itself; `full_url`: name pages by their full URL in errors
     (Salesforce's are named by the org-relative path its next links use); `before_request`: run before each
     request (client-side pacing, quota polls)."""
     paginator.init_request(request)
     trail = trail or PageTrail(crm, client.url(request.url) if full_url else request.url)
+    trail.expect(expect, page_size)
     if paginator.position is not None:
         paginator.follow(trail)
     while True:

@@ -13,7 +13,7 @@ import requests
 from sqlalchemy import text
 
 from oppsync_pipeline.lib.config import ConfigError, parse_config
-from oppsync_pipeline.lib.crm.http import ApiClient, CrmError, NoAuth, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import build_simulator
@@ -115,7 +115,7 @@ def test_backoff_after_server_errors_counts_too_and_fails_the_run_transiently(tm
     with SandboxServer(sim) as server:
         sim.faults = FaultPlan([FaultRule("server_error", count=0)])
         sleep = RecordingSleep()
-        client = ApiClient(server.url, NoAuth(), budget=QuotaBudget(max_wait_seconds=2.0), sleep=sleep)
+        client = ApiClient(server.url, Auth(), budget=QuotaBudget(max_wait_seconds=2.0), sleep=sleep)
         with pytest.raises(CrmError, match="wait budget") as caught:
             client.request("GET", "/sales/opportunities")
         assert not isinstance(caught.value, QuotaExhausted) and caught.value.permanent is False

@@ -73,7 +73,8 @@ from typing_extensions import NotRequired, TypedDict
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
-from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
+from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
     to_utc,
@@ -123,6 +124,8 @@ class AutotaskAuth(Auth):
     def refresh(self, session: requests.Session) -> None:
         self._rediscover()
 
+
+# -- observe / classify -----------------------------------------------------------------------------------------
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     """Autotask reports usage in no header; see AutotaskConnector._poll_threshold."""
@@ -593,24 +596,17 @@ class AutotaskConnector(CrmConnector):
         records can match, more pages than that allows each fail the run."""
         body = {"MaxRecords": max_records or self.page_size, "filter": filters}
         path = f"{entity}/query"
-        trail = PageTrail(self.crm, self.client.url(path))
-        trail.expect(expect, body["MaxRecords"])
-        trail.follow(path)
-        while True:
-            if self.stats.requests - (self._last_poll or 0) >= THRESHOLD_POLL_EVERY:
-                self._poll_threshold()
-            url = self.client.url(path)
-            data = self.client.post_json(path, body)
-            page = check_page(QueryPage, data, crm=self.crm, url=url, page=trail.pages + 1)
-            items: list[dict[str, Any]] = data["items"]
-            trail.page(len(items), items[0]["id"] if items else None)
-            if items:
-                yield items
-            nxt = page.pageDetails.nextPageUrl
-            if not nxt:
-                return
-            path = _relative(nxt)
-            trail.follow(path)
+        # every next page is POSTed the same body, at its path from /V1.0/ on (the zone may move mid-run)
+        paginator = JSONLinkPaginator(lambda page: page.pageDetails.nextPageUrl, resolve=_relative)
+        for fetched in self.pages(PageRequest("POST", path, json=body), paginator, model=QueryPage, records="items",
+                                  first_id="id", expect=expect, page_size=body["MaxRecords"],
+                                  before_request=self._poll_when_due):
+            if fetched.records:
+                yield fetched.records
+
+    def _poll_when_due(self) -> None:
+        if self.stats.requests - (self._last_poll or 0) >= THRESHOLD_POLL_EVERY:
+            self._poll_threshold()
 
     def _count(self, entity: str, filters: list[dict[str, Any]]) -> int:
         path = f"{entity}/query/count"

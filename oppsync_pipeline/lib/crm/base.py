@@ -8,6 +8,9 @@ stays flat whatever the number of opportunities.
 Each CRM module has the same shape, in the same order:
   auth class -> `observe` / `classify` hooks -> connector class (stages, users, opportunities, deleted,
   mapping) -> filter rendering.
+The hooks are module functions of the response (what the vendor's answers mean, testable alone); each connector
+binds them to its connection in its `observe` / `classify` methods, which the base class hands to the client.
+Paging is paging.py's loop: a connector builds the first request and names its paginator.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime,
                                          parse_float, to_utc)
@@ -239,6 +243,10 @@ class CrmConnector(ABC):
     @property
     def stats(self) -> RequestStats:
         return self.client.stats
+
+    def pages(self, request: PageRequest, paginator: Paginator, **options: Any) -> Iterator[Fetched]:
+        """The checked pages of one paging sequence of this CRM (paging.paginate: `options` are its keywords)."""
+        return paginate(self.client, request, paginator, crm=self.crm, **options)
 
     def prepare(self) -> None:
         """Discover the tenant once per run (cached): connectors call this before building a query."""

@@ -64,7 +64,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 from pydantic import Field, Strict, StrictBool
@@ -75,7 +75,8 @@ from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConne
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
-from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
+from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
 )
@@ -184,6 +185,51 @@ class ConnectWiseAuth(Auth):
         return "ConnectWiseAuth(<redacted>)"
 
 
+# -- observe / classify -----------------------------------------------------------------------------------------
+
+def observe(response: requests.Response, stats: RequestStats) -> None:
+    """ConnectWise sends no usage headers and publishes no quota: nothing to record."""
+
+
+def classify(response: requests.Response, max_retry_after: float = 900.0) -> Exception | None:
+    """ConnectWise's answers with what to check: a throttle longer than the run waits (429 + Retry-After), the
+    refused keys (401: they do not expire, nothing to refresh), 400 / 403 / 404 naming the key or the
+    security-role area to fix."""
+    status = response.status_code
+    if status == 429:
+        wait = retry_after_seconds(response)
+        if wait is not None and wait > max_retry_after:
+            return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
+                                  f"(more than the {max_retry_after:.0f}s this run waits)", status=429)
+        return None
+    if status == 401:
+        return AuthError("ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
+                         "private_key (System > Members > API Members > API Keys); keys do not expire, so "
+                         "nothing is retried", status=401)
+    if status not in (400, 403, 404):
+        return None
+    path = urlsplit(response.request.url or "").path if response.request is not None else ""
+    message = _cw_message(response)
+    where = f"GET {path}" if path else "ConnectWise"
+    if status == 403:
+        return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
+                        f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
+                        "or run `oppsync config check --online` to see what is readable", status=403)
+    if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
+                              else "") > MAX_QUERY_CHARS:
+        return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
+                        "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
+    if status == 404:
+        return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
+                        "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
+                        "ConnectWise cloud a 404 can also mean the company_id is wrong", status=404)
+    hint = ("check credentials.client_id (register one at developer.connectwise.com)"
+            if "clientid" in message.lower() else
+            "check the connection's filters and fields: names are ConnectWise condition paths "
+            "(company/name, status/name, _info/lastUpdated) or custom:<caption>")
+    return CrmError(f"{where}: HTTP 400 {message}; {hint}", status=400)
+
+
 # -- connector -----------------------------------------------------------------------------------------------------
 
 class ConnectWiseOptions(ConnectorOptions):
@@ -230,43 +276,10 @@ class ConnectWiseConnector(CrmConnector):
         return bool(_CUSTOM.match(name))
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
-        """ConnectWise sends no usage headers and publishes no quota: nothing to record."""
+        observe(response, stats)
 
     def classify(self, response: requests.Response) -> Exception | None:
-        status = response.status_code
-        if status == 429:
-            wait = retry_after_seconds(response)
-            limit = self.options.max_retry_after
-            if wait is not None and wait > limit:
-                return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
-                                      f"(more than the {limit:.0f}s this run waits)", status=429)
-            return None
-        if status == 401:
-            return AuthError("ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
-                             "private_key (System > Members > API Members > API Keys); keys do not expire, so "
-                             "nothing is retried", status=401)
-        if status not in (400, 403, 404):
-            return None
-        path = urlsplit(response.request.url or "").path if response.request is not None else ""
-        message = _cw_message(response)
-        where = f"GET {path}" if path else "ConnectWise"
-        if status == 403:
-            return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
-                            f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
-                            "or run `oppsync config check --online` to see what is readable", status=403)
-        if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
-                                  else "") > MAX_QUERY_CHARS:
-            return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
-                            "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
-        if status == 404:
-            return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
-                            "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
-                            "ConnectWise cloud a 404 can also mean the company_id is wrong", status=404)
-        hint = ("check credentials.client_id (register one at developer.connectwise.com)"
-                if "clientid" in message.lower() else
-                "check the connection's filters and fields: names are ConnectWise condition paths "
-                "(company/name, status/name, _info/lastUpdated) or custom:<caption>")
-        return CrmError(f"{where}: HTTP 400 {message}; {hint}", status=400)
+        return classify(response, self.options.max_retry_after)
 
     # -- base URL and tenant discovery -------------------------------------------------------------------------
 
@@ -342,23 +355,11 @@ class ConnectWiseConnector(CrmConnector):
         (a server ignoring `page`)."""
         size = page_size or self.page_size
         url = self.api(path)
-        query: dict[str, Any] | None = {**params, "page": 1, "pageSize": size}
-        trail = PageTrail(self.crm, url)
-        trail.expect(expect, size)
-        trail.follow(_cursor(url, query))
-        while True:
-            response = self.client.request("GET", url, params=query)
-            rows = self.client.parse_json(response)
-            check_page(model, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows), rows[0]["id"] if rows else None)
-            yield rows
-            link = _same_origin(response.links.get("next", {}).get("url"), self.api(path))
-            if link is None:
-                return
-            if not rows:
-                raise PageError("an empty page with a next link", crm=self.crm, url=url, page=n)
-            trail.follow(_cursor(link, None))
-            url, query = link, None  # the next link carries the whole query
+        request = PageRequest("GET", url, params={**params, "page": 1, "pageSize": size})
+        # the next link carries the whole query; it is sent to the API's own host only
+        paginator = HeaderLinkPaginator(resolve=lambda link: _same_origin(link, url))
+        for fetched in self.pages(request, paginator, model=model, first_id="id", expect=expect, page_size=size):
+            yield fetched.records
 
     def _all(self, path: str, params: dict[str, Any], model: Any = Rows) -> list[dict[str, Any]]:
         """A whole dictionary (statuses, stages, members ...), in pages of the most CW serves."""
@@ -563,23 +564,22 @@ class ConnectWiseConnector(CrmConnector):
         resumed from twice (a server ignoring the condition) fails the read, as do more pages than `expect`.
         """
         url = self.api("/sales/opportunities")
-        trail = PageTrail(self.crm, url)
-        trail.expect(expect, self.page_size)
-        after: str | None = None
-        while True:
+
+        def resume(request: PageRequest, after: str | None) -> None:
             clause = list(parts) + ([after] if after else [])
-            query = {**params, "page": 1, "pageSize": self.page_size}
+            request.params = {**params, "page": 1, "pageSize": self.page_size}
             if clause:
-                query["conditions"] = _and(clause)
-            rows = self.client.get_json(url, params=query)
-            check_page(Rows, rows, crm=self.crm, url=url, page=trail.pages + 1)
-            n = trail.page(len(rows), rows[0]["id"] if rows else None)
-            if rows:
-                yield rows
-            if len(rows) < self.page_size:
-                return
-            after = self._resume_after(rows[-1], by_updated, url, n)
-            trail.follow(after)
+                request.params["conditions"] = _and(clause)
+
+        def after(fetched: Fetched) -> str | None:
+            if len(fetched.records) < self.page_size:
+                return None
+            return self._resume_after(fetched.records[-1], by_updated, fetched.url, fetched.number)
+
+        for fetched in self.pages(PageRequest("GET", url), KeysetPaginator(apply=resume, after=after), model=Rows,
+                                  first_id="id", expect=expect, page_size=self.page_size):
+            if fetched.records:
+                yield fetched.records
 
     def _resume_after(self, last: dict[str, Any], by_updated: bool, url: str, page: int) -> str:
         """The condition that resumes a keyset read after its last record."""
@@ -836,14 +836,6 @@ def _same_origin(link: str | None, api_url: str) -> str | None:
         return None
     target, ours = urlsplit(link), urlsplit(api_url)
     return urlunsplit((ours.scheme, ours.netloc, target.path, target.query, ""))
-
-
-def _cursor(url: str, params: dict[str, Any] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """A page request as a position to compare: its path and query parameters, in any order and encoding
-    (the first request's parameters and a next link that points back to it are the same position)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True) + [(k, str(v)) for k, v in (params or {}).items()]
-    return parts.path, tuple(sorted(query))
 
 
 def _and(parts: list[str]) -> str:

@@ -44,7 +44,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
 import requests
 from pydantic import Field, Strict, StringConstraints, model_validator
@@ -54,6 +53,7 @@ from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 from oppsync_pipeline.lib.scrub import scrubbed_logger
@@ -242,6 +242,8 @@ class EntraAuth(Auth):
         self.expires_at = time.monotonic() + float(body.get("expires_in", 3599))
 
 
+# -- observe / classify -----------------------------------------------------------------------------------------
+
 def observe(response: requests.Response, stats: RequestStats, limit: int = 6000) -> None:
     """Service protection: requests left in the 5-minute window -> quota used / limit."""
     remaining = response.headers.get("x-ms-ratelimit-burst-remaining-xrm-requests")
@@ -412,21 +414,14 @@ class DynamicsConnector(CrmConnector):
         return body
 
     def _pages(self, url: str, params: dict[str, str] | None, headers: dict[str, str], model: Any,
-               trail: PageTrail | None = None) -> Iterator[dict[str, Any]]:
+               trail: PageTrail | None = None, **options: Any) -> Iterator[dict[str, Any]]:
         """Follow @odata.nextLink verbatim (same Prefer header) until the last page. Each page is checked against
         `model` (a Collection) before it is yielded; `trail` fails the run on a next link followed before (the
-        query itself included) and on more pages than the count it was given allows."""
-        trail = trail or PageTrail(self.crm, self.client.url(url))
-        trail.follow(_cursor(url, params))
-        while True:
-            body = self._get(model, url, page=trail.pages + 1, params=params, headers=headers)
-            trail.page(len(body["value"]))
-            yield body
-            nxt = body.get("@odata.nextLink")
-            if not nxt:
-                return
-            trail.follow(_cursor(nxt))
-            url, params = nxt, None
+        query itself included) and on more pages than the count it was given allows (`options`: paginate's)."""
+        request = PageRequest("GET", url, params=params, headers=headers)
+        for fetched in self.pages(request, JSONLinkPaginator(_next_link, root=API), model=model, records="value",
+                                  trail=trail, **options):
+            yield fetched.body
 
     def _rows(self, path: str, params: dict[str, str], row: Any) -> list[dict[str, Any]]:
         return [r for body in self._pages(f"{API}/{path}", params, self._headers(), Collection[row])
@@ -633,10 +628,9 @@ class DynamicsConnector(CrmConnector):
         if flt is None:
             return
         trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
-        for body in self._opportunity_pages(flt, trail, orderby=ORDER):
+        for body in self._opportunity_pages(flt, trail, orderby=ORDER, total=lambda page: self._set_size(
+                open_set, since, page.count), page_size=self.page_size):
             rows = body["value"]
-            if trail.pages == 1:
-                trail.expect(self._set_size(open_set, since, body.get("@odata.count")), self.page_size)
             self.tally(open_set, since, (r["opportunityid"] for r in rows), trail.total)
             page = self._map_page(rows)
             if page:
@@ -734,8 +728,9 @@ class DynamicsConnector(CrmConnector):
             return value.lower()
         return value
 
-    def _opportunity_pages(self, flt: str, trail: PageTrail, orderby: str | None = None) -> Iterator[dict[str, Any]]:
-        """One opportunity query's pages (checked, bounded by `trail`)."""
+    def _opportunity_pages(self, flt: str, trail: PageTrail, orderby: str | None = None,
+                           **options: Any) -> Iterator[dict[str, Any]]:
+        """One opportunity query's pages (checked, bounded by `trail`; `options`: paginate's)."""
         params = {"$select": self._select(), "$count": "true"}
         if orderby:
             params["$orderby"] = orderby
@@ -743,7 +738,8 @@ class DynamicsConnector(CrmConnector):
             params["$filter"] = flt
         if self._expand_account:
             params["$expand"] = ACCOUNT_EXPAND
-        return self._pages(f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail)
+        return self._pages(f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail,
+                           **options)
 
     def _map_page(self, rows: list[dict[str, Any]]) -> Page:
         """A page mapped record by record (a record that cannot be read is quarantined, the rest go on); owner
@@ -850,6 +846,11 @@ class DynamicsConnector(CrmConnector):
             self.delta_link = body.get("@odata.deltaLink") or self.delta_link
 
 
+def _next_link(page: Collection[Any]) -> str | None:
+    """A collection's next page: `@odata.nextLink`, used verbatim (it carries the query and the paging cookie)."""
+    return page.next_link or None
+
+
 def by_id_filter(ids: Sequence[str]) -> str:
     """`opportunityid` in `ids` (lower-case GUIDs, already validated) with the Dataverse query function."""
     values = ",".join(f"'{i}'" for i in ids)
@@ -862,14 +863,6 @@ def _only_asked(rows: list[dict[str, Any]], asked: set[str], trail: PageTrail) -
         raise PageError(f"records that were not asked for ({', '.join(unasked[:3])}"
                         f"{' ...' if len(unasked) > 3 else ''}) in an answer to a read by id: the id filter was "
                         "not applied", crm=trail.crm, url=trail.url, page=trail.pages)
-
-
-def _cursor(url: str, params: dict[str, str] | None = None) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """A request's identity for loop detection: the path from the API root on (a proxy may prefix it) and the
-    query parameters, decoded and sorted (a next link is absolute, the first request relative with params)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True) + list((params or {}).items())
-    return parts.path[parts.path.find(API):], tuple(sorted(query))
 
 
 def created_between(lo: datetime | None, hi: datetime | None) -> str:

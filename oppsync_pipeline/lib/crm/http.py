@@ -114,16 +114,11 @@ class Auth:
             self.stats.token_requests += 1
         return session.request(method, url, **kwargs)
 
-    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
+        """Add the credentials to a request's headers (the base class sends none: tests, open endpoints)."""
 
     def refresh(self, session: requests.Session) -> None:
         raise AuthError("credentials were refused (401)", status=401)
-
-
-class NoAuth(Auth):
-    def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
-        return None
 
 
 @dataclass

@@ -57,7 +57,8 @@ from typing_extensions import TypedDict
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
-from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import PageModel, check_page
+from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
                                          parse_date, parse_datetime, parse_float, to_utc)
 
@@ -145,7 +146,7 @@ class HubSpotAuth(Auth):
         self.expires_at = time.monotonic() + max(0, int(expires_in) - 60) if expires_in else None
 
 
-# -- usage headers and quota ------------------------------------------------------------------------------------------
+# -- observe / classify -----------------------------------------------------------------------------------------
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     daily = response.headers.get("X-HubSpot-RateLimit-Daily")
@@ -312,9 +313,6 @@ class HubSpotConnector(CrmConnector):
         "hs_closed_won_date", "hs_closed_lost_date",
     })
 
-    observe = staticmethod(observe)
-    classify = staticmethod(classify)
-
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
         self._last_search = 0.0
@@ -329,6 +327,12 @@ class HubSpotConnector(CrmConnector):
         # called by the base class before `self.options` exists
         token_url = HubSpotOptions.model_validate(self.conn.options).token_url or f"{self.conn.base_url}/oauth/v1/token"
         return HubSpotAuth(self.credentials, token_url)
+
+    def observe(self, response: requests.Response, stats: RequestStats) -> None:
+        observe(response, stats)
+
+    def classify(self, response: requests.Response) -> Exception | None:
+        return classify(response)
 
     @classmethod
     def validate_connection(cls, conn: ConnectionConfig) -> list[str]:
@@ -579,63 +583,45 @@ class HubSpotConnector(CrmConnector):
         changes during the read is caught by the run's catch-up read or the next incremental run, and every
         other deal is read exactly once however many match. The id bound is also the paging cursor: it must
         move forward, and the first page's `total` bounds the number of pages."""
-        trail = PageTrail(self.crm, self.client.url(path))
-        last = 0
-        while True:
-            body = self._search(path, base + [_past(last)], properties, limit)
-            page = self._checked(SearchPage, body, path, trail.pages + 1)
-            first = trail.pages == 0
-            if first:
-                trail.expect(page.total, min(limit, self.max_page_size))
-            trail.page(len(page.results))
-            if not page.results:
-                yield body["results"], (page.total if first else None)
-                return
-            # the next query starts after the page's last object in the server's order (not the page's largest
-            # id: a stray object repeated from another page must not move the bound past ones not yet read);
-            # checked before the page is used
-            following = int(page.results[-1]["id"])
-            trail.follow(following)
-            if following <= last:
-                raise PageError(f"the page ends at hs_object_id {following}, not past the {last} it was asked to "
-                                "read after: paging loops (or the search ignores its sort)", crm=self.crm,
-                                url=trail.url, page=trail.pages)
-            yield body["results"], (page.total if first else None)
-            last = following
-            # the last page has no `paging.next`; one without it whose `total` says more remain past this
-            # position is read past (the id bound needs no cursor from the server)
-            if page.after is None and page.total <= len(page.results):
-                return
+        paginator = KeysetPaginator(apply=lambda request, last: self._search_request(request, base + [_past(last)],
+                                                                                   properties, limit),
+                                    after=_last_id, more=_more_deals, start=0, ordered=True, key="hs_object_id")
+        for fetched in self.pages(PageRequest("POST", path), paginator, model=SearchPage, records="results",
+                                  total=lambda page: page.total, page_size=min(limit, self.max_page_size),
+                                  before_request=self._pace_search):
+            yield fetched.records, (fetched.page.total if fetched.number == 1 else None)
 
     def _search(self, path: str, filters: list[dict[str, Any]], properties: list[str], limit: int) -> Any:
-        """One search sorted by `hs_object_id`, paced to `options.search_requests_per_second` (HubSpot limits
-        searches per portal, whatever the object)."""
+        """One search sorted by `hs_object_id`, paced (`_pace_search`)."""
+        self._pace_search()
+        request = self._search_request(PageRequest("POST", path), filters, properties, limit)
+        return self.client.post_json(request.url, request.json)
+
+    def _search_request(self, request: PageRequest, filters: list[dict[str, Any]], properties: list[str],
+                        limit: int) -> PageRequest:
+        request.json = {"filterGroups": [{"filters": filters}],
+                        "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                        "properties": properties, "limit": min(limit, self.max_page_size)}
+        return request
+
+    def _pace_search(self) -> None:
+        """Searches paced to `options.search_requests_per_second` (HubSpot limits searches per portal, whatever
+        the object)."""
         rps = self.options.search_requests_per_second
         if rps > 0:
             wait = self._last_search + 1.0 / rps - time.monotonic()
             if wait > 0:
                 self.client.sleep(wait)
             self._last_search = time.monotonic()
-        body: dict[str, Any] = {"filterGroups": [{"filters": filters}],
-                                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
-                                "properties": properties, "limit": min(limit, self.max_page_size)}
-        return self.client.post_json(path, body)
 
     def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed
         once, and a page starting with the record an earlier page started with means the list ignores its
         cursor: such lists carry no count to bound them, so either is a loop."""
-        trail = PageTrail(self.crm, self.client.url(path))
-        after: str | None = None
-        while True:
-            body = self.client.get_json(path, params={**params, **({"after": after} if after else {})})
-            page = self._checked(ListPage, body, path, trail.pages + 1)
-            trail.page(len(page.results), page.results[0]["id"] if page.results else None)
-            yield body["results"]
-            after = page.after
-            if after is None:
-                return
-            trail.follow(after)
+        paginator = JSONCursorPaginator(lambda page: page.after)
+        for fetched in self.pages(PageRequest("GET", path, params=dict(params)), paginator, model=ListPage,
+                                  records="results", first_id="id"):
+            yield fetched.records
 
     def _checked(self, model: type[PageModel], body: Any, path: str, page: int | None = None) -> Any:
         return check_page(model, body, crm=self.crm, url=self.client.url(path), page=page)
@@ -861,6 +847,19 @@ def _value(field: str, value: Any) -> str:
             return str(_ms(dt))
         return text
     return str(value)
+
+
+def _last_id(fetched: Fetched) -> int | None:
+    """The next search starts after the page's last object in the server's order (not the page's largest id: a
+    stray object repeated from another page must not move the bound past ones not yet read)."""
+    return int(fetched.records[-1]["id"]) if fetched.records else None
+
+
+def _more_deals(fetched: Fetched) -> bool:
+    """An empty page ends the read. The last page has no `paging.next`; one without it whose `total` says more
+    remain past this position is read past (the id bound needs no cursor from the server)."""
+    page = fetched.page
+    return bool(page.results) and not (page.after is None and page.total <= len(page.results))
 
 
 def _past(last_id: int) -> dict[str, Any]:

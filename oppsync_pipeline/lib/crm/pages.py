@@ -7,7 +7,8 @@ of the CRM's documented response (pydantic, the project's config library) and a 
 the extract, naming the CRM, the URL, the page number and what was wrong; nothing is reconciled.
 
 Paging must also end: a next link that points back, a cursor that repeats or more pages than the CRM's own
-count allows fail the run instead of staging the same records until someone kills it.
+count allows fail the run instead of staging the same records until someone kills it. Every paging sequence
+runs through these guards in one loop (paging.py).
 
 Each connector declares its page models next to its queries (records as TypedDicts naming only the id key:
 extra keys are ignored, so validation costs about 0.6 s per million records and the connector keeps reading

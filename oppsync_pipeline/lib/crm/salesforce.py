@@ -58,7 +58,8 @@ from oppsync_pipeline.lib.crm.http import (
     RetryableHttpError,
     json_body,
 )
-from oppsync_pipeline.lib.crm.pages import RECORD, PageModel, PageTrail, check_page
+from oppsync_pipeline.lib.crm.pages import RECORD, PageModel, check_page
+from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -219,6 +220,11 @@ class Rows(NamedTuple):
 
     records: list[dict[str, Any]]
     total: int
+
+
+def _next_records_url(page: QueryPage[Any]) -> str | None:
+    """A query's next page: `nextRecordsUrl` (org-relative) until `done`."""
+    return None if page.done else str(page.nextRecordsUrl)
 
 
 # -- auth -----------------------------------------------------------------------------------------------------
@@ -429,21 +435,12 @@ class SalesforceConnector(CrmConnector):
         `nextRecordsUrl` until `done`. Each page is checked before use; the paging is bounded by the first page's
         totalSize and fails on a next link it followed before."""
         url = f"{self.data_path}/{'queryAll' if include_deleted else 'query'}"
-        trail = PageTrail(self.crm, url)
-        body = self.client.get_json(url, params={"q": soql}, headers=self._query_headers)
-        while True:
-            page = check_page(QueryPage[record], body, crm=self.crm, url=url, page=trail.pages + 1)
-            if trail.pages == 0:
-                # Salesforce may send batches smaller than asked ("no guarantee", QueryOptions): the bound assumes
-                # its smallest documented batch.
-                trail.expect(page.totalSize, self.min_page_size)
-            trail.page(len(page.records))
-            yield Rows(body["records"], page.totalSize)
-            if page.done:
-                return
-            url = str(page.nextRecordsUrl)
-            trail.follow(url)
-            body = self.client.get_json(url, headers=self._query_headers)
+        request = PageRequest("GET", url, params={"q": soql}, headers=self._query_headers)
+        # Salesforce may send batches smaller than asked ("no guarantee", QueryOptions): the bound assumes its
+        # smallest documented batch.
+        for fetched in self.pages(request, JSONLinkPaginator(_next_records_url), model=QueryPage[record], records="records",
+                                  total=lambda page: page.totalSize, page_size=self.min_page_size, full_url=False):
+            yield Rows(fetched.records, fetched.page.totalSize)
 
     def describe(self, sobject: str) -> dict[str, dict[str, Any]]:
         """`sobjects/{sobject}/describe`: the fields this API user can see, by lower-cased name."""

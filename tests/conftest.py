@@ -1,12 +1,23 @@
-"""Shared fixtures: warehouses (DuckDB file, fresh Postgres database) and sandbox-backed configurations.
+"""Shared fixtures and the test layers.
 
-Postgres tests run against OPPSYNC_TEST_PG (default postgresql+psycopg2://postgres@127.0.0.1:5432/postgres).
-Each test gets its own database, dropped afterwards. Outside CI they skip, with the reason shown, when
-Postgres does not answer; with CI=true an unreachable Postgres is a failure, never a skip.
+Layers (markers assigned here, by path and fixture use, never per file; `make test-unit` runs
+`-m "unit and not postgres"`):
+  unit     pure functions, connectors and simulators in-process (real HTTP on localhost), DuckDB files;
+           no Dagster materialize, no dbt, no subprocess
+  assets   in-process integration: `dg.materialize`/definitions loading, or a dbt build
+  e2e      the CLI, subprocesses, SIGKILLs, whole syncs of sandbox CRMs into warehouses
+  postgres needs the Postgres server (any layer; warehouse_url's second param, pg_url, postgres_dbt)
+  slow     minutes even alone (dbt builds, the webserver, the CLI's whole run)
+
+Postgres: one server, one variable, OPPSYNC_TEST_PG_URL (default
+postgresql+psycopg2://postgres@127.0.0.1:5432/postgres). Each test gets its own database, dropped afterwards.
+Outside CI the Postgres tests skip, with the reason shown, when Postgres does not answer; with CI=true an
+unreachable Postgres is a failure, never a skip.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,9 +35,10 @@ from oppsync_pipeline.sandbox.cluster import crm_module, env_var
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-PG_ADMIN_URL = os.environ.get("OPPSYNC_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
+@functools.cache  # once per process: a down server costs its connect timeout once, not once per test
 def postgres_available() -> str | None:
     """None when Postgres answers, else why not."""
     try:
@@ -45,7 +57,7 @@ def require_postgres() -> None:
         return
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true but Postgres at {make_url(PG_ADMIN_URL).render_as_string()} is unreachable: {why}")
-    pytest.skip(f"Postgres unreachable ({why}); these tests run in CI")
+    pytest.skip(f"Postgres unreachable ({why}); these tests run in CI (set OPPSYNC_TEST_PG_URL to point elsewhere)")
 
 
 def _new_database() -> tuple[str, str]:
@@ -65,14 +77,10 @@ def _drop_database(name: str) -> None:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(tmp_path: Path) -> Iterator[str]:
     """A fresh, empty Postgres database for this test (dropped afterwards)."""
-    require_postgres()
-    name, url = _new_database()
-    try:
+    with warehouse_database("postgres", tmp_path) as url:
         yield url
-    finally:
-        _drop_database(name)
 
 
 @pytest.fixture
@@ -156,3 +164,50 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(report.table(rows))
         report.results_path().unlink(missing_ok=True)
 
+
+
+# -- layers: one marker per test, from where it lives and what it uses -----------------------------------------
+
+# Paths (relative to tests/, a folder ending in "/") outside the unit layer. Everything else is `unit`.
+LAYERS: dict[str, str] = {
+    "dagster/": "assets",              # definitions loaded, dg.materialize
+    "dbt/": "assets",                  # dbt builds of the marts
+    "dagster/test_cli_sync.py": "e2e",  # `oppsync sync` in a subprocess
+    "dagster/test_webserver.py": "e2e",  # a dagster webserver and its code server
+    "reliability/": "e2e",             # fault matrix, kills, secrets scans: whole syncs
+    "reconcile/test_crash.py": "e2e",   # SIGKILLed child processes
+    "reconcile/test_lease_race.py": "e2e",  # twenty threads and processes
+    "sandbox/test_serve_cli.py": "e2e",  # `oppsync sandbox serve` in a subprocess
+    "variants/": "e2e",                # every tenant variant: full, incremental, full syncs
+    "test_sync_e2e.py": "e2e",
+    "test_history_truth.py": "e2e",
+    "test_cli_run.py": "e2e",
+    "test_cli_config_online.py": "e2e",
+    "test_benchmarks_smoke.py": "e2e",
+}
+# Fixtures that mean a test needs the Postgres server.
+POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def layer_of(relpath: str) -> str:
+    """The layer of a test file (path relative to tests/): its longest matching entry in LAYERS, else unit."""
+    matches = [k for k in LAYERS if relpath == k or (k.endswith("/") and relpath.startswith(k))]
+    return LAYERS[max(matches, key=len)] if matches else "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            relpath = item.path.resolve().relative_to(TESTS_DIR).as_posix()
+        except ValueError:  # a test outside tests/ (none today): leave it unmarked
+            continue
+        if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+        # postgres is orthogonal to the layer: `make test-unit` runs `unit and not postgres`
+        item.add_marker(getattr(pytest.mark, layer_of(relpath)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--snapshot-update", action="store_true", default=False,
+                     help="rewrite checked-in snapshots (tests/dagster/snapshots/) instead of comparing with them")

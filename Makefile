@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
 
-.PHONY: install run test test-fast dev sandbox bench reliability check-defs docs clean
+.PHONY: install run test test-unit test-fast snapshot dev sandbox bench reliability check-defs docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
-test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+## the fast loop: the unit layer (markers assigned in tests/conftest.py), under a minute
+test-unit: install
+	$(BIN)/python -m pytest -q -n 2 -m "unit and not postgres" --durations=5
+
+test-fast: test-unit
+
+## rewrite the Dagster definitions snapshot after an intended change (review and commit the diff)
+snapshot: install
+	$(BIN)/python -m pytest -q -n 0 tests/dagster/test_definitions_snapshot.py --snapshot-update
 
 ## the Dagster UI on the embedded default, with the sandbox serving in the background
 dev: install

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,6 +141,37 @@ def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
     secrets_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
     return parse_config({"warehouse": {"url": warehouse_url}, "secrets_file": str(secrets_file),
                          "connections": connections, **top})
+
+
+@pytest.fixture(scope="session")
+def dbt_manifest(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """dbt/target/manifest.json, parsed once per test run before any definitions load it.
+
+    The definitions read the manifest dbt leaves in dbt/target; parsed per test (or by two xdist workers at
+    once into the same folder) it costs seconds each time and races. The first worker parses under a file
+    lock in the run's shared temporary folder; the others find the marker and reuse the file."""
+    from filelock import FileLock  # a dependency of dagster
+
+    from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR
+
+    manifest = DBT_PROJECT_DIR / "target" / "manifest.json"
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # the run's folder, common to its xdist workers
+    with FileLock(str(shared / "dbt-manifest.lock")):
+        done = shared / "dbt-manifest.done"
+        if done.exists() and manifest.exists():
+            return manifest
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "OPPSYNC_"))}
+        # parse needs the profile rendered, not a warehouse: the file is never opened
+        env.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DO_NOT_TRACK="1",
+                   OPPSYNC_DUCKDB_PATH=str(shared / "parse-only.duckdb"))
+        dbt = Path(sys.executable).parent / "dbt"
+        proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir",
+                               str(DBT_PROJECT_DIR), "--target", "duckdb"], cwd=DBT_PROJECT_DIR, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"dbt parse failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+        done.touch()
+    return manifest
 
 
 # -- the reliability report (tests/reliability/report.py) ----------------------------------------------------------

@@ -27,7 +27,7 @@ test: install
 
 ## the fast loop: the unit layer (markers assigned in tests/conftest.py), under a minute
 test-unit: install
-	$(BIN)/python -m pytest -q -n 2 -m "unit and not postgres" --durations=5
+	$(BIN)/python -m pytest -q -n 2 -m "unit and not slow and not postgres" --durations=5
 
 test-fast: test-unit
 

@@ -1,13 +1,14 @@
 """Shared fixtures and the test layers.
 
 Layers (markers assigned here, by path and fixture use, never per file; `make test-unit` runs
-`-m "unit and not postgres"`):
+`-m "unit and not slow and not postgres"`):
   unit     pure functions, connectors and simulators in-process (real HTTP on localhost), DuckDB files;
            no Dagster materialize, no dbt, no subprocess
   assets   in-process integration: `dg.materialize`/definitions loading, or a dbt build
-  e2e      the CLI, subprocesses, SIGKILLs, whole syncs of sandbox CRMs into warehouses
+  e2e      the CLI, subprocesses, SIGKILLs, syncs of sandbox CRMs into warehouses (a warehouse fixture in a
+           module that serves a simulator)
   postgres needs the Postgres server (any layer; warehouse_url's second param, pg_url, postgres_dbt)
-  slow     minutes even alone (dbt builds, the webserver, the CLI's whole run)
+  slow     long even alone (dbt builds, the webserver, the CLI's whole run; SLOW below), any layer
 
 Postgres: one server, one variable, OPPSYNC_TEST_PG_URL (default
 postgresql+psycopg2://postgres@127.0.0.1:5432/postgres). Each test gets its own database, dropped afterwards.
@@ -220,6 +221,16 @@ LAYERS: dict[str, str] = {
 }
 # Fixtures that mean a test needs the Postgres server.
 POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}
+# A warehouse fixture in a module that serves a simulated CRM: a sync from sandbox to warehouse, so e2e.
+WAREHOUSE_FIXTURES = {"warehouse_url", "duckdb_url", "pg_url"}
+SANDBOX_NAMES = ("SandboxServer", "sandbox_config", "start_servers")
+# Unit tests too slow for the fast loop (wall seconds measured on the shared 2-core machine, ~4x load): they run
+# in `make test`. Property tests against a reference model, and HubSpot's >10,000-deal search windows.
+SLOW = (
+    "reconcile/test_property.py",       # 85 s (DuckDB), hypothesis against the reference model
+    "test_row_hash_sql.py",             # 50 s, hypothesis: SQL hash == Python hash
+    "crm/test_hubspot_connector.py::test_more_than_ten_thousand_deals",  # 12-16 s each, 10,300+ deals
+)
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -229,16 +240,28 @@ def layer_of(relpath: str) -> str:
     return LAYERS[max(matches, key=len)] if matches else "unit"
 
 
+def _serves_a_crm(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and any(name in vars(module) for name in SANDBOX_NAMES)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         try:
             relpath = item.path.resolve().relative_to(TESTS_DIR).as_posix()
         except ValueError:  # a test outside tests/ (none today): leave it unmarked
             continue
-        if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if POSTGRES_FIXTURES & fixtures:
             item.add_marker(pytest.mark.postgres)
-        # postgres is orthogonal to the layer: `make test-unit` runs `unit and not postgres`
-        item.add_marker(getattr(pytest.mark, layer_of(relpath)))
+        layer = layer_of(relpath)
+        if layer == "unit" and WAREHOUSE_FIXTURES & fixtures and _serves_a_crm(item):
+            layer = "e2e"
+        item.add_marker(getattr(pytest.mark, layer))
+        # postgres and slow are orthogonal to the layer: `make test-unit` runs `unit and not slow and not postgres`
+        nodeid = f"{relpath}::{item.name}"
+        if any(nodeid.startswith(prefix) for prefix in SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

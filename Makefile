@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
 
-.PHONY: install run test test-unit test-fast snapshot dev sandbox bench reliability check-defs docs clean
+.PHONY: install run test test-fast dev sandbox bench reliability check-defs docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,8 @@ run: install
 ## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must)
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+.PHONY: test-unit snapshot
 
 ## the fast loop: the unit layer (markers assigned in tests/conftest.py), under a minute
 test-unit: install

@@ -9,19 +9,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.common import Figure, progress, sandbox_config, timed, verdict
 from oppsync_pipeline.lib.sync import ExtractFailed, build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
 
-from benchmarks.common import Figure, progress, sandbox_config, timed, verdict
-
 NAME = "fail fast"
 TARGET_SECONDS = 10.0
 FAULTS = ("forbidden", "bad_request")
 # The opportunity reads of each CRM (required: a refusal there fails the run), as in the Dagster test.
-OPPORTUNITY_PATH = {"salesforce": r"/query", "hubspot": r"/crm/v3/objects/deals", "dynamics": r"/opportunities",
-                    "connectwise": r"/sales/opportunities$", "autotask": r"/Opportunities/query"}
+OPPORTUNITY_PATH = {
+    "salesforce": r"/query",
+    "hubspot": r"/crm/v3/objects/deals",
+    "dynamics": r"/opportunities",
+    "connectwise": r"/sales/opportunities$",
+    "autotask": r"/Opportunities/query",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
-    return [measure(crm, fault, args.fail_fast_opportunities, workdir / f"fail-fast-{crm}-{fault}")
-            for crm in CRMS for fault in FAULTS]
+    return [
+        measure(crm, fault, args.fail_fast_opportunities, workdir / f"fail-fast-{crm}-{fault}")
+        for crm in CRMS
+        for fault in FAULTS
+    ]
 
 
 def measure(crm: str, fault: str, n: int, workdir: Path) -> Figure:
@@ -51,7 +58,9 @@ def measure(crm: str, fault: str, n: int, workdir: Path) -> Figure:
         engine.dispose()
     ok = failed_permanently and t["s"] < TARGET_SECONDS
     stats = connector.stats
-    notes = (f"{'permanent' if failed_permanently else 'NOT a permanent failure'}; refused path answered "
-             f"{rule.fired}x (optional reads included); client retries {stats.retries}, waited "
-             f"{stats.seconds_waited:.1f}s")
+    notes = (
+        f"{'permanent' if failed_permanently else 'NOT a permanent failure'}; refused path answered "
+        f"{rule.fired}x (optional reads included); client retries {stats.retries}, waited "
+        f"{stats.seconds_waited:.1f}s"
+    )
     return Figure(NAME, f"{crm} {fault}", f"{t['s']:.1f}s", f"< {TARGET_SECONDS:.0f}s", verdict(ok), notes)

@@ -35,10 +35,10 @@ class Tenant:
 class Refusal:
     """Credentials the CRM refuses, the value that must never appear in the error, and what the error names."""
 
-    credentials: dict[str, str]          # merged over the sandbox's working credentials
-    secret: str                          # never shown in the message
-    says: str | None = None              # the CRM's own reason code, kept in the message
-    call: str = "stages"                 # the first call that authenticates
+    credentials: dict[str, str]  # merged over the sandbox's working credentials
+    secret: str  # never shown in the message
+    says: str | None = None  # the CRM's own reason code, kept in the message
+    call: str = "stages"  # the first call that authenticates
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Transient:
     retries: int
     rate_limited: int | None = None
     min_seconds_waited: float | None = None
-    sleeps: int | None = None                    # how many sleeps the client asked for
-    sleeps_include: tuple[float, ...] = ()        # Retry-After values honoured as given
+    sleeps: int | None = None  # how many sleeps the client asked for
+    sleeps_include: tuple[float, ...] = ()  # Retry-After values honoured as given
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class TokenExpiry:
 
     tenant: Tenant
     rule: FaultRule
-    refreshes: int | None                # None: the CRM's keys do not expire, nothing to count
+    refreshes: int | None  # None: the CRM's keys do not expire, nothing to count
 
 
 @dataclass(frozen=True)
@@ -68,83 +68,138 @@ class Contract:
     crm: str
     refusal: Refusal
     transient: Transient
-    token_expiry: TokenExpiry | None      # None: tested in the CRM's own file (HubSpot OAuth, virtual clock)
+    token_expiry: TokenExpiry | None  # None: tested in the CRM's own file (HubSpot OAuth, virtual clock)
     options: Callable[[str], dict[str, Any]] = lambda url: {}
     build: dict[str, Any] = field(default_factory=dict)  # simulator build arguments beyond seed and size
 
 
 HUBSPOT_NO_LIMITS = hubspot_sim.Limits(ten_secondly=0, search_per_second=0, daily=1_000_000)
 
-CONTRACTS: dict[str, Contract] = {c.crm: c for c in [
-    Contract(
-        "salesforce",
-        refusal=Refusal({"client_id": "wrong", "client_secret": "very-secret-value-123"}, "very-secret-value-123",
-                        says="invalid_grant"),
-        transient=Transient(Tenant(5, 1500, 200), (FaultRule("server_error", after=2, count=2),
-                                                   FaultRule("drop", after=4, count=1)), retries=3, sleeps=3),
-        token_expiry=TokenExpiry(Tenant(5, 1500, 200), FaultRule("token_expiry", after=3), refreshes=1),
-    ),
-    Contract(
-        "hubspot",
-        refusal=Refusal({"access_token": "pat-na1-wrong"}, "pat-na1-wrong"),
-        transient=Transient(Tenant(6, 500, 50), (FaultRule("rate_limit", after=2, count=2, seconds=0.01),
-                                                 FaultRule("server_error", after=6, count=1),
-                                                 FaultRule("rate_limit", after=4, count=1, seconds=0.02,
-                                                           path=r"/batch/read$")),
-                            retries=4, rate_limited=3, sleeps_include=(0.01, 0.02)),
-        token_expiry=None,
-        options=lambda url: {"search_requests_per_second": 0},
-        build={"limits": HUBSPOT_NO_LIMITS},
-    ),
-    Contract(
-        "dynamics",
-        refusal=Refusal({"client_secret": "wrong-s3cret"}, "wrong-s3cret", says="7000215", call="users"),
-        transient=Transient(Tenant(7, 600, 50), (FaultRule("rate_limit", after=2, count=2, seconds=3, path="/api/data"),
-                                                 FaultRule("server_error", after=5, count=1, path="/api/data")),
-                            retries=3, rate_limited=2, min_seconds_waited=6),
-        token_expiry=TokenExpiry(Tenant(7, 600, 50), FaultRule("token_expiry", after=3, path="/api/data"),
-                                 refreshes=1),
-        options=lambda url: {"authority_url": url},
-    ),
-    Contract(
-        "connectwise",
-        refusal=Refusal({"private_key": "s3cret-wrong-key"}, "s3cret"),
-        transient=Transient(Tenant(14, 200, 25), (FaultRule("rate_limit", after=3, count=2, seconds=2),
-                                                  FaultRule("server_error", after=6, count=1)),
-                            retries=3, rate_limited=2, min_seconds_waited=4),
-        # API keys do not expire: a token_expiry fault must be harmless
-        token_expiry=TokenExpiry(Tenant(13, 200, 25), FaultRule("token_expiry", after=3), refreshes=None),
-        options=lambda url: {"forecast": False},
-    ),
-    Contract(
-        "autotask",
-        refusal=Refusal({"secret": "wrong-secret-value"}, "wrong-secret-value"),
-        transient=Transient(Tenant(15, 400, 40), (FaultRule("rate_limit", after=3, count=2, seconds=7, path="/query"),
-                                                  FaultRule("server_error", after=6, count=1, path="/query")),
-                            retries=3, rate_limited=2, min_seconds_waited=14),
-        token_expiry=None,  # Autotask authenticates every request with its API user's secret: no token
-    ),
-]}
+CONTRACTS: dict[str, Contract] = {
+    c.crm: c
+    for c in [
+        Contract(
+            "salesforce",
+            refusal=Refusal(
+                {"client_id": "wrong", "client_secret": "very-secret-value-123"},
+                "very-secret-value-123",
+                says="invalid_grant",
+            ),
+            transient=Transient(
+                Tenant(5, 1500, 200),
+                (FaultRule("server_error", after=2, count=2), FaultRule("drop", after=4, count=1)),
+                retries=3,
+                sleeps=3,
+            ),
+            token_expiry=TokenExpiry(Tenant(5, 1500, 200), FaultRule("token_expiry", after=3), refreshes=1),
+        ),
+        Contract(
+            "hubspot",
+            refusal=Refusal({"access_token": "pat-na1-wrong"}, "pat-na1-wrong"),
+            transient=Transient(
+                Tenant(6, 500, 50),
+                (
+                    FaultRule("rate_limit", after=2, count=2, seconds=0.01),
+                    FaultRule("server_error", after=6, count=1),
+                    FaultRule("rate_limit", after=4, count=1, seconds=0.02, path=r"/batch/read$"),
+                ),
+                retries=4,
+                rate_limited=3,
+                sleeps_include=(0.01, 0.02),
+            ),
+            token_expiry=None,
+            options=lambda url: {"search_requests_per_second": 0},
+            build={"limits": HUBSPOT_NO_LIMITS},
+        ),
+        Contract(
+            "dynamics",
+            refusal=Refusal({"client_secret": "wrong-s3cret"}, "wrong-s3cret", says="7000215", call="users"),
+            transient=Transient(
+                Tenant(7, 600, 50),
+                (
+                    FaultRule("rate_limit", after=2, count=2, seconds=3, path="/api/data"),
+                    FaultRule("server_error", after=5, count=1, path="/api/data"),
+                ),
+                retries=3,
+                rate_limited=2,
+                min_seconds_waited=6,
+            ),
+            token_expiry=TokenExpiry(
+                Tenant(7, 600, 50), FaultRule("token_expiry", after=3, path="/api/data"), refreshes=1
+            ),
+            options=lambda url: {"authority_url": url},
+        ),
+        Contract(
+            "connectwise",
+            refusal=Refusal({"private_key": "s3cret-wrong-key"}, "s3cret"),
+            transient=Transient(
+                Tenant(14, 200, 25),
+                (FaultRule("rate_limit", after=3, count=2, seconds=2), FaultRule("server_error", after=6, count=1)),
+                retries=3,
+                rate_limited=2,
+                min_seconds_waited=4,
+            ),
+            # API keys do not expire: a token_expiry fault must be harmless
+            token_expiry=TokenExpiry(Tenant(13, 200, 25), FaultRule("token_expiry", after=3), refreshes=None),
+            options=lambda url: {"forecast": False},
+        ),
+        Contract(
+            "autotask",
+            refusal=Refusal({"secret": "wrong-secret-value"}, "wrong-secret-value"),
+            transient=Transient(
+                Tenant(15, 400, 40),
+                (
+                    FaultRule("rate_limit", after=3, count=2, seconds=7, path="/query"),
+                    FaultRule("server_error", after=6, count=1, path="/query"),
+                ),
+                retries=3,
+                rate_limited=2,
+                min_seconds_waited=14,
+            ),
+            token_expiry=None,  # Autotask authenticates every request with its API user's secret: no token
+        ),
+    ]
+}
 
 
 def _fresh(rule: FaultRule) -> FaultRule:
     """A FaultRule counts what it saw and fired: each test gets its own copy of the configured one."""
-    return FaultRule(rule.kind, after=rule.after, count=rule.count, probability=rule.probability, path=rule.path,
-                     seconds=rule.seconds)
+    return FaultRule(
+        rule.kind,
+        after=rule.after,
+        count=rule.count,
+        probability=rule.probability,
+        path=rule.path,
+        seconds=rule.seconds,
+    )
 
 
 def serve(contract: Contract, tenant: Tenant, *rules: FaultRule) -> SandboxServer:
-    sim = crm_module(contract.crm).build(seed=tenant.seed, opportunities=tenant.opportunities,
-                                         faults=FaultPlan(rules=[_fresh(r) for r in rules]), **contract.build)
+    sim = crm_module(contract.crm).build(
+        seed=tenant.seed,
+        opportunities=tenant.opportunities,
+        faults=FaultPlan(rules=[_fresh(r) for r in rules]),
+        **contract.build,
+    )
     return SandboxServer(sim)
 
 
-def connect(contract: Contract, url: str, page_size: int, credentials: dict[str, str] | None = None,
-            sleeps: list[float] | None = None) -> Any:
+def connect(
+    contract: Contract,
+    url: str,
+    page_size: int,
+    credentials: dict[str, str] | None = None,
+    sleeps: list[float] | None = None,
+) -> Any:
     mod = crm_module(contract.crm)
-    conn = ConnectionConfig(name=f"contract-{contract.crm}", crm=contract.crm, base_url=url, page_size=page_size,
-                            credentials={k: "${" + k.upper() + "}" for k in mod.SANDBOX_CREDENTIALS},
-                            options=contract.options(url))
+    conn = ConnectionConfig(
+        name=f"contract-{contract.crm}",
+        crm=contract.crm,
+        base_url=url,
+        page_size=page_size,
+        credentials={k: "${" + k.upper() + "}" for k in mod.SANDBOX_CREDENTIALS},
+        options=contract.options(url),
+    )
     sleep = sleeps.append if sleeps is not None else (lambda s: None)
     return connector_class(contract.crm)(conn, {**mod.SANDBOX_CREDENTIALS, **(credentials or {})}, sleep=sleep)
 
@@ -201,8 +256,11 @@ def test_rate_limits_and_server_errors_are_retried(contract: Contract):
             assert seconds in sleeps
 
 
-@pytest.mark.parametrize("contract", [c for c in CONTRACTS.values() if c.token_expiry],
-                         ids=[c.crm for c in CONTRACTS.values() if c.token_expiry])
+@pytest.mark.parametrize(
+    "contract",
+    [c for c in CONTRACTS.values() if c.token_expiry],
+    ids=[c.crm for c in CONTRACTS.values() if c.token_expiry],
+)
 def test_a_token_expiring_mid_paging_is_refreshed_and_the_read_completes(contract: Contract):
     t = contract.token_expiry
     assert t is not None

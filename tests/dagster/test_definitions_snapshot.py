@@ -63,11 +63,15 @@ def definitions_shape(defs: dg.Definitions) -> dict[str, Any]:
             "kinds": sorted(node.kinds),
             "deps": sorted(_key(k) for k in node.parent_keys),
             "automation": _automation(node.automation_condition),
-            "retries": (node.assets_def.op.retry_policy.max_retries
-                        if node.is_executable and node.assets_def.op.retry_policy else None),
+            "retries": (
+                node.assets_def.op.retry_policy.max_retries
+                if node.is_executable and node.assets_def.op.retry_policy
+                else None
+            ),
         }
-    checks = {_check(k): {"blocking": graph.get_check_spec(k).blocking}
-              for k in sorted(graph.asset_check_keys, key=_check)}
+    checks = {
+        _check(k): {"blocking": graph.get_check_spec(k).blocking} for k in sorted(graph.asset_check_keys, key=_check)
+    }
     jobs = {}
     for job in sorted(defs.resolve_all_job_defs(), key=lambda j: j.name):
         if job.name.startswith("__"):  # Dagster's implicit asset job
@@ -77,12 +81,19 @@ def definitions_shape(defs: dg.Definitions) -> dict[str, Any]:
             "checks": sorted(_check(k) for k in job.asset_layer.asset_graph.asset_check_keys),
             "tags": {k: v for k, v in sorted(job.tags.items()) if k.startswith("oppsync/")},
         }
-    schedules = {s.name: {"cron": s.cron_schedule, "timezone": s.execution_timezone, "job": s.job_name,
-                          "default_status": s.default_status.value}
-                 for s in sorted(defs.schedules or [], key=lambda s: s.name)}
-    sensors = {s.name: {"default_status": s.default_status.value,
-                        "jobs": sorted(j.name for j in s.jobs) if s.has_jobs else []}
-               for s in sorted(defs.sensors or [], key=lambda s: s.name)}
+    schedules = {
+        s.name: {
+            "cron": s.cron_schedule,
+            "timezone": s.execution_timezone,
+            "job": s.job_name,
+            "default_status": s.default_status.value,
+        }
+        for s in sorted(defs.schedules or [], key=lambda s: s.name)
+    }
+    sensors = {
+        s.name: {"default_status": s.default_status.value, "jobs": sorted(j.name for j in s.jobs) if s.has_jobs else []}
+        for s in sorted(defs.sensors or [], key=lambda s: s.name)
+    }
     return {"assets": assets, "checks": checks, "jobs": jobs, "schedules": schedules, "sensors": sensors}
 
 
@@ -101,7 +112,10 @@ def test_the_definitions_match_their_snapshot(defs: dg.Definitions, request: pyt
     if request.config.getoption("--snapshot-update"):
         SNAPSHOT.parent.mkdir(exist_ok=True)
         SNAPSHOT.write_text(text, encoding="utf-8")
-        pytest.skip(f"snapshot written: {SNAPSHOT.relative_to(Path.cwd()) if SNAPSHOT.is_relative_to(Path.cwd()) else SNAPSHOT}")
+        pytest.skip(
+            f"snapshot written: {SNAPSHOT.relative_to(Path.cwd()) if SNAPSHOT.is_relative_to(Path.cwd()) else SNAPSHOT}"
+        )
     assert SNAPSHOT.exists(), "no snapshot yet: run `make snapshot` and commit tests/dagster/snapshots/definitions.json"
     assert shape == json.loads(SNAPSHOT.read_text(encoding="utf-8")), (
-        "the definitions changed: if intended, run `make snapshot` and commit the diff")
+        "the definitions changed: if intended, run `make snapshot` and commit the diff"
+    )

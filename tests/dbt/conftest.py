@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from mart_world import Dbt, World, dbt_env, fill_warehouse
+from sqlalchemy.engine import make_url
 
 
 @pytest.fixture
@@ -25,7 +24,12 @@ def duckdb_dbt(tmp_path: Path) -> Iterator[tuple[Dbt, World]]:
 def postgres_dbt(pg_url: str, tmp_path: Path) -> Iterator[tuple[Dbt, World]]:
     world = fill_warehouse(pg_url)
     u = make_url(pg_url)
-    env = dbt_env(tmp_path, OPPSYNC_PG_HOST=u.host or "127.0.0.1", OPPSYNC_PG_PORT=str(u.port or 5432),
-                  OPPSYNC_PG_USER=u.username or "postgres", OPPSYNC_PG_PASSWORD=u.password or "",
-                  OPPSYNC_PG_DBNAME=u.database)
+    env = dbt_env(
+        tmp_path,
+        OPPSYNC_PG_HOST=u.host or "127.0.0.1",
+        OPPSYNC_PG_PORT=str(u.port or 5432),
+        OPPSYNC_PG_USER=u.username or "postgres",
+        OPPSYNC_PG_PASSWORD=u.password or "",
+        OPPSYNC_PG_DBNAME=u.database,
+    )
     yield Dbt("postgres", env, pg_url), world

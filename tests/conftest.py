@@ -224,12 +224,13 @@ POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}
 # A warehouse fixture in a module that serves a simulated CRM: a sync from sandbox to warehouse, so e2e.
 WAREHOUSE_FIXTURES = {"warehouse_url", "duckdb_url", "pg_url"}
 SANDBOX_NAMES = ("SandboxServer", "sandbox_config", "start_servers")
-# Unit tests too slow for the fast loop (wall seconds measured on the shared 2-core machine, ~4x load): they run
+# Tests too slow for the fast loop (wall seconds measured on the shared 2-core machine, ~4x load): they run
 # in `make test`. Property tests against a reference model, and HubSpot's >10,000-deal search windows.
 SLOW = (
     "reconcile/test_property.py",       # 85 s (DuckDB), hypothesis against the reference model
     "test_row_hash_sql.py",             # 50 s, hypothesis: SQL hash == Python hash
     "crm/test_hubspot_connector.py::test_more_than_ten_thousand_deals",  # 12-16 s each, 10,300+ deals
+    "sandbox/test_serve_cli.py",        # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
 )
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -32,8 +32,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
-test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+.PHONY: test-unit snapshot
+
+## the fast loop: the unit layer (markers assigned in tests/conftest.py), under a minute
+test-unit: install
+	$(BIN)/python -m pytest -q -n 2 -m "unit and not slow and not postgres" --durations=5
+
+test-fast: test-unit
+
+## rewrite the Dagster definitions snapshot after an intended change (review and commit the diff)
+snapshot: install
+	$(BIN)/python -m pytest -q -n 0 tests/dagster/test_definitions_snapshot.py --snapshot-update
 
 ## the Dagster UI on the embedded default, with the sandbox serving in the background
 dev: install

@@ -1,13 +1,27 @@
-"""Shared fixtures: warehouses (DuckDB file, fresh Postgres database) and sandbox-backed configurations.
+"""Shared fixtures and the test layers.
 
-Postgres tests run against OPPSYNC_TEST_PG (default postgresql+psycopg2://postgres@127.0.0.1:5432/postgres).
-Each test gets its own database, dropped afterwards. Outside CI they skip, with the reason shown, when
-Postgres does not answer; with CI=true an unreachable Postgres is a failure, never a skip.
+Layers (markers assigned here, by path and fixture use, never per file; `make test-unit` runs
+`-m "unit and not slow and not postgres"`):
+  unit     pure functions, connectors and simulators in-process (real HTTP on localhost), DuckDB files;
+           no Dagster materialize, no dbt, no subprocess
+  assets   in-process integration: `dg.materialize`/definitions loading, or a dbt build
+  e2e      the CLI, subprocesses, SIGKILLs, syncs of sandbox CRMs into warehouses (a warehouse fixture in a
+           module that serves a simulator)
+  postgres needs the Postgres server (any layer; warehouse_url's second param, pg_url, postgres_dbt)
+  slow     long even alone (dbt builds, the webserver, the CLI's whole run; SLOW below), any layer
+
+Postgres: one server, one variable, OPPSYNC_TEST_PG_URL (default
+postgresql+psycopg2://postgres@127.0.0.1:5432/postgres). Each test gets its own database, dropped afterwards.
+Outside CI the Postgres tests skip, with the reason shown, when Postgres does not answer; with CI=true an
+unreachable Postgres is a failure, never a skip.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +38,10 @@ from oppsync_pipeline.sandbox.cluster import crm_module, env_var
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-PG_ADMIN_URL = os.environ.get("OPPSYNC_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
+@functools.cache  # once per process: a down server costs its connect timeout once, not once per test
 def postgres_available() -> str | None:
     """None when Postgres answers, else why not."""
     try:
@@ -45,7 +60,7 @@ def require_postgres() -> None:
         return
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true but Postgres at {make_url(PG_ADMIN_URL).render_as_string()} is unreachable: {why}")
-    pytest.skip(f"Postgres unreachable ({why}); these tests run in CI")
+    pytest.skip(f"Postgres unreachable ({why}); these tests run in CI (set OPPSYNC_TEST_PG_URL to point elsewhere)")
 
 
 def _new_database() -> tuple[str, str]:
@@ -65,14 +80,10 @@ def _drop_database(name: str) -> None:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(tmp_path: Path) -> Iterator[str]:
     """A fresh, empty Postgres database for this test (dropped afterwards)."""
-    require_postgres()
-    name, url = _new_database()
-    try:
+    with warehouse_database("postgres", tmp_path) as url:
         yield url
-    finally:
-        _drop_database(name)
 
 
 @pytest.fixture
@@ -133,6 +144,37 @@ def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
                          "connections": connections, **top})
 
 
+@pytest.fixture(scope="session")
+def dbt_manifest(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """dbt/target/manifest.json, parsed once per test run before any definitions load it.
+
+    The definitions read the manifest dbt leaves in dbt/target; parsed per test (or by two xdist workers at
+    once into the same folder) it costs seconds each time and races. The first worker parses under a file
+    lock in the run's shared temporary folder; the others find the marker and reuse the file."""
+    from filelock import FileLock  # a dependency of dagster
+
+    from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR
+
+    manifest = DBT_PROJECT_DIR / "target" / "manifest.json"
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # the run's folder, common to its xdist workers
+    with FileLock(str(shared / "dbt-manifest.lock")):
+        done = shared / "dbt-manifest.done"
+        if done.exists() and manifest.exists():
+            return manifest
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "OPPSYNC_"))}
+        # parse needs the profile rendered, not a warehouse: the file is never opened
+        env.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DO_NOT_TRACK="1",
+                   OPPSYNC_DUCKDB_PATH=str(shared / "parse-only.duckdb"))
+        dbt = Path(sys.executable).parent / "dbt"
+        proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir",
+                               str(DBT_PROJECT_DIR), "--target", "duckdb"], cwd=DBT_PROJECT_DIR, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"dbt parse failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+        done.touch()
+    return manifest
+
+
 # -- the reliability report (tests/reliability/report.py) ----------------------------------------------------------
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -156,3 +198,73 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(report.table(rows))
         report.results_path().unlink(missing_ok=True)
 
+
+
+# -- layers: one marker per test, from where it lives and what it uses -----------------------------------------
+
+# Paths (relative to tests/, a folder ending in "/") outside the unit layer. Everything else is `unit`.
+LAYERS: dict[str, str] = {
+    "dagster/": "assets",              # definitions loaded, dg.materialize
+    "dbt/": "assets",                  # dbt builds of the marts
+    "dagster/test_cli_sync.py": "e2e",  # `oppsync sync` in a subprocess
+    "dagster/test_webserver.py": "e2e",  # a dagster webserver and its code server
+    "reliability/": "e2e",             # fault matrix, kills, secrets scans: whole syncs
+    "reconcile/test_crash.py": "e2e",   # SIGKILLed child processes
+    "reconcile/test_lease_race.py": "e2e",  # twenty threads and processes
+    "sandbox/test_serve_cli.py": "e2e",  # `oppsync sandbox serve` in a subprocess
+    "variants/": "e2e",                # every tenant variant: full, incremental, full syncs
+    "test_sync_e2e.py": "e2e",
+    "test_history_truth.py": "e2e",
+    "test_cli_run.py": "e2e",
+    "test_cli_config_online.py": "e2e",
+    "test_benchmarks_smoke.py": "e2e",
+}
+# Fixtures that mean a test needs the Postgres server.
+POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}
+# A warehouse fixture in a module that serves a simulated CRM: a sync from sandbox to warehouse, so e2e.
+WAREHOUSE_FIXTURES = {"warehouse_url", "duckdb_url", "pg_url"}
+SANDBOX_NAMES = ("SandboxServer", "sandbox_config", "start_servers")
+# Tests too slow for the fast loop (wall seconds measured on the shared 2-core machine, ~4x load): they run
+# in `make test`. Property tests against a reference model, and HubSpot's >10,000-deal search windows.
+SLOW = (
+    "reconcile/test_property.py",       # 85 s (DuckDB), hypothesis against the reference model
+    "test_row_hash_sql.py",             # 50 s, hypothesis: SQL hash == Python hash
+    "crm/test_hubspot_connector.py::test_more_than_ten_thousand_deals",  # 12-16 s each, 10,300+ deals
+    "sandbox/test_serve_cli.py",        # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
+)
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def layer_of(relpath: str) -> str:
+    """The layer of a test file (path relative to tests/): its longest matching entry in LAYERS, else unit."""
+    matches = [k for k in LAYERS if relpath == k or (k.endswith("/") and relpath.startswith(k))]
+    return LAYERS[max(matches, key=len)] if matches else "unit"
+
+
+def _serves_a_crm(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and any(name in vars(module) for name in SANDBOX_NAMES)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            relpath = item.path.resolve().relative_to(TESTS_DIR).as_posix()
+        except ValueError:  # a test outside tests/ (none today): leave it unmarked
+            continue
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if POSTGRES_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.postgres)
+        layer = layer_of(relpath)
+        if layer == "unit" and WAREHOUSE_FIXTURES & fixtures and _serves_a_crm(item):
+            layer = "e2e"
+        item.add_marker(getattr(pytest.mark, layer))
+        # postgres and slow are orthogonal to the layer: `make test-unit` runs `unit and not slow and not postgres`
+        nodeid = f"{relpath}::{item.name}"
+        if any(nodeid.startswith(prefix) for prefix in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--snapshot-update", action="store_true", default=False,
+                     help="rewrite checked-in snapshots (tests/dagster/snapshots/) instead of comparing with them")

@@ -77,3 +77,21 @@ def test_end_to_end_tiny(tmp_path: Path):
     figures = end_to_end.run(parse_args(TINY), tmp_path)
     figures_ok(figures)
     assert "all jobs succeeded" in figures[0].notes
+
+
+def test_fail_fast_measures_a_permanent_failure(tmp_path: Path):
+    """benchmarks/fail_fast.py (the seconds the permanent-error tests no longer assert), one CRM and fault."""
+    from benchmarks import fail_fast
+
+    figure = fail_fast.measure("connectwise", "forbidden", 20, tmp_path)
+    figures_ok([figure])
+    assert "permanent;" in figure.notes and "client retries 0" in figure.notes
+
+
+def test_simulator_scale_checks_every_crm():
+    """benchmarks/simulator_scale.py builds 100,000-opportunity tenants (minutes): here only that it covers
+    every CRM; `make bench` runs it."""
+    from benchmarks import simulator_scale
+    from oppsync_pipeline.sandbox.cluster import CRMS
+
+    assert set(simulator_scale.CHECKS) == set(CRMS)

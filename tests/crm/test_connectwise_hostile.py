@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,11 +229,10 @@ def test_b_a_record_whose_id_is_null_or_not_an_integer_fails_the_run_naming_page
 def test_c_a_next_link_back_to_an_earlier_page_fails_fast(synced: Tenant):
     t = synced
     hook = Rewriter(t.sim, loop_back, limit=200).install()
-    t0 = time.monotonic()
     message = changes_nothing(t, lambda: t.fails("loop"))
     assert "connectwise: page 2 of" in message and "paging loops" in message
     # page 2 linked back to page 1, whose request was the read's first: refused before requesting it again
-    assert hook.pages <= 3 and time.monotonic() - t0 < 10
+    assert hook.pages <= 3
 
 
 def test_c_a_server_ignoring_the_page_parameter_fails_at_the_first_repeated_page(synced: Tenant):

@@ -5,7 +5,6 @@ without rights to the optional areas, renamed statuses and stages, extra custom 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import requests
 from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS, ConnectionConfig
 from oppsync_pipeline.lib.crm.connectwise import ConnectWiseConnector
 from oppsync_pipeline.lib.crm.http import AuthError, CrmError
-from oppsync_pipeline.lib.sync import ExtractFailed, sync_connection
+from oppsync_pipeline.lib.sync import ExtractFailed, build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import connectwise as cw
 from oppsync_pipeline.sandbox.server import SandboxServer
@@ -247,10 +246,9 @@ def test_a_refused_required_read_fails_at_once_naming_the_security_role():
     with served("default", n=30) as srv:
         srv.simulator.refused = frozenset({"statuses"})
         conn = connector(srv.url)
-        t0 = time.monotonic()
         with pytest.raises(CrmError) as err:
             collect(conn)
-        assert time.monotonic() - t0 < 10 and conn.stats.retries == 0
+        assert conn.stats.seconds_waited == 0 and conn.stats.retries == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert err.value.permanent and err.value.status == 403
         assert "Opportunity Status" in str(err.value) and "Security Roles" in str(err.value)
         srv.simulator.refused = frozenset({"opportunities"})
@@ -272,10 +270,10 @@ def test_400_404_401_name_the_config_key():
             collect(connector(srv.url, options={"codebase": "v1_nosuch/"}))
         assert err.value.permanent and err.value.status == 404 and "options.codebase" in str(err.value)
         conn = connector(srv.url)
-        t0 = time.monotonic()
+        wrong = connector(srv.url, creds={**CREDS, "public_key": "wrong"})
         with pytest.raises(AuthError) as err:
-            collect(connector(srv.url, creds={**CREDS, "public_key": "wrong"}))
-        assert time.monotonic() - t0 < 10
+            collect(wrong)
+        assert wrong.stats.retries == 0 and wrong.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert "credentials.company_id, public_key and private_key" in str(err.value)
     url = "https://api-na.myconnectwise.net/v4_6_release/apis/3.0/sales/opportunities?conditions=x"
     bad = conn.classify(_response(400, {"code": "InvalidObject", "message": "conditions: Unknown field 'x'"}, url))
@@ -292,10 +290,10 @@ def test_a_permanent_error_fails_the_sync_run_without_dagster_retry(warehouse_ur
         cfg = sandbox_config({"connectwise": srv}, warehouse_url, tmp_path)
         engine = make_engine(cfg.warehouse.url)
         try:
-            t0 = time.monotonic()
+            conn = build_connector(cfg, cfg.connections[0])
             with pytest.raises(ExtractFailed) as err:
-                sync_connection(cfg, cfg.connections[0], engine, run_id="cw-403", mode="full")
-            assert err.value.permanent and time.monotonic() - t0 < 10
+                sync_connection(cfg, cfg.connections[0], engine, run_id="cw-403", mode="full", connector=conn)
+            assert err.value.permanent and conn.stats.retries == 0 and conn.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
             assert "Sales > Opportunities" in str(err.value)
         finally:
             engine.dispose()

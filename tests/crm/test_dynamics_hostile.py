@@ -8,7 +8,6 @@ leave current rows, events and history exactly as they were, and nothing may be 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -154,10 +153,10 @@ def test_a_record_without_a_usable_id_fails_the_sync_naming_page_and_key(tenant,
 def test_a_next_link_pointing_back_fails_fast_with_paging_loops(tenant):
     before = snapshot(tenant.engine, tenant.conn.name)
     tenant.hook(rewrite_body=loop_back)
-    t0 = time.monotonic()
+    served = tenant.sim.request_count
     message = tenant.failing_sync("loop")
     assert "paging loops" in message and "dynamics" in message, message
-    assert time.monotonic() - t0 < 15
+    assert tenant.sim.request_count - served < 40, tenant.sim.request_count - served  # fails fast: a few requests, not a runaway read (the seconds: make bench)
     assert snapshot(tenant.engine, tenant.conn.name) == before
 
 
@@ -177,10 +176,9 @@ def test_a_server_ignoring_the_paging_cookie_fails_by_the_crm_count(tenant):
 
     before = snapshot(tenant.engine, tenant.conn.name)
     hook = tenant.hook(rewrite_body=rewrite)
-    t0 = time.monotonic()
     message = tenant.failing_sync("ignored-cookie")
     assert "paging does not terminate" in message and f"count of {len(tenant.open_ids())} records" in message
-    assert time.monotonic() - t0 < 15 and hook.pages < 20
+    assert hook.pages < 20  # fails fast: bounded by the page count (the seconds: make bench)
     assert snapshot(tenant.engine, tenant.conn.name) == before
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from oppsync_pipeline.lib.config import ConnectionConfig, QuotaConfig, RecordFilter
 from oppsync_pipeline.lib.crm import connector_class
-from oppsync_pipeline.lib.crm.http import AuthError, CrmError, QuotaExhausted, RequestStats, RetryableHttpError
+from oppsync_pipeline.lib.crm.http import CrmError, QuotaExhausted, RequestStats, RetryableHttpError
 from oppsync_pipeline.lib.crm.salesforce import (
     SalesforceConnector,
     billing_address,
@@ -238,30 +238,6 @@ def test_created_fields_from_custom_fields():
 
 
 # -- auth, retries, quota ------------------------------------------------------------------------------------------------
-
-def test_token_expiry_mid_paging_is_refreshed(sandbox):
-    sandbox.simulator.faults = FaultPlan(rules=[FaultRule("token_expiry", after=3)])
-    c = connect(sandbox.url)
-    got, pages = sync(c)
-    assert set(got) == {o.native_id for o in sandbox.simulator.world.live()}
-    assert c.stats.token_refreshes == 1 and len(pages) > 3
-
-
-def test_server_errors_and_dropped_connections_are_retried(sandbox):
-    sandbox.simulator.faults = FaultPlan(rules=[FaultRule("server_error", after=2, count=2),
-                                                FaultRule("drop", after=4, count=1)])
-    c = connect(sandbox.url)
-    got, _ = sync(c)
-    assert set(got) == {o.native_id for o in sandbox.simulator.world.live()}
-    assert c.stats.retries == 3 and len(c.waits) == 3
-
-
-def test_bad_credentials_raise_auth_error_without_the_secret(sandbox):
-    secret = "very-secret-value-123"
-    c = connect(sandbox.url, credentials={"client_id": "wrong", "client_secret": secret})
-    with pytest.raises(AuthError) as err:
-        c.stages()
-    assert secret not in str(err.value) and "invalid_grant" in str(err.value)
 
 
 def test_spent_allocation_is_quota_exhausted_not_retried():

@@ -15,7 +15,6 @@ PageHook.rewrite_body the fault matrix imports.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -201,9 +200,7 @@ def test_a_next_link_pointing_back_fails_fast(warehouse_url, tmp_path):
         before = snapshot(engine, conn.name)
         PageHook(sim, "salesforce", rewrite_body=loop_back).install()
         served = sim.request_count
-        t0 = time.monotonic()
         error = failed_run(cfg, conn, engine, "r2", budget=BUDGET)
-        assert time.monotonic() - t0 < 30
         assert "paging loops" in error and "salesforce: page 2 of /services/data/v62.0/query" in error
         assert sim.request_count - served < 15        # discovery, page 1, page 2: then the repeated link is refused
         assert_untouched(engine, conn, before, "r2")

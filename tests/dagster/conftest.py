@@ -76,6 +76,12 @@ def stop_servers(servers: dict[str, SandboxServer]) -> None:
         server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _manifest_before_definitions(dbt_manifest: Path) -> Path:
+    """Every test here loads the definitions, which read dbt's manifest: parsed once per run (tests/conftest.py)."""
+    return dbt_manifest
+
+
 @pytest.fixture
 def dagster_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
     """An instance on disk (SQLite in tmp_path), so runs and events can be read back."""

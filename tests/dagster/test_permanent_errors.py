@@ -1,10 +1,13 @@
 """A permanent error (a refused query, a missing permission, an object the tenant does not have) reaches the
-user at once: the extract fails in seconds with a message naming what to check, and Dagster's retry policy
-(30 s, then 60 s) is skipped. A transient error that outlives the client's own retries still gets it."""
+user at once: the extract fails with a message naming what to check, and Dagster's retry policy (30 s, then
+60 s) is skipped. A transient error that outlives the client's own retries still gets it.
+
+"In seconds" is a figure of `make bench` (benchmarks/fail_fast.py, target < 10 s), not a timed assertion here: a
+loaded machine made it flaky, and the behaviour behind it is asserted without a clock (no Dagster retry here; no
+client retry in each CRM's tenant tests)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -35,9 +38,7 @@ def test_a_permanent_error_fails_the_run_in_seconds_without_dagster_retries(
         config = write_config(tmp_path / "oppsync.yaml", servers, f"duckdb:///{tmp_path / 'w.duckdb'}")
         defs = load_defs(config, monkeypatch)
         job = defs.resolve_job_def(f"sync_{name.replace('-', '_')}")
-        t0 = time.monotonic()
         result = job.execute_in_process(instance=dagster_instance, raise_on_error=False)
-        seconds = time.monotonic() - t0
     finally:
         stop_servers(servers)
     assert not result.success
@@ -47,5 +48,3 @@ def test_a_permanent_error_fails_the_run_in_seconds_without_dagster_retries(
     message = str(failure.event_specific_data.error.message)
     status = {"forbidden": "403", "bad_request": "400"}[fault]
     assert status in message and ("check" in message.lower() or "grant" in message.lower()), message
-    # well under the 10 s the issue allows; most of this is Dagster starting the run
-    assert seconds < 10, f"{seconds:.1f}s"

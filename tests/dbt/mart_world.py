@@ -31,11 +31,6 @@ DBT_DIR = ROOT / "dbt"
 DBT_BIN = Path(sys.executable).parent / "dbt"
 
 
-def pg_admin_url() -> str:
-    """The Postgres server the tests create their throw-away databases on."""
-    return os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-
-
 # --- the world -------------------------------------------------------------------------------------------
 
 SF_STAGES = [

@@ -342,18 +342,7 @@ def test_faults_render_in_autotask_shape():
         assert r.status_code == 503 and r.json()["errors"]
 
 
-def test_large_world_answers_quickly():
-    t = time.perf_counter()
-    sim = at.build(seed=5, opportunities=100_000)
-    with SandboxServer(sim) as srv:
-        r = post(srv.url + "/ATServicesRest/V1.0/Opportunities/query",
-                 {"MaxRecords": 500, "filter": [{"op": "in", "field": "status", "value": [0, 1, 5]}]})
-        assert r.status_code == 200 and r.json()["pageDetails"]["count"] == 500
-        t2 = time.perf_counter()
-        r = post(r.json()["pageDetails"]["nextPageUrl"],
-                 {"MaxRecords": 500, "filter": [{"op": "in", "field": "status", "value": [0, 1, 5]}]})
-        assert r.status_code == 200 and time.perf_counter() - t2 < 2
-    assert time.perf_counter() - t < 30
+# The 100,000-opportunity build-and-answer check: benchmarks/simulator_scale.py (`make bench`).
 
 
 # -- tenant variants (issue 14) ------------------------------------------------------------------------------------

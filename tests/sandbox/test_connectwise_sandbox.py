@@ -4,7 +4,7 @@ maintained official Python client to drive it with)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import requests
@@ -271,17 +271,7 @@ def test_rate_limit_fault_and_allowance():
         assert get(f"{api}/system/members").status_code == 200
 
 
-def test_large_world_builds_and_answers_quickly():
-    t0 = datetime.now()
-    sim = cw.build(seed=5, opportunities=100_000)
-    with SandboxServer(sim) as srv:
-        r = get(f"{srv.url}/v4_6_release/apis/3.0/sales/opportunities", pageSize=1000,
-                conditions="status/id in (1,5,6,7) and _info/lastUpdated >= [2000-01-01T00:00:00Z]",
-                orderBy="_info/lastUpdated asc, id asc")
-        assert r.status_code == 200 and len(r.json()) == 1000
-        r2 = requests.get(r.links["next"]["url"], auth=AUTH, headers=HEADERS, timeout=10)
-        assert r2.status_code == 200 and len(r2.json()) == 1000
-    assert (datetime.now() - t0).total_seconds() < 25
+# The 100,000-opportunity build-and-answer check: benchmarks/simulator_scale.py (`make bench`).
 
 
 # -- issue 14: sales stages, site addresses, security roles, tenant variants ----------------------------------------

@@ -21,7 +21,7 @@ from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.sandbox.cluster import sandbox_connection
 
 PG_ADMIN_URL = os.environ.get("OPPSYNC_BENCH_PG", os.environ.get(
-    "OPPSYNC_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
+    "OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
 # The registry's test options (HubSpot's connector throttles search to ~4/s by default; the simulator does not
 # rate-limit): benchmarks that count requests or time CPU turn such client-side throttles off (the latency
 # benchmark keeps them and states the real limit).

@@ -436,11 +436,12 @@ class CrmConnector(ABC):
         """A CRM user id read from a record (created_by_crm_id), as the users list keys it."""
         return as_id(value)
 
-    def mapped_fields(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The canonical values the field map and the connection's overrides read straight from `record`
-        (fields.read_fields); derived fields without an override are left for `_map` to fill."""
+    def mapped_fields(self, record: dict[str, Any], **derived: Callable[[], Any]) -> dict[str, Any]:
+        """The canonical values of `record` (fields.read_fields): each field from where the field map or the
+        connection's override says, a field the map derives from `derived` (the connector's derivation from
+        what `enrich` read), unless overridden."""
         return read_fields(record, self.field_map, self.conn.fields, value=self.read_value, text=self.read_text,
-                           ident=self.read_id)
+                           ident=self.read_id, derived=derived)
 
     # -- validation of what a CRM returns ------------------------------------------------------------------------
 

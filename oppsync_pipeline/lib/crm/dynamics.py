@@ -783,10 +783,10 @@ class DynamicsConnector(CrmConnector):
         currency_id = row.get("_transactioncurrencyid_value")
         status = self._status(stage, crm_status, code, flags)
         closed_at, closed_field = self._closed_at(row, status, state)
-        values = {
-            "client_name": clean_text((account or {}).get("name") or row.get(f"_parentaccountid_value{FORMATTED}")),
-            "sales_executive": clean_text(row.get(f"_ownerid_value{FORMATTED}") or (enriched or {}).get(owner)),
-            **self.mapped_fields(row)}
+        values = self.mapped_fields(
+            row, client_name=lambda: clean_text((account or {}).get("name")
+                                                or row.get(f"_parentaccountid_value{FORMATTED}")),
+            sales_executive=lambda: clean_text(row.get(f"_ownerid_value{FORMATTED}") or (enriched or {}).get(owner)))
         return self.opportunity(
             row["opportunityid"], row, **values,
             service_location=clean_text(_address(account)),

@@ -66,9 +66,12 @@ def as_id(value: Any) -> str | None:
 
 
 def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[str, str], *, value: Getter,
-                text: Getter | None = None, ident: Callable[[Any], str | None] = as_id) -> dict[str, Any]:
-    """The canonical values of one native record for every field of KINDS that the map (with the overrides)
-    reads from the record; derived fields without an override are left out for the connector to fill.
+                text: Getter | None = None, ident: Callable[[Any], str | None] = as_id,
+                derived: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """The canonical values of one native record for every field of KINDS: read from the native field the map
+    (or the connection's override) names, else, for a field the map derives (None), `derived[field]()` (only
+    called when not overridden: an override replaces the derivation entirely); a derived field without a
+    derivation is left out.
 
     `value(record, native)` reads a native value as the CRM sent it; `text(record, native)` as users see it
     (a picklist's label, a lookup's name; default: the value as text). A value that cannot be read raises
@@ -76,10 +79,13 @@ def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[
     if text is None:
         def text(r: dict[str, Any], native: str) -> Any:
             return clean_text(value(r, native))
+    derived = derived or {}
     out: dict[str, Any] = {}
     for canonical, kind in KINDS.items():
         native = field_map.native(canonical, overrides)
         if native is None:
+            if canonical in derived:
+                out[canonical] = derived[canonical]()
             continue
         if kind == "text":
             out[canonical] = text(record, native)
@@ -87,6 +93,9 @@ def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[
         raw = value(record, native)
         out[canonical] = (parse_float(raw) if kind == "number" else parse_date(raw) if kind == "date"
                           else parse_datetime(raw) if kind == "datetime" else ident(raw))
+    stray = [c for c in derived if field_map[c] is not None]
+    if stray:
+        raise TypeError(f"derivations given for fields the map reads from the record: {stray}")
     return out
 
 

@@ -738,8 +738,8 @@ class HubSpotConnector(CrmConnector):
             stage_name = self._display(fields["stage"], stage_id)
         owner_id = props.get("hubspot_owner_id") or None
         owner = (self._owners or {}).get(owner_id) if owner_id else None
-        values = {"client_name": clean_text(company.get("name")), "sales_executive": owner.name if owner else None,
-                  **self.mapped_fields(rec)}
+        values = self.mapped_fields(rec, client_name=lambda: clean_text(company.get("name")),
+                                    sales_executive=lambda: owner.name if owner else None)
         # the deal's stage probability is a 0..1 fraction; without one, the stage's own (pipelines)
         prob = values["probability"]
         if prob is not None and self.field("probability") in ("hs_deal_stage_probability", "hs_forecast_probability"):

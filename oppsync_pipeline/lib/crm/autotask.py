@@ -536,12 +536,6 @@ class AutotaskConnector(CrmConnector):
                                      expect=len(chunk)):
                 yield self.map_page(items)
 
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """What an Autotask filter on `field` compares: the record's field, a user-defined field for
-        `udf:<name>` (compared case-insensitively, `filters_ignore_case`)."""
-        return cls._get(raw, field)
-
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
         replaced). Optional: refused, renames reach the warehouse with the next full sync."""
@@ -681,6 +675,8 @@ class AutotaskConnector(CrmConnector):
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The record's field, a user-defined field for `udf:<name>` (filters on it compare text
+        case-insensitively, `filters_ignore_case`)."""
         return cls._get(record, native)
 
     def read_text(self, record: dict[str, Any], native: str) -> str | None:

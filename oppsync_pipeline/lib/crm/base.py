@@ -197,8 +197,8 @@ class CrmConnector(ABC):
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
         """The value a filter on CRM field `field` compares, read from a raw record as this connector receives
-        it (nested paths, formatted values ...): filters are evaluated in Python on records read by id."""
-        return raw.get(field)
+        it (`read_value`): filters are evaluated in Python on records read by id."""
+        return cls.read_value(raw, field)
 
     def matches_filters(self, opp: Opportunity) -> bool:
         """Whether a record read without filters (fetch_by_ids) matches the connection's filters."""
@@ -425,7 +425,8 @@ class CrmConnector(ABC):
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
-        """A native field's value as the CRM sent it (a dotted path, a property, a custom field ...)."""
+        """A native field's value as the CRM sent it (a dotted path, a property, a custom field ...): what the
+        field map reads and what a filter on the field compares (`filter_value`)."""
         return record.get(native)
 
     def read_text(self, record: dict[str, Any], native: str) -> str | None:

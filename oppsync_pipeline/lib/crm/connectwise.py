@@ -506,12 +506,6 @@ class ConnectWiseConnector(CrmConnector):
                 for start in range(0, len(rows), self.page_size):
                     yield self.map_page(rows[start:start + self.page_size])
 
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The value a filter's condition path (`company/name`, `_info/lastUpdated`) or custom field
-        (`custom:Region`) compares, read from the record as the list returns it."""
-        return _value(raw, field)
-
     def matches_filters(self, opp: Opportunity) -> bool:
         return self._matches_raw(opp.raw, self.conn.filters)
 
@@ -690,6 +684,8 @@ class ConnectWiseConnector(CrmConnector):
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """A condition path (`company/name`, `_info/lastUpdated`) or custom field (`custom:Region`) of the record
+        as the list returns it."""
         return _value(record, native)
 
     def read_id(self, value: Any) -> str | None:

@@ -731,7 +731,7 @@ class DynamicsConnector(CrmConnector):
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
         """The value Dataverse compares: the raw column (never its formatted label); lookups and GUIDs in lower
         case, as `literal` renders them."""
-        value = raw.get(field)
+        value = cls.read_value(raw, field)
         if isinstance(value, str) and GUID.match(value):
             return value.lower()
         return value

@@ -713,6 +713,7 @@ class HubSpotConnector(CrmConnector):
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The deal property as HubSpot returned it (`raw["properties"]`)."""
         return _get(record, native)
 
     def read_text(self, record: dict[str, Any], native: str) -> str | None:
@@ -811,11 +812,6 @@ class HubSpotConnector(CrmConnector):
                            status=400, code=first["category"] or "BATCH_ERROR", permanent=True)
         asked = set(ids)
         return [r for r in body["results"] if r["id"] in asked]
-
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The deal property as HubSpot returned it (`raw["properties"]`)."""
-        return _get(raw, field)
 
     def matches_filters(self, opp: Opportunity) -> bool:
         return all(self._matches(f, opp.raw) for f in self.conn.filters)

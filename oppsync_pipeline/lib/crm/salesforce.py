@@ -652,12 +652,6 @@ class SalesforceConnector(CrmConnector):
                 if rows.records:
                     yield self.map_page(rows.records)
 
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The value a filter on `field` compares: the record's field by API name, dotted through parents
-        (`Account.BillingCountry`), null when a parent is null; the select list carries every filter field."""
-        return _get(raw, field)
-
     def matches_filters(self, opp: Opportunity) -> bool:
         """The connection's filters evaluated as SOQL evaluates them: values of the field's describe type, the
         literal as it would be rendered (datetimes floored to the second), text compared case-insensitively,
@@ -796,6 +790,8 @@ class SalesforceConnector(CrmConnector):
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The record's field by API name, dotted through parents (`Account.BillingCountry`), null when a parent
+        is null; the select list carries every mapped and filter field."""
         return _get(record, native)
 
     def _map(self, r: dict[str, Any], enriched: None = None) -> Opportunity:

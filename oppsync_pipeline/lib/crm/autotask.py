@@ -72,12 +72,12 @@ from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
+from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
-    CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_date, parse_datetime, parse_float,
-    to_utc,
+    CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_datetime, to_utc,
 )
 
 THRESHOLD_POLL_EVERY = 100
@@ -249,6 +249,11 @@ class AutotaskOptions(ConnectorOptions):
 
 class AutotaskConnector(CrmConnector):
     Options = AutotaskOptions
+    # text is read as users see it (a picklist value's label; `udf:<name>` for user-defined fields); the company's
+    # name and the sales executive (the contact, else the owner resource) are derived from enrich's lookups
+    field_map = FieldMap(project_name="title", client_name=None, sales_executive=None, stage="stage",
+                         amount="amount", close_date="projectedCloseDate", probability="probability",
+                         created_at="createDate", created_by_crm_id="creatorResourceID")
     filters_ignore_case = True   # SQL Server's default collation
     crm = "autotask"
     max_page_size = 500
@@ -337,10 +342,8 @@ class AutotaskConnector(CrmConnector):
                                            "are dated by lastActivity (closed_at_source = modified_at)")
 
     def _check_configured_fields(self) -> None:
-        wanted = [(f"fields.{k}", v) for k, v in self.conn.fields.items()]
-        wanted += [(f"filters[{i}].field", f.field) for i, f in enumerate(self.conn.filters)]
         problems = []
-        for key, name in wanted:
+        for key, name in configured_fields(self.conn):
             if name.startswith("udf:"):
                 if self._udfs is not None and name[4:] not in self._udfs:
                     problems.append(f"{key}: this Autotask tenant has no user-defined field '{name[4:]}' on "
@@ -451,7 +454,7 @@ class AutotaskConnector(CrmConnector):
         return out
 
     def _status_flags(self, key: str | None) -> Status:
-        info = self.statuses().get(key) if key is not None else None
+        info = (self._statuses or {}).get(key) if key is not None else None
         if info is not None:
             return info.category
         return "won" if key in _CLOSED_WON else ("lost" if key in _CLOSED_LOST else "open")
@@ -493,8 +496,7 @@ class AutotaskConnector(CrmConnector):
             self.tally(open_set, since, (r["id"] for r in items))
             if since is not None:
                 seen.update(r["id"] for r in items)
-            self._lookup(items)
-            yield self.map_records(items, self._map)
+            yield self.map_page(items)
         if since is None:
             return
         # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
@@ -507,8 +509,7 @@ class AutotaskConnector(CrmConnector):
                 items = [r for r in items if r["id"] not in seen]
                 seen.update(r["id"] for r in items)
                 if items:
-                    self._lookup(items)
-                    yield self.map_records(items, self._map)
+                    yield self.map_page(items)
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
@@ -536,14 +537,7 @@ class AutotaskConnector(CrmConnector):
             chunk = wanted[i:i + IDS_PER_IN]
             for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}],
                                      expect=len(chunk)):
-                self._lookup(items)
-                yield self.map_records(items, self._map)
-
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """What an Autotask filter on `field` compares: the record's field, a user-defined field for
-        `udf:<name>` (compared case-insensitively, `filters_ignore_case`)."""
-        return cls._get(raw, field)
+                yield self.map_page(items)
 
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies changed at or after `since` (read once per cursor; their cached copies are
@@ -619,9 +613,11 @@ class AutotaskConnector(CrmConnector):
         check_page(model, data, crm=self.crm, url=self.client.url(path))
         return data
 
-    def _lookup(self, items: list[dict[str, Any]]) -> None:
-        """Fetch this page's companies and contacts not seen yet, in batches (never one call per record). Both
-        are optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
+    def enrich(self, items: list[dict[str, Any]]) -> None:
+        """Fetch this page's companies and contacts not seen yet, in batches (never one call per record), the
+        countries once, and the resources once when a record's sales executive falls back to its owner. All
+        optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
+        self.statuses()
         for entity, key, cache, text in (
                 ("Companies", "companyID", self._companies,
                  "client_name and service_location are left empty"),
@@ -652,42 +648,56 @@ class AutotaskConnector(CrmConnector):
                 return out
             self._countries = self._optional("Countries", countries, {},
                                              "service_location is written without the country")
+        if any(self._executive_is_owner(r) for r in items):
+            self._all_resources()
 
-    def _map(self, r: dict[str, Any]) -> Opportunity:
-        company = self._companies.get(int(r.get("companyID") or 0)) or {}
-        contact = self._contacts.get(int(r.get("contactID") or 0)) or {}
+    def _contact(self, r: dict[str, Any]) -> dict[str, Any]:
+        return self._contacts.get(int(r.get("contactID") or 0)) or {}
+
+    def _executive_is_owner(self, r: dict[str, Any]) -> bool:
+        """Whether the record's sales executive is its owner resource (no contact with a name)."""
+        try:
+            return r.get("ownerResourceID") is not None and not _person(self._contact(r))
+        except (TypeError, ValueError):
+            return False   # an unreadable contactID: _map quarantines the record
+
+    def _executive(self, r: dict[str, Any]) -> str | None:
+        """The contact's name, else the owner resource's (as `enrich` read them)."""
+        executive = _person(self._contact(r))
         owner = r.get("ownerResourceID")
-        executive = _person(contact) if contact else None
         if not executive and owner is not None:
-            executive = _person(self._all_resources().get(int(owner)) or {})
-        if "sales_executive" in self.conn.fields:
-            executive = self._value(r, self.conn.fields["sales_executive"])
-        client = clean_text(company.get("companyName")) if "client_name" not in self.conn.fields \
-            else self._value(r, self.conn.fields["client_name"])
-        stage_field = self.field("stage", "stage")
+            executive = _person((self._resources or {}).get(int(owner)) or {})
+        return clean_text(executive)
+
+    @classmethod
+    def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The record's field, a user-defined field for `udf:<name>` (filters on it compare text
+        case-insensitively, `filters_ignore_case`)."""
+        return cls._get(record, native)
+
+    def read_text(self, record: dict[str, Any], native: str) -> str | None:
+        return self._value(record, native)
+
+    def _map(self, r: dict[str, Any], enriched: None = None) -> Opportunity:
+        company = self._companies.get(int(r.get("companyID") or 0)) or {}
+        stage_field = self.field("stage")
         stage_id = _str(self._get(r, stage_field))
         stage = self._value(r, stage_field)
         status_key = _str(r.get("status"))
         crm_status = self._label("status", status_key)
         status = self._resolve(stage, crm_status, status_key)
         closed_at, closed_at_field = self._closed_at(r, status)
+        values = self.mapped_fields(r, client_name=lambda: clean_text(company.get("companyName")),
+                                    sales_executive=lambda: self._executive(r))
         return self.opportunity(
-            r["id"], r,
-            project_name=self._value(r, self.field("project_name", "title")),
-            client_name=client,
+            r["id"], r, **values,
             service_location=self._address(company),
-            sales_executive=clean_text(executive),
-            owner_crm_id=_str(owner),
+            owner_crm_id=_str(r.get("ownerResourceID")),
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
             status=status,
-            amount=parse_float(self._get(r, self.field("amount", "amount"))),
             currency=self.options.currency,
-            close_date=parse_date(self._get(r, self.field("close_date", "projectedCloseDate"))),
-            probability=parse_float(self._get(r, self.field("probability", "probability"))),
-            created_at=parse_datetime(self._get(r, self.field("created_at", "createDate"))),
-            created_by_crm_id=_str(self._get(r, self.field("created_by_crm_id", "creatorResourceID"))),
             modified_at=parse_datetime(r.get("lastActivity")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_at_field,

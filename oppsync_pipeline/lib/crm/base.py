@@ -11,6 +11,11 @@ Each CRM module has the same shape, in the same order:
 The hooks are module functions of the response (what the vendor's answers mean, testable alone); each connector
 binds them to its connection in its `observe` / `classify` methods, which the base class hands to the client.
 Paging is paging.py's loop: a connector builds the first request and names its paginator.
+
+Mapping is the same three steps in every connector: `enrich(page)` does the page's I/O (lookups of companies,
+contacts, sites, forecasts, associations, the dictionaries), batched, once per page; `_map(record, enriched)`
+turns one native record into an `Opportunity` without I/O and without touching its input; its plain fields
+come from the connector's `field_map` and the connection's `fields:` overrides (`mapped_fields`, fields.py).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import requests
 from pydantic import BaseModel, ConfigDict
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
+from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, parse_date, parse_datetime,
-                                         parse_float, to_utc)
+from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, parse_date,
+                                         parse_datetime, parse_float, to_utc)
 from oppsync_pipeline.lib.scrub import Scrubber
 
 Page = list[Opportunity]
@@ -97,6 +103,8 @@ class CrmConnector(ABC):
     filters_ignore_case: ClassVar[bool] = False
     # The key of a record's id in the CRM's answers (names the record when it cannot be mapped).
     id_field: ClassVar[str] = "id"
+    # Where each canonical field comes from by default (fields.py); `fields:` overrides apply on top.
+    field_map: ClassVar[FieldMap]
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
 
@@ -193,8 +201,8 @@ class CrmConnector(ABC):
     @classmethod
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
         """The value a filter on CRM field `field` compares, read from a raw record as this connector receives
-        it (nested paths, formatted values ...): filters are evaluated in Python on records read by id."""
-        return raw.get(field)
+        it (`read_value`): filters are evaluated in Python on records read by id."""
+        return cls.read_value(raw, field)
 
     def matches_filters(self, opp: Opportunity) -> bool:
         """Whether a record read without filters (fetch_by_ids) matches the connection's filters."""
@@ -392,9 +400,10 @@ class CrmConnector(ABC):
         """The stage keys that make up the open (or not-open) set, for CRMs that query by status list."""
         return [k for k, s in self.stages().items() if (self.status_for(k) == "open") == open_set]
 
-    def field(self, canonical: str, default: str) -> str:
-        """The CRM field a canonical field comes from: the connection's override, else the CRM's own."""
-        return self.conn.fields.get(canonical, default)
+    def field(self, canonical: str, default: str | None = None) -> str | None:
+        """The CRM field a canonical field comes from: the connection's override, else the CRM's own (`default`,
+        else the connector's field map)."""
+        return self.conn.fields.get(canonical) or default or self.field_map.native(canonical, {})
 
     def post_filter(self, record: dict[str, Any], getter: Callable[[dict[str, Any], str], Any]) -> bool:
         """Apply the connection's filters to a fetched record (CRMs without server-side filtering)."""
@@ -404,6 +413,44 @@ class CrmConnector(ABC):
         if source_id is None or str(source_id).strip() == "":
             raise KeyError("id")
         return Opportunity(connection=self.conn.name, crm=self.crm, source_id=str(source_id), raw=raw, **values)
+
+    # -- mapping: enrich a page, then map each record (pure) ------------------------------------------------------
+
+    def enrich(self, records: list[dict[str, Any]]) -> Any:
+        """The I/O a page needs before it is mapped, done once for the page and batched (lookups, forecasts,
+        associations; the dictionaries `_map` reads). Returns what `_map` takes besides the record (None:
+        nothing); run caches may be filled too. Never mutates `records`."""
+        return None
+
+    def _map(self, record: dict[str, Any], enriched: Any = None) -> Opportunity:
+        """One native record as an `Opportunity`: no I/O, no change to `record` (what `enrich` returned for
+        its page is `enriched`). A value that cannot be read raises: `map_records` quarantines the record."""
+        raise NotImplementedError
+
+    def map_page(self, records: list[dict[str, Any]]) -> Page:
+        """A page of native records, enriched then mapped record by record (see `map_records`)."""
+        return self.map_records(records, self._map, self.enrich(records))
+
+    @classmethod
+    def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """A native field's value as the CRM sent it (a dotted path, a property, a custom field ...): what the
+        field map reads and what a filter on the field compares (`filter_value`)."""
+        return record.get(native)
+
+    def read_text(self, record: dict[str, Any], native: str) -> str | None:
+        """A native field's value as users see it (a picklist's label, a lookup's name)."""
+        return clean_text(self.read_value(record, native))
+
+    def read_id(self, value: Any) -> str | None:
+        """A CRM user id read from a record (created_by_crm_id), as the users list keys it."""
+        return as_id(value)
+
+    def mapped_fields(self, record: dict[str, Any], **derived: Callable[[], Any]) -> dict[str, Any]:
+        """The canonical values of `record` (fields.read_fields): each field from where the field map or the
+        connection's override says, a field the map derives from `derived` (the connector's derivation from
+        what `enrich` read), unless overridden."""
+        return read_fields(record, self.field_map, self.conn.fields, value=self.read_value, text=self.read_text,
+                           ident=self.read_id, derived=derived)
 
     # -- validation of what a CRM returns ------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields
 from oppsync_pipeline.lib.crm.http import (
     Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
 )
@@ -243,6 +244,11 @@ class ConnectWiseOptions(ConnectorOptions):
 
 class ConnectWiseConnector(CrmConnector):
     Options = ConnectWiseOptions
+    # native fields are condition paths; the stage comes from the stage reference (named through /sales/stages),
+    # the amount from the forecast, the probability from /sales/probabilities or the forecast (enrich)
+    field_map = FieldMap(project_name="name", client_name="company/name", sales_executive="primarySalesRep/name",
+                         stage=None, amount=None, close_date="expectedCloseDate", probability=None,
+                         created_at="_info/dateEntered", created_by_crm_id="_info/enteredBy")
     filters_ignore_case = True   # SQL Server's default collation
     crm = "connectwise"
     max_page_size = 1000
@@ -322,9 +328,7 @@ class ConnectWiseConnector(CrmConnector):
                          if isinstance(cf, dict) and cf.get("caption"))
         self.custom_fields_seen = captions
         self.note("custom fields", True, ", ".join(captions) if captions else "none on this tenant's opportunities")
-        configured = [(f"fields.{k}", v) for k, v in self.conn.fields.items()] + \
-                     [(f"filters[{i}]", f.field) for i, f in enumerate(self.conn.filters)]
-        for where, path in configured:
+        for where, path in configured_fields(self.conn):
             m = _CUSTOM.match(path)
             if m and rows and m.group("caption") and m.group("caption") not in captions:
                 self.stats.warn(f"{where}: custom field '{m.group('caption')}' is not on this tenant's "
@@ -442,7 +446,7 @@ class ConnectWiseConnector(CrmConnector):
             if custom:
                 rows = [r for r in rows if self._matches_raw(r, custom)]
             if rows:
-                yield self._map_page(rows)
+                yield self.map_page(rows)
         if since is None:
             return
         # A renamed company leaves its opportunities' lastUpdated as it was: read the opportunities of the
@@ -457,7 +461,7 @@ class ConnectWiseConnector(CrmConnector):
                 if custom:
                     rows = [r for r in rows if self._matches_raw(r, custom)]
                 if rows:
-                    yield self._map_page(rows)
+                    yield self.map_page(rows)
 
     def count(self, open_set: bool) -> int | None:
         """CW's own count of the set as `opportunities(open_set, None)` reads it, filters included:
@@ -501,13 +505,7 @@ class ConnectWiseConnector(CrmConnector):
             # at most the ids asked for: the chunk's size bounds the paging
             for rows in self._pages("/sales/opportunities", params, Rows, self.max_page_size, expect=len(chunk)):
                 for start in range(0, len(rows), self.page_size):
-                    yield self._map_page(rows[start:start + self.page_size])
-
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The value a filter's condition path (`company/name`, `_info/lastUpdated`) or custom field
-        (`custom:Region`) compares, read from the record as the list returns it."""
-        return _value(raw, field)
+                    yield self.map_page(rows[start:start + self.page_size])
 
     def matches_filters(self, opp: Opportunity) -> bool:
         return self._matches_raw(opp.raw, self.conn.filters)
@@ -594,15 +592,17 @@ class ConnectWiseConnector(CrmConnector):
 
     # -- enrichment: everything a page needs is read before it is mapped (no I/O inside _map) -----------------
 
-    def _map_page(self, rows: list[dict[str, Any]]) -> Page:
-        """A page mapped record by record (base.map_records: a record that cannot be read is quarantined, the
-        rest go on), its sites and forecasts read first."""
+    def enrich(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
+        """What mapping the page reads: the statuses again when a row names one created mid-run, the stages,
+        each company site not read yet in this run (cached), and the page's forecasts (returned: opportunity id
+        -> its forecast)."""
         unknown = {str(_ref(r, "status").get("id")) for r in rows} - set(self.statuses()) - {"None"}
         if unknown and not self._statuses_refreshed:
             self._statuses, self._statuses_refreshed = None, True  # a status created mid-run: read them again
             self.statuses()
+        self.stages()
         self._resolve_sites(rows)
-        return self.map_records(rows, self._map, self._forecasts(rows))
+        return self._forecasts(rows)
 
     def _resolve_sites(self, rows: list[dict[str, Any]]) -> None:
         """The company sites this page names, each read once per run (GET /company/companies/{c}/sites/{s})."""
@@ -682,10 +682,19 @@ class ConnectWiseConnector(CrmConnector):
             return text
         return self._member_ids.get(text.lower(), text)
 
-    def _map(self, r: dict[str, Any], forecasts: dict[Any, dict[str, Any] | None] | None = None) -> Opportunity:
-        """One record; `forecasts`: the page's forecasts by opportunity id, read before (no I/O in here).
+    @classmethod
+    def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """A condition path (`company/name`, `_info/lastUpdated`) or custom field (`custom:Region`) of the record
+        as the list returns it."""
+        return _value(record, native)
+
+    def read_id(self, value: Any) -> str | None:
+        return self._member_id(value)
+
+    def _map(self, r: dict[str, Any], enriched: dict[Any, dict[str, Any] | None] | None = None) -> Opportunity:
+        """One record; `enriched`: the page's forecasts by opportunity id, read before (no I/O in here).
         A value that cannot be read raises (BadValue, KeyError): map_records quarantines the record."""
-        forecast = (forecasts or {}).get(r["id"])
+        forecast = (enriched or {}).get(r["id"])
         stage_ref, status_ref = _ref(r, "stage"), _ref(r, "status")
         stage_path = self.conn.fields.get("stage")
         if stage_path:
@@ -694,44 +703,30 @@ class ConnectWiseConnector(CrmConnector):
             stage_id = _text(_ref_of(r, stage_path).get("id"))
         else:
             stage_id = _text(stage_ref.get("id"))
-            info = self.stages().get(stage_id) if stage_id is not None else None
+            info = (self._stages or {}).get(stage_id) if stage_id is not None else None
             stage = info.label if info else _text(stage_ref.get("name")) or stage_id
         status_id = _text(status_ref.get("id"))
-        status_info = self.statuses().get(status_id) if status_id is not None else None
+        status_info = (self._statuses or {}).get(status_id) if status_id is not None else None
         crm_status = status_info.label if status_info else _text(status_ref.get("name"))
         flags = status_info.category if status_info else ("won" if r.get("closedFlag") and r.get("wonFlag") else
                                                           "lost" if r.get("closedFlag") else "open")
         status = self.resolve_status(stage, crm_status, flags)
-        amount_path = self.conn.fields.get("amount")
-        if amount_path:
-            amount = parse_float(_value(r, amount_path))
-        else:
-            amount = _forecast_amount(forecast) if forecast is not None else None
-        prob_path = self.conn.fields.get("probability")
-        probability = parse_float(_value(r, prob_path)) if prob_path else self._probability(r, forecast)
-        created = _value(r, self.field("created_at", "_info/dateEntered"))
-        created_by = self._member_id(_value(r, self.field("created_by_crm_id", "_info/enteredBy")))
         site = r.get("site") if isinstance(r.get("site"), dict) else None
         key = _site_key(r)
         location = (self._sites.get(key) if key is not None else None) or (_text(site.get("name")) if site else None)
         currency = r.get("currency") or {}
+        values = self.mapped_fields(
+            r, amount=lambda: _forecast_amount(forecast) if forecast is not None else None,
+            probability=lambda: self._probability(r, forecast))
         return self.opportunity(
-            r["id"], r,
-            project_name=clean_text(_value(r, self.field("project_name", "name"))),
-            client_name=clean_text(_value(r, self.field("client_name", "company/name"))),
+            r["id"], r, **values,
             service_location=location,
-            sales_executive=clean_text(_value(r, self.field("sales_executive", "primarySalesRep/name"))),
             owner_crm_id=self._member_id(r.get("primarySalesRep")),
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
             status=status,
-            amount=amount,
             currency=currency.get("currencyCode") if isinstance(currency, dict) else None,
-            close_date=parse_date(_value(r, self.field("close_date", "expectedCloseDate"))),
-            probability=probability,
-            created_at=parse_datetime(created),
-            created_by_crm_id=created_by,
             modified_at=parse_datetime(_value(r, "_info/lastUpdated")),
             **_closed_at(r, status),
         )

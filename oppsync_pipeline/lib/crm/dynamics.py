@@ -51,16 +51,16 @@ from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page
+from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
-                                         parse_date, parse_datetime, parse_float, to_utc)
+                                         parse_datetime, to_utc)
 from oppsync_pipeline.lib.scrub import scrubbed_logger
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
-LOGICALNAME = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 ANNOTATIONS = 'odata.include-annotations="OData.Community.Display.V1.FormattedValue,' \
               'Microsoft.Dynamics.CRM.lookuplogicalname"'
 SELECT = ("opportunityid", "name", "estimatedvalue", "estimatedclosedate", "closeprobability", "statecode",
@@ -350,6 +350,10 @@ class DynamicsOptions(ConnectorOptions):
 class DynamicsConnector(CrmConnector):
     Options = DynamicsOptions
     id_field = "opportunityid"
+    # text fields are read as users see them (formatted values); the account's and the owner's names are derived
+    field_map = FieldMap(project_name="name", client_name=None, sales_executive=None, stage="stepname",
+                         amount="estimatedvalue", close_date="estimatedclosedate", probability="closeprobability",
+                         created_at="createdon", created_by_crm_id="_createdby_value")
     filters_ignore_case = True   # SQL Server's default collation
     crm = "dynamics"
     max_page_size = 5000
@@ -442,9 +446,7 @@ class DynamicsConnector(CrmConnector):
             self.note("stage id", self._stage_id_column is not None,
                       self._stage_id_column or "no stageid column: stage_id left empty")
             self._close_columns = tuple(c for c in CLOSE_TIME if c in attributes)
-            missing = [f"fields.{k}: '{v}'" for k, v in self.conn.fields.items() if v not in attributes]
-            missing += [f"filters[{i}].field: '{f.field}'" for i, f in enumerate(self.conn.filters)
-                        if f.field not in attributes]
+            missing = [f"{key}: '{native}'" for key, native in configured_fields(self.conn) if native not in attributes]
             if missing:
                 raise CrmError("this Dataverse environment's opportunity table has no column "
                                + "; ".join(missing) + ": correct these keys (custom columns carry the publisher "
@@ -568,9 +570,9 @@ class DynamicsConnector(CrmConnector):
         """The columns every opportunity read asks for: the mapping's, the close time, the `fields:` overrides,
         and the filtered columns (so a record read by id can be checked against the filters in Python)."""
         stage_id = [self._stage_id_column] if self._stage_id_column else []
-        extra = [v for v in self.conn.fields.values() if "/" not in v]
-        filtered = [f.field for f in self.conn.filters]
-        return ",".join(dict.fromkeys([*SELECT, *stage_id, *self._close_columns, *extra, *filtered]))
+        # a path through a navigation property ("a/b") is no column to $select
+        return ",".join(c for c in fields_to_read([*SELECT, *stage_id, *self._close_columns], self.conn)
+                        if "/" not in c)
 
     def open_filter(self, open_set: bool) -> str | None:
         """The open (or not-open) set as a $filter clause; "" for every record, None when the set is empty."""
@@ -632,7 +634,7 @@ class DynamicsConnector(CrmConnector):
                 open_set, since, page.count), page_size=self.page_size):
             rows = body["value"]
             self.tally(open_set, since, (r["opportunityid"] for r in rows), trail.total)
-            page = self._map_page(rows)
+            page = self.map_page(rows)
             if page:
                 yield page
 
@@ -715,7 +717,7 @@ class DynamicsConnector(CrmConnector):
             for body in self._opportunity_pages(by_id_filter(batch), trail):
                 rows = body["value"]
                 _only_asked(rows, set(batch), trail)
-                page = self._map_page(rows)
+                page = self.map_page(rows)
                 if page:
                     yield page
 
@@ -723,7 +725,7 @@ class DynamicsConnector(CrmConnector):
     def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
         """The value Dataverse compares: the raw column (never its formatted label); lookups and GUIDs in lower
         case, as `literal` renders them."""
-        value = raw.get(field)
+        value = cls.read_value(raw, field)
         if isinstance(value, str) and GUID.match(value):
             return value.lower()
         return value
@@ -741,19 +743,28 @@ class DynamicsConnector(CrmConnector):
         return self._pages(f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail,
                            **options)
 
-    def _map_page(self, rows: list[dict[str, Any]]) -> Page:
-        """A page mapped record by record (a record that cannot be read is quarantined, the rest go on); owner
-        names from the formatted values, else from the users (read once, when a page needs them)."""
+    def enrich(self, rows: list[dict[str, Any]]) -> dict[str, str | None] | None:
+        """What mapping the page reads besides its rows: the status reasons and the process stages (once per
+        run, when a row needs them), and the owners' names from the users when a row's owner has no formatted
+        value (read once, when a page needs them): owner id -> name, or None when no row needs it."""
+        if any(r.get("statuscode") is not None for r in rows):
+            self.statuses()
+        if "stage" not in self.conn.fields and self._stage_id_column and any(r.get(self._stage_id_column)
+                                                                              for r in rows):
+            self.stages()
         needs_users = any(r.get(f"_ownerid_value{FORMATTED}") is None and r.get("_ownerid_value") for r in rows)
-        owners = {u.crm_user_id: u.name for u in self.users()} if needs_users else None
-        return self.map_records(rows, self._map, owners)
+        return {u.crm_user_id: u.name for u in self.users()} if needs_users else None
 
-    def _map(self, row: dict[str, Any], owners: dict[str, str | None] | None = None) -> Opportunity:
+    def read_text(self, record: dict[str, Any], native: str) -> str | None:
+        return _text(record, native)
+
+    def _map(self, row: dict[str, Any], enriched: dict[str, str | None] | None = None) -> Opportunity:
+        """One row; `enriched`: owner id -> name from the users (when the page's formatted values lack one)."""
         account = row.get("parentaccountid") or None
         owner = row.get("_ownerid_value")
         overrides = self.conn.fields
         code = row.get("statuscode")
-        info = self.statuses().get(str(code)) if code is not None else None
+        info = (self._statuses or {}).get(str(code)) if code is not None else None
         crm_status = (clean_text(row.get(f"statuscode{FORMATTED}")) or (info.label if info else None)
                       or (None if code is None else str(code)))
         state = row.get("statecode")
@@ -763,30 +774,24 @@ class DynamicsConnector(CrmConnector):
         if "stage" in overrides:
             stage = _text(row, overrides["stage"])
         else:
-            known = self.stages().get(stage_id) if stage_id else None
+            known = (self._stages or {}).get(stage_id) if stage_id else None
             stage = clean_text(row.get("stepname")) or (known.label if known else None)
         currency_id = row.get("_transactioncurrencyid_value")
         status = self._status(stage, crm_status, code, flags)
         closed_at, closed_field = self._closed_at(row, status, state)
+        values = self.mapped_fields(
+            row, client_name=lambda: clean_text((account or {}).get("name")
+                                                or row.get(f"_parentaccountid_value{FORMATTED}")),
+            sales_executive=lambda: clean_text(row.get(f"_ownerid_value{FORMATTED}") or (enriched or {}).get(owner)))
         return self.opportunity(
-            row["opportunityid"], row,
-            project_name=_text(row, overrides.get("project_name", "name")),
-            client_name=(_text(row, overrides["client_name"]) if "client_name" in overrides else
-                         clean_text((account or {}).get("name") or row.get(f"_parentaccountid_value{FORMATTED}"))),
+            row["opportunityid"], row, **values,
             service_location=clean_text(_address(account)),
-            sales_executive=(_text(row, overrides["sales_executive"]) if "sales_executive" in overrides
-                             else clean_text(row.get(f"_ownerid_value{FORMATTED}") or (owners or {}).get(owner))),
             owner_crm_id=owner,
             stage=stage,
             stage_id=stage_id,
             crm_status=crm_status,
             status=status,
-            amount=parse_float(row.get(overrides.get("amount", "estimatedvalue"))),
             currency=(self._currencies or {}).get(str(currency_id).lower()) if currency_id else None,
-            close_date=parse_date(row.get(overrides.get("close_date", "estimatedclosedate"))),
-            probability=parse_float(row.get(overrides.get("probability", "closeprobability"))),
-            created_at=parse_datetime(row.get(self.field("created_at", "createdon"))),
-            created_by_crm_id=row.get(self.field("created_by_crm_id", "_createdby_value")),
             modified_at=parse_datetime(row.get("modifiedon")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,

@@ -56,6 +56,7 @@ from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
+from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
 from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
@@ -300,6 +301,10 @@ class HubSpotOptions(ConnectorOptions):
 
 class HubSpotConnector(CrmConnector):
     Options = HubSpotOptions
+    # the company and the owner's name are derived (enrich: the deal's primary company; the owners list)
+    field_map = FieldMap(project_name="dealname", client_name=None, sales_executive=None, stage="dealstage",
+                         amount="amount", close_date="closedate", probability="hs_deal_stage_probability",
+                         created_at="createdate", created_by_crm_id="hs_created_by_user_id")
     crm = "hubspot"
     max_page_size = 200          # search; list pages are capped at 100
     native_deletes = True
@@ -360,10 +365,8 @@ class HubSpotConnector(CrmConnector):
         self._note_close_time(props)
         if props is None:
             return
-        problems = [f"fields.{canonical}: deal property '{native}' does not exist in this HubSpot portal"
-                    for canonical, native in self.conn.fields.items() if native not in props]
-        problems += [f"filters[{i}].field: deal property '{f.field}' does not exist in this HubSpot portal"
-                     for i, f in enumerate(self.conn.filters) if f.field not in props]
+        problems = [f"{key}: deal property '{native}' does not exist in this HubSpot portal"
+                    for key, native in configured_fields(self.conn) if native not in props]
         if problems:
             raise CrmError("; ".join(problems) + ". Create the property in HubSpot (Settings > Properties > Deal "
                            "properties) or correct the connection's configuration to the property's internal name "
@@ -428,10 +431,11 @@ class HubSpotConnector(CrmConnector):
         return body
 
     def _stage_info(self, pipeline: str | None, stage_id: str | None) -> StageInfo | None:
-        """Stage ids are scoped to their pipeline: resolve the pair, then the id alone."""
+        """Stage ids are scoped to their pipeline: resolve the pair, then the id alone (from the pipelines as
+        `enrich` read them: no request here)."""
         if not stage_id:
             return None
-        stages = self.stages()
+        stages = self._stages or {}
         return self._by_pipeline.get((str(pipeline), stage_id)) or stages.get(stage_id)
 
     def users(self) -> Iterable[CrmUser]:
@@ -482,7 +486,7 @@ class HubSpotConnector(CrmConnector):
             if not records:
                 continue
             seen.update(r["id"] for r in records)
-            page = self.map_records(self._with_companies(records), self._map)
+            page = self.map_page(records)
             if leftover:
                 page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
             if post_filter:
@@ -630,17 +634,18 @@ class HubSpotConnector(CrmConnector):
         """The standard properties the portal has (all of them when discovery was refused: HubSpot leaves out
         requested properties that do not exist), then the configured ones."""
         known = self._deal_properties
-        names = [n for n in DEAL_PROPERTIES if known is None or n in known]
-        for native in list(self.conn.fields.values()) + [f.field for f in self.conn.filters]:
-            if native not in names:
-                names.append(native)
-        return names
+        return fields_to_read([n for n in DEAL_PROPERTIES if known is None or n in known], self.conn)
 
     # -- companies ---------------------------------------------------------------------------------------------
 
-    def _with_companies(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Attach each deal's primary company (one per deal, however many association types point at it).
-        Optional: refused once (scope crm.objects.companies.read), not asked again in this run."""
+    def enrich(self, records: list[dict[str, Any]]) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        """Each deal's primary company: deal id -> (company id, its properties), one v4 association read per
+        page and one batch read of the companies not seen yet in this run (optional: refused once, scope
+        crm.objects.companies.read, not asked again). The pipelines and owners `_map` names stages and owners
+        with are read here too (once per run)."""
+        if any((r.get("properties") or {}).get("dealstage") for r in records):
+            self.stages()
+        self._owner_map()
         primary: dict[str, str | None] = {}
         if not self._companies_refused:
             got = self.optional(COMPANIES_READ, lambda: self._primary_companies(records), None,
@@ -649,11 +654,8 @@ class HubSpotConnector(CrmConnector):
                 self._companies_refused = True
             else:
                 primary = got
-        out = []
-        for r in records:
-            cid = primary.get(r["id"])
-            out.append({**r, "company_id": cid, "company": self._companies.get(cid) if cid else None})
-        return out
+        return {r["id"]: (cid, self._companies.get(cid, {})) if (cid := primary.get(r["id"])) else (None, {})
+                for r in records}
 
     def _primary_companies(self, records: list[dict[str, Any]]) -> dict[str, str | None]:
         ids = [r["id"] for r in records]
@@ -688,17 +690,25 @@ class HubSpotConnector(CrmConnector):
         if not meta:
             return clean_text(text)
         if meta.get("referencedObjectType") == "OWNER":
-            owner = self._owner_map().get(text)
+            owner = (self._owners or {}).get(text)
             return owner.name if owner and owner.name else text
         for option in meta.get("options") or []:
             if str(option.get("value")) == text:
                 return clean_text(option.get("label")) or text
         return clean_text(text)
 
-    def _map(self, rec: dict[str, Any]) -> Opportunity:
+    @classmethod
+    def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The deal property as HubSpot returned it (`raw["properties"]`)."""
+        return _get(record, native)
+
+    def read_text(self, record: dict[str, Any], native: str) -> str | None:
+        return self._display(native, _get(record, native))
+
+    def _map(self, rec: dict[str, Any], enriched: dict[str, tuple[str | None, dict[str, Any]]] | None = None
+             ) -> Opportunity:
         props = rec.get("properties") or {}
-        company = rec.pop("company", None) or {}
-        company_id = rec.pop("company_id", None)
+        company_id, company = (enriched or {}).get(rec["id"], (None, {}))
         raw = {**rec, "associations": {"companies": [company_id] if company_id else []}}
         fields = self.conn.fields
         stage_id = props.get("dealstage") or None
@@ -714,36 +724,28 @@ class HubSpotConnector(CrmConnector):
             stage_id = props.get(fields["stage"]) or None
             stage_name = self._display(fields["stage"], stage_id)
         owner_id = props.get("hubspot_owner_id") or None
-        owner = self._owner_map().get(owner_id) if owner_id else None
-        prob_field = self.field("probability", "hs_deal_stage_probability")
-        prob = parse_float(props.get(prob_field))
-        if prob is not None and prob_field in ("hs_deal_stage_probability", "hs_forecast_probability"):
+        owner = (self._owners or {}).get(owner_id) if owner_id else None
+        values = self.mapped_fields(rec, client_name=lambda: clean_text(company.get("name")),
+                                    sales_executive=lambda: owner.name if owner else None)
+        # the deal's stage probability is a 0..1 fraction; without one, the stage's own (pipelines)
+        prob = values["probability"]
+        if prob is not None and self.field("probability") in ("hs_deal_stage_probability", "hs_forecast_probability"):
             prob = prob * 100
         if prob is None and info is not None and "probability" not in fields:
             prob = info.probability
-        name_field = self.field("project_name", "dealname")
+        values["probability"] = None if prob is None else round(prob, 4)
         status = self.resolve_status(stage_name, props.get("dealstage") or None, flags)
         closed_at, closed_field = close_time(props, status)
         return self.opportunity(
-            rec["id"], raw,
-            project_name=self._display(name_field, props.get(name_field)),
-            client_name=self._display(fields["client_name"], props.get(fields["client_name"]))
-            if "client_name" in fields else clean_text(company.get("name")),
+            rec["id"], raw, **values,
             service_location=format_address(*(company.get(k) for k in ("address", "address2", "city", "state", "zip",
                                                                         "country"))),
-            sales_executive=self._display(fields["sales_executive"], props.get(fields["sales_executive"]))
-            if "sales_executive" in fields else (owner.name if owner else None),
             owner_crm_id=owner_id,
             stage=stage_name,
             stage_id=stage_id,
             crm_status=props.get("dealstage") or None,
             status=status,
-            amount=parse_float(props.get(self.field("amount", "amount"))),
             currency=props.get("deal_currency_code") or None,
-            close_date=parse_date(props.get(self.field("close_date", "closedate"))),
-            probability=None if prob is None else round(prob, 4),
-            created_at=parse_datetime(props.get(self.field("created_at", "createdate"))),
-            created_by_crm_id=props.get(self.field("created_by_crm_id", "hs_created_by_user_id")) or None,
             modified_at=parse_datetime(props.get("hs_lastmodifieddate")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,
@@ -775,7 +777,7 @@ class HubSpotConnector(CrmConnector):
         for n, start in enumerate(range(0, len(wanted), BATCH_MAX), 1):
             records = self._batch_read(wanted[start:start + BATCH_MAX], properties, n)
             if records:
-                yield self.map_records(self._with_companies(records), self._map)
+                yield self.map_page(records)
 
     def _batch_read(self, ids: list[str], properties: list[str], n: int) -> list[dict[str, Any]]:
         """One batch read (the n-th of this `fetch_by_ids`). Ids HubSpot no longer has (deleted, archived,
@@ -796,11 +798,6 @@ class HubSpotConnector(CrmConnector):
                            status=400, code=first["category"] or "BATCH_ERROR", permanent=True)
         asked = set(ids)
         return [r for r in body["results"] if r["id"] in asked]
-
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The deal property as HubSpot returned it (`raw["properties"]`)."""
-        return _get(raw, field)
 
     def matches_filters(self, opp: Opportunity) -> bool:
         return all(self._matches(f, opp.raw) for f in self.conn.filters)

@@ -49,6 +49,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, T
+from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
 from oppsync_pipeline.lib.crm.http import (
     Auth,
     AuthError,
@@ -93,6 +94,15 @@ FIELD_TYPES: dict[str, str] = {
     "Account.SystemModstamp": "datetime", "Account.LastModifiedDate": "datetime",
     "Owner.Name": "string", "Owner.Email": "string", "CreatedBy.Name": "string", "CreatedBy.Email": "string",
 }
+# Where each canonical field comes from (fields.py); the stage's value is a StageName (ApiName), named by its label.
+FIELD_MAP = FieldMap(project_name="Name", client_name="Account.Name", sales_executive="Owner.Name",
+                     stage="StageName", amount="Amount", close_date="CloseDate", probability="Probability",
+                     created_at="CreatedDate", created_by_crm_id="CreatedById")
+# What every opportunity query selects (then the org's optional fields and the configured ones).
+SELECT_FIELDS = ("Id", "Name", "AccountId", "Account.Name", "Account.BillingStreet", "Account.BillingCity",
+                 "Account.BillingState", "Account.BillingPostalCode", "Account.BillingCountry", "OwnerId",
+                 "Owner.Name", "Owner.Email", "StageName", "ForecastCategoryName", "IsClosed", "IsWon", "Amount",
+                 "CloseDate", "Probability", "CreatedDate", "CreatedById", "SystemModstamp")
 # Types of describe mapped to the SOQL literal kinds (anything else is a quoted string).
 _DESCRIBE_TYPES = {"double": "number", "currency": "number", "percent": "number", "int": "number", "long": "number",
                    "date": "date", "datetime": "datetime", "boolean": "boolean"}
@@ -344,11 +354,7 @@ def fix_for(code: str | None, message: str, conn: Any = None) -> str | None:
 
 
 def _configured_fields(conn: Any) -> list[tuple[str, str]]:
-    if conn is None:
-        return []
-    out = [(f"fields.{k}", v) for k, v in conn.fields.items()]
-    out += [(f"filters[{i}].field", f.field) for i, f in enumerate(conn.filters)]
-    return out
+    return [] if conn is None else list(configured_fields(conn))
 
 
 class _Spent(Exception):
@@ -369,6 +375,7 @@ class SalesforceOptions(ConnectorOptions):
 class SalesforceConnector(CrmConnector):
     Options = SalesforceOptions
     id_field = "Id"
+    field_map = FIELD_MAP
     crm = "salesforce"
     max_page_size = 2000
     min_page_size = 200
@@ -618,7 +625,7 @@ class SalesforceConnector(CrmConnector):
             # every id received counts, quarantined or not; the first page's totalSize is the CRM's own count
             self.tally(open_set, since, (r["Id"] for r in rows.records), crm_count=rows.total)
             if rows.records:
-                yield self.map_records(rows.records, self._map)
+                yield self.map_page(rows.records)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize
@@ -640,13 +647,7 @@ class SalesforceConnector(CrmConnector):
         for batch in id_batches(wanted, len(_encoded(head + tail))):
             for rows in self.query(head + ", ".join(soql_string(i) for i in batch) + tail):
                 if rows.records:
-                    yield self.map_records(rows.records, self._map)
-
-    @classmethod
-    def filter_value(cls, raw: dict[str, Any], field: str) -> Any:
-        """The value a filter on `field` compares: the record's field by API name, dotted through parents
-        (`Account.BillingCountry`), null when a parent is null; the select list carries every filter field."""
-        return _get(raw, field)
+                    yield self.map_page(rows.records)
 
     def matches_filters(self, opp: Opportunity) -> bool:
         """The connection's filters evaluated as SOQL evaluates them: values of the field's describe type, the
@@ -681,24 +682,16 @@ class SalesforceConnector(CrmConnector):
     # -- SOQL -----------------------------------------------------------------------------------------------------
 
     def select_fields(self) -> list[str]:
-        fields = ["Id", "Name", "AccountId", "Account.Name", "Account.BillingStreet", "Account.BillingCity",
-                  "Account.BillingState", "Account.BillingPostalCode", "Account.BillingCountry", "OwnerId",
-                  "Owner.Name", "Owner.Email", "StageName", "ForecastCategoryName", "IsClosed", "IsWon", "Amount",
-                  "CloseDate", "Probability", "CreatedDate", "CreatedById", "SystemModstamp"]
+        """SELECT_FIELDS, the fields describe says this org has, then the configured ones (field names are
+        case-insensitive in SOQL: each once)."""
+        fields = list(SELECT_FIELDS)
         if self.multi_currency:   # only where describe lists it (single-currency orgs: 400 INVALID_FIELD)
             fields.append("CurrencyIsoCode")
         if self._last_stage_change:   # only where describe lists it (API < 52.0, hidden by FLS: INVALID_FIELD)
             fields.append(LAST_STAGE_CHANGE)
-        for native in self.conn.fields.values():
-            fields.append(_checked_field(native))
-        for f in self.conn.filters:   # records read by id are filtered in Python (matches_filters)
-            fields.append(_checked_field(f.field))
-        seen, out = set(), []
-        for f in fields:
-            if f.lower() not in seen:
-                seen.add(f.lower())
-                out.append(f)
-        return out
+        for _, native in configured_fields(self.conn):
+            _checked_field(native)
+        return fields_to_read(fields, self.conn, key=str.lower)
 
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
         return (f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
@@ -752,52 +745,65 @@ class SalesforceConnector(CrmConnector):
 
     # -- mapping ----------------------------------------------------------------------------------------------------
 
+    def enrich(self, records: list[dict[str, Any]]) -> None:
+        """Nothing per page but the stage dictionary (one optional query per run), read before the first
+        record that needs it is mapped."""
+        if any(self._needs_stages(r) for r in records):
+            self.stages()
+
+    def _needs_stages(self, r: dict[str, Any]) -> bool:
+        """Whether mapping `r` reads the stage dictionary: a StageName to name, or no IsClosed to decide by."""
+        named = _get(r, self.field("stage")) not in (None, "")
+        return named and (not self.conn.fields.get("stage") or r.get("IsClosed") is None)
+
     def _stage_of(self, r: dict[str, Any]) -> tuple[str | None, str | None]:
         """(stage name users see, stage id): the OpportunityStage MasterLabel of the StageName value the record
         carries, and that value (the ApiName); StageName for both when the dictionary is not readable. A
         `fields.stage` override names a field whose value is the stage as users see it."""
         override = self.conn.fields.get("stage")
-        value = _get(r, override or "StageName")
+        value = _get(r, self.field("stage"))
         if value is None or value == "":
             return None, None
         value = clean_text(str(value))
         if override:
             return value, value
         if self._stage_by_value is None:
-            lookup = {s.label: s for s in self.stages().values()}
-            lookup.update(self.stages())   # the value is the ApiName; older orgs without ApiName carry the label
+            lookup = {s.label: s for s in self._stages_read().values()}
+            lookup.update(self._stages_read())   # the value is the ApiName; older orgs without ApiName carry the label
             self._stage_by_value = lookup
         info = self._stage_by_value.get(value or "")
         return (info.label, info.key) if info else (value, value)
+
+    def _stages_read(self) -> dict[str, StageInfo]:
+        """The stage dictionary as `enrich` read it (mapping reads, never requests)."""
+        return self._stages or {}
 
     def _flags(self, r: dict[str, Any], stage_id: str | None) -> Status:
         """open / won / lost from the record's own IsClosed / IsWon (the stage's semantics, derived by Salesforce)."""
         if r.get("IsClosed") is not None:
             return "open" if not r.get("IsClosed") else ("won" if r.get("IsWon") else "lost")
-        info = self.stages().get(stage_id) if stage_id else None
+        info = self._stages_read().get(stage_id) if stage_id else None
         return info.category if info else "open"
 
-    def _map(self, r: dict[str, Any]) -> Opportunity:
+    @classmethod
+    def read_value(cls, record: dict[str, Any], native: str) -> Any:
+        """The record's field by API name, dotted through parents (`Account.BillingCountry`), null when a parent
+        is null; the select list carries every mapped and filter field."""
+        return _get(record, native)
+
+    def _map(self, r: dict[str, Any], enriched: None = None) -> Opportunity:
         stage, stage_id = self._stage_of(r)
         crm_status = clean_text(r.get("ForecastCategoryName"))
         account = r.get("Account") or {}
         status = self.resolve_status(stage, crm_status, self._flags(r, stage_id))
         closed_at, closed_at_field = self._closed_at(r, status)
         return self.opportunity(
-            r["Id"], r,
-            project_name=clean_text(_get(r, self.field("project_name", "Name"))),
-            client_name=clean_text(_get(r, self.field("client_name", "Account.Name"))),
+            r["Id"], r, **self.mapped_fields(r),
             service_location=clean_text(billing_address(account)),
-            sales_executive=clean_text(_get(r, self.field("sales_executive", "Owner.Name"))),
             owner_crm_id=r.get("OwnerId"),
             stage=stage, stage_id=stage_id, crm_status=crm_status,
             status=status, crm_closed_at=closed_at, crm_closed_at_field=closed_at_field,
-            amount=parse_float(_get(r, self.field("amount", "Amount"))),
             currency=r.get("CurrencyIsoCode") if self._multi_currency else self._org_currency,
-            close_date=parse_date(_get(r, self.field("close_date", "CloseDate"))),
-            probability=parse_float(_get(r, self.field("probability", "Probability"))),
-            created_at=parse_datetime(_get(r, self.field("created_at", "CreatedDate"))),
-            created_by_crm_id=_get(r, self.field("created_by_crm_id", "CreatedById")),
             modified_at=parse_datetime(r.get("SystemModstamp")),
         )
 

@@ -24,16 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.engine import Connection, Engine
 
-from oppsync_pipeline.lib.record import MAPPING_VERSION, TRACKED_FIELDS
+from oppsync_pipeline.lib.record import CANONICAL, MAPPING_VERSION, TRACKED_FIELDS, EventKind
 from oppsync_pipeline.lib.warehouse.engine import transaction
-from oppsync_pipeline.lib.warehouse.schema import CANONICAL
-from oppsync_pipeline.lib.warehouse.store import assert_lock, record_run
+from oppsync_pipeline.lib.warehouse.schema import extracts
+from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
+from oppsync_pipeline.lib.warehouse.store import assert_lock
 
 S = "oppsync"
-DATA_COLUMNS = list(CANONICAL)  # the canonical record's columns, as schema.py defines them
+DATA_COLUMNS = list(CANONICAL)  # the canonical record's columns (record.FIELDS)
 
 
 # The reconcile's working tables (temporary: private to its transaction's connection)
@@ -66,7 +67,7 @@ class ReconcileResult:
 def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str, run_id: str,
               observed_at: datetime, recorded_at: datetime, max_delete_share: float = 0.5,
               new_cursor: datetime | None = None, started_at: datetime | None = None,
-              stats: dict | None = None, check_lock: bool = True) -> ReconcileResult:
+              stats: RunStats | None = None, check_lock: bool = True) -> ReconcileResult:
     """Apply a completed extract. `observed_at` (the run's start) stamps history versions and inferred deletes;
     `recorded_at` stamps events. All or nothing."""
     with transaction(engine) as conn:
@@ -75,9 +76,9 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
         row = conn.execute(text(f"SELECT status, scope_fingerprint, deletes_inferable, quarantined "
                                 f"FROM {S}.extracts WHERE extract_id = :x"), {"x": extract_id}).first()
         status = row[0] if row else None
-        if status == "reconciled":
+        if status == ExtractStatus.RECONCILED:
             return _already(conn, run_id)
-        if status != "complete":
+        if status != ExtractStatus.COMPLETE:
             raise RuntimeError(f"extract {extract_id} is '{status}', not complete: nothing to reconcile")
         p = {"x": extract_id, "c": connection, "crm": crm, "run": run_id, "obs": observed_at, "rec": recorded_at}
         rebaseline = _needs_rebaseline(conn, p)
@@ -101,23 +102,19 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
         result.updated, result.stage_changed = written["updated"], written["stage_changed"]
         _write_history(conn, p)
         _write_current(conn, p, rebaseline, scope_moves=result.left_scope + result.entered_scope)
-        conn.execute(text(f"UPDATE {S}.extracts SET status = 'reconciled' WHERE extract_id = :x"), p)
+        conn.execute(update(extracts).where(extracts.c.extract_id == extract_id)
+                     .values(status=ExtractStatus.RECONCILED))
         conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), p)
         conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), p)
         _advance_state(conn, p, mode, new_cursor)
-        stats = stats or {}
-        notes = [*(stats.get("warnings") or [])]
+        stats = stats if stats is not None else RunStats.unknown()
+        notes = list(stats.warnings)
         if rebaseline:
             notes.append(f"re-baselined: values rewritten under mapping version {MAPPING_VERSION} without "
                          "update events")
-        record_run(conn, {
-            "run_id": run_id, "connection": connection, "crm": crm, "mode": mode,
-            "started_at": started_at or observed_at, "finished_at": recorded_at, "status": "success",
-            **result.as_dict(), "api_requests": stats.get("api_requests"), "retries": stats.get("retries"),
-            "seconds_waited": stats.get("seconds_waited_on_rate_limits"), "quota_used": stats.get("quota_used"),
-            "quota_limit": stats.get("quota_limit"), "token_requests": stats.get("token_requests"),
-            "warnings": "\n".join(notes) or None, "scope_fingerprint": row[1], "quarantined": row[3],
-        })
+        record_run(conn, SyncRun(run_id, connection, crm, mode, started_at or observed_at, recorded_at,
+                                 RunStatus.SUCCESS, result.fetched, stats, counts=result.as_dict(),
+                                 warnings="\n".join(notes) or None, scope_fingerprint=row[1], quarantined=row[3]))
         for t in _TEMP_TABLES:
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
         return result
@@ -325,8 +322,8 @@ def _kinds_to_write(result: ReconcileResult, rewrites: int) -> set[str]:
 
 # The event statements of _write_events, in order (a run's count of each kind is its statement's row count),
 # and which membership each needs (_kinds_to_write).
-_EVENT_KINDS = ("created", "closed", "restored", "entered_scope", "left_scope", "closed", "reopened",
-                "stage_changed", "updated")
+_EVENT_KINDS = (EventKind.CREATED, "closed", EventKind.RESTORED, EventKind.ENTERED_SCOPE, EventKind.LEFT_SCOPE,
+                "closed", EventKind.REOPENED, EventKind.STAGE_CHANGED, EventKind.UPDATED)
 _NEEDS = ("created", "created", "restored", "entered_scope", "left_scope", "changes", "changes", "changes",
           "changes")
 
@@ -352,25 +349,25 @@ def _write_events(conn: Connection, p: dict, rebaseline: bool = False,
     # a scope change by configuration is dated by the run; one by an edit in the CRM, by the edit
     scope_at = ":obs" if p.get("scope_changed") else "d.changed_at"
     statements = [
-        ev("created", "COALESCE(s.created_at, :obs)", "d.membership = 'new'"),
+        ev(EventKind.CREATED, "COALESCE(s.created_at, :obs)", "d.membership = 'new'"),
         ev("closed", "d.new_closed_at", "d.membership = 'new' AND d.new_status <> 'open'", type_expr=closed_type),
-        ev("restored", "d.changed_at", "d.membership = 'restored'"),
-        ev("entered_scope", scope_at, "d.membership = 'entered'"),
+        ev(EventKind.RESTORED, "d.changed_at", "d.membership = 'restored'"),
+        ev(EventKind.ENTERED_SCOPE, scope_at, "d.membership = 'entered'"),
         # the values the record had when it was last tracked (its staged values are not taken over)
-        ev("left_scope", scope_at, "d.membership = 'left'", values="o"),
+        ev(EventKind.LEFT_SCOPE, scope_at, "d.membership = 'left'", values="o"),
         ev("closed", "d.new_closed_at", f"{tracked} AND d.status_moved AND d.new_status <> 'open'",
            changed="d.status_fields", old="d.old_status", new="d.new_status", type_expr=closed_type),
-        ev("reopened", "d.changed_at", f"{tracked} AND d.status_moved AND d.new_status = 'open'",
+        ev(EventKind.REOPENED, "d.changed_at", f"{tracked} AND d.status_moved AND d.new_status = 'open'",
            changed="d.status_fields", old="d.old_status", new="d.new_status"),
-        ev("stage_changed", "d.changed_at", f"{tracked} AND NOT d.status_moved AND d.stage_moved",
+        ev(EventKind.STAGE_CHANGED, "d.changed_at", f"{tracked} AND NOT d.status_moved AND d.stage_moved",
            changed="d.stage_fields", old="d.old_stage", new="d.new_stage"),
-        ev("updated", "d.changed_at", f"{tracked} AND d.updated_fields <> ''", changed="d.updated_fields"),
+        ev(EventKind.UPDATED, "d.changed_at", f"{tracked} AND d.updated_fields <> ''", changed="d.updated_fields"),
     ]
     assert len(statements) == len(_EVENT_KINDS) == len(_NEEDS)
     written = dict.fromkeys(("created", "closed", "restored", "entered_scope", "left_scope", "reopened",
                              "stage_changed", "updated", "deleted"), 0)
     for select, kind, need in zip(statements, _EVENT_KINDS, _NEEDS):
-        if (rebaseline and kind in ("updated", "stage_changed")) or (needed is not None and need not in needed):
+        if (rebaseline and kind in (EventKind.UPDATED, EventKind.STAGE_CHANGED)) or (needed is not None and need not in needed):
             continue
         written[kind] += conn.execute(text(base + select), p).rowcount or 0
     written["deleted"] = conn.execute(text(base + f"""

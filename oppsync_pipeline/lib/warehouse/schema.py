@@ -15,24 +15,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from oppsync_pipeline.lib.record import FIELDS
+
 SCHEMA = "oppsync"
 metadata = MetaData(schema=SCHEMA)
 
 
 def _canonical_columns() -> list[Column]:
-    return [
-        Column("crm", String, nullable=False),
-        Column("project_name", Text), Column("client_name", Text), Column("service_location", Text),
-        Column("sales_executive", Text), Column("owner_crm_id", String), Column("stage", Text),
-        Column("stage_id", Text), Column("crm_status", Text),
-        Column("status", String, nullable=False), Column("amount", Double), Column("currency", String),
-        Column("close_date", Date), Column("probability", Double), Column("created_at", DateTime),
-        Column("created_by_crm_id", String), Column("crm_closed_at", DateTime), Column("modified_at", DateTime),
-        Column("crm_closed_at_field", String),
-    ]
-
-
-CANONICAL = [c.name for c in _canonical_columns()]
+    """The canonical record's columns (record.FIELDS), in each table that holds the record."""
+    return [Column(f.name, f.sql_type, nullable=f.nullable) for f in FIELDS]
 
 opportunities = Table(
     "opportunities", metadata,

@@ -11,25 +11,25 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Date, DateTime, Double, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from oppsync_pipeline.lib.record import (
-    MAPPING_VERSION, TRACKED_FIELDS, CrmUser, Opportunity, StageInfo, clean_text, raw_json, row_hash, to_utc,
+    CANONICAL, FIELDS, MAPPING_VERSION, CanonicalField, TRACKED_FIELDS, CrmUser, Opportunity, StageInfo, clean_text, raw_json,
+    row_hash, to_utc,
 )
 from oppsync_pipeline.lib.warehouse.engine import backend, bulk_insert, transaction
-from oppsync_pipeline.lib.warehouse.schema import CANONICAL
+from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats
+from oppsync_pipeline.lib.warehouse.schema import extracts
 
 S = "oppsync"
 STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", "scope", *CANONICAL, "raw",
                  "row_hash"]
-# staged_rows writes the tracked values positionally, between `crm` and `modified_at`
-assert tuple(CANONICAL[1:1 + len(TRACKED_FIELDS)]) == TRACKED_FIELDS, "staged_rows' column order no longer matches"
-assert CANONICAL[1 + len(TRACKED_FIELDS):] == ["modified_at", "crm_closed_at_field"]
 
 # Why a staged record is (not) in the connection's scope (scope.py): only `in` records are synced as such.
 SCOPE_IN, SCOPE_FILTERED_OUT, SCOPE_BEFORE_STAGE = "in", "filtered_out", "before_stage"
@@ -313,30 +313,43 @@ def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str,
 # number of more than 6 decimals (or not a float, or a date-time before year 1000) keep their Python hash,
 # passed in the row_hash column, which the expression keeps. Postgres stages through COPY, which cannot
 # compute, and keeps the Python hash for every record.
-def _duckdb_hash_text(field: str) -> str:
+def _duckdb_hash_text(field: CanonicalField) -> str:
     """The text record.row_hash gives a value of this field, as DuckDB writes it (NULL is chr(0))."""
-    if field in ("amount", "probability"):
-        text_of = f"CAST(CAST({field} AS DOUBLE) AS VARCHAR)"   # shortest round-trip form, as repr()
-    elif field == "close_date":
-        text_of = f"CAST(CAST({field} AS DATE) AS VARCHAR)"
-    elif field in ("created_at", "crm_closed_at"):
-        text_of = f"strftime(CAST({field} AS TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%f')"
+    name = field.name
+    if field.sql_type is Double:
+        text_of = f"CAST(CAST({name} AS DOUBLE) AS VARCHAR)"   # shortest round-trip form, as repr()
+    elif field.sql_type is Date:
+        text_of = f"CAST(CAST({name} AS DATE) AS VARCHAR)"
+    elif field.sql_type is DateTime:
+        text_of = f"strftime(CAST({name} AS TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%f')"
     else:
-        text_of = f"CAST({field} AS VARCHAR)"
+        text_of = f"CAST({name} AS VARCHAR)"
     return f"coalesce({text_of}, chr(0))"
 
 
-DUCKDB_ROW_HASH = f"coalesce(row_hash, md5(concat_ws(chr(31), {', '.join(map(_duckdb_hash_text, TRACKED_FIELDS))})))"
+_TRACKED = [f for f in FIELDS if f.tracked]
+DUCKDB_ROW_HASH = f"coalesce(row_hash, md5(concat_ws(chr(31), {', '.join(map(_duckdb_hash_text, _TRACKED))})))"
 RAW = STAGE_COLUMNS.index("raw")
 
+# How staged_rows reads a record: the canonical values in column order, which of them are CRM text (NUL
+# bytes cleaned), date-times (to naive UTC), and the numbers and date-times whose DuckDB hash text can differ
+# from Python's (_hash_needs_python).
+_CANONICAL_VALUES = attrgetter(*CANONICAL)
+_TRACKED_SLICE = slice(CANONICAL.index(TRACKED_FIELDS[0]), CANONICAL.index(TRACKED_FIELDS[-1]) + 1)
+assert CANONICAL[_TRACKED_SLICE] == TRACKED_FIELDS, "the tracked fields must be contiguous in record.FIELDS"
+_CLEANED = tuple(i for i, f in enumerate(FIELDS) if f.cleaned)
+_DATETIMES = tuple(i for i, f in enumerate(FIELDS) if f.sql_type is DateTime)
+_HASHED_NUMBERS = tuple(i for i, f in enumerate(FIELDS) if f.tracked and f.sql_type is Double)
+_HASHED_DATETIMES = tuple(i for i, f in enumerate(FIELDS) if f.tracked and f.sql_type is DateTime)
 
-def _hash_needs_python(amount: Any, probability: Any, created_at: datetime | None,
-                       closed_at: datetime | None = None) -> bool:
-    for v in (amount, probability):
+
+def _hash_needs_python(values: Sequence[Any]) -> bool:
+    for i in _HASHED_NUMBERS:
+        v = values[i]
         # whole numbers first: round(v, 6) is a decimal conversion (~1 us), is_integer a comparison
         if v is not None and (type(v) is not float or not (v.is_integer() or round(v, 6) == v)):
             return True
-    return (created_at is not None and created_at.year < 1000) or (closed_at is not None and closed_at.year < 1000)
+    return any(values[i] is not None and values[i].year < 1000 for i in _HASHED_DATETIMES)
 
 
 def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int, *,
@@ -350,19 +363,15 @@ def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool,
     rows = []
     add = rows.append
     for i, o in enumerate(page):
-        created_at = to_utc(o.created_at) if o.created_at else None
-        closed_at = to_utc(o.crm_closed_at) if o.crm_closed_at else None
-        tracked = (  # TRACKED_FIELDS, in order
-            clean_text(o.project_name), clean_text(o.client_name), clean_text(o.service_location),
-            clean_text(o.sales_executive), clean_text(o.owner_crm_id), clean_text(o.stage), clean_text(o.stage_id),
-            clean_text(o.crm_status), o.status, o.amount,
-            clean_text(o.currency), o.close_date, o.probability, created_at, clean_text(o.created_by_crm_id),
-            closed_at)
-        digest = row_hash(*tracked) if with_hash or _hash_needs_python(o.amount, o.probability, created_at,
-                                                                      closed_at) else None
+        values = list(_CANONICAL_VALUES(o))
+        for j in _CLEANED:
+            values[j] = clean_text(values[j])
+        for j in _DATETIMES:
+            if values[j] is not None:
+                values[j] = to_utc(values[j])
+        digest = row_hash(*values[_TRACKED_SLICE]) if with_hash or _hash_needs_python(values) else None
         add((extract_id, o.connection, o.source_id, seq0 + i, in_open_set,
-             scopes[i] if scopes is not None else SCOPE_IN, o.crm, *tracked,
-             to_utc(o.modified_at) if o.modified_at else None, o.crm_closed_at_field, raw_json(o.raw), digest))
+             scopes[i] if scopes is not None else SCOPE_IN, *values, raw_json(o.raw), digest))
     return rows
 
 
@@ -436,22 +445,18 @@ def stage_deletes(engine: Engine, extract_id: str, connection: str,
 
 def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at: datetime,
                    new_cursor: datetime | None = None, counts: dict[str, int] | None = None,
-                   stats: dict[str, Any] | None = None, error: str | None = None,
+                   stats: RunStats | None = None, error: str | None = None,
                    resume_token: str | None = None) -> None:
-    counts, stats = counts or {}, stats or {}
+    counts, stats = counts or {}, stats if stats is not None else RunStats.unknown()
     with transaction(engine) as conn:
-        conn.execute(text(
-            f"UPDATE {S}.extracts SET status = :st, finished_at = :f, new_cursor = :nc, fetched_open = :fo, "
-            "fetched_closed = :fc, fetched_deleted = :fd, api_requests = :rq, retries = :rt, seconds_waited = :sw, "
-            "quota_used = :qu, quota_limit = :ql, error = :err, new_resume_token = :tok, token_requests = :tq, "
-            "warnings = :w, mapping_version = :mv WHERE extract_id = :x"),
-            {"st": status, "f": finished_at, "nc": new_cursor, "fo": counts.get("open", 0),
-             "fc": counts.get("closed", 0), "fd": counts.get("deleted", 0), "rq": stats.get("api_requests"),
-             "rt": stats.get("retries"), "sw": stats.get("seconds_waited_on_rate_limits"),
-             "qu": stats.get("quota_used"), "ql": stats.get("quota_limit"), "err": error, "x": extract_id,
-             "tok": resume_token, "tq": stats.get("token_requests"), "w": warnings_text(stats),
-             "mv": MAPPING_VERSION})
-        if status == "complete":
+        conn.execute(update(extracts).where(extracts.c.extract_id == extract_id).values(
+            status=status, finished_at=finished_at, new_cursor=new_cursor, fetched_open=counts.get("open", 0),
+            fetched_closed=counts.get("closed", 0), fetched_deleted=counts.get("deleted", 0),
+            api_requests=stats.api_requests, retries=stats.retries,
+            seconds_waited=stats.seconds_waited_on_rate_limits, quota_used=stats.quota_used,
+            quota_limit=stats.quota_limit, error=error, new_resume_token=resume_token,
+            token_requests=stats.token_requests, warnings=stats.warnings_text(), mapping_version=MAPPING_VERSION))
+        if status == ExtractStatus.COMPLETE:
             # what the warehouse will hold after reconcile: the staged records, and the quarantined ones it
             # already has (kept as they were)
             conn.execute(text(f"""
@@ -464,11 +469,6 @@ def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at:
         else:
             conn.execute(text(f"DELETE FROM {S}.stage_opportunities WHERE extract_id = :x"), {"x": extract_id})
             conn.execute(text(f"DELETE FROM {S}.stage_deletes WHERE extract_id = :x"), {"x": extract_id})
-
-
-def warnings_text(stats: dict[str, Any]) -> str | None:
-    """The run's warnings (optional reads refused, fallbacks used), one a line, for the audit tables."""
-    return "\n".join(stats.get("warnings") or []) or None
 
 
 def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | None]:
@@ -500,17 +500,6 @@ _KEPT = f"""SELECT count(DISTINCT q.source_id) FROM {S}.quarantine q
     JOIN {S}.opportunities o ON o.connection = q.connection AND o.source_id = q.source_id
     WHERE q.extract_id = :x AND o.deleted_at IS NULL AND o.in_scope IS NOT FALSE
       AND NOT EXISTS (SELECT 1 FROM {S}.stage_opportunities s WHERE s.extract_id = :x AND s.source_id = q.source_id)"""
-
-
-def record_run(conn: Connection, run: dict[str, Any]) -> None:
-    """Insert or replace the sync_runs audit row (inside the caller's transaction)."""
-    conn.execute(text(f"DELETE FROM {S}.sync_runs WHERE run_id = :run_id"), {"run_id": run["run_id"]})
-    cols = ["run_id", "connection", "crm", "mode", "started_at", "finished_at", "status", "fetched", "created",
-            "updated", "closed", "reopened", "deleted", "restored", "skipped", "api_requests", "retries",
-            "seconds_waited", "quota_used", "quota_limit", "error", "token_requests", "warnings", "stage_changed",
-            "left_scope", "entered_scope", "scope_fingerprint", "quarantined"]
-    conn.execute(text(f"INSERT INTO {S}.sync_runs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
-                 {c: run.get(c) for c in cols})
 
 
 def save_users(engine: Engine, connection: str, users: Iterable[CrmUser], now: datetime) -> int:

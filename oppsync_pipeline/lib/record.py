@@ -17,7 +17,7 @@ Status = Literal["open", "won", "lost"]
 
 
 class EventKind(StrEnum):
-    """`oppsync.opportunity_events.event_type`: one event per kind of change (reconcile.py's event model)."""
+    """`oppsync.opportunity_events.event_type`: one event per kind of change (lib/reconcile's event model)."""
 
     CREATED = "created"
     UPDATED = "updated"
@@ -33,7 +33,7 @@ class EventKind(StrEnum):
 # Bumped whenever what a connector writes into a canonical field changes meaning (2: `stage` became the stage
 # name users see, `stage_id` / `crm_status` were added, addresses took one form, ConnectWise owners their
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
-# values without recording `updated` / `stage_changed` events for the remapping (sync.py, reconcile.py).
+# values without recording `updated` / `stage_changed` events for the remapping (sync.py, lib/reconcile).
 # 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
 MAPPING_VERSION = 3
 

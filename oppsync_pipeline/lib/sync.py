@@ -2,7 +2,7 @@
 
   extract:   lock the connection, read the open and the not-open sets (and the delete feed) page by page
              into staging; on any failure nothing outside staging changes, and staging is discarded.
-  reconcile: apply the completed extract in one transaction (reconcile.py), advance the bookmark, unlock.
+  reconcile: apply the completed extract in one transaction (lib/reconcile), advance the bookmark, unlock.
 
 The bookmark never passes the start of the run (server time), incremental reads start an overlap window
 before it, and duplicates are removed in reconcile: late-committed and tied rows are never missed.
@@ -24,11 +24,11 @@ from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
 from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
-from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 
 log = scrubbed_logger(__name__)

@@ -22,7 +22,7 @@ from sqlalchemy.pool import QueuePool
 from oppsync_pipeline.lib.record import CANONICAL, Opportunity
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
-from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
+from oppsync_pipeline.lib.reconcile import ReconcileResult, reconcile
 
 CONNECTION = "c1"
 CRM = "salesforce"

@@ -26,11 +26,6 @@ def is_duckdb(bind: Bind) -> bool:
     return bind.dialect.name == "duckdb"
 
 
-def backend(bind: Bind) -> str:
-    """The warehouse's name as configuration and dbt's profiles spell it."""
-    return "duckdb" if is_duckdb(bind) else "postgres"
-
-
 def file_busy(bind: Bind, err: OperationalError) -> bool:
     """DuckDB allows one writing process per file: opening fails while another holds it (retry)."""
     return is_duckdb(bind) and "lock" in str(err).lower()

@@ -315,7 +315,7 @@ def close_extract(engine: Engine, out: ExtractOutcome) -> None:
                          stats=out.stats, error=out.error)
     with transaction(engine) as c:
         record_run(c, SyncRun(out.extract_id, out.connection, out.crm, out.mode, out.started_at, finished,
-                              RunStatus(out.status), fetched=sum(out.counts.values()), stats=out.stats,
+                              out.status, fetched=sum(out.counts.values()), stats=out.stats,
                               error=out.error))
     store.release_lock(engine, out.connection, out.extract_id)
 

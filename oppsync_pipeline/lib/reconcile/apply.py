@@ -88,7 +88,9 @@ _FRAGMENTS = {
 
 @cache
 def _statement_text(name: str) -> str:
-    return (files(__package__) / "sql" / f"{name}.sql").read_text(encoding="utf-8")
+    """The file's statement without its comment lines (they document the file, not the statement sent)."""
+    text_ = (files(__package__) / "sql" / f"{name}.sql").read_text(encoding="utf-8")
+    return "\n".join(line for line in text_.splitlines() if not line.lstrip().startswith("--"))
 
 
 def sql(name: str, **fragments: str):
@@ -340,7 +342,8 @@ def _write_current(conn: Connection, p: dict, rebaseline: bool = False, scope_mo
 
 def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | None) -> None:
     s, x = sync_state.c, extracts.c
-    row = conn.execute(select(s.cursor, s.last_full_sync_at, s.resume_token).where(s.connection == p["c"])).first()
+    row = conn.execute(text("SELECT cursor, last_full_sync_at, resume_token FROM oppsync.sync_state "
+                            "WHERE connection = :c"), p).first()
     token = conn.execute(select(x.new_resume_token).where(x.extract_id == p["x"])).scalar()
     token = token or (row.resume_token if row else None)
     cursor = new_cursor if new_cursor is not None else (row.cursor if row else None)

@@ -143,8 +143,9 @@ def _still_contended_message(engine: Engine, lease: _Lease) -> str:
 
 def assert_lock(conn: Connection, connection: str, run_id: str) -> None:
     """Inside the reconcile transaction: fail unless this run still holds the lease."""
-    query = select(sync_locks.c.run_id).where(sync_locks.c.connection == connection)
-    row = conn.execute(query.with_for_update() if dialect.locks_rows(conn) else query).first()
+    locked = " FOR UPDATE" if dialect.locks_rows(conn) else ""
+    row = conn.execute(text(f"SELECT run_id FROM {S}.sync_locks WHERE connection = :c{locked}"),
+                       {"c": connection}).first()
     if row is None or row.run_id != run_id:
         raise LockHeld(f"run {run_id} lost the lock on connection '{connection}'")
 

@@ -30,6 +30,7 @@ class EventKind(StrEnum):
     LEFT_SCOPE = "left_scope"
     ENTERED_SCOPE = "entered_scope"
 
+
 # Bumped whenever what a connector writes into a canonical field changes meaning (2: `stage` became the stage
 # name users see, `stage_id` / `crm_status` were added, addresses took one form, ConnectWise owners their
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
@@ -40,7 +41,7 @@ MAPPING_VERSION = 3
 
 # -- The canonical fields, once --------------------------------------------------------------------------------
 # One entry per canonical field, in the warehouse's column order: it drives the staging and fact table columns
-# (schema.py), the row hash in Python and in DuckDB (warehouse/staging.py), the reconcile's column lists and
+# (schema.py), the row hash in Python and in DuckDB (lib/staging.py), the reconcile's column lists and
 # the record below (checked against it at import).
 
 

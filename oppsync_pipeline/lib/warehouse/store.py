@@ -81,7 +81,8 @@ def live_count(engine: Engine, connection: str) -> int:
     """The connection's opportunities the warehouse holds as not deleted."""
     o = opportunities.c
     with transaction(engine) as conn:
-        return conn.execute(select(func.count()).where(o.connection == connection, o.deleted_at.is_(None))).scalar() or 0
+        return conn.execute(select(func.count())
+                            .where(o.connection == connection, o.deleted_at.is_(None))).scalar() or 0
 
 
 def warehouse_counts(engine: Engine, connection: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from oppsync_pipeline.lib.warehouse.reconcile import reconcile
+from oppsync_pipeline.lib.reconcile import reconcile
 from oppsync_pipeline.lib.warehouse.store import S
 from sqlalchemy import text
 from sqlalchemy.engine import make_url

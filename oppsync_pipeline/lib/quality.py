@@ -16,14 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 
+from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.record import Status
+from oppsync_pipeline.lib.sync import close_extract, outcome_from_row
+from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import transaction
+from oppsync_pipeline.lib.warehouse.runs import ExtractStatus
 
-STATUSES = ["open", "won", "lost"]
+STATUSES = list(get_args(Status))
 EXAMPLES = 5
 
 # One row per distinct (id, set, version, content) of the extract. Exact duplicates (the same record on two
@@ -96,3 +101,15 @@ def _with_statuses(sql: str):
 def _outcome(rule: Rule, unexpected: int, example_ids: list[str]) -> dict[str, Any]:
     return {"expectation": rule.expectation, "column": rule.column, "success": unexpected == 0,
             "unexpected_count": unexpected, "partial_unexpected_list": example_ids}
+
+
+def refuse_extract(engine: Engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:
+    """A blocking check that fails stops reconcile, which is what would have recorded the run and released the
+    connection's lock. Do both here: the run shows as refused in sync_runs, the staged rows are dropped, and
+    the next run (an hour later, or the same process a second later) is not locked out by this one."""
+    row = store.load_extract(engine, run_id)
+    if row is None:
+        return
+    out = outcome_from_row(row, status=ExtractStatus.REFUSED)
+    out.error = reason
+    close_extract(engine, out)

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from oppsync_pipeline.lib.record import BadValue, Opportunity
+from oppsync_pipeline.lib.record import FIELDS, BadValue, Opportunity
 
 # A record created after the CRM's clock by more than this (the run's first response's Date header) is from the
 # future: a clock or data error. The same tolerance as the extract's quality suite.
 FUTURE_TOLERANCE = timedelta(hours=1)
-TEXT_FIELDS = ("source_id", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
-               "stage", "stage_id", "crm_status", "currency", "created_by_crm_id", "crm_closed_at_field")
+TEXT_FIELDS = ("source_id", *(f.name for f in FIELDS if f.crm_text))
 
 
 @dataclass(frozen=True)

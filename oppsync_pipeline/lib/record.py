@@ -6,26 +6,90 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any, Literal, get_type_hints
 
 import orjson
+from sqlalchemy import Date, DateTime, Double, String, Text
+from sqlalchemy.types import TypeEngine
 
 Status = Literal["open", "won", "lost"]
 
-# The fields whose change makes a new version (history row) and an `updated` event. `modified_at` and the
-# raw payload are deliberately left out: a touched-but-unchanged record is not a new version.
-TRACKED_FIELDS = (
-    "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage", "stage_id",
-    "crm_status", "status", "amount", "currency", "close_date", "probability", "created_at", "created_by_crm_id",
-    "crm_closed_at",
-)
+
+class EventKind(StrEnum):
+    """`oppsync.opportunity_events.event_type`: one event per kind of change (lib/reconcile's event model)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    STAGE_CHANGED = "stage_changed"
+    CLOSED_WON = "closed_won"
+    CLOSED_LOST = "closed_lost"
+    REOPENED = "reopened"
+    DELETED = "deleted"
+    RESTORED = "restored"
+    LEFT_SCOPE = "left_scope"
+    ENTERED_SCOPE = "entered_scope"
+
 
 # Bumped whenever what a connector writes into a canonical field changes meaning (2: `stage` became the stage
 # name users see, `stage_id` / `crm_status` were added, addresses took one form, ConnectWise owners their
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
-# values without recording `updated` / `stage_changed` events for the remapping (sync.py, reconcile.py).
+# values without recording `updated` / `stage_changed` events for the remapping (sync.py, lib/reconcile).
 # 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
 MAPPING_VERSION = 3
+
+
+# -- The canonical fields, once --------------------------------------------------------------------------------
+# One entry per canonical field, in the warehouse's column order: it drives the staging and fact table columns
+# (schema.py), the row hash in Python and in DuckDB (lib/staging.py), the reconcile's column lists and
+# the record below (checked against it at import).
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalField:
+    name: str
+    sql_type: type[TypeEngine]
+    # hashed into row_hash and compared by the reconcile: a change makes a new version and an event.
+    # `modified_at` and the raw payload are deliberately left out: a touched-but-unchanged record is not a
+    # new version.
+    tracked: bool = False
+    nullable: bool = True
+
+    @property
+    def crm_text(self) -> bool:
+        """Text a connector fills from the CRM (`crm` and `status` are our own vocabularies)."""
+        return self.sql_type in (String, Text) and self.name not in ("crm", "status")
+
+    @property
+    def cleaned(self) -> bool:
+        """Tracked CRM text: NUL bytes removed before it is stored and hashed (clean_text)."""
+        return self.tracked and self.crm_text
+
+
+FIELDS: tuple[CanonicalField, ...] = (
+    CanonicalField("crm", String, nullable=False),
+    CanonicalField("project_name", Text, tracked=True),
+    CanonicalField("client_name", Text, tracked=True),
+    CanonicalField("service_location", Text, tracked=True),
+    CanonicalField("sales_executive", Text, tracked=True),
+    CanonicalField("owner_crm_id", String, tracked=True),
+    CanonicalField("stage", Text, tracked=True),
+    CanonicalField("stage_id", Text, tracked=True),
+    CanonicalField("crm_status", Text, tracked=True),
+    CanonicalField("status", String, tracked=True, nullable=False),
+    CanonicalField("amount", Double, tracked=True),
+    CanonicalField("currency", String, tracked=True),
+    CanonicalField("close_date", Date, tracked=True),
+    CanonicalField("probability", Double, tracked=True),
+    CanonicalField("created_at", DateTime, tracked=True),
+    CanonicalField("created_by_crm_id", String, tracked=True),
+    CanonicalField("crm_closed_at", DateTime, tracked=True),
+    CanonicalField("modified_at", DateTime),
+    CanonicalField("crm_closed_at_field", String),
+)
+CANONICAL: tuple[str, ...] = tuple(f.name for f in FIELDS)
+# The fields whose change makes a new version (history row) and an `updated` event.
+TRACKED_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.tracked)
 
 
 @dataclass(slots=True)
@@ -58,6 +122,27 @@ class Opportunity:
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))
+
+
+_SQL_PYTHON_TYPES = {String: str, Text: str, Double: float, Date: date, DateTime: datetime}
+
+
+def _check_record_matches_fields() -> None:
+    """The record declares its fields in its own (positional) order; each canonical one must hold what its
+    column holds. Fails at import, naming the field, when the two drift apart."""
+    hints = get_type_hints(Opportunity)
+    for f in FIELDS:
+        want = _SQL_PYTHON_TYPES[f.sql_type]
+        args = getattr(hints.get(f.name), "__args__", (hints.get(f.name),))
+        held = {a for a in args if a is not type(None)}
+        if f.name == "status":
+            held = {str} if hints[f.name] is Status else held
+        if held != {want} or (f.nullable != (type(None) in args)):
+            raise TypeError(f"Opportunity.{f.name} is {hints.get(f.name)}; the field spec says {want.__name__}"
+                            f"{'' if not f.nullable else ' | None'}")
+
+
+_check_record_matches_fields()
 
 
 def row_hash(*values: Any) -> str:

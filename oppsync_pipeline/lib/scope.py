@@ -4,9 +4,9 @@ The scope is what a run read: the record filters (seed 001 conditions), what cou
 (`open_statuses`, `stage_categories`) and the stage trigger (`track_from_stage`). Runs record its fingerprint,
 so a run under a different scope is never compared with one under the old scope as if nothing had changed:
 a scope change forces a full sync, is announced in the run's metadata, and an opportunity that no longer
-matches is `left_scope`, never `deleted` (reconcile.py).
+matches is `left_scope`, never `deleted` (lib/reconcile).
 
-Each record a run reads gets a verdict (store.SCOPE_*):
+Each record a run reads gets a verdict (staging.SCOPE_*):
   in            matches the filters and (with a stage trigger) reached the trigger stage;
   filtered_out  read by id without filters (a full sync's check of the ids it missed) and does not match them;
   before_stage  matches the filters but has not reached the trigger stage: ignored unless already tracked
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
 from oppsync_pipeline.lib.record import Opportunity, StageInfo
-from oppsync_pipeline.lib.warehouse.store import SCOPE_BEFORE_STAGE, SCOPE_FILTERED_OUT, SCOPE_IN
+from oppsync_pipeline.lib.staging import SCOPE_BEFORE_STAGE, SCOPE_FILTERED_OUT, SCOPE_IN
 
 
 def scope_description(conn: ConnectionConfig) -> dict:

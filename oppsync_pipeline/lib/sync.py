@@ -2,7 +2,7 @@
 
   extract:   lock the connection, read the open and the not-open sets (and the delete feed) page by page
              into staging; on any failure nothing outside staging changes, and staging is discarded.
-  reconcile: apply the completed extract in one transaction (reconcile.py), advance the bookmark, unlock.
+  reconcile: apply the completed extract in one transaction (lib/reconcile), advance the bookmark, unlock.
 
 The bookmark never passes the start of the run (server time), incremental reads start an overlap window
 before it, and duplicates are removed in reconcile: late-committed and tied rows are never missed.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -24,11 +24,12 @@ from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
 from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
-from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
+from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 
 log = scrubbed_logger(__name__)
 LOCK_TTL = timedelta(hours=2)
@@ -47,9 +48,15 @@ def scrub(message: str, secrets: Mapping[str, str] | Scrubber | None = None) -> 
     return redact(message)
 
 
-def scrubbed_stats(stats: dict[str, Any], secrets: Scrubber | None) -> dict[str, Any]:
+def scrubbed_stats(stats: RunStats, secrets: Scrubber | None) -> RunStats:
     """A run's statistics with its warnings (texts of refused optional reads) scrubbed of credentials."""
-    return {**stats, "warnings": [scrub(w, secrets) for w in stats.get("warnings") or []]}
+    return replace(stats, warnings=[scrub(w, secrets) for w in stats.warnings])
+
+
+def request_stats(connector: CrmConnector | None, secrets: Scrubber | None) -> RunStats:
+    """What the run cost the CRM so far (nothing known without a connector)."""
+    return scrubbed_stats(RunStats().with_requests(connector.stats.as_metadata()), secrets) if connector \
+        else RunStats.unknown()
 
 
 @dataclass
@@ -58,12 +65,12 @@ class ExtractOutcome:
     connection: str
     crm: str
     mode: str
-    status: str                       # complete | skipped | failed
+    status: ExtractStatus | str       # complete | skipped | failed (refused: by a check)
     started_at: datetime
     since: datetime | None = None
     new_cursor: datetime | None = None
     counts: dict[str, int] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: RunStats = field(default_factory=RunStats)
     error: str | None = None
     seconds: float = 0.0
     scope_fingerprint: str | None = None
@@ -73,13 +80,6 @@ class ExtractOutcome:
 class SyncSummary:
     extract: ExtractOutcome
     result: ReconcileResult | None
-
-    def as_row(self) -> dict[str, Any]:
-        r = self.result.as_dict() if self.result else {}
-        return {"connection": self.extract.connection, "crm": self.extract.crm, "mode": self.extract.mode,
-                "status": self.extract.status, "fetched": r.get("fetched", 0), "created": r.get("created", 0),
-                "updated": r.get("updated", 0), "closed": r.get("closed", 0), "deleted": r.get("deleted", 0),
-                "api_requests": self.extract.stats.get("api_requests", 0), "seconds": round(self.extract.seconds, 2)}
 
 
 def build_connector(cfg: OppsyncConfig, conn: ConnectionConfig, *, session: requests.Session | None = None,
@@ -115,7 +115,8 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
                     "; ".join(scope_changed))
         mode = "full"
     since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
-    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, "failed", started, since, scope_fingerprint=fingerprint)
+    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, ExtractStatus.FAILED, started, since,
+                         scope_fingerprint=fingerprint)
     store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
     # Error texts are scrubbed before they are stored, raised to Dagster or logged, by the connector's
     # scrubber: its credentials, and the tokens its Auth sent.
@@ -173,17 +174,17 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
-        out.counts, out.status = counts, "complete"
-        out.stats = scrubbed_stats({**connector.stats.as_metadata(), **out.stats}, secrets)
-        store.finish_extract(engine, run_id, status="complete", finished_at=utcnow(), new_cursor=out.new_cursor,
+        out.counts, out.status = counts, ExtractStatus.COMPLETE
+        out.stats = scrubbed_stats(out.stats.with_requests(connector.stats.as_metadata()), secrets)
+        store.finish_extract(engine, run_id, status=out.status, finished_at=utcnow(), new_cursor=out.new_cursor,
                              counts=counts, stats=out.stats, resume_token=connector.resume_token)
     except QuotaExhausted as err:
-        out.status, out.error = "skipped", scrub(str(err), secrets)
-        out.stats = scrubbed_stats(connector.stats.as_metadata(), secrets) if connector else {}
+        out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
+        out.stats = request_stats(connector, secrets)
         close_extract(engine, out)
     except Exception as err:
-        out.status, out.error = "failed", scrub(f"{type(err).__name__}: {err}", secrets)
-        out.stats = scrubbed_stats(connector.stats.as_metadata(), secrets) if connector else {}
+        out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
+        out.stats = request_stats(connector, secrets)
         close_extract(engine, out)
         failure = ExtractFailed(out.error, permanent=is_permanent(err))
     finally:
@@ -292,7 +293,7 @@ def is_permanent(err: BaseException) -> bool:
     return isinstance(err, (ConfigError, QuarantineThreshold))
 
 
-def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractOutcome:
+def outcome_from_row(row: Mapping[str, Any], status: str | None = None) -> ExtractOutcome:
     """The outcome an extract recorded in `oppsync.extracts` (read back by the reconcile step and checks)."""
     return ExtractOutcome(
         extract_id=row["extract_id"], connection=row["connection"], crm=row["crm"], mode=row["mode"],
@@ -300,10 +301,10 @@ def outcome_from_row(row: dict[str, Any], status: str | None = None) -> ExtractO
         new_cursor=row["new_cursor"],
         counts={"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
                 "deleted": row["fetched_deleted"] or 0},
-        stats={"api_requests": row["api_requests"], "retries": row["retries"],
-               "seconds_waited_on_rate_limits": row["seconds_waited"], "quota_used": row["quota_used"],
-               "quota_limit": row["quota_limit"], "token_requests": row.get("token_requests"),
-               "warnings": (row.get("warnings") or "").splitlines()})
+        stats=RunStats(api_requests=row["api_requests"], retries=row["retries"],
+                       seconds_waited_on_rate_limits=row["seconds_waited"], quota_used=row["quota_used"],
+                       quota_limit=row["quota_limit"], token_requests=row.get("token_requests"),
+                       warnings=(row.get("warnings") or "").splitlines()))
 
 
 def close_extract(engine: Engine, out: ExtractOutcome) -> None:
@@ -313,14 +314,9 @@ def close_extract(engine: Engine, out: ExtractOutcome) -> None:
     store.finish_extract(engine, out.extract_id, status=out.status, finished_at=finished, counts=out.counts,
                          stats=out.stats, error=out.error)
     with transaction(engine) as c:
-        store.record_run(c, {"run_id": out.extract_id, "connection": out.connection, "crm": out.crm,
-                             "mode": out.mode, "started_at": out.started_at, "finished_at": finished,
-                             "status": out.status, "fetched": sum(out.counts.values()) if out.counts else 0,
-                             "api_requests": out.stats.get("api_requests"), "retries": out.stats.get("retries"),
-                             "seconds_waited": out.stats.get("seconds_waited_on_rate_limits"),
-                             "quota_used": out.stats.get("quota_used"), "quota_limit": out.stats.get("quota_limit"),
-                             "token_requests": out.stats.get("token_requests"),
-                             "warnings": store.warnings_text(out.stats), "error": out.error})
+        record_run(c, SyncRun(out.extract_id, out.connection, out.crm, out.mode, out.started_at, finished,
+                              out.status, fetched=sum(out.counts.values()), stats=out.stats,
+                              error=out.error))
     store.release_lock(engine, out.connection, out.extract_id)
 
 
@@ -336,12 +332,11 @@ def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
                            max_delete_share=conn.max_delete_share, new_cursor=out.new_cursor,
                            started_at=out.started_at, stats=out.stats)
     except Exception as err:
+        status = RunStatus.REFUSED if isinstance(err, DeleteGuardRefused) else RunStatus.FAILED
         with transaction(engine) as c:
-            store.record_run(c, {"run_id": out.extract_id, "connection": out.connection, "crm": out.crm,
-                                 "mode": out.mode, "started_at": out.started_at, "finished_at": utcnow(),
-                                 "status": "refused" if type(err).__name__ == "DeleteGuardRefused" else "failed",
-                                 "fetched": sum(out.counts.values()), "api_requests": out.stats.get("api_requests"),
-                                 "error": scrub(f"{type(err).__name__}: {err}")})
+            record_run(c, SyncRun(out.extract_id, out.connection, out.crm, out.mode, out.started_at, utcnow(),
+                                  status, fetched=sum(out.counts.values()), stats=out.stats,
+                                  error=scrub(f"{type(err).__name__}: {err}")))
         store.release_lock(engine, conn.name, out.extract_id)
         raise
     store.release_lock(engine, conn.name, out.extract_id)
@@ -353,6 +348,6 @@ def sync_connection(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, 
                     mode: str = "auto", connector: CrmConnector | None = None) -> SyncSummary:
     """Extract then reconcile, without quality checks (Dagster runs the checks between the two)."""
     out = run_extract(cfg, conn, engine, run_id=run_id, mode=mode, connector=connector)
-    if out.status != "complete":
+    if out.status != ExtractStatus.COMPLETE:
         return SyncSummary(out, None)
     return SyncSummary(out, run_reconcile(conn, engine, out))

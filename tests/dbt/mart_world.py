@@ -24,7 +24,7 @@ from oppsync_pipeline.lib.config import parse_config
 from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from oppsync_pipeline.lib.warehouse.reconcile import reconcile
+from oppsync_pipeline.lib.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[2]
 DBT_DIR = ROOT / "dbt"

@@ -19,10 +19,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-from oppsync_pipeline.lib.record import Opportunity
+from oppsync_pipeline.lib.record import CANONICAL, Opportunity
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
-from oppsync_pipeline.lib.warehouse.reconcile import ReconcileResult, reconcile
+from oppsync_pipeline.lib.reconcile import ReconcileResult, reconcile
 
 CONNECTION = "c1"
 CRM = "salesforce"
@@ -33,17 +33,13 @@ T0 = datetime(2026, 3, 1, 9, 0)
 TABLES = ("opportunities", "opportunity_history", "opportunity_events", "stage_opportunities", "stage_deletes",
           "extracts", "sync_runs", "sync_state", "sync_locks")
 
-CURRENT_COLUMNS = ("source_id", "project_name", "client_name", "service_location", "sales_executive",
-                   "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
-                   "probability", "created_at", "created_by_crm_id", "crm_closed_at", "crm_closed_at_field", "modified_at",
-                   "row_hash", "version", "first_seen_at", "last_seen_at", "closed_at", "closed_at_source", "deleted_at",
-                   "last_run_id", "in_scope", "scope_changed_at")
+# The canonical columns (record.CANONICAL; `crm` is the harness's one CRM), then the warehouse's own.
+RECORD_COLUMNS = tuple(c for c in CANONICAL if c != "crm")
+CURRENT_COLUMNS = ("source_id", *RECORD_COLUMNS, "row_hash", "version", "first_seen_at", "last_seen_at",
+                   "closed_at", "closed_at_source", "deleted_at", "last_run_id", "in_scope", "scope_changed_at")
 EVENT_COLUMNS = ("run_id", "source_id", "event_type", "occurred_at", "recorded_at", "changed_fields", "old_value",
                  "new_value", "owner_crm_id", "created_by_crm_id", "amount", "status", "change_id")
-HISTORY_COLUMNS = ("source_id", "version", "project_name", "client_name", "service_location", "sales_executive",
-                   "owner_crm_id", "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
-                   "probability", "created_at", "created_by_crm_id", "crm_closed_at", "crm_closed_at_field",
-                   "modified_at", "row_hash", "valid_from", "valid_to", "run_id")
+HISTORY_COLUMNS = ("source_id", "version", *RECORD_COLUMNS, "row_hash", "valid_from", "valid_to", "run_id")
 
 
 def open_engine(url: str) -> Engine:

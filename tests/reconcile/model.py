@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from oppsync_pipeline.lib.record import TRACKED_FIELDS, Opportunity, clean_text, row_hash, to_utc
-from oppsync_pipeline.lib.warehouse.reconcile import DATA_COLUMNS, DeleteGuardRefused, ReconcileResult
+from oppsync_pipeline.lib.reconcile import DATA_COLUMNS, DeleteGuardRefused, ReconcileResult
 from oppsync_pipeline.lib.warehouse.store import SCOPE_FILTERED_OUT, SCOPE_IN
 
 # Written from the contract in dbt/README.md ("one event model"), not imported from the engine.

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oppsync_pipeline.lib.record import Opportunity
-from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused
 from tests.reconcile.harness import (
     CURRENT_COLUMNS, HISTORY_COLUMNS, T0, Extract, current, empty_tables, events, history, migrated_engine, opp,
     sync,

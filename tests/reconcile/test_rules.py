@@ -17,7 +17,7 @@ from sqlalchemy import text
 from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import transaction
-from oppsync_pipeline.lib.warehouse.reconcile import DeleteGuardRefused, reconcile
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, reconcile
 from tests.reconcile.harness import (
     CONNECTION, LOCK_TTL, T0, Extract, current, empty_tables, event_types, events, full, history, incremental, opp,
     migrated_engine, reconcile_extract, snapshot, stage_extract, sync,

@@ -19,7 +19,8 @@ from typing import Any
 from oppsync_pipeline.lib import sync
 from oppsync_pipeline.lib.config import parse_config
 from oppsync_pipeline.lib.crm.http import ApiClient
-from oppsync_pipeline.lib.warehouse import reconcile, store
+from oppsync_pipeline.lib.reconcile import apply as reconcile
+from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 
 # Where a run can be killed: (module or class, attribute). Extract-side first, then inside the reconcile

@@ -1,4 +1,4 @@
-"""Engines for the two warehouses and bulk loading into them.
+"""Engines for the two warehouses, and transactions on them (bulk loading: dialect.py).
 
 DuckDB allows one writing process per file: connections are opened per unit of work (NullPool) and
 opening retries while another process holds the file, so Dagster runs of different connections can
@@ -7,10 +7,9 @@ share the embedded warehouse one transaction at a time.
 
 from __future__ import annotations
 
-import io
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
+from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.warehouse.schema import migrate
 
 
@@ -32,7 +32,7 @@ DUCKDB_CATALOG = "warehouse"
 
 
 def make_engine(url: str) -> Engine:
-    if url.startswith("duckdb:"):
+    if dialect.is_duckdb_url(url):
         return _duckdb_engine(url)
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
 
@@ -63,10 +63,6 @@ def _duckdb_engine(url: str) -> Engine:
     return engine
 
 
-def backend(engine: Engine) -> str:
-    return "duckdb" if engine.dialect.name == "duckdb" else "postgres"
-
-
 @contextmanager
 def transaction(engine: Engine, attempts: int = 60) -> Iterator[Connection]:
     """A connection in a transaction, retrying the connect while another process holds the DuckDB file."""
@@ -75,7 +71,7 @@ def transaction(engine: Engine, attempts: int = 60) -> Iterator[Connection]:
             conn = engine.connect()
             break
         except OperationalError as err:
-            if backend(engine) != "duckdb" or "lock" not in str(err).lower() or attempt == attempts - 1:
+            if not dialect.file_busy(engine, err) or attempt == attempts - 1:
                 raise
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     try:
@@ -88,48 +84,3 @@ def transaction(engine: Engine, attempts: int = 60) -> Iterator[Connection]:
 def ensure_schema(engine: Engine) -> list[int]:
     with transaction(engine) as conn:
         return migrate(conn)
-
-
-def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                computed: Mapping[str, str] | None = None) -> int:
-    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY.
-
-    `computed` (DuckDB only) gives some columns as SQL expressions over the inserted ones (the column itself
-    included), evaluated by the insert."""
-    if not rows:
-        return 0
-    if computed and conn.dialect.name != "duckdb":
-        raise ValueError("computed columns are a DuckDB insert feature; COPY cannot evaluate expressions")
-    if conn.dialect.name == "duckdb":
-        import pandas as pd
-
-        frame = pd.DataFrame.from_records(rows, columns=list(columns))
-        raw = conn.connection.dbapi_connection
-        name = f"_bulk_{id(frame)}"
-        raw.register(name, frame)
-        try:
-            cols = ", ".join(columns)
-            values = ", ".join((computed or {}).get(c, c) for c in columns)
-            raw.execute(f"INSERT INTO {table} ({cols}) SELECT {values} FROM {name}")
-        finally:
-            raw.unregister(name)
-    else:
-        # Every value is quoted and NULL is the unquoted \N: in CSV mode a quoted field is never NULL, so a
-        # CRM text that reads exactly \N survives (csv.writer left it unquoted, and it came back as \\N).
-        buf = io.StringIO()
-        for row in rows:
-            buf.write(",".join("\\N" if v is None else _pg_csv_quoted(v) for v in row) + "\n")
-        buf.seek(0)
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            cursor.copy_expert(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buf)
-        finally:
-            cursor.close()
-    return len(rows)
-
-
-def _pg_csv_quoted(v: Any) -> str:
-    text = ("t" if v else "f") if isinstance(v, bool) else str(v)
-    return '"' + text.replace('"', '""') + '"'
-

@@ -10,29 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import (
-    Boolean, Column, Date, DateTime, Double, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
+    Boolean, Column, DateTime, Double, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
     text,
 )
 from sqlalchemy.engine import Connection
+
+from oppsync_pipeline.lib.record import FIELDS
+from oppsync_pipeline.lib.warehouse import dialect
 
 SCHEMA = "oppsync"
 metadata = MetaData(schema=SCHEMA)
 
 
 def _canonical_columns() -> list[Column]:
-    return [
-        Column("crm", String, nullable=False),
-        Column("project_name", Text), Column("client_name", Text), Column("service_location", Text),
-        Column("sales_executive", Text), Column("owner_crm_id", String), Column("stage", Text),
-        Column("stage_id", Text), Column("crm_status", Text),
-        Column("status", String, nullable=False), Column("amount", Double), Column("currency", String),
-        Column("close_date", Date), Column("probability", Double), Column("created_at", DateTime),
-        Column("created_by_crm_id", String), Column("crm_closed_at", DateTime), Column("modified_at", DateTime),
-        Column("crm_closed_at_field", String),
-    ]
-
-
-CANONICAL = [c.name for c in _canonical_columns()]
+    """The canonical record's columns (record.FIELDS), in each table that holds the record."""
+    return [Column(f.name, f.sql_type, nullable=f.nullable) for f in FIELDS]
 
 opportunities = Table(
     "opportunities", metadata,
@@ -234,7 +226,7 @@ def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
     versions numbered from the current row, event ids from run, id and type), checked by its property
     test and by the mart's dbt tests. Postgres keeps its keys: B-trees live on disk.
     """
-    if conn.dialect.name != "duckdb":
+    if not dialect.is_duckdb(conn):
         return
     for name in FACT_TABLES:
         has_index = conn.execute(text(
@@ -292,7 +284,7 @@ def _m5_history_truth(conn: Connection) -> None:
     _rewrite_events_to_one_event_model(conn)
 
 
-# The tracked fields a status transition owns, and those a stage move owns (reconcile.py's event model).
+# The tracked fields a status transition owns, and those a stage move owns (lib/reconcile's event model).
 _STATUS_OWNED = {"status", "stage", "stage_id", "crm_status", "crm_closed_at"}
 _STAGE_OWNED = {"stage", "stage_id", "crm_status"}
 
@@ -324,10 +316,8 @@ def _rewrite_events_to_one_event_model(conn: Connection) -> None:
             AND x.event_type IN {status_kinds})"""))
     if not rewritten:
         return
-    from oppsync_pipeline.lib.warehouse.engine import bulk_insert  # engine.py imports this module
-
     conn.execute(text("CREATE TEMPORARY TABLE m5_updated (event_id TEXT, changed_fields TEXT)"))
-    bulk_insert(conn, "m5_updated", ["event_id", "changed_fields"], rewritten)
+    dialect.bulk_insert(conn, "m5_updated", ["event_id", "changed_fields"], rewritten)
     conn.execute(text(f"DELETE FROM {e} WHERE event_id IN (SELECT event_id FROM m5_updated WHERE changed_fields = '')"))
     conn.execute(text(f"""UPDATE {e} SET changed_fields = m.changed_fields FROM m5_updated m
                           WHERE {e}.event_id = m.event_id AND m.changed_fields <> ''"""))

@@ -1,0 +1,117 @@
+"""Every difference between the two warehouses, decided here by one test (`is_duckdb`).
+
+DuckDB is the embedded default (one writing process per file, optimistic concurrency, fast DataFrame scans);
+Postgres the shared one (row locks, COPY, a planner that needs statistics). The rest of the warehouse layer
+asks this module, never `dialect.name`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+Bind = Engine | Connection
+
+
+def is_duckdb_url(url: str) -> bool:
+    return url.startswith("duckdb:")
+
+
+def is_duckdb(bind: Bind) -> bool:
+    return bind.dialect.name == "duckdb"
+
+
+def file_busy(bind: Bind, err: OperationalError) -> bool:
+    """DuckDB allows one writing process per file: opening fails while another holds it (retry)."""
+    return is_duckdb(bind) and "lock" in str(err).lower()
+
+
+def lost_a_race(bind: Bind, err: DBAPIError) -> bool:
+    """DuckDB runs concurrent transactions optimistically: of two that write the same row, the later one
+    fails (a write-write conflict, or a duplicate key found at commit). Postgres orders them with row locks
+    instead, so there a DBAPIError is never a lost race."""
+    if not is_duckdb(bind):
+        return False
+    import duckdb
+
+    if isinstance(err.orig, duckdb.ConstraintException):
+        # the insert meets the other starter's row, not yet committed (ON CONFLICT only skips committed ones)
+        return "duplicate key" in str(err.orig).lower()
+    return isinstance(err.orig, duckdb.TransactionException)
+
+
+def locks_rows(bind: Bind) -> bool:
+    """Postgres can lock a row read inside a transaction (SELECT ... FOR UPDATE); DuckDB has no row locks
+    (its conflicts surface at commit: lost_a_race)."""
+    return not is_duckdb(bind)
+
+
+def hashes_in_database(bind: Bind) -> bool:
+    """DuckDB computes staged records' row hashes while it inserts them (staging's DUCKDB_ROW_HASH); Postgres
+    stages through COPY, which cannot compute, and gets them from Python."""
+    return is_duckdb(bind)
+
+
+def analyze(conn: Connection, table: str) -> None:
+    """Postgres: autovacuum never analyzes temporary tables; without statistics the planner takes a fresh one
+    for a few rows and picks nested loops (the delete inference ran 90 s at 20,000 rows, hours at a million).
+    DuckDB keeps its own statistics as it writes."""
+    if not is_duckdb(conn):
+        conn.execute(text(f"ANALYZE {table}"))
+
+
+def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                computed: Mapping[str, str] | None = None) -> int:
+    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY.
+
+    `computed` (DuckDB only) gives some columns as SQL expressions over the inserted ones (the column itself
+    included), evaluated by the insert."""
+    if not rows:
+        return 0
+    if computed and not is_duckdb(conn):
+        raise ValueError("computed columns are a DuckDB insert feature; COPY cannot evaluate expressions")
+    if is_duckdb(conn):
+        _duckdb_insert(conn, table, columns, rows, computed)
+    else:
+        _postgres_copy(conn, table, columns, rows)
+    return len(rows)
+
+
+def _duckdb_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                   computed: Mapping[str, str] | None) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame.from_records(rows, columns=list(columns))
+    raw = conn.connection.dbapi_connection
+    name = f"_bulk_{id(frame)}"
+    raw.register(name, frame)
+    try:
+        cols = ", ".join(columns)
+        values = ", ".join((computed or {}).get(c, c) for c in columns)
+        raw.execute(f"INSERT INTO {table} ({cols}) SELECT {values} FROM {name}")
+    finally:
+        raw.unregister(name)
+
+
+def _postgres_copy(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    # Every value is quoted and NULL is the unquoted \N: in CSV mode a quoted field is never NULL, so a
+    # CRM text that reads exactly \N survives (csv.writer left it unquoted, and it came back as \\N).
+    buf = io.StringIO()
+    for row in rows:
+        buf.write(",".join("\\N" if v is None else _pg_csv_quoted(v) for v in row) + "\n")
+    buf.seek(0)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buf)
+    finally:
+        cursor.close()
+
+
+def _pg_csv_quoted(v: Any) -> str:
+    text_ = ("t" if v else "f") if isinstance(v, bool) else str(v)
+    return '"' + text_.replace('"', '""') + '"'

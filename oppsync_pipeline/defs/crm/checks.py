@@ -7,8 +7,8 @@ import dagster as dg
 from oppsync_pipeline.defs.crm.assets import counted, extract_key, opportunities_key
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig
-from oppsync_pipeline.lib.quality import validate_extract
-from oppsync_pipeline.lib.sync import close_extract, outcome_from_row, utcnow
+from oppsync_pipeline.lib.quality import refuse_extract, validate_extract
+from oppsync_pipeline.lib.sync import utcnow
 from oppsync_pipeline.lib.warehouse import store
 
 UNMAPPED_WARN_SHARE = 0.2
@@ -92,16 +92,3 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
                       "opportunities": gaps["total"], "unknown_stages": dg.MetadataValue.json(gaps["unknown_stages"])})
 
     return [extract_quality, counts_match_crm, quarantine, attribution_and_stages]
-
-
-
-def refuse_extract(engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:
-    """A blocking check that fails stops reconcile, which is what would have recorded the run and released the
-    connection's lock. Do both here: the run shows as refused in sync_runs, the staged rows are dropped, and
-    the next run (an hour later, or the same process a second later) is not locked out by this one."""
-    row = store.load_extract(engine, run_id)
-    if row is None:
-        return
-    out = outcome_from_row(row, status="refused")
-    out.error = reason
-    close_extract(engine, out)

@@ -60,7 +60,7 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
         cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir,
                              extra=TEST_OPTIONS)
         conn = cfg.connections[0]
-        engine = make_engine(cfg.warehouse.url)
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
         ensure_schema(engine)
         bookmark = max(o.modified_at for o in world.live())
         sizes = {"open": 0, "closed": 0}

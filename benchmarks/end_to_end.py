@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         doc = sandbox_config_dict(servers, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
         cfg_file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         cfg = load_config(cfg_file)
-        engine = make_engine(cfg.warehouse.url)
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
         ensure_schema(engine)
         for conn in cfg.connections:
             progress(f"end to end: initial full sync of {conn.name} (not timed)")

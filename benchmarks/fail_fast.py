@@ -47,7 +47,7 @@ def measure(crm: str, fault: str, n: int, workdir: Path) -> Figure:
     sim = build_simulator(crm, seed=11, opportunities=n, faults=FaultPlan(rules=[rule]))
     with SandboxServer(sim) as server:
         cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
-        engine = make_engine(cfg.warehouse.url)
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
         connector = build_connector(cfg, cfg.connections[0])
         failed_permanently = False
         with timed() as t:

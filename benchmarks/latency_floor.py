@@ -80,7 +80,7 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
     with SandboxServer(sim) as server:
         cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
         conn = cfg.connections[0]
-        engine = make_engine(cfg.warehouse.url)
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
         ensure_schema(engine)
         session = PathCountingSession()
         connector = build_connector(cfg, conn, session=session)

@@ -42,7 +42,7 @@ def _status_mb(field: str) -> float:
 
 def through_library(crm: str, url: str, workdir: Path) -> dict:
     cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
-    engine = make_engine(cfg.warehouse.url)
+    engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
     ensure_schema(engine)
     before_run = rss_mb()
     summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")

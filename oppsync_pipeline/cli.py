@@ -228,7 +228,7 @@ def _print_summary(cfg: OppsyncConfig, results) -> bool:
 
     from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
 
-    engine = make_engine(cfg.warehouse.url)
+    engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
     header = ("connection", "crm", "mode", "status", "fetched", "created", "updated", "closed", "deleted",
               "api_requests", "seconds")
     lines, ok = [header], True
@@ -260,7 +260,7 @@ def _mart_rows(cfg: OppsyncConfig) -> int | None:
     from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
 
     try:
-        with transaction(make_engine(cfg.warehouse.url)) as c:
+        with transaction(make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)) as c:
             return c.execute(text("SELECT count(*) FROM marts.outcomes")).scalar()
     except Exception:
         return None

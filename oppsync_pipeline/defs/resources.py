@@ -8,13 +8,13 @@ from pathlib import Path
 import dagster as dg
 from sqlalchemy.engine import Engine
 
-from oppsync_pipeline.lib.config import OppsyncConfig, config_path, load_config
+from oppsync_pipeline.lib.config import DuckDBSettings, OppsyncConfig, config_path, load_config
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 
 
 @cache
-def _engine(url: str) -> Engine:
-    engine = make_engine(url)
+def _engine(url: str, duckdb: DuckDBSettings) -> Engine:
+    engine = make_engine(url, duckdb)
     ensure_schema(engine)
     return engine
 
@@ -43,7 +43,9 @@ class OppsyncResource(dg.ConfigurableResource):
         return app_config(self.config_path)
 
     def engine(self) -> Engine:
-        return _engine(self.app_config().warehouse.url)
+        """The warehouse engine (one per process and warehouse), with the typed `warehouse.duckdb` settings."""
+        warehouse = self.app_config().warehouse
+        return _engine(warehouse.url, warehouse.duckdb)
 
 
 def load_app_config() -> tuple[str, OppsyncConfig]:

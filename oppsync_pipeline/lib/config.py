@@ -176,8 +176,19 @@ class UserConfig(_Strict):
     crm_ids: dict[str, list[str]] = {}
 
 
+class DuckDBSettings(_Strict):
+    """The embedded warehouse's engine settings (`warehouse.duckdb:`); ignored on Postgres. The environment
+    variables OPPSYNC_DUCKDB_MEMORY_LIMIT / OPPSYNC_DUCKDB_THREADS override them for one process."""
+
+    # DuckDB's buffer pool, past which it spills to `<warehouse>.duckdb.tmp/` (its own default is 80% of RAM)
+    memory_limit: str = Field("256MB", pattern=r"(?i)^\d+(\.\d+)?\s*([kmgt]i?b|%)$")
+    # DuckDB's worker threads; None = one per core
+    threads: int | None = Field(None, ge=1)
+
+
 class WarehouseConfig(_Strict):
     url: str = "duckdb:///.oppsync/warehouse.duckdb"
+    duckdb: DuckDBSettings = DuckDBSettings()
 
     @field_validator("url")
     @classmethod

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from oppsync_pipeline.lib.warehouse import dialect
+from oppsync_pipeline.lib.config import DuckDBSettings
 from oppsync_pipeline.lib.warehouse.schema import migrate
 
 
@@ -31,20 +32,22 @@ DUCKDB_ROW_GROUP_SIZE = 16_384
 DUCKDB_CATALOG = "warehouse"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, duckdb: DuckDBSettings | None = None) -> Engine:
+    """An engine for the warehouse at `url`; `duckdb` = the configuration's `warehouse.duckdb` settings."""
     if dialect.is_duckdb_url(url):
-        return _duckdb_engine(url)
+        return _duckdb_engine(url, duckdb or DuckDBSettings())
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
 
 
-def _duckdb_engine(url: str) -> Engine:
+def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     path = url.split(":///", 1)[1] if ":///" in url else ""
     # DuckDB's buffer pool may otherwise grow to 80% of RAM; past this limit it spills to disk. With ART-free
     # fact tables (schema migration 3) and small row groups a full sync of 1,000,000 Salesforce opportunities
-    # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful.
-    config: dict[str, Any] = {"memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB"),
+    # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful. The environment
+    # overrides the configuration for one process (a benchmark, a one-off backfill).
+    config: dict[str, Any] = {"memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit),
                               "preserve_insertion_order": False}
-    threads = os.environ.get("OPPSYNC_DUCKDB_THREADS")
+    threads = os.environ.get("OPPSYNC_DUCKDB_THREADS") or settings.threads
     if threads:
         config["threads"] = int(threads)
     if not path or path == ":memory:":

@@ -1,7 +1,7 @@
 """Latency floor (issue 9): with the simulator adding 50 ms to every request, the wall time of a full sync of
 N opportunities per CRM against the time the requests alone must take.
 
-  floor = requests x 50 ms / the concurrency the CRM's API allows (../shared/crm-api-notes.md), and for HubSpot
+  floor = requests x 50 ms / the concurrency the CRM's API allows (docs/crm-api-notes.md), and for HubSpot
   no less than its documented request rates. Our connectors page sequentially (concurrency 1), so the
   sequential floor (requests x 50 ms) is reported beside it.
 

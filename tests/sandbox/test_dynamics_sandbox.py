@@ -1,5 +1,5 @@
 """The Dataverse simulator over real HTTP: Entra token (through msal), listing, every paging mode, writes,
-and the quirks of the fidelity checklist (crm-api-notes.md 3.11)."""
+and the quirks of the fidelity checklist (docs/crm-api-notes.md §3.11)."""
 
 from __future__ import annotations
 

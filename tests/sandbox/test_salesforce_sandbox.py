@@ -1,5 +1,5 @@
 """The Salesforce simulator over real HTTP, driven through simple-salesforce (the official-style client) and
-plain requests for the quirks of the fidelity checklist (crm-api-notes.md 1.11)."""
+plain requests for the quirks of the fidelity checklist (docs/crm-api-notes.md §1.11)."""
 
 from __future__ import annotations
 

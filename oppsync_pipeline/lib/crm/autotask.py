@@ -1,4 +1,4 @@
-"""Autotask PSA (Datto / Kaseya) REST API v1.0 connector (crm-api-notes.md section 5).
+"""Autotask PSA (Datto / Kaseya) REST API v1.0 connector (docs/crm-api-notes.md §5).
 
 - Auth: three headers on every call (`ApiIntegrationCode`, `UserName`, `Secret`); no tokens. The REST base is
   found by zone discovery: `GET {base_url}/atservicesrest/v1.0/zoneInformation?user=<username>` (no auth) ->
@@ -82,9 +82,9 @@ from oppsync_pipeline.lib.record import (
 
 THRESHOLD_POLL_EVERY = 100
 BATCH = 200            # ids per `in` lookup of companies / contacts
-IDS_PER_IN = 500       # values one `in` condition may list (crm-api-notes 5.2): the by-id read's batch
+IDS_PER_IN = 500       # values one `in` condition may list (docs/crm-api-notes.md §5.2): the by-id read's batch
 # Where Autotask records when an opportunity closed, by outcome, in the order read: closedDate is set when the
-# status becomes Closed (won) / Implemented, lostDate when it becomes Lost (crm-api-notes 5.5; both datetimes in
+# status becomes Closed (won) / Implemented, lostDate when it becomes Lost (docs/crm-api-notes.md §5.5; both datetimes in
 # the swagger-generated clients, go-autotask entities/opportunities.go). Neither is the projected close date.
 CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {"won": ("closedDate",), "lost": ("lostDate",)}
 _NO_AUTH = "X-Oppsync-No-Auth"
@@ -146,7 +146,7 @@ def _what(url: str) -> str:
 
 def classify(response: requests.Response) -> Exception | None:
     """Autotask's errors, each with what to check. Permission failures come as 403, and some as 500 with "does
-    not have the adequate permissions" (crm-api-notes 5.1): both are a 403, so optional reads fall back."""
+    not have the adequate permissions" (docs/crm-api-notes.md §5.1): both are a 403, so optional reads fall back."""
     status = response.status_code
     if status == 500 and "zoneinformation" in response.url.lower():
         return CrmError("Autotask zone lookup failed (500): the API username is unknown or blank; check the "
@@ -171,7 +171,7 @@ def classify(response: requests.Response) -> Exception | None:
     return None
 
 
-# -- the answers the connector reads (crm-api-notes 5.1-5.5), validated before use -----------------------------------
+# -- the answers the connector reads (docs/crm-api-notes.md §5.1-5.5), validated before use -----------------------------------
 
 class EntityRecord(TypedDict):
     """A queried record (opportunity, company, contact, resource, country): only its id is checked; the

@@ -1,4 +1,4 @@
-"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 (crm-api-notes.md section 3; docs/crms/dynamics.md).
+"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 (docs/crm-api-notes.md §3; docs/crms/dynamics.md).
 
 Auth: Entra ID client credentials (`POST {authority}/{tenant}/oauth2/v2.0/token`, scope `<org url>/.default`),
 sent through `Auth.token_request` so it is counted; no refresh token exists in this flow, so a 401 mid-paging
@@ -80,7 +80,7 @@ STATUS_METADATA = (f"{API}/EntityDefinitions(LogicalName='opportunity')/Attribut
                    "Microsoft.Dynamics.CRM.StatusAttributeMetadata")
 LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
 STATES: dict[int, Status] = {0: "open", 1: "won", 2: "lost"}
-# The opportunity's out-of-the-box status reasons (crm-api-notes 3.5): the fallback when the status metadata is
+# The opportunity's out-of-the-box status reasons (docs/crm-api-notes.md §3.5): the fallback when the status metadata is
 # refused (custom status reasons are then known by their formatted labels only).
 DEFAULT_STATUS_REASONS = (StageInfo("1", "In Progress", False, False, 0), StageInfo("2", "On Hold", False, False, 1),
                           StageInfo("3", "Won", True, True, 2), StageInfo("4", "Canceled", True, False, 3),

@@ -123,7 +123,7 @@ class Auth:
 
 @dataclass
 class QuotaBudget:
-    """Stop early rather than starve the customer's other integrations (peers.md complaint 5)."""
+    """Stop early rather than starve the customer's other integrations (docs/peer-tools.md item 5)."""
 
     run_share: float = 0.25        # share of the CRM's quota limit one run may spend
     stop_at_usage: float = 0.9     # stop when the CRM reports total usage at this share of its limit

@@ -2,7 +2,7 @@
 
 Tables are defined once with SQLAlchemy Core, so DuckDB and Postgres get the same DDL. Migrations are
 numbered steps recorded in `oppsync.schema_migrations`; each runs once, in a transaction, and only ever
-adds (raw tables are additive-only: a CRM schema change never drops data, peers.md complaint 4).
+adds (raw tables are additive-only: a CRM schema change never drops data, docs/peer-tools.md item 4).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ from urllib.parse import quote, urlencode
 
 from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "connectwise"
 COMPANY_ID = "oppsync"

@@ -56,7 +56,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "hubspot"
 PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-7f3b-4c2e-9d1a-8e4b2f6c0a17"

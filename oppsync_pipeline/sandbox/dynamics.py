@@ -37,19 +37,21 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import json
 import re
 import secrets
-import threading
-import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
+from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World, utcnow
 
 CRM = "dynamics"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -152,7 +154,7 @@ def account_id(i: int) -> str:
 
 
 def iso(dt: datetime | None) -> str | None:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt is not None else None
+    return fmt_datetime(dt)
 
 
 def state_of(stage: SimStage) -> int:
@@ -201,7 +203,7 @@ def tokenize(text: str) -> list[tuple[str, Any]]:
         elif kind == "guid":
             out.append(("lit", val.lower()))
         elif kind == "dt":
-            out.append(("lit", date.fromisoformat(val) if len(val) == 10 else _parse_dt(val)))
+            out.append(("lit", date.fromisoformat(val) if len(val) == 10 else parse_iso(val)))
         elif kind == "num":
             v = val.rstrip("mMdDfFlL")
             out.append(("lit", float(v) if any(c in v for c in ".eE") else int(v)))
@@ -216,17 +218,6 @@ def tokenize(text: str) -> list[tuple[str, Any]]:
         else:
             out.append(("p", val))
     return out
-
-
-def _parse_dt(text: str) -> datetime:
-    t = text.replace("Z", "+00:00")
-    if len(t) == 16:
-        t += ":00"
-    dt = datetime.fromisoformat(t)
-    if dt.tzinfo is not None:
-        from datetime import timezone
-        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
-    return dt
 
 
 def _norm(a: Any, b: Any) -> tuple[Any, Any]:
@@ -432,13 +423,12 @@ class DynamicsSimulator(Simulator):
         self.secured: frozenset[str] = SECURED_COLUMNS.get(variant, frozenset())
         self.custom_tenant = variant == "custom_fields"
         self.process_id = CUSTOM_PROCESS_ID if self.custom_tenant else SALES_PROCESS_ID
-        self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
+        # Entra tokens expire on real time (kit/tokens.py says why), the service protection window too.
+        self.tokens = TokenStore(utcnow, 3599)
         self.request_limit = REQUEST_LIMIT
         self.aggregate_limit = AGGREGATE_LIMIT   # a test may lower it to exercise counting in ranges
-        self._window: deque[float] = deque()
-        self._window_lock = threading.Lock()
-        self._snapshots: OrderedDict[str, Any] = OrderedDict()
-        self._snap_lock = threading.Lock()
+        self.requests = Window(lambda: self.request_limit, WINDOW_SECONDS)
+        self._snapshots = Snapshots(64, new_id=lambda n: secrets.token_hex(6))
         self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
         self.change_tracking_enabled = True
         self.closes: list[dict[str, Any]] = []         # opportunityclose activities created by Win/Lose
@@ -461,22 +451,21 @@ class DynamicsSimulator(Simulator):
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
         self.route("GET", rf"/{t}/v2\.0/\.well-known/openid-configuration", self.openid_configuration)
-        self.route("GET", rf"{API}/?", self.service_document)
-        self.route("GET", rf"{API}/\$metadata", self.metadata)
-        self.route("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
-        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
-                          r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)",
-                   self.status_metadata)
-        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes",
-                   self.attribute_metadata)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
-                          r"processstages)", self.collection)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
-                          rf"\((?P<id>{GUID_RE})\)", self.single)
-        self.route("POST", rf"{API}/opportunities", self.create)
-        self.route("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
-        self.route("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
-        self.route("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
+        api = functools.partial(self.route, guard=self._authorize)   # bearer token, then service protection
+        api("GET", rf"{API}/?", self.service_document)
+        api("GET", rf"{API}/\$metadata", self.metadata)
+        api("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
+        api("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
+                   r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)", self.status_metadata)
+        api("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes", self.attribute_metadata)
+        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
+                   r"processstages)", self.collection)
+        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
+                   rf"\((?P<id>{GUID_RE})\)", self.single)
+        api("POST", rf"{API}/opportunities", self.create)
+        api("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
+        api("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
+        api("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
 
     def handle(self, req: Request) -> Response:
         """A URL past Dataverse's limit is refused by the front end (HTTP.sys) before auth or throttling."""
@@ -510,14 +499,12 @@ class DynamicsSimulator(Simulator):
             429, {"Retry-After": str(max(0, int(rule.seconds))), "OData-Version": "4.0"})
 
     def expire_tokens(self) -> None:
-        self.tokens.clear()
+        self.tokens.expire_all()
 
     def common_headers(self, req: Request) -> dict[str, str]:
         if not req.path.startswith(API):
             return {}
-        with self._window_lock:
-            used = len(self._window)
-        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(max(0, self.request_limit - used)),
+        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(self.requests.remaining()),
                 "x-ms-ratelimit-time-remaining-xrm-requests": "1,200,000.00",
                 "OData-Version": "4.0", "x-ms-service-request-id": secrets.token_hex(8)}
 
@@ -527,20 +514,13 @@ class DynamicsSimulator(Simulator):
 
     def _authorize(self, req: Request) -> None:
         header = req.header("authorization") or ""
-        token = header[7:] if header.lower().startswith("bearer ") else None
-        expiry = self.tokens.get(token or "")
-        if expiry is None or expiry < time.time():
+        if not self.tokens.valid(header[7:] if header.lower().startswith("bearer ") else None):
             raise HttpError(401, "ExpiredAuthTicket", "")
-        now = time.monotonic()
-        with self._window_lock:
-            while self._window and self._window[0] <= now - WINDOW_SECONDS:
-                self._window.popleft()
-            if len(self._window) >= self.request_limit:
-                retry = max(1, int(self._window[0] + WINDOW_SECONDS - now) + 1)
-                raise HttpError(429, "0x80072322",
-                                f"Number of requests exceeded the limit of {self.request_limit} over time window "
-                                f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
-            self._window.append(now)
+        if self.requests.take() is None:
+            retry = max(1, int(self.requests.retry_after()) + 1)
+            raise HttpError(429, "0x80072322",
+                            f"Number of requests exceeded the limit of {self.request_limit} over time window "
+                            f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
 
     def _require(self, privilege: str) -> None:
         """403 in Dataverse's shape when the application user's security role lacks `privilege`."""
@@ -602,7 +582,7 @@ class DynamicsSimulator(Simulator):
         claims = base64.urlsafe_b64encode(json.dumps(
             {"aud": scope[: -len("/.default")], "tid": TENANT_ID, "appid": CLIENT_ID}).encode()).rstrip(b"=").decode()
         token = f"{header}.{claims}.{secrets.token_urlsafe(24)}"
-        self.tokens[token] = time.time() + 3599
+        self.tokens.issue(token)
         return Response.json({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                               "access_token": token}, headers={"Cache-Control": "no-store, no-cache"})
 
@@ -629,14 +609,12 @@ class DynamicsSimulator(Simulator):
     # -- metadata ------------------------------------------------------------------------------------------------
 
     def service_document(self, req: Request) -> Response:
-        self._authorize(req)
         base = self._base(req) + API
         return Response.json({"@odata.context": f"{base}/$metadata", "value": [
             {"name": s, "kind": "EntitySet", "url": s} for s in self.sets]})
 
     def metadata(self, req: Request) -> Response:
         """A small CSDL document: the entity types this sandbox serves, with their properties."""
-        self._authorize(req)
         types = {"opportunities": {"estimatedvalue": "Edm.Decimal", "exchangerate": "Edm.Decimal",
                                    "estimatedvalue_base": "Edm.Decimal", "estimatedclosedate": "Edm.Date",
                                    "actualclosedate": "Edm.Date", "closeprobability": "Edm.Int32",
@@ -663,7 +641,6 @@ class DynamicsSimulator(Simulator):
                                                               "OData-Version": "4.0"})
 
     def entity_definitions(self, req: Request) -> Response:
-        self._authorize(req)
         self._require("prvReadEntity")
         rows = [{"LogicalName": s.logical, "EntitySetName": s.name, "PrimaryIdAttribute": s.key,
                  "SchemaName": s.logical.title(), "ChangeTrackingEnabled": s.name == "opportunities"
@@ -679,7 +656,6 @@ class DynamicsSimulator(Simulator):
         return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions", "value": rows})
 
     def status_metadata(self, req: Request) -> Response:
-        self._authorize(req)
         self._require("prvReadEntity")
         attr, kind = req.params["attr"], req.params["kind"]
         want = "StatusAttributeMetadata" if attr == "statuscode" else "StateAttributeMetadata"
@@ -706,7 +682,6 @@ class DynamicsSimulator(Simulator):
         """`EntityDefinitions(LogicalName='opportunity')/Attributes`: one AttributeMetadata per column (custom
         ones with IsCustomAttribute), lookups under their logical name (`parentaccountid`, not the Web API's
         `_parentaccountid_value`)."""
-        self._authorize(req)
         self._require("prvReadEntity")
         entity = req.params["entity"]
         es = next((e for e in self.sets.values() if e.logical == entity), None)
@@ -937,7 +912,6 @@ class DynamicsSimulator(Simulator):
     # -- reading -------------------------------------------------------------------------------------------------
 
     def single(self, req: Request) -> Response:
-        self._authorize(req)
         es = self.sets[req.params["set"]]
         self._require_read(es.name)
         getter = self._getter(es)
@@ -981,7 +955,6 @@ class DynamicsSimulator(Simulator):
         return out
 
     def collection(self, req: Request) -> Response:
-        self._authorize(req)
         es = self.sets[req.params["set"]]
         self._require_read(es.name)
         if req.arg("$apply") is not None:
@@ -1090,21 +1063,17 @@ class DynamicsSimulator(Simulator):
                               "value": [row]}, headers={"OData-Version": "4.0"})
 
     def _snapshot(self, es: EntitySet, req: Request, snap_id: str | None) -> dict[str, Any]:
-        with self._snap_lock:
-            if snap_id and snap_id in self._snapshots:
-                self._snapshots.move_to_end(snap_id)
-                return self._snapshots[snap_id]
+        snap = self._snapshots.get(snap_id)
+        if snap is not None:
+            return snap
         # A fresh query, or a paging cookie whose snapshot was evicted: evaluate against the current world.
         with self.world.lock:
             at = self.world.clock.now()
             if es.name == "opportunities":
                 self._remember_closes()
             entries = self._evaluate(es, req)
-        snap = {"id": snap_id or secrets.token_hex(6), "entries": entries, "at": at}
-        with self._snap_lock:
-            self._snapshots[snap["id"]] = snap
-            while len(self._snapshots) > 64:
-                self._snapshots.popitem(last=False)
+        snap = {"entries": entries, "at": at}
+        snap["id"] = self._snapshots.put(snap, snap_id)
         return snap
 
     def _evaluate(self, es: EntitySet, req: Request) -> list[tuple[str, Any]]:
@@ -1247,7 +1216,6 @@ class DynamicsSimulator(Simulator):
         return values
 
     def create(self, req: Request) -> Response:
-        self._authorize(req)
         values = self._values(req.json(), creating=True)
         values.setdefault("stage", "1")
         values.setdefault("account", None)
@@ -1272,7 +1240,6 @@ class DynamicsSimulator(Simulator):
         return opp
 
     def update(self, req: Request) -> Response:
-        self._authorize(req)
         opp = self._live(req.params["id"])
         body = req.json() or {}
         values = self._values(body, creating=False)
@@ -1290,13 +1257,11 @@ class DynamicsSimulator(Simulator):
             Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
 
     def delete(self, req: Request) -> Response:
-        self._authorize(req)
         opp = self._live(req.params["id"])
         self.world.delete(opp.native_id)
         return Response.empty(204)
 
     def close(self, req: Request) -> Response:
-        self._authorize(req)
         body = req.json() or {}
         won = req.params["action"] == "WinOpportunity"
         close = body.get("OpportunityClose") or {}
@@ -1391,7 +1356,7 @@ def _actual_end(value: Any) -> datetime | None:
         return None
     text = str(value)
     try:
-        return _parse_dt(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
+        return parse_iso(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError:
         raise odata_error(400, "0x80048d19", f"Cannot convert the literal '{text}' to the expected type "
                                              "'Edm.DateTimeOffset'.") from None

@@ -40,6 +40,7 @@ What it reproduces (crm-api-notes.md section 4):
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -49,6 +50,8 @@ from urllib.parse import quote, urlencode
 
 from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
+from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
@@ -142,11 +145,7 @@ COMPANY_ID_BASE = 250
 
 
 def _iso(value: datetime | date | None) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return fmt_datetime(value)
 
 
 def _slug(text: str) -> str:
@@ -448,34 +447,35 @@ class ConnectWiseSimulator(Simulator):
         self.stage_rows = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
         self.cache = QueryCache()
         self.requests_per_minute = requests_per_minute
-        self._window: tuple[datetime, int] | None = None
+        self.requests = Window(lambda: self.requests_per_minute or 0, timedelta(minutes=1), world.clock.now)
         self.members = {u.native_id: u for u in world.users}
         self.member_by_id = {MEMBER_ID_BASE + u.idx: u for u in world.users}
         self.statuses = {int(s.key): s for s in world.stages.values()}
         self.forecast_extra: dict[str, list[dict[str, Any]]] = {}
         self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
         api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
-        self.route("GET", api + r"/sales/opportunities", self._list_opps)
-        self.route("POST", api + r"/sales/opportunities", self._create_opp)
-        self.route("GET", api + r"/sales/opportunities/count", self._count_opps)
-        self.route("GET", api + r"/sales/opportunities/statuses", self._list_statuses)
-        self.route("GET", api + r"/sales/opportunities/statuses/(?P<id>\d+)", self._get_status)
-        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)", self._get_opp)
-        self.route("PATCH", api + r"/sales/opportunities/(?P<id>\d+)", self._patch_opp)
-        self.route("PUT", api + r"/sales/opportunities/(?P<id>\d+)", self._put_opp)
-        self.route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
-        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
-        self.route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
-        self.route("GET", api + r"/sales/probabilities", self._list_probabilities)
-        self.route("GET", api + r"/sales/stages", self._list_stages)
-        self.route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
-        self.route("GET", api + r"/system/members", self._list_members)
-        self.route("GET", api + r"/system/members/count", self._count_members)
-        self.route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
-        self.route("GET", api + r"/company/companies", self._list_companies)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
+        route = functools.partial(self.route, guard=self._guard)   # Basic auth + clientId, allowance, role
+        route("GET", api + r"/sales/opportunities", self._list_opps)
+        route("POST", api + r"/sales/opportunities", self._create_opp)
+        route("GET", api + r"/sales/opportunities/count", self._count_opps)
+        route("GET", api + r"/sales/opportunities/statuses", self._list_statuses)
+        route("GET", api + r"/sales/opportunities/statuses/(?P<id>\d+)", self._get_status)
+        route("GET", api + r"/sales/opportunities/(?P<id>\d+)", self._get_opp)
+        route("PATCH", api + r"/sales/opportunities/(?P<id>\d+)", self._patch_opp)
+        route("PUT", api + r"/sales/opportunities/(?P<id>\d+)", self._put_opp)
+        route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
+        route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
+        route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
+        route("GET", api + r"/sales/probabilities", self._list_probabilities)
+        route("GET", api + r"/sales/stages", self._list_stages)
+        route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
+        route("GET", api + r"/system/members", self._list_members)
+        route("GET", api + r"/system/members/count", self._count_members)
+        route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
+        route("GET", api + r"/company/companies", self._list_companies)
+        route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
+        route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
+        route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
 
     # -- framework hooks ---------------------------------------------------------------------------------------
 
@@ -500,13 +500,12 @@ class ConnectWiseSimulator(Simulator):
                 # an unknown codebase is not this tenant's API at all (cloud answers 404 before any auth)
                 return self.error_response(HttpError(404, "NotFound", f"The requested codebase {codebase} "
                                                                       "was not found"))
-            try:
-                self._authenticate(req)
-                self._allowance()
-                self._authorize(req)
-            except HttpError as err:
-                return self.error_response(err)
         return super().handle(req)
+
+    def _guard(self, req: Request) -> None:
+        self._authenticate(req)
+        self._allowance()
+        self._authorize(req)
 
     def _authorize(self, req: Request) -> None:
         """The API member's security role: an area it may not inquire on answers 403 (no_optional_rights)."""
@@ -535,17 +534,10 @@ class ConnectWiseSimulator(Simulator):
             raise HttpError(401, "Unauthorized", "Incorrect public/private key")
 
     def _allowance(self) -> None:
-        if not self.requests_per_minute:
-            return
-        now = self.world.clock.now()
-        start, used = self._window or (now, 0)
-        if now - start >= timedelta(minutes=1):
-            start, used = now, 0
-        if used >= self.requests_per_minute:
-            wait = max(1, int((start + timedelta(minutes=1) - now).total_seconds()))
+        if self.requests_per_minute and self.requests.take() is None:
+            wait = max(1, int(self.requests.retry_after().total_seconds()))
             raise HttpError(429, "TooManyRequests", "Too many requests. Please retry later.",
                             {"Retry-After": str(wait)})
-        self._window = (start, used + 1)
 
     # -- rendering ---------------------------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from urllib.parse import quote, urlencode
 from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
+from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
@@ -171,16 +172,9 @@ _TOKEN = re.compile(r"""
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
     text = text.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise ConditionError(f"unexpected character at position {pos}: {text[pos:pos + 10]!r}")
-        kind = m.lastgroup or ""
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-    return out
+    return [(kind, value) for kind, value, _ in lex(_TOKEN, text, lambda pos: ConditionError(
+        f"unexpected character at position {pos}: {text[pos:pos + 10]!r}"))]
 
 
 def _unquote(s: str) -> str:
@@ -203,13 +197,12 @@ Getter = Callable[[Any, str], Any]
 Predicate = Callable[[Any], bool]
 
 
-class _Parser:
+class _Parser(TokenCursor):
     """Recursive descent: expr := term (or term)*; term := factor (and factor)*;
     factor := not factor | ( expr ) | path op value."""
 
     def __init__(self, text: str, getter: Getter, known: Callable[[str], bool]):
-        self.toks = _tokens(text)
-        self.i = 0
+        super().__init__(_tokens(text))
         self.getter = getter
         self.known = known
 
@@ -218,9 +211,6 @@ class _Parser:
         if self.i != len(self.toks):
             raise ConditionError(f"unexpected {self.toks[self.i][1]!r}")
         return pred
-
-    def peek(self) -> tuple[str, str] | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
 
     def take(self) -> tuple[str, str]:
         if self.i >= len(self.toks):

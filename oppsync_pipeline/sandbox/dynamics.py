@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
@@ -187,15 +188,8 @@ Getter = Callable[[Any, str], Any]
 
 def tokenize(text: str) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    pos = 0
     text = text.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise bad_query(f"Syntax error at position {pos} in '{text}'.")
-        pos = m.end()
-        kind = m.lastgroup
-        val = m.group(kind)
+    for kind, val, _ in lex(_TOKEN, text, lambda pos: bad_query(f"Syntax error at position {pos} in '{text}'.")):
         if kind == "str":
             out.append(("lit", val[1:-1].replace("''", "'")))
         elif kind == "dstr":
@@ -251,14 +245,13 @@ def _compare(op: str, a: Any, b: Any) -> bool:
         raise bad_query(f"A binary operator with incompatible types was detected for '{op}'.") from None
 
 
-class FilterParser:
+class FilterParser(TokenCursor):
     """Recursive descent over OData $filter: or / and / not, parentheses, comparisons, functions."""
 
     OPS = ("eq", "ne", "gt", "ge", "lt", "le")
 
     def __init__(self, text: str, columns: Callable[[str], bool], entity: str):
-        self.toks = tokenize(text)
-        self.i = 0
+        super().__init__(tokenize(text))
         self.columns = columns
         self.entity = entity
 
@@ -268,18 +261,15 @@ class FilterParser:
             raise bad_query(f"Syntax error: unexpected '{self.toks[self.i][1]}'.")
         return node
 
-    def _peek(self) -> tuple[str, Any] | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
     def _take(self, kind: str | None = None, value: Any = None) -> tuple[str, Any]:
-        tok = self._peek()
+        tok = self.peek()
         if tok is None or (kind and tok[0] != kind) or (value is not None and str(tok[1]).lower() != value):
             raise bad_query(f"Syntax error: expected {value or kind}, found {tok[1] if tok else 'end of input'}.")
         self.i += 1
         return tok
 
     def _is_word(self, word: str) -> bool:
-        tok = self._peek()
+        tok = self.peek()
         return tok is not None and tok[0] == "ident" and tok[1].lower() == word
 
     def _or(self):
@@ -303,7 +293,7 @@ class FilterParser:
             self.i += 1
             inner = self._unary()
             return lambda o, g: not inner(o, g)
-        tok = self._peek()
+        tok = self.peek()
         if tok == ("p", "("):
             self.i += 1
             node = self._or()
@@ -324,7 +314,7 @@ class FilterParser:
         if tok[0] != "ident":
             raise bad_query(f"Syntax error: unexpected '{tok[1]}'.")
         path = tok[1]
-        while self._peek() == ("p", "/"):
+        while self.peek() == ("p", "/"):
             self.i += 1
             path += "/" + self._take("ident")[1]
         if not self.columns(path):
@@ -360,18 +350,18 @@ class FilterParser:
             while True:
                 key = self._take("ident")[1]
                 self._take("p", "=")
-                if self._peek() == ("p", "["):
+                if self.peek() == ("p", "["):
                     self.i += 1
                     values = []
-                    while self._peek() != ("p", "]"):
+                    while self.peek() != ("p", "]"):
                         values.append(self._take("lit")[1])
-                        if self._peek() == ("p", ","):
+                        if self.peek() == ("p", ","):
                             self.i += 1
                     self.i += 1
                     args[key] = values
                 else:
                     args[key] = self._take("lit")[1]
-                if self._peek() == ("p", ","):
+                if self.peek() == ("p", ","):
                     self.i += 1
                     continue
                 self._take("p", ")")

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.lexer import lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
@@ -354,28 +355,25 @@ class Tok:
 
 
 def tokenize(soql: str) -> list[Tok]:
-    toks, pos = [], 0
-    while pos < len(soql):
-        m = _TOKEN.match(soql, pos)
-        if not m:
-            if soql[pos] == "'":
-                raise _malformed(f"line 1:{pos} mismatched character '<EOF>' expecting '''")
-            raise _malformed(f"line 1:{pos} no viable alternative at character '{soql[pos]}'")
-        kind, text = m.lastgroup, m.group()
-        if kind != "ws":
-            value: Any = text
-            if kind == "str":
-                value = _unescape(text[1:-1], pos)
-            elif kind == "dt":
-                value = _parse_iso(text)
-            elif kind == "date":
-                value = date.fromisoformat(text)
-            elif kind == "num":
-                value = float(text)
-            elif kind == "ident" and text.lower() in _KEYWORDS:
-                kind, value = "kw", text.lower()
-            toks.append(Tok(kind, value, text, pos))
-        pos = m.end()
+    def error(pos: int) -> HttpError:
+        if soql[pos] == "'":
+            return _malformed(f"line 1:{pos} mismatched character '<EOF>' expecting '''")
+        return _malformed(f"line 1:{pos} no viable alternative at character '{soql[pos]}'")
+
+    toks = []
+    for kind, text, pos in lex(_TOKEN, soql, error):
+        value: Any = text
+        if kind == "str":
+            value = _unescape(text[1:-1], pos)
+        elif kind == "dt":
+            value = _parse_iso(text)
+        elif kind == "date":
+            value = date.fromisoformat(text)
+        elif kind == "num":
+            value = float(text)
+        elif kind == "ident" and text.lower() in _KEYWORDS:
+            kind, value = "kw", text.lower()
+        toks.append(Tok(kind, value, text, pos))
     toks.append(Tok("eof", None, "<EOF>", len(soql)))
     return toks
 

@@ -274,7 +274,7 @@ class AutotaskSimulator(Simulator):
         self.zone += 1
 
     def zone_base(self, req: Request) -> str:
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         prefix = "" if self.zone == 1 else f"/z{self.zone}"
         return f"http://{host}{prefix}/ATServicesRest/"
 
@@ -321,7 +321,7 @@ class AutotaskSimulator(Simulator):
         user = (req.arg("user") or "").strip().lower()
         if user != SANDBOX_CREDENTIALS["username"]:
             raise HttpError(500, "ZONE", "Zone information could not be determined")
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({"zoneName": f"America West {self.zone}", "url": self.zone_base(req),
                               "webUrl": f"http://{host}/", "ci": 271828})
 

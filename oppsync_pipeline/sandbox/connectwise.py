@@ -532,7 +532,7 @@ class ConnectWiseSimulator(Simulator):
     # -- rendering ---------------------------------------------------------------------------------------------
 
     def _href(self, req: Request | None, path: str) -> str:
-        host = (req.header("host") if req else None) or "127.0.0.1"
+        host = req.host if req else "127.0.0.1"
         codebase = (req.params.get("codebase") + "/") if req and req.params.get("codebase") else CODEBASE
         return f"http://{host}/{codebase}apis/3.0{path}"
 
@@ -691,7 +691,7 @@ class ConnectWiseSimulator(Simulator):
         """Same query, paging parameter last (pyconnectwise reads `page=(\\d+)>; rel=...`)."""
         params = [(k, v) for k, vs in req.query.items() if k not in ("page", "pageId") for v in vs]
         params += [(k, str(v)) for k, v in paging.items()]
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return f"http://{host}{req.path}?" + urlencode(params, quote_via=quote)
 
     # -- opportunities -----------------------------------------------------------------------------------------
@@ -1047,7 +1047,7 @@ class ConnectWiseSimulator(Simulator):
     def _companyinfo(self, req: Request) -> Response:
         if req.params["company"].lower() != COMPANY_ID.lower():
             raise HttpError(404, "NotFound", "Company not found")
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({
             "CompanyName": "OppSync Sandbox MSP", "Codebase": CODEBASE, "VersionCode": "v2025.1",
             "VersionNumber": "v4.6.120000", "CompanyID": COMPANY_ID, "IsCloud": True, "SiteUrl": host,

@@ -44,7 +44,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
@@ -503,8 +503,7 @@ class DynamicsSimulator(Simulator):
                 f"resource_id=https://sandbox.crm.dynamics.com/")
 
     def _authorize(self, req: Request) -> None:
-        header = req.header("authorization") or ""
-        if not self.tokens.valid(header[7:] if header.lower().startswith("bearer ") else None):
+        if not self.tokens.valid(req.bearer()):
             raise HttpError(401, "ExpiredAuthTicket", "")
         if self.requests.take() is None:
             retry = max(1, int(self.requests.retry_after()) + 1)
@@ -529,7 +528,7 @@ class DynamicsSimulator(Simulator):
             self._require(privilege)
 
     def _base(self, req: Request) -> str:
-        return f"http://{req.header('host', '127.0.0.1')}"
+        return f"http://{req.host}"
 
     # -- Entra ID ------------------------------------------------------------------------------------------------
 
@@ -545,7 +544,7 @@ class DynamicsSimulator(Simulator):
         }, status, {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
 
     def token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        form = req.form()
         if req.params["tenant"] not in (TENANT_ID, "sandbox.onmicrosoft.com"):
             return self._aad_error(400, "invalid_request", 90002,
                                    f"Tenant '{req.params['tenant']}' not found. Check to make sure you have the "
@@ -578,7 +577,7 @@ class DynamicsSimulator(Simulator):
 
     def openid_configuration(self, req: Request) -> Response:
         # Entra answers with https endpoints only (msal refuses anything else).
-        host = f"https://{req.header('host', '127.0.0.1')}"
+        host = f"https://{req.host}"
         t = req.params["tenant"]
         return Response.json({
             "token_endpoint": f"{host}/{t}/oauth2/v2.0/token",

@@ -52,7 +52,6 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
@@ -440,8 +439,7 @@ class HubSpotSimulator(Simulator):
         return req.path.endswith("/search")
 
     def _authenticate(self, req: Request) -> None:
-        header = req.header("authorization") or ""
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        token = req.bearer()
         if token and token == PRIVATE_APP_TOKEN:
             return
         if self.tokens.known(token):
@@ -470,7 +468,7 @@ class HubSpotSimulator(Simulator):
     # -- OAuth ------------------------------------------------------------------------------------------------------
 
     def oauth_token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8")).items()}
+        form = req.form()
         if form.get("grant_type") != "refresh_token":
             return Response.json({"status": "BAD_GRANT_TYPE", "message": "grant_type must be refresh_token here",
                                   "correlationId": str(uuid.uuid4())}, 400)

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
@@ -811,8 +810,7 @@ class SalesforceSimulator(Simulator):
         too_long = _over_request_limit(req)
         if too_long is not None:
             return too_long
-        auth = req.header("authorization") or ""
-        if not self.tokens.valid(auth[7:].strip() if auth[:7].lower() == "bearer " else ""):
+        if not self.tokens.valid(req.bearer()):
             raise HttpError(401, "INVALID_SESSION_ID", "Session expired or invalid")
         if req.params.get("version") not in API_VERSIONS:
             raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
@@ -821,7 +819,7 @@ class SalesforceSimulator(Simulator):
         return None
 
     def _token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        form = req.form()
         grant = form.get("grant_type")
         if grant != "client_credentials":
             return Response.json({"error": "unsupported_grant_type", "error_description": "grant type not supported"},
@@ -837,7 +835,7 @@ class SalesforceSimulator(Simulator):
         issued_at = str(int(time.time() * 1000))
         signature = base64.b64encode(hmac.new(self._signing_key, (identity + issued_at).encode(),
                                               hashlib.sha256).digest()).decode()
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({"access_token": token, "signature": signature, "scope": "api",
                               "instance_url": f"http://{host}", "id": identity, "token_type": "Bearer",
                               "issued_at": issued_at})

@@ -46,6 +46,20 @@ class Request:
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
 
+    @property
+    def host(self) -> str:
+        """The Host the client called: links and instance URLs point back at it."""
+        return self.headers.get("host") or "127.0.0.1"
+
+    def bearer(self) -> str:
+        """The token of an `Authorization: Bearer <token>` header ('' without one)."""
+        auth = self.headers.get("authorization") or ""
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def form(self) -> dict[str, str]:
+        """A form-encoded body (the OAuth token requests): the first value of each name."""
+        return {k: v[0] for k, v in parse_qs(self.body.decode("utf-8"), keep_blank_values=True).items()}
+
     def json(self) -> Any:
         if not self.body:
             return None

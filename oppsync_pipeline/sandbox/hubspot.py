@@ -55,7 +55,7 @@ from typing import Any
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
-from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
@@ -310,6 +310,7 @@ def _error_body(message: str, category: str, **extra: Any) -> dict[str, Any]:
 
 class HubSpotSimulator(Simulator):
     crm = CRM
+    daily_used = spent_of("daily")
 
     def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None,
                  variant: str = "default"):
@@ -393,15 +394,6 @@ class HubSpotSimulator(Simulator):
 
     def expire_tokens(self) -> None:
         self.tokens.expire_all()
-
-    @property
-    def daily_used(self) -> int:
-        return self.daily.spent
-
-    @daily_used.setter
-    def daily_used(self, value: int) -> None:
-        self.daily.spent = value
-
     def common_headers(self, req: Request) -> dict[str, str]:
         if not self._metered(req) or self._is_search(req):
             return {}

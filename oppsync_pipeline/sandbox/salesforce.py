@@ -41,7 +41,7 @@ from typing import Any
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.lexer import lex
-from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.world import Clock, SimStage, TenantProfile, World, truncate
@@ -738,6 +738,7 @@ class _Cursor:
 class SalesforceSimulator(Simulator):
     crm = CRM
     unfaulted = re.compile(r"^/__sandbox/|^/services/oauth2/")
+    api_usage = spent_of("allocation")
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
                  multi_currency: bool = False, custom_fields: bool = False, optional_rights: bool = True,
@@ -792,14 +793,6 @@ class SalesforceSimulator(Simulator):
         if req.path.startswith("/services/data"):
             return {"Sforce-Limit-Info": self._usage_header()}
         return {}
-
-    @property
-    def api_usage(self) -> int:
-        return self.allocation.spent
-
-    @api_usage.setter
-    def api_usage(self, value: int) -> None:
-        self.allocation.spent = value
 
     def _usage_header(self) -> str:
         return f"api-usage={self.api_usage}/{self.daily_limit}"

@@ -71,3 +71,10 @@ class Window:
             if self.span is None or not self.times:
                 return self.span
             return self.times[0] + self.span - now
+
+
+def spent_of(window: str) -> property:
+    """A simulator attribute that reads and sets the usage of its Window named `window` (tests and the fault
+    matrix set `api_usage` / `daily_used` to bring a quota near its end)."""
+    return property(lambda sim: getattr(sim, window).spent,
+                    lambda sim, value: setattr(getattr(sim, window), "spent", value))

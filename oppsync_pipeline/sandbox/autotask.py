@@ -51,10 +51,9 @@ What it reproduces:
 from __future__ import annotations
 
 import bisect
-import collections
+import functools
 import json
 import re
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -65,10 +64,13 @@ from urllib.parse import quote
 
 from oppsync_pipeline.lib.record import format_address, parse_datetime
 from oppsync_pipeline.sandbox.server import (
-    FaultPlan, FaultRule, Handler, HttpError, Request, Response, Simulator,
+    FaultPlan, FaultRule, HttpError, Request, Response, Simulator,
 )
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
+from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.world import (
-    FIRST, LAST, Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World, truncate,
+    FIRST, LAST, Clock, SimOpportunity, SimStage, TenantProfile, World, truncate,
 )
 
 CRM = "autotask"
@@ -188,15 +190,11 @@ def profile(t: Tenant | None = None) -> TenantProfile:
 
 def at_datetime(dt: datetime | None) -> str | None:
     """Autotask's UTC datetimes: milliseconds with trailing zeros trimmed (`...44.12Z`, `...44Z`)."""
-    if dt is None:
-        return None
-    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
-    ms = dt.microsecond // 1000
-    return f"{base}.{f'{ms:03d}'.rstrip('0')}Z" if ms else base + "Z"
+    return fmt_datetime(dt, ms="trim")
 
 
 def at_date(d: date | None) -> str | None:
-    return None if d is None else d.strftime("%Y-%m-%dT00:00:00Z")
+    return fmt_datetime(d)
 
 
 def _h(*parts: Any) -> int:
@@ -216,6 +214,7 @@ class Entity:
 class AutotaskSimulator(Simulator):
     crm = CRM
     unfaulted = re.compile(r"^(/__sandbox/|/atservicesrest/v1\.0/zoneinformation)", re.IGNORECASE)
+    route_flags = re.IGNORECASE   # IIS paths
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, threshold: int = 10_000,
                  latency_scale: float = 1.0, variant: str = "default"):
@@ -226,11 +225,11 @@ class AutotaskSimulator(Simulator):
         self.latency_scale = latency_scale
         self.zone = 1
         self.api_resource = 0                   # the API user is resource #0 (creator of API-made records)
-        self._window: collections.deque[datetime] = collections.deque()
-        self._window_lock = threading.Lock()
+        # The rolling hour on the virtual clock; `_window` is its deque (tests fill it to reach the threshold).
+        self.requests = Window(lambda: self.threshold, timedelta(minutes=60), world.clock.now)
+        self._window = self.requests.times
         self.cache = QueryCache()
-        self._snapshots: dict[str, list[int]] = {}
-        self._snap_seq = 0
+        self._snapshots = Snapshots(256)
         self.contacts = self._make_contacts()
         # Companies' lastTrackedModifiedDateTime: a rename (world.advance) is noticed on the next read.
         self._company_names = {a.idx: a.name for a in world.accounts}
@@ -241,25 +240,23 @@ class AutotaskSimulator(Simulator):
             self._resources_entity(), self._countries_entity())}
         root = _ROOT
         self.route("GET", r"/atservicesrest/v1\.0/zoneinformation", self.zone_information)
-        self.route("GET", root + r"/thresholdinformation", self._api(self.threshold_information, counted=False))
-        self.route("GET", root + r"/opportunities/entityinformation/fields", self._api(self.entity_fields))
-        self.route("GET", root + r"/opportunities/entityinformation/userdefinedfields", self._api(self.udf_fields))
-        self.route("GET", root + r"/opportunities/entityinformation", self._api(self.entity_info))
+        api = functools.partial(self.route, guard=self._guard)
+        api("GET", root + r"/thresholdinformation", self.threshold_information,
+            guard=functools.partial(self._guard, counted=False))
+        api("GET", root + r"/opportunities/entityinformation/fields", self.entity_fields)
+        api("GET", root + r"/opportunities/entityinformation/userdefinedfields", self.udf_fields)
+        api("GET", root + r"/opportunities/entityinformation", self.entity_info)
         for method in ("POST", "GET"):
-            self.route(method, root + r"/(?P<entity>\w+)/query/count", self._api(self.count))
-            self.route(method, root + r"/(?P<entity>\w+)/query/(?P<direction>next|prev)",
-                       self._api(self.query_next))
-            self.route(method, root + r"/(?P<entity>\w+)/query", self._api(self.query))
-        self.route("GET", root + r"/(?P<entity>\w+)/(?P<id>-?\d+)", self._api(self.get_one))
-        self.route("POST", root + r"/opportunities", self._api(self.create))
-        self.route("PATCH", root + r"/opportunities", self._api(self.update))
-        self.route("PUT", root + r"/opportunities", self._api(self.update))
-        self.route("DELETE", root + r"/opportunities/(?P<id>\d+)", self._api(self.delete_refused))
+            api(method, root + r"/(?P<entity>\w+)/query/count", self.count)
+            api(method, root + r"/(?P<entity>\w+)/query/(?P<direction>next|prev)", self.query_next)
+            api(method, root + r"/(?P<entity>\w+)/query", self.query)
+        api("GET", root + r"/(?P<entity>\w+)/(?P<id>-?\d+)", self.get_one)
+        api("POST", root + r"/opportunities", self.create)
+        api("PATCH", root + r"/opportunities", self.update)
+        api("PUT", root + r"/opportunities", self.update)
+        api("DELETE", root + r"/opportunities/(?P<id>\d+)", self.delete_refused)
 
     # -- framework -------------------------------------------------------------------------------------------------
-
-    def route(self, method: str, pattern: str, handler: Handler) -> None:
-        self.routes.append((method, re.compile("^" + pattern + "$", re.IGNORECASE), handler))
 
     def error_response(self, err: HttpError) -> Response:
         if err.status in (404, 405):
@@ -277,18 +274,15 @@ class AutotaskSimulator(Simulator):
         self.zone += 1
 
     def zone_base(self, req: Request) -> str:
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         prefix = "" if self.zone == 1 else f"/z{self.zone}"
         return f"http://{host}{prefix}/ATServicesRest/"
 
-    def _api(self, handler: Handler, counted: bool = True) -> Handler:
-        def wrapped(req: Request) -> Response:
-            self._authenticate(req)
-            if counted:
-                self._throttle()
-            self._refuse_without_rights(req)
-            return handler(req)
-        return wrapped
+    def _guard(self, req: Request, counted: bool = True) -> None:
+        self._authenticate(req)
+        if counted:
+            self._throttle()
+        self._refuse_without_rights(req)
 
     def _authenticate(self, req: Request) -> None:
         ok = (req.header("apiintegrationcode") == SANDBOX_CREDENTIALS["integration_code"]
@@ -310,24 +304,16 @@ class AutotaskSimulator(Simulator):
         return key in self.tenant.refused
 
     def _throttle(self) -> None:
-        now = self.world.clock.now()
-        with self._window_lock:
-            used = self._used(now)
-            if used >= self.threshold:
-                raise HttpError(429, "THRESHOLD", f"The request was rejected: {used} requests in the last 60 "
-                                f"minutes reached the threshold of {self.threshold} for this database.",
-                                {"Retry-After": "60"})
-            self._window.append(now)
+        used = self.requests.take()
+        if used is None:
+            used = self.requests.used()
+            raise HttpError(429, "THRESHOLD", f"The request was rejected: {used} requests in the last 60 "
+                            f"minutes reached the threshold of {self.threshold} for this database.",
+                            {"Retry-After": "60"})
         share = (used + 1) / self.threshold
         delay = 1.0 if share >= 0.75 else (0.5 if share >= 0.5 else 0.0)
         if delay and self.latency_scale:
             time.sleep(delay * self.latency_scale)
-
-    def _used(self, now: datetime) -> int:
-        cutoff = now - timedelta(minutes=60)
-        while self._window and self._window[0] <= cutoff:
-            self._window.popleft()
-        return len(self._window)
 
     # -- zone, threshold, entity information -----------------------------------------------------------------------
 
@@ -335,13 +321,12 @@ class AutotaskSimulator(Simulator):
         user = (req.arg("user") or "").strip().lower()
         if user != SANDBOX_CREDENTIALS["username"]:
             raise HttpError(500, "ZONE", "Zone information could not be determined")
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({"zoneName": f"America West {self.zone}", "url": self.zone_base(req),
                               "webUrl": f"http://{host}/", "ci": 271828})
 
     def threshold_information(self, req: Request) -> Response:
-        with self._window_lock:
-            used = self._used(self.world.clock.now())
+        used = self.requests.used()
         return Response.json({"externalRequestThreshold": self.threshold, "requestThresholdTimeframe": 60,
                               "currentTimeframeRequestCount": used})
 
@@ -437,12 +422,7 @@ class AutotaskSimulator(Simulator):
         ent = self._entity(req)
         body, from_get = self._search(req)
         ids = self._matching(ent, body)
-        with self.world.lock:
-            self._snap_seq += 1
-            token = f"{self._snap_seq:x}"
-            self._snapshots[token] = ids
-            if len(self._snapshots) > 256:
-                self._snapshots.pop(next(iter(self._snapshots)))
+        token = self._snapshots.put(ids)
         return self._page(req, ent, body, ids, token, 0, from_get)
 
     def query_next(self, req: Request) -> Response:

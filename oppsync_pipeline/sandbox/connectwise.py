@@ -40,6 +40,7 @@ What it reproduces (crm-api-notes.md section 4):
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -49,7 +50,11 @@ from urllib.parse import quote, urlencode
 
 from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
+from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
+from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "connectwise"
 COMPANY_ID = "oppsync"
@@ -141,11 +146,7 @@ COMPANY_ID_BASE = 250
 
 
 def _iso(value: datetime | date | None) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return fmt_datetime(value)
 
 
 def _slug(text: str) -> str:
@@ -171,16 +172,9 @@ _TOKEN = re.compile(r"""
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
     text = text.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise ConditionError(f"unexpected character at position {pos}: {text[pos:pos + 10]!r}")
-        kind = m.lastgroup or ""
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-    return out
+    return [(kind, value) for kind, value, _ in lex(_TOKEN, text, lambda pos: ConditionError(
+        f"unexpected character at position {pos}: {text[pos:pos + 10]!r}"))]
 
 
 def _unquote(s: str) -> str:
@@ -203,13 +197,12 @@ Getter = Callable[[Any, str], Any]
 Predicate = Callable[[Any], bool]
 
 
-class _Parser:
+class _Parser(TokenCursor):
     """Recursive descent: expr := term (or term)*; term := factor (and factor)*;
     factor := not factor | ( expr ) | path op value."""
 
     def __init__(self, text: str, getter: Getter, known: Callable[[str], bool]):
-        self.toks = _tokens(text)
-        self.i = 0
+        super().__init__(_tokens(text))
         self.getter = getter
         self.known = known
 
@@ -218,9 +211,6 @@ class _Parser:
         if self.i != len(self.toks):
             raise ConditionError(f"unexpected {self.toks[self.i][1]!r}")
         return pred
-
-    def peek(self) -> tuple[str, str] | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
 
     def take(self) -> tuple[str, str]:
         if self.i >= len(self.toks):
@@ -447,34 +437,35 @@ class ConnectWiseSimulator(Simulator):
         self.stage_rows = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
         self.cache = QueryCache()
         self.requests_per_minute = requests_per_minute
-        self._window: tuple[datetime, int] | None = None
+        self.requests = Window(lambda: self.requests_per_minute or 0, timedelta(minutes=1), world.clock.now)
         self.members = {u.native_id: u for u in world.users}
         self.member_by_id = {MEMBER_ID_BASE + u.idx: u for u in world.users}
         self.statuses = {int(s.key): s for s in world.stages.values()}
         self.forecast_extra: dict[str, list[dict[str, Any]]] = {}
         self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
         api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
-        self.route("GET", api + r"/sales/opportunities", self._list_opps)
-        self.route("POST", api + r"/sales/opportunities", self._create_opp)
-        self.route("GET", api + r"/sales/opportunities/count", self._count_opps)
-        self.route("GET", api + r"/sales/opportunities/statuses", self._list_statuses)
-        self.route("GET", api + r"/sales/opportunities/statuses/(?P<id>\d+)", self._get_status)
-        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)", self._get_opp)
-        self.route("PATCH", api + r"/sales/opportunities/(?P<id>\d+)", self._patch_opp)
-        self.route("PUT", api + r"/sales/opportunities/(?P<id>\d+)", self._put_opp)
-        self.route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
-        self.route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
-        self.route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
-        self.route("GET", api + r"/sales/probabilities", self._list_probabilities)
-        self.route("GET", api + r"/sales/stages", self._list_stages)
-        self.route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
-        self.route("GET", api + r"/system/members", self._list_members)
-        self.route("GET", api + r"/system/members/count", self._count_members)
-        self.route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
-        self.route("GET", api + r"/company/companies", self._list_companies)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
-        self.route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
+        route = functools.partial(self.route, guard=self._guard)   # Basic auth + clientId, allowance, role
+        route("GET", api + r"/sales/opportunities", self._list_opps)
+        route("POST", api + r"/sales/opportunities", self._create_opp)
+        route("GET", api + r"/sales/opportunities/count", self._count_opps)
+        route("GET", api + r"/sales/opportunities/statuses", self._list_statuses)
+        route("GET", api + r"/sales/opportunities/statuses/(?P<id>\d+)", self._get_status)
+        route("GET", api + r"/sales/opportunities/(?P<id>\d+)", self._get_opp)
+        route("PATCH", api + r"/sales/opportunities/(?P<id>\d+)", self._patch_opp)
+        route("PUT", api + r"/sales/opportunities/(?P<id>\d+)", self._put_opp)
+        route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
+        route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
+        route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
+        route("GET", api + r"/sales/probabilities", self._list_probabilities)
+        route("GET", api + r"/sales/stages", self._list_stages)
+        route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
+        route("GET", api + r"/system/members", self._list_members)
+        route("GET", api + r"/system/members/count", self._count_members)
+        route("GET", api + r"/system/members/(?P<id>\d+)", self._get_member)
+        route("GET", api + r"/company/companies", self._list_companies)
+        route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
+        route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
+        route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
 
     # -- framework hooks ---------------------------------------------------------------------------------------
 
@@ -499,13 +490,12 @@ class ConnectWiseSimulator(Simulator):
                 # an unknown codebase is not this tenant's API at all (cloud answers 404 before any auth)
                 return self.error_response(HttpError(404, "NotFound", f"The requested codebase {codebase} "
                                                                       "was not found"))
-            try:
-                self._authenticate(req)
-                self._allowance()
-                self._authorize(req)
-            except HttpError as err:
-                return self.error_response(err)
         return super().handle(req)
+
+    def _guard(self, req: Request) -> None:
+        self._authenticate(req)
+        self._allowance()
+        self._authorize(req)
 
     def _authorize(self, req: Request) -> None:
         """The API member's security role: an area it may not inquire on answers 403 (no_optional_rights)."""
@@ -534,22 +524,15 @@ class ConnectWiseSimulator(Simulator):
             raise HttpError(401, "Unauthorized", "Incorrect public/private key")
 
     def _allowance(self) -> None:
-        if not self.requests_per_minute:
-            return
-        now = self.world.clock.now()
-        start, used = self._window or (now, 0)
-        if now - start >= timedelta(minutes=1):
-            start, used = now, 0
-        if used >= self.requests_per_minute:
-            wait = max(1, int((start + timedelta(minutes=1) - now).total_seconds()))
+        if self.requests_per_minute and self.requests.take() is None:
+            wait = max(1, int(self.requests.retry_after().total_seconds()))
             raise HttpError(429, "TooManyRequests", "Too many requests. Please retry later.",
                             {"Retry-After": str(wait)})
-        self._window = (start, used + 1)
 
     # -- rendering ---------------------------------------------------------------------------------------------
 
     def _href(self, req: Request | None, path: str) -> str:
-        host = (req.header("host") if req else None) or "127.0.0.1"
+        host = req.host if req else "127.0.0.1"
         codebase = (req.params.get("codebase") + "/") if req and req.params.get("codebase") else CODEBASE
         return f"http://{host}/{codebase}apis/3.0{path}"
 
@@ -708,7 +691,7 @@ class ConnectWiseSimulator(Simulator):
         """Same query, paging parameter last (pyconnectwise reads `page=(\\d+)>; rel=...`)."""
         params = [(k, v) for k, vs in req.query.items() if k not in ("page", "pageId") for v in vs]
         params += [(k, str(v)) for k, v in paging.items()]
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return f"http://{host}{req.path}?" + urlencode(params, quote_via=quote)
 
     # -- opportunities -----------------------------------------------------------------------------------------
@@ -1064,7 +1047,7 @@ class ConnectWiseSimulator(Simulator):
     def _companyinfo(self, req: Request) -> Response:
         if req.params["company"].lower() != COMPANY_ID.lower():
             raise HttpError(404, "NotFound", "Company not found")
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({
             "CompanyName": "OppSync Sandbox MSP", "Codebase": CODEBASE, "VersionCode": "v2025.1",
             "VersionNumber": "v4.6.120000", "CompanyID": COMPANY_ID, "IsCloud": True, "SiteUrl": host,

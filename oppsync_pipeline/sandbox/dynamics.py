@@ -37,19 +37,22 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import json
 import re
 import secrets
-import threading
-import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
+from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
+from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World, utcnow
 
 CRM = "dynamics"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -152,7 +155,7 @@ def account_id(i: int) -> str:
 
 
 def iso(dt: datetime | None) -> str | None:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt is not None else None
+    return fmt_datetime(dt)
 
 
 def state_of(stage: SimStage) -> int:
@@ -185,15 +188,8 @@ Getter = Callable[[Any, str], Any]
 
 def tokenize(text: str) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    pos = 0
     text = text.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise bad_query(f"Syntax error at position {pos} in '{text}'.")
-        pos = m.end()
-        kind = m.lastgroup
-        val = m.group(kind)
+    for kind, val, _ in lex(_TOKEN, text, lambda pos: bad_query(f"Syntax error at position {pos} in '{text}'.")):
         if kind == "str":
             out.append(("lit", val[1:-1].replace("''", "'")))
         elif kind == "dstr":
@@ -201,7 +197,7 @@ def tokenize(text: str) -> list[tuple[str, Any]]:
         elif kind == "guid":
             out.append(("lit", val.lower()))
         elif kind == "dt":
-            out.append(("lit", date.fromisoformat(val) if len(val) == 10 else _parse_dt(val)))
+            out.append(("lit", date.fromisoformat(val) if len(val) == 10 else parse_iso(val)))
         elif kind == "num":
             v = val.rstrip("mMdDfFlL")
             out.append(("lit", float(v) if any(c in v for c in ".eE") else int(v)))
@@ -216,17 +212,6 @@ def tokenize(text: str) -> list[tuple[str, Any]]:
         else:
             out.append(("p", val))
     return out
-
-
-def _parse_dt(text: str) -> datetime:
-    t = text.replace("Z", "+00:00")
-    if len(t) == 16:
-        t += ":00"
-    dt = datetime.fromisoformat(t)
-    if dt.tzinfo is not None:
-        from datetime import timezone
-        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
-    return dt
 
 
 def _norm(a: Any, b: Any) -> tuple[Any, Any]:
@@ -260,14 +245,13 @@ def _compare(op: str, a: Any, b: Any) -> bool:
         raise bad_query(f"A binary operator with incompatible types was detected for '{op}'.") from None
 
 
-class FilterParser:
+class FilterParser(TokenCursor):
     """Recursive descent over OData $filter: or / and / not, parentheses, comparisons, functions."""
 
     OPS = ("eq", "ne", "gt", "ge", "lt", "le")
 
     def __init__(self, text: str, columns: Callable[[str], bool], entity: str):
-        self.toks = tokenize(text)
-        self.i = 0
+        super().__init__(tokenize(text))
         self.columns = columns
         self.entity = entity
 
@@ -277,18 +261,15 @@ class FilterParser:
             raise bad_query(f"Syntax error: unexpected '{self.toks[self.i][1]}'.")
         return node
 
-    def _peek(self) -> tuple[str, Any] | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
     def _take(self, kind: str | None = None, value: Any = None) -> tuple[str, Any]:
-        tok = self._peek()
+        tok = self.peek()
         if tok is None or (kind and tok[0] != kind) or (value is not None and str(tok[1]).lower() != value):
             raise bad_query(f"Syntax error: expected {value or kind}, found {tok[1] if tok else 'end of input'}.")
         self.i += 1
         return tok
 
     def _is_word(self, word: str) -> bool:
-        tok = self._peek()
+        tok = self.peek()
         return tok is not None and tok[0] == "ident" and tok[1].lower() == word
 
     def _or(self):
@@ -312,7 +293,7 @@ class FilterParser:
             self.i += 1
             inner = self._unary()
             return lambda o, g: not inner(o, g)
-        tok = self._peek()
+        tok = self.peek()
         if tok == ("p", "("):
             self.i += 1
             node = self._or()
@@ -333,7 +314,7 @@ class FilterParser:
         if tok[0] != "ident":
             raise bad_query(f"Syntax error: unexpected '{tok[1]}'.")
         path = tok[1]
-        while self._peek() == ("p", "/"):
+        while self.peek() == ("p", "/"):
             self.i += 1
             path += "/" + self._take("ident")[1]
         if not self.columns(path):
@@ -369,18 +350,18 @@ class FilterParser:
             while True:
                 key = self._take("ident")[1]
                 self._take("p", "=")
-                if self._peek() == ("p", "["):
+                if self.peek() == ("p", "["):
                     self.i += 1
                     values = []
-                    while self._peek() != ("p", "]"):
+                    while self.peek() != ("p", "]"):
                         values.append(self._take("lit")[1])
-                        if self._peek() == ("p", ","):
+                        if self.peek() == ("p", ","):
                             self.i += 1
                     self.i += 1
                     args[key] = values
                 else:
                     args[key] = self._take("lit")[1]
-                if self._peek() == ("p", ","):
+                if self.peek() == ("p", ","):
                     self.i += 1
                     continue
                 self._take("p", ")")
@@ -432,13 +413,12 @@ class DynamicsSimulator(Simulator):
         self.secured: frozenset[str] = SECURED_COLUMNS.get(variant, frozenset())
         self.custom_tenant = variant == "custom_fields"
         self.process_id = CUSTOM_PROCESS_ID if self.custom_tenant else SALES_PROCESS_ID
-        self.tokens: dict[str, float] = {}            # access token -> expiry (real time)
+        # Entra tokens expire on real time (kit/tokens.py says why), the service protection window too.
+        self.tokens = TokenStore(utcnow, 3599)
         self.request_limit = REQUEST_LIMIT
         self.aggregate_limit = AGGREGATE_LIMIT   # a test may lower it to exercise counting in ranges
-        self._window: deque[float] = deque()
-        self._window_lock = threading.Lock()
-        self._snapshots: OrderedDict[str, Any] = OrderedDict()
-        self._snap_lock = threading.Lock()
+        self.requests = Window(lambda: self.request_limit, WINDOW_SECONDS)
+        self._snapshots = Snapshots(64, new_id=lambda n: secrets.token_hex(6))
         self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
         self.change_tracking_enabled = True
         self.closes: list[dict[str, Any]] = []         # opportunityclose activities created by Win/Lose
@@ -461,22 +441,21 @@ class DynamicsSimulator(Simulator):
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
         self.route("GET", rf"/{t}/v2\.0/\.well-known/openid-configuration", self.openid_configuration)
-        self.route("GET", rf"{API}/?", self.service_document)
-        self.route("GET", rf"{API}/\$metadata", self.metadata)
-        self.route("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
-        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
-                          r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)",
-                   self.status_metadata)
-        self.route("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes",
-                   self.attribute_metadata)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
-                          r"processstages)", self.collection)
-        self.route("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
-                          rf"\((?P<id>{GUID_RE})\)", self.single)
-        self.route("POST", rf"{API}/opportunities", self.create)
-        self.route("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
-        self.route("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
-        self.route("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
+        api = functools.partial(self.route, guard=self._authorize)   # bearer token, then service protection
+        api("GET", rf"{API}/?", self.service_document)
+        api("GET", rf"{API}/\$metadata", self.metadata)
+        api("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
+        api("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
+                   r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)", self.status_metadata)
+        api("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes", self.attribute_metadata)
+        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
+                   r"processstages)", self.collection)
+        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
+                   rf"\((?P<id>{GUID_RE})\)", self.single)
+        api("POST", rf"{API}/opportunities", self.create)
+        api("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
+        api("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
+        api("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
 
     def handle(self, req: Request) -> Response:
         """A URL past Dataverse's limit is refused by the front end (HTTP.sys) before auth or throttling."""
@@ -510,14 +489,12 @@ class DynamicsSimulator(Simulator):
             429, {"Retry-After": str(max(0, int(rule.seconds))), "OData-Version": "4.0"})
 
     def expire_tokens(self) -> None:
-        self.tokens.clear()
+        self.tokens.expire_all()
 
     def common_headers(self, req: Request) -> dict[str, str]:
         if not req.path.startswith(API):
             return {}
-        with self._window_lock:
-            used = len(self._window)
-        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(max(0, self.request_limit - used)),
+        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(self.requests.remaining()),
                 "x-ms-ratelimit-time-remaining-xrm-requests": "1,200,000.00",
                 "OData-Version": "4.0", "x-ms-service-request-id": secrets.token_hex(8)}
 
@@ -526,21 +503,13 @@ class DynamicsSimulator(Simulator):
                 f"resource_id=https://sandbox.crm.dynamics.com/")
 
     def _authorize(self, req: Request) -> None:
-        header = req.header("authorization") or ""
-        token = header[7:] if header.lower().startswith("bearer ") else None
-        expiry = self.tokens.get(token or "")
-        if expiry is None or expiry < time.time():
+        if not self.tokens.valid(req.bearer()):
             raise HttpError(401, "ExpiredAuthTicket", "")
-        now = time.monotonic()
-        with self._window_lock:
-            while self._window and self._window[0] <= now - WINDOW_SECONDS:
-                self._window.popleft()
-            if len(self._window) >= self.request_limit:
-                retry = max(1, int(self._window[0] + WINDOW_SECONDS - now) + 1)
-                raise HttpError(429, "0x80072322",
-                                f"Number of requests exceeded the limit of {self.request_limit} over time window "
-                                f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
-            self._window.append(now)
+        if self.requests.take() is None:
+            retry = max(1, int(self.requests.retry_after()) + 1)
+            raise HttpError(429, "0x80072322",
+                            f"Number of requests exceeded the limit of {self.request_limit} over time window "
+                            f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
 
     def _require(self, privilege: str) -> None:
         """403 in Dataverse's shape when the application user's security role lacks `privilege`."""
@@ -559,7 +528,7 @@ class DynamicsSimulator(Simulator):
             self._require(privilege)
 
     def _base(self, req: Request) -> str:
-        return f"http://{req.header('host', '127.0.0.1')}"
+        return f"http://{req.host}"
 
     # -- Entra ID ------------------------------------------------------------------------------------------------
 
@@ -575,7 +544,7 @@ class DynamicsSimulator(Simulator):
         }, status, {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
 
     def token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        form = req.form()
         if req.params["tenant"] not in (TENANT_ID, "sandbox.onmicrosoft.com"):
             return self._aad_error(400, "invalid_request", 90002,
                                    f"Tenant '{req.params['tenant']}' not found. Check to make sure you have the "
@@ -602,13 +571,13 @@ class DynamicsSimulator(Simulator):
         claims = base64.urlsafe_b64encode(json.dumps(
             {"aud": scope[: -len("/.default")], "tid": TENANT_ID, "appid": CLIENT_ID}).encode()).rstrip(b"=").decode()
         token = f"{header}.{claims}.{secrets.token_urlsafe(24)}"
-        self.tokens[token] = time.time() + 3599
+        self.tokens.issue(token)
         return Response.json({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                               "access_token": token}, headers={"Cache-Control": "no-store, no-cache"})
 
     def openid_configuration(self, req: Request) -> Response:
         # Entra answers with https endpoints only (msal refuses anything else).
-        host = f"https://{req.header('host', '127.0.0.1')}"
+        host = f"https://{req.host}"
         t = req.params["tenant"]
         return Response.json({
             "token_endpoint": f"{host}/{t}/oauth2/v2.0/token",
@@ -629,14 +598,12 @@ class DynamicsSimulator(Simulator):
     # -- metadata ------------------------------------------------------------------------------------------------
 
     def service_document(self, req: Request) -> Response:
-        self._authorize(req)
         base = self._base(req) + API
         return Response.json({"@odata.context": f"{base}/$metadata", "value": [
             {"name": s, "kind": "EntitySet", "url": s} for s in self.sets]})
 
     def metadata(self, req: Request) -> Response:
         """A small CSDL document: the entity types this sandbox serves, with their properties."""
-        self._authorize(req)
         types = {"opportunities": {"estimatedvalue": "Edm.Decimal", "exchangerate": "Edm.Decimal",
                                    "estimatedvalue_base": "Edm.Decimal", "estimatedclosedate": "Edm.Date",
                                    "actualclosedate": "Edm.Date", "closeprobability": "Edm.Int32",
@@ -663,7 +630,6 @@ class DynamicsSimulator(Simulator):
                                                               "OData-Version": "4.0"})
 
     def entity_definitions(self, req: Request) -> Response:
-        self._authorize(req)
         self._require("prvReadEntity")
         rows = [{"LogicalName": s.logical, "EntitySetName": s.name, "PrimaryIdAttribute": s.key,
                  "SchemaName": s.logical.title(), "ChangeTrackingEnabled": s.name == "opportunities"
@@ -679,7 +645,6 @@ class DynamicsSimulator(Simulator):
         return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions", "value": rows})
 
     def status_metadata(self, req: Request) -> Response:
-        self._authorize(req)
         self._require("prvReadEntity")
         attr, kind = req.params["attr"], req.params["kind"]
         want = "StatusAttributeMetadata" if attr == "statuscode" else "StateAttributeMetadata"
@@ -706,7 +671,6 @@ class DynamicsSimulator(Simulator):
         """`EntityDefinitions(LogicalName='opportunity')/Attributes`: one AttributeMetadata per column (custom
         ones with IsCustomAttribute), lookups under their logical name (`parentaccountid`, not the Web API's
         `_parentaccountid_value`)."""
-        self._authorize(req)
         self._require("prvReadEntity")
         entity = req.params["entity"]
         es = next((e for e in self.sets.values() if e.logical == entity), None)
@@ -937,7 +901,6 @@ class DynamicsSimulator(Simulator):
     # -- reading -------------------------------------------------------------------------------------------------
 
     def single(self, req: Request) -> Response:
-        self._authorize(req)
         es = self.sets[req.params["set"]]
         self._require_read(es.name)
         getter = self._getter(es)
@@ -981,7 +944,6 @@ class DynamicsSimulator(Simulator):
         return out
 
     def collection(self, req: Request) -> Response:
-        self._authorize(req)
         es = self.sets[req.params["set"]]
         self._require_read(es.name)
         if req.arg("$apply") is not None:
@@ -1090,21 +1052,17 @@ class DynamicsSimulator(Simulator):
                               "value": [row]}, headers={"OData-Version": "4.0"})
 
     def _snapshot(self, es: EntitySet, req: Request, snap_id: str | None) -> dict[str, Any]:
-        with self._snap_lock:
-            if snap_id and snap_id in self._snapshots:
-                self._snapshots.move_to_end(snap_id)
-                return self._snapshots[snap_id]
+        snap = self._snapshots.get(snap_id)
+        if snap is not None:
+            return snap
         # A fresh query, or a paging cookie whose snapshot was evicted: evaluate against the current world.
         with self.world.lock:
             at = self.world.clock.now()
             if es.name == "opportunities":
                 self._remember_closes()
             entries = self._evaluate(es, req)
-        snap = {"id": snap_id or secrets.token_hex(6), "entries": entries, "at": at}
-        with self._snap_lock:
-            self._snapshots[snap["id"]] = snap
-            while len(self._snapshots) > 64:
-                self._snapshots.popitem(last=False)
+        snap = {"entries": entries, "at": at}
+        snap["id"] = self._snapshots.put(snap, snap_id)
         return snap
 
     def _evaluate(self, es: EntitySet, req: Request) -> list[tuple[str, Any]]:
@@ -1247,7 +1205,6 @@ class DynamicsSimulator(Simulator):
         return values
 
     def create(self, req: Request) -> Response:
-        self._authorize(req)
         values = self._values(req.json(), creating=True)
         values.setdefault("stage", "1")
         values.setdefault("account", None)
@@ -1272,7 +1229,6 @@ class DynamicsSimulator(Simulator):
         return opp
 
     def update(self, req: Request) -> Response:
-        self._authorize(req)
         opp = self._live(req.params["id"])
         body = req.json() or {}
         values = self._values(body, creating=False)
@@ -1290,13 +1246,11 @@ class DynamicsSimulator(Simulator):
             Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
 
     def delete(self, req: Request) -> Response:
-        self._authorize(req)
         opp = self._live(req.params["id"])
         self.world.delete(opp.native_id)
         return Response.empty(204)
 
     def close(self, req: Request) -> Response:
-        self._authorize(req)
         body = req.json() or {}
         won = req.params["action"] == "WinOpportunity"
         close = body.get("OpportunityClose") or {}
@@ -1391,7 +1345,7 @@ def _actual_end(value: Any) -> datetime | None:
         return None
     text = str(value)
     try:
-        return _parse_dt(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
+        return parse_iso(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError:
         raise odata_error(400, "0x80048d19", f"Cannot convert the literal '{text}' to the expected type "
                                              "'Edm.DateTimeOffset'.") from None

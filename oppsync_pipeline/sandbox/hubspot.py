@@ -44,19 +44,21 @@ What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import json
-import threading
-import time
 import uuid
 from bisect import bisect_right
-from collections import deque
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimOpportunity, SimStage, TenantProfile, World
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "hubspot"
 PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-7f3b-4c2e-9d1a-8e4b2f6c0a17"
@@ -276,9 +278,7 @@ class MissingScopes(HttpError):
 # -- rendering helpers ----------------------------------------------------------------------------------------------
 
 def iso_ms(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return fmt_datetime(dt, ms=True)
 
 
 def epoch_ms(dt: datetime) -> int:
@@ -301,12 +301,7 @@ def _to_ms(value: Any) -> int | None:
         return int(text)
     if len(text) == 10:
         return epoch_ms(datetime.combine(date.fromisoformat(text), datetime.min.time()))
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
-    return epoch_ms(dt)
+    return epoch_ms(parse_iso(text))
 
 
 def _error_body(message: str, category: str, **extra: Any) -> dict[str, Any]:
@@ -315,6 +310,7 @@ def _error_body(message: str, category: str, **extra: Any) -> dict[str, Any]:
 
 class HubSpotSimulator(Simulator):
     crm = CRM
+    daily_used = spent_of("daily")
 
     def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None,
                  variant: str = "default"):
@@ -326,12 +322,12 @@ class HubSpotSimulator(Simulator):
         self.limits = limits or Limits()
         self.cache = QueryCache()
         self._snap: tuple[int, list[SimOpportunity], dict[str, list[Any]]] | None = None
-        self.tokens: dict[str, datetime] = {}      # OAuth access token -> expiry (virtual clock)
-        self.daily_used = 0
-        self._window: deque[float] = deque()       # non-search request times, last 10 s
-        self._search_window: deque[float] = deque()
-        self._limit_lock = threading.Lock()
-        self._token_seq = 0
+        self.tokens = TokenStore(world.clock.now, TOKEN_SECONDS)   # OAuth access tokens (virtual clock)
+        # The limits are read on every request (tests change them on a running portal).
+        self.daily = Window(lambda: self.limits.daily)
+        self.ten_secondly = Window(lambda: self.limits.ten_secondly, 10.0)   # non-search calls
+        self.secondly = Window(lambda: self.limits.search_per_second, 1.0)   # search calls
+        self._token_seq = itertools.count(1)
         for u in world.users:                      # every owner is backed by a HubSpot user
             u.alt_id = user_id(u.idx)
         if world.users and all(u.active for u in world.users):
@@ -346,10 +342,10 @@ class HubSpotSimulator(Simulator):
         if self.custom_properties:
             for opp in world.opps.values():
                 opp.extra = {**custom_values(opp, world), **(opp.extra or {})}
-        r = self.route
+        self.route("POST", r"/oauth/v1/token", self.oauth_token)
+        r = functools.partial(self.route, guard=self._guard)   # the API: authenticated, metered, scoped
         r("GET", r"/crm/v3/properties/(?:deals|0-3)/?", self.properties_list)
         r("GET", r"/crm/v3/properties/(?:deals|0-3)/(?P<name>[^/]+)", self.property_read)
-        r("POST", r"/oauth/v1/token", self.oauth_token)
         r("GET", r"/crm/v3/pipelines/deals", self.pipelines)
         r("GET", r"/crm/v3/pipelines/deals/(?P<pipeline>[^/]+)/stages", self.pipeline_stages)
         r("GET", r"/crm/v3/owners/?", self.owners)
@@ -397,31 +393,25 @@ class HubSpotSimulator(Simulator):
                                                retry_after=rule.seconds))
 
     def expire_tokens(self) -> None:
-        now = self.world.clock.now()
-        for token in self.tokens:
-            self.tokens[token] = min(self.tokens[token], now - timedelta(seconds=1))
-
+        self.tokens.expire_all()
     def common_headers(self, req: Request) -> dict[str, str]:
         if not self._metered(req) or self._is_search(req):
             return {}
-        with self._limit_lock:
-            remaining = max(0, self.limits.ten_secondly - len(self._window)) if self.limits.ten_secondly else 0
-            return {
-                "X-HubSpot-RateLimit-Daily": str(self.limits.daily),
-                "X-HubSpot-RateLimit-Daily-Remaining": str(max(0, self.limits.daily - self.daily_used)),
-                "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
-                "X-HubSpot-RateLimit-Max": str(self.limits.ten_secondly),
-                "X-HubSpot-RateLimit-Remaining": str(remaining),
-                "X-HubSpot-RateLimit-Secondly": str(max(1, self.limits.ten_secondly // 10)),
-                "X-HubSpot-RateLimit-Secondly-Remaining": str(max(0, remaining // 10)),
-            }
+        remaining = self.ten_secondly.remaining() if self.limits.ten_secondly else 0
+        return {
+            "X-HubSpot-RateLimit-Daily": str(self.limits.daily),
+            "X-HubSpot-RateLimit-Daily-Remaining": str(self.daily.remaining()),
+            "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+            "X-HubSpot-RateLimit-Max": str(self.limits.ten_secondly),
+            "X-HubSpot-RateLimit-Remaining": str(remaining),
+            "X-HubSpot-RateLimit-Secondly": str(max(1, self.limits.ten_secondly // 10)),
+            "X-HubSpot-RateLimit-Secondly-Remaining": str(max(0, remaining // 10)),
+        }
 
-    def _dispatch(self, req: Request) -> Response:
-        if self._metered(req):
-            self._authenticate(req)
-            self._meter(req)
-            self._check_scopes(req)
-        return super()._dispatch(req)
+    def _guard(self, req: Request) -> None:
+        self._authenticate(req)
+        self._meter(req)
+        self._check_scopes(req)
 
     def _check_scopes(self, req: Request) -> None:
         """no_optional_rights: the app was granted crm.objects.deals.read only."""
@@ -441,16 +431,14 @@ class HubSpotSimulator(Simulator):
         return req.path.endswith("/search")
 
     def _authenticate(self, req: Request) -> None:
-        header = req.header("authorization") or ""
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        token = req.bearer()
         if token and token == PRIVATE_APP_TOKEN:
             return
-        expiry = self.tokens.get(token) if token else None
-        if expiry is not None:
-            now = self.world.clock.now()
-            if now < expiry:
+        if self.tokens.known(token):
+            ago = self.tokens.expired_for(token)
+            if ago is None:
                 return
-            ago = max(1, int((now - expiry).total_seconds()))
+            ago = max(1, int(ago.total_seconds()))
             raise HttpError(401, "EXPIRED_AUTHENTICATION",
                             f"The OAuth token used to make this call expired {ago} second(s) ago.")
         raise HttpError(401, "INVALID_AUTHENTICATION",
@@ -458,27 +446,21 @@ class HubSpotSimulator(Simulator):
                         "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview")
 
     def _meter(self, req: Request) -> None:
-        now = time.monotonic()
-        with self._limit_lock:
-            if self.limits.daily and self.daily_used >= self.limits.daily:
-                raise RateLimited("DAILY", "You have reached your daily limit.")
-            if self._is_search(req):
-                window, limit, span, policy = self._search_window, self.limits.search_per_second, 1.0, "SECONDLY"
-                message = "You have reached your secondly limit."
-            else:
-                window, limit, span, policy = self._window, self.limits.ten_secondly, 10.0, "TEN_SECONDLY_ROLLING"
-                message = "You have reached your ten_secondly_rolling limit."
-            while window and window[0] <= now - span:
-                window.popleft()
-            if limit and len(window) >= limit:
-                raise RateLimited(policy, message)
-            window.append(now)
-            self.daily_used += 1
+        if self.daily.full():
+            raise RateLimited("DAILY", "You have reached your daily limit.")
+        if self._is_search(req):
+            window, policy, message = self.secondly, "SECONDLY", "You have reached your secondly limit."
+        else:
+            window, policy = self.ten_secondly, "TEN_SECONDLY_ROLLING"
+            message = "You have reached your ten_secondly_rolling limit."
+        if window.take() is None:
+            raise RateLimited(policy, message)
+        self.daily.take()
 
     # -- OAuth ------------------------------------------------------------------------------------------------------
 
     def oauth_token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8")).items()}
+        form = req.form()
         if form.get("grant_type") != "refresh_token":
             return Response.json({"status": "BAD_GRANT_TYPE", "message": "grant_type must be refresh_token here",
                                   "correlationId": str(uuid.uuid4())}, 400)
@@ -488,10 +470,7 @@ class HubSpotSimulator(Simulator):
         if form.get("refresh_token") != OAUTH_REFRESH_TOKEN:
             return Response.json({"status": "BAD_REFRESH_TOKEN", "message": "missing or unknown refresh token",
                                   "correlationId": str(uuid.uuid4())}, 400)
-        with self._limit_lock:
-            self._token_seq += 1
-            token = f"CJ{self._token_seq:04d}{uuid.uuid4().hex}"
-            self.tokens[token] = self.world.clock.now() + timedelta(seconds=TOKEN_SECONDS)
+        token = self.tokens.issue(f"CJ{next(self._token_seq):04d}{uuid.uuid4().hex}")
         return Response.json({"token_type": "bearer", "refresh_token": OAUTH_REFRESH_TOKEN, "access_token": token,
                               "expires_in": TOKEN_SECONDS})
 

@@ -27,22 +27,24 @@ than COUNT(), sub-queries, INCLUDES/EXCLUDES, field-level security, concurrent-r
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
-import itertools
 import re
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
 
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, QueryCache, SimStage, TenantProfile, World, truncate
+from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
+from oppsync_pipeline.sandbox.kit.lexer import lex
+from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
+from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.world import Clock, SimStage, TenantProfile, World, truncate
 
 CRM = "salesforce"
 SANDBOX_CREDENTIALS = {"client_id": "3MVG9sandbox.oppsync.client", "client_secret": "9F4C2A7E1B8D3F60C5A9E2B7D4F1083A6C9E5B2D7F4A1C8E3B6D9F2A5C8E1B47"}
@@ -231,23 +233,12 @@ def _address_as_seen(acc: Any) -> str | None:
 # -- formats -----------------------------------------------------------------------------------------------------
 
 def sf_datetime(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}+0000"
+    return fmt_datetime(value, ms=True, zone="+0000")
 
 
 def _parse_iso(text: str) -> datetime:
-    """A datetime literal / query parameter to naive UTC (Z, +hh:mm, +hhmm, fraction optional)."""
-    t = text.strip().replace(" ", "+")
-    if t.endswith("Z"):
-        t = t[:-1] + "+00:00"
-    m = re.match(r"^(.*[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2}):?(\d{2})$", t)
-    if m:
-        t = f"{m.group(1)}{m.group(2)}:{m.group(3)}"
-    value = datetime.fromisoformat(t)
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value
+    """A datetime literal / query parameter (a `+` offset may arrive URL-decoded as a space) to naive UTC."""
+    return parse_iso(text.replace(" ", "+"))
 
 
 def _json_value(ftype: str, value: Any) -> Any:
@@ -363,28 +354,25 @@ class Tok:
 
 
 def tokenize(soql: str) -> list[Tok]:
-    toks, pos = [], 0
-    while pos < len(soql):
-        m = _TOKEN.match(soql, pos)
-        if not m:
-            if soql[pos] == "'":
-                raise _malformed(f"line 1:{pos} mismatched character '<EOF>' expecting '''")
-            raise _malformed(f"line 1:{pos} no viable alternative at character '{soql[pos]}'")
-        kind, text = m.lastgroup, m.group()
-        if kind != "ws":
-            value: Any = text
-            if kind == "str":
-                value = _unescape(text[1:-1], pos)
-            elif kind == "dt":
-                value = _parse_iso(text)
-            elif kind == "date":
-                value = date.fromisoformat(text)
-            elif kind == "num":
-                value = float(text)
-            elif kind == "ident" and text.lower() in _KEYWORDS:
-                kind, value = "kw", text.lower()
-            toks.append(Tok(kind, value, text, pos))
-        pos = m.end()
+    def error(pos: int) -> HttpError:
+        if soql[pos] == "'":
+            return _malformed(f"line 1:{pos} mismatched character '<EOF>' expecting '''")
+        return _malformed(f"line 1:{pos} no viable alternative at character '{soql[pos]}'")
+
+    toks = []
+    for kind, text, pos in lex(_TOKEN, soql, error):
+        value: Any = text
+        if kind == "str":
+            value = _unescape(text[1:-1], pos)
+        elif kind == "dt":
+            value = _parse_iso(text)
+        elif kind == "date":
+            value = date.fromisoformat(text)
+        elif kind == "num":
+            value = float(text)
+        elif kind == "ident" and text.lower() in _KEYWORDS:
+            kind, value = "kw", text.lower()
+        toks.append(Tok(kind, value, text, pos))
     toks.append(Tok("eof", None, "<EOF>", len(soql)))
     return toks
 
@@ -745,46 +733,45 @@ class _Cursor:
     keys: list[Any]
     include_deleted: bool
     batch: int
-    created: float = field(default_factory=time.monotonic)
 
 
 class SalesforceSimulator(Simulator):
     crm = CRM
     unfaulted = re.compile(r"^/__sandbox/|^/services/oauth2/")
+    api_usage = spent_of("allocation")
 
     def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
                  multi_currency: bool = False, custom_fields: bool = False, optional_rights: bool = True,
                  last_stage_change_date: bool = True, variant: str = "default"):
         super().__init__(world, faults)
         self.daily_limit = daily_limit
-        self.api_usage = 0
+        self.allocation = Window(lambda: self.daily_limit)   # the org's daily allocation; the sandbox never resets it
         self.multi_currency = multi_currency
         self.custom_fields = custom_fields
         self.optional_rights = optional_rights   # False: View Setup, OpportunityStage, Organization, User refused
         self.last_stage_change_date = last_stage_change_date   # False: the field is hidden (field-level security)
         self.stage_changes = StageChanges(world)
         self.variant = variant
-        self.tokens: set[str] = set()
-        self.cursors: OrderedDict[str, _Cursor] = OrderedDict()
+        self.tokens = TokenStore(world.clock.now)   # session ids: valid until the token_expiry fault
+        self.cursors = Snapshots(512, new_id=lambda n: to18(f"01gRO0000{_b62(n, 6)}"))   # query locators
         self.cache = QueryCache()
-        self._lock = threading.Lock()
-        self._locator_seq = itertools.count(1)
         self._signing_key = hashlib.sha256(f"sf-sandbox:{world.seed}".encode()).digest()
         self.schemas = self._schemas()
         self.route("POST", r"/services/oauth2/token", self._token)
         self.route("GET", r"/services/data/?", self._versions)
         v = r"/services/data/v(?P<version>\d+\.\d)"
-        self._api("GET", v + r"/?", self._resources)
-        self._api("GET", v + r"/limits/?", self._limits)
-        self._api("GET", v + r"/(?P<endpoint>query|queryAll)/?", self._query)
-        self._api("GET", v + r"/(?P<endpoint>query|queryAll)/(?P<locator>[A-Za-z0-9]+-\d+)/?", self._query_more)
-        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/describe/?", self._describe)
-        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/deleted/?", self._get_deleted)
-        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/updated/?", self._get_updated)
-        self._api("POST", v + r"/sobjects/(?P<sobject>\w+)/?", self._create)
-        self._api("GET", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._get_record)
-        self._api("PATCH", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._update)
-        self._api("DELETE", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._delete)
+        api = functools.partial(self.route, guard=self._guard)
+        api("GET", v + r"/?", self._resources)
+        api("GET", v + r"/limits/?", self._limits)
+        api("GET", v + r"/(?P<endpoint>query|queryAll)/?", self._query)
+        api("GET", v + r"/(?P<endpoint>query|queryAll)/(?P<locator>[A-Za-z0-9]+-\d+)/?", self._query_more)
+        api("GET", v + r"/sobjects/(?P<sobject>\w+)/describe/?", self._describe)
+        api("GET", v + r"/sobjects/(?P<sobject>\w+)/deleted/?", self._get_deleted)
+        api("GET", v + r"/sobjects/(?P<sobject>\w+)/updated/?", self._get_updated)
+        api("POST", v + r"/sobjects/(?P<sobject>\w+)/?", self._create)
+        api("GET", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._get_record)
+        api("PATCH", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._update)
+        api("DELETE", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._delete)
 
     # -- Simulator hooks ----------------------------------------------------------------------------------------
 
@@ -800,8 +787,7 @@ class SalesforceSimulator(Simulator):
                              403, {"Sforce-Limit-Info": self._usage_header()})
 
     def expire_tokens(self) -> None:
-        with self._lock:
-            self.tokens.clear()
+        self.tokens.expire_all()
 
     def common_headers(self, req: Request) -> dict[str, str]:
         if req.path.startswith("/services/data"):
@@ -813,28 +799,20 @@ class SalesforceSimulator(Simulator):
 
     # -- auth and allocation ------------------------------------------------------------------------------------
 
-    def _api(self, method: str, pattern: str, handler: Callable[[Request], Response]) -> None:
-        def guarded(req: Request) -> Response:
-            too_long = _over_request_limit(req)
-            if too_long is not None:
-                return too_long
-            auth = req.header("authorization") or ""
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            with self._lock:
-                valid = token in self.tokens
-            if not valid:
-                raise HttpError(401, "INVALID_SESSION_ID", "Session expired or invalid")
-            if req.params.get("version") not in API_VERSIONS:
-                raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
-            with self._lock:
-                if self.api_usage >= self.daily_limit:
-                    raise HttpError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
-                self.api_usage += 1
-            return handler(req)
-        self.route(method, pattern, guarded)
+    def _guard(self, req: Request) -> Response | None:
+        too_long = _over_request_limit(req)
+        if too_long is not None:
+            return too_long
+        if not self.tokens.valid(req.bearer()):
+            raise HttpError(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        if req.params.get("version") not in API_VERSIONS:
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
+        if self.allocation.take() is None:
+            raise HttpError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+        return None
 
     def _token(self, req: Request) -> Response:
-        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8"), keep_blank_values=True).items()}
+        form = req.form()
         grant = form.get("grant_type")
         if grant != "client_credentials":
             return Response.json({"error": "unsupported_grant_type", "error_description": "grant type not supported"},
@@ -844,14 +822,13 @@ class SalesforceSimulator(Simulator):
         if not ok:
             return Response.json({"error": "invalid_grant", "error_description": "authentication failure"}, 400)
         token = f"{ORG_ID[:15]}!{secrets.token_urlsafe(48)}"
-        with self._lock:
-            self.tokens.add(token)
+        self.tokens.issue(token)
         user_id = self.world.users[0].native_id
         identity = f"https://login.salesforce.com/id/{ORG_ID}/{user_id}"
         issued_at = str(int(time.time() * 1000))
         signature = base64.b64encode(hmac.new(self._signing_key, (identity + issued_at).encode(),
                                               hashlib.sha256).digest()).decode()
-        host = req.header("host") or "127.0.0.1"
+        host = req.host
         return Response.json({"access_token": token, "signature": signature, "scope": "api",
                               "instance_url": f"http://{host}", "id": identity, "token_type": "Bearer",
                               "issued_at": issued_at})
@@ -891,8 +868,7 @@ class SalesforceSimulator(Simulator):
 
     def _query_more(self, req: Request) -> Response:
         locator, _, offset = req.params["locator"].rpartition("-")
-        with self._lock:
-            cursor = self.cursors.get(locator)
+        cursor = self.cursors.get(locator)
         if cursor is None or int(offset) > len(cursor.keys):
             raise HttpError(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
         if req.header("sforce-query-options"):
@@ -926,11 +902,7 @@ class SalesforceSimulator(Simulator):
         body: dict[str, Any] = {"totalSize": len(cursor.keys), "done": end >= len(cursor.keys)}
         if end < len(cursor.keys):
             if locator is None:
-                locator = to18(f"01gRO0000{_b62(next(self._locator_seq), 6)}")
-                with self._lock:
-                    self.cursors[locator] = cursor
-                    while len(self.cursors) > 512:
-                        self.cursors.popitem(last=False)
+                locator = self.cursors.put(cursor)
             body["nextRecordsUrl"] = f"/services/data/v{version}/query/{locator}-{end}"
         body["records"] = records
         return Response.json(body)

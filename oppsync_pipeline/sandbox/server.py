@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -46,6 +46,20 @@ class Request:
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
 
+    @property
+    def host(self) -> str:
+        """The Host the client called: links and instance URLs point back at it."""
+        return self.headers.get("host") or "127.0.0.1"
+
+    def bearer(self) -> str:
+        """The token of an `Authorization: Bearer <token>` header ('' without one)."""
+        auth = self.headers.get("authorization") or ""
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def form(self) -> dict[str, str]:
+        """A form-encoded body (the OAuth token requests): the first value of each name."""
+        return {k: v[0] for k, v in parse_qs(self.body.decode("utf-8"), keep_blank_values=True).items()}
+
     def json(self) -> Any:
         if not self.body:
             return None
@@ -70,6 +84,8 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+# Runs before a guarded route's handler: raises HttpError (auth, rate limit, rights) or answers early.
+Guard = Callable[[Request], "Response | None"]
 
 
 class HttpError(Exception):
@@ -158,6 +174,7 @@ class Simulator:
     crm: str = ""
     # Paths that are never faulted or rate-limited (token endpoints are faulted by their own rules if wanted).
     unfaulted = re.compile(r"^/__sandbox/")
+    route_flags = 0   # re flags of every route pattern (Autotask's IIS paths: re.IGNORECASE)
 
     def __init__(self, world: World, faults: FaultPlan | None = None):
         self.world = world
@@ -169,8 +186,12 @@ class Simulator:
         self.route("POST", r"/__sandbox/faults", self._control_faults)
         self.route("GET", r"/__sandbox/state", self._control_state)
 
-    def route(self, method: str, pattern: str, handler: Handler) -> None:
-        self.routes.append((method, re.compile("^" + pattern + "$"), handler))
+    def route(self, method: str, pattern: str, handler: Handler, *, guard: Guard | None = None) -> None:
+        """Serve `handler` on `method` + `pattern` (a regex on the whole path; named groups become `req.params`).
+        `guard`: the API's auth / allowance / rights checks, run after the route matched."""
+        if guard is not None:
+            handler = _guarded(guard, handler)
+        self.routes.append((method, re.compile("^" + pattern + "$", self.route_flags), handler))
 
     # Each CRM answers these in its own form.
     def error_response(self, err: HttpError) -> Response:
@@ -273,6 +294,13 @@ class Simulator:
         })
 
 
+def _guarded(guard: Guard, handler: Handler) -> Handler:
+    def guarded(req: Request) -> Response:
+        early = guard(req)
+        return early if early is not None else handler(req)
+    return guarded
+
+
 # -- the server -----------------------------------------------------------------------------------------------
 
 class _Handler(BaseHTTPRequestHandler):
@@ -305,7 +333,8 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         self.send_response(resp.status)
-        headers = {"Date": format_datetime(_aware(self.simulator.world.clock.now()), usegmt=True), **resp.headers}
+        now = self.simulator.world.clock.now().replace(tzinfo=timezone.utc)
+        headers = {"Date": format_datetime(now, usegmt=True), **resp.headers}
         truncated = False
         for k, v in headers.items():
             self.send_header(k, v)
@@ -320,11 +349,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _serve
-
-
-def _aware(dt: Any) -> Any:
-    from datetime import timezone
-    return dt.replace(tzinfo=timezone.utc)
 
 
 class _Server(ThreadingHTTPServer):
@@ -362,7 +386,3 @@ class SandboxServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def hours(n: float) -> timedelta:
-    return timedelta(hours=n)

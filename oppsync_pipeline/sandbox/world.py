@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -344,14 +344,6 @@ class World:
             self.version += 1
             return opp
 
-    def undelete(self, native_id: str) -> SimOpportunity:
-        with self.lock:
-            opp = self.opps[native_id]
-            opp.deleted_at = None
-            opp.modified_at = self.clock.now()
-            self.version += 1
-            return opp
-
     def rename_account(self, idx: int, name: str | None = None, *, at: datetime | None = None) -> SimAccount:
         """Rename an account (what a user does on the account's own page): the account's change time moves,
         its opportunities' does not."""
@@ -451,23 +443,3 @@ class World:
 
     def _random_id(self) -> str:
         return self.profile.opportunity_id(self.rng.randint(1, self._seq))
-
-
-@dataclass
-class QueryCache:
-    """Result snapshots for paging, keyed by query and world version (real cursors are snapshots too)."""
-
-    max_entries: int = 64
-    _entries: dict[Any, Any] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def get_or_compute(self, key: Any, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._entries:
-                return self._entries[key]
-        value = compute()
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[key] = value
-        return value

@@ -1,4 +1,4 @@
-"""Autotask PSA REST API v1.0 simulator (crm-api-notes.md section 5).
+"""Autotask PSA REST API v1.0 simulator (docs/crm-api-notes.md §5).
 
 What it reproduces:
 - Zone discovery: `GET /atservicesrest/v1.0/zoneInformation?user=<username>` (no auth, never faulted or
@@ -591,7 +591,7 @@ class AutotaskSimulator(Simulator):
                   "rating": "integer"}
         # closedDate / lostDate: datetimes (the swagger-generated clients type both time.Time: go-autotask
         # entities/opportunities.go), set when the status becomes Closed / Implemented (won) or Lost, from the
-        # world's close time; None while open and after a reopen (crm-api-notes 5.5).
+        # world's close time; None while open and after a reopen (docs/crm-api-notes.md §5.5).
         absent = self.tenant.absent_fields
         fields = {k: v for k, v in fields.items() if k not in absent}
 
@@ -747,7 +747,7 @@ def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:
 # -- the filter grammar --------------------------------------------------------------------------------------------
 
 # Values one `in` / `notIn` condition may list: 500 (the SOAP thresholds page's 500 conditions per query, and
-# the limit the REST by-id reads are batched to; crm-api-notes 5.2). More is a query error, not a truncation.
+# the limit the REST by-id reads are batched to; docs/crm-api-notes.md §5.2). More is a query error, not a truncation.
 IN_LIMIT = 500
 _OPS = {"eq", "noteq", "gt", "gte", "lt", "lte", "beginswith", "endswith", "contains", "exist", "notexist",
         "in", "notin", "and", "or"}

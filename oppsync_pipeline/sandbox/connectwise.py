@@ -1,6 +1,6 @@
 """ConnectWise Manage (PSA) REST API 3.0 simulator.
 
-What it reproduces (crm-api-notes.md section 4):
+What it reproduces (docs/crm-api-notes.md §4):
 - `GET /login/companyinfo/{company}` (no auth) for codebase discovery; the API itself under
   `/{codebase}apis/3.0/` for the discovered codebase and for `v4_6_release/`, which most tenants accept.
 - HTTP Basic `company+publicKey:privateKey` plus the required `clientId` header on every API call
@@ -29,7 +29,7 @@ What it reproduces (crm-api-notes.md section 4):
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
 - Close time: `closedDate` (`YYYY-MM-DDTHH:MM:SSZ`) and `closedBy` (a member reference) are set while the
   opportunity stands in a status with closedFlag (from the world's `closed_at`: stamped when it entered that
-  status) and null while it is open; a reopen clears both (crm-api-notes 4.5: "set when the opportunity
+  status) and null while it is open; a reopen clears both (docs/crm-api-notes.md §4.5: "set when the opportunity
   closes"; the clearing on reopen is not documented and follows the world). `closedDate` is filterable
   (`closedDate>=[...]`). The `migrated_history` variant has closed records without a closedDate.
 - Read by id: `conditions=id in (...)` on the list; an id the tenant no longer has (hard delete) is simply not

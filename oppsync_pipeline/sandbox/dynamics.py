@@ -1,4 +1,4 @@
-"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 simulator (crm-api-notes.md section 3).
+"""Microsoft Dynamics 365 Sales / Dataverse Web API v9.2 simulator (docs/crm-api-notes.md §3).
 
 What it serves, at the URL root like the real hosts (the Entra ID token endpoint shares the host):
   POST /{tenant}/oauth2/v2.0/token                   client credentials -> bearer token (AADSTS error bodies)

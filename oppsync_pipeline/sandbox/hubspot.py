@@ -1,6 +1,6 @@
 """HubSpot CRM v3 simulator: deals, search, pipelines, owners, companies and deal-company associations.
 
-What it reproduces (crm-api-notes.md section 2, "Simulator fidelity checklist"):
+What it reproduces (docs/crm-api-notes.md §2, "Simulator fidelity checklist"):
 - Auth: a private-app token (`Authorization: Bearer pat-na1-...`, never expires) and OAuth
   (`POST /oauth/v1/token`, form-encoded `grant_type=refresh_token`, `expires_in` 1800 on the virtual clock).
   A bad token is a 401 with `category: INVALID_AUTHENTICATION`; an expired OAuth token a 401 with

@@ -2,7 +2,7 @@
 cursor paging through `nextRecordsUrl`, sObject CRUD, getDeleted / getUpdated, and the org's daily API
 allocation reported in `Sforce-Limit-Info`.
 
-What it reproduces (crm-api-notes.md section 1.11): `attributes` on every record and nested parent, `null`
+What it reproduces (docs/crm-api-notes.md §1.11): `attributes` on every record and nested parent, `null`
 for unset parents, relative `nextRecordsUrl` under `/services/data/vNN.0/query/`, `totalSize` = full count,
 `Sforce-Query-Options: batchSize` clamped to 200..2000, errors as JSON arrays, 401 INVALID_SESSION_ID,
 403 REQUEST_LIMIT_EXCEEDED when the allocation is spent, IsDeleted rows only through `queryAll`, datetimes as

@@ -13,8 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import (api_efficiency, end_to_end, fail_fast, latency_floor, memory, reconcile_throughput,
-                        simulator_scale)
+from benchmarks import (
+    api_efficiency,
+    end_to_end,
+    fail_fast,
+    latency_floor,
+    memory,
+    reconcile_throughput,
+    simulator_scale,
+)
 from benchmarks.common import Figure, progress
 from benchmarks.report import RESULTS, table, write_results
 
@@ -24,27 +31,29 @@ BENCHMARKS = {
     "latency": latency_floor,
     "memory": memory,
     "e2e": end_to_end,
-    "fail-fast": fail_fast,            # seconds from a permanent error to a failed run, per CRM (no Dagster retry)
-    "simulators": simulator_scale,     # the simulators serving 100,000-opportunity tenants
+    "fail-fast": fail_fast,  # seconds from a permanent error to a failed run, per CRM (no Dagster retry)
+    "simulators": simulator_scale,  # the simulators serving 100,000-opportunity tenants
 }
 # Where the default differs from the brief's size, to keep `make bench` within 20 minutes (measured, with the
 # machine shared): dlt's merge runs at ~500 rows/s on DuckDB (a million rows would take ~35 min on its own),
 # a million-opportunity Salesforce tenant takes ~4 min to generate before the sync starts, and each full sync
 # costs ~1-3 ms per opportunity, which the end-to-end run pays five times before the timed hour.
 SMALLER_DEFAULTS = {
-    "rows": 50_000,                  # brief: 1,000,000
+    "rows": 50_000,  # brief: 1,000,000
     "latency_opportunities": 10_000,  # brief: 100,000
     "latency_connectwise": 500,
-    "e2e_opportunities": 5_000,       # brief: 100,000
+    "e2e_opportunities": 5_000,  # brief: 100,000
     "e2e_connectwise": 1_000,
 }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", choices=list(BENCHMARKS),
-                        help="run only these benchmarks (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", action="append", choices=list(BENCHMARKS), help="run only these benchmarks (repeatable)"
+    )
     parser.add_argument("--workdir", help="keep scratch files here (default: a temp dir, removed)")
     parser.add_argument("--results", default=str(RESULTS), help="where to write the results (markdown)")
     for module in BENCHMARKS.values():
@@ -54,13 +63,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
-    brief = {"rows": 1_000_000, "latency_opportunities": 100_000, "memory_opportunities": 1_000_000,
-             "e2e_opportunities": 100_000}
-    shown = {"reconcile": ["rows"], "api": ["api_opportunities"],
-             "latency": ["latency_opportunities", "latency_connectwise"],
-             "memory": ["memory_opportunities", "memory_dagster_opportunities"],
-             "e2e": ["e2e_opportunities", "e2e_connectwise"], "fail-fast": ["fail_fast_opportunities"],
-             "simulators": []}
+    brief = {
+        "rows": 1_000_000,
+        "latency_opportunities": 100_000,
+        "memory_opportunities": 1_000_000,
+        "e2e_opportunities": 100_000,
+    }
+    shown = {
+        "reconcile": ["rows"],
+        "api": ["api_opportunities"],
+        "latency": ["latency_opportunities", "latency_connectwise"],
+        "memory": ["memory_opportunities", "memory_dagster_opportunities"],
+        "e2e": ["e2e_opportunities", "e2e_connectwise"],
+        "fail-fast": ["fail_fast_opportunities"],
+        "simulators": [],
+    }
     out = []
     for name in names:
         parts = []

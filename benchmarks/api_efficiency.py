@@ -21,14 +21,13 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from benchmarks.common import TEST_OPTIONS, Figure, PathCountingSession, progress, sandbox_config, verdict
 from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
-
-from benchmarks.common import TEST_OPTIONS, Figure, PathCountingSession, progress, sandbox_config, verdict
 
 NAME = "api efficiency"
 TARGET = 1.1
@@ -47,9 +46,13 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
 def set_bookmark(engine, connection: str, cursor) -> None:
     with transaction(engine) as c:
         c.execute(text("DELETE FROM oppsync.sync_state WHERE connection = :c"), {"c": connection})
-        c.execute(text("INSERT INTO oppsync.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
-                       "last_run_id, mapping_version) VALUES (:c, :cur, :cur, :cur, 'bench-bookmark', :mv)"),
-                  {"c": connection, "cur": cursor, "mv": MAPPING_VERSION})
+        c.execute(
+            text(
+                "INSERT INTO oppsync.sync_state (connection, cursor, last_full_sync_at, last_success_at, "
+                "last_run_id, mapping_version) VALUES (:c, :cur, :cur, :cur, 'bench-bookmark', :mv)"
+            ),
+            {"c": connection, "cur": cursor, "mv": MAPPING_VERSION},
+        )
 
 
 def measure(crm: str, n: int, workdir: Path) -> Figure:
@@ -57,8 +60,7 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
     sim = build_simulator(crm, seed=11, opportunities=n)
     world = sim.world
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir,
-                             extra=TEST_OPTIONS)
+        cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir, extra=TEST_OPTIONS)
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
         ensure_schema(engine)
@@ -92,15 +94,26 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
     feed = 1 if type(probe).native_deletes else 0
     forecasts = sum(changed.values()) if crm == "connectwise" else 0
     minimum = dictionary + sum(max(1, math.ceil(k / page)) for k in changed.values()) + feed + forecasts
-    full_read = dictionary + sum(max(1, math.ceil(k / page)) for k in sizes.values()) + \
-        (sum(sizes.values()) if crm == "connectwise" else 0)
+    full_read = (
+        dictionary
+        + sum(max(1, math.ceil(k / page)) for k in sizes.values())
+        + (sum(sizes.values()) if crm == "connectwise" else 0)
+    )
     ratio = made / minimum
     calls = ", ".join(f"{k} x{v}" for k, v in sorted(session.by_path.items(), key=lambda kv: -kv[1]))
-    notes = (f"N={n:,}; changed since bookmark: {changed['open']} open + {changed['closed']} closed, "
-             f"fetched {summary.result.fetched if summary.result else '-'} (overlap window included); "
-             f"page {page}; minimum {minimum} = dictionary {dictionary} + pages "
-             f"{sum(max(1, math.ceil(k / page)) for k in changed.values())} + delete feed {feed}"
-             + (f" + forecasts {forecasts}" if forecasts else "")
-             + f"; full read every hour {full_read:,} ({full_read / made:,.0f}x ours); calls: {calls}")
-    return Figure(NAME, crm, f"{made} requests = {ratio:.2f}x minimum", f"<= {TARGET}x minimum ({minimum})",
-                  verdict(ratio <= TARGET), notes)
+    notes = (
+        f"N={n:,}; changed since bookmark: {changed['open']} open + {changed['closed']} closed, "
+        f"fetched {summary.result.fetched if summary.result else '-'} (overlap window included); "
+        f"page {page}; minimum {minimum} = dictionary {dictionary} + pages "
+        f"{sum(max(1, math.ceil(k / page)) for k in changed.values())} + delete feed {feed}"
+        + (f" + forecasts {forecasts}" if forecasts else "")
+        + f"; full read every hour {full_read:,} ({full_read / made:,.0f}x ours); calls: {calls}"
+    )
+    return Figure(
+        NAME,
+        crm,
+        f"{made} requests = {ratio:.2f}x minimum",
+        f"<= {TARGET}x minimum ({minimum})",
+        verdict(ratio <= TARGET),
+        notes,
+    )

@@ -20,8 +20,9 @@ from oppsync_pipeline.lib.config import OppsyncConfig, parse_config
 from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.sandbox.cluster import sandbox_connection
 
-PG_ADMIN_URL = os.environ.get("OPPSYNC_BENCH_PG", os.environ.get(
-    "OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
+PG_ADMIN_URL = os.environ.get(
+    "OPPSYNC_BENCH_PG", os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+)
 # The registry's test options (HubSpot's connector throttles search to ~4/s by default; the simulator does not
 # rate-limit): benchmarks that count requests or time CPU turn such client-side throttles off (the latency
 # benchmark keeps them and states the real limit).
@@ -33,10 +34,10 @@ class Figure:
     """One row of the results table."""
 
     benchmark: str
-    subject: str          # backend and/or CRM
+    subject: str  # backend and/or CRM
     measured: str
     target: str
-    verdict: str          # PASS | MISS | info
+    verdict: str  # PASS | MISS | info
     notes: str = ""
 
 
@@ -60,8 +61,9 @@ def timed() -> Iterator[dict[str, float]]:
         box["s"] = time.perf_counter() - t0
 
 
-def sandbox_config_dict(servers: dict[str, Any], warehouse_url: str, workdir: Path,
-                        extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def sandbox_config_dict(
+    servers: dict[str, Any], warehouse_url: str, workdir: Path, extra: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """An oppsync.yaml document for running SandboxServers ({crm: server} or {crm: url}), credentials in a
     secrets file written to `workdir` (the same shape as tests/conftest.sandbox_config, without pytest)."""
     secrets, connections = [], []
@@ -77,8 +79,9 @@ def sandbox_config_dict(servers: dict[str, Any], warehouse_url: str, workdir: Pa
     return {"warehouse": {"url": warehouse_url}, "secrets_file": str(secrets_file), "connections": connections}
 
 
-def sandbox_config(servers: dict[str, Any], warehouse_url: str, workdir: Path,
-                   extra: dict[str, dict[str, Any]] | None = None) -> OppsyncConfig:
+def sandbox_config(
+    servers: dict[str, Any], warehouse_url: str, workdir: Path, extra: dict[str, dict[str, Any]] | None = None
+) -> OppsyncConfig:
     return parse_config(sandbox_config_dict(servers, warehouse_url, workdir, extra))
 
 
@@ -117,7 +120,8 @@ class PathCountingSession(requests.Session):
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         path = url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
-        label = f"{method} /" + "/".join("{id}" if part.isdigit() or len(part) > 24 else part
-                                         for part in path.split("/"))
+        label = f"{method} /" + "/".join(
+            "{id}" if part.isdigit() or len(part) > 24 else part for part in path.split("/")
+        )
         self.by_path[label] = self.by_path.get(label, 0) + 1
         return super().request(method, url, *args, **kwargs)

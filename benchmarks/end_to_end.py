@@ -19,13 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.common import Figure, progress, sandbox_config_dict, timed
 from oppsync_pipeline.lib.config import load_config
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
-
-from benchmarks.common import Figure, progress, sandbox_config_dict, timed
 
 NAME = "end to end"
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("end to end")
     g.add_argument("--e2e-opportunities", type=int, default=100_000, help="opportunities per connection")
-    g.add_argument("--e2e-connectwise", type=int, default=None,
-                   help="ConnectWise tenant size (its initial sync costs one request per opportunity); "
-                        "default: the same as the others")
+    g.add_argument(
+        "--e2e-connectwise",
+        type=int,
+        default=None,
+        help="ConnectWise tenant size (its initial sync costs one request per opportunity); "
+        "default: the same as the others",
+    )
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
@@ -114,12 +117,17 @@ def hourly_run(cfg_file: Path, workdir: Path, sizes: dict[str, int]) -> Figure:
                 ok = ok and result.success
             with timed() as t:
                 mart = defs.resolve_job_def("build_mart").execute_in_process(
-                    run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "benchmark"},
-                    raise_on_error=False)
+                    run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "benchmark"}, raise_on_error=False
+                )
             parts["build_mart"] = t["s"]
             ok = ok and mart.success
     breakdown = ", ".join(f"{k} {v:.1f}s" for k, v in parts.items())
-    subject = "5 connections x " + ("/".join(sorted({f'{k:,}' for k in sizes.values()})))
-    return Figure(NAME, subject, f"{total['s']:.1f}s", "(no target: figure for issue 9)",
-                  "info" if ok else "MISS",
-                  f"{'all jobs succeeded' if ok else 'A JOB FAILED'}; {breakdown}")
+    subject = "5 connections x " + ("/".join(sorted({f"{k:,}" for k in sizes.values()})))
+    return Figure(
+        NAME,
+        subject,
+        f"{total['s']:.1f}s",
+        "(no target: figure for issue 9)",
+        "info" if ok else "MISS",
+        f"{'all jobs succeeded' if ok else 'A JOB FAILED'}; {breakdown}",
+    )

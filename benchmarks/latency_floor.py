@@ -15,12 +15,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common import Figure, PathCountingSession, progress, sandbox_config, timed, verdict
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer
-
-from benchmarks.common import Figure, PathCountingSession, progress, sandbox_config, timed, verdict
 
 NAME = "latency floor"
 TARGET = 1.3
@@ -31,17 +30,20 @@ LATENCY_MS = 50
 class ApiConcurrency:
     concurrency: int
     source: str
-    requests_per_second: float | None = None          # an overall rate cap, where documented
-    search_requests_per_second: float | None = None   # HubSpot search
+    requests_per_second: float | None = None  # an overall rate cap, where documented
+    search_requests_per_second: float | None = None  # HubSpot search
 
 
 ALLOWED = {
     "salesforce": ApiConcurrency(25, "25 concurrent long-running requests (no lower cap documented for short ones)"),
-    "hubspot": ApiConcurrency(10, "100 requests / 10 s (private app, Free/Starter), search 5/s",
-                              requests_per_second=10, search_requests_per_second=5),
+    "hubspot": ApiConcurrency(
+        10,
+        "100 requests / 10 s (private app, Free/Starter), search 5/s",
+        requests_per_second=10,
+        search_requests_per_second=5,
+    ),
     "dynamics": ApiConcurrency(52, "fewer than 52 concurrent requests per user"),
-    "connectwise": ApiConcurrency(1, "no documented concurrency (community: ~60 requests/min, unverified); "
-                                     "taken as 1"),
+    "connectwise": ApiConcurrency(1, "no documented concurrency (community: ~60 requests/min, unverified); taken as 1"),
     "autotask": ApiConcurrency(3, "3 concurrent threads per object endpoint"),
 }
 # a CRM whose limits are not written down above is measured as if its API allowed one request at a time
@@ -51,8 +53,12 @@ UNDOCUMENTED = ApiConcurrency(1, "not documented here: taken as 1")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("latency floor")
     g.add_argument("--latency-opportunities", type=int, default=20_000, help="opportunities per CRM")
-    g.add_argument("--latency-connectwise", type=int, default=1_000,
-                   help="ConnectWise tenant size (one forecast request per opportunity)")
+    g.add_argument(
+        "--latency-connectwise",
+        type=int,
+        default=1_000,
+        help="ConnectWise tenant size (one forecast request per opportunity)",
+    )
     g.add_argument("--latency-crm", action="append", choices=CRMS, help="only these CRMs (repeatable)")
 
 
@@ -94,8 +100,16 @@ def measure(crm: str, n: int, workdir: Path) -> Figure:
     wall = t["s"]
     fetched = summary.result.fetched if summary.result else 0
     allows = ALLOWED.get(crm, UNDOCUMENTED).source
-    notes = (f"N={n:,} (fetched {fetched:,}); {requests} requests; API allows: {allows}; "
-             f"sequential floor {sequential:.1f}s ({wall / sequential:.1f}x); latency is "
-             f"{sequential / wall:.0%} of the wall time")
-    return Figure(NAME, crm, f"{wall:.1f}s = {wall / floor:.1f}x floor", f"<= {TARGET}x floor ({floor:.1f}s)",
-                  verdict(wall <= TARGET * floor), notes)
+    notes = (
+        f"N={n:,} (fetched {fetched:,}); {requests} requests; API allows: {allows}; "
+        f"sequential floor {sequential:.1f}s ({wall / sequential:.1f}x); latency is "
+        f"{sequential / wall:.0%} of the wall time"
+    )
+    return Figure(
+        NAME,
+        crm,
+        f"{wall:.1f}s = {wall / floor:.1f}x floor",
+        f"<= {TARGET}x floor ({floor:.1f}s)",
+        verdict(wall <= TARGET * floor),
+        notes,
+    )

@@ -26,15 +26,19 @@ from benchmarks.common import Figure, progress, verdict
 
 NAME = "memory"
 TARGET_MB = 500
-DAGSTER_OVERHEAD = 0.10   # Dagster's peak may exceed the library's by this share
+DAGSTER_OVERHEAD = 0.10  # Dagster's peak may exceed the library's by this share
 CRM = "salesforce"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory")
     g.add_argument("--memory-opportunities", type=int, default=1_000_000, help="Salesforce tenant size")
-    g.add_argument("--memory-dagster-opportunities", type=int, default=100_000,
-                   help="tenant size of the library-vs-Dagster comparison (0: skip it)")
+    g.add_argument(
+        "--memory-dagster-opportunities",
+        type=int,
+        default=100_000,
+        help="tenant size of the library-vs-Dagster comparison (0: skip it)",
+    )
 
 
 def free_port() -> int:
@@ -64,10 +68,15 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         figures = measure(url, workdir / "child", "library")
     limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", "256MB (default)")
     peak = figures["peak_rss_mb"]
-    notes = (f"N={n:,}, fetched {figures['fetched']:,} in {figures['seconds']:.0f}s with {figures['requests']} "
-             f"requests; VmHWM of the sync process; DuckDB memory limit {limit}")
-    out = [Figure(NAME, f"{CRM} -> duckdb", f"{peak:.0f} MB peak RSS", f"< {TARGET_MB} MB",
-                  verdict(peak < TARGET_MB), notes)]
+    notes = (
+        f"N={n:,}, fetched {figures['fetched']:,} in {figures['seconds']:.0f}s with {figures['requests']} "
+        f"requests; VmHWM of the sync process; DuckDB memory limit {limit}"
+    )
+    out = [
+        Figure(
+            NAME, f"{CRM} -> duckdb", f"{peak:.0f} MB peak RSS", f"< {TARGET_MB} MB", verdict(peak < TARGET_MB), notes
+        )
+    ]
     if args.memory_dagster_opportunities:
         out.append(dagster_against_library(args.memory_dagster_opportunities, workdir / "dagster-vs-library"))
     return out
@@ -81,13 +90,21 @@ def dagster_against_library(n: int, workdir: Path) -> Figure:
         library = measure(url, workdir / "library", "library")
         dagster = measure(url, workdir / "dagster", "dagster")
     ratio = dagster["peak_rss_mb"] / library["peak_rss_mb"]
-    notes = (f"N={n:,}; library {library['peak_rss_mb']:.0f} MB in {library['seconds']:.0f}s, Dagster "
-             f"{dagster['peak_rss_mb']:.0f} MB in {dagster['seconds']:.0f}s (sync job: extract, blocking quality "
-             f"check, reconcile, checks); fetched {dagster['fetched']:,}; before the sync started "
-             f"{library['rss_before_run_mb']:.0f} MB (library) and {dagster['rss_before_run_mb']:.0f} MB (Dagster, "
-             f"definitions loaded): the sync itself added {growth(library):.0f} MB and {growth(dagster):.0f} MB")
-    return Figure(NAME, f"{CRM} -> duckdb, Dagster / library", f"{dagster['peak_rss_mb']:.0f} MB, {ratio:.2f}x",
-                  f"<= {1 + DAGSTER_OVERHEAD:.2f}x", verdict(ratio <= 1 + DAGSTER_OVERHEAD), notes)
+    notes = (
+        f"N={n:,}; library {library['peak_rss_mb']:.0f} MB in {library['seconds']:.0f}s, Dagster "
+        f"{dagster['peak_rss_mb']:.0f} MB in {dagster['seconds']:.0f}s (sync job: extract, blocking quality "
+        f"check, reconcile, checks); fetched {dagster['fetched']:,}; before the sync started "
+        f"{library['rss_before_run_mb']:.0f} MB (library) and {dagster['rss_before_run_mb']:.0f} MB (Dagster, "
+        f"definitions loaded): the sync itself added {growth(library):.0f} MB and {growth(dagster):.0f} MB"
+    )
+    return Figure(
+        NAME,
+        f"{CRM} -> duckdb, Dagster / library",
+        f"{dagster['peak_rss_mb']:.0f} MB, {ratio:.2f}x",
+        f"<= {1 + DAGSTER_OVERHEAD:.2f}x",
+        verdict(ratio <= 1 + DAGSTER_OVERHEAD),
+        notes,
+    )
 
 
 def growth(figures: dict) -> float:
@@ -101,9 +118,12 @@ def serving(n: int, workdir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     oppsync = Path(sys.executable).with_name("oppsync")
     progress(f"memory: serving {n:,} Salesforce opportunities from a separate process")
-    server = subprocess.Popen([str(oppsync), "sandbox", "serve", "--crm", CRM, "--opportunities", str(n),
-                               "--port-base", str(port)], cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(oppsync), "sandbox", "serve", "--crm", CRM, "--opportunities", str(n), "--port-base", str(port)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until_serving(url, server, timeout=900)
         yield url
@@ -114,8 +134,24 @@ def serving(n: int, workdir: Path) -> Iterator[str]:
 
 def measure(url: str, workdir: Path, via: str) -> dict:
     """Run one full sync in a child process (`benchmarks.memory_child`) and return what it reports."""
-    child = subprocess.run([sys.executable, "-m", "benchmarks.memory_child", "--crm", CRM, "--url", url,
-                            "--workdir", str(workdir), "--via", via], capture_output=True, text=True, check=False)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.memory_child",
+            "--crm",
+            CRM,
+            "--url",
+            url,
+            "--workdir",
+            str(workdir),
+            "--via",
+            via,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if child.returncode != 0:
         lines = child.stderr.strip().splitlines() or ["(no output)"]
         # the exception itself is the last line; the traceback before it is context

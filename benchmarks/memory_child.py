@@ -17,10 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.common import sandbox_config, sandbox_config_dict
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-
-from benchmarks.common import sandbox_config, sandbox_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +45,11 @@ def through_library(crm: str, url: str, workdir: Path) -> dict:
     ensure_schema(engine)
     before_run = rss_mb()
     summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")
-    return {"fetched": summary.result.fetched if summary.result else 0,
-            "requests": summary.extract.stats.get("api_requests"), "rss_before_run_mb": before_run}
+    return {
+        "fetched": summary.result.fetched if summary.result else 0,
+        "requests": summary.extract.stats.get("api_requests"),
+        "rss_before_run_mb": before_run,
+    }
 
 
 def through_dagster(crm: str, url: str, workdir: Path) -> dict:
@@ -64,16 +66,22 @@ def through_dagster(crm: str, url: str, workdir: Path) -> dict:
     from oppsync_pipeline.cli import _load_defs, _prepare_dagster, run_connection
 
     _, cfg = _prepare_dagster(str(cfg_file))
-    defs = _load_defs("syncs")   # as `oppsync sync` and a deployment's sync run worker load them: no dbt
+    defs = _load_defs("syncs")  # as `oppsync sync` and a deployment's sync run worker load them: no dbt
     with dg.DagsterInstance.get() as instance:
-        before_run = rss_mb()   # Dagster, the syncs location's definitions, the instance
+        before_run = rss_mb()  # Dagster, the syncs location's definitions, the instance
         result = run_connection(defs, instance, cfg.connections[0], "full")
     if not result.success:
         raise RuntimeError(f"the Dagster sync job of {cfg.connections[0].name} failed")
-    extract = next(e.materialization.metadata for e in result.get_asset_materialization_events()
-                   if e.asset_key.path[-1] == "extract")
-    return {"fetched": extract["rows_fetched_open"].value + extract["rows_fetched_not_open"].value,
-            "requests": extract["api_requests"].value, "rss_before_run_mb": before_run}
+    extract = next(
+        e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.path[-1] == "extract"
+    )
+    return {
+        "fetched": extract["rows_fetched_open"].value + extract["rows_fetched_not_open"].value,
+        "requests": extract["api_requests"].value,
+        "rss_before_run_mb": before_run,
+    }
 
 
 def main() -> None:

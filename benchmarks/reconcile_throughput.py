@@ -17,18 +17,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from oppsync_pipeline.lib.warehouse import store
-from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from oppsync_pipeline.lib.reconcile import reconcile
-from oppsync_pipeline.lib.warehouse.store import S
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from benchmarks import synthetic
-from benchmarks.common import Figure, progress, postgres_available, scratch_postgres, timed, verdict
+from benchmarks.common import Figure, postgres_available, progress, scratch_postgres, timed, verdict
+from oppsync_pipeline.lib.reconcile import reconcile
+from oppsync_pipeline.lib.warehouse import store
+from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
+from oppsync_pipeline.lib.warehouse.store import S
 
 NAME = "reconcile"
-TARGET_RATIO = 20.0   # >= 20x dlt on DuckDB
+TARGET_RATIO = 20.0  # >= 20x dlt on DuckDB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +59,17 @@ def _one_backend(url: str, backend: str, args: argparse.Namespace, workdir: Path
     progress(f"reconcile: engine on {backend}: stage {ours['stage_s']:.1f}s, reconcile {ours['reconcile_s']:.1f}s")
     rows = synthetic.snapshot_size(n)
     ours_rps = rows / ours["total_s"]
-    out = [Figure(NAME, f"{backend} engine", f"{ours_rps:,.0f} rows/s",
-                  "-", "info",
-                  f"N={n:,}, snapshot {rows:,} rows: staging {ours['stage_s']:.1f}s + reconcile "
-                  f"{ours['reconcile_s']:.1f}s = {ours['total_s']:.1f}s; {ours['result']}")]
+    out = [
+        Figure(
+            NAME,
+            f"{backend} engine",
+            f"{ours_rps:,.0f} rows/s",
+            "-",
+            "info",
+            f"N={n:,}, snapshot {rows:,} rows: staging {ours['stage_s']:.1f}s + reconcile "
+            f"{ours['reconcile_s']:.1f}s = {ours['total_s']:.1f}s; {ours['result']}",
+        )
+    ]
     if args.no_dlt:
         return out
     progress(f"reconcile: dlt merge on {backend}")
@@ -70,19 +77,41 @@ def _one_backend(url: str, backend: str, args: argparse.Namespace, workdir: Path
     dlt_rps = rows / dlt_s
     ratio = ours_rps / dlt_rps
     target = f">= {TARGET_RATIO:.0f}x dlt" if backend == "duckdb" else "(no target)"
-    out.append(Figure(NAME, f"{backend} dlt merge", f"{dlt_rps:,.0f} rows/s", "-", "info",
-                      f"dlt {dlt_s:.1f}s for the same snapshot"))
-    out.append(Figure(NAME, f"{backend} engine/dlt", f"{ratio:.1f}x", target,
-                      verdict(ratio >= TARGET_RATIO) if backend == "duckdb" else "info",
-                      f"{ours_rps:,.0f} vs {dlt_rps:,.0f} rows/s"))
+    out.append(
+        Figure(
+            NAME,
+            f"{backend} dlt merge",
+            f"{dlt_rps:,.0f} rows/s",
+            "-",
+            "info",
+            f"dlt {dlt_s:.1f}s for the same snapshot",
+        )
+    )
+    out.append(
+        Figure(
+            NAME,
+            f"{backend} engine/dlt",
+            f"{ratio:.1f}x",
+            target,
+            verdict(ratio >= TARGET_RATIO) if backend == "duckdb" else "info",
+            f"{ours_rps:,.0f} vs {dlt_rps:,.0f} rows/s",
+        )
+    )
     return out
 
 
 def _stage_extract(engine, extract_id: str, pages) -> None:
     """Stage the pages as run_extract does (sync.py): through a StagingWriter, the open set and the
     not-open set of each page separately."""
-    store.begin_extract(engine, extract_id=extract_id, connection=synthetic.CONNECTION, crm=synthetic.CRM,
-                        mode="full", started_at=datetime(2026, 3, 1), since=None)
+    store.begin_extract(
+        engine,
+        extract_id=extract_id,
+        connection=synthetic.CONNECTION,
+        crm=synthetic.CRM,
+        mode="full",
+        started_at=datetime(2026, 3, 1),
+        since=None,
+    )
     staging = store.StagingWriter(engine, extract_id)
     seq = 0
     for p in pages:
@@ -92,14 +121,21 @@ def _stage_extract(engine, extract_id: str, pages) -> None:
             if rows:
                 seq += staging.add(rows, is_open, seq)
     staging.flush()
-    store.finish_extract(engine, extract_id, status="complete", finished_at=datetime(2026, 3, 1),
-                         counts={"open": seq})
+    store.finish_extract(engine, extract_id, status="complete", finished_at=datetime(2026, 3, 1), counts={"open": seq})
 
 
 def _reconcile(engine, extract_id: str, observed: datetime):
-    return reconcile(engine, extract_id=extract_id, connection=synthetic.CONNECTION, crm=synthetic.CRM,
-                     mode="full", run_id=extract_id, observed_at=observed, recorded_at=observed,
-                     check_lock=False)
+    return reconcile(
+        engine,
+        extract_id=extract_id,
+        connection=synthetic.CONNECTION,
+        crm=synthetic.CRM,
+        mode="full",
+        run_id=extract_id,
+        observed_at=observed,
+        recorded_at=observed,
+        check_lock=False,
+    )
 
 
 def engine_load(url: str, n: int, page_size: int) -> dict[str, Any]:
@@ -125,17 +161,31 @@ def engine_load(url: str, n: int, page_size: int) -> dict[str, Any]:
         raise AssertionError(f"engine holds {live} live opportunities, expected {expected}")
     r = result.as_dict()
     summary = f"created {r['created']:,}, updated {r['updated']:,}, closed {r['closed']:,}, same {r['skipped']:,}"
-    return {"stage_s": t_stage["s"], "reconcile_s": t_rec["s"], "total_s": t_stage["s"] + t_rec["s"],
-            "result": summary}
+    return {"stage_s": t_stage["s"], "reconcile_s": t_rec["s"], "total_s": t_stage["s"] + t_rec["s"], "result": summary}
 
 
 def _as_dlt_row(o) -> dict[str, Any]:
-    return {"connection": o.connection, "source_id": o.source_id, "crm": o.crm, "project_name": o.project_name,
-            "client_name": o.client_name, "service_location": o.service_location,
-            "sales_executive": o.sales_executive, "owner_crm_id": o.owner_crm_id, "stage": o.stage,
-            "status": o.status, "amount": o.amount, "currency": o.currency, "close_date": o.close_date,
-            "probability": o.probability, "created_at": o.created_at, "created_by_crm_id": o.created_by_crm_id,
-            "modified_at": o.modified_at, "raw": json.dumps(o.raw), "row_hash": o.row_hash()}
+    return {
+        "connection": o.connection,
+        "source_id": o.source_id,
+        "crm": o.crm,
+        "project_name": o.project_name,
+        "client_name": o.client_name,
+        "service_location": o.service_location,
+        "sales_executive": o.sales_executive,
+        "owner_crm_id": o.owner_crm_id,
+        "stage": o.stage,
+        "status": o.status,
+        "amount": o.amount,
+        "currency": o.currency,
+        "close_date": o.close_date,
+        "probability": o.probability,
+        "created_at": o.created_at,
+        "created_by_crm_id": o.created_by_crm_id,
+        "modified_at": o.modified_at,
+        "raw": json.dumps(o.raw),
+        "row_hash": o.row_hash(),
+    }
 
 
 def dlt_merge(url: str, n: int, page_size: int, pipelines_dir: Path) -> float:
@@ -152,14 +202,20 @@ def dlt_merge(url: str, n: int, page_size: int, pipelines_dir: Path) -> float:
         pg = make_url(url)
         pg = pg.set(drivername="postgresql", password=pg.password or "unused")
         destination = dlt.destinations.postgres(credentials=pg.render_as_string(hide_password=False))
-    pipeline = dlt.pipeline(pipeline_name="oppsync_bench", destination=destination, dataset_name="dlt_bench",
-                            pipelines_dir=str(pipelines_dir), progress=None)
+    pipeline = dlt.pipeline(
+        pipeline_name="oppsync_bench",
+        destination=destination,
+        dataset_name="dlt_bench",
+        pipelines_dir=str(pipelines_dir),
+        progress=None,
+    )
 
     def resource(pages):
         @dlt.resource(name="opportunities", write_disposition="merge", primary_key=("connection", "source_id"))
         def opportunities():
             for p in pages:
                 yield [_as_dlt_row(o) for o in p]
+
         return opportunities
 
     pipeline.run(resource(synthetic.baseline(n, page_size)))

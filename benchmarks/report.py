@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.common import Figure
@@ -14,10 +14,13 @@ COLUMNS = ("benchmark", "backend/CRM", "measured", "target", "verdict")
 
 
 def machine() -> str:
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return (f"{os.cpu_count()} cores, {mem_kb / 1024 / 1024:.1f} GiB memory (MemTotal), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
+    return (
+        f"{os.cpu_count()} cores, {mem_kb / 1024 / 1024:.1f} GiB memory (MemTotal), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def table(figures: list[Figure]) -> str:
@@ -28,15 +31,14 @@ def table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
-def write_results(figures: list[Figure], command: str, seconds: float, sizes: list[str],
-                  path: Path = RESULTS) -> Path:
+def write_results(figures: list[Figure], command: str, seconds: float, sizes: list[str], path: Path = RESULTS) -> Path:
     misses = [f for f in figures if f.verdict == "MISS"]
     md = [
         "# Benchmark results",
         "",
         "Rewritten by every `python -m benchmarks` run (`make bench`). Do not edit by hand.",
         "",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- command: `{command}`",
         f"- total wall time: {seconds / 60:.1f} min",
@@ -48,8 +50,7 @@ def write_results(figures: list[Figure], command: str, seconds: float, sizes: li
         "",
         "## Misses",
         "",
-        *([f"- **{f.benchmark} / {f.subject}**: {f.measured}, target {f.target}." for f in misses]
-          or ["None."]),
+        *([f"- **{f.benchmark} / {f.subject}**: {f.measured}, target {f.target}." for f in misses] or ["None."]),
         "",
         "## Details",
         "",

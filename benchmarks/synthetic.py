@@ -27,7 +27,7 @@ _LATER = timedelta(days=30)
 
 
 def _opportunity(i: int, *, changed: bool = False, closed: bool = False, new: bool = False) -> Opportunity:
-    lost = i % 5 == 4                          # a fifth of the baseline is already closed
+    lost = i % 5 == 4  # a fifth of the baseline is already closed
     status = "won" if closed else ("lost" if lost and not new else "open")
     stage = "Closed Won" if status == "won" else ("Closed Lost" if status == "lost" else OPEN_STAGES[i % 4])
     amount = round(1000 + (i * 7919) % 250_000 + (0.5 if changed else 0.0), 2)
@@ -37,9 +37,25 @@ def _opportunity(i: int, *, changed: bool = False, closed: bool = False, new: bo
     sid = f"006{i:012d}"
     name = f"Project {i}"
     return Opportunity(
-        CONNECTION, CRM, sid, name, _CLIENTS[i % 5000], _CITIES[i % 300], _REPS[i % 200], _OWNERS[i % 200],
-        stage, status, amount, "USD", _CLOSE_DATES[i % 12, i % 28], _PROBABILITIES[i % 10], _CREATED[i % 700],
-        _CREATORS[i % 150], modified, {"Id": sid, "Name": name, "StageName": stage, "Amount": amount})
+        CONNECTION,
+        CRM,
+        sid,
+        name,
+        _CLIENTS[i % 5000],
+        _CITIES[i % 300],
+        _REPS[i % 200],
+        _OWNERS[i % 200],
+        stage,
+        status,
+        amount,
+        "USD",
+        _CLOSE_DATES[i % 12, i % 28],
+        _PROBABILITIES[i % 10],
+        _CREATED[i % 700],
+        _CREATORS[i % 150],
+        modified,
+        {"Id": sid, "Name": name, "StageName": stage, "Amount": amount},
+    )
 
 
 def baseline(n: int, page_size: int) -> Iterator[list[Opportunity]]:
@@ -50,11 +66,13 @@ def baseline(n: int, page_size: int) -> Iterator[list[Opportunity]]:
 def snapshot(n: int, page_size: int) -> Iterator[list[Opportunity]]:
     """The tenant later: ids 0..n-1 with every 10th changed and every 100th (offset 5, open before) closed won,
     then n/100 new ids."""
+
     def rows() -> Iterator[Opportunity]:
         for i in range(n):
             yield _opportunity(i, changed=i % 10 == 0, closed=i % 100 == 5)
         for i in range(n, n + n // 100):
             yield _opportunity(i, new=True)
+
     page: list[Opportunity] = []
     for o in rows():
         page.append(o)

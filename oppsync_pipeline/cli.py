@@ -25,6 +25,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConfigError, OppsyncConfig, check_config, config_path, load_config
 from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY
+
 # the sandbox is imported when a command starts it (`config check` and --help stay quick)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +41,19 @@ def parser() -> argparse.ArgumentParser:
 
     cfg_p = sub.add_parser("config", help="configuration commands")
     cfg_p.add_argument("action", choices=["check"])
-    cfg_p.add_argument("--online", action="store_true",
-                       help="also connect to each CRM and report what the sync will and will not read, and why")
+    cfg_p.add_argument(
+        "--online",
+        action="store_true",
+        help="also connect to each CRM and report what the sync will and will not read, and why",
+    )
     cfg_p.add_argument("--connection", action="append", help="with --online: only these connections (repeatable)")
     cfg_p.set_defaults(run=lambda a: cmd_config_check(a.config, online=a.online, only=a.connection))
 
     run_p = sub.add_parser("run", help="sync every connection, then build the mart")
     run_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
-    run_p.add_argument("--advance-hours", type=float, default=0.0,
-                       help="sandbox only: simulate N hours of CRM activity before syncing")
+    run_p.add_argument(
+        "--advance-hours", type=float, default=0.0, help="sandbox only: simulate N hours of CRM activity before syncing"
+    )
     run_p.set_defaults(run=lambda a: cmd_run(a.config, full=a.full, advance_hours=a.advance_hours))
 
     sync_p = sub.add_parser("sync", help="sync one connection now (through Dagster)")
@@ -62,17 +67,26 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=42)
     serve.add_argument("--opportunities", type=int, default=2000, help="opportunities per CRM")
     first = min(s.port for s in REGISTRY.values())
-    serve.add_argument("--port-base", type=int, default=first,
-                       help=", ".join(f"{s.name}=base+{s.port - first}" for s in REGISTRY.values()))
+    serve.add_argument(
+        "--port-base",
+        type=int,
+        default=first,
+        help=", ".join(f"{s.name}=base+{s.port - first}" for s in REGISTRY.values()),
+    )
     serve.add_argument("--latency-ms", type=int, default=0)
     serve.add_argument("--faults", help="JSON fault plan applied to every simulator (see README)")
     serve.add_argument("--crm", action="append", choices=CRMS, help="serve only these CRMs (repeatable)")
     serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
-    serve.add_argument("--variant", action="append", metavar="CRM=VARIANT",
-                       help="serve a tenant variant, e.g. salesforce=multi_currency (see `oppsync sandbox variants`)")
+    serve.add_argument(
+        "--variant",
+        action="append",
+        metavar="CRM=VARIANT",
+        help="serve a tenant variant, e.g. salesforce=multi_currency (see `oppsync sandbox variants`)",
+    )
     serve.set_defaults(run=cmd_sandbox_serve)
     sb_sub.add_parser("variants", help="list each simulator's tenant variants").set_defaults(
-        run=lambda a: cmd_sandbox_variants())
+        run=lambda a: cmd_sandbox_variants()
+    )
     adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
     adv.add_argument("--hours", type=float, default=1.0)
     adv.set_defaults(run=lambda a: cmd_sandbox_advance(a.config, a.hours))
@@ -93,12 +107,14 @@ def configure_logging(verbose: bool) -> None:
     """Log to stderr; every record (ours and other libraries') passes the secrets filter first."""
     from oppsync_pipeline.lib.scrub import scrub_handlers
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     scrub_handlers(logging.getLogger().handlers)
 
 
 # -- config -----------------------------------------------------------------------------------------------------
+
 
 def cmd_config_check(path: str | None, online: bool = False, only: list[str] | None = None) -> int:
     cfg = load_config(path)
@@ -145,6 +161,7 @@ def check_online(cfg: OppsyncConfig, conn) -> bool:
 
 # -- running through Dagster ---------------------------------------------------------------------------------------
 
+
 def _prepare_dagster(path: str | None) -> tuple[Path, OppsyncConfig]:
     cfg_file = config_path(path).resolve()
     cfg = load_config(cfg_file)
@@ -178,9 +195,12 @@ def run_connection(defs, instance, conn, mode: str):
     from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_job_name
 
     job = defs.resolve_job_def(sync_job_name(conn))
-    return job.execute_in_process(run_config=quiet(extract_run_config(conn, mode)), instance=instance,
-                                  tags={"oppsync/connection": conn.name, "oppsync/mode": mode,
-                                        "oppsync/trigger": "cli"}, raise_on_error=False)
+    return job.execute_in_process(
+        run_config=quiet(extract_run_config(conn, mode)),
+        instance=instance,
+        tags={"oppsync/connection": conn.name, "oppsync/mode": mode, "oppsync/trigger": "cli"},
+        raise_on_error=False,
+    )
 
 
 def cmd_sync(path: str | None, connection: str, full: bool) -> int:
@@ -210,11 +230,14 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
             for conn in cfg.connections:
                 results.append((conn, run_connection(defs, instance, conn, "full" if full else "auto")))
             mart = defs.resolve_job_def("build_mart").execute_in_process(
-                run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False)
+                run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False
+            )
     ok = _print_summary(cfg, results)
     rows = _mart_rows(cfg) if mart.success else None
-    print(f"\nmart: {'built' if mart.success else 'FAILED'}"
-          + (f", marts.outcomes has {rows} rows" if rows is not None else ""))
+    print(
+        f"\nmart: {'built' if mart.success else 'FAILED'}"
+        + (f", marts.outcomes has {rows} rows" if rows is not None else "")
+    )
     if cfg.warehouse.backend == "duckdb":
         print(f"warehouse: {Path(cfg.warehouse.url.split(':///', 1)[1]).resolve()}")
     else:
@@ -229,21 +252,49 @@ def _print_summary(cfg: OppsyncConfig, results) -> bool:
     from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
 
     engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
-    header = ("connection", "crm", "mode", "status", "fetched", "created", "updated", "closed", "deleted",
-              "api_requests", "seconds")
+    header = (
+        "connection",
+        "crm",
+        "mode",
+        "status",
+        "fetched",
+        "created",
+        "updated",
+        "closed",
+        "deleted",
+        "api_requests",
+        "seconds",
+    )
     lines, ok = [header], True
     with transaction(engine) as c:
         for conn, result in results:
-            row = c.execute(text("SELECT mode, status, fetched, created, updated, closed, deleted, api_requests, "
-                                 "started_at, finished_at, error FROM oppsync.sync_runs WHERE run_id = :r"),
-                            {"r": result.run_id}).first()
+            row = c.execute(
+                text(
+                    "SELECT mode, status, fetched, created, updated, closed, deleted, api_requests, "
+                    "started_at, finished_at, error FROM oppsync.sync_runs WHERE run_id = :r"
+                ),
+                {"r": result.run_id},
+            ).first()
             if row is None:
                 ok = False
                 lines.append((conn.name, conn.crm, "-", "failed", "-", "-", "-", "-", "-", "-", "-"))
                 continue
             secs = (row.finished_at - row.started_at).total_seconds() if row.finished_at else 0
-            lines.append((conn.name, conn.crm, row.mode, row.status, row.fetched, row.created, row.updated,
-                          row.closed, row.deleted, row.api_requests, f"{secs:.1f}"))
+            lines.append(
+                (
+                    conn.name,
+                    conn.crm,
+                    row.mode,
+                    row.status,
+                    row.fetched,
+                    row.created,
+                    row.updated,
+                    row.closed,
+                    row.deleted,
+                    row.api_requests,
+                    f"{secs:.1f}",
+                )
+            )
             if row.status == "failed" or not result.success:
                 ok = False
                 if row.error:
@@ -262,7 +313,7 @@ def _mart_rows(cfg: OppsyncConfig) -> int | None:
     try:
         with transaction(make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)) as c:
             return c.execute(text("SELECT count(*) FROM marts.outcomes")).scalar()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the summary line is informative only; a missing mart is reported above
         return None
 
 
@@ -273,6 +324,7 @@ def _redact_url(url: str) -> str:
 
 
 # -- sandbox -------------------------------------------------------------------------------------------------------
+
 
 def _sandbox(cfg: OppsyncConfig, advance_hours: float = 0.0):
     from oppsync_pipeline.sandbox.serve import sandbox_if_enabled
@@ -294,11 +346,20 @@ def cmd_sandbox_serve(args: argparse.Namespace) -> int:
     from oppsync_pipeline.sandbox.serve import start_sandbox
 
     t0 = time.monotonic()
-    sandbox = start_sandbox(tuple(args.crm or ()), seed=args.seed, opportunities=args.opportunities,
-                            port_base=args.port_base, latency_ms=args.latency_ms, faults=args.faults,
-                            variants=args.variant)
-    print(f"sandbox: {len(sandbox.crms)} simulators, {args.opportunities} opportunities each, ready in "
-          f"{time.monotonic() - t0:.1f}s", flush=True)
+    sandbox = start_sandbox(
+        tuple(args.crm or ()),
+        seed=args.seed,
+        opportunities=args.opportunities,
+        port_base=args.port_base,
+        latency_ms=args.latency_ms,
+        faults=args.faults,
+        variants=args.variant,
+    )
+    print(
+        f"sandbox: {len(sandbox.crms)} simulators, {args.opportunities} opportunities each, ready in "
+        f"{time.monotonic() - t0:.1f}s",
+        flush=True,
+    )
     for crm in sandbox.crms:
         print(f"  {crm:<12} {sandbox.url(crm)}", flush=True)
     if args.write_config:

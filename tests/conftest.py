@@ -115,13 +115,22 @@ def warehouse_database(backend: str, tmp_dir: Path) -> Iterator[str]:
 def live_client_names(engine: Any, connection: str) -> dict[str, str | None]:
     """source_id -> client_name of a connection's live opportunities in the warehouse."""
     with engine.connect() as c:
-        rows = c.execute(text("SELECT source_id, client_name FROM oppsync.opportunities "
-                              "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
+        rows = c.execute(
+            text(
+                "SELECT source_id, client_name FROM oppsync.opportunities WHERE connection = :c AND deleted_at IS NULL"
+            ),
+            {"c": connection},
+        )
         return {r.source_id: r.client_name for r in rows}
 
 
-def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
-                   extra: dict[str, dict[str, Any]] | None = None, **top: Any) -> OppsyncConfig:
+def sandbox_config(
+    servers: dict[str, Any],
+    warehouse_url: str,
+    tmp_path: Path,
+    extra: dict[str, dict[str, Any]] | None = None,
+    **top: Any,
+) -> OppsyncConfig:
     """An OppsyncConfig for running SandboxServers ({crm: server}), credentials in a secrets file.
 
     `extra` adds keys per connection (e.g. {"salesforce": {"open_statuses": [...]}}); `top` adds top-level keys.
@@ -130,8 +139,12 @@ def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
     for crm, server in servers.items():
         mod = crm_module(crm)
         name = f"sandbox-{crm}"
-        entry: dict[str, Any] = {"name": name, "crm": crm, "base_url": server.url,
-                                 "credentials": {k: "${" + env_var(name, k) + "}" for k in mod.SANDBOX_CREDENTIALS}}
+        entry: dict[str, Any] = {
+            "name": name,
+            "crm": crm,
+            "base_url": server.url,
+            "credentials": {k: "${" + env_var(name, k) + "}" for k in mod.SANDBOX_CREDENTIALS},
+        }
         options = getattr(mod, "connection_options", lambda url: {})(server.url)
         if options:
             entry["options"] = options
@@ -140,8 +153,9 @@ def sandbox_config(servers: dict[str, Any], warehouse_url: str, tmp_path: Path,
         secrets += [f"{env_var(name, k)}={v}" for k, v in mod.SANDBOX_CREDENTIALS.items()]
     secrets_file = tmp_path / "sandbox.secrets.env"
     secrets_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
-    return parse_config({"warehouse": {"url": warehouse_url}, "secrets_file": str(secrets_file),
-                         "connections": connections, **top})
+    return parse_config(
+        {"warehouse": {"url": warehouse_url}, "secrets_file": str(secrets_file), "connections": connections, **top}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -164,18 +178,36 @@ def dbt_manifest(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pa
             return manifest
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "OPPSYNC_"))}
         # parse needs the profile rendered, not a warehouse: the file is never opened
-        env.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DO_NOT_TRACK="1",
-                   OPPSYNC_DUCKDB_PATH=str(shared / "parse-only.duckdb"))
+        env.update(
+            DBT_SEND_ANONYMOUS_USAGE_STATS="false",
+            DO_NOT_TRACK="1",
+            OPPSYNC_DUCKDB_PATH=str(shared / "parse-only.duckdb"),
+        )
         dbt = Path(sys.executable).parent / "dbt"
-        proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir",
-                               str(DBT_PROJECT_DIR), "--target", "duckdb"], cwd=DBT_PROJECT_DIR, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                str(dbt),
+                "parse",
+                "--project-dir",
+                str(DBT_PROJECT_DIR),
+                "--profiles-dir",
+                str(DBT_PROJECT_DIR),
+                "--target",
+                "duckdb",
+            ],
+            cwd=DBT_PROJECT_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, f"dbt parse failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
         done.touch()
     return manifest
 
 
 # -- the reliability report (tests/reliability/report.py) ----------------------------------------------------------
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """The controller names a fresh results file before xdist starts its workers (they inherit it)."""
@@ -199,20 +231,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         report.results_path().unlink(missing_ok=True)
 
 
-
 # -- layers: one marker per test, from where it lives and what it uses -----------------------------------------
 
 # Paths (relative to tests/, a folder ending in "/") outside the unit layer. Everything else is `unit`.
 LAYERS: dict[str, str] = {
-    "dagster/": "assets",              # definitions loaded, dg.materialize
-    "dbt/": "assets",                  # dbt builds of the marts
+    "dagster/": "assets",  # definitions loaded, dg.materialize
+    "dbt/": "assets",  # dbt builds of the marts
     "dagster/test_cli_sync.py": "e2e",  # `oppsync sync` in a subprocess
     "dagster/test_webserver.py": "e2e",  # a dagster webserver and its code server
-    "reliability/": "e2e",             # fault matrix, kills, secrets scans: whole syncs
-    "reconcile/test_crash.py": "e2e",   # SIGKILLed child processes
+    "reliability/": "e2e",  # fault matrix, kills, secrets scans: whole syncs
+    "reconcile/test_crash.py": "e2e",  # SIGKILLed child processes
     "reconcile/test_lease_race.py": "e2e",  # twenty threads and processes
     "sandbox/test_serve_cli.py": "e2e",  # `oppsync sandbox serve` in a subprocess
-    "variants/": "e2e",                # every tenant variant: full, incremental, full syncs
+    "variants/": "e2e",  # every tenant variant: full, incremental, full syncs
     "test_sync_e2e.py": "e2e",
     "test_history_truth.py": "e2e",
     "test_cli_run.py": "e2e",
@@ -227,10 +258,10 @@ SANDBOX_NAMES = ("SandboxServer", "sandbox_config", "start_servers")
 # Tests too slow for the fast loop (wall seconds measured on the shared 2-core machine, ~4x load): they run
 # in `make test`. Property tests against a reference model, and HubSpot's >10,000-deal search windows.
 SLOW = (
-    "reconcile/test_property.py",       # 85 s (DuckDB), hypothesis against the reference model
-    "test_row_hash_sql.py",             # 50 s, hypothesis: SQL hash == Python hash
+    "reconcile/test_property.py",  # 85 s (DuckDB), hypothesis against the reference model
+    "test_row_hash_sql.py",  # 50 s, hypothesis: SQL hash == Python hash
     "crm/test_hubspot_connector.py::test_more_than_ten_thousand_deals",  # 12-16 s each, 10,300+ deals
-    "sandbox/test_serve_cli.py",        # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
+    "sandbox/test_serve_cli.py",  # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
 )
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -266,5 +297,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--snapshot-update", action="store_true", default=False,
-                     help="rewrite checked-in snapshots (tests/dagster/snapshots/) instead of comparing with them")
+    parser.addoption(
+        "--snapshot-update",
+        action="store_true",
+        default=False,
+        help="rewrite checked-in snapshots (tests/dagster/snapshots/) instead of comparing with them",
+    )

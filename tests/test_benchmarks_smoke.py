@@ -10,14 +10,30 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import api_efficiency, end_to_end, memory, reconcile_throughput
 from benchmarks.__main__ import main, parse_args
 from benchmarks.common import Figure, postgres_available
-from benchmarks import api_efficiency, end_to_end, memory, reconcile_throughput
 
-TINY = ["--rows", "1000", "--page-size", "250", "--api-opportunities", "300", "--latency-opportunities", "300",
-        "--latency-connectwise", "30", "--memory-opportunities", "300", "--memory-dagster-opportunities", "300",
-        "--e2e-opportunities", "300",
-        "--e2e-connectwise", "50"]
+TINY = [
+    "--rows",
+    "1000",
+    "--page-size",
+    "250",
+    "--api-opportunities",
+    "300",
+    "--latency-opportunities",
+    "300",
+    "--latency-connectwise",
+    "30",
+    "--memory-opportunities",
+    "300",
+    "--memory-dagster-opportunities",
+    "300",
+    "--e2e-opportunities",
+    "300",
+    "--e2e-connectwise",
+    "50",
+]
 
 
 def figures_ok(figures: list[Figure]) -> None:
@@ -64,8 +80,23 @@ def test_memory_in_a_child_process(tmp_path: Path):
 def test_a_run_prints_one_table_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture):
     """Through the command line, with the latency benchmark at a tiny size on one CRM."""
     results = tmp_path / "RESULTS.md"
-    assert main(["--only", "latency", "--latency-opportunities", "300", "--latency-crm", "salesforce",
-                 "--workdir", str(tmp_path / "w"), "--results", str(results)]) == 0
+    assert (
+        main(
+            [
+                "--only",
+                "latency",
+                "--latency-opportunities",
+                "300",
+                "--latency-crm",
+                "salesforce",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "benchmark" in out and "latency floor" in out
     text = results.read_text()

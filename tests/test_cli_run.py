@@ -26,13 +26,23 @@ def write_config(tmp_path: Path) -> Path:
     for i, crm in enumerate(CRMS):
         name = f"sandbox-{crm}"
         creds = crm_module(crm).SANDBOX_CREDENTIALS
-        connections.append({"name": name, "crm": crm, "base_url": f"http://127.0.0.1:{base + i}",
-                            "credentials": {k: "${" + env_var(name, k) + "}" for k in creds}})
+        connections.append(
+            {
+                "name": name,
+                "crm": crm,
+                "base_url": f"http://127.0.0.1:{base + i}",
+                "credentials": {k: "${" + env_var(name, k) + "}" for k in creds},
+            }
+        )
         secrets += [f"{env_var(name, k)}={v}" for k, v in creds.items()]
     (tmp_path / "secrets.env").write_text("\n".join(secrets) + "\n")
-    cfg = {"warehouse": {"url": f"duckdb:///{tmp_path / 'warehouse.duckdb'}"}, "secrets_file": "secrets.env",
-           "sandbox": {"enabled": True, "seed": 3, "opportunities": 150}, "connections": connections,
-           "users": [{"id": "u1", "name": "First User", "crm_ids": {}}]}
+    cfg = {
+        "warehouse": {"url": f"duckdb:///{tmp_path / 'warehouse.duckdb'}"},
+        "secrets_file": "secrets.env",
+        "sandbox": {"enabled": True, "seed": 3, "opportunities": 150},
+        "connections": connections,
+        "users": [{"id": "u1", "name": "First User", "crm_ids": {}}],
+    }
     path = tmp_path / "oppsync.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -41,8 +51,9 @@ def write_config(tmp_path: Path) -> Path:
 def run(tmp_path: Path, config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"), "OPPSYNC_CONFIG": str(config)}
     (tmp_path / "dagster").mkdir(exist_ok=True)
-    return subprocess.run([str(BIN / "oppsync"), "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [str(BIN / "oppsync"), "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -64,7 +75,9 @@ def test_oppsync_run_builds_the_mart_and_a_second_run_adds_no_duplicate_events(t
     db = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
     assert db.execute("SELECT count(*) FROM oppsync.opportunity_events").fetchone()[0] == events
     assert db.execute("SELECT count(*), count(DISTINCT event_id) FROM oppsync.opportunity_events").fetchone() == (
-        events, events)
+        events,
+        events,
+    )
     runs = db.execute("SELECT count(*) FROM oppsync.sync_runs WHERE status = 'success'").fetchone()[0]
     db.close()
     assert runs == 2 * len(CRMS)

@@ -8,8 +8,12 @@ import pytest
 
 from oppsync_pipeline.lib.config import ConfigError, check_config, load_config, parse_config, resolve_credentials
 
-SF = {"name": "sf", "crm": "salesforce", "base_url": "https://acme.my.salesforce.com",
-      "credentials": {"client_id": "${SF_ID}", "client_secret": "${SF_SECRET}"}}
+SF = {
+    "name": "sf",
+    "crm": "salesforce",
+    "base_url": "https://acme.my.salesforce.com",
+    "credentials": {"client_id": "${SF_ID}", "client_secret": "${SF_SECRET}"},
+}
 
 
 def problems(data) -> list[str]:
@@ -27,10 +31,13 @@ def test_defaults_are_the_embedded_warehouse_and_half_past_schedule():
 
 
 def test_every_problem_is_reported_with_its_key_path():
-    found = problems({"connections": [SF, SF, {"name": "x", "crm": "salesfroce", "base_url": "ftp://x",
-                                               "schedule": "every hour"}]})
-    assert "connections[2].crm: 'salesfroce' is not one of 'salesforce', 'hubspot', 'dynamics', 'connectwise' " \
-           "or 'autotask'" in found
+    found = problems(
+        {"connections": [SF, SF, {"name": "x", "crm": "salesfroce", "base_url": "ftp://x", "schedule": "every hour"}]}
+    )
+    assert (
+        "connections[2].crm: 'salesfroce' is not one of 'salesforce', 'hubspot', 'dynamics', 'connectwise' "
+        "or 'autotask'" in found
+    )
     assert any(p.startswith("connections[2].base_url:") for p in found)
     assert any(p.startswith("connections[2].schedule:") and "30 * * * *" in p for p in found)
 
@@ -50,10 +57,13 @@ def test_secrets_must_be_references_and_resolve_from_env_then_file(tmp_path: Pat
     secrets.write_text("SF_ID=from-file\nSF_SECRET=file-secret\n")
     cfg = parse_config({"secrets_file": str(secrets), "connections": [SF]})
     assert resolve_credentials(cfg, cfg.connections[0], environ={"SF_ID": "from-env"}) == {
-        "client_id": "from-env", "client_secret": "file-secret"}
+        "client_id": "from-env",
+        "client_secret": "file-secret",
+    }
     with pytest.raises(ConfigError) as err:
-        resolve_credentials(parse_config({"connections": [SF]}), parse_config({"connections": [SF]}).connections[0],
-                            environ={})
+        resolve_credentials(
+            parse_config({"connections": [SF]}), parse_config({"connections": [SF]}).connections[0], environ={}
+        )
     assert "SF_ID is not set" in err.value.problems[0]
 
 
@@ -63,8 +73,17 @@ def test_postgres_url_must_name_its_driver():
 
 
 def test_check_config_names_unknown_filter_fields_and_missing_credentials():
-    cfg = parse_config({"connections": [{**SF, "filters": [{"field": "Amountt", "op": "more_than", "value": 5}],
-                                         "fields": {"created_at": "Original_Created_Date__c"}}]})
+    cfg = parse_config(
+        {
+            "connections": [
+                {
+                    **SF,
+                    "filters": [{"field": "Amountt", "op": "more_than", "value": 5}],
+                    "fields": {"created_at": "Original_Created_Date__c"},
+                }
+            ]
+        }
+    )
     found = check_config(cfg, environ={"SF_ID": "x", "SF_SECRET": "y"})
     assert len(found) == 1 and found[0].startswith("connections[0].filters[0].field: unknown salesforce field")
 
@@ -85,40 +104,79 @@ def test_the_shipped_embedded_default_is_valid():
     assert check_config(cfg, environ={}) == []
 
 
-@pytest.mark.parametrize("crm,options,problem", [
-    ("connectwise", {"forcast": False}, "connections[0].options.forcast: unknown connectwise option; "
-                                        "did you mean 'forecast'?"),
-    ("connectwise", {"forecast": "false"}, "connections[0].options.forecast: Input should be a valid boolean "
-                                           "(got 'false')"),
-    ("connectwise", {"paging": "offset"}, "connections[0].options.paging: Input should be 'navigable' or 'keyset'"),
-    ("hubspot", {"search_requests_per_second": -1}, "connections[0].options.search_requests_per_second: "
-                                                    "Input should be greater than or equal to 0"),
-    ("dynamics", {"change_tracking": "yes"}, "connections[0].options.change_tracking: Input should be a valid boolean"),
-    ("salesforce", {"multi_currency": 1}, "connections[0].options.multi_currency: Input should be a valid boolean"),
-    ("autotask", {"curency": "EUR"}, "connections[0].options.curency: unknown autotask option; "
-                                     "did you mean 'currency'?"),
-])
+@pytest.mark.parametrize(
+    "crm,options,problem",
+    [
+        (
+            "connectwise",
+            {"forcast": False},
+            "connections[0].options.forcast: unknown connectwise option; did you mean 'forecast'?",
+        ),
+        (
+            "connectwise",
+            {"forecast": "false"},
+            "connections[0].options.forecast: Input should be a valid boolean (got 'false')",
+        ),
+        ("connectwise", {"paging": "offset"}, "connections[0].options.paging: Input should be 'navigable' or 'keyset'"),
+        (
+            "hubspot",
+            {"search_requests_per_second": -1},
+            "connections[0].options.search_requests_per_second: Input should be greater than or equal to 0",
+        ),
+        (
+            "dynamics",
+            {"change_tracking": "yes"},
+            "connections[0].options.change_tracking: Input should be a valid boolean",
+        ),
+        ("salesforce", {"multi_currency": 1}, "connections[0].options.multi_currency: Input should be a valid boolean"),
+        (
+            "autotask",
+            {"curency": "EUR"},
+            "connections[0].options.curency: unknown autotask option; did you mean 'currency'?",
+        ),
+    ],
+)
 def test_options_are_typed_per_crm(crm, options, problem):
     """`options` used to be an untyped dict: typos were ignored and the string "false" was true."""
     with pytest.raises(ConfigError) as err:
-        parse_config({"connections": [{"name": "c", "crm": crm, "base_url": "https://x.example.com",
-                                       "options": options}]})
+        parse_config(
+            {"connections": [{"name": "c", "crm": crm, "base_url": "https://x.example.com", "options": options}]}
+        )
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
 
 
 def test_valid_options_pass_with_their_types():
-    cfg = parse_config({"connections": [
-        {"name": "cw", "crm": "connectwise", "base_url": "https://x.example.com",
-         "options": {"forecast": False, "paging": "keyset", "max_retry_after": 60}},
-        {"name": "sf", "crm": "salesforce", "base_url": "https://x.example.com", "options": {"api_version": 61.0}}]})
+    cfg = parse_config(
+        {
+            "connections": [
+                {
+                    "name": "cw",
+                    "crm": "connectwise",
+                    "base_url": "https://x.example.com",
+                    "options": {"forecast": False, "paging": "keyset", "max_retry_after": 60},
+                },
+                {
+                    "name": "sf",
+                    "crm": "salesforce",
+                    "base_url": "https://x.example.com",
+                    "options": {"api_version": 61.0},
+                },
+            ]
+        }
+    )
     assert cfg.connections[0].options["forecast"] is False
 
 
-@pytest.mark.parametrize("url,problem", [
-    ("", "is empty"), ("duckdb:///", "names no database file"), ("duckdb://", "names no database file"),
-    ("postgresql+psycopg2://", "needs a host and a database name"),
-    ("postgresql+psycopg2://postgres@127.0.0.1:5432", "needs a host and a database name"),
-])
+@pytest.mark.parametrize(
+    "url,problem",
+    [
+        ("", "is empty"),
+        ("duckdb:///", "names no database file"),
+        ("duckdb://", "names no database file"),
+        ("postgresql+psycopg2://", "needs a host and a database name"),
+        ("postgresql+psycopg2://postgres@127.0.0.1:5432", "needs a host and a database name"),
+    ],
+)
 def test_an_empty_or_scheme_only_warehouse_url_is_refused(url, problem):
     with pytest.raises(ConfigError) as err:
         parse_config({"warehouse": {"url": url}})
@@ -126,7 +184,10 @@ def test_an_empty_or_scheme_only_warehouse_url_is_refused(url, problem):
 
 
 def test_warehouse_urls_that_name_a_database_pass():
-    for url in ("duckdb:///.oppsync/w.duckdb", "duckdb:////tmp/w.duckdb",
-                "postgresql+psycopg2://postgres@127.0.0.1:5432/warehouse",
-                "postgresql+psycopg2:///warehouse?host=/var/run/postgresql"):
+    for url in (
+        "duckdb:///.oppsync/w.duckdb",
+        "duckdb:////tmp/w.duckdb",
+        "postgresql+psycopg2://postgres@127.0.0.1:5432/warehouse",
+        "postgresql+psycopg2:///warehouse?host=/var/run/postgresql",
+    ):
         assert parse_config({"warehouse": {"url": url}}).warehouse.url == url

@@ -29,19 +29,25 @@ def test_a_page_of_the_documented_shape_passes_and_keeps_its_records():
     assert page.records[0]["Id"] == "006A" and body["records"][0]["Name"] == "x"
 
 
-@pytest.mark.parametrize("body,problem", [
-    ({"status": "COMPLETE"}, "records is missing"),
-    ({"records": [{"Id": None}], "done": True}, "records[0].Id: input should be a valid string (got None)"),
-    ({"records": [{"Id": 6}], "done": True}, "records[0].Id: input should be a valid string (got 6)"),
-    ({"records": [], "done": "yes"}, "done: input should be a valid boolean (got 'yes')"),
-    ("<html>busy</html>", "expected a JSON object or list"),
-])
+@pytest.mark.parametrize(
+    "body,problem",
+    [
+        ({"status": "COMPLETE"}, "records is missing"),
+        ({"records": [{"Id": None}], "done": True}, "records[0].Id: input should be a valid string (got None)"),
+        ({"records": [{"Id": 6}], "done": True}, "records[0].Id: input should be a valid string (got 6)"),
+        ({"records": [], "done": "yes"}, "done: input should be a valid boolean (got 'yes')"),
+        ("<html>busy</html>", "expected a JSON object or list"),
+    ],
+)
 def test_a_page_of_the_wrong_shape_names_the_crm_url_page_and_problem(body, problem):
     with pytest.raises(PageError) as err:
         check_page(QueryPage, body, crm="salesforce", url="/services/data/v62.0/query?q=SECRET", page=3)
     text = str(err.value)
-    assert text.startswith("salesforce: page 3 of /services/data/v62.0/query: unexpected page shape" if
-                           isinstance(body, dict) else "salesforce: page 3 of /services/data/v62.0/query: ")
+    assert text.startswith(
+        "salesforce: page 3 of /services/data/v62.0/query: unexpected page shape"
+        if isinstance(body, dict)
+        else "salesforce: page 3 of /services/data/v62.0/query: "
+    )
     assert problem in text and "SECRET" not in text and not err.value.permanent
 
 
@@ -56,7 +62,7 @@ def test_paging_that_points_back_fails_at_the_repeat():
 
 def test_paging_beyond_the_crms_count_fails():
     trail = PageTrail("hubspot", "/crm/v3/objects/deals/search")
-    trail.expect(total=250, page_size=100)          # 3 pages, plus slack for records created while paging
+    trail.expect(total=250, page_size=100)  # 3 pages, plus slack for records created while paging
     for i in range(6):
         trail.follow(f"after={i}")
         trail.page(100 if i < 2 else 0)
@@ -74,10 +80,25 @@ def test_records_beyond_the_crms_count_fail_even_with_fresh_cursors():
 
 
 def opp(**values) -> Opportunity:
-    base = dict(connection="c", crm="salesforce", source_id="006A", project_name="p", client_name=None,
-                service_location=None, sales_executive=None, owner_crm_id=None, stage="s", status="open",
-                amount=10.0, currency=None, close_date=None, probability=None, created_at=datetime(2026, 1, 1),
-                created_by_crm_id=None, modified_at=None)
+    base = dict(
+        connection="c",
+        crm="salesforce",
+        source_id="006A",
+        project_name="p",
+        client_name=None,
+        service_location=None,
+        sales_executive=None,
+        owner_crm_id=None,
+        stage="s",
+        status="open",
+        amount=10.0,
+        currency=None,
+        close_date=None,
+        probability=None,
+        created_at=datetime(2026, 1, 1),
+        created_by_crm_id=None,
+        modified_at=None,
+    )
     return Opportunity(**{**base, **values})
 
 
@@ -85,10 +106,13 @@ def test_record_rules_name_the_id_and_field():
     clock = datetime(2026, 6, 1, 12)
     assert record_problems(opp(), clock) == []
     bad = record_problems(opp(amount=-5.0, created_at=datetime(2026, 6, 1, 14), project_name="a\ud800b"), clock)
-    assert [(q.source_id, q.field) for q in bad] == [("006A", "amount"), ("006A", "created_at"),
-                                                     ("006A", "project_name")]
+    assert [(q.source_id, q.field) for q in bad] == [
+        ("006A", "amount"),
+        ("006A", "created_at"),
+        ("006A", "project_name"),
+    ]
     assert "after the CRM's own clock (2026-06-01 12:00:00 UTC)" in bad[1].reason
-    assert bad[2].value == "a\\ud800b"                  # storable
+    assert bad[2].value == "a\\ud800b"  # storable
     # within the tolerance of the CRM's clock: not the future
     assert record_problems(opp(created_at=datetime(2026, 6, 1, 12, 30)), clock) == []
 
@@ -103,7 +127,7 @@ def test_unreadable_values_are_located_in_the_raw_record():
     assert locate({"properties": {"closedate": "2026-13-45"}}, "2026-13-45") == "properties.closedate"
     with pytest.raises(BadValue):
         parse_date("2026-13-45")
-    assert isinstance(BadValue("x", "a date"), ValueError)   # callers catching ValueError keep working
+    assert isinstance(BadValue("x", "a date"), ValueError)  # callers catching ValueError keep working
 
 
 def test_raw_json_keeps_a_lone_surrogate_as_its_escape():

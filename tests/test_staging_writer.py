@@ -13,25 +13,50 @@ from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, tr
 
 
 def page(start: int, n: int, raw_size: int = 10) -> list[Opportunity]:
-    return [Opportunity(connection="c1", crm="salesforce", source_id=f"id{i}", project_name=f"Deal {i}",
-                        client_name="Acme", service_location=None, sales_executive=None, owner_crm_id="005A",
-                        stage="Prospecting", status="open", amount=1000.0 + i, currency="USD", close_date=None,
-                        probability=10.0, created_at=datetime(2026, 1, 1), created_by_crm_id="005A",
-                        modified_at=datetime(2026, 1, 1) + timedelta(seconds=i), raw={"pad": "x" * raw_size})
-            for i in range(start, start + n)]
+    return [
+        Opportunity(
+            connection="c1",
+            crm="salesforce",
+            source_id=f"id{i}",
+            project_name=f"Deal {i}",
+            client_name="Acme",
+            service_location=None,
+            sales_executive=None,
+            owner_crm_id="005A",
+            stage="Prospecting",
+            status="open",
+            amount=1000.0 + i,
+            currency="USD",
+            close_date=None,
+            probability=10.0,
+            created_at=datetime(2026, 1, 1),
+            created_by_crm_id="005A",
+            modified_at=datetime(2026, 1, 1) + timedelta(seconds=i),
+            raw={"pad": "x" * raw_size},
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def staged(engine) -> list[tuple]:
     with transaction(engine) as c:
-        return c.execute(text("SELECT source_id, seq, in_open_set, amount, row_hash FROM oppsync.stage_opportunities "
-                              "ORDER BY seq")).fetchall()
+        return c.execute(
+            text("SELECT source_id, seq, in_open_set, amount, row_hash FROM oppsync.stage_opportunities ORDER BY seq")
+        ).fetchall()
 
 
 def started(url: str):
     engine = make_engine(url)
     ensure_schema(engine)
-    store.begin_extract(engine, extract_id="x", connection="c1", crm="salesforce", mode="full",
-                        started_at=datetime(2026, 3, 1), since=None)
+    store.begin_extract(
+        engine,
+        extract_id="x",
+        connection="c1",
+        crm="salesforce",
+        mode="full",
+        started_at=datetime(2026, 3, 1),
+        since=None,
+    )
     return engine
 
 
@@ -39,9 +64,9 @@ def test_pages_are_written_a_batch_at_a_time(warehouse_url):
     engine = started(warehouse_url)
     writer = store.StagingWriter(engine, "x", batch_rows=5, batch_chars=10**9)
     writer.add(page(0, 3), True, 0)
-    assert staged(engine) == []                       # under the batch size: nothing written yet
+    assert staged(engine) == []  # under the batch size: nothing written yet
     writer.add(page(3, 3), False, 3)
-    assert len(staged(engine)) == 6 and writer.written == 6   # the batch filled: written in one go
+    assert len(staged(engine)) == 6 and writer.written == 6  # the batch filled: written in one go
     writer.add(page(6, 2), True, 6)
     assert len(staged(engine)) == 6
     assert writer.flush() == 2 and writer.flush() == 0

@@ -18,8 +18,16 @@ from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
 
-COMPARED = ("status", "stage", "amount", "created_at", "created_by_crm_id", "owner_crm_id", "project_name",
-            "close_date")
+COMPARED = (
+    "status",
+    "stage",
+    "amount",
+    "created_at",
+    "created_by_crm_id",
+    "owner_crm_id",
+    "project_name",
+    "close_date",
+)
 # Small tenants keep this fast; ConnectWise costs one forecast request per opportunity.
 SIZE = {"connectwise": 250}
 FAST = {"hubspot": {"options": {"search_requests_per_second": 0}}}
@@ -37,8 +45,13 @@ def crm_state(cfg, conn) -> dict[str, dict]:
 
 def warehouse_state(engine, connection: str) -> dict[str, dict]:
     with engine.connect() as c:
-        result = c.execute(text(f"SELECT source_id, {', '.join(COMPARED)} FROM oppsync.opportunities "
-                                "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
+        result = c.execute(
+            text(
+                f"SELECT source_id, {', '.join(COMPARED)} FROM oppsync.opportunities "
+                "WHERE connection = :c AND deleted_at IS NULL"
+            ),
+            {"c": connection},
+        )
         return {r.source_id: {f: getattr(r, f) for f in COMPARED} for r in result}
 
 
@@ -47,8 +60,9 @@ def normalise(rows: dict[str, dict]) -> dict[str, dict]:
     for sid, row in rows.items():
         r = dict(row)
         r["amount"] = None if r["amount"] is None else round(float(r["amount"]), 2)
-        r["created_at"] = r["created_at"].replace(microsecond=r["created_at"].microsecond // 1000 * 1000) \
-            if r["created_at"] else None
+        r["created_at"] = (
+            r["created_at"].replace(microsecond=r["created_at"].microsecond // 1000 * 1000) if r["created_at"] else None
+        )
         out[sid] = r
     return out
 
@@ -117,8 +131,10 @@ def test_native_delete_feeds_remove_deletes_in_incremental_runs(crm: str, duckdb
         assert step.extract.mode == "incremental"
         assert step.result.deleted == 3
         with engine.connect() as c:
-            deleted = {r[0] for r in c.execute(text(
-                "SELECT source_id FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"))}
+            deleted = {
+                r[0]
+                for r in c.execute(text("SELECT source_id FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"))
+            }
         assert deleted == {str(i) for i in gone}
 
 
@@ -145,9 +161,9 @@ def test_a_refused_dataverse_delta_link_starts_a_new_baseline(duckdb_url: str, t
 
 
 @pytest.mark.parametrize("crm", ["hubspot", "autotask"])
-def test_an_upgrade_to_a_new_mapping_rebaselines_with_one_full_read_and_no_update_events(crm: str,
-                                                                                          warehouse_url: str,
-                                                                                          tmp_path: Path):
+def test_an_upgrade_to_a_new_mapping_rebaselines_with_one_full_read_and_no_update_events(
+    crm: str, warehouse_url: str, tmp_path: Path
+):
     """A warehouse written by an older connector (stage ids in `stage`, say): the next scheduled (auto) sync
     reads everything once, rewrites the values and records no `updated` / `stage_changed` events for it;
     the one after is incremental again."""
@@ -157,10 +173,14 @@ def test_an_upgrade_to_a_new_mapping_rebaselines_with_one_full_read_and_no_updat
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url)
         sync_connection(cfg, conn, engine, run_id="r1")
-        with engine.begin() as c:   # as the previous release left it: stage keys, no stage_id, no version
+        with engine.begin() as c:  # as the previous release left it: stage keys, no stage_id, no version
             # (its digests were taken over fewer fields, so none matches a digest of today's values)
-            c.execute(text("UPDATE oppsync.opportunities SET stage = 'old:' || COALESCE(stage_id, ''), "
-                           "stage_id = NULL, crm_status = NULL, row_hash = 'digest of release 0.2'"))
+            c.execute(
+                text(
+                    "UPDATE oppsync.opportunities SET stage = 'old:' || COALESCE(stage_id, ''), "
+                    "stage_id = NULL, crm_status = NULL, row_hash = 'digest of release 0.2'"
+                )
+            )
             c.execute(text("UPDATE oppsync.sync_state SET mapping_version = NULL"))
         upgrade = sync_connection(cfg, conn, engine, run_id="r2")
         assert upgrade.extract.mode == "full"
@@ -168,7 +188,9 @@ def test_an_upgrade_to_a_new_mapping_rebaselines_with_one_full_read_and_no_updat
         with engine.connect() as c:
             assert c.execute(text("SELECT count(*) FROM oppsync.opportunity_events WHERE run_id = 'r2'")).scalar() == 0
             assert c.execute(text("SELECT count(*) FROM oppsync.opportunities WHERE stage LIKE 'old:%'")).scalar() == 0
-            assert "re-baselined" in c.execute(text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = 'r2'")).scalar()
+            assert (
+                "re-baselined" in c.execute(text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = 'r2'")).scalar()
+            )
         sim.world.advance(hours=1, rate=0.05)
         after = sync_connection(cfg, conn, engine, run_id="r3")
         assert after.extract.mode == "incremental"

@@ -49,10 +49,13 @@ def test_dbt_accepted_values_are_the_python_vocabularies():
     for file, model, column, values in found:
         if column in DBT_ONLY:
             continue
-        assert column in WRITTEN, (f"{file}: {model}.{column} has accepted_values but no Python vocabulary here; "
-                                   "add it to WRITTEN (or DBT_ONLY if dbt derives it)")
-        assert values == WRITTEN[column], (f"{file}: {model}.{column} accepts {sorted(values)}, the pipeline "
-                                           f"writes {sorted(WRITTEN[column])}")
+        assert column in WRITTEN, (
+            f"{file}: {model}.{column} has accepted_values but no Python vocabulary here; "
+            "add it to WRITTEN (or DBT_ONLY if dbt derives it)"
+        )
+        assert values == WRITTEN[column], (
+            f"{file}: {model}.{column} accepts {sorted(values)}, the pipeline writes {sorted(WRITTEN[column])}"
+        )
         checked.add(column)
     # the event kinds and the record statuses are checked in dbt today; keep them so
     assert {"event_type", "status"} <= checked

@@ -42,27 +42,36 @@ def run_with_retry_after(cfg, engine, sim, seconds: float, run_id: str):
     crm = conn.crm
     sim.faults = FaultPlan([FaultRule("rate_limit", after=2, count=1, seconds=seconds, path=OPPORTUNITY_PAGES[crm])])
     sleep = RecordingSleep()
-    summary = sync_connection(cfg, conn, engine, run_id=run_id, mode="full",
-                              connector=build_connector(cfg, conn, sleep=sleep))
+    summary = sync_connection(
+        cfg, conn, engine, run_id=run_id, mode="full", connector=build_connector(cfg, conn, sleep=sleep)
+    )
     return summary, sleep
 
 
 def last_run(engine, connection: str) -> tuple[str, str | None, float | None]:
     with engine.connect() as c:
-        return tuple(c.execute(text(
-            "SELECT status, error, seconds_waited FROM oppsync.sync_runs WHERE connection = :c "
-            "ORDER BY started_at DESC LIMIT 1"), {"c": connection}).one())
+        return tuple(
+            c.execute(
+                text(
+                    "SELECT status, error, seconds_waited FROM oppsync.sync_runs WHERE connection = :c "
+                    "ORDER BY started_at DESC LIMIT 1"
+                ),
+                {"c": connection},
+            ).one()
+        )
 
 
 def lock_holder(engine, connection: str):
     with engine.connect() as c:
-        return c.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
-                         {"c": connection}).scalar()
+        return c.execute(
+            text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"), {"c": connection}
+        ).scalar()
 
 
 @pytest.mark.parametrize("crm", sorted(EXTRA))
 def test_a_long_retry_after_skips_the_run_without_sleeping_and_a_short_one_is_honoured(
-        crm: str, warehouse_url: str, tmp_path: Path):
+    crm: str, warehouse_url: str, tmp_path: Path
+):
     sim = build_simulator(crm, seed=5, opportunities=90)
     with SandboxServer(sim) as server:
         cfg = sandbox_config({crm: server}, warehouse_url, tmp_path, extra={crm: {"page_size": 20, **EXTRA[crm]}})
@@ -76,9 +85,9 @@ def test_a_long_retry_after_skips_the_run_without_sleeping_and_a_short_one_is_ho
         skipped, sleep = run_with_retry_after(cfg, engine, sim, 300, "r2")
 
         assert skipped.extract.status == "skipped" and skipped.result is None
-        assert sleep.calls == []                               # 0 s slept: the budget is 120 s
-        assert snapshot(engine, conn.name) == before           # warehouse unchanged
-        assert lock_holder(engine, conn.name) is None          # the next run is not locked out
+        assert sleep.calls == []  # 0 s slept: the budget is 120 s
+        assert snapshot(engine, conn.name) == before  # warehouse unchanged
+        assert lock_holder(engine, conn.name) is None  # the next run is not locked out
         status, error, waited = last_run(engine, conn.name)
         assert status == "skipped" and not waited
         assert "Retry-After: 300" in error and "quota.max_wait_seconds" in error
@@ -88,7 +97,7 @@ def test_a_long_retry_after_skips_the_run_without_sleeping_and_a_short_one_is_ho
         assert done.extract.status == "complete" and done.result is not None
         assert sleep.calls == [3.0]
         assert last_run(engine, conn.name)[:1] == ("success",)
-        assert snapshot(engine, conn.name) != before           # the hour's changes arrived
+        assert snapshot(engine, conn.name) != before  # the hour's changes arrived
         engine.dispose()
 
 
@@ -96,10 +105,15 @@ def test_the_budget_counts_every_wait_of_the_run_and_is_configurable(tmp_path: P
     """Waits add up across requests: with quota.max_wait_seconds 5, two 3 s Retry-Afters do not both fit."""
     sim = build_simulator("autotask", seed=6, opportunities=90)
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({"autotask": server}, "duckdb:///:memory:", tmp_path,
-                             extra={"autotask": {"page_size": 20, "quota": {"max_wait_seconds": 5}}})
-        sim.faults = FaultPlan([FaultRule("rate_limit", after=2, count=2, seconds=3,
-                                          path=OPPORTUNITY_PAGES["autotask"])])
+        cfg = sandbox_config(
+            {"autotask": server},
+            "duckdb:///:memory:",
+            tmp_path,
+            extra={"autotask": {"page_size": 20, "quota": {"max_wait_seconds": 5}}},
+        )
+        sim.faults = FaultPlan(
+            [FaultRule("rate_limit", after=2, count=2, seconds=3, path=OPPORTUNITY_PAGES["autotask"])]
+        )
         sleep = RecordingSleep()
         connector = build_connector(cfg, cfg.connections[0], sleep=sleep)
         with pytest.raises(QuotaExhausted, match=r"Retry-After: 3\b.*waited 3s"):
@@ -125,8 +139,12 @@ def test_backoff_after_server_errors_counts_too_and_fails_the_run_transiently(tm
 def test_max_wait_seconds_defaults_to_two_minutes_and_is_validated():
     base = {"name": "c", "crm": "hubspot", "base_url": "https://api.hubapi.com"}
     assert parse_config({"connections": [base]}).connections[0].quota.max_wait_seconds == 120
-    assert parse_config({"connections": [{**base, "quota": {"max_wait_seconds": 0}}]}).connections[0] \
-        .quota.max_wait_seconds == 0
+    assert (
+        parse_config({"connections": [{**base, "quota": {"max_wait_seconds": 0}}]})
+        .connections[0]
+        .quota.max_wait_seconds
+        == 0
+    )
     with pytest.raises(ConfigError) as err:
         parse_config({"connections": [{**base, "quota": {"max_wait_seconds": -1}}]})
     assert any(p.startswith("connections[0].quota.max_wait_seconds:") for p in err.value.problems)
@@ -135,7 +153,11 @@ def test_max_wait_seconds_defaults_to_two_minutes_and_is_validated():
 def test_a_connections_budget_reaches_its_client(tmp_path: Path):
     sim = build_simulator("autotask", seed=6, opportunities=5)
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({"autotask": server}, "duckdb:///:memory:", tmp_path,
-                             extra={"autotask": {"quota": {"max_wait_seconds": 7.5}}})
+        cfg = sandbox_config(
+            {"autotask": server},
+            "duckdb:///:memory:",
+            tmp_path,
+            extra={"autotask": {"quota": {"max_wait_seconds": 7.5}}},
+        )
         connector = build_connector(cfg, cfg.connections[0], session=requests.Session())
         assert connector.client.budget.max_wait_seconds == 7.5

@@ -11,8 +11,13 @@ from datetime import datetime
 import pytest
 from sqlalchemy import text
 
-from oppsync_pipeline.lib.warehouse.engine import (DUCKDB_CATALOG, DUCKDB_ROW_GROUP_SIZE, ensure_schema, make_engine,
-                                                    transaction)
+from oppsync_pipeline.lib.warehouse.engine import (
+    DUCKDB_CATALOG,
+    DUCKDB_ROW_GROUP_SIZE,
+    ensure_schema,
+    make_engine,
+    transaction,
+)
 from oppsync_pipeline.lib.warehouse.schema import FACT_TABLES, MIGRATIONS, SCHEMA, schema_migrations
 
 T0 = datetime(2026, 1, 5, 9, 30)
@@ -31,29 +36,43 @@ def _migrate_to(engine, version: int) -> None:
 
 def _seed(engine) -> None:
     with transaction(engine) as conn:
-        conn.execute(text(f"""
+        conn.execute(
+            text(f"""
             INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, version, first_seen_at,
                                                 last_seen_at, project_name, raw)
             VALUES ('c', '001', 'salesforce', 'open', 'h1', 1, :t, :t, 'O''Brien; DROP', '{{"Id": "001"}}'),
-                   ('c', '002', 'salesforce', 'won', 'h2', 2, :t, :t, NULL, NULL)"""), {"t": T0})
-        conn.execute(text(f"""
+                   ('c', '002', 'salesforce', 'won', 'h2', 2, :t, :t, NULL, NULL)"""),
+            {"t": T0},
+        )
+        conn.execute(
+            text(f"""
             INSERT INTO {SCHEMA}.opportunity_events (event_id, connection, crm, source_id, event_type, occurred_at,
                                                      recorded_at, run_id)
-            VALUES ('r1:001:created', 'c', 'salesforce', '001', 'created', :t, :t, 'r1')"""), {"t": T0})
-        conn.execute(text(f"""
+            VALUES ('r1:001:created', 'c', 'salesforce', '001', 'created', :t, :t, 'r1')"""),
+            {"t": T0},
+        )
+        conn.execute(
+            text(f"""
             INSERT INTO {SCHEMA}.opportunity_history (connection, source_id, version, crm, status, row_hash,
                                                       valid_from)
-            VALUES ('c', '001', 1, 'salesforce', 'open', 'h1', :t)"""), {"t": T0})
+            VALUES ('c', '001', 1, 'salesforce', 'open', 'h1', :t)"""),
+            {"t": T0},
+        )
 
 
 def _keys_and_indexes(conn, table: str) -> int:
     if conn.dialect.name == "duckdb":
-        return conn.execute(text(
-            "SELECT (SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t) + "
-            "(SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
-            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE'))"), {"s": SCHEMA, "t": table}).scalar()
-    return conn.execute(text("SELECT count(*) FROM pg_indexes WHERE schemaname = :s AND tablename = :t"),
-                        {"s": SCHEMA, "t": table}).scalar()
+        return conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t) + "
+                "(SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
+                "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE'))"
+            ),
+            {"s": SCHEMA, "t": table},
+        ).scalar()
+    return conn.execute(
+        text("SELECT count(*) FROM pg_indexes WHERE schemaname = :s AND tablename = :t"), {"s": SCHEMA, "t": table}
+    ).scalar()
 
 
 def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
@@ -61,47 +80,70 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     _migrate_to(engine, 2)
     _seed(engine)
     with engine.connect() as conn:
-        assert _keys_and_indexes(conn, "opportunities") > 0   # the old layout had its keys
+        assert _keys_and_indexes(conn, "opportunities") > 0  # the old layout had its keys
 
     assert ensure_schema(engine) == [3, 4, 5, 6]
-    assert ensure_schema(engine) == []                       # once only
+    assert ensure_schema(engine) == []  # once only
 
     with engine.connect() as conn:
-        rows = conn.execute(text(f"SELECT source_id, status, version, project_name, raw, first_seen_at "
-                                 f"FROM {SCHEMA}.opportunities ORDER BY source_id")).all()
-        assert [tuple(r) for r in rows] == [("001", "open", 1, "O'Brien; DROP", '{"Id": "001"}', T0),
-                                            ("002", "won", 2, None, None, T0)]
+        rows = conn.execute(
+            text(
+                f"SELECT source_id, status, version, project_name, raw, first_seen_at "
+                f"FROM {SCHEMA}.opportunities ORDER BY source_id"
+            )
+        ).all()
+        assert [tuple(r) for r in rows] == [
+            ("001", "open", 1, "O'Brien; DROP", '{"Id": "001"}', T0),
+            ("002", "won", 2, None, None, T0),
+        ]
         assert conn.execute(text(f"SELECT event_id FROM {SCHEMA}.opportunity_events")).scalar() == "r1:001:created"
         assert conn.execute(text(f"SELECT count(*) FROM {SCHEMA}.opportunity_history")).scalar() == 1
         for table in FACT_TABLES:
             if engine.dialect.name == "duckdb":
                 assert _keys_and_indexes(conn, table) == 0, table
             else:
-                assert _keys_and_indexes(conn, table) > 0, table   # Postgres keeps its B-trees
+                assert _keys_and_indexes(conn, table) > 0, table  # Postgres keeps its B-trees
         # NOT NULL survives the rebuild
         with pytest.raises(Exception, match="(?i)not.null|null value"):
-            conn.execute(text(f"INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, "
-                              "version, first_seen_at, last_seen_at) VALUES ('c', NULL, 'x', 'open', 'h', 1, "
-                              "current_timestamp, current_timestamp)"))
+            conn.execute(
+                text(
+                    f"INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, "
+                    "version, first_seen_at, last_seen_at) VALUES ('c', NULL, 'x', 'open', 'h', 1, "
+                    "current_timestamp, current_timestamp)"
+                )
+            )
 
 
 # The columns migration 4 adds (the stage model, token requests, warnings, mapping version).
-M4_COLUMNS = [("opportunities", "stage_id"), ("opportunities", "crm_status"), ("opportunity_history", "stage_id"),
-              ("opportunity_history", "crm_status"), ("stage_opportunities", "stage_id"),
-              ("stage_opportunities", "crm_status"), ("extracts", "token_requests"), ("extracts", "warnings"),
-              ("extracts", "mapping_version"), ("sync_runs", "token_requests"), ("sync_runs", "warnings"),
-              ("sync_state", "mapping_version")]
+M4_COLUMNS = [
+    ("opportunities", "stage_id"),
+    ("opportunities", "crm_status"),
+    ("opportunity_history", "stage_id"),
+    ("opportunity_history", "crm_status"),
+    ("stage_opportunities", "stage_id"),
+    ("stage_opportunities", "crm_status"),
+    ("extracts", "token_requests"),
+    ("extracts", "warnings"),
+    ("extracts", "mapping_version"),
+    ("sync_runs", "token_requests"),
+    ("sync_runs", "warnings"),
+    ("sync_state", "mapping_version"),
+]
 
 
 def _columns(conn, table: str) -> set[str]:
-    return set(conn.execute(text("SELECT column_name FROM information_schema.columns WHERE table_schema = :s "
-                                 "AND table_name = :t"), {"s": SCHEMA, "t": table}).scalars())
+    return set(
+        conn.execute(
+            text("SELECT column_name FROM information_schema.columns WHERE table_schema = :s AND table_name = :t"),
+            {"s": SCHEMA, "t": table},
+        ).scalars()
+    )
 
 
 def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(warehouse_url: str):
     engine = make_engine(warehouse_url)
     _migrate_to(engine, 3)
-    with transaction(engine) as conn:   # as release 3 left it: without migration 4's columns
+    with transaction(engine) as conn:  # as release 3 left it: without migration 4's columns
         for table, column in M4_COLUMNS:
             conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
     _seed(engine)
@@ -109,8 +151,9 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
     with engine.connect() as conn:
         for table, column in M4_COLUMNS:
             assert column in _columns(conn, table), (table, column)
-        rows = conn.execute(text(f"SELECT source_id, status, stage_id, crm_status FROM {SCHEMA}.opportunities "
-                                 "ORDER BY source_id")).all()
+        rows = conn.execute(
+            text(f"SELECT source_id, status, stage_id, crm_status FROM {SCHEMA}.opportunities ORDER BY source_id")
+        ).all()
         assert [tuple(r) for r in rows] == [("001", "open", None, None), ("002", "won", None, None)]
 
 
@@ -122,14 +165,17 @@ def test_the_duckdb_warehouse_is_written_in_small_row_groups(duckdb_url: str):
     n = DUCKDB_ROW_GROUP_SIZE * 3
     with transaction(engine) as conn:
         assert conn.execute(text("SELECT current_database()")).scalar() == DUCKDB_CATALOG
-        conn.execute(text(f"""
+        conn.execute(
+            text(f"""
             INSERT INTO {SCHEMA}.stage_opportunities (extract_id, connection, source_id, seq, in_open_set, crm,
                                                       status, row_hash, raw)
             SELECT 'x', 'c', CAST(i AS VARCHAR), i, TRUE, 'salesforce', 'open', 'h', repeat('r', 500)
-            FROM range({n}) t(i)"""))
+            FROM range({n}) t(i)""")
+        )
     with engine.connect() as conn:
-        groups = conn.execute(text(
-            f"SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('{SCHEMA}.stage_opportunities')")).scalar()
+        groups = conn.execute(
+            text(f"SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('{SCHEMA}.stage_opportunities')")
+        ).scalar()
     assert groups >= 3
 
 
@@ -142,24 +188,36 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
     with transaction(engine) as conn:
         conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET closed_at = :t WHERE source_id = '002'"), {"t": T0})
         old_events = [  # (run, source, type, changed_fields)
-            ("r1", "a", "closed_won", None), ("r1", "a", "stage_changed", None),
+            ("r1", "a", "closed_won", None),
+            ("r1", "a", "stage_changed", None),
             ("r1", "a", "updated", "stage,stage_id,status,amount"),
-            ("r2", "b", "stage_changed", None), ("r2", "b", "updated", "stage"),
-            ("r3", "c", "updated", "amount,owner_crm_id"), ("r3", "d", "reopened", None),
-            ("r3", "d", "stage_changed", None), ("r3", "d", "updated", "stage,crm_status,status")]
+            ("r2", "b", "stage_changed", None),
+            ("r2", "b", "updated", "stage"),
+            ("r3", "c", "updated", "amount,owner_crm_id"),
+            ("r3", "d", "reopened", None),
+            ("r3", "d", "stage_changed", None),
+            ("r3", "d", "updated", "stage,crm_status,status"),
+        ]
         for run, sid, kind, fields in old_events:
-            conn.execute(text(f"""
+            conn.execute(
+                text(f"""
                 INSERT INTO {SCHEMA}.opportunity_events (event_id, connection, crm, source_id, event_type,
                                                          occurred_at, recorded_at, run_id, changed_fields)
                 VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
-                         {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields})
+                {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields},
+            )
     assert ensure_schema(engine) == [5, 6]
     with engine.connect() as conn:
-        rows = conn.execute(text(f"SELECT run_id, source_id, event_type, changed_fields, change_id "
-                                 f"FROM {SCHEMA}.opportunity_events")).all()
+        rows = conn.execute(
+            text(f"SELECT run_id, source_id, event_type, changed_fields, change_id FROM {SCHEMA}.opportunity_events")
+        ).all()
         opps = conn.execute(text(f"SELECT source_id, closed_at_source, in_scope FROM {SCHEMA}.opportunities")).all()
     assert sorted(tuple(r) for r in rows) == [
-        ("r1", "001", "created", None, "r1:001"), ("r1", "a", "closed_won", None, "r1:a"), ("r1", "a", "updated", "amount", "r1:a"),
+        ("r1", "001", "created", None, "r1:001"),
+        ("r1", "a", "closed_won", None, "r1:a"),
+        ("r1", "a", "updated", "amount", "r1:a"),
         ("r2", "b", "stage_changed", None, "r2:b"),
-        ("r3", "c", "updated", "amount,owner_crm_id", "r3:c"), ("r3", "d", "reopened", None, "r3:d")]
+        ("r3", "c", "updated", "amount,owner_crm_id", "r3:c"),
+        ("r3", "d", "reopened", None, "r3:d"),
+    ]
     assert sorted(tuple(r) for r in opps) == [("001", None, True), ("002", "modified_at", True)]

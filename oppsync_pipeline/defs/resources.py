@@ -29,7 +29,7 @@ def app_config(path: str | Path) -> OppsyncConfig:
     however many definitions, assets and checks ask for it; parsed again only when the file changes."""
     p = Path(path)
     if not p.is_file():
-        return load_config(p)   # its error names the file and the fix
+        return load_config(p)  # its error names the file and the fix
     st = p.stat()
     return _parsed(str(p.resolve()), st.st_mtime_ns, st.st_size)
 

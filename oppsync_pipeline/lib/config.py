@@ -32,8 +32,17 @@ _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 # Canonical fields a connection may point at a custom CRM field (seed 002: created date / created by).
-OVERRIDABLE_FIELDS = ("created_at", "created_by_crm_id", "project_name", "client_name", "stage", "amount",
-                      "close_date", "probability", "sales_executive")
+OVERRIDABLE_FIELDS = (
+    "created_at",
+    "created_by_crm_id",
+    "project_name",
+    "client_name",
+    "stage",
+    "amount",
+    "close_date",
+    "probability",
+    "sales_executive",
+)
 
 
 class ConfigError(Exception):
@@ -156,7 +165,7 @@ class ConnectionConfig(_Strict):
     def _options(self) -> ConnectionConfig:
         """`options` are the CRM's own (each connector's Options model): typos and wrong types are refused here,
         at load time, instead of being ignored by the run."""
-        model = connector_class(self.crm).Options   # imports the connector (which imports this module)
+        model = connector_class(self.crm).Options  # imports the connector (which imports this module)
         try:
             model.model_validate(self.options)
         except ValidationError as err:
@@ -195,23 +204,23 @@ class WarehouseConfig(_Strict):
     def _url(cls, v: str) -> str:
         scheme = v.split("://", 1)[0]
         if scheme == "postgresql" or scheme == "postgres":
-            raise ValueError(
-                f"'{scheme}://' names no driver; write postgresql+psycopg2://user@host:5432/db"
-            )
+            raise ValueError(f"'{scheme}://' names no driver; write postgresql+psycopg2://user@host:5432/db")
         if not v.strip():
-            raise ValueError("is empty; write duckdb:///.oppsync/warehouse.duckdb or "
-                             "postgresql+psycopg2://user@host:5432/db")
+            raise ValueError(
+                "is empty; write duckdb:///.oppsync/warehouse.duckdb or postgresql+psycopg2://user@host:5432/db"
+            )
         if scheme not in ("duckdb", "postgresql+psycopg2", "postgresql+psycopg"):
             raise ValueError(f"unsupported scheme '{scheme}'; use duckdb:///path or postgresql+psycopg2://...")
         rest = v.split("://", 1)[1] if "://" in v else ""
         if scheme == "duckdb" and not rest.lstrip("/").strip():
-            raise ValueError(f"'{v}' names no database file; write duckdb:///.oppsync/warehouse.duckdb (relative) "
-                             "or duckdb:////abs/path/warehouse.duckdb (':memory:' is not kept between runs)")
+            raise ValueError(
+                f"'{v}' names no database file; write duckdb:///.oppsync/warehouse.duckdb (relative) "
+                "or duckdb:////abs/path/warehouse.duckdb (':memory:' is not kept between runs)"
+            )
         if scheme.startswith("postgresql"):
             parsed = urlparse(v)
             if not (parsed.hostname or "host=" in parsed.query) or not parsed.path.strip("/"):
-                raise ValueError(f"'{v}' needs a host and a database name; write "
-                                 f"{scheme}://user@host:5432/database")
+                raise ValueError(f"'{v}' needs a host and a database name; write {scheme}://user@host:5432/database")
         return v
 
     @property
@@ -311,7 +320,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "required key is missing"
         for line in msg.split("\n"):
-            if line.startswith("."):   # a key below this path (a connection's options)
+            if line.startswith("."):  # a key below this path (a connection's options)
                 problems.append(f"{path}{line}")
                 continue
             # cross-checks carry their own key paths
@@ -372,8 +381,10 @@ def resolve_credentials(
     for key, var in conn.credential_env_vars().items():
         value = environ.get(var) or file_values.get(var)
         if not value:
-            missing.append(f"connections.{conn.name}.credentials.{key}: environment variable {var} is not set; "
-                           f"export {var}=... or add it to the secrets file")
+            missing.append(
+                f"connections.{conn.name}.credentials.{key}: environment variable {var} is not set; "
+                f"export {var}=... or add it to the secrets file"
+            )
         else:
             resolved[key] = value
     if missing:

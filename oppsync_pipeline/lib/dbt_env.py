@@ -30,9 +30,13 @@ def dbt_env(cfg: OppsyncConfig) -> dict[str, str]:
         path = url.split(":///", 1)[1]
         return {"OPPSYNC_DUCKDB_PATH": str(Path(path).resolve())}
     u = make_url(url)
-    return {"OPPSYNC_PG_HOST": u.host or "127.0.0.1", "OPPSYNC_PG_PORT": str(u.port or 5432),
-            "OPPSYNC_PG_USER": u.username or "postgres", "OPPSYNC_PG_PASSWORD": u.password or "",
-            "OPPSYNC_PG_DBNAME": u.database or "postgres"}
+    return {
+        "OPPSYNC_PG_HOST": u.host or "127.0.0.1",
+        "OPPSYNC_PG_PORT": str(u.port or 5432),
+        "OPPSYNC_PG_USER": u.username or "postgres",
+        "OPPSYNC_PG_PASSWORD": u.password or "",
+        "OPPSYNC_PG_DBNAME": u.database or "postgres",
+    }
 
 
 def dbt_vars(cfg: OppsyncConfig) -> dict[str, str]:

@@ -46,9 +46,9 @@ _CHECKED = (
 
 @dataclass(frozen=True)
 class Rule:
-    expectation: str              # Great Expectations' name for the same expectation
+    expectation: str  # Great Expectations' name for the same expectation
     column: str | list[str]
-    violation: str                # SQL over a row of `checked`: true when the row breaks the rule
+    violation: str  # SQL over a row of `checked`: true when the row breaks the rule
 
 
 RULES = (
@@ -68,15 +68,18 @@ class SuiteResult:
     expectations: list[dict[str, Any]]
 
 
-def validate_extract(engine: Engine, extract_id: str, server_now: datetime,
-                     tolerance: timedelta = timedelta(hours=1)) -> SuiteResult:
+def validate_extract(
+    engine: Engine, extract_id: str, server_now: datetime, tolerance: timedelta = timedelta(hours=1)
+) -> SuiteResult:
     """Every rule over the extract's staged rows. A created date may lead `server_now` by `tolerance` (the
     CRM's clock and ours differ a little); a later one is in the future."""
     params = {"extract_id": extract_id, "statuses": STATUSES, "latest_created_at": server_now + tolerance}
     with transaction(engine) as conn:
         rows, *violations = conn.execute(_counts_query(), params).one()
-        expectations = [_outcome(rule, count, _example_ids(conn, rule, params) if count else [])
-                        for rule, count in zip(RULES, violations)]
+        expectations = [
+            _outcome(rule, count, _example_ids(conn, rule, params) if count else [])
+            for rule, count in zip(RULES, violations)
+        ]
     failures = [e for e in expectations if not e["success"]]
     return SuiteResult(not failures, rows, failures, expectations)
 
@@ -87,8 +90,9 @@ def _counts_query():
 
 
 def _example_ids(conn: Connection, rule: Rule, params: dict[str, Any]) -> list[str]:
-    query = _with_statuses(_CHECKED + f"SELECT DISTINCT source_id FROM checked WHERE {rule.violation} "
-                           f"ORDER BY source_id LIMIT {EXAMPLES}")
+    query = _with_statuses(
+        _CHECKED + f"SELECT DISTINCT source_id FROM checked WHERE {rule.violation} ORDER BY source_id LIMIT {EXAMPLES}"
+    )
     return ["(null)" if sid is None else str(sid) for sid in conn.execute(query, params).scalars()]
 
 
@@ -99,8 +103,13 @@ def _with_statuses(sql: str):
 
 
 def _outcome(rule: Rule, unexpected: int, example_ids: list[str]) -> dict[str, Any]:
-    return {"expectation": rule.expectation, "column": rule.column, "success": unexpected == 0,
-            "unexpected_count": unexpected, "partial_unexpected_list": example_ids}
+    return {
+        "expectation": rule.expectation,
+        "column": rule.column,
+        "success": unexpected == 0,
+        "unexpected_count": unexpected,
+        "partial_unexpected_list": example_ids,
+    }
 
 
 def refuse_extract(engine: Engine, conn: ConnectionConfig, run_id: str, reason: str) -> None:

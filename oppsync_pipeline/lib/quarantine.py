@@ -41,7 +41,7 @@ def mapping_failure(crm: str, source_id: str | None, raw: Any, err: Exception) -
         key = str(err.args[0]) if err.args else "?"
         return Quarantined(crm, source_id, key, f"required field {key!r} is missing or null")
     if isinstance(err, BadValue):
-        path = err.field or locate(raw, err.value) or "?"   # the connector knows best where it read it
+        path = err.field or locate(raw, err.value) or "?"  # the connector knows best where it read it
         return Quarantined(crm, source_id, path, str(err), _short(err.value))
     return Quarantined(crm, source_id, "?", f"cannot be mapped: {type(err).__name__}: {_short(str(err), 200)}")
 
@@ -52,14 +52,28 @@ def record_problems(opp: Opportunity, crm_clock: datetime | None) -> list[Quaran
     if opp.amount is not None and opp.amount < 0:
         out.append(Quarantined(opp.crm, opp.source_id, "amount", "negative amount", repr(opp.amount)))
     if crm_clock is not None and opp.created_at is not None and opp.created_at > crm_clock + FUTURE_TOLERANCE:
-        out.append(Quarantined(opp.crm, opp.source_id, "created_at",
-                               f"created {opp.created_at:%Y-%m-%d %H:%M:%S} UTC, after the CRM's own clock "
-                               f"({crm_clock:%Y-%m-%d %H:%M:%S} UTC)", opp.created_at.isoformat()))
+        out.append(
+            Quarantined(
+                opp.crm,
+                opp.source_id,
+                "created_at",
+                f"created {opp.created_at:%Y-%m-%d %H:%M:%S} UTC, after the CRM's own clock "
+                f"({crm_clock:%Y-%m-%d %H:%M:%S} UTC)",
+                opp.created_at.isoformat(),
+            )
+        )
     for name in TEXT_FIELDS:
         value = getattr(opp, name)
         if value is not None and not value.isascii() and _has_lone_surrogate(value):
-            out.append(Quarantined(opp.crm, opp.source_id, name,
-                                   "text holds a lone UTF-16 surrogate (not valid Unicode text)", _short(value)))
+            out.append(
+                Quarantined(
+                    opp.crm,
+                    opp.source_id,
+                    name,
+                    "text holds a lone UTF-16 surrogate (not valid Unicode text)",
+                    _short(value),
+                )
+            )
     return out
 
 
@@ -93,5 +107,5 @@ def locate(raw: Any, value: Any, path: str = "", depth: int = 0) -> str | None:
 
 def _short(value: Any, limit: int = 80) -> str:
     text = value if isinstance(value, str) else repr(value)
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")   # storable even with surrogates
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # storable even with surrogates
     return text if len(text) <= limit else text[:limit] + "..."

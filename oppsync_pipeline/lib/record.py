@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Literal, get_type_hints
 
@@ -102,8 +102,8 @@ class Opportunity:
     service_location: str | None
     sales_executive: str | None
     owner_crm_id: str | None
-    stage: str | None          # the sales stage's name as users see it in the CRM
-    status: Status             # open / won / lost, from the CRM's own flags (or the connection's mapping)
+    stage: str | None  # the sales stage's name as users see it in the CRM
+    status: Status  # open / won / lost, from the CRM's own flags (or the connection's mapping)
     amount: float | None
     currency: str | None
     close_date: date | None
@@ -112,8 +112,8 @@ class Opportunity:
     created_by_crm_id: str | None
     modified_at: datetime | None
     raw: dict[str, Any] = field(default_factory=dict)
-    stage_id: str | None = None      # the CRM's id / API value of that stage
-    crm_status: str | None = None    # the CRM's own status label (HubSpot: the stage id; Dataverse: statuscode)
+    stage_id: str | None = None  # the CRM's id / API value of that stage
+    crm_status: str | None = None  # the CRM's own status label (HubSpot: the stage id; Dataverse: statuscode)
     # When the CRM says the opportunity closed (won / lost), and the CRM field that said it (`actualclosedate`,
     # `closedDate`, `hs_closed_won_date`, `LastStageChangeDate`, `CloseDate` ...). None while open, or where
     # the CRM keeps no such value: the reconcile then dates the close by `modified_at` (closed_at_source).
@@ -138,8 +138,10 @@ def _check_record_matches_fields() -> None:
         if f.name == "status":
             held = {str} if hints[f.name] is Status else held
         if held != {want} or (f.nullable != (type(None) in args)):
-            raise TypeError(f"Opportunity.{f.name} is {hints.get(f.name)}; the field spec says {want.__name__}"
-                            f"{'' if not f.nullable else ' | None'}")
+            raise TypeError(
+                f"Opportunity.{f.name} is {hints.get(f.name)}; the field spec says {want.__name__}"
+                f"{'' if not f.nullable else ' | None'}"
+            )
 
 
 _check_record_matches_fields()
@@ -172,11 +174,11 @@ def raw_json(raw: dict[str, Any]) -> str:
     kept visible, escaped."""
     try:
         text = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode("utf-8")
-    except (orjson.JSONEncodeError, TypeError):   # integers past 64 bits, lone surrogates
+    except (orjson.JSONEncodeError, TypeError):  # integers past 64 bits, lone surrogates
         text = json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":"))
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError:   # a lone surrogate: kept, as the JSON escape the CRM sent
+        except UnicodeEncodeError:  # a lone surrogate: kept, as the JSON escape the CRM sent
             text = json.dumps(raw, default=str, ensure_ascii=True, separators=(",", ":"))
     return text.replace("\\u0000", "\\\\u0000")
 
@@ -198,7 +200,7 @@ class CrmUser:
 class StageInfo:
     """One stage or status of the tenant, with the CRM's own open / won semantics."""
 
-    key: str          # the value that appears on the opportunity (stage name, id, status id ...)
+    key: str  # the value that appears on the opportunity (stage name, id, status id ...)
     label: str
     is_closed: bool
     is_won: bool
@@ -214,7 +216,7 @@ class StageInfo:
 def to_utc(value: datetime) -> datetime:
     """Naive UTC datetimes are what the warehouse stores (portable across DuckDB and Postgres)."""
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
@@ -241,7 +243,7 @@ def parse_datetime(value: Any) -> datetime | None:
         return to_utc(value)
     if isinstance(value, (int, float)) or (isinstance(value, str) and value.isdigit()):
         try:
-            return datetime.fromtimestamp(int(value) / 1000, tz=timezone.utc).replace(tzinfo=None)
+            return datetime.fromtimestamp(int(value) / 1000, tz=UTC).replace(tzinfo=None)
         except (OverflowError, OSError, ValueError):
             raise BadValue(value, "a date-time (epoch milliseconds out of range)") from None
     text = str(value).strip()
@@ -254,7 +256,7 @@ def parse_datetime(value: Any) -> datetime | None:
     if "." in text:
         head, _, rest = text.partition(".")
         digits = "".join(ch for ch in rest if ch.isdigit())
-        tail = rest[len(digits):]
+        tail = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{tail}"
     try:
         parsed = datetime.fromisoformat(text)

@@ -60,7 +60,7 @@ class StageTrigger:
     """`track_from_stage` resolved against the tenant's stage dictionary: the trigger's position per pipeline."""
 
     name: str
-    rank_by_pipeline: dict[str | None, int]   # pipeline -> sort_order of the trigger stage in it
+    rank_by_pipeline: dict[str | None, int]  # pipeline -> sort_order of the trigger stage in it
     stages: dict[str, StageInfo]
 
     @classmethod
@@ -69,15 +69,20 @@ class StageTrigger:
         if wanted is None:
             return None
         if not stages:
-            raise ConfigError([f"connections.{conn.name}.track_from_stage: '{wanted}' needs the tenant's stage list "
-                               "(its order), which this API user cannot read; grant read access to the stage "
-                               "metadata (see docs/crms) or remove track_from_stage"])
+            raise ConfigError(
+                [
+                    f"connections.{conn.name}.track_from_stage: '{wanted}' needs the tenant's stage list "
+                    "(its order), which this API user cannot read; grant read access to the stage "
+                    "metadata (see docs/crms) or remove track_from_stage"
+                ]
+            )
         key = wanted.casefold()
         matches = [s for s in stages.values() if s.label.casefold() == key or s.key.casefold() == key]
         if not matches:
             names = sorted({s.label for s in stages.values()})
-            raise ConfigError([f"connections.{conn.name}.track_from_stage: no stage '{wanted}' in this tenant; "
-                               f"its stages: {names}"])
+            raise ConfigError(
+                [f"connections.{conn.name}.track_from_stage: no stage '{wanted}' in this tenant; its stages: {names}"]
+            )
         ranks: dict[str | None, int] = {}
         for s in matches:
             ranks[s.pipeline] = min(ranks.get(s.pipeline, s.sort_order), s.sort_order)

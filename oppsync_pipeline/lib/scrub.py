@@ -28,12 +28,13 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
 MASK = "***"
-PIECE = 8          # pieces of this length (and longer) of a secret are secret too
-SHORTEST = 4       # shorter values are never matched (they would match ordinary text)
+PIECE = 8  # pieces of this length (and longer) of a secret are secret too
+SHORTEST = 4  # shorter values are never matched (they would match ordinary text)
 IDENTIFIER_KEYS = frozenset({"client_id", "tenant_id", "company_id", "public_key", "username"})
 # Headers an Auth may set that never carry a credential (content negotiation).
-NOT_CREDENTIALS = frozenset({"accept", "accept-encoding", "content-type", "user-agent", "prefer",
-                             "odata-version", "odata-maxversion"})
+NOT_CREDENTIALS = frozenset(
+    {"accept", "accept-encoding", "content-type", "user-agent", "prefer", "odata-version", "odata-maxversion"}
+)
 _ESCAPE = re.compile(r"%[0-9A-F]{2}")
 
 
@@ -41,10 +42,10 @@ class Scrubber:
     """The secrets of one connection, in every form; `scrubber(text)` masks them in `text`."""
 
     def __init__(self, credentials: Mapping[str, str | None] | None = None) -> None:
-        self._pieces: set[str] = set()       # every PIECE-long window of every form of every secret
-        self._whole: set[str] = set()        # secret forms matched whole only (too short to have pieces ...)
+        self._pieces: set[str] = set()  # every PIECE-long window of every form of every secret
+        self._whole: set[str] = set()  # secret forms matched whole only (too short to have pieces ...)
         self._identifiers: set[str] = set()  # forms of identifiers: matched whole
-        self._known: set[str] = set()        # the values registered, as given
+        self._known: set[str] = set()  # the values registered, as given
         self._lock = threading.Lock()
         if credentials:
             self.add_credentials(credentials)
@@ -74,8 +75,12 @@ class Scrubber:
     def add_sent_headers(self, before: Mapping[str, str], after: Mapping[str, str]) -> None:
         """What an Auth added to a request's headers (compare the headers before and after `apply`)."""
         for name, value in after.items():
-            if (before.get(name) == value or not isinstance(value, str) or name.lower() in NOT_CREDENTIALS
-                    or self.knows(value)):    # every request sends the same token: learned once
+            if (
+                before.get(name) == value
+                or not isinstance(value, str)
+                or name.lower() in NOT_CREDENTIALS
+                or self.knows(value)
+            ):  # every request sends the same token: learned once
                 continue
             if name.lower() == "authorization":
                 self.add_authorization(value)
@@ -111,7 +116,7 @@ class Scrubber:
     def _add(self, form: str) -> None:
         with self._lock:
             if len(form) >= PIECE:
-                self._pieces.update(form[i:i + PIECE] for i in range(len(form) - PIECE + 1))
+                self._pieces.update(form[i : i + PIECE] for i in range(len(form) - PIECE + 1))
             elif len(form) >= SHORTEST:
                 self._whole.add(form)
 
@@ -121,8 +126,11 @@ class Scrubber:
         """Where `text` shows a secret (and, unless told not to, an identifier): (start, end), unmerged."""
         with self._lock:
             pieces, whole = self._pieces, (*self._whole, *(self._identifiers if identifiers else ()))
-            found = [(i, i + PIECE) for i in range(len(text) - PIECE + 1) if text[i:i + PIECE] in pieces] \
-                if pieces else []
+            found = (
+                [(i, i + PIECE) for i in range(len(text) - PIECE + 1) if text[i : i + PIECE] in pieces]
+                if pieces
+                else []
+            )
         for value in whole:
             start = text.find(value)
             while start >= 0:
@@ -151,12 +159,12 @@ def base64_pieces(value: str) -> Iterable[str]:
     raw = value.encode("utf-8")
     for offset in range(3):
         encoded = base64.b64encode(bytes(offset) + raw).decode("ascii")
-        first = -(-offset * 8 // 6)                 # the first character made of `value`'s bits only
-        last = (offset + len(raw)) * 8 // 6         # the characters after it also hold the next bytes
+        first = -(-offset * 8 // 6)  # the first character made of `value`'s bits only
+        last = (offset + len(raw)) * 8 // 6  # the characters after it also hold the next bytes
         piece = encoded[first:last]
         if len(piece) >= PIECE:
             yield piece
-            yield piece.replace("+", "-").replace("/", "_")     # the URL-safe alphabet
+            yield piece.replace("+", "-").replace("/", "_")  # the URL-safe alphabet
 
 
 def _lower_hex(text: str) -> str:

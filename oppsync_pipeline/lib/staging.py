@@ -13,15 +13,22 @@ from sqlalchemy import Date, DateTime, Double
 from sqlalchemy.engine import Engine
 
 from oppsync_pipeline.lib.record import (
-    CANONICAL, FIELDS, TRACKED_FIELDS, CanonicalField, Opportunity, clean_text, raw_json, row_hash, to_utc,
+    CANONICAL,
+    FIELDS,
+    TRACKED_FIELDS,
+    CanonicalField,
+    Opportunity,
+    clean_text,
+    raw_json,
+    row_hash,
+    to_utc,
 )
 from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.warehouse.dialect import bulk_insert
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 
-STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", "scope", *CANONICAL, "raw",
-                 "row_hash"]
+STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", "scope", *CANONICAL, "raw", "row_hash"]
 
 # Why a staged record is (not) in the connection's scope (scope.py): only `in` records are synced as such.
 SCOPE_IN, SCOPE_FILTERED_OUT, SCOPE_BEFORE_STAGE = "in", "filtered_out", "before_stage"
@@ -38,7 +45,7 @@ def _duckdb_hash_text(field: CanonicalField) -> str:
     """The text record.row_hash gives a value of this field, as DuckDB writes it (NULL is chr(0))."""
     name = field.name
     if field.sql_type is Double:
-        text_of = f"CAST(CAST({name} AS DOUBLE) AS VARCHAR)"   # shortest round-trip form, as repr()
+        text_of = f"CAST(CAST({name} AS DOUBLE) AS VARCHAR)"  # shortest round-trip form, as repr()
     elif field.sql_type is Date:
         text_of = f"CAST(CAST({name} AS DATE) AS VARCHAR)"
     elif field.sql_type is DateTime:
@@ -73,8 +80,15 @@ def _hash_needs_python(values: Sequence[Any]) -> bool:
     return any(values[i] is not None and values[i].year < 1000 for i in _HASHED_DATETIMES)
 
 
-def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool, seq0: int, *,
-                with_hash: bool = True, scopes: Sequence[str] | None = None) -> list[tuple]:
+def staged_rows(
+    extract_id: str,
+    page: Sequence[Opportunity],
+    in_open_set: bool,
+    seq0: int,
+    *,
+    with_hash: bool = True,
+    scopes: Sequence[str] | None = None,
+) -> list[tuple]:
     """One page of extracted records as staging rows (STAGE_COLUMNS order). With with_hash=False the
     row_hash is None where DUCKDB_ROW_HASH computes it the same, during the insert. `scopes`: each record's
     scope verdict (SCOPE_*), all `in` when None.
@@ -91,8 +105,19 @@ def staged_rows(extract_id: str, page: Sequence[Opportunity], in_open_set: bool,
             if values[j] is not None:
                 values[j] = to_utc(values[j])
         digest = row_hash(*values[_TRACKED_SLICE]) if with_hash or _hash_needs_python(values) else None
-        add((extract_id, o.connection, o.source_id, seq0 + i, in_open_set,
-             scopes[i] if scopes is not None else SCOPE_IN, *values, raw_json(o.raw), digest))
+        add(
+            (
+                extract_id,
+                o.connection,
+                o.source_id,
+                seq0 + i,
+                in_open_set,
+                scopes[i] if scopes is not None else SCOPE_IN,
+                *values,
+                raw_json(o.raw),
+                digest,
+            )
+        )
     return rows
 
 
@@ -128,8 +153,14 @@ class StagingWriter:
     written until `flush` (or a full batch), and a failed extract simply never flushes the rest: its
     staging is discarded anyway."""
 
-    def __init__(self, engine: Engine, extract_id: str, *, batch_rows: int = STAGING_BATCH_ROWS,
-                 batch_chars: int = STAGING_BATCH_CHARS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        extract_id: str,
+        *,
+        batch_rows: int = STAGING_BATCH_ROWS,
+        batch_chars: int = STAGING_BATCH_CHARS,
+    ) -> None:
         self.engine, self.extract_id = engine, extract_id
         self.batch_rows, self.batch_chars = batch_rows, batch_chars
         self.written = 0
@@ -137,8 +168,9 @@ class StagingWriter:
         self._rows: list[tuple] = []
         self._chars = 0
 
-    def add(self, page: Sequence[Opportunity], in_open_set: bool, seq0: int,
-            scopes: Sequence[str] | None = None) -> int:
+    def add(
+        self, page: Sequence[Opportunity], in_open_set: bool, seq0: int, scopes: Sequence[str] | None = None
+    ) -> int:
         rows = staged_rows(self.extract_id, page, in_open_set, seq0, with_hash=self._with_hash, scopes=scopes)
         self._rows.extend(rows)
         self._chars += sum(len(r[RAW]) for r in rows)  # the raw JSON dominates a row's size
@@ -153,8 +185,7 @@ class StagingWriter:
         return n
 
 
-def stage_deletes(engine: Engine, extract_id: str, connection: str,
-                  page: Iterable[tuple[str, datetime | None]]) -> int:
+def stage_deletes(engine: Engine, extract_id: str, connection: str, page: Iterable[tuple[str, datetime | None]]) -> int:
     rows = [(extract_id, connection, str(sid), to_utc(at) if at else None) for sid, at in page]
     with transaction(engine) as conn:
         return bulk_insert(conn, f"{S}.stage_deletes", ["extract_id", "connection", "source_id", "deleted_at"], rows)

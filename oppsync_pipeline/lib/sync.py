@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
@@ -23,8 +23,8 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncCo
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
-from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
+from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
 from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
@@ -36,7 +36,7 @@ LOCK_TTL = timedelta(hours=2)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def scrub(message: str, secrets: Mapping[str, str] | Scrubber | None = None) -> str:
@@ -55,8 +55,11 @@ def scrubbed_stats(stats: RunStats, secrets: Scrubber | None) -> RunStats:
 
 def request_stats(connector: CrmConnector | None, secrets: Scrubber | None) -> RunStats:
     """What the run cost the CRM so far (nothing known without a connector)."""
-    return scrubbed_stats(RunStats().with_requests(connector.stats.as_metadata()), secrets) if connector \
+    return (
+        scrubbed_stats(RunStats().with_requests(connector.stats.as_metadata()), secrets)
+        if connector
         else RunStats.unknown()
+    )
 
 
 @dataclass
@@ -65,7 +68,7 @@ class ExtractOutcome:
     connection: str
     crm: str
     mode: str
-    status: ExtractStatus | str       # complete | skipped | failed (refused: by a check)
+    status: ExtractStatus | str  # complete | skipped | failed (refused: by a check)
     started_at: datetime
     since: datetime | None = None
     new_cursor: datetime | None = None
@@ -82,14 +85,28 @@ class SyncSummary:
     result: ReconcileResult | None
 
 
-def build_connector(cfg: OppsyncConfig, conn: ConnectionConfig, *, session: requests.Session | None = None,
-                    sleep: Callable[[float], None] = time.sleep, budget: QuotaBudget | None = None) -> CrmConnector:
+def build_connector(
+    cfg: OppsyncConfig,
+    conn: ConnectionConfig,
+    *,
+    session: requests.Session | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    budget: QuotaBudget | None = None,
+) -> CrmConnector:
     credentials = resolve_credentials(cfg, conn)
     return connector_class(conn.crm)(conn, credentials, session=session, sleep=sleep, budget=budget)
 
 
-def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, run_id: str, mode: str = "auto",
-                connector: CrmConnector | None = None, now: datetime | None = None) -> ExtractOutcome:
+def run_extract(
+    cfg: OppsyncConfig,
+    conn: ConnectionConfig,
+    engine: Engine,
+    *,
+    run_id: str,
+    mode: str = "auto",
+    connector: CrmConnector | None = None,
+    now: datetime | None = None,
+) -> ExtractOutcome:
     t0 = time.monotonic()
     started = now or utcnow()
     ensure_schema(engine)
@@ -107,16 +124,20 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
     if remap and mode == "incremental":
         # The warehouse holds values mapped by an older connector: one full read rewrites them all (and the
         # reconcile records no update events for the remapping).
-        log.warning("%s: last synced under mapping version %s, now %s: running a full re-baseline sync",
-                    conn.name, mapping_version, MAPPING_VERSION)
+        log.warning(
+            "%s: last synced under mapping version %s, now %s: running a full re-baseline sync",
+            conn.name,
+            mapping_version,
+            MAPPING_VERSION,
+        )
         mode = "full"
     if scope_changed and mode == "incremental":
-        log.warning("%s: the connection's scope changed (%s): running a full sync", conn.name,
-                    "; ".join(scope_changed))
+        log.warning("%s: the connection's scope changed (%s): running a full sync", conn.name, "; ".join(scope_changed))
         mode = "full"
     since = state.cursor - timedelta(minutes=conn.overlap_minutes) if (mode == "incremental" and state.cursor) else None
-    out = ExtractOutcome(run_id, conn.name, conn.crm, mode, ExtractStatus.FAILED, started, since,
-                         scope_fingerprint=fingerprint)
+    out = ExtractOutcome(
+        run_id, conn.name, conn.crm, mode, ExtractStatus.FAILED, started, since, scope_fingerprint=fingerprint
+    )
     store.acquire_lock(engine, conn.name, run_id, started, LOCK_TTL)
     # Error texts are scrubbed before they are stored, raised to Dagster or logged, by the connector's
     # scrubber: its credentials, and the tokens its Auth sent.
@@ -128,11 +149,22 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         secrets = connector.scrubber
         connector.prepare()
         if scope_changed:
-            connector.stats.warn("scope changed since the last sync (" + "; ".join(scope_changed) + "): read in "
-                                 "full; records that no longer match left the scope, none were deleted for it")
+            connector.stats.warn(
+                "scope changed since the last sync (" + "; ".join(scope_changed) + "): read in "
+                "full; records that no longer match left the scope, none were deleted for it"
+            )
         trigger = StageTrigger.resolve(conn, connector.stages())
-        store.begin_extract(engine, extract_id=run_id, connection=conn.name, crm=conn.crm, mode=mode,
-                            started_at=started, since=since, scope_fingerprint=fingerprint, scope=scope_text(conn))
+        store.begin_extract(
+            engine,
+            extract_id=run_id,
+            connection=conn.name,
+            crm=conn.crm,
+            mode=mode,
+            started_at=started,
+            since=since,
+            scope_fingerprint=fingerprint,
+            scope=scope_text(conn),
+        )
         # Internal users and their links come from configuration; attribution is computed at read time, so
         # a link added later credits past opportunities too.
         store.save_directory(engine, cfg, started)
@@ -166,7 +198,7 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
             staging.flush()
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out)
         staging.flush()
-        set_aside(connector, engine, run_id, conn.name)   # a set's last page may have yielded nothing
+        set_aside(connector, engine, run_id, conn.name)  # a set's last page may have yielded nothing
         quarantined = _check_quarantine(engine, conn, run_id, connector)
         out.stats.update(_check_completeness(engine, connector, run_id, mode, quarantined))
         if state.cursor is not None or connector.delete_feed_needs_baseline:
@@ -176,13 +208,21 @@ def run_extract(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, r
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         out.counts, out.status = counts, ExtractStatus.COMPLETE
         out.stats = scrubbed_stats(out.stats.with_requests(connector.stats.as_metadata()), secrets)
-        store.finish_extract(engine, run_id, status=out.status, finished_at=utcnow(), new_cursor=out.new_cursor,
-                             counts=counts, stats=out.stats, resume_token=connector.resume_token)
+        store.finish_extract(
+            engine,
+            run_id,
+            status=out.status,
+            finished_at=utcnow(),
+            new_cursor=out.new_cursor,
+            counts=counts,
+            stats=out.stats,
+            resume_token=connector.resume_token,
+        )
     except QuotaExhausted as err:
         out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
         out.stats = request_stats(connector, secrets)
         close_extract(engine, out)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure is recorded (scrubbed) in sync_runs, then re-raised
         out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = request_stats(connector, secrets)
         close_extract(engine, out)
@@ -220,13 +260,15 @@ def _check_quarantine(engine: Engine, conn: ConnectionConfig, run_id: str, conne
         raise QuarantineThreshold(
             f"{n} of {size} {conn.crm} records failed validation ({n / size:.1%}), more than "
             f"quarantine_max_share={conn.quarantine_max_share:.1%}; nothing was changed. First: {shown}. "
-            "See oppsync.quarantine for all; fix the records in the CRM or raise connections[].quarantine_max_share")
+            "See oppsync.quarantine for all; fix the records in the CRM or raise connections[].quarantine_max_share"
+        )
     connector.stats.warn(f"{n} record(s) quarantined (neither synced nor deleted; oppsync.quarantine): {shown}")
     return n
 
 
-def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mode: str,
-                        quarantined: int) -> dict[str, Any]:
+def _check_completeness(
+    engine: Engine, connector: CrmConnector, run_id: str, mode: str, quarantined: int
+) -> dict[str, Any]:
     """A full sync infers deletes from the ids it did not read, so it must have read every record the CRM has:
     each set's distinct records received are compared with the CRM's own count (asked again when short: records
     deleted or moved during the read lower it). Short: deletes are not inferred this run, and the run says so."""
@@ -240,21 +282,37 @@ def _check_completeness(engine: Engine, connector: CrmConnector, run_id: str, mo
             crm_count = recount if recount is not None else crm_count
         counts[open_set], received[open_set] = crm_count, tally.received
         if crm_count is not None and tally.received < crm_count:
-            short.append(f"{'open' if open_set else 'not-open'} set: {tally.received} received, the CRM counts "
-                         f"{crm_count}")
+            short.append(
+                f"{'open' if open_set else 'not-open'} set: {tally.received} received, the CRM counts {crm_count}"
+            )
     if short:
-        connector.stats.warn("deletes not inferred: the CRM delivered fewer records than its own count ("
-                             + "; ".join(short) + "); the next full sync infers them")
+        connector.stats.warn(
+            "deletes not inferred: the CRM delivered fewer records than its own count ("
+            + "; ".join(short)
+            + "); the next full sync infers them"
+        )
     clock = to_utc(connector.stats.server_time) if connector.stats.server_time else None
-    store.save_completeness(engine, run_id, counts=counts, received=received, inferable=not short,
-                            quarantined=quarantined, crm_clock=clock)
-    return {"quarantined": quarantined, "deletes_inferable": not short,
-            **{f"crm_count_{'open' if k else 'closed'}": v for k, v in counts.items()},
-            **{f"received_{'open' if k else 'closed'}": v for k, v in received.items()}}
+    store.save_completeness(
+        engine, run_id, counts=counts, received=received, inferable=not short, quarantined=quarantined, crm_clock=clock
+    )
+    return {
+        "quarantined": quarantined,
+        "deletes_inferable": not short,
+        **{f"crm_count_{'open' if k else 'closed'}": v for k, v in counts.items()},
+        **{f"received_{'open' if k else 'closed'}": v for k, v in received.items()},
+    }
 
 
-def _read_missing_by_id(engine: Engine, connector: CrmConnector, staging: store.StagingWriter, run_id: str,
-                        connection: str, trigger: StageTrigger | None, seq: int, out: ExtractOutcome) -> int:
+def _read_missing_by_id(
+    engine: Engine,
+    connector: CrmConnector,
+    staging: store.StagingWriter,
+    run_id: str,
+    connection: str,
+    trigger: StageTrigger | None,
+    seq: int,
+    out: ExtractOutcome,
+) -> int:
     """A full sync's check of the ids it expected and did not read: read them by id WITHOUT the connection's
     filters. Found and matching the filters: staged as usual (they moved between the sets unseen); found
     and not matching: staged as `filtered_out` (the reconcile records left_scope, never a delete); not
@@ -296,47 +354,103 @@ def is_permanent(err: BaseException) -> bool:
 def outcome_from_row(row: Mapping[str, Any], status: str | None = None) -> ExtractOutcome:
     """The outcome an extract recorded in `oppsync.extracts` (read back by the reconcile step and checks)."""
     return ExtractOutcome(
-        extract_id=row["extract_id"], connection=row["connection"], crm=row["crm"], mode=row["mode"],
-        status=status or row["status"], started_at=row["started_at"], since=row["since_cursor"],
+        extract_id=row["extract_id"],
+        connection=row["connection"],
+        crm=row["crm"],
+        mode=row["mode"],
+        status=status or row["status"],
+        started_at=row["started_at"],
+        since=row["since_cursor"],
         new_cursor=row["new_cursor"],
-        counts={"open": row["fetched_open"] or 0, "closed": row["fetched_closed"] or 0,
-                "deleted": row["fetched_deleted"] or 0},
-        stats=RunStats(api_requests=row["api_requests"], retries=row["retries"],
-                       seconds_waited_on_rate_limits=row["seconds_waited"], quota_used=row["quota_used"],
-                       quota_limit=row["quota_limit"], token_requests=row.get("token_requests"),
-                       warnings=(row.get("warnings") or "").splitlines()))
+        counts={
+            "open": row["fetched_open"] or 0,
+            "closed": row["fetched_closed"] or 0,
+            "deleted": row["fetched_deleted"] or 0,
+        },
+        stats=RunStats(
+            api_requests=row["api_requests"],
+            retries=row["retries"],
+            seconds_waited_on_rate_limits=row["seconds_waited"],
+            quota_used=row["quota_used"],
+            quota_limit=row["quota_limit"],
+            token_requests=row.get("token_requests"),
+            warnings=(row.get("warnings") or "").splitlines(),
+        ),
+    )
 
 
 def close_extract(engine: Engine, out: ExtractOutcome) -> None:
     """End an extract that will not be reconciled (failed, skipped for quota, refused by a check): record it,
     drop its staging, record the sync run and release the connection's lock. The bookmark does not move."""
     finished = utcnow()
-    store.finish_extract(engine, out.extract_id, status=out.status, finished_at=finished, counts=out.counts,
-                         stats=out.stats, error=out.error)
+    store.finish_extract(
+        engine,
+        out.extract_id,
+        status=out.status,
+        finished_at=finished,
+        counts=out.counts,
+        stats=out.stats,
+        error=out.error,
+    )
     with transaction(engine) as c:
-        record_run(c, SyncRun(out.extract_id, out.connection, out.crm, out.mode, out.started_at, finished,
-                              out.status, fetched=sum(out.counts.values()), stats=out.stats,
-                              error=out.error))
+        record_run(
+            c,
+            SyncRun(
+                out.extract_id,
+                out.connection,
+                out.crm,
+                out.mode,
+                out.started_at,
+                finished,
+                out.status,
+                fetched=sum(out.counts.values()),
+                stats=out.stats,
+                error=out.error,
+            ),
+        )
     store.release_lock(engine, out.connection, out.extract_id)
 
 
-def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
-                  now: datetime | None = None) -> ReconcileResult:
+def run_reconcile(
+    conn: ConnectionConfig, engine: Engine, out: ExtractOutcome, now: datetime | None = None
+) -> ReconcileResult:
     t0 = time.monotonic()
     # Take (or re-take) the lease for the extract's run: a retried reconcile after a crash or a failure
     # takes over from the dead holder, and still refuses while another live run holds the connection.
     store.acquire_lock(engine, conn.name, out.extract_id, utcnow(), LOCK_TTL)
     try:
-        result = reconcile(engine, extract_id=out.extract_id, connection=conn.name, crm=conn.crm, mode=out.mode,
-                           run_id=out.extract_id, observed_at=out.started_at, recorded_at=now or utcnow(),
-                           max_delete_share=conn.max_delete_share, new_cursor=out.new_cursor,
-                           started_at=out.started_at, stats=out.stats)
+        result = reconcile(
+            engine,
+            extract_id=out.extract_id,
+            connection=conn.name,
+            crm=conn.crm,
+            mode=out.mode,
+            run_id=out.extract_id,
+            observed_at=out.started_at,
+            recorded_at=now or utcnow(),
+            max_delete_share=conn.max_delete_share,
+            new_cursor=out.new_cursor,
+            started_at=out.started_at,
+            stats=out.stats,
+        )
     except Exception as err:
         status = RunStatus.REFUSED if isinstance(err, DeleteGuardRefused) else RunStatus.FAILED
         with transaction(engine) as c:
-            record_run(c, SyncRun(out.extract_id, out.connection, out.crm, out.mode, out.started_at, utcnow(),
-                                  status, fetched=sum(out.counts.values()), stats=out.stats,
-                                  error=scrub(f"{type(err).__name__}: {err}")))
+            record_run(
+                c,
+                SyncRun(
+                    out.extract_id,
+                    out.connection,
+                    out.crm,
+                    out.mode,
+                    out.started_at,
+                    utcnow(),
+                    status,
+                    fetched=sum(out.counts.values()),
+                    stats=out.stats,
+                    error=scrub(f"{type(err).__name__}: {err}"),
+                ),
+            )
         store.release_lock(engine, conn.name, out.extract_id)
         raise
     store.release_lock(engine, conn.name, out.extract_id)
@@ -344,8 +458,15 @@ def run_reconcile(conn: ConnectionConfig, engine: Engine, out: ExtractOutcome,
     return result
 
 
-def sync_connection(cfg: OppsyncConfig, conn: ConnectionConfig, engine: Engine, *, run_id: str,
-                    mode: str = "auto", connector: CrmConnector | None = None) -> SyncSummary:
+def sync_connection(
+    cfg: OppsyncConfig,
+    conn: ConnectionConfig,
+    engine: Engine,
+    *,
+    run_id: str,
+    mode: str = "auto",
+    connector: CrmConnector | None = None,
+) -> SyncSummary:
     """Extract then reconcile, without quality checks (Dagster runs the checks between the two)."""
     out = run_extract(cfg, conn, engine, run_id=run_id, mode=mode, connector=connector)
     if out.status != ExtractStatus.COMPLETE:

@@ -21,8 +21,10 @@ import dagster as dg
 # each location's stage: the module and function that build its definitions (besides defs/resources.py's,
 # which both use). Called directly rather than through `dg.load_defs`: the components loader imports every
 # installed component package (dagster-dbt among them), which is what this split avoids.
-STAGES = {"syncs": ("oppsync_pipeline.defs.crm.definitions", "crm_definitions"),
-          "mart": ("oppsync_pipeline.defs.mart.definitions", "mart_stage_definitions")}
+STAGES = {
+    "syncs": ("oppsync_pipeline.defs.crm.definitions", "crm_definitions"),
+    "mart": ("oppsync_pipeline.defs.mart.definitions", "mart_stage_definitions"),
+}
 
 
 def load_location(name: str) -> dg.Definitions:

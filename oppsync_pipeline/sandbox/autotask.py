@@ -56,21 +56,33 @@ import json
 import re
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from oppsync_pipeline.lib.record import format_address, parse_datetime
-from oppsync_pipeline.sandbox.server import (
-    FaultPlan, FaultRule, HttpError, Request, Response, Simulator,
-)
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
+from oppsync_pipeline.sandbox.server import (
+    FaultPlan,
+    FaultRule,
+    HttpError,
+    Request,
+    Response,
+    Simulator,
+)
 from oppsync_pipeline.sandbox.world import (
-    FIRST, LAST, Clock, SimOpportunity, SimStage, TenantProfile, World, truncate,
+    FIRST,
+    LAST,
+    Clock,
+    SimOpportunity,
+    SimStage,
+    TenantProfile,
+    World,
+    truncate,
 )
 
 CRM = "autotask"
@@ -90,21 +102,29 @@ STATUSES = [
     SimStage("2", "Lost", True, False, 0.0, 2),
     SimStage("3", "Closed", True, True, 100.0, 3),
     SimStage("4", "Implemented", True, True, 100.0, 4),
-    SimStage("5", "On Hold", False, False, 20.0, 5),   # a tenant's own (non-system) status
+    SimStage("5", "On Hold", False, False, 20.0, 5),  # a tenant's own (non-system) status
 ]
 SYSTEM_STATUSES = {"0", "1", "2", "3", "4"}
 # Opportunity stage picklist: the tenant's sales stages (Admin > Opportunity Stages), kept apart from the status.
 # The flags only tell the world where won / lost deals stand; the API carries none (status decides open / won).
 STAGES = [
-    SimStage("1", "Prospect", False, False, 10.0, 1), SimStage("2", "Qualified", False, False, 30.0, 2),
-    SimStage("3", "Proposal", False, False, 50.0, 3), SimStage("4", "Negotiation", False, False, 70.0, 4),
-    SimStage("5", "Verbal", False, False, 90.0, 5), SimStage("6", "Closed Won", True, True, 100.0, 6),
+    SimStage("1", "Prospect", False, False, 10.0, 1),
+    SimStage("2", "Qualified", False, False, 30.0, 2),
+    SimStage("3", "Proposal", False, False, 50.0, 3),
+    SimStage("4", "Negotiation", False, False, 70.0, 4),
+    SimStage("5", "Verbal", False, False, 90.0, 5),
+    SimStage("6", "Closed Won", True, True, 100.0, 6),
     SimStage("7", "Closed Lost", True, False, 0.0, 7),
 ]
-INACTIVE_STAGES = {"5"}    # retired picklist value: still on old records, still labelled
-COUNTRIES = {"USA": (237, "US", "United States"), "Germany": (82, "DE", "Germany"), "UK": (236, "GB", "United Kingdom"),
-             "France": (75, "FR", "France"), "Japan": (111, "JP", "Japan")}
-REGIONS = ["West", "East", "EMEA", "APAC", "O'Hare \"Central\""]
+INACTIVE_STAGES = {"5"}  # retired picklist value: still on old records, still labelled
+COUNTRIES = {
+    "USA": (237, "US", "United States"),
+    "Germany": (82, "DE", "Germany"),
+    "UK": (236, "GB", "United Kingdom"),
+    "France": (75, "FR", "France"),
+    "Japan": (111, "JP", "Japan"),
+}
+REGIONS = ["West", "East", "EMEA", "APAC", 'O\'Hare "Central"']
 UDF_NAMES = ("Region", "Original Create Date", "Original Creator")
 
 # custom_statuses: system statuses relabelled, tenant-defined statuses (open and closed) with values far from the
@@ -119,8 +139,10 @@ CUSTOM_STATUSES = [
     SimStage("12", "Cancelled", True, False, 0.0, 6),
 ]
 CUSTOM_STAGES = [
-    SimStage("101", "Discovery", False, False, 10.0, 1), SimStage("102", "Demo Given", False, False, 40.0, 2),
-    SimStage("103", "Quote Sent", False, False, 60.0, 3), SimStage("104", "Closed Won", True, True, 100.0, 4),
+    SimStage("101", "Discovery", False, False, 10.0, 1),
+    SimStage("102", "Demo Given", False, False, 40.0, 2),
+    SimStage("103", "Quote Sent", False, False, 60.0, 3),
+    SimStage("104", "Closed Won", True, True, 100.0, 4),
     SimStage("105", "Closed Lost", True, False, 0.0, 5),
 ]
 # udf_fields: a tenant with more user-defined fields (and without "Region").
@@ -128,23 +150,30 @@ EXTRA_UDF_NAMES = ("Original Create Date", "Original Creator", "Territory", "Dea
 
 VARIANTS = {
     "default": "statuses 0-4 plus a tenant status (5 On Hold), stage picklist 1-7 (Prospect .. Closed Lost), "
-               "UDFs Region / Original Create Date / Original Creator; the API user has full access",
-    "no_optional_rights": "the API user's security level refuses every optional read with 403 {\"errors\": [...]}: "
-                          "ThresholdInformation, Companies, Contacts, Resources, Countries, "
-                          "Opportunities/entityInformation/fields and userDefinedFields",
+    "UDFs Region / Original Create Date / Original Creator; the API user has full access",
+    "no_optional_rights": 'the API user\'s security level refuses every optional read with 403 {"errors": [...]}: '
+    "ThresholdInformation, Companies, Contacts, Resources, Countries, "
+    "Opportunities/entityInformation/fields and userDefinedFields",
     "custom_statuses": "relabelled system statuses plus tenant statuses 11 Awaiting Budget (open) and 12 Cancelled "
-                       "(lost); stage picklist 101-105 (Discovery .. Closed Won / Closed Lost); some deals sit in "
-                       "the won stage while their status stays Open (seed 003)",
+    "(lost); stage picklist 101-105 (Discovery .. Closed Won / Closed Lost); some deals sit in "
+    "the won stage while their status stays Open (seed 003)",
     "udf_fields": "user-defined fields Original Create Date, Original Creator, Territory, Deal Source, Renewal Of "
-                  "(no Region)",
+    "(no Region)",
     # The SOAP-era Opportunity entity had ClosedDate and no LostDate (opendns/autotask-php Opportunity.php);
     # whether a REST tenant can still lack lostDate is unconfirmed [U]: this is the tenant the fallback is for.
     "no_lost_date": "the Opportunities entity has closedDate but no lostDate (not in entityInformation/fields, "
-                    "not on records, a filter on it is a 500): lost opportunities carry no close time",
+    "not on records, a filter on it is a 500): lost opportunities carry no close time",
 }
 # What a security level without rights refuses (the optional reads). The body is Autotask's error shape.
-OPTIONAL_ENDPOINTS = ("thresholdinformation", "companies", "contacts", "resources", "countries",
-                      "entityinformation/fields", "entityinformation/userdefinedfields")
+OPTIONAL_ENDPOINTS = (
+    "thresholdinformation",
+    "companies",
+    "contacts",
+    "resources",
+    "countries",
+    "entityinformation/fields",
+    "entityinformation/userdefinedfields",
+)
 NO_RIGHTS = "The logged in Resource does not have the adequate permissions to access this entity or endpoint."
 
 
@@ -173,6 +202,7 @@ def tenant(variant: str) -> Tenant:
         return Tenant(STATUSES, STAGES, absent_fields=frozenset({"lostDate"}))
     return Tenant(STATUSES, STAGES)
 
+
 _ROOT = r"(?:/z(?P<zone>\d+))?/atservicesrest/v1\.0"
 _NOT_GET = "The requested resource does not support http method '{}'."
 
@@ -180,11 +210,15 @@ _NOT_GET = "The requested resource does not support http method '{}'."
 def profile(t: Tenant | None = None) -> TenantProfile:
     t = t or tenant("default")
     return TenantProfile(
-        crm=CRM, stages=list(t.statuses), sales_stages=list(t.stages),
+        crm=CRM,
+        stages=list(t.statuses),
+        sales_stages=list(t.stages),
         opportunity_id=lambda seq: str(OPP_BASE + seq),
         user_id=lambda i: str(USER_BASE + i),
         account_id=lambda i: str(COMPANY_BASE + i),
-        currencies=("USD",), precision=timedelta(milliseconds=10), users=25,
+        currencies=("USD",),
+        precision=timedelta(milliseconds=10),
+        users=25,
     )
 
 
@@ -204,9 +238,16 @@ def _h(*parts: Any) -> int:
 class Entity:
     """One queryable entity: its rows (as sorted int ids), one field's value, and the rendered record."""
 
-    def __init__(self, name: str, ids: Callable[[], list[int]], get: Callable[[int], Any],
-                 value: Callable[[Any, str, bool], Any], render: Callable[[Any], dict[str, Any]],
-                 fields: dict[str, str], udfs: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        ids: Callable[[], list[int]],
+        get: Callable[[int], Any],
+        value: Callable[[Any, str, bool], Any],
+        render: Callable[[Any], dict[str, Any]],
+        fields: dict[str, str],
+        udfs: tuple[str, ...] = (),
+    ):
         self.name, self.ids, self.get, self.value, self.render, self.fields = name, ids, get, value, render, fields
         self.udfs = udfs
 
@@ -214,17 +255,24 @@ class Entity:
 class AutotaskSimulator(Simulator):
     crm = CRM
     unfaulted = re.compile(r"^(/__sandbox/|/atservicesrest/v1\.0/zoneinformation)", re.IGNORECASE)
-    route_flags = re.IGNORECASE   # IIS paths
+    route_flags = re.IGNORECASE  # IIS paths
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, *, threshold: int = 10_000,
-                 latency_scale: float = 1.0, variant: str = "default"):
+    def __init__(
+        self,
+        world: World,
+        faults: FaultPlan | None = None,
+        *,
+        threshold: int = 10_000,
+        latency_scale: float = 1.0,
+        variant: str = "default",
+    ):
         super().__init__(world, faults)
         self.variant = variant
         self.tenant = tenant(variant)
         self.threshold = threshold
         self.latency_scale = latency_scale
         self.zone = 1
-        self.api_resource = 0                   # the API user is resource #0 (creator of API-made records)
+        self.api_resource = 0  # the API user is resource #0 (creator of API-made records)
         # The rolling hour on the virtual clock; `_window` is its deque (tests fill it to reach the threshold).
         self.requests = Window(lambda: self.threshold, timedelta(minutes=60), world.clock.now)
         self._window = self.requests.times
@@ -233,16 +281,31 @@ class AutotaskSimulator(Simulator):
         self.contacts = self._make_contacts()
         # Companies' lastTrackedModifiedDateTime: a rename (world.advance) is noticed on the next read.
         self._company_names = {a.idx: a.name for a in world.accounts}
-        self._company_modified = {a.idx: truncate(world.clock.start - timedelta(days=400 + a.idx % 300, seconds=a.idx),
-                                                  timedelta(milliseconds=10)) for a in world.accounts}
-        self.entities = {e.name.lower(): e for e in (
-            self._opportunities_entity(), self._companies_entity(), self._contacts_entity(),
-            self._resources_entity(), self._countries_entity())}
+        self._company_modified = {
+            a.idx: truncate(
+                world.clock.start - timedelta(days=400 + a.idx % 300, seconds=a.idx), timedelta(milliseconds=10)
+            )
+            for a in world.accounts
+        }
+        self.entities = {
+            e.name.lower(): e
+            for e in (
+                self._opportunities_entity(),
+                self._companies_entity(),
+                self._contacts_entity(),
+                self._resources_entity(),
+                self._countries_entity(),
+            )
+        }
         root = _ROOT
         self.route("GET", r"/atservicesrest/v1\.0/zoneinformation", self.zone_information)
         api = functools.partial(self.route, guard=self._guard)
-        api("GET", root + r"/thresholdinformation", self.threshold_information,
-            guard=functools.partial(self._guard, counted=False))
+        api(
+            "GET",
+            root + r"/thresholdinformation",
+            self.threshold_information,
+            guard=functools.partial(self._guard, counted=False),
+        )
         api("GET", root + r"/opportunities/entityinformation/fields", self.entity_fields)
         api("GET", root + r"/opportunities/entityinformation/userdefinedfields", self.udf_fields)
         api("GET", root + r"/opportunities/entityinformation", self.entity_info)
@@ -266,8 +329,11 @@ class AutotaskSimulator(Simulator):
         return Response.json({"errors": [err.message]}, err.status, err.headers)
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
-        return Response.json({"errors": ["The request was rejected: the API request threshold has been exceeded."]},
-                             429, {"Retry-After": str(int(rule.seconds))})
+        return Response.json(
+            {"errors": ["The request was rejected: the API request threshold has been exceeded."]},
+            429,
+            {"Retry-After": str(int(rule.seconds))},
+        )
 
     def expire_tokens(self) -> None:
         """Autotask has no tokens; the nearest real event is the database moving to another zone."""
@@ -285,9 +351,11 @@ class AutotaskSimulator(Simulator):
         self._refuse_without_rights(req)
 
     def _authenticate(self, req: Request) -> None:
-        ok = (req.header("apiintegrationcode") == SANDBOX_CREDENTIALS["integration_code"]
-              and (req.header("username") or "").lower() == SANDBOX_CREDENTIALS["username"]
-              and req.header("secret") == SANDBOX_CREDENTIALS["secret"])
+        ok = (
+            req.header("apiintegrationcode") == SANDBOX_CREDENTIALS["integration_code"]
+            and (req.header("username") or "").lower() == SANDBOX_CREDENTIALS["username"]
+            and req.header("secret") == SANDBOX_CREDENTIALS["secret"]
+        )
         if not ok or int(req.params.get("zone") or 1) != self.zone:
             raise HttpError(401, "UNAUTHORIZED", "Unauthorized")
 
@@ -307,9 +375,13 @@ class AutotaskSimulator(Simulator):
         used = self.requests.take()
         if used is None:
             used = self.requests.used()
-            raise HttpError(429, "THRESHOLD", f"The request was rejected: {used} requests in the last 60 "
-                            f"minutes reached the threshold of {self.threshold} for this database.",
-                            {"Retry-After": "60"})
+            raise HttpError(
+                429,
+                "THRESHOLD",
+                f"The request was rejected: {used} requests in the last 60 "
+                f"minutes reached the threshold of {self.threshold} for this database.",
+                {"Retry-After": "60"},
+            )
         share = (used + 1) / self.threshold
         delay = 1.0 if share >= 0.75 else (0.5 if share >= 0.5 else 0.0)
         if delay and self.latency_scale:
@@ -322,35 +394,94 @@ class AutotaskSimulator(Simulator):
         if user != SANDBOX_CREDENTIALS["username"]:
             raise HttpError(500, "ZONE", "Zone information could not be determined")
         host = req.host
-        return Response.json({"zoneName": f"America West {self.zone}", "url": self.zone_base(req),
-                              "webUrl": f"http://{host}/", "ci": 271828})
+        return Response.json(
+            {
+                "zoneName": f"America West {self.zone}",
+                "url": self.zone_base(req),
+                "webUrl": f"http://{host}/",
+                "ci": 271828,
+            }
+        )
 
     def threshold_information(self, req: Request) -> Response:
         used = self.requests.used()
-        return Response.json({"externalRequestThreshold": self.threshold, "requestThresholdTimeframe": 60,
-                              "currentTimeframeRequestCount": used})
+        return Response.json(
+            {
+                "externalRequestThreshold": self.threshold,
+                "requestThresholdTimeframe": 60,
+                "currentTimeframeRequestCount": used,
+            }
+        )
 
     def entity_info(self, req: Request) -> Response:
-        return Response.json({"info": {"name": "Opportunity", "canCreate": True, "canDelete": False,
-                                       "canQuery": True, "canUpdate": True, "hasUserDefinedFields": True,
-                                       "supportsWebhookCallouts": False, "userAccessForCreate": "All",
-                                       "userAccessForDelete": "None", "userAccessForQuery": "All",
-                                       "userAccessForUpdate": "All"}})
+        return Response.json(
+            {
+                "info": {
+                    "name": "Opportunity",
+                    "canCreate": True,
+                    "canDelete": False,
+                    "canQuery": True,
+                    "canUpdate": True,
+                    "hasUserDefinedFields": True,
+                    "supportsWebhookCallouts": False,
+                    "userAccessForCreate": "All",
+                    "userAccessForDelete": "None",
+                    "userAccessForQuery": "All",
+                    "userAccessForUpdate": "All",
+                }
+            }
+        )
 
     def entity_fields(self, req: Request) -> Response:
-        def field(name: str, dtype: str, *, required: bool = False, readonly: bool = False,
-                  picklist: list[dict[str, Any]] | None = None, ref: str = "") -> dict[str, Any]:
-            return {"name": name, "dataType": dtype, "length": 0 if dtype != "string" else 128,
-                    "isRequired": required, "isReadOnly": readonly, "isQueryable": True,
-                    "isReference": bool(ref), "referenceEntityType": ref, "isPickList": picklist is not None,
-                    "picklistValues": picklist, "picklistParentValueField": "", "isSupportedWebhookField": False}
-        status_values = [{"value": s.key, "label": s.label, "isDefaultValue": s.key == "1", "sortOrder": s.order,
-                          "parentValue": "", "isActive": True, "isSystem": s.key in SYSTEM_STATUSES}
-                         for s in self.tenant.statuses]
+        def field(
+            name: str,
+            dtype: str,
+            *,
+            required: bool = False,
+            readonly: bool = False,
+            picklist: list[dict[str, Any]] | None = None,
+            ref: str = "",
+        ) -> dict[str, Any]:
+            return {
+                "name": name,
+                "dataType": dtype,
+                "length": 0 if dtype != "string" else 128,
+                "isRequired": required,
+                "isReadOnly": readonly,
+                "isQueryable": True,
+                "isReference": bool(ref),
+                "referenceEntityType": ref,
+                "isPickList": picklist is not None,
+                "picklistValues": picklist,
+                "picklistParentValueField": "",
+                "isSupportedWebhookField": False,
+            }
+
+        status_values = [
+            {
+                "value": s.key,
+                "label": s.label,
+                "isDefaultValue": s.key == "1",
+                "sortOrder": s.order,
+                "parentValue": "",
+                "isActive": True,
+                "isSystem": s.key in SYSTEM_STATUSES,
+            }
+            for s in self.tenant.statuses
+        ]
         first = min(self.tenant.stages, key=lambda s: s.order).key
-        stage_values = [{"value": s.key, "label": s.label, "isDefaultValue": s.key == first, "sortOrder": s.order,
-                         "parentValue": "", "isActive": s.key not in INACTIVE_STAGES, "isSystem": False}
-                        for s in self.tenant.stages]
+        stage_values = [
+            {
+                "value": s.key,
+                "label": s.label,
+                "isDefaultValue": s.key == first,
+                "sortOrder": s.order,
+                "parentValue": "",
+                "isActive": s.key not in INACTIVE_STAGES,
+                "isSystem": False,
+            }
+            for s in self.tenant.stages
+        ]
         types = self.entities["opportunities"].fields
         out = []
         for name, dtype in types.items():
@@ -359,27 +490,54 @@ class AutotaskSimulator(Simulator):
             elif name == "stage":
                 out.append(field(name, dtype, picklist=stage_values))
             else:
-                out.append(field(name, dtype, required=name in ("title", "amount", "companyID", "ownerResourceID",
-                                                                "probability", "projectedCloseDate"),
-                                 readonly=name in ("id", "createDate", "lastActivity", "creatorResourceID"),
-                                 ref={"companyID": "Company", "contactID": "Contact",
-                                      "ownerResourceID": "Resource", "creatorResourceID": "Resource"}.get(name, "")))
+                out.append(
+                    field(
+                        name,
+                        dtype,
+                        required=name
+                        in ("title", "amount", "companyID", "ownerResourceID", "probability", "projectedCloseDate"),
+                        readonly=name in ("id", "createDate", "lastActivity", "creatorResourceID"),
+                        ref={
+                            "companyID": "Company",
+                            "contactID": "Contact",
+                            "ownerResourceID": "Resource",
+                            "creatorResourceID": "Resource",
+                        }.get(name, ""),
+                    )
+                )
         return Response.json({"fields": out})
 
     def udf_fields(self, req: Request) -> Response:
-        return Response.json({"fields": [
-            {"name": n, "label": n, "type": "string", "dataType": "string", "length": 100, "isRequired": False,
-             "isReadOnly": False, "isQueryable": True, "isPickList": False, "picklistValues": None,
-             "isActive": True, "isVisibleToClientPortal": False, "displayFormat": 1, "sortOrder": i}
-            for i, n in enumerate(self.tenant.udf_names)]})
+        return Response.json(
+            {
+                "fields": [
+                    {
+                        "name": n,
+                        "label": n,
+                        "type": "string",
+                        "dataType": "string",
+                        "length": 100,
+                        "isRequired": False,
+                        "isReadOnly": False,
+                        "isQueryable": True,
+                        "isPickList": False,
+                        "picklistValues": None,
+                        "isActive": True,
+                        "isVisibleToClientPortal": False,
+                        "displayFormat": 1,
+                        "sortOrder": i,
+                    }
+                    for i, n in enumerate(self.tenant.udf_names)
+                ]
+            }
+        )
 
     # -- query -----------------------------------------------------------------------------------------------------
 
     def _entity(self, req: Request) -> Entity:
         name = (req.params.get("entity") or "").lower()
         if name not in self.entities:
-            raise HttpError(404, "NOT_FOUND", f"No HTTP resource was found that matches the request URI "
-                                              f"'{req.path}'.")
+            raise HttpError(404, "NOT_FOUND", f"No HTTP resource was found that matches the request URI '{req.path}'.")
         return self.entities[name]
 
     def _search(self, req: Request) -> tuple[dict[str, Any], bool]:
@@ -403,14 +561,16 @@ class AutotaskSimulator(Simulator):
     def _matching(self, ent: Entity, body: dict[str, Any]) -> list[int]:
         filters = body.get("filter") or body.get("Filter") or []
         if not isinstance(filters, list) or not filters:
-            raise HttpError(500, "QUERY", "A query requires at least one filter, e.g. "
-                                          '{"op":"gt","field":"id","value":0}.')
+            raise HttpError(
+                500, "QUERY", 'A query requires at least one filter, e.g. {"op":"gt","field":"id","value":0}.'
+            )
         pred = _compile({"op": "and", "items": filters}, ent)
         key = (ent.name, json.dumps(filters, sort_keys=True), self.world.version)
 
         def compute() -> list[int]:
             with self.world.lock:
                 return [i for i in ent.ids() if pred(ent.get(i))]
+
         return self.cache.get_or_compute(key, compute)
 
     def count(self, req: Request) -> Response:
@@ -436,24 +596,25 @@ class AutotaskSimulator(Simulator):
             raise HttpError(405, "METHOD", _NOT_GET.format("GET"))
         body, from_get = self._search(req)
         ids = self._snapshots.get(str(paging.get("snapshot")))
-        if ids is None:   # snapshot evicted: re-run the query; id paging stays correct
+        if ids is None:  # snapshot evicted: re-run the query; id paging stays correct
             ids = self._matching(ent, body)
         token = str(paging.get("snapshot"))
         if (req.params.get("direction") or "next").lower() == "prev":
             size = int(paging.get("pageSize", 500))
             end = bisect.bisect_left(ids, int(paging.get("firstId", 0)))
             start = max(0, end - size)
-            return self._page(req, ent, body, ids, token, ids[start - 1] if start else -(2 ** 62), from_get)
+            return self._page(req, ent, body, ids, token, ids[start - 1] if start else -(2**62), from_get)
         return self._page(req, ent, body, ids, token, int(paging.get("lastId", 0)), from_get)
 
-    def _page(self, req: Request, ent: Entity, body: dict[str, Any], ids: list[int], token: str, after: int,
-              from_get: bool) -> Response:
+    def _page(
+        self, req: Request, ent: Entity, body: dict[str, Any], ids: list[int], token: str, after: int, from_get: bool
+    ) -> Response:
         size = body.get("MaxRecords", body.get("maxRecords", 500))
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 500:
             raise HttpError(500, "QUERY", f"MaxRecords must be between 1 and 500; got {size!r}.")
         include = body.get("IncludeFields") or body.get("includeFields") or None
         start = bisect.bisect_right(ids, after)
-        chunk = ids[start:start + size]
+        chunk = ids[start : start + size]
         with self.world.lock:
             items = [ent.render(ent.get(i)) for i in chunk]
         items = [x for x in items if x is not None]
@@ -469,13 +630,25 @@ class AutotaskSimulator(Simulator):
                 next_url += "&search=" + quote(json.dumps(body, separators=(",", ":")))
         prev_url = None
         if start > 0:
-            prev_url = f"{self.zone_base(req)}V1.0/{ent.name}/query/prev?paging=" + quote(json.dumps(
-                {"pageSize": size, "snapshot": token, "firstId": chunk[0] if chunk else after},
-                separators=(",", ":")))
+            prev_url = f"{self.zone_base(req)}V1.0/{ent.name}/query/prev?paging=" + quote(
+                json.dumps(
+                    {"pageSize": size, "snapshot": token, "firstId": chunk[0] if chunk else after},
+                    separators=(",", ":"),
+                )
+            )
             if from_get:
                 prev_url += "&search=" + quote(json.dumps(body, separators=(",", ":")))
-        return Response.json({"items": items, "pageDetails": {"count": len(items), "requestCount": size,
-                                                              "prevPageUrl": prev_url, "nextPageUrl": next_url}})
+        return Response.json(
+            {
+                "items": items,
+                "pageDetails": {
+                    "count": len(items),
+                    "requestCount": size,
+                    "prevPageUrl": prev_url,
+                    "nextPageUrl": next_url,
+                },
+            }
+        )
 
     def get_one(self, req: Request) -> Response:
         ent = self._entity(req)
@@ -487,8 +660,11 @@ class AutotaskSimulator(Simulator):
 
     def create(self, req: Request) -> Response:
         body = req.json() or {}
-        missing = [f for f in ("title", "companyID", "ownerResourceID", "status", "amount", "probability",
-                               "projectedCloseDate") if body.get(f) is None]
+        missing = [
+            f
+            for f in ("title", "companyID", "ownerResourceID", "status", "amount", "probability", "projectedCloseDate")
+            if body.get(f) is None
+        ]
         if missing:
             raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
         values = self._values(body)
@@ -552,9 +728,9 @@ class AutotaskSimulator(Simulator):
                 continue  # read-only, ignored like the real API
             else:
                 raise HttpError(500, "VALIDATION", f"Unable to find {k} in the Opportunity entity.")
-        if "prob" in out:   # after the status (which sets the status's default probability)
+        if "prob" in out:  # after the status (which sets the status's default probability)
             out["probability"] = float(out.pop("prob"))
-        if "sales_stage" in out:   # after the status (a status change moves the deal to a fitting stage)
+        if "sales_stage" in out:  # after the status (a status change moves the deal to a fitting stage)
             out["sales_stage"] = out.pop("sales_stage")
         return out
 
@@ -565,9 +741,17 @@ class AutotaskSimulator(Simulator):
         for a in self.world.accounts:
             for k in range(2):
                 i = 2 * a.idx + k
-                out.append({"id": CONTACT_BASE + i, "companyID": int(a.native_id),
-                            "firstName": FIRST[_h("cf", i) % len(FIRST)], "lastName": LAST[_h("cl", i) % len(LAST)],
-                            "emailAddress": f"contact{i}@example.com", "isActive": 1, "title": None})
+                out.append(
+                    {
+                        "id": CONTACT_BASE + i,
+                        "companyID": int(a.native_id),
+                        "firstName": FIRST[_h("cf", i) % len(FIRST)],
+                        "lastName": LAST[_h("cl", i) % len(LAST)],
+                        "emailAddress": f"contact{i}@example.com",
+                        "isActive": 1,
+                        "title": None,
+                    }
+                )
         return out
 
     def contact_for(self, o: SimOpportunity) -> int | None:
@@ -580,15 +764,33 @@ class AutotaskSimulator(Simulator):
 
     def _opportunities_entity(self) -> Entity:
         w = self.world
-        fields = {"id": "long", "title": "string", "companyID": "integer", "contactID": "integer",
-                  "ownerResourceID": "integer", "creatorResourceID": "integer", "amount": "double",
-                  "cost": "double", "probability": "integer", "stage": "integer", "status": "integer",
-                  "projectedCloseDate": "datetime", "closedDate": "datetime", "lostDate": "datetime",
-                  "startDate": "datetime",
-                  "createDate": "datetime", "lastActivity": "datetime", "totalAmountMonths": "integer",
-                  "useQuoteTotals": "boolean", "onetimeRevenue": "double", "monthlyRevenue": "double",
-                  "yearlyRevenue": "double", "opportunityCategoryID": "integer", "leadSource": "integer",
-                  "rating": "integer"}
+        fields = {
+            "id": "long",
+            "title": "string",
+            "companyID": "integer",
+            "contactID": "integer",
+            "ownerResourceID": "integer",
+            "creatorResourceID": "integer",
+            "amount": "double",
+            "cost": "double",
+            "probability": "integer",
+            "stage": "integer",
+            "status": "integer",
+            "projectedCloseDate": "datetime",
+            "closedDate": "datetime",
+            "lostDate": "datetime",
+            "startDate": "datetime",
+            "createDate": "datetime",
+            "lastActivity": "datetime",
+            "totalAmountMonths": "integer",
+            "useQuoteTotals": "boolean",
+            "onetimeRevenue": "double",
+            "monthlyRevenue": "double",
+            "yearlyRevenue": "double",
+            "opportunityCategoryID": "integer",
+            "leadSource": "integer",
+            "rating": "integer",
+        }
         # closedDate / lostDate: datetimes (the swagger-generated clients type both time.Time: go-autotask
         # entities/opportunities.go), set when the status becomes Closed / Implemented (won) or Lost, from the
         # world's close time; None while open and after a reopen (docs/crm-api-notes.md §5.5).
@@ -609,33 +811,44 @@ class AutotaskSimulator(Simulator):
             amount = o.amount if o.amount is not None else 0.0
             cost = extra.get("cost", round(amount * (0.55 + (o.seq % 30) / 100), 2))
             rec = {
-                "id": int(o.native_id), "title": o.name,
+                "id": int(o.native_id),
+                "title": o.name,
                 "companyID": int(w.accounts[o.account].native_id) if o.account is not None else 0,
                 "contactID": self.contact_for(o),
                 "ownerResourceID": int(w.users[o.owner].native_id),
                 "creatorResourceID": int(w.users[o.creator].native_id),
-                "amount": amount, "cost": cost, "onetimeRevenue": round(amount * 0.2, 2),
-                "monthlyRevenue": round(amount * 0.8 / 12, 2), "yearlyRevenue": 0.0,
+                "amount": amount,
+                "cost": cost,
+                "onetimeRevenue": round(amount * 0.2, 2),
+                "monthlyRevenue": round(amount * 0.8 / 12, 2),
+                "yearlyRevenue": 0.0,
                 "probability": int(round(o.probability)) if o.probability is not None else 0,
                 "stage": int(o.sales_stage) if o.sales_stage is not None else None,
-                "status": int(o.stage), "rating": o.seq % 3 + 1, "leadSource": o.seq % 5 + 1,
+                "status": int(o.stage),
+                "rating": o.seq % 3 + 1,
+                "leadSource": o.seq % 5 + 1,
                 "opportunityCategoryID": 1,
                 "projectedCloseDate": at_date(o.close_date),
                 "closedDate": at_datetime(o.closed_at) if status.is_closed and status.is_won else None,
                 "lostDate": at_datetime(o.closed_at) if status.is_closed and not status.is_won else None,
                 "startDate": at_date(o.created_at.date()),
-                "createDate": at_datetime(o.created_at), "lastActivity": at_datetime(o.modified_at),
-                "totalAmountMonths": 12, "useQuoteTotals": False,
+                "createDate": at_datetime(o.created_at),
+                "lastActivity": at_datetime(o.modified_at),
+                "totalAmountMonths": 12,
+                "useQuoteTotals": False,
                 "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in self.tenant.udf_names],
             }
-            for name in absent:   # a field this tenant's Opportunities entity does not have is not sent at all
+            for name in absent:  # a field this tenant's Opportunities entity does not have is not sent at all
                 rec.pop(name, None)
             return rec
 
         fast: dict[str, Callable[[SimOpportunity], Any]] = {
-            "id": lambda o: int(o.native_id), "status": lambda o: int(o.stage), "title": lambda o: o.name,
+            "id": lambda o: int(o.native_id),
+            "status": lambda o: int(o.stage),
+            "title": lambda o: o.name,
             "stage": lambda o: int(o.sales_stage) if o.sales_stage is not None else None,
-            "lastactivity": lambda o: o.modified_at, "createdate": lambda o: o.created_at,
+            "lastactivity": lambda o: o.modified_at,
+            "createdate": lambda o: o.created_at,
             "ownerresourceid": lambda o: int(w.users[o.owner].native_id),
             "creatorresourceid": lambda o: int(w.users[o.creator].native_id),
             "amount": lambda o: o.amount if o.amount is not None else 0.0,
@@ -655,7 +868,7 @@ class AutotaskSimulator(Simulator):
             return extra["udf:" + name]
         if name == "Region":
             return REGIONS[_h("r", o.seq) % len(REGIONS)]
-        if name == "Original Create Date":   # migrated records carry the legacy CRM's creation date (seed 002)
+        if name == "Original Create Date":  # migrated records carry the legacy CRM's creation date (seed 002)
             return at_datetime(o.created_at - timedelta(days=30)) if o.seq % 4 == 0 else None
         if name == "Original Creator":
             return str(USER_BASE + (o.seq % 25)) if o.seq % 4 == 0 else None
@@ -669,26 +882,52 @@ class AutotaskSimulator(Simulator):
 
     def _companies_entity(self) -> Entity:
         w = self.world
-        fields = {"id": "integer", "companyName": "string", "address1": "string", "address2": "string",
-                  "city": "string", "state": "string", "postalCode": "string", "countryID": "integer",
-                  "phone": "string", "isActive": "boolean", "ownerResourceID": "integer", "companyType": "integer",
-                  "lastTrackedModifiedDateTime": "datetime"}
+        fields = {
+            "id": "integer",
+            "companyName": "string",
+            "address1": "string",
+            "address2": "string",
+            "city": "string",
+            "state": "string",
+            "postalCode": "string",
+            "countryID": "integer",
+            "phone": "string",
+            "isActive": "boolean",
+            "ownerResourceID": "integer",
+            "companyType": "integer",
+            "lastTrackedModifiedDateTime": "datetime",
+        }
 
         def render(i: int | None) -> dict[str, Any] | None:
             if i is None:
                 return None
             a = w.accounts[i]
             line1, line2 = street_lines(a)
-            return {"id": int(a.native_id), "companyName": a.name, "address1": line1, "address2": line2,
-                    "city": a.city, "state": a.state, "postalCode": a.postal_code,
-                    "countryID": COUNTRIES[a.country][0] if a.country in COUNTRIES else None,
-                    "phone": f"+1 555 {1000 + a.idx % 9000}", "isActive": True,
-                    "ownerResourceID": USER_BASE + a.idx % 25, "companyType": 1,
-                    "lastTrackedModifiedDateTime": at_datetime(self.company_modified(i)), "userDefinedFields": []}
+            return {
+                "id": int(a.native_id),
+                "companyName": a.name,
+                "address1": line1,
+                "address2": line2,
+                "city": a.city,
+                "state": a.state,
+                "postalCode": a.postal_code,
+                "countryID": COUNTRIES[a.country][0] if a.country in COUNTRIES else None,
+                "phone": f"+1 555 {1000 + a.idx % 9000}",
+                "isActive": True,
+                "ownerResourceID": USER_BASE + a.idx % 25,
+                "companyType": 1,
+                "lastTrackedModifiedDateTime": at_datetime(self.company_modified(i)),
+                "userDefinedFields": [],
+            }
 
-        return Entity("Companies", lambda: [int(a.native_id) for a in w.accounts],
-                      lambda i: (i - COMPANY_BASE) if 0 <= i - COMPANY_BASE < len(w.accounts) else None,
-                      lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+        return Entity(
+            "Companies",
+            lambda: [int(a.native_id) for a in w.accounts],
+            lambda i: (i - COMPANY_BASE) if 0 <= i - COMPANY_BASE < len(w.accounts) else None,
+            lambda i, name, udf: None if udf else _get_ci(render(i), name),
+            render,
+            fields,
+        )
 
     def company_modified(self, i: int) -> datetime:
         """When the company was last changed (its name is what the world changes), on the virtual clock."""
@@ -700,39 +939,91 @@ class AutotaskSimulator(Simulator):
 
     def _contacts_entity(self) -> Entity:
         by_id = {c["id"]: c for c in self.contacts}
-        fields = {"id": "integer", "companyID": "integer", "firstName": "string", "lastName": "string",
-                  "emailAddress": "string", "isActive": "integer"}
-        return Entity("Contacts", lambda: [c["id"] for c in self.contacts], by_id.get,
-                      lambda c, name, udf: None if udf else _get_ci(c, name), lambda c: dict(c) if c else None,
-                      fields)
+        fields = {
+            "id": "integer",
+            "companyID": "integer",
+            "firstName": "string",
+            "lastName": "string",
+            "emailAddress": "string",
+            "isActive": "integer",
+        }
+        return Entity(
+            "Contacts",
+            lambda: [c["id"] for c in self.contacts],
+            by_id.get,
+            lambda c, name, udf: None if udf else _get_ci(c, name),
+            lambda c: dict(c) if c else None,
+            fields,
+        )
 
     def _resources_entity(self) -> Entity:
         w = self.world
-        fields = {"id": "integer", "firstName": "string", "lastName": "string", "email": "string",
-                  "userName": "string", "isActive": "boolean", "resourceType": "string", "title": "string"}
+        fields = {
+            "id": "integer",
+            "firstName": "string",
+            "lastName": "string",
+            "email": "string",
+            "userName": "string",
+            "isActive": "boolean",
+            "resourceType": "string",
+            "title": "string",
+        }
 
         def render(i: int | None) -> dict[str, Any] | None:
             if i is None:
                 return None
             u = w.users[i]
             first, _, last = u.name.partition(" ")
-            return {"id": int(u.native_id), "firstName": first, "lastName": last, "email": u.email,
-                    "userName": u.email.split("@")[0], "isActive": u.active, "resourceType": "Employee",
-                    "licenseType": 1, "userType": 1, "title": "Account Manager"}
+            return {
+                "id": int(u.native_id),
+                "firstName": first,
+                "lastName": last,
+                "email": u.email,
+                "userName": u.email.split("@")[0],
+                "isActive": u.active,
+                "resourceType": "Employee",
+                "licenseType": 1,
+                "userType": 1,
+                "title": "Account Manager",
+            }
 
-        return Entity("Resources", lambda: [int(u.native_id) for u in w.users],
-                      lambda i: (i - USER_BASE) if 0 <= i - USER_BASE < len(w.users) else None,
-                      lambda i, name, udf: None if udf else _get_ci(render(i), name), render, fields)
+        return Entity(
+            "Resources",
+            lambda: [int(u.native_id) for u in w.users],
+            lambda i: (i - USER_BASE) if 0 <= i - USER_BASE < len(w.users) else None,
+            lambda i, name, udf: None if udf else _get_ci(render(i), name),
+            render,
+            fields,
+        )
 
     def _countries_entity(self) -> Entity:
-        rows = {cid: {"id": cid, "countryCode": code, "name": name, "displayName": name, "isActive": True,
-                      "isDefaultCountry": code == "US", "addressFormatID": 1}
-                for cid, code, name in COUNTRIES.values()}
-        fields = {"id": "integer", "countryCode": "string", "name": "string", "displayName": "string",
-                  "isActive": "boolean"}
-        return Entity("Countries", lambda: sorted(rows), rows.get,
-                      lambda c, name, udf: None if udf else _get_ci(c, name), lambda c: dict(c) if c else None,
-                      fields)
+        rows = {
+            cid: {
+                "id": cid,
+                "countryCode": code,
+                "name": name,
+                "displayName": name,
+                "isActive": True,
+                "isDefaultCountry": code == "US",
+                "addressFormatID": 1,
+            }
+            for cid, code, name in COUNTRIES.values()
+        }
+        fields = {
+            "id": "integer",
+            "countryCode": "string",
+            "name": "string",
+            "displayName": "string",
+            "isActive": "boolean",
+        }
+        return Entity(
+            "Countries",
+            lambda: sorted(rows),
+            rows.get,
+            lambda c, name, udf: None if udf else _get_ci(c, name),
+            lambda c: dict(c) if c else None,
+            fields,
+        )
 
 
 def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:
@@ -749,8 +1040,23 @@ def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:
 # Values one `in` / `notIn` condition may list: 500 (the SOAP thresholds page's 500 conditions per query, and
 # the limit the REST by-id reads are batched to; docs/crm-api-notes.md §5.2). More is a query error, not a truncation.
 IN_LIMIT = 500
-_OPS = {"eq", "noteq", "gt", "gte", "lt", "lte", "beginswith", "endswith", "contains", "exist", "notexist",
-        "in", "notin", "and", "or"}
+_OPS = {
+    "eq",
+    "noteq",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "beginswith",
+    "endswith",
+    "contains",
+    "exist",
+    "notexist",
+    "in",
+    "notin",
+    "and",
+    "or",
+}
 
 
 def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
@@ -791,8 +1097,9 @@ def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
         if not isinstance(raw, list):
             raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} requires a list value.")
         if len(raw) > IN_LIMIT:
-            raise HttpError(500, "QUERY", f"The '{node['op']}' condition on {name} takes at most {IN_LIMIT} "
-                                          f"values; got {len(raw)}.")
+            raise HttpError(
+                500, "QUERY", f"The '{node['op']}' condition on {name} takes at most {IN_LIMIT} values; got {len(raw)}."
+            )
         wanted = {_convert_value(conv, v, name) for v in raw}
         if op == "in":
             return lambda o: get(o) in wanted
@@ -809,8 +1116,8 @@ def _compile(node: Any, ent: Entity) -> Callable[[Any], bool]:
         v = get(o)
         if v is None or val is None:
             return op == "noteq" and (v is None) != (val is None)
-        return {"eq": v == val, "noteq": v != val, "gt": v > val, "gte": v >= val,
-                "lt": v < val, "lte": v <= val}[op]
+        return {"eq": v == val, "noteq": v != val, "gt": v > val, "gte": v >= val, "lt": v < val, "lte": v <= val}[op]
+
     return cmp
 
 
@@ -821,7 +1128,7 @@ def _converter(dtype: str) -> Callable[[Any], Any]:
         return lambda v: float(v) if v not in (None, "") else None
     if dtype == "boolean":
         return lambda v: None if v is None else (v if isinstance(v, bool) else str(v).lower() == "true")
-    return lambda v: None if v is None else str(v).casefold()   # SQL Server's case-insensitive collation
+    return lambda v: None if v is None else str(v).casefold()  # SQL Server's case-insensitive collation
 
 
 def _convert_value(conv: Callable[[Any], Any], raw: Any, name: str) -> Any:
@@ -839,24 +1146,31 @@ def street_lines(a: Any) -> tuple[str | None, str | None]:
     return line1, (f"Suite {100 + a.idx}" if a.idx % 4 == 1 else None)
 
 
-def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          *, variant: str = "default", **options: Any) -> AutotaskSimulator:
+def build(
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    clock: Clock | None = None,
+    *,
+    variant: str = "default",
+    **options: Any,
+) -> AutotaskSimulator:
     t = tenant(variant)
     world = World(profile(t), seed, opportunities, clock=clock)
     won_stage = next(s.key for s in sorted(t.stages, key=lambda s: s.order) if s.is_won)
-    for o in world.opps.values():   # Autotask keeps milliseconds: give generated history fractions of a second
+    for o in world.opps.values():  # Autotask keeps milliseconds: give generated history fractions of a second
         o.created_at += timedelta(milliseconds=10 * (_h("c", o.seq) % 100))
         o.modified_at = max(o.created_at, o.modified_at - timedelta(milliseconds=10 * (_h("m", o.seq) % 100)))
-        if o.closed_at is not None:   # the close stays between the (shifted) creation and the last edit
+        if o.closed_at is not None:  # the close stays between the (shifted) creation and the last edit
             o.closed_at = min(max(o.closed_at, o.created_at), o.modified_at)
         if t.won_stage_while_open and o.stage == "1" and o.seq % 4 == 0:
-            o.sales_stage = won_stage    # the deal is won in the stage, the status was never moved (seed 003)
+            o.sales_stage = won_stage  # the deal is won in the stage, the status was never moved (seed 003)
     return AutotaskSimulator(world, faults, variant=variant, **options)
 
 
 # -- the tenant as its users see it ----------------------------------------------------------------------------
 
-DEFAULT_STATUS_CATEGORY = {"2": "lost", "3": "won", "4": "won"}   # the documented system values; others open
+DEFAULT_STATUS_CATEGORY = {"2": "lost", "3": "won", "4": "won"}  # the documented system values; others open
 
 
 def closed_at(sim: AutotaskSimulator, o: SimOpportunity) -> datetime | None:
@@ -884,18 +1198,27 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
             location = None
             if acc is not None:
                 country = COUNTRIES.get(acc.country or "", (None, None, None))[2]
-                location = format_address(*street_lines(acc), acc.city, acc.state, acc.postal_code,
-                                          None if sim.refused("countries") else country)
+                location = format_address(
+                    *street_lines(acc),
+                    acc.city,
+                    acc.state,
+                    acc.postal_code,
+                    None if sim.refused("countries") else country,
+                )
             out[o.native_id] = {
-                "project_name": o.name, "client_name": acc.name if acc is not None else None,
+                "project_name": o.name,
+                "client_name": acc.name if acc is not None else None,
                 "service_location": location,
-                "owner_crm_id": w.users[o.owner].native_id, "created_by_crm_id": w.users[o.creator].native_id,
+                "owner_crm_id": w.users[o.owner].native_id,
+                "created_by_crm_id": w.users[o.creator].native_id,
                 "stage": (stage.label if labels else stage.key) if stage else None,
                 "stage_id": stage.key if stage else None,
                 "crm_status": status.label if labels else status.key,
                 "status": w.status(o) if labels else DEFAULT_STATUS_CATEGORY.get(status.key, "open"),
-                "amount": o.amount if o.amount is not None else 0.0, "currency": None,
-                "close_date": o.close_date, "created_at": o.created_at,
+                "amount": o.amount if o.amount is not None else 0.0,
+                "currency": None,
+                "close_date": o.close_date,
+                "created_at": o.created_at,
                 "crm_closed_at": closed_at(sim, o),
             }
     return out

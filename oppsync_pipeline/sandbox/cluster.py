@@ -28,8 +28,17 @@ from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY, spec
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer, Simulator
 from oppsync_pipeline.sandbox.world import Clock
 
-__all__ = ["CRMS", "DEFAULT_PORTS", "Sandbox", "build_simulator", "connection_name", "crm_module", "env_var",
-           "sandbox_connection", "serve_ports"]
+__all__ = [
+    "CRMS",
+    "DEFAULT_PORTS",
+    "Sandbox",
+    "build_simulator",
+    "connection_name",
+    "crm_module",
+    "env_var",
+    "sandbox_connection",
+    "serve_ports",
+]
 
 DEFAULT_PORTS = {crm: s.port for crm, s in REGISTRY.items()}
 
@@ -44,8 +53,14 @@ def serve_ports(crms: tuple[str, ...], base: int | None = None) -> dict[str, int
     return {crm: DEFAULT_PORTS[crm] + shift for crm in crms}
 
 
-def build_simulator(crm: str, seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
-                    anchor: datetime | None = None, variant: str = "default") -> Simulator:
+def build_simulator(
+    crm: str,
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    anchor: datetime | None = None,
+    variant: str = "default",
+) -> Simulator:
     """`anchor`: the moment the tenant's data is generated relative to. The same seed and anchor give the
     same tenant, so a restarted sandbox is the same CRM. `variant`: one of the module's VARIANTS."""
     module = crm_module(crm)
@@ -70,8 +85,12 @@ def sandbox_connection(crm: str, url: str, name: str | None = None) -> tuple[dic
     (environment variable -> the simulator's public, sandbox-only credential)."""
     name = name or connection_name(crm)
     creds = crm_module(crm).SANDBOX_CREDENTIALS
-    entry: dict[str, Any] = {"name": name, "crm": crm, "base_url": url,
-                             "credentials": {k: "${" + env_var(name, k) + "}" for k in creds}}
+    entry: dict[str, Any] = {
+        "name": name,
+        "crm": crm,
+        "base_url": url,
+        "credentials": {k: "${" + env_var(name, k) + "}" for k in creds},
+    }
     options = spec(crm).sandbox_connection_options(url)
     if options:
         entry["options"] = options
@@ -85,20 +104,29 @@ class Sandbox:
     crms: tuple[str, ...] = CRMS
     seed: int = 42
     opportunities: int = 1000
-    ports: dict[str, int] = field(default_factory=dict)   # 0 or missing: a free port
+    ports: dict[str, int] = field(default_factory=dict)  # 0 or missing: a free port
     latency_ms: int = 0
     anchor: datetime | None = None
     faults: FaultPlan | None = None
-    variants: dict[str, str] = field(default_factory=dict)   # crm -> tenant variant (default: "default")
+    variants: dict[str, str] = field(default_factory=dict)  # crm -> tenant variant (default: "default")
     servers: dict[str, SandboxServer] = field(default_factory=dict)
 
     def start(self) -> Sandbox:
         for crm in self.crms:
-            plan = FaultPlan.from_json({"rules": [r.__dict__ for r in self.faults.rules], "seed": self.faults.seed,
-                                        "latency_ms": self.latency_ms}) if self.faults else FaultPlan(
-                                            latency_ms=self.latency_ms)
-            sim = build_simulator(crm, self.seed, self.opportunities, plan, anchor=self.anchor,
-                                  variant=self.variants.get(crm, "default"))
+            plan = (
+                FaultPlan.from_json(
+                    {
+                        "rules": [r.__dict__ for r in self.faults.rules],
+                        "seed": self.faults.seed,
+                        "latency_ms": self.latency_ms,
+                    }
+                )
+                if self.faults
+                else FaultPlan(latency_ms=self.latency_ms)
+            )
+            sim = build_simulator(
+                crm, self.seed, self.opportunities, plan, anchor=self.anchor, variant=self.variants.get(crm, "default")
+            )
             self.servers[crm] = SandboxServer(sim, port=self.ports.get(crm, 0)).start()
         return self
 
@@ -129,9 +157,10 @@ class Sandbox:
         """Write an oppsync.yaml for these simulators, with a secrets file beside it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         secrets = path.with_suffix(".secrets.env")
-        secrets.write_text("# sandbox-only credentials, not secrets\n" +
-                           "".join(f"{k}={v}\n" for k, v in self.secrets().items()), encoding="utf-8")
-        config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets.name,
-                  "connections": self.connections()}
+        secrets.write_text(
+            "# sandbox-only credentials, not secrets\n" + "".join(f"{k}={v}\n" for k, v in self.secrets().items()),
+            encoding="utf-8",
+        )
+        config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets.name, "connections": self.connections()}
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         return path

@@ -49,11 +49,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from oppsync_pipeline.lib.record import format_address
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
 from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "connectwise"
@@ -85,8 +85,13 @@ STATUSES = [
 ]
 # Sales stages (`/sales/stages`): the pipeline step users see, independent of the status. id, name, and
 # whether won opportunities stand there (the world's assignment only: CW stages carry no open / won flags).
-SALES_STAGES = [(1, "1.Prospect", False), (2, "2.Qualification", False), (3, "3.Quote", False),
-                (4, "4.Negotiation", False), (5, "5.Closing", True)]
+SALES_STAGES = [
+    (1, "1.Prospect", False),
+    (2, "2.Qualification", False),
+    (3, "3.Quote", False),
+    (4, "4.Negotiation", False),
+    (5, "5.Closing", True),
+]
 # A tenant that renamed and re-numbered both lists (admins do: Setup Tables > Opportunity Status / Stage).
 CUSTOM_STATUSES = [
     (11, "Active", False, False, False, False, True, 20.0),
@@ -96,8 +101,13 @@ CUSTOM_STATUSES = [
     (15, "Closed - No Decision", True, False, False, False, False, 0.0),
     (16, "Stalled", False, False, False, True, False, 10.0),
 ]
-CUSTOM_SALES_STAGES = [(31, "Discovery", False), (32, "Demo", False), (33, "Proposal", False),
-                       (34, "Contracting", False), (35, "Signed", True)]
+CUSTOM_SALES_STAGES = [
+    (31, "Discovery", False),
+    (32, "Demo", False),
+    (33, "Proposal", False),
+    (34, "Contracting", False),
+    (35, "Signed", True),
+]
 # Endpoints and the security-role area that grants them (System > Security Roles, Inquire Level). A test can
 # refuse any of them (`sim.refused = {...}`); the no_optional_rights variant refuses the OPTIONAL ones.
 AREAS = {
@@ -107,38 +117,77 @@ AREAS = {
     "probabilities": (r"/sales/probabilities(/\d+)?$", "Sales > Opportunity Probability (Table Setup)"),
     "members": (r"/system/members(/count|/\d+)?$", "System > Member Maintenance"),
     "companies": (r"/company/companies(/.*)?$", "Companies > Company Maintenance"),
-    "forecast": (r"/sales/opportunities/\d+/forecast$", "Sales > Opportunity forecast (Sales > Opportunities: "
-                                                          "Forecast)"),
+    "forecast": (
+        r"/sales/opportunities/\d+/forecast$",
+        "Sales > Opportunity forecast (Sales > Opportunities: Forecast)",
+    ),
 }
 OPTIONAL_AREAS = frozenset({"stages", "probabilities", "members", "companies", "forecast"})
 # Tenant variants the tests can select (`build(variant=...)`, `Sandbox(variants={...})`).
 VARIANTS = {
     "default": "the sandbox tenant: statuses Open/Won/Lost/No Decision/Quoted/Negotiation/On Hold, sales stages "
-               "1.Prospect..5.Closing, custom fields Region and Original Created; the API member may read everything",
+    "1.Prospect..5.Closing, custom fields Region and Original Created; the API member may read everything",
     "no_optional_rights": "the API member's security role lacks every optional area: /sales/stages, "
-                          "/sales/probabilities, /system/members, /company/companies (sites) and the per-opportunity "
-                          "forecast answer 403 {code: Unauthorized}",
+    "/sales/probabilities, /system/members, /company/companies (sites) and the per-opportunity "
+    "forecast answer 403 {code: Unauthorized}",
     "custom_statuses": "statuses and sales stages renamed and re-numbered (Active, Pending Contract, Closed - Won ...; "
-                       "Discovery, Demo, Proposal, Contracting, Signed)",
+    "Discovery, Demo, Proposal, Contracting, Signed)",
     "custom_fields": "more opportunity custom fields, some named like standard fields (Stage, Amount, Site) with "
-                     "values that differ from them, a Number and a Checkbox field and empty values",
+    "values that differ from them, a Number and a Checkbox field and empty values",
     "migrated_history": "a tenant that moved to ConnectWise a year before the data's anchor: opportunities closed "
-                        "before go-live were imported in their closed status with closedDate and closedBy empty "
-                        "(CW stamps them only when a record enters a closed status); later closes carry them",
+    "before go-live were imported in their closed status with closedDate and closedBy empty "
+    "(CW stamps them only when a record enters a closed status); later closes carry them",
 }
 CURRENCIES = {
-    "USD": {"id": 7, "symbol": "$", "currencyCode": "USD", "decimalSeparator": ".", "numberOfDecimals": 2,
-            "thousandsSeparator": ",", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
-            "currencyIdentifier": "USD", "displayIdFlag": False, "rightAlign": False, "name": "US Dollars"},
-    "EUR": {"id": 8, "symbol": "€", "currencyCode": "EUR", "decimalSeparator": ",", "numberOfDecimals": 2,
-            "thousandsSeparator": ".", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
-            "currencyIdentifier": "EUR", "displayIdFlag": False, "rightAlign": True, "name": "Euro"},
-    "GBP": {"id": 9, "symbol": "£", "currencyCode": "GBP", "decimalSeparator": ".", "numberOfDecimals": 2,
-            "thousandsSeparator": ",", "negativeParenthesesFlag": False, "displaySymbolFlag": True,
-            "currencyIdentifier": "GBP", "displayIdFlag": False, "rightAlign": False, "name": "Pound Sterling"},
+    "USD": {
+        "id": 7,
+        "symbol": "$",
+        "currencyCode": "USD",
+        "decimalSeparator": ".",
+        "numberOfDecimals": 2,
+        "thousandsSeparator": ",",
+        "negativeParenthesesFlag": False,
+        "displaySymbolFlag": True,
+        "currencyIdentifier": "USD",
+        "displayIdFlag": False,
+        "rightAlign": False,
+        "name": "US Dollars",
+    },
+    "EUR": {
+        "id": 8,
+        "symbol": "€",
+        "currencyCode": "EUR",
+        "decimalSeparator": ",",
+        "numberOfDecimals": 2,
+        "thousandsSeparator": ".",
+        "negativeParenthesesFlag": False,
+        "displaySymbolFlag": True,
+        "currencyIdentifier": "EUR",
+        "displayIdFlag": False,
+        "rightAlign": True,
+        "name": "Euro",
+    },
+    "GBP": {
+        "id": 9,
+        "symbol": "£",
+        "currencyCode": "GBP",
+        "decimalSeparator": ".",
+        "numberOfDecimals": 2,
+        "thousandsSeparator": ",",
+        "negativeParenthesesFlag": False,
+        "displaySymbolFlag": True,
+        "currencyIdentifier": "GBP",
+        "displayIdFlag": False,
+        "rightAlign": False,
+        "name": "Pound Sterling",
+    },
 }
-_CODES = {"NOT_FOUND": "NotFound", "METHOD_NOT_ALLOWED": "MethodNotAllowed", "INTERNAL_ERROR": "UnexpectedError",
-          "SERVER_UNAVAILABLE": "ServiceUnavailable"}
+_CODES = {
+    "NOT_FOUND": "NotFound",
+    "METHOD_NOT_ALLOWED": "MethodNotAllowed",
+    "INTERNAL_ERROR": "UnexpectedError",
+    "SERVER_UNAVAILABLE": "ServiceUnavailable",
+}
 REGIONS = ["West", "East", "North", "South", None]
 FORECAST_TYPES = ["Service", "Product", "Agreement"]
 MEMBER_ID_BASE = 150
@@ -156,11 +205,13 @@ def _slug(text: str) -> str:
 
 # -- the conditions language -----------------------------------------------------------------------------------
 
+
 class ConditionError(ValueError):
     pass
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     \s*(?:
       (?P<lp>\() | (?P<rp>\)) | (?P<comma>,)
     | (?P<op><=|>=|!=|<>|=|<|>)
@@ -168,13 +219,21 @@ _TOKEN = re.compile(r"""
     | (?P<dt>\[[^\]]*\])
     | (?P<num>-?\d+(?:\.\d+)?(?![A-Za-z_/]))
     | (?P<word>[A-Za-z_][A-Za-z0-9_/.]*)
-    )""", re.VERBOSE)
+    )""",
+    re.VERBOSE,
+)
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
     text = text.rstrip()
-    return [(kind, value) for kind, value, _ in lex(_TOKEN, text, lambda pos: ConditionError(
-        f"unexpected character at position {pos}: {text[pos:pos + 10]!r}"))]
+    return [
+        (kind, value)
+        for kind, value, _ in lex(
+            _TOKEN,
+            text,
+            lambda pos: ConditionError(f"unexpected character at position {pos}: {text[pos : pos + 10]!r}"),
+        )
+    ]
 
 
 def _unquote(s: str) -> str:
@@ -276,7 +335,7 @@ class _Parser(TokenCursor):
                 values.append(self.value())
             keys = {_norm(v) for v in values}
             get = self.getter
-            pred: Predicate = lambda r: _norm(get(r, path)) in keys
+            pred: Predicate = lambda r: _norm(get(r, path)) in keys  # noqa: E731 - a closure the parser returns
         elif word in ("contains", "like"):
             value = self.value()
             if not isinstance(value, str):
@@ -287,7 +346,7 @@ class _Parser(TokenCursor):
             else:
                 rx = re.compile("^" + ".*".join(re.escape(p) for p in re.split(r"[*%]", needle)) + "$")
             get = self.getter
-            pred = lambda r: (v := get(r, path)) is not None and rx.search(str(v).lower()) is not None
+            pred = lambda r: (v := get(r, path)) is not None and rx.search(str(v).lower()) is not None  # noqa: E731
         else:
             raise ConditionError(f"unknown operator {tok[1]!r}")
         return (lambda r: not pred(r)) if negate else pred
@@ -339,6 +398,7 @@ def _compare(get: Getter, path: str, op: str, value: Any) -> Predicate:
             return {"<": have < want, "<=": have <= want, ">": have > want, ">=": have >= want}[op]
         except TypeError:
             return False
+
     return pred
 
 
@@ -384,8 +444,9 @@ def order_key(spec: str | None, getter: Getter) -> list[tuple[str, bool]]:
 def sort_records(records: list[Any], keys: list[tuple[str, bool]], getter: Getter) -> list[Any]:
     for path, desc in reversed(keys):
         # nulls first ascending, like SQL Server
-        records.sort(key=lambda r: (lambda v: (v is not None, v if v is not None else 0))(_norm(getter(r, path))),
-                     reverse=desc)
+        records.sort(
+            key=lambda r: (lambda v: (v is not None, v if v is not None else 0))(_norm(getter(r, path))), reverse=desc
+        )
     return records
 
 
@@ -414,20 +475,54 @@ def select_fields(record: dict[str, Any], fields: str | None) -> dict[str, Any]:
 # -- the simulator ---------------------------------------------------------------------------------------------
 
 OPP_FIELDS = {
-    "id", "name", "company/id", "company/identifier", "company/name", "site/id", "site/name",
-    "primarysalesrep/id", "primarysalesrep/identifier", "primarysalesrep/name", "status/id", "status/name",
-    "stage/id", "stage/name", "probability/id", "expectedclosedate", "closeddate", "closedby",
-    "datebecamelead", "currency/id", "currency/currencycode", "_info/lastupdated", "lastupdated",
-    "_info/dateentered", "dateentered", "_info/enteredby", "enteredby", "_info/updatedby", "updatedby",
-    "closedflag", "source", "locationid", "businessunitid", "type/id", "type/name",
+    "id",
+    "name",
+    "company/id",
+    "company/identifier",
+    "company/name",
+    "site/id",
+    "site/name",
+    "primarysalesrep/id",
+    "primarysalesrep/identifier",
+    "primarysalesrep/name",
+    "status/id",
+    "status/name",
+    "stage/id",
+    "stage/name",
+    "probability/id",
+    "expectedclosedate",
+    "closeddate",
+    "closedby",
+    "datebecamelead",
+    "currency/id",
+    "currency/currencycode",
+    "_info/lastupdated",
+    "lastupdated",
+    "_info/dateentered",
+    "dateentered",
+    "_info/enteredby",
+    "enteredby",
+    "_info/updatedby",
+    "updatedby",
+    "closedflag",
+    "source",
+    "locationid",
+    "businessunitid",
+    "type/id",
+    "type/name",
 }
 
 
 class ConnectWiseSimulator(Simulator):
     crm = CRM
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, requests_per_minute: int | None = None,
-                 variant: str = "default"):
+    def __init__(
+        self,
+        world: World,
+        faults: FaultPlan | None = None,
+        requests_per_minute: int | None = None,
+        variant: str = "default",
+    ):
         super().__init__(world, faults)
         if variant not in VARIANTS:
             raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
@@ -444,7 +539,7 @@ class ConnectWiseSimulator(Simulator):
         self.forecast_extra: dict[str, list[dict[str, Any]]] = {}
         self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
         api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
-        route = functools.partial(self.route, guard=self._guard)   # Basic auth + clientId, allowance, role
+        route = functools.partial(self.route, guard=self._guard)  # Basic auth + clientId, allowance, role
         route("GET", api + r"/sales/opportunities", self._list_opps)
         route("POST", api + r"/sales/opportunities", self._create_opp)
         route("GET", api + r"/sales/opportunities/count", self._count_opps)
@@ -477,8 +572,11 @@ class ConnectWiseSimulator(Simulator):
         return Response.json(body, err.status, err.headers)
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
-        return Response.json({"code": "TooManyRequests", "message": "Too many requests. Please retry later."},
-                             429, {"Retry-After": str(max(1, int(rule.seconds)))})
+        return Response.json(
+            {"code": "TooManyRequests", "message": "Too many requests. Please retry later."},
+            429,
+            {"Retry-After": str(max(1, int(rule.seconds)))},
+        )
 
     def handle(self, req: Request) -> Response:
         query = req.raw_path.partition("?")[2]
@@ -488,8 +586,9 @@ class ConnectWiseSimulator(Simulator):
             codebase = req.path.lstrip("/").split("/", 1)[0] + "/"
             if codebase not in (CODEBASE, "v4_6_release/"):
                 # an unknown codebase is not this tenant's API at all (cloud answers 404 before any auth)
-                return self.error_response(HttpError(404, "NotFound", f"The requested codebase {codebase} "
-                                                                      "was not found"))
+                return self.error_response(
+                    HttpError(404, "NotFound", f"The requested codebase {codebase} was not found")
+                )
         return super().handle(req)
 
     def _guard(self, req: Request) -> None:
@@ -505,13 +604,20 @@ class ConnectWiseSimulator(Simulator):
         for area in self.refused:
             pattern, role = AREAS[area]
             if re.search(pattern, path):
-                raise HttpError(403, "Unauthorized", f"You do not have permission to access this resource. "
-                                                     f"Required security role permission: {role} (Inquire Level)")
+                raise HttpError(
+                    403,
+                    "Unauthorized",
+                    f"You do not have permission to access this resource. "
+                    f"Required security role permission: {role} (Inquire Level)",
+                )
 
     def _authenticate(self, req: Request) -> None:
         if not req.header("clientid"):
-            raise HttpError(400, "InvalidObject",
-                            "A clientId header is required. Register one at https://developer.connectwise.com/ClientID")
+            raise HttpError(
+                400,
+                "InvalidObject",
+                "A clientId header is required. Register one at https://developer.connectwise.com/ClientID",
+            )
         auth = req.header("authorization") or ""
         expected = "{company_id}+{public_key}:{private_key}".format(**SANDBOX_CREDENTIALS)
         ok = False
@@ -526,8 +632,9 @@ class ConnectWiseSimulator(Simulator):
     def _allowance(self) -> None:
         if self.requests_per_minute and self.requests.take() is None:
             wait = max(1, int(self.requests.retry_after().total_seconds()))
-            raise HttpError(429, "TooManyRequests", "Too many requests. Please retry later.",
-                            {"Retry-After": str(wait)})
+            raise HttpError(
+                429, "TooManyRequests", "Too many requests. Please retry later.", {"Retry-After": str(wait)}
+            )
 
     # -- rendering ---------------------------------------------------------------------------------------------
 
@@ -539,8 +646,12 @@ class ConnectWiseSimulator(Simulator):
     def member_ref(self, idx: int, req: Request | None) -> dict[str, Any]:
         u = self.world.users[idx]
         mid = MEMBER_ID_BASE + u.idx
-        return {"id": mid, "identifier": u.native_id, "name": u.name,
-                "_info": {"member_href": self._href(req, f"/system/members/{mid}")}}
+        return {
+            "id": mid,
+            "identifier": u.native_id,
+            "name": u.name,
+            "_info": {"member_href": self._href(req, f"/system/members/{mid}")},
+        }
 
     def render(self, o: SimOpportunity, req: Request | None = None) -> dict[str, Any]:
         st = self.world.stages[o.stage]
@@ -551,10 +662,24 @@ class ConnectWiseSimulator(Simulator):
         sales_stage = self.world.sales_stage_of(o)
         region = (o.extra or {}).get("Region", REGIONS[o.seq % len(REGIONS)])
         currency = CURRENCIES.get(o.currency, CURRENCIES["USD"])
-        custom = [{"id": 1, "caption": "Region", "type": "Text", "entryMethod": "EntryField",
-                   "numberOfDecimals": 0, "value": region},
-                  {"id": 2, "caption": "Original Created", "type": "Date", "entryMethod": "EntryField",
-                   "numberOfDecimals": 0, "value": (o.extra or {}).get("Original Created")}]
+        custom = [
+            {
+                "id": 1,
+                "caption": "Region",
+                "type": "Text",
+                "entryMethod": "EntryField",
+                "numberOfDecimals": 0,
+                "value": region,
+            },
+            {
+                "id": 2,
+                "caption": "Original Created",
+                "type": "Date",
+                "entryMethod": "EntryField",
+                "numberOfDecimals": 0,
+                "value": (o.extra or {}).get("Original Created"),
+            },
+        ]
         if self.variant == "custom_fields":
             custom += self.extra_custom_fields(o)
         for cf in custom:  # CW leaves `value` out of a custom field that has none
@@ -563,34 +688,58 @@ class ConnectWiseSimulator(Simulator):
         return {
             "id": int(o.native_id),
             "name": o.name,
-            "type": {"id": 1, "name": "Managed Services",
-                     "_info": {"type_href": self._href(req, "/sales/opportunities/types/1")}},
-            "stage": {"id": int(sales_stage.key), "name": sales_stage.label,
-                      "_info": {"stage_href": self._href(req, f"/sales/stages/{sales_stage.key}")}},
-            "status": {"id": sid, "name": st.label,
-                       "_info": {"status_href": self._href(req, f"/sales/opportunities/statuses/{sid}")}},
+            "type": {
+                "id": 1,
+                "name": "Managed Services",
+                "_info": {"type_href": self._href(req, "/sales/opportunities/types/1")},
+            },
+            "stage": {
+                "id": int(sales_stage.key),
+                "name": sales_stage.label,
+                "_info": {"stage_href": self._href(req, f"/sales/stages/{sales_stage.key}")},
+            },
+            "status": {
+                "id": sid,
+                "name": st.label,
+                "_info": {"status_href": self._href(req, f"/sales/opportunities/statuses/{sid}")},
+            },
             "priority": {"id": 7, "name": "Clear Flag", "_info": None},
-            "probability": None if prob is None else {
-                "id": prob // 10 + 1, "name": f"{prob}%",
-                "_info": {"probability_href": self._href(req, f"/sales/probabilities/{prob // 10 + 1}")}},
+            "probability": None
+            if prob is None
+            else {
+                "id": prob // 10 + 1,
+                "name": f"{prob}%",
+                "_info": {"probability_href": self._href(req, f"/sales/probabilities/{prob // 10 + 1}")},
+            },
             "rating": {"id": 4, "name": "Hot", "_info": None},
             "expectedCloseDate": _iso(o.close_date),
             "closedDate": _iso(closed_at),
             "closedBy": self.member_ref(o.owner, req) if closed_at is not None else None,
-            "company": None if acc is None else {
-                "id": int(acc.native_id), "identifier": _slug(acc.name)[:25], "name": acc.name,
-                "_info": {"company_href": self._href(req, f"/company/companies/{acc.native_id}")}},
-            "site": None if acc is None else {
-                "id": int(acc.site_id or 0), "name": acc.site_name,
-                "_info": {"site_href": self._href(req, f"/company/companies/{acc.native_id}/sites/{acc.site_id}")}},
+            "company": None
+            if acc is None
+            else {
+                "id": int(acc.native_id),
+                "identifier": _slug(acc.name)[:25],
+                "name": acc.name,
+                "_info": {"company_href": self._href(req, f"/company/companies/{acc.native_id}")},
+            },
+            "site": None
+            if acc is None
+            else {
+                "id": int(acc.site_id or 0),
+                "name": acc.site_name,
+                "_info": {"site_href": self._href(req, f"/company/companies/{acc.native_id}/sites/{acc.site_id}")},
+            },
             "primarySalesRep": self.member_ref(o.owner, req),
             "secondarySalesRep": None,
             "locationId": 2,
             "businessUnitId": 10,
             "source": "Referral",
             "dateBecameLead": _iso(o.created_at),
-            "currency": {**currency,
-                         "_info": {"currency_href": self._href(req, f"/finance/currencies/{currency['id']}")}},
+            "currency": {
+                **currency,
+                "_info": {"currency_href": self._href(req, f"/finance/currencies/{currency['id']}")},
+            },
             "totalSalesTax": 0.0,
             "customFields": custom,
             "_info": {
@@ -620,14 +769,38 @@ class ConnectWiseSimulator(Simulator):
         a Number, a Checkbox, and fields that are empty on many records."""
         decoy = self.world.sales_stages[sorted(self.world.sales_stages)[o.seq % len(self.world.sales_stages)]]
         return [
-            {"id": 3, "caption": "Stage", "type": "Text", "entryMethod": "List", "numberOfDecimals": 0,
-             "value": f"Legacy {decoy.label}" if o.seq % 4 else None},
-            {"id": 4, "caption": "Amount", "type": "Number", "entryMethod": "EntryField", "numberOfDecimals": 2,
-             "value": round((o.seq * 137.5) % 9000, 2)},
-            {"id": 5, "caption": "Site", "type": "Text", "entryMethod": "EntryField", "numberOfDecimals": 0,
-             "value": "Remote\nsecond line" if o.seq % 3 == 0 else None},
-            {"id": 6, "caption": "Renewal", "type": "Checkbox", "entryMethod": "EntryField", "numberOfDecimals": 0,
-             "value": o.seq % 2 == 0},
+            {
+                "id": 3,
+                "caption": "Stage",
+                "type": "Text",
+                "entryMethod": "List",
+                "numberOfDecimals": 0,
+                "value": f"Legacy {decoy.label}" if o.seq % 4 else None,
+            },
+            {
+                "id": 4,
+                "caption": "Amount",
+                "type": "Number",
+                "entryMethod": "EntryField",
+                "numberOfDecimals": 2,
+                "value": round((o.seq * 137.5) % 9000, 2),
+            },
+            {
+                "id": 5,
+                "caption": "Site",
+                "type": "Text",
+                "entryMethod": "EntryField",
+                "numberOfDecimals": 0,
+                "value": "Remote\nsecond line" if o.seq % 3 == 0 else None,
+            },
+            {
+                "id": 6,
+                "caption": "Renewal",
+                "type": "Checkbox",
+                "entryMethod": "EntryField",
+                "numberOfDecimals": 0,
+                "value": o.seq % 2 == 0,
+            },
         ]
 
     def forecast_items(self, o: SimOpportunity) -> list[dict[str, Any]]:
@@ -642,17 +815,29 @@ class ConnectWiseSimulator(Simulator):
         items = []
         for i, share in enumerate(shares):
             revenue = share / 100
-            items.append({
-                "id": o.seq * 10 + i, "forecastDescription": f"{FORECAST_TYPES[i]} revenue",
-                "opportunity": {"id": int(o.native_id), "name": o.name},
-                "quantity": 1.0, "status": {"id": int(st.key), "name": st.label},
-                "catalogItem": None, "productDescription": None, "productClass": None,
-                "revenue": revenue, "cost": round(revenue * 0.6, 2), "margin": round(revenue * 0.4, 2),
-                "percentage": 40.0, "includeFlag": True, "linkFlag": False,
-                "recurringFlag": FORECAST_TYPES[i] == "Agreement",
-                "taxableFlag": False, "forecastType": FORECAST_TYPES[i], "sequenceNumber": i + 1,
-                "_info": {"lastUpdated": _iso(o.modified_at), "updatedBy": self.world.users[o.owner].native_id},
-            })
+            items.append(
+                {
+                    "id": o.seq * 10 + i,
+                    "forecastDescription": f"{FORECAST_TYPES[i]} revenue",
+                    "opportunity": {"id": int(o.native_id), "name": o.name},
+                    "quantity": 1.0,
+                    "status": {"id": int(st.key), "name": st.label},
+                    "catalogItem": None,
+                    "productDescription": None,
+                    "productClass": None,
+                    "revenue": revenue,
+                    "cost": round(revenue * 0.6, 2),
+                    "margin": round(revenue * 0.4, 2),
+                    "percentage": 40.0,
+                    "includeFlag": True,
+                    "linkFlag": False,
+                    "recurringFlag": FORECAST_TYPES[i] == "Agreement",
+                    "taxableFlag": False,
+                    "forecastType": FORECAST_TYPES[i],
+                    "sequenceNumber": i + 1,
+                    "_info": {"lastUpdated": _iso(o.modified_at), "updatedBy": self.world.users[o.owner].native_id},
+                }
+            )
         return items
 
     # -- paging ------------------------------------------------------------------------------------------------
@@ -669,21 +854,21 @@ class ConnectWiseSimulator(Simulator):
             chunk = ids[:size]
             headers = {}
             if len(ids) > size:
-                headers["Link"] = f"<{self._link(req, pageId=_record_id(chunk[-1]))}>; rel=\"next\""
+                headers["Link"] = f'<{self._link(req, pageId=_record_id(chunk[-1]))}>; rel="next"'
             return Response.json([select_fields(render(r), fields) for r in chunk], headers=headers)
         page = _int_arg(req, "page", 1)
         if page < 1:
             raise HttpError(400, "InvalidObject", "page must be 1 or more")
         total = len(records)
         last = max(1, -(-total // size))
-        chunk = records[(page - 1) * size: page * size]
+        chunk = records[(page - 1) * size : page * size]
         links = []
         if page > 1:
-            links.append(f"<{self._link(req, page=1)}>; rel=\"first\"")
-            links.append(f"<{self._link(req, page=min(page - 1, last))}>; rel=\"prev\"")
+            links.append(f'<{self._link(req, page=1)}>; rel="first"')
+            links.append(f'<{self._link(req, page=min(page - 1, last))}>; rel="prev"')
         if page < last:
-            links.append(f"<{self._link(req, page=page + 1)}>; rel=\"next\"")
-            links.append(f"<{self._link(req, page=last)}>; rel=\"last\"")
+            links.append(f'<{self._link(req, page=page + 1)}>; rel="next"')
+            links.append(f'<{self._link(req, page=last)}>; rel="last"')
         headers = {"Link": ", ".join(links)} if links else {}
         return Response.json([select_fields(render(r), fields) for r in chunk], headers=headers)
 
@@ -709,16 +894,22 @@ class ConnectWiseSimulator(Simulator):
         if p.startswith("company/"):
             if acc is None:
                 return None
-            return {"company/id": int(acc.native_id), "company/name": acc.name,
-                    "company/identifier": _slug(acc.name)[:25]}[p]
+            return {
+                "company/id": int(acc.native_id),
+                "company/name": acc.name,
+                "company/identifier": _slug(acc.name)[:25],
+            }[p]
         if p.startswith("site/"):
             if acc is None:
                 return None
             return int(acc.site_id or 0) if p == "site/id" else acc.site_name
         if p.startswith("primarysalesrep/"):
             u = self.world.users[o.owner]
-            return {"primarysalesrep/id": MEMBER_ID_BASE + u.idx, "primarysalesrep/identifier": u.native_id,
-                    "primarysalesrep/name": u.name}[p]
+            return {
+                "primarysalesrep/id": MEMBER_ID_BASE + u.idx,
+                "primarysalesrep/identifier": u.native_id,
+                "primarysalesrep/name": u.name,
+            }[p]
         if p == "status/id":
             return int(st.key)
         if p == "status/name":
@@ -764,6 +955,7 @@ class ConnectWiseSimulator(Simulator):
                 if not self._opp_known(path):
                     raise HttpError(400, "InvalidObject", f"orderBy: Unknown field '{path}'")
             return sort_records(rows, keys, self._opp_getter)
+
         return self.cache.get_or_compute(key, compute)
 
     def _list_opps(self, req: Request) -> Response:
@@ -789,27 +981,47 @@ class ConnectWiseSimulator(Simulator):
             rows = [i for i in items if kind is None or i["forecastType"] == kind]
             rev = round(sum(i["revenue"] for i in rows), 2)
             cost = round(sum(i["cost"] for i in rows), 2)
-            return {"id": 0, "revenue": rev, "cost": cost, "margin": round(rev - cost, 2),
-                    "percentage": round((rev - cost) / rev * 100, 2) if rev else 0.0}
+            return {
+                "id": 0,
+                "revenue": rev,
+                "cost": cost,
+                "margin": round(rev - cost, 2),
+                "percentage": round((rev - cost) / rev * 100, 2) if rev else 0.0,
+            }
+
         st = self.world.stages[o.stage]
         all_total = total(None)
         zero = {"id": 0, "revenue": 0.0, "cost": 0.0, "margin": 0.0, "percentage": 0.0}
-        return Response.json({
-            "id": int(o.native_id), "forecastItems": items,
-            "productRevenue": total("Product"), "serviceRevenue": total("Service"),
-            "agreementRevenue": total("Agreement"), "timeRevenue": zero, "expenseRevenue": zero,
-            "forecastRevenueTotals": all_total, "inclusiveRevenueTotals": all_total,
-            "recurringTotal": total("Agreement")["revenue"],
-            "wonRevenue": all_total if st.is_closed and st.is_won else zero,
-            "lostRevenue": all_total if st.is_closed and not st.is_won else zero,
-            "openRevenue": all_total if not st.is_closed else zero,
-            "otherRevenue1": zero, "otherRevenue2": zero, "salesTaxRevenue": 0.0,
-            "forecastTotalWithTaxes": all_total["revenue"],
-            "expectedProbability": int(o.probability or 0), "taxCode": None, "billingTerms": None,
-            "currency": {k: v for k, v in CURRENCIES.get(o.currency, CURRENCIES["USD"]).items()
-                         if k in ("id", "symbol", "currencyCode", "name")},
-            "_info": {"lastUpdated": _iso(o.modified_at)},
-        })
+        return Response.json(
+            {
+                "id": int(o.native_id),
+                "forecastItems": items,
+                "productRevenue": total("Product"),
+                "serviceRevenue": total("Service"),
+                "agreementRevenue": total("Agreement"),
+                "timeRevenue": zero,
+                "expenseRevenue": zero,
+                "forecastRevenueTotals": all_total,
+                "inclusiveRevenueTotals": all_total,
+                "recurringTotal": total("Agreement")["revenue"],
+                "wonRevenue": all_total if st.is_closed and st.is_won else zero,
+                "lostRevenue": all_total if st.is_closed and not st.is_won else zero,
+                "openRevenue": all_total if not st.is_closed else zero,
+                "otherRevenue1": zero,
+                "otherRevenue2": zero,
+                "salesTaxRevenue": 0.0,
+                "forecastTotalWithTaxes": all_total["revenue"],
+                "expectedProbability": int(o.probability or 0),
+                "taxCode": None,
+                "billingTerms": None,
+                "currency": {
+                    k: v
+                    for k, v in CURRENCIES.get(o.currency, CURRENCIES["USD"]).items()
+                    if k in ("id", "symbol", "currencyCode", "name")
+                },
+                "_info": {"lastUpdated": _iso(o.modified_at)},
+            }
+        )
 
     def _add_forecast(self, req: Request) -> Response:
         o = self._opp(req)
@@ -820,8 +1032,15 @@ class ConnectWiseSimulator(Simulator):
             raise _invalid("forecast", "revenue", "Revenue is required") from None
         self.world.update(o.native_id, amount=round((o.amount or 0) + revenue, 2))
         return Response.json(
-            {"id": o.seq * 10 + 9, "revenue": revenue, "forecastType": body.get("forecastType", "Service"),
-             "opportunity": {"id": int(o.native_id)}, "includeFlag": True}, 201)
+            {
+                "id": o.seq * 10 + 9,
+                "revenue": revenue,
+                "forecastType": body.get("forecastType", "Service"),
+                "opportunity": {"id": int(o.native_id)},
+                "includeFlag": True,
+            },
+            201,
+        )
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -832,8 +1051,9 @@ class ConnectWiseSimulator(Simulator):
             k = key.lower()
             if k == "name":
                 if not isinstance(val, str) or not val.strip() or len(val) > 100:
-                    raise _invalid("opportunity", "name",
-                                   "The field name must be a string with a maximum length of 100.")
+                    raise _invalid(
+                        "opportunity", "name", "The field name must be a string with a maximum length of 100."
+                    )
                 values["name"] = val
             elif k == "company":
                 cid = _ref_id(val)
@@ -872,12 +1092,22 @@ class ConnectWiseSimulator(Simulator):
         if stage_key is not None:
             values["sales_stage"] = stage_key  # after "stage" (the status), which re-assigns the sales stage
         if not partial:
-            missing = [f for f, k in (("name", "name"), ("company", "account"), ("primarySalesRep", "owner"))
-                       if k not in values]
+            missing = [
+                f
+                for f, k in (("name", "name"), ("company", "account"), ("primarySalesRep", "owner"))
+                if k not in values
+            ]
             if missing:
                 err = HttpError(400, "InvalidObject", "opportunity object is invalid")
-                err.errors = [{"code": "NullValue", "message": f"The {m} field is required.",
-                               "resource": "opportunity", "field": m} for m in missing]  # type: ignore[attr-defined]
+                err.errors = [
+                    {
+                        "code": "NullValue",
+                        "message": f"The {m} field is required.",
+                        "resource": "opportunity",
+                        "field": m,
+                    }
+                    for m in missing
+                ]  # type: ignore[attr-defined]
                 raise err
         return values
 
@@ -945,10 +1175,20 @@ class ConnectWiseSimulator(Simulator):
     def status_dicts(self, req: Request) -> list[dict[str, Any]]:
         out = []
         for sid, name, closed, won, lost, inactive, default, _ in self.status_rows:
-            out.append({"id": sid, "name": name, "wonFlag": won, "lostFlag": lost, "closedFlag": closed,
-                        "inactiveFlag": inactive, "defaultFlag": default, "enteredBy": "admin1",
-                        "dateEntered": "2019-03-01T12:00:00Z",
-                        "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"}})
+            out.append(
+                {
+                    "id": sid,
+                    "name": name,
+                    "wonFlag": won,
+                    "lostFlag": lost,
+                    "closedFlag": closed,
+                    "inactiveFlag": inactive,
+                    "defaultFlag": default,
+                    "enteredBy": "admin1",
+                    "dateEntered": "2019-03-01T12:00:00Z",
+                    "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"},
+                }
+            )
         return out
 
     def _list_statuses(self, req: Request) -> Response:
@@ -961,8 +1201,10 @@ class ConnectWiseSimulator(Simulator):
         return Response.json(row)
 
     def _list_probabilities(self, req: Request) -> Response:
-        rows = [{"id": p // 10 + 1, "probability": p, "_info": {"lastUpdated": "2019-03-01T12:00:00Z"}}
-                for p in range(0, 101, 10)]
+        rows = [
+            {"id": p // 10 + 1, "probability": p, "_info": {"lastUpdated": "2019-03-01T12:00:00Z"}}
+            for p in range(0, 101, 10)
+        ]
         return self._list_dicts(req, rows)
 
     def _get_stage(self, req: Request) -> Response:
@@ -975,19 +1217,34 @@ class ConnectWiseSimulator(Simulator):
         return self._list_dicts(req, self._stage_dicts())
 
     def _stage_dicts(self) -> list[dict[str, Any]]:
-        rows = [{"id": i, "name": n, "seqNumber": seq + 1, "defaultFlag": seq == 0, "probability": None,
-                 "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"}}
-                for seq, (i, n, _) in enumerate(self.stage_rows)]
+        rows = [
+            {
+                "id": i,
+                "name": n,
+                "seqNumber": seq + 1,
+                "defaultFlag": seq == 0,
+                "probability": None,
+                "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"},
+            }
+            for seq, (i, n, _) in enumerate(self.stage_rows)
+        ]
         return rows
 
     def member_dict(self, u: Any, req: Request) -> dict[str, Any]:
         first, _, last = u.name.partition(" ")
         mid = MEMBER_ID_BASE + u.idx
-        return {"id": mid, "identifier": u.native_id, "firstName": first, "lastName": last,
-                "officeEmail": u.email, "primaryEmail": u.email, "inactiveFlag": not u.active,
-                "title": "Account Manager", "licenseClass": "F",
-                "_info": {"lastUpdated": "2020-01-01T00:00:00Z",
-                          "member_href": self._href(req, f"/system/members/{mid}")}}
+        return {
+            "id": mid,
+            "identifier": u.native_id,
+            "firstName": first,
+            "lastName": last,
+            "officeEmail": u.email,
+            "primaryEmail": u.email,
+            "inactiveFlag": not u.active,
+            "title": "Account Manager",
+            "licenseClass": "F",
+            "_info": {"lastUpdated": "2020-01-01T00:00:00Z", "member_href": self._href(req, f"/system/members/{mid}")},
+        }
 
     def _list_members(self, req: Request) -> Response:
         return self._list_dicts(req, (self.member_dict(u, req) for u in self.world.users))
@@ -1004,24 +1261,45 @@ class ConnectWiseSimulator(Simulator):
         return Response.json(self.member_dict(u, req))
 
     def company_dict(self, a: Any, req: Request) -> dict[str, Any]:
-        return {"id": int(a.native_id), "identifier": _slug(a.name)[:25], "name": a.name,
-                "status": {"id": 1, "name": "Active"}, "addressLine1": a.street, "addressLine2": None,
-                "city": a.city, "state": a.state, "zip": a.postal_code,
-                "country": None if a.country is None else {"id": 1, "name": a.country},
-                "site": {"id": int(a.site_id or 0), "name": a.site_name}, "deletedFlag": False,
-                # the company's own change time (a rename moves it; its opportunities' lastUpdated stays)
-                "_info": {"lastUpdated": _iso(self.world.account_modified(a)), "updatedBy": "admin1",
-                          "sites_href": self._href(req, f"/company/companies/{a.native_id}/sites")}}
+        return {
+            "id": int(a.native_id),
+            "identifier": _slug(a.name)[:25],
+            "name": a.name,
+            "status": {"id": 1, "name": "Active"},
+            "addressLine1": a.street,
+            "addressLine2": None,
+            "city": a.city,
+            "state": a.state,
+            "zip": a.postal_code,
+            "country": None if a.country is None else {"id": 1, "name": a.country},
+            "site": {"id": int(a.site_id or 0), "name": a.site_name},
+            "deletedFlag": False,
+            # the company's own change time (a rename moves it; its opportunities' lastUpdated stays)
+            "_info": {
+                "lastUpdated": _iso(self.world.account_modified(a)),
+                "updatedBy": "admin1",
+                "sites_href": self._href(req, f"/company/companies/{a.native_id}/sites"),
+            },
+        }
 
     def site_dict(self, a: Any, req: Request) -> dict[str, Any]:
         line1, line2, city, state, postal, country = site_address(a)
-        return {"id": int(a.site_id or 0), "name": a.site_name, "addressLine1": line1, "addressLine2": line2,
-                "addressLine3": None, "city": city,
-                "stateReference": None if state is None else {"id": 1 + sum(map(ord, state)) % 50,
-                                                               "identifier": state, "name": state},
-                "zip": postal, "country": None if country is None else {"id": 1, "name": country},
-                "primaryAddressFlag": True, "company": {"id": int(a.native_id), "name": a.name},
-                "_info": {"lastUpdated": "2021-01-01T00:00:00Z"}}
+        return {
+            "id": int(a.site_id or 0),
+            "name": a.site_name,
+            "addressLine1": line1,
+            "addressLine2": line2,
+            "addressLine3": None,
+            "city": city,
+            "stateReference": None
+            if state is None
+            else {"id": 1 + sum(map(ord, state)) % 50, "identifier": state, "name": state},
+            "zip": postal,
+            "country": None if country is None else {"id": 1, "name": country},
+            "primaryAddressFlag": True,
+            "company": {"id": int(a.native_id), "name": a.name},
+            "_info": {"lastUpdated": "2021-01-01T00:00:00Z"},
+        }
 
     def _company(self, req: Request) -> Any:
         a = self.world.account_by_native(req.params["id"])
@@ -1048,19 +1326,28 @@ class ConnectWiseSimulator(Simulator):
         if req.params["company"].lower() != COMPANY_ID.lower():
             raise HttpError(404, "NotFound", "Company not found")
         host = req.host
-        return Response.json({
-            "CompanyName": "OppSync Sandbox MSP", "Codebase": CODEBASE, "VersionCode": "v2025.1",
-            "VersionNumber": "v4.6.120000", "CompanyID": COMPANY_ID, "IsCloud": True, "SiteUrl": host,
-            "AllowAnonymousAccess": False,
-        })
+        return Response.json(
+            {
+                "CompanyName": "OppSync Sandbox MSP",
+                "Codebase": CODEBASE,
+                "VersionCode": "v2025.1",
+                "VersionNumber": "v4.6.120000",
+                "CompanyID": COMPANY_ID,
+                "IsCloud": True,
+                "SiteUrl": host,
+                "AllowAnonymousAccess": False,
+            }
+        )
 
 
 def iis_query_too_long() -> Response:
     """What IIS request filtering answers for a query string over maxQueryString: 404 substatus 15, an HTML
     page (not CW's JSON error shape: the API never saw the request)."""
-    body = ("<!DOCTYPE html><html><head><title>IIS 10.0 Detailed Error - 404.15 - Not Found</title></head><body>"
-            "<h3>HTTP Error 404.15 - Not Found</h3><h4>The request filtering module is configured to deny a "
-            "request where the query string is too long.</h4></body></html>").encode("utf-8")
+    body = (
+        b"<!DOCTYPE html><html><head><title>IIS 10.0 Detailed Error - 404.15 - Not Found</title></head><body>"
+        b"<h3>HTTP Error 404.15 - Not Found</h3><h4>The request filtering module is configured to deny a "
+        b"request where the query string is too long.</h4></body></html>"
+    )
     return Response(404, body, {"Content-Type": "text/html"})
 
 
@@ -1102,7 +1389,8 @@ def _ref_id(val: Any) -> int | None:
 def _invalid(resource: str, field: str, message: str) -> HttpError:
     err = HttpError(400, "InvalidObject", f"{resource} object is invalid")
     err.errors = [  # type: ignore[attr-defined]
-        {"code": "InvalidField", "message": message, "resource": resource, "field": field}]
+        {"code": "InvalidField", "message": message, "resource": resource, "field": field}
+    ]
     return err
 
 
@@ -1112,6 +1400,7 @@ def _known_from(rows: list[dict[str, Any]]) -> Callable[[str], bool]:
             yield (prefix + k).lower()
             if isinstance(v, dict):
                 yield from paths(v, prefix + k + "/")
+
     known: set[str] = set()
     for r in rows[:5]:
         known.update(paths(r))
@@ -1120,16 +1409,22 @@ def _known_from(rows: list[dict[str, Any]]) -> Callable[[str], bool]:
 
 # -- the tenant --------------------------------------------------------------------------------------------------
 
+
 def profile(variant: str = "default") -> TenantProfile:
     """The world's `stages` are CW statuses; its `sales_stages` the CW sales stages (`/sales/stages`)."""
     statuses = CUSTOM_STATUSES if variant == "custom_statuses" else STATUSES
     sales = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
-    stages = [SimStage(str(sid), name, closed, won, prob, order)
-              for order, (sid, name, closed, won, lost, inactive, default, prob) in enumerate(statuses)]
-    sales_stages = [SimStage(str(gid), name, won, won, 100.0 if won else 0.0, order)
-                    for order, (gid, name, won) in enumerate(sales)]
+    stages = [
+        SimStage(str(sid), name, closed, won, prob, order)
+        for order, (sid, name, closed, won, lost, inactive, default, prob) in enumerate(statuses)
+    ]
+    sales_stages = [
+        SimStage(str(gid), name, won, won, 100.0 if won else 0.0, order) for order, (gid, name, won) in enumerate(sales)
+    ]
     return TenantProfile(
-        crm=CRM, stages=stages, sales_stages=sales_stages,
+        crm=CRM,
+        stages=stages,
+        sales_stages=sales_stages,
         opportunity_id=lambda seq: str(seq),
         user_id=lambda i: f"member{i}",
         account_id=lambda i: str(COMPANY_ID_BASE + i),
@@ -1138,8 +1433,14 @@ def profile(variant: str = "default") -> TenantProfile:
     )
 
 
-def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          requests_per_minute: int | None = None, variant: str = "default") -> ConnectWiseSimulator:
+def build(
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    clock: Clock | None = None,
+    requests_per_minute: int | None = None,
+    variant: str = "default",
+) -> ConnectWiseSimulator:
     if variant not in VARIANTS:
         raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
     world = World(profile(variant), seed, opportunities, clock=clock)

@@ -46,18 +46,31 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
-from oppsync_pipeline.sandbox.world import Clock, SimAccount, SimOpportunity, SimStage, SimUser, TenantProfile, World, utcnow
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import (
+    Clock,
+    SimAccount,
+    SimOpportunity,
+    SimStage,
+    SimUser,
+    TenantProfile,
+    World,
+    utcnow,
+)
 
 CRM = "dynamics"
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
-SANDBOX_CREDENTIALS = {"tenant_id": TENANT_ID, "client_id": CLIENT_ID, "client_secret": "Xq48Q~aB3dE5fG7hJ9kL1mN3pR5tV7xZ9bD1fH3j"}
+SANDBOX_CREDENTIALS = {
+    "tenant_id": TENANT_ID,
+    "client_id": CLIENT_ID,
+    "client_secret": "Xq48Q~aB3dE5fG7hJ9kL1mN3pR5tV7xZ9bD1fH3j",
+}
 API = "/api/data/v9.2"
 REQUEST_LIMIT = 6000
 WINDOW_SECONDS = 300
@@ -85,7 +98,7 @@ STATUS_REASONS = [
     SimStage("100000001", "No Decision", True, False, 0.0, 7),
 ]
 STATE_LABELS = {0: "Open", 1: "Won", 2: "Lost"}
-SALES_STAGES = ["Qualify", "Develop", "Propose", "Close"]   # the salesstage picklist (stage categories)
+SALES_STAGES = ["Qualify", "Develop", "Propose", "Close"]  # the salesstage picklist (stage categories)
 # The business process flow's stages (processstage rows; the opportunity's `stageid` and `stepname`): ids that
 # are not the labels, named as the Pipeline Phase column shows them. Won deals stand in the last stage; lost ones
 # where they were abandoned. The custom_fields tenant runs its own process with other stage names.
@@ -105,21 +118,26 @@ CUSTOM_PROCESS_STAGES = [
     SimStage("1c0a5f0e-2b6d-4f43-9a57-6c1d2e3f4a05", "Signed", True, True, 100.0, 5),
 ]
 # Privileges the application user's security role may lack, and what Dataverse names in the 403 for each.
-PRIVILEGES = {"prvReadOpportunity": (3, "opportunity"), "prvReadEntity": (9800, "entity"),
-              "prvReadAccount": (1, "account"), "prvReadUser": (8, "systemuser"),
-              "prvReadTeam": (9, "team"), "prvReadWorkflow": (4703, "workflow")}
+PRIVILEGES = {
+    "prvReadOpportunity": (3, "opportunity"),
+    "prvReadEntity": (9800, "entity"),
+    "prvReadAccount": (1, "account"),
+    "prvReadUser": (8, "systemuser"),
+    "prvReadTeam": (9, "team"),
+    "prvReadWorkflow": (4703, "workflow"),
+}
 VARIANTS = {
     "default": "the API user has a System Customizer-like role: metadata, accounts, users, teams and processes",
     "no_optional_rights": "the API user may read opportunities (and currencies) only: attribute and status "
-                          "metadata, process stages, systemusers, teams and accounts (so $expand of the account "
-                          "lookup) answer 403 0x80040220 (missing prvRead... privilege)",
+    "metadata, process stages, systemusers, teams and accounts (so $expand of the account "
+    "lookup) answer 403 0x80040220 (missing prvRead... privilege)",
     "no_expand": "the API user cannot read accounts: $expand=parentaccountid answers 403 (missing prvReadAccount); "
-                 "the account's name is still visible as the lookup's formatted value",
+    "the account's name is still visible as the lookup's formatted value",
     "custom_fields": "a customised tenant: its own business process flow (other stage names and ids) and more "
-                     "custom columns (new_servicesite text, cr123_dealphase picklist, new_signedby lookup)",
+    "custom columns (new_servicesite text, cr123_dealphase picklist, new_signedby lookup)",
     "secured_close_date": "column security on actualclosedate (IsSecured in its attribute metadata) and no field "
-                          "security profile granting the API user read: Dataverse returns the column empty on "
-                          "every record, indistinguishable from null (column-level-security.md)",
+    "security profile granting the API user read: Dataverse returns the column empty on "
+    "every record, indistinguishable from null (column-level-security.md)",
 }
 # Columns with column-level security in each variant, for which the API user holds no field permission.
 SECURED_COLUMNS = {"secured_close_date": frozenset({"actualclosedate"})}
@@ -130,9 +148,11 @@ AGGREGATE_LIMIT = 50_000
 AGGREGATE_LIMIT_CODE = "0x8004E023"
 # The longest GET URL Dataverse accepts; longer queries go in a $batch body (up to 64 KB; execute-batch docs).
 MAX_URL_LENGTH = 32_768
-CURRENCIES = {"USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
-              "EUR": ("4f2b3c1d-e646-e111-8eb7-78e7d162ced1", "Euro", "€"),
-              "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£")}
+CURRENCIES = {
+    "USD": ("228f42f8-e646-e111-8eb7-78e7d162ced1", "US Dollar", "$"),
+    "EUR": ("4f2b3c1d-e646-e111-8eb7-78e7d162ced1", "Euro", "€"),
+    "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£"),
+}
 CURRENCY_BY_ID = {v[0]: k for k, v in CURRENCIES.items()}
 BUSINESS_UNIT = "0d2b8a2c-3b5e-ee11-be6f-000d3a5a1b2c"
 OPPORTUNITY_METADATA_ID = "4fd7f6b0-0000-0000-0000-0000000000a3"
@@ -172,16 +192,21 @@ def bad_query(message: str) -> HttpError:
 
 # -- OData $filter ---------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     \s*(?:
       (?P<str>'(?:[^']|'')*')
     | (?P<dstr>"(?:[^"\\]|\\.)*")
-    | (?P<guid>""" + GUID_RE + r""")(?![\w-])
+    | (?P<guid>"""
+    + GUID_RE
+    + r""")(?![\w-])
     | (?P<dt>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)(?![\w:])
     | (?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[mMdDfFlL]?)(?![\w.])
     | (?P<ident>[A-Za-z_$@][\w.]*)
     | (?P<punct>[()\[\],/=])
-    )""", re.VERBOSE)
+    )""",
+    re.VERBOSE,
+)
 
 Getter = Callable[[Any, str], Any]
 
@@ -277,7 +302,7 @@ class FilterParser(TokenCursor):
         while self._is_word("or"):
             self.i += 1
             right = self._and()
-            left = (lambda l, r: lambda o, g: l(o, g) or r(o, g))(left, right)
+            left = (lambda a, b: lambda o, g: a(o, g) or b(o, g))(left, right)
         return left
 
     def _and(self):
@@ -285,7 +310,7 @@ class FilterParser(TokenCursor):
         while self._is_word("and"):
             self.i += 1
             right = self._unary()
-            left = (lambda l, r: lambda o, g: l(o, g) and r(o, g))(left, right)
+            left = (lambda a, b: lambda o, g: a(o, g) and b(o, g))(left, right)
         return left
 
     def _unary(self):
@@ -318,8 +343,7 @@ class FilterParser(TokenCursor):
             self.i += 1
             path += "/" + self._take("ident")[1]
         if not self.columns(path):
-            raise bad_query(f"Could not find a property named '{path}' on type "
-                            f"'Microsoft.Dynamics.CRM.{self.entity}'.")
+            raise bad_query(f"Could not find a property named '{path}' on type 'Microsoft.Dynamics.CRM.{self.entity}'.")
         return lambda o, g: g(o, path)
 
     def _comparison(self):
@@ -344,6 +368,7 @@ class FilterParser(TokenCursor):
             def fn(o, g):
                 a, b = prop(o, g), needle(o, g)
                 return a is not None and b is not None and test(str(a).casefold(), str(b).casefold())
+
             return fn
         if low == "microsoft.dynamics.crm.in":
             args: dict[str, Any] = {}
@@ -370,20 +395,29 @@ class FilterParser(TokenCursor):
             if not isinstance(prop, str) or not isinstance(values, list):
                 raise bad_query("Microsoft.Dynamics.CRM.In requires PropertyName and PropertyValues.")
             if not self.columns(prop):
-                raise bad_query(f"Could not find a property named '{prop}' on type "
-                                f"'Microsoft.Dynamics.CRM.{self.entity}'.")
+                raise bad_query(
+                    f"Could not find a property named '{prop}' on type 'Microsoft.Dynamics.CRM.{self.entity}'."
+                )
             return lambda o, g: any(_compare("eq", g(o, prop), v) for v in values)
         raise bad_query(f"The function '{name}' is not supported by this sandbox.")
 
 
 # -- entity sets -----------------------------------------------------------------------------------------------
 
+
 class EntitySet:
     """One entity set: its rows, typed column getters and lookups (for $expand and annotations)."""
 
-    def __init__(self, name: str, logical: str, key: str, rows: Callable[[], Iterable[Any]],
-                 columns: dict[str, Callable[[Any], Any]], lookups: dict[str, tuple[str, str]] | None = None,
-                 formatted: dict[str, Callable[[Any], Any]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        logical: str,
+        key: str,
+        rows: Callable[[], Iterable[Any]],
+        columns: dict[str, Callable[[Any], Any]],
+        lookups: dict[str, tuple[str, str]] | None = None,
+        formatted: dict[str, Callable[[Any], Any]] | None = None,
+    ):
         self.name, self.logical, self.key = name, logical, key
         self.rows = rows
         self.columns = columns
@@ -407,7 +441,8 @@ class DynamicsSimulator(Simulator):
         # properties this tenant does not expose (400 "Could not find a property named ...").
         self.denied: set[str] = {
             "no_optional_rights": {"prvReadEntity", "prvReadAccount", "prvReadUser", "prvReadTeam", "prvReadWorkflow"},
-            "no_expand": {"prvReadAccount"}}.get(variant, set())
+            "no_expand": {"prvReadAccount"},
+        }.get(variant, set())
         self.hidden_navigation: set[str] = set()
         # Columns under column security the API user may not read: Dataverse returns them empty.
         self.secured: frozenset[str] = SECURED_COLUMNS.get(variant, frozenset())
@@ -416,12 +451,12 @@ class DynamicsSimulator(Simulator):
         # Entra tokens expire on real time (kit/tokens.py says why), the service protection window too.
         self.tokens = TokenStore(utcnow, 3599)
         self.request_limit = REQUEST_LIMIT
-        self.aggregate_limit = AGGREGATE_LIMIT   # a test may lower it to exercise counting in ranges
+        self.aggregate_limit = AGGREGATE_LIMIT  # a test may lower it to exercise counting in ranges
         self.requests = Window(lambda: self.request_limit, WINDOW_SECONDS)
         self._snapshots = Snapshots(64, new_id=lambda n: secrets.token_hex(6))
         self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
         self.change_tracking_enabled = True
-        self.closes: list[dict[str, Any]] = []         # opportunityclose activities created by Win/Lose
+        self.closes: list[dict[str, Any]] = []  # opportunityclose activities created by Win/Lose
         # actualclosedate outlives a reopen: the last close date seen per opportunity (see _remember_closes).
         self._last_close: dict[str, date] = {}
         self._closes_version = -1
@@ -441,17 +476,29 @@ class DynamicsSimulator(Simulator):
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
         self.route("GET", rf"/{t}/v2\.0/\.well-known/openid-configuration", self.openid_configuration)
-        api = functools.partial(self.route, guard=self._authorize)   # bearer token, then service protection
+        api = functools.partial(self.route, guard=self._authorize)  # bearer token, then service protection
         api("GET", rf"{API}/?", self.service_document)
         api("GET", rf"{API}/\$metadata", self.metadata)
         api("GET", rf"{API}/EntityDefinitions", self.entity_definitions)
-        api("GET", rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
-                   r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)", self.status_metadata)
+        api(
+            "GET",
+            rf"{API}/EntityDefinitions\(LogicalName='opportunity'\)/Attributes\(LogicalName='"
+            r"(?P<attr>statuscode|statecode)'\)/Microsoft\.Dynamics\.CRM\.(?P<kind>\w+)",
+            self.status_metadata,
+        )
         api("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes", self.attribute_metadata)
-        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
-                   r"processstages)", self.collection)
-        api("GET", rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
-                   rf"\((?P<id>{GUID_RE})\)", self.single)
+        api(
+            "GET",
+            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
+            r"processstages)",
+            self.collection,
+        )
+        api(
+            "GET",
+            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
+            rf"\((?P<id>{GUID_RE})\)",
+            self.single,
+        )
         api("POST", rf"{API}/opportunities", self.create)
         api("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
         api("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
@@ -460,13 +507,20 @@ class DynamicsSimulator(Simulator):
     def handle(self, req: Request) -> Response:
         """A URL past Dataverse's limit is refused by the front end (HTTP.sys) before auth or throttling."""
         if len(self._base(req)) + len(req.raw_path or req.path) > MAX_URL_LENGTH:
-            return Response(414, b"<h2>Request URL Too Long</h2><hr><p>HTTP Error 414. The request URL is too "
-                                 b"long.</p>", {"Content-Type": "text/html; charset=us-ascii"})
+            return Response(
+                414,
+                b"<h2>Request URL Too Long</h2><hr><p>HTTP Error 414. The request URL is too long.</p>",
+                {"Content-Type": "text/html; charset=us-ascii"},
+            )
         return super().handle(req)
 
     def _add_app_user(self) -> SimUser:
-        user = SimUser(len(self.world.users), owner_id(len(self.world.users)), APP_USER_NAME,
-                       f"{CLIENT_ID}@sandbox.onmicrosoft.com")
+        user = SimUser(
+            len(self.world.users),
+            owner_id(len(self.world.users)),
+            APP_USER_NAME,
+            f"{CLIENT_ID}@sandbox.onmicrosoft.com",
+        )
         self.world.users.append(user)
         return user
 
@@ -478,15 +532,23 @@ class DynamicsSimulator(Simulator):
         code = err.code
         if not code.startswith("0x"):  # framework errors (404 route, 503 fault ...) in the Dataverse shape
             code = {404: "0x80060888", 405: "0x80060888", 503: "0x80040216"}.get(err.status, "0x80040216")
-        return Response.json({"error": {"code": code, "message": err.message}}, err.status,
-                             {"OData-Version": "4.0", **err.headers})
+        return Response.json(
+            {"error": {"code": code, "message": err.message}}, err.status, {"OData-Version": "4.0", **err.headers}
+        )
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
         return Response.json(
-            {"error": {"code": "0x80072322", "message": f"Number of requests exceeded the limit of "
-                                                        f"{self.request_limit} over time window of "
-                                                        f"{WINDOW_SECONDS} seconds."}},
-            429, {"Retry-After": str(max(0, int(rule.seconds))), "OData-Version": "4.0"})
+            {
+                "error": {
+                    "code": "0x80072322",
+                    "message": f"Number of requests exceeded the limit of "
+                    f"{self.request_limit} over time window of "
+                    f"{WINDOW_SECONDS} seconds.",
+                }
+            },
+            429,
+            {"Retry-After": str(max(0, int(rule.seconds))), "OData-Version": "4.0"},
+        )
 
     def expire_tokens(self) -> None:
         self.tokens.expire_all()
@@ -494,36 +556,53 @@ class DynamicsSimulator(Simulator):
     def common_headers(self, req: Request) -> dict[str, str]:
         if not req.path.startswith(API):
             return {}
-        return {"x-ms-ratelimit-burst-remaining-xrm-requests": str(self.requests.remaining()),
-                "x-ms-ratelimit-time-remaining-xrm-requests": "1,200,000.00",
-                "OData-Version": "4.0", "x-ms-service-request-id": secrets.token_hex(8)}
+        return {
+            "x-ms-ratelimit-burst-remaining-xrm-requests": str(self.requests.remaining()),
+            "x-ms-ratelimit-time-remaining-xrm-requests": "1,200,000.00",
+            "OData-Version": "4.0",
+            "x-ms-service-request-id": secrets.token_hex(8),
+        }
 
     def _www_authenticate(self) -> str:
-        return (f"Bearer authorization_uri=https://login.microsoftonline.com/{TENANT_ID}/oauth2/authorize, "
-                f"resource_id=https://sandbox.crm.dynamics.com/")
+        return (
+            f"Bearer authorization_uri=https://login.microsoftonline.com/{TENANT_ID}/oauth2/authorize, "
+            f"resource_id=https://sandbox.crm.dynamics.com/"
+        )
 
     def _authorize(self, req: Request) -> None:
         if not self.tokens.valid(req.bearer()):
             raise HttpError(401, "ExpiredAuthTicket", "")
         if self.requests.take() is None:
             retry = max(1, int(self.requests.retry_after()) + 1)
-            raise HttpError(429, "0x80072322",
-                            f"Number of requests exceeded the limit of {self.request_limit} over time window "
-                            f"of {WINDOW_SECONDS} seconds.", {"Retry-After": str(retry)})
+            raise HttpError(
+                429,
+                "0x80072322",
+                f"Number of requests exceeded the limit of {self.request_limit} over time window "
+                f"of {WINDOW_SECONDS} seconds.",
+                {"Retry-After": str(retry)},
+            )
 
     def _require(self, privilege: str) -> None:
         """403 in Dataverse's shape when the application user's security role lacks `privilege`."""
         if privilege in self.denied:
             otc, entity = PRIVILEGES[privilege]
-            raise odata_error(403, "0x80040220", f"Principal user (Id={self.app_user.native_id}, type=8, roleCount=1, "
-                                                 f"privilegeCount=212, accessMode=4), is missing {privilege} privilege "
-                                                 f"(Id={_guid(otc, 'a5b3-4c1d-9e2f-00000000abcd')}) on OTC={otc} for "
-                                                 f"entity '{entity}'. context.Caller={self.app_user.native_id}")
+            raise odata_error(
+                403,
+                "0x80040220",
+                f"Principal user (Id={self.app_user.native_id}, type=8, roleCount=1, "
+                f"privilegeCount=212, accessMode=4), is missing {privilege} privilege "
+                f"(Id={_guid(otc, 'a5b3-4c1d-9e2f-00000000abcd')}) on OTC={otc} for "
+                f"entity '{entity}'. context.Caller={self.app_user.native_id}",
+            )
 
     def _require_read(self, entity_set: str) -> None:
-        privilege = {"opportunities": "prvReadOpportunity", "accounts": "prvReadAccount",
-                     "systemusers": "prvReadUser", "teams": "prvReadTeam",
-                     "processstages": "prvReadWorkflow"}.get(entity_set)
+        privilege = {
+            "opportunities": "prvReadOpportunity",
+            "accounts": "prvReadAccount",
+            "systemusers": "prvReadUser",
+            "teams": "prvReadTeam",
+            "processstages": "prvReadWorkflow",
+        }.get(entity_set)
         if privilege:
             self._require(privilege)
 
@@ -535,86 +614,139 @@ class DynamicsSimulator(Simulator):
     def _aad_error(self, status: int, error: str, code: int, description: str) -> Response:
         now = self.world.clock.now().strftime("%Y-%m-%d %H:%M:%SZ")
         trace, corr = _uuid(), _uuid()
-        return Response.json({
-            "error": error,
-            "error_description": f"AADSTS{code}: {description}\r\nTrace ID: {trace}\r\nCorrelation ID: {corr}"
-                                 f"\r\nTimestamp: {now}",
-            "error_codes": [code], "timestamp": now, "trace_id": trace, "correlation_id": corr,
-            "error_uri": f"https://login.microsoftonline.com/error?code={code}",
-        }, status, {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
+        return Response.json(
+            {
+                "error": error,
+                "error_description": f"AADSTS{code}: {description}\r\nTrace ID: {trace}\r\nCorrelation ID: {corr}"
+                f"\r\nTimestamp: {now}",
+                "error_codes": [code],
+                "timestamp": now,
+                "trace_id": trace,
+                "correlation_id": corr,
+                "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+            },
+            status,
+            {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"},
+        )
 
     def token(self, req: Request) -> Response:
         form = req.form()
         if req.params["tenant"] not in (TENANT_ID, "sandbox.onmicrosoft.com"):
-            return self._aad_error(400, "invalid_request", 90002,
-                                   f"Tenant '{req.params['tenant']}' not found. Check to make sure you have the "
-                                   "correct tenant ID and are signing into the correct cloud.")
+            return self._aad_error(
+                400,
+                "invalid_request",
+                90002,
+                f"Tenant '{req.params['tenant']}' not found. Check to make sure you have the "
+                "correct tenant ID and are signing into the correct cloud.",
+            )
         if form.get("grant_type") != "client_credentials":
-            return self._aad_error(400, "unsupported_grant_type", 70003,
-                                   "The app requested an unsupported grant type.")
+            return self._aad_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
         if form.get("client_id") != CLIENT_ID:
-            return self._aad_error(400, "unauthorized_client", 700016,
-                                   f"Application with identifier '{form.get('client_id')}' was not found in the "
-                                   f"directory '{req.params['tenant']}'.")
+            return self._aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{form.get('client_id')}' was not found in the "
+                f"directory '{req.params['tenant']}'.",
+            )
         if form.get("client_secret") != SANDBOX_CREDENTIALS["client_secret"]:
-            return self._aad_error(401, "invalid_client", 7000215,
-                                   "Invalid client secret provided. Ensure the secret being sent in the request is "
-                                   f"the client secret value, not the client secret ID, for a secret added to app "
-                                   f"'{CLIENT_ID}'.")
+            return self._aad_error(
+                401,
+                "invalid_client",
+                7000215,
+                "Invalid client secret provided. Ensure the secret being sent in the request is "
+                f"the client secret value, not the client secret ID, for a secret added to app "
+                f"'{CLIENT_ID}'.",
+            )
         scope = form.get("scope", "")
         if not scope.endswith("/.default") or not scope.startswith(("http://", "https://")):
-            return self._aad_error(400, "invalid_scope", 1002012,
-                                   f"The provided value for scope {scope} is not valid. Client credential flows "
-                                   "must have a scope value with /.default suffixed to the resource identifier "
-                                   "(application ID URI).")
+            return self._aad_error(
+                400,
+                "invalid_scope",
+                1002012,
+                f"The provided value for scope {scope} is not valid. Client credential flows "
+                "must have a scope value with /.default suffixed to the resource identifier "
+                "(application ID URI).",
+            )
         header = base64.urlsafe_b64encode(b'{"typ":"JWT","alg":"RS256"}').rstrip(b"=").decode()
-        claims = base64.urlsafe_b64encode(json.dumps(
-            {"aud": scope[: -len("/.default")], "tid": TENANT_ID, "appid": CLIENT_ID}).encode()).rstrip(b"=").decode()
+        claims = (
+            base64.urlsafe_b64encode(
+                json.dumps({"aud": scope[: -len("/.default")], "tid": TENANT_ID, "appid": CLIENT_ID}).encode()
+            )
+            .rstrip(b"=")
+            .decode()
+        )
         token = f"{header}.{claims}.{secrets.token_urlsafe(24)}"
         self.tokens.issue(token)
-        return Response.json({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
-                              "access_token": token}, headers={"Cache-Control": "no-store, no-cache"})
+        return Response.json(
+            {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token},
+            headers={"Cache-Control": "no-store, no-cache"},
+        )
 
     def openid_configuration(self, req: Request) -> Response:
         # Entra answers with https endpoints only (msal refuses anything else).
         host = f"https://{req.host}"
         t = req.params["tenant"]
-        return Response.json({
-            "token_endpoint": f"{host}/{t}/oauth2/v2.0/token",
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
-            "jwks_uri": f"{host}/{t}/discovery/v2.0/keys",
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": f"{host}/{t}/v2.0",
-            "authorization_endpoint": f"{host}/{t}/oauth2/v2.0/authorize",
-            "device_authorization_endpoint": f"{host}/{t}/oauth2/v2.0/devicecode",
-            "end_session_endpoint": f"{host}/{t}/oauth2/v2.0/logout",
-            "tenant_region_scope": "EU",
-        })
+        return Response.json(
+            {
+                "token_endpoint": f"{host}/{t}/oauth2/v2.0/token",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "jwks_uri": f"{host}/{t}/discovery/v2.0/keys",
+                "response_modes_supported": ["query", "fragment", "form_post"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "issuer": f"{host}/{t}/v2.0",
+                "authorization_endpoint": f"{host}/{t}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{host}/{t}/oauth2/v2.0/devicecode",
+                "end_session_endpoint": f"{host}/{t}/oauth2/v2.0/logout",
+                "tenant_region_scope": "EU",
+            }
+        )
 
     # -- metadata ------------------------------------------------------------------------------------------------
 
     def service_document(self, req: Request) -> Response:
         base = self._base(req) + API
-        return Response.json({"@odata.context": f"{base}/$metadata", "value": [
-            {"name": s, "kind": "EntitySet", "url": s} for s in self.sets]})
+        return Response.json(
+            {
+                "@odata.context": f"{base}/$metadata",
+                "value": [{"name": s, "kind": "EntitySet", "url": s} for s in self.sets],
+            }
+        )
 
     def metadata(self, req: Request) -> Response:
         """A small CSDL document: the entity types this sandbox serves, with their properties."""
-        types = {"opportunities": {"estimatedvalue": "Edm.Decimal", "exchangerate": "Edm.Decimal",
-                                   "estimatedvalue_base": "Edm.Decimal", "estimatedclosedate": "Edm.Date",
-                                   "actualclosedate": "Edm.Date", "closeprobability": "Edm.Int32",
-                                   "statecode": "Edm.Int32", "statuscode": "Edm.Int32", "salesstage": "Edm.Int32",
-                                   "createdon": "Edm.DateTimeOffset", "modifiedon": "Edm.DateTimeOffset",
-                                   "new_originalcreatedon": "Edm.DateTimeOffset", "versionnumber": "Edm.Int64",
-                                   "stageid": "Edm.Guid", "processid": "Edm.Guid", "cr123_dealphase": "Edm.Int32"}}
-        parts = ['<?xml version="1.0" encoding="utf-8"?>',
-                 '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>',
-                 '<Schema Namespace="Microsoft.Dynamics.CRM" Alias="mscrm" '
-                 'xmlns="http://docs.oasis-open.org/odata/ns/edm">']
+        types = {
+            "opportunities": {
+                "estimatedvalue": "Edm.Decimal",
+                "exchangerate": "Edm.Decimal",
+                "estimatedvalue_base": "Edm.Decimal",
+                "estimatedclosedate": "Edm.Date",
+                "actualclosedate": "Edm.Date",
+                "closeprobability": "Edm.Int32",
+                "statecode": "Edm.Int32",
+                "statuscode": "Edm.Int32",
+                "salesstage": "Edm.Int32",
+                "createdon": "Edm.DateTimeOffset",
+                "modifiedon": "Edm.DateTimeOffset",
+                "new_originalcreatedon": "Edm.DateTimeOffset",
+                "versionnumber": "Edm.Int64",
+                "stageid": "Edm.Guid",
+                "processid": "Edm.Guid",
+                "cr123_dealphase": "Edm.Int32",
+            }
+        }
+        parts = [
+            '<?xml version="1.0" encoding="utf-8"?>',
+            '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>',
+            '<Schema Namespace="Microsoft.Dynamics.CRM" Alias="mscrm" xmlns="http://docs.oasis-open.org/odata/ns/edm">',
+        ]
         for es in self.sets.values():
             kinds = types.get(es.name, {})
             parts.append(f'<EntityType Name="{es.logical}"><Key><PropertyRef Name="{es.key}" /></Key>')
@@ -623,18 +755,28 @@ class DynamicsSimulator(Simulator):
                 parts.append(f'<Property Name="{col}" Type="{edm}" />')
             parts.append("</EntityType>")
         parts.append('<EntityContainer Name="System">')
-        parts += [f'<EntitySet Name="{es.name}" EntityType="Microsoft.Dynamics.CRM.{es.logical}" />'
-                  for es in self.sets.values()]
+        parts += [
+            f'<EntitySet Name="{es.name}" EntityType="Microsoft.Dynamics.CRM.{es.logical}" />'
+            for es in self.sets.values()
+        ]
         parts.append("</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>")
-        return Response(200, "".join(parts).encode("utf-8"), {"Content-Type": "application/xml",
-                                                              "OData-Version": "4.0"})
+        return Response(
+            200, "".join(parts).encode("utf-8"), {"Content-Type": "application/xml", "OData-Version": "4.0"}
+        )
 
     def entity_definitions(self, req: Request) -> Response:
         self._require("prvReadEntity")
-        rows = [{"LogicalName": s.logical, "EntitySetName": s.name, "PrimaryIdAttribute": s.key,
-                 "SchemaName": s.logical.title(), "ChangeTrackingEnabled": s.name == "opportunities"
-                 and self.change_tracking_enabled, "MetadataId": OPPORTUNITY_METADATA_ID if s.name ==
-                 "opportunities" else _uuid()} for s in self.sets.values()]
+        rows = [
+            {
+                "LogicalName": s.logical,
+                "EntitySetName": s.name,
+                "PrimaryIdAttribute": s.key,
+                "SchemaName": s.logical.title(),
+                "ChangeTrackingEnabled": s.name == "opportunities" and self.change_tracking_enabled,
+                "MetadataId": OPPORTUNITY_METADATA_ID if s.name == "opportunities" else _uuid(),
+            }
+            for s in self.sets.values()
+        ]
         text = req.arg("$filter")
         if text:
             pred = FilterParser(text, lambda c: c in rows[0], "EntityMetadata").parse()
@@ -651,20 +793,37 @@ class DynamicsSimulator(Simulator):
         if kind != want:
             raise bad_query(f"Attribute '{attr}' is not of type Microsoft.Dynamics.CRM.{kind}.")
         if attr == "statuscode":
-            options = [{"Value": int(s.key), "State": state_of(s), "Label": _label(s.label),
-                        "Color": None, "IsManaged": not s.key.startswith("1000"),
-                        "TransitionData": None} for s in sorted(self.world.stages.values(), key=lambda s: s.order)]
+            options = [
+                {
+                    "Value": int(s.key),
+                    "State": state_of(s),
+                    "Label": _label(s.label),
+                    "Color": None,
+                    "IsManaged": not s.key.startswith("1000"),
+                    "TransitionData": None,
+                }
+                for s in sorted(self.world.stages.values(), key=lambda s: s.order)
+            ]
         else:
             defaults = {0: 1, 1: 3, 2: 4}
-            options = [{"Value": v, "DefaultStatus": defaults[v], "InvariantName": lbl, "Label": _label(lbl)}
-                       for v, lbl in STATE_LABELS.items()]
-        body = {"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('opportunity')/Attributes"
-                                  f"/Microsoft.Dynamics.CRM.{kind}(OptionSet())/$entity",
-                "LogicalName": attr, "MetadataId": _uuid(), "AttributeType": "Status" if attr == "statuscode"
-                else "State"}
+            options = [
+                {"Value": v, "DefaultStatus": defaults[v], "InvariantName": lbl, "Label": _label(lbl)}
+                for v, lbl in STATE_LABELS.items()
+            ]
+        body = {
+            "@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('opportunity')/Attributes"
+            f"/Microsoft.Dynamics.CRM.{kind}(OptionSet())/$entity",
+            "LogicalName": attr,
+            "MetadataId": _uuid(),
+            "AttributeType": "Status" if attr == "statuscode" else "State",
+        }
         if "OptionSet" in (req.arg("$expand") or ""):
-            body["OptionSet"] = {"MetadataId": _uuid(), "Name": f"opportunity_{attr}", "OptionSetType":
-                                 "Status" if attr == "statuscode" else "State", "Options": options}
+            body["OptionSet"] = {
+                "MetadataId": _uuid(),
+                "Name": f"opportunity_{attr}",
+                "OptionSetType": "Status" if attr == "statuscode" else "State",
+                "Options": options,
+            }
         return Response.json(body)
 
     def attribute_metadata(self, req: Request) -> Response:
@@ -678,14 +837,22 @@ class DynamicsSimulator(Simulator):
             raise odata_error(404, "0x80040217", f"Could not find entity with LogicalName = {entity}")
         rows = []
         for col in es.columns:
-            logical = col[1:-len("_value")] if col.startswith("_") and col.endswith("_value") else col
+            logical = col[1 : -len("_value")] if col.startswith("_") and col.endswith("_value") else col
             kind = _attribute_type(es, col)
-            rows.append({"@odata.type": f"#Microsoft.Dynamics.CRM.{_METADATA_TYPE.get(kind, 'Attribute')}Metadata",
-                         "LogicalName": logical, "SchemaName": logical.title(), "AttributeType": kind,
-                         "IsCustomAttribute": bool(re.match(r"^[a-z][a-z0-9]{1,7}_", logical))
-                         and not logical.startswith(("msdyn_", "adx_")),
-                         "AttributeOf": None, "IsValidForRead": True, "IsSecured": col in self.secured,
-                         "MetadataId": _guid(sum(map(ord, logical)), "0000-4000-8000-000000000a77")})
+            rows.append(
+                {
+                    "@odata.type": f"#Microsoft.Dynamics.CRM.{_METADATA_TYPE.get(kind, 'Attribute')}Metadata",
+                    "LogicalName": logical,
+                    "SchemaName": logical.title(),
+                    "AttributeType": kind,
+                    "IsCustomAttribute": bool(re.match(r"^[a-z][a-z0-9]{1,7}_", logical))
+                    and not logical.startswith(("msdyn_", "adx_")),
+                    "AttributeOf": None,
+                    "IsValidForRead": True,
+                    "IsSecured": col in self.secured,
+                    "MetadataId": _guid(sum(map(ord, logical)), "0000-4000-8000-000000000a77"),
+                }
+            )
         text = req.arg("$filter")
         if text:
             pred = FilterParser(text, lambda c: c in rows[0], "AttributeMetadata").parse()
@@ -693,8 +860,12 @@ class DynamicsSimulator(Simulator):
         select = [c for c in (req.arg("$select") or "").split(",") if c]
         if select:
             rows = [{k: r[k] for k in ["@odata.type", "MetadataId", *select] if k in r} for r in rows]
-        return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('{entity}')/"
-                                                "Attributes", "value": rows})
+        return Response.json(
+            {
+                "@odata.context": f"{self._base(req)}{API}/$metadata#EntityDefinitions('{entity}')/Attributes",
+                "value": rows,
+            }
+        )
 
     # -- entity sets ---------------------------------------------------------------------------------------------
 
@@ -742,16 +913,19 @@ class DynamicsSimulator(Simulator):
             "versionnumber": lambda o: int(o.modified_at.timestamp()) * 1000 + o.seq % 1000,
             # a tenant custom column (publisher prefix new_): the legacy system's creation date (seed 002)
             "new_originalcreatedon": lambda o: (o.extra or {}).get(
-                "new_originalcreatedon", None if o.seq % 5 == 0 else o.created_at - timedelta(days=30 + o.seq % 90)),
+                "new_originalcreatedon", None if o.seq % 5 == 0 else o.created_at - timedelta(days=30 + o.seq % 90)
+            ),
             **{c: (lambda o, c=c: (o.extra or {}).get(c)) for c in CUSTOM_COLUMNS},
         }
         if self.custom_tenant:
-            opp_cols.update({
-                "new_servicesite": lambda o: (o.extra or {}).get("new_servicesite", f"Site {o.seq % 4}"),
-                "cr123_dealphase": lambda o: (o.extra or {}).get("cr123_dealphase", 100000000 + o.seq % 3),
-                "_new_signedby_value": lambda o: None if o.seq % 4 else w.users[o.creator].native_id,
-                "new_winchance": lambda o: (o.extra or {}).get("new_winchance", (o.seq * 37) % 101),
-            })
+            opp_cols.update(
+                {
+                    "new_servicesite": lambda o: (o.extra or {}).get("new_servicesite", f"Site {o.seq % 4}"),
+                    "cr123_dealphase": lambda o: (o.extra or {}).get("cr123_dealphase", 100000000 + o.seq % 3),
+                    "_new_signedby_value": lambda o: None if o.seq % 4 else w.users[o.creator].native_id,
+                    "new_winchance": lambda o: (o.extra or {}).get("new_winchance", (o.seq * 37) % 101),
+                }
+            )
         opp_lookups = {
             "_parentaccountid_value": ("parentaccountid", "accounts"),
             "_customerid_value": ("customerid_account", "accounts"),
@@ -781,45 +955,79 @@ class DynamicsSimulator(Simulator):
         }
         users = lambda: (u for u in w.users if u.kind == "user")  # noqa: E731
         teams = lambda: (u for u in w.users if u.kind == "team")  # noqa: E731
-        user_cols = {"systemuserid": lambda u: u.native_id, "fullname": lambda u: u.name,
-                     "internalemailaddress": lambda u: u.email,
-                     "domainname": lambda u: u.email, "isdisabled": lambda u: not u.active,
-                     "firstname": lambda u: u.name.split(" ", 1)[0],
-                     "lastname": lambda u: u.name.split(" ", 1)[-1],
-                     "_businessunitid_value": lambda u: BUSINESS_UNIT}
-        team_cols = {"teamid": lambda u: u.native_id, "name": lambda u: u.name, "teamtype": lambda u: 0,
-                     "emailaddress": lambda u: u.email, "_businessunitid_value": lambda u: BUSINESS_UNIT}
+        user_cols = {
+            "systemuserid": lambda u: u.native_id,
+            "fullname": lambda u: u.name,
+            "internalemailaddress": lambda u: u.email,
+            "domainname": lambda u: u.email,
+            "isdisabled": lambda u: not u.active,
+            "firstname": lambda u: u.name.split(" ", 1)[0],
+            "lastname": lambda u: u.name.split(" ", 1)[-1],
+            "_businessunitid_value": lambda u: BUSINESS_UNIT,
+        }
+        team_cols = {
+            "teamid": lambda u: u.native_id,
+            "name": lambda u: u.name,
+            "teamtype": lambda u: 0,
+            "emailaddress": lambda u: u.email,
+            "_businessunitid_value": lambda u: BUSINESS_UNIT,
+        }
 
         def composite(a):
             line2 = " ".join(p for p in (a.city and a.city + ",", a.state, a.postal_code) if p).rstrip(",")
             return "\r\n".join(p for p in (*address_lines(a), line2, a.country) if p) or None
 
-        acc_cols = {"accountid": lambda a: a.native_id, "name": lambda a: a.name,
-                    "address1_line1": lambda a: address_lines(a)[0], "address1_line2": lambda a: address_lines(a)[1],
-                    "address1_line3": lambda a: address_lines(a)[2], "address1_city": lambda a: a.city,
-                    "address1_stateorprovince": lambda a: a.state, "address1_postalcode": lambda a: a.postal_code,
-                    "address1_country": lambda a: a.country, "address1_composite": composite,
-                    "modifiedon": self._account_modified}
+        acc_cols = {
+            "accountid": lambda a: a.native_id,
+            "name": lambda a: a.name,
+            "address1_line1": lambda a: address_lines(a)[0],
+            "address1_line2": lambda a: address_lines(a)[1],
+            "address1_line3": lambda a: address_lines(a)[2],
+            "address1_city": lambda a: a.city,
+            "address1_stateorprovince": lambda a: a.state,
+            "address1_postalcode": lambda a: a.postal_code,
+            "address1_country": lambda a: a.country,
+            "address1_composite": composite,
+            "modifiedon": self._account_modified,
+        }
         cur_rows = [(k, *v) for k, v in CURRENCIES.items()]
-        stage_cols = {"processstageid": lambda st: st.key, "stagename": lambda st: st.label,
-                      "stagecategory": lambda st: min(st.order - 1, 3),
-                      "primaryentitytypecode": lambda st: "opportunity",
-                      "_processid_value": lambda st: self.process_id}
-        cur_cols = {"transactioncurrencyid": lambda c: c[1], "isocurrencycode": lambda c: c[0],
-                    "currencyname": lambda c: c[2], "currencysymbol": lambda c: c[3],
-                    "exchangerate": lambda c: _rate(c[0])}
+        stage_cols = {
+            "processstageid": lambda st: st.key,
+            "stagename": lambda st: st.label,
+            "stagecategory": lambda st: min(st.order - 1, 3),
+            "primaryentitytypecode": lambda st: "opportunity",
+            "_processid_value": lambda st: self.process_id,
+        }
+        cur_cols = {
+            "transactioncurrencyid": lambda c: c[1],
+            "isocurrencycode": lambda c: c[0],
+            "currencyname": lambda c: c[2],
+            "currencysymbol": lambda c: c[3],
+            "exchangerate": lambda c: _rate(c[0]),
+        }
         return {
-            "opportunities": EntitySet("opportunities", "opportunity", "opportunityid", lambda: w.live(), opp_cols,
-                                       opp_lookups, opp_fmt),
+            "opportunities": EntitySet(
+                "opportunities", "opportunity", "opportunityid", lambda: w.live(), opp_cols, opp_lookups, opp_fmt
+            ),
             "systemusers": EntitySet("systemusers", "systemuser", "systemuserid", users, user_cols),
             "teams": EntitySet("teams", "team", "teamid", teams, team_cols),
             "accounts": EntitySet("accounts", "account", "accountid", lambda: iter(w.accounts), acc_cols),
-            "transactioncurrencies": EntitySet("transactioncurrencies", "transactioncurrency",
-                                               "transactioncurrencyid", lambda: iter(cur_rows), cur_cols),
-            "processstages": EntitySet("processstages", "processstage", "processstageid",
-                                       lambda: iter(sorted(w.sales_stages.values(), key=lambda st: st.order)),
-                                       stage_cols, {"_processid_value": ("processid", "workflows")},
-                                       {"stagecategory": lambda st: SALES_STAGES[min(st.order - 1, 3)]}),
+            "transactioncurrencies": EntitySet(
+                "transactioncurrencies",
+                "transactioncurrency",
+                "transactioncurrencyid",
+                lambda: iter(cur_rows),
+                cur_cols,
+            ),
+            "processstages": EntitySet(
+                "processstages",
+                "processstage",
+                "processstageid",
+                lambda: iter(sorted(w.sales_stages.values(), key=lambda st: st.order)),
+                stage_cols,
+                {"_processid_value": ("processid", "workflows")},
+                {"stagecategory": lambda st: SALES_STAGES[min(st.order - 1, 3)]},
+            ),
         }
 
     def _getter(self, es: EntitySet) -> Getter:
@@ -835,6 +1043,7 @@ class DynamicsSimulator(Simulator):
             if name in cols:
                 return cols[name](row)
             return (getattr(row, "extra", None) or {}).get(name)
+
         return get
 
     def _account_modified(self, a: SimAccount) -> datetime:
@@ -870,7 +1079,7 @@ class DynamicsSimulator(Simulator):
         def has(name: str) -> bool:
             if "/" in name:
                 nav, col = name.split("/", 1)
-                for lk, (n, target) in es.lookups.items():
+                for n, target in es.lookups.values():
                     if n == nav and nav not in self.hidden_navigation:
                         if target in self.sets and col in self.sets[target].columns:
                             self._require_read(target)  # a path through a lookup reads the target table
@@ -878,6 +1087,7 @@ class DynamicsSimulator(Simulator):
                         return False
                 return False
             return name in es.columns
+
         return has
 
     def _expand_target(self, es: EntitySet, row: Any, nav: str) -> tuple[str, Any] | None:
@@ -908,8 +1118,10 @@ class DynamicsSimulator(Simulator):
         if row is None:
             raise odata_error(404, "0x80040217", f"{es.logical} With Id = {req.params['id']} Does Not Exist")
         q = self._query(req, es)
-        body = {"@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}/$entity",
-                **self._render(req, es, row, q)}
+        body = {
+            "@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}/$entity",
+            **self._render(req, es, row, q),
+        }
         return Response.json(body)
 
     def _query(self, req: Request, es: EntitySet) -> dict[str, Any]:
@@ -923,13 +1135,14 @@ class DynamicsSimulator(Simulator):
         if select and "estimatedvalue" in select and "_transactioncurrencyid_value" not in select:
             select.append("_transactioncurrencyid_value")
         expand = _parse_expand(req.arg("$expand") or "")
-        for nav, sub in expand.items():
+        for nav in expand:
             target = next((t for n, t in es.lookups.values() if n == nav), None)
             if target is None or nav in self.hidden_navigation:
-                raise bad_query(f"Could not find a property named '{nav}' on type "
-                                f"'Microsoft.Dynamics.CRM.{es.logical}'.")
+                raise bad_query(
+                    f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM.{es.logical}'."
+                )
             # expanding a lookup reads the target table: the caller needs read privilege on it
-            for name in (("systemusers", "teams") if target == "owner" else (target,)):
+            for name in ("systemusers", "teams") if target == "owner" else (target,):
                 self._require_read(name)
         return {"select": select, "expand": expand}
 
@@ -956,8 +1169,12 @@ class DynamicsSimulator(Simulator):
                 raise bad_query(f"Change tracking is not enabled for the entity '{es.logical}'.")
             bad = [p for p in ("$filter", "$orderby", "$expand", "$top", "$count") if req.arg(p) is not None]
             if bad:
-                raise odata_error(400, "0x80060888", f"The query parameter {bad[0]} is not supported with change "
-                                                     "tracking (Prefer: odata.track-changes).")
+                raise odata_error(
+                    400,
+                    "0x80060888",
+                    f"The query parameter {bad[0]} is not supported with change "
+                    "tracking (Prefer: odata.track-changes).",
+                )
         applied = []
         page_size = 5000
         if "odata.maxpagesize" in prefer:
@@ -987,11 +1204,10 @@ class DynamicsSimulator(Simulator):
         if top is not None and "odata.maxpagesize" not in prefer:
             entries = entries[: int(top)]
             page_size = max(1, len(entries)) if entries else 1
-        page = entries[offset: offset + page_size]
+        page = entries[offset : offset + page_size]
         base = self._base(req) + API
         ctx_cols = ",".join(q["select"] + [f"{n}({','.join(s)})" for n, s in q["expand"].items()])
-        body: dict[str, Any] = {"@odata.context": f"{base}/$metadata#{es.name}" + (f"({ctx_cols})" if ctx_cols
-                                                                                   else "")}
+        body: dict[str, Any] = {"@odata.context": f"{base}/$metadata#{es.name}" + (f"({ctx_cols})" if ctx_cols else "")}
         want = _annotation_matcher(annotations)
         if req.arg("$count") == "true":
             body.update(_count_annotations(total, want))
@@ -999,8 +1215,9 @@ class DynamicsSimulator(Simulator):
         by_id = self.world.opps if es.name == "opportunities" else None
         for kind, ident in page:
             if kind == "deleted":
-                rows.append({"@odata.context": f"{base}/$metadata#{es.name}/$deletedEntity", "id": ident,
-                             "reason": "deleted"})
+                rows.append(
+                    {"@odata.context": f"{base}/$metadata#{es.name}/$deletedEntity", "id": ident, "reason": "deleted"}
+                )
                 continue
             row = by_id.get(ident) if by_id is not None else ident
             if row is None or (by_id is not None and row.deleted_at is not None):
@@ -1009,14 +1226,19 @@ class DynamicsSimulator(Simulator):
         body["value"] = rows
         if offset + page_size < len(entries):
             params = {k: v[0] for k, v in req.query.items() if k != "$skiptoken"}
-            params["$skiptoken"] = _make_cookie(snap["id"], offset + page_size, offset // page_size + 2,
-                                                page[-1][1] if page and isinstance(page[-1][1], str) else "")
+            params["$skiptoken"] = _make_cookie(
+                snap["id"],
+                offset + page_size,
+                offset // page_size + 2,
+                page[-1][1] if page and isinstance(page[-1][1], str) else "",
+            )
             body["@odata.nextLink"] = f"{base}/{es.name}?" + urlencode(params, quote_via=quote, safe="$,()'=/")
         elif tracking:
             token = f"{self.world.version}!{snap['at'].strftime('%m/%d/%Y %H:%M:%S')}"
             # deletions already visible when the token was issued are not reported again by it
-            seen = frozenset(o.native_id for o in self.world.opps.values()
-                             if o.deleted_at is not None and o.deleted_at >= snap["at"])
+            seen = frozenset(
+                o.native_id for o in self.world.opps.values() if o.deleted_at is not None and o.deleted_at >= snap["at"]
+            )
             self.delta_tokens[token] = (snap["at"], seen)
             params = {k: v[0] for k, v in req.query.items() if k in ("$select",)}
             params["$deltatoken"] = token
@@ -1028,8 +1250,11 @@ class DynamicsSimulator(Simulator):
         """`$apply=[filter(<expr>)/]aggregate($count as <alias>)`: the number of matching records, refused past
         the aggregate limit (50,000 records online; `aggregate_limit`). Other transformations (groupby, sum ...)
         are Dataverse's too but not simulated: 400."""
-        m = re.fullmatch(r"(?:filter\((?P<flt>.*)\)/)?aggregate\(\$count as (?P<alias>[A-Za-z_]\w*)\)",
-                         (req.arg("$apply") or "").strip(), re.S)
+        m = re.fullmatch(
+            r"(?:filter\((?P<flt>.*)\)/)?aggregate\(\$count as (?P<alias>[A-Za-z_]\w*)\)",
+            (req.arg("$apply") or "").strip(),
+            re.S,
+        )
         if m is None:
             raise bad_query("This sandbox supports $apply=filter(...)/aggregate($count as <alias>) only.")
         matching: Iterable[Any] = es.rows()
@@ -1042,14 +1267,17 @@ class DynamicsSimulator(Simulator):
                 self._remember_closes()
             n = sum(1 for _ in matching)
         if n > self.aggregate_limit:
-            raise odata_error(400, AGGREGATE_LIMIT_CODE, "AggregateQueryRecordLimit exceeded. Cannot perform this "
-                                                         "operation.")
+            raise odata_error(
+                400, AGGREGATE_LIMIT_CODE, "AggregateQueryRecordLimit exceeded. Cannot perform this operation."
+            )
         alias = m.group("alias")
         row: dict[str, Any] = {alias: n}
         if _annotation_matcher(self._prefer(req).get("odata.include-annotations"))(FORMATTED):
             row = {f"{alias}@{FORMATTED}": f"{n:,}", **row}
-        return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}({alias})",
-                              "value": [row]}, headers={"OData-Version": "4.0"})
+        return Response.json(
+            {"@odata.context": f"{self._base(req)}{API}/$metadata#{es.name}({alias})", "value": [row]},
+            headers={"OData-Version": "4.0"},
+        )
 
     def _snapshot(self, es: EntitySet, req: Request, snap_id: str | None) -> dict[str, Any]:
         snap = self._snapshots.get(snap_id)
@@ -1073,13 +1301,25 @@ class DynamicsSimulator(Simulator):
             if issued is None:
                 raise odata_error(400, "0x80040203", f"The delta token '{deltatoken}' is not valid.")
             if self.world.clock.now() - issued > timedelta(days=DELTA_TOKEN_DAYS):
-                raise odata_error(400, "0x80040203", "The delta token has expired (change tracking data is kept "
-                                                     f"for {DELTA_TOKEN_DAYS} days); run a full sync.")
+                raise odata_error(
+                    400,
+                    "0x80040203",
+                    "The delta token has expired (change tracking data is kept "
+                    f"for {DELTA_TOKEN_DAYS} days); run a full sync.",
+                )
             changed = [o for o in self.world.live() if o.modified_at >= issued]
             changed.sort(key=lambda o: (o.modified_at, o.native_id))
-            gone = sorted((o for o in self.world.opps.values() if o.deleted_at is not None and o.deleted_at >= issued
-                           and o.created_at < issued and o.native_id not in seen),
-                          key=lambda o: (o.deleted_at, o.native_id))
+            gone = sorted(
+                (
+                    o
+                    for o in self.world.opps.values()
+                    if o.deleted_at is not None
+                    and o.deleted_at >= issued
+                    and o.created_at < issued
+                    and o.native_id not in seen
+                ),
+                key=lambda o: (o.deleted_at, o.native_id),
+            )
             return [("row", o.native_id) for o in changed] + [("deleted", o.native_id) for o in gone]
         rows: Iterable[Any] = es.rows()
         text = req.arg("$filter")
@@ -1095,8 +1335,9 @@ class DynamicsSimulator(Simulator):
             return [("row", r.native_id) for r in rows]
         return [("row", r) for r in rows]
 
-    def _render(self, req: Request, es: EntitySet, row: Any, q: dict[str, Any],
-                want: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    def _render(
+        self, req: Request, es: EntitySet, row: Any, q: dict[str, Any], want: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
         want = want or _annotation_matcher(self._prefer(req).get("odata.include-annotations"))
         getter = self._getter(es)
         cols = q["select"] or list(es.columns)
@@ -1132,8 +1373,11 @@ class DynamicsSimulator(Simulator):
             nested = {c: _json_value(tset.columns[c](tgt[1])) for c in sub_cols}
             nested[tset.key] = tset.columns[tset.key](tgt[1])
             if nav == "ownerid":
-                nested = {"@odata.type": f"#Microsoft.Dynamics.CRM.{tset.logical}", "ownerid": nested[tset.key],
-                          **{k: v for k, v in nested.items() if k != tset.key}}
+                nested = {
+                    "@odata.type": f"#Microsoft.Dynamics.CRM.{tset.logical}",
+                    "ownerid": nested[tset.key],
+                    **{k: v for k, v in nested.items() if k != tset.key},
+                }
             out[nav] = nested
         return out
 
@@ -1141,8 +1385,9 @@ class DynamicsSimulator(Simulator):
 
     def _values(self, body: Any, creating: bool) -> dict[str, Any]:
         if not isinstance(body, dict):
-            raise odata_error(400, "0x80048d19", "Error identified in Payload provided by the user for Entity :"
-                                                 "'opportunities'")
+            raise odata_error(
+                400, "0x80048d19", "Error identified in Payload provided by the user for Entity :'opportunities'"
+            )
         w = self.world
         values: dict[str, Any] = {}
         for k, v in body.items():
@@ -1179,22 +1424,36 @@ class DynamicsSimulator(Simulator):
                         raise odata_error(404, "0x80040217", f"transactioncurrency With Id = {ident} Does Not Exist")
                     values["currency"] = CURRENCY_BY_ID[ident]
                 else:
-                    raise odata_error(400, "0x80048d19", f"An undeclared property '{nav}' which only has property "
-                                                         "annotations in the payload but no property value was "
-                                                         "found in the payload.")
+                    raise odata_error(
+                        400,
+                        "0x80048d19",
+                        f"An undeclared property '{nav}' which only has property "
+                        "annotations in the payload but no property value was "
+                        "found in the payload.",
+                    )
             elif k in CUSTOM_COLUMNS or k == "new_originalcreatedon":
                 values[k] = v
             else:
-                raise odata_error(400, "0x80048d19", f"Invalid property '{k}' was found in entity "
-                                                     "'Microsoft.Dynamics.CRM.opportunity'.")
+                raise odata_error(
+                    400,
+                    "0x80048d19",
+                    f"Invalid property '{k}' was found in entity 'Microsoft.Dynamics.CRM.opportunity'.",
+                )
         if "statuscode" in body:
             key = str(body["statuscode"])
             if key not in w.stages:
-                raise odata_error(400, "0x80040203", f"{key} is not a valid status code for state code "
-                                                     f"OpportunityState.{STATE_LABELS[body.get('statecode', 0)]}")
+                raise odata_error(
+                    400,
+                    "0x80040203",
+                    f"{key} is not a valid status code for state code "
+                    f"OpportunityState.{STATE_LABELS[body.get('statecode', 0)]}",
+                )
             if creating and w.stages[key].is_closed:
-                raise odata_error(400, "0x80040203", "A new opportunity must be created open; close it with "
-                                                     "WinOpportunity or LoseOpportunity.")
+                raise odata_error(
+                    400,
+                    "0x80040203",
+                    "A new opportunity must be created open; close it with WinOpportunity or LoseOpportunity.",
+                )
             values["stage"] = key
         elif "statecode" in body:
             if body["statecode"] != 0:
@@ -1218,8 +1477,14 @@ class DynamicsSimulator(Simulator):
         headers = {"OData-EntityId": entity_id, "Location": entity_id}
         if "return=representation" in (req.header("prefer") or ""):
             es = self.sets["opportunities"]
-            return Response.json({"@odata.context": f"{self._base(req)}{API}/$metadata#opportunities/$entity",
-                                  **self._render(req, es, opp, self._query(req, es))}, status, headers)
+            return Response.json(
+                {
+                    "@odata.context": f"{self._base(req)}{API}/$metadata#opportunities/$entity",
+                    **self._render(req, es, opp, self._query(req, es)),
+                },
+                status,
+                headers,
+            )
         return Response.empty(204, headers)
 
     def _live(self, ident: str) -> SimOpportunity:
@@ -1235,15 +1500,21 @@ class DynamicsSimulator(Simulator):
         closed = self.world.stages[opp.stage].is_closed
         reopening = "stage" in values and not self.world.stages[values["stage"]].is_closed
         if closed and not reopening:
-            raise odata_error(400, "0x80043b1e", "This opportunity is closed or canceled and cannot be edited; "
-                                                 "reopen it first (statecode 0).")
+            raise odata_error(
+                400,
+                "0x80043b1e",
+                "This opportunity is closed or canceled and cannot be edited; reopen it first (statecode 0).",
+            )
         if "stage" in values and self.world.stages[values["stage"]].is_closed and not closed:
             raise odata_error(400, "0x80040203", "Use WinOpportunity or LoseOpportunity to close an opportunity.")
         with self.world.lock:
             self._remember_closes()  # a reopen keeps actualclosedate
             opp = self.world.update(opp.native_id, **values)
-        return self._written(req, opp, 200) if "return=representation" in (req.header("prefer") or "") else \
-            Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
+        return (
+            self._written(req, opp, 200)
+            if "return=representation" in (req.header("prefer") or "")
+            else Response.empty(204, {"OData-EntityId": f"{self._base(req)}{API}/opportunities({opp.native_id})"})
+        )
 
     def delete(self, req: Request) -> Response:
         opp = self._live(req.params["id"])
@@ -1262,24 +1533,36 @@ class DynamicsSimulator(Simulator):
         status = str(body.get("Status", 3 if won else 4))
         st = self.world.stages.get(status)
         if st is None or not st.is_closed or st.is_won != won:
-            raise odata_error(400, "0x80040203", f"{status} is not a valid status code for state code "
-                                                 f"OpportunityState.{'Won' if won else 'Lost'}")
+            raise odata_error(
+                400,
+                "0x80040203",
+                f"{status} is not a valid status code for state code OpportunityState.{'Won' if won else 'Lost'}",
+            )
         if self.world.stages[opp.stage].is_closed:
             raise odata_error(400, "0x80043b1e", "This opportunity is already closed.")
         now = self.world.clock.now()
         # The close activity's actualend ("Closed On") dates the close; without one the platform uses today.
         closed_at = _actual_end(close.get("actualend")) or now
         self.world.update(opp.native_id, stage=status, close_date=now.date(), closed_at=closed_at)
-        self.closes.append({"activityid": _uuid(), "opportunityid": opp.native_id, "subject": close.get("subject"),
-                            "actualrevenue": close.get("actualrevenue"), "actualend": iso(closed_at),
-                            "statuscode": int(status)})
+        self.closes.append(
+            {
+                "activityid": _uuid(),
+                "opportunityid": opp.native_id,
+                "subject": close.get("subject"),
+                "actualrevenue": close.get("actualrevenue"),
+                "actualend": iso(closed_at),
+                "statuscode": int(status),
+            }
+        )
         return Response.empty(204)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
+
 def _uuid() -> str:
     import uuid
+
     return str(uuid.uuid4())
 
 
@@ -1308,19 +1591,47 @@ def address_lines(a: SimAccount) -> tuple[str | None, str | None, str | None]:
     return line1, line2, line3
 
 
-_METADATA_TYPE = {"String": "StringAttribute", "Lookup": "LookupAttribute", "Owner": "LookupAttribute",
-                  "Customer": "LookupAttribute", "Money": "MoneyAttribute", "DateTime": "DateTimeAttribute",
-                  "Integer": "IntegerAttribute", "State": "StateAttribute", "Status": "StatusAttribute",
-                  "Picklist": "PicklistAttribute", "BigInt": "BigIntAttribute", "Decimal": "DecimalAttribute",
-                  "Uniqueidentifier": "UniqueIdentifierAttribute", "Boolean": "BooleanAttribute"}
-_TYPES = {"estimatedvalue": "Money", "estimatedvalue_base": "Money", "budgetamount": "Money", "actualvalue": "Money",
-          "overriddencreatedon": "DateTime",
-          "exchangerate": "Decimal", "new_winchance": "Integer",
-          "estimatedclosedate": "DateTime", "actualclosedate": "DateTime", "createdon": "DateTime",
-          "modifiedon": "DateTime", "new_originalcreatedon": "DateTime", "closeprobability": "Integer",
-          "statecode": "State", "statuscode": "Status", "salesstage": "Picklist", "cr123_dealphase": "Picklist",
-          "versionnumber": "BigInt", "stageid": "Uniqueidentifier", "processid": "Uniqueidentifier",
-          "isdisabled": "Boolean", "teamtype": "Picklist", "stagecategory": "Picklist"}
+_METADATA_TYPE = {
+    "String": "StringAttribute",
+    "Lookup": "LookupAttribute",
+    "Owner": "LookupAttribute",
+    "Customer": "LookupAttribute",
+    "Money": "MoneyAttribute",
+    "DateTime": "DateTimeAttribute",
+    "Integer": "IntegerAttribute",
+    "State": "StateAttribute",
+    "Status": "StatusAttribute",
+    "Picklist": "PicklistAttribute",
+    "BigInt": "BigIntAttribute",
+    "Decimal": "DecimalAttribute",
+    "Uniqueidentifier": "UniqueIdentifierAttribute",
+    "Boolean": "BooleanAttribute",
+}
+_TYPES = {
+    "estimatedvalue": "Money",
+    "estimatedvalue_base": "Money",
+    "budgetamount": "Money",
+    "actualvalue": "Money",
+    "overriddencreatedon": "DateTime",
+    "exchangerate": "Decimal",
+    "new_winchance": "Integer",
+    "estimatedclosedate": "DateTime",
+    "actualclosedate": "DateTime",
+    "createdon": "DateTime",
+    "modifiedon": "DateTime",
+    "new_originalcreatedon": "DateTime",
+    "closeprobability": "Integer",
+    "statecode": "State",
+    "statuscode": "Status",
+    "salesstage": "Picklist",
+    "cr123_dealphase": "Picklist",
+    "versionnumber": "BigInt",
+    "stageid": "Uniqueidentifier",
+    "processid": "Uniqueidentifier",
+    "isdisabled": "Boolean",
+    "teamtype": "Picklist",
+    "stagecategory": "Picklist",
+}
 
 
 def _account_signature(a: SimAccount) -> tuple:
@@ -1347,8 +1658,9 @@ def _actual_end(value: Any) -> datetime | None:
     try:
         return parse_iso(text) if "T" in text else datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError:
-        raise odata_error(400, "0x80048d19", f"Cannot convert the literal '{text}' to the expected type "
-                                             "'Edm.DateTimeOffset'.") from None
+        raise odata_error(
+            400, "0x80048d19", f"Cannot convert the literal '{text}' to the expected type 'Edm.DateTimeOffset'."
+        ) from None
 
 
 def _fmt_dt(dt: datetime) -> str:
@@ -1448,8 +1760,10 @@ def _annotation_matcher(value: str | None) -> Callable[[str], bool]:
 
 
 def _make_cookie(snap_id: str, offset: int, page: int, last_id: str) -> str:
-    inner = f'<cookie page="{page - 1}"><opportunityid last="{{{last_id.upper()}}}" /><snapshot id="{snap_id}" ' \
-            f'pos="{offset}" /></cookie>'
+    inner = (
+        f'<cookie page="{page - 1}"><opportunityid last="{{{last_id.upper()}}}" /><snapshot id="{snap_id}" '
+        f'pos="{offset}" /></cookie>'
+    )
     return f'<cookie pagenumber="{page}" pagingcookie="{quote(inner)}" istracking="False" />'
 
 
@@ -1464,11 +1778,19 @@ def _read_cookie(token: str) -> tuple[str, int]:
 
 # -- construction ----------------------------------------------------------------------------------------------
 
+
 def profile(variant: str = "default") -> TenantProfile:
     stages = CUSTOM_PROCESS_STAGES if variant == "custom_fields" else PROCESS_STAGES
-    return TenantProfile(crm=CRM, stages=list(STATUS_REASONS), opportunity_id=opportunity_id, user_id=owner_id,
-                         account_id=account_id, currencies=tuple(CURRENCIES), team_owners=3,
-                         sales_stages=list(stages))
+    return TenantProfile(
+        crm=CRM,
+        stages=list(STATUS_REASONS),
+        opportunity_id=opportunity_id,
+        user_id=owner_id,
+        account_id=account_id,
+        currencies=tuple(CURRENCIES),
+        team_owners=3,
+        sales_stages=list(stages),
+    )
 
 
 def connection_options(url: str) -> dict[str, Any]:
@@ -1476,8 +1798,14 @@ def connection_options(url: str) -> dict[str, Any]:
     return {"authority_url": url, "change_tracking": True}
 
 
-def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None,
-          clock: Clock | None = None, *, variant: str = "default") -> DynamicsSimulator:
+def build(
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    clock: Clock | None = None,
+    *,
+    variant: str = "default",
+) -> DynamicsSimulator:
     if variant not in VARIANTS:
         raise ValueError(f"unknown dynamics sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
     return DynamicsSimulator(World(profile(variant), seed, opportunities, clock=clock), faults, variant=variant)

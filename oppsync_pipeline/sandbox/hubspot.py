@@ -53,11 +53,11 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
 CRM = "hubspot"
@@ -67,22 +67,44 @@ OAUTH_CLIENT_SECRET = "7b41c9e2-3d5a-4f8e-b0d1-2a6c9e4f8b3d"
 OAUTH_REFRESH_TOKEN = "na1-4e7a-9c1f-2b8d-6f3e0a5c7d92"
 SANDBOX_CREDENTIALS = {"access_token": PRIVATE_APP_TOKEN}
 # The OAuth credential set (public apps): the connector refreshes the access token on 401.
-SANDBOX_OAUTH_CREDENTIALS = {"client_id": OAUTH_CLIENT_ID, "client_secret": OAUTH_CLIENT_SECRET,
-                             "refresh_token": OAUTH_REFRESH_TOKEN}
+SANDBOX_OAUTH_CREDENTIALS = {
+    "client_id": OAUTH_CLIENT_ID,
+    "client_secret": OAUTH_CLIENT_SECRET,
+    "refresh_token": OAUTH_REFRESH_TOKEN,
+}
 
 SEARCH_CAP = 10_000
 LIST_MAX = 100
 SEARCH_MAX = 200
 TOKEN_SECONDS = 1800
-DEFAULT_PROPERTIES = ("dealname", "amount", "closedate", "pipeline", "dealstage", "createdate",
-                      "hs_lastmodifieddate", "hs_object_id")
+DEFAULT_PROPERTIES = (
+    "dealname",
+    "amount",
+    "closedate",
+    "pipeline",
+    "dealstage",
+    "createdate",
+    "hs_lastmodifieddate",
+    "hs_object_id",
+)
 COMPANY_DEFAULT_PROPERTIES = ("name", "domain", "createdate", "hs_lastmodifieddate", "hs_object_id")
-DATE_PROPERTIES = frozenset({"createdate", "hs_lastmodifieddate", "closedate", "hs_closed_won_date",
-                             "hs_closed_lost_date"})
+DATE_PROPERTIES = frozenset(
+    {"createdate", "hs_lastmodifieddate", "closedate", "hs_closed_won_date", "hs_closed_lost_date"}
+)
 NUMBER_PROPERTIES = frozenset({"amount", "hs_object_id", "hs_deal_stage_probability", "amount_in_home_currency"})
-READ_ONLY = frozenset({"hs_object_id", "hs_lastmodifieddate", "createdate", "hs_created_by_user_id",
-                       "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won", "hs_closed_won_date",
-                       "hs_closed_lost_date"})
+READ_ONLY = frozenset(
+    {
+        "hs_object_id",
+        "hs_lastmodifieddate",
+        "createdate",
+        "hs_created_by_user_id",
+        "hs_deal_stage_probability",
+        "hs_is_closed",
+        "hs_is_closed_won",
+        "hs_closed_won_date",
+        "hs_closed_lost_date",
+    }
+)
 # The calculated close-time properties, stamped by HubSpot when a deal enters a closed-won / closed-lost stage;
 # older portals do not list them (variant no_closed_won_date).
 CLOSE_TIME_PROPERTIES = {"hs_closed_won_date": "won", "hs_closed_lost_date": "lost"}
@@ -114,20 +136,26 @@ PIPELINE_CREATED = "2020-05-12T08:00:00.000Z"
 
 VARIANTS: dict[str, str] = {
     "default": "Professional portal: the default sales pipeline and a custom one with numeric stage ids; a private "
-               "app granted every scope oppsync reads with",
+    "app granted every scope oppsync reads with",
     "no_optional_rights": "a private app granted only crm.objects.deals.read: pipelines, owners, companies, deal-"
-                          "company associations and the properties API answer 403 MISSING_SCOPES",
+    "company associations and the properties API answer 403 MISSING_SCOPES",
     "custom_fields": "a portal with custom deal properties (text, datetime, number, date, an enumeration stage, an "
-                     "owner property) that a connection's `fields:` can point at",
+    "owner property) that a connection's `fields:` can point at",
     "no_closed_won_date": "an older portal whose deal properties lack the calculated hs_closed_won_date and "
-                          "hs_closed_lost_date: asked for, they are left out; searched on, a 400",
+    "hs_closed_lost_date: asked for, they are left out; searched on, a 400",
     "renamed_stages": "the admin relabelled the default pipeline's stages and added a renewals pipeline: no stage id "
-                      "is its label (internal names and numeric ids)",
+    "is its label (internal names and numeric ids)",
 }
 # renamed_stages: what the portal's admin renamed the default stages to, and the extra pipeline
-RENAMED = {"appointmentscheduled": "Intro call booked", "qualifiedtobuy": "Needs confirmed",
-           "presentationscheduled": "Demo given", "decisionmakerboughtin": "Champion on board",
-           "contractsent": "Proposal out", "closedwon": "Won", "closedlost": "Lost"}
+RENAMED = {
+    "appointmentscheduled": "Intro call booked",
+    "qualifiedtobuy": "Needs confirmed",
+    "presentationscheduled": "Demo given",
+    "decisionmakerboughtin": "Champion on board",
+    "contractsent": "Proposal out",
+    "closedwon": "Won",
+    "closedlost": "Lost",
+}
 RENEWALS_PIPELINE = "99120007"
 RENEWAL_STAGES = [
     SimStage("99120101", "Renewal due", False, False, 30, 20, RENEWALS_PIPELINE),
@@ -149,10 +177,13 @@ OPTIONAL_SCOPES = [
 
 # The deal properties every portal has: name -> (type, fieldType, label). The calculated ones are read-only.
 STANDARD_PROPERTIES: dict[str, tuple[str, str, str]] = {
-    "dealname": ("string", "text", "Deal Name"), "amount": ("number", "number", "Amount"),
+    "dealname": ("string", "text", "Deal Name"),
+    "amount": ("number", "number", "Amount"),
     "amount_in_home_currency": ("number", "number", "Amount in company currency"),
-    "dealstage": ("enumeration", "radio", "Deal Stage"), "pipeline": ("enumeration", "select", "Pipeline"),
-    "closedate": ("datetime", "date", "Close Date"), "createdate": ("datetime", "date", "Create Date"),
+    "dealstage": ("enumeration", "radio", "Deal Stage"),
+    "pipeline": ("enumeration", "select", "Pipeline"),
+    "closedate": ("datetime", "date", "Close Date"),
+    "createdate": ("datetime", "date", "Create Date"),
     "hs_lastmodifieddate": ("datetime", "date", "Last Modified Date"),
     "hs_object_id": ("number", "number", "Record ID"),
     "hubspot_owner_id": ("enumeration", "select", "Deal owner"),
@@ -163,7 +194,8 @@ STANDARD_PROPERTIES: dict[str, tuple[str, str, str]] = {
     "hs_is_closed": ("bool", "booleancheckbox", "Is Deal Closed?"),
     "hs_is_closed_won": ("bool", "booleancheckbox", "Is Closed Won"),
     "hs_closed_amount": ("number", "calculation_equation", "Closed Deal Amount"),
-    "dealtype": ("enumeration", "radio", "Deal Type"), "description": ("string", "textarea", "Deal Description"),
+    "dealtype": ("enumeration", "radio", "Deal Type"),
+    "description": ("string", "textarea", "Deal Description"),
     "hs_priority": ("enumeration", "select", "Priority"),
     "hs_analytics_source": ("enumeration", "select", "Original Traffic Source"),
     "hubspot_team_id": ("enumeration", "select", "HubSpot Team"),
@@ -182,7 +214,7 @@ CUSTOM_PROPERTIES: dict[str, tuple[str, str, str, list[tuple[str, str]] | None]]
     "original_create_date": ("datetime", "date", "Original create date", None),
     "created_by_custom": ("string", "text", "Created by (legacy CRM user id)", None),
     "sales_stage_custom": ("enumeration", "select", "Delivery stage", CUSTOM_STAGE_OPTIONS),
-    "account_manager": ("enumeration", "select", "Account manager", None),   # an OWNER property
+    "account_manager": ("enumeration", "select", "Account manager", None),  # an OWNER property
     "contract_value": ("number", "number", "Contract value", None),
     "go_live_date": ("date", "date", "Go-live date", None),
     "win_chance": ("number", "number", "Win chance (%)", None),
@@ -210,10 +242,17 @@ def profile(variant: str = "default") -> TenantProfile:
     if variant == "renamed_stages":
         for s in stages:
             s.label = RENAMED.get(s.key, s.label)
-        stages += [SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order, s.pipeline)
-                   for s in RENEWAL_STAGES]
-    return TenantProfile(crm=CRM, stages=stages, opportunity_id=deal_id, user_id=owner_id, account_id=company_id,
-                         precision=timedelta(milliseconds=1))
+        stages += [
+            SimStage(s.key, s.label, s.is_closed, s.is_won, s.probability, s.order, s.pipeline) for s in RENEWAL_STAGES
+        ]
+    return TenantProfile(
+        crm=CRM,
+        stages=stages,
+        opportunity_id=deal_id,
+        user_id=owner_id,
+        account_id=company_id,
+        precision=timedelta(milliseconds=1),
+    )
 
 
 def pipelines_of(variant: str) -> dict[str, str]:
@@ -269,13 +308,17 @@ class RateLimited(HttpError):
 
 class MissingScopes(HttpError):
     def __init__(self, scopes: list[str]):
-        super().__init__(403, "MISSING_SCOPES",
-                         "This app hasn't been granted all required scopes to make this call. "
-                         "Read more about required scopes here: https://developers.hubspot.com/scopes.")
+        super().__init__(
+            403,
+            "MISSING_SCOPES",
+            "This app hasn't been granted all required scopes to make this call. "
+            "Read more about required scopes here: https://developers.hubspot.com/scopes.",
+        )
         self.scopes = scopes
 
 
 # -- rendering helpers ----------------------------------------------------------------------------------------------
+
 
 def iso_ms(dt: datetime | None) -> str | None:
     return fmt_datetime(dt, ms=True)
@@ -312,8 +355,9 @@ class HubSpotSimulator(Simulator):
     crm = CRM
     daily_used = spent_of("daily")
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None,
-                 variant: str = "default"):
+    def __init__(
+        self, world: World, faults: FaultPlan | None = None, limits: Limits | None = None, variant: str = "default"
+    ):
         super().__init__(world, faults)
         if variant not in VARIANTS:
             raise ValueError(f"unknown hubspot variant {variant!r}; one of {sorted(VARIANTS)}")
@@ -322,16 +366,16 @@ class HubSpotSimulator(Simulator):
         self.limits = limits or Limits()
         self.cache = QueryCache()
         self._snap: tuple[int, list[SimOpportunity], dict[str, list[Any]]] | None = None
-        self.tokens = TokenStore(world.clock.now, TOKEN_SECONDS)   # OAuth access tokens (virtual clock)
+        self.tokens = TokenStore(world.clock.now, TOKEN_SECONDS)  # OAuth access tokens (virtual clock)
         # The limits are read on every request (tests change them on a running portal).
         self.daily = Window(lambda: self.limits.daily)
-        self.ten_secondly = Window(lambda: self.limits.ten_secondly, 10.0)   # non-search calls
-        self.secondly = Window(lambda: self.limits.search_per_second, 1.0)   # search calls
+        self.ten_secondly = Window(lambda: self.limits.ten_secondly, 10.0)  # non-search calls
+        self.secondly = Window(lambda: self.limits.search_per_second, 1.0)  # search calls
         self._token_seq = itertools.count(1)
-        for u in world.users:                      # every owner is backed by a HubSpot user
+        for u in world.users:  # every owner is backed by a HubSpot user
             u.alt_id = user_id(u.idx)
         if world.users and all(u.active for u in world.users):
-            world.users[-1].active = False         # a deactivated user: its owner is archived, deals still point at it
+            world.users[-1].active = False  # a deactivated user: its owner is archived, deals still point at it
         self._user_by_owner = {u.native_id: u for u in world.users}
         self._account_by_id = {a.native_id: a for a in world.accounts}
         self.custom_properties = dict(CUSTOM_PROPERTIES) if variant == "custom_fields" else {}
@@ -343,7 +387,7 @@ class HubSpotSimulator(Simulator):
             for opp in world.opps.values():
                 opp.extra = {**custom_values(opp, world), **(opp.extra or {})}
         self.route("POST", r"/oauth/v1/token", self.oauth_token)
-        r = functools.partial(self.route, guard=self._guard)   # the API: authenticated, metered, scoped
+        r = functools.partial(self.route, guard=self._guard)  # the API: authenticated, metered, scoped
         r("GET", r"/crm/v3/properties/(?:deals|0-3)/?", self.properties_list)
         r("GET", r"/crm/v3/properties/(?:deals|0-3)/(?P<name>[^/]+)", self.property_read)
         r("GET", r"/crm/v3/pipelines/deals", self.pipelines)
@@ -373,14 +417,27 @@ class HubSpotSimulator(Simulator):
 
     def error_response(self, err: HttpError) -> Response:
         if isinstance(err, MissingScopes):
-            body = _error_body(err.message, "MISSING_SCOPES",
-                               errors=[{"message": "One or more of the following scopes are required.",
-                                        "context": {"requiredGranularScopes": err.scopes}}],
-                               links={"scopes": "https://developers.hubspot.com/scopes"})
+            body = _error_body(
+                err.message,
+                "MISSING_SCOPES",
+                errors=[
+                    {
+                        "message": "One or more of the following scopes are required.",
+                        "context": {"requiredGranularScopes": err.scopes},
+                    }
+                ],
+                links={"scopes": "https://developers.hubspot.com/scopes"},
+            )
             return Response.json(body, 403, err.headers)
         if isinstance(err, RateLimited):
-            body = {"status": "error", "message": err.message, "errorType": "RATE_LIMIT",
-                    "correlationId": str(uuid.uuid4()), "policyName": err.policy, "requestId": str(uuid.uuid4())}
+            body = {
+                "status": "error",
+                "message": err.message,
+                "errorType": "RATE_LIMIT",
+                "correlationId": str(uuid.uuid4()),
+                "policyName": err.policy,
+                "requestId": str(uuid.uuid4()),
+            }
             return Response.json(body, 429, err.headers)
         category = {400: "VALIDATION_ERROR", 404: "OBJECT_NOT_FOUND", 405: "VALIDATION_ERROR"}.get(err.status, err.code)
         if err.status in (401, 403):
@@ -388,12 +445,15 @@ class HubSpotSimulator(Simulator):
         return Response.json(_error_body(err.message, category), err.status, err.headers)
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
-        return self.error_response(RateLimited("TEN_SECONDLY_ROLLING",
-                                               "You have reached your ten_secondly_rolling limit.",
-                                               retry_after=rule.seconds))
+        return self.error_response(
+            RateLimited(
+                "TEN_SECONDLY_ROLLING", "You have reached your ten_secondly_rolling limit.", retry_after=rule.seconds
+            )
+        )
 
     def expire_tokens(self) -> None:
         self.tokens.expire_all()
+
     def common_headers(self, req: Request) -> dict[str, str]:
         if not self._metered(req) or self._is_search(req):
             return {}
@@ -418,8 +478,9 @@ class HubSpotSimulator(Simulator):
         if self.variant != "no_optional_rights":
             return
         for prefix, scopes in OPTIONAL_SCOPES:
-            if req.path.startswith(prefix) and not (prefix == "/crm/v4/objects/deals/" and
-                                                    not req.path.endswith("/companies")):
+            if req.path.startswith(prefix) and not (
+                prefix == "/crm/v4/objects/deals/" and not req.path.endswith("/companies")
+            ):
                 raise MissingScopes(scopes)
 
     @staticmethod
@@ -439,11 +500,15 @@ class HubSpotSimulator(Simulator):
             if ago is None:
                 return
             ago = max(1, int(ago.total_seconds()))
-            raise HttpError(401, "EXPIRED_AUTHENTICATION",
-                            f"The OAuth token used to make this call expired {ago} second(s) ago.")
-        raise HttpError(401, "INVALID_AUTHENTICATION",
-                        "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can "
-                        "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview")
+            raise HttpError(
+                401, "EXPIRED_AUTHENTICATION", f"The OAuth token used to make this call expired {ago} second(s) ago."
+            )
+        raise HttpError(
+            401,
+            "INVALID_AUTHENTICATION",
+            "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can "
+            "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
+        )
 
     def _meter(self, req: Request) -> None:
         if self.daily.full():
@@ -462,17 +527,41 @@ class HubSpotSimulator(Simulator):
     def oauth_token(self, req: Request) -> Response:
         form = req.form()
         if form.get("grant_type") != "refresh_token":
-            return Response.json({"status": "BAD_GRANT_TYPE", "message": "grant_type must be refresh_token here",
-                                  "correlationId": str(uuid.uuid4())}, 400)
+            return Response.json(
+                {
+                    "status": "BAD_GRANT_TYPE",
+                    "message": "grant_type must be refresh_token here",
+                    "correlationId": str(uuid.uuid4()),
+                },
+                400,
+            )
         if form.get("client_id") != OAUTH_CLIENT_ID or form.get("client_secret") != OAUTH_CLIENT_SECRET:
-            return Response.json({"status": "BAD_CLIENT_ID", "message": "missing or invalid client_id / client_secret",
-                                  "correlationId": str(uuid.uuid4())}, 400)
+            return Response.json(
+                {
+                    "status": "BAD_CLIENT_ID",
+                    "message": "missing or invalid client_id / client_secret",
+                    "correlationId": str(uuid.uuid4()),
+                },
+                400,
+            )
         if form.get("refresh_token") != OAUTH_REFRESH_TOKEN:
-            return Response.json({"status": "BAD_REFRESH_TOKEN", "message": "missing or unknown refresh token",
-                                  "correlationId": str(uuid.uuid4())}, 400)
+            return Response.json(
+                {
+                    "status": "BAD_REFRESH_TOKEN",
+                    "message": "missing or unknown refresh token",
+                    "correlationId": str(uuid.uuid4()),
+                },
+                400,
+            )
         token = self.tokens.issue(f"CJ{next(self._token_seq):04d}{uuid.uuid4().hex}")
-        return Response.json({"token_type": "bearer", "refresh_token": OAUTH_REFRESH_TOKEN, "access_token": token,
-                              "expires_in": TOKEN_SECONDS})
+        return Response.json(
+            {
+                "token_type": "bearer",
+                "refresh_token": OAUTH_REFRESH_TOKEN,
+                "access_token": token,
+                "expires_in": TOKEN_SECONDS,
+            }
+        )
 
     # -- properties -------------------------------------------------------------------------------------------------
 
@@ -486,28 +575,49 @@ class HubSpotSimulator(Simulator):
             typ, field_type, label = STANDARD_PROPERTIES[name]
             custom = False
             if name == "dealstage":
-                options = [{"label": s.label, "value": s.key, "displayOrder": s.order, "hidden": False}
-                           for s in sorted(self.world.stages.values(), key=lambda s: s.order)]
+                options = [
+                    {"label": s.label, "value": s.key, "displayOrder": s.order, "hidden": False}
+                    for s in sorted(self.world.stages.values(), key=lambda s: s.order)
+                ]
             elif name == "pipeline":
-                options = [{"label": lbl, "value": pid, "displayOrder": i, "hidden": False}
-                           for i, (pid, lbl) in enumerate(self.pipelines_map.items())]
+                options = [
+                    {"label": lbl, "value": pid, "displayOrder": i, "hidden": False}
+                    for i, (pid, lbl) in enumerate(self.pipelines_map.items())
+                ]
             elif name == "hubspot_owner_id":
                 referenced = "OWNER"
         else:
             typ, field_type, label, opts = self.custom_properties[name]
             custom = True
-            options = [{"label": lbl, "value": v, "displayOrder": i, "hidden": False}
-                       for i, (v, lbl) in enumerate(opts or [])]
+            options = [
+                {"label": lbl, "value": v, "displayOrder": i, "hidden": False} for i, (v, lbl) in enumerate(opts or [])
+            ]
             if name == "account_manager":
                 referenced = "OWNER"
         out: dict[str, Any] = {
-            "name": name, "label": label, "type": typ, "fieldType": field_type, "description": "",
-            "groupName": "dealinformation", "options": options, "displayOrder": -1,
-            "calculated": name in READ_ONLY and name.startswith("hs_"), "externalOptions": referenced is not None,
-            "hasUniqueValue": name == "hs_object_id", "hidden": False, "hubspotDefined": not custom,
-            "modificationMetadata": {"archivable": custom, "readOnlyDefinition": not custom,
-                                     "readOnlyValue": name in READ_ONLY},
-            "formField": custom, "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED, "archived": False}
+            "name": name,
+            "label": label,
+            "type": typ,
+            "fieldType": field_type,
+            "description": "",
+            "groupName": "dealinformation",
+            "options": options,
+            "displayOrder": -1,
+            "calculated": name in READ_ONLY and name.startswith("hs_"),
+            "externalOptions": referenced is not None,
+            "hasUniqueValue": name == "hs_object_id",
+            "hidden": False,
+            "hubspotDefined": not custom,
+            "modificationMetadata": {
+                "archivable": custom,
+                "readOnlyDefinition": not custom,
+                "readOnlyValue": name in READ_ONLY,
+            },
+            "formField": custom,
+            "createdAt": PIPELINE_CREATED,
+            "updatedAt": PIPELINE_CREATED,
+            "archived": False,
+        }
         if referenced:
             out["referencedObjectType"] = referenced
         return out
@@ -524,18 +634,31 @@ class HubSpotSimulator(Simulator):
     # -- pipelines and owners ---------------------------------------------------------------------------------------
 
     def _stage_json(self, s: SimStage) -> dict[str, Any]:
-        return {"id": s.key, "label": s.label, "displayOrder": s.order % 10,
-                "metadata": {"isClosed": "true" if s.is_closed else "false",
-                             "probability": str(round(s.probability / 100, 2))},
-                "archived": False, "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED,
-                "writePermissions": "CRM_PERMISSIONS_ENFORCEMENT"}
+        return {
+            "id": s.key,
+            "label": s.label,
+            "displayOrder": s.order % 10,
+            "metadata": {
+                "isClosed": "true" if s.is_closed else "false",
+                "probability": str(round(s.probability / 100, 2)),
+            },
+            "archived": False,
+            "createdAt": PIPELINE_CREATED,
+            "updatedAt": PIPELINE_CREATED,
+            "writePermissions": "CRM_PERMISSIONS_ENFORCEMENT",
+        }
 
     def _pipeline_json(self, pid: str) -> dict[str, Any]:
         stages = sorted((s for s in self.world.stages.values() if s.pipeline == pid), key=lambda s: s.order)
-        return {"id": pid, "label": self.pipelines_map[pid], "displayOrder": list(self.pipelines_map).index(pid),
-                "archived": False,
-                "createdAt": PIPELINE_CREATED, "updatedAt": PIPELINE_CREATED,
-                "stages": [self._stage_json(s) for s in stages]}
+        return {
+            "id": pid,
+            "label": self.pipelines_map[pid],
+            "displayOrder": list(self.pipelines_map).index(pid),
+            "archived": False,
+            "createdAt": PIPELINE_CREATED,
+            "updatedAt": PIPELINE_CREATED,
+            "stages": [self._stage_json(s) for s in stages],
+        }
 
     def pipelines(self, req: Request) -> Response:
         return Response.json({"results": [self._pipeline_json(p) for p in self.pipelines_map]})
@@ -548,12 +671,20 @@ class HubSpotSimulator(Simulator):
 
     def _owner_json(self, u: Any) -> dict[str, Any]:
         first, _, last = u.name.partition(" ")
-        return {"id": u.native_id, "email": u.email, "type": "PERSON", "firstName": first, "lastName": last,
-                # a deactivated user's owner is archived and loses userId; userIdIncludingInactive keeps it
-                "userId": int(u.alt_id) if u.active else None, "userIdIncludingInactive": int(u.alt_id),
-                "createdAt": "2021-01-04T10:00:00.000Z", "updatedAt": "2024-01-04T10:00:00.000Z",
-                "archived": not u.active,
-                "teams": [{"id": str(100 + u.idx % 3), "name": ["West", "East", "EMEA"][u.idx % 3], "primary": True}]}
+        return {
+            "id": u.native_id,
+            "email": u.email,
+            "type": "PERSON",
+            "firstName": first,
+            "lastName": last,
+            # a deactivated user's owner is archived and loses userId; userIdIncludingInactive keeps it
+            "userId": int(u.alt_id) if u.active else None,
+            "userIdIncludingInactive": int(u.alt_id),
+            "createdAt": "2021-01-04T10:00:00.000Z",
+            "updatedAt": "2024-01-04T10:00:00.000Z",
+            "archived": not u.active,
+            "teams": [{"id": str(100 + u.idx % 3), "name": ["West", "East", "EMEA"][u.idx % 3], "primary": True}],
+        }
 
     def owners(self, req: Request) -> Response:
         archived = (req.arg("archived", "false") or "false").lower() == "true"
@@ -561,7 +692,7 @@ class HubSpotSimulator(Simulator):
         limit = max(1, min(int(req.arg("limit", "100") or 100), 500))
         users = [u for u in self.world.users if (not u.active) == archived and (email is None or u.email == email)]
         start = _decode_offset(req.arg("after"))
-        page = users[start:start + limit]
+        page = users[start : start + limit]
         body: dict[str, Any] = {"results": [self._owner_json(u) for u in page]}
         if start + limit < len(users):
             after = _encode(str(start + limit))
@@ -599,7 +730,7 @@ class HubSpotSimulator(Simulator):
             if opp.close_date is None:
                 return None
             stamped = (opp.extra or {}).get(CLOSEDATE_STAMP)
-            if stamped is not None:   # filled by HubSpot on the close: the close moment itself
+            if stamped is not None:  # filled by HubSpot on the close: the close moment itself
                 return iso_ms(stamped)
             hour = opp.seq % 24  # a UTC date-time: late-evening ones fall on the next day in the Americas
             return f"{opp.close_date.isoformat()}T{hour:02d}:00:00Z"
@@ -635,13 +766,19 @@ class HubSpotSimulator(Simulator):
             return str(v)
         return None
 
-    def _deal_json(self, opp: SimOpportunity, properties: list[str] | None, associations: list[str] = (),
-                   archived: bool = False) -> dict[str, Any]:
+    def _deal_json(
+        self, opp: SimOpportunity, properties: list[str] | None, associations: list[str] = (), archived: bool = False
+    ) -> dict[str, Any]:
         names = properties if properties else DEFAULT_PROPERTIES
-        known = self._property_names   # HubSpot leaves out requested properties the portal does not have
+        known = self._property_names  # HubSpot leaves out requested properties the portal does not have
         props = {n: self._property(opp, n) for n in names if n and n in known}
-        out: dict[str, Any] = {"id": opp.native_id, "properties": props, "createdAt": iso_ms(opp.created_at),
-                               "updatedAt": iso_ms(opp.modified_at), "archived": archived}
+        out: dict[str, Any] = {
+            "id": opp.native_id,
+            "properties": props,
+            "createdAt": iso_ms(opp.created_at),
+            "updatedAt": iso_ms(opp.modified_at),
+            "archived": archived,
+        }
         if archived:
             out["archivedAt"] = iso_ms(opp.deleted_at)
         if "companies" in associations:
@@ -673,7 +810,8 @@ class HubSpotSimulator(Simulator):
         w = self.world
         return self.cache.get_or_compute(
             ("list", archived, w.version),
-            lambda: sorted(int(o.native_id) for o in list(w.opps.values()) if (o.deleted_at is not None) == archived))
+            lambda: sorted(int(o.native_id) for o in list(w.opps.values()) if (o.deleted_at is not None) == archived),
+        )
 
     def list_deals(self, req: Request) -> Response:
         limit = int(req.arg("limit", "10") or 10)
@@ -683,10 +821,11 @@ class HubSpotSimulator(Simulator):
         ids = self._sorted_ids(archived)
         after = req.arg("after")
         start = bisect_right(ids, _decode_offset(after)) if after else 0
-        page = ids[start:start + limit]
+        page = ids[start : start + limit]
         props, assoc = self._csv(req, "properties"), self._csv(req, "associations")
-        body: dict[str, Any] = {"results": [self._deal_json(self.world.opps[str(i)], props, assoc, archived)
-                                            for i in page]}
+        body: dict[str, Any] = {
+            "results": [self._deal_json(self.world.opps[str(i)], props, assoc, archived) for i in page]
+        }
         if start + limit < len(ids):
             cursor = _encode(str(page[-1]))
             body["paging"] = {"next": {"after": cursor, "link": f"?after={cursor}"}}
@@ -695,8 +834,9 @@ class HubSpotSimulator(Simulator):
     def read_deal(self, req: Request) -> Response:
         archived = (req.arg("archived", "false") or "false").lower() == "true"
         opp = self._get_deal(req.params["id"], archived)
-        return Response.json(self._deal_json(opp, self._csv(req, "properties"), self._csv(req, "associations"),
-                                             archived))
+        return Response.json(
+            self._deal_json(opp, self._csv(req, "properties"), self._csv(req, "associations"), archived)
+        )
 
     def batch_read_deals(self, req: Request) -> Response:
         """`POST /crm/v3/objects/deals/batch/read?archived=false|true`: at most 100 inputs; `archived` is a query
@@ -718,14 +858,24 @@ class HubSpotSimulator(Simulator):
                 missing.append(ident)
             else:
                 found.append(self._deal_json(opp, body.get("properties"), archived=archived))
-        out: dict[str, Any] = {"status": "COMPLETE", "results": found, "startedAt": started,
-                               "completedAt": iso_ms(self.world.clock.now())}
+        out: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": found,
+            "startedAt": started,
+            "completedAt": iso_ms(self.world.clock.now()),
+        }
         if not missing:
             return Response.json(out)
         out["numErrors"] = 1
-        out["errors"] = [{"status": "error", "category": "OBJECT_NOT_FOUND",
-                          "message": "Could not get some DEAL objects, they may be deleted or not exist. "
-                                     "Check that ids are valid.", "context": {"ids": missing}}]
+        out["errors"] = [
+            {
+                "status": "error",
+                "category": "OBJECT_NOT_FOUND",
+                "message": "Could not get some DEAL objects, they may be deleted or not exist. "
+                "Check that ids are valid.",
+                "context": {"ids": missing},
+            }
+        ]
         return Response.json(out, 207)
 
     # -- deals: search ----------------------------------------------------------------------------------------------
@@ -766,7 +916,7 @@ class HubSpotSimulator(Simulator):
             get = self._getter(name)
             if name in DATE_PROPERTIES or name in NUMBER_PROPERTIES:
                 cols[name] = [get(o) for o in snap[1]]
-            else:   # text compares case-insensitively
+            else:  # text compares case-insensitively
                 cols[name] = [None if (v := get(o)) is None else str(v).lower() for o in snap[1]]
         return cols[name]
 
@@ -776,16 +926,22 @@ class HubSpotSimulator(Simulator):
         if not name or not op:
             raise HttpError(400, "VALIDATION_ERROR", "Each filter needs propertyName and operator")
         if name not in self.property_names():
-            raise HttpError(400, "VALIDATION_ERROR", f"There was a problem with the request: the property {name} "
-                                                     f"does not exist on object type 0-3 (deals)")
+            raise HttpError(
+                400,
+                "VALIDATION_ERROR",
+                f"There was a problem with the request: the property {name} does not exist on object type 0-3 (deals)",
+            )
         if name in DATE_PROPERTIES:
             conv = _to_ms
         elif name in NUMBER_PROPERTIES:
+
             def conv(v: Any) -> float:
                 return float(v)
         else:
+
             def conv(v: Any) -> str:
                 return str(v).lower()
+
         try:
             if op in ("IN", "NOT_IN"):
                 values = {conv(v) for v in (f.get("values") or [])}
@@ -804,11 +960,17 @@ class HubSpotSimulator(Simulator):
                 return name, lambda a: token not in str(a or "").lower()
             value = conv(f.get("value"))
         except (TypeError, ValueError):
-            raise HttpError(400, "VALIDATION_ERROR",
-                            f"Invalid value {f.get('value')!r} for property {name} and operator {op}") from None
-        cmp = {"EQ": lambda a: a == value, "NEQ": lambda a: a != value, "LT": lambda a: a is not None and a < value,
-               "LTE": lambda a: a is not None and a <= value, "GT": lambda a: a is not None and a > value,
-               "GTE": lambda a: a is not None and a >= value}.get(op)
+            raise HttpError(
+                400, "VALIDATION_ERROR", f"Invalid value {f.get('value')!r} for property {name} and operator {op}"
+            ) from None
+        cmp = {
+            "EQ": lambda a: a == value,
+            "NEQ": lambda a: a != value,
+            "LT": lambda a: a is not None and a < value,
+            "LTE": lambda a: a is not None and a <= value,
+            "GT": lambda a: a is not None and a > value,
+            "GTE": lambda a: a is not None and a >= value,
+        }.get(op)
         if cmp is None:
             raise HttpError(400, "VALIDATION_ERROR", f"Unsupported operator {op}")
         return name, cmp
@@ -816,18 +978,28 @@ class HubSpotSimulator(Simulator):
     def search(self, req: Request) -> Response:
         body = req.json() or {}
         groups = body.get("filterGroups") or []
-        if len(groups) > 5 or any(len(g.get("filters") or []) > 10 for g in groups) or \
-                sum(len(g.get("filters") or []) for g in groups) > 25:
-            raise HttpError(400, "VALIDATION_ERROR", "Too many filters: at most 5 filterGroups, 10 filters per group "
-                                                     "and 25 filters in total")
+        if (
+            len(groups) > 5
+            or any(len(g.get("filters") or []) > 10 for g in groups)
+            or sum(len(g.get("filters") or []) for g in groups) > 25
+        ):
+            raise HttpError(
+                400,
+                "VALIDATION_ERROR",
+                "Too many filters: at most 5 filterGroups, 10 filters per group and 25 filters in total",
+            )
         sorts = body.get("sorts") or []
         if len(sorts) > 1:
             raise HttpError(400, "VALIDATION_ERROR", "Only one sort is allowed")
         for sort in sorts:
             name = sort.lstrip("-") if isinstance(sort, str) else (sort or {}).get("propertyName")
             if name and name not in self.property_names():
-                raise HttpError(400, "VALIDATION_ERROR", f"There was a problem with the request: the property "
-                                                         f"{name} does not exist on object type 0-3 (deals)")
+                raise HttpError(
+                    400,
+                    "VALIDATION_ERROR",
+                    f"There was a problem with the request: the property "
+                    f"{name} does not exist on object type 0-3 (deals)",
+                )
         limit = int(body.get("limit") or 10)
         if limit < 1 or limit > SEARCH_MAX:
             raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {SEARCH_MAX}; got {limit}")
@@ -836,16 +1008,21 @@ class HubSpotSimulator(Simulator):
         except (TypeError, ValueError):
             raise HttpError(400, "VALIDATION_ERROR", "after must be a numeric offset") from None
         if after + limit > SEARCH_CAP:
-            raise HttpError(400, "VALIDATION_ERROR",
-                            f"There was a problem with the request. Search results are limited to {SEARCH_CAP} "
-                            f"(after {after} + limit {limit} exceeds it); narrow the query.")
-        key = ("search", json.dumps([groups, sorts, body.get("query")], sort_keys=True, default=str),
-               self.world.version)
+            raise HttpError(
+                400,
+                "VALIDATION_ERROR",
+                f"There was a problem with the request. Search results are limited to {SEARCH_CAP} "
+                f"(after {after} + limit {limit} exceeds it); narrow the query.",
+            )
+        key = (
+            "search",
+            json.dumps([groups, sorts, body.get("query")], sort_keys=True, default=str),
+            self.world.version,
+        )
         ids = self.cache.get_or_compute(key, lambda: self._run_search(groups, sorts, body.get("query")))
-        page = ids[after:after + limit]
+        page = ids[after : after + limit]
         props = body.get("properties") or None
-        out: dict[str, Any] = {"total": len(ids),
-                               "results": [self._deal_json(self.world.opps[i], props) for i in page]}
+        out: dict[str, Any] = {"total": len(ids), "results": [self._deal_json(self.world.opps[i], props) for i in page]}
         if after + limit < len(ids):
             out["paging"] = {"next": {"after": str(after + limit)}}
         return Response.json(out)
@@ -870,9 +1047,11 @@ class HubSpotSimulator(Simulator):
             idx = [i for i in idx if q in live[i].name.lower()]
         if sorts:
             sort = sorts[0]
-            if isinstance(sort, str):   # the official client sends plain names ("-name" for descending)
-                sort = {"propertyName": sort.lstrip("-"),
-                        "direction": "DESCENDING" if sort.startswith("-") else "ASCENDING"}
+            if isinstance(sort, str):  # the official client sends plain names ("-name" for descending)
+                sort = {
+                    "propertyName": sort.lstrip("-"),
+                    "direction": "DESCENDING" if sort.startswith("-") else "ASCENDING",
+                }
             col = self._column(snap, sort.get("propertyName") or "hs_object_id")
             desc = str(sort.get("direction", "ASCENDING")).upper().startswith("DESC")
             # nulls last; ties by hs_object_id ascending (the snapshot is in id order and the sort is stable)
@@ -887,15 +1066,19 @@ class HubSpotSimulator(Simulator):
         w, values = self.world, {}
         unknown = sorted(set(props) - self.property_names())
         if unknown:
-            raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: PROPERTY_DOESNT_EXIST "
-                                                     f"{unknown} do not exist on deals")
+            raise HttpError(
+                400,
+                "VALIDATION_ERROR",
+                f"Property values were not valid: PROPERTY_DOESNT_EXIST {unknown} do not exist on deals",
+            )
         bad = sorted(set(props) & READ_ONLY)
         if bad:
             raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: {bad} are read-only")
         pipeline = props.get("pipeline") or (w.stages[current.stage].pipeline if current else DEFAULT_PIPELINE)
         if pipeline not in self.pipelines_map:
-            raise HttpError(400, "VALIDATION_ERROR",
-                            f"Property values were not valid: pipeline {pipeline!r} does not exist")
+            raise HttpError(
+                400, "VALIDATION_ERROR", f"Property values were not valid: pipeline {pipeline!r} does not exist"
+            )
         for k, v in props.items():
             if k == "dealname":
                 values["name"] = v
@@ -907,9 +1090,11 @@ class HubSpotSimulator(Simulator):
             elif k == "dealstage":
                 st = w.stages.get(str(v))
                 if st is None or st.pipeline != pipeline:
-                    raise HttpError(400, "VALIDATION_ERROR",
-                                    f"Property values were not valid: {v!r} is not a valid dealstage of "
-                                    f"pipeline {pipeline}")
+                    raise HttpError(
+                        400,
+                        "VALIDATION_ERROR",
+                        f"Property values were not valid: {v!r} is not a valid dealstage of pipeline {pipeline}",
+                    )
                 values["stage"] = st.key
             elif k == "closedate":
                 values["close_date"] = None if v in (None, "") else (EPOCH + timedelta(milliseconds=_to_ms(v))).date()
@@ -926,14 +1111,15 @@ class HubSpotSimulator(Simulator):
         if current is None and "stage" not in values:
             values["stage"] = w.stage_for(pipeline, "open").key
         elif "pipeline" in props and "stage" not in values and w.stages[current.stage].pipeline != pipeline:
-            raise HttpError(400, "VALIDATION_ERROR",
-                            "Property values were not valid: changing pipeline needs a dealstage")
+            raise HttpError(
+                400, "VALIDATION_ERROR", "Property values were not valid: changing pipeline needs a dealstage"
+            )
         return values
 
     def create_deal(self, req: Request) -> Response:
         body = req.json() or {}
         values = self._values(body.get("properties") or {}, None)
-        values.setdefault("close_date", None)   # a deal created without closedate has none (the world would draw one)
+        values.setdefault("close_date", None)  # a deal created without closedate has none (the world would draw one)
         account = None
         for a in body.get("associations") or []:
             acc = self._account_by_id.get(str((a.get("to") or {}).get("id")))
@@ -953,13 +1139,14 @@ class HubSpotSimulator(Simulator):
         """HubSpot sets an empty closedate to the moment a deal is closed (won or lost); a closedate already
         set (the expected close date users keep) stays as it is."""
         if opp.close_date is None and opp.closed_at is not None:
-            opp = self.world.update(opp.native_id, bump=False, close_date=opp.closed_at.date(),
-                                    **{CLOSEDATE_STAMP: opp.closed_at})
+            opp = self.world.update(
+                opp.native_id, bump=False, close_date=opp.closed_at.date(), **{CLOSEDATE_STAMP: opp.closed_at}
+            )
         return opp
 
     def delete_deal(self, req: Request) -> Response:
         opp = self._get_deal(req.params["id"])
-        self.world.delete(opp.native_id, bump=False)   # archiving does not move hs_lastmodifieddate
+        self.world.delete(opp.native_id, bump=False)  # archiving does not move hs_lastmodifieddate
         return Response.empty(204)
 
     # -- companies and associations -----------------------------------------------------------------------------------
@@ -981,14 +1168,27 @@ class HubSpotSimulator(Simulator):
     def _company_json(self, acc: Any, properties: list[str] | None) -> dict[str, Any]:
         street, street2 = company_street(acc)
         modified = iso_ms(self._company_stamps().get(acc.native_id)) or "2024-03-01T10:00:00.000Z"
-        values = {"name": acc.name, "address": street, "address2": street2, "city": acc.city, "state": acc.state,
-                  "zip": acc.postal_code,
-                  "country": acc.country, "domain": f"{acc.name.split(' ')[0].lower()}.example.com",
-                  "createdate": "2022-03-01T10:00:00.000Z", "hs_lastmodifieddate": modified,
-                  "hs_object_id": acc.native_id}
+        values = {
+            "name": acc.name,
+            "address": street,
+            "address2": street2,
+            "city": acc.city,
+            "state": acc.state,
+            "zip": acc.postal_code,
+            "country": acc.country,
+            "domain": f"{acc.name.split(' ')[0].lower()}.example.com",
+            "createdate": "2022-03-01T10:00:00.000Z",
+            "hs_lastmodifieddate": modified,
+            "hs_object_id": acc.native_id,
+        }
         names = properties or COMPANY_DEFAULT_PROPERTIES
-        return {"id": acc.native_id, "properties": {n: values.get(n) for n in names},
-                "createdAt": "2022-03-01T10:00:00.000Z", "updatedAt": modified, "archived": False}
+        return {
+            "id": acc.native_id,
+            "properties": {n: values.get(n) for n in names},
+            "createdAt": "2022-03-01T10:00:00.000Z",
+            "updatedAt": modified,
+            "archived": False,
+        }
 
     def search_companies(self, req: Request) -> Response:
         """Company search, on what a sync asks: hs_lastmodifieddate and hs_object_id bounds, sorted by
@@ -1002,16 +1202,23 @@ class HubSpotSimulator(Simulator):
                 name, op = f.get("propertyName"), str(f.get("operator", "")).upper()
                 if name == "hs_lastmodifieddate":
                     value = _to_ms(f.get("value"))
+
                     def get(a: Any) -> Any:
                         return epoch_ms(stamps.get(a.native_id, default))
                 elif name == "hs_object_id":
                     value = int(f.get("value"))
+
                     def get(a: Any) -> Any:
                         return int(a.native_id)
                 else:
                     raise HttpError(400, "VALIDATION_ERROR", f"company search on {name} is not modelled")
-                cmp = {"GT": lambda x: x > value, "GTE": lambda x: x >= value, "LT": lambda x: x < value,
-                       "LTE": lambda x: x <= value, "EQ": lambda x: x == value}.get(op)
+                cmp = {
+                    "GT": lambda x: x > value,
+                    "GTE": lambda x: x >= value,
+                    "LT": lambda x: x < value,
+                    "LTE": lambda x: x <= value,
+                    "EQ": lambda x: x == value,
+                }.get(op)
                 if cmp is None:
                     raise HttpError(400, "VALIDATION_ERROR", f"Unsupported operator {op}")
                 rows = [a for a in rows if cmp(get(a))]
@@ -1019,9 +1226,11 @@ class HubSpotSimulator(Simulator):
         if limit < 1 or limit > SEARCH_MAX:
             raise HttpError(400, "VALIDATION_ERROR", f"limit must be between 1 and {SEARCH_MAX}; got {limit}")
         after = int(body.get("after") or 0)
-        page = rows[after:after + limit]
-        out: dict[str, Any] = {"total": len(rows),
-                               "results": [self._company_json(a, body.get("properties")) for a in page]}
+        page = rows[after : after + limit]
+        out: dict[str, Any] = {
+            "total": len(rows),
+            "results": [self._company_json(a, body.get("properties")) for a in page],
+        }
         if after + limit < len(rows):
             out["paging"] = {"next": {"after": str(after + limit)}}
         return Response.json(out)
@@ -1038,11 +1247,26 @@ class HubSpotSimulator(Simulator):
         for cid in self._batch_inputs(req):
             deals = snap[1].get(cid)
             if deals:
-                results.append({"from": {"id": cid}, "to": [
-                    {"toObjectId": int(d), "associationTypes": [
-                        {"category": "HUBSPOT_DEFINED", "typeId": 342, "label": None}]} for d in deals]})
-        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
-                              "completedAt": iso_ms(self.world.clock.now())})
+                results.append(
+                    {
+                        "from": {"id": cid},
+                        "to": [
+                            {
+                                "toObjectId": int(d),
+                                "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": 342, "label": None}],
+                            }
+                            for d in deals
+                        ],
+                    }
+                )
+        return Response.json(
+            {
+                "status": "COMPLETE",
+                "results": results,
+                "startedAt": iso_ms(self.world.clock.now()),
+                "completedAt": iso_ms(self.world.clock.now()),
+            }
+        )
 
     def read_company(self, req: Request) -> Response:
         acc = self._account_by_id.get(req.params["id"])
@@ -1058,14 +1282,22 @@ class HubSpotSimulator(Simulator):
         started = iso_ms(self.world.clock.now())
         found = [self._account_by_id.get(str(i.get("id"))) for i in inputs]
         missing = [str(i.get("id")) for i, a in zip(inputs, found) if a is None]
-        out: dict[str, Any] = {"status": "COMPLETE", "results": [self._company_json(a, body.get("properties"))
-                                                                 for a in found if a is not None],
-                               "startedAt": started, "completedAt": iso_ms(self.world.clock.now())}
+        out: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": [self._company_json(a, body.get("properties")) for a in found if a is not None],
+            "startedAt": started,
+            "completedAt": iso_ms(self.world.clock.now()),
+        }
         if missing:
             out["numErrors"] = 1
-            out["errors"] = [{"status": "error", "category": "OBJECT_NOT_FOUND",
-                              "message": "Could not get some COMPANY objects, they may be deleted or not exist.",
-                              "context": {"ids": missing}}]
+            out["errors"] = [
+                {
+                    "status": "error",
+                    "category": "OBJECT_NOT_FOUND",
+                    "message": "Could not get some COMPANY objects, they may be deleted or not exist.",
+                    "context": {"ids": missing},
+                }
+            ]
             return Response.json(out, 207)
         return Response.json(out)
 
@@ -1093,8 +1325,14 @@ class HubSpotSimulator(Simulator):
             opp = self.world.get(did)
             if opp is not None and opp.account is not None:
                 results.append({"from": {"id": did}, "to": self._v4_to(opp)})
-        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
-                              "completedAt": iso_ms(self.world.clock.now())})
+        return Response.json(
+            {
+                "status": "COMPLETE",
+                "results": results,
+                "startedAt": iso_ms(self.world.clock.now()),
+                "completedAt": iso_ms(self.world.clock.now()),
+            }
+        )
 
     def v3_batch_associations(self, req: Request) -> Response:
         results = []
@@ -1108,8 +1346,14 @@ class HubSpotSimulator(Simulator):
                     to.append({"id": cid, "type": "deal_to_company"})
                 to.append({"id": cid, "type": "deal_to_company_unlabeled"})
             results.append({"from": {"id": did}, "to": to})
-        return Response.json({"status": "COMPLETE", "results": results, "startedAt": iso_ms(self.world.clock.now()),
-                              "completedAt": iso_ms(self.world.clock.now())})
+        return Response.json(
+            {
+                "status": "COMPLETE",
+                "results": results,
+                "startedAt": iso_ms(self.world.clock.now()),
+                "completedAt": iso_ms(self.world.clock.now()),
+            }
+        )
 
 
 def _seq(o: SimOpportunity) -> int:
@@ -1136,8 +1380,14 @@ def _decode_offset(cursor: str | None) -> int:
     return int(text)
 
 
-def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          limits: Limits | None = None, variant: str = "default") -> HubSpotSimulator:
+def build(
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    clock: Clock | None = None,
+    limits: Limits | None = None,
+    variant: str = "default",
+) -> HubSpotSimulator:
     world = World(profile(variant), seed=seed, opportunities=opportunities, clock=clock)
     return HubSpotSimulator(world, faults, limits, variant=variant)
 
@@ -1175,11 +1425,19 @@ def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
             lines = [ln.strip() for p in parts if p for ln in str(p).split("\n") if ln.strip()]
             client, location = acc.name, (", ".join(lines) or None)
         out[opp.native_id] = {
-            "project_name": opp.name, "client_name": client, "service_location": location,
-            "owner_crm_id": world.users[opp.owner].native_id, "created_by_crm_id": world.users[opp.creator].alt_id,
-            "stage": opp.stage if refused else stage.label, "stage_id": opp.stage, "crm_status": opp.stage,
-            "status": world.status(opp), "amount": opp.amount, "currency": opp.currency,
-            "close_date": opp.close_date, "created_at": opp.created_at,
+            "project_name": opp.name,
+            "client_name": client,
+            "service_location": location,
+            "owner_crm_id": world.users[opp.owner].native_id,
+            "created_by_crm_id": world.users[opp.creator].alt_id,
+            "stage": opp.stage if refused else stage.label,
+            "stage_id": opp.stage,
+            "crm_status": opp.stage,
+            "status": world.status(opp),
+            "amount": opp.amount,
+            "currency": opp.currency,
+            "close_date": opp.close_date,
+            "created_at": opp.created_at,
             "crm_closed_at": close_time_truth(simulator, opp),
         }
     return out

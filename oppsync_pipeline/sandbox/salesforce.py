@@ -38,20 +38,23 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.lexer import lex
 from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimStage, TenantProfile, World, truncate
 
 CRM = "salesforce"
-SANDBOX_CREDENTIALS = {"client_id": "3MVG9sandbox.oppsync.client", "client_secret": "9F4C2A7E1B8D3F60C5A9E2B7D4F1083A6C9E5B2D7F4A1C8E3B6D9F2A5C8E1B47"}
+SANDBOX_CREDENTIALS = {
+    "client_id": "3MVG9sandbox.oppsync.client",
+    "client_secret": "9F4C2A7E1B8D3F60C5A9E2B7D4F1083A6C9E5B2D7F4A1C8E3B6D9F2A5C8E1B47",
+}
 API_VERSIONS = tuple(f"{v}.0" for v in range(31, 63))
 DEFAULT_DAILY_LIMIT = 100_000
 GET_DELETED_DAYS = 15
-RECYCLE_BIN_DAYS = 15   # deleted rows stay visible to queryAll this long, then are purged (hard-deleted)
+RECYCLE_BIN_DAYS = 15  # deleted rows stay visible to queryAll this long, then are purged (hard-deleted)
 
 # -- ids ---------------------------------------------------------------------------------------------------------
 
@@ -63,7 +66,7 @@ def to18(id15: str) -> str:
     """The case-safe 18-character form of a 15-character Salesforce id (checksum of upper-case positions)."""
     suffix = ""
     for i in range(3):
-        chunk = id15[i * 5:(i + 1) * 5]
+        chunk = id15[i * 5 : (i + 1) * 5]
         bits = sum(1 << j for j, ch in enumerate(chunk) if "A" <= ch <= "Z")
         suffix += _SUFFIX[bits]
     return id15 + suffix
@@ -104,34 +107,55 @@ STAGES = [
 ]
 # Variant `stage_api_names`: an admin relabelled stages after creation; the ApiName (and so the value records
 # carry in StageName) kept the old text, users see the new MasterLabel.
-RELABELLED = {"Prospecting": "Discovery", "Id. Decision Makers": "Identify Decision Makers",
-              "Negotiation/Review": "Negotiation", "Closed Won": "Won - Signed", "Closed Lost": "Lost"}
-FORECAST = {"Prospecting": "Pipeline", "Qualification": "Pipeline", "Needs Analysis": "Pipeline",
-            "Value Proposition": "Pipeline", "Id. Decision Makers": "Pipeline", "Perception Analysis": "Pipeline",
-            "Proposal/Price Quote": "Best Case", "Negotiation/Review": "Best Case",
-            "Customer's Legal Review": "Commit", "Closed Won": "Closed", "Closed Lost": "Omitted"}
+RELABELLED = {
+    "Prospecting": "Discovery",
+    "Id. Decision Makers": "Identify Decision Makers",
+    "Negotiation/Review": "Negotiation",
+    "Closed Won": "Won - Signed",
+    "Closed Lost": "Lost",
+}
+FORECAST = {
+    "Prospecting": "Pipeline",
+    "Qualification": "Pipeline",
+    "Needs Analysis": "Pipeline",
+    "Value Proposition": "Pipeline",
+    "Id. Decision Makers": "Pipeline",
+    "Perception Analysis": "Pipeline",
+    "Proposal/Price Quote": "Best Case",
+    "Negotiation/Review": "Best Case",
+    "Customer's Legal Review": "Commit",
+    "Closed Won": "Closed",
+    "Closed Lost": "Omitted",
+}
 # Variant `custom_fields` (seed 002): migrated records carry their original creation date and creator.
-CUSTOM_FIELDS = {"Original_Created_Date__c": "datetime", "Original_Creator__c": "id", "Region__c": "string",
-                 "Legacy_Id__c": "string", "Partner_Account__c": "id"}
-CUSTOM_REFERENCES = {"Original_Creator__c": ("User", "Original_Creator__r"),
-                     "Partner_Account__c": ("Account", "Partner_Account__r")}
-ORG_CURRENCY = "USD"   # the corporate currency (Organization.DefaultCurrencyIsoCode)
+CUSTOM_FIELDS = {
+    "Original_Created_Date__c": "datetime",
+    "Original_Creator__c": "id",
+    "Region__c": "string",
+    "Legacy_Id__c": "string",
+    "Partner_Account__c": "id",
+}
+CUSTOM_REFERENCES = {
+    "Original_Creator__c": ("User", "Original_Creator__r"),
+    "Partner_Account__c": ("Account", "Partner_Account__r"),
+}
+ORG_CURRENCY = "USD"  # the corporate currency (Organization.DefaultCurrencyIsoCode)
 
 VARIANTS: dict[str, str] = {
     "default": "single-currency org (the Salesforce default: Opportunity has no CurrencyIsoCode, the currency is "
-               "Organization.DefaultCurrencyIsoCode), no custom fields, stage API names equal to their labels, "
-               "an API user with every optional right",
+    "Organization.DefaultCurrencyIsoCode), no custom fields, stage API names equal to their labels, "
+    "an API user with every optional right",
     "multi_currency": "multi-currency org: Opportunity.CurrencyIsoCode exists and each record has its own",
     "custom_fields": "custom fields on Opportunity: Original_Created_Date__c (datetime), Original_Creator__c "
-                     "(User lookup), Partner_Account__c (Account lookup), Region__c, Legacy_Id__c",
+    "(User lookup), Partner_Account__c (Account lookup), Region__c, Legacy_Id__c",
     "stage_api_names": "stages relabelled after creation: StageName carries the ApiName, users see the "
-                       "OpportunityStage MasterLabel, which differs",
+    "OpportunityStage MasterLabel, which differs",
     "no_optional_rights": "API user without 'View Setup and Configuration' (/limits: 403 INSUFFICIENT_ACCESS) and "
-                          "without access to OpportunityStage, Organization and User (SOQL and describe: "
-                          "400 INVALID_TYPE, the object is not visible to the user)",
+    "without access to OpportunityStage, Organization and User (SOQL and describe: "
+    "400 INVALID_TYPE, the object is not visible to the user)",
     "no_last_stage_change_date": "Opportunity.LastStageChangeDate hidden from the API user by field-level security "
-                                 "(what an API version before 52.0 also sees): describe does not list it, SOQL "
-                                 "naming it is 400 INVALID_FIELD",
+    "(what an API version before 52.0 also sees): describe does not list it, SOQL "
+    "naming it is 400 INVALID_FIELD",
 }
 # What the API user of `no_optional_rights` cannot see.
 REFUSED_OBJECTS = ("opportunitystage", "organization", "user")
@@ -140,16 +164,28 @@ REFUSED_OBJECTS = ("opportunitystage", "organization", "user")
 def profile(variant: str = "default") -> TenantProfile:
     relabel = RELABELLED if variant == "stage_api_names" else {}
     return TenantProfile(
-        crm=CRM, stages=[SimStage(s.key, relabel.get(s.key, s.label), s.is_closed, s.is_won, s.probability, s.order)
-                         for s in STAGES],
-        opportunity_id=lambda i: sf_id("006", i), user_id=lambda i: sf_id("005", i + 1),
-        account_id=lambda i: sf_id("001", i + 1), currencies=("USD", "EUR", "GBP"), users=25,
+        crm=CRM,
+        stages=[
+            SimStage(s.key, relabel.get(s.key, s.label), s.is_closed, s.is_won, s.probability, s.order) for s in STAGES
+        ],
+        opportunity_id=lambda i: sf_id("006", i),
+        user_id=lambda i: sf_id("005", i + 1),
+        account_id=lambda i: sf_id("001", i + 1),
+        currencies=("USD", "EUR", "GBP"),
+        users=25,
     )
 
 
-def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = None, clock: Clock | None = None,
-          *, daily_limit: int = DEFAULT_DAILY_LIMIT, multi_currency: bool | None = None,
-          variant: str = "default") -> SalesforceSimulator:
+def build(
+    seed: int = 42,
+    opportunities: int = 1000,
+    faults: FaultPlan | None = None,
+    clock: Clock | None = None,
+    *,
+    daily_limit: int = DEFAULT_DAILY_LIMIT,
+    multi_currency: bool | None = None,
+    variant: str = "default",
+) -> SalesforceSimulator:
     if variant not in VARIANTS:
         raise ValueError(f"unknown salesforce sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
     world = World(profile(variant), seed, opportunities, clock=clock)
@@ -176,10 +212,16 @@ def build(seed: int = 42, opportunities: int = 1000, faults: FaultPlan | None = 
             opp.close_date = opp.closed_at.date()
     if multi_currency is None:
         multi_currency = variant == "multi_currency"
-    return SalesforceSimulator(world, faults, daily_limit=daily_limit, multi_currency=multi_currency,
-                               custom_fields=variant == "custom_fields",
-                               optional_rights=variant != "no_optional_rights",
-                               last_stage_change_date=variant != "no_last_stage_change_date", variant=variant)
+    return SalesforceSimulator(
+        world,
+        faults,
+        daily_limit=daily_limit,
+        multi_currency=multi_currency,
+        custom_fields=variant == "custom_fields",
+        optional_rights=variant != "no_optional_rights",
+        last_stage_change_date=variant != "no_last_stage_change_date",
+        variant=variant,
+    )
 
 
 def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
@@ -197,12 +239,19 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
             else:
                 currency = ORG_CURRENCY if sim.optional_rights else None
             out[o.native_id] = {
-                "project_name": o.name, "client_name": acc.name if acc else None,
-                "service_location": _address_as_seen(acc), "owner_crm_id": w.users[o.owner].native_id,
+                "project_name": o.name,
+                "client_name": acc.name if acc else None,
+                "service_location": _address_as_seen(acc),
+                "owner_crm_id": w.users[o.owner].native_id,
                 "created_by_crm_id": w.users[o.creator].native_id,
-                "stage": st.label if sim.optional_rights else st.key, "stage_id": st.key,
-                "crm_status": FORECAST.get(st.key, "Pipeline"), "status": w.status(o), "amount": o.amount,
-                "currency": currency, "close_date": o.close_date, "created_at": o.created_at,
+                "stage": st.label if sim.optional_rights else st.key,
+                "stage_id": st.key,
+                "crm_status": FORECAST.get(st.key, "Pipeline"),
+                "status": w.status(o),
+                "amount": o.amount,
+                "currency": currency,
+                "close_date": o.close_date,
+                "created_at": o.created_at,
                 "crm_closed_at": _close_time_as_seen(sim, o),
             }
     return out
@@ -232,6 +281,7 @@ def _address_as_seen(acc: Any) -> str | None:
 
 # -- formats -----------------------------------------------------------------------------------------------------
 
+
 def sf_datetime(value: datetime | None) -> str | None:
     return fmt_datetime(value, ms=True, zone="+0000")
 
@@ -255,33 +305,34 @@ def _json_value(ftype: str, value: Any) -> Any:
 
 # -- schema ------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class FieldDef:
-    name: str                       # canonical API name, e.g. "Account.BillingCity"
-    type: str                       # id | string | picklist | number | currency | percent | date | datetime | boolean
+    name: str  # canonical API name, e.g. "Account.BillingCity"
+    type: str  # id | string | picklist | number | currency | percent | date | datetime | boolean
     get: Callable[[Any], Any]
     updatable: bool = False
-    reference_to: tuple[str, ...] = ()    # lookups: the sObject(s) the id refers to (describe `referenceTo`)
-    relationship: str | None = None        # lookups: the relationship name (`Owner`, `Original_Creator__r`)
-    textarea: bool = False                 # long text (describe type `textarea`)
-    since: str | None = None               # the API version that added the field (absent from older versions)
+    reference_to: tuple[str, ...] = ()  # lookups: the sObject(s) the id refers to (describe `referenceTo`)
+    relationship: str | None = None  # lookups: the relationship name (`Owner`, `Original_Creator__r`)
+    textarea: bool = False  # long text (describe type `textarea`)
+    since: str | None = None  # the API version that added the field (absent from older versions)
 
 
 @dataclass
 class Relationship:
-    name: str                       # "Account"
-    sobject: str                    # "Account"
+    name: str  # "Account"
+    sobject: str  # "Account"
     parent_id: Callable[[Any], str | None]
 
 
 @dataclass
 class SObject:
     name: str
-    fields: dict[str, FieldDef]      # lower-cased name (dotted for parent fields) -> definition
+    fields: dict[str, FieldDef]  # lower-cased name (dotted for parent fields) -> definition
     relationships: dict[str, Relationship]
-    rows: Callable[[bool], list[Any]]   # include_deleted -> rows in default order
+    rows: Callable[[bool], list[Any]]  # include_deleted -> rows in default order
     key: Callable[[Any], Any]
-    row: Callable[[Any], Any]           # key -> row
+    row: Callable[[Any], Any]  # key -> row
     url_id: Callable[[Any], str]
 
     def add(self, name: str, ftype: str, get: Callable[[Any], Any], updatable: bool = False, **kw: Any) -> None:
@@ -307,16 +358,27 @@ class SObject:
                 ftype = "reference"
             elif fd.textarea:
                 ftype = "textarea"
-            fields.append({"name": fd.name, "label": fd.name.removesuffix("__c").replace("_", " "), "type": ftype,
-                           "custom": fd.name.endswith("__c"), "nillable": fd.name != "Id",
-                           "referenceTo": list(fd.reference_to), "relationshipName": fd.relationship,
-                           "updateable": fd.updatable, "filterable": True, "sortable": True})
+            fields.append(
+                {
+                    "name": fd.name,
+                    "label": fd.name.removesuffix("__c").replace("_", " "),
+                    "type": ftype,
+                    "custom": fd.name.endswith("__c"),
+                    "nillable": fd.name != "Id",
+                    "referenceTo": list(fd.reference_to),
+                    "relationshipName": fd.relationship,
+                    "updateable": fd.updatable,
+                    "filterable": True,
+                    "sortable": True,
+                }
+            )
         return {"name": self.name, "label": self.name, "custom": False, "queryable": True, "fields": fields}
 
 
 # -- SOQL ----------------------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>\s+)
   | (?P<str>'(?:[^'\\]|\\.)*')
   | (?P<dt>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:\d{2}))
@@ -325,12 +387,44 @@ _TOKEN = re.compile(r"""
   | (?P<op><=|>=|!=|<>|=|<|>)
   | (?P<punct>[(),])
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
-""", re.X)
-_ESCAPES = {"'": "'", '"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f",
-            "_": "\\_", "%": "\\%"}
+""",
+    re.X,
+)
+_ESCAPES = {
+    "'": "'",
+    '"': '"',
+    "\\": "\\",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "b": "\b",
+    "f": "\f",
+    "_": "\\_",
+    "%": "\\%",
+}
 _ID = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
-_KEYWORDS = {"select", "from", "where", "and", "or", "not", "in", "like", "order", "by", "asc", "desc", "nulls",
-             "first", "last", "limit", "offset", "true", "false", "null"}
+_KEYWORDS = {
+    "select",
+    "from",
+    "where",
+    "and",
+    "or",
+    "not",
+    "in",
+    "like",
+    "order",
+    "by",
+    "asc",
+    "desc",
+    "nulls",
+    "first",
+    "last",
+    "limit",
+    "offset",
+    "true",
+    "false",
+    "null",
+}
 
 
 class SfError(HttpError):
@@ -384,8 +478,7 @@ def _unescape(body: str, pos: int) -> str:
         if ch == "\\":
             nxt = body[i + 1] if i + 1 < len(body) else ""
             if nxt not in _ESCAPES:
-                raise _malformed(f"line 1:{pos + i} Invalid string literal '{body}'. Illegal escape sequence "
-                                 f"'\\{nxt}'")
+                raise _malformed(f"line 1:{pos + i} Invalid string literal '{body}'. Illegal escape sequence '\\{nxt}'")
             out.append(_ESCAPES[nxt])
             i += 2
         else:
@@ -400,7 +493,7 @@ class Query:
     fields: list[FieldDef]
     count_only: bool
     where: Callable[[Any], bool] | None
-    order: list[tuple[FieldDef, bool, bool]]   # field, descending, nulls_first
+    order: list[tuple[FieldDef, bool, bool]]  # field, descending, nulls_first
     limit: int | None
     offset: int
 
@@ -428,8 +521,11 @@ class SoqlParser:
     def expect_kw(self, word: str) -> None:
         t = self.next()
         if not (t.kind == "kw" and t.value == word):
-            raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'" if t.kind != "eof"
-                             else f"line 1:{t.pos} mismatched input '<EOF>' expecting {word.upper()}")
+            raise _malformed(
+                f"line 1:{t.pos} unexpected token: '{t.text}'"
+                if t.kind != "eof"
+                else f"line 1:{t.pos} mismatched input '<EOF>' expecting {word.upper()}"
+            )
 
     def expect_punct(self, ch: str) -> None:
         t = self.next()
@@ -441,7 +537,9 @@ class SoqlParser:
         raw_fields: list[Tok] = []
         count_only = False
         if self.peek().kind == "ident" and self.peek().value.lower() == "count" and self.peek(1).text == "(":
-            self.next(); self.expect_punct("("); self.expect_punct(")")
+            self.next()
+            self.expect_punct("(")
+            self.expect_punct(")")
             count_only = True
         else:
             while True:
@@ -459,9 +557,13 @@ class SoqlParser:
             raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
         sobject = self.schemas.get(t.value.lower())
         if sobject is None:
-            raise HttpError(400, "INVALID_TYPE", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
-                            f"sObject type '{t.value}' is not supported. If you are attempting to use a custom "
-                            "object, be sure to append the '__c' after the entity name.")
+            raise HttpError(
+                400,
+                "INVALID_TYPE",
+                f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
+                f"sObject type '{t.value}' is not supported. If you are attempting to use a custom "
+                "object, be sure to append the '__c' after the entity name.",
+            )
         self.sobject = sobject
         fields, seen = [], set()
         for ft in raw_fields:
@@ -476,7 +578,8 @@ class SoqlParser:
             where = self.condition()
         order: list[tuple[FieldDef, bool, bool]] = []
         if self.is_kw("order"):
-            self.next(); self.expect_kw("by")
+            self.next()
+            self.expect_kw("by")
             while True:
                 fd = self.field(self.next())
                 desc = False
@@ -523,12 +626,16 @@ class SoqlParser:
         fd = self.sobject.fields.get(t.value.lower())
         if fd is None:
             if "." in t.value and t.value.split(".")[0].lower() not in self.sobject.relationships:
-                msg = (f"Didn't understand relationship '{t.value.split('.')[0]}' in field path. If you are "
-                       "attempting to use a custom relationship, be sure to append the '__r' after the custom "
-                       "relationship name.")
+                msg = (
+                    f"Didn't understand relationship '{t.value.split('.')[0]}' in field path. If you are "
+                    "attempting to use a custom relationship, be sure to append the '__r' after the custom "
+                    "relationship name."
+                )
             else:
-                msg = (f"No such column '{t.value.split('.')[-1]}' on entity '{self.sobject.name}'. If you are "
-                       "attempting to use a custom field, be sure to append the '__c' after the custom field name.")
+                msg = (
+                    f"No such column '{t.value.split('.')[-1]}' on entity '{self.sobject.name}'. If you are "
+                    "attempting to use a custom field, be sure to append the '__c' after the custom field name."
+                )
             raise HttpError(400, "INVALID_FIELD", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n{msg}")
         return fd
 
@@ -602,18 +709,26 @@ class SoqlParser:
             return lambda row: _norm(fd, get(row)) == value
         if op == "!=":
             return lambda row: _norm(fd, get(row)) != value
-        cmp = {"<": lambda a: a < value, "<=": lambda a: a <= value, ">": lambda a: a > value,
-               ">=": lambda a: a >= value}[op]
+        cmp = {
+            "<": lambda a: a < value,
+            "<=": lambda a: a <= value,
+            ">": lambda a: a > value,
+            ">=": lambda a: a >= value,
+        }[op]
         return lambda row: (a := _norm(fd, get(row))) is not None and cmp(a)
 
     def literal(self, fd: FieldDef, allow_null: bool = True) -> Any:
         t = self.next()
         if t.kind == "kw" and t.value == "null":
             return None
-        expected = {"datetime": ("dt", "dateTime", False), "date": ("date", "date", False),
-                    "number": ("num", "double", False), "currency": ("num", "currency", False),
-                    "percent": ("num", "percent", False), "boolean": ("bool", "boolean", False)}.get(
-            fd.type, ("str", "string", True))
+        expected = {
+            "datetime": ("dt", "dateTime", False),
+            "date": ("date", "date", False),
+            "number": ("num", "double", False),
+            "currency": ("num", "currency", False),
+            "percent": ("num", "percent", False),
+            "boolean": ("bool", "boolean", False),
+        }.get(fd.type, ("str", "string", True))
         kind, type_name, quoted = expected
         if kind == "bool":
             if t.kind == "kw" and t.value in ("true", "false"):
@@ -622,17 +737,24 @@ class SoqlParser:
             if fd.type == "id" and not _ID.match(t.value):
                 # an id that cannot be one is refused, not compared ("invalid ID field"); a well-formed id the
                 # org does not have matches nothing
-                raise HttpError(400, "INVALID_QUERY_FILTER_OPERATOR", f"\n{self.soql}\n^\nERROR at Row:1:Column:"
-                                f"{t.pos + 1}\ninvalid ID field: {t.value}")
+                raise HttpError(
+                    400,
+                    "INVALID_QUERY_FILTER_OPERATOR",
+                    f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\ninvalid ID field: {t.value}",
+                )
             return t.value
         if t.kind in ("punct", "op", "eof") or (t.kind == "kw" and t.value not in ("true", "false")):
             raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
         if t.kind == "ident":  # date literals such as TODAY are not modelled: treat as unknown
             raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
         quote = "should be enclosed in quotes" if quoted else "should not be enclosed in quotes"
-        raise HttpError(400, "INVALID_FIELD", f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
-                        f"value of filter criterion for field '{fd.name.split('.')[-1]}' must be of type "
-                        f"{type_name} and {quote}")
+        raise HttpError(
+            400,
+            "INVALID_FIELD",
+            f"\n{self.soql}\n^\nERROR at Row:1:Column:{t.pos + 1}\n"
+            f"value of filter criterion for field '{fd.name.split('.')[-1]}' must be of type "
+            f"{type_name} and {quote}",
+        )
 
 
 def _norm(fd: FieldDef, value: Any) -> Any:
@@ -670,10 +792,12 @@ def _sort_key(fd: FieldDef, desc: bool, nulls_first: bool) -> Callable[[Any], An
         if isinstance(v, str):
             v = v.lower()
         return (1, v)
+
     return key
 
 
 # -- LastStageChangeDate ------------------------------------------------------------------------------------------
+
 
 class StageChanges:
     """`Opportunity.LastStageChangeDate`: when StageName last changed. Nillable: an open record whose stage never
@@ -690,14 +814,15 @@ class StageChanges:
     def __init__(self, world: World):
         self.world = world
         self._seen: dict[str, tuple[str, datetime | None]] = {
-            o.native_id: (o.stage, o.closed_at) for o in world.opps.values()}
+            o.native_id: (o.stage, o.closed_at) for o in world.opps.values()
+        }
 
     def last_change(self, opp: Any) -> datetime | None:
         if self.world.stages[opp.stage].is_closed:
             self._seen[opp.native_id] = (opp.stage, opp.closed_at)
             return opp.closed_at
         seen = self._seen.get(opp.native_id)
-        if seen is None:                        # created since: in this stage from its creation
+        if seen is None:  # created since: in this stage from its creation
             self._seen[opp.native_id] = (opp.stage, None)
             return None
         stage, at = seen
@@ -720,12 +845,14 @@ def _over_request_limit(req: Request) -> Response | None:
     if uri > MAX_REQUEST_BYTES:
         return Response(414, b"<html><body>414 URI Too Long</body></html>", {"Content-Type": "text/html"})
     if uri + headers > MAX_REQUEST_BYTES:
-        return Response(431, b"<html><body>431 Request Header Fields Too Large</body></html>",
-                        {"Content-Type": "text/html"})
+        return Response(
+            431, b"<html><body>431 Request Header Fields Too Large</body></html>", {"Content-Type": "text/html"}
+        )
     return None
 
 
 # -- the simulator --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Cursor:
@@ -740,20 +867,29 @@ class SalesforceSimulator(Simulator):
     unfaulted = re.compile(r"^/__sandbox/|^/services/oauth2/")
     api_usage = spent_of("allocation")
 
-    def __init__(self, world: World, faults: FaultPlan | None = None, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
-                 multi_currency: bool = False, custom_fields: bool = False, optional_rights: bool = True,
-                 last_stage_change_date: bool = True, variant: str = "default"):
+    def __init__(
+        self,
+        world: World,
+        faults: FaultPlan | None = None,
+        *,
+        daily_limit: int = DEFAULT_DAILY_LIMIT,
+        multi_currency: bool = False,
+        custom_fields: bool = False,
+        optional_rights: bool = True,
+        last_stage_change_date: bool = True,
+        variant: str = "default",
+    ):
         super().__init__(world, faults)
         self.daily_limit = daily_limit
-        self.allocation = Window(lambda: self.daily_limit)   # the org's daily allocation; the sandbox never resets it
+        self.allocation = Window(lambda: self.daily_limit)  # the org's daily allocation; the sandbox never resets it
         self.multi_currency = multi_currency
         self.custom_fields = custom_fields
-        self.optional_rights = optional_rights   # False: View Setup, OpportunityStage, Organization, User refused
-        self.last_stage_change_date = last_stage_change_date   # False: the field is hidden (field-level security)
+        self.optional_rights = optional_rights  # False: View Setup, OpportunityStage, Organization, User refused
+        self.last_stage_change_date = last_stage_change_date  # False: the field is hidden (field-level security)
         self.stage_changes = StageChanges(world)
         self.variant = variant
-        self.tokens = TokenStore(world.clock.now)   # session ids: valid until the token_expiry fault
-        self.cursors = Snapshots(512, new_id=lambda n: to18(f"01gRO0000{_b62(n, 6)}"))   # query locators
+        self.tokens = TokenStore(world.clock.now)  # session ids: valid until the token_expiry fault
+        self.cursors = Snapshots(512, new_id=lambda n: to18(f"01gRO0000{_b62(n, 6)}"))  # query locators
         self.cache = QueryCache()
         self._signing_key = hashlib.sha256(f"sf-sandbox:{world.seed}".encode()).digest()
         self.schemas = self._schemas()
@@ -783,8 +919,11 @@ class SalesforceSimulator(Simulator):
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
         # Salesforce has no 429 on the REST API: a spent allocation is 403 REQUEST_LIMIT_EXCEEDED, final.
-        return Response.json([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
-                             403, {"Sforce-Limit-Info": self._usage_header()})
+        return Response.json(
+            [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+            403,
+            {"Sforce-Limit-Info": self._usage_header()},
+        )
 
     def expire_tokens(self) -> None:
         self.tokens.expire_all()
@@ -815,10 +954,12 @@ class SalesforceSimulator(Simulator):
         form = req.form()
         grant = form.get("grant_type")
         if grant != "client_credentials":
-            return Response.json({"error": "unsupported_grant_type", "error_description": "grant type not supported"},
-                                 400)
-        ok = (hmac.compare_digest(form.get("client_id", ""), SANDBOX_CREDENTIALS["client_id"])
-              and hmac.compare_digest(form.get("client_secret", ""), SANDBOX_CREDENTIALS["client_secret"]))
+            return Response.json(
+                {"error": "unsupported_grant_type", "error_description": "grant type not supported"}, 400
+            )
+        ok = hmac.compare_digest(form.get("client_id", ""), SANDBOX_CREDENTIALS["client_id"]) and hmac.compare_digest(
+            form.get("client_secret", ""), SANDBOX_CREDENTIALS["client_secret"]
+        )
         if not ok:
             return Response.json({"error": "invalid_grant", "error_description": "authentication failure"}, 400)
         token = f"{ORG_ID[:15]}!{secrets.token_urlsafe(48)}"
@@ -826,16 +967,26 @@ class SalesforceSimulator(Simulator):
         user_id = self.world.users[0].native_id
         identity = f"https://login.salesforce.com/id/{ORG_ID}/{user_id}"
         issued_at = str(int(time.time() * 1000))
-        signature = base64.b64encode(hmac.new(self._signing_key, (identity + issued_at).encode(),
-                                              hashlib.sha256).digest()).decode()
+        signature = base64.b64encode(
+            hmac.new(self._signing_key, (identity + issued_at).encode(), hashlib.sha256).digest()
+        ).decode()
         host = req.host
-        return Response.json({"access_token": token, "signature": signature, "scope": "api",
-                              "instance_url": f"http://{host}", "id": identity, "token_type": "Bearer",
-                              "issued_at": issued_at})
+        return Response.json(
+            {
+                "access_token": token,
+                "signature": signature,
+                "scope": "api",
+                "instance_url": f"http://{host}",
+                "id": identity,
+                "token_type": "Bearer",
+                "issued_at": issued_at,
+            }
+        )
 
     def _versions(self, req: Request) -> Response:
-        return Response.json([{"label": f"Release {v}", "url": f"/services/data/v{v}", "version": v}
-                              for v in API_VERSIONS])
+        return Response.json(
+            [{"label": f"Release {v}", "url": f"/services/data/v{v}", "version": v} for v in API_VERSIONS]
+        )
 
     def _resources(self, req: Request) -> Response:
         base = f"/services/data/v{req.params['version']}"
@@ -843,10 +994,15 @@ class SalesforceSimulator(Simulator):
 
     def _limits(self, req: Request) -> Response:
         if not self.optional_rights:
-            raise HttpError(403, "INSUFFICIENT_ACCESS", "You don't have permission to view this org's limits: the "
-                            "View Setup and Configuration permission is required")
-        return Response.json({"DailyApiRequests": {"Max": self.daily_limit,
-                                                   "Remaining": max(0, self.daily_limit - self.api_usage)}})
+            raise HttpError(
+                403,
+                "INSUFFICIENT_ACCESS",
+                "You don't have permission to view this org's limits: the "
+                "View Setup and Configuration permission is required",
+            )
+        return Response.json(
+            {"DailyApiRequests": {"Max": self.daily_limit, "Remaining": max(0, self.daily_limit - self.api_usage)}}
+        )
 
     # -- query ----------------------------------------------------------------------------------------------------
 
@@ -891,14 +1047,13 @@ class SalesforceSimulator(Simulator):
         for fd, desc, nulls_first in reversed(query.order):
             rows.sort(key=_sort_key(fd, desc, nulls_first), reverse=desc)
         end = None if query.limit is None else query.offset + query.limit
-        rows = rows[query.offset:end]
+        rows = rows[query.offset : end]
         return [query.sobject.key(r) for r in rows]
 
     def _page(self, version: str, cursor: _Cursor, offset: int, locator: str | None = None) -> Response:
         end = min(offset + cursor.batch, len(cursor.keys))
         sobject = cursor.query.sobject
-        records = [self._render(sobject, sobject.row(k), cursor.query.fields, version)
-                   for k in cursor.keys[offset:end]]
+        records = [self._render(sobject, sobject.row(k), cursor.query.fields, version) for k in cursor.keys[offset:end]]
         body: dict[str, Any] = {"totalSize": len(cursor.keys), "done": end >= len(cursor.keys)}
         if end < len(cursor.keys):
             if locator is None:
@@ -908,9 +1063,12 @@ class SalesforceSimulator(Simulator):
         return Response.json(body)
 
     def _render(self, sobject: SObject, row: Any, fields: list[FieldDef], version: str) -> dict[str, Any]:
-        rec: dict[str, Any] = {"attributes": {"type": sobject.name,
-                                              "url": f"/services/data/v{version}/sobjects/{sobject.name}/"
-                                                     f"{sobject.url_id(row)}"}}
+        rec: dict[str, Any] = {
+            "attributes": {
+                "type": sobject.name,
+                "url": f"/services/data/v{version}/sobjects/{sobject.name}/{sobject.url_id(row)}",
+            }
+        }
         for fd in fields:
             if "." in fd.name:
                 rel_name, leaf = fd.name.split(".", 1)
@@ -921,8 +1079,12 @@ class SalesforceSimulator(Simulator):
                     continue
                 parent = rec.get(rel.name)
                 if parent is None:
-                    parent = rec[rel.name] = {"attributes": {
-                        "type": rel.sobject, "url": f"/services/data/v{version}/sobjects/{rel.sobject}/{parent_id}"}}
+                    parent = rec[rel.name] = {
+                        "attributes": {
+                            "type": rel.sobject,
+                            "url": f"/services/data/v{version}/sobjects/{rel.sobject}/{parent_id}",
+                        }
+                    }
                 parent[leaf] = _json_value(fd.type, fd.get(row))
             else:
                 rec[fd.name] = _json_value(fd.type, fd.get(row))
@@ -931,8 +1093,11 @@ class SalesforceSimulator(Simulator):
     def visible_schemas(self, version: str) -> dict[str, SObject]:
         """The sObjects this API user can see, as API `version` describes them: an object without read access
         is, to SOQL and describe, an object that does not exist (400 INVALID_TYPE)."""
-        return {k: v.for_version(version) for k, v in self.schemas.items()
-                if self.optional_rights or k not in REFUSED_OBJECTS}
+        return {
+            k: v.for_version(version)
+            for k, v in self.schemas.items()
+            if self.optional_rights or k not in REFUSED_OBJECTS
+        }
 
     def _describe(self, req: Request) -> Response:
         name = req.params["sobject"]
@@ -959,20 +1124,35 @@ class SalesforceSimulator(Simulator):
             purge_before = w.clock.now() - timedelta(days=RECYCLE_BIN_DAYS)
             return [o for o in w.opps.values() if o.deleted_at is None or o.deleted_at >= purge_before]
 
-        opp = SObject("Opportunity", {}, {}, opp_rows,
-                      key=lambda o: o.native_id, row=lambda k: w.opps[k], url_id=lambda o: o.native_id)
+        opp = SObject(
+            "Opportunity",
+            {},
+            {},
+            opp_rows,
+            key=lambda o: o.native_id,
+            row=lambda k: w.opps[k],
+            url_id=lambda o: o.native_id,
+        )
         opp.add("Id", "id", lambda o: o.native_id)
         opp.add("Name", "string", lambda o: o.name, True)
-        opp.add("AccountId", "id", lambda o: accounts[o.account].native_id if o.account is not None else None, True,
-                reference_to=("Account",), relationship="Account")
-        opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True, reference_to=("User",),
-                relationship="Owner")
+        opp.add(
+            "AccountId",
+            "id",
+            lambda o: accounts[o.account].native_id if o.account is not None else None,
+            True,
+            reference_to=("Account",),
+            relationship="Account",
+        )
+        opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True, reference_to=("User",), relationship="Owner")
         opp.add("Amount", "currency", lambda o: o.amount, True)
         opp.add("StageName", "picklist", lambda o: o.stage, True)
         opp.add("ForecastCategoryName", "picklist", lambda o: FORECAST.get(o.stage, "Pipeline"))
         opp.add("Probability", "percent", lambda o: o.probability, True)
-        opp.add("ExpectedRevenue", "currency",
-                lambda o: None if o.amount is None else round(o.amount * (o.probability or 0) / 100, 2))
+        opp.add(
+            "ExpectedRevenue",
+            "currency",
+            lambda o: None if o.amount is None else round(o.amount * (o.probability or 0) / 100, 2),
+        )
         opp.add("CloseDate", "date", lambda o: o.close_date, True)
         opp.add("IsClosed", "boolean", lambda o: stages[o.stage].is_closed)
         opp.add("IsWon", "boolean", lambda o: stages[o.stage].is_won)
@@ -981,11 +1161,17 @@ class SalesforceSimulator(Simulator):
         opp.add("Description", "string", lambda o: (o.extra or {}).get("Description"), True, textarea=True)
         opp.add("NextStep", "string", lambda o: (o.extra or {}).get("NextStep"), True)
         opp.add("CreatedDate", "datetime", lambda o: o.created_at)
-        opp.add("CreatedById", "id", lambda o: users[o.creator].native_id, reference_to=("User",),
-                relationship="CreatedBy")
+        opp.add(
+            "CreatedById", "id", lambda o: users[o.creator].native_id, reference_to=("User",), relationship="CreatedBy"
+        )
         opp.add("LastModifiedDate", "datetime", modstamp)
-        opp.add("LastModifiedById", "id", lambda o: users[o.owner].native_id, reference_to=("User",),
-                relationship="LastModifiedBy")
+        opp.add(
+            "LastModifiedById",
+            "id",
+            lambda o: users[o.owner].native_id,
+            reference_to=("User",),
+            relationship="LastModifiedBy",
+        )
         opp.add("SystemModstamp", "datetime", modstamp)
         opp.add("IsDeleted", "boolean", lambda o: o.deleted_at is not None)
         if self.last_stage_change_date:
@@ -996,53 +1182,91 @@ class SalesforceSimulator(Simulator):
         if self.custom_fields:
             for name, ftype in CUSTOM_FIELDS.items():
                 ref, rel = CUSTOM_REFERENCES.get(name, (None, None))
-                opp.add(name, ftype, (lambda n: lambda o: (o.extra or {}).get(n))(name), True,
-                        reference_to=(ref,) if ref else (), relationship=rel)
-        account_fields = {"Id": ("id", lambda a: a.native_id), "Name": ("string", lambda a: a.name),
-                          "BillingStreet": ("string", lambda a: a.street), "BillingCity": ("string", lambda a: a.city),
-                          "BillingState": ("string", lambda a: a.state),
-                          "BillingPostalCode": ("string", lambda a: a.postal_code),
-                          "BillingCountry": ("string", lambda a: a.country),
-                          # The account's own change stamps: a rename moves them, never the Opportunity's
-                          # SystemModstamp. As parent fields they can be filtered on from Opportunity
-                          # (`Account.SystemModstamp >= X`), also inside an OR group.
-                          "LastModifiedDate": ("datetime", w.account_modified),
-                          "SystemModstamp": ("datetime", w.account_modified)}
-        user_fields = {"Id": ("id", lambda u: u.native_id), "Name": ("string", lambda u: u.name),
-                       "FirstName": ("string", lambda u: u.name.split(" ", 1)[0]),
-                       "LastName": ("string", lambda u: u.name.split(" ", 1)[-1]),
-                       "Email": ("string", lambda u: u.email),
-                       "Username": ("string", lambda u: u.email + ".oppsync"),
-                       "IsActive": ("boolean", lambda u: u.active),
-                       "UserType": ("picklist", lambda u: "Standard")}
+                opp.add(
+                    name,
+                    ftype,
+                    (lambda n: lambda o: (o.extra or {}).get(n))(name),
+                    True,
+                    reference_to=(ref,) if ref else (),
+                    relationship=rel,
+                )
+        account_fields = {
+            "Id": ("id", lambda a: a.native_id),
+            "Name": ("string", lambda a: a.name),
+            "BillingStreet": ("string", lambda a: a.street),
+            "BillingCity": ("string", lambda a: a.city),
+            "BillingState": ("string", lambda a: a.state),
+            "BillingPostalCode": ("string", lambda a: a.postal_code),
+            "BillingCountry": ("string", lambda a: a.country),
+            # The account's own change stamps: a rename moves them, never the Opportunity's
+            # SystemModstamp. As parent fields they can be filtered on from Opportunity
+            # (`Account.SystemModstamp >= X`), also inside an OR group.
+            "LastModifiedDate": ("datetime", w.account_modified),
+            "SystemModstamp": ("datetime", w.account_modified),
+        }
+        user_fields = {
+            "Id": ("id", lambda u: u.native_id),
+            "Name": ("string", lambda u: u.name),
+            "FirstName": ("string", lambda u: u.name.split(" ", 1)[0]),
+            "LastName": ("string", lambda u: u.name.split(" ", 1)[-1]),
+            "Email": ("string", lambda u: u.email),
+            "Username": ("string", lambda u: u.email + ".oppsync"),
+            "IsActive": ("boolean", lambda u: u.active),
+            "UserType": ("picklist", lambda u: "Standard"),
+        }
         for leaf, (ftype, get) in account_fields.items():
-            opp.add(f"Account.{leaf}", ftype,
-                    (lambda g: lambda o: g(accounts[o.account]) if o.account is not None else None)(get))
+            opp.add(
+                f"Account.{leaf}",
+                ftype,
+                (lambda g: lambda o: g(accounts[o.account]) if o.account is not None else None)(get),
+            )
         for rel, attr in (("Owner", "owner"), ("CreatedBy", "creator"), ("LastModifiedBy", "owner")):
             for leaf, (ftype, get) in user_fields.items():
                 opp.add(f"{rel}.{leaf}", ftype, (lambda g, a: lambda o: g(users[getattr(o, a)]))(get, attr))
         opp.relationships = {
-            "account": Relationship("Account", "Account",
-                                    lambda o: accounts[o.account].native_id if o.account is not None else None),
+            "account": Relationship(
+                "Account", "Account", lambda o: accounts[o.account].native_id if o.account is not None else None
+            ),
             "owner": Relationship("Owner", "User", lambda o: users[o.owner].native_id),
             "createdby": Relationship("CreatedBy", "User", lambda o: users[o.creator].native_id),
             "lastmodifiedby": Relationship("LastModifiedBy", "User", lambda o: users[o.owner].native_id),
         }
 
-        user = SObject("User", {}, {}, lambda deleted: list(users), key=lambda u: u.idx, row=lambda k: users[k],
-                       url_id=lambda u: u.native_id)
+        user = SObject(
+            "User",
+            {},
+            {},
+            lambda deleted: list(users),
+            key=lambda u: u.idx,
+            row=lambda k: users[k],
+            url_id=lambda u: u.native_id,
+        )
         for leaf, (ftype, get) in user_fields.items():
             user.add(leaf, ftype, get)
 
-        account = SObject("Account", {}, {}, lambda deleted: list(accounts), key=lambda a: a.idx,
-                          row=lambda k: accounts[k], url_id=lambda a: a.native_id)
+        account = SObject(
+            "Account",
+            {},
+            {},
+            lambda deleted: list(accounts),
+            key=lambda a: a.idx,
+            row=lambda k: accounts[k],
+            url_id=lambda a: a.native_id,
+        )
         for leaf, (ftype, get) in account_fields.items():
             account.add(leaf, ftype, get, textarea=leaf == "BillingStreet")
 
         stage_rows = sorted(stages.values(), key=lambda s: s.order)
         stage_id = {s.key: sf_id("01J", s.order) for s in stage_rows}
-        stage = SObject("OpportunityStage", {}, {}, lambda deleted: list(stage_rows), key=lambda s: s.key,
-                        row=lambda k: stages[k], url_id=lambda s: stage_id[s.key])
+        stage = SObject(
+            "OpportunityStage",
+            {},
+            {},
+            lambda deleted: list(stage_rows),
+            key=lambda s: s.key,
+            row=lambda k: stages[k],
+            url_id=lambda s: stage_id[s.key],
+        )
         stage.add("Id", "id", lambda s: stage_id[s.key])
         stage.add("MasterLabel", "string", lambda s: s.label)
         stage.add("ApiName", "string", lambda s: s.key)
@@ -1054,14 +1278,14 @@ class SalesforceSimulator(Simulator):
         stage.add("ForecastCategoryName", "picklist", lambda s: FORECAST.get(s.key, "Pipeline"))
         stage.add("SortOrder", "number", lambda s: s.order)
         stage.add("Description", "string", lambda s: None)
-        org = SObject("Organization", {}, {}, lambda deleted: [ORG_ID], key=lambda k: k, row=lambda k: k,
-                      url_id=lambda k: k)
+        org = SObject(
+            "Organization", {}, {}, lambda deleted: [ORG_ID], key=lambda k: k, row=lambda k: k, url_id=lambda k: k
+        )
         org.add("Id", "id", lambda k: k)
         org.add("Name", "string", lambda k: "oppsync sandbox org")
         org.add("DefaultCurrencyIsoCode", "picklist", lambda k: ORG_CURRENCY)
         org.add("OrganizationType", "picklist", lambda k: "Enterprise Edition")
-        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage,
-                "organization": org}
+        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage, "organization": org}
 
     # -- getDeleted / getUpdated ------------------------------------------------------------------------------------
 
@@ -1077,8 +1301,11 @@ class SalesforceSimulator(Simulator):
         start = truncate(start, timedelta(minutes=1))
         end = truncate(min(end, now), timedelta(minutes=1))
         if start >= end:
-            raise HttpError(400, "INVALID_REPLICATION_DATE", "startDate must chronologically precede endDate by "
-                                                             "more than one minute")
+            raise HttpError(
+                400,
+                "INVALID_REPLICATION_DATE",
+                "startDate must chronologically precede endDate by more than one minute",
+            )
         if start < now - timedelta(days=30):
             raise HttpError(400, "INVALID_REPLICATION_DATE", "startDate cannot be more than 30 days ago")
         return start, end, now
@@ -1087,19 +1314,26 @@ class SalesforceSimulator(Simulator):
         start, end, now = self._window(req)
         earliest = truncate(now - timedelta(days=GET_DELETED_DAYS), timedelta(minutes=1))
         with self.world.lock:
-            rows = [o for o in self.world.opps.values()
-                    if o.deleted_at is not None and max(start, earliest) <= o.deleted_at < end]
+            rows = [
+                o
+                for o in self.world.opps.values()
+                if o.deleted_at is not None and max(start, earliest) <= o.deleted_at < end
+            ]
         rows.sort(key=lambda o: o.deleted_at)  # type: ignore[arg-type, return-value]
-        return Response.json({"deletedRecords": [{"id": o.native_id, "deletedDate": sf_datetime(o.deleted_at)}
-                                                 for o in rows],
-                              "earliestDateAvailable": sf_datetime(earliest),
-                              "latestDateCovered": sf_datetime(end)})
+        return Response.json(
+            {
+                "deletedRecords": [{"id": o.native_id, "deletedDate": sf_datetime(o.deleted_at)} for o in rows],
+                "earliestDateAvailable": sf_datetime(earliest),
+                "latestDateCovered": sf_datetime(end),
+            }
+        )
 
     def _get_updated(self, req: Request) -> Response:
         start, end, _ = self._window(req)
         with self.world.lock:
-            ids = [o.native_id for o in self.world.opps.values()
-                   if o.deleted_at is None and start <= o.modified_at < end]
+            ids = [
+                o.native_id for o in self.world.opps.values() if o.deleted_at is None and start <= o.modified_at < end
+            ]
         return Response.json({"ids": ids, "latestDateCovered": sf_datetime(end)})
 
     # -- sObject rows ---------------------------------------------------------------------------------------------
@@ -1117,7 +1351,7 @@ class SalesforceSimulator(Simulator):
         if opp is None:
             raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")
         if opp.deleted_at is not None and opp.deleted_at < self.world.clock.now() - timedelta(days=RECYCLE_BIN_DAYS):
-            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")   # purged
+            raise HttpError(404, "NOT_FOUND", "The requested resource does not exist")  # purged
         if opp.deleted_at is not None and not include_deleted:
             raise HttpError(404, "ENTITY_IS_DELETED", "entity is deleted")
         return opp
@@ -1145,10 +1379,14 @@ class SalesforceSimulator(Simulator):
                 continue
             values[fd.name] = self._coerce(fd, value)
         if readonly:
-            raise SfError(400, "INVALID_FIELD_FOR_INSERT_UPDATE",
-                          f"Unable to create/update fields: {', '.join(readonly)}. Please check the security "
-                          "settings of this field and verify that it is read/write for your profile or "
-                          "permission set.", readonly)
+            raise SfError(
+                400,
+                "INVALID_FIELD_FOR_INSERT_UPDATE",
+                f"Unable to create/update fields: {', '.join(readonly)}. Please check the security "
+                "settings of this field and verify that it is read/write for your profile or "
+                "permission set.",
+                readonly,
+            )
         return values
 
     def _coerce(self, fd: FieldDef, value: Any) -> Any:
@@ -1162,14 +1400,21 @@ class SalesforceSimulator(Simulator):
             if fd.type in ("number", "currency", "percent"):
                 return float(value)
         except (TypeError, ValueError):
-            raise HttpError(400, "JSON_PARSER_ERROR",
-                            f"Cannot deserialize instance of {fd.type} from value {value!r}") from None
+            raise HttpError(
+                400, "JSON_PARSER_ERROR", f"Cannot deserialize instance of {fd.type} from value {value!r}"
+            ) from None
         if fd.name == "StageName" and value not in self.world.stages:
-            raise HttpError(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                            f"Stage: bad value for restricted picklist field: {value}")
+            raise HttpError(
+                400,
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                f"Stage: bad value for restricted picklist field: {value}",
+            )
         if fd.name == "CurrencyIsoCode" and value not in self.world.profile.currencies:
-            raise HttpError(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                            f"Opportunity Currency: bad value for restricted picklist field: {value}")
+            raise HttpError(
+                400,
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                f"Opportunity Currency: bad value for restricted picklist field: {value}",
+            )
         return value
 
     def _world_values(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -1181,8 +1426,9 @@ class SalesforceSimulator(Simulator):
             if name == "Name":
                 out["name"] = value
             elif name == "AccountId":
-                acc = None if value is None else self.world.account_by_native(
-                    value if len(value) == 18 else to18(value))
+                acc = (
+                    None if value is None else self.world.account_by_native(value if len(value) == 18 else to18(value))
+                )
                 if value is not None and acc is None:
                     raise HttpError(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id")
                 out["account"] = acc.idx if acc else None
@@ -1208,11 +1454,17 @@ class SalesforceSimulator(Simulator):
         values = self._values(req.json(), sobject)
         missing = [f for f in ("Name", "StageName", "CloseDate") if values.get(f) in (None, "")]
         if missing:
-            raise SfError(400, "REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]",
-                          missing)
+            raise SfError(
+                400, "REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing
+            )
         with self.world.lock:
-            defaults = {"account": None, "amount": None, "owner": 0, "creator": 0,
-                        "currency": self.world.profile.currencies[0]}
+            defaults = {
+                "account": None,
+                "amount": None,
+                "owner": 0,
+                "creator": 0,
+                "currency": self.world.profile.currencies[0],
+            }
             opp = self.world.create(**{**defaults, **self._world_values(values)})
         return Response.json({"id": opp.native_id, "success": True, "errors": []}, 201)
 
@@ -1222,8 +1474,7 @@ class SalesforceSimulator(Simulator):
         with self.world.lock:
             opp = self._find(req.params["id"])
             if "StageName" in values and values["StageName"] is None:
-                raise SfError(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [StageName]",
-                              ["StageName"])
+                raise SfError(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [StageName]", ["StageName"])
             self.world.update(opp.native_id, **self._world_values(values))
         return Response.empty(204)
 

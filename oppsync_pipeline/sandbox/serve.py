@@ -30,16 +30,29 @@ def sandbox_anchor(state_dir: Path = STATE_DIR) -> datetime:
     return anchor
 
 
-def start_sandbox(crms: tuple[str, ...] | None = None, *, seed: int = 42, opportunities: int = 2000,
-                  port_base: int | None = None, latency_ms: int = 0, faults: str | None = None,
-                  variants: list[str] | None = None) -> Sandbox:
+def start_sandbox(
+    crms: tuple[str, ...] | None = None,
+    *,
+    seed: int = 42,
+    opportunities: int = 2000,
+    port_base: int | None = None,
+    latency_ms: int = 0,
+    faults: str | None = None,
+    variants: list[str] | None = None,
+) -> Sandbox:
     """`oppsync sandbox serve`: the simulators on their registry ports (shifted to `port_base`), `faults` a
     JSON fault plan applied to each, `variants` as CRM=VARIANT."""
     crms = tuple(crms or CRMS)
-    return Sandbox(crms=crms, seed=seed, opportunities=opportunities, ports=serve_ports(crms, port_base),
-                   latency_ms=latency_ms, anchor=sandbox_anchor(),
-                   faults=FaultPlan.from_json(json.loads(faults)) if faults else None,
-                   variants=dict(v.split("=", 1) for v in variants or [])).start()
+    return Sandbox(
+        crms=crms,
+        seed=seed,
+        opportunities=opportunities,
+        ports=serve_ports(crms, port_base),
+        latency_ms=latency_ms,
+        anchor=sandbox_anchor(),
+        faults=FaultPlan.from_json(json.loads(faults)) if faults else None,
+        variants=dict(v.split("=", 1) for v in variants or []),
+    ).start()
 
 
 def variants() -> dict[str, dict[str, str]]:
@@ -62,9 +75,14 @@ class sandbox_if_enabled:
             url = urlparse(conn.base_url)
             if url.hostname not in ("127.0.0.1", "localhost") or answers(conn.base_url):
                 continue
-            sim = build_simulator(conn.crm, self.cfg.sandbox.seed, self.cfg.sandbox.opportunities,
-                                  FaultPlan(latency_ms=self.cfg.sandbox.latency_ms), anchor=anchor,
-                                  variant=self.cfg.sandbox.variants.get(conn.crm, "default"))
+            sim = build_simulator(
+                conn.crm,
+                self.cfg.sandbox.seed,
+                self.cfg.sandbox.opportunities,
+                FaultPlan(latency_ms=self.cfg.sandbox.latency_ms),
+                anchor=anchor,
+                variant=self.cfg.sandbox.variants.get(conn.crm, "default"),
+            )
             if self.advance_hours:
                 sim.world.advance(self.advance_hours)
             self.servers.append(SandboxServer(sim, port=url.port or 80).start())

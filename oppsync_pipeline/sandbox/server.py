@@ -9,6 +9,7 @@ as `oppsync sandbox serve`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import UTC
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,7 +35,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: dict[str, str]      # lower-cased names
+    headers: dict[str, str]  # lower-cased names
     body: bytes
     raw_path: str = ""
     params: dict[str, str] = field(default_factory=dict)  # from the route pattern
@@ -98,13 +99,28 @@ class HttpError(Exception):
 
 # -- faults ----------------------------------------------------------------------------------------------------
 
-FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "drop", "token_expiry", "malformed", "truncated",
-               "forbidden", "not_found", "bad_request", "wrong_shape", "echo_headers")
+FAULT_KINDS = (
+    "rate_limit",
+    "server_error",
+    "slow",
+    "timeout",
+    "drop",
+    "token_expiry",
+    "malformed",
+    "truncated",
+    "forbidden",
+    "not_found",
+    "bad_request",
+    "wrong_shape",
+    "echo_headers",
+)
 # Permanent errors, answered in the CRM's own error shape (error_response): a permission the API user lacks,
 # an object or path the tenant does not have, a query the CRM refuses. Retrying never helps.
-PERMANENT_FAULTS = {"forbidden": (403, "INSUFFICIENT_ACCESS", "The API user lacks permission for this operation"),
-                    "not_found": (404, "NOT_FOUND", "The requested resource does not exist"),
-                    "bad_request": (400, "INVALID_FIELD", "No such column on entity")}
+PERMANENT_FAULTS = {
+    "forbidden": (403, "INSUFFICIENT_ACCESS", "The API user lacks permission for this operation"),
+    "not_found": (404, "NOT_FOUND", "The requested resource does not exist"),
+    "bad_request": (400, "INVALID_FIELD", "No such column on entity"),
+}
 
 
 @dataclass
@@ -116,8 +132,8 @@ class FaultRule:
     after: int = 1
     count: int = 1
     probability: float | None = None
-    path: str | None = None           # regex on the path; control and auth endpoints are never faulted
-    seconds: float = 1.0              # for slow / timeout / Retry-After
+    path: str | None = None  # regex on the path; control and auth endpoints are never faulted
+    seconds: float = 1.0  # for slow / timeout / Retry-After
     fired: int = 0
     seen: int = 0
 
@@ -130,7 +146,7 @@ class FaultRule:
 class FaultPlan:
     rules: list[FaultRule] = field(default_factory=list)
     seed: int = 0
-    latency_ms: int = 0                # added to every request (benchmarks' latency floor)
+    latency_ms: int = 0  # added to every request (benchmarks' latency floor)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -168,13 +184,14 @@ def echo_request(req: Request) -> str:
 
 # -- the simulator base ------------------------------------------------------------------------------------------
 
+
 class Simulator:
     """Base of the five CRM simulators. Subclasses register routes and render errors in their CRM's shape."""
 
     crm: str = ""
     # Paths that are never faulted or rate-limited (token endpoints are faulted by their own rules if wanted).
     unfaulted = re.compile(r"^/__sandbox/")
-    route_flags = 0   # re flags of every route pattern (Autotask's IIS paths: re.IGNORECASE)
+    route_flags = 0  # re flags of every route pattern (Autotask's IIS paths: re.IGNORECASE)
 
     def __init__(self, world: World, faults: FaultPlan | None = None):
         self.world = world
@@ -269,7 +286,7 @@ class Simulator:
         if rule.kind == "truncated":
             cut = resp.body[: max(1, len(resp.body) // 2)]
             return Response(resp.status, cut, dict(resp.headers))
-        if rule.kind == "wrong_shape":   # valid JSON, right status, none of the keys the answer should have
+        if rule.kind == "wrong_shape":  # valid JSON, right status, none of the keys the answer should have
             return Response(resp.status, b'{"status": "COMPLETE"}', {"Content-Type": "application/json"})
         return resp
 
@@ -287,21 +304,29 @@ class Simulator:
     def _control_state(self, req: Request) -> Response:
         w = self.world
         live = [o for o in w.opps.values() if o.deleted_at is None]
-        return Response.json({
-            "crm": self.crm, "now": w.clock.now().isoformat() + "Z", "version": w.version,
-            "opportunities": len(live), "deleted": len(w.opps) - len(live),
-            "open": sum(1 for o in live if w.status(o) == "open"), "requests": self.request_count,
-        })
+        return Response.json(
+            {
+                "crm": self.crm,
+                "now": w.clock.now().isoformat() + "Z",
+                "version": w.version,
+                "opportunities": len(live),
+                "deleted": len(w.opps) - len(live),
+                "open": sum(1 for o in live if w.status(o) == "open"),
+                "requests": self.request_count,
+            }
+        )
 
 
 def _guarded(guard: Guard, handler: Handler) -> Handler:
     def guarded(req: Request) -> Response:
         early = guard(req)
         return early if early is not None else handler(req)
+
     return guarded
 
 
 # -- the server -----------------------------------------------------------------------------------------------
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -322,18 +347,22 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        req = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
-                      {k.lower(): v for k, v in self.headers.items()}, body, raw_path=self.path)
+        req = Request(
+            self.command,
+            parts.path,
+            parse_qs(parts.query, keep_blank_values=True),
+            {k.lower(): v for k, v in self.headers.items()},
+            body,
+            raw_path=self.path,
+        )
         resp = self.simulator.handle(req)
         if resp.drop:
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):  # the client may have gone already
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         self.send_response(resp.status)
-        now = self.simulator.world.clock.now().replace(tzinfo=timezone.utc)
+        now = self.simulator.world.clock.now().replace(tzinfo=UTC)
         headers = {"Date": format_datetime(now, usegmt=True), **resp.headers}
         truncated = False
         for k, v in headers.items():
@@ -372,8 +401,9 @@ class SandboxServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> SandboxServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name=f"sandbox-{self.simulator.crm}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name=f"sandbox-{self.simulator.crm}", daemon=True
+        )
         self._thread.start()
         return self
 

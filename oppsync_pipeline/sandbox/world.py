@@ -12,12 +12,12 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Clock:
@@ -59,9 +59,9 @@ class SimUser:
     native_id: str
     name: str
     email: str
-    kind: str = "user"          # user | team (Dataverse owners can be teams)
+    kind: str = "user"  # user | team (Dataverse owners can be teams)
     active: bool = True
-    alt_id: str | None = None   # HubSpot: the user id behind an owner (hs_created_by_user_id refers to it)
+    alt_id: str | None = None  # HubSpot: the user id behind an owner (hs_created_by_user_id refers to it)
 
 
 @dataclass(slots=True)
@@ -83,11 +83,11 @@ class SimAccount:
 
 @dataclass(slots=True)
 class SimStage:
-    key: str                # what the opportunity carries (stage name, stage id, status id ...)
+    key: str  # what the opportunity carries (stage name, stage id, status id ...)
     label: str
     is_closed: bool
     is_won: bool
-    probability: float      # 0-100
+    probability: float  # 0-100
     order: int
     pipeline: str = "default"
 
@@ -108,7 +108,7 @@ class SimOpportunity:
     created_at: datetime
     modified_at: datetime
     deleted_at: datetime | None = None
-    extra: dict[str, Any] | None = None   # custom fields and anything written that the world does not model
+    extra: dict[str, Any] | None = None  # custom fields and anything written that the world does not model
     # The sales stage, where the CRM keeps it apart from the status the world's `stage` models (ConnectWise
     # stage vs status, Autotask stage vs status, Dataverse business-process stage vs statuscode).
     sales_stage: str | None = None
@@ -129,7 +129,7 @@ class TenantProfile:
     account_id: Callable[[int], str]
     currencies: tuple[str, ...] = ("USD", "EUR", "GBP")
     precision: timedelta = timedelta(seconds=1)
-    team_owners: int = 0          # how many owners are teams (Dataverse)
+    team_owners: int = 0  # how many owners are teams (Dataverse)
     users: int = 25
     accounts_per_opportunity: float = 0.3
     # Sales stages kept apart from `stages` (which then are the CRM's statuses), in the CRM's order; the last
@@ -137,25 +137,95 @@ class TenantProfile:
     sales_stages: list[SimStage] | None = None
 
 
-FIRST = ["Dana", "Ana", "José", "Zoë", "Liam", "Chloé", "Noah", "Björn", "Mia", "Ōta", "Sven", "Priya", "O'Neil",
-         "Fatima", "Kai", "Léa", "Ivan", "Jürgen", "Aiko", "Sam"]
-LAST = ["Rep", "Müller", "O'Brien", "Nakamura", "García", "Smith", "Dubois", "Kowalski", "Chen", "Okafor",
-        "Johansson", "Rossi", "Nguyen", "Patel", "D'Angelo", "Schäfer"]
-COMPANY = ["Acme", "Globex", "Initech", "Umbrella", "Müller & Söhne", "O'Reilly Parts", "Stark; Industries",
-           "Wayne \"Enterprises\"", "Hooli", "Zürich Datenwerk", "Ōkami KK", "Soylent", "Tyrell", "Cyberdyne",
-           "Vandelay Imports", "Pied Piper", "Nordström AB", "Société Générale d'Essai"]
+FIRST = [
+    "Dana",
+    "Ana",
+    "José",
+    "Zoë",
+    "Liam",
+    "Chloé",
+    "Noah",
+    "Björn",
+    "Mia",
+    "Ōta",
+    "Sven",
+    "Priya",
+    "O'Neil",
+    "Fatima",
+    "Kai",
+    "Léa",
+    "Ivan",
+    "Jürgen",
+    "Aiko",
+    "Sam",
+]
+LAST = [
+    "Rep",
+    "Müller",
+    "O'Brien",
+    "Nakamura",
+    "García",
+    "Smith",
+    "Dubois",
+    "Kowalski",
+    "Chen",
+    "Okafor",
+    "Johansson",
+    "Rossi",
+    "Nguyen",
+    "Patel",
+    "D'Angelo",
+    "Schäfer",
+]
+COMPANY = [
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Müller & Söhne",
+    "O'Reilly Parts",
+    "Stark; Industries",
+    'Wayne "Enterprises"',
+    "Hooli",
+    "Zürich Datenwerk",
+    "Ōkami KK",
+    "Soylent",
+    "Tyrell",
+    "Cyberdyne",
+    "Vandelay Imports",
+    "Pied Piper",
+    "Nordström AB",
+    "Société Générale d'Essai",
+]
 SUFFIX = ["Corp", "GmbH", "Ltd", "Inc.", "SA", "AB", "KK", "LLC"]
-DEAL = ["500 seats", "Renewal", "Managed Services", "Phase 2", "Firewall refresh", "M365 migration",
-        "Backup & DR", "Helpdesk \"Gold\"", "VoIP rollout; 3 sites", "Ünified comms", "SOC 2 audit", "Cloud lift"]
-CITIES = [("Austin", "TX", "78701", "USA"), ("München", None, "80331", "Germany"), ("London", None, "EC1A", "UK"),
-          ("Lyon", None, "69001", "France"), ("Tokyo", None, "100-0001", "Japan"), ("Denver", "CO", "80202", "USA")]
+DEAL = [
+    "500 seats",
+    "Renewal",
+    "Managed Services",
+    "Phase 2",
+    "Firewall refresh",
+    "M365 migration",
+    "Backup & DR",
+    'Helpdesk "Gold"',
+    "VoIP rollout; 3 sites",
+    "Ünified comms",
+    "SOC 2 audit",
+    "Cloud lift",
+]
+CITIES = [
+    ("Austin", "TX", "78701", "USA"),
+    ("München", None, "80331", "Germany"),
+    ("London", None, "EC1A", "UK"),
+    ("Lyon", None, "69001", "France"),
+    ("Tokyo", None, "100-0001", "Japan"),
+    ("Denver", "CO", "80202", "USA"),
+]
 
 
 class World:
     """One CRM tenant. All mutation goes through methods that take the lock and bump `version`."""
 
-    def __init__(self, profile: TenantProfile, seed: int = 42, opportunities: int = 1000,
-                 clock: Clock | None = None):
+    def __init__(self, profile: TenantProfile, seed: int = 42, opportunities: int = 1000, clock: Clock | None = None):
         self.profile = profile
         self.seed = seed
         self.rng = random.Random(f"{profile.crm}:{seed}")
@@ -177,24 +247,40 @@ class World:
         rng, p = self.rng, self.profile
         for i in range(p.users):
             first, last = rng.choice(FIRST), rng.choice(LAST)
-            self.users.append(SimUser(i, p.user_id(i), f"{first} {last}",
-                                      f"{first}.{last}{i}@example.com".lower().replace("'", ""),
-                                      active=rng.random() > 0.05))
+            self.users.append(
+                SimUser(
+                    i,
+                    p.user_id(i),
+                    f"{first} {last}",
+                    f"{first}.{last}{i}@example.com".lower().replace("'", ""),
+                    active=rng.random() > 0.05,
+                )
+            )
         for j in range(p.team_owners):
             i = len(self.users)
-            self.users.append(SimUser(i, p.user_id(i), f"Team {rng.choice(COMPANY)} {j}", f"team{j}@example.com",
-                                      kind="team"))
+            self.users.append(
+                SimUser(i, p.user_id(i), f"Team {rng.choice(COMPANY)} {j}", f"team{j}@example.com", kind="team")
+            )
         n_accounts = max(5, int(n * p.accounts_per_opportunity))
         for i in range(n_accounts):
             city = rng.choice(CITIES)
             missing = rng.random() < 0.1  # some accounts have no address at all
-            self.accounts.append(SimAccount(
-                i, p.account_id(i), f"{rng.choice(COMPANY)} {rng.choice(SUFFIX)} {i}",
-                None if missing else f"{rng.randint(1, 999)} {rng.choice(['Main St', 'Hauptstraße', 'Rue de l’Église'])}",
-                None if missing else city[0], None if missing else city[1],
-                None if missing else city[2], None if missing else city[3],
-                site_id=str(1000 + i), site_name="Main" if rng.random() < 0.8 else f"Branch {i % 7}",
-            ))
+            self.accounts.append(
+                SimAccount(
+                    i,
+                    p.account_id(i),
+                    f"{rng.choice(COMPANY)} {rng.choice(SUFFIX)} {i}",
+                    None
+                    if missing
+                    else f"{rng.randint(1, 999)} {rng.choice(['Main St', 'Hauptstraße', 'Rue de l’Église'])}",
+                    None if missing else city[0],
+                    None if missing else city[1],
+                    None if missing else city[2],
+                    None if missing else city[3],
+                    site_id=str(1000 + i),
+                    site_name="Main" if rng.random() < 0.8 else f"Branch {i % 7}",
+                )
+            )
         now = truncate(self.clock.start, timedelta(seconds=1))  # not now(): real milliseconds would leak in
         two_years = 730 * 24 * 3600
         for _ in range(n):
@@ -209,13 +295,23 @@ class World:
         creator = owner if rng.random() < 0.6 else rng.randrange(p.users)  # creators are users, never teams
         st = self.stages[stage] if stage else rng.choice(list(self.stages.values()))
         account = None if rng.random() < 0.03 else rng.randrange(len(self.accounts))
-        name = f"{self.accounts[account].name.split(' ')[0] if account is not None else 'Prospect'} - {rng.choice(DEAL)}"
+        name = (
+            f"{self.accounts[account].name.split(' ')[0] if account is not None else 'Prospect'} - {rng.choice(DEAL)}"
+        )
         return SimOpportunity(
-            native_id="", seq=0, name=name, account=account, owner=owner, creator=creator, stage=st.key,
+            native_id="",
+            seq=0,
+            name=name,
+            account=account,
+            owner=owner,
+            creator=creator,
+            stage=st.key,
             amount=None if rng.random() < 0.05 else round(rng.uniform(500, 250_000), 2),
-            currency=rng.choice(p.currencies), probability=st.probability,
+            currency=rng.choice(p.currencies),
+            probability=st.probability,
             close_date=(created + timedelta(days=rng.randint(7, 180))).date(),
-            created_at=created, modified_at=max(modified, created),
+            created_at=created,
+            modified_at=max(modified, created),
         )
 
     def _insert(self, opp: SimOpportunity) -> SimOpportunity:
@@ -310,8 +406,9 @@ class World:
             self.version += 1
             return self._insert(opp)
 
-    def update(self, native_id: str, *, bump: bool = True, touch_time: datetime | None = None,
-               **values: Any) -> SimOpportunity:
+    def update(
+        self, native_id: str, *, bump: bool = True, touch_time: datetime | None = None, **values: Any
+    ) -> SimOpportunity:
         """Change fields; `bump=False` reproduces changes that do not move the change cursor
         (Salesforce formula fields, HubSpot archiving)."""
         with self.lock:
@@ -349,8 +446,11 @@ class World:
         its opportunities' does not."""
         with self.lock:
             acc = self.accounts[idx]
-            acc.name = name if name is not None else (
-                acc.name + " (renamed)" if not acc.name.endswith(")") else acc.name[:-10])
+            acc.name = (
+                name
+                if name is not None
+                else (acc.name + " (renamed)" if not acc.name.endswith(")") else acc.name[:-10])
+            )
             acc.modified_at = at or self.clock.now()
             self.version += 1
             return acc
@@ -374,8 +474,18 @@ class World:
         Changes come in bursts that share one timestamp (a mass update), some change values without
         moving the change cursor (formula / roll-up fields, account renames), deletions do not bump it.
         """
-        counts = dict(created=0, stage_moved=0, amount_edited=0, won=0, lost=0, reopened=0, deleted=0,
-                      owner_changed=0, account_renamed=0, silent_changed=0)
+        counts = dict(
+            created=0,
+            stage_moved=0,
+            amount_edited=0,
+            won=0,
+            lost=0,
+            reopened=0,
+            deleted=0,
+            owner_changed=0,
+            account_renamed=0,
+            silent_changed=0,
+        )
         rng = self.rng
         with self.lock:
             whole = int(hours)
@@ -390,12 +500,26 @@ class World:
                 ids = list(self.opps) if len(self.opps) < 50_000 else None
                 for i in range(n_changes):
                     # a third of the changes land in one burst sharing a single timestamp
-                    at = burst_at if i % 3 == 0 else truncate(start + timedelta(seconds=rng.randrange(span)),
-                                                              self.profile.precision)
+                    at = (
+                        burst_at
+                        if i % 3 == 0
+                        else truncate(start + timedelta(seconds=rng.randrange(span)), self.profile.precision)
+                    )
                     kind = rng.choices(
-                        ["created", "stage_moved", "amount_edited", "won", "lost", "reopened", "deleted",
-                         "owner_changed", "account_renamed", "silent_changed"],
-                        weights=[20, 25, 15, 8, 7, 3, 3, 8, 2, 2])[0]
+                        [
+                            "created",
+                            "stage_moved",
+                            "amount_edited",
+                            "won",
+                            "lost",
+                            "reopened",
+                            "deleted",
+                            "owner_changed",
+                            "account_renamed",
+                            "silent_changed",
+                        ],
+                        weights=[20, 25, 15, 8, 7, 3, 3, 8, 2, 2],
+                    )[0]
                     if kind == "created":
                         opp = self._random_opportunity(at, at, stage=self.stage_for(None, "open").key)
                         self._insert(opp)

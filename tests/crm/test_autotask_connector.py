@@ -17,8 +17,9 @@ CREDS = dict(at.SANDBOX_CREDENTIALS)
 
 
 def make_conn(url: str, **kw) -> ConnectionConfig:
-    return ConnectionConfig(name="at-test", crm="autotask", base_url=url,
-                            credentials={k: "${AT_" + k.upper() + "}" for k in CREDS}, **kw)
+    return ConnectionConfig(
+        name="at-test", crm="autotask", base_url=url, credentials={k: "${AT_" + k.upper() + "}" for k in CREDS}, **kw
+    )
 
 
 def connector(url: str, creds=None, **kw) -> AutotaskConnector:
@@ -50,14 +51,23 @@ def expected(sim: at.AutotaskSimulator, o) -> dict:
         parts = [*(line1 or "").split("\n"), line2, acc.city, acc.state, acc.postal_code, country]
         location = ", ".join(x for x in parts if x) or None
     stage = w.sales_stages[o.sales_stage]
-    return dict(project_name=o.name, client_name=acc.name if acc else None, service_location=location,
-                sales_executive=executive, owner_crm_id=w.users[o.owner].native_id, stage=stage.label,
-                stage_id=stage.key, crm_status=w.stages[o.stage].label,
-                status=w.status(o), amount=o.amount if o.amount is not None else 0.0,
-                close_date=o.close_date, probability=float(int(round(o.probability or 0))),
-                created_at=o.created_at.replace(microsecond=o.created_at.microsecond // 1000 * 1000),
-                created_by_crm_id=w.users[o.creator].native_id,
-                modified_at=o.modified_at.replace(microsecond=o.modified_at.microsecond // 1000 * 1000))
+    return dict(
+        project_name=o.name,
+        client_name=acc.name if acc else None,
+        service_location=location,
+        sales_executive=executive,
+        owner_crm_id=w.users[o.owner].native_id,
+        stage=stage.label,
+        stage_id=stage.key,
+        crm_status=w.stages[o.stage].label,
+        status=w.status(o),
+        amount=o.amount if o.amount is not None else 0.0,
+        close_date=o.close_date,
+        probability=float(int(round(o.probability or 0))),
+        created_at=o.created_at.replace(microsecond=o.created_at.microsecond // 1000 * 1000),
+        created_by_crm_id=w.users[o.creator].native_id,
+        modified_at=o.modified_at.replace(microsecond=o.modified_at.microsecond // 1000 * 1000),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,7 @@ def served():
 
 def test_full_sync_equals_world_field_by_field(served):
     sim, srv = served
-    c = connector(srv.url)          # default page size 500: the open set has more than 500 rows
+    c = connector(srv.url)  # default page size 500: the open set has more than 500 rows
     got = fetch(c)
     live = {o.native_id: o for o in sim.world.live()}
     assert set(got) == set(live)
@@ -96,11 +106,22 @@ def test_stages_from_the_stage_picklist_statuses_from_the_status_picklist(served
     sim, srv = served
     c = connector(srv.url)
     assert {k: s.label for k, s in c.stages().items()} == {
-        "1": "Prospect", "2": "Qualified", "3": "Proposal", "4": "Negotiation", "5": "Verbal", "6": "Closed Won",
-        "7": "Closed Lost"}
+        "1": "Prospect",
+        "2": "Qualified",
+        "3": "Proposal",
+        "4": "Negotiation",
+        "5": "Verbal",
+        "6": "Closed Won",
+        "7": "Closed Lost",
+    }
     assert {k: (s.label, s.category) for k, s in c.statuses().items()} == {
-        "0": ("Not Ready To Buy", "open"), "1": ("Active", "open"), "2": ("Lost", "lost"),
-        "3": ("Closed", "won"), "4": ("Implemented", "won"), "5": ("On Hold", "open")}
+        "0": ("Not Ready To Buy", "open"),
+        "1": ("Active", "open"),
+        "2": ("Lost", "lost"),
+        "3": ("Closed", "won"),
+        "4": ("Implemented", "won"),
+        "5": ("On Hold", "open"),
+    }
     assert c.stage_name("6") == "Closed Won" and c.stage_name("99") == "99"
     assert c.stats.warnings == []
 
@@ -131,8 +152,8 @@ def test_incremental_returns_every_change_with_ties():
         assert by_company
         changed |= by_company
         burst = [o.modified_at for o in sim.world.live() if o.modified_at >= since]
-        assert len(burst) > len(set(burst))         # several records share one timestamp
-        c = connector(srv.url, page_size=7)       # many pages
+        assert len(burst) > len(set(burst))  # several records share one timestamp
+        c = connector(srv.url, page_size=7)  # many pages
         got = fetch(c, since=since)
         assert set(got) == changed
         # the tie boundary: since == an exact shared timestamp is inclusive
@@ -159,7 +180,7 @@ def test_open_statuses_override_by_label_and_value(served):
     c2 = connector(srv.url, open_statuses=["0", "On Hold"])
     open2 = {o.source_id: o for p in c2.opportunities(open_set=True, since=None) for o in p}
     assert set(open2) == {o.native_id for o in live if o.stage in ("0", "5")}
-    assert {o.status for o in open2.values()} == {"open"}      # by value or by label: open, as the set says
+    assert {o.status for o in open2.values()} == {"open"}  # by value or by label: open, as the set says
     closed2 = [o for p in c2.opportunities(open_set=False, since=None) for o in p]
     assert {o.status for o in closed2 if o.crm_status == "Active"} == {"lost"}
 
@@ -167,9 +188,13 @@ def test_open_statuses_override_by_label_and_value(served):
 def test_filters_pushed_down_and_injection_safe(served):
     sim, srv = served
     live = list(sim.world.live())
-    c = connector(srv.url, filters=[RecordFilter(field="amount", op="at_least", value=100000),
-                                    RecordFilter(field="ownerResourceID", op="in",
-                                                 value=[int(u.native_id) for u in sim.world.users[:10]])])
+    c = connector(
+        srv.url,
+        filters=[
+            RecordFilter(field="amount", op="at_least", value=100000),
+            RecordFilter(field="ownerResourceID", op="in", value=[int(u.native_id) for u in sim.world.users[:10]]),
+        ],
+    )
     got = fetch(c)
     want = {o.native_id for o in live if (o.amount or 0) >= 100000 and o.owner < 10}
     assert set(got) == want and want
@@ -179,18 +204,24 @@ def test_filters_pushed_down_and_injection_safe(served):
     c = connector(srv.url, filters=[RecordFilter(field="udf:Region", op="equal", value=region)])
     got = fetch(c)
     assert set(got) == {o.native_id for o in live if sim._udf(o, "Region") == region} and got
-    for hostile in ("x' or '1'='1", 'x" }, {"op": "gt", "field": "id", "value": 0', "x\\\"]"):
+    for hostile in ("x' or '1'='1", 'x" }, {"op": "gt", "field": "id", "value": 0', 'x\\"]'):
         c = connector(srv.url, filters=[RecordFilter(field="title", op="equal", value=hostile)])
         assert fetch(c) == {}
     assert render_filter(RecordFilter(field="udf:Region", op="not_equal", value="a'b")) == {
-        "op": "noteq", "field": "Region", "value": "a'b", "udf": True}
+        "op": "noteq",
+        "field": "Region",
+        "value": "a'b",
+        "udf": True,
+    }
 
 
 def test_validate_connection():
     cls = connector_class("autotask")
-    ok = make_conn("https://webservices.autotask.net",
-                   filters=[RecordFilter(field="udf:Region", op="equal", value="W")],
-                   fields={"created_at": "udf:Original Create Date"})
+    ok = make_conn(
+        "https://webservices.autotask.net",
+        filters=[RecordFilter(field="udf:Region", op="equal", value="W")],
+        fields={"created_at": "udf:Original Create Date"},
+    )
     assert cls.validate_connection(ok) == []
     bad = make_conn("https://webservices.autotask.net", filters=[RecordFilter(field="Regio", op="equal", value="W")])
     problems = cls.validate_connection(bad)
@@ -199,21 +230,22 @@ def test_validate_connection():
 
 def test_created_fields_from_user_defined_fields(served):
     sim, srv = served
-    c = connector(srv.url, fields={"created_at": "udf:Original Create Date",
-                                   "created_by_crm_id": "udf:Original Creator"})
+    c = connector(
+        srv.url, fields={"created_at": "udf:Original Create Date", "created_by_crm_id": "udf:Original Creator"}
+    )
     got = fetch(c, sets=(True,))
     legacy = [o for o in got.values() if o.raw["userDefinedFields"][1]["value"]]
     assert legacy and len(legacy) < len(got)
     for o in legacy:
         w = sim.world.get(o.source_id)
         assert o.created_at == (w.created_at - timedelta(days=30)).replace(
-            microsecond=w.created_at.microsecond // 1000 * 1000)
+            microsecond=w.created_at.microsecond // 1000 * 1000
+        )
         assert o.created_by_crm_id == str(at.USER_BASE + w.seq % 25)
 
 
 def test_zone_move_mid_paging_is_rediscovered():
-    sim = at.build(seed=13, opportunities=700,
-                   faults=FaultPlan([FaultRule("token_expiry", after=3, path="/query")]))
+    sim = at.build(seed=13, opportunities=700, faults=FaultPlan([FaultRule("token_expiry", after=3, path="/query")]))
     with SandboxServer(sim) as srv:
         c = connector(srv.url, page_size=50)
         got = fetch(c)
@@ -240,6 +272,7 @@ def test_threshold_429_waits_for_the_rolling_hour():
         def sleep(seconds):
             slept.append(seconds)
             sim.world.clock.advance(timedelta(seconds=seconds + 3600))
+
         c = AutotaskConnector(make_conn(srv.url, page_size=100), dict(CREDS), sleep=sleep)
         c.stages()
         # another integration on the same database spends the rest of the hour

@@ -16,8 +16,12 @@ from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.server import SandboxServer
 
 CREDS = dict(at.SANDBOX_CREDENTIALS)
-HEADERS = {"ApiIntegrationCode": CREDS["integration_code"], "UserName": CREDS["username"],
-           "Secret": CREDS["secret"], "Content-Type": "application/json"}
+HEADERS = {
+    "ApiIntegrationCode": CREDS["integration_code"],
+    "UserName": CREDS["username"],
+    "Secret": CREDS["secret"],
+    "Content-Type": "application/json",
+}
 
 
 def connector(url: str, **kw) -> tuple[AutotaskConnector, list[str]]:
@@ -25,14 +29,19 @@ def connector(url: str, **kw) -> tuple[AutotaskConnector, list[str]]:
     seen: list[str] = []
     session = requests.Session()
     session.hooks["response"].append(lambda r, *a, **k: seen.append(f"{r.request.method} {r.request.url}"))
-    conn = ConnectionConfig(name="at-history", crm="autotask", base_url=url,
-                            credentials={k: "${AT_" + k.upper() + "}" for k in CREDS}, **kw)
+    conn = ConnectionConfig(
+        name="at-history", crm="autotask", base_url=url, credentials={k: "${AT_" + k.upper() + "}" for k in CREDS}, **kw
+    )
     return AutotaskConnector(conn, dict(CREDS), session=session, sleep=lambda s: None), seen
 
 
 def fetch(c: AutotaskConnector) -> dict:
-    return {o.source_id: o for open_set in (True, False)
-            for page in c.opportunities(open_set=open_set, since=None) for o in page}
+    return {
+        o.source_id: o
+        for open_set in (True, False)
+        for page in c.opportunities(open_set=open_set, since=None)
+        for o in page
+    }
 
 
 def by_id(c: AutotaskConnector, ids) -> dict:
@@ -53,6 +62,7 @@ def served():
 
 
 # -- (a) close time -------------------------------------------------------------------------------------------------
+
 
 def test_closed_records_carry_the_crms_close_time_not_the_last_edit(served):
     sim, srv = served
@@ -85,8 +95,9 @@ def test_a_close_made_now_is_dated_now_and_a_reopen_clears_it(served):
 
     def set_status(value: int):
         w.clock.advance(timedelta(minutes=5))
-        r = requests.patch(api + "Opportunities", data=json.dumps({"id": int(oid), "status": value}),
-                           headers=HEADERS, timeout=10)
+        r = requests.patch(
+            api + "Opportunities", data=json.dumps({"id": int(oid), "status": value}), headers=HEADERS, timeout=10
+        )
         assert r.status_code == 200, r.text
         c, _ = connector(srv.url)
         return by_id(c, [oid])[oid]
@@ -111,6 +122,7 @@ def test_a_date_only_close_value_reads_as_midnight_utc(served):
 
 # -- (b) the tenant without lostDate, and without entityInformation ---------------------------------------------------
 
+
 def test_tenant_without_lost_date_falls_back_for_lost_records_only():
     sim = at.build(seed=22, opportunities=150, variant="no_lost_date")
     with SandboxServer(sim) as srv:
@@ -123,12 +135,12 @@ def test_tenant_without_lost_date_falls_back_for_lost_records_only():
         rec = got[o.native_id]
         if w.status(o) == "won":
             assert (rec.crm_closed_at, rec.crm_closed_at_field) == (o.closed_at, "closedDate")
-        else:   # lost: nothing in the CRM; the reconcile dates the close by modified_at
+        else:  # lost: nothing in the CRM; the reconcile dates the close by modified_at
             assert (rec.crm_closed_at, rec.crm_closed_at_field) == (None, None)
     note = c.capabilities["close time of lost opportunities (lostDate)"]
     assert not note.available and "lastActivity" in note.detail
     assert c.capabilities["close time of won opportunities (closedDate)"].available
-    assert not c.stats.warnings          # a documented absence, not a refused read
+    assert not c.stats.warnings  # a documented absence, not a refused read
 
 
 def test_without_entity_information_the_close_time_is_read_from_the_records():
@@ -144,6 +156,7 @@ def test_without_entity_information_the_close_time_is_read_from_the_records():
 
 # -- (c) fetch_by_ids ----------------------------------------------------------------------------------------------
 
+
 def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_and_batches(served):
     sim, srv = served
     w = sim.world
@@ -152,9 +165,11 @@ def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_and_b
         w.delete(oid)
     live = {o.native_id for o in w.live()}
     unknown = ["1", str(at.OPP_BASE + 10_000_000), "not-an-id"]
-    ids = sorted(live) + deleted + unknown + sorted(live)[:20]        # duplicates are read once
-    filters = [RecordFilter(field="amount", op="at_least", value=200000), RecordFilter(field="status", op="equal",
-                                                                                       value=1)]
+    ids = sorted(live) + deleted + unknown + sorted(live)[:20]  # duplicates are read once
+    filters = [
+        RecordFilter(field="amount", op="at_least", value=200000),
+        RecordFilter(field="status", op="equal", value=1),
+    ]
     c, seen = connector(srv.url, filters=filters)
     got = by_id(c, ids)
     assert set(got) == live
@@ -172,22 +187,29 @@ def test_fetch_by_ids_with_nothing_known_reads_nothing_and_fails_nothing(served)
     sim, srv = served
     c, seen = connector(srv.url)
     assert by_id(c, []) == {} and by_id(c, ["12", "x"]) == {}
-    assert len([u for u in seen if "/Opportunities/query" in u]) == 1      # "x" is no Autotask id
+    assert len([u for u in seen if "/Opportunities/query" in u]) == 1  # "x" is no Autotask id
 
 
 # -- (d) filters evaluated in Python agree with Autotask's -----------------------------------------------------------
 
-@pytest.mark.parametrize("filters", [
-    [RecordFilter(field="amount", op="at_least", value=100000)],
-    [RecordFilter(field="amount", op="less_than", value=5000.5)],
-    [RecordFilter(field="status", op="in", value=[2, 3])],
-    [RecordFilter(field="udf:Region", op="equal", value="west")],            # Autotask ignores case
-    [RecordFilter(field="udf:Region", op="not_equal", value="EMEA")],
-    [RecordFilter(field="title", op="equal", value="ACME - RENEWAL")],
-    [RecordFilter(field="lastActivity", op="at_least", value="2025-01-01T00:00:00Z")],
-    [RecordFilter(field="ownerResourceID", op="in", value=[at.USER_BASE + i for i in range(6)]),
-     RecordFilter(field="probability", op="more_than", value=20)],
-], ids=lambda f: "+".join(f"{x.field}:{x.op}" for x in f))
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [RecordFilter(field="amount", op="at_least", value=100000)],
+        [RecordFilter(field="amount", op="less_than", value=5000.5)],
+        [RecordFilter(field="status", op="in", value=[2, 3])],
+        [RecordFilter(field="udf:Region", op="equal", value="west")],  # Autotask ignores case
+        [RecordFilter(field="udf:Region", op="not_equal", value="EMEA")],
+        [RecordFilter(field="title", op="equal", value="ACME - RENEWAL")],
+        [RecordFilter(field="lastActivity", op="at_least", value="2025-01-01T00:00:00Z")],
+        [
+            RecordFilter(field="ownerResourceID", op="in", value=[at.USER_BASE + i for i in range(6)]),
+            RecordFilter(field="probability", op="more_than", value=20),
+        ],
+    ],
+    ids=lambda f: "+".join(f"{x.field}:{x.op}" for x in f),
+)
 def test_filter_value_and_matches_filters_agree_with_the_server(served, filters):
     sim, srv = served
     c, _ = connector(srv.url, filters=filters)
@@ -205,10 +227,18 @@ def test_filter_value_reads_fields_and_user_defined_fields():
     assert AutotaskConnector.filter_value(raw, "title") == "Acme RENEWAL"
     # compared as Autotask compares text: case-insensitively, on both sides (the shared `matches`)
     assert AutotaskConnector.filters_ignore_case
-    assert matches(RecordFilter(field="udf:Region", op="equal", value="west"),
-                   AutotaskConnector.filter_value(raw, "udf:Region"), ignore_case=True)
-    assert matches(RecordFilter(field="title", op="in", value=["acme renewal"]),
-                   AutotaskConnector.filter_value(raw, "title"), ignore_case=True)
+    assert matches(
+        RecordFilter(field="udf:Region", op="equal", value="west"),
+        AutotaskConnector.filter_value(raw, "udf:Region"),
+        ignore_case=True,
+    )
+    assert matches(
+        RecordFilter(field="title", op="in", value=["acme renewal"]),
+        AutotaskConnector.filter_value(raw, "title"),
+        ignore_case=True,
+    )
     assert AutotaskConnector.filter_value(raw, "udf:Missing") is None
-    assert AutotaskConnector.filter_value({"lastActivity": "2024-06-11T09:12:44.12Z"}, "lastActivity") \
+    assert (
+        AutotaskConnector.filter_value({"lastActivity": "2024-06-11T09:12:44.12Z"}, "lastActivity")
         == "2024-06-11T09:12:44.12Z"
+    )

@@ -57,6 +57,7 @@ def loop_back(body: Any, n: int, req: Request) -> Any:
 
 # -- the tenant, the warehouse, the runs ----------------------------------------------------------------------------
 
+
 @contextmanager
 def tenant(opportunities: int = 300, seed: int = 31) -> Iterator[tuple[Any, SandboxServer]]:
     sim = at.build(seed=seed, opportunities=opportunities)
@@ -65,8 +66,9 @@ def tenant(opportunities: int = 300, seed: int = 31) -> Iterator[tuple[Any, Sand
 
 
 def warehouse(server: SandboxServer, url: str, tmp_path: Path, **connection: Any):
-    cfg = sandbox_config({"autotask": server}, url, tmp_path,
-                         extra={"autotask": {"page_size": PAGE_SIZE, **connection}})
+    cfg = sandbox_config(
+        {"autotask": server}, url, tmp_path, extra={"autotask": {"page_size": PAGE_SIZE, **connection}}
+    )
     engine = make_engine(url)
     ensure_schema(engine)
     return cfg, cfg.connections[0], engine
@@ -92,25 +94,35 @@ def deleted_events(engine) -> list:
 
 
 def extract(engine, run_id: str):
-    return rows(engine, "SELECT deletes_inferable, crm_count_open, received_open, crm_count_closed, "
-                        "received_closed, warnings FROM oppsync.extracts WHERE extract_id = :x", x=run_id)[0]
+    return rows(
+        engine,
+        "SELECT deletes_inferable, crm_count_open, received_open, crm_count_closed, "
+        "received_closed, warnings FROM oppsync.extracts WHERE extract_id = :x",
+        x=run_id,
+    )[0]
 
 
-def hook(sim, rewrite_body: Callable[[Any, int, Request], Any] | None = None,
-         rewrite: Callable[[list, int, Request], None] | None = None) -> PageHook:
+def hook(
+    sim,
+    rewrite_body: Callable[[Any, int, Request], Any] | None = None,
+    rewrite: Callable[[list, int, Request], None] | None = None,
+) -> PageHook:
     return PageHook(sim, "autotask", rewrite=rewrite, rewrite_body=rewrite_body).install()
 
 
 def next_pages_only(change: Callable[[dict], None]) -> Callable[[Any, int, Request], Any]:
     """A rewrite_body applying `change` to every page 2+ (not to first pages, counts or dictionaries)."""
+
     def rewrite(body: Any, n: int, req: Request) -> Any:
         if is_next_page(req) and isinstance(body, dict) and "items" in body:
             change(body)
         return body
+
     return rewrite
 
 
 # -- a. wrong shape mid-paging ----------------------------------------------------------------------------------------
+
 
 def _without_items(body: dict) -> None:
     del body["items"]
@@ -140,7 +152,7 @@ def test_a_page_of_the_wrong_shape_mid_paging_fails_the_run_and_changes_nothing(
         full_sync(cfg, conn, engine, "r1")
         sim.world.advance(hours=1, rate=0.05)
         before = snapshot(engine, conn.name)
-        if change is None:   # the sandbox's own fault: valid JSON, status 200, none of the documented keys
+        if change is None:  # the sandbox's own fault: valid JSON, status 200, none of the documented keys
             sim.faults.rules = [FaultRule("wrong_shape", path=NEXT_PAGE.pattern, after=1)]
         else:
             hook(sim, rewrite_body=next_pages_only(change))
@@ -153,6 +165,7 @@ def test_a_page_of_the_wrong_shape_mid_paging_fails_the_run_and_changes_nothing(
 
 # -- b. ids that are null or not integers ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad_id", [None, "as-text"], ids=["null_id", "string_id"])
 def test_b_a_record_without_a_usable_id_fails_the_run_naming_page_and_key(bad_id, warehouse_url, tmp_path):
     with tenant() as (sim, server):
@@ -163,6 +176,7 @@ def test_b_a_record_without_a_usable_id_fails_the_run_naming_page_and_key(bad_id
         def spoil(body: dict) -> None:
             record = body["items"][3]
             record["id"] = None if bad_id is None else str(record["id"])
+
         hook(sim, rewrite_body=next_pages_only(spoil))
         message = failed_sync(cfg, conn, engine, "r2")
     assert "autotask: page 2 of " in message and "Opportunities/query/next" in message, message
@@ -174,9 +188,11 @@ def test_b_a_record_without_a_usable_id_fails_the_run_naming_page_and_key(bad_id
 
 # -- c. paging that would not end ------------------------------------------------------------------------------------
 
+
 def bounded(rewrite_body: Callable[[Any, int, Request], Any]) -> Callable[[Any, int, Request], Any]:
     def rewrite(body: Any, n: int, req: Request) -> Any:
         return rewrite_body(body, n, req) if n <= GIVE_UP_AFTER else body
+
     return rewrite
 
 
@@ -199,6 +215,7 @@ def serving_page_one_again(fresh_ids: bool) -> Callable[[Any, int, Request], Any
         body["items"] = items
         body["pageDetails"]["nextPageUrl"] = f"{first['next']}&again={n}"
         return body
+
     return rewrite
 
 
@@ -223,8 +240,14 @@ def test_c_paging_that_does_not_end_fails_within_seconds(loop, warehouse_url, tm
 
 def test_loop_back_points_page_two_at_itself_and_leaves_first_pages_and_counts_alone():
     """loop_back is imported by the fault matrix: it must only touch next pages, whatever their number."""
-    req = Request("POST", "/ATServicesRest/V1.0/Opportunities/query/next", {}, {"host": "h:1"}, b"",
-                  raw_path="/ATServicesRest/V1.0/Opportunities/query/next?paging=%7B%7D")
+    req = Request(
+        "POST",
+        "/ATServicesRest/V1.0/Opportunities/query/next",
+        {},
+        {"host": "h:1"},
+        b"",
+        raw_path="/ATServicesRest/V1.0/Opportunities/query/next?paging=%7B%7D",
+    )
     page = {"items": [{"id": 1}], "pageDetails": {"nextPageUrl": "http://h:1/other"}}
     assert loop_back(copy.deepcopy(page), 2, req)["pageDetails"]["nextPageUrl"] == f"http://h:1{req.raw_path}"
     first = Request("POST", "/ATServicesRest/V1.0/Opportunities/query", {}, {"host": "h:1"}, b"")
@@ -235,15 +258,17 @@ def test_loop_back_points_page_two_at_itself_and_leaves_first_pages_and_counts_a
 
 # -- d. records silently missing -------------------------------------------------------------------------------------
 
+
 def test_d_records_missing_from_the_pages_are_not_inferred_deleted(warehouse_url, tmp_path):
     with tenant() as (sim, server):
         cfg, conn, engine = warehouse(server, warehouse_url, tmp_path)
         full_sync(cfg, conn, engine, "r1")
         live = sorted(int(o.native_id) for o in sim.world.live())
-        hidden = set(live[50:53]) | {live[-1]}     # records the API leaves out of every page, by-id reads too
+        hidden = set(live[50:53]) | {live[-1]}  # records the API leaves out of every page, by-id reads too
 
         def leave_out(records: list, n: int, req: Request) -> None:
             records[:] = [r for r in records if r.get("id") not in hidden]
+
         pages = hook(sim, rewrite=leave_out)
         short = full_sync(cfg, conn, engine, "r2")
         pages.remove()
@@ -256,13 +281,17 @@ def test_d_records_missing_from_the_pages_are_not_inferred_deleted(warehouse_url
     assert deleted_events(engine) == []
     assert rows(engine, "SELECT count(*) FROM oppsync.opportunities WHERE deleted_at IS NULL")[0][0] == len(live)
     assert clean.extract.stats["deletes_inferable"] is True and extract(engine, "r3")[0] is True
-    assert rows(engine, "SELECT count(*) FROM oppsync.opportunity_events WHERE event_type IN "
-                        "('deleted', 'restored')")[0][0] == 0
+    assert (
+        rows(engine, "SELECT count(*) FROM oppsync.opportunity_events WHERE event_type IN ('deleted', 'restored')")[0][
+            0
+        ]
+        == 0
+    )
 
 
 # -- e. bad records quarantined ---------------------------------------------------------------------------------------
 
-LONE = "@@lone-surrogate@@"     # replaced by the JSON escape of a lone surrogate in the bytes served
+LONE = "@@lone-surrogate@@"  # replaced by the JSON escape of a lone surrogate in the bytes served
 
 
 def with_lone_surrogates(sim) -> None:
@@ -274,6 +303,7 @@ def with_lone_surrogates(sim) -> None:
         if LONE.encode() in resp.body:
             resp = Response(resp.status, resp.body.replace(LONE.encode(), b"\\ud800"), resp.headers)
         return resp
+
     sim.handle = handle
 
 
@@ -282,6 +312,7 @@ def spoil_records(sim, spoilers: dict[int, Callable[[dict], None]]) -> PageHook:
         for r in records:
             if isinstance(r, dict) and r.get("id") in spoilers:
                 spoilers[r["id"]](r)
+
     page_hook = hook(sim, rewrite=rewrite)
     with_lone_surrogates(sim)
     return page_hook
@@ -304,6 +335,7 @@ def created_in_the_future(sim) -> Callable[[dict], None]:
 
     def spoil(r: dict) -> None:
         r["createDate"] = ahead
+
     return spoil
 
 
@@ -312,11 +344,12 @@ def test_e_bad_records_are_quarantined_and_the_rest_syncs(warehouse_url, tmp_pat
         cfg, conn, engine = warehouse(server, warehouse_url, tmp_path, page_size=100)
         full_sync(cfg, conn, engine, "r1")
         live = sorted(int(o.native_id) for o in sim.world.live())
-        bad = dict(zip(live[10:14], (_negative_amount, _unreadable_created, _lone_surrogate_title,
-                                     created_in_the_future(sim))))
+        bad = dict(
+            zip(live[10:14], (_negative_amount, _unreadable_created, _lone_surrogate_title, created_in_the_future(sim)))
+        )
         fields = dict(zip(bad, ("amount", "createDate", "project_name", "created_at")))
         renamed = live[200]
-        for oid in (renamed, *bad):       # the CRM changes them all; only the good one may reach the warehouse
+        for oid in (renamed, *bad):  # the CRM changes them all; only the good one may reach the warehouse
             sim.world.update(str(oid), name=f"Changed {oid}")
         before = snapshot(engine, conn.name)
         spoil_records(sim, bad)
@@ -328,8 +361,10 @@ def test_e_bad_records_are_quarantined_and_the_rest_syncs(warehouse_url, tmp_pat
     for oid in bad:
         assert after.current[str(oid)] == before.current[str(oid)], oid
     assert after.current[str(renamed)] != before.current[str(renamed)]
-    assert rows(engine, "SELECT project_name FROM oppsync.opportunities WHERE source_id = :s",
-                s=str(renamed))[0][0] == f"Changed {renamed}"
+    assert (
+        rows(engine, "SELECT project_name FROM oppsync.opportunities WHERE source_id = :s", s=str(renamed))[0][0]
+        == f"Changed {renamed}"
+    )
     assert deleted_events(engine) == []
     assert rows(engine, "SELECT count(*) FROM oppsync.opportunities WHERE deleted_at IS NULL")[0][0] == len(live)
     assert any("4 record(s) quarantined" in w for w in summary.extract.stats["warnings"])
@@ -341,7 +376,7 @@ def test_e_more_than_one_percent_bad_blocks_the_run_naming_ids_and_fields(wareho
         full_sync(cfg, conn, engine, "r1")
         before = snapshot(engine, conn.name)
         live = sorted(int(o.native_id) for o in sim.world.live())
-        bad = {oid: _negative_amount for oid in live[100:112]}      # 12 of 600: 2%
+        bad = dict.fromkeys(live[100:112], _negative_amount)  # 12 of 600: 2%
         spoil_records(sim, bad)
         message = failed_sync(cfg, conn, engine, "r2")
     assert "12 of 600 autotask records failed validation" in message, message
@@ -350,6 +385,7 @@ def test_e_more_than_one_percent_bad_blocks_the_run_naming_ids_and_fields(wareho
 
 
 # -- the company re-read of an incremental keeps the connection's own filters ------------------------------------------
+
 
 def test_incremental_company_reread_keeps_a_connection_filter_on_last_activity():
     """The re-read of renamed companies' opportunities drops the incremental's cursor condition, and only that: a
@@ -360,18 +396,24 @@ def test_incremental_company_reread_keeps_a_connection_filter_on_last_activity()
         by_company: dict[int, list] = {}
         for o in w.live():
             by_company.setdefault(o.account, []).append(o.modified_at)
-        company, modified = max(((k, sorted(v)) for k, v in by_company.items() if k is not None),
-                                key=lambda kv: len(kv[1]))
-        floor = modified[len(modified) // 2]      # half of the company's opportunities are in the scope
+        company, modified = max(
+            ((k, sorted(v)) for k, v in by_company.items() if k is not None), key=lambda kv: len(kv[1])
+        )
+        floor = modified[len(modified) // 2]  # half of the company's opportunities are in the scope
         w.clock.advance(timedelta(minutes=5))
         w.rename_account(company)
-        conn = ConnectionConfig(name="at-filter", crm="autotask", base_url=server.url,
-                                credentials={k: "${AT_" + k.upper() + "}" for k in at.SANDBOX_CREDENTIALS},
-                                filters=[RecordFilter(field="lastActivity", op="at_least",
-                                                      value=at.at_datetime(floor))])
+        conn = ConnectionConfig(
+            name="at-filter",
+            crm="autotask",
+            base_url=server.url,
+            credentials={k: "${AT_" + k.upper() + "}" for k in at.SANDBOX_CREDENTIALS},
+            filters=[RecordFilter(field="lastActivity", op="at_least", value=at.at_datetime(floor))],
+        )
         c = AutotaskConnector(conn, dict(at.SANDBOX_CREDENTIALS), sleep=lambda s: None)
         got = {o.source_id: o for s in (True, False) for page in c.opportunities(s, since) for o in page}
-    assert got and all(o.modified_at >= floor.replace(microsecond=floor.microsecond // 1000 * 1000)
-                       for o in got.values())
+    assert got and all(
+        o.modified_at >= floor.replace(microsecond=floor.microsecond // 1000 * 1000) for o in got.values()
+    )
     assert {sid for sid in got if w.get(sid).account == company} == {
-        o.native_id for o in w.live() if o.account == company and o.modified_at >= floor}
+        o.native_id for o in w.live() if o.account == company and o.modified_at >= floor
+    }

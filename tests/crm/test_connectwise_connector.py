@@ -17,9 +17,14 @@ CREDS = dict(cw.SANDBOX_CREDENTIALS)
 
 
 def make_conn(url: str, **kw) -> ConnectionConfig:
-    return ConnectionConfig(name="sandbox-connectwise", crm="connectwise", base_url=url,
-                            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
-                            page_size=kw.pop("page_size", 60), **kw)
+    return ConnectionConfig(
+        name="sandbox-connectwise",
+        crm="connectwise",
+        base_url=url,
+        credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+        page_size=kw.pop("page_size", 60),
+        **kw,
+    )
 
 
 def connector(url: str, creds: dict | None = None, **kw) -> ConnectWiseConnector:
@@ -43,7 +48,8 @@ def expected(sim, o) -> dict:
     """The tenant's truth (the sandbox's own view, never the connector's) plus the fields it leaves out."""
     w = sim.world
     return dict(
-        cw.truth(sim)[o.native_id], sales_executive=w.users[o.owner].name,
+        cw.truth(sim)[o.native_id],
+        sales_executive=w.users[o.owner].name,
         probability=None if o.probability is None else float(int(round(o.probability / 10)) * 10),
         modified_at=o.modified_at,
     )
@@ -85,7 +91,9 @@ def test_full_sync_equals_the_world_field_by_field(server):
 
 def of_companies_changed(sim, since) -> set[str]:
     w = sim.world
-    return {o.native_id for o in w.live() if o.account is not None and w.account_modified(w.accounts[o.account]) >= since}
+    return {
+        o.native_id for o in w.live() if o.account is not None and w.account_modified(w.accounts[o.account]) >= since
+    }
 
 
 @pytest.mark.parametrize("paging", ["navigable", "keyset"])
@@ -105,7 +113,8 @@ def test_incremental_after_activity_returns_every_change_including_ties(paging):
         for sid, opp in got.items():
             keys = ("status", "stage", "stage_id", "crm_status", "amount", "modified_at")
             assert {k: getattr(opp, k) for k in keys} == {
-                k: v for k, v in expected(sim, sim.world.opps[sid]).items() if k in keys}
+                k: v for k, v in expected(sim, sim.world.opps[sid]).items() if k in keys
+            }
         # inclusive cursor: the records stamped exactly `since`-equal are kept
         edge = max(stamps)
         again = collect(connector(srv.url), since=edge)
@@ -163,23 +172,39 @@ def test_filters_are_pushed_down_and_escaped(server):
     with pytest.raises(CrmError):
         collect(connector(server.url, filters=[RecordFilter(field="company/id", op="equal", value="1 or 1=1")]))
     with pytest.raises(CrmError):
-        collect(connector(server.url, filters=[RecordFilter(field="expectedCloseDate", op="more_than",
-                                                            value="2024-01-01] or id > [0")]))
+        collect(
+            connector(
+                server.url,
+                filters=[RecordFilter(field="expectedCloseDate", op="more_than", value="2024-01-01] or id > [0")],
+            )
+        )
     # in, comparisons on dates, and a custom field (customFieldConditions + post-check)
-    filters = [RecordFilter(field="status/name", op="in", value=["Open", "Won"]),
-               RecordFilter(field="expectedCloseDate", op="at_least", value="2025-06-01"),
-               RecordFilter(field="custom:Region", op="equal", value="West")]
+    filters = [
+        RecordFilter(field="status/name", op="in", value=["Open", "Won"]),
+        RecordFilter(field="expectedCloseDate", op="at_least", value="2025-06-01"),
+        RecordFilter(field="custom:Region", op="equal", value="West"),
+    ]
     got = collect(connector(server.url, filters=filters))
-    want = {o.native_id for o in sim.world.live()
-            if sim.world.stages[o.stage].label in ("Open", "Won") and o.close_date is not None
-            and o.close_date.isoformat() >= "2025-06-01" and cw.REGIONS[o.seq % 5] == "West"}
+    want = {
+        o.native_id
+        for o in sim.world.live()
+        if sim.world.stages[o.stage].label in ("Open", "Won")
+        and o.close_date is not None
+        and o.close_date.isoformat() >= "2025-06-01"
+        and cw.REGIONS[o.seq % 5] == "West"
+    }
     assert want and set(got) == want
 
 
 def test_validate_connection_names_fields():
-    conn = make_conn("http://127.0.0.1:1", filters=[RecordFilter(field="nosuch", op="equal", value=1),
-                                                    RecordFilter(field="custom:Region", op="equal", value="W")],
-                     fields={"created_at": "custom:Original Created"})
+    conn = make_conn(
+        "http://127.0.0.1:1",
+        filters=[
+            RecordFilter(field="nosuch", op="equal", value=1),
+            RecordFilter(field="custom:Region", op="equal", value="W"),
+        ],
+        fields={"created_at": "custom:Original Created"},
+    )
     problems = ConnectWiseConnector.validate_connection(conn)
     assert len(problems) == 1 and "nosuch" in problems[0]
 
@@ -188,8 +213,11 @@ def test_created_at_from_a_custom_field(server):
     sim = server.simulator
     o = next(iter(sim.world.live()))
     sim.world.update(o.native_id, bump=False, **{"Original Created": "2019-05-04T03:02:01Z"})
-    conn = connector(server.url, fields={"created_at": "custom:Original Created"},
-                     filters=[RecordFilter(field="id", op="equal", value=int(o.native_id))])
+    conn = connector(
+        server.url,
+        fields={"created_at": "custom:Original Created"},
+        filters=[RecordFilter(field="id", op="equal", value=int(o.native_id))],
+    )
     got = collect(conn)
     assert str(got[o.native_id].created_at) == "2019-05-04 03:02:01"
 
@@ -213,8 +241,13 @@ def test_users_resolve_owners_and_creators(server):
 def test_forecast_off_costs_one_request_per_page(server):
     conn = connector(server.url, page_size=100, options={"forecast": False, "codebase": "v4_6_release/"})
     got = collect(conn)
-    pages = sum(-(-n // 100) for n in (sum(1 for o in got.values() if o.status == "open"),
-                                       sum(1 for o in got.values() if o.status != "open")))
+    pages = sum(
+        -(-n // 100)
+        for n in (
+            sum(1 for o in got.values() if o.status == "open"),
+            sum(1 for o in got.values() if o.status != "open"),
+        )
+    )
     sites = {(o.raw["company"]["id"], o.raw["site"]["id"]) for o in got.values() if o.raw.get("company")}
     # discovery: statuses, stages, members (one page), probabilities, one custom-field sample; no companyinfo
     # call; then one read per distinct company site (cached for the run), one count per set (a full read asks
@@ -231,17 +264,22 @@ def test_allowance_throttle_is_waited_out():
         def sleep(seconds):  # the virtual clock moves instead of the test waiting
             waits.append(seconds)
             sim.world.clock.advance(timedelta(seconds=seconds))
+
         # a minute's allowance of 4 requests makes this read wait ~1,000 s in all: more than a run's default
         # budget of waits (quota.max_wait_seconds, 120 s), so this connection allows an hour
-        conn = ConnectWiseConnector(make_conn(srv.url, page_size=25, options={"forecast": False},
-                                              quota=QuotaConfig(max_wait_seconds=3600)), CREDS, sleep=sleep)
+        conn = ConnectWiseConnector(
+            make_conn(srv.url, page_size=25, options={"forecast": False}, quota=QuotaConfig(max_wait_seconds=3600)),
+            CREDS,
+            sleep=sleep,
+        )
         got = collect(conn)
         assert set(got) == {o.native_id for o in sim.world.live()} and waits and conn.stats.rate_limited >= 1
 
 
 def test_quota_budget_and_long_throttle_stop_the_run():
-    sim = cw.build(seed=16, opportunities=200,
-                   faults=FaultPlan(rules=[FaultRule("rate_limit", after=2, count=1, seconds=3600)]))
+    sim = cw.build(
+        seed=16, opportunities=200, faults=FaultPlan(rules=[FaultRule("rate_limit", after=2, count=1, seconds=3600)])
+    )
     with SandboxServer(sim) as srv:
         conn = connector(srv.url, page_size=25)
         with pytest.raises(QuotaExhausted):
@@ -263,7 +301,10 @@ def test_no_delete_feed_and_hard_deletes_vanish(server):
 
 def test_next_links_stay_on_the_api_host():
     from oppsync_pipeline.lib.crm.connectwise import _same_origin
+
     api = "http://127.0.0.1:1/v4_6_release/apis/3.0/sales/opportunities"
-    assert _same_origin("https://elsewhere.example/v4_6_release/apis/3.0/sales/opportunities?pageSize=5&page=2", api) \
+    assert (
+        _same_origin("https://elsewhere.example/v4_6_release/apis/3.0/sales/opportunities?pageSize=5&page=2", api)
         == "http://127.0.0.1:1/v4_6_release/apis/3.0/sales/opportunities?pageSize=5&page=2"
+    )
     assert _same_origin(None, api) is None

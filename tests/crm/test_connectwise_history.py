@@ -11,7 +11,11 @@ import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.connectwise import (
-    BY_ID_CHUNK, MAX_QUERY_CHARS, ConnectWiseConnector, _by_id_query_length, _id_chunks,
+    BY_ID_CHUNK,
+    MAX_QUERY_CHARS,
+    ConnectWiseConnector,
+    _by_id_query_length,
+    _id_chunks,
 )
 from oppsync_pipeline.sandbox import connectwise as cw
 from oppsync_pipeline.sandbox.server import SandboxServer
@@ -40,15 +44,24 @@ class CountingSession(requests.Session):
 
 
 def connector(url: str, session: requests.Session | None = None, **kw) -> ConnectWiseConnector:
-    conn = ConnectionConfig(name="sandbox-connectwise", crm="connectwise", base_url=url,
-                            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
-                            page_size=kw.pop("page_size", 50), **kw)
+    conn = ConnectionConfig(
+        name="sandbox-connectwise",
+        crm="connectwise",
+        base_url=url,
+        credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+        page_size=kw.pop("page_size", 50),
+        **kw,
+    )
     return ConnectWiseConnector(conn, CREDS, sleep=lambda s: None, session=session)
 
 
 def collect(conn: ConnectWiseConnector) -> dict:
-    return {o.source_id: o for open_set in (True, False)
-            for page in conn.opportunities(open_set=open_set, since=None) for o in page}
+    return {
+        o.source_id: o
+        for open_set in (True, False)
+        for page in conn.opportunities(open_set=open_set, since=None)
+        for o in page
+    }
 
 
 def by_id(conn: ConnectWiseConnector, ids) -> dict:
@@ -63,8 +76,13 @@ def by_id(conn: ConnectWiseConnector, ids) -> dict:
 
 def patch(srv: SandboxServer, opp_id: str, **values) -> None:
     ops = [{"op": "replace", "path": k, "value": v} for k, v in values.items()]
-    r = requests.patch(f"{srv.url}/v4_6_release/apis/3.0/sales/opportunities/{opp_id}", json=ops, auth=AUTH,
-                       headers=HEADERS, timeout=10)
+    r = requests.patch(
+        f"{srv.url}/v4_6_release/apis/3.0/sales/opportunities/{opp_id}",
+        json=ops,
+        auth=AUTH,
+        headers=HEADERS,
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -75,6 +93,7 @@ def server():
 
 
 # -- close time ----------------------------------------------------------------------------------------------
+
 
 def test_a_close_long_before_the_last_edit_is_dated_by_closed_date_not_the_edit(server):
     sim = server.simulator
@@ -119,8 +138,9 @@ def test_close_reopen_and_later_edits_through_the_api():
 def test_a_closed_status_the_connection_calls_open_has_no_close_time(server):
     """open_statuses decides the status: a Won record read as open carries no close time, whatever CW shows."""
     w = server.simulator.world
-    conn = connector(server.url, open_statuses=["Open", "Quoted", "Negotiation", "On Hold", "Won"],
-                     options={"forecast": False})
+    conn = connector(
+        server.url, open_statuses=["Open", "Quoted", "Negotiation", "On Hold", "Won"], options={"forecast": False}
+    )
     won = [o for o in w.live() if w.stages[o.stage].label == "Won"]
     got = by_id(conn, [o.native_id for o in won])
     assert got and all(o.status == "open" and o.raw["closedDate"] for o in got.values())
@@ -143,7 +163,8 @@ def test_migrated_history_closes_without_closed_date_fall_back_to_none():
             assert opp.crm_closed_at is None and opp.crm_closed_at_field is None
         assert all(got[o.native_id].crm_closed_at == o.closed_at for o in native)
         assert {sid: o.crm_closed_at for sid, o in got.items()} == {
-            sid: t["crm_closed_at"] for sid, t in cw.truth(sim).items()}
+            sid: t["crm_closed_at"] for sid, t in cw.truth(sim).items()
+        }
         # reopened and closed again on ConnectWise, an imported record gets its closedDate
         o = imported[0]
         lost = next(int(s[0]) for s in cw.STATUSES if s[4])
@@ -156,14 +177,20 @@ def test_migrated_history_closes_without_closed_date_fall_back_to_none():
 
 # -- read by id ----------------------------------------------------------------------------------------------
 
+
 def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_ids():
     sim = cw.build(seed=44, opportunities=120)
     w = sim.world
     with SandboxServer(sim) as srv:
         everything = collect(connector(srv.url))
         region = next(r for r in cw.REGIONS if r)
-        filtered = connector(srv.url, filters=[RecordFilter(field="custom:Region", op="equal", value=region),
-                                               RecordFilter(field="status/name", op="in", value=["Open", "Won"])])
+        filtered = connector(
+            srv.url,
+            filters=[
+                RecordFilter(field="custom:Region", op="equal", value=region),
+                RecordFilter(field="status/name", op="in", value=["Open", "Won"]),
+            ],
+        )
         in_scope = set(collect(filtered))
         assert in_scope and in_scope != set(everything)
         gone = sorted(everything, key=int)[:3]
@@ -189,13 +216,19 @@ def test_fetch_by_ids_batches_200_ids_a_request_and_reads_each_site_once():
         assert len(ids) == 450
         got = by_id(conn, ids)
         assert set(got) == set(ids)
-        lists = [p for path, p in session.of("/sales/opportunities") if path == "/sales/opportunities"
-                 and "id in (" in p.get("conditions", "")]
+        lists = [
+            p
+            for path, p in session.of("/sales/opportunities")
+            if path == "/sales/opportunities" and "id in (" in p.get("conditions", "")
+        ]
         assert [p["conditions"].count(",") + 1 for p in lists] == [200, 200, 50]
         assert all(p["pageSize"] in (1000, "1000") and "status/id" not in p["conditions"] for p in lists)
         sites = [path for path, _ in session.of("/company/companies/") if "/sites/" in path]
-        assert len(sites) == len(set(sites)) == len({(o.raw["company"]["id"], o.raw["site"]["id"])
-                                                     for o in got.values() if o.raw.get("site")})
+        assert (
+            len(sites)
+            == len(set(sites))
+            == len({(o.raw["company"]["id"], o.raw["site"]["id"]) for o in got.values() if o.raw.get("site")})
+        )
         before = len(session.calls)
         by_id(conn, ids[:10])  # sites are cached for the run: one list request, nothing else
         assert len(session.calls) == before + 1
@@ -215,18 +248,23 @@ def test_long_ids_are_chunked_by_query_length_and_the_server_accepts_every_chunk
 
 # -- filters evaluated in Python --------------------------------------------------------------------------------
 
+
 def filter_cases(sim) -> list[list[RecordFilter]]:
     w = sim.world
     acc = w.accounts[next(o.account for o in w.live() if o.account is not None)]
     stamps = sorted(o.modified_at for o in w.live())
     return [
-        [RecordFilter(field="company/name", op="equal", value=acc.name.upper())],   # CW compares text without case
+        [RecordFilter(field="company/name", op="equal", value=acc.name.upper())],  # CW compares text without case
         [RecordFilter(field="custom:Region", op="in", value=["west", "EAST"])],
         [RecordFilter(field="_info/lastUpdated", op="at_least", value=stamps[len(stamps) // 2].isoformat())],
-        [RecordFilter(field="closedDate", op="less_than", value="2099-01-01"),
-         RecordFilter(field="status/name", op="not_equal", value="lost")],
-        [RecordFilter(field="closedFlag", op="equal", value=False),
-         RecordFilter(field="primarySalesRep/id", op="at_most", value=160)],
+        [
+            RecordFilter(field="closedDate", op="less_than", value="2099-01-01"),
+            RecordFilter(field="status/name", op="not_equal", value="lost"),
+        ],
+        [
+            RecordFilter(field="closedFlag", op="equal", value=False),
+            RecordFilter(field="primarySalesRep/id", op="at_most", value=160),
+        ],
     ]
 
 
@@ -247,5 +285,6 @@ def test_filter_value_reads_condition_paths_and_custom_fields(server):
     assert ConnectWiseConnector.filter_value(raw, "company/name") == (raw["company"] or {}).get("name")
     assert ConnectWiseConnector.filter_value(raw, "_info/lastUpdated") == raw["_info"]["lastUpdated"]
     assert ConnectWiseConnector.filter_value(raw, "custom:Region") == next(
-        (cf.get("value") for cf in raw["customFields"] if cf["caption"] == "Region"), None)
+        (cf.get("value") for cf in raw["customFields"] if cf["caption"] == "Region"), None
+    )
     assert ConnectWiseConnector.filter_value(raw, "closedDate") == raw["closedDate"]

@@ -35,10 +35,11 @@ from tests.reliability.harness import OPPORTUNITY_PAGES, PageHook, snapshot
 
 CONNECTION = "sandbox-connectwise"
 PAGE_SIZE = 20
-SIZE = 80           # about 40 open opportunities: two pages of the open set
+SIZE = 80  # about 40 open opportunities: two pages of the open set
 
 
 # -- rewrites of served pages ----------------------------------------------------------------------------------
+
 
 def page_of(req: Request) -> int:
     return int(req.arg("page") or 1)
@@ -105,8 +106,11 @@ class Rewriter:
             self.pages += 1
             out = self.rewrite(json.loads(resp.body), self.pages, req)
             body, changed = out if isinstance(out, tuple) else (out, {})
-            headers = {**{k: v for k, v in resp.headers.items() if k.lower() != "link"}, **changed} \
-                if changed else resp.headers
+            headers = (
+                {**{k: v for k, v in resp.headers.items() if k.lower() != "link"}, **changed}
+                if changed
+                else resp.headers
+            )
             return Response(resp.status, json.dumps(body, ensure_ascii=True).encode("ascii"), headers)
 
         self.sim.handle = handle  # type: ignore[method-assign]
@@ -114,6 +118,7 @@ class Rewriter:
 
 
 # -- a sandbox tenant synced into a warehouse -------------------------------------------------------------------
+
 
 @dataclass
 class Tenant:
@@ -139,13 +144,18 @@ class Tenant:
             return list(c.execute(text(sql), {"c": CONNECTION, **params}).fetchall())
 
     def deleted_ids(self) -> set[str]:
-        return {r[0] for r in self.rows("SELECT source_id FROM oppsync.opportunity_events WHERE connection = :c "
-                                        "AND event_type = 'deleted'")}
+        return {
+            r[0]
+            for r in self.rows(
+                "SELECT source_id FROM oppsync.opportunity_events WHERE connection = :c AND event_type = 'deleted'"
+            )
+        }
 
     def extract(self, run_id: str) -> dict[str, Any]:
         with self.engine.connect() as c:
-            return dict(c.execute(text("SELECT * FROM oppsync.extracts WHERE extract_id = :x"),
-                                  {"x": run_id}).mappings().one())
+            return dict(
+                c.execute(text("SELECT * FROM oppsync.extracts WHERE extract_id = :x"), {"x": run_id}).mappings().one()
+            )
 
     def current(self, ids: list[str]) -> dict[str, tuple]:
         shot = snapshot(self.engine, CONNECTION).current
@@ -185,6 +195,7 @@ def changes_nothing(t: Tenant, run: Callable[[], str]) -> str:
 
 # -- a: a page of the wrong shape mid-paging ---------------------------------------------------------------------
 
+
 def wrapped(body: Any, n: int, req: Request) -> Any:
     """A proxy (or a new API version) wrapping page 2's array in an object."""
     return {"items": body} if full_open_page(req, 2) else body
@@ -197,7 +208,7 @@ def without_ids(body: Any, n: int, req: Request) -> Any:
 @pytest.mark.parametrize("answer", ["wrong_shape fault", "array wrapped in an object", "rows without ids"])
 def test_a_page_of_the_wrong_shape_mid_paging_fails_the_run_naming_crm_path_and_page(answer: str, synced: Tenant):
     t = synced
-    t.sim.world.delete(next(iter(t.sim.world.live())).native_id)   # a real delete must wait too
+    t.sim.world.delete(next(iter(t.sim.world.live())).native_id)  # a real delete must wait too
     if answer == "wrong_shape fault":
         # matching requests: the custom-field sample read at discovery, then pages 1 and 2 of the open set
         t.sim.faults = FaultPlan(rules=[FaultRule("wrong_shape", path=r"/sales/opportunities$", after=3)])
@@ -211,6 +222,7 @@ def test_a_page_of_the_wrong_shape_mid_paging_fails_the_run_naming_crm_path_and_
 
 # -- b: ids that are not ids -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spoil", [lambda i: None, str], ids=["null id", "id as a string"])
 def test_b_a_record_whose_id_is_null_or_not_an_integer_fails_the_run_naming_page_and_key(spoil, synced: Tenant):
     t = synced
@@ -218,6 +230,7 @@ def test_b_a_record_whose_id_is_null_or_not_an_integer_fails_the_run_naming_page
     def rewrite(records: list, n: int, req: Request) -> None:
         if full_open_page(req, 2):
             records[3]["id"] = spoil(records[3]["id"])
+
     PageHook(t.sim, "connectwise", rewrite=rewrite).install()
     message = changes_nothing(t, lambda: t.fails("hostile"))
     assert "connectwise: page 2 of" in message and "[3].id: input should be a valid integer" in message
@@ -225,6 +238,7 @@ def test_b_a_record_whose_id_is_null_or_not_an_integer_fails_the_run_naming_page
 
 
 # -- c: paging that does not terminate ----------------------------------------------------------------------------
+
 
 def test_c_a_next_link_back_to_an_earlier_page_fails_fast(synced: Tenant):
     t = synced
@@ -243,7 +257,7 @@ def test_c_a_server_ignoring_the_page_parameter_fails_at_the_first_repeated_page
     message = changes_nothing(t, lambda: t.fails("ignores-page"))
     assert "connectwise: page 2 of" in message and "as page 1 did: the CRM repeats pages" in message
     assert "paging loops" in message
-    assert hook.pages <= 3   # the sample read and two pages
+    assert hook.pages <= 3  # the sample read and two pages
 
 
 def test_c_an_incremental_read_from_a_server_ignoring_page_fails_at_the_first_repeat(synced: Tenant):
@@ -261,14 +275,16 @@ def test_c_an_incremental_read_from_a_server_ignoring_page_fails_at_the_first_re
 def test_c_keyset_paging_resuming_from_the_same_position_twice_fails(tmp_path: Path):
     """`options.paging: keyset` resumes with `id>last`: a server ignoring that condition answers the same page
     and the same position comes round again."""
-    with open_tenant(f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path, options={"forecast": False,
-                                                                                   "paging": "keyset"}) as t:
+    with open_tenant(
+        f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path, options={"forecast": False, "paging": "keyset"}
+    ) as t:
         first: dict[str, Any] = {}
 
         def ignores_resume(body: Any, n: int, req: Request) -> Any:
             conditions = req.arg("conditions") or ""
             base = conditions.split(" and id>")[0]
             return first.setdefault(base, body) if conditions.startswith("status/id in (") else body
+
         Rewriter(t.sim, ignores_resume, limit=200).install()
         connector = build_connector(t.cfg, t.cfg.connections[0])
         with pytest.raises(PageError, match=r"connectwise: page 2 of .*paging loops"):
@@ -277,6 +293,7 @@ def test_c_keyset_paging_resuming_from_the_same_position_twice_fails(tmp_path: P
 
 
 # -- d: a page silently short of records ----------------------------------------------------------------------------
+
 
 def test_d_a_page_short_of_records_infers_no_delete_and_the_next_clean_sync_nothing_spurious(synced: Tenant):
     t = synced
@@ -287,6 +304,7 @@ def test_d_a_page_short_of_records_infers_no_delete_and_the_next_clean_sync_noth
     def drop_three(records: list, n: int, req: Request) -> None:
         if full_open_page(req, 2):
             del records[:3]
+
     hook = PageHook(t.sim, "connectwise", rewrite=drop_three).install()
     short = t.sync("short")
     assert short.extract.status == "complete" and short.result is not None
@@ -306,25 +324,30 @@ def test_d_a_page_short_of_records_infers_no_delete_and_the_next_clean_sync_noth
 
 # -- e: records that cannot be trusted ------------------------------------------------------------------------------
 
+
 def spoil_records(by_id: dict[str, Callable[[dict], None]]) -> Callable[[Any, int, Request], Any]:
     """A rewrite_body changing the named records wherever they are served (full read, re-read, by id)."""
+
     def rewrite(body: Any, n: int, req: Request) -> Any:
         for r in body:
             if str(r.get("id")) in by_id:
                 by_id[str(r["id"])](r)
         return body
+
     return rewrite
 
 
 def set_entered(value: str) -> Callable[[dict], None]:
     def spoil(record: dict) -> None:
         record["_info"]["dateEntered"] = value
+
     return spoil
 
 
 def set_name(value: str) -> Callable[[dict], None]:
     def spoil(record: dict) -> None:
         record["name"] = value
+
     return spoil
 
 
@@ -339,25 +362,29 @@ def test_e_bad_records_are_quarantined_the_rest_synced(warehouse_url: str, tmp_p
         world.update(surrogate, name="Renamed, then garbled")
         world.update(fine, name="Renamed fine")
         before = t.current([negative, future, unreadable, surrogate])
-        Rewriter(t.sim, spoil_records({unreadable: set_entered("31/12/2025 25:61"),
-                                       surrogate: set_name("Bad \ud800 name")})).install()
+        Rewriter(
+            t.sim, spoil_records({unreadable: set_entered("31/12/2025 25:61"), surrogate: set_name("Bad \ud800 name")})
+        ).install()
 
         summary = t.sync("bad")
         assert summary.extract.status == "complete" and summary.result is not None
-        quarantined = {(r[0], r[1]) for r in t.rows("SELECT source_id, field FROM oppsync.quarantine "
-                                                    "WHERE extract_id = 'bad'")}
-        assert quarantined == {(negative, "amount"), (future, "created_at"), (unreadable, "_info.dateEntered"),
-                               (surrogate, "project_name")}
-        assert t.current([negative, future, unreadable, surrogate]) == before   # neither synced ...
-        assert not t.deleted_ids()                                                # ... nor deleted
-        assert t.scalar("SELECT project_name FROM oppsync.opportunities WHERE source_id = :i", i=fine) \
-            == "Renamed fine"
+        quarantined = {
+            (r[0], r[1]) for r in t.rows("SELECT source_id, field FROM oppsync.quarantine WHERE extract_id = 'bad'")
+        }
+        assert quarantined == {
+            (negative, "amount"),
+            (future, "created_at"),
+            (unreadable, "_info.dateEntered"),
+            (surrogate, "project_name"),
+        }
+        assert t.current([negative, future, unreadable, surrogate]) == before  # neither synced ...
+        assert not t.deleted_ids()  # ... nor deleted
+        assert t.scalar("SELECT project_name FROM oppsync.opportunities WHERE source_id = :i", i=fine) == "Renamed fine"
         assert any("4 record(s) quarantined" in w for w in summary.extract.stats["warnings"])
         assert t.extract("bad")["quarantined"] == 4
 
 
-def test_e_more_than_one_percent_quarantined_blocks_the_run_naming_ids_and_fields(warehouse_url: str,
-                                                                                   tmp_path: Path):
+def test_e_more_than_one_percent_quarantined_blocks_the_run_naming_ids_and_fields(warehouse_url: str, tmp_path: Path):
     with open_tenant(warehouse_url, tmp_path) as t:
         assert t.sync("clean-1").result is not None
         world = t.sim.world

@@ -27,7 +27,7 @@ WARNING = "renamed companies reach the warehouse with the next full sync"
 class CountingSession(requests.Session):
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[str, str]] = []   # (path under apis/3.0, query)
+        self.calls: list[tuple[str, str]] = []  # (path under apis/3.0, query)
 
     def request(self, method, url, *args, **kwargs):
         path = url.split("?", 1)[0].split("/apis/3.0", 1)[-1]
@@ -40,9 +40,14 @@ class CountingSession(requests.Session):
 
 
 def connector(url: str, session: requests.Session | None = None, **kw) -> ConnectWiseConnector:
-    conn = ConnectionConfig(name="sandbox-connectwise", crm="connectwise", base_url=url,
-                            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
-                            page_size=kw.pop("page_size", 40), **kw)
+    conn = ConnectionConfig(
+        name="sandbox-connectwise",
+        crm="connectwise",
+        base_url=url,
+        credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+        page_size=kw.pop("page_size", 40),
+        **kw,
+    )
     return ConnectWiseConnector(conn, CREDS, sleep=lambda s: None, session=session)
 
 
@@ -102,7 +107,7 @@ def test_incremental_read_picks_up_renamed_companies_each_opportunity_once(pagin
         for sid in of_renamed:
             assert got[sid].client_name == truth[sid]["client_name"]
             assert got[sid].client_name.endswith(" (renamed)")
-            assert got[sid].amount == truth[sid]["amount"]    # a re-read opportunity is complete, not partial
+            assert got[sid].amount == truth[sid]["amount"]  # a re-read opportunity is complete, not partial
         # the companies are asked for once for both sets; their opportunities by company id, per set
         company_lists = [q for p, q in session.calls if p == "/company/companies"]
         assert len(company_lists) == 1 and "_info/lastUpdated>=[" in company_lists[0]
@@ -138,7 +143,7 @@ def test_many_renamed_companies_are_read_in_chunks_of_ids():
         assert all(o.client_name.endswith(" (renamed)") for o in got.values())
         chunks = -(-len(world.accounts) // COMPANY_CHUNK)
         by_company = [q for p, q in session.calls if "company/id in (" in q]
-        assert len(by_company) == 2 * chunks   # one query per chunk and set (pages of 1000 suffice here)
+        assert len(by_company) == 2 * chunks  # one query per chunk and set (pages of 1000 suffice here)
 
 
 def test_refused_company_read_warns_and_the_incremental_read_still_completes():
@@ -153,7 +158,7 @@ def test_refused_company_read_warns_and_the_incremental_read_still_completes():
         session = CountingSession()
         conn = connector(srv.url, session=session)
         got = collect(conn, since)
-        assert set(got) == changed    # renames wait for the next full sync
+        assert set(got) == changed  # renames wait for the next full sync
         assert any(WARNING in w and "403" in w for w in conn.stats.warnings)
         # asked once (the refusal is remembered for the run), never retried per set
         assert [p for p, _ in session.calls if p == "/company/companies"] == ["/company/companies"]

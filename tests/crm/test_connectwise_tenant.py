@@ -22,17 +22,27 @@ from tests.conftest import sandbox_config
 CREDS = dict(cw.SANDBOX_CREDENTIALS)
 
 
-def connector(url: str, creds: dict | None = None, session: requests.Session | None = None,
-              **kw) -> ConnectWiseConnector:
-    conn = ConnectionConfig(name="sandbox-connectwise", crm="connectwise", base_url=url,
-                            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
-                            page_size=kw.pop("page_size", 50), **kw)
+def connector(
+    url: str, creds: dict | None = None, session: requests.Session | None = None, **kw
+) -> ConnectWiseConnector:
+    conn = ConnectionConfig(
+        name="sandbox-connectwise",
+        crm="connectwise",
+        base_url=url,
+        credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+        page_size=kw.pop("page_size", 50),
+        **kw,
+    )
     return ConnectWiseConnector(conn, creds or CREDS, sleep=lambda s: None, session=session)
 
 
 def collect(conn: ConnectWiseConnector) -> dict:
-    return {o.source_id: o for open_set in (True, False)
-            for page in conn.opportunities(open_set=open_set, since=None) for o in page}
+    return {
+        o.source_id: o
+        for open_set in (True, False)
+        for page in conn.opportunities(open_set=open_set, since=None)
+        for o in page
+    }
 
 
 class CountingSession(requests.Session):
@@ -50,6 +60,7 @@ def served(variant: str, n: int = 150, seed: int = 21):
 
 
 # -- no_optional_rights: every optional area refused, the run still reads everything it must ---------------------
+
 
 def test_refused_optional_reads_are_warnings_with_their_fallbacks():
     with served("no_optional_rights") as srv:
@@ -70,8 +81,13 @@ def test_refused_optional_reads_are_warnings_with_their_fallbacks():
             assert what in warned, what
         assert "HTTP 403" in warned
         refused = {c.name for c in conn.capabilities.values() if not c.available}
-        assert {"sales stages (/sales/stages)", "members (/system/members)", "company sites (service_location)",
-                "forecast (amount)", "probabilities (/sales/probabilities)"} <= refused
+        assert {
+            "sales stages (/sales/stages)",
+            "members (/system/members)",
+            "company sites (service_location)",
+            "forecast (amount)",
+            "probabilities (/sales/probabilities)",
+        } <= refused
 
 
 def test_a_refused_area_is_asked_once_per_run_not_once_per_record():
@@ -94,6 +110,7 @@ def test_the_403_is_in_connectwise_shape():
 
 # -- custom_statuses: names and ids that are not the default's ---------------------------------------------------
 
+
 def test_renamed_statuses_and_stages_map_by_name_and_flags():
     with served("custom_statuses") as srv:
         sim = srv.simulator
@@ -111,11 +128,21 @@ def test_renamed_statuses_and_stages_map_by_name_and_flags():
 
 def test_open_statuses_and_stage_categories_by_name_on_a_renamed_tenant():
     with served("custom_statuses") as srv:
-        conn = connector(srv.url, options={"forecast": False}, open_statuses=["Active", "Pending Contract"],
-                         stage_categories={"Signed": "won"})
+        conn = connector(
+            srv.url,
+            options={"forecast": False},
+            open_statuses=["Active", "Pending Contract"],
+            stage_categories={"Signed": "won"},
+        )
         open_ids = {o.source_id for page in conn.opportunities(open_set=True, since=None) for o in page}
-        got = collect(connector(srv.url, options={"forecast": False}, open_statuses=["Active", "Pending Contract"],
-                                stage_categories={"Signed": "won"}))
+        got = collect(
+            connector(
+                srv.url,
+                options={"forecast": False},
+                open_statuses=["Active", "Pending Contract"],
+                stage_categories={"Signed": "won"},
+            )
+        )
         for opp in got.values():
             if opp.stage == "Signed":
                 assert opp.status == "won"
@@ -128,6 +155,7 @@ def test_open_statuses_and_stage_categories_by_name_on_a_renamed_tenant():
 
 # -- custom_fields: captions that look like standard fields are never read as them ------------------------------
 
+
 def test_custom_fields_named_like_standard_fields_are_not_read_as_them():
     with served("custom_fields") as srv:
         sim = srv.simulator
@@ -136,7 +164,10 @@ def test_custom_fields_named_like_standard_fields_are_not_read_as_them():
         truth = cw.truth(sim)
         for sid, opp in got.items():
             assert (opp.stage, opp.amount, opp.service_location) == (
-                truth[sid]["stage"], truth[sid]["amount"], truth[sid]["service_location"])
+                truth[sid]["stage"],
+                truth[sid]["amount"],
+                truth[sid]["service_location"],
+            )
         seen = conn.capabilities["custom fields"].detail
         assert all(c in seen for c in ("Region", "Stage", "Amount", "Site", "Renewal"))
         # ... and are read when a connection asks for one
@@ -179,8 +210,13 @@ def test_every_overridable_field_has_a_case():
 def test_a_field_override_takes_effect(canonical):
     path, want = OVERRIDES[canonical]
     with served("custom_fields", n=60) as srv:
-        conn = ConnectionConfig(name="x", crm="connectwise", base_url=srv.url, credentials={
-            k: "${CW_" + k.upper() + "}" for k in CREDS}, fields={canonical: path})
+        conn = ConnectionConfig(
+            name="x",
+            crm="connectwise",
+            base_url=srv.url,
+            credentials={k: "${CW_" + k.upper() + "}" for k in CREDS},
+            fields={canonical: path},
+        )
         assert ConnectWiseConnector.validate_connection(conn) == []  # what `config check` accepts
         got = collect(connector(srv.url, fields={canonical: path}))
         default = collect(connector(srv.url))
@@ -210,6 +246,7 @@ def test_stage_override_to_stage_name_keeps_the_status_from_the_crm():
 
 # -- addresses, users, no I/O while mapping, requests counted ------------------------------------------------------
 
+
 def test_each_site_is_read_once_and_mapping_does_no_io():
     with served("default", n=200) as srv:
         session = CountingSession()
@@ -217,14 +254,16 @@ def test_each_site_is_read_once_and_mapping_does_no_io():
         got = collect(conn)
         site_reads = [p for p in session.paths if "/sites/" in p]
         assert len(site_reads) == len(set(site_reads)) > 10
-        assert len(site_reads) == len({(o.raw["company"]["id"], o.raw["site"]["id"])
-                                       for o in got.values() if o.raw.get("company")})
+        assert len(site_reads) == len(
+            {(o.raw["company"]["id"], o.raw["site"]["id"]) for o in got.values() if o.raw.get("company")}
+        )
         # every request the connector sent is counted (Basic auth: no token requests exist)
         assert conn.stats.requests == len(session.paths) == srv.simulator.request_count
         assert conn.stats.token_requests == 0
 
         def no_network(*a, **k):
             raise AssertionError("network I/O inside _map")
+
         session.request = no_network  # type: ignore[method-assign]
         raw = dict(next(iter(got.values())).raw, site={"id": 999999, "name": "Unread site"})
         assert conn._map(raw).service_location == "Unread site"
@@ -242,13 +281,16 @@ def test_owner_and_creator_resolve_to_configured_identifiers_through_alt_ids():
 
 # -- permanent errors fail fast and say what to check -------------------------------------------------------------
 
+
 def test_a_refused_required_read_fails_at_once_naming_the_security_role():
     with served("default", n=30) as srv:
         srv.simulator.refused = frozenset({"statuses"})
         conn = connector(srv.url)
         with pytest.raises(CrmError) as err:
             collect(conn)
-        assert conn.stats.seconds_waited == 0 and conn.stats.retries == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+        assert (
+            conn.stats.seconds_waited == 0 and conn.stats.retries == 0
+        )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert err.value.permanent and err.value.status == 403
         assert "Opportunity Status" in str(err.value) and "Security Roles" in str(err.value)
         srv.simulator.refused = frozenset({"opportunities"})
@@ -273,7 +315,9 @@ def test_400_404_401_name_the_config_key():
         wrong = connector(srv.url, creds={**CREDS, "public_key": "wrong"})
         with pytest.raises(AuthError) as err:
             collect(wrong)
-        assert wrong.stats.retries == 0 and wrong.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+        assert (
+            wrong.stats.retries == 0 and wrong.stats.seconds_waited == 0
+        )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert "credentials.company_id, public_key and private_key" in str(err.value)
     url = "https://api-na.myconnectwise.net/v4_6_release/apis/3.0/sales/opportunities?conditions=x"
     bad = conn.classify(_response(400, {"code": "InvalidObject", "message": "conditions: Unknown field 'x'"}, url))
@@ -293,7 +337,9 @@ def test_a_permanent_error_fails_the_sync_run_without_dagster_retry(warehouse_ur
             conn = build_connector(cfg, cfg.connections[0])
             with pytest.raises(ExtractFailed) as err:
                 sync_connection(cfg, cfg.connections[0], engine, run_id="cw-403", mode="full", connector=conn)
-            assert err.value.permanent and conn.stats.retries == 0 and conn.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+            assert (
+                err.value.permanent and conn.stats.retries == 0 and conn.stats.seconds_waited == 0
+            )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
             assert "Sales > Opportunities" in str(err.value)
         finally:
             engine.dispose()
@@ -318,6 +364,7 @@ def test_discover_reports_what_will_and_will_not_be_read_and_runs_once():
 
 def test_a_status_created_mid_run_is_read_before_the_page_is_mapped():
     from oppsync_pipeline.sandbox.world import SimStage
+
     with served("default", n=40) as srv:
         sim = srv.simulator
         conn = connector(srv.url, options={"forecast": False})
@@ -344,6 +391,7 @@ def test_an_opportunity_deleted_before_its_forecast_is_read_does_not_fail_the_ru
         def delete_first(rows):
             sim.world.delete(victim.native_id)
             return real(rows)
+
         conn._forecasts = delete_first  # type: ignore[method-assign]
         got = {o.source_id: o for page in pages for o in page}
         assert got[victim.native_id].amount is None

@@ -27,10 +27,17 @@ def server():
 
 
 def make(srv, credentials=None, **overrides) -> DynamicsConnector:
-    conn = ConnectionConfig(**{
-        "name": "dyn", "crm": "dynamics", "base_url": srv.url, "page_size": 50,
-        "credentials": {k: "${X}" for k in sandbox.SANDBOX_CREDENTIALS},
-        "options": {"authority_url": srv.url, **overrides.pop("options", {})}, **overrides})
+    conn = ConnectionConfig(
+        **{
+            "name": "dyn",
+            "crm": "dynamics",
+            "base_url": srv.url,
+            "page_size": 50,
+            "credentials": dict.fromkeys(sandbox.SANDBOX_CREDENTIALS, "${X}"),
+            "options": {"authority_url": srv.url, **overrides.pop("options", {})},
+            **overrides,
+        }
+    )
     cls = connector_class("dynamics")
     assert cls is DynamicsConnector
     return cls(conn, credentials or dict(sandbox.SANDBOX_CREDENTIALS), sleep=lambda s: None)
@@ -89,8 +96,10 @@ def test_full_sync_matches_world_field_by_field(server):
     assert set(stages) == {s.key for s in world.sales_stages.values()}
     assert {o.crm_status for o in got.values()} >= {"In Progress", "Awaiting PO", "Won", "No Decision"}
     assert conn.stats.warnings == []
-    assert any(o.owner_crm_id and o.raw.get("_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname") == "team"
-               for o in got.values())
+    assert any(
+        o.owner_crm_id and o.raw.get("_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname") == "team"
+        for o in got.values()
+    )
     # many pages were needed
     assert conn.stats.requests > N // 50
 
@@ -159,19 +168,29 @@ def test_filters_pushed_down_and_escaped(server):
     assert some.native_id in {o.source_id for o in got}
     assert all(o.project_name.casefold() == some.name.casefold() for o in got)
     owner = world.users[some.owner].native_id
-    conn = make(server, filters=[{"field": "estimatedvalue", "op": "at_least", "value": 100000},
-                                 {"field": "_ownerid_value", "op": "in", "value": [owner]}])
+    conn = make(
+        server,
+        filters=[
+            {"field": "estimatedvalue", "op": "at_least", "value": 100000},
+            {"field": "_ownerid_value", "op": "in", "value": [owner]},
+        ],
+    )
     got = fetch(conn, True) + fetch(conn, False)
-    expect = {o.native_id for o in world.live() if o.amount is not None and o.amount >= 100000
-              and world.users[o.owner].native_id == owner}
+    expect = {
+        o.native_id
+        for o in world.live()
+        if o.amount is not None and o.amount >= 100000 and world.users[o.owner].native_id == owner
+    }
     assert {o.source_id for o in got} == expect
     # the filter really went to the server: fewer requests than a full read (12+ pages of 50); the rest is the
     # token, discovery (attribute metadata, currencies, the account expand probe) and the status reasons
     assert conn.stats.requests < 9 and conn.stats.token_requests == 1
-    assert DynamicsConnector.validate_connection(make(server, filters=[
-        {"field": "nosuchfield", "op": "equal", "value": 1}]).conn)
-    assert not DynamicsConnector.validate_connection(make(server, filters=[
-        {"field": "cr123_region", "op": "equal", "value": "EU"}]).conn)
+    assert DynamicsConnector.validate_connection(
+        make(server, filters=[{"field": "nosuchfield", "op": "equal", "value": 1}]).conn
+    )
+    assert not DynamicsConnector.validate_connection(
+        make(server, filters=[{"field": "cr123_region", "op": "equal", "value": "EU"}]).conn
+    )
 
 
 def test_custom_created_at_field_override(server):
@@ -216,7 +235,7 @@ def test_users_and_teams_resolved(server):
 def test_deletes_via_change_tracking(server):
     conn = make(server, options={"change_tracking": True})
     world = server.simulator.world
-    assert list(conn.deleted(None)) == []           # baseline read establishes the delta link
+    assert list(conn.deleted(None)) == []  # baseline read establishes the delta link
     assert conn.delta_link and "$deltatoken=" in conn.delta_link
     victims = [o.native_id for o in list(world.live())[:3]]
     world.clock.advance(timedelta(seconds=5))
@@ -231,8 +250,10 @@ def test_deletes_via_change_tracking(server):
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=st.one_of(st.text(), st.integers(), st.floats(allow_nan=False, allow_infinity=False)),
-       field=st.sampled_from(["name", "estimatedvalue", "_ownerid_value", "new_region", "modifiedon"]))
+@given(
+    value=st.one_of(st.text(), st.integers(), st.floats(allow_nan=False, allow_infinity=False)),
+    field=st.sampled_from(["name", "estimatedvalue", "_ownerid_value", "new_region", "modifiedon"]),
+)
 def test_rendered_filters_parse_as_one_literal(value, field):
     """Whatever the value, the rendered clause is `field op <one literal>` to the server's OData parser."""
     clause = render_filter(RecordFilter(field=field, op="not_equal", value=value))

@@ -37,10 +37,17 @@ def server():
 
 
 def make(srv, page_size: int = 5000, session: requests.Session | None = None, **overrides) -> DynamicsConnector:
-    conn = ConnectionConfig(**{
-        "name": "dyn", "crm": "dynamics", "base_url": srv.url, "page_size": page_size,
-        "credentials": {k: "${X}" for k in sandbox.SANDBOX_CREDENTIALS},
-        "options": {"authority_url": srv.url}, **overrides})
+    conn = ConnectionConfig(
+        **{
+            "name": "dyn",
+            "crm": "dynamics",
+            "base_url": srv.url,
+            "page_size": page_size,
+            "credentials": dict.fromkeys(sandbox.SANDBOX_CREDENTIALS, "${X}"),
+            "options": {"authority_url": srv.url},
+            **overrides,
+        }
+    )
     assert DynamicsConnector.validate_connection(conn) == []
     return DynamicsConnector(conn, dict(sandbox.SANDBOX_CREDENTIALS), sleep=lambda s: None, session=session)
 
@@ -55,9 +62,15 @@ def midnight(d: date) -> datetime:
 
 def app_headers(srv) -> dict[str, str]:
     """What another Dataverse client (a seller's app) sends: its own client-credentials token."""
-    r = requests.post(f"{srv.url}/{sandbox.TENANT_ID}/oauth2/v2.0/token", data={
-        "grant_type": "client_credentials", "client_id": sandbox.CLIENT_ID,
-        "client_secret": sandbox.SANDBOX_CREDENTIALS["client_secret"], "scope": f"{srv.url}/.default"})
+    r = requests.post(
+        f"{srv.url}/{sandbox.TENANT_ID}/oauth2/v2.0/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": sandbox.CLIENT_ID,
+            "client_secret": sandbox.SANDBOX_CREDENTIALS["client_secret"],
+            "scope": f"{srv.url}/.default",
+        },
+    )
     return {"Authorization": f"Bearer {r.json()['access_token']}", "Accept": "application/json"}
 
 
@@ -71,6 +84,7 @@ def warmed(conn) -> int:
 
 # -- (a) close time ------------------------------------------------------------------------------------------------
 
+
 def test_closed_opportunities_carry_the_crm_close_date_not_the_last_edit(server):
     world = server.simulator.world
     got = read_all(make(server))
@@ -80,7 +94,7 @@ def test_closed_opportunities_carry_the_crm_close_date_not_the_last_edit(server)
     for o in closed:
         g = got[o.native_id]
         assert (g.crm_closed_at, g.crm_closed_at_field) == (midnight(o.closed_at.date()), "actualclosedate")
-        assert g.raw["actualclosedate"] == o.closed_at.date().isoformat()   # Date Only: YYYY-MM-DD
+        assert g.raw["actualclosedate"] == o.closed_at.date().isoformat()  # Date Only: YYYY-MM-DD
     for o in long_before:
         assert got[o.native_id].crm_closed_at < got[o.native_id].modified_at - timedelta(days=29)
     for o in world.live():
@@ -93,9 +107,18 @@ def test_a_close_through_win_opportunity_is_dated_by_its_actualend_and_a_reopen_
     opp = next(o for o in world.live() if world.status(o) == "open")
     session, headers, base = requests.Session(), app_headers(server), server.url + sandbox.API
     conn = make(server)
-    r = session.post(f"{base}/WinOpportunity", headers=headers, json={"Status": 3, "OpportunityClose": {
-        "subject": "signed in March", "actualend": "2024-03-15T17:30:00Z",
-        "opportunityid@odata.bind": f"/opportunities({opp.native_id})"}})
+    r = session.post(
+        f"{base}/WinOpportunity",
+        headers=headers,
+        json={
+            "Status": 3,
+            "OpportunityClose": {
+                "subject": "signed in March",
+                "actualend": "2024-03-15T17:30:00Z",
+                "opportunityid@odata.bind": f"/opportunities({opp.native_id})",
+            },
+        },
+    )
     assert r.status_code == 204 and sim.closes[-1]["actualend"] == "2024-03-15T17:30:00Z"
     g = read_all(conn)[opp.native_id]
     assert g.status == "won" and g.crm_closed_at == datetime(2024, 3, 15) and g.modified_at > datetime(2024, 4, 1)
@@ -122,6 +145,7 @@ def test_a_status_the_connection_counts_as_closed_while_dataverse_has_it_open_ge
 
 
 # -- (b) the fallback tenant -----------------------------------------------------------------------------------
+
 
 def test_a_column_secured_actualclosedate_reads_empty_and_falls_back_to_modifiedon():
     with SandboxServer(sandbox.build(seed=21, opportunities=120, variant="secured_close_date")) as srv:
@@ -153,6 +177,7 @@ def test_without_metadata_rights_the_close_time_is_still_read():
 
 # -- (c) reads by id -----------------------------------------------------------------------------------------------
 
+
 def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_and_batches(server):
     world = server.simulator.world
     filters = [{"field": "estimatedvalue", "op": "more_than", "value": 150000}]
@@ -164,7 +189,7 @@ def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_and_b
         world.delete(sid)
     unknown = [sandbox.opportunity_id(90_000 + i) for i in range(2)]
     asked = live[:262] + unknown + ["not-a-guid", live[5].upper()]
-    assert len(set(s.lower() for s in asked if s != "not-a-guid")) == 264
+    assert len({s.lower() for s in asked if s != "not-a-guid"}) == 264
     assert {world.status(world.opps[s]) for s in asked[:262]} == {"open", "won", "lost"}
     assert set(outside) & set(asked), "some asked records must fail the connection's filter"
 
@@ -183,8 +208,9 @@ def test_fetch_by_ids_ignores_filters_and_status_omits_deleted_and_unknown_and_b
     for sid, g in got.items():
         if sid in filtered:
             want = filtered[sid]
-            assert [getattr(g, f) for f in (*TRACKED_FIELDS, "modified_at", "crm_closed_at_field")] == \
-                   [getattr(want, f) for f in (*TRACKED_FIELDS, "modified_at", "crm_closed_at_field")]
+            assert [getattr(g, f) for f in (*TRACKED_FIELDS, "modified_at", "crm_closed_at_field")] == [
+                getattr(want, f) for f in (*TRACKED_FIELDS, "modified_at", "crm_closed_at_field")
+            ]
     assert any(g.service_location for g in got.values()) and any(g.crm_closed_at for g in got.values())
 
 
@@ -194,7 +220,7 @@ def test_fetch_by_ids_pages_within_a_batch_by_next_link(server):
     conn = make(server, page_size=50)
     before = warmed(conn)
     pages = list(conn.fetch_by_ids(ids))
-    assert [len(p) for p in pages] == [50, 50, 50, 50, 50]   # batches of 100, 100, 50 at 50 a page
+    assert [len(p) for p in pages] == [50, 50, 50, 50, 50]  # batches of 100, 100, 50 at 50 a page
     assert conn.stats.requests - before == 5
     assert {o.source_id for p in pages for o in p} == set(ids)
     assert list(conn.fetch_by_ids([])) == []
@@ -202,14 +228,19 @@ def test_fetch_by_ids_pages_within_a_batch_by_next_link(server):
 
 # -- (d) filters evaluated in Python ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flt", [
-    {"field": "estimatedvalue", "op": "more_than", "value": 120000},
-    {"field": "stepname", "op": "equal", "value": "2-DEVELOP"},            # Dataverse text compares case-insensitively
-    {"field": "statuscode", "op": "in", "value": [3, 100000000]},
-    {"field": "actualclosedate", "op": "at_least", "value": "2025-01-01"},
-    {"field": "closeprobability", "op": "not_equal", "value": 40},
-    {"field": "budgetamount", "op": "at_most", "value": 50000},          # a column the mapping does not select
-], ids=["amount", "text-case", "in", "date", "not-equal", "unmapped-column"])
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        {"field": "estimatedvalue", "op": "more_than", "value": 120000},
+        {"field": "stepname", "op": "equal", "value": "2-DEVELOP"},  # Dataverse text compares case-insensitively
+        {"field": "statuscode", "op": "in", "value": [3, 100000000]},
+        {"field": "actualclosedate", "op": "at_least", "value": "2025-01-01"},
+        {"field": "closeprobability", "op": "not_equal", "value": 40},
+        {"field": "budgetamount", "op": "at_most", "value": 50000},  # a column the mapping does not select
+    ],
+    ids=["amount", "text-case", "in", "date", "not-equal", "unmapped-column"],
+)
 def test_filter_value_and_matches_filters_agree_with_the_server_side_filter(server, flt):
     world = server.simulator.world
     conn = make(server, filters=[flt])

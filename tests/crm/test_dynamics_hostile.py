@@ -28,8 +28,8 @@ from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, Request, Respo
 from tests.conftest import sandbox_config
 from tests.reliability.harness import PageHook, snapshot
 
-N = 400        # 4 bad records stay within the default quarantine_max_share of 1%
-PAGE = 100     # so that each set is read in more than one page
+N = 400  # 4 bad records stay within the default quarantine_max_share of 1%
+PAGE = 100  # so that each set is read in more than one page
 OPPORTUNITIES = "/api/data/v9.2/opportunities"
 
 
@@ -38,8 +38,9 @@ def loop_back(body: Any, n: int, req: Request) -> Any:
     first page of the same query (the request's own URL without its paging cookie)."""
     if n >= 2 and isinstance(body, dict) and body.get("@odata.nextLink"):
         query = {k: v[0] for k, v in req.query.items() if k != "$skiptoken"}
-        body["@odata.nextLink"] = (f"http://{req.header('host')}{req.path}?"
-                                   + urlencode(query, quote_via=quote, safe="$,()'=/"))
+        body["@odata.nextLink"] = f"http://{req.header('host')}{req.path}?" + urlencode(
+            query, quote_via=quote, safe="$,()'=/"
+        )
     return body
 
 
@@ -98,6 +99,7 @@ def second_page(req: Request) -> bool:
 
 # -- (a) pages of the wrong shape --------------------------------------------------------------------------------
 
+
 def test_a_wrong_shape_page_mid_paging_fails_the_sync_naming_crm_url_and_page(tenant):
     before = snapshot(tenant.engine, tenant.conn.name)
     # matching requests: the account $expand probe, the open set's first page, then its second page
@@ -132,6 +134,7 @@ def test_an_envelope_rewritten_mid_paging_fails_the_sync(tenant, breakage):
 
 # -- (b) ids that are null or of the wrong type ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad_id", [None, 12345, "not-a-guid"])
 def test_a_record_without_a_usable_id_fails_the_sync_naming_page_and_key(tenant, bad_id):
     def rewrite(records: list, n: int, req: Request) -> None:
@@ -143,12 +146,15 @@ def test_a_record_without_a_usable_id_fails_the_sync_naming_page_and_key(tenant,
     message = tenant.failing_sync("bad-id")
     assert "dynamics: page 2 of" in message and "value[3].opportunityid" in message, message
     assert snapshot(tenant.engine, tenant.conn.name) == before
-    assert tenant.rows("SELECT source_id FROM oppsync.opportunities WHERE source_id IN ('None', '12345', "
-                       "'not-a-guid')") == []
+    assert (
+        tenant.rows("SELECT source_id FROM oppsync.opportunities WHERE source_id IN ('None', '12345', 'not-a-guid')")
+        == []
+    )
     assert tenant.deleted_events() == []
 
 
 # -- (c) paging that does not end ----------------------------------------------------------------------------------
+
 
 def test_a_next_link_pointing_back_fails_fast_with_paging_loops(tenant):
     before = snapshot(tenant.engine, tenant.conn.name)
@@ -156,7 +162,9 @@ def test_a_next_link_pointing_back_fails_fast_with_paging_loops(tenant):
     served = tenant.sim.request_count
     message = tenant.failing_sync("loop")
     assert "paging loops" in message and "dynamics" in message, message
-    assert tenant.sim.request_count - served < 40, tenant.sim.request_count - served  # fails fast: a few requests, not a runaway read (the seconds: make bench)
+    assert tenant.sim.request_count - served < 40, (
+        tenant.sim.request_count - served
+    )  # fails fast: a few requests, not a runaway read (the seconds: make bench)
     assert snapshot(tenant.engine, tenant.conn.name) == before
 
 
@@ -183,6 +191,7 @@ def test_a_server_ignoring_the_paging_cookie_fails_by_the_crm_count(tenant):
 
 
 # -- (d) records silently left out ---------------------------------------------------------------------------------
+
 
 def test_records_left_out_of_every_answer_are_not_inferred_deleted(tenant):
     """A CRM (or a proxy) that drops five records from every answer, pages and reads by id alike: the set's
@@ -231,10 +240,12 @@ def serve_lone_surrogates(sim: sandbox.DynamicsSimulator) -> None:
 def spoil(tenant: Tenant, ids: list[str]) -> dict[str, str]:
     """Make `ids` bad in every answer, one way each in turn; returns id -> the quarantined field."""
     clock = tenant.sim.world.clock.now()
-    kinds = [("amount", lambda r: r.update(estimatedvalue=-2500.0)),
-             ("createdon", lambda r: r.update(createdon="2024-02-30T10:00:00Z")),
-             ("project_name", None),
-             ("created_at", lambda r: r.update(createdon=(clock + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")))]
+    kinds = [
+        ("amount", lambda r: r.update(estimatedvalue=-2500.0)),
+        ("createdon", lambda r: r.update(createdon="2024-02-30T10:00:00Z")),
+        ("project_name", None),
+        ("created_at", lambda r: r.update(createdon=(clock + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ"))),
+    ]
     fields, edits = {}, {}
     for i, sid in enumerate(ids):
         field, edit = kinds[i % len(kinds)]
@@ -250,13 +261,14 @@ def spoil(tenant: Tenant, ids: list[str]) -> dict[str, str]:
                 edits[r["opportunityid"]](r)
 
     tenant.hook(rewrite=rewrite)
-    serve_lone_surrogates(tenant.sim)   # after the hook: PageHook wraps the class's handle, not the instance's
+    serve_lone_surrogates(tenant.sim)  # after the hook: PageHook wraps the class's handle, not the instance's
     return fields
 
 
 def current(tenant: Tenant, ids: list[str]) -> dict[str, tuple]:
-    rows = tenant.rows("SELECT source_id, project_name, amount, created_at, version, deleted_at "
-                       "FROM oppsync.opportunities")
+    rows = tenant.rows(
+        "SELECT source_id, project_name, amount, created_at, version, deleted_at FROM oppsync.opportunities"
+    )
     return {r[0]: tuple(r[1:]) for r in rows if r[0] in ids}
 
 
@@ -271,19 +283,23 @@ def test_bad_records_are_quarantined_and_the_rest_is_synced(tenant):
 
     out = tenant.sync("bad-records")
     assert out.extract.status == "complete" and out.extract.stats["quarantined"] == 4
-    quarantined = {(r.source_id, r.field) for r in tenant.rows(
-        "SELECT source_id, field FROM oppsync.quarantine WHERE extract_id = 'bad-records'")}
+    quarantined = {
+        (r.source_id, r.field)
+        for r in tenant.rows("SELECT source_id, field FROM oppsync.quarantine WHERE extract_id = 'bad-records'")
+    }
     assert quarantined == set(fields.items())
-    assert current(tenant, bad) == kept                    # neither updated nor deleted
+    assert current(tenant, bad) == kept  # neither updated nor deleted
     assert tenant.deleted_events() == []
-    assert tenant.rows("SELECT project_name FROM oppsync.opportunities WHERE source_id = :s",
-                       s=renamed)[0][0] == "Renamed while others were bad"
+    assert (
+        tenant.rows("SELECT project_name FROM oppsync.opportunities WHERE source_id = :s", s=renamed)[0][0]
+        == "Renamed while others were bad"
+    )
     warning = next(w for w in out.extract.stats["warnings"] if "quarantined" in w)
     assert bad[0] in warning and "amount" in warning
 
 
 def test_more_than_one_percent_of_bad_records_blocks_the_run_naming_ids_and_fields(tenant):
-    bad = tenant.open_ids()[:6]    # 6 of 400: 1.5%
+    bad = tenant.open_ids()[:6]  # 6 of 400: 1.5%
     before = snapshot(tenant.engine, tenant.conn.name)
     spoil(tenant, bad)
     message = tenant.failing_sync("too-many-bad")
@@ -294,10 +310,16 @@ def test_more_than_one_percent_of_bad_records_blocks_the_run_naming_ids_and_fiel
 
 # -- counts: the CRM's own, past $count's 5,000 and past the aggregate limit ------------------------------------------
 
+
 def connector(server: SandboxServer, page_size: int = PAGE) -> DynamicsConnector:
-    conn = ConnectionConfig(name="dyn", crm="dynamics", base_url=server.url, page_size=page_size,
-                            credentials={k: "${X}" for k in sandbox.SANDBOX_CREDENTIALS},
-                            options={"authority_url": server.url})
+    conn = ConnectionConfig(
+        name="dyn",
+        crm="dynamics",
+        base_url=server.url,
+        page_size=page_size,
+        credentials=dict.fromkeys(sandbox.SANDBOX_CREDENTIALS, "${X}"),
+        options={"authority_url": server.url},
+    )
     return DynamicsConnector(conn, dict(sandbox.SANDBOX_CREDENTIALS), sleep=lambda s: None)
 
 
@@ -324,9 +346,15 @@ def test_the_simulator_counts_as_dataverse_documents(monkeypatch):
     with SandboxServer(sandbox.build(seed=5, opportunities=120)) as server:
         world = server.simulator.world
         n_open = sum(1 for o in world.live() if world.status(o) == "open")
-        token = requests.post(f"{server.url}/{sandbox.TENANT_ID}/oauth2/v2.0/token", data={
-            "grant_type": "client_credentials", "client_id": sandbox.CLIENT_ID, "scope": f"{server.url}/.default",
-            "client_secret": sandbox.SANDBOX_CREDENTIALS["client_secret"]}).json()["access_token"]
+        token = requests.post(
+            f"{server.url}/{sandbox.TENANT_ID}/oauth2/v2.0/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": sandbox.CLIENT_ID,
+                "scope": f"{server.url}/.default",
+                "client_secret": sandbox.SANDBOX_CREDENTIALS["client_secret"],
+            },
+        ).json()["access_token"]
 
         def get(params: dict[str, str], prefer: str | None = None) -> requests.Response:
             headers = {"Authorization": f"Bearer {token}", **({"Prefer": prefer} if prefer else {})}
@@ -341,7 +369,10 @@ def test_the_simulator_counts_as_dataverse_documents(monkeypatch):
         monkeypatch.setattr(sandbox, "COUNT_LIMIT", 10)
         plain = get({"$select": "name", "$count": "true"}).json()
         assert plain["@odata.count"] == 10 and not any("totalrecordcount" in k for k in plain)
-        asked = get({"$select": "name", "$count": "true"}, 'odata.include-annotations="Microsoft.Dynamics.CRM.'
-                    'totalrecordcount,Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"').json()
+        asked = get(
+            {"$select": "name", "$count": "true"},
+            'odata.include-annotations="Microsoft.Dynamics.CRM.'
+            'totalrecordcount,Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"',
+        ).json()
         assert asked["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] is True
         assert asked["@Microsoft.Dynamics.CRM.totalrecordcount"] == 10

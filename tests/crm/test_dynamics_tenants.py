@@ -4,7 +4,6 @@ process; `fields:` overrides, permanent errors and token requests."""
 
 from __future__ import annotations
 
-
 import pytest
 from sqlalchemy import text
 
@@ -25,10 +24,17 @@ def serve(variant: str = "default"):
 
 
 def make(srv, **overrides) -> DynamicsConnector:
-    conn = ConnectionConfig(**{
-        "name": "dyn", "crm": "dynamics", "base_url": srv.url, "page_size": 60,
-        "credentials": {k: "${X}" for k in sandbox.SANDBOX_CREDENTIALS},
-        "options": {"authority_url": srv.url, **overrides.pop("options", {})}, **overrides})
+    conn = ConnectionConfig(
+        **{
+            "name": "dyn",
+            "crm": "dynamics",
+            "base_url": srv.url,
+            "page_size": 60,
+            "credentials": dict.fromkeys(sandbox.SANDBOX_CREDENTIALS, "${X}"),
+            "options": {"authority_url": srv.url, **overrides.pop("options", {})},
+            **overrides,
+        }
+    )
     assert DynamicsConnector.validate_connection(conn) == []
     return DynamicsConnector(conn, dict(sandbox.SANDBOX_CREDENTIALS), sleep=lambda s: None)
 
@@ -46,16 +52,28 @@ def test_no_optional_rights_falls_back_with_warnings_and_matches_what_the_user_s
         for sid, t in truth.items():
             g = got[sid]
             assert (g.client_name, g.service_location, g.stage, g.stage_id, g.crm_status, g.status, g.currency) == (
-                t["client_name"], None, t["stage"], t["stage_id"], t["crm_status"], t["status"], t["currency"])
+                t["client_name"],
+                None,
+                t["stage"],
+                t["stage_id"],
+                t["crm_status"],
+                t["status"],
+                t["currency"],
+            )
         # owner names still come from the records' formatted values
         world = srv.simulator.world
         assert all(g.sales_executive == world.users[world.opps[sid].owner].name for sid, g in got.items())
         assert list(conn.users()) == [] and conn.stages() == {}
-        assert set(conn.statuses()) == {"1", "2", "3", "4", "5"}   # the default status reasons
+        assert set(conn.statuses()) == {"1", "2", "3", "4", "5"}  # the default status reasons
         refused = {c.name for c in conn.capabilities.values() if not c.available}
-        assert refused == {"opportunity attribute metadata", "account $expand (client address)",
-                           "status reason metadata (statuscode)", "business process stages (processstages)",
-                           "systemusers", "teams"}
+        assert refused == {
+            "opportunity attribute metadata",
+            "account $expand (client address)",
+            "status reason metadata (statuscode)",
+            "business process stages (processstages)",
+            "systemusers",
+            "teams",
+        }
         assert all("HTTP 403" in c.detail for c in conn.capabilities.values() if not c.available)
         text = "\n".join(conn.stats.warnings)
         assert "account $expand" in text and "service_location left empty" in text and "systemusers" in text
@@ -72,7 +90,8 @@ def test_refused_account_expand_keeps_the_name_and_drops_only_the_address():
         got = fetch(conn)
         truth = sandbox.truth(srv.simulator)
         assert {sid: (g.client_name, g.service_location) for sid, g in got.items()} == {
-            sid: (t["client_name"], t["service_location"]) for sid, t in truth.items()}
+            sid: (t["client_name"], t["service_location"]) for sid, t in truth.items()
+        }
         assert any(g.client_name for g in got.values()) and not any(g.service_location for g in got.values())
         assert [w for w in conn.stats.warnings if "account $expand" in w and "HTTP 403" in w and "prvReadAccount" in w]
         assert conn.capabilities["status reason metadata (statuscode)"].available
@@ -97,12 +116,18 @@ def test_discovery_reads_custom_columns_and_the_custom_process_stages():
         for column in ("new_region", "cr123_legacyid", "new_servicesite", "cr123_dealphase", "_new_signedby_value"):
             assert column in custom
         assert conn.capabilities["stage id"].detail == "stageid"
-        assert [s.label for s in conn.stages().values()] == ["Discovery", "Solution Design", "Commercials",
-                                                             "Legal Review", "Signed"]
+        assert [s.label for s in conn.stages().values()] == [
+            "Discovery",
+            "Solution Design",
+            "Commercials",
+            "Legal Review",
+            "Signed",
+        ]
         got = fetch(conn)
         truth = sandbox.truth(srv.simulator)
         assert {sid: (g.stage, g.stage_id) for sid, g in got.items()} == {
-            sid: (t["stage"], t["stage_id"]) for sid, t in truth.items()}
+            sid: (t["stage"], t["stage_id"]) for sid, t in truth.items()
+        }
         # custom columns are not selected unless configured
         assert "new_servicesite" not in next(iter(got.values())).raw
         # discover() (what `config check --online` prints) also reads a page of each set
@@ -120,10 +145,17 @@ def test_every_column_config_check_accepts_exists_in_the_sandbox_tenant():
 
 def test_every_accepted_field_override_takes_effect():
     """Each canonical field a connection may point elsewhere, pointed at a column this tenant has."""
-    fields = {"project_name": "description", "client_name": "new_servicesite", "stage": "cr123_dealphase",
-              "amount": "budgetamount", "close_date": "actualclosedate", "probability": "new_winchance",
-              "created_at": "new_originalcreatedon", "created_by_crm_id": "_new_signedby_value",
-              "sales_executive": "_modifiedby_value"}
+    fields = {
+        "project_name": "description",
+        "client_name": "new_servicesite",
+        "stage": "cr123_dealphase",
+        "amount": "budgetamount",
+        "close_date": "actualclosedate",
+        "probability": "new_winchance",
+        "created_at": "new_originalcreatedon",
+        "created_by_crm_id": "_new_signedby_value",
+        "sales_executive": "_modifiedby_value",
+    }
     assert set(fields) == set(OVERRIDABLE_FIELDS)
     with serve("custom_fields") as srv:
         world, sim = srv.simulator.world, srv.simulator
@@ -136,7 +168,7 @@ def test_every_accepted_field_override_takes_effect():
             o = world.opps[sid]
             assert g.project_name == (o.extra or {}).get("description")
             assert g.client_name == es.columns["new_servicesite"](o)
-            assert g.stage == sandbox.DEAL_PHASES[es.columns["cr123_dealphase"](o)]      # the picklist's label
+            assert g.stage == sandbox.DEAL_PHASES[es.columns["cr123_dealphase"](o)]  # the picklist's label
             assert g.stage_id == world.sales_stage_of(o).key
             assert g.amount == es.columns["budgetamount"](o)
             assert g.close_date == es.columns["actualclosedate"](o)
@@ -150,13 +182,13 @@ def test_every_accepted_field_override_takes_effect():
 
 
 def test_an_override_naming_a_column_the_tenant_lacks_fails_fast_naming_the_key():
-    with serve() as srv:   # the default tenant has no new_servicesite
+    with serve() as srv:  # the default tenant has no new_servicesite
         conn = make(srv, fields={"client_name": "new_servicesite"})
         with pytest.raises(CrmError) as err:
             fetch(conn)
         assert err.value.permanent and "fields.client_name" in str(err.value) and conn.stats.seconds_waited == 0
         assert conn.stats.retries == 0
-    with serve("no_optional_rights") as srv:   # no metadata: Dataverse's own 400 says it, named the same way
+    with serve("no_optional_rights") as srv:  # no metadata: Dataverse's own 400 says it, named the same way
         conn = make(srv, fields={"client_name": "new_servicesite"})
         with pytest.raises(CrmError) as err:
             fetch(conn)
@@ -170,10 +202,12 @@ def test_permanent_errors_fail_fast_and_name_what_to_check():
         with pytest.raises(CrmError) as err:
             fetch(conn)
         assert err.value.permanent and err.value.status == 403 and conn.stats.retries == 0
-        assert conn.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+        assert (
+            conn.stats.seconds_waited == 0
+        )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert "prvReadOpportunity" in str(err.value) and "security role" in str(err.value)
         assert "'opportunity' table" in str(err.value)
-        assert conn.stats.warnings == []   # the required read failed; no optional read is blamed
+        assert conn.stats.warnings == []  # the required read failed; no optional read is blamed
         # base_url pointing somewhere that is not the Web API root
         srv.simulator.denied.clear()
         conn = make(srv)
@@ -215,11 +249,14 @@ def test_a_permanent_error_fails_the_sync_at_once_and_skips_the_retry_policy(duc
         connector = build_connector(cfg, cfg.connections[0])
         with pytest.raises(ExtractFailed) as err:
             sync_connection(cfg, cfg.connections[0], engine, run_id="denied", connector=connector)
-        assert connector.stats.retries == 0 and connector.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+        assert (
+            connector.stats.retries == 0 and connector.stats.seconds_waited == 0
+        )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert err.value.permanent and "prvReadOpportunity" in str(err.value)
         with engine.connect() as c:
-            row = c.execute(text("SELECT status, error, retries, token_requests FROM oppsync.sync_runs "
-                                 "WHERE run_id = 'denied'")).one()
+            row = c.execute(
+                text("SELECT status, error, retries, token_requests FROM oppsync.sync_runs WHERE run_id = 'denied'")
+            ).one()
         engine.dispose()
         assert row.status == "failed" and "prvReadOpportunity" in row.error and row.retries == 0
         assert row.token_requests == 1

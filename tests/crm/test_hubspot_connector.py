@@ -20,8 +20,14 @@ OAUTH = {k: "${HS_" + k.upper() + "}" for k in sim.SANDBOX_OAUTH_CREDENTIALS}
 
 
 def make(url: str, creds=None, secrets=None, sleeps=None, **overrides) -> HubSpotConnector:
-    values = dict(name="hs", crm="hubspot", base_url=url, credentials=creds or PRIVATE, page_size=50,
-                  options={"search_requests_per_second": 0})
+    values = dict(
+        name="hs",
+        crm="hubspot",
+        base_url=url,
+        credentials=creds or PRIVATE,
+        page_size=50,
+        options={"search_requests_per_second": 0},
+    )
     values.update(overrides)
     conn = ConnectionConfig(**values)
     assert HubSpotConnector.validate_connection(conn) == []
@@ -60,20 +66,20 @@ def test_full_sync_equals_the_world_field_by_field(server):
         assert opp.crm == "hubspot" and opp.connection == "hs"
         assert opp.project_name == w.name
         stage = world.stages[w.stage]
-        assert opp.stage == stage.label and opp.stage_id == w.stage and opp.crm_status == w.stage   # name, id, id
+        assert opp.stage == stage.label and opp.stage_id == w.stage and opp.crm_status == w.stage  # name, id, id
         assert opp.status == world.status(w)
         assert opp.amount == w.amount and opp.currency == w.currency
-        assert opp.close_date == w.close_date                        # the UTC date of the closedate date-time
+        assert opp.close_date == w.close_date  # the UTC date of the closedate date-time
         assert opp.probability == pytest.approx(w.probability)
         assert opp.created_at == w.created_at and opp.modified_at == w.modified_at
-        assert opp.created_by_crm_id == creator.alt_id               # a user id, not an owner id
+        assert opp.created_by_crm_id == creator.alt_id  # a user id, not an owner id
         assert opp.owner_crm_id == owner.native_id
         assert opp.sales_executive == owner.name
         if w.account is None:
             assert opp.client_name is None and opp.service_location is None
         else:
             acc = world.accounts[w.account]
-            assert opp.client_name == acc.name                     # the primary company, counted once
+            assert opp.client_name == acc.name  # the primary company, counted once
             street, street2 = sim.company_street(acc)
             parts = [*(street or "").split("\n"), street2, acc.city, acc.state, acc.postal_code, acc.country]
             assert opp.service_location == (", ".join(p for p in parts if p) or None)
@@ -83,7 +89,7 @@ def test_full_sync_equals_the_world_field_by_field(server):
     # the tenant has second street lines and multi-line streets, and both reach the record
     assert any(", Suite " in (o.service_location or "") for o in got.values())
     assert any(", Building B, " in (o.service_location or "") for o in got.values())
-    assert {o.stage for o in got.values()} >= {"Contract Sent", "Proposal"}      # labels of both pipelines
+    assert {o.stage for o in got.values()} >= {"Contract Sent", "Proposal"}  # labels of both pipelines
     assert connector.stats.warnings == []
 
 
@@ -102,7 +108,7 @@ def test_users_resolve_owners_and_creators(server):
     by_user = {u.crm_user_id: u for u in users}
     by_owner = {a: u for u in users for a in u.alt_ids}
     assert len(users) == len(world.users)
-    assert any(not u.active for u in users)                          # archived owners are still resolvable
+    assert any(not u.active for u in users)  # archived owners are still resolvable
     for opp in sync(connector).values():
         assert opp.created_by_crm_id in by_user
         assert by_owner[opp.owner_crm_id].name == opp.sales_executive
@@ -128,8 +134,8 @@ def test_incremental_after_activity_returns_every_change_and_ties(server):
     assert all(got[i].client_name == world.accounts[world.opps[i].account].name for i in of_renamed)
     stamps = [o.modified_at for o in got.values()]
     burst = max(set(stamps), key=stamps.count)
-    assert stamps.count(burst) > 5                                   # the burst: many deals share one timestamp
-    at_burst = sync(make(server.url), since=burst)                   # since is inclusive: the whole tie is there
+    assert stamps.count(burst) > 5  # the burst: many deals share one timestamp
+    at_burst = sync(make(server.url), since=burst)  # since is inclusive: the whole tie is there
     assert set(at_burst) - of_renamed == {o.native_id for o in world.live() if o.modified_at >= burst} - of_renamed
     assert sum(1 for o in at_burst.values() if o.modified_at == burst) == stamps.count(burst)
     deleted = [d for page in make(server.url).deleted(since) for d in page]
@@ -153,19 +159,33 @@ def test_open_statuses_override(server):
 
 def test_filters_are_pushed_down_and_values_are_not_executed(server):
     world = server.simulator.world
-    filters = [RecordFilter(field="amount", op="more_than", value=100000),
-               RecordFilter(field="pipeline", op="equal", value="default"),
-               RecordFilter(field="deal_currency_code", op="in", value=["USD", "EUR"])]
+    filters = [
+        RecordFilter(field="amount", op="more_than", value=100000),
+        RecordFilter(field="pipeline", op="equal", value="default"),
+        RecordFilter(field="deal_currency_code", op="in", value=["USD", "EUR"]),
+    ]
     connector = make(server.url, filters=filters)
     got = sync(connector)
-    want = {o.native_id for o in world.live() if o.amount is not None and o.amount > 100000
-            and world.stages[o.stage].pipeline == "default" and o.currency in ("USD", "EUR")}
+    want = {
+        o.native_id
+        for o in world.live()
+        if o.amount is not None
+        and o.amount > 100000
+        and world.stages[o.stage].pipeline == "default"
+        and o.currency in ("USD", "EUR")
+    }
     assert set(got) == want and want
     assert render_filter(filters[0]) == {"propertyName": "amount", "operator": "GT", "value": "100000"}
-    assert render_filter(filters[2]) == {"propertyName": "deal_currency_code", "operator": "IN",
-                                         "values": ["USD", "EUR"]}
-    assert render_filter(RecordFilter(field="createdate", op="at_least", value="2024-01-01")) == \
-        {"propertyName": "createdate", "operator": "GTE", "value": "1704067200000"}
+    assert render_filter(filters[2]) == {
+        "propertyName": "deal_currency_code",
+        "operator": "IN",
+        "values": ["USD", "EUR"],
+    }
+    assert render_filter(RecordFilter(field="createdate", op="at_least", value="2024-01-01")) == {
+        "propertyName": "createdate",
+        "operator": "GTE",
+        "value": "1704067200000",
+    }
     hostile = "Acme' OR 1=1 --\" }]}"
     assert sync(make(server.url, filters=[RecordFilter(field="dealname", op="equal", value=hostile)])) == {}
     target = next(iter(world.live()))
@@ -179,8 +199,9 @@ def test_field_overrides_for_created_date_and_creator():
         world = srv.simulator.world
         opp = next(o for o in world.live() if world.status(o) == "open")
         world.update(opp.native_id, original_create_date="2019-03-04T05:06:07.000Z", created_by_custom="777")
-        connector = make(srv.url, fields={"created_at": "original_create_date",
-                                          "created_by_crm_id": "created_by_custom"})
+        connector = make(
+            srv.url, fields={"created_at": "original_create_date", "created_by_crm_id": "created_by_custom"}
+        )
         got = sync(connector)
         assert got[opp.native_id].created_at.isoformat() == "2019-03-04T05:06:07"
         assert got[opp.native_id].created_by_crm_id == "777"
@@ -194,6 +215,7 @@ def test_validate_connection_credentials_and_fields():
         base = dict(name="hs", crm="hubspot", base_url="https://api.hubapi.com", credentials=PRIVATE)
         base.update(kw)
         return HubSpotConnector.validate_connection(ConnectionConfig(**base))
+
     assert problems() == [] and problems(credentials=OAUTH) == []
     assert problems(credentials={**OAUTH, "access_token": "${X}"}) == []
     assert any("credentials" in p for p in problems(credentials={"refresh_token": "${X}"}))
@@ -222,11 +244,11 @@ def test_oauth_token_refreshed_mid_paging():
 
 
 def test_real_search_rate_limit_is_respected_and_retried():
-    with SandboxServer(sim.build(seed=8, opportunities=300,
-                                 limits=sim.Limits(ten_secondly=100, search_per_second=3, daily=100_000))) as srv:
+    with SandboxServer(
+        sim.build(seed=8, opportunities=300, limits=sim.Limits(ten_secondly=100, search_per_second=3, daily=100_000))
+    ) as srv:
         connector = make(srv.url, page_size=100, options={"search_requests_per_second": 2.5})
         connector.client.sleep = time.sleep
-        t0 = time.monotonic()
         got = sync(connector)
         assert len(got) == 300 and connector.stats.rate_limited == 0
 
@@ -264,7 +286,6 @@ def _squeeze(world, n_open: int, at_ms: int | None, span_ms: int = 2000) -> None
 
 
 def test_more_than_ten_thousand_deals_in_one_window_are_synced_completely():
-    t0 = time.monotonic()
     with SandboxServer(sim.build(seed=12, opportunities=10_600, limits=NO_LIMITS)) as srv:
         world = srv.simulator.world
         _squeeze(world, n_open=10_500, at_ms=None)

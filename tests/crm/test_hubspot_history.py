@@ -29,17 +29,18 @@ def record_requests(connector) -> list[tuple[str, str, int]]:
     """(method, path, status) of every request the connector sends from now on."""
     seen: list[tuple[str, str, int]] = []
     connector.client.session.hooks["response"].append(
-        lambda r, *a, **k: seen.append((r.request.method, r.url.split("://", 1)[1].split("/", 1)[1], r.status_code)))
+        lambda r, *a, **k: seen.append((r.request.method, r.url.split("://", 1)[1].split("/", 1)[1], r.status_code))
+    )
     return seen
 
 
 def patch(srv: SandboxServer, deal: str, **props: str) -> None:
-    r = requests.patch(f"{srv.url}/crm/v3/objects/deals/{deal}", json={"properties": props}, headers=AUTH,
-                       timeout=10)
+    r = requests.patch(f"{srv.url}/crm/v3/objects/deals/{deal}", json={"properties": props}, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
 
 
 # -- (a) close time ----------------------------------------------------------------------------------------------
+
 
 def test_closed_deals_are_dated_by_hubspots_close_properties_not_the_last_edit():
     with serve() as srv:
@@ -55,11 +56,11 @@ def test_closed_deals_are_dated_by_hubspots_close_properties_not_the_last_edit()
             assert opp.crm_closed_at == w.closed_at
             assert opp.crm_closed_at_field == ("hs_closed_won_date" if status == "won" else "hs_closed_lost_date")
             raw = opp.raw["properties"][opp.crm_closed_at_field]
-            assert raw.endswith("Z") and len(raw) == len("2024-06-11T09:12:44.123Z")   # as HubSpot writes it
+            assert raw.endswith("Z") and len(raw) == len("2024-06-11T09:12:44.123Z")  # as HubSpot writes it
             if w.modified_at - w.closed_at > timedelta(days=30):
                 long_before += 1
                 assert opp.crm_closed_at != opp.modified_at
-        assert long_before > 20        # the tenant has deals closed long before their last edit
+        assert long_before > 20  # the tenant has deals closed long before their last edit
 
 
 def test_a_close_through_the_api_is_stamped_and_a_reopen_clears_it():
@@ -70,7 +71,7 @@ def test_a_close_through_the_api_is_stamped_and_a_reopen_clears_it():
         patch(srv, deal.native_id, dealstage="closedwon" if deal.stage in sim.RENAMED else "145236004")
         closed_at = world.opps[deal.native_id].closed_at
         world.clock.advance(timedelta(days=40))
-        patch(srv, deal.native_id, amount="1234.5")                  # a later edit does not move the close
+        patch(srv, deal.native_id, amount="1234.5")  # a later edit does not move the close
         connector = make(srv.url)
         opp = next(b for page in connector.fetch_by_ids([deal.native_id]) for b in page)
         assert opp.status == "won" and opp.crm_closed_at == closed_at
@@ -78,10 +79,11 @@ def test_a_close_through_the_api_is_stamped_and_a_reopen_clears_it():
         patch(srv, deal.native_id, dealstage="contractsent" if deal.stage in sim.RENAMED else "145236002")
         opp = next(b for page in make(srv.url).fetch_by_ids([deal.native_id]) for b in page)
         assert opp.status == "open" and opp.crm_closed_at is None
-        assert opp.raw["properties"]["hs_closed_won_date"] is None               # cleared with the won stage
+        assert opp.raw["properties"]["hs_closed_won_date"] is None  # cleared with the won stage
 
 
 # -- (b) a portal without the calculated close properties ---------------------------------------------------------
+
 
 def test_portal_without_calculated_close_properties_falls_back_to_closedate():
     with serve("no_closed_won_date") as srv:
@@ -92,7 +94,7 @@ def test_portal_without_calculated_close_properties_falls_back_to_closedate():
         assert closed
         for opp in got.values():
             props = opp.raw["properties"]
-            assert "hs_closed_won_date" not in props and "hs_closed_lost_date" not in props   # left out, no error
+            assert "hs_closed_won_date" not in props and "hs_closed_lost_date" not in props  # left out, no error
             if opp.status == "open":
                 assert opp.crm_closed_at is None and opp.crm_closed_at_field is None
             else:
@@ -101,15 +103,26 @@ def test_portal_without_calculated_close_properties_falls_back_to_closedate():
                 assert opp.crm_closed_at == sim.close_time_truth(srv.simulator, world.opps[opp.source_id])
         cap = connector.capabilities[CLOSE_TIME_READ]
         assert not cap.available and "closedate" in cap.detail
-        assert connector.stats.warnings == []                                  # a documented fallback, not a fault
+        assert connector.stats.warnings == []  # a documented fallback, not a fault
 
 
 def test_closedate_left_empty_is_filled_with_the_close_moment():
     with serve("no_closed_won_date", n=30) as srv:
         world = srv.simulator.world
         world.clock.advance(timedelta(hours=5))
-        r = requests.post(f"{srv.url}/crm/v3/objects/deals", headers=AUTH, timeout=10, json={"properties": {
-            "dealname": "Closed at once", "pipeline": "default", "dealstage": "closedlost", "amount": "10"}})
+        r = requests.post(
+            f"{srv.url}/crm/v3/objects/deals",
+            headers=AUTH,
+            timeout=10,
+            json={
+                "properties": {
+                    "dealname": "Closed at once",
+                    "pipeline": "default",
+                    "dealstage": "closedlost",
+                    "amount": "10",
+                }
+            },
+        )
         assert r.status_code == 201, r.text
         new = r.json()["id"]
         opp = next(b for page in make(srv.url).fetch_by_ids([new]) for b in page)
@@ -129,6 +142,7 @@ def test_close_time_properties_are_requested_unchecked_when_the_properties_api_i
 
 # -- (c) read by id -------------------------------------------------------------------------------------------------
 
+
 def test_fetch_by_ids_ignores_filters_and_status_omits_archived_and_unknown_ids_in_batches_of_100():
     with serve(n=300) as srv:
         world = srv.simulator.world
@@ -147,16 +161,32 @@ def test_fetch_by_ids_ignores_filters_and_status_omits_archived_and_unknown_ids_
         got = {o.source_id: o for page in filtered.fetch_by_ids(ids) for o in page}
         assert set(got) == set(unfiltered) and not set(got) & set(archived + unknown)
         assert set(got) - in_scope and {o.status for o in got.values()} == {"open", "won", "lost"}
-        for sid, opp in got.items():                                  # mapped exactly as opportunities() maps
+        for sid, opp in got.items():  # mapped exactly as opportunities() maps
             ref = unfiltered[sid]
-            for f in ("project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
-                      "stage", "stage_id", "crm_status", "status", "amount", "currency", "close_date",
-                      "probability", "created_at", "created_by_crm_id", "modified_at", "crm_closed_at",
-                      "crm_closed_at_field"):
+            for f in (
+                "project_name",
+                "client_name",
+                "service_location",
+                "sales_executive",
+                "owner_crm_id",
+                "stage",
+                "stage_id",
+                "crm_status",
+                "status",
+                "amount",
+                "currency",
+                "close_date",
+                "probability",
+                "created_at",
+                "created_by_crm_id",
+                "modified_at",
+                "crm_closed_at",
+                "crm_closed_at_field",
+            ):
                 assert getattr(opp, f) == getattr(ref, f), (sid, f)
         reads = [s for m, p, s in seen if p.startswith("crm/v3/objects/deals/batch/read")]
         assert len(reads) == math.ceil(len(ids) / 100) == 4
-        assert reads[0] == 207 and 207 in reads                      # archived / unknown ids: Multi-Status
+        assert reads[0] == 207 and 207 in reads  # archived / unknown ids: Multi-Status
         assert all(p.endswith("archived=false") for m, p, s in seen if "deals/batch/read" in p)
         assert not [p for m, p, s in seen if p.endswith("/search")]  # never through search
 
@@ -170,8 +200,14 @@ def test_fetch_by_ids_fails_on_batch_errors_other_than_not_found(monkeypatch):
         def post_json(path, body, **kwargs):
             out = real(path, body, **kwargs)
             if path.endswith("deals/batch/read"):
-                out.setdefault("errors", []).append({"status": "error", "category": "VALIDATION_ERROR",
-                                                     "message": "Property values were not valid", "context": {}})
+                out.setdefault("errors", []).append(
+                    {
+                        "status": "error",
+                        "category": "VALIDATION_ERROR",
+                        "message": "Property values were not valid",
+                        "context": {},
+                    }
+                )
             return out
 
         monkeypatch.setattr(connector.client, "post_json", post_json)
@@ -186,8 +222,12 @@ def test_batch_read_answers_as_hubspot_does():
         a, b = [o.native_id for o in list(world.live())[:2]]
         requests.delete(f"{srv.url}/crm/v3/objects/deals/{b}", headers=AUTH, timeout=10)
         url = f"{srv.url}/crm/v3/objects/deals/batch/read"
-        r = requests.post(url, headers=AUTH, timeout=10, json={"properties": ["dealname"],
-                                                                "inputs": [{"id": a}, {"id": b}, {"id": "7"}]})
+        r = requests.post(
+            url,
+            headers=AUTH,
+            timeout=10,
+            json={"properties": ["dealname"], "inputs": [{"id": a}, {"id": b}, {"id": "7"}]},
+        )
         body = r.json()
         assert r.status_code == 207 and [d["id"] for d in body["results"]] == [a]
         assert body["numErrors"] == 1 and body["errors"][0]["category"] == "OBJECT_NOT_FOUND"
@@ -200,16 +240,21 @@ def test_batch_read_answers_as_hubspot_does():
 
 # -- (d) filters evaluated in Python --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flt", [
-    RecordFilter(field="amount", op="more_than", value=120_000),
-    RecordFilter(field="amount", op="at_most", value="5000"),
-    RecordFilter(field="dealstage", op="in", value=["closedwon", "145236002"]),
-    RecordFilter(field="hs_is_closed", op="equal", value=True),
-    RecordFilter(field="deal_currency_code", op="equal", value="eur"),          # search ignores case
-    RecordFilter(field="closedate", op="at_least", value="2025-01-01"),
-    RecordFilter(field="createdate", op="less_than", value=str(1_735_689_600_000)),   # epoch milliseconds
-    RecordFilter(field="amount", op="not_equal", value=None),
-], ids=lambda f: f"{f.field}-{f.op}")
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        RecordFilter(field="amount", op="more_than", value=120_000),
+        RecordFilter(field="amount", op="at_most", value="5000"),
+        RecordFilter(field="dealstage", op="in", value=["closedwon", "145236002"]),
+        RecordFilter(field="hs_is_closed", op="equal", value=True),
+        RecordFilter(field="deal_currency_code", op="equal", value="eur"),  # search ignores case
+        RecordFilter(field="closedate", op="at_least", value="2025-01-01"),
+        RecordFilter(field="createdate", op="less_than", value=str(1_735_689_600_000)),  # epoch milliseconds
+        RecordFilter(field="amount", op="not_equal", value=None),
+    ],
+    ids=lambda f: f"{f.field}-{f.op}",
+)
 def test_filters_in_python_agree_with_deal_search(flt):
     with serve(n=300, seed=5) as srv:
         ids = [o.native_id for o in srv.simulator.world.live()]
@@ -217,11 +262,12 @@ def test_filters_in_python_agree_with_deal_search(flt):
         connector = make(srv.url, filters=[flt])
         in_python = {o.source_id for page in connector.fetch_by_ids(ids) for o in page if connector.matches_filters(o)}
         assert in_python == server_side
-        assert 0 < len(server_side) < len(ids)        # the filter splits the tenant: the comparison means something
+        assert 0 < len(server_side) < len(ids)  # the filter splits the tenant: the comparison means something
 
 
 def test_filter_value_reads_the_deal_property():
     from oppsync_pipeline.lib.crm.hubspot import HubSpotConnector
+
     raw = {"id": "5", "properties": {"amount": "1200.5", "closedate": "2024-06-11T09:00:00Z"}}
     assert HubSpotConnector.filter_value(raw, "amount") == "1200.5"
     assert HubSpotConnector.filter_value(raw, "hs_priority") is None

@@ -42,6 +42,7 @@ SEARCH_URL = r"http://127\.0\.0\.1:\d+/crm/v3/objects/deals/search"
 
 # -- the hook the fault matrix imports ---------------------------------------------------------------------------
 
+
 def loop_back(body: Any, n: int, req: Request) -> Any:
     """PageHook.rewrite_body: from page 2 on, the page's next-page cursor points back at an earlier page.
 
@@ -55,8 +56,11 @@ def loop_back(body: Any, n: int, req: Request) -> Any:
         bound = keyset_bound(req)
         if bound:
             last = body["results"][-1]
-            body["results"][-1] = {**last, "id": str(bound),
-                                   "properties": {**(last.get("properties") or {}), "hs_object_id": str(bound)}}
+            body["results"][-1] = {
+                **last,
+                "id": str(bound),
+                "properties": {**(last.get("properties") or {}), "hs_object_id": str(bound)},
+            }
             offset = str((req.json() or {}).get("after") or 0)
             body["paging"] = {"next": {"after": offset, "link": f"?after={offset}"}}
     elif req.arg("after"):
@@ -75,6 +79,7 @@ def keyset_bound(req: Request) -> int | None:
 
 # -- a tenant: the simulator, a connection to it, a warehouse -----------------------------------------------------
 
+
 @dataclass
 class Tenant:
     sim: hubspot_sim.HubSpotSimulator
@@ -90,12 +95,19 @@ class Tenant:
             return c.execute(text(sql), params).fetchall()
 
     def events(self, run_id: str) -> list[tuple[str, str]]:
-        return [tuple(r) for r in self.rows("SELECT source_id, event_type FROM oppsync.opportunity_events "
-                                            "WHERE run_id = :r", r=run_id)]
+        return [
+            tuple(r)
+            for r in self.rows(
+                "SELECT source_id, event_type FROM oppsync.opportunity_events WHERE run_id = :r", r=run_id
+            )
+        ]
 
     def extract(self, run_id: str) -> Any:
-        return self.rows("SELECT deletes_inferable, crm_count_open, received_open, crm_count_closed, "
-                         "received_closed, warnings FROM oppsync.extracts WHERE extract_id = :r", r=run_id)[0]
+        return self.rows(
+            "SELECT deletes_inferable, crm_count_open, received_open, crm_count_closed, "
+            "received_closed, warnings FROM oppsync.extracts WHERE extract_id = :r",
+            r=run_id,
+        )[0]
 
     def deals_in_order(self, status: str = "open") -> list[str]:
         world = self.sim.world
@@ -127,8 +139,12 @@ def fails_and_changes_nothing(t: Tenant, match: str, run_id: str = "r2") -> Extr
         t.sync(run_id)
     assert snapshot(t.engine, t.conn.name).differences(before) == []
     assert t.events(run_id) == []
-    assert t.rows("SELECT count(*) FROM oppsync.opportunities WHERE source_id IN ('None', '') "
-                  "OR deleted_at IS NOT NULL")[0][0] == 0
+    assert (
+        t.rows("SELECT count(*) FROM oppsync.opportunities WHERE source_id IN ('None', '') OR deleted_at IS NOT NULL")[
+            0
+        ][0]
+        == 0
+    )
     return failed.value
 
 
@@ -174,32 +190,41 @@ def ignore_paging(sim: hubspot_sim.HubSpotSimulator, path: str, *, give_up_after
             return resp
         answer = json.loads(resp.body)
         answer["paging"] = {"next": {"after": f"fresh-{served[0]}", "link": f"?after=fresh-{served[0]}"}}
-        return Response.json(answer, resp.status, {k: v for k, v in resp.headers.items()
-                                                   if k.lower() != "content-type"})
+        return Response.json(
+            answer, resp.status, {k: v for k, v in resp.headers.items() if k.lower() != "content-type"}
+        )
 
     sim.handle = handle  # type: ignore[method-assign]
 
 
 # -- a. a page of the wrong shape ---------------------------------------------------------------------------------
 
+
 def test_a_wrong_shape_page_mid_paging_fails_the_run_naming_crm_url_and_page(warehouse_url, tmp_path):
     """Valid JSON, status 200, none of the keys of a search answer, on the second page of the open set: the
     run fails (not "the set ended here") and nothing is inferred deleted or out of scope."""
     with tenant(warehouse_url, tmp_path) as t:
         t.sim.faults.rules = [FaultRule("wrong_shape", after=2, count=1, path=DEAL_PAGES)]
-        err = fails_and_changes_nothing(t, rf"hubspot: page 2 of {SEARCH_URL}: unexpected page shape: "
-                                           r"results is missing; total is missing")
+        err = fails_and_changes_nothing(
+            t,
+            rf"hubspot: page 2 of {SEARCH_URL}: unexpected page shape: "
+            r"results is missing; total is missing",
+        )
         assert t.sim.faults.rules[0].fired == 1
         assert "nothing was written" in str(err) and not err.permanent
 
 
 DAMAGED_ENVELOPES = {
     "no-results": (lambda body: body.pop("results"), "results is missing"),
-    "results-not-a-list": (lambda body: body.update(results={"0": {"id": "1"}}),
-                           "results: input should be a valid list"),
+    "results-not-a-list": (
+        lambda body: body.update(results={"0": {"id": "1"}}),
+        "results: input should be a valid list",
+    ),
     "next-without-after": (lambda body: body.update(paging={"next": {}}), r"paging\.next\.after is missing"),
-    "total-not-a-number": (lambda body: body.update(total="many"),
-                           r"total: input should be a valid integer \(got 'many'\)"),
+    "total-not-a-number": (
+        lambda body: body.update(total="many"),
+        r"total: input should be a valid integer \(got 'many'\)",
+    ),
 }
 
 
@@ -208,29 +233,39 @@ def test_a_damaged_envelope_mid_paging_fails_the_run(warehouse_url, tmp_path):
     cursor, with a count that is not a number: each run fails and changes nothing."""
     with tenant(warehouse_url, tmp_path) as t:
         for name, (damage, problem) in DAMAGED_ENVELOPES.items():
+
             def rewrite_body(body, n, req, damage=damage):
                 if n == 3:
                     damage(body)
                 return body
+
             hook = PageHook(t.sim, "hubspot", rewrite_body=rewrite_body).install()
-            fails_and_changes_nothing(t, rf"hubspot: page 3 of {SEARCH_URL}: unexpected page shape: .*{problem}",
-                                      run_id=f"r-{name}")
+            fails_and_changes_nothing(
+                t, rf"hubspot: page 3 of {SEARCH_URL}: unexpected page shape: .*{problem}", run_id=f"r-{name}"
+            )
             hook.remove()
 
 
 # -- b. ids that are null or of the wrong type --------------------------------------------------------------------
+
 
 def test_b_a_deal_without_a_proper_id_fails_the_run_naming_page_and_key(warehouse_url, tmp_path):
     """A deal whose `id` is null (or a number, or empty) on page 2: no 'None' row, nothing deleted, and the
     error names the page and the key."""
     with tenant(warehouse_url, tmp_path) as t:
         for bad_id, shown in ((None, "None"), (18300000042, "18300000042"), ("", "''")):
+
             def rewrite(records, n, req, bad_id=bad_id):
                 if n == 2:
                     records[5]["id"] = bad_id
+
             hook = PageHook(t.sim, "hubspot", rewrite=rewrite).install()
-            fails_and_changes_nothing(t, rf"hubspot: page 2 of {SEARCH_URL}: unexpected page shape: "
-                                         rf"results\[5\]\.id: .*\(got {shown}\)", run_id=f"r-{shown}")
+            fails_and_changes_nothing(
+                t,
+                rf"hubspot: page 2 of {SEARCH_URL}: unexpected page shape: "
+                rf"results\[5\]\.id: .*\(got {shown}\)",
+                run_id=f"r-{shown}",
+            )
             hook.remove()
 
 
@@ -238,23 +273,31 @@ def test_b_a_by_id_answer_with_a_null_id_fails_the_run(warehouse_url, tmp_path):
     """The by-id read decides what is deleted: a deal the search did not deliver is read by id, and an answer
     with a null id there fails the run too."""
     with tenant(warehouse_url, tmp_path) as t:
+
         def rewrite(records, n, req):
             if n == 2:
                 records.pop(7)
+
         PageHook(t.sim, "hubspot", rewrite=rewrite).install()
         rewrite_answers(t.sim, r"/objects/deals/batch/read$", lambda r: r.update(id=None))
-        fails_and_changes_nothing(t, r"hubspot: page 1 of http://127\.0\.0\.1:\d+/crm/v3/objects/deals/batch/read: "
-                                     r"unexpected page shape: results\[0\]\.id: .*\(got None\)")
+        fails_and_changes_nothing(
+            t,
+            r"hubspot: page 1 of http://127\.0\.0\.1:\d+/crm/v3/objects/deals/batch/read: "
+            r"unexpected page shape: results\[0\]\.id: .*\(got None\)",
+        )
 
 
 # -- c. paging that loops or never ends ---------------------------------------------------------------------------
+
 
 def test_c_a_cursor_pointing_back_fails_fast(warehouse_url, tmp_path):
     with tenant(warehouse_url, tmp_path) as t:
         PageHook(t.sim, "hubspot", rewrite_body=loop_back).install()
         served = t.sim.request_count
         fails_and_changes_nothing(t, rf"hubspot: page 2 of {SEARCH_URL}: .*already followed: paging loops")
-        assert t.sim.request_count - served < 40, t.sim.request_count - served  # fails fast: a few requests, not a runaway read (the seconds: make bench)
+        assert t.sim.request_count - served < 40, (
+            t.sim.request_count - served
+        )  # fails fast: a few requests, not a runaway read (the seconds: make bench)
 
 
 def test_c_a_search_that_ignores_its_keyset_bound_fails_fast(warehouse_url, tmp_path):
@@ -264,7 +307,9 @@ def test_c_a_search_that_ignores_its_keyset_bound_fails_fast(warehouse_url, tmp_
         ignore_paging(t.sim, r"/objects/deals/search$")
         served = t.sim.request_count
         fails_and_changes_nothing(t, rf"hubspot: page 2 of {SEARCH_URL}: .*paging loops")
-        assert t.sim.request_count - served < 40, t.sim.request_count - served  # fails fast: a few requests, not a runaway read (the seconds: make bench)
+        assert t.sim.request_count - served < 40, (
+            t.sim.request_count - served
+        )  # fails fast: a few requests, not a runaway read (the seconds: make bench)
 
 
 def test_c_the_archived_deal_list_ignoring_its_cursor_fails_fast(warehouse_url, tmp_path):
@@ -275,9 +320,14 @@ def test_c_the_archived_deal_list_ignoring_its_cursor_fails_fast(warehouse_url, 
             t.sim.world.delete(deal)
         ignore_paging(t.sim, r"/objects/deals$")
         served = t.sim.request_count
-        fails_and_changes_nothing(t, r"hubspot: page 2 of http://127\.0\.0\.1:\d+/crm/v3/objects/deals: it starts with "
-                                     r"record .*, as page 1 did: .*paging loops")
-        assert t.sim.request_count - served < 40, t.sim.request_count - served  # fails fast: a few requests, not a runaway read (the seconds: make bench)
+        fails_and_changes_nothing(
+            t,
+            r"hubspot: page 2 of http://127\.0\.0\.1:\d+/crm/v3/objects/deals: it starts with "
+            r"record .*, as page 1 did: .*paging loops",
+        )
+        assert t.sim.request_count - served < 40, (
+            t.sim.request_count - served
+        )  # fails fast: a few requests, not a runaway read (the seconds: make bench)
 
 
 def test_c_more_pages_than_the_count_allows_fail_the_run(warehouse_url, tmp_path):
@@ -290,12 +340,17 @@ def test_c_more_pages_than_the_count_allows_fail_the_run(warehouse_url, tmp_path
             if n == 1:
                 body["total"] = 3
             return body
+
         PageHook(t.sim, "hubspot", rewrite_body=undercount).install()
-        fails_and_changes_nothing(t, rf"hubspot: page 5 of {SEARCH_URL}: more pages \(5\) than the CRM's count of "
-                                     r"3 records allows \(4\): paging does not terminate")
+        fails_and_changes_nothing(
+            t,
+            rf"hubspot: page 5 of {SEARCH_URL}: more pages \(5\) than the CRM's count of "
+            r"3 records allows \(4\): paging does not terminate",
+        )
 
 
 # -- d. a page silently missing deals -----------------------------------------------------------------------------
+
 
 def test_d_fewer_deals_than_hubspot_counts_infer_no_delete(warehouse_url, tmp_path):
     """Page 2 of the open set arrives well-formed but one deal short: the run completes, says it did not
@@ -307,16 +362,22 @@ def test_d_fewer_deals_than_hubspot_counts_infer_no_delete(warehouse_url, tmp_pa
         def rewrite(records, n, req):
             if n == 2:
                 dropped.append(records.pop(7)["id"])
+
         hook = PageHook(t.sim, "hubspot", rewrite=rewrite).install()
         out = t.sync("r2")
         hook.remove()
         assert dropped and out.extract.status == "complete"
         assert out.extract.stats["deletes_inferable"] is False
-        assert any("deletes not inferred" in w and f"{len(open_deals) - 1} received, the CRM counts "
-                   f"{len(open_deals)}" in w for w in out.extract.stats["warnings"])
+        assert any(
+            "deletes not inferred" in w and f"{len(open_deals) - 1} received, the CRM counts {len(open_deals)}" in w
+            for w in out.extract.stats["warnings"]
+        )
         row = t.extract("r2")
-        assert (row.deletes_inferable, row.crm_count_open, row.received_open) == (False, len(open_deals),
-                                                                                 len(open_deals) - 1)
+        assert (row.deletes_inferable, row.crm_count_open, row.received_open) == (
+            False,
+            len(open_deals),
+            len(open_deals) - 1,
+        )
         assert not [e for e in t.events("r2") if e[1] in ("deleted", "left_scope")]
         assert t.rows("SELECT deleted_at FROM oppsync.opportunities WHERE source_id = :s", s=dropped[0]) == [(None,)]
 
@@ -328,6 +389,7 @@ def test_d_fewer_deals_than_hubspot_counts_infer_no_delete(warehouse_url, tmp_pa
 
 # -- e. deals that cannot be trusted ------------------------------------------------------------------------------
 
+
 def test_e_bad_deals_are_quarantined_and_the_rest_is_synced(warehouse_url, tmp_path):
     """A negative amount, an unparsable created date, a lone surrogate in the name and a created date ahead of
     HubSpot's clock: each deal is set aside with its field (the property's path where the value could not be
@@ -338,17 +400,26 @@ def test_e_bad_deals_are_quarantined_and_the_rest_is_synced(warehouse_url, tmp_p
         negative, unreadable, surrogate, future, edited = deals[3], deals[50], deals[90], deals[120], deals[130]
         world.update(edited, amount=123456.0)
         ahead = (world.clock.now() + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        damage = {negative: {"amount": "-2500"}, unreadable: {"createdate": "31/02/2024 25:61"},
-                  surrogate: {"dealname": "Acme \ud800 renewal"}, future: {"createdate": ahead}}
-        rewrite_answers(t.sim, r"/objects/deals/(search|batch/read)$",
-                        lambda r: r["properties"].update(damage.get(r["id"], {})))
+        damage = {
+            negative: {"amount": "-2500"},
+            unreadable: {"createdate": "31/02/2024 25:61"},
+            surrogate: {"dealname": "Acme \ud800 renewal"},
+            future: {"createdate": ahead},
+        }
+        rewrite_answers(
+            t.sim, r"/objects/deals/(search|batch/read)$", lambda r: r["properties"].update(damage.get(r["id"], {}))
+        )
         before = snapshot(t.engine, t.conn.name)
 
         out = t.sync("r2")
         assert out.extract.status == "complete" and out.extract.stats["quarantined"] == 4
         got = set(t.rows("SELECT source_id, field FROM oppsync.quarantine WHERE extract_id = 'r2'"))
-        assert got == {(negative, "amount"), (unreadable, "properties.createdate"), (surrogate, "project_name"),
-                       (future, "created_at")}
+        assert got == {
+            (negative, "amount"),
+            (unreadable, "properties.createdate"),
+            (surrogate, "project_name"),
+            (future, "created_at"),
+        }
         after = snapshot(t.engine, t.conn.name)
         for deal in damage:
             assert after.current[deal] == before.current[deal]
@@ -360,8 +431,12 @@ def test_e_bad_deals_are_quarantined_and_the_rest_is_synced(warehouse_url, tmp_p
 def test_e_more_than_one_percent_bad_blocks_the_run_naming_ids_and_fields(warehouse_url, tmp_path):
     with tenant(warehouse_url, tmp_path) as t:
         bad = t.deals_in_order()[:4]
-        rewrite_answers(t.sim, r"/objects/deals/search$",
-                        lambda r: r["properties"].update(amount="-1") if r["id"] in bad else None)
-        err = fails_and_changes_nothing(t, r"4 of 150 hubspot records failed validation \(2\.7%\), more than "
-                                           r"quarantine_max_share=1\.0%")
+        rewrite_answers(
+            t.sim, r"/objects/deals/search$", lambda r: r["properties"].update(amount="-1") if r["id"] in bad else None
+        )
+        err = fails_and_changes_nothing(
+            t,
+            r"4 of 150 hubspot records failed validation \(2\.7%\), more than "
+            r"quarantine_max_share=1\.0%",
+        )
         assert all(f"{deal}.amount: negative amount" in str(err) for deal in bad)

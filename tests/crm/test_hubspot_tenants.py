@@ -4,7 +4,6 @@ errors that must stop a run at once with the fix in the message."""
 
 from __future__ import annotations
 
-
 import pytest
 import requests
 
@@ -21,6 +20,7 @@ def serve(variant: str, n: int = 300, seed: int = 11) -> SandboxServer:
 
 # -- an app granted crm.objects.deals.read only ------------------------------------------------------------------------
 
+
 def test_no_optional_rights_syncs_with_warnings_and_the_documented_fallbacks():
     with serve("no_optional_rights") as srv:
         world = srv.simulator.world
@@ -30,10 +30,10 @@ def test_no_optional_rights_syncs_with_warnings_and_the_documented_fallbacks():
         for sid, opp in got.items():
             w = world.opps[sid]
             assert opp.stage == w.stage and opp.stage_id == w.stage and opp.crm_status == w.stage  # no labels
-            assert opp.status == world.status(w)                           # from hs_is_closed / hs_is_closed_won
+            assert opp.status == world.status(w)  # from hs_is_closed / hs_is_closed_won
             assert opp.client_name is None and opp.service_location is None
             assert opp.sales_executive is None
-            assert opp.owner_crm_id == world.users[w.owner].native_id      # ids are deal properties: kept
+            assert opp.owner_crm_id == world.users[w.owner].native_id  # ids are deal properties: kept
             assert opp.created_by_crm_id == world.users[w.creator].alt_id
         warnings = "\n".join(connector.stats.warnings)
         for what in ("deal properties", "deal pipelines", "owners", "companies"):
@@ -51,15 +51,22 @@ def test_missing_scope_message_names_the_scope():
             connector.client.get_json("/crm/v3/owners")
         assert err.value.permanent and err.value.status == 403 and err.value.code == "MISSING_SCOPES"
         assert "crm.objects.owners.read" in str(err.value) and "Private apps" in str(err.value)
-        raw = requests.get(srv.url + "/crm/v3/pipelines/deals", timeout=10,
-                           headers={"Authorization": f"Bearer {sim.PRIVATE_APP_TOKEN}"})
-        body = raw.json()                                                  # HubSpot's error shape
+        raw = requests.get(
+            srv.url + "/crm/v3/pipelines/deals",
+            timeout=10,
+            headers={"Authorization": f"Bearer {sim.PRIVATE_APP_TOKEN}"},
+        )
+        body = raw.json()  # HubSpot's error shape
         assert raw.status_code == 403 and body["status"] == "error" and body["category"] == "MISSING_SCOPES"
         assert body["correlationId"] and body["links"]["scopes"].startswith("https://developers.hubspot.com")
         assert body["errors"][0]["context"]["requiredGranularScopes"]
-        deals = requests.post(srv.url + "/crm/v3/objects/deals/search", json={"limit": 1}, timeout=10,
-                              headers={"Authorization": f"Bearer {sim.PRIVATE_APP_TOKEN}"})
-        assert deals.status_code == 200                                    # the required read is granted
+        deals = requests.post(
+            srv.url + "/crm/v3/objects/deals/search",
+            json={"limit": 1},
+            timeout=10,
+            headers={"Authorization": f"Bearer {sim.PRIVATE_APP_TOKEN}"},
+        )
+        assert deals.status_code == 200  # the required read is granted
 
 
 def test_open_statuses_without_the_pipelines_read_every_deal_and_split_by_stage_id():
@@ -83,14 +90,22 @@ def test_unknown_filter_property_without_discovery_fails_at_once_naming_filters(
 
 # -- custom deal properties --------------------------------------------------------------------------------------------
 
-ALL_OVERRIDES = {"project_name": "project_code", "client_name": "client_label", "stage": "sales_stage_custom",
-                 "amount": "contract_value", "close_date": "go_live_date", "probability": "win_chance",
-                 "sales_executive": "account_manager", "created_at": "original_create_date",
-                 "created_by_crm_id": "created_by_custom"}
+ALL_OVERRIDES = {
+    "project_name": "project_code",
+    "client_name": "client_label",
+    "stage": "sales_stage_custom",
+    "amount": "contract_value",
+    "close_date": "go_live_date",
+    "probability": "win_chance",
+    "sales_executive": "account_manager",
+    "created_at": "original_create_date",
+    "created_by_crm_id": "created_by_custom",
+}
 
 
 def test_every_accepted_field_override_takes_effect():
     from oppsync_pipeline.lib.config import OVERRIDABLE_FIELDS
+
     assert set(ALL_OVERRIDES) == set(OVERRIDABLE_FIELDS)
     with serve("custom_fields") as srv:
         world = srv.simulator.world
@@ -103,9 +118,9 @@ def test_every_accepted_field_override_takes_effect():
             x = w.extra
             assert opp.project_name == x["project_code"]
             assert opp.client_name == x["client_label"]
-            assert opp.stage_id == x["sales_stage_custom"]                   # the option's internal value
+            assert opp.stage_id == x["sales_stage_custom"]  # the option's internal value
             assert opp.stage == (labels[x["sales_stage_custom"]] if x["sales_stage_custom"] else None)
-            assert opp.crm_status == w.stage                                 # dealstage still says the status
+            assert opp.crm_status == w.stage  # dealstage still says the status
             assert opp.status == world.status(w)
             assert opp.amount == x["contract_value"]
             assert opp.close_date.isoformat() == x["go_live_date"]
@@ -133,20 +148,24 @@ def test_a_configured_property_the_portal_lacks_fails_before_any_deal_is_read():
         connector = make(srv.url, fields={"created_at": "original_create_date"})
         with pytest.raises(CrmError) as err:
             sync(connector)
-        assert connector.stats.retries == 0 and connector.stats.seconds_waited == 0  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
+        assert (
+            connector.stats.retries == 0 and connector.stats.seconds_waited == 0
+        )  # at once: neither retried nor waited (the seconds: benchmarks/fail_fast.py)
         assert err.value.permanent and err.value.code == "PROPERTY_DOESNT_EXIST"
         assert "fields.created_at" in str(err.value) and "original_create_date" in str(err.value)
         assert "Settings > Properties" in str(err.value)
-        assert connector.stats.requests == 1                               # the properties read, nothing else
+        assert connector.stats.requests == 1  # the properties read, nothing else
 
 
 # -- stages that are not their ids ----------------------------------------------------------------------------------
 
+
 def test_relabelled_stages_and_rules_by_stage_name():
     with serve("renamed_stages") as srv:
         world = srv.simulator.world
-        got = sync(make(srv.url, stage_categories={"Proposal out": "won"}, open_statuses=["Intro call booked",
-                                                                                           "Renewal due"]))
+        got = sync(
+            make(srv.url, stage_categories={"Proposal out": "won"}, open_statuses=["Intro call booked", "Renewal due"])
+        )
         assert set(got) == {o.native_id for o in world.live()}
         assert all(o.stage != o.stage_id for o in got.values())
         assert {o.stage for o in got.values()} >= {"Won", "Lost", "Proposal out", "Renewed"}
@@ -154,12 +173,20 @@ def test_relabelled_stages_and_rules_by_stage_name():
             w = world.opps[sid]
             label = world.stages[w.stage].label
             assert opp.stage == label and opp.stage_id == w.stage
-            want = ("won" if label == "Proposal out" else "open" if label in ("Intro call booked", "Renewal due")
-                    else "won" if world.stages[w.stage].is_won else "lost")
+            want = (
+                "won"
+                if label == "Proposal out"
+                else "open"
+                if label in ("Intro call booked", "Renewal due")
+                else "won"
+                if world.stages[w.stage].is_won
+                else "lost"
+            )
             assert opp.status == want, (label, opp.status)
 
 
 # -- token requests ---------------------------------------------------------------------------------------------------
+
 
 def test_token_requests_are_counted_and_reported():
     with serve("default", n=120) as srv:
@@ -170,7 +197,7 @@ def test_token_requests_are_counted_and_reported():
         sync(oauth)
         assert oauth.stats.token_requests == 1 and private.stats.token_requests == 0
         assert oauth.stats.requests == private.stats.requests + 1
-        assert oauth.stats.requests == srv.simulator.request_count - before    # every request the API saw
+        assert oauth.stats.requests == srv.simulator.request_count - before  # every request the API saw
         assert oauth.stats.as_metadata()["token_requests"] == 1
 
 
@@ -179,7 +206,7 @@ def test_pipelines_refused_alone_labels_come_from_the_dealstage_options(monkeypa
     property's options), the status comes from the deal's own hs_is_closed / hs_is_closed_won."""
     monkeypatch.setattr(sim, "OPTIONAL_SCOPES", [p for p in sim.OPTIONAL_SCOPES if p[0] == "/crm/v3/pipelines/"])
     with serve("default") as srv:
-        srv.simulator.variant = "no_optional_rights"        # the scope check, restricted to the pipelines
+        srv.simulator.variant = "no_optional_rights"  # the scope check, restricted to the pipelines
         world = srv.simulator.world
         connector = make(srv.url)
         got = sync(connector)
@@ -188,6 +215,7 @@ def test_pipelines_refused_alone_labels_come_from_the_dealstage_options(monkeypa
             w = world.opps[sid]
             assert opp.stage == world.stages[w.stage].label and opp.stage_id == w.stage
             assert opp.status == world.status(w) and opp.client_name == (
-                world.accounts[w.account].name if w.account is not None else None)
+                world.accounts[w.account].name if w.account is not None else None
+            )
         assert len(connector.stats.warnings) == 1 and "deal pipelines" in connector.stats.warnings[0]
         assert connector.stages() == {}

@@ -51,8 +51,12 @@ def test_mapping_does_no_io_and_leaves_the_record_as_it_came(crm: str, tmp_path:
                 mapped.append(record)
 
         connector._map = guarded  # type: ignore[method-assign]
-        got = {o.source_id: o for open_set in (True, False)
-               for page in connector.opportunities(open_set=open_set, since=None) for o in page}
+        got = {
+            o.source_id: o
+            for open_set in (True, False)
+            for page in connector.opportunities(open_set=open_set, since=None)
+            for o in page
+        }
         assert got and len(mapped) == len(got)
         some = sorted(got)[:5]
         again = {o.source_id for page in connector.fetch_by_ids(some) for o in page}

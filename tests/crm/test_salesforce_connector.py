@@ -16,7 +16,6 @@ from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaExhausted, RequestStats, RetryableHttpError
 from oppsync_pipeline.lib.crm.salesforce import (
     SalesforceConnector,
-    billing_address,
     classify,
     observe,
     soql_string,
@@ -29,9 +28,14 @@ PAGE = 200
 
 
 def make_conn(url: str, **kw) -> ConnectionConfig:
-    return ConnectionConfig(name="sf", crm="salesforce", base_url=url,
-                            credentials={"client_id": "${SF_CLIENT_ID}", "client_secret": "${SF_CLIENT_SECRET}"},
-                            page_size=kw.pop("page_size", PAGE), **kw)
+    return ConnectionConfig(
+        name="sf",
+        crm="salesforce",
+        base_url=url,
+        credentials={"client_id": "${SF_CLIENT_ID}", "client_secret": "${SF_CLIENT_SECRET}"},
+        page_size=kw.pop("page_size", PAGE),
+        **kw,
+    )
 
 
 def connect(url: str, credentials: dict | None = None, **kw) -> SalesforceConnector:
@@ -82,6 +86,7 @@ def assert_matches_world(sim, got: dict, expected_ids) -> None:
 
 # -- full and incremental -----------------------------------------------------------------------------------------
 
+
 def test_full_sync_equals_world_field_by_field(sandbox):
     w = sandbox.simulator.world
     c = connect(sandbox.url)
@@ -91,7 +96,7 @@ def test_full_sync_equals_world_field_by_field(sandbox):
     got, pages = sync(c)
     live = [o.native_id for o in w.live()]
     assert_matches_world(sandbox.simulator, got, live)
-    assert sum(1 for s, _ in pages if s) > 1 and sum(1 for s, _ in pages if not s) > 1   # paged in both sets
+    assert sum(1 for s, _ in pages if s) > 1 and sum(1 for s, _ in pages if not s) > 1  # paged in both sets
     assert max(n for _, n in pages) <= PAGE
     assert {o.status for o in got.values()} == {"open", "won", "lost"}
     # token, describe, limits, org currency, stage dictionary, then the pages
@@ -109,7 +114,7 @@ def test_incremental_after_activity_returns_every_change(sandbox):
     t0 = w.clock.now()
     counts = w.advance(hours=3, rate=0.03)
     assert counts["created"] and counts["stage_moved"]
-    since = t0 - timedelta(minutes=10)            # the caller's overlap window
+    since = t0 - timedelta(minutes=10)  # the caller's overlap window
     got, pages = sync(connect(sandbox.url), since=since)
     # the changed records, and the records of accounts renamed since (their own stamp did not move)
     renamed = {a.idx for a in w.accounts if w.account_modified(a) >= since}
@@ -118,7 +123,7 @@ def test_incremental_after_activity_returns_every_change(sandbox):
     assert changed and changed <= set(got)
     assert_matches_world(sandbox.simulator, got, expected)
     ties = Counter(o.modified_at for o in got.values() if o.modified_at >= t0)
-    assert max(ties.values()) >= 3                 # the burst shares one timestamp: all of it came back
+    assert max(ties.values()) >= 3  # the burst shares one timestamp: all of it came back
     # the cursor is inclusive: asking from the burst's own second still returns the whole burst
     burst_at, burst_n = ties.most_common(1)[0]
     again, _ = sync(connect(sandbox.url), since=burst_at)
@@ -134,12 +139,13 @@ def test_incremental_pages_are_ordered_by_modstamp_then_id(sandbox):
     assert len(seen) > PAGE and seen == sorted(seen)
     soql = c.opportunity_soql(True, since)
     assert "SystemModstamp >= " + since.strftime("%Y-%m-%dT%H:%M:%SZ") in soql and soql.endswith(
-        "ORDER BY SystemModstamp, Id")
+        "ORDER BY SystemModstamp, Id"
+    )
 
 
 def test_open_statuses_override(sandbox):
     w = sandbox.simulator.world
-    open_names = ["Prospecting", "Customer's Legal Review"]   # the apostrophe must be escaped in the IN list
+    open_names = ["Prospecting", "Customer's Legal Review"]  # the apostrophe must be escaped in the IN list
     c = connect(sandbox.url, open_statuses=open_names)
     got, _ = sync(c)
     assert set(got) == {o.native_id for o in w.live()}
@@ -149,8 +155,9 @@ def test_open_statuses_override(sandbox):
             assert r.status == "open"
         else:
             assert r.status == ("won" if stage == "Closed Won" else "lost")
-    opened = {o.source_id for page in connect(sandbox.url, open_statuses=open_names).opportunities(True, None)
-              for o in page}
+    opened = {
+        o.source_id for page in connect(sandbox.url, open_statuses=open_names).opportunities(True, None) for o in page
+    }
     assert opened == {o.native_id for o in w.live() if o.stage in open_names}
     assert "StageName IN ('Prospecting', 'Customer\\'s Legal Review')" in c.opportunity_soql(True, None)
     assert "StageName NOT IN (" in c.opportunity_soql(False, None)
@@ -158,13 +165,16 @@ def test_open_statuses_override(sandbox):
 
 # -- filters -------------------------------------------------------------------------------------------------------
 
+
 def test_filters_are_pushed_down(sandbox):
     w = sandbox.simulator.world
-    filters = [RecordFilter(field="Amount", op="at_least", value=50000),
-               RecordFilter(field="StageName", op="in", value=["Prospecting", "Closed Won", "Negotiation/Review"]),
-               RecordFilter(field="Account.BillingCountry", op="not_equal", value="Japan"),
-               RecordFilter(field="CloseDate", op="more_than", value="2024-01-01"),
-               RecordFilter(field="CreatedDate", op="less_than", value="2100-01-01T00:00:00Z")]
+    filters = [
+        RecordFilter(field="Amount", op="at_least", value=50000),
+        RecordFilter(field="StageName", op="in", value=["Prospecting", "Closed Won", "Negotiation/Review"]),
+        RecordFilter(field="Account.BillingCountry", op="not_equal", value="Japan"),
+        RecordFilter(field="CloseDate", op="more_than", value="2024-01-01"),
+        RecordFilter(field="CreatedDate", op="less_than", value="2100-01-01T00:00:00Z"),
+    ]
     c = connect(sandbox.url, filters=filters)
     assert SalesforceConnector.validate_connection(c.conn) == []
     soql = c.opportunity_soql(True, None)
@@ -176,9 +186,14 @@ def test_filters_are_pushed_down(sandbox):
     def keep(o):
         acc = w.accounts[o.account] if o.account is not None else None
         country = acc.country if acc else None
-        return (o.amount is not None and o.amount >= 50000
-                and o.stage in ("Prospecting", "Closed Won", "Negotiation/Review")
-                and country != "Japan" and o.close_date.isoformat() > "2024-01-01")
+        return (
+            o.amount is not None
+            and o.amount >= 50000
+            and o.stage in ("Prospecting", "Closed Won", "Negotiation/Review")
+            and country != "Japan"
+            and o.close_date.isoformat() > "2024-01-01"
+        )
+
     expected = {o.native_id for o in w.live() if keep(o)}
     assert expected and set(got) == expected
     # filtered on the server: only the matching rows crossed the wire
@@ -188,30 +203,37 @@ def test_filters_are_pushed_down(sandbox):
 def test_filter_values_are_escaped_not_executed(sandbox):
     w = sandbox.simulator.world
     victim = next(iter(w.live()))
-    w.update(victim.native_id, name="O'Brien \\ Co \"x\"\nline2")
+    w.update(victim.native_id, name='O\'Brien \\ Co "x"\nline2')
     evil = RecordFilter(field="Name", op="equal", value="x' OR Name != 'y")
     got, _ = sync(connect(sandbox.url, filters=[evil]))
-    assert got == {}                                 # the quote did not end the literal
-    exact = RecordFilter(field="Name", op="equal", value="O'Brien \\ Co \"x\"\nline2")
+    assert got == {}  # the quote did not end the literal
+    exact = RecordFilter(field="Name", op="equal", value='O\'Brien \\ Co "x"\nline2')
     got, _ = sync(connect(sandbox.url, filters=[exact]))
     assert list(got) == [victim.native_id]
     assert soql_string("a'b\\c") == "'a\\'b\\\\c'"
     # a value that does not fit a number / date field is refused before any request
-    for f in (RecordFilter(field="Amount", op="more_than", value="1 OR IsDeleted = false"),
-              RecordFilter(field="CloseDate", op="equal", value="2024-01-01 OR Name != null")):
+    for f in (
+        RecordFilter(field="Amount", op="more_than", value="1 OR IsDeleted = false"),
+        RecordFilter(field="CloseDate", op="equal", value="2024-01-01 OR Name != null"),
+    ):
         c = connect(sandbox.url, filters=[f])
         with pytest.raises(CrmError):
             next(iter(c.opportunities(True, None)))
     with pytest.raises(CrmError):
         connect(sandbox.url, filters=[RecordFilter(field="Name) OR (Id", op="equal", value="x")]).opportunity_soql(
-            True, None)
+            True, None
+        )
 
 
 def test_validate_connection_knows_salesforce_fields():
-    conn = make_conn("https://example.my.salesforce.com",
-                     filters=[RecordFilter(field="Bogus", op="equal", value=1),
-                              RecordFilter(field="Region__c", op="equal", value="EMEA")],
-                     fields={"created_at": "Original_Created_Date__c", "created_by_crm_id": "NotAField"})
+    conn = make_conn(
+        "https://example.my.salesforce.com",
+        filters=[
+            RecordFilter(field="Bogus", op="equal", value=1),
+            RecordFilter(field="Region__c", op="equal", value="EMEA"),
+        ],
+        fields={"created_at": "Original_Created_Date__c", "created_by_crm_id": "NotAField"},
+    )
     problems = SalesforceConnector.validate_connection(conn)
     assert len(problems) == 2 and "Bogus" in problems[0] and "NotAField" in problems[1]
     assert SalesforceConnector.is_custom_field("Account.Region__c")
@@ -220,12 +242,14 @@ def test_validate_connection_knows_salesforce_fields():
 
 # -- custom fields (seed 002) -------------------------------------------------------------------------------------------
 
+
 def test_created_fields_from_custom_fields():
     sim = sfsim.build(seed=5, opportunities=400, variant="custom_fields")
     w = sim.world
     with SandboxServer(sim) as srv:
-        c = connect(srv.url, fields={"created_at": "Original_Created_Date__c",
-                                     "created_by_crm_id": "Original_Creator__c"})
+        c = connect(
+            srv.url, fields={"created_at": "Original_Created_Date__c", "created_by_crm_id": "Original_Creator__c"}
+        )
         got, _ = sync(c)
         assert c.capabilities["fields.created_by_crm_id"].detail == "Original_Creator__c (reference)"
     with_custom = 0
@@ -267,10 +291,11 @@ def test_run_stops_early_when_org_usage_is_high():
         with pytest.raises(QuotaExhausted) as err:
             sync(c)
         assert "9500/10000" in str(err.value) or "of its quota used" in str(err.value)
-        assert sim.api_usage == 9_500   # the sync stopped as soon as usage reached 95%
+        assert sim.api_usage == 9_500  # the sync stopped as soon as usage reached 95%
 
 
 # -- users and deletes ---------------------------------------------------------------------------------------------------
+
 
 def test_users_resolve_every_owner_and_creator(sandbox):
     w = sandbox.simulator.world
@@ -293,8 +318,8 @@ def test_deleted_uses_the_delete_log_inside_15_days(sandbox):
     victims = [o.native_id for o in list(w.live())[:7]]
     for oid in victims:
         w.delete(oid)
-    w.clock.advance(timedelta(minutes=2))            # the log covers whole minutes
-    fresh = connect(sandbox.url)                     # no earlier request: it asks the server for its clock
+    w.clock.advance(timedelta(minutes=2))  # the log covers whole minutes
+    fresh = connect(sandbox.url)  # no earlier request: it asks the server for its clock
     rows = [r for page in fresh.deleted(t0) for r in page]
     assert sorted(i for i, _ in rows) == sorted(victims)
     assert all(at is not None and at >= t0 for _, at in rows)
@@ -306,7 +331,7 @@ def test_deleted_falls_back_to_query_all_beyond_15_days(sandbox):
     w = sandbox.simulator.world
     since = w.clock.now()
     purged = next(iter(w.live())).native_id
-    w.delete(purged)                                 # 20 days before the run: gone from log and Recycle Bin
+    w.delete(purged)  # 20 days before the run: gone from log and Recycle Bin
     w.clock.advance(timedelta(days=10))
     victims = [o.native_id for o in list(w.live())[:4]]
     for oid in victims:
@@ -314,7 +339,7 @@ def test_deleted_falls_back_to_query_all_beyond_15_days(sandbox):
     w.clock.advance(timedelta(days=10))
     c = connect(sandbox.url)
     sync(c)
-    rows = [r for page in c.deleted(since) for r in page]   # older than getDeleted's window: queryAll
+    rows = [r for page in c.deleted(since) for r in page]  # older than getDeleted's window: queryAll
     assert sorted(i for i, _ in rows) == sorted(victims)
     rows_all = [r for page in c.deleted(None) for r in page]
     assert sorted(i for i, _ in rows_all) == sorted(victims)
@@ -339,7 +364,7 @@ def test_single_currency_org_is_the_default_and_needs_no_option():
         with pytest.raises(CrmError) as err:
             sync(forced)
         assert err.value.permanent and "options.multi_currency" in str(err.value)
-        assert forced.stats.requests == 2   # token and describe
+        assert forced.stats.requests == 2  # token and describe
 
 
 def test_multi_currency_org_reads_each_records_currency():
@@ -357,6 +382,7 @@ def test_multi_currency_org_reads_each_records_currency():
 
 # -- pure pieces ---------------------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=200, deadline=None)
 @given(st.text())
 def test_soql_string_round_trips_through_the_sandbox_tokenizer(text):
@@ -366,14 +392,25 @@ def test_soql_string_round_trips_through_the_sandbox_tokenizer(text):
 
 def test_usage_header_parsing_and_classification():
     stats = RequestStats()
-    observe(_response(200, headers={"Sforce-Limit-Info": "api-usage=25/5000; per-app-api-usage=17/250(appName=x)"}),
-            stats)
+    observe(
+        _response(200, headers={"Sforce-Limit-Info": "api-usage=25/5000; per-app-api-usage=17/250(appName=x)"}), stats
+    )
     assert (stats.quota_used, stats.quota_limit) == (25, 5000)
-    spent = classify(_response(403, [{"message": "TotalRequests Limit exceeded.",
-                                      "errorCode": "REQUEST_LIMIT_EXCEEDED"}]))
+    spent = classify(
+        _response(403, [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
+    )
     assert isinstance(spent, QuotaExhausted)
-    busy = classify(_response(403, [{"message": "ConcurrentRequests (concurrent API requests) Limit exceeded.",
-                                     "errorCode": "REQUEST_LIMIT_EXCEEDED"}]))
+    busy = classify(
+        _response(
+            403,
+            [
+                {
+                    "message": "ConcurrentRequests (concurrent API requests) Limit exceeded.",
+                    "errorCode": "REQUEST_LIMIT_EXCEEDED",
+                }
+            ],
+        )
+    )
     assert isinstance(busy, RetryableHttpError)
     bad = classify(_response(400, [{"message": "No such column", "errorCode": "INVALID_FIELD"}]))
     assert isinstance(bad, CrmError) and bad.code == "INVALID_FIELD" and bad.permanent
@@ -399,14 +436,14 @@ def test_account_rename_does_not_move_the_cursor_but_is_read_incrementally(sandb
     stamp = opp.modified_at
     t0 = w.clock.now()
     w.clock.advance(timedelta(minutes=1))
-    with w.lock:                  # as world.advance renames an account: the account's own stamp moves
+    with w.lock:  # as world.advance renames an account: the account's own stamp moves
         acc = w.accounts[opp.account]
         acc.name, acc.modified_at = "Renamed Holdings", w.clock.now()
         w.version += 1
-    assert opp.modified_at == stamp                   # the opportunity's cursor did not move
+    assert opp.modified_at == stamp  # the opportunity's cursor did not move
     c = connect(sandbox.url)
     served = sandbox.simulator.request_count
-    inc, pages = sync(c, since=t0)                    # sync() asserts each record comes back once
+    inc, pages = sync(c, since=t0)  # sync() asserts each record comes back once
     assert set(inc) == siblings and inc[opp.native_id].client_name == "Renamed Holdings"
     assert all(r.modified_at == w.opps[i].modified_at < t0 for i, r in inc.items())
     # honest counts: every request the server saw is in the stats (the renamed accounts cost no extra query)

@@ -16,9 +16,14 @@ from oppsync_pipeline.sandbox.server import SandboxServer
 
 
 def connect(url: str, **kw) -> SalesforceConnector:
-    conn = ConnectionConfig(name="sf", crm="salesforce", base_url=url,
-                            credentials={"client_id": "${SF_CLIENT_ID}", "client_secret": "${SF_CLIENT_SECRET}"},
-                            page_size=kw.pop("page_size", 2000), **kw)
+    conn = ConnectionConfig(
+        name="sf",
+        crm="salesforce",
+        base_url=url,
+        credentials={"client_id": "${SF_CLIENT_ID}", "client_secret": "${SF_CLIENT_SECRET}"},
+        page_size=kw.pop("page_size", 2000),
+        **kw,
+    )
     return SalesforceConnector(conn, dict(sfsim.SANDBOX_CREDENTIALS), sleep=lambda s: None)
 
 
@@ -36,6 +41,7 @@ def midnight(d) -> datetime:
 
 # -- (a) the close time is the CRM's, not the last edit ---------------------------------------------------------------
 
+
 def test_closed_records_carry_last_stage_change_date_not_the_last_edit():
     with served() as srv:
         w = srv.simulator.world
@@ -50,7 +56,7 @@ def test_closed_records_carry_last_stage_change_date_not_the_last_edit():
             else:
                 assert (o.crm_closed_at, o.crm_closed_at_field) == (sim.closed_at, "LastStageChangeDate")
         long_before = [o for o in closed if o.crm_closed_at < o.modified_at - timedelta(days=30)]
-        assert len(long_before) > len(closed) // 4        # generated closes often long before the last edit
+        assert len(long_before) > len(closed) // 4  # generated closes often long before the last edit
         assert "LastStageChangeDate" in c.opportunity_soql(False, None)
         assert c.capabilities["LastStageChangeDate"].available and c.stats.warnings == []
 
@@ -65,27 +71,33 @@ def test_a_close_and_a_reopen_since_the_last_run():
         since = w.clock.now()
         w.clock.advance(timedelta(hours=2))
         w.update(open_id, stage="Closed Lost")
-        closed_at = w.opps[open_id].modified_at          # the close's time (the clock runs on in real time)
+        closed_at = w.opps[open_id].modified_at  # the close's time (the clock runs on in real time)
         w.clock.advance(timedelta(days=3))
-        w.update(open_id, amount=12.0)                     # a later edit does not move the close time
-        w.update(closed_id, stage="Prospecting")           # a reopen clears it
+        w.update(open_id, amount=12.0)  # a later edit does not move the close time
+        w.update(closed_id, stage="Prospecting")  # a reopen clears it
         after = read_all(connect(srv.url), since=since)
         assert (after[open_id].status, after[open_id].crm_closed_at) == ("lost", closed_at)
         assert after[open_id].modified_at > closed_at + timedelta(days=2)
         assert (after[closed_id].status, after[closed_id].crm_closed_at, after[closed_id].crm_closed_at_field) == (
-            "open", None, None)
+            "open",
+            None,
+            None,
+        )
 
 
 # -- (b) tenants without LastStageChangeDate: CloseDate's day -------------------------------------------------------------
 
-@pytest.mark.parametrize("variant,options", [("no_last_stage_change_date", {}),
-                                             ("default", {"api_version": "51.0"})],
-                         ids=["hidden-by-field-level-security", "api-version-before-52"])
+
+@pytest.mark.parametrize(
+    "variant,options",
+    [("no_last_stage_change_date", {}), ("default", {"api_version": "51.0"})],
+    ids=["hidden-by-field-level-security", "api-version-before-52"],
+)
 def test_without_last_stage_change_date_closes_are_dated_by_close_date(variant, options):
     with served(variant) as srv:
         w = srv.simulator.world
         c = connect(srv.url, options=options)
-        got = read_all(c)                                 # no INVALID_FIELD: the field is not asked for
+        got = read_all(c)  # no INVALID_FIELD: the field is not asked for
         closed = [o for o in got.values() if o.status != "open"]
         assert closed
         for o in got.values():
@@ -128,7 +140,7 @@ def test_fetch_by_ids_ignores_filters_and_status_and_leaves_out_deleted_and_unkn
             w.delete(i)
         unknown = [sfsim.sf_id("006", 900_000 + n) for n in range(5)]
         ids = list(in_scope) + out_of_scope + unknown + ["not an id", "006' OR Id != '"]
-        c.stages()                                         # discovery and dictionaries are read once per run
+        c.stages()  # discovery and dictionaries are read once per run
         requests_before = c.stats.requests
         pages = list(c.fetch_by_ids(ids))
         got = {o.source_id: o for page in pages for o in page}
@@ -139,7 +151,7 @@ def test_fetch_by_ids_ignores_filters_and_status_and_leaves_out_deleted_and_unkn
         # mapped exactly as the opportunity sets map them (same select list, same enrichment)
         for oid, o in in_scope.items():
             assert got[oid] == o
-        unfiltered = read_all(connect(srv.url, open_statuses=["Prospecting"]))   # same select list: Amount is in it
+        unfiltered = read_all(connect(srv.url, open_statuses=["Prospecting"]))  # same select list: Amount is in it
         for oid in out_of_scope[5:]:
             assert got[oid] == unfiltered[oid]
         assert list(c.fetch_by_ids([])) == [] and list(c.fetch_by_ids(unknown)) == []
@@ -173,16 +185,17 @@ def test_id_batches_keep_the_uri_under_the_limit():
 
 # -- (d) filters in Python agree with SOQL ----------------------------------------------------------------------------------
 
+
 def test_matches_filters_agrees_with_the_server_side_filter():
     with served(n=600) as srv:
         w = srv.simulator.world
         created = sorted(o.created_at for o in w.live())
         filters = [
             RecordFilter(field="Amount", op="at_least", value=50000),
-            RecordFilter(field="StageName", op="not_equal", value="closed lost"),     # SOQL text: case-insensitive
+            RecordFilter(field="StageName", op="not_equal", value="closed lost"),  # SOQL text: case-insensitive
             RecordFilter(field="Account.BillingCountry", op="not_equal", value="japan"),  # null account: != matches
             RecordFilter(field="CreatedDate", op="more_than", value=created[len(created) // 3].isoformat()),
-            RecordFilter(field="IsWon", op="equal", value="false"),                    # a boolean given as text
+            RecordFilter(field="IsWon", op="equal", value="false"),  # a boolean given as text
         ]
         c = connect(srv.url, filters=filters)
         server_side = set(read_all(c))
@@ -191,6 +204,6 @@ def test_matches_filters_agrees_with_the_server_side_filter():
         assert {i for i, ok in verdicts.items() if ok} == server_side
         assert server_side and len(server_side) < len(verdicts)
         assert any(w.opps[i].account is None for i in server_side)
-        for f in filters:   # each filter decides somewhere: none of them is vacuous here
+        for f in filters:  # each filter decides somewhere: none of them is vacuous here
             one = connect(srv.url, filters=[f])
             assert {o.source_id for o in everything if one.matches_filters(o)} == set(read_all(one)) != set(verdicts)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import salesforce as sfsim
@@ -34,7 +33,7 @@ def test_a_renamed_account_reaches_the_warehouse_on_the_next_incremental_sync(wa
             ids = by_account[idx]
             stamps = {i: w.opps[i].modified_at for i in ids}
             w.clock.advance(timedelta(minutes=5))
-            with w.lock:          # as world.advance renames an account
+            with w.lock:  # as world.advance renames an account
                 acc = w.accounts[idx]
                 old, acc.name, acc.modified_at = acc.name, "Renamed Holdings GmbH", w.clock.now()
                 w.version += 1
@@ -43,7 +42,7 @@ def test_a_renamed_account_reaches_the_warehouse_on_the_next_incremental_sync(wa
 
             inc = sync_connection(cfg, conn, engine, run_id="inc", mode="incremental")
             assert inc.extract.mode == "incremental" and inc.extract.status == "complete"
-            assert {i: w.opps[i].modified_at for i in ids} == stamps          # no opportunity cursor moved
+            assert {i: w.opps[i].modified_at for i in ids} == stamps  # no opportunity cursor moved
             names = live_client_names(engine, conn.name)
             assert {names[i] for i in ids} == {"Renamed Holdings GmbH"}
             # read once each: the run fetched the renamed account's opportunities plus what the cursor's

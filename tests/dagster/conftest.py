@@ -26,15 +26,24 @@ def crm_of(server: SandboxServer) -> str:
     return server.simulator.world.profile.crm
 
 
-def write_config(path: Path, servers: dict[str, SandboxServer], warehouse_url: str,
-                 extra: dict[str, dict[str, Any]] | None = None, **top: Any) -> Path:
+def write_config(
+    path: Path,
+    servers: dict[str, SandboxServer],
+    warehouse_url: str,
+    extra: dict[str, dict[str, Any]] | None = None,
+    **top: Any,
+) -> Path:
     """oppsync.yaml for `servers` ({connection name: server}), credentials in a secrets file beside it, as a
     user would write them. `extra` adds keys per connection name; `top` adds top-level keys."""
     secrets, connections = [], []
     for name, server in servers.items():
         crm, mod = crm_of(server), crm_module(crm_of(server))
-        entry: dict[str, Any] = {"name": name, "crm": crm, "base_url": server.url,
-                                 "credentials": {k: "${" + env_var(name, k) + "}" for k in mod.SANDBOX_CREDENTIALS}}
+        entry: dict[str, Any] = {
+            "name": name,
+            "crm": crm,
+            "base_url": server.url,
+            "credentials": {k: "${" + env_var(name, k) + "}" for k in mod.SANDBOX_CREDENTIALS},
+        }
         entry.update(FAST.get(crm, {}))
         options = getattr(mod, "connection_options", lambda url: {})(server.url)
         if options:
@@ -44,8 +53,7 @@ def write_config(path: Path, servers: dict[str, SandboxServer], warehouse_url: s
         secrets += [f"{env_var(name, k)}={v}" for k, v in mod.SANDBOX_CREDENTIALS.items()]
     secrets_file = path.with_name(path.stem + ".secrets.env")
     secrets_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
-    config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets_file.name, "connections": connections,
-              **top}
+    config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets_file.name, "connections": connections, **top}
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
@@ -67,8 +75,10 @@ def load_defs(config: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
 
 def start_servers(crms: dict[str, str], seed: int = 11, opportunities: int = SIZE) -> dict[str, SandboxServer]:
     """{connection name: crm} -> {connection name: a started simulator on a free port}."""
-    return {name: SandboxServer(build_simulator(crm, seed=seed, opportunities=opportunities)).start()
-            for name, crm in crms.items()}
+    return {
+        name: SandboxServer(build_simulator(crm, seed=seed, opportunities=opportunities)).start()
+        for name, crm in crms.items()
+    }
 
 
 def stop_servers(servers: dict[str, SandboxServer]) -> None:

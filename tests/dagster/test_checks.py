@@ -38,20 +38,32 @@ class Setup:
 
     def rows(self, connection: str) -> dict[str, tuple]:
         with _engine(self.warehouse_url).connect() as c:
-            result = c.execute(text("SELECT source_id, status, amount, created_at, modified_at, deleted_at "
-                                    "FROM oppsync.opportunities WHERE connection = :c"), {"c": connection})
+            result = c.execute(
+                text(
+                    "SELECT source_id, status, amount, created_at, modified_at, deleted_at "
+                    "FROM oppsync.opportunities WHERE connection = :c"
+                ),
+                {"c": connection},
+            )
             return {r[0]: tuple(r[1:]) for r in result}
 
     def sync_runs(self, connection: str) -> list[tuple]:
         with _engine(self.warehouse_url).connect() as c:
-            return [tuple(r) for r in c.execute(text(
-                "SELECT run_id, status, error FROM oppsync.sync_runs WHERE connection = :c ORDER BY started_at"),
-                {"c": connection})]
+            return [
+                tuple(r)
+                for r in c.execute(
+                    text(
+                        "SELECT run_id, status, error FROM oppsync.sync_runs WHERE connection = :c ORDER BY started_at"
+                    ),
+                    {"c": connection},
+                )
+            ]
 
     def lock_holder(self, connection: str):
         with _engine(self.warehouse_url).connect() as c:
-            return c.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
-                             {"c": connection}).scalar()
+            return c.execute(
+                text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"), {"c": connection}
+            ).scalar()
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +84,10 @@ def key(connection: str, name: str) -> dg.AssetKey:
 
 
 def materialized(result: dg.ExecuteInProcessResult) -> dict[dg.AssetKey, dict]:
-    return {e.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
-            for e in result.get_asset_materialization_events()}
+    return {
+        e.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
 
 
 def checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -87,7 +101,8 @@ def started_steps(result: dg.ExecuteInProcessResult) -> set[str]:
 def run(setup: Setup, connection: str, instance: dg.DagsterInstance, mode: str = "auto") -> dg.ExecuteInProcessResult:
     op = f"oppsync__{connection.replace('-', '_')}__extract"
     return setup.job(connection).execute_in_process(
-        run_config={"ops": {op: {"config": {"mode": mode}}}}, instance=instance, raise_on_error=False)
+        run_config={"ops": {op: {"config": {"mode": mode}}}}, instance=instance, raise_on_error=False
+    )
 
 
 def test_a_good_sync_passes_every_check_and_reports_its_numbers(setup: Setup, dagster_instance):
@@ -105,7 +120,11 @@ def test_a_good_sync_passes_every_check_and_reports_its_numbers(setup: Setup, da
 
     evaluations = checks(result)
     assert {name: e.passed for name, e in evaluations.items()} == {
-        "extract_quality": True, "counts_match_crm": True, "quarantine": True, "attribution_and_stages": True}
+        "extract_quality": True,
+        "counts_match_crm": True,
+        "quarantine": True,
+        "attribution_and_stages": True,
+    }
     quality = evaluations["extract_quality"].metadata
     assert quality["rows_checked"].value == live and quality["failed_expectations"].value == 0
     counts = evaluations["counts_match_crm"].metadata
@@ -175,7 +194,7 @@ def test_a_bad_extract_fails_the_blocking_check_and_reconcile_never_runs(setup: 
     assert not quality.passed and quality.severity == dg.AssetCheckSeverity.ERROR
     failures = quality.metadata["failures"].value
     assert [f["expectation"] for f in failures] == ["expect_compound_columns_to_be_unique"]
-    assert failures[0]["partial_unexpected_list"], failures   # names the records to look at
+    assert failures[0]["partial_unexpected_list"], failures  # names the records to look at
     failed_steps = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
     assert failed_steps == {"oppsync__sf_bad__extract_extract_quality"}
     assert "oppsync__sf_bad__opportunities" not in started_steps(result)
@@ -220,8 +239,9 @@ def test_the_counts_check_compares_what_is_in_scope(setup: Setup, dagster_instan
     tracked = setup.rows("sf-scoped")
     assert 0 < len(tracked) < len(list(world.live()))
     # one tracked deal moves back before the trigger stage: still tracked, still counted on both sides
-    back = next(o for o in world.live() if o.native_id in tracked and world.status(o) == "open"
-                and o.stage != "Prospecting")
+    back = next(
+        o for o in world.live() if o.native_id in tracked and world.status(o) == "open" and o.stage != "Prospecting"
+    )
     world.update(back.native_id, stage="Prospecting")
     again = run(setup, "sf-scoped", dagster_instance, mode="full")
     assert again.success and checks(again)["counts_match_crm"].passed

@@ -28,10 +28,15 @@ def test_sync_now_from_the_shell_is_a_dagster_run_with_its_tags(tmp_path: Path):
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     servers = start_servers({"sandbox-salesforce": "salesforce", "sandbox-hubspot": "hubspot"}, opportunities=40)
     try:
-        config = write_config(tmp_path / "oppsync.yaml", servers, f"duckdb:///{tmp_path / 'warehouse.duckdb'}",
-                              users=every_creator_mapped(servers))
-        full = oppsync("--config", str(config), "sync", "--connection", "sandbox-salesforce", "--full",
-                       home=home, cwd=tmp_path)
+        config = write_config(
+            tmp_path / "oppsync.yaml",
+            servers,
+            f"duckdb:///{tmp_path / 'warehouse.duckdb'}",
+            users=every_creator_mapped(servers),
+        )
+        full = oppsync(
+            "--config", str(config), "sync", "--connection", "sandbox-salesforce", "--full", home=home, cwd=tmp_path
+        )
         assert full.returncode == 0, full.stdout + full.stderr
         assert "sandbox-salesforce" in full.stdout and "success" in full.stdout
         unknown = oppsync("--config", str(config), "sync", "--connection", "nope", home=home, cwd=tmp_path)
@@ -47,11 +52,11 @@ def test_sync_now_from_the_shell_is_a_dagster_run_with_its_tags(tmp_path: Path):
         assert run.tags["oppsync/connection"] == "sandbox-salesforce" and run.tags["crm"] == "salesforce"
         assert run.run_config["ops"]["oppsync__sandbox_salesforce__extract"]["config"] == {"mode": "full"}
         latest = instance.get_latest_materialization_event(
-            dg.AssetKey(["oppsync", "sandbox_salesforce", "opportunities"]))
+            dg.AssetKey(["oppsync", "sandbox_salesforce", "opportunities"])
+        )
         assert latest.run_id == run.run_id
         assert latest.asset_materialization.metadata["mode"].value == "full"
         # only the connection asked for was synced
-        assert instance.get_latest_materialization_event(
-            dg.AssetKey(["oppsync", "sandbox_hubspot", "extract"])) is None
+        assert instance.get_latest_materialization_event(dg.AssetKey(["oppsync", "sandbox_hubspot", "extract"])) is None
     # nothing was written outside DAGSTER_HOME for Dagster's state
     assert not (tmp_path / ".oppsync" / "dagster").exists()

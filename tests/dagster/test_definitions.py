@@ -14,10 +14,13 @@ from tests.dagster.conftest import load_defs, start_servers, stop_servers, write
 
 BERLIN = ZoneInfo("Europe/Berlin")
 # salesforce: every 20 minutes in Berlin; hubspot: the defaults ("30 * * * *", UTC, nightly full at 02:00)
-OWN_SCHEDULE = {"sandbox-salesforce": {"schedule": "*/20 * * * *", "timezone": "Europe/Berlin",
-                               "full_sync_schedule": "15 3 * * *"}}
-CONNECTIONS = {"sandbox-salesforce": ("sandbox_salesforce", "*/20 * * * *", "Europe/Berlin", "15 3 * * *"),
-               "sandbox-hubspot": ("sandbox_hubspot", "30 * * * *", "UTC", "0 2 * * *")}
+OWN_SCHEDULE = {
+    "sandbox-salesforce": {"schedule": "*/20 * * * *", "timezone": "Europe/Berlin", "full_sync_schedule": "15 3 * * *"}
+}
+CONNECTIONS = {
+    "sandbox-salesforce": ("sandbox_salesforce", "*/20 * * * *", "Europe/Berlin", "15 3 * * *"),
+    "sandbox-hubspot": ("sandbox_hubspot", "30 * * * *", "UTC", "0 2 * * *"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,9 @@ def defs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dg.Definitions]:
     tmp = tmp_path_factory.mktemp("defs")
     servers = start_servers({"sandbox-salesforce": "salesforce", "sandbox-hubspot": "hubspot"}, opportunities=10)
     try:
-        config = write_config(tmp / "oppsync.yaml", servers, f"duckdb:///{tmp / 'warehouse.duckdb'}",
-                              extra=OWN_SCHEDULE)
+        config = write_config(
+            tmp / "oppsync.yaml", servers, f"duckdb:///{tmp / 'warehouse.duckdb'}", extra=OWN_SCHEDULE
+        )
         with pytest.MonkeyPatch.context() as mp:
             yield load_defs(config, mp)
     finally:
@@ -44,8 +48,11 @@ def test_definitions_load_and_validate(defs: dg.Definitions):
         assert key("oppsync", part, "extract") in keys
         assert key("oppsync", part, "opportunities") in keys
     assert key("marts", "outcomes") in keys and key("marts", "outcomes_dashboard") in keys
-    assert {j.name for j in defs.resolve_all_job_defs()} >= {"sync_sandbox_salesforce", "sync_sandbox_hubspot",
-                                                              "build_mart"}
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {
+        "sync_sandbox_salesforce",
+        "sync_sandbox_hubspot",
+        "build_mart",
+    }
     assert defs.resolve_sensor_def("mart_follows_syncs").default_status == dg.DefaultSensorStatus.RUNNING
 
 
@@ -57,14 +64,17 @@ def test_one_hourly_and_one_nightly_schedule_per_connection(defs: dg.Definitions
     assert hourly.default_status == dg.DefaultScheduleStatus.RUNNING
     nightly = defs.resolve_schedule_def(f"full_sync_{part}")
     assert (nightly.cron_schedule, nightly.execution_timezone, nightly.job_name) == (full_cron, tz, f"sync_{part}")
-    assert {s.name for s in defs.schedules} == {f"{kind}{p}" for p, *_ in CONNECTIONS.values()
-                                               for kind in ("sync_", "full_sync_")}
+    assert {s.name for s in defs.schedules} == {
+        f"{kind}{p}" for p, *_ in CONNECTIONS.values() for kind in ("sync_", "full_sync_")
+    }
 
 
-@pytest.mark.parametrize("schedule_name, mode", [("sync_sandbox_salesforce", "auto"),
-                                                 ("full_sync_sandbox_salesforce", "full")])
-def test_a_tick_requests_a_run_of_the_connections_job_with_its_mode(defs: dg.Definitions, schedule_name: str,
-                                                                    mode: str):
+@pytest.mark.parametrize(
+    "schedule_name, mode", [("sync_sandbox_salesforce", "auto"), ("full_sync_sandbox_salesforce", "full")]
+)
+def test_a_tick_requests_a_run_of_the_connections_job_with_its_mode(
+    defs: dg.Definitions, schedule_name: str, mode: str
+):
     schedule = defs.resolve_schedule_def(schedule_name)
     # 02:20 Berlin on the night clocks go forward: the tick time keeps its zone in the run key
     tick = datetime(2026, 3, 29, 3, 20, tzinfo=BERLIN)
@@ -83,13 +93,17 @@ def test_a_tick_requests_a_run_of_the_connections_job_with_its_mode(defs: dg.Def
 
 def test_the_sync_job_selects_only_its_connections_assets_and_checks(defs: dg.Definitions):
     job = defs.resolve_job_def("sync_sandbox_salesforce")
-    assert job.asset_layer.selected_asset_keys == {key("oppsync", "sandbox_salesforce", "extract"),
-                                                   key("oppsync", "sandbox_salesforce", "opportunities")}
+    assert job.asset_layer.selected_asset_keys == {
+        key("oppsync", "sandbox_salesforce", "extract"),
+        key("oppsync", "sandbox_salesforce", "opportunities"),
+    }
     checks = {(c.asset_key, c.name) for c in job.asset_layer.asset_graph.asset_check_keys}
-    assert checks == {(key("oppsync", "sandbox_salesforce", "extract"), "extract_quality"),
-                      (key("oppsync", "sandbox_salesforce", "opportunities"), "counts_match_crm"),
-                      (key("oppsync", "sandbox_salesforce", "opportunities"), "quarantine"),
-                      (key("oppsync", "sandbox_salesforce", "opportunities"), "attribution_and_stages")}
+    assert checks == {
+        (key("oppsync", "sandbox_salesforce", "extract"), "extract_quality"),
+        (key("oppsync", "sandbox_salesforce", "opportunities"), "counts_match_crm"),
+        (key("oppsync", "sandbox_salesforce", "opportunities"), "quarantine"),
+        (key("oppsync", "sandbox_salesforce", "opportunities"), "attribution_and_stages"),
+    }
     assert job.tags["oppsync/connection"] == "sandbox-salesforce"
 
 
@@ -126,5 +140,7 @@ def test_the_mart_follows_every_connection_by_eager_automation(defs: dg.Definiti
         assert every_connection <= graph.get(k).parent_keys, k
     assert every_connection <= graph.get_ancestor_asset_keys(key("marts", "outcomes"))
     # the mart is not part of any sync job: a sync never waits for dbt
-    assert not any(graph.get(k).group_name == "mart"
-                   for k in defs.resolve_job_def("sync_sandbox_hubspot").asset_layer.selected_asset_keys)
+    assert not any(
+        graph.get(k).group_name == "mart"
+        for k in defs.resolve_job_def("sync_sandbox_hubspot").asset_layer.selected_asset_keys
+    )

@@ -51,16 +51,20 @@ def test_the_two_locations_hold_the_whole_project(config: Path, monkeypatch: pyt
 def test_mart_models_depend_on_the_syncs_across_locations(config: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OPPSYNC_CONFIG", str(config))
     graph = load_location("mart").resolve_asset_graph()
-    upstream = {k.to_user_string() for k in graph.get(dg.AssetKey(["staging", "stg_oppsync__opportunities"])).parent_keys}
+    upstream = {
+        k.to_user_string() for k in graph.get(dg.AssetKey(["staging", "stg_oppsync__opportunities"])).parent_keys
+    }
     assert {"oppsync/sandbox_salesforce/opportunities", "oppsync/sandbox_hubspot/opportunities"} <= upstream
     # the syncs' assets are only referenced here, never materialized by this location
     assert not graph.get(dg.AssetKey(["oppsync", "sandbox_salesforce", "opportunities"])).is_materializable
 
 
 def test_the_syncs_location_never_imports_dbt(config: Path):
-    probe = ("import json, sys; import oppsync_pipeline.locations.syncs as m; "
-             "from oppsync_pipeline.locations import load_location; d = load_location('syncs'); "
-             "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] in ('dbt', 'dagster_dbt', 'agate'))))")
+    probe = (
+        "import json, sys; import oppsync_pipeline.locations.syncs as m; "
+        "from oppsync_pipeline.locations import load_location; d = load_location('syncs'); "
+        "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] in ('dbt', 'dagster_dbt', 'agate'))))"
+    )
     env = {**os.environ, "OPPSYNC_CONFIG": str(config)}
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -21,8 +21,9 @@ DASHBOARD = dg.AssetKey(["marts", "outcomes_dashboard"])
 
 
 @pytest.mark.slow  # dbt build: ~15 s alone, over a minute on a loaded 2-core machine
-def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(tmp_path: Path, dagster_instance: dg.DagsterInstance,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(
+    tmp_path: Path, dagster_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+):
     servers = start_servers({"sandbox-hubspot": "hubspot", "sandbox-salesforce": "salesforce"}, opportunities=60)
     url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
     try:
@@ -35,13 +36,15 @@ def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(tmp_path: Path, dagst
         assert before.get_num_requested(OUTCOMES) == 0  # its upstream has never been synced
 
         assert sync.execute_in_process(instance=dagster_instance).success
-        waiting = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance, asset_selection=mart,
-                                                    cursor=before.cursor)
+        waiting = dg.evaluate_automation_conditions(
+            defs=defs, instance=dagster_instance, asset_selection=mart, cursor=before.cursor
+        )
         assert waiting.get_num_requested(OUTCOMES) == 0  # salesforce has never synced
 
         assert defs.resolve_job_def("sync_sandbox_salesforce").execute_in_process(instance=dagster_instance).success
-        due = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance, asset_selection=mart,
-                                                cursor=waiting.cursor)
+        due = dg.evaluate_automation_conditions(
+            defs=defs, instance=dagster_instance, asset_selection=mart, cursor=waiting.cursor
+        )
         assert due.get_num_requested(OUTCOMES) == 1
         assert due.get_num_requested(dg.AssetKey(["staging", "stg_oppsync__opportunities"])) == 1
 
@@ -54,14 +57,16 @@ def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(tmp_path: Path, dagst
         assert rows > 0 and materialized[OUTCOMES]["dagster/row_count"].value == rows
         assert "created_per_user_per_week" in materialized[DASHBOARD]
 
-        idle = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance, asset_selection=mart,
-                                                 cursor=due.cursor)
+        idle = dg.evaluate_automation_conditions(
+            defs=defs, instance=dagster_instance, asset_selection=mart, cursor=due.cursor
+        )
         assert idle.total_requested == 0
 
         servers["sandbox-hubspot"].simulator.world.advance(hours=1, rate=0.05)
         assert sync.execute_in_process(instance=dagster_instance).success
-        again = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance, asset_selection=mart,
-                                                  cursor=idle.cursor)
+        again = dg.evaluate_automation_conditions(
+            defs=defs, instance=dagster_instance, asset_selection=mart, cursor=idle.cursor
+        )
         assert again.get_num_requested(OUTCOMES) == 1  # one connection's sync is enough from now on
     finally:
         stop_servers(servers)

@@ -18,8 +18,13 @@ from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule
 from tests.dagster.conftest import load_defs, start_servers, stop_servers, write_config
 
 # The opportunity reads of each CRM (required: a refusal there fails the run).
-OPPORTUNITY_PATH = {"salesforce": r"/query", "hubspot": r"/crm/v3/objects/deals", "dynamics": r"/opportunities",
-                    "connectwise": r"/sales/opportunities$", "autotask": r"/Opportunities/query"}
+OPPORTUNITY_PATH = {
+    "salesforce": r"/query",
+    "hubspot": r"/crm/v3/objects/deals",
+    "dynamics": r"/opportunities",
+    "connectwise": r"/sales/opportunities$",
+    "autotask": r"/Opportunities/query",
+}
 
 
 def _step_events(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -29,7 +34,8 @@ def _step_events(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 @pytest.mark.parametrize("crm", CRMS)
 @pytest.mark.parametrize("fault", ["forbidden", "bad_request"])
 def test_a_permanent_error_fails_the_run_in_seconds_without_dagster_retries(
-        crm: str, fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dagster_instance: dg.DagsterInstance):
+    crm: str, fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dagster_instance: dg.DagsterInstance
+):
     name = f"sandbox-{crm}"
     servers = start_servers({name: crm}, opportunities=30)
     sim = servers[name].simulator

@@ -37,19 +37,25 @@ def postgres_home(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) 
     return home
 
 
-def test_runs_and_materializations_live_in_postgres(postgres_home: Path, pg_url: str, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_runs_and_materializations_live_in_postgres(
+    postgres_home: Path, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     servers = start_servers({"sandbox-salesforce": "salesforce"}, opportunities=60)
     try:
-        config = write_config(tmp_path / "oppsync.yaml", servers, f"duckdb:///{tmp_path / 'warehouse.duckdb'}",
-                              users=every_creator_mapped(servers))
+        config = write_config(
+            tmp_path / "oppsync.yaml",
+            servers,
+            f"duckdb:///{tmp_path / 'warehouse.duckdb'}",
+            users=every_creator_mapped(servers),
+        )
         defs = load_defs(config, monkeypatch)
         with dg.DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
             assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
             result = defs.resolve_job_def("sync_sandbox_salesforce").execute_in_process(
-                instance=instance, tags={"oppsync/trigger": "test"})
+                instance=instance, tags={"oppsync/trigger": "test"}
+            )
             assert result.success
     finally:
         stop_servers(servers)
@@ -64,7 +70,8 @@ def test_runs_and_materializations_live_in_postgres(postgres_home: Path, pg_url:
         assert run.is_success and run.job_name == "sync_sandbox_salesforce"
         assert run.tags["oppsync/connection"] == "sandbox-salesforce" and run.tags["oppsync/trigger"] == "test"
         checks = reader.event_log_storage.get_latest_asset_check_execution_by_key(
-            [dg.AssetCheckKey(EXTRACT, "extract_quality")])
+            [dg.AssetCheckKey(EXTRACT, "extract_quality")]
+        )
         assert checks[dg.AssetCheckKey(EXTRACT, "extract_quality")].run_id == result.run_id
 
     engine = create_engine(pg_url)

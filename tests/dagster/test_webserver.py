@@ -67,16 +67,35 @@ def webserver(tmp_path: Path) -> Iterator[Webserver]:
     warehouse_url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
     config = write_config(tmp_path / "oppsync.yaml", servers, warehouse_url, users=every_creator_mapped(servers))
     workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(yaml.safe_dump({"load_from": [{"python_module": {
-        "module_name": "oppsync_pipeline.definitions", "working_directory": str(REPO)}}]}), encoding="utf-8")
+    workspace.write_text(
+        yaml.safe_dump(
+            {
+                "load_from": [
+                    {"python_module": {"module_name": "oppsync_pipeline.definitions", "working_directory": str(REPO)}}
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "OPPSYNC_CONFIG": str(config), "GX_ANALYTICS_ENABLED": "false",
-           "TQDM_DISABLE": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OPPSYNC_CONFIG": str(config),
+        "GX_ANALYTICS_ENABLED": "false",
+        "TQDM_DISABLE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log = tmp_path / "webserver.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                 "-w", str(workspace)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(workspace)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -89,8 +108,9 @@ def webserver(tmp_path: Path) -> Iterator[Webserver]:
                 pass
             assert time.monotonic() < deadline, f"no /server_info after {STARTUP_SECONDS}s:\n{log.read_text()[-4000:]}"
             time.sleep(0.5)
-        yield Webserver(url, warehouse_url, log,
-                        {o.native_id for o in servers["sandbox-salesforce"].simulator.world.live()})
+        yield Webserver(
+            url, warehouse_url, log, {o.native_id for o in servers["sandbox-salesforce"].simulator.world.live()}
+        )
     finally:
         # the webserver, its code server and any run worker share the session: end them together
         try:
@@ -157,16 +177,25 @@ def test_the_ui_shows_the_graph_checks_and_schedules_and_syncs_now(webserver: We
     assert {"path": ["oppsync", "sandbox_salesforce", "extract"]} in opportunities["dependencyKeys"]
     assert extract["assetChecksOrError"]["checks"] == [{"name": "extract_quality", "blocking": True}]
     assert {c["name"] for c in opportunities["assetChecksOrError"]["checks"]} == {
-        "counts_match_crm", "quarantine", "attribution_and_stages"}
+        "counts_match_crm",
+        "quarantine",
+        "attribution_and_stages",
+    }
     assert nodes[("marts", "outcomes")]["groupName"] == "mart"
 
     # "Synchronize now" for one connection
-    launched = webserver.graphql(LAUNCH, params={
-        "selector": {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"],
-                     "jobName": "sync_sandbox_salesforce"},
-        "runConfigData": {"ops": {"oppsync__sandbox_salesforce__extract": {"config": {"mode": "auto"}}}},
-        "executionMetadata": {"tags": [{"key": "oppsync/trigger", "value": "ui"}]},
-    })["launchRun"]
+    launched = webserver.graphql(
+        LAUNCH,
+        params={
+            "selector": {
+                "repositoryLocationName": repo["location"]["name"],
+                "repositoryName": repo["name"],
+                "jobName": "sync_sandbox_salesforce",
+            },
+            "runConfigData": {"ops": {"oppsync__sandbox_salesforce__extract": {"config": {"mode": "auto"}}}},
+            "executionMetadata": {"tags": [{"key": "oppsync/trigger", "value": "ui"}]},
+        },
+    )["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
 
@@ -181,11 +210,15 @@ def test_the_ui_shows_the_graph_checks_and_schedules_and_syncs_now(webserver: We
     tags = {t["key"]: t["value"] for t in run["tags"]}
     assert tags["oppsync/trigger"] == "ui" and tags["oppsync/connection"] == "sandbox-salesforce"
     assert {tuple(m["assetKey"]["path"]) for m in run["assetMaterializations"]} == {
-        ("oppsync", "sandbox_salesforce", "extract"), ("oppsync", "sandbox_salesforce", "opportunities")}
+        ("oppsync", "sandbox_salesforce", "extract"),
+        ("oppsync", "sandbox_salesforce", "opportunities"),
+    }
 
     engine = create_engine(webserver.warehouse_url)
     with engine.connect() as c:
-        assert c.execute(text("SELECT status FROM oppsync.sync_runs WHERE run_id = :r"), {"r": run_id}).scalar() \
+        assert (
+            c.execute(text("SELECT status FROM oppsync.sync_runs WHERE run_id = :r"), {"r": run_id}).scalar()
             == "success"
+        )
         assert {r[0] for r in c.execute(text("SELECT source_id FROM oppsync.opportunities"))} == webserver.crm_ids
     engine.dispose()

@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy import text
 
 from oppsync_pipeline.lib.config import parse_config
+from oppsync_pipeline.lib.reconcile import reconcile
 from oppsync_pipeline.lib.record import CrmUser, Opportunity, StageInfo
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from oppsync_pipeline.lib.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[2]
 DBT_DIR = ROOT / "dbt"
@@ -52,12 +52,26 @@ SF_USERS = [CrmUser("005A", "Alice CRM"), CrmUser("005B", "Bob CRM"), CrmUser("0
 HS_USERS = [CrmUser("9001", "Alice HS", alt_ids=("101",)), CrmUser("9002", "Bob HS", alt_ids=("102",))]
 
 CONNECTIONS = {
-    "sf": dict(crm="salesforce", stages=SF_STAGES, users=SF_USERS, creators=["005A", "005B", "005Z"],
-               owners=["005A", "005B", "005Z"], open=["Prospecting", "Qualification", "Proposal"],
-               won="Closed Won", lost="Closed Lost"),
-    "hs": dict(crm="hubspot", stages=HS_STAGES, users=HS_USERS, creators=["9001", "9002", "9999"],
-               owners=["101", "102"], open=["appointmentscheduled", "qualifiedtobuy"],
-               won="closedwon", lost="closedlost"),
+    "sf": dict(
+        crm="salesforce",
+        stages=SF_STAGES,
+        users=SF_USERS,
+        creators=["005A", "005B", "005Z"],
+        owners=["005A", "005B", "005Z"],
+        open=["Prospecting", "Qualification", "Proposal"],
+        won="Closed Won",
+        lost="Closed Lost",
+    ),
+    "hs": dict(
+        crm="hubspot",
+        stages=HS_STAGES,
+        users=HS_USERS,
+        creators=["9001", "9002", "9999"],
+        owners=["101", "102"],
+        open=["appointmentscheduled", "qualifiedtobuy"],
+        won="closedwon",
+        lost="closedlost",
+    ),
 }
 
 BASE_USERS = [
@@ -72,15 +86,25 @@ RUN1, RUN2, RUN3 = datetime(2026, 3, 21, 6), datetime(2026, 3, 22, 6), datetime(
 
 
 def config(users: list[dict]) -> Any:
-    return parse_config({
-        "connections": [
-            {"name": "sf", "crm": "salesforce", "base_url": "https://example.my.salesforce.com",
-             "qualification": {"stages": ["Qualification"], "min_probability": 60}},
-            {"name": "hs", "crm": "hubspot", "base_url": "https://api.hubapi.com",
-             "qualification": {"stages": ["Qualified To Buy"]}},
-        ],
-        "users": users,
-    })
+    return parse_config(
+        {
+            "connections": [
+                {
+                    "name": "sf",
+                    "crm": "salesforce",
+                    "base_url": "https://example.my.salesforce.com",
+                    "qualification": {"stages": ["Qualification"], "min_probability": 60},
+                },
+                {
+                    "name": "hs",
+                    "crm": "hubspot",
+                    "base_url": "https://api.hubapi.com",
+                    "qualification": {"stages": ["Qualified To Buy"]},
+                },
+            ],
+            "users": users,
+        }
+    )
 
 
 @dataclass
@@ -90,12 +114,40 @@ class World:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def _opp(conn: str, sid: str, *, stage: str, status: str, owner: str, creator: str, created: datetime,
-         modified: datetime, amount: float, probability: float) -> Opportunity:
+def _opp(
+    conn: str,
+    sid: str,
+    *,
+    stage: str,
+    status: str,
+    owner: str,
+    creator: str,
+    created: datetime,
+    modified: datetime,
+    amount: float,
+    probability: float,
+) -> Opportunity:
     c = CONNECTIONS[conn]
-    return Opportunity(conn, c["crm"], sid, f"Project {sid}", f"Client {sid[-2:]}", "Austin", "Dana", owner, stage,
-                       status, amount, "USD", date(2026, 6, 30), probability, created, creator, modified,
-                       {"id": sid})
+    return Opportunity(
+        conn,
+        c["crm"],
+        sid,
+        f"Project {sid}",
+        f"Client {sid[-2:]}",
+        "Austin",
+        "Dana",
+        owner,
+        stage,
+        status,
+        amount,
+        "USD",
+        date(2026, 6, 30),
+        probability,
+        created,
+        creator,
+        modified,
+        {"id": sid},
+    )
 
 
 def _replace(o: Opportunity, **changes: Any) -> Opportunity:
@@ -118,18 +170,44 @@ def build_world(n: int = 150, seed: int = 7) -> tuple[World, list[dict[str, list
             modified = created + timedelta(hours=rng.randrange(1, 400))
             modified = min(modified, RUN1 - timedelta(hours=1))
             current[f"{conn}-{i:04d}"] = _opp(
-                conn, f"{conn}-{i:04d}", stage=stage, status=status, owner=rng.choice(c["owners"]),
-                creator=rng.choice(c["creators"]), created=created, modified=modified,
-                amount=float(rng.randrange(1, 100) * 100), probability=probs[stage])
+                conn,
+                f"{conn}-{i:04d}",
+                stage=stage,
+                status=status,
+                owner=rng.choice(c["owners"]),
+                creator=rng.choice(c["creators"]),
+                created=created,
+                modified=modified,
+                amount=float(rng.randrange(1, 100) * 100),
+                probability=probs[stage],
+            )
         if conn == "sf":
             # the time-zone boundary deal: 2026-03-01 23:30 UTC is 2026-03-02 00:30 in Europe/Berlin
-            current["sf-tz"] = _opp(conn, "sf-tz", stage="Prospecting", status="open", owner="005B", creator="005B",
-                                    created=datetime(2026, 3, 1, 23, 30), modified=datetime(2026, 3, 2),
-                                    amount=1234.0, probability=10)
+            current["sf-tz"] = _opp(
+                conn,
+                "sf-tz",
+                stage="Prospecting",
+                status="open",
+                owner="005B",
+                creator="005B",
+                created=datetime(2026, 3, 1, 23, 30),
+                modified=datetime(2026, 3, 2),
+                amount=1234.0,
+                probability=10,
+            )
             # won under Alice (run 2), handed to Bob afterwards (run 3): the win stays Alice's
-            current["sf-handover"] = _opp(conn, "sf-handover", stage="Proposal", status="open", owner="005A",
-                                          creator="005Z", created=datetime(2026, 2, 10, 12), amount=5000.0,
-                                          modified=datetime(2026, 2, 11), probability=60)
+            current["sf-handover"] = _opp(
+                conn,
+                "sf-handover",
+                stage="Proposal",
+                status="open",
+                owner="005A",
+                creator="005Z",
+                created=datetime(2026, 2, 10, 12),
+                amount=5000.0,
+                modified=datetime(2026, 2, 11),
+                probability=60,
+            )
         runs[0][conn] = list(current.values())
 
         # run 2 (incremental): close some open deals
@@ -138,13 +216,22 @@ def build_world(n: int = 150, seed: int = 7) -> tuple[World, list[dict[str, list
         for k in rng.sample(open_ids, 20):
             won = rng.random() < 0.5
             o = current[k]
-            current[k] = _replace(o, stage=c["won"] if won else c["lost"], status="won" if won else "lost",
-                                  modified_at=RUN2 - timedelta(hours=rng.randrange(1, 20)),
-                                  probability=100.0 if won else 0.0)
+            current[k] = _replace(
+                o,
+                stage=c["won"] if won else c["lost"],
+                status="won" if won else "lost",
+                modified_at=RUN2 - timedelta(hours=rng.randrange(1, 20)),
+                probability=100.0 if won else 0.0,
+            )
             changed.append(current[k])
         if conn == "sf":
-            current["sf-handover"] = _replace(current["sf-handover"], stage="Closed Won", status="won",
-                                              modified_at=datetime(2026, 3, 21, 23, 0), probability=100.0)
+            current["sf-handover"] = _replace(
+                current["sf-handover"],
+                stage="Closed Won",
+                status="won",
+                modified_at=datetime(2026, 3, 21, 23, 0),
+                probability=100.0,
+            )
             changed.append(current["sf-handover"])
         runs[1][conn] = changed
 
@@ -155,8 +242,9 @@ def build_world(n: int = 150, seed: int = 7) -> tuple[World, list[dict[str, list
             others = [x for x in c["owners"] if x != o.owner_crm_id]
             current[k] = _replace(o, owner_crm_id=others[0], modified_at=RUN3 - timedelta(hours=2))
         if conn == "sf":
-            current["sf-handover"] = _replace(current["sf-handover"], owner_crm_id="005B",
-                                              modified_at=RUN3 - timedelta(hours=2))
+            current["sf-handover"] = _replace(
+                current["sf-handover"], owner_crm_id="005B", modified_at=RUN3 - timedelta(hours=2)
+            )
             k = sorted(k for k, o in current.items() if o.status == "open" and k != "sf-tz")[0]
             current[k] = _replace(current[k], stage="Legacy Stage", modified_at=RUN3 - timedelta(hours=3))
             world.facts["unknown_stage_id"] = k
@@ -167,23 +255,40 @@ def build_world(n: int = 150, seed: int = 7) -> tuple[World, list[dict[str, list
     return world, runs
 
 
-def _sync(engine: Any, conn: str, records: list[Opportunity], *, mode: str, at: datetime, run_id: str,
-          page_size: int = 50) -> None:
+def _sync(
+    engine: Any, conn: str, records: list[Opportunity], *, mode: str, at: datetime, run_id: str, page_size: int = 50
+) -> None:
     crm = CONNECTIONS[conn]["crm"]
     store.acquire_lock(engine, conn, run_id, at, timedelta(hours=1))
     try:
-        store.begin_extract(engine, extract_id=run_id, connection=conn, crm=crm, mode=mode, started_at=at,
-                            since=None if mode == "full" else at - timedelta(days=1))
+        store.begin_extract(
+            engine,
+            extract_id=run_id,
+            connection=conn,
+            crm=crm,
+            mode=mode,
+            started_at=at,
+            since=None if mode == "full" else at - timedelta(days=1),
+        )
         seq = 0
         for open_set in (True, False):
             part = [o for o in records if (o.status == "open") == open_set]
             for i in range(0, len(part), page_size):
-                page = part[i:i + page_size]
+                page = part[i : i + page_size]
                 store.stage_page(engine, run_id, page, open_set, seq)
                 seq += len(page)
         store.finish_extract(engine, run_id, status="complete", finished_at=at + timedelta(minutes=1))
-        reconcile(engine, extract_id=run_id, connection=conn, crm=crm, mode=mode, run_id=run_id, observed_at=at,
-                  recorded_at=at + timedelta(minutes=2), new_cursor=at)
+        reconcile(
+            engine,
+            extract_id=run_id,
+            connection=conn,
+            crm=crm,
+            mode=mode,
+            run_id=run_id,
+            observed_at=at,
+            recorded_at=at + timedelta(minutes=2),
+            new_cursor=at,
+        )
     finally:
         store.release_lock(engine, conn, run_id)
 
@@ -217,6 +322,7 @@ def link_erin(url: str) -> None:
 
 # --- dbt -------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Dbt:
     target: str
@@ -224,8 +330,16 @@ class Dbt:
     url: str
 
     def __call__(self, *args: str, vars: dict[str, Any] | None = None) -> subprocess.CompletedProcess:
-        cmd = [str(DBT_BIN), *args, "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR),
-               "--target", self.target]
+        cmd = [
+            str(DBT_BIN),
+            *args,
+            "--project-dir",
+            str(DBT_DIR),
+            "--profiles-dir",
+            str(DBT_DIR),
+            "--target",
+            self.target,
+        ]
         if vars:
             cmd += ["--vars", json.dumps(vars)]
         proc = subprocess.run(cmd, cwd=DBT_DIR, env=self.env, capture_output=True, text=True, timeout=300)
@@ -243,9 +357,14 @@ class Dbt:
 
 def dbt_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "OPPSYNC_"))}
-    env.update({
-        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DO_NOT_TRACK": "1",
-        "DBT_TARGET_PATH": str(tmp_path / "dbt_target"), "DBT_LOG_PATH": str(tmp_path / "dbt_logs"),
-        "DBT_PARTIAL_PARSE": "false", **extra,
-    })
+    env.update(
+        {
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+            "DO_NOT_TRACK": "1",
+            "DBT_TARGET_PATH": str(tmp_path / "dbt_target"),
+            "DBT_LOG_PATH": str(tmp_path / "dbt_logs"),
+            "DBT_PARTIAL_PARSE": "false",
+            **extra,
+        }
+    )
     return env

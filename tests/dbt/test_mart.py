@@ -18,7 +18,6 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from mart_world import CONNECTIONS, Dbt, World, link_erin
 
 CREDIT = {  # CRM id -> internal user the mart must credit (first linked wins; HubSpot alt ids)
@@ -72,8 +71,15 @@ def check_mart(dbt: Dbt, world: World, tz: str, credit: dict[str, dict[str, str]
                 key = (grain, period_start(grain, o["closed_at"], tz), o["connection"], o["owner_at_close_user_id"])
                 expected[key][f"opportunities_{o['stage_category']}"] += 1
                 expected[key][f"amount_{o['stage_category']}"] += o["amount"] or 0
-    metrics = ["opportunities_created", "amount_created", "opportunities_won", "amount_won", "opportunities_lost",
-               "amount_lost", "opportunities_created_qualified"]
+    metrics = [
+        "opportunities_created",
+        "amount_created",
+        "opportunities_won",
+        "amount_won",
+        "opportunities_lost",
+        "amount_lost",
+        "opportunities_created_qualified",
+    ]
     actual = {}
     for r in outcomes:
         key = (r["period_grain"], r["period_start"], r["connection"], r["user_id"])
@@ -106,7 +112,9 @@ def check_mart(dbt: Dbt, world: World, tz: str, credit: dict[str, dict[str, str]
         if e["event_type"] in ("closed_won", "closed_lost"):
             latest[(e["connection"], e["source_id"])] = e
     for cat in ("won", "lost"):
-        from_events = [k for k, e in latest.items() if e["event_type"] == f"closed_{cat}" and not by_id[k]["is_deleted"]]
+        from_events = [
+            k for k, e in latest.items() if e["event_type"] == f"closed_{cat}" and not by_id[k]["is_deleted"]
+        ]
         assert len(from_events) == sum(o["stage_category"] == cat for o in live)
     for k, e in latest.items():
         assert by_id[k]["owner_at_close_user_id"] == e["user_id"]
@@ -127,19 +135,35 @@ def check_scenario(dbt: Dbt, world: World) -> None:
     # first linked user wins: Carol linked 005A after Alice and is never credited
     assert not [r for r in utc["outcomes"] if r["user_id"] == "carol"]
     # HubSpot creators reference user ids, owners owner ids: both reach Alice / Bob through alt ids
-    assert opps[("hs", next(k for k, o in world.opps["hs"].items() if o.created_by_crm_id == "9001"))][
-        "created_by_user_id"] == "alice"
+    assert (
+        opps[("hs", next(k for k, o in world.opps["hs"].items() if o.created_by_crm_id == "9001"))][
+            "created_by_user_id"
+        ]
+        == "alice"
+    )
     # unmapped creators (005Z before Erin's link, HubSpot 9999) are kept in the unmapped bucket
     for conn in ("sf", "hs"):
-        n = sum(1 for o in utc["opportunities"] if o["connection"] == conn and not o["is_deleted"]
-                and o["created_by_user_id"] == "unmapped")
+        n = sum(
+            1
+            for o in utc["opportunities"]
+            if o["connection"] == conn and not o["is_deleted"] and o["created_by_user_id"] == "unmapped"
+        )
         assert n > 0
-        assert sum(r["opportunities_created"] for r in utc["outcomes"] if r["connection"] == conn
-                   and r["period_grain"] == "month" and r["user_id"] == "unmapped") == n
+        assert (
+            sum(
+                r["opportunities_created"]
+                for r in utc["outcomes"]
+                if r["connection"] == conn and r["period_grain"] == "month" and r["user_id"] == "unmapped"
+            )
+            == n
+        )
     # won under Alice, handed to Bob afterwards: the win stays Alice's
     handover = opps[("sf", "sf-handover")]
     assert (handover["owner_user_id"], handover["owner_at_close_user_id"], handover["stage_category"]) == (
-        "bob", "alice", "won")
+        "bob",
+        "alice",
+        "won",
+    )
     # an unknown stage keeps its status category and is flagged
     unknown = opps[("sf", world.facts["unknown_stage_id"])]
     assert (unknown["stage_known"], unknown["stage_category"]) == (False, "open")
@@ -153,22 +177,32 @@ def check_scenario(dbt: Dbt, world: World) -> None:
     credit = {**CREDIT, "sf": {**CREDIT["sf"], "005Z": "erin"}}
     berlin = check_mart(dbt, world, "Europe/Berlin", credit)
     opps = {(o["connection"], o["source_id"]): o for o in berlin["opportunities"]}
-    by_zed = [o for o in world.opps["sf"].values() if o.created_by_crm_id == "005Z"
-              and ("sf", o.source_id) not in world.deleted]
+    by_zed = [
+        o
+        for o in world.opps["sf"].values()
+        if o.created_by_crm_id == "005Z" and ("sf", o.source_id) not in world.deleted
+    ]
     assert by_zed and all(opps[("sf", o.source_id)]["created_by_user_id"] == "erin" for o in by_zed)
-    assert sum(r["opportunities_created"] for r in berlin["outcomes"]
-               if r["user_id"] == "erin" and r["period_grain"] == "month") == len(by_zed)
+    assert sum(
+        r["opportunities_created"]
+        for r in berlin["outcomes"]
+        if r["user_id"] == "erin" and r["period_grain"] == "month"
+    ) == len(by_zed)
     assert not [r for r in berlin["outcomes"] if r["connection"] == "sf" and r["user_id"] == "unmapped"]
     tz_deal = opps[("sf", "sf-tz")]
     assert tz_deal["created_at"] == datetime(2026, 3, 1, 23, 30)
     assert tz_deal["created_at_local"] == datetime(2026, 3, 2, 0, 30)
-    berlin_rows = {(r["period_grain"], r["period_start"], r["connection"], r["user_id"]): r
-                   for r in berlin["outcomes"]}
-    bob_created_local = Counter(o["created_at_local"].date() for o in berlin["opportunities"]
-                                if o["connection"] == "sf" and o["created_by_user_id"] == "bob"
-                                and not o["is_deleted"])
-    assert berlin_rows[("day", date(2026, 3, 2), "sf", "bob")]["opportunities_created"] == bob_created_local[
-        date(2026, 3, 2)] >= 1
+    berlin_rows = {(r["period_grain"], r["period_start"], r["connection"], r["user_id"]): r for r in berlin["outcomes"]}
+    bob_created_local = Counter(
+        o["created_at_local"].date()
+        for o in berlin["opportunities"]
+        if o["connection"] == "sf" and o["created_by_user_id"] == "bob" and not o["is_deleted"]
+    )
+    assert (
+        berlin_rows[("day", date(2026, 3, 2), "sf", "bob")]["opportunities_created"]
+        == bob_created_local[date(2026, 3, 2)]
+        >= 1
+    )
     assert berlin_rows[("week", date(2026, 3, 2), "sf", "bob")]["opportunities_created"] >= 1
 
 

@@ -37,7 +37,7 @@ def main(url: str, run_id: str, point: str, log_path: str) -> None:
     store.acquire_lock(engine, CONNECTION, run_id, at, LOCK_TTL)
     where, _, n = point.partition(":")
     kill_at = int(n) if n else -1
-    log = open(log_path, "a", buffering=1, encoding="utf-8")
+    log = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open until the parent's SIGKILL
     count = 0
 
     @event.listens_for(engine, "before_cursor_execute")

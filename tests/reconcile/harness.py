@@ -19,10 +19,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
+from oppsync_pipeline.lib.reconcile import ReconcileResult, reconcile
 from oppsync_pipeline.lib.record import CANONICAL, Opportunity
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
-from oppsync_pipeline.lib.reconcile import ReconcileResult, reconcile
 
 CONNECTION = "c1"
 CRM = "salesforce"
@@ -30,15 +30,49 @@ LOCK_TTL = timedelta(hours=1)
 T0 = datetime(2026, 3, 1, 9, 0)
 
 # Every oppsync table a reconcile writes or reads (emptied between property-test examples).
-TABLES = ("opportunities", "opportunity_history", "opportunity_events", "stage_opportunities", "stage_deletes",
-          "extracts", "sync_runs", "sync_state", "sync_locks")
+TABLES = (
+    "opportunities",
+    "opportunity_history",
+    "opportunity_events",
+    "stage_opportunities",
+    "stage_deletes",
+    "extracts",
+    "sync_runs",
+    "sync_state",
+    "sync_locks",
+)
 
 # The canonical columns (record.CANONICAL; `crm` is the harness's one CRM), then the warehouse's own.
 RECORD_COLUMNS = tuple(c for c in CANONICAL if c != "crm")
-CURRENT_COLUMNS = ("source_id", *RECORD_COLUMNS, "row_hash", "version", "first_seen_at", "last_seen_at",
-                   "closed_at", "closed_at_source", "deleted_at", "last_run_id", "in_scope", "scope_changed_at")
-EVENT_COLUMNS = ("run_id", "source_id", "event_type", "occurred_at", "recorded_at", "changed_fields", "old_value",
-                 "new_value", "owner_crm_id", "created_by_crm_id", "amount", "status", "change_id")
+CURRENT_COLUMNS = (
+    "source_id",
+    *RECORD_COLUMNS,
+    "row_hash",
+    "version",
+    "first_seen_at",
+    "last_seen_at",
+    "closed_at",
+    "closed_at_source",
+    "deleted_at",
+    "last_run_id",
+    "in_scope",
+    "scope_changed_at",
+)
+EVENT_COLUMNS = (
+    "run_id",
+    "source_id",
+    "event_type",
+    "occurred_at",
+    "recorded_at",
+    "changed_fields",
+    "old_value",
+    "new_value",
+    "owner_crm_id",
+    "created_by_crm_id",
+    "amount",
+    "status",
+    "change_id",
+)
 HISTORY_COLUMNS = ("source_id", "version", *RECORD_COLUMNS, "row_hash", "valid_from", "valid_to", "run_id")
 
 
@@ -46,8 +80,11 @@ def open_engine(url: str) -> Engine:
     """An engine on a migrated warehouse. DuckDB keeps one connection open (as a long-lived process
     would): the production engine reopens the file per transaction (~0.1 s each), which would make
     these many small syncs slow without testing anything more of the engine."""
-    engine = create_engine(url, poolclass=QueuePool, pool_size=1, max_overflow=0) if url.startswith("duckdb:") \
+    engine = (
+        create_engine(url, poolclass=QueuePool, pool_size=1, max_overflow=0)
+        if url.startswith("duckdb:")
         else make_engine(url)
+    )
     ensure_schema(engine)
     return engine
 
@@ -74,19 +111,42 @@ def migrated_engine(backend: str, tmp_dir: Path) -> Iterator[Engine]:
             engine.dispose()
 
 
-def opp(source_id: str, *, status: str = "open", stage: str | None = None, amount: float | None = 1000.0,
-        modified_at: datetime | None = datetime(2026, 2, 1, 12, 0), created_at: datetime | None = None,
-        **fields: Any) -> Opportunity:
+def opp(
+    source_id: str,
+    *,
+    status: str = "open",
+    stage: str | None = None,
+    amount: float | None = 1000.0,
+    modified_at: datetime | None = datetime(2026, 2, 1, 12, 0),
+    created_at: datetime | None = None,
+    **fields: Any,
+) -> Opportunity:
     """A canonical record with plausible defaults; any canonical field can be overridden."""
     values: dict[str, Any] = dict(
-        project_name=f"Project {source_id}", client_name="Acme", service_location="Austin",
-        sales_executive="Dana", owner_crm_id="u1", currency="USD", close_date=date(2026, 6, 30),
-        probability=20.0, created_by_crm_id="u2")
+        project_name=f"Project {source_id}",
+        client_name="Acme",
+        service_location="Austin",
+        sales_executive="Dana",
+        owner_crm_id="u1",
+        currency="USD",
+        close_date=date(2026, 6, 30),
+        probability=20.0,
+        created_by_crm_id="u2",
+    )
     values.update(fields)
     stage = stage or {"open": "Prospecting", "won": "Closed Won", "lost": "Closed Lost"}[status]
-    return Opportunity(CONNECTION, CRM, source_id, stage=stage, status=status, amount=amount,
-                       created_at=created_at or datetime(2026, 1, 15, 8, 30), modified_at=modified_at,
-                       raw={"Id": source_id}, **values)
+    return Opportunity(
+        CONNECTION,
+        CRM,
+        source_id,
+        stage=stage,
+        status=status,
+        amount=amount,
+        created_at=created_at or datetime(2026, 1, 15, 8, 30),
+        modified_at=modified_at,
+        raw={"Id": source_id},
+        **values,
+    )
 
 
 @dataclass
@@ -104,8 +164,15 @@ class Extract:
 
 
 def stage_extract(engine: Engine, extract_id: str, extract: Extract, started_at: datetime) -> None:
-    store.begin_extract(engine, extract_id=extract_id, connection=CONNECTION, crm=CRM, mode=extract.mode,
-                        started_at=started_at, since=None)
+    store.begin_extract(
+        engine,
+        extract_id=extract_id,
+        connection=CONNECTION,
+        crm=CRM,
+        mode=extract.mode,
+        started_at=started_at,
+        since=None,
+    )
     seq = 0
     writer = store.StagingWriter(engine, extract_id)
     for in_open_set, page in extract.pages:
@@ -117,15 +184,24 @@ def stage_extract(engine: Engine, extract_id: str, extract: Extract, started_at:
     store.finish_extract(engine, extract_id, status="complete", finished_at=started_at)
 
 
-def reconcile_extract(engine: Engine, run_id: str, mode: str, at: datetime,
-                      max_delete_share: float = 0.5) -> ReconcileResult:
+def reconcile_extract(
+    engine: Engine, run_id: str, mode: str, at: datetime, max_delete_share: float = 0.5
+) -> ReconcileResult:
     """Reconcile an already staged, complete extract (run_id == extract_id, as in the sync layer)."""
-    return reconcile(engine, extract_id=run_id, connection=CONNECTION, crm=CRM, mode=mode, run_id=run_id,
-                     observed_at=at, recorded_at=at + timedelta(minutes=1), max_delete_share=max_delete_share)
+    return reconcile(
+        engine,
+        extract_id=run_id,
+        connection=CONNECTION,
+        crm=CRM,
+        mode=mode,
+        run_id=run_id,
+        observed_at=at,
+        recorded_at=at + timedelta(minutes=1),
+        max_delete_share=max_delete_share,
+    )
 
 
-def sync(engine: Engine, run_id: str, extract: Extract, at: datetime,
-         max_delete_share: float = 0.5) -> ReconcileResult:
+def sync(engine: Engine, run_id: str, extract: Extract, at: datetime, max_delete_share: float = 0.5) -> ReconcileResult:
     """One whole sync: lock, stage, reconcile, unlock (the lock is released whatever happens)."""
     store.acquire_lock(engine, CONNECTION, run_id, at, LOCK_TTL)
     try:
@@ -137,21 +213,31 @@ def sync(engine: Engine, run_id: str, extract: Extract, at: datetime,
 
 def full(*records: Opportunity, closed: Sequence[Opportunity] = (), **kw: Any) -> Extract:
     """A full extract: open records on one page, not-open ones on another."""
-    return Extract("full", [(True, [r for r in records if r.status == "open"]),
-                            (False, [r for r in records if r.status != "open"] + list(closed))], **kw)
+    return Extract(
+        "full",
+        [
+            (True, [r for r in records if r.status == "open"]),
+            (False, [r for r in records if r.status != "open"] + list(closed)),
+        ],
+        **kw,
+    )
 
 
 def incremental(*records: Opportunity, **kw: Any) -> Extract:
-    return Extract("incremental", [(True, [r for r in records if r.status == "open"]),
-                                   (False, [r for r in records if r.status != "open"])], **kw)
+    return Extract(
+        "incremental",
+        [(True, [r for r in records if r.status == "open"]), (False, [r for r in records if r.status != "open"])],
+        **kw,
+    )
 
 
 def _rows(engine: Engine, table: str, columns: Sequence[str], order: str) -> list[dict[str, Any]]:
     """Rows sorted in Python (the two backends' collations need not agree on text order)."""
     keys = [k.strip() for k in order.split(",")]
     with transaction(engine) as conn:
-        result = conn.execute(text(f"SELECT {', '.join(columns)} FROM oppsync.{table} WHERE connection = :c"),
-                              {"c": CONNECTION})
+        result = conn.execute(
+            text(f"SELECT {', '.join(columns)} FROM oppsync.{table} WHERE connection = :c"), {"c": CONNECTION}
+        )
         rows = [dict(r._mapping) for r in result]
     return sorted(rows, key=lambda r: tuple(r[k] for k in keys))
 
@@ -172,16 +258,31 @@ def history(engine: Engine) -> list[dict[str, Any]]:
 def snapshot(engine: Engine) -> dict[str, Any]:
     """Everything a reconcile leaves behind that a re-run or another backend must reproduce exactly."""
     with transaction(engine) as conn:
-        state = conn.execute(text("SELECT connection, cursor, last_full_sync_at, last_success_at, last_run_id "
-                                  "FROM oppsync.sync_state ORDER BY connection")).fetchall()
-        runs = conn.execute(text("SELECT run_id, status, fetched, created, updated, closed, reopened, deleted, "
-                                 "restored, skipped FROM oppsync.sync_runs ORDER BY run_id")).fetchall()
+        state = conn.execute(
+            text(
+                "SELECT connection, cursor, last_full_sync_at, last_success_at, last_run_id "
+                "FROM oppsync.sync_state ORDER BY connection"
+            )
+        ).fetchall()
+        runs = conn.execute(
+            text(
+                "SELECT run_id, status, fetched, created, updated, closed, reopened, deleted, "
+                "restored, skipped FROM oppsync.sync_runs ORDER BY run_id"
+            )
+        ).fetchall()
         extracts = conn.execute(text("SELECT extract_id, status FROM oppsync.extracts ORDER BY 1")).fetchall()
         staged = conn.execute(text("SELECT count(*) FROM oppsync.stage_opportunities")).scalar()
         staged_deletes = conn.execute(text("SELECT count(*) FROM oppsync.stage_deletes")).scalar()
-    return {"current": current(engine), "events": events(engine), "history": history(engine),
-            "sync_state": [tuple(r) for r in state], "sync_runs": [tuple(r) for r in runs],
-            "extracts": [tuple(r) for r in extracts], "staged": staged, "staged_deletes": staged_deletes}
+    return {
+        "current": current(engine),
+        "events": events(engine),
+        "history": history(engine),
+        "sync_state": [tuple(r) for r in state],
+        "sync_runs": [tuple(r) for r in runs],
+        "extracts": [tuple(r) for r in extracts],
+        "staged": staged,
+        "staged_deletes": staged_deletes,
+    }
 
 
 def empty_tables(engine: Engine) -> None:

@@ -29,16 +29,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from oppsync_pipeline.lib.record import TRACKED_FIELDS, Opportunity, clean_text, row_hash, to_utc
 from oppsync_pipeline.lib.reconcile import DATA_COLUMNS, DeleteGuardRefused, ReconcileResult
+from oppsync_pipeline.lib.record import TRACKED_FIELDS, Opportunity, clean_text, row_hash, to_utc
 from oppsync_pipeline.lib.warehouse.store import SCOPE_FILTERED_OUT, SCOPE_IN
 
 # Written from the contract in dbt/README.md ("one event model"), not imported from the engine.
 STATUS_FIELDS = ("status", "stage", "stage_id", "crm_status", "crm_closed_at")
 STAGE_FIELDS = ("stage", "stage_id", "crm_status")
 
-TEXT_FIELDS = ("project_name", "client_name", "service_location", "sales_executive", "owner_crm_id", "stage",
-               "stage_id", "crm_status", "currency", "created_by_crm_id")
+TEXT_FIELDS = (
+    "project_name",
+    "client_name",
+    "service_location",
+    "sales_executive",
+    "owner_crm_id",
+    "stage",
+    "stage_id",
+    "crm_status",
+    "currency",
+    "created_by_crm_id",
+)
 CLOSED_EVENT = {"won": "closed_won", "lost": "closed_lost"}
 
 
@@ -81,9 +91,18 @@ class Model:
     history: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def reconcile(self, *, run_id: str, mode: str, staged: Sequence[Opportunity],
-                  deletes: Sequence[tuple[str, datetime | None]], observed_at: datetime, recorded_at: datetime,
-                  max_delete_share: float = 0.5, scopes: dict[str, str] | None = None) -> ReconcileResult:
+    def reconcile(
+        self,
+        *,
+        run_id: str,
+        mode: str,
+        staged: Sequence[Opportunity],
+        deletes: Sequence[tuple[str, datetime | None]],
+        observed_at: datetime,
+        recorded_at: datetime,
+        max_delete_share: float = 0.5,
+        scopes: dict[str, str] | None = None,
+    ) -> ReconcileResult:
         """Apply one complete extract (`staged` in staging order; `scopes`: verdicts other than `in`, by id).
         All or nothing, like the engine."""
         before = copy.deepcopy((self.current, self.history, self.events))
@@ -139,9 +158,18 @@ class Model:
             if new["status"] != "open":
                 result.closed += 1
                 self._event(run_id, sid, CLOSED_EVENT[new["status"]], closed_at, rec, new)
-            self.current[sid] = {**new, "version": 1, "first_seen_at": obs, "last_seen_at": obs,
-                                 "closed_at": closed_at, "closed_at_source": source, "deleted_at": None,
-                                 "last_run_id": run_id, "in_scope": True, "scope_changed_at": None}
+            self.current[sid] = {
+                **new,
+                "version": 1,
+                "first_seen_at": obs,
+                "last_seen_at": obs,
+                "closed_at": closed_at,
+                "closed_at_source": source,
+                "deleted_at": None,
+                "last_run_id": run_id,
+                "in_scope": True,
+                "scope_changed_at": None,
+            }
             self._new_version(sid, 1, new, obs, run_id)
             return
         if scope == SCOPE_FILTERED_OUT:
@@ -176,17 +204,43 @@ class Model:
             changed = ",".join(f for f in STATUS_FIELDS if f in fields)
             if new["status"] != "open":
                 result.closed += 1
-                self._event(run_id, sid, CLOSED_EVENT[new["status"]], closed_at, rec, new, changed_fields=changed,
-                            old=old["status"], new_value=new["status"])
+                self._event(
+                    run_id,
+                    sid,
+                    CLOSED_EVENT[new["status"]],
+                    closed_at,
+                    rec,
+                    new,
+                    changed_fields=changed,
+                    old=old["status"],
+                    new_value=new["status"],
+                )
             else:
                 result.reopened += 1
-                self._event(run_id, sid, "reopened", changed_at, rec, new, changed_fields=changed,
-                            old=old["status"], new_value="open")
+                self._event(
+                    run_id,
+                    sid,
+                    "reopened",
+                    changed_at,
+                    rec,
+                    new,
+                    changed_fields=changed,
+                    old=old["status"],
+                    new_value="open",
+                )
         elif fields and stage_moved:
             result.stage_changed += 1
-            self._event(run_id, sid, "stage_changed", changed_at, rec, new,
-                        changed_fields=",".join(f for f in STAGE_FIELDS if f in fields),
-                        old=old["stage"], new_value=new["stage"])
+            self._event(
+                run_id,
+                sid,
+                "stage_changed",
+                changed_at,
+                rec,
+                new,
+                changed_fields=",".join(f for f in STAGE_FIELDS if f in fields),
+                old=old["stage"],
+                new_value=new["stage"],
+            )
         updated = [f for f in TRACKED_FIELDS if f in fields and f not in STATUS_FIELDS]
         if "crm_status" in fields and not status_moved and not stage_moved:
             updated.append("crm_status")
@@ -198,26 +252,55 @@ class Model:
         if not restored:
             self.history[(sid, old["version"])]["valid_to"] = obs
         version = old["version"] + 1
-        self.current[sid] = {**old, **new, "version": version, "last_seen_at": obs, "closed_at": closed_at,
-                             "closed_at_source": source, "deleted_at": None, "last_run_id": run_id}
+        self.current[sid] = {
+            **old,
+            **new,
+            "version": version,
+            "last_seen_at": obs,
+            "closed_at": closed_at,
+            "closed_at_source": source,
+            "deleted_at": None,
+            "last_run_id": run_id,
+        }
         self._new_version(sid, version, new, obs, run_id)
 
     def _new_version(self, sid, version, values, obs, run_id) -> None:
-        self.history[(sid, version)] = {"source_id": sid, "version": version, **values, "valid_from": obs,
-                                        "valid_to": None, "run_id": run_id}
+        self.history[(sid, version)] = {
+            "source_id": sid,
+            "version": version,
+            **values,
+            "valid_from": obs,
+            "valid_to": None,
+            "run_id": run_id,
+        }
 
-    def _event(self, run_id, sid, event_type, occurred_at, rec, row, changed_fields=None, old=None,
-               new_value=None) -> None:
-        self.events.append({
-            "run_id": run_id, "source_id": sid, "event_type": event_type, "occurred_at": occurred_at,
-            "recorded_at": rec, "changed_fields": changed_fields, "old_value": old, "new_value": new_value,
-            "owner_crm_id": row["owner_crm_id"], "created_by_crm_id": row["created_by_crm_id"],
-            "amount": row["amount"], "status": row["status"], "change_id": f"{run_id}:{sid}"})
+    def _event(
+        self, run_id, sid, event_type, occurred_at, rec, row, changed_fields=None, old=None, new_value=None
+    ) -> None:
+        self.events.append(
+            {
+                "run_id": run_id,
+                "source_id": sid,
+                "event_type": event_type,
+                "occurred_at": occurred_at,
+                "recorded_at": rec,
+                "changed_fields": changed_fields,
+                "old_value": old,
+                "new_value": new_value,
+                "owner_crm_id": row["owner_crm_id"],
+                "created_by_crm_id": row["created_by_crm_id"],
+                "amount": row["amount"],
+                "status": row["status"],
+                "change_id": f"{run_id}:{sid}",
+            }
+        )
 
     # --- the shapes harness.current / events / history read from the warehouse -------------------------
     def current_rows(self, columns: Sequence[str]) -> dict[str, dict[str, Any]]:
-        return {sid: {"source_id": sid, **{c: row[c] for c in columns if c != "source_id"}}
-                for sid, row in sorted(self.current.items())}
+        return {
+            sid: {"source_id": sid, **{c: row[c] for c in columns if c != "source_id"}}
+            for sid, row in sorted(self.current.items())
+        }
 
     def event_rows(self) -> list[dict[str, Any]]:
         return sorted(self.events, key=lambda e: (e["run_id"], e["source_id"], e["event_type"]))

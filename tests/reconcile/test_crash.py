@@ -40,7 +40,17 @@ from tests.conftest import PG_ADMIN_URL, _drop_database, require_postgres
 from tests.reconcile import crash_child
 from tests.reconcile.crash_child import RECONCILED_AT
 from tests.reconcile.harness import (
-    CONNECTION, LOCK_TTL, T0, TABLES, Extract, opp, open_engine, reconcile_extract, snapshot, stage_extract, sync,
+    CONNECTION,
+    LOCK_TTL,
+    T0,
+    TABLES,
+    Extract,
+    open_engine,
+    opp,
+    reconcile_extract,
+    snapshot,
+    stage_extract,
+    sync,
 )
 
 RUN = "r2"
@@ -49,10 +59,19 @@ N = 400  # enough rows that the set-based statements take measurable time to be 
 
 
 def first_sync() -> Extract:
-    records = [opp(f"o{i:05d}", status=("open", "open", "won", "lost")[i % 4],
-                   amount=float(i), modified_at=T0 - timedelta(days=1)) for i in range(N)]
-    return Extract("full", [(True, [r for r in records if r.status == "open"]),
-                            (False, [r for r in records if r.status != "open"])])
+    records = [
+        opp(
+            f"o{i:05d}",
+            status=("open", "open", "won", "lost")[i % 4],
+            amount=float(i),
+            modified_at=T0 - timedelta(days=1),
+        )
+        for i in range(N)
+    ]
+    return Extract(
+        "full",
+        [(True, [r for r in records if r.status == "open"]), (False, [r for r in records if r.status != "open"])],
+    )
 
 
 def second_extract() -> Extract:
@@ -73,10 +92,15 @@ def second_extract() -> Extract:
             records.append(opp(sid, status=status, amount=float(i), modified_at=T0 - timedelta(days=1)))
     records += [opp(f"n{i:05d}", status="open" if i % 3 else "won", modified_at=later) for i in range(N // 10)]
     duplicates = records[: N // 20]
-    return Extract("full", [(True, [r for r in records if r.status == "open"]),
-                            (False, [r for r in records if r.status != "open"]),
-                            (True, [r for r in duplicates if r.status == "open"])],
-                   deletes=[(f"o{i:05d}", later) for i in range(0, N, 50)])
+    return Extract(
+        "full",
+        [
+            (True, [r for r in records if r.status == "open"]),
+            (False, [r for r in records if r.status != "open"]),
+            (True, [r for r in duplicates if r.status == "open"]),
+        ],
+        deletes=[(f"o{i:05d}", later) for i in range(0, N, 50)],
+    )
 
 
 @dataclass
@@ -95,9 +119,12 @@ class Warehouse:
         sync(engine, "r1", first_sync(), T0)
         # o00002 (won) is deleted by a second sync; the extract under test brings it back (restored)
         open_page, closed_page = (page for _, page in first_sync().pages)
-        sync(engine, "r1b", Extract("full", [(True, open_page), (False, [r for r in closed_page
-                                                                          if r.source_id != "o00002"])]),
-             T0 + timedelta(hours=1))
+        sync(
+            engine,
+            "r1b",
+            Extract("full", [(True, open_page), (False, [r for r in closed_page if r.source_id != "o00002"])]),
+            T0 + timedelta(hours=1),
+        )
         stage_extract(engine, RUN, second_extract(), AT)
         if self.backend == "postgres":
             with transaction(engine) as conn:  # kept to restore the database between cases
@@ -173,9 +200,12 @@ def run_child(url: str, point: str, log: Path, *, blocked_on: str | None = None)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # its own autocommit connection: pg_stat_activity is a snapshot fixed for a whole transaction
-            waiting = watcher.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'")).scalar()
+            waiting = watcher.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
             if waiting:
                 break
             if not child.is_alive():
@@ -212,10 +242,12 @@ def rerun(url: str) -> None:
     """The re-run: a new process (this one) reconciles the same extract, taking over the dead holder's lock."""
     engine = make_engine(url)
     with transaction(engine) as conn:
-        holder = conn.execute(text("SELECT holder FROM oppsync.sync_locks WHERE connection = :c"),
-                              {"c": CONNECTION}).scalar()
-    assert holder is not None and holder != store.holder_id() and not store._pid_alive(holder), \
+        holder = conn.execute(
+            text("SELECT holder FROM oppsync.sync_locks WHERE connection = :c"), {"c": CONNECTION}
+        ).scalar()
+    assert holder is not None and holder != store.holder_id() and not store._pid_alive(holder), (
         f"the crashed child should have left its lock behind, held by a dead pid (holder {holder})"
+    )
     # a new run of the connection would be let in too: the holder is dead
     store.acquire_lock(engine, CONNECTION, RUN, AT + timedelta(minutes=1), LOCK_TTL)
     try:

@@ -43,8 +43,10 @@ from tests.reliability.report import reported
 STARTERS = 20
 ROUNDS = 3
 STARTED = T0 + timedelta(minutes=1)
-HELD = re.compile(r"^connection 'c1' is already running \(run (?P<run>r\d+), since 2026-03-01 09:01:00 UTC; "
-                  r"holder (?P<holder>[^;()]+:\d+)\)\. If that run is dead, ")
+HELD = re.compile(
+    r"^connection 'c1' is already running \(run (?P<run>r\d+), since 2026-03-01 09:01:00 UTC; "
+    r"holder (?P<holder>[^;()]+:\d+)\)\. If that run is dead, "
+)
 
 
 @pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -60,8 +62,9 @@ def engine(module_engine):
 
 
 def dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                           text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(child.stdout)
 
 
@@ -81,8 +84,10 @@ def expired_lease(engine: Engine) -> None:
 
 def leave_lease(engine: Engine, run_id: str, holder: str, expires_at: datetime) -> None:
     with transaction(engine) as conn:
-        conn.execute(text("INSERT INTO oppsync.sync_locks VALUES (:c, :r, :h, :a, :e)"),
-                     {"c": CONNECTION, "r": run_id, "h": holder, "a": T0, "e": expires_at})
+        conn.execute(
+            text("INSERT INTO oppsync.sync_locks VALUES (:c, :r, :h, :a, :e)"),
+            {"c": CONNECTION, "r": run_id, "h": holder, "a": T0, "e": expires_at},
+        )
 
 
 PREVIOUS = [no_lease, lease_of_a_dead_process, expired_lease]
@@ -91,7 +96,7 @@ PREVIOUS = [no_lease, lease_of_a_dead_process, expired_lease]
 @dataclass
 class Outcomes:
     won: list[str]
-    held: dict[str, str]   # run -> LockHeld message
+    held: dict[str, str]  # run -> LockHeld message
     errors: list[str]
 
 
@@ -143,16 +148,20 @@ def race_processes(url: str) -> Outcomes:
     late loser would rightly take over a dead holder."""
     fork = multiprocessing.get_context("fork")
     barrier, all_tried, results = fork.Barrier(STARTERS), fork.Event(), fork.Queue()
-    children = [fork.Process(target=start_in_process, args=(url, f"r{i}", barrier, all_tried, results))
-                for i in range(STARTERS)]
+    children = [
+        fork.Process(target=start_in_process, args=(url, f"r{i}", barrier, all_tried, results)) for i in range(STARTERS)
+    ]
     for child in children:
         child.start()
     try:
         out = Outcomes([], {}, [])
         for _ in range(STARTERS):
             run_id, outcome, message = results.get(timeout=30)
-            {"won": lambda: out.won.append(run_id), "held": lambda: out.held.__setitem__(run_id, message),
-             "error": lambda: out.errors.append(f"{run_id}: {message}")}[outcome]()
+            {
+                "won": lambda: out.won.append(run_id),
+                "held": lambda: out.held.__setitem__(run_id, message),
+                "error": lambda: out.errors.append(f"{run_id}: {message}"),
+            }[outcome]()
         return out
     finally:
         all_tried.set()
@@ -181,7 +190,7 @@ LABEL = {"no_lease": "free", "lease_of_a_dead_process": "dead holder", "expired_
 
 
 def assert_one_winner(engine: Engine, out: Outcomes, row=None) -> None:
-    if row is not None:   # the reliability report: a second winner is a duplicated run; any other message unclear
+    if row is not None:  # the reliability report: a second winner is a duplicated run; any other message unclear
         row.duplicated_events += max(0, len(out.won) - 1)
         row.unclear_errors += len(out.errors) + sum(1 for m in out.held.values() if not HELD.match(m))
     assert out.errors == [], "a starter failed with something other than LockHeld"
@@ -192,8 +201,12 @@ def assert_one_winner(engine: Engine, out: Outcomes, row=None) -> None:
         assert named, f"{run_id} got an unclear message: {message}"
         assert named["run"] == out.won[0], f"{run_id} was told {named['run']} holds the lease, not the winner"
     with transaction(engine) as conn:
-        assert conn.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
-                            {"c": CONNECTION}).scalar() == out.won[0]
+        assert (
+            conn.execute(
+                text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"), {"c": CONNECTION}
+            ).scalar()
+            == out.won[0]
+        )
 
 
 def url_of(engine: Engine) -> str:
@@ -202,8 +215,10 @@ def url_of(engine: Engine) -> str:
 
 @pytest.mark.parametrize("previous", PREVIOUS, ids=lambda f: f.__name__)
 def test_twenty_threads_starting_together_one_takes_the_lease(engine, previous: Callable[[Engine], None]):
-    with reported(f"lease_race_threads_{engine.dialect.name}", LABEL[previous.__name__]) as row, \
-            starter_engines(url_of(engine)) as engines:
+    with (
+        reported(f"lease_race_threads_{engine.dialect.name}", LABEL[previous.__name__]) as row,
+        starter_engines(url_of(engine)) as engines,
+    ):
         for _ in range(ROUNDS):
             empty_tables(engine)
             previous(engine)
@@ -236,8 +251,9 @@ def test_the_winner_takes_its_lease_again_and_the_losers_still_cannot(engine):
 PAUSE_AT_COMMIT = 0.2  # seconds the first transaction waits at its commit while the second one runs
 
 
-def first_pauses_at_commit_while_second_runs(url: str, first: Callable[[Engine], None],
-                                             second: Callable[[Engine], None]) -> None:
+def first_pauses_at_commit_while_second_runs(
+    url: str, first: Callable[[Engine], None], second: Callable[[Engine], None]
+) -> None:
     """Run `first` on its own engine; when its transaction is about to commit, start `second` on another
     engine in a thread and let it run against the uncommitted change for a moment before committing."""
     first_engine, second_engine = starter_engine(url), starter_engine(url)
@@ -274,12 +290,18 @@ def release_the_expired(engine: Engine) -> None:
     store.release_lock(engine, CONNECTION, "expired")
 
 
-@pytest.mark.parametrize("first, second", [(take_over, release_the_expired), (release_the_expired, take_over)],
-                         ids=["takeover_commits_first", "release_commits_first"])
+@pytest.mark.parametrize(
+    "first, second",
+    [(take_over, release_the_expired), (release_the_expired, take_over)],
+    ids=["takeover_commits_first", "release_commits_first"],
+)
 def test_a_release_racing_a_takeover_leaves_the_lease_to_the_taker(engine, first, second):
     expired_lease(engine)  # its run is still alive on another host, finishing after its lease expired
     first_pauses_at_commit_while_second_runs(url_of(engine), first, second)
     with transaction(engine) as conn:
-        holders = conn.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
-                               {"c": CONNECTION}).scalars().all()
+        holders = (
+            conn.execute(text("SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"), {"c": CONNECTION})
+            .scalars()
+            .all()
+        )
     assert holders == ["new"]

@@ -21,15 +21,24 @@ import os
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 
-import pytest
 import hypothesis
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oppsync_pipeline.lib.record import Opportunity
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused
+from oppsync_pipeline.lib.record import Opportunity
 from tests.reconcile.harness import (
-    CURRENT_COLUMNS, HISTORY_COLUMNS, T0, Extract, current, empty_tables, events, history, migrated_engine, opp,
+    CURRENT_COLUMNS,
+    HISTORY_COLUMNS,
+    T0,
+    Extract,
+    current,
+    empty_tables,
+    events,
+    history,
+    migrated_engine,
+    opp,
     sync,
 )
 from tests.reconcile.model import Model
@@ -49,8 +58,22 @@ FIELD_VALUES = {
     "probability": (None, 10.0, 50.0, 90.0),
     "created_at": (datetime(2025, 12, 1, 8, 0), None),
 }
-OPS = ("create", "create", "edit", "edit", "stage", "close", "reopen", "touch", "nul", "delete", "restore",
-       "filter_out", "filter_in", "close_time")
+OPS = (
+    "create",
+    "create",
+    "edit",
+    "edit",
+    "stage",
+    "close",
+    "reopen",
+    "touch",
+    "nul",
+    "delete",
+    "restore",
+    "filter_out",
+    "filter_in",
+    "close_time",
+)
 CLOSE_FIELD = "closedDate"
 
 
@@ -64,8 +87,8 @@ class Crm:
     dirty: set[str] = field(default_factory=set)
     deleted_since_sync: dict[str, datetime] = field(default_factory=dict)
     next_id: int = 0
-    filtered_out: set[str] = field(default_factory=set)   # no longer match the connection's filters
-    stage_trigger: bool = False                            # track from the second stage on
+    filtered_out: set[str] = field(default_factory=set)  # no longer match the connection's filters
+    stage_trigger: bool = False  # track from the second stage on
 
     def tick(self) -> datetime:
         self.clock += timedelta(minutes=1)
@@ -84,8 +107,9 @@ def apply_change(crm: Crm, data) -> None:
         crm.next_id += 1
         status = data.draw(st.sampled_from(("open", "open", "won", "lost")), label="created status")
         age = timedelta(days=data.draw(st.integers(0, 30), label="age"))
-        crm.live[sid] = opp(sid, status=status, modified_at=now, created_at=now - age,
-                            **close_fields(data, status, now - age / 2))
+        crm.live[sid] = opp(
+            sid, status=status, modified_at=now, created_at=now - age, **close_fields(data, status, now - age / 2)
+        )
         crm.dirty.add(sid)
         return
     if op == "restore":
@@ -112,14 +136,21 @@ def apply_change(crm: Crm, data) -> None:
         name = data.draw(st.sampled_from(sorted(FIELD_VALUES)), label="field")
         changes = {name: data.draw(st.sampled_from(FIELD_VALUES[name]), label="value")}
     elif op == "stage":
-        changes = {"stage": data.draw(st.sampled_from(OPEN_STAGES), label="stage")} if record.status == "open" \
+        changes = (
+            {"stage": data.draw(st.sampled_from(OPEN_STAGES), label="stage")}
+            if record.status == "open"
             else {"stage": CLOSED_STAGE[record.status] + data.draw(st.sampled_from(("", " (final)")), label="s")}
+        )
     elif op == "close":
         status = data.draw(st.sampled_from(("won", "lost")), label="close as")
         changes = {"status": status, "stage": CLOSED_STAGE[status], **close_fields(data, status, now)}
     elif op == "reopen":
-        changes = {"status": "open", "stage": data.draw(st.sampled_from(OPEN_STAGES), label="reopen stage"),
-                   "crm_closed_at": None, "crm_closed_at_field": None}
+        changes = {
+            "status": "open",
+            "stage": data.draw(st.sampled_from(OPEN_STAGES), label="reopen stage"),
+            "crm_closed_at": None,
+            "crm_closed_at_field": None,
+        }
     elif op == "close_time":  # the CRM's close time corrected (or set / cleared) on a closed record
         changes = close_fields(data, record.status, now - timedelta(days=3))
     elif op == "nul":  # a NUL byte appears in / disappears from the text: the stored (cleaned) value is the same
@@ -158,8 +189,11 @@ def build_extract(crm: Crm, data, mode: str) -> Extract:
         included = sorted(crm.live)
     else:  # the filtered incremental read never sees records that do not match
         unchanged = sorted(set(crm.live) - crm.dirty - crm.filtered_out)
-        overlap = data.draw(st.lists(st.sampled_from(unchanged), unique=True, max_size=3), label="overlap") \
-            if unchanged else []
+        overlap = (
+            data.draw(st.lists(st.sampled_from(unchanged), unique=True, max_size=3), label="overlap")
+            if unchanged
+            else []
+        )
         included = sorted((crm.dirty & set(crm.live)) - crm.filtered_out) + overlap
     records = [crm.live[sid] for sid in included]
     open_page = [r for r in records if r.status == "open"]
@@ -171,14 +205,22 @@ def build_extract(crm: Crm, data, mode: str) -> Extract:
         for r in data.draw(st.lists(st.sampled_from(records), max_size=2), label="duplicates"):
             (late_open if r.status == "open" else late_closed).append(r)
         # a stale copy in the other set: the record moved between the sets while the extract ran
-        for r in data.draw(st.lists(st.sampled_from(records), max_size=2, unique_by=lambda r: r.source_id),
-                           label="moved"):
+        for r in data.draw(
+            st.lists(st.sampled_from(records), max_size=2, unique_by=lambda r: r.source_id), label="moved"
+        ):
             stale_status = "open" if r.status != "open" else data.draw(st.sampled_from(("won", "lost")), label="x")
             age = data.draw(st.sampled_from(("older", "same", "none")), label="stale modified_at")
-            stale_modified = None if age == "none" or r.modified_at is None else \
-                r.modified_at - (timedelta(minutes=5) if age == "older" else timedelta(0))
-            stale = replace(r, status=stale_status, modified_at=stale_modified,
-                            stage=OPEN_STAGES[0] if stale_status == "open" else CLOSED_STAGE[stale_status])
+            stale_modified = (
+                None
+                if age == "none" or r.modified_at is None
+                else r.modified_at - (timedelta(minutes=5) if age == "older" else timedelta(0))
+            )
+            stale = replace(
+                r,
+                status=stale_status,
+                modified_at=stale_modified,
+                stage=OPEN_STAGES[0] if stale_status == "open" else CLOSED_STAGE[stale_status],
+            )
             (late_open if stale_status == "open" else late_closed).append(stale)
     pages = [(True, open_page), (True, late_open), (False, closed_page), (False, late_closed)]
     deletes: list[tuple[str, datetime | None]] = []
@@ -208,8 +250,14 @@ def engine(request, tmp_path_factory):
 
 
 # OPPSYNC_PROPERTY_EXAMPLES=500 explores further (e.g. before changing reconcile.py); 25 keeps the suite fast.
-@settings(max_examples=int(os.environ.get("OPPSYNC_PROPERTY_EXAMPLES", "25")), deadline=None, derandomize=True,
-          database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("OPPSYNC_PROPERTY_EXAMPLES", "25")),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_engine_matches_the_reference_model(engine, data):
     empty_tables(engine)
@@ -226,9 +274,16 @@ def test_engine_matches_the_reference_model(engine, data):
         run_id, observed = f"r{run:02d}", crm.tick()
         staged = [r for _, page in extract.pages for r in page]
         try:
-            expected = model.reconcile(run_id=run_id, mode=mode, staged=staged, deletes=extract.deletes,
-                                       observed_at=observed, recorded_at=observed + timedelta(minutes=1),
-                                       max_delete_share=share, scopes=extract.scopes)
+            expected = model.reconcile(
+                run_id=run_id,
+                mode=mode,
+                staged=staged,
+                deletes=extract.deletes,
+                observed_at=observed,
+                recorded_at=observed + timedelta(minutes=1),
+                max_delete_share=share,
+                scopes=extract.scopes,
+            )
         except DeleteGuardRefused:
             hypothesis.event("a full sync refused by the delete guard")
             with pytest.raises(DeleteGuardRefused):

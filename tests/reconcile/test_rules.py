@@ -14,13 +14,28 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, reconcile
 from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import transaction
-from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, reconcile
 from tests.reconcile.harness import (
-    CONNECTION, LOCK_TTL, T0, Extract, current, empty_tables, event_types, events, full, history, incremental, opp,
-    migrated_engine, reconcile_extract, snapshot, stage_extract, sync,
+    CONNECTION,
+    LOCK_TTL,
+    T0,
+    Extract,
+    current,
+    empty_tables,
+    event_types,
+    events,
+    full,
+    history,
+    incremental,
+    migrated_engine,
+    opp,
+    reconcile_extract,
+    snapshot,
+    stage_extract,
+    sync,
 )
 
 T1, T2, T3 = T0 + timedelta(hours=1), T0 + timedelta(hours=2), T0 + timedelta(hours=3)
@@ -47,18 +62,37 @@ def only_event(engine, run_id, source_id, event_type):
 
 def test_unknown_ids_are_created_at_the_crm_created_date_closed_ones_also_closed(engine):
     created = datetime(2025, 11, 3, 10, 15)
-    result = sync(engine, "r1", full(opp("a", created_at=created), opp("b", status="won", modified_at=MOD1),
-                                     opp("c", status="lost", modified_at=MOD2)), T0)
+    result = sync(
+        engine,
+        "r1",
+        full(
+            opp("a", created_at=created),
+            opp("b", status="won", modified_at=MOD1),
+            opp("c", status="lost", modified_at=MOD2),
+        ),
+        T0,
+    )
     assert (result.created, result.closed, result.events) == (3, 2, 5)
-    assert event_types(engine, "r1") == [("a", "created"), ("b", "closed_won"), ("b", "created"),
-                                         ("c", "closed_lost"), ("c", "created")]
+    assert event_types(engine, "r1") == [
+        ("a", "created"),
+        ("b", "closed_won"),
+        ("b", "created"),
+        ("c", "closed_lost"),
+        ("c", "created"),
+    ]
     assert only_event(engine, "r1", "a", "created")["occurred_at"] == created
     assert only_event(engine, "r1", "b", "closed_won")["occurred_at"] == MOD1
     rows = current(engine)
     assert {sid: (r["version"], r["closed_at"], r["first_seen_at"]) for sid, r in rows.items()} == {
-        "a": (1, None, T0), "b": (1, MOD1, T0), "c": (1, MOD2, T0)}
+        "a": (1, None, T0),
+        "b": (1, MOD1, T0),
+        "c": (1, MOD2, T0),
+    }
     assert [(h["source_id"], h["version"], h["valid_from"], h["valid_to"]) for h in history(engine)] == [
-        ("a", 1, T0, None), ("b", 1, T0, None), ("c", 1, T0, None)]
+        ("a", 1, T0, None),
+        ("b", 1, T0, None),
+        ("c", 1, T0, None),
+    ]
 
 
 def test_changed_values_make_an_updated_event_listing_the_fields_and_a_new_version(engine):
@@ -70,8 +104,9 @@ def test_changed_values_make_an_updated_event_listing_the_fields_and_a_new_versi
     assert (event["changed_fields"], event["occurred_at"], event["amount"]) == ("owner_crm_id,amount", MOD2, 2500.0)
     row = current(engine)["a"]
     assert (row["amount"], row["owner_crm_id"], row["version"], row["last_run_id"]) == (2500.0, "u9", 2, "r2")
-    assert [(h["version"], h["amount"], h["valid_from"], h["valid_to"]) for h in history(engine)
-            if h["source_id"] == "a"] == [(1, 1000.0, T0, T1), (2, 2500.0, T1, None)]
+    assert [
+        (h["version"], h["amount"], h["valid_from"], h["valid_to"]) for h in history(engine) if h["source_id"] == "a"
+    ] == [(1, 1000.0, T0, T1), (2, 2500.0, T1, None)]
 
 
 def test_a_stage_change_records_old_and_new_stage(engine):
@@ -134,7 +169,9 @@ def test_full_run_deletes_ids_in_neither_set_and_restores_them_when_back(engine)
     row = current(engine)["a"]
     assert (row["deleted_at"], row["version"], row["last_run_id"]) == (None, 2, "r3")
     assert [(h["version"], h["valid_from"], h["valid_to"]) for h in history(engine) if h["source_id"] == "a"] == [
-        (1, T0, T1), (2, T2, None)]
+        (1, T0, T1),
+        (2, T2, None),
+    ]
 
 
 def test_a_restored_record_that_changed_meanwhile_is_restored_and_updated(engine):
@@ -158,8 +195,9 @@ def test_native_delete_feed_deletes_in_incremental_mode_at_the_crm_time(engine):
     crm_deleted = datetime(2026, 3, 1, 9, 45)
     # "c" is in the feed but also came back in the extract (deleted then undeleted in the CRM): present wins.
     # "zz" was never seen: nothing to delete.
-    result = sync(engine, "r2", incremental(opp("c"), deletes=[("a", crm_deleted), ("c", crm_deleted),
-                                                              ("zz", crm_deleted)]), T1)
+    result = sync(
+        engine, "r2", incremental(opp("c"), deletes=[("a", crm_deleted), ("c", crm_deleted), ("zz", crm_deleted)]), T1
+    )
     assert result.deleted == 1 and event_types(engine, "r2") == [("a", "deleted")]
     assert only_event(engine, "r2", "a", "deleted")["occurred_at"] == crm_deleted
     assert {sid: r["deleted_at"] for sid, r in current(engine).items()} == {"a": crm_deleted, "b": None, "c": None}
@@ -198,8 +236,9 @@ def test_delete_guard_refuses_a_full_run_deleting_more_than_half_and_changes_not
     with pytest.raises(DeleteGuardRefused, match="would delete 3 of 4"):
         sync(engine, "r2", full(opp("a", amount=1.0)), T1)
     after = snapshot(engine)
-    assert {k: after[k] for k in ("current", "events", "history", "sync_state", "sync_runs")} == \
-           {k: before[k] for k in ("current", "events", "history", "sync_state", "sync_runs")}
+    assert {k: after[k] for k in ("current", "events", "history", "sync_state", "sync_runs")} == {
+        k: before[k] for k in ("current", "events", "history", "sync_state", "sync_runs")
+    }
 
 
 def test_delete_guard_allows_exactly_the_share_and_the_share_is_configurable(engine):
@@ -212,11 +251,14 @@ def test_delete_guard_allows_exactly_the_share_and_the_share_is_configurable(eng
 
 def test_duplicates_across_pages_and_sets_count_once_latest_modified_wins(engine):
     early, late = datetime(2026, 2, 1, 9, 0), datetime(2026, 2, 1, 9, 5)
-    extract = Extract("full", [
-        (True, [opp("a", modified_at=early), opp("b", modified_at=late), opp("c")]),
-        (True, [opp("c")]),  # the same record again on a later page (offset paging under inserts)
-        (False, [opp("a", status="won", modified_at=late), opp("b", status="lost", modified_at=early)]),
-    ])
+    extract = Extract(
+        "full",
+        [
+            (True, [opp("a", modified_at=early), opp("b", modified_at=late), opp("c")]),
+            (True, [opp("c")]),  # the same record again on a later page (offset paging under inserts)
+            (False, [opp("a", status="won", modified_at=late), opp("b", status="lost", modified_at=early)]),
+        ],
+    )
     result = sync(engine, "r1", extract, T0)
     assert (result.fetched, result.created) == (3, 3)
     assert {sid: r["status"] for sid, r in current(engine).items()} == {"a": "won", "b": "open", "c": "open"}
@@ -225,10 +267,13 @@ def test_duplicates_across_pages_and_sets_count_once_latest_modified_wins(engine
 
 def test_a_tie_on_modified_at_goes_to_the_later_staged_row_and_null_modified_loses(engine):
     same = datetime(2026, 2, 1, 9, 0)
-    extract = Extract("full", [
-        (True, [opp("a", modified_at=same), opp("b", amount=7.0, modified_at=same)]),
-        (False, [opp("a", status="lost", modified_at=same), opp("b", status="won", modified_at=None)]),
-    ])
+    extract = Extract(
+        "full",
+        [
+            (True, [opp("a", modified_at=same), opp("b", amount=7.0, modified_at=same)]),
+            (False, [opp("a", status="lost", modified_at=same), opp("b", status="won", modified_at=None)]),
+        ],
+    )
     sync(engine, "r1", extract, T0)
     assert {sid: r["status"] for sid, r in current(engine).items()} == {"a": "lost", "b": "open"}
 
@@ -260,12 +305,15 @@ def test_a_second_run_cannot_take_the_lock_while_the_first_holds_it(engine):
 
 
 def test_a_crashed_holder_or_an_expired_lease_is_taken_over(engine):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     with transaction(engine) as conn:
-        conn.execute(text("INSERT INTO oppsync.sync_locks VALUES (:c, 'r1', :h, :a, :e)"),
-                     {"c": CONNECTION, "h": f"{socket.gethostname()}:{dead_pid}", "a": T0, "e": T0 + LOCK_TTL})
+        conn.execute(
+            text("INSERT INTO oppsync.sync_locks VALUES (:c, 'r1', :h, :a, :e)"),
+            {"c": CONNECTION, "h": f"{socket.gethostname()}:{dead_pid}", "a": T0, "e": T0 + LOCK_TTL},
+        )
     store.acquire_lock(engine, CONNECTION, "r2", T0 + timedelta(minutes=1), LOCK_TTL)  # holder's pid is gone
     # a live holder on another host is trusted until its lease expires
     with transaction(engine) as conn:
@@ -279,19 +327,30 @@ def test_a_crashed_holder_or_an_expired_lease_is_taken_over(engine):
 
 def test_reconcile_refuses_an_extract_that_is_not_complete(engine):
     store.acquire_lock(engine, CONNECTION, "r1", T0, LOCK_TTL)
-    store.begin_extract(engine, extract_id="r1", connection=CONNECTION, crm="salesforce", mode="full",
-                        started_at=T0, since=None)
+    store.begin_extract(
+        engine, extract_id="r1", connection=CONNECTION, crm="salesforce", mode="full", started_at=T0, since=None
+    )
     store.stage_page(engine, "r1", [opp("a")], True, 0)
     with pytest.raises(RuntimeError, match="'running', not complete"):
-        reconcile(engine, extract_id="r1", connection=CONNECTION, crm="salesforce", mode="full", run_id="r1",
-                  observed_at=T0, recorded_at=T0)
+        reconcile(
+            engine,
+            extract_id="r1",
+            connection=CONNECTION,
+            crm="salesforce",
+            mode="full",
+            run_id="r1",
+            observed_at=T0,
+            recorded_at=T0,
+        )
     assert current(engine) == {}
 
 
 def _synced_under_mapping_version(engine, version) -> None:
     with transaction(engine) as c:
-        c.execute(text("UPDATE oppsync.sync_state SET mapping_version = :v WHERE connection = :c"),
-                  {"v": version, "c": CONNECTION})
+        c.execute(
+            text("UPDATE oppsync.sync_state SET mapping_version = :v WHERE connection = :c"),
+            {"v": version, "c": CONNECTION},
+        )
 
 
 @pytest.mark.parametrize("old_version", [None, 1])
@@ -301,18 +360,34 @@ def test_a_warehouse_synced_under_an_older_mapping_is_rebaselined_without_update
     run is still recorded, and the next run is ordinary again."""
     sync(engine, "r1", full(opp("a", stage="75698714"), opp("b", stage="contractsent")), T0)
     _synced_under_mapping_version(engine, old_version)
-    result = sync(engine, "r2", full(opp("a", stage="Proposal", stage_id="75698714", crm_status="75698714"),
-                                     opp("b", status="won", stage="Closed Won", stage_id="closedwon",
-                                         modified_at=MOD2)), T1)
+    result = sync(
+        engine,
+        "r2",
+        full(
+            opp("a", stage="Proposal", stage_id="75698714", crm_status="75698714"),
+            opp("b", status="won", stage="Closed Won", stage_id="closedwon", modified_at=MOD2),
+        ),
+        T1,
+    )
     assert event_types(engine, "r2") == [("b", "closed_won")]
     assert (result.updated, result.closed) == (0, 1)
     rows = current(engine)
     assert (rows["a"]["stage"], rows["a"]["version"]) == ("Proposal", 2)
     with transaction(engine) as c:
-        warnings, version = c.execute(text(
-            "SELECT r.warnings, s.mapping_version FROM oppsync.sync_runs r JOIN oppsync.sync_state s "
-            "ON s.connection = r.connection WHERE r.run_id = 'r2'")).one()
+        warnings, version = c.execute(
+            text(
+                "SELECT r.warnings, s.mapping_version FROM oppsync.sync_runs r JOIN oppsync.sync_state s "
+                "ON s.connection = r.connection WHERE r.run_id = 'r2'"
+            )
+        ).one()
     assert "re-baselined" in warnings and version == MAPPING_VERSION
-    sync(engine, "r3", full(opp("a", stage="Negotiation", stage_id="75698715", modified_at=MOD2),
-                            opp("b", status="won", stage="Closed Won", stage_id="closedwon", modified_at=MOD2)), T2)
+    sync(
+        engine,
+        "r3",
+        full(
+            opp("a", stage="Negotiation", stage_id="75698715", modified_at=MOD2),
+            opp("b", status="won", stage="Closed Won", stage_id="closedwon", modified_at=MOD2),
+        ),
+        T2,
+    )
     assert event_types(engine, "r3") == [("a", "stage_changed")]

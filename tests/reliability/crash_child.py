@@ -70,8 +70,15 @@ def main(argv: list[str]) -> int:
     conn = cfg.connections[0]
     engine = make_engine(warehouse_url)
     summary = sync.sync_connection(cfg, conn, engine, run_id=run_id, mode="auto")
-    print(json.dumps({"status": summary.extract.status, "mode": summary.extract.mode,
-                      "result": summary.result.as_dict() if summary.result else None}))
+    print(
+        json.dumps(
+            {
+                "status": summary.extract.status,
+                "mode": summary.extract.mode,
+                "result": summary.result.as_dict() if summary.result else None,
+            }
+        )
+    )
     return 0
 
 

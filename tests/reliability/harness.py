@@ -47,11 +47,26 @@ def page_field(crm: str, field: str) -> str:
     return spec(crm).page_fields[field]
 
 
-CURRENT_COLUMNS = ("crm", "project_name", "client_name", "service_location", "sales_executive", "owner_crm_id",
-                   "stage", "status", "amount", "currency", "close_date", "probability", "created_at",
-                   "created_by_crm_id", "modified_at", "version",
-                   # an inferred delete is stamped with the run's start (wall clock): compare the fact only
-                   "deleted_at IS NOT NULL")
+CURRENT_COLUMNS = (
+    "crm",
+    "project_name",
+    "client_name",
+    "service_location",
+    "sales_executive",
+    "owner_crm_id",
+    "stage",
+    "status",
+    "amount",
+    "currency",
+    "close_date",
+    "probability",
+    "created_at",
+    "created_by_crm_id",
+    "modified_at",
+    "version",
+    # an inferred delete is stamped with the run's start (wall clock): compare the fact only
+    "deleted_at IS NOT NULL",
+)
 
 
 @dataclass
@@ -74,11 +89,15 @@ class Snapshot:
             out.append(f"{len(changed)} rows differ, e.g. {sid}: {self.current[sid]} != {other.current[sid]}")
         if self.events != other.events:
             extra, lost = self.events - other.events, other.events - self.events
-            out.append(f"events extra {sum(extra.values())} {list(extra.items())[:limit]}, "
-                       f"lost {sum(lost.values())} {list(lost.items())[:limit]}")
+            out.append(
+                f"events extra {sum(extra.values())} {list(extra.items())[:limit]}, "
+                f"lost {sum(lost.values())} {list(lost.items())[:limit]}"
+            )
         if self.history != other.history:
-            out.append(f"history extra {sorted(self.history - other.history)[:limit]}, "
-                       f"lost {sorted(other.history - self.history)[:limit]}")
+            out.append(
+                f"history extra {sorted(self.history - other.history)[:limit]}, "
+                f"lost {sorted(other.history - self.history)[:limit]}"
+            )
         return out
 
 
@@ -92,39 +111,59 @@ def _normal(value: Any) -> Any:
 
 def snapshot(engine: Engine, connection: str) -> Snapshot:
     with engine.connect() as c:
-        has_schema = c.execute(text(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'oppsync' "
-            "AND table_name = 'opportunities'")).scalar()
+        has_schema = c.execute(
+            text(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'oppsync' "
+                "AND table_name = 'opportunities'"
+            )
+        ).scalar()
         if not has_schema:
             return Snapshot({}, Counter(), set())
-        rows = c.execute(text(f"SELECT source_id, {', '.join(CURRENT_COLUMNS)} FROM oppsync.opportunities "
-                              "WHERE connection = :c"), {"c": connection}).fetchall()
-        events = c.execute(text("SELECT source_id, event_type FROM oppsync.opportunity_events "
-                                "WHERE connection = :c"), {"c": connection}).fetchall()
-        history = c.execute(text("SELECT source_id, version, row_hash FROM oppsync.opportunity_history "
-                                 "WHERE connection = :c"), {"c": connection}).fetchall()
-    return Snapshot({r[0]: tuple(_normal(v) for v in r[1:]) for r in rows},
-                    Counter((r[0], r[1]) for r in events), {tuple(r) for r in history})
+        rows = c.execute(
+            text(f"SELECT source_id, {', '.join(CURRENT_COLUMNS)} FROM oppsync.opportunities WHERE connection = :c"),
+            {"c": connection},
+        ).fetchall()
+        events = c.execute(
+            text("SELECT source_id, event_type FROM oppsync.opportunity_events WHERE connection = :c"),
+            {"c": connection},
+        ).fetchall()
+        history = c.execute(
+            text("SELECT source_id, version, row_hash FROM oppsync.opportunity_history WHERE connection = :c"),
+            {"c": connection},
+        ).fetchall()
+    return Snapshot(
+        {r[0]: tuple(_normal(v) for v in r[1:]) for r in rows},
+        Counter((r[0], r[1]) for r in events),
+        {tuple(r) for r in history},
+    )
 
 
 def invariants(engine: Engine, connection: str) -> list[str]:
     """What must hold after any sequence of runs: one 'created' per id, history versions 1..n without gaps,
     current version and hash equal to the latest history version, no run that left its lock behind."""
     checks = [
-        ("ids with != 1 created event",
-         "SELECT source_id, count(*) FROM oppsync.opportunity_events WHERE connection = :c "
-         "AND event_type = 'created' GROUP BY source_id HAVING count(*) <> 1"),
-        ("ids without a created event",
-         "SELECT o.source_id FROM oppsync.opportunities o WHERE o.connection = :c AND NOT EXISTS (SELECT 1 FROM "
-         "oppsync.opportunity_events e WHERE e.connection = o.connection AND e.source_id = o.source_id "
-         "AND e.event_type = 'created')"),
-        ("history versions with gaps",
-         "SELECT source_id FROM oppsync.opportunity_history WHERE connection = :c "
-         "GROUP BY source_id HAVING max(version) <> count(*) OR min(version) <> 1"),
-        ("current rows not matching their open history version",
-         "SELECT o.source_id FROM oppsync.opportunities o JOIN oppsync.opportunity_history h "
-         "ON h.connection = o.connection AND h.source_id = o.source_id AND h.valid_to IS NULL "
-         "WHERE o.connection = :c AND (h.version <> o.version OR h.row_hash <> o.row_hash)"),
+        (
+            "ids with != 1 created event",
+            "SELECT source_id, count(*) FROM oppsync.opportunity_events WHERE connection = :c "
+            "AND event_type = 'created' GROUP BY source_id HAVING count(*) <> 1",
+        ),
+        (
+            "ids without a created event",
+            "SELECT o.source_id FROM oppsync.opportunities o WHERE o.connection = :c AND NOT EXISTS (SELECT 1 FROM "
+            "oppsync.opportunity_events e WHERE e.connection = o.connection AND e.source_id = o.source_id "
+            "AND e.event_type = 'created')",
+        ),
+        (
+            "history versions with gaps",
+            "SELECT source_id FROM oppsync.opportunity_history WHERE connection = :c "
+            "GROUP BY source_id HAVING max(version) <> count(*) OR min(version) <> 1",
+        ),
+        (
+            "current rows not matching their open history version",
+            "SELECT o.source_id FROM oppsync.opportunities o JOIN oppsync.opportunity_history h "
+            "ON h.connection = o.connection AND h.source_id = o.source_id AND h.valid_to IS NULL "
+            "WHERE o.connection = :c AND (h.version <> o.version OR h.row_hash <> o.row_hash)",
+        ),
         ("lock left behind by", "SELECT run_id FROM oppsync.sync_locks WHERE connection = :c"),
     ]
     problems = []
@@ -166,6 +205,7 @@ class PageHook:
 
     def install(self) -> PageHook:
         import re
+
         pattern = re.compile(OPPORTUNITY_PAGES[self.crm])
         original = type(self.sim).handle.__get__(self.sim)
 
@@ -192,8 +232,11 @@ class PageHook:
                     headers = {k: v for k, v in headers.items() if k.lower() not in {c.lower() for c in changed}}
                     headers.update(changed)
                 # ASCII-escaped, as CRMs send it: a rewritten lone surrogate must reach the client as \ud800
-                resp = Response(resp.status, json.dumps(body, separators=(",", ":")).encode("ascii"),
-                                {**headers, "Content-Type": "application/json"})
+                resp = Response(
+                    resp.status,
+                    json.dumps(body, separators=(",", ":")).encode("ascii"),
+                    {**headers, "Content-Type": "application/json"},
+                )
             if self.after is not None:
                 self.after(n)
             return resp

@@ -23,12 +23,13 @@ DEFAULT_RESULTS = ROOT / ".oppsync" / "reliability" / "results.jsonl"
 
 def results_path() -> Path:
     return Path(os.environ.get("OPPSYNC_RELIABILITY_RESULTS", DEFAULT_RESULTS))
+
+
 COUNTS = ("lost_events", "duplicated_events", "leaked_secrets", "unclear_errors")
 
 # What an error a user reads must never look like: a traceback, an exception type without its message, a
 # driver's complaint about an aborted transaction, a key error naming only a key.
-UNCLEAR = re.compile(r"Traceback|^\w+Error: ?$|transaction is aborted|IntegrityError|^KeyError|Invalid isoformat",
-                     re.M)
+UNCLEAR = re.compile(r"Traceback|^\w+Error: ?$|transaction is aborted|IntegrityError|^KeyError|Invalid isoformat", re.M)
 
 
 @dataclass
@@ -88,7 +89,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells.setdefault((r["case"], r["crm"]), []).append(r)
     width = max(len(c) for c in cases) + 2
-    lines = ["", "reliability (case x CRM: passed / FAILED; n = trials)", " " * width + "".join(f"{c:<13}" for c in crms)]
+    lines = [
+        "",
+        "reliability (case x CRM: passed / FAILED; n = trials)",
+        " " * width + "".join(f"{c:<13}" for c in crms),
+    ]
     for case in cases:
         out = []
         for crm in crms:
@@ -103,9 +108,11 @@ def table(rows: list[dict]) -> str:
     totals = {c: sum(r[c] for r in rows) for c in COUNTS}
     failed = [r for r in rows if not r["passed"]]
     lines.append("")
-    lines.append("  ".join(f"{c.replace('_', ' ')}: {n}" for c, n in totals.items())
-                 + f"  | {len(rows) - len(failed)} passed, {len(failed)} failed, "
-                   f"{sum(r['seconds'] for r in rows):.0f} s of case time")
+    lines.append(
+        "  ".join(f"{c.replace('_', ' ')}: {n}" for c, n in totals.items())
+        + f"  | {len(rows) - len(failed)} passed, {len(failed)} failed, "
+        f"{sum(r['seconds'] for r in rows):.0f} s of case time"
+    )
     for r in failed[:20]:
         lines.append(f"  FAILED {r['case']} / {r['crm']}: {r['note']}")
     return "\n".join(lines)

@@ -26,10 +26,14 @@ def valid() -> dict[str, Any]:
     return {
         "warehouse": {"url": "duckdb:///tmp/oppsync-bad-config.duckdb"},
         "secrets_file": "bad.secrets.env",
-        "connections": [{
-            "name": "acme-sf", "crm": "salesforce", "base_url": "https://acme.my.salesforce.com",
-            "credentials": {"client_id": "${OPPSYNC_REL_SF_ID}", "client_secret": "${OPPSYNC_REL_SF_SECRET}"},
-        }],
+        "connections": [
+            {
+                "name": "acme-sf",
+                "crm": "salesforce",
+                "base_url": "https://acme.my.salesforce.com",
+                "credentials": {"client_id": "${OPPSYNC_REL_SF_ID}", "client_secret": "${OPPSYNC_REL_SF_SECRET}"},
+            }
+        ],
     }
 
 
@@ -39,47 +43,99 @@ def conn(d: dict) -> dict:
 
 # (case, how to break a valid config, what the one problem line must contain: key path, then the fix)
 CASES: list[tuple[str, Callable[[dict], None], tuple[str, ...]]] = [
-    ("unknown_crm", lambda d: conn(d).update(crm="pipedrive"),
-     ("connections[0].crm", "'pipedrive' is not one of", "salesforce")),
-    ("missing_credential_variable", lambda d: conn(d)["credentials"].update(client_secret="${OPPSYNC_REL_UNSET}"),
-     ("connections[0].credentials.client_secret", "OPPSYNC_REL_UNSET", "export OPPSYNC_REL_UNSET=")),
-    ("missing_credential_key", lambda d: conn(d)["credentials"].pop("client_secret"),
-     ("connections[0].credentials", "missing ['client_secret']", "salesforce needs")),
-    ("bad_url", lambda d: conn(d).update(base_url="acme.my.salesforce.com"),
-     ("connections[0].base_url", "not an http(s) URL", "https://")),
-    ("bad_cron", lambda d: conn(d).update(schedule="every hour"),
-     ("connections[0].schedule", "5-field cron", "'30 * * * *'")),
-    ("unknown_filter_field", lambda d: conn(d).update(filters=[{"field": "Nmae", "op": "equal", "value": "x"}]),
-     ("connections[0].filters[0].field", "unknown salesforce field 'Nmae'", "known:")),
-    ("unknown_filter_operator", lambda d: conn(d).update(filters=[{"field": "Name", "op": "like", "value": "x"}]),
-     ("connections[0].filters[0].op", "'like' is not one of", "equal")),
-    ("unknown_mapping_field", lambda d: conn(d).update(fields={"created_at": "Created_Dte"}),
-     ("connections[0].fields.created_at", "unknown salesforce field 'Created_Dte'", "custom field")),
-    ("unknown_canonical_field", lambda d: conn(d).update(fields={"creator": "CreatedById"}),
-     ("connections[0].fields", "unknown canonical field(s) ['creator']", "overridable:")),
-    ("duplicate_connection_names", lambda d: d["connections"].append(copy.deepcopy(conn(d))),
-     ("connections[1].name", "'acme-sf' is already used by connections[0]", "must be unique")),
-    ("bad_timezone", lambda d: conn(d).update(timezone="Mars/Olympus_Mons"),
-     ("connections[0].timezone", "'Mars/Olympus_Mons'", "IANA time zone such as 'UTC'")),
-    ("bad_reporting_timezone", lambda d: d.update(reporting={"timezone": "CEST+2"}),
-     ("reporting.timezone", "'CEST+2'", "IANA time zone")),
-    ("plaintext_secret", lambda d: conn(d)["credentials"].update(client_secret=PLAINTEXT),
-     ("connections[0].credentials", "'client_secret' must reference an environment variable", "${NAME}")),
-    ("bad_warehouse_scheme", lambda d: d.update(warehouse={"url": "mysql://db/oppsync"}),
-     ("warehouse.url", "unsupported scheme 'mysql'", "postgresql+psycopg2://")),
-    ("warehouse_url_without_driver", lambda d: d.update(warehouse={"url": "postgresql://u@h/db"}),
-     ("warehouse.url", "names no driver", "postgresql+psycopg2://")),
-    ("misspelt_top_level_key", lambda d: d.update(warehous=d.pop("warehouse")),
-     ("warehous", "unknown key 'warehous'", "README")),
-    ("bad_connection_name", lambda d: conn(d).update(name="Acme SF"),
-     ("connections[0].name", "'Acme SF'", "lowercase letters")),
+    (
+        "unknown_crm",
+        lambda d: conn(d).update(crm="pipedrive"),
+        ("connections[0].crm", "'pipedrive' is not one of", "salesforce"),
+    ),
+    (
+        "missing_credential_variable",
+        lambda d: conn(d)["credentials"].update(client_secret="${OPPSYNC_REL_UNSET}"),
+        ("connections[0].credentials.client_secret", "OPPSYNC_REL_UNSET", "export OPPSYNC_REL_UNSET="),
+    ),
+    (
+        "missing_credential_key",
+        lambda d: conn(d)["credentials"].pop("client_secret"),
+        ("connections[0].credentials", "missing ['client_secret']", "salesforce needs"),
+    ),
+    (
+        "bad_url",
+        lambda d: conn(d).update(base_url="acme.my.salesforce.com"),
+        ("connections[0].base_url", "not an http(s) URL", "https://"),
+    ),
+    (
+        "bad_cron",
+        lambda d: conn(d).update(schedule="every hour"),
+        ("connections[0].schedule", "5-field cron", "'30 * * * *'"),
+    ),
+    (
+        "unknown_filter_field",
+        lambda d: conn(d).update(filters=[{"field": "Nmae", "op": "equal", "value": "x"}]),
+        ("connections[0].filters[0].field", "unknown salesforce field 'Nmae'", "known:"),
+    ),
+    (
+        "unknown_filter_operator",
+        lambda d: conn(d).update(filters=[{"field": "Name", "op": "like", "value": "x"}]),
+        ("connections[0].filters[0].op", "'like' is not one of", "equal"),
+    ),
+    (
+        "unknown_mapping_field",
+        lambda d: conn(d).update(fields={"created_at": "Created_Dte"}),
+        ("connections[0].fields.created_at", "unknown salesforce field 'Created_Dte'", "custom field"),
+    ),
+    (
+        "unknown_canonical_field",
+        lambda d: conn(d).update(fields={"creator": "CreatedById"}),
+        ("connections[0].fields", "unknown canonical field(s) ['creator']", "overridable:"),
+    ),
+    (
+        "duplicate_connection_names",
+        lambda d: d["connections"].append(copy.deepcopy(conn(d))),
+        ("connections[1].name", "'acme-sf' is already used by connections[0]", "must be unique"),
+    ),
+    (
+        "bad_timezone",
+        lambda d: conn(d).update(timezone="Mars/Olympus_Mons"),
+        ("connections[0].timezone", "'Mars/Olympus_Mons'", "IANA time zone such as 'UTC'"),
+    ),
+    (
+        "bad_reporting_timezone",
+        lambda d: d.update(reporting={"timezone": "CEST+2"}),
+        ("reporting.timezone", "'CEST+2'", "IANA time zone"),
+    ),
+    (
+        "plaintext_secret",
+        lambda d: conn(d)["credentials"].update(client_secret=PLAINTEXT),
+        ("connections[0].credentials", "'client_secret' must reference an environment variable", "${NAME}"),
+    ),
+    (
+        "bad_warehouse_scheme",
+        lambda d: d.update(warehouse={"url": "mysql://db/oppsync"}),
+        ("warehouse.url", "unsupported scheme 'mysql'", "postgresql+psycopg2://"),
+    ),
+    (
+        "warehouse_url_without_driver",
+        lambda d: d.update(warehouse={"url": "postgresql://u@h/db"}),
+        ("warehouse.url", "names no driver", "postgresql+psycopg2://"),
+    ),
+    (
+        "misspelt_top_level_key",
+        lambda d: d.update(warehous=d.pop("warehouse")),
+        ("warehous", "unknown key 'warehous'", "README"),
+    ),
+    (
+        "bad_connection_name",
+        lambda d: conn(d).update(name="Acme SF"),
+        ("connections[0].name", "'Acme SF'", "lowercase letters"),
+    ),
 ]
 
 
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
-    (tmp_path / "bad.secrets.env").write_text("OPPSYNC_REL_SF_ID=id-value\nOPPSYNC_REL_SF_SECRET=secret-value\n",
-                                              encoding="utf-8")
+    (tmp_path / "bad.secrets.env").write_text(
+        "OPPSYNC_REL_SF_ID=id-value\nOPPSYNC_REL_SF_SECRET=secret-value\n", encoding="utf-8"
+    )
     return tmp_path
 
 
@@ -120,9 +176,17 @@ def test_cli_config_check_prints_the_problem_and_fails(config_dir: Path):
         breaker(data)
         path = config_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        procs[name] = (expected, subprocess.Popen([str(OPPSYNC), "--config", str(path), "config", "check"],
-                                                  cwd=config_dir, env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            expected,
+            subprocess.Popen(
+                [str(OPPSYNC), "--config", str(path), "config", "check"],
+                cwd=config_dir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     failures = []
     for name, (expected, proc) in procs.items():
         out, err = proc.communicate(timeout=120)

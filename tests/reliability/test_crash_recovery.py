@@ -36,8 +36,8 @@ from tests.reliability.harness import FULL, connection_extra, invariants, snapsh
 from tests.reliability.report import reported
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMER_TRIALS = 4 if FULL else 0     # plain timers: interpreter start-up, somewhere in extract or reconcile
-PARALLEL = 2 if FULL else 1         # trials at a time (each is two child processes; the CRMs are shared, read-only)
+TIMER_TRIALS = 4 if FULL else 0  # plain timers: interpreter start-up, somewhere in extract or reconcile
+PARALLEL = 2 if FULL else 1  # trials at a time (each is two child processes; the CRMs are shared, read-only)
 SIZE = 150
 PAGE_SIZE = 30
 
@@ -63,8 +63,9 @@ def crms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             server.stop()
 
 
-def child(config_file: Path, url: str, run_id: str, kill: tuple[str, int, str] | None = None,
-          kill_after: float | None = None) -> tuple[int, str]:
+def child(
+    config_file: Path, url: str, run_id: str, kill: tuple[str, int, str] | None = None, kill_after: float | None = None
+) -> tuple[int, str]:
     args = [sys.executable, "-m", "tests.reliability.crash_child", str(config_file), url, run_id]
     if kill:
         args += [kill[0], str(kill[1]), kill[2]]
@@ -155,7 +156,7 @@ def test_killed_sync_converges_on_rerun(backend: str, crms: dict, tmp_path: Path
         require_postgres()
     plans = kill_plans(random.Random(f"crash-{backend}"))
     for crm in dict.fromkeys(CRMS[n % len(CRMS)] for n in range(len(plans))):
-        reference(crms, crm, backend, tmp_path)   # first: trials running in parallel then only read them
+        reference(crms, crm, backend, tmp_path)  # first: trials running in parallel then only read them
     with ThreadPoolExecutor(PARALLEL) as pool:
         futures = [pool.submit(trial, crms, backend, tmp_path, n, plan, timer) for n, (plan, timer) in enumerate(plans)]
         errors = [f.exception() for f in futures if f.exception() is not None]

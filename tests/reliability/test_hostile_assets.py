@@ -14,7 +14,6 @@ Every CRM under `make reliability`; Salesforce in the normal suite."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -35,7 +34,7 @@ SELECTED = CRMS if FULL else ("salesforce",)
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     tmp = tmp_path_factory.mktemp("hostile_assets")
     names = {f"hostile-{crm}": crm for crm in SELECTED}
-    servers = start_servers(names, opportunities=300)   # 2 bad records stay under the 1% threshold
+    servers = start_servers(names, opportunities=300)  # 2 bad records stay under the 1% threshold
     try:
         url = f"duckdb:///{tmp / 'warehouse.duckdb'}"
         extra = {name: connection_extra(crm, page_size=25) for name, crm in names.items()}
@@ -49,8 +48,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
 def run(defs: dg.Definitions, name: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     key = name.replace("-", "_")
     return defs.resolve_job_def(f"sync_{key}").execute_in_process(
-        run_config={"ops": {f"oppsync__{key}__extract": {"config": {"mode": "full"}}}}, instance=instance,
-        raise_on_error=False)
+        run_config={"ops": {f"oppsync__{key}__extract": {"config": {"mode": "full"}}}},
+        instance=instance,
+        raise_on_error=False,
+    )
 
 
 def chain(error) -> list[str]:
@@ -64,8 +65,15 @@ def chain(error) -> list[str]:
 
 def last_run(url: str, name: str) -> tuple:  # (status, error, quarantined) of the latest sync run
     with _engine(url).connect() as c:
-        return tuple(c.execute(text("SELECT status, error, quarantined FROM oppsync.sync_runs WHERE connection = :c "
-                                    "ORDER BY started_at DESC LIMIT 1"), {"c": name}).one())
+        return tuple(
+            c.execute(
+                text(
+                    "SELECT status, error, quarantined FROM oppsync.sync_runs WHERE connection = :c "
+                    "ORDER BY started_at DESC LIMIT 1"
+                ),
+                {"c": name},
+            ).one()
+        )
 
 
 @pytest.mark.parametrize("crm", SELECTED)
@@ -77,7 +85,7 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
     engine = _engine(url)
     with reported("asset_path", crm) as row:
         assert run(defs, name, instance).success
-        sim.world.advance(hours=3, rate=0.05)          # the CRM's clock is now 3 hours ahead of ours
+        sim.world.advance(hours=3, rate=0.05)  # the CRM's clock is now 3 hours ahead of ours
 
         known = set(snapshot(engine, name).current)
         sim.faults.rules = [FaultRule("wrong_shape", path=OPPORTUNITY_PAGES[crm], after=2, count=1)]
@@ -85,10 +93,16 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         fired = sum(r.fired for r in sim.faults.rules)
         sim.faults.rules = []
         with engine.connect() as c:
-            runs = c.execute(text("SELECT status FROM oppsync.sync_runs WHERE connection = :c ORDER BY started_at"),
-                             {"c": name}).scalars().all()
-            locks = c.execute(text("SELECT count(*) FROM oppsync.sync_locks WHERE connection = :c"),
-                              {"c": name}).scalar()
+            runs = (
+                c.execute(
+                    text("SELECT status FROM oppsync.sync_runs WHERE connection = :c ORDER BY started_at"), {"c": name}
+                )
+                .scalars()
+                .all()
+            )
+            locks = c.execute(
+                text("SELECT count(*) FROM oppsync.sync_locks WHERE connection = :c"), {"c": name}
+            ).scalar()
         # the failed attempt's row is replaced by the retry's (one row per Dagster run): its error is in the
         # run's event log, as the data engineer sees it in the UI
         retried = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
@@ -111,11 +125,14 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         assert not quarantine.passed and quarantine.severity == dg.AssetCheckSeverity.WARN
         assert quarantine.metadata["quarantined"].value == 2
         with engine.connect() as c:
-            rows = c.execute(text("SELECT source_id, field FROM oppsync.quarantine WHERE connection = :c "
-                                  "ORDER BY field"), {"c": name}).fetchall()
+            rows = c.execute(
+                text("SELECT source_id, field FROM oppsync.quarantine WHERE connection = :c ORDER BY field"),
+                {"c": name},
+            ).fetchall()
         assert len({r[0] for r in rows}) == 2 and all(r[0] for r in rows)
         assert set(quarantine.metadata["ids"].value.split(", ")) == {r[0] for r in rows}
         assert last_run(url, name)[0] == "success" and last_run(url, name)[2] == 2
         after = snapshot(engine, name)
-        assert not ({r[0] for r in rows} & {sid for sid, kind in after.events if kind == "deleted"}), \
+        assert not ({r[0] for r in rows} & {sid for sid, kind in after.events if kind == "deleted"}), (
             "a quarantined record was deleted"
+        )

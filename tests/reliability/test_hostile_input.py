@@ -27,32 +27,35 @@ from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
 from tests.reliability.harness import connection_extra, page_field
 
-
 INJECTIONS = [
-    "x' OR Name != '",                                   # SOQL / OData single-quote break-out
-    "x\\' OR Name != \\'",                               # backslash-escaped quote break-out
-    'x" or name != "',                                   # ConnectWise conditions break-out
-    "x') or (name ne 'y",                                # OData with parentheses
-    '"}, {"op": "exist", "field": "id"}, {"x": "',        # Autotask filter JSON break-out
+    "x' OR Name != '",  # SOQL / OData single-quote break-out
+    "x\\' OR Name != \\'",  # backslash-escaped quote break-out
+    'x" or name != "',  # ConnectWise conditions break-out
+    "x') or (name ne 'y",  # OData with parentheses
+    '"}, {"op": "exist", "field": "id"}, {"x": "',  # Autotask filter JSON break-out
     "Robert'); DROP TABLE oppsync.opportunities; --",
-    "%' OR Name LIKE '%",                                # LIKE wildcards
+    "%' OR Name LIKE '%",  # LIKE wildcards
     "Zoë & Søn; 日本語 🚀 \\ end",
 ]
 AWKWARD_NAMES = [
-    "O'Brien \"quoted\"; semicolon; -- comment",
+    'O\'Brien "quoted"; semicolon; -- comment',
     "back\\slash and \\N inside",
     "\\N",
     "line one\nline two\ttabbed",
     "NUL\x00inside\x00twice",
     "Ünïcødé 日本語 🚀 ﷽",
-    "comma, \"csv\" ,,",
+    'comma, "csv" ,,',
     "'; DROP TABLE oppsync.opportunities; --",
 ]
 
 
 def _ids(connector) -> set[str]:
-    return {o.source_id for open_set in (True, False) for page in connector.opportunities(open_set=open_set, since=None)
-            for o in page}
+    return {
+        o.source_id
+        for open_set in (True, False)
+        for page in connector.opportunities(open_set=open_set, since=None)
+        for o in page
+    }
 
 
 @pytest.mark.parametrize("crm", CRMS)
@@ -61,15 +64,17 @@ def test_injection_in_filter_values_matches_only_the_literal(crm: str, tmp_path:
     open_stage = sim.world.stage_for(None, "open").key
     created = {p: sim.world.create(name=p, stage=open_stage).native_id for p in INJECTIONS}
     with SandboxServer(sim) as server:
-        cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
-                             extra={crm: connection_extra(crm, lean=True)})
+        cfg = sandbox_config(
+            {crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path, extra={crm: connection_extra(crm, lean=True)}
+        )
         base, name_field = cfg.connections[0], page_field(crm, "project_name")
         outcomes = {}
         for payload, native_id in created.items():
             conn = base.model_copy(update={"filters": [RecordFilter(field=name_field, op="equal", value=payload)]})
             outcomes[payload] = _ids(build_connector(cfg, conn))
-            assert outcomes[payload] == {str(native_id)}, \
+            assert outcomes[payload] == {str(native_id)}, (
                 f"{crm}: filter {payload!r} returned {len(outcomes[payload])} ids, expected only {native_id}"
+            )
         # and through 'in' (a list literal), all at once
         conn = base.model_copy(update={"filters": [RecordFilter(field=name_field, op="in", value=INJECTIONS)]})
         assert _ids(build_connector(cfg, conn)) == {str(i) for i in created.values()}
@@ -88,12 +93,21 @@ def test_awkward_crm_text_round_trips(crm: str, warehouse_url: str, tmp_path: Pa
         summary = sync_connection(cfg, conn, engine, run_id="hostile", mode="full")
         assert summary.extract.status == "complete"
         with engine.connect() as c:
-            rows = dict(c.execute(text("SELECT source_id, project_name FROM oppsync.opportunities "
-                                       "WHERE connection = :c"), {"c": conn.name}).fetchall())
-            hist = dict(c.execute(text("SELECT source_id, project_name FROM oppsync.opportunity_history "
-                                       "WHERE connection = :c"), {"c": conn.name}).fetchall())
-            tables = c.execute(text("SELECT count(*) FROM information_schema.tables "
-                                    "WHERE table_schema = 'oppsync'")).scalar()
+            rows = dict(
+                c.execute(
+                    text("SELECT source_id, project_name FROM oppsync.opportunities WHERE connection = :c"),
+                    {"c": conn.name},
+                ).fetchall()
+            )
+            hist = dict(
+                c.execute(
+                    text("SELECT source_id, project_name FROM oppsync.opportunity_history WHERE connection = :c"),
+                    {"c": conn.name},
+                ).fetchall()
+            )
+            tables = c.execute(
+                text("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'oppsync'")
+            ).scalar()
         engine.dispose()
     assert len(rows) == len(list(sim.world.live()))
     wrong = {n: rows.get(str(i)) for i, n in created.items() if rows.get(str(i)) != clean_text(n)}
@@ -111,12 +125,43 @@ WAREHOUSE = Path(__file__).resolve().parents[2] / "oppsync_pipeline" / "lib" / "
 # record.TRACKED_FIELDS; `values` is bulk_insert's column list with store.DUCKDB_ROW_HASH (an expression over
 # record.TRACKED_FIELDS) in place of row_hash; DUCKDB_CATALOG and DUCKDB_ROW_GROUP_SIZE are engine.py constants. Anything else (a run id, a connection name, a filter value) must be a
 # bound parameter.
-ALLOWED = {"S", "SCHEMA", "_LATEST", "_KEPT", "cols", "scols", "rcols", "narrow", "plain", "values", "sets", "changed", "union", "locked", "t", "table", "column",
-           "name", "DUCKDB_CATALOG", "DUCKDB_ROW_GROUP_SIZE",
-           # reconcile's and migration 5's fragments, built from module constants (field and kind names)
-           "scope", "same_close", "fields(STAGE_FIELDS)", "fields(STATUS_FIELDS)", "fields(TRACKED_FIELDS)",
-           "stage_moved", "status_moved", "updated", "type_", "e", "status_kinds",
-           "', '.join(columns)", "', '.join(cols)", "', '.join((':' + c for c in cols))"}
+ALLOWED = {
+    "S",
+    "SCHEMA",
+    "_LATEST",
+    "_KEPT",
+    "cols",
+    "scols",
+    "rcols",
+    "narrow",
+    "plain",
+    "values",
+    "sets",
+    "changed",
+    "union",
+    "locked",
+    "t",
+    "table",
+    "column",
+    "name",
+    "DUCKDB_CATALOG",
+    "DUCKDB_ROW_GROUP_SIZE",
+    # reconcile's and migration 5's fragments, built from module constants (field and kind names)
+    "scope",
+    "same_close",
+    "fields(STAGE_FIELDS)",
+    "fields(STATUS_FIELDS)",
+    "fields(TRACKED_FIELDS)",
+    "stage_moved",
+    "status_moved",
+    "updated",
+    "type_",
+    "e",
+    "status_kinds",
+    "', '.join(columns)",
+    "', '.join(cols)",
+    "', '.join((':' + c for c in cols))",
+}
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}
 
 
@@ -132,7 +177,7 @@ def _sql_fstrings(tree: ast.AST):
 
 def test_warehouse_layer_binds_every_value():
     offenders, checked = [], 0
-    lib = WAREHOUSE.parent   # the warehouse layer, the reconcile and staging that moved out of it
+    lib = WAREHOUSE.parent  # the warehouse layer, the reconcile and staging that moved out of it
     for path in sorted([*WAREHOUSE.glob("*.py"), *(lib / "reconcile").glob("*.py"), lib / "staging.py"]):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for call, fstring in _sql_fstrings(tree):
@@ -148,7 +193,8 @@ def test_warehouse_layer_binds_every_value():
 
 def test_the_scan_catches_an_interpolated_value():
     """The check above is only worth something if it flags the mistake it is there for."""
-    bad = ast.parse('conn.execute(text(f"DELETE FROM {S}.opportunities WHERE connection = \'{connection}\'"))')
-    found = [ast.unparse(p.value) for _, fs in _sql_fstrings(bad) for p in fs.values
-             if isinstance(p, ast.FormattedValue)]
+    bad = ast.parse("conn.execute(text(f\"DELETE FROM {S}.opportunities WHERE connection = '{connection}'\"))")
+    found = [
+        ast.unparse(p.value) for _, fs in _sql_fstrings(bad) for p in fs.values if isinstance(p, ast.FormattedValue)
+    ]
     assert "connection" in found and "connection" not in ALLOWED

@@ -30,7 +30,7 @@ def test_spec_matches_its_connector_and_simulator(crm_spec: CrmSpec):
     url = "http://127.0.0.1:1"
     for options in (crm_spec.sandbox_connection_options(url), {**crm_spec.test_options, **crm_spec.lean_options}):
         connector.Options.model_validate(options)
-    legacy = getattr(simulator, "connection_options", None)   # the simulator's own copy, while it has one
+    legacy = getattr(simulator, "connection_options", None)  # the simulator's own copy, while it has one
     if legacy is not None:
         assert legacy(url) == crm_spec.sandbox_connection_options(url)
     conn = ConnectionConfig(name="x", crm=crm_spec.name, base_url=url, options=crm_spec.sandbox_connection_options(url))
@@ -49,8 +49,10 @@ def test_importing_the_registry_imports_no_connector_or_simulator():
     """Config validation reads the registry at import time; the connectors import config: it must stay cheap."""
     import subprocess
 
-    code = ("import sys, oppsync_pipeline.lib.config, oppsync_pipeline.lib.crm; "
-            "print(sorted(m for m in sys.modules if m.startswith(('oppsync_pipeline.lib.crm.', "
-            "'oppsync_pipeline.sandbox'))))")
+    code = (
+        "import sys, oppsync_pipeline.lib.config, oppsync_pipeline.lib.crm; "
+        "print(sorted(m for m in sys.modules if m.startswith(('oppsync_pipeline.lib.crm.', "
+        "'oppsync_pipeline.sandbox'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "['oppsync_pipeline.lib.crm.registry']", out.stdout + out.stderr

@@ -92,8 +92,7 @@ def secret_values(crm: str, issued: list[str] = (), refused: bool = True) -> lis
     values = [*raw, *issued]
     if crm == "connectwise":
         creds = crm_module(crm).SANDBOX_CREDENTIALS
-        values += [base64.b64encode(f"{creds['company_id']}+{creds['public_key']}:{v}".encode()).decode()
-                   for v in raw]
+        values += [base64.b64encode(f"{creds['company_id']}+{creds['public_key']}:{v}".encode()).decode() for v in raw]
     return values
 
 
@@ -110,7 +109,7 @@ def leaks(blob: str, crm: str, issued: list[str] = ()) -> list[str]:
     `<org id>!<session>`: the org id is public and shares its pieces with the org's record ids, so only the
     session's pieces are searched for."""
     sessions = [v.partition("!")[2] or v for v in secret_values(crm, issued)]
-    pieces = {f[i:i + PIECE] for v in sessions for f in forms(v) for i in range(len(f) - PIECE + 1)}
+    pieces = {f[i : i + PIECE] for v in sessions for f in forms(v) for i in range(len(f) - PIECE + 1)}
     return sorted({n for n in needles(crm, issued) if n in blob} | {p for p in pieces if p in blob})
 
 
@@ -125,9 +124,12 @@ def warehouse_text(engine) -> str:
     """Every text value of every oppsync table, one blob to search."""
     chunks = []
     with engine.connect() as c:
-        columns = c.execute(text(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'oppsync' "
-            "AND (data_type ILIKE '%char%' OR data_type ILIKE '%text%' OR data_type ILIKE 'string')")).fetchall()
+        columns = c.execute(
+            text(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'oppsync' "
+                "AND (data_type ILIKE '%char%' OR data_type ILIKE '%text%' OR data_type ILIKE 'string')"
+            )
+        ).fetchall()
         assert len(columns) > 40, f"too few text columns found: {len(columns)}"
         for table, column in columns:
             # identifiers from information_schema, not from input
@@ -139,8 +141,7 @@ def warehouse_text(engine) -> str:
 
 def files_text(folder: Path) -> str:
     """Every file under `folder` (SQLite databases, their journals, captured compute logs) as text."""
-    return "\n".join(p.read_bytes().decode("utf-8", errors="replace") for p in sorted(folder.rglob("*"))
-                     if p.is_file())
+    return "\n".join(p.read_bytes().decode("utf-8", errors="replace") for p in sorted(folder.rglob("*")) if p.is_file())
 
 
 # -- the scrubber on its own ----------------------------------------------------------------------------------------
@@ -148,26 +149,52 @@ def files_text(folder: Path) -> str:
 SAMPLE = "Kp7/vQ+x=Zr9wLm2~Tq"
 
 
-@pytest.mark.parametrize("form", [
-    SAMPLE, quote(SAMPLE, safe=""), quote(SAMPLE), quote_plus(SAMPLE),
-    re.sub("%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(SAMPLE, safe="")),
-    SAMPLE[:9], SAMPLE[-8:],                                          # cut at a length limit
-    *(base64.b64encode(f"{user}:{SAMPLE}".encode()).decode() for user in ("a", "ab", "abc")),  # 3 alignments
-    base64.urlsafe_b64encode(f"ab:{SAMPLE}".encode()).decode(),
-], ids=["raw", "quote", "quote-slash", "quote_plus", "lower-hex", "prefix", "suffix", "b64-0", "b64-1", "b64-2",
-        "b64-urlsafe"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        SAMPLE,
+        quote(SAMPLE, safe=""),
+        quote(SAMPLE),
+        quote_plus(SAMPLE),
+        re.sub("%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(SAMPLE, safe="")),
+        SAMPLE[:9],
+        SAMPLE[-8:],  # cut at a length limit
+        *(base64.b64encode(f"{user}:{SAMPLE}".encode()).decode() for user in ("a", "ab", "abc")),  # 3 alignments
+        base64.urlsafe_b64encode(f"ab:{SAMPLE}".encode()).decode(),
+    ],
+    ids=[
+        "raw",
+        "quote",
+        "quote-slash",
+        "quote_plus",
+        "lower-hex",
+        "prefix",
+        "suffix",
+        "b64-0",
+        "b64-1",
+        "b64-2",
+        "b64-urlsafe",
+    ],
+)
 def test_every_form_of_a_secret_is_masked(form: str):
     scrubbed = Scrubber({"client_secret": SAMPLE})(f"error: got {form} in the request")
     assert "***" in scrubbed
     rest = scrubbed.replace("error: got", "").replace("in the request", "")
-    pieces = {form[i:i + PIECE] for i in range(len(form) - PIECE + 1)}
+    pieces = {form[i : i + PIECE] for i in range(len(form) - PIECE + 1)}
     assert not [p for p in pieces if p in rest], scrubbed
 
 
 def test_short_values_identifiers_and_overlaps():
-    s = Scrubber({"secret": "x9Q", "code": "k2Zp", "key": "Ab3$xYz", "username": "api@sandbox.example.com",
-                  "private_key": "Zr9wLm2~TqKp7"})
-    assert s("x9Q k2Zp Ab3$xYz") == "x9Q *** ***"                    # < 4 chars: never; 4-7: whole only
+    s = Scrubber(
+        {
+            "secret": "x9Q",
+            "code": "k2Zp",
+            "key": "Ab3$xYz",
+            "username": "api@sandbox.example.com",
+            "private_key": "Zr9wLm2~TqKp7",
+        }
+    )
+    assert s("x9Q k2Zp Ab3$xYz") == "x9Q *** ***"  # < 4 chars: never; 4-7: whole only
     assert s("k2Z Ab3$xY") == "k2Z Ab3$xY"
     # an identifier is masked whole, its pieces are ordinary text
     assert s("user api@sandbox.example.com at sandbox.example.com") == "user *** at sandbox.example.com"
@@ -182,15 +209,19 @@ def test_tokens_the_auth_sends_are_learned(recognisable_secrets, tmp_path: Path)
         sim = build_simulator(crm, seed=3, opportunities=5)
         issued = IssuedTokens(sim)
         with SandboxServer(sim) as server:
-            cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
-                                 extra={crm: connection_extra(crm, lean=True)})
+            cfg = sandbox_config(
+                {crm: server},
+                f"duckdb:///{tmp_path / 'w.duckdb'}",
+                tmp_path,
+                extra={crm: connection_extra(crm, lean=True)},
+            )
             connector = build_connector(cfg, cfg.connections[0])
             connector.prepare()
         assert issued.values or crm == "connectwise", "no token was issued"
         for value in secret_values(crm, issued.values, refused=False):
             for form in forms(value):
                 assert connector.scrubber(f"<{form}>") == "<***>", form
-            for form in forms(value.partition("!")[2] or value):   # a Salesforce token's session
+            for form in forms(value.partition("!")[2] or value):  # a Salesforce token's session
                 assert connector.scrubber(f"<{form[3:12]}>") == "<***>", form
 
 
@@ -206,7 +237,7 @@ def test_log_records_are_scrubbed_at_the_source_and_by_the_cli_handler(caplog: p
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    scrub_handlers([handler])           # what `oppsync` does to the handler it installs
+    scrub_handlers([handler])  # what `oppsync` does to the handler it installs
     theirs = logging.getLogger("some.library")
     theirs.addHandler(handler)
     basic = base64.b64encode(f"user:{SAMPLE}".encode()).decode()
@@ -223,10 +254,17 @@ def test_log_records_are_scrubbed_at_the_source_and_by_the_cli_handler(caplog: p
 
 # -- runs through the library ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("crm", SELECTED)
-def test_no_secret_in_logs_errors_or_warehouse(crm: str, backend: str, recognisable_secrets, tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+def test_no_secret_in_logs_errors_or_warehouse(
+    crm: str,
+    backend: str,
+    recognisable_secrets,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
     caplog.set_level(logging.DEBUG)
     sim = build_simulator(crm, seed=9, opportunities=60)
     issued = IssuedTokens(sim)
@@ -240,10 +278,12 @@ def test_no_secret_in_logs_errors_or_warehouse(crm: str, backend: str, recognisa
         ok = sync_connection(cfg, conn, engine, run_id="good", mode="full")
         assert ok.extract.status == "complete"
 
-        faults = (("5xx-until-giving-up", [FaultRule("server_error", count=0, path=OPPORTUNITY_PAGES[crm])]),
-                  ("malformed", [FaultRule("malformed", path=OPPORTUNITY_PAGES[crm])]),
-                  ("token-expiry", [FaultRule("token_expiry", path=OPPORTUNITY_PAGES[crm])]),
-                  ("echoed-headers", [echo(crm)]))
+        faults = (
+            ("5xx-until-giving-up", [FaultRule("server_error", count=0, path=OPPORTUNITY_PAGES[crm])]),
+            ("malformed", [FaultRule("malformed", path=OPPORTUNITY_PAGES[crm])]),
+            ("token-expiry", [FaultRule("token_expiry", path=OPPORTUNITY_PAGES[crm])]),
+            ("echoed-headers", [echo(crm)]),
+        )
         # what differs on Postgres is where the texts are stored: the echo is enough there, except in full mode
         for name, rules in faults if backend == "duckdb" or FULL else faults[-1:]:
             sim.faults.rules = rules
@@ -258,11 +298,20 @@ def test_no_secret_in_logs_errors_or_warehouse(crm: str, backend: str, recognisa
         # refused credentials: the environment wins over the secrets file
         monkeypatch.setenv(env_var(conn.name, SECRET_KEY[crm]), wrong(crm))
         with pytest.raises(ExtractFailed) as refused:
-            sync_connection(cfg, conn, engine, run_id="refused", mode="full",
-                            connector=build_connector(cfg, conn, sleep=client_sleep(crm)))
+            sync_connection(
+                cfg,
+                conn,
+                engine,
+                run_id="refused",
+                mode="full",
+                connector=build_connector(cfg, conn, sleep=client_sleep(crm)),
+            )
         messages.append(f"{refused.value!r} {refused.value.__cause__!r} {refused.value.__context__!r}")
-        assert "401" in str(refused.value) or "refused" in str(refused.value).lower() \
-            or "invalid" in str(refused.value).lower(), str(refused.value)
+        assert (
+            "401" in str(refused.value)
+            or "refused" in str(refused.value).lower()
+            or "invalid" in str(refused.value).lower()
+        ), str(refused.value)
         stored = warehouse_text(engine)
         engine.dispose()
 
@@ -283,8 +332,12 @@ def test_no_secret_in_config_check_output(recognisable_secrets, tmp_path: Path, 
         issued = IssuedTokens(sim)
         sim.faults.rules = [echo(crm)]
         with SandboxServer(sim) as server:
-            cfg = sandbox_config({crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path,
-                                 extra={crm: connection_extra(crm, lean=True)})
+            cfg = sandbox_config(
+                {crm: server},
+                f"duckdb:///{tmp_path / 'w.duckdb'}",
+                tmp_path,
+                extra={crm: connection_extra(crm, lean=True)},
+            )
             assert not check_online(cfg, cfg.connections[0])
         out = capsys.readouterr()
         printed = out.out + out.err
@@ -293,6 +346,7 @@ def test_no_secret_in_config_check_output(recognisable_secrets, tmp_path: Path, 
 
 
 # -- runs through the CLI and Dagster -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS if FULL else ("duckdb",))
 def test_no_secret_in_cli_output_warehouse_or_dagster_storage(backend: str, recognisable_secrets, tmp_path: Path):
@@ -313,11 +367,31 @@ def test_no_secret_in_cli_output_warehouse_or_dagster_storage(backend: str, reco
             cfg = sandbox_config({crm: server}, url, folder, extra={crm: connection_extra(crm, lean=True)})
             config_file = folder / "oppsync.yaml"
             config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-            env = {**os.environ, "DAGSTER_HOME": str(folder / "dagster"), "PYTHONPATH": str(ROOT),
-                   "GX_ANALYTICS_ENABLED": "false"}
-            process = subprocess.Popen([sys.executable, "-m", "oppsync_pipeline.cli", "--config", str(config_file),
-                                        "-v", "sync", "--connection", cfg.connections[0].name, "--full"],
-                                       cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env = {
+                **os.environ,
+                "DAGSTER_HOME": str(folder / "dagster"),
+                "PYTHONPATH": str(ROOT),
+                "GX_ANALYTICS_ENABLED": "false",
+            }
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "oppsync_pipeline.cli",
+                    "--config",
+                    str(config_file),
+                    "-v",
+                    "sync",
+                    "--connection",
+                    cfg.connections[0].name,
+                    "--full",
+                ],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             runs[crm] = (process, url, folder / "dagster")
         found = {}
         for crm, (process, url, home) in runs.items():
@@ -327,18 +401,21 @@ def test_no_secret_in_cli_output_warehouse_or_dagster_storage(backend: str, reco
             stored = warehouse_text(engine)
             engine.dispose()
             assert process.returncode == 1, printed
-            assert "Request header field is invalid" in stderr, printed   # the run's error, as the CLI reports it
+            assert "Request header field is invalid" in stderr, printed  # the run's error, as the CLI reports it
             assert "Request header field is invalid" in stored
             assert "Request header field is invalid" in on_disk, "the failure was not in Dagster's storage"
             assert list(home.rglob("*.err")), "no captured compute log found"
-            found[crm] = {"output": leaks(printed, crm, issued[crm].values),
-                          "warehouse": leaks(stored, crm, issued[crm].values),
-                          "dagster": leaks(on_disk, crm, issued[crm].values)}
+            found[crm] = {
+                "output": leaks(printed, crm, issued[crm].values),
+                "warehouse": leaks(stored, crm, issued[crm].values),
+                "dagster": leaks(on_disk, crm, issued[crm].values),
+            }
     assert not any(v for where in found.values() for v in where.values()), f"secrets leaked: {found}"
 
 
-def test_no_secret_in_dagster_runs(recognisable_secrets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   caplog: pytest.LogCaptureFixture):
+def test_no_secret_in_dagster_runs(
+    recognisable_secrets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Materialize every connection's assets through Dagster (as `oppsync sync` does), one run failing on
     refused credentials and one on echoed headers, then search the runs' event logs, run records, the captured
     logs and every file of the instance's storage on disk.
@@ -356,8 +433,12 @@ def test_no_secret_in_dagster_runs(recognisable_secrets, tmp_path: Path, monkeyp
     servers = {crm: SandboxServer(sim).start() for crm, sim in sims.items()}
     home = tmp_path / "dagster"
     try:
-        cfg = sandbox_config(servers, f"duckdb:///{tmp_path / 'dagster.duckdb'}", tmp_path,
-                             extra={crm: connection_extra(crm, lean=True) for crm in SELECTED})
+        cfg = sandbox_config(
+            servers,
+            f"duckdb:///{tmp_path / 'dagster.duckdb'}",
+            tmp_path,
+            extra={crm: connection_extra(crm, lean=True) for crm in SELECTED},
+        )
         config_file = tmp_path / "oppsync.yaml"
         config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         monkeypatch.setenv("OPPSYNC_CONFIG", str(config_file))
@@ -394,6 +475,11 @@ def test_no_secret_in_dagster_runs(recognisable_secrets, tmp_path: Path, monkeyp
     on_disk = files_text(home)
     assert "STEP_FAILURE" in blob or "step_failure" in blob.lower(), "the failing run's events were not searched"
     assert "Request header field is invalid" in on_disk, "the echoed error was not in Dagster's storage"
-    found = {crm: leaks(blob, crm, issued[crm].values) + leaks(caplog.text, crm, issued[crm].values)
-             + leaks(stored, crm, issued[crm].values) + leaks(on_disk, crm, issued[crm].values) for crm in SELECTED}
+    found = {
+        crm: leaks(blob, crm, issued[crm].values)
+        + leaks(caplog.text, crm, issued[crm].values)
+        + leaks(stored, crm, issued[crm].values)
+        + leaks(on_disk, crm, issued[crm].values)
+        for crm in SELECTED
+    }
     assert not any(found.values()), f"secrets in Dagster records, logs or warehouse: {found}"

@@ -14,9 +14,12 @@ from oppsync_pipeline.lib.record import parse_datetime
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
 
-HEADERS = {"ApiIntegrationCode": at.SANDBOX_CREDENTIALS["integration_code"],
-           "UserName": at.SANDBOX_CREDENTIALS["username"], "Secret": at.SANDBOX_CREDENTIALS["secret"],
-           "Content-Type": "application/json"}
+HEADERS = {
+    "ApiIntegrationCode": at.SANDBOX_CREDENTIALS["integration_code"],
+    "UserName": at.SANDBOX_CREDENTIALS["username"],
+    "Secret": at.SANDBOX_CREDENTIALS["secret"],
+    "Content-Type": "application/json",
+}
 ALL = [{"op": "gt", "field": "id", "value": 0}]
 
 
@@ -29,8 +32,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def api(server):
-    info = requests.get(f"{server.url}/atservicesrest/v1.0/zoneInformation",
-                        params={"user": HEADERS["UserName"]}, timeout=10).json()
+    info = requests.get(
+        f"{server.url}/atservicesrest/v1.0/zoneInformation", params={"user": HEADERS["UserName"]}, timeout=10
+    ).json()
     return info["url"] + "V1.0/"
 
 
@@ -50,14 +54,19 @@ def page_all_post(api, body):
 
 
 def test_zone_information_needs_no_auth_and_points_at_the_simulator(server):
-    r = requests.get(f"{server.url}/ATServicesRest/V1.0/zoneInformation", params={"user": HEADERS["UserName"]},
-                     timeout=10)
+    r = requests.get(
+        f"{server.url}/ATServicesRest/V1.0/zoneInformation", params={"user": HEADERS["UserName"]}, timeout=10
+    )
     assert r.status_code == 200
     info = r.json()
     assert set(info) == {"zoneName", "url", "webUrl", "ci"}
     assert info["url"] == f"{server.url}/ATServicesRest/"
-    assert requests.get(f"{server.url}/atservicesrest/v1.0/zoneInformation", params={"user": "nobody@x.com"},
-                        timeout=10).status_code == 500
+    assert (
+        requests.get(
+            f"{server.url}/atservicesrest/v1.0/zoneInformation", params={"user": "nobody@x.com"}, timeout=10
+        ).status_code
+        == 500
+    )
     assert requests.get(f"{server.url}/atservicesrest/v1.0/zoneInformation", timeout=10).status_code == 500
 
 
@@ -110,39 +119,70 @@ def test_filter_grammar(server, api):
         return sorted(o["id"] for p in page_all_post(api, {"MaxRecords": 500, "filter": filters}) for o in p["items"])
 
     open_ids = sorted(int(o.native_id) for o in live if o.stage in ("0", "1"))
-    assert ids([{"op": "or", "items": [{"op": "eq", "field": "status", "value": 0},
-                                       {"op": "eq", "field": "status", "value": 1}]}]) == open_ids
+    assert (
+        ids(
+            [
+                {
+                    "op": "or",
+                    "items": [{"op": "eq", "field": "status", "value": 0}, {"op": "eq", "field": "status", "value": 1}],
+                }
+            ]
+        )
+        == open_ids
+    )
     assert ids([{"op": "in", "field": "status", "value": [0, 1]}]) == open_ids
     not_open = ids([{"op": "notIn", "field": "status", "value": [0, 1]}])
     assert sorted(open_ids + not_open) == sorted(int(o.native_id) for o in live)
     cutoff = sorted(o.modified_at for o in live)[len(live) // 2]
     since = cutoff.strftime("%Y-%m-%dT%H:%M:%S.") + f"{cutoff.microsecond // 1000:03d}Z"
     assert ids([{"op": "gte", "field": "lastActivity", "value": since}]) == sorted(
-        int(o.native_id) for o in live if o.modified_at >= cutoff)
-    acme = ids([{"op": "beginsWith", "field": "title", "value": "acme"}])       # case-insensitive
+        int(o.native_id) for o in live if o.modified_at >= cutoff
+    )
+    acme = ids([{"op": "beginsWith", "field": "title", "value": "acme"}])  # case-insensitive
     assert acme == sorted(int(o.native_id) for o in live if o.name.lower().startswith("acme"))
     assert ids([{"op": "contains", "field": "title", "value": "GOLD"}]) == sorted(
-        int(o.native_id) for o in live if "gold" in o.name.lower())
+        int(o.native_id) for o in live if "gold" in o.name.lower()
+    )
     assert ids([{"op": "endsWith", "field": "title", "value": "rollout; 3 sites"}]) == sorted(
-        int(o.native_id) for o in live if o.name.endswith("rollout; 3 sites"))
+        int(o.native_id) for o in live if o.name.endswith("rollout; 3 sites")
+    )
     west = ids([{"op": "eq", "field": "Region", "value": "West", "udf": True}])
     assert west and len(west) < len(live)
     legacy = ids([{"op": "exist", "field": "Original Create Date", "udf": True}])
     assert len(legacy) + len(ids([{"op": "notExist", "field": "Original Create Date", "udf": True}])) == len(live)
-    nested = ids([{"op": "and", "items": [{"op": "gte", "field": "amount", "value": 100000},
-                                          {"op": "or", "items": [{"op": "eq", "field": "status", "value": 3},
-                                                                 {"op": "lt", "field": "probability", "value": 20}]}]}])
-    assert nested == sorted(int(o.native_id) for o in live if (o.amount or 0) >= 100000 and (
-        o.stage == "3" or int(round(o.probability or 0)) < 20))
+    nested = ids(
+        [
+            {
+                "op": "and",
+                "items": [
+                    {"op": "gte", "field": "amount", "value": 100000},
+                    {
+                        "op": "or",
+                        "items": [
+                            {"op": "eq", "field": "status", "value": 3},
+                            {"op": "lt", "field": "probability", "value": 20},
+                        ],
+                    },
+                ],
+            }
+        ]
+    )
+    assert nested == sorted(
+        int(o.native_id)
+        for o in live
+        if (o.amount or 0) >= 100000 and (o.stage == "3" or int(round(o.probability or 0)) < 20)
+    )
     # a value with quotes is a value, never syntax
     assert ids([{"op": "eq", "field": "title", "value": "x' or '1'='1"}]) == []
 
 
 def test_query_errors_are_500_with_errors_array(api):
-    for body in ({"filter": [{"op": "eq", "field": "nope", "value": 1}]},
-                 {"filter": [{"op": "between", "field": "id", "value": 1}]},
-                 {"MaxRecords": 501, "filter": ALL},
-                 {"filter": []}):
+    for body in (
+        {"filter": [{"op": "eq", "field": "nope", "value": 1}]},
+        {"filter": [{"op": "between", "field": "id", "value": 1}]},
+        {"MaxRecords": 501, "filter": ALL},
+        {"filter": []},
+    ):
         r = post(api + "Opportunities/query", body)
         assert r.status_code == 500
         assert isinstance(r.json()["errors"], list) and r.json()["errors"][0]
@@ -158,17 +198,28 @@ def test_include_fields_without_id_gives_no_next_page(api):
 
 def test_record_shape(api):
     item = post(api + "Opportunities/query", {"MaxRecords": 50, "filter": ALL}).json()["items"][0]
-    for key, kind in (("id", int), ("companyID", int), ("ownerResourceID", int), ("creatorResourceID", int),
-                      ("status", int), ("stage", int), ("probability", int), ("amount", float),
-                      ("title", str), ("userDefinedFields", list)):
+    for key, kind in (
+        ("id", int),
+        ("companyID", int),
+        ("ownerResourceID", int),
+        ("creatorResourceID", int),
+        ("status", int),
+        ("stage", int),
+        ("probability", int),
+        ("amount", float),
+        ("title", str),
+        ("userDefinedFields", list),
+    ):
         assert isinstance(item[key], kind), key
     dt = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,3})?Z$")
     assert dt.match(item["createDate"]) and dt.match(item["lastActivity"]) and dt.match(item["projectedCloseDate"])
     single = requests.get(api + f"Opportunities/{item['id']}", headers=HEADERS, timeout=10).json()
     assert single == {"item": item}
-    fractions = {len(o["createDate"]) for o in post(api + "Opportunities/query",
-                                                    {"MaxRecords": 500, "filter": ALL}).json()["items"]}
-    assert len(fractions) > 1     # variable-length fractions of a second
+    fractions = {
+        len(o["createDate"])
+        for o in post(api + "Opportunities/query", {"MaxRecords": 500, "filter": ALL}).json()["items"]
+    }
+    assert len(fractions) > 1  # variable-length fractions of a second
 
 
 def test_entity_information_picklists_are_strings(api):
@@ -176,8 +227,14 @@ def test_entity_information_picklists_are_strings(api):
     status = next(f for f in fields["fields"] if f["name"] == "status")
     assert status["isPickList"] and status["dataType"] == "integer"
     values = {v["value"]: v["label"] for v in status["picklistValues"]}
-    assert values == {"0": "Not Ready To Buy", "1": "Active", "2": "Lost", "3": "Closed", "4": "Implemented",
-                      "5": "On Hold"}
+    assert values == {
+        "0": "Not Ready To Buy",
+        "1": "Active",
+        "2": "Lost",
+        "3": "Closed",
+        "4": "Implemented",
+        "5": "On Hold",
+    }
     assert all(isinstance(v["value"], str) and "isActive" in v and "sortOrder" in v for v in status["picklistValues"])
     udfs = requests.get(api + "Opportunities/entityInformation/userDefinedFields", headers=HEADERS, timeout=10)
     assert {f["name"] for f in udfs.json()["fields"]} == set(at.UDF_NAMES)
@@ -200,10 +257,17 @@ def test_companies_contacts_resources_countries(server, api):
 
 def test_create_update_and_no_delete(server, api):
     world = server.simulator.world
-    body = {"title": "O'Brien \"Test\" deal", "companyID": int(world.accounts[0].native_id),
-            "ownerResourceID": int(world.users[2].native_id), "status": 1, "stage": 2, "amount": 1234.5,
-            "probability": 40, "projectedCloseDate": "2030-01-31T00:00:00Z",
-            "userDefinedFields": [{"name": "Region", "value": "EMEA"}]}
+    body = {
+        "title": 'O\'Brien "Test" deal',
+        "companyID": int(world.accounts[0].native_id),
+        "ownerResourceID": int(world.users[2].native_id),
+        "status": 1,
+        "stage": 2,
+        "amount": 1234.5,
+        "probability": 40,
+        "projectedCloseDate": "2030-01-31T00:00:00Z",
+        "userDefinedFields": [{"name": "Region", "value": "EMEA"}],
+    }
     r = post(api + "Opportunities", body)
     assert r.status_code == 200
     new_id = r.json()["itemId"]
@@ -216,16 +280,21 @@ def test_create_update_and_no_delete(server, api):
     assert post(api + "Opportunities", {"title": "x"}).status_code == 500
 
     world.clock.advance(timedelta(seconds=5))
-    r = requests.patch(api + "Opportunities", data=json.dumps({"id": new_id, "status": 3, "amount": 99.0}),
-                       headers=HEADERS, timeout=10)
+    r = requests.patch(
+        api + "Opportunities", data=json.dumps({"id": new_id, "status": 3, "amount": 99.0}), headers=HEADERS, timeout=10
+    )
     assert r.json() == {"itemId": new_id}
     after = requests.get(api + f"Opportunities/{new_id}", headers=HEADERS, timeout=10).json()["item"]
     assert after["status"] == 3 and after["amount"] == 99.0 and after["lastActivity"] > item["lastActivity"]
     assert after["closedDate"] is not None
     # only a UDF changed: lastActivity does not move (why full syncs are still needed)
     world.clock.advance(timedelta(seconds=5))
-    requests.patch(api + "Opportunities", data=json.dumps({"id": new_id, "userDefinedFields": [
-        {"name": "Region", "value": "APAC"}]}), headers=HEADERS, timeout=10)
+    requests.patch(
+        api + "Opportunities",
+        data=json.dumps({"id": new_id, "userDefinedFields": [{"name": "Region", "value": "APAC"}]}),
+        headers=HEADERS,
+        timeout=10,
+    )
     udf = requests.get(api + f"Opportunities/{new_id}", headers=HEADERS, timeout=10).json()["item"]
     assert {"name": "Region", "value": "APAC"} in udf["userDefinedFields"]
     assert udf["lastActivity"] == after["lastActivity"]
@@ -262,8 +331,9 @@ def test_close_time_follows_status_changes(server, api):
 
     def patch_status(value: int) -> dict:
         world.clock.advance(timedelta(seconds=3))
-        r = requests.patch(api + "Opportunities", data=json.dumps({"id": oid, "status": value}), headers=HEADERS,
-                           timeout=10)
+        r = requests.patch(
+            api + "Opportunities", data=json.dumps({"id": oid, "status": value}), headers=HEADERS, timeout=10
+        )
         assert r.status_code == 200, r.text
         return requests.get(api + f"Opportunities/{oid}", headers=HEADERS, timeout=10).json()["item"]
 
@@ -272,12 +342,14 @@ def test_close_time_follows_status_changes(server, api):
     won = patch_status(3)
     assert won["lostDate"] is None and won["closedDate"] == won["lastActivity"]
     assert parse_datetime(won["closedDate"]) > parse_datetime(lost["lostDate"])
-    still = patch_status(4)           # Closed -> Implemented: still won, the close time stays
+    still = patch_status(4)  # Closed -> Implemented: still won, the close time stays
     assert still["closedDate"] == won["closedDate"]
     reopened = patch_status(1)
     assert reopened["closedDate"] is None and reopened["lostDate"] is None
-    found = post(api + "Opportunities/query", {"filter": [{"op": "exist", "field": "closedDate"},
-                                                          {"op": "eq", "field": "id", "value": oid}]})
+    found = post(
+        api + "Opportunities/query",
+        {"filter": [{"op": "exist", "field": "closedDate"}, {"op": "eq", "field": "id", "value": oid}]},
+    )
     assert found.json()["items"] == []
 
 
@@ -302,19 +374,22 @@ def test_threshold_latency_and_429():
     with SandboxServer(sim) as srv:
         api = srv.url + "/ATServicesRest/V1.0/"
         info = requests.get(api + "ThresholdInformation", headers=HEADERS, timeout=10).json()
-        assert info == {"externalRequestThreshold": 20, "requestThresholdTimeframe": 60,
-                        "currentTimeframeRequestCount": 0}
+        assert info == {
+            "externalRequestThreshold": 20,
+            "requestThresholdTimeframe": 60,
+            "currentTimeframeRequestCount": 0,
+        }
         timings = []
         for _ in range(20):
             t = time.perf_counter()
             assert post(api + "Opportunities/query/count", {"filter": ALL}).status_code == 200
             timings.append(time.perf_counter() - t)
-        assert min(timings[15:]) >= 0.045 and min(timings[10:14]) >= 0.02   # 1 s / 0.5 s, scaled by 0.05
+        assert min(timings[15:]) >= 0.045 and min(timings[10:14]) >= 0.02  # 1 s / 0.5 s, scaled by 0.05
         r = post(api + "Opportunities/query/count", {"filter": ALL})
         assert r.status_code == 429 and r.json()["errors"] and r.headers.get("Retry-After")
         info = requests.get(api + "ThresholdInformation", headers=HEADERS, timeout=10).json()
         assert info["currentTimeframeRequestCount"] == 20
-        sim.world.clock.advance(timedelta(minutes=61))      # the rolling hour moves on
+        sim.world.clock.advance(timedelta(minutes=61))  # the rolling hour moves on
         assert post(api + "Opportunities/query/count", {"filter": ALL}).status_code == 200
 
 
@@ -325,15 +400,21 @@ def test_zone_move_gives_401_until_rediscovered():
         assert post(zone + "Opportunities/query/count", {"filter": ALL}).status_code == 200
         sim.expire_tokens()
         assert post(zone + "Opportunities/query/count", {"filter": ALL}).status_code == 401
-        info = requests.get(f"{srv.url}/atservicesrest/v1.0/zoneInformation",
-                            params={"user": HEADERS["UserName"]}, timeout=10).json()
+        info = requests.get(
+            f"{srv.url}/atservicesrest/v1.0/zoneInformation", params={"user": HEADERS["UserName"]}, timeout=10
+        ).json()
         assert info["url"] != srv.url + "/ATServicesRest/"
         assert post(info["url"] + "V1.0/Opportunities/query/count", {"filter": ALL}).status_code == 200
 
 
 def test_faults_render_in_autotask_shape():
-    sim = at.build(seed=3, opportunities=20, faults=FaultPlan([FaultRule("rate_limit", after=1, count=1, seconds=2),
-                                                              FaultRule("server_error", after=1, count=1)]))
+    sim = at.build(
+        seed=3,
+        opportunities=20,
+        faults=FaultPlan(
+            [FaultRule("rate_limit", after=1, count=1, seconds=2), FaultRule("server_error", after=1, count=1)]
+        ),
+    )
     with SandboxServer(sim) as srv:
         zone = srv.url + "/ATServicesRest/V1.0/"
         r = post(zone + "Opportunities/query/count", {"filter": ALL})
@@ -346,6 +427,7 @@ def test_faults_render_in_autotask_shape():
 
 
 # -- tenant variants (issue 14) ------------------------------------------------------------------------------------
+
 
 def _api_of(srv) -> str:
     return srv.url + "/ATServicesRest/V1.0/"
@@ -368,9 +450,10 @@ def test_stage_picklist_is_the_sales_stage_apart_from_the_status(server, api):
         o = world.get(str(item["id"]))
         assert str(item["stage"]) == o.sales_stage and str(item["status"]) == o.stage
     won = {str(i["stage"]) for i in items if i["status"] in (3, 4)}
-    assert won == {"6"}                      # won deals stand in the won stage
-    r = requests.patch(api + "Opportunities", data=json.dumps({"id": items[0]["id"], "stage": 99}),
-                       headers=HEADERS, timeout=10)
+    assert won == {"6"}  # won deals stand in the won stage
+    r = requests.patch(
+        api + "Opportunities", data=json.dumps({"id": items[0]["id"], "stage": 99}), headers=HEADERS, timeout=10
+    )
     assert r.status_code == 500 and "stage" in r.json()["errors"][0]
 
 
@@ -378,17 +461,24 @@ def test_no_optional_rights_refuses_each_optional_read_with_403_errors():
     sim = at.build(seed=2, opportunities=30, variant="no_optional_rights")
     with SandboxServer(sim) as srv:
         api = _api_of(srv)
-        for method, path in (("GET", "ThresholdInformation"), ("GET", "Opportunities/entityInformation/fields"),
-                             ("GET", "Opportunities/entityInformation/userDefinedFields"),
-                             ("POST", "Companies/query"), ("POST", "Contacts/query"), ("POST", "Resources/query"),
-                             ("POST", "Countries/query"), ("GET", f"Companies/{at.COMPANY_BASE}")):
+        for method, path in (
+            ("GET", "ThresholdInformation"),
+            ("GET", "Opportunities/entityInformation/fields"),
+            ("GET", "Opportunities/entityInformation/userDefinedFields"),
+            ("POST", "Companies/query"),
+            ("POST", "Contacts/query"),
+            ("POST", "Resources/query"),
+            ("POST", "Countries/query"),
+            ("GET", f"Companies/{at.COMPANY_BASE}"),
+        ):
             r = requests.request(method, api + path, data=json.dumps({"filter": ALL}), headers=HEADERS, timeout=10)
             assert r.status_code == 403, path
             assert r.json() == {"errors": [at.NO_RIGHTS]}
         assert post(api + "Opportunities/query", {"filter": ALL}).status_code == 200
         # credentials are still checked first
-        assert requests.get(api + "ThresholdInformation", headers=dict(HEADERS, Secret="x"),
-                            timeout=10).status_code == 401
+        assert (
+            requests.get(api + "ThresholdInformation", headers=dict(HEADERS, Secret="x"), timeout=10).status_code == 401
+        )
 
 
 def test_custom_statuses_tenant():
@@ -401,7 +491,7 @@ def test_custom_statuses_tenant():
         assert statuses["11"] == ("Awaiting Budget", False) and statuses["1"] == ("Open", True)
         assert {v["value"] for v in by_name["stage"]["picklistValues"]} == {"101", "102", "103", "104", "105"}
         items = [o for p in page_all_post(api, {"MaxRecords": 500, "filter": ALL}) for o in p["items"]]
-        assert any(i["status"] == 1 and i["stage"] == 104 for i in items)     # won stage, status still Open
+        assert any(i["status"] == 1 and i["stage"] == 104 for i in items)  # won stage, status still Open
         assert any(i["status"] == 12 for i in items) and any(i["status"] == 11 for i in items)
 
 
@@ -411,13 +501,16 @@ def test_udf_fields_tenant():
         api = _api_of(srv)
         udfs = requests.get(api + "Opportunities/entityInformation/userDefinedFields", headers=HEADERS, timeout=10)
         assert [f["name"] for f in udfs.json()["fields"]] == list(at.EXTRA_UDF_NAMES)
-        r = post(api + "Opportunities/query", {"filter": [{"op": "eq", "field": "Region", "value": "West",
-                                                            "udf": True}]})
+        r = post(
+            api + "Opportunities/query", {"filter": [{"op": "eq", "field": "Region", "value": "West", "udf": True}]}
+        )
         assert r.status_code == 500 and "Region" in r.json()["errors"][0]
-        items = post(api + "Opportunities/query", {"filter": [{"op": "exist", "field": "Territory",
-                                                               "udf": True}]}).json()["items"]
-        assert items and all(any(u["name"] == "Territory" and u["value"] for u in i["userDefinedFields"])
-                             for i in items)
+        items = post(
+            api + "Opportunities/query", {"filter": [{"op": "exist", "field": "Territory", "udf": True}]}
+        ).json()["items"]
+        assert items and all(
+            any(u["name"] == "Territory" and u["value"] for u in i["userDefinedFields"]) for i in items
+        )
 
 
 def test_company_changes_move_last_tracked_modified():
@@ -429,7 +522,7 @@ def test_company_changes_move_last_tracked_modified():
         flt = [{"op": "gte", "field": "lastTrackedModifiedDateTime", "value": cutoff}]
         assert post(api + "Companies/query", {"filter": flt}).json()["items"] == []
         acc = sim.world.accounts[3]
-        with sim.world.lock:          # as world.advance renames an account
+        with sim.world.lock:  # as world.advance renames an account
             acc.name += " (renamed)"
             sim.world.version += 1
         sim.world.clock.advance(timedelta(seconds=2))

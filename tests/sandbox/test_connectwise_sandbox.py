@@ -57,15 +57,18 @@ def test_companyinfo_discovers_codebase_without_auth(server):
     assert info["Codebase"].endswith("/") and info["IsCloud"] is True
     assert {"CompanyName", "VersionCode", "VersionNumber", "CompanyID", "SiteUrl"} <= set(info)
     # the discovered codebase serves the API, as does v4_6_release/
-    assert get(f"{server.url}/{info['Codebase']}apis/3.0/sales/opportunities/count").json()["count"] == len(live(server))
+    assert get(f"{server.url}/{info['Codebase']}apis/3.0/sales/opportunities/count").json()["count"] == len(
+        live(server)
+    )
     assert requests.get(f"{server.url}/login/companyinfo/nosuchco", timeout=10).status_code == 404
 
 
 def test_auth_needs_basic_company_plus_key_and_client_id(api):
     r = requests.get(f"{api}/sales/opportunities", auth=AUTH, timeout=10)
     assert r.status_code == 400 and "clientId" in r.json()["message"]
-    r = requests.get(f"{api}/sales/opportunities", auth=(CREDS["public_key"], CREDS["private_key"]),
-                     headers=HEADERS, timeout=10)
+    r = requests.get(
+        f"{api}/sales/opportunities", auth=(CREDS["public_key"], CREDS["private_key"]), headers=HEADERS, timeout=10
+    )
     assert r.status_code == 401 and set(r.json()) >= {"code", "message"}
     r = requests.get(f"{api}/sales/opportunities", auth=(AUTH[0], "wrong"), headers=HEADERS, timeout=10)
     assert r.status_code == 401
@@ -115,8 +118,9 @@ def test_paging_to_the_end_navigable_and_forward_only(server, api):
     expected = sorted(int(o.native_id) for o in live(server) if int(o.stage) in open_ids)
     assert [r["id"] for r in rows] == expected and len(links) > 2
     assert get(f"{api}/sales/opportunities/count", conditions=cond).json() == {"count": len(expected)}
-    rows, links = page_all(f"{api}/sales/opportunities", {"conditions": cond, "pageSize": 50},
-                           headers={"pagination-type": "forward-only"})
+    rows, links = page_all(
+        f"{api}/sales/opportunities", {"conditions": cond, "pageSize": 50}, headers={"pagination-type": "forward-only"}
+    )
     assert [r["id"] for r in rows] == expected and "pageId=" in links[0]
 
 
@@ -137,11 +141,12 @@ def test_conditions_grammar(server, api):
     assert ids(f'company/name = "{escaped}"') == sorted(int(o.native_id) for o in opps if o.account == acc.idx)
     assert ids('name contains "renewal"') == sorted(int(o.native_id) for o in opps if "renewal" in o.name.lower())
     assert ids('name like "Acme*"') == sorted(int(o.native_id) for o in opps if o.name.lower().startswith("acme"))
-    assert ids("status/id not in (1,5,6,7)") == sorted(int(o.native_id) for o in opps if world.stages[o.stage].is_closed)
-    both = ids('(status/id = 2 or status/id = 3) and closedFlag = true')
+    assert ids("status/id not in (1,5,6,7)") == sorted(
+        int(o.native_id) for o in opps if world.stages[o.stage].is_closed
+    )
+    both = ids("(status/id = 2 or status/id = 3) and closedFlag = true")
     assert both == sorted(int(o.native_id) for o in opps if o.stage in ("2", "3"))
-    assert ids("company/id = null") == sorted(
-        int(o.native_id) for o in opps if o.account is None)
+    assert ids("company/id = null") == sorted(int(o.native_id) for o in opps if o.account is None)
     # the quote is data inside the literal, not the end of it
     assert ids('name = "x\\" or id > 0 or name = \\"y"') == []
     quoted = get(f"{api}/sales/opportunities", conditions=f'lastUpdated > "{stamp}"')
@@ -152,8 +157,10 @@ def test_conditions_grammar(server, api):
 
 
 def test_order_by_and_fields(server, api):
-    rows, _ = page_all(f"{api}/sales/opportunities", {"orderBy": "_info/lastUpdated asc, id asc", "pageSize": 200,
-                                                      "fields": "id,_info/lastUpdated,company/name"})
+    rows, _ = page_all(
+        f"{api}/sales/opportunities",
+        {"orderBy": "_info/lastUpdated asc, id asc", "pageSize": 200, "fields": "id,_info/lastUpdated,company/name"},
+    )
     keys = [(r["_info"]["lastUpdated"], r["id"]) for r in rows]
     assert keys == sorted(keys) and len(rows) == len(live(server))
     assert set(rows[0]) <= {"id", "_info", "company"} and set(rows[0]["_info"]) == {"lastUpdated"}
@@ -178,8 +185,11 @@ def test_forecast_sums_to_the_amount(server, api):
 def test_statuses_members_companies_sites(server, api):
     statuses = get(f"{api}/sales/opportunities/statuses").json()
     by_name = {s["name"]: s for s in statuses}
-    assert by_name["No Decision"]["closedFlag"] and not by_name["No Decision"]["wonFlag"] \
+    assert (
+        by_name["No Decision"]["closedFlag"]
+        and not by_name["No Decision"]["wonFlag"]
         and not by_name["No Decision"]["lostFlag"]
+    )
     assert by_name["Won"]["wonFlag"] and by_name["Open"]["defaultFlag"] and by_name["On Hold"]["inactiveFlag"]
     members, _ = page_all(f"{api}/system/members", {"pageSize": 10})
     assert len(members) == len(server.simulator.world.users)
@@ -196,8 +206,10 @@ def test_statuses_members_companies_sites(server, api):
 
 
 def test_custom_field_conditions(server, api):
-    rows, _ = page_all(f"{api}/sales/opportunities",
-                       {"customFieldConditions": 'caption = "Region" and value = "West"', "pageSize": 1000})
+    rows, _ = page_all(
+        f"{api}/sales/opportunities",
+        {"customFieldConditions": 'caption = "Region" and value = "West"', "pageSize": 1000},
+    )
     expected = sorted(int(o.native_id) for o in live(server) if cw.REGIONS[o.seq % 5] == "West")
     assert sorted(r["id"] for r in rows) == expected and expected
 
@@ -206,9 +218,18 @@ def test_writes_create_patch_put_delete(server, api):
     sim = server.simulator
     acc = sim.world.accounts[1]
     rep = cw.MEMBER_ID_BASE + 2
-    post = lambda body: requests.post(f"{api}/sales/opportunities", json=body, auth=AUTH, headers=HEADERS, timeout=10)
-    r = post({"name": "API made", "company": {"id": int(acc.native_id)}, "primarySalesRep": {"id": rep},
-              "expectedCloseDate": "2030-06-30T00:00:00Z"})
+
+    def post(body):
+        return requests.post(f"{api}/sales/opportunities", json=body, auth=AUTH, headers=HEADERS, timeout=10)
+
+    r = post(
+        {
+            "name": "API made",
+            "company": {"id": int(acc.native_id)},
+            "primarySalesRep": {"id": rep},
+            "expectedCloseDate": "2030-06-30T00:00:00Z",
+        }
+    )
     assert r.status_code == 201, r.text
     o = r.json()
     assert o["status"]["name"] == "Open" and o["company"]["name"] == acc.name
@@ -218,15 +239,23 @@ def test_writes_create_patch_put_delete(server, api):
     assert bad.status_code == 400 and bad.json()["code"] == "InvalidObject" and bad.json()["errors"]
 
     sim.world.clock.advance(timedelta(seconds=5))
-    patch = [{"op": "replace", "path": "status", "value": {"id": 2}}, {"op": "replace", "path": "name", "value": "Won it"}]
+    patch = [
+        {"op": "replace", "path": "status", "value": {"id": 2}},
+        {"op": "replace", "path": "name", "value": "Won it"},
+    ]
     r = requests.patch(f"{api}/sales/opportunities/{o['id']}", json=patch, auth=AUTH, headers=HEADERS, timeout=10)
     assert r.status_code == 200
     won = r.json()
     assert won["status"]["name"] == "Won" and won["name"] == "Won it" and won["closedDate"] is not None
     assert won["_info"]["lastUpdated"] > o["_info"]["lastUpdated"]
 
-    fc = requests.post(f"{api}/sales/opportunities/{o['id']}/forecast", json={"revenue": 1234.5, "forecastType": "Service"},
-                       auth=AUTH, headers=HEADERS, timeout=10)
+    fc = requests.post(
+        f"{api}/sales/opportunities/{o['id']}/forecast",
+        json={"revenue": 1234.5, "forecastType": "Service"},
+        auth=AUTH,
+        headers=HEADERS,
+        timeout=10,
+    )
     assert fc.status_code == 201
     assert get(f"{api}/sales/opportunities/{o['id']}/forecast").json()["forecastRevenueTotals"]["revenue"] == 1234.5
 
@@ -249,8 +278,13 @@ def test_offset_paging_shifts_when_data_changes_between_pages():
         params = {"conditions": "status/id in (1,5,6,7)", "orderBy": "id asc", "pageSize": 20}
         first = get(f"{api}/sales/opportunities", **params)
         page1 = first.json()
-        requests.patch(f"{api}/sales/opportunities/{page1[0]['id']}",
-                       json=[{"op": "replace", "path": "status/id", "value": 2}], auth=AUTH, headers=HEADERS, timeout=10)
+        requests.patch(
+            f"{api}/sales/opportunities/{page1[0]['id']}",
+            json=[{"op": "replace", "path": "status/id", "value": 2}],
+            auth=AUTH,
+            headers=HEADERS,
+            timeout=10,
+        )
         page2 = requests.get(first.links["next"]["url"], auth=AUTH, headers=HEADERS, timeout=10).json()
         fresh = get(f"{api}/sales/opportunities", **params).json()
         assert fresh[19]["id"] not in {r["id"] for r in page2}  # shifted onto page 1: skipped by this pass
@@ -276,6 +310,7 @@ def test_rate_limit_fault_and_allowance():
 
 # -- issue 14: sales stages, site addresses, security roles, tenant variants ----------------------------------------
 
+
 def test_sales_stages_are_apart_from_statuses(server, api):
     stages = get(f"{api}/sales/stages").json()
     assert [s["name"] for s in stages] == [name for _, name, _ in cw.SALES_STAGES]
@@ -287,8 +322,9 @@ def test_sales_stages_are_apart_from_statuses(server, api):
         assert r["stage"]["id"] == int(world.sales_stage_of(o).key) and r["status"]["id"] == int(o.stage)
         if world.status(o) == "won":
             assert r["stage"]["name"] == "5.Closing"
-    assert ids_of(api, "stage/name = \"3.Quote\"") == sorted(
-        int(o.native_id) for o in live(server) if world.sales_stage_of(o).label == "3.Quote")
+    assert ids_of(api, 'stage/name = "3.Quote"') == sorted(
+        int(o.native_id) for o in live(server) if world.sales_stage_of(o).label == "3.Quote"
+    )
     assert get(f"{api}/sales/stages/3").json()["name"] == "3.Quote"
 
 
@@ -319,9 +355,15 @@ def test_no_optional_rights_refuses_each_optional_area_in_cw_shape():
     with SandboxServer(cw.build(seed=3, opportunities=20, variant="no_optional_rights")) as srv:
         api = f"{srv.url}/v4_6_release/apis/3.0"
         acc = next(a for a in srv.simulator.world.accounts)
-        refused = ["/sales/stages", "/sales/probabilities", "/system/members", "/system/members/count",
-                   f"/company/companies/{acc.native_id}", f"/company/companies/{acc.native_id}/sites/{acc.site_id}",
-                   "/sales/opportunities/1/forecast"]
+        refused = [
+            "/sales/stages",
+            "/sales/probabilities",
+            "/system/members",
+            "/system/members/count",
+            f"/company/companies/{acc.native_id}",
+            f"/company/companies/{acc.native_id}/sites/{acc.site_id}",
+            "/sales/opportunities/1/forecast",
+        ]
         for path in refused:
             r = get(api + path)
             assert r.status_code == 403, path
@@ -361,8 +403,9 @@ def test_a_company_rename_moves_the_company_lastupdated_not_its_opportunities():
         with world.lock:
             acc.name, acc.modified_at = acc.name + " (renamed)", world.clock.now()
             world.version += 1
-        changed = get(f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]",
-                      fields="id,name,_info/lastUpdated").json()
+        changed = get(
+            f"{api}/company/companies", conditions=f"_info/lastUpdated>=[{since}]", fields="id,name,_info/lastUpdated"
+        ).json()
         assert [c["id"] for c in changed] == [int(acc.native_id)] and changed[0]["name"] == acc.name
         assert changed[0]["_info"]["lastUpdated"] > since
         # the opportunity shows the new name, with its own lastUpdated unmoved
@@ -395,7 +438,8 @@ def test_closed_date_is_the_close_time_while_closed_and_null_while_open(server, 
     # filterable as a date-time
     cut = sorted(o.closed_at for o in live(server) if o.closed_at)[10]
     assert ids_of(api, f"closedDate>=[{cut:%Y-%m-%dT%H:%M:%SZ}]") == sorted(
-        int(o.native_id) for o in live(server) if o.closed_at and o.closed_at >= cut)
+        int(o.native_id) for o in live(server) if o.closed_at and o.closed_at >= cut
+    )
 
 
 def test_reopen_clears_closed_date_and_a_new_close_stamps_it_again():
@@ -404,7 +448,10 @@ def test_reopen_clears_closed_date_and_a_new_close_stamps_it_again():
         api = f"{srv.url}/v4_6_release/apis/3.0"
         o = next(o for o in sim.world.live() if sim.world.status(o) == "won")
         url = f"{api}/sales/opportunities/{o.native_id}"
-        status = lambda sid: [{"op": "replace", "path": "status", "value": {"id": sid}}]
+
+        def status(sid):
+            return [{"op": "replace", "path": "status", "value": {"id": sid}}]
+
         r = requests.patch(url, json=status(1), auth=AUTH, headers=HEADERS, timeout=10)
         assert r.status_code == 200 and r.json()["closedDate"] is None and r.json()["closedBy"] is None
         sim.world.clock.advance(timedelta(days=3))

@@ -38,7 +38,7 @@ def test_an_allocation_never_drains_and_a_limit_may_change_while_serving():
     assert [allocation.take() for _ in range(4)] == [0, 1, 2, None]
     limit["n"] = 10
     assert allocation.take() == 3 and allocation.spent == 4
-    assert Window(0).take() == 0   # 0: unlimited
+    assert Window(0).take() == 0  # 0: unlimited
 
 
 def test_tokens_expire_on_their_clock_and_all_at_once():

@@ -3,7 +3,7 @@ plain requests for the quirks of the fidelity checklist (docs/crm-api-notes.md Â
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import requests
@@ -27,7 +27,7 @@ class _HttpsToHttp(HTTPAdapter):
     """simple-salesforce always builds https:// URLs; the sandbox speaks plain http."""
 
     def send(self, request, **kwargs):  # type: ignore[override]
-        request.url = "http://" + request.url[len("https://"):]
+        request.url = "http://" + request.url[len("https://") :]
         return super().send(request, **kwargs)
 
 
@@ -45,8 +45,9 @@ def server():
 
 
 def token(url: str) -> dict:
-    r = requests.post(f"{url}/services/oauth2/token",
-                      data={"grant_type": "client_credentials", **sfsim.SANDBOX_CREDENTIALS})
+    r = requests.post(
+        f"{url}/services/oauth2/token", data={"grant_type": "client_credentials", **sfsim.SANDBOX_CREDENTIALS}
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -54,8 +55,7 @@ def token(url: str) -> dict:
 @pytest.fixture(scope="module")
 def sf(server):
     tok = token(server.url)
-    return Salesforce(instance_url=tok["instance_url"], session_id=tok["access_token"], version=V,
-                      session=_session())
+    return Salesforce(instance_url=tok["instance_url"], session_id=tok["access_token"], version=V, session=_session())
 
 
 def auth_headers(url: str) -> dict[str, str]:
@@ -68,6 +68,7 @@ def world_live(server):
 
 # -- auth ----------------------------------------------------------------------------------------------------
 
+
 def test_token_response_shape(server):
     tok = token(server.url)
     assert set(tok) >= {"access_token", "instance_url", "id", "token_type", "issued_at", "signature"}
@@ -77,16 +78,21 @@ def test_token_response_shape(server):
 
 
 def test_bad_credentials_and_grant(server):
-    r = requests.post(f"{server.url}/services/oauth2/token",
-                      data={"grant_type": "client_credentials", "client_id": "x", "client_secret": "y"})
+    r = requests.post(
+        f"{server.url}/services/oauth2/token",
+        data={"grant_type": "client_credentials", "client_id": "x", "client_secret": "y"},
+    )
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
     r = requests.post(f"{server.url}/services/oauth2/token", data={"grant_type": "password"})
     assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
 
 
 def test_bad_token_is_401_invalid_session(server):
-    r = requests.get(f"{server.url}/services/data/v{V}/query", params={"q": "SELECT Id FROM User"},
-                     headers={"Authorization": "Bearer nope"})
+    r = requests.get(
+        f"{server.url}/services/data/v{V}/query",
+        params={"q": "SELECT Id FROM User"},
+        headers={"Authorization": "Bearer nope"},
+    )
     assert r.status_code == 401
     assert r.json() == [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
     bad = Salesforce(instance_url=server.url, session_id="nope", version=V, session=_session())
@@ -96,10 +102,11 @@ def test_bad_token_is_401_invalid_session(server):
 
 # -- query and paging ---------------------------------------------------------------------------------------------
 
+
 def test_query_all_pages_through_simple_salesforce(sf, server):
     live = world_live(server)
     result = sf.query_all("SELECT Id, Name, StageName FROM Opportunity ORDER BY Id")
-    assert result["totalSize"] == len(live) > 2000   # more than one default (2000-row) page
+    assert result["totalSize"] == len(live) > 2000  # more than one default (2000-row) page
     assert sorted(r["Id"] for r in result["records"]) == sorted(o.native_id for o in live)
 
 
@@ -126,27 +133,33 @@ def test_batch_size_header_paging_and_totalsize(sf, server):
 def test_batch_size_is_clamped_to_200_2000(server):
     h = auth_headers(server.url)
     url = f"{server.url}/services/data/v{V}/query"
-    small = requests.get(url, params={"q": "SELECT Id FROM Opportunity"},
-                         headers={**h, "Sforce-Query-Options": "batchSize=5"}).json()
+    small = requests.get(
+        url, params={"q": "SELECT Id FROM Opportunity"}, headers={**h, "Sforce-Query-Options": "batchSize=5"}
+    ).json()
     assert len(small["records"]) == 200
-    big = requests.get(url, params={"q": "SELECT Id FROM Opportunity"},
-                       headers={**h, "Sforce-Query-Options": "batchSize=50000"}).json()
+    big = requests.get(
+        url, params={"q": "SELECT Id FROM Opportunity"}, headers={**h, "Sforce-Query-Options": "batchSize=50000"}
+    ).json()
     assert len(big["records"]) == min(2000, big["totalSize"])
 
 
 def test_record_shape_relationships_and_formats(sf, server):
     w = server.simulator.world
-    soql = ("SELECT Id, Name, AccountId, Account.Name, Account.BillingCity, OwnerId, Owner.Name, Owner.Email, "
-            "CreatedBy.Name, Amount, StageName, Probability, CloseDate, IsClosed, IsWon, "
-            "CreatedDate, CreatedById, SystemModstamp FROM Opportunity")
+    soql = (
+        "SELECT Id, Name, AccountId, Account.Name, Account.BillingCity, OwnerId, Owner.Name, Owner.Email, "
+        "CreatedBy.Name, Amount, StageName, Probability, CloseDate, IsClosed, IsWon, "
+        "CreatedDate, CreatedById, SystemModstamp FROM Opportunity"
+    )
     records = sf.query_all(soql)["records"]
     with_account = next(r for r in records if r["AccountId"])
     without_account = next(r for r in records if r["AccountId"] is None)
-    assert with_account["attributes"] == {"type": "Opportunity",
-                                          "url": f"/services/data/v{V}/sobjects/Opportunity/{with_account['Id']}"}
+    assert with_account["attributes"] == {
+        "type": "Opportunity",
+        "url": f"/services/data/v{V}/sobjects/Opportunity/{with_account['Id']}",
+    }
     assert with_account["Account"]["attributes"]["type"] == "Account"
     assert set(with_account["Account"]) == {"attributes", "Name", "BillingCity"}
-    assert without_account["Account"] is None            # a null parent is null, not an object of nulls
+    assert without_account["Account"] is None  # a null parent is null, not an object of nulls
     assert with_account["Owner"]["attributes"]["type"] == "User" and "@" in with_account["Owner"]["Email"]
     for r in records:
         o = w.opps[r["Id"]]
@@ -176,20 +189,25 @@ def test_soql_where_grammar(sf, server):
     assert ids("IsClosed = false") == {o.native_id for o in live if not w.stages[o.stage].is_closed}
     assert ids("IsClosed = true AND IsWon = false") == {o.native_id for o in live if w.status(o) == "lost"}
     assert ids("(IsWon = true OR StageName = 'Closed Lost') AND Amount > 100000") == {
-        o.native_id for o in live if w.stages[o.stage].is_closed and o.amount is not None and o.amount > 100000}
+        o.native_id for o in live if w.stages[o.stage].is_closed and o.amount is not None and o.amount > 100000
+    }
     assert ids("NOT (IsClosed = true)") == ids("IsClosed = false")
     assert ids("StageName IN ('Customer\\'s Legal Review', 'prospecting')") == {
-        o.native_id for o in live if o.stage in ("Customer's Legal Review", "Prospecting")}  # case-insensitive
+        o.native_id for o in live if o.stage in ("Customer's Legal Review", "Prospecting")
+    }  # case-insensitive
     assert ids("StageName NOT IN ('Closed Won', 'Closed Lost')") == ids("IsClosed = false")
     assert ids("Amount = null") == {o.native_id for o in live if o.amount is None}
     d = date.today().isoformat()
     assert ids(f"CloseDate < {d}") == {o.native_id for o in live if o.close_date < date.today()}
     assert ids("Name LIKE 'acme%'") == {o.native_id for o in live if o.name.lower().startswith("acme")}
-    ordered = sf.query_all("SELECT Id, Amount FROM Opportunity WHERE Amount != null ORDER BY Amount DESC, Id "
-                           "LIMIT 10")["records"]
+    ordered = sf.query_all("SELECT Id, Amount FROM Opportunity WHERE Amount != null ORDER BY Amount DESC, Id LIMIT 10")[
+        "records"
+    ]
     top = sorted((o for o in live if o.amount is not None), key=lambda o: -o.amount)[:10]
     assert [r["Id"] for r in ordered] == [o.native_id for o in top]
-    assert sf.query("SELECT COUNT() FROM Opportunity WHERE IsClosed = false")["totalSize"] == len(ids("IsClosed = false"))
+    assert sf.query("SELECT COUNT() FROM Opportunity WHERE IsClosed = false")["totalSize"] == len(
+        ids("IsClosed = false")
+    )
 
 
 def test_soql_errors_are_json_arrays(sf, server):
@@ -226,8 +244,10 @@ def test_injection_attempt_is_just_a_string(sf):
 
 
 def test_stages_and_users(sf, server):
-    stages = sf.query("SELECT MasterLabel, ApiName, IsClosed, IsWon, DefaultProbability, SortOrder "
-                      "FROM OpportunityStage ORDER BY SortOrder")["records"]
+    stages = sf.query(
+        "SELECT MasterLabel, ApiName, IsClosed, IsWon, DefaultProbability, SortOrder "
+        "FROM OpportunityStage ORDER BY SortOrder"
+    )["records"]
     labels = [s["MasterLabel"] for s in stages]
     assert labels[:2] == ["Prospecting", "Qualification"] and "Customer's Legal Review" in labels
     won = [s for s in stages if s["IsWon"]]
@@ -239,15 +259,23 @@ def test_stages_and_users(sf, server):
 
 # -- writes -------------------------------------------------------------------------------------------------------
 
+
 def test_create_update_get_delete_and_query_all_sees_deleted():
     sim = sfsim.build(seed=11, opportunities=300, variant="custom_fields")
     with SandboxServer(sim) as srv:
         tok = token(srv.url)
         sf = Salesforce(instance_url=srv.url, session_id=tok["access_token"], version=V, session=_session())
         account = sim.world.accounts[0]
-        created = sf.Opportunity.create({"Name": "Hooli - pilot", "StageName": "Prospecting",
-                                         "CloseDate": "2026-12-31", "Amount": 1234.5, "AccountId": account.native_id,
-                                         "Region__c": "EMEA"})
+        created = sf.Opportunity.create(
+            {
+                "Name": "Hooli - pilot",
+                "StageName": "Prospecting",
+                "CloseDate": "2026-12-31",
+                "Amount": 1234.5,
+                "AccountId": account.native_id,
+                "Region__c": "EMEA",
+            }
+        )
         assert created["success"] and len(created["id"]) == 18 and created["id"].startswith("006")
         rec = sf.Opportunity.get(created["id"])
         assert rec["Name"] == "Hooli - pilot" and rec["Amount"] == 1234.5 and rec["Probability"] == 10.0
@@ -258,18 +286,21 @@ def test_create_update_get_delete_and_query_all_sees_deleted():
         rec = sf.Opportunity.get(created["id"])
         assert rec["IsWon"] is True and rec["Probability"] == 100.0 and rec["SystemModstamp"] > before
         # validation errors in Salesforce's shape
-        for body, code in (({"Name": "x"}, "REQUIRED_FIELD_MISSING"),
-                           ({"Name": "x", "StageName": "Nope", "CloseDate": "2026-01-01"},
-                            "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"),
-                           ({"Name": "x", "StageName": "Prospecting", "CloseDate": "2026-01-01", "IsWon": True},
-                            "INVALID_FIELD_FOR_INSERT_UPDATE"),
-                           ({"Nope": 1}, "INVALID_FIELD")):
+        for body, code in (
+            ({"Name": "x"}, "REQUIRED_FIELD_MISSING"),
+            ({"Name": "x", "StageName": "Nope", "CloseDate": "2026-01-01"}, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"),
+            (
+                {"Name": "x", "StageName": "Prospecting", "CloseDate": "2026-01-01", "IsWon": True},
+                "INVALID_FIELD_FOR_INSERT_UPDATE",
+            ),
+            ({"Nope": 1}, "INVALID_FIELD"),
+        ):
             with pytest.raises(SalesforceMalformedRequest) as err:
                 sf.Opportunity.create(body)
             assert err.value.content[0]["errorCode"] == code
             if code == "REQUIRED_FIELD_MISSING":
                 assert err.value.content[0]["fields"] == ["StageName", "CloseDate"]
-        start = datetime.now(timezone.utc) - timedelta(days=1)
+        start = datetime.now(UTC) - timedelta(days=1)
         assert sf.Opportunity.delete(created["id"]) == 204
         with pytest.raises(SalesforceResourceNotFound):
             sf.Opportunity.get(created["id"])
@@ -277,15 +308,15 @@ def test_create_update_get_delete_and_query_all_sees_deleted():
         assert sf.query(soql)["totalSize"] == 0
         rows = sf.query_all(soql, include_deleted=True)["records"]
         assert rows == [{"attributes": rows[0]["attributes"], "Id": created["id"], "IsDeleted": True}]
-        sim.world.clock.advance(timedelta(minutes=2))   # getDeleted covers whole minutes only
-        end = datetime.now(timezone.utc) + timedelta(minutes=5)
+        sim.world.clock.advance(timedelta(minutes=2))  # getDeleted covers whole minutes only
+        end = datetime.now(UTC) + timedelta(minutes=5)
         deleted = sf.Opportunity.deleted(start, end)
         assert [d["id"] for d in deleted["deletedRecords"]] == [created["id"]]
         assert deleted["deletedRecords"][0]["deletedDate"].endswith("+0000")
         assert set(deleted) == {"deletedRecords", "earliestDateAvailable", "latestDateCovered"}
         updated = sf.Opportunity.updated(start, end)
         assert set(updated) == {"ids", "latestDateCovered"}
-        with pytest.raises(SalesforceMalformedRequest):   # the log reaches back 30 days at most
+        with pytest.raises(SalesforceMalformedRequest):  # the log reaches back 30 days at most
             sf.Opportunity.deleted(start - timedelta(days=40), end)
 
 
@@ -300,12 +331,12 @@ def test_delete_log_and_recycle_bin_cover_15_days():
         w.clock.advance(timedelta(days=10))
         tok = token(srv.url)
         sf = Salesforce(instance_url=srv.url, session_id=tok["access_token"], version=V, session=_session())
-        now = w.clock.now().replace(tzinfo=timezone.utc)
+        now = w.clock.now().replace(tzinfo=UTC)
         result = sf.Opportunity.deleted(now - timedelta(days=25), now)
-        assert [d["id"] for d in result["deletedRecords"]] == [recent]   # the 20-day-old delete left the log
+        assert [d["id"] for d in result["deletedRecords"]] == [recent]  # the 20-day-old delete left the log
         assert result["earliestDateAvailable"] > (now - timedelta(days=16)).strftime("%Y-%m-%dT%H:%M:%S")
         rows = sf.query_all("SELECT Id FROM Opportunity WHERE IsDeleted = true", include_deleted=True)["records"]
-        assert [r["Id"] for r in rows] == [recent]                    # ... and was purged from the Recycle Bin
+        assert [r["Id"] for r in rows] == [recent]  # ... and was purged from the Recycle Bin
         with pytest.raises(SalesforceResourceNotFound) as err:
             sf.Opportunity.get(old)
         assert err.value.content[0]["errorCode"] == "NOT_FOUND"
@@ -315,6 +346,7 @@ def test_delete_log_and_recycle_bin_cover_15_days():
 
 
 # -- limits and faults -------------------------------------------------------------------------------------------------
+
 
 def test_usage_header_on_every_response_and_allocation():
     sim = sfsim.build(seed=3, opportunities=300, daily_limit=5)
@@ -338,8 +370,13 @@ def test_usage_header_on_every_response_and_allocation():
 
 
 def test_faults_in_salesforce_form():
-    faults = FaultPlan(rules=[FaultRule("rate_limit", after=2, count=1), FaultRule("token_expiry", after=4),
-                              FaultRule("server_error", after=6)])
+    faults = FaultPlan(
+        rules=[
+            FaultRule("rate_limit", after=2, count=1),
+            FaultRule("token_expiry", after=4),
+            FaultRule("server_error", after=6),
+        ]
+    )
     sim = sfsim.build(seed=3, opportunities=300, faults=faults)
     with SandboxServer(sim) as srv:
         h = auth_headers(srv.url)
@@ -349,10 +386,10 @@ def test_faults_in_salesforce_form():
             r = requests.get(url, params={"q": "SELECT Id FROM User"}, headers=h)
             statuses.append((r.status_code, r.json()[0]["errorCode"] if r.status_code >= 400 else None))
         # a rule counts the requests that reach it (a rule that fires hides the request from later rules)
-        assert statuses[1] == (403, "REQUEST_LIMIT_EXCEEDED")           # SF has no 429
+        assert statuses[1] == (403, "REQUEST_LIMIT_EXCEEDED")  # SF has no 429
         assert statuses[0] == statuses[2] == statuses[3] == (200, None)
-        assert statuses[4:] == [(401, "INVALID_SESSION_ID")] * 3        # every token expired until a new one
-        h = auth_headers(srv.url)                                       # token endpoint is never faulted
+        assert statuses[4:] == [(401, "INVALID_SESSION_ID")] * 3  # every token expired until a new one
+        h = auth_headers(srv.url)  # token endpoint is never faulted
         r = requests.get(url, params={"q": "SELECT Id FROM User"}, headers=h)
         assert r.status_code == 503 and r.json()[0]["errorCode"] == "SERVER_UNAVAILABLE"
         assert requests.get(url, params={"q": "SELECT Id FROM User"}, headers=h).status_code == 200
@@ -363,13 +400,15 @@ def test_faults_in_salesforce_form():
 
 # -- tenant variants -----------------------------------------------------------------------------------------------
 
+
 def _get(url: str, path: str, **params) -> requests.Response:
     return requests.get(f"{url}/services/data/v{V}{path}", params=params, headers=auth_headers(url))
 
 
 def test_variants_are_listed_and_default_is_single_currency():
     assert {"default", "no_optional_rights", "multi_currency", "custom_fields", "stage_api_names"} <= set(
-        sfsim.VARIANTS)
+        sfsim.VARIANTS
+    )
     with pytest.raises(ValueError):
         sfsim.build(seed=1, opportunities=10, variant="nope")
     with SandboxServer(sfsim.build(seed=1, opportunities=50)) as srv:
@@ -408,8 +447,9 @@ def test_stage_api_names_variant_relabels_master_labels_only():
         stages = _get(srv.url, "/query", q="SELECT MasterLabel, ApiName FROM OpportunityStage").json()["records"]
         pairs = {s["ApiName"]: s["MasterLabel"] for s in stages}
         assert pairs["Closed Won"] == "Won - Signed" and pairs["Qualification"] == "Qualification"
-        values = {r["StageName"] for r in _get(srv.url, "/query", q="SELECT StageName FROM Opportunity").json()[
-            "records"]}
+        values = {
+            r["StageName"] for r in _get(srv.url, "/query", q="SELECT StageName FROM Opportunity").json()["records"]
+        }
         assert values <= set(pairs) and "Won - Signed" not in values
 
 
@@ -436,6 +476,7 @@ def test_truth_is_the_tenant_as_its_users_see_it():
 
 
 # -- account change stamps (renames) ---------------------------------------------------------------------------------
+
 
 def test_a_renamed_account_moves_its_own_stamp_never_its_opportunities():
     """A rename stamps Account.SystemModstamp / LastModifiedDate only; Opportunity.SystemModstamp stays. From
@@ -470,10 +511,13 @@ def test_a_renamed_account_moves_its_own_stamp_never_its_opportunities():
         assert ids(f"Account.SystemModstamp >= {lit}") == of_renamed
         assert ids(f"Account.LastModifiedDate >= {lit}") == of_renamed
         both = ids(f"IsClosed = false AND (SystemModstamp >= {lit} OR Account.SystemModstamp >= {lit})")
-        assert both == {o.native_id for o in w.live() if (o.native_id in changed or o.native_id in of_renamed)
-                        and not w.stages[o.stage].is_closed}
+        assert both == {
+            o.native_id
+            for o in w.live()
+            if (o.native_id in changed or o.native_id in of_renamed) and not w.stages[o.stage].is_closed
+        }
         # an opportunity without an account never matches a comparison on its account's fields
-        assert not any(w.opps[i].account is None for i in ids(f"Account.SystemModstamp >= 2000-01-01T00:00:00Z"))
+        assert not any(w.opps[i].account is None for i in ids("Account.SystemModstamp >= 2000-01-01T00:00:00Z"))
         # the stamps as records carry them, and the Account object itself answers on its own stamp
         r = query(f"SELECT Id, Account.SystemModstamp FROM Opportunity WHERE Id = '{sorted(untouched)[0]}'")
         acc = w.accounts[w.opps[sorted(untouched)[0]].account]
@@ -501,6 +545,7 @@ def test_a_renamed_account_moves_its_own_stamp_never_its_opportunities():
 
 # -- close time and reads by id (issue 15) ------------------------------------------------------------------------
 
+
 def _describe_fields(url: str, headers: dict, version: str = V) -> dict[str, dict]:
     r = requests.get(f"{url}/services/data/v{version}/sobjects/Opportunity/describe", headers=headers)
     assert r.status_code == 200, r.text
@@ -518,34 +563,36 @@ def test_last_stage_change_date_is_when_the_stage_last_changed():
         assert field["type"] == "datetime" and field["nillable"] and not field["updateable"]
 
         def row(oid: str) -> dict:
-            return sf.query(f"SELECT Id, StageName, LastStageChangeDate, CloseDate FROM Opportunity "
-                            f"WHERE Id = '{oid}'")["records"][0]
+            return sf.query(
+                f"SELECT Id, StageName, LastStageChangeDate, CloseDate FROM Opportunity WHERE Id = '{oid}'"
+            )["records"][0]
 
         rows = sf.query_all("SELECT Id, IsClosed, LastStageChangeDate, CloseDate FROM Opportunity")["records"]
         closed = [r for r in rows if r["IsClosed"]]
         assert closed and all(r["IsClosed"] is not None for r in rows)
-        for r in closed:   # entering the closed stage; generated closes long before the last edit, often
+        for r in closed:  # entering the closed stage; generated closes long before the last edit, often
             o = w.opps[r["Id"]]
             assert r["LastStageChangeDate"] == sfsim.sf_datetime(o.closed_at)
             assert r["CloseDate"] == o.closed_at.date().isoformat()
         assert sum(w.opps[r["Id"]].closed_at < w.opps[r["Id"]].modified_at - timedelta(days=30) for r in closed) > 10
-        assert all(r["LastStageChangeDate"] is None for r in rows if not r["IsClosed"])   # never moved yet
+        assert all(r["LastStageChangeDate"] is None for r in rows if not r["IsClosed"])  # never moved yet
 
         oid = next(r["Id"] for r in rows if not r["IsClosed"])
         w.clock.advance(timedelta(hours=1))
-        sf.Opportunity.update(oid, {"StageName": "Needs Analysis" if w.opps[oid].stage != "Needs Analysis"
-                                    else "Qualification"})
-        moved = w.opps[oid].modified_at   # the write's time (the clock runs on in real time)
+        sf.Opportunity.update(
+            oid, {"StageName": "Needs Analysis" if w.opps[oid].stage != "Needs Analysis" else "Qualification"}
+        )
+        moved = w.opps[oid].modified_at  # the write's time (the clock runs on in real time)
         assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(moved)
         w.clock.advance(timedelta(hours=1))
-        sf.Opportunity.update(oid, {"Amount": 10.0})                       # not a stage change
+        sf.Opportunity.update(oid, {"Amount": 10.0})  # not a stage change
         assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(moved)
         w.clock.advance(timedelta(hours=1))
         sf.Opportunity.update(oid, {"StageName": "Closed Lost"})
         lost = w.opps[oid].modified_at
         assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(lost) == sfsim.sf_datetime(w.opps[oid].closed_at)
         w.clock.advance(timedelta(hours=1))
-        sf.Opportunity.update(oid, {"StageName": "Prospecting"})           # a reopen moves it, never clears it
+        sf.Opportunity.update(oid, {"StageName": "Prospecting"})  # a reopen moves it, never clears it
         assert row(oid)["LastStageChangeDate"] == sfsim.sf_datetime(w.opps[oid].modified_at) > sfsim.sf_datetime(lost)
         # activity that moves stages outside the API is seen too: a move between open stages is dated by the
         # record's last edit (the world keeps no time for it), never earlier than the move
@@ -573,13 +620,18 @@ def test_last_stage_change_date_absent_before_52_and_when_hidden(variant, versio
         h = auth_headers(srv.url)
         fields = _describe_fields(srv.url, h, version)
         assert "LastStageChangeDate" not in fields and "CloseDate" in fields
-        r = requests.get(f"{srv.url}/services/data/v{version}/query", headers=h,
-                         params={"q": "SELECT Id, LastStageChangeDate FROM Opportunity"})
+        r = requests.get(
+            f"{srv.url}/services/data/v{version}/query",
+            headers=h,
+            params={"q": "SELECT Id, LastStageChangeDate FROM Opportunity"},
+        )
         assert r.status_code == 400 and r.json()[0]["errorCode"] == "INVALID_FIELD"
         assert "No such column 'LastStageChangeDate'" in r.json()[0]["message"]
         oid = next(iter(srv.simulator.world.opps))
-        assert "LastStageChangeDate" not in requests.get(
-            f"{srv.url}/services/data/v{version}/sobjects/Opportunity/{oid}", headers=h).json()
+        assert (
+            "LastStageChangeDate"
+            not in requests.get(f"{srv.url}/services/data/v{version}/sobjects/Opportunity/{oid}", headers=h).json()
+        )
 
 
 def test_query_by_ids_absent_ids_malformed_ids_and_the_request_size_limit():
@@ -596,7 +648,7 @@ def test_query_by_ids_absent_ids_malformed_ids_and_the_request_size_limit():
         w.delete(gone)
         unknown = sfsim.sf_id("006", 99_999)
         soql = f"SELECT Id FROM Opportunity WHERE Id IN ({', '.join(repr(i) for i in [*live, gone, unknown])})"
-        assert {r["Id"] for r in query(soql).json()["records"]} == set(live)            # Recycle Bin: queryAll only
+        assert {r["Id"] for r in query(soql).json()["records"]} == set(live)  # Recycle Bin: queryAll only
         assert {r["Id"] for r in query(soql, "queryAll").json()["records"]} == {*live, gone}
         bad = query("SELECT Id FROM Opportunity WHERE Id IN ('006Hs0000000001', 'not-an-id')")
         assert bad.status_code == 400 and bad.json()[0]["errorCode"] == "INVALID_QUERY_FILTER_OPERATOR"
@@ -607,6 +659,9 @@ def test_query_by_ids_absent_ids_malformed_ids_and_the_request_size_limit():
         ids = ", ".join(repr(sfsim.sf_id("006", n)) for n in range(1, 700))
         r = query(f"SELECT Id FROM Opportunity WHERE Id IN ({ids})")
         assert r.status_code == 414 and sim.api_usage == used
-        r = requests.get(f"{srv.url}/services/data/v{V}/query", params={"q": "SELECT Id FROM Opportunity"},
-                         headers={**h, "X-Padding": "x" * 16_300})
+        r = requests.get(
+            f"{srv.url}/services/data/v{V}/query",
+            params={"q": "SELECT Id FROM Opportunity"},
+            headers={**h, "X-Padding": "x" * 16_300},
+        )
         assert r.status_code == 431

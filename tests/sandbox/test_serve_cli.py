@@ -35,8 +35,22 @@ def test_serve_100k_answers_within_30s_and_writes_a_valid_config(tmp_path: Path)
     base = free_port_base()
     cfg = tmp_path / "oppsync.yaml"
     proc = subprocess.Popen(
-        [str(BIN / "oppsync"), "sandbox", "serve", "--opportunities", "100000", "--port-base", str(base),
-         "--write-config", str(cfg)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(BIN / "oppsync"),
+            "sandbox",
+            "serve",
+            "--opportunities",
+            "100000",
+            "--port-base",
+            str(base),
+            "--write-config",
+            str(cfg),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         started, first = time.monotonic(), None
         while time.monotonic() - started < 30:
@@ -52,8 +66,9 @@ def test_serve_100k_answers_within_30s_and_writes_a_valid_config(tmp_path: Path)
         while not cfg.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         env = {**os.environ, "OPPSYNC_CONFIG": str(cfg)}
-        check = subprocess.run([str(BIN / "oppsync"), "config", "check"], cwd=tmp_path, env=env,
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [str(BIN / "oppsync"), "config", "check"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stderr
         assert "5 connection(s)" in check.stdout
     finally:

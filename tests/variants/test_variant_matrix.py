@@ -23,8 +23,22 @@ from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator, crm_module
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
 
-COMPARED = ("project_name", "client_name", "service_location", "owner_crm_id", "created_by_crm_id", "stage",
-            "stage_id", "crm_status", "status", "amount", "currency", "close_date", "created_at", "crm_closed_at")
+COMPARED = (
+    "project_name",
+    "client_name",
+    "service_location",
+    "owner_crm_id",
+    "created_by_crm_id",
+    "stage",
+    "stage_id",
+    "crm_status",
+    "status",
+    "amount",
+    "currency",
+    "close_date",
+    "created_at",
+    "crm_closed_at",
+)
 SIZE = 80
 # Test speed only: the client-side search pacing (the simulator still enforces HubSpot's limit).
 FAST = {"hubspot": {"options": {"search_requests_per_second": 0}}}
@@ -52,8 +66,13 @@ def _norm(value: Any) -> Any:
 
 def warehouse_rows(engine, connection: str) -> dict[str, dict[str, Any]]:
     with engine.connect() as c:
-        result = c.execute(text(f"SELECT source_id, {', '.join(COMPARED)} FROM oppsync.opportunities "
-                                "WHERE connection = :c AND deleted_at IS NULL"), {"c": connection})
+        result = c.execute(
+            text(
+                f"SELECT source_id, {', '.join(COMPARED)} FROM oppsync.opportunities "
+                "WHERE connection = :c AND deleted_at IS NULL"
+            ),
+            {"c": connection},
+        )
         return {r.source_id: {f: _norm(getattr(r, f)) for f in COMPARED} for r in result}
 
 
@@ -101,8 +120,13 @@ def test_variant_syncs_to_the_tenants_truth(crm: str, variant: str, warehouse_ur
             # CRMs without a delete feed learn of deletes on the next full read: compare the live ids here.
             assert set(expected) <= set(actual), f"not synced: {sorted(set(expected) - set(actual))[:5]}"
             with engine.connect() as c:
-                warnings = c.execute(text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = :r"),
-                                     {"r": f"{crm}-{variant}-incremental"}).scalar() or ""
+                warnings = (
+                    c.execute(
+                        text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = :r"),
+                        {"r": f"{crm}-{variant}-incremental"},
+                    ).scalar()
+                    or ""
+                )
             if "rename" in warnings.lower():
                 # The API user may not read changed accounts: the documented fallback is that renames wait for
                 # the next full sync, and the run says so. Everything else must still match.
@@ -120,8 +144,10 @@ def test_variant_syncs_to_the_tenants_truth(crm: str, variant: str, warehouse_ur
 
             if "no_optional_rights" in variant:
                 with engine.connect() as c:
-                    warnings = c.execute(text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = :r"),
-                                         {"r": f"{crm}-{variant}-full-1"}).scalar()
+                    warnings = c.execute(
+                        text("SELECT warnings FROM oppsync.sync_runs WHERE run_id = :r"),
+                        {"r": f"{crm}-{variant}-full-1"},
+                    ).scalar()
                 assert warnings, "refused optional reads must be reported in sync_runs.warnings"
         finally:
             engine.dispose()

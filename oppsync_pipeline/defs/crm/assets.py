@@ -1,7 +1,6 @@
 """Per connection, two assets: the extracted sets (staged in the warehouse) and the reconciled
 opportunities. Quality checks sit between them and block reconcile when they fail."""
 
-
 from datetime import timedelta
 from typing import Literal
 
@@ -45,18 +44,24 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     tags = {"oppsync/connection": conn.name}
 
     @dg.asset(
-        key=extract_key(conn), group_name=group, kinds={"python", conn.crm}, tags={"crm": conn.crm},
-        output_required=False, op_tags=tags,
+        key=extract_key(conn),
+        group_name=group,
+        kinds={"python", conn.crm},
+        tags={"crm": conn.crm},
+        output_required=False,
+        op_tags=tags,
         description=f"The open and the not-open opportunity sets of '{conn.name}' ({conn.crm}), read page by "
-                    "page into the warehouse's staging table. Skipped (not failed) when the API quota budget is spent.",
-        retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL,
-                                    jitter=dg.Jitter.PLUS_MINUS),
+        "page into the warehouse's staging table. Skipped (not failed) when the API quota budget is spent.",
+        retry_policy=dg.RetryPolicy(
+            max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+        ),
     )
     def extract(context: dg.AssetExecutionContext, config: SyncConfig, oppsync: OppsyncResource):
         cfg = oppsync.app_config()
         try:
-            out = run_extract(cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run.run_id,
-                              mode=config.mode)
+            out = run_extract(
+                cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run.run_id, mode=config.mode
+            )
         except (LockHeld, ConfigError) as err:
             # Retrying cannot help: another run holds the connection, or the configuration is wrong.
             raise dg.Failure(str(err), allow_retries=False) from None
@@ -67,39 +72,61 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
                 raise dg.Failure(f"{conn.name}: {err}", allow_retries=False) from None
             raise
         if out.status == "skipped":
-            context.log.warning(f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
-                                "the next run picks up where this one stopped.")
+            context.log.warning(
+                f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
+                "the next run picks up where this one stopped."
+            )
             return
         yield dg.MaterializeResult(metadata=_extract_metadata(out))
 
     @dg.asset(
-        key=opportunities_key(conn), deps=[extract], group_name=group, kinds={"sql", conn.crm},
-        tags={"crm": conn.crm}, op_tags=tags,
+        key=opportunities_key(conn),
+        deps=[extract],
+        group_name=group,
+        kinds={"sql", conn.crm},
+        tags={"crm": conn.crm},
+        op_tags=tags,
         description=f"Current opportunities of '{conn.name}' with their event log and history, reconciled in one "
-                    "transaction from the extract of the same run.",
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=2 * schedule_interval(conn.schedule),
-                                                        warn_window=schedule_interval(conn.schedule) + timedelta(minutes=15)),
+        "transaction from the extract of the same run.",
+        freshness_policy=dg.FreshnessPolicy.time_window(
+            fail_window=2 * schedule_interval(conn.schedule),
+            warn_window=schedule_interval(conn.schedule) + timedelta(minutes=15),
+        ),
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
         engine = oppsync.engine()
         # A re-execution from failure is a new run reusing the original's extract: look it up by lineage.
         run = context.run
-        row = next((r for r in (store.load_extract(engine, rid) for rid in
-                                dict.fromkeys(x for x in (run.run_id, run.parent_run_id, run.root_run_id) if x))
-                    if r is not None), None)
+        row = next(
+            (
+                r
+                for r in (
+                    store.load_extract(engine, rid)
+                    for rid in dict.fromkeys(x for x in (run.run_id, run.parent_run_id, run.root_run_id) if x)
+                )
+                if r is not None
+            ),
+            None,
+        )
         if row is None or row["status"] != "complete":
-            raise dg.Failure(f"no completed extract for run {run.run_id} of '{conn.name}' "
-                             f"({'none found' if row is None else row['status']}); run the sync again",
-                             allow_retries=False)
+            raise dg.Failure(
+                f"no completed extract for run {run.run_id} of '{conn.name}' "
+                f"({'none found' if row is None else row['status']}); run the sync again",
+                allow_retries=False,
+            )
         out = outcome_from_row(row, status="complete")
         result = run_reconcile(oppsync.app_config().connection(conn.name), engine, out)
         counts = store.warehouse_counts(engine, conn.name)
-        return dg.MaterializeResult(metadata={
-            **{f"rows_{k}": v for k, v in result.as_dict().items()},
-            "mode": out.mode, "warehouse_open": counts.get("open", 0), "warehouse_won": counts.get("won", 0),
-            "warehouse_lost": counts.get("lost", 0),
-            "bookmark": str(out.new_cursor) if out.new_cursor else "none",
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **{f"rows_{k}": v for k, v in result.as_dict().items()},
+                "mode": out.mode,
+                "warehouse_open": counts.get("open", 0),
+                "warehouse_won": counts.get("won", 0),
+                "warehouse_lost": counts.get("lost", 0),
+                "bookmark": str(out.new_cursor) if out.new_cursor else "none",
+            }
+        )
 
     return [extract, opportunities]
 
@@ -112,21 +139,29 @@ def counted(value: object) -> object:
 def _extract_metadata(out: ExtractOutcome) -> dict:
     stats = out.stats
     return {
-        "mode": out.mode, "scope": out.scope_fingerprint or "none", "rows_fetched_open": out.counts.get("open", 0),
-        "rows_fetched_not_open": out.counts.get("closed", 0), "deletes_from_feed": out.counts.get("deleted", 0),
-        "since": str(out.since) if out.since else "full read", "api_requests": stats.get("api_requests", 0),
-        "retries": stats.get("retries", 0), "rate_limited_responses": stats.get("rate_limited_responses", 0),
+        "mode": out.mode,
+        "scope": out.scope_fingerprint or "none",
+        "rows_fetched_open": out.counts.get("open", 0),
+        "rows_fetched_not_open": out.counts.get("closed", 0),
+        "deletes_from_feed": out.counts.get("deleted", 0),
+        "since": str(out.since) if out.since else "full read",
+        "api_requests": stats.get("api_requests", 0),
+        "retries": stats.get("retries", 0),
+        "rate_limited_responses": stats.get("rate_limited_responses", 0),
         "seconds_waited_on_rate_limits": stats.get("seconds_waited_on_rate_limits", 0.0),
         "token_refreshes": stats.get("token_refreshes", 0),
         "token_requests": stats.get("token_requests", 0),
         # a full sync reads the ids it expected and did not see by id: out of scope (kept) or gone (deleted)
-        "read_by_id": stats.get("read_by_id", 0), "found_by_id": stats.get("found_by_id", 0),
+        "read_by_id": stats.get("read_by_id", 0),
+        "found_by_id": stats.get("found_by_id", 0),
         "out_of_scope_by_id": stats.get("out_of_scope_by_id", 0),
         # completeness of a full read against the CRM's own counts; records set aside (oppsync.quarantine)
-        "crm_count_open": counted(stats.get("crm_count_open")), "received_open": counted(stats.get("received_open")),
+        "crm_count_open": counted(stats.get("crm_count_open")),
+        "received_open": counted(stats.get("received_open")),
         "crm_count_closed": counted(stats.get("crm_count_closed")),
         "received_closed": counted(stats.get("received_closed")),
-        "deletes_inferable": bool(stats.get("deletes_inferable", out.mode == "full")) if out.mode == "full"
+        "deletes_inferable": bool(stats.get("deletes_inferable", out.mode == "full"))
+        if out.mode == "full"
         else "incremental run: no deletes inferred",
         "quarantined": stats.get("quarantined", 0),
         "warnings": "\n".join(stats.get("warnings") or []) or "none",

@@ -1,7 +1,6 @@
 """One hourly schedule per connection (seed 000: at half past the hour, by default) and one nightly full
 sync per connection, for deletes in CRMs without a delete feed. Each run syncs that connection only."""
 
-
 from __future__ import annotations
 
 import dagster as dg
@@ -26,21 +25,36 @@ def sync_job(conn: ConnectionConfig) -> dg.UnresolvedAssetJobDefinition:
 
 def connection_schedules(conn: ConnectionConfig, job: dg.UnresolvedAssetJobDefinition) -> list[dg.ScheduleDefinition]:
     def make(name: str, cron: str, mode: str, description: str) -> dg.ScheduleDefinition:
-        @dg.schedule(name=name, cron_schedule=cron, execution_timezone=conn.timezone, job=job,
-                     default_status=dg.DefaultScheduleStatus.RUNNING, description=description)
+        @dg.schedule(
+            name=name,
+            cron_schedule=cron,
+            execution_timezone=conn.timezone,
+            job=job,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=description,
+        )
         def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
             return dg.RunRequest(
                 run_key=f"{name}:{context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ''}",
                 run_config=extract_run_config(conn, mode),
                 tags={"oppsync/connection": conn.name, "oppsync/mode": mode},
             )
+
         return _schedule
 
     return [
-        make(f"sync_{key_part(conn.name)}", conn.schedule, "auto",
-             f"Hourly sync of '{conn.name}' ({conn.schedule}, {conn.timezone})."),
-        make(f"full_sync_{key_part(conn.name)}", conn.full_sync_schedule, "full",
-             f"Nightly full sync of '{conn.name}': reads every id, detects deletes."),
+        make(
+            f"sync_{key_part(conn.name)}",
+            conn.schedule,
+            "auto",
+            f"Hourly sync of '{conn.name}' ({conn.schedule}, {conn.timezone}).",
+        ),
+        make(
+            f"full_sync_{key_part(conn.name)}",
+            conn.full_sync_schedule,
+            "full",
+            f"Nightly full sync of '{conn.name}': reads every id, detects deletes.",
+        ),
     ]
 
 

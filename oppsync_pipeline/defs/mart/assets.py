@@ -2,7 +2,6 @@
 (eager automation: any connection's reconcile materializing makes the mart stale) rather than on a
 second hand-written schedule."""
 
-
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
-
 from sqlalchemy import text
 
 from oppsync_pipeline.defs.crm.assets import opportunities_key
@@ -55,7 +53,7 @@ def with_row_counts(events: list, engine, tables: Mapping[str, str] | None = Non
                 with transaction(engine) as conn:
                     n = conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
                 event = event.with_metadata({**event.metadata, "dagster/row_count": int(n)})
-            except Exception:  # a view over a missing table etc.: no count, never a failed run
+            except Exception:  # noqa: BLE001 - a view over a missing table etc.: no count, never a failed run
                 pass
         out.append(event)
     return out
@@ -65,8 +63,11 @@ def _manifest_stale(manifest: Path) -> bool:
     if not manifest.exists():
         return True
     built = manifest.stat().st_mtime
-    sources = [p for p in DBT_PROJECT_DIR.rglob("*") if p.suffix in (".sql", ".yml", ".yaml")
-               and "target" not in p.parts and "dbt_packages" not in p.parts]
+    sources = [
+        p
+        for p in DBT_PROJECT_DIR.rglob("*")
+        if p.suffix in (".sql", ".yml", ".yaml") and "target" not in p.parts and "dbt_packages" not in p.parts
+    ]
     return any(p.stat().st_mtime > built for p in sources)
 
 
@@ -81,18 +82,29 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
     translator = OppsyncTranslator([opportunities_key(c) for c in cfg.connections])
     build_vars = json.dumps(dbt_vars(cfg))
 
-    @dbt_assets(manifest=project.manifest_path, project=project, dagster_dbt_translator=translator,
-                name="outcomes_mart")
+    @dbt_assets(
+        manifest=project.manifest_path, project=project, dagster_dbt_translator=translator, name="outcomes_mart"
+    )
     def outcomes_mart(context: dg.AssetExecutionContext, dbt: DbtCliResource, oppsync: OppsyncResource):
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
         with dbt_environment(oppsync.app_config()):
             events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
         specs = context.assets_def.specs_by_key
-        tables = {context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")
-                  for key in context.selected_asset_keys}
+        tables = {
+            context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")
+            for key in context.selected_asset_keys
+        }
         yield from with_row_counts(events, oppsync.engine(), tables)
 
-    return dg.Definitions(assets=[outcomes_mart],
-                          resources={"dbt": DbtCliResource(project_dir=project, target=dbt_target(cfg), dbt_executable=dbt_executable(),
-                                                           profiles_dir=str(DBT_PROJECT_DIR))})
+    return dg.Definitions(
+        assets=[outcomes_mart],
+        resources={
+            "dbt": DbtCliResource(
+                project_dir=project,
+                target=dbt_target(cfg),
+                dbt_executable=dbt_executable(),
+                profiles_dir=str(DBT_PROJECT_DIR),
+            )
+        },
+    )

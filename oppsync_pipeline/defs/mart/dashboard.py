@@ -1,7 +1,6 @@
 """Something to look at in the Dagster UI: opportunities created per user per week (12 weeks) and the
 latest period, rendered as markdown on the dashboard asset's materialization."""
 
-
 from datetime import date, timedelta
 
 import dagster as dg
@@ -23,8 +22,10 @@ def weekly_table(rows: list[tuple], weeks: list[date]) -> str:
     per_user: dict[tuple[str, str], dict[date, int]] = {}
     for user, conn, start, created in rows:
         per_user.setdefault((user, conn), {})[start] = int(created)
-    lines = [f"| user | connection | last 12 weeks ({weeks[0]:%d %b} – {weeks[-1]:%d %b}) | total |",
-             "|---|---|---|---:|"]
+    lines = [
+        f"| user | connection | last 12 weeks ({weeks[0]:%d %b} – {weeks[-1]:%d %b}) | total |",
+        "|---|---|---|---:|",
+    ]
     ranked = sorted(per_user.items(), key=lambda kv: -sum(kv[1].values()))
     for (user, conn), by_week in ranked[:25]:
         series = [by_week.get(w, 0) for w in weeks]
@@ -32,9 +33,14 @@ def weekly_table(rows: list[tuple], weeks: list[date]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(key=["marts", "outcomes_dashboard"], deps=[dg.AssetKey(["marts", "outcomes"])], group_name="mart",
-          kinds={"python"}, automation_condition=dg.AutomationCondition.eager(),
-          description="A glance at marts.outcomes: created per user per week, and the latest week's results.")
+@dg.asset(
+    key=["marts", "outcomes_dashboard"],
+    deps=[dg.AssetKey(["marts", "outcomes"])],
+    group_name="mart",
+    kinds={"python"},
+    automation_condition=dg.AutomationCondition.eager(),
+    description="A glance at marts.outcomes: created per user per week, and the latest week's results.",
+)
 def outcomes_dashboard(oppsync: OppsyncResource) -> dg.MaterializeResult:
     with transaction(oppsync.engine()) as conn:
         latest = conn.execute(text("SELECT max(period_start) FROM marts.outcomes WHERE period_grain = 'week'")).scalar()
@@ -42,19 +48,32 @@ def outcomes_dashboard(oppsync: OppsyncResource) -> dg.MaterializeResult:
             return dg.MaterializeResult(metadata={"note": "marts.outcomes is empty"})
         latest = latest if isinstance(latest, date) else latest.date()
         weeks = [latest - timedelta(weeks=i) for i in range(11, -1, -1)]
-        rows = conn.execute(text(
-            "SELECT user_name, connection, CAST(period_start AS DATE), opportunities_created FROM marts.outcomes "
-            "WHERE period_grain = 'week' AND period_start >= :first"), {"first": weeks[0]}).fetchall()
-        last = conn.execute(text(
-            "SELECT user_name, connection, opportunities_created, opportunities_won, opportunities_lost, win_rate "
-            "FROM marts.outcomes WHERE period_grain = 'week' AND period_start = :p "
-            "ORDER BY opportunities_created DESC LIMIT 20"), {"p": latest}).fetchall()
+        rows = conn.execute(
+            text(
+                "SELECT user_name, connection, CAST(period_start AS DATE), opportunities_created FROM marts.outcomes "
+                "WHERE period_grain = 'week' AND period_start >= :first"
+            ),
+            {"first": weeks[0]},
+        ).fetchall()
+        last = conn.execute(
+            text(
+                "SELECT user_name, connection, opportunities_created, opportunities_won, opportunities_lost, win_rate "
+                "FROM marts.outcomes WHERE period_grain = 'week' AND period_start = :p "
+                "ORDER BY opportunities_created DESC LIMIT 20"
+            ),
+            {"p": latest},
+        ).fetchall()
     latest_md = "\n".join(
         ["| user | connection | created | won | lost | win rate |", "|---|---|---:|---:|---:|---:|"]
-        + [f"| {u} | {c} | {cr} | {w} | {lo} | {'' if wr is None else f'{float(wr):.0%}'} |"
-           for u, c, cr, w, lo, wr in last])
-    return dg.MaterializeResult(metadata={
-        "created_per_user_per_week": dg.MetadataValue.md(weekly_table([tuple(r) for r in rows], weeks)),
-        "latest_week": dg.MetadataValue.md(f"Week of {latest:%Y-%m-%d}\n\n{latest_md}"),
-        "opportunities_created_latest_week": sum(int(r[2]) for r in last),
-    })
+        + [
+            f"| {u} | {c} | {cr} | {w} | {lo} | {'' if wr is None else f'{float(wr):.0%}'} |"
+            for u, c, cr, w, lo, wr in last
+        ]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "created_per_user_per_week": dg.MetadataValue.md(weekly_table([tuple(r) for r in rows], weeks)),
+            "latest_week": dg.MetadataValue.md(f"Week of {latest:%Y-%m-%d}\n\n{latest_md}"),
+            "opportunities_created_latest_week": sum(int(r[2]) for r in last),
+        }
+    )

@@ -9,12 +9,17 @@ from oppsync_pipeline.defs.resources import load_app_config
 
 def mart_stage_definitions() -> dg.Definitions:
     _, cfg = load_app_config()
-    mart_job = dg.define_asset_job("build_mart", selection=dg.AssetSelection.groups("mart"),
-                                   description="Build the outcomes mart (dbt build) and its dashboard.")
+    mart_job = dg.define_asset_job(
+        "build_mart",
+        selection=dg.AssetSelection.groups("mart"),
+        description="Build the outcomes mart (dbt build) and its dashboard.",
+    )
     follow = dg.AutomationConditionSensorDefinition(
-        "mart_follows_syncs", target=dg.AssetSelection.groups("mart"),
+        "mart_follows_syncs",
+        target=dg.AssetSelection.groups("mart"),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Builds the mart after any connection's sync (eager automation), no second schedule.")
+        description="Builds the mart after any connection's sync (eager automation), no second schedule.",
+    )
     return dg.Definitions.merge(
         mart_definitions(cfg),
         dg.Definitions(assets=[outcomes_dashboard], jobs=[mart_job], sensors=[follow]),

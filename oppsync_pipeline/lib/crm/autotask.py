@@ -64,11 +64,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired
 
 import requests
 from pydantic import Field, StrictInt, StrictStr
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
@@ -77,19 +77,26 @@ from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_obj
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
-    CrmUser, Opportunity, StageInfo, Status, clean_text, format_address, parse_datetime, to_utc,
+    CrmUser,
+    Opportunity,
+    StageInfo,
+    Status,
+    clean_text,
+    format_address,
+    parse_datetime,
+    to_utc,
 )
 
 THRESHOLD_POLL_EVERY = 100
-BATCH = 200            # ids per `in` lookup of companies / contacts
-IDS_PER_IN = 500       # values one `in` condition may list (docs/crm-api-notes.md §5.2): the by-id read's batch
+BATCH = 200  # ids per `in` lookup of companies / contacts
+IDS_PER_IN = 500  # values one `in` condition may list (docs/crm-api-notes.md §5.2): the by-id read's batch
 # Where Autotask records when an opportunity closed, by outcome, in the order read: closedDate is set when the
 # status becomes Closed (won) / Implemented, lostDate when it becomes Lost (docs/crm-api-notes.md §5.5; both datetimes in
 # the swagger-generated clients, go-autotask entities/opportunities.go). Neither is the projected close date.
 CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {"won": ("closedDate",), "lost": ("lostDate",)}
 _NO_AUTH = "X-Oppsync-No-Auth"
-_SYSTEM = {"0", "1", "2", "3", "4"}     # Autotask's system statuses: 0 Not Ready To Buy, 1 Active, 2 Lost ...
-_CLOSED_WON = {"3", "4"}                # 3 Closed (won), 4 Implemented (won, post-sale)
+_SYSTEM = {"0", "1", "2", "3", "4"}  # Autotask's system statuses: 0 Not Ready To Buy, 1 Active, 2 Lost ...
+_CLOSED_WON = {"3", "4"}  # 3 Closed (won), 4 Implemented (won, post-sale)
 _CLOSED_LOST = {"2"}
 _NO_RIGHTS = re.compile(r"adequate permission|not have (the )?permission|access denied", re.IGNORECASE)
 # What a security level must grant for each read (Admin > Security Levels > a copy of "API User (system)").
@@ -116,7 +123,7 @@ class AutotaskAuth(Auth):
         self._rediscover = rediscover
 
     def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
-        if headers.pop(_NO_AUTH, None):        # zone discovery takes no credentials
+        if headers.pop(_NO_AUTH, None):  # zone discovery takes no credentials
             return
         headers.update(self._headers)
         headers.setdefault("Content-Type", "application/json")
@@ -126,6 +133,7 @@ class AutotaskAuth(Auth):
 
 
 # -- observe / classify -----------------------------------------------------------------------------------------
+
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     """Autotask reports usage in no header; see AutotaskConnector._poll_threshold."""
@@ -140,7 +148,7 @@ def _errors(response: requests.Response) -> str:
 def _what(url: str) -> str:
     """The entity / endpoint a request was about (`Opportunities`, `Companies`, `ThresholdInformation` ...)."""
     m = _V10.search(url)
-    tail = url[m.end():] if m else url
+    tail = url[m.end() :] if m else url
     return tail.split("?")[0].split("/")[0] or "the API"
 
 
@@ -149,33 +157,53 @@ def classify(response: requests.Response) -> Exception | None:
     not have the adequate permissions" (docs/crm-api-notes.md §5.1): both are a 403, so optional reads fall back."""
     status = response.status_code
     if status == 500 and "zoneinformation" in response.url.lower():
-        return CrmError("Autotask zone lookup failed (500): the API username is unknown or blank; check the "
-                        "connection's `username` credential (the API-only user's email) and base_url "
-                        "(https://webservices.autotask.net)", status=500, code="ZONE_LOOKUP", permanent=True)
+        return CrmError(
+            "Autotask zone lookup failed (500): the API username is unknown or blank; check the "
+            "connection's `username` credential (the API-only user's email) and base_url "
+            "(https://webservices.autotask.net)",
+            status=500,
+            code="ZONE_LOOKUP",
+            permanent=True,
+        )
     text = _errors(response) if status in (400, 403, 404, 500) else ""
     what = _what(response.url)
     if status == 403 or (status == 500 and _NO_RIGHTS.search(text)):
-        return CrmError(f"Autotask refused {what} (HTTP {status}: {text or 'forbidden'}); check the API user's "
-                        f"security level (Admin > Security Levels, a copy of 'API User (system)'): it needs view "
-                        f"access to {_RIGHTS.get(what.lower(), what)}", status=403, code="NO_RIGHTS",
-                        permanent=True)
+        return CrmError(
+            f"Autotask refused {what} (HTTP {status}: {text or 'forbidden'}); check the API user's "
+            f"security level (Admin > Security Levels, a copy of 'API User (system)'): it needs view "
+            f"access to {_RIGHTS.get(what.lower(), what)}",
+            status=403,
+            code="NO_RIGHTS",
+            permanent=True,
+        )
     if status == 404:
-        return CrmError(f"Autotask has no {what} endpoint here (404: {text}); check base_url (the zone lookup "
-                        "host https://webservices.autotask.net, or the zone's .../ATServicesRest)", status=404,
-                        code="NOT_FOUND", permanent=True)
+        return CrmError(
+            f"Autotask has no {what} endpoint here (404: {text}); check base_url (the zone lookup "
+            "host https://webservices.autotask.net, or the zone's .../ATServicesRest)",
+            status=404,
+            code="NOT_FOUND",
+            permanent=True,
+        )
     if status in (400, 500) and text:
         # Query and validation errors (500 {"errors": [...]}): the same query fails the same way on a retry.
-        return CrmError(f"Autotask rejected the {what} request ({status}: {text}); check the connection's "
-                        "`filters` and `fields` (user-defined fields as `udf:<name>`) against "
-                        "`oppsync config check --online`", status=status, code="AUTOTASK_ERROR", permanent=True)
+        return CrmError(
+            f"Autotask rejected the {what} request ({status}: {text}); check the connection's "
+            "`filters` and `fields` (user-defined fields as `udf:<name>`) against "
+            "`oppsync config check --online`",
+            status=status,
+            code="AUTOTASK_ERROR",
+            permanent=True,
+        )
     return None
 
 
 # -- the answers the connector reads (docs/crm-api-notes.md §5.1-5.5), validated before use -----------------------------------
 
+
 class EntityRecord(TypedDict):
     """A queried record (opportunity, company, contact, resource, country): only its id is checked; the
     connector reads the dict as received. Autotask ids are integers."""
+
     __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: StrictInt
@@ -201,7 +229,7 @@ class CountAnswer(PageModel):
 
 class PicklistValue(TypedDict):
     __pydantic_config__ = RECORD  # type: ignore[misc]
-    value: StrictStr | StrictInt        # documented as a string although the field is an integer
+    value: StrictStr | StrictInt  # documented as a string although the field is an integer
     label: NotRequired[StrictStr | None]
 
 
@@ -244,32 +272,80 @@ class ThresholdAnswer(PageModel):
 class AutotaskOptions(ConnectorOptions):
     """`options:` of an Autotask connection."""
 
-    currency: str | None = None                 # the instance's currency (Autotask amounts carry none)
+    currency: str | None = None  # the instance's currency (Autotask amounts carry none)
 
 
 class AutotaskConnector(CrmConnector):
     Options = AutotaskOptions
     # text is read as users see it (a picklist value's label; `udf:<name>` for user-defined fields); the company's
     # name and the sales executive (the contact, else the owner resource) are derived from enrich's lookups
-    field_map = FieldMap(project_name="title", client_name=None, sales_executive=None, stage="stage",
-                         amount="amount", close_date="projectedCloseDate", probability="probability",
-                         created_at="createDate", created_by_crm_id="creatorResourceID")
-    filters_ignore_case = True   # SQL Server's default collation
+    field_map = FieldMap(
+        project_name="title",
+        client_name=None,
+        sales_executive=None,
+        stage="stage",
+        amount="amount",
+        close_date="projectedCloseDate",
+        probability="probability",
+        created_at="createDate",
+        created_by_crm_id="creatorResourceID",
+    )
+    filters_ignore_case = True  # SQL Server's default collation
     crm = "autotask"
     max_page_size = 500
     native_deletes = False
     credential_keys = ("username", "secret", "integration_code")
-    known_fields = frozenset({
-        "id", "title", "companyID", "contactID", "ownerResourceID", "creatorResourceID", "amount", "cost",
-        "onetimeRevenue", "monthlyRevenue", "quarterlyRevenue", "semiannualRevenue", "yearlyRevenue",
-        "totalAmountMonths", "useQuoteTotals", "probability", "stage", "status", "rating", "leadSource",
-        "opportunityCategoryID", "projectedCloseDate", "closedDate", "lostDate", "startDate", "createDate",
-        "lastActivity", "impersonatorCreatorResourceID", "barriers", "description", "helpNeeded",
-        "market", "nextStep", "promotionName", "relationshipAssessmentScore", "technicalAssessmentScore",
-        "lossReason", "winReason",
-    })
-    _OPS: ClassVar[dict[str, str]] = {"equal": "eq", "not_equal": "noteq", "more_than": "gt", "less_than": "lt",
-                                      "at_least": "gte", "at_most": "lte", "in": "in"}
+    known_fields = frozenset(
+        {
+            "id",
+            "title",
+            "companyID",
+            "contactID",
+            "ownerResourceID",
+            "creatorResourceID",
+            "amount",
+            "cost",
+            "onetimeRevenue",
+            "monthlyRevenue",
+            "quarterlyRevenue",
+            "semiannualRevenue",
+            "yearlyRevenue",
+            "totalAmountMonths",
+            "useQuoteTotals",
+            "probability",
+            "stage",
+            "status",
+            "rating",
+            "leadSource",
+            "opportunityCategoryID",
+            "projectedCloseDate",
+            "closedDate",
+            "lostDate",
+            "startDate",
+            "createDate",
+            "lastActivity",
+            "impersonatorCreatorResourceID",
+            "barriers",
+            "description",
+            "helpNeeded",
+            "market",
+            "nextStep",
+            "promotionName",
+            "relationshipAssessmentScore",
+            "technicalAssessmentScore",
+            "lossReason",
+            "winReason",
+        }
+    )
+    _OPS: ClassVar[dict[str, str]] = {
+        "equal": "eq",
+        "not_equal": "noteq",
+        "more_than": "gt",
+        "less_than": "lt",
+        "at_least": "gte",
+        "at_most": "lte",
+        "in": "in",
+    }
 
     def __init__(self, conn: Any, credentials: dict[str, str], **kwargs: Any):
         self._zone: str | None = None
@@ -279,11 +355,11 @@ class AutotaskConnector(CrmConnector):
         self._resources: dict[int, dict[str, Any]] | None = None
         self._countries: dict[int, str] | None = None
         self._last_poll: int | None = None
-        self._fields: dict[str, dict[str, Any]] | None = None   # entityInformation/fields by name (None: refused)
-        self._udfs: set[str] | None = None                      # user-defined field names (None: refused)
-        self._refused: set[str] = set()                         # optional reads refused this run: not asked again
+        self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
+        self._udfs: set[str] | None = None  # user-defined field names (None: refused)
+        self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
-        self._no_close_fields: set[str] = set()                 # close-time fields this tenant does not have
+        self._no_close_fields: set[str] = set()  # close-time fields this tenant does not have
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -306,20 +382,27 @@ class AutotaskConnector(CrmConnector):
         exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
         tenant does not have is a configuration error named by its key, before the first query."""
         self._ensure_zone()
-        fields = self._optional("Opportunities/entityInformation/fields",
-                                lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
-                                None,
-                                "stage and status labels are their picklist values; open / won / lost from "
-                                "Autotask's system status values (2 Lost, 3 Closed, 4 Implemented closed; "
-                                "others open)")
+        fields = self._optional(
+            "Opportunities/entityInformation/fields",
+            lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
+            None,
+            "stage and status labels are their picklist values; open / won / lost from "
+            "Autotask's system status values (2 Lost, 3 Closed, 4 Implemented closed; "
+            "others open)",
+        )
         if fields is not None:
             self._fields = {f["name"]: f for f in fields["fields"] if f["name"]}
-            self.note("stage picklist", "stage" in self._fields,
-                      "stage = the stage picklist label" if "stage" in self._fields else "no stage field")
-        udfs = self._optional("Opportunities/entityInformation/userDefinedFields",
-                              lambda: self._get_checked(UserDefinedFieldsAnswer,
-                                                        "Opportunities/entityInformation/userDefinedFields"),
-                              None, "configured udf: fields are sent unchecked")
+            self.note(
+                "stage picklist",
+                "stage" in self._fields,
+                "stage = the stage picklist label" if "stage" in self._fields else "no stage field",
+            )
+        udfs = self._optional(
+            "Opportunities/entityInformation/userDefinedFields",
+            lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields"),
+            None,
+            "configured udf: fields are sent unchecked",
+        )
         if udfs is not None:
             self._udfs = {f["name"] for f in udfs["fields"] if f["name"]}
         self._check_configured_fields()
@@ -338,23 +421,30 @@ class AutotaskConnector(CrmConnector):
                     self.note(what, True, f"crm_closed_at = {name}")
                 else:
                     self._no_close_fields.add(name)
-                    self.note(what, False, f"this tenant's Opportunities have no {name}: {status} opportunities "
-                                           "are dated by lastActivity (closed_at_source = modified_at)")
+                    self.note(
+                        what,
+                        False,
+                        f"this tenant's Opportunities have no {name}: {status} opportunities "
+                        "are dated by lastActivity (closed_at_source = modified_at)",
+                    )
 
     def _check_configured_fields(self) -> None:
         problems = []
         for key, name in configured_fields(self.conn):
             if name.startswith("udf:"):
                 if self._udfs is not None and name[4:] not in self._udfs:
-                    problems.append(f"{key}: this Autotask tenant has no user-defined field '{name[4:]}' on "
-                                    f"Opportunities; it has {sorted(self._udfs)}")
+                    problems.append(
+                        f"{key}: this Autotask tenant has no user-defined field '{name[4:]}' on "
+                        f"Opportunities; it has {sorted(self._udfs)}"
+                    )
             elif self._fields is not None and name not in self._fields:
                 problems.append(f"{key}: this Autotask tenant's Opportunities have no field '{name}'")
         if problems:
             raise ConfigError(problems)
 
-    def _optional(self, name: str, call: Any, fallback: Any, fallback_text: str,
-                  refusals: tuple[int, ...] = OPTIONAL_REFUSALS) -> Any:
+    def _optional(
+        self, name: str, call: Any, fallback: Any, fallback_text: str, refusals: tuple[int, ...] = OPTIONAL_REFUSALS
+    ) -> Any:
         if name in self._refused:
             return fallback
         marker = object()
@@ -377,15 +467,16 @@ class AutotaskConnector(CrmConnector):
             url = base
         else:
             lookup = f"{base}/atservicesrest/v1.0/zoneInformation"
-            info = self.client.get_json(lookup, params={"user": self.credentials["username"]},
-                                        headers={_NO_AUTH: "1"})
+            info = self.client.get_json(lookup, params={"user": self.credentials["username"]}, headers={_NO_AUTH: "1"})
             try:
                 url = check_page(ZoneAnswer, info, crm=self.crm, url=lookup).url
             except PageError as err:
                 # Whatever answers there is not Autotask's zone lookup: the same answer comes every time.
                 err.permanent, err.code = True, "ZONE_LOOKUP"
-                err.hint = ("Check base_url: the zone lookup host https://webservices.autotask.net, or the "
-                            "zone's .../ATServicesRest")
+                err.hint = (
+                    "Check base_url: the zone lookup host https://webservices.autotask.net, or the "
+                    "zone's .../ATServicesRest"
+                )
                 raise
         url = url.rstrip("/")
         if not url.lower().endswith("/v1.0"):
@@ -400,10 +491,13 @@ class AutotaskConnector(CrmConnector):
 
     def _poll_threshold(self) -> None:
         self._last_poll = self.stats.requests
-        data = self._optional("ThresholdInformation",
-                              lambda: self._get_checked(ThresholdAnswer, "ThresholdInformation"), None,
-                              "no quota figures (Autotask sends no usage headers): the run's budget is not "
-                              "metered against the hourly threshold; 429s are still waited out")
+        data = self._optional(
+            "ThresholdInformation",
+            lambda: self._get_checked(ThresholdAnswer, "ThresholdInformation"),
+            None,
+            "no quota figures (Autotask sends no usage headers): the run's budget is not "
+            "metered against the hourly threshold; 429s are still waited out",
+        )
         if data is not None and data["externalRequestThreshold"] > 0:
             self.stats.quota_limit = data["externalRequestThreshold"]
             self.stats.quota_used = data["currentTimeframeRequestCount"]
@@ -430,17 +524,26 @@ class AutotaskConnector(CrmConnector):
         for v in self._picklist("stage"):
             key, label = str(v["value"]), str(v.get("label") or v["value"])
             closed = bool(_CLOSED_LABEL.search(label))
-            out.append(StageInfo(key=key, label=label, is_closed=closed,
-                                 is_won=closed and not _LOST_LABEL.search(label),
-                                 sort_order=int(v.get("sortOrder") or 0)))
+            out.append(
+                StageInfo(
+                    key=key,
+                    label=label,
+                    is_closed=closed,
+                    is_won=closed and not _LOST_LABEL.search(label),
+                    sort_order=int(v.get("sortOrder") or 0),
+                )
+            )
         return out
 
     def fetch_statuses(self) -> list[StageInfo]:
         """The status picklist with open / won flags: the system values by their documented meaning (whatever
         the tenant renamed them to), tenant-defined values by their label. Without entityInformation: the
         system values, labelled by value."""
-        values = self._picklist("status") if self._fields is not None else [
-            {"value": k, "label": k, "isSystem": True, "sortOrder": int(k)} for k in sorted(_SYSTEM)]
+        values = (
+            self._picklist("status")
+            if self._fields is not None
+            else [{"value": k, "label": k, "isSystem": True, "sortOrder": int(k)} for k in sorted(_SYSTEM)]
+        )
         out = []
         for v in values:
             key, label = str(v["value"]), str(v.get("label") or v["value"])
@@ -449,8 +552,9 @@ class AutotaskConnector(CrmConnector):
             else:
                 closed = bool(_CLOSED_LABEL.search(label))
                 won = closed and not _LOST_LABEL.search(label)
-            out.append(StageInfo(key=key, label=label, is_closed=closed, is_won=won,
-                                 sort_order=int(v.get("sortOrder") or 0)))
+            out.append(
+                StageInfo(key=key, label=label, is_closed=closed, is_won=won, sort_order=int(v.get("sortOrder") or 0))
+            )
         return out
 
     def _status_flags(self, key: str | None) -> Status:
@@ -469,13 +573,17 @@ class AutotaskConnector(CrmConnector):
 
             def read() -> dict[int, dict[str, Any]]:
                 res: dict[int, dict[str, Any]] = {}
-                for page in self._query("Resources", [{"op": "gt", "field": "id", "value": 0}],
-                                        self.max_page_size):
+                for page in self._query("Resources", [{"op": "gt", "field": "id", "value": 0}], self.max_page_size):
                     res.update((r["id"], r) for r in page)
                 return res
-            self._resources = self._optional("Resources", read, {},
-                                             "users are known by their resource ids only (no names / emails; "
-                                             "sales_executive falls back to the contact's name or none)")
+
+            self._resources = self._optional(
+                "Resources",
+                read,
+                {},
+                "users are known by their resource ids only (no names / emails; "
+                "sales_executive falls back to the contact's name or none)",
+            )
         return self._resources
 
     # -- opportunities ---------------------------------------------------------------------------------------------
@@ -504,7 +612,7 @@ class AutotaskConnector(CrmConnector):
         changed = self._changed_companies(since)
         base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
-            by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i:i + BATCH]}]
+            by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i : i + BATCH]}]
             for items in self._query("Opportunities", by_company):
                 items = [r for r in items if r["id"] not in seen]
                 seen.update(r["id"] for r in items)
@@ -534,9 +642,8 @@ class AutotaskConnector(CrmConnector):
         self._ensure_zone()
         wanted = sorted({int(i) for i in ids if str(i).strip().isascii() and str(i).strip().isdigit()})
         for i in range(0, len(wanted), IDS_PER_IN):
-            chunk = wanted[i:i + IDS_PER_IN]
-            for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}],
-                                     expect=len(chunk)):
+            chunk = wanted[i : i + IDS_PER_IN]
+            for items in self._query("Opportunities", [{"op": "in", "field": "id", "value": chunk}], expect=len(chunk)):
                 yield self.map_page(items)
 
     def _changed_companies(self, since: datetime) -> list[int]:
@@ -545,17 +652,29 @@ class AutotaskConnector(CrmConnector):
         if "Companies" in self._refused:
             return []
         if self._company_changes is None or self._company_changes[0] != since:
+
             def read() -> list[int]:
                 ids = []
-                for page in self._query("Companies", [{"op": "gte", "field": "lastTrackedModifiedDateTime",
-                                                       "value": _at_value(since)}], self.max_page_size):
+                for page in self._query(
+                    "Companies",
+                    [{"op": "gte", "field": "lastTrackedModifiedDateTime", "value": _at_value(since)}],
+                    self.max_page_size,
+                ):
                     self._companies.update((c["id"], c) for c in page)
                     ids += [c["id"] for c in page]
                 return ids
+
             # 500 too: a tenant whose Companies cannot be queried by lastTrackedModifiedDateTime only loses this.
-            self._company_changes = (since, self._optional(
-                "Companies changed since the cursor", read, [],
-                "renamed companies reach the warehouse with the next full sync", refusals=(403, 404, 500)))
+            self._company_changes = (
+                since,
+                self._optional(
+                    "Companies changed since the cursor",
+                    read,
+                    [],
+                    "renamed companies reach the warehouse with the next full sync",
+                    refusals=(403, 404, 500),
+                ),
+            )
         return self._company_changes[1]
 
     def _status_filter(self, open_set: bool) -> dict[str, Any]:
@@ -568,22 +687,26 @@ class AutotaskConnector(CrmConnector):
         if self._fields is None:
             closed = sorted(int(k) for k in _CLOSED_WON | _CLOSED_LOST)
             return {"op": "notIn" if open_set else "in", "field": "status", "value": closed}
-        open_values = [int(k) for k, s in statuses.items() if k.lstrip("-").isdigit()
-                       and self._open_by_status(k, s.label, s.category)]
-        if not open_values:   # nothing is open: "open" matches no record, "not open" matches every record
+        open_values = [
+            int(k)
+            for k, s in statuses.items()
+            if k.lstrip("-").isdigit() and self._open_by_status(k, s.label, s.category)
+        ]
+        if not open_values:  # nothing is open: "open" matches no record, "not open" matches every record
             return {"op": "lt", "field": "id", "value": 0} if open_set else {"op": "gt", "field": "id", "value": 0}
         return {"op": "in" if open_set else "notIn", "field": "status", "value": open_values}
 
     def _open_by_status(self, key: str, label: str, flags: Status) -> bool:
-        categories = self.conn.stage_categories     # by name, as resolve_status reads them
+        categories = self.conn.stage_categories  # by name, as resolve_status reads them
         if label in categories:
             return categories[label] == "open"
         if self.conn.open_statuses is not None:
             return bool({key, label} & set(self.conn.open_statuses))
         return flags == "open"
 
-    def _query(self, entity: str, filters: list[dict[str, Any]], max_records: int | None = None, *,
-               expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    def _query(
+        self, entity: str, filters: list[dict[str, Any]], max_records: int | None = None, *, expect: int | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
         """POST the query, then POST the same body to every nextPageUrl until one is null. Each page is checked
         (QueryPage) before a record of it is used. The paging must end: a next link already followed, a page
         that starts where an earlier one started (an API ignoring the paging) and, when `expect` says how many
@@ -592,9 +715,16 @@ class AutotaskConnector(CrmConnector):
         path = f"{entity}/query"
         # every next page is POSTed the same body, at its path from /V1.0/ on (the zone may move mid-run)
         paginator = JSONLinkPaginator(lambda page: page.pageDetails.nextPageUrl, resolve=_relative)
-        for fetched in self.pages(PageRequest("POST", path, json=body), paginator, model=QueryPage, records="items",
-                                  first_id="id", expect=expect, page_size=body["MaxRecords"],
-                                  before_request=self._poll_when_due):
+        for fetched in self.pages(
+            PageRequest("POST", path, json=body),
+            paginator,
+            model=QueryPage,
+            records="items",
+            first_id="id",
+            expect=expect,
+            page_size=body["MaxRecords"],
+            before_request=self._poll_when_due,
+        ):
             if fetched.records:
                 yield fetched.records
 
@@ -619,10 +749,9 @@ class AutotaskConnector(CrmConnector):
         optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
         self.statuses()
         for entity, key, cache, text in (
-                ("Companies", "companyID", self._companies,
-                 "client_name and service_location are left empty"),
-                ("Contacts", "contactID", self._contacts,
-                 "sales_executive falls back to the owner resource's name")):
+            ("Companies", "companyID", self._companies, "client_name and service_location are left empty"),
+            ("Contacts", "contactID", self._contacts, "sales_executive falls back to the owner resource's name"),
+        ):
             wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys())
             if not wanted or entity in self._refused:
                 continue
@@ -630,24 +759,28 @@ class AutotaskConnector(CrmConnector):
             def read(wanted: list[int] = wanted, entity: str = entity) -> dict[int, dict[str, Any]]:
                 found: dict[int, dict[str, Any]] = {}
                 for i in range(0, len(wanted), BATCH):
-                    chunk = wanted[i:i + BATCH]
-                    for page in self._query(entity, [{"op": "in", "field": "id", "value": chunk}],
-                                            self.max_page_size, expect=len(chunk)):
+                    chunk = wanted[i : i + BATCH]
+                    for page in self._query(
+                        entity, [{"op": "in", "field": "id", "value": chunk}], self.max_page_size, expect=len(chunk)
+                    ):
                         found.update((x["id"], x) for x in page)
                 return found
+
             found = self._optional(entity, read, None, text)
             if found is not None:
                 cache.update(found)
                 cache.update((missing, {}) for missing in set(wanted) - found.keys())
         if self._countries is None and any(c.get("countryID") for c in self._companies.values()):
+
             def countries() -> dict[int, str]:
                 out: dict[int, str] = {}
-                for page in self._query("Countries", [{"op": "gt", "field": "id", "value": 0}],
-                                        self.max_page_size):
+                for page in self._query("Countries", [{"op": "gt", "field": "id", "value": 0}], self.max_page_size):
                     out.update((c["id"], c.get("displayName") or c.get("name")) for c in page)
                 return out
-            self._countries = self._optional("Countries", countries, {},
-                                             "service_location is written without the country")
+
+            self._countries = self._optional(
+                "Countries", countries, {}, "service_location is written without the country"
+            )
         if any(self._executive_is_owner(r) for r in items):
             self._all_resources()
 
@@ -659,7 +792,7 @@ class AutotaskConnector(CrmConnector):
         try:
             return r.get("ownerResourceID") is not None and not _person(self._contact(r))
         except (TypeError, ValueError):
-            return False   # an unreadable contactID: _map quarantines the record
+            return False  # an unreadable contactID: _map quarantines the record
 
     def _executive(self, r: dict[str, Any]) -> str | None:
         """The contact's name, else the owner resource's (as `enrich` read them)."""
@@ -687,10 +820,13 @@ class AutotaskConnector(CrmConnector):
         crm_status = self._label("status", status_key)
         status = self._resolve(stage, crm_status, status_key)
         closed_at, closed_at_field = self._closed_at(r, status)
-        values = self.mapped_fields(r, client_name=lambda: clean_text(company.get("companyName")),
-                                    sales_executive=lambda: self._executive(r))
+        values = self.mapped_fields(
+            r, client_name=lambda: clean_text(company.get("companyName")), sales_executive=lambda: self._executive(r)
+        )
         return self.opportunity(
-            r["id"], r, **values,
+            r["id"],
+            r,
+            **values,
             service_location=self._address(company),
             owner_crm_id=_str(r.get("ownerResourceID")),
             stage=stage,
@@ -719,8 +855,13 @@ class AutotaskConnector(CrmConnector):
         """`resolve_status`, plus `open_statuses` naming a status by its value ("0"), as the set queries do."""
         status = self.resolve_status(stage, crm_status, self._status_flags(status_key))
         opens, categories = self.conn.open_statuses, self.conn.stage_categories
-        if (status != "open" and opens is not None and status_key in opens
-                and stage not in categories and crm_status not in categories):
+        if (
+            status != "open"
+            and opens is not None
+            and status_key in opens
+            and stage not in categories
+            and crm_status not in categories
+        ):
             return "open"
         return status
 
@@ -742,8 +883,11 @@ class AutotaskConnector(CrmConnector):
         if not c:
             return None
         country = (self._countries or {}).get(int(c["countryID"])) if c.get("countryID") else None
-        return clean_text(format_address(c.get("address1"), c.get("address2"), c.get("city"), c.get("state"),
-                                         c.get("postalCode"), country))
+        return clean_text(
+            format_address(
+                c.get("address1"), c.get("address2"), c.get("city"), c.get("state"), c.get("postalCode"), country
+            )
+        )
 
 
 def _person(r: dict[str, Any]) -> str | None:
@@ -764,10 +908,11 @@ def _at_value(dt: datetime) -> str:
 def _relative(next_url: str) -> str:
     """The part of a nextPageUrl after `/V1.0/`, so it resolves against the current zone."""
     m = _V10.search(next_url)
-    return next_url[m.end():] if m else next_url
+    return next_url[m.end() :] if m else next_url
 
 
 # -- filter rendering ----------------------------------------------------------------------------------------------
+
 
 def render_filter(f: RecordFilter) -> dict[str, Any]:
     """A connection filter as an Autotask filter condition. Values stay JSON values: nothing to escape."""

@@ -29,7 +29,6 @@ from datetime import date, datetime
 from typing import Any, ClassVar, TypeVar
 
 import requests
-
 from pydantic import BaseModel, ConfigDict
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
@@ -37,8 +36,17 @@ from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, parse_date,
-                                         parse_datetime, parse_float, to_utc)
+from oppsync_pipeline.lib.record import (
+    CrmUser,
+    Opportunity,
+    StageInfo,
+    Status,
+    clean_text,
+    parse_date,
+    parse_datetime,
+    parse_float,
+    to_utc,
+)
 from oppsync_pipeline.lib.scrub import Scrubber
 
 Page = list[Opportunity]
@@ -122,12 +130,14 @@ class CrmConnector(ABC):
         # Masks this connection's secrets, the configured ones and those its Auth sends, in every form.
         self.scrubber = Scrubber(credentials)
         self.page_size = min(conn.page_size or self.max_page_size, self.max_page_size)
-        self.options = self.Options.model_validate(conn.options)   # before make_auth, which may read them
+        self.options = self.Options.model_validate(conn.options)  # before make_auth, which may read them
         self.client = ApiClient(
             base_url=conn.base_url,
             auth=self.make_auth(),
-            budget=budget or QuotaBudget(conn.quota.run_share, conn.quota.stop_at_usage,
-                                         max_wait_seconds=conn.quota.max_wait_seconds),
+            budget=budget
+            or QuotaBudget(
+                conn.quota.run_share, conn.quota.stop_at_usage, max_wait_seconds=conn.quota.max_wait_seconds
+            ),
             observe=self.observe,
             classify=self.classify,
             sleep=sleep,
@@ -206,8 +216,10 @@ class CrmConnector(ABC):
 
     def matches_filters(self, opp: Opportunity) -> bool:
         """Whether a record read without filters (fetch_by_ids) matches the connection's filters."""
-        return all(matches(f, self.filter_value(opp.raw, f.field), ignore_case=self.filters_ignore_case)
-                   for f in self.conn.filters)
+        return all(
+            matches(f, self.filter_value(opp.raw, f.field), ignore_case=self.filters_ignore_case)
+            for f in self.conn.filters
+        )
 
     @classmethod
     def validate_connection(cls, conn: ConnectionConfig) -> list[str]:
@@ -220,12 +232,16 @@ class CrmConnector(ABC):
             problems.append(f"credentials: unknown key(s) {unknown}; {cls.crm} takes {list(cls.credential_keys)}")
         for i, f in enumerate(conn.filters):
             if not cls.field_known(f.field):
-                problems.append(f"filters[{i}].field: unknown {cls.crm} field '{f.field}'; "
-                                f"known: {sorted(cls.known_fields)} (or a custom field, see README)")
+                problems.append(
+                    f"filters[{i}].field: unknown {cls.crm} field '{f.field}'; "
+                    f"known: {sorted(cls.known_fields)} (or a custom field, see README)"
+                )
         for canonical, native in conn.fields.items():
             if not cls.field_known(native):
-                problems.append(f"fields.{canonical}: unknown {cls.crm} field '{native}'; "
-                                f"known: {sorted(cls.known_fields)} (or a custom field, see README)")
+                problems.append(
+                    f"fields.{canonical}: unknown {cls.crm} field '{native}'; "
+                    f"known: {sorted(cls.known_fields)} (or a custom field, see README)"
+                )
         return problems
 
     @classmethod
@@ -271,8 +287,13 @@ class CrmConnector(ABC):
             self.note("tenant discovery", False, f"REQUIRED and refused: {err}")
             return list(self.capabilities.values())
         stages, statuses = self.stages(), self.statuses()
-        self.note("stage list", bool(stages), f"{len(stages)} stage(s)" if stages
-                  else "none readable: oppsync.crm_stages stays empty (stages are still read from each record)")
+        self.note(
+            "stage list",
+            bool(stages),
+            f"{len(stages)} stage(s)"
+            if stages
+            else "none readable: oppsync.crm_stages stays empty (stages are still read from each record)",
+        )
         if statuses:
             self.note("status list", True, f"{len(statuses)} status(es)")
         self._check_stage_names(stages, statuses)
@@ -286,8 +307,13 @@ class CrmConnector(ABC):
                 self.note("stage trigger", False, "REQUIRED and not usable: " + "; ".join(err.problems))
         try:
             n_users = sum(1 for _ in self.users())
-            self.note("users (owners and creators)", bool(n_users), f"{n_users} user(s)" if n_users
-                      else "none readable: owners and creators are kept as CRM ids, without names")
+            self.note(
+                "users (owners and creators)",
+                bool(n_users),
+                f"{n_users} user(s)"
+                if n_users
+                else "none readable: owners and creators are kept as CRM ids, without names",
+            )
         except CrmError as err:
             self.note("users (owners and creators)", False, f"REQUIRED and refused: {err}")
         for open_set in (True, False):
@@ -315,19 +341,35 @@ class CrmConnector(ABC):
         for key, name in uses:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-                problems.append(f"{key}: '{name}' is not a stage or status of this tenant"
-                                + (f"; did you mean '{close[0]}'?" if close else
-                                   f" (it has: {', '.join(sorted(s.label for s in stages.values())[:12])})"))
+                problems.append(
+                    f"{key}: '{name}' is not a stage or status of this tenant"
+                    + (
+                        f"; did you mean '{close[0]}'?"
+                        if close
+                        else f" (it has: {', '.join(sorted(s.label for s in stages.values())[:12])})"
+                    )
+                )
         if uses:
-            self.note("stage and status names", not problems,
-                      "REQUIRED and not usable: " + "; ".join(problems) if problems
-                      else f"{len(uses)} configured name(s) found in the tenant")
+            self.note(
+                "stage and status names",
+                not problems,
+                "REQUIRED and not usable: " + "; ".join(problems)
+                if problems
+                else f"{len(uses)} configured name(s) found in the tenant",
+            )
 
     def note(self, name: str, available: bool, detail: str = "") -> None:
         self.capabilities[name] = Capability(name, available, detail)
 
-    def optional(self, name: str, call: Callable[[], T], fallback: T, *, fallback_text: str,
-                 refusals: tuple[int, ...] = OPTIONAL_REFUSALS) -> T:
+    def optional(
+        self,
+        name: str,
+        call: Callable[[], T],
+        fallback: T,
+        *,
+        fallback_text: str,
+        refusals: tuple[int, ...] = OPTIONAL_REFUSALS,
+    ) -> T:
         """Run a read that only enriches or meters the sync. Refused (403/404 by default): a warning in the
         run's metadata and `sync_runs.warnings`, and `fallback` instead; never a failed run."""
         try:
@@ -364,12 +406,12 @@ class CrmConnector(ABC):
 
     def resolve_status(self, stage: str | None, crm_status: str | None, flags: Status) -> Status:
         """open / won / lost of one record, one rule for all five CRMs:
-          1. the connection's `stage_categories`, by stage name (or CRM status label): seed 003 counts a won
-             *stage* as won while the CRM's status still says active;
-          2. the connection's `open_statuses` (seed 000), by CRM status label or stage name: listed -> open,
-             otherwise closed, won when the CRM's flags say won;
-          3. the CRM's own flags (`flags`, computed by the connector from the stage / status dictionaries or
-             the record's IsClosed / IsWon / statecode)."""
+        1. the connection's `stage_categories`, by stage name (or CRM status label): seed 003 counts a won
+           *stage* as won while the CRM's status still says active;
+        2. the connection's `open_statuses` (seed 000), by CRM status label or stage name: listed -> open,
+           otherwise closed, won when the CRM's flags say won;
+        3. the CRM's own flags (`flags`, computed by the connector from the stage / status dictionaries or
+           the record's IsClosed / IsWon / statecode)."""
         categories = self.conn.stage_categories
         for name in (stage, crm_status):
             if name is not None and name in categories:
@@ -449,8 +491,15 @@ class CrmConnector(ABC):
         """The canonical values of `record` (fields.read_fields): each field from where the field map or the
         connection's override says, a field the map derives from `derived` (the connector's derivation from
         what `enrich` read), unless overridden."""
-        return read_fields(record, self.field_map, self.conn.fields, value=self.read_value, text=self.read_text,
-                           ident=self.read_id, derived=derived)
+        return read_fields(
+            record,
+            self.field_map,
+            self.conn.fields,
+            value=self.read_value,
+            text=self.read_text,
+            ident=self.read_id,
+            derived=derived,
+        )
 
     # -- validation of what a CRM returns ------------------------------------------------------------------------
 
@@ -498,13 +547,14 @@ class CrmConnector(ABC):
 def matches(f: RecordFilter, actual: Any, *, ignore_case: bool = False) -> bool:
     """Evaluate one filter in Python with the CRM's comparison semantics (numbers as numbers, dates as
     date-times, else text; text case-folded on both sides where the CRM ignores case)."""
+
     def norm(v: Any) -> Any:
         if isinstance(v, bool) or v is None:
             return v
         num = parse_float(v)
         if num is not None and not isinstance(v, (datetime,)):
             return num
-        if isinstance(v, date) and not isinstance(v, datetime):   # YAML reads 2026-01-31 as a date
+        if isinstance(v, date) and not isinstance(v, datetime):  # YAML reads 2026-01-31 as a date
             return datetime.combine(v, datetime.min.time())
         dt = _maybe_datetime(v)
         if dt is not None:

@@ -74,12 +74,26 @@ from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import Capability, ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields
 from oppsync_pipeline.lib.crm.http import (
-    Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object, retry_after_seconds,
+    Auth,
+    AuthError,
+    CrmError,
+    QuotaExhausted,
+    RequestStats,
+    json_object,
+    retry_after_seconds,
 )
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
-    CrmUser, Opportunity, StageInfo, clean_text, format_address, parse_date, parse_datetime, parse_float, to_utc,
+    CrmUser,
+    Opportunity,
+    StageInfo,
+    clean_text,
+    format_address,
+    parse_date,
+    parse_datetime,
+    parse_float,
+    to_utc,
 )
 
 API_VERSION = "application/vnd.connectwise.com+json; version=2025.1"
@@ -95,31 +109,61 @@ MAX_QUERY_CHARS = 2000
 CLOSED_DATE = "closedDate"
 
 # Condition paths a filter / field override may name, and which of them are numbers or date-times.
-NUMERIC_FIELDS = frozenset({
-    "id", "company/id", "site/id", "status/id", "stage/id", "primarySalesRep/id", "probability/id",
-    "currency/id", "type/id", "locationId", "businessUnitId",
-})
-DATETIME_FIELDS = frozenset({
-    "expectedCloseDate", "closedDate", "dateBecameLead", "_info/lastUpdated", "_info/dateEntered",
-})
+NUMERIC_FIELDS = frozenset(
+    {
+        "id",
+        "company/id",
+        "site/id",
+        "status/id",
+        "stage/id",
+        "primarySalesRep/id",
+        "probability/id",
+        "currency/id",
+        "type/id",
+        "locationId",
+        "businessUnitId",
+    }
+)
+DATETIME_FIELDS = frozenset(
+    {
+        "expectedCloseDate",
+        "closedDate",
+        "dateBecameLead",
+        "_info/lastUpdated",
+        "_info/dateEntered",
+    }
+)
 BOOLEAN_FIELDS = frozenset({"closedFlag"})
-TEXT_FIELDS = frozenset({
-    "name", "company/identifier", "company/name", "site/name", "primarySalesRep/identifier",
-    "primarySalesRep/name", "status/name", "stage/name", "currency/currencyCode", "type/name", "source",
-    "_info/enteredBy", "_info/updatedBy",
-})
+TEXT_FIELDS = frozenset(
+    {
+        "name",
+        "company/identifier",
+        "company/name",
+        "site/name",
+        "primarySalesRep/identifier",
+        "primarySalesRep/name",
+        "status/name",
+        "stage/name",
+        "currency/currencyCode",
+        "type/name",
+        "source",
+        "_info/enteredBy",
+        "_info/updatedBy",
+    }
+)
 OPERATORS = {"equal": "=", "not_equal": "!=", "more_than": ">", "less_than": "<", "at_least": ">=", "at_most": "<="}
 _CUSTOM = re.compile(r"^custom:(?:#(?P<id>\d+)|(?P<caption>.+))$")
 
 
 # -- page models: each answer is checked against the documented shape before one record of it is used --------
 
-CwId = Annotated[int, Strict()]   # CW ids are integers: a null, "12" or 1.5 is not an id
+CwId = Annotated[int, Strict()]  # CW ids are integers: a null, "12" or 1.5 is not an id
 
 
 class Row(TypedDict):
     """A row of a CW list (opportunities, members, companies, stages, probabilities): the id is what the
     connector relies on; the other keys are read from the dict as received."""
+
     __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: CwId
@@ -128,6 +172,7 @@ class Row(TypedDict):
 class StatusRow(TypedDict):
     """An opportunity status: its flags split the open and the not-open sets, so a status without them cannot
     be placed (read as open, it would turn every won record of it into an open one)."""
+
     __pydantic_config__ = RECORD  # type: ignore[misc]
 
     id: CwId
@@ -167,13 +212,14 @@ class CompanyInfo(PageModel):
 
 # -- auth ----------------------------------------------------------------------------------------------------------
 
+
 class ConnectWiseAuth(Auth):
     """Basic `company+public:private` and the integration's clientId; keys do not expire."""
 
     refreshable = False
 
     def __init__(self, company_id: str, public_key: str, private_key: str, client_id: str):
-        token = base64.b64encode(f"{company_id}+{public_key}:{private_key}".encode("utf-8")).decode("ascii")
+        token = base64.b64encode(f"{company_id}+{public_key}:{private_key}".encode()).decode("ascii")
         self._header = f"Basic {token}"
         self._client_id = client_id
 
@@ -188,6 +234,7 @@ class ConnectWiseAuth(Auth):
 
 # -- observe / classify -----------------------------------------------------------------------------------------
 
+
 def observe(response: requests.Response, stats: RequestStats) -> None:
     """ConnectWise sends no usage headers and publishes no quota: nothing to record."""
 
@@ -200,44 +247,64 @@ def classify(response: requests.Response, max_retry_after: float = 900.0) -> Exc
     if status == 429:
         wait = retry_after_seconds(response)
         if wait is not None and wait > max_retry_after:
-            return QuotaExhausted(f"ConnectWise throttled the API member for {wait:.0f}s "
-                                  f"(more than the {max_retry_after:.0f}s this run waits)", status=429)
+            return QuotaExhausted(
+                f"ConnectWise throttled the API member for {wait:.0f}s "
+                f"(more than the {max_retry_after:.0f}s this run waits)",
+                status=429,
+            )
         return None
     if status == 401:
-        return AuthError("ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
-                         "private_key (System > Members > API Members > API Keys); keys do not expire, so "
-                         "nothing is retried", status=401)
+        return AuthError(
+            "ConnectWise refused the API keys (401): check credentials.company_id, public_key and "
+            "private_key (System > Members > API Members > API Keys); keys do not expire, so "
+            "nothing is retried",
+            status=401,
+        )
     if status not in (400, 403, 404):
         return None
     path = urlsplit(response.request.url or "").path if response.request is not None else ""
     message = _cw_message(response)
     where = f"GET {path}" if path else "ConnectWise"
     if status == 403:
-        return CrmError(f"{where}: HTTP 403 {message}. The API member's security role lacks "
-                        f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
-                        "or run `oppsync config check --online` to see what is readable", status=403)
-    if status == 404 and len(urlsplit(response.request.url or "").query if response.request is not None
-                              else "") > MAX_QUERY_CHARS:
-        return CrmError(f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
-                        "filtering) accepts; shorten the connection's filters (fewer `in` values)", status=404)
+        return CrmError(
+            f"{where}: HTTP 403 {message}. The API member's security role lacks "
+            f"{_security_area(path)} (Inquire Level: All); grant it in System > Security Roles, "
+            "or run `oppsync config check --online` to see what is readable",
+            status=403,
+        )
+    if (
+        status == 404
+        and len(urlsplit(response.request.url or "").query if response.request is not None else "") > MAX_QUERY_CHARS
+    ):
+        return CrmError(
+            f"{where}: HTTP 404 the query string is longer than ConnectWise (IIS request "
+            "filtering) accepts; shorten the connection's filters (fewer `in` values)",
+            status=404,
+        )
     if status == 404:
-        return CrmError(f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
-                        "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
-                        "ConnectWise cloud a 404 can also mean the company_id is wrong", status=404)
-    hint = ("check credentials.client_id (register one at developer.connectwise.com)"
-            if "clientid" in message.lower() else
-            "check the connection's filters and fields: names are ConnectWise condition paths "
-            "(company/name, status/name, _info/lastUpdated) or custom:<caption>")
+        return CrmError(
+            f"{where}: HTTP 404 {message}. Check the connection's base_url (the site, e.g. "
+            "https://api-na.myconnectwise.net) and options.codebase (e.g. v4_6_release/); on "
+            "ConnectWise cloud a 404 can also mean the company_id is wrong",
+            status=404,
+        )
+    hint = (
+        "check credentials.client_id (register one at developer.connectwise.com)"
+        if "clientid" in message.lower()
+        else "check the connection's filters and fields: names are ConnectWise condition paths "
+        "(company/name, status/name, _info/lastUpdated) or custom:<caption>"
+    )
     return CrmError(f"{where}: HTTP 400 {message}; {hint}", status=400)
 
 
 # -- connector -----------------------------------------------------------------------------------------------------
 
+
 class ConnectWiseOptions(ConnectorOptions):
     """`options:` of a ConnectWise Manage connection."""
 
-    codebase: str | None = None                 # e.g. "v4_6_release/" (skips /login/companyinfo discovery)
-    forecast: bool = True                       # read each opportunity's forecast for its amount
+    codebase: str | None = None  # e.g. "v4_6_release/" (skips /login/companyinfo discovery)
+    forecast: bool = True  # read each opportunity's forecast for its amount
     paging: Literal["navigable", "keyset"] = "navigable"
     max_retry_after: Annotated[float, Field(ge=0)] = 900
 
@@ -246,10 +313,18 @@ class ConnectWiseConnector(CrmConnector):
     Options = ConnectWiseOptions
     # native fields are condition paths; the stage comes from the stage reference (named through /sales/stages),
     # the amount from the forecast, the probability from /sales/probabilities or the forecast (enrich)
-    field_map = FieldMap(project_name="name", client_name="company/name", sales_executive="primarySalesRep/name",
-                         stage=None, amount=None, close_date="expectedCloseDate", probability=None,
-                         created_at="_info/dateEntered", created_by_crm_id="_info/enteredBy")
-    filters_ignore_case = True   # SQL Server's default collation
+    field_map = FieldMap(
+        project_name="name",
+        client_name="company/name",
+        sales_executive="primarySalesRep/name",
+        stage=None,
+        amount=None,
+        close_date="expectedCloseDate",
+        probability=None,
+        created_at="_info/dateEntered",
+        created_by_crm_id="_info/enteredBy",
+    )
+    filters_ignore_case = True  # SQL Server's default collation
     crm = "connectwise"
     max_page_size = 1000
     native_deletes = False
@@ -260,13 +335,13 @@ class ConnectWiseConnector(CrmConnector):
         super().__init__(*args, **kwargs)
         self._api_base: str | None = None
         self._statuses_refreshed = False
-        self._probabilities: dict[int, float] | None = None     # None: not read (yet)
+        self._probabilities: dict[int, float] | None = None  # None: not read (yet)
         self._members: list[dict[str, Any]] | None = None
-        self._member_ids: dict[str, str] = {}                   # identifier (lower case) -> numeric member id
-        self._sites: dict[tuple[int, int], str | None] = {}     # (company id, site id) -> canonical address
+        self._member_ids: dict[str, str] = {}  # identifier (lower case) -> numeric member id
+        self._sites: dict[tuple[int, int], str | None] = {}  # (company id, site id) -> canonical address
         self._sites_readable = True
         self._forecast_readable = True
-        self._company_changes: tuple[datetime, list[int]] | None = None   # (since, changed company ids)
+        self._company_changes: tuple[datetime, list[int]] | None = None  # (since, changed company ids)
         self._companies_listable = True
         self.custom_fields_seen: tuple[str, ...] = ()
 
@@ -306,8 +381,11 @@ class ConnectWiseConnector(CrmConnector):
             except CrmError as err:
                 if err.status != 404:
                     raise
-            self.note("codebase", True, f"{codebase} (/login/companyinfo)" if codebase else
-                      f"/login/companyinfo unknown: {DEFAULT_CODEBASE}")
+            self.note(
+                "codebase",
+                True,
+                f"{codebase} (/login/companyinfo)" if codebase else f"/login/companyinfo unknown: {DEFAULT_CODEBASE}",
+            )
             codebase = codebase or DEFAULT_CODEBASE
         return f"{site}/{str(codebase).strip('/')}/apis/3.0"
 
@@ -324,22 +402,35 @@ class ConnectWiseConnector(CrmConnector):
         sample = self.api("/sales/opportunities")
         rows = self.client.get_json(sample, params={"pageSize": 1, "fields": "id,customFields", "orderBy": "id desc"})
         check_page(Rows, rows, crm=self.crm, url=sample, page=1)
-        captions = tuple(str(cf.get("caption")) for r in rows for cf in (r.get("customFields") or [])
-                         if isinstance(cf, dict) and cf.get("caption"))
+        captions = tuple(
+            str(cf.get("caption"))
+            for r in rows
+            for cf in (r.get("customFields") or [])
+            if isinstance(cf, dict) and cf.get("caption")
+        )
         self.custom_fields_seen = captions
         self.note("custom fields", True, ", ".join(captions) if captions else "none on this tenant's opportunities")
         for where, path in configured_fields(self.conn):
             m = _CUSTOM.match(path)
             if m and rows and m.group("caption") and m.group("caption") not in captions:
-                self.stats.warn(f"{where}: custom field '{m.group('caption')}' is not on this tenant's "
-                                f"opportunities (seen: {', '.join(captions) or 'none'}); its value reads as empty")
+                self.stats.warn(
+                    f"{where}: custom field '{m.group('caption')}' is not on this tenant's "
+                    f"opportunities (seen: {', '.join(captions) or 'none'}); its value reads as empty"
+                )
                 self.note(f"{where} ({path})", False, "custom field not on this tenant's opportunities")
         reads_forecast = self.options.forecast and not self.conn.fields.get("amount")
-        self.note("forecast (amount)", reads_forecast,
-                  "one GET /sales/opportunities/{id}/forecast per opportunity read" if reads_forecast else
-                  "not read (options.forecast: false or fields.amount)")
-        self.note("company sites (service_location)", True,
-                  "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run")
+        self.note(
+            "forecast (amount)",
+            reads_forecast,
+            "one GET /sales/opportunities/{id}/forecast per opportunity read"
+            if reads_forecast
+            else "not read (options.forecast: false or fields.amount)",
+        )
+        self.note(
+            "company sites (service_location)",
+            True,
+            "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run",
+        )
 
     def discover(self) -> list[Capability]:
         """`config check --online`: the shared discovery, reading small pages (each opportunity read costs a
@@ -351,8 +442,14 @@ class ConnectWiseConnector(CrmConnector):
         finally:
             self.page_size = page_size
 
-    def _pages(self, path: str, params: dict[str, Any], model: Any = Rows, page_size: int | None = None,
-               expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    def _pages(
+        self,
+        path: str,
+        params: dict[str, Any],
+        model: Any = Rows,
+        page_size: int | None = None,
+        expect: int | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
         """GET a list endpoint page by page, following Link rel="next" to the end. Each page is checked against
         `model` before it is used. A next link already followed fails the read; so do more pages than `expect`
         (the CRM's count of the list) allows, or a page starting with the record an earlier page started with
@@ -374,27 +471,51 @@ class ConnectWiseConnector(CrmConnector):
     def fetch_stages(self) -> list[StageInfo]:
         """The sales stages (`/sales/stages`; optional: refused -> the stage name each record carries).
         CW stages carry no open / won flags: the status decides that."""
-        rows = self.optional("sales stages (/sales/stages)", lambda: self._all("/sales/stages", {"orderBy": "id asc"}),
-                             [], fallback_text="stage names are read from each opportunity's stage.name")
-        return [StageInfo(key=str(r["id"]), label=r.get("name") or str(r["id"]), is_closed=False, is_won=False,
-                          sort_order=int(r.get("seqNumber") or r["id"]), probability=parse_float(r.get("probability")))
-                for r in rows]
+        rows = self.optional(
+            "sales stages (/sales/stages)",
+            lambda: self._all("/sales/stages", {"orderBy": "id asc"}),
+            [],
+            fallback_text="stage names are read from each opportunity's stage.name",
+        )
+        return [
+            StageInfo(
+                key=str(r["id"]),
+                label=r.get("name") or str(r["id"]),
+                is_closed=False,
+                is_won=False,
+                sort_order=int(r.get("seqNumber") or r["id"]),
+                probability=parse_float(r.get("probability")),
+            )
+            for r in rows
+        ]
 
     def fetch_statuses(self) -> list[StageInfo]:
         """The opportunity statuses with closedFlag / wonFlag: required (they split the open and not-open sets)."""
-        return [StageInfo(key=str(s["id"]), label=s.get("name") or str(s["id"]),
-                          is_closed=bool(s.get("closedFlag")), is_won=bool(s.get("wonFlag")),
-                          sort_order=int(s["id"]))
-                for s in self._all("/sales/opportunities/statuses", {"orderBy": "id asc"}, StatusRows)]
+        return [
+            StageInfo(
+                key=str(s["id"]),
+                label=s.get("name") or str(s["id"]),
+                is_closed=bool(s.get("closedFlag")),
+                is_won=bool(s.get("wonFlag")),
+                sort_order=int(s["id"]),
+            )
+            for s in self._all("/sales/opportunities/statuses", {"orderBy": "id asc"}, StatusRows)
+        ]
 
     def _member_rows(self) -> list[dict[str, Any]]:
         if self._members is None:
             fields = "id,identifier,firstName,lastName,officeEmail,primaryEmail,inactiveFlag"
             self._members = self.optional(
-                "members (/system/members)", lambda: self._all("/system/members", {"orderBy": "id asc", "fields": fields}),
-                [], fallback_text="creators stay member identifiers (_info/enteredBy); no member names or emails")
-            self._member_ids = {str(m["identifier"]).lower(): str(m["id"]) for m in self._members
-                                if m.get("identifier") and m.get("id") is not None}
+                "members (/system/members)",
+                lambda: self._all("/system/members", {"orderBy": "id asc", "fields": fields}),
+                [],
+                fallback_text="creators stay member identifiers (_info/enteredBy); no member names or emails",
+            )
+            self._member_ids = {
+                str(m["identifier"]).lower(): str(m["id"])
+                for m in self._members
+                if m.get("identifier") and m.get("id") is not None
+            }
         return self._members
 
     def users(self) -> Iterable[CrmUser]:
@@ -403,18 +524,25 @@ class ConnectWiseConnector(CrmConnector):
         for m in self._member_rows():
             name = " ".join(p for p in (m.get("firstName"), m.get("lastName")) if p) or None
             yield CrmUser(
-                crm_user_id=str(m["id"]), name=clean_text(name),
-                email=m.get("officeEmail") or m.get("primaryEmail"), kind="user",
+                crm_user_id=str(m["id"]),
+                name=clean_text(name),
+                email=m.get("officeEmail") or m.get("primaryEmail"),
+                kind="user",
                 active=not m.get("inactiveFlag", False),
                 alt_ids=(str(m["identifier"]),) if m.get("identifier") else (),
             )
 
     def _probability_table(self) -> dict[int, float]:
         if self._probabilities is None:
-            rows = self.optional("probabilities (/sales/probabilities)",
-                                 lambda: self._all("/sales/probabilities", {"orderBy": "id asc"}), [],
-                                 fallback_text="probability from the record's reference name or its forecast")
-            self._probabilities = {int(p["id"]): v for p in rows if (v := parse_float(p.get("probability"))) is not None}
+            rows = self.optional(
+                "probabilities (/sales/probabilities)",
+                lambda: self._all("/sales/probabilities", {"orderBy": "id asc"}),
+                [],
+                fallback_text="probability from the record's reference name or its forecast",
+            )
+            self._probabilities = {
+                int(p["id"]): v for p in rows if (v := parse_float(p.get("probability"))) is not None
+            }
         return self._probabilities
 
     # -- opportunities -----------------------------------------------------------------------------------------
@@ -422,8 +550,11 @@ class ConnectWiseConnector(CrmConnector):
     def open_status_ids(self, open_set: bool) -> list[str]:
         """The statuses whose opportunities make up the open (or not-open) set: the status's own flags, or the
         connection's open_statuses / stage_categories by status name."""
-        return [k for k, s in self.statuses().items()
-                if (self.resolve_status(None, s.label, s.category) == "open") == open_set]
+        return [
+            k
+            for k, s in self.statuses().items()
+            if (self.resolve_status(None, s.label, s.category) == "open") == open_set
+        ]
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         """Pages of the set. A full read first asks CW to count the set (one request): the count bounds the
@@ -439,8 +570,9 @@ class ConnectWiseConnector(CrmConnector):
         parts = base + ([f"_info/lastUpdated>={_dt(since)}"] if since is not None else [])
         order = "_info/lastUpdated asc, id asc" if since is not None else "id asc"
         seen: set[int] = set()
-        for rows in self._opportunity_rows(parts, {"orderBy": order, **extra}, by_updated=since is not None,
-                                           expect=crm_count):
+        for rows in self._opportunity_rows(
+            parts, {"orderBy": order, **extra}, by_updated=since is not None, expect=crm_count
+        ):
             seen.update(r["id"] for r in rows)
             self.tally(open_set, since, [r["id"] for r in rows])
             if custom:
@@ -453,7 +585,7 @@ class ConnectWiseConnector(CrmConnector):
         # companies changed since the cursor again (same set, same filters), each opportunity once.
         companies = self._changed_companies(since)
         for start in range(0, len(companies), COMPANY_CHUNK):
-            chunk = companies[start:start + COMPANY_CHUNK]
+            chunk = companies[start : start + COMPANY_CHUNK]
             by_company = base + [f"company/id in ({','.join(_int_text(c) for c in chunk)})"]
             for rows in self._opportunity_rows(by_company, {"orderBy": "id asc", **extra}, by_updated=False):
                 rows = [r for r in rows if r["id"] not in seen]
@@ -505,7 +637,7 @@ class ConnectWiseConnector(CrmConnector):
             # at most the ids asked for: the chunk's size bounds the paging
             for rows in self._pages("/sales/opportunities", params, Rows, self.max_page_size, expect=len(chunk)):
                 for start in range(0, len(rows), self.page_size):
-                    yield self.map_page(rows[start:start + self.page_size])
+                    yield self.map_page(rows[start : start + self.page_size])
 
     def matches_filters(self, opp: Opportunity) -> bool:
         return self._matches_raw(opp.raw, self.conn.filters)
@@ -523,14 +655,16 @@ class ConnectWiseConnector(CrmConnector):
                 return False
         return True
 
-    def _opportunity_rows(self, parts: list[str], params: dict[str, Any], by_updated: bool,
-                          expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    def _opportunity_rows(
+        self, parts: list[str], params: dict[str, Any], by_updated: bool, expect: int | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
         """The opportunity list for these conditions, page by page (navigable or `options.paging: keyset`);
         `expect`: CW's count of it, when asked."""
         if self.options.paging == "keyset":
             return self._keyset_pages(parts, params, by_updated=by_updated, expect=expect)
-        return self._pages("/sales/opportunities", {**params, "conditions": _and(parts)} if parts else params,
-                           Rows, expect=expect)
+        return self._pages(
+            "/sales/opportunities", {**params, "conditions": _and(parts)} if parts else params, Rows, expect=expect
+        )
 
     def _changed_companies(self, since: datetime) -> list[int]:
         """Ids of the companies whose own `_info/lastUpdated` is at or after `since` (a rename moves it, not
@@ -543,8 +677,12 @@ class ConnectWiseConnector(CrmConnector):
             return []
         params = {"conditions": f"_info/lastUpdated>={_dt(since)}", "orderBy": "id asc", "fields": "id"}
         rows = self.optional(
-            "companies changed since the cursor (account renames)", lambda: self._all("/company/companies", params),
-            _REFUSED, fallback_text="renamed companies reach the warehouse with the next full sync", refusals=(403,))
+            "companies changed since the cursor (account renames)",
+            lambda: self._all("/company/companies", params),
+            _REFUSED,
+            fallback_text="renamed companies reach the warehouse with the next full sync",
+            refusals=(403,),
+        )
         if rows is _REFUSED:
             self._companies_listable = False
             return []
@@ -552,8 +690,9 @@ class ConnectWiseConnector(CrmConnector):
         self._company_changes = (since, ids)
         return ids
 
-    def _keyset_pages(self, parts: list[str], params: dict[str, Any], by_updated: bool,
-                      expect: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    def _keyset_pages(
+        self, parts: list[str], params: dict[str, Any], by_updated: bool, expect: int | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
         """`options.paging: keyset`: always page 1, resuming after the last (lastUpdated, id) seen.
 
         Navigable paging is offset paging that the server re-evaluates per page: an opportunity leaving the
@@ -574,8 +713,14 @@ class ConnectWiseConnector(CrmConnector):
                 return None
             return self._resume_after(fetched.records[-1], by_updated, fetched.url, fetched.number)
 
-        for fetched in self.pages(PageRequest("GET", url), KeysetPaginator(apply=resume, after=after), model=Rows,
-                                  first_id="id", expect=expect, page_size=self.page_size):
+        for fetched in self.pages(
+            PageRequest("GET", url),
+            KeysetPaginator(apply=resume, after=after),
+            model=Rows,
+            first_id="id",
+            expect=expect,
+            page_size=self.page_size,
+        ):
             if fetched.records:
                 yield fetched.records
 
@@ -586,8 +731,12 @@ class ConnectWiseConnector(CrmConnector):
         try:
             stamp = _dt((last.get("_info") or {}).get("lastUpdated"))
         except CrmError:
-            raise PageError(f"record {last['id']} has no readable _info.lastUpdated to resume after",
-                            crm=self.crm, url=url, page=page) from None
+            raise PageError(
+                f"record {last['id']} has no readable _info.lastUpdated to resume after",
+                crm=self.crm,
+                url=url,
+                page=page,
+            ) from None
         return f"(_info/lastUpdated>{stamp} or (_info/lastUpdated={stamp} and id>{last['id']}))"
 
     # -- enrichment: everything a page needs is read before it is mapped (no I/O inside _map) -----------------
@@ -614,13 +763,19 @@ class ConnectWiseConnector(CrmConnector):
             try:
                 site = self.optional(
                     "company sites (service_location)",
-                    lambda: self._get_checked(SiteAnswer, url), _REFUSED, fallback_text="service_location is the site's name", refusals=(403,))
+                    lambda: self._get_checked(SiteAnswer, url),
+                    _REFUSED,
+                    fallback_text="service_location is the site's name",
+                    refusals=(403,),
+                )
             except CrmError as err:
                 if err.status != 404:
                     raise
                 # one site gone (deleted since the opportunity named it): its name, the other sites still read
-                self.stats.warn(f"company site {key[1]} of company {key[0]} not found (404): "
-                                "service_location is the site's name for its opportunities")
+                self.stats.warn(
+                    f"company site {key[1]} of company {key[0]} not found (404): "
+                    "service_location is the site's name for its opportunities"
+                )
                 site = None
             if site is _REFUSED:
                 self._sites_readable = False
@@ -638,8 +793,13 @@ class ConnectWiseConnector(CrmConnector):
             opp_id = r["id"]
             url = self.api(f"/sales/opportunities/{opp_id}/forecast")
             try:
-                data = self.optional("forecast (amount)", lambda: self._get_checked(ForecastAnswer, url),
-                                     _REFUSED, fallback_text="amount is empty (None)", refusals=(403,))
+                data = self.optional(
+                    "forecast (amount)",
+                    lambda: self._get_checked(ForecastAnswer, url),
+                    _REFUSED,
+                    fallback_text="amount is empty (None)",
+                    refusals=(403,),
+                )
             except CrmError as err:
                 if err.status != 404:
                     raise
@@ -708,18 +868,25 @@ class ConnectWiseConnector(CrmConnector):
         status_id = _text(status_ref.get("id"))
         status_info = (self._statuses or {}).get(status_id) if status_id is not None else None
         crm_status = status_info.label if status_info else _text(status_ref.get("name"))
-        flags = status_info.category if status_info else ("won" if r.get("closedFlag") and r.get("wonFlag") else
-                                                          "lost" if r.get("closedFlag") else "open")
+        flags = (
+            status_info.category
+            if status_info
+            else ("won" if r.get("closedFlag") and r.get("wonFlag") else "lost" if r.get("closedFlag") else "open")
+        )
         status = self.resolve_status(stage, crm_status, flags)
         site = r.get("site") if isinstance(r.get("site"), dict) else None
         key = _site_key(r)
         location = (self._sites.get(key) if key is not None else None) or (_text(site.get("name")) if site else None)
         currency = r.get("currency") or {}
         values = self.mapped_fields(
-            r, amount=lambda: _forecast_amount(forecast) if forecast is not None else None,
-            probability=lambda: self._probability(r, forecast))
+            r,
+            amount=lambda: _forecast_amount(forecast) if forecast is not None else None,
+            probability=lambda: self._probability(r, forecast),
+        )
         return self.opportunity(
-            r["id"], r, **values,
+            r["id"],
+            r,
+            **values,
             service_location=location,
             owner_crm_id=self._member_id(r.get("primarySalesRep")),
             stage=stage,
@@ -733,7 +900,9 @@ class ConnectWiseConnector(CrmConnector):
 
     def forecast_amount(self, opp_id: Any) -> float | None:
         """One opportunity's amount (the sum of its forecast lines)."""
-        return _forecast_amount(self._get_checked(ForecastAnswer, self.api(f"/sales/opportunities/{int(opp_id)}/forecast")))
+        return _forecast_amount(
+            self._get_checked(ForecastAnswer, self.api(f"/sales/opportunities/{int(opp_id)}/forecast"))
+        )
 
 
 def _closed_at(r: dict[str, Any], status: str) -> dict[str, Any]:
@@ -758,8 +927,16 @@ def _id_chunks(ids: list[int]) -> Iterator[list[int]]:
 
 
 def _by_id_query_length(chunk: list[int]) -> int:
-    return len(urlencode({"conditions": f"id in ({','.join(map(str, chunk))})", "orderBy": "id asc",
-                          "page": 1, "pageSize": ConnectWiseConnector.max_page_size}))
+    return len(
+        urlencode(
+            {
+                "conditions": f"id in ({','.join(map(str, chunk))})",
+                "orderBy": "id asc",
+                "page": 1,
+                "pageSize": ConnectWiseConnector.max_page_size,
+            }
+        )
+    )
 
 
 def site_address(site: dict[str, Any]) -> str | None:
@@ -768,9 +945,15 @@ def site_address(site: dict[str, Any]) -> str | None:
     state = (state.get("identifier") or state.get("name")) if isinstance(state, dict) else None
     country = site.get("country")
     country = country.get("name") if isinstance(country, dict) else country
-    return format_address(site.get("addressLine1"), site.get("addressLine2"), site.get("addressLine3"),
-                          site.get("city"), state or site.get("stateIdentifier") or site.get("state"),
-                          site.get("zip"), country) or _text(site.get("name"))
+    return format_address(
+        site.get("addressLine1"),
+        site.get("addressLine2"),
+        site.get("addressLine3"),
+        site.get("city"),
+        state or site.get("stateIdentifier") or site.get("state"),
+        site.get("zip"),
+        country,
+    ) or _text(site.get("name"))
 
 
 def _ref(record: dict[str, Any], key: str) -> dict[str, Any]:
@@ -805,7 +988,7 @@ def _cw_message(response: requests.Response) -> str:
     return "; ".join(p for p in parts if p)[:500]
 
 
-_REFUSED: Any = object()   # an optional read's fallback marker: the API member may not read it
+_REFUSED: Any = object()  # an optional read's fallback marker: the API member may not read it
 
 # The security-role area a ConnectWise API path needs (System > Security Roles, Inquire Level).
 _AREAS = (
@@ -824,6 +1007,7 @@ def _security_area(path: str) -> str:
 
 
 # -- field access and filter rendering -----------------------------------------------------------------------------
+
 
 def _same_origin(link: str | None, api_url: str) -> str | None:
     """The next link, on the API's own scheme and host: credentials are never sent to a host the link names."""
@@ -853,8 +1037,9 @@ def _value(record: dict[str, Any], path: str) -> Any:
     m = _CUSTOM.match(path)
     if m:
         for cf in record.get("customFields") or []:
-            if (m.group("id") and str(cf.get("id")) == m.group("id")) or \
-                    (m.group("caption") and cf.get("caption") == m.group("caption")):
+            if (m.group("id") and str(cf.get("id")) == m.group("id")) or (
+                m.group("caption") and cf.get("caption") == m.group("caption")
+            ):
                 return cf.get("value")
         return None
     value: Any = record
@@ -948,6 +1133,13 @@ def render_custom_condition(f: RecordFilter) -> str:
     if f.op == "in":
         values = " or ".join(f"value={quote_string(v)}" for v in f.value)
         return f"{head} and ({values})"
-    value = "null" if f.value is None else (
-        repr(f.value) if isinstance(f.value, (int, float)) and not isinstance(f.value, bool) else quote_string(f.value))
+    value = (
+        "null"
+        if f.value is None
+        else (
+            repr(f.value)
+            if isinstance(f.value, (int, float)) and not isinstance(f.value, bool)
+            else quote_string(f.value)
+        )
+    )
     return f"{head} and value {OPERATORS[f.op]} {value}"

@@ -43,48 +43,86 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, NotRequired, TypeVar
 
 import requests
 from pydantic import Field, Strict, StringConstraints, model_validator
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
-from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
-                                         parse_datetime, to_utc)
+from oppsync_pipeline.lib.record import (
+    CrmUser,
+    Opportunity,
+    StageInfo,
+    Status,
+    clean_text,
+    format_address,
+    parse_datetime,
+    to_utc,
+)
 from oppsync_pipeline.lib.scrub import scrubbed_logger
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
-ANNOTATIONS = 'odata.include-annotations="OData.Community.Display.V1.FormattedValue,' \
-              'Microsoft.Dynamics.CRM.lookuplogicalname"'
-SELECT = ("opportunityid", "name", "estimatedvalue", "estimatedclosedate", "closeprobability", "statecode",
-          "statuscode", "stepname", "salesstage", "_parentaccountid_value", "_customerid_value", "_ownerid_value",
-          "createdon", "_createdby_value", "modifiedon", "_transactioncurrencyid_value")
+ANNOTATIONS = (
+    'odata.include-annotations="OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname"'
+)
+SELECT = (
+    "opportunityid",
+    "name",
+    "estimatedvalue",
+    "estimatedclosedate",
+    "closeprobability",
+    "statecode",
+    "statuscode",
+    "stepname",
+    "salesstage",
+    "_parentaccountid_value",
+    "_customerid_value",
+    "_ownerid_value",
+    "createdon",
+    "_createdby_value",
+    "modifiedon",
+    "_transactioncurrencyid_value",
+)
 # The CRM's own record of when a closed opportunity closed, in the order read (first non-empty wins).
 CLOSE_TIME = ("actualclosedate",)
 # Ids per by-id request: 100 GUIDs are ~4.6 KB of percent-encoded In(...) literals, far below the 32,768-character
 # GET URL limit (execute-batch-operations-using-web-api.md) even with a long $select / $expand.
 BY_ID_BATCH = 100
-STAGE_ID = "stageid"   # the business process stage's id: a Uniqueidentifier column (a lookup, _stageid_value, in some)
-ACCOUNT_SELECT = ("name", "address1_line1", "address1_line2", "address1_line3", "address1_city",
-                  "address1_stateorprovince", "address1_postalcode", "address1_country")
+STAGE_ID = "stageid"  # the business process stage's id: a Uniqueidentifier column (a lookup, _stageid_value, in some)
+ACCOUNT_SELECT = (
+    "name",
+    "address1_line1",
+    "address1_line2",
+    "address1_line3",
+    "address1_city",
+    "address1_stateorprovince",
+    "address1_postalcode",
+    "address1_country",
+)
 ACCOUNT_EXPAND = f"parentaccountid($select={','.join(ACCOUNT_SELECT)})"
 ATTRIBUTES = f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes"
-STATUS_METADATA = (f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes(LogicalName='statuscode')/"
-                   "Microsoft.Dynamics.CRM.StatusAttributeMetadata")
+STATUS_METADATA = (
+    f"{API}/EntityDefinitions(LogicalName='opportunity')/Attributes(LogicalName='statuscode')/"
+    "Microsoft.Dynamics.CRM.StatusAttributeMetadata"
+)
 LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
 STATES: dict[int, Status] = {0: "open", 1: "won", 2: "lost"}
 # The opportunity's out-of-the-box status reasons (docs/crm-api-notes.md §3.5): the fallback when the status metadata is
 # refused (custom status reasons are then known by their formatted labels only).
-DEFAULT_STATUS_REASONS = (StageInfo("1", "In Progress", False, False, 0), StageInfo("2", "On Hold", False, False, 1),
-                          StageInfo("3", "Won", True, True, 2), StageInfo("4", "Canceled", True, False, 3),
-                          StageInfo("5", "Out-Sold", True, False, 4))
+DEFAULT_STATUS_REASONS = (
+    StageInfo("1", "In Progress", False, False, 0),
+    StageInfo("2", "On Hold", False, False, 1),
+    StageInfo("3", "Won", True, True, 2),
+    StageInfo("4", "Canceled", True, False, 3),
+    StageInfo("5", "Out-Sold", True, False, 4),
+)
 PRIVILEGE = re.compile(r"missing (prv\w+) privilege.*?for entity '(\w+)'", re.S)
 UNKNOWN_PROPERTY = re.compile(r"Could not find a property named '([^']+)'")
 GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -94,8 +132,19 @@ ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,7})?)?(
 # Publisher-prefixed custom columns (new_x, cr123_x, msdyn_x) and their lookup form (_new_x_value).
 log = scrubbed_logger(__name__)
 CUSTOM = re.compile(r"^(_[a-z][a-z0-9]{1,7}_[a-z0-9_]+_value|[a-z][a-z0-9]{1,7}_[a-z0-9_]+)$")
-NUMERIC = frozenset({"estimatedvalue", "closeprobability", "statecode", "statuscode", "salesstage",
-                     "exchangerate", "actualvalue", "budgetamount", "versionnumber"})
+NUMERIC = frozenset(
+    {
+        "estimatedvalue",
+        "closeprobability",
+        "statecode",
+        "statuscode",
+        "salesstage",
+        "exchangerate",
+        "actualvalue",
+        "budgetamount",
+        "versionnumber",
+    }
+)
 DATETIMES = frozenset({"createdon", "modifiedon", "overriddencreatedon"})
 DATES = frozenset({"estimatedclosedate", "actualclosedate"})
 OPS = {"equal": "eq", "not_equal": "ne", "more_than": "gt", "less_than": "lt", "at_least": "ge", "at_most": "le"}
@@ -135,8 +184,9 @@ class OpportunityPage(Collection[OpportunityRow]):
     count: Count | None = Field(None, alias="@odata.count")
 
 
-DeletedRow = TypedDict("DeletedRow", {"@odata.context": Annotated[str, StringConstraints(pattern=r"/\$deletedEntity$")],
-                                      "id": Guid})
+DeletedRow = TypedDict(
+    "DeletedRow", {"@odata.context": Annotated[str, StringConstraints(pattern=r"/\$deletedEntity$")], "id": Guid}
+)
 
 
 class ChangesPage(Collection[DeletedRow | OpportunityRow]):
@@ -148,8 +198,9 @@ class ChangesPage(Collection[DeletedRow | OpportunityRow]):
     @model_validator(mode="after")
     def _links_on(self) -> ChangesPage:
         if not self.next_link and not self.delta_link:
-            raise ValueError("neither @odata.nextLink nor @odata.deltaLink: a change-tracking read ends with a "
-                             "delta link")
+            raise ValueError(
+                "neither @odata.nextLink nor @odata.deltaLink: a change-tracking read ends with a delta link"
+            )
         return self
 
 
@@ -207,11 +258,22 @@ class EntraAuth(Auth):
 
     refreshable = True
 
-    def __init__(self, authority: str, tenant_id: str, client_id: str, client_secret: str, scope: str,
-                 timeout: tuple[float, float] = (10.0, 60.0)):
+    def __init__(
+        self,
+        authority: str,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        scope: str,
+        timeout: tuple[float, float] = (10.0, 60.0),
+    ):
         self.token_url = f"{authority.rstrip('/')}/{tenant_id}/oauth2/v2.0/token"
-        self._form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret,
-                      "scope": scope}
+        self._form = {
+            "grant_type": "client_credentials",
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "scope": scope,
+        }
         self.timeout = timeout
         self.token: str | None = None
         self.expires_at = 0.0
@@ -223,8 +285,14 @@ class EntraAuth(Auth):
 
     def refresh(self, session: requests.Session) -> None:
         try:
-            resp = self.token_request(session, "POST", self.token_url, data=self._form,
-                                      headers={"Accept": "application/json"}, timeout=self.timeout)
+            resp = self.token_request(
+                session,
+                "POST",
+                self.token_url,
+                data=self._form,
+                headers={"Accept": "application/json"},
+                timeout=self.timeout,
+            )
         except requests.RequestException as err:
             raise CrmError(f"Entra ID token endpoint unreachable: {type(err).__name__}") from None
         try:
@@ -235,14 +303,18 @@ class EntraAuth(Auth):
             codes = body.get("error_codes") or []
             # error_description names the app id, never the secret; keep only the first line (no trace ids).
             desc = str(body.get("error_description", "")).split("\r\n")[0][:200]
-            raise AuthError(f"Entra ID refused the client credentials (HTTP {resp.status_code} "
-                            f"{body.get('error', 'error')}{' AADSTS' + str(codes[0]) if codes else ''}): {desc}",
-                            status=resp.status_code, code=str(body.get("error")))
+            raise AuthError(
+                f"Entra ID refused the client credentials (HTTP {resp.status_code} "
+                f"{body.get('error', 'error')}{' AADSTS' + str(codes[0]) if codes else ''}): {desc}",
+                status=resp.status_code,
+                code=str(body.get("error")),
+            )
         self.token = body["access_token"]
         self.expires_at = time.monotonic() + float(body.get("expires_in", 3599))
 
 
 # -- observe / classify -----------------------------------------------------------------------------------------
+
 
 def observe(response: requests.Response, stats: RequestStats, limit: int = 6000) -> None:
     """Service protection: requests left in the 5-minute window -> quota used / limit."""
@@ -266,17 +338,25 @@ def classify(response: requests.Response, max_wait: float = 300.0) -> Exception 
         except ValueError:
             wait = 0.0
         if wait >= max_wait:
-            return QuotaExhausted(f"Dataverse service protection limit reached; retry after {wait:.0f}s",
-                                  status=429, code=_error_code(response))
+            return QuotaExhausted(
+                f"Dataverse service protection limit reached; retry after {wait:.0f}s",
+                status=429,
+                code=_error_code(response),
+            )
     elif response.status_code >= 400 and (_error_code(response) or "").lower() == AGGREGATE_LIMIT_CODE.lower():
         # Not retried whatever the status: `count()` counts such a set in parts.
-        return CrmError(f"Dataverse refused an aggregate over more than 50,000 records (HTTP {response.status_code} "
-                        f"{AGGREGATE_LIMIT_CODE})", status=response.status_code, code=AGGREGATE_LIMIT_CODE)
+        return CrmError(
+            f"Dataverse refused an aggregate over more than 50,000 records (HTTP {response.status_code} "
+            f"{AGGREGATE_LIMIT_CODE})",
+            status=response.status_code,
+            code=AGGREGATE_LIMIT_CODE,
+        )
     return None
 
 
-def explain(response: requests.Response, fields: dict[str, str] | None = None,
-            filters: list[RecordFilter] | None = None) -> CrmError | None:
+def explain(
+    response: requests.Response, fields: dict[str, str] | None = None, filters: list[RecordFilter] | None = None
+) -> CrmError | None:
     """A permanent Dataverse error with what to check: the privilege and table to add to the application
     user's security role (403 0x80040220), the app registration that is not an application user of the
     environment (other 403s), the `fields.*` / `filters[i].field` naming a column the table lacks (400),
@@ -290,15 +370,19 @@ def explain(response: requests.Response, fields: dict[str, str] | None = None,
     if status == 403:
         m = PRIVILEGE.search(message)
         if m:
-            text = (f"{where}: Dataverse refused the read (403 {code}): the application user's security role lacks "
-                    f"{m.group(1)} (read access to the '{m.group(2)}' table). Add it to the role assigned to the "
-                    "app's application user (Power Platform admin center > environment > Settings > Application "
-                    "users), see docs/crms/dynamics.md")
+            text = (
+                f"{where}: Dataverse refused the read (403 {code}): the application user's security role lacks "
+                f"{m.group(1)} (read access to the '{m.group(2)}' table). Add it to the role assigned to the "
+                "app's application user (Power Platform admin center > environment > Settings > Application "
+                "users), see docs/crms/dynamics.md"
+            )
         else:
-            text = (f"{where}: Dataverse refused access (403 {code}): the app registration (credentials.client_id) "
-                    "is not an enabled application user of this environment, or has no security role. Add it "
-                    "under Power Platform admin center > environment > Settings > Application users, with a role "
-                    f"that reads opportunities. ({message[:160]})")
+            text = (
+                f"{where}: Dataverse refused access (403 {code}): the app registration (credentials.client_id) "
+                "is not an enabled application user of this environment, or has no security role. Add it "
+                "under Power Platform admin center > environment > Settings > Application users, with a role "
+                f"that reads opportunities. ({message[:160]})"
+            )
         return CrmError(text, status=403, code=code)
     if status == 400:
         m = UNKNOWN_PROPERTY.search(message)
@@ -306,16 +390,24 @@ def explain(response: requests.Response, fields: dict[str, str] | None = None,
             column = m.group(1)
             keys = [f"fields.{k}" for k, v in (fields or {}).items() if v == column]
             keys += [f"filters[{i}].field" for i, f in enumerate(filters or []) if f.field == column]
-            check = (" and ".join(keys) if keys else "the connection's fields: and filters:")
-            text = (f"{where}: this Dataverse environment has no column or navigation property '{column}' "
-                    f"(400 {code}): check {check} against the table's columns (`oppsync config check --online` "
-                    "lists them; custom columns carry the publisher prefix, e.g. new_region)")
+            check = " and ".join(keys) if keys else "the connection's fields: and filters:"
+            text = (
+                f"{where}: this Dataverse environment has no column or navigation property '{column}' "
+                f"(400 {code}): check {check} against the table's columns (`oppsync config check --online` "
+                "lists them; custom columns carry the publisher prefix, e.g. new_region)"
+            )
         else:
-            text = (f"{where}: Dataverse refused the query (400 {code}): {message[:200]}. Check the connection's "
-                    "filters:, fields: and options against this environment")
+            text = (
+                f"{where}: Dataverse refused the query (400 {code}): {message[:200]}. Check the connection's "
+                "filters:, fields: and options against this environment"
+            )
         return CrmError(text, status=400, code=code)
-    return CrmError(f"{where}: not found (404 {code}): check base_url, the environment URL "
-                    f"(https://<org>.crm.dynamics.com, without /api/data). {message[:160]}", status=404, code=code)
+    return CrmError(
+        f"{where}: not found (404 {code}): check base_url, the environment URL "
+        f"(https://<org>.crm.dynamics.com, without /api/data). {message[:160]}",
+        status=404,
+        code=code,
+    )
 
 
 def _error_code(response: requests.Response) -> str | None:
@@ -340,10 +432,10 @@ class DynamicsOptions(ConnectorOptions):
     """`options:` of a Dynamics 365 (Dataverse) connection."""
 
     authority_url: str = "https://login.microsoftonline.com"
-    scope: str | None = None                    # default <base_url>/.default
-    change_tracking: bool = False               # the delete feed (Dataverse change tracking)
-    delta_link: str | None = None               # a change-tracking delta link to start from
-    request_limit: Annotated[int, Field(gt=0)] = 6000      # the service protection limit per 5 minutes
+    scope: str | None = None  # default <base_url>/.default
+    change_tracking: bool = False  # the delete feed (Dataverse change tracking)
+    delta_link: str | None = None  # a change-tracking delta link to start from
+    request_limit: Annotated[int, Field(gt=0)] = 6000  # the service protection limit per 5 minutes
     incremental_account_names: bool = True
 
 
@@ -351,26 +443,47 @@ class DynamicsConnector(CrmConnector):
     Options = DynamicsOptions
     id_field = "opportunityid"
     # text fields are read as users see them (formatted values); the account's and the owner's names are derived
-    field_map = FieldMap(project_name="name", client_name=None, sales_executive=None, stage="stepname",
-                         amount="estimatedvalue", close_date="estimatedclosedate", probability="closeprobability",
-                         created_at="createdon", created_by_crm_id="_createdby_value")
-    filters_ignore_case = True   # SQL Server's default collation
+    field_map = FieldMap(
+        project_name="name",
+        client_name=None,
+        sales_executive=None,
+        stage="stepname",
+        amount="estimatedvalue",
+        close_date="estimatedclosedate",
+        probability="closeprobability",
+        created_at="createdon",
+        created_by_crm_id="_createdby_value",
+    )
+    filters_ignore_case = True  # SQL Server's default collation
     crm = "dynamics"
     max_page_size = 5000
     native_deletes = True
     credential_keys = ("tenant_id", "client_id", "client_secret")
-    known_fields = frozenset(SELECT) | frozenset({
-        "description", "actualvalue", "actualclosedate", "budgetamount", "exchangerate", "_owninguser_value",
-        "_owningteam_value", "_modifiedby_value", "overriddencreatedon", "versionnumber", "stageid",
-        "_campaignid_value", "_originatingleadid_value"})
+    known_fields = frozenset(SELECT) | frozenset(
+        {
+            "description",
+            "actualvalue",
+            "actualclosedate",
+            "budgetamount",
+            "exchangerate",
+            "_owninguser_value",
+            "_owningteam_value",
+            "_modifiedby_value",
+            "overriddencreatedon",
+            "versionnumber",
+            "stageid",
+            "_campaignid_value",
+            "_originatingleadid_value",
+        }
+    )
 
     delta_link: str | None = None
     delete_feed_needs_baseline = True
     # What discovery learned (per run): column -> AttributeType (None: metadata refused), the stage id column,
     # currency id -> ISO code, whether the account lookup may be expanded.
     _attributes: dict[str, str] | None = None
-    _secured: frozenset[str] = frozenset()          # columns under column security (metadata IsSecured)
-    _close_columns: tuple[str, ...] = CLOSE_TIME    # the close-time columns this environment has
+    _secured: frozenset[str] = frozenset()  # columns under column security (metadata IsSecured)
+    _close_columns: tuple[str, ...] = CLOSE_TIME  # the close-time columns this environment has
     _stage_id_column: str | None = STAGE_ID
     _currencies: dict[str, str] | None = None
     _expand_account = False
@@ -391,9 +504,13 @@ class DynamicsConnector(CrmConnector):
 
     def make_auth(self) -> Auth:
         opts = self.conn.options
-        return EntraAuth(opts.get("authority_url", "https://login.microsoftonline.com"),
-                         self.credentials["tenant_id"], self.credentials["client_id"],
-                         self.credentials["client_secret"], opts.get("scope", f"{self.conn.base_url}/.default"))
+        return EntraAuth(
+            opts.get("authority_url", "https://login.microsoftonline.com"),
+            self.credentials["tenant_id"],
+            self.credentials["client_id"],
+            self.credentials["client_secret"],
+            opts.get("scope", f"{self.conn.base_url}/.default"),
+        )
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
         observe(response, stats, self.options.request_limit)
@@ -404,8 +521,12 @@ class DynamicsConnector(CrmConnector):
     # -- requests -------------------------------------------------------------------------------------------------
 
     def _headers(self, *prefer: str) -> dict[str, str]:
-        return {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
-                "Prefer": ",".join((f"odata.maxpagesize={self.page_size}", *prefer))}
+        return {
+            "Accept": "application/json",
+            "OData-MaxVersion": "4.0",
+            "OData-Version": "4.0",
+            "Prefer": ",".join((f"odata.maxpagesize={self.page_size}", *prefer)),
+        }
 
     def _unpaged_headers(self) -> dict[str, str]:
         """Without odata.maxpagesize: Dataverse ignores $top next to it."""
@@ -417,59 +538,89 @@ class DynamicsConnector(CrmConnector):
         check_page(model, body, crm=self.crm, url=self.client.url(url), page=page)
         return body
 
-    def _pages(self, url: str, params: dict[str, str] | None, headers: dict[str, str], model: Any,
-               trail: PageTrail | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self,
+        url: str,
+        params: dict[str, str] | None,
+        headers: dict[str, str],
+        model: Any,
+        trail: PageTrail | None = None,
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
         """Follow @odata.nextLink verbatim (same Prefer header) until the last page. Each page is checked against
         `model` (a Collection) before it is yielded; `trail` fails the run on a next link followed before (the
         query itself included) and on more pages than the count it was given allows (`options`: paginate's)."""
         request = PageRequest("GET", url, params=params, headers=headers)
-        for fetched in self.pages(request, JSONLinkPaginator(_next_link, root=API), model=model, records="value",
-                                  trail=trail, **options):
+        for fetched in self.pages(
+            request, JSONLinkPaginator(_next_link, root=API), model=model, records="value", trail=trail, **options
+        ):
             yield fetched.body
 
     def _rows(self, path: str, params: dict[str, str], row: Any) -> list[dict[str, Any]]:
-        return [r for body in self._pages(f"{API}/{path}", params, self._headers(), Collection[row])
-                for r in body["value"]]
+        return [
+            r for body in self._pages(f"{API}/{path}", params, self._headers(), Collection[row]) for r in body["value"]
+        ]
 
     # -- discovery ------------------------------------------------------------------------------------------------
 
     def discover_tenant(self) -> None:
         attributes = self.optional(
-            "opportunity attribute metadata", self._read_attributes, None,
+            "opportunity attribute metadata",
+            self._read_attributes,
+            None,
             fallback_text="(needs prvReadEntity) standard opportunity columns assumed (stage id from stageid); "
-                          "configured custom columns are selected unchecked")
+            "configured custom columns are selected unchecked",
+        )
         self._attributes = attributes
         if attributes is not None:
             custom = sorted(c for c in attributes if self.is_custom_field(c))
             self.note("custom columns", True, ", ".join(custom) or "none in this environment")
             self._stage_id_column = next((c for c in (STAGE_ID, f"_{STAGE_ID}_value") if c in attributes), None)
-            self.note("stage id", self._stage_id_column is not None,
-                      self._stage_id_column or "no stageid column: stage_id left empty")
+            self.note(
+                "stage id",
+                self._stage_id_column is not None,
+                self._stage_id_column or "no stageid column: stage_id left empty",
+            )
             self._close_columns = tuple(c for c in CLOSE_TIME if c in attributes)
             missing = [f"{key}: '{native}'" for key, native in configured_fields(self.conn) if native not in attributes]
             if missing:
-                raise CrmError("this Dataverse environment's opportunity table has no column "
-                               + "; ".join(missing) + ": correct these keys (custom columns carry the publisher "
-                               "prefix, lookups the _<name>_value form; `oppsync config check --online` lists "
-                               "the columns)", status=400, code="UNKNOWN_COLUMN")
+                raise CrmError(
+                    "this Dataverse environment's opportunity table has no column "
+                    + "; ".join(missing)
+                    + ": correct these keys (custom columns carry the publisher "
+                    "prefix, lookups the _<name>_value form; `oppsync config check --online` lists "
+                    "the columns)",
+                    status=400,
+                    code="UNKNOWN_COLUMN",
+                )
         self._note_close_time()
         self._currencies = self.optional(
-            "transaction currencies", self._read_currencies, {},
-            fallback_text="(needs prvReadTransactionCurrency) currency left empty")
+            "transaction currencies",
+            self._read_currencies,
+            {},
+            fallback_text="(needs prvReadTransactionCurrency) currency left empty",
+        )
         try:
             self._expand_account = self.optional(
-                "account $expand (client address)", self._probe_account_expand, False,
+                "account $expand (client address)",
+                self._probe_account_expand,
+                False,
                 fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
-                              "service_location left empty",
-                refusals=(400, 403, 404))
+                "service_location left empty",
+                refusals=(400, 403, 404),
+            )
         except _RequiredReadFailed as failed:
             raise failed.error from None
 
     def _read_attributes(self) -> dict[str, str]:
         """Column (as the Web API names it: lookups as _<name>_value) -> AttributeType; the secured columns are
         kept aside (`IsSecured`: column-level security, readable to everyone per column-level-security.md)."""
-        body = self._get(Collection[AttributeRow], ATTRIBUTES, params={
-            "$select": "LogicalName,AttributeType,IsCustomAttribute,IsSecured"}, headers=self._headers())
+        body = self._get(
+            Collection[AttributeRow],
+            ATTRIBUTES,
+            params={"$select": "LogicalName,AttributeType,IsCustomAttribute,IsSecured"},
+            headers=self._headers(),
+        )
         out, secured = {}, set()
         for a in body["value"]:
             name, kind = a["LogicalName"], str(a.get("AttributeType") or "")
@@ -490,9 +641,11 @@ class DynamicsConnector(CrmConnector):
         elif self._attributes is None:
             self.note(name, True, "assumed present (attribute metadata not readable); Date Only, read as 00:00 UTC")
         elif set(self._close_columns) & self._secured:
-            text = ("actualclosedate is column-secured in this environment: unless the application user's field "
-                    "security profile grants read, Dataverse returns it empty and closes are dated by modifiedon "
-                    "(closed_at_source 'modified_at')")
+            text = (
+                "actualclosedate is column-secured in this environment: unless the application user's field "
+                "security profile grants read, Dataverse returns it empty and closes are dated by modifiedon "
+                "(closed_at_source 'modified_at')"
+            )
             self.stats.warn(f"{name}: {text}")
             self.note(name, False, text)
         else:
@@ -507,8 +660,12 @@ class DynamicsConnector(CrmConnector):
         400 when the environment does not expose the navigation property. (No odata.maxpagesize here: Dataverse
         ignores $top next to it.) A refused opportunity read is the required read failing, not this one."""
         try:
-            self._get(Collection[OpportunityRow], f"{API}/opportunities", params={
-                "$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND}, headers=self._unpaged_headers())
+            self._get(
+                Collection[OpportunityRow],
+                f"{API}/opportunities",
+                params={"$select": "opportunityid", "$top": "1", "$expand": ACCOUNT_EXPAND},
+                headers=self._unpaged_headers(),
+            )
         except CrmError as err:
             if "prvReadOpportunity" in str(err):
                 raise _RequiredReadFailed(err) from None
@@ -520,47 +677,91 @@ class DynamicsConnector(CrmConnector):
     def fetch_stages(self) -> list[StageInfo]:
         """The business process stages of the opportunity's processes (key = processstageid, label = the name).
         They carry no open / won meaning: statecode decides."""
+
         def read() -> list[StageInfo]:
-            rows = self._rows("processstages", {"$select": "processstageid,stagename,stagecategory,_processid_value",
-                                                "$filter": "primaryentitytypecode eq 'opportunity'"}, StageRow)
+            rows = self._rows(
+                "processstages",
+                {
+                    "$select": "processstageid,stagename,stagecategory,_processid_value",
+                    "$filter": "primaryentitytypecode eq 'opportunity'",
+                },
+                StageRow,
+            )
             rows.sort(key=lambda r: (str(r.get("_processid_value") or ""), r.get("stagecategory") or 0))
-            return [StageInfo(key=str(r["processstageid"]).lower(), label=str(r.get("stagename") or ""),
-                              is_closed=False, is_won=False, sort_order=i) for i, r in enumerate(rows)]
-        return self.optional("business process stages (processstages)", read, [],
-                             fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage "
-                                           "(stepname) and stage id are still read")
+            return [
+                StageInfo(
+                    key=str(r["processstageid"]).lower(),
+                    label=str(r.get("stagename") or ""),
+                    is_closed=False,
+                    is_won=False,
+                    sort_order=i,
+                )
+                for i, r in enumerate(rows)
+            ]
+
+        return self.optional(
+            "business process stages (processstages)",
+            read,
+            [],
+            fallback_text="(needs prvReadWorkflow) crm_stages left empty; each record's stage "
+            "(stepname) and stage id are still read",
+        )
 
     def fetch_statuses(self) -> list[StageInfo]:
         def read() -> list[StageInfo]:
-            body = self._get(StatusMetadata, STATUS_METADATA, params={
-                "$select": "LogicalName", "$expand": "OptionSet($select=Options)"}, headers=self._headers())
+            body = self._get(
+                StatusMetadata,
+                STATUS_METADATA,
+                params={"$select": "LogicalName", "$expand": "OptionSet($select=Options)"},
+                headers=self._headers(),
+            )
             out = []
             for i, opt in enumerate(body["OptionSet"]["Options"]):
                 label = ((opt.get("Label") or {}).get("UserLocalizedLabel") or {}).get("Label") or str(opt["Value"])
                 state = int(opt.get("State") or 0)
-                out.append(StageInfo(key=str(opt["Value"]), label=label, is_closed=state != 0, is_won=state == 1,
-                                     sort_order=i))
+                out.append(
+                    StageInfo(key=str(opt["Value"]), label=label, is_closed=state != 0, is_won=state == 1, sort_order=i)
+                )
             return out
-        return self.optional("status reason metadata (statuscode)", read, list(DEFAULT_STATUS_REASONS),
-                             fallback_text="(needs prvReadEntity) crm_status from the records' formatted values, "
-                                           "status from statecode; "
-                                           "open_statuses matched against the default status reasons only")
+
+        return self.optional(
+            "status reason metadata (statuscode)",
+            read,
+            list(DEFAULT_STATUS_REASONS),
+            fallback_text="(needs prvReadEntity) crm_status from the records' formatted values, "
+            "status from statecode; "
+            "open_statuses matched against the default status reasons only",
+        )
 
     def users(self) -> Iterable[CrmUser]:
         if self._users is None:
             self.prepare()
-            people = self.optional("systemusers", lambda: [
-                CrmUser(u["systemuserid"], clean_text(u.get("fullname")), u.get("internalemailaddress"), kind="user",
-                        active=not u.get("isdisabled", False))
-                for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"}, UserRow)],
+            people = self.optional(
+                "systemusers",
+                lambda: [
+                    CrmUser(
+                        u["systemuserid"],
+                        clean_text(u.get("fullname")),
+                        u.get("internalemailaddress"),
+                        kind="user",
+                        active=not u.get("isdisabled", False),
+                    )
+                    for u in self._rows("systemusers", {"$select": "fullname,internalemailaddress,isdisabled"}, UserRow)
+                ],
                 [],
                 fallback_text="(needs prvReadUser) owners and creators kept as ids; owner names from the "
-                              "records' formatted values")
-            teams = self.optional("teams", lambda: [
-                CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
-                for t in self._rows("teams", {"$select": "name"}, TeamRow)], [],
+                "records' formatted values",
+            )
+            teams = self.optional(
+                "teams",
+                lambda: [
+                    CrmUser(t["teamid"], clean_text(t.get("name")), None, kind="team")
+                    for t in self._rows("teams", {"$select": "name"}, TeamRow)
+                ],
+                [],
                 fallback_text="(needs prvReadTeam) team owners kept as ids; their names from the records' "
-                              "formatted values")
+                "formatted values",
+            )
             self._users = people + teams
         return self._users
 
@@ -571,8 +772,9 @@ class DynamicsConnector(CrmConnector):
         and the filtered columns (so a record read by id can be checked against the filters in Python)."""
         stage_id = [self._stage_id_column] if self._stage_id_column else []
         # a path through a navigation property ("a/b") is no column to $select
-        return ",".join(c for c in fields_to_read([*SELECT, *stage_id, *self._close_columns], self.conn)
-                        if "/" not in c)
+        return ",".join(
+            c for c in fields_to_read([*SELECT, *stage_id, *self._close_columns], self.conn) if "/" not in c
+        )
 
     def open_filter(self, open_set: bool) -> str | None:
         """The open (or not-open) set as a $filter clause; "" for every record, None when the set is empty."""
@@ -581,15 +783,21 @@ class DynamicsConnector(CrmConnector):
         names = set(self.conn.open_statuses)
         statuses = self.statuses()
         codes = [k for k, s in statuses.items() if k in names and k.isdigit() or s.label in names]
-        known = {k for k in codes} | {statuses[k].label for k in codes}
+        known = set(codes) | {statuses[k].label for k in codes}
         stage_names = sorted(n for n in names if n not in known and not n.isdigit())
         clauses = []
         if codes:
-            clauses.append("Microsoft.Dynamics.CRM.In(PropertyName='statuscode',PropertyValues=["
-                           + ",".join(f"'{k}'" for k in codes) + "])")
+            clauses.append(
+                "Microsoft.Dynamics.CRM.In(PropertyName='statuscode',PropertyValues=["
+                + ",".join(f"'{k}'" for k in codes)
+                + "])"
+            )
         if stage_names:
-            clauses.append("Microsoft.Dynamics.CRM.In(PropertyName='stepname',PropertyValues=["
-                           + ",".join(literal("stepname", n) for n in stage_names) + "])")
+            clauses.append(
+                "Microsoft.Dynamics.CRM.In(PropertyName='stepname',PropertyValues=["
+                + ",".join(literal("stepname", n) for n in stage_names)
+                + "])"
+            )
         if not clauses:
             return None if open_set else ""
         either = " or ".join(clauses)
@@ -601,7 +809,7 @@ class DynamicsConnector(CrmConnector):
             return None
         parts = [clause] if clause else []
         if since is not None:
-            stamp = to_utc(since).strftime('%Y-%m-%dT%H:%M:%SZ')
+            stamp = to_utc(since).strftime("%Y-%m-%dT%H:%M:%SZ")
             if self._expand_account:
                 # A renamed or moved account leaves the opportunity's modifiedon as it was: ask for those too.
                 parts.append(f"modifiedon ge {stamp} or parentaccountid/modifiedon ge {stamp}")
@@ -616,9 +824,11 @@ class DynamicsConnector(CrmConnector):
         as it was): such runs re-read every opportunity, unless `options.incremental_account_names: false`."""
         if not self.options.incremental_account_names:
             return True
-        self.stats.warn("incremental read: accounts are not readable, so account renames cannot be asked for; "
-                        "every opportunity is re-read (grant read access to accounts, or set "
-                        "options.incremental_account_names: false to accept renames arriving with full syncs)")
+        self.stats.warn(
+            "incremental read: accounts are not readable, so account renames cannot be asked for; "
+            "every opportunity is re-read (grant read access to accounts, or set "
+            "options.incremental_account_names: false to accept renames arriving with full syncs)"
+        )
         return False
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
@@ -630,8 +840,13 @@ class DynamicsConnector(CrmConnector):
         if flt is None:
             return
         trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
-        for body in self._opportunity_pages(flt, trail, orderby=ORDER, total=lambda page: self._set_size(
-                open_set, since, page.count), page_size=self.page_size):
+        for body in self._opportunity_pages(
+            flt,
+            trail,
+            orderby=ORDER,
+            total=lambda page: self._set_size(open_set, since, page.count),
+            page_size=self.page_size,
+        ):
             rows = body["value"]
             self.tally(open_set, since, (r["opportunityid"] for r in rows), trail.total)
             page = self.map_page(rows)
@@ -661,8 +876,9 @@ class DynamicsConnector(CrmConnector):
         """One aggregate count; None when the set is larger than Dataverse aggregates."""
         apply = f"filter({flt})/aggregate($count as count)" if flt else "aggregate($count as count)"
         try:
-            body = self._get(CountAnswer, f"{API}/opportunities", params={"$apply": apply},
-                             headers=self._unpaged_headers())
+            body = self._get(
+                CountAnswer, f"{API}/opportunities", params={"$apply": apply}, headers=self._unpaged_headers()
+            )
         except CrmError as err:
             if err.code == AGGREGATE_LIMIT_CODE:
                 return None
@@ -684,8 +900,9 @@ class DynamicsConnector(CrmConnector):
             ends.append(to_utc(rows[0]["createdon"]))
         return ends[0], ends[1]
 
-    def _count_in_ranges(self, flt: str, lo: datetime | None, hi: datetime | None,
-                         span: tuple[datetime, datetime], depth: int) -> int | None:
+    def _count_in_ranges(
+        self, flt: str, lo: datetime | None, hi: datetime | None, span: tuple[datetime, datetime], depth: int
+    ) -> int | None:
         """The set's records created in [lo, hi) (open ends: None), in halves while a half is too large to
         aggregate. None, with a warning, when records created within one second are too many to count."""
         if lo is not None or hi is not None:
@@ -695,9 +912,11 @@ class DynamicsConnector(CrmConnector):
         a, b = lo or span[0], hi or span[1]
         mid = a + timedelta(seconds=int((b - a).total_seconds() // 2))
         if mid <= a or depth >= MAX_COUNT_SPLITS:
-            self.stats.warn(f"the CRM's count of a set is not available: more records created around "
-                            f"{a:%Y-%m-%d %H:%M:%S} than Dataverse aggregates at once; deletes are inferred "
-                            "without it")
+            self.stats.warn(
+                f"the CRM's count of a set is not available: more records created around "
+                f"{a:%Y-%m-%d %H:%M:%S} than Dataverse aggregates at once; deletes are inferred "
+                "without it"
+            )
             return None
         left = self._count_in_ranges(flt, lo, mid, span, depth + 1)
         right = self._count_in_ranges(flt, mid, hi, span, depth + 1) if left is not None else None
@@ -711,7 +930,7 @@ class DynamicsConnector(CrmConnector):
         self.prepare()
         wanted = list(dict.fromkeys(str(i).lower() for i in ids if GUID.match(str(i))))
         for start in range(0, len(wanted), BY_ID_BATCH):
-            batch = wanted[start:start + BY_ID_BATCH]
+            batch = wanted[start : start + BY_ID_BATCH]
             trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
             trail.expect(len(batch), self.page_size)
             for body in self._opportunity_pages(by_id_filter(batch), trail):
@@ -730,8 +949,9 @@ class DynamicsConnector(CrmConnector):
             return value.lower()
         return value
 
-    def _opportunity_pages(self, flt: str, trail: PageTrail, orderby: str | None = None,
-                           **options: Any) -> Iterator[dict[str, Any]]:
+    def _opportunity_pages(
+        self, flt: str, trail: PageTrail, orderby: str | None = None, **options: Any
+    ) -> Iterator[dict[str, Any]]:
         """One opportunity query's pages (checked, bounded by `trail`; `options`: paginate's)."""
         params = {"$select": self._select(), "$count": "true"}
         if orderby:
@@ -740,8 +960,9 @@ class DynamicsConnector(CrmConnector):
             params["$filter"] = flt
         if self._expand_account:
             params["$expand"] = ACCOUNT_EXPAND
-        return self._pages(f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail,
-                           **options)
+        return self._pages(
+            f"{API}/opportunities", params, self._headers(ANNOTATIONS), OpportunityPage, trail, **options
+        )
 
     def enrich(self, rows: list[dict[str, Any]]) -> dict[str, str | None] | None:
         """What mapping the page reads besides its rows: the status reasons and the process stages (once per
@@ -749,8 +970,11 @@ class DynamicsConnector(CrmConnector):
         value (read once, when a page needs them): owner id -> name, or None when no row needs it."""
         if any(r.get("statuscode") is not None for r in rows):
             self.statuses()
-        if "stage" not in self.conn.fields and self._stage_id_column and any(r.get(self._stage_id_column)
-                                                                              for r in rows):
+        if (
+            "stage" not in self.conn.fields
+            and self._stage_id_column
+            and any(r.get(self._stage_id_column) for r in rows)
+        ):
             self.stages()
         needs_users = any(r.get(f"_ownerid_value{FORMATTED}") is None and r.get("_ownerid_value") for r in rows)
         return {u.crm_user_id: u.name for u in self.users()} if needs_users else None
@@ -765,8 +989,11 @@ class DynamicsConnector(CrmConnector):
         overrides = self.conn.fields
         code = row.get("statuscode")
         info = (self._statuses or {}).get(str(code)) if code is not None else None
-        crm_status = (clean_text(row.get(f"statuscode{FORMATTED}")) or (info.label if info else None)
-                      or (None if code is None else str(code)))
+        crm_status = (
+            clean_text(row.get(f"statuscode{FORMATTED}"))
+            or (info.label if info else None)
+            or (None if code is None else str(code))
+        )
         state = row.get("statecode")
         flags: Status = STATES.get(state, "open") if state is not None else (info.category if info else "open")
         stage_id = row.get(self._stage_id_column) if self._stage_id_column else None
@@ -780,11 +1007,16 @@ class DynamicsConnector(CrmConnector):
         status = self._status(stage, crm_status, code, flags)
         closed_at, closed_field = self._closed_at(row, status, state)
         values = self.mapped_fields(
-            row, client_name=lambda: clean_text((account or {}).get("name")
-                                                or row.get(f"_parentaccountid_value{FORMATTED}")),
-            sales_executive=lambda: clean_text(row.get(f"_ownerid_value{FORMATTED}") or (enriched or {}).get(owner)))
+            row,
+            client_name=lambda: clean_text(
+                (account or {}).get("name") or row.get(f"_parentaccountid_value{FORMATTED}")
+            ),
+            sales_executive=lambda: clean_text(row.get(f"_ownerid_value{FORMATTED}") or (enriched or {}).get(owner)),
+        )
         return self.opportunity(
-            row["opportunityid"], row, **values,
+            row["opportunityid"],
+            row,
+            **values,
             service_location=clean_text(_address(account)),
             owner_crm_id=owner,
             stage=stage,
@@ -813,8 +1045,12 @@ class DynamicsConnector(CrmConnector):
     def _status(self, stage: str | None, crm_status: str | None, code: Any, flags: Status) -> Status:
         """`resolve_status`, with `open_statuses` also accepting status reason values (statuscode numbers)."""
         opened = self.conn.open_statuses
-        if (opened is not None and code is not None and str(code) in opened
-                and not any(n in self.conn.stage_categories for n in (stage, crm_status) if n is not None)):
+        if (
+            opened is not None
+            and code is not None
+            and str(code) in opened
+            and not any(n in self.conn.stage_categories for n in (stage, crm_status) if n is not None)
+        ):
             return "open"
         return self.resolve_status(stage, crm_status, flags)
 
@@ -830,8 +1066,11 @@ class DynamicsConnector(CrmConnector):
         trail = PageTrail(self.crm, link)
         try:
             for body in self._pages(link, None, self._headers("odata.track-changes"), ChangesPage, trail):
-                gone = [(row["id"], None) for row in body["value"]
-                        if str(row.get("@odata.context", "")).endswith("/$deletedEntity")]
+                gone = [
+                    (row["id"], None)
+                    for row in body["value"]
+                    if str(row.get("@odata.context", "")).endswith("/$deletedEntity")
+                ]
                 if gone:
                     yield gone
                 self.delta_link = body.get("@odata.deltaLink") or self.delta_link
@@ -846,8 +1085,9 @@ class DynamicsConnector(CrmConnector):
 
     def _track_changes_baseline(self) -> None:
         """Page through the tracked set (ids only) to get a delta link; no deletions are reported by it."""
-        for body in self._pages(f"{API}/opportunities", {"$select": "opportunityid"},
-                                self._headers("odata.track-changes"), ChangesPage):
+        for body in self._pages(
+            f"{API}/opportunities", {"$select": "opportunityid"}, self._headers("odata.track-changes"), ChangesPage
+        ):
             self.delta_link = body.get("@odata.deltaLink") or self.delta_link
 
 
@@ -865,15 +1105,21 @@ def by_id_filter(ids: Sequence[str]) -> str:
 def _only_asked(rows: list[dict[str, Any]], asked: set[str], trail: PageTrail) -> None:
     unasked = [r["opportunityid"] for r in rows if r["opportunityid"].lower() not in asked]
     if unasked:
-        raise PageError(f"records that were not asked for ({', '.join(unasked[:3])}"
-                        f"{' ...' if len(unasked) > 3 else ''}) in an answer to a read by id: the id filter was "
-                        "not applied", crm=trail.crm, url=trail.url, page=trail.pages)
+        raise PageError(
+            f"records that were not asked for ({', '.join(unasked[:3])}"
+            f"{' ...' if len(unasked) > 3 else ''}) in an answer to a read by id: the id filter was "
+            "not applied",
+            crm=trail.crm,
+            url=trail.url,
+            page=trail.pages,
+        )
 
 
 def created_between(lo: datetime | None, hi: datetime | None) -> str:
     """createdon in [lo, hi), either end open when None."""
-    parts = ([f"createdon ge {literal('createdon', lo)}"] if lo else []) + \
-            ([f"createdon lt {literal('createdon', hi)}"] if hi else [])
+    parts = ([f"createdon ge {literal('createdon', lo)}"] if lo else []) + (
+        [f"createdon lt {literal('createdon', hi)}"] if hi else []
+    )
     return " and ".join(parts)
 
 
@@ -898,6 +1144,7 @@ def _text(row: dict[str, Any], column: str) -> str | None:
 
 # -- filter rendering ----------------------------------------------------------------------------------------------
 
+
 def literal(field: str, value: Any) -> str:
     """An OData literal for `value`, injection-safe: only numbers, GUIDs and ISO dates go unquoted (after a strict
     match); everything else is a single-quoted string with quotes doubled."""
@@ -912,7 +1159,7 @@ def literal(field: str, value: Any) -> str:
     text = str(value)
     if field in NUMERIC and NUMBER.match(text):
         return text
-    if (field.endswith("_value") or field.endswith("id")) and GUID.match(text):
+    if (field.endswith(("_value", "id"))) and GUID.match(text):
         return text.lower()
     if field in DATES and ISO_DATE.match(text):
         return text

@@ -22,9 +22,14 @@ Kind = Literal["text", "number", "date", "datetime", "id"]
 # a stage value means (a label, an id, a picklist value) differs by CRM, so each connector reads it itself
 # through `FieldMap.native("stage", ...)`.
 KINDS: dict[str, Kind] = {
-    "project_name": "text", "client_name": "text", "sales_executive": "text",
-    "amount": "number", "close_date": "date", "probability": "number",
-    "created_at": "datetime", "created_by_crm_id": "id",
+    "project_name": "text",
+    "client_name": "text",
+    "sales_executive": "text",
+    "amount": "number",
+    "close_date": "date",
+    "probability": "number",
+    "created_at": "datetime",
+    "created_by_crm_id": "id",
 }
 
 Getter = Callable[[dict[str, Any], str], Any]
@@ -38,8 +43,9 @@ class FieldMap(Mapping[str, "str | None"]):
         missing = set(OVERRIDABLE_FIELDS) - set(defaults)
         unknown = set(defaults) - set(OVERRIDABLE_FIELDS)
         if missing or unknown:
-            raise ValueError(f"a field map names every overridable field once: missing {sorted(missing)}, "
-                             f"unknown {sorted(unknown)}")
+            raise ValueError(
+                f"a field map names every overridable field once: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
         self._defaults = dict(defaults)
 
     def __getitem__(self, canonical: str) -> str | None:
@@ -65,9 +71,16 @@ def as_id(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[str, str], *, value: Getter,
-                text: Getter | None = None, ident: Callable[[Any], str | None] = as_id,
-                derived: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+def read_fields(
+    record: dict[str, Any],
+    field_map: FieldMap,
+    overrides: Mapping[str, str],
+    *,
+    value: Getter,
+    text: Getter | None = None,
+    ident: Callable[[Any], str | None] = as_id,
+    derived: Mapping[str, Callable[[], Any]] | None = None,
+) -> dict[str, Any]:
     """The canonical values of one native record for every field of KINDS: read from the native field the map
     (or the connection's override) names, else, for a field the map derives (None), `derived[field]()` (only
     called when not overridden: an override replaces the derivation entirely); a derived field without a
@@ -77,8 +90,10 @@ def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[
     (a picklist's label, a lookup's name; default: the value as text). A value that cannot be read raises
     (BadValue): `map_records` quarantines the record, naming the raw field that holds it."""
     if text is None:
+
         def text(r: dict[str, Any], native: str) -> Any:
             return clean_text(value(r, native))
+
     derived = derived or {}
     out: dict[str, Any] = {}
     for canonical, kind in KINDS.items():
@@ -91,8 +106,15 @@ def read_fields(record: dict[str, Any], field_map: FieldMap, overrides: Mapping[
             out[canonical] = text(record, native)
             continue
         raw = value(record, native)
-        out[canonical] = (parse_float(raw) if kind == "number" else parse_date(raw) if kind == "date"
-                          else parse_datetime(raw) if kind == "datetime" else ident(raw))
+        out[canonical] = (
+            parse_float(raw)
+            if kind == "number"
+            else parse_date(raw)
+            if kind == "date"
+            else parse_datetime(raw)
+            if kind == "datetime"
+            else ident(raw)
+        )
     stray = [c for c in derived if field_map[c] is not None]
     if stray:
         raise TypeError(f"derivations given for fields the map reads from the record: {stray}")
@@ -108,8 +130,9 @@ def configured_fields(conn: ConnectionConfig) -> Iterator[tuple[str, str]]:
         yield f"filters[{i}].field", f.field
 
 
-def fields_to_read(standard: Iterable[str], conn: ConnectionConfig, *,
-                   key: Callable[[str], str] = lambda name: name) -> list[str]:
+def fields_to_read(
+    standard: Iterable[str], conn: ConnectionConfig, *, key: Callable[[str], str] = lambda name: name
+) -> list[str]:
     """The native fields a query selects: the connector's standard ones, then the connection's overrides and
     filter fields (a record read by id is filtered in Python, so it must carry them), each once by `key`."""
     seen: set[str] = set()

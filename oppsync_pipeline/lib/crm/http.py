@@ -32,16 +32,24 @@ class CrmError(Exception):
     (429, 5xx, timeouts, resets) are retried inside ApiClient; when those retries are spent the error is
     raised with permanent=False and the run may be retried later."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None, *,
-                 permanent: bool | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
+        *,
+        permanent: bool | None = None,
+        hint: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.hint = hint  # what to check (a config key, a permission); the client adds a generic one
         # By default an HTTP 4xx (other than 429) is permanent; an answer of the wrong shape may be a bad
         # page that the next run does not get, so it is not.
-        self.permanent = permanent if permanent is not None else (
-            status is not None and 400 <= status < 500 and status != 429)
+        self.permanent = (
+            permanent if permanent is not None else (status is not None and 400 <= status < 500 and status != 429)
+        )
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -75,10 +83,10 @@ class RequestStats:
     rate_limited: int = 0
     seconds_waited: float = 0.0
     token_refreshes: int = 0
-    quota_used: int | None = None    # the CRM's own usage counter, when it reports one
+    quota_used: int | None = None  # the CRM's own usage counter, when it reports one
     quota_limit: int | None = None
-    server_time: Any = None          # `Date` header of the first response (the run's start, server side)
-    token_requests: int = 0          # OAuth / session token calls (included in `requests`: the CRM counts them)
+    server_time: Any = None  # `Date` header of the first response (the run's start, server side)
+    token_requests: int = 0  # OAuth / session token calls (included in `requests`: the CRM counts them)
     warnings: list[str] = field(default_factory=list)  # optional reads refused, and the fallback used
 
     def warn(self, message: str) -> None:
@@ -106,7 +114,7 @@ class Auth:
     them against its limits too) and reported separately."""
 
     refreshable = False
-    stats: RequestStats | None = None   # bound by ApiClient
+    stats: RequestStats | None = None  # bound by ApiClient
 
     def token_request(self, session: requests.Session, method: str, url: str, **kwargs: Any) -> requests.Response:
         if self.stats is not None:
@@ -125,8 +133,8 @@ class Auth:
 class QuotaBudget:
     """Stop early rather than starve the customer's other integrations (docs/peer-tools.md item 5)."""
 
-    run_share: float = 0.25        # share of the CRM's quota limit one run may spend
-    stop_at_usage: float = 0.9     # stop when the CRM reports total usage at this share of its limit
+    run_share: float = 0.25  # share of the CRM's quota limit one run may spend
+    stop_at_usage: float = 0.9  # stop when the CRM reports total usage at this share of its limit
     max_requests: int | None = None  # absolute cap, for tests and for CRMs that report no limit
     # Seconds one run may sleep on Retry-After and backoff in all: a CRM that keeps asking for long waits
     # (300 s per answer, 7 retries per request) would otherwise hold the run, and its lock, for half an hour.
@@ -184,14 +192,23 @@ class ApiClient:
         self.auth.stats = self.stats
 
     def url(self, path: str) -> str:
-        if path.startswith("http://") or path.startswith("https://"):
+        if path.startswith(("http://", "https://")):
             return path
         return self.base_url.rstrip("/") + "/" + path.lstrip("/")
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         retrying = Retrying(
-            retry=retry_if_exception(lambda e: isinstance(e, (RetryableHttpError, requests.ConnectionError,
-                                                              requests.Timeout, requests.exceptions.ChunkedEncodingError))),
+            retry=retry_if_exception(
+                lambda e: isinstance(
+                    e,
+                    (
+                        RetryableHttpError,
+                        requests.ConnectionError,
+                        requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError,
+                    ),
+                )
+            ),
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait,
             sleep=self._sleep_and_count,
@@ -201,12 +218,17 @@ class ApiClient:
         try:
             return retrying(self._once, method, path, **kwargs)
         except RetryableHttpError as err:
-            raise CrmError(f"{method} {_safe_path(path)} still failing after {self.max_attempts} attempts: {err}",
-                           status=err.status, permanent=False) from None
+            raise CrmError(
+                f"{method} {_safe_path(path)} still failing after {self.max_attempts} attempts: {err}",
+                status=err.status,
+                permanent=False,
+            ) from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-            raise CrmError(f"{method} {_safe_path(path)} unreachable after {self.max_attempts} attempts: "
-                           f"{type(err).__name__}; check base_url and that the host is reachable",
-                           permanent=False) from None
+            raise CrmError(
+                f"{method} {_safe_path(path)} unreachable after {self.max_attempts} attempts: "
+                f"{type(err).__name__}; check base_url and that the host is reachable",
+                permanent=False,
+            ) from None
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.parse_json(self.request("GET", path, **kwargs))
@@ -222,7 +244,9 @@ class ApiClient:
             # A malformed or truncated page: fail the run (nothing is written until the extract completes).
             raise CrmError(
                 f"{response.request.method} {_safe_path(response.url)} returned a body that is not valid JSON "
-                f"({len(response.content)} bytes)", status=response.status_code, code="MALFORMED_BODY"
+                f"({len(response.content)} bytes)",
+                status=response.status_code,
+                code="MALFORMED_BODY",
             ) from None
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -258,15 +282,21 @@ class ApiClient:
         if response.status_code in RETRYABLE_STATUS:
             if response.status_code == 429:
                 self.stats.rate_limited += 1
-            raise RetryableHttpError(f"HTTP {response.status_code}", retry_after_seconds(response),
-                                     status=response.status_code)
+            raise RetryableHttpError(
+                f"HTTP {response.status_code}", retry_after_seconds(response), status=response.status_code
+            )
         if response.status_code == 401:
-            raise AuthError(f"{method} {_safe_path(path)}: credentials were refused (401) even after a new token; "
-                            "check the connection's credentials and that the API user is active", status=401)
+            raise AuthError(
+                f"{method} {_safe_path(path)}: credentials were refused (401) even after a new token; "
+                "check the connection's credentials and that the API user is active",
+                status=401,
+            )
         if response.status_code >= 400:
-            raise CrmError(f"{method} {_safe_path(path)} failed with HTTP {response.status_code}: "
-                           f"{_safe_body(response)}", status=response.status_code,
-                           hint=fix_hint(response.status_code))
+            raise CrmError(
+                f"{method} {_safe_path(path)} failed with HTTP {response.status_code}: {_safe_body(response)}",
+                status=response.status_code,
+                hint=fix_hint(response.status_code),
+            )
         return response
 
     def _wait(self, state: RetryCallState) -> float:
@@ -296,16 +326,25 @@ class ApiClient:
         if self.stats.seconds_waited + seconds <= budget:
             return
         where = f"{args[0]} {_safe_path(args[1])}" if len(args) >= 2 else "a request"
-        spent = (f"this run may wait {budget:g}s in all on retries and has waited {self.stats.seconds_waited:g}s; "
-                 "raise the connection's quota.max_wait_seconds in oppsync.yaml to wait longer")
+        spent = (
+            f"this run may wait {budget:g}s in all on retries and has waited {self.stats.seconds_waited:g}s; "
+            "raise the connection's quota.max_wait_seconds in oppsync.yaml to wait longer"
+        )
         if isinstance(err, RetryableHttpError) and (err.retry_after is not None or err.status == 429):
-            asked = (f"Retry-After: {err.retry_after:g}" if err.retry_after is not None
-                     else f"no Retry-After, backing off {seconds:.0f}s")
-            raise QuotaExhausted(f"the CRM answered {where} with HTTP {err.status} ({asked}); not waiting: {spent}",
-                                 status=err.status)
+            asked = (
+                f"Retry-After: {err.retry_after:g}"
+                if err.retry_after is not None
+                else f"no Retry-After, backing off {seconds:.0f}s"
+            )
+            raise QuotaExhausted(
+                f"the CRM answered {where} with HTTP {err.status} ({asked}); not waiting: {spent}", status=err.status
+            )
         what = f"HTTP {err.status}" if isinstance(err, RetryableHttpError) else type(err).__name__
-        raise CrmError(f"{where} failed ({what}); backing off {seconds:.0f}s more would pass the run's wait budget: "
-                       f"{spent}", status=getattr(err, "status", None), permanent=False)
+        raise CrmError(
+            f"{where} failed ({what}); backing off {seconds:.0f}s more would pass the run's wait budget: {spent}",
+            status=getattr(err, "status", None),
+            permanent=False,
+        )
 
 
 def json_body(response: requests.Response) -> Any:
@@ -325,14 +364,20 @@ def json_object(response: requests.Response) -> dict[str, Any]:
 def fix_hint(status: int | None) -> str:
     """What a user should check for a permanent HTTP error (the connector's own message may be sharper)."""
     if status == 403:
-        return ("The API user lacks a permission this read needs: grant it read access to the object in the CRM "
-                "(README: per-CRM prerequisites), or run `oppsync config check --online` to see what is readable.")
+        return (
+            "The API user lacks a permission this read needs: grant it read access to the object in the CRM "
+            "(README: per-CRM prerequisites), or run `oppsync config check --online` to see what is readable."
+        )
     if status == 404:
-        return ("Not found: check the connection's base_url, options.api_version and that the object or "
-                "field exists in this tenant (`oppsync config check --online`).")
+        return (
+            "Not found: check the connection's base_url, options.api_version and that the object or "
+            "field exists in this tenant (`oppsync config check --online`)."
+        )
     if status == 400:
-        return ("The CRM refused the query: check the connection's filters, fields and options against the "
-                "tenant's fields (`oppsync config check --online` lists them).")
+        return (
+            "The CRM refused the query: check the connection's filters, fields and options against the "
+            "tenant's fields (`oppsync config check --online` lists them)."
+        )
     return "Check the connection's configuration (`oppsync config check --online`)."
 
 

@@ -57,44 +57,85 @@ from typing_extensions import TypedDict
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
-from oppsync_pipeline.lib.crm.http import AuthError, Auth, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
-from oppsync_pipeline.lib.record import (CrmUser, Opportunity, StageInfo, Status, clean_text, format_address,
-                                         parse_date, parse_datetime, parse_float, to_utc)
+from oppsync_pipeline.lib.record import (
+    CrmUser,
+    Opportunity,
+    StageInfo,
+    Status,
+    clean_text,
+    format_address,
+    parse_date,
+    parse_datetime,
+    parse_float,
+    to_utc,
+)
 
 LIST_MAX = 100
 BATCH_MAX = 100
 MAX_FILTERS_PER_GROUP = 10
 EPOCH = datetime(1970, 1, 1)
 PRIMARY_TYPE_ID = 5
-DATE_FIELDS = frozenset({"createdate", "closedate", "hs_lastmodifieddate", "notes_last_updated",
-                         "hs_date_entered_closedwon", "hs_date_entered_closedlost", "hs_lastactivitydate",
-                         "hs_closed_won_date", "hs_closed_lost_date"})
+DATE_FIELDS = frozenset(
+    {
+        "createdate",
+        "closedate",
+        "hs_lastmodifieddate",
+        "notes_last_updated",
+        "hs_date_entered_closedwon",
+        "hs_date_entered_closedlost",
+        "hs_lastactivitydate",
+        "hs_closed_won_date",
+        "hs_closed_lost_date",
+    }
+)
 OAUTH_KEYS = ("client_id", "client_secret", "refresh_token")
 COMPANY_PROPERTIES = ["name", "address", "address2", "city", "state", "zip", "country"]
-DEAL_PROPERTIES = ["dealname", "amount", "dealstage", "pipeline", "closedate", "createdate", "hs_lastmodifieddate",
-                   "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
-                   "hs_deal_stage_probability", "hs_is_closed", "hs_is_closed_won", "hs_closed_won_date",
-                   "hs_closed_lost_date"]
+DEAL_PROPERTIES = [
+    "dealname",
+    "amount",
+    "dealstage",
+    "pipeline",
+    "closedate",
+    "createdate",
+    "hs_lastmodifieddate",
+    "hs_object_id",
+    "hubspot_owner_id",
+    "hs_created_by_user_id",
+    "deal_currency_code",
+    "hs_deal_stage_probability",
+    "hs_is_closed",
+    "hs_is_closed_won",
+    "hs_closed_won_date",
+    "hs_closed_lost_date",
+]
 # Where a closed deal's close time is read, first non-empty wins: the calculated property HubSpot stamps when the
 # deal enters a closed-won / closed-lost stage, else `closedate` (user-editable; HubSpot fills it on the close
 # when it is empty). Older portals lack the calculated ones in their property list: then `closedate` alone.
-CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {"won": ("hs_closed_won_date", "closedate"),
-                                                 "lost": ("hs_closed_lost_date", "closedate")}
+CLOSE_TIME_FIELDS: dict[str, tuple[str, ...]] = {
+    "won": ("hs_closed_won_date", "closedate"),
+    "lost": ("hs_closed_lost_date", "closedate"),
+}
 CALCULATED_CLOSE_TIME = ("hs_closed_won_date", "hs_closed_lost_date")
 # Optional reads: the capability name (with the scope it needs) and what the run does without it.
 PROPERTIES_READ = "deal properties (scope crm.schemas.deals.read)"
 CLOSE_TIME_READ = "close time (hs_closed_won_date / hs_closed_lost_date)"
-CLOSE_TIME_FALLBACK = ("not in this portal's deal properties: closed deals are dated by closedate (user-editable), "
-                       "and without it by the last modification")
+CLOSE_TIME_FALLBACK = (
+    "not in this portal's deal properties: closed deals are dated by closedate (user-editable), "
+    "and without it by the last modification"
+)
 PIPELINES_READ = "deal pipelines (stage labels and closed/won flags)"
 OWNERS_READ = "owners (scope crm.objects.owners.read)"
 COMPANIES_READ = "companies and deal-company associations (scope crm.objects.companies.read)"
-PROPERTIES_FALLBACK = ("the standard deal properties are requested and configured custom properties are not "
-                       "checked before the first query")
-PIPELINES_FALLBACK = ("stage = the dealstage property's option label, else the stage id; open/won from each deal's "
-                      "hs_is_closed / hs_is_closed_won")
+PROPERTIES_FALLBACK = (
+    "the standard deal properties are requested and configured custom properties are not checked before the first query"
+)
+PIPELINES_FALLBACK = (
+    "stage = the dealstage property's option label, else the stage id; open/won from each deal's "
+    "hs_is_closed / hs_is_closed_won"
+)
 OWNERS_FALLBACK = "owner and creator ids are kept without names (sales_executive empty, no users listed)"
 COMPANIES_FALLBACK = "client_name and service_location stay empty"
 DEALS_PATH = "/crm/v3/objects/deals"
@@ -102,12 +143,20 @@ DEAL_SEARCH_PATH = "/crm/v3/objects/deals/search"
 DEAL_BATCH_READ_PATH = "/crm/v3/objects/deals/batch/read"
 COMPANY_SEARCH_PATH = "/crm/v3/objects/companies/search"
 OWNERS_PATH = "/crm/v3/owners"
-_OPS = {"equal": "EQ", "not_equal": "NEQ", "more_than": "GT", "less_than": "LT", "at_least": "GTE", "at_most": "LTE",
-        "in": "IN"}
+_OPS = {
+    "equal": "EQ",
+    "not_equal": "NEQ",
+    "more_than": "GT",
+    "less_than": "LT",
+    "at_least": "GTE",
+    "at_most": "LTE",
+    "in": "IN",
+}
 _CUSTOM = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 
 
 # -- auth -------------------------------------------------------------------------------------------------------------
+
 
 class HubSpotAuth(Auth):
     """Bearer token: a private-app token as is, or an OAuth access token refreshed with the refresh token."""
@@ -127,19 +176,24 @@ class HubSpotAuth(Auth):
 
     def refresh(self, session: requests.Session) -> None:
         if not self.oauth:
-            raise AuthError("HubSpot refused the private app token (401); rotate it in the HubSpot app settings",
-                            status=401)
+            raise AuthError(
+                "HubSpot refused the private app token (401); rotate it in the HubSpot app settings", status=401
+            )
         data = {"grant_type": "refresh_token", **{k: self._credentials[k] for k in OAUTH_KEYS}}
         response = self.token_request(session, "POST", self._token_url, data=data, timeout=(10, 60))
         if response.status_code != 200:
             status = str(json_object(response).get("status", ""))
-            hint = {"BAD_REFRESH_TOKEN": "credentials.refresh_token is no longer valid (withdrawn, or issued to another app): "
-                                         "re-authorise the app and store its new refresh token",
-                    "BAD_CLIENT_ID": "check credentials.client_id and credentials.client_secret against the app's "
-                                     "Auth settings"}.get(status, "check credentials.client_id, client_secret and "
-                                                                  "refresh_token, and options.token_url")
-            raise AuthError(f"HubSpot OAuth token refresh failed with HTTP {response.status_code} "
-                            f"{status}".rstrip() + f"; {hint}", status=response.status_code, code=status or None)
+            hint = {
+                "BAD_REFRESH_TOKEN": "credentials.refresh_token is no longer valid (withdrawn, or issued to another app): "
+                "re-authorise the app and store its new refresh token",
+                "BAD_CLIENT_ID": "check credentials.client_id and credentials.client_secret against the app's "
+                "Auth settings",
+            }.get(status, "check credentials.client_id, client_secret and refresh_token, and options.token_url")
+            raise AuthError(
+                f"HubSpot OAuth token refresh failed with HTTP {response.status_code} {status}".rstrip() + f"; {hint}",
+                status=response.status_code,
+                code=status or None,
+            )
         body = response.json()
         self._token = body["access_token"]
         expires_in = body.get("expires_in")
@@ -148,6 +202,7 @@ class HubSpotAuth(Auth):
 
 
 # -- observe / classify -----------------------------------------------------------------------------------------
+
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     daily = response.headers.get("X-HubSpot-RateLimit-Daily")
@@ -169,29 +224,51 @@ def classify(response: requests.Response) -> Exception | None:
         return None
     if status == 429:
         if str(body.get("policyName", "")).upper() == "DAILY":
-            return QuotaExhausted("HubSpot reports the portal's daily API limit is spent (429, policy DAILY)",
-                                  status=429, code="DAILY")
+            return QuotaExhausted(
+                "HubSpot reports the portal's daily API limit is spent (429, policy DAILY)", status=429, code="DAILY"
+            )
         return None
     category = str(body.get("category") or body.get("status") or "")
     message = str(body.get("message") or "")[:300]
     what = f"HubSpot refused {response.request.method} {response.url.split('?', 1)[0]} ({status} {category})"
     if status == 403 and category == "MISSING_SCOPES":
-        scopes = sorted({sc for e in body.get("errors") or [] if isinstance(e, dict)
-                         for key in ("requiredGranularScopes", "requiredScopes")
-                         for sc in ((e.get("context") or {}).get(key) or [])})
-        return CrmError(f"{what}: the app lacks the scope(s) {', '.join(scopes) or '(not named)'}; add them to the "
-                        "private app's scopes (Settings > Integrations > Private apps) or the OAuth app's and "
-                        "re-install (README: HubSpot prerequisites)", status=403, code="MISSING_SCOPES")
+        scopes = sorted(
+            {
+                sc
+                for e in body.get("errors") or []
+                if isinstance(e, dict)
+                for key in ("requiredGranularScopes", "requiredScopes")
+                for sc in ((e.get("context") or {}).get(key) or [])
+            }
+        )
+        return CrmError(
+            f"{what}: the app lacks the scope(s) {', '.join(scopes) or '(not named)'}; add them to the "
+            "private app's scopes (Settings > Integrations > Private apps) or the OAuth app's and "
+            "re-install (README: HubSpot prerequisites)",
+            status=403,
+            code="MISSING_SCOPES",
+        )
     if status == 403:
-        return CrmError(f"{what}: {message}; the app's user lacks a HubSpot permission for this read: check the "
-                        "private app's scopes and the portal's user permissions", status=403, code=category or None)
+        return CrmError(
+            f"{what}: {message}; the app's user lacks a HubSpot permission for this read: check the "
+            "private app's scopes and the portal's user permissions",
+            status=403,
+            code=category or None,
+        )
     if status == 400:
-        return CrmError(f"{what}: {message}; check the connection's `fields:` and `filters:` (every property named "
-                        "there must exist on deals in this portal, by its internal name; `oppsync config check "
-                        "--online` lists them) and options.page_size (at most 200)", status=400,
-                        code=category or None)
-    return CrmError(f"{what}: {message}; check the connection's base_url (https://api.hubapi.com) and that the "
-                    "object exists in this portal", status=404, code=category or None)
+        return CrmError(
+            f"{what}: {message}; check the connection's `fields:` and `filters:` (every property named "
+            "there must exist on deals in this portal, by its internal name; `oppsync config check "
+            "--online` lists them) and options.page_size (at most 200)",
+            status=400,
+            code=category or None,
+        )
+    return CrmError(
+        f"{what}: {message}; check the connection's base_url (https://api.hubapi.com) and that the "
+        "object exists in this portal",
+        status=404,
+        code=category or None,
+    )
 
 
 # -- pages: the documented shape of every answer read (pages.py) -----------------------------------------------------
@@ -258,7 +335,7 @@ class PipelinesPage(PageModel):
 
 
 class AssociatedObject(TypedDict):
-    toObjectId: StrictInt | ObjectId   # an integer in live answers, a string in HubSpot's spec
+    toObjectId: StrictInt | ObjectId  # an integer in live answers, a string in HubSpot's spec
 
 
 Association = TypedDict("Association", {"from": IdRecord, "to": list[AssociatedObject]})
@@ -285,38 +362,73 @@ class BatchPage(PageModel):
     def _results_listed(cls, body: Any) -> Any:
         # every asked id missing from a by-id answer would be taken as deleted: say so when the list is absent
         if isinstance(body, dict) and not isinstance(body.get("results"), list):
-            raise PydanticCustomError("no_results", "the batch read answered without a `results` list of objects "
-                                                    "with ids (every asked id would look gone)")
+            raise PydanticCustomError(
+                "no_results",
+                "the batch read answered without a `results` list of objects with ids (every asked id would look gone)",
+            )
         return body
 
 
 # -- connector ----------------------------------------------------------------------------------------------------
 
+
 class HubSpotOptions(ConnectorOptions):
     """`options:` of a HubSpot connection."""
 
-    search_requests_per_second: Annotated[float, Field(ge=0)] = 4   # 0: no client-side pacing
-    token_url: str | None = None                                      # OAuth refresh-token endpoint override
+    search_requests_per_second: Annotated[float, Field(ge=0)] = 4  # 0: no client-side pacing
+    token_url: str | None = None  # OAuth refresh-token endpoint override
 
 
 class HubSpotConnector(CrmConnector):
     Options = HubSpotOptions
     # the company and the owner's name are derived (enrich: the deal's primary company; the owners list)
-    field_map = FieldMap(project_name="dealname", client_name=None, sales_executive=None, stage="dealstage",
-                         amount="amount", close_date="closedate", probability="hs_deal_stage_probability",
-                         created_at="createdate", created_by_crm_id="hs_created_by_user_id")
+    field_map = FieldMap(
+        project_name="dealname",
+        client_name=None,
+        sales_executive=None,
+        stage="dealstage",
+        amount="amount",
+        close_date="closedate",
+        probability="hs_deal_stage_probability",
+        created_at="createdate",
+        created_by_crm_id="hs_created_by_user_id",
+    )
     crm = "hubspot"
-    max_page_size = 200          # search; list pages are capped at 100
+    max_page_size = 200  # search; list pages are capped at 100
     native_deletes = True
     credential_keys = ("access_token",)
-    known_fields = frozenset({
-        "dealname", "amount", "amount_in_home_currency", "dealstage", "pipeline", "closedate", "createdate",
-        "hs_lastmodifieddate", "hs_object_id", "hubspot_owner_id", "hs_created_by_user_id", "deal_currency_code",
-        "hs_deal_stage_probability", "hs_forecast_probability", "hs_is_closed", "hs_is_closed_won", "dealtype",
-        "description", "hs_priority", "hs_analytics_source", "hubspot_team_id", "hs_closed_amount",
-        "hs_date_entered_closedwon", "hs_date_entered_closedlost", "notes_last_updated", "hs_lastactivitydate",
-        "hs_closed_won_date", "hs_closed_lost_date",
-    })
+    known_fields = frozenset(
+        {
+            "dealname",
+            "amount",
+            "amount_in_home_currency",
+            "dealstage",
+            "pipeline",
+            "closedate",
+            "createdate",
+            "hs_lastmodifieddate",
+            "hs_object_id",
+            "hubspot_owner_id",
+            "hs_created_by_user_id",
+            "deal_currency_code",
+            "hs_deal_stage_probability",
+            "hs_forecast_probability",
+            "hs_is_closed",
+            "hs_is_closed_won",
+            "dealtype",
+            "description",
+            "hs_priority",
+            "hs_analytics_source",
+            "hubspot_team_id",
+            "hs_closed_amount",
+            "hs_date_entered_closedwon",
+            "hs_date_entered_closedlost",
+            "notes_last_updated",
+            "hs_lastactivitydate",
+            "hs_closed_won_date",
+            "hs_closed_lost_date",
+        }
+    )
 
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
@@ -324,7 +436,7 @@ class HubSpotConnector(CrmConnector):
         self._owners: dict[str, CrmUser] | None = None
         self._companies: dict[str, dict[str, Any]] = {}
         self._companies_refused = False
-        self._deal_properties: dict[str, dict[str, Any]] | None = None   # None: not discovered (refused)
+        self._deal_properties: dict[str, dict[str, Any]] | None = None  # None: not discovered (refused)
         self._by_pipeline: dict[tuple[str, str], StageInfo] = {}
         self._changed_company_deals: set[str] | None = None
 
@@ -346,8 +458,10 @@ class HubSpotConnector(CrmConnector):
         private = keys == {"access_token"}
         oauth = set(OAUTH_KEYS) <= keys <= set(OAUTH_KEYS) | {"access_token"}
         if not (private or oauth):
-            problems.append(f"credentials: hubspot takes either ['access_token'] (private app) or "
-                            f"{list(OAUTH_KEYS)} (OAuth, optionally with access_token); got {sorted(keys)}")
+            problems.append(
+                f"credentials: hubspot takes either ['access_token'] (private app) or "
+                f"{list(OAUTH_KEYS)} (OAuth, optionally with access_token); got {sorted(keys)}"
+            )
         return problems
 
     @classmethod
@@ -365,17 +479,28 @@ class HubSpotConnector(CrmConnector):
         self._note_close_time(props)
         if props is None:
             return
-        problems = [f"{key}: deal property '{native}' does not exist in this HubSpot portal"
-                    for key, native in configured_fields(self.conn) if native not in props]
+        problems = [
+            f"{key}: deal property '{native}' does not exist in this HubSpot portal"
+            for key, native in configured_fields(self.conn)
+            if native not in props
+        ]
         if problems:
-            raise CrmError("; ".join(problems) + ". Create the property in HubSpot (Settings > Properties > Deal "
-                           "properties) or correct the connection's configuration to the property's internal name "
-                           "(`oppsync config check --online` lists this portal's deal properties)",
-                           status=400, code="PROPERTY_DOESNT_EXIST", permanent=True)
+            raise CrmError(
+                "; ".join(problems) + ". Create the property in HubSpot (Settings > Properties > Deal "
+                "properties) or correct the connection's configuration to the property's internal name "
+                "(`oppsync config check --online` lists this portal's deal properties)",
+                status=400,
+                code="PROPERTY_DOESNT_EXIST",
+                permanent=True,
+            )
         custom = sorted(n for n, p in props.items() if not p.get("hubspotDefined", True))
         absent = [n for n in DEAL_PROPERTIES if n not in props]
-        self.note(PROPERTIES_READ, True, f"{len(props)} deal properties, custom: {custom or 'none'}"
-                  + (f"; not in this portal (not requested): {absent}" if absent else ""))
+        self.note(
+            PROPERTIES_READ,
+            True,
+            f"{len(props)} deal properties, custom: {custom or 'none'}"
+            + (f"; not in this portal (not requested): {absent}" if absent else ""),
+        )
         for canonical, native in self.conn.fields.items():
             meta = props[native]
             kind = "owner" if meta.get("referencedObjectType") == "OWNER" else meta.get("type")
@@ -387,15 +512,19 @@ class HubSpotConnector(CrmConnector):
         list lacks them (older portals) date them by `closedate`; never a failed run, and no warning: the
         fallback is HubSpot's own close date."""
         if props is None:
-            self.note(CLOSE_TIME_READ, True, "requested unchecked (properties API refused); a deal without them "
-                                             "is dated by closedate")
+            self.note(
+                CLOSE_TIME_READ,
+                True,
+                "requested unchecked (properties API refused); a deal without them is dated by closedate",
+            )
             return
         missing = [n for n in CALCULATED_CLOSE_TIME if n not in props]
         if missing:
             self.note(CLOSE_TIME_READ, False, f"{', '.join(missing)} {CLOSE_TIME_FALLBACK}")
         else:
-            self.note(CLOSE_TIME_READ, True, "won deals by hs_closed_won_date, lost by hs_closed_lost_date, "
-                                             "else closedate")
+            self.note(
+                CLOSE_TIME_READ, True, "won deals by hs_closed_won_date, lost by hs_closed_lost_date, else closedate"
+            )
 
     def _read_properties(self) -> dict[str, dict[str, Any]]:
         path = "/crm/v3/properties/deals"
@@ -416,10 +545,14 @@ class HubSpotConnector(CrmConnector):
                 closed = str(meta.get("isClosed", "false")).lower() == "true"
                 prob = parse_float(meta.get("probability"))
                 info = StageInfo(
-                    key=str(stage["id"]), label=stage.get("label") or str(stage["id"]), is_closed=closed,
+                    key=str(stage["id"]),
+                    label=stage.get("label") or str(stage["id"]),
+                    is_closed=closed,
                     is_won=closed and prob is not None and prob >= 1.0,
                     sort_order=p_index * 1000 + int(stage.get("displayOrder") or 0),
-                    pipeline=str(pipeline.get("id")), probability=None if prob is None else round(prob * 100, 4))
+                    pipeline=str(pipeline.get("id")),
+                    probability=None if prob is None else round(prob * 100, 4),
+                )
                 self._by_pipeline[(str(pipeline.get("id")), info.key)] = info
                 out.append(info)
         return out
@@ -455,10 +588,14 @@ class HubSpotConnector(CrmConnector):
                     oid = o["id"]
                     name = " ".join(p for p in (o.get("firstName"), o.get("lastName")) if p) or None
                     uid = o.get("userId") or o.get("userIdIncludingInactive")  # archived owners: userId null
-                    owners[oid] = CrmUser(crm_user_id=str(uid) if uid is not None else oid,
-                                          name=clean_text(name or o.get("email")), email=o.get("email"),
-                                          kind="user", active=not o.get("archived", archived == "true"),
-                                          alt_ids=(oid,) if uid is not None else ())
+                    owners[oid] = CrmUser(
+                        crm_user_id=str(uid) if uid is not None else oid,
+                        name=clean_text(name or o.get("email")),
+                        email=o.get("email"),
+                        kind="user",
+                        active=not o.get("archived", archived == "true"),
+                        alt_ids=(oid,) if uid is not None else (),
+                    )
         return owners
 
     # -- opportunities -----------------------------------------------------------------------------------------
@@ -475,8 +612,9 @@ class HubSpotConnector(CrmConnector):
         properties = self._properties()
         self._owner_map()
         seen: set[str] = set()
-        pages: Iterable[tuple[list[dict[str, Any]], int | None]] = self._keyset(DEAL_SEARCH_PATH, base, properties,
-                                                                                self.page_size)
+        pages: Iterable[tuple[list[dict[str, Any]], int | None]] = self._keyset(
+            DEAL_SEARCH_PATH, base, properties, self.page_size
+        )
         if since is not None:
             catch_up = self._company_catch_up(since, filters, properties, seen)
             pages = itertools.chain(pages, ((records, None) for records in catch_up))
@@ -513,14 +651,15 @@ class HubSpotConnector(CrmConnector):
         pushed, leftover = self._render_filters()
         return [*selects, *pushed], leftover, post_filter
 
-    def _company_catch_up(self, since: datetime, base: list[dict[str, Any]], properties: list[str],
-                          seen: set[str]) -> Iterator[list[dict[str, Any]]]:
+    def _company_catch_up(
+        self, since: datetime, base: list[dict[str, Any]], properties: list[str], seen: set[str]
+    ) -> Iterator[list[dict[str, Any]]]:
         """Incremental runs: editing a company (a rename, a new address) does not bump its deals'
         hs_lastmodifieddate, so the deals of companies modified since the cursor are read again by id."""
         deal_ids = self._deals_of_changed_companies(since)
         todo = sorted((d for d in deal_ids if d not in seen), key=int)
         for n, start in enumerate(range(0, len(todo), BATCH_MAX), 1):
-            chunk = todo[start:start + BATCH_MAX]
+            chunk = todo[start : start + BATCH_MAX]
             filters = base + [{"propertyName": "hs_object_id", "operator": "IN", "values": chunk}]
             body = self._search(DEAL_SEARCH_PATH, filters, properties, BATCH_MAX)
             self._checked(SearchPage, body, DEAL_SEARCH_PATH, n)
@@ -534,8 +673,9 @@ class HubSpotConnector(CrmConnector):
             self._changed_company_deals = set()
             if self._companies_refused:
                 return self._changed_company_deals
-            got = self.optional(COMPANIES_READ, lambda: self._read_changed_company_deals(since), None,
-                                fallback_text=COMPANIES_FALLBACK)
+            got = self.optional(
+                COMPANIES_READ, lambda: self._read_changed_company_deals(since), None, fallback_text=COMPANIES_FALLBACK
+            )
             if got is None:
                 self._companies_refused = True
             else:
@@ -544,12 +684,17 @@ class HubSpotConnector(CrmConnector):
 
     def _read_changed_company_deals(self, since: datetime) -> set[str]:
         modified = [{"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))}]
-        companies = [c["id"] for records, _ in self._keyset(COMPANY_SEARCH_PATH, modified, ["hs_object_id"], 200)
-                     for c in records]
+        companies = [
+            c["id"]
+            for records, _ in self._keyset(COMPANY_SEARCH_PATH, modified, ["hs_object_id"], 200)
+            for c in records
+        ]
         deals: set[str] = set()
         path = "/crm/v4/associations/companies/deals/batch/read"
         for n, start in enumerate(range(0, len(companies), BATCH_MAX * 10), 1):
-            body = self.client.post_json(path, {"inputs": [{"id": c} for c in companies[start:start + BATCH_MAX * 10]]})
+            body = self.client.post_json(
+                path, {"inputs": [{"id": c} for c in companies[start : start + BATCH_MAX * 10]]}
+            )
             self._checked(AssociationsPage, body, path, n)
             for result in body["results"]:
                 deals.update(str(t["toObjectId"]) for t in result["to"])
@@ -575,8 +720,9 @@ class HubSpotConnector(CrmConnector):
             return [{"propertyName": "hs_is_closed", "operator": "EQ", "value": closed}], False
         return [], True
 
-    def _keyset(self, path: str, base: list[dict[str, Any]], properties: list[str],
-                limit: int) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+    def _keyset(
+        self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int
+    ) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
         """Pages of raw objects (deals, companies) in `hs_object_id` order, each query restarting past the last
         id read; with each page, on the first one the number of objects the whole read matches (search's
         `total`), else None. An empty first page is yielded too (a set of none is counted).
@@ -587,12 +733,23 @@ class HubSpotConnector(CrmConnector):
         changes during the read is caught by the run's catch-up read or the next incremental run, and every
         other deal is read exactly once however many match. The id bound is also the paging cursor: it must
         move forward, and the first page's `total` bounds the number of pages."""
-        paginator = KeysetPaginator(apply=lambda request, last: self._search_request(request, base + [_past(last)],
-                                                                                   properties, limit),
-                                    after=_last_id, more=_more_deals, start=0, ordered=True, key="hs_object_id")
-        for fetched in self.pages(PageRequest("POST", path), paginator, model=SearchPage, records="results",
-                                  total=lambda page: page.total, page_size=min(limit, self.max_page_size),
-                                  before_request=self._pace_search):
+        paginator = KeysetPaginator(
+            apply=lambda request, last: self._search_request(request, base + [_past(last)], properties, limit),
+            after=_last_id,
+            more=_more_deals,
+            start=0,
+            ordered=True,
+            key="hs_object_id",
+        )
+        for fetched in self.pages(
+            PageRequest("POST", path),
+            paginator,
+            model=SearchPage,
+            records="results",
+            total=lambda page: page.total,
+            page_size=min(limit, self.max_page_size),
+            before_request=self._pace_search,
+        ):
             yield fetched.records, (fetched.page.total if fetched.number == 1 else None)
 
     def _search(self, path: str, filters: list[dict[str, Any]], properties: list[str], limit: int) -> Any:
@@ -601,11 +758,15 @@ class HubSpotConnector(CrmConnector):
         request = self._search_request(PageRequest("POST", path), filters, properties, limit)
         return self.client.post_json(request.url, request.json)
 
-    def _search_request(self, request: PageRequest, filters: list[dict[str, Any]], properties: list[str],
-                        limit: int) -> PageRequest:
-        request.json = {"filterGroups": [{"filters": filters}],
-                        "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
-                        "properties": properties, "limit": min(limit, self.max_page_size)}
+    def _search_request(
+        self, request: PageRequest, filters: list[dict[str, Any]], properties: list[str], limit: int
+    ) -> PageRequest:
+        request.json = {
+            "filterGroups": [{"filters": filters}],
+            "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+            "properties": properties,
+            "limit": min(limit, self.max_page_size),
+        }
         return request
 
     def _pace_search(self) -> None:
@@ -623,8 +784,9 @@ class HubSpotConnector(CrmConnector):
         once, and a page starting with the record an earlier page started with means the list ignores its
         cursor: such lists carry no count to bound them, so either is a loop."""
         paginator = JSONCursorPaginator(lambda page: page.after)
-        for fetched in self.pages(PageRequest("GET", path, params=dict(params)), paginator, model=ListPage,
-                                  records="results", first_id="id"):
+        for fetched in self.pages(
+            PageRequest("GET", path, params=dict(params)), paginator, model=ListPage, records="results", first_id="id"
+        ):
             yield fetched.records
 
     def _checked(self, model: type[PageModel], body: Any, path: str, page: int | None = None) -> Any:
@@ -648,32 +810,34 @@ class HubSpotConnector(CrmConnector):
         self._owner_map()
         primary: dict[str, str | None] = {}
         if not self._companies_refused:
-            got = self.optional(COMPANIES_READ, lambda: self._primary_companies(records), None,
-                                fallback_text=COMPANIES_FALLBACK)
+            got = self.optional(
+                COMPANIES_READ, lambda: self._primary_companies(records), None, fallback_text=COMPANIES_FALLBACK
+            )
             if got is None:
                 self._companies_refused = True
             else:
                 primary = got
-        return {r["id"]: (cid, self._companies.get(cid, {})) if (cid := primary.get(r["id"])) else (None, {})
-                for r in records}
+        return {
+            r["id"]: (cid, self._companies.get(cid, {})) if (cid := primary.get(r["id"])) else (None, {})
+            for r in records
+        }
 
     def _primary_companies(self, records: list[dict[str, Any]]) -> dict[str, str | None]:
         ids = [r["id"] for r in records]
         primary: dict[str, str | None] = {}
         path = "/crm/v4/associations/deals/companies/batch/read"
         for n, start in enumerate(range(0, len(ids), BATCH_MAX * 10), 1):
-            body = self.client.post_json(path, {"inputs": [{"id": i} for i in ids[start:start + BATCH_MAX * 10]]})
+            body = self.client.post_json(path, {"inputs": [{"id": i} for i in ids[start : start + BATCH_MAX * 10]]})
             self._checked(AssociationsPage, body, path, n)
             for result in body["results"]:
                 primary[result["from"]["id"]] = _primary_company(result["to"])
-        if len(self._companies) > 200_000:   # keep memory flat on huge portals
+        if len(self._companies) > 200_000:  # keep memory flat on huge portals
             self._companies.clear()
         missing = sorted({c for c in primary.values() if c and c not in self._companies})
         path = "/crm/v3/objects/companies/batch/read"
         for n, start in enumerate(range(0, len(missing), BATCH_MAX), 1):
-            chunk = missing[start:start + BATCH_MAX]
-            body = self.client.post_json(path, {"properties": COMPANY_PROPERTIES,
-                                                "inputs": [{"id": c} for c in chunk]})
+            chunk = missing[start : start + BATCH_MAX]
+            body = self.client.post_json(path, {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
             self._checked(BatchPage, body, path, n)
             for company in body["results"]:
                 self._companies[company["id"]] = company.get("properties") or {}
@@ -705,8 +869,9 @@ class HubSpotConnector(CrmConnector):
     def read_text(self, record: dict[str, Any], native: str) -> str | None:
         return self._display(native, _get(record, native))
 
-    def _map(self, rec: dict[str, Any], enriched: dict[str, tuple[str | None, dict[str, Any]]] | None = None
-             ) -> Opportunity:
+    def _map(
+        self, rec: dict[str, Any], enriched: dict[str, tuple[str | None, dict[str, Any]]] | None = None
+    ) -> Opportunity:
         props = rec.get("properties") or {}
         company_id, company = (enriched or {}).get(rec["id"], (None, {}))
         raw = {**rec, "associations": {"companies": [company_id] if company_id else []}}
@@ -720,13 +885,16 @@ class HubSpotConnector(CrmConnector):
             closed, won = props.get("hs_is_closed") == "true", props.get("hs_is_closed_won") == "true"
             flags = "open" if not closed else ("won" if won else "lost")
             stage_name = self._display("dealstage", stage_id)
-        if "stage" in fields:   # another property holds the stage users work with: its value is the stage id
+        if "stage" in fields:  # another property holds the stage users work with: its value is the stage id
             stage_id = props.get(fields["stage"]) or None
             stage_name = self._display(fields["stage"], stage_id)
         owner_id = props.get("hubspot_owner_id") or None
         owner = (self._owners or {}).get(owner_id) if owner_id else None
-        values = self.mapped_fields(rec, client_name=lambda: clean_text(company.get("name")),
-                                    sales_executive=lambda: owner.name if owner else None)
+        values = self.mapped_fields(
+            rec,
+            client_name=lambda: clean_text(company.get("name")),
+            sales_executive=lambda: owner.name if owner else None,
+        )
         # the deal's stage probability is a 0..1 fraction; without one, the stage's own (pipelines)
         prob = values["probability"]
         if prob is not None and self.field("probability") in ("hs_deal_stage_probability", "hs_forecast_probability"):
@@ -737,9 +905,12 @@ class HubSpotConnector(CrmConnector):
         status = self.resolve_status(stage_name, props.get("dealstage") or None, flags)
         closed_at, closed_field = close_time(props, status)
         return self.opportunity(
-            rec["id"], raw, **values,
-            service_location=format_address(*(company.get(k) for k in ("address", "address2", "city", "state", "zip",
-                                                                        "country"))),
+            rec["id"],
+            raw,
+            **values,
+            service_location=format_address(
+                *(company.get(k) for k in ("address", "address2", "city", "state", "zip", "country"))
+            ),
             owner_crm_id=owner_id,
             stage=stage_name,
             stage_id=stage_id,
@@ -773,9 +944,9 @@ class HubSpotConnector(CrmConnector):
         self.prepare()
         properties = self._properties()
         self._owner_map()
-        wanted = list(dict.fromkeys(str(i) for i in ids))   # once each, in the caller's order
+        wanted = list(dict.fromkeys(str(i) for i in ids))  # once each, in the caller's order
         for n, start in enumerate(range(0, len(wanted), BATCH_MAX), 1):
-            records = self._batch_read(wanted[start:start + BATCH_MAX], properties, n)
+            records = self._batch_read(wanted[start : start + BATCH_MAX], properties, n)
             if records:
                 yield self.map_page(records)
 
@@ -786,16 +957,22 @@ class HubSpotConnector(CrmConnector):
         entry fails the run, and so does an answer of the wrong shape (an id missing from it would be taken
         as deleted)."""
         # `archived` is a query parameter of batch/read (HubSpot's OpenAPI spec), not a body field
-        body = self.client.post_json(DEAL_BATCH_READ_PATH,
-                                     {"properties": properties, "inputs": [{"id": i} for i in ids]},
-                                     params={"archived": "false"})
+        body = self.client.post_json(
+            DEAL_BATCH_READ_PATH,
+            {"properties": properties, "inputs": [{"id": i} for i in ids]},
+            params={"archived": "false"},
+        )
         self._checked(BatchPage, body, DEAL_BATCH_READ_PATH, n)
         other = [e for e in body.get("errors", []) if e["category"] != "OBJECT_NOT_FOUND"]
         if other:
             first = other[0]
-            raise CrmError(f"HubSpot refused part of a deal batch read ({len(other)} error(s)): "
-                           f"{first['category']}: {str(first.get('message') or '')[:300]}",
-                           status=400, code=first["category"] or "BATCH_ERROR", permanent=True)
+            raise CrmError(
+                f"HubSpot refused part of a deal batch read ({len(other)} error(s)): "
+                f"{first['category']}: {str(first.get('message') or '')[:300]}",
+                status=400,
+                code=first["category"] or "BATCH_ERROR",
+                permanent=True,
+            )
         asked = set(ids)
         return [r for r in body["results"] if r["id"] in asked]
 
@@ -818,7 +995,7 @@ class HubSpotConnector(CrmConnector):
     def _render_filters(self) -> tuple[list[dict[str, Any]], list[RecordFilter]]:
         """Search filters for the connection's filters (values travel as JSON strings: nothing to inject);
         those past the per-group limit are applied after fetching."""
-        room = MAX_FILTERS_PER_GROUP - 3   # dealstage, the modified-since bound, the keyset bound
+        room = MAX_FILTERS_PER_GROUP - 3  # dealstage, the modified-since bound, the keyset bound
         pushed = [render_filter(f) for f in self.conn.filters[:room]]
         return pushed, list(self.conn.filters[room:])
 
@@ -892,7 +1069,7 @@ def _fold(value: Any, date_like: bool) -> Any:
             return datetime.combine(value, datetime.min.time())
         try:
             return parse_datetime(value) if isinstance(value, (str, int, float, datetime)) else value
-        except ValueError:   # not a date: HubSpot would refuse such a filter; compare it as text
+        except ValueError:  # not a date: HubSpot would refuse such a filter; compare it as text
             return str(value).lower()
     if isinstance(value, str) and parse_float(value) is None:
         return value.lower()
@@ -919,4 +1096,3 @@ def close_time(props: dict[str, Any], status: Status) -> tuple[datetime | None, 
 
 def _get(raw: dict[str, Any], field: str) -> Any:
     return (raw.get("properties") or {}).get(field)
-

@@ -37,9 +37,13 @@ class PageError(CrmError):
 
     def __init__(self, message: str, *, crm: str, url: str | None, page: int | None):
         where = f"{crm}: page {page} of {_safe(url)}" if page else f"{crm}: {_safe(url)}"
-        super().__init__(f"{where}: {message}; nothing was written", code="BAD_PAGE", permanent=False,
-                         hint="The CRM answered with a page oppsync cannot trust: the run failed before "
-                              "reconciling anything. If it repeats, the API (or a proxy in front of it) changed.")
+        super().__init__(
+            f"{where}: {message}; nothing was written",
+            code="BAD_PAGE",
+            permanent=False,
+            hint="The CRM answered with a page oppsync cannot trust: the run failed before "
+            "reconciling anything. If it repeats, the API (or a proxy in front of it) changed.",
+        )
 
 
 class PageModel(BaseModel):
@@ -98,7 +102,7 @@ class PageTrail:
         self.max_pages = MAX_PAGES_UNCOUNTED
         self.total: int | None = None
         self._seen: set[Hashable] = set()
-        self._starts: dict[Hashable, int] = {}   # the first record id of each page -> its page number
+        self._starts: dict[Hashable, int] = {}  # the first record id of each page -> its page number
 
     def expect(self, total: int | None, page_size: int) -> None:
         """The CRM says the sequence holds `total` records (SOQL totalSize, HubSpot total, @odata.count ...)."""
@@ -116,24 +120,40 @@ class PageTrail:
         self.records += n_records
         if first_id is not None:
             if first_id in self._starts:
-                raise PageError(f"it starts with record {_short(first_id)}, as page {self._starts[first_id]} did: "
-                                "the CRM repeats pages instead of following its next-page cursor (paging loops)",
-                                crm=self.crm, url=self.url, page=self.pages)
+                raise PageError(
+                    f"it starts with record {_short(first_id)}, as page {self._starts[first_id]} did: "
+                    "the CRM repeats pages instead of following its next-page cursor (paging loops)",
+                    crm=self.crm,
+                    url=self.url,
+                    page=self.pages,
+                )
             self._starts[first_id] = self.pages
         if self.pages > self.max_pages:
-            raise PageError(f"more pages ({self.pages}) than the CRM's count of {self.total} records allows "
-                            f"({self.max_pages}): paging does not terminate", crm=self.crm, url=self.url,
-                            page=self.pages)
+            raise PageError(
+                f"more pages ({self.pages}) than the CRM's count of {self.total} records allows "
+                f"({self.max_pages}): paging does not terminate",
+                crm=self.crm,
+                url=self.url,
+                page=self.pages,
+            )
         if self.total is not None and self.records > self.total * 1.1 + 1000:
-            raise PageError(f"{self.records} records read where the CRM counts {self.total}: the pages repeat",
-                            crm=self.crm, url=self.url, page=self.pages)
+            raise PageError(
+                f"{self.records} records read where the CRM counts {self.total}: the pages repeat",
+                crm=self.crm,
+                url=self.url,
+                page=self.pages,
+            )
         return self.pages
 
     def follow(self, cursor: Hashable) -> None:
         """Record the cursor / next link about to be requested; a repeat means the paging loops."""
         if cursor in self._seen:
-            raise PageError(f"the next-page cursor {_short(cursor)} was already followed: paging loops",
-                            crm=self.crm, url=self.url, page=self.pages)
+            raise PageError(
+                f"the next-page cursor {_short(cursor)} was already followed: paging loops",
+                crm=self.crm,
+                url=self.url,
+                page=self.pages,
+            )
         self._seen.add(cursor)
 
 

@@ -35,7 +35,7 @@ class PageRequest:
     """One request of a paging sequence, as the paginator moves it from page to page."""
 
     method: str
-    url: str                                   # relative to the client's base URL, or absolute
+    url: str  # relative to the client's base URL, or absolute
     params: dict[str, Any] | None = None
     json: Any = None
     headers: dict[str, str] | None = None
@@ -88,7 +88,7 @@ def url_position(url: str, params: dict[str, Any] | None = None, root: str = "")
     query parameters, decoded and sorted (a next link that points back to the first request, given as a path
     and parameters, is the same position)."""
     parts = urlsplit(url)
-    path = parts.path[parts.path.find(root):] if root and root in parts.path else parts.path
+    path = parts.path[parts.path.find(root) :] if root and root in parts.path else parts.path
     query = parse_qsl(parts.query, keep_blank_values=True) + [(k, str(v)) for k, v in (params or {}).items()]
     return path, tuple(sorted(query))
 
@@ -123,8 +123,7 @@ class JSONLinkPaginator(_LinkPaginator):
     """The next page's URL in the body: `next_url` reads it from the validated page (None on the last page);
     `resolve` rewrites it (Autotask: the part after `/V1.0/`, so it resolves against the current zone)."""
 
-    def __init__(self, next_url: Callable[[Any], str | None], *, resolve: Callable[[str], str] = str,
-                 root: str = ""):
+    def __init__(self, next_url: Callable[[Any], str | None], *, resolve: Callable[[str], str] = str, root: str = ""):
         super().__init__(root)
         self.next_url, self.resolve = next_url, resolve
 
@@ -201,20 +200,35 @@ class KeysetPaginator(Paginator):
     def follow(self, trail: PageTrail) -> None:
         trail.follow(self.position)
         if self.ordered and self._last is not None and self.position <= self._last:
-            raise PageError(f"the page ends at {self.key} {self.position}, not past the {self._last} it was asked "
-                            "to read after: paging loops (or the search ignores its sort)", crm=trail.crm,
-                            url=trail.url, page=trail.pages)
+            raise PageError(
+                f"the page ends at {self.key} {self.position}, not past the {self._last} it was asked "
+                "to read after: paging loops (or the search ignores its sort)",
+                crm=trail.crm,
+                url=trail.url,
+                page=trail.pages,
+            )
         self._last = self.position
 
     def update_request(self, request: PageRequest) -> None:
         self.apply(request, self.position)
 
 
-def paginate(client: ApiClient, request: PageRequest, paginator: Paginator, *, crm: str, model: Any,
-             records: str | None = None, first_id: str | None = None, expect: int | None = None,
-             total: Callable[[Any], int | None] | None = None, page_size: int = 1,
-             trail: PageTrail | None = None, full_url: bool = True,
-             before_request: Callable[[], None] | None = None) -> Iterator[Fetched]:
+def paginate(
+    client: ApiClient,
+    request: PageRequest,
+    paginator: Paginator,
+    *,
+    crm: str,
+    model: Any,
+    records: str | None = None,
+    first_id: str | None = None,
+    expect: int | None = None,
+    total: Callable[[Any], int | None] | None = None,
+    page_size: int = 1,
+    trail: PageTrail | None = None,
+    full_url: bool = True,
+    before_request: Callable[[], None] | None = None,
+) -> Iterator[Fetched]:
     """The pages of one sequence, each validated as `model` before it is yielded.
 
     `records`: the key of the page's record list (None: the body is the list); `first_id`: the key of a

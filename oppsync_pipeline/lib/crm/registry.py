@@ -25,7 +25,7 @@ def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
 
 
-@dataclass(frozen=True, eq=False)   # identity: one spec per CRM, hashable
+@dataclass(frozen=True, eq=False)  # identity: one spec per CRM, hashable
 class CrmSpec:
     name: str
     # "module:Class" of the connector (a CrmConnector) and the simulator module (exposing `build`,
@@ -68,40 +68,66 @@ class CrmSpec:
 
 
 SPECS: tuple[CrmSpec, ...] = (
-    CrmSpec("salesforce", "oppsync_pipeline.lib.crm.salesforce:SalesforceConnector",
-            "oppsync_pipeline.sandbox.salesforce", 8701,
-            credential_keys=("client_id", "client_secret"), secret_keys=("client_secret",),
-            page_path=r"/query",
-            page_fields=_frozen({"project_name": "Name", "created_at": "CreatedDate", "optional": "Amount"}),
-            docs="docs/crms/salesforce.md"),
-    CrmSpec("hubspot", "oppsync_pipeline.lib.crm.hubspot:HubSpotConnector",
-            "oppsync_pipeline.sandbox.hubspot", 8702,
-            credential_keys=("access_token",), secret_keys=("access_token",),
-            page_path=r"/objects/(?:deals|0-3)(?:/search)?$",
-            page_fields=_frozen({"project_name": "dealname", "created_at": "createdate", "optional": "amount"}),
-            docs="docs/crms/hubspot.md",
-            test_options=_frozen({"search_requests_per_second": 0})),
-    CrmSpec("dynamics", "oppsync_pipeline.lib.crm.dynamics:DynamicsConnector",
-            "oppsync_pipeline.sandbox.dynamics", 8703,
-            credential_keys=("tenant_id", "client_id", "client_secret"), secret_keys=("client_secret",),
-            page_path=r"/opportunities$",
-            page_fields=_frozen({"project_name": "name", "created_at": "createdon", "optional": "estimatedvalue"}),
-            docs="docs/crms/dynamics.md",
-            sandbox_options=_frozen({"authority_url": "{url}", "change_tracking": True})),
-    CrmSpec("connectwise", "oppsync_pipeline.lib.crm.connectwise:ConnectWiseConnector",
-            "oppsync_pipeline.sandbox.connectwise", 8704,
-            credential_keys=("company_id", "public_key", "private_key", "client_id"), secret_keys=("private_key",),
-            page_path=r"/sales/opportunities$",
-            page_fields=_frozen({"project_name": "name", "created_at": "_info.dateEntered",
-                                 "optional": "expectedCloseDate"}),
-            docs="docs/crms/connectwise.md",
-            lean_options=_frozen({"forecast": False})),
-    CrmSpec("autotask", "oppsync_pipeline.lib.crm.autotask:AutotaskConnector",
-            "oppsync_pipeline.sandbox.autotask", 8705,
-            credential_keys=("username", "secret", "integration_code"), secret_keys=("secret",),
-            page_path=r"(?i)/opportunities/query(?:/next)?$",   # pages only, not query/count (paths ignore case)
-            page_fields=_frozen({"project_name": "title", "created_at": "createDate", "optional": "amount"}),
-            docs="docs/crms/autotask.md"),
+    CrmSpec(
+        "salesforce",
+        "oppsync_pipeline.lib.crm.salesforce:SalesforceConnector",
+        "oppsync_pipeline.sandbox.salesforce",
+        8701,
+        credential_keys=("client_id", "client_secret"),
+        secret_keys=("client_secret",),
+        page_path=r"/query",
+        page_fields=_frozen({"project_name": "Name", "created_at": "CreatedDate", "optional": "Amount"}),
+        docs="docs/crms/salesforce.md",
+    ),
+    CrmSpec(
+        "hubspot",
+        "oppsync_pipeline.lib.crm.hubspot:HubSpotConnector",
+        "oppsync_pipeline.sandbox.hubspot",
+        8702,
+        credential_keys=("access_token",),
+        secret_keys=("access_token",),
+        page_path=r"/objects/(?:deals|0-3)(?:/search)?$",
+        page_fields=_frozen({"project_name": "dealname", "created_at": "createdate", "optional": "amount"}),
+        docs="docs/crms/hubspot.md",
+        test_options=_frozen({"search_requests_per_second": 0}),
+    ),
+    CrmSpec(
+        "dynamics",
+        "oppsync_pipeline.lib.crm.dynamics:DynamicsConnector",
+        "oppsync_pipeline.sandbox.dynamics",
+        8703,
+        credential_keys=("tenant_id", "client_id", "client_secret"),
+        secret_keys=("client_secret",),
+        page_path=r"/opportunities$",
+        page_fields=_frozen({"project_name": "name", "created_at": "createdon", "optional": "estimatedvalue"}),
+        docs="docs/crms/dynamics.md",
+        sandbox_options=_frozen({"authority_url": "{url}", "change_tracking": True}),
+    ),
+    CrmSpec(
+        "connectwise",
+        "oppsync_pipeline.lib.crm.connectwise:ConnectWiseConnector",
+        "oppsync_pipeline.sandbox.connectwise",
+        8704,
+        credential_keys=("company_id", "public_key", "private_key", "client_id"),
+        secret_keys=("private_key",),
+        page_path=r"/sales/opportunities$",
+        page_fields=_frozen(
+            {"project_name": "name", "created_at": "_info.dateEntered", "optional": "expectedCloseDate"}
+        ),
+        docs="docs/crms/connectwise.md",
+        lean_options=_frozen({"forecast": False}),
+    ),
+    CrmSpec(
+        "autotask",
+        "oppsync_pipeline.lib.crm.autotask:AutotaskConnector",
+        "oppsync_pipeline.sandbox.autotask",
+        8705,
+        credential_keys=("username", "secret", "integration_code"),
+        secret_keys=("secret",),
+        page_path=r"(?i)/opportunities/query(?:/next)?$",  # pages only, not query/count (paths ignore case)
+        page_fields=_frozen({"project_name": "title", "created_at": "createDate", "optional": "amount"}),
+        docs="docs/crms/autotask.md",
+    ),
 )
 
 REGISTRY: Mapping[str, CrmSpec] = MappingProxyType({s.name: s for s in SPECS})

@@ -38,14 +38,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, Generic, NamedTuple, TypeVar
+from typing import Annotated, Any, Generic, NamedTuple, NotRequired, TypeVar
 from urllib.parse import urlencode
 
 import requests
 from pydantic import AfterValidator, Field, StrictBool, StrictInt, StringConstraints, model_validator
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, T
@@ -76,36 +76,98 @@ from oppsync_pipeline.lib.record import (
 
 DEFAULT_API_VERSION = "62.0"
 GET_DELETED_WINDOW = timedelta(days=15)
-_SAFETY = timedelta(hours=1)   # stay clear of the 15-day edge of the delete log
+_SAFETY = timedelta(hours=1)  # stay clear of the 15-day edge of the delete log
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")
 _HTTP_DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 _USAGE = re.compile(r"(?:^|[;,\s])api-usage=(\d+)/(\d+)")
 
 # Standard fields (and the parent fields a filter may name) with their SOQL literal types.
 FIELD_TYPES: dict[str, str] = {
-    "Id": "string", "Name": "string", "AccountId": "string", "OwnerId": "string", "Amount": "number",
-    "CurrencyIsoCode": "string", "StageName": "string", "ForecastCategoryName": "string", "Probability": "number",
-    "ExpectedRevenue": "number", "CloseDate": "date", "IsClosed": "boolean", "IsWon": "boolean", "Type": "string",
-    "LeadSource": "string", "Description": "string", "NextStep": "string", "CreatedDate": "datetime",
-    "CreatedById": "string", "LastModifiedDate": "datetime", "LastModifiedById": "string",
-    "SystemModstamp": "datetime", "IsDeleted": "boolean", "LastStageChangeDate": "datetime",
-    "Account.Name": "string", "Account.BillingStreet": "string", "Account.BillingCity": "string",
-    "Account.BillingState": "string", "Account.BillingPostalCode": "string", "Account.BillingCountry": "string",
-    "Account.SystemModstamp": "datetime", "Account.LastModifiedDate": "datetime",
-    "Owner.Name": "string", "Owner.Email": "string", "CreatedBy.Name": "string", "CreatedBy.Email": "string",
+    "Id": "string",
+    "Name": "string",
+    "AccountId": "string",
+    "OwnerId": "string",
+    "Amount": "number",
+    "CurrencyIsoCode": "string",
+    "StageName": "string",
+    "ForecastCategoryName": "string",
+    "Probability": "number",
+    "ExpectedRevenue": "number",
+    "CloseDate": "date",
+    "IsClosed": "boolean",
+    "IsWon": "boolean",
+    "Type": "string",
+    "LeadSource": "string",
+    "Description": "string",
+    "NextStep": "string",
+    "CreatedDate": "datetime",
+    "CreatedById": "string",
+    "LastModifiedDate": "datetime",
+    "LastModifiedById": "string",
+    "SystemModstamp": "datetime",
+    "IsDeleted": "boolean",
+    "LastStageChangeDate": "datetime",
+    "Account.Name": "string",
+    "Account.BillingStreet": "string",
+    "Account.BillingCity": "string",
+    "Account.BillingState": "string",
+    "Account.BillingPostalCode": "string",
+    "Account.BillingCountry": "string",
+    "Account.SystemModstamp": "datetime",
+    "Account.LastModifiedDate": "datetime",
+    "Owner.Name": "string",
+    "Owner.Email": "string",
+    "CreatedBy.Name": "string",
+    "CreatedBy.Email": "string",
 }
 # Where each canonical field comes from (fields.py); the stage's value is a StageName (ApiName), named by its label.
-FIELD_MAP = FieldMap(project_name="Name", client_name="Account.Name", sales_executive="Owner.Name",
-                     stage="StageName", amount="Amount", close_date="CloseDate", probability="Probability",
-                     created_at="CreatedDate", created_by_crm_id="CreatedById")
+FIELD_MAP = FieldMap(
+    project_name="Name",
+    client_name="Account.Name",
+    sales_executive="Owner.Name",
+    stage="StageName",
+    amount="Amount",
+    close_date="CloseDate",
+    probability="Probability",
+    created_at="CreatedDate",
+    created_by_crm_id="CreatedById",
+)
 # What every opportunity query selects (then the org's optional fields and the configured ones).
-SELECT_FIELDS = ("Id", "Name", "AccountId", "Account.Name", "Account.BillingStreet", "Account.BillingCity",
-                 "Account.BillingState", "Account.BillingPostalCode", "Account.BillingCountry", "OwnerId",
-                 "Owner.Name", "Owner.Email", "StageName", "ForecastCategoryName", "IsClosed", "IsWon", "Amount",
-                 "CloseDate", "Probability", "CreatedDate", "CreatedById", "SystemModstamp")
+SELECT_FIELDS = (
+    "Id",
+    "Name",
+    "AccountId",
+    "Account.Name",
+    "Account.BillingStreet",
+    "Account.BillingCity",
+    "Account.BillingState",
+    "Account.BillingPostalCode",
+    "Account.BillingCountry",
+    "OwnerId",
+    "Owner.Name",
+    "Owner.Email",
+    "StageName",
+    "ForecastCategoryName",
+    "IsClosed",
+    "IsWon",
+    "Amount",
+    "CloseDate",
+    "Probability",
+    "CreatedDate",
+    "CreatedById",
+    "SystemModstamp",
+)
 # Types of describe mapped to the SOQL literal kinds (anything else is a quoted string).
-_DESCRIBE_TYPES = {"double": "number", "currency": "number", "percent": "number", "int": "number", "long": "number",
-                   "date": "date", "datetime": "datetime", "boolean": "boolean"}
+_DESCRIBE_TYPES = {
+    "double": "number",
+    "currency": "number",
+    "percent": "number",
+    "int": "number",
+    "long": "number",
+    "date": "date",
+    "datetime": "datetime",
+    "boolean": "boolean",
+}
 _NO_COLUMN = re.compile(r"No such column '([A-Za-z0-9_]+)'|Didn't understand relationship '([A-Za-z0-9_]+)'")
 _OPS = {"equal": "=", "not_equal": "!=", "more_than": ">", "less_than": "<", "at_least": ">=", "at_most": "<="}
 # Record ids are 15 (case-sensitive) or 18 characters; anything else cannot be an id of the org, and SOQL refuses it
@@ -124,8 +186,9 @@ CLOSE_DATE = "CloseDate"
 
 # -- pages: the answers Salesforce documents, checked before use (pages.py) -------------------------------------------
 
+
 def _readable_datetime(value: str) -> str:
-    parse_datetime(value)   # BadValue (a ValueError) when it is not a date-time Salesforce writes
+    parse_datetime(value)  # BadValue (a ValueError) when it is not a date-time Salesforce writes
     return value
 
 
@@ -133,8 +196,9 @@ SalesforceId = Annotated[str, StringConstraints(strict=True, pattern=_SF_ID.patt
 SalesforceDatetime = Annotated[str, StringConstraints(strict=True), AfterValidator(_readable_datetime)]
 # `nextRecordsUrl` is relative to the org's host ("/services/data/v62.0/query/01gRO0000016PIAYA2-2000"): anything
 # else (another host, another resource) would get the bearer token sent where Salesforce never pointed.
-NextRecordsUrl = Annotated[str, StringConstraints(strict=True,
-                                                  pattern=r"^/services/data/v\d+\.\d/(?:query|queryAll)/[^/?#\s]+/?$")]
+NextRecordsUrl = Annotated[
+    str, StringConstraints(strict=True, pattern=r"^/services/data/v\d+\.\d/(?:query|queryAll)/[^/?#\s]+/?$")
+]
 # Records are checked for the keys the connector cannot do without; their other keys are neither checked nor
 # copied (without `ignore`, a TypedDict inside a PageModel inherits its `allow` and copies every field: 10x slower).
 
@@ -239,6 +303,7 @@ def _next_records_url(page: QueryPage[Any]) -> str | None:
 
 # -- auth -----------------------------------------------------------------------------------------------------
 
+
 class SalesforceAuth(Auth):
     """OAuth 2.0 client credentials (connected app with the flow enabled, run-as user set)."""
 
@@ -262,10 +327,18 @@ class SalesforceAuth(Auth):
         try:
             # Counted in the run's api_requests and token_requests (token_request): every request sent counts,
             # although the org's daily allocation (Sforce-Limit-Info) counts REST calls only.
-            resp = self.token_request(session, "POST", self.token_url,
-                                      data={"grant_type": "client_credentials", "client_id": self._client_id,
-                                            "client_secret": self._client_secret},
-                                      headers={"Accept": "application/json"}, timeout=self.timeout)
+            resp = self.token_request(
+                session,
+                "POST",
+                self.token_url,
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._client_secret,
+                },
+                headers={"Accept": "application/json"},
+                timeout=self.timeout,
+            )
         except (requests.ConnectionError, requests.Timeout) as err:
             # A connection error is worth retrying: the request that needed the token is repeated.
             raise RetryableHttpError(f"token endpoint unreachable: {type(err).__name__}") from None
@@ -279,14 +352,18 @@ class SalesforceAuth(Auth):
             code = body.get("error", "unknown_error") if isinstance(body, dict) else "unknown_error"
             # error_description is the server's own text (no secret in it); the credentials are never echoed.
             desc = body.get("error_description", "") if isinstance(body, dict) else ""
-            raise AuthError(f"Salesforce refused the client credentials: {code} ({desc}); check client_id / "
-                            "client_secret and that the connected app allows the client credentials flow",
-                            status=resp.status_code, code=code)
+            raise AuthError(
+                f"Salesforce refused the client credentials: {code} ({desc}); check client_id / "
+                "client_secret and that the connected app allows the client credentials flow",
+                status=resp.status_code,
+                code=code,
+            )
         self._token = body["access_token"]
         self.instance_url = body.get("instance_url")
 
 
 # -- observe / classify ----------------------------------------------------------------------------------------
+
 
 def observe(response: requests.Response, stats: RequestStats) -> None:
     """`Sforce-Limit-Info: api-usage=18/15000` -> the org's rolling 24 h usage and allocation."""
@@ -315,11 +392,15 @@ def classify(response: requests.Response) -> Exception | None:
         if "concurrent" in message.lower():
             # The long-running-request cap is transient: wait and retry.
             return RetryableHttpError("REQUEST_LIMIT_EXCEEDED (ConcurrentRequests)", status=response.status_code)
-        return QuotaExhausted("Salesforce daily API request allocation is spent (403 REQUEST_LIMIT_EXCEEDED: "
-                              f"{message})", status=response.status_code, code=code)
+        return QuotaExhausted(
+            f"Salesforce daily API request allocation is spent (403 REQUEST_LIMIT_EXCEEDED: {message})",
+            status=response.status_code,
+            code=code,
+        )
     if code:
-        return CrmError(f"Salesforce {response.status_code} {code}: {message[:500]}", status=response.status_code,
-                        code=code)
+        return CrmError(
+            f"Salesforce {response.status_code} {code}: {message[:500]}", status=response.status_code, code=code
+        )
     return None
 
 
@@ -329,25 +410,35 @@ def fix_for(code: str | None, message: str, conn: Any = None) -> str | None:
         m = _NO_COLUMN.search(message)
         name = (m.group(1) or m.group(2)) if m else None
         if name and name.lower() == "currencyisocode":
-            return ("this org has no multi-currency (Opportunity.CurrencyIsoCode does not exist): remove "
-                    "options.multi_currency or set it to false; the currency then comes from the org's default "
-                    "or options.currency")
+            return (
+                "this org has no multi-currency (Opportunity.CurrencyIsoCode does not exist): remove "
+                "options.multi_currency or set it to false; the currency then comes from the org's default "
+                "or options.currency"
+            )
         for key, native in _configured_fields(conn):
             if name and name.lower() in [p.lower() for p in native.split(".")]:
-                return (f"check {key} ('{native}'): the field does not exist in this org or the API user has no "
-                        "field-level read access to it (Setup > Object Manager > Opportunity > Fields)")
-        return ("a field the query names is not visible to the API user: check the connection's fields: and "
-                "filters:, field-level security for the API user, and options.api_version")
+                return (
+                    f"check {key} ('{native}'): the field does not exist in this org or the API user has no "
+                    "field-level read access to it (Setup > Object Manager > Opportunity > Fields)"
+                )
+        return (
+            "a field the query names is not visible to the API user: check the connection's fields: and "
+            "filters:, field-level security for the API user, and options.api_version"
+        )
     if code == "MALFORMED_QUERY":
         return "check the connection's filters: (field names, operators and values) and fields:"
     if code == "INVALID_TYPE":
-        return ("the API user cannot see this object: grant it Read on the object in its profile or a permission "
-                "set (Opportunity, Account and User are required)")
+        return (
+            "the API user cannot see this object: grant it Read on the object in its profile or a permission "
+            "set (Opportunity, Account and User are required)"
+        )
     if code in ("INSUFFICIENT_ACCESS", "INSUFFICIENT_ACCESS_OR_READONLY"):
         return "the API user lacks a permission for this request: check its profile / permission sets"
     if code in ("API_DISABLED_FOR_ORG", "API_CURRENTLY_DISABLED"):
-        return ("the API user needs the 'API Enabled' permission, in an edition with API access (Enterprise, "
-                "Unlimited, Performance, Developer; Professional only with the API add-on)")
+        return (
+            "the API user needs the 'API Enabled' permission, in an edition with API access (Enterprise, "
+            "Unlimited, Performance, Developer; Professional only with the API add-on)"
+        )
     if code == "NOT_FOUND":
         return "check base_url (the org's My Domain URL) and options.api_version"
     return None
@@ -363,13 +454,14 @@ class _Spent(Exception):
 
 # -- the connector ---------------------------------------------------------------------------------------------
 
+
 class SalesforceOptions(ConnectorOptions):
     """`options:` of a Salesforce connection."""
 
-    api_version: str | float = DEFAULT_API_VERSION   # "61.0" (a YAML 61.0 is read as the number)
-    multi_currency: bool | None = None               # overrides describe's answer (CurrencyIsoCode present)
-    currency: str | None = None                      # single-currency orgs whose Organization is not readable
-    field_types: dict[str, str] = {}                 # SOQL literal types for filter fields describe cannot see
+    api_version: str | float = DEFAULT_API_VERSION  # "61.0" (a YAML 61.0 is read as the number)
+    multi_currency: bool | None = None  # overrides describe's answer (CurrencyIsoCode present)
+    currency: str | None = None  # single-currency orgs whose Organization is not readable
+    field_types: dict[str, str] = {}  # SOQL literal types for filter fields describe cannot see
 
 
 class SalesforceConnector(CrmConnector):
@@ -382,14 +474,14 @@ class SalesforceConnector(CrmConnector):
     native_deletes = True
     credential_keys = ("client_id", "client_secret")
     known_fields = frozenset(FIELD_TYPES)
-    _server_now: datetime | None = None   # the CRM's clock (latest `Date` header seen)
+    _server_now: datetime | None = None  # the CRM's clock (latest `Date` header seen)
     # learnt by discover_tenant (once per run)
-    _fields: dict[str, dict[str, Any]] | None = None       # Opportunity describe, by lower-cased field name
+    _fields: dict[str, dict[str, Any]] | None = None  # Opportunity describe, by lower-cased field name
     _parents: dict[str, dict[str, dict[str, Any]]] | None = None
     _multi_currency: bool = False
     _org_currency: str | None = None
     _stage_by_value: dict[str, StageInfo] | None = None
-    _last_stage_change: bool = False                       # describe lists LastStageChangeDate
+    _last_stage_change: bool = False  # describe lists LastStageChangeDate
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -397,8 +489,9 @@ class SalesforceConnector(CrmConnector):
         return bool(_FIELD_NAME.match(name)) and name.split(".")[-1].endswith("__c")
 
     def make_auth(self) -> Auth:
-        return SalesforceAuth(self.conn.base_url, self.credentials.get("client_id", ""),
-                              self.credentials.get("client_secret", ""))
+        return SalesforceAuth(
+            self.conn.base_url, self.credentials.get("client_id", ""), self.credentials.get("client_secret", "")
+        )
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
         observe(response, stats)
@@ -445,8 +538,15 @@ class SalesforceConnector(CrmConnector):
         request = PageRequest("GET", url, params={"q": soql}, headers=self._query_headers)
         # Salesforce may send batches smaller than asked ("no guarantee", QueryOptions): the bound assumes its
         # smallest documented batch.
-        for fetched in self.pages(request, JSONLinkPaginator(_next_records_url), model=QueryPage[record], records="records",
-                                  total=lambda page: page.totalSize, page_size=self.min_page_size, full_url=False):
+        for fetched in self.pages(
+            request,
+            JSONLinkPaginator(_next_records_url),
+            model=QueryPage[record],
+            records="records",
+            total=lambda page: page.totalSize,
+            page_size=self.min_page_size,
+            full_url=False,
+        ):
             yield Rows(fetched.records, fetched.page.totalSize)
 
     def describe(self, sobject: str) -> dict[str, dict[str, Any]]:
@@ -464,13 +564,21 @@ class SalesforceConnector(CrmConnector):
         self._parents = {}
         self._fields = self.describe("Opportunity")
         custom = sorted(str(f["name"]) for f in self._fields.values() if str(f["name"]).endswith("__c"))
-        self.note("Opportunity describe", True, f"{len(self._fields)} fields visible to the API user; custom "
-                                                f"fields: {', '.join(custom) if custom else 'none'}")
+        self.note(
+            "Opportunity describe",
+            True,
+            f"{len(self._fields)} fields visible to the API user; custom "
+            f"fields: {', '.join(custom) if custom else 'none'}",
+        )
         self._check_configured_fields()
         self._discover_currency()
         self._discover_close_time()
-        self._optional("API limits (/limits)", self._read_limits, None,
-                       fallback_text="quota read from the Sforce-Limit-Info header of every response")
+        self._optional(
+            "API limits (/limits)",
+            self._read_limits,
+            None,
+            fallback_text="quota read from the Sforce-Limit-Info header of every response",
+        )
 
     def _check_configured_fields(self) -> None:
         for key, native in _configured_fields(self.conn):
@@ -483,10 +591,13 @@ class SalesforceConnector(CrmConnector):
             refs = (info or {}).get("referenceTo") or []
             if info is not None and (info.get("type") != "reference" or "User" not in refs):
                 what = f"a lookup to {'/'.join(refs)}" if refs else f"a {info.get('type')} field"
-                raise CrmError(f"fields.created_by_crm_id: '{creator}' is {what}, not a lookup to User; the creator "
-                               "must be a User id (CreatedById, or a custom User lookup such as "
-                               "Original_Creator__c): point fields.created_by_crm_id at one",
-                               code="INVALID_FIELD", permanent=True)
+                raise CrmError(
+                    f"fields.created_by_crm_id: '{creator}' is {what}, not a lookup to User; the creator "
+                    "must be a User id (CreatedById, or a custom User lookup such as "
+                    "Original_Creator__c): point fields.created_by_crm_id at one",
+                    code="INVALID_FIELD",
+                    permanent=True,
+                )
 
     def _field_info(self, native: str, key: str) -> dict[str, Any] | None:
         """describe of one configured field (dotted: the parent's describe for custom parent fields; standard
@@ -497,16 +608,24 @@ class SalesforceConnector(CrmConnector):
         if len(parts) == 1:
             info = self._fields.get(native.lower())
             if info is None:
-                raise CrmError(f"{key}: '{native}' is not a field of Opportunity in this org, or the API user has "
-                               "no field-level read access to it; check the API name in Setup > Object Manager > "
-                               f"Opportunity > Fields (custom fields end in __c) and fix {key}",
-                               code="INVALID_FIELD", permanent=True)
+                raise CrmError(
+                    f"{key}: '{native}' is not a field of Opportunity in this org, or the API user has "
+                    "no field-level read access to it; check the API name in Setup > Object Manager > "
+                    f"Opportunity > Fields (custom fields end in __c) and fix {key}",
+                    code="INVALID_FIELD",
+                    permanent=True,
+                )
             return info
-        rel = next((f for f in self._fields.values() if str(f.get("relationshipName") or "").lower()
-                    == parts[0].lower()), None)
+        rel = next(
+            (f for f in self._fields.values() if str(f.get("relationshipName") or "").lower() == parts[0].lower()), None
+        )
         if rel is None:
-            raise CrmError(f"{key}: '{native}': Opportunity has no relationship '{parts[0]}' in this org (custom "
-                           f"relationships end in __r); fix {key}", code="INVALID_FIELD", permanent=True)
+            raise CrmError(
+                f"{key}: '{native}': Opportunity has no relationship '{parts[0]}' in this org (custom "
+                f"relationships end in __r); fix {key}",
+                code="INVALID_FIELD",
+                permanent=True,
+            )
         if len(parts) != 2 or not parts[1].endswith("__c") or not rel.get("referenceTo"):
             return None
         parent = str(rel["referenceTo"][0])
@@ -514,8 +633,11 @@ class SalesforceConnector(CrmConnector):
             self._parents[parent] = self.describe(parent)
         info = self._parents[parent].get(parts[1].lower())
         if info is None:
-            raise CrmError(f"{key}: '{native}': {parent} has no field '{parts[1]}' visible to the API user; fix "
-                           f"{key}", code="INVALID_FIELD", permanent=True)
+            raise CrmError(
+                f"{key}: '{native}': {parent} has no field '{parts[1]}' visible to the API user; fix {key}",
+                code="INVALID_FIELD",
+                permanent=True,
+            )
         return info
 
     def _discover_currency(self) -> None:
@@ -523,14 +645,24 @@ class SalesforceConnector(CrmConnector):
         present = "currencyisocode" in self._fields
         override = self.options.multi_currency
         if override is not None and bool(override) and not present:
-            raise CrmError("options.multi_currency is true, but Opportunity has no CurrencyIsoCode in this org "
-                           "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
-                           code="INVALID_FIELD", permanent=True)
+            raise CrmError(
+                "options.multi_currency is true, but Opportunity has no CurrencyIsoCode in this org "
+                "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
+                code="INVALID_FIELD",
+                permanent=True,
+            )
         self._multi_currency = present if override is None else bool(override)
-        self.note("CurrencyIsoCode", self._multi_currency,
-                  ("read: multi-currency org" if self._multi_currency else
-                   "not read: options.multi_currency is false" if present else
-                   "not read: single-currency org (Opportunity describe has no CurrencyIsoCode)"))
+        self.note(
+            "CurrencyIsoCode",
+            self._multi_currency,
+            (
+                "read: multi-currency org"
+                if self._multi_currency
+                else "not read: options.multi_currency is false"
+                if present
+                else "not read: single-currency org (Opportunity describe has no CurrencyIsoCode)"
+            ),
+        )
         if self._multi_currency:
             self.note("currency", True, "multi-currency org: each opportunity's CurrencyIsoCode")
             return
@@ -540,22 +672,31 @@ class SalesforceConnector(CrmConnector):
             self.note("currency", True, f"options.currency: {configured}")
             return
         self._org_currency = self._optional(
-            "org currency (Organization.DefaultCurrencyIsoCode)", self._read_org_currency, None,
-            fallback_text="single-currency org: currency left empty (set options.currency to fill it)")
+            "org currency (Organization.DefaultCurrencyIsoCode)",
+            self._read_org_currency,
+            None,
+            fallback_text="single-currency org: currency left empty (set options.currency to fill it)",
+        )
 
     def _discover_close_time(self) -> None:
         """LastStageChangeDate exists from API 52.0 and only where field-level security lets the API user read it:
         describe (of the API version the connector speaks) decides; without it the close time is CloseDate's day."""
         assert self._fields is not None
         self._last_stage_change = LAST_STAGE_CHANGE.lower() in self._fields
-        self.note("close time", True,
-                  f"{LAST_STAGE_CHANGE} (when the stage last changed), else {CLOSE_DATE} at 00:00 UTC"
-                  if self._last_stage_change else
-                  f"{CLOSE_DATE} at 00:00 UTC only: Opportunity describe has no {LAST_STAGE_CHANGE} (API version "
-                  f"before 52.0, options.api_version = {self.api_version}, or hidden from the API user by field-level "
-                  "security); closes are dated by day")
-        self.note(LAST_STAGE_CHANGE, self._last_stage_change,
-                  "read" if self._last_stage_change else "not in describe: closes dated by CloseDate")
+        self.note(
+            "close time",
+            True,
+            f"{LAST_STAGE_CHANGE} (when the stage last changed), else {CLOSE_DATE} at 00:00 UTC"
+            if self._last_stage_change
+            else f"{CLOSE_DATE} at 00:00 UTC only: Opportunity describe has no {LAST_STAGE_CHANGE} (API version "
+            f"before 52.0, options.api_version = {self.api_version}, or hidden from the API user by field-level "
+            "security); closes are dated by day",
+        )
+        self.note(
+            LAST_STAGE_CHANGE,
+            self._last_stage_change,
+            "read" if self._last_stage_change else "not in describe: closes dated by CloseDate",
+        )
 
     def _read_org_currency(self) -> str | None:
         for rows in self.query("SELECT DefaultCurrencyIsoCode FROM Organization", OrgRecord):
@@ -573,6 +714,7 @@ class SalesforceConnector(CrmConnector):
         """`optional`, plus Salesforce's answer for an object the API user may not read: SOQL and describe say
         the object does not exist (400 INVALID_TYPE) rather than 403. A spent allocation (403
         REQUEST_LIMIT_EXCEEDED) is not a refusal: it stops the run as it would on any other read."""
+
         def guarded() -> T:
             try:
                 return call()
@@ -586,39 +728,61 @@ class SalesforceConnector(CrmConnector):
         except CrmError as err:
             if err.status != 400 or err.code != "INVALID_TYPE":
                 raise
-            self.stats.warn(f"{name}: HTTP 400 INVALID_TYPE, the object is not visible to this API user; "
-                            f"{fallback_text}")
+            self.stats.warn(
+                f"{name}: HTTP 400 INVALID_TYPE, the object is not visible to this API user; {fallback_text}"
+            )
             self.note(name, False, f"HTTP 400 INVALID_TYPE (no access to the object); {fallback_text}")
             return fallback
 
     # -- CrmConnector -------------------------------------------------------------------------------------------
 
     def fetch_stages(self) -> list[StageInfo]:
-        return self._optional("stage dictionary (OpportunityStage)", self._read_stages, [],
-                              fallback_text="StageName is both the stage name and stage_id; open/won/lost from "
-                                            "each record's IsClosed / IsWon")
+        return self._optional(
+            "stage dictionary (OpportunityStage)",
+            self._read_stages,
+            [],
+            fallback_text="StageName is both the stage name and stage_id; open/won/lost from "
+            "each record's IsClosed / IsWon",
+        )
 
     def _read_stages(self) -> list[StageInfo]:
-        soql = ("SELECT Id, MasterLabel, ApiName, IsActive, IsClosed, IsWon, DefaultProbability, SortOrder "
-                "FROM OpportunityStage ORDER BY SortOrder")
+        soql = (
+            "SELECT Id, MasterLabel, ApiName, IsActive, IsClosed, IsWon, DefaultProbability, SortOrder "
+            "FROM OpportunityStage ORDER BY SortOrder"
+        )
         stages = []
         for rows in self.query(soql, StageRecord):
             for r in rows.records:
-                stages.append(StageInfo(key=r.get("ApiName") or r["MasterLabel"], label=r["MasterLabel"],
-                                        is_closed=bool(r.get("IsClosed")), is_won=bool(r.get("IsWon")),
-                                        sort_order=int(r.get("SortOrder") or 0),
-                                        probability=parse_float(r.get("DefaultProbability"))))
+                stages.append(
+                    StageInfo(
+                        key=r.get("ApiName") or r["MasterLabel"],
+                        label=r["MasterLabel"],
+                        is_closed=bool(r.get("IsClosed")),
+                        is_won=bool(r.get("IsWon")),
+                        sort_order=int(r.get("SortOrder") or 0),
+                        probability=parse_float(r.get("DefaultProbability")),
+                    )
+                )
         return stages
 
     def users(self) -> Iterable[CrmUser]:
-        return self._optional("users (User query)", lambda: list(self._read_users()), [],
-                              fallback_text="owner and creator ids are kept, without names or emails")
+        return self._optional(
+            "users (User query)",
+            lambda: list(self._read_users()),
+            [],
+            fallback_text="owner and creator ids are kept, without names or emails",
+        )
 
     def _read_users(self) -> Iterator[CrmUser]:
         for rows in self.query("SELECT Id, Name, Email, IsActive FROM User ORDER BY Id"):
             for r in rows.records:
-                yield CrmUser(crm_user_id=r["Id"], name=clean_text(r.get("Name")), email=r.get("Email"),
-                              kind="user", active=bool(r.get("IsActive", True)))
+                yield CrmUser(
+                    crm_user_id=r["Id"],
+                    name=clean_text(r.get("Name")),
+                    email=r.get("Email"),
+                    kind="user",
+                    active=bool(r.get("IsActive", True)),
+                )
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         for rows in self.query(self.opportunity_soql(open_set, since)):
@@ -655,15 +819,17 @@ class SalesforceConnector(CrmConnector):
         null equal only to null and never ordered."""
         for f in self.conn.filters:
             ftype = self._field_type(f.field)
-            render_filter(f, ftype)   # a value that cannot be rendered fails here as it fails the query
-            if not soql_matches(f.op, soql_value(self.filter_value(opp.raw, f.field), ftype),
-                                [filter_operand(v, ftype) for v in f.value] if f.op == "in"
-                                else filter_operand(f.value, ftype)):
+            render_filter(f, ftype)  # a value that cannot be rendered fails here as it fails the query
+            if not soql_matches(
+                f.op,
+                soql_value(self.filter_value(opp.raw, f.field), ftype),
+                [filter_operand(v, ftype) for v in f.value] if f.op == "in" else filter_operand(f.value, ftype),
+            ):
                 return False
         return True
 
     def deleted(self, since: datetime | None) -> Iterator[list[tuple[str, datetime | None]]]:
-        self.prepare()   # discovery's responses carry the server's clock (Date header)
+        self.prepare()  # discovery's responses carry the server's clock (Date header)
         now = self._now()
         if since is not None and to_utc(since) > now - GET_DELETED_WINDOW + _SAFETY:
             result = self._get_deleted(to_utc(since), now)
@@ -685,17 +851,19 @@ class SalesforceConnector(CrmConnector):
         """SELECT_FIELDS, the fields describe says this org has, then the configured ones (field names are
         case-insensitive in SOQL: each once)."""
         fields = list(SELECT_FIELDS)
-        if self.multi_currency:   # only where describe lists it (single-currency orgs: 400 INVALID_FIELD)
+        if self.multi_currency:  # only where describe lists it (single-currency orgs: 400 INVALID_FIELD)
             fields.append("CurrencyIsoCode")
-        if self._last_stage_change:   # only where describe lists it (API < 52.0, hidden by FLS: INVALID_FIELD)
+        if self._last_stage_change:  # only where describe lists it (API < 52.0, hidden by FLS: INVALID_FIELD)
             fields.append(LAST_STAGE_CHANGE)
         for _, native in configured_fields(self.conn):
             _checked_field(native)
         return fields_to_read(fields, self.conn, key=str.lower)
 
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
-        return (f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
-                f"{self.opportunity_where(open_set, since)} ORDER BY SystemModstamp, Id")
+        return (
+            f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
+            f"{self.opportunity_where(open_set, since)} ORDER BY SystemModstamp, Id"
+        )
 
     def opportunity_where(self, open_set: bool, since: datetime | None) -> str:
         """The WHERE of a set's read (also what count() counts): the set, the connection's filters, and since."""
@@ -728,10 +896,16 @@ class SalesforceConnector(CrmConnector):
         stage_list = ", ".join(soql_string(n) for n in values)
         forecast_list = ", ".join(soql_string(n) for n in names)
         if open_set:
-            return (f"{stage_field} IN ({stage_list}) OR ForecastCategoryName IN ({forecast_list})" if values
-                    else f"ForecastCategoryName IN ({forecast_list})")
-        return (f"{stage_field} NOT IN ({stage_list}) AND ForecastCategoryName NOT IN ({forecast_list})" if values
-                else f"ForecastCategoryName NOT IN ({forecast_list})")
+            return (
+                f"{stage_field} IN ({stage_list}) OR ForecastCategoryName IN ({forecast_list})"
+                if values
+                else f"ForecastCategoryName IN ({forecast_list})"
+            )
+        return (
+            f"{stage_field} NOT IN ({stage_list}) AND ForecastCategoryName NOT IN ({forecast_list})"
+            if values
+            else f"ForecastCategoryName NOT IN ({forecast_list})"
+        )
 
     def _field_type(self, name: str) -> str:
         declared = self.options.field_types
@@ -769,7 +943,7 @@ class SalesforceConnector(CrmConnector):
             return value, value
         if self._stage_by_value is None:
             lookup = {s.label: s for s in self._stages_read().values()}
-            lookup.update(self._stages_read())   # the value is the ApiName; older orgs without ApiName carry the label
+            lookup.update(self._stages_read())  # the value is the ApiName; older orgs without ApiName carry the label
             self._stage_by_value = lookup
         info = self._stage_by_value.get(value or "")
         return (info.label, info.key) if info else (value, value)
@@ -798,11 +972,17 @@ class SalesforceConnector(CrmConnector):
         status = self.resolve_status(stage, crm_status, self._flags(r, stage_id))
         closed_at, closed_at_field = self._closed_at(r, status)
         return self.opportunity(
-            r["Id"], r, **self.mapped_fields(r),
+            r["Id"],
+            r,
+            **self.mapped_fields(r),
             service_location=clean_text(billing_address(account)),
             owner_crm_id=r.get("OwnerId"),
-            stage=stage, stage_id=stage_id, crm_status=crm_status,
-            status=status, crm_closed_at=closed_at, crm_closed_at_field=closed_at_field,
+            stage=stage,
+            stage_id=stage_id,
+            crm_status=crm_status,
+            status=status,
+            crm_closed_at=closed_at,
+            crm_closed_at_field=closed_at_field,
             currency=r.get("CurrencyIsoCode") if self._multi_currency else self._org_currency,
             modified_at=parse_datetime(r.get("SystemModstamp")),
         )
@@ -824,7 +1004,7 @@ class SalesforceConnector(CrmConnector):
     # -- deletes ----------------------------------------------------------------------------------------------------
 
     def _now(self) -> datetime:
-        local = datetime.now(timezone.utc).replace(tzinfo=None)
+        local = datetime.now(UTC).replace(tzinfo=None)
         return max(self._server_now, local) if self._server_now else local
 
     def _get_deleted(self, since: datetime, now: datetime) -> list[list[tuple[str, datetime | None]]] | None:
@@ -841,16 +1021,25 @@ class SalesforceConnector(CrmConnector):
             return None
         rows = [(d["id"], parse_datetime(d["deletedDate"])) for d in feed.deletedRecords]
         size = self.page_size
-        return [rows[i:i + size] for i in range(0, len(rows), size)]
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 # -- SOQL rendering ------------------------------------------------------------------------------------------------
 
+
 def soql_string(value: Any) -> str:
     """A quoted SOQL string literal: backslash, quotes and control characters escaped (injection-safe)."""
     text = str(value)
-    for ch, esc in (("\\", "\\\\"), ("'", "\\'"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"),
-                    ("\b", "\\b"), ("\f", "\\f")):
+    for ch, esc in (
+        ("\\", "\\\\"),
+        ("'", "\\'"),
+        ('"', '\\"'),
+        ("\n", "\\n"),
+        ("\r", "\\r"),
+        ("\t", "\\t"),
+        ("\b", "\\b"),
+        ("\f", "\\f"),
+    ):
         text = text.replace(ch, esc)
     return f"'{text}'"
 
@@ -882,8 +1071,13 @@ def soql_literal(value: Any, ftype: str) -> str:
             raise ValueError(f"{value!r} is not a finite number")
         return repr(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
     if ftype == "datetime":
-        parsed = value if isinstance(value, datetime) else parse_datetime(str(value)) if len(str(value)) > 10 \
+        parsed = (
+            value
+            if isinstance(value, datetime)
+            else parse_datetime(str(value))
+            if len(str(value)) > 10
             else datetime.combine(date.fromisoformat(str(value)), datetime.min.time())
+        )
         return soql_datetime(parsed)  # type: ignore[arg-type]
     if ftype == "date":
         parsed_date = value if isinstance(value, date) and not isinstance(value, datetime) else parse_date(value)
@@ -900,8 +1094,12 @@ def render_filter(f: RecordFilter, ftype: str) -> str:
             return f"{field} IN ({', '.join(soql_literal(v, ftype) for v in f.value)})"
         return f"{field} {_OPS[f.op]} {soql_literal(f.value, ftype)}"
     except (TypeError, ValueError) as err:
-        raise CrmError(f"filter on {field}: value does not fit the field's type {ftype} ({err}); fix the "
-                       "value in filters: (or options.field_types)", code="INVALID_FILTER", permanent=True) from None
+        raise CrmError(
+            f"filter on {field}: value does not fit the field's type {ftype} ({err}); fix the "
+            "value in filters: (or options.field_types)",
+            code="INVALID_FILTER",
+            permanent=True,
+        ) from None
 
 
 def _encoded(soql: str) -> str:
@@ -909,13 +1107,15 @@ def _encoded(soql: str) -> str:
     return urlencode({"q": soql})
 
 
-def id_batches(ids: list[str], fixed: int, *, per_query: int = ID_BATCH, limit: int = MAX_QUERY_URI) -> Iterator[list[str]]:
+def id_batches(
+    ids: list[str], fixed: int, *, per_query: int = ID_BATCH, limit: int = MAX_QUERY_URI
+) -> Iterator[list[str]]:
     """Consecutive runs of `ids` of at most `per_query` ids whose quoted, comma-separated list encodes to at most
     `limit - fixed` bytes (`fixed`: the encoded rest of the query)."""
     batch: list[str] = []
     size = fixed
     for i in ids:
-        cost = len(_encoded(soql_string(i) + ", ")) - 2   # less the "q="
+        cost = len(_encoded(soql_string(i) + ", ")) - 2  # less the "q="
         if batch and (len(batch) >= per_query or size + cost > limit):
             yield batch
             batch, size = [], fixed
@@ -944,7 +1144,7 @@ def soql_value(value: Any, ftype: str) -> Any:
 def filter_operand(value: Any, ftype: str) -> Any:
     """A filter's value as the query would carry it (soql_literal: a datetime floored to the second, a date-only
     value at midnight), to compare in Python."""
-    if ftype == "string":   # quoted text as it is, compared case-insensitively
+    if ftype == "string":  # quoted text as it is, compared case-insensitively
         if value is None:
             return None
         return ("true" if value else "false") if isinstance(value, bool) else str(value).casefold()
@@ -964,20 +1164,28 @@ def soql_matches(op: str, actual: Any, wanted: Any) -> bool:
     if actual is None or wanted is None:
         return False
     try:
-        return {"more_than": actual > wanted, "less_than": actual < wanted, "at_least": actual >= wanted,
-                "at_most": actual <= wanted}[op]
+        return {
+            "more_than": actual > wanted,
+            "less_than": actual < wanted,
+            "at_least": actual >= wanted,
+            "at_most": actual <= wanted,
+        }[op]
     except TypeError:
         return False
 
 
 def _checked_field(name: str) -> str:
     if not _FIELD_NAME.match(name):
-        raise CrmError(f"'{name}' is not a Salesforce field name; fix it in fields: / filters:", code="INVALID_FIELD",
-                       permanent=True)
+        raise CrmError(
+            f"'{name}' is not a Salesforce field name; fix it in fields: / filters:",
+            code="INVALID_FIELD",
+            permanent=True,
+        )
     return name
 
 
 # -- record helpers ------------------------------------------------------------------------------------------------
+
 
 def _get(record: dict[str, Any] | None, path: str) -> Any:
     """A field of a record by API name, dotted for parents (`Account.Name`); None when a parent is null."""
@@ -996,5 +1204,10 @@ def _get(record: dict[str, Any] | None, path: str) -> Any:
 def billing_address(account: dict[str, Any]) -> str | None:
     """The account's billing address in the canonical form: every line of the multi-line BillingStreet, then
     city, state, postal code, country (record.format_address)."""
-    return format_address(account.get("BillingStreet"), account.get("BillingCity"), account.get("BillingState"),
-                          account.get("BillingPostalCode"), account.get("BillingCountry"))
+    return format_address(
+        account.get("BillingStreet"),
+        account.get("BillingCity"),
+        account.get("BillingState"),
+        account.get("BillingPostalCode"),
+        account.get("BillingCountry"),
+    )

@@ -37,7 +37,12 @@ from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.lease import assert_lock
 from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 from oppsync_pipeline.lib.warehouse.schema import (
-    extracts, opportunities, stage_deletes, stage_opportunities, sync_runs, sync_state,
+    extracts,
+    opportunities,
+    stage_deletes,
+    stage_opportunities,
+    sync_runs,
+    sync_state,
 )
 
 DATA_COLUMNS = list(CANONICAL)  # the canonical record's columns (record.FIELDS)
@@ -78,9 +83,9 @@ _FRAGMENTS = {
     # changed without a status or stage move
     "updated_fields": _changed(OTHER_FIELDS)[:-1]
     + f", CASE WHEN s.crm_status IS DISTINCT FROM o.crm_status AND NOT ({_STATUS_MOVED}) "
-      f"AND NOT {_STAGE_MOVED} THEN 'crm_status' END"
+    f"AND NOT {_STAGE_MOVED} THEN 'crm_status' END"
     + f", CASE WHEN s.crm_closed_at IS DISTINCT FROM o.crm_closed_at AND NOT ({_STATUS_MOVED}) "
-      "THEN 'crm_closed_at' END)",
+    "THEN 'crm_closed_at' END)",
     "status_moved": _STATUS_MOVED,
     "stage_moved": _STAGE_MOVED,
 }
@@ -121,18 +126,31 @@ class ReconcileResult:
         return dict(self.__dict__)
 
 
-def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str, run_id: str,
-              observed_at: datetime, recorded_at: datetime, max_delete_share: float = 0.5,
-              new_cursor: datetime | None = None, started_at: datetime | None = None,
-              stats: RunStats | None = None, check_lock: bool = True) -> ReconcileResult:
+def reconcile(
+    engine: Engine,
+    *,
+    extract_id: str,
+    connection: str,
+    crm: str,
+    mode: str,
+    run_id: str,
+    observed_at: datetime,
+    recorded_at: datetime,
+    max_delete_share: float = 0.5,
+    new_cursor: datetime | None = None,
+    started_at: datetime | None = None,
+    stats: RunStats | None = None,
+    check_lock: bool = True,
+) -> ReconcileResult:
     """Apply a completed extract. `observed_at` (the run's start) stamps history versions and inferred deletes;
     `recorded_at` stamps events. All or nothing."""
     with transaction(engine) as conn:
         if check_lock:
             assert_lock(conn, connection, run_id)
         x = extracts.c
-        row = conn.execute(select(x.status, x.scope_fingerprint, x.deletes_inferable, x.quarantined)
-                           .where(x.extract_id == extract_id)).first()
+        row = conn.execute(
+            select(x.status, x.scope_fingerprint, x.deletes_inferable, x.quarantined).where(x.extract_id == extract_id)
+        ).first()
         status = row[0] if row else None
         if status == ExtractStatus.RECONCILED:
             return _already(conn, run_id)
@@ -146,34 +164,53 @@ def reconcile(engine: Engine, *, extract_id: str, connection: str, crm: str, mod
         infer_deletes = mode == "full" and row[2] is not False
         _build_diff(conn, p, full=infer_deletes)
         o = opportunities.c
-        live = conn.execute(select(func.count()).where(o.connection == connection, o.deleted_at.is_(None))
-                            ).scalar() or 0
+        live = (
+            conn.execute(select(func.count()).where(o.connection == connection, o.deleted_at.is_(None))).scalar() or 0
+        )
         inferred = conn.execute(text("SELECT count(*) FROM rc_del WHERE inferred")).scalar() or 0
         if mode == "full" and live and inferred > max_delete_share * live:
             raise DeleteGuardRefused(
                 f"full sync of '{connection}' would delete {inferred} of {live} opportunities "
                 f"({inferred / live:.0%}), more than max_delete_share={max_delete_share:.0%}; nothing was changed. "
                 "They were not found by id either (not merely out of the connection's scope). "
-                "If the CRM really lost them, raise connections[].max_delete_share for one run.")
+                "If the CRM really lost them, raise connections[].max_delete_share for one run."
+            )
         result, rewrites = _count(conn)
         written = _write_events(conn, p, rebaseline, _kinds_to_write(result, rewrites))
         result.events = sum(written.values())
         result.updated, result.stage_changed = written["updated"], written["stage_changed"]
         _write_history(conn, p)
         _write_current(conn, p, rebaseline, scope_moves=result.left_scope + result.entered_scope)
-        conn.execute(update(extracts).where(extracts.c.extract_id == extract_id)
-                     .values(status=ExtractStatus.RECONCILED))
+        conn.execute(
+            update(extracts).where(extracts.c.extract_id == extract_id).values(status=ExtractStatus.RECONCILED)
+        )
         conn.execute(delete(stage_opportunities).where(stage_opportunities.c.extract_id == extract_id))
         conn.execute(delete(stage_deletes).where(stage_deletes.c.extract_id == extract_id))
         _advance_state(conn, p, mode, new_cursor)
         stats = stats if stats is not None else RunStats.unknown()
         notes = list(stats.warnings)
         if rebaseline:
-            notes.append(f"re-baselined: values rewritten under mapping version {MAPPING_VERSION} without "
-                         "update events")
-        record_run(conn, SyncRun(run_id, connection, crm, mode, started_at or observed_at, recorded_at,
-                                 RunStatus.SUCCESS, result.fetched, stats, counts=result.as_dict(),
-                                 warnings="\n".join(notes) or None, scope_fingerprint=row[1], quarantined=row[3]))
+            notes.append(
+                f"re-baselined: values rewritten under mapping version {MAPPING_VERSION} without update events"
+            )
+        record_run(
+            conn,
+            SyncRun(
+                run_id,
+                connection,
+                crm,
+                mode,
+                started_at or observed_at,
+                recorded_at,
+                RunStatus.SUCCESS,
+                result.fetched,
+                stats,
+                counts=result.as_dict(),
+                warnings="\n".join(notes) or None,
+                scope_fingerprint=row[1],
+                quarantined=row[3],
+            ),
+        )
         for t in _TEMP_TABLES:
             conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
         return result
@@ -199,13 +236,25 @@ def _scope_changed(conn: Connection, p: dict, fingerprint: str | None) -> bool:
     return row is not None and fingerprint is not None and row[0] is not None and row[0] != fingerprint
 
 
-_RESULT_COLUMNS = ("fetched", "created", "updated", "closed", "reopened", "deleted", "restored", "skipped",
-                   "stage_changed", "left_scope", "entered_scope")
+_RESULT_COLUMNS = (
+    "fetched",
+    "created",
+    "updated",
+    "closed",
+    "reopened",
+    "deleted",
+    "restored",
+    "skipped",
+    "stage_changed",
+    "left_scope",
+    "entered_scope",
+)
 
 
 def _already(conn: Connection, run_id: str) -> ReconcileResult:
-    row = conn.execute(select(*(sync_runs.c[name] for name in _RESULT_COLUMNS))
-                       .where(sync_runs.c.run_id == run_id)).first()
+    row = conn.execute(
+        select(*(sync_runs.c[name] for name in _RESULT_COLUMNS)).where(sync_runs.c.run_id == run_id)
+    ).first()
     return ReconcileResult(*(v or 0 for v in row)) if row else ReconcileResult()
 
 
@@ -238,7 +287,7 @@ def _build_diff(conn: Connection, p: dict, full: bool) -> None:
 
 
 def _analyze(conn: Connection, table: str) -> None:
-    dialect.analyze(conn, table)   # statistics for the temporary table (Postgres' planner needs them)
+    dialect.analyze(conn, table)  # statistics for the temporary table (Postgres' planner needs them)
 
 
 def _count(conn: Connection) -> tuple[ReconcileResult, int]:
@@ -246,8 +295,17 @@ def _count(conn: Connection) -> tuple[ReconcileResult, int]:
     new values."""
     row = conn.execute(sql("count")).one()
     deleted = conn.execute(text("SELECT count(*) FROM rc_del")).scalar() or 0
-    return ReconcileResult(fetched=row[0], created=row[1], closed=row[2], reopened=row[3], restored=row[4],
-                           skipped=row[5], left_scope=row[6], entered_scope=row[7], deleted=deleted), row[8]
+    return ReconcileResult(
+        fetched=row[0],
+        created=row[1],
+        closed=row[2],
+        reopened=row[3],
+        restored=row[4],
+        skipped=row[5],
+        left_scope=row[6],
+        entered_scope=row[7],
+        deleted=deleted,
+    ), row[8]
 
 
 def _kinds_to_write(result: ReconcileResult, rewrites: int) -> set[str]:
@@ -271,17 +329,26 @@ class _Event:
     needs: str
     occurred: str
     where: str
-    event_type: str | None = None      # an SQL expression; default: the kind
+    event_type: str | None = None  # an SQL expression; default: the kind
     changed: str = "NULL"
     old: str = "NULL"
     new: str = "NULL"
-    values: str = "s"                  # s: the staged values; o: the warehouse's (a record that left)
+    values: str = "s"  # s: the staged values; o: the warehouse's (a record that left)
 
     def statement(self, scope_at: str):
-        return sql("event", event_type=self.event_type or f"'{self.kind}'", occurred=self.occurred.format(
-            scope_at=scope_at), where=self.where, changed=self.changed, old=self.old, new=self.new,
-            values=self.values, join_current="JOIN oppsync.opportunities o ON o.connection = :c AND "
-                                             "o.source_id = d.source_id" if self.values == "o" else "")
+        return sql(
+            "event",
+            event_type=self.event_type or f"'{self.kind}'",
+            occurred=self.occurred.format(scope_at=scope_at),
+            where=self.where,
+            changed=self.changed,
+            old=self.old,
+            new=self.new,
+            values=self.values,
+            join_current="JOIN oppsync.opportunities o ON o.connection = :c AND o.source_id = d.source_id"
+            if self.values == "o"
+            else "",
+        )
 
 
 _CLOSED_TYPE = "CASE WHEN d.new_status = 'won' THEN 'closed_won' ELSE 'closed_lost' END"
@@ -290,31 +357,77 @@ _TRACKED = "d.membership IN ('known', 'restored', 'entered')"
 # by the run, one by an edit in the CRM by the edit ({scope_at}).
 EVENTS = (
     _Event(EventKind.CREATED, "created", "COALESCE(s.created_at, :obs)", "d.membership = 'new'"),
-    _Event("closed", "created", "d.new_closed_at", "d.membership = 'new' AND d.new_status <> 'open'",
-           event_type=_CLOSED_TYPE),
+    _Event(
+        "closed",
+        "created",
+        "d.new_closed_at",
+        "d.membership = 'new' AND d.new_status <> 'open'",
+        event_type=_CLOSED_TYPE,
+    ),
     _Event(EventKind.RESTORED, "restored", "d.changed_at", "d.membership = 'restored'"),
     _Event(EventKind.ENTERED_SCOPE, "entered_scope", "{scope_at}", "d.membership = 'entered'"),
     # the values the record had when it was last tracked (its staged values are not taken over)
     _Event(EventKind.LEFT_SCOPE, "left_scope", "{scope_at}", "d.membership = 'left'", values="o"),
-    _Event("closed", "changes", "d.new_closed_at", f"{_TRACKED} AND d.status_moved AND d.new_status <> 'open'",
-           event_type=_CLOSED_TYPE, changed="d.status_fields", old="d.old_status", new="d.new_status"),
-    _Event(EventKind.REOPENED, "changes", "d.changed_at", f"{_TRACKED} AND d.status_moved AND d.new_status = 'open'",
-           changed="d.status_fields", old="d.old_status", new="d.new_status"),
-    _Event(EventKind.STAGE_CHANGED, "changes", "d.changed_at", f"{_TRACKED} AND NOT d.status_moved AND d.stage_moved",
-           changed="d.stage_fields", old="d.old_stage", new="d.new_stage"),
-    _Event(EventKind.UPDATED, "changes", "d.changed_at", f"{_TRACKED} AND d.updated_fields <> ''",
-           changed="d.updated_fields"),
+    _Event(
+        "closed",
+        "changes",
+        "d.new_closed_at",
+        f"{_TRACKED} AND d.status_moved AND d.new_status <> 'open'",
+        event_type=_CLOSED_TYPE,
+        changed="d.status_fields",
+        old="d.old_status",
+        new="d.new_status",
+    ),
+    _Event(
+        EventKind.REOPENED,
+        "changes",
+        "d.changed_at",
+        f"{_TRACKED} AND d.status_moved AND d.new_status = 'open'",
+        changed="d.status_fields",
+        old="d.old_status",
+        new="d.new_status",
+    ),
+    _Event(
+        EventKind.STAGE_CHANGED,
+        "changes",
+        "d.changed_at",
+        f"{_TRACKED} AND NOT d.status_moved AND d.stage_moved",
+        changed="d.stage_fields",
+        old="d.old_stage",
+        new="d.new_stage",
+    ),
+    _Event(
+        EventKind.UPDATED,
+        "changes",
+        "d.changed_at",
+        f"{_TRACKED} AND d.updated_fields <> ''",
+        changed="d.updated_fields",
+    ),
 )
 
 
-def _write_events(conn: Connection, p: dict, rebaseline: bool = False,
-                  needed: set[str] | None = None) -> dict[str, int]:
+def _write_events(
+    conn: Connection, p: dict, rebaseline: bool = False, needed: set[str] | None = None
+) -> dict[str, int]:
     scope_at = ":obs" if p.get("scope_changed") else "d.changed_at"
-    written = dict.fromkeys(("created", "closed", "restored", "entered_scope", "left_scope", "reopened",
-                             "stage_changed", "updated", "deleted"), 0)
+    written = dict.fromkeys(
+        (
+            "created",
+            "closed",
+            "restored",
+            "entered_scope",
+            "left_scope",
+            "reopened",
+            "stage_changed",
+            "updated",
+            "deleted",
+        ),
+        0,
+    )
     for event in EVENTS:
-        if (rebaseline and event.kind in (EventKind.UPDATED, EventKind.STAGE_CHANGED)) or \
-                (needed is not None and event.needs not in needed):
+        if (rebaseline and event.kind in (EventKind.UPDATED, EventKind.STAGE_CHANGED)) or (
+            needed is not None and event.needs not in needed
+        ):
             continue
         written[event.kind] += conn.execute(event.statement(scope_at), p).rowcount or 0
     written["deleted"] = conn.execute(sql("event_deleted"), p).rowcount or 0
@@ -342,8 +455,9 @@ def _write_current(conn: Connection, p: dict, rebaseline: bool = False, scope_mo
 
 def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | None) -> None:
     s, x = sync_state.c, extracts.c
-    row = conn.execute(text("SELECT cursor, last_full_sync_at, resume_token FROM oppsync.sync_state "
-                            "WHERE connection = :c"), p).first()
+    row = conn.execute(
+        text("SELECT cursor, last_full_sync_at, resume_token FROM oppsync.sync_state WHERE connection = :c"), p
+    ).first()
     token = conn.execute(select(x.new_resume_token).where(x.extract_id == p["x"])).scalar()
     token = token or (row.resume_token if row else None)
     cursor = new_cursor if new_cursor is not None else (row.cursor if row else None)
@@ -351,9 +465,17 @@ def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | 
         cursor = row.cursor  # the bookmark never moves backwards
     full_at = p["obs"] if mode == "full" else (row.last_full_sync_at if row else None)
     conn.execute(delete(sync_state).where(s.connection == p["c"]))
-    extract = conn.execute(select(x.mapping_version, x.scope_fingerprint, x.scope)
-                           .where(x.extract_id == p["x"])).one()
-    conn.execute(insert(sync_state).values(
-        connection=p["c"], cursor=cursor, last_full_sync_at=full_at, last_success_at=p["rec"], last_run_id=p["run"],
-        resume_token=token, mapping_version=extract[0] or MAPPING_VERSION, scope_fingerprint=extract[1],
-        scope=extract[2]))
+    extract = conn.execute(select(x.mapping_version, x.scope_fingerprint, x.scope).where(x.extract_id == p["x"])).one()
+    conn.execute(
+        insert(sync_state).values(
+            connection=p["c"],
+            cursor=cursor,
+            last_full_sync_at=full_at,
+            last_success_at=p["rec"],
+            last_run_id=p["run"],
+            resume_token=token,
+            mapping_version=extract[0] or MAPPING_VERSION,
+            scope_fingerprint=extract[1],
+            scope=extract[2],
+        )
+    )

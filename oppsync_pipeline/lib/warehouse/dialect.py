@@ -65,8 +65,13 @@ def analyze(conn: Connection, table: str) -> None:
         conn.execute(text(f"ANALYZE {table}"))
 
 
-def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                computed: Mapping[str, str] | None = None) -> int:
+def bulk_insert(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    computed: Mapping[str, str] | None = None,
+) -> int:
     """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY.
 
     `computed` (DuckDB only) gives some columns as SQL expressions over the inserted ones (the column itself
@@ -82,8 +87,13 @@ def bulk_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequ
     return len(rows)
 
 
-def _duckdb_insert(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                   computed: Mapping[str, str] | None) -> None:
+def _duckdb_insert(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    computed: Mapping[str, str] | None,
+) -> None:
     import pandas as pd
 
     frame = pd.DataFrame.from_records(rows, columns=list(columns))

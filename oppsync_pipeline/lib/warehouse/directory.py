@@ -22,10 +22,24 @@ def save_users(engine: Engine, connection: str, users: Iterable[CrmUser], now: d
     rows = {u.crm_user_id: u for u in users}
     with transaction(engine) as conn:
         conn.execute(delete(crm_users).where(crm_users.c.connection == connection))
-        return bulk_insert(conn, f"{S}.crm_users",
-                           ["connection", "crm_user_id", "name", "email", "kind", "active", "alt_ids", "updated_at"],
-                           [(connection, u.crm_user_id, clean_text(u.name), clean_text(u.email), u.kind, u.active,
-                             ",".join(u.alt_ids), now) for u in rows.values()])
+        return bulk_insert(
+            conn,
+            f"{S}.crm_users",
+            ["connection", "crm_user_id", "name", "email", "kind", "active", "alt_ids", "updated_at"],
+            [
+                (
+                    connection,
+                    u.crm_user_id,
+                    clean_text(u.name),
+                    clean_text(u.email),
+                    u.kind,
+                    u.active,
+                    ",".join(u.alt_ids),
+                    now,
+                )
+                for u in rows.values()
+            ],
+        )
 
 
 def save_stages(engine: Engine, connection: str, stages: Iterable[StageInfo], categories: dict[str, str]) -> int:
@@ -33,12 +47,37 @@ def save_stages(engine: Engine, connection: str, stages: Iterable[StageInfo], ca
     rows = []
     for s in stages:
         category = categories.get(s.key) or categories.get(s.label) or s.category
-        rows.append((connection, s.key, clean_text(s.label), s.pipeline, s.is_closed, s.is_won, s.sort_order,
-                     s.probability, category))
+        rows.append(
+            (
+                connection,
+                s.key,
+                clean_text(s.label),
+                s.pipeline,
+                s.is_closed,
+                s.is_won,
+                s.sort_order,
+                s.probability,
+                category,
+            )
+        )
     with transaction(engine) as conn:
         conn.execute(delete(crm_stages).where(crm_stages.c.connection == connection))
-        return bulk_insert(conn, f"{S}.crm_stages", ["connection", "stage_key", "label", "pipeline", "is_closed",
-                                                     "is_won", "sort_order", "probability", "category"], rows)
+        return bulk_insert(
+            conn,
+            f"{S}.crm_stages",
+            [
+                "connection",
+                "stage_key",
+                "label",
+                "pipeline",
+                "is_closed",
+                "is_won",
+                "sort_order",
+                "probability",
+                "category",
+            ],
+            rows,
+        )
 
 
 def save_directory(engine: Engine, cfg: Any, now: datetime) -> None:
@@ -55,12 +94,20 @@ def save_directory(engine: Engine, cfg: Any, now: datetime) -> None:
                 for crm_id in ids:
                     order += 1
                     links.append((u.id, connection, str(crm_id), order, now))
-        bulk_insert(conn, f"{S}.user_links", ["user_id", "connection", "crm_user_id", "link_order", "linked_at"],
-                    links)
+        bulk_insert(conn, f"{S}.user_links", ["user_id", "connection", "crm_user_id", "link_order", "linked_at"], links)
         conn.execute(delete(connections))
-        bulk_insert(conn, f"{S}.connections",
-                    ["name", "crm", "qualified_stages", "qualified_min_probability", "updated_at"],
-                    [(c.name, c.crm,
-                      "\x1f".join(c.qualification.stages) if c.qualification else None,
-                      c.qualification.min_probability if c.qualification else None, now)
-                     for c in cfg.connections])
+        bulk_insert(
+            conn,
+            f"{S}.connections",
+            ["name", "crm", "qualified_stages", "qualified_min_probability", "updated_at"],
+            [
+                (
+                    c.name,
+                    c.crm,
+                    "\x1f".join(c.qualification.stages) if c.qualification else None,
+                    c.qualification.min_probability if c.qualification else None,
+                    now,
+                )
+                for c in cfg.connections
+            ],
+        )

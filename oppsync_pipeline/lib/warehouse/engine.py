@@ -19,10 +19,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.config import DuckDBSettings
+from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.warehouse.schema import migrate
-
 
 # Rows per DuckDB row group in the warehouse file (DuckDB's default is 122,880). A statement that writes many
 # rows fills one row group per thread in memory before compressing it to disk; with raw CRM payloads of 1-2.5 kB
@@ -45,8 +44,10 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     # fact tables (schema migration 3) and small row groups a full sync of 1,000,000 Salesforce opportunities
     # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful. The environment
     # overrides the configuration for one process (a benchmark, a one-off backfill).
-    config: dict[str, Any] = {"memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit),
-                              "preserve_insertion_order": False}
+    config: dict[str, Any] = {
+        "memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit),
+        "preserve_insertion_order": False,
+    }
     threads = os.environ.get("OPPSYNC_DUCKDB_THREADS") or settings.threads
     if threads:
         config["threads"] = int(threads)

@@ -79,7 +79,7 @@ def acquire_lock(engine: Engine, connection: str, run_id: str, now: datetime, tt
 
 
 def _pause_after_lost_race(attempt: int) -> None:
-    time.sleep(min(LEASE_RETRY_PAUSE * 2 ** attempt, LEASE_RETRY_PAUSE_MAX))
+    time.sleep(min(LEASE_RETRY_PAUSE * 2**attempt, LEASE_RETRY_PAUSE_MAX))
 
 
 def _take_lease(conn: Connection, lease: _Lease) -> bool:
@@ -96,40 +96,55 @@ def _take_lease(conn: Connection, lease: _Lease) -> bool:
 
 
 def _insert_if_free(conn: Connection, lease: _Lease) -> bool:
-    inserted = conn.execute(text(
-        f"INSERT INTO {S}.sync_locks (connection, run_id, holder, acquired_at, expires_at) "
-        "VALUES (:c, :r, :h, :a, :e) ON CONFLICT (connection) DO NOTHING RETURNING run_id"), _lease_params(lease))
+    inserted = conn.execute(
+        text(
+            f"INSERT INTO {S}.sync_locks (connection, run_id, holder, acquired_at, expires_at) "
+            "VALUES (:c, :r, :h, :a, :e) ON CONFLICT (connection) DO NOTHING RETURNING run_id"
+        ),
+        _lease_params(lease),
+    )
     return inserted.first() is not None
 
 
 def _read_lease(conn: Connection, connection: str) -> Any:
-    return conn.execute(select(sync_locks.c.run_id, sync_locks.c.holder, sync_locks.c.acquired_at,
-                               sync_locks.c.expires_at).where(sync_locks.c.connection == connection)).first()
+    return conn.execute(
+        select(sync_locks.c.run_id, sync_locks.c.holder, sync_locks.c.acquired_at, sync_locks.c.expires_at).where(
+            sync_locks.c.connection == connection
+        )
+    ).first()
 
 
 def _swap_if_unchanged(conn: Connection, lease: _Lease, seen: Any) -> bool:
     """Take over the lease row as it was read. On Postgres a concurrent swap waits for the first to commit,
     then finds the row changed and updates nothing; on DuckDB it fails with a conflict (dialect.lost_a_race)."""
-    swapped = conn.execute(text(
-        f"UPDATE {S}.sync_locks SET run_id = :r, holder = :h, acquired_at = :a, expires_at = :e "
-        "WHERE connection = :c AND run_id = :seen_run AND holder = :seen_holder AND acquired_at = :seen_acquired "
-        "RETURNING run_id"),
-        {**_lease_params(lease), "seen_run": seen.run_id, "seen_holder": seen.holder,
-         "seen_acquired": seen.acquired_at})
+    swapped = conn.execute(
+        text(
+            f"UPDATE {S}.sync_locks SET run_id = :r, holder = :h, acquired_at = :a, expires_at = :e "
+            "WHERE connection = :c AND run_id = :seen_run AND holder = :seen_holder AND acquired_at = :seen_acquired "
+            "RETURNING run_id"
+        ),
+        {
+            **_lease_params(lease),
+            "seen_run": seen.run_id,
+            "seen_holder": seen.holder,
+            "seen_acquired": seen.acquired_at,
+        },
+    )
     return swapped.first() is not None
 
 
 def _lease_params(lease: _Lease) -> dict[str, Any]:
-    return {"c": lease.connection, "r": lease.run_id, "h": lease.holder, "a": lease.acquired_at,
-            "e": lease.expires_at}
+    return {"c": lease.connection, "r": lease.run_id, "h": lease.holder, "a": lease.acquired_at, "e": lease.expires_at}
 
 
 def _held_message(connection: str, seen: Any) -> str:
     host, _, pid = seen.holder.rpartition(":")
-    return (f"connection '{connection}' is already running (run {seen.run_id}, since "
-            f"{seen.acquired_at:%Y-%m-%d %H:%M:%S} UTC; holder {seen.holder}). If that run is dead, the next run "
-            f"takes its lease over once it expires at {seen.expires_at:%Y-%m-%d %H:%M:%S} UTC, or at once if "
-            f"started on host {host} after process {pid} has gone")
+    return (
+        f"connection '{connection}' is already running (run {seen.run_id}, since "
+        f"{seen.acquired_at:%Y-%m-%d %H:%M:%S} UTC; holder {seen.holder}). If that run is dead, the next run "
+        f"takes its lease over once it expires at {seen.expires_at:%Y-%m-%d %H:%M:%S} UTC, or at once if "
+        f"started on host {host} after process {pid} has gone"
+    )
 
 
 def _still_contended_message(engine: Engine, lease: _Lease) -> str:
@@ -137,15 +152,18 @@ def _still_contended_message(engine: Engine, lease: _Lease) -> str:
         seen = _read_lease(conn, lease.connection)
     if seen is not None and seen.run_id != lease.run_id:
         return _held_message(lease.connection, seen)
-    return (f"connection '{lease.connection}' is already running: run {lease.run_id} lost the race for its "
-            f"lease {LEASE_ATTEMPTS} times to other runs starting at the same moment; start it again")
+    return (
+        f"connection '{lease.connection}' is already running: run {lease.run_id} lost the race for its "
+        f"lease {LEASE_ATTEMPTS} times to other runs starting at the same moment; start it again"
+    )
 
 
 def assert_lock(conn: Connection, connection: str, run_id: str) -> None:
     """Inside the reconcile transaction: fail unless this run still holds the lease."""
     locked = " FOR UPDATE" if dialect.locks_rows(conn) else ""
-    row = conn.execute(text(f"SELECT run_id FROM {S}.sync_locks WHERE connection = :c{locked}"),
-                       {"c": connection}).first()
+    row = conn.execute(
+        text(f"SELECT run_id FROM {S}.sync_locks WHERE connection = :c{locked}"), {"c": connection}
+    ).first()
     if row is None or row.run_id != run_id:
         raise LockHeld(f"run {run_id} lost the lock on connection '{connection}'")
 
@@ -170,6 +188,11 @@ def _delete_own_lease(conn: Connection, connection: str, run_id: str) -> None:
     # a takeover writes makes the two conflict whatever else the taker's transaction did, and dialect.lost_a_race
     # retries. Postgres needs none of it (the row lock orders them); the rewrite costs it nothing.
     params = {"c": connection, "r": run_id}
-    conn.execute(text(f"UPDATE {S}.sync_locks SET run_id = run_id, holder = holder, acquired_at = acquired_at, "
-                      "expires_at = expires_at WHERE connection = :c AND run_id = :r"), params)
+    conn.execute(
+        text(
+            f"UPDATE {S}.sync_locks SET run_id = run_id, holder = holder, acquired_at = acquired_at, "
+            "expires_at = expires_at WHERE connection = :c AND run_id = :r"
+        ),
+        params,
+    )
     conn.execute(delete(sync_locks).where(sync_locks.c.connection == connection, sync_locks.c.run_id == run_id))

@@ -17,7 +17,12 @@ from oppsync_pipeline.lib.record import MAPPING_VERSION
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 from oppsync_pipeline.lib.warehouse.schema import (
-    extracts, opportunities, stage_deletes, stage_opportunities, sync_runs, sync_state,
+    extracts,
+    opportunities,
+    stage_deletes,
+    stage_opportunities,
+    sync_runs,
+    sync_state,
 )
 
 
@@ -25,12 +30,12 @@ class ExtractStatus(StrEnum):
     """`oppsync.extracts.status` (values as stored)."""
 
     RUNNING = "running"
-    COMPLETE = "complete"          # read whole, staged, waiting for its checks and reconcile
+    COMPLETE = "complete"  # read whole, staged, waiting for its checks and reconcile
     FAILED = "failed"
-    SKIPPED = "skipped"            # the quota budget was spent: nothing changed, the bookmark did not move
-    REFUSED = "refused"            # a blocking check (quality, delete guard) stopped it
+    SKIPPED = "skipped"  # the quota budget was spent: nothing changed, the bookmark did not move
+    REFUSED = "refused"  # a blocking check (quality, delete guard) stopped it
     RECONCILED = "reconciled"
-    SUPERSEDED = "superseded"      # a later extract of the connection started before this one was reconciled
+    SUPERSEDED = "superseded"  # a later extract of the connection started before this one was reconciled
 
 
 class RunStatus(StrEnum):
@@ -44,10 +49,28 @@ class RunStatus(StrEnum):
 
 # The fields a run has only when it did that part of the work (a full read's completeness, its read by id):
 # absent from the mapping, not None, when it did not.
-_REQUESTS = ("api_requests", "token_requests", "warnings", "retries", "rate_limited_responses",
-             "seconds_waited_on_rate_limits", "token_refreshes", "quota_used", "quota_limit")
-_WHEN_DONE = ("quarantined", "deletes_inferable", "crm_count_open", "crm_count_closed", "received_open",
-              "received_closed", "read_by_id", "found_by_id", "out_of_scope_by_id")
+_REQUESTS = (
+    "api_requests",
+    "token_requests",
+    "warnings",
+    "retries",
+    "rate_limited_responses",
+    "seconds_waited_on_rate_limits",
+    "token_refreshes",
+    "quota_used",
+    "quota_limit",
+)
+_WHEN_DONE = (
+    "quarantined",
+    "deletes_inferable",
+    "crm_count_open",
+    "crm_count_closed",
+    "received_open",
+    "received_closed",
+    "read_by_id",
+    "found_by_id",
+    "out_of_scope_by_id",
+)
 
 
 @dataclass
@@ -79,8 +102,18 @@ class RunStats(Mapping[str, Any]):
     @classmethod
     def unknown(cls) -> RunStats:
         """A run whose cost was never counted (it failed before it had a connector): NULL, not 0."""
-        return cls(**dict.fromkeys(("api_requests", "token_requests", "retries", "rate_limited_responses",
-                                    "seconds_waited_on_rate_limits", "token_refreshes")))
+        return cls(
+            **dict.fromkeys(
+                (
+                    "api_requests",
+                    "token_requests",
+                    "retries",
+                    "rate_limited_responses",
+                    "seconds_waited_on_rate_limits",
+                    "token_refreshes",
+                )
+            )
+        )
 
     @classmethod
     def from_metadata(cls, values: Mapping[str, Any]) -> RunStats:
@@ -126,21 +159,34 @@ class SyncRun:
     status: RunStatus | str
     fetched: int = 0
     stats: RunStats = field(default_factory=RunStats)
-    counts: Mapping[str, int] = field(default_factory=dict)   # the reconcile's counts (ReconcileResult)
+    counts: Mapping[str, int] = field(default_factory=dict)  # the reconcile's counts (ReconcileResult)
     error: str | None = None
-    warnings: str | None = None        # default: the stats' warnings
+    warnings: str | None = None  # default: the stats' warnings
     scope_fingerprint: str | None = None
     quarantined: int | None = None
 
     def to_row(self) -> dict[str, Any]:
         s = self.stats
-        row = {"run_id": self.run_id, "connection": self.connection, "crm": self.crm, "mode": self.mode,
-               "started_at": self.started_at, "finished_at": self.finished_at, "status": str(self.status),
-               "fetched": self.fetched, "api_requests": s.api_requests, "retries": s.retries,
-               "seconds_waited": s.seconds_waited_on_rate_limits, "quota_used": s.quota_used,
-               "quota_limit": s.quota_limit, "token_requests": s.token_requests,
-               "warnings": self.warnings if self.warnings is not None else s.warnings_text(),
-               "error": self.error, "scope_fingerprint": self.scope_fingerprint, "quarantined": self.quarantined}
+        row = {
+            "run_id": self.run_id,
+            "connection": self.connection,
+            "crm": self.crm,
+            "mode": self.mode,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "status": str(self.status),
+            "fetched": self.fetched,
+            "api_requests": s.api_requests,
+            "retries": s.retries,
+            "seconds_waited": s.seconds_waited_on_rate_limits,
+            "quota_used": s.quota_used,
+            "quota_limit": s.quota_limit,
+            "token_requests": s.token_requests,
+            "warnings": self.warnings if self.warnings is not None else s.warnings_text(),
+            "error": self.error,
+            "scope_fingerprint": self.scope_fingerprint,
+            "quarantined": self.quarantined,
+        }
         columns = set(sync_runs.c.keys())
         row.update({k: v for k, v in self.counts.items() if k in columns})
         return row
@@ -154,21 +200,25 @@ def record_run(conn: Connection, run: SyncRun) -> None:
 
 # -- the connection's state between runs -------------------------------------------------------------------------
 
+
 @dataclass
 class SyncState:
     cursor: datetime | None = None
     last_full_sync_at: datetime | None = None
     last_success_at: datetime | None = None
     resume_token: str | None = None
-    scope_fingerprint: str | None = None   # the scope of the last successful sync (scope.py)
+    scope_fingerprint: str | None = None  # the scope of the last successful sync (scope.py)
     scope: str | None = None
 
 
 def get_state(engine: Engine, connection: str) -> SyncState:
     s = sync_state.c
     with transaction(engine) as conn:
-        row = conn.execute(select(s.cursor, s.last_full_sync_at, s.last_success_at, s.resume_token,
-                                  s.scope_fingerprint, s.scope).where(s.connection == connection)).first()
+        row = conn.execute(
+            select(
+                s.cursor, s.last_full_sync_at, s.last_success_at, s.resume_token, s.scope_fingerprint, s.scope
+            ).where(s.connection == connection)
+        ).first()
     return SyncState(*row) if row else SyncState()
 
 
@@ -176,71 +226,137 @@ def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | 
     """(whether the warehouse holds opportunities of the connection from an earlier sync, the
     record.MAPPING_VERSION it was last synced with). The same test as the reconcile's re-baseline."""
     with transaction(engine) as conn:
-        row = conn.execute(select(sync_state.c.mapping_version)
-                           .where(sync_state.c.connection == connection)).first()
+        row = conn.execute(select(sync_state.c.mapping_version).where(sync_state.c.connection == connection)).first()
         if row is None:
             return False, None
-        has_rows = conn.execute(select(func.count()).select_from(opportunities)
-                                .where(opportunities.c.connection == connection)).scalar()
+        has_rows = conn.execute(
+            select(func.count()).select_from(opportunities).where(opportunities.c.connection == connection)
+        ).scalar()
     return bool(has_rows), row[0]
 
 
 # -- an extract's bookkeeping ---------------------------------------------------------------------------------
 
-def begin_extract(engine: Engine, *, extract_id: str, connection: str, crm: str, mode: str,
-                  started_at: datetime, since: datetime | None, scope_fingerprint: str | None = None,
-                  scope: str | None = None) -> None:
+
+def begin_extract(
+    engine: Engine,
+    *,
+    extract_id: str,
+    connection: str,
+    crm: str,
+    mode: str,
+    started_at: datetime,
+    since: datetime | None,
+    scope_fingerprint: str | None = None,
+    scope: str | None = None,
+) -> None:
     x = extracts.c
     others = and_(x.connection == connection, x.extract_id != extract_id)
     with transaction(engine) as conn:
         # A new extract supersedes every earlier one of the connection that was not reconciled (crashed runs,
         # or a completed extract whose reconcile never happened): their staged rows are garbage.
-        conn.execute(update(extracts).where(others, x.status == ExtractStatus.RUNNING)
-                     .values(status=ExtractStatus.FAILED, error="abandoned (process ended)"))
-        conn.execute(update(extracts).where(others, x.status == ExtractStatus.COMPLETE)
-                     .values(status=ExtractStatus.SUPERSEDED))
+        conn.execute(
+            update(extracts)
+            .where(others, x.status == ExtractStatus.RUNNING)
+            .values(status=ExtractStatus.FAILED, error="abandoned (process ended)")
+        )
+        conn.execute(
+            update(extracts).where(others, x.status == ExtractStatus.COMPLETE).values(status=ExtractStatus.SUPERSEDED)
+        )
         conn.execute(delete(stage_opportunities).where(stage_opportunities.c.connection == connection))
         conn.execute(delete(stage_deletes).where(stage_deletes.c.connection == connection))
         conn.execute(delete(extracts).where(x.extract_id == extract_id))
-        conn.execute(insert(extracts).values(
-            extract_id=extract_id, connection=connection, crm=crm, mode=mode, status=ExtractStatus.RUNNING,
-            started_at=started_at, since_cursor=since, scope_fingerprint=scope_fingerprint, scope=scope))
+        conn.execute(
+            insert(extracts).values(
+                extract_id=extract_id,
+                connection=connection,
+                crm=crm,
+                mode=mode,
+                status=ExtractStatus.RUNNING,
+                started_at=started_at,
+                since_cursor=since,
+                scope_fingerprint=scope_fingerprint,
+                scope=scope,
+            )
+        )
 
 
-def save_completeness(engine: Engine, extract_id: str, *, counts: dict[bool, int | None],
-                      received: dict[bool, int], inferable: bool, quarantined: int,
-                      crm_clock: datetime | None) -> None:
+def save_completeness(
+    engine: Engine,
+    extract_id: str,
+    *,
+    counts: dict[bool, int | None],
+    received: dict[bool, int],
+    inferable: bool,
+    quarantined: int,
+    crm_clock: datetime | None,
+) -> None:
     """A full read's completeness against the CRM's own counts (sync.py decides `inferable`)."""
     with transaction(engine) as conn:
-        conn.execute(update(extracts).where(extracts.c.extract_id == extract_id).values(
-            crm_count_open=counts.get(True), crm_count_closed=counts.get(False), received_open=received.get(True),
-            received_closed=received.get(False), deletes_inferable=inferable, quarantined=quarantined,
-            crm_clock=crm_clock))
+        conn.execute(
+            update(extracts)
+            .where(extracts.c.extract_id == extract_id)
+            .values(
+                crm_count_open=counts.get(True),
+                crm_count_closed=counts.get(False),
+                received_open=received.get(True),
+                received_closed=received.get(False),
+                deletes_inferable=inferable,
+                quarantined=quarantined,
+                crm_clock=crm_clock,
+            )
+        )
 
 
-def finish_extract(engine: Engine, extract_id: str, *, status: str, finished_at: datetime,
-                   new_cursor: datetime | None = None, counts: dict[str, int] | None = None,
-                   stats: RunStats | None = None, error: str | None = None,
-                   resume_token: str | None = None) -> None:
+def finish_extract(
+    engine: Engine,
+    extract_id: str,
+    *,
+    status: str,
+    finished_at: datetime,
+    new_cursor: datetime | None = None,
+    counts: dict[str, int] | None = None,
+    stats: RunStats | None = None,
+    error: str | None = None,
+    resume_token: str | None = None,
+) -> None:
     counts, stats = counts or {}, stats if stats is not None else RunStats.unknown()
     with transaction(engine) as conn:
-        conn.execute(update(extracts).where(extracts.c.extract_id == extract_id).values(
-            status=status, finished_at=finished_at, new_cursor=new_cursor, fetched_open=counts.get("open", 0),
-            fetched_closed=counts.get("closed", 0), fetched_deleted=counts.get("deleted", 0),
-            api_requests=stats.api_requests, retries=stats.retries,
-            seconds_waited=stats.seconds_waited_on_rate_limits, quota_used=stats.quota_used,
-            quota_limit=stats.quota_limit, error=error, new_resume_token=resume_token,
-            token_requests=stats.token_requests, warnings=stats.warnings_text(), mapping_version=MAPPING_VERSION))
+        conn.execute(
+            update(extracts)
+            .where(extracts.c.extract_id == extract_id)
+            .values(
+                status=status,
+                finished_at=finished_at,
+                new_cursor=new_cursor,
+                fetched_open=counts.get("open", 0),
+                fetched_closed=counts.get("closed", 0),
+                fetched_deleted=counts.get("deleted", 0),
+                api_requests=stats.api_requests,
+                retries=stats.retries,
+                seconds_waited=stats.seconds_waited_on_rate_limits,
+                quota_used=stats.quota_used,
+                quota_limit=stats.quota_limit,
+                error=error,
+                new_resume_token=resume_token,
+                token_requests=stats.token_requests,
+                warnings=stats.warnings_text(),
+                mapping_version=MAPPING_VERSION,
+            )
+        )
         if status == ExtractStatus.COMPLETE:
             # what the warehouse will hold after reconcile: the staged records, and the quarantined ones it
             # already has (kept as they were)
-            conn.execute(text(f"""
+            conn.execute(
+                text(f"""
                 UPDATE {S}.extracts SET
                     reported_open = (SELECT count(*) FROM ({_LATEST}) t WHERE status = 'open')
                                     + ({_KEPT} AND o.status = 'open'),
                     reported_closed = (SELECT count(*) FROM ({_LATEST}) t WHERE status <> 'open')
                                     + ({_KEPT} AND o.status <> 'open')
-                WHERE extract_id = :x"""), {"x": extract_id})
+                WHERE extract_id = :x"""),
+                {"x": extract_id},
+            )
         else:
             conn.execute(delete(stage_opportunities).where(stage_opportunities.c.extract_id == extract_id))
             conn.execute(delete(stage_deletes).where(stage_deletes.c.extract_id == extract_id))

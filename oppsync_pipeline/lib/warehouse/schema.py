@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import (
-    Boolean, Column, DateTime, Double, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
+    Boolean,
+    Column,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
     text,
 )
 from sqlalchemy.engine import Connection
@@ -26,101 +36,162 @@ def _canonical_columns() -> list[Column]:
     """The canonical record's columns (record.FIELDS), in each table that holds the record."""
     return [Column(f.name, f.sql_type, nullable=f.nullable) for f in FIELDS]
 
+
 opportunities = Table(
-    "opportunities", metadata,
-    Column("connection", String, nullable=False), Column("source_id", String, nullable=False),
+    "opportunities",
+    metadata,
+    Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False),
     *_canonical_columns(),
-    Column("raw", Text), Column("row_hash", String, nullable=False), Column("version", Integer, nullable=False),
-    Column("first_seen_at", DateTime, nullable=False), Column("last_seen_at", DateTime, nullable=False),
-    Column("closed_at", DateTime), Column("deleted_at", DateTime), Column("last_run_id", String),
+    Column("raw", Text),
+    Column("row_hash", String, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("first_seen_at", DateTime, nullable=False),
+    Column("last_seen_at", DateTime, nullable=False),
+    Column("closed_at", DateTime),
+    Column("deleted_at", DateTime),
+    Column("last_run_id", String),
     # where closed_at came from: the CRM field (crm_closed_at_field), else `modified_at` or `observed`
     Column("closed_at_source", String),
     # False once the record left the connection's scope (a filter no longer matches it): kept, not tracked
-    Column("in_scope", Boolean), Column("scope_changed_at", DateTime),
+    Column("in_scope", Boolean),
+    Column("scope_changed_at", DateTime),
     PrimaryKeyConstraint("connection", "source_id"),
 )
 
 opportunity_history = Table(
-    "opportunity_history", metadata,
-    Column("connection", String, nullable=False), Column("source_id", String, nullable=False),
+    "opportunity_history",
+    metadata,
+    Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False),
     Column("version", Integer, nullable=False),
     *_canonical_columns(),
     Column("row_hash", String, nullable=False),
-    Column("valid_from", DateTime, nullable=False), Column("valid_to", DateTime), Column("run_id", String),
+    Column("valid_from", DateTime, nullable=False),
+    Column("valid_to", DateTime),
+    Column("run_id", String),
     PrimaryKeyConstraint("connection", "source_id", "version"),
     Index("ix_history_open", "connection", "source_id", "valid_to"),
 )
 
 opportunity_events = Table(
-    "opportunity_events", metadata,
+    "opportunity_events",
+    metadata,
     Column("event_id", String, primary_key=True),
-    Column("connection", String, nullable=False), Column("crm", String, nullable=False),
-    Column("source_id", String, nullable=False), Column("event_type", String, nullable=False),
-    Column("occurred_at", DateTime), Column("recorded_at", DateTime, nullable=False),
-    Column("run_id", String, nullable=False), Column("changed_fields", Text),
-    Column("old_value", Text), Column("new_value", Text),
-    Column("owner_crm_id", String), Column("created_by_crm_id", String), Column("amount", Double),
+    Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False),
+    Column("source_id", String, nullable=False),
+    Column("event_type", String, nullable=False),
+    Column("occurred_at", DateTime),
+    Column("recorded_at", DateTime, nullable=False),
+    Column("run_id", String, nullable=False),
+    Column("changed_fields", Text),
+    Column("old_value", Text),
+    Column("new_value", Text),
+    Column("owner_crm_id", String),
+    Column("created_by_crm_id", String),
+    Column("amount", Double),
     Column("status", String),
     Column("change_id", String),  # the events one observed CRM edit produced share it
     Index("ix_events_conn_source", "connection", "source_id"),
 )
 
 stage_opportunities = Table(
-    "stage_opportunities", metadata,
-    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
-    Column("source_id", String, nullable=False), Column("seq", Integer, nullable=False),
+    "stage_opportunities",
+    metadata,
+    Column("extract_id", String, nullable=False),
+    Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False),
+    Column("seq", Integer, nullable=False),
     Column("in_open_set", Boolean, nullable=False),
     Column("scope", String),  # in | filtered_out | before_stage (store.SCOPE_*)
     *_canonical_columns(),
-    Column("raw", Text), Column("row_hash", String, nullable=False),
+    Column("raw", Text),
+    Column("row_hash", String, nullable=False),
     Index("ix_stage_opp_extract", "extract_id"),
 )
 
 stage_deletes = Table(
-    "stage_deletes", metadata,
-    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
-    Column("source_id", String, nullable=False), Column("deleted_at", DateTime),
+    "stage_deletes",
+    metadata,
+    Column("extract_id", String, nullable=False),
+    Column("connection", String, nullable=False),
+    Column("source_id", String, nullable=False),
+    Column("deleted_at", DateTime),
 )
 
 extracts = Table(
-    "extracts", metadata,
-    Column("extract_id", String, primary_key=True), Column("connection", String, nullable=False),
-    Column("crm", String, nullable=False), Column("mode", String, nullable=False),
+    "extracts",
+    metadata,
+    Column("extract_id", String, primary_key=True),
+    Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False),
+    Column("mode", String, nullable=False),
     Column("status", String, nullable=False),  # running | complete | failed | skipped | reconciled | refused
-    Column("started_at", DateTime, nullable=False), Column("finished_at", DateTime),
-    Column("since_cursor", DateTime), Column("new_cursor", DateTime),
-    Column("fetched_open", Integer), Column("fetched_closed", Integer), Column("fetched_deleted", Integer),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("since_cursor", DateTime),
+    Column("new_cursor", DateTime),
+    Column("fetched_open", Integer),
+    Column("fetched_closed", Integer),
+    Column("fetched_deleted", Integer),
     # distinct ids by status as the CRM reported them (latest version per id): the count check's reference
-    Column("reported_open", Integer), Column("reported_closed", Integer),
-    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
-    Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+    Column("reported_open", Integer),
+    Column("reported_closed", Integer),
+    Column("api_requests", Integer),
+    Column("retries", Integer),
+    Column("seconds_waited", Double),
+    Column("quota_used", Integer),
+    Column("quota_limit", Integer),
+    Column("error", Text),
     Column("new_resume_token", Text),
-    Column("token_requests", Integer), Column("warnings", Text), Column("mapping_version", Integer),
-    Column("scope_fingerprint", String), Column("scope", Text),  # the scope the extract read (scope.py)
+    Column("token_requests", Integer),
+    Column("warnings", Text),
+    Column("mapping_version", Integer),
+    Column("scope_fingerprint", String),
+    Column("scope", Text),  # the scope the extract read (scope.py)
     # A full read's completeness: the CRM's own count of each set and the distinct records it delivered;
     # deletes are inferred only when every set delivered at least what the CRM counts (`deletes_inferable`).
-    Column("crm_count_open", Integer), Column("crm_count_closed", Integer),
-    Column("received_open", Integer), Column("received_closed", Integer),
-    Column("deletes_inferable", Boolean), Column("quarantined", Integer),
-    Column("crm_clock", DateTime),   # the CRM's clock at the run's start (Date header): "the future" is judged by it
+    Column("crm_count_open", Integer),
+    Column("crm_count_closed", Integer),
+    Column("received_open", Integer),
+    Column("received_closed", Integer),
+    Column("deletes_inferable", Boolean),
+    Column("quarantined", Integer),
+    Column("crm_clock", DateTime),  # the CRM's clock at the run's start (Date header): "the future" is judged by it
 )
 
 sync_runs = Table(
-    "sync_runs", metadata,
-    Column("run_id", String, primary_key=True), Column("connection", String, nullable=False),
-    Column("crm", String, nullable=False), Column("mode", String, nullable=False),
-    Column("started_at", DateTime, nullable=False), Column("finished_at", DateTime),
+    "sync_runs",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False),
+    Column("mode", String, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
     Column("status", String, nullable=False),  # success | failed | skipped | refused
-    Column("fetched", Integer), Column("created", Integer), Column("updated", Integer), Column("closed", Integer),
-    Column("reopened", Integer), Column("deleted", Integer), Column("restored", Integer),
+    Column("fetched", Integer),
+    Column("created", Integer),
+    Column("updated", Integer),
+    Column("closed", Integer),
+    Column("reopened", Integer),
+    Column("deleted", Integer),
+    Column("restored", Integer),
     Column("skipped", Integer),  # fetched rows that were unchanged (not rewritten)
-    Column("api_requests", Integer), Column("retries", Integer), Column("seconds_waited", Double),
-    Column("quota_used", Integer), Column("quota_limit", Integer), Column("error", Text),
+    Column("api_requests", Integer),
+    Column("retries", Integer),
+    Column("seconds_waited", Double),
+    Column("quota_used", Integer),
+    Column("quota_limit", Integer),
+    Column("error", Text),
     # OAuth / session token requests (also counted in api_requests: the CRM counts them too)
     Column("token_requests", Integer),
     Column("warnings", Text),  # optional reads that were refused (403/404) and the fallback used, one a line
     # counts of the other event kinds (each count is the number of events of its kind)
-    Column("stage_changed", Integer), Column("left_scope", Integer), Column("entered_scope", Integer),
+    Column("stage_changed", Integer),
+    Column("left_scope", Integer),
+    Column("entered_scope", Integer),
     Column("scope_fingerprint", String),
     Column("quarantined", Integer),  # records set aside (oppsync.quarantine), neither synced nor deleted
 )
@@ -128,54 +199,84 @@ sync_runs = Table(
 # Records a run set aside: they failed validation (quarantine.py), with the field and the reason. Kept per run
 # (the extract's id) for diagnosis; a record fixed in the CRM simply stops appearing.
 quarantine = Table(
-    "quarantine", metadata,
-    Column("extract_id", String, nullable=False), Column("connection", String, nullable=False),
-    Column("crm", String, nullable=False), Column("source_id", String),
-    Column("field", String, nullable=False), Column("reason", Text, nullable=False), Column("value", Text),
+    "quarantine",
+    metadata,
+    Column("extract_id", String, nullable=False),
+    Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False),
+    Column("source_id", String),
+    Column("field", String, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("value", Text),
     Column("quarantined_at", DateTime, nullable=False),
 )
 
 sync_state = Table(
-    "sync_state", metadata,
-    Column("connection", String, primary_key=True), Column("cursor", DateTime),
-    Column("last_full_sync_at", DateTime), Column("last_success_at", DateTime), Column("last_run_id", String),
+    "sync_state",
+    metadata,
+    Column("connection", String, primary_key=True),
+    Column("cursor", DateTime),
+    Column("last_full_sync_at", DateTime),
+    Column("last_success_at", DateTime),
+    Column("last_run_id", String),
     Column("resume_token", Text),  # a CRM's own change cursor to carry between runs (Dataverse delta link)
     Column("mapping_version", Integer),  # record.MAPPING_VERSION of the last successful sync
-    Column("scope_fingerprint", String), Column("scope", Text),  # the scope of the last successful sync
+    Column("scope_fingerprint", String),
+    Column("scope", Text),  # the scope of the last successful sync
 )
 
 sync_locks = Table(
-    "sync_locks", metadata,
-    Column("connection", String, primary_key=True), Column("run_id", String, nullable=False),
+    "sync_locks",
+    metadata,
+    Column("connection", String, primary_key=True),
+    Column("run_id", String, nullable=False),
     Column("holder", String, nullable=False),  # host:pid, to recognise a crashed holder on this host
-    Column("acquired_at", DateTime, nullable=False), Column("expires_at", DateTime, nullable=False),
+    Column("acquired_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
 )
 
 crm_users = Table(
-    "crm_users", metadata,
-    Column("connection", String, nullable=False), Column("crm_user_id", String, nullable=False),
-    Column("name", Text), Column("email", Text), Column("kind", String), Column("active", Boolean),
-    Column("alt_ids", Text), Column("updated_at", DateTime),
+    "crm_users",
+    metadata,
+    Column("connection", String, nullable=False),
+    Column("crm_user_id", String, nullable=False),
+    Column("name", Text),
+    Column("email", Text),
+    Column("kind", String),
+    Column("active", Boolean),
+    Column("alt_ids", Text),
+    Column("updated_at", DateTime),
     PrimaryKeyConstraint("connection", "crm_user_id"),
 )
 
 crm_stages = Table(
-    "crm_stages", metadata,
-    Column("connection", String, nullable=False), Column("stage_key", String, nullable=False),
-    Column("label", Text), Column("pipeline", Text), Column("is_closed", Boolean), Column("is_won", Boolean),
-    Column("sort_order", Integer), Column("probability", Double),
+    "crm_stages",
+    metadata,
+    Column("connection", String, nullable=False),
+    Column("stage_key", String, nullable=False),
+    Column("label", Text),
+    Column("pipeline", Text),
+    Column("is_closed", Boolean),
+    Column("is_won", Boolean),
+    Column("sort_order", Integer),
+    Column("probability", Double),
     Column("category", String, nullable=False),  # open | won | lost, after the connection's stage mapping
     PrimaryKeyConstraint("connection", "stage_key"),
 )
 
 users = Table(
-    "users", metadata,
-    Column("user_id", String, primary_key=True), Column("name", Text, nullable=False), Column("email", Text),
+    "users",
+    metadata,
+    Column("user_id", String, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("email", Text),
 )
 
 user_links = Table(
-    "user_links", metadata,
-    Column("user_id", String, nullable=False), Column("connection", String, nullable=False),
+    "user_links",
+    metadata,
+    Column("user_id", String, nullable=False),
+    Column("connection", String, nullable=False),
     Column("crm_user_id", String, nullable=False),
     Column("link_order", Integer, nullable=False),  # first linked wins when several users share a CRM user
     Column("linked_at", DateTime, nullable=False),
@@ -183,15 +284,20 @@ user_links = Table(
 )
 
 connections = Table(
-    "connections", metadata,
-    Column("name", String, primary_key=True), Column("crm", String, nullable=False),
-    Column("qualified_stages", Text), Column("qualified_min_probability", Double),
+    "connections",
+    metadata,
+    Column("name", String, primary_key=True),
+    Column("crm", String, nullable=False),
+    Column("qualified_stages", Text),
+    Column("qualified_min_probability", Double),
     Column("updated_at", DateTime),
 )
 
 schema_migrations = Table(
-    "schema_migrations", metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False), Column("applied_at", DateTime, nullable=False),
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", DateTime, nullable=False),
 )
 
 
@@ -229,20 +335,28 @@ def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
     if not dialect.is_duckdb(conn):
         return
     for name in FACT_TABLES:
-        has_index = conn.execute(text(
-            "SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t"),
-            {"s": SCHEMA, "t": name}).scalar()
-        has_key = conn.execute(text(
-            "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
-            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"), {"s": SCHEMA, "t": name}).scalar()
+        has_index = conn.execute(
+            text("SELECT count(*) FROM duckdb_indexes() WHERE schema_name = :s AND table_name = :t"),
+            {"s": SCHEMA, "t": name},
+        ).scalar()
+        has_key = conn.execute(
+            text(
+                "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = :s AND table_name = :t "
+                "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"
+            ),
+            {"s": SCHEMA, "t": name},
+        ).scalar()
         if not has_index and not has_key:
             continue
         rebuilt = _unindexed_copy(metadata.tables[f"{SCHEMA}.{name}"], f"{name}__m3")
         rebuilt.create(conn)
         # the columns the old table has (later migrations add theirs; the copy leaves them NULL)
-        existing = set(conn.execute(text(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = :s AND table_name = :t"),
-            {"s": SCHEMA, "t": name}).scalars())
+        existing = set(
+            conn.execute(
+                text("SELECT column_name FROM information_schema.columns WHERE table_schema = :s AND table_name = :t"),
+                {"s": SCHEMA, "t": name},
+            ).scalars()
+        )
         cols = ", ".join(c.name for c in rebuilt.columns if c.name in existing)
         conn.execute(text(f"INSERT INTO {SCHEMA}.{name}__m3 ({cols}) SELECT {cols} FROM {SCHEMA}.{name}"))
         conn.execute(text(f"DROP TABLE {SCHEMA}.{name}"))
@@ -252,10 +366,17 @@ def _m3_duckdb_fact_tables_without_art(conn: Connection) -> None:
 def _m4_stage_model(conn: Connection) -> None:
     """The stage model (stage name, stage id, CRM status), token requests and optional-read warnings per run,
     and the mapping version a connection was last synced with (record.MAPPING_VERSION)."""
-    text_columns = [(t, c) for t in ("opportunities", "opportunity_history", "stage_opportunities")
-                    for c in ("stage_id", "crm_status")] + [("extracts", "warnings"), ("sync_runs", "warnings")]
-    integer_columns = [("extracts", "token_requests"), ("extracts", "mapping_version"),
-                       ("sync_runs", "token_requests"), ("sync_state", "mapping_version")]
+    text_columns = [
+        (t, c)
+        for t in ("opportunities", "opportunity_history", "stage_opportunities")
+        for c in ("stage_id", "crm_status")
+    ] + [("extracts", "warnings"), ("sync_runs", "warnings")]
+    integer_columns = [
+        ("extracts", "token_requests"),
+        ("extracts", "mapping_version"),
+        ("sync_runs", "token_requests"),
+        ("sync_state", "mapping_version"),
+    ]
     for table, column in text_columns:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} TEXT"))
     for table, column in integer_columns:
@@ -264,23 +385,37 @@ def _m4_stage_model(conn: Connection) -> None:
 
 def _m5_history_truth(conn: Connection) -> None:
     """Close times from the CRM, scope as a first-class thing, one event model (change_id)."""
-    columns = [(t, "crm_closed_at", "TIMESTAMP") for t in ("opportunities", "opportunity_history",
-                                                              "stage_opportunities")]
-    columns += [(t, "crm_closed_at_field", "TEXT") for t in ("opportunities", "opportunity_history",
-                                                              "stage_opportunities")]
-    columns += [("opportunities", "closed_at_source", "TEXT"), ("opportunities", "in_scope", "BOOLEAN"),
-                ("opportunities", "scope_changed_at", "TIMESTAMP"), ("opportunity_events", "change_id", "TEXT"),
-                ("stage_opportunities", "scope", "TEXT"),
-                ("extracts", "scope_fingerprint", "TEXT"), ("extracts", "scope", "TEXT"),
-                ("sync_state", "scope_fingerprint", "TEXT"), ("sync_state", "scope", "TEXT"),
-                ("sync_runs", "stage_changed", "INTEGER"), ("sync_runs", "left_scope", "INTEGER"),
-                ("sync_runs", "entered_scope", "INTEGER"), ("sync_runs", "scope_fingerprint", "TEXT")]
+    columns = [
+        (t, "crm_closed_at", "TIMESTAMP") for t in ("opportunities", "opportunity_history", "stage_opportunities")
+    ]
+    columns += [
+        (t, "crm_closed_at_field", "TEXT") for t in ("opportunities", "opportunity_history", "stage_opportunities")
+    ]
+    columns += [
+        ("opportunities", "closed_at_source", "TEXT"),
+        ("opportunities", "in_scope", "BOOLEAN"),
+        ("opportunities", "scope_changed_at", "TIMESTAMP"),
+        ("opportunity_events", "change_id", "TEXT"),
+        ("stage_opportunities", "scope", "TEXT"),
+        ("extracts", "scope_fingerprint", "TEXT"),
+        ("extracts", "scope", "TEXT"),
+        ("sync_state", "scope_fingerprint", "TEXT"),
+        ("sync_state", "scope", "TEXT"),
+        ("sync_runs", "stage_changed", "INTEGER"),
+        ("sync_runs", "left_scope", "INTEGER"),
+        ("sync_runs", "entered_scope", "INTEGER"),
+        ("sync_runs", "scope_fingerprint", "TEXT"),
+    ]
     for table, column, type_ in columns:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}"))
     conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET in_scope = TRUE WHERE in_scope IS NULL"))
     # closes recorded so far were dated by the record's last edit (the next sync's re-baseline corrects them)
-    conn.execute(text(f"UPDATE {SCHEMA}.opportunities SET closed_at_source = 'modified_at' "
-                      "WHERE closed_at IS NOT NULL AND closed_at_source IS NULL"))
+    conn.execute(
+        text(
+            f"UPDATE {SCHEMA}.opportunities SET closed_at_source = 'modified_at' "
+            "WHERE closed_at IS NOT NULL AND closed_at_source IS NULL"
+        )
+    )
     _rewrite_events_to_one_event_model(conn)
 
 
@@ -297,39 +432,50 @@ def _rewrite_events_to_one_event_model(conn: Connection) -> None:
     e = f"{SCHEMA}.opportunity_events"
     conn.execute(text(f"UPDATE {e} SET change_id = run_id || ':' || source_id WHERE change_id IS NULL"))
     status_kinds = "('closed_won', 'closed_lost', 'reopened')"
-    rows = conn.execute(text(f"""
+    rows = conn.execute(
+        text(f"""
         SELECT u.event_id, u.changed_fields,
                EXISTS (SELECT 1 FROM {e} x WHERE x.change_id = u.change_id AND x.connection = u.connection
                        AND x.event_type IN {status_kinds}) AS status_event,
                EXISTS (SELECT 1 FROM {e} x WHERE x.change_id = u.change_id AND x.connection = u.connection
                        AND x.event_type = 'stage_changed') AS stage_event
-        FROM {e} u WHERE u.event_type = 'updated'""")).all()
+        FROM {e} u WHERE u.event_type = 'updated'""")
+    ).all()
     rewritten = []
     for event_id, fields, status_event, stage_event in rows:
         owned = _STATUS_OWNED if status_event else _STAGE_OWNED if stage_event else set()
         kept = [f for f in (fields or "").split(",") if f and f not in owned]
         if len(kept) != len([f for f in (fields or "").split(",") if f]):
             rewritten.append((event_id, ",".join(kept)))
-    conn.execute(text(f"""
+    conn.execute(
+        text(f"""
         DELETE FROM {e} WHERE event_type = 'stage_changed' AND EXISTS (
             SELECT 1 FROM {e} x WHERE x.change_id = {e}.change_id AND x.connection = {e}.connection
-            AND x.event_type IN {status_kinds})"""))
+            AND x.event_type IN {status_kinds})""")
+    )
     if not rewritten:
         return
     conn.execute(text("CREATE TEMPORARY TABLE m5_updated (event_id TEXT, changed_fields TEXT)"))
     dialect.bulk_insert(conn, "m5_updated", ["event_id", "changed_fields"], rewritten)
     conn.execute(text(f"DELETE FROM {e} WHERE event_id IN (SELECT event_id FROM m5_updated WHERE changed_fields = '')"))
-    conn.execute(text(f"""UPDATE {e} SET changed_fields = m.changed_fields FROM m5_updated m
-                          WHERE {e}.event_id = m.event_id AND m.changed_fields <> ''"""))
+    conn.execute(
+        text(f"""UPDATE {e} SET changed_fields = m.changed_fields FROM m5_updated m
+                          WHERE {e}.event_id = m.event_id AND m.changed_fields <> ''""")
+    )
     conn.execute(text("DROP TABLE m5_updated"))
 
 
 def _m6_hostile_answers(conn: Connection) -> None:
     """Counts from the CRM guard deletes; bad records are quarantined (issue 22)."""
-    columns = [("extracts", c, "INTEGER") for c in ("crm_count_open", "crm_count_closed", "received_open",
-                                                      "received_closed", "quarantined")]
-    columns += [("extracts", "deletes_inferable", "BOOLEAN"), ("extracts", "crm_clock", "TIMESTAMP"),
-                ("sync_runs", "quarantined", "INTEGER")]
+    columns = [
+        ("extracts", c, "INTEGER")
+        for c in ("crm_count_open", "crm_count_closed", "received_open", "received_closed", "quarantined")
+    ]
+    columns += [
+        ("extracts", "deletes_inferable", "BOOLEAN"),
+        ("extracts", "crm_clock", "TIMESTAMP"),
+        ("sync_runs", "quarantined", "INTEGER"),
+    ]
     for table, column, type_ in columns:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}"))
     quarantine.create(conn, checkfirst=True)

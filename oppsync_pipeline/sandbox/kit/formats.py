@@ -11,7 +11,7 @@ A date is formatted as its midnight (ConnectWise, Autotask date fields).
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 
 def fmt_datetime(dt: datetime | date | None, *, ms: bool | str = False, zone: str = "Z") -> str | None:
@@ -37,5 +37,5 @@ def parse_iso(text: str) -> datetime:
         t = f"{m.group(1)}{m.group(2)}:{m.group(3)}"
     value = datetime.fromisoformat(t)
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value

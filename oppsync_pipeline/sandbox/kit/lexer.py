@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lex(pattern: re.Pattern[str], text: str, error: Callable[[int], Exception],
-        skip: frozenset[str] = frozenset({"ws"})) -> list[tuple[str, str, int]]:
+def lex(
+    pattern: re.Pattern[str], text: str, error: Callable[[int], Exception], skip: frozenset[str] = frozenset({"ws"})
+) -> list[tuple[str, str, int]]:
     """(group name, matched text, position) for each token of `text`; `error(pos)` is raised where no group
     matches. Groups named in `skip` (whitespace) are dropped."""
     out, pos = [], 0

@@ -23,8 +23,8 @@ class Window:
 
     def __init__(self, limit: int | Callable[[], int], span: Any = None, now: Callable[[], Any] = time.monotonic):
         self._limit, self.span, self.now = limit, span, now
-        self.times: deque[Any] = deque()   # when each request in the window came
-        self.spent = 0                     # requests ever counted (the allocation's usage when span is None)
+        self.times: deque[Any] = deque()  # when each request in the window came
+        self.spent = 0  # requests ever counted (the allocation's usage when span is None)
         self.lock = threading.Lock()
 
     @property
@@ -76,5 +76,6 @@ class Window:
 def spent_of(window: str) -> property:
     """A simulator attribute that reads and sets the usage of its Window named `window` (tests and the fault
     matrix set `api_usage` / `daily_used` to bring a quota near its end)."""
-    return property(lambda sim: getattr(sim, window).spent,
-                    lambda sim, value: setattr(getattr(sim, window), "spent", value))
+    return property(
+        lambda sim: getattr(sim, window).spent, lambda sim, value: setattr(getattr(sim, window), "spent", value)
+    )

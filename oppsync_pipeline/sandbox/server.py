@@ -401,8 +401,13 @@ class SandboxServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> SandboxServer:
+        # serve_forever checks for shutdown every poll_interval (default 0.5 s): stop() waited up to that long,
+        # paid by every test that starts a simulator
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name=f"sandbox-{self.simulator.crm}", daemon=True
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name=f"sandbox-{self.simulator.crm}",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -12,8 +12,13 @@ from oppsync_pipeline.lib.config import DuckDBSettings, OppsyncConfig, config_pa
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 
 
+def _engine(url: str, duckdb: DuckDBSettings | None = None) -> Engine:
+    """One engine per process and warehouse (schema ensured once)."""
+    return _cached_engine(url, duckdb or DuckDBSettings())
+
+
 @cache
-def _engine(url: str, duckdb: DuckDBSettings) -> Engine:
+def _cached_engine(url: str, duckdb: DuckDBSettings) -> Engine:
     engine = make_engine(url, duckdb)
     ensure_schema(engine)
     return engine

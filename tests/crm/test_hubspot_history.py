@@ -239,30 +239,7 @@ def test_batch_read_answers_as_hubspot_does():
 
 
 # -- (d) filters evaluated in Python --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "flt",
-    [
-        RecordFilter(field="amount", op="more_than", value=120_000),
-        RecordFilter(field="amount", op="at_most", value="5000"),
-        RecordFilter(field="dealstage", op="in", value=["closedwon", "145236002"]),
-        RecordFilter(field="hs_is_closed", op="equal", value=True),
-        RecordFilter(field="deal_currency_code", op="equal", value="eur"),  # search ignores case
-        RecordFilter(field="closedate", op="at_least", value="2025-01-01"),
-        RecordFilter(field="createdate", op="less_than", value=str(1_735_689_600_000)),  # epoch milliseconds
-        RecordFilter(field="amount", op="not_equal", value=None),
-    ],
-    ids=lambda f: f"{f.field}-{f.op}",
-)
-def test_filters_in_python_agree_with_deal_search(flt):
-    with serve(n=300, seed=5) as srv:
-        ids = [o.native_id for o in srv.simulator.world.live()]
-        server_side = set(sync(make(srv.url, filters=[flt])))
-        connector = make(srv.url, filters=[flt])
-        in_python = {o.source_id for page in connector.fetch_by_ids(ids) for o in page if connector.matches_filters(o)}
-        assert in_python == server_side
-        assert 0 < len(server_side) < len(ids)  # the filter splits the tenant: the comparison means something
+# (matches_filters agrees with the server: tests/crm/test_contract.py, every CRM)
 
 
 def test_filter_value_reads_the_deal_property():

@@ -395,6 +395,19 @@ def serve(contract: Contract, tenant: Tenant, *rules: FaultRule) -> SandboxServe
     return SandboxServer(sim)
 
 
+def configure(contract: Contract, url: str, page_size: int | None = None, **conn: Any) -> ConnectionConfig:
+    """A connection to the CRM at `url` with the sandbox's credential names; `conn`: further fields."""
+    return ConnectionConfig(
+        name=f"contract-{contract.crm}",
+        crm=contract.crm,
+        base_url=url,
+        page_size=page_size,
+        credentials={k: "${" + k.upper() + "}" for k in crm_module(contract.crm).SANDBOX_CREDENTIALS},
+        options=contract.options(url),
+        **conn,
+    )
+
+
 def connect(
     contract: Contract,
     url: str,
@@ -403,20 +416,11 @@ def connect(
     sleeps: list[float] | None = None,
     **conn: Any,  # further ConnectionConfig fields (filters, open_statuses)
 ) -> Any:
-    mod = crm_module(contract.crm)
-    config = ConnectionConfig(
-        name=f"contract-{contract.crm}",
-        crm=contract.crm,
-        base_url=url,
-        page_size=page_size,
-        credentials={k: "${" + k.upper() + "}" for k in mod.SANDBOX_CREDENTIALS},
-        options=contract.options(url),
-        **conn,
-    )
+    config = configure(contract, url, page_size, **conn)
     cls = connector_class(contract.crm)
     assert cls.validate_connection(config) == []
     sleep = sleeps.append if sleeps is not None else (lambda s: None)
-    return cls(config, {**mod.SANDBOX_CREDENTIALS, **(credentials or {})}, sleep=sleep)
+    return cls(config, {**crm_module(contract.crm).SANDBOX_CREDENTIALS, **(credentials or {})}, sleep=sleep)
 
 
 def read_all(connector: Any) -> tuple[dict[str, Any], int]:
@@ -540,20 +544,10 @@ def test_users_resolve_every_owner_and_creator(shared, contract: Contract):
 @contracts
 def test_validate_connection_names_unknown_fields_before_any_request(contract: Contract):
     v = contract.validation
-    url = "https://example.invalid"  # nothing listens: validation reads no tenant
 
     def problems(filters: list[RecordFilter], fields: dict[str, str]) -> list[str]:
-        return connector_class(contract.crm).validate_connection(
-            ConnectionConfig(
-                name=f"contract-{contract.crm}",
-                crm=contract.crm,
-                base_url=url,
-                credentials={k: "${" + k.upper() + "}" for k in crm_module(contract.crm).SANDBOX_CREDENTIALS},
-                options=contract.options(url),
-                filters=filters,
-                fields=fields,
-            )
-        )
+        config = configure(contract, "https://example.invalid", filters=filters, fields=fields)  # nothing listens
+        return connector_class(contract.crm).validate_connection(config)
 
     assert problems(list(v.known), v.fields) == []
     unknown = RecordFilter(field=v.unknown_filter, op="equal", value=1)

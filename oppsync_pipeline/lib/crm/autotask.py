@@ -294,7 +294,6 @@ class AutotaskConnector(CrmConnector):
     crm = "autotask"
     max_page_size = 500
     native_deletes = False
-    credential_keys = ("username", "secret", "integration_code")
     known_fields = frozenset(
         {
             "id",

@@ -35,6 +35,7 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFil
 from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
+from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
 from oppsync_pipeline.lib.record import (
     CrmUser,
@@ -98,7 +99,7 @@ class CrmConnector(ABC):
     max_page_size: ClassVar[int]
     # Whether the CRM has a feed of deletions (Salesforce delete log, HubSpot archived, Dataverse change tracking).
     native_deletes: ClassVar[bool] = False
-    # Credential keys the connection must provide.
+    # Credential keys the connection must provide: the CRM's registry entry declares them (__init_subclass__).
     credential_keys: ClassVar[tuple[str, ...]] = ()
     # CRM field names a filter or a field override may reference (validated before any request).
     known_fields: ClassVar[frozenset[str]] = frozenset()
@@ -115,6 +116,13 @@ class CrmConnector(ABC):
     field_map: ClassVar[FieldMap]
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # one place for a CRM's credential keys: its registry entry (config, sandbox and harness read it too)
+        spec = REGISTRY.get(cls.__dict__.get("crm", ""))
+        if spec is not None:
+            cls.credential_keys = spec.credential_keys
 
     def __init__(
         self,

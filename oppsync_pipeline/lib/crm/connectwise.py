@@ -328,7 +328,6 @@ class ConnectWiseConnector(CrmConnector):
     crm = "connectwise"
     max_page_size = 1000
     native_deletes = False
-    credential_keys: ClassVar[tuple[str, ...]] = ("company_id", "public_key", "private_key", "client_id")
     known_fields: ClassVar[frozenset[str]] = NUMERIC_FIELDS | DATETIME_FIELDS | BOOLEAN_FIELDS | TEXT_FIELDS
 
     def __init__(self, *args: Any, **kwargs: Any):

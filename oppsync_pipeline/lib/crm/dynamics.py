@@ -458,7 +458,6 @@ class DynamicsConnector(CrmConnector):
     crm = "dynamics"
     max_page_size = 5000
     native_deletes = True
-    credential_keys = ("tenant_id", "client_id", "client_secret")
     known_fields = frozenset(SELECT) | frozenset(
         {
             "description",

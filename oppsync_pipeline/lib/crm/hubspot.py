@@ -396,7 +396,6 @@ class HubSpotConnector(CrmConnector):
     crm = "hubspot"
     max_page_size = 200  # search; list pages are capped at 100
     native_deletes = True
-    credential_keys = ("access_token",)
     known_fields = frozenset(
         {
             "dealname",

@@ -472,7 +472,6 @@ class SalesforceConnector(CrmConnector):
     max_page_size = 2000
     min_page_size = 200
     native_deletes = True
-    credential_keys = ("client_id", "client_secret")
     known_fields = frozenset(FIELD_TYPES)
     _server_now: datetime | None = None  # the CRM's clock (latest `Date` header seen)
     # learnt by discover_tenant (once per run)

@@ -90,6 +90,15 @@ class Qualification(_Strict):
     min_probability: Annotated[float, Field(ge=0, le=100)] | None = None
 
 
+class ConnectionWriteback(_Strict):
+    """Revenue write-back to this connection's CRM (README: Revenue write-back)."""
+
+    # false: nothing is ever written to this CRM (`oppsync writeback` refuses, the sensor skips it)
+    enabled: bool = True
+    # seed 000's opt-out: false skips the automatic update on approval; the manual "Update CRM" still writes
+    automatic: bool = True
+
+
 class ConnectionConfig(_Strict):
     name: str
     crm: CrmName
@@ -114,6 +123,7 @@ class ConnectionConfig(_Strict):
     # stage order), and keep tracking it after, even if it moves back. A stage name (or id) of the tenant.
     track_from_stage: str | None = None
     options: dict[str, Any] = {}
+    writeback: ConnectionWriteback = ConnectionWriteback()
 
     @field_validator("name")
     @classmethod
@@ -249,11 +259,23 @@ class SandboxConfig(_Strict):
     variants: dict[str, str] = {}
 
 
+class WritebackConfig(_Strict):
+    """Where revenue to write back comes from, and which approval states are written."""
+
+    # the input table (lib/writeback/contract.py); a user's dbt model or loader may own it
+    table: str = Field("writeback.opportunity_revenue", pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+    # rows in these states are written (seed 000: on submission for approval, and "Update CRM" on approved)
+    states: list[Literal["draft", "submitted", "approved", "rejected"]] = ["submitted", "approved"]
+    # how often the sensor looks for rows whose approval state changed
+    sensor_interval_seconds: Annotated[int, Field(ge=5)] = 30
+
+
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
     secrets_file: str | None = None
     sandbox: SandboxConfig = SandboxConfig()
+    writeback: WritebackConfig = WritebackConfig()
     connections: list[ConnectionConfig] = []
     users: list[UserConfig] = []
 

@@ -133,6 +133,7 @@ class FaultRule:
     count: int = 1
     probability: float | None = None
     path: str | None = None  # regex on the path; control and auth endpoints are never faulted
+    method: str | None = None  # regex on the HTTP method (e.g. "PATCH": only writes), anchored
     seconds: float = 1.0  # for slow / timeout / Retry-After
     fired: int = 0
     seen: int = 0
@@ -156,6 +157,8 @@ class FaultPlan:
         with self._lock:
             for rule in self.rules:
                 if rule.path and not re.search(rule.path, req.path):
+                    continue
+                if rule.method and not re.fullmatch(rule.method, req.method, re.IGNORECASE):
                     continue
                 rule.seen += 1
                 if rule.count and rule.fired >= rule.count:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from oppsync_pipeline.lib.crm.base import CrmConnector
+    from oppsync_pipeline.lib.writeback.writer import RevenueWriter
 
 
 def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -46,6 +47,8 @@ class CrmSpec:
     page_fields: Mapping[str, str]
     # the per-CRM page of docs/ (prerequisites, permissions, fallbacks)
     docs: str
+    # "module:Class" of the revenue writer (a lib.writeback.writer.RevenueWriter, seed 000's mapping)
+    writer: str = ""
     # `options:` a test or benchmark connection sets so that it does not wait on a limit the real API needs
     # and the simulator enforces on real time (HubSpot's search throttle)
     test_options: Mapping[str, Any] = field(default_factory=_frozen)
@@ -58,6 +61,12 @@ class CrmSpec:
 
     def connector_class(self) -> type[CrmConnector]:
         module, _, name = self.connector.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def writer_class(self) -> type[RevenueWriter]:
+        if not self.writer:
+            raise NotImplementedError(f"{self.name}: no revenue writer yet")
+        module, _, name = self.writer.partition(":")
         return getattr(importlib.import_module(module), name)
 
     def simulator_module(self) -> ModuleType:
@@ -78,6 +87,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_path=r"/query",
         page_fields=_frozen({"project_name": "Name", "created_at": "CreatedDate", "optional": "Amount"}),
         docs="docs/crms/salesforce.md",
+        writer="oppsync_pipeline.lib.writeback.salesforce:SalesforceWriter",
     ),
     CrmSpec(
         "hubspot",
@@ -89,6 +99,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_path=r"/objects/(?:deals|0-3)(?:/search)?$",
         page_fields=_frozen({"project_name": "dealname", "created_at": "createdate", "optional": "amount"}),
         docs="docs/crms/hubspot.md",
+        writer="oppsync_pipeline.lib.writeback.hubspot:HubSpotWriter",
         test_options=_frozen({"search_requests_per_second": 0}),
     ),
     CrmSpec(
@@ -101,6 +112,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_path=r"/opportunities$",
         page_fields=_frozen({"project_name": "name", "created_at": "createdon", "optional": "estimatedvalue"}),
         docs="docs/crms/dynamics.md",
+        writer="oppsync_pipeline.lib.writeback.dynamics:DynamicsWriter",
         sandbox_options=_frozen({"authority_url": "{url}", "change_tracking": True}),
     ),
     CrmSpec(
@@ -115,6 +127,7 @@ SPECS: tuple[CrmSpec, ...] = (
             {"project_name": "name", "created_at": "_info.dateEntered", "optional": "expectedCloseDate"}
         ),
         docs="docs/crms/connectwise.md",
+        writer="oppsync_pipeline.lib.writeback.connectwise:ConnectWiseWriter",
         lean_options=_frozen({"forecast": False}),
     ),
     CrmSpec(
@@ -127,6 +140,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_path=r"(?i)/opportunities/query(?:/next)?$",  # pages only, not query/count (paths ignore case)
         page_fields=_frozen({"project_name": "title", "created_at": "createDate", "optional": "amount"}),
         docs="docs/crms/autotask.md",
+        writer="oppsync_pipeline.lib.writeback.autotask:AutotaskWriter",
     ),
 )
 

@@ -211,6 +211,29 @@ quarantine = Table(
     Column("quarantined_at", DateTime, nullable=False),
 )
 
+# Every field a revenue write-back planned, wrote, refused or failed to write (lib/writeback), one row each; rows
+# refused by the input contract have no field. The last `written` value per field is the baseline a later run
+# compares the CRM with, to tell someone else's edit (a conflict) from our own.
+writeback_log = Table(
+    "writeback_log",
+    metadata,
+    Column("log_id", String, primary_key=True),
+    Column("run_id", String, nullable=False),
+    Column("connection", String, nullable=False),
+    Column("crm", String, nullable=False),
+    Column("opportunity_id", String),
+    Column("field", String),
+    Column("before", Text),  # JSON of the CRM's value before (null: the field or its record did not exist)
+    Column("after", Text),  # JSON of the value written (or that would be, in a dry run)
+    # planned (dry run) | written | not_applied (the CRM kept another value) | conflict | failed | invalid
+    # | not_attempted (the quota ran out first)
+    Column("status", String, nullable=False),
+    Column("error", Text),
+    Column("trigger", String, nullable=False),  # manual | automatic
+    Column("logged_at", DateTime, nullable=False),
+    Index("ix_writeback_log_opp", "connection", "opportunity_id", "field"),
+)
+
 sync_state = Table(
     "sync_state",
     metadata,
@@ -481,6 +504,14 @@ def _m6_hostile_answers(conn: Connection) -> None:
     quarantine.create(conn, checkfirst=True)
 
 
+def _m7_writeback(conn: Connection) -> None:
+    """Revenue write-back (issue 17): the audit log, and an empty input table where the user has none yet."""
+    from oppsync_pipeline.lib.writeback.contract import create_input_table
+
+    writeback_log.create(conn, checkfirst=True)
+    create_input_table(conn)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -488,6 +519,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (4, _m4_stage_model),
     (5, _m5_history_truth),
     (6, _m6_hostile_answers),
+    (7, _m7_writeback),
 ]
 
 

@@ -4,6 +4,8 @@
   oppsync config check --online             ... then ask each CRM what this tenant has: what will be read and why
   oppsync run                               the main job: every connection, then the mart (make run)
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
+  oppsync writeback --connection NAME [--opportunity ID] [--dry-run] [--force]
+                                            seed 000's "Update CRM": write revenue back to the CRM
   oppsync sandbox serve                     the CRM simulators (one per registered CRM), with a matching oppsync.yaml
   oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
 
@@ -60,6 +62,21 @@ def parser() -> argparse.ArgumentParser:
     sync_p.add_argument("--connection", required=True)
     sync_p.add_argument("--full", action="store_true")
     sync_p.set_defaults(run=lambda a: cmd_sync(a.config, a.connection, full=a.full))
+
+    wb = sub.add_parser(
+        "writeback",
+        help="write revenue from the write-back input table back to the CRM (seed 000's 'Update CRM')",
+        description="Reads writeback.opportunity_revenue, compares each row with the CRM's current values and "
+        "writes only what differs (README: Revenue write-back). Runs through Dagster (job `writeback`).",
+    )
+    wb.add_argument("--connection", action="append", help="the connection to write to (repeatable)")
+    wb.add_argument("--all", action="store_true", help="every connection with writeback.enabled")
+    wb.add_argument("--opportunity", action="append", help="only this opportunity id (repeatable)")
+    wb.add_argument("--dry-run", action="store_true", help="print the per-field diff and write nothing")
+    wb.add_argument(
+        "--force", action="store_true", help="overwrite values someone changed in the CRM since oppsync's last write"
+    )
+    wb.set_defaults(run=cmd_writeback)
 
     sb = sub.add_parser("sandbox", help="the built-in CRM sandbox")
     sb_sub = sb.add_subparsers(dest="action", required=True)
@@ -216,6 +233,89 @@ def cmd_sync(path: str | None, connection: str, full: bool) -> int:
     return 0 if result.success else 1
 
 
+def writeback_connection(defs, instance, conn_name: str, *, opportunities=None, dry_run=False, force=False):
+    from oppsync_pipeline.defs.crm.schedules import quiet
+    from oppsync_pipeline.defs.crm.writeback import JOB_NAME
+
+    config = {"connection": conn_name, "opportunities": list(opportunities or []), "dry_run": dry_run, "force": force}
+    return defs.resolve_job_def(JOB_NAME).execute_in_process(
+        run_config=quiet({"ops": {"write_revenue": {"config": config}}}, "ERROR"),
+        instance=instance,
+        tags={"oppsync/connection": conn_name, "oppsync/trigger": "cli"},
+        raise_on_error=False,
+    )
+
+
+def cmd_writeback(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    _, cfg = _prepare_dagster(args.config)
+    if args.all:
+        names = [c.name for c in cfg.connections if c.writeback.enabled]
+    elif args.connection:
+        names = [cfg.connection(n).name for n in args.connection]
+    else:
+        raise ConfigError(["writeback: name a connection with --connection NAME (or --all)"])
+    ok = True
+    with _sandbox(cfg):
+        defs = _load_defs("syncs")
+        with dg.DagsterInstance.get() as instance:
+            for name in names:
+                result = writeback_connection(
+                    defs, instance, name, opportunities=args.opportunity, dry_run=args.dry_run, force=args.force
+                )
+                ok = _print_writeback(cfg, name, result) and ok
+    return 0 if ok else 1
+
+
+def _print_writeback(cfg: OppsyncConfig, connection: str, result) -> bool:
+    """What a write-back run did, from its audit rows (oppsync.writeback_log)."""
+    from sqlalchemy import text
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
+
+    with transaction(make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)) as c:
+        rows = c.execute(
+            text(
+                "SELECT opportunity_id, field, before, after, status, error FROM oppsync.writeback_log "
+                "WHERE run_id = :r ORDER BY log_id"
+            ),
+            {"r": result.run_id},
+        ).fetchall()
+    crm = cfg.connection(connection).crm
+    if not rows:
+        print(f"{connection} ({crm}): write-back failed before any row: {_step_error(result)}")
+        return False
+    per_status: dict[str, set[str]] = {}
+    for r in rows:
+        per_status.setdefault(r.status, set()).add(r.opportunity_id)
+    print(f"{connection} ({crm}): " + ", ".join(f"{len(ids)} {s}" for s, ids in sorted(per_status.items())))
+    told = set()
+    for r in rows:
+        if r.field is not None:
+            print(f"  {r.opportunity_id}  {r.field}: {_shown(r.before)} -> {_shown(r.after)}  [{r.status}]")
+        if r.error and (r.opportunity_id, r.error) not in told:
+            told.add((r.opportunity_id, r.error))
+            print(f"  {r.opportunity_id}  {r.status}: {r.error}")
+    return result.success
+
+
+def _step_error(result) -> str:
+    """The failed step's own message (a dg.Failure's description, else the exception), not Dagster's wrapper."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            data = event.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return data.user_failure_data.description
+            if data.error:
+                return data.error.cause.message.strip() if data.error.cause else data.error.message.strip()
+    return "unknown error (see the run in the Dagster UI)"
+
+
+def _shown(value: str | None) -> str:
+    return "(none)" if value is None else value
+
+
 def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) -> int:
     import dagster as dg
 
@@ -232,18 +332,37 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
             mart = defs.resolve_job_def("build_mart").execute_in_process(
                 run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False
             )
+            demo = _writeback_demo(cfg, defs, instance) if cfg.sandbox.enabled else []
     ok = _print_summary(cfg, results)
     rows = _mart_rows(cfg) if mart.success else None
     print(
         f"\nmart: {'built' if mart.success else 'FAILED'}"
         + (f", marts.outcomes has {rows} rows" if rows is not None else "")
     )
+    if demo:
+        print("\nrevenue write-back, dry run (sandbox example rows; `oppsync writeback --connection NAME` writes):")
+        for name, result in demo:
+            _print_writeback(cfg, name, result)
     if cfg.warehouse.backend == "duckdb":
         print(f"warehouse: {Path(cfg.warehouse.url.split(':///', 1)[1]).resolve()}")
     else:
         print(f"warehouse: {_redact_url(cfg.warehouse.url)}")
     print(f"dagster runs: {os.environ['DAGSTER_HOME']} (make dev to browse)  total {time.monotonic() - t0:.1f}s")
     return 0 if ok and mart.success else 1
+
+
+def _writeback_demo(cfg: OppsyncConfig, defs, instance) -> list:
+    """On the embedded sandbox: one example revenue row per connection (never replacing a user's rows), and a
+    dry-run write-back of each, so `make run` shows what the write-back would change in every CRM."""
+    from datetime import UTC, datetime
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine
+    from oppsync_pipeline.lib.writeback.example import seed_example
+
+    engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
+    names = [c.name for c in cfg.connections if c.writeback.enabled]
+    seed_example(engine, names, datetime.now(UTC).replace(tzinfo=None), cfg.writeback.table)
+    return [(name, writeback_connection(defs, instance, name, dry_run=True)) for name in names]
 
 
 def _print_summary(cfg: OppsyncConfig, results) -> bool:

@@ -47,8 +47,15 @@ def dbt_vars(cfg: OppsyncConfig) -> dict[str, str]:
 def dbt_environment(cfg: OppsyncConfig) -> Iterator[None]:
     """dbt's environment for the duration of one dbt call (parse at definitions load, build in the mart asset):
     the profile's variables for the configured warehouse. The process environment is restored after, so
-    nothing else in the process (a sync in the same CLI run, another location) sees dbt's settings."""
+    nothing else in the process (a sync in the same CLI run, another location) sees dbt's settings.
+
+    PATH starts with the virtualenv's bin: dagster-dbt's manifest preparer runs `dbt parse` with the executable
+    named "dbt" from PATH, and `make run` on a fresh checkout (no manifest yet) does not activate the venv."""
     wanted = dbt_env(cfg)
+    bin_dir = str(Path(dbt_executable()).parent)
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        wanted["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:

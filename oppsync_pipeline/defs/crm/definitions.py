@@ -1,10 +1,12 @@
-"""Built from oppsync.yaml at load time: per connection, its assets, checks, job and schedules."""
+"""Built from oppsync.yaml at load time: per connection, its assets, checks, job and schedules; the revenue
+write-back job and its sensor."""
 
 import dagster as dg
 
 from oppsync_pipeline.defs.crm.assets import connection_assets
 from oppsync_pipeline.defs.crm.checks import connection_checks
 from oppsync_pipeline.defs.crm.schedules import connection_schedules, sync_job
+from oppsync_pipeline.defs.crm.writeback import writeback_job, writeback_sensor
 from oppsync_pipeline.defs.resources import load_app_config
 
 
@@ -17,7 +19,13 @@ def crm_definitions() -> dg.Definitions:
         job = sync_job(conn)
         jobs.append(job)
         schedules += connection_schedules(conn, job)
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[*jobs, writeback_job],
+        schedules=schedules,
+        sensors=[writeback_sensor(cfg)],
+    )
 
 
 @dg.definitions

@@ -226,7 +226,7 @@ writeback_log = Table(
     Column("before", Text),  # JSON of the CRM's value before (null: the field or its record did not exist)
     Column("after", Text),  # JSON of the value written (or that would be, in a dry run)
     # planned (dry run) | written | not_applied (the CRM kept another value) | conflict | failed | invalid
-    # | not_attempted (the quota ran out first)
+    # | not_attempted (the quota ran out first) | unchanged | skipped (one row per opportunity, no field)
     Column("status", String, nullable=False),
     Column("error", Text),
     Column("trigger", String, nullable=False),  # manual | automatic

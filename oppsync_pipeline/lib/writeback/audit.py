@@ -26,6 +26,8 @@ class WriteStatus(StrEnum):
     FAILED = "failed"  # the CRM refused or did not answer
     INVALID = "invalid"  # the input row breaks the contract: never written
     NOT_ATTEMPTED = "not_attempted"  # the run stopped first (quota spent, write right missing)
+    UNCHANGED = "unchanged"  # the CRM already holds every value: nothing written (one row, no field)
+    SKIPPED = "skipped"  # not eligible for this trigger (approval state, opt-out): the reason in `error`
 
 
 @dataclass

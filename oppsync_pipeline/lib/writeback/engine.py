@@ -51,7 +51,7 @@ def utcnow() -> datetime:
 @dataclass
 class RowOutcome:
     opportunity_id: str
-    status: WriteStatus | str  # a WriteStatus, or "unchanged" (nothing differed) / "skipped" (opted out)
+    status: WriteStatus
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (before, after)
     error: str | None = None
 
@@ -174,7 +174,8 @@ def run_writeback(
     for row in rows:
         reason = eligible(cfg, conn, row, trigger)
         if reason:
-            result.rows.append(RowOutcome(row.opportunity_id, "skipped", error=reason))
+            result.rows.append(RowOutcome(row.opportunity_id, WriteStatus.SKIPPED, error=reason))
+            entries.append(_entry(conn, row.opportunity_id, None, None, None, WriteStatus.SKIPPED, reason))
         else:
             todo.append(row)
     connector = build_connector(cfg, conn, session=session, sleep=sleep)
@@ -221,7 +222,9 @@ def _write_row(
         current = writer.read_current(opp)
         changes = diff(current.values, desired)
         if not changes:
-            return RowOutcome(opp, "unchanged"), []
+            return RowOutcome(opp, WriteStatus.UNCHANGED), [
+                _entry(conn, opp, None, None, None, WriteStatus.UNCHANGED, None, writer.crm)
+            ]
         before = {f: current.values.get(f) for f in changes}
         conflicts = {
             f: (baseline[(opp, f)], current.values.get(f))

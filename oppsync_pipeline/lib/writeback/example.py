@@ -53,7 +53,8 @@ def revenue_row(connection: str, opportunity_id: str, now: datetime, **overrides
 
 def upsert_rows(engine: Engine, rows: Iterable[Mapping[str, Any]], table: str = INPUT_TABLE) -> int:
     """Insert rows, replacing the row of the same (connection, opportunity_id): what a user's loader does."""
-    rows = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    latest = {(r.get("connection"), r.get("opportunity_id")): {c: r.get(c) for c in COLUMNS} for r in rows}
+    rows = list(latest.values())  # the last row of a key wins, as a loader's upsert does
     if not rows:
         return 0
     names = ", ".join(COLUMNS)

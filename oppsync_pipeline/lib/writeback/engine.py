@@ -41,6 +41,8 @@ from oppsync_pipeline.lib.writeback.writer import Current, RevenueWriter, WriteP
 
 log = scrubbed_logger(__name__)
 LEASE_TTL_MINUTES = 30
+# Write refusals in a row (no write succeeding between them) after which the rest of the run is not attempted.
+PERMISSION_STOP = 3
 TRIGGERS = ("manual", "automatic")
 
 
@@ -54,6 +56,7 @@ class RowOutcome:
     status: WriteStatus
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (before, after)
     error: str | None = None
+    refused: bool = False  # the CRM refused the write for want of a right (WritePermissionError)
 
 
 @dataclass
@@ -187,20 +190,21 @@ def run_writeback(
             locked = True
         writer = writer_for(connector)
         baseline = audit.last_written(engine, conn.name)
+        refusals = 0
         for i, row in enumerate(todo):
             try:
                 outcome, row_entries = _write_row(writer, row, baseline, dry_run=dry_run, force=force)
-            except (QuotaExhausted, WritePermissionError) as err:
-                message = _clean(str(err), scrubber)
-                result.error = message
-                for rest in todo[i:]:
-                    result.rows.append(RowOutcome(rest.opportunity_id, WriteStatus.NOT_ATTEMPTED, error=message))
-                    entries.append(
-                        _entry(conn, rest.opportunity_id, None, None, None, WriteStatus.NOT_ATTEMPTED, message)
-                    )
+            except QuotaExhausted as err:
+                _stop(result, entries, conn, todo[i:], _clean(str(err), scrubber))
                 break
             result.rows.append(outcome)
             entries.extend(_scrubbed(e, scrubber) for e in row_entries)
+            refusals = refusals + 1 if outcome.refused else 0 if outcome.status == WriteStatus.WRITTEN else refusals
+            if refusals >= PERMISSION_STOP and i + 1 < len(todo):
+                _stop(result, entries, conn, todo[i + 1 :], _clean(outcome.error or "", scrubber))
+                break
+            if outcome.refused and result.error is None:
+                result.error = _clean(outcome.error or "", scrubber)
     finally:
         result.api_requests = connector.stats.requests
         audit.save(engine, entries, run_id, trigger, utcnow())  # audit time is wall time, not the run's `now`
@@ -208,6 +212,14 @@ def run_writeback(
             release_lock(engine, conn.name, run_id)
         result.seconds = time.monotonic() - t0
     return result
+
+
+def _stop(result: WritebackResult, entries: list[LogEntry], conn: ConnectionConfig, rest: list, message: str) -> None:
+    """The run ends early (quota spent, write right missing): the remaining rows are audited `not_attempted`."""
+    result.error = message
+    for row in rest:
+        result.rows.append(RowOutcome(row.opportunity_id, WriteStatus.NOT_ATTEMPTED, error=message))
+        entries.append(_entry(conn, row.opportunity_id, None, None, None, WriteStatus.NOT_ATTEMPTED, message))
 
 
 def _write_row(
@@ -226,6 +238,17 @@ def _write_row(
                 _entry(conn, opp, None, None, None, WriteStatus.UNCHANGED, None, writer.crm)
             ]
         before = {f: current.values.get(f) for f in changes}
+        blocked = {f: current.blocked[f] for f in changes if f in current.blocked}
+        ignored = [
+            _entry(conn, opp, f, before[f], changes[f], WriteStatus.NOT_APPLIED, reason, writer.crm)
+            for f, reason in blocked.items()
+        ]
+        if blocked:  # never spend a write on them, dry run or not
+            changes = {f: v for f, v in changes.items() if f not in blocked}
+            if not changes:
+                error = "; ".join(f"{f}: {reason}" for f, reason in blocked.items())
+                pairs = {f: (before[f], v) for f, v in diff(current.values, desired).items()}
+                return RowOutcome(opp, WriteStatus.NOT_APPLIED, pairs, error), ignored
         conflicts = {
             f: (baseline[(opp, f)], current.values.get(f))
             for f in changes
@@ -245,21 +268,20 @@ def _write_row(
         if dry_run:
             return RowOutcome(opp, WriteStatus.PLANNED, pairs), [
                 _entry(conn, opp, f, b, a, WriteStatus.PLANNED, None, writer.crm) for f, (b, a) in pairs.items()
-            ]
+            ] + ignored
         writer.write(opp, changes, current)
         after: Current = writer.read_current(opp)
     except CrmError as err:
         explained = writer.explain(err)
-        if isinstance(explained, (QuotaExhausted, WritePermissionError)):
+        if isinstance(explained, QuotaExhausted):
             raise explained from None
         message = str(explained)
         failed = {f: (before.get(f), v) for f, v in changes.items()}
         entries = [_entry(conn, opp, f, b, a, WriteStatus.FAILED, message, writer.crm) for f, (b, a) in failed.items()]
-        return RowOutcome(opp, WriteStatus.FAILED, failed, message), entries or [
-            _entry(conn, opp, None, None, None, WriteStatus.FAILED, message, writer.crm)
-        ]
+        outcome = RowOutcome(opp, WriteStatus.FAILED, failed, message, isinstance(explained, WritePermissionError))
+        return outcome, entries or [_entry(conn, opp, None, None, None, WriteStatus.FAILED, message, writer.crm)]
     kept = {f: after.values.get(f) for f in changes if not same(after.values.get(f), changes[f])}
-    entries = []
+    entries = list(ignored)
     for f, (b, a) in pairs.items():
         if f in kept:
             entries.append(
@@ -276,8 +298,11 @@ def _write_row(
             )
         else:
             entries.append(_entry(conn, opp, f, b, a, WriteStatus.WRITTEN, None, writer.crm))
-    if kept:
-        error = "; ".join(f"{f}: the CRM kept {_show(v)}" for f, v in kept.items())
+    if kept or blocked:
+        error = "; ".join(
+            [f"{f}: the CRM kept {_show(v)}" for f, v in kept.items()] + [f"{f}: {r}" for f, r in blocked.items()]
+        )
+        pairs.update({f: (before[f], desired[f]) for f in blocked})
         return RowOutcome(opp, WriteStatus.NOT_APPLIED, pairs, error), entries
     return RowOutcome(opp, WriteStatus.WRITTEN, pairs), entries
 

@@ -45,11 +45,15 @@ class Current:
 
     values: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
+    # Fields the CRM is known to ignore on this record, with the reason (Salesforce's Amount on an opportunity
+    # with products): audited `not_applied` without spending a write on them.
+    blocked: dict[str, str] = field(default_factory=dict)
 
 
 class WritePermissionError(CrmError):
-    """The API user may read but not write: names the right to grant. Permanent; the other rows are not tried
-    (they would be refused the same way)."""
+    """The API user may read but not write: names the right to grant. Permanent: the row fails, and after a few
+    refusals in a row the run stops (a right missing on the object refuses every row; a record shared read-only
+    refuses only its own)."""
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None):
         super().__init__(message, status, code, permanent=True)

@@ -241,6 +241,9 @@ def test_products_variant_accepts_and_ignores_amount_and_the_run_audits_not_appl
         assert _record(server.url, plain, fields="Amount").json()["Amount"] == 54_321.0
         writer = writer_for(build_connector(cfg, conn))
         assert writer.read_current(with_products).context == {"has_products": True}
+        # the next run tries again and says so again (an ignored write is no baseline for a conflict)
+        again = run_writeback(cfg, engine, conn.name, run_id="wb-2", now=NOW)
+        assert again.counts == {"not_applied": 1, "unchanged": 1}, again.rows
     finally:
         server.stop()
 

@@ -20,8 +20,20 @@ be found by reconciling id lists.
 `SELECT COUNT() FROM ... WHERE ...` answers `{"totalSize": n, "done": true, "records": []}`; COUNT() with ORDER BY is
 refused (MALFORMED_QUERY), as the SOQL reference says.
 
+Record reads and writes (docs/crm-write-webhook-notes.md §1.1): `GET .../sobjects/Opportunity/{Id}` answers every
+field describe lists, or with `?fields=A,B` only those (plus `attributes`); a field that does not exist or that
+field-level security hides is 400 INVALID_FIELD ("If you specify fields that don't exist or are inaccessible to
+you by field-level security, a 400 error response is returned", REST API guide, Get Field Values). PATCH answers
+204 with no body; a field that is not updatable for the user is 400 INVALID_FIELD_FOR_INSERT_UPDATE naming it in
+`fields`. `HasOpportunityLineItem` (boolean, read-only) is true when the opportunity has products; then "the amount
+is the sum of the related products. Any attempt to update this field ... will be ignored. The update call will not
+be rejected, and other fields will be updated as specified" (Opportunity object reference, Amount): still 204, and,
+as on every accepted save, LastModifiedDate / SystemModstamp move [U: assumed for a save that changes nothing].
+The product rows themselves (OpportunityLineItem) are not served.
+
 Not reproduced: date functions and relative date literals (LAST_N_DAYS:n ...), GROUP BY / aggregates other
-than COUNT(), sub-queries, INCLUDES/EXCLUDES, field-level security, concurrent-request limits.
+than COUNT(), sub-queries, INCLUDES/EXCLUDES, field-level security beyond the variants below, record-level sharing,
+concurrent-request limits.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import random
 import re
 import secrets
 import time
@@ -156,7 +169,18 @@ VARIANTS: dict[str, str] = {
     "no_last_stage_change_date": "Opportunity.LastStageChangeDate hidden from the API user by field-level security "
     "(what an API version before 52.0 also sees): describe does not list it, SOQL "
     "naming it is 400 INVALID_FIELD",
+    "products": "about a third of the opportunities have products (HasOpportunityLineItem true): their Amount is the "
+    "sum of the products, and a PATCH of Amount is accepted (204) and ignored, other fields updated "
+    "(Opportunity object reference, Amount)",
+    "amount_read_only": "field-level security makes Opportunity.Amount read-only for the API user: readable, describe "
+    "says updateable false, a PATCH naming it is 400 INVALID_FIELD_FOR_INSERT_UPDATE with "
+    "fields ['Amount'] and changes nothing",
+    "no_edit_rights": "API user with Read but not Edit (nor Create, Delete) on Opportunity: every write of an "
+    "opportunity is 400 INSUFFICIENT_ACCESS_OR_READONLY 'insufficient access rights on object id' "
+    "(the status code is [U]: the error code is a save-result StatusCode, which REST answers with 400)",
 }
+# Variant `products`: the share of opportunities (with an amount) that have products.
+PRODUCTS_SHARE = 1 / 3
 # What the API user of `no_optional_rights` cannot see.
 REFUSED_OBJECTS = ("opportunitystage", "organization", "user")
 
@@ -212,6 +236,13 @@ def build(
             opp.close_date = opp.closed_at.date()
     if multi_currency is None:
         multi_currency = variant == "multi_currency"
+    # Variant `products`: drawn from a stream of its own, so the tenant is otherwise the same in every variant.
+    with_products: set[str] = set()
+    if variant == "products":
+        pick = random.Random(f"{seed}:products")
+        with_products = {
+            o.native_id for o in world.opps.values() if o.amount is not None and pick.random() < PRODUCTS_SHARE
+        }
     return SalesforceSimulator(
         world,
         faults,
@@ -220,6 +251,9 @@ def build(
         custom_fields=variant == "custom_fields",
         optional_rights=variant != "no_optional_rights",
         last_stage_change_date=variant != "no_last_stage_change_date",
+        with_products=with_products,
+        amount_editable=variant != "amount_read_only",
+        edit_rights=variant != "no_edit_rights",
         variant=variant,
     )
 
@@ -877,6 +911,9 @@ class SalesforceSimulator(Simulator):
         custom_fields: bool = False,
         optional_rights: bool = True,
         last_stage_change_date: bool = True,
+        with_products: set[str] | None = None,
+        amount_editable: bool = True,
+        edit_rights: bool = True,
         variant: str = "default",
     ):
         super().__init__(world, faults)
@@ -887,6 +924,9 @@ class SalesforceSimulator(Simulator):
         self.optional_rights = optional_rights  # False: View Setup, OpportunityStage, Organization, User refused
         self.last_stage_change_date = last_stage_change_date  # False: the field is hidden (field-level security)
         self.stage_changes = StageChanges(world)
+        self.with_products = set(with_products or ())  # ids of the opportunities that have products
+        self.amount_editable = amount_editable  # False: field-level security makes Amount read-only
+        self.edit_rights = edit_rights  # False: Read but not Create / Edit / Delete on Opportunity
         self.variant = variant
         self.tokens = TokenStore(world.clock.now)  # session ids: valid until the token_expiry fault
         self.cursors = Snapshots(512, new_id=lambda n: to18(f"01gRO0000{_b62(n, 6)}"))  # query locators
@@ -1144,7 +1184,9 @@ class SalesforceSimulator(Simulator):
             relationship="Account",
         )
         opp.add("OwnerId", "id", lambda o: users[o.owner].native_id, True, reference_to=("User",), relationship="Owner")
-        opp.add("Amount", "currency", lambda o: o.amount, True)
+        opp.add("Amount", "currency", lambda o: o.amount, self.amount_editable)
+        # Read-only: true when the opportunity has products (then Amount is their sum and ignores writes)
+        opp.add("HasOpportunityLineItem", "boolean", lambda o: o.native_id in self.with_products)
         opp.add("StageName", "picklist", lambda o: o.stage, True)
         opp.add("ForecastCategoryName", "picklist", lambda o: FORECAST.get(o.stage, "Pipeline"))
         opp.add("Probability", "percent", lambda o: o.probability, True)
@@ -1358,10 +1400,26 @@ class SalesforceSimulator(Simulator):
 
     def _get_record(self, req: Request) -> Response:
         sobject = self._opportunity(req)
+        visible = sobject.for_version(req.params["version"])
+        asked = req.arg("fields")
+        if asked is None or not asked.strip():
+            fields = [fd for fd in visible.fields.values() if "." not in fd.name]
+        else:
+            fields = []
+            for name in (n.strip() for n in asked.split(",")):
+                fd = visible.fields.get(name.lower())
+                if fd is None or "." in fd.name:
+                    raise HttpError(400, "INVALID_FIELD", f"No such column '{name}' on sobject of type Opportunity")
+                if fd not in fields:
+                    fields.append(fd)
         with self.world.lock:
             opp = self._find(req.params["id"])
-            fields = [fd for fd in sobject.for_version(req.params["version"]).fields.values() if "." not in fd.name]
             return Response.json(self._render(sobject, opp, fields, req.params["version"]))
+
+    def _check_write_rights(self) -> None:
+        """Variant `no_edit_rights`: the user may read opportunities but not create, edit or delete them."""
+        if not self.edit_rights:
+            raise SfError(400, "INSUFFICIENT_ACCESS_OR_READONLY", "insufficient access rights on object id", [])
 
     def _values(self, body: Any, sobject: SObject) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -1451,6 +1509,7 @@ class SalesforceSimulator(Simulator):
 
     def _create(self, req: Request) -> Response:
         sobject = self._opportunity(req)
+        self._check_write_rights()
         values = self._values(req.json(), sobject)
         missing = [f for f in ("Name", "StageName", "CloseDate") if values.get(f) in (None, "")]
         if missing:
@@ -1470,16 +1529,22 @@ class SalesforceSimulator(Simulator):
 
     def _update(self, req: Request) -> Response:
         sobject = self._opportunity(req)
+        self._check_write_rights()
         values = self._values(req.json(), sobject)
         with self.world.lock:
             opp = self._find(req.params["id"])
             if "StageName" in values and values["StageName"] is None:
                 raise SfError(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [StageName]", ["StageName"])
+            if opp.native_id in self.with_products:
+                # "Any attempt to update this field, if the record has products, will be ignored. The update call
+                # will not be rejected, and other fields will be updated as specified."
+                values.pop("Amount", None)
             self.world.update(opp.native_id, **self._world_values(values))
         return Response.empty(204)
 
     def _delete(self, req: Request) -> Response:
         self._opportunity(req)
+        self._check_write_rights()
         with self.world.lock:
             opp = self._find(req.params["id"])
             self.world.delete(opp.native_id)

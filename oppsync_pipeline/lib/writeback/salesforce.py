@@ -55,6 +55,14 @@ _PERMISSION_CODES = {
 _READ_FIELDS = "Amount,HasOpportunityLineItem"
 
 
+# The vendor's words (object reference, Opportunity.Amount): the write would be accepted (204) and ignored, so the
+# engine audits it `not_applied` without spending the request.
+_IGNORED_WITH_PRODUCTS = (
+    "the opportunity has products: Salesforce sets Amount to the sum of their prices and ignores writes to it "
+    "(write the products, or remove them)"
+)
+
+
 class SalesforceWriter(RevenueWriter):
     crm = "salesforce"
     targets = (
@@ -82,7 +90,9 @@ class SalesforceWriter(RevenueWriter):
                 f"(got {type(record).__name__})",
                 code="MALFORMED_BODY",
             )
-        return Current({"Amount": record["Amount"]}, {"has_products": bool(record.get("HasOpportunityLineItem"))})
+        has_products = bool(record.get("HasOpportunityLineItem"))
+        blocked = {"Amount": _IGNORED_WITH_PRODUCTS} if has_products else {}
+        return Current({"Amount": record["Amount"]}, {"has_products": has_products}, blocked)
 
     def write(self, source_id: str, changes: Mapping[str, Any], current: Current) -> None:
         self.client.request("PATCH", self._path(source_id), json=dict(changes))

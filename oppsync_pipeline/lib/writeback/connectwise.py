@@ -21,7 +21,8 @@ The mapping onto forecast types is ours: ScopeStack says only "separate entries"
   cycle whose billingOptions is the payment frequency, cycles = the number of payment periods in the term
   (ceil(mrr_term_months / 1, 3 or 12): a 10-month term paid quarterly is billed 4 times), and revenue / cost =
   the per-period amounts times cycles (the line's total over the term, which CW's totals and our sync's amount
-  sum). Without a term or a frequency, cycles, revenue and cost are not written (the per-period amounts are).
+  sum). Without a term or a frequency, cycles, revenue and cost are not written (the per-period amounts are);
+  without ms_revenue and ms_cost there is no Managed Services line at all (a frequency or term alone adds none).
   Whether CW derives revenue from the recurring fields itself is [U]: we write both, and read both back.
 - Product -> one `Product` line: revenue = product_revenue.
 Our lines are recognised by (forecastType, forecastDescription): ("Service", "Professional Services"),
@@ -94,21 +95,29 @@ class ConnectWiseWriter(RevenueWriter):
         out: dict[str, Any] = {}
         _put(out, "Service", "revenue", row.ps_revenue)
         _put(out, "Service", "cost", row.ps_cost)
-        if row.ms_revenue is not None or row.ms_cost is not None:
-            out["forecast.Agreement.recurringFlag"] = True
+        out.update(self._managed(row))
+        _put(out, "Product", "revenue", row.product_revenue)
+        return out
+
+    @staticmethod
+    def _managed(row: RevenueRow) -> dict[str, Any]:
+        """The Managed Services line: only where the row has managed-services money (a frequency or term alone
+        creates no line)."""
+        if row.ms_revenue is None and row.ms_cost is None:
+            return {}
+        out: dict[str, Any] = {"forecast.Agreement.recurringFlag": True}
         _put(out, "Agreement", "recurringRevenue", row.ms_revenue)
         _put(out, "Agreement", "recurringCost", row.ms_cost)
-        cycles = None
-        if row.payment_frequency is not None:
-            option, months = FREQUENCIES[row.payment_frequency]
-            out["forecast.Agreement.billCycle"] = option
-            if row.mrr_term_months is not None:
-                cycles = math.ceil(row.mrr_term_months / months)
-                out["forecast.Agreement.cycles"] = cycles
-        if cycles is not None:
-            _put(out, "Agreement", "revenue", None if row.ms_revenue is None else round(row.ms_revenue * cycles, 2))
-            _put(out, "Agreement", "cost", None if row.ms_cost is None else round(row.ms_cost * cycles, 2))
-        _put(out, "Product", "revenue", row.product_revenue)
+        if row.payment_frequency is None:
+            return out
+        option, months = FREQUENCIES[row.payment_frequency]
+        out["forecast.Agreement.billCycle"] = option
+        if row.mrr_term_months is None:
+            return out
+        cycles = math.ceil(row.mrr_term_months / months)
+        out["forecast.Agreement.cycles"] = cycles
+        _put(out, "Agreement", "revenue", None if row.ms_revenue is None else round(row.ms_revenue * cycles, 2))
+        _put(out, "Agreement", "cost", None if row.ms_cost is None else round(row.ms_cost * cycles, 2))
         return out
 
     # -- the API -------------------------------------------------------------------------------------------------

@@ -24,7 +24,18 @@ What it reproduces (docs/crm-api-notes.md §4):
 - Security roles: every API area can be refused (`sim.refused`, 403 `{"code": "Unauthorized", "message":
   "You do not have permission ..."}`); tenant VARIANTS select the refusals, renamed statuses and stages, and
   extra custom fields; `truth(sim)` is the tenant as a CW user sees it (for the variant matrix test).
-- Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
+- Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed).
+- Forecast lines (docs/crm-write-webhook-notes.md §4.1, pyconnectwise's ForecastItem): `POST .../forecast` with
+  a ForecastItem body (201 + the line), `GET|PUT|PATCH|DELETE .../forecast/{forecastId}`; PATCH takes a JSON
+  Patch array (add / replace / remove, paths with or without a leading slash, `billCycle/id`), all or nothing.
+  `forecastType` is required (Other1|Other2|Agreement|Product|Service), `forecastDescription` <= 50 characters,
+  `billCycle` must name one of `/finance/billingCycles` (tenant names, CW's `billingOptions` enum); a bad body
+  is 400 `{code: InvalidObject, message: "forecastItem object is invalid", errors: [{code:
+  MissingRequiredField|InvalidField, message, resource, field}]}`, an unknown line 404 NotFound. Lines are
+  derived from the world's amount until one is written, then stored; the world's amount is kept equal to their
+  sum (what the sync reads). A forecast write moves the opportunity's `_info.lastUpdated` (unverified; the
+  forecast_keeps_last_updated variant does not). Writes need the Add / Edit / Delete level on Sales >
+  Opportunities (read_only_opportunities: 403 Unauthorized).
 - Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
 - Close time: `closedDate` (`YYYY-MM-DDTHH:MM:SSZ`) and `closedBy` (a member reference) are set while the

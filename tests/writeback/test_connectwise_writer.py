@@ -284,6 +284,16 @@ def test_refused_billing_cycles_name_their_table(sim):
         assert isinstance(explained, WritePermissionError) and "Finance > Billing Cycles" in str(explained)
 
 
+def test_refused_forecast_read_names_the_inquire_right():
+    sim = cw.build(seed=21, opportunities=12, variant="no_optional_rights")
+    with SandboxServer(sim) as srv:
+        writer = writer_for(srv.url)
+        with pytest.raises(WritePermissionError) as refused:
+            writer.read_current(_opp_with_lines(sim))
+        assert "Sales > Opportunities (forecast), Inquire Level" in str(refused.value)
+        assert writer.explain(refused.value) is refused.value
+
+
 def test_billing_cycle_is_found_by_billing_option_not_name(sim):
     with SandboxServer(sim) as srv:
         api, opp = _api(srv), _opp_with_lines(sim)

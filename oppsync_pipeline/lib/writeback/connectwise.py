@@ -126,7 +126,12 @@ class ConnectWiseWriter(RevenueWriter):
         return self.connector.api(f"/sales/opportunities/{int(source_id)}/forecast")
 
     def read_current(self, source_id: str) -> Current:
-        answer = self.client.get_json(self._forecast(source_id))
+        try:
+            answer = self.client.get_json(self._forecast(source_id))
+        except CrmError as err:
+            raise _refused_read(
+                err, "the opportunity's forecast", "Sales > Opportunities (forecast), Inquire Level"
+            ) from None
         if not isinstance(answer, dict) or not isinstance(answer.get("forecastItems"), list):
             raise CrmError(f"ConnectWise answered GET .../opportunities/{source_id}/forecast without forecastItems")
         values: dict[str, Any] = {}
@@ -156,14 +161,8 @@ class ConnectWiseWriter(RevenueWriter):
                 self.client.request("PATCH", f"{self._forecast(source_id)}/{line_id}", json=patch)
 
     def explain(self, err: CrmError) -> CrmError:
-        if err.status == 403 and BILLING_CYCLES_PATH.lower() in str(err).lower():
-            return WritePermissionError(
-                "ConnectWise refused GET /finance/billingCycles (403): the Managed Services line's billCycle needs "
-                "the tenant's billing cycles; grant the API member's security role Inquire on Finance > Billing "
-                f"Cycles (table setup). CRM said: {err}",
-                status=403,
-                code=err.code,
-            )
+        if isinstance(err, WritePermissionError):  # a refused read, already named (read_current, billing cycles)
+            return err
         if err.status == 403:
             return WritePermissionError(
                 f"ConnectWise refused the forecast write (HTTP 403): grant the API member {self.permission}. "
@@ -177,7 +176,14 @@ class ConnectWiseWriter(RevenueWriter):
 
     def _billing_cycles(self) -> list[dict[str, Any]]:
         if self._cycles is None:
-            rows = self.client.get_json(self.connector.api(BILLING_CYCLES_PATH), params={"pageSize": 1000})
+            try:
+                rows = self.client.get_json(self.connector.api(BILLING_CYCLES_PATH), params={"pageSize": 1000})
+            except CrmError as err:
+                raise _refused_read(
+                    err,
+                    "the billing cycles (the Managed Services line's billCycle)",
+                    "Finance > Billing Cycles (table setup), Inquire Level",
+                ) from None
             if not isinstance(rows, list):
                 raise CrmError("ConnectWise answered GET /finance/billingCycles with something other than a list")
             self._cycles = [r for r in rows if isinstance(r, dict)]
@@ -213,6 +219,19 @@ def ours(items: list[Any]) -> dict[str, dict[str, Any]]:
         if kind in LINES and item.get("forecastDescription") == LINES[kind] and kind not in found:
             found[kind] = item
     return found
+
+
+def _refused_read(err: CrmError, what: str, right: str) -> CrmError:
+    """A 403 on one of the writer's reads as the right to grant (the connector's message says Inquire Level on
+    the area; this names the write-back's need); any other error unchanged."""
+    if err.status != 403:
+        return err
+    return WritePermissionError(
+        f"ConnectWise refused reading {what} (HTTP 403): grant the API member's security role {right} "
+        f"(System > Security Roles). CRM said: {err}",
+        status=403,
+        code=err.code,
+    )
 
 
 def _put(out: dict[str, Any], kind: str, name: str, value: Any) -> None:

@@ -239,6 +239,19 @@ def test_other_users_lines_that_look_like_ours_are_left_alone(sim):
         assert len(_ours(api, opp)) == 3
 
 
+def test_two_lines_with_our_marker_fail_the_row_naming_both(sim):
+    with SandboxServer(sim) as srv:
+        api, opp = _api(srv), _opp_with_lines(sim)
+        write(writer_for(srv.url), opp, row())
+        url = f"{api}/sales/opportunities/{opp}/forecast"
+        extra = _send(
+            "POST", url, {"forecastType": "Product", "forecastDescription": "Product Revenue", "revenue": 1.0}
+        )
+        with pytest.raises(CrmError, match=f"two Product forecast lines.*{extra.json()['id']}") as dup:
+            writer_for(srv.url).read_current(opp)
+        assert dup.value.permanent and not isinstance(dup.value, WritePermissionError)
+
+
 def test_a_line_deleted_in_connectwise_is_created_again(sim):
     with SandboxServer(sim) as srv:
         api, opp = _api(srv), _opp_with_lines(sim)

@@ -29,8 +29,9 @@ Our lines are recognised by (forecastType, forecastDescription): ("Service", "Pr
 ("Agreement", "Managed Services"), ("Product", "Product Revenue"), exactly (case included: the sandbox's own
 lines say "Product revenue"). A line is created once (POST, with includeFlag true) and then patched; other
 users' lines are never touched. Traps: a user who names a line exactly like ours has it adopted (updated) by
-the next write; two lines with our marker (a copied forecast) -> the lowest id is ours, the other is left alone.
-A line someone deletes in CW is created again by the next write (its fields read as absent).
+the next write; two lines with one marker (a copied forecast, or a POST that CW committed but answered with a
+5xx, which the client retries) fail the row naming both ids, rather than leave a double-counted line. A line
+someone deletes in CW is created again by the next write (its fields read as absent).
 
 Unverified and how the code copes: whether a forecast-only change moves the opportunity's `_info.lastUpdated`
 is [U]. The connector reads amounts from the forecast only for opportunities an incremental read returns, so if
@@ -212,11 +213,21 @@ class ConnectWiseWriter(RevenueWriter):
 
 
 def ours(items: list[Any]) -> dict[str, dict[str, Any]]:
-    """Our line per forecast type (the lowest id where a marker appears twice); every other line is not ours."""
+    """Our line per forecast type; every other line is not ours. Two lines with one marker (a POST that CW
+    committed but answered with an error, then retried; a forecast copied from another opportunity) fail the
+    row: both count in the opportunity's totals, and oppsync does not guess which one to keep."""
     found: dict[str, dict[str, Any]] = {}
     for item in sorted((i for i in items if isinstance(i, dict)), key=lambda i: i.get("id") or 0):
         kind = item.get("forecastType")
-        if kind in LINES and item.get("forecastDescription") == LINES[kind] and kind not in found:
+        if kind in LINES and item.get("forecastDescription") == LINES[kind]:
+            if kind in found:
+                raise CrmError(
+                    f"the opportunity has two {kind} forecast lines named '{LINES[kind]}' (ids "
+                    f"{found[kind].get('id')} and {item.get('id')}): both count in its totals; delete the extra "
+                    "one in ConnectWise, then run the write-back again",
+                    code="DuplicateForecastLine",
+                    permanent=True,
+                )
             found[kind] = item
     return found
 

@@ -24,7 +24,18 @@ What it reproduces (docs/crm-api-notes.md §4):
 - Security roles: every API area can be refused (`sim.refused`, 403 `{"code": "Unauthorized", "message":
   "You do not have permission ..."}`); tenant VARIANTS select the refusals, renamed statuses and stages, and
   extra custom fields; `truth(sim)` is the tenant as a CW user sees it (for the variant matrix test).
-- Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed), POST forecast item.
+- Writes: POST, PUT, PATCH (JSON-Patch array), DELETE (hard delete, no delete feed).
+- Forecast lines (docs/crm-write-webhook-notes.md §4.1, pyconnectwise's ForecastItem): `POST .../forecast` with
+  a ForecastItem body (201 + the line), `GET|PUT|PATCH|DELETE .../forecast/{forecastId}`; PATCH takes a JSON
+  Patch array (add / replace / remove, paths with or without a leading slash, `billCycle/id`), all or nothing.
+  `forecastType` is required (Other1|Other2|Agreement|Product|Service), `forecastDescription` <= 50 characters,
+  `billCycle` must name one of `/finance/billingCycles` (tenant names, CW's `billingOptions` enum); a bad body
+  is 400 `{code: InvalidObject, message: "forecastItem object is invalid", errors: [{code:
+  MissingRequiredField|InvalidField, message, resource, field}]}`, an unknown line 404 NotFound. Lines are
+  derived from the world's amount until one is written, then stored; the world's amount is kept equal to their
+  sum (what the sync reads). A forecast write moves the opportunity's `_info.lastUpdated` (unverified; the
+  forecast_keeps_last_updated variant does not). Writes need the Add / Edit / Delete level on Sales >
+  Opportunities (read_only_opportunities: 403 Unauthorized).
 - Errors `{"code", "message", "errors": [...]}`; 429 with `Retry-After` (seconds), also from an optional
   per-minute request allowance the simulator counts (`requests_per_minute`). CW sends no usage headers.
 - Close time: `closedDate` (`YYYY-MM-DDTHH:MM:SSZ`) and `closedBy` (a member reference) are set while the
@@ -118,10 +129,14 @@ AREAS = {
     "members": (r"/system/members(/count|/\d+)?$", "System > Member Maintenance"),
     "companies": (r"/company/companies(/.*)?$", "Companies > Company Maintenance"),
     "forecast": (
-        r"/sales/opportunities/\d+/forecast$",
+        r"/sales/opportunities/\d+/forecast(/\d+)?$",
         "Sales > Opportunity forecast (Sales > Opportunities: Forecast)",
     ),
+    "billing_cycles": (r"/finance/billingCycles(/\d+)?$", "Finance > Billing Cycles (Table Setup)"),
 }
+# What a write needs beyond Inquire: the security role's Add / Edit / Delete level on Sales > Opportunities, which
+# also governs the opportunity's forecast lines (the read_only_opportunities variant has them at None).
+WRITE_LEVELS = {"POST": "Add Level", "PUT": "Edit Level", "PATCH": "Edit Level", "DELETE": "Delete Level"}
 OPTIONAL_AREAS = frozenset({"stages", "probabilities", "members", "companies", "forecast"})
 # Tenant variants the tests can select (`build(variant=...)`, `Sandbox(variants={...})`).
 VARIANTS = {
@@ -134,6 +149,12 @@ VARIANTS = {
     "Discovery, Demo, Proposal, Contracting, Signed)",
     "custom_fields": "more opportunity custom fields, some named like standard fields (Stage, Amount, Site) with "
     "values that differ from them, a Number and a Checkbox field and empty values",
+    "read_only_opportunities": "the API member's security role has Sales > Opportunities at Inquire only (Add, Edit "
+    "and Delete Level None): reads work, every POST / PUT / PATCH / DELETE under /sales/opportunities (the "
+    "opportunity and its forecast lines) answers 403 {code: Unauthorized}",
+    "forecast_keeps_last_updated": "a forecast line written through the API changes the forecast (and the amount "
+    "a sync reads) but not the opportunity's _info.lastUpdated: whether CW moves it is unverified, and this is the "
+    "case where an incremental sync misses the change",
     "migrated_history": "a tenant that moved to ConnectWise a year before the data's anchor: opportunities closed "
     "before go-live were imported in their closed status with closedDate and closedBy empty "
     "(CW stamps them only when a record enters a closed status); later closes carry them",
@@ -190,6 +211,45 @@ _CODES = {
 }
 REGIONS = ["West", "East", "North", "South", None]
 FORECAST_TYPES = ["Service", "Product", "Agreement"]
+# ForecastItem.forecastType, required (pyconnectwise's generated model, docs/crm-write-webhook-notes.md §4.1)
+FORECAST_TYPE_VALUES = ("Other1", "Other2", "Agreement", "Product", "Service")
+FORECAST_ID_BASE = 500_000  # ids of lines created through the API (generated lines are seq * 10 + i)
+# ForecastItem's writable fields and their JSON types (pyconnectwise ForecastItem); margin is computed.
+FORECAST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "forecastType": str,
+    "forecastDescription": str,
+    "revenue": (int, float),
+    "cost": (int, float),
+    "quantity": (int, float),
+    "percentage": (int, float),
+    "includeFlag": bool,
+    "linkFlag": bool,
+    "taxableFlag": bool,
+    "recurringFlag": bool,
+    "recurringRevenue": (int, float),
+    "recurringCost": (int, float),
+    "recurringDateStart": str,
+    "recurringDateEnd": str,
+    "cycles": int,
+    "cycleBasis": str,
+    "billCycle": dict,
+    "sequenceNumber": (int, float),
+    "productDescription": str,
+    "productClass": str,
+    "catalogItem": dict,
+    "status": dict,
+    "subNumber": int,
+}
+# The tenant's billing cycles (Finance > Billing Cycles): names are the tenant's own; `billingOptions` is CW's
+# enum (pyconnectwise BillingCycle: Weekly, BiWeekly, Monthly, BiMonthly, Quarterly, SemiAnnual, Yearly,
+# NotRecurring). id, identifier (<= 5), name, billingOptions, defaultFlag.
+BILLING_CYCLES = [
+    (1, "M", "Monthly", "Monthly", True),
+    (2, "Q", "Quarterly", "Quarterly", False),
+    (3, "A", "Annual", "Yearly", False),
+    (4, "SA", "Semi-Annual", "SemiAnnual", False),
+    (5, "W", "Weekly", "Weekly", False),
+]
 MEMBER_ID_BASE = 150
 COMPANY_ID_BASE = 250
 
@@ -528,6 +588,7 @@ class ConnectWiseSimulator(Simulator):
             raise ValueError(f"unknown connectwise sandbox variant {variant!r}; one of {sorted(VARIANTS)}")
         self.variant = variant
         self.refused: frozenset[str] = OPTIONAL_AREAS if variant == "no_optional_rights" else frozenset()
+        self.read_only_opportunities = variant == "read_only_opportunities"
         self.status_rows = CUSTOM_STATUSES if variant == "custom_statuses" else STATUSES
         self.stage_rows = CUSTOM_SALES_STAGES if variant == "custom_statuses" else SALES_STAGES
         self.cache = QueryCache()
@@ -536,7 +597,11 @@ class ConnectWiseSimulator(Simulator):
         self.members = {u.native_id: u for u in world.users}
         self.member_by_id = {MEMBER_ID_BASE + u.idx: u for u in world.users}
         self.statuses = {int(s.key): s for s in world.stages.values()}
-        self.forecast_extra: dict[str, list[dict[str, Any]]] = {}
+        # Forecast lines written through the API (or of an opportunity whose lines were): opportunity id -> its
+        # lines' stored fields, and the world's amount they sum to (see forecast_items).
+        self.forecasts: dict[str, list[dict[str, Any]]] = {}
+        self.forecast_basis: dict[str, float | None] = {}
+        self.next_forecast_id = FORECAST_ID_BASE
         self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
         api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
         route = functools.partial(self.route, guard=self._guard)  # Basic auth + clientId, allowance, role
@@ -551,6 +616,12 @@ class ConnectWiseSimulator(Simulator):
         route("DELETE", api + r"/sales/opportunities/(?P<id>\d+)", self._delete_opp)
         route("GET", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._get_forecast)
         route("POST", api + r"/sales/opportunities/(?P<id>\d+)/forecast", self._add_forecast)
+        item = api + r"/sales/opportunities/(?P<id>\d+)/forecast/(?P<fid>\d+)"
+        route("GET", item, self._get_forecast_item)
+        route("PUT", item, self._put_forecast_item)
+        route("PATCH", item, self._patch_forecast_item)
+        route("DELETE", item, self._delete_forecast_item)
+        route("GET", api + r"/finance/billingCycles", self._list_billing_cycles)
         route("GET", api + r"/sales/probabilities", self._list_probabilities)
         route("GET", api + r"/sales/stages", self._list_stages)
         route("GET", api + r"/sales/stages/(?P<id>\d+)", self._get_stage)
@@ -597,10 +668,20 @@ class ConnectWiseSimulator(Simulator):
         self._authorize(req)
 
     def _authorize(self, req: Request) -> None:
-        """The API member's security role: an area it may not inquire on answers 403 (no_optional_rights)."""
+        """The API member's security role: an area it may not inquire on answers 403 (no_optional_rights); a
+        write under /sales/opportunities without the Add / Edit / Delete level answers 403 (read_only_opportunities).
+        """
+        path = req.path.split("/apis/3.0", 1)[1]
+        level = WRITE_LEVELS.get(req.method.upper())
+        if level and self.read_only_opportunities and path.startswith("/sales/opportunities"):
+            raise HttpError(
+                403,
+                "Unauthorized",
+                f"You do not have permission to access this resource. "
+                f"Required security role permission: Sales > Opportunities ({level})",
+            )
         if not self.refused:
             return
-        path = req.path.split("/apis/3.0", 1)[1]
         for area in self.refused:
             pattern, role = AREAS[area]
             if re.search(pattern, path):
@@ -804,41 +885,115 @@ class ConnectWiseSimulator(Simulator):
         ]
 
     def forecast_items(self, o: SimOpportunity) -> list[dict[str, Any]]:
-        """The opportunity's amount split into 1-3 lines that sum to it exactly (to the cent)."""
+        """The opportunity's forecast lines as CW renders them. Until one of its lines is written through the
+        API they are derived from the world's amount (1-3 lines that sum to it exactly, to the cent); from the
+        first write on they are stored (`self.forecasts`) and the world's amount is kept equal to their sum."""
+        lines = self._stored_lines(o)
+        if lines is None:
+            lines = self._generated_lines(o)
+        return [self._render_line(o, line) for line in lines]
+
+    def _generated_lines(self, o: SimOpportunity) -> list[dict[str, Any]]:
         if o.amount is None:
             return []
         n = 1 + o.seq % 3
         cents = int(round(o.amount * 100))
         shares = [cents // n] * n
         shares[0] += cents - sum(shares)
-        st = self.world.stages[o.stage]
-        items = []
+        lines = []
         for i, share in enumerate(shares):
             revenue = share / 100
-            items.append(
+            lines.append(
                 {
                     "id": o.seq * 10 + i,
+                    "forecastType": FORECAST_TYPES[i],
                     "forecastDescription": f"{FORECAST_TYPES[i]} revenue",
-                    "opportunity": {"id": int(o.native_id), "name": o.name},
-                    "quantity": 1.0,
-                    "status": {"id": int(st.key), "name": st.label},
-                    "catalogItem": None,
-                    "productDescription": None,
-                    "productClass": None,
                     "revenue": revenue,
                     "cost": round(revenue * 0.6, 2),
-                    "margin": round(revenue * 0.4, 2),
-                    "percentage": 40.0,
-                    "includeFlag": True,
-                    "linkFlag": False,
                     "recurringFlag": FORECAST_TYPES[i] == "Agreement",
-                    "taxableFlag": False,
-                    "forecastType": FORECAST_TYPES[i],
                     "sequenceNumber": i + 1,
-                    "_info": {"lastUpdated": _iso(o.modified_at), "updatedBy": self.world.users[o.owner].native_id},
+                    "_updated": o.modified_at,
                 }
             )
-        return items
+        return lines
+
+    def _stored_lines(self, o: SimOpportunity) -> list[dict[str, Any]] | None:
+        """The stored lines (None: never written through the API). A change of the world's amount since our
+        last write (the world's own activity: a user editing the forecast in CW) lands on the first line not
+        created through the API (a new Service line where there is none), so the lines keep summing to it."""
+        with self.world.lock:
+            lines = self.forecasts.get(o.native_id)
+            if lines is None:
+                return None
+            basis = self.forecast_basis.get(o.native_id)
+            if not _same_amount(basis, o.amount):
+                delta = round((o.amount or 0.0) - (basis or 0.0), 2)
+                theirs = next((line for line in lines if line["id"] < FORECAST_ID_BASE), None)
+                if theirs is None:
+                    theirs = {"id": o.seq * 10 + 8, "forecastType": "Service", "forecastDescription": "Service revenue"}
+                    theirs["revenue"] = 0.0
+                    lines.insert(0, theirs)
+                theirs["revenue"] = round((theirs.get("revenue") or 0.0) + delta, 2)
+                theirs["_updated"] = o.modified_at
+                self.forecast_basis[o.native_id] = o.amount
+            return lines
+
+    def _materialised(self, o: SimOpportunity) -> list[dict[str, Any]]:
+        """The stored lines, storing the generated ones on the opportunity's first forecast write."""
+        with self.world.lock:
+            lines = self._stored_lines(o)
+            if lines is None:
+                lines = self.forecasts[o.native_id] = self._generated_lines(o)
+                self.forecast_basis[o.native_id] = o.amount
+            return lines
+
+    def _forecast_written(self, o: SimOpportunity, line: dict[str, Any] | None) -> None:
+        """After a write to the opportunity's lines: the world's amount is their sum (no lines: none), which the
+        next sync reads; the opportunity's `_info.lastUpdated` moves too, except in the forecast_keeps_last_updated
+        variant (whether CW moves it for a forecast-only change is unverified: crm-write-webhook-notes.md §4.1)."""
+        with self.world.lock:
+            lines = self.forecasts[o.native_id]
+            total = round(sum(line.get("revenue") or 0.0 for line in lines), 2) if lines else None
+            now = self.world.clock.now()
+            if line is not None:
+                line["_updated"] = now
+            self.world.update(o.native_id, amount=total, bump=self.variant != "forecast_keeps_last_updated")
+            self.forecast_basis[o.native_id] = total
+
+    def _render_line(self, o: SimOpportunity, line: dict[str, Any]) -> dict[str, Any]:
+        st = self.world.stages[o.stage]
+        revenue = float(line.get("revenue") or 0.0)
+        cost = float(line.get("cost") or 0.0)
+        out: dict[str, Any] = {
+            "id": line["id"],
+            "forecastDescription": line.get("forecastDescription"),
+            "opportunity": {"id": int(o.native_id), "name": o.name},
+            "quantity": line.get("quantity", 1.0),
+            "status": line.get("status") or {"id": int(st.key), "name": st.label},
+            "catalogItem": line.get("catalogItem"),
+            "productDescription": line.get("productDescription"),
+            "productClass": line.get("productClass"),
+            "revenue": revenue,
+            "cost": cost,
+            "margin": round(revenue - cost, 2),
+            "percentage": round((revenue - cost) / revenue * 100, 2) if revenue else 0.0,
+            "includeFlag": line.get("includeFlag", True),
+            "linkFlag": line.get("linkFlag", False),
+            "recurringFlag": line.get("recurringFlag", False),
+            "taxableFlag": line.get("taxableFlag", False),
+            "forecastType": line["forecastType"],
+            "sequenceNumber": line.get("sequenceNumber"),
+            "_info": {"lastUpdated": _iso(line.get("_updated")), "updatedBy": self.world.users[o.owner].native_id},
+        }
+        # recurring details only where set (CW leaves null properties out of its answers)
+        for key in ("recurringRevenue", "recurringCost", "recurringDateStart", "recurringDateEnd", "cycles"):
+            if line.get(key) is not None:
+                out[key] = line[key]
+        if line.get("cycleBasis") is not None:
+            out["cycleBasis"] = line["cycleBasis"]
+        if line.get("billCycle") is not None:
+            out["billCycle"] = line["billCycle"]
+        return out
 
     # -- paging ------------------------------------------------------------------------------------------------
 
@@ -1024,23 +1179,154 @@ class ConnectWiseSimulator(Simulator):
         )
 
     def _add_forecast(self, req: Request) -> Response:
+        """`POST .../forecast` with a ForecastItem body: one new line (201 + the line)."""
         o = self._opp(req)
-        body = req.json() or {}
-        try:
-            revenue = float(body["revenue"])
-        except (KeyError, TypeError, ValueError):
-            raise _invalid("forecast", "revenue", "Revenue is required") from None
-        self.world.update(o.native_id, amount=round((o.amount or 0) + revenue, 2))
-        return Response.json(
+        values = self._line_values(_json_body(req, dict), full=True)
+        with self.world.lock:
+            lines = self._materialised(o)
+            line = {"id": self.next_forecast_id, "sequenceNumber": len(lines) + 1, **values}
+            self.next_forecast_id += 1
+            lines.append(line)
+            self._forecast_written(o, line)
+        return Response.json(self._render_line(o, line), 201)
+
+    def _line(self, req: Request) -> tuple[SimOpportunity, dict[str, Any]]:
+        o = self._opp(req)
+        fid = int(req.params["fid"])
+        lines = self._stored_lines(o)
+        line = next((x for x in (self._generated_lines(o) if lines is None else lines) if x["id"] == fid), None)
+        if line is None:
+            raise HttpError(404, "NotFound", f"ForecastItem with id {fid} not found")
+        return o, line
+
+    def _get_forecast_item(self, req: Request) -> Response:
+        o, line = self._line(req)
+        return Response.json(self._render_line(o, line))
+
+    def _put_forecast_item(self, req: Request) -> Response:
+        """PUT replaces the line: what the body leaves out is reset (forecastType required)."""
+        o, _ = self._line(req)
+        values = self._line_values(_json_body(req, dict), full=True)
+        with self.world.lock:
+            line = next(x for x in self._materialised(o) if x["id"] == int(req.params["fid"]))
+            keep = {"id": line["id"], "sequenceNumber": line.get("sequenceNumber")}
+            line.clear()
+            line.update({**keep, **values})
+            self._forecast_written(o, line)
+        return Response.json(self._render_line(o, line))
+
+    def _patch_forecast_item(self, req: Request) -> Response:
+        """PATCH takes a JSON Patch array: ops add / replace / remove, paths with or without a leading slash,
+        `billCycle/id` for a reference's id. All operations apply or none (a 400 changes nothing)."""
+        o, _ = self._line(req)
+        ops = _json_body(req, list)
+        body: dict[str, Any] = {}
+        removed: set[str] = set()
+        for i, op in enumerate(ops):
+            kind = op.get("op") if isinstance(op, dict) else None
+            if not isinstance(kind, str) or kind.lower() not in ("add", "replace", "remove"):
+                raise _invalid("forecastItem", "op", f"Operation {i}: op must be add, replace or remove, not {kind!r}")
+            path = op.get("path")
+            if not isinstance(path, str) or not path.strip("/"):
+                raise _invalid("forecastItem", "path", f"Operation {i}: a path is required")
+            parts = path.strip("/").split("/")
+            key = _forecast_key(parts[0])
+            if key is None or len(parts) > 2:
+                raise _invalid("forecastItem", parts[0], f"Operation {i}: '{path}' is not a field of forecastItem")
+            if kind.lower() == "remove":
+                body.pop(key, None)
+                removed.add(key)
+                continue
+            if "value" not in op:
+                raise _invalid("forecastItem", key, f"Operation {i}: {kind} needs a value")
+            body[key] = {parts[1]: op["value"]} if len(parts) == 2 else op["value"]
+            removed.discard(key)
+        values = self._line_values(body, full=False)
+        with self.world.lock:
+            line = next(x for x in self._materialised(o) if x["id"] == int(req.params["fid"]))
+            if "forecastType" in removed:
+                raise _missing("forecastItem", "forecastType")
+            for key in removed:
+                line.pop(key, None)
+            line.update(values)
+            self._forecast_written(o, line)
+        return Response.json(self._render_line(o, line))
+
+    def _delete_forecast_item(self, req: Request) -> Response:
+        o, _ = self._line(req)
+        with self.world.lock:
+            lines = self._materialised(o)
+            lines[:] = [x for x in lines if x["id"] != int(req.params["fid"])]
+            self._forecast_written(o, None)
+        return Response.empty(204)
+
+    def _line_values(self, body: dict[str, Any], *, full: bool) -> dict[str, Any]:
+        """A ForecastItem body's writable fields, checked (400 InvalidObject naming each bad field); read-only
+        ones (id, opportunity, margin, _info) and unknown ones are ignored."""
+        values: dict[str, Any] = {}
+        errors: list[dict[str, Any]] = []
+        for raw_key, val in body.items():
+            key = _forecast_key(raw_key)
+            if key is None:
+                continue
+            kind = FORECAST_FIELDS[key]
+            if val is None:
+                if key == "forecastType":
+                    errors.append(_error("MissingRequiredField", "The forecastType field is required.", key))
+                else:
+                    values[key] = None
+                continue
+            numeric = kind in ((int, float), int)
+            if not isinstance(val, kind) or (numeric and isinstance(val, bool)):
+                errors.append(_error("InvalidField", f"The {key} field has an invalid value.", key))
+                continue
+            if key == "forecastType":
+                match = next((t for t in FORECAST_TYPE_VALUES if t.lower() == val.lower()), None)
+                if match is None:
+                    errors.append(
+                        _error("InvalidField", f"forecastType must be one of {', '.join(FORECAST_TYPE_VALUES)}", key)
+                    )
+                    continue
+                val = match
+            elif key == "forecastDescription" and len(val) > 50:
+                errors.append(_error("InvalidField", "forecastDescription has a maximum length of 50.", key))
+                continue
+            elif key == "billCycle":
+                cycle = next((c for c in BILLING_CYCLES if c[0] == _ref_id(val)), None)
+                if cycle is None:
+                    errors.append(_error("InvalidField", "Billing Cycle not found.", key))
+                    continue
+                val = {"id": cycle[0], "name": cycle[2], "_info": None}
+            elif key == "status":
+                if _ref_id(val) not in self.statuses:
+                    errors.append(_error("InvalidField", "Status not found.", key))
+                    continue
+                st = self.statuses[_ref_id(val)]
+                val = {"id": int(st.key), "name": st.label}
+            elif numeric:
+                val = round(float(val), 2) if kind is not int else val
+            values[key] = val
+        if full and "forecastType" not in values and not any(e["field"] == "forecastType" for e in errors):
+            errors.append(_error("MissingRequiredField", "The forecastType field is required.", "forecastType"))
+        if errors:
+            err = HttpError(400, "InvalidObject", "forecastItem object is invalid")
+            err.errors = errors  # type: ignore[attr-defined]
+            raise err
+        return values
+
+    def _list_billing_cycles(self, req: Request) -> Response:
+        rows = [
             {
-                "id": o.seq * 10 + 9,
-                "revenue": revenue,
-                "forecastType": body.get("forecastType", "Service"),
-                "opportunity": {"id": int(o.native_id)},
-                "includeFlag": True,
-            },
-            201,
-        )
+                "id": cid,
+                "identifier": ident,
+                "name": name,
+                "billingOptions": option,
+                "defaultFlag": default,
+                "_info": {"lastUpdated": "2019-03-01T12:00:00Z", "updatedBy": "admin1"},
+            }
+            for cid, ident, name, option, default in BILLING_CYCLES
+        ]
+        return self._list_dicts(req, rows)
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -1392,6 +1678,38 @@ def _invalid(resource: str, field: str, message: str) -> HttpError:
         {"code": "InvalidField", "message": message, "resource": resource, "field": field}
     ]
     return err
+
+
+def _missing(resource: str, field: str) -> HttpError:
+    err = HttpError(400, "InvalidObject", f"{resource} object is invalid")
+    err.errors = [_error("MissingRequiredField", f"The {field} field is required.", field, resource)]  # type: ignore[attr-defined]
+    return err
+
+
+def _error(code: str, message: str, field: str, resource: str = "forecastItem") -> dict[str, Any]:
+    return {"code": code, "message": message, "resource": resource, "field": field}
+
+
+def _forecast_key(name: str) -> str | None:
+    """A ForecastItem field by name, case-insensitively (CW's JSON binding ignores case)."""
+    return next((k for k in FORECAST_FIELDS if k.lower() == name.lower()), None)
+
+
+def _json_body(req: Request, kind: type) -> Any:
+    try:
+        body = req.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, kind):
+        what = "a JSON Patch array" if kind is list else "a forecastItem object"
+        raise _invalid("forecastItem", "body", f"The request body must be {what}")
+    return body
+
+
+def _same_amount(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) < 0.005
 
 
 def _known_from(rows: list[dict[str, Any]]) -> Callable[[str], bool]:

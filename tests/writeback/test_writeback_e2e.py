@@ -32,7 +32,7 @@ NOW = datetime(2026, 12, 1, 10, 0)
 
 def _setup(crm: str, warehouse_url: str, tmp_path: Path, server: SandboxServer, **extra):
     spec = REGISTRY[crm]
-    options = {**spec.test_options, **spec.lean_options}
+    options = {**spec.test_options}  # not lean: ConnectWise amounts come from the forecast the writer writes
     cfg = sandbox_config(
         {crm: server}, warehouse_url, tmp_path, extra={crm: {"options": options, **extra}} if options or extra else None
     )

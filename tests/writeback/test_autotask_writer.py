@@ -321,6 +321,16 @@ def test_autotasks_error_shapes_reach_the_row(tmp_path: Path):
             box.writer.read_current(oid)
         assert gone.value.permanent
 
+        # the read refused (403 in Autotask's shape): the run would stop, naming the right (the sync needs View)
+        readable = box.opportunity("yearly")
+        box.sim.faults = FaultPlan([FaultRule("forbidden", method="GET", path=r"(?i)/opportunities/\d+$")])
+        with pytest.raises(CrmError) as refused:
+            box.writer.read_current(readable)
+        explained = box.writer.explain(refused.value)
+        assert isinstance(explained, WritePermissionError) and "read the opportunity" in str(explained)
+        assert "Opportunities: View and Edit" in str(explained)
+        box.sim.faults = FaultPlan()
+
         # a 200 that is not {"itemId": N}: the write is not taken as confirmed
         other = box.opportunity("monthly")
         box.sim.faults = FaultPlan([FaultRule("wrong_shape", method="PATCH")])

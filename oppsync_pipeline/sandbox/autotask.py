@@ -25,7 +25,8 @@ What it reproduces:
   Field names are matched without regard to case (Autotask's own PUT sample sends `"Name"`; [S]); a name the
   entity does not have, a value of the wrong type, null for amount / cost, a missing id or an unknown id are
   500 `{"errors": [...]}`; read-only fields (createDate, lastActivity, creatorResourceID) are ignored (SOAP's
-  documented behaviour; REST's is [U]). The revenue fields (`cost`, `onetimeRevenue` / `onetimeCost`,
+  documented behaviour; REST's is [U]). PUT replaces the record: the required fields must all be sent, and the
+  stored fields left out (contact, revenue fields) are nulled. The revenue fields (`cost`, `onetimeRevenue` / `onetimeCost`,
   monthly / quarterly / semiannual / yearly Revenue and Cost, `totalAmountMonths`, `useQuoteTotals`) are stored
   columns listed in entityInformation/fields: a write changes only the fields sent (the amount through
   `world.update`, so lastActivity moves and the next sync reads it; the others in the record's `extra`).
@@ -48,7 +49,8 @@ What it reproduces:
   read), custom_statuses (relabelled and tenant-defined statuses, stage values that are not 1..n, deals in the
   won stage while the status stays open), udf_fields (other user-defined fields), no_lost_date (an Opportunities
   entity without lostDate), no_edit_rights (a security level without Opportunities: Add / Edit: every write is
-  500 `{"errors": ["The logged in Resource does not have the adequate permissions ..."]}`, reads work). `truth(sim)` is the tenant as its users see it, for the variant matrix test.
+  500 `{"errors": ["The logged in Resource does not have the adequate permissions ..."]}`, reads work).
+  `truth(sim)` is the tenant as its users see it, for the variant matrix test.
 - Close time: `closedDate` (won: status Closed / Implemented) and `lostDate` (lost) are UTC datetimes in the
   same format as `lastActivity`, from the world's `closed_at`; null while open, cleared on a reopen, moved on a
   won <-> lost switch. Never the projected close date.
@@ -210,6 +212,8 @@ REVENUE_FIELDS: dict[str, str] = {
 }
 # Non-nullable in the generated clients (Anteris OpportunityEntity.php): a PATCH may not clear them.
 NOT_NULL = frozenset({"amount", "cost", "useQuoteTotals"})
+# What a create (and a PUT, which replaces the record) must send.
+REQUIRED = ("title", "companyID", "ownerResourceID", "status", "amount", "probability", "projectedCloseDate")
 # The documented prefix; the rest of a write refusal's wording is not published [U].
 NO_EDIT_RIGHTS = "The logged in Resource does not have the adequate permissions to update this entity."
 
@@ -357,7 +361,7 @@ class AutotaskSimulator(Simulator):
         api("GET", root + r"/(?P<entity>\w+)/(?P<id>-?\d+)", self.get_one)
         api("POST", root + r"/opportunities", self.create)
         api("PATCH", root + r"/opportunities", self.update)
-        api("PUT", root + r"/opportunities", self.update)
+        api("PUT", root + r"/opportunities", self.replace)
         api("DELETE", root + r"/opportunities/(?P<id>\d+)", self.delete_refused)
 
     # -- framework -------------------------------------------------------------------------------------------------
@@ -702,11 +706,7 @@ class AutotaskSimulator(Simulator):
     def create(self, req: Request) -> Response:
         self._refuse_edit()
         body = _canonical(req.json() or {})
-        missing = [
-            f
-            for f in ("title", "companyID", "ownerResourceID", "status", "amount", "probability", "projectedCloseDate")
-            if body.get(f) is None
-        ]
+        missing = [f for f in REQUIRED if body.get(f) is None]
         if missing:
             raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
         values = self._values(body)
@@ -715,11 +715,24 @@ class AutotaskSimulator(Simulator):
         return Response.json({"itemId": int(opp.native_id)})
 
     def update(self, req: Request) -> Response:
-        """PATCH (and PUT) `/V1.0/Opportunities`: the id travels in the body, not the path; only the fields sent
-        change. Field names are matched without regard to case (Autotask's own samples send `"Name"`, `"id":
-        "4"`); a name the entity does not have is a 500, read-only fields are ignored."""
+        """PATCH `/V1.0/Opportunities`: the id travels in the body, not the path; only the fields sent change.
+        Field names are matched without regard to case (Autotask's own samples send `"Name"`, `"id": "4"`); a
+        name the entity does not have is a 500, read-only fields are ignored."""
+        self._refuse_edit()
+        return self._update(_canonical(req.json() or {}))
+
+    def replace(self, req: Request) -> Response:
+        """PUT `/V1.0/Opportunities`: like PATCH, but every writable field left out is nulled (Autotask's PUT
+        page), so the required ones must all be sent. Of the fields the sandbox stores: the contact and the
+        revenue fields; user-defined fields are left as they are (PUT's effect on them is [U])."""
         self._refuse_edit()
         body = _canonical(req.json() or {})
+        missing = [f for f in (*REQUIRED, *sorted(NOT_NULL - {"amount"})) if body.get(f) is None]
+        if missing:
+            raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
+        return self._update({"contactID": None, **dict.fromkeys(REVENUE_FIELDS), **body})
+
+    def _update(self, body: dict[str, Any]) -> Response:
         try:
             oid = str(int(body.get("id")))
         except (TypeError, ValueError):

@@ -356,6 +356,17 @@ def test_the_patch_contract_on_the_wire(tmp_path: Path):
         after = box.raw(str(oid))
         assert after["createDate"] == before["createDate"]  # read-only: ignored
         assert after["onetimeRevenue"] == 7.0 and after["amount"] == before["amount"]
+        # PUT replaces the record (why the writer never uses it): the required fields must all be there, and
+        # the revenue fields left out are nulled
+        r = requests.put(box.api + "Opportunities", json={"id": oid, "amount": 1.0}, headers=HEADERS, timeout=10)
+        assert r.status_code == 500 and "Missing required field(s): title" in r.json()["errors"][0]
+        full = {k: after[k] for k in (*at.REQUIRED, "cost", "useQuoteTotals")}
+        r = requests.put(box.api + "Opportunities", json={"id": oid, **full}, headers=HEADERS, timeout=10)
+        assert r.status_code == 200
+        replaced = box.raw(str(oid))
+        assert replaced["onetimeRevenue"] is None and replaced["monthlyRevenue"] is None
+        assert replaced["amount"] == after["amount"] and replaced["cost"] == after["cost"]
+
         # field names without regard to case, as Autotask's own samples send them
         assert patch({"Id": str(oid), "MonthlyRevenue": 12.5}).status_code == 200
         assert box.raw(str(oid))["monthlyRevenue"] == 12.5

@@ -21,8 +21,17 @@ What it reproduces:
   `.../entityInformation/userDefinedFields`.
 - Entities: Opportunities, Companies, Contacts, Resources, Countries (query, count, `GET /{Entity}/{id}` ->
   `{"item": ...}`). Writes: `POST /V1.0/Opportunities` (create, `{"itemId": id}`), `PATCH` / `PUT
-  /V1.0/Opportunities` with `id` in the body. Opportunities cannot be deleted through the API (DELETE is 405),
-  so deletions happen only from the control side (`world.delete`, `/__sandbox/advance`).
+  /V1.0/Opportunities` with `id` in the body -> 200 `{"itemId": id}` (docs/crm-write-webhook-notes.md §5.1).
+  Field names are matched without regard to case (Autotask's own PUT sample sends `"Name"`; [S]); a name the
+  entity does not have, a value of the wrong type, null for amount / cost, a missing id or an unknown id are
+  500 `{"errors": [...]}`; read-only fields (createDate, lastActivity, creatorResourceID) are ignored (SOAP's
+  documented behaviour; REST's is [U]). PUT replaces the record: the required fields must all be sent, and the
+  stored fields left out (contact, revenue fields) are nulled. The revenue fields (`cost`, `onetimeRevenue` / `onetimeCost`,
+  monthly / quarterly / semiannual / yearly Revenue and Cost, `totalAmountMonths`, `useQuoteTotals`) are stored
+  columns listed in entityInformation/fields: a write changes only the fields sent (the amount through
+  `world.update`, so lastActivity moves and the next sync reads it; the others in the record's `extra`).
+  Opportunities cannot be deleted through the API (DELETE is 405), so deletions happen only from the control
+  side (`world.delete`, `/__sandbox/advance`).
 - `lastActivity` is the only change timestamp. A PATCH that only changes user-defined fields does not move it
   (and `advance()` makes silent changes), so incremental syncs miss those until a full sync.
 - The hourly request threshold per database (10,000 by default, `threshold=` for tests), counted on the
@@ -39,7 +48,9 @@ What it reproduces:
 - Tenant variants (`VARIANTS`, `build(variant=...)`): default, no_optional_rights (403 on every optional
   read), custom_statuses (relabelled and tenant-defined statuses, stage values that are not 1..n, deals in the
   won stage while the status stays open), udf_fields (other user-defined fields), no_lost_date (an Opportunities
-  entity without lostDate). `truth(sim)` is the tenant as its users see it, for the variant matrix test.
+  entity without lostDate), no_edit_rights (a security level without Opportunities: Add / Edit: every write is
+  500 `{"errors": ["The logged in Resource does not have the adequate permissions ..."]}`, reads work).
+  `truth(sim)` is the tenant as its users see it, for the variant matrix test.
 - Close time: `closedDate` (won: status Closed / Implemented) and `lostDate` (lost) are UTC datetimes in the
   same format as `lastActivity`, from the world's `closed_at`; null while open, cleared on a reopen, moved on a
   won <-> lost switch. Never the projected close date.
@@ -163,6 +174,12 @@ VARIANTS = {
     # whether a REST tenant can still lack lostDate is unconfirmed [U]: this is the tenant the fallback is for.
     "no_lost_date": "the Opportunities entity has closedDate but no lostDate (not in entityInformation/fields, "
     "not on records, a filter on it is a 500): lost opportunities carry no close time",
+    # A copy of "API User (system)" with CRM > Object Permissions > Opportunities: Edit = None. Autotask answers a
+    # refused write like every failed PATCH: HTTP 500 {"errors": [...]} (REST_Updating_Data_PATCH.htm) with the
+    # documented permission message (docs/crm-write-webhook-notes.md §5.1).
+    "no_edit_rights": "the API user's security level may view but not add or edit opportunities: POST / PATCH / "
+    'PUT Opportunities answer 500 {"errors": ["The logged in Resource does not have the adequate permissions '
+    '..."]}; every read works',
 }
 # What a security level without rights refuses (the optional reads). The body is Autotask's error shape.
 OPTIONAL_ENDPOINTS = (
@@ -175,6 +192,30 @@ OPTIONAL_ENDPOINTS = (
     "entityinformation/userdefinedfields",
 )
 NO_RIGHTS = "The logged in Resource does not have the adequate permissions to access this entity or endpoint."
+# The Opportunity's revenue fields (REST camelCase, docs/crm-write-webhook-notes.md §5.1: `onetimeRevenue` with a
+# lower-case "time"; semiannual exists too): stored columns, each written on its own. Whether Autotask derives
+# `amount` from them, or `useQuoteTotals` overrides a written amount / cost, is not documented [U]: not modelled.
+REVENUE_FIELDS: dict[str, str] = {
+    "cost": "double",
+    "onetimeRevenue": "double",
+    "onetimeCost": "double",
+    "monthlyRevenue": "double",
+    "monthlyCost": "double",
+    "quarterlyRevenue": "double",
+    "quarterlyCost": "double",
+    "semiannualRevenue": "double",
+    "semiannualCost": "double",
+    "yearlyRevenue": "double",
+    "yearlyCost": "double",
+    "totalAmountMonths": "integer",
+    "useQuoteTotals": "boolean",
+}
+# Non-nullable in the generated clients (Anteris OpportunityEntity.php): a PATCH may not clear them.
+NOT_NULL = frozenset({"amount", "cost", "useQuoteTotals"})
+# What a create (and a PUT, which replaces the record) must send.
+REQUIRED = ("title", "companyID", "ownerResourceID", "status", "amount", "probability", "projectedCloseDate")
+# The documented prefix; the rest of a write refusal's wording is not published [U].
+NO_EDIT_RIGHTS = "The logged in Resource does not have the adequate permissions to update this entity."
 
 
 @dataclass(frozen=True)
@@ -187,6 +228,8 @@ class Tenant:
     # Opportunities fields this tenant's entity does not have: not in entityInformation/fields, not on records,
     # and a filter on them is Autotask's 500 "Unable to find ... in the Opportunity entity".
     absent_fields: frozenset[str] = frozenset()
+    # The security level may add and edit opportunities (Opportunities: Add / Edit); reads are unaffected.
+    can_edit: bool = True
 
 
 def tenant(variant: str) -> Tenant:
@@ -200,6 +243,8 @@ def tenant(variant: str) -> Tenant:
         return Tenant(STATUSES, STAGES, refused=frozenset(OPTIONAL_ENDPOINTS))
     if variant == "no_lost_date":
         return Tenant(STATUSES, STAGES, absent_fields=frozenset({"lostDate"}))
+    if variant == "no_edit_rights":
+        return Tenant(STATUSES, STAGES, can_edit=False)
     return Tenant(STATUSES, STAGES)
 
 
@@ -316,7 +361,7 @@ class AutotaskSimulator(Simulator):
         api("GET", root + r"/(?P<entity>\w+)/(?P<id>-?\d+)", self.get_one)
         api("POST", root + r"/opportunities", self.create)
         api("PATCH", root + r"/opportunities", self.update)
-        api("PUT", root + r"/opportunities", self.update)
+        api("PUT", root + r"/opportunities", self.replace)
         api("DELETE", root + r"/opportunities/(?P<id>\d+)", self.delete_refused)
 
     # -- framework -------------------------------------------------------------------------------------------------
@@ -424,10 +469,10 @@ class AutotaskSimulator(Simulator):
                     "canUpdate": True,
                     "hasUserDefinedFields": True,
                     "supportsWebhookCallouts": False,
-                    "userAccessForCreate": "All",
+                    "userAccessForCreate": "All" if self.tenant.can_edit else "None",
                     "userAccessForDelete": "None",
                     "userAccessForQuery": "All",
-                    "userAccessForUpdate": "All",
+                    "userAccessForUpdate": "All" if self.tenant.can_edit else "None",
                 }
             }
         )
@@ -659,12 +704,9 @@ class AutotaskSimulator(Simulator):
     # -- writes ----------------------------------------------------------------------------------------------------
 
     def create(self, req: Request) -> Response:
-        body = req.json() or {}
-        missing = [
-            f
-            for f in ("title", "companyID", "ownerResourceID", "status", "amount", "probability", "projectedCloseDate")
-            if body.get(f) is None
-        ]
+        self._refuse_edit()
+        body = _canonical(req.json() or {})
+        missing = [f for f in REQUIRED if body.get(f) is None]
         if missing:
             raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
         values = self._values(body)
@@ -673,18 +715,44 @@ class AutotaskSimulator(Simulator):
         return Response.json({"itemId": int(opp.native_id)})
 
     def update(self, req: Request) -> Response:
-        body = req.json() or {}
+        """PATCH `/V1.0/Opportunities`: the id travels in the body, not the path; only the fields sent change.
+        Field names are matched without regard to case (Autotask's own samples send `"Name"`, `"id": "4"`); a
+        name the entity does not have is a 500, read-only fields are ignored."""
+        self._refuse_edit()
+        return self._update(_canonical(req.json() or {}))
+
+    def replace(self, req: Request) -> Response:
+        """PUT `/V1.0/Opportunities`: like PATCH, but every writable field left out is nulled (Autotask's PUT
+        page), so the required ones must all be sent. Of the fields the sandbox stores: the contact and the
+        revenue fields; user-defined fields are left as they are (PUT's effect on them is [U])."""
+        self._refuse_edit()
+        body = _canonical(req.json() or {})
+        missing = [f for f in (*REQUIRED, *sorted(NOT_NULL - {"amount"})) if body.get(f) is None]
+        if missing:
+            raise HttpError(500, "VALIDATION", f"Missing required field(s): {', '.join(missing)}.")
+        return self._update({"contactID": None, **dict.fromkeys(REVENUE_FIELDS), **body})
+
+    def _update(self, body: dict[str, Any]) -> Response:
         try:
             oid = str(int(body.get("id")))
         except (TypeError, ValueError):
             raise HttpError(500, "VALIDATION", "The id field is required to update an Opportunity.") from None
-        if self.world.get(oid) is None:
-            raise HttpError(500, "VALIDATION", f"Opportunity with id {oid} was not found.")
-        values = self._values({k: v for k, v in body.items() if k != "id"})
-        # Only user-defined fields changed: Autotask does not record that as activity.
-        bump = any(not k.startswith("udf:") for k in values)
-        self.world.update(oid, bump=bump, **values)
+        with self.world.lock:
+            opp = self.world.get(oid)
+            if opp is None:
+                raise HttpError(500, "VALIDATION", f"Opportunity with id {oid} was not found.")
+            values = self._values({k: v for k, v in body.items() if k != "id"})
+            # Each revenue field is a stored column: writing one (or the amount) leaves the others as they were.
+            pinned = {k: v for k, v in self._revenue(opp).items() if k not in (opp.extra or {})}
+            # Only user-defined fields changed: Autotask does not record that as activity.
+            bump = any(not k.startswith("udf:") for k in values)
+            self.world.update(oid, bump=bump, **{**pinned, **values})
         return Response.json({"itemId": int(oid)})
+
+    def _refuse_edit(self) -> None:
+        """A security level without Opportunities: Add / Edit: Autotask's failed-write shape, HTTP 500."""
+        if not self.tenant.can_edit:
+            raise HttpError(500, "PERMISSION", NO_EDIT_RIGHTS)
 
     def delete_refused(self, req: Request) -> Response:
         raise HttpError(405, "METHOD", _NOT_GET.format("DELETE"))
@@ -714,12 +782,14 @@ class AutotaskSimulator(Simulator):
                     raise HttpError(500, "VALIDATION", f"Value {v!r} is not a valid picklist value for stage.")
                 out["sales_stage"] = str(v)
             elif k == "amount":
-                out["amount"] = float(v)
+                out["amount"] = _typed(k, "double", v, nullable=False)
+            elif k in REVENUE_FIELDS:
+                out[k] = _typed(k, REVENUE_FIELDS[k], v, nullable=k not in NOT_NULL)
             elif k == "probability":
                 out["prob"] = int(v)
             elif k == "projectedCloseDate":
                 out["close_date"] = parse_datetime(v).date()  # type: ignore[union-attr]
-            elif k in ("contactID", "cost"):
+            elif k == "contactID":
                 out[k] = v
             elif k == "userDefinedFields":
                 for udf in v or []:
@@ -782,11 +852,7 @@ class AutotaskSimulator(Simulator):
             "startDate": "datetime",
             "createDate": "datetime",
             "lastActivity": "datetime",
-            "totalAmountMonths": "integer",
-            "useQuoteTotals": "boolean",
-            "onetimeRevenue": "double",
-            "monthlyRevenue": "double",
-            "yearlyRevenue": "double",
+            **{k: t for k, t in REVENUE_FIELDS.items() if k != "cost"},
             "opportunityCategoryID": "integer",
             "leadSource": "integer",
             "rating": "integer",
@@ -806,10 +872,8 @@ class AutotaskSimulator(Simulator):
         def render(o: SimOpportunity | None) -> dict[str, Any] | None:
             if o is None:
                 return None
-            extra = o.extra or {}
             status = w.stages[o.stage]
             amount = o.amount if o.amount is not None else 0.0
-            cost = extra.get("cost", round(amount * (0.55 + (o.seq % 30) / 100), 2))
             rec = {
                 "id": int(o.native_id),
                 "title": o.name,
@@ -818,10 +882,7 @@ class AutotaskSimulator(Simulator):
                 "ownerResourceID": int(w.users[o.owner].native_id),
                 "creatorResourceID": int(w.users[o.creator].native_id),
                 "amount": amount,
-                "cost": cost,
-                "onetimeRevenue": round(amount * 0.2, 2),
-                "monthlyRevenue": round(amount * 0.8 / 12, 2),
-                "yearlyRevenue": 0.0,
+                **self._revenue(o),
                 "probability": int(round(o.probability)) if o.probability is not None else 0,
                 "stage": int(o.sales_stage) if o.sales_stage is not None else None,
                 "status": int(o.stage),
@@ -834,8 +895,6 @@ class AutotaskSimulator(Simulator):
                 "startDate": at_date(o.created_at.date()),
                 "createDate": at_datetime(o.created_at),
                 "lastActivity": at_datetime(o.modified_at),
-                "totalAmountMonths": 12,
-                "useQuoteTotals": False,
                 "userDefinedFields": [{"name": n, "value": self._udf(o, n)} for n in self.tenant.udf_names],
             }
             for name in absent:  # a field this tenant's Opportunities entity does not have is not sent at all
@@ -861,6 +920,26 @@ class AutotaskSimulator(Simulator):
             return getter(o) if getter else _get_ci(render(o), name)
 
         return Entity("Opportunities", ids, get, value, render, fields, self.tenant.udf_names)
+
+    def _revenue(self, o: SimOpportunity) -> dict[str, Any]:
+        """The revenue fields as stored: what was written (`extra`), else the generated breakdown of the amount
+        (one-time plus a recurring revenue of one frequency, by the record's seq)."""
+        extra = o.extra or {}
+        amount = o.amount if o.amount is not None else 0.0
+        onetime = round(amount * 0.2, 2)
+        frequency, periods = (("monthly", 12), ("quarterly", 4), ("yearly", 1))[o.seq % 3]
+        recurring = dict.fromkeys(("monthly", "quarterly", "semiannual", "yearly"), 0.0)
+        recurring[frequency] = round(amount * 0.8 / periods, 2)
+        generated: dict[str, Any] = {
+            "cost": round(amount * (0.55 + (o.seq % 30) / 100), 2),
+            "onetimeRevenue": onetime,
+            "onetimeCost": round(onetime * 0.6, 2),
+            **{f"{f}Revenue": v for f, v in recurring.items()},
+            **{f"{f}Cost": round(v * 0.6, 2) for f, v in recurring.items()},
+            "totalAmountMonths": 12,
+            "useQuoteTotals": False,
+        }
+        return {k: extra.get(k, generated[k]) for k in REVENUE_FIELDS}
 
     def _udf(self, o: SimOpportunity, name: str) -> Any:
         extra = o.extra or {}
@@ -1024,6 +1103,55 @@ class AutotaskSimulator(Simulator):
             lambda c: dict(c) if c else None,
             fields,
         )
+
+
+# Every field name a write may carry (besides user-defined fields): matched without regard to case.
+_WRITABLE = (
+    "id",
+    "title",
+    "companyID",
+    "contactID",
+    "ownerResourceID",
+    "status",
+    "stage",
+    "amount",
+    "probability",
+    "projectedCloseDate",
+    "userDefinedFields",
+    "createDate",
+    "lastActivity",
+    "creatorResourceID",
+    *REVENUE_FIELDS,
+)
+_BY_LOWER = {k.lower(): k for k in _WRITABLE}
+
+
+def _canonical(body: Any) -> dict[str, Any]:
+    """A write's body with known field names in the entity's casing (unknown names are kept, and refused)."""
+    if not isinstance(body, dict):
+        raise HttpError(500, "VALIDATION", "The request body must be an Opportunity object.")
+    return {_BY_LOWER.get(k.lower(), k): v for k, v in body.items()}
+
+
+def _typed(name: str, dtype: str, v: Any, *, nullable: bool = True) -> Any:
+    """A written value as the field's type stores it; what does not convert is Autotask's 500."""
+    if v is None:
+        if nullable:
+            return None
+        raise HttpError(500, "VALIDATION", f"The {name} field is required and cannot be set to null.")
+    try:
+        if isinstance(v, bool) != (dtype == "boolean"):
+            raise ValueError
+        if dtype == "boolean":
+            return v
+        number = float(v)
+        if dtype == "integer":
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise HttpError(500, "VALIDATION", f"Value {json.dumps(v)[:100]} is not valid for field {name}.") from None
 
 
 def _get_ci(rec: dict[str, Any] | None, name: str) -> Any:

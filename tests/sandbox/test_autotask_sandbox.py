@@ -434,7 +434,14 @@ def _api_of(srv) -> str:
 
 
 def test_variants_declared_and_built():
-    assert {"default", "no_optional_rights", "custom_statuses", "udf_fields", "no_lost_date"} == set(at.VARIANTS)
+    assert {
+        "default",
+        "no_optional_rights",
+        "custom_statuses",
+        "udf_fields",
+        "no_lost_date",
+        "no_edit_rights",
+    } == set(at.VARIANTS)
     with pytest.raises(ValueError):
         at.build(seed=1, opportunities=5, variant="nope")
 

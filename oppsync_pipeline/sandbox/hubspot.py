@@ -30,12 +30,22 @@ What it reproduces (docs/crm-api-notes.md §2, "Simulator fidelity checklist"):
   (enumerations: internal value + label; `dealstage` lists every pipeline's stages) and `referencedObjectType`
   (`OWNER` for owner properties). Search filters or sorts on a property the portal does not have are a 400;
   writing one is a 400 `PROPERTY_DOESNT_EXIST`; asking for one in `properties` is silently ignored (as HubSpot).
+- Deal writes (`POST` / `PATCH /crm/v3/objects/deals[/{id}]`, docs notes crm-write-webhook-notes.md §2.1): values
+  are strings, an empty string clears one; every invalid property of a request is named in one 400
+  VALIDATION_ERROR, in `message` ("Property values were not valid: [{isValid, message, error, name, ...}]") and in
+  `errors[] {message, code, context.propertyName}`, and nothing is written: PROPERTY_DOESNT_EXIST, READ_ONLY_VALUE
+  (calculated properties), LEADING_TRAILING_WHITESPACE on a non-string property (HubSpot's changelog, since 7 Apr
+  2025; invisible characters count), INVALID_INTEGER "<v> was not a valid number." for a number property that is
+  not plain decimal text (as captured for "1.4210854715202004e-14" on amount). A write goes to the world record
+  (what the next sync reads) and bumps `hs_lastmodifieddate`; `amount_in_home_currency` follows `amount`.
 - Companies carry `address`, `address2`, `city`, `state`, `zip`, `country`; some street fields hold a line break
   (multi-line values pasted or imported), some companies have a second street line.
 - Tenant variants (`VARIANTS`): an app without the optional scopes answers 403 `MISSING_SCOPES` in HubSpot's
   shape (`errors[].context.requiredGranularScopes`, `links.scopes`) on pipelines, owners, companies,
   associations and the properties API; a portal with custom deal properties; a portal whose stages were
-  relabelled (no stage id equals its label); an older portal without the calculated close-time properties.
+  relabelled (no stage id equals its label); an older portal without the calculated close-time properties; an
+  app without `crm.objects.deals.write` (`read_only_app`, and `no_optional_rights`, which has deals.read only):
+  reads work, deal creates, updates and archives answer 403 `MISSING_SCOPES` naming that scope.
 - Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
   separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
   (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
@@ -139,7 +149,7 @@ VARIANTS: dict[str, str] = {
     "default": "Professional portal: the default sales pipeline and a custom one with numeric stage ids; a private "
     "app granted every scope oppsync reads with",
     "no_optional_rights": "a private app granted only crm.objects.deals.read: pipelines, owners, companies, deal-"
-    "company associations and the properties API answer 403 MISSING_SCOPES",
+    "company associations, the properties API and deal writes answer 403 MISSING_SCOPES",
     "custom_fields": "a portal with custom deal properties (text, datetime, number, date, an enumeration stage, an "
     "owner property) that a connection's `fields:` can point at",
     "no_closed_won_date": "an older portal whose deal properties lack the calculated hs_closed_won_date and "

@@ -19,8 +19,8 @@ Traps:
 - A 400 names each invalid property twice: in `message` ("Property values were not valid: [{...}]") and in
   `errors[] {message, code, context.propertyName}`; the row fails, the other rows go on.
 - No write scope: 403 category `MISSING_SCOPES`, `errors[].context.requiredGranularScopes` naming the scope (the
-  shape HubSpot gives refused reads; assumed the same for writes [S]). `explain` turns any non-quota 403 into
-  WritePermissionError naming `crm.objects.deals.write`.
+  shape HubSpot gives a refused read [S]; the same body for a refused write is [U]). `explain` turns any 403
+  (HubSpot's limits are 429s) into WritePermissionError naming `crm.objects.deals.write`.
 - Writes share the ten-secondly and daily limits with the sync's reads [S]; the client's quota budget applies.
 
 Unverified [U]: whether HubSpot recomputes `amount` from line items on deals that have them (if it does, the

@@ -30,12 +30,22 @@ What it reproduces (docs/crm-api-notes.md §2, "Simulator fidelity checklist"):
   (enumerations: internal value + label; `dealstage` lists every pipeline's stages) and `referencedObjectType`
   (`OWNER` for owner properties). Search filters or sorts on a property the portal does not have are a 400;
   writing one is a 400 `PROPERTY_DOESNT_EXIST`; asking for one in `properties` is silently ignored (as HubSpot).
+- Deal writes (`POST` / `PATCH /crm/v3/objects/deals[/{id}]`, docs notes crm-write-webhook-notes.md §2.1): values
+  are strings, an empty string clears one; every invalid property of a request is named in one 400
+  VALIDATION_ERROR, in `message` ("Property values were not valid: [{isValid, message, error, name, ...}]") and in
+  `errors[] {message, code, context.propertyName}`, and nothing is written: PROPERTY_DOESNT_EXIST, READ_ONLY_VALUE
+  (calculated properties), LEADING_TRAILING_WHITESPACE on a non-string property (HubSpot's changelog, since 7 Apr
+  2025; invisible characters count), INVALID_INTEGER "<v> was not a valid number." for a number property that is
+  not plain decimal text (as captured for "1.4210854715202004e-14" on amount). A write goes to the world record
+  (what the next sync reads) and bumps `hs_lastmodifieddate`; `amount_in_home_currency` follows `amount`.
 - Companies carry `address`, `address2`, `city`, `state`, `zip`, `country`; some street fields hold a line break
   (multi-line values pasted or imported), some companies have a second street line.
 - Tenant variants (`VARIANTS`): an app without the optional scopes answers 403 `MISSING_SCOPES` in HubSpot's
   shape (`errors[].context.requiredGranularScopes`, `links.scopes`) on pipelines, owners, companies,
   associations and the properties API; a portal with custom deal properties; a portal whose stages were
-  relabelled (no stage id equals its label); an older portal without the calculated close-time properties.
+  relabelled (no stage id equals its label); an older portal without the calculated close-time properties; an
+  app without `crm.objects.deals.write` (`read_only_app`, and `no_optional_rights`, which has deals.read only):
+  reads work, deal creates, updates and archives answer 403 `MISSING_SCOPES` naming that scope.
 - Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
   separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
   (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
@@ -47,6 +57,7 @@ import base64
 import functools
 import itertools
 import json
+import re
 import uuid
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -138,14 +149,25 @@ VARIANTS: dict[str, str] = {
     "default": "Professional portal: the default sales pipeline and a custom one with numeric stage ids; a private "
     "app granted every scope oppsync reads with",
     "no_optional_rights": "a private app granted only crm.objects.deals.read: pipelines, owners, companies, deal-"
-    "company associations and the properties API answer 403 MISSING_SCOPES",
+    "company associations, the properties API and deal writes answer 403 MISSING_SCOPES",
     "custom_fields": "a portal with custom deal properties (text, datetime, number, date, an enumeration stage, an "
     "owner property) that a connection's `fields:` can point at",
     "no_closed_won_date": "an older portal whose deal properties lack the calculated hs_closed_won_date and "
     "hs_closed_lost_date: asked for, they are left out; searched on, a 400",
     "renamed_stages": "the admin relabelled the default pipeline's stages and added a renewals pipeline: no stage id "
     "is its label (internal names and numeric ids)",
+    "read_only_app": "a private app granted every read scope oppsync uses but not crm.objects.deals.write: reads "
+    "work, deal writes (create, update, archive) answer 403 MISSING_SCOPES",
 }
+# Variants whose app lacks crm.objects.deals.write (no_optional_rights has crm.objects.deals.read only).
+NO_WRITE_SCOPE = frozenset({"no_optional_rights", "read_only_app"})
+WRITE_SCOPES = ["crm.objects.deals.write"]
+# A deal write: create, update, archive (search and batch read are POSTs that read).
+DEAL_WRITE = re.compile(r"^/crm/v3/objects/(?:deals|0-3)(?:/(?!search$)(?!batch/read$)[^/]+(?:/[^/]+)?)?/?$")
+# What a number property accepts (plain decimal text; HubSpot refused "1.4210854715202004e-14" on amount).
+NUMBER_TEXT = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+# Characters HubSpot counts as surrounding whitespace in non-string values besides str.isspace ones (invisible).
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
 # renamed_stages: what the portal's admin renamed the default stages to, and the extra pipeline
 RENAMED = {
     "appointmentscheduled": "Intro call booked",
@@ -317,6 +339,35 @@ class MissingScopes(HttpError):
         self.scopes = scopes
 
 
+@dataclass(frozen=True)
+class PropertyIssue:
+    """One invalid property value of a create / update (HubSpot's `error` code and message)."""
+
+    name: str
+    code: str
+    message: str
+    value: str | None = None
+
+
+class InvalidProperties(HttpError):
+    """400 VALIDATION_ERROR naming every invalid property of the request, in HubSpot's shape: `message` is
+    "Property values were not valid: " plus a JSON list of {isValid, message, error, name, localizedErrorMessage,
+    propertyValue}, and `errors[]` repeats each as {message, code, context: {propertyName: [name]}} (a captured
+    400 on deal amount, Atlas-Authority/marketing-automation#206; HubSpot's changelogs show the message form)."""
+
+    def __init__(self, issues: list[PropertyIssue]):
+        listed = []
+        for i in issues:
+            item: dict[str, Any] = {"isValid": False, "message": i.message, "error": i.code, "name": i.name}
+            item["localizedErrorMessage"] = i.message
+            if i.value is not None:
+                item["propertyValue"] = i.value
+            listed.append(item)
+        text = "Property values were not valid: " + json.dumps(listed, ensure_ascii=False, separators=(",", ":"))
+        super().__init__(400, "VALIDATION_ERROR", text)
+        self.issues = issues
+
+
 # -- rendering helpers ----------------------------------------------------------------------------------------------
 
 
@@ -416,6 +467,17 @@ class HubSpotSimulator(Simulator):
     # -- framework hooks --------------------------------------------------------------------------------------------
 
     def error_response(self, err: HttpError) -> Response:
+        if isinstance(err, InvalidProperties):
+            body = {
+                "status": "error",
+                "message": err.message,
+                "correlationId": str(uuid.uuid4()),
+                "errors": [
+                    {"message": i.message, "code": i.code, "context": {"propertyName": [i.name]}} for i in err.issues
+                ],
+                "category": "VALIDATION_ERROR",
+            }
+            return Response.json(body, 400, err.headers)
         if isinstance(err, MissingScopes):
             body = _error_body(
                 err.message,
@@ -474,7 +536,11 @@ class HubSpotSimulator(Simulator):
         self._check_scopes(req)
 
     def _check_scopes(self, req: Request) -> None:
-        """no_optional_rights: the app was granted crm.objects.deals.read only."""
+        """no_optional_rights: the app was granted crm.objects.deals.read only; read_only_app: every read scope
+        but not crm.objects.deals.write. A deal write without that scope is refused before anything is checked."""
+        writes = req.method in ("POST", "PATCH", "PUT", "DELETE")
+        if self.variant in NO_WRITE_SCOPE and writes and DEAL_WRITE.match(req.path):
+            raise MissingScopes(WRITE_SCOPES)
         if self.variant != "no_optional_rights":
             return
         for prefix, scopes in OPTIONAL_SCOPES:
@@ -1062,18 +1128,49 @@ class HubSpotSimulator(Simulator):
 
     # -- deals: write -----------------------------------------------------------------------------------------------
 
+    def _property_type(self, name: str) -> str:
+        if name in STANDARD_PROPERTIES:
+            return STANDARD_PROPERTIES[name][0]
+        return self.custom_properties[name][0]
+
+    def _check_values(self, props: dict[str, Any]) -> dict[str, Any]:
+        """The request's property values as HubSpot validates them before anything is written (notes §2.1):
+        a property the portal lacks is PROPERTY_DOESNT_EXIST, a calculated one READ_ONLY_VALUE; a non-string
+        property's value with leading or trailing whitespace (invisible characters included) is
+        LEADING_TRAILING_WHITESPACE (since 7 Apr 2025, HubSpot's changelog); a number property takes plain
+        decimal text (INVALID_INTEGER "<v> was not a valid number.", as captured on deal amount). An empty
+        string (or null) clears the value. Every invalid property of the request is named in one 400. Values
+        sent as JSON numbers or booleans are read as their text. Returns the values as text (None: clear)."""
+        issues: list[PropertyIssue] = []
+        texts: dict[str, Any] = {}
+        for name, value in props.items():
+            if name not in self.property_names():
+                issues.append(PropertyIssue(name, "PROPERTY_DOESNT_EXIST", f'Property "{name}" does not exist'))
+                continue
+            if name in READ_ONLY:
+                message = f'"{name}" is a calculated property; its value cannot be set.'
+                issues.append(PropertyIssue(name, "READ_ONLY_VALUE", message))
+                continue
+            if value is None or value == "":
+                texts[name] = None
+                continue
+            text = value if isinstance(value, str) else json.dumps(value)
+            kind = self._property_type(name)
+            if kind != "string" and text != text.strip().strip(INVISIBLE):
+                message = f'"{text}" includes leading or trailing whitespace.'
+                issues.append(PropertyIssue(name, "LEADING_TRAILING_WHITESPACE", message, text))
+                continue
+            if kind == "number" and not NUMBER_TEXT.match(text):
+                issues.append(PropertyIssue(name, "INVALID_INTEGER", f"{text} was not a valid number.", text))
+                continue
+            texts[name] = text
+        if issues:
+            raise InvalidProperties(issues)
+        return texts
+
     def _values(self, props: dict[str, Any], current: SimOpportunity | None) -> dict[str, Any]:
         w, values = self.world, {}
-        unknown = sorted(set(props) - self.property_names())
-        if unknown:
-            raise HttpError(
-                400,
-                "VALIDATION_ERROR",
-                f"Property values were not valid: PROPERTY_DOESNT_EXIST {unknown} do not exist on deals",
-            )
-        bad = sorted(set(props) & READ_ONLY)
-        if bad:
-            raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: {bad} are read-only")
+        props = self._check_values(props)
         pipeline = props.get("pipeline") or (w.stages[current.stage].pipeline if current else DEFAULT_PIPELINE)
         if pipeline not in self.pipelines_map:
             raise HttpError(
@@ -1083,10 +1180,7 @@ class HubSpotSimulator(Simulator):
             if k == "dealname":
                 values["name"] = v
             elif k == "amount":
-                try:
-                    values["amount"] = None if v in (None, "") else float(v)
-                except (TypeError, ValueError):
-                    raise HttpError(400, "VALIDATION_ERROR", f"Property values were not valid: amount {v!r}") from None
+                values["amount"] = None if v is None else float(v)
             elif k == "dealstage":
                 st = w.stages.get(str(v))
                 if st is None or st.pipeline != pipeline:

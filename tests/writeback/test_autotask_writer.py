@@ -285,15 +285,16 @@ def test_a_refused_run_stops_and_names_the_right(tmp_path: Path):
             ids = [
                 r[0]
                 for r in c.execute(
-                    text("SELECT source_id FROM oppsync.opportunities WHERE connection = :c ORDER BY 1 LIMIT 3"),
+                    text("SELECT source_id FROM oppsync.opportunities WHERE connection = :c ORDER BY 1 LIMIT 4"),
                     {"c": conn.name},
                 )
             ]
         upsert_rows(engine, [revenue_row(conn.name, i, NOW) for i in ids])
         result = run_writeback(cfg, engine, conn.name, run_id="wb-1", now=NOW, sleep=lambda s: None)
         assert result.error and "Opportunities: View and Edit" in result.error
-        assert [str(r.status) for r in result.rows] == ["not_attempted"] * 3
-        assert result.api_requests <= 6  # zone, threshold, one read, one PATCH: no retries
+        # each refused row fails on its own; three refusals in a row stop the run before the fourth
+        assert [str(r.status) for r in result.rows] == ["failed"] * 3 + ["not_attempted"]
+        assert result.api_requests <= 8  # zone, threshold, then one read and one PATCH per row: no retries
 
 
 def test_autotasks_error_shapes_reach_the_row(tmp_path: Path):

@@ -1830,7 +1830,11 @@ class DynamicsSimulator(Simulator):
                     raise odata_error(404, "0x80040217", f"{BIND_TABLES[m.group(1)]} With Id = {ident} Does Not Exist")
                 values[column] = ident
                 continue
-            if set_name == "quotes" and k in ("statecode", "statuscode") and not creating:
+            if set_name == "quotes" and k in ("statecode", "statuscode"):
+                if creating:  # "not valid for create" (quote.md): a quote starts as a draft
+                    raise odata_error(
+                        400, "0x80040203", f"The '{k}' attribute of the 'quote' entity is not valid for create."
+                    )
                 values[k] = v  # a state change (SetState through Update), checked by the caller
                 continue
             spec = columns.get(k)

@@ -245,6 +245,8 @@ def test_an_activated_quote_is_left_alone_and_a_new_draft_gets_the_line(tenant: 
     opp = _open_opp(tenant.sim).native_id
     tenant.run(opp, total_contract_revenue=5_000.0)
     (first,) = tenant.quotes(opp)
+    stale_writer = tenant.writer()
+    stale = stale_writer.read_current(opp)  # read before someone activates the quote
     activate = tenant.http.patch(f"{tenant.api}/quotes({first['quoteid']})", json={"statecode": 1, "statuscode": 2})
     assert activate.status_code == 204
     (old_line,) = tenant.lines(first["quoteid"])
@@ -254,6 +256,12 @@ def test_an_activated_quote_is_left_alone_and_a_new_draft_gets_the_line(tenant: 
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "Cannot Update a Read-Only Entity"
+
+    with pytest.raises(CrmError) as caught:  # a write racing the activation fails that row, naming the write
+        stale_writer.write(opp, {"quotedetail.priceperunit": 6_000.0}, stale)
+    assert caught.value.status == 400 and "PATCH /api/data/v9.2/quotedetails(" in str(caught.value)
+    assert "Cannot Update a Read-Only Entity" in str(caught.value)
+    assert not isinstance(stale_writer.explain(caught.value), WritePermissionError)
 
     writer = tenant.writer()
     current = writer.read_current(opp)

@@ -42,6 +42,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -125,6 +126,12 @@ PRIVILEGES = {
     "prvReadUser": (8, "systemuser"),
     "prvReadTeam": (9, "team"),
     "prvReadWorkflow": (4703, "workflow"),
+    # quotes and their lines (quotedetail is parented by its quote: the sandbox checks the quote's privileges
+    # for both, [U] which privilege Dataverse names for a quote line)
+    "prvReadQuote": (1084, "quote"),
+    "prvCreateQuote": (1084, "quote"),
+    "prvWriteQuote": (1084, "quote"),
+    "prvReadPriceLevel": (1022, "pricelevel"),
 }
 VARIANTS = {
     "default": "the API user has a System Customizer-like role: metadata, accounts, users, teams and processes",
@@ -138,6 +145,10 @@ VARIANTS = {
     "secured_close_date": "column security on actualclosedate (IsSecured in its attribute metadata) and no field "
     "security profile granting the API user read: Dataverse returns the column empty on "
     "every record, indistinguishable from null (column-level-security.md)",
+    "no_psa": "neither Project Operations (PSA) nor Field Service is installed: quotedetail has no msdyn_ columns "
+    "($select of one: 400 Could not find a property; writing one: 400 0x80048d19 Invalid property)",
+    "no_quote_rights": "the API user's role may read quotes but lacks Create and Write on Quote: creating or "
+    "editing a quote or quote line answers 403 0x80040220 (missing prvCreateQuote / prvWriteQuote privilege)",
 }
 # Columns with column-level security in each variant, for which the API user holds no field permission.
 SECURED_COLUMNS = {"secured_close_date": frozenset({"actualclosedate"})}
@@ -155,7 +166,102 @@ CURRENCIES = {
 }
 CURRENCY_BY_ID = {v[0]: k for k, v in CURRENCIES.items()}
 BUSINESS_UNIT = "0d2b8a2c-3b5e-ee11-be6f-000d3a5a1b2c"
+# Price lists (pricelevel): one active list per currency, and a retired (inactive, statecode 1) one.
+PRICE_LEVELS = (
+    ("5c2d7e10-1a2b-ee11-9966-000d3a5a1b2c", "Standard USD", "USD", 0),
+    ("5c2d7e11-1a2b-ee11-9966-000d3a5a1b2c", "Standard EUR", "EUR", 0),
+    ("5c2d7e12-1a2b-ee11-9966-000d3a5a1b2c", "Standard GBP", "GBP", 0),
+    ("5c2d7e13-1a2b-ee11-9966-000d3a5a1b2c", "Retired 2023 USD", "USD", 1),
+)
+PRICE_LEVEL_BY_ID = {p[0]: p for p in PRICE_LEVELS}
+# quote.statecode -> label, statuscode -> (statecode, label) (quote.md); only Draft (0) quotes are editable.
+QUOTE_STATES = {0: "Draft", 1: "Active", 2: "Won", 3: "Closed"}
+QUOTE_STATUS = {
+    1: (0, "In Progress"),
+    2: (1, "In Progress"),
+    3: (1, "Open"),
+    4: (2, "Won"),
+    5: (3, "Lost"),
+    6: (3, "Canceled"),
+    7: (3, "Revised"),
+}
+QUOTE_DEFAULT_STATUS = {0: 1, 1: 3, 2: 4, 3: 5}
+BILLING_METHOD_LABELS = {192350000: "Time and Material", 192350001: "Fixed Price"}
+# ObjectTypeCode of the tables a lookup may bind to, by entity set (for the "Does Not Exist" messages).
+BIND_TABLES = {
+    "accounts": "account",
+    "contacts": "contact",
+    "opportunities": "opportunity",
+    "pricelevels": "pricelevel",
+    "transactioncurrencies": "transactioncurrency",
+    "quotes": "quote",
+    "products": "product",
+    "uoms": "uom",
+}
 OPPORTUNITY_METADATA_ID = "4fd7f6b0-0000-0000-0000-0000000000a3"
+
+
+@dataclass(frozen=True)
+class Col:
+    """A writable column of the quote tables as its attribute metadata describes it (quote.md, quotedetail.md):
+    type, precision, range, options, IsValidForCreate / IsValidForUpdate, default."""
+
+    kind: str  # String, Money, Decimal, Boolean, Picklist, Integer
+    create: bool = True
+    update: bool = True
+    max_length: int | None = None
+    precision: int | None = None
+    min_value: float | None = None
+    options: tuple[int, ...] = ()
+    default: Any = None
+
+
+QUOTE_COLUMNS = {
+    "name": Col("String", max_length=300),
+    "description": Col("String", max_length=2000),
+}
+QUOTE_BINDS = {  # navigation property -> (column, entity sets it may point at)
+    "customerid_account": ("_customerid_value", ("accounts",)),
+    "customerid_contact": ("_customerid_value", ("contacts",)),
+    "opportunityid": ("_opportunityid_value", ("opportunities",)),
+    "pricelevelid": ("_pricelevelid_value", ("pricelevels",)),
+    "transactioncurrencyid": ("_transactioncurrencyid_value", ("transactioncurrencies",)),
+}
+QUOTEDETAIL_COLUMNS = {
+    "productdescription": Col("String", max_length=500),
+    "description": Col("String", max_length=2000),
+    "isproductoverridden": Col("Boolean", update=False, default=False),  # "not valid for update"
+    "ispriceoverridden": Col("Boolean", default=False),
+    "quantity": Col("Decimal", precision=5, min_value=0),
+    "priceperunit": Col("Money", precision=2, min_value=-922337203685477),
+    "producttypecode": Col("Picklist", update=False, options=(1, 2, 3, 4, 5), default=1),
+    "lineitemnumber": Col("Integer"),
+    # computed from price, quantity, discounts and tax: not valid for create or update
+    "baseamount": Col("Money", create=False, update=False, precision=2),
+    "extendedamount": Col("Money", create=False, update=False, precision=2),
+}
+QUOTEDETAIL_BINDS = {
+    "quoteid": ("_quoteid_value", ("quotes",)),
+    "productid": ("_productid_value", ("products",)),
+    "uomid": ("_uomid_value", ("uoms",)),
+}
+# Columns the Project Operations (PSA) solution adds to quotedetail (quotedetail.md, notes §3.1) ...
+PSA_QUOTEDETAIL_COLUMNS = {
+    "msdyn_billingmethod": Col("Picklist", options=tuple(BILLING_METHOD_LABELS)),
+    "msdyn_costamount": Col("Money", precision=4, min_value=0),
+    "msdyn_costpriceperunit": Col("Money", precision=4, min_value=0),
+    "msdyn_budgetamount": Col("Money", precision=2, min_value=0),
+    "msdyn_includeexpense": Col("Boolean", default=True),
+    "msdyn_includematerial": Col("Boolean", default=True),
+    "msdyn_includetime": Col("Boolean", default=True),
+    "msdyn_includefee": Col("Boolean", default=True),
+    "msdyn_linetype": Col("Picklist", options=(690970000, 690970001)),
+}
+# ... and the Field Service solution.
+FIELD_SERVICE_QUOTEDETAIL_COLUMNS = {
+    "msdyn_estimatedcost": Col("Money", precision=2, min_value=0),
+    "msdyn_estimatedrevenue": Col("Money", precision=2, min_value=0),
+}
 
 
 def _guid(i: int, tail: str) -> str:
@@ -472,6 +578,17 @@ class DynamicsSimulator(Simulator):
         since = world.clock.now() - timedelta(days=30)
         for a in world.accounts:
             self._account_marks[a.idx] = (_account_signature(a), since)
+        # Quotes and their lines live in the simulator (not the world): a quote is not the opportunity, and writing
+        # one changes neither its estimatedvalue nor its modifiedon.
+        self.quotes: dict[str, dict[str, Any]] = {}
+        self.quotedetails: dict[str, dict[str, Any]] = {}
+        self._rowversion = 5_000_000
+        self.quotedetail_columns = dict(QUOTEDETAIL_COLUMNS)
+        if variant != "no_psa":
+            self.quotedetail_columns.update(PSA_QUOTEDETAIL_COLUMNS)
+            self.quotedetail_columns.update(FIELD_SERVICE_QUOTEDETAIL_COLUMNS)
+        if variant == "no_quote_rights":
+            self.denied |= {"prvCreateQuote", "prvWriteQuote"}
         self.sets = self._entity_sets()
         t = r"(?P<tenant>[^/]+)"
         self.route("POST", rf"/{t}/oauth2/v2\.0/token", self.token)
@@ -490,15 +607,18 @@ class DynamicsSimulator(Simulator):
         api(
             "GET",
             rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
-            r"processstages)",
+            r"processstages|pricelevels|quotes|quotedetails)",
             self.collection,
         )
         api(
             "GET",
-            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages)"
+            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|processstages|pricelevels|quotes|quotedetails)"
             rf"\((?P<id>{GUID_RE})\)",
             self.single,
         )
+        api("POST", rf"{API}/(?P<set>quotes|quotedetails)", self.create_quote_record)
+        api("PATCH", rf"{API}/(?P<set>quotes|quotedetails)\((?P<id>{GUID_RE})\)", self.update_quote_record)
+        api("DELETE", rf"{API}/(?P<set>quotes|quotedetails)\((?P<id>{GUID_RE})\)", self.delete_quote_record)
         api("POST", rf"{API}/opportunities", self.create)
         api("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
         api("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
@@ -602,6 +722,9 @@ class DynamicsSimulator(Simulator):
             "systemusers": "prvReadUser",
             "teams": "prvReadTeam",
             "processstages": "prvReadWorkflow",
+            "quotes": "prvReadQuote",
+            "quotedetails": "prvReadQuote",
+            "pricelevels": "prvReadPriceLevel",
         }.get(entity_set)
         if privilege:
             self._require(privilege)
@@ -908,6 +1031,8 @@ class DynamicsSimulator(Simulator):
             "_createdby_value": lambda o: w.users[o.creator].native_id,
             "_modifiedby_value": lambda o: w.users[o.creator if owner(o).kind == "team" else o.owner].native_id,
             "_transactioncurrencyid_value": lambda o: CURRENCIES[o.currency][0],
+            # the price list: the currency's standard list on most records, none on every fifth
+            "_pricelevelid_value": lambda o: None if o.seq % 5 == 0 else _price_level_for(o.currency),
             "createdon": lambda o: o.created_at,
             "modifiedon": lambda o: o.modified_at,
             "versionnumber": lambda o: int(o.modified_at.timestamp()) * 1000 + o.seq % 1000,
@@ -936,6 +1061,7 @@ class DynamicsSimulator(Simulator):
             "_createdby_value": ("createdby", "systemusers"),
             "_modifiedby_value": ("modifiedby", "systemusers"),
             "_transactioncurrencyid_value": ("transactioncurrencyid", "transactioncurrencies"),
+            "_pricelevelid_value": ("pricelevelid", "pricelevels"),
             "_campaignid_value": ("campaignid", "campaigns"),
             "_originatingleadid_value": ("originatingleadid", "leads"),
         }
@@ -1028,6 +1154,7 @@ class DynamicsSimulator(Simulator):
                 {"_processid_value": ("processid", "workflows")},
                 {"stagecategory": lambda st: SALES_STAGES[min(st.order - 1, 3)]},
             ),
+            **self._quote_sets(),
         }
 
     def _getter(self, es: EntitySet) -> Getter:
@@ -1105,6 +1232,12 @@ class DynamicsSimulator(Simulator):
             if target == "transactioncurrencies":
                 iso_code = CURRENCY_BY_ID[value]
                 return target, (iso_code, *CURRENCIES[iso_code])
+            if target == "opportunities":
+                return target, self.world.get(value)
+            if target == "quotes":
+                return target, self.quotes.get(value)
+            if target == "pricelevels":
+                return target, PRICE_LEVEL_BY_ID.get(value)
             return None
         raise bad_query(f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM.{es.logical}'.")
 
@@ -1344,7 +1477,7 @@ class DynamicsSimulator(Simulator):
         if es.key not in cols:
             cols = [es.key, *cols]
         out: dict[str, Any] = {}
-        if es.name == "opportunities":
+        if "versionnumber" in es.columns:
             out["@odata.etag"] = f'W/"{es.columns["versionnumber"](row)}"'
         for c in cols:
             value = getter(row, c)
@@ -1556,8 +1689,401 @@ class DynamicsSimulator(Simulator):
         )
         return Response.empty(204)
 
+    # -- quotes and quote lines (revenue write-back, docs/crm-write-webhook-notes.md §3.1) ----------------------
+
+    def _quote_sets(self) -> dict[str, EntitySet]:
+        def col(name: str) -> Callable[[Any], Any]:
+            return lambda r: r.get(name)
+
+        quote_names = (
+            "quoteid",
+            "name",
+            "quotenumber",
+            "description",
+            "statecode",
+            "statuscode",
+            "_customerid_value",
+            "_opportunityid_value",
+            "_pricelevelid_value",
+            "_transactioncurrencyid_value",
+            "totallineitemamount",
+            "totalamount",
+            "_ownerid_value",
+            "_createdby_value",
+            "_modifiedby_value",
+            "createdon",
+            "modifiedon",
+            "versionnumber",
+        )
+        detail_names = (
+            "quotedetailid",
+            "_quoteid_value",
+            "_productid_value",
+            "_uomid_value",
+            "_transactioncurrencyid_value",
+            *self.quotedetail_columns,
+            "_ownerid_value",
+            "_createdby_value",
+            "createdon",
+            "modifiedon",
+            "versionnumber",
+        )
+        users = {
+            "_ownerid_value": ("ownerid", "owner"),
+            "_createdby_value": ("createdby", "systemusers"),
+            "_modifiedby_value": ("modifiedby", "systemusers"),
+        }
+        currency = {"_transactioncurrencyid_value": ("transactioncurrencyid", "transactioncurrencies")}
+        money = lambda c: lambda r: None if r.get(c) is None else f"${r[c]:,.2f}"  # noqa: E731
+        level_cols = {
+            "pricelevelid": lambda p: p[0],
+            "name": lambda p: p[1],
+            "_transactioncurrencyid_value": lambda p: CURRENCIES[p[2]][0],
+            "statecode": lambda p: p[3],
+            "statuscode": lambda p: 100001 if p[3] == 0 else 100002,
+        }
+        return {
+            "pricelevels": EntitySet(
+                "pricelevels", "pricelevel", "pricelevelid", lambda: iter(PRICE_LEVELS), level_cols, currency
+            ),
+            "quotes": EntitySet(
+                "quotes",
+                "quote",
+                "quoteid",
+                lambda: iter(list(self.quotes.values())),
+                {c: col(c) for c in quote_names},
+                {
+                    "_customerid_value": ("customerid_account", "accounts"),
+                    "_opportunityid_value": ("opportunityid", "opportunities"),
+                    "_pricelevelid_value": ("pricelevelid", "pricelevels"),
+                    **currency,
+                    **users,
+                },
+                {
+                    "statecode": lambda r: QUOTE_STATES[r["statecode"]],
+                    "statuscode": lambda r: QUOTE_STATUS[r["statuscode"]][1],
+                    "totalamount": money("totalamount"),
+                },
+            ),
+            "quotedetails": EntitySet(
+                "quotedetails",
+                "quotedetail",
+                "quotedetailid",
+                lambda: iter(list(self.quotedetails.values())),
+                {c: col(c) for c in detail_names},
+                {
+                    "_quoteid_value": ("quoteid", "quotes"),
+                    "_productid_value": ("productid", "products"),
+                    "_uomid_value": ("uomid", "uoms"),
+                    **currency,
+                    **{k: v for k, v in users.items() if k != "_modifiedby_value"},
+                },
+                {
+                    "priceperunit": money("priceperunit"),
+                    "msdyn_billingmethod": lambda r: BILLING_METHOD_LABELS.get(r.get("msdyn_billingmethod")),
+                },
+            ),
+        }
+
+    def _record_spec(self, set_name: str) -> tuple[str, dict[str, Col], dict[str, tuple[str, tuple[str, ...]]]]:
+        if set_name == "quotes":
+            return "quote", QUOTE_COLUMNS, QUOTE_BINDS
+        return "quotedetail", self.quotedetail_columns, QUOTEDETAIL_BINDS
+
+    def _exists(self, entity_set: str, ident: str) -> bool:
+        return {
+            "accounts": lambda: ident in self.accounts_by_id,
+            "opportunities": lambda: self.world.get(ident) is not None,
+            "pricelevels": lambda: ident in PRICE_LEVEL_BY_ID,
+            "transactioncurrencies": lambda: ident in CURRENCY_BY_ID,
+            "quotes": lambda: ident in self.quotes,
+        }.get(entity_set, lambda: False)()
+
+    def _record_values(self, set_name: str, body: Any, creating: bool) -> dict[str, Any]:
+        """A POST / PATCH body as column values: binds resolved (the record must exist), types, lengths, ranges
+        and option values checked as Dataverse does, unknown properties refused."""
+        logical, columns, binds = self._record_spec(set_name)
+        if not isinstance(body, dict):
+            raise odata_error(
+                400, "0x80048d19", f"Error identified in Payload provided by the user for Entity :'{set_name}'"
+            )
+        values: dict[str, Any] = {}
+        for k, v in body.items():
+            if k.startswith("@odata."):
+                continue
+            if k.endswith("@odata.bind"):
+                nav = k[: -len("@odata.bind")]
+                if nav not in binds:
+                    raise odata_error(
+                        400,
+                        "0x80048d19",
+                        f"An undeclared property '{nav}' which only has property annotations in the payload but no "
+                        "property value was found in the payload. In OData, only declared navigation properties and "
+                        "declared named streams can be represented as properties without values.",
+                    )
+                column, targets = binds[nav]
+                m = re.match(r"^(?:.*/)?(\w+)\((" + GUID_RE + r")\)$", str(v))
+                if not m or m.group(1) not in targets:
+                    raise odata_error(400, "0x80048d19", f"Invalid URI in {k}: '{v}'.")
+                ident = m.group(2).lower()
+                if not self._exists(m.group(1), ident):
+                    raise odata_error(404, "0x80040217", f"{BIND_TABLES[m.group(1)]} With Id = {ident} Does Not Exist")
+                values[column] = ident
+                continue
+            if set_name == "quotes" and k in ("statecode", "statuscode"):
+                if creating:  # "not valid for create" (quote.md): a quote starts as a draft
+                    raise odata_error(
+                        400, "0x80040203", f"The '{k}' attribute of the 'quote' entity is not valid for create."
+                    )
+                values[k] = v  # a state change (SetState through Update), checked by the caller
+                continue
+            spec = columns.get(k)
+            if spec is None:
+                raise odata_error(
+                    400, "0x80048d19", f"Invalid property '{k}' was found in entity 'Microsoft.Dynamics.CRM.{logical}'."
+                )
+            if not (spec.create if creating else spec.update):
+                raise odata_error(
+                    400,
+                    "0x80040203",
+                    f"The '{k}' attribute of the '{logical}' entity is not valid for "
+                    f"{'create' if creating else 'update'}.",
+                )
+            values[k] = _typed_value(logical, k, spec, v)
+        return values
+
+    def _editable(self, quote: dict[str, Any]) -> None:
+        """Only draft quotes can be edited (quote.md), their lines too: the platform refuses the write."""
+        if quote["statecode"] != 0:
+            raise odata_error(400, "0x80040203", "Cannot Update a Read-Only Entity")
+
+    def _stamp(self, rec: dict[str, Any]) -> None:
+        self._rowversion += 1
+        rec["versionnumber"] = self._rowversion
+        rec["modifiedon"] = self.world.clock.now()
+        if "_modifiedby_value" in rec:
+            rec["_modifiedby_value"] = self.app_user.native_id
+
+    def _totals(self, quote_id: str | None) -> None:
+        """The quote's totals follow its lines (the platform's price calculation; no discounts or tax here)."""
+        quote = self.quotes.get(quote_id or "")
+        if quote is None:
+            return
+        total = round(
+            sum(d["extendedamount"] or 0.0 for d in self.quotedetails.values() if d["_quoteid_value"] == quote_id), 2
+        )
+        if total != quote["totallineitemamount"]:
+            quote["totallineitemamount"] = quote["totalamount"] = total
+            self._stamp(quote)
+
+    @staticmethod
+    def _amounts(line: dict[str, Any]) -> None:
+        base = round((line.get("priceperunit") or 0.0) * (line.get("quantity") or 0.0), 2)
+        line["baseamount"] = line["extendedamount"] = base
+
+    def _new_record(self, set_name: str, values: dict[str, Any], ident: str | None) -> dict[str, Any]:
+        now = self.world.clock.now()
+        me = self.app_user.native_id
+        if set_name == "quotes":
+            rec: dict[str, Any] = {
+                "quoteid": ident or _uuid(),
+                "name": None,
+                "quotenumber": f"QUO-{1000 + len(self.quotes):05d}-S4N7D8",
+                "description": None,
+                "statecode": 0,
+                "statuscode": 1,
+                "_customerid_value": None,
+                "_opportunityid_value": None,
+                "_pricelevelid_value": None,
+                # the organisation's base currency when none is given
+                "_transactioncurrencyid_value": CURRENCIES["USD"][0],
+                "totallineitemamount": 0.0,
+                "totalamount": 0.0,
+                "_ownerid_value": me,
+                "_createdby_value": me,
+                "_modifiedby_value": me,
+                "createdon": now,
+                **values,
+            }
+            self._stamp(rec)
+            self.quotes[rec["quoteid"]] = rec
+            return rec
+        quote_id = values.get("_quoteid_value")
+        if quote_id is None:
+            raise odata_error(400, "0x80040203", "Attribute 'quoteid' cannot be NULL: a quote product needs its quote.")
+        self._editable(self.quotes[quote_id])
+        if not values.get("isproductoverridden") and not values.get("_productid_value"):
+            raise odata_error(
+                400,
+                "0x80040203",
+                "A quote product needs an existing product (productid, uomid) unless it is a write-in product "
+                "(isproductoverridden true, productdescription).",
+            )
+        rec = {
+            "quotedetailid": ident or _uuid(),
+            "_quoteid_value": quote_id,
+            "_productid_value": None,
+            "_uomid_value": None,
+            "_transactioncurrencyid_value": self.quotes[quote_id]["_transactioncurrencyid_value"],
+            **{c: spec.default for c, spec in self.quotedetail_columns.items()},
+            "lineitemnumber": 1 + sum(1 for d in self.quotedetails.values() if d["_quoteid_value"] == quote_id),
+            "_ownerid_value": me,
+            "_createdby_value": me,
+            "createdon": now,
+            **values,
+        }
+        self._amounts(rec)
+        self._stamp(rec)
+        self.quotedetails[rec["quotedetailid"]] = rec
+        self._totals(quote_id)
+        return rec
+
+    def _record_written(self, req: Request, set_name: str, rec: dict[str, Any], status: int) -> Response:
+        """204 + OData-EntityId; with `Prefer: return=representation` the record (201 created, 200 updated)."""
+        es = self.sets[set_name]
+        entity_id = f"{self._base(req)}{API}/{set_name}({rec[es.key]})"
+        headers = {"OData-EntityId": entity_id}
+        if "return=representation" in (req.header("prefer") or ""):
+            body = {
+                "@odata.context": f"{self._base(req)}{API}/$metadata#{set_name}/$entity",
+                **self._render(req, es, rec, self._query(req, es)),
+            }
+            return Response.json(body, status, {**headers, "Preference-Applied": "return=representation"})
+        return Response.empty(204, headers)
+
+    def create_quote_record(self, req: Request) -> Response:
+        set_name = req.params["set"]
+        self._require("prvCreateQuote")
+        values = self._record_values(set_name, req.json(), creating=True)
+        with self.world.lock:
+            rec = self._new_record(set_name, values, None)
+        return self._record_written(req, set_name, rec, 201)
+
+    def update_quote_record(self, req: Request) -> Response:
+        """PATCH: an update; without If-Match an upsert (a missing record is created with that id); `If-Match: *`
+        updates only (missing: 404); `If-Match: <etag>` also 412 when the row version moved
+        (perform-conditional-operations-using-web-api.md)."""
+        set_name, ident = req.params["set"], req.params["id"].lower()
+        store = self.quotes if set_name == "quotes" else self.quotedetails
+        logical = self.sets[set_name].logical
+        if_match = req.header("if-match")
+        with self.world.lock:
+            rec = store.get(ident)
+            if rec is None:
+                if if_match is not None:
+                    raise odata_error(404, "0x80040217", f"{logical} With Id = {ident} Does Not Exist")
+                self._require("prvCreateQuote")
+                values = self._record_values(set_name, req.json(), creating=True)
+                return self._record_written(req, set_name, self._new_record(set_name, values, ident), 201)
+            if if_match not in (None, "*") and if_match.strip() != f'W/"{rec["versionnumber"]}"':
+                raise odata_error(
+                    412,
+                    "0x80060882",
+                    "The version of the existing record doesn't match the RowVersion property provided.",
+                )
+            self._require("prvWriteQuote")
+            values = self._record_values(set_name, req.json(), creating=False)
+            if set_name == "quotes":
+                self._update_quote(rec, values)
+            else:
+                self._editable(self.quotes[rec["_quoteid_value"]])
+                if values:
+                    rec.update(values)
+                    self._amounts(rec)
+                    self._stamp(rec)
+                    self._totals(rec["_quoteid_value"])
+        return self._record_written(req, set_name, rec, 200)
+
+    def _update_quote(self, rec: dict[str, Any], values: dict[str, Any]) -> None:
+        state, status = values.pop("statecode", None), values.pop("statuscode", None)
+        if values:
+            self._editable(rec)
+            rec.update(values)
+        if state is None and status is None:
+            if values:
+                self._stamp(rec)
+            return
+        if status is not None:
+            if status not in QUOTE_STATUS or (state is not None and QUOTE_STATUS[status][0] != state):
+                raise odata_error(
+                    400,
+                    "0x80040203",
+                    f"{status} is not a valid status code for state code QuoteState."
+                    f"{QUOTE_STATES.get(state if state is not None else rec['statecode'], state)}",
+                )
+            state = QUOTE_STATUS[status][0]
+        if state not in QUOTE_STATES:
+            raise odata_error(400, "0x80040203", f"{state} is not a valid state code for quote.")
+        if state in (2, 3):
+            raise odata_error(400, "0x80040203", "Use WinQuote or CloseQuote to win or close a quote.")
+        rec["statecode"] = state
+        rec["statuscode"] = status if status is not None else QUOTE_DEFAULT_STATUS[state]
+        self._stamp(rec)
+
+    def delete_quote_record(self, req: Request) -> Response:
+        set_name, ident = req.params["set"], req.params["id"].lower()
+        store = self.quotes if set_name == "quotes" else self.quotedetails
+        with self.world.lock:
+            rec = store.get(ident)
+            if rec is None:
+                raise odata_error(404, "0x80040217", f"{self.sets[set_name].logical} With Id = {ident} Does Not Exist")
+            if set_name == "quotedetails":
+                self._editable(self.quotes[rec["_quoteid_value"]])
+                del self.quotedetails[ident]
+                self._totals(rec["_quoteid_value"])
+            else:
+                del self.quotes[ident]
+                for line in [d for d in self.quotedetails.values() if d["_quoteid_value"] == ident]:
+                    del self.quotedetails[line["quotedetailid"]]
+        return Response.empty(204)
+
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _price_level_for(currency: str) -> str | None:
+    return next((p[0] for p in PRICE_LEVELS if p[2] == currency and p[3] == 0), None)
+
+
+def _typed_value(logical: str, name: str, spec: Col, v: Any) -> Any:
+    """A written value as Dataverse checks it: the JSON type (OData conversion error), the string length and the
+    number's range (validation errors), the option value of a choice column."""
+    if v is None:
+        return None
+    edm = {"String": "Edm.String", "Boolean": "Edm.Boolean", "Picklist": "Edm.Int32", "Integer": "Edm.Int32"}
+    edm_type = edm.get(spec.kind, "Edm.Decimal")
+    ok = {
+        "String": isinstance(v, str),
+        "Boolean": isinstance(v, bool),
+        "Picklist": isinstance(v, int) and not isinstance(v, bool),
+        "Integer": isinstance(v, int) and not isinstance(v, bool),
+    }.get(spec.kind, isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok:
+        raise odata_error(400, "0x80048d19", f"Cannot convert the literal '{v}' to the expected type '{edm_type}'.")
+    if spec.kind == "String" and spec.max_length is not None and len(v) > spec.max_length:
+        raise odata_error(
+            400,
+            "0x80044331",
+            f"A validation error occurred. The length of the '{name}' attribute of the '{logical}' entity exceeded "
+            f"the maximum allowed length of '{spec.max_length}'.",
+        )
+    if spec.kind == "Picklist" and spec.options and v not in spec.options:
+        raise odata_error(
+            400,
+            "0x8004431a",
+            f"A validation error occurred. The value {v} of '{name}' on record of type '{logical}' is outside the "
+            "valid range.",
+        )
+    if spec.kind in ("Money", "Decimal"):
+        if spec.min_value is not None and v < spec.min_value:
+            raise odata_error(
+                400,
+                "0x80044331",
+                f"A validation error occurred. The value {v} of '{name}' on record of type '{logical}' is outside "
+                f"the valid range. Accepted Values: {spec.min_value:g} to 922337203685477",
+            )
+        return round(float(v), spec.precision if spec.precision is not None else 2)
+    return v
 
 
 def _uuid() -> str:
@@ -1631,6 +2157,11 @@ _TYPES = {
     "isdisabled": "Boolean",
     "teamtype": "Picklist",
     "stagecategory": "Picklist",
+    "totalamount": "Money",
+    "totallineitemamount": "Money",
+    **{c: col.kind for c, col in QUOTEDETAIL_COLUMNS.items() if c != "description"},
+    **{c: col.kind for c, col in PSA_QUOTEDETAIL_COLUMNS.items()},
+    **{c: col.kind for c, col in FIELD_SERVICE_QUOTEDETAIL_COLUMNS.items()},
 }
 
 

@@ -366,13 +366,16 @@ def explain(
         return None
     code = _error_code(response)
     message = _error_message(response)
-    where = f"GET {response.request.path_url.split('?', 1)[0] if response.request is not None else ''}"
+    method = (response.request.method if response.request is not None else None) or "GET"
+    where = f"{method} {response.request.path_url.split('?', 1)[0] if response.request is not None else ''}"
+    # the revenue write-back writes through the same client: its refusals name the write, not a read
+    action, access = ("read", "read access") if method == "GET" else ("write", "access")
     if status == 403:
         m = PRIVILEGE.search(message)
         if m:
             text = (
-                f"{where}: Dataverse refused the read (403 {code}): the application user's security role lacks "
-                f"{m.group(1)} (read access to the '{m.group(2)}' table). Add it to the role assigned to the "
+                f"{where}: Dataverse refused the {action} (403 {code}): the application user's security role lacks "
+                f"{m.group(1)} ({access} to the '{m.group(2)}' table). Add it to the role assigned to the "
                 "app's application user (Power Platform admin center > environment > Settings > Application "
                 "users), see docs/crms/dynamics.md"
             )
@@ -396,12 +399,16 @@ def explain(
                 f"(400 {code}): check {check} against the table's columns (`oppsync config check --online` "
                 "lists them; custom columns carry the publisher prefix, e.g. new_region)"
             )
+        elif method != "GET":
+            text = f"{where}: Dataverse refused the write (400 {code}): {message[:200]}"
         else:
             text = (
                 f"{where}: Dataverse refused the query (400 {code}): {message[:200]}. Check the connection's "
                 "filters:, fields: and options against this environment"
             )
         return CrmError(text, status=400, code=code)
+    if method != "GET":
+        return CrmError(f"{where}: not found (404 {code}): {message[:200]}", status=404, code=code)
     return CrmError(
         f"{where}: not found (404 {code}): check base_url, the environment URL "
         f"(https://<org>.crm.dynamics.com, without /api/data). {message[:160]}",

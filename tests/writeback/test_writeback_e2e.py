@@ -122,10 +122,10 @@ def test_writeback_round_trip(crm: str, warehouse_url: str, tmp_path: Path):
 
 
 @pytest.mark.parametrize("crm", WRITERS)
-def test_writeback_failures_and_conflicts(crm: str, duckdb_url: str, tmp_path: Path):
+def test_writeback_failures_and_conflicts(crm: str, warehouse_url: str, tmp_path: Path):
     sim = build_simulator(crm, seed=6, opportunities=40)
     with SandboxServer(sim) as server:
-        cfg, conn, engine, ids = _setup(crm, duckdb_url, tmp_path, server)
+        cfg, conn, engine, ids = _setup(crm, warehouse_url, tmp_path, server)
         a, b, c_ = ids
         upsert_rows(engine, [revenue_row(conn.name, i, NOW) for i in (a, b, c_)])
         assert run_writeback(cfg, engine, conn.name, run_id="wb-1", now=NOW).ok

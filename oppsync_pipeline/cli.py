@@ -6,6 +6,9 @@
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
   oppsync writeback --connection NAME [--opportunity ID] [--dry-run] [--force]
                                             seed 000's "Update CRM": write revenue back to the CRM
+  oppsync webhooks serve                    the webhook receiver (CRM notifications -> syncs within seconds)
+  oppsync webhooks register --connection NAME --public-url URL
+                                            subscribe to the CRM's notifications (or print the manual steps)
   oppsync sandbox serve                     the CRM simulators (one per registered CRM), with a matching oppsync.yaml
   oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
 
@@ -77,6 +80,21 @@ def parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="overwrite values someone changed in the CRM since oppsync's last write"
     )
     wb.set_defaults(run=cmd_writeback)
+
+    hooks = sub.add_parser("webhooks", help="near-real-time syncs from CRM notifications (README)")
+    hooks_sub = hooks.add_subparsers(dest="action", required=True)
+    serve_hooks = hooks_sub.add_parser("serve", help="run the webhook receiver (Starlette on uvicorn)")
+    serve_hooks.add_argument("--host", help="default: webhooks.host (127.0.0.1)")
+    serve_hooks.add_argument("--port", type=int, help="default: webhooks.port (8710)")
+    serve_hooks.set_defaults(run=lambda a: cmd_webhooks_serve(a.config, a.host, a.port))
+    register = hooks_sub.add_parser(
+        "register", help="create the CRM's subscription to this receiver, or print the manual steps"
+    )
+    register.add_argument("--connection", required=True)
+    register.add_argument(
+        "--public-url", required=True, help="the receiver's URL as the CRM reaches it, e.g. https://hooks.example.com"
+    )
+    register.set_defaults(run=lambda a: cmd_webhooks_register(a.config, a.connection, a.public_url))
 
     sb = sub.add_parser("sandbox", help="the built-in CRM sandbox")
     sb_sub = sb.add_subparsers(dest="action", required=True)
@@ -314,6 +332,39 @@ def _step_error(result) -> str:
 
 def _shown(value: str | None) -> str:
     return "(none)" if value is None else value
+
+
+def cmd_webhooks_serve(path: str | None, host: str | None, port: int | None) -> int:
+    from oppsync_pipeline.lib.webhooks.app import serve
+
+    cfg = load_config(config_path(path))
+    serve(cfg, host, port)
+    return 0
+
+
+def cmd_webhooks_register(path: str | None, connection: str, public_url: str) -> int:
+    from oppsync_pipeline.lib.config import resolve_refs
+    from oppsync_pipeline.lib.crm.registry import spec
+    from oppsync_pipeline.lib.sync import build_connector
+
+    cfg = load_config(config_path(path))
+    conn = cfg.connection(connection)
+    s = spec(conn.crm)
+    if not s.webhooks:
+        print(f"{conn.name}: {conn.crm} sends no opportunity webhooks: {s.webhooks_note}.")
+        print("The hourly schedule (and `oppsync sync`) keep it in step; nothing to register.")
+        return 0
+    cls = s.webhook_receiver_class()
+    problems = cls.problems(conn)
+    if problems:
+        raise ConfigError(problems)
+    secrets = resolve_refs(cfg, conn.webhooks.secrets, f"connections.{conn.name}.webhooks.secrets")
+    url = public_url.rstrip("/") + f"/webhooks/{conn.name}"
+    for line in cls(conn, secrets).register(build_connector(cfg, conn), url):
+        print(line)
+    if not conn.webhooks.enabled:
+        print(f"then set connections.{conn.name}.webhooks.enabled: true and restart `oppsync webhooks serve`")
+    return 0
 
 
 def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) -> int:

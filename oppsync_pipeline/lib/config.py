@@ -99,6 +99,28 @@ class ConnectionWriteback(_Strict):
     automatic: bool = True
 
 
+class ConnectionWebhooks(_Strict):
+    """Change notifications from this connection's CRM (README: Near-real-time syncs). Autotask has none."""
+
+    enabled: bool = False
+    # secrets the CRM signs or authenticates its notifications with, as ${ENV} references (lib/webhooks/<crm>.py
+    # names the keys each CRM needs, e.g. HubSpot's client_secret, Dataverse's webhook key)
+    secrets: dict[str, str] = {}
+    # per-CRM settings that are not secrets (Salesforce organization_id, Dataverse auth type ...)
+    options: dict[str, Any] = {}
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, ref in v.items():
+            if not isinstance(ref, str) or not _ENV_REF.match(ref):
+                raise ValueError(
+                    f"webhook secret '{key}' must reference an environment variable as '${{NAME}}'; "
+                    "secrets are never written in oppsync.yaml"
+                )
+        return v
+
+
 class ConnectionConfig(_Strict):
     name: str
     crm: CrmName
@@ -124,6 +146,7 @@ class ConnectionConfig(_Strict):
     track_from_stage: str | None = None
     options: dict[str, Any] = {}
     writeback: ConnectionWriteback = ConnectionWriteback()
+    webhooks: ConnectionWebhooks = ConnectionWebhooks()
 
     @field_validator("name")
     @classmethod
@@ -270,12 +293,29 @@ class WritebackConfig(_Strict):
     sensor_interval_seconds: Annotated[int, Field(ge=5)] = 30
 
 
+class WebhooksConfig(_Strict):
+    """The webhook receiver (`oppsync webhooks serve`) and the sensor that turns notifications into syncs."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8710
+    # the URL the CRMs post to, as they see it (behind a proxy: the public one); HubSpot signs it
+    public_url: str | None = None
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_000_000
+    # notifications accepted per minute and source address, per connection; more get 429
+    rate_limit_per_minute: Annotated[int, Field(ge=1)] = 600
+    # where verified notifications wait for the sensor: default the warehouse when it is Postgres, else a SQLite
+    # file beside the DuckDB warehouse (the receiver must not wait for DuckDB's single writer)
+    inbox_url: str | None = None
+    sensor_interval_seconds: Annotated[int, Field(ge=1)] = 5
+
+
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
     secrets_file: str | None = None
     sandbox: SandboxConfig = SandboxConfig()
     writeback: WritebackConfig = WritebackConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     connections: list[ConnectionConfig] = []
     users: list[UserConfig] = []
 
@@ -409,6 +449,27 @@ def resolve_credentials(
             )
         else:
             resolved[key] = value
+    if missing:
+        raise ConfigError(missing)
+    return resolved
+
+
+def resolve_refs(
+    cfg: OppsyncConfig, refs: Mapping[str, str], where: str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Values of `${NAME}` references (environment first, then the secrets file); `where` is the key path."""
+    environ = os.environ if environ is None else environ
+    file_values = read_secrets_file(cfg.secrets_file)
+    resolved, missing = {}, []
+    for key, ref in refs.items():
+        var = _ENV_REF.match(ref).group(1)  # type: ignore[union-attr]  (validated at load)
+        value = environ.get(var) or file_values.get(var)
+        if value:
+            resolved[key] = value
+        else:
+            missing.append(
+                f"{where}.{key}: environment variable {var} is not set; export {var}=... or add it to the secrets file"
+            )
     if missing:
         raise ConfigError(missing)
     return resolved

@@ -205,6 +205,25 @@ class Simulator:
         self.route("POST", r"/__sandbox/advance", self._control_advance)
         self.route("POST", r"/__sandbox/faults", self._control_faults)
         self.route("GET", r"/__sandbox/state", self._control_state)
+        self.route("POST", r"/__sandbox/webhooks", self._control_webhooks)
+        # Simulators of CRMs with webhooks create their sender (sandbox/kit/webhooks.py) and register their
+        # subscription endpoints; the control endpoint points it at a URL where the CRM has no API for that.
+        self.webhooks: Any = None
+
+    def _control_webhooks(self, req: Request) -> Response:
+        """{"url": "http://.../webhooks/<connection>" | null, "faults": {drop, duplicate, delay_seconds, reorder,
+        seed}}: where this tenant's notifications go and what goes wrong on the way (tests, make bench)."""
+        if self.webhooks is None:
+            raise HttpError(404, "NO_WEBHOOKS", f"the {self.crm} simulator sends no webhooks")
+        from oppsync_pipeline.sandbox.kit.webhooks import DeliveryFaults
+
+        body = req.json() or {}
+        if "url" in body:
+            self.webhooks.url = body["url"]
+        if "faults" in body:
+            self.webhooks.faults = DeliveryFaults(**(body["faults"] or {}))
+            self.webhooks.start_faults()
+        return Response.json({"url": self.webhooks.url, "sent": len(self.webhooks.sent)})
 
     def route(self, method: str, pattern: str, handler: Handler, *, guard: Guard | None = None) -> None:
         """Serve `handler` on `method` + `pattern` (a regex on the whole path; named groups become `req.params`).

@@ -239,7 +239,15 @@ class World:
         self.accounts: list[SimAccount] = []
         self.opps: dict[str, SimOpportunity] = {}
         self._seq = 0
+        # Called with ("created" | "updated" | "deleted", opportunity) after each change made through the API or by
+        # simulated activity: the simulators' webhook senders (sandbox/kit/webhooks.py) listen here. Not called
+        # for changes that do not move the change cursor (bump=False), which CRMs do not notify either.
+        self.listeners: list[Callable[[str, SimOpportunity], None]] = []
         self._generate(opportunities)
+
+    def _emit(self, kind: str, opp: SimOpportunity) -> None:
+        for listener in list(self.listeners):
+            listener(kind, opp)
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -404,7 +412,9 @@ class World:
             opp.created_at = opp.modified_at = now
             opp.closed_at = now if self.status(opp) != "open" else None
             self.version += 1
-            return self._insert(opp)
+            self._insert(opp)
+            self._emit("created", opp)
+            return opp
 
     def update(
         self, native_id: str, *, bump: bool = True, touch_time: datetime | None = None, **values: Any
@@ -421,6 +431,8 @@ class World:
             if bump:
                 opp.modified_at = touch_time or self.clock.now()
             self.version += 1
+            if bump:
+                self._emit("updated", opp)
             return opp
 
     def _status_moved(self, opp: SimOpportunity, before: str, at: datetime) -> None:
@@ -439,6 +451,7 @@ class World:
             if bump:
                 opp.modified_at = now
             self.version += 1
+            self._emit("deleted", opp)
             return opp
 
     def rename_account(self, idx: int, name: str | None = None, *, at: datetime | None = None) -> SimAccount:
@@ -523,6 +536,7 @@ class World:
                     if kind == "created":
                         opp = self._random_opportunity(at, at, stage=self.stage_for(None, "open").key)
                         self._insert(opp)
+                        self._emit("created", opp)
                         counts[kind] += 1
                         continue
                     native_id = rng.choice(ids) if ids is not None else self._random_id()
@@ -546,6 +560,7 @@ class World:
                         opp.owner = rng.randrange(len(self.users))
                     elif kind == "deleted":
                         opp.deleted_at = at
+                        self._emit("deleted", opp)
                         counts[kind] += 1
                         continue
                     elif kind == "account_renamed" and opp.account is not None:
@@ -561,6 +576,7 @@ class World:
                         continue
                     self._status_moved(opp, before, at)
                     opp.modified_at = at
+                    self._emit("updated", opp)
                     counts[kind] += 1
             self.version += 1
         return counts

@@ -6,6 +6,7 @@ import dagster as dg
 from oppsync_pipeline.defs.crm.assets import connection_assets
 from oppsync_pipeline.defs.crm.checks import connection_checks
 from oppsync_pipeline.defs.crm.schedules import connection_schedules, sync_job
+from oppsync_pipeline.defs.crm.webhooks import webhook_sensor
 from oppsync_pipeline.defs.crm.writeback import writeback_job, writeback_sensor
 from oppsync_pipeline.defs.resources import load_app_config
 
@@ -19,12 +20,13 @@ def crm_definitions() -> dg.Definitions:
         job = sync_job(conn)
         jobs.append(job)
         schedules += connection_schedules(conn, job)
+    on_webhooks = webhook_sensor(cfg, jobs)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=[*jobs, writeback_job],
         schedules=schedules,
-        sensors=[writeback_sensor(cfg)],
+        sensors=[writeback_sensor(cfg), *([on_webhooks] if on_webhooks else [])],
     )
 
 

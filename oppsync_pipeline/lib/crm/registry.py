@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from oppsync_pipeline.lib.crm.base import CrmConnector
+    from oppsync_pipeline.lib.webhooks.receiver import WebhookReceiver
     from oppsync_pipeline.lib.writeback.writer import RevenueWriter
 
 
@@ -49,6 +50,10 @@ class CrmSpec:
     docs: str
     # "module:Class" of the revenue writer (a lib.writeback.writer.RevenueWriter, seed 000's mapping)
     writer: str = ""
+    # "module:Class" of the webhook receiver (a lib.webhooks.receiver.WebhookReceiver); "" when the CRM sends no
+    # opportunity notifications, and `webhooks_note` says why
+    webhooks: str = ""
+    webhooks_note: str = ""
     # `options:` a test or benchmark connection sets so that it does not wait on a limit the real API needs
     # and the simulator enforces on real time (HubSpot's search throttle)
     test_options: Mapping[str, Any] = field(default_factory=_frozen)
@@ -67,6 +72,12 @@ class CrmSpec:
         if not self.writer:
             raise NotImplementedError(f"{self.name}: no revenue writer yet")
         module, _, name = self.writer.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def webhook_receiver_class(self) -> type[WebhookReceiver]:
+        if not self.webhooks:
+            raise NotImplementedError(f"{self.name}: no opportunity webhooks ({self.webhooks_note or 'polling only'})")
+        module, _, name = self.webhooks.partition(":")
         return getattr(importlib.import_module(module), name)
 
     def simulator_module(self) -> ModuleType:
@@ -88,6 +99,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_fields=_frozen({"project_name": "Name", "created_at": "CreatedDate", "optional": "Amount"}),
         docs="docs/crms/salesforce.md",
         writer="oppsync_pipeline.lib.writeback.salesforce:SalesforceWriter",
+        webhooks="oppsync_pipeline.lib.webhooks.salesforce:SalesforceReceiver",
     ),
     CrmSpec(
         "hubspot",
@@ -100,6 +112,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_fields=_frozen({"project_name": "dealname", "created_at": "createdate", "optional": "amount"}),
         docs="docs/crms/hubspot.md",
         writer="oppsync_pipeline.lib.writeback.hubspot:HubSpotWriter",
+        webhooks="oppsync_pipeline.lib.webhooks.hubspot:HubSpotReceiver",
         test_options=_frozen({"search_requests_per_second": 0}),
     ),
     CrmSpec(
@@ -113,6 +126,7 @@ SPECS: tuple[CrmSpec, ...] = (
         page_fields=_frozen({"project_name": "name", "created_at": "createdon", "optional": "estimatedvalue"}),
         docs="docs/crms/dynamics.md",
         writer="oppsync_pipeline.lib.writeback.dynamics:DynamicsWriter",
+        webhooks="oppsync_pipeline.lib.webhooks.dynamics:DynamicsReceiver",
         sandbox_options=_frozen({"authority_url": "{url}", "change_tracking": True}),
     ),
     CrmSpec(
@@ -128,6 +142,7 @@ SPECS: tuple[CrmSpec, ...] = (
         ),
         docs="docs/crms/connectwise.md",
         writer="oppsync_pipeline.lib.writeback.connectwise:ConnectWiseWriter",
+        webhooks="oppsync_pipeline.lib.webhooks.connectwise:ConnectWiseReceiver",
         lean_options=_frozen({"forecast": False}),
     ),
     CrmSpec(
@@ -141,6 +156,8 @@ SPECS: tuple[CrmSpec, ...] = (
         page_fields=_frozen({"project_name": "title", "created_at": "createDate", "optional": "amount"}),
         docs="docs/crms/autotask.md",
         writer="oppsync_pipeline.lib.writeback.autotask:AutotaskWriter",
+        webhooks_note="Autotask's Opportunities entity has supportsWebhookCallouts false: webhooks exist for companies, "
+        "contacts, configuration items, tickets and ticket notes only; opportunities are polled",
     ),
 )
 

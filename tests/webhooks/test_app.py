@@ -100,8 +100,9 @@ def test_a_body_larger_than_declared_is_cut_off(client):
 def test_a_flood_from_one_sender_is_rate_limited(client):
     c, engine = client
     codes = [
-        c.post("/webhooks/acme", content=json.dumps([{"id": f"e{i}", "opp": "1"}]), headers={"x-secret": "s3cret"})
-        .status_code
+        c.post(
+            "/webhooks/acme", content=json.dumps([{"id": f"e{i}", "opp": "1"}]), headers={"x-secret": "s3cret"}
+        ).status_code
         for i in range(8)
     ]
     assert codes == [204] * 5 + [429] * 3

@@ -37,15 +37,39 @@ ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(".oppsync")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oppsync")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _SubParser(argparse.ArgumentParser):
+    """Every subcommand accepts the global options too (`oppsync sync --connection X --config f.yaml`): given
+    after the subcommand they win, left out they keep what was given before it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--config", default=argparse.SUPPRESS, help="path to oppsync.yaml (as before the command)")
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO")
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _SubParser)
+        return super().add_subparsers(**kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     """Every subcommand sets `run(args) -> exit code`, a small function calling lib/ or the sandbox."""
     p = argparse.ArgumentParser(prog="oppsync", description="Sync CRM opportunities into a warehouse.")
     p.add_argument("--config", help="path to oppsync.yaml (default: $OPPSYNC_CONFIG or ./oppsync.yaml)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (libraries included) to stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     cfg_p = sub.add_parser("config", help="configuration commands")
-    cfg_p.add_argument("action", choices=["check"])
+    cfg_p.add_argument("action", choices=["check"], help="check: validate the file, credentials and options")
     cfg_p.add_argument(
         "--online",
         action="store_true",
@@ -62,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
     run_p.set_defaults(run=lambda a: cmd_run(a.config, full=a.full, advance_hours=a.advance_hours))
 
     sync_p = sub.add_parser("sync", help="sync one connection now (through Dagster)")
-    sync_p.add_argument("--connection", required=True)
-    sync_p.add_argument("--full", action="store_true")
+    sync_p.add_argument("--connection", required=True, help="the connection's name in oppsync.yaml")
+    sync_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
     sync_p.set_defaults(run=lambda a: cmd_sync(a.config, a.connection, full=a.full))
 
     wb = sub.add_parser(
@@ -90,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     register = hooks_sub.add_parser(
         "register", help="create the CRM's subscription to this receiver, or print the manual steps"
     )
-    register.add_argument("--connection", required=True)
+    register.add_argument("--connection", required=True, help="the connection's name in oppsync.yaml")
     register.add_argument(
         "--public-url", required=True, help="the receiver's URL as the CRM reaches it, e.g. https://hooks.example.com"
     )
@@ -99,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="the built-in CRM sandbox")
     sb_sub = sb.add_subparsers(dest="action", required=True)
     serve = sb_sub.add_parser("serve", help="serve the simulators until interrupted")
-    serve.add_argument("--seed", type=int, default=42)
+    serve.add_argument("--seed", type=int, default=42, help="the tenants' random seed (same seed, same data)")
     serve.add_argument("--opportunities", type=int, default=2000, help="opportunities per CRM")
     first = min(s.port for s in REGISTRY.values())
     serve.add_argument(
@@ -108,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
         default=first,
         help=", ".join(f"{s.name}=base+{s.port - first}" for s in REGISTRY.values()),
     )
-    serve.add_argument("--latency-ms", type=int, default=0)
+    serve.add_argument("--latency-ms", type=int, default=0, help="added to every answer (a slow network)")
     serve.add_argument("--faults", help="JSON fault plan applied to every simulator (see README)")
     serve.add_argument("--crm", action="append", choices=CRMS, help="serve only these CRMs (repeatable)")
     serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
@@ -123,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
         run=lambda a: cmd_sandbox_variants()
     )
     adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
-    adv.add_argument("--hours", type=float, default=1.0)
+    adv.add_argument("--hours", type=float, default=1.0, help="simulated hours of CRM activity to apply")
     adv.set_defaults(run=lambda a: cmd_sandbox_advance(a.config, a.hours))
     return p
 

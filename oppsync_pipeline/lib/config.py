@@ -485,4 +485,24 @@ def check_config(cfg: OppsyncConfig, environ: Mapping[str, str] | None = None) -
             problems += [p.replace(f"connections.{conn.name}.", f"connections[{i}].") for p in err.problems]
         cls = connector_class(conn.crm)
         problems += [f"connections[{i}].{p}" for p in cls.validate_connection(conn)]
+        if conn.webhooks.enabled:
+            problems += _webhook_problems(cfg, conn, environ)
+    return problems
+
+
+def _webhook_problems(cfg: OppsyncConfig, conn: ConnectionConfig, environ: Mapping[str, str] | None) -> list[str]:
+    """A connection's `webhooks:`: the CRM sends opportunity notifications, its scheme's secrets are named and set."""
+    from oppsync_pipeline.lib.crm.registry import spec
+
+    s = spec(conn.crm)
+    if not s.webhooks:
+        return [
+            f"connections.{conn.name}.webhooks.enabled: {conn.crm} sends no opportunity webhooks ({s.webhooks_note}); "
+            "remove it: the hourly schedule syncs this connection"
+        ]
+    problems = s.webhook_receiver_class().problems(conn)
+    try:
+        resolve_refs(cfg, conn.webhooks.secrets, f"connections.{conn.name}.webhooks.secrets", environ)
+    except ConfigError as err:
+        problems += err.problems
     return problems

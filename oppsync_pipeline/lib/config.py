@@ -90,6 +90,17 @@ class Qualification(_Strict):
     min_probability: Annotated[float, Field(ge=0, le=100)] | None = None
 
 
+def _env_refs_only(values: dict[str, str], what: str) -> dict[str, str]:
+    """Secrets in the file are references to environment variables, never the values themselves."""
+    for key, ref in values.items():
+        if not isinstance(ref, str) or not _ENV_REF.match(ref):
+            raise ValueError(
+                f"{what} '{key}' must reference an environment variable as '${{NAME}}'; "
+                "secrets are never written in oppsync.yaml"
+            )
+    return values
+
+
 class ConnectionWriteback(_Strict):
     """Revenue write-back to this connection's CRM (README: Revenue write-back)."""
 
@@ -112,13 +123,7 @@ class ConnectionWebhooks(_Strict):
     @field_validator("secrets")
     @classmethod
     def _secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, ref in v.items():
-            if not isinstance(ref, str) or not _ENV_REF.match(ref):
-                raise ValueError(
-                    f"webhook secret '{key}' must reference an environment variable as '${{NAME}}'; "
-                    "secrets are never written in oppsync.yaml"
-                )
-        return v
+        return _env_refs_only(v, "webhook secret")
 
 
 class ConnectionConfig(_Strict):
@@ -178,13 +183,7 @@ class ConnectionConfig(_Strict):
     @field_validator("credentials")
     @classmethod
     def _credentials(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, ref in v.items():
-            if not isinstance(ref, str) or not _ENV_REF.match(ref):
-                raise ValueError(
-                    f"credential '{key}' must reference an environment variable as '${{NAME}}'; "
-                    "secrets are never written in oppsync.yaml"
-                )
-        return v
+        return _env_refs_only(v, "credential")
 
     @field_validator("fields")
     @classmethod

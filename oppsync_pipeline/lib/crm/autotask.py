@@ -380,7 +380,7 @@ class AutotaskConnector(CrmConnector):
         """The zone, then the Opportunities entity's fields (picklists: stage and status labels, which fields
         exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
         tenant does not have is a configuration error named by its key, before the first query."""
-        self._ensure_zone()
+        self.ensure_zone()
         fields = self._optional(
             "Opportunities/entityInformation/fields",
             lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
@@ -453,7 +453,9 @@ class AutotaskConnector(CrmConnector):
             return fallback
         return value
 
-    def _ensure_zone(self) -> None:
+    def ensure_zone(self) -> None:
+        """The tenant's zone known (the API's base URL) and the hourly request threshold polled when due: before
+        any call, the sync's and the revenue writer's alike."""
         if self._zone is None:
             self._discover()
         if self._last_poll is None or self.stats.requests - self._last_poll >= THRESHOLD_POLL_EVERY:
@@ -568,7 +570,7 @@ class AutotaskConnector(CrmConnector):
 
     def _all_resources(self) -> dict[int, dict[str, Any]]:
         if self._resources is None:
-            self._ensure_zone()
+            self.ensure_zone()
 
             def read() -> dict[int, dict[str, Any]]:
                 res: dict[int, dict[str, Any]] = {}
@@ -592,7 +594,7 @@ class AutotaskConnector(CrmConnector):
         holds (`query/count`, one request): the sync compares what it received with that count before it
         infers deletes, and the paging may not run past it."""
         self.prepare()
-        self._ensure_zone()
+        self.ensure_zone()
         filters = self._set_filters(open_set, since)
         total = None
         if since is None:
@@ -622,7 +624,7 @@ class AutotaskConnector(CrmConnector):
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
         `opportunities(open_set, None)` queries with (status set and the connection's filters)."""
         self.prepare()
-        self._ensure_zone()
+        self.ensure_zone()
         return self._count("Opportunities", self._set_filters(open_set, None))
 
     def _set_filters(self, open_set: bool, since: datetime | None) -> list[dict[str, Any]]:
@@ -638,7 +640,7 @@ class AutotaskConnector(CrmConnector):
         never existed (or are not Autotask ids at all). Mapped as `opportunities` maps them (companies,
         contacts, resources, close time)."""
         self.prepare()
-        self._ensure_zone()
+        self.ensure_zone()
         wanted = sorted({int(i) for i in ids if str(i).strip().isascii() and str(i).strip().isdigit()})
         for i in range(0, len(wanted), IDS_PER_IN):
             chunk = wanted[i : i + IDS_PER_IN]

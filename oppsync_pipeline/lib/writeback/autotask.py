@@ -137,7 +137,7 @@ class AutotaskWriter(RevenueWriter):
     def _item(self, source_id: str) -> dict[str, Any]:
         # The zone lookup once, the ThresholdInformation poll every THRESHOLD_POLL_EVERY requests: what the
         # connector's own reads do first (the run's quota budget then counts against the hourly threshold).
-        self.connector._ensure_zone()
+        self.connector.ensure_zone()
         oid = _id(source_id)
         answer = self.client.get_json(f"Opportunities/{oid}")
         item = answer.get("item") if isinstance(answer, dict) else None

@@ -267,13 +267,13 @@ class SalesforceReceiver(WebhookReceiver):
     def _org_id_of(connector: Any) -> str | None:
         """The org's id as the API says it (`SELECT Id FROM Organization`), or None when the API user may not
         read Organization or the API is unreachable (the steps then say where to find it)."""
-        from oppsync_pipeline.lib.crm.http import CrmError
+        from oppsync_pipeline.lib.crm.http import CrmError, RetryableHttpError
 
         try:
             for rows in connector.query("SELECT Id FROM Organization"):
                 for r in rows.records:
                     return id18(str(r["Id"]))
-        except (CrmError, OSError, AttributeError):
+        except (CrmError, RetryableHttpError, OSError, AttributeError):
             return None
         return None
 

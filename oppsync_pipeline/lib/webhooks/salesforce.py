@@ -233,7 +233,7 @@ class SalesforceReceiver(WebhookReceiver):
         lines = [
             f"{name}: Salesforce has no API that creates an outbound message or a Flow; set one up in Setup:",
             "Outbound Message (no code; recommended):",
-            "  1. Setup > Process Automation > Outbound Messages > New: object Opportunity; Endpoint URL "
+            "  1. Setup > Outbound Messages (Quick Find) > New Outbound Message: object Opportunity; Endpoint URL "
             f"{public_url}; user to send as: the integration user; fields: Id (also Name, StageName, Amount, "
             "CloseDate if you like: oppsync reads the record again by Id); leave 'Send Session ID' off.",
             "  2. Setup > Flows > New > Record-Triggered Flow on Opportunity, 'A record is created or updated', "
@@ -244,8 +244,8 @@ class SalesforceReceiver(WebhookReceiver):
             "  4. Optional: allow only Salesforce's IP ranges (help article 000321501) in "
             f"connections.{name}.webhooks.options.allowed_networks, and require Salesforce's client certificate "
             "at your TLS terminator.",
-            "  5. Setup > Outbound Messages > the message > 'Outbound Messaging Delivery Status' shows pending "
-            "and failed deliveries (retried for 24 h).",
+            "  5. Setup > Outbound Messages > 'View Message Delivery Status' lists pending and failing deliveries "
+            "(retried for 24 h).",
             "Or a Flow HTTP callout (JSON, shared-secret header):",
             f"  1. External Credential (Custom protocol) with a principal parameter holding the value of "
             f"connections.{name}.webhooks.secrets.flow_secret, and a custom header {self.secret_header} = that "

@@ -50,12 +50,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
+from xml.sax.saxutils import escape
 
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.lexer import lex
 from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.kit.webhooks import Change, Outgoing, WebhookSender
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimStage, TenantProfile, World, truncate
 
@@ -99,6 +101,12 @@ def sf_id(prefix: str, n: int, pod: str = "Hs") -> str:
 
 
 ORG_ID = sf_id("00D", 1, pod="5g")
+# Outbound messages carry no secret (lib/webhooks/salesforce.py): the receiver checks the org's id, which is the one
+# the token's identity URL and `SELECT Id FROM Organization` give. No Flow callouts are sent (users design those).
+SANDBOX_WEBHOOK_SECRETS: dict[str, str] = {}
+SANDBOX_WEBHOOK_OPTIONS = {"organization_id": ORG_ID}
+OUTBOUND_ACTION_ID = sf_id("04k", 1, pod="5g")  # the Outbound Message action (what ActionId names)
+OUTBOUND_BATCH = 100  # notifications per SOAP message [K]
 
 # -- the tenant --------------------------------------------------------------------------------------------------
 
@@ -948,6 +956,57 @@ class SalesforceSimulator(Simulator):
         api("GET", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._get_record)
         api("PATCH", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._update)
         api("DELETE", v + r"/sobjects/(?P<sobject>\w+)/(?P<id>\w{15}|\w{18})/?", self._delete)
+        # Outbound messages of a record-triggered Flow on Opportunity (created or updated), posted to the URL set by
+        # `POST /__sandbox/webhooks` (Salesforce has no API that creates them). Notification ids must never repeat
+        # across simulator restarts (the receiver's inbox dedupes on them): a random 5-character base per instance.
+        self._notification_base = random.Random().randrange(62**5)
+        self.webhooks = WebhookSender(world, self._outbound_messages).start()
+
+    # -- outbound messages ------------------------------------------------------------------------------------
+
+    def _outbound_messages(self, batch: list[Change]) -> list[Outgoing]:
+        """SOAP 1.1 `notifications` messages of up to 100 Notification each (sforce_api_om_outboundmessaging_wsdl,
+        docs/crm-write-webhook-notes.md §1.2), built when sent: each sObject carries the record's data as it is now,
+        not as it was when the change happened [K]. Deletes send nothing (a record-triggered Flow runs an outbound
+        message on create / update [U: what a delete-triggered message would carry])."""
+        changes = [c for c in batch if c.kind != "deleted"]
+        out = []
+        for start in range(0, len(changes), OUTBOUND_BATCH):
+            with self.world.lock:
+                items = "".join(self._notification_xml(c) for c in changes[start : start + OUTBOUND_BATCH])
+            api = f"https://oppsync-sandbox.my.salesforce.com/services/Soap/{{}}/62.0/{ORG_ID[:15]}"
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>'
+                '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
+                'xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+                '<soapenv:Body><notifications xmlns="http://soap.sforce.com/2005/09/outbound">'
+                f"<OrganizationId>{ORG_ID}</OrganizationId><ActionId>{OUTBOUND_ACTION_ID}</ActionId>"
+                '<SessionId xsi:nil="true"/>'
+                f"<EnterpriseUrl>{api.format('c')}</EnterpriseUrl><PartnerUrl>{api.format('u')}</PartnerUrl>"
+                f"{items}</notifications></soapenv:Body></soapenv:Envelope>"
+            )
+            # SOAPAction "" as SOAP 1.1 clients send it [U: Salesforce's exact header set is not documented]
+            headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
+            out.append(Outgoing(body.encode(), headers))
+        return out
+
+    def _notification_xml(self, change: Change) -> str:
+        o = change.opp
+        notification_id = to18(f"04l{_b62(self._notification_base, 5)}{_b62(change.seq, 7)}")
+        fields = [
+            ("Id", o.native_id),
+            ("Amount", None if o.amount is None else repr(float(o.amount))),
+            ("CloseDate", o.close_date.isoformat() if o.close_date else None),
+            ("Name", o.name),
+            ("StageName", o.stage),
+            ("SystemModstamp", fmt_datetime(o.modified_at, ms=True)),
+        ]
+        values = "".join(f"<sf:{k}>{escape(v)}</sf:{k}>" for k, v in fields if v is not None)  # nulls left out [U]
+        return (
+            f"<Notification><Id>{notification_id}</Id>"
+            '<sObject xsi:type="sf:Opportunity" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">'
+            f"{values}</sObject></Notification>"
+        )
 
     # -- Simulator hooks ----------------------------------------------------------------------------------------
 

@@ -138,8 +138,11 @@ class WebhookRegistrations:
 
         cols = sim.sets["opportunities"].columns
         self._tracked = [c for c in (*TRACKED, *CUSTOM_COLUMNS, *CUSTOM_TENANT_COLUMNS) if c in cols]
-        self._seen: dict[str, dict[str, Any]] = {o.native_id: self._values(o) for o in sim.world.live()}
-        self._changed: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        # The values each opportunity had when last seen, taken once something subscribes (a 100k tenant costs
+        # ~0.7 s): until then a change is not observed at all; the first change after a URL set by the control
+        # endpoint carries all columns.
+        self._seen: dict[str, dict[str, Any]] | None = None
+        self._changed: dict[str, deque[dict[str, Any] | None]] = defaultdict(deque)
 
     # -- tables ----------------------------------------------------------------------------------------------
 
@@ -226,6 +229,7 @@ class WebhookRegistrations:
             if kind == "serviceendpoints":
                 rec = self._endpoint({"serviceendpointid": str(uuid.uuid4()), "messageformat": 2}, body, True)
                 self.endpoints[rec["serviceendpointid"]] = rec
+                self._watch()
                 self.sim.webhooks.url = rec["url"]
             else:
                 rec = self._step({"sdkmessageprocessingstepid": str(uuid.uuid4()), "statecode": 0}, body, True)
@@ -240,6 +244,7 @@ class WebhookRegistrations:
                 raise HttpError(404, "0x80040217", f"{kind[:-1]} With Id = {ident} Does Not Exist")
             if kind == "serviceendpoints":
                 rec = self._endpoint(dict(table[ident]), req.json(), False)
+                self._watch()
                 self.sim.webhooks.url = rec["url"]
             else:
                 rec = self._step(dict(table[ident]), req.json(), False)
@@ -328,19 +333,26 @@ class WebhookRegistrations:
         cols = self.sim.sets["opportunities"].columns
         return {c: cols[c](opp) for c in self._tracked}
 
+    def _watch(self) -> None:
+        with self.sim.world.lock:
+            if self._seen is None:
+                self._seen = {o.native_id: self._values(o) for o in self.sim.world.live()}
+
     def observe(self, kind: str, opp: SimOpportunity) -> None:
         """World listener (runs inside the world's lock, before the sender queues the change): which columns it
-        changed, for the Update Target and filteringattributes."""
+        changed, for the Update Target and filteringattributes (None: not known, all of them)."""
+        if self.sim.webhooks is None or self.sim.webhooks.url is None:
+            self._seen = None  # unsubscribed: stop tracking
+            return
+        if self._seen is None:
+            self._watch()
+            self._changed[opp.native_id].append(None)
+            return
         now = None if kind == "deleted" else self._values(opp)
         before = self._seen.pop(opp.native_id, None)
         if now is not None:
             self._seen[opp.native_id] = now
-        if self.sim.webhooks is None or self.sim.webhooks.url is None:
-            return
-        if now is None:
-            changed: dict[str, Any] = {}
-        else:
-            changed = {c: v for c, v in now.items() if before is None or before.get(c) != v}
+        changed = {} if now is None else {c: v for c, v in now.items() if before is None or before.get(c) != v}
         self._changed[opp.native_id].append(changed)
 
     def build(self, changes: list[Change]) -> list[Outgoing]:
@@ -374,6 +386,8 @@ class WebhookRegistrations:
         for change in changes:
             queued = self._changed.get(change.opp.native_id)
             changed = queued.popleft() if queued else None
+            if queued is not None and not queued:
+                self._changed.pop(change.opp.native_id, None)
             message = KIND_MESSAGE[change.kind]
             correlation = str(uuid.uuid5(_NS, f"correlation:{self.sim.world.seed}:{change.seq}:{url}"))
             for step in steps:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import uvicorn
 from sqlalchemy import func, select
 
@@ -246,8 +247,9 @@ def waiting_ids(engine) -> list[str]:
 def test_the_simulators_notifications_are_accepted_and_a_duplicate_is_stored_once(receiver_app):
     url, engine, _ = receiver_app
     sim = sandbox.build(seed=5, opportunities=60)
-    sim.webhooks.url = url  # the control endpoint's doing: the default registration (WebhookKey)
-    sim.webhooks.faults.duplicate = 1.0  # Dataverse delivers at least once
+    with SandboxServer(sim) as srv:  # no endpoint registered: the default registration (WebhookKey)
+        r = requests.post(f"{srv.url}/__sandbox/webhooks", json={"url": url, "faults": {"duplicate": 1.0}})
+        assert r.status_code == 200  # duplicate: Dataverse delivers at least once
     opp = list(sim.world.live())[0]
     sim.world.update(opp.native_id, amount=(opp.amount or 0) + 1000)
     assert sim.webhooks.idle()

@@ -1,5 +1,5 @@
 """The Dataverse simulator's webhooks: the plug-in registration tables and the requests a webhook step sends
-(lib/webhooks/dynamics.py has the vendor sources; /work/shared/crm-write-webhook-notes.md §3.2).
+(lib/webhooks/dynamics.py has the vendor sources; crm-write-webhook-notes.md §3.2).
 
 Served (with the simulator's bearer token and service protection):
   GET    /api/data/v9.2/{serviceendpoints|sdkmessages|sdkmessagefilters|sdkmessageprocessingsteps}  $select $filter

@@ -1,5 +1,5 @@
 """Dynamics 365 / Dataverse webhooks: a service endpoint (contract 8) and SDK message processing steps on the
-opportunity table (docs/crms/dynamics.md "Webhooks"; /work/shared/crm-write-webhook-notes.md §3.2).
+opportunity table (docs/crms/dynamics.md "Webhooks"; crm-write-webhook-notes.md §3.2).
 
 Authentication: Dataverse does not sign its webhook requests. [K] use-webhooks.md ("secure your endpoint by using
 authentication header or query string parameter keys"), register-web-hook.md. The endpoint's `authtype` says how the
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.sax.saxutils import quoteattr
@@ -100,7 +101,7 @@ class DynamicsReceiver(WebhookReceiver):
     crm = "dynamics"
     secret_keys: ClassVar[tuple[str, ...]] = ("webhook_key",)
 
-    def __init__(self, conn: ConnectionConfig, secrets: dict[str, str] | Any):
+    def __init__(self, conn: ConnectionConfig, secrets: Mapping[str, str]):
         super().__init__(conn, secrets)
         self.auth = str(self.options.get("auth", "webhook_key"))
         self.header_name = str(self.options.get("header_name", DEFAULT_HEADER)).lower()

@@ -72,6 +72,8 @@ SANDBOX_CREDENTIALS = {
     "client_id": CLIENT_ID,
     "client_secret": "Xq48Q~aB3dE5fG7hJ9kL1mN3pR5tV7xZ9bD1fH3j",
 }
+# The key the sandbox's default webhook registration sends (`?code=`); a registered endpoint sends its own.
+SANDBOX_WEBHOOK_SECRETS = {"webhook_key": "sbx-dataverse-webhook-key-6f1c2a9e4b7d"}
 API = "/api/data/v9.2"
 REQUEST_LIMIT = 6000
 WINDOW_SECONDS = 300
@@ -623,6 +625,19 @@ class DynamicsSimulator(Simulator):
         api("PATCH", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.update)
         api("DELETE", rf"{API}/opportunities\((?P<id>{GUID_RE})\)", self.delete)
         api("POST", rf"{API}/(?P<action>WinOpportunity|LoseOpportunity)", self.close)
+        # Webhooks (sandbox/dynamics_webhooks.py): the plug-in registration tables and the steps' requests; the
+        # registrations observe the world before the sender queues a change (the Update Target's columns).
+        from oppsync_pipeline.sandbox.dynamics_webhooks import WebhookRegistrations
+        from oppsync_pipeline.sandbox.kit.webhooks import WebhookSender
+
+        self.registrations = WebhookRegistrations(self, SANDBOX_WEBHOOK_SECRETS["webhook_key"])
+        self.sets.update(self.registrations.entity_sets())
+        self.registrations.routes(api, GUID_RE)
+        world.listeners.append(self.registrations.observe)
+        self.webhooks = WebhookSender(world, self._webhook_requests).start()
+
+    def _webhook_requests(self, changes: list[Any]) -> list[Any]:
+        return self.registrations.build(changes)
 
     def handle(self, req: Request) -> Response:
         """A URL past Dataverse's limit is refused by the front end (HTTP.sys) before auth or throttling."""

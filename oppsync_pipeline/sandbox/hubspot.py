@@ -528,6 +528,7 @@ class HubSpotSimulator(Simulator):
         wh("PATCH", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions/(?P<id>\d+)", self.subscription_update)
         wh("DELETE", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions/(?P<id>\d+)", self.subscription_delete)
         self.webhooks = WebhookSender(world, self._webhook_requests).start()
+        world.listeners.append(self._unsent_change)
 
     # -- framework hooks --------------------------------------------------------------------------------------------
 
@@ -1403,6 +1404,11 @@ class HubSpotSimulator(Simulator):
         names = {p for _, t, p in self._active_subscriptions() if t == "deal.propertyChange" and p}
         names |= {p for t, p in WEBHOOK_DEFAULT_SUBSCRIPTIONS if p}
         return {n: self._property(opp, n) for n in names if n in self._property_names}
+
+    def _unsent_change(self, kind: str, opp: SimOpportunity) -> None:
+        """A change while no target URL is set is not delivered later: the next event compares with it."""
+        if self.webhooks.url is None:
+            self._notified[opp.native_id] = self._watched_values(opp)
 
     def _deal_events(self, change: Change, subs: list[tuple[int, str, str | None]]) -> list[dict[str, Any]]:
         opp = change.opp

@@ -310,6 +310,17 @@ def test_a_created_and_a_deleted_deal_are_notified_and_other_changes_are_not(por
     assert rows == {created.native_id: "created", gone.native_id: "deleted"}
 
 
+def test_a_change_made_before_the_url_was_set_is_not_sent_later(portal):
+    sim, _, _, hook, engine, _ = portal
+    deal = sorted(sim.world.live(), key=lambda o: o.seq)[6]
+    sim.world.update(deal.native_id, amount=(deal.amount or 0) + 5)  # no target URL yet: nothing sent, ever
+    sim.webhooks.url = hook
+    sim.world.update(deal.native_id, name=deal.name + " (renewal)")
+    assert sim.webhooks.idle()
+    events = [json.loads(r["object_ids"]) for r in stored(engine)]
+    assert len(events) == 1 and sim.webhook_subscriptions == {}  # dealname only (the UI-made default subscriptions)
+
+
 def test_hubspot_batches_at_most_100_events_a_request(portal):
     sim, _, _, hook, engine, _ = portal
     captured = []

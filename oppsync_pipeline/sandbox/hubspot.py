@@ -49,15 +49,30 @@ What it reproduces (docs/crm-api-notes.md §2, "Simulator fidelity checklist"):
 - Rate limits: a ten-second rolling window on non-search calls (429 `TEN_SECONDLY_ROLLING`), search limited
   separately per second (429 `SECONDLY`, no rate-limit headers on search responses), and a daily allocation
   (429 `DAILY`). `X-HubSpot-RateLimit-*` headers on non-search calls incl. Daily and Daily-Remaining.
+- Webhooks (crm-write-webhook-notes.md §2.2, lib/webhooks/hubspot.py for sources): the app webhooks v3 API under
+  `/webhooks/v3/{appId}` authenticated by the developer API key (`?hapikey=`): `GET|PUT|DELETE /settings`
+  (one `targetUrl` per app: PUT points the sender there), `GET|POST /subscriptions`, `GET|PATCH|DELETE
+  /subscriptions/{id}` (`active` defaults to false; `propertyName` required for `deal.propertyChange`; HubSpot's
+  answer to a duplicate subscription is unknown, so duplicates are kept and visible). Deliveries: `POST` of a JSON
+  array of at most 100 events for the ACTIVE subscriptions only: `deal.creation`, `deal.deletion`, one
+  `deal.propertyChange` per subscribed property whose value changed (`propertyName`, `propertyValue`), each with
+  `eventId`, `subscriptionId`, `portalId`, `appId`, `occurredAt` (ms, the portal's clock), `subscriptionType`,
+  `attemptNumber` 0, `objectId`, `changeSource`; signed with the app's client secret as `X-HubSpot-Signature-v3`
+  over method + URL + body + `X-HubSpot-Request-Timestamp` (wall-clock ms: the receiver checks its own clock),
+  plus the legacy v1 `X-HubSpot-Signature`. Pointed at a URL by the control endpoint with no subscriptions made,
+  the app is taken as configured in HubSpot's UI with `WEBHOOK_DEFAULT_SUBSCRIPTIONS`.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import hmac
 import itertools
 import json
 import re
+import time
 import uuid
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -68,6 +83,7 @@ from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.limits import Window, spent_of
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
+from oppsync_pipeline.sandbox.kit.webhooks import Change, Outgoing, WebhookSender
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
@@ -83,6 +99,36 @@ SANDBOX_OAUTH_CREDENTIALS = {
     "client_secret": OAUTH_CLIENT_SECRET,
     "refresh_token": OAUTH_REFRESH_TOKEN,
 }
+# The app's webhooks: HubSpot signs deliveries with the app's client secret (the OAuth one); the webhooks API is
+# the developer account's, authenticated by its developer API key (`webhooks.secrets` of a connection).
+APP_ID = 1_234_567
+PORTAL_ID = 62_515
+DEVELOPER_API_KEY = "dev-key-3c9e1a7f-5b2d-4e8a-9f6c-0d4b7a2e1c58"
+SANDBOX_WEBHOOK_SECRETS = {"client_secret": OAUTH_CLIENT_SECRET, "developer_api_key": DEVELOPER_API_KEY}
+SANDBOX_WEBHOOK_OPTIONS = {"app_id": APP_ID}
+WEBHOOK_BATCH = 100  # events per delivery
+WEBHOOK_EVENT_TYPES = frozenset(
+    {
+        "deal.creation",
+        "deal.deletion",
+        "deal.propertyChange",
+        "deal.associationChange",
+        "deal.merge",
+        "deal.restore",
+        "contact.creation",
+        "contact.deletion",
+        "contact.propertyChange",
+        "company.creation",
+        "company.deletion",
+        "company.propertyChange",
+    }
+)
+# what the app sends when pointed at a URL without subscriptions made through the API (set up in the UI)
+WEBHOOK_DEFAULT_SUBSCRIPTIONS = [
+    ("deal.creation", None),
+    ("deal.deletion", None),
+    *(("deal.propertyChange", p) for p in ("dealname", "amount", "dealstage", "closedate", "hubspot_owner_id")),
+]
 
 SEARCH_CAP = 10_000
 LIST_MAX = 100
@@ -463,6 +509,26 @@ class HubSpotSimulator(Simulator):
         self._company_modified: dict[str, datetime] = {}
         self._company_version = -1
         self._deals_by_company: tuple[int, dict[str, list[str]]] | None = None
+        # -- webhooks: the app's settings and subscriptions, and what each deal's subscribed properties were last
+        self.webhook_settings: dict[str, Any] | None = None
+        self.webhook_subscriptions: dict[int, dict[str, Any]] = {}
+        self._subscription_ids = itertools.count(3_100_001)
+        self._event_ids = itertools.count(4_200_000_001)
+        self._notified: dict[str, dict[str, str | None]] = {}
+        with world.lock:
+            for opp in world.opps.values():
+                self._notified[opp.native_id] = self._watched_values(opp)
+        wh = functools.partial(self.route, guard=self._developer_guard)
+        wh("GET", r"/webhooks/v3/(?P<app>[^/]+)/settings", self.webhook_settings_read)
+        wh("PUT", r"/webhooks/v3/(?P<app>[^/]+)/settings", self.webhook_settings_write)
+        wh("DELETE", r"/webhooks/v3/(?P<app>[^/]+)/settings", self.webhook_settings_delete)
+        wh("GET", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions", self.subscriptions_list)
+        wh("POST", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions", self.subscription_create)
+        wh("GET", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions/(?P<id>\d+)", self.subscription_read)
+        wh("PATCH", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions/(?P<id>\d+)", self.subscription_update)
+        wh("DELETE", r"/webhooks/v3/(?P<app>[^/]+)/subscriptions/(?P<id>\d+)", self.subscription_delete)
+        self.webhooks = WebhookSender(world, self._webhook_requests).start()
+        world.listeners.append(self._unsent_change)
 
     # -- framework hooks --------------------------------------------------------------------------------------------
 
@@ -1242,6 +1308,159 @@ class HubSpotSimulator(Simulator):
         opp = self._get_deal(req.params["id"])
         self.world.delete(opp.native_id, bump=False)  # archiving does not move hs_lastmodifieddate
         return Response.empty(204)
+
+    # -- webhooks ---------------------------------------------------------------------------------------------------
+
+    def _developer_guard(self, req: Request) -> None:
+        if req.arg("hapikey") != DEVELOPER_API_KEY:
+            raise HttpError(
+                401,
+                "INVALID_AUTHENTICATION",
+                "The API key provided is invalid. View or manage your API key here: https://app.hubspot.com/l/api-key/",
+            )
+        if req.params.get("app") != str(APP_ID):
+            raise HttpError(
+                404, "OBJECT_NOT_FOUND", f"App {req.params.get('app')} not found for this developer account"
+            )
+
+    def webhook_settings_read(self, req: Request) -> Response:
+        if self.webhook_settings is None:
+            raise HttpError(404, "OBJECT_NOT_FOUND", f"No webhook settings found for app {APP_ID}")
+        return Response.json(self.webhook_settings)
+
+    def webhook_settings_write(self, req: Request) -> Response:
+        body = req.json() or {}
+        url = body.get("targetUrl")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise HttpError(400, "VALIDATION_ERROR", "targetUrl must be a URL")
+        now = fmt_datetime(self.world.clock.now())
+        throttling = {"maxConcurrentRequests": 10, "period": "SECONDLY", **(body.get("throttling") or {})}
+        created = (self.webhook_settings or {}).get("createdAt", now)
+        self.webhook_settings = {"createdAt": created, "targetUrl": url, "throttling": throttling, "updatedAt": now}
+        self.webhooks.url = url
+        return Response.json(self.webhook_settings)
+
+    def webhook_settings_delete(self, req: Request) -> Response:
+        self.webhook_settings = None
+        self.webhooks.url = None  # subscriptions stay, paused until a target URL is set again
+        return Response.empty(204)
+
+    def _subscription(self, req: Request) -> dict[str, Any]:
+        sub = self.webhook_subscriptions.get(int(req.params["id"]))
+        if sub is None:
+            raise HttpError(
+                404, "SUBSCRIPTION_ID_NOT_FOUND", f"Failed to find subscription by id `{req.params['id']}`."
+            )
+        return sub
+
+    def subscriptions_list(self, req: Request) -> Response:
+        return Response.json({"results": list(self.webhook_subscriptions.values())})
+
+    def subscription_create(self, req: Request) -> Response:
+        body = req.json() or {}
+        event_type, prop = body.get("eventType"), body.get("propertyName")
+        if event_type not in WEBHOOK_EVENT_TYPES:
+            raise HttpError(400, "VALIDATION_ERROR", f"Unknown eventType {event_type!r}")
+        if event_type.endswith(".propertyChange") and not prop:
+            raise HttpError(400, "VALIDATION_ERROR", "propertyName is required for propertyChange subscriptions")
+        now = fmt_datetime(self.world.clock.now(), ms=True)
+        sid = next(self._subscription_ids)
+        sub: dict[str, Any] = {"active": bool(body.get("active", False)), "createdAt": now, "eventType": event_type}
+        sub["id"] = str(sid)
+        if prop:
+            sub["propertyName"] = prop
+        sub["updatedAt"] = now
+        self.webhook_subscriptions[sid] = sub
+        if prop and event_type == "deal.propertyChange" and prop in self._property_names:
+            with self.world.lock:  # the value a later change is compared with
+                for opp in self.world.opps.values():
+                    self._notified.setdefault(opp.native_id, {}).setdefault(prop, self._property(opp, prop))
+        return Response.json(sub, 201)
+
+    def subscription_read(self, req: Request) -> Response:
+        return Response.json(self._subscription(req))
+
+    def subscription_update(self, req: Request) -> Response:
+        sub = self._subscription(req)
+        if "active" in (body := req.json() or {}):
+            sub["active"] = bool(body["active"])
+            sub["updatedAt"] = fmt_datetime(self.world.clock.now(), ms=True)
+        return Response.json(sub)
+
+    def subscription_delete(self, req: Request) -> Response:
+        self.webhook_subscriptions.pop(int(self._subscription(req)["id"]))
+        return Response.empty(204)
+
+    def _active_subscriptions(self) -> list[tuple[int, str, str | None]]:
+        if not self.webhook_subscriptions:  # configured in the app's settings page, not through the API
+            return [(2_900_001 + i, t, p) for i, (t, p) in enumerate(WEBHOOK_DEFAULT_SUBSCRIPTIONS)]
+        return [
+            (int(s["id"]), s["eventType"], s.get("propertyName"))
+            for s in self.webhook_subscriptions.values()
+            if s.get("active")
+        ]
+
+    def _watched_values(self, opp: SimOpportunity) -> dict[str, str | None]:
+        names = {p for _, t, p in self._active_subscriptions() if t == "deal.propertyChange" and p}
+        names |= {p for t, p in WEBHOOK_DEFAULT_SUBSCRIPTIONS if p}
+        return {n: self._property(opp, n) for n in names if n in self._property_names}
+
+    def _unsent_change(self, kind: str, opp: SimOpportunity) -> None:
+        """A change while no target URL is set is not delivered later: the next event compares with it."""
+        if self.webhooks.url is None:
+            self._notified[opp.native_id] = self._watched_values(opp)
+
+    def _deal_events(self, change: Change, subs: list[tuple[int, str, str | None]]) -> list[dict[str, Any]]:
+        opp = change.opp
+        at = {"created": opp.created_at, "deleted": opp.deleted_at}.get(change.kind) or opp.modified_at
+        base = {"portalId": PORTAL_ID, "appId": APP_ID, "occurredAt": epoch_ms(at), "attemptNumber": 0}
+        base |= {"objectId": int(opp.native_id), "changeSource": "CRM_UI"}
+        with self.world.lock:
+            now = self._watched_values(opp) if change.kind != "deleted" else {}
+        before = self._notified.get(opp.native_id, {})
+        self._notified[opp.native_id] = now
+        wanted = {"created": "deal.creation", "deleted": "deal.deletion"}.get(change.kind)
+        out = []
+        for sid, event_type, prop in subs:
+            if event_type == wanted or (
+                change.kind == "updated"
+                and event_type == "deal.propertyChange"
+                and prop in now
+                and now[prop] != before.get(prop)
+            ):
+                event = {
+                    "eventId": next(self._event_ids),
+                    "subscriptionId": sid,
+                    **base,
+                    "subscriptionType": event_type,
+                }
+                if event_type == "deal.propertyChange":
+                    event |= {"propertyName": prop, "propertyValue": now[prop] if now[prop] is not None else ""}
+                out.append(event)
+        return out
+
+    def _webhook_requests(self, batch: list[Change]) -> list[Outgoing]:
+        """HubSpot's deliveries for a batch of changes: the events of the active subscriptions, 100 a request,
+        each request signed (v3, and the legacy v1) with the app's client secret over the URL it is sent to."""
+        subs = self._active_subscriptions()
+        events = [e for change in batch for e in self._deal_events(change, subs)]
+        url = (self.webhooks.url or "").rstrip("/")
+        secret = SANDBOX_WEBHOOK_SECRETS["client_secret"]
+        out = []
+        for start in range(0, len(events), WEBHOOK_BATCH):
+            body = json.dumps(events[start : start + WEBHOOK_BATCH], separators=(",", ":")).encode()
+            stamp = str(int(time.time() * 1000))
+            signed = b"POST" + url.encode() + body + stamp.encode()
+            v3 = base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
+            headers = {
+                "Content-Type": "application/json",
+                "X-HubSpot-Signature-v3": v3,
+                "X-HubSpot-Request-Timestamp": stamp,
+                "X-HubSpot-Signature": hashlib.sha256(secret.encode() + body).hexdigest(),
+                "X-HubSpot-Signature-Version": "v1",
+            }
+            out.append(Outgoing(body=body, headers=headers))
+        return out
 
     # -- companies and associations -----------------------------------------------------------------------------------
 

@@ -210,6 +210,11 @@ def test_unknown_options_are_a_configuration_problem(tmp_path):
     conn = config(tmp_path, "https://api-na.myconnectwise.net", {"key_host": ["x"]}).connections[0]
     assert "unknown ['key_host']" in ConnectWiseReceiver.problems(conn)[0]
     assert ConnectWiseReceiver.secret_keys == ()
+    wrong = {"key_hosts": "api-na.myconnectwise.net", "key_refresh_seconds": "soon", "self_suppressed": "yes"}
+    assert len(ConnectWiseReceiver.problems(config(tmp_path, "https://x.example", wrong).connections[0])) == 3
+    assert (
+        ConnectWiseReceiver.problems(config(tmp_path, "https://x.example", {"company_id": "acme"}).connections[0]) == []
+    )
 
 
 # -- the simulator's callbacks through the app -----------------------------------------------------------------------

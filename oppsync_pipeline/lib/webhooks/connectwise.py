@@ -115,6 +115,11 @@ class ConnectWiseReceiver(WebhookReceiver):
         hosts = opts.get("key_hosts")
         if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts)):
             out.append(f"connections.{conn.name}.webhooks.options.key_hosts: a list of host names")
+        refresh = opts.get("key_refresh_seconds", 300)
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
+            out.append(f"connections.{conn.name}.webhooks.options.key_refresh_seconds: a number of seconds >= 0")
+        if not isinstance(opts.get("self_suppressed", False), bool):
+            out.append(f"connections.{conn.name}.webhooks.options.self_suppressed: true or false")
         return out
 
     # -- verification -------------------------------------------------------------------------------------------

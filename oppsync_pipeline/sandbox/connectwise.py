@@ -46,24 +46,44 @@ What it reproduces (docs/crm-api-notes.md §4):
 - Read by id: `conditions=id in (...)` on the list; an id the tenant no longer has (hard delete) is simply not
   in the array. CW runs on IIS, whose request filtering refuses a query string over 2048 bytes
   (maxQueryString default) with a 404.15 HTML page before the application sees it: so does the simulator.
+- Callbacks (docs/crm-write-webhook-notes.md §4.2; lib/webhooks/connectwise.py cites the sources):
+  `GET|POST /system/callbacks`, `GET|PATCH|DELETE /system/callbacks/{id}` (CallbackEntry; an owner-level callback
+  is stored with objectId 1; a level the type does not know is 400 "Unrecognized level for type"), and the
+  unauthenticated key endpoint `GET /{codebase}/system/callbackkey/index.rails?companyName=..&id=..` ->
+  `{"signing_key"}`. Every change of an opportunity (API write or simulated activity) is posted, one record per
+  request, to every active opportunity callback whose level matches (owner: all; status / company / opportunity:
+  objectId), with CW's payload (MessageId, FromUrl, CompanyId, MemberId, Action, Type, ID, Entity as a JSON string,
+  null on deletes, Metadata.key_url ...) signed in `x-content-signature` = base64(HMAC-SHA256(SHA-256(signing
+  key), body)). The record id is appended to a callback URL ending in `=` (`...?id=`). A callback with
+  isSelfSuppressedFlag gets nothing for the API member's own changes. `/__sandbox/webhooks {"url"}` adds a
+  callback configured outside the API (owner level); the sender's faults drop / delay / duplicate deliveries.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import hmac
+import json
 import re
+import threading
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
+
+import requests
 
 from oppsync_pipeline.lib.record import format_address
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
 from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
 from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+from oppsync_pipeline.sandbox.kit.webhooks import Change, Outgoing, WebhookSender
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
 from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
 
@@ -76,6 +96,18 @@ SANDBOX_CREDENTIALS = {
     "private_key": "sandboxPrivateKey1",
     "client_id": "2f8c3b1e-6a4d-4c1b-9e7f-0a1b2c3d4e5f",
 }
+# The tenant's callback signing key, served at Metadata.key_url (`/system/callbackkey/index.rails?id=<key_id>`).
+SANDBOX_WEBHOOK_SECRETS = {
+    "signing_key": "sandboxCallbackSigningKey1",
+    "key_id": "e17e6674-42f6-4105-9cff-4cd6cb4e62e8",
+}
+# The API member the sandbox's keys belong to: it creates callbacks and makes every change written through the API.
+API_MEMBER_ID = 149
+API_MEMBER_IDENTIFIER = "oppsyncapi"
+PRODUCT_INSTANCE_ID = "639c96cab2eb560001dd1324"
+PARTNER_ID = "61ddc2817bcddc0001c74208"
+# Callback levels per type (CW's "PSA Callbacks" page); types not listed accept any level and never fire here.
+CALLBACK_LEVELS = {"opportunity": ("owner", "status", "company", "opportunity")}
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 25
 # IIS request filtering's default maxQueryString (bytes): a longer query string never reaches CW's API.
@@ -573,6 +605,39 @@ OPP_FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class CallbackRequest(Outgoing):
+    """One callback: CW posts to each callback's own URL (`url`, absolute), not to one subscription URL."""
+
+    url: str = ""
+
+
+@dataclass
+class CallbackSender(WebhookSender):
+    """The sender, with what ConnectWise adds: each change remembers who made it (`actor()` at change time:
+    isSelfSuppressedFlag), and each request goes to its callback's URL."""
+
+    actor: Callable[[], str | None] = lambda: None
+    actors: dict[int, str | None] = field(default_factory=dict)
+
+    def _on_change(self, kind: str, opp: SimOpportunity) -> None:
+        if self.url is None:
+            return
+        self._seq += 1
+        self.actors[self._seq] = self.actor()
+        self._queue.put(Change(kind, opp, self._seq))
+
+    def _post(self, request: Outgoing) -> None:
+        if not isinstance(request, CallbackRequest) or not request.url:
+            super()._post(request)
+            return
+        try:
+            r = requests.request(request.method, request.url, data=request.body, headers=request.headers, timeout=10)
+            self.sent.append({"status": r.status_code, "url": request.url})
+        except requests.RequestException as err:  # CW's retries are undocumented; the hourly sync catches up
+            self.sent.append({"status": "error", "error": type(err).__name__})
+
+
 class ConnectWiseSimulator(Simulator):
     crm = CRM
 
@@ -602,7 +667,17 @@ class ConnectWiseSimulator(Simulator):
         self.forecasts: dict[str, list[dict[str, Any]]] = {}
         self.forecast_basis: dict[str, float | None] = {}
         self.next_forecast_id = FORECAST_ID_BASE
+        # Callbacks (/system/callbacks) by id; the member making the current request's changes (the API member
+        # inside an API request); the host clients call (FromUrl, key_url).
+        self.callbacks: dict[int, dict[str, Any]] = {}
+        self.next_callback_id = 26_500
+        self._local = threading.local()
+        self.site_host = "127.0.0.1"
+        self.webhooks = CallbackSender(
+            world, self._callback_requests, actor=lambda: getattr(self._local, "member", None)
+        ).start()
         self.route("GET", r"/login/companyinfo/(?P<company>[^/]+)", self._companyinfo)
+        self.route("GET", r"/(?P<codebase>v[0-9a-z_]+)/+system/callbackkey/index\.rails", self._callback_key)
         api = r"/(?P<codebase>v[0-9a-z_]+)/apis/3\.0"
         route = functools.partial(self.route, guard=self._guard)  # Basic auth + clientId, allowance, role
         route("GET", api + r"/sales/opportunities", self._list_opps)
@@ -632,6 +707,11 @@ class ConnectWiseSimulator(Simulator):
         route("GET", api + r"/company/companies/(?P<id>\d+)", self._get_company)
         route("GET", api + r"/company/companies/(?P<id>\d+)/sites", self._list_sites)
         route("GET", api + r"/company/companies/(?P<id>\d+)/sites/(?P<site>\d+)", self._get_site)
+        route("GET", api + r"/system/callbacks", self._list_callbacks)
+        route("POST", api + r"/system/callbacks", self._create_callback)
+        route("GET", api + r"/system/callbacks/(?P<id>\d+)", self._get_callback)
+        route("PATCH", api + r"/system/callbacks/(?P<id>\d+)", self._patch_callback)
+        route("DELETE", api + r"/system/callbacks/(?P<id>\d+)", self._delete_callback)
 
     # -- framework hooks ---------------------------------------------------------------------------------------
 
@@ -660,7 +740,14 @@ class ConnectWiseSimulator(Simulator):
                 return self.error_response(
                     HttpError(404, "NotFound", f"The requested codebase {codebase} was not found")
                 )
-        return super().handle(req)
+        if not self.unfaulted.match(req.path):
+            self.site_host = req.host
+        # changes made while serving an API request are the API member's (MemberId, isSelfSuppressedFlag)
+        self._local.member = API_MEMBER_IDENTIFIER if "/apis/3.0/" in req.path else None
+        try:
+            return super().handle(req)
+        finally:
+            self._local.member = None
 
     def _guard(self, req: Request) -> None:
         self._authenticate(req)
@@ -1608,6 +1695,162 @@ class ConnectWiseSimulator(Simulator):
             raise HttpError(404, "NotFound", f"Site with id {req.params['site']} not found")
         return Response.json(self.site_dict(a, req))
 
+    # -- callbacks (/system/callbacks) and what they send -------------------------------------------------------
+
+    def callback_dict(self, cb: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in cb.items() if not k.startswith("_") or k == "_info"}
+
+    def _callback(self, req: Request) -> dict[str, Any]:
+        cb = self.callbacks.get(int(req.params["id"]))
+        if cb is None:
+            raise HttpError(404, "NotFound", f"Callback with id {req.params['id']} not found")
+        return cb
+
+    def _list_callbacks(self, req: Request) -> Response:
+        return self._list_dicts(req, [self.callback_dict(cb) for cb in self.callbacks.values()])
+
+    def _get_callback(self, req: Request) -> Response:
+        return Response.json(self.callback_dict(self._callback(req)))
+
+    def _create_callback(self, req: Request) -> Response:
+        body = req.json() if req.body else None
+        if not isinstance(body, dict):
+            raise _invalid("callbackEntry", "body", "The request body must be a callbackEntry object")
+        errors = []
+        url = body.get("url")
+        if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
+            errors.append(_error("InvalidField", "Invalid URL", "url", "callbackEntry"))
+        kind, level = str(body.get("type") or ""), str(body.get("level") or "")
+        if not kind:
+            errors.append(_error("MissingRequiredField", "The type field is required.", "type", "callbackEntry"))
+        elif not level or (kind.lower() in CALLBACK_LEVELS and level.lower() not in CALLBACK_LEVELS[kind.lower()]):
+            errors.append(
+                _error(
+                    "InvalidObject",
+                    "Unrecognized level for type, see documentation for supported levels for each type",
+                    "level",
+                    "callbackEntry",
+                )
+            )
+        if errors:
+            err = HttpError(400, "InvalidObject", "callbackEntry object is invalid")
+            err.errors = errors  # type: ignore[attr-defined]
+            raise err
+        self.next_callback_id += 1
+        cid = self.next_callback_id
+        object_id = body.get("objectId")
+        self.callbacks[cid] = {
+            "id": cid,
+            "url": url,
+            "objectId": 1 if level.lower() == "owner" else object_id,
+            "type": kind.lower(),
+            "level": level.lower(),
+            "description": body.get("description"),
+            "memberId": API_MEMBER_ID,
+            "payloadVersion": body.get("payloadVersion") or "3.0.0",
+            "inactiveFlag": bool(body.get("inactiveFlag", False)),
+            "isSoapCallbackFlag": bool(body.get("isSoapCallbackFlag", False)),
+            "isSelfSuppressedFlag": bool(body.get("isSelfSuppressedFlag", False)),
+            "connectWiseID": str(uuid.UUID(int=self.world.rng.getrandbits(128))),
+            "_info": {"lastUpdated": _iso(self.world.clock.now()), "updatedBy": API_MEMBER_IDENTIFIER},
+        }
+        self._point_sender()
+        return Response.json(self.callback_dict(self.callbacks[cid]), 201)
+
+    def _patch_callback(self, req: Request) -> Response:
+        cb = self._callback(req)
+        ops = req.json() if req.body else None
+        if not isinstance(ops, list):
+            raise HttpError(400, "InvalidObject", "PATCH body must be a JSON Patch array")
+        writable = {"url", "objectId", "level", "description", "inactiveFlag", "isSelfSuppressedFlag"}
+        for op in ops:
+            name = str(op.get("path", "")).strip("/") if isinstance(op, dict) else ""
+            key = next((k for k in writable if k.lower() == name.lower()), None)
+            if key is None or op.get("op") not in ("replace", "add"):
+                raise HttpError(400, "InvalidObject", f"Cannot patch '{name}' of a callbackEntry")
+            cb[key] = op.get("value")
+        cb["_info"]["lastUpdated"] = _iso(self.world.clock.now())
+        self._point_sender()
+        return Response.json(self.callback_dict(cb))
+
+    def _delete_callback(self, req: Request) -> Response:
+        self.callbacks.pop(int(self._callback(req)["id"]))
+        self._point_sender()
+        return Response.empty(204)
+
+    def _point_sender(self) -> None:
+        """The sender's URL: the newest active opportunity callback's (None: no callback, nothing is sent)."""
+        active = [cb for cb in self.callbacks.values() if cb["type"] == "opportunity" and not cb["inactiveFlag"]]
+        self.webhooks.url = active[-1]["url"] if active else None
+
+    def _callback_key(self, req: Request) -> Response:
+        """The key endpoint Metadata.key_url names: no API credentials (every reference client fetches it bare)."""
+        if req.arg("id") != SANDBOX_WEBHOOK_SECRETS["key_id"]:
+            raise HttpError(404, "NotFound", "Callback key not found")
+        return Response.json({"signing_key": SANDBOX_WEBHOOK_SECRETS["signing_key"]})
+
+    def _targets(self, o: SimOpportunity) -> list[dict[str, Any]]:
+        """The callbacks a change of `o` goes to: active opportunity callbacks whose level matches, and the URL
+        set through `/__sandbox/webhooks` (a callback configured outside the API, owner level)."""
+        out = []
+        for cb in list(self.callbacks.values()):
+            if cb["type"] != "opportunity" or cb["inactiveFlag"]:
+                continue
+            want, level = str(cb.get("objectId")), cb["level"]
+            acc = self.world.accounts[o.account] if o.account is not None else None
+            if (
+                level == "owner"
+                or (level == "status" and want == o.stage)
+                or (level == "company" and acc is not None and want == acc.native_id)
+                or (level == "opportunity" and want == o.native_id)
+            ):
+                out.append(cb)
+        url = self.webhooks.url
+        if url and all(cb["url"] != url for cb in out):
+            out.append({"id": 0, "url": url, "isSelfSuppressedFlag": False})
+        return out
+
+    def _callback_requests(self, changes: list[Change]) -> list[CallbackRequest]:
+        """One signed request per change and callback (CW sends a record per request)."""
+        out = []
+        host = self.site_host
+        key_url = (
+            f"http://{host}/{CODEBASE}/system/callbackkey/index.rails?companyName={COMPANY_ID}"
+            f"&id={SANDBOX_WEBHOOK_SECRETS['key_id']}"
+        )
+        for change in changes:
+            with self.world.lock:  # the record as it stands when CW builds the callback
+                out += self._callback_requests_for(change, host, key_url)
+        return out
+
+    def _callback_requests_for(self, change: Change, host: str, key_url: str) -> list[CallbackRequest]:
+        out = []
+        o = change.opp
+        actor = self.webhooks.actors.pop(change.seq, None)
+        member = actor or self.world.users[o.owner].native_id
+        for cb in self._targets(o):
+            if cb["isSelfSuppressedFlag"] and actor == API_MEMBER_IDENTIFIER:
+                continue
+            body = {
+                "Action": {"created": "added", "deleted": "deleted"}.get(change.kind, "updated"),
+                "CallbackObjectRecId": cb["id"],
+                "CompanyId": COMPANY_ID,
+                "Entity": None if change.kind == "deleted" else json.dumps(self.render(o), separators=(",", ":")),
+                "FromUrl": host,
+                "ID": int(o.native_id),
+                "MemberId": member,
+                "MessageId": str(uuid.uuid4()),
+                "Metadata": {"key_url": key_url},
+                "PartnerId": PARTNER_ID,
+                "ProductInstanceId": PRODUCT_INSTANCE_ID,
+                "Type": "opportunity",
+            }
+            raw = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            url = cb["url"] + (o.native_id if cb["url"].endswith("=") else "")
+            headers = {"Content-Type": "application/json", "x-content-signature": _cw_signature(raw)}
+            out.append(CallbackRequest(raw, headers, url=url))
+        return out
+
     def _companyinfo(self, req: Request) -> Response:
         if req.params["company"].lower() != COMPANY_ID.lower():
             raise HttpError(404, "NotFound", "Company not found")
@@ -1624,6 +1867,12 @@ class ConnectWiseSimulator(Simulator):
                 "AllowAnonymousAccess": False,
             }
         )
+
+
+def _cw_signature(body: bytes) -> str:
+    """How CW signs a callback: base64(HMAC-SHA256(key = SHA-256 of the signing key, message = the body))."""
+    key = hashlib.sha256(SANDBOX_WEBHOOK_SECRETS["signing_key"].encode("utf-8")).digest()
+    return base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode("ascii")
 
 
 def iis_query_too_long() -> Response:

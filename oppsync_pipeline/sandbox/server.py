@@ -435,6 +435,8 @@ class SandboxServer:
         return self
 
     def stop(self) -> None:
+        if getattr(self.simulator, "webhooks", None) is not None:
+            self.simulator.webhooks.stop()  # its delivery thread ends with the server
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -56,6 +56,8 @@ class WebhookSender:
     url: str | None = None  # the subscribed URL; None: nothing is sent (no subscription)
     faults: DeliveryFaults = field(default_factory=DeliveryFaults)
     batch_window: float = 0.05  # changes within this window go out together (HubSpot batches up to 100)
+    retries: int = 2  # redeliveries of a failed delivery (5xx, 429, no answer), `retry_seconds` apart and growing
+    retry_seconds: float = 0.2
     sent: list[dict[str, Any]] = field(default_factory=list)  # (status, url) of each delivery, for tests
     _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _seq: int = 0
@@ -131,9 +133,15 @@ class WebhookSender:
                 self._post(request)
 
     def _post(self, request: Outgoing) -> None:
+        """Deliver, retrying a failed delivery a few times (the CRMs retry: Salesforce for 24 h, HubSpot up to 10
+        times, Dataverse once); after that the change is left to the sync's schedule, as with the real CRM."""
         url = (self.url or "").rstrip("/") + request.path_and_query
-        try:
-            r = requests.request(request.method, url, data=request.body, headers=request.headers, timeout=10)
-            self.sent.append({"status": r.status_code, "url": url})
-        except requests.RequestException as err:  # the CRM retries later or gives up; the sync's schedule catches up
-            self.sent.append({"status": "error", "error": type(err).__name__})
+        for attempt in range(1 + self.retries):
+            try:
+                r = requests.request(request.method, url, data=request.body, headers=request.headers, timeout=10)
+                self.sent.append({"status": r.status_code, "url": url, "attempt": attempt})
+                if r.status_code < 500 and r.status_code != 429:
+                    return  # delivered, or refused for good (a 4xx is not retried by the CRMs either)
+            except requests.RequestException as err:
+                self.sent.append({"status": "error", "error": type(err).__name__, "attempt": attempt})
+            time.sleep(self.retry_seconds * (attempt + 1))

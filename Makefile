@@ -45,8 +45,10 @@ snapshot: install
 	$(BIN)/python -m pytest -q -n 0 tests/dagster/test_definitions_snapshot.py --snapshot-update
 
 ## the Dagster UI on the embedded default, with the sandbox serving in the background
+## the Dagster UI with the sandbox serving and the webhook receiver listening (changes reach the mart in seconds)
 dev: install
-	$(BIN)/oppsync sandbox serve & trap 'kill $$!' EXIT; $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/oppsync sandbox serve & $(BIN)/oppsync webhooks serve & trap 'kill $$(jobs -p)' EXIT; \
+	$(BIN)/dagster dev -w workspace.yaml
 
 sandbox: install
 	$(BIN)/oppsync sandbox serve

@@ -137,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--crm", action="append", choices=CRMS, help="serve only these CRMs (repeatable)")
     serve.add_argument("--write-config", help="write an oppsync.yaml for these simulators here")
     serve.add_argument(
+        "--webhooks-url",
+        default="http://127.0.0.1:8710",
+        help="the webhook receiver the simulators notify (`oppsync webhooks serve`); '' for none",
+    )
+    serve.add_argument(
         "--variant",
         action="append",
         metavar="CRM=VARIANT",
@@ -548,6 +553,7 @@ def cmd_sandbox_serve(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         faults=args.faults,
         variants=args.variant,
+        receiver_url=args.webhooks_url or None,
     )
     print(
         f"sandbox: {len(sandbox.crms)} simulators, {args.opportunities} opportunities each, ready in "

@@ -36,6 +36,7 @@ __all__ = [
     "connection_name",
     "crm_module",
     "env_var",
+    "point_webhooks",
     "sandbox_connection",
     "serve_ports",
 ]
@@ -94,7 +95,29 @@ def sandbox_connection(crm: str, url: str, name: str | None = None) -> tuple[dic
     options = spec(crm).sandbox_connection_options(url)
     if options:
         entry["options"] = options
-    return entry, {env_var(name, k): v for k, v in creds.items()}
+    secrets = {env_var(name, k): v for k, v in creds.items()}
+    if spec(crm).webhooks:
+        # the simulator's notifications, verified as the CRM's are (README: Near-real-time syncs)
+        receiver = spec(crm).webhook_receiver_class()
+        used = receiver.secret_keys + receiver.optional_secret_keys
+        hook_secrets = {k: v for k, v in getattr(crm_module(crm), "SANDBOX_WEBHOOK_SECRETS", {}).items() if k in used}
+        entry["webhooks"] = {
+            "enabled": True,
+            "secrets": {k: "${" + env_var(name, f"webhook_{k}") + "}" for k in hook_secrets},
+            "options": dict(getattr(crm_module(crm), "SANDBOX_WEBHOOK_OPTIONS", {})),
+        }
+        secrets |= {env_var(name, f"webhook_{k}"): v for k, v in hook_secrets.items()}
+    return entry, secrets
+
+
+def point_webhooks(server: SandboxServer, receiver_url: str) -> None:
+    """Have a running simulator send its notifications to `receiver_url` (its control endpoint; a simulator
+    without webhooks is left alone), as a CRM's admin points a subscription at the receiver."""
+    if getattr(server.simulator, "webhooks", None) is None:
+        return
+    import requests
+
+    requests.post(f"{server.url}/__sandbox/webhooks", json={"url": receiver_url}, timeout=10).raise_for_status()
 
 
 @dataclass
@@ -109,6 +132,8 @@ class Sandbox:
     anchor: datetime | None = None
     faults: FaultPlan | None = None
     variants: dict[str, str] = field(default_factory=dict)  # crm -> tenant variant (default: "default")
+    # the webhook receiver's base URL (`oppsync webhooks serve`): simulators with webhooks notify it there
+    receiver_url: str | None = None
     servers: dict[str, SandboxServer] = field(default_factory=dict)
 
     def start(self) -> Sandbox:
@@ -128,6 +153,8 @@ class Sandbox:
                 crm, self.seed, self.opportunities, plan, anchor=self.anchor, variant=self.variants.get(crm, "default")
             )
             self.servers[crm] = SandboxServer(sim, port=self.ports.get(crm, 0)).start()
+            if self.receiver_url:
+                point_webhooks(self.servers[crm], f"{self.receiver_url.rstrip('/')}/webhooks/{connection_name(crm)}")
         return self
 
     def stop(self) -> None:

@@ -101,6 +101,8 @@ SANDBOX_WEBHOOK_SECRETS = {
     "signing_key": "sandboxCallbackSigningKey1",
     "key_id": "e17e6674-42f6-4105-9cff-4cd6cb4e62e8",
 }
+# The receiver checks callbacks carry this tenant's company (it does not read the secrets file for it).
+SANDBOX_WEBHOOK_OPTIONS = {"company_id": COMPANY_ID}
 # The API member the sandbox's keys belong to: it creates callbacks and makes every change written through the API.
 API_MEMBER_ID = 149
 API_MEMBER_IDENTIFIER = "oppsyncapi"

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import requests
 
 from oppsync_pipeline.lib.config import OppsyncConfig
-from oppsync_pipeline.sandbox.cluster import CRMS, Sandbox, build_simulator, crm_module, serve_ports
+from oppsync_pipeline.sandbox.cluster import CRMS, Sandbox, build_simulator, crm_module, point_webhooks, serve_ports
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer
 
 STATE_DIR = Path(".oppsync")
@@ -39,6 +39,7 @@ def start_sandbox(
     latency_ms: int = 0,
     faults: str | None = None,
     variants: list[str] | None = None,
+    receiver_url: str | None = None,
 ) -> Sandbox:
     """`oppsync sandbox serve`: the simulators on their registry ports (shifted to `port_base`), `faults` a
     JSON fault plan applied to each, `variants` as CRM=VARIANT."""
@@ -52,6 +53,7 @@ def start_sandbox(
         anchor=sandbox_anchor(),
         faults=FaultPlan.from_json(json.loads(faults)) if faults else None,
         variants=dict(v.split("=", 1) for v in variants or []),
+        receiver_url=receiver_url,
     ).start()
 
 
@@ -85,7 +87,12 @@ class sandbox_if_enabled:
             )
             if self.advance_hours:
                 sim.world.advance(self.advance_hours)
-            self.servers.append(SandboxServer(sim, port=url.port or 80).start())
+            server = SandboxServer(sim, port=url.port or 80).start()
+            self.servers.append(server)
+            if conn.webhooks.enabled:
+                hooks = self.cfg.webhooks
+                base = hooks.public_url or f"http://{hooks.host}:{hooks.port}"
+                point_webhooks(server, f"{base.rstrip('/')}/webhooks/{conn.name}")
         return self
 
     def __exit__(self, *exc: Any) -> None:

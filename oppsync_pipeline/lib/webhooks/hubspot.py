@@ -103,6 +103,7 @@ def signature_v3(secret: str, method: str, url: str, body: bytes, timestamp: str
 class HubSpotReceiver(WebhookReceiver):
     crm = "hubspot"
     secret_keys: ClassVar[tuple[str, ...]] = ("client_secret",)
+    optional_secret_keys: ClassVar[tuple[str, ...]] = ("developer_api_key",)  # registration of a legacy public app
 
     def __init__(self, conn: ConnectionConfig, secrets: Mapping[str, str]):
         super().__init__(conn, secrets)

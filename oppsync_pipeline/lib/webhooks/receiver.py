@@ -67,6 +67,8 @@ class WebhookReceiver(ABC):
     crm: ClassVar[str]
     # keys of `connections[].webhooks.secrets` this CRM's scheme needs (README: Near-real-time syncs)
     secret_keys: ClassVar[tuple[str, ...]] = ()
+    # keys a connection may add (used by some features only, e.g. registration through the CRM's API)
+    optional_secret_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, conn: ConnectionConfig, secrets: Mapping[str, str]):
         self.conn = conn

@@ -113,3 +113,14 @@ def test_get_is_not_a_notification_and_health_answers(client):
     c, _ = client
     assert c.get("/webhooks/acme").status_code == 405
     assert c.get("/healthz").json() == {"status": "ok", "connections": ["acme"]}
+
+
+def test_no_secret_reaches_the_log(client, caplog):
+    """Dataverse sends its key in the query string; a forged request carries someone's guess: neither is logged."""
+    c, _ = client
+    with caplog.at_level("DEBUG"):
+        c.post("/webhooks/acme?code=s3cret-in-query", content=b"[]", headers={"x-secret": "guess-s3cret"})
+        c.post("/webhooks/acme?code=s3cret-in-query", content=b"[]", headers={"x-secret": "s3cret"})
+    text = caplog.text
+    assert "s3cret" not in text and "guess" not in text
+    assert "refused with 401" in text

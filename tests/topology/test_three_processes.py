@@ -1,0 +1,115 @@
+"""Issue 18, deliver item 6: the production topology, tested. `dagster-webserver`, `dagster-daemon` and
+`oppsync webhooks serve` run as separate processes against one fresh Postgres database (the warehouse, and
+Dagster's run, event-log and schedule storage through deploy/postgres/dagster.yaml), with the sandbox CRMs in a
+fourth. The webserver lists the two code locations; a schedule tick becomes a run that the daemon's queue hands
+to a run worker, which syncs the sandbox into the Postgres warehouse; the receiver answers /healthz."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.topology.harness import Topology, soon_cron
+
+pytestmark = pytest.mark.postgres
+
+LOCATIONS = """
+{ workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus
+    locationOrLoadError { __typename ... on PythonError { message } }
+} } } }
+"""
+
+REPOSITORIES = """
+{ repositoriesOrError { ... on RepositoryConnection { nodes {
+    location { name } jobs { name } schedules { name cronSchedule scheduleState { status } } sensors { name }
+} } } }
+"""
+
+DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+
+RUNS = """
+query($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) { ... on Runs { results {
+    runId status jobName tags { key value }
+} } } }
+"""
+
+CONNECTION = "sandbox-salesforce"
+SCHEDULE = "sync_sandbox_salesforce"
+DONE = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topology, pg_url: str):
+    cron = soon_cron()  # one tick 35-95 s from now
+    topology.start_sandbox(["salesforce"], schedule={"salesforce": cron})
+    topology.start_daemon()  # first: its scheduler starts counting toward the next minute while the rest loads
+    topology.start_webserver()
+    topology.start_receiver()
+
+    # (c) the receiver: up, on the Postgres warehouse (its inbox table is there), no connection enabled yet
+    import requests
+
+    health = requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()
+    assert health == {"status": "ok", "connections": []}
+
+    # (a) the webserver answers GraphQL and has loaded both code locations from workspace.yaml
+    entries = topology.poll(
+        lambda: topology.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"],
+        lambda es: all(e["loadStatus"] == "LOADED" for e in es),
+        "code locations loaded",
+        seconds=120,
+    )
+    assert {e["name"]: e["locationOrLoadError"]["__typename"] for e in entries} == {
+        "oppsync-syncs": "RepositoryLocation",
+        "oppsync-mart": "RepositoryLocation",
+    }, entries
+    nodes = {n["location"]["name"]: n for n in topology.graphql(REPOSITORIES)["repositoriesOrError"]["nodes"]}
+    schedules = {s["name"]: s for s in nodes["oppsync-syncs"]["schedules"]}
+    assert schedules[SCHEDULE]["cronSchedule"] == cron
+    assert schedules[SCHEDULE]["scheduleState"]["status"] == "RUNNING"
+    assert {"mart_follows_syncs"} <= {s["name"] for s in nodes["oppsync-mart"]["sensors"]}
+
+    # the daemon's heartbeats reach the webserver through the shared Postgres instance
+    statuses = topology.poll(
+        lambda: topology.graphql(DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"],
+        lambda ss: all(s["healthy"] for s in ss if s["required"] and s["daemonType"] in _NEEDED),
+        "healthy scheduler, sensor and queue daemons",
+        seconds=90,
+    )
+    assert {s["daemonType"] for s in statuses if s["required"]} >= _NEEDED
+
+    # (b) a schedule tick -> a queued run -> the daemon's queue launches it -> the run worker syncs into Postgres
+    tags = [{"key": "dagster/schedule_name", "value": SCHEDULE}]
+    runs = topology.poll(lambda: topology.graphql(RUNS, tags=tags)["runsOrError"]["results"], bool, "a tick", 130)
+    run = runs[-1]
+    assert {t["key"]: t["value"] for t in run["tags"]}["oppsync/connection"] == CONNECTION
+    run = topology.poll(
+        lambda: next(
+            r for r in topology.graphql(RUNS, tags=tags)["runsOrError"]["results"] if r["runId"] == run["runId"]
+        ),
+        lambda r: r["status"] in DONE,
+        f"run {run['runId']} finished",
+        seconds=180,
+    )
+    assert run["status"] == "SUCCESS", topology.logs()
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as c:
+            # Dagster's own storage is this database: the run is in its runs table
+            assert (
+                c.execute(text("SELECT status FROM runs WHERE run_id = :r"), {"r": run["runId"]}).scalar() == "SUCCESS"
+            )
+            # ... and so is the warehouse: the sync recorded itself and loaded the opportunities
+            status = c.execute(text("SELECT status FROM oppsync.sync_runs WHERE run_id = :r"), {"r": run["runId"]})
+            assert status.scalar() == "success"
+            count = c.execute(
+                text("SELECT count(*) FROM oppsync.opportunities WHERE connection = :c"), {"c": CONNECTION}
+            )
+            assert count.scalar() > 0
+            assert c.execute(text("SELECT to_regclass('oppsync.webhook_inbox')")).scalar() is not None
+    finally:
+        engine.dispose()
+
+
+_NEEDED = {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR"}

@@ -69,7 +69,7 @@ class Process:
 
     def tail(self, chars: int = 3000) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-        return text[-chars:]
+        return text[-chars:] if chars else ""
 
 
 def _group_exists(pgid: int) -> bool:
@@ -82,7 +82,7 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
-def soon_cron(lead_seconds: float = 35.0, now: datetime | None = None) -> str:
+def soon_cron(lead_seconds: float = 30.0, now: datetime | None = None) -> str:
     """A UTC cron that fires once soon (the first whole minute at least `lead_seconds` away: the daemon must be
     up before it), then every 30 minutes. Not "* * * * *": the sync asset's freshness policy (defs/crm/assets.py)
     needs a schedule interval over 15 minutes (warn = interval + 15 min must stay under fail = 2 x interval)."""
@@ -110,6 +110,8 @@ class Topology:
         self.processes: dict[str, Process] = {}
         self.urls: dict[str, str] = {}
         self.sandbox_urls: dict[str, str] = {}
+        self.started = time.monotonic()
+        self.marks: list[tuple[str, float]] = []  # (what, seconds since start): where a slow run spent its time
         self.home.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "deploy" / "postgres" / "dagster.yaml", self.home / "dagster.yaml")
 
@@ -151,6 +153,7 @@ class Topology:
             )
         proc = Process(name, popen, log)
         self.processes[name] = proc
+        self.mark(f"{name} spawned")
         return proc
 
     def wait_for(self, proc: Process, ready: Callable[[], bool], what: str, seconds: float = STARTUP_SECONDS) -> None:
@@ -159,6 +162,7 @@ class Topology:
             assert proc.alive(), f"{proc.name} exited {proc.popen.returncode} before {what}:\n{proc.tail()}"
             try:
                 if ready():
+                    self.mark(f"{proc.name}: {what}")
                     return
             except (requests.RequestException, OSError, ValueError):
                 pass
@@ -177,7 +181,7 @@ class Topology:
         **top: Any,
     ) -> Process:
         """`oppsync sandbox serve --write-config`, then the generated oppsync.yaml pointed at the test's Postgres
-        warehouse, the receiver's port, and per CRM a `schedule` cron (soon_cron(): a tick within ~1.5 minutes)
+        warehouse, the receiver's port, and per CRM a `schedule` cron (soon_cron(): one tick 30-90 s away)
         and any other connection keys."""
         base = free_port_base(5)
         argv = [PYTHON, "-m", "oppsync_pipeline.cli", "sandbox", "serve", "--port-base", str(base)]
@@ -239,14 +243,21 @@ class Topology:
         while True:
             value = fetch()
             if done(value):
+                self.mark(what)
                 return value
             dead = [p.name for p in self.processes.values() if not p.alive()]
             assert not dead, f"{', '.join(dead)} exited while waiting for {what}\n{self.logs()}"
             assert time.monotonic() < deadline, f"no {what} after {seconds:.0f}s (last: {value!r})\n{self.logs()}"
             time.sleep(1)
 
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.monotonic() - self.started))
+
     def logs(self, chars: int = 2500) -> str:
-        return "\n".join(f"----- {p.name} ({p.log}) -----\n{p.tail(chars)}" for p in self.processes.values())
+        marks = "".join(f"  {t:6.1f}s  {what}\n" for what, t in self.marks)
+        return f"----- timeline -----\n{marks}" + "\n".join(
+            f"----- {p.name} ({p.log}) -----\n{p.tail(chars)}" for p in self.processes.values()
+        )
 
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):

@@ -11,12 +11,6 @@ import pytest
 from tests.topology.harness import Topology
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _manifest_before_definitions(dbt_manifest: Path) -> Path:
-    """The mart location reads dbt's manifest: parsed once per run (tests/conftest.py), before a code server."""
-    return dbt_manifest
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
     report = yield
@@ -27,7 +21,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 @pytest.fixture
-def topology(tmp_path: Path, pg_url: str) -> Iterator[Topology]:
-    """Nothing started yet: each test starts what it needs (start_sandbox first: it writes oppsync.yaml)."""
+def topology(tmp_path: Path, pg_url: str, dbt_manifest: Path) -> Iterator[Topology]:
+    """Nothing started yet: each test starts what it needs (start_sandbox first: it writes oppsync.yaml).
+    `dbt_manifest`: the mart location reads dbt's manifest, parsed once per test run (tests/conftest.py)."""
     with Topology(tmp_path, pg_url) as topo:
         yield topo

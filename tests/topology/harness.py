@@ -29,6 +29,7 @@ from typing import Any
 
 import requests
 import yaml
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.sandbox.test_serve_cli import free_port_base
@@ -252,6 +253,32 @@ class Topology:
 
     def mark(self, what: str) -> None:
         self.marks.append((what, time.monotonic() - self.started))
+
+    def subscribe(self, crm: str, faults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Point the `crm` simulator's webhook sender at the receiver (as `oppsync webhooks register` would),
+        optionally with delivery faults (drop, duplicate, delay_seconds, reorder, seed)."""
+        connection = f"sandbox-{crm}"
+        body: dict[str, Any] = {"url": f"{self.urls['receiver']}/webhooks/{connection}"}
+        if faults is not None:
+            body["faults"] = faults
+        r = requests.post(f"{self.sandbox_urls[crm]}/__sandbox/webhooks", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def advance(self, crm: str, hours: float) -> Any:
+        """Simulated CRM activity: `hours` of changes to the `crm` tenant (its webhook sender reports them)."""
+        r = requests.post(f"{self.sandbox_urls[crm]}/__sandbox/advance", json={"hours": hours}, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        """Rows from the test's database (the warehouse and Dagster's storage)."""
+        engine = create_engine(self.pg_url)
+        try:
+            with engine.connect() as c:
+                return list(c.execute(text(sql), params))
+        finally:
+            engine.dispose()
 
     def logs(self, chars: int = 2500) -> str:
         marks = "".join(f"  {t:6.1f}s  {what}\n" for what, t in self.marks)

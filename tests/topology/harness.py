@@ -15,6 +15,7 @@ run workers); output goes to a log file per process, and `logs()` shows their ta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -49,28 +50,36 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM to the whole process group (the process, its code servers and run workers), then SIGKILL."""
-        if self.popen.poll() is not None and not _group_exists(self.popen.pid):
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_exists(self.popen.pid):
-                break
-            time.sleep(0.5)  # the leader is gone; give its children the rest of the grace, then SIGKILL them
-            if not _group_exists(self.popen.pid):
-                break
+    def signal(self, sig: int) -> None:
+        """`sig` to the whole process group: the process, its code servers and run workers."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+
+    def gone(self) -> bool:
+        if self.popen.poll() is None:
+            return False
+        return not _group_exists(self.popen.pid)
+
+    def stop(self, grace: float = 10.0) -> None:
+        stop_all([self], grace)
 
     def tail(self, chars: int = 3000) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
         return text[-chars:] if chars else ""
+
+
+def stop_all(processes: list[Process], grace: float = 10.0) -> None:
+    """SIGTERM to every group at once, SIGKILL to what is left after `grace` seconds; reap the leaders."""
+    for p in processes:
+        p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not all(p.gone() for p in processes):
+        time.sleep(0.2)
+    for p in processes:
+        if not p.gone():
+            p.signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(timeout=10)
 
 
 def _group_exists(pgid: int) -> bool:
@@ -287,8 +296,7 @@ class Topology:
         )
 
     def stop(self) -> None:
-        for proc in reversed(list(self.processes.values())):
-            proc.stop()
+        stop_all(list(self.processes.values()))
 
     def __enter__(self) -> Topology:
         return self

@@ -249,6 +249,9 @@ LAYERS: dict[str, str] = {
     "test_cli_run.py": "e2e",
     "test_cli_config_online.py": "e2e",
     "test_benchmarks_smoke.py": "e2e",
+    "topology/test_three_processes.py": "e2e",  # dagster-webserver, dagster-daemon, the receiver, the sandbox
+    "dagster/test_webhook_syncs.py": "e2e",  # simulator -> receiver -> sensor -> sync -> mart
+    "writeback/test_writeback_e2e.py": "e2e",  # per CRM and warehouse: syncs, writes, faults
 }
 # Fixtures that mean a test needs the Postgres server.
 POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}

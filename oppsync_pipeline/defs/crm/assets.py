@@ -90,7 +90,10 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         "transaction from the extract of the same run.",
         freshness_policy=dg.FreshnessPolicy.time_window(
             fail_window=2 * schedule_interval(conn.schedule),
-            warn_window=schedule_interval(conn.schedule) + timedelta(minutes=15),
+            # late by a quarter hour warns, however short the schedule (a warn window must stay below the fail one:
+            # a 15-minute cron made them equal and the code location failed to load)
+            warn_window=schedule_interval(conn.schedule)
+            + min(timedelta(minutes=15), schedule_interval(conn.schedule) / 2),
         ),
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:

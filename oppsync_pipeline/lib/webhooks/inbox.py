@@ -8,6 +8,7 @@ DuckDB allows one writing process and the receiver must answer in well under a s
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from functools import cache
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, MetaData, String, Table, Text, create_engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from oppsync_pipeline.lib.config import OppsyncConfig
 from oppsync_pipeline.lib.warehouse.dialect import is_duckdb_url
@@ -63,10 +65,19 @@ def inbox_engine(url: str) -> Engine:
         raise ValueError("webhooks.inbox_url: DuckDB allows one writer; use sqlite:///path or Postgres")
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
-    with engine.begin() as c:
-        if engine.dialect.name == "postgresql":
-            c.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS oppsync")
-        metadata.create_all(c, checkfirst=True)
+    for attempt in range(5):
+        try:
+            with engine.begin() as c:
+                if engine.dialect.name == "postgresql":
+                    c.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS oppsync")
+                metadata.create_all(c, checkfirst=True)
+            break
+        except IntegrityError:
+            # Postgres' IF NOT EXISTS is not atomic: a sync migrating the same fresh database at the same moment
+            # makes one of the two fail with a unique violation; the schema exists now, so try again.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return engine
 
 

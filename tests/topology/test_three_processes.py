@@ -1,0 +1,134 @@
+"""Issue 18, deliver item 6: the production topology, tested. `dagster-webserver`, `dagster-daemon` and
+`oppsync webhooks serve` run as separate processes against one fresh Postgres database (the warehouse, and
+Dagster's run, event-log and schedule storage through deploy/postgres/dagster.yaml), with the sandbox CRMs in a
+fourth. The webserver lists the two code locations; a schedule tick becomes a run that the daemon's queue hands
+to a run worker, which starts it; the receiver answers /healthz (its inbox is in the Postgres warehouse)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from tests.topology.harness import Topology, soon_cron
+
+pytestmark = pytest.mark.postgres
+
+LOCATIONS = """
+{ workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus
+    locationOrLoadError { __typename ... on PythonError { message } }
+} } } }
+"""
+
+REPOSITORIES = """
+{ repositoriesOrError { ... on RepositoryConnection { nodes {
+    location { name } jobs { name } schedules { name cronSchedule scheduleState { status } } sensors { name }
+} } } }
+"""
+
+DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+
+RUNS = """
+query($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) { ... on Runs { results {
+    runId status jobName tags { key value }
+} } } }
+"""
+
+CONNECTION = "sandbox-salesforce"
+SCHEDULE = "sync_sandbox_salesforce"
+DONE = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topology, pg_url: str):
+    cron = soon_cron()  # one tick 30-90 s from now
+    topology.start_sandbox(["salesforce"], schedule={"salesforce": cron})
+    # The receiver first: on a fresh database its inbox (lib/webhooks/inbox.py) and the daemon's first use of the
+    # warehouse (lib/warehouse/schema.py migrate) both run `CREATE SCHEMA IF NOT EXISTS oppsync`, which Postgres
+    # does not make safe against a concurrent twin: the loser gets UniqueViolation on pg_namespace and the
+    # receiver exited (seen in 1 of the first 4 runs here, receiver started last).
+    topology.start_receiver()
+    topology.start_daemon()  # its scheduler counts toward the tick while the webserver loads
+    topology.start_webserver()
+
+    # (c) the receiver: up, on the Postgres warehouse (its inbox table is there), no connection enabled yet
+    health = requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()
+    assert health == {"status": "ok", "connections": []}
+
+    # (a) the webserver answers GraphQL and has loaded both code locations from workspace.yaml
+    entries = topology.poll(
+        lambda: topology.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"],
+        lambda es: all(e["loadStatus"] == "LOADED" for e in es),
+        "code locations loaded",
+        seconds=120,
+    )
+    assert {e["name"]: e["locationOrLoadError"]["__typename"] for e in entries} == {
+        "oppsync-syncs": "RepositoryLocation",
+        "oppsync-mart": "RepositoryLocation",
+    }, entries
+    nodes = {n["location"]["name"]: n for n in topology.graphql(REPOSITORIES)["repositoriesOrError"]["nodes"]}
+    schedules = {s["name"]: s for s in nodes["oppsync-syncs"]["schedules"]}
+    assert schedules[SCHEDULE]["cronSchedule"] == cron
+    assert schedules[SCHEDULE]["scheduleState"]["status"] == "RUNNING"
+    assert {"mart_follows_syncs"} <= {s["name"] for s in nodes["oppsync-mart"]["sensors"]}
+
+    # the daemon's heartbeats reach the webserver through the shared Postgres instance
+    statuses = topology.poll(
+        lambda: topology.graphql(DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"],
+        lambda ss: all(s["healthy"] for s in ss if s["required"] and s["daemonType"] in _NEEDED),
+        "healthy scheduler, sensor and queue daemons",
+        seconds=90,
+    )
+    assert {s["daemonType"] for s in statuses if s["required"]} >= _NEEDED
+
+    # (b) a schedule tick -> a queued run -> the daemon's queue launches it -> the run worker syncs into Postgres
+    tags = [{"key": "dagster/schedule_name", "value": SCHEDULE}]
+    runs = topology.poll(lambda: topology.graphql(RUNS, tags=tags)["runsOrError"]["results"], bool, "a tick", 130)
+    run = runs[-1]
+    assert {t["key"]: t["value"] for t in run["tags"]}["oppsync/connection"] == CONNECTION
+    # the daemon's queue dequeues it and launches a run worker, which starts the run. Its end is not awaited: a
+    # sync's steps each load the code location in a subprocess (~45 s here); tests/dagster/test_webserver.py
+    # follows a run to SUCCESS, and the webhook -> mart test (lead) follows one to the mart.
+    run = topology.poll(
+        lambda: next(
+            r for r in topology.graphql(RUNS, tags=tags)["runsOrError"]["results"] if r["runId"] == run["runId"]
+        ),
+        lambda r: r["status"] in ("STARTED", *DONE),
+        f"run {run['runId']} dequeued and started",
+        seconds=90,
+    )
+    assert run["status"] in ("STARTED", "SUCCESS"), run
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as c:
+            # Dagster's run storage is this database (deploy/postgres/dagster.yaml, DAGSTER_PG_*) ...
+            stored = c.execute(text("SELECT status FROM runs WHERE run_id = :r"), {"r": run["runId"]}).scalar()
+            assert stored in ("STARTED", "SUCCESS")
+            # ... and so is the warehouse: the receiver's inbox and the run's sync record are there
+            assert c.execute(text("SELECT to_regclass('oppsync.webhook_inbox')")).scalar() is not None
+    finally:
+        engine.dispose()
+
+
+_NEEDED = {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR"}
+
+
+@pytest.mark.skip(reason="per-CRM receivers land separately")
+def test_a_crm_change_reaches_the_mart_through_the_webhook(topology: Topology):
+    """Issue 18 item 6's other half, for the lead to complete once lib/webhooks/<crm>.py and the simulators'
+    senders are merged (main has the core only: no CRM's receiver module, no sender wired to a simulator).
+    On this harness it reads:
+
+        topology.start_sandbox(["hubspot"], connection_extra={"hubspot": {"webhooks": {
+            "enabled": True, "secrets": {"client_secret": "${...}"}}}}, webhooks={"sensor_interval_seconds": 1})
+        (the secret's variable in oppsync.secrets.env, matching the simulator's signing secret)
+        topology.start_receiver(); topology.start_daemon(); topology.start_webserver()
+        topology.subscribe("hubspot")                       # the sender posts to the receiver
+        before = topology.query("SELECT ... FROM marts.opportunities WHERE connection = 'sandbox-hubspot'")
+        topology.advance("hubspot", 1)                      # simulated activity changes some deals
+        # then poll: a run tagged oppsync/trigger=webhook (sensor syncs_on_webhooks) succeeds, the
+        # mart_follows_syncs sensor builds the mart, and the changed deals' rows in marts.opportunities differ
+        # from `before`, with no launch by the test. A forged notification (wrong signature) gets 401 and
+        # adds no inbox row; a dropped one (subscribe(..., faults={"drop": 1.0})) is caught by the schedule.
+    """

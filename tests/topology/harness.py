@@ -195,7 +195,7 @@ class Topology:
         and any other connection keys."""
         base = free_port_base(5)
         argv = [PYTHON, "-m", "oppsync_pipeline.cli", "sandbox", "serve", "--port-base", str(base)]
-        argv += ["--opportunities", str(opportunities), "--write-config", str(self.config)]
+        argv += ["--opportunities", str(opportunities), "--write-config", str(self.config), "--webhooks-url", ""]
         for crm in crms:
             argv += ["--crm", crm]
         proc = self.spawn("sandbox", argv)

@@ -10,6 +10,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
+from oppsync_pipeline.sandbox import hubspot as hubspot_sim
 from tests.topology.harness import Topology, soon_cron
 
 pytestmark = pytest.mark.postgres
@@ -51,9 +52,9 @@ def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topolo
     topology.start_daemon()  # its scheduler counts toward the tick while the webserver loads
     topology.start_webserver()
 
-    # (c) the receiver: up, on the Postgres warehouse (its inbox table is there), no connection enabled yet
+    # (c) the receiver: up, on the Postgres warehouse (its inbox table is there)
     health = requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()
-    assert health == {"status": "ok", "connections": []}
+    assert health == {"status": "ok", "connections": [CONNECTION]}  # the generated config enables its webhooks
 
     # (a) the webserver answers GraphQL and has loaded both code locations from workspace.yaml
     entries = topology.poll(
@@ -114,21 +115,60 @@ def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topolo
 _NEEDED = {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR"}
 
 
-@pytest.mark.skip(reason="per-CRM receivers land separately")
 def test_a_crm_change_reaches_the_mart_through_the_webhook(topology: Topology):
-    """Issue 18 item 6's other half, for the lead to complete once lib/webhooks/<crm>.py and the simulators'
-    senders are merged (main has the core only: no CRM's receiver module, no sender wired to a simulator).
-    On this harness it reads:
+    """The other half of item 6: a change made in HubSpot (through its API) is notified, verified by the
+    receiver, turned into a sync by the daemon's `syncs_on_webhooks` sensor, and the daemon's
+    `mart_follows_syncs` sensor rebuilds the mart: the row changes with no launch by the test. A forged
+    notification is refused and stores nothing. (The schedule as safety net: tests/dagster/test_webhook_syncs.py.)"""
+    topology.start_sandbox(["hubspot"], webhooks={"sensor_interval_seconds": 1})
+    topology.start_receiver()
+    topology.start_daemon()
+    assert requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()["connections"] == [HUBSPOT]
+    topology.subscribe("hubspot")  # the app's webhook target, as `oppsync webhooks register` sets it
 
-        topology.start_sandbox(["hubspot"], connection_extra={"hubspot": {"webhooks": {
-            "enabled": True, "secrets": {"client_secret": "${...}"}}}}, webhooks={"sensor_interval_seconds": 1})
-        (the secret's variable in oppsync.secrets.env, matching the simulator's signing secret)
-        topology.start_receiver(); topology.start_daemon(); topology.start_webserver()
-        topology.subscribe("hubspot")                       # the sender posts to the receiver
-        before = topology.query("SELECT ... FROM marts.opportunities WHERE connection = 'sandbox-hubspot'")
-        topology.advance("hubspot", 1)                      # simulated activity changes some deals
-        # then poll: a run tagged oppsync/trigger=webhook (sensor syncs_on_webhooks) succeeds, the
-        # mart_follows_syncs sensor builds the mart, and the changed deals' rows in marts.opportunities differ
-        # from `before`, with no launch by the test. A forged notification (wrong signature) gets 401 and
-        # adds no inbox row; a dropped one (subscribe(..., faults={"drop": 1.0})) is caught by the schedule.
-    """
+    api = topology.sandbox_urls["hubspot"]
+    token = {"Authorization": f"Bearer {hubspot_sim.SANDBOX_CREDENTIALS['access_token']}"}
+    deal = requests.get(f"{api}/crm/v3/objects/deals", params={"limit": 1}, headers=token, timeout=10).json()
+    deal_id = deal["results"][0]["id"]
+    name = "Renamed in HubSpot, notified"
+    r = requests.patch(
+        f"{api}/crm/v3/objects/deals/{deal_id}", json={"properties": {"dealname": name}}, headers=token, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    topology.mark("deal renamed in the CRM")
+
+    rows = topology.poll(
+        lambda: (
+            topology.query(
+                "SELECT project_name FROM marts.opportunities WHERE connection = :c AND source_id = :s",
+                c=HUBSPOT,
+                s=deal_id,
+            )
+            if topology.query("SELECT to_regclass('marts.opportunities')")[0][0]
+            else []
+        ),
+        lambda rs: bool(rs) and rs[0][0] == name,
+        "the renamed deal in marts.opportunities",
+        seconds=240,
+    )
+    assert rows[0][0] == name
+    webhook_runs = topology.query(
+        "SELECT r.status FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
+        "WHERE t.key = 'oppsync/trigger' AND t.value = 'webhook'"
+    )
+    assert ("SUCCESS",) in webhook_runs, webhook_runs
+
+    # forged: refused before any work, nothing stored
+    count = "SELECT count(*) FROM oppsync.webhook_inbox"
+    before = topology.query(count)[0][0]
+    forged = requests.post(
+        f"{topology.urls['receiver']}/webhooks/{HUBSPOT}",
+        json=[{"eventId": 1, "subscriptionId": 1, "objectId": int(deal_id), "subscriptionType": "deal.creation"}],
+        headers={"X-HubSpot-Signature-v3": "Zm9yZ2Vk", "X-HubSpot-Request-Timestamp": "1"},
+        timeout=10,
+    )
+    assert forged.status_code == 401
+    assert topology.query(count)[0][0] == before
+
+
+HUBSPOT = "sandbox-hubspot"

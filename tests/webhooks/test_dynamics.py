@@ -250,17 +250,17 @@ def test_the_simulators_notifications_are_accepted_and_a_duplicate_is_stored_onc
     with SandboxServer(sim) as srv:  # no endpoint registered: the default registration (WebhookKey)
         r = requests.post(f"{srv.url}/__sandbox/webhooks", json={"url": url, "faults": {"duplicate": 1.0}})
         assert r.status_code == 200  # duplicate: Dataverse delivers at least once
-    opp = list(sim.world.live())[0]
-    sim.world.update(opp.native_id, amount=(opp.amount or 0) + 1000)
-    assert sim.webhooks.idle()
-    assert [s["status"] for s in sim.webhooks.sent] == [204, 204]
-    assert waiting_ids(engine) == [opp.native_id] and stored(engine) == 1
-    created = sim.world.create(stage="1", account=None, amount=5.0)
-    gone = list(sim.world.live())[1]
-    sim.world.delete(gone.native_id)
-    assert sim.webhooks.idle()
-    assert sorted(waiting_ids(engine)) == sorted([opp.native_id, created.native_id, gone.native_id])
-    assert all(s["status"] == 204 for s in sim.webhooks.sent)
+        opp = list(sim.world.live())[0]
+        sim.world.update(opp.native_id, amount=(opp.amount or 0) + 1000)
+        assert sim.webhooks.idle()
+        assert [s["status"] for s in sim.webhooks.sent] == [204, 204]
+        assert waiting_ids(engine) == [opp.native_id] and stored(engine) == 1
+        created = sim.world.create(stage="1", account=None, amount=5.0)
+        gone = list(sim.world.live())[1]
+        sim.world.delete(gone.native_id)
+        assert sim.webhooks.idle()
+        assert sorted(waiting_ids(engine)) == sorted([opp.native_id, created.native_id, gone.native_id])
+        assert all(s["status"] == 204 for s in sim.webhooks.sent)
 
 
 def test_what_the_simulator_sends_is_a_remote_execution_context(receiver_app):
@@ -319,28 +319,28 @@ def test_registration_creates_one_endpoint_and_three_steps_and_the_simulator_pos
         receiver = DynamicsReceiver(conn.conn, {"webhook_key": key})
         first = receiver.register(conn, url)
         again = receiver.register(conn, url)
-    assert any("created" in line for line in first) and not any("created" in line for line in again)
-    reg = sim.registrations
-    [endpoint] = reg.endpoints.values()
-    assert (endpoint["url"], endpoint["contract"], endpoint["authtype"]) == (url, 8, 5 if options else 4)
-    assert sorted(
-        next(n for n, i in hooks.SDK_MESSAGES.items() if i == s["_sdkmessageid_value"]) for s in reg.steps.values()
-    ) == ["Create", "Delete", "Update"]
-    assert all(s["mode"] == 1 and s["stage"] == 40 for s in reg.steps.values())
-    update = next(s for s in reg.steps.values() if s["filteringattributes"])
-    assert "estimatedvalue" in update["filteringattributes"].split(",")
-    assert sim.webhooks.url == url
-    # the app checks the registered key, not the sandbox default
-    app_receiver = receiver_app[2]
-    app_receiver.secrets["webhook_key"] = key
-    app_receiver.auth = options.get("auth", "webhook_key")
-    app_receiver.header_name = options.get("header_name", "x-oppsync-webhook-key")
-    opp = list(sim.world.live())[3]
-    sim.world.update(opp.native_id, amount=(opp.amount or 0) + 10)
-    sim.world.update(opp.native_id, bump=True)  # touched, no column the step filters on changed: nothing sent
-    assert sim.webhooks.idle()
-    assert [s["status"] for s in sim.webhooks.sent] == [204]
-    assert waiting_ids(engine) == [opp.native_id]
+        assert any("created" in line for line in first) and not any("created" in line for line in again)
+        reg = sim.registrations
+        [endpoint] = reg.endpoints.values()
+        assert (endpoint["url"], endpoint["contract"], endpoint["authtype"]) == (url, 8, 5 if options else 4)
+        assert sorted(
+            next(n for n, i in hooks.SDK_MESSAGES.items() if i == s["_sdkmessageid_value"]) for s in reg.steps.values()
+        ) == ["Create", "Delete", "Update"]
+        assert all(s["mode"] == 1 and s["stage"] == 40 for s in reg.steps.values())
+        update = next(s for s in reg.steps.values() if s["filteringattributes"])
+        assert "estimatedvalue" in update["filteringattributes"].split(",")
+        assert sim.webhooks.url == url
+        # the app checks the registered key, not the sandbox default
+        app_receiver = receiver_app[2]
+        app_receiver.secrets["webhook_key"] = key
+        app_receiver.auth = options.get("auth", "webhook_key")
+        app_receiver.header_name = options.get("header_name", "x-oppsync-webhook-key")
+        opp = list(sim.world.live())[3]
+        sim.world.update(opp.native_id, amount=(opp.amount or 0) + 10)
+        sim.world.update(opp.native_id, bump=True)  # touched, no column the step filters on changed: nothing sent
+        assert sim.webhooks.idle()
+        assert [s["status"] for s in sim.webhooks.sent] == [204]
+        assert waiting_ids(engine) == [opp.native_id]
 
 
 def test_the_registration_tables_answer_like_dataverse():

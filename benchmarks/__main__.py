@@ -17,6 +17,7 @@ from benchmarks import (
     api_efficiency,
     end_to_end,
     fail_fast,
+    freshness,
     latency_floor,
     memory,
     reconcile_throughput,
@@ -33,6 +34,7 @@ BENCHMARKS = {
     "e2e": end_to_end,
     "fail-fast": fail_fast,  # seconds from a permanent error to a failed run, per CRM (no Dagster retry)
     "simulators": simulator_scale,  # the simulators serving 100,000-opportunity tenants
+    "freshness": freshness,  # seconds from a CRM change to the mart row, webhooks and daemon in the loop
 }
 # Where the default differs from the brief's size, to keep `make bench` within 20 minutes (measured, with the
 # machine shared): dlt's merge runs at ~500 rows/s on DuckDB (a million rows would take ~35 min on its own),
@@ -77,6 +79,7 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
         "e2e": ["e2e_opportunities", "e2e_connectwise"],
         "fail-fast": ["fail_fast_opportunities"],
         "simulators": [],
+        "freshness": ["freshness_changes"],
     }
     out = []
     for name in names:

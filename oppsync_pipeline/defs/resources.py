@@ -61,8 +61,12 @@ def load_app_config() -> tuple[str, OppsyncConfig]:
 
 
 def resource_definitions() -> dg.Definitions:
+    """The shared resource, and the executor of every job in both locations: in-process. A sync's steps (extract,
+    checks, reconcile) and a mart build run one after the other anyway; the default multiprocess executor started
+    a process per step that loaded the code location again (~10 s each on 2 cores), and that was most of the
+    time from a CRM's webhook to the mart (make bench, freshness)."""
     path, _ = load_app_config()
-    return dg.Definitions(resources={"oppsync": OppsyncResource(config_path=path)})
+    return dg.Definitions(resources={"oppsync": OppsyncResource(config_path=path)}, executor=dg.in_process_executor)
 
 
 @dg.definitions

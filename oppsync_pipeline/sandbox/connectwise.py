@@ -1815,7 +1815,8 @@ class ConnectWiseSimulator(Simulator):
     def _callback_requests(self, changes: list[Change]) -> list[CallbackRequest]:
         """One signed request per change and callback (CW sends a record per request)."""
         out = []
-        host = self.site_host
+        # the host clients last called, else where the server listens (a change notified before any API call)
+        host = self.site_host if self.site_host != "127.0.0.1" else getattr(self, "served_at", self.site_host)
         key_url = (
             f"http://{host}/{CODEBASE}/system/callbackkey/index.rails?companyName={COMPANY_ID}"
             f"&id={SANDBOX_WEBHOOK_SECRETS['key_id']}"

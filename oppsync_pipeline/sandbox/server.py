@@ -206,9 +206,25 @@ class Simulator:
         self.route("POST", r"/__sandbox/faults", self._control_faults)
         self.route("GET", r"/__sandbox/state", self._control_state)
         self.route("POST", r"/__sandbox/webhooks", self._control_webhooks)
+        self.route("POST", r"/__sandbox/touch", self._control_touch)
+        self.route("GET", r"/__sandbox/ids", self._control_ids)
         # Simulators of CRMs with webhooks create their sender (sandbox/kit/webhooks.py) and register their
         # subscription endpoints; the control endpoint points it at a URL where the CRM has no API for that.
         self.webhooks: Any = None
+
+    def _control_ids(self, req: Request) -> Response:
+        """The live opportunities' ids, as the sync keys them (a benchmark picks what to change)."""
+        return Response.json({"ids": sorted(o.native_id for o in self.world.live())})
+
+    def _control_touch(self, req: Request) -> Response:
+        """{"id": native id, "name": new name}: one user edit, as in the CRM's own UI (it moves the change cursor
+        and is notified like any edit): `make bench` times it to the mart."""
+        body = req.json() or {}
+        opp = self.world.get(str(body.get("id")))
+        if opp is None:
+            raise HttpError(404, "NOT_FOUND", f"no opportunity {body.get('id')!r}")
+        self.world.update(opp.native_id, name=str(body["name"]))
+        return Response.json({"id": opp.native_id, "modified_at": opp.modified_at.isoformat() + "Z"})
 
     def _control_webhooks(self, req: Request) -> Response:
         """{"url": "http://.../webhooks/<connection>" | null, "faults": {drop, duplicate, delay_seconds, reorder,
@@ -416,6 +432,8 @@ class SandboxServer:
         self.simulator = simulator
         self.httpd = _Server((host, port), handler)
         self.host, self.port = self.httpd.server_address[:2]
+        # where the simulator is reached, for what it sends before any request told it (ConnectWise's key_url)
+        simulator.served_at = f"{self.host}:{self.port}"
         self._thread: threading.Thread | None = None
 
     @property

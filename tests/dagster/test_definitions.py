@@ -126,11 +126,17 @@ def test_freshness_policy_is_twice_the_schedule_interval(defs: dg.Definitions, c
 
 
 def test_the_mart_follows_every_connection_by_eager_automation(defs: dg.Definitions):
+    from oppsync_pipeline.defs.mart.assets import AGGREGATE_AUTOMATION, AGGREGATES, MART_AUTOMATION
+
     graph = defs.resolve_asset_graph()
     mart = [k for k in graph.get_all_asset_keys() if graph.get(k).group_name == "mart"]
     assert key("marts", "outcomes") in mart and key("marts", "outcomes_dashboard") in mart
+    aggregates = {k for k in mart if k.path[-1] in AGGREGATES or k.path[-1] == "outcomes_dashboard"}
+    assert {k.path[-1] for k in aggregates} == {*AGGREGATES, "outcomes_dashboard"}
     for k in mart:
-        assert graph.get(k).automation_condition == dg.AutomationCondition.eager(), k
+        # per-opportunity models as soon as a sync lands; per-period aggregates every five minutes at most
+        expected = AGGREGATE_AUTOMATION if k in aggregates else MART_AUTOMATION
+        assert graph.get(k).automation_condition == expected, k
     every_connection = {key("oppsync", part, "opportunities") for part, *_ in CONNECTIONS.values()}
     # the models reading the oppsync tables depend on every connection directly, so any one sync
     # makes them (and everything downstream) stale

@@ -1,5 +1,6 @@
 """The mart follows the syncs by eager automation, with no schedule of its own: after a connection's sync the
-automation sensor's evaluation requests the mart (once every connection has synced at least once:
+automation sensor's evaluation requests the per-opportunity mart (the per-period aggregates, marts.outcomes and
+the dashboard, at the next five-minute tick) (once every connection has synced at least once:
 eager automation does not build over a missing upstream, so a connection that never synced holds the first
 build back, never later ones); the build_mart job (dbt build + dashboard) fills
 marts.outcomes; evaluated again with nothing new, nothing is requested; a new sync requests it again.
@@ -17,6 +18,7 @@ from oppsync_pipeline.defs.resources import _engine
 from tests.dagster.conftest import every_creator_mapped, load_defs, start_servers, stop_servers, write_config
 
 OUTCOMES = dg.AssetKey(["marts", "outcomes"])
+OPPORTUNITIES = dg.AssetKey(["marts", "opportunities"])
 DASHBOARD = dg.AssetKey(["marts", "outcomes_dashboard"])
 
 
@@ -33,19 +35,19 @@ def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(
         sync = defs.resolve_job_def("sync_sandbox_hubspot")
 
         before = dg.evaluate_automation_conditions(defs=defs, instance=dagster_instance, asset_selection=mart)
-        assert before.get_num_requested(OUTCOMES) == 0  # its upstream has never been synced
+        assert before.get_num_requested(OPPORTUNITIES) == 0  # its upstream has never been synced
 
         assert sync.execute_in_process(instance=dagster_instance).success
         waiting = dg.evaluate_automation_conditions(
             defs=defs, instance=dagster_instance, asset_selection=mart, cursor=before.cursor
         )
-        assert waiting.get_num_requested(OUTCOMES) == 0  # salesforce has never synced
+        assert waiting.get_num_requested(OPPORTUNITIES) == 0  # salesforce has never synced
 
         assert defs.resolve_job_def("sync_sandbox_salesforce").execute_in_process(instance=dagster_instance).success
         due = dg.evaluate_automation_conditions(
             defs=defs, instance=dagster_instance, asset_selection=mart, cursor=waiting.cursor
         )
-        assert due.get_num_requested(OUTCOMES) == 1
+        assert due.get_num_requested(OPPORTUNITIES) == 1
         assert due.get_num_requested(dg.AssetKey(["staging", "stg_oppsync__opportunities"])) == 1
 
         built = defs.resolve_job_def("build_mart").execute_in_process(instance=dagster_instance)
@@ -67,6 +69,8 @@ def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(
         again = dg.evaluate_automation_conditions(
             defs=defs, instance=dagster_instance, asset_selection=mart, cursor=idle.cursor
         )
-        assert again.get_num_requested(OUTCOMES) == 1  # one connection's sync is enough from now on
+        assert again.get_num_requested(OPPORTUNITIES) == 1  # one connection's sync is enough from now on
+        # the per-period aggregates follow at the next five-minute tick, not on every sync
+        assert again.get_num_requested(OUTCOMES) == 0
     finally:
         stop_servers(servers)

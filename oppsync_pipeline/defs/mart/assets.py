@@ -34,7 +34,22 @@ class OppsyncTranslator(DagsterDbtTranslator):
         if sources:
             deps = [d for d in spec.deps if d.asset_key.path[:1] != ["oppsync"]]
             spec = spec.replace_attributes(deps=[*deps, *(dg.AssetDep(k) for k in self.upstream)])
-        return spec.replace_attributes(group_name="mart", automation_condition=dg.AutomationCondition.eager())
+        condition = AGGREGATE_AUTOMATION if node.get("name") in AGGREGATES else MART_AUTOMATION
+        return spec.replace_attributes(group_name="mart", automation_condition=condition)
+
+
+# Dagster's eager condition without its wait for upstream runs in progress: a connection's reconcile commits in
+# one transaction, so the mart may build while another connection syncs; waiting for no sync to be in progress
+# starved it when webhooks keep syncs running (make bench, freshness: two builds in two minutes of changes).
+# It still waits for every connection's first sync (the warehouse tables exist from then on).
+MART_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_in_progress())
+
+
+# The per-period aggregates (marts.outcomes and what only it reads) are rebuilt at most every five minutes:
+# analysts read them by day, week and month; rebuilding them on every webhook-triggered sync tripled the build
+# and kept marts.opportunities a minute behind the CRM (make bench, freshness). `build_mart` builds everything.
+AGGREGATES = frozenset({"int_outcome_activities", "int_period_spine", "outcomes"})
+AGGREGATE_AUTOMATION = dg.AutomationCondition.on_cron("*/5 * * * *")
 
 
 def with_row_counts(events: list, engine, tables: Mapping[str, str] | None = None) -> list:

@@ -38,7 +38,7 @@ def weekly_table(rows: list[tuple], weeks: list[date]) -> str:
     deps=[dg.AssetKey(["marts", "outcomes"])],
     group_name="mart",
     kinds={"python"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=dg.AutomationCondition.on_cron("*/5 * * * *"),  # with marts.outcomes (mart/assets.py)
     description="A glance at marts.outcomes: created per user per week, and the latest week's results.",
 )
 def outcomes_dashboard(oppsync: OppsyncResource) -> dg.MaterializeResult:

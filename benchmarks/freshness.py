@@ -1,0 +1,130 @@
+"""Freshness (issue 18): seconds from a change in the CRM to the changed row in `marts.opportunities`, with the
+whole production loop in it: the sandbox's simulators notify `oppsync webhooks serve`, the `dagster-daemon`'s
+`syncs_on_webhooks` sensor starts the connection's sync, its `mart_follows_syncs` sensor rebuilds the mart.
+Everything runs as in production (separate processes, Postgres for the warehouse and for Dagster's storage,
+tests/topology/harness.py starts them); nothing is launched by the benchmark.
+
+Changes are made every few seconds across the four CRMs with webhooks, so bursts coalesce as they would in a
+live tenant; each change is timed on its own (p50, p95, max over `--freshness-changes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import requests
+
+from benchmarks.common import Figure, postgres_available, progress, scratch_postgres, verdict
+from oppsync_pipeline.lib.crm.registry import REGISTRY
+
+NAME = "freshness"
+TARGET_P95_SECONDS = 60.0
+CRMS = [crm for crm, s in REGISTRY.items() if s.webhooks]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("freshness")
+    g.add_argument("--freshness-changes", type=int, default=20, help="changes timed to the mart (>= 20)")
+    g.add_argument("--freshness-interval", type=float, default=3.0, help="seconds between two changes")
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
+    if not postgres_available():
+        return [Figure(NAME, "postgres", "-", f"p95 < {TARGET_P95_SECONDS:.0f}s", "MISS", "Postgres unreachable")]
+    from tests.topology.harness import Topology  # the deployment's processes (shared with the topology test)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with scratch_postgres() as pg_url, Topology(workdir, pg_url) as topo:
+        topo.start_sandbox(CRMS, opportunities=200, webhooks={"sensor_interval_seconds": 1})
+        topo.start_receiver()
+        topo.start_daemon()
+        for crm in CRMS:
+            topo.subscribe(crm)
+        ids = warm_up(topo)
+        seconds = measure(topo, ids, args.freshness_changes, args.freshness_interval)
+    p50, p95 = statistics.median(seconds), percentile(seconds, 95)
+    notes = (
+        f"{len(seconds)} changes over {', '.join(CRMS)}, one every {args.freshness_interval:g}s; p50 {p50:.1f}s, "
+        f"max {max(seconds):.1f}s; receiver -> inbox -> sensor (1 s) -> sync run -> mart sensor (10 s) -> dbt build"
+    )
+    return [
+        Figure(
+            NAME,
+            "postgres, daemon",
+            f"p95 {p95:.1f}s",
+            f"< {TARGET_P95_SECONDS:.0f}s",
+            verdict(p95 < TARGET_P95_SECONDS),
+            notes,
+        )
+    ]
+
+
+def connection(crm: str) -> str:
+    return f"sandbox-{crm}"
+
+
+def touch(topo, crm: str, opp: str, name: str) -> None:
+    r = requests.post(f"{topo.sandbox_urls[crm]}/__sandbox/touch", json={"id": opp, "name": name}, timeout=10)
+    r.raise_for_status()
+
+
+def mart_names(topo) -> dict[tuple[str, str], str]:
+    if not topo.query("SELECT to_regclass('marts.opportunities')")[0][0]:
+        return {}
+    return {
+        (r[0], r[1]): r[2] for r in topo.query("SELECT connection, source_id, project_name FROM marts.opportunities")
+    }
+
+
+def warm_up(topo) -> dict[str, list[str]]:
+    """One change per CRM, waited for: the first notified sync of a connection is its full sync, and the mart's
+    first build creates its tables. Returns some opportunity ids per CRM to change next."""
+    progress("freshness: warming up (first syncs and mart build through the daemon)")
+    first = {}
+    for crm in CRMS:
+        first[crm] = requests.get(f"{topo.sandbox_urls[crm]}/__sandbox/ids", timeout=10).json()["ids"][:25]
+        touch(topo, crm, first[crm][0], "warm-up")
+    topo.poll(
+        lambda: mart_names(topo),
+        lambda names: all(names.get((connection(crm), first[crm][0])) == "warm-up" for crm in CRMS),
+        "every connection's first notified sync in the mart",
+        seconds=600,
+    )
+    return {crm: ids[1:] for crm, ids in first.items()}
+
+
+def measure(topo, ids: dict[str, list[str]], changes: int, interval: float) -> list[float]:
+    pending: dict[tuple[str, str], tuple[str, float]] = {}
+    done: list[float] = []
+    made = 0
+    next_at = time.monotonic()
+    deadline = time.monotonic() + changes * interval + 300
+    while (made < changes or pending) and time.monotonic() < deadline:
+        now = time.monotonic()
+        if made < changes and now >= next_at:
+            crm = CRMS[made % len(CRMS)]
+            opp = ids[crm][made // len(CRMS)]
+            name = f"fresh-{made}"
+            touch(topo, crm, opp, name)
+            pending[(connection(crm), opp)] = (name, time.monotonic())
+            made += 1
+            next_at = now + interval
+        names = mart_names(topo)
+        for key, (name, t0) in list(pending.items()):
+            if names.get(key) == name:
+                done.append(time.monotonic() - t0)
+                del pending[key]
+        time.sleep(0.5)
+    if pending:
+        raise AssertionError(f"{len(pending)} change(s) never reached the mart: {sorted(pending)[:5]}")
+    progress(f"freshness: {len(done)} changes timed")
+    return done
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]

@@ -104,7 +104,7 @@ def writeback_sensor(cfg: OppsyncConfig) -> dg.SensorDefinition:
                 cursor=(latest or datetime(1970, 1, 1)).isoformat(),
             )
         since = cursor - SENSOR_OVERLAP
-        raw = [r for r in contract.read_rows(engine, app.writeback.table) if _changed_after(r, since)]
+        raw = contract.read_rows(engine, app.writeback.table, changed_after=since)  # filtered in the database
         valid, _problems = contract.validate(raw)  # invalid rows are audited by the run of their connection
         names = {c.name: c for c in app.connections}
         per_connection: dict[str, list[contract.RevenueRow]] = {}
@@ -154,11 +154,6 @@ def _run_key(connection: str, rows: list[contract.RevenueRow]) -> str:
     """One run per (connection, set of approval changes): the same change seen again is not written again."""
     changes = sorted(f"{r.opportunity_id}@{r.approval_changed_at.isoformat()}" for r in rows)
     return f"{connection}:" + hashlib.sha256("|".join(changes).encode()).hexdigest()[:16]
-
-
-def _changed_after(raw: dict, since: datetime) -> bool:
-    changed = raw.get("approval_changed_at")
-    return isinstance(changed, datetime) and changed.replace(tzinfo=None) > since
 
 
 def _latest_change(engine, table: str) -> datetime | None:

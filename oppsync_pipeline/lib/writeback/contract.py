@@ -9,6 +9,7 @@ and never written, and the other rows go on.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,11 +150,19 @@ def check_columns(engine: Engine, table: str) -> None:
 
 
 def read_rows(
-    engine: Engine, table: str, connection: str | None = None, opportunity_ids: Sequence[str] | None = None
+    engine: Engine,
+    table: str,
+    connection: str | None = None,
+    opportunity_ids: Sequence[str] | None = None,
+    changed_after: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The table's raw rows (of one connection, of some opportunities), contracted columns only."""
+    """The table's raw rows (of one connection, of some opportunities, whose approval changed after a moment),
+    contracted columns only."""
     check_columns(engine, table)
     where, params = [], {}
+    if changed_after is not None:
+        where.append("approval_changed_at > :changed_after")
+        params["changed_after"] = changed_after
     if connection is not None:
         where.append("connection = :c")
         params["c"] = connection
@@ -173,8 +182,8 @@ def validate(
     `known_ids`: the connection's live opportunities (oppsync.opportunities); an id not among them is refused."""
     rows, problems = [], []
     raw_rows = list(raw_rows)
-    keys = [(r.get("connection"), r.get("opportunity_id")) for r in raw_rows]
-    repeated = {k for k in keys if keys.count(k) > 1}
+    seen = Counter((r.get("connection"), r.get("opportunity_id")) for r in raw_rows)
+    repeated = {k for k, n in seen.items() if n > 1}
     for raw in raw_rows:
         key = (raw.get("connection"), raw.get("opportunity_id"))
         if key in repeated:

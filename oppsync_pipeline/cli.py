@@ -11,6 +11,7 @@
                                             subscribe to the CRM's notifications (or print the manual steps)
   oppsync sandbox serve                     the CRM simulators (one per registered CRM), with a matching oppsync.yaml
   oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
+  oppsync dashboard [--port N]              the outcomes dashboard (a web page over the marts, read-only)
 
 Runs go through Dagster against the instance in $DAGSTER_HOME (default .oppsync/dagster), so they
 appear in the UI's run history next to scheduled runs.
@@ -154,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
     adv = sb_sub.add_parser("advance", help="advance the running sandbox's clock")
     adv.add_argument("--hours", type=float, default=1.0, help="simulated hours of CRM activity to apply")
     adv.set_defaults(run=lambda a: cmd_sandbox_advance(a.config, a.hours))
+
+    dash = sub.add_parser("dashboard", help="the outcomes dashboard: a web page over the marts (Streamlit)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
+    dash.set_defaults(run=cmd_dashboard)
     return p
 
 
@@ -583,6 +589,43 @@ def cmd_sandbox_advance(path: str | None, hours: float) -> int:
         except requests.RequestException as err:
             print(f"{conn.name}: not a running sandbox ({type(err).__name__})", file=sys.stderr)
     return 0
+
+
+# -- dashboard ---------------------------------------------------------------------------------------------------
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Streamlit serving oppsync_pipeline/dashboard/app.py; the page reads the same oppsync.yaml."""
+    import subprocess
+
+    cfg_file = config_path(args.config)
+    load_config(cfg_file)  # a bad file fails here, with its key paths, not inside the page
+    app = Path(__file__).resolve().parent / "dashboard" / "app.py"
+    env = {**os.environ, "OPPSYNC_CONFIG": str(cfg_file.resolve())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        args.host,
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+    ]
+    print(f"outcomes dashboard: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -317,6 +317,8 @@ class OppsyncConfig(_Strict):
     webhooks: WebhooksConfig = WebhooksConfig()
     connections: list[ConnectionConfig] = []
     users: list[UserConfig] = []
+    # team name -> user ids (`users[].id`): the outcomes dashboard's team filter; a user may be in several teams
+    teams: dict[str, list[str]] = {}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> OppsyncConfig:
@@ -333,6 +335,13 @@ class OppsyncConfig(_Strict):
             for conn_name in user.crm_ids:
                 if conn_name not in seen:
                     problems.append(f"users[{i}].crm_ids.{conn_name}: no connection named '{conn_name}'")
+        user_ids = {u.id for u in self.users}
+        for team, members in self.teams.items():
+            for j, member in enumerate(members):
+                if member not in user_ids:
+                    problems.append(
+                        f"teams.{team}[{j}]: '{member}' is not a user id; add it under users: or fix the spelling"
+                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -1,35 +1,36 @@
-"""Something to look at in the Dagster UI: opportunities created per user per week (12 weeks) and the
-latest period, rendered as markdown on the dashboard asset's materialization."""
+"""Something to look at in the Dagster UI: opportunities created, won and lost per week over ALL users (a PNG
+chart in markdown metadata, the way the UI shows images), and the latest week's totals and busiest users.
+The queries and the chart are lib/dashboard's, shared with the web page (`oppsync dashboard`)."""
 
-from datetime import date, timedelta
+from datetime import timedelta
 
 import dagster as dg
-from sqlalchemy import text
 
 from oppsync_pipeline.defs.resources import OppsyncResource
+from oppsync_pipeline.lib.dashboard import queries
+from oppsync_pipeline.lib.dashboard.charts import outcomes_chart, png_data_uri
+from oppsync_pipeline.lib.dashboard.filters import Filters, partial_period
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
-BARS = " ▁▂▃▄▅▆▇█"
+WEEKS = 12
+TOP_USERS = 20
 
 
-def sparkline(values: list[int]) -> str:
-    top = max(values) or 1
-    return "".join(BARS[round(v / top * (len(BARS) - 1))] for v in values)
-
-
-def weekly_table(rows: list[tuple], weeks: list[date]) -> str:
-    """rows: (user_name, connection, period_start, created). Markdown, one line per user."""
-    per_user: dict[tuple[str, str], dict[date, int]] = {}
-    for user, conn, start, created in rows:
-        per_user.setdefault((user, conn), {})[start] = int(created)
+def latest_week_markdown(totals: dict, users, week) -> str:
+    """The week's totals (every user) and its busiest users; the table says how many users it leaves out."""
+    win_rate = "" if totals["win_rate"] is None else f"{totals['win_rate']:.0%}"
     lines = [
-        f"| user | connection | last 12 weeks ({weeks[0]:%d %b} – {weeks[-1]:%d %b}) | total |",
-        "|---|---|---|---:|",
+        f"Week of {week:%Y-%m-%d}: **{totals['created']}** created, **{totals['won']}** won, "
+        f"**{totals['lost']}** lost{f', win rate {win_rate}' if win_rate else ''} (all {len(users)} users).",
+        "",
+        "| user | created | won | lost | win rate |",
+        "|---|---:|---:|---:|---:|",
     ]
-    ranked = sorted(per_user.items(), key=lambda kv: -sum(kv[1].values()))
-    for (user, conn), by_week in ranked[:25]:
-        series = [by_week.get(w, 0) for w in weeks]
-        lines.append(f"| {user} | {conn} | `{sparkline(series)}` {series} | {sum(series)} |")
+    for row in users.head(TOP_USERS).itertuples(index=False):
+        rate = "" if row.win_rate is None or row.win_rate != row.win_rate else f"{row.win_rate:.0%}"
+        lines.append(f"| {row.user_name} | {row.created} | {row.won} | {row.lost} | {rate} |")
+    if len(users) > TOP_USERS:
+        lines.append(f"\n{len(users) - TOP_USERS} more users not listed; the totals above include them.")
     return "\n".join(lines)
 
 
@@ -39,41 +40,29 @@ def weekly_table(rows: list[tuple], weeks: list[date]) -> str:
     group_name="mart",
     kinds={"python"},
     automation_condition=dg.AutomationCondition.on_cron("*/5 * * * *"),  # with marts.outcomes (mart/assets.py)
-    description="A glance at marts.outcomes: created per user per week, and the latest week's results.",
+    description="A glance at marts.outcomes: created, won and lost per week (all users), and the latest week.",
 )
 def outcomes_dashboard(oppsync: OppsyncResource) -> dg.MaterializeResult:
+    cfg = oppsync.app_config()
     with transaction(oppsync.engine()) as conn:
-        latest = conn.execute(text("SELECT max(period_start) FROM marts.outcomes WHERE period_grain = 'week'")).scalar()
-        if latest is None:
+        bounds = queries.choices(conn)["bounds"]
+        if "week" not in bounds:
             return dg.MaterializeResult(metadata={"note": "marts.outcomes is empty"})
-        latest = latest if isinstance(latest, date) else latest.date()
-        weeks = [latest - timedelta(weeks=i) for i in range(11, -1, -1)]
-        rows = conn.execute(
-            text(
-                "SELECT user_name, connection, CAST(period_start AS DATE), opportunities_created FROM marts.outcomes "
-                "WHERE period_grain = 'week' AND period_start >= :first"
-            ),
-            {"first": weeks[0]},
-        ).fetchall()
-        last = conn.execute(
-            text(
-                "SELECT user_name, connection, opportunities_created, opportunities_won, opportunities_lost, win_rate "
-                "FROM marts.outcomes WHERE period_grain = 'week' AND period_start = :p "
-                "ORDER BY opportunities_created DESC LIMIT 20"
-            ),
-            {"p": latest},
-        ).fetchall()
-    latest_md = "\n".join(
-        ["| user | connection | created | won | lost | win rate |", "|---|---|---:|---:|---:|---:|"]
-        + [
-            f"| {u} | {c} | {cr} | {w} | {lo} | {'' if wr is None else f'{float(wr):.0%}'} |"
-            for u, c, cr, w, lo, wr in last
-        ]
-    )
+        latest = bounds["week"][1]
+        weeks = Filters(grain="week", start=latest - timedelta(weeks=WEEKS - 1), end=latest)
+        per_week = queries.per_period(conn, weeks)
+        last = Filters(grain="week", start=latest, end=latest)
+        last_totals = queries.totals(conn, last)
+        last_users = queries.per_user(conn, last)
+        partial = partial_period("week", queries.as_of(conn), cfg.reporting.timezone)
+    chart = outcomes_chart(per_week, partial, title=f"Opportunities per week, last {WEEKS} weeks, all users")
     return dg.MaterializeResult(
         metadata={
-            "created_per_user_per_week": dg.MetadataValue.md(weekly_table([tuple(r) for r in rows], weeks)),
-            "latest_week": dg.MetadataValue.md(f"Week of {latest:%Y-%m-%d}\n\n{latest_md}"),
-            "opportunities_created_latest_week": sum(int(r[2]) for r in last),
+            "outcomes_per_week": dg.MetadataValue.md(f"![created, won and lost per week]({png_data_uri(chart)})"),
+            "latest_week": dg.MetadataValue.md(latest_week_markdown(last_totals, last_users, latest)),
+            "opportunities_created_latest_week": int(last_totals["created"]),
+            "opportunities_won_latest_week": int(last_totals["won"]),
+            "opportunities_lost_latest_week": int(last_totals["lost"]),
+            "latest_week_is_partial": partial == latest,
         }
     )

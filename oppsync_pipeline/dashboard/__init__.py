@@ -1,0 +1,1 @@
+"""The outcomes dashboard's web page (app.py, a Streamlit script started by `oppsync dashboard`)."""

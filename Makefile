@@ -29,10 +29,10 @@ run: install
 	$(BIN)/oppsync run
 
 ## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must)
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
-.PHONY: test-unit snapshot
+.PHONY: test-unit snapshot browser dashboard
 
 ## the fast loop: the unit layer (markers assigned in tests/conftest.py), under a minute
 test-unit: install
@@ -49,6 +49,21 @@ snapshot: install
 dev: install
 	$(BIN)/oppsync sandbox serve & $(BIN)/oppsync webhooks serve & trap 'kill $$(jobs -p)' EXIT; \
 	$(BIN)/dagster dev -w workspace.yaml
+
+## the outcomes dashboard (a web page over the marts, read-only) on http://127.0.0.1:8501; `make run` fills them
+dashboard: install
+	$(BIN)/oppsync dashboard
+
+## Debian's chromium for the dashboard's browser test (Playwright drives /usr/bin/chromium; never
+## `playwright install`, which downloads a browser build of its own). Quiet and idempotent: apt-get runs only
+## when it is missing; as root (CI) or with password-less sudo, else the browser test skips outside CI.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "browser: /usr/bin/chromium missing and no root: apt-get install chromium (the browser test skips)"; exit 0; fi; \
+	  echo "browser: installing Debian's chromium for the dashboard's browser test"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 sandbox: install
 	$(BIN)/oppsync sandbox serve

@@ -252,6 +252,7 @@ LAYERS: dict[str, str] = {
     "topology/test_three_processes.py": "e2e",  # dagster-webserver, dagster-daemon, the receiver, the sandbox
     "dagster/test_webhook_syncs.py": "e2e",  # simulator -> receiver -> sensor -> sync -> mart
     "writeback/test_writeback_e2e.py": "e2e",  # per CRM and warehouse: syncs, writes, faults
+    "dashboard/test_dashboard_asset.py": "assets",  # dg.materialize of the dashboard asset
     "dashboard/test_page.py": "e2e",  # sandbox syncs, dbt, `oppsync dashboard` and a headless chromium
 }
 # Fixtures that mean a test needs the Postgres server.

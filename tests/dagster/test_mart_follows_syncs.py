@@ -57,7 +57,7 @@ def test_a_sync_makes_the_mart_due_and_build_mart_fills_it(
         with _engine(url).connect() as c:
             rows = c.execute(text("SELECT count(*) FROM marts.outcomes")).scalar()
         assert rows > 0 and materialized[OUTCOMES]["dagster/row_count"].value == rows
-        assert "created_per_user_per_week" in materialized[DASHBOARD]
+        assert "outcomes_per_week" in materialized[DASHBOARD]
 
         idle = dg.evaluate_automation_conditions(
             defs=defs, instance=dagster_instance, asset_selection=mart, cursor=due.cursor

@@ -35,10 +35,12 @@ class SandboxMart:
     def duckdb_path(self) -> Path:
         return Path(self.url.split(":///", 1)[1])
 
-    def sync(self) -> None:
+    def sync(self, only: str | None = None) -> None:
         engine = make_engine(self.url, self.cfg.warehouse.duckdb)
         try:
             for conn in self.cfg.connections:
+                if only and conn.name != only:
+                    continue
                 summary = sync_connection(self.cfg, conn, engine, run_id=f"test-{uuid.uuid4().hex[:8]}")
                 assert summary.result is not None, f"{conn.name}: {summary.extract}"
         finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import requests
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from oppsync_pipeline.lib.dashboard import queries
 from oppsync_pipeline.lib.dashboard.filters import Filters
@@ -79,6 +79,24 @@ def dashboard(mart: SandboxMart) -> Iterator[str]:
             proc.kill()
 
 
+def busiest_user_created(mart: SandboxMart, f: Filters) -> int:
+    """The per-user table's first row (most created first): its number of opportunities created."""
+    suffix = "_qualified" if f.qualified else ""
+    sql = (
+        f"SELECT sum(opportunities_created{suffix}) FROM marts.outcomes WHERE period_grain = :grain "
+        "AND period_start >= :start AND period_start <= :end AND connection IN :connections "
+        "GROUP BY user_id ORDER BY 1 DESC LIMIT 1"
+    )
+    engine = make_engine(mart.url)
+    try:
+        with transaction(engine) as conn:
+            stmt = text(sql).bindparams(bindparam("connections", expanding=True))
+            params = {"grain": f.grain, "start": f.start, "end": f.end, "connections": list(f.connections)}
+            return int(conn.execute(stmt, params).scalar())
+    finally:
+        engine.dispose()
+
+
 def expected(mart: SandboxMart, f: Filters) -> dict:
     """The view's totals written as plain SQL over marts.outcomes (not through the page's query module)."""
     suffix = "_qualified" if f.qualified else ""
@@ -137,10 +155,8 @@ def test_the_page_shows_the_marts_numbers_and_filters_change_them(mart: SandboxM
     view = default_view(mart)
     everything = expected(mart, view)
     qualified = expected(mart, Filters(grain="week", start=view.start, end=view.end, qualified=True))
-    qualified_sf = expected(
-        mart,
-        Filters(grain="week", start=view.start, end=view.end, qualified=True, connections=("sandbox-salesforce",)),
-    )
+    sf_view = Filters(grain="week", start=view.start, end=view.end, qualified=True, connections=("sandbox-salesforce",))
+    qualified_sf = expected(mart, sf_view)
     # the filters must change the numbers, or this test would prove nothing
     assert everything != qualified != qualified_sf and everything["Created"] > 0
 
@@ -160,9 +176,8 @@ def test_the_page_shows_the_marts_numbers_and_filters_change_them(mart: SandboxM
             writer = duckdb.connect(str(mart.duckdb_path))  # no retry: it would fail if a reader held the file
             writer.execute("CREATE TABLE IF NOT EXISTS oppsync.dashboard_probe AS SELECT 1 AS x")
             writer.close()
-            for server in mart.servers.values():
-                server.simulator.world.advance(hours=2, rate=0.05)  # CRM activity for the sync to write
-            mart.sync()
+            mart.servers["sandbox-salesforce"].simulator.world.advance(hours=2, rate=0.05)  # activity to write
+            mart.sync(only="sandbox-salesforce")
 
             page.locator('[data-testid="stCheckbox"]').filter(has_text="Qualified only").locator("label").click()
             expect_numbers(qualified)
@@ -174,6 +189,15 @@ def test_the_page_shows_the_marts_numbers_and_filters_change_them(mart: SandboxM
             expect_numbers(qualified_sf)
             expect(page.get_by_text(f"{qualified_sf['Created']:,} opportunities created")).to_be_visible()
             shot("qualified-salesforce")
+
+            # drill-down from the per-user table: selecting its first row lists that user's opportunities
+            table = page.locator('.st-key-user_table [data-testid="stDataFrame"]')
+            box = table.bounding_box()
+            page.mouse.click(box["x"] + 15, box["y"] + 35 + 17)  # the row's selection box (35 px header and rows)
+            top = busiest_user_created(mart, sf_view)
+            assert top < qualified_sf["Created"]  # else the view's list and the user's could not be told apart
+            expect(page.get_by_text(f"{top:,} opportunities created")).to_be_visible(timeout=30_000)
+            shot("drill-down")
         finally:
             browser.close()
 

@@ -230,5 +230,5 @@ drill_period = c3.selectbox(
     key=f"drill_period_{default_period}",
 )
 drill = load_drill(URL, view, activity, drill_user, drill_period)
-st.markdown(f"**{len(drill):,}** opportunities {activity}")
+st.markdown(f"**{len(drill):,}** {'opportunity' if len(drill) == 1 else 'opportunities'} {activity}")
 st.dataframe(drill, hide_index=True, key="drill_table")

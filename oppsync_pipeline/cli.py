@@ -596,8 +596,6 @@ def cmd_sandbox_advance(path: str | None, hours: float) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Streamlit serving oppsync_pipeline/dashboard/app.py; the page reads the same oppsync.yaml."""
-    import subprocess
-
     cfg_file = config_path(args.config)
     load_config(cfg_file)  # a bad file fails here, with its key paths, not inside the page
     app = Path(__file__).resolve().parent / "dashboard" / "app.py"
@@ -622,10 +620,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         "minimal",
     ]
     print(f"outcomes dashboard: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # replaced by Streamlit, not its parent: a signal to this process (Ctrl-C, a supervisor's SIGTERM) reaches
+    # the server itself, and no orphaned server outlives its command
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

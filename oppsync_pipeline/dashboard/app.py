@@ -202,6 +202,8 @@ picked_user = st.dataframe(
 st.subheader("Opportunities behind a number")
 st.caption("Select a user in the table, or click a bar in the chart, or choose below.")
 chart_pick = (picked.selection.get("pick") or [{}])[0] if picked else {}
+if chart_pick:
+    st.caption(f"Picked in the chart: {chart_pick.get('outcome')} in the {grain} of {chart_pick.get('period')}")
 rows = picked_user.selection.rows if picked_user else []
 default_user = per_user["user_id"].iloc[rows[0]] if rows else None
 period_labels = {None: "every period in range"} | {p: f"{p:%Y-%m-%d}" for p in periods["period_start"]}

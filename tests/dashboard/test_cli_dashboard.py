@@ -1,9 +1,9 @@
-"""`oppsync dashboard`: a bad configuration fails before Streamlit starts; a good one starts the page's script
-with the same configuration file."""
+"""`oppsync dashboard`: a bad configuration fails before Streamlit starts; a good one becomes Streamlit (exec,
+so signals reach the server) serving the page's script with the same configuration file."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from oppsync_pipeline import cli
 
 def test_a_bad_configuration_is_reported_with_its_key_and_nothing_starts(tmp_path: Path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr(os, "execve", lambda *a: started.append(a))
     bad = tmp_path / "oppsync.yaml"
     bad.write_text("teams:\n  East: [nobody]\n", encoding="utf-8")
     assert cli.main(["dashboard", "--config", str(bad)]) == 2
@@ -23,7 +23,7 @@ def test_a_bad_configuration_is_reported_with_its_key_and_nothing_starts(tmp_pat
 
 def test_the_page_gets_the_configuration_and_the_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(os, "execve", lambda exe, cmd, env: calls.append((cmd, env)))
     good = tmp_path / "oppsync.yaml"
     good.write_text("warehouse: {url: 'duckdb:///w.duckdb'}\n", encoding="utf-8")
     assert cli.main(["dashboard", "--config", str(good), "--port", "8765"]) == 0

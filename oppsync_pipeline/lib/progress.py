@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 LOGGER_NAME = "oppsync_pipeline.progress"
+DONE = "done"
 log = logging.getLogger(LOGGER_NAME)
 
 
@@ -28,7 +29,7 @@ class PageProgress:
 
     connection: str
     crm: str
-    phase: str  # open set | not-open set | changes during the run | read by id
+    phase: str  # open set | not-open set | changes during the run | read by id | done (DONE: the read ended)
     page: int  # 1-based, within the phase
     records: int  # on this page
     total_records: int  # staged by the run so far, every phase
@@ -43,6 +44,11 @@ class PageProgress:
         return self.total_records / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        if self.phase == DONE:
+            return (
+                f"{self.connection}: read {self.total_records:,} records in {self.total_pages:,} pages, "
+                f"{_per_second(self.rate)} records/s, {self.requests:,} requests, {self.seconds:.1f}s"
+            )
         of = f" of {self.expected:,}" if self.expected is not None else ""
         return (
             f"{self.connection}: {self.phase} page {self.page} ({self.records:,} records{of}); "
@@ -77,11 +83,18 @@ class ProgressTracker:
         self._pages[phase] = self._pages.get(phase, 0) + 1
         self.total_records += records
         self.total_pages += 1
+        return self._report(phase, self._pages[phase], records, requests, expected)
+
+    def done(self, requests: int) -> PageProgress:
+        """The read ended (every set, the deletes): its totals, reported even when no page had a record."""
+        return self._report(DONE, 0, 0, requests, None)
+
+    def _report(self, phase: str, page: int, records: int, requests: int, expected: int | None) -> PageProgress:
         event = PageProgress(
             self.connection,
             self.crm,
             phase,
-            self._pages[phase],
+            page,
             records,
             self.total_records,
             self.total_pages,
@@ -190,6 +203,8 @@ class ConsoleProgress(logging.Handler):
 
 
 def _short(event: PageProgress) -> str:
+    if event.phase == DONE:
+        return f"read  {event.total_records:,} records  {event.total_pages} pages  {event.requests} req"
     return (
         f"{event.phase} p{event.page}  {event.total_records:,} records  {event.total_pages} pages  "
         f"{_per_second(event.rate)}/s  {event.requests} req"

@@ -212,6 +212,7 @@ def run_extract(
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
+        tracker.done(connector.stats.requests)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         out.counts, out.status = counts, ExtractStatus.COMPLETE

@@ -115,15 +115,16 @@ def test_everything_but_the_console_goes_to_the_log_file(tmp_path: Path):
         assert line in text
 
 
-def test_the_dagster_run_log_names_each_page(tmp_path: Path):
+def test_the_dagster_run_log_names_each_page_and_the_reconcile_shows_status_names(tmp_path: Path):
     servers = start_servers({"sf": "salesforce"}, opportunities=40)
     try:
         config = write_config(tmp_path / "oppsync.yaml", servers, f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
         conn = load_config(config).connection("sf")
-        extract = connection_assets(conn)[0]
         with dg.instance_for_test() as instance:
             result = dg.materialize(
-                [extract], instance=instance, resources={"oppsync": OppsyncResource(config_path=str(config))}
+                connection_assets(conn),
+                instance=instance,
+                resources={"oppsync": OppsyncResource(config_path=str(config))},
             )
             assert result.success
             infos = [
@@ -136,4 +137,10 @@ def test_the_dagster_run_log_names_each_page(tmp_path: Path):
     assert any(m.startswith("sf: open set page 1 (") for m in infos), infos
     assert any(m.startswith("sf: not-open set page 1 (") for m in infos), infos
     assert infos[-1].startswith("sf: read 40 records in ")
+    # the reconcile's metadata: unchanged rows are `rows_unchanged` (a run `skipped` is a quota stop), with the
+    # connection's status fields (lib/status.py)
+    meta = result.asset_materializations_for_node("oppsync__sf__opportunities")[0].metadata
+    assert meta["rows_unchanged"].value == 0 and meta["rows_created"].value == 40 and "rows_skipped" not in meta
+    assert meta["api_requests"].value > 0 and meta["schedule"].value == "30 * * * * (UTC)"
+    assert meta["next_scheduled_run_utc"].value.endswith(":30:00")
     assert all("records/s" in m and "requests" in m for m in infos)

@@ -74,7 +74,7 @@ def test_plain_lines_at_most_every_few_seconds_and_the_last_state_at_the_end():
         "hs: open set page 5 (100 records)",
         "hs: open set page 10 (100 records)",
         "hs: open set page 12 (100 records)",
-        "quick: read 100 records in 1 pages, 167 records/s, 4 requests, 0.6s",
+        "quick: read 100 records in 1 page, 167 records/s, 4 requests, 0.6s",
     ]
     assert "1,200 records in 12 pages" in lines[2]
 

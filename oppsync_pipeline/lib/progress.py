@@ -46,18 +46,22 @@ class PageProgress:
     def line(self) -> str:
         if self.phase == DONE:
             return (
-                f"{self.connection}: read {self.total_records:,} records in {self.total_pages:,} pages, "
+                f"{self.connection}: read {_n(self.total_records, 'record')} in {_n(self.total_pages, 'page')}, "
                 f"{_per_second(self.rate)} records/s, {self.requests:,} requests, {self.seconds:.1f}s"
             )
         of = f" of {self.expected:,}" if self.expected is not None else ""
         return (
-            f"{self.connection}: {self.phase} page {self.page} ({self.records:,} records{of}); "
-            f"{self.total_records:,} records in {self.total_pages:,} pages, {_per_second(self.rate)} records/s, "
+            f"{self.connection}: {self.phase} page {self.page} ({_n(self.records, 'record')}{of}); "
+            f"{_n(self.total_records, 'record')} in {_n(self.total_pages, 'page')}, {_per_second(self.rate)} records/s, "
             f"{self.requests:,} requests, {self.seconds:.1f}s"
         )
 
 
 ProgressCallback = Callable[[PageProgress], None]
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _per_second(rate: float) -> str:

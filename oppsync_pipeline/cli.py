@@ -4,6 +4,7 @@
   oppsync config check --online             ... then ask each CRM what this tenant has: what will be read and why
   oppsync run                               the main job: every connection, then the mart (make run)
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
+  oppsync status [--json]                   per connection: last sync, rows, API use, next run, freshness, health
   oppsync writeback --connection NAME [--opportunity ID] [--dry-run] [--force]
                                             seed 000's "Update CRM": write revenue back to the CRM
   oppsync webhooks serve                    the webhook receiver (CRM notifications -> syncs within seconds)
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -84,12 +86,21 @@ def parser() -> argparse.ArgumentParser:
     run_p.add_argument(
         "--advance-hours", type=float, default=0.0, help="sandbox only: simulate N hours of CRM activity before syncing"
     )
-    run_p.set_defaults(run=lambda a: cmd_run(a.config, full=a.full, advance_hours=a.advance_hours))
+    run_p.set_defaults(run=lambda a: cmd_run(a.config, full=a.full, advance_hours=a.advance_hours, verbose=a.verbose))
 
     sync_p = sub.add_parser("sync", help="sync one connection now (through Dagster)")
     sync_p.add_argument("--connection", required=True, help="the connection's name in oppsync.yaml")
     sync_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
-    sync_p.set_defaults(run=lambda a: cmd_sync(a.config, a.connection, full=a.full))
+    sync_p.set_defaults(run=lambda a: cmd_sync(a.config, a.connection, full=a.full, verbose=a.verbose))
+
+    status_p = sub.add_parser(
+        "status",
+        help="per connection: last sync, rows, API use, next scheduled run, freshness and health",
+        description="Reads the warehouse (oppsync.sync_runs, sync_state) and the Dagster instance in $DAGSTER_HOME "
+        "(schedules switched off, the scheduler daemon, runs that failed before they reached the warehouse).",
+    )
+    status_p.add_argument("--json", action="store_true", help="print JSON for scripts instead of the table")
+    status_p.set_defaults(run=lambda a: cmd_status(a.config, as_json=a.json))
 
     wb = sub.add_parser(
         "writeback",
@@ -273,15 +284,15 @@ def run_connection(defs, instance, conn, mode: str):
     )
 
 
-def cmd_sync(path: str | None, connection: str, full: bool) -> int:
+def cmd_sync(path: str | None, connection: str, full: bool, verbose: bool = False) -> int:
     import dagster as dg
 
     _, cfg = _prepare_dagster(path)
     conn = cfg.connection(connection)
-    with _sandbox(cfg):
+    with _run_console(verbose, "sync") as shown, _sandbox(cfg):
         defs = _load_defs("syncs")
         with dg.DagsterInstance.get() as instance:
-            result = run_connection(defs, instance, conn, "full" if full else "auto")
+            result = _shown_sync(shown, defs, instance, conn, "full" if full else "auto")
     _print_summary(cfg, [(conn, result)])
     return 0 if result.success else 1
 
@@ -402,19 +413,20 @@ def cmd_webhooks_register(path: str | None, connection: str, public_url: str) ->
     return 0
 
 
-def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) -> int:
+def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0, verbose: bool = False) -> int:
     import dagster as dg
 
     from oppsync_pipeline.defs.crm.schedules import quiet
 
     t0 = time.monotonic()
     _, cfg = _prepare_dagster(path)
-    with _sandbox(cfg, advance_hours=advance_hours):
+    with _run_console(verbose, "run") as shown, _sandbox(cfg, advance_hours=advance_hours):
         defs = _load_defs()
         results = []
         with dg.DagsterInstance.get() as instance:
             for conn in cfg.connections:
-                results.append((conn, run_connection(defs, instance, conn, "full" if full else "auto")))
+                results.append((conn, _shown_sync(shown, defs, instance, conn, "full" if full else "auto")))
+            shown.note("mart: building (dbt)")
             mart = defs.resolve_job_def("build_mart").execute_in_process(
                 run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False
             )
@@ -428,13 +440,65 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
     if demo:
         print("\nrevenue write-back, dry run (sandbox example rows; `oppsync writeback --connection NAME` writes):")
         for name, result in demo:
-            _print_writeback(cfg, name, result)
+            _print_writeback_brief(cfg, name, result)
     if cfg.warehouse.backend == "duckdb":
         print(f"warehouse: {Path(cfg.warehouse.url.split(':///', 1)[1]).resolve()}")
     else:
         print(f"warehouse: {_redact_url(cfg.warehouse.url)}")
     print(f"dagster runs: {os.environ['DAGSTER_HOME']} (make dev to browse)  total {time.monotonic() - t0:.1f}s")
     return 0 if ok and mart.success else 1
+
+
+def _print_writeback_brief(cfg: OppsyncConfig, connection: str, result) -> None:
+    """A write-back dry run in one line (the fields, not their values): `make run` shows that it would write,
+    `oppsync writeback --dry-run` shows every value."""
+    from sqlalchemy import text
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
+
+    with transaction(make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)) as c:
+        rows = c.execute(
+            text("SELECT opportunity_id, field, status FROM oppsync.writeback_log WHERE run_id = :r ORDER BY log_id"),
+            {"r": result.run_id},
+        ).fetchall()
+    crm = cfg.connection(connection).crm
+    if not rows:
+        print(f"{connection} ({crm}): write-back failed before any row: {_step_error(result)}")
+        return
+    per_status: dict[str, set[str]] = {}
+    for r in rows:
+        per_status.setdefault(r.status, set()).add(r.opportunity_id)
+    fields = list(dict.fromkeys(r.field for r in rows if r.field))
+    shown = ", ".join(fields[:4]) + (f" and {len(fields) - 4} more" if len(fields) > 4 else "")
+    counts = ", ".join(f"{len(ids)} {s}" for s, ids in sorted(per_status.items()))
+    print(f"{connection} ({crm}): {counts}" + (f": {shown}" if shown else ""))
+
+
+@contextmanager
+def _run_console(verbose: bool, command: str):
+    """The syncs' progress on the terminal; dbt, GX and Dagster output in a log file (printed once) unless
+    --verbose. Yields the ConsoleProgress."""
+    from oppsync_pipeline.lib.progress import LOGGER_NAME, ConsoleProgress, console
+
+    with console(verbose, STATE_DIR / "logs", command) as (terminal, log_path):
+        if log_path is not None:
+            print(f"log: {log_path} (dbt, Great Expectations, Dagster; --verbose prints them here)", file=terminal)
+        shown = ConsoleProgress(terminal)
+        progress_log = logging.getLogger(LOGGER_NAME)
+        progress_log.addHandler(shown)
+        try:
+            yield shown
+        finally:
+            progress_log.removeHandler(shown)
+            shown.close()
+
+
+def _shown_sync(shown, defs, instance, conn, mode: str):
+    shown.start(conn.name)
+    try:
+        return run_connection(defs, instance, conn, mode)
+    finally:
+        shown.finish(conn.name)
 
 
 def _writeback_demo(cfg: OppsyncConfig, defs, instance) -> list:
@@ -526,6 +590,89 @@ def _redact_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+# -- status --------------------------------------------------------------------------------------------------------
+
+
+def cmd_status(path: str | None, as_json: bool = False) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from oppsync_pipeline.lib.status import render_table, statuses
+    from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
+
+    cfg = load_config(config_path(path))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    scheduler = _scheduler_view(cfg)
+    try:
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
+        ensure_schema(engine)  # a warehouse never synced has no tables yet; an older one gets its migrations
+        items = statuses(cfg, engine, now, scheduler)
+    except SQLAlchemyError as err:
+        print(
+            f"warehouse {_redact_url(cfg.warehouse.url)} cannot be read: {type(err).__name__}: {err.orig or err}",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        doc = {
+            "generated_at": now.replace(tzinfo=UTC).isoformat(),
+            "dagster": {"daemon_running": scheduler.daemon_running, "note": scheduler.note},
+            "connections": [s.as_json() for s in items],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        for line in render_table(items, now, scheduler):
+            print(line)
+    return 0
+
+
+def _scheduler_view(cfg: OppsyncConfig):
+    """What the Dagster instance knows: schedules switched off, the scheduler daemon's heartbeat, each
+    connection's newest run. Never fatal: the warehouse alone answers most of the status."""
+    from datetime import UTC, datetime
+
+    from oppsync_pipeline.lib.status import SchedulerView
+
+    home = Path(os.environ.get("DAGSTER_HOME") or STATE_DIR / "dagster").resolve()
+    if not home.is_dir():
+        return SchedulerView(note=f"no Dagster instance at {home} (nothing has run through Dagster here yet)")
+    try:
+        import dagster as dg
+
+        from oppsync_pipeline.defs.crm.assets import key_part
+
+        # an instance without dagster.yaml (the embedded default) warns on every open: not news for a status
+        logging.getLogger("dagster").setLevel(logging.ERROR)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            stopped = {
+                s.instigator_name
+                for s in instance.all_instigator_state()
+                if s.instigator_type.value == "SCHEDULE" and s.status.value == "STOPPED"
+            }
+            beat = instance.get_daemon_heartbeats().get("SCHEDULER")
+            latest = {}
+            for conn in cfg.connections:
+                records = instance.get_run_records(
+                    filters=dg.RunsFilter(tags={"oppsync/connection": conn.name}), limit=1
+                )
+                if records:
+                    rec = records[0]
+                    at = rec.end_time or rec.start_time or rec.create_timestamp.timestamp()
+                    when = datetime.fromtimestamp(at, UTC).replace(tzinfo=None)
+                    latest[conn.name] = (rec.dagster_run.run_id, rec.dagster_run.status.value, when)
+    except Exception as err:  # noqa: BLE001 - an unreadable instance leaves the warehouse's answer standing
+        return SchedulerView(note=f"the Dagster instance at {home} cannot be read ({type(err).__name__}: {err})")
+    schedules = {
+        c.name: (f"sync_{key_part(c.name)}" not in stopped, f"full_sync_{key_part(c.name)}" not in stopped)
+        for c in cfg.connections
+    }
+    # the daemon beats every few seconds; two minutes without one means it is not running
+    daemon = beat is not None and time.time() - beat.timestamp < 120
+    return SchedulerView(schedules=schedules, daemon_running=daemon, latest_runs=latest)
 
 
 # -- sandbox -------------------------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ def test_oppsync_run_builds_the_mart_and_a_second_run_adds_no_duplicate_events(t
     second = run(tmp_path, config)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "incremental" in second.stdout
+    assert_readable_console(first)
+    assert_readable_console(second)
+    assert len((second.stdout + second.stderr).splitlines()) < 40, second.stdout + second.stderr
     db = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
     assert db.execute("SELECT count(*) FROM oppsync.opportunity_events").fetchone()[0] == events
     assert db.execute("SELECT count(*), count(DISTINCT event_id) FROM oppsync.opportunity_events").fetchone() == (
@@ -83,3 +86,14 @@ def test_oppsync_run_builds_the_mart_and_a_second_run_adds_no_duplicate_events(t
     assert runs == 2 * len(CRMS)
     # the runs went through Dagster and are in its history
     assert any((tmp_path / "dagster").rglob("*")), "DAGSTER_HOME is empty: runs did not go through Dagster"
+
+
+def assert_readable_console(done: subprocess.CompletedProcess) -> None:
+    """Issue 20: a progress line per connection, dbt's node lines and Dagster's warnings in the log file (its
+    path printed first), nothing on stderr (tests/test_cli_console.py checks the parts)."""
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("log: ") and Path(lines[0].split()[1]).is_file()
+    for crm in CRMS:
+        assert any(line.startswith(f"sandbox-{crm}: read ") and "records/s" in line for line in lines), done.stdout
+    assert not any("[RUN]" in line or "OK created" in line for line in lines), done.stdout
+    assert done.stderr == "", done.stderr

@@ -23,6 +23,7 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncCo
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
@@ -106,8 +107,11 @@ def run_extract(
     mode: str = "auto",
     connector: CrmConnector | None = None,
     now: datetime | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ExtractOutcome:
+    """`progress`: called with each page staged (lib/progress.py; the events also go to its logger)."""
     t0 = time.monotonic()
+    tracker = ProgressTracker(conn.name, conn.crm, progress)
     started = now or utcnow()
     ensure_schema(engine)
     state = store.get_state(engine, conn.name)
@@ -177,10 +181,14 @@ def run_extract(
         def read_sets(read_since: datetime | None, counted: bool) -> None:
             nonlocal seq, max_modified
             for open_set in (True, False):
+                # the second read of a full sync (changes made while it ran) is its own phase in the progress
+                phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
                 for page in connector.opportunities(open_set=open_set, since=read_since):
                     set_aside(connector, engine, run_id, conn.name)
                     staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
                     seq += len(page)
+                    tally = connector.tallies.get(open_set) if counted else None
+                    tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
                     if counted:
                         counts["open" if open_set else "closed"] += len(page)
                     for o in page:
@@ -196,7 +204,7 @@ def run_extract(
             run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
             read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
             staging.flush()
-            seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out)
+            seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out, tracker)
         staging.flush()
         set_aside(connector, engine, run_id, conn.name)  # a set's last page may have yielded nothing
         quarantined = _check_quarantine(engine, conn, run_id, connector)
@@ -204,6 +212,7 @@ def run_extract(
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
+        tracker.done(connector.stats.requests)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         out.counts, out.status = counts, ExtractStatus.COMPLETE
@@ -312,6 +321,7 @@ def _read_missing_by_id(
     trigger: StageTrigger | None,
     seq: int,
     out: ExtractOutcome,
+    tracker: ProgressTracker | None = None,
 ) -> int:
     """A full sync's check of the ids it expected and did not read: read them by id WITHOUT the connection's
     filters. Found and matching the filters: staged as usual (they moved between the sets unseen); found
@@ -329,6 +339,8 @@ def _read_missing_by_id(
                 seq += len(part)
         found += len(page)
         out_of_scope += sum(1 for v in scopes if v == store.SCOPE_FILTERED_OUT)
+        if tracker is not None:
+            tracker.page("read by id", len(page), connector.stats.requests, len(missing))
     out.stats.update(read_by_id=len(missing), found_by_id=found, out_of_scope_by_id=out_of_scope)
     return seq
 
@@ -466,9 +478,10 @@ def sync_connection(
     run_id: str,
     mode: str = "auto",
     connector: CrmConnector | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SyncSummary:
     """Extract then reconcile, without quality checks (Dagster runs the checks between the two)."""
-    out = run_extract(cfg, conn, engine, run_id=run_id, mode=mode, connector=connector)
+    out = run_extract(cfg, conn, engine, run_id=run_id, mode=mode, connector=connector, progress=progress)
     if out.status != ExtractStatus.COMPLETE:
         return SyncSummary(out, None)
     return SyncSummary(out, run_reconcile(conn, engine, out))

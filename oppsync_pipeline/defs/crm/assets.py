@@ -1,14 +1,13 @@
 """Per connection, two assets: the extracted sets (staged in the warehouse) and the reconciled
 opportunities. Quality checks sit between them and block reconcile when they fail."""
 
-from datetime import timedelta
 from typing import Literal
 
 import dagster as dg
-from croniter import croniter
 
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
+from oppsync_pipeline.lib.status import freshness_windows, next_run, shown_counts
 from oppsync_pipeline.lib.sync import ExtractFailed, ExtractOutcome, outcome_from_row, run_extract, run_reconcile
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.store import LockHeld
@@ -33,12 +32,6 @@ def opportunities_key(conn: ConnectionConfig) -> dg.AssetKey:
     return dg.AssetKey(["oppsync", key_part(conn.name), "opportunities"])
 
 
-def schedule_interval(cron: str) -> timedelta:
-    it = croniter(cron)
-    first = it.get_next(float)
-    return timedelta(seconds=it.get_next(float) - first)
-
-
 def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     group = f"crm_{key_part(conn.name)}"
     tags = {"oppsync/connection": conn.name}
@@ -60,7 +53,13 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         cfg = oppsync.app_config()
         try:
             out = run_extract(
-                cfg, cfg.connection(conn.name), oppsync.engine(), run_id=context.run.run_id, mode=config.mode
+                cfg,
+                cfg.connection(conn.name),
+                oppsync.engine(),
+                run_id=context.run.run_id,
+                mode=config.mode,
+                # which page the sync is on, in the run log (the CLI shows the same events on the terminal)
+                progress=lambda page: context.log.info(page.line()),
             )
         except (LockHeld, ConfigError) as err:
             # Retrying cannot help: another run holds the connection, or the configuration is wrong.
@@ -87,13 +86,13 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         tags={"crm": conn.crm},
         op_tags=tags,
         description=f"Current opportunities of '{conn.name}' with their event log and history, reconciled in one "
-        "transaction from the extract of the same run.",
+        "transaction from the extract of the same run. Each materialization carries the sync's rows (created, "
+        "updated, unchanged, deleted), API use and the next scheduled run. The connection's status (failed and "
+        "quota-skipped runs included, which do not materialize): `oppsync status`, or `oppsync.sync_runs`.",
+        # late by a quarter hour warns, however short the schedule (a warn window must stay below the fail one:
+        # a 15-minute cron made them equal and the code location failed to load); two missed runs fail
         freshness_policy=dg.FreshnessPolicy.time_window(
-            fail_window=2 * schedule_interval(conn.schedule),
-            # late by a quarter hour warns, however short the schedule (a warn window must stay below the fail one:
-            # a 15-minute cron made them equal and the code location failed to load)
-            warn_window=schedule_interval(conn.schedule)
-            + min(timedelta(minutes=15), schedule_interval(conn.schedule) / 2),
+            fail_window=freshness_windows(conn.schedule)[1], warn_window=freshness_windows(conn.schedule)[0]
         ),
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
@@ -120,18 +119,27 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         out = outcome_from_row(row, status="complete")
         result = run_reconcile(oppsync.app_config().connection(conn.name), engine, out)
         counts = store.warehouse_counts(engine, conn.name)
-        return dg.MaterializeResult(
-            metadata={
-                **{f"rows_{k}": v for k, v in result.as_dict().items()},
-                "mode": out.mode,
-                "warehouse_open": counts.get("open", 0),
-                "warehouse_won": counts.get("won", 0),
-                "warehouse_lost": counts.get("lost", 0),
-                "bookmark": str(out.new_cursor) if out.new_cursor else "none",
-            }
-        )
+        return dg.MaterializeResult(metadata=_reconcile_metadata(conn, out, result.as_dict(), counts))
 
     return [extract, opportunities]
+
+
+def _reconcile_metadata(conn: ConnectionConfig, out: ExtractOutcome, rows: dict, counts: dict) -> dict:
+    """The sync as the connection's status shows it (lib/status.py: `oppsync status` uses the same names)."""
+    stats = out.stats
+    used, limit = stats.get("quota_used"), stats.get("quota_limit")
+    return {
+        **{f"rows_{k}": v for k, v in shown_counts(rows).items()},
+        "mode": out.mode,
+        "warehouse_open": counts.get("open", 0),
+        "warehouse_won": counts.get("won", 0),
+        "warehouse_lost": counts.get("lost", 0),
+        "bookmark": str(out.new_cursor) if out.new_cursor else "none",
+        "api_requests": stats.get("api_requests") if stats.get("api_requests") is not None else "not counted",
+        "quota_remaining": limit - used if used is not None and limit is not None else "not reported",
+        "schedule": f"{conn.schedule} ({conn.timezone})",
+        "next_scheduled_run_utc": str(next_run(conn.schedule, conn.timezone, out.started_at)),
+    }
 
 
 def counted(value: object) -> object:

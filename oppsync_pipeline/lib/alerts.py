@@ -10,6 +10,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Literal
@@ -80,17 +81,14 @@ def asset_link(dagster_url: str | None, key_path: list[str]) -> str | None:
 def scrubber_for(cfg: OppsyncConfig, environ: Mapping[str, str] | None = None) -> Scrubber:
     """Knows every connection's credentials and the alert channels' secrets (those that are set)."""
     scrub = Scrubber()
+    # a missing credential cannot leak (the sync or `config check` reports it)
     for conn in cfg.connections:
-        try:
+        with suppress(ConfigError):
             scrub.add_credentials(resolve_credentials(cfg, conn, environ))
-        except ConfigError:  # a missing credential cannot leak; the sync itself reports it
-            pass
     for where, refs in alert_secret_refs(cfg).items():
-        try:
+        with suppress(ConfigError):
             for value in resolve_refs(cfg, refs, where, environ).values():
                 scrub.add_secret(value)
-        except ConfigError:
-            pass
     return scrub
 
 

@@ -2,12 +2,13 @@
 queue's per-connection limit (dagster.yaml: tag_concurrency_limits on `oppsync/connection`) holds for it too.
 
 The launch is the UI's own GraphQL mutation (launchPipelineExecution on the implicit asset job `__ASSET_JOB` with
-an asset selection, no tags), against the deployment's syncs code location served by a real code server, on an
-instance with the repository's dagster.yaml run coordinator. No daemon runs: the run stays QUEUED, which is where
+an asset selection, no tags), against the project served by a real code server, on an instance with the
+repository's dagster.yaml run coordinator. No daemon runs: the run stays QUEUED, which is where
 the queue's limit reads its tags."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import dagster as dg
@@ -18,7 +19,8 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 from oppsync_pipeline.locations.run_coordinator import connection_of
 from tests.dagster.conftest import REPO
 
-LOCATION = "oppsync-syncs"  # as workspace.yaml names it
+# the whole project as one location, named as [tool.dg.project] code_location_name says (dg dev's name for it)
+LOCATION = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dg"]["project"]["code_location_name"]
 LAUNCH = """
 mutation($executionParams: ExecutionParams!) { launchPipelineExecution(executionParams: $executionParams) {
     __typename
@@ -69,12 +71,17 @@ def launch_like_the_ui(context, repository: str, asset_paths: list[list[str]]) -
     return launched["run"]["runId"]
 
 
-def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monkeypatch):
+def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monkeypatch, capfd):
+    """Also: the code server loading the project under its configured name logs no code-location name warning."""
     monkeypatch.setenv("OPPSYNC_CONFIG", str(config_with_two_connections(tmp_path / "oppsync.yaml")))
     workspace = tmp_path / "workspace.yaml"
-    entry = next(e for e in yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"])
-    assert entry["python_module"]["location_name"] == LOCATION
-    entry["python_module"]["working_directory"] = str(REPO)
+    entry = {
+        "python_module": {
+            "module_name": "oppsync_pipeline.definitions",
+            "location_name": LOCATION,
+            "working_directory": str(REPO),
+        }
+    }
     workspace.write_text(yaml.safe_dump({"load_from": [entry]}))
     coordinator = yaml.safe_load((REPO / "dagster.yaml").read_text())["run_coordinator"]
     (tmp_path / "home").mkdir()
@@ -94,6 +101,8 @@ def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monk
             assert run.job_name == "__ASSET_JOB"
             assert run.status == dg.DagsterRunStatus.QUEUED  # in the queue, where the limit reads the tag
             assert run.tags["oppsync/connection"] == connection, run.tags
+    logged = capfd.readouterr()
+    assert "code location name" not in logged.out + logged.err
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from oppsync_pipeline.defs.crm.schedules import extract_run_config, sync_job_nam
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.alerts import AlertDeliveryError, first_line
 from oppsync_pipeline.lib.config import ConfigError, load_config
+from oppsync_pipeline.locations import load_location
 from oppsync_pipeline.sandbox.cluster import crm_module, env_var
 from tests.dagster.conftest import load_defs, start_servers, stop_servers, write_config
 
@@ -123,6 +124,12 @@ def alerts_config(tmp_path: Path, crm: dict, alerts: dict, monkeypatch: pytest.M
     return config
 
 
+def syncs_location(config: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
+    """The deployment's syncs code location (where the alert sensors live), built from `config`; no dbt."""
+    monkeypatch.setenv("OPPSYNC_CONFIG", str(config))
+    return load_location("syncs")
+
+
 def failed_run(defs: dg.Definitions, instance: dg.DagsterInstance, tags: dict | None = None) -> dg.DagsterRun:
     """The connection's sync, run for real against the simulator: refused credentials fail it at once."""
     conn = load_config().connection(CONN)
@@ -171,7 +178,7 @@ def test_a_failed_sync_alerts_slack_and_email_with_the_run_and_no_secret(
         "_webhook_base": slack.url,
     }
     config = alerts_config(tmp_path, crm, alerts, monkeypatch)
-    defs = load_defs(config, monkeypatch)
+    defs = syncs_location(config, monkeypatch)
     run = failed_run(defs, dagster_instance)
     assert run.tags["oppsync/connection"] == CONN
 
@@ -199,7 +206,7 @@ def test_the_slack_web_api_form_and_what_does_not_alert(tmp_path, crm, slack, da
     that run_retries will re-execute, and a channel that refuses are handled as a user expects."""
     alerts = {"slack": {"token": "${OA_TEST_SLACK_TOKEN}", "channel": "#data-alerts", "api_url": f"{slack.url}/api/"}}
     config = alerts_config(tmp_path, crm, alerts, monkeypatch)
-    defs = load_defs(config, monkeypatch)
+    defs = syncs_location(config, monkeypatch)
 
     other = failed_run(defs, dagster_instance, tags={"oppsync/connection": "someone-else"})
     evaluate_failure_sensor(defs, dagster_instance, other, config)
@@ -235,7 +242,7 @@ def test_a_stale_connection_alerts_once_per_stretch(tmp_path, crm, slack, dagste
         | {"_webhook_base": slack.url},
         monkeypatch,
     )
-    defs = load_defs(config, monkeypatch)
+    defs = syncs_location(config, monkeypatch)
     assert not [s for s in defs.sensors if s.name.endswith("_failed")]  # notify_on: freshness only
     sensor = defs.resolve_sensor_def("alert_stale_connections")
     key = opportunities_key(load_config().connection(CONN))
@@ -271,10 +278,13 @@ def test_a_stale_connection_alerts_once_per_stretch(tmp_path, crm, slack, dagste
 
 def test_alerts_are_off_by_default_and_bad_config_names_the_key(tmp_path, crm, monkeypatch):
     config = write_config(tmp_path / "oppsync.yaml", crm, f"duckdb:///{tmp_path / 'w.duckdb'}")
-    defs = load_defs(config, monkeypatch)
-    assert not [s for s in defs.sensors if s.name.startswith("alert_")]
-
+    assert not [s for s in syncs_location(config, monkeypatch).sensors if s.name.startswith("alert_")]
+    # the whole project (the defs folder, as `dg` loads it) has them when configured
     data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "alerts": {"email": {"host": "h", "from": "a@b.c", "to": ["d@e.f"]}}}))
+    names = {s.name for s in load_defs(config, monkeypatch).sensors}
+    assert {"alert_acme_salesforce_failed", "alert_stale_connections"} <= names
+
     for alerts, expected in (
         ({"slack": {"webhook_url": "https://hooks.slack.com/services/T/B/x"}}, "alerts.slack.webhook_url: "),
         ({"slack": {"token": "${T}"}}, "alerts.slack: token needs channel"),

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from oppsync_pipeline.defs.crm.assets import key_part, opportunities_key
+from oppsync_pipeline.defs.crm.writeback import JOB_NAME as WRITEBACK_JOB
 from oppsync_pipeline.defs.resources import OppsyncResource, load_app_config
 from oppsync_pipeline.lib.alerts import Alert, asset_link, first_line, run_link, send
 from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
@@ -40,7 +41,8 @@ def connection_failure_sensor(conn: ConnectionConfig) -> dg.RunStatusSensorDefin
     @dg.run_failure_sensor(
         name=failure_sensor_name(conn),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Alerts (alerts: in oppsync.yaml) when a run of '{conn.name}' ({conn.crm}) fails.",
+        description=f"Alerts (alerts: in oppsync.yaml) when a run of '{conn.name}' ({conn.crm}) fails: its sync, "
+        "or its revenue write-back.",
     )
     def _failed(context: dg.RunFailureSensorContext, oppsync: OppsyncResource):
         run = context.dagster_run
@@ -56,6 +58,7 @@ def connection_failure_sensor(conn: ConnectionConfig) -> dg.RunStatusSensorDefin
             summary=failure_message(context),
             run_id=run.run_id,
             link=run_link(cfg.alerts.dagster_url if cfg.alerts else None, run.run_id),
+            activity="write-back" if run.job_name == WRITEBACK_JOB else "sync",
         )
         reached = send(cfg, alert)
         return dg.SkipReason(f"alerted {', '.join(reached) or 'no channel'} about run {run.run_id}")

@@ -43,11 +43,12 @@ class Alert:
     summary: str  # the error's first line, or what is stale
     run_id: str | None = None
     link: str | None = None
+    activity: str = "sync"  # what failed: a sync, or the revenue write-back to the CRM
 
     @property
     def title(self) -> str:
         if self.kind == "run_failure":
-            return f"oppsync: sync of {self.connection} ({self.crm}) failed"
+            return f"oppsync: {self.activity} of {self.connection} ({self.crm}) failed"
         return f"oppsync: {self.connection} ({self.crm}) is stale"
 
     def text(self) -> str:

@@ -24,7 +24,7 @@ from oppsync_pipeline.defs.crm.assets import opportunities_key
 from oppsync_pipeline.defs.crm.schedules import extract_run_config, sync_job_name
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.alerts import AlertDeliveryError, first_line
-from oppsync_pipeline.lib.config import ConfigError, load_config
+from oppsync_pipeline.lib.config import ConfigError, check_config, load_config
 from oppsync_pipeline.locations import load_location
 from oppsync_pipeline.sandbox.cluster import crm_module, env_var
 from tests.dagster.conftest import load_defs, start_servers, stop_servers, write_config
@@ -281,10 +281,21 @@ def test_alerts_are_off_by_default_and_bad_config_names_the_key(tmp_path, crm, m
     assert not [s for s in syncs_location(config, monkeypatch).sensors if s.name.startswith("alert_")]
     # the whole project (the defs folder, as `dg` loads it) has them when configured
     data = yaml.safe_load(config.read_text())
-    config.write_text(yaml.safe_dump({**data, "alerts": {"email": {"host": "h", "from": "a@b.c", "to": ["d@e.f"]}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **data,
+                "alerts": {
+                    "email": {"host": "h", "from": "a@b.c", "to": ["d@e.f"], "username": "u", "password": "${SMTP_PW}"}
+                },
+            }
+        )
+    )
     names = {s.name for s in load_defs(config, monkeypatch).sensors}
     assert {"alert_acme_salesforce_failed", "alert_stale_connections"} <= names
 
+    missing = check_config(load_config(config), environ={})
+    assert "alerts.email.password: environment variable SMTP_PW is not set" in " ".join(missing), missing
     for alerts, expected in (
         ({"slack": {"webhook_url": "https://hooks.slack.com/services/T/B/x"}}, "alerts.slack.webhook_url: "),
         ({"slack": {"token": "${T}"}}, "alerts.slack: token needs channel"),

@@ -3,13 +3,12 @@ folder is touched, and a folder a running build may still write to is kept."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
-from dagster_dbt import DbtCliResource
 
-from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_executable
 from oppsync_pipeline.lib.dbt_target import RUN_FOLDER, keep_setting, prune_run_folders, run_folders
 
 NOW = 1_800_000_000.0
@@ -29,11 +28,14 @@ def build_folder(target: Path, name: str, written_at: float) -> Path:
 
 
 def test_dagster_dbt_names_its_run_folders_as_we_match_them():
-    """The private naming this module depends on, asked of the installed dagster-dbt: a rename breaks this test
-    rather than silently stopping the pruning. The in-run form is `<op>-<run id[:7]>-<7 hex>`."""
-    resource = DbtCliResource(project_dir=str(DBT_PROJECT_DIR), dbt_executable=dbt_executable())
-    assert RUN_FOLDER.match(resource._get_unique_target_path(context=None).name)
-    assert RUN_FOLDER.match("outcomes_mart-7705722-a5e07ab")
+    """The private naming this module depends on, read from the installed dagster-dbt's source (importing it costs
+    seconds in the unit layer): a change there breaks this test rather than silently stopping the pruning."""
+    source = (Path(importlib.util.find_spec("dagster_dbt").origin).parent / "core" / "resource.py").read_text()
+    naming = source[source.index("def _get_unique_target_path") :][:1200]
+    assert "unique_id = str(uuid.uuid4())[:7]" in naming
+    assert 'path = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{unique_id}"' in naming
+    for name in ("outcomes_mart-7705722-a5e07ab", "a5e07ab", "outcomes_mart-" + "f" * 7 + "-0123456"):
+        assert RUN_FOLDER.match(name), name
     for not_a_run in ("manifest.json", "compiled", "run", "partial_parse.msgpack", "outcomes_mart-latest", "sources"):
         assert not RUN_FOLDER.match(not_a_run)
 

@@ -239,6 +239,7 @@ LAYERS: dict[str, str] = {
     "dbt/": "assets",  # dbt builds of the marts
     "dagster/test_cli_sync.py": "e2e",  # `oppsync sync` in a subprocess
     "dagster/test_webserver.py": "e2e",  # a dagster webserver and its code server
+    "dagster/test_ui_tags.py": "e2e",  # a code server subprocess answering the UI's GraphQL
     "reliability/": "e2e",  # fault matrix, kills, secrets scans: whole syncs
     "reconcile/test_crash.py": "e2e",  # SIGKILLed child processes
     "reconcile/test_lease_race.py": "e2e",  # twenty threads and processes

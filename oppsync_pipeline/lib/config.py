@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from oppsync_pipeline.lib.crm.registry import CRMS, connector_class
 
@@ -308,6 +308,95 @@ class WebhooksConfig(_Strict):
     sensor_interval_seconds: Annotated[int, Field(ge=1)] = 5
 
 
+class SlackAlerts(_Strict):
+    """Slack as an alert channel: an incoming webhook (Slack's simplest integration: one URL per channel), or a
+    bot token and a channel (chat.postMessage). Both are secrets, so `${ENV}` references only."""
+
+    webhook_url: str | None = None
+    token: str | None = None
+    channel: str | None = None
+    # Slack's Web API base URL for the token form (Enterprise Grid / a proxy, and a local receiver in tests)
+    api_url: str = "https://slack.com/api/"
+
+    @field_validator("webhook_url", "token")
+    @classmethod
+    def _secret(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            _env_refs_only({info.field_name: v}, "alerts.slack secret")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SlackAlerts:
+        if bool(self.webhook_url) == bool(self.token):
+            raise ValueError(
+                "set either webhook_url: ${SLACK_WEBHOOK_URL} (an incoming webhook) or token: ${SLACK_BOT_TOKEN} "
+                "with channel: '#alerts'"
+            )
+        if self.token and not self.channel:
+            raise ValueError("token needs channel: the channel to post to, e.g. channel: '#data-alerts'")
+        return self
+
+    def secret_refs(self) -> dict[str, str]:
+        return {k: v for k, v in (("webhook_url", self.webhook_url), ("token", self.token)) if v}
+
+
+class EmailAlerts(_Strict):
+    """E-mail as an alert channel, through an SMTP server (port 587 with STARTTLS is the usual submission port)."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password: str | None = None  # a ${ENV} reference
+    from_address: str = Field(alias="from")
+    to: Annotated[list[str], Field(min_length=1)]
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: str | None) -> str | None:
+        if v is not None:
+            _env_refs_only({"password": v}, "alerts.email")
+        return v
+
+    @model_validator(mode="after")
+    def _login(self) -> EmailAlerts:
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username and password go together (password: ${SMTP_PASSWORD}); set both or neither")
+        return self
+
+
+class AlertsConfig(_Strict):
+    """Alerts (README: Alerts): a connection's failed run and a connection gone stale (its freshness policy
+    failing) post to Slack and/or send an e-mail. Absent, nothing is sent."""
+
+    enabled: bool = True
+    # what alerts: a connection's run failing, its reconciled opportunities passing their freshness fail window
+    notify_on: Annotated[list[Literal["run_failure", "freshness"]], Field(min_length=1)] = ["run_failure", "freshness"]
+    # the Dagster UI's address as users open it: alerts link to the run (or the stale asset)
+    dagster_url: str | None = None
+    slack: SlackAlerts | None = None
+    email: EmailAlerts | None = None
+
+    @field_validator("dagster_url")
+    @classmethod
+    def _ui_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parsed = urlparse(v)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"'{v}' is not an http(s) URL; write the UI's address, e.g. https://dagster.example.com")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _a_channel(self) -> AlertsConfig:
+        if self.enabled and not (self.slack or self.email):
+            raise ValueError("alerts are enabled but go nowhere: add slack: or email: (or remove alerts:)")
+        return self
+
+
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
@@ -315,6 +404,7 @@ class OppsyncConfig(_Strict):
     sandbox: SandboxConfig = SandboxConfig()
     writeback: WritebackConfig = WritebackConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    alerts: AlertsConfig | None = None  # off unless configured
     connections: list[ConnectionConfig] = []
     users: list[UserConfig] = []
     # team name -> user ids (`users[].id`): the outcomes dashboard's team filter; a user may be in several teams
@@ -495,6 +585,27 @@ def check_config(cfg: OppsyncConfig, environ: Mapping[str, str] | None = None) -
         problems += [f"connections[{i}].{p}" for p in cls.validate_connection(conn)]
         if conn.webhooks.enabled:
             problems += _webhook_problems(cfg, conn, environ)
+    problems += _alert_problems(cfg, environ)
+    return problems
+
+
+def alert_secret_refs(cfg: OppsyncConfig) -> dict[str, dict[str, str]]:
+    """The alerts' `${ENV}` references by key path (`alerts.slack`, `alerts.email`)."""
+    a = cfg.alerts
+    if a is None or not a.enabled:
+        return {}
+    refs = {"alerts.slack": a.slack.secret_refs() if a.slack else {}}
+    refs["alerts.email"] = {"password": a.email.password} if a.email and a.email.password else {}
+    return {where: r for where, r in refs.items() if r}
+
+
+def _alert_problems(cfg: OppsyncConfig, environ: Mapping[str, str] | None) -> list[str]:
+    problems: list[str] = []
+    for where, refs in alert_secret_refs(cfg).items():
+        try:
+            resolve_refs(cfg, refs, where, environ)
+        except ConfigError as err:
+            problems += err.problems
     return problems
 
 

@@ -2,7 +2,7 @@
 never imports dbt.
 
 - `oppsync_pipeline.locations.syncs`: per connection, the extract and reconcile assets, their checks, the sync
-  job and its schedules (defs/crm) with the shared resource.
+  job and its schedules (defs/crm), the alert sensors (defs/alerts.py) with the shared resource.
 - `oppsync_pipeline.locations.mart`: the dbt mart, the dashboard and the sensor that builds them after syncs
   (defs/mart) with the shared resource. Its models depend on the syncs' assets across locations.
 
@@ -21,9 +21,13 @@ import dagster as dg
 # each location's stage: the module and function that build its definitions (besides defs/resources.py's,
 # which both use). Called directly rather than through `dg.load_defs`: the components loader imports every
 # installed component package (dagster-dbt among them), which is what this split avoids.
+# The alert sensors live with the syncs: a run-failure sensor watches the runs of its own location's jobs.
 STAGES = {
-    "syncs": ("oppsync_pipeline.defs.crm.definitions", "crm_definitions"),
-    "mart": ("oppsync_pipeline.defs.mart.definitions", "mart_stage_definitions"),
+    "syncs": [
+        ("oppsync_pipeline.defs.crm.definitions", "crm_definitions"),
+        ("oppsync_pipeline.defs.alerts", "alert_definitions"),
+    ],
+    "mart": [("oppsync_pipeline.defs.mart.definitions", "mart_stage_definitions")],
 }
 
 
@@ -33,6 +37,5 @@ def load_location(name: str) -> dg.Definitions:
         raise KeyError(f"no code location '{name}'; the locations are {', '.join(STAGES)}")
     from oppsync_pipeline.defs.resources import resource_definitions
 
-    module, builder = STAGES[name]
-    stage = getattr(importlib.import_module(module), builder)()
-    return dg.Definitions.merge(stage, resource_definitions())
+    stages = [getattr(importlib.import_module(module), builder)() for module, builder in STAGES[name]]
+    return dg.Definitions.merge(*stages, resource_definitions())

@@ -34,13 +34,14 @@ def opportunities_key(conn: ConnectionConfig) -> dg.AssetKey:
 
 def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
     group = f"crm_{key_part(conn.name)}"
+    # on the assets too: the run coordinator (locations/run_coordinator.py) copies it onto UI-launched runs
     tags = {"oppsync/connection": conn.name}
 
     @dg.asset(
         key=extract_key(conn),
         group_name=group,
         kinds={"python", conn.crm},
-        tags={"crm": conn.crm},
+        tags={"crm": conn.crm, **tags},
         output_required=False,
         op_tags=tags,
         description=f"The open and the not-open opportunity sets of '{conn.name}' ({conn.crm}), read page by "
@@ -83,7 +84,7 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         deps=[extract],
         group_name=group,
         kinds={"sql", conn.crm},
-        tags={"crm": conn.crm},
+        tags={"crm": conn.crm, **tags},
         op_tags=tags,
         description=f"Current opportunities of '{conn.name}' with their event log and history, reconciled in one "
         "transaction from the extract of the same run. Each materialization carries the sync's rows (created, "

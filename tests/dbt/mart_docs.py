@@ -26,10 +26,12 @@ POSTGRES_COMMENTS = """
     join pg_attribute as a on a.attrelid = c.oid
     where n.nspname = 'marts' and c.relkind in ('r', 'v', 'm', 'p') and a.attnum > 0 and not a.attisdropped
 """
+# tables and views alike: a mart another change materializes as a view is checked too
 DUCKDB_COMMENTS = """
-    select c.table_name, c.column_name, c.comment, t.comment
+    select c.table_name, c.column_name, c.comment, coalesce(t.comment, v.comment)
     from duckdb_columns() as c
-    join duckdb_tables() as t on t.schema_name = c.schema_name and t.table_name = c.table_name
+    left join duckdb_tables() as t on t.schema_name = c.schema_name and t.table_name = c.table_name
+    left join duckdb_views() as v on v.schema_name = c.schema_name and v.view_name = c.table_name
     where c.schema_name = 'marts'
 """
 

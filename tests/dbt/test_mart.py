@@ -18,6 +18,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from mart_docs import check_docs_catalog, check_mart_docs
 from mart_world import CONNECTIONS, Dbt, World, link_erin
 
 CREDIT = {  # CRM id -> internal user the mart must credit (first linked wins; HubSpot alt ids)
@@ -209,9 +210,13 @@ def check_scenario(dbt: Dbt, world: World) -> None:
 @pytest.mark.slow
 def test_mart_duckdb(duckdb_dbt: tuple[Dbt, World]) -> None:
     check_scenario(*duckdb_dbt)
+    # the same build, as a BI tool sees it: every mart column described, in comments and in dbt docs
+    check_mart_docs(duckdb_dbt[0])
+    check_docs_catalog(duckdb_dbt[0], vars={"reporting_timezone": "Europe/Berlin"})
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_mart_postgres(postgres_dbt: tuple[Dbt, World]) -> None:
     check_scenario(*postgres_dbt)
+    check_mart_docs(postgres_dbt[0])  # col_description() of every mart column is its YAML description

@@ -49,9 +49,13 @@ def test_the_cluster_queues_runs_like_the_production_instance():
     queue = instance["run_coordinator"]["config"]
     values = load("deploy/helm/values.yaml")
     daemon = values["dagsterDaemon"]
-    helm_queue = daemon["runCoordinator"]["config"]["queuedRunCoordinator"]
-    assert helm_queue["maxConcurrentRuns"] == queue["max_concurrent_runs"]
-    assert helm_queue["tagConcurrencyLimits"] == queue["tag_concurrency_limits"]
+    custom = daemon["runCoordinator"]["config"]["customRunCoordinator"]
+    assert daemon["runCoordinator"]["type"] == "CustomRunCoordinator"
+    assert (custom["module"], custom["class"]) == (
+        instance["run_coordinator"]["module"],
+        instance["run_coordinator"]["class"],
+    )
+    assert custom["config"] == queue  # the chart writes this block verbatim into the cluster's dagster.yaml
     assert daemon["runRetries"]["maxRetries"] == instance["run_retries"]["max_retries"]
     assert daemon["runMonitoring"]["maxRuntimeSeconds"] == instance["run_monitoring"]["max_runtime_seconds"]
     assert values["postgresql"]["postgresqlScheme"] == instance["storage"]["postgres"]["postgres_db"]["scheme"]

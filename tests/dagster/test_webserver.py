@@ -71,7 +71,13 @@ def webserver(tmp_path: Path) -> Iterator[Webserver]:
         yaml.safe_dump(
             {
                 "load_from": [
-                    {"python_module": {"module_name": "oppsync_pipeline.definitions", "working_directory": str(REPO)}}
+                    {
+                        "python_module": {
+                            "module_name": "oppsync_pipeline.definitions",
+                            "working_directory": str(REPO),
+                            "location_name": "oppsync",
+                        }
+                    }
                 ]
             }
         ),

@@ -291,7 +291,10 @@ def _check_completeness(
             + "; ".join(short)
             + "); the next full sync infers them"
         )
-    clock = to_utc(connector.stats.server_time) if connector.stats.server_time else None
+    # "now" for the checks on the CRM's own clock, after the last read: a record created while a long run read
+    # is not in the future, and a CRM (or sandbox) clock that differs from ours judges its own records
+    latest = connector.stats.server_time_latest or connector.stats.server_time
+    clock = to_utc(latest) if latest else None
     store.save_completeness(
         engine, run_id, counts=counts, received=received, inferable=not short, quarantined=quarantined, crm_clock=clock
     )

@@ -531,19 +531,21 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
         with dg.DagsterInstance.get() as instance:
             for conn in cfg.connections:
                 results.append((conn, run_connection(defs, instance, conn, "full" if full else "auto")))
-            mart = defs.resolve_job_def("build_mart").execute_in_process(
-                run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False
+            # nothing new to build from when every connection failed (a warehouse that cannot be reached, say)
+            synced = any(r.success for _, r in results)
+            mart = (
+                defs.resolve_job_def("build_mart").execute_in_process(
+                    run_config=quiet({}, "WARNING" if synced or VERBOSE else "CRITICAL"),
+                    instance=instance,
+                    tags={"oppsync/trigger": "cli"},
+                    raise_on_error=False,
+                )
+                if synced
+                else None
             )
-            demo = _writeback_demo(cfg, defs, instance) if cfg.sandbox.enabled else []
+            demo = _writeback_demo(cfg, defs, instance) if cfg.sandbox.enabled and synced else []
     ok = _print_summary(cfg, results)
-    rows = _mart_rows(cfg) if mart.success else None
-    failed = sum(1 for _, r in results if not r.success)
-    print(
-        f"\nmart: {'built' if mart.success else 'FAILED: ' + _one_line(_step_error(mart))}"
-        + (f", marts.outcomes has {rows} rows" if rows is not None else "")
-        # the mart is rebuilt from what the warehouse holds: say that a failed connection's data is the previous
-        + (f" (without new data from {failed} failed connection(s))" if mart.success and failed else "")
-    )
+    print("\nmart: " + _mart_line(cfg, mart, sum(1 for _, r in results if not r.success)))
     if demo:
         print("\nrevenue write-back, dry run (sandbox example rows; `oppsync writeback --connection NAME` writes):")
         for name, result in demo:
@@ -553,7 +555,22 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0) ->
     else:
         print(f"warehouse: {_redact_url(cfg.warehouse.url)}")
     print(f"dagster runs: {os.environ['DAGSTER_HOME']} (make dev to browse)  total {time.monotonic() - t0:.1f}s")
-    return 0 if ok and mart.success else 1
+    return 0 if ok and mart is not None and mart.success else 1
+
+
+def _mart_line(cfg: OppsyncConfig, mart, failed: int) -> str:
+    """What became of the mart: "built" only when it was (after a refusal it is built from the data synced
+    before, and says so)."""
+    if mart is None:
+        return "not rebuilt: every connection failed (see above)"
+    if not mart.success:
+        return f"FAILED: {_one_line(_step_error(mart))}"
+    rows = _mart_rows(cfg)
+    return (
+        "built"
+        + (f", marts.outcomes has {rows} rows" if rows is not None else "")
+        + (f" (without new data from {failed} failed connection(s))" if failed else "")
+    )
 
 
 def _writeback_demo(cfg: OppsyncConfig, defs, instance) -> list:

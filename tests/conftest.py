@@ -248,6 +248,7 @@ LAYERS: dict[str, str] = {
     "test_history_truth.py": "e2e",
     "test_cli_run.py": "e2e",
     "test_cli_config_online.py": "e2e",
+    "test_init_db.py": "e2e",  # `oppsync init-db`, createdb/psql and the README's Postgres section in a shell
     "test_benchmarks_smoke.py": "e2e",
     "topology/test_three_processes.py": "e2e",  # dagster-webserver, dagster-daemon, the receiver, the sandbox
     "dagster/test_webhook_syncs.py": "e2e",  # simulator -> receiver -> sensor -> sync -> mart

@@ -35,10 +35,25 @@ def retrying_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def last_run(home: Path) -> tuple[dg.DagsterRun, list[str]]:
+class Events(list):
+    """A run's event types, shown with the steps' failure messages when an assertion fails."""
+
+    details = ""
+
+    def __repr__(self) -> str:
+        return f"{list(self)}\n{self.details}"
+
+
+def last_run(home: Path) -> tuple[dg.DagsterRun, Events]:
     with dg.DagsterInstance.get() as instance:
         run = instance.get_runs(limit=1)[0]
-        events = [e.dagster_event.event_type_value for e in instance.all_logs(run.run_id) if e.is_dagster_event]
+        logs = [e for e in instance.all_logs(run.run_id) if e.is_dagster_event]
+    events = Events(e.dagster_event.event_type_value for e in logs)
+    events.details = "\n".join(
+        f"{e.dagster_event.event_type_value}: {e.dagster_event.message}"
+        for e in logs
+        if e.dagster_event.event_type_value in ("STEP_FAILURE", "STEP_UP_FOR_RETRY")
+    )
     return run, events
 
 

@@ -22,15 +22,15 @@ from oppsync_pipeline.lib.warehouse.store import LockHeld
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
 
 
-def fail_permanently(context: dg.OpExecutionContext, message: str) -> NoReturn:
+def fail_permanently(context: dg.AssetExecutionContext, message: str) -> NoReturn:
     """Fail the step at once: no step retry (RetryPolicy) and no run retry. For errors that give the same
     answer in 30 seconds or an hour: a missing database or privilege, refused credentials, a refused
     query, a quality refusal, bad configuration."""
-    context.instance.add_run_tags(context.run_id, NO_RUN_RETRY)
+    context.instance.add_run_tags(context.run.run_id, NO_RUN_RETRY)
     raise dg.Failure(message, allow_retries=False) from None  # the original may hold what the message scrubbed
 
 
-def warehouse_failure(context: dg.OpExecutionContext, err: DBAPIError, url: str) -> None:
+def warehouse_failure(context: dg.AssetExecutionContext, err: DBAPIError, url: str) -> None:
     """A warehouse error that no retry fixes ends the step with its fix; other ones return (and are re-raised)."""
     problem = permanent_problem(err, url)
     if problem is not None:

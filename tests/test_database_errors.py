@@ -95,3 +95,10 @@ def test_the_older_per_storage_form_and_the_embedded_default(tmp_path: Path):
     (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())  # SQLite files in DAGSTER_HOME
     assert dagster_database(str(tmp_path), {}) is None
     assert dagster_database(None, {}) is None
+
+
+def test_the_extract_counts_a_database_error_no_retry_fixes_as_permanent():
+    from oppsync_pipeline.lib.sync import is_permanent
+
+    assert is_permanent(libpq_error("permission denied for schema oppsync"), URL)
+    assert not is_permanent(libpq_error("server closed the connection unexpectedly"), URL)

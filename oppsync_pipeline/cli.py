@@ -2,6 +2,7 @@
 
   oppsync config check                      validate oppsync.yaml and the credentials it references
   oppsync config check --online             ... then ask each CRM what this tenant has: what will be read and why
+  oppsync init-db                           create or check the warehouse and Dagster's storage databases
   oppsync run                               the main job: every connection, then the mart (make run)
   oppsync sync --connection NAME [--full]   "Synchronize now" for one connection
   oppsync status [--json]                   per connection: last sync, rows, API use, next run, freshness, health
@@ -38,6 +39,7 @@ from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(".oppsync")
+VERBOSE = False  # -v / --verbose: Dagster's own logs and tracebacks on the console too
 
 
 def _version() -> str:
@@ -80,6 +82,14 @@ def parser() -> argparse.ArgumentParser:
     )
     cfg_p.add_argument("--connection", action="append", help="with --online: only these connections (repeatable)")
     cfg_p.set_defaults(run=lambda a: cmd_config_check(a.config, online=a.online, only=a.connection))
+
+    init_p = sub.add_parser(
+        "init-db",
+        help="create or check the warehouse database and Dagster's storage database ($DAGSTER_HOME/dagster.yaml)",
+        description="Creates what is missing when the configured roles may (a database; the oppsync schema; "
+        "Dagster's tables), and otherwise prints the createdb / GRANT to run. Exit 3 when something is left.",
+    )
+    init_p.set_defaults(run=lambda a: cmd_init_db(a.config))
 
     run_p = sub.add_parser("run", help="sync every connection, then build the mart")
     run_p.add_argument("--full", action="store_true", help="full sync (reads every id, detects deletes)")
@@ -175,13 +185,49 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global VERBOSE
     args = parser().parse_args(argv)
+    VERBOSE = bool(args.verbose)
     configure_logging(args.verbose)
     try:
         return args.run(args)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
+    except DatabaseUnusable as err:
+        print(f"oppsync: {err}", file=sys.stderr)
+        return 3
+    except Exception as err:
+        # A database no retry fixes (missing, login refused, no privilege), met before any connection ran (the
+        # Dagster instance, the warehouse's schema): one line with its fix; the traceback only with --verbose.
+        problem = None if args.verbose else _database_problem(err, args.config)
+        if problem is None:
+            raise
+        print(f"oppsync: {problem}", file=sys.stderr)
+        return 3
+
+
+def _database_problem(err: BaseException, path: str | None):
+    """The permanent problem behind `err` when it is a database's: Dagster's storage or the warehouse, whichever
+    database the error names (tried first), else the other."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from oppsync_pipeline.lib.warehouse.errors import permanent_problem
+
+    chain, e = [], err
+    while e is not None and len(chain) < 20:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    db_error = next((e for e in chain if isinstance(e, DBAPIError)), None)
+    if db_error is None:
+        return None
+    try:
+        databases, _ = _databases(load_config(path), path)
+    except ConfigError:
+        return None
+    named_first = sorted(databases, key=lambda db: f'"{make_url(db.url).database}"' not in str(db_error))
+    return next((p for p in (permanent_problem(db_error, db.url, db.what) for db in named_first) if p), None)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -199,7 +245,7 @@ def configure_logging(verbose: bool) -> None:
 
 def cmd_config_check(path: str | None, online: bool = False, only: list[str] | None = None) -> int:
     cfg = load_config(path)
-    problems = check_config(cfg)
+    problems = check_config(cfg) + [str(p) for p in database_problems(cfg, path)]
     if problems:
         print(f"{config_path(path)}: {len(problems)} problem(s)", file=sys.stderr)
         for p in problems:
@@ -212,6 +258,60 @@ def cmd_config_check(path: str | None, online: bool = False, only: list[str] | N
     with _sandbox(cfg):
         failed = sum(not check_online(cfg, conn) for conn in connections)
     return 3 if failed else 0
+
+
+def _databases(cfg: OppsyncConfig, path: str | None) -> tuple[list, list[str]]:
+    """The warehouse and (when $DAGSTER_HOME/dagster.yaml keeps it in Postgres) Dagster's storage database;
+    and the problems of reading the latter's settings (an unset DAGSTER_PG_* variable)."""
+    from oppsync_pipeline.lib.warehouse.setup import WAREHOUSE, Database, dagster_database
+
+    databases, problems = [Database(WAREHOUSE, cfg.warehouse.url, f"{config_path(path)}: warehouse.url")], []
+    try:
+        dagster = dagster_database(os.environ.get("DAGSTER_HOME"))
+    except ValueError as err:
+        problems.append(str(err))
+    else:
+        databases += [dagster] if dagster else []
+    return databases, problems
+
+
+def database_problems(cfg: OppsyncConfig, path: str | None) -> list:
+    """What keeps the databases from being used (read-only: `oppsync init-db` creates what it can)."""
+    from oppsync_pipeline.lib.warehouse.setup import check_database
+
+    databases, problems = _databases(cfg, path)
+    return problems + [p for p in (check_database(db) for db in databases) if p is not None]
+
+
+def cmd_init_db(path: str | None) -> int:
+    """Create what is missing of the two databases, or say what to run; exit 3 when something is left."""
+    from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
+    from oppsync_pipeline.lib.warehouse.setup import WAREHOUSE, create_database
+
+    cfg = load_config(path)
+    databases, problems = _databases(cfg, path)
+    for line in problems:
+        print(f"Dagster storage: {line}")
+    if not any(db.what != WAREHOUSE for db in databases) and not problems:
+        home = os.environ.get("DAGSTER_HOME") or str((STATE_DIR / "dagster").resolve())
+        print(f"Dagster storage: SQLite files in {home} (no database; deploy/postgres/dagster.yaml for Postgres)")
+    ok = not problems
+    for db in databases:
+        step = create_database(db)
+        if step.problem is not None:
+            print(step.problem)
+            ok = False
+        elif db.what == WAREHOUSE:
+            versions = ensure_schema(make_engine(db.url, cfg.warehouse.duckdb))
+            shown = _redact_url(db.url) if not db.url.startswith("duckdb") else db.url
+            print(f"warehouse: {step.done} ({shown}); schema oppsync " + ("migrated" if versions else "up to date"))
+        else:
+            import dagster as dg
+
+            with dg.DagsterInstance.get():  # dagster-postgres creates its tables when they are not there
+                pass
+            print(f"Dagster storage: {step.done} ({_redact_url(db.url)}); Dagster's tables in place")
+    return 0 if ok else 3
 
 
 def check_online(cfg: OppsyncConfig, conn) -> bool:
@@ -257,7 +357,27 @@ def _prepare_dagster(path: str | None) -> tuple[Path, OppsyncConfig]:
         if not (home / "dagster.yaml").exists() and (ROOT / "dagster.yaml").exists():
             shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
         os.environ["DAGSTER_HOME"] = str(home)
+    _check_dagster_storage()
     return cfg_file, cfg
+
+
+class DatabaseUnusable(Exception):
+    """A database the command needs has a problem no retry fixes (its message: the problem and the fix)."""
+
+
+def _check_dagster_storage() -> None:
+    """Dagster's Postgres storage, checked before the instance opens it: dagster-postgres retries a refused
+    connection for ~11 s and then raises a 177-line traceback; a missing database or role is said in one line.
+    A server that does not answer is left to Dagster's own retries."""
+    from oppsync_pipeline.lib.warehouse.setup import check_database, dagster_database
+
+    try:
+        db = dagster_database(os.environ.get("DAGSTER_HOME"))
+    except ValueError as err:
+        raise ConfigError([str(err)]) from None
+    problem = check_database(db) if db is not None else None
+    if problem is not None and not problem.problem.startswith("no answer"):
+        raise DatabaseUnusable(str(problem))
 
 
 def _load_defs(location: str | None = None):
@@ -277,7 +397,9 @@ def run_connection(defs, instance, conn, mode: str):
 
     job = defs.resolve_job_def(sync_job_name(conn))
     return job.execute_in_process(
-        run_config=quiet(extract_run_config(conn, mode)),
+        # a failed step is told in one line by the summary; Dagster's own report of it (a stack trace per
+        # failed and per skipped step) only with --verbose
+        run_config=quiet(extract_run_config(conn, mode), "INFO" if VERBOSE else "CRITICAL"),
         instance=instance,
         tags={"oppsync/connection": conn.name, "oppsync/mode": mode, "oppsync/trigger": "cli"},
         raise_on_error=False,
@@ -426,17 +548,23 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0, ve
         with dg.DagsterInstance.get() as instance:
             for conn in cfg.connections:
                 results.append((conn, _shown_sync(shown, defs, instance, conn, "full" if full else "auto")))
-            shown.note("mart: building (dbt)")
-            mart = defs.resolve_job_def("build_mart").execute_in_process(
-                run_config=quiet({}), instance=instance, tags={"oppsync/trigger": "cli"}, raise_on_error=False
+            # nothing new to build from when every connection failed (a warehouse that cannot be reached, say)
+            synced = any(r.success for _, r in results)
+            if synced:
+                shown.note("mart: building (dbt)")
+            mart = (
+                defs.resolve_job_def("build_mart").execute_in_process(
+                    run_config=quiet({}, "WARNING" if synced or VERBOSE else "CRITICAL"),
+                    instance=instance,
+                    tags={"oppsync/trigger": "cli"},
+                    raise_on_error=False,
+                )
+                if synced
+                else None
             )
-            demo = _writeback_demo(cfg, defs, instance) if cfg.sandbox.enabled else []
+            demo = _writeback_demo(cfg, defs, instance) if cfg.sandbox.enabled and synced else []
     ok = _print_summary(cfg, results)
-    rows = _mart_rows(cfg) if mart.success else None
-    print(
-        f"\nmart: {'built' if mart.success else 'FAILED'}"
-        + (f", marts.outcomes has {rows} rows" if rows is not None else "")
-    )
+    print("\nmart: " + _mart_line(cfg, mart, sum(1 for _, r in results if not r.success)))
     if demo:
         print("\nrevenue write-back, dry run (sandbox example rows; `oppsync writeback --connection NAME` writes):")
         for name, result in demo:
@@ -446,7 +574,22 @@ def cmd_run(path: str | None, full: bool = False, advance_hours: float = 0.0, ve
     else:
         print(f"warehouse: {_redact_url(cfg.warehouse.url)}")
     print(f"dagster runs: {os.environ['DAGSTER_HOME']} (make dev to browse)  total {time.monotonic() - t0:.1f}s")
-    return 0 if ok and mart.success else 1
+    return 0 if ok and mart is not None and mart.success else 1
+
+
+def _mart_line(cfg: OppsyncConfig, mart, failed: int) -> str:
+    """What became of the mart: "built" only when it was (after a refusal it is built from the data synced
+    before, and says so)."""
+    if mart is None:
+        return "not rebuilt: every connection failed (see above)"
+    if not mart.success:
+        return f"FAILED: {_one_line(_step_error(mart))}"
+    rows = _mart_rows(cfg)
+    return (
+        "built"
+        + (f", marts.outcomes has {rows} rows" if rows is not None else "")
+        + (f" (without new data from {failed} failed connection(s))" if failed else "")
+    )
 
 
 def _print_writeback_brief(cfg: OppsyncConfig, connection: str, result) -> None:
@@ -516,11 +659,8 @@ def _writeback_demo(cfg: OppsyncConfig, defs, instance) -> list:
 
 
 def _print_summary(cfg: OppsyncConfig, results) -> bool:
-    from sqlalchemy import text
-
-    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
-
-    engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
+    """One row per connection, then one line per failed connection: what failed and its fix. Prints even when
+    the warehouse cannot be read (rows from Dagster's results, the warehouse's problem said once)."""
     header = (
         "connection",
         "crm",
@@ -534,44 +674,59 @@ def _print_summary(cfg: OppsyncConfig, results) -> bool:
         "api_requests",
         "seconds",
     )
-    lines, ok = [header], True
-    with transaction(engine) as c:
-        for conn, result in results:
-            row = c.execute(
-                text(
-                    "SELECT mode, status, fetched, created, updated, closed, deleted, api_requests, "
-                    "started_at, finished_at, error FROM oppsync.sync_runs WHERE run_id = :r"
-                ),
-                {"r": result.run_id},
-            ).first()
-            if row is None:
-                ok = False
-                lines.append((conn.name, conn.crm, "-", "failed", "-", "-", "-", "-", "-", "-", "-"))
-                continue
-            secs = (row.finished_at - row.started_at).total_seconds() if row.finished_at else 0
-            lines.append(
-                (
-                    conn.name,
-                    conn.crm,
-                    row.mode,
-                    row.status,
-                    row.fetched,
-                    row.created,
-                    row.updated,
-                    row.closed,
-                    row.deleted,
-                    row.api_requests,
-                    f"{secs:.1f}",
-                )
-            )
-            if row.status == "failed" or not result.success:
-                ok = False
-                if row.error:
-                    print(f"{conn.name}: {row.error}", file=sys.stderr)
+    rows, unreadable = _sync_run_rows(cfg, results)
+    lines, failures, ok = [header], [], True
+    for conn, result in results:
+        row = rows.get(result.run_id)
+        if row is None:
+            ok = False
+            status = "success" if result.success else "failed"
+            lines.append((conn.name, conn.crm, "-", status, "-", "-", "-", "-", "-", "-", "-"))
+            if not result.success:
+                failures.append((conn.name, _step_error(result)))
+            continue
+        secs = (row.finished_at - row.started_at).total_seconds() if row.finished_at else 0
+        values = (row.fetched, row.created, row.updated, row.closed, row.deleted, row.api_requests)
+        values = tuple("-" if v is None else v for v in values)  # a failed run reconciled nothing
+        lines.append((conn.name, conn.crm, row.mode, row.status, *values, f"{secs:.1f}"))
+        if row.status in ("failed", "refused") or not result.success:
+            ok = False
+            failures.append((conn.name, row.error or _step_error(result)))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip())
+    if unreadable and not any(unreadable in str(error) for _, error in failures):
+        print(f"\n{unreadable}", file=sys.stderr)  # said once, unless each failed connection says it already
+    for name, error in failures:
+        print(f"{name}: {_one_line(error)}", file=sys.stderr)
     return ok
+
+
+def _sync_run_rows(cfg: OppsyncConfig, results) -> tuple[dict, str | None]:
+    """run_id -> its oppsync.sync_runs row; and why the warehouse could not be read, if it could not."""
+    from sqlalchemy import bindparam, text
+    from sqlalchemy.exc import DBAPIError
+
+    from oppsync_pipeline.lib.warehouse.engine import make_engine, transaction
+    from oppsync_pipeline.lib.warehouse.errors import permanent_problem
+
+    query = text(
+        "SELECT run_id, mode, status, fetched, created, updated, closed, deleted, api_requests, "
+        "started_at, finished_at, error FROM oppsync.sync_runs WHERE run_id IN :runs"
+    ).bindparams(bindparam("runs", expanding=True))
+    try:
+        with transaction(make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)) as c:
+            found = c.execute(query, {"runs": [r.run_id for _, r in results] or [""]}).fetchall()
+        return {r.run_id: r for r in found}, None
+    except DBAPIError as err:
+        problem = permanent_problem(err, cfg.warehouse.url)
+        first = str(err.orig or err).strip().splitlines()[0]
+        return {}, str(problem) if problem else f"warehouse: could not be read ({first})"
+
+
+def _one_line(message: str) -> str:
+    """A failure as one line: Dagster wraps some in several (a step error, its cause)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _mart_rows(cfg: OppsyncConfig) -> int | None:

@@ -252,6 +252,7 @@ LAYERS: dict[str, str] = {
     "test_cli_status.py": "e2e",  # syncs of sandbox CRMs, then `oppsync status`
     "test_cli_console.py": "assets",  # a sync job materialized (its run log), a child process's output redirected
     "test_readme_sql.py": "e2e",  # the README's SQL on the five sandbox CRMs synced with the default oppsync.yaml
+    "test_init_db.py": "e2e",  # `oppsync init-db`, createdb/psql and the README's Postgres section in a shell
     "test_benchmarks_smoke.py": "e2e",
     "topology/test_three_processes.py": "e2e",  # dagster-webserver, dagster-daemon, the receiver, the sandbox
     "dagster/test_webhook_syncs.py": "e2e",  # simulator -> receiver -> sensor -> sync -> mart

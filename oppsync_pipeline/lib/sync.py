@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncConfig, resolve_credentials
 from oppsync_pipeline.lib.crm import connector_class
@@ -30,6 +31,7 @@ from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_finger
 from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, transaction
+from oppsync_pipeline.lib.warehouse.errors import permanent_problem
 from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 
 log = scrubbed_logger(__name__)
@@ -235,7 +237,7 @@ def run_extract(
         out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = request_stats(connector, secrets)
         close_extract(engine, out)
-        failure = ExtractFailed(out.error, permanent=is_permanent(err))
+        failure = ExtractFailed(out.error, permanent=is_permanent(err, str(engine.url)))
     finally:
         out.seconds = time.monotonic() - t0
     if failure is not None:
@@ -300,7 +302,10 @@ def _check_completeness(
             + "; ".join(short)
             + "); the next full sync infers them"
         )
-    clock = to_utc(connector.stats.server_time) if connector.stats.server_time else None
+    # "now" for the checks on the CRM's own clock, after the last read: a record created while a long run read
+    # is not in the future, and a CRM (or sandbox) clock that differs from ours judges its own records
+    latest = connector.stats.server_time_latest or connector.stats.server_time
+    clock = to_utc(latest) if latest else None
     store.save_completeness(
         engine, run_id, counts=counts, received=received, inferable=not short, quarantined=quarantined, crm_clock=clock
     )
@@ -356,10 +361,13 @@ class ExtractFailed(Exception):
         self.permanent = permanent
 
 
-def is_permanent(err: BaseException) -> bool:
-    """Errors classified once, in the HTTP layer (CrmError.permanent), plus configuration errors."""
+def is_permanent(err: BaseException, warehouse_url: str | None = None) -> bool:
+    """Errors classified once: in the HTTP layer (CrmError.permanent), database errors no retry fixes (a
+    privilege revoked mid-run; lib/warehouse/errors.py), configuration errors and the quarantine threshold."""
     if isinstance(err, CrmError):
         return err.permanent
+    if isinstance(err, DBAPIError) and warehouse_url is not None:
+        return permanent_problem(err, warehouse_url) is not None
     return isinstance(err, (ConfigError, QuarantineThreshold))
 
 

@@ -1,16 +1,39 @@
 """Per connection, two assets: the extracted sets (staged in the warehouse) and the reconciled
 opportunities. Quality checks sit between them and block reconcile when they fail."""
 
-from typing import Literal
+from typing import Literal, NoReturn
 
 import dagster as dg
+from sqlalchemy.exc import DBAPIError
 
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig
+from oppsync_pipeline.lib.reconcile import DeleteGuardRefused
 from oppsync_pipeline.lib.status import freshness_windows, next_run, shown_counts
 from oppsync_pipeline.lib.sync import ExtractFailed, ExtractOutcome, outcome_from_row, run_extract, run_reconcile
 from oppsync_pipeline.lib.warehouse import store
+from oppsync_pipeline.lib.warehouse.errors import permanent_problem
 from oppsync_pipeline.lib.warehouse.store import LockHeld
+
+# Dagster's documented run tag (dagster 1.7.9+): a run failed by an asset or op is not re-executed by the
+# instance's `run_retries`. Added to the run only when its failure is permanent, and read by Dagster when the
+# run fails (from storage, so a tag added while the run executes counts): transient failures keep run retries.
+NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
+
+
+def fail_permanently(context: dg.AssetExecutionContext, message: str) -> NoReturn:
+    """Fail the step at once: no step retry (RetryPolicy) and no run retry. For errors that give the same
+    answer in 30 seconds or an hour: a missing database or privilege, refused credentials, a refused
+    query, a quality refusal, bad configuration."""
+    context.instance.add_run_tags(context.run.run_id, NO_RUN_RETRY)
+    raise dg.Failure(message, allow_retries=False) from None  # the original may hold what the message scrubbed
+
+
+def warehouse_failure(context: dg.AssetExecutionContext, err: DBAPIError, url: str) -> None:
+    """A warehouse error that no retry fixes ends the step with its fix; other ones return (and are re-raised)."""
+    problem = permanent_problem(err, url)
+    if problem is not None:
+        fail_permanently(context, str(problem))
 
 
 class SyncConfig(dg.Config):
@@ -64,12 +87,15 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
             )
         except (LockHeld, ConfigError) as err:
             # Retrying cannot help: another run holds the connection, or the configuration is wrong.
-            raise dg.Failure(str(err), allow_retries=False) from None
+            fail_permanently(context, str(err))
         except ExtractFailed as err:
             if err.permanent:
                 # A refused query, a missing permission, bad credentials: the same answer in 30 s. Transient
                 # failures were already retried in the HTTP client; those left keep the retry policy.
-                raise dg.Failure(f"{conn.name}: {err}", allow_retries=False) from None
+                fail_permanently(context, f"{conn.name}: {err}")
+            raise
+        except DBAPIError as err:
+            warehouse_failure(context, err, cfg.warehouse.url)
             raise
         if out.status == "skipped":
             context.log.warning(
@@ -97,6 +123,15 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         ),
     )
     def opportunities(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
+        try:
+            return _reconciled(context, oppsync)
+        except DeleteGuardRefused as err:
+            fail_permanently(context, f"{conn.name}: {err}")
+        except DBAPIError as err:
+            warehouse_failure(context, err, oppsync.app_config().warehouse.url)
+            raise
+
+    def _reconciled(context: dg.AssetExecutionContext, oppsync: OppsyncResource) -> dg.MaterializeResult:
         engine = oppsync.engine()
         # A re-execution from failure is a new run reusing the original's extract: look it up by lineage.
         run = context.run
@@ -112,10 +147,10 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
             None,
         )
         if row is None or row["status"] != "complete":
-            raise dg.Failure(
+            fail_permanently(
+                context,
                 f"no completed extract for run {run.run_id} of '{conn.name}' "
                 f"({'none found' if row is None else row['status']}); run the sync again",
-                allow_retries=False,
             )
         out = outcome_from_row(row, status="complete")
         result = run_reconcile(oppsync.app_config().connection(conn.name), engine, out)

@@ -3,7 +3,7 @@ reconcile), and after reconcile a count check and WARN-level attribution / stage
 
 import dagster as dg
 
-from oppsync_pipeline.defs.crm.assets import counted, extract_key, opportunities_key
+from oppsync_pipeline.defs.crm.assets import NO_RUN_RETRY, counted, extract_key, opportunities_key
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig
 from oppsync_pipeline.lib.quality import refuse_extract, validate_extract
@@ -25,15 +25,19 @@ def connection_checks(conn: ConnectionConfig) -> list[dg.AssetChecksDefinition]:
     def extract_quality(context: dg.AssetCheckExecutionContext, oppsync: OppsyncResource) -> dg.AssetCheckResult:
         engine, run_id = oppsync.engine(), context.op_execution_context.run_id
         row = store.load_extract(engine, run_id)
-        # "the future" on the CRM's clock (its Date header at the run's start), not ours: a CRM whose clock is
-        # ahead (or a sandbox advanced by hours) creates records after our now
-        clock = max(c for c in (utcnow(), (row or {}).get("crm_clock")) if c is not None)
+        # "the future" on the CRM's clock (its Date header after the extract's reads), not ours: a CRM whose clock
+        # is ahead (or a sandbox advanced by `--advance-hours` / `sandbox advance`) creates records after our now,
+        # and one whose clock is behind cannot have created a record after its own now. Ours only when the CRM
+        # sent no Date header.
+        clock = (row or {}).get("crm_clock") or utcnow()
         try:
             result = validate_extract(engine, run_id, clock)
         except Exception:
             refuse_extract(engine, conn, run_id, "the extract's quality suite could not run")
             raise
         if not result.success:
+            # A refusal is the data's verdict: re-running the same extract gets it again. Not a run retry.
+            context.op_execution_context.instance.add_run_tags(context.op_execution_context.run_id, NO_RUN_RETRY)
             refuse_extract(
                 engine,
                 conn,

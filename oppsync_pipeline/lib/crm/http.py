@@ -86,6 +86,7 @@ class RequestStats:
     quota_used: int | None = None  # the CRM's own usage counter, when it reports one
     quota_limit: int | None = None
     server_time: Any = None  # `Date` header of the first response (the run's start, server side)
+    server_time_latest: Any = None  # `Date` header of the latest response: "now" for the quality checks
     token_requests: int = 0  # OAuth / session token calls (included in `requests`: the CRM counts them)
     warnings: list[str] = field(default_factory=list)  # optional reads refused, and the fallback used
 
@@ -263,8 +264,10 @@ class ApiClient:
             self.stats.requests += 1
             response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            if self.stats.server_time is None and response.headers.get("Date"):
-                self.stats.server_time = parsedate_to_datetime(response.headers["Date"])
+            if response.headers.get("Date"):
+                self.stats.server_time_latest = parsedate_to_datetime(response.headers["Date"])
+                if self.stats.server_time is None:
+                    self.stats.server_time = self.stats.server_time_latest
             if self.observe:
                 self.observe(response, self.stats)
             if response.status_code == 401 and self.auth.refreshable and not refreshed:

@@ -14,12 +14,13 @@ from oppsync_pipeline.defs.resources import load_app_config
 def crm_definitions() -> dg.Definitions:
     _, cfg = load_app_config()
     assets, checks, jobs, schedules = [], [], [], []
+    spread = cfg.spread_minutes()
     for conn in cfg.connections:
         assets += connection_assets(conn)
         checks += connection_checks(conn)
         job = sync_job(conn)
         jobs.append(job)
-        schedules += connection_schedules(conn, job)
+        schedules += connection_schedules(conn, job, spread)
     on_webhooks = webhook_sensor(cfg, jobs)
     return dg.Definitions(
         assets=assets,

@@ -1,5 +1,8 @@
 """One hourly schedule per connection (seed 000: at half past the hour, by default) and one nightly full
-sync per connection, for deletes in CRMs without a delete feed. Each run syncs that connection only."""
+sync per connection, for deletes in CRMs without a delete feed. Each run syncs that connection only.
+
+With many connections, `schedules.spread_minutes` moves each connection's cron minute by an offset hashed from
+its name (lib/scale.py), so the hour's runs reach the queue over a window instead of in one second."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import dagster as dg
 
 from oppsync_pipeline.defs.crm.assets import extract_key, key_part, opportunities_key
 from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.scale import staggered_cron
 
 
 def sync_job_name(conn: ConnectionConfig) -> str:
@@ -23,7 +27,12 @@ def sync_job(conn: ConnectionConfig) -> dg.UnresolvedAssetJobDefinition:
     )
 
 
-def connection_schedules(conn: ConnectionConfig, job: dg.UnresolvedAssetJobDefinition) -> list[dg.ScheduleDefinition]:
+def connection_schedules(
+    conn: ConnectionConfig, job: dg.UnresolvedAssetJobDefinition, spread_minutes: int = 0
+) -> list[dg.ScheduleDefinition]:
+    hourly = staggered_cron(conn.schedule, conn.name, spread_minutes)
+    nightly = staggered_cron(conn.full_sync_schedule, conn.name, spread_minutes)
+
     def make(name: str, cron: str, mode: str, description: str) -> dg.ScheduleDefinition:
         @dg.schedule(
             name=name,
@@ -45,13 +54,14 @@ def connection_schedules(conn: ConnectionConfig, job: dg.UnresolvedAssetJobDefin
     return [
         make(
             f"sync_{key_part(conn.name)}",
-            conn.schedule,
+            hourly,
             "auto",
-            f"Hourly sync of '{conn.name}' ({conn.schedule}, {conn.timezone}).",
+            f"Hourly sync of '{conn.name}' ({hourly}, {conn.timezone})."
+            + (f" Configured {conn.schedule}, moved by schedules.spread_minutes." if hourly != conn.schedule else ""),
         ),
         make(
             f"full_sync_{key_part(conn.name)}",
-            conn.full_sync_schedule,
+            nightly,
             "full",
             f"Nightly full sync of '{conn.name}': reads every id, detects deletes.",
         ),

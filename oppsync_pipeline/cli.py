@@ -334,11 +334,14 @@ def _load_defs(location: str | None = None):
 
 
 def run_connection(defs, instance, conn, mode: str):
-    from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_job_name
+    from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_target
+    from oppsync_pipeline.defs.resources import load_app_config
 
-    job = defs.resolve_job_def(sync_job_name(conn))
+    target = sync_target(load_app_config()[1], conn)
+    job = defs.resolve_job_def(target.pop("job_name"))
     return job.execute_in_process(
         run_config=quiet(extract_run_config(conn, mode)),
+        **target,
         instance=instance,
         tags={"oppsync/connection": conn.name, "oppsync/mode": mode, "oppsync/trigger": "cli"},
         raise_on_error=False,

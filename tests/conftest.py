@@ -252,6 +252,8 @@ LAYERS: dict[str, str] = {
     "topology/test_three_processes.py": "e2e",  # dagster-webserver, dagster-daemon, the receiver, the sandbox
     "dagster/test_webhook_syncs.py": "e2e",  # simulator -> receiver -> sensor -> sync -> mart
     "writeback/test_writeback_e2e.py": "e2e",  # per CRM and warehouse: syncs, writes, faults
+    "scale/test_celery.py": "e2e",  # two Celery workers on RabbitMQ, `dagster job execute` subprocesses
+    "scale/test_shared_job.py": "e2e",  # a sandbox tenant synced through the shared job of 51 connections
 }
 # Fixtures that mean a test needs the Postgres server.
 POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}

@@ -112,9 +112,9 @@ def definitions_figures(n: int, workdir: Path) -> list[Figure]:
             verdict(m["load_cpu"] < LOAD_TARGET_S),
             f"imports + {m['assets']} assets, checks, {m['jobs']} sync job(s), {2 * m['schedules']} schedules + the "
             "repository snapshot a code server sends the webserver, in a fresh process; CPU seconds because the "
-            "machine is shared (wall time includes other processes' turns). A job per connection (the design below "
-            "51 connections) took 21 CPU-s here, 15 of them in the snapshot: each job resolves its subset of the "
-            "whole asset graph.",
+            "machine is shared (wall time includes other processes' turns). A job per connection (the design up to 50 "
+            "connections) took 21 CPU-s at 500, 15 of them in the snapshot (measured once before the change, not "
+            "by this benchmark): each job resolves its subset of the whole asset graph.",
         ),
         Figure(
             "scale code-location memory",
@@ -214,9 +214,9 @@ def celery_figures(k: int, workdir: Path) -> list[Figure]:
             f"{k / seconds * 3600:,.0f} syncs/h ({k} in {seconds:.0f} s)",
             "(no target)",
             "info" if not failed else "MISS",
-            f"{succeeded} sync runs succeeded, {failed} failed; tenants of 20 opportunities, the run's process "
-            "(`dagster job execute`, as the daemon's run worker) loading the location once per run and each worker "
-            "once per step: on 2 shared cores the runs' processes and the workers compete for the same CPU",
+            f"{succeeded} sync runs succeeded, {failed} failed; tenants of 20 opportunities, 2 runs submitted at a "
+            "time; each run's process (`dagster job execute`, as a run worker) loads the code location, then hands "
+            "every step to the workers: on 2 shared cores the runs' processes and the workers compete for the CPU",
         ),
         Figure(
             "scale lease",

@@ -157,7 +157,7 @@ def duckdb_figure(n: int) -> Figure:
 
 def celery_figures(k: int, workdir: Path) -> list[Figure]:
     from benchmarks.common import PG_ADMIN_URL
-    from oppsync_pipeline.lib.workers import Workers
+    from oppsync_pipeline.lib.workers import DEFAULT_WORKER_CONFIG, Workers, delete_queue
     from oppsync_pipeline.sandbox.cluster import Tenants
 
     name = f"oppsync_bench_scale_{uuid.uuid4().hex[:8]}"
@@ -206,6 +206,7 @@ def celery_figures(k: int, workdir: Path) -> list[Figure]:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+        delete_queue(yaml.safe_load(DEFAULT_WORKER_CONFIG.read_text())["execution"]["config"]["broker"], queue)
     failed = sum(code != 0 for code in codes)
     return [
         Figure(

@@ -137,3 +137,12 @@ class Workers:
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
+
+
+def delete_queue(broker: str, queue: str) -> None:
+    """Remove a queue from the broker (a test's or a benchmark's own): RabbitMQ keeps a durable queue, empty or
+    not, until someone deletes it."""
+    from kombu import Connection
+
+    with Connection(broker, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete(queue)

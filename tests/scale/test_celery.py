@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import yaml
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from oppsync_pipeline.lib.workers import DEFAULT_WORKER_CONFIG, Workers
+from oppsync_pipeline.lib.workers import DEFAULT_WORKER_CONFIG, Workers, delete_queue
 from oppsync_pipeline.sandbox.cluster import Sandbox
 from tests.conftest import warehouse_database
 
@@ -70,6 +71,14 @@ def broker() -> str:
     return BROKER
 
 
+@pytest.fixture
+def queue(broker: str) -> Iterator[str]:
+    """A queue of this test's own: parallel test processes and a developer's `make workers` never share steps."""
+    name = f"oppsync-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    delete_queue(broker, name)
+
+
 def warehouse_rows(url: str) -> dict[str, list[dict]]:
     """Every table of the oppsync schema, its rows (sorted) without the volatile columns."""
     engine = create_engine(url)
@@ -112,8 +121,9 @@ def instance_env(home: Path, pg_url: str) -> dict[str, str]:
     }
 
 
-def test_celery_workers_sync_like_one_process(broker: str, pg_url: str, tmp_path: Path, monkeypatch) -> None:
-    queue = f"oppsync-test-{uuid.uuid4().hex[:10]}"
+def test_celery_workers_sync_like_one_process(
+    broker: str, queue: str, pg_url: str, tmp_path: Path, monkeypatch
+) -> None:
     with Sandbox(crms=CRMS, opportunities=80) as sandbox, warehouse_database("postgres", tmp_path) as single_url:
         celery_cfg = sandbox.write_config(tmp_path / "celery" / "oppsync.yaml", pg_url)
         env = {

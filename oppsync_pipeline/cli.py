@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument(
         "--worker-config", default=str(DEFAULT_WORKER_CONFIG), help="broker and backend (deploy/celery/worker.yaml)"
     )
-    wk.set_defaults(run=lambda a: cmd_workers(a.count, a.queue, a.worker_config))
+    wk.set_defaults(run=lambda a: cmd_workers(a.config, a.count, a.queue, a.worker_config))
     return p
 
 
@@ -259,9 +259,12 @@ def cmd_config_generate(tenants: int | None, port_base: int, warehouse_url: str,
     return 0
 
 
-def cmd_workers(count: int, queue: str, worker_config: str) -> int:
+def cmd_workers(path: str | None, count: int, queue: str, worker_config: str) -> int:
     from oppsync_pipeline.lib.workers import Workers
 
+    # the workers load the code location for each step: the configuration must be valid and found (OPPSYNC_CONFIG),
+    # and `dagster-celery worker start` keeps its rendered settings under DAGSTER_HOME
+    _prepare_dagster(path)
     workers = Workers(count=count, queue=queue, config_yaml=Path(worker_config)).start()
     print(f"{count} Celery worker(s) on queue '{queue}' ({worker_config}); Ctrl-C stops them", flush=True)
     try:

@@ -7,7 +7,7 @@ its name (lib/scale.py), so the hour's runs reach the queue over a window instea
 Above SHARED_SYNC_JOB_ABOVE connections, the connections share one job, `sync_connections`, and each run selects
 its connection's two assets (and so their checks): a job per connection made the code location's snapshot grow
 with the square of the connections (each job resolves its subset of the whole asset graph: 15 CPU-seconds of the
-21 a 500-connection location took to load, make bench scale). Assets, checks, freshness, schedule names and the
+21 a 500-connection location took to load, measured before this change; `make bench` (scale) measures it now). Assets, checks, freshness, schedule names and the
 `oppsync/connection` run tag stay per connection, so the UI's per-asset history and the run queue's
 one-run-per-connection limit are unchanged."""
 

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
 
-.PHONY: install lint run test test-fast dev sandbox bench reliability check-defs docs clean
+.PHONY: install lint run test test-fast dev sandbox bench reliability check-defs docs clean workers
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ browser:
 
 sandbox: install
 	$(BIN)/oppsync sandbox serve
+
+## N Celery workers (default 2) for the celery_executor on the broker in deploy/celery/worker.yaml (README "Scaling out")
+WORKERS ?= 2
+workers: install
+	$(BIN)/oppsync workers --count $(WORKERS)
 
 check-defs: install
 	$(BIN)/dg check defs

@@ -21,6 +21,7 @@ from benchmarks import (
     latency_floor,
     memory,
     reconcile_throughput,
+    scale,
     simulator_scale,
 )
 from benchmarks.common import Figure, progress
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "fail-fast": fail_fast,  # seconds from a permanent error to a failed run, per CRM (no Dagster retry)
     "simulators": simulator_scale,  # the simulators serving 100,000-opportunity tenants
     "freshness": freshness,  # seconds from a CRM change to the mart row, webhooks and daemon in the loop
+    "scale": scale,  # 500 connections: definitions load, memory, ticks, DuckDB refused, syncs/hour on Celery
 }
 # Where the default differs from the brief's size, to keep `make bench` within 20 minutes (measured, with the
 # machine shared): dlt's merge runs at ~500 rows/s on DuckDB (a million rows would take ~35 min on its own),
@@ -80,6 +82,7 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
         "fail-fast": ["fail_fast_opportunities"],
         "simulators": [],
         "freshness": ["freshness_changes"],
+        "scale": ["scale_connections", "scale_sync_tenants"],
     }
     out = []
     for name in names:

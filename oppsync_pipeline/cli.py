@@ -14,6 +14,9 @@
   oppsync sandbox serve                     the CRM simulators (one per registered CRM), with a matching oppsync.yaml
   oppsync sandbox advance --hours N         move a running sandbox's clock, applying activity
   oppsync dashboard [--port N]              the outcomes dashboard (a web page over the marts, read-only)
+  oppsync sandbox serve --tenants N         N small tenants, one port each (with --write-config: their oppsync.yaml)
+  oppsync config generate --tenants N       an oppsync.yaml for N sandbox tenants (`sandbox serve --tenants N`)
+  oppsync workers --count N                 N Celery workers for the celery_executor (README "Scaling out")
 
 Runs go through Dagster against the instance in $DAGSTER_HOME (default .oppsync/dagster), so they
 appear in the UI's run history next to scheduled runs.
@@ -74,14 +77,32 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     cfg_p = sub.add_parser("config", help="configuration commands")
-    cfg_p.add_argument("action", choices=["check"], help="check: validate the file, credentials and options")
+    cfg_p.add_argument(
+        "action",
+        choices=["check", "generate"],
+        help="check: validate the file, credentials and options; generate: write one for --tenants sandbox tenants",
+    )
     cfg_p.add_argument(
         "--online",
         action="store_true",
         help="also connect to each CRM and report what the sync will and will not read, and why",
     )
     cfg_p.add_argument("--connection", action="append", help="with --online: only these connections (repeatable)")
-    cfg_p.set_defaults(run=lambda a: cmd_config_check(a.config, online=a.online, only=a.connection))
+    cfg_p.add_argument("--tenants", type=int, help="generate: this many connections, the CRMs in turn")
+    cfg_p.add_argument("--port-base", type=int, default=9000, help="generate: tenant i at 127.0.0.1:<base+i>")
+    cfg_p.add_argument(
+        "--warehouse-url",
+        default="postgresql+psycopg2://postgres@127.0.0.1:5432/oppsync",
+        help="generate: warehouse.url (above warehouse.duckdb.max_connections tenants, Postgres)",
+    )
+    cfg_p.add_argument("--out", default="oppsync.scale.yaml", help="generate: where to write it")
+    cfg_p.set_defaults(
+        run=lambda a: (
+            cmd_config_generate(a.tenants, a.port_base, a.warehouse_url, a.out)
+            if a.action == "generate"
+            else cmd_config_check(a.config, online=a.online, only=a.connection)
+        )
+    )
 
     init_p = sub.add_parser(
         "init-db",
@@ -146,7 +167,9 @@ def parser() -> argparse.ArgumentParser:
     sb_sub = sb.add_subparsers(dest="action", required=True)
     serve = sb_sub.add_parser("serve", help="serve the simulators until interrupted")
     serve.add_argument("--seed", type=int, default=42, help="the tenants' random seed (same seed, same data)")
-    serve.add_argument("--opportunities", type=int, default=2000, help="opportunities per CRM")
+    serve.add_argument(
+        "--opportunities", type=int, help="opportunities per CRM (default 2000; per tenant with --tenants: 20)"
+    )
     first = min(s.port for s in REGISTRY.values())
     serve.add_argument(
         "--port-base",
@@ -169,6 +192,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="CRM=VARIANT",
         help="serve a tenant variant, e.g. salesforce=multi_currency (see `oppsync sandbox variants`)",
     )
+    serve.add_argument(
+        "--tenants",
+        type=int,
+        help="instead of one simulator per CRM: N small tenants (the CRMs in turn) on ports --port-base + i",
+    )
     serve.set_defaults(run=cmd_sandbox_serve)
     sb_sub.add_parser("variants", help="list each simulator's tenant variants").set_defaults(
         run=lambda a: cmd_sandbox_variants()
@@ -181,6 +209,20 @@ def parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     dash.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
     dash.set_defaults(run=cmd_dashboard)
+    from oppsync_pipeline.lib.workers import DEFAULT_QUEUE, DEFAULT_WORKER_CONFIG
+
+    wk = sub.add_parser(
+        "workers",
+        help="start N dagster-celery workers (one step at a time each) until interrupted",
+        description="Workers for the celery_executor (code location oppsync_pipeline.locations.syncs_celery). They "
+        "need OPPSYNC_CONFIG and the connections' secrets like a code location (README: Scaling out).",
+    )
+    wk.add_argument("--count", type=int, default=2, help="how many worker processes (default 2)")
+    wk.add_argument("--queue", default=DEFAULT_QUEUE, help=f"the Celery queue to consume (default {DEFAULT_QUEUE})")
+    wk.add_argument(
+        "--worker-config", default=str(DEFAULT_WORKER_CONFIG), help="broker and backend (deploy/celery/worker.yaml)"
+    )
+    wk.set_defaults(run=lambda a: cmd_workers(a.config, a.count, a.queue, a.worker_config))
     return p
 
 
@@ -314,6 +356,44 @@ def cmd_init_db(path: str | None) -> int:
     return 0 if ok else 3
 
 
+def cmd_config_generate(tenants: int | None, port_base: int, warehouse_url: str, out: str) -> int:
+    from oppsync_pipeline.lib.config import parse_config
+    from oppsync_pipeline.sandbox.cluster import tenant_urls, tenants_config, write_tenants_config
+
+    if not tenants or tenants < 1:
+        print("config generate: --tenants N is required (N >= 1)", file=sys.stderr)
+        return 2
+    urls = tenant_urls(tenants, port_base)
+    # validated before it is written: a size DuckDB refuses is named here, not at the first run
+    cfg = parse_config(tenants_config(urls, warehouse_url)[0])
+    path = write_tenants_config(Path(out), urls, warehouse_url)
+    print(
+        f"wrote {path} ({len(cfg.connections)} connections, schedules spread over {cfg.spread_minutes()} min) and "
+        f"{path.with_suffix('.secrets.env').name}; serve them with: oppsync sandbox serve --tenants {tenants} "
+        f"--port-base {port_base}"
+    )
+    return 0
+
+
+def cmd_workers(path: str | None, count: int, queue: str, worker_config: str) -> int:
+    from oppsync_pipeline.lib.workers import Workers
+
+    # the workers load the code location for each step: the configuration must be valid and found (OPPSYNC_CONFIG),
+    # and `dagster-celery worker start` keeps its rendered settings under DAGSTER_HOME
+    _prepare_dagster(path)
+    workers = Workers(count=count, queue=queue, config_yaml=Path(worker_config)).start()
+    print(f"{count} Celery worker(s) on queue '{queue}' ({worker_config}); Ctrl-C stops them", flush=True)
+    try:
+        while workers.alive() == count:
+            time.sleep(1)
+        print("a worker exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        workers.stop()
+
+
 def check_online(cfg: OppsyncConfig, conn) -> bool:
     """The discovery a run does, printed: per capability `read` or `skipped` (optional, with the fallback)
     or `REFUSED` (required: the sync would fail). False when the connection cannot sync."""
@@ -393,13 +473,16 @@ def _load_defs(location: str | None = None):
 
 
 def run_connection(defs, instance, conn, mode: str):
-    from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_job_name
+    from oppsync_pipeline.defs.crm.schedules import extract_run_config, quiet, sync_target
+    from oppsync_pipeline.defs.resources import load_app_config
 
-    job = defs.resolve_job_def(sync_job_name(conn))
+    target = sync_target(load_app_config()[1], conn)
+    job = defs.resolve_job_def(target.pop("job_name"))
     return job.execute_in_process(
         # a failed step is told in one line by the summary; Dagster's own report of it (a stack trace per
         # failed and per skipped step) only with --verbose
         run_config=quiet(extract_run_config(conn, mode), "INFO" if VERBOSE else "CRITICAL"),
+        **target,
         instance=instance,
         tags={"oppsync/connection": conn.name, "oppsync/mode": mode, "oppsync/trigger": "cli"},
         raise_on_error=False,
@@ -852,6 +935,10 @@ def cmd_sandbox_variants() -> int:
 def cmd_sandbox_serve(args: argparse.Namespace) -> int:
     from oppsync_pipeline.sandbox.serve import start_sandbox
 
+    if args.tenants:
+        return _serve_tenants(args)
+    if args.opportunities is None:
+        args.opportunities = 2000
     t0 = time.monotonic()
     sandbox = start_sandbox(
         tuple(args.crm or ()),
@@ -878,6 +965,38 @@ def cmd_sandbox_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         sandbox.stop()
+    return 0
+
+
+def _serve_tenants(args: argparse.Namespace) -> int:
+    from oppsync_pipeline.sandbox.cluster import Tenants
+    from oppsync_pipeline.sandbox.serve import sandbox_anchor
+
+    opportunities = 20 if args.opportunities is None else args.opportunities  # small tenants unless asked
+    t0 = time.monotonic()
+    tenants = Tenants(
+        count=args.tenants,
+        crms=tuple(args.crm or CRMS),
+        seed=args.seed,
+        opportunities=opportunities,
+        port_base=args.port_base,
+        latency_ms=args.latency_ms,
+        anchor=sandbox_anchor(),
+    ).start()
+    urls = tenants.urls()
+    print(
+        f"sandbox: {args.tenants} tenants, {opportunities} opportunities each, on {urls[0]} .. {urls[-1]}, ready in "
+        f"{time.monotonic() - t0:.1f}s",
+        flush=True,
+    )
+    if args.write_config:
+        path = tenants.write_config(Path(args.write_config), "postgresql+psycopg2://postgres@127.0.0.1:5432/oppsync")
+        print(f"wrote {path} (and {path.with_suffix('.secrets.env').name}); set warehouse.url", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        tenants.stop()
     return 0
 
 

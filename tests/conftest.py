@@ -259,6 +259,9 @@ LAYERS: dict[str, str] = {
     "writeback/test_writeback_e2e.py": "e2e",  # per CRM and warehouse: syncs, writes, faults
     "dashboard/test_dashboard_asset.py": "assets",  # dg.materialize of the dashboard asset
     "dashboard/test_page.py": "e2e",  # sandbox syncs, dbt, `oppsync dashboard` and a headless chromium
+    "scale/test_celery.py": "e2e",  # two Celery workers on RabbitMQ, `dagster job execute` subprocesses
+    "scale/test_shared_job.py": "e2e",  # a sandbox tenant synced through the shared job of 51 connections
+    "scale/test_bench_scale.py": "e2e",  # a subprocess loads a 60-connection code location
 }
 # Fixtures that mean a test needs the Postgres server.
 POSTGRES_FIXTURES = {"pg_url", "postgres_dbt"}

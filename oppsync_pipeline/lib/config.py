@@ -225,6 +225,9 @@ class DuckDBSettings(_Strict):
     memory_limit: str = Field("256MB", pattern=r"(?i)^\d+(\.\d+)?\s*([kmgt]i?b|%)$")
     # DuckDB's worker threads; None = one per core
     threads: int | None = Field(None, ge=1)
+    # More connections than this are refused on DuckDB (README "Scaling out"): one file, one writer, every sync
+    # of the hour queued behind the others' reconciles on one machine. Above it, use Postgres.
+    max_connections: Annotated[int, Field(ge=1)] = 50
 
 
 class WarehouseConfig(_Strict):
@@ -397,6 +400,19 @@ class AlertsConfig(_Strict):
         return self
 
 
+class SchedulesConfig(_Strict):
+    """When the connections' schedules fire (README "Scaling out")."""
+
+    # Each connection's hourly and nightly cron minute moves by 0..spread_minutes-1, from a hash of its name
+    # (lib/scale.py): 500 connections do not start 500 runs in the same second. Unset: no spread up to
+    # AUTO_SPREAD_ABOVE connections (every sync at :30, as configured), 30 minutes above. 0: never.
+    spread_minutes: Annotated[int, Field(ge=0, le=60)] | None = None
+
+
+AUTO_SPREAD_ABOVE = 20
+AUTO_SPREAD_MINUTES = 30
+
+
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
@@ -405,6 +421,7 @@ class OppsyncConfig(_Strict):
     writeback: WritebackConfig = WritebackConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     alerts: AlertsConfig | None = None  # off unless configured
+    schedules: SchedulesConfig = SchedulesConfig()
     connections: list[ConnectionConfig] = []
     users: list[UserConfig] = []
     # team name -> user ids (`users[].id`): the outcomes dashboard's team filter; a user may be in several teams
@@ -421,6 +438,14 @@ class OppsyncConfig(_Strict):
                     "connection names must be unique"
                 )
             seen.setdefault(conn.name, i)
+        limit = self.warehouse.duckdb.max_connections
+        if self.warehouse.backend == "duckdb" and len(self.connections) > limit:
+            problems.append(
+                f"warehouse.url: {len(self.connections)} connections on DuckDB, which takes at most {limit} "
+                f"(warehouse.duckdb.max_connections): one file with one writer cannot keep {len(self.connections)} "
+                "hourly syncs fresh. Use Postgres: warehouse.url: postgresql+psycopg2://user@host:5432/database "
+                "(README: Scaling out)"
+            )
         for i, user in enumerate(self.users):
             for conn_name in user.crm_ids:
                 if conn_name not in seen:
@@ -435,6 +460,14 @@ class OppsyncConfig(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def spread_minutes(self) -> int:
+        """The schedules' spread in effect (`schedules.spread_minutes`, or the default for this many connections)."""
+        from oppsync_pipeline.lib.scale import effective_spread
+
+        return effective_spread(
+            self.schedules.spread_minutes, len(self.connections), AUTO_SPREAD_ABOVE, AUTO_SPREAD_MINUTES
+        )
 
     def connection(self, name: str) -> ConnectionConfig:
         for conn in self.connections:

@@ -32,6 +32,7 @@ __all__ = [
     "CRMS",
     "DEFAULT_PORTS",
     "Sandbox",
+    "Tenants",
     "build_simulator",
     "connection_name",
     "crm_module",
@@ -191,3 +192,100 @@ class Sandbox:
         config = {"warehouse": {"url": warehouse_url}, "secrets_file": secrets.name, "connections": self.connections()}
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         return path
+
+
+# -- many tenants: `oppsync sandbox serve --tenants N`, `oppsync config generate --tenants N` ------------------------
+
+
+def tenant_name(index: int, crm: str) -> str:
+    return f"t{index:04d}-{crm}"
+
+
+def tenant_crm(index: int, crms: tuple[str, ...] = CRMS) -> str:
+    """Tenants take the CRMs in turn: 500 tenants are 100 of each of the five."""
+    return crms[index % len(crms)]
+
+
+def tenants_config(
+    urls: list[str], warehouse_url: str, crms: tuple[str, ...] = CRMS, **top: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """An oppsync.yaml mapping for tenants at `urls` (tenant i at urls[i], CRM `tenant_crm(i)`) and its secrets.
+
+    The hourly schedule only: no webhooks (a receiver per tenant is not what is measured here), so the webhook
+    blocks `sandbox_connection` writes for one simulator per CRM are left out with their secrets."""
+    connections, secrets = [], {}
+    for i, url in enumerate(urls):
+        crm = tenant_crm(i, crms)
+        entry, entry_secrets = sandbox_connection(crm, url, tenant_name(i, crm))
+        entry.pop("webhooks", None)
+        connections.append(entry)
+        secrets |= {k: v for k, v in entry_secrets.items() if "_WEBHOOK_" not in k}
+    return {"warehouse": {"url": warehouse_url}, **top, "connections": connections}, secrets
+
+
+def write_tenants_config(
+    path: Path, urls: list[str], warehouse_url: str, crms: tuple[str, ...] = CRMS, **top: Any
+) -> Path:
+    """`tenants_config` as an oppsync.yaml at `path`, its secrets in `<name>.secrets.env` beside it."""
+    config, secrets = tenants_config(urls, warehouse_url, crms, **top)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secrets_file = path.with_suffix(".secrets.env")
+    secrets_file.write_text(
+        "# sandbox-only credentials, not secrets\n" + "".join(f"{k}={v}\n" for k, v in secrets.items()),
+        encoding="utf-8",
+    )
+    config = {**config, "secrets_file": secrets_file.name}
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def tenant_urls(count: int, port_base: int, host: str = "127.0.0.1") -> list[str]:
+    """Tenant i at port_base + i, each at its URL root as the real host serves one tenant."""
+    return [f"http://{host}:{port_base + i}" for i in range(count)]
+
+
+@dataclass
+class Tenants:
+    """N small tenants, each a simulator on its own port (the CRMs in turn, seed + i each: no two alike).
+
+    One process serves them all: a ThreadingHTTPServer per tenant costs a listening thread and the tenant's
+    data (about 0.6 MB with 20 opportunities, make bench scale), so 500 fit in one process on a laptop."""
+
+    count: int
+    crms: tuple[str, ...] = CRMS
+    seed: int = 42
+    opportunities: int = 20
+    port_base: int | None = None  # None: free ports
+    latency_ms: int = 0
+    anchor: datetime | None = None
+    servers: list[SandboxServer] = field(default_factory=list)
+
+    def start(self) -> Tenants:
+        for i in range(self.count):
+            sim = build_simulator(
+                tenant_crm(i, self.crms),
+                self.seed + i,
+                self.opportunities,
+                FaultPlan(latency_ms=self.latency_ms),
+                anchor=self.anchor,
+            )
+            port = 0 if self.port_base is None else self.port_base + i
+            self.servers.append(SandboxServer(sim, port=port).start())
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
+
+    def __enter__(self) -> Tenants:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def write_config(self, path: Path, warehouse_url: str, **top: Any) -> Path:
+        return write_tenants_config(path, self.urls(), warehouse_url, self.crms, **top)

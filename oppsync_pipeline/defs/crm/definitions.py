@@ -5,7 +5,7 @@ import dagster as dg
 
 from oppsync_pipeline.defs.crm.assets import connection_assets
 from oppsync_pipeline.defs.crm.checks import connection_checks
-from oppsync_pipeline.defs.crm.schedules import connection_schedules, sync_job
+from oppsync_pipeline.defs.crm.schedules import connection_schedules, shared_sync_job, sync_jobs
 from oppsync_pipeline.defs.crm.webhooks import webhook_sensor
 from oppsync_pipeline.defs.crm.writeback import writeback_job, writeback_sensor
 from oppsync_pipeline.defs.resources import load_app_config
@@ -13,13 +13,13 @@ from oppsync_pipeline.defs.resources import load_app_config
 
 def crm_definitions() -> dg.Definitions:
     _, cfg = load_app_config()
-    assets, checks, jobs, schedules = [], [], [], []
+    assets, checks, schedules = [], [], []
+    spread, shared, job_of = cfg.spread_minutes(), shared_sync_job(cfg), sync_jobs(cfg)
     for conn in cfg.connections:
         assets += connection_assets(conn)
         checks += connection_checks(conn)
-        job = sync_job(conn)
-        jobs.append(job)
-        schedules += connection_schedules(conn, job)
+        schedules += connection_schedules(conn, job_of[conn.name], spread, shared)
+    jobs = list({id(j): j for j in job_of.values()}.values())
     on_webhooks = webhook_sensor(cfg, jobs)
     return dg.Definitions(
         assets=assets,

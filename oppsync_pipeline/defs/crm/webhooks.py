@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from oppsync_pipeline.defs.crm.schedules import extract_run_config, sync_job_name
+from oppsync_pipeline.defs.crm.schedules import extract_run_config, sync_target
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import OppsyncConfig
 from oppsync_pipeline.lib.webhooks import inbox
@@ -51,7 +51,7 @@ def webhook_sensor(cfg: OppsyncConfig, jobs: list) -> dg.SensorDefinition | None
             inbox.claim(engine, [r["event_key"] for r in rows], run_key, datetime.now(UTC).replace(tzinfo=None))
             requests.append(
                 dg.RunRequest(
-                    job_name=sync_job_name(conn),
+                    **sync_target(app, conn),
                     run_key=run_key,
                     run_config=extract_run_config(conn, "auto"),
                     tags={

@@ -191,3 +191,24 @@ def test_warehouse_urls_that_name_a_database_pass():
         "postgresql+psycopg2:///warehouse?host=/var/run/postgresql",
     ):
         assert parse_config({"warehouse": {"url": url}}).warehouse.url == url
+
+
+def test_an_invalid_file_also_names_its_unset_secrets_in_the_same_pass(tmp_path: Path, monkeypatch):
+    """`config check` reports every problem at once: a schema error does not hide a missing secret until the
+    next run (issue 20). A reference the secrets file sets is not a problem."""
+    monkeypatch.delenv("OPPSYNC_T_MISSING", raising=False)
+    (tmp_path / "secrets.env").write_text("OPPSYNC_T_IN_FILE=x\n")
+    (tmp_path / "oppsync.yaml").write_text(
+        "secrets_file: secrets.env\n"
+        "connections:\n"
+        "  - name: a\n    crm: salesforce\n    base_url: http://127.0.0.1:1\n    colour: red\n"
+        "    credentials: {client_id: '${OPPSYNC_T_IN_FILE}', client_secret: '${OPPSYNC_T_MISSING}'}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "oppsync.yaml")
+    problems = err.value.problems
+    assert any("colour" in p for p in problems)
+    assert [p for p in problems if "OPPSYNC_T_" in p] == [
+        "connections[0].credentials.client_secret: environment variable OPPSYNC_T_MISSING is not set; "
+        "export OPPSYNC_T_MISSING=... or add it to the secrets file"
+    ]

@@ -545,10 +545,42 @@ def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError([f"<file>: {p} is not valid YAML: {err}"]) from None
-    cfg = parse_config(data, str(p))
+    try:
+        cfg = parse_config(data, str(p))
+    except ConfigError as err:
+        # one pass: the schema's problems and the unset `${VAR}` references together (a second run of
+        # `config check` must not be needed to learn about a missing secret)
+        missing = unset_references(data, p.parent, environ)
+        raise ConfigError(err.problems + [m for m in missing if m not in err.problems]) from None
     if cfg.secrets_file and not Path(cfg.secrets_file).is_absolute():
         cfg = cfg.model_copy(update={"secrets_file": str((p.parent / cfg.secrets_file).resolve())})
     return cfg
+
+
+def unset_references(data: Any, base_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
+    """`${VAR}` references anywhere in a raw (possibly invalid) configuration document that neither the environment
+    nor its secrets file sets, as `key.path: ...` lines; for reporting next to the schema's problems."""
+    environ = os.environ if environ is None else environ
+    secrets = data.get("secrets_file") if isinstance(data, Mapping) else None
+    file_values = read_secrets_file(str(base_dir / secrets)) if isinstance(secrets, str) and secrets else {}
+    out: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}" if where else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+        elif isinstance(node, str) and (ref := _ENV_REF.match(node)):
+            var = ref.group(1)
+            if not (environ.get(var) or file_values.get(var)):
+                out.append(
+                    f"{where}: environment variable {var} is not set; export {var}=... or add it to the secrets file"
+                )
+
+    walk(data, "")
+    return out
 
 
 def read_secrets_file(path: str | None) -> dict[str, str]:

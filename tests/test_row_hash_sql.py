@@ -130,6 +130,8 @@ def test_the_python_hash_is_the_definition():
         "open",
         1000.0,
         "USD",
+        None,  # amount_base
+        None,  # base_currency
         date(2026, 5, 1),
         10.0,
         datetime(2026, 1, 2, 3, 4, 5, 6),

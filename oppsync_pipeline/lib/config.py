@@ -152,6 +152,9 @@ class ConnectionConfig(_Strict):
     options: dict[str, Any] = {}
     writeback: ConnectionWriteback = ConnectionWriteback()
     webhooks: ConnectionWebhooks = ConnectionWebhooks()
+    # Seed 003: the probability (0-100) expected revenue assumes for this connection's opportunities without
+    # one (overrides `mart.default_probability`).
+    default_probability: Annotated[float, Field(ge=0, le=100)] | None = None
 
     @field_validator("name")
     @classmethod
@@ -269,6 +272,14 @@ class ReportingConfig(_Strict):
         return _check_timezone(v)
 
 
+class MartConfig(_Strict):
+    """`mart:`: how the marts compute what the CRMs leave open."""
+
+    # Seed 003: the probability (0-100) expected revenue assumes for an opportunity without one; None: no
+    # expected revenue for those. A connection's `default_probability` overrides it.
+    default_probability: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
 class SandboxConfig(_Strict):
     """The built-in CRM sandbox: started by `make run` / `oppsync run` when enabled."""
 
@@ -311,6 +322,7 @@ class WebhooksConfig(_Strict):
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
+    mart: MartConfig = MartConfig()
     secrets_file: str | None = None
     sandbox: SandboxConfig = SandboxConfig()
     writeback: WritebackConfig = WritebackConfig()

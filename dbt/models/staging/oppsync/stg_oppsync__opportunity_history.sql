@@ -24,6 +24,8 @@ renamed as (
         cast(status as text) as status,
         cast(amount as double precision) as amount,
         cast(currency as text) as currency,
+        cast(amount_base as double precision) as amount_base,
+        cast(base_currency as text) as base_currency,
         cast(close_date as date) as close_date,
         cast(probability as double precision) as probability,
         cast(created_at as timestamp) as created_at,

@@ -36,7 +36,8 @@ class EventKind(StrEnum):
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
 # values without recording `updated` / `stage_changed` events for the remapping (sync.py, lib/reconcile).
 # 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
-# 4: `amount_base` / `base_currency`, the amount in the org's base currency as the CRM converts it.
+# 4: `amount_base` / `base_currency`, the amount in the org's base currency as the CRM converts it, and
+# `account_id`, the CRM's id of the account / company.
 MAPPING_VERSION = 4
 
 
@@ -71,6 +72,9 @@ FIELDS: tuple[CanonicalField, ...] = (
     CanonicalField("crm", String, nullable=False),
     CanonicalField("project_name", Text, tracked=True),
     CanonicalField("client_name", Text, tracked=True),
+    # The CRM's id of the account / company the opportunity is for (seed 001: Account -> Company): the key of
+    # marts.accounts.
+    CanonicalField("account_id", String, tracked=True),
     CanonicalField("service_location", Text, tracked=True),
     CanonicalField("sales_executive", Text, tracked=True),
     CanonicalField("owner_crm_id", String, tracked=True),
@@ -128,6 +132,7 @@ class Opportunity:
     # base currency's ISO code (None: not readable by this API user).
     amount_base: float | None = None
     base_currency: str | None = None
+    account_id: str | None = None  # the CRM's account / company id (None: no account, or not readable)
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))

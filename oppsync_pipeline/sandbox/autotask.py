@@ -1372,6 +1372,8 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
             out[o.native_id] = {
                 "project_name": o.name,
                 "client_name": acc.name if acc is not None else None,
+                # companyID is on the opportunity: known even where Companies are refused
+                "account_id": w.accounts[o.account].native_id if o.account is not None else None,
                 "service_location": location,
                 "owner_crm_id": w.users[o.owner].native_id,
                 "created_by_crm_id": w.users[o.creator].native_id,

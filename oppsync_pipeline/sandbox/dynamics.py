@@ -2402,6 +2402,7 @@ def truth(sim: DynamicsSimulator) -> dict[str, dict[str, Any]]:
         out[o.native_id] = {
             "project_name": o.name,
             "client_name": acc.name if acc else None,
+            "account_id": acc.native_id.lower() if acc else None,
             "service_location": location,
             "owner_crm_id": w.users[o.owner].native_id,
             "created_by_crm_id": w.users[o.creator].native_id,

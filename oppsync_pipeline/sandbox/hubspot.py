@@ -1771,6 +1771,8 @@ def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
         out[opp.native_id] = {
             "project_name": opp.name,
             "client_name": client,
+            # the deal's primary company (the first association; none without the companies scope)
+            "account_id": world.accounts[opp.account].native_id if opp.account is not None and not refused else None,
             "service_location": location,
             "owner_crm_id": world.users[opp.owner].native_id,
             "created_by_crm_id": world.users[opp.creator].alt_id,

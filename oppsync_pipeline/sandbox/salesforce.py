@@ -283,6 +283,7 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
             out[o.native_id] = {
                 "project_name": o.name,
                 "client_name": acc.name if acc else None,
+                "account_id": acc.native_id if acc else None,
                 "service_location": _address_as_seen(acc),
                 "owner_crm_id": w.users[o.owner].native_id,
                 "created_by_crm_id": w.users[o.creator].native_id,

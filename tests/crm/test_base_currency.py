@@ -1,4 +1,4 @@
-"""Amounts in the org's base currency (issue 19 item 4), per CRM against its simulator: the connector maps what
+"""Amounts in the org's base currency and the account id (issue 19 item 4), per CRM against its simulator: the connector maps what
 the vendor converts (`amount_base`) and the org's base currency (`base_currency`), equal to the simulator's
 truth, computed from its own exchange rates and never through a connector. Each tenant here holds amounts in
 more than one currency, so a connector that copied `amount` would fail."""
@@ -49,6 +49,7 @@ def _check(crm: str, variant: str, tmp_path: Path) -> tuple[set[str], set[str | 
         for sid, want in truth.items():
             g = got[sid]
             assert g.base_currency == want["base_currency"], (sid, g.base_currency, want["base_currency"])
+            assert g.account_id == want["account_id"], (sid, g.account_id, want["account_id"])
             if want["amount_base"] is None:
                 assert g.amount_base is None, sid
             else:
@@ -70,7 +71,7 @@ def _check(crm: str, variant: str, tmp_path: Path) -> tuple[set[str], set[str | 
         ("connectwise", "default"),
     ],
 )
-def test_base_amounts_equal_the_crms_conversion(crm: str, variant: str, tmp_path: Path):
+def test_base_amounts_and_account_ids_equal_the_crms(crm: str, variant: str, tmp_path: Path):
     currencies, bases = _check(crm, variant, tmp_path)
     assert len(bases) == 1
     if crm in SEVERAL_CURRENCIES or variant == "multi_currency":

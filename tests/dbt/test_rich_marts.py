@@ -9,7 +9,8 @@ loss after two stage moves, a win, a deal first seen already lost and a delete. 
   * expected revenue with the configured default probability (overall and per connection, through dbt_vars);
   * lost at stage from the history;
   * marts.user_outcomes equals the sum of the connection grain;
-  * marts.pipeline_snapshots equals the open pipeline at each week's end.
+  * marts.pipeline_snapshots equals the open pipeline at each week's end;
+  * marts.accounts holds each account as its latest opportunity shows it, joined from marts.opportunities.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def _opp(conn: str, sid: str, **v: Any) -> Opportunity:
         crm=CONNECTIONS[conn]["crm"],
         source_id=sid,
         project_name=f"Project {sid}",
-        client_name="Client",
-        service_location=None,
+        client_name=v.get("client"),
+        service_location=v.get("address"),
         sales_executive=None,
         owner_crm_id=v["owner"],
         stage=v["stage"],
@@ -55,6 +56,7 @@ def _opp(conn: str, sid: str, **v: Any) -> Opportunity:
         raw={"id": sid},
         amount_base=v["amount_base"],
         base_currency="USD",
+        account_id=v.get("account"),
     )
 
 
@@ -67,6 +69,9 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     sf_eur = _opp(
         "sf",
         "sf-eur",
+        account="001A",
+        client="Acme",
+        address="1 Main St, Austin, TX, USA",
         owner="005A",
         creator="005A",
         stage="Qualification",
@@ -81,6 +86,9 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     sf_usd = _opp(
         "sf",
         "sf-usd",
+        account="001A",
+        client="Acme",
+        address="1 Main St, Austin, TX, USA",
         owner="005B",
         creator="005B",
         stage="Prospecting",
@@ -109,6 +117,8 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     sf_noprob = _opp(
         "sf",
         "sf-noprob",
+        account="001B",
+        client="Globex",
         owner="005A",
         creator="005A",
         stage="Prospecting",
@@ -123,6 +133,9 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     hs_gbp = _opp(
         "hs",
         "hs-gbp",
+        account="9876",
+        client="Initech",
+        address="5 Side Rd, Leeds, UK",
         owner="101",
         creator="9001",
         stage="appointmentscheduled",
@@ -137,6 +150,8 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     hs_deleted = _opp(
         "hs",
         "hs-deleted",
+        account="5555",
+        client="Umbrella",
         owner="102",
         creator="9002",
         stage="qualifiedtobuy",
@@ -151,7 +166,12 @@ def runs() -> list[dict[str, list[Opportunity]]]:
     sf_eur2 = _replace(sf_eur, stage="Proposal", probability=60.0, modified_at=datetime(2026, 3, 6, 9))
     sf_won = _replace(sf_usd, stage="Closed Won", status="won", probability=100.0, modified_at=datetime(2026, 3, 5, 9))
     sf_lost = _replace(
-        sf_eur2, stage="Closed Lost", status="lost", probability=0.0, modified_at=datetime(2026, 3, 12, 10)
+        sf_eur2,
+        stage="Closed Lost",
+        status="lost",
+        probability=0.0,
+        modified_at=datetime(2026, 3, 12, 10),
+        client_name="Acme Inc",
     )
     return [
         {"sf": [sf_eur, sf_usd, sf_first_lost], "hs": [hs_gbp]},
@@ -202,7 +222,8 @@ def rows(dbt: Dbt, sql: str) -> list[dict[str, Any]]:
 
 def check(dbt: Dbt) -> None:
     fill(dbt.url)
-    dbt("build", "--select", "+opportunities", "+outcomes", "+user_outcomes", "+pipeline_snapshots", vars=mart_vars())
+    models = ("+opportunities", "+outcomes", "+user_outcomes", "+pipeline_snapshots", "+accounts")
+    dbt("build", "--select", *models, vars=mart_vars())
     opps = {o["source_id"]: o for o in rows(dbt, "select * from marts.opportunities")}
     outcomes = rows(dbt, "select * from marts.outcomes")
 
@@ -288,6 +309,31 @@ def check(dbt: Dbt) -> None:
     for key, (n, amount) in want.items():
         assert got[key][0] == n and got[key][1] == pytest.approx(amount), key
     assert {r["currency"] for r in snaps} == {"USD"}
+
+    # -- accounts, joined from marts.opportunities by account id -------------------------------------------
+    accounts = {(r["connection"], r["account_id"]): r for r in rows(dbt, "select * from marts.accounts")}
+    got = {
+        k: (r["account_name"], r["address"], r["opportunities"], r["open_opportunities"]) for k, r in accounts.items()
+    }
+    assert got == {
+        ("sf", "001A"): ("Acme Inc", "1 Main St, Austin, TX, USA", 2, 0),  # as the latest edit (the loss) shows it
+        ("sf", "001B"): ("Globex", None, 1, 1),
+        ("hs", "9876"): ("Initech", "5 Side Rd, Leeds, UK", 1, 1),
+        ("hs", "5555"): ("Umbrella", None, 0, 0),  # known from a deleted opportunity only
+    }
+    joined = rows(
+        dbt,
+        "select o.source_id, a.account_name from marts.opportunities o "
+        "left join marts.accounts a on o.connection = a.connection and o.account_id = a.account_id",
+    )
+    assert {r["source_id"]: r["account_name"] for r in joined} == {
+        "sf-eur": "Acme Inc",
+        "sf-usd": "Acme Inc",
+        "sf-first-lost": None,  # no account
+        "sf-noprob": "Globex",
+        "hs-gbp": "Initech",
+        "hs-deleted": "Umbrella",
+    }
 
 
 def test_rich_marts_duckdb(duckdb_rich: Dbt) -> None:

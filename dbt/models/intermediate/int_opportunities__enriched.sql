@@ -58,6 +58,7 @@ joined as (
         o.source_id,
         o.project_name,
         o.client_name,
+        o.account_id,
         o.service_location,
         o.sales_executive,
         o.owner_crm_id,

@@ -854,6 +854,7 @@ class AutotaskConnector(CrmConnector):
             status=status,
             currency=self._internal_currency or self.options.currency,
             base_currency=self._internal_currency or self.options.currency,
+            account_id=_str(r.get("companyID") or None),  # required by Autotask: 0 is no company
             modified_at=parse_datetime(r.get("lastActivity")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_at_field,

@@ -902,6 +902,7 @@ class ConnectWiseConnector(CrmConnector):
             status=status,
             currency=code,
             base_currency=base,
+            account_id=_text(_ref_of(r, "company").get("id")),
             modified_at=parse_datetime(_value(r, "_info/lastUpdated")),
             **_closed_at(r, status),
         )

@@ -70,6 +70,7 @@ from oppsync_pipeline.lib.scrub import scrubbed_logger
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
+LOOKUP_TABLE = "@Microsoft.Dynamics.CRM.lookuplogicalname"  # the table a polymorphic lookup points at
 ANNOTATIONS = (
     'odata.include-annotations="OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname"'
 )
@@ -1054,6 +1055,7 @@ class DynamicsConnector(CrmConnector):
             # Dataverse converts estimatedvalue (a connection reading its amount elsewhere gets no base amount)
             amount_base=None if "amount" in overrides else parse_float(row.get("estimatedvalue_base")),
             base_currency=self._base_currency,
+            account_id=_account_id(row),
             modified_at=parse_datetime(row.get("modifiedon")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,
@@ -1155,6 +1157,18 @@ def created_between(lo: datetime | None, hi: datetime | None) -> str:
 
 def _and(*clauses: str) -> str:
     return " and ".join(f"({c})" for c in clauses if c)
+
+
+def _account_id(row: dict[str, Any]) -> str | None:
+    """The opportunity's account: parentaccountid, else the potential customer where that is an account (the
+    Customer lookup is polymorphic: an account or a contact)."""
+    parent = row.get("_parentaccountid_value")
+    if parent:
+        return str(parent).lower()
+    customer = row.get("_customerid_value")
+    if customer and row.get(f"_customerid_value{LOOKUP_TABLE}") == "account":
+        return str(customer).lower()
+    return None
 
 
 def _address(account: dict[str, Any] | None) -> str | None:

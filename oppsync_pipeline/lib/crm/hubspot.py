@@ -940,6 +940,7 @@ class HubSpotConnector(CrmConnector):
             # HubSpot converts `amount` only: a connection reading its amount elsewhere gets no base amount
             amount_base=None if "amount" in self.conn.fields else parse_float(props.get("amount_in_home_currency")),
             base_currency=self._company_currency,
+            account_id=str(company_id) if company_id else None,  # the deal's primary company
             modified_at=parse_datetime(props.get("hs_lastmodifieddate")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,

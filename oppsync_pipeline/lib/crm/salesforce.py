@@ -1018,6 +1018,7 @@ class SalesforceConnector(CrmConnector):
             r,
             **values,
             base_currency=self._org_currency,
+            account_id=r.get("AccountId") or None,
             service_location=clean_text(billing_address(account)),
             owner_crm_id=r.get("OwnerId"),
             stage=stage,

@@ -513,12 +513,13 @@ def _m7_writeback(conn: Connection) -> None:
 
 
 def _m8_base_currency(conn: Connection) -> None:
-    """Amounts in the org's base currency (issue 19): `amount_base` / `base_currency` on every table that holds
-    the canonical record. Existing rows keep NULL until the next sync's re-baseline (record.MAPPING_VERSION 4)
+    """Amounts in the org's base currency and the account id (issue 19): `amount_base` / `base_currency` /
+    `account_id` on every table that holds the canonical record. Existing rows keep NULL until the next sync's re-baseline (record.MAPPING_VERSION 4)
     fills them without recording events."""
     for table in ("opportunities", "opportunity_history", "stage_opportunities"):
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS amount_base DOUBLE PRECISION"))
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS base_currency TEXT"))
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS account_id TEXT"))
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [

@@ -15,6 +15,7 @@ renamed as (
         cast(crm as text) as crm,
         cast(project_name as text) as project_name,
         cast(client_name as text) as client_name,
+        cast(account_id as text) as account_id,
         cast(service_location as text) as service_location,
         cast(sales_executive as text) as sales_executive,
         cast(owner_crm_id as text) as owner_crm_id,

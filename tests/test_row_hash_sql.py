@@ -121,6 +121,7 @@ def test_the_python_hash_is_the_definition():
     assert store.staged_rows("x", [o], True, 0)[0][-1] == row_hash(
         "Deal",
         "Acme",
+        None,  # account_id
         None,
         "005A",
         "005A",

@@ -121,6 +121,7 @@ def test_the_python_hash_is_the_definition():
     assert store.staged_rows("x", [o], True, 0)[0][-1] == row_hash(
         "Deal",
         "Acme",
+        None,  # account_id
         None,
         "005A",
         "005A",
@@ -130,6 +131,8 @@ def test_the_python_hash_is_the_definition():
         "open",
         1000.0,
         "USD",
+        None,  # amount_base
+        None,  # base_currency
         date(2026, 5, 1),
         10.0,
         datetime(2026, 1, 2, 3, 4, 5, 6),

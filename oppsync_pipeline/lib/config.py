@@ -152,6 +152,9 @@ class ConnectionConfig(_Strict):
     options: dict[str, Any] = {}
     writeback: ConnectionWriteback = ConnectionWriteback()
     webhooks: ConnectionWebhooks = ConnectionWebhooks()
+    # Seed 003: the probability (0-100) expected revenue assumes for this connection's opportunities without
+    # one (overrides `mart.default_probability`).
+    default_probability: Annotated[float, Field(ge=0, le=100)] | None = None
 
     @field_validator("name")
     @classmethod
@@ -270,6 +273,14 @@ class ReportingConfig(_Strict):
     @classmethod
     def _tz(cls, v: str) -> str:
         return _check_timezone(v)
+
+
+class MartConfig(_Strict):
+    """`mart:`: how the marts compute what the CRMs leave open."""
+
+    # Seed 003: the probability (0-100) expected revenue assumes for an opportunity without one; None: no
+    # expected revenue for those. A connection's `default_probability` overrides it.
+    default_probability: Annotated[float, Field(ge=0, le=100)] | None = None
 
 
 class SandboxConfig(_Strict):
@@ -416,6 +427,7 @@ AUTO_SPREAD_MINUTES = 30
 class OppsyncConfig(_Strict):
     warehouse: WarehouseConfig = WarehouseConfig()
     reporting: ReportingConfig = ReportingConfig()
+    mart: MartConfig = MartConfig()
     secrets_file: str | None = None
     sandbox: SandboxConfig = SandboxConfig()
     writeback: WritebackConfig = WritebackConfig()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -39,8 +40,15 @@ def dbt_env(cfg: OppsyncConfig) -> dict[str, str]:
     }
 
 
-def dbt_vars(cfg: OppsyncConfig) -> dict[str, str]:
-    return {"reporting_timezone": cfg.reporting.timezone}
+def dbt_vars(cfg: OppsyncConfig) -> dict[str, Any]:
+    """The project variables oppsync.yaml decides (dbt_project.yml holds their defaults)."""
+    return {
+        "reporting_timezone": cfg.reporting.timezone,
+        "default_probability": cfg.mart.default_probability,
+        "default_probability_by_connection": {
+            c.name: c.default_probability for c in cfg.connections if c.default_probability is not None
+        },
+    }
 
 
 @contextmanager

@@ -36,7 +36,9 @@ class EventKind(StrEnum):
 # numeric ids). A warehouse synced under an older version gets one full "re-baseline" sync that rewrites the
 # values without recording `updated` / `stage_changed` events for the remapping (sync.py, lib/reconcile).
 # 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
-MAPPING_VERSION = 3
+# 4: `amount_base` / `base_currency`, the amount in the org's base currency as the CRM converts it, and
+# `account_id`, the CRM's id of the account / company.
+MAPPING_VERSION = 4
 
 
 # -- The canonical fields, once --------------------------------------------------------------------------------
@@ -70,6 +72,9 @@ FIELDS: tuple[CanonicalField, ...] = (
     CanonicalField("crm", String, nullable=False),
     CanonicalField("project_name", Text, tracked=True),
     CanonicalField("client_name", Text, tracked=True),
+    # The CRM's id of the account / company the opportunity is for (seed 001: Account -> Company): the key of
+    # marts.accounts.
+    CanonicalField("account_id", String, tracked=True),
     CanonicalField("service_location", Text, tracked=True),
     CanonicalField("sales_executive", Text, tracked=True),
     CanonicalField("owner_crm_id", String, tracked=True),
@@ -79,6 +84,10 @@ FIELDS: tuple[CanonicalField, ...] = (
     CanonicalField("status", String, tracked=True, nullable=False),
     CanonicalField("amount", Double, tracked=True),
     CanonicalField("currency", String, tracked=True),
+    # The amount in the org's base (home / corporate / internal) currency, converted by the CRM itself, and that
+    # currency: sums across records never mix currencies. Tracked: a rate change the CRM applies is a change.
+    CanonicalField("amount_base", Double, tracked=True),
+    CanonicalField("base_currency", String, tracked=True),
     CanonicalField("close_date", Date, tracked=True),
     CanonicalField("probability", Double, tracked=True),
     CanonicalField("created_at", DateTime, tracked=True),
@@ -119,6 +128,11 @@ class Opportunity:
     # the CRM keeps no such value: the reconcile then dates the close by `modified_at` (closed_at_source).
     crm_closed_at: datetime | None = None
     crm_closed_at_field: str | None = None
+    # `amount` in the org's base currency as the CRM converts it (None: the CRM gives no conversion), and the
+    # base currency's ISO code (None: not readable by this API user).
+    amount_base: float | None = None
+    base_currency: str | None = None
+    account_id: str | None = None  # the CRM's account / company id (None: no account, or not readable)
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))

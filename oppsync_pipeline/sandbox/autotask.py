@@ -86,6 +86,8 @@ from oppsync_pipeline.sandbox.server import (
     Simulator,
 )
 from oppsync_pipeline.sandbox.world import (
+    BASE_CURRENCY,
+    EXCHANGE_RATES,
     FIRST,
     LAST,
     Clock,
@@ -163,7 +165,7 @@ VARIANTS = {
     "default": "statuses 0-4 plus a tenant status (5 On Hold), stage picklist 1-7 (Prospect .. Closed Lost), "
     "UDFs Region / Original Create Date / Original Creator; the API user has full access",
     "no_optional_rights": 'the API user\'s security level refuses every optional read with 403 {"errors": [...]}: '
-    "ThresholdInformation, Companies, Contacts, Resources, Countries, "
+    "ThresholdInformation, Companies, Contacts, Resources, Countries, Currencies, "
     "Opportunities/entityInformation/fields and userDefinedFields",
     "custom_statuses": "relabelled system statuses plus tenant statuses 11 Awaiting Budget (open) and 12 Cancelled "
     "(lost); stage picklist 101-105 (Discovery .. Closed Won / Closed Lost); some deals sit in "
@@ -188,6 +190,7 @@ OPTIONAL_ENDPOINTS = (
     "contacts",
     "resources",
     "countries",
+    "currencies",
     "entityinformation/fields",
     "entityinformation/userdefinedfields",
 )
@@ -340,6 +343,7 @@ class AutotaskSimulator(Simulator):
                 self._contacts_entity(),
                 self._resources_entity(),
                 self._countries_entity(),
+                self._currencies_entity(),
             )
         }
         root = _ROOT
@@ -1104,6 +1108,38 @@ class AutotaskSimulator(Simulator):
             fields,
         )
 
+    def _currencies_entity(self) -> Entity:
+        """Currencies: the internal currency (`isInternalCurrency`) is the one every opportunity amount is in
+        (opportunities carry no currency; multi-currency only changes what is invoiced to customers)."""
+        rows = {
+            i + 1: {
+                "id": i + 1,
+                "name": code,
+                "description": code,
+                "displaySymbol": {"USD": "$", "EUR": "€", "GBP": "£"}.get(code, code),
+                "exchangeRate": rate,
+                "isActive": True,
+                "isInternalCurrency": code == BASE_CURRENCY,
+            }
+            for i, (code, rate) in enumerate(sorted(EXCHANGE_RATES.items()))
+        }
+        fields = {
+            "id": "integer",
+            "name": "string",
+            "description": "string",
+            "exchangeRate": "double",
+            "isActive": "boolean",
+            "isInternalCurrency": "boolean",
+        }
+        return Entity(
+            "Currencies",
+            lambda: sorted(rows),
+            rows.get,
+            lambda c, name, udf: None if udf else _get_ci(c, name),
+            lambda c: dict(c) if c else None,
+            fields,
+        )
+
 
 # Every field name a write may carry (besides user-defined fields): matched without regard to case.
 _WRITABLE = (
@@ -1336,6 +1372,8 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
             out[o.native_id] = {
                 "project_name": o.name,
                 "client_name": acc.name if acc is not None else None,
+                # companyID is on the opportunity: known even where Companies are refused
+                "account_id": w.accounts[o.account].native_id if o.account is not None else None,
                 "service_location": location,
                 "owner_crm_id": w.users[o.owner].native_id,
                 "created_by_crm_id": w.users[o.creator].native_id,
@@ -1344,7 +1382,10 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
                 "crm_status": status.label if labels else status.key,
                 "status": w.status(o) if labels else DEFAULT_STATUS_CATEGORY.get(status.key, "open"),
                 "amount": o.amount if o.amount is not None else 0.0,
-                "currency": None,
+                # amounts are in the internal currency (Currencies.isInternalCurrency), when the user may read it
+                "currency": None if sim.refused("currencies") else BASE_CURRENCY,
+                "amount_base": o.amount if o.amount is not None else 0.0,
+                "base_currency": None if sim.refused("currencies") else BASE_CURRENCY,
                 "close_date": o.close_date,
                 "created_at": o.created_at,
                 "crm_closed_at": closed_at(sim, o),

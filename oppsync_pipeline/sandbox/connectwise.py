@@ -2053,6 +2053,7 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
         out[o.native_id] = {
             "project_name": o.name,
             "client_name": acc.name if acc else None,
+            "account_id": str(int(acc.native_id)) if acc else None,
             "service_location": location,
             "owner_crm_id": str(MEMBER_ID_BASE + w.users[o.owner].idx),
             "created_by_crm_id": creator.native_id if "members" in sim.refused else str(MEMBER_ID_BASE + creator.idx),

@@ -53,7 +53,9 @@ from oppsync_pipeline.sandbox.kit.limits import Window
 from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
+from oppsync_pipeline.sandbox.world import BASE_CURRENCY as WORLD_BASE_CURRENCY
 from oppsync_pipeline.sandbox.world import (
+    EXCHANGE_RATES,
     Clock,
     SimAccount,
     SimOpportunity,
@@ -167,6 +169,8 @@ CURRENCIES = {
     "GBP": ("9a6e1b70-e646-e111-8eb7-78e7d162ced1", "Pound Sterling", "£"),
 }
 CURRENCY_BY_ID = {v[0]: k for k, v in CURRENCIES.items()}
+BASE_CURRENCY = WORLD_BASE_CURRENCY  # organization.basecurrencyid: _rate() is per unit of it
+ORGANIZATION_ID = "7a1c9e30-0b2d-ee11-9966-000d3a5a1b2c"
 BUSINESS_UNIT = "0d2b8a2c-3b5e-ee11-be6f-000d3a5a1b2c"
 # Price lists (pricelevel): one active list per currency, and a retired (inactive, statecode 1) one.
 PRICE_LEVELS = (
@@ -608,7 +612,7 @@ class DynamicsSimulator(Simulator):
         api("GET", rf"{API}/EntityDefinitions\(LogicalName='(?P<entity>\w+)'\)/Attributes", self.attribute_metadata)
         api(
             "GET",
-            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|"
+            rf"{API}/(?P<set>opportunities|systemusers|teams|accounts|transactioncurrencies|organizations|"
             r"processstages|pricelevels|quotes|quotedetails)",
             self.collection,
         )
@@ -1019,7 +1023,13 @@ class DynamicsSimulator(Simulator):
             "opportunityid": lambda o: o.native_id,
             "name": lambda o: o.name,
             "estimatedvalue": lambda o: o.amount,
-            "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount * _rate(o.currency), 4),
+            # Dataverse's exchangerate is units of the record's currency per unit of the base currency: the base
+            # value is the value divided by it (Money columns' *_base, "Manage transactions with multiple
+            # currencies"). actualvalue_base likewise, once won.
+            "estimatedvalue_base": lambda o: None if o.amount is None else round(o.amount / _rate(o.currency), 4),
+            "actualvalue_base": lambda o: (
+                round(o.amount / _rate(o.currency), 4) if o.amount is not None and stage(o).is_won else None
+            ),
             "exchangerate": lambda o: _rate(o.currency),
             "budgetamount": lambda o: None if o.amount is None or o.seq % 4 == 0 else round(o.amount * 0.8, 2),
             "actualvalue": lambda o: o.amount if stage(o).is_won else None,
@@ -1159,6 +1169,20 @@ class DynamicsSimulator(Simulator):
                 "transactioncurrencyid",
                 lambda: iter(cur_rows),
                 cur_cols,
+            ),
+            # The environment's one organization row: its base currency is the currency every *_base column
+            # is in (set when the environment is created, never changed afterwards).
+            "organizations": EntitySet(
+                "organizations",
+                "organization",
+                "organizationid",
+                lambda: iter([ORGANIZATION_ID]),
+                {
+                    "organizationid": lambda k: k,
+                    "name": lambda k: "Contoso Sandbox",
+                    "_basecurrencyid_value": lambda k: CURRENCIES[BASE_CURRENCY][0],
+                },
+                {"_basecurrencyid_value": ("basecurrencyid", "transactioncurrencies")},
             ),
             "processstages": EntitySet(
                 "processstages",
@@ -2113,7 +2137,7 @@ def _label(text: str) -> dict[str, Any]:
 
 
 def _rate(currency: str) -> float:
-    return {"USD": 1.0, "EUR": 0.92, "GBP": 0.79}.get(currency, 1.0)
+    return EXCHANGE_RATES.get(currency, 1.0)
 
 
 def _salesstage(w: World, o: SimOpportunity) -> int:
@@ -2378,6 +2402,7 @@ def truth(sim: DynamicsSimulator) -> dict[str, dict[str, Any]]:
         out[o.native_id] = {
             "project_name": o.name,
             "client_name": acc.name if acc else None,
+            "account_id": acc.native_id.lower() if acc else None,
             "service_location": location,
             "owner_crm_id": w.users[o.owner].native_id,
             "created_by_crm_id": w.users[o.creator].native_id,
@@ -2387,6 +2412,8 @@ def truth(sim: DynamicsSimulator) -> dict[str, dict[str, Any]]:
             "status": w.status(o),
             "amount": o.amount,
             "currency": o.currency,
+            "amount_base": None if o.amount is None else round(o.amount / _rate(o.currency), 4),
+            "base_currency": BASE_CURRENCY,
             "close_date": o.close_date,
             "created_at": o.created_at,
             # actualclosedate is Date Only: the connector reads it as 00:00 UTC of that date

@@ -85,7 +85,16 @@ from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.kit.webhooks import Change, Outgoing, WebhookSender
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, SimOpportunity, SimStage, TenantProfile, World
+from oppsync_pipeline.sandbox.world import (
+    BASE_CURRENCY,
+    EXCHANGE_RATES,
+    Clock,
+    SimOpportunity,
+    SimStage,
+    TenantProfile,
+    World,
+    to_base,
+)
 
 CRM = "hubspot"
 PRIVATE_APP_TOKEN = "pat-na1-5a1d6c2e-7f3b-4c2e-9d1a-8e4b2f6c0a17"
@@ -505,6 +514,7 @@ class HubSpotSimulator(Simulator):
         r("POST", r"/crm/v3/associations/deals/companies/batch/read", self.v3_batch_associations)
         r("POST", r"/crm/v3/objects/companies/search", self.search_companies)
         r("POST", r"/crm/v4/associations/companies/deals/batch/read", self.v4_batch_company_deals)
+        r("GET", r"/account-info/v3/details", self.account_details)
         self._company_seen: dict[str, str] = {a.native_id: a.name for a in world.accounts}
         self._company_modified: dict[str, datetime] = {}
         self._company_version = -1
@@ -818,6 +828,23 @@ class HubSpotSimulator(Simulator):
             "teams": [{"id": str(100 + u.idx % 3), "name": ["West", "East", "EMEA"][u.idx % 3], "primary": True}],
         }
 
+    def account_details(self, req: Request) -> Response:
+        """`GET /account-info/v3/details`: the portal's id, time zone and company currency (the currency
+        `amount_in_home_currency` is in), plus the additional currencies enabled in the portal."""
+        return Response.json(
+            {
+                "portalId": PORTAL_ID,
+                "accountType": "STANDARD",
+                "timeZone": "US/Eastern",
+                "companyCurrency": BASE_CURRENCY,
+                "additionalCurrencies": [c for c in EXCHANGE_RATES if c != BASE_CURRENCY],
+                "utcOffset": "-05:00",
+                "utcOffsetMilliseconds": -18000000,
+                "uiDomain": "app.hubspot.com",
+                "dataHostingLocation": "na1",
+            }
+        )
+
     def owners(self, req: Request) -> Response:
         archived = (req.arg("archived", "false") or "false").lower() == "true"
         email = req.arg("email")
@@ -852,8 +879,10 @@ class HubSpotSimulator(Simulator):
         w = self.world
         if name == "dealname":
             return opp.name
-        if name in ("amount", "amount_in_home_currency"):
+        if name == "amount":
             return _num(opp.amount)
+        if name == "amount_in_home_currency":  # calculated: the amount at the portal's exchange rate
+            return _num(to_base(opp.amount, opp.currency))
         if name == "dealstage":
             return opp.stage
         if name == "pipeline":
@@ -1022,8 +1051,10 @@ class HubSpotSimulator(Simulator):
             return lambda o: None if o.close_date is None else _to_ms(self._property(o, "closedate"))
         if name == "hs_object_id":
             return lambda o: int(o.native_id) if o.native_id.isdigit() else None
-        if name in ("amount", "amount_in_home_currency"):
+        if name == "amount":
             return lambda o: o.amount
+        if name == "amount_in_home_currency":
+            return lambda o: to_base(o.amount, o.currency)
         if name == "dealstage":
             return lambda o: o.stage
         if name == "pipeline":
@@ -1740,6 +1771,8 @@ def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
         out[opp.native_id] = {
             "project_name": opp.name,
             "client_name": client,
+            # the deal's primary company (the first association; none without the companies scope)
+            "account_id": world.accounts[opp.account].native_id if opp.account is not None and not refused else None,
             "service_location": location,
             "owner_crm_id": world.users[opp.owner].native_id,
             "created_by_crm_id": world.users[opp.creator].alt_id,
@@ -1749,6 +1782,8 @@ def truth(simulator: HubSpotSimulator) -> dict[str, dict[str, Any]]:
             "status": world.status(opp),
             "amount": opp.amount,
             "currency": opp.currency,
+            "amount_base": to_base(opp.amount, opp.currency),
+            "base_currency": BASE_CURRENCY,
             "close_date": opp.close_date,
             "created_at": opp.created_at,
             "crm_closed_at": close_time_truth(simulator, opp),

@@ -59,7 +59,7 @@ from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.kit.webhooks import Change, Outgoing, WebhookSender
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
-from oppsync_pipeline.sandbox.world import Clock, SimStage, TenantProfile, World, truncate
+from oppsync_pipeline.sandbox.world import EXCHANGE_RATES, Clock, SimStage, TenantProfile, World, to_base, truncate
 
 CRM = "salesforce"
 SANDBOX_CREDENTIALS = {
@@ -283,6 +283,7 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
             out[o.native_id] = {
                 "project_name": o.name,
                 "client_name": acc.name if acc else None,
+                "account_id": acc.native_id if acc else None,
                 "service_location": _address_as_seen(acc),
                 "owner_crm_id": w.users[o.owner].native_id,
                 "created_by_crm_id": w.users[o.creator].native_id,
@@ -292,6 +293,10 @@ def truth(sim: SalesforceSimulator) -> dict[str, dict[str, Any]]:
                 "status": w.status(o),
                 "amount": o.amount,
                 "currency": currency,
+                # multi-currency: convertCurrency(Amount) into the corporate currency (CurrencyType.IsCorporate);
+                # single-currency: the amount is in the org's currency already
+                "amount_base": to_base(o.amount, o.currency) if sim.multi_currency else o.amount,
+                "base_currency": ORG_CURRENCY if sim.multi_currency or sim.optional_rights else None,
                 "close_date": o.close_date,
                 "created_at": o.created_at,
                 "crm_closed_at": _close_time_as_seen(sim, o),
@@ -540,6 +545,14 @@ class Query:
     offset: int
 
 
+@dataclass(frozen=True)
+class ConvertCurrency:
+    """`convertCurrency(field) [alias]` as it appears in a select list."""
+
+    field: Tok
+    alias: str | None
+
+
 class SoqlParser:
     def __init__(self, soql: str, schemas: dict[str, SObject]):
         self.soql = soql
@@ -588,6 +601,8 @@ class SoqlParser:
                 t = self.next()
                 if t.kind != "ident":
                     raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
+                if t.value.lower() == "convertcurrency" and self.peek().kind == "punct" and self.peek().value == "(":
+                    t = self._convert_currency()
                 raw_fields.append(t)
                 if self.peek().kind == "punct" and self.peek().value == ",":
                     self.next()
@@ -609,7 +624,7 @@ class SoqlParser:
         self.sobject = sobject
         fields, seen = [], set()
         for ft in raw_fields:
-            fd = self.field(ft)
+            fd = self._converted(ft) if isinstance(ft, ConvertCurrency) else self.field(ft)
             if fd.name.lower() in seen:
                 raise _malformed(f"duplicate field selected: {fd.name}")
             seen.add(fd.name.lower())
@@ -661,6 +676,36 @@ class SoqlParser:
         if t.kind != "num" or t.value != int(t.value) or t.value < 0:
             raise _malformed(f"line 1:{t.pos} unexpected token: '{t.text}'")
         return int(t.value)
+
+    def _convert_currency(self) -> ConvertCurrency:
+        """`convertCurrency(Field) [alias]` in the select list: the currency field converted into the user's
+        currency (here the corporate one) at the org's rates. Without an alias the result keeps the field's
+        name (and replaces the unconverted value)."""
+        self.expect_punct("(")
+        inner = self.next()
+        if inner.kind != "ident":
+            raise _malformed(f"line 1:{inner.pos} unexpected token: '{inner.text}'")
+        self.expect_punct(")")
+        alias = None
+        if self.peek().kind == "ident" and not (self.peek(1).kind == "punct" and self.peek(1).value == "("):
+            alias = self.next().value
+        return ConvertCurrency(inner, alias)
+
+    def _converted(self, cc: ConvertCurrency) -> FieldDef:
+        fd = self.field(cc.field)
+        if fd.type != "currency" or "currencyisocode" not in self.sobject.fields:
+            raise HttpError(
+                400,
+                "INVALID_FIELD",
+                f"\n{self.soql}\n^\nERROR at Row:1:Column:{cc.field.pos + 1}\n"
+                "convertCurrency can only be used on currency fields in multi-currency organizations",
+            )
+        code = self.sobject.fields["currencyisocode"]
+        return FieldDef(
+            cc.alias or fd.name,
+            "currency",
+            lambda row: None if fd.get(row) is None else to_base(fd.get(row), code.get(row)),
+        )
 
     def field(self, t: Tok) -> FieldDef:
         if t.kind != "ident":
@@ -1386,7 +1431,26 @@ class SalesforceSimulator(Simulator):
         org.add("Name", "string", lambda k: "oppsync sandbox org")
         org.add("DefaultCurrencyIsoCode", "picklist", lambda k: ORG_CURRENCY)
         org.add("OrganizationType", "picklist", lambda k: "Enterprise Edition")
-        return {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage, "organization": org}
+        schemas = {"opportunity": opp, "user": user, "account": account, "opportunitystage": stage, "organization": org}
+        if self.multi_currency:  # CurrencyType exists only once multi-currency is enabled
+            rates = sorted(EXCHANGE_RATES.items())
+            currency = SObject(
+                "CurrencyType",
+                {},
+                {},
+                lambda deleted: rates,
+                key=lambda r: r[0],
+                row=lambda k: (k, EXCHANGE_RATES[k]),
+                url_id=lambda r: f"01L{r[0]}00000000AAA",
+            )
+            currency.add("Id", "id", lambda r: f"01L{r[0]}00000000AAA")
+            currency.add("IsoCode", "picklist", lambda r: r[0])
+            currency.add("ConversionRate", "number", lambda r: r[1])
+            currency.add("IsCorporate", "boolean", lambda r: r[0] == ORG_CURRENCY)
+            currency.add("IsActive", "boolean", lambda r: True)
+            currency.add("DecimalPlaces", "number", lambda r: 2)
+            schemas["currencytype"] = currency
+        return schemas
 
     # -- getDeleted / getUpdated ------------------------------------------------------------------------------------
 

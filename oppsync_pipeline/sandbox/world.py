@@ -92,6 +92,20 @@ class SimStage:
     pipeline: str = "default"
 
 
+# Exchange rates every simulated tenant converts with: units of the currency per one unit of the org's base
+# currency (USD), the convention of Dataverse's `exchangerate`, HubSpot's and Salesforce's currency settings
+# ("1 USD = 0.92 EUR"). The base amount is the amount divided by the rate.
+BASE_CURRENCY = "USD"
+EXCHANGE_RATES = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79}
+
+
+def to_base(amount: float | None, currency: str | None) -> float | None:
+    """`amount` in the base currency, rounded as the CRMs store money (4 decimals); None stays None."""
+    if amount is None:
+        return None
+    return round(amount / EXCHANGE_RATES.get(currency or BASE_CURRENCY, 1.0), 4)
+
+
 @dataclass(slots=True)
 class SimOpportunity:
     native_id: str

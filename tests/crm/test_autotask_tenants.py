@@ -105,6 +105,7 @@ def test_no_optional_rights_warns_and_falls_back(no_rights):
         "Companies",
         "Contacts",
         "Resources",
+        "Currencies",
     }
     assert all("HTTP 403" in w for w in c.stats.warnings)
     assert c.stats.quota_limit is None

@@ -147,6 +147,8 @@ def _opp(
         creator,
         modified,
         {"id": sid},
+        amount_base=amount,  # single-currency connections: the amount is in the base currency
+        base_currency="USD",
     )
 
 

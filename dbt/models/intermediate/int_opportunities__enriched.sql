@@ -1,6 +1,8 @@
 -- One row per opportunity with everything the marts report: stage category, qualification, closure,
 -- the internal users credited (creator / current owner / owner at close; 'unmapped' when no link) and
--- freshness. Deleted opportunities stay here (is_deleted) and are left out of the outcomes.
+-- freshness, amounts in the org's base currency, expected revenue (default probability where the CRM has
+-- none) and the stage a lost deal was lost at. Deleted opportunities stay here (is_deleted) and are left
+-- out of the outcomes.
 -- A table: the join of the views above is the expensive step, read by three models and their tests.
 {{ config(materialized='table') }}
 
@@ -21,6 +23,12 @@ qualified as (
 closures as (
 
     select * from {{ ref('int_opportunities__closures') }}
+
+),
+
+lost_at_stage as (
+
+    select * from {{ ref('int_opportunities__lost_at_stage') }}
 
 ),
 
@@ -50,6 +58,7 @@ joined as (
         o.source_id,
         o.project_name,
         o.client_name,
+        o.account_id,
         o.service_location,
         o.sales_executive,
         o.owner_crm_id,
@@ -69,8 +78,13 @@ joined as (
         o.scope_changed_at,
         o.amount,
         o.currency,
+        o.amount_base,
+        o.base_currency,
         o.close_date,
         o.probability,
+        {{ default_probability('o.connection') }} as default_probability,
+        l.lost_at_stage,
+        l.lost_at_stage_id,
         coalesce(o.created_at, o.first_seen_at) as created_at,
         o.created_at is null as created_at_is_estimated,
         o.created_by_crm_id,
@@ -103,6 +117,9 @@ joined as (
     left join closures as c
         on o.connection = c.connection
         and o.source_id = c.source_id
+    left join lost_at_stage as l
+        on o.connection = l.connection
+        and o.source_id = l.source_id
     left join attribution as owner_attr
         on o.connection = owner_attr.connection
         and o.owner_crm_id = owner_attr.crm_user_id
@@ -123,6 +140,11 @@ final as (
 
     select
         *,
+        -- expected revenue = amount x probability; the configured default where the CRM has no probability
+        coalesce(probability, default_probability) as expected_probability,
+        probability is null and default_probability is not null as probability_is_default,
+        amount * coalesce(probability, default_probability) / 100.0 as expected_revenue,
+        amount_base * coalesce(probability, default_probability) / 100.0 as expected_revenue_base,
         {{ to_reporting_tz('created_at') }} as created_at_local,
         -- a close time the CRM keeps as a date (Salesforce CloseDate) is that local day, not a UTC midnight
         case

@@ -1,6 +1,7 @@
 -- The credited activities behind marts.outcomes, one row per (opportunity, activity):
 --   created -> the CREATOR (created_by_user_id) at created_at;
 --   won / lost -> the OWNER AT CLOSE (owner_at_close_user_id) at closed_at.
+-- Amounts are in the org's base currency as the CRM converts them (amount_base), so sums never mix currencies.
 -- Deleted opportunities and those out of the connection's scope are excluded (they stay visible in
 -- marts.opportunities with is_deleted / is_in_scope).
 with
@@ -23,8 +24,8 @@ created as (
         created_at as activity_at,
         created_by_user_id as user_id,
         created_by_user_name as user_name,
-        amount,
-        currency,
+        amount_base,
+        base_currency,
         is_qualified
     from opportunities
     where created_at is not null
@@ -41,8 +42,8 @@ closed as (
         closed_at as activity_at,
         owner_at_close_user_id as user_id,
         owner_at_close_user_name as user_name,
-        amount,
-        currency,
+        amount_base,
+        base_currency,
         is_qualified
     from opportunities
     where stage_category in ('won', 'lost')

@@ -1,7 +1,7 @@
 -- Outcomes per (period_grain, period_start, connection, user_id). Periods are cut in
 -- var('reporting_timezone'), weeks start Monday. Created counts go to the creator (created_at period),
 -- won / lost to the owner at close (closed_at period). Users without activity in a period get zeros
--- from their first active period on.
+-- from their first active period on. Amounts are sums in the connection's base currency (amount_base).
 with
 
 activities as (
@@ -36,8 +36,8 @@ periodized as (
             user_id,
             user_name,
             activity,
-            coalesce(amount, 0) as amount,
-            currency,
+            coalesce(amount_base, 0) as amount_base,
+            base_currency,
             is_qualified
         from localized
         {% if not loop.last %}union all{% endif %}
@@ -53,16 +53,16 @@ metrics as (
         connection,
         user_id,
         sum(case when activity = 'created' then 1 else 0 end) as opportunities_created,
-        sum(case when activity = 'created' then amount else 0 end) as amount_created,
+        sum(case when activity = 'created' then amount_base else 0 end) as amount_created,
         sum(case when activity = 'won' then 1 else 0 end) as opportunities_won,
-        sum(case when activity = 'won' then amount else 0 end) as amount_won,
+        sum(case when activity = 'won' then amount_base else 0 end) as amount_won,
         sum(case when activity = 'lost' then 1 else 0 end) as opportunities_lost,
-        sum(case when activity = 'lost' then amount else 0 end) as amount_lost,
+        sum(case when activity = 'lost' then amount_base else 0 end) as amount_lost,
         sum(case when activity = 'created' and is_qualified then 1 else 0 end) as opportunities_created_qualified,
         sum(case when activity = 'won' and is_qualified then 1 else 0 end) as opportunities_won_qualified,
         sum(case when activity = 'lost' and is_qualified then 1 else 0 end) as opportunities_lost_qualified,
-        min(currency) as min_currency,
-        max(currency) as max_currency
+        min(base_currency) as min_currency,
+        max(base_currency) as max_currency
     from periodized
     group by period_grain, period_start, connection, user_id
 
@@ -76,6 +76,7 @@ members as (
         user_id,
         max(crm) as crm,
         max(user_name) as user_name,
+        max(base_currency) as base_currency,
         min(period_start) as first_period_start
     from periodized
     group by period_grain, connection, user_id
@@ -90,7 +91,8 @@ dense as (
         m.connection,
         m.crm,
         m.user_id,
-        m.user_name
+        m.user_name,
+        m.base_currency
     from members as m
     inner join spine as s
         on m.period_grain = s.period_grain
@@ -129,10 +131,12 @@ final as (
                         / (x.opportunities_won_qualified + x.opportunities_lost_qualified)
             end as double precision
         ) as qualified_win_rate,
+        -- one connection has one base currency; should the CRM's change (a new org), the row names none
+        -- (a period without activity: the user's base currency on the connection)
         cast(
             case
+                when x.period_grain is null then d.base_currency
                 when x.min_currency = x.max_currency then x.min_currency
-                when x.min_currency is not null then 'MIXED'
             end as text
         ) as currency
     from dense as d

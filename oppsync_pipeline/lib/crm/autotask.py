@@ -272,7 +272,8 @@ class ThresholdAnswer(PageModel):
 class AutotaskOptions(ConnectorOptions):
     """`options:` of an Autotask connection."""
 
-    currency: str | None = None  # the instance's currency (Autotask amounts carry none)
+    # the instance's currency (Autotask amounts carry none); unset: the internal currency read from Currencies
+    currency: str | None = None
 
 
 class AutotaskConnector(CrmConnector):
@@ -353,6 +354,7 @@ class AutotaskConnector(CrmConnector):
         self._contacts: dict[int, dict[str, Any]] = {}
         self._resources: dict[int, dict[str, Any]] | None = None
         self._countries: dict[int, str] | None = None
+        self._internal_currency: str | None = None  # options.currency, else Currencies.isInternalCurrency
         self._last_poll: int | None = None
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
         self._udfs: set[str] | None = None  # user-defined field names (None: refused)
@@ -406,6 +408,20 @@ class AutotaskConnector(CrmConnector):
             self._udfs = {f["name"] for f in udfs["fields"] if f["name"]}
         self._check_configured_fields()
         self._discover_close_fields()
+        self._internal_currency = self.options.currency or self._optional(
+            "Currencies",
+            self._read_internal_currency,
+            None,
+            "currency and base_currency left empty (set options.currency to fill them)",
+        )
+
+    def _read_internal_currency(self) -> str | None:
+        """The internal currency's code: the currency every opportunity amount is in."""
+        for page in self._query("Currencies", [{"op": "eq", "field": "isInternalCurrency", "value": True}]):
+            for c in page:
+                if c.get("name"):
+                    return str(c["name"])
+        return None
 
     def _discover_close_fields(self) -> None:
         """Which close-time fields this tenant's Opportunities have (entityInformation/fields). One it lacks is
@@ -824,6 +840,8 @@ class AutotaskConnector(CrmConnector):
         values = self.mapped_fields(
             r, client_name=lambda: clean_text(company.get("companyName")), sales_executive=lambda: self._executive(r)
         )
+        # opportunity amounts are in the internal currency (multi-currency only changes what is invoiced)
+        values["amount_base"] = values["amount"]
         return self.opportunity(
             r["id"],
             r,
@@ -834,7 +852,9 @@ class AutotaskConnector(CrmConnector):
             stage_id=stage_id,
             crm_status=crm_status,
             status=status,
-            currency=self.options.currency,
+            currency=self._internal_currency or self.options.currency,
+            base_currency=self._internal_currency or self.options.currency,
+            account_id=_str(r.get("companyID") or None),  # required by Autotask: 0 is no company
             modified_at=parse_datetime(r.get("lastActivity")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_at_field,

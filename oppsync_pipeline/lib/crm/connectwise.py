@@ -67,7 +67,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
-from pydantic import Field, Strict, StrictBool
+from pydantic import Field, Strict, StrictBool, StringConstraints
 from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import RecordFilter
@@ -307,6 +307,10 @@ class ConnectWiseOptions(ConnectorOptions):
     forecast: bool = True  # read each opportunity's forecast for its amount
     paging: Literal["navigable", "keyset"] = "navigable"
     max_retry_after: Annotated[float, Field(ge=0)] = 900
+    # The company's local currency (Setup Tables > Currency). ConnectWise converts no opportunity amount: the
+    # forecast is in the opportunity's own currency, so `amount_base` is the amount where that currency is this
+    # one (or the opportunity names none), and empty otherwise (never summed as if it were).
+    base_currency: Annotated[str, StringConstraints(min_length=3, max_length=3)] | None = None
 
 
 class ConnectWiseConnector(CrmConnector):
@@ -877,11 +881,15 @@ class ConnectWiseConnector(CrmConnector):
         key = _site_key(r)
         location = (self._sites.get(key) if key is not None else None) or (_text(site.get("name")) if site else None)
         currency = r.get("currency") or {}
+        code = currency.get("currencyCode") if isinstance(currency, dict) else None
         values = self.mapped_fields(
             r,
             amount=lambda: _forecast_amount(forecast) if forecast is not None else None,
             probability=lambda: self._probability(r, forecast),
         )
+        # no conversion in ConnectWise: the amount where its currency is options.base_currency
+        base = self.options.base_currency
+        values["amount_base"] = values["amount"] if base is not None and (code is None or code == base) else None
         return self.opportunity(
             r["id"],
             r,
@@ -892,7 +900,9 @@ class ConnectWiseConnector(CrmConnector):
             stage_id=stage_id,
             crm_status=crm_status,
             status=status,
-            currency=currency.get("currencyCode") if isinstance(currency, dict) else None,
+            currency=code,
+            base_currency=base,
+            account_id=_text(_ref_of(r, "company").get("id")),
             modified_at=parse_datetime(_value(r, "_info/lastUpdated")),
             **_closed_at(r, status),
         )

@@ -63,12 +63,14 @@ from oppsync_pipeline.lib.record import (
     clean_text,
     format_address,
     parse_datetime,
+    parse_float,
     to_utc,
 )
 from oppsync_pipeline.lib.scrub import scrubbed_logger
 
 API = "/api/data/v9.2"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
+LOOKUP_TABLE = "@Microsoft.Dynamics.CRM.lookuplogicalname"  # the table a polymorphic lookup points at
 ANNOTATIONS = (
     'odata.include-annotations="OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname"'
 )
@@ -89,6 +91,8 @@ SELECT = (
     "_createdby_value",
     "modifiedon",
     "_transactioncurrencyid_value",
+    # the estimated value in the organization's base currency, converted by Dataverse at the record's exchangerate
+    "estimatedvalue_base",
 )
 # The CRM's own record of when a closed opportunity closed, in the order read (first non-empty wins).
 CLOSE_TIME = ("actualclosedate",)
@@ -226,6 +230,11 @@ class AttributeRow(TypedDict):
 
 class CurrencyRow(TypedDict):
     transactioncurrencyid: Guid
+
+
+class OrganizationRow(TypedDict):
+    organizationid: Guid
+    _basecurrencyid_value: NotRequired[Guid | None]
 
 
 class StageRow(TypedDict):
@@ -492,6 +501,7 @@ class DynamicsConnector(CrmConnector):
     _close_columns: tuple[str, ...] = CLOSE_TIME  # the close-time columns this environment has
     _stage_id_column: str | None = STAGE_ID
     _currencies: dict[str, str] | None = None
+    _base_currency: str | None = None  # organization.basecurrencyid as an ISO code
     _expand_account = False
     _users: list[CrmUser] | None = None
 
@@ -606,6 +616,12 @@ class DynamicsConnector(CrmConnector):
             {},
             fallback_text="(needs prvReadTransactionCurrency) currency left empty",
         )
+        self._base_currency = self.optional(
+            "base currency (organization.basecurrencyid)",
+            self._read_base_currency,
+            None,
+            fallback_text="base_currency left empty (amount_base still read from estimatedvalue_base)",
+        )
         try:
             self._expand_account = self.optional(
                 "account $expand (client address)",
@@ -660,6 +676,12 @@ class DynamicsConnector(CrmConnector):
     def _read_currencies(self) -> dict[str, str]:
         rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"}, CurrencyRow)
         return {str(r["transactioncurrencyid"]).lower(): r.get("isocurrencycode") for r in rows}
+
+    def _read_base_currency(self) -> str | None:
+        """The ISO code of the environment's base currency: the one every `*_base` Money column is in."""
+        rows = self._rows("organizations", {"$select": "_basecurrencyid_value"}, OrganizationRow)
+        base_id = rows[0].get("_basecurrencyid_value") if rows else None
+        return (self._currencies or {}).get(str(base_id).lower()) if base_id else None
 
     def _probe_account_expand(self) -> bool:
         """One row with the account expanded: Dataverse answers 403 when the API user may not read accounts and
@@ -1030,6 +1052,10 @@ class DynamicsConnector(CrmConnector):
             crm_status=crm_status,
             status=status,
             currency=(self._currencies or {}).get(str(currency_id).lower()) if currency_id else None,
+            # Dataverse converts estimatedvalue (a connection reading its amount elsewhere gets no base amount)
+            amount_base=None if "amount" in overrides else parse_float(row.get("estimatedvalue_base")),
+            base_currency=self._base_currency,
+            account_id=_account_id(row),
             modified_at=parse_datetime(row.get("modifiedon")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,
@@ -1131,6 +1157,18 @@ def created_between(lo: datetime | None, hi: datetime | None) -> str:
 
 def _and(*clauses: str) -> str:
     return " and ".join(f"({c})" for c in clauses if c)
+
+
+def _account_id(row: dict[str, Any]) -> str | None:
+    """The opportunity's account: parentaccountid, else the potential customer where that is an account (the
+    Customer lookup is polymorphic: an account or a contact)."""
+    parent = row.get("_parentaccountid_value")
+    if parent:
+        return str(parent).lower()
+    customer = row.get("_customerid_value")
+    if customer and row.get(f"_customerid_value{LOOKUP_TABLE}") == "account":
+        return str(customer).lower()
+    return None
 
 
 def _address(account: dict[str, Any] | None) -> str | None:

@@ -92,6 +92,7 @@ DATE_FIELDS = frozenset(
     }
 )
 OAUTH_KEYS = ("client_id", "client_secret", "refresh_token")
+ACCOUNT_DETAILS_PATH = "/account-info/v3/details"
 COMPANY_PROPERTIES = ["name", "address", "address2", "city", "state", "zip", "country"]
 DEAL_PROPERTIES = [
     "dealname",
@@ -105,6 +106,9 @@ DEAL_PROPERTIES = [
     "hubspot_owner_id",
     "hs_created_by_user_id",
     "deal_currency_code",
+    # calculated: the amount at the portal's exchange rate, in the company currency (account-info's
+    # companyCurrency); equal to `amount` in a single-currency portal
+    "amount_in_home_currency",
     "hs_deal_stage_probability",
     "hs_is_closed",
     "hs_is_closed_won",
@@ -438,6 +442,7 @@ class HubSpotConnector(CrmConnector):
         self._deal_properties: dict[str, dict[str, Any]] | None = None  # None: not discovered (refused)
         self._by_pipeline: dict[tuple[str, str], StageInfo] = {}
         self._changed_company_deals: set[str] | None = None
+        self._company_currency: str | None = None  # account-info's companyCurrency
 
     def make_auth(self) -> Auth:
         # called by the base class before `self.options` exists
@@ -476,8 +481,18 @@ class HubSpotConnector(CrmConnector):
         props = self.optional(PROPERTIES_READ, self._read_properties, None, fallback_text=PROPERTIES_FALLBACK)
         self._deal_properties = props
         self._note_close_time(props)
-        if props is None:
-            return
+        if props is not None:
+            self._check_properties(props)
+        self._company_currency = self.optional(
+            "company currency (account-info)",
+            self._read_company_currency,
+            None,
+            fallback_text="base_currency left empty (amount_base still read from amount_in_home_currency)",
+        )
+
+    def _check_properties(self, props: dict[str, dict[str, Any]]) -> None:
+        """The connection's `fields:` and `filters:` against the portal's deal properties (a missing one is a
+        permanent error naming it and the fix), and what was found, as capabilities."""
         problems = [
             f"{key}: deal property '{native}' does not exist in this HubSpot portal"
             for key, native in configured_fields(self.conn)
@@ -524,6 +539,12 @@ class HubSpotConnector(CrmConnector):
             self.note(
                 CLOSE_TIME_READ, True, "won deals by hs_closed_won_date, lost by hs_closed_lost_date, else closedate"
             )
+
+    def _read_company_currency(self) -> str | None:
+        """The portal's company currency: the one `amount_in_home_currency` is in (Account Information API)."""
+        body = self.client.get_json(ACCOUNT_DETAILS_PATH)
+        code = body.get("companyCurrency") if isinstance(body, dict) else None
+        return str(code) if code else None
 
     def _read_properties(self) -> dict[str, dict[str, Any]]:
         path = "/crm/v3/properties/deals"
@@ -916,6 +937,10 @@ class HubSpotConnector(CrmConnector):
             crm_status=props.get("dealstage") or None,
             status=status,
             currency=props.get("deal_currency_code") or None,
+            # HubSpot converts `amount` only: a connection reading its amount elsewhere gets no base amount
+            amount_base=None if "amount" in self.conn.fields else parse_float(props.get("amount_in_home_currency")),
+            base_currency=self._company_currency,
+            account_id=str(company_id) if company_id else None,  # the deal's primary company
             modified_at=parse_datetime(props.get("hs_lastmodifieddate")),
             crm_closed_at=closed_at,
             crm_closed_at_field=closed_field,

@@ -132,6 +132,11 @@ FIELD_MAP = FieldMap(
     created_at="CreatedDate",
     created_by_crm_id="CreatedById",
 )
+# The alias the converted amount is selected under: `convertCurrency(Amount) ConvertedAmount` (an alias keeps the
+# unconverted Amount in the same row). Salesforce converts into the API user's currency at the org's rates; with
+# advanced currency management (dated exchange rates) it applies the rate dated for the opportunity's CloseDate,
+# so oppsync stores what Salesforce itself reports and keeps no rates of its own.
+CONVERTED_AMOUNT = "ConvertedAmount"
 # What every opportunity query selects (then the org's optional fields and the configured ones).
 SELECT_FIELDS = (
     "Id",
@@ -224,6 +229,11 @@ class StageRecord(TypedDict):
     __pydantic_config__ = RECORD  # type: ignore[misc]
     MasterLabel: Annotated[str, StringConstraints(strict=True, min_length=1)]
     ApiName: NotRequired[Annotated[str, StringConstraints(strict=True)] | None]
+
+
+class CurrencyTypeRecord(TypedDict):
+    __pydantic_config__ = RECORD  # type: ignore[misc]
+    IsoCode: Annotated[str, StringConstraints(strict=True)]
 
 
 class OrgRecord(TypedDict):
@@ -664,6 +674,12 @@ class SalesforceConnector(CrmConnector):
         )
         if self._multi_currency:
             self.note("currency", True, "multi-currency org: each opportunity's CurrencyIsoCode")
+            self._org_currency = self._optional(
+                "corporate currency (CurrencyType.IsCorporate)",
+                self._read_corporate_currency,
+                None,
+                fallback_text="base_currency left empty (amount_base still converted by convertCurrency)",
+            )
             return
         configured = self.options.currency
         if configured:
@@ -696,6 +712,22 @@ class SalesforceConnector(CrmConnector):
             self._last_stage_change,
             "read" if self._last_stage_change else "not in describe: closes dated by CloseDate",
         )
+
+    def _read_corporate_currency(self) -> str | None:
+        """The corporate currency: the one convertCurrency() converts into for an API user whose personal
+        currency is the corporate one (a new user's default)."""
+        for rows in self.query("SELECT IsoCode FROM CurrencyType WHERE IsCorporate = true", CurrencyTypeRecord):
+            for r in rows.records:
+                return r["IsoCode"]
+        return None
+
+    def _converts_amount(self) -> bool:
+        """Whether the amount's field can be converted: a currency field of a multi-currency org."""
+        if not self._multi_currency or "currencyisocode" not in (self._fields or {}):
+            return False
+        native = self.field("amount")
+        info = (self._fields or {}).get(native.lower()) if "." not in native else None
+        return info is not None and str(info.get("type")) == "currency"
 
     def _read_org_currency(self) -> str | None:
         for rows in self.query("SELECT DefaultCurrencyIsoCode FROM Organization", OrgRecord):
@@ -856,7 +888,10 @@ class SalesforceConnector(CrmConnector):
             fields.append(LAST_STAGE_CHANGE)
         for _, native in configured_fields(self.conn):
             _checked_field(native)
-        return fields_to_read(fields, self.conn, key=str.lower)
+        selected = fields_to_read(fields, self.conn, key=str.lower)
+        if self._converts_amount():
+            selected.append(f"convertCurrency({self.field('amount')}) {CONVERTED_AMOUNT}")
+        return selected
 
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
         return (
@@ -970,10 +1005,20 @@ class SalesforceConnector(CrmConnector):
         account = r.get("Account") or {}
         status = self.resolve_status(stage, crm_status, self._flags(r, stage_id))
         closed_at, closed_at_field = self._closed_at(r, status)
+        values = self.mapped_fields(r)
+        values["amount_base"] = (
+            parse_float(r.get(CONVERTED_AMOUNT))
+            if self._converts_amount()
+            else None
+            if self._multi_currency
+            else values["amount"]  # a single-currency org: every amount is in the org's currency
+        )
         return self.opportunity(
             r["Id"],
             r,
-            **self.mapped_fields(r),
+            **values,
+            base_currency=self._org_currency,
+            account_id=r.get("AccountId") or None,
             service_location=clean_text(billing_address(account)),
             owner_crm_id=r.get("OwnerId"),
             stage=stage,

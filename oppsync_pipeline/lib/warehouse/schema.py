@@ -512,6 +512,16 @@ def _m7_writeback(conn: Connection) -> None:
     create_input_table(conn)
 
 
+def _m8_base_currency(conn: Connection) -> None:
+    """Amounts in the org's base currency and the account id (issue 19): `amount_base` / `base_currency` /
+    `account_id` on every table that holds the canonical record. Existing rows keep NULL until the next sync's re-baseline (record.MAPPING_VERSION 4)
+    fills them without recording events."""
+    for table in ("opportunities", "opportunity_history", "stage_opportunities"):
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS amount_base DOUBLE PRECISION"))
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS base_currency TEXT"))
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS account_id TEXT"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -520,6 +530,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (5, _m5_history_truth),
     (6, _m6_hostile_answers),
     (7, _m7_writeback),
+    (8, _m8_base_currency),
 ]
 
 

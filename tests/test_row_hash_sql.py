@@ -84,15 +84,12 @@ def duckdb_engine(tmp_path_factory):
     engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def postgres_engine(tmp_path_factory):
-    from tests.conftest import warehouse_database
-
-    with warehouse_database("postgres", tmp_path_factory.mktemp("hash_pg")) as url:
-        engine = make_engine(url)
-        ensure_schema(engine)
-        yield engine
-        engine.dispose()
+@pytest.fixture
+def postgres_engine(pg_url):  # pg_url: conftest marks the test `postgres`
+    engine = make_engine(pg_url)
+    ensure_schema(engine)
+    yield engine
+    engine.dispose()
 
 
 def staged_hashes(engine, page: list[Opportunity]) -> dict[str, str]:

@@ -176,7 +176,7 @@ def write_batch(engine: Engine, table: pa.Table) -> int:
     with transaction(engine) as conn:
         raw = conn.connection.dbapi_connection
         name = f"_stage_in_{id(table)}"
-        if dialect.hashes_in_database(engine):
+        if dialect.is_duckdb(engine):
             values = ", ".join(DUCKDB_ROW_HASH if c == "row_hash" else c for c in STAGE_COLUMNS)
             raw.register(name, table)
             try:
@@ -245,7 +245,7 @@ class StagingWriter:
         batch = stage_batch(self.extract_id, page, in_open_set, seq0, scopes, SCOPE_IN)
         self._batches.append(batch)
         self._rows += batch.num_rows
-        self._chars += raw_chars(batch)  # the raw JSON dominates a row's size
+        self._chars += raw_chars(batch)  # the raw JSON dominates a row's size (UTF-8 bytes, near enough chars)
         if self._rows >= self.batch_rows or self._chars >= self.batch_chars:
             self.flush()
         return batch.num_rows

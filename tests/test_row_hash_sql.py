@@ -168,7 +168,18 @@ def test_duckdb_and_postgres_digests_agree_on_a_shared_case(duckdb_engine, postg
 
 @pytest.mark.parametrize(
     ("amount", "python"),
-    [(1000.0, False), (2.675, False), (-0.0, False), (0.1 + 0.2, True), (1e16, True), (1e-5, True), (1000, True)],
+    [
+        (1000.0, False),
+        (2.675, False),
+        (-0.0, False),
+        (0.1 + 0.2, True),
+        (1e16, True),
+        (1e-5, True),
+        (1000, True),
+        (float("nan"), True),
+        (float("inf"), True),
+        (None, False),
+    ],
 )
 def test_numbers_the_databases_would_print_otherwise_keep_the_python_hash(amount, python):
     field = next(f for f in FIELDS if f.name == "amount")

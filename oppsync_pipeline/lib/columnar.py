@@ -99,13 +99,14 @@ def python_hash_mask(page_values: dict[str, list[Any]], arrays: dict[str, pa.Arr
         if f.sql_type is Double:
             if not set(map(type, page_values[f.name])) <= {float, _NONE}:  # ints hash as "1000", not "1000.0"
                 mask |= np.array([v is not None and type(v) is not float for v in page_values[f.name]])
-            v = array.to_numpy(zero_copy_only=False)  # NaN where None
+            v = array.to_numpy(zero_copy_only=False)  # NaN where None (and where NaN)
+            nulls = array.is_null().to_numpy(zero_copy_only=False)
             with np.errstate(invalid="ignore", over="ignore"):
                 # rint(v * 1e6) / 1e6 == v exactly when round(v, 6) == v, for |v| < 2**53 / 1e6
                 ok = ((v == 0) | ((np.abs(v) >= _HASHABLE_MIN) & (np.abs(v) < _HASHABLE_MAX))) & (
                     np.rint(v * 1e6) / 1e6 == v
                 )
-            mask |= ~(ok | np.isnan(v))
+            mask |= ~(ok | nulls)  # a NaN is no NULL: Postgres prints it 'NaN', Python 'nan'
         elif f.sql_type in (Date, DateTime):
             early = pc.fill_null(pc.less(pc.year(array), 1000), False)
             mask |= early.to_numpy(zero_copy_only=False)

@@ -43,22 +43,27 @@ def figures_ok(figures: list[Figure]) -> None:
         assert f.verdict in ("PASS", "MISS", "info"), f
 
 
-def test_reconcile_engine_and_dlt_on_duckdb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_reconcile_engine_floor_and_dlt_on_duckdb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Postgres has its own test below; here only DuckDB, to keep this file fast.
     monkeypatch.setattr(reconcile_throughput, "postgres_available", lambda: False)
     figures = reconcile_throughput.run(parse_args(TINY), tmp_path)
     subjects = [f.subject for f in figures]
-    assert subjects[:3] == ["duckdb engine", "duckdb dlt merge", "duckdb engine/dlt"]
-    figures_ok(figures[:3])
+    assert subjects[:5] == ["duckdb engine", "duckdb floor", "duckdb ours/floor", "duckdb dlt merge", "duckdb ours/dlt"]
+    figures_ok(figures[:5])
 
 
 @pytest.mark.postgres
-def test_reconcile_engine_on_postgres(tmp_path: Path):
+def test_reconcile_engine_and_floor_on_postgres(tmp_path: Path):
     if not postgres_available():
         pytest.skip("Postgres unreachable")
-    figures = reconcile_throughput.run(parse_args(TINY + ["--no-dlt"]), tmp_path)
-    assert [f.subject for f in figures] == ["duckdb engine", "postgres engine"]
+    figures = reconcile_throughput.run(parse_args(TINY + ["--no-dlt", "--reconcile-profile"]), tmp_path)
+    assert [f.subject for f in figures] == [
+        f"{backend} {what}"
+        for backend in ("duckdb", "postgres")
+        for what in ("engine", "engine profile", "floor", "ours/floor")
+    ]
     figures_ok(figures)
+    assert "cProfile" in figures[1].notes
 
 
 def test_api_efficiency(tmp_path: Path):

@@ -3,7 +3,7 @@ and by raw payload, and whatever is staged is exactly what the pages held, on bo
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
 
@@ -99,4 +99,33 @@ def test_an_extract_that_fails_before_its_flush_stages_nothing_more(warehouse_ur
     assert len(staged(engine)) == 4
     store.finish_extract(engine, "x", status="failed", finished_at=datetime(2026, 3, 1), error="boom")
     assert staged(engine) == []
+    engine.dispose()
+
+
+def awkward_page() -> list[Opportunity]:
+    """Values the columnar path converts in bulk that the row path converted one by one: NUL bytes, empty text,
+    a text that reads \\N, a time zone, an integer amount, NULLs, a year before 1000, quotes and line breaks."""
+    base = page(0, 4)
+    base[0].project_name, base[0].client_name, base[0].sales_executive = "a\x00b", "", "\\N"
+    base[1].created_at = datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=-5)))
+    base[1].amount, base[1].probability = 1000, None  # an int amount keeps record.row_hash's "1000"
+    base[2].project_name, base[2].stage, base[2].raw = 'say "hi",\nbye', None, {"k": "\x00", "n": None}
+    base[3].created_at, base[3].amount = datetime(999, 12, 31, 23, 59, 59, 5), 0.1 + 0.2
+    return base
+
+
+def test_columnar_staging_stores_what_the_row_path_defines(warehouse_url):
+    """Every staged column, as the row-at-a-time definition (store.staged_rows, Python hashes) has it."""
+    engine = started(warehouse_url)
+    records = awkward_page()
+    writer = store.StagingWriter(engine, "x")
+    writer.add(records[:2], True, 0, scopes=["in", "filtered_out"])
+    writer.add(records[2:], False, 2)
+    writer.flush()
+    with transaction(engine) as c:
+        cols = ", ".join(store.STAGE_COLUMNS)
+        stored = [tuple(r) for r in c.execute(text(f"SELECT {cols} FROM oppsync.stage_opportunities ORDER BY seq"))]
+    expected = store.staged_rows("x", records[:2], True, 0, scopes=["in", "filtered_out"])
+    expected += store.staged_rows("x", records[2:], False, 2)
+    assert stored == expected
     engine.dispose()

@@ -1,17 +1,23 @@
 """Staging: an extract's records as rows of `oppsync.stage_opportunities`, written in batches while the CRM is
-read, with the row hash of each (in Python, or by DuckDB during the insert). Nothing outside staging changes
-until the reconcile applies a completed extract."""
+read, with the row hash of each computed by the database during the insert (by Python for the few values the
+database would print otherwise). Pages become Arrow record batches column by column (columnar.py); staged_rows,
+the row-at-a-time form, stays as the definition the columnar path is tested against. Nothing outside staging
+changes until the reconcile applies a completed extract."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import Date, DateTime, Double
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from sqlalchemy import Date, DateTime, Double, text
 from sqlalchemy.engine import Engine
 
+from oppsync_pipeline.lib.columnar import STAGE_SCHEMA, raw_chars, stage_batch
 from oppsync_pipeline.lib.record import (
     CANONICAL,
     FIELDS,
@@ -28,7 +34,7 @@ from oppsync_pipeline.lib.warehouse.dialect import bulk_insert
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 
-STAGE_COLUMNS = ["extract_id", "connection", "source_id", "seq", "in_open_set", "scope", *CANONICAL, "raw", "row_hash"]
+STAGE_COLUMNS = list(STAGE_SCHEMA.names)  # columnar.STAGE_SCHEMA: the batch and the table take the same order
 
 # Why a staged record is (not) in the connection's scope (scope.py): only `in` records are synced as such.
 SCOPE_IN, SCOPE_FILTERED_OUT, SCOPE_BEFORE_STAGE = "in", "filtered_out", "before_stage"
@@ -39,8 +45,8 @@ SCOPE_IN, SCOPE_FILTERED_OUT, SCOPE_BEFORE_STAGE = "in", "filtered_out", "before
 # was a fifth of staging time (4.5 us a record); vectorised in DuckDB it is a small part of the insert.
 # DuckDB rounds halves away from zero where Python rounds the exact binary value, so the few records with a
 # number of more than 6 decimals (or not a float, or a date-time before year 1000) keep their Python hash,
-# passed in the row_hash column, which the expression keeps. Postgres stages through COPY, which cannot
-# compute, and keeps the Python hash for every record.
+# passed in the row_hash column, which the expression keeps (columnar.python_hash_mask decides which, the
+# same for both databases). POSTGRES_ROW_HASH below is the same digest in Postgres.
 def _duckdb_hash_text(field: CanonicalField) -> str:
     """The text record.row_hash gives a value of this field, as DuckDB writes it (NULL is chr(0))."""
     name = field.name
@@ -89,7 +95,8 @@ def staged_rows(
     with_hash: bool = True,
     scopes: Sequence[str] | None = None,
 ) -> list[tuple]:
-    """One page of extracted records as staging rows (STAGE_COLUMNS order). With with_hash=False the
+    """One page of extracted records as staging rows (STAGE_COLUMNS order): the row-at-a-time definition of
+    what columnar.stage_batch builds, kept for write_staged and the tests. With with_hash=False the
     row_hash is None where DUCKDB_ROW_HASH computes it the same, during the insert. `scopes`: each record's
     scope verdict (SCOPE_*), all `in` when None.
 
@@ -122,8 +129,8 @@ def staged_rows(
 
 
 def write_staged(engine: Engine, rows: Sequence[tuple]) -> int:
-    """Write staging rows (from staged_rows) in one short transaction. On DuckDB the insert computes the
-    row hashes the rows leave as None."""
+    """Write staging rows (from staged_rows) in one short transaction (the row path; StagingWriter takes the
+    columnar one). On DuckDB the insert computes the row hashes the rows leave as None."""
     with transaction(engine) as conn:
         computed = {"row_hash": DUCKDB_ROW_HASH} if dialect.hashes_in_database(engine) else None
         return bulk_insert(conn, f"{S}.stage_opportunities", STAGE_COLUMNS, rows, computed=computed)
@@ -135,6 +142,68 @@ def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_
     writer.add(page, in_open_set, seq0)
     writer.flush()
     return writer.written
+
+
+# How Postgres computes record.row_hash while it moves a COPYed batch into staging: the same text of each value
+# as Python's (for the values columnar.python_hash_mask leaves to the database), over bytes, since a Postgres
+# text cannot hold the chr(0) that stands for NULL. float8 prints the shortest round-trip digits like repr()
+# but drops a whole number's ".0"; dates and date-times are printed with to_char, independent of DateStyle.
+def _postgres_hash_bytes(field: CanonicalField) -> str:
+    name = field.name
+    if field.sql_type is Double:
+        text_of = f"CASE WHEN {name}::text LIKE '%.%' THEN {name}::text ELSE {name}::text || '.0' END"
+    elif field.sql_type is Date:
+        text_of = f"to_char({name}, 'YYYY-MM-DD')"
+    elif field.sql_type is DateTime:
+        text_of = f"to_char({name}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
+    else:
+        text_of = name
+    return f"coalesce(convert_to({text_of}, 'UTF8'), decode('00', 'hex'))"
+
+
+POSTGRES_ROW_HASH = (
+    "coalesce(row_hash, md5(" + " || decode('1f', 'hex') || ".join(map(_postgres_hash_bytes, _TRACKED)) + "))"
+)
+
+
+def write_batch(engine: Engine, table: pa.Table) -> int:
+    """Write staging columns (columnar.stage_batch) in one short transaction; the database computes the row
+    hashes the batch leaves null. DuckDB scans the Arrow table in place; Postgres takes it by COPY (CSV written
+    by Arrow's C++ writer) into a temporary table and moves it over with the hash computed on the way."""
+    if not table.num_rows:
+        return 0
+    cols = ", ".join(STAGE_COLUMNS)
+    with transaction(engine) as conn:
+        raw = conn.connection.dbapi_connection
+        name = f"_stage_in_{id(table)}"
+        if dialect.is_duckdb(engine):
+            values = ", ".join(DUCKDB_ROW_HASH if c == "row_hash" else c for c in STAGE_COLUMNS)
+            raw.register(name, table)
+            try:
+                raw.execute(f"INSERT INTO {S}.stage_opportunities ({cols}) SELECT {values} FROM {name}")
+            finally:
+                raw.unregister(name)
+        else:
+            values = ", ".join(POSTGRES_ROW_HASH if c == "row_hash" else c for c in STAGE_COLUMNS)
+            _postgres_copy_arrow(raw, table, name, cols)
+            conn.execute(text(f"INSERT INTO {S}.stage_opportunities ({cols}) SELECT {values} FROM {name}"))
+            conn.execute(text(f"DROP TABLE {name}"))
+    return table.num_rows
+
+
+def _postgres_copy_arrow(raw: Any, table: pa.Table, name: str, cols: str) -> None:
+    # Every valid value is quoted and a null is an empty unquoted field: in CSV mode a quoted field is never
+    # NULL, so an empty CRM text stays empty and a text that reads \N stays text.
+    buf = io.BytesIO()
+    pa_csv.write_csv(table, buf, pa_csv.WriteOptions(include_header=False, quoting_style="all_valid"))
+    buf.seek(0)
+    cursor = raw.cursor()
+    try:
+        # no NOT NULL here: row_hash is null until the INSERT computes it
+        cursor.execute(f"CREATE TEMPORARY TABLE {name} AS SELECT {cols} FROM {S}.stage_opportunities WITH NO DATA")
+        cursor.copy_expert(f"COPY {name} ({cols}) FROM STDIN WITH (FORMAT csv)", buf)
+    finally:
+        cursor.close()
 
 
 # A staging batch is written once it holds this many rows or this many characters of raw payload.
@@ -149,9 +218,9 @@ class StagingWriter:
     the checkpoint when it is closed take ~50 ms, more than writing 10,000 rows (a 1,000,000-row extract
     spent 14 of its 37 staging seconds there). The warehouse file stays free between batches, so other
     connections' runs get their transactions in, and memory stays bounded by the batch limits (about
-    16 MB of raw payload, whatever the CRM's page size). Rows are converted as pages arrive; nothing is
-    written until `flush` (or a full batch), and a failed extract simply never flushes the rest: its
-    staging is discarded anyway."""
+    16 MB of raw payload, whatever the CRM's page size). Pages are converted to Arrow record batches as they
+    arrive (columnar.stage_batch); nothing is written until `flush` (or a full batch), and a failed extract
+    simply never flushes the rest: its staging is discarded anyway."""
 
     def __init__(
         self,
@@ -164,23 +233,26 @@ class StagingWriter:
         self.engine, self.extract_id = engine, extract_id
         self.batch_rows, self.batch_chars = batch_rows, batch_chars
         self.written = 0
-        self._with_hash = not dialect.hashes_in_database(engine)
-        self._rows: list[tuple] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._rows = 0
         self._chars = 0
 
     def add(
         self, page: Sequence[Opportunity], in_open_set: bool, seq0: int, scopes: Sequence[str] | None = None
     ) -> int:
-        rows = staged_rows(self.extract_id, page, in_open_set, seq0, with_hash=self._with_hash, scopes=scopes)
-        self._rows.extend(rows)
-        self._chars += sum(len(r[RAW]) for r in rows)  # the raw JSON dominates a row's size
-        if len(self._rows) >= self.batch_rows or self._chars >= self.batch_chars:
+        if not page:
+            return 0
+        batch = stage_batch(self.extract_id, page, in_open_set, seq0, scopes, SCOPE_IN)
+        self._batches.append(batch)
+        self._rows += batch.num_rows
+        self._chars += raw_chars(batch)  # the raw JSON dominates a row's size (UTF-8 bytes, near enough chars)
+        if self._rows >= self.batch_rows or self._chars >= self.batch_chars:
             self.flush()
-        return len(rows)
+        return batch.num_rows
 
     def flush(self) -> int:
-        rows, self._rows, self._chars = self._rows, [], 0
-        n = write_staged(self.engine, rows) if rows else 0
+        batches, self._batches, self._rows, self._chars = self._batches, [], 0, 0
+        n = write_batch(self.engine, pa.Table.from_batches(batches, schema=STAGE_SCHEMA)) if batches else 0
         self.written += n
         return n
 

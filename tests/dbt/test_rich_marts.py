@@ -25,6 +25,7 @@ from datetime import date, datetime
 from typing import Any
 
 import pytest
+from mart_docs import MARTS, configured_columns, undocumented_and_wrong
 from mart_world import BASE_USERS, CONNECTIONS, Dbt, _sync, config, dbt_env
 from sqlalchemy.engine import make_url
 
@@ -425,6 +426,18 @@ def check(dbt: Dbt) -> None:
         "where source_id = 'sf-noprob' and event_type = 'updated'",
     )
     assert len(updates) == 1 and "extra_fields" in updates[0]["changed_fields"], updates
+
+
+def test_mart_docs_accept_only_the_configured_columns_of_opportunity_fields() -> None:
+    """marts.opportunity_fields' configured columns have no YAML description (the configuration names them);
+    the docs check accepts exactly those, and still refuses any other undescribed column."""
+    node = {"description": "d", "columns": {"connection": {"description": "c"}}}
+    models = dict.fromkeys((*MARTS, "opportunity_fields"), node)
+    built = [(m, "connection", "c", "d") for m in models]
+    built += [("opportunity_fields", "seats", None, "d"), ("opportunity_fields", "stray", None, "d")]
+    built += [("opportunities", "seats", None, "d")]
+    undocumented, _ = undocumented_and_wrong(models, built, configured_columns(mart_vars()))
+    assert undocumented == ["opportunity_fields.stray", "opportunities.seats"]
 
 
 def test_rich_marts_duckdb(duckdb_rich: Dbt) -> None:

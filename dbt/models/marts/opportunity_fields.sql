@@ -19,10 +19,8 @@ final as (
         cast(connection as text) as connection,
         cast(crm as text) as crm,
         cast(source_id as text) as source_id,
-        cast(deleted_at is not null as boolean) as is_deleted
-        {%- for name, type in extra_fields.items() %},
-        {{ typed_extra_field('extra_fields_json', name, type) }} as {{ adapter.quote(name) }}
-        {%- endfor %}
+        cast(deleted_at is not null as boolean) as is_deleted{% for name, type in extra_fields.items() %},
+        {{ typed_extra_field('extra_fields_json', name, type) }} as {{ adapter.quote(name) }}{% endfor %}
 
     from opportunities
 

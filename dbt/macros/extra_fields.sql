@@ -83,6 +83,9 @@
             when lower({{ v }}) in ('false', 'f', 'no', 'n', '0') then false
         end
     {%- else -%}
-        {{ exceptions.raise_compiler_error("extra_fields: unknown type '" ~ type ~ "' for '" ~ key ~ "'; types: text, number, integer, date, timestamp, boolean") }}
+        {%- set known = 'text, number, integer, date, timestamp, boolean' -%}
+        {{ exceptions.raise_compiler_error(
+            "extra_fields: unknown type '" ~ type ~ "' for '" ~ key ~ "'; types: " ~ known
+        ) }}
     {%- endif -%}
 {%- endmacro %}

@@ -218,9 +218,13 @@ def test_the_python_hash_is_the_definition():
         "USD",
         None,  # amount_base
         None,  # base_currency
+        None,  # revenue_one_time
+        None,  # revenue_recurring
+        None,  # cost
         date(2026, 5, 1),
         10.0,
         datetime(2026, 1, 2, 3, 4, 5, 6),
         "005B",
         datetime(2026, 4, 30, 17, 0),
+        None,  # extra_fields
     )

@@ -45,6 +45,14 @@ OVERRIDABLE_FIELDS = (
 )
 
 
+# `extra_fields:` types: how dbt casts each raw CRM value in marts.opportunity_fields (a value that does not
+# cast is NULL there, never a failed build).
+ExtraFieldType = Literal["text", "number", "integer", "date", "timestamp", "boolean"]
+_COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# marts.opportunity_fields' own columns: an extra field cannot take their names.
+FIXED_FIELD_COLUMNS = ("connection", "crm", "source_id", "is_deleted")
+
+
 class ConfigError(Exception):
     """Configuration is invalid; `problems` holds one `key.path: message` line per problem."""
 
@@ -71,6 +79,13 @@ class RecordFilter(_Strict):
         if self.op != "in" and isinstance(self.value, (list, dict)):
             raise ValueError(f"operator '{self.op}' takes a single value, not a list")
         return self
+
+
+class ExtraField(_Strict):
+    """One more CRM field as a typed column of marts.opportunity_fields (seed 001's field mapping)."""
+
+    field: Annotated[str, Field(min_length=1)]  # the CRM's field name, as `fields:` overrides name them
+    type: ExtraFieldType = "text"
 
 
 class QuotaConfig(_Strict):
@@ -137,6 +152,8 @@ class ConnectionConfig(_Strict):
     open_statuses: list[str] | None = None
     filters: list[RecordFilter] = []
     fields: dict[str, str] = {}
+    # mart column name -> the CRM field it holds and its type (marts.opportunity_fields)
+    extra_fields: dict[str, ExtraField] = {}
     page_size: Annotated[int, Field(ge=1)] | None = None
     overlap_minutes: Annotated[int, Field(ge=0)] = 10
     max_delete_share: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -194,6 +211,22 @@ class ConnectionConfig(_Strict):
         unknown = sorted(set(v) - set(OVERRIDABLE_FIELDS))
         if unknown:
             raise ValueError(f"unknown canonical field(s) {unknown}; overridable: {list(OVERRIDABLE_FIELDS)}")
+        return v
+
+    @field_validator("extra_fields")
+    @classmethod
+    def _extra_fields(cls, v: dict[str, ExtraField]) -> dict[str, ExtraField]:
+        for name in v:
+            if not _COLUMN.match(name):
+                raise ValueError(
+                    f"'{name}' is not a column name: lowercase letters, digits and '_', starting with a letter "
+                    "(e.g. lead_source)"
+                )
+            if name in FIXED_FIELD_COLUMNS:
+                raise ValueError(
+                    f"'{name}' is a fixed column of marts.opportunity_fields {list(FIXED_FIELD_COLUMNS)}; "
+                    "choose another name"
+                )
         return v
 
     @model_validator(mode="after")
@@ -458,6 +491,17 @@ class OppsyncConfig(_Strict):
                 "hourly syncs fresh. Use Postgres: warehouse.url: postgresql+psycopg2://user@host:5432/database "
                 "(README: Scaling out)"
             )
+        # one mart column per extra field name, so one type per name across connections
+        types: dict[str, tuple[str, int]] = {}
+        for i, conn in enumerate(self.connections):
+            for name, extra in conn.extra_fields.items():
+                first = types.setdefault(name, (extra.type, i))
+                if first[0] != extra.type:
+                    problems.append(
+                        f"connections[{i}].extra_fields.{name}.type: '{extra.type}', but connections[{first[1]}] "
+                        f"types the same column '{first[0]}'; one mart column has one type: use the same type or "
+                        "another name"
+                    )
         for i, user in enumerate(self.users):
             for conn_name in user.crm_ids:
                 if conn_name not in seen:

@@ -48,7 +48,18 @@ def dbt_vars(cfg: OppsyncConfig) -> dict[str, Any]:
         "default_probability_by_connection": {
             c.name: c.default_probability for c in cfg.connections if c.default_probability is not None
         },
+        "extra_fields": extra_field_columns(cfg),
     }
+
+
+def extra_field_columns(cfg: OppsyncConfig) -> dict[str, str]:
+    """marts.opportunity_fields' typed columns: every connection's extra field names, in configuration order,
+    each with its type (one type per name across connections: the configuration refuses two)."""
+    columns: dict[str, str] = {}
+    for conn in cfg.connections:
+        for name, extra in conn.extra_fields.items():
+            columns.setdefault(name, extra.type)
+    return columns
 
 
 @contextmanager

@@ -38,7 +38,9 @@ class EventKind(StrEnum):
 # 3: `crm_closed_at`, the CRM's own record of when an opportunity closed, dates closes (not the last edit).
 # 4: `amount_base` / `base_currency`, the amount in the org's base currency as the CRM converts it, and
 # `account_id`, the CRM's id of the account / company.
-MAPPING_VERSION = 4
+# 5: `revenue_one_time` / `revenue_recurring` / `cost` (ConnectWise forecast lines, Autotask revenue fields) and
+# `extra_fields`, the connection's configured extra CRM fields.
+MAPPING_VERSION = 5
 
 
 # -- The canonical fields, once --------------------------------------------------------------------------------
@@ -88,11 +90,22 @@ FIELDS: tuple[CanonicalField, ...] = (
     # currency: sums across records never mix currencies. Tracked: a rate change the CRM applies is a change.
     CanonicalField("amount_base", Double, tracked=True),
     CanonicalField("base_currency", String, tracked=True),
+    # The amount broken down where the CRM keeps the breakdown (ConnectWise forecast lines by recurringFlag,
+    # Autotask one-time vs monthly / quarterly / semiannual / yearly revenue over totalAmountMonths), and the
+    # cost the CRM records for it (margin = amount - cost, in the mart). In `currency`. None elsewhere.
+    CanonicalField("revenue_one_time", Double, tracked=True),
+    CanonicalField("revenue_recurring", Double, tracked=True),
+    CanonicalField("cost", Double, tracked=True),
     CanonicalField("close_date", Date, tracked=True),
     CanonicalField("probability", Double, tracked=True),
     CanonicalField("created_at", DateTime, tracked=True),
     CanonicalField("created_by_crm_id", String, tracked=True),
     CanonicalField("crm_closed_at", DateTime, tracked=True),
+    # The connection's `extra_fields:` as raw CRM values, a JSON object (name -> value, keys sorted, nulls left
+    # out; None when all are null), typed in dbt (marts.opportunity_fields). Tracked: a user who asked for a
+    # field in the mart expects its change to be an update like any other; nulls left out so that adding a
+    # field to the configuration does not change the hash of the records that have no value in it.
+    CanonicalField("extra_fields", Text, tracked=True),
     CanonicalField("modified_at", DateTime),
     CanonicalField("crm_closed_at_field", String),
 )
@@ -133,6 +146,11 @@ class Opportunity:
     amount_base: float | None = None
     base_currency: str | None = None
     account_id: str | None = None  # the CRM's account / company id (None: no account, or not readable)
+    # The amount's breakdown and cost where the CRM has them (ConnectWise, Autotask; None elsewhere).
+    revenue_one_time: float | None = None
+    revenue_recurring: float | None = None
+    cost: float | None = None
+    extra_fields: str | None = None  # JSON text of the connection's extra fields (extra_fields_json)
 
     def row_hash(self) -> str:
         return row_hash(*(getattr(self, f) for f in TRACKED_FIELDS))
@@ -180,6 +198,13 @@ def row_hash(*values: Any) -> str:
         else:
             parts.append(str(v))
     return hashlib.md5("\x1f".join(parts).encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def extra_fields_json(values: dict[str, Any]) -> str | None:
+    """The extra fields' raw values as the warehouse keeps them: compact JSON, keys sorted (a stable hash),
+    nulls left out, None when nothing is left."""
+    kept = {k: v for k, v in sorted(values.items()) if v is not None and v != ""}
+    return raw_json(kept) if kept else None
 
 
 def raw_json(raw: dict[str, Any]) -> str:

@@ -1389,5 +1389,19 @@ def truth(sim: AutotaskSimulator) -> dict[str, dict[str, Any]]:
                 "close_date": o.close_date,
                 "created_at": o.created_at,
                 "crm_closed_at": closed_at(sim, o),
+                **_revenue_truth(sim._revenue(o)),
             }
     return out
+
+
+def _revenue_truth(rev: dict[str, Any]) -> dict[str, float | None]:
+    """One-time revenue, the recurring revenues over totalAmountMonths (Autotask's total: one-time + monthly x
+    months + quarterly x months / 3 + semiannual x months / 6 + yearly x months / 12), the total cost."""
+    months = rev["totalAmountMonths"]
+    recurring = (
+        rev["monthlyRevenue"] * months
+        + rev["quarterlyRevenue"] * months / 3
+        + rev["semiannualRevenue"] * months / 6
+        + rev["yearlyRevenue"] * months / 12
+    )
+    return {"revenue_one_time": rev["onetimeRevenue"], "revenue_recurring": round(recurring, 2), "cost": rev["cost"]}

@@ -2062,6 +2062,8 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
             "crm_status": w.stages[o.stage].label,
             "status": w.status(o),
             "amount": None if o.amount is None or "forecast" in sim.refused else round(o.amount, 2),
+            # the same lines split by recurringFlag, and their cost (None: no lines, or the forecast refused)
+            **_revenue_truth([] if "forecast" in sim.refused else sim.forecast_items(o)),
             "currency": o.currency,
             "close_date": o.close_date,
             "created_at": o.created_at,
@@ -2069,3 +2071,13 @@ def truth(sim: ConnectWiseSimulator) -> dict[str, dict[str, Any]]:
             "crm_closed_at": sim.closed_date(o) if w.status(o) != "open" else None,
         }
     return out
+
+
+def _revenue_truth(lines: list[dict[str, Any]]) -> dict[str, float | None]:
+    if not lines:
+        return {"revenue_one_time": None, "revenue_recurring": None, "cost": None}
+    return {
+        "revenue_one_time": round(sum(i["revenue"] for i in lines if not i["recurringFlag"]), 2),
+        "revenue_recurring": round(sum(i["revenue"] for i in lines if i["recurringFlag"]), 2),
+        "cost": round(sum(i["cost"] for i in lines), 2),
+    }

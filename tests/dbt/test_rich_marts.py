@@ -10,17 +10,22 @@ loss after two stage moves, a win, a deal first seen already lost and a delete. 
   * lost at stage from the history;
   * marts.user_outcomes equals the sum of the connection grain;
   * marts.pipeline_snapshots equals the open pipeline at each week's end;
-  * marts.accounts holds each account as its latest opportunity shows it, joined from marts.opportunities.
+  * marts.accounts holds each account as its latest opportunity shows it, joined from marts.opportunities;
+  * marts.opportunity_fields types each connection's extra_fields: per config (a value that is not of the type
+    is null), and a change in an extra field alone is an `updated` event;
+  * marts.opportunities carries the revenue breakdown (one-time, recurring, cost) and margin = amount - cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from datetime import date, datetime
 from typing import Any
 
 import pytest
+from mart_docs import MARTS, configured_columns, undocumented_and_wrong
 from mart_world import BASE_USERS, CONNECTIONS, Dbt, _sync, config, dbt_env
 from sqlalchemy.engine import make_url
 
@@ -57,6 +62,11 @@ def _opp(conn: str, sid: str, **v: Any) -> Opportunity:
         amount_base=v["amount_base"],
         base_currency="USD",
         account_id=v.get("account"),
+        revenue_one_time=v.get("one_time"),
+        revenue_recurring=v.get("recurring"),
+        cost=v.get("cost"),
+        # as the connectors store them (record.extra_fields_json): raw CRM values, keys sorted
+        extra_fields=json.dumps(v["extra"], sort_keys=True) if "extra" in v else None,
     )
 
 
@@ -82,6 +92,14 @@ def runs() -> list[dict[str, list[Opportunity]]]:
         amount_base=EUR_1000,
         created=datetime(2026, 2, 24, 10),
         modified=datetime(2026, 2, 24, 11),
+        extra={
+            "lead_source": "Web",
+            "next_step_date": "2026-04-01",
+            "seats": "12",
+            "score": "4.5",
+            "renewal": True,
+            "signed_at": "2026-03-01T10:30:00.250+02:00",
+        },
     )
     sf_usd = _opp(
         "sf",
@@ -99,6 +117,14 @@ def runs() -> list[dict[str, list[Opportunity]]]:
         amount_base=500.0,
         created=datetime(2026, 2, 25, 9),
         modified=datetime(2026, 2, 25, 9),
+        # none of these reads as its type: null in the mart, on both backends, never a failed build
+        extra={
+            "next_step_date": "2026-02-30",
+            "seats": "12.5",
+            "score": "n/a",
+            "renewal": "maybe",
+            "signed_at": "2026-03-01T25:00:00Z",
+        },
     )
     sf_first_lost = _opp(
         "sf",
@@ -129,6 +155,7 @@ def runs() -> list[dict[str, list[Opportunity]]]:
         amount_base=400.0,
         created=datetime(2026, 3, 4, 9),
         modified=datetime(2026, 3, 4, 9),
+        extra={"lead_source": "Partner", "next_step_date": "2026-03-20T00:00:00Z"},
     )
     hs_gbp = _opp(
         "hs",
@@ -146,6 +173,11 @@ def runs() -> list[dict[str, list[Opportunity]]]:
         amount_base=1000.0,
         created=datetime(2026, 2, 26, 9),
         modified=datetime(2026, 2, 26, 9),
+        one_time=190.0,
+        recurring=600.0,
+        cost=500.0,
+        # HubSpot sends every property as a string; a JSON number is typed too
+        extra={"lead_source": "Referral", "seats": 3.0, "renewal": "false", "signed_at": "2026-03-01T08:00:00Z"},
     )
     hs_deleted = _opp(
         "hs",
@@ -173,10 +205,12 @@ def runs() -> list[dict[str, list[Opportunity]]]:
         modified_at=datetime(2026, 3, 12, 10),
         client_name="Acme Inc",
     )
+    # run 3: only an extra field of sf-noprob changes (the lead source): an update like any tracked field
+    sf_noprob3 = _replace(sf_noprob, extra_fields=json.dumps({"lead_source": "Web", "next_step_date": "2026-03-20"}))
     return [
         {"sf": [sf_eur, sf_usd, sf_first_lost], "hs": [hs_gbp]},
         {"sf": [sf_eur2, sf_won, sf_noprob], "hs": [hs_deleted]},
-        {"sf": [sf_lost, sf_won, sf_first_lost, sf_noprob], "hs": [hs_gbp]},  # full: hs-deleted is gone
+        {"sf": [sf_lost, sf_won, sf_first_lost, sf_noprob3], "hs": [hs_gbp]},  # full: hs-deleted is gone
     ]
 
 
@@ -206,13 +240,39 @@ def mart_vars() -> dict[str, Any]:
                     "crm": "salesforce",
                     "base_url": "https://x.my.salesforce.com",
                     "default_probability": 25,
+                    "extra_fields": {
+                        "lead_source": {"field": "LeadSource"},
+                        "next_step_date": {"field": "NextStepDate__c", "type": "date"},
+                        "seats": {"field": "Seats__c", "type": "integer"},
+                        "score": {"field": "Score__c", "type": "number"},
+                        "renewal": {"field": "Renewal__c", "type": "boolean"},
+                        "signed_at": {"field": "SignedAt__c", "type": "timestamp"},
+                    },
                 },
-                {"name": "hs", "crm": "hubspot", "base_url": "https://api.hubapi.com"},
+                {
+                    "name": "hs",
+                    "crm": "hubspot",
+                    "base_url": "https://api.hubapi.com",
+                    "extra_fields": {
+                        "lead_source": {"field": "hs_analytics_source", "type": "text"},
+                        "seats": {"field": "seats", "type": "integer"},
+                        "renewal": {"field": "is_renewal", "type": "boolean"},
+                        "signed_at": {"field": "signed_at", "type": "timestamp"},
+                    },
+                },
             ],
         }
     )
     out = dbt_vars(cfg)
     assert out["default_probability_by_connection"] == {"sf": 25.0} and out["default_probability"] == 10.0
+    assert out["extra_fields"] == {  # the union over connections, in configuration order
+        "lead_source": "text",
+        "next_step_date": "date",
+        "seats": "integer",
+        "score": "number",
+        "renewal": "boolean",
+        "signed_at": "timestamp",
+    }
     return out
 
 
@@ -223,6 +283,7 @@ def rows(dbt: Dbt, sql: str) -> list[dict[str, Any]]:
 def check(dbt: Dbt) -> None:
     fill(dbt.url)
     models = ("+opportunities", "+outcomes", "+user_outcomes", "+pipeline_snapshots", "+accounts")
+    models += ("+opportunity_fields", "+opportunity_events")
     dbt("build", "--select", *models, vars=mart_vars())
     opps = {o["source_id"]: o for o in rows(dbt, "select * from marts.opportunities")}
     outcomes = rows(dbt, "select * from marts.outcomes")
@@ -334,6 +395,49 @@ def check(dbt: Dbt) -> None:
         "hs-gbp": "Initech",
         "hs-deleted": "Umbrella",
     }
+
+    # -- revenue breakdown and margin (null where the CRM keeps none) ---------------------------------------
+    parts = ("revenue_one_time", "revenue_recurring", "cost", "margin")
+    assert {p: opps["hs-gbp"][p] for p in parts} == pytest.approx(
+        {"revenue_one_time": 190.0, "revenue_recurring": 600.0, "cost": 500.0, "margin": 290.0}
+    )
+    assert all(opps["sf-eur"][p] is None for p in parts)
+
+    # -- extra fields, typed per config; a value that is not of the type is null ----------------------------
+    fields = {r["source_id"]: r for r in rows(dbt, "select * from marts.opportunity_fields")}
+    assert set(fields) == set(opps)
+    extra = ("lead_source", "next_step_date", "seats", "score", "renewal", "signed_at")
+    got = {sid: tuple(r[c] for c in extra) for sid, r in fields.items()}
+    assert got == {
+        # +02:00 in UTC, to the millisecond
+        "sf-eur": ("Web", date(2026, 4, 1), 12, 4.5, True, datetime(2026, 3, 1, 8, 30, 0, 250000)),
+        "sf-usd": (None, None, None, None, None, None),  # 30 February, 12.5 seats, 'n/a', 'maybe', hour 25
+        "sf-first-lost": (None,) * 6,  # no extra fields stored
+        "sf-noprob": ("Web", date(2026, 3, 20), None, None, None, None),  # the date of a date-time
+        "hs-gbp": ("Referral", None, 3, None, False, datetime(2026, 3, 1, 8)),
+        "hs-deleted": (None,) * 6,
+    }
+    assert fields["hs-deleted"]["is_deleted"] and not fields["hs-gbp"]["is_deleted"]
+    assert {r["crm"] for r in fields.values()} == {"salesforce", "hubspot"}
+    # a change in an extra field alone is an update (extra_fields is tracked: part of the row hash)
+    updates = rows(
+        dbt,
+        "select event_type, changed_fields from marts.opportunity_events "
+        "where source_id = 'sf-noprob' and event_type = 'updated'",
+    )
+    assert len(updates) == 1 and "extra_fields" in updates[0]["changed_fields"], updates
+
+
+def test_mart_docs_accept_only_the_configured_columns_of_opportunity_fields() -> None:
+    """marts.opportunity_fields' configured columns have no YAML description (the configuration names them);
+    the docs check accepts exactly those, and still refuses any other undescribed column."""
+    node = {"description": "d", "columns": {"connection": {"description": "c"}}}
+    models = dict.fromkeys((*MARTS, "opportunity_fields"), node)
+    built = [(m, "connection", "c", "d") for m in models]
+    built += [("opportunity_fields", "seats", None, "d"), ("opportunity_fields", "stray", None, "d")]
+    built += [("opportunities", "seats", None, "d")]
+    undocumented, _ = undocumented_and_wrong(models, built, configured_columns(mart_vars()))
+    assert undocumented == ["opportunity_fields.stray", "opportunities.seats"]
 
 
 def test_rich_marts_duckdb(duckdb_rich: Dbt) -> None:

@@ -84,6 +84,7 @@ from oppsync_pipeline.lib.record import (
     clean_text,
     format_address,
     parse_datetime,
+    parse_float,
     to_utc,
 )
 
@@ -842,6 +843,7 @@ class AutotaskConnector(CrmConnector):
         )
         # opportunity amounts are in the internal currency (multi-currency only changes what is invoiced)
         values["amount_base"] = values["amount"]
+        values.update(_revenue_breakdown(r))
         return self.opportunity(
             r["id"],
             r,
@@ -947,3 +949,29 @@ def render_filter(f: RecordFilter) -> dict[str, Any]:
 def _is_id(value: Any) -> bool:
     """An Autotask reference that can be looked up (an int other than 0; bool is no id)."""
     return isinstance(value, int) and not isinstance(value, bool) and value != 0
+
+
+# A recurring revenue field's periods per month: Autotask's opportunity total is the one-time revenue plus each
+# recurring revenue over `totalAmountMonths` ("Total Amount Months": monthly x months, quarterly x months / 3,
+# semiannual x months / 6, yearly x months / 12), the breakdown the Opportunity form shows.
+RECURRING_PER_MONTH = {
+    "monthlyRevenue": 1.0,
+    "quarterlyRevenue": 1 / 3,
+    "semiannualRevenue": 1 / 6,
+    "yearlyRevenue": 1 / 12,
+}
+
+
+def _revenue_breakdown(r: dict[str, Any]) -> dict[str, float | None]:
+    """One-time vs recurring revenue (recurring over `totalAmountMonths`, RECURRING_PER_MONTH) and the
+    opportunity's total `cost` (required by Autotask). A field the record lacks (a tenant or API user without
+    it) leaves that part None, never a zero."""
+    one_time = parse_float(r.get("onetimeRevenue"))
+    months = parse_float(r.get("totalAmountMonths"))
+    rates = [parse_float(r.get(name)) for name in RECURRING_PER_MONTH]
+    recurring = None
+    if months is not None and any(v is not None for v in rates):
+        recurring = round(
+            sum((v or 0.0) * per * months for v, per in zip(rates, RECURRING_PER_MONTH.values(), strict=True)), 2
+        )
+    return {"revenue_one_time": one_time, "revenue_recurring": recurring, "cost": parse_float(r.get("cost"))}

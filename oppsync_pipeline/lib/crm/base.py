@@ -43,6 +43,7 @@ from oppsync_pipeline.lib.record import (
     StageInfo,
     Status,
     clean_text,
+    extra_fields_json,
     parse_date,
     parse_datetime,
     parse_float,
@@ -248,6 +249,12 @@ class CrmConnector(ABC):
             if not cls.field_known(native):
                 problems.append(
                     f"fields.{canonical}: unknown {cls.crm} field '{native}'; "
+                    f"known: {sorted(cls.known_fields)} (or a custom field, see README)"
+                )
+        for name, extra in conn.extra_fields.items():
+            if not cls.field_known(extra.field):
+                problems.append(
+                    f"extra_fields.{name}.field: unknown {cls.crm} field '{extra.field}'; "
                     f"known: {sorted(cls.known_fields)} (or a custom field, see README)"
                 )
         return problems
@@ -462,7 +469,14 @@ class CrmConnector(ABC):
     def opportunity(self, source_id: str, raw: dict[str, Any], **values: Any) -> Opportunity:
         if source_id is None or str(source_id).strip() == "":
             raise KeyError("id")
+        if self.conn.extra_fields and "extra_fields" not in values:
+            values["extra_fields"] = self.extra_values(raw)
         return Opportunity(connection=self.conn.name, crm=self.crm, source_id=str(source_id), raw=raw, **values)
+
+    def extra_values(self, raw: dict[str, Any]) -> str | None:
+        """The connection's `extra_fields:` read from the native record as the CRM sent them (read_value: the
+        same path, property or custom field a `fields:` override reads), as JSON text; typed in dbt."""
+        return extra_fields_json({name: self.read_value(raw, x.field) for name, x in self.conn.extra_fields.items()})
 
     # -- mapping: enrich a page, then map each record (pure) ------------------------------------------------------
 

@@ -890,6 +890,8 @@ class ConnectWiseConnector(CrmConnector):
         # no conversion in ConnectWise: the amount where its currency is options.base_currency
         base = self.options.base_currency
         values["amount_base"] = values["amount"] if base is not None and (code is None or code == base) else None
+        # the breakdown of the same forecast lines the amount sums (none read: no breakdown)
+        values.update(_forecast_breakdown(forecast if "amount" not in self.conn.fields else None))
         return self.opportunity(
             r["id"],
             r,
@@ -985,6 +987,25 @@ def _forecast_amount(forecast: dict[str, Any]) -> float | None:
     revenues = [parse_float(i.get("revenue")) for i in forecast["forecastItems"]]
     revenues = [r for r in revenues if r is not None]
     return round(sum(revenues), 2) if revenues else None
+
+
+def _forecast_breakdown(forecast: dict[str, Any] | None) -> dict[str, float | None]:
+    """The forecast lines' revenue split by their `recurringFlag` (a recurring line's `revenue` is its total over
+    its cycles, as the amount counts it) and their summed `cost`: one-time + recurring = the amount. The forecast
+    types (Product / Service / Agreement / Other1 / Other2) say what is sold, not whether it recurs: the flag
+    does. No lines (or no forecast read): all None, never zeros that would read as free."""
+    items = (forecast or {}).get("forecastItems") or []
+    if not items:
+        return {"revenue_one_time": None, "revenue_recurring": None, "cost": None}
+    one_time = recurring = cost = 0.0
+    for item in items:
+        revenue = parse_float(item.get("revenue")) or 0.0
+        if item.get("recurringFlag") is True:
+            recurring += revenue
+        else:
+            one_time += revenue
+        cost += parse_float(item.get("cost")) or 0.0
+    return {"revenue_one_time": round(one_time, 2), "revenue_recurring": round(recurring, 2), "cost": round(cost, 2)}
 
 
 def _cw_message(response: requests.Response) -> str:

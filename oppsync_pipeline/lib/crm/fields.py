@@ -122,10 +122,12 @@ def read_fields(
 
 
 def configured_fields(conn: ConnectionConfig) -> Iterator[tuple[str, str]]:
-    """(config key, native field) for every native field a connection names: its `fields:` overrides, then its
-    filters' fields. Discovery checks each against the tenant and names the key of one that is missing."""
+    """(config key, native field) for every native field a connection names: its `fields:` overrides, its
+    `extra_fields:` (read into marts.opportunity_fields), then its filters' fields. Discovery checks each against the tenant and names the key of one that is missing."""
     for canonical, native in conn.fields.items():
         yield f"fields.{canonical}", native
+    for name, extra in conn.extra_fields.items():
+        yield f"extra_fields.{name}.field", extra.field
     for i, f in enumerate(conn.filters):
         yield f"filters[{i}].field", f.field
 
@@ -133,8 +135,8 @@ def configured_fields(conn: ConnectionConfig) -> Iterator[tuple[str, str]]:
 def fields_to_read(
     standard: Iterable[str], conn: ConnectionConfig, *, key: Callable[[str], str] = lambda name: name
 ) -> list[str]:
-    """The native fields a query selects: the connector's standard ones, then the connection's overrides and
-    filter fields (a record read by id is filtered in Python, so it must carry them), each once by `key`."""
+    """The native fields a query selects: the connector's standard ones, then the connection's overrides, extra
+    fields and filter fields (a record read by id is filtered in Python, so it must carry them), each once by `key`."""
     seen: set[str] = set()
     out: list[str] = []
     for name in (*standard, *(native for _, native in configured_fields(conn))):

@@ -522,6 +522,16 @@ def _m8_base_currency(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS account_id TEXT"))
 
 
+def _m9_revenue_and_extra_fields(conn: Connection) -> None:
+    """The amount's breakdown and cost (`revenue_one_time` / `revenue_recurring` / `cost`) and the connection's
+    extra fields as JSON text (`extra_fields`, typed in dbt), issue 19. Existing rows keep NULL until the next
+    sync's re-baseline (record.MAPPING_VERSION 5) fills them without recording events."""
+    for table in ("opportunities", "opportunity_history", "stage_opportunities"):
+        for column in ("revenue_one_time", "revenue_recurring", "cost"):
+            conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column} DOUBLE PRECISION"))
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS extra_fields TEXT"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -531,6 +541,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (6, _m6_hostile_answers),
     (7, _m7_writeback),
     (8, _m8_base_currency),
+    (9, _m9_revenue_and_extra_fields),
 ]
 
 

@@ -26,6 +26,9 @@ renamed as (
         cast(currency as text) as currency,
         cast(amount_base as double precision) as amount_base,
         cast(base_currency as text) as base_currency,
+        cast(revenue_one_time as double precision) as revenue_one_time,
+        cast(revenue_recurring as double precision) as revenue_recurring,
+        cast(cost as double precision) as cost,
         cast(close_date as date) as close_date,
         cast(probability as double precision) as probability,
         cast(created_at as timestamp) as created_at,
@@ -34,6 +37,8 @@ renamed as (
         cast(crm_closed_at_field as text) as crm_closed_at_field,
         cast(modified_at as timestamp) as modified_at,
         cast(raw as text) as raw_json,
+        -- the connection's extra_fields: as JSON text (typed in marts.opportunity_fields)
+        cast(extra_fields as text) as extra_fields_json,
         cast(row_hash as text) as row_hash,
         cast(version as integer) as version,
         cast(first_seen_at as timestamp) as first_seen_at,

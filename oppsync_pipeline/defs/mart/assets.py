@@ -3,7 +3,7 @@
 second hand-written schedule."""
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +11,27 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from sqlalchemy import text
 
-from oppsync_pipeline.defs.crm.assets import opportunities_key
+from oppsync_pipeline.defs.crm.assets import extract_key
+from oppsync_pipeline.defs.mart.lineage import writer_keys
 from oppsync_pipeline.defs.resources import OppsyncResource
-from oppsync_pipeline.lib.config import OppsyncConfig
+from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
 from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_environment, dbt_executable, dbt_target, dbt_vars
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
 
 class OppsyncTranslator(DagsterDbtTranslator):
-    """Models reading the oppsync tables depend on every connection's reconciled opportunities."""
+    """A model reading `oppsync.*` tables depends on the Dagster assets that write those tables (lineage.py), in
+    place of dbt's source nodes: no source asset of our own shows up in the graph."""
 
-    def __init__(self, upstream: list[dg.AssetKey]):
+    def __init__(self, connections: list[ConnectionConfig]):
         super().__init__()
-        self.upstream = upstream
+        self.connections = connections
+        # A sync's extract writes the users and stages a few seconds before its reconcile writes the opportunities,
+        # in the same run: building on the extract too would start a build that misses the opportunities, then a
+        # second one. The views over those tables read them live, so only the reconcile's update calls for a
+        # build (and every sync that changed anything ends with one); the hourly full build covers a run that
+        # failed between the two.
+        self.automation = mart_automation([extract_key(c) for c in connections])
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None) -> dg.AssetSpec:
         spec = super().get_asset_spec(manifest, unique_id, project)
@@ -32,17 +40,44 @@ class OppsyncTranslator(DagsterDbtTranslator):
             return spec
         sources = [d for d in node.get("depends_on", {}).get("nodes", []) if d.startswith("source.")]
         if sources:
-            deps = [d for d in spec.deps if d.asset_key.path[:1] != ["oppsync"]]
-            spec = spec.replace_attributes(deps=[*deps, *(dg.AssetDep(k) for k in self.upstream)])
-        condition = AGGREGATE_AUTOMATION if node.get("name") in AGGREGATES else MART_AUTOMATION
+            source_keys = {self.get_asset_key(manifest["sources"][s]) for s in sources}
+            deps = [d for d in spec.deps if d.asset_key not in source_keys]
+            writers = dict.fromkeys(
+                k for s in sources for k in writer_keys(manifest["sources"][s]["name"], self.connections)
+            )
+            spec = spec.replace_attributes(deps=[*deps, *(dg.AssetDep(k) for k in writers)])
+        condition = AGGREGATE_AUTOMATION if node.get("name") in AGGREGATES else self.automation
         return spec.replace_attributes(group_name="mart", automation_condition=condition)
 
 
-# Dagster's eager condition without its wait for upstream runs in progress: a connection's reconcile commits in
-# one transaction, so the mart may build while another connection syncs; waiting for no sync to be in progress
-# starved it when webhooks keep syncs running (make bench, freshness: two builds in two minutes of changes).
+# Dagster's eager condition with two changes, both found by make bench (freshness):
+# - no wait for upstream runs in progress: a connection's reconcile commits in one transaction, so the mart may
+#   build while another connection syncs; waiting for no sync to be in progress starved it when webhooks keep
+#   syncs running;
+# - a sync that lands while the mart builds is never lost. Eager forgets a dependency's update when the asset is
+#   next materialized ("handled" = requested or updated), so a build that started before a sync and finished
+#   after it swallowed that sync: 20 of 20 changes never reached the mart. Here only a request handles the
+#   update, and not one on the same tick as a new update (that build may have read the table too early).
+#   The cost: a materialization outside automation (UI, build_mart) does not clear a pending update, so one
+#   build may follow it that was not needed.
 # It still waits for every connection's first sync (the warehouse tables exist from then on).
-MART_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_in_progress())
+def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationCondition:
+    """`ignored`: dependencies whose updates alone do not call for a build (the extracts, see OppsyncTranslator)."""
+    updated = dg.AutomationCondition.any_deps_updated()
+    if ignored:
+        updated = updated.ignore(dg.AssetSelection.assets(*ignored))
+    handled = (
+        (dg.AutomationCondition.newly_requested() & ~updated) | dg.AutomationCondition.initial_evaluation()
+    ).with_label("requested")
+    return (
+        dg.AutomationCondition.in_latest_time_window()
+        & (dg.AutomationCondition.newly_missing() | updated).since(handled)
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("eager, keeping updates made during a build")
+
+
+MART_AUTOMATION = mart_automation()
 
 
 # The per-period aggregates (marts.outcomes and what only it reads) are rebuilt at most every five minutes:
@@ -74,6 +109,14 @@ def with_row_counts(events: list, engine, tables: Mapping[str, str] | None = Non
     return out
 
 
+def dbt_command(context: dg.AssetExecutionContext) -> str:
+    """`dbt build` when the run asked for dbt's tests (asset checks: build_mart, a UI launch), `dbt run` when it
+    asked for none: the automated fast path after a webhook's sync (mart_follows_syncs targets no checks).
+    Its tests ran the ~10 s a change waited on the way to the mart (make bench, freshness); they run in the
+    hourly `mart_full_build` and in every `build_mart` / `oppsync run` instead."""
+    return "build" if context.selected_asset_check_keys else "run"
+
+
 def _manifest_stale(manifest: Path) -> bool:
     if not manifest.exists():
         return True
@@ -94,7 +137,7 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         project.prepare_if_dev()
         if _manifest_stale(project.manifest_path):
             project.preparer.prepare(project)
-    translator = OppsyncTranslator([opportunities_key(c) for c in cfg.connections])
+    translator = OppsyncTranslator(list(cfg.connections))
     build_vars = json.dumps(dbt_vars(cfg))
 
     @dbt_assets(
@@ -104,7 +147,7 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
         with dbt_environment(oppsync.app_config()):
-            events = list(dbt.cli(["build", "--vars", build_vars], context=context).stream())
+            events = list(dbt.cli([dbt_command(context), "--vars", build_vars], context=context).stream())
         specs = context.assets_def.specs_by_key
         tables = {
             context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")

@@ -2,13 +2,10 @@
 
 import dagster as dg
 
-from oppsync_pipeline.defs.mart.assets import mart_definitions
+from oppsync_pipeline.defs.mart.assets import AFTER_SYNC, FULL, MART_RUN_TAG, mart_definitions
 from oppsync_pipeline.defs.mart.dashboard import outcomes_dashboard
 from oppsync_pipeline.defs.resources import load_app_config
 
-# Every run that writes the mart carries this tag; the instance's run queue (dagster.yaml,
-# deploy/*/dagster.yaml) starts one such run at a time, so two dbt processes never replace the same table.
-MART_TAG = {"oppsync/mart": "build"}
 # dbt's tests run with every full build: this schedule (hourly, a quarter hour after the :30 syncs), build_mart
 # launched by hand and `oppsync run`. The automated builds after syncs run the models only (assets.dbt_command).
 FULL_BUILD_CRON = "45 * * * *"
@@ -19,7 +16,7 @@ def mart_stage_definitions() -> dg.Definitions:
     mart_job = dg.define_asset_job(
         "build_mart",
         selection=dg.AssetSelection.groups("mart"),
-        tags=MART_TAG,
+        tags={MART_RUN_TAG: FULL},
         description="Build the outcomes mart (dbt build: every model and dbt's tests) and its dashboard.",
     )
     full_build = dg.ScheduleDefinition(
@@ -31,9 +28,8 @@ def mart_stage_definitions() -> dg.Definitions:
     )
     follow = dg.AutomationConditionSensorDefinition(
         "mart_follows_syncs",
-        # the models without their checks: a build that a sync triggers runs `dbt run`, the tests run hourly
-        target=dg.AssetSelection.groups("mart").without_checks(),
-        run_tags=MART_TAG,
+        target=dg.AssetSelection.groups("mart"),
+        run_tags={MART_RUN_TAG: AFTER_SYNC},
         default_status=dg.DefaultSensorStatus.RUNNING,
         # evaluated every 5 s, the asset daemon's shortest loop (Dagster's default is 30 s): a webhook-triggered
         # sync reaches the mart within seconds, not half a minute later (README: Near-real-time syncs; make bench)

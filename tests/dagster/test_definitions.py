@@ -66,7 +66,7 @@ def test_one_hourly_and_one_nightly_schedule_per_connection(defs: dg.Definitions
     assert (nightly.cron_schedule, nightly.execution_timezone, nightly.job_name) == (full_cron, tz, f"sync_{part}")
     assert {s.name for s in defs.schedules} == {
         f"{kind}{p}" for p, *_ in CONNECTIONS.values() for kind in ("sync_", "full_sync_")
-    } | {"mart_full_build"}  # the mart's hourly dbt build with its tests (defs/mart/definitions.py)
+    } | {"mart_tests_hourly"}  # dbt's tests of the mart, hourly (defs/mart/definitions.py)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ changes never reached the mart). No dbt, no warehouse: the condition alone."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import dagster as dg
 
 from oppsync_pipeline.defs.mart.assets import MART_AUTOMATION, mart_automation
@@ -44,18 +47,42 @@ def build(defs: dg.Definitions, instance: dg.DagsterInstance, *names: str) -> No
     assert dg.materialize(defs.assets, selection=list(names), instance=instance).success
 
 
-def sync_during_build(condition: dg.AutomationCondition) -> int:
-    """Both deps synced, the mart requested; the sync lands again while that build runs (after the daemon's
-    next tick), then the build finishes. How many builds does the following tick request?"""
-    defs = defs_with(condition)
+def sync_during_build(condition: dg.AutomationCondition, before_first_tick: bool = False) -> int:
+    """Both deps synced, the mart requested and building (a real run, held open); the sync lands again and the
+    daemon ticks while that build runs; then the build finishes. How many builds does the next tick request?"""
+    release = threading.Event()
+
+    @dg.asset(deps=[sync, directory], automation_condition=condition)
+    def mart():
+        assert release.wait(60)
+        return 1
+
+    defs = dg.Definitions(assets=[sync, directory, mart])
     with dg.DagsterInstance.ephemeral() as instance:
         first = synced_once(defs, instance)
         assert first.get_num_requested(dg.AssetKey("mart")) == 1
-        running = tick(defs, instance, first.cursor)  # the build is under way: nothing new to request
-        assert running.total_requested == 0
-        build(defs, instance, "sync")  # a webhook's sync commits while the mart builds
-        build(defs, instance, "mart")  # the build that started before it finishes
+        building = threading.Thread(target=build, args=(defs, instance, "mart"))
+        building.start()
+        try:
+            wait_for_run(instance)
+            if before_first_tick:  # the sync lands before the tick after the request: the build may read too early
+                build(defs, instance, "sync")
+            running = tick(defs, instance, first.cursor)
+            if not before_first_tick:
+                build(defs, instance, "sync")  # a webhook's sync commits while the mart builds
+            running = tick(defs, instance, running.cursor)
+            assert running.total_requested == 0  # in progress: nothing is started twice
+        finally:
+            release.set()
+            building.join(60)
         return tick(defs, instance, running.cursor).get_num_requested(dg.AssetKey("mart"))
+
+
+def wait_for_run(instance: dg.DagsterInstance) -> None:
+    deadline = time.monotonic() + 60
+    while not instance.get_run_records(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.1)
 
 
 def test_a_sync_during_a_build_gets_a_build_of_its_own():
@@ -64,12 +91,17 @@ def test_a_sync_during_a_build_gets_a_build_of_its_own():
     assert sync_during_build(dg.AutomationCondition.eager()) == 0
 
 
-def test_a_sync_right_after_the_request_is_not_lost_either():
+def test_a_build_by_hand_clears_what_was_due():
     defs = defs_with(MART_AUTOMATION)
     with dg.DagsterInstance.ephemeral() as instance:
         first = synced_once(defs, instance)
-        build(defs, instance, "sync")  # before the daemon's next tick: the requested build may read too early
-        assert tick(defs, instance, first.cursor).get_num_requested(dg.AssetKey("mart")) == 1
+        build(defs, instance, "sync")
+        build(defs, instance, "mart")  # build_mart, not the automation
+        assert tick(defs, instance, first.cursor).total_requested == 0
+
+
+def test_a_sync_right_after_the_request_is_not_lost_either():
+    assert sync_during_build(MART_AUTOMATION, before_first_tick=True) == 1
 
 
 def test_a_fresh_deployment_builds_a_model_that_reads_only_an_ignored_dep():

@@ -87,18 +87,22 @@ def test_across_locations_the_mart_references_only_assets_the_syncs_define(confi
     assert all(syncs.get(k).is_materializable for k in referenced)
 
 
-def test_automated_builds_are_tagged_after_sync_and_the_full_build_is_hourly(config: Path, monkeypatch):
+def test_automated_builds_are_tagged_after_sync_and_dbt_tests_run_hourly(config: Path, monkeypatch):
     monkeypatch.setenv("OPPSYNC_CONFIG", str(config))
     defs = load_location("mart")
     graph = defs.resolve_asset_graph()
     assert defs.resolve_sensor_def("mart_follows_syncs").run_tags == {MART_RUN_TAG: AFTER_SYNC}
-    build = defs.resolve_job_def("build_mart")
-    assert build.tags[MART_RUN_TAG] == FULL
-    full = defs.resolve_schedule_def("mart_full_build")
-    assert (full.job_name, full.cron_schedule) == ("build_mart", "45 * * * *")
-    # the hourly build covers every model and every dbt test, the per-period aggregates included
+    assert defs.resolve_job_def("build_mart").tags[MART_RUN_TAG] == FULL
+    hourly = defs.resolve_schedule_def("mart_tests_hourly")
+    assert (hourly.job_name, hourly.cron_schedule) == ("mart_tests", "45 * * * *")
+    tests = defs.resolve_job_def("mart_tests")
+    assert tests.tags[MART_RUN_TAG] == FULL
+    # every dbt test of the mart, the per-period aggregates' included, and no model rebuilt
     mart = dg.AssetSelection.groups("mart")
-    assert {k.path[-1] for k in mart.resolve(graph)} >= AGGREGATES and len(mart.resolve_checks(graph)) > 20
+    assert {k.path[-1] for k in mart.resolve(graph)} >= AGGREGATES
+    assert tests.asset_layer.selected_asset_check_keys == mart.resolve_checks(graph)
+    assert len(mart.resolve_checks(graph)) > 20
+    assert not tests.asset_layer.selected_asset_keys
 
 
 def test_dbt_command_follows_the_runs_tag():

@@ -54,12 +54,11 @@ class OppsyncTranslator(DagsterDbtTranslator):
 # - no wait for upstream runs in progress: a connection's reconcile commits in one transaction, so the mart may
 #   build while another connection syncs; waiting for no sync to be in progress starved it when webhooks keep
 #   syncs running;
-# - a sync that lands while the mart builds is never lost. Eager forgets a dependency's update when the asset is
-#   next materialized ("handled" = requested or updated), so a build that started before a sync and finished
-#   after it swallowed that sync: 20 of 20 changes never reached the mart. Here only a request handles the
-#   update, and not one on the same tick as a new update (that build may have read the table too early).
-#   The cost: a materialization outside automation (UI, build_mart) does not clear a pending update, so one
-#   build may follow it that was not needed.
+# - a sync that lands while the mart builds is never lost. Eager forgets a dependency's update as soon as the
+#   asset is next materialized, so a build that started before a sync and finished after it swallowed that
+#   sync (20 of 20 changes never reached the mart). An update seen while a build is queued or running is kept
+#   until the next request; an update seen between builds is handled by the next build, as eager does (so a
+#   build by hand or by schedule clears it and nothing is built twice).
 # It still waits for every connection's first sync (the warehouse tables exist from then on).
 def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationCondition:
     """`ignored`: dependencies whose updates alone do not call for a build (the extracts, see OppsyncTranslator)."""
@@ -69,12 +68,13 @@ def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationConditi
     # a model that was never built is built once any dependency updated, the ignored ones included: on a fresh
     # deployment the views over the directory tables exist only from then on (and everything below waits for them)
     first_build = dg.AutomationCondition.missing() & dg.AutomationCondition.any_deps_updated()
-    handled = (
-        (dg.AutomationCondition.newly_requested() & ~updated) | dg.AutomationCondition.initial_evaluation()
-    ).with_label("requested")
+    due = (dg.AutomationCondition.newly_missing() | updated | first_build).since_last_handled()
+    # not cleared by the request on the same tick as the update either: that build may read the table too early
+    requested = (dg.AutomationCondition.newly_requested() & ~updated) | dg.AutomationCondition.initial_evaluation()
+    during_build = (updated & dg.AutomationCondition.in_progress()).since(requested.with_label("requested"))
     return (
         dg.AutomationCondition.in_latest_time_window()
-        & (dg.AutomationCondition.newly_missing() | updated | first_build).since(handled)
+        & (due | during_build.with_label("updated during a build"))
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.in_progress()
     ).with_label("eager, keeping updates made during a build")
@@ -112,19 +112,19 @@ def with_row_counts(events: list, engine, tables: Mapping[str, str] | None = Non
     return out
 
 
-# Every run that writes the mart carries this tag; the instance's run queue (dagster.yaml, deploy/*/dagster.yaml)
-# starts one such run at a time, so two dbt processes never replace the same table. Its value says which build.
+# Which build a run of the mart is (its tag value): `dbt run` or `dbt build` (dbt_command).
 MART_RUN_TAG = "oppsync/mart"
 AFTER_SYNC = "after-sync"  # the automated builds that follow syncs (mart_follows_syncs)
-FULL = "full"  # build_mart: by hand, hourly (mart_full_build), `oppsync run`
+FULL = "full"  # build_mart: by hand, `oppsync run`
 
 
 def dbt_command(context: dg.AssetExecutionContext) -> str:
     """`dbt run` for the automated build after a sync (tagged AFTER_SYNC), `dbt build` for every other run.
 
     dbt's tests (59 data tests, 11 unit tests) took ~10 s of the ~25 s build a webhook's change waited for on
-    its way to the mart (make bench, freshness). They run in every full build instead: hourly (mart_full_build),
-    build_mart by hand, `oppsync run`, a UI launch. Not decided on the run's selected checks: Dagster puts an
+    its way to the mart (make bench, freshness). They run on their own every hour (mart_tests: dbt's tests
+    only, which replace no table and so never collide with a build) and in every full build: build_mart,
+    `oppsync run`, a UI launch. Not decided on the run's selected checks: Dagster puts an
     asset's checks in every run of that asset, the automation's included; a check dbt did not run is reported
     as not executed in that run, never as passed."""
     return "run" if context.run.tags.get(MART_RUN_TAG) == AFTER_SYNC else "build"

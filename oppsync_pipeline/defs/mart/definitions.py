@@ -1,4 +1,4 @@
-"""The dbt mart and the dashboard, plus the sensor that runs them after syncs and the hourly full build."""
+"""The dbt mart and the dashboard, the sensor that builds them after syncs, and dbt's tests every hour."""
 
 import dagster as dg
 
@@ -6,9 +6,9 @@ from oppsync_pipeline.defs.mart.assets import AFTER_SYNC, FULL, MART_RUN_TAG, ma
 from oppsync_pipeline.defs.mart.dashboard import outcomes_dashboard
 from oppsync_pipeline.defs.resources import load_app_config
 
-# dbt's tests run with every full build: this schedule (hourly, a quarter hour after the :30 syncs), build_mart
-# launched by hand and `oppsync run`. The automated builds after syncs run the models only (assets.dbt_command).
-FULL_BUILD_CRON = "45 * * * *"
+# dbt's tests on their own, hourly (a quarter hour after the :30 syncs): the builds that follow syncs run the
+# models only (assets.dbt_command). Tests alone replace no table, so they never collide with a build running.
+TESTS_CRON = "45 * * * *"
 
 
 def mart_stage_definitions() -> dg.Definitions:
@@ -19,12 +19,18 @@ def mart_stage_definitions() -> dg.Definitions:
         tags={MART_RUN_TAG: FULL},
         description="Build the outcomes mart (dbt build: every model and dbt's tests) and its dashboard.",
     )
-    full_build = dg.ScheduleDefinition(
-        name="mart_full_build",
-        job=mart_job,
-        cron_schedule=FULL_BUILD_CRON,
+    tests_job = dg.define_asset_job(
+        "mart_tests",
+        selection=dg.AssetSelection.checks_for_assets(dg.AssetSelection.groups("mart")),
+        tags={MART_RUN_TAG: FULL},
+        description="dbt's tests of the mart (its asset checks), without rebuilding any model.",
+    )
+    tests_hourly = dg.ScheduleDefinition(
+        name="mart_tests_hourly",
+        job=tests_job,
+        cron_schedule=TESTS_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="dbt build with every test, hourly: the builds that follow syncs skip dbt's tests.",
+        description="dbt's tests every hour: the builds that follow syncs skip them (dbt run).",
     )
     follow = dg.AutomationConditionSensorDefinition(
         "mart_follows_syncs",
@@ -38,7 +44,9 @@ def mart_stage_definitions() -> dg.Definitions:
     )
     return dg.Definitions.merge(
         mart_definitions(cfg),
-        dg.Definitions(assets=[outcomes_dashboard], jobs=[mart_job], schedules=[full_build], sensors=[follow]),
+        dg.Definitions(
+            assets=[outcomes_dashboard], jobs=[mart_job, tests_job], schedules=[tests_hourly], sensors=[follow]
+        ),
     )
 
 

@@ -95,9 +95,23 @@ def test_a_build_by_hand_clears_what_was_due():
     defs = defs_with(MART_AUTOMATION)
     with dg.DagsterInstance.ephemeral() as instance:
         first = synced_once(defs, instance)
+        idle = tick(defs, instance, first.cursor)
         build(defs, instance, "sync")
-        build(defs, instance, "mart")  # build_mart, not the automation
-        assert tick(defs, instance, first.cursor).total_requested == 0
+        due = tick(defs, instance, idle.cursor)
+        assert due.get_num_requested(dg.AssetKey("mart")) == 1
+        build(defs, instance, "mart")  # build_mart, not the automation: nothing new since
+        assert tick(defs, instance, due.cursor).total_requested == 0
+
+
+def test_a_sync_seen_with_the_end_of_a_build_is_kept():
+    """The build finished and a sync landed after it read the tables, both before the daemon's next tick."""
+    defs = defs_with(MART_AUTOMATION)
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = synced_once(defs, instance)
+        idle = tick(defs, instance, first.cursor)
+        build(defs, instance, "mart")
+        build(defs, instance, "sync")
+        assert tick(defs, instance, idle.cursor).get_num_requested(dg.AssetKey("mart")) == 1
 
 
 def test_a_sync_right_after_the_request_is_not_lost_either():

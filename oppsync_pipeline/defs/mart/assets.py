@@ -56,9 +56,9 @@ class OppsyncTranslator(DagsterDbtTranslator):
 #   syncs running;
 # - a sync that lands while the mart builds is never lost. Eager forgets a dependency's update as soon as the
 #   asset is next materialized, so a build that started before a sync and finished after it swallowed that
-#   sync (20 of 20 changes never reached the mart). An update seen while a build is queued or running is kept
-#   until the next request; an update seen between builds is handled by the next build, as eager does (so a
-#   build by hand or by schedule clears it and nothing is built twice).
+#   sync (20 of 20 changes never reached the mart). An update seen while a build is queued or running, or on
+#   the tick that sees it finish, is kept until the next request; an update seen between builds is handled by
+#   the next build, as eager does (so a build by hand with nothing new since leaves nothing due).
 # It still waits for every connection's first sync (the warehouse tables exist from then on).
 def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationCondition:
     """`ignored`: dependencies whose updates alone do not call for a build (the extracts, see OppsyncTranslator)."""
@@ -71,7 +71,10 @@ def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationConditi
     due = (dg.AutomationCondition.newly_missing() | updated | first_build).since_last_handled()
     # not cleared by the request on the same tick as the update either: that build may read the table too early
     requested = (dg.AutomationCondition.newly_requested() & ~updated) | dg.AutomationCondition.initial_evaluation()
-    during_build = (updated & dg.AutomationCondition.in_progress()).since(requested.with_label("requested"))
+    # "during": queued or running, or finished since the last tick (an update seen on the tick that also sees the
+    # build's materialization may have come after dbt read the table: the eager reset dropped it, make bench)
+    building = dg.AutomationCondition.in_progress() | dg.AutomationCondition.newly_updated()
+    during_build = (updated & building).since(requested.with_label("requested"))
     return (
         dg.AutomationCondition.in_latest_time_window()
         & (due | during_build.with_label("updated during a build"))

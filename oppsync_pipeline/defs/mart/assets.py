@@ -32,6 +32,7 @@ class OppsyncTranslator(DagsterDbtTranslator):
         # build (and every sync that changed anything ends with one); the hourly full build covers a run that
         # failed between the two.
         self.automation = mart_automation([extract_key(c) for c in connections])
+        self.downstream_automation = mart_automation(reads_syncs=False)
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None) -> dg.AssetSpec:
         spec = super().get_asset_spec(manifest, unique_id, project)
@@ -46,7 +47,8 @@ class OppsyncTranslator(DagsterDbtTranslator):
                 k for s in sources for k in writer_keys(manifest["sources"][s]["name"], self.connections)
             )
             spec = spec.replace_attributes(deps=[*deps, *(dg.AssetDep(k) for k in writers)])
-        condition = AGGREGATE_AUTOMATION if node.get("name") in AGGREGATES else self.automation
+        condition = self.automation if sources else self.downstream_automation
+        condition = AGGREGATE_AUTOMATION if node.get("name") in AGGREGATES else condition
         return spec.replace_attributes(group_name="mart", automation_condition=condition)
 
 
@@ -60,8 +62,11 @@ class OppsyncTranslator(DagsterDbtTranslator):
 #   the tick that sees it finish, is kept until the next request; an update seen between builds is handled by
 #   the next build, as eager does (so a build by hand with nothing new since leaves nothing due).
 # It still waits for every connection's first sync (the warehouse tables exist from then on).
-def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationCondition:
-    """`ignored`: dependencies whose updates alone do not call for a build (the extracts, see OppsyncTranslator)."""
+def mart_automation(ignored: Sequence[dg.AssetKey] = (), reads_syncs: bool = True) -> dg.AutomationCondition:
+    """`ignored`: dependencies whose updates alone do not call for a build (the extracts, see OppsyncTranslator).
+    `reads_syncs`: the model reads the syncs' tables (staging); only there is an update kept across a build. The
+    models below follow their staging models on the same tick (their parents will be requested); keeping updates
+    there too re-requested them after every build_mart (tests/dagster/test_mart_follows_syncs.py)."""
     updated = dg.AutomationCondition.any_deps_updated()
     if ignored:
         updated = updated.ignore(dg.AssetSelection.assets(*ignored))
@@ -77,7 +82,7 @@ def mart_automation(ignored: Sequence[dg.AssetKey] = ()) -> dg.AutomationConditi
     during_build = (updated & building).since(requested.with_label("requested"))
     return (
         dg.AutomationCondition.in_latest_time_window()
-        & (due | during_build.with_label("updated during a build"))
+        & ((due | during_build.with_label("updated during a build")) if reads_syncs else due)
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.in_progress()
     ).with_label("eager, keeping updates made during a build")

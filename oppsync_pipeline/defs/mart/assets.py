@@ -16,6 +16,7 @@ from oppsync_pipeline.defs.mart.lineage import writer_keys
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
 from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_environment, dbt_executable, dbt_target, dbt_vars
+from oppsync_pipeline.lib.dbt_target import prune_run_folders
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
 
@@ -94,7 +95,11 @@ MART_AUTOMATION = mart_automation()
 # The per-period aggregates (marts.outcomes and what only it reads) are rebuilt at most every five minutes:
 # analysts read them by day, week and month; rebuilding them on every webhook-triggered sync tripled the build
 # and kept marts.opportunities a minute behind the CRM (make bench, freshness). `build_mart` builds everything.
-AGGREGATES = frozenset({"int_outcome_activities", "int_period_spine", "outcomes"})
+# marts.user_outcomes (the per-user rollup of outcomes) and marts.pipeline_snapshots (open pipeline per period end,
+# from the whole history) are per-period aggregates too.
+AGGREGATES = frozenset(
+    {"int_outcome_activities", "int_period_spine", "outcomes", "user_outcomes", "pipeline_snapshots"}
+)
 AGGREGATE_AUTOMATION = dg.AutomationCondition.on_cron("*/5 * * * *")
 
 
@@ -169,6 +174,8 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         # handle while dbt still holds the file, which DuckDB refuses.
         with dbt_environment(oppsync.app_config()):
             events = list(dbt.cli([dbt_command(context), "--vars", build_vars], context=context).stream())
+        # dagster-dbt writes a target folder per invocation (~6 MB each, forever): keep the newest few
+        prune_run_folders(DBT_PROJECT_DIR / "target")
         specs = context.assets_def.specs_by_key
         tables = {
             context.assets_def.get_output_name_for_asset_key(key): specs[key].metadata.get("dagster/table_name")

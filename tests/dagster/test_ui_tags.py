@@ -1,5 +1,6 @@
-"""A UI "Materialize" of one connection's assets carries the connection's tag (issue 20 item 7), so the run
-queue's per-connection limit (dagster.yaml: tag_concurrency_limits on `oppsync/connection`) holds for it too.
+"""The UI's asset graph has no external assets, and a UI "Materialize" of one connection's assets carries the
+connection's tag (issue 20 item 7), so the run queue's per-connection limit (dagster.yaml: tag_concurrency_limits
+on `oppsync/connection`) holds for it too.
 
 The launch is the UI's own GraphQL mutation (launchPipelineExecution on the implicit asset job `__ASSET_JOB` with
 an asset selection, no tags), against the project served by a real code server, on an instance with the
@@ -30,6 +31,8 @@ mutation($executionParams: ExecutionParams!) { launchPipelineExecution(execution
     ... on RunConfigValidationInvalid { errors { message } }
 } }
 """
+
+ASSET_NODES = "{ assetNodes { assetKey { path } isExecutable isMaterializable } }"
 
 
 def config_with_two_connections(path: Path) -> Path:
@@ -95,6 +98,13 @@ def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monk
             context, repository, [["oppsync", "acme_eu", "extract"], ["oppsync", "acme_eu", "opportunities"]]
         )
         one = launch_like_the_ui(context, repository, [["oppsync", "acme_us", "opportunities"]])
+
+        # what the UI's asset graph shows: every asset can be materialized; no external (phantom) asset such as
+        # the `oppsync/opportunities` that dbt source tests once made
+        nodes = execute_dagster_graphql(context, ASSET_NODES).data["assetNodes"]
+        assert len(nodes) > 10, nodes
+        assert [n["assetKey"]["path"] for n in nodes if not (n["isExecutable"] and n["isMaterializable"])] == []
+        assert not [n for n in nodes if len(n["assetKey"]["path"]) == 2 and n["assetKey"]["path"][0] == "oppsync"]
 
         for run_id, connection in ((both, "acme-eu"), (one, "acme_us")):
             run = instance.get_run_by_id(run_id)

@@ -170,7 +170,8 @@ def test_the_ui_shows_the_graph_checks_and_schedules_and_syncs_now(webserver: We
     repo = repos[0]
     assert {j["name"] for j in repo["jobs"]} >= {"sync_sandbox_salesforce", "build_mart"}
     schedules = {s["name"]: s for s in repo["schedules"]}
-    assert set(schedules) == {"sync_sandbox_salesforce", "full_sync_sandbox_salesforce"}
+    # the connection's hourly and nightly syncs, and dbt's tests of the mart every hour (`mart_tests`)
+    assert set(schedules) == {"sync_sandbox_salesforce", "full_sync_sandbox_salesforce", "mart_tests_hourly"}
     assert schedules["sync_sandbox_salesforce"]["cronSchedule"] == "30 * * * *"
     assert schedules["sync_sandbox_salesforce"]["executionTimezone"] == "UTC"
     assert schedules["sync_sandbox_salesforce"]["scheduleState"]["status"] == "RUNNING"

@@ -161,6 +161,7 @@ ALLOWED = {
     "', '.join(columns)",
     "', '.join(cols)",
     "', '.join((':' + c for c in cols))",
+    "quoted",  # setup.py: CREATE DATABASE of the configured name, quoted by the dialect (identifiers are not bindable)
 }
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}
 

@@ -76,3 +76,19 @@ def test_how_many_to_keep_is_configurable_with_a_clear_error():
         with pytest.raises(ValueError, match="OPPSYNC_DBT_TARGET_KEEP=.*whole number"):
             keep_setting({"OPPSYNC_DBT_TARGET_KEEP": bad})
     assert prune_run_folders(Path("/nonexistent/target"), keep=2) == []
+
+
+def test_the_runs_partial_parse_becomes_the_next_invocations(tmp_path: Path):
+    """The mart asset hands each build's partial-parse file on (the definitions' own parse has other vars, so dbt
+    discarded it and parsed everything on every build); nothing to hand on changes nothing."""
+    from oppsync_pipeline.lib.dbt_target import PARTIAL_PARSE, keep_partial_parse
+
+    target, run = tmp_path / "target", tmp_path / "target" / "outcomes_mart-abcdef0-1234567"
+    run.mkdir(parents=True)
+    (target / PARTIAL_PARSE).write_bytes(b"from dbt parse")
+    assert not keep_partial_parse(run, target)
+    assert (target / PARTIAL_PARSE).read_bytes() == b"from dbt parse"
+    (run / PARTIAL_PARSE).write_bytes(b"from the build")
+    assert keep_partial_parse(run, target)
+    assert (target / PARTIAL_PARSE).read_bytes() == b"from the build"
+    assert {p.name for p in target.iterdir()} == {PARTIAL_PARSE, run.name}  # no staging file left

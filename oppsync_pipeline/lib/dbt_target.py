@@ -69,3 +69,27 @@ def prune_run_folders(
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
+
+
+PARTIAL_PARSE = "partial_parse.msgpack"
+
+
+def keep_partial_parse(run_target: Path, target_dir: Path) -> bool:
+    """Make the run's own partial-parse file the one the next invocation starts from.
+
+    dagster-dbt copies `dbt/target/partial_parse.msgpack` into each invocation's fresh folder, but that file comes
+    from the definitions' `dbt parse` (no `--vars`, possibly another target), so dbt threw it away ("profile has
+    changed", "config vars ... have changed") and parsed the whole project again on every mart build: seconds of
+    every webhook-triggered build (make bench, freshness). The run's file matches the deployment's profile and
+    vars. Replaced atomically: another build may be copying it at the same moment. True when replaced."""
+    source = run_target / PARTIAL_PARSE
+    if not source.is_file():
+        return False
+    staged = target_dir / f".{PARTIAL_PARSE}.{os.getpid()}"
+    try:
+        shutil.copyfile(source, staged)
+        os.replace(staged, target_dir / PARTIAL_PARSE)
+    except OSError:  # a read-only project folder (an image): the next build parses, as before
+        staged.unlink(missing_ok=True)
+        return False
+    return True

@@ -16,7 +16,7 @@ from oppsync_pipeline.defs.mart.lineage import writer_keys
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
 from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_environment, dbt_executable, dbt_target, dbt_vars
-from oppsync_pipeline.lib.dbt_target import prune_run_folders
+from oppsync_pipeline.lib.dbt_target import keep_partial_parse, prune_run_folders
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
 
@@ -173,8 +173,11 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
         with dbt_environment(oppsync.app_config()):
-            events = list(dbt.cli([dbt_command(context), "--vars", build_vars], context=context).stream())
-        # dagster-dbt writes a target folder per invocation (~6 MB each, forever): keep the newest few
+            invocation = dbt.cli([dbt_command(context), "--vars", build_vars], context=context)
+            events = list(invocation.stream())
+        # the next build parses only what changed (lib/dbt_target); dagster-dbt's folder per invocation (~6 MB
+        # each, forever) pruned to the newest few
+        keep_partial_parse(invocation.target_path, DBT_PROJECT_DIR / "target")
         prune_run_folders(DBT_PROJECT_DIR / "target")
         specs = context.assets_def.specs_by_key
         tables = {

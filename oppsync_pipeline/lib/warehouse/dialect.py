@@ -52,8 +52,9 @@ def locks_rows(bind: Bind) -> bool:
 
 
 def hashes_in_database(bind: Bind) -> bool:
-    """DuckDB computes staged records' row hashes while it inserts them (staging's DUCKDB_ROW_HASH); Postgres
-    stages through COPY, which cannot compute, and gets them from Python."""
+    """On the row path (staging.write_staged, the reference the columnar path is tested against) DuckDB computes
+    row hashes while it inserts (DUCKDB_ROW_HASH) and Postgres gets them from Python. The columnar path
+    (staging.StagingWriter) has both databases compute them (DUCKDB_ROW_HASH, POSTGRES_ROW_HASH)."""
     return is_duckdb(bind)
 
 

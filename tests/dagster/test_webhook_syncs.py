@@ -14,6 +14,7 @@ from sqlalchemy import func, select, text
 
 from oppsync_pipeline.defs.crm.schedules import extract_run_config, sync_job_name
 from oppsync_pipeline.defs.crm.webhooks import SENSOR_NAME
+from oppsync_pipeline.defs.mart.assets import AFTER_SYNC, MART_RUN_TAG
 from oppsync_pipeline.defs.resources import OppsyncResource, app_config
 from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.lib.sync import build_connector
@@ -115,7 +116,8 @@ def test_a_notification_reaches_the_mart_and_a_lost_one_the_next_schedule(
             (request,) = sensor(context()).run_requests
             assert request.tags["oppsync/trigger"] == "webhook" and request.job_name == job
             run_job(defs, job, dagster_instance, request.run_config, request.tags)
-            run_job(defs, "build_mart", dagster_instance)
+            # the build the automation runs after a sync (dbt run; dbt's tests run in mart_tests and full builds)
+            run_job(defs, "build_mart", dagster_instance, tags={MART_RUN_TAG: AFTER_SYNC})
             assert mart_name(engine, name, first) == "Changed, notified"
 
             # forged: refused, nothing stored, nothing started

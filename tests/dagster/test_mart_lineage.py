@@ -107,7 +107,7 @@ def test_automated_builds_are_tagged_after_sync_and_dbt_tests_run_hourly(config:
 def test_dbt_command_follows_the_runs_tag():
     """`dbt run` for the automation's builds after syncs, `dbt build` for any other run (checks selected in both:
     Dagster adds an asset's checks to every run of it)."""
-    seen: list[str] = []
+    seen: list[list[str]] = []
 
     @dg.multi_asset(
         specs=[dg.AssetSpec("model_a", skippable=True)],
@@ -121,7 +121,7 @@ def test_dbt_command_follows_the_runs_tag():
     assert dg.materialize([models], tags={MART_RUN_TAG: AFTER_SYNC}).success
     assert dg.materialize([models], tags={MART_RUN_TAG: FULL}).success
     assert dg.materialize([models]).success  # a UI launch
-    assert seen == ["run", "build", "build"]
+    assert seen == [["run", "--no-write-json"], ["build"], ["build"]]
 
 
 def _sources_yml() -> str:

@@ -12,6 +12,7 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_as
 from sqlalchemy import text
 
 from oppsync_pipeline.defs.crm.assets import extract_key
+from oppsync_pipeline.defs.mart.dbt_cli import OppsyncDbtCliResource
 from oppsync_pipeline.defs.mart.lineage import writer_keys
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
@@ -131,7 +132,7 @@ AFTER_SYNC = "after-sync"  # the automated builds that follow syncs (mart_follow
 FULL = "full"  # build_mart: by hand, `oppsync run`
 
 
-def dbt_command(context: dg.AssetExecutionContext) -> str:
+def dbt_command(context: dg.AssetExecutionContext) -> list[str]:
     """`dbt run` for the automated build after a sync (tagged AFTER_SYNC), `dbt build` for every other run.
 
     dbt's tests (59 data tests, 11 unit tests) took ~10 s of the ~25 s build a webhook's change waited for on
@@ -139,8 +140,15 @@ def dbt_command(context: dg.AssetExecutionContext) -> str:
     only, which replace no table and so never collide with a build) and in every full build: build_mart,
     `oppsync run`, a UI launch. Not decided on the run's selected checks: Dagster puts an
     asset's checks in every run of that asset, the automation's included; a check dbt did not run is reported
-    as not executed in that run, never as passed."""
-    return "run" if context.run.tags.get(MART_RUN_TAG) == AFTER_SYNC else "build"
+    as not executed in that run, never as passed.
+
+    The build after a sync also skips dbt's JSON artifacts (`--no-write-json`: manifest.json twice and
+    run_results.json, ~1 s of each build): nothing reads them (dagster-dbt maps dbt's log lines with the
+    manifest it loaded; dbt writes the partial-parse file regardless), and such builds run many times an hour.
+    A full build keeps them for whoever inspects dbt/target."""
+    if context.run.tags.get(MART_RUN_TAG) == AFTER_SYNC:
+        return ["run", "--no-write-json"]
+    return ["build"]
 
 
 def _manifest_stale(manifest: Path) -> bool:
@@ -173,7 +181,7 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
         # Row counts are read after dbt exits: dagster-dbt's fetch_row_counts opens an in-process DuckDB
         # handle while dbt still holds the file, which DuckDB refuses.
         with dbt_environment(oppsync.app_config()):
-            invocation = dbt.cli([dbt_command(context), "--vars", build_vars], context=context)
+            invocation = dbt.cli([*dbt_command(context), "--vars", build_vars], context=context)
             events = list(invocation.stream())
         # the next build parses only what changed (lib/dbt_target); dagster-dbt's folder per invocation (~6 MB
         # each, forever) pruned to the newest few
@@ -189,7 +197,7 @@ def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:
     return dg.Definitions(
         assets=[outcomes_mart],
         resources={
-            "dbt": DbtCliResource(
+            "dbt": OppsyncDbtCliResource(
                 project_dir=project,
                 target=dbt_target(cfg),
                 dbt_executable=dbt_executable(),

@@ -131,3 +131,23 @@ def test_simulator_scale_checks_every_crm():
     from oppsync_pipeline.sandbox.cluster import CRMS
 
     assert set(simulator_scale.CHECKS) == set(CRMS)
+
+
+def test_freshness_breakdown_follows_each_change_through_its_runs():
+    """make bench, freshness: each change's time split over the runs that carried it (a pure reading of run times)."""
+    from benchmarks.freshness import Change, Run, breakdown
+
+    runs = [
+        Run("sandbox-hubspot", created=101.0, started=103.0, ended=105.0),  # carries the change at 100
+        Run("sandbox-salesforce", created=101.5, started=102.0, ended=104.0),  # another connection
+        Run(None, created=104.0, started=104.5, ended=110.0),  # a build that started before the sync ended
+        Run(None, created=106.0, started=111.0, ended=116.0),  # the build after the sync
+    ]
+    text = breakdown([Change("sandbox-hubspot", made=100.0, seen=117.0)], runs)
+    assert text.startswith("notification to sync run queued 1.0/1.0s; sync queued to started")
+    assert "sync run 2.0/2.0s" in text
+    assert "mart queued to started (queue, run worker start) 5.0/5.0s; mart build (dbt run) 5.0/5.0s" in text
+    assert "build done to row read 1.0/1.0s (1 of 1 changes matched)" in text
+    assert breakdown([Change("sandbox-dynamics", made=100.0, seen=117.0)], runs) == (
+        "no change could be matched to its runs"
+    )

@@ -70,6 +70,18 @@ def test_the_syncs_location_never_imports_dbt(config: Path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_the_mart_location_loads_without_the_dashboards_libraries(config: Path):
+    """Each build after a sync loads the mart's location in a new run worker: pandas and Altair (~1 CPU-s) wait
+    until the dashboard asset runs (defs/mart/dashboard.py)."""
+    probe = (
+        "import json, sys; from oppsync_pipeline.locations import load_location; d = load_location('mart'); "
+        "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] in ('pandas', 'altair', 'vl_convert'))))"
+    )
+    env = {**os.environ, "OPPSYNC_CONFIG": str(config)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_workspace_lists_every_location():
     workspace = yaml.safe_load((REPO / "workspace.yaml").read_text(encoding="utf-8"))
     modules = {entry["python_module"]["module_name"] for entry in workspace["load_from"]}

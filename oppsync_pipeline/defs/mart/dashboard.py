@@ -7,10 +7,11 @@ from datetime import timedelta
 import dagster as dg
 
 from oppsync_pipeline.defs.resources import OppsyncResource
-from oppsync_pipeline.lib.dashboard import queries
-from oppsync_pipeline.lib.dashboard.charts import outcomes_chart, png_data_uri
-from oppsync_pipeline.lib.dashboard.filters import Filters, partial_period
 from oppsync_pipeline.lib.warehouse.engine import transaction
+
+# lib/dashboard (pandas, Altair: ~1 CPU-s to import) is imported when the asset runs, not when the mart's code
+# location loads: every build after a sync starts a run worker that loads the location and never draws a chart
+# (make bench, freshness; tests/dagster/test_locations.py)
 
 WEEKS = 12
 TOP_USERS = 20
@@ -43,6 +44,10 @@ def latest_week_markdown(totals: dict, users, week) -> str:
     description="A glance at marts.outcomes: created, won and lost per week (all users), and the latest week.",
 )
 def outcomes_dashboard(oppsync: OppsyncResource) -> dg.MaterializeResult:
+    from oppsync_pipeline.lib.dashboard import queries
+    from oppsync_pipeline.lib.dashboard.charts import outcomes_chart, png_data_uri
+    from oppsync_pipeline.lib.dashboard.filters import Filters, partial_period
+
     cfg = oppsync.app_config()
     with transaction(oppsync.engine()) as conn:
         bounds = queries.choices(conn)["bounds"]

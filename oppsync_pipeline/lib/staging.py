@@ -147,11 +147,14 @@ def stage_page(engine: Engine, extract_id: str, page: Sequence[Opportunity], in_
 # How Postgres computes record.row_hash while it moves a COPYed batch into staging: the same text of each value
 # as Python's (for the values columnar.python_hash_mask leaves to the database), over bytes, since a Postgres
 # text cannot hold the chr(0) that stands for NULL. float8 prints the shortest round-trip digits like repr()
-# but drops a whole number's ".0"; dates and date-times are printed with to_char, independent of DateStyle.
+# but drops a whole number's ".0" (columnar.python_hash_mask leaves only numbers below 1e9 with at most 6
+# decimals to the database, so "whole" decides it); dates and date-times are printed with to_char, independent of DateStyle.
 def _postgres_hash_bytes(field: CanonicalField) -> str:
     name = field.name
     if field.sql_type is Double:
-        text_of = f"CASE WHEN {name}::text LIKE '%.%' THEN {name}::text ELSE {name}::text || '.0' END"
+        # one float8out a value (it is most of the digest's cost): the numbers left to the database are below
+        # 1e9 with at most 6 decimals, so a whole one prints without a point and a fractional one with it
+        text_of = f"{name}::text || CASE WHEN {name} = trunc({name}) THEN '.0' ELSE '' END"
     elif field.sql_type is Date:
         text_of = f"to_char({name}, 'YYYY-MM-DD')"
     elif field.sql_type is DateTime:

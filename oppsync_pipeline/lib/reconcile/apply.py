@@ -48,7 +48,7 @@ from oppsync_pipeline.lib.warehouse.schema import (
 DATA_COLUMNS = list(CANONICAL)  # the canonical record's columns (record.FIELDS)
 
 # The reconcile's working tables (temporary: private to its transaction's connection)
-_TEMP_TABLES = ("rc_dup", "rc_src", "rc_cls", "rc_fields", "rc_diff", "rc_del", "rc_upd")
+_TEMP_TABLES = ("rc_dup", "rc_src", "rc_cls", "rc_fields", "rc_diff", "rc_act", "rc_del", "rc_upd")
 
 # Tracked fields owned by an event kind other than `updated` (reconcile's event model, dbt/README.md):
 # a status transition owns the status and the stage it moved to, and the CRM's close time; a stage move owns
@@ -145,6 +145,7 @@ def reconcile(
     """Apply a completed extract. `observed_at` (the run's start) stamps history versions and inferred deletes;
     `recorded_at` stamps events. All or nothing."""
     with transaction(engine) as conn:
+        dialect.tune_reconcile(conn)
         if check_lock:
             assert_lock(conn, connection, run_id)
         x = extracts.c
@@ -267,27 +268,35 @@ def _build_diff(conn: Connection, p: dict, full: bool) -> None:
     # The raw payload stays in staging (joined back by seq when rows are written): carrying it through the
     # window would hold every staged JSON document in memory at once.
     conn.execute(sql("dup"), p)
-    _analyze(conn, "rc_dup")
+    _analyze(conn, "rc_dup", "source_id")
     conn.execute(sql("src"), p)
-    _analyze(conn, "rc_src")
+    _analyze(conn, "rc_src", "source_id")
     # Classify on the narrow columns first; name the changed fields only where the hash differs (or the id
     # comes back from a delete or into scope). The hash is taken over the record as the CRM sent it, the
     # values as stored (NUL bytes cleaned): a different hash with no stored value different is not a change
     # (no version, no rewrite). Comparing every field of every row inside the one big join made that join's
     # build side wide: 2.6 s of a 1,000,000-row reconcile, against 0.9 s in three narrow steps.
     conn.execute(sql("cls"), p)
-    _analyze(conn, "rc_cls")
+    _analyze(conn, "rc_cls", "source_id", "membership", "hash_differs")
     conn.execute(sql("fields"), p)
-    _analyze(conn, "rc_fields")
+    _analyze(conn, "rc_fields", "source_id")
     conn.execute(sql("diff"))
-    _analyze(conn, "rc_diff")
+    _analyze(conn, "rc_diff", "source_id", "membership", "rewrite")
+    # The rows that write anything (events, a version, the current row) with their staged values: most of a
+    # full extract is unchanged, and each event statement joined the whole staged copy to find its few rows.
+    conn.execute(sql("act"))
+    _analyze(conn, "rc_act", *_ACT_FILTERS)
     # Deletes: inferred in full runs (a known live id the extract did not see at all), and the delete feed.
     conn.execute(sql("deletes_full" if full else "deletes_native"), p)
-    _analyze(conn, "rc_del")
+    _analyze(conn, "rc_del", "source_id", "inferred")
 
 
-def _analyze(conn: Connection, table: str) -> None:
-    dialect.analyze(conn, table)  # statistics for the temporary table (Postgres' planner needs them)
+# the columns the statements over rc_act join and filter on
+_ACT_FILTERS = ("source_id", "seq", "membership", "rewrite", "status_moved", "stage_moved", "new_status")
+
+
+def _analyze(conn: Connection, table: str, *columns: str) -> None:
+    dialect.analyze(conn, table, columns)  # statistics for the temporary table (Postgres' planner needs them)
 
 
 def _count(conn: Connection) -> tuple[ReconcileResult, int]:
@@ -333,7 +342,7 @@ class _Event:
     changed: str = "NULL"
     old: str = "NULL"
     new: str = "NULL"
-    values: str = "s"  # s: the staged values; o: the warehouse's (a record that left)
+    values: str = "d"  # d: the staged values (rc_act); o: the warehouse's (a record that left)
 
     def statement(self, scope_at: str):
         return sql(
@@ -356,7 +365,7 @@ _TRACKED = "d.membership IN ('known', 'restored', 'entered')"
 # In order: a run's count of each kind is its statement's row count. A scope change by configuration is dated
 # by the run, one by an edit in the CRM by the edit ({scope_at}).
 EVENTS = (
-    _Event(EventKind.CREATED, "created", "COALESCE(s.created_at, :obs)", "d.membership = 'new'"),
+    _Event(EventKind.CREATED, "created", "COALESCE(d.created_at, :obs)", "d.membership = 'new'"),
     _Event(
         "closed",
         "created",
@@ -443,7 +452,7 @@ def _write_current(conn: Connection, p: dict, rebaseline: bool = False, scope_mo
     conn.execute(sql("current_insert"), p)
     conn.execute(text("DROP TABLE IF EXISTS rc_upd"))
     conn.execute(sql("current_gather"), p)
-    _analyze(conn, "rc_upd")
+    _analyze(conn, "rc_upd", "source_id")
     conn.execute(sql("current_update"), p)
     if rebaseline:
         conn.execute(sql("current_redate_closes"), p)

@@ -4,5 +4,5 @@ CREATE TEMPORARY TABLE rc_upd AS
 SELECT r.source_id, {r_data_columns}, r.raw, r.row_hash, d.old_version + 1 AS version,
        d.new_closed_at AS closed_at, d.new_closed_at_source AS closed_at_source,
        d.old_closed_at, d.status_moved
-FROM oppsync.stage_opportunities r JOIN rc_diff d ON d.seq = r.seq
+FROM oppsync.stage_opportunities r JOIN rc_act d ON d.seq = r.seq
 WHERE r.extract_id = :x AND d.rewrite

@@ -6,6 +6,6 @@ INSERT INTO oppsync.opportunity_events (event_id, connection, crm, source_id, ev
 SELECT :run || ':' || d.source_id || ':' || {event_type}, :c, :crm, d.source_id, {event_type}, {occurred}, :rec,
        :run, {changed}, {old}, {new}, {values}.owner_crm_id, {values}.created_by_crm_id, {values}.amount,
        {values}.status, :run || ':' || d.source_id
-FROM rc_diff d JOIN rc_src s ON s.source_id = d.source_id
+FROM rc_act d
 {join_current}
 WHERE {where}

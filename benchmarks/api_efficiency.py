@@ -175,7 +175,7 @@ def lookup_minimum(crm: str, sim, world, bookmark, known: dict[str, set[str]]) -
         countries = 0 if known.get("countries") else 1
         n = batches(len(unknown), 500) + batches(len(contacts), 500) + countries + 1
         if renamed:
-            n += batches(len(renamed), 500)
+            n += per_set(reread, 500)
         return n, (
             f"{len(unknown)} unknown companies, {len(contacts)} unknown contacts, countries {countries}, "
             f"{len(renamed)} renamed with {len(reread)} opportunities re-read, 1 company change read"
@@ -184,7 +184,7 @@ def lookup_minimum(crm: str, sim, world, bookmark, known: dict[str, set[str]]) -
         sites = {f"{a.native_id}:{a.site_id}" for a in named if a.site_id}
         gone = {world.accounts[i].native_id for i in renamed}  # their kept sites are dropped and read again
         unknown = {k for k in sites if k not in known.get("sites", set()) or k.split(":")[0] in gone}
-        n = len(unknown) + 1 + (batches(len(renamed), 100) if renamed else 0) + len(reread)
+        n = len(unknown) + 1 + (per_set(reread, 1000) if renamed else 0) + len(reread)
         return n, (
             f"{len(unknown)} unknown sites, {len(renamed)} renamed companies with {len(reread)} opportunities "
             "re-read (and their forecasts), 1 company change read"

@@ -635,18 +635,35 @@ class AutotaskConnector(CrmConnector):
         if since is None:
             total = self._count("Opportunities", filters)
             self.tally(open_set, since, (), crm_count=total)
+        if since is None:
+            for items in self._query("Opportunities", filters, expect=total):
+                self.tally(open_set, since, (r["id"] for r in items))
+                yield self.map_page(items)
+            return
+        # Incremental: the changed records and those of the companies changed since the bookmark are mapped
+        # IDS_PER_IN at a time (one `in` lookup of their unknown companies / contacts, issue 21), in pages.
+        batch: list[dict[str, Any]] = []
+        for items in self._changed_records(open_set, filters, since):
+            batch += items
+            if len(batch) >= IDS_PER_IN:
+                yield from self._mapped(batch)
+                batch = []
+        if batch:
+            yield from self._mapped(batch)
+
+    def _changed_records(
+        self, open_set: bool, filters: list[dict[str, Any]], since: datetime
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Raw pages of an incremental read: the records active since `since`, then (a renamed or moved company
+        does not touch its opportunities' lastActivity) the set's records of the companies changed since then
+        (Companies.lastTrackedModifiedDateTime), each record once."""
         seen: set[int] = set()
         # the companies changed since the bookmark replace their kept copies before any record is mapped
-        changed = self._changed_companies(since) if since is not None else []
-        for items in self._query("Opportunities", filters, expect=total):
+        changed = self._changed_companies(since)
+        for items in self._query("Opportunities", filters):
             self.tally(open_set, since, (r["id"] for r in items))
-            if since is not None:
-                seen.update(r["id"] for r in items)
-            yield self.map_page(items)
-        if since is None:
-            return
-        # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
-        # of companies changed since the cursor (Companies.lastTrackedModifiedDateTime), once each.
+            seen.update(r["id"] for r in items)
+            yield items
         base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
             by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i : i + BATCH]}]
@@ -654,7 +671,12 @@ class AutotaskConnector(CrmConnector):
                 items = [r for r in items if r["id"] not in seen]
                 seen.update(r["id"] for r in items)
                 if items:
-                    yield self.map_page(items)
+                    yield items
+
+    def _mapped(self, records: list[dict[str, Any]]) -> Iterator[Page]:
+        page = self.map_page(records)
+        for start in range(0, len(page), self.page_size):
+            yield page[start : start + self.page_size]
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter

@@ -185,3 +185,43 @@ def test_incremental_syncs_read_only_unknown_entries_and_renames_still_arrive(
             assert log.by_path() == QUIET_RUN[crm]
         finally:
             engine.dispose()
+
+
+def test_kept_entries_round_trip_incremental_upserts_and_full_replaces(warehouse_url: str):
+    """What an incremental run writes or drops replaces only those entries; a full run replaces them all."""
+    from datetime import datetime
+
+    from oppsync_pipeline.lib.crm.lookups import LookupCache
+    from oppsync_pipeline.lib.warehouse import store
+    from oppsync_pipeline.lib.warehouse.engine import ensure_schema
+
+    engine = make_engine(warehouse_url)
+    try:
+        ensure_schema(engine)
+        first = LookupCache()
+        first.lookup("companies", int).update({1: {"companyName": "A"}, 2: {"companyName": "B"}})
+        first.lookup("sites", str)["7:1000"] = "1 Main St"
+        store.save_lookups(engine, "c1", first, datetime(2026, 1, 1))
+        store.save_lookups(engine, "c2", first, datetime(2026, 1, 1))  # another connection, untouched below
+
+        inc = store.load_lookups(engine, "c1")
+        companies = inc.lookup("companies", int)
+        assert dict(companies) == {1: {"companyName": "A"}, 2: {"companyName": "B"}}
+        companies[2] = {"companyName": "B renamed"}
+        del companies[1]
+        companies[3] = {}
+        assert sorted(inc.to_save()) == [("companies", "2", '{"companyName":"B renamed"}'), ("companies", "3", "{}")]
+        store.save_lookups(engine, "c1", inc, datetime(2026, 1, 2))
+        again = store.load_lookups(engine, "c1")
+        assert dict(again.lookup("companies", int)) == {2: {"companyName": "B renamed"}, 3: {}}
+        assert dict(again.lookup("sites", str)) == {"7:1000": "1 Main St"}  # not written: kept as it was
+
+        full = LookupCache()
+        full.lookup("companies", int)[9] = {"companyName": "Z"}
+        store.save_lookups(engine, "c1", full, datetime(2026, 1, 3))
+        after = store.load_lookups(engine, "c1")
+        assert dict(after.lookup("companies", int)) == {9: {"companyName": "Z"}}
+        assert dict(after.lookup("sites", str)) == {}  # a full sync keeps only what it read
+        assert len(store.load_lookups(engine, "c2").lookup("companies", int)) == 2
+    finally:
+        engine.dispose()

@@ -45,7 +45,9 @@
   company address (`format_address`: address1, address2, city, state, postalCode, country name from
   countryID) -> service_location; contactID ->
   Contacts "first last" -> sales_executive, falling back to the owner resource's name when there is no
-  contact. Companies and Contacts are fetched per page in batches with an `in` filter and cached.
+  contact. Companies and Contacts not known are fetched in batches with an `in` filter (500 ids) and
+  kept between runs (lookups.py, `oppsync.crm_lookups`; incremental runs map 500 records per lookup); the
+  changed Companies replace their copies first; a full sync re-reads them all, Contacts and Countries included.
 - Close time: crm_closed_at = `closedDate` for won records, `lostDate` for lost ones (CLOSE_TIME_FIELDS),
   read from the same query (Autotask returns every field). A field the tenant's entityInformation does not list
   is not read (noted): those records keep crm_closed_at None and the reconcile dates them by lastActivity.

@@ -29,8 +29,10 @@
 - Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
   `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag
   (`/sales/opportunities/statuses`, required) through `resolve_status` (stage_categories, open_statuses).
-- service_location: the company site's address (`GET /company/companies/{c}/sites/{s}`, once per site per run,
-  read for a whole page before it is mapped), in the canonical `format_address` form.
+- service_location: the company site's address (`GET /company/companies/{c}/sites/{s}`, read for a whole page
+  before it is mapped), in the canonical `format_address` form. Sites are kept between runs (lookups.py,
+  `oppsync.crm_lookups`): an incremental run reads only the sites it does not know and those of companies
+  changed since the bookmark; a full sync reads them all again (the periodic refresh).
 - Users: `/system/members`; owner = `primarySalesRep.id`, creator = `_info/enteredBy` (a member identifier)
   mapped to the member's numeric id; users() keys members by numeric id and keeps the identifier in alt_ids.
 - Optional reads (403 -> a warning in the run's metadata and the fallback): `/sales/stages` (the record's
@@ -441,7 +443,7 @@ class ConnectWiseConnector(CrmConnector):
         self.note(
             "company sites (service_location)",
             True,
-            "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run",
+            "GET /company/companies/{id}/sites/{siteId} once per site, kept between runs (a full sync re-reads them)",
         )
 
     def discover(self) -> list[Capability]:
@@ -643,7 +645,7 @@ class ConnectWiseConnector(CrmConnector):
         """The current records of these ids, whatever their status and the connection's filters:
         `conditions=id in (...)` in chunks (BY_ID_CHUNK ids, query string at most MAX_QUERY_CHARS), each one
         page of up to 1000; CW has no soft delete, so a deleted id is simply absent. Mapped as opportunities()
-        maps (forecast per record, each site read once per run), in pages of the connection's page size."""
+        maps (forecast per record, each site not known read once), in pages of the connection's page size."""
         self.prepare()
         wanted = sorted({int(i) for i in ids if str(i).strip().isdigit()})  # CW ids are integers; others: absent
         for chunk in _id_chunks(wanted):

@@ -24,9 +24,12 @@ pages past the 10,000-results cap of one search.
   even at one millisecond, is read completely, and deals changing during the read shift nothing. Search is
   throttled to `options.search_requests_per_second`
   (default 4; HubSpot allows about 5 per second per portal).
-- Companies: one v4 batch association read per page (`POST /crm/v4/associations/deals/companies/batch/read`,
-  duplicates across association types collapse to one company per `toObjectId`, the Primary one wins), then
-  `POST /crm/v3/objects/companies/batch/read` for the companies not seen yet in this run.
+- Companies: one v4 batch association read per 1,000 deals (`POST /crm/v4/associations/deals/companies/batch/read`,
+  its documented cap; duplicates across association types collapse to one company per `toObjectId`, the Primary
+  one wins), then `POST /crm/v3/objects/companies/batch/read` (100 ids) for the companies not known: companies
+  are kept between runs (lookups.py, `oppsync.crm_lookups`). Incremental runs first search the companies whose
+  own `hs_lastmodifieddate` moved since the bookmark (their kept copies are replaced) and re-read their deals; a
+  full sync re-reads every company (the periodic refresh).
 - Owners: `hubspot_owner_id` is an owner id; `hs_created_by_user_id` is a USER id (owners.userId). `users()` yields
   one CrmUser per owner keyed by the user id with the owner id as alt id, archived owners included.
 - Close time (`crm_closed_at`): won deals by `hs_closed_won_date`, lost ones by `hs_closed_lost_date` (calculated

@@ -11,7 +11,9 @@ Compared with
              Autotask `in` 500 ids, ConnectWise one GET per site: it has no cross-company site list), HubSpot's
              deal->company associations (v4 batch read, 1,000 deals a request: search does not return them),
              one change-cursor read of the companies (a renamed company must reach its records on the next
-             sync) and, for the companies renamed, the re-read of their opportunities; ConnectWise has no bulk
+             sync) and, for the companies renamed, the re-read of their opportunities. Reads tied to records
+             (associations, re-reads) count per set, as pages do: the open and the not-open set are read and
+             mapped one after the other; dictionary batches count once for both sets. ConnectWise has no bulk
              forecast endpoint, so one forecast request per changed opportunity is part of its minimum (the
              amount lives there).
   full read: re-reading both sets every hour at the largest page (what the seed's product does), computed.
@@ -19,6 +21,9 @@ Compared with
 The initial full sync is replaced by setting the bookmark to the tenant's latest change (what a full sync
 leaves) and running one untimed incremental sync (the previous hour's run, which also leaves Dynamics' delta
 link): the requests of an incremental run depend only on what the previous run left and the changes since.
+That previous run kept only the dictionary entries its few hundred records named, so most of the companies
+this hour's records name are unknown to it: the cold case. After a nightly full sync (which keeps every entry
+its records name) an hourly run knows nearly all of them and both ours and the minimum are lower.
 """
 
 from __future__ import annotations
@@ -166,7 +171,7 @@ def lookup_minimum(crm: str, sim, world, bookmark, known: dict[str, set[str]]) -
         if renamed:
             n += batches(len(renamed), 1000) + per_set(reread, 100)
         return n, (
-            f"{associations} association read(s) for {len(changed) + len(reread)} deals, {len(unknown)} unknown "
+            f"{associations} association read(s) (per set) for {len(changed) + len(reread)} deals, {len(unknown)} unknown "
             f"companies, {len(renamed)} renamed with {len(reread)} deals re-read, 1 company change read"
         )
     if crm == "autotask":

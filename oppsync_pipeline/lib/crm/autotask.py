@@ -45,7 +45,9 @@
   company address (`format_address`: address1, address2, city, state, postalCode, country name from
   countryID) -> service_location; contactID ->
   Contacts "first last" -> sales_executive, falling back to the owner resource's name when there is no
-  contact. Companies and Contacts are fetched per page in batches with an `in` filter and cached.
+  contact. Companies and Contacts not known are fetched in batches with an `in` filter (500 ids) and
+  kept between runs (lookups.py, `oppsync.crm_lookups`; incremental runs map 500 records per lookup); the
+  changed Companies replace their copies first; a full sync re-reads them all, Contacts and Countries included.
 - Close time: crm_closed_at = `closedDate` for won records, `lostDate` for lost ones (CLOSE_TIME_FIELDS),
   read from the same query (Autotask returns every field). A field the tenant's entityInformation does not list
   is not read (noted): those records keep crm_closed_at None and the reconcile dates them by lastActivity.
@@ -74,6 +76,7 @@ from oppsync_pipeline.lib.config import ConfigError, RecordFilter
 from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
+from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
@@ -89,7 +92,7 @@ from oppsync_pipeline.lib.record import (
 )
 
 THRESHOLD_POLL_EVERY = 100
-BATCH = 200  # ids per `in` lookup of companies / contacts
+BATCH = 200  # company ids per `in` condition when re-reading the opportunities of changed companies
 IDS_PER_IN = 500  # values one `in` condition may list (docs/crm-api-notes.md §5.2): the by-id read's batch
 # Where Autotask records when an opportunity closed, by outcome, in the order read: closedDate is set when the
 # status becomes Closed (won) / Implemented, lostDate when it becomes Lost (docs/crm-api-notes.md §5.5; both datetimes in
@@ -351,10 +354,7 @@ class AutotaskConnector(CrmConnector):
     def __init__(self, conn: Any, credentials: dict[str, str], **kwargs: Any):
         self._zone: str | None = None
         super().__init__(conn, credentials, **kwargs)
-        self._companies: dict[int, dict[str, Any]] = {}
-        self._contacts: dict[int, dict[str, Any]] = {}
         self._resources: dict[int, dict[str, Any]] | None = None
-        self._countries: dict[int, str] | None = None
         self._internal_currency: str | None = None  # options.currency, else Currencies.isInternalCurrency
         self._last_poll: int | None = None
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
@@ -362,6 +362,26 @@ class AutotaskConnector(CrmConnector):
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
         self._no_close_fields: set[str] = set()  # close-time fields this tenant does not have
+
+    # -- dictionaries kept between runs (lookups.py) -----------------------------------------------------------
+    # Companies: the incremental run first reads those changed since the bookmark (lastTrackedModifiedDateTime,
+    # `_changed_companies`), so a renamed company reaches its records on the next hourly sync. Contacts and
+    # Countries are refreshed by the nightly full sync, which starts from an empty cache: Autotask documents
+    # no change cursor on Contacts we could verify, a contact's rename only changes a sales_executive name,
+    # and countries do not change.
+
+    @property
+    def _companies(self) -> Lookup[int]:
+        return self.lookups.lookup("companies", int)
+
+    @property
+    def _contacts(self) -> Lookup[int]:
+        return self.lookups.lookup("contacts", int)
+
+    @property
+    def _countries(self) -> Lookup[int]:
+        """Country id -> name; empty until read (one query of all countries, once per cache)."""
+        return self.lookups.lookup("countries", int)
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -617,17 +637,35 @@ class AutotaskConnector(CrmConnector):
         if since is None:
             total = self._count("Opportunities", filters)
             self.tally(open_set, since, (), crm_count=total)
-        seen: set[int] = set()
-        for items in self._query("Opportunities", filters, expect=total):
-            self.tally(open_set, since, (r["id"] for r in items))
-            if since is not None:
-                seen.update(r["id"] for r in items)
-            yield self.map_page(items)
         if since is None:
+            for items in self._query("Opportunities", filters, expect=total):
+                self.tally(open_set, since, (r["id"] for r in items))
+                yield self.map_page(items)
             return
-        # A renamed or moved company does not touch its opportunities' lastActivity: re-read the opportunities
-        # of companies changed since the cursor (Companies.lastTrackedModifiedDateTime), once each.
+        # Incremental: the changed records and those of the companies changed since the bookmark are mapped
+        # IDS_PER_IN at a time (one `in` lookup of their unknown companies / contacts, issue 21), in pages.
+        batch: list[dict[str, Any]] = []
+        for items in self._changed_records(open_set, filters, since):
+            batch += items
+            if len(batch) >= IDS_PER_IN:
+                yield from self._mapped(batch)
+                batch = []
+        if batch:
+            yield from self._mapped(batch)
+
+    def _changed_records(
+        self, open_set: bool, filters: list[dict[str, Any]], since: datetime
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Raw pages of an incremental read: the records active since `since`, then (a renamed or moved company
+        does not touch its opportunities' lastActivity) the set's records of the companies changed since then
+        (Companies.lastTrackedModifiedDateTime), each record once."""
+        seen: set[int] = set()
+        # the companies changed since the bookmark replace their kept copies before any record is mapped
         changed = self._changed_companies(since)
+        for items in self._query("Opportunities", filters):
+            self.tally(open_set, since, (r["id"] for r in items))
+            seen.update(r["id"] for r in items)
+            yield items
         base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
             by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i : i + BATCH]}]
@@ -635,7 +673,12 @@ class AutotaskConnector(CrmConnector):
                 items = [r for r in items if r["id"] not in seen]
                 seen.update(r["id"] for r in items)
                 if items:
-                    yield self.map_page(items)
+                    yield items
+
+    def _mapped(self, records: list[dict[str, Any]]) -> Iterator[Page]:
+        page = self.map_page(records)
+        for start in range(0, len(page), self.page_size):
+            yield page[start : start + self.page_size]
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
@@ -678,7 +721,7 @@ class AutotaskConnector(CrmConnector):
                     [{"op": "gte", "field": "lastTrackedModifiedDateTime", "value": _at_value(since)}],
                     self.max_page_size,
                 ):
-                    self._companies.update((c["id"], c) for c in page)
+                    self._companies.update((c["id"], _company(c)) for c in page)
                     ids += [c["id"] for c in page]
                 return ids
 
@@ -776,19 +819,20 @@ class AutotaskConnector(CrmConnector):
 
             def read(wanted: list[int] = wanted, entity: str = entity) -> dict[int, dict[str, Any]]:
                 found: dict[int, dict[str, Any]] = {}
-                for i in range(0, len(wanted), BATCH):
-                    chunk = wanted[i : i + BATCH]
+                for i in range(0, len(wanted), IDS_PER_IN):  # as many ids as one `in` condition takes
+                    chunk = wanted[i : i + IDS_PER_IN]
                     for page in self._query(
                         entity, [{"op": "in", "field": "id", "value": chunk}], self.max_page_size, expect=len(chunk)
                     ):
-                        found.update((x["id"], x) for x in page)
+                        found.update((x["id"], _kept(entity, x)) for x in page)
                 return found
 
             found = self._optional(entity, read, None, text)
             if found is not None:
                 cache.update(found)
                 cache.update((missing, {}) for missing in set(wanted) - found.keys())
-        if self._countries is None and any(c.get("countryID") for c in self._companies.values()):
+        named = (self._companies.get(r["companyID"]) for r in items if _is_id(r.get("companyID")))
+        if not self._countries and "Countries" not in self._refused and any(c and c.get("countryID") for c in named):
 
             def countries() -> dict[int, str]:
                 out: dict[int, str] = {}
@@ -796,9 +840,11 @@ class AutotaskConnector(CrmConnector):
                     out.update((c["id"], c.get("displayName") or c.get("name")) for c in page)
                 return out
 
-            self._countries = self._optional(
-                "Countries", countries, {}, "service_location is written without the country"
-            )
+            got = self._optional("Countries", countries, None, "service_location is written without the country")
+            if got is None:
+                self._refused.add("Countries")
+            else:
+                self._countries.update(got)
         if any(self._executive_is_owner(r) for r in items):
             self._all_resources()
 
@@ -905,12 +951,27 @@ class AutotaskConnector(CrmConnector):
     def _address(self, c: dict[str, Any]) -> str | None:
         if not c:
             return None
-        country = (self._countries or {}).get(int(c["countryID"])) if c.get("countryID") else None
+        country = self._countries.get(int(c["countryID"])) if c.get("countryID") else None
         return clean_text(
             format_address(
                 c.get("address1"), c.get("address2"), c.get("city"), c.get("state"), c.get("postalCode"), country
             )
         )
+
+
+# What is kept of a Company and a Contact (the fields the mapping reads), not the whole record.
+COMPANY_KEPT = ("id", "companyName", "address1", "address2", "city", "state", "postalCode", "countryID")
+CONTACT_KEPT = ("id", "firstName", "lastName")
+
+
+def _company(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: c[k] for k in COMPANY_KEPT if c.get(k) is not None}
+
+
+def _kept(entity: str, x: dict[str, Any]) -> dict[str, Any]:
+    if entity == "Companies":
+        return _company(x)
+    return {k: x[k] for k in CONTACT_KEPT if x.get(k) is not None}
 
 
 def _person(r: dict[str, Any]) -> str | None:

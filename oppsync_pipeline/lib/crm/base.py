@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.crm.lookups import LookupCache
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
 from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
@@ -161,6 +162,9 @@ class CrmConnector(ABC):
         self.quarantined: list[Quarantined] = []
         # Full reads of each set (open_set -> tally): the sync compares what was received with the CRM's count.
         self.tallies: dict[bool, SetTally] = {}
+        # Dictionary entries kept between runs (lookups.py): the sync replaces this empty cache with the kept
+        # entries before an incremental run and stores what the run read when it completes.
+        self.lookups = LookupCache()
 
     # -- what each CRM provides -------------------------------------------------------------------------------
 

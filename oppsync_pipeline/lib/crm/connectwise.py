@@ -29,8 +29,10 @@
 - Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
   `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag
   (`/sales/opportunities/statuses`, required) through `resolve_status` (stage_categories, open_statuses).
-- service_location: the company site's address (`GET /company/companies/{c}/sites/{s}`, once per site per run,
-  read for a whole page before it is mapped), in the canonical `format_address` form.
+- service_location: the company site's address (`GET /company/companies/{c}/sites/{s}`, read for a whole page
+  before it is mapped), in the canonical `format_address` form. Sites are kept between runs (lookups.py,
+  `oppsync.crm_lookups`): an incremental run reads only the sites it does not know and those of companies
+  changed since the bookmark; a full sync reads them all again (the periodic refresh).
 - Users: `/system/members`; owner = `primarySalesRep.id`, creator = `_info/enteredBy` (a member identifier)
   mapped to the member's numeric id; users() keys members by numeric id and keeps the identifier in alt_ids.
 - Optional reads (403 -> a warning in the run's metadata and the fallback): `/sales/stages` (the record's
@@ -82,6 +84,7 @@ from oppsync_pipeline.lib.crm.http import (
     json_object,
     retry_after_seconds,
 )
+from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
@@ -334,6 +337,15 @@ class ConnectWiseConnector(CrmConnector):
     native_deletes = False
     known_fields: ClassVar[frozenset[str]] = NUMERIC_FIELDS | DATETIME_FIELDS | BOOLEAN_FIELDS | TEXT_FIELDS
 
+    @property
+    def _sites(self) -> Lookup[str]:
+        """`{company id}:{site id}` -> the site's canonical address (None: gone), kept between runs (lookups.py).
+        CW lists sites per company only (`/company/companies/{id}/sites`, no cross-company list or change
+        feed), so an incremental run reads the sites it does not know, one GET each, and drops those of the
+        companies changed since the bookmark (read again with the opportunities re-read for them); the
+        nightly full sync starts from an empty cache and reads every site again: the periodic refresh."""
+        return self.lookups.lookup("sites", str)
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._api_base: str | None = None
@@ -341,7 +353,6 @@ class ConnectWiseConnector(CrmConnector):
         self._probabilities: dict[int, float] | None = None  # None: not read (yet)
         self._members: list[dict[str, Any]] | None = None
         self._member_ids: dict[str, str] = {}  # identifier (lower case) -> numeric member id
-        self._sites: dict[tuple[int, int], str | None] = {}  # (company id, site id) -> canonical address
         self._sites_readable = True
         self._forecast_readable = True
         self._company_changes: tuple[datetime, list[int]] | None = None  # (since, changed company ids)
@@ -432,7 +443,7 @@ class ConnectWiseConnector(CrmConnector):
         self.note(
             "company sites (service_location)",
             True,
-            "GET /company/companies/{id}/sites/{siteId} once per site, cached for the run",
+            "GET /company/companies/{id}/sites/{siteId} once per site, kept between runs (a full sync re-reads them)",
         )
 
     def discover(self) -> list[Capability]:
@@ -573,6 +584,8 @@ class ConnectWiseConnector(CrmConnector):
         parts = base + ([f"_info/lastUpdated>={_dt(since)}"] if since is not None else [])
         order = "_info/lastUpdated asc, id asc" if since is not None else "id asc"
         seen: set[int] = set()
+        if since is not None:
+            self._changed_companies(since)  # drops the kept sites of changed companies before any mapping
         for rows in self._opportunity_rows(
             parts, {"orderBy": order, **extra}, by_updated=since is not None, expect=crm_count
         ):
@@ -632,7 +645,7 @@ class ConnectWiseConnector(CrmConnector):
         """The current records of these ids, whatever their status and the connection's filters:
         `conditions=id in (...)` in chunks (BY_ID_CHUNK ids, query string at most MAX_QUERY_CHARS), each one
         page of up to 1000; CW has no soft delete, so a deleted id is simply absent. Mapped as opportunities()
-        maps (forecast per record, each site read once per run), in pages of the connection's page size."""
+        maps (forecast per record, each site not known read once), in pages of the connection's page size."""
         self.prepare()
         wanted = sorted({int(i) for i in ids if str(i).strip().isdigit()})  # CW ids are integers; others: absent
         for chunk in _id_chunks(wanted):
@@ -691,6 +704,9 @@ class ConnectWiseConnector(CrmConnector):
             return []
         ids = sorted({r["id"] for r in rows})
         self._company_changes = (since, ids)
+        changed = {str(i) for i in ids}
+        for key in [k for k in self._sites if k.split(":", 1)[0] in changed]:
+            del self._sites[key]
         return ids
 
     def _keyset_pages(
@@ -760,7 +776,7 @@ class ConnectWiseConnector(CrmConnector):
         """The company sites this page names, each read once per run (GET /company/companies/{c}/sites/{s})."""
         for r in rows:
             key = _site_key(r)
-            if key is None or key in self._sites or not self._sites_readable:
+            if key is None or _site_text(key) in self._sites or not self._sites_readable:
                 continue
             url = self.api(f"/company/companies/{key[0]}/sites/{key[1]}")
             try:
@@ -783,7 +799,7 @@ class ConnectWiseConnector(CrmConnector):
             if site is _REFUSED:
                 self._sites_readable = False
                 continue
-            self._sites[key] = site_address(site) if isinstance(site, dict) else None
+            self._sites[_site_text(key)] = site_address(site) if isinstance(site, dict) else None
 
     def _forecasts(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
         """Each opportunity's forecast (its revenue lines): no bulk endpoint, one GET per opportunity."""
@@ -879,7 +895,9 @@ class ConnectWiseConnector(CrmConnector):
         status = self.resolve_status(stage, crm_status, flags)
         site = r.get("site") if isinstance(r.get("site"), dict) else None
         key = _site_key(r)
-        location = (self._sites.get(key) if key is not None else None) or (_text(site.get("name")) if site else None)
+        location = (self._sites.get(_site_text(key)) if key is not None else None) or (
+            _text(site.get("name")) if site else None
+        )
         currency = r.get("currency") or {}
         code = currency.get("currencyCode") if isinstance(currency, dict) else None
         values = self.mapped_fields(
@@ -971,6 +989,10 @@ def _ref(record: dict[str, Any], key: str) -> dict[str, Any]:
     """A reference (`status`, `stage` ...) of a record; {} when absent or not an object."""
     value = record.get(key)
     return value if isinstance(value, dict) else {}
+
+
+def _site_text(key: tuple[int, int]) -> str:
+    return f"{key[0]}:{key[1]}"
 
 
 def _site_key(r: dict[str, Any]) -> tuple[int, int] | None:

@@ -24,9 +24,12 @@ pages past the 10,000-results cap of one search.
   even at one millisecond, is read completely, and deals changing during the read shift nothing. Search is
   throttled to `options.search_requests_per_second`
   (default 4; HubSpot allows about 5 per second per portal).
-- Companies: one v4 batch association read per page (`POST /crm/v4/associations/deals/companies/batch/read`,
-  duplicates across association types collapse to one company per `toObjectId`, the Primary one wins), then
-  `POST /crm/v3/objects/companies/batch/read` for the companies not seen yet in this run.
+- Companies: one v4 batch association read per 1,000 deals (`POST /crm/v4/associations/deals/companies/batch/read`,
+  its documented cap; duplicates across association types collapse to one company per `toObjectId`, the Primary
+  one wins), then `POST /crm/v3/objects/companies/batch/read` (100 ids) for the companies not known: companies
+  are kept between runs (lookups.py, `oppsync.crm_lookups`). Incremental runs first search the companies whose
+  own `hs_lastmodifieddate` moved since the bookmark (their kept copies are replaced) and re-read their deals; a
+  full sync re-reads every company (the periodic refresh).
 - Owners: `hubspot_owner_id` is an owner id; `hs_created_by_user_id` is a USER id (owners.userId). `users()` yields
   one CrmUser per owner keyed by the user id with the owner id as alt id, archived owners included.
 - Close time (`crm_closed_at`): won deals by `hs_closed_won_date`, lost ones by `hs_closed_lost_date` (calculated
@@ -58,6 +61,7 @@ from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
 from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
 from oppsync_pipeline.lib.record import (
@@ -75,6 +79,9 @@ from oppsync_pipeline.lib.record import (
 
 LIST_MAX = 100
 BATCH_MAX = 100
+# Ids one v4 association batch read takes (developers.hubspot.com changelog "Batch Read Limit for HubSpot
+# Associations API": at most 1,000 inputs since 2025-02-10).
+ASSOCIATIONS_MAX = 1000
 MAX_FILTERS_PER_GROUP = 10
 EPOCH = datetime(1970, 1, 1)
 PRIMARY_TYPE_ID = 5
@@ -437,12 +444,18 @@ class HubSpotConnector(CrmConnector):
         super().__init__(conn, credentials, **kwargs)
         self._last_search = 0.0
         self._owners: dict[str, CrmUser] | None = None
-        self._companies: dict[str, dict[str, Any]] = {}
         self._companies_refused = False
         self._deal_properties: dict[str, dict[str, Any]] | None = None  # None: not discovered (refused)
         self._by_pipeline: dict[tuple[str, str], StageInfo] = {}
         self._changed_company_deals: set[str] | None = None
         self._company_currency: str | None = None  # account-info's companyCurrency
+
+    @property
+    def _companies(self) -> Lookup[str]:
+        """Company id -> its COMPANY_PROPERTIES, kept between runs (lookups.py): a full sync re-reads every
+        company its deals name; an incremental one reads the companies it does not know and, first, those
+        modified since the bookmark (`_deals_of_changed_companies`)."""
+        return self.lookups.lookup("companies", str)
 
     def make_auth(self) -> Auth:
         # called by the base class before `self.options` exists
@@ -632,25 +645,39 @@ class HubSpotConnector(CrmConnector):
         properties = self._properties()
         self._owner_map()
         seen: set[str] = set()
+        if since is not None:
+            # the companies changed since the bookmark replace their kept copies before any deal is mapped
+            self._deals_of_changed_companies(since)
         pages: Iterable[tuple[list[dict[str, Any]], int | None]] = self._keyset(
             DEAL_SEARCH_PATH, base, properties, self.page_size
         )
         if since is not None:
             catch_up = self._company_catch_up(since, filters, properties, seen)
             pages = itertools.chain(pages, ((records, None) for records in catch_up))
+        # Search pages (200 deals) are enriched ASSOCIATIONS_MAX deals at a time: one association read and the
+        # fewest company batch reads per 1,000 deals instead of per 200 (issue 21); still yielded by page.
+        batch: list[dict[str, Any]] = []
         for records, set_count in pages:
             self.tally(open_set, since, [r["id"] for r in records], set_count)
             records = [r for r in records if r["id"] not in seen]
-            if not records:
-                continue
             seen.update(r["id"] for r in records)
-            page = self.map_page(records)
-            if leftover:
-                page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
-            if post_filter:
-                page = [o for o in page if (o.status == "open") == open_set]
-            if page:
-                yield page
+            batch += records
+            if len(batch) >= ASSOCIATIONS_MAX:
+                yield from self._mapped(batch, leftover, post_filter, open_set)
+                batch = []
+        if batch:
+            yield from self._mapped(batch, leftover, post_filter, open_set)
+
+    def _mapped(
+        self, records: list[dict[str, Any]], leftover: list[RecordFilter], post_filter: bool, open_set: bool
+    ) -> Iterator[Page]:
+        page = self.map_page(records)
+        if leftover:
+            page = [o for o in page if all(self._matches(f, o.raw) for f in leftover)]
+        if post_filter:
+            page = [o for o in page if (o.status == "open") == open_set]
+        for start in range(0, len(page), self.page_size):  # yielded in pages of the connection's size
+            yield page[start : start + self.page_size]
 
     def count(self, open_set: bool) -> int | None:
         """The deals search counts for the set's full read (`total` of its first query, asked for one deal):
@@ -703,17 +730,19 @@ class HubSpotConnector(CrmConnector):
         return self._changed_company_deals
 
     def _read_changed_company_deals(self, since: datetime) -> set[str]:
+        """The companies modified since `since` (search on their own `hs_lastmodifieddate`, with the properties
+        the mapping reads: their kept copies are replaced), and the deals associated with them."""
         modified = [{"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(_ms(since))}]
-        companies = [
-            c["id"]
-            for records, _ in self._keyset(COMPANY_SEARCH_PATH, modified, ["hs_object_id"], 200)
-            for c in records
-        ]
+        companies = []
+        for records, _ in self._keyset(COMPANY_SEARCH_PATH, modified, COMPANY_PROPERTIES, 200):
+            for c in records:
+                companies.append(c["id"])
+                self._companies[c["id"]] = _company(c)
         deals: set[str] = set()
         path = "/crm/v4/associations/companies/deals/batch/read"
-        for n, start in enumerate(range(0, len(companies), BATCH_MAX * 10), 1):
+        for n, start in enumerate(range(0, len(companies), ASSOCIATIONS_MAX), 1):
             body = self.client.post_json(
-                path, {"inputs": [{"id": c} for c in companies[start : start + BATCH_MAX * 10]]}
+                path, {"inputs": [{"id": c} for c in companies[start : start + ASSOCIATIONS_MAX]]}
             )
             self._checked(AssociationsPage, body, path, n)
             for result in body["results"]:
@@ -846,13 +875,11 @@ class HubSpotConnector(CrmConnector):
         ids = [r["id"] for r in records]
         primary: dict[str, str | None] = {}
         path = "/crm/v4/associations/deals/companies/batch/read"
-        for n, start in enumerate(range(0, len(ids), BATCH_MAX * 10), 1):
-            body = self.client.post_json(path, {"inputs": [{"id": i} for i in ids[start : start + BATCH_MAX * 10]]})
+        for n, start in enumerate(range(0, len(ids), ASSOCIATIONS_MAX), 1):
+            body = self.client.post_json(path, {"inputs": [{"id": i} for i in ids[start : start + ASSOCIATIONS_MAX]]})
             self._checked(AssociationsPage, body, path, n)
             for result in body["results"]:
                 primary[result["from"]["id"]] = _primary_company(result["to"])
-        if len(self._companies) > 200_000:  # keep memory flat on huge portals
-            self._companies.clear()
         missing = sorted({c for c in primary.values() if c and c not in self._companies})
         path = "/crm/v3/objects/companies/batch/read"
         for n, start in enumerate(range(0, len(missing), BATCH_MAX), 1):
@@ -860,7 +887,7 @@ class HubSpotConnector(CrmConnector):
             body = self.client.post_json(path, {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
             self._checked(BatchPage, body, path, n)
             for company in body["results"]:
-                self._companies[company["id"]] = company.get("properties") or {}
+                self._companies[company["id"]] = _company(company)
         return primary
 
     # -- mapping -----------------------------------------------------------------------------------------------
@@ -1067,6 +1094,13 @@ def _past(last_id: int) -> dict[str, Any]:
 
 def _ms(dt: datetime | None) -> int:
     return (to_utc(dt) - EPOCH) // timedelta(milliseconds=1)  # type: ignore[arg-type]
+
+
+def _company(company: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a company: the properties the mapping reads that have a value (HubSpot adds
+    hs_object_id, createdate and hs_lastmodifieddate to every answer)."""
+    props = company.get("properties") or {}
+    return {k: props[k] for k in COMPANY_PROPERTIES if props.get(k) not in (None, "")}
 
 
 def _primary_company(to: list[dict[str, Any]]) -> str | None:

@@ -316,6 +316,19 @@ connections = Table(
     Column("updated_at", DateTime),
 )
 
+# Dictionary entries a connector keeps between runs (lib/crm/lookups.py): companies, contacts, sites ... read
+# once and reused by the next incremental syncs; a full sync replaces a connection's entries.
+crm_lookups = Table(
+    "crm_lookups",
+    metadata,
+    Column("connection", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("lookup_key", String, nullable=False),
+    Column("value", Text, nullable=False),  # JSON
+    Column("read_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("connection", "kind", "lookup_key"),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
@@ -532,6 +545,11 @@ def _m9_revenue_and_extra_fields(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS extra_fields TEXT"))
 
 
+def _m10_crm_lookups(conn: Connection) -> None:
+    """Dictionary entries kept between runs (issue 21): incremental syncs read only the ids they do not know."""
+    crm_lookups.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -542,6 +560,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (7, _m7_writeback),
     (8, _m8_base_currency),
     (9, _m9_revenue_and_extra_fields),
+    (10, _m10_crm_lookups),
 ]
 
 

@@ -669,7 +669,8 @@ class AutotaskConnector(CrmConnector):
             where = [{"op": "gt", "field": "id", "value": bounds[i]}]
             if i + 1 < len(bounds):
                 where.append({"op": "lte", "field": "id", "value": bounds[i + 1]})
-            return lambda: self._query("Opportunities", [*filters, *where])
+            # the set's count bounds every range (a range paging on past it is a loop, as in one query)
+            return lambda: self._query("Opportunities", [*filters, *where], expect=total)
 
         yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
 

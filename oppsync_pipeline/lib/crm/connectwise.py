@@ -350,6 +350,7 @@ class ConnectWiseConnector(CrmConnector):
         self._sites: dict[tuple[int, int], str | None] = {}  # (company id, site id) -> canonical address
         self._sites_readable = True
         self._forecast_readable = True
+        self._forecast_answered = False  # a forecast was read this run (then they are read concurrently)
         self._company_changes: tuple[datetime, list[int]] | None = None  # (since, changed company ids)
         self._companies_listable = True
         self.custom_fields_seen: tuple[str, ...] = ()
@@ -815,17 +816,31 @@ class ConnectWiseConnector(CrmConnector):
 
         out: dict[Any, dict[str, Any] | None] = {}
         ids = [r["id"] for r in rows]
-        for opp_id, data in zip(ids, ordered_map(read, ids, self.degree), strict=False):
-            if data is _GONE:
-                # deleted between the list page and its forecast: the next full sync drops it
-                self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
-                out[opp_id] = None
-                continue
-            if data is _REFUSED:
-                self._forecast_readable = False
+        # Until a forecast has been answered they are asked one at a time: a refused area costs one request per
+        # run, not a window of them. Then the rest of the page, `degree` in flight.
+        while ids and not self._forecast_answered:
+            opp_id, ids = ids[0], ids[1:]
+            data = read(opp_id)
+            self._forecast_answered = data is not _GONE and data is not _REFUSED
+            if not self._take_forecast(out, opp_id, data):
+                return out
+        for opp_id, data in zip(ids, ordered_map(read, ids, self.degree), strict=True):
+            if not self._take_forecast(out, opp_id, data):
                 break
-            out[opp_id] = data
         return out
+
+    def _take_forecast(self, out: dict[Any, dict[str, Any] | None], opp_id: Any, data: Any) -> bool:
+        """Keep one forecast answer; False when forecasts are refused (none more is asked this run)."""
+        if data is _GONE:
+            # deleted between the list page and its forecast: the next full sync drops it
+            self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
+            out[opp_id] = None
+            return True
+        if data is _REFUSED:
+            self._forecast_readable = False
+            return False
+        out[opp_id] = data
+        return True
 
     def _get_checked(self, model: Any, url: str) -> Any:
         """One answer, checked against its documented shape (pages.py) and returned as received."""

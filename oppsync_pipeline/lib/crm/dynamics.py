@@ -917,6 +917,7 @@ class DynamicsConnector(CrmConnector):
 
             def run() -> Iterator[dict[str, Any]]:
                 slice_trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
+                slice_trail.expect(trail.total, self.page_size)  # the set's count bounds every range
                 for body in self._opportunity_pages(_and(flt, cond), slice_trail, orderby=ORDER):
                     if i == 0:
                         body = {**body, "value": [r for r in body["value"] if r["opportunityid"] not in read]}

@@ -163,7 +163,7 @@ class CrmConnector(ABC):
         # requests in flight at once in a full read (parallel.py): 1 is the sequential read
         self.degree = self.options.parallel_reads or self.read_concurrency
         if self.degree > 1:
-            self.client.allow_concurrency(self.degree)
+            self.client.allow_concurrency(self.degree + 1)  # the workers, and the consumer's own lookups
         self._stages: dict[str, StageInfo] | None = None
         self._statuses: dict[str, StageInfo] | None = None
         self._prepared = False

@@ -91,7 +91,7 @@ class RequestStats:
     token_requests: int = 0  # OAuth / session token calls (included in `requests`: the CRM counts them)
     warnings: list[str] = field(default_factory=list)  # optional reads refused, and the fallback used
     # parallel reads (parallel.py) count from several threads: `count` adds under this lock
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def warn(self, message: str) -> None:
         with self.lock:

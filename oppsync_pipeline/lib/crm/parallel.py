@@ -94,6 +94,8 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
         return False
 
     def read(i: int) -> None:
+        if stop.is_set():  # the read ended (failed, or the consumer stopped) before this slice began
+            return
         try:
             for item in slices[i]():
                 if not put(queues[i], item):
@@ -102,7 +104,8 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
             put(queues[i], _Failed(err))
 
-    with ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice") as pool:
+    pool = ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice")
+    with pool:
         try:
             # slices start in order; a worker is free for the next one when an earlier slice is read to its end
             for i in range(len(slices)):
@@ -116,4 +119,5 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
                         raise item.error
                     yield item
         finally:
-            stop.set()
+            stop.set()  # running slices stop at their next page; those not begun never send a request
+            pool.shutdown(wait=True, cancel_futures=True)

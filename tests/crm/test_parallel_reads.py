@@ -179,3 +179,25 @@ def test_parallel_reads_is_validated_with_its_key(tmp_path: Path) -> None:
             tmp_path,
             {"autotask": {"options": {"parallel_reads": 0}}},
         )
+
+
+@pytest.mark.parametrize("crm", ["salesforce", "dynamics"])
+def test_records_edited_during_a_split_read_are_all_read(crm: str, tmp_path: Path) -> None:
+    """The ranges are of the creation date, which an edit does not move: a record edited while the ranges are
+    read stays in its range (by the modification stamp it would jump to the last range, and be missed when
+    that range had been read already: a missing record is a delete to a full sync)."""
+    sim = build_simulator(crm, seed=5, opportunities=1200, faults=FaultPlan(latency_ms=20))
+    with SandboxServer(sim) as server:
+        options = {**getattr(crm_module(crm), "connection_options", lambda url: {})(server.url), "parallel_reads": 4}
+        cfg = sandbox_config(
+            {crm: server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path, {crm: {"page_size": 200, "options": options}}
+        )
+        connector = build_connector(cfg, cfg.connections[0])
+        read: list[str] = []
+        for open_set in (True, False):
+            for n, page in enumerate(connector.opportunities(open_set, None)):
+                read += [o.source_id for o in page]
+                if n == 0:  # the ranges are being read: edit records of every range, oldest first
+                    for opp in sorted(sim.world.live(), key=lambda o: o.created_at)[::50]:
+                        sim.world.update(opp.native_id, name=f"{opp.name} (edited)")
+    assert sorted(read) == sorted(o.native_id for o in sim.world.live())

@@ -156,6 +156,9 @@ DATES = frozenset({"estimatedclosedate", "actualclosedate"})
 OPS = {"equal": "eq", "not_equal": "ne", "more_than": "gt", "less_than": "lt", "at_least": "ge", "at_most": "le"}
 # Full reads and incremental reads both page in this order (a stable order for the paging cookie).
 ORDER = "modifiedon asc,opportunityid asc"
+# A full read's order: createdon never changes, so a record edited while a split read runs cannot move from a
+# range not read yet into one already read (modifiedon would move it, and its absence would read as a delete).
+FULL_ORDER = "createdon asc,opportunityid asc"
 # `$count=true` counts at most this many records (count-rows.md): @odata.count 5000 means "5000 or more".
 COUNT_CAP = 5000
 # `$apply=.../aggregate($count as count)` aggregates at most 50,000 records (aggregate-data.md); beyond that
@@ -876,7 +879,7 @@ class DynamicsConnector(CrmConnector):
         pages = self._opportunity_pages(
             flt,
             trail,
-            orderby=ORDER,
+            orderby=ORDER if since is not None else FULL_ORDER,
             total=lambda page: self._set_size(open_set, since, page.count),
             page_size=self.page_size,
         )
@@ -888,8 +891,8 @@ class DynamicsConnector(CrmConnector):
                 yield page
 
     def _split(self, flt: str, trail: PageTrail, pages: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A full read in the query's order (modifiedon, opportunityid), split in the date space: the first page
-        is read alone (its count bounds the set); what comes after it is read as modifiedon ranges of whole
+        """A full read in the query's order (createdon, opportunityid), split in the date space: the first page
+        is read alone (its count bounds the set); what comes after it is read as createdon ranges of whole
         seconds, each its own query and `@odata.nextLink` cursor, side by side (parallel.streams: range after
         range, each in order; a failing range fails the read). Widths follow the first page's density; the last
         range is open-ended; the first starts at the second the first page ended in, without the records of that
@@ -903,7 +906,7 @@ class DynamicsConnector(CrmConnector):
         rest = (trail.total or 0) - len(rows)
         if not rows or (rest <= 0 and "@odata.nextLink" not in first):
             return
-        stamps = [to_utc(parse_datetime(r["modifiedon"])).replace(tzinfo=UTC).timestamp() for r in rows]
+        stamps = [to_utc(parse_datetime(r["createdon"])).replace(tzinfo=UTC).timestamp() for r in rows]
         start = math.floor(stamps[-1])
         read = {r["opportunityid"] for r, at in zip(rows, stamps, strict=True) if at >= start}
         parts = slice_count(self.degree, self.page_size)
@@ -911,14 +914,12 @@ class DynamicsConnector(CrmConnector):
 
         def time_range(i: int) -> Callable[[], Iterator[dict[str, Any]]]:
             at = [datetime.fromtimestamp(b, UTC) for b in bounds]
-            cond = f"modifiedon ge {literal('modifiedon', at[i])}"
-            if i + 1 < len(at):
-                cond += f" and modifiedon lt {literal('modifiedon', at[i + 1])}"
+            cond = created_between(at[i], at[i + 1] if i + 1 < len(at) else None)
 
             def run() -> Iterator[dict[str, Any]]:
                 slice_trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
                 slice_trail.expect(trail.total, self.page_size)  # the set's count bounds every range
-                for body in self._opportunity_pages(_and(flt, cond), slice_trail, orderby=ORDER):
+                for body in self._opportunity_pages(_and(flt, cond), slice_trail, orderby=FULL_ORDER):
                     if i == 0:
                         body = {**body, "value": [r for r in body["value"] if r["opportunityid"] not in read]}
                     yield body

@@ -828,15 +828,15 @@ class SalesforceConnector(CrmConnector):
                 yield self.map_page(rows.records)
 
     def _full(self, open_set: bool) -> Iterator[Rows]:
-        """A full read of a set in the query's order (SystemModstamp, Id), split in the date space: the first
-        page is read alone (its totalSize is the set's count); what comes after it is read as SystemModstamp
+        """A full read of a set in the query's order (CreatedDate, Id), split in the date space: the first
+        page is read alone (its totalSize is the set's count); what comes after it is read as CreatedDate
         ranges of whole seconds, each its own query and `nextRecordsUrl` cursor, side by side (parallel.streams:
         range after range, each in order; a failing range fails the read). The widths follow the first page's
         density; the last range is open-ended. The first range starts at the second the first page ended in:
         the records of that second the first page already held are left out of it (by id)."""
         where = self.opportunity_where(open_set, None)
         head = f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
-        order = " ORDER BY SystemModstamp, Id"
+        order = f" ORDER BY {FULL_ORDER}"
         pages = self.query(head + where + order)
         first = next(pages, None)
         pages.close()  # the next page is asked only by the ranges below
@@ -846,7 +846,7 @@ class SalesforceConnector(CrmConnector):
         rest = first.total - len(first.records)
         if rest <= 0 or not first.records:
             return
-        stamps = [_epoch(parse_datetime(r["SystemModstamp"])) for r in first.records]
+        stamps = [_epoch(parse_datetime(r["CreatedDate"])) for r in first.records]
         start = math.floor(stamps[-1])
         read = {r["Id"] for r, at in zip(first.records, stamps, strict=True) if at >= start}
         parts = slice_count(self.degree, self.page_size)
@@ -854,9 +854,9 @@ class SalesforceConnector(CrmConnector):
         bounds = [start] + [math.ceil(b) for b in split_after(low, start, len(first.records), rest, parts)[1:]]
 
         def time_range(i: int) -> Callable[[], Iterator[Rows]]:
-            cond = f"SystemModstamp >= {soql_datetime(_at(bounds[i]))}"
+            cond = f"CreatedDate >= {soql_datetime(_at(bounds[i]))}"
             if i + 1 < len(bounds):
-                cond += f" AND SystemModstamp < {soql_datetime(_at(bounds[i + 1]))}"
+                cond += f" AND CreatedDate < {soql_datetime(_at(bounds[i + 1]))}"
             soql = f"{head}({where}) AND {cond}{order}"
 
             def run() -> Iterator[Rows]:
@@ -941,7 +941,7 @@ class SalesforceConnector(CrmConnector):
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
         return (
             f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
-            f"{self.opportunity_where(open_set, since)} ORDER BY SystemModstamp, Id"
+            f"{self.opportunity_where(open_set, since)} ORDER BY {FULL_ORDER if since is None else 'SystemModstamp, Id'}"
         )
 
     def opportunity_where(self, open_set: bool, since: datetime | None) -> str:
@@ -1131,6 +1131,11 @@ def soql_string(value: Any) -> str:
     ):
         text = text.replace(ch, esc)
     return f"'{text}'"
+
+
+# A full read's order: CreatedDate never changes, so a record edited while a split read runs cannot move from a
+# range not read yet into one already read (SystemModstamp would move it, and its absence would read as a delete).
+FULL_ORDER = "CreatedDate, Id"
 
 
 def _at(epoch: float) -> datetime:

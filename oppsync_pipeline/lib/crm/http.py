@@ -201,6 +201,7 @@ class ApiClient:
     def __post_init__(self) -> None:
         self.auth.stats = self.stats
         self._refresh_lock = threading.Lock()
+        self._credentials = 0  # how many times the credentials were renewed (threads refresh once per expiry)
 
     def allow_concurrency(self, degree: int) -> None:
         """Let `degree` threads share this client (parallel.py): the Session's connection pools keep `degree`
@@ -277,6 +278,7 @@ class ApiClient:
         self.budget.check(self.stats)
         refreshed = False
         while True:
+            credentials = self._credentials
             headers = dict(kwargs.pop("headers", None) or {})
             unauthenticated = dict(headers)
             self.auth.apply(self.session, headers)
@@ -294,9 +296,11 @@ class ApiClient:
             if response.status_code == 401 and self.auth.refreshable and not refreshed:
                 # Token expired mid-run: get a new one once, then repeat the same request (one thread at a time
                 # refreshes; the others repeat their request with the token it got).
-                self.stats.count(token_refreshes=1)
                 with self._refresh_lock:
-                    self.auth.refresh(self.session)
+                    if self._credentials == credentials:  # else another thread renewed them since we sent
+                        self.stats.count(token_refreshes=1)
+                        self.auth.refresh(self.session)
+                        self._credentials += 1
                 refreshed = True
                 continue
             break

@@ -16,6 +16,9 @@ What it reproduces:
   `{"Message": "The requested resource does not support http method 'GET'."}` (the silent stop at 500 rows).
   GET-initiated queries get `&search=` in the next URL, and GET works on it. When `IncludeFields` omits `id`
   and there are more than MaxRecords results, no nextPageUrl is given (Autotask requires `id` to page).
+- API thread limiting: at most three concurrent requests per object endpoint (the entity) and tracking identifier
+  (`ApiIntegrationCode`); a fourth in flight is refused with 429 in the error shape below (the help page
+  documents the limit, not the body [U]). `in_flight.peak` records the most ever in flight (tests).
 - `POST|GET /V1.0/{Entity}/query/count` -> `{"queryCount": n}`.
 - `GET /V1.0/Opportunities/entityInformation/fields` with picklists whose `value` is a STRING;
   `.../entityInformation/userDefinedFields`.
@@ -75,7 +78,7 @@ from urllib.parse import quote
 
 from oppsync_pipeline.lib.record import format_address, parse_datetime
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime
-from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.limits import InFlight, Window
 from oppsync_pipeline.sandbox.kit.snapshots import QueryCache, Snapshots
 from oppsync_pipeline.sandbox.server import (
     FaultPlan,
@@ -252,6 +255,10 @@ def tenant(variant: str) -> Tenant:
 
 
 _ROOT = r"(?:/z(?P<zone>\d+))?/atservicesrest/v1\.0"
+# the object endpoint a request calls (thread limiting counts per endpoint): the entity after /V1.0/
+_ENDPOINT = re.compile(r"^(?:/z\d+)?/atservicesrest/v1\.0/(\w+)", re.IGNORECASE)
+# Autotask help "API thread limiting": integrations created after 2023.1 get three threads per object endpoint
+THREAD_LIMIT = 3
 _NOT_GET = "The requested resource does not support http method '{}'."
 
 
@@ -324,6 +331,10 @@ class AutotaskSimulator(Simulator):
         # The rolling hour on the virtual clock; `_window` is its deque (tests fill it to reach the threshold).
         self.requests = Window(lambda: self.threshold, timedelta(minutes=60), world.clock.now)
         self._window = self.requests.times
+        # API thread limiting: at most `thread_limit` concurrent requests per object endpoint and tracking
+        # identifier (integrations created after 2023.1: three). ZoneInformation is exempt (unfaulted).
+        self.thread_limit = THREAD_LIMIT
+        self.in_flight = InFlight(lambda: self.thread_limit)
         self.cache = QueryCache()
         self._snapshots = Snapshots(256)
         self.contacts = self._make_contacts()
@@ -376,6 +387,23 @@ class AutotaskSimulator(Simulator):
         if err.status == 401:
             return Response(401, b"", dict(err.headers))
         return Response.json({"errors": [err.message]}, err.status, err.headers)
+
+    def in_flight_key(self, req: Request) -> Any:
+        """Thread limits count per tracking identifier (ApiIntegrationCode) and object endpoint (the entity)."""
+        m = _ENDPOINT.match(req.path)
+        return (req.header("apiintegrationcode") or "", m.group(1).lower()) if m else None
+
+    def too_many_in_flight(self, req: Request) -> Response:
+        # The help page documents the limit, not the answer's body: a 429 in Autotask's error shape is assumed [U].
+        return self.error_response(
+            HttpError(
+                429,
+                "THREAD_LIMIT",
+                f"The request was rejected: more than {self.thread_limit} concurrent threads for this object "
+                "endpoint and API tracking identifier.",
+                {"Retry-After": "1"},
+            )
+        )
 
     def rate_limit_response(self, rule: FaultRule) -> Response:
         return Response.json(

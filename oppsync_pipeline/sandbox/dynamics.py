@@ -17,7 +17,8 @@ and position, so every further page costs O(page) and reusing a nextLink returns
 through the API makes the application user (a systemuser named "# oppsync sandbox") its creator. msal insists on an
 https authority: tests reach the http simulator through an http_client that rewrites the scheme (discovery
 answers with https endpoints, as Entra does). Service protection: a sliding 300 s window of `request_limit` requests per app, 429 +
-Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer.
+Retry-After + error 0x80072322, with the x-ms-ratelimit-burst-remaining-xrm-requests header on every answer; and
+52 or more concurrent requests per user: 429 + error 0x80072326 (`in_flight.peak` records the most in flight).
 Tenant variants (`VARIANTS`): the application user's security role may lack privileges (403 0x80040220 "Principal
 user ... is missing prvRead... privilege", also for a $expand or a $filter path into a table it cannot read), a
 navigation property may be hidden (400), a customised tenant has its own business process and more custom columns,
@@ -49,7 +50,7 @@ from urllib.parse import quote, unquote, urlencode
 
 from oppsync_pipeline.sandbox.kit.formats import fmt_datetime, parse_iso
 from oppsync_pipeline.sandbox.kit.lexer import TokenCursor, lex
-from oppsync_pipeline.sandbox.kit.limits import Window
+from oppsync_pipeline.sandbox.kit.limits import InFlight, Window
 from oppsync_pipeline.sandbox.kit.snapshots import Snapshots
 from oppsync_pipeline.sandbox.kit.tokens import TokenStore
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, Request, Response, Simulator
@@ -78,6 +79,8 @@ SANDBOX_CREDENTIALS = {
 SANDBOX_WEBHOOK_SECRETS = {"webhook_key": "sbx-dataverse-webhook-key-6f1c2a9e4b7d"}
 API = "/api/data/v9.2"
 REQUEST_LIMIT = 6000
+# api-limits.md: "52 or more concurrent requests" per user are refused: at most 51 in flight
+CONCURRENT_LIMIT = 51
 WINDOW_SECONDS = 300
 DELTA_TOKEN_DAYS = 7
 FORMATTED = "OData.Community.Display.V1.FormattedValue"
@@ -565,6 +568,9 @@ class DynamicsSimulator(Simulator):
         self.request_limit = REQUEST_LIMIT
         self.aggregate_limit = AGGREGATE_LIMIT  # a test may lower it to exercise counting in ranges
         self.requests = Window(lambda: self.request_limit, WINDOW_SECONDS)
+        # service protection's third limit: 52 or more concurrent requests per user are refused (0x80072326)
+        self.concurrent_limit = CONCURRENT_LIMIT
+        self.in_flight = InFlight(lambda: self.concurrent_limit)
         self._snapshots = Snapshots(64, new_id=lambda n: secrets.token_hex(6))
         self.delta_tokens: dict[str, tuple[datetime, frozenset[str]]] = {}  # $deltatoken -> (issued, deleted ids)
         self.change_tracking_enabled = True
@@ -701,6 +707,21 @@ class DynamicsSimulator(Simulator):
             "OData-Version": "4.0",
             "x-ms-service-request-id": secrets.token_hex(8),
         }
+
+    def in_flight_key(self, req: Request) -> Any:
+        """Concurrent requests count per user (the bearer token's application user); token calls are not."""
+        token = req.bearer()
+        return "application user" if token else None
+
+    def too_many_in_flight(self, req: Request) -> Response:
+        return self.error_response(
+            HttpError(
+                429,
+                "0x80072326",
+                f"Number of concurrent requests exceeded the limit of {self.concurrent_limit + 1}.",
+                {"Retry-After": "1"},
+            )
+        )
 
     def _www_authenticate(self) -> str:
         return (

@@ -2,8 +2,8 @@
 control endpoints (`/__sandbox/...`) so tests and users can move the clock and inject faults from
 another process.
 
-The standard library's ThreadingHTTPServer is enough: the simulators serve one client at a time per
-connection, and keeping them dependency-free lets the same code run in-process (tests, `make run`) and
+The standard library's ThreadingHTTPServer is enough: a thread per connection, so concurrent requests are
+served concurrently (the documented concurrency limits, `in_flight`, are enforced per CRM), and keeping them dependency-free lets the same code run in-process (tests, `make run`) and
 as `oppsync sandbox serve`.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from oppsync_pipeline.lib.scrub import scrubbed_logger
+from oppsync_pipeline.sandbox.kit.limits import InFlight
 from oppsync_pipeline.sandbox.world import World
 
 log = scrubbed_logger(__name__)
@@ -202,6 +203,8 @@ class Simulator:
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self.request_count = 0
         self._count_lock = threading.Lock()
+        # the CRM's documented limit of concurrent requests (None: none documented or not simulated)
+        self.in_flight: InFlight | None = None
         self.route("POST", r"/__sandbox/advance", self._control_advance)
         self.route("POST", r"/__sandbox/faults", self._control_faults)
         self.route("GET", r"/__sandbox/state", self._control_state)
@@ -262,9 +265,30 @@ class Simulator:
         """Headers on every response (usage counters ...)."""
         return {}
 
+    def in_flight_key(self, req: Request) -> Any:
+        """What the API limits concurrent requests by (None: this request is not limited). A simulator whose CRM
+        documents a concurrency limit sets `in_flight` (kit/limits.InFlight) and names the key here."""
+        return None
+
+    def too_many_in_flight(self, req: Request) -> Response:
+        """The CRM's answer to a request past its concurrency limit."""
+        return self.error_response(HttpError(429, "TOO_MANY_CONCURRENT", "too many concurrent requests"))
+
     def handle(self, req: Request) -> Response:
         with self._count_lock:
             self.request_count += 1
+        key = None if self.in_flight is None or self.unfaulted.match(req.path) else self.in_flight_key(req)
+        if key is None:
+            return self._handle(req)
+        # counted in for the whole request, latency included: the vendor counts a request while it is served
+        if not self.in_flight.enter(key):
+            return self.too_many_in_flight(req)
+        try:
+            return self._handle(req)
+        finally:
+            self.in_flight.leave(key)
+
+    def _handle(self, req: Request) -> Response:
         if self.faults.latency_ms:
             time.sleep(self.faults.latency_ms / 1000)
         rule = None if self.unfaulted.match(req.path) else self.faults.pick(req)

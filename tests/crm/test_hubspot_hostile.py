@@ -119,7 +119,9 @@ def tenant(warehouse_url: str, tmp_path: Path, n: int = 150, **connection: Any) 
     """A HubSpot portal of `n` deals synced once in full (run "r1") into the warehouse."""
     sim = hubspot_sim.build(seed=31, opportunities=n, limits=NO_LIMITS)
     with SandboxServer(sim) as server:
-        extra = {"page_size": PAGE_SIZE, "options": {"search_requests_per_second": 0}, **connection}
+        # one keyset read per set (parallel_reads 1): these tests are of its paging guards, page by page
+        options = {"search_requests_per_second": 0, "parallel_reads": 1}
+        extra = {"page_size": PAGE_SIZE, "options": options, **connection}
         cfg = sandbox_config({"hubspot": server}, warehouse_url, tmp_path, extra={"hubspot": extra})
         engine = make_engine(cfg.warehouse.url)
         ensure_schema(engine)

@@ -92,7 +92,9 @@ def tenant(warehouse_url: str, tmp_path: Path) -> Iterator[tuple[Any, Any, Any, 
     """A 500-opportunity org and a first clean full sync of it: (simulator, config, connection, engine)."""
     sim = sfsim.build(seed=7, opportunities=N)
     with SandboxServer(sim) as srv:
-        cfg = sandbox_config({"salesforce": srv}, warehouse_url, tmp_path, extra={"salesforce": {"page_size": PAGE}})
+        # one cursor per set (parallel_reads 1): these tests are of a cursor's paging guards, page by page
+        extra = {"page_size": PAGE, "options": {"parallel_reads": 1}}
+        cfg = sandbox_config({"salesforce": srv}, warehouse_url, tmp_path, extra={"salesforce": extra})
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url)
         try:

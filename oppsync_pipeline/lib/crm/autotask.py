@@ -8,6 +8,8 @@
 - Paging: `POST Opportunities/query` with `MaxRecords` = page size (<= 500); `pageDetails.nextPageUrl` is
   POSTed with the same body (a GET on it is 405 for POST-initiated queries and would stop at 500 rows). Next
   URLs are followed relative to the current zone so a zone move mid-paging is survived. Results are by id.
+  A full read takes three threads (the thread limit per object endpoint; `options.parallel_reads`): after its
+  first page, the rest of the set is read as three id ranges, each its own query (`_full`, parallel.py).
 - Every answer is validated before use (pages.py; QueryPage, CountAnswer, FieldsAnswer ... below): a page
   needs `items` (records with an integer `id`) and `pageDetails` with `nextPageUrl` (null on the last page).
   One that does not fit fails the run naming the URL and page number, instead of reading as an empty last page.
@@ -63,8 +65,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
 
@@ -79,6 +82,7 @@ from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_obj
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
+from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -282,6 +286,8 @@ class AutotaskOptions(ConnectorOptions):
 
 class AutotaskConnector(CrmConnector):
     Options = AutotaskOptions
+    # Autotask help "API thread limiting": three concurrent threads per object endpoint and tracking identifier
+    read_concurrency = 3
     # text is read as users see it (a picklist value's label; `udf:<name>` for user-defined fields); the company's
     # name and the sales executive (the contact, else the owner resource) are derived from enrich's lookups
     field_map = FieldMap(
@@ -637,8 +643,8 @@ class AutotaskConnector(CrmConnector):
         if since is None:
             total = self._count("Opportunities", filters)
             self.tally(open_set, since, (), crm_count=total)
-        if since is None:
-            for items in self._query("Opportunities", filters, expect=total):
+        if since is None:  # split into id ranges read side by side (options.parallel_reads, _full)
+            for items in self._full(filters, total):
                 self.tally(open_set, since, (r["id"] for r in items))
                 yield self.map_page(items)
             return
@@ -679,6 +685,36 @@ class AutotaskConnector(CrmConnector):
         page = self.map_page(records)
         for start in range(0, len(page), self.page_size):
             yield page[start : start + self.page_size]
+
+    def _full(self, filters: list[dict[str, Any]], total: int) -> Iterator[list[dict[str, Any]]]:
+        """A full read of a set, in id order (Autotask's result order) as one query would give it. With
+        `degree` > 1 the first page is read alone; what comes after its last id is split into `degree` id ranges
+        (widths from the first page's id density and the set's count; the last range is open-ended, so no id
+        is left out however wrong the estimate), each its own query and cursor, read side by side
+        (parallel.streams: each range's pages in order, range after range; a failing range fails the read)."""
+        pages = self._query("Opportunities", filters, expect=total)
+        if self.degree <= 1 or total <= self.page_size:
+            yield from pages
+            return
+        first = next(pages, None)
+        pages.close()  # nothing more was asked: the next page is requested only when it is wanted
+        if first is None:
+            return
+        yield first
+        rest = total - len(first)
+        if rest <= 0 and len(first) < self.page_size:
+            return
+        parts = slice_count(self.degree, self.page_size)
+        bounds = [math.ceil(b) for b in split_after(first[0]["id"], first[-1]["id"], len(first), rest, parts)]
+
+        def id_range(i: int) -> Callable[[], Iterator[list[dict[str, Any]]]]:
+            where = [{"op": "gt", "field": "id", "value": bounds[i]}]
+            if i + 1 < len(bounds):
+                where.append({"op": "lte", "field": "id", "value": bounds[i + 1]})
+            # the set's count bounds every range (a range paging on past it is a loop, as in one query)
+            return lambda: self._query("Opportunities", [*filters, *where], expect=total)
+
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter

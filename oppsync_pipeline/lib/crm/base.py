@@ -29,7 +29,7 @@ from datetime import date, datetime
 from typing import Any, ClassVar, TypeVar
 
 import requests
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
@@ -66,6 +66,10 @@ class ConnectorOptions(BaseModel):
     Strict: YAML's `"false"` is a string, not a boolean."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    # Requests a full read may have in flight at once (parallel.py); None: the CRM's documented limit
+    # (`CrmConnector.read_concurrency`); 1: the sequential read, one page after another.
+    parallel_reads: int | None = Field(default=None, ge=1, le=64)
 
 
 @dataclass
@@ -118,6 +122,9 @@ class CrmConnector(ABC):
     field_map: ClassVar[FieldMap]
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
+    # Requests a full read may have in flight by default: the most the CRM's documentation allows (each
+    # connector says where from); `options.parallel_reads` lowers (or, at the user's risk, raises) it.
+    read_concurrency: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -154,6 +161,10 @@ class CrmConnector(ABC):
             session=session or requests.Session(),
             scrubber=self.scrubber,
         )
+        # requests in flight at once in a full read (parallel.py): 1 is the sequential read
+        self.degree = self.options.parallel_reads or self.read_concurrency
+        if self.degree > 1:
+            self.client.allow_concurrency(self.degree + 1)  # the workers, and the consumer's own lookups
         self._stages: dict[str, StageInfo] | None = None
         self._statuses: dict[str, StageInfo] | None = None
         self._prepared = False

@@ -25,7 +25,8 @@
   `forecastItems` (no forecast lines: amount None). There is no bulk forecast endpoint and no `fields` /
   `childConditions` form that returns forecast lines with the opportunity, so this costs ONE extra request
   per opportunity returned (a full sync of N opportunities costs about N + N/1000 + 2 requests; incremental runs
-  only pay for the changed ones). `options.forecast: false` skips it (amount None, 1 request per page).
+  only pay for the changed ones). `options.forecast: false` skips it (amount None, 1 request per page). The
+  forecasts of a page are read `options.parallel_reads` at a time (default 10: CW documents no limit).
 - Stage model: `stage` = the sales stage's name (`stage.name`, named through `/sales/stages`), `stage_id` =
   `stage.id`, `crm_status` = the status's name; open / won / lost come from the status's closedFlag / wonFlag
   (`/sales/opportunities/statuses`, required) through `resolve_status` (stage_categories, open_statuses).
@@ -87,6 +88,7 @@ from oppsync_pipeline.lib.crm.http import (
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, HeaderLinkPaginator, KeysetPaginator, PageRequest
+from oppsync_pipeline.lib.crm.parallel import ordered_map
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -318,6 +320,10 @@ class ConnectWiseOptions(ConnectorOptions):
 
 class ConnectWiseConnector(CrmConnector):
     Options = ConnectWiseOptions
+    # No numeric limit is documented (docs/crm-api-notes.md §4.8: community write-ups say ~60/min [U], cloud
+    # tenants sit behind Cloudflare, 429 + Retry-After is the contract). Assumed: 10 requests in flight (the
+    # forecasts, the only per-record reads); 429s are retried as they come.
+    read_concurrency = 10
     # native fields are condition paths; the stage comes from the stage reference (named through /sales/stages),
     # the amount from the forecast, the probability from /sales/probabilities or the forecast (enrich)
     field_map = FieldMap(
@@ -355,6 +361,7 @@ class ConnectWiseConnector(CrmConnector):
         self._member_ids: dict[str, str] = {}  # identifier (lower case) -> numeric member id
         self._sites_readable = True
         self._forecast_readable = True
+        self._forecast_answered = False  # a forecast was read this run (then they are read concurrently)
         self._company_changes: tuple[datetime, list[int]] | None = None  # (since, changed company ids)
         self._companies_listable = True
         self.custom_fields_seen: tuple[str, ...] = ()
@@ -802,17 +809,16 @@ class ConnectWiseConnector(CrmConnector):
             self._sites[_site_text(key)] = site_address(site) if isinstance(site, dict) else None
 
     def _forecasts(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
-        """Each opportunity's forecast (its revenue lines): no bulk endpoint, one GET per opportunity."""
-        if self.conn.fields.get("amount") or not self.options.forecast:
+        """Each opportunity's forecast (its revenue lines): no bulk endpoint, one GET per opportunity, up to
+        `degree` in flight (parallel.ordered_map: answers taken in the rows' order, so a refusal stops the reads
+        where the sequential loop stopped)."""
+        if self.conn.fields.get("amount") or not self.options.forecast or not self._forecast_readable:
             return {}
-        out: dict[Any, dict[str, Any] | None] = {}
-        for r in rows:
-            if not self._forecast_readable:
-                break
-            opp_id = r["id"]
+
+        def read(opp_id: Any) -> Any:
             url = self.api(f"/sales/opportunities/{opp_id}/forecast")
             try:
-                data = self.optional(
+                return self.optional(
                     "forecast (amount)",
                     lambda: self._get_checked(ForecastAnswer, url),
                     _REFUSED,
@@ -822,15 +828,35 @@ class ConnectWiseConnector(CrmConnector):
             except CrmError as err:
                 if err.status != 404:
                     raise
-                # deleted between the list page and its forecast: the next full sync drops it
-                self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
-                out[opp_id] = None
-                continue
-            if data is _REFUSED:
-                self._forecast_readable = False
+                return _GONE
+
+        out: dict[Any, dict[str, Any] | None] = {}
+        ids = [r["id"] for r in rows]
+        # Until a forecast has been answered they are asked one at a time: a refused area costs one request per
+        # run, not a window of them. Then the rest of the page, `degree` in flight.
+        while ids and not self._forecast_answered:
+            opp_id, ids = ids[0], ids[1:]
+            data = read(opp_id)
+            self._forecast_answered = data is not _GONE and data is not _REFUSED
+            if not self._take_forecast(out, opp_id, data):
+                return out
+        for opp_id, data in zip(ids, ordered_map(read, ids, self.degree), strict=True):
+            if not self._take_forecast(out, opp_id, data):
                 break
-            out[opp_id] = data
         return out
+
+    def _take_forecast(self, out: dict[Any, dict[str, Any] | None], opp_id: Any, data: Any) -> bool:
+        """Keep one forecast answer; False when forecasts are refused (none more is asked this run)."""
+        if data is _GONE:
+            # deleted between the list page and its forecast: the next full sync drops it
+            self.stats.warn(f"opportunity {opp_id} was deleted while it was read (forecast 404)")
+            out[opp_id] = None
+            return True
+        if data is _REFUSED:
+            self._forecast_readable = False
+            return False
+        out[opp_id] = data
+        return True
 
     def _get_checked(self, model: Any, url: str) -> Any:
         """One answer, checked against its documented shape (pages.py) and returned as received."""
@@ -1041,6 +1067,7 @@ def _cw_message(response: requests.Response) -> str:
 
 
 _REFUSED: Any = object()  # an optional read's fallback marker: the API member may not read it
+_GONE: Any = object()  # a forecast answered 404: its opportunity was deleted since the list page
 
 # The security-role area a ConnectWise API path needs (System > Security Roles, Inquire Level).
 _AREAS = (

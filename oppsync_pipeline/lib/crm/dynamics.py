@@ -39,10 +39,11 @@ change_tracking, delta_link, request_limit (service-protection window size used 
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, NotRequired, TypeVar
 
 import requests
@@ -55,6 +56,7 @@ from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_
 from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
+from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -154,6 +156,9 @@ DATES = frozenset({"estimatedclosedate", "actualclosedate"})
 OPS = {"equal": "eq", "not_equal": "ne", "more_than": "gt", "less_than": "lt", "at_least": "ge", "at_most": "le"}
 # Full reads and incremental reads both page in this order (a stable order for the paging cookie).
 ORDER = "modifiedon asc,opportunityid asc"
+# A full read's order: createdon never changes, so a record edited while a split read runs cannot move from a
+# range not read yet into one already read (modifiedon would move it, and its absence would read as a delete).
+FULL_ORDER = "createdon asc,opportunityid asc"
 # `$count=true` counts at most this many records (count-rows.md): @odata.count 5000 means "5000 or more".
 COUNT_CAP = 5000
 # `$apply=.../aggregate($count as count)` aggregates at most 50,000 records (aggregate-data.md); beyond that
@@ -457,6 +462,9 @@ class DynamicsOptions(ConnectorOptions):
 
 class DynamicsConnector(CrmConnector):
     Options = DynamicsOptions
+    # service protection: "52 or more concurrent requests" per user are refused; full reads split the date space
+    # into at most 51 ranges (fewer: parallel.slice_count keeps their pages under its read-ahead)
+    read_concurrency = 51
     id_field = "opportunityid"
     # text fields are read as users see them (formatted values); the account's and the owner's names are derived
     field_map = FieldMap(
@@ -868,18 +876,57 @@ class DynamicsConnector(CrmConnector):
         if flt is None:
             return
         trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
-        for body in self._opportunity_pages(
+        pages = self._opportunity_pages(
             flt,
             trail,
-            orderby=ORDER,
+            orderby=ORDER if since is not None else FULL_ORDER,
             total=lambda page: self._set_size(open_set, since, page.count),
             page_size=self.page_size,
-        ):
+        )
+        for body in self._split(flt, trail, pages) if since is None and self.degree > 1 else pages:
             rows = body["value"]
             self.tally(open_set, since, (r["opportunityid"] for r in rows), trail.total)
             page = self.map_page(rows)
             if page:
                 yield page
+
+    def _split(self, flt: str, trail: PageTrail, pages: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A full read in the query's order (createdon, opportunityid), split in the date space: the first page
+        is read alone (its count bounds the set); what comes after it is read as createdon ranges of whole
+        seconds, each its own query and `@odata.nextLink` cursor, side by side (parallel.streams: range after
+        range, each in order; a failing range fails the read). Widths follow the first page's density; the last
+        range is open-ended; the first starts at the second the first page ended in, without the records of that
+        second the first page already held (by id)."""
+        first = next(pages, None)
+        pages.close()  # the next page is asked only by the ranges below
+        if first is None:
+            return
+        yield first
+        rows = first["value"]
+        rest = (trail.total or 0) - len(rows)
+        if not rows or (rest <= 0 and "@odata.nextLink" not in first):
+            return
+        stamps = [to_utc(parse_datetime(r["createdon"])).replace(tzinfo=UTC).timestamp() for r in rows]
+        start = math.floor(stamps[-1])
+        read = {r["opportunityid"] for r, at in zip(rows, stamps, strict=True) if at >= start}
+        parts = slice_count(self.degree, self.page_size)
+        bounds = [start] + [math.ceil(b) for b in split_after(stamps[0], start, len(rows), max(rest, 1), parts)[1:]]
+
+        def time_range(i: int) -> Callable[[], Iterator[dict[str, Any]]]:
+            at = [datetime.fromtimestamp(b, UTC) for b in bounds]
+            cond = created_between(at[i], at[i + 1] if i + 1 < len(at) else None)
+
+            def run() -> Iterator[dict[str, Any]]:
+                slice_trail = PageTrail(self.crm, self.client.url(f"{API}/opportunities"))
+                slice_trail.expect(trail.total, self.page_size)  # the set's count bounds every range
+                for body in self._opportunity_pages(_and(flt, cond), slice_trail, orderby=FULL_ORDER):
+                    if i == 0:
+                        body = {**body, "value": [r for r in body["value"] if r["opportunityid"] not in read]}
+                    yield body
+
+            return run
+
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def _set_size(self, open_set: bool, since: datetime | None, counted: int | None) -> int | None:
         if counted is not None and counted < COUNT_CAP:

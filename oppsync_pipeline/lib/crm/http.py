@@ -8,6 +8,7 @@ JSON body) and because the run must report how many retries it made and how long
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,10 +90,19 @@ class RequestStats:
     server_time_latest: Any = None  # `Date` header of the latest response: "now" for the quality checks
     token_requests: int = 0  # OAuth / session token calls (included in `requests`: the CRM counts them)
     warnings: list[str] = field(default_factory=list)  # optional reads refused, and the fallback used
+    # parallel reads (parallel.py) count from several threads: `count` adds under this lock
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def warn(self, message: str) -> None:
-        if message not in self.warnings:
-            self.warnings.append(message)
+        with self.lock:
+            if message not in self.warnings:
+                self.warnings.append(message)
+
+    def count(self, **deltas: float) -> None:
+        """Add to counters (`requests=1`, `seconds_waited=2.5` ...) safely from any thread."""
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -119,8 +129,7 @@ class Auth:
 
     def token_request(self, session: requests.Session, method: str, url: str, **kwargs: Any) -> requests.Response:
         if self.stats is not None:
-            self.stats.requests += 1
-            self.stats.token_requests += 1
+            self.stats.count(requests=1, token_requests=1)
         return session.request(method, url, **kwargs)
 
     def apply(self, session: requests.Session, headers: dict[str, str]) -> None:
@@ -191,6 +200,19 @@ class ApiClient:
 
     def __post_init__(self) -> None:
         self.auth.stats = self.stats
+        self._refresh_lock = threading.Lock()
+        self._credentials = 0  # how many times the credentials were renewed (threads refresh once per expiry)
+
+    def allow_concurrency(self, degree: int) -> None:
+        """Let `degree` threads share this client (parallel.py): the Session's connection pools keep `degree`
+        connections per host, so no thread opens and drops its own (urllib3 is thread-safe; the Session holds
+        no per-request state of ours: auth headers are built per request)."""
+        for prefix, adapter in list(self.session.adapters.items()):
+            if (
+                isinstance(adapter, requests.adapters.HTTPAdapter)
+                and getattr(adapter, "_pool_maxsize", degree) < degree
+            ):
+                self.session.mount(prefix, requests.adapters.HTTPAdapter(pool_connections=degree, pool_maxsize=degree))
 
     def url(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -256,12 +278,13 @@ class ApiClient:
         self.budget.check(self.stats)
         refreshed = False
         while True:
+            credentials = self._credentials
             headers = dict(kwargs.pop("headers", None) or {})
             unauthenticated = dict(headers)
             self.auth.apply(self.session, headers)
             # before the request is sent: an answer that echoes it must find the token already known
             self.scrubber.add_sent_headers(unauthenticated, headers)
-            self.stats.requests += 1
+            self.stats.count(requests=1)
             response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.headers.get("Date"):
@@ -271,9 +294,13 @@ class ApiClient:
             if self.observe:
                 self.observe(response, self.stats)
             if response.status_code == 401 and self.auth.refreshable and not refreshed:
-                # Token expired mid-run: get a new one once, then repeat the same request.
-                self.stats.token_refreshes += 1
-                self.auth.refresh(self.session)
+                # Token expired mid-run: get a new one once, then repeat the same request (one thread at a time
+                # refreshes; the others repeat their request with the token it got).
+                with self._refresh_lock:
+                    if self._credentials == credentials:  # else another thread renewed them since we sent
+                        self.stats.count(token_refreshes=1)
+                        self.auth.refresh(self.session)
+                        self._credentials += 1
                 refreshed = True
                 continue
             break
@@ -284,7 +311,7 @@ class ApiClient:
             raise problem
         if response.status_code in RETRYABLE_STATUS:
             if response.status_code == 429:
-                self.stats.rate_limited += 1
+                self.stats.count(rate_limited=1)
             raise RetryableHttpError(
                 f"HTTP {response.status_code}", retry_after_seconds(response), status=response.status_code
             )
@@ -309,7 +336,7 @@ class ApiClient:
         return wait_exponential_jitter(multiplier=0.5, max=30)(state)
 
     def _sleep_and_count(self, seconds: float) -> None:
-        self.stats.seconds_waited += seconds
+        self.stats.count(seconds_waited=seconds)
         self.sleep(seconds)
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -317,7 +344,7 @@ class ApiClient:
         none): the wait budget is checked here, before anything is slept."""
         err = state.outcome.exception() if state.outcome else None
         self._check_wait_budget(state.upcoming_sleep, err, state.args)
-        self.stats.retries += 1
+        self.stats.count(retries=1)
         log.info("retrying after %s (attempt %d)", type(err).__name__ if err else "?", state.attempt_number)
 
     def _check_wait_budget(self, seconds: float, err: BaseException | None, args: tuple[Any, ...]) -> None:

@@ -46,9 +46,11 @@ pages past the 10,000-results cap of one search.
 from __future__ import annotations
 
 import itertools
+import math
 import re
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 
@@ -64,6 +66,7 @@ from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhaus
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
+from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -392,6 +395,9 @@ class HubSpotOptions(ConnectorOptions):
 
 class HubSpotConnector(CrmConnector):
     Options = HubSpotOptions
+    # search: 5 requests per second per portal (`_pace_search` keeps to options.search_requests_per_second):
+    # full reads split the id space into up to 5 keyset ranges, so pages come at the pace, not one latency apart
+    read_concurrency = 5
     # the company and the owner's name are derived (enrich: the deal's primary company; the owners list)
     field_map = FieldMap(
         project_name="dealname",
@@ -443,6 +449,7 @@ class HubSpotConnector(CrmConnector):
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
         self._last_search = 0.0
+        self._search_turns = threading.Lock()
         self._owners: dict[str, CrmUser] | None = None
         self._companies_refused = False
         self._deal_properties: dict[str, dict[str, Any]] | None = None  # None: not discovered (refused)
@@ -648,8 +655,10 @@ class HubSpotConnector(CrmConnector):
         if since is not None:
             # the companies changed since the bookmark replace their kept copies before any deal is mapped
             self._deals_of_changed_companies(since)
-        pages: Iterable[tuple[list[dict[str, Any]], int | None]] = self._keyset(
-            DEAL_SEARCH_PATH, base, properties, self.page_size
+        pages: Iterable[tuple[list[dict[str, Any]], int | None]] = (
+            self._keyset(DEAL_SEARCH_PATH, base, properties, self.page_size)
+            if since is not None or self.degree <= 1
+            else self._split_keyset(base, properties)
         )
         if since is not None:
             catch_up = self._company_catch_up(since, filters, properties, seen)
@@ -769,8 +778,42 @@ class HubSpotConnector(CrmConnector):
             return [{"propertyName": "hs_is_closed", "operator": "EQ", "value": closed}], False
         return [], True
 
+    def _split_keyset(
+        self, base: list[dict[str, Any]], properties: list[str]
+    ) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+        """A full read in `hs_object_id` order, split in the id space: the first page is read alone (its `total`
+        is the set's count); the deals after its last id are read as `degree` id ranges (`hs_object_id GT lo`
+        and `LTE hi`, the last open-ended; widths from the first page's density), each its own keyset read,
+        side by side (parallel.streams: range after range, each in order; a failing range fails the read).
+        Every search still waits its turn at `_pace_search` (5 per second per portal at most, whatever the
+        threads), and no range meets the 10,000-result cap: each is paged by its id bound, not `after`."""
+        pages = self._keyset(DEAL_SEARCH_PATH, base, properties, self.page_size)
+        first = next(pages, None)
+        pages.close()  # the next page is asked only by the ranges below
+        if first is None:
+            return
+        yield first
+        records, total = first
+        rest = (total or 0) - len(records)
+        if rest <= 0 or not records:
+            return
+        ids = [int(r["id"]) for r in records]
+        parts = slice_count(self.degree, self.page_size)
+        bounds = [math.ceil(b) for b in split_after(ids[0], ids[-1], len(ids), rest, parts)]
+
+        def id_range(i: int) -> Callable[[], Iterator[tuple[list[dict[str, Any]], int | None]]]:
+            where = list(base)
+            if i + 1 < len(bounds):
+                where.append({"propertyName": "hs_object_id", "operator": "LTE", "value": str(bounds[i + 1])})
+            return lambda: (
+                (found, None)
+                for found, _ in self._keyset(DEAL_SEARCH_PATH, where, properties, self.page_size, bounds[i])
+            )
+
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
+
     def _keyset(
-        self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int
+        self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int, start: int = 0
     ) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
         """Pages of raw objects (deals, companies) in `hs_object_id` order, each query restarting past the last
         id read; with each page, on the first one the number of objects the whole read matches (search's
@@ -786,7 +829,7 @@ class HubSpotConnector(CrmConnector):
             apply=lambda request, last: self._search_request(request, base + [_past(last)], properties, limit),
             after=_last_id,
             more=_more_deals,
-            start=0,
+            start=start,
             ordered=True,
             key="hs_object_id",
         )
@@ -823,10 +866,12 @@ class HubSpotConnector(CrmConnector):
         the object)."""
         rps = self.options.search_requests_per_second
         if rps > 0:
-            wait = self._last_search + 1.0 / rps - time.monotonic()
+            with self._search_turns:  # parallel reads: each thread takes the next turn, then waits for it
+                turn = max(time.monotonic(), self._last_search + 1.0 / rps)
+                self._last_search = turn
+            wait = turn - time.monotonic()
             if wait > 0:
                 self.client.sleep(wait)
-            self._last_search = time.monotonic()
 
     def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Generic, NamedTuple, NotRequired, TypeVar
@@ -61,6 +61,7 @@ from oppsync_pipeline.lib.crm.http import (
 )
 from oppsync_pipeline.lib.crm.pages import RECORD, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
+from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -303,7 +304,7 @@ class Rows(NamedTuple):
     """One page of a query: its records as Salesforce sent them, and the query's totalSize."""
 
     records: list[dict[str, Any]]
-    total: int
+    total: int | None  # None: a range of a split read (the first page carries the set's count)
 
 
 def _next_records_url(page: QueryPage[Any]) -> str | None:
@@ -476,6 +477,9 @@ class SalesforceOptions(ConnectorOptions):
 
 class SalesforceConnector(CrmConnector):
     Options = SalesforceOptions
+    # "25 concurrent long-running requests" is the only concurrency limit Salesforce documents (short queries
+    # have none): full reads split the date space into at most that many ranges (fewer: parallel.slice_count)
+    read_concurrency = 25
     id_field = "Id"
     field_map = FIELD_MAP
     crm = "salesforce"
@@ -816,11 +820,52 @@ class SalesforceConnector(CrmConnector):
                 )
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
-        for rows in self.query(self.opportunity_soql(open_set, since)):
+        full = since is None and self.degree > 1
+        for rows in self._full(open_set) if full else self.query(self.opportunity_soql(open_set, since)):
             # every id received counts, quarantined or not; the first page's totalSize is the CRM's own count
             self.tally(open_set, since, (r["Id"] for r in rows.records), crm_count=rows.total)
             if rows.records:
                 yield self.map_page(rows.records)
+
+    def _full(self, open_set: bool) -> Iterator[Rows]:
+        """A full read of a set in the query's order (CreatedDate, Id), split in the date space: the first
+        page is read alone (its totalSize is the set's count); what comes after it is read as CreatedDate
+        ranges of whole seconds, each its own query and `nextRecordsUrl` cursor, side by side (parallel.streams:
+        range after range, each in order; a failing range fails the read). The widths follow the first page's
+        density; the last range is open-ended. The first range starts at the second the first page ended in:
+        the records of that second the first page already held are left out of it (by id)."""
+        where = self.opportunity_where(open_set, None)
+        head = f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
+        order = f" ORDER BY {FULL_ORDER}"
+        pages = self.query(head + where + order)
+        first = next(pages, None)
+        pages.close()  # the next page is asked only by the ranges below
+        if first is None:
+            return
+        yield first
+        rest = first.total - len(first.records)
+        if rest <= 0 or not first.records:
+            return
+        stamps = [_epoch(parse_datetime(r["CreatedDate"])) for r in first.records]
+        start = math.floor(stamps[-1])
+        read = {r["Id"] for r, at in zip(first.records, stamps, strict=True) if at >= start}
+        parts = slice_count(self.degree, self.page_size)
+        low = stamps[0]
+        bounds = [start] + [math.ceil(b) for b in split_after(low, start, len(first.records), rest, parts)[1:]]
+
+        def time_range(i: int) -> Callable[[], Iterator[Rows]]:
+            cond = f"CreatedDate >= {soql_datetime(_at(bounds[i]))}"
+            if i + 1 < len(bounds):
+                cond += f" AND CreatedDate < {soql_datetime(_at(bounds[i + 1]))}"
+            soql = f"{head}({where}) AND {cond}{order}"
+
+            def run() -> Iterator[Rows]:
+                for rows in self.query(soql):
+                    yield Rows([r for r in rows.records if r["Id"] not in read] if i == 0 else rows.records, None)
+
+            return run
+
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize
@@ -896,7 +941,7 @@ class SalesforceConnector(CrmConnector):
     def opportunity_soql(self, open_set: bool, since: datetime | None) -> str:
         return (
             f"SELECT {', '.join(self.select_fields())} FROM Opportunity WHERE "
-            f"{self.opportunity_where(open_set, since)} ORDER BY SystemModstamp, Id"
+            f"{self.opportunity_where(open_set, since)} ORDER BY {FULL_ORDER if since is None else 'SystemModstamp, Id'}"
         )
 
     def opportunity_where(self, open_set: bool, since: datetime | None) -> str:
@@ -1086,6 +1131,20 @@ def soql_string(value: Any) -> str:
     ):
         text = text.replace(ch, esc)
     return f"'{text}'"
+
+
+# A full read's order: CreatedDate never changes, so a record edited while a split read runs cannot move from a
+# range not read yet into one already read (SystemModstamp would move it, and its absence would read as a delete).
+FULL_ORDER = "CreatedDate, Id"
+
+
+def _at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _epoch(value: datetime) -> float:
+    """Seconds since the epoch of a UTC datetime (naive ones are UTC, as parse_datetime gives them)."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 def soql_datetime(value: datetime) -> str:

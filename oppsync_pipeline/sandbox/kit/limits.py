@@ -79,3 +79,35 @@ def spent_of(window: str) -> property:
     return property(
         lambda sim: getattr(sim, window).spent, lambda sim, value: setattr(getattr(sim, window), "spent", value)
     )
+
+
+class InFlight:
+    """At most `limit` requests of one key in flight at once (0: unlimited), the way Autotask limits threads per
+    endpoint and Dataverse concurrent requests per user. `peak` keeps the most ever in flight per key: a test
+    reads it to prove a client stayed within the limit."""
+
+    def __init__(self, limit: int | Callable[[], int]):
+        self._limit = limit
+        self.now: dict[Any, int] = {}
+        self.peak: dict[Any, int] = {}
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    @property
+    def limit(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
+
+    def enter(self, key: Any) -> bool:
+        """Count one request of `key` in; False (nothing counted) when `limit` are already in flight."""
+        with self.lock:
+            current = self.now.get(key, 0)
+            if self.limit and current >= self.limit:
+                self.refused += 1
+                return False
+            self.now[key] = current + 1
+            self.peak[key] = max(self.peak.get(key, 0), current + 1)
+            return True
+
+    def leave(self, key: Any) -> None:
+        with self.lock:
+            self.now[key] -= 1

@@ -1,0 +1,123 @@
+"""Parallel reads, written once for the five connectors: a bounded thread pool whose results come back in the
+order a sequential read would give them.
+
+A full read is parallel only where the API allows it (docs/crm-api-notes.md): one server cursor (Salesforce
+`nextRecordsUrl`, Dataverse `@odata.nextLink`, Autotask `nextPageUrl`, HubSpot search `after`) is read page after
+page; what runs side by side is several cursors over disjoint slices of the key or date space (`streams`), or
+independent requests (`ordered_map`: ConnectWise's forecast per opportunity). `degree` is the most requests in
+flight at once, the connection's `options.parallel_reads` (default: the CRM's documented limit; 1 is the plain
+sequential read, in the caller's thread).
+
+Every request still goes through the connector's ApiClient (its retries, Retry-After, rate pacing, quota budget
+and statistics, which are thread-safe), over the client's one Session whose connection pool is sized for
+`degree` (`ApiClient.allow_concurrency`). The output is the sequential read's: slices are yielded in key order,
+results in input order. A slice or request that fails fails the whole read, raising its error in the consumer:
+never a short read that the full sync would take for deletes. Workers stop at the next page when the consumer
+stops or fails.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Records the slices of one read may hold ahead of the consumer, at most: each slice holds a page in hand and one
+# queued, so a read takes at most READ_AHEAD // (2 x page size) slices at once (`slice_count`) and a 1,000,000-
+# record full sync keeps its flat memory whatever the degree (Dataverse's 51 at 5,000 a page would hold 500,000).
+READ_AHEAD = 20_000
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], degree: int) -> Iterator[R]:
+    """`fn` of each item, at most `degree` at once, yielded in the items' order (a failure raises at its place,
+    and nothing after it is started)."""
+    if degree <= 1:
+        yield from map(fn, items)
+        return
+    pending: list[Future[R]] = []
+    with ThreadPoolExecutor(degree, thread_name_prefix="oppsync-read") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * degree:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def slice_count(degree: int, page_size: int) -> int:
+    """How many slices a read of `page_size` pages splits into: `degree`, fewer when their pages would pass
+    READ_AHEAD records."""
+    return max(1, min(degree, READ_AHEAD // (2 * max(1, page_size))))
+
+
+def split_after(low: float, high: float, read: int, remaining: int, parts: int) -> list[float]:
+    """The lower bounds of `parts` ranges of a key that together hold what comes after a first page: that page
+    read `read` records with keys from `low` to `high`, `remaining` more are expected. The widths assume the
+    first page's density (equal counts when keys are evenly spread); the caller leaves the last range open-ended,
+    so a wrong estimate costs balance, never records."""
+    width = max(1.0, remaining * max(high - low, 1.0) / max(read, 1) / parts)
+    return [high + i * width for i in range(parts)]
+
+
+def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]:
+    """The items of every slice, slice after slice (each slice's own order kept), while up to `degree` slices are
+    read side by side ahead of the consumer. `slices`: a function per slice that starts its read."""
+    if degree <= 1 or len(slices) <= 1:
+        for start in slices:
+            yield from start()
+        return
+    stop = threading.Event()
+    queues: list[queue.Queue[Any]] = [queue.Queue(1) for _ in slices]
+
+    def put(q: queue.Queue[Any], item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read(i: int) -> None:
+        if stop.is_set():  # the read ended (failed, or the consumer stopped) before this slice began
+            return
+        try:
+            for item in slices[i]():
+                if not put(queues[i], item):
+                    return
+            put(queues[i], _DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
+            put(queues[i], _Failed(err))
+
+    pool = ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice")
+    with pool:
+        try:
+            # slices start in order; a worker is free for the next one when an earlier slice is read to its end
+            for i in range(len(slices)):
+                pool.submit(read, i)
+            for q in queues:
+                while True:
+                    item = q.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    yield item
+        finally:
+            stop.set()  # running slices stop at their next page; those not begun never send a request
+            pool.shutdown(wait=True, cancel_futures=True)

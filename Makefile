@@ -28,9 +28,10 @@ lint: $(STAMP)
 run: install
 	$(BIN)/oppsync run
 
-## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must)
+## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must). Whole files per worker, in
+## collection order: the longest first (tests/conftest.py LONGEST_FILES), so the run ends on short files
 test: install browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 .PHONY: test-unit snapshot browser dashboard
 

@@ -277,6 +277,25 @@ SLOW = (
     "sandbox/test_serve_cli.py",  # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
 )
 TESTS_DIR = Path(__file__).resolve().parent
+# `make test` hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder:
+# xdist's own order, most tests first, put the long files of one or two tests last, where one of them ran alone
+# on one worker while the other had finished). So the longest files are collected first, longest first, then
+# the other e2e/slow files, then assets, then unit files (most tests first within each group): the end of the
+# run is many short files that even the two workers out. Wall seconds from CI's --durations (clean clone, 2
+# workers); refresh them when a file's cost changes a lot (only the order depends on them, never a result).
+LONGEST_FILES = {
+    "dagster/test_webhook_syncs.py": 80,  # one simulator -> receiver -> sensor -> sync -> mart per webhook CRM
+    "sandbox/test_serve_cli.py": 75,  # a 100,000-opportunity sandbox in a subprocess
+    "reconcile/test_property.py": 70,  # hypothesis against the reference model, DuckDB and Postgres
+    "topology/test_three_processes.py": 65,  # webserver, daemon, receiver, sandbox; a schedule tick
+    "test_cli_run.py": 55,  # two `oppsync run`
+    "dbt/test_mart.py": 55,  # four dbt invocations per warehouse
+    "test_benchmarks_smoke.py": 45,  # the tiny end-to-end benchmark and the others
+    "test_row_hash_sql.py": 40,  # hypothesis: SQL hash == Python hash
+    "scale/test_celery.py": 30,  # two Celery workers, `dagster job execute` subprocesses
+    "dashboard/test_page.py": 30,  # sandbox syncs, dbt, the dashboard and a headless chromium
+    "reliability/test_hostile_assets.py": 20,  # three sync jobs, one retried
+}
 
 
 def layer_of(relpath: str) -> str:
@@ -307,6 +326,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         nodeid = f"{relpath}::{item.name}"
         if any(nodeid.startswith(prefix) for prefix in SLOW):
             item.add_marker(pytest.mark.slow)
+    items[:] = longest_files_first(items)
+
+
+def longest_files_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """Whole files (tests in their order) in the order `make test` should start them (LONGEST_FILES)."""
+    by_file: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+
+    def rank(path: Path) -> tuple[int, float]:
+        tests = by_file[path]
+        try:
+            relpath = path.resolve().relative_to(TESTS_DIR).as_posix()
+        except ValueError:
+            return (4, -len(tests))
+        if relpath in LONGEST_FILES:
+            return (0, -LONGEST_FILES[relpath])
+        if any(t.get_closest_marker(m) for t in tests for m in ("e2e", "slow")):
+            group = 1
+        else:
+            group = 2 if any(t.get_closest_marker("assets") for t in tests) else 3
+        return (group, -len(tests))
+
+    return [item for path in sorted(by_file, key=rank) for item in by_file[path]]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -5,7 +5,8 @@ leaves it):
   1. a clean full sync; the CRM's clock moves on 3 hours with activity;
   2. a wrong-shape page mid-paging: the extract attempt fails naming the CRM, the page and what was wrong, is
      recorded as failed with nothing changed and the lease released; a bad page may not come again, so Dagster's
-     retry policy runs the step again (30 s later) and that attempt completes the sync;
+     retry policy runs the step again and that attempt completes the sync (the policy's wait, 30 s +/- 30 s of
+     jitter, is computed and checked, but not slept: `no_retry_wait`);
   3. two bad records on a page: quarantined (WARN check `quarantine` naming their ids), everything else synced,
      the blocking quality check passes although records were created "in the future" by our clock.
 
@@ -76,8 +77,23 @@ def last_run(url: str, name: str) -> tuple:  # (status, error, quarantined) of t
         )
 
 
+@pytest.fixture
+def no_retry_wait(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dg.RetryPolicy, int, float]]:
+    """The asset's own RetryPolicy computes its wait as in production; the step is re-run at once instead of
+    after it (0-60 s of the suite's wall time). Returns the (policy, attempt, wait it chose) of every retry."""
+    chosen: list[tuple[dg.RetryPolicy, int, float]] = []
+    real = dg.RetryPolicy.calculate_delay
+
+    def calculate_delay(policy: dg.RetryPolicy, attempt_num: int) -> float:
+        chosen.append((policy, attempt_num, real(policy, attempt_num)))
+        return 0
+
+    monkeypatch.setattr(dg.RetryPolicy, "calculate_delay", calculate_delay)
+    return chosen
+
+
 @pytest.mark.parametrize("crm", SELECTED)
-def test_hostile_answers_through_the_sync_job(crm: str, setup):
+def test_hostile_answers_through_the_sync_job(crm: str, setup, no_retry_wait):
     defs, servers, url = setup
     name = f"hostile-{crm}"
     sim = servers[name].simulator
@@ -109,6 +125,10 @@ def test_hostile_answers_through_the_sync_job(crm: str, setup):
         errors = [" / ".join(chain(e.event_specific_data.error)) for e in retried]
         row.unclear_errors = sum(unclear(m, rf"{crm}: page \d+ of \S+: unexpected page shape") for m in errors)
         assert fired == 1 and len(retried) == 1, [e.event_type for e in result.all_events]
+        # the extract's retry policy chose the wait (first retry: its delay, +/- the same in jitter); not slept here
+        ((policy, attempt, wait),) = no_retry_wait
+        assert attempt == 1 and policy.max_retries >= 1 and policy.delay > 0, policy
+        assert 0 <= wait <= 2 * policy.delay, wait
         assert not row.unclear_errors, errors
         assert result.success and runs[-1] == "success" and locks == 0, runs
         deleted = {sid for sid, kind in snapshot(engine, name).events if kind == "deleted"}

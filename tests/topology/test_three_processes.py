@@ -2,7 +2,13 @@
 `oppsync webhooks serve` run as separate processes against one fresh Postgres database (the warehouse, and
 Dagster's run, event-log and schedule storage through deploy/postgres/dagster.yaml), with the sandbox CRMs in a
 fourth. The webserver lists the two code locations; a schedule tick becomes a run that the daemon's queue hands
-to a run worker, which starts it; the receiver answers /healthz (its inbox is in the Postgres warehouse)."""
+to a run worker, which starts it; the receiver answers /healthz (its inbox is in the Postgres warehouse).
+
+One deployment serves both tests (`deployment`, started once: each of the four processes costs seconds to tens of
+seconds to start on a loaded machine): one HubSpot connection, notifying changes and on a schedule that ticks once
+soon. One connection only: the mart's automation waits until every connection has synced once, so a second
+connection that only the tick syncs would make the webhook test wait for the tick. The webhook test runs first,
+while the tick approaches."""
 
 from __future__ import annotations
 
@@ -36,14 +42,16 @@ query($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) { ... on Runs
 } } } }
 """
 
-CONNECTION = "sandbox-salesforce"
-SCHEDULE = "sync_sandbox_salesforce"
+CONNECTION = HUBSPOT = "sandbox-hubspot"
+SCHEDULE = "sync_sandbox_hubspot"
 DONE = ("SUCCESS", "FAILURE", "CANCELED")
 
 
-def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topology, pg_url: str):
+@pytest.fixture(scope="module")
+def deployment(topology: Topology) -> tuple[Topology, str]:
+    """The four processes, once for the module; returns the topology and the schedule's cron."""
     cron = soon_cron()  # one tick 30-90 s from now
-    topology.start_sandbox(["salesforce"], schedule={"salesforce": cron})
+    topology.start_sandbox(["hubspot"], schedule={"hubspot": cron}, webhooks={"sensor_interval_seconds": 1})
     # The receiver first: on a fresh database its inbox (lib/webhooks/inbox.py) and the daemon's first use of the
     # warehouse (lib/warehouse/schema.py migrate) both run `CREATE SCHEMA IF NOT EXISTS oppsync`, which Postgres
     # does not make safe against a concurrent twin: the loser gets UniqueViolation on pg_namespace and the
@@ -51,6 +59,66 @@ def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topolo
     topology.start_receiver()
     topology.start_daemon()  # its scheduler counts toward the tick while the webserver loads
     topology.start_webserver()
+    return topology, cron
+
+
+def test_a_crm_change_reaches_the_mart_through_the_webhook(deployment: tuple[Topology, str]):
+    """The other half of item 6: a change made in HubSpot (through its API) is notified, verified by the
+    receiver, turned into a sync by the daemon's `syncs_on_webhooks` sensor, and the daemon's
+    `mart_follows_syncs` sensor rebuilds the mart: the row changes with no launch by the test. A forged
+    notification is refused and stores nothing. (The schedule as safety net: tests/dagster/test_webhook_syncs.py.)"""
+    topology, _ = deployment
+    assert requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()["connections"] == [HUBSPOT]
+    topology.subscribe("hubspot")  # the app's webhook target, as `oppsync webhooks register` sets it
+
+    api = topology.sandbox_urls["hubspot"]
+    token = {"Authorization": f"Bearer {hubspot_sim.SANDBOX_CREDENTIALS['access_token']}"}
+    deal = requests.get(f"{api}/crm/v3/objects/deals", params={"limit": 1}, headers=token, timeout=10).json()
+    deal_id = deal["results"][0]["id"]
+    name = "Renamed in HubSpot, notified"
+    r = requests.patch(
+        f"{api}/crm/v3/objects/deals/{deal_id}", json={"properties": {"dealname": name}}, headers=token, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    topology.mark("deal renamed in the CRM")
+
+    rows = topology.poll(
+        lambda: (
+            topology.query(
+                "SELECT project_name FROM marts.opportunities WHERE connection = :c AND source_id = :s",
+                c=HUBSPOT,
+                s=deal_id,
+            )
+            if topology.query("SELECT to_regclass('marts.opportunities')")[0][0]
+            else []
+        ),
+        lambda rs: bool(rs) and rs[0][0] == name,
+        "the renamed deal in marts.opportunities",
+        seconds=240,
+    )
+    assert rows[0][0] == name
+    webhook_runs = topology.query(
+        "SELECT r.status FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
+        "WHERE t.key = 'oppsync/trigger' AND t.value = 'webhook'"
+    )
+    assert ("SUCCESS",) in webhook_runs, webhook_runs
+
+    # forged: refused before any work, nothing stored
+    count = "SELECT count(*) FROM oppsync.webhook_inbox"
+    before = topology.query(count)[0][0]
+    forged = requests.post(
+        f"{topology.urls['receiver']}/webhooks/{HUBSPOT}",
+        json=[{"eventId": 1, "subscriptionId": 1, "objectId": int(deal_id), "subscriptionType": "deal.creation"}],
+        headers={"X-HubSpot-Signature-v3": "Zm9yZ2Vk", "X-HubSpot-Request-Timestamp": "1"},
+        timeout=10,
+    )
+    assert forged.status_code == 401
+    assert topology.query(count)[0][0] == before
+
+
+def test_webserver_daemon_and_receiver_on_the_postgres_instance(deployment: tuple[Topology, str]):
+    topology, cron = deployment
+    pg_url = topology.pg_url
 
     # (c) the receiver: up, on the Postgres warehouse (its inbox table is there)
     health = requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()
@@ -113,62 +181,3 @@ def test_webserver_daemon_and_receiver_on_the_postgres_instance(topology: Topolo
 
 
 _NEEDED = {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR"}
-
-
-def test_a_crm_change_reaches_the_mart_through_the_webhook(topology: Topology):
-    """The other half of item 6: a change made in HubSpot (through its API) is notified, verified by the
-    receiver, turned into a sync by the daemon's `syncs_on_webhooks` sensor, and the daemon's
-    `mart_follows_syncs` sensor rebuilds the mart: the row changes with no launch by the test. A forged
-    notification is refused and stores nothing. (The schedule as safety net: tests/dagster/test_webhook_syncs.py.)"""
-    topology.start_sandbox(["hubspot"], webhooks={"sensor_interval_seconds": 1})
-    topology.start_receiver()
-    topology.start_daemon()
-    assert requests.get(topology.urls["receiver"] + "/healthz", timeout=5).json()["connections"] == [HUBSPOT]
-    topology.subscribe("hubspot")  # the app's webhook target, as `oppsync webhooks register` sets it
-
-    api = topology.sandbox_urls["hubspot"]
-    token = {"Authorization": f"Bearer {hubspot_sim.SANDBOX_CREDENTIALS['access_token']}"}
-    deal = requests.get(f"{api}/crm/v3/objects/deals", params={"limit": 1}, headers=token, timeout=10).json()
-    deal_id = deal["results"][0]["id"]
-    name = "Renamed in HubSpot, notified"
-    r = requests.patch(
-        f"{api}/crm/v3/objects/deals/{deal_id}", json={"properties": {"dealname": name}}, headers=token, timeout=10
-    )
-    assert r.status_code == 200, r.text
-    topology.mark("deal renamed in the CRM")
-
-    rows = topology.poll(
-        lambda: (
-            topology.query(
-                "SELECT project_name FROM marts.opportunities WHERE connection = :c AND source_id = :s",
-                c=HUBSPOT,
-                s=deal_id,
-            )
-            if topology.query("SELECT to_regclass('marts.opportunities')")[0][0]
-            else []
-        ),
-        lambda rs: bool(rs) and rs[0][0] == name,
-        "the renamed deal in marts.opportunities",
-        seconds=240,
-    )
-    assert rows[0][0] == name
-    webhook_runs = topology.query(
-        "SELECT r.status FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
-        "WHERE t.key = 'oppsync/trigger' AND t.value = 'webhook'"
-    )
-    assert ("SUCCESS",) in webhook_runs, webhook_runs
-
-    # forged: refused before any work, nothing stored
-    count = "SELECT count(*) FROM oppsync.webhook_inbox"
-    before = topology.query(count)[0][0]
-    forged = requests.post(
-        f"{topology.urls['receiver']}/webhooks/{HUBSPOT}",
-        json=[{"eventId": 1, "subscriptionId": 1, "objectId": int(deal_id), "subscriptionType": "deal.creation"}],
-        headers={"X-HubSpot-Signature-v3": "Zm9yZ2Vk", "X-HubSpot-Request-Timestamp": "1"},
-        timeout=10,
-    )
-    assert forged.status_code == 401
-    assert topology.query(count)[0][0] == before
-
-
-HUBSPOT = "sandbox-hubspot"

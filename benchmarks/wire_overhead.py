@@ -1,0 +1,231 @@
+"""Overhead over the wire (issue 21, item 6): a full sync of N opportunities per CRM (extract, mapping, staging
+and reconcile into DuckDB, through the real connector over real HTTP, as `oppsync run` syncs) against the time
+to just download and JSON-decode the same pages.
+
+The sync runs with a session that records every request it sends (method, URL, headers, body); the wire time
+is those requests sent again, in the same order, by a plain requests.Session, each body decoded with orjson
+(no mapping, no staging). The simulator serves from another process (`oppsync sandbox serve`), so neither
+measurement shares its interpreter (the GIL) with the server; both include the server's own CPU on the same
+cores, which is fair to both. ConnectWise has no bulk forecast endpoint (one forecast request per
+opportunity), so it runs at a smaller N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+from benchmarks.common import Figure, progress, sandbox_config, timed, verdict
+from benchmarks.memory import free_port, wait_until_serving
+from oppsync_pipeline.lib.sync import build_connector, sync_connection
+from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
+from oppsync_pipeline.sandbox.cluster import CRMS, serve_ports
+
+NAME = "overhead over the wire"
+TARGET = 1.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("overhead over the wire")
+    g.add_argument("--wire-opportunities", type=int, default=100_000, help="opportunities per CRM")
+    g.add_argument(
+        "--wire-connectwise",
+        type=int,
+        default=2_000,
+        help="ConnectWise tenant size (one forecast request per opportunity)",
+    )
+    g.add_argument("--wire-crm", action="append", choices=CRMS, help="only these CRMs (repeatable)")
+    g.add_argument("--wire-profile", help="write a cProfile of each CRM's sync to DIR/<crm>.prof")
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
+    out = []
+    for crm in args.wire_crm or CRMS:
+        n = args.wire_connectwise if crm == "connectwise" else args.wire_opportunities
+        out.append(measure(crm, n, workdir / f"wire-{crm}", args.wire_profile))
+    return out
+
+
+@dataclass
+class Sent:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | str | None
+    status: int
+
+
+@dataclass
+class RecordingSession(requests.Session):
+    """A requests.Session that keeps every request it sends, as sent (after auth, before the wire)."""
+
+    sent: list[Sent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        response = super().send(request, **kwargs)
+        self.sent.append(Sent(request.method or "GET", request.url or "", dict(request.headers), request.body, 0))
+        self.sent[-1].status = response.status_code
+        return response
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A documented request rate the replay keeps to, as any client of the API must: `count` requests per
+    `seconds`, for the requests whose path matches `path` (and no other limit listed before it)."""
+
+    path: str
+    count: int
+    seconds: float
+
+
+# HubSpot: search 5 requests/s per portal, other calls 190 per 10 s (Professional; the simulator's default).
+# The sync keeps the connector's own search pacing (options.search_requests_per_second, default 4/s).
+LIMITS = {"hubspot": (Limit(r"/search$", 5, 1.0), Limit("", 190, 10.0))}
+
+
+class Pacer:
+    def __init__(self, limits: tuple[Limit, ...]):
+        self.limits = limits
+        self.sent: dict[Limit, deque[float]] = {limit: deque() for limit in limits}
+        self.waited = 0.0
+
+    def wait(self, url: str) -> None:
+        path = url.split("?", 1)[0]
+        limit = next((x for x in self.limits if re.search(x.path, path)), None)
+        if limit is None:
+            return
+        times = self.sent[limit]
+        now = time.monotonic()
+        while times and times[0] <= now - limit.seconds:
+            times.popleft()
+        if len(times) >= limit.count:
+            pause = times[0] + limit.seconds - now + 0.005
+            time.sleep(pause)
+            self.waited += pause
+        times.append(time.monotonic())
+
+
+@dataclass
+class Wire:
+    seconds: float
+    decode_seconds: float  # of which orjson.loads
+    megabytes: float
+    statuses_differ: int
+    paced: float  # seconds waited to keep to the API's documented rates
+    rate_limited: int  # 429s met anyway (each waited 1 s and sent again)
+
+
+def replay(sent: list[Sent], limits: tuple[Limit, ...] = ()) -> Wire:
+    """The requests the sync sent, in order, by a plain session: every body decoded (orjson). The sync's own
+    retries of a 429 are not sent again (the page they asked for is); the replay keeps to the API's documented
+    rates (`limits`), and waits 1 s and repeats a request that meets a 429 all the same."""
+    decode = 0.0
+    size = differ = limited = 0
+    pacer = Pacer(limits)
+    with requests.Session() as s:
+        t0 = time.perf_counter()
+        for r in sent:
+            if r.status == 429:
+                continue
+            while True:
+                pacer.wait(r.url)
+                response = s.request(r.method, r.url, headers=r.headers, data=r.body, timeout=(10, 120))
+                if response.status_code != 429:
+                    break
+                limited += 1
+                time.sleep(1.0)
+            d0 = time.perf_counter()
+            orjson.loads(response.content)
+            decode += time.perf_counter() - d0
+            differ += response.status_code != r.status
+            size += len(response.content)
+        seconds = time.perf_counter() - t0
+    return Wire(seconds, decode, size / 1e6, differ, pacer.waited, limited)
+
+
+def serve(crm: str, n: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+    base = free_port()
+    port = serve_ports((crm,), base)[crm]
+    oppsync = Path(sys.executable).with_name("oppsync")
+    server = subprocess.Popen(
+        [str(oppsync), "sandbox", "serve", "--crm", crm, "--opportunities", str(n), "--port-base", str(base)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def measure(crm: str, n: int, workdir: Path, profile_dir: str | None = None) -> Figure:
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress(f"{NAME}: {crm}, {n:,} opportunities served by a separate process")
+    server, url = serve(crm, n, workdir)
+    try:
+        wait_until_serving(url, server, timeout=900)
+        # the connectors' real options: HubSpot keeps its search pacing (the simulator enforces the limit)
+        cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
+        ensure_schema(engine)
+        session = RecordingSession()
+        connector = build_connector(cfg, conn, session=session)
+        load_before = os.getloadavg()
+        profiler = None
+        if profile_dir:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        with timed() as t:
+            summary = sync_connection(cfg, conn, engine, run_id="wire", mode="full", connector=connector)
+        if profiler:
+            profiler.disable()
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            profiler.dump_stats(str(Path(profile_dir) / f"{crm}.prof"))
+        engine.dispose()
+        if summary.result is None:
+            raise RuntimeError(f"the full sync of {crm} did not complete: {summary.extract.status}")
+        wire = replay(session.sent, LIMITS.get(crm, ()))
+        load_after = os.getloadavg()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    ours = t["s"]
+    ratio = ours / wire.seconds
+    notes = (
+        f"N={n:,} (fetched {summary.result.fetched:,}); ours {ours:.1f}s (full sync into DuckDB: extract, "
+        f"mapping, staging, reconcile{', under cProfile' if profiler else ''}); wire {wire.seconds:.1f}s (the "
+        f"same {len(session.sent)} requests replayed, {wire.megabytes:.0f} MB, of which orjson decode "
+        f"{wire.decode_seconds:.1f}s)"
+        + (f", {wire.paced:.1f}s of it paced to the API's documented rates" if wire.paced else "")
+        + (f", {wire.rate_limited} 429s met and waited on" if wire.rate_limited else "")
+        + (f"; {wire.statuses_differ} replayed statuses differ" if wire.statuses_differ else "")
+        + (
+            f"; the sync waited {connector.stats.seconds_waited:.1f}s on retries"
+            if connector.stats.seconds_waited
+            else ""
+        )
+        + f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    return Figure(
+        NAME,
+        crm,
+        f"{ours:.1f}s = {ratio:.2f}x wire",
+        f"<= {TARGET}x wire ({wire.seconds:.1f}s)",
+        verdict(ratio <= TARGET),
+        notes,
+    )

@@ -50,6 +50,7 @@ SMALLER_DEFAULTS = {
     "latency_connectwise": 500,
     "e2e_opportunities": 5_000,  # brief: 100,000
     "e2e_connectwise": 1_000,
+    "wire_opportunities": 20_000,  # brief: 100,000 (a full sync of 100,000 takes 2-4 min per CRM under load)
 }
 
 

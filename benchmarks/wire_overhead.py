@@ -13,12 +13,14 @@ opportunity), so it runs at a smaller N.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import re
 import subprocess
 import sys
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,15 @@ import requests
 
 from benchmarks.common import Figure, progress, sandbox_config, timed, verdict
 from benchmarks.memory import free_port, wait_until_serving
+from benchmarks.reconcile_throughput import top_lines
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, serve_ports
 
 NAME = "overhead over the wire"
 TARGET = 1.5
+# `--wire-profile` on the code before issue 21's mapping changes (commit 37bfed7), for comparison: filled below
+PROFILE_BEFORE: dict[str, str] = {}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,18 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--wire-connectwise",
         type=int,
-        default=2_000,
+        default=1_000,
         help="ConnectWise tenant size (one forecast request per opportunity)",
     )
     g.add_argument("--wire-crm", action="append", choices=CRMS, help="only these CRMs (repeatable)")
-    g.add_argument("--wire-profile", help="write a cProfile of each CRM's sync to DIR/<crm>.prof")
+    g.add_argument(
+        "--wire-profile",
+        action="store_true",
+        help="cProfile each sync (its top lines in the details, beside those before issue 21's changes)",
+    )
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
     out = []
     for crm in args.wire_crm or CRMS:
         n = args.wire_connectwise if crm == "connectwise" else args.wire_opportunities
-        out.append(measure(crm, n, workdir / f"wire-{crm}", args.wire_profile))
+        out += measure(crm, n, workdir / f"wire-{crm}", args.wire_profile)
     return out
 
 
@@ -122,6 +131,7 @@ class Pacer:
 @dataclass
 class Wire:
     seconds: float
+    cpu_seconds: float  # this process's CPU time (the server's not included)
     decode_seconds: float  # of which orjson.loads
     megabytes: float
     statuses_differ: int
@@ -137,7 +147,7 @@ def replay(sent: list[Sent], limits: tuple[Limit, ...] = ()) -> Wire:
     size = differ = limited = 0
     pacer = Pacer(limits)
     with requests.Session() as s:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for r in sent:
             if r.status == 429:
                 continue
@@ -153,8 +163,8 @@ def replay(sent: list[Sent], limits: tuple[Limit, ...] = ()) -> Wire:
             decode += time.perf_counter() - d0
             differ += response.status_code != r.status
             size += len(response.content)
-        seconds = time.perf_counter() - t0
-    return Wire(seconds, decode, size / 1e6, differ, pacer.waited, limited)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Wire(seconds, cpu, decode, size / 1e6, differ, pacer.waited, limited)
 
 
 def serve(crm: str, n: int, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -170,7 +180,7 @@ def serve(crm: str, n: int, workdir: Path) -> tuple[subprocess.Popen, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
-def measure(crm: str, n: int, workdir: Path, profile_dir: str | None = None) -> Figure:
+def measure(crm: str, n: int, workdir: Path, profile: bool = False) -> list[Figure]:
     workdir.mkdir(parents=True, exist_ok=True)
     progress(f"{NAME}: {crm}, {n:,} opportunities served by a separate process")
     server, url = serve(crm, n, workdir)
@@ -184,18 +194,12 @@ def measure(crm: str, n: int, workdir: Path, profile_dir: str | None = None) -> 
         session = RecordingSession()
         connector = build_connector(cfg, conn, session=session)
         load_before = os.getloadavg()
-        profiler = None
-        if profile_dir:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        with timed() as t:
+        # CPU time of this process (the server's is not in it): what the sync spends beside the wire
+        profiler = cProfile.Profile(time.process_time) if profile else None
+        cpu0 = time.process_time()
+        with profiler or nullcontext(), timed() as t:
             summary = sync_connection(cfg, conn, engine, run_id="wire", mode="full", connector=connector)
-        if profiler:
-            profiler.disable()
-            Path(profile_dir).mkdir(parents=True, exist_ok=True)
-            profiler.dump_stats(str(Path(profile_dir) / f"{crm}.prof"))
+        cpu = time.process_time() - cpu0
         engine.dispose()
         if summary.result is None:
             raise RuntimeError(f"the full sync of {crm} did not complete: {summary.extract.status}")
@@ -207,10 +211,10 @@ def measure(crm: str, n: int, workdir: Path, profile_dir: str | None = None) -> 
     ours = t["s"]
     ratio = ours / wire.seconds
     notes = (
-        f"N={n:,} (fetched {summary.result.fetched:,}); ours {ours:.1f}s (full sync into DuckDB: extract, "
-        f"mapping, staging, reconcile{', under cProfile' if profiler else ''}); wire {wire.seconds:.1f}s (the "
-        f"same {len(session.sent)} requests replayed, {wire.megabytes:.0f} MB, of which orjson decode "
-        f"{wire.decode_seconds:.1f}s)"
+        f"N={n:,} (fetched {summary.result.fetched:,}); ours {ours:.1f}s, {cpu:.1f}s CPU (full sync into DuckDB: "
+        f"extract, mapping, staging, reconcile{', under cProfile: slower' if profiler else ''}); wire "
+        f"{wire.seconds:.1f}s, {wire.cpu_seconds:.1f}s CPU (the same {len(session.sent)} requests replayed, "
+        f"{wire.megabytes:.0f} MB, orjson decode {wire.decode_seconds:.1f}s of it)"
         + (f", {wire.paced:.1f}s of it paced to the API's documented rates" if wire.paced else "")
         + (f", {wire.rate_limited} 429s met and waited on" if wire.rate_limited else "")
         + (f"; {wire.statuses_differ} replayed statuses differ" if wire.statuses_differ else "")
@@ -221,11 +225,18 @@ def measure(crm: str, n: int, workdir: Path, profile_dir: str | None = None) -> 
         )
         + f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
-    return Figure(
-        NAME,
-        crm,
-        f"{ours:.1f}s = {ratio:.2f}x wire",
-        f"<= {TARGET}x wire ({wire.seconds:.1f}s)",
-        verdict(ratio <= TARGET),
-        notes,
-    )
+    out = [
+        Figure(
+            NAME,
+            crm,
+            f"{ours:.1f}s = {ratio:.2f}x wire",
+            f"<= {TARGET}x wire ({wire.seconds:.1f}s)",
+            verdict(ratio <= TARGET),
+            notes,
+        )
+    ]
+    if profiler:
+        before = PROFILE_BEFORE.get(crm)
+        lines = f"now: {top_lines(profiler)}" + (f". Before issue 21's mapping changes: {before}" if before else "")
+        out.append(Figure(NAME, f"{crm} sync profile", "-", "-", "info", lines))
+    return out

@@ -131,3 +131,17 @@ def test_simulator_scale_checks_every_crm():
     from oppsync_pipeline.sandbox.cluster import CRMS
 
     assert set(simulator_scale.CHECKS) == set(CRMS)
+
+
+def test_wire_overhead_replays_the_syncs_requests(tmp_path: Path):
+    """benchmarks/wire_overhead.py on one CRM (HubSpot: its replay keeps to the documented search rate), the
+    simulator in its own process; the replay got the answers the sync got."""
+    from benchmarks import wire_overhead
+
+    args = parse_args(["--wire-opportunities", "150", "--wire-crm", "hubspot", "--wire-profile"])
+    figures = wire_overhead.run(args, tmp_path)
+    assert [f.subject for f in figures] == ["hubspot", "hubspot sync profile"]
+    figures_ok(figures)
+    assert figures[0].measured.endswith("x wire") and "requests replayed" in figures[0].notes
+    assert "differ" not in figures[0].notes
+    assert "cProfile" in figures[1].notes

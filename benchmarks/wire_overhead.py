@@ -33,7 +33,7 @@ from benchmarks.memory import free_port, wait_until_serving
 from benchmarks.reconcile_throughput import top_lines
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from oppsync_pipeline.sandbox.cluster import CRMS, serve_ports
+from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS
 
 NAME = "overhead over the wire"
 TARGET = 1.5
@@ -168,16 +168,25 @@ def replay(sent: list[Sent], limits: tuple[Limit, ...] = ()) -> Wire:
 
 
 def serve(crm: str, n: int, workdir: Path) -> tuple[subprocess.Popen, str]:
-    base = free_port()
-    port = serve_ports((crm,), base)[crm]
+    """`oppsync sandbox serve` of one CRM on a free port (--port-base shifts the registry's ports: the base
+    is chosen so that this CRM's port is the free one); its output in workdir/sandbox.log."""
+    port = free_port()
+    base = port - (DEFAULT_PORTS[crm] - min(DEFAULT_PORTS.values()))
     oppsync = Path(sys.executable).with_name("oppsync")
-    server = subprocess.Popen(
-        [str(oppsync), "sandbox", "serve", "--crm", crm, "--opportunities", str(n), "--port-base", str(base)],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(workdir / "sandbox.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(oppsync), "sandbox", "serve", "--crm", crm, "--opportunities", str(n), "--port-base", str(base)],
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return server, f"http://127.0.0.1:{port}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system, /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(crm: str, n: int, workdir: Path, profile: bool = False) -> list[Figure]:
@@ -196,14 +205,16 @@ def measure(crm: str, n: int, workdir: Path, profile: bool = False) -> list[Figu
         load_before = os.getloadavg()
         # CPU time of this process (the server's is not in it): what the sync spends beside the wire
         profiler = cProfile.Profile(time.process_time) if profile else None
-        cpu0 = time.process_time()
+        cpu0, server0 = time.process_time(), cpu_seconds(server.pid)
         with profiler or nullcontext(), timed() as t:
             summary = sync_connection(cfg, conn, engine, run_id="wire", mode="full", connector=connector)
-        cpu = time.process_time() - cpu0
+        cpu, server_sync = time.process_time() - cpu0, cpu_seconds(server.pid) - server0
         engine.dispose()
         if summary.result is None:
             raise RuntimeError(f"the full sync of {crm} did not complete: {summary.extract.status}")
+        server0 = cpu_seconds(server.pid)
         wire = replay(session.sent, LIMITS.get(crm, ()))
+        server_wire = cpu_seconds(server.pid) - server0
         load_after = os.getloadavg()
     finally:
         server.terminate()
@@ -223,6 +234,8 @@ def measure(crm: str, n: int, workdir: Path, profile: bool = False) -> list[Figu
             if connector.stats.seconds_waited
             else ""
         )
+        + f"; the simulator's CPU {server_sync:.1f}s during the sync, {server_wire:.1f}s during the replay: in CPU "
+        f"time (both processes) ours / wire = {(cpu + server_sync) / (wire.cpu_seconds + server_wire):.2f}x"
         + f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
     out = [

@@ -37,8 +37,42 @@ from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS
 
 NAME = "overhead over the wire"
 TARGET = 1.5
-# `--wire-profile` on the code before issue 21's mapping changes (commit 37bfed7), for comparison: filled below
-PROFILE_BEFORE: dict[str, str] = {}
+# `--wire-profile` on the code before issue 21's mapping changes (commit 37bfed7; 10,000 opportunities, 500 for
+# ConnectWise; load average ~22 on 2 cores, 2026-12-05), shown beside a profiled run's own lines
+PROFILE_BEFORE: dict[str, str] = {
+    "salesforce": (
+        "cProfile, own CPU time (all threads), of 6.9s profiled: 0.39s __init__.py:130(execute); "
+        "0.36s __init__.py:107(close); 0.36s record.py:272(parse_datetime); "
+        "0.33s __init__.py:285(connect); 0.28s fields.py:74(read_fields); "
+        "0.27s salesforce.py:1002(_map); 0.26s record.py:336(format_address); "
+        "0.25s salesforce.py:1234(_get)"
+    ),
+    "hubspot": (
+        "cProfile, own CPU time (all threads), of 8.4s profiled: 0.47s hubspot.py:892(_map); "
+        "0.45s record.py:272(parse_datetime); 0.36s __init__.py:285(connect); "
+        "0.36s ~:0(<method 'get' of 'dict' objects>); 0.35s __init__.py:130(execute); "
+        "0.34s __init__.py:107(close); 0.29s fields.py:74(read_fields); "
+        "0.26s record.py:336(format_address)"
+    ),
+    "dynamics": (
+        "cProfile, own CPU time (all threads), of 7.2s profiled: 0.68s __init__.py:107(close); "
+        "0.45s __init__.py:130(execute); 0.42s __init__.py:285(connect); 0.41s dynamics.py:1013(_map); "
+        "0.31s decoder.py:406(raw_decode); 0.30s record.py:336(format_address); "
+        "0.30s fields.py:74(read_fields); 0.28s ~:0(<method 'get' of 'dict' objects>)"
+    ),
+    "connectwise": (
+        "cProfile, own CPU time (all threads), of 5.6s profiled: 0.27s __init__.py:285(connect); "
+        "0.22s <frozen _collections_abc>:859(__iter__); 0.21s <frozen os>:674(__getitem__); "
+        "0.20s <frozen os>:760(decode); 0.17s __init__.py:130(execute); 0.17s <frozen os>:756(encode); "
+        "0.15s ~:0(<built-in method builtins.isinstance>); 0.13s __init__.py:107(close)"
+    ),
+    "autotask": (
+        "cProfile, own CPU time (all threads), of 9.0s profiled: 0.50s record.py:272(parse_datetime); "
+        "0.43s ~:0(<method 'get' of 'dict' objects>); 0.41s autotask.py:832(_map); "
+        "0.35s __init__.py:285(connect); 0.33s __init__.py:107(close); 0.32s __init__.py:130(execute); "
+        "0.31s fields.py:74(read_fields); 0.28s decoder.py:406(raw_decode)"
+    ),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from benchmarks import (
     reconcile_throughput,
     scale,
     simulator_scale,
+    wire_overhead,
 )
 from benchmarks.common import Figure, progress
 from benchmarks.report import RESULTS, table, write_results
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "fail-fast": fail_fast,  # seconds from a permanent error to a failed run, per CRM (no Dagster retry)
     "simulators": simulator_scale,  # the simulators serving 100,000-opportunity tenants
     "freshness": freshness,  # seconds from a CRM change to the mart row, webhooks and daemon in the loop
+    "wire": wire_overhead,  # a full sync per CRM against downloading and decoding the same pages
     "scale": scale,  # 500 connections: definitions load, memory, ticks, DuckDB refused, syncs/hour on Celery
 }
 # Where the default differs from the brief's size, to keep `make bench` within 20 minutes (measured, with the
@@ -48,6 +50,7 @@ SMALLER_DEFAULTS = {
     "latency_connectwise": 500,
     "e2e_opportunities": 5_000,  # brief: 100,000
     "e2e_connectwise": 1_000,
+    "wire_opportunities": 20_000,  # brief: 100,000 (a full sync of 100,000 takes 2-4 min per CRM under load)
 }
 
 
@@ -72,6 +75,7 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
         "latency_opportunities": 100_000,
         "memory_opportunities": 1_000_000,
         "e2e_opportunities": 100_000,
+        "wire_opportunities": 100_000,
     }
     shown = {
         "reconcile": ["rows"],
@@ -83,6 +87,7 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
         "simulators": [],
         "freshness": ["freshness_changes"],
         "scale": ["scale_connections", "scale_sync_tenants"],
+        "wire": ["wire_opportunities", "wire_connectwise"],
     }
     out = []
     for name in names:

@@ -151,3 +151,17 @@ def test_freshness_breakdown_follows_each_change_through_its_runs():
     assert breakdown([Change("sandbox-dynamics", made=100.0, seen=117.0)], runs) == (
         "no change could be matched to its runs"
     )
+
+
+def test_wire_overhead_replays_the_syncs_requests(tmp_path: Path):
+    """benchmarks/wire_overhead.py on one CRM (HubSpot: its replay keeps to the documented search rate), the
+    simulator in its own process; the replay got the answers the sync got."""
+    from benchmarks import wire_overhead
+
+    args = parse_args(["--wire-opportunities", "150", "--wire-crm", "hubspot", "--wire-profile"])
+    figures = wire_overhead.run(args, tmp_path)
+    assert [f.subject for f in figures] == ["hubspot", "hubspot sync profile"]
+    figures_ok(figures)
+    assert figures[0].measured.endswith("x wire") and "requests replayed" in figures[0].notes
+    assert "differ" not in figures[0].notes
+    assert "cProfile" in figures[1].notes

@@ -71,6 +71,24 @@ def as_id(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+_PARSE: dict[str, Callable[[Any], Any]] = {"number": parse_float, "date": parse_date, "datetime": parse_datetime}
+# (field map, overrides, their items) -> (canonical, native, kind) of every field, resolved once per connection
+# rather than once per record (read_fields runs per record; the overrides are checked unchanged each time)
+_PLANS: dict[tuple[int, int], tuple[FieldMap, Mapping[str, str], tuple, tuple[tuple[str, str | None, Kind], ...]]] = {}
+
+
+def _plan(field_map: FieldMap, overrides: Mapping[str, str]) -> tuple[tuple[str, str | None, Kind], ...]:
+    key, items = (id(field_map), id(overrides)), tuple(overrides.items())
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is field_map and hit[1] is overrides and hit[2] == items:
+        return hit[3]
+    plan = tuple((canonical, field_map.native(canonical, overrides), kind) for canonical, kind in KINDS.items())
+    if len(_PLANS) > 1024:  # many short-lived connections (tests, 500-tenant scale runs): start again
+        _PLANS.clear()
+    _PLANS[key] = (field_map, overrides, items, plan)
+    return plan
+
+
 def read_fields(
     record: dict[str, Any],
     field_map: FieldMap,
@@ -96,8 +114,7 @@ def read_fields(
 
     derived = derived or {}
     out: dict[str, Any] = {}
-    for canonical, kind in KINDS.items():
-        native = field_map.native(canonical, overrides)
+    for canonical, native, kind in _plan(field_map, overrides):
         if native is None:
             if canonical in derived:
                 out[canonical] = derived[canonical]()
@@ -106,15 +123,7 @@ def read_fields(
             out[canonical] = text(record, native)
             continue
         raw = value(record, native)
-        out[canonical] = (
-            parse_float(raw)
-            if kind == "number"
-            else parse_date(raw)
-            if kind == "date"
-            else parse_datetime(raw)
-            if kind == "datetime"
-            else ident(raw)
-        )
+        out[canonical] = ident(raw) if kind == "id" else _PARSE[kind](raw)
     stray = [c for c in derived if field_map[c] is not None]
     if stray:
         raise TypeError(f"derivations given for fields the map reads from the record: {stray}")

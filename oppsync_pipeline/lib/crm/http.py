@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import orjson
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -261,6 +262,13 @@ class ApiClient:
 
     @staticmethod
     def parse_json(response: requests.Response) -> Any:
+        if (response.encoding or "utf-8").lower() in ("utf-8", "utf8"):
+            # orjson reads a page 2-3x faster than requests' decoder (simplejson or json); what it refuses
+            # (NaN, integers past 64 bits, lone surrogates, a BOM) goes to requests' decoder, as before
+            try:
+                return orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                pass
         try:
             return response.json()
         except ValueError:

@@ -1292,6 +1292,8 @@ def _checked_field(name: str) -> str:
 
 def _get(record: dict[str, Any] | None, path: str) -> Any:
     """A field of a record by API name, dotted for parents (`Account.Name`); None when a parent is null."""
+    if type(record) is dict and "." not in path and path in record:  # a field of the record itself, as named
+        return record[path]
     value: Any = record
     for part in path.split("."):
         if not isinstance(value, dict):

@@ -12,12 +12,15 @@ import argparse
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.common import sandbox_config, sandbox_config_dict
+from benchmarks.common import TEST_OPTIONS, sandbox_config, sandbox_config_dict
+from benchmarks.memory import LEAN
+from oppsync_pipeline.lib.progress import DONE, PageProgress
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 
@@ -39,13 +42,53 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def options(crm: str) -> dict[str, dict]:
+    """No client-side throttle the simulator does not need (HubSpot's search), no per-record reads (LEAN)."""
+    merged = {**TEST_OPTIONS.get(crm, {}).get("options", {}), **LEAN.get(crm, {})}
+    return {crm: {"options": merged}} if merged else {}
+
+
+class Sampler:
+    """Where the peak happened: VmRSS sampled every `interval` seconds by a thread, with the sync's phase
+    (its last progress event: set and page, or reconcile after the read ended) at the highest sample."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.phase, self.peak = interval, "before the read", (0.0, "")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def progress(self, event: PageProgress) -> None:
+        self.phase = (
+            "after the read (deletes, reconcile)" if event.phase == DONE else f"{event.phase} page {event.page}"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = rss_mb()
+            if rss > self.peak[0]:
+                self.peak = (rss, self.phase)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def through_library(crm: str, url: str, workdir: Path) -> dict:
-    cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
+    cfg = sandbox_config({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir, options(crm))
     engine = make_engine(cfg.warehouse.url, cfg.warehouse.duckdb)
     ensure_schema(engine)
     before_run = rss_mb()
-    summary = sync_connection(cfg, cfg.connections[0], engine, run_id="memory", mode="full")
+    with Sampler() as sampler:
+        summary = sync_connection(
+            cfg, cfg.connections[0], engine, run_id="memory", mode="full", progress=sampler.progress
+        )
     return {
+        "sampled_peak_mb": sampler.peak[0],
+        "sampled_peak_phase": sampler.peak[1],
         "fetched": summary.result.fetched if summary.result else 0,
         "requests": summary.extract.stats.get("api_requests"),
         "rss_before_run_mb": before_run,
@@ -55,7 +98,7 @@ def through_library(crm: str, url: str, workdir: Path) -> dict:
 def through_dagster(crm: str, url: str, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "oppsync.yaml"
-    doc = sandbox_config_dict({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir)
+    doc = sandbox_config_dict({crm: url}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir, options(crm))
     cfg_file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     home = workdir / "dagster"
     home.mkdir(exist_ok=True)

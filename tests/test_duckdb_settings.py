@@ -9,7 +9,12 @@ import pytest
 from sqlalchemy import text
 
 from oppsync_pipeline.lib.config import ConfigError, DuckDBSettings, parse_config
-from oppsync_pipeline.lib.warehouse.engine import make_engine
+from oppsync_pipeline.lib.warehouse.engine import (
+    CHECKPOINT_MEMORY_LIMIT_MB,
+    _checkpoint_memory,
+    make_engine,
+    transaction,
+)
 
 
 def settings_of(engine) -> tuple[str, int]:
@@ -48,3 +53,28 @@ def test_a_wrong_setting_names_its_key(duckdb: dict, key: str):
     with pytest.raises(ConfigError) as err:
         parse_config({"warehouse": {"url": "duckdb:///w.duckdb", "duckdb": duckdb}})
     assert key in str(err.value)
+
+
+def test_the_checkpoint_at_close_runs_under_a_lower_limit_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """engine.transaction lowers DuckDB's memory limit after the commit, for the checkpoint that closing runs;
+    the statements ran under the configured limit, and the next transaction has it again."""
+    monkeypatch.delenv("OPPSYNC_DUCKDB_MEMORY_LIMIT", raising=False)
+    engine = make_engine(f"duckdb:///{tmp_path / 'w.duckdb'}", DuckDBSettings(memory_limit="300MB"))
+    seen = []
+    with transaction(engine) as c:
+        seen.append(c.execute(text("SELECT current_setting('memory_limit')")).scalar())
+        c.execute(text("CREATE TABLE t AS SELECT range AS i, repeat('x', 200) AS s FROM range(50000)"))
+        _checkpoint_memory(c)
+        seen.append(c.execute(text("SELECT current_setting('memory_limit')")).scalar())
+    with transaction(engine) as c:
+        seen.append(c.execute(text("SELECT current_setting('memory_limit')")).scalar())
+        assert c.execute(text("SELECT count(*) FROM t")).scalar() == 50000
+    assert seen == ["286.1 MiB", f"{CHECKPOINT_MEMORY_LIMIT_MB:.1f} MiB", "286.1 MiB"]
+
+
+def test_the_checkpoint_limit_is_never_above_the_configured_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OPPSYNC_DUCKDB_MEMORY_LIMIT", raising=False)
+    engine = make_engine(f"duckdb:///{tmp_path / 'w.duckdb'}", DuckDBSettings(memory_limit="64MiB"))
+    with engine.connect() as c:
+        _checkpoint_memory(c)
+        assert c.execute(text("SELECT current_setting('memory_limit')")).scalar() == "64.0 MiB"

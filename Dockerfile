@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every process of the production topology (README: Production topology):
 #   dagster-webserver -h 0.0.0.0 -p 3000 -w workspace.yaml      (the default command)
-#   oppsync daemon -w workspace.yaml     (dagster-daemon run with 1-second sensor loops; README: Production topology)
+#   dagster-daemon run -w workspace.yaml
 #   oppsync webhooks serve --host 0.0.0.0 --port 8710
 #   dagster code-server start -h 0.0.0.0 -p 4000 -m oppsync_pipeline.locations.syncs   (Helm user deployments)
 #   run workers: started by the run launcher from this same image (DefaultRunLauncher in the daemon's

@@ -17,7 +17,6 @@
   oppsync sandbox serve --tenants N         N small tenants, one port each (with --write-config: their oppsync.yaml)
   oppsync config generate --tenants N       an oppsync.yaml for N sandbox tenants (`sandbox serve --tenants N`)
   oppsync workers --count N                 N Celery workers for the celery_executor (README "Scaling out")
-  oppsync daemon [-w workspace.yaml]        Dagster's daemon with 1-second sensor loops (README "Production topology")
 
 Runs go through Dagster against the instance in $DAGSTER_HOME (default .oppsync/dagster), so they
 appear in the UI's run history next to scheduled runs.
@@ -224,19 +223,6 @@ def parser() -> argparse.ArgumentParser:
         "--worker-config", default=str(DEFAULT_WORKER_CONFIG), help="broker and backend (deploy/celery/worker.yaml)"
     )
     wk.set_defaults(run=lambda a: cmd_workers(a.config, a.count, a.queue, a.worker_config))
-    dm = sub.add_parser(
-        "daemon",
-        help="Dagster's daemon (dagster-daemon run) with its sensor loops every second",
-        description="`dagster-daemon run` in this process, with the sensor and automation loops every second "
-        "instead of Dagster's five: a webhook's change reaches the mart seconds sooner (README: Production topology).",
-    )
-    dm.add_argument(
-        "-w", "--workspace", default=str(ROOT / "workspace.yaml"), help="default: the repo's workspace.yaml"
-    )
-    dm.add_argument(
-        "--loop-seconds", type=float, default=1.0, help="sensor and automation loop (default 1, Dagster's 5)"
-    )
-    dm.set_defaults(run=lambda a: cmd_daemon(a.config, a.workspace, a.loop_seconds))
     return p
 
 
@@ -387,19 +373,6 @@ def cmd_config_generate(tenants: int | None, port_base: int, warehouse_url: str,
         f"--port-base {port_base}"
     )
     return 0
-
-
-def cmd_daemon(path: str | None, workspace: str, loop_seconds: float) -> int:
-    from oppsync_pipeline.locations.daemon import run_daemon, tighten_loops
-
-    try:  # a bad --loop-seconds or a Dagster without the loops fails before anything starts
-        tighten_loops(loop_seconds)
-    except (ValueError, RuntimeError) as err:
-        print(f"oppsync daemon: {err}", file=sys.stderr)
-        return 2
-    # the daemon's code servers load the configuration: valid and found (OPPSYNC_CONFIG) before they start
-    _prepare_dagster(path)
-    return run_daemon(workspace, loop_seconds)
 
 
 def cmd_workers(path: str | None, count: int, queue: str, worker_config: str) -> int:

@@ -352,9 +352,7 @@ class WebhooksConfig(_Strict):
     # where verified notifications wait for the sensor: default the warehouse when it is Postgres, else a SQLite
     # file beside the DuckDB warehouse (the receiver must not wait for DuckDB's single writer)
     inbox_url: str | None = None
-    # how often syncs_on_webhooks reads the inbox (one small query); `oppsync daemon` wakes sensors every second,
-    # `dagster-daemon run` every 5 s whatever this says (locations/daemon.py)
-    sensor_interval_seconds: Annotated[int, Field(ge=1)] = 1
+    sensor_interval_seconds: Annotated[int, Field(ge=1)] = 5
 
 
 class SlackAlerts(_Strict):

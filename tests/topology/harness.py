@@ -226,11 +226,8 @@ class Topology:
         return proc
 
     def start_daemon(self) -> Process:
-        """`oppsync daemon` (`dagster-daemon run` with 1-second sensor loops, as README "Production topology" runs
-        it): the scheduler, the sensors and the run queue (its heartbeats are in Postgres)."""
-        return self.spawn(
-            "daemon", [PYTHON, "-m", "oppsync_pipeline.cli", "daemon", "-w", str(REPO / "workspace.yaml")]
-        )
+        """`dagster-daemon run`: the scheduler, the sensors and the run queue (its heartbeats are in Postgres)."""
+        return self.spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")])
 
     def start_receiver(self) -> Process:
         argv = [PYTHON, "-m", "oppsync_pipeline.cli", "webhooks", "serve"]  # host and port from oppsync.yaml

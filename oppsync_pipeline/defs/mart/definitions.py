@@ -38,10 +38,9 @@ def mart_stage_definitions() -> dg.Definitions:
         target=dg.AssetSelection.groups("mart"),
         run_tags={MART_RUN_TAG: AFTER_SYNC},
         default_status=dg.DefaultSensorStatus.RUNNING,
-        # evaluated every 2 s under `oppsync daemon` (1-second loops; `dagster-daemon run` loops every 5 s, so 5 s
-        # there), Dagster's default being 30 s: a webhook-triggered sync reaches the mart within seconds, not half
-        # a minute later (README: Near-real-time syncs; make bench, freshness)
-        minimum_interval_seconds=2,
+        # evaluated every 5 s, the asset daemon's shortest loop (Dagster's default is 30 s): a webhook-triggered
+        # sync reaches the mart within seconds, not half a minute later (README: Near-real-time syncs; make bench)
+        minimum_interval_seconds=5,
         description="Builds the mart after any connection's sync (eager automation, dbt run without tests).",
     )
     return dg.Definitions.merge(

@@ -31,7 +31,7 @@ run: install
 ## the whole suite (Postgres tests run when 127.0.0.1:5432 answers; in CI they must). Whole files per worker, in
 ## collection order: the longest first (tests/conftest.py LONGEST_FILES), so the run ends on short files
 test: install browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=40
 
 .PHONY: test-unit snapshot browser dashboard
 

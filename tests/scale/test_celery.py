@@ -48,6 +48,7 @@ VOLATILE = {
     "last_full_sync_at",
     "acquired_at",
     "expires_at",
+    "read_at",  # oppsync.crm_lookups: when a dictionary entry was read
     "holder",
     # the CRM's time when the run started, and its API usage counter, which the first pair of runs raised: both
     # warehouses read the same tenants, one after the other

@@ -77,7 +77,8 @@ RECONCILE_WORK_MEM = "256MB"
 def tune_reconcile(conn: Connection) -> None:
     """Session settings for the reconcile's transaction (Postgres only; they end with it)."""
     if not is_duckdb(conn):
-        conn.execute(text(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'"))
+        # set_config(..., true) is SET LOCAL with the value bound, not formatted into the statement
+        conn.execute(text("SELECT set_config('work_mem', :value, true)"), {"value": RECONCILE_WORK_MEM})
 
 
 def bulk_insert(

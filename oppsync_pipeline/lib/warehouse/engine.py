@@ -104,9 +104,11 @@ def _checkpoint_memory(conn: Connection) -> None:
     configured = raw.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # e.g. '244.1 MiB'
     number, _, unit = str(configured).partition(" ")
     factor = {"bytes": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 2**20}.get(unit)
-    limit = CHECKPOINT_MEMORY_LIMIT_MB if factor is None else min(CHECKPOINT_MEMORY_LIMIT_MB, float(number) * factor)
-    try:
-        raw.execute(f"SET memory_limit = '{limit:.0f}MiB'")
+    checkpoint_mib = (
+        CHECKPOINT_MEMORY_LIMIT_MB if factor is None else min(CHECKPOINT_MEMORY_LIMIT_MB, float(number) * factor)
+    )
+    try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as an integer
+        raw.execute(f"SET memory_limit = '{int(checkpoint_mib)}MiB'")
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
 

@@ -148,7 +148,7 @@ ALLOWED = {
     "DUCKDB_ROW_GROUP_SIZE",
     # engine._checkpoint_memory: an int computed from DuckDB's own memory_limit and a module constant (DuckDB's
     # SET takes no bound parameter)
-    "int(checkpoint_mib)",
+    "max(1, int(checkpoint_mib))",
     # reconcile's and migration 5's fragments, built from module constants (field and kind names)
     "scope",
     "same_close",

@@ -40,8 +40,9 @@ class _Failed:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], degree: int) -> Iterator[R]:
-    """`fn` of each item, at most `degree` at once, yielded in the items' order (a failure raises at its place,
-    and nothing after it is started)."""
+    """`fn` of each item, at most `degree` at once, yielded in the items' order. At most 2 x `degree` items are
+    submitted ahead of the consumer; a failure raises at its place, and the items submitted after it that have not
+    begun are cancelled (those already running finish, their results unused)."""
     if degree <= 1:
         yield from map(fn, items)
         return

@@ -107,8 +107,8 @@ def _checkpoint_memory(conn: Connection) -> None:
     checkpoint_mib = (
         CHECKPOINT_MEMORY_LIMIT_MB if factor is None else min(CHECKPOINT_MEMORY_LIMIT_MB, float(number) * factor)
     )
-    try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as an integer
-        raw.execute(f"SET memory_limit = '{int(checkpoint_mib)}MiB'")
+    try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as a whole MiB (at least 1)
+        raw.execute(f"SET memory_limit = '{max(1, int(checkpoint_mib))}MiB'")
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
 

@@ -47,13 +47,14 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         ids = warm_up(topo)
         changes = measure(topo, ids, args.freshness_changes, args.freshness_interval)
         stages = breakdown(changes, run_times(topo))
+        workers = worker_starts(topo)
     seconds = [c.seconds for c in changes]
     p50, p95 = statistics.median(seconds), percentile(seconds, 95)
     notes = (
         f"{len(seconds)} changes over {', '.join(CRMS)}, one every {args.freshness_interval:g}s; p50 {p50:.1f}s, "
         f"max {max(seconds):.1f}s; receiver -> inbox -> sensor (1 s) -> sync run -> mart sensor (5 s) -> dbt run "
         "(the build after a sync; dbt's tests run hourly in mart_tests). Where the time went (median / p95 over "
-        f"the changes, from the Dagster runs that carried each change): {stages}"
+        f"the changes, from the Dagster runs that carried each change): {stages}. Run workers: {workers}"
     )
     return [
         Figure(
@@ -161,6 +162,15 @@ def run_times(topo) -> list[Run]:
         for conn, mart, created, started, ended in rows
         if conn or mart == "after-sync"
     ]
+
+
+def worker_starts(topo) -> str:
+    """How the runs' workers started (locations/run_launcher.py's engine event): forked warm or cold."""
+    forked, cold = topo.query(
+        "SELECT count(*) FILTER (WHERE event LIKE '%forked from the warm process%'), "
+        "count(*) FILTER (WHERE event LIKE '%Run worker started%cold:%') FROM event_logs"
+    )[0]
+    return f"{forked} forked from a warm process, {cold} started cold"
 
 
 STAGES = [

@@ -60,7 +60,10 @@ def test_the_cluster_queues_runs_like_the_production_instance():
     assert daemon["runMonitoring"]["maxRuntimeSeconds"] == instance["run_monitoring"]["max_runtime_seconds"]
     assert values["postgresql"]["postgresqlScheme"] == instance["storage"]["postgres"]["postgres_db"]["scheme"]
     celery = load("deploy/celery/dagster.yaml")
-    assert {k: v for k, v in celery.items() if k != "run_launcher"} == instance
+    # the same instance but for who runs the runs (warm forks on the daemon's host vs Celery workers)
+    assert {k: v for k, v in celery.items() if k != "run_launcher"} == {
+        k: v for k, v in instance.items() if k != "run_launcher"
+    }
 
 
 def test_no_secret_values_in_deploy():

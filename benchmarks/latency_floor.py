@@ -17,6 +17,12 @@ connector uses by default):
      (assumed: nothing documented), HubSpot 5 (its search rate: 5 search requests per second)
 
 The sequential floor (every request one after another) is reported beside it.
+
+That floor counts only waiting: a sync of 100,000 opportunities also maps, stages and reconciles them, seconds of
+CPU that no request split removes (Salesforce's floor at 20,000 is a few tenths of a second). So a second figure,
+`latency hidden`, compares the wall time at 50 ms with what a perfect overlap of waiting and working would take:
+the larger of that floor and the same sync with no added latency. It measures what item 5's parallel reads are
+for, hiding the network, and is reported beside the issue's literal target, not in its place.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from oppsync_pipeline.sandbox.cluster import CRMS, build_simulator
 from oppsync_pipeline.sandbox.server import FaultPlan, SandboxServer
 
 NAME = "latency floor"
+HIDDEN = "latency hidden"
 TARGET = 1.3
 LATENCY_MS = 50
 
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
     out = []
     for crm in args.latency_crm or CRMS:
         n = args.latency_connectwise if crm == "connectwise" else args.latency_opportunities
-        out.append(measure(crm, n, workdir / f"latency-{crm}", args.latency_parallel_reads))
+        out += measure(crm, n, workdir / f"latency-{crm}", args.latency_parallel_reads)
     return out
 
 
@@ -127,9 +134,20 @@ def floor_seconds(crm: str, by_path: dict[str, int]) -> tuple[float, str]:
     return floor, terms
 
 
-def measure(crm: str, n: int, workdir: Path, parallel_reads: int | None = None) -> Figure:
-    progress(f"latency floor: {crm}, {n:,} opportunities, {LATENCY_MS} ms per request")
-    sim = build_simulator(crm, seed=13, opportunities=n, faults=FaultPlan(latency_ms=LATENCY_MS))
+@dataclass
+class TimedSync:
+    wall: float
+    requests: int
+    fetched: int
+    degree: int
+    by_path: dict[str, int]
+    peak: int | None
+
+
+def timed_sync(crm: str, n: int, workdir: Path, latency_ms: int, parallel_reads: int | None) -> TimedSync:
+    """A full sync of a fresh simulator (same seed, same tenant) adding `latency_ms` to every request."""
+    sim = build_simulator(crm, seed=13, opportunities=n, faults=FaultPlan(latency_ms=latency_ms))
+    workdir.mkdir(parents=True, exist_ok=True)
     with SandboxServer(sim) as server:
         extra = {crm: {"options": {"parallel_reads": parallel_reads}}} if parallel_reads else None
         cfg = sandbox_config({crm: server}, f"duckdb:///{workdir / 'warehouse.duckdb'}", workdir, extra)
@@ -141,24 +159,47 @@ def measure(crm: str, n: int, workdir: Path, parallel_reads: int | None = None) 
         with timed() as t:
             summary = sync_connection(cfg, conn, engine, run_id="full", mode="full", connector=connector)
         engine.dispose()
-    requests = connector.stats.requests
-    floor, terms = floor_seconds(crm, session.by_path)
-    sequential = requests * LATENCY_MS / 1000
-    wall = t["s"]
-    fetched = summary.result.fetched if summary.result else 0
-    allows = ALLOWED.get(crm, UNDOCUMENTED).source
     peak = max(sim.in_flight.peak.values(), default=0) if sim.in_flight is not None else None
+    fetched = summary.result.fetched if summary.result else 0
+    return TimedSync(t["s"], connector.stats.requests, fetched, connector.degree, dict(session.by_path), peak)
+
+
+def measure(crm: str, n: int, workdir: Path, parallel_reads: int | None = None) -> list[Figure]:
+    progress(f"latency floor: {crm}, {n:,} opportunities, {LATENCY_MS} ms per request, then none")
+    slow = timed_sync(crm, n, workdir / "latency", LATENCY_MS, parallel_reads)
+    fast = timed_sync(crm, n, workdir / "no-latency", 0, parallel_reads)
+    floor, terms = floor_seconds(crm, slow.by_path)
+    sequential = slow.requests * LATENCY_MS / 1000
+    wall = slow.wall
+    allows = ALLOWED.get(crm, UNDOCUMENTED).source
     notes = (
-        f"N={n:,} (fetched {fetched:,}); {requests} requests, degree {connector.degree}"
-        + (f", at most {peak} in flight per limited key (sandbox)" if peak is not None else "")
+        f"N={n:,} (fetched {slow.fetched:,}); {slow.requests} requests, degree {slow.degree}"
+        + (f", at most {slow.peak} in flight per limited key (sandbox)" if slow.peak is not None else "")
         + f"; API allows: {allows}; floor = {LATENCY_MS} ms x (S + ceil(P / c)): {terms}; "
-        f"sequential floor {sequential:.1f}s ({wall / sequential:.1f}x)"
+        f"sequential floor {sequential:.1f}s ({wall / sequential:.1f}x); the same sync with no latency "
+        f"{fast.wall:.1f}s"
     )
-    return Figure(
-        NAME,
-        crm,
-        f"{wall:.1f}s = {wall / floor:.1f}x floor",
-        f"<= {TARGET}x floor ({floor:.2f}s)",
-        verdict(wall <= TARGET * floor),
-        notes,
+    # a perfect overlap of waiting and working: no faster than the requests' floor nor than the work itself
+    overlap = max(floor, fast.wall)
+    hidden_notes = (
+        f"wall at {LATENCY_MS} ms {wall:.1f}s against max(floor {floor:.2f}s, the sync with no latency "
+        f"{fast.wall:.1f}s); latency added {wall - fast.wall:+.1f}s"
     )
+    return [
+        Figure(
+            NAME,
+            crm,
+            f"{wall:.1f}s = {wall / floor:.1f}x floor",
+            f"<= {TARGET}x floor ({floor:.2f}s)",
+            verdict(wall <= TARGET * floor),
+            notes,
+        ),
+        Figure(
+            HIDDEN,
+            crm,
+            f"{wall:.1f}s = {wall / overlap:.2f}x",
+            f"<= {TARGET}x max(floor, no latency) ({overlap:.1f}s)",
+            verdict(wall <= TARGET * overlap),
+            hidden_notes,
+        ),
+    ]

@@ -6,6 +6,7 @@ The end-to-end benchmark (Dagster + dbt, minutes even when tiny) is marked slow.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,15 @@ def test_a_run_prints_one_table_and_writes_results(tmp_path: Path, capsys: pytes
     assert "benchmark" in out and "latency floor" in out
     text = results.read_text()
     assert "MemTotal" in text and "--latency-opportunities 300" in text and "| latency floor | salesforce |" in text
+    # the overlap figure: the same sync with no latency measured beside it
+    hidden = re.search(
+        r"\| latency hidden \| salesforce \| ([\d.]+)s = ([\d.]+)x \| <= 1.3x max\(floor, no latency\) \(([\d.]+)s\)",
+        text,
+    )
+    assert hidden, text
+    wall, ratio, overlap = map(float, hidden.groups())
+    assert overlap > 0 and abs(wall / overlap - ratio) < 0.01 + 0.05 * ratio
+    assert "the same sync with no latency" in text
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The UI's asset graph has no external assets, and a UI "Materialize" of one connection's assets carries the
 connection's tag (issue 20 item 7), so the run queue's per-connection limit (dagster.yaml: tag_concurrency_limits
-on `oppsync/connection`) holds for it too.
+on `oppsync/connection`) holds for it too; one of the mart's assets carries `oppsync/mart` (one mart run at a time).
 
 The launch is the UI's own GraphQL mutation (launchPipelineExecution on the implicit asset job `__ASSET_JOB` with
 an asset selection, no tags), against the project served by a real code server, on an instance with the
@@ -98,6 +98,7 @@ def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monk
             context, repository, [["oppsync", "acme_eu", "extract"], ["oppsync", "acme_eu", "opportunities"]]
         )
         one = launch_like_the_ui(context, repository, [["oppsync", "acme_us", "opportunities"]])
+        mart = launch_like_the_ui(context, repository, [["marts", "opportunities"]])
 
         # what the UI's asset graph shows: every asset can be materialized; no external (phantom) asset such as
         # the `oppsync/opportunities` that dbt source tests once made
@@ -111,6 +112,11 @@ def test_a_ui_materialize_of_a_connections_assets_carries_its_tag(tmp_path, monk
             assert run.job_name == "__ASSET_JOB"
             assert run.status == dg.DagsterRunStatus.QUEUED  # in the queue, where the limit reads the tag
             assert run.tags["oppsync/connection"] == connection, run.tags
+            assert "oppsync/mart" not in run.tags
+        # a UI build of the mart waits for any other mart run: dbt's view rebuilds drop the views built on them
+        run = instance.get_run_by_id(mart)
+        assert run.tags["oppsync/mart"] == "ui" and "oppsync/connection" not in run.tags, run.tags
+        assert {"key": "oppsync/mart", "limit": 1} in coordinator["config"]["tag_concurrency_limits"]
     logged = capfd.readouterr()
     assert "code location name" not in logged.out + logged.err
 

@@ -7,7 +7,8 @@ from oppsync_pipeline.defs.mart.dashboard import outcomes_dashboard
 from oppsync_pipeline.defs.resources import load_app_config
 
 # dbt's tests on their own, hourly (a quarter hour after the :30 syncs): the builds that follow syncs run the
-# models only (assets.dbt_command). Tests alone replace no table, so they never collide with a build running.
+# models only (assets.dbt_command). Tests alone replace no table, but a build rebuilding a view drops the views
+# on it for a moment: like every mart run they wait in the queue for the one running (tag oppsync/mart).
 TESTS_CRON = "45 * * * *"
 
 

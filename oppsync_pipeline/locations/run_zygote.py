@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -106,6 +107,7 @@ def _run_child(serialized_args: str) -> int:
 
 
 def serve(module: str, attribute: str, working_directory: str | None) -> None:
+    started = time.monotonic()
     files = watched_files(working_directory, module)
     loaded_from = fingerprint(files)
     try:
@@ -119,6 +121,11 @@ def serve(module: str, attribute: str, working_directory: str | None) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel: no zombies
     # Ctrl-C of `dagster dev` reaches the whole process group: the zygote ends with its launcher (EOF), quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(
+        f"oppsync run zygote: {module} loaded in {time.monotonic() - started:.1f}s (pid {os.getpid()}); "
+        "run workers fork from here",
+        file=sys.stderr,
+    )
     _reply({"ready": True})
     for line in sys.stdin:
         try:
@@ -127,6 +134,7 @@ def serve(module: str, attribute: str, working_directory: str | None) -> None:
             _reply({"error": "not a JSON line"})
             continue
         if fingerprint(files) != loaded_from:
+            print(f"oppsync run zygote: {module} changed since it was loaded; a new one takes over", file=sys.stderr)
             _reply(STALE)
             return
         pid = os.fork()

@@ -41,6 +41,28 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 PG_ADMIN_URL = os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
+# HubSpot portals that a test builds without limits of its own do not rate-limit. The suite's HubSpot connections
+# do not pace their searches (the registry's test_options: search_requests_per_second 0), so every burst over
+# the portal's default 5 searches a second waited out a 429 and its backoff (HubSpot's sync e2e took 19 s, the
+# other CRMs' 6-8 s). The tests about limits and 429s build their portals with explicit Limits (test_hubspot_*,
+# test_contract); processes started by tests (`oppsync sandbox serve`, benchmarks' subprocesses) keep the defaults.
+NO_HUBSPOT_LIMITS = {"ten_secondly": 0, "search_per_second": 0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hubspot_portals_without_default_limits() -> Iterator[None]:
+    from oppsync_pipeline.sandbox import hubspot
+
+    built = hubspot.HubSpotSimulator.__init__
+
+    def init(self, world, faults=None, limits=None, variant="default"):
+        built(self, world, faults, limits or hubspot.Limits(**NO_HUBSPOT_LIMITS), variant)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hubspot.HubSpotSimulator, "__init__", init)
+        yield
+
+
 @functools.cache  # once per process: a down server costs its connect timeout once, not once per test
 def postgres_available() -> str | None:
     """None when Postgres answers, else why not."""

@@ -33,7 +33,7 @@ from oppsync_pipeline.sandbox.server import SandboxServer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPPORTUNITIES = 150
-# HubSpot's search endpoint is rate limited to a few requests a second; the simulator enforces it unless told not to
+# Test speed only: no client-side pacing of HubSpot's searches (the tests' portals do not rate-limit: tests/conftest.py)
 FAST = {"hubspot": {"search_requests_per_second": 0}}
 
 

@@ -133,6 +133,16 @@ def test_celery_workers_sync_like_one_process(
             "OPPSYNC_CONFIG": str(celery_cfg),
             **instance_env(tmp_path / "dagster", pg_url),
         }
+        # As a deployment starts: `oppsync init-db` first (the oppsync schema and Dagster's tables), then the workers
+        # and runs. On a fresh database the three runs' first steps raced to CREATE SCHEMA oppsync: the loser's
+        # UniqueViolation failed its extract, whose RetryPolicy waited 0-60 s (the test took 27-72 s for it).
+        with pytest.MonkeyPatch.context() as init_env:
+            for key, value in env.items():
+                if key.startswith(("DAGSTER_", "OPPSYNC_CONFIG")):
+                    init_env.setenv(key, value)
+            from oppsync_pipeline.cli import cmd_init_db
+
+            assert cmd_init_db(str(celery_cfg)) == 0
         run_config = {
             "execution": {
                 "config": {"broker": broker, "backend": "rpc://", "config_source": {"task_default_queue": queue}}

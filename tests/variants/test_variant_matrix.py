@@ -40,7 +40,7 @@ COMPARED = (
     "crm_closed_at",
 )
 SIZE = 80
-# Test speed only: the client-side search pacing (the simulator still enforces HubSpot's limit).
+# Test speed only: no client-side search pacing (the tests' HubSpot portals do not rate-limit: tests/conftest.py).
 FAST = {"hubspot": {"options": {"search_requests_per_second": 0}}}
 
 

@@ -89,13 +89,16 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Figure]:
         )
         if crm in LEAN:
             notes += f"; options {LEAN[crm]} (one request per opportunity less)"
+        complete = figures.get("status", "complete") == "complete"
+        if not complete:
+            notes = f"the sync did not complete ({figures.get('status')}: {figures.get('error')}); " + notes
         out.append(
             Figure(
                 NAME,
                 f"{crm} -> duckdb",
-                f"{peak:.0f} MB peak RSS",
+                f"{peak:.0f} MB peak RSS" + ("" if complete else ", sync FAILED"),
                 f"< {TARGET_MB} MB",
-                verdict(peak < TARGET_MB),
+                verdict(complete and peak < TARGET_MB),
                 notes,
             )
         )

@@ -91,6 +91,9 @@ def through_library(crm: str, url: str, workdir: Path) -> dict:
         "sampled_peak_phase": sampler.peak[1],
         "fetched": summary.result.fetched if summary.result else 0,
         "requests": summary.extract.stats.get("api_requests"),
+        # a sync that did not complete measured less than a whole one: its figure must not pass
+        "status": str(getattr(summary.extract.status, "value", summary.extract.status)),
+        "error": summary.extract.error,
         "rss_before_run_mb": before_run,
     }
 

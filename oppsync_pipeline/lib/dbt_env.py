@@ -16,6 +16,17 @@ from oppsync_pipeline.lib.config import OppsyncConfig
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt"
 
 
+def dbt_project_files() -> list[Path]:
+    """The dbt project's own sources (models, macros, YAML), not what dbt writes or installs (target/,
+    dbt_packages/, logs/): what a parsed manifest is stale against."""
+    skip = {"target", "dbt_packages", "logs"}
+    return [
+        p
+        for p in DBT_PROJECT_DIR.rglob("*")
+        if p.suffix in (".sql", ".yml", ".yaml") and not skip.intersection(p.relative_to(DBT_PROJECT_DIR).parts)
+    ]
+
+
 def dbt_executable() -> str:
     """dbt is installed beside this interpreter; the virtualenv need not be activated or on PATH."""
     return str(Path(sys.executable).parent / "dbt")

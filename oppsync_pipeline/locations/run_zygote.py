@@ -37,20 +37,16 @@ def watched_files(working_directory: str | None, module: str) -> list[Path]:
     """What the loaded definitions were built from: the module's package (its Python files), the configuration
     and the dbt project. A change to any of them makes the zygote stale."""
     from oppsync_pipeline.lib.config import config_path
-    from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR
+    from oppsync_pipeline.lib.dbt_env import dbt_project_files
 
     base = Path(working_directory or os.getcwd())
     package = importlib.util.find_spec(module.split(".")[0])
     roots = [Path(p) for p in (package.submodule_search_locations or [])] if package else []
     files = [p for root in roots for p in root.rglob("*.py")]
-    files += [p for p in DBT_PROJECT_DIR.rglob("*") if p.suffix in (".sql", ".yml", ".yaml") and _in_project(p)]
+    files += dbt_project_files()
     config = config_path()
     files.append(config if config.is_absolute() else base / config)
     return files
-
-
-def _in_project(p: Path) -> bool:
-    return "target" not in p.parts and "dbt_packages" not in p.parts and "logs" not in p.parts
 
 
 def fingerprint(files: Iterable[Path]) -> tuple[int, int]:

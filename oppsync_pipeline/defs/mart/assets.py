@@ -16,7 +16,14 @@ from oppsync_pipeline.defs.mart.dbt_cli import OppsyncDbtCliResource
 from oppsync_pipeline.defs.mart.lineage import writer_keys
 from oppsync_pipeline.defs.resources import OppsyncResource
 from oppsync_pipeline.lib.config import ConnectionConfig, OppsyncConfig
-from oppsync_pipeline.lib.dbt_env import DBT_PROJECT_DIR, dbt_environment, dbt_executable, dbt_target, dbt_vars
+from oppsync_pipeline.lib.dbt_env import (
+    DBT_PROJECT_DIR,
+    dbt_environment,
+    dbt_executable,
+    dbt_project_files,
+    dbt_target,
+    dbt_vars,
+)
 from oppsync_pipeline.lib.dbt_target import keep_partial_parse, prune_run_folders
 from oppsync_pipeline.lib.warehouse.engine import transaction
 
@@ -173,12 +180,7 @@ def _manifest_stale(manifest: Path) -> bool:
     if not manifest.exists():
         return True
     built = manifest.stat().st_mtime
-    sources = [
-        p
-        for p in DBT_PROJECT_DIR.rglob("*")
-        if p.suffix in (".sql", ".yml", ".yaml") and "target" not in p.parts and "dbt_packages" not in p.parts
-    ]
-    return any(p.stat().st_mtime > built for p in sources)
+    return any(p.stat().st_mtime > built for p in dbt_project_files())
 
 
 def mart_definitions(cfg: OppsyncConfig) -> dg.Definitions:

@@ -23,9 +23,9 @@ from oppsync_pipeline.sandbox.cluster import sandbox_connection
 PG_ADMIN_URL = os.environ.get(
     "OPPSYNC_BENCH_PG", os.environ.get("OPPSYNC_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 )
-# The registry's test options (HubSpot's connector throttles search to ~4/s by default; the simulator does not
-# rate-limit): benchmarks that count requests or time CPU turn such client-side throttles off (the latency
-# benchmark keeps them and states the real limit).
+# The registry's test options (HubSpot's connector paces its calls to the portal's limits): benchmarks that count
+# requests against in-process simulators built without limits turn such client-side pacing off; the latency and
+# memory benchmarks keep it (their simulators enforce the documented limits) and state the real limit.
 TEST_OPTIONS = {crm: {"options": dict(s.test_options)} for crm, s in REGISTRY.items() if s.test_options}
 
 

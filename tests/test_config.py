@@ -124,6 +124,11 @@ def test_the_shipped_embedded_default_is_valid():
             "connections[0].options.search_requests_per_second: Input should be greater than or equal to 0",
         ),
         (
+            "hubspot",
+            {"requests_per_10_seconds": 95.5},
+            "connections[0].options.requests_per_10_seconds: Input should be a valid integer",
+        ),
+        (
             "dynamics",
             {"change_tracking": "yes"},
             "connections[0].options.change_tracking: Input should be a valid boolean",

@@ -374,6 +374,8 @@ class Limits:
     ten_secondly: int = 190
     search_per_second: int = 5
     daily: int = 650_000
+    # the rolling window of `ten_secondly` (10 s in every tier; tests shorten it, and the answers' headers say it)
+    interval_seconds: float = 10.0
 
 
 class RateLimited(HttpError):
@@ -475,7 +477,7 @@ class HubSpotSimulator(Simulator):
         self.tokens = TokenStore(world.clock.now, TOKEN_SECONDS)  # OAuth access tokens (virtual clock)
         # The limits are read on every request (tests change them on a running portal).
         self.daily = Window(lambda: self.limits.daily)
-        self.ten_secondly = Window(lambda: self.limits.ten_secondly, 10.0)  # non-search calls
+        self.ten_secondly = Window(lambda: self.limits.ten_secondly, self.limits.interval_seconds)  # non-search calls
         self.secondly = Window(lambda: self.limits.search_per_second, 1.0)  # search calls
         self._token_seq = itertools.count(1)
         for u in world.users:  # every owner is backed by a HubSpot user
@@ -599,7 +601,7 @@ class HubSpotSimulator(Simulator):
         return {
             "X-HubSpot-RateLimit-Daily": str(self.limits.daily),
             "X-HubSpot-RateLimit-Daily-Remaining": str(self.daily.remaining()),
-            "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+            "X-HubSpot-RateLimit-Interval-Milliseconds": str(round(self.limits.interval_seconds * 1000)),
             "X-HubSpot-RateLimit-Max": str(self.limits.ten_secondly),
             "X-HubSpot-RateLimit-Remaining": str(remaining),
             "X-HubSpot-RateLimit-Secondly": str(max(1, self.limits.ten_secondly // 10)),

@@ -9,7 +9,7 @@ import pytest
 
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm import connector_class
-from oppsync_pipeline.lib.crm.http import AuthError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.crm.http import AuthError, CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.crm.hubspot import HubSpotConnector, render_filter
 from oppsync_pipeline.sandbox import hubspot as sim
 from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
@@ -287,3 +287,22 @@ def test_more_than_ten_thousand_deals_on_one_timestamp_are_synced_completely():
         got = sync(connector)
         assert set(got) == {o.native_id for o in world.live()} and len(got) == 10_300
         assert len({o.modified_at for o in got.values()}) == 1
+
+
+def test_calls_are_paced_to_the_rolling_limit_the_portal_reports():
+    """Non-search calls keep within the portal's rolling limit, learned from its X-HubSpot-RateLimit-Max /
+    -Interval-Milliseconds headers: no 429 where the same read unpaced meets the limit again and again (five
+    read threads' batch reads burst past it; a 100,000-deal sync spent its retry budget on such 429s)."""
+    limits = sim.Limits(ten_secondly=12, search_per_second=0, daily=1_000_000, interval_seconds=1.0)
+    with SandboxServer(sim.build(seed=12, opportunities=2500, limits=limits)) as srv:
+        unpaced = make(srv.url, page_size=200, options={"search_requests_per_second": 0, "requests_per_10_seconds": 0})
+        with pytest.raises(CrmError, match="HTTP 429"):  # the limit is real (its retries sleep nothing here)
+            sync(unpaced)
+        time.sleep(limits.interval_seconds)  # the portal's window forgets those calls (its apps share it)
+
+        paced = make(srv.url, page_size=200, options={"search_requests_per_second": 0})
+        paced.client.sleep = time.sleep
+        assert len(sync(paced)) == 2500
+        assert paced.stats.rate_limited == 0 and paced.stats.retries == 0
+        assert paced._requests.limit == 10 and paced._requests.seconds == 1.0  # 90% of what the portal reports
+        assert paced.stats.seconds_paced > 0

@@ -196,6 +196,7 @@ def _extract_metadata(out: ExtractOutcome) -> dict:
         "retries": stats.get("retries", 0),
         "rate_limited_responses": stats.get("rate_limited_responses", 0),
         "seconds_waited_on_rate_limits": stats.get("seconds_waited_on_rate_limits", 0.0),
+        "seconds_paced_to_rate_limits": stats.get("seconds_paced_to_rate_limits", 0.0),
         "token_refreshes": stats.get("token_refreshes", 0),
         "token_requests": stats.get("token_requests", 0),
         # a full sync reads the ids it expected and did not see by id: out of scope (kept) or gone (deleted)

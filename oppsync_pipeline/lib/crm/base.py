@@ -157,6 +157,7 @@ class CrmConnector(ABC):
             ),
             observe=self.observe,
             classify=self.classify,
+            pace=self.pace,
             sleep=sleep,
             session=session or requests.Session(),
             scrubber=self.scrubber,
@@ -188,6 +189,11 @@ class CrmConnector(ABC):
     def classify(self, response: requests.Response) -> Exception | None:
         """Turn a CRM-specific response into an exception (e.g. quota spent); None to use the defaults."""
         return None
+
+    def pace(self, method: str, path: str) -> float:
+        """Seconds to wait before sending this request, to stay within the CRM's rate limit (0: send now).
+        Called before every request, retries included, from any read thread (http.RollingWindowPacer)."""
+        return 0.0
 
     def discover_tenant(self) -> None:
         """Learn what this tenant has before the first query (optional fields, custom fields, field types,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -84,6 +85,7 @@ class RequestStats:
     retries: int = 0
     rate_limited: int = 0
     seconds_waited: float = 0.0
+    seconds_paced: float = 0.0  # slept before sending, to keep within the CRM's rate limit (RollingWindowPacer)
     token_refreshes: int = 0
     quota_used: int | None = None  # the CRM's own usage counter, when it reports one
     quota_limit: int | None = None
@@ -113,6 +115,7 @@ class RequestStats:
             "retries": self.retries,
             "rate_limited_responses": self.rate_limited,
             "seconds_waited_on_rate_limits": round(self.seconds_waited, 3),
+            "seconds_paced_to_rate_limits": round(self.seconds_paced, 3),
             "token_refreshes": self.token_refreshes,
             "quota_used": self.quota_used,
             "quota_limit": self.quota_limit,
@@ -138,6 +141,48 @@ class Auth:
 
     def refresh(self, session: requests.Session) -> None:
         raise AuthError("credentials were refused (401)", status=401)
+
+
+class RollingWindowPacer:
+    """At most `limit` requests in any `seconds`, however many threads send them: each request takes the next
+    free slot (the moment the request `limit` places before it leaves the window) and sleeps until then. A burst
+    of `limit` goes at once, as a rolling window allows; the request after it waits for the first to age out.
+
+    Pacing before sending costs only the wait the CRM would impose anyway, where a 429 costs a wasted request,
+    a backoff and, on a long read, the run's whole retry budget (five HubSpot read threads sending batch reads
+    without pacing met the 10-second limit again and again). `limit` may change while requests are paced
+    (a CRM that reports its limit in headers)."""
+
+    def __init__(self, limit: int, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._slots: deque[float] = deque(maxlen=max(1, limit))  # the latest `limit` slots taken, in order
+        self.limit = limit
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        with self._lock:
+            self._limit = value
+            if value > 0 and value != self._slots.maxlen:
+                self._slots = deque(self._slots, maxlen=value)
+
+    def take(self) -> float:
+        """Take the next slot: how long to wait before sending (0: now). A limit of 0 paces nothing."""
+        with self._lock:
+            now = self.clock()
+            if self._limit <= 0:
+                return 0.0
+            # slots stay in order (never before the latest taken), so the oldest kept is the one `limit` back
+            slot = max(now, self._slots[-1]) if self._slots else now
+            if len(self._slots) == self._slots.maxlen:
+                slot = max(slot, self._slots[0] + self.seconds)
+            self._slots.append(slot)
+            return slot - now
 
 
 @dataclass
@@ -195,6 +240,9 @@ class ApiClient:
     observe: Callable[[requests.Response, RequestStats], None] | None = None
     classify: Callable[[requests.Response], Exception | None] | None = None
     sleep: Callable[[float], None] = time.sleep
+    # Per-CRM pacing, called with (method, path) before every request is sent (retries and repeats included):
+    # returns the seconds to wait first, to stay within the CRM's rate limit (RollingWindowPacer).
+    pace: Callable[[str, str], float] | None = None
     session: requests.Session = field(default_factory=requests.Session)
     # Knows the connection's credentials and learns what the Auth sends (tokens obtained at run time).
     scrubber: Scrubber = field(default_factory=Scrubber)
@@ -288,6 +336,9 @@ class ApiClient:
         self.budget.check(self.stats)
         refreshed = False
         while True:
+            if self.pace is not None and (wait := self.pace(method, path)) > 0:
+                self.stats.count(seconds_paced=wait)
+                self.sleep(wait)
             credentials = self._credentials
             headers = dict(kwargs.pop("headers", None) or {})
             unauthenticated = dict(headers)

@@ -23,7 +23,8 @@ pages past the 10,000-results cap of one search.
   (plus `hs_lastmodifieddate GTE <since>` in incremental runs): any number of deals changed in any window,
   even at one millisecond, is read completely, and deals changing during the read shift nothing. Search is
   throttled to `options.search_requests_per_second`
-  (default 4; HubSpot allows about 5 per second per portal).
+  (default 4; HubSpot allows about 5 per second per portal); every other call is paced to 90% of the portal's
+  rolling 10-second limit as its headers report it (`options.requests_per_10_seconds` overrides; `pace`).
 - Companies: one v4 batch association read per 1,000 deals (`POST /crm/v4/associations/deals/companies/batch/read`,
   its documented cap; duplicates across association types collapse to one company per `toObjectId`, the Primary
   one wins), then `POST /crm/v3/objects/companies/batch/read` (100 ids) for the companies not known: companies
@@ -53,6 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import requests
 from pydantic import BaseModel, Field, StrictInt, StringConstraints, model_validator
@@ -62,7 +64,15 @@ from typing_extensions import TypedDict
 from oppsync_pipeline.lib.config import ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.base import ConnectorOptions, CrmConnector, Page, matches
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_to_read
-from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
+from oppsync_pipeline.lib.crm.http import (
+    Auth,
+    AuthError,
+    CrmError,
+    QuotaExhausted,
+    RequestStats,
+    RollingWindowPacer,
+    json_object,
+)
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import Fetched, JSONCursorPaginator, KeysetPaginator, PageRequest
@@ -225,6 +235,34 @@ def observe(response: requests.Response, stats: RequestStats) -> None:
         stats.quota_limit = int(daily)
         if remaining and remaining.isdigit():
             stats.quota_used = int(daily) - int(remaining)
+
+
+# The rolling 10-second limit of a portal's non-search calls: 100 on Free/Starter (the lowest, assumed until the
+# portal's headers say), 190 on Professional/Enterprise, 250 with the capacity pack; shared by all its apps.
+TEN_SECONDLY_FLOOR = 100
+TEN_SECONDLY_SECONDS = 10.0
+# Paced to 90% of the limit: the portal counts a request when it arrives, and arrivals jitter by the network's
+# latency; the margin also leaves room for the portal's other apps' occasional calls.
+PACE_SHARE = 0.9
+
+
+def paced_limit(limit: int) -> int:
+    """The requests per window to pace to for a portal limit (0: no pacing)."""
+    return max(1, int(limit * PACE_SHARE)) if limit > 0 else 0
+
+
+def learn_ten_secondly(response: requests.Response, pacer: RollingWindowPacer) -> None:
+    """Pace to the limit the portal reports on its answers (`X-HubSpot-RateLimit-Max` per
+    `-Interval-Milliseconds`): a Professional portal is not held to the Free tier's 100, and a portal on a lower
+    tier than assumed is not sent more than it takes. Search answers carry no such headers."""
+    limit = response.headers.get("X-HubSpot-RateLimit-Max")
+    interval = response.headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")
+    if not (limit and limit.isdigit() and int(limit) > 0):
+        return  # not reported (search, OAuth), or no limit: keep pacing as before
+    if interval and interval.isdigit() and int(interval) > 0:
+        pacer.seconds = int(interval) / 1000
+    if pacer.limit != paced_limit(int(limit)):
+        pacer.limit = paced_limit(int(limit))
 
 
 def classify(response: requests.Response) -> Exception | None:
@@ -390,12 +428,16 @@ class HubSpotOptions(ConnectorOptions):
     """`options:` of a HubSpot connection."""
 
     search_requests_per_second: Annotated[float, Field(ge=0)] = 4  # 0: no client-side pacing
+    # Every other request, paced to this many per rolling 10 seconds. None: the portal's own limit, from the
+    # X-HubSpot-RateLimit-Max / -Interval-Milliseconds headers of its answers (100, the Free/Starter limit, until
+    # the first answer says); 0: no client-side pacing.
+    requests_per_10_seconds: Annotated[int, Field(ge=0)] | None = None
     token_url: str | None = None  # OAuth refresh-token endpoint override
 
 
 class HubSpotConnector(CrmConnector):
     Options = HubSpotOptions
-    # search: 5 requests per second per portal (`_pace_search` keeps to options.search_requests_per_second):
+    # search: 5 requests per second per portal (`pace` keeps to options.search_requests_per_second):
     # full reads split the id space into up to 5 keyset ranges, so pages come at the pace, not one latency apart
     read_concurrency = 5
     # the company and the owner's name are derived (enrich: the deal's primary company; the owners list)
@@ -450,6 +492,10 @@ class HubSpotConnector(CrmConnector):
         super().__init__(conn, credentials, **kwargs)
         self._last_search = 0.0
         self._search_turns = threading.Lock()
+        configured = self.options.requests_per_10_seconds
+        self._requests = RollingWindowPacer(
+            paced_limit(TEN_SECONDLY_FLOOR) if configured is None else configured, TEN_SECONDLY_SECONDS
+        )
         self._owners: dict[str, CrmUser] | None = None
         self._companies_refused = False
         self._deal_properties: dict[str, dict[str, Any]] | None = None  # None: not discovered (refused)
@@ -471,6 +517,15 @@ class HubSpotConnector(CrmConnector):
 
     def observe(self, response: requests.Response, stats: RequestStats) -> None:
         observe(response, stats)
+        if self.options.requests_per_10_seconds is None:
+            learn_ten_secondly(response, self._requests)
+
+    def pace(self, method: str, path: str) -> float:
+        """Searches at `options.search_requests_per_second`; every other call within the portal's rolling
+        10-second limit (`options.requests_per_10_seconds`, else what the portal's headers report)."""
+        if urlsplit(path).path.endswith("/search"):
+            return self._search_wait()
+        return self._requests.take()
 
     def classify(self, response: requests.Response) -> Exception | None:
         return classify(response)
@@ -785,7 +840,7 @@ class HubSpotConnector(CrmConnector):
         is the set's count); the deals after its last id are read as `degree` id ranges (`hs_object_id GT lo`
         and `LTE hi`, the last open-ended; widths from the first page's density), each its own keyset read,
         side by side (parallel.streams: range after range, each in order; a failing range fails the read).
-        Every search still waits its turn at `_pace_search` (5 per second per portal at most, whatever the
+        Every search still waits its turn at `pace` (5 per second per portal at most, whatever the
         threads), and no range meets the 10,000-result cap: each is paged by its id bound, not `after`."""
         pages = self._keyset(DEAL_SEARCH_PATH, base, properties, self.page_size)
         first = next(pages, None)
@@ -840,13 +895,11 @@ class HubSpotConnector(CrmConnector):
             records="results",
             total=lambda page: page.total,
             page_size=min(limit, self.max_page_size),
-            before_request=self._pace_search,
         ):
             yield fetched.records, (fetched.page.total if fetched.number == 1 else None)
 
     def _search(self, path: str, filters: list[dict[str, Any]], properties: list[str], limit: int) -> Any:
-        """One search sorted by `hs_object_id`, paced (`_pace_search`)."""
-        self._pace_search()
+        """One search sorted by `hs_object_id`, paced (`pace`)."""
         request = self._search_request(PageRequest("POST", path), filters, properties, limit)
         return self.client.post_json(request.url, request.json)
 
@@ -861,17 +914,17 @@ class HubSpotConnector(CrmConnector):
         }
         return request
 
-    def _pace_search(self) -> None:
-        """Searches paced to `options.search_requests_per_second` (HubSpot limits searches per portal, whatever
-        the object)."""
+    def _search_wait(self) -> float:
+        """The wait before a search, paced to `options.search_requests_per_second` (HubSpot limits searches per
+        portal, whatever the object): evenly spaced, since the limit is per second."""
         rps = self.options.search_requests_per_second
-        if rps > 0:
-            with self._search_turns:  # parallel reads: each thread takes the next turn, then waits for it
-                turn = max(time.monotonic(), self._last_search + 1.0 / rps)
-                self._last_search = turn
-            wait = turn - time.monotonic()
-            if wait > 0:
-                self.client.sleep(wait)
+        if rps <= 0:
+            return 0.0
+        with self._search_turns:  # parallel reads: each thread takes the next turn, then waits for it
+            now = time.monotonic()
+            turn = max(now, self._last_search + 1.0 / rps)
+            self._last_search = turn
+        return turn - now
 
     def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed

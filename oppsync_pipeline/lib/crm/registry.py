@@ -113,7 +113,7 @@ SPECS: tuple[CrmSpec, ...] = (
         docs="docs/crms/hubspot.md",
         writer="oppsync_pipeline.lib.writeback.hubspot:HubSpotWriter",
         webhooks="oppsync_pipeline.lib.webhooks.hubspot:HubSpotReceiver",
-        test_options=_frozen({"search_requests_per_second": 0}),
+        test_options=_frozen({"search_requests_per_second": 0, "requests_per_10_seconds": 0}),
     ),
     CrmSpec(
         "dynamics",

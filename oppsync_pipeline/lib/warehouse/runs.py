@@ -56,6 +56,7 @@ _REQUESTS = (
     "retries",
     "rate_limited_responses",
     "seconds_waited_on_rate_limits",
+    "seconds_paced_to_rate_limits",
     "token_refreshes",
     "quota_used",
     "quota_limit",
@@ -84,6 +85,7 @@ class RunStats(Mapping[str, Any]):
     retries: int | None = 0
     rate_limited_responses: int | None = 0
     seconds_waited_on_rate_limits: float | None = 0.0
+    seconds_paced_to_rate_limits: float | None = 0.0  # slept before sending to stay within the limit (not stored)
     token_refreshes: int | None = 0
     quota_used: int | None = None
     quota_limit: int | None = None
@@ -110,6 +112,7 @@ class RunStats(Mapping[str, Any]):
                     "retries",
                     "rate_limited_responses",
                     "seconds_waited_on_rate_limits",
+                    "seconds_paced_to_rate_limits",
                     "token_refreshes",
                 )
             )

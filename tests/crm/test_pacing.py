@@ -1,0 +1,69 @@
+"""RollingWindowPacer: at most `limit` requests in any window, shared by threads (pure, with a fake clock)."""
+
+from __future__ import annotations
+
+import threading
+
+from oppsync_pipeline.lib.crm.http import RollingWindowPacer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_the_limit_goes_at_once_and_the_next_waits_for_the_first_to_age_out():
+    clock = Clock()
+    pacer = RollingWindowPacer(3, 10.0, clock=clock)
+    assert [pacer.take() for _ in range(3)] == [0, 0, 0]
+    assert pacer.take() == 10.0  # slot 110: the first request leaves the window
+    assert pacer.take() == 10.0
+    clock.now = 104.0
+    assert pacer.take() == 6.0  # the third of the burst leaves at 110 too
+    assert pacer.take() == 16.0  # the fourth took slot 110: it leaves at 120
+
+
+def test_slots_never_put_more_than_the_limit_in_any_window():
+    clock = Clock()
+    pacer = RollingWindowPacer(5, 1.0, clock=clock)
+    slots = []
+    for step in range(200):
+        clock.now = 100.0 + step * 0.013  # requests asked faster than the limit allows
+        slots.append(clock.now + pacer.take())
+    assert slots == sorted(slots)
+    for i in range(len(slots) - 5):
+        assert slots[i + 5] - slots[i] >= 1.0 - 1e-9
+
+
+def test_threads_share_the_slots():
+    clock = Clock()
+    pacer = RollingWindowPacer(10, 1.0, clock=clock)
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        for _ in range(25):
+            wait = pacer.take()
+            with lock:
+                waits.append(wait)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # 100 requests at one instant: 10 now, then 10 per second, each slot taken once
+    assert sorted(waits) == [float(i // 10) for i in range(100)]
+
+
+def test_a_changed_limit_applies_to_the_next_request_and_zero_paces_nothing():
+    clock = Clock()
+    pacer = RollingWindowPacer(2, 10.0, clock=clock)
+    assert [pacer.take(), pacer.take(), pacer.take()] == [0, 0, 10.0]
+    pacer.limit = 4  # the CRM reports a higher limit: the window ending at 110 holds four (the slots stay in order)
+    assert [pacer.take(), pacer.take(), pacer.take(), pacer.take()] == [10.0, 10.0, 10.0, 20.0]
+    pacer.limit = 0
+    assert pacer.take() == 0

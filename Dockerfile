@@ -26,6 +26,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DBT_SEND_ANONYMOUS_USAGE_STATS=false \
     DO_NOT_TRACK=1
 
+# Few glibc malloc arenas: a sync's read threads each kept one, fragmented (oppsync_pipeline/lib/memory.py).
+ENV MALLOC_ARENA_MAX=2
+
 RUN groupadd --system --gid 10001 oppsync \
     && useradd --system --uid 10001 --gid oppsync --home-dir /opt/oppsync --shell /usr/sbin/nologin oppsync
 

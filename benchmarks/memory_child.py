@@ -20,6 +20,7 @@ import yaml
 
 from benchmarks.common import sandbox_config, sandbox_config_dict
 from benchmarks.memory import LEAN
+from oppsync_pipeline.lib.memory import limit_malloc_arenas
 from oppsync_pipeline.lib.progress import DONE, PageProgress
 from oppsync_pipeline.lib.sync import sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
@@ -132,6 +133,7 @@ def through_dagster(crm: str, url: str, workdir: Path) -> dict:
 
 
 def main() -> None:
+    limit_malloc_arenas()  # as `oppsync` does first (lib/memory.py): this child stands for `oppsync sync`
     p = argparse.ArgumentParser()
     p.add_argument("--crm", default="salesforce")
     p.add_argument("--url", required=True)

@@ -37,6 +37,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConfigError, OppsyncConfig, check_config, config_path, load_config
 from oppsync_pipeline.lib.crm.registry import CRMS, REGISTRY
+from oppsync_pipeline.lib.memory import limit_malloc_arenas
 
 # the sandbox is imported when a command starts it (`config check` and --help stay quick)
 
@@ -228,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     global VERBOSE
+    limit_malloc_arenas()  # before any thread: a sync's read threads would each keep an arena (lib/memory.py)
     args = parser().parse_args(argv)
     VERBOSE = bool(args.verbose)
     configure_logging(args.verbose)

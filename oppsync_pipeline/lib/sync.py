@@ -24,6 +24,7 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncCo
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.memory import release_arrow_memory
 from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
@@ -212,6 +213,7 @@ def run_extract(
             staging.flush()
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out, tracker)
         staging.flush()
+        release_arrow_memory()  # the staged batches' pages, kept by Arrow's pool, before DuckDB's turn
         set_aside(connector, engine, run_id, conn.name)  # a set's last page may have yielded nothing
         quarantined = _check_quarantine(engine, conn, run_id, connector)
         out.stats.update(_check_completeness(engine, connector, run_id, mode, quarantined))

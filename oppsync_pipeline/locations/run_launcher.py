@@ -37,6 +37,8 @@ from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, 
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
+from oppsync_pipeline.lib.memory import child_env
+
 WORKER_TAG = "oppsync/run_worker"  # "host:pid:start ticks" of the process running the run
 ZYGOTE_MODULE = "oppsync_pipeline.locations.run_zygote"
 
@@ -99,6 +101,7 @@ class Zygote:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=working_directory or None,
+            env=child_env(),  # its forks run syncs: few malloc arenas (lib/memory.py)
             text=True,
             bufsize=1,
         )
@@ -207,7 +210,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _start_cold(self, args: ExecuteRunArgs) -> int:
         with self._lock:
             self._cold = [p for p in self._cold if p.poll() is None]
-            process = subprocess.Popen(args.get_command_args(), stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(args.get_command_args(), stdin=subprocess.DEVNULL, env=child_env())
             self._cold.append(process)
             return process.pid
 

@@ -12,7 +12,8 @@ connector uses by default):
   P  the requests of the opportunity read itself: the list / query / search pages, ConnectWise's forecasts
      (`SPLITTABLE`); spread over c slices, ceil(P / c) of them lie on the critical path
   S  every other request (token, discovery, dictionaries, counts, the per-page lookups of companies, contacts,
-     associations): counted as on the critical path, one after another, as the connectors issue them
+     associations): counted as on the critical path, one after another, except lookups of different endpoints
+     the API lets run side by side (Autotask's companies and contacts): only the longest group of those counts
   c  Salesforce 25, Dynamics 51 (52 concurrent are refused), Autotask 3 (per object endpoint), ConnectWise 10
      (assumed: nothing documented), HubSpot 5 (its search rate: 5 search requests per second)
 
@@ -52,6 +53,9 @@ class ApiConcurrency:
     splittable: str  # a regex on PathCountingSession's labels: the opportunity read's own requests (P)
     requests_per_10s: float | None = None  # an overall rate cap, where documented
     search_requests_per_second: float | None = None  # HubSpot search
+    # regexes: groups of S requests to different endpoints that the API lets run beside each other (a page's
+    # lookups of two dictionaries): only the longest group lies on the critical path
+    side_by_side: tuple[str, ...] = ()
 
 
 ALLOWED = {
@@ -76,7 +80,11 @@ ALLOWED = {
         r"^GET /.*/sales/opportunities(/\{id\}/forecast)?$",
     ),
     "autotask": ApiConcurrency(
-        3, "3 concurrent threads per object endpoint; id ranges, a cursor each", r"/opportunities/query(/next)?$"
+        3,
+        "3 concurrent threads per object endpoint; id ranges, a cursor each; a page's company and contact "
+        "lookups (two endpoints) side by side",
+        r"/opportunities/query(/next)?$",
+        side_by_side=(r"/companies/query(/next)?$", r"/contacts/query(/next)?$"),
     ),
 }
 # a CRM whose limits are not written down above is measured as if its API allowed one request at a time
@@ -115,9 +123,19 @@ def floor_seconds(crm: str, by_path: dict[str, int]) -> tuple[float, str]:
     pattern = re.compile(allowed.splittable, re.IGNORECASE)
     split = sum(n for label, n in by_path.items() if pattern.search(label))
     other = sum(by_path.values()) - split
-    critical = other + math.ceil(split / allowed.concurrency)
+    groups = [
+        sum(n for label, n in by_path.items() if re.search(group, label, re.IGNORECASE))
+        for group in allowed.side_by_side
+    ]
+    beside = sum(groups) - max(groups, default=0)  # off the critical path: all but the longest group
+    critical = other - beside + math.ceil(split / allowed.concurrency)
     floor = critical * LATENCY_MS / 1000
     terms = f"S {other} + ceil(P {split} / c {allowed.concurrency}) = {critical} requests on the critical path"
+    if beside:
+        terms = (
+            f"S {other} - {beside} lookups beside the longest group ({' / '.join(map(str, groups))}) + ceil(P "
+            f"{split} / c {allowed.concurrency}) = {critical} requests on the critical path"
+        )
     if allowed.search_requests_per_second:
         searches = sum(n for label, n in by_path.items() if label.endswith("/search"))
         # n searches at r/s: the first at 0 s, the last no sooner than (n - 1) / r s

@@ -13,7 +13,7 @@ import requests
 
 from oppsync_pipeline.lib.config import ConfigError
 from oppsync_pipeline.lib.crm.http import CrmError
-from oppsync_pipeline.lib.crm.parallel import ordered_map, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import one_ahead, ordered_map, split_after, streams
 from oppsync_pipeline.lib.sync import build_connector
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.cluster import build_simulator, crm_module
@@ -21,6 +21,44 @@ from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
 from tests.conftest import sandbox_config
 
 # -- the mechanism, without HTTP -------------------------------------------------------------------------------------
+
+
+def test_one_ahead_runs_the_next_items_fn_while_the_consumer_works_one_at_a_time_in_order() -> None:
+    started: list[int] = []
+    running, overlapped = [0], [0]
+    lock = threading.Lock()
+
+    def lookup(x: int) -> int:
+        with lock:
+            running[0] += 1
+            assert running[0] == 1  # never two at once: fn may fill caches
+            started.append(x)
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return x * 10
+
+    out = []
+    for item, value in one_ahead(lookup, range(6)):
+        time.sleep(0.05)  # the consumer's own work (mapping, staging) on this item
+        with lock:
+            overlapped[0] += max(started) > item  # the next item's lookup began before this one was consumed
+        out.append((item, value))
+    assert out == [(i, i * 10) for i in range(6)] and started == list(range(6))
+    assert overlapped[0] == 5  # every item but the last had the next one's lookup under way
+
+
+def test_one_ahead_raises_a_failure_at_its_items_turn() -> None:
+    def lookup(x: int) -> int:
+        if x == 2:
+            raise CrmError("refused")
+        return x
+
+    got = []
+    with pytest.raises(CrmError):
+        for item, _ in one_ahead(lookup, range(5)):
+            got.append(item)
+    assert got == [0, 1]
 
 
 def test_ordered_map_keeps_the_order_and_bounds_the_threads() -> None:

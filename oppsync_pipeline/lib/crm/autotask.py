@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
@@ -82,7 +83,7 @@ from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_obj
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import ordered_map, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -363,6 +364,7 @@ class AutotaskConnector(CrmConnector):
         self._resources: dict[int, dict[str, Any]] | None = None
         self._internal_currency: str | None = None  # options.currency, else Currencies.isInternalCurrency
         self._last_poll: int | None = None
+        self._poll_turn = threading.Lock()  # reads and lookups run in several threads: one poll when due
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
         self._udfs: set[str] | None = None  # user-defined field names (None: refused)
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
@@ -632,6 +634,11 @@ class AutotaskConnector(CrmConnector):
 
     # -- opportunities ---------------------------------------------------------------------------------------------
 
+    def _tallied(self, open_set: bool, pages: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        for items in pages:
+            self.tally(open_set, None, (r["id"] for r in items))
+            yield items
+
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         """The open (or not-open) set. A full read (no `since`) first asks Autotask how many records the set
         holds (`query/count`, one request): the sync compares what it received with that count before it
@@ -644,9 +651,7 @@ class AutotaskConnector(CrmConnector):
             total = self._count("Opportunities", filters)
             self.tally(open_set, since, (), crm_count=total)
         if since is None:  # split into id ranges read side by side (options.parallel_reads, _full)
-            for items in self._full(filters, total):
-                self.tally(open_set, since, (r["id"] for r in items))
-                yield self.map_page(items)
+            yield from self.map_pages(self._tallied(open_set, self._full(filters, total)))
             return
         # Incremental: the changed records and those of the companies changed since the bookmark are mapped
         # IDS_PER_IN at a time (one `in` lookup of their unknown companies / contacts, issue 21), in pages.
@@ -826,7 +831,11 @@ class AutotaskConnector(CrmConnector):
                 yield fetched.records
 
     def _poll_when_due(self) -> None:
-        if self.stats.requests - (self._last_poll or 0) >= THRESHOLD_POLL_EVERY:
+        with self._poll_turn:
+            due = self.stats.requests - (self._last_poll or 0) >= THRESHOLD_POLL_EVERY
+            if due:
+                self._last_poll = self.stats.requests
+        if due:
             self._poll_threshold()
 
     def _count(self, entity: str, filters: list[dict[str, Any]]) -> int:
@@ -845,25 +854,30 @@ class AutotaskConnector(CrmConnector):
         countries once, and the resources once when a record's sales executive falls back to its owner. All
         optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
         self.statuses()
+        lookups = []
         for entity, key, cache, text in (
             ("Companies", "companyID", self._companies, "client_name and service_location are left empty"),
             ("Contacts", "contactID", self._contacts, "sales_executive falls back to the owner resource's name"),
         ):
             wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys())
-            if not wanted or entity in self._refused:
-                continue
+            if wanted and entity not in self._refused:
+                lookups.append((entity, wanted, cache, text))
 
-            def read(wanted: list[int] = wanted, entity: str = entity) -> dict[int, dict[str, Any]]:
-                found: dict[int, dict[str, Any]] = {}
-                for i in range(0, len(wanted), IDS_PER_IN):  # as many ids as one `in` condition takes
-                    chunk = wanted[i : i + IDS_PER_IN]
-                    for page in self._query(
-                        entity, [{"op": "in", "field": "id", "value": chunk}], self.max_page_size, expect=len(chunk)
-                    ):
-                        found.update((x["id"], _kept(entity, x)) for x in page)
-                return found
+        def read(entity: str, wanted: list[int]) -> dict[int, dict[str, Any]]:
+            found: dict[int, dict[str, Any]] = {}
+            for i in range(0, len(wanted), IDS_PER_IN):  # as many ids as one `in` condition takes
+                chunk = wanted[i : i + IDS_PER_IN]
+                for page in self._query(
+                    entity, [{"op": "in", "field": "id", "value": chunk}], self.max_page_size, expect=len(chunk)
+                ):
+                    found.update((x["id"], _kept(entity, x)) for x in page)
+            return found
 
-            found = self._optional(entity, read, None, text)
+        # companies and contacts are two endpoints (the thread limit is per endpoint): read side by side
+        answers = ordered_map(
+            lambda job: self._optional(job[0], lambda: read(job[0], job[1]), None, job[3]), lookups, len(lookups)
+        )
+        for (_, wanted, cache, _), found in zip(lookups, answers, strict=True):
             if found is not None:
                 cache.update(found)
                 cache.update((missing, {}) for missing in set(wanted) - found.keys())

@@ -36,6 +36,7 @@ from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
 from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
 from oppsync_pipeline.lib.crm.lookups import LookupCache
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
+from oppsync_pipeline.lib.crm.parallel import one_ahead
 from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.lib.quarantine import Quarantined, mapping_failure, record_problems
 from oppsync_pipeline.lib.record import (
@@ -515,6 +516,13 @@ class CrmConnector(ABC):
     def map_page(self, records: list[dict[str, Any]]) -> Page:
         """A page of native records, enriched then mapped record by record (see `map_records`)."""
         return self.map_records(records, self._map, self.enrich(records))
+
+    def map_pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[Page]:
+        """`map_page` of each page, the next page's `enrich` (its lookups' requests) running while this one is
+        mapped and staged (parallel.one_ahead): where enrich does I/O, its latency no longer adds to the
+        consumer's work page after page. `enrich` still runs one page at a time and in order."""
+        for records, enriched in one_ahead(self.enrich, pages):
+            yield self.map_records(records, self._map, enriched)
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:

@@ -4,7 +4,8 @@ order a sequential read would give them.
 A full read is parallel only where the API allows it (docs/crm-api-notes.md): one server cursor (Salesforce
 `nextRecordsUrl`, Dataverse `@odata.nextLink`, Autotask `nextPageUrl`, HubSpot search `after`) is read page after
 page; what runs side by side is several cursors over disjoint slices of the key or date space (`streams`), or
-independent requests (`ordered_map`: ConnectWise's forecast per opportunity). `degree` is the most requests in
+independent requests (`ordered_map`: ConnectWise's forecast per opportunity), or a page's lookups while the
+previous page is mapped (`one_ahead`). `degree` is the most requests in
 flight at once, the connection's `options.parallel_reads` (default: the CRM's documented limit; 1 is the plain
 sequential read, in the caller's thread).
 
@@ -58,6 +59,26 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], degree: int) -> Iterat
         finally:
             for f in pending:
                 f.cancel()
+
+
+def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in the items' order, with fn of the next item running in one helper thread while the
+    consumer works on this one: fn's requests wait on the network while the consumer maps and stages. One fn at
+    a time, in order (fn may fill caches the consumer only reads); a failure raises at its item's turn."""
+    with ThreadPoolExecutor(1, thread_name_prefix="oppsync-ahead") as pool:
+        pending: tuple[T, Future[R]] | None = None
+        try:
+            for item in items:
+                submitted = (item, pool.submit(fn, item))
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = submitted
+            if pending is not None:
+                yield pending[0], pending[1].result()
+                pending = None
+        finally:
+            if pending is not None:
+                pending[1].cancel()
 
 
 def slice_count(degree: int, page_size: int) -> int:

@@ -6,6 +6,7 @@ transaction writes them; a 1,000,000-opportunity full sync failed on them). Post
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 
 import pytest
@@ -221,3 +222,30 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
         ("r3", "d", "reopened", None, "r3:d"),
     ]
     assert sorted(tuple(r) for r in opps) == [("001", None, True), ("002", "modified_at", True)]
+
+
+def test_runs_that_start_at_once_on_a_fresh_postgres_warehouse_all_migrate_it(pg_url: str):
+    """Connections' first runs start together on a deployment that skipped `oppsync init-db`: they used to race
+    on CREATE SCHEMA (a unique violation in pg_namespace) and all but one failed, losing a retry (0-60 s)."""
+    engines = [make_engine(pg_url) for _ in range(6)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def first_run(engine) -> None:
+        start.wait()
+        try:
+            ensure_schema(engine)
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=first_run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with engines[0].connect() as c:
+        versions = [r[0] for r in c.execute(text(f"SELECT version FROM {SCHEMA}.schema_migrations ORDER BY version"))]
+    assert versions == [v for v, _ in MIGRATIONS]  # each applied once
+    for e in engines:
+        e.dispose()

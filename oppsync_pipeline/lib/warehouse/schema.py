@@ -564,8 +564,17 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
 ]
 
 
+MIGRATION_LOCK_KEY = 0x6F70_7073_796E_6321  # "oppsync!": the advisory lock of `migrate` on Postgres
+
+
 def migrate(conn: Connection) -> list[int]:
-    """Bring the schema up to date; returns the versions applied. Safe to call on every run."""
+    """Bring the schema up to date; returns the versions applied. Safe to call on every run, from any number of
+    runs at once."""
+    if conn.dialect.name == "postgresql":
+        # Connections' first runs start together on a warehouse nobody ran `init-db` on: CREATE SCHEMA / TABLE IF
+        # NOT EXISTS race (a unique violation in pg_catalog) and all but one failed. One migrates; the others
+        # wait here, then find it done. Held to the end of this transaction. (DuckDB: one writer per file.)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
     schema_migrations.create(conn, checkfirst=True)
     done = {r[0] for r in conn.execute(schema_migrations.select().with_only_columns(schema_migrations.c.version))}

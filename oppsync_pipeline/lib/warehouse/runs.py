@@ -353,10 +353,8 @@ def finish_extract(
             conn.execute(
                 text(f"""
                 UPDATE {S}.extracts SET
-                    reported_open = (SELECT count(*) FROM ({_LATEST}) t WHERE status = 'open')
-                                    + ({_KEPT} AND o.status = 'open'),
-                    reported_closed = (SELECT count(*) FROM ({_LATEST}) t WHERE status <> 'open')
-                                    + ({_KEPT} AND o.status <> 'open')
+                    reported_open = latest.open_n + kept.open_n, reported_closed = latest.closed_n + kept.closed_n
+                FROM ({_LATEST}) latest, ({_KEPT}) kept
                 WHERE extract_id = :x"""),
                 {"x": extract_id},
             )
@@ -375,7 +373,9 @@ def load_extract(engine: Engine, extract_id: str) -> dict[str, Any] | None:
 # The latest staged version of each id the reconcile will track: in scope, or before the stage trigger but
 # already tracked (once tracked, kept). Records read by id that left the filters, and untracked ones before
 # the trigger stage, are not part of what the CRM reported for this connection.
-_LATEST = f"""SELECT status FROM (
+# Counted by status in one pass over the staged rows (the window sorts them all: a million rows on Postgres).
+_LATEST = f"""SELECT count(*) FILTER (WHERE status = 'open') AS open_n,
+    count(*) FILTER (WHERE status <> 'open') AS closed_n FROM (
     SELECT status, source_id, connection, scope, row_number() OVER (
         PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
     FROM {S}.stage_opportunities WHERE extract_id = :x) v
@@ -384,7 +384,8 @@ _LATEST = f"""SELECT status FROM (
 
 
 # Quarantined records the warehouse holds (live, in scope) and the extract did not stage: kept unchanged.
-_KEPT = f"""SELECT count(DISTINCT q.source_id) FROM {S}.quarantine q
+_KEPT = f"""SELECT count(DISTINCT q.source_id) FILTER (WHERE o.status = 'open') AS open_n,
+    count(DISTINCT q.source_id) FILTER (WHERE o.status <> 'open') AS closed_n FROM {S}.quarantine q
     JOIN {S}.opportunities o ON o.connection = q.connection AND o.source_id = q.source_id
     WHERE q.extract_id = :x AND o.deleted_at IS NULL AND o.in_scope IS NOT FALSE
       AND NOT EXISTS (SELECT 1 FROM {S}.stage_opportunities s WHERE s.extract_id = :x AND s.source_id = q.source_id)"""

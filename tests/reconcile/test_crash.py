@@ -276,9 +276,11 @@ KILL_POINTS = [
     ("during", "UPDATE oppsync.opportunity_history", "opportunity_history"),
     ("before", "INSERT INTO oppsync.opportunities", None),
     ("during", "UPDATE oppsync.opportunities AS o SET crm", None),
-    ("after", "DELETE FROM oppsync.stage_opportunities", None),
     ("during", "SELECT cursor, last_full_sync_at", "sync_state"),
     ("after", "INSERT INTO oppsync.sync_runs", None),
+    # the staged rows cleared, last: Postgres locks staging (NOWAIT) and truncates it, DuckDB deletes them
+    ("after", {"duckdb": "DELETE FROM oppsync.stage_opportunities", "postgres": "LOCK TABLE oppsync.stage"}, None),
+    ("after", {"duckdb": "DELETE FROM oppsync.stage_deletes", "postgres": "TRUNCATE oppsync.stage"}, None),
     ("commit", "", None),
     ("returned", "", None),
 ]
@@ -302,6 +304,7 @@ def test_a_killed_reconcile_converges_on_rerun_to_the_uninterrupted_result(backe
 
         landed = []
         for i, (where, statement, block_table) in enumerate(KILL_POINTS):
+            statement = statement[backend] if isinstance(statement, dict) else statement
             url, log = wh.copy(f"k{i}"), tmp_path / f"k{i}.log"
             point = where if where in ("commit", "returned") else f"{where}:{statement_index(reference_log, statement)}"
             if where == "during" and backend == "postgres" and block_table:

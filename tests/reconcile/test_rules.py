@@ -6,13 +6,14 @@ hand-made canonical records, then reads the current table, the event log and the
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, reconcile
 from oppsync_pipeline.lib.record import MAPPING_VERSION
@@ -391,3 +392,45 @@ def test_a_warehouse_synced_under_an_older_mapping_is_rebaselined_without_update
         T2,
     )
     assert event_types(engine, "r3") == [("a", "stage_changed")]
+
+
+def staged_by_extract(engine) -> dict[str, int]:
+    with transaction(engine) as c:
+        rows = c.execute(
+            text("SELECT extract_id, count(*) FROM oppsync.stage_opportunities GROUP BY extract_id")
+        ).fetchall()
+    return dict(rows)
+
+
+def test_a_reconciled_extract_leaves_staging_and_another_extracts_rows_stay(engine):
+    """Postgres TRUNCATEs staging when the reconciled extract's rows are the only ones (else: DELETE)."""
+    sync(engine, "r1", full(opp("a1"), opp("a2")), T0)
+    assert staged_by_extract(engine) == {}
+    # another connection's run, still staging
+    store.begin_extract(
+        engine,
+        extract_id="staging-elsewhere",
+        connection="other",
+        crm="salesforce",
+        mode="full",
+        started_at=T1,
+        since=None,
+    )
+    writer = store.StagingWriter(engine, "staging-elsewhere")
+    writer.add([dataclasses.replace(opp("b1"), connection="other")], True, 0, [store.SCOPE_IN])
+    writer.flush()
+    sync(engine, "r2", full(opp("a1"), opp("a2"), opp("a3")), T2)
+    assert staged_by_extract(engine) == {"staging-elsewhere": 1}
+    assert set(current(engine)) == {"a1", "a2", "a3"}
+
+
+def test_a_reconcile_does_not_wait_for_another_transaction_reading_staging(engine):
+    """The exclusive lock for TRUNCATE is asked NOWAIT: with staging in use, the rows are deleted one by one."""
+    if engine.dialect.name == "duckdb":
+        pytest.skip("DuckDB: one writer per file, no lock to wait for")
+    elsewhere = create_engine(engine.url.render_as_string(hide_password=False))
+    with elsewhere.connect() as other, other.begin():
+        other.execute(text("SELECT count(*) FROM oppsync.stage_opportunities")).scalar()  # holds a share lock
+        sync(engine, "r1", full(opp("a1")), T0)
+    elsewhere.dispose()
+    assert staged_by_extract(engine) == {} and set(current(engine)) == {"a1"}

@@ -38,6 +38,7 @@ from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.lease import assert_lock
 from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 from oppsync_pipeline.lib.warehouse.schema import (
+    SCHEMA,
     extracts,
     opportunities,
     stage_deletes,
@@ -224,7 +225,7 @@ def _clear_staging(conn: Connection, extract_id: str) -> None:
     kept to the commit, a few statements away; a connection staging at that moment waits for it, and any other
     use of the tables makes this the plain DELETE."""
     if not dialect.is_duckdb(conn) and _lock_staging_alone(conn, extract_id):
-        conn.execute(text(f"TRUNCATE {stage_opportunities.fullname}, {stage_deletes.fullname}"))
+        conn.execute(text(f"TRUNCATE {SCHEMA}.stage_opportunities, {SCHEMA}.stage_deletes"))
         return
     conn.execute(delete(stage_opportunities).where(stage_opportunities.c.extract_id == extract_id))
     conn.execute(delete(stage_deletes).where(stage_deletes.c.extract_id == extract_id))
@@ -235,10 +236,7 @@ def _lock_staging_alone(conn: Connection, extract_id: str) -> bool:
     try:
         with conn.begin_nested():  # a refused lock aborts only this savepoint
             conn.execute(
-                text(
-                    f"LOCK TABLE {stage_opportunities.fullname}, {stage_deletes.fullname} "
-                    "IN ACCESS EXCLUSIVE MODE NOWAIT"
-                )
+                text(f"LOCK TABLE {SCHEMA}.stage_opportunities, {SCHEMA}.stage_deletes IN ACCESS EXCLUSIVE MODE NOWAIT")
             )
     except OperationalError:
         return False  # in use (another run stages or reads): the plain DELETE

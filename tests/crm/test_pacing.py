@@ -1,10 +1,13 @@
-"""RollingWindowPacer: at most `limit` requests in any window, shared by threads (pure, with a fake clock)."""
+"""The HTTP client's limits: RollingWindowPacer (at most `limit` requests in any window, shared by threads; pure,
+with a fake clock) and the run's quota budget's message."""
 
 from __future__ import annotations
 
 import threading
 
-from oppsync_pipeline.lib.crm.http import RollingWindowPacer
+import pytest
+
+from oppsync_pipeline.lib.crm.http import QuotaBudget, QuotaExhausted, RequestStats, RollingWindowPacer
 
 
 class Clock:
@@ -67,3 +70,11 @@ def test_a_changed_limit_applies_to_the_next_request_and_zero_paces_nothing():
     assert [pacer.take(), pacer.take(), pacer.take(), pacer.take()] == [10.0, 10.0, 10.0, 20.0]
     pacer.limit = 0
     assert pacer.take() == 0
+
+
+def test_a_spent_run_share_names_the_setting_that_raises_it():
+    """Autotask's hourly 10,000 at the default 25% stops a 1,000,000-opportunity full sync (about 6,000 requests)
+    at 2,500: the message says which setting lets it through."""
+    stats = RequestStats(requests=2500, quota_limit=10_000, quota_used=2600)
+    with pytest.raises(QuotaExhausted, match=r"quota\.run_share"):
+        QuotaBudget(run_share=0.25).check(stats)

@@ -203,7 +203,8 @@ class QuotaBudget:
             if stats.requests >= self.run_share * stats.quota_limit:
                 raise QuotaExhausted(
                     f"run used {stats.requests} requests, its budget is {self.run_share:.0%} of the "
-                    f"CRM's {stats.quota_limit}"
+                    f"CRM's {stats.quota_limit}; a full sync of a large tenant may need more: raise the "
+                    "connection's quota.run_share in oppsync.yaml for it"
                 )
             if stats.quota_used is not None and stats.quota_used >= self.stop_at_usage * stats.quota_limit:
                 raise QuotaExhausted(

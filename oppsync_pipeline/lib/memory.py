@@ -3,11 +3,11 @@
 glibc gives every thread that allocates its own malloc arena (up to 8 per core). A full read's threads (up to 25
 for Salesforce, 51 for Dataverse) each parse pages in their arena; what they free stays resident there,
 fragmented, and the reconcile's DuckDB buffer pool comes on top of it: a 1,000,000-opportunity Salesforce sync
-peaked at 668 MB with the default arenas and 590 MB with two (benchmarks, memory). `MALLOC_ARENA_MAX=2` is the
+peaked at 668 MB with the default arenas and 577 MB with two (benchmarks, memory). `MALLOC_ARENA_MAX=2` is the
 usual remedy (Heroku's default for the same reason). glibc fixes its arena limit when a second arena is first
 needed, so the setting must come before a process starts any thread: the environment for the processes oppsync
-starts and the container (Dockerfile), `mallopt` as the first thing in those it runs itself (`oppsync`, the
-run zygote). An operator's own MALLOC_ARENA_MAX is left as it is."""
+starts (the run zygote, cold run workers) and the container (Dockerfile), `mallopt` as the first thing `oppsync`
+does. An operator's own MALLOC_ARENA_MAX is left as it is."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import ctypes.util
 import functools
 import logging
 import os
+
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,4 @@ def limit_malloc_arenas(arenas: int = SYNC_ARENA_MAX) -> bool:
 
 def release_arrow_memory() -> None:
     """Hand back the memory Arrow's pool keeps after staging (mimalloc / jemalloc keep freed pages for reuse)."""
-    try:
-        import pyarrow as pa
-    except ImportError:  # pragma: no cover - pyarrow is a dependency; kept optional for this helper
-        return
     pa.default_memory_pool().release_unused()

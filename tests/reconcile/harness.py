@@ -163,11 +163,13 @@ class Extract:
         return self.scopes.get(source_id, store.SCOPE_IN)
 
 
-def stage_extract(engine: Engine, extract_id: str, extract: Extract, started_at: datetime) -> None:
+def stage_extract(
+    engine: Engine, extract_id: str, extract: Extract, started_at: datetime, connection: str = CONNECTION
+) -> None:
     store.begin_extract(
         engine,
         extract_id=extract_id,
-        connection=CONNECTION,
+        connection=connection,
         crm=CRM,
         mode=extract.mode,
         started_at=started_at,
@@ -180,7 +182,7 @@ def stage_extract(engine: Engine, extract_id: str, extract: Extract, started_at:
         seq += len(page)
     writer.flush()
     if extract.deletes:
-        store.stage_deletes(engine, extract_id, CONNECTION, extract.deletes)
+        store.stage_deletes(engine, extract_id, connection, extract.deletes)
     store.finish_extract(engine, extract_id, status="complete", finished_at=started_at)
 
 

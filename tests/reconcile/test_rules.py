@@ -406,19 +406,9 @@ def test_a_reconciled_extract_leaves_staging_and_another_extracts_rows_stay(engi
     """Postgres TRUNCATEs staging when the reconciled extract's rows are the only ones (else: DELETE)."""
     sync(engine, "r1", full(opp("a1"), opp("a2")), T0)
     assert staged_by_extract(engine) == {}
-    # another connection's run, still staging
-    store.begin_extract(
-        engine,
-        extract_id="staging-elsewhere",
-        connection="other",
-        crm="salesforce",
-        mode="full",
-        started_at=T1,
-        since=None,
-    )
-    writer = store.StagingWriter(engine, "staging-elsewhere")
-    writer.add([dataclasses.replace(opp("b1"), connection="other")], True, 0, [store.SCOPE_IN])
-    writer.flush()
+    # another connection's run, staged and not reconciled yet
+    other = dataclasses.replace(opp("b1"), connection="other")
+    stage_extract(engine, "staging-elsewhere", full(other), T1, connection="other")
     sync(engine, "r2", full(opp("a1"), opp("a2"), opp("a3")), T2)
     assert staged_by_extract(engine) == {"staging-elsewhere": 1}
     assert set(current(engine)) == {"a1", "a2", "a3"}

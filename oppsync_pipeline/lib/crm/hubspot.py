@@ -49,7 +49,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
@@ -490,8 +489,9 @@ class HubSpotConnector(CrmConnector):
 
     def __init__(self, conn: ConnectionConfig, credentials: dict[str, str], **kwargs: Any):
         super().__init__(conn, credentials, **kwargs)
-        self._last_search = 0.0
-        self._search_turns = threading.Lock()
+        # searches evenly spaced (one per 1/rate s: the limit is per second), from every read thread together
+        rate = self.options.search_requests_per_second
+        self._searches = RollingWindowPacer(1 if rate > 0 else 0, 1.0 / rate if rate > 0 else 1.0)
         configured = self.options.requests_per_10_seconds
         self._requests = RollingWindowPacer(
             paced_limit(TEN_SECONDLY_FLOOR) if configured is None else configured, TEN_SECONDLY_SECONDS
@@ -524,7 +524,7 @@ class HubSpotConnector(CrmConnector):
         """Searches at `options.search_requests_per_second`; every other call within the portal's rolling
         10-second limit (`options.requests_per_10_seconds`, else what the portal's headers report)."""
         if urlsplit(path).path.endswith("/search"):
-            return self._search_wait()
+            return self._searches.take()
         return self._requests.take()
 
     def classify(self, response: requests.Response) -> Exception | None:
@@ -913,18 +913,6 @@ class HubSpotConnector(CrmConnector):
             "limit": min(limit, self.max_page_size),
         }
         return request
-
-    def _search_wait(self) -> float:
-        """The wait before a search, paced to `options.search_requests_per_second` (HubSpot limits searches per
-        portal, whatever the object): evenly spaced, since the limit is per second."""
-        rps = self.options.search_requests_per_second
-        if rps <= 0:
-            return 0.0
-        with self._search_turns:  # parallel reads: each thread takes the next turn, then waits for it
-            now = time.monotonic()
-            turn = max(now, self._last_search + 1.0 / rps)
-            self._last_search = turn
-        return turn - now
 
     def _list_pages(self, path: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """Pages of a `GET` list paged by `paging.next.after` (archived deals, owners). Each cursor is followed

@@ -155,8 +155,7 @@ def run_extract(
         connector.resume_token = state.resume_token
         # the dictionaries earlier runs read (an incremental run reads only the ids they do not hold); a full
         # sync starts empty and re-reads them all: the periodic refresh (lib/crm/lookups.py)
-        if mode == "incremental":
-            connector.lookups = store.load_lookups(engine, conn.name)
+        connector.lookups = store.open_lookups(engine, conn.name, started, full=mode == "full")
         secrets = connector.scrubber
         connector.prepare()
         if scope_changed:
@@ -223,7 +222,7 @@ def run_extract(
         tracker.done(connector.stats.requests)
         server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
-        store.save_lookups(engine, conn.name, connector.lookups, started)
+        connector.lookups.save()
         out.counts, out.status = counts, ExtractStatus.COMPLETE
         out.stats = scrubbed_stats(out.stats.with_requests(connector.stats.as_metadata()), secrets)
         store.finish_extract(

@@ -198,40 +198,114 @@ def test_incremental_syncs_read_only_unknown_entries_and_renames_still_arrive(
 
 
 def test_kept_entries_round_trip_incremental_upserts_and_full_replaces(warehouse_url: str):
-    """What an incremental run writes or drops replaces only those entries; a full run replaces them all."""
+    """What an incremental run writes or drops replaces only those entries; a full run sees none of the kept
+    entries and, when it completes, replaces them all; another connection's stay."""
     from datetime import datetime
 
-    from oppsync_pipeline.lib.crm.lookups import LookupCache
     from oppsync_pipeline.lib.warehouse import store
     from oppsync_pipeline.lib.warehouse.engine import ensure_schema
+
+    def kept(connection: str, kind: str, key_type: type) -> dict:
+        lookup = store.open_lookups(engine, connection, datetime(2030, 1, 1), full=False).lookup(kind, key_type)
+        lookup.load(key_type(k) for k in range(20))
+        lookup.load(["7:1000"] if key_type is str else [])
+        return dict(lookup)
 
     engine = make_engine(warehouse_url)
     try:
         ensure_schema(engine)
-        first = LookupCache()
-        first.lookup("companies", int).update({1: {"companyName": "A"}, 2: {"companyName": "B"}})
-        first.lookup("sites", str)["7:1000"] = "1 Main St"
-        store.save_lookups(engine, "c1", first, datetime(2026, 1, 1))
-        store.save_lookups(engine, "c2", first, datetime(2026, 1, 1))  # another connection, untouched below
+        for connection in ("c1", "c2"):
+            first = store.open_lookups(engine, connection, datetime(2026, 1, 1), full=True)
+            first.lookup("companies", int).update({1: {"companyName": "A"}, 2: {"companyName": "B"}})
+            first.lookup("sites", str)["7:1000"] = "1 Main St"
+            first.save()
 
-        inc = store.load_lookups(engine, "c1")
+        inc = store.open_lookups(engine, "c1", datetime(2026, 1, 2), full=False)
         companies = inc.lookup("companies", int)
+        assert dict(companies) == {}  # nothing in memory before it is asked for
+        companies.load([1, 2, 5])
         assert dict(companies) == {1: {"companyName": "A"}, 2: {"companyName": "B"}}
         companies[2] = {"companyName": "B renamed"}
         del companies[1]
         companies[3] = {}
-        assert sorted(inc.to_save()) == [("companies", "2", '{"companyName":"B renamed"}'), ("companies", "3", "{}")]
-        store.save_lookups(engine, "c1", inc, datetime(2026, 1, 2))
-        again = store.load_lookups(engine, "c1")
-        assert dict(again.lookup("companies", int)) == {2: {"companyName": "B renamed"}, 3: {}}
-        assert dict(again.lookup("sites", str)) == {"7:1000": "1 Main St"}  # not written: kept as it was
+        inc.save()
+        assert kept("c1", "companies", int) == {2: {"companyName": "B renamed"}, 3: {}}
+        assert kept("c1", "sites", str) == {"7:1000": "1 Main St"}  # not written: kept as it was
 
-        full = LookupCache()
-        full.lookup("companies", int)[9] = {"companyName": "Z"}
-        store.save_lookups(engine, "c1", full, datetime(2026, 1, 3))
-        after = store.load_lookups(engine, "c1")
-        assert dict(after.lookup("companies", int)) == {9: {"companyName": "Z"}}
-        assert dict(after.lookup("sites", str)) == {}  # a full sync keeps only what it read
-        assert len(store.load_lookups(engine, "c2").lookup("companies", int)) == 2
+        full = store.open_lookups(engine, "c1", datetime(2026, 1, 3), full=True)
+        again = full.lookup("companies", int)
+        again.load([2, 3])
+        assert dict(again) == {}  # a full run re-reads every entry
+        again[9] = {"companyName": "Z"}
+        full.save()
+        assert kept("c1", "companies", int) == {9: {"companyName": "Z"}}
+        assert kept("c1", "sites", str) == {}  # a full sync keeps only what it read
+        assert kept("c2", "companies", int) == {1: {"companyName": "A"}, 2: {"companyName": "B"}}
     finally:
         engine.dispose()
+
+
+def lookup_columns(engine, connection: str) -> dict[str, tuple]:
+    """What the dictionaries feed, per live opportunity."""
+    with engine.connect() as c:
+        rows = c.execute(
+            text(
+                "SELECT source_id, client_name, service_location, sales_executive FROM oppsync.opportunities "
+                "WHERE connection = :c AND deleted_at IS NULL"
+            ),
+            {"c": connection},
+        )
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+
+@pytest.mark.parametrize("crm", sorted(SIMULATORS))
+def test_dictionaries_larger_than_memory_keeps_give_the_same_warehouse(
+    crm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A tenant whose dictionaries outgrow what a run keeps in memory (lookups.RESIDENT_MAX, lowered here below
+    what one page names, read threads and the page read ahead included): entries leave memory once stored, come
+    back by query when a page names them, and the warehouse is the one an unbounded run writes; the incremental
+    run after it reads no entry from the CRM again."""
+    from oppsync_pipeline.lib.crm import lookups
+
+    mod = SIMULATORS[crm]
+    sim = mod.build(seed=43, opportunities=600)
+    options = dict(REGISTRY[crm].test_options)
+    results = {}
+    with SandboxServer(sim) as srv:
+        for bounded in (False, True):
+            if bounded:
+                monkeypatch.setattr(lookups, "RESIDENT_MAX", 12)
+                monkeypatch.setattr(lookups, "RESIDENT_KEEP", 6)
+            extra = {"page_size": 10, **({"options": options} if options else {})}
+            url = f"duckdb:///{tmp_path / f'bounded-{bounded}.duckdb'}"
+            (tmp_path / str(bounded)).mkdir()
+            cfg = sandbox_config({crm: srv}, url, tmp_path / str(bounded), extra={crm: extra})
+            conn = cfg.connections[0]
+            engine = make_engine(url)
+            try:
+                connector = build_connector(cfg, conn)
+                full = sync_connection(cfg, conn, engine, run_id="full", mode="full", connector=connector)
+                assert full.extract.status == "complete", full.extract.error
+                kind = "sites" if crm == "connectwise" else "companies"
+                stored = kept(engine, conn.name, kind)
+                resident = connector.lookups.lookup(kind, str if crm != "autotask" else int)
+                if bounded:
+                    assert len(stored) > 12 >= len(resident), "the run stored entries and let them go"
+                results[bounded] = (lookup_columns(engine, conn.name), stored)
+                sim.world.clock.advance(timedelta(hours=1))
+                for i, o in enumerate([o for o in sim.world.live() if o.account is not None][:40]):
+                    sim.world.update(o.native_id, amount=3000.0 + i + (100 if bounded else 0))
+                log = incremental(cfg, conn, engine, srv, "inc")
+                assert log.lookups(crm) == [], "kept entries are asked of the warehouse, not of the CRM"
+                assert lookup_columns(engine, conn.name) == results[bounded][0]
+            finally:
+                engine.dispose()
+    diff = {
+        k: (results[True][0].get(k), results[False][0].get(k))
+        for k in results[True][0].keys() | results[False][0].keys()
+        if results[True][0].get(k) != results[False][0].get(k)
+    }
+    assert not diff, list(diff.items())[:5]
+    assert results[True] == results[False]
+    assert sum(1 for v in results[True][0].values() if v[0]) > 300  # the dictionaries named most records

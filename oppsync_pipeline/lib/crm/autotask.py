@@ -69,6 +69,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
 
@@ -278,6 +279,21 @@ class ThresholdAnswer(PageModel):
     currentTimeframeRequestCount: StrictInt
 
 
+# What a record lacks when the API user may not read a dictionary (the run's warning says it).
+LOOKUP_FALLBACKS = {
+    "Companies": "client_name and service_location are left empty",
+    "Contacts": "sales_executive falls back to the owner resource's name",
+}
+
+
+@dataclass
+class PageEntries:
+    """A page's companies and contacts by id, as `enrich` found them for `_map`."""
+
+    companies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    contacts: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
 class AutotaskOptions(ConnectorOptions):
     """`options:` of an Autotask connection."""
 
@@ -389,7 +405,7 @@ class AutotaskConnector(CrmConnector):
     @property
     def _countries(self) -> Lookup[int]:
         """Country id -> name; empty until read (one query of all countries, once per cache)."""
-        return self.lookups.lookup("countries", int)
+        return self.lookups.lookup("countries", int, whole=True)
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:
@@ -849,19 +865,23 @@ class AutotaskConnector(CrmConnector):
         check_page(model, data, crm=self.crm, url=self.client.url(path))
         return data
 
-    def enrich(self, items: list[dict[str, Any]]) -> None:
-        """Fetch this page's companies and contacts not seen yet, in batches (never one call per record), the
-        countries once, and the resources once when a record's sales executive falls back to its owner. All
-        optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
+    def enrich(self, items: list[dict[str, Any]]) -> PageEntries:
+        """This page's companies and contacts (`_map` reads them): those kept (lookups.py: one query each),
+        the rest read in batches (never one call per record); the countries once, and the resources once when
+        a record's sales executive falls back to its owner. All optional: refused, the record keeps its ids and
+        the names / address stay empty (with a warning)."""
         self.statuses()
         lookups = []
-        for entity, key, cache, text in (
-            ("Companies", "companyID", self._companies, "client_name and service_location are left empty"),
-            ("Contacts", "contactID", self._contacts, "sales_executive falls back to the owner resource's name"),
+        entries = PageEntries()
+        for entity, key, cache, page in (
+            ("Companies", "companyID", self._companies, entries.companies),
+            ("Contacts", "contactID", self._contacts, entries.contacts),
         ):
-            wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys())
+            named = {r[key] for r in items if _is_id(r.get(key))}
+            page.update(cache.load(named))
+            wanted = sorted(named - page.keys())
             if wanted and entity not in self._refused:
-                lookups.append((entity, wanted, cache, text))
+                lookups.append((entity, wanted, cache, page, LOOKUP_FALLBACKS[entity]))
 
         def read(entity: str, wanted: list[int]) -> dict[int, dict[str, Any]]:
             found: dict[int, dict[str, Any]] = {}
@@ -875,13 +895,14 @@ class AutotaskConnector(CrmConnector):
 
         # companies and contacts are two endpoints (the thread limit is per endpoint): read side by side
         answers = ordered_map(
-            lambda job: self._optional(job[0], lambda: read(job[0], job[1]), None, job[3]), lookups, len(lookups)
+            lambda job: self._optional(job[0], lambda: read(job[0], job[1]), None, job[4]), lookups, len(lookups)
         )
-        for (_, wanted, cache, _), found in zip(lookups, answers, strict=True):
+        for (_, wanted, cache, page, _), found in zip(lookups, answers, strict=True):
             if found is not None:
+                found.update((missing, {}) for missing in set(wanted) - found.keys())
                 cache.update(found)
-                cache.update((missing, {}) for missing in set(wanted) - found.keys())
-        named = (self._companies.get(r["companyID"]) for r in items if _is_id(r.get("companyID")))
+                page.update(found)
+        named = (entries.companies.get(r["companyID"]) for r in items if _is_id(r.get("companyID")))
         if not self._countries and "Countries" not in self._refused and any(c and c.get("countryID") for c in named):
 
             def countries() -> dict[int, str]:
@@ -895,22 +916,24 @@ class AutotaskConnector(CrmConnector):
                 self._refused.add("Countries")
             else:
                 self._countries.update(got)
-        if any(self._executive_is_owner(r) for r in items):
+        if any(self._executive_is_owner(r, entries) for r in items):
             self._all_resources()
+        return entries
 
-    def _contact(self, r: dict[str, Any]) -> dict[str, Any]:
-        return self._contacts.get(int(r.get("contactID") or 0)) or {}
+    @staticmethod
+    def _contact(r: dict[str, Any], entries: PageEntries) -> dict[str, Any]:
+        return entries.contacts.get(int(r.get("contactID") or 0)) or {}
 
-    def _executive_is_owner(self, r: dict[str, Any]) -> bool:
+    def _executive_is_owner(self, r: dict[str, Any], entries: PageEntries) -> bool:
         """Whether the record's sales executive is its owner resource (no contact with a name)."""
         try:
-            return r.get("ownerResourceID") is not None and not _person(self._contact(r))
+            return r.get("ownerResourceID") is not None and not _person(self._contact(r, entries))
         except (TypeError, ValueError):
             return False  # an unreadable contactID: _map quarantines the record
 
-    def _executive(self, r: dict[str, Any]) -> str | None:
+    def _executive(self, r: dict[str, Any], entries: PageEntries) -> str | None:
         """The contact's name, else the owner resource's (as `enrich` read them)."""
-        executive = _person(self._contact(r))
+        executive = _person(self._contact(r, entries))
         owner = r.get("ownerResourceID")
         if not executive and owner is not None:
             executive = _person((self._resources or {}).get(int(owner)) or {})
@@ -925,8 +948,9 @@ class AutotaskConnector(CrmConnector):
     def read_text(self, record: dict[str, Any], native: str) -> str | None:
         return self._value(record, native)
 
-    def _map(self, r: dict[str, Any], enriched: None = None) -> Opportunity:
-        company = self._companies.get(int(r.get("companyID") or 0)) or {}
+    def _map(self, r: dict[str, Any], enriched: PageEntries | None = None) -> Opportunity:
+        entries = enriched or PageEntries()
+        company = entries.companies.get(int(r.get("companyID") or 0)) or {}
         stage_field = self.field("stage")
         stage_id = _str(self._get(r, stage_field))
         stage = self._value(r, stage_field)
@@ -935,7 +959,9 @@ class AutotaskConnector(CrmConnector):
         status = self._resolve(stage, crm_status, status_key)
         closed_at, closed_at_field = self._closed_at(r, status)
         values = self.mapped_fields(
-            r, client_name=lambda: clean_text(company.get("companyName")), sales_executive=lambda: self._executive(r)
+            r,
+            client_name=lambda: clean_text(company.get("companyName")),
+            sales_executive=lambda: self._executive(r, entries),
         )
         # opportunity amounts are in the internal currency (multi-currency only changes what is invoiced)
         values["amount_base"] = values["amount"]

@@ -65,6 +65,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -303,6 +304,15 @@ def classify(response: requests.Response, max_retry_after: float = 900.0) -> Exc
 
 
 # -- connector -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PageEntries:
+    """What `enrich` read for a page and `_map` reads: company sites as addresses by "company:site", forecasts
+    by opportunity id."""
+
+    sites: dict[str, str | None] = field(default_factory=dict)
+    forecasts: dict[Any, dict[str, Any] | None] = field(default_factory=dict)
 
 
 class ConnectWiseOptions(ConnectorOptions):
@@ -711,9 +721,7 @@ class ConnectWiseConnector(CrmConnector):
             return []
         ids = sorted({r["id"] for r in rows})
         self._company_changes = (since, ids)
-        changed = {str(i) for i in ids}
-        for key in [k for k in self._sites if k.split(":", 1)[0] in changed]:
-            del self._sites[key]
+        self._sites.discard_prefixes(f"{i}:" for i in ids)  # their sites are read again
         return ids
 
     def _keyset_pages(
@@ -767,23 +775,24 @@ class ConnectWiseConnector(CrmConnector):
 
     # -- enrichment: everything a page needs is read before it is mapped (no I/O inside _map) -----------------
 
-    def enrich(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
+    def enrich(self, rows: list[dict[str, Any]]) -> PageEntries:
         """What mapping the page reads: the statuses again when a row names one created mid-run, the stages,
-        each company site not read yet in this run (cached), and the page's forecasts (returned: opportunity id
-        -> its forecast)."""
+        and (returned) the page's company sites and forecasts."""
         unknown = {str(_ref(r, "status").get("id")) for r in rows} - set(self.statuses()) - {"None"}
         if unknown and not self._statuses_refreshed:
             self._statuses, self._statuses_refreshed = None, True  # a status created mid-run: read them again
             self.statuses()
         self.stages()
-        self._resolve_sites(rows)
-        return self._forecasts(rows)
+        sites = self._resolve_sites(rows)
+        return PageEntries(sites, self._forecasts(rows))
 
-    def _resolve_sites(self, rows: list[dict[str, Any]]) -> None:
-        """The company sites this page names, each read once per run (GET /company/companies/{c}/sites/{s})."""
+    def _resolve_sites(self, rows: list[dict[str, Any]]) -> dict[str, str | None]:
+        """The company sites this page names by "company:site": those kept (lookups.py: one query), the rest
+        read once each (GET /company/companies/{c}/sites/{s})."""
+        sites = self._sites.load(_site_text(key) for r in rows if (key := _site_key(r)) is not None)
         for r in rows:
             key = _site_key(r)
-            if key is None or _site_text(key) in self._sites or not self._sites_readable:
+            if key is None or _site_text(key) in sites or not self._sites_readable:
                 continue
             url = self.api(f"/company/companies/{key[0]}/sites/{key[1]}")
             try:
@@ -806,7 +815,10 @@ class ConnectWiseConnector(CrmConnector):
             if site is _REFUSED:
                 self._sites_readable = False
                 continue
-            self._sites[_site_text(key)] = site_address(site) if isinstance(site, dict) else None
+            self._sites[_site_text(key)] = sites[_site_text(key)] = (
+                site_address(site) if isinstance(site, dict) else None
+            )
+        return sites
 
     def _forecasts(self, rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any] | None]:
         """Each opportunity's forecast (its revenue lines): no bulk endpoint, one GET per opportunity, up to
@@ -896,10 +908,11 @@ class ConnectWiseConnector(CrmConnector):
     def read_id(self, value: Any) -> str | None:
         return self._member_id(value)
 
-    def _map(self, r: dict[str, Any], enriched: dict[Any, dict[str, Any] | None] | None = None) -> Opportunity:
-        """One record; `enriched`: the page's forecasts by opportunity id, read before (no I/O in here).
+    def _map(self, r: dict[str, Any], enriched: PageEntries | None = None) -> Opportunity:
+        """One record; `enriched`: the page's sites and forecasts, read before (no I/O in here).
         A value that cannot be read raises (BadValue, KeyError): map_records quarantines the record."""
-        forecast = (enriched or {}).get(r["id"])
+        entries = enriched or PageEntries()
+        forecast = entries.forecasts.get(r["id"])
         stage_ref, status_ref = _ref(r, "stage"), _ref(r, "status")
         stage_path = self.conn.fields.get("stage")
         if stage_path:
@@ -921,7 +934,7 @@ class ConnectWiseConnector(CrmConnector):
         status = self.resolve_status(stage, crm_status, flags)
         site = r.get("site") if isinstance(r.get("site"), dict) else None
         key = _site_key(r)
-        location = (self._sites.get(_site_text(key)) if key is not None else None) or (
+        location = (entries.sites.get(_site_text(key)) if key is not None else None) or (
             _text(site.get("name")) if site else None
         )
         currency = r.get("currency") or {}

@@ -944,6 +944,7 @@ class HubSpotConnector(CrmConnector):
             self.stages()
         self._owner_map()
         primary: dict[str, str | None] = {}
+        companies: dict[str, dict[str, Any]] = {}
         if not self._companies_refused:
             got = self.optional(
                 COMPANIES_READ, lambda: self._primary_companies(records), None, fallback_text=COMPANIES_FALLBACK
@@ -951,13 +952,16 @@ class HubSpotConnector(CrmConnector):
             if got is None:
                 self._companies_refused = True
             else:
-                primary = got
+                primary, companies = got
         return {
-            r["id"]: (cid, self._companies.get(cid, {})) if (cid := primary.get(r["id"])) else (None, {})
-            for r in records
+            r["id"]: (cid, companies.get(cid, {})) if (cid := primary.get(r["id"])) else (None, {}) for r in records
         }
 
-    def _primary_companies(self, records: list[dict[str, Any]]) -> dict[str, str | None]:
+    def _primary_companies(
+        self, records: list[dict[str, Any]]
+    ) -> tuple[dict[str, str | None], dict[str, dict[str, Any]]]:
+        """Each deal's primary company id, and the page's companies: those kept (lookups.py: one query), then
+        one batch read of the rest."""
         ids = [r["id"] for r in records]
         primary: dict[str, str | None] = {}
         path = "/crm/v4/associations/deals/companies/batch/read"
@@ -966,15 +970,16 @@ class HubSpotConnector(CrmConnector):
             self._checked(AssociationsPage, body, path, n)
             for result in body["results"]:
                 primary[result["from"]["id"]] = _primary_company(result["to"])
-        missing = sorted({c for c in primary.values() if c and c not in self._companies})
+        companies = self._companies.load({c for c in primary.values() if c})
+        missing = sorted({c for c in primary.values() if c and c not in companies})
         path = "/crm/v3/objects/companies/batch/read"
         for n, start in enumerate(range(0, len(missing), BATCH_MAX), 1):
             chunk = missing[start : start + BATCH_MAX]
             body = self.client.post_json(path, {"properties": COMPANY_PROPERTIES, "inputs": [{"id": c} for c in chunk]})
             self._checked(BatchPage, body, path, n)
             for company in body["results"]:
-                self._companies[company["id"]] = _company(company)
-        return primary
+                self._companies[company["id"]] = companies[company["id"]] = _company(company)
+        return primary, companies
 
     # -- mapping -----------------------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from oppsync_pipeline.lib.warehouse.lease import (  # noqa: F401
     holder_id,
     release_lock,
 )
-from oppsync_pipeline.lib.warehouse.lookups import load_lookups, save_lookups  # noqa: F401
+from oppsync_pipeline.lib.warehouse.lookups import open_lookups  # noqa: F401
 from oppsync_pipeline.lib.warehouse.runs import (  # noqa: F401
     SyncState,
     begin_extract,

@@ -83,7 +83,7 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     with engine.connect() as conn:
         assert _keys_and_indexes(conn, "opportunities") > 0  # the old layout had its keys
 
-    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert ensure_schema(engine) == []  # once only
 
     with engine.connect() as conn:
@@ -148,7 +148,7 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
         for table, column in M4_COLUMNS:
             conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
     _seed(engine)
-    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10]
+    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11]
     with engine.connect() as conn:
         for table, column in M4_COLUMNS:
             assert column in _columns(conn, table), (table, column)
@@ -207,7 +207,7 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
                 VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
                 {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields},
             )
-    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10]
+    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11]
     with engine.connect() as conn:
         rows = conn.execute(
             text(f"SELECT run_id, source_id, event_type, changed_fields, change_id FROM {SCHEMA}.opportunity_events")

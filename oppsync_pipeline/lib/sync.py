@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,12 +23,13 @@ from sqlalchemy.exc import DBAPIError
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncConfig, resolve_credentials
 from oppsync_pipeline.lib.crm import connector_class
-from oppsync_pipeline.lib.crm.base import CrmConnector
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page, SetTally
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
 from oppsync_pipeline.lib.memory import release_arrow_memory
 from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
 from oppsync_pipeline.lib.record import MAPPING_VERSION, to_utc
+from oppsync_pipeline.lib.resume import ResumeState, why_not_resumed
 from oppsync_pipeline.lib.scope import StageTrigger, scope_changes, scope_fingerprint, scope_text, verdict
 from oppsync_pipeline.lib.scrub import Scrubber, redact, scrubbed_logger
 from oppsync_pipeline.lib.warehouse import store
@@ -150,12 +152,19 @@ def run_extract(
     # scrubber: its credentials, and the tokens its Auth sent.
     secrets: Scrubber | None = None
     failure: ExtractFailed | None = None
+    read: ResumeState | None = None  # a full read's progress: it may pause at its quota share (lib/resume.py)
+    staging: store.StagingWriter | None = None
     try:
+        resume = _paused_read(engine, conn, fingerprint, mode)
+        if resume is not None:
+            mode, since = "full", None
+            out.mode, out.since = mode, since
         connector = connector or build_connector(cfg, conn)
         connector.resume_token = state.resume_token
         # the dictionaries earlier runs read (an incremental run reads only the ids they do not hold); a full
         # sync starts empty and re-reads them all: the periodic refresh (lib/crm/lookups.py)
-        connector.lookups = store.open_lookups(engine, conn.name, started, full=mode == "full")
+        read_at = resume.state.started_at if resume else started
+        connector.lookups = store.open_lookups(engine, conn.name, read_at, full=mode == "full", resumed=bool(resume))
         secrets = connector.scrubber
         connector.prepare()
         if scope_changed:
@@ -164,6 +173,12 @@ def run_extract(
                 "full; records that no longer match left the scope, none were deleted for it"
             )
         trigger = StageTrigger.resolve(conn, connector.stages())
+        server_now = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+        if resume:
+            read = resume.state
+            _restore_tallies(read, connector)
+        elif mode == "full":
+            read = ResumeState(started, server_now)
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -174,53 +189,83 @@ def run_extract(
             since=since,
             scope_fingerprint=fingerprint,
             scope=scope_text(conn),
+            resumes=resume.extract_id if resume else None,
         )
+        staging = store.StagingWriter(engine, run_id)
         # Internal users and their links come from configuration; attribution is computed at read time, so
         # a link added later credits past opportunities too.
         store.save_directory(engine, cfg, started)
         store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
         store.save_users(engine, conn.name, connector.users(), started)
-        counts = {"open": 0, "closed": 0, "deleted": 0}
-        seq, max_modified = 0, None
-        staging = store.StagingWriter(engine, run_id)
+        # what the sets' reads staged so far: a full read's progress (kept when it pauses), else the run's own
+        progress_of = read or ResumeState(started, server_now)
+
+        def stage(page: Page, open_set: bool, phase: str, counted: bool) -> None:
+            set_aside(connector, engine, run_id, conn.name)
+            staging.add(page, open_set, progress_of.seq, [verdict(o, trigger) for o in page] if trigger else None)
+            progress_of.seq += len(page)
+            tally = connector.tallies.get(open_set) if counted else None
+            tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
+            if counted:
+                progress_of.counts["open" if open_set else "closed"] += len(page)
+            latest = max((o.modified_at for o in page if o.modified_at is not None), default=None)
+            if latest is not None and (progress_of.max_modified is None or latest > progress_of.max_modified):
+                progress_of.max_modified = latest
 
         def read_sets(read_since: datetime | None, counted: bool) -> None:
-            nonlocal seq, max_modified
             for open_set in (True, False):
+                if counted and progress_of.open_set is False and open_set:
+                    continue  # the open set was read whole before the pause
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
-                for page in connector.opportunities(open_set=open_set, since=read_since):
-                    set_aside(connector, engine, run_id, conn.name)
-                    staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
-                    seq += len(page)
-                    tally = connector.tallies.get(open_set) if counted else None
-                    tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
-                    if counted:
-                        counts["open" if open_set else "closed"] += len(page)
-                    for o in page:
-                        if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
-                            max_modified = o.modified_at
+                if counted:
+                    progress_of.open_set = open_set
+                after = progress_of.after if counted else None
+                pages = (
+                    connector.resume_read(open_set, after)
+                    if after is not None
+                    else connector.opportunities(open_set=open_set, since=read_since)
+                )
+                # closed however the loop ends: a read that fails or pauses may otherwise be left suspended in a
+                # reference cycle with its error, its read threads waiting for a garbage collection
+                with closing(pages):
+                    for page in pages:
+                        stage(page, open_set, phase, counted)
+                if counted:
+                    progress_of.after = None  # the next set is read from its start
+            if counted:
+                progress_of.open_set = None  # both sets read whole
 
-        read_sets(since, counted=True)
+        if progress_of.open_set is not None:
+            read_sets(since, counted=True)
         if mode == "full":
             # A record that moved between the sets while they were read (reopened after the open set was
             # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
-            # both sets once more for changes since the run started on the server's clock; reconcile keeps
-            # each record's latest version.
-            run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+            # both sets once more for changes since the run started on the server's clock (the first run's,
+            # when the read paused); reconcile keeps each record's latest version.
+            run_start = progress_of.server_start or started
             read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
             staging.flush()
-            seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out, tracker)
+            progress_of.seq = _read_missing_by_id(
+                engine, connector, staging, run_id, conn.name, trigger, progress_of.seq, out, tracker
+            )
         staging.flush()
         release_arrow_memory()  # the staged batches' pages, kept by Arrow's pool, before DuckDB's turn
         set_aside(connector, engine, run_id, conn.name)  # a set's last page may have yielded nothing
         quarantined = _check_quarantine(engine, conn, run_id, connector)
         out.stats.update(_check_completeness(engine, connector, run_id, mode, quarantined))
+        counts = progress_of.counts
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
         tracker.done(connector.stats.requests)
-        server_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+        if resume:
+            connector.stats.warn(
+                f"full sync read in {progress_of.runs + 1} runs (it paused at its share of the CRM's quota): "
+                f"{progress_of.requests + connector.stats.requests} API requests in all, since {progress_of.started_at}"
+            )
+        server_start = progress_of.server_start if resume else server_now
+        max_modified = progress_of.max_modified
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         connector.lookups.save()
         out.counts, out.status = counts, ExtractStatus.COMPLETE
@@ -236,9 +281,19 @@ def run_extract(
             resume_token=connector.resume_token,
         )
     except QuotaExhausted as err:
-        out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
         out.stats = request_stats(connector, secrets)
-        close_extract(engine, out)
+        if read is not None and staging is not None and connector is not None and connector.resumable_full_reads:
+            # the full read goes on in the next run from where it stands (lib/resume.py)
+            staging.flush()
+            set_aside(connector, engine, run_id, conn.name)
+            connector.lookups.flush()
+            state_json = _paused_state(read, connector)
+            out.status, out.counts = ExtractStatus.PAUSED, dict(read.counts)
+            out.error = scrub(f"{err}; the full sync paused and the connection's next run reads on", secrets)
+            close_extract(engine, out, resume_state=state_json)
+        else:
+            out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
+            close_extract(engine, out)
     except Exception as err:  # noqa: BLE001 - any failure is recorded (scrubbed) in sync_runs, then re-raised
         out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = request_stats(connector, secrets)
@@ -250,6 +305,57 @@ def run_extract(
         # Raised outside the handler, so that not even the exception's context holds the unscrubbed original.
         raise failure
     return out
+
+
+@dataclass
+class PausedRead:
+    extract_id: str
+    state: ResumeState
+
+
+def _paused_read(engine: Engine, conn: ConnectionConfig, fingerprint: str | None, mode: str) -> PausedRead | None:
+    """The connection's paused full read, when this run can read it on (lib/resume.py); any run of the
+    connection does: a new extract would discard what it staged."""
+    paused = store.paused_extract(engine, conn.name)
+    if paused is None:
+        return None
+    why = why_not_resumed(paused, fingerprint)
+    if why:
+        # begin_extract supersedes it and drops what it staged
+        log.warning("%s: the full sync paused in extract %s starts over: %s", conn.name, paused["extract_id"], why)
+        return None
+    state = ResumeState.from_json(paused["resume_state"])
+    log.warning(
+        "%s: reading on the full sync paused in extract %s (%s staged, since %s)%s",
+        conn.name,
+        paused["extract_id"],
+        state.seq,
+        state.started_at,
+        f"; the {mode} run asked for waits until it completes" if mode == "incremental" else "",
+    )
+    return PausedRead(paused["extract_id"], state)
+
+
+def _restore_tallies(state: ResumeState, connector: CrmConnector) -> None:
+    """What the earlier runs received of each set, for the completeness check; the set being read is counted
+    again by its resumed read (the CRM's count now)."""
+    for name, received in state.received.items():
+        open_set = name == "open"
+        crm_count = None if open_set == state.open_set else state.crm_counts.get(name)
+        connector.tallies[open_set] = SetTally(crm_count=crm_count, received=received)
+
+
+def _paused_state(state: ResumeState, connector: CrmConnector) -> str:
+    """Where the read stands now that it pauses, as stored (its staging was flushed)."""
+    if state.open_set is not None:
+        # no page of the set handed out since the read resumed: it still stands where it paused
+        state.after = connector.resume_position(state.open_set) or state.after
+    for open_set, tally in connector.tallies.items():
+        state.received["open" if open_set else "closed"] = tally.received
+        state.crm_counts["open" if open_set else "closed"] = tally.crm_count
+    state.runs += 1
+    state.requests += connector.stats.requests
+    return state.to_json()
 
 
 def set_aside(connector: CrmConnector, engine: Engine, run_id: str, connection: str) -> None:
@@ -405,9 +511,10 @@ def outcome_from_row(row: Mapping[str, Any], status: str | None = None) -> Extra
     )
 
 
-def close_extract(engine: Engine, out: ExtractOutcome) -> None:
-    """End an extract that will not be reconciled (failed, skipped for quota, refused by a check): record it,
-    drop its staging, record the sync run and release the connection's lock. The bookmark does not move."""
+def close_extract(engine: Engine, out: ExtractOutcome, resume_state: str | None = None) -> None:
+    """End an extract that will not be reconciled (failed, skipped for quota, refused by a check, paused): record
+    it, drop its staging (a paused one keeps it, with its `resume_state`), record the sync run and release the
+    connection's lock. The bookmark does not move."""
     finished = utcnow()
     store.finish_extract(
         engine,
@@ -417,6 +524,7 @@ def close_extract(engine: Engine, out: ExtractOutcome) -> None:
         counts=out.counts,
         stats=out.stats,
         error=out.error,
+        resume_state=resume_state,
     )
     with transaction(engine) as c:
         record_run(

@@ -19,9 +19,19 @@ from oppsync_pipeline.defs.resources import _engine
 from oppsync_pipeline.sandbox.server import SandboxServer
 from tests.dagster.conftest import every_creator_mapped, load_defs, start_servers, stop_servers, write_config
 
-CONNECTIONS = {"sf-good": "salesforce", "sf-bad": "salesforce", "sf-quota": "salesforce", "sf-scoped": "salesforce"}
-# A connection with a scope: tracked from a stage on, and (in the test) a filter that some deals leave.
-SCOPED = {"sf-scoped": {"track_from_stage": "Needs Analysis"}}
+CONNECTIONS = {
+    "sf-good": "salesforce",
+    "sf-bad": "salesforce",
+    "sf-quota": "salesforce",
+    "sf-scoped": "salesforce",
+    "at-paused": "autotask",
+}
+SCOPED = {
+    # A connection with a scope: tracked from a stage on, and (in the test) a filter that some deals leave.
+    "sf-scoped": {"track_from_stage": "Needs Analysis"},
+    # A run may send 30 of Autotask's 10,000 requests an hour: its full read takes several runs.
+    "at-paused": {"page_size": 10, "quota": {"run_share": 0.003}},
+}
 
 
 @dataclass
@@ -226,6 +236,30 @@ def test_a_spent_quota_skips_the_run_and_the_next_run_completes_the_data(setup: 
     assert materialized(done)[key("sf-quota", "extract")]["mode"] == "full"  # the bookmark never moved
     assert set(setup.rows("sf-quota")) == {o.native_id for o in simulator.world.live()}
     assert [r[1] for r in setup.sync_runs("sf-quota")] == ["skipped", "success"]
+
+
+def test_a_full_sync_that_outgrows_its_quota_share_pauses_and_the_next_runs_complete_it(
+    setup: Setup, dagster_instance
+):
+    world = setup.world("at-paused")
+    results = []
+    for _ in range(10):
+        results.append(run(setup, "at-paused", dagster_instance))
+        if materialized(results[-1]):
+            break
+        world.clock.advance(timedelta(hours=1))  # the threshold's hour rolls on
+    *paused, done = results
+    assert paused and all(r.success and materialized(r) == {} for r in paused)  # a pause is not a failure
+    assert all("oppsync__at_paused__opportunities" not in started_steps(r) for r in paused)
+    assert done.success
+    meta = materialized(done)
+    assert meta[key("at-paused", "extract")]["mode"] == "full"
+    assert meta[key("at-paused", "opportunities")]["rows_created"] == len(list(world.live()))
+    assert set(setup.rows("at-paused")) == {o.native_id for o in world.live()}
+    runs = setup.sync_runs("at-paused")
+    assert [r[1] for r in runs] == ["paused"] * len(paused) + ["success"]
+    assert all("quota.run_share" in r[2] and "next run reads on" in r[2] for r in runs[:-1])
+    assert setup.lock_holder("at-paused") is None
 
 
 def test_the_counts_check_compares_what_is_in_scope(setup: Setup, dagster_instance):

@@ -68,7 +68,8 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         output_required=False,
         op_tags=tags,
         description=f"The open and the not-open opportunity sets of '{conn.name}' ({conn.crm}), read page by "
-        "page into the warehouse's staging table. Skipped (not failed) when the API quota budget is spent.",
+        "page into the warehouse's staging table. Skipped (not failed) when the API quota budget is spent; a full "
+        "read that can be resumed pauses instead, and the connection's next run reads on.",
         retry_policy=dg.RetryPolicy(
             max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
         ),
@@ -100,7 +101,13 @@ def connection_assets(conn: ConnectionConfig) -> list[dg.AssetsDefinition]:
         if out.status == "skipped":
             context.log.warning(
                 f"{conn.name}: skipped for quota: {out.error}. The bookmark did not move; "
-                "the next run picks up where this one stopped."
+                "the next run reads again from it."
+            )
+            return
+        if out.status == "paused":
+            context.log.warning(
+                f"{conn.name}: {out.error}. {sum(out.counts.values()):,} records staged so far; the warehouse "
+                "changes when the full read completes."
             )
             return
         yield dg.MaterializeResult(metadata=_extract_metadata(out))

@@ -123,6 +123,9 @@ class CrmConnector(ABC):
     field_map: ClassVar[FieldMap]
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
+    # Whether a full read stopped by its share of the CRM's quota can be read on by the next run (lib/resume.py):
+    # `resume_position` says where a set's read stands, `resume_read` reads on from there.
+    resumable_full_reads: ClassVar[bool] = False
     # Requests a full read may have in flight by default: the most the CRM's documentation allows (each
     # connector says where from); `options.parallel_reads` lowers (or, at the user's risk, raises) it.
     read_concurrency: ClassVar[int] = 1
@@ -219,6 +222,17 @@ class CrmConnector(ABC):
     @abstractmethod
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         """Pages of the open (or not-open) set; only records modified at or after `since` when given."""
+
+    def resume_position(self, open_set: bool) -> str | None:
+        """Where the full read of a set stands: the key, in the read's order, of the last record of the last page
+        handed to the sync (None: none yet). The sync stages pages in the order one query would give them, so
+        every record of the set up to there is staged."""
+        return None
+
+    def resume_read(self, open_set: bool, after: str) -> Iterator[Page]:
+        """The rest of a set's full read, after `after` (a `resume_position`), counted (its tally: the CRM's count
+        of the whole set, and the records received) as the whole read is."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume a full read")
 
     def count(self, open_set: bool) -> int | None:
         """The CRM's own count, asked now, of the open (or not-open) set as `opportunities(open_set, None)`
@@ -517,12 +531,20 @@ class CrmConnector(ABC):
         """A page of native records, enriched then mapped record by record (see `map_records`)."""
         return self.map_records(records, self._map, self.enrich(records))
 
-    def map_pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[Page]:
+    def map_pages(
+        self,
+        pages: Iterable[list[dict[str, Any]]],
+        handed: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> Iterator[Page]:
         """`map_page` of each page, the next page's `enrich` (its lookups' requests) running while this one is
         mapped and staged (parallel.one_ahead): where enrich does I/O, its latency no longer adds to the
-        consumer's work page after page. `enrich` still runs one page at a time and in order."""
+        consumer's work page after page. `enrich` still runs one page at a time and in order. `handed`: called
+        with each page's records as the page goes to the consumer (a full read's position: resume_position)."""
         for records, enriched in one_ahead(self.enrich, pages):
-            yield self.map_records(records, self._map, enriched)
+            page = self.map_records(records, self._map, enriched)
+            if handed is not None:
+                handed(records)
+            yield page
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:

@@ -178,23 +178,30 @@ class Lookup(MutableMapping[K, Any], Generic[K]):
 class LookupCache:
     """A connection's dictionaries by kind (`companies`, `sites` ...) for one run. `store`: where they are kept
     (None: in memory only, nothing kept); `full`: a full run, which starts empty and whose entries replace the
-    connection's kept ones when it completes (`save`)."""
+    connection's kept ones when it completes (`save`); `resumed`: a full run reading on from a paused one, which
+    starts from what the paused runs stored (lib/resume.py)."""
 
-    def __init__(self, store: LookupStore | None = None, *, full: bool = True):
+    def __init__(self, store: LookupStore | None = None, *, full: bool = True, resumed: bool = False):
         self._store = store
         self._lookups: dict[str, Lookup[Any]] = {}
         self.full = full
+        self._kept = not full or resumed
 
     def lookup(self, kind: str, key_type: type[K], *, whole: bool = False) -> Lookup[K]:
         """`whole`: a small dictionary read whole (countries), kept in memory for the run."""
         if kind not in self._lookups:
-            self._lookups[kind] = Lookup(key_type, kind, self._store, kept=not self.full, whole=whole)
+            self._lookups[kind] = Lookup(key_type, kind, self._store, kept=self._kept, whole=whole)
         return self._lookups[kind]
 
-    def save(self) -> None:
-        """Store the rest of what the run read: called when the extract completes (what was stored before stays
-        whatever happens: every entry is what the CRM answered when it was read)."""
+    def flush(self) -> None:
+        """Store what the run read so far (what is stored stays whatever happens next: every entry is what the
+        CRM answered when it was read)."""
         for lookup in self._lookups.values():
             lookup.flush()
+
+    def save(self) -> None:
+        """Store the rest of what the run read, when the extract completes: a full run's entries become all the
+        connection keeps."""
+        self.flush()
         if self._store is not None:
             self._store.finish()

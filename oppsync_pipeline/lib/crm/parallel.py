@@ -79,6 +79,12 @@ def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]
         finally:
             if pending is not None:
                 pending[1].cancel()
+            # stop the source now: a failure here (a lookup's quota spent) leaves it suspended, often in a
+            # reference cycle with the error (a Future holds it), where its read threads (streams) would wait
+            # until a garbage collection, or block the interpreter's exit
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
 
 def slice_count(degree: int, page_size: int) -> int:

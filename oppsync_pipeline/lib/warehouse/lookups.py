@@ -71,6 +71,9 @@ class WarehouseLookups:
                 conn.execute(delete(crm_lookups).where(_t.connection == self.connection, _t.read_at != self.read_at))
 
 
-def open_lookups(engine: Engine, connection: str, read_at: datetime, *, full: bool) -> LookupCache:
-    """The connection's dictionaries for a run that started at `read_at` (a full run starts empty)."""
-    return LookupCache(WarehouseLookups(engine, connection, read_at, full=full), full=full)
+def open_lookups(
+    engine: Engine, connection: str, read_at: datetime, *, full: bool, resumed: bool = False
+) -> LookupCache:
+    """The connection's dictionaries for a run that started at `read_at` (a full run starts empty; one that
+    reads on a paused full read, `resumed`, starts from what it stored: its runs share the first one's `read_at`)."""
+    return LookupCache(WarehouseLookups(engine, connection, read_at, full=full), full=full, resumed=resumed)

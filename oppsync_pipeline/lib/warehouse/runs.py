@@ -19,6 +19,7 @@ from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 from oppsync_pipeline.lib.warehouse.schema import (
     extracts,
     opportunities,
+    quarantine,
     stage_deletes,
     stage_opportunities,
     sync_runs,
@@ -33,6 +34,10 @@ class ExtractStatus(StrEnum):
     COMPLETE = "complete"  # read whole, staged, waiting for its checks and reconcile
     FAILED = "failed"
     SKIPPED = "skipped"  # the quota budget was spent: nothing changed, the bookmark did not move
+    # A full read stopped by its share of the CRM's quota where the connector can resume it: its staged records
+    # and `resume_state` wait for the connection's next run, which reads on from there (sync.ResumeState).
+    PAUSED = "paused"
+    RESUMED = "resumed"  # a paused extract whose staged records a later run took over
     REFUSED = "refused"  # a blocking check (quality, delete guard) stopped it
     RECONCILED = "reconciled"
     SUPERSEDED = "superseded"  # a later extract of the connection started before this one was reconciled
@@ -44,6 +49,7 @@ class RunStatus(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     SKIPPED = "skipped"
+    PAUSED = "paused"  # a full sync that continues in the next run (ExtractStatus.PAUSED)
     REFUSED = "refused"
 
 
@@ -252,10 +258,21 @@ def begin_extract(
     since: datetime | None,
     scope_fingerprint: str | None = None,
     scope: str | None = None,
+    resumes: str | None = None,
 ) -> None:
+    """Record a new extract of the connection, and discard what earlier ones left unreconciled; `resumes`: a
+    paused extract whose staged records (and quarantined ones) this one takes over and reads on from."""
     x = extracts.c
     others = and_(x.connection == connection, x.extract_id != extract_id)
     with transaction(engine) as conn:
+        if resumes is not None:
+            for table in (stage_opportunities, stage_deletes, quarantine):
+                conn.execute(update(table).where(table.c.extract_id == resumes).values(extract_id=extract_id))
+            conn.execute(
+                update(extracts)
+                .where(x.extract_id == resumes)
+                .values(status=ExtractStatus.RESUMED, error="resumed by extract " + extract_id)
+            )
         # A new extract supersedes every earlier one of the connection that was not reconciled (crashed runs,
         # or a completed extract whose reconcile never happened): their staged rows are garbage.
         conn.execute(
@@ -264,10 +281,12 @@ def begin_extract(
             .values(status=ExtractStatus.FAILED, error="abandoned (process ended)")
         )
         conn.execute(
-            update(extracts).where(others, x.status == ExtractStatus.COMPLETE).values(status=ExtractStatus.SUPERSEDED)
+            update(extracts)
+            .where(others, x.status.in_([ExtractStatus.COMPLETE, ExtractStatus.PAUSED]))
+            .values(status=ExtractStatus.SUPERSEDED)
         )
-        conn.execute(delete(stage_opportunities).where(stage_opportunities.c.connection == connection))
-        conn.execute(delete(stage_deletes).where(stage_deletes.c.connection == connection))
+        for table in (stage_opportunities, stage_deletes):  # what this one took over stays
+            conn.execute(delete(table).where(table.c.connection == connection, table.c.extract_id != extract_id))
         conn.execute(delete(extracts).where(x.extract_id == extract_id))
         conn.execute(
             insert(extracts).values(
@@ -322,7 +341,10 @@ def finish_extract(
     stats: RunStats | None = None,
     error: str | None = None,
     resume_token: str | None = None,
+    resume_state: str | None = None,
 ) -> None:
+    """Record how the extract ended. Staged rows are kept for reconcile (complete) or for the next run (paused,
+    with its `resume_state`), else dropped."""
     counts, stats = counts or {}, stats if stats is not None else RunStats.unknown()
     with transaction(engine) as conn:
         conn.execute(
@@ -342,6 +364,7 @@ def finish_extract(
                 quota_limit=stats.quota_limit,
                 error=error,
                 new_resume_token=resume_token,
+                resume_state=resume_state,
                 token_requests=stats.token_requests,
                 warnings=stats.warnings_text(),
                 mapping_version=MAPPING_VERSION,
@@ -358,9 +381,21 @@ def finish_extract(
                 WHERE extract_id = :x"""),
                 {"x": extract_id},
             )
-        else:
+        elif status != ExtractStatus.PAUSED:
             conn.execute(delete(stage_opportunities).where(stage_opportunities.c.extract_id == extract_id))
             conn.execute(delete(stage_deletes).where(stage_deletes.c.extract_id == extract_id))
+
+
+def paused_extract(engine: Engine, connection: str) -> dict[str, Any] | None:
+    """The connection's paused full extract (at most one: a new extract supersedes or resumes it)."""
+    x = extracts.c
+    with transaction(engine) as conn:
+        row = (
+            conn.execute(select(extracts).where(x.connection == connection, x.status == ExtractStatus.PAUSED))
+            .mappings()
+            .first()
+        )
+    return dict(row) if row else None
 
 
 def load_extract(engine: Engine, extract_id: str) -> dict[str, Any] | None:

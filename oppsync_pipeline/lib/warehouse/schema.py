@@ -127,7 +127,7 @@ extracts = Table(
     Column("connection", String, nullable=False),
     Column("crm", String, nullable=False),
     Column("mode", String, nullable=False),
-    Column("status", String, nullable=False),  # running | complete | failed | skipped | reconciled | refused
+    Column("status", String, nullable=False),  # runs.ExtractStatus (running, complete, paused, reconciled ...)
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime),
     Column("since_cursor", DateTime),
@@ -145,6 +145,7 @@ extracts = Table(
     Column("quota_limit", Integer),
     Column("error", Text),
     Column("new_resume_token", Text),
+    Column("resume_state", Text),  # JSON: where a paused full read continues (sync.ResumeState)
     Column("token_requests", Integer),
     Column("warnings", Text),
     Column("mapping_version", Integer),
@@ -170,7 +171,7 @@ sync_runs = Table(
     Column("mode", String, nullable=False),
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime),
-    Column("status", String, nullable=False),  # success | failed | skipped | refused
+    Column("status", String, nullable=False),  # success | failed | skipped | paused | refused
     Column("fetched", Integer),
     Column("created", Integer),
     Column("updated", Integer),
@@ -550,6 +551,11 @@ def _m10_crm_lookups(conn: Connection) -> None:
     crm_lookups.create(conn, checkfirst=True)
 
 
+def _m11_paused_extracts(conn: Connection) -> None:
+    """A full read stopped by its quota share keeps its staging and where it stopped, for the next run."""
+    conn.execute(text(f"ALTER TABLE {SCHEMA}.extracts ADD COLUMN IF NOT EXISTS resume_state TEXT"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -561,6 +567,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (8, _m8_base_currency),
     (9, _m9_revenue_and_extra_fields),
     (10, _m10_crm_lookups),
+    (11, _m11_paused_extracts),
 ]
 
 

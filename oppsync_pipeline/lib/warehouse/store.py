@@ -46,6 +46,7 @@ from oppsync_pipeline.lib.warehouse.runs import (  # noqa: F401
     finish_extract,
     get_state,
     load_extract,
+    paused_extract,
     save_completeness,
     state_mapping_version,
 )

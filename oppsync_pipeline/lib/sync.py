@@ -152,8 +152,9 @@ def run_extract(
     # scrubber: its credentials, and the tokens its Auth sent.
     secrets: Scrubber | None = None
     failure: ExtractFailed | None = None
-    read: ResumeState | None = None  # a full read's progress: it may pause at its quota share (lib/resume.py)
+    full_read: ResumeState | None = None  # a full read's progress: kept when it pauses or fails (lib/resume.py)
     staging: store.StagingWriter | None = None
+    staging_page = False  # a page is being staged: a failure now may leave it half written
     try:
         resume = _paused_read(engine, conn, fingerprint, mode)
         if resume is not None:
@@ -175,10 +176,10 @@ def run_extract(
         trigger = StageTrigger.resolve(conn, connector.stages())
         server_now = to_utc(connector.stats.server_time) if connector.stats.server_time else started
         if resume:
-            read = resume.state
-            _restore_tallies(read, connector)
+            full_read = resume.state
+            _restore_tallies(full_read, connector)
         elif mode == "full":
-            read = ResumeState(started, server_now)
+            full_read = ResumeState(started, server_now)
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -198,29 +199,32 @@ def run_extract(
         store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
         store.save_users(engine, conn.name, connector.users(), started)
         # what the sets' reads staged so far: a full read's progress (kept when it pauses), else the run's own
-        progress_of = read or ResumeState(started, server_now)
+        so_far = full_read or ResumeState(started, server_now)
 
         def stage(page: Page, open_set: bool, phase: str, counted: bool) -> None:
+            nonlocal staging_page
+            staging_page = True
             set_aside(connector, engine, run_id, conn.name)
-            staging.add(page, open_set, progress_of.seq, [verdict(o, trigger) for o in page] if trigger else None)
-            progress_of.seq += len(page)
+            staging.add(page, open_set, so_far.seq, [verdict(o, trigger) for o in page] if trigger else None)
+            so_far.seq += len(page)
             tally = connector.tallies.get(open_set) if counted else None
             tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
             if counted:
-                progress_of.counts["open" if open_set else "closed"] += len(page)
+                so_far.counts["open" if open_set else "closed"] += len(page)
             latest = max((o.modified_at for o in page if o.modified_at is not None), default=None)
-            if latest is not None and (progress_of.max_modified is None or latest > progress_of.max_modified):
-                progress_of.max_modified = latest
+            if latest is not None and (so_far.max_modified is None or latest > so_far.max_modified):
+                so_far.max_modified = latest
+            staging_page = False
 
         def read_sets(read_since: datetime | None, counted: bool) -> None:
             for open_set in (True, False):
-                if counted and progress_of.open_set is False and open_set:
+                if counted and so_far.open_set is False and open_set:
                     continue  # the open set was read whole before the pause
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
                 if counted:
-                    progress_of.open_set = open_set
-                after = progress_of.after if counted else None
+                    so_far.open_set = open_set
+                after = so_far.after if counted else None
                 pages = (
                     connector.resume_read(open_set, after)
                     if after is not None
@@ -232,40 +236,40 @@ def run_extract(
                     for page in pages:
                         stage(page, open_set, phase, counted)
                 if counted:
-                    progress_of.after = None  # the next set is read from its start
+                    so_far.after = None  # the next set is read from its start
             if counted:
-                progress_of.open_set = None  # both sets read whole
+                so_far.open_set = None  # both sets read whole
 
-        if progress_of.open_set is not None:
+        if so_far.open_set is not None:
             read_sets(since, counted=True)
         if mode == "full":
             # A record that moved between the sets while they were read (reopened after the open set was
             # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
             # both sets once more for changes since the run started on the server's clock (the first run's,
             # when the read paused); reconcile keeps each record's latest version.
-            run_start = progress_of.server_start or started
+            run_start = so_far.server_start or started
             read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
             staging.flush()
-            progress_of.seq = _read_missing_by_id(
-                engine, connector, staging, run_id, conn.name, trigger, progress_of.seq, out, tracker
+            so_far.seq = _read_missing_by_id(
+                engine, connector, staging, run_id, conn.name, trigger, so_far.seq, out, tracker
             )
         staging.flush()
         release_arrow_memory()  # the staged batches' pages, kept by Arrow's pool, before DuckDB's turn
         set_aside(connector, engine, run_id, conn.name)  # a set's last page may have yielded nothing
         quarantined = _check_quarantine(engine, conn, run_id, connector)
         out.stats.update(_check_completeness(engine, connector, run_id, mode, quarantined))
-        counts = progress_of.counts
+        counts = so_far.counts
         if state.cursor is not None or connector.delete_feed_needs_baseline:
             for page in connector.deleted(since if since else state.cursor):
                 counts["deleted"] += store.stage_deletes(engine, run_id, conn.name, page)
         tracker.done(connector.stats.requests)
         if resume:
             connector.stats.warn(
-                f"full sync read in {progress_of.runs + 1} runs (it paused at its share of the CRM's quota): "
-                f"{progress_of.requests + connector.stats.requests} API requests in all, since {progress_of.started_at}"
+                f"full sync read in {so_far.runs + 1} runs (it paused at its share of the CRM's quota): "
+                f"{so_far.requests + connector.stats.requests} API requests in all, since {so_far.started_at}"
             )
-        server_start = progress_of.server_start if resume else server_now
-        max_modified = progress_of.max_modified
+        server_start = so_far.server_start if resume else server_now
+        max_modified = so_far.max_modified
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         connector.lookups.save()
         out.counts, out.status = counts, ExtractStatus.COMPLETE
@@ -282,22 +286,25 @@ def run_extract(
         )
     except QuotaExhausted as err:
         out.stats = request_stats(connector, secrets)
-        if read is not None and staging is not None and connector is not None and connector.resumable_full_reads:
-            # the full read goes on in the next run from where it stands (lib/resume.py)
-            staging.flush()
-            set_aside(connector, engine, run_id, conn.name)
-            connector.lookups.flush()
-            state_json = _paused_state(read, connector)
-            out.status, out.counts = ExtractStatus.PAUSED, dict(read.counts)
+        # a full read the connector can resume goes on in the next run from where it stands (lib/resume.py)
+        kept = None if staging_page else _keep_progress(full_read, staging, connector, engine, run_id, conn.name)
+        if kept is not None:
+            out.status, out.counts = ExtractStatus.PAUSED, dict(full_read.counts) if full_read else {}
             out.error = scrub(f"{err}; the full sync paused and the connection's next run reads on", secrets)
-            close_extract(engine, out, resume_state=state_json)
         else:
             out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
-            close_extract(engine, out)
+        close_extract(engine, out, resume_state=kept)
     except Exception as err:  # noqa: BLE001 - any failure is recorded (scrubbed) in sync_runs, then re-raised
         out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
         out.stats = request_stats(connector, secrets)
-        close_extract(engine, out)
+        # What a resumable full read staged before the CRM failed it is kept for the next run (or the step's
+        # retry): not when the warehouse failed, or a page was being staged (it may be half written).
+        kept = None
+        if not staging_page and not isinstance(err, DBAPIError):
+            kept = _keep_progress(full_read, staging, connector, engine, run_id, conn.name, quiet=True)
+        if kept is not None:
+            out.error += "; what the full read staged is kept: the connection's next run reads on"
+        close_extract(engine, out, resume_state=kept)
         failure = ExtractFailed(out.error, permanent=is_permanent(err, str(engine.url)))
     finally:
         out.seconds = time.monotonic() - t0
@@ -343,6 +350,32 @@ def _restore_tallies(state: ResumeState, connector: CrmConnector) -> None:
         open_set = name == "open"
         crm_count = None if open_set == state.open_set else state.crm_counts.get(name)
         connector.tallies[open_set] = SetTally(crm_count=crm_count, received=received)
+
+
+def _keep_progress(
+    state: ResumeState | None,
+    staging: store.StagingWriter | None,
+    connector: CrmConnector | None,
+    engine: Engine,
+    run_id: str,
+    connection: str,
+    *,
+    quiet: bool = False,
+) -> str | None:
+    """Store what a resumable full read staged so far, for the next run: its `resume_state` (None: nothing to
+    keep). `quiet`: the run is failing already, and a failure to keep it only means the next run starts over."""
+    if state is None or staging is None or connector is None or not connector.resumable_full_reads:
+        return None
+    try:
+        staging.flush()
+        set_aside(connector, engine, run_id, connection)
+        connector.lookups.flush()
+    except Exception:  # noqa: BLE001 - the original failure is the one reported
+        if not quiet:
+            raise
+        log.warning("%s: what the full read staged could not be kept; the next run starts over", connection)
+        return None
+    return _paused_state(state, connector)
 
 
 def _paused_state(state: ResumeState, connector: CrmConnector) -> str:
@@ -513,13 +546,13 @@ def outcome_from_row(row: Mapping[str, Any], status: str | None = None) -> Extra
 
 def close_extract(engine: Engine, out: ExtractOutcome, resume_state: str | None = None) -> None:
     """End an extract that will not be reconciled (failed, skipped for quota, refused by a check, paused): record
-    it, drop its staging (a paused one keeps it, with its `resume_state`), record the sync run and release the
-    connection's lock. The bookmark does not move."""
+    it, drop its staging, record the sync run and release the connection's lock. The bookmark does not move.
+    With a `resume_state` the extract is paused whatever the run's status: its staging stays for the next run."""
     finished = utcnow()
     store.finish_extract(
         engine,
         out.extract_id,
-        status=out.status,
+        status=ExtractStatus.PAUSED if resume_state is not None else out.status,
         finished_at=finished,
         counts=out.counts,
         stats=out.stats,

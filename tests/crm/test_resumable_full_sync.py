@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from oppsync_pipeline.lib.sync import sync_connection
+from oppsync_pipeline.lib.sync import ExtractFailed, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import autotask as at
-from oppsync_pipeline.sandbox.server import SandboxServer
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
 from tests.conftest import sandbox_config
+from tests.reliability.harness import OPPORTUNITY_PAGES
 from tests.variants.test_variant_matrix import differences, truth_rows, warehouse_rows
 
 # 600 opportunities in pages of 25 need ~80 requests (pages, their company and contact lookups, counts); a run
@@ -128,3 +129,31 @@ def test_any_run_of_the_connection_reads_a_paused_full_sync_on(mode: str, duckdb
         assert second.mode == "full" and second.status in ("paused", "complete")
         assert dict(extracts(engine, first.connection))["first"] == "resumed"
         assert second.counts["open"] + second.counts["closed"] > first.counts["open"] + first.counts["closed"]
+
+
+def test_a_full_read_failed_by_the_crm_keeps_what_it_staged_and_the_next_run_reads_on(duckdb_url: str, tmp_path: Path):
+    """A page the CRM answers with the wrong shape fails the run (nothing reaches the warehouse); the pages
+    staged before it stay, and the next run (or the step's retry) reads on from the last id staged."""
+    sim = at.build(seed=26, **TENANT)
+    with SandboxServer(sim) as srv:
+        cfg = sandbox_config({"autotask": srv}, duckdb_url, tmp_path, extra={"autotask": {"page_size": 25}})
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        try:
+            sim.faults = FaultPlan([FaultRule("wrong_shape", after=8, count=1, path=OPPORTUNITY_PAGES["autotask"])])
+            with pytest.raises(ExtractFailed, match="next run reads on"):
+                sync_connection(cfg, conn, engine, run_id="first")
+            assert warehouse_rows(engine, conn.name) == {}
+            assert dict(extracts(engine, conn.name))["first"] == "paused"
+            kept = staged(engine, "first")
+            assert kept > 0
+            sim.faults = FaultPlan([])
+            second = sync_connection(cfg, conn, engine, run_id="second")
+            assert second.extract.status == "complete" and second.extract.mode == "full"
+            assert not differences(truth_rows(sim), warehouse_rows(engine, conn.name))
+            assert second.result.fetched == len(truth_rows(sim))
+            # the second run read only what the first had not staged (its pages, and their lookups)
+            whole = sync_connection(cfg, conn, engine, run_id="whole", mode="full").extract
+            assert second.extract.stats.api_requests < whole.stats.api_requests
+        finally:
+            engine.dispose()

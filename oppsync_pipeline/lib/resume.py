@@ -5,7 +5,9 @@ of it (`quota.run_share`, 0.25 by default). A full read of ~1,000,000 opportunit
 its dictionaries: it could never finish, and every hourly run started over and was skipped. Where the connector
 can resume a set's read from a position (`CrmConnector.resumable_full_reads`), a full read that reaches its
 share pauses instead: its staged records stay, and the extract keeps where it stood (`ResumeState`, in
-`oppsync.extracts.resume_state`). The connection's next run takes the staged records over and reads on.
+`oppsync.extracts.resume_state`). The connection's next run takes the staged records over and reads on. A read
+the CRM fails (a bad page, a refused request) keeps its progress the same way; one the warehouse fails, or that
+failed while a page was being staged, does not (what was staged may be short of the position).
 
 Why the records staged so far are exactly what a sequential read would have staged: the sync stages pages in the
 order one query would give them (parallel.streams yields range after range), so what it staged is every record

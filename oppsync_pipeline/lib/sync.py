@@ -210,7 +210,12 @@ def run_extract(
             tally = connector.tallies.get(open_set) if counted else None
             tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
             if counted:
-                so_far.counts["open" if open_set else "closed"] += len(page)
+                name = "open" if open_set else "closed"
+                so_far.counts[name] += len(page)
+                # what the CRM delivered and where the read stands, as staged (pages read ahead are not)
+                # (a plain list: a page cut from a mapped one, in an incremental read)
+                so_far.received[name] = so_far.received.get(name, 0) + getattr(page, "received", len(page))
+                so_far.after = getattr(page, "position", None) or so_far.after
             latest = max((o.modified_at for o in page if o.modified_at is not None), default=None)
             if latest is not None and (so_far.max_modified is None or latest > so_far.max_modified):
                 so_far.max_modified = latest
@@ -380,11 +385,7 @@ def _keep_progress(
 
 def _paused_state(state: ResumeState, connector: CrmConnector) -> str:
     """Where the read stands now that it pauses, as stored (its staging was flushed)."""
-    if state.open_set is not None:
-        # no page of the set handed out since the read resumed: it still stands where it paused
-        state.after = connector.resume_position(state.open_set) or state.after
     for open_set, tally in connector.tallies.items():
-        state.received["open" if open_set else "closed"] = tally.received
         state.crm_counts["open" if open_set else "closed"] = tally.crm_count
     state.runs += 1
     state.requests += connector.stats.requests

@@ -384,7 +384,6 @@ class AutotaskConnector(CrmConnector):
         self._internal_currency: str | None = None  # options.currency, else Currencies.isInternalCurrency
         self._last_poll: int | None = None
         self._poll_turn = threading.Lock()  # reads and lookups run in several threads: one poll when due
-        self._positions: dict[bool, int] = {}  # a full read's last id handed to the sync, per set
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
         self._udfs: set[str] | None = None  # user-defined field names (None: refused)
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
@@ -679,9 +678,8 @@ class AutotaskConnector(CrmConnector):
         if batch:
             yield from self._mapped(batch)
 
-    def resume_position(self, open_set: bool) -> str | None:
-        position = self._positions.get(open_set)
-        return None if position is None else str(position)
+    def resume_key(self, record: dict[str, Any]) -> str | None:
+        return str(record["id"])  # a full read is in id order (Autotask's result order)
 
     def resume_read(self, open_set: bool, after: str) -> Iterator[Page]:
         """The set's full read after id `after`: the same query with `id gt after` (Autotask returns records in
@@ -695,12 +693,12 @@ class AutotaskConnector(CrmConnector):
         yield from self._full_read(open_set, rest, total)
 
     def _full_read(self, open_set: bool, filters: list[dict[str, Any]], total: int) -> Iterator[Page]:
-        def handed(records: list[dict[str, Any]]) -> None:
-            # counted as they reach the sync, not as they are read ahead: a read that pauses received these
-            self.tally(open_set, None, (r["id"] for r in records))
-            self._positions[open_set] = max(r["id"] for r in records)
+        yield from self.map_pages(self._tallied(open_set, self._full(filters, total)))
 
-        yield from self.map_pages(self._full(filters, total), handed)
+    def _tallied(self, open_set: bool, pages: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        for items in pages:
+            self.tally(open_set, None, (r["id"] for r in items))
+            yield items
 
     def _changed_records(
         self, open_set: bool, filters: list[dict[str, Any]], since: datetime

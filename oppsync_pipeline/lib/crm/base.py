@@ -53,7 +53,16 @@ from oppsync_pipeline.lib.record import (
 )
 from oppsync_pipeline.lib.scrub import Scrubber
 
-Page = list[Opportunity]
+
+class Page(list[Opportunity]):
+    """A page of mapped opportunities, with what the read knows of it: `received`, the records the CRM delivered
+    for it (quarantined ones included), and in a full read that can be resumed, `position`: where the read
+    stands after it (`CrmConnector.resume_key` of its last record; lib/resume.py)."""
+
+    received: int = 0
+    position: str | None = None
+
+
 T = TypeVar("T")
 
 # Optional reads (dictionaries, quota polls, enrichments) that answer with one of these are skipped with a
@@ -124,7 +133,7 @@ class CrmConnector(ABC):
     # The connector's `options:` model (ConnectionConfig validates `options` against it).
     Options: ClassVar[type[ConnectorOptions]] = ConnectorOptions
     # Whether a full read stopped by its share of the CRM's quota can be read on by the next run (lib/resume.py):
-    # `resume_position` says where a set's read stands, `resume_read` reads on from there.
+    # each page's `position` says where a set's read stands after it (`resume_key`), `resume_read` reads on.
     resumable_full_reads: ClassVar[bool] = False
     # Requests a full read may have in flight by default: the most the CRM's documentation allows (each
     # connector says where from); `options.parallel_reads` lowers (or, at the user's risk, raises) it.
@@ -223,15 +232,15 @@ class CrmConnector(ABC):
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
         """Pages of the open (or not-open) set; only records modified at or after `since` when given."""
 
-    def resume_position(self, open_set: bool) -> str | None:
-        """Where the full read of a set stands: the key, in the read's order, of the last record of the last page
-        handed to the sync (None: none yet). The sync stages pages in the order one query would give them, so
-        every record of the set up to there is staged."""
+    def resume_key(self, record: dict[str, Any]) -> str | None:
+        """A native record's key in the order of the connector's full read, where it can be resumed (a page's
+        `position` is its last record's): the sync stages pages in the order one query gives them, so every
+        record of the set up to a staged page's position is staged. None: not resumable."""
         return None
 
     def resume_read(self, open_set: bool, after: str) -> Iterator[Page]:
-        """The rest of a set's full read, after `after` (a `resume_position`), counted (its tally: the CRM's count
-        of the whole set, and the records received) as the whole read is."""
+        """The rest of a set's full read, after `after` (a page's `position`), counted (its tally: the CRM's count
+        of the whole set) as the whole read is."""
         raise NotImplementedError(f"{type(self).__name__} cannot resume a full read")
 
     def count(self, open_set: bool) -> int | None:
@@ -531,20 +540,12 @@ class CrmConnector(ABC):
         """A page of native records, enriched then mapped record by record (see `map_records`)."""
         return self.map_records(records, self._map, self.enrich(records))
 
-    def map_pages(
-        self,
-        pages: Iterable[list[dict[str, Any]]],
-        handed: Callable[[list[dict[str, Any]]], None] | None = None,
-    ) -> Iterator[Page]:
+    def map_pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[Page]:
         """`map_page` of each page, the next page's `enrich` (its lookups' requests) running while this one is
         mapped and staged (parallel.one_ahead): where enrich does I/O, its latency no longer adds to the
-        consumer's work page after page. `enrich` still runs one page at a time and in order. `handed`: called
-        with each page's records as the page goes to the consumer (a full read's position: resume_position)."""
+        consumer's work page after page. `enrich` still runs one page at a time and in order."""
         for records, enriched in one_ahead(self.enrich, pages):
-            page = self.map_records(records, self._map, enriched)
-            if handed is not None:
-                handed(records)
-            yield page
+            yield self.map_records(records, self._map, enriched)
 
     @classmethod
     def read_value(cls, record: dict[str, Any], native: str) -> Any:
@@ -592,8 +593,10 @@ class CrmConnector(ABC):
         is quarantined with its field and reason, and the rest of the page goes on. Errors of the CRM
         (CrmError) still fail the run."""
         clock = to_utc(self.stats.server_time) if self.stats.server_time else None
-        page: Page = []
+        page = Page()
+        r: Any = None
         for r in records:
+            page.received += 1
             try:
                 opp = mapper(r, *args)
             except CrmError:
@@ -606,6 +609,8 @@ class CrmConnector(ABC):
                 self.quarantined.extend(problems)
                 continue
             page.append(opp)
+        if page.received and self.resumable_full_reads:
+            page.position = self.resume_key(r)
         return page
 
     def _id_of(self, record: Any) -> str | None:

@@ -24,6 +24,7 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncCo
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.crm.parallel import chain_ahead, in_background
 from oppsync_pipeline.lib.memory import release_arrow_memory
 from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
@@ -165,6 +166,8 @@ def run_extract(
                 "full; records that no longer match left the scope, none were deleted for it"
             )
         trigger = StageTrigger.resolve(conn, connector.stages())
+        # the users are read while the warehouse is written to (their request no longer waits for it)
+        users = in_background(lambda: list(connector.users()))
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -180,27 +183,31 @@ def run_extract(
         # a link added later credits past opportunities too.
         store.save_directory(engine, cfg, started)
         store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
-        store.save_users(engine, conn.name, connector.users(), started)
+        store.save_users(engine, conn.name, users(), started)
         counts = {"open": 0, "closed": 0, "deleted": 0}
         seq, max_modified = 0, None
         staging = store.StagingWriter(engine, run_id)
 
         def read_sets(read_since: datetime | None, counted: bool) -> None:
             nonlocal seq, max_modified
-            for open_set in (True, False):
+            # each set's next page is read while this one is staged, and the not-open set's first page (and its
+            # count) beside the open set's where the connector allows it
+            sets = (True, False)
+            reads = [lambda o=o: connector.opportunities(open_set=o, since=read_since) for o in sets]
+            for i, page in chain_ahead(reads, side_by_side=connector.sets_side_by_side):
+                open_set = sets[i]
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
-                for page in connector.opportunities(open_set=open_set, since=read_since):
-                    set_aside(connector, engine, run_id, conn.name)
-                    staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
-                    seq += len(page)
-                    tally = connector.tallies.get(open_set) if counted else None
-                    tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
-                    if counted:
-                        counts["open" if open_set else "closed"] += len(page)
-                    for o in page:
-                        if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
-                            max_modified = o.modified_at
+                set_aside(connector, engine, run_id, conn.name)
+                staging.add(page, open_set, seq, [verdict(o, trigger) for o in page] if trigger else None)
+                seq += len(page)
+                tally = connector.tallies.get(open_set) if counted else None
+                tracker.page(phase, len(page), connector.stats.requests, tally.crm_count if tally else None)
+                if counted:
+                    counts["open" if open_set else "closed"] += len(page)
+                for o in page:
+                    if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
+                        max_modified = o.modified_at
 
         read_sets(since, counted=True)
         if mode == "full":

@@ -12,12 +12,20 @@ import pytest
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError
-from oppsync_pipeline.lib.crm.http import CrmError
-from oppsync_pipeline.lib.crm.parallel import one_ahead, ordered_map, split_after, streams
-from oppsync_pipeline.lib.sync import build_connector
+from oppsync_pipeline.lib.crm.http import CrmError, InFlightLimit
+from oppsync_pipeline.lib.crm.parallel import (
+    chain_ahead,
+    in_background,
+    one_ahead,
+    ordered_map,
+    split_after,
+    streams,
+)
+from oppsync_pipeline.lib.sync import ExtractFailed, build_connector, sync_connection
+from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.cluster import build_simulator, crm_module
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, SandboxServer
 from tests.conftest import sandbox_config
 
 # -- the mechanism, without HTTP -------------------------------------------------------------------------------------
@@ -112,6 +120,123 @@ def test_split_after_covers_the_rest_from_the_first_page_on() -> None:
     bounds = split_after(low=1, high=500, read=500, remaining=1500, parts=3)
     assert bounds[0] == 500 and bounds == sorted(bounds) and len(bounds) == 3
     assert bounds[1] - bounds[0] == pytest.approx(1500 * 499 / 500 / 3)  # the rest at the first page's density
+
+
+def _slow_reads(log: list[tuple[str, int, float]], sizes: list[int], wait: float = 0.05):
+    """A start function per read: each item takes `wait` seconds to read (a request), logged with its start."""
+
+    def start(r: int):
+        for k in range(sizes[r]):
+            log.append(("read", r, time.monotonic()))
+            time.sleep(wait)
+            yield r * 100 + k
+
+    return [lambda r=r: start(r) for r in range(len(sizes))]
+
+
+def test_chain_ahead_keeps_the_order_and_reads_the_next_item_and_read_ahead() -> None:
+    log: list[tuple[str, int, float]] = []
+    t0 = time.monotonic()
+    got = []
+    for i, item in chain_ahead(_slow_reads(log, [3, 2, 2])):
+        got.append((i, item))
+        time.sleep(0.05)  # the consumer's own work on the item
+    took = time.monotonic() - t0
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 100), (1, 101), (2, 200), (2, 201)]
+    # 7 reads and 7 items of work of 50 ms each: serial 0.7 s; overlapped, the reads hide behind the work
+    assert took < 0.6
+    # the first items of reads 0 and 1 were read side by side, before anything was consumed
+    first: dict[int, float] = {}
+    for _, r, began in log:
+        first.setdefault(r, began)
+    assert abs(first[1] - first[0]) < 0.03
+
+
+def test_chain_ahead_in_turn_begins_a_read_when_the_one_before_has_given_its_last_item() -> None:
+    events: list[str] = []
+
+    def read(r: int, size: int):
+        events.append(f"begin {r}")
+        for k in range(size):
+            time.sleep(0.01)
+            yield r * 100 + k
+        events.append(f"end {r}")
+
+    got = []
+    for i, item in chain_ahead([lambda: read(0, 3), lambda: read(1, 0), lambda: read(2, 2)], side_by_side=False):
+        got.append((i, item))
+        events.append(f"used {item}")
+        time.sleep(0.03)
+    assert got == [(0, 0), (0, 1), (0, 2), (2, 200), (2, 201)]  # an empty read in between gives nothing
+    # in turn: each read begins only after the one before it ended
+    assert events.index("end 0") < events.index("begin 1") < events.index("end 1") < events.index("begin 2")
+
+
+def test_chain_ahead_raises_a_failed_read_ahead_at_its_turn_never_as_an_empty_read() -> None:
+    def broken():
+        raise CrmError("the not-open set's first page", status=400)
+
+    got = []
+    with pytest.raises(CrmError, match="first page"):
+        for i, item in chain_ahead([lambda: iter([1, 2, 3]), broken]):
+            got.append((i, item))
+    assert got == [(0, 1), (0, 2), (0, 3)]  # read 0 whole, then the failure: not a read 1 that looks empty
+
+
+def test_chain_ahead_closes_the_reads_the_consumer_leaves() -> None:
+    closed = []
+
+    def read(r: int):
+        try:
+            yield from range(r * 10, r * 10 + 5)
+        finally:
+            closed.append(r)
+
+    for _, item in chain_ahead([lambda: read(0), lambda: read(1)]):
+        if item == 1:
+            break
+    assert sorted(closed) == [0, 1]  # read 1 had begun (its first item read ahead): it is closed too
+
+
+def test_in_background_returns_the_result_or_raises_at_the_call() -> None:
+    started = time.monotonic()
+    slow = in_background(lambda: time.sleep(0.1) or 42)
+    assert time.monotonic() - started < 0.05  # the caller went on
+    assert slow() == 42
+
+    def refused() -> int:
+        raise CrmError("refused", status=403)
+
+    failing = in_background(refused)
+    time.sleep(0.02)
+    with pytest.raises(CrmError, match="refused"):
+        failing()
+
+
+def test_in_flight_limit_bounds_each_key_and_not_the_others() -> None:
+    limit = InFlightLimit(2, lambda method, path: path.split("/")[0] if "/" in path else None)
+    in_flight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def request(path: str) -> None:
+        key = path.split("/")[0] if "/" in path else "free"
+        with limit.slot("POST", path):
+            with lock:
+                in_flight[key] = in_flight.get(key, 0) + 1
+                peak[key] = max(peak.get(key, 0), in_flight[key])
+            time.sleep(0.02)
+            with lock:
+                in_flight[key] -= 1
+
+    paths = ["Opportunities/query"] * 6 + ["Companies/query"] * 6 + ["zone"] * 6
+    threads = [threading.Thread(target=request, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak["Opportunities"] == 2 and peak["Companies"] == 2  # each endpoint at its limit, side by side
+    assert peak["free"] > 2  # what no limit counts is not held
 
 
 # -- the connectors against the simulators ---------------------------------------------------------------------------
@@ -239,3 +364,36 @@ def test_records_edited_during_a_split_read_are_all_read(crm: str, tmp_path: Pat
                     for opp in sorted(sim.world.live(), key=lambda o: o.created_at)[::50]:
                         sim.world.update(opp.native_id, name=f"{opp.name} (edited)")
     assert sorted(read) == sorted(o.native_id for o in sim.world.live())
+
+
+def test_a_failing_read_ahead_fails_the_full_sync_and_changes_nothing(tmp_path: Path) -> None:
+    """The sync reads the not-open set's first page beside the open set (parallel.chain_ahead): when that request
+    fails, the sync fails, at the not-open set's turn, and infers no delete from the records it did not read."""
+    sim = build_simulator("salesforce", seed=5, opportunities=600, faults=FaultPlan(latency_ms=5))
+    with SandboxServer(sim) as server:
+        cfg = sandbox_config({"salesforce": server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        try:
+            assert sync_connection(cfg, conn, engine, run_id="r1", mode="full").extract.status == "complete"
+            inner, refused = sim.handle, []
+
+            def handle(req):  # the not-open set's first page of the full read: a query the CRM refuses
+                soql = req.arg("q") or ""
+                if "IsClosed = true ORDER BY CreatedDate" in soql and not refused:
+                    refused.append(soql)
+                    return sim.error_response(HttpError(400, "MALFORMED_QUERY", "refused for the test"))
+                return inner(req)
+
+            sim.handle = handle
+            connector = build_connector(cfg, conn, sleep=lambda s: None)
+            with pytest.raises(ExtractFailed, match="MALFORMED_QUERY|refused for the test"):
+                sync_connection(cfg, conn, engine, run_id="r2", mode="full", connector=connector)
+            assert refused  # the read ahead was the request refused
+            with engine.connect() as c:
+                deleted = c.exec_driver_sql(
+                    "SELECT count(*) FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"
+                ).scalar()
+            assert deleted == 0
+        finally:
+            engine.dispose()

@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
 
@@ -117,6 +117,8 @@ _RIGHTS = {
     "countries": "Countries (optional: the country in addresses)",
     "thresholdinformation": "ThresholdInformation (optional: the hourly request quota)",
 }
+# a request's object endpoint, the unit of Autotask's thread limit (any zone: /ATServicesRest/V1.0/<Entity>/...)
+_ENDPOINT = re.compile(r"/atservicesrest/v1\.0/(\w+)", re.IGNORECASE)
 _CLOSED_LABEL = re.compile(r"\b(lost|closed|won|implemented|cancel+ed)\b", re.IGNORECASE)
 _LOST_LABEL = re.compile(r"\b(lost|cancel+ed)\b", re.IGNORECASE)
 _V10 = re.compile(r"/v1\.0/", re.IGNORECASE)
@@ -404,6 +406,12 @@ class AutotaskConnector(CrmConnector):
 
     def classify(self, response: requests.Response) -> Exception | None:
         return classify(response)
+
+    def in_flight_key(self, method: str, path: str) -> Hashable | None:
+        """The thread limit counts per object endpoint (the entity after /V1.0/): a set's first page read ahead
+        waits while its three ranges are read, rather than being refused."""
+        m = _ENDPOINT.search(self.client.url(path))
+        return m.group(1).lower() if m else None
 
     # -- discovery, zone and threshold ------------------------------------------------------------------------------
 

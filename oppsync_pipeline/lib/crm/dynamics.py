@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, NotRequired, TypeVar
 
@@ -465,6 +465,7 @@ class DynamicsConnector(CrmConnector):
     # service protection: "52 or more concurrent requests" per user are refused; full reads split the date space
     # into at most 51 ranges (fewer: parallel.slice_count keeps their pages under its read-ahead)
     read_concurrency = 51
+    sets_side_by_side = True  # $expand brings the account: mapping caches only the dictionaries, read once
     id_field = "opportunityid"
     # text fields are read as users see them (formatted values); the account's and the owner's names are derived
     field_map = FieldMap(
@@ -543,6 +544,11 @@ class DynamicsConnector(CrmConnector):
         return classify(response) or explain(response, self.conn.fields, self.conn.filters)
 
     # -- requests -------------------------------------------------------------------------------------------------
+
+    def in_flight_key(self, method: str, path: str) -> Hashable | None:
+        """Service protection counts concurrent requests per user (the application user: every request but the
+        token's, which the client sends apart): never more than `degree` (51) in flight, reads ahead included."""
+        return "user"
 
     def _headers(self, *prefer: str) -> dict[str, str]:
         return {
@@ -770,6 +776,10 @@ class DynamicsConnector(CrmConnector):
         )
 
     def users(self) -> Iterable[CrmUser]:
+        with self._once:  # read once, whichever read's page needs the owners' names first
+            return self._read_users()
+
+    def _read_users(self) -> list[CrmUser]:
         if self._users is None:
             self.prepare()
             people = self.optional(

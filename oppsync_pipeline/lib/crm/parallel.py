@@ -5,7 +5,9 @@ A full read is parallel only where the API allows it (docs/crm-api-notes.md): on
 `nextRecordsUrl`, Dataverse `@odata.nextLink`, Autotask `nextPageUrl`, HubSpot search `after`) is read page after
 page; what runs side by side is several cursors over disjoint slices of the key or date space (`streams`), or
 independent requests (`ordered_map`: ConnectWise's forecast per opportunity), or a page's lookups while the
-previous page is mapped (`one_ahead`). `degree` is the most requests in
+previous page is mapped (`one_ahead`), or the next read's first page while this read is consumed (`chain_ahead`:
+the sync's open then not-open set), or one request while the caller does other work (`in_background`). `degree`
+is the most requests in
 flight at once, the connection's `options.parallel_reads` (default: the CRM's documented limit; 1 is the plain
 sequential read, in the caller's thread).
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -79,6 +81,81 @@ def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]
         finally:
             if pending is not None:
                 pending[1].cancel()
+
+
+class _Begun:
+    """What `chain_ahead`'s helper returns when a read ended and it began the next one: that read's first item."""
+
+    def __init__(self, first: Any):
+        self.first = first
+
+
+def chain_ahead(starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bool = True) -> Iterator[tuple[int, T]]:
+    """(i, item) for the items of each read in turn (`starts`: a function per read that begins it), each read's
+    next item read in a helper thread while the consumer works on the one before: its request, or the split a
+    read starts after its first page, no longer waits for the consumer to stage a page. The next read begins
+    (its count, its first page) beside the current read when `side_by_side`, else as soon as the current read
+    has given its last item. Reads ahead hold two items at most, this read's next and the next read's first:
+    what a read splits into after its first page (`streams`, bounded by READ_AHEAD) begins only when the read
+    before it is consumed. A failure raises at its item's turn (never a read that looks short or empty); what
+    the consumer never reaches (it stopped or failed) is waited for and closed, its result unused."""
+    n = len(starts)
+    reads: list[Iterator[T] | None] = [None] * n
+
+    def head(i: int) -> Any:
+        reads[i] = starts[i]()
+        return next(reads[i], _DONE)
+
+    def following(i: int) -> Any:
+        item = next(reads[i], _DONE)  # type: ignore[call-overload]  # reads[i] was set by head(i)
+        if item is _DONE and not side_by_side and i + 1 < n:
+            return _Begun(head(i + 1))
+        return item
+
+    # one thread for this read's next item, one for the next read's first
+    with ThreadPoolExecutor(2, thread_name_prefix="oppsync-next") as pool:
+        nxt: Future[Any] | None = None
+        first: Future[Any] | None = pool.submit(head, 1) if side_by_side and n > 1 else None
+        try:
+            item = head(0) if n else _DONE
+            for i in range(n):
+                while item is not _DONE and not isinstance(item, _Begun):
+                    nxt = pool.submit(following, i)
+                    yield i, item
+                    item, nxt = nxt.result(), None
+                if i + 1 < n:
+                    if isinstance(item, _Begun):
+                        item = item.first
+                    elif first is not None:
+                        item, first = first.result(), None
+                    else:  # read i was empty: it gave nothing to begin the next one after
+                        item = head(i + 1)
+                    if side_by_side and i + 2 < n:
+                        first = pool.submit(head, i + 2)
+        finally:
+            for f in (nxt, first):
+                if f is not None:
+                    f.exception()  # the helper ends its item before its read is closed
+            for it in reads:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+
+def in_background(fn: Callable[[], R]) -> Callable[[], R]:
+    """Start `fn` in a helper thread now; the returned call waits for its result (raising its error): one request
+    that the caller needs later, sent while the caller does other work (writing to the warehouse)."""
+    future: Future[R] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller, which raises it
+                future.set_exception(err)
+
+    threading.Thread(target=run, name="oppsync-background", daemon=True).start()
+    return future.result
 
 
 def slice_count(degree: int, page_size: int) -> int:

@@ -480,6 +480,7 @@ class SalesforceConnector(CrmConnector):
     # "25 concurrent long-running requests" is the only concurrency limit Salesforce documents (short queries
     # have none): full reads split the date space into at most that many ranges (fewer: parallel.slice_count)
     read_concurrency = 25
+    sets_side_by_side = True  # SOQL brings the account with each record: mapping caches only the stages
     id_field = "Id"
     field_map = FIELD_MAP
     crm = "salesforce"

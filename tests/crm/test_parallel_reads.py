@@ -397,3 +397,50 @@ def test_a_failing_read_ahead_fails_the_full_sync_and_changes_nothing(tmp_path: 
             assert deleted == 0
         finally:
             engine.dispose()
+
+
+def test_autotask_looks_up_pages_side_by_side_each_id_once(tmp_path: Path) -> None:
+    """Autotask's map_pages has several pages' company and contact lookups in flight (within three per endpoint),
+    and asks for each id once, in the same requests as one page after another would (ids an earlier page's
+    lookup under way will bring are left out)."""
+    asked: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    class Log(requests.Session):
+        def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+            entity = url.rsplit("/V1.0/", 1)[-1].split("/")[0]
+            body = kwargs.get("json") or {}
+            for f in body.get("filter", []):
+                if entity in ("Companies", "Contacts") and f.get("op") == "in":
+                    with lock:
+                        asked.setdefault(entity, []).extend(f["value"])
+            return super().request(method, url, *args, **kwargs)
+
+    def read(degree: int) -> tuple[list[tuple], int]:  # the rows, the most lookups of an endpoint at once
+        asked.clear()
+        sim = build_simulator("autotask", seed=5, opportunities=1500, faults=FaultPlan(latency_ms=20))
+        with SandboxServer(sim) as server:
+            cfg = sandbox_config(
+                {"autotask": server},
+                f"duckdb:///{tmp_path / f'w{degree}.duckdb'}",
+                tmp_path,
+                {"autotask": {"page_size": 100, "options": {"parallel_reads": degree}}},
+            )
+            connector = build_connector(cfg, cfg.connections[0], session=Log())
+            rows = [
+                (o.source_id, o.client_name, o.sales_executive, o.service_location)
+                for open_set in (True, False)
+                for page in connector.opportunities(open_set, None)
+                for o in page
+            ]
+            assert sim.in_flight.refused == 0
+            lookups = {k: v for k, v in sim.in_flight.peak.items() if k[1] in ("companies", "contacts")}
+            return rows, max(lookups.values())
+
+    sequential, _ = read(1)
+    one_by_one = {k: sorted(v) for k, v in asked.items()}
+    parallel, peak = read(3)
+    assert parallel == sequential
+    assert {k: sorted(v) for k, v in asked.items()} == one_by_one  # the same ids
+    assert all(len(v) == len(set(v)) for v in asked.values())  # each asked once
+    assert 1 < peak <= at.THREAD_LIMIT  # several pages' lookups at once, never a fourth

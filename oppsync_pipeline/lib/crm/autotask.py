@@ -372,6 +372,11 @@ class AutotaskConnector(CrmConnector):
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
         self._no_close_fields: set[str] = set()  # close-time fields this tenant does not have
+        # lookups of several pages in flight (map_pages): ids an earlier page's lookup will bring, by entity; the
+        # entities that answered once; the turn an entity's first lookup takes alone
+        self._reserved: dict[str, set[int]] = {}
+        self._answered: set[str] = set()
+        self._first_lookup: dict[str, threading.Lock] = {}
 
     # -- dictionaries kept between runs (lookups.py) -----------------------------------------------------------
     # Companies: the incremental run first reads those changed since the bookmark (lastTrackedModifiedDateTime,
@@ -861,15 +866,43 @@ class AutotaskConnector(CrmConnector):
         """Fetch this page's companies and contacts not seen yet, in batches (never one call per record), the
         countries once, and the resources once when a record's sales executive falls back to its owner. All
         optional: refused, the record keeps its ids and the names / address stay empty (with a warning)."""
+        plan = self._plan_lookups(items)
+        self._apply_lookups(items, plan, self._fetch_lookups(plan))
+
+    def map_pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[Page]:
+        """`enrich` then map each page, the lookups of the next pages in flight meanwhile (up to `degree` pages'
+        at once: the thread limit is per endpoint, and the InFlightLimit keeps it). Each page's ids are chosen in
+        order, leaving out those an earlier page's lookup under way will bring (`_plan_lookups`), and applied in
+        order before the page is mapped: the same ids in the same requests as one page after another, where a
+        page's lookups no longer wait for the page before it (issue 21: ~20 lookups of a full sync of 10,000 on
+        the critical path, each a round trip)."""
+        planned = ((items, self._plan_lookups(items)) for items in pages)
+        fetched = ordered_map(lambda job: (*job, self._fetch_lookups(job[1])), planned, max(2, self.degree))
+        for items, plan, answers in fetched:
+            self._apply_lookups(items, plan, answers)
+            yield self.map_records(items, self._map, None)
+
+    def _plan_lookups(self, items: list[dict[str, Any]]) -> list[tuple[str, list[int], Lookup[int], str]]:
+        """The page's companies and contacts that neither the cache holds nor an earlier page's lookup under way
+        will bring (those are reserved until applied): (entity, ids, cache, fallback text) per lookup to send."""
         self.statuses()
         lookups = []
         for entity, key, cache, text in (
             ("Companies", "companyID", self._companies, "client_name and service_location are left empty"),
             ("Contacts", "contactID", self._contacts, "sales_executive falls back to the owner resource's name"),
         ):
-            wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys())
+            reserved = self._reserved.setdefault(entity, set())
+            wanted = sorted({r[key] for r in items if _is_id(r.get(key))} - cache.keys() - reserved)
             if wanted and entity not in self._refused:
+                reserved.update(wanted)
                 lookups.append((entity, wanted, cache, text))
+        return lookups
+
+    def _fetch_lookups(
+        self, lookups: list[tuple[str, list[int], Lookup[int], str]]
+    ) -> list[dict[int, dict[str, Any]] | None]:
+        """The records of each lookup (None: refused). An entity's first lookup goes alone: a refusal stops the
+        lookups after it (as one page after another would), instead of each being refused in turn."""
 
         def read(entity: str, wanted: list[int]) -> dict[int, dict[str, Any]]:
             found: dict[int, dict[str, Any]] = {}
@@ -881,14 +914,30 @@ class AutotaskConnector(CrmConnector):
                     found.update((x["id"], _kept(entity, x)) for x in page)
             return found
 
+        def lookup(job: tuple[str, list[int], Lookup[int], str]) -> dict[int, dict[str, Any]] | None:
+            entity, wanted, _, text = job
+            if entity in self._answered:
+                return self._optional(entity, lambda: read(entity, wanted), None, text)
+            with self._first_lookup.setdefault(entity, threading.Lock()):
+                found = self._optional(entity, lambda: read(entity, wanted), None, text)
+                if found is not None:
+                    self._answered.add(entity)
+                return found
+
         # companies and contacts are two endpoints (the thread limit is per endpoint): read side by side
-        answers = ordered_map(
-            lambda job: self._optional(job[0], lambda: read(job[0], job[1]), None, job[3]), lookups, len(lookups)
-        )
-        for (_, wanted, cache, _), found in zip(lookups, answers, strict=True):
+        return list(ordered_map(lookup, lookups, len(lookups)))
+
+    def _apply_lookups(
+        self,
+        items: list[dict[str, Any]],
+        lookups: list[tuple[str, list[int], Lookup[int], str]],
+        answers: list[dict[int, dict[str, Any]] | None],
+    ) -> None:
+        for (entity, wanted, cache, _), found in zip(lookups, answers, strict=True):
             if found is not None:
                 cache.update(found)
                 cache.update((missing, {}) for missing in set(wanted) - found.keys())
+            self._reserved[entity].difference_update(wanted)
         named = (self._companies.get(r["companyID"]) for r in items if _is_id(r.get("companyID")))
         if not self._countries and "Countries" not in self._refused and any(c and c.get("countryID") for c in named):
 

@@ -83,7 +83,7 @@ from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_obj
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import ordered_map, slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import in_background, ordered_map, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -425,6 +425,11 @@ class AutotaskConnector(CrmConnector):
         exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
         tenant does not have is a configuration error named by its key, before the first query."""
         self.ensure_zone()
+        # the two are independent: the user-defined fields are read beside the fields (answer or error taken at
+        # its turn below, as if asked then)
+        user_defined = in_background(
+            lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields")
+        )
         fields = self._optional(
             "Opportunities/entityInformation/fields",
             lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
@@ -442,7 +447,7 @@ class AutotaskConnector(CrmConnector):
             )
         udfs = self._optional(
             "Opportunities/entityInformation/userDefinedFields",
-            lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields"),
+            user_defined,
             None,
             "configured udf: fields are sent unchecked",
         )

@@ -56,7 +56,7 @@ from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_
 from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import in_background, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -623,23 +623,28 @@ class DynamicsConnector(CrmConnector):
                     status=400,
                     code="UNKNOWN_COLUMN",
                 )
+        # once the configured columns are known to be there: three reads that depend on nothing before them, sent
+        # side by side; each answer (or error) is taken at its turn below, as if it had been asked then
+        currencies = in_background(self._read_currencies)
+        organization = in_background(self._read_organization)
+        probe = in_background(self._probe_account_expand)
         self._note_close_time()
         self._currencies = self.optional(
             "transaction currencies",
-            self._read_currencies,
+            currencies,
             {},
             fallback_text="(needs prvReadTransactionCurrency) currency left empty",
         )
         self._base_currency = self.optional(
             "base currency (organization.basecurrencyid)",
-            self._read_base_currency,
+            lambda: self._base_currency_of(organization()),
             None,
             fallback_text="base_currency left empty (amount_base still read from estimatedvalue_base)",
         )
         try:
             self._expand_account = self.optional(
                 "account $expand (client address)",
-                self._probe_account_expand,
+                probe,
                 False,
                 fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
                 "service_location left empty",
@@ -691,9 +696,11 @@ class DynamicsConnector(CrmConnector):
         rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"}, CurrencyRow)
         return {str(r["transactioncurrencyid"]).lower(): r.get("isocurrencycode") for r in rows}
 
-    def _read_base_currency(self) -> str | None:
+    def _read_organization(self) -> list[dict[str, Any]]:
+        return self._rows("organizations", {"$select": "_basecurrencyid_value"}, OrganizationRow)
+
+    def _base_currency_of(self, rows: list[dict[str, Any]]) -> str | None:
         """The ISO code of the environment's base currency: the one every `*_base` Money column is in."""
-        rows = self._rows("organizations", {"$select": "_basecurrencyid_value"}, OrganizationRow)
         base_id = rows[0].get("_basecurrencyid_value") if rows else None
         return (self._currencies or {}).get(str(base_id).lower()) if base_id else None
 

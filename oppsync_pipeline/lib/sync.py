@@ -11,7 +11,7 @@ before it, and duplicates are removed in reconcile: late-committed and tied rows
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,9 +22,9 @@ from sqlalchemy.exc import DBAPIError
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncConfig, resolve_credentials
 from oppsync_pipeline.lib.crm import connector_class
-from oppsync_pipeline.lib.crm.base import CrmConnector
+from oppsync_pipeline.lib.crm.base import CrmConnector, Page
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
-from oppsync_pipeline.lib.crm.parallel import chain_ahead, in_background
+from oppsync_pipeline.lib.crm.parallel import begun, chain_ahead, in_background
 from oppsync_pipeline.lib.memory import release_arrow_memory
 from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
@@ -166,8 +166,18 @@ def run_extract(
                 "full; records that no longer match left the scope, none were deleted for it"
             )
         trigger = StageTrigger.resolve(conn, connector.stages())
-        # the users are read while the warehouse is written to (their request no longer waits for it)
+
+        def set_pages(read_since: datetime | None) -> Iterator[tuple[int, Page]]:
+            """The pages of the open set then the not-open set, as (0 open / 1 not-open, page): each set's next
+            page read while this one is staged, the not-open set begun beside the open set where the connector
+            allows it (parallel.chain_ahead)."""
+            reads = [lambda o=o: connector.opportunities(open_set=o, since=read_since) for o in (True, False)]
+            return chain_ahead(reads, side_by_side=connector.sets_side_by_side)
+
+        # the users, then the first set's first page, are read while the warehouse is written to (in one helper,
+        # one after the other: mapping a page may look the users up)
         users = in_background(lambda: list(connector.users()))
+        counted_pages = begun(set_pages(since), after=users)
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -188,14 +198,10 @@ def run_extract(
         seq, max_modified = 0, None
         staging = store.StagingWriter(engine, run_id)
 
-        def read_sets(read_since: datetime | None, counted: bool) -> None:
+        def read_sets(pages: Iterator[tuple[int, Page]], counted: bool) -> None:
             nonlocal seq, max_modified
-            # each set's next page is read while this one is staged, and the not-open set's first page (and its
-            # count) beside the open set's where the connector allows it
-            sets = (True, False)
-            reads = [lambda o=o: connector.opportunities(open_set=o, since=read_since) for o in sets]
-            for i, page in chain_ahead(reads, side_by_side=connector.sets_side_by_side):
-                open_set = sets[i]
+            for i, page in pages:
+                open_set = i == 0
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
                 set_aside(connector, engine, run_id, conn.name)
@@ -209,14 +215,14 @@ def run_extract(
                     if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
                         max_modified = o.modified_at
 
-        read_sets(since, counted=True)
+        read_sets(counted_pages, counted=True)
         if mode == "full":
             # A record that moved between the sets while they were read (reopened after the open set was
             # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
             # both sets once more for changes since the run started on the server's clock; reconcile keeps
             # each record's latest version.
             run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
-            read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
+            read_sets(set_pages(run_start - timedelta(minutes=conn.overlap_minutes)), counted=False)
             staging.flush()
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out, tracker)
         staging.flush()

@@ -14,6 +14,7 @@ import requests
 from oppsync_pipeline.lib.config import ConfigError
 from oppsync_pipeline.lib.crm.http import CrmError, InFlightLimit
 from oppsync_pipeline.lib.crm.parallel import (
+    begun,
     chain_ahead,
     in_background,
     one_ahead,
@@ -211,6 +212,28 @@ def test_in_background_returns_the_result_or_raises_at_the_call() -> None:
     time.sleep(0.02)
     with pytest.raises(CrmError, match="refused"):
         failing()
+
+
+def test_begun_reads_the_first_item_after_its_turn_while_the_caller_works() -> None:
+    events: list[str] = []
+
+    def read():
+        events.append("read")
+        yield from (1, 2, 3)
+
+    users = in_background(lambda: time.sleep(0.05) or events.append("users"))
+    pages = begun(read(), after=users)
+    time.sleep(0.1)  # the caller's own work (writing to the warehouse)
+    assert events == ["users", "read"]  # begun before it was iterated, once `after` had returned
+    assert list(pages) == [1, 2, 3]
+
+    def refused():
+        raise CrmError("the open set's first page", status=403)
+        yield
+
+    failing = begun(refused())
+    with pytest.raises(CrmError, match="first page"):
+        next(failing)
 
 
 def test_in_flight_limit_bounds_each_key_and_not_the_others() -> None:

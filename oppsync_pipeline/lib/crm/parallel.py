@@ -6,7 +6,8 @@ A full read is parallel only where the API allows it (docs/crm-api-notes.md): on
 page; what runs side by side is several cursors over disjoint slices of the key or date space (`streams`), or
 independent requests (`ordered_map`: ConnectWise's forecast per opportunity), or a page's lookups while the
 previous page is mapped (`one_ahead`), or the next read's first page while this read is consumed (`chain_ahead`:
-the sync's open then not-open set), or one request while the caller does other work (`in_background`). `degree`
+the sync's open then not-open set), or one request (`in_background`) or a read's first page (`begun`) while the
+caller does other work. `degree`
 is the most requests in
 flight at once, the connection's `options.parallel_reads` (default: the CRM's documented limit; 1 is the plain
 sequential read, in the caller's thread).
@@ -156,6 +157,32 @@ def in_background(fn: Callable[[], R]) -> Callable[[], R]:
 
     threading.Thread(target=run, name="oppsync-background", daemon=True).start()
     return future.result
+
+
+def begun(items: Iterator[T], after: Callable[[], object] | None = None) -> Iterator[T]:
+    """`items`, its first item read from now on in a helper thread (once `after()` returned: what the read must
+    not run beside), while the caller does other work; iterating gives that item, then the rest. A failure
+    raises at the first item's turn."""
+
+    def first() -> Any:
+        if after is not None:
+            after()
+        return next(items, _DONE)
+
+    head = in_background(first)
+
+    def chained() -> Iterator[T]:
+        try:
+            item = head()
+            if item is not _DONE:
+                yield item
+                yield from items
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    return chained()
 
 
 def slice_count(degree: int, page_size: int) -> int:

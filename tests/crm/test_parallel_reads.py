@@ -467,3 +467,24 @@ def test_autotask_looks_up_pages_side_by_side_each_id_once(tmp_path: Path) -> No
     assert {k: sorted(v) for k, v in asked.items()} == one_by_one  # the same ids
     assert all(len(v) == len(set(v)) for v in asked.values())  # each asked once
     assert 1 < peak <= at.THREAD_LIMIT  # several pages' lookups at once, never a fourth
+
+
+def test_autotask_count_asked_beside_the_first_page_fails_the_read_when_refused(tmp_path: Path) -> None:
+    """The set's count goes beside its first page; refused, the read fails before a record is handed on (the
+    sync would otherwise compare what it received with no count, or page without a bound)."""
+    sim = build_simulator("autotask", seed=5, opportunities=1200)
+    with SandboxServer(sim) as server:
+        sim.faults.rules = [FaultRule("bad_request", path=r"(?i).*/opportunities/query/count$")]
+        options = {"parallel_reads": 3}
+        cfg = sandbox_config(
+            {"autotask": server},
+            f"duckdb:///{tmp_path / 'w.duckdb'}",
+            tmp_path,
+            {"autotask": {"page_size": 100, "options": options}},
+        )
+        connector = build_connector(cfg, cfg.connections[0], sleep=lambda s: None)
+        handed_on = []
+        with pytest.raises(CrmError) as err:
+            for page in connector.opportunities(True, None):
+                handed_on.append(page)
+    assert err.value.status == 400 and handed_on == []

@@ -658,17 +658,20 @@ class AutotaskConnector(CrmConnector):
             yield items
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
-        """The open (or not-open) set. A full read (no `since`) first asks Autotask how many records the set
-        holds (`query/count`, one request): the sync compares what it received with that count before it
-        infers deletes, and the paging may not run past it."""
+        """The open (or not-open) set. A full read (no `since`) also asks Autotask how many records the set
+        holds (`query/count`, one request, sent beside the first page): the sync compares what it received with
+        that count before it infers deletes, and the paging may not run past it."""
         self.prepare()
         self.ensure_zone()
         filters = self._set_filters(open_set, since)
-        total = None
-        if since is None:
-            total = self._count("Opportunities", filters)
-            self.tally(open_set, since, (), crm_count=total)
         if since is None:  # split into id ranges read side by side (options.parallel_reads, _full)
+            counting = in_background(lambda: self._count("Opportunities", filters))
+
+            def total() -> int:
+                n = counting()  # the count's error, if any, raises here: before any record is used
+                self.tally(open_set, since, (), crm_count=n)
+                return n
+
             yield from self.map_pages(self._tallied(open_set, self._full(filters, total)))
             return
         # Incremental: the changed records and those of the companies changed since the bookmark are mapped
@@ -689,12 +692,15 @@ class AutotaskConnector(CrmConnector):
         does not touch its opportunities' lastActivity) the set's records of the companies changed since then
         (Companies.lastTrackedModifiedDateTime), each record once."""
         seen: set[int] = set()
-        # the companies changed since the bookmark replace their kept copies before any record is mapped
-        changed = self._changed_companies(since)
+        # the companies changed since the bookmark replace their kept copies before any record is mapped: asked
+        # beside the first page of the changed records, taken before that page is handed on
+        changing = in_background(lambda: self._changed_companies(since))
         for items in self._query("Opportunities", filters):
+            changing()
             self.tally(open_set, since, (r["id"] for r in items))
             seen.update(r["id"] for r in items)
             yield items
+        changed = changing()
         base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
             by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i : i + BATCH]}]
@@ -709,17 +715,24 @@ class AutotaskConnector(CrmConnector):
         for start in range(0, len(page), self.page_size):
             yield page[start : start + self.page_size]
 
-    def _full(self, filters: list[dict[str, Any]], total: int) -> Iterator[list[dict[str, Any]]]:
+    def _full(self, filters: list[dict[str, Any]], count: Callable[[], int]) -> Iterator[list[dict[str, Any]]]:
         """A full read of a set, in id order (Autotask's result order) as one query would give it. With
         `degree` > 1 the first page is read alone; what comes after its last id is split into `degree` id ranges
         (widths from the first page's id density and the set's count; the last range is open-ended, so no id
         is left out however wrong the estimate), each its own query and cursor, read side by side
-        (parallel.streams: each range's pages in order, range after range; a failing range fails the read)."""
-        pages = self._query("Opportunities", filters, expect=total)
-        if self.degree <= 1 or total <= self.page_size:
+        (parallel.streams: each range's pages in order, range after range; a failing range fails the read).
+        `count()`: the set's count, asked beside the first page; it bounds the paging from that page on."""
+        pages = self._query("Opportunities", filters, total=lambda page: count())
+        if self.degree <= 1:
             yield from pages
             return
         first = next(pages, None)
+        total = count()
+        if total <= self.page_size:  # one query, as it began
+            if first is not None:
+                yield first
+                yield from pages
+            return
         pages.close()  # nothing more was asked: the next page is requested only when it is wanted
         if first is None:
             return
@@ -825,12 +838,18 @@ class AutotaskConnector(CrmConnector):
         return flags == "open"
 
     def _query(
-        self, entity: str, filters: list[dict[str, Any]], max_records: int | None = None, *, expect: int | None = None
+        self,
+        entity: str,
+        filters: list[dict[str, Any]],
+        max_records: int | None = None,
+        *,
+        expect: int | None = None,
+        total: Callable[[Any], int | None] | None = None,
     ) -> Iterator[list[dict[str, Any]]]:
         """POST the query, then POST the same body to every nextPageUrl until one is null. Each page is checked
         (QueryPage) before a record of it is used. The paging must end: a next link already followed, a page
-        that starts where an earlier one started (an API ignoring the paging) and, when `expect` says how many
-        records can match, more pages than that allows each fail the run."""
+        that starts where an earlier one started (an API ignoring the paging) and, when `expect` (or `total` of
+        the first page) says how many records can match, more pages than that allows each fail the run."""
         body = {"MaxRecords": max_records or self.page_size, "filter": filters}
         path = f"{entity}/query"
         # every next page is POSTed the same body, at its path from /V1.0/ on (the zone may move mid-run)
@@ -842,6 +861,7 @@ class AutotaskConnector(CrmConnector):
             records="items",
             first_id="id",
             expect=expect,
+            total=total,
             page_size=body["MaxRecords"],
             before_request=self._poll_when_due,
         ):

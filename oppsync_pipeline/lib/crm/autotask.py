@@ -425,11 +425,13 @@ class AutotaskConnector(CrmConnector):
         exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
         tenant does not have is a configuration error named by its key, before the first query."""
         self.ensure_zone()
-        # the two are independent: the user-defined fields are read beside the fields (answer or error taken at
-        # its turn below, as if asked then)
+        # independent of each other: the user-defined fields and the internal currency are read beside the fields
+        # (each answer or error taken at its turn below, as if asked then; a configuration the fields refuse has
+        # then cost one request more, the currency's)
         user_defined = in_background(
             lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields")
         )
+        currency = None if self.options.currency else in_background(self._read_internal_currency)
         fields = self._optional(
             "Opportunities/entityInformation/fields",
             lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
@@ -457,7 +459,7 @@ class AutotaskConnector(CrmConnector):
         self._discover_close_fields()
         self._internal_currency = self.options.currency or self._optional(
             "Currencies",
-            self._read_internal_currency,
+            currency or self._read_internal_currency,
             None,
             "currency and base_currency left empty (set options.currency to fill them)",
         )

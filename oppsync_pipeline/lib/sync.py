@@ -167,17 +167,31 @@ def run_extract(
             )
         trigger = StageTrigger.resolve(conn, connector.stages())
 
+        def changes_since() -> datetime:
+            run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
+            return run_start - timedelta(minutes=conn.overlap_minutes)
+
         def set_pages(read_since: datetime | None) -> Iterator[tuple[int, Page]]:
-            """The pages of the open set then the not-open set, as (0 open / 1 not-open, page): each set's next
-            page read while this one is staged, the not-open set begun beside the open set where the connector
-            allows it (parallel.chain_ahead)."""
+            """The pages of the open set then the not-open set, as (read, page): read 0 the open set, 1 the
+            not-open set; each set's next page read while this one is staged, the not-open set begun beside the
+            open set where the connector allows it (parallel.chain_ahead).
+
+            A full sync then reads both sets again (reads 2 and 3): a record that moved between the sets while
+            they were read (reopened after the open set was read, say) is in neither, and would be inferred
+            deleted. It was modified during the run: both sets are read once more for changes since the run
+            started on the server's clock (reconcile keeps each record's latest version), begun only once the
+            first read has sent its last request (in turn), while its last page is staged."""
             reads = [lambda o=o: connector.opportunities(open_set=o, since=read_since) for o in (True, False)]
-            return chain_ahead(reads, side_by_side=connector.sets_side_by_side)
+            beside = [connector.sets_side_by_side]
+            if mode == "full":
+                reads += [lambda o=o: connector.opportunities(open_set=o, since=changes_since()) for o in (True, False)]
+                beside += [False, connector.sets_side_by_side]
+            return chain_ahead(reads, side_by_side=beside)
 
         # the users, then the first set's first page, are read while the warehouse is written to (in one helper,
         # one after the other: mapping a page may look the users up)
         users = in_background(lambda: list(connector.users()))
-        counted_pages = begun(set_pages(since), after=users)
+        pages = begun(set_pages(since), after=users)
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -198,10 +212,10 @@ def run_extract(
         seq, max_modified = 0, None
         staging = store.StagingWriter(engine, run_id)
 
-        def read_sets(pages: Iterator[tuple[int, Page]], counted: bool) -> None:
+        def read_sets(pages: Iterator[tuple[int, Page]]) -> None:
             nonlocal seq, max_modified
             for i, page in pages:
-                open_set = i == 0
+                open_set, counted = i % 2 == 0, i < 2
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
                 set_aside(connector, engine, run_id, conn.name)
@@ -215,14 +229,8 @@ def run_extract(
                     if o.modified_at is not None and (max_modified is None or o.modified_at > max_modified):
                         max_modified = o.modified_at
 
-        read_sets(counted_pages, counted=True)
+        read_sets(pages)  # both sets, then (a full sync) both sets again for the changes during the run
         if mode == "full":
-            # A record that moved between the sets while they were read (reopened after the open set was
-            # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
-            # both sets once more for changes since the run started on the server's clock; reconcile keeps
-            # each record's latest version.
-            run_start = to_utc(connector.stats.server_time) if connector.stats.server_time else started
-            read_sets(set_pages(run_start - timedelta(minutes=conn.overlap_minutes)), counted=False)
             staging.flush()
             seq = _read_missing_by_id(engine, connector, staging, run_id, conn.name, trigger, seq, out, tracker)
         staging.flush()

@@ -173,6 +173,24 @@ def test_chain_ahead_in_turn_begins_a_read_when_the_one_before_has_given_its_las
     assert events.index("end 0") < events.index("begin 1") < events.index("end 1") < events.index("begin 2")
 
 
+def test_chain_ahead_per_read_the_sync_s_sets_beside_each_other_its_change_reads_after_them() -> None:
+    events: list[str] = []
+
+    def read(r: int):
+        events.append(f"begin {r}")
+        for k in range(3):
+            time.sleep(0.02)
+            yield r * 100 + k
+        events.append(f"end {r}")
+
+    reads = [lambda r=r: read(r) for r in range(4)]
+    got = [item for _, item in chain_ahead(reads, side_by_side=[True, False, True])]
+    assert got == [r * 100 + k for r in range(4) for k in range(3)]
+    assert events.index("begin 1") < events.index("end 0")  # the not-open set beside the open set
+    assert events.index("end 1") < events.index("begin 2")  # the change reads after the sets' last request
+    assert events.index("begin 3") < events.index("end 2")  # and beside each other
+
+
 def test_chain_ahead_raises_a_failed_read_ahead_at_its_turn_never_as_an_empty_read() -> None:
     def broken():
         raise CrmError("the not-open set's first page", status=400)

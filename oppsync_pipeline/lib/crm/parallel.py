@@ -85,23 +85,29 @@ def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]
 
 
 class _Begun:
-    """What `chain_ahead`'s helper returns when a read ended and it began the next one: that read's first item."""
+    """What `chain_ahead`'s helper returns when a read ended and it began the next one: that read's first item,
+    and the read after it begun beside it (or None)."""
 
-    def __init__(self, first: Any):
-        self.first = first
+    def __init__(self, first: Any, ahead: Future[Any] | None):
+        self.first, self.ahead = first, ahead
 
 
-def chain_ahead(starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bool = True) -> Iterator[tuple[int, T]]:
+def chain_ahead(
+    starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bool | Sequence[bool] = True
+) -> Iterator[tuple[int, T]]:
     """(i, item) for the items of each read in turn (`starts`: a function per read that begins it), each read's
     next item read in a helper thread while the consumer works on the one before: its request, or the split a
     read starts after its first page, no longer waits for the consumer to stage a page. The next read begins
-    (its count, its first page) beside the current read when `side_by_side`, else as soon as the current read
-    has given its last item. Reads ahead hold two items at most, this read's next and the next read's first:
+    (its count, its first page) beside the current read when `side_by_side` (per read: `side_by_side[i]`, whether
+    read i+1 may begin beside read i), else as soon as the current read has given its last item. Reads ahead hold two items at most, this read's next and the next read's first:
     what a read splits into after its first page (`streams`, bounded by READ_AHEAD) begins only when the read
     before it is consumed. A failure raises at its item's turn (never a read that looks short or empty); what
     the consumer never reaches (it stopped or failed) is waited for and closed, its result unused."""
     n = len(starts)
     reads: list[Iterator[T] | None] = [None] * n
+
+    def beside(i: int) -> bool:  # whether read i+1 may begin beside read i
+        return side_by_side if isinstance(side_by_side, bool) else side_by_side[i]
 
     def head(i: int) -> Any:
         reads[i] = starts[i]()
@@ -109,14 +115,20 @@ def chain_ahead(starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bo
 
     def following(i: int) -> Any:
         item = next(reads[i], _DONE)  # type: ignore[call-overload]  # reads[i] was set by head(i)
-        if item is _DONE and not side_by_side and i + 1 < n:
-            return _Begun(head(i + 1))
+        if item is _DONE and i + 1 < n and not beside(i):
+            ahead = pool.submit(head, i + 2) if i + 2 < n and beside(i + 1) else None
+            try:
+                return _Begun(head(i + 1), ahead)
+            except BaseException:
+                if ahead is not None:
+                    ahead.exception()  # ended before its read is closed
+                raise
         return item
 
     # one thread for this read's next item, one for the next read's first
     with ThreadPoolExecutor(2, thread_name_prefix="oppsync-next") as pool:
         nxt: Future[Any] | None = None
-        first: Future[Any] | None = pool.submit(head, 1) if side_by_side and n > 1 else None
+        first: Future[Any] | None = pool.submit(head, 1) if n > 1 and beside(0) else None
         try:
             item = head(0) if n else _DONE
             for i in range(n):
@@ -126,13 +138,14 @@ def chain_ahead(starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bo
                     item, nxt = nxt.result(), None
                 if i + 1 < n:
                     if isinstance(item, _Begun):
-                        item = item.first
-                    elif first is not None:
-                        item, first = first.result(), None
-                    else:  # read i was empty: it gave nothing to begin the next one after
-                        item = head(i + 1)
-                    if side_by_side and i + 2 < n:
-                        first = pool.submit(head, i + 2)
+                        item, first = item.first, item.ahead
+                    else:
+                        if first is not None:
+                            item, first = first.result(), None
+                        else:  # read i was empty: it gave nothing to begin the next one after
+                            item = head(i + 1)
+                        if i + 2 < n and beside(i + 1):
+                            first = pool.submit(head, i + 2)
         finally:
             for f in (nxt, first):
                 if f is not None:

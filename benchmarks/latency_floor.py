@@ -12,8 +12,9 @@ connector uses by default):
   P  the requests of the opportunity read itself: the list / query / search pages, ConnectWise's forecasts
      (`SPLITTABLE`); spread over c slices, ceil(P / c) of them lie on the critical path
   S  every other request (token, discovery, dictionaries, counts, the per-page lookups of companies, contacts,
-     associations): counted as on the critical path, one after another, except lookups of different endpoints
-     the API lets run side by side (Autotask's companies and contacts): only the longest group of those counts
+     associations): counted as on the critical path, one after another, except lookups the API lets run side
+     by side (Autotask's companies and contacts: two endpoints, each c pages' lookups at once): only the longest
+     group of those counts, c at a time
   c  Salesforce 25, Dynamics 51 (52 concurrent are refused), Autotask 3 (per object endpoint), ConnectWise 10
      (assumed: nothing documented), HubSpot 5 (its search rate: 5 search requests per second)
 
@@ -127,13 +128,15 @@ def floor_seconds(crm: str, by_path: dict[str, int]) -> tuple[float, str]:
         sum(n for label, n in by_path.items() if re.search(group, label, re.IGNORECASE))
         for group in allowed.side_by_side
     ]
-    beside = sum(groups) - max(groups, default=0)  # off the critical path: all but the longest group
+    # off the critical path: all but the longest group, and of that group all but ceil(n / c) (c pages' lookups of
+    # one endpoint at once: Autotask's thread limit)
+    beside = sum(groups) - math.ceil(max(groups, default=0) / allowed.concurrency)
     critical = other - beside + math.ceil(split / allowed.concurrency)
     floor = critical * LATENCY_MS / 1000
     terms = f"S {other} + ceil(P {split} / c {allowed.concurrency}) = {critical} requests on the critical path"
     if beside:
         terms = (
-            f"S {other} - {beside} lookups beside the longest group ({' / '.join(map(str, groups))}) + ceil(P "
+            f"S {other} - {beside} lookups beside ceil(the longest group / c) ({' / '.join(map(str, groups))}) + ceil(P "
             f"{split} / c {allowed.concurrency}) = {critical} requests on the critical path"
         )
     if allowed.search_requests_per_second:

@@ -11,7 +11,7 @@ before it, and duplicates are removed in reconcile: late-committed and tied rows
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -25,6 +25,7 @@ from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, OppsyncCo
 from oppsync_pipeline.lib.crm import connector_class
 from oppsync_pipeline.lib.crm.base import CrmConnector, Page, SetTally
 from oppsync_pipeline.lib.crm.http import CrmError, QuotaBudget, QuotaExhausted
+from oppsync_pipeline.lib.crm.parallel import begun, chain_ahead, in_background
 from oppsync_pipeline.lib.memory import release_arrow_memory
 from oppsync_pipeline.lib.progress import ProgressCallback, ProgressTracker
 from oppsync_pipeline.lib.reconcile import DeleteGuardRefused, ReconcileResult, reconcile
@@ -180,6 +181,43 @@ def run_extract(
             _restore_tallies(full_read, connector)
         elif mode == "full":
             full_read = ResumeState(started, server_now)
+        # what the sets' reads staged so far: a full read's progress (kept when it pauses), else the run's own
+        so_far = full_read or ResumeState(started, server_now)
+
+        def changes_since() -> datetime:
+            # the first run's start on the server's clock when the read paused and goes on
+            run_start = so_far.server_start if resume else server_now
+            return (run_start or started) - timedelta(minutes=conn.overlap_minutes)
+
+        def set_read(open_set: bool, read_since: datetime | None) -> Callable[[], Iterator[Page]]:
+            """A counted read of a set: where a paused full read left it (lib/resume.py), else whole."""
+            if resume and so_far.open_set is None or (so_far.open_set is False and open_set):
+                return lambda: iter(())  # read whole before the pause
+            if so_far.open_set == open_set and so_far.after is not None:
+                return lambda: connector.resume_read(open_set, so_far.after)
+            return lambda: connector.opportunities(open_set=open_set, since=read_since)
+
+        def set_pages(read_since: datetime | None) -> Iterator[tuple[int, Page]]:
+            """The pages of the open set then the not-open set, as (read, page): read 0 the open set, 1 the
+            not-open set; each set's next page read while this one is staged, the not-open set begun beside the
+            open set where the connector allows it (parallel.chain_ahead).
+
+            A full sync then reads both sets again (reads 2 and 3): a record that moved between the sets while
+            they were read (reopened after the open set was read, say) is in neither, and would be inferred
+            deleted. It was modified during the run: both sets are read once more for changes since the run
+            started on the server's clock (reconcile keeps each record's latest version), begun only once the
+            first read has sent its last request (in turn), while its last page is staged."""
+            reads = [set_read(True, read_since), set_read(False, read_since)]
+            beside = [connector.sets_side_by_side]
+            if mode == "full":
+                reads += [lambda o=o: connector.opportunities(open_set=o, since=changes_since()) for o in (True, False)]
+                beside += [False, connector.sets_side_by_side]
+            return chain_ahead(reads, side_by_side=beside)
+
+        # the users, then the first set's first page, are read while the warehouse is written to (in one helper,
+        # one after the other: mapping a page may look the users up)
+        users = in_background(lambda: list(connector.users()))
+        pages = begun(set_pages(since), after=users)
         store.begin_extract(
             engine,
             extract_id=run_id,
@@ -197,9 +235,7 @@ def run_extract(
         # a link added later credits past opportunities too.
         store.save_directory(engine, cfg, started)
         store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
-        store.save_users(engine, conn.name, connector.users(), started)
-        # what the sets' reads staged so far: a full read's progress (kept when it pauses), else the run's own
-        so_far = full_read or ResumeState(started, server_now)
+        store.save_users(engine, conn.name, users(), started)
 
         def stage(page: Page, open_set: bool, phase: str, counted: bool) -> None:
             nonlocal staging_page
@@ -212,8 +248,10 @@ def run_extract(
             if counted:
                 name = "open" if open_set else "closed"
                 so_far.counts[name] += len(page)
-                # what the CRM delivered and where the read stands, as staged (pages read ahead are not)
-                # (a plain list: a page cut from a mapped one, in an incremental read)
+                # what the CRM delivered and where the read stands, as staged (pages read ahead are not; a
+                # plain list is a page cut from a mapped one, in an incremental read)
+                if so_far.open_set != open_set:
+                    so_far.open_set, so_far.after = open_set, None
                 so_far.received[name] = so_far.received.get(name, 0) + getattr(page, "received", len(page))
                 so_far.after = getattr(page, "position", None) or so_far.after
             latest = max((o.modified_at for o in page if o.modified_at is not None), default=None)
@@ -221,39 +259,19 @@ def run_extract(
                 so_far.max_modified = latest
             staging_page = False
 
-        def read_sets(read_since: datetime | None, counted: bool) -> None:
-            for open_set in (True, False):
-                if counted and so_far.open_set is False and open_set:
-                    continue  # the open set was read whole before the pause
+        # both sets, then (a full sync) both sets again for the changes during the run; closed however the loop
+        # ends: a read that fails or pauses may otherwise be left suspended in a reference cycle with its error,
+        # its read threads waiting for a garbage collection
+        with closing(pages):
+            for i, page in pages:
+                open_set, counted = i % 2 == 0, i < 2
+                if not counted:
+                    so_far.open_set = None  # both sets read whole: what remains is the run's tail
                 # the second read of a full sync (changes made while it ran) is its own phase in the progress
                 phase = ("open set" if open_set else "not-open set") if counted else "changes during the run"
-                if counted:
-                    so_far.open_set = open_set
-                after = so_far.after if counted else None
-                pages = (
-                    connector.resume_read(open_set, after)
-                    if after is not None
-                    else connector.opportunities(open_set=open_set, since=read_since)
-                )
-                # closed however the loop ends: a read that fails or pauses may otherwise be left suspended in a
-                # reference cycle with its error, its read threads waiting for a garbage collection
-                with closing(pages):
-                    for page in pages:
-                        stage(page, open_set, phase, counted)
-                if counted:
-                    so_far.after = None  # the next set is read from its start
-            if counted:
-                so_far.open_set = None  # both sets read whole
-
-        if so_far.open_set is not None:
-            read_sets(since, counted=True)
+                stage(page, open_set, phase, counted)
+        so_far.open_set = None
         if mode == "full":
-            # A record that moved between the sets while they were read (reopened after the open set was
-            # read, say) is in neither, and would be inferred deleted. It was modified during the run: read
-            # both sets once more for changes since the run started on the server's clock (the first run's,
-            # when the read paused); reconcile keeps each record's latest version.
-            run_start = so_far.server_start or started
-            read_sets(run_start - timedelta(minutes=conn.overlap_minutes), counted=False)
             staging.flush()
             so_far.seq = _read_missing_by_id(
                 engine, connector, staging, run_id, conn.name, trigger, so_far.seq, out, tracker

@@ -237,7 +237,8 @@ def test_threshold_429_waits_for_the_rolling_hour():
         sim._window.extend([now] * (500 - len(sim._window)))
         got = fetch(c)
         assert set(got) == {o.native_id for o in sim.world.live()}
-        assert slept == [60.0] and c.stats.rate_limited == 1
+        # the set's count and its first page go side by side: both may meet the spent hour, each waits it out once
+        assert slept in ([60.0], [60.0, 60.0]) and c.stats.rate_limited == len(slept)
 
 
 def test_quota_near_threshold_stops_the_run():

@@ -12,12 +12,21 @@ import pytest
 import requests
 
 from oppsync_pipeline.lib.config import ConfigError
-from oppsync_pipeline.lib.crm.http import CrmError
-from oppsync_pipeline.lib.crm.parallel import one_ahead, ordered_map, split_after, streams
-from oppsync_pipeline.lib.sync import build_connector
+from oppsync_pipeline.lib.crm.http import CrmError, InFlightLimit
+from oppsync_pipeline.lib.crm.parallel import (
+    begun,
+    chain_ahead,
+    in_background,
+    one_ahead,
+    ordered_map,
+    split_after,
+    streams,
+)
+from oppsync_pipeline.lib.sync import ExtractFailed, build_connector, sync_connection
+from oppsync_pipeline.lib.warehouse.engine import make_engine
 from oppsync_pipeline.sandbox import autotask as at
 from oppsync_pipeline.sandbox.cluster import build_simulator, crm_module
-from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, SandboxServer
+from oppsync_pipeline.sandbox.server import FaultPlan, FaultRule, HttpError, SandboxServer
 from tests.conftest import sandbox_config
 
 # -- the mechanism, without HTTP -------------------------------------------------------------------------------------
@@ -112,6 +121,163 @@ def test_split_after_covers_the_rest_from_the_first_page_on() -> None:
     bounds = split_after(low=1, high=500, read=500, remaining=1500, parts=3)
     assert bounds[0] == 500 and bounds == sorted(bounds) and len(bounds) == 3
     assert bounds[1] - bounds[0] == pytest.approx(1500 * 499 / 500 / 3)  # the rest at the first page's density
+
+
+def _slow_reads(log: list[tuple[str, int, float]], sizes: list[int], wait: float = 0.05):
+    """A start function per read: each item takes `wait` seconds to read (a request), logged with its start."""
+
+    def start(r: int):
+        for k in range(sizes[r]):
+            log.append(("read", r, time.monotonic()))
+            time.sleep(wait)
+            yield r * 100 + k
+
+    return [lambda r=r: start(r) for r in range(len(sizes))]
+
+
+def test_chain_ahead_keeps_the_order_and_reads_the_next_item_and_read_ahead() -> None:
+    log: list[tuple[str, int, float]] = []
+    t0 = time.monotonic()
+    got = []
+    for i, item in chain_ahead(_slow_reads(log, [3, 2, 2])):
+        got.append((i, item))
+        time.sleep(0.05)  # the consumer's own work on the item
+    took = time.monotonic() - t0
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 100), (1, 101), (2, 200), (2, 201)]
+    # 7 reads and 7 items of work of 50 ms each: serial 0.7 s; overlapped, the reads hide behind the work
+    assert took < 0.6
+    # the first items of reads 0 and 1 were read side by side, before anything was consumed
+    first: dict[int, float] = {}
+    for _, r, began in log:
+        first.setdefault(r, began)
+    assert abs(first[1] - first[0]) < 0.03
+
+
+def test_chain_ahead_in_turn_begins_a_read_when_the_one_before_has_given_its_last_item() -> None:
+    events: list[str] = []
+
+    def read(r: int, size: int):
+        events.append(f"begin {r}")
+        for k in range(size):
+            time.sleep(0.01)
+            yield r * 100 + k
+        events.append(f"end {r}")
+
+    got = []
+    for i, item in chain_ahead([lambda: read(0, 3), lambda: read(1, 0), lambda: read(2, 2)], side_by_side=False):
+        got.append((i, item))
+        events.append(f"used {item}")
+        time.sleep(0.03)
+    assert got == [(0, 0), (0, 1), (0, 2), (2, 200), (2, 201)]  # an empty read in between gives nothing
+    # in turn: each read begins only after the one before it ended
+    assert events.index("end 0") < events.index("begin 1") < events.index("end 1") < events.index("begin 2")
+
+
+def test_chain_ahead_per_read_the_sync_s_sets_beside_each_other_its_change_reads_after_them() -> None:
+    events: list[str] = []
+
+    def read(r: int):
+        events.append(f"begin {r}")
+        for k in range(3):
+            time.sleep(0.02)
+            yield r * 100 + k
+        events.append(f"end {r}")
+
+    reads = [lambda r=r: read(r) for r in range(4)]
+    got = [item for _, item in chain_ahead(reads, side_by_side=[True, False, True])]
+    assert got == [r * 100 + k for r in range(4) for k in range(3)]
+    assert events.index("begin 1") < events.index("end 0")  # the not-open set beside the open set
+    assert events.index("end 1") < events.index("begin 2")  # the change reads after the sets' last request
+    assert events.index("begin 3") < events.index("end 2")  # and beside each other
+
+
+def test_chain_ahead_raises_a_failed_read_ahead_at_its_turn_never_as_an_empty_read() -> None:
+    def broken():
+        raise CrmError("the not-open set's first page", status=400)
+
+    got = []
+    with pytest.raises(CrmError, match="first page"):
+        for i, item in chain_ahead([lambda: iter([1, 2, 3]), broken]):
+            got.append((i, item))
+    assert got == [(0, 1), (0, 2), (0, 3)]  # read 0 whole, then the failure: not a read 1 that looks empty
+
+
+def test_chain_ahead_closes_the_reads_the_consumer_leaves() -> None:
+    closed = []
+
+    def read(r: int):
+        try:
+            yield from range(r * 10, r * 10 + 5)
+        finally:
+            closed.append(r)
+
+    for _, item in chain_ahead([lambda: read(0), lambda: read(1)]):
+        if item == 1:
+            break
+    assert sorted(closed) == [0, 1]  # read 1 had begun (its first item read ahead): it is closed too
+
+
+def test_in_background_returns_the_result_or_raises_at_the_call() -> None:
+    started = time.monotonic()
+    slow = in_background(lambda: time.sleep(0.1) or 42)
+    assert time.monotonic() - started < 0.05  # the caller went on
+    assert slow() == 42
+
+    def refused() -> int:
+        raise CrmError("refused", status=403)
+
+    failing = in_background(refused)
+    time.sleep(0.02)
+    with pytest.raises(CrmError, match="refused"):
+        failing()
+
+
+def test_begun_reads_the_first_item_after_its_turn_while_the_caller_works() -> None:
+    events: list[str] = []
+
+    def read():
+        events.append("read")
+        yield from (1, 2, 3)
+
+    users = in_background(lambda: time.sleep(0.05) or events.append("users"))
+    pages = begun(read(), after=users)
+    time.sleep(0.1)  # the caller's own work (writing to the warehouse)
+    assert events == ["users", "read"]  # begun before it was iterated, once `after` had returned
+    assert list(pages) == [1, 2, 3]
+
+    def refused():
+        raise CrmError("the open set's first page", status=403)
+        yield
+
+    failing = begun(refused())
+    with pytest.raises(CrmError, match="first page"):
+        next(failing)
+
+
+def test_in_flight_limit_bounds_each_key_and_not_the_others() -> None:
+    limit = InFlightLimit(2, lambda method, path: path.split("/")[0] if "/" in path else None)
+    in_flight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def request(path: str) -> None:
+        key = path.split("/")[0] if "/" in path else "free"
+        with limit.slot("POST", path):
+            with lock:
+                in_flight[key] = in_flight.get(key, 0) + 1
+                peak[key] = max(peak.get(key, 0), in_flight[key])
+            time.sleep(0.02)
+            with lock:
+                in_flight[key] -= 1
+
+    paths = ["Opportunities/query"] * 6 + ["Companies/query"] * 6 + ["zone"] * 6
+    threads = [threading.Thread(target=request, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak["Opportunities"] == 2 and peak["Companies"] == 2  # each endpoint at its limit, side by side
+    assert peak["free"] > 2  # what no limit counts is not held
 
 
 # -- the connectors against the simulators ---------------------------------------------------------------------------
@@ -239,3 +405,104 @@ def test_records_edited_during_a_split_read_are_all_read(crm: str, tmp_path: Pat
                     for opp in sorted(sim.world.live(), key=lambda o: o.created_at)[::50]:
                         sim.world.update(opp.native_id, name=f"{opp.name} (edited)")
     assert sorted(read) == sorted(o.native_id for o in sim.world.live())
+
+
+def test_a_failing_read_ahead_fails_the_full_sync_and_changes_nothing(tmp_path: Path) -> None:
+    """The sync reads the not-open set's first page beside the open set (parallel.chain_ahead): when that request
+    fails, the sync fails, at the not-open set's turn, and infers no delete from the records it did not read."""
+    sim = build_simulator("salesforce", seed=5, opportunities=600, faults=FaultPlan(latency_ms=5))
+    with SandboxServer(sim) as server:
+        cfg = sandbox_config({"salesforce": server}, f"duckdb:///{tmp_path / 'w.duckdb'}", tmp_path)
+        conn = cfg.connections[0]
+        engine = make_engine(cfg.warehouse.url)
+        try:
+            assert sync_connection(cfg, conn, engine, run_id="r1", mode="full").extract.status == "complete"
+            inner, refused = sim.handle, []
+
+            def handle(req):  # the not-open set's first page of the full read: a query the CRM refuses
+                soql = req.arg("q") or ""
+                if "IsClosed = true ORDER BY CreatedDate" in soql and not refused:
+                    refused.append(soql)
+                    return sim.error_response(HttpError(400, "MALFORMED_QUERY", "refused for the test"))
+                return inner(req)
+
+            sim.handle = handle
+            connector = build_connector(cfg, conn, sleep=lambda s: None)
+            with pytest.raises(ExtractFailed, match="MALFORMED_QUERY|refused for the test"):
+                sync_connection(cfg, conn, engine, run_id="r2", mode="full", connector=connector)
+            assert refused  # the read ahead was the request refused
+            with engine.connect() as c:
+                deleted = c.exec_driver_sql(
+                    "SELECT count(*) FROM oppsync.opportunities WHERE deleted_at IS NOT NULL"
+                ).scalar()
+            assert deleted == 0
+        finally:
+            engine.dispose()
+
+
+def test_autotask_looks_up_pages_side_by_side_each_id_once(tmp_path: Path) -> None:
+    """Autotask's map_pages has several pages' company and contact lookups in flight (within three per endpoint),
+    and asks for each id once, in the same requests as one page after another would (ids an earlier page's
+    lookup under way will bring are left out)."""
+    asked: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    class Log(requests.Session):
+        def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+            entity = url.rsplit("/V1.0/", 1)[-1].split("/")[0]
+            body = kwargs.get("json") or {}
+            for f in body.get("filter", []):
+                if entity in ("Companies", "Contacts") and f.get("op") == "in":
+                    with lock:
+                        asked.setdefault(entity, []).extend(f["value"])
+            return super().request(method, url, *args, **kwargs)
+
+    def read(degree: int) -> tuple[list[tuple], int]:  # the rows, the most lookups of an endpoint at once
+        asked.clear()
+        sim = build_simulator("autotask", seed=5, opportunities=1500, faults=FaultPlan(latency_ms=20))
+        with SandboxServer(sim) as server:
+            cfg = sandbox_config(
+                {"autotask": server},
+                f"duckdb:///{tmp_path / f'w{degree}.duckdb'}",
+                tmp_path,
+                {"autotask": {"page_size": 100, "options": {"parallel_reads": degree}}},
+            )
+            connector = build_connector(cfg, cfg.connections[0], session=Log())
+            rows = [
+                (o.source_id, o.client_name, o.sales_executive, o.service_location)
+                for open_set in (True, False)
+                for page in connector.opportunities(open_set, None)
+                for o in page
+            ]
+            assert sim.in_flight.refused == 0
+            lookups = {k: v for k, v in sim.in_flight.peak.items() if k[1] in ("companies", "contacts")}
+            return rows, max(lookups.values())
+
+    sequential, _ = read(1)
+    one_by_one = {k: sorted(v) for k, v in asked.items()}
+    parallel, peak = read(3)
+    assert parallel == sequential
+    assert {k: sorted(v) for k, v in asked.items()} == one_by_one  # the same ids
+    assert all(len(v) == len(set(v)) for v in asked.values())  # each asked once
+    assert 1 < peak <= at.THREAD_LIMIT  # several pages' lookups at once, never a fourth
+
+
+def test_autotask_count_asked_beside_the_first_page_fails_the_read_when_refused(tmp_path: Path) -> None:
+    """The set's count goes beside its first page; refused, the read fails before a record is handed on (the
+    sync would otherwise compare what it received with no count, or page without a bound)."""
+    sim = build_simulator("autotask", seed=5, opportunities=1200)
+    with SandboxServer(sim) as server:
+        sim.faults.rules = [FaultRule("bad_request", path=r"(?i).*/opportunities/query/count$")]
+        options = {"parallel_reads": 3}
+        cfg = sandbox_config(
+            {"autotask": server},
+            f"duckdb:///{tmp_path / 'w.duckdb'}",
+            tmp_path,
+            {"autotask": {"page_size": 100, "options": options}},
+        )
+        connector = build_connector(cfg, cfg.connections[0], sleep=lambda s: None)
+        handed_on = []
+        with pytest.raises(CrmError) as err:
+            for page in connector.opportunities(True, None):
+                handed_on.append(page)
+    assert err.value.status == 400 and handed_on == []

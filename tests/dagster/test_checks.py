@@ -238,9 +238,7 @@ def test_a_spent_quota_skips_the_run_and_the_next_run_completes_the_data(setup: 
     assert [r[1] for r in setup.sync_runs("sf-quota")] == ["skipped", "success"]
 
 
-def test_a_full_sync_that_outgrows_its_quota_share_pauses_and_the_next_runs_complete_it(
-    setup: Setup, dagster_instance
-):
+def test_a_full_sync_that_outgrows_its_quota_share_pauses_and_the_next_runs_complete_it(setup: Setup, dagster_instance):
     world = setup.world("at-paused")
     results = []
     for _ in range(10):

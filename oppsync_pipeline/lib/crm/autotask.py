@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
@@ -84,7 +84,7 @@ from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_obj
 from oppsync_pipeline.lib.crm.lookups import Lookup
 from oppsync_pipeline.lib.crm.pages import RECORD, PageError, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import ordered_map, slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import in_background, ordered_map, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -118,6 +118,8 @@ _RIGHTS = {
     "countries": "Countries (optional: the country in addresses)",
     "thresholdinformation": "ThresholdInformation (optional: the hourly request quota)",
 }
+# a request's object endpoint, the unit of Autotask's thread limit (any zone: /ATServicesRest/V1.0/<Entity>/...)
+_ENDPOINT = re.compile(r"/atservicesrest/v1\.0/(\w+)", re.IGNORECASE)
 _CLOSED_LABEL = re.compile(r"\b(lost|closed|won|implemented|cancel+ed)\b", re.IGNORECASE)
 _LOST_LABEL = re.compile(r"\b(lost|cancel+ed)\b", re.IGNORECASE)
 _V10 = re.compile(r"/v1\.0/", re.IGNORECASE)
@@ -389,6 +391,11 @@ class AutotaskConnector(CrmConnector):
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
         self._no_close_fields: set[str] = set()  # close-time fields this tenant does not have
+        # lookups of several pages in flight (map_pages): ids an earlier page's lookup will bring, by entity; the
+        # entities that answered once; the turn an entity's first lookup takes alone
+        self._reserved: dict[str, set[int]] = {}
+        self._answered: set[str] = set()
+        self._first_lookup: dict[str, threading.Lock] = {}
 
     # -- dictionaries kept between runs (lookups.py) -----------------------------------------------------------
     # Companies: the incremental run first reads those changed since the bookmark (lastTrackedModifiedDateTime,
@@ -424,6 +431,12 @@ class AutotaskConnector(CrmConnector):
     def classify(self, response: requests.Response) -> Exception | None:
         return classify(response)
 
+    def in_flight_key(self, method: str, path: str) -> Hashable | None:
+        """The thread limit counts per object endpoint (the entity after /V1.0/): a set's first page read ahead
+        waits while its three ranges are read, rather than being refused."""
+        m = _ENDPOINT.search(self.client.url(path))
+        return m.group(1).lower() if m else None
+
     # -- discovery, zone and threshold ------------------------------------------------------------------------------
 
     def discover_tenant(self) -> None:
@@ -431,6 +444,13 @@ class AutotaskConnector(CrmConnector):
         exist) and its user-defined fields. Both are optional reads; a configured field or filter that the
         tenant does not have is a configuration error named by its key, before the first query."""
         self.ensure_zone()
+        # independent of each other: the user-defined fields and the internal currency are read beside the fields
+        # (each answer or error taken at its turn below, as if asked then; a configuration the fields refuse has
+        # then cost one request more, the currency's)
+        user_defined = in_background(
+            lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields")
+        )
+        currency = None if self.options.currency else in_background(self._read_internal_currency)
         fields = self._optional(
             "Opportunities/entityInformation/fields",
             lambda: self._get_checked(FieldsAnswer, "Opportunities/entityInformation/fields"),
@@ -448,7 +468,7 @@ class AutotaskConnector(CrmConnector):
             )
         udfs = self._optional(
             "Opportunities/entityInformation/userDefinedFields",
-            lambda: self._get_checked(UserDefinedFieldsAnswer, "Opportunities/entityInformation/userDefinedFields"),
+            user_defined,
             None,
             "configured udf: fields are sent unchecked",
         )
@@ -458,7 +478,7 @@ class AutotaskConnector(CrmConnector):
         self._discover_close_fields()
         self._internal_currency = self.options.currency or self._optional(
             "Currencies",
-            self._read_internal_currency,
+            currency or self._read_internal_currency,
             None,
             "currency and base_currency left empty (set options.currency to fill them)",
         )
@@ -654,18 +674,14 @@ class AutotaskConnector(CrmConnector):
     # -- opportunities ---------------------------------------------------------------------------------------------
 
     def opportunities(self, open_set: bool, since: datetime | None) -> Iterator[Page]:
-        """The open (or not-open) set. A full read (no `since`) first asks Autotask how many records the set
-        holds (`query/count`, one request): the sync compares what it received with that count before it
-        infers deletes, and the paging may not run past it."""
+        """The open (or not-open) set. A full read (no `since`) also asks Autotask how many records the set
+        holds (`query/count`, one request, sent beside the first page): the sync compares what it received with
+        that count before it infers deletes, and the paging may not run past it."""
         self.prepare()
         self.ensure_zone()
         filters = self._set_filters(open_set, since)
-        total = None
-        if since is None:
-            total = self._count("Opportunities", filters)
-            self.tally(open_set, since, (), crm_count=total)
         if since is None:  # split into id ranges read side by side (options.parallel_reads, _full)
-            yield from self._full_read(open_set, filters, total)
+            yield from self._full_read(open_set, filters, filters)
             return
         # Incremental: the changed records and those of the companies changed since the bookmark are mapped
         # IDS_PER_IN at a time (one `in` lookup of their unknown companies / contacts, issue 21), in pages.
@@ -687,12 +703,20 @@ class AutotaskConnector(CrmConnector):
         self.prepare()
         self.ensure_zone()
         filters = self._set_filters(open_set, None)
-        total = self._count("Opportunities", filters)
-        self.tally(open_set, None, (), crm_count=total)
-        rest = [*filters, {"op": "gt", "field": "id", "value": int(after)}]
-        yield from self._full_read(open_set, rest, total)
+        yield from self._full_read(open_set, [*filters, {"op": "gt", "field": "id", "value": int(after)}], filters)
 
-    def _full_read(self, open_set: bool, filters: list[dict[str, Any]], total: int) -> Iterator[Page]:
+    def _full_read(
+        self, open_set: bool, filters: list[dict[str, Any]], counted: list[dict[str, Any]]
+    ) -> Iterator[Page]:
+        """A full read of the records `filters` match; the set's count (of what `counted` matches: the whole set,
+        also when the read resumes after an id) is asked beside the first page, its tally's reference."""
+        counting = in_background(lambda: self._count("Opportunities", counted))
+
+        def total() -> int:
+            n = counting()  # the count's error, if any, raises here: before any record is used
+            self.tally(open_set, None, (), crm_count=n)
+            return n
+
         yield from self.map_pages(self._tallied(open_set, self._full(filters, total)))
 
     def _tallied(self, open_set: bool, pages: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
@@ -707,12 +731,15 @@ class AutotaskConnector(CrmConnector):
         does not touch its opportunities' lastActivity) the set's records of the companies changed since then
         (Companies.lastTrackedModifiedDateTime), each record once."""
         seen: set[int] = set()
-        # the companies changed since the bookmark replace their kept copies before any record is mapped
-        changed = self._changed_companies(since)
+        # the companies changed since the bookmark replace their kept copies before any record is mapped: asked
+        # beside the first page of the changed records, taken before that page is handed on
+        changing = in_background(lambda: self._changed_companies(since))
         for items in self._query("Opportunities", filters):
+            changing()
             self.tally(open_set, since, (r["id"] for r in items))
             seen.update(r["id"] for r in items)
             yield items
+        changed = changing()
         base = self._set_filters(open_set, None)
         for i in range(0, len(changed), BATCH):
             by_company = [*base, {"op": "in", "field": "companyID", "value": changed[i : i + BATCH]}]
@@ -727,17 +754,24 @@ class AutotaskConnector(CrmConnector):
         for start in range(0, len(page), self.page_size):
             yield page[start : start + self.page_size]
 
-    def _full(self, filters: list[dict[str, Any]], total: int) -> Iterator[list[dict[str, Any]]]:
+    def _full(self, filters: list[dict[str, Any]], count: Callable[[], int]) -> Iterator[list[dict[str, Any]]]:
         """A full read of a set, in id order (Autotask's result order) as one query would give it. With
         `degree` > 1 the first page is read alone; what comes after its last id is split into `degree` id ranges
         (widths from the first page's id density and the set's count; the last range is open-ended, so no id
         is left out however wrong the estimate), each its own query and cursor, read side by side
-        (parallel.streams: each range's pages in order, range after range; a failing range fails the read)."""
-        pages = self._query("Opportunities", filters, expect=total)
-        if self.degree <= 1 or total <= self.page_size:
+        (parallel.streams: each range's pages in order, range after range; a failing range fails the read).
+        `count()`: the set's count, asked beside the first page; it bounds the paging from that page on."""
+        pages = self._query("Opportunities", filters, total=lambda page: count())
+        if self.degree <= 1:
             yield from pages
             return
         first = next(pages, None)
+        total = count()
+        if total <= self.page_size:  # one query, as it began
+            if first is not None:
+                yield first
+                yield from pages
+            return
         pages.close()  # nothing more was asked: the next page is requested only when it is wanted
         if first is None:
             return
@@ -843,12 +877,18 @@ class AutotaskConnector(CrmConnector):
         return flags == "open"
 
     def _query(
-        self, entity: str, filters: list[dict[str, Any]], max_records: int | None = None, *, expect: int | None = None
+        self,
+        entity: str,
+        filters: list[dict[str, Any]],
+        max_records: int | None = None,
+        *,
+        expect: int | None = None,
+        total: Callable[[Any], int | None] | None = None,
     ) -> Iterator[list[dict[str, Any]]]:
         """POST the query, then POST the same body to every nextPageUrl until one is null. Each page is checked
         (QueryPage) before a record of it is used. The paging must end: a next link already followed, a page
-        that starts where an earlier one started (an API ignoring the paging) and, when `expect` says how many
-        records can match, more pages than that allows each fail the run."""
+        that starts where an earlier one started (an API ignoring the paging) and, when `expect` (or `total` of
+        the first page) says how many records can match, more pages than that allows each fail the run."""
         body = {"MaxRecords": max_records or self.page_size, "filter": filters}
         path = f"{entity}/query"
         # every next page is POSTed the same body, at its path from /V1.0/ on (the zone may move mid-run)
@@ -860,6 +900,7 @@ class AutotaskConnector(CrmConnector):
             records="items",
             first_id="id",
             expect=expect,
+            total=total,
             page_size=body["MaxRecords"],
             before_request=self._poll_when_due,
         ):
@@ -886,22 +927,48 @@ class AutotaskConnector(CrmConnector):
         return data
 
     def enrich(self, items: list[dict[str, Any]]) -> PageEntries:
-        """This page's companies and contacts (`_map` reads them): those kept (lookups.py: one query each),
-        the rest read in batches (never one call per record); the countries once, and the resources once when
-        a record's sales executive falls back to its owner. All optional: refused, the record keeps its ids and
+        """This page's companies and contacts (`_map` reads them): those kept (lookups.py: one query each), the
+        rest read in batches (never one call per record); the countries once, and the resources once when a
+        record's sales executive falls back to its owner. All optional: refused, the record keeps its ids and
         the names / address stay empty (with a warning)."""
+        plan = self._plan_lookups(items)
+        return self._apply_lookups(items, plan, self._fetch_lookups(plan))
+
+    def map_pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[Page]:
+        """`enrich` then map each page, the lookups of the next pages in flight meanwhile (up to `degree` pages'
+        at once: the thread limit is per endpoint, and the InFlightLimit keeps it). Each page's ids are chosen in
+        order, leaving out those an earlier page's lookup under way will bring (`_plan_lookups`), and applied in
+        order before the page is mapped: the same ids in the same requests as one page after another, where a
+        page's lookups no longer wait for the page before it (issue 21: ~20 lookups of a full sync of 10,000 on
+        the critical path, each a round trip)."""
+        planned = ((items, self._plan_lookups(items)) for items in pages)
+        fetched = ordered_map(lambda job: (*job, self._fetch_lookups(job[1])), planned, max(2, self.degree))
+        for items, plan, answers in fetched:
+            yield self.map_records(items, self._map, self._apply_lookups(items, plan, answers))
+
+    def _plan_lookups(self, items: list[dict[str, Any]]) -> list[tuple[str, list[int], Lookup[int], str]]:
+        """The page's companies and contacts that neither the cache holds (in memory or kept: `load`) nor an
+        earlier page's lookup under way will bring (those are reserved until applied): (entity, ids, cache,
+        fallback text) per lookup to send."""
         self.statuses()
         lookups = []
-        entries = PageEntries()
-        for entity, key, cache, page in (
-            ("Companies", "companyID", self._companies, entries.companies),
-            ("Contacts", "contactID", self._contacts, entries.contacts),
+        for entity, key, cache in (
+            ("Companies", "companyID", self._companies),
+            ("Contacts", "contactID", self._contacts),
         ):
+            reserved = self._reserved.setdefault(entity, set())
             named = {r[key] for r in items if _is_id(r.get(key))}
-            page.update(cache.load(named))
-            wanted = sorted(named - page.keys())
+            wanted = sorted(named - cache.load(named).keys() - reserved)
             if wanted and entity not in self._refused:
-                lookups.append((entity, wanted, cache, page, LOOKUP_FALLBACKS[entity]))
+                reserved.update(wanted)
+                lookups.append((entity, wanted, cache, LOOKUP_FALLBACKS[entity]))
+        return lookups
+
+    def _fetch_lookups(
+        self, lookups: list[tuple[str, list[int], Lookup[int], str]]
+    ) -> list[dict[int, dict[str, Any]] | None]:
+        """The records of each lookup (None: refused). An entity's first lookup goes alone: a refusal stops the
+        lookups after it (as one page after another would), instead of each being refused in turn."""
 
         def read(entity: str, wanted: list[int]) -> dict[int, dict[str, Any]]:
             found: dict[int, dict[str, Any]] = {}
@@ -913,16 +980,37 @@ class AutotaskConnector(CrmConnector):
                     found.update((x["id"], _kept(entity, x)) for x in page)
             return found
 
+        def lookup(job: tuple[str, list[int], Lookup[int], str]) -> dict[int, dict[str, Any]] | None:
+            entity, wanted, _, text = job
+            if entity in self._answered:
+                return self._optional(entity, lambda: read(entity, wanted), None, text)
+            with self._first_lookup.setdefault(entity, threading.Lock()):
+                found = self._optional(entity, lambda: read(entity, wanted), None, text)
+                if found is not None:
+                    self._answered.add(entity)
+                return found
+
         # companies and contacts are two endpoints (the thread limit is per endpoint): read side by side
-        answers = ordered_map(
-            lambda job: self._optional(job[0], lambda: read(job[0], job[1]), None, job[4]), lookups, len(lookups)
-        )
-        for (_, wanted, cache, page, _), found in zip(lookups, answers, strict=True):
+        return list(ordered_map(lookup, lookups, len(lookups)))
+
+    def _apply_lookups(
+        self,
+        items: list[dict[str, Any]],
+        lookups: list[tuple[str, list[int], Lookup[int], str]],
+        answers: list[dict[int, dict[str, Any]] | None],
+    ) -> PageEntries:
+        """Store what the page's lookups found, then the page's own copy of its entries (what an earlier page's
+        lookup brought included): what `_map` reads, whatever leaves the caches' memory meanwhile."""
+        for (entity, wanted, cache, _), found in zip(lookups, answers, strict=True):
             if found is not None:
                 found.update((missing, {}) for missing in set(wanted) - found.keys())
                 cache.update(found)
-                page.update(found)
-        named = (entries.companies.get(r["companyID"]) for r in items if _is_id(r.get("companyID")))
+            self._reserved[entity].difference_update(wanted)
+        entries = PageEntries(
+            self._companies.load({r["companyID"] for r in items if _is_id(r.get("companyID"))}),
+            self._contacts.load({r["contactID"] for r in items if _is_id(r.get("contactID"))}),
+        )
+        named = entries.companies.values()
         if not self._countries and "Countries" not in self._refused and any(c and c.get("countryID") for c in named):
 
             def countries() -> dict[int, str]:

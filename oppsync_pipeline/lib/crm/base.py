@@ -21,9 +21,10 @@ come from the connector's `field_map` and the connection's `fields:` overrides (
 from __future__ import annotations
 
 import difflib
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, ClassVar, TypeVar
@@ -33,7 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
 from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
-from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, QuotaBudget, QuotaExhausted, RequestStats
+from oppsync_pipeline.lib.crm.http import (
+    ApiClient,
+    Auth,
+    CrmError,
+    InFlightLimit,
+    QuotaBudget,
+    QuotaExhausted,
+    RequestStats,
+)
 from oppsync_pipeline.lib.crm.lookups import LookupCache
 from oppsync_pipeline.lib.crm.paging import Fetched, PageRequest, Paginator, paginate
 from oppsync_pipeline.lib.crm.parallel import one_ahead
@@ -138,6 +147,11 @@ class CrmConnector(ABC):
     # Requests a full read may have in flight by default: the most the CRM's documentation allows (each
     # connector says where from); `options.parallel_reads` lowers (or, at the user's risk, raises) it.
     read_concurrency: ClassVar[int] = 1
+    # Whether the sync may begin the not-open set's read (its count, its first page) beside the open set's
+    # (parallel.chain_ahead); else in turn. Only where mapping a page reads nothing that an earlier page's mapping
+    # cached (companies, contacts, associations and the changes to them): begun early, the next set's first page
+    # would look up other ids, and send other requests, than in turn, or map with what was not yet renamed.
+    sets_side_by_side: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -179,12 +193,17 @@ class CrmConnector(ABC):
         self.degree = self.options.parallel_reads or self.read_concurrency
         if self.degree > 1:
             self.client.allow_concurrency(self.degree + 1)  # the workers, and the consumer's own lookups
+        self.client.in_flight = InFlightLimit(self.degree, self.in_flight_key)
+        # discovery and the dictionaries are read once, by whichever thread asks first (a read ahead may)
+        self._once = threading.RLock()
         self._stages: dict[str, StageInfo] | None = None
         self._statuses: dict[str, StageInfo] | None = None
         self._prepared = False
+        self._discovered = False
         self.capabilities: dict[str, Capability] = {}
         # Records that failed validation this run (sync.py drains it after each page into oppsync.quarantine).
         self.quarantined: list[Quarantined] = []
+        self._quarantine_lock = threading.Lock()
         # Full reads of each set (open_set -> tally): the sync compares what was received with the CRM's count.
         self.tallies: dict[bool, SetTally] = {}
         # Dictionary entries kept between runs (lookups.py): the sync replaces this empty cache with the kept
@@ -207,6 +226,11 @@ class CrmConnector(ABC):
         """Seconds to wait before sending this request, to stay within the CRM's rate limit (0: send now).
         Called before every request, retries included, from any read thread (http.RollingWindowPacer)."""
         return 0.0
+
+    def in_flight_key(self, method: str, path: str) -> Hashable | None:
+        """What a request counts under where the CRM limits requests in flight (Autotask: the object endpoint;
+        Dataverse: the user), at most `degree` at once each (http.InFlightLimit); None: no limit to keep."""
+        return None
 
     def discover_tenant(self) -> None:
         """Learn what this tenant has before the first query (optional fields, custom fields, field types,
@@ -334,9 +358,15 @@ class CrmConnector(ABC):
 
     def prepare(self) -> None:
         """Discover the tenant once per run (cached): connectors call this before building a query."""
-        if not self._prepared:
-            self._prepared = True
-            self.discover_tenant()
+        if self._discovered:
+            return
+        with self._once:  # another thread waits for the discovery under way; this one's own calls return
+            if not self._prepared:
+                self._prepared = True
+                try:
+                    self.discover_tenant()
+                finally:
+                    self._discovered = True
 
     def discover(self) -> list[Capability]:
         """What `oppsync config check --online` reports: the same discovery a run does, the dictionaries, and
@@ -446,15 +476,19 @@ class CrmConnector(ABC):
         return value
 
     def stages(self) -> dict[str, StageInfo]:
-        if self._stages is None:
-            self.prepare()
-            self._stages = {s.key: s for s in self.fetch_stages()}
+        if self._stages is None:  # read per record: the lock only until the dictionary is read
+            with self._once:
+                if self._stages is None:
+                    self.prepare()
+                    self._stages = {s.key: s for s in self.fetch_stages()}
         return self._stages
 
     def statuses(self) -> dict[str, StageInfo]:
         if self._statuses is None:
-            self.prepare()
-            self._statuses = {s.key: s for s in self.fetch_statuses()}
+            with self._once:
+                if self._statuses is None:
+                    self.prepare()
+                    self._statuses = {s.key: s for s in self.fetch_statuses()}
         return self._statuses
 
     def stage_name(self, stage_id: Any) -> str | None:
@@ -602,11 +636,11 @@ class CrmConnector(ABC):
             except CrmError:
                 raise
             except (KeyError, ValueError, TypeError, OverflowError, IndexError, AttributeError) as err:
-                self.quarantined.append(mapping_failure(self.crm, self._id_of(r), r, err))
+                self.quarantine([mapping_failure(self.crm, self._id_of(r), r, err)])
                 continue
             problems = record_problems(opp, clock)
             if problems:
-                self.quarantined.extend(problems)
+                self.quarantine(problems)
                 continue
             page.append(opp)
         if page.received and self.resumable_full_reads:
@@ -617,8 +651,13 @@ class CrmConnector(ABC):
         value = record.get(self.id_field) if isinstance(record, dict) else None
         return None if value is None else str(value)
 
+    def quarantine(self, entries: list[Quarantined]) -> None:
+        with self._quarantine_lock:  # a page read ahead is mapped in another thread than the one draining
+            self.quarantined.extend(entries)
+
     def drain_quarantine(self) -> list[Quarantined]:
-        out, self.quarantined = self.quarantined, []
+        with self._quarantine_lock:
+            out, self.quarantined = self.quarantined, []
         return out
 
 

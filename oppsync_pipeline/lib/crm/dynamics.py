@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, NotRequired, TypeVar
 
@@ -56,7 +56,7 @@ from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields, fields_
 from oppsync_pipeline.lib.crm.http import Auth, AuthError, CrmError, QuotaExhausted, RequestStats, json_object
 from oppsync_pipeline.lib.crm.pages import PageError, PageModel, PageTrail, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import in_background, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -465,6 +465,7 @@ class DynamicsConnector(CrmConnector):
     # service protection: "52 or more concurrent requests" per user are refused; full reads split the date space
     # into at most 51 ranges (fewer: parallel.slice_count keeps their pages under its read-ahead)
     read_concurrency = 51
+    sets_side_by_side = True  # $expand brings the account: mapping caches only the dictionaries, read once
     id_field = "opportunityid"
     # text fields are read as users see them (formatted values); the account's and the owner's names are derived
     field_map = FieldMap(
@@ -544,6 +545,11 @@ class DynamicsConnector(CrmConnector):
 
     # -- requests -------------------------------------------------------------------------------------------------
 
+    def in_flight_key(self, method: str, path: str) -> Hashable | None:
+        """Service protection counts concurrent requests per user (the application user: every request but the
+        token's, which the client sends apart): never more than `degree` (51) in flight, reads ahead included."""
+        return "user"
+
     def _headers(self, *prefer: str) -> dict[str, str]:
         return {
             "Accept": "application/json",
@@ -617,23 +623,28 @@ class DynamicsConnector(CrmConnector):
                     status=400,
                     code="UNKNOWN_COLUMN",
                 )
+        # once the configured columns are known to be there: three reads that depend on nothing before them, sent
+        # side by side; each answer (or error) is taken at its turn below, as if it had been asked then
+        currencies = in_background(self._read_currencies)
+        organization = in_background(self._read_organization)
+        probe = in_background(self._probe_account_expand)
         self._note_close_time()
         self._currencies = self.optional(
             "transaction currencies",
-            self._read_currencies,
+            currencies,
             {},
             fallback_text="(needs prvReadTransactionCurrency) currency left empty",
         )
         self._base_currency = self.optional(
             "base currency (organization.basecurrencyid)",
-            self._read_base_currency,
+            lambda: self._base_currency_of(organization()),
             None,
             fallback_text="base_currency left empty (amount_base still read from estimatedvalue_base)",
         )
         try:
             self._expand_account = self.optional(
                 "account $expand (client address)",
-                self._probe_account_expand,
+                probe,
                 False,
                 fallback_text="(needs prvReadAccount) client_name from the account lookup's formatted value; "
                 "service_location left empty",
@@ -685,9 +696,11 @@ class DynamicsConnector(CrmConnector):
         rows = self._rows("transactioncurrencies", {"$select": "transactioncurrencyid,isocurrencycode"}, CurrencyRow)
         return {str(r["transactioncurrencyid"]).lower(): r.get("isocurrencycode") for r in rows}
 
-    def _read_base_currency(self) -> str | None:
+    def _read_organization(self) -> list[dict[str, Any]]:
+        return self._rows("organizations", {"$select": "_basecurrencyid_value"}, OrganizationRow)
+
+    def _base_currency_of(self, rows: list[dict[str, Any]]) -> str | None:
         """The ISO code of the environment's base currency: the one every `*_base` Money column is in."""
-        rows = self._rows("organizations", {"$select": "_basecurrencyid_value"}, OrganizationRow)
         base_id = rows[0].get("_basecurrencyid_value") if rows else None
         return (self._currencies or {}).get(str(base_id).lower()) if base_id else None
 
@@ -770,6 +783,10 @@ class DynamicsConnector(CrmConnector):
         )
 
     def users(self) -> Iterable[CrmUser]:
+        with self._once:  # read once, whichever read's page needs the owners' names first
+            return self._read_users()
+
+    def _read_users(self) -> list[CrmUser]:
         if self._users is None:
             self.prepare()
             people = self.optional(

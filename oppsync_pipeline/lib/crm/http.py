@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -185,6 +186,30 @@ class RollingWindowPacer:
             return slot - now
 
 
+class InFlightLimit:
+    """At most `limit` requests in flight at once per key (a CRM's documented concurrency limit: Autotask's three
+    threads per object endpoint, Dataverse's 52 per user), however many threads send them: a request over it
+    waits for one to finish, where the CRM would refuse it. `key(method, path)`: the key a request counts under,
+    None for a request no limit counts."""
+
+    def __init__(self, limit: int, key: Callable[[str, str], Hashable | None]):
+        self.limit = max(1, limit)
+        self.key = key
+        self._lock = threading.Lock()
+        self._slots: dict[Hashable, threading.BoundedSemaphore] = {}
+
+    @contextmanager
+    def slot(self, method: str, path: str) -> Iterator[None]:
+        key = self.key(method, path)
+        if key is None:
+            yield
+            return
+        with self._lock:
+            gate = self._slots.setdefault(key, threading.BoundedSemaphore(self.limit))
+        with gate:
+            yield
+
+
 @dataclass
 class QuotaBudget:
     """Stop early rather than starve the customer's other integrations (docs/peer-tools.md item 5)."""
@@ -244,6 +269,8 @@ class ApiClient:
     # Per-CRM pacing, called with (method, path) before every request is sent (retries and repeats included):
     # returns the seconds to wait first, to stay within the CRM's rate limit (RollingWindowPacer).
     pace: Callable[[str, str], float] | None = None
+    # The CRM's concurrency limit, held around every request sent (reads ahead and lookups side by side stay in it).
+    in_flight: InFlightLimit | None = None
     session: requests.Session = field(default_factory=requests.Session)
     # Knows the connection's credentials and learns what the Auth sends (tokens obtained at run time).
     scrubber: Scrubber = field(default_factory=Scrubber)
@@ -347,7 +374,8 @@ class ApiClient:
             # before the request is sent: an answer that echoes it must find the token already known
             self.scrubber.add_sent_headers(unauthenticated, headers)
             self.stats.count(requests=1)
-            response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
+            with self.in_flight.slot(method, path) if self.in_flight else nullcontext():
+                response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.headers.get("Date"):
                 self.stats.server_time_latest = parsedate_to_datetime(response.headers["Date"])

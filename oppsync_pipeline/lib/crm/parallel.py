@@ -5,7 +5,10 @@ A full read is parallel only where the API allows it (docs/crm-api-notes.md): on
 `nextRecordsUrl`, Dataverse `@odata.nextLink`, Autotask `nextPageUrl`, HubSpot search `after`) is read page after
 page; what runs side by side is several cursors over disjoint slices of the key or date space (`streams`), or
 independent requests (`ordered_map`: ConnectWise's forecast per opportunity), or a page's lookups while the
-previous page is mapped (`one_ahead`). `degree` is the most requests in
+previous page is mapped (`one_ahead`), or the next read's first page while this read is consumed (`chain_ahead`:
+the sync's open then not-open set), or one request (`in_background`) or a read's first page (`begun`) while the
+caller does other work. `degree`
+is the most requests in
 flight at once, the connection's `options.parallel_reads` (default: the CRM's documented limit; 1 is the plain
 sequential read, in the caller's thread).
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,14 +46,24 @@ class _Failed:
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], degree: int) -> Iterator[R]:
     """`fn` of each item, at most `degree` at once, yielded in the items' order. At most 2 x `degree` items are
     submitted ahead of the consumer; a failure raises at its place, and the items submitted after it that have not
-    begun are cancelled (those already running finish, their results unused)."""
+    begun are cancelled (those already running finish, their results unused). A failure of `items` itself (a
+    page read ahead) raises after the results of the items before it, as in a sequential loop."""
     if degree <= 1:
         yield from map(fn, items)
         return
     pending: list[Future[R]] = []
+    source = iter(items)
     with ThreadPoolExecutor(degree, thread_name_prefix="oppsync-read") as pool:
         try:
-            for item in items:
+            while True:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                except Exception:
+                    while pending:
+                        yield pending.pop(0).result()
+                    raise
                 pending.append(pool.submit(fn, item))
                 if len(pending) >= 2 * degree:
                     yield pending.pop(0).result()
@@ -59,6 +72,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], degree: int) -> Iterat
         finally:
             for f in pending:
                 f.cancel()
+            _close(items)
+
+
+def _close(items: Iterable[Any]) -> None:
+    """Stop a source iterator now: a failure (a lookup's quota spent) leaves it suspended, often in a reference
+    cycle with the error (a Future holds it), where its read threads (streams) would wait for a garbage
+    collection, or block the interpreter's exit."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
@@ -79,12 +102,121 @@ def one_ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]
         finally:
             if pending is not None:
                 pending[1].cancel()
-            # stop the source now: a failure here (a lookup's quota spent) leaves it suspended, often in a
-            # reference cycle with the error (a Future holds it), where its read threads (streams) would wait
-            # until a garbage collection, or block the interpreter's exit
+            _close(items)
+
+
+class _Begun:
+    """What `chain_ahead`'s helper returns when a read ended and it began the next one: that read's first item,
+    and the read after it begun beside it (or None)."""
+
+    def __init__(self, first: Any, ahead: Future[Any] | None):
+        self.first, self.ahead = first, ahead
+
+
+def chain_ahead(
+    starts: Sequence[Callable[[], Iterator[T]]], *, side_by_side: bool | Sequence[bool] = True
+) -> Iterator[tuple[int, T]]:
+    """(i, item) for the items of each read in turn (`starts`: a function per read that begins it), each read's
+    next item read in a helper thread while the consumer works on the one before: its request, or the split a
+    read starts after its first page, no longer waits for the consumer to stage a page. The next read begins
+    (its count, its first page) beside the current read when `side_by_side` (per read: `side_by_side[i]`, whether
+    read i+1 may begin beside read i), else as soon as the current read has given its last item. Reads ahead hold two items at most, this read's next and the next read's first:
+    what a read splits into after its first page (`streams`, bounded by READ_AHEAD) begins only when the read
+    before it is consumed. A failure raises at its item's turn (never a read that looks short or empty); what
+    the consumer never reaches (it stopped or failed) is waited for and closed, its result unused."""
+    n = len(starts)
+    reads: list[Iterator[T] | None] = [None] * n
+
+    def beside(i: int) -> bool:  # whether read i+1 may begin beside read i
+        return side_by_side if isinstance(side_by_side, bool) else side_by_side[i]
+
+    def head(i: int) -> Any:
+        reads[i] = starts[i]()
+        return next(reads[i], _DONE)
+
+    def following(i: int) -> Any:
+        item = next(reads[i], _DONE)  # type: ignore[call-overload]  # reads[i] was set by head(i)
+        if item is _DONE and i + 1 < n and not beside(i):
+            ahead = pool.submit(head, i + 2) if i + 2 < n and beside(i + 1) else None
+            try:
+                return _Begun(head(i + 1), ahead)
+            except BaseException:
+                if ahead is not None:
+                    ahead.exception()  # ended before its read is closed
+                raise
+        return item
+
+    # one thread for this read's next item, one for the next read's first
+    with ThreadPoolExecutor(2, thread_name_prefix="oppsync-next") as pool:
+        nxt: Future[Any] | None = None
+        first: Future[Any] | None = pool.submit(head, 1) if n > 1 and beside(0) else None
+        try:
+            item = head(0) if n else _DONE
+            for i in range(n):
+                while item is not _DONE and not isinstance(item, _Begun):
+                    nxt = pool.submit(following, i)
+                    yield i, item
+                    item, nxt = nxt.result(), None
+                if i + 1 < n:
+                    if isinstance(item, _Begun):
+                        item, first = item.first, item.ahead
+                    else:
+                        if first is not None:
+                            item, first = first.result(), None
+                        else:  # read i was empty: it gave nothing to begin the next one after
+                            item = head(i + 1)
+                        if i + 2 < n and beside(i + 1):
+                            first = pool.submit(head, i + 2)
+        finally:
+            for f in (nxt, first):
+                if f is not None:
+                    f.exception()  # the helper ends its item before its read is closed
+            for it in reads:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+
+def in_background(fn: Callable[[], R]) -> Callable[[], R]:
+    """Start `fn` in a helper thread now; the returned call waits for its result (raising its error): one request
+    that the caller needs later, sent while the caller does other work (writing to the warehouse)."""
+    future: Future[R] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller, which raises it
+                future.set_exception(err)
+
+    threading.Thread(target=run, name="oppsync-background", daemon=True).start()
+    return future.result
+
+
+def begun(items: Iterator[T], after: Callable[[], object] | None = None) -> Iterator[T]:
+    """`items`, its first item read from now on in a helper thread (once `after()` returned: what the read must
+    not run beside), while the caller does other work; iterating gives that item, then the rest. A failure
+    raises at the first item's turn."""
+
+    def first() -> Any:
+        if after is not None:
+            after()
+        return next(items, _DONE)
+
+    head = in_background(first)
+
+    def chained() -> Iterator[T]:
+        try:
+            item = head()
+            if item is not _DONE:
+                yield item
+                yield from items
+        finally:
             close = getattr(items, "close", None)
             if close is not None:
                 close()
+
+    return chained()
 
 
 def slice_count(degree: int, page_size: int) -> int:

@@ -61,7 +61,7 @@ from oppsync_pipeline.lib.crm.http import (
 )
 from oppsync_pipeline.lib.crm.pages import RECORD, PageModel, check_page
 from oppsync_pipeline.lib.crm.paging import JSONLinkPaginator, PageRequest
-from oppsync_pipeline.lib.crm.parallel import slice_count, split_after, streams
+from oppsync_pipeline.lib.crm.parallel import in_background, slice_count, split_after, streams
 from oppsync_pipeline.lib.record import (
     CrmUser,
     Opportunity,
@@ -480,6 +480,7 @@ class SalesforceConnector(CrmConnector):
     # "25 concurrent long-running requests" is the only concurrency limit Salesforce documents (short queries
     # have none): full reads split the date space into at most that many ranges (fewer: parallel.slice_count)
     read_concurrency = 25
+    sets_side_by_side = True  # SOQL brings the account with each record: mapping caches only the stages
     id_field = "Id"
     field_map = FIELD_MAP
     crm = "salesforce"
@@ -584,11 +585,15 @@ class SalesforceConnector(CrmConnector):
             f"fields: {', '.join(custom) if custom else 'none'}",
         )
         self._check_configured_fields()
+        self._check_currency_option()
+        # once the configuration is known to be good: /limits does not depend on describe, and is read while the
+        # currency model is (its answer, or its error, taken at its turn below, as if it had been asked then)
+        limits = in_background(lambda: self.client.get_json(f"{self.data_path}/limits/"))
         self._discover_currency()
         self._discover_close_time()
         self._optional(
             "API limits (/limits)",
-            self._read_limits,
+            lambda: self._read_limits(limits()),
             None,
             fallback_text="quota read from the Sforce-Limit-Info header of every response",
         )
@@ -653,17 +658,20 @@ class SalesforceConnector(CrmConnector):
             )
         return info
 
-    def _discover_currency(self) -> None:
+    def _check_currency_option(self) -> None:
         assert self._fields is not None
-        present = "currencyisocode" in self._fields
-        override = self.options.multi_currency
-        if override is not None and bool(override) and not present:
+        if self.options.multi_currency and "currencyisocode" not in self._fields:
             raise CrmError(
                 "options.multi_currency is true, but Opportunity has no CurrencyIsoCode in this org "
                 "(multi-currency is not enabled): remove options.multi_currency (describe decides)",
                 code="INVALID_FIELD",
                 permanent=True,
             )
+
+    def _discover_currency(self) -> None:
+        assert self._fields is not None
+        present = "currencyisocode" in self._fields
+        override = self.options.multi_currency
         self._multi_currency = present if override is None else bool(override)
         self.note(
             "CurrencyIsoCode",
@@ -739,9 +747,9 @@ class SalesforceConnector(CrmConnector):
                 return r["DefaultCurrencyIsoCode"]
         return None
 
-    def _read_limits(self) -> None:
+    def _read_limits(self, body: Any) -> None:
         url = f"{self.data_path}/limits/"
-        daily = check_page(Limits, self.client.get_json(url), crm=self.crm, url=url).DailyApiRequests
+        daily = check_page(Limits, body, crm=self.crm, url=url).DailyApiRequests
         self.stats.quota_limit = daily.Max
         self.stats.quota_used = daily.Max - daily.Remaining
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +68,27 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
         dbapi_connection.execute(f"ATTACH ? AS {DUCKDB_CATALOG} (ROW_GROUP_SIZE {DUCKDB_ROW_GROUP_SIZE})", [path])
         dbapi_connection.execute(f"USE {DUCKDB_CATALOG}")
 
+    _FILE_IN_USE[engine] = _FILE_LOCKS.setdefault(str(Path(path).resolve()), threading.RLock())
     return engine
+
+
+# One DuckDB warehouse file, one connection at a time in this process: each connection is an in-memory database
+# that attaches the file, and DuckDB refuses to attach a file a second time while it is attached ("Unique file
+# handle conflict"). A sync's helper threads (a page read ahead, the dictionaries asked of the warehouse, the
+# users saved) wait for the connection in use instead of failing. Never held while waiting for another thread.
+_FILE_LOCKS: dict[str, threading.RLock] = {}
+_FILE_IN_USE: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
 def transaction(engine: Engine, attempts: int = 60) -> Iterator[Connection]:
-    """A connection in a transaction, retrying the connect while another process holds the DuckDB file."""
+    """A connection in a transaction, retrying the connect while another process holds the DuckDB file (and
+    waiting while another thread of this process uses it)."""
+    with _FILE_IN_USE.get(engine, nullcontext()):
+        yield from _transaction(engine, attempts)
+
+
+def _transaction(engine: Engine, attempts: int) -> Iterator[Connection]:
     for attempt in range(attempts):
         try:
             conn = engine.connect()

@@ -297,6 +297,9 @@ SLOW = (
     "test_row_hash_sql.py",  # 50 s, hypothesis: SQL hash == Python hash
     "crm/test_hubspot_connector.py::test_more_than_ten_thousand_deals",  # 12-16 s each, 10,300+ deals
     "sandbox/test_serve_cli.py",  # 80 s, a 100,000-opportunity sandbox in a subprocess (e2e)
+    # 12-25 s: three CRMs, each synced in full and incrementally twice (e2e, with warehouses of its own)
+    "crm/test_kept_lookups.py::test_dictionaries_larger_than_memory_keeps_give_the_same_warehouse",
+    "crm/test_parallel_reads.py::test_split_read_equals_the_sequential_read[hubspot",  # 7 s, searches at 5/s
 )
 TESTS_DIR = Path(__file__).resolve().parent
 # `make test` hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder:

@@ -185,9 +185,8 @@ def run_extract(
         so_far = full_read or ResumeState(started, server_now)
 
         def changes_since() -> datetime:
-            # the first run's start on the server's clock when the read paused and goes on
-            run_start = so_far.server_start if resume else server_now
-            return (run_start or started) - timedelta(minutes=conn.overlap_minutes)
+            # the read's start on the server's clock (the first run's, when the read paused and goes on)
+            return (so_far.server_start or started) - timedelta(minutes=conn.overlap_minutes)
 
         def set_read(open_set: bool, read_since: datetime | None) -> Callable[[], Iterator[Page]]:
             """A counted read of a set: where a paused full read left it (lib/resume.py), else whole."""
@@ -291,8 +290,8 @@ def run_extract(
                 f"full sync read in {so_far.runs + 1} runs (it paused at its share of the CRM's quota): "
                 f"{so_far.requests + connector.stats.requests} API requests in all, since {so_far.started_at}"
             )
-        server_start = so_far.server_start if resume else server_now
         max_modified = so_far.max_modified
+        server_start = so_far.server_start or started
         out.new_cursor = min(max_modified, server_start) if max_modified else state.cursor
         connector.lookups.save()
         out.counts, out.status = counts, ExtractStatus.COMPLETE

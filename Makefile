@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_HOME ?= $(CURDIR)/.oppsync/dagster
+# Some machines (ours among them) set PYTHONDONTWRITEBYTECODE: every run then compiles the package again and pytest
+# rewrites every test module again (collecting the unit layer took 13 s instead of 5.5 s). Byte code goes to
+# __pycache__/ directories, which git ignores.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install lint run test test-fast dev sandbox bench reliability check-defs docs clean workers
 

@@ -1,16 +1,14 @@
 """Engines for the two warehouses, and transactions on them (bulk loading: dialect.py).
 
-DuckDB allows one writing process per file: the file is attached per unit of work (NullPool; one in-memory
-DuckDB instance per process, `_Instance`) and detached when it ends, and attaching retries while another process
-holds the file, so Dagster runs of different connections can share the embedded warehouse one transaction at a
-time.
+DuckDB allows one writing process per file: connections are opened per unit of work (NullPool) and
+opening retries while another process holds the file, so Dagster runs of different connections can
+share the embedded warehouse one transaction at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -19,13 +17,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from duckdb_engine import ConnectionWrapper
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from oppsync_pipeline.lib.config import MEMORY_LIMIT_PATTERN, ConfigError, DuckDBSettings
+from oppsync_pipeline.lib.config import DuckDBSettings
 from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.warehouse.schema import migrate
 
@@ -51,11 +48,8 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     # fact tables (schema migration 3) and small row groups a full sync of 1,000,000 Salesforce opportunities
     # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful. The environment
     # overrides the configuration for one process (a benchmark, a one-off backfill).
-    memory_limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit)
-    if not re.match(MEMORY_LIMIT_PATTERN, memory_limit):
-        raise ConfigError([f"OPPSYNC_DUCKDB_MEMORY_LIMIT: {memory_limit!r} is not a size such as 256MB, 1GiB or 50%"])
     config: dict[str, Any] = {
-        "memory_limit": memory_limit,
+        "memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit),
         "preserve_insertion_order": False,
     }
     threads = os.environ.get("OPPSYNC_DUCKDB_THREADS") or settings.threads
@@ -68,17 +62,9 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     # the warehouse file as the default catalog. Spill files go where DuckDB puts them for a file database.
     config["temp_directory"] = f"{path}.tmp"
     engine = create_engine("duckdb:///:memory:", poolclass=NullPool, connect_args={"config": config})
-    instance = _Instance(config)
-
-    @event.listens_for(engine, "do_connect")
-    def connect_to_instance(*_args: Any) -> _AttachedConnection:
-        return _AttachedConnection(instance)
 
     @event.listens_for(engine, "connect")
     def attach_warehouse(dbapi_connection: Any, _record: Any) -> None:
-        # the configured limit again: the checkpoint of the last transaction lowered it (_checkpoint_memory),
-        # and DuckDB's memory_limit belongs to the database instance, not to one connection
-        dbapi_connection.execute(f"SET memory_limit = '{memory_limit}'")
         dbapi_connection.execute(f"ATTACH ? AS {DUCKDB_CATALOG} (ROW_GROUP_SIZE {DUCKDB_ROW_GROUP_SIZE})", [path])
         dbapi_connection.execute(f"USE {DUCKDB_CATALOG}")
 
@@ -86,65 +72,8 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     return engine
 
 
-class _Instance:
-    """The in-memory DuckDB database an engine's connections share, one per process. Starting a DuckDB
-    instance (its catalog of built-in functions, its extensions) took ~25 ms, ~0.5 s of a 20,000-record
-    Salesforce sync's 20 transactions; attaching the file takes ~3 ms. The file itself is attached per
-    connection and detached when it closes, so other processes still take turns with it between transactions."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self._db: Any = None
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    def cursor(self) -> Any:
-        import duckdb
-
-        with self._lock:
-            if self._db is None or self._pid != os.getpid():
-                if self._db is not None:  # a forked child: the parent's instance is not ours to close or use
-                    _INHERITED.append(self._db)
-                self._db, self._pid = duckdb.connect(":memory:", config=self.config), os.getpid()
-            return self._db.cursor()
-
-    def discard(self) -> None:
-        """Close the instance (it releases the file, whatever state a failed detach left); the next connection
-        starts a new one."""
-        with self._lock:
-            db, self._db = self._db, None
-        if db is not None and self._pid == os.getpid():
-            db.close()
-
-
-_INHERITED: list[Any] = []
-
-
-class _AttachedConnection(ConnectionWrapper):
-    """duckdb-engine's connection over a cursor of the shared instance; closing it detaches the warehouse file
-    (DuckDB checkpoints it then, as it did when each connection was an instance of its own)."""
-
-    def __init__(self, instance: _Instance) -> None:
-        super().__init__(instance.cursor())
-        self._instance = instance
-
-    def close(self) -> None:
-        try:
-            attached = self.execute(
-                "SELECT count(*) FROM duckdb_databases() WHERE database_name = ?", [DUCKDB_CATALOG]
-            ).fetchone()[0]
-            if attached:
-                self.execute("USE memory")
-                self.execute(f"DETACH {DUCKDB_CATALOG}")
-        except Exception:  # noqa: BLE001 - the file may still be attached: a new instance for the next connection
-            log.warning("could not detach the DuckDB warehouse file; starting a new DuckDB instance", exc_info=True)
-            self._instance.discard()
-        finally:
-            super().close()
-
-
-# One DuckDB warehouse file, one connection at a time in this process: each connection attaches the file to the
-# process's in-memory instance (_Instance), and DuckDB refuses to attach a file a second time while it is attached ("Unique file
+# One DuckDB warehouse file, one connection at a time in this process: each connection is an in-memory database
+# that attaches the file, and DuckDB refuses to attach a file a second time while it is attached ("Unique file
 # handle conflict"). A sync's helper threads (a page read ahead, the dictionaries asked of the warehouse, the
 # users saved) wait for the connection in use instead of failing. Never held while waiting for another thread.
 _FILE_LOCKS: dict[str, threading.RLock] = {}
@@ -189,19 +118,16 @@ CHECKPOINT_MEMORY_LIMIT_MB = 96
 
 def _checkpoint_memory(conn: Connection) -> None:
     raw = conn.connection.dbapi_connection
-    configured = _mib(raw.execute("SELECT current_setting('memory_limit')").fetchone()[0])
-    checkpoint_mib = CHECKPOINT_MEMORY_LIMIT_MB if configured is None else min(CHECKPOINT_MEMORY_LIMIT_MB, configured)
+    configured = raw.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # e.g. '244.1 MiB'
+    number, _, unit = str(configured).partition(" ")
+    factor = {"bytes": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 2**20}.get(unit)
+    checkpoint_mib = (
+        CHECKPOINT_MEMORY_LIMIT_MB if factor is None else min(CHECKPOINT_MEMORY_LIMIT_MB, float(number) * factor)
+    )
     try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as a whole MiB (at least 1)
         raw.execute(f"SET memory_limit = '{max(1, int(checkpoint_mib))}MiB'")
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
-
-
-def _mib(setting: str) -> float | None:
-    """A DuckDB memory setting as it prints it (e.g. '244.1 MiB') in MiB; None if the unit is unknown."""
-    number, _, unit = str(setting).partition(" ")
-    factor = {"bytes": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 2**20}.get(unit)
-    return None if factor is None else float(number) * factor
 
 
 def ensure_schema(engine: Engine) -> list[int]:

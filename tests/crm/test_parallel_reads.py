@@ -104,6 +104,30 @@ def test_streams_concatenate_the_slices_in_order() -> None:
     assert list(streams(slices, 3)) == list(range(50))
 
 
+def test_a_slice_ahead_holds_one_item_the_slice_being_consumed_one_more() -> None:
+    """A slice reads its next page only once the consumer took the last one: the memory a split read holds ahead is
+    one page per slice (parallel.READ_AHEAD), however slow the consumer."""
+    read = [0, 0, 0]
+    lock = threading.Lock()
+
+    def slice_(s: int):
+        for k in range(6):
+            with lock:
+                read[s] += 1
+            yield s * 10 + k
+
+    got = []
+    for x in streams([lambda s=s: slice_(s) for s in range(3)], 3):
+        got.append(x)
+        time.sleep(0.02)  # the consumer maps and stages; workers would read on if they did not wait for it
+        s = x // 10
+        taken_here = sum(1 for y in got if y // 10 == s)
+        with lock:
+            assert read[s] <= taken_here + 1, (s, read, got)
+            assert all(read[t] <= 1 for t in range(s + 1, 3)), (s, read, got)
+    assert got == [s * 10 + k for s in range(3) for k in range(6)]
+
+
 def test_a_failing_slice_fails_the_whole_read() -> None:
     def broken():
         yield 100

@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Records the slices of one read may hold ahead of the consumer, at most: each slice holds a page in hand and one
-# queued, so a read takes at most READ_AHEAD // (2 x page size) slices at once (`slice_count`) and a 1,000,000-
-# record full sync keeps its flat memory whatever the degree (Dataverse's 51 at 5,000 a page would hold 500,000).
-READ_AHEAD = 20_000
+# Records the slices of one read may hold ahead of the consumer, at most: a slice hands its page over and reads
+# the next only once the consumer took it (`streams`), so each slice holds one page and a read takes at most
+# READ_AHEAD // page size slices at once (`slice_count`); a 1,000,000-record full sync keeps its flat memory
+# whatever the degree (Dataverse's 51 at 5,000 a page would hold 255,000).
+READ_AHEAD = 10_000
 _DONE = object()
 
 
@@ -222,7 +223,7 @@ def begun(items: Iterator[T], after: Callable[[], object] | None = None) -> Iter
 def slice_count(degree: int, page_size: int) -> int:
     """How many slices a read of `page_size` pages splits into: `degree`, fewer when their pages would pass
     READ_AHEAD records."""
-    return max(1, min(degree, READ_AHEAD // (2 * max(1, page_size))))
+    return max(1, min(degree, READ_AHEAD // max(1, page_size)))
 
 
 def split_after(low: float, high: float, read: int, remaining: int, parts: int) -> list[float]:
@@ -236,13 +237,17 @@ def split_after(low: float, high: float, read: int, remaining: int, parts: int) 
 
 def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]:
     """The items of every slice, slice after slice (each slice's own order kept), while up to `degree` slices are
-    read side by side ahead of the consumer. `slices`: a function per slice that starts its read."""
+    read side by side ahead of the consumer. `slices`: a function per slice that starts its read.
+
+    A slice hands each item over and reads its next one only once the consumer took it: a slice ahead holds one
+    item (a page), the slice being consumed one more, read while the consumer works on the one it took."""
     if degree <= 1 or len(slices) <= 1:
         for start in slices:
             yield from start()
         return
     stop = threading.Event()
     queues: list[queue.Queue[Any]] = [queue.Queue(1) for _ in slices]
+    taken = [threading.Semaphore(0) for _ in slices]  # released by the consumer as it takes a slice's item
 
     def put(q: queue.Queue[Any], item: Any) -> bool:
         while not stop.is_set():
@@ -253,12 +258,20 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
                 continue
         return False
 
+    def hand_over(i: int, item: Any) -> bool:
+        if not put(queues[i], item):
+            return False
+        while not taken[i].acquire(timeout=0.1):
+            if stop.is_set():
+                return False
+        return True
+
     def read(i: int) -> None:
         if stop.is_set():  # the read ended (failed, or the consumer stopped) before this slice began
             return
         try:
             for item in slices[i]():
-                if not put(queues[i], item):
+                if not hand_over(i, item):
                     return
             put(queues[i], _DONE)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
@@ -270,13 +283,14 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
             # slices start in order; a worker is free for the next one when an earlier slice is read to its end
             for i in range(len(slices)):
                 pool.submit(read, i)
-            for q in queues:
+            for q, took in zip(queues, taken, strict=True):
                 while True:
                     item = q.get()
                     if item is _DONE:
                         break
                     if isinstance(item, _Failed):
                         raise item.error
+                    took.release()  # the slice reads its next item while the consumer works on this one
                     yield item
         finally:
             stop.set()  # running slices stop at their next page; those not begun never send a request

@@ -12,10 +12,12 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install lint run test test-fast dev sandbox bench reliability check-defs docs clean workers
 
+# uv (pinned in constraints.txt, installed by the venv's own pip) installs the pinned set in 10-30 s where pip took
+# 75-95 s, a sixth of a clean-clone CI run. Byte code is compiled on first import (see above), not at install.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@$(BIN)/python -m pip install -q -c constraints.txt uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

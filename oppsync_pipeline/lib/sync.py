@@ -119,11 +119,12 @@ def run_extract(
     t0 = time.monotonic()
     tracker = ProgressTracker(conn.name, conn.crm, progress)
     started = now or utcnow()
-    ensure_schema(engine)
-    state = store.get_state(engine, conn.name)
     if mode not in ("auto", "full", "incremental"):
         raise ValueError(f"mode must be full, incremental or auto, not {mode!r}")
-    synced_before, mapping_version = store.state_mapping_version(engine, conn.name)
+    with transaction(engine) as tx:  # one connect for the run's first reads
+        ensure_schema(tx)
+        state = store.get_state(tx, conn.name)
+        synced_before, mapping_version = store.state_mapping_version(tx, conn.name)
     remap = synced_before and (mapping_version or 0) < MAPPING_VERSION
     # The scope this run reads under; a different one than the last sync's is read in full (records that
     # no longer match leave the scope, ones that match now enter it) and announced in the run's warnings.
@@ -231,10 +232,13 @@ def run_extract(
         )
         staging = store.StagingWriter(engine, run_id)
         # Internal users and their links come from configuration; attribution is computed at read time, so
-        # a link added later credits past opportunities too.
-        store.save_directory(engine, cfg, started)
-        store.save_stages(engine, conn.name, connector.stages().values(), dict(conn.stage_categories))
-        store.save_users(engine, conn.name, users(), started)
+        # a link added later credits past opportunities too. One transaction once the CRM's users are read
+        # (never held while waiting on the CRM).
+        crm_users = users()
+        with transaction(engine) as tx:
+            store.save_directory(tx, cfg, started)
+            store.save_stages(tx, conn.name, connector.stages().values(), dict(conn.stage_categories))
+            store.save_users(tx, conn.name, crm_users, started)
 
         def stage(page: Page, open_set: bool, phase: str, counted: bool) -> None:
             nonlocal staging_page

@@ -8,17 +8,16 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete
-from sqlalchemy.engine import Engine
 
 from oppsync_pipeline.lib.record import CrmUser, StageInfo, clean_text
-from oppsync_pipeline.lib.warehouse.dialect import bulk_insert
+from oppsync_pipeline.lib.warehouse.dialect import Bind, bulk_insert
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 from oppsync_pipeline.lib.warehouse.schema import connections, crm_stages, crm_users, user_links
 from oppsync_pipeline.lib.warehouse.schema import users as internal_users
 
 
-def save_users(engine: Engine, connection: str, users: Iterable[CrmUser], now: datetime) -> int:
+def save_users(engine: Bind, connection: str, users: Iterable[CrmUser], now: datetime) -> int:
     rows = {u.crm_user_id: u for u in users}
     with transaction(engine) as conn:
         conn.execute(delete(crm_users).where(crm_users.c.connection == connection))
@@ -42,7 +41,7 @@ def save_users(engine: Engine, connection: str, users: Iterable[CrmUser], now: d
         )
 
 
-def save_stages(engine: Engine, connection: str, stages: Iterable[StageInfo], categories: dict[str, str]) -> int:
+def save_stages(engine: Bind, connection: str, stages: Iterable[StageInfo], categories: dict[str, str]) -> int:
     """The tenant's stages with their category; the connection's stage mapping overrides the CRM's flags."""
     rows = []
     for s in stages:
@@ -80,7 +79,7 @@ def save_stages(engine: Engine, connection: str, stages: Iterable[StageInfo], ca
         )
 
 
-def save_directory(engine: Engine, cfg: Any, now: datetime) -> None:
+def save_directory(engine: Bind, cfg: Any, now: datetime) -> None:
     """Internal users, their links to CRM users (in configured order: first linked wins), and connection
     settings the mart needs. Replaced wholesale from configuration; attribution is computed at read time,
     so a link added later credits past opportunities too (retroactive)."""

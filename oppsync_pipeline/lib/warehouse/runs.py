@@ -14,6 +14,7 @@ from sqlalchemy import and_, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from oppsync_pipeline.lib.record import MAPPING_VERSION
+from oppsync_pipeline.lib.warehouse.dialect import Bind
 from oppsync_pipeline.lib.warehouse.engine import transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 from oppsync_pipeline.lib.warehouse.schema import (
@@ -220,7 +221,7 @@ class SyncState:
     scope: str | None = None
 
 
-def get_state(engine: Engine, connection: str) -> SyncState:
+def get_state(engine: Bind, connection: str) -> SyncState:
     s = sync_state.c
     with transaction(engine) as conn:
         row = conn.execute(
@@ -231,7 +232,7 @@ def get_state(engine: Engine, connection: str) -> SyncState:
     return SyncState(*row) if row else SyncState()
 
 
-def state_mapping_version(engine: Engine, connection: str) -> tuple[bool, int | None]:
+def state_mapping_version(engine: Bind, connection: str) -> tuple[bool, int | None]:
     """(whether the warehouse holds opportunities of the connection from an earlier sync, the
     record.MAPPING_VERSION it was last synced with). The same test as the reconcile's re-baseline."""
     with transaction(engine) as conn:

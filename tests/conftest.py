@@ -305,6 +305,20 @@ SLOW = (
     # 3-5 s each: they wait out a real 429 and the portal's rolling window
     "crm/test_hubspot_connector.py::test_real_search_rate_limit_is_respected_and_retried",
     "crm/test_hubspot_connector.py::test_calls_are_paced_to_the_rolling_limit_the_portal_reports",
+    # 1-2.3 s each on an idle machine: several tenants, or whole syncs read side by side
+    "crm/test_dynamics_connector.py::test_open_statuses_by_stage_name_and_stage_categories",
+    "crm/test_parallel_reads.py::test_autotask_looks_up_pages_side_by_side_each_id_once",
+    "crm/test_parallel_reads.py::test_connectwise_forecasts_read_concurrently_give_the_same_amounts",
+    "crm/test_parallel_reads.py::test_a_failing_read_ahead_fails_the_full_sync_and_changes_nothing",
+    "crm/test_parallel_reads.py::test_split_read_equals_the_sequential_read[dynamics",
+    "crm/test_parallel_reads.py::test_autotask_full_read_stays_within_three_threads_per_endpoint",
+    "writeback/test_autotask_writer.py::test_a_refused_run_stops_and_names_the_right",
+    "crm/test_dynamics_hostile.py::test_counts_are_exact_past_the_count_cap_and_the_aggregate_limit",
+    "crm/test_parallel_reads.py::test_split_read_equals_the_sequential_read[autotask",  # 0.8-0.9 s each below
+    "crm/test_dynamics_tenants.py::test_transient_errors_are_retried_in_the_client",
+    "crm/test_dynamics_tenants.py::test_token_requests_are_counted_with_the_requests",
+    "crm/test_connectwise_history.py::test_fetch_by_ids_batches_200_ids_a_request_and_reads_each_site_once",
+    "crm/test_salesforce_connector.py::test_deleted_falls_back_to_query_all_beyond_15_days",
 )
 TESTS_DIR = Path(__file__).resolve().parent
 # `make test` hands whole files to its two workers (--dist loadfile) in collection order (--no-loadscope-reorder:
@@ -326,6 +340,18 @@ LONGEST_FILES = {
     "dashboard/test_page.py": 30,  # sandbox syncs, dbt, the dashboard and a headless chromium
     "reliability/test_hostile_assets.py": 20,  # three sync jobs, one retried
 }
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fast loop (`-m "unit ..."`, make test-unit) does not import the folders LAYERS puts wholly outside the
+    unit layer (their Dagster and dbt imports were half of each worker's 5.6 s collection)."""
+    if not (config.option.markexpr or "").startswith("unit"):
+        return None
+    try:
+        relpath = collection_path.resolve().relative_to(TESTS_DIR).as_posix() + "/"
+    except ValueError:
+        return None
+    return True if relpath in LAYERS else None
 
 
 def layer_of(relpath: str) -> str:

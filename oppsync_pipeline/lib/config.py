@@ -253,12 +253,16 @@ class UserConfig(_Strict):
     crm_ids: dict[str, list[str]] = {}
 
 
+# A size DuckDB takes for its memory_limit (256MB, 1.5GiB, 50%): checked here, so it may be written into a SET
+MEMORY_LIMIT_PATTERN = r"(?i)^\d+(\.\d+)?\s*([kmgt]i?b|%)$"
+
+
 class DuckDBSettings(_Strict):
     """The embedded warehouse's engine settings (`warehouse.duckdb:`); ignored on Postgres. The environment
     variables OPPSYNC_DUCKDB_MEMORY_LIMIT / OPPSYNC_DUCKDB_THREADS override them for one process."""
 
     # DuckDB's buffer pool, past which it spills to `<warehouse>.duckdb.tmp/` (its own default is 80% of RAM)
-    memory_limit: str = Field("256MB", pattern=r"(?i)^\d+(\.\d+)?\s*([kmgt]i?b|%)$")
+    memory_limit: str = Field("256MB", pattern=MEMORY_LIMIT_PATTERN)
     # DuckDB's worker threads; None = one per core
     threads: int | None = Field(None, ge=1)
     # More connections than this are refused on DuckDB (README "Scaling out"): one file, one writer, every sync

@@ -149,6 +149,9 @@ ALLOWED = {
     # engine._checkpoint_memory: an int computed from DuckDB's own memory_limit and a module constant (DuckDB's
     # SET takes no bound parameter)
     "max(1, int(checkpoint_mib))",
+    # engine._AttachedConnection.close: the configured memory_limit, matched against config.MEMORY_LIMIT_PATTERN
+    # when the engine is made
+    "self._instance.memory_limit",
     # reconcile's and migration 5's fragments, built from module constants (field and kind names)
     "scope",
     "same_close",

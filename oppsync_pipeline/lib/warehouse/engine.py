@@ -1,14 +1,17 @@
 """Engines for the two warehouses, and transactions on them (bulk loading: dialect.py).
 
-DuckDB allows one writing process per file: connections are opened per unit of work (NullPool) and
-opening retries while another process holds the file, so Dagster runs of different connections can
-share the embedded warehouse one transaction at a time.
+DuckDB allows one writing process per file: the file is attached per unit of work (NullPool; one in-memory
+DuckDB instance per process, `_Instance`) and detached when it ends, and attaching retries while another process
+holds the file, so Dagster runs of different connections can share the embedded warehouse one transaction at a
+time.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -22,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from oppsync_pipeline.lib.config import DuckDBSettings
+from oppsync_pipeline.lib.config import MEMORY_LIMIT_PATTERN, ConfigError, DuckDBSettings
 from oppsync_pipeline.lib.warehouse import dialect
 from oppsync_pipeline.lib.warehouse.schema import migrate
 
@@ -48,8 +51,11 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     # fact tables (schema migration 3) and small row groups a full sync of 1,000,000 Salesforce opportunities
     # fits (benchmarks/RESULTS.md, memory); raise it for speed where memory is plentiful. The environment
     # overrides the configuration for one process (a benchmark, a one-off backfill).
+    memory_limit = os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit)
+    if not re.match(MEMORY_LIMIT_PATTERN, memory_limit):
+        raise ConfigError([f"OPPSYNC_DUCKDB_MEMORY_LIMIT: {memory_limit!r} is not a size such as 256MB, 1GiB or 50%"])
     config: dict[str, Any] = {
-        "memory_limit": os.environ.get("OPPSYNC_DUCKDB_MEMORY_LIMIT", settings.memory_limit),
+        "memory_limit": memory_limit,
         "preserve_insertion_order": False,
     }
     threads = os.environ.get("OPPSYNC_DUCKDB_THREADS") or settings.threads
@@ -62,6 +68,11 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     # the warehouse file as the default catalog. Spill files go where DuckDB puts them for a file database.
     config["temp_directory"] = f"{path}.tmp"
     engine = create_engine("duckdb:///:memory:", poolclass=NullPool, connect_args={"config": config})
+    instance = _Instance(config)
+
+    @event.listens_for(engine, "do_connect")
+    def connect_to_instance(*_args: Any) -> Any:
+        return _attached_connection_type()(instance)
 
     @event.listens_for(engine, "connect")
     def attach_warehouse(dbapi_connection: Any, _record: Any) -> None:
@@ -72,8 +83,81 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
     return engine
 
 
-# One DuckDB warehouse file, one connection at a time in this process: each connection is an in-memory database
-# that attaches the file, and DuckDB refuses to attach a file a second time while it is attached ("Unique file
+class _Instance:
+    """The in-memory DuckDB database an engine's connections share, one per process. Starting a DuckDB
+    instance (its catalog of built-in functions) takes 16-18 ms of CPU and closing it ~9 ms, ~45 ms of wall time a
+    transaction on a busy machine; attaching the file takes ~3 ms. The file itself is attached per connection and
+    detached when it closes, so other processes still take turns with it between transactions."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.memory_limit = config["memory_limit"]
+        self._db: Any = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def cursor(self) -> Any:
+        import duckdb
+
+        with self._lock:
+            if self._db is None or self._pid != os.getpid():
+                if self._db is not None:  # a forked child: the parent's instance is not ours to close or use
+                    _INHERITED.append(self._db)
+                self._db, self._pid = duckdb.connect(":memory:", config=self.config), os.getpid()
+            return self._db.cursor()
+
+    def discard(self) -> None:
+        """Close the instance (it releases the file, whatever state a failed detach left); the next connection
+        starts a new one."""
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None and self._pid == os.getpid():
+            db.close()
+
+
+_INHERITED: list[Any] = []
+
+
+@functools.cache
+def _attached_connection_type() -> type:
+    """duckdb-engine's connection class, extended. Imported at the first connect, never when this module is: importing
+    duckdb_engine opens a DuckDB instance (it probes for COMMENT support), whose threads each take a malloc arena
+    before `limit_malloc_arenas` (lib/memory.py) can bound them; a process that imported it first peaked ~55 MB
+    higher in a 100,000-opportunity Salesforce full sync (588 against 530 MB)."""
+    from duckdb_engine import ConnectionWrapper
+
+    class _AttachedConnection(ConnectionWrapper):
+        """duckdb-engine's connection over a cursor of the shared instance; closing it detaches the warehouse file
+        (DuckDB checkpoints it then, as it did when each connection was an instance of its own)."""
+
+        def __init__(self, instance: _Instance) -> None:
+            super().__init__(instance.cursor())
+            self._instance = instance
+
+        def close(self) -> None:
+            try:
+                attached = self.execute(
+                    "SELECT count(*) FROM duckdb_databases() WHERE database_name = ?", [DUCKDB_CATALOG]
+                ).fetchone()[0]
+                if attached:
+                    self.execute("USE memory")
+                    self.execute(f"DETACH {DUCKDB_CATALOG}")
+                # The configured limit again: the checkpoint lowered it (_checkpoint_memory), and the limit belongs
+                # to the instance, not to one connection. Setting it also hands back to the system what the
+                # instance's allocator kept of the transaction's memory: without it a live instance stayed ~90-125 MB
+                # larger after a 100,000-row transaction (test_duckdb_settings), until the next statement that sets it.
+                self.execute(f"SET memory_limit = '{self._instance.memory_limit}'")
+            except Exception:  # noqa: BLE001 - the file may still be attached: a new instance for the next connection
+                log.warning("could not detach the DuckDB warehouse file; starting a new DuckDB instance", exc_info=True)
+                self._instance.discard()
+            finally:
+                super().close()
+
+    return _AttachedConnection
+
+
+# One DuckDB warehouse file, one connection at a time in this process: each connection attaches the file to the
+# process's in-memory instance (_Instance), and DuckDB refuses to attach a file a second time while it is attached ("Unique file
 # handle conflict"). A sync's helper threads (a page read ahead, the dictionaries asked of the warehouse, the
 # users saved) wait for the connection in use instead of failing. Never held while waiting for another thread.
 _FILE_LOCKS: dict[str, threading.RLock] = {}
@@ -84,8 +168,8 @@ _FILE_IN_USE: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakK
 def transaction(engine: dialect.Bind, attempts: int = 60) -> Iterator[Connection]:
     """A connection in a transaction, retrying the connect while another process holds the DuckDB file (and
     waiting while another thread of this process uses it). Given a connection (the caller's transaction), its
-    statements join that transaction: a few short steps in a row share one connect, which on DuckDB starts a
-    database instance (~20 ms of CPU)."""
+    statements join that transaction: a few short steps in a row share one connect (on DuckDB one ATTACH, one
+    checkpoint at the DETACH)."""
     if isinstance(engine, Connection):
         yield engine
         return
@@ -111,28 +195,31 @@ def _transaction(engine: Engine, attempts: int) -> Iterator[Connection]:
         conn.close()
 
 
-# DuckDB's buffer pool for the checkpoint that closing a connection runs (the connection's in-memory database
-# detaches the warehouse file, which writes the transaction's changes from the WAL into it). The checkpoint
+# DuckDB's buffer pool for the checkpoint that closing a connection runs (it detaches the warehouse file, which
+# writes the transaction's changes from the WAL into it). The checkpoint
 # fills the pool to its limit whatever it writes: with the default 256MB every staging batch and the reconcile
 # raised the sync process by ~250 MB for a moment, its peak (a 60,000-opportunity Dataverse full sync: 572 MB;
 # 10,000-row staging batches alone: 410 MB between checkpoints, 590-624 MB at them). The queries keep the
-# configured limit; the checkpoint spills past this one rather than fail, and the limit is this connection's
-# alone (its in-memory database ends with it).
+# configured limit; the checkpoint spills past this one rather than fail, and closing the connection sets the
+# configured limit again (_attached_connection_type).
 CHECKPOINT_MEMORY_LIMIT_MB = 96
 
 
 def _checkpoint_memory(conn: Connection) -> None:
     raw = conn.connection.dbapi_connection
-    configured = raw.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # e.g. '244.1 MiB'
-    number, _, unit = str(configured).partition(" ")
-    factor = {"bytes": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 2**20}.get(unit)
-    checkpoint_mib = (
-        CHECKPOINT_MEMORY_LIMIT_MB if factor is None else min(CHECKPOINT_MEMORY_LIMIT_MB, float(number) * factor)
-    )
+    configured = _mib(raw.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+    checkpoint_mib = CHECKPOINT_MEMORY_LIMIT_MB if configured is None else min(CHECKPOINT_MEMORY_LIMIT_MB, configured)
     try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as a whole MiB (at least 1)
         raw.execute(f"SET memory_limit = '{max(1, int(checkpoint_mib))}MiB'")
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
+
+
+def _mib(setting: str) -> float | None:
+    """A DuckDB memory setting as it prints it (e.g. '244.1 MiB') in MiB; None if the unit is unknown."""
+    number, _, unit = str(setting).partition(" ")
+    factor = {"bytes": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 2**20}.get(unit)
+    return None if factor is None else float(number) * factor
 
 
 def ensure_schema(engine: dialect.Bind) -> list[int]:

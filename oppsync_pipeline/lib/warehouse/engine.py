@@ -157,9 +157,10 @@ def _attached_connection_type() -> type:
 
 
 # One DuckDB warehouse file, one connection at a time in this process: each connection attaches the file to the
-# process's in-memory instance (_Instance), and DuckDB refuses to attach a file a second time while it is attached ("Unique file
-# handle conflict"). A sync's helper threads (a page read ahead, the dictionaries asked of the warehouse, the
-# users saved) wait for the connection in use instead of failing. Never held while waiting for another thread.
+# process's in-memory instance (_Instance), and DuckDB refuses to attach a file a second time while it is attached
+# ("Unique file handle conflict"). A sync's helper threads (a page read ahead, the dictionaries asked of the
+# warehouse, the users saved) wait for the connection in use instead of failing. Never held while waiting for another
+# thread.
 _FILE_LOCKS: dict[str, threading.RLock] = {}
 _FILE_IN_USE: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 

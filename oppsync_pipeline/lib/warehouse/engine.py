@@ -84,10 +84,11 @@ def _duckdb_engine(url: str, settings: DuckDBSettings) -> Engine:
 
 
 class _Instance:
-    """The in-memory DuckDB database an engine's connections share, one per process. Starting a DuckDB
-    instance (its catalog of built-in functions) takes 16-18 ms of CPU and closing it ~9 ms, ~45 ms of wall time a
-    transaction on a busy machine; attaching the file takes ~3 ms. The file itself is attached per connection and
-    detached when it closes, so other processes still take turns with it between transactions."""
+    """The in-memory DuckDB database an engine's connections share (one engine per process and warehouse,
+    defs/resources.py). Starting a DuckDB instance (its catalog of built-in functions) takes 16-18 ms of CPU and
+    closing it ~9 ms, ~45 ms of wall time a transaction on a busy machine; attaching the file takes ~3 ms. The file
+    itself is attached per connection and detached when it closes, so other processes still take turns with it
+    between transactions."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -136,12 +137,9 @@ def _attached_connection_type() -> type:
 
         def close(self) -> None:
             try:
-                attached = self.execute(
-                    "SELECT count(*) FROM duckdb_databases() WHERE database_name = ?", [DUCKDB_CATALOG]
-                ).fetchone()[0]
-                if attached:
-                    self.execute("USE memory")
-                    self.execute(f"DETACH {DUCKDB_CATALOG}")
+                # IF EXISTS: a failed ATTACH (the file busy in another process) leaves nothing to detach
+                self.execute("USE memory")
+                self.execute(f"DETACH DATABASE IF EXISTS {DUCKDB_CATALOG}")
                 # The configured limit again: the checkpoint lowered it (_checkpoint_memory), and the limit belongs
                 # to the instance, not to one connection. Setting it also hands back to the system what the
                 # instance's allocator kept of the transaction's memory: without it a live instance stayed ~90-125 MB
@@ -197,12 +195,11 @@ def _transaction(engine: Engine, attempts: int) -> Iterator[Connection]:
 
 
 # DuckDB's buffer pool for the checkpoint that closing a connection runs (it detaches the warehouse file, which
-# writes the transaction's changes from the WAL into it). The checkpoint
-# fills the pool to its limit whatever it writes: with the default 256MB every staging batch and the reconcile
-# raised the sync process by ~250 MB for a moment, its peak (a 60,000-opportunity Dataverse full sync: 572 MB;
-# 10,000-row staging batches alone: 410 MB between checkpoints, 590-624 MB at them). The queries keep the
-# configured limit; the checkpoint spills past this one rather than fail, and closing the connection sets the
-# configured limit again (_attached_connection_type).
+# writes the transaction's changes from the WAL into it). The checkpoint fills the pool to its limit whatever it
+# writes: with the default 256MB every staging batch and the reconcile raised the sync process by ~250 MB for a
+# moment, its peak (a 60,000-opportunity Dataverse full sync: 572 MB; 10,000-row staging batches alone: 410 MB
+# between checkpoints, 590-624 MB at them). The queries keep the configured limit; the checkpoint spills past this
+# one rather than fail, and closing the connection sets the configured limit again (_attached_connection_type).
 CHECKPOINT_MEMORY_LIMIT_MB = 96
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from oppsync_pipeline.lib.config import ConfigError, DuckDBSettings, parse_config
 from oppsync_pipeline.lib.warehouse.engine import (
-    CHECKPOINT_MEMORY_LIMIT_MB,
+    LEAN_MEMORY_LIMIT_MB,
     _checkpoint_memory,
     make_engine,
     transaction,
@@ -69,7 +69,7 @@ def test_the_checkpoint_at_close_runs_under_a_lower_limit_of_its_own(tmp_path: P
     with transaction(engine) as c:
         seen.append(c.execute(text("SELECT current_setting('memory_limit')")).scalar())
         assert c.execute(text("SELECT count(*) FROM t")).scalar() == 50000
-    assert seen == ["286.1 MiB", f"{CHECKPOINT_MEMORY_LIMIT_MB:.1f} MiB", "286.1 MiB"]
+    assert seen == ["286.1 MiB", f"{LEAN_MEMORY_LIMIT_MB:.1f} MiB", "286.1 MiB"]
 
 
 def test_the_checkpoint_limit_is_never_above_the_configured_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

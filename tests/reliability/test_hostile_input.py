@@ -146,10 +146,10 @@ ALLOWED = {
     "name",
     "DUCKDB_CATALOG",
     "DUCKDB_ROW_GROUP_SIZE",
-    # engine._checkpoint_memory: an int computed from DuckDB's own memory_limit and a module constant (DuckDB's
-    # SET takes no bound parameter)
-    "max(1, int(checkpoint_mib))",
-    # engine._AttachedConnection.close: the configured memory_limit, matched against config.MEMORY_LIMIT_PATTERN
+    # engine's set_memory_limit (lean): an int computed from DuckDB's own memory_limit and a module constant
+    # (DuckDB's SET takes no bound parameter)
+    "max(1, int(lean_mib))",
+    # engine's set_memory_limit (configured): the configured memory_limit, matched against config.MEMORY_LIMIT_PATTERN
     # when the engine is made
     "self._instance.memory_limit",
     # reconcile's and migration 5's fragments, built from module constants (field and kind names)

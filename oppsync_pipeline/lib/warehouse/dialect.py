@@ -31,6 +31,15 @@ def file_busy(bind: Bind, err: OperationalError) -> bool:
     return is_duckdb(bind) and "lock" in str(err).lower()
 
 
+def out_of_memory(bind: Bind, err: DBAPIError) -> bool:
+    """DuckDB refused a statement's memory (its buffer pool at its limit, and what it holds could not spill)."""
+    if not is_duckdb(bind):
+        return False
+    import duckdb
+
+    return isinstance(err.orig, duckdb.OutOfMemoryException)
+
+
 def lost_a_race(bind: Bind, err: DBAPIError) -> bool:
     """DuckDB runs concurrent transactions optimistically: of two that write the same row, the later one
     fails (a write-write conflict, or a duplicate key found at commit). Postgres orders them with row locks

@@ -93,6 +93,7 @@ class _Instance:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.memory_limit = config["memory_limit"]
+        self.configured_mib: float | None = None  # the configured limit as DuckDB reads it (50% -> MiB)
         self._db: Any = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -105,6 +106,7 @@ class _Instance:
                 if self._db is not None:  # a forked child: the parent's instance is not ours to close or use
                     _INHERITED.append(self._db)
                 self._db, self._pid = duckdb.connect(":memory:", config=self.config), os.getpid()
+                self.configured_mib = _mib(self._db.execute("SELECT current_setting('memory_limit')").fetchone()[0])
             return self._db.cursor()
 
     def discard(self) -> None:
@@ -135,16 +137,27 @@ def _attached_connection_type() -> type:
             super().__init__(instance.cursor())
             self._instance = instance
 
+        def set_memory_limit(self, lean: bool) -> None:
+            """The instance's memory limit for the statements that follow: LEAN_MEMORY_LIMIT_MB (never above the
+            configured one), or the configured one. The connection's close sets the configured one again."""
+            if lean:
+                configured = self._instance.configured_mib
+                lean_mib = LEAN_MEMORY_LIMIT_MB if configured is None else min(LEAN_MEMORY_LIMIT_MB, configured)
+                # DuckDB's SET takes no bound parameter: a number computed here, as a whole MiB (at least 1)
+                self.execute(f"SET memory_limit = '{max(1, int(lean_mib))}MiB'")
+            else:
+                self.execute(f"SET memory_limit = '{self._instance.memory_limit}'")
+
         def close(self) -> None:
             try:
                 # IF EXISTS: a failed ATTACH (the file busy in another process) leaves nothing to detach
                 self.execute("USE memory")
                 self.execute(f"DETACH DATABASE IF EXISTS {DUCKDB_CATALOG}")
-                # The configured limit again: the checkpoint lowered it (_checkpoint_memory), and the limit belongs
-                # to the instance, not to one connection. Setting it also hands back to the system what the
-                # instance's allocator kept of the transaction's memory: without it a live instance stayed ~90-125 MB
-                # larger after a 100,000-row transaction (test_duckdb_settings), until the next statement that sets it.
-                self.execute(f"SET memory_limit = '{self._instance.memory_limit}'")
+                # The configured limit again: the checkpoint (and the reconcile) lowered it, and the limit belongs to
+                # the instance, not to one connection. Setting it also hands back to the system what the instance's
+                # allocator kept of the transaction's memory: without it a live instance stayed ~90-125 MB larger
+                # after a 100,000-row transaction (test_duckdb_settings), until the next statement that sets it.
+                self.set_memory_limit(lean=False)
             except Exception:  # noqa: BLE001 - the file may still be attached: a new instance for the next connection
                 log.warning("could not detach the DuckDB warehouse file; starting a new DuckDB instance", exc_info=True)
                 self._instance.discard()
@@ -194,21 +207,30 @@ def _transaction(engine: Engine, attempts: int) -> Iterator[Connection]:
         conn.close()
 
 
-# DuckDB's buffer pool for the checkpoint that closing a connection runs (it detaches the warehouse file, which
-# writes the transaction's changes from the WAL into it). The checkpoint fills the pool to its limit whatever it
-# writes: with the default 256MB every staging batch and the reconcile raised the sync process by ~250 MB for a
-# moment, its peak (a 60,000-opportunity Dataverse full sync: 572 MB; 10,000-row staging batches alone: 410 MB
-# between checkpoints, 590-624 MB at them). The queries keep the configured limit; the checkpoint spills past this
-# one rather than fail, and closing the connection sets the configured limit again (_attached_connection_type).
-CHECKPOINT_MEMORY_LIMIT_MB = 96
+# DuckDB's buffer pool for the work that need not be fast in memory, and would otherwise fill the pool to the
+# configured limit whatever it holds:
+# - the checkpoint that closing a connection runs (it detaches the warehouse file, which writes the transaction's
+#   changes from the WAL into it). With the default 256MB every staging batch and the reconcile raised the sync
+#   process by ~250 MB for a moment, its peak (a 60,000-opportunity Dataverse full sync: 572 MB; 10,000-row
+#   staging batches alone: 410 MB between checkpoints, 590-624 MB at them);
+# - the reconcile (reconcile/apply.py), which spills its working tables past it at the same speed: a first full
+#   reconcile of 1,000,000 synthetic opportunities peaked at 362-368 MB RSS instead of 483 MB, in 8.9-10.1 s
+#   against 8.8 s.
+# Both spill past this limit rather than fail; closing the connection sets the configured limit again.
+LEAN_MEMORY_LIMIT_MB = 96
+
+
+def set_memory_limit(conn: Connection, lean: bool) -> None:
+    """DuckDB: LEAN_MEMORY_LIMIT_MB (at most the configured limit) or the configured limit for the statements that
+    follow on this connection; nothing elsewhere (Postgres, an in-memory DuckDB engine)."""
+    setter = getattr(conn.connection.dbapi_connection, "set_memory_limit", None)
+    if setter is not None:
+        setter(lean)
 
 
 def _checkpoint_memory(conn: Connection) -> None:
-    raw = conn.connection.dbapi_connection
-    configured = _mib(raw.execute("SELECT current_setting('memory_limit')").fetchone()[0])
-    checkpoint_mib = CHECKPOINT_MEMORY_LIMIT_MB if configured is None else min(CHECKPOINT_MEMORY_LIMIT_MB, configured)
-    try:  # DuckDB's SET takes no bound parameter: a number computed here, formatted as a whole MiB (at least 1)
-        raw.execute(f"SET memory_limit = '{max(1, int(checkpoint_mib))}MiB'")
+    try:
+        set_memory_limit(conn, lean=True)
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
 

@@ -50,9 +50,11 @@ class PageRequest:
 @dataclass
 class Fetched:
     """One page as received: the JSON (records stay the dicts the CRM sent), the same validated as the page
-    model, the page's records, its 1-based number and the URL it is named by in errors."""
+    model, the page's records, its 1-based number and the URL it is named by in errors. `links`: the response's
+    Link header (requests' `Response.links`); the response itself is not kept: its body (12 MB a Dataverse page)
+    would stay in memory beside the decoded JSON while the page is consumed."""
 
-    response: requests.Response
+    links: dict[str, dict[str, str]]
     body: Any
     page: Any
     records: list[Any]
@@ -142,7 +144,7 @@ class HeaderLinkPaginator(_LinkPaginator):
         self.resolve = resolve
 
     def next_link(self, fetched: Fetched) -> str | None:
-        link = fetched.response.links.get("next", {}).get("url")
+        link = fetched.links.get("next", {}).get("url")
         return self.resolve(link) if link else None
 
     def update_state(self, fetched: Fetched, trail: PageTrail) -> None:
@@ -254,11 +256,15 @@ def paginate(
         if total is not None and trail.pages == 0:
             trail.expect(total(page), page_size)
         number = trail.page(len(rows), rows[0][first_id] if first_id is not None and rows else None)
-        fetched = Fetched(response, body, page, rows, number, url)
+        fetched = Fetched(response.links, body, page, rows, number, url)
+        del response  # the body decoded: the bytes go now, not when the next page's response replaces them
         paginator.update_state(fetched, trail)
         if paginator.position is not None:
             paginator.follow(trail)
         yield fetched
+        # the consumer holds what it still needs: this frame's references would keep the page alive while the
+        # next one is requested and decoded
+        del fetched, body, page, rows
         if not paginator.has_next_page:
             return
         paginator.update_request(request)

@@ -255,3 +255,12 @@ def test_sandbox_cluster_connection_end_to_end():
         n = sum(len(p) for open_set in (True, False) for p in connector.opportunities(open_set, None))
         assert n == 300
         assert list(connector.deleted(None)) == [] and connector.delta_link
+
+
+def test_pages_of_2000_unless_the_connection_asks_for_up_to_5000(server):
+    """Dataverse rows are wide (~2.5 kB with their annotations): the default page is 2,000, for memory
+    (dynamics.py); `page_size` still asks for up to Dataverse's 5,000, and no more."""
+    assert make(server, page_size=None).page_size == 2000
+    assert make(server, page_size=5000).page_size == 5000
+    assert make(server, page_size=9000).page_size == 5000
+    assert "odata.maxpagesize=2000" in make(server, page_size=None)._headers()["Prefer"]

@@ -122,6 +122,8 @@ class Capability:
 class CrmConnector(ABC):
     crm: ClassVar[str]
     max_page_size: ClassVar[int]
+    # The page size asked for when the connection sets none (`connections[].page_size`); None: max_page_size.
+    default_page_size: ClassVar[int | None] = None
     # Whether the CRM has a feed of deletions (Salesforce delete log, HubSpot archived, Dataverse change tracking).
     native_deletes: ClassVar[bool] = False
     # Credential keys the connection must provide: the CRM's registry entry declares them (__init_subclass__).
@@ -173,7 +175,7 @@ class CrmConnector(ABC):
         self.credentials = credentials
         # Masks this connection's secrets, the configured ones and those its Auth sends, in every form.
         self.scrubber = Scrubber(credentials)
-        self.page_size = min(conn.page_size or self.max_page_size, self.max_page_size)
+        self.page_size = min(conn.page_size or self.default_page_size or self.max_page_size, self.max_page_size)
         self.options = self.Options.model_validate(conn.options)  # before make_auth, which may read them
         self.client = ApiClient(
             base_url=conn.base_url,

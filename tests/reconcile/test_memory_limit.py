@@ -13,8 +13,20 @@ from sqlalchemy import event, text
 
 from oppsync_pipeline.lib.reconcile import apply
 from oppsync_pipeline.lib.warehouse import engine as engine_module
+from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
-from tests.reconcile.harness import T0, current, full, history, opp, sync
+from tests.reconcile.harness import (
+    CONNECTION,
+    LOCK_TTL,
+    T0,
+    current,
+    full,
+    history,
+    opp,
+    reconcile_extract,
+    stage_extract,
+    sync,
+)
 
 
 @pytest.fixture
@@ -57,10 +69,12 @@ def test_a_reconcile_out_of_the_lean_limit_runs_again_whole_under_the_configured
 ):
     """1 MiB is too little for any of the reconcile's working tables: DuckDB refuses the first attempt, which rolls
     back whole; the second, under the configured limit, writes everything exactly once."""
-    monkeypatch.setattr(engine_module, "LEAN_MEMORY_LIMIT_MB", 1)
     records = [opp(f"o{i}", project_name="p" * 2000) for i in range(3000)]
+    store.acquire_lock(engine, CONNECTION, "r1", T0, LOCK_TTL)
+    stage_extract(engine, "r1", full(*records), T0)
+    monkeypatch.setattr(engine_module, "LEAN_MEMORY_LIMIT_MB", 1)  # the reconcile's only: staging is done
     with caplog.at_level(logging.WARNING, logger=apply.__name__):
-        result = sync(engine, "r1", full(*records), T0)
+        result = reconcile_extract(engine, "r1", "full", T0)
     assert "ran out of DuckDB's lean memory limit" in caplog.text
     assert result.created == 3000
     assert len(current(engine)) == 3000
@@ -68,3 +82,26 @@ def test_a_reconcile_out_of_the_lean_limit_runs_again_whole_under_the_configured
     with engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM oppsync.opportunity_events")).scalar() == 3000
         assert c.execute(text("SELECT count(*) FROM oppsync.stage_opportunities")).scalar() == 0
+
+
+def test_new_rows_written_in_passes_where_memory_is_lean_are_each_written_once(engine, monkeypatch: pytest.MonkeyPatch):
+    """Passes of 7 over 50 new records, some staged twice (the latest version wins): every record once, as staged."""
+    monkeypatch.setattr(apply, "NEW_ROWS_PER_PASS", 7)
+    passes = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def statement(_conn, _cursor, sql, *_args):
+        if sql.lstrip().startswith("INSERT INTO oppsync.opportunities "):
+            passes.append(sql)
+
+    records = [opp(f"o{i}") for i in range(50)]
+    again = [opp(f"o{i}", amount=5.0, modified_at=T0) for i in range(0, 50, 10)]
+    result = sync(engine, "r1", full(*records, *again), T0)
+    event.remove(engine, "before_cursor_execute", statement)
+    assert len(passes) == 8  # ceil(50 / 7) passes over the seq range of the 55 staged rows
+    assert result.created == 50
+    rows = current(engine)
+    assert sorted(rows) == sorted(f"o{i}" for i in range(50))
+    assert {k for k, o in rows.items() if o["amount"] == 5.0} == {f"o{i}" for i in range(0, 50, 10)}
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM oppsync.opportunities")).scalar() == 50

@@ -24,6 +24,7 @@ The statements are in sql/*.sql next to this module; the column lists in them co
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -198,7 +199,9 @@ def reconcile(
             result.events = sum(written.values())
             result.updated, result.stage_changed = written["updated"], written["stage_changed"]
             _write_history(conn, p)
-            _write_current(conn, p, rebaseline, scope_moves=result.left_scope + result.entered_scope, lean=lean)
+            _write_current(
+                conn, p, rebaseline, scope_moves=result.left_scope + result.entered_scope, lean=lean, new=result.created
+            )
             conn.execute(
                 update(extracts).where(extracts.c.extract_id == extract_id).values(status=ExtractStatus.RECONCILED)
             )
@@ -233,7 +236,7 @@ def reconcile(
             return result
 
     try:
-        return attempt(lean=True)
+        return attempt(lean=dialect.is_duckdb(engine))  # a memory limit to lower: DuckDB only
     except DBAPIError as err:
         # a caller's transaction (a Connection given) is aborted with it: nothing to run again in
         if isinstance(engine, Connection) or not dialect.out_of_memory(engine, err):
@@ -507,10 +510,16 @@ def _write_history(conn: Connection, p: dict) -> None:
     conn.execute(sql("history_insert"), p)
 
 
+# New current rows per pass where memory is lean: each pass joins its slice of rc_act (a hash table of ~52 MiB for
+# 1,000,000 new rows) while it writes raw payloads, and the whole of a first Salesforce sync of 1,000,000 did not fit
+# in the lean limit.
+NEW_ROWS_PER_PASS = 250_000
+
+
 def _write_current(
-    conn: Connection, p: dict, rebaseline: bool = False, scope_moves: int = 1, lean: bool = False
+    conn: Connection, p: dict, rebaseline: bool = False, scope_moves: int = 1, lean: bool = False, new: int = 0
 ) -> None:
-    conn.execute(sql("current_insert"), p)
+    _insert_new(conn, p, passes=max(1, math.ceil(new / NEW_ROWS_PER_PASS)) if lean else 1)
     conn.execute(text("DROP TABLE IF EXISTS rc_upd"))
     conn.execute(sql("current_gather"), p)
     _analyze(conn, "rc_upd", "source_id")
@@ -528,6 +537,17 @@ def _write_current(
     if scope_moves:
         conn.execute(sql("current_scope"), p)
     conn.execute(sql("current_deleted"), p)
+
+
+def _insert_new(conn: Connection, p: dict, passes: int) -> None:
+    """The new records' current rows, in `passes` slices of their seq range (staged order: each slice is a run
+    of row groups DuckDB's zone maps find without scanning the rest)."""
+    lo, hi = conn.execute(text("SELECT min(seq), max(seq) FROM rc_act WHERE membership = 'new'")).one()
+    if lo is None:
+        return
+    width = (hi - lo) // passes + 1
+    for start in range(lo, hi + 1, width):
+        conn.execute(sql("current_insert"), {**p, "lo": start, "hi": start + width})
 
 
 def _advance_state(conn: Connection, p: dict, mode: str, new_cursor: datetime | None) -> None:

@@ -94,11 +94,22 @@ def test_new_rows_written_in_passes_where_memory_is_lean_are_each_written_once(e
         if sql.lstrip().startswith("INSERT INTO oppsync.opportunities "):
             passes.append(sql)
 
+    with engine.connect() as c:
+        threads = c.execute(text("SELECT current_setting('threads')")).scalar()
     records = [opp(f"o{i}") for i in range(50)]
     again = [opp(f"o{i}", amount=5.0, modified_at=T0) for i in range(0, 50, 10)]
-    result = sync(engine, "r1", full(*records, *again), T0)
+    single = mock.patch.object(
+        apply,
+        "set_single_thread",
+        side_effect=lambda conn, one: (passes.append(f"single={one}"), engine_module.set_single_thread(conn, one))[1],
+    )
+    with single:
+        result = sync(engine, "r1", full(*records, *again), T0)
     event.remove(engine, "before_cursor_execute", statement)
-    assert len(passes) == 8  # ceil(50 / 7) passes over the seq range of the 55 staged rows
+    # ceil(50 / 7) passes over the seq range of the 55 staged rows, on one DuckDB thread
+    assert passes[0] == "single=True" and passes[-1] == "single=False" and len(passes) == 10
+    with engine.connect() as c:  # the next connection has the instance's threads again
+        assert c.execute(text("SELECT current_setting('threads')")).scalar() == threads
     assert result.created == 50
     rows = current(engine)
     assert sorted(rows) == sorted(f"o{i}" for i in range(50))

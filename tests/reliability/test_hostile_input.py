@@ -152,6 +152,9 @@ ALLOWED = {
     # engine's set_memory_limit (configured): the configured memory_limit, matched against config.MEMORY_LIMIT_PATTERN
     # when the engine is made
     "self._instance.memory_limit",
+    # engine's set_single_thread: the configured thread count, an int from the configuration (DuckDBSettings) or
+    # OPPSYNC_DUCKDB_THREADS (int() when the engine is made)
+    "int(self._instance.threads)",
     # reconcile's and migration 5's fragments, built from module constants (field and kind names)
     "scope",
     "same_close",

@@ -93,6 +93,7 @@ class _Instance:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.memory_limit = config["memory_limit"]
+        self.threads: int | None = config.get("threads")  # None: DuckDB's default, one per core
         self.configured_mib: float | None = None  # the configured limit as DuckDB reads it (50% -> MiB)
         self._db: Any = None
         self._pid = 0
@@ -148,6 +149,15 @@ def _attached_connection_type() -> type:
             else:
                 self.execute(f"SET memory_limit = '{self._instance.memory_limit}'")
 
+        def set_single_thread(self, single: bool) -> None:
+            """One DuckDB thread for the statements that follow, or the configured number again."""
+            if single:
+                self.execute("SET threads = 1")
+            elif self._instance.threads is None:
+                self.execute("RESET threads")
+            else:
+                self.execute(f"SET threads = {int(self._instance.threads)}")
+
         def close(self) -> None:
             try:
                 # IF EXISTS: a failed ATTACH (the file busy in another process) leaves nothing to detach
@@ -158,6 +168,7 @@ def _attached_connection_type() -> type:
                 # allocator kept of the transaction's memory: without it a live instance stayed ~90-125 MB larger
                 # after a 100,000-row transaction (test_duckdb_settings), until the next statement that sets it.
                 self.set_memory_limit(lean=False)
+                self.set_single_thread(False)  # the instance's threads are for the next connection too
             except Exception:  # noqa: BLE001 - the file may still be attached: a new instance for the next connection
                 log.warning("could not detach the DuckDB warehouse file; starting a new DuckDB instance", exc_info=True)
                 self._instance.discard()
@@ -226,6 +237,14 @@ def set_memory_limit(conn: Connection, lean: bool) -> None:
     setter = getattr(conn.connection.dbapi_connection, "set_memory_limit", None)
     if setter is not None:
         setter(lean)
+
+
+def set_single_thread(conn: Connection, single: bool) -> None:
+    """DuckDB: one thread (or the configured number again) for the statements that follow on this connection: an
+    insert keeps a row group of the target table in memory per thread; nothing elsewhere."""
+    setter = getattr(conn.connection.dbapi_connection, "set_single_thread", None)
+    if setter is not None:
+        setter(single)
 
 
 def _checkpoint_memory(conn: Connection) -> None:

@@ -47,12 +47,10 @@ def test_the_reconcile_is_lean_but_for_the_update_of_current_rows(engine):
     def statement(_conn, _cursor, sql, *_args):
         steps.append(" ".join(sql.split()[:3]))
 
-    spy = mock.patch.object(
-        apply,
-        "set_memory_limit",
-        side_effect=lambda conn, lean: (steps.append(f"lean={lean}"), engine_module.set_memory_limit(conn, lean))[1],
-    )
-    with spy:
+    real = engine_module.set_memory_limit
+    spy = mock.Mock(side_effect=lambda conn, lean: (steps.append(f"lean={lean}"), real(conn, lean))[1])
+    # the reconcile's own call, and those of the engine's configured_memory around the UPDATE
+    with mock.patch.object(apply, "set_memory_limit", spy), mock.patch.object(engine_module, "set_memory_limit", spy):
         sync(engine, "r2", full(*(opp(f"o{i}", amount=2000.0) for i in range(50))), T0 + timedelta(hours=1))
     event.remove(engine, "before_cursor_execute", statement)
 
@@ -98,10 +96,11 @@ def test_new_rows_written_in_passes_where_memory_is_lean_are_each_written_once(e
         threads = c.execute(text("SELECT current_setting('threads')")).scalar()
     records = [opp(f"o{i}") for i in range(50)]
     again = [opp(f"o{i}", amount=5.0, modified_at=T0) for i in range(0, 50, 10)]
+    real = engine_module.set_single_thread
     single = mock.patch.object(
-        apply,
+        engine_module,  # engine.single_thread's
         "set_single_thread",
-        side_effect=lambda conn, one: (passes.append(f"single={one}"), engine_module.set_single_thread(conn, one))[1],
+        side_effect=lambda conn, one: (passes.append(f"single={one}"), real(conn, one))[1],
     )
     with single:
         result = sync(engine, "r1", full(*records, *again), T0)

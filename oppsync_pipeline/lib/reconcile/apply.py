@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -36,7 +37,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from oppsync_pipeline.lib.record import CANONICAL, MAPPING_VERSION, TRACKED_FIELDS, EventKind
 from oppsync_pipeline.lib.warehouse import dialect
-from oppsync_pipeline.lib.warehouse.engine import set_memory_limit, set_single_thread, transaction
+from oppsync_pipeline.lib.warehouse.engine import configured_memory, set_memory_limit, single_thread, transaction
 from oppsync_pipeline.lib.warehouse.lease import assert_lock
 from oppsync_pipeline.lib.warehouse.runs import ExtractStatus, RunStats, RunStatus, SyncRun, record_run
 from oppsync_pipeline.lib.warehouse.schema import (
@@ -522,23 +523,16 @@ NEW_ROWS_PER_PASS = 250_000
 def _write_current(
     conn: Connection, p: dict, rebaseline: bool = False, scope_moves: int = 1, lean: bool = False, new: int = 0
 ) -> None:
-    if lean:
-        set_single_thread(conn, True)
-        _insert_new(conn, p, passes=max(1, math.ceil(new / NEW_ROWS_PER_PASS)))
-        set_single_thread(conn, False)
-    else:
-        _insert_new(conn, p, passes=1)
+    with single_thread(conn) if lean else nullcontext():
+        _insert_new(conn, p, passes=max(1, math.ceil(new / NEW_ROWS_PER_PASS)) if lean else 1)
     conn.execute(text("DROP TABLE IF EXISTS rc_upd"))
     conn.execute(sql("current_gather"), p)
     _analyze(conn, "rc_upd", "source_id")
     # DuckDB keeps an UPDATE's old values in its transaction's undo buffers, which spill only in part: rewriting
     # 110,000 of 1,000,000 synthetic rows failed under 128 MiB and peaked at 388 MB RSS under 160 MiB. This one
     # statement runs under the configured limit.
-    if lean:
-        set_memory_limit(conn, lean=False)
-    conn.execute(sql("current_update"), p)
-    if lean:
-        set_memory_limit(conn, lean=True)
+    with configured_memory(conn) if lean else nullcontext():
+        conn.execute(sql("current_update"), p)
     if rebaseline:
         conn.execute(sql("current_redate_closes"), p)
     conn.execute(text("DROP TABLE rc_upd"))
@@ -550,6 +544,9 @@ def _write_current(
 def _insert_new(conn: Connection, p: dict, passes: int) -> None:
     """The new records' current rows, in `passes` slices of their seq range (staged order: each slice is a run
     of row groups DuckDB's zone maps find without scanning the rest)."""
+    if passes == 1:  # every reconcile on Postgres and every small one: no range to look up
+        conn.execute(sql("current_insert"), {**p, "lo": -(2**31), "hi": 2**31})
+        return
     lo, hi = conn.execute(text("SELECT min(seq), max(seq) FROM rc_act WHERE membership = 'new'")).one()
     if lo is None:
         return

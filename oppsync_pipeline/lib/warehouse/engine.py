@@ -137,6 +137,7 @@ def _attached_connection_type() -> type:
         def __init__(self, instance: _Instance) -> None:
             super().__init__(instance.cursor())
             self._instance = instance
+            self._single_thread = False
 
         def set_memory_limit(self, lean: bool) -> None:
             """The instance's memory limit for the statements that follow: LEAN_MEMORY_LIMIT_MB (never above the
@@ -150,13 +151,17 @@ def _attached_connection_type() -> type:
                 self.execute(f"SET memory_limit = '{self._instance.memory_limit}'")
 
         def set_single_thread(self, single: bool) -> None:
-            """One DuckDB thread for the statements that follow, or the configured number again."""
+            """One DuckDB thread for the statements that follow, or the configured number again (only if changed:
+            closing every connection calls this)."""
+            if single == self._single_thread:
+                return
             if single:
                 self.execute("SET threads = 1")
             elif self._instance.threads is None:
                 self.execute("RESET threads")
             else:
                 self.execute(f"SET threads = {int(self._instance.threads)}")
+            self._single_thread = single
 
         def close(self) -> None:
             try:
@@ -234,22 +239,42 @@ LEAN_MEMORY_LIMIT_MB = 96
 def set_memory_limit(conn: Connection, lean: bool) -> None:
     """DuckDB: LEAN_MEMORY_LIMIT_MB (at most the configured limit) or the configured limit for the statements that
     follow on this connection; nothing elsewhere (Postgres, an in-memory DuckDB engine)."""
-    setter = getattr(conn.connection.dbapi_connection, "set_memory_limit", None)
-    if setter is not None:
-        setter(lean)
+    _attached_setting(conn, "set_memory_limit", lean)
 
 
 def set_single_thread(conn: Connection, single: bool) -> None:
     """DuckDB: one thread (or the configured number again) for the statements that follow on this connection: an
     insert keeps a row group of the target table in memory per thread; nothing elsewhere."""
-    setter = getattr(conn.connection.dbapi_connection, "set_single_thread", None)
+    _attached_setting(conn, "set_single_thread", single)
+
+
+@contextmanager
+def configured_memory(conn: Connection) -> Iterator[None]:
+    """The configured memory limit for the statements inside, the lean one again after them."""
+    set_memory_limit(conn, lean=False)
+    yield
+    set_memory_limit(conn, lean=True)
+
+
+@contextmanager
+def single_thread(conn: Connection) -> Iterator[None]:
+    """One DuckDB thread for the statements inside, the configured number again after them."""
+    set_single_thread(conn, True)
+    yield
+    set_single_thread(conn, False)
+
+
+def _attached_setting(conn: Connection, method: str, value: bool) -> None:
+    """Call an _AttachedConnection's setting method; other connections (Postgres, an in-memory DuckDB engine) have
+    none, and nothing to set."""
+    setter = getattr(conn.connection.dbapi_connection, method, None)
     if setter is not None:
-        setter(single)
+        setter(value)
 
 
 def _checkpoint_memory(conn: Connection) -> None:
     try:
-        set_memory_limit(conn, lean=True)
+        _attached_setting(conn, "set_memory_limit", True)
     except Exception:  # noqa: BLE001 - best effort: the pool could not shrink, the checkpoint runs as before
         log.debug("could not lower DuckDB's memory limit for the checkpoint", exc_info=True)
 

@@ -186,3 +186,34 @@ def test_importing_the_sync_starts_no_duckdb_instance():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False", "importing the sync imported duckdb_engine"
+
+
+def _child_keeps_the_parents_instance(expected: int, done) -> None:
+    from oppsync_pipeline.lib.warehouse import engine as engine_module
+
+    done.put(any(id(db) == expected for db in engine_module._INHERITED))
+
+
+def test_a_forked_child_keeps_the_parents_duckdb_instance_referenced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A forked child must never close the parent's DuckDB instance (its threads did not come along): the engine
+    keeps every live instance referenced in the child (os.register_at_fork)."""
+    import multiprocessing
+
+    from oppsync_pipeline.lib.warehouse import engine as engine_module
+
+    monkeypatch.delenv("OPPSYNC_DUCKDB_MEMORY_LIMIT", raising=False)
+    engine = make_engine(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    with transaction(engine) as c:
+        c.execute(text("SELECT 1"))
+    [instance] = [
+        i
+        for i in engine_module._INSTANCES
+        if i._db is not None and i.config["temp_directory"].startswith(str(tmp_path))
+    ]
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+    child = ctx.Process(target=_child_keeps_the_parents_instance, args=(id(instance._db), done))
+    child.start()
+    child.join(30)
+    assert done.get(timeout=5) is True
+    engine.dispose()

@@ -11,6 +11,7 @@ crash leaves a lock whose holder is dead, as a real crash would.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -32,6 +33,9 @@ def die() -> None:
 def main(url: str, run_id: str, point: str, log_path: str) -> None:
     from datetime import datetime
 
+    # Forked from a test worker whose earlier tests left engines behind: no garbage collection of what came along
+    # (a DuckDB object finalized here, without its parent's threads, can crash the child). The child lives seconds.
+    gc.disable()
     at = datetime.fromisoformat(RECONCILED_AT)
     engine = make_engine(url)
     store.acquire_lock(engine, CONNECTION, run_id, at, LOCK_TTL)

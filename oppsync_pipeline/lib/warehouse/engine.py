@@ -98,6 +98,7 @@ class _Instance:
         self._db: Any = None
         self._pid = 0
         self._lock = threading.Lock()
+        _INSTANCES.add(self)
 
     def cursor(self) -> Any:
         import duckdb
@@ -120,6 +121,17 @@ class _Instance:
 
 
 _INHERITED: list[Any] = []
+_INSTANCES: weakref.WeakSet[_Instance] = weakref.WeakSet()
+
+
+def _keep_inherited_instances() -> None:
+    """In a forked child: the parent's DuckDB instances came along without their threads, and closing one here (the
+    garbage collector finalizing an engine the parent no longer used) can crash the child. Kept referenced, they
+    are never closed in it; the child's first connect starts an instance of its own (`_Instance.cursor`)."""
+    _INHERITED.extend(instance._db for instance in list(_INSTANCES) if instance._db is not None)
+
+
+os.register_at_fork(after_in_child=_keep_inherited_instances)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ transaction writes them; a 1,000,000-opportunity full sync failed on them). Post
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import datetime
 
@@ -19,7 +20,14 @@ from oppsync_pipeline.lib.warehouse.engine import (
     make_engine,
     transaction,
 )
-from oppsync_pipeline.lib.warehouse.schema import FACT_TABLES, MIGRATIONS, SCHEMA, schema_migrations
+from oppsync_pipeline.lib.warehouse.schema import (
+    FACT_TABLES,
+    MIGRATIONS,
+    RAW_COMPRESSION,
+    RAW_TABLES,
+    SCHEMA,
+    schema_migrations,
+)
 
 T0 = datetime(2026, 1, 5, 9, 30)
 
@@ -83,7 +91,7 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     with engine.connect() as conn:
         assert _keys_and_indexes(conn, "opportunities") > 0  # the old layout had its keys
 
-    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     assert ensure_schema(engine) == []  # once only
 
     with engine.connect() as conn:
@@ -148,7 +156,7 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
         for table, column in M4_COLUMNS:
             conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
     _seed(engine)
-    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11, 12]
     with engine.connect() as conn:
         for table, column in M4_COLUMNS:
             assert column in _columns(conn, table), (table, column)
@@ -156,6 +164,67 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
             text(f"SELECT source_id, status, stage_id, crm_status FROM {SCHEMA}.opportunities ORDER BY source_id")
         ).all()
         assert [tuple(r) for r in rows] == [("001", "open", None, None), ("002", "won", None, None)]
+
+
+def _raw_compression(conn, table: str) -> str | None:
+    """The compression the table's `raw` column is declared with (None: the database's default)."""
+    if conn.dialect.name == "duckdb":
+        ddl = conn.execute(
+            text("SELECT sql FROM duckdb_tables() WHERE schema_name = :s AND table_name = :t"),
+            {"s": SCHEMA, "t": table},
+        ).scalar()
+        found = re.search(r"\braw VARCHAR USING COMPRESSION (\w+)", ddl, re.IGNORECASE)
+        return found.group(1).lower() if found else None
+    return conn.execute(
+        text(
+            "SELECT CASE a.attcompression WHEN 'l' THEN 'lz4' WHEN 'p' THEN 'pglz' END FROM pg_attribute a "
+            "WHERE a.attrelid = CAST(:t AS regclass) AND a.attname = 'raw'"
+        ),
+        {"t": f"{SCHEMA}.{table}"},
+    ).scalar()
+
+
+def test_a_version_11_warehouse_compresses_raw_json_and_keeps_its_rows(warehouse_url: str):
+    """Migration 12: `raw` (most of the warehouse's bytes) with zstd on DuckDB (rebuilt: a column's compression is
+    set only at CREATE); every row, column and NOT NULL kept, and new rows compressed so. Postgres unchanged."""
+    engine = make_engine(warehouse_url)
+    _migrate_to(engine, 11)
+    _seed(engine)
+    with engine.connect() as conn:
+        before = {t: _columns(conn, t) for t in RAW_TABLES}
+        assert all(_raw_compression(conn, t) is None for t in RAW_TABLES)
+    assert ensure_schema(engine) == [12]
+    duckdb = warehouse_url.startswith("duckdb")
+    with engine.connect() as conn:
+        for table in RAW_TABLES:
+            assert _columns(conn, table) == before[table], table
+            assert _raw_compression(conn, table) == (RAW_COMPRESSION if duckdb else None), table
+        rows = conn.execute(text(f"SELECT source_id, project_name, raw FROM {SCHEMA}.opportunities ORDER BY 1")).all()
+        assert [tuple(r) for r in rows] == [("001", "O'Brien; DROP", '{"Id": "001"}'), ("002", None, None)]
+        with pytest.raises(Exception, match="(?i)not.null|null value"):
+            conn.execute(
+                text(
+                    f"INSERT INTO {SCHEMA}.stage_opportunities (extract_id, connection, source_id, seq, in_open_set, "
+                    "crm, status, row_hash) VALUES ('x', 'c', NULL, 1, TRUE, 'x', 'open', 'h')"
+                )
+            )
+    if duckdb:  # the rows a sync writes next are stored with zstd
+        with transaction(engine) as conn:
+            conn.execute(
+                text(f"""
+                INSERT INTO {SCHEMA}.stage_opportunities (extract_id, connection, source_id, seq, in_open_set, crm,
+                                                          status, row_hash, raw)
+                SELECT 'x', 'c', CAST(i AS VARCHAR), i, TRUE, 'salesforce', 'open', 'h', repeat('{{"a": 1}}', 100 + i % 7)
+                FROM range(5000) t(i)""")
+            )
+        with engine.connect() as conn:
+            methods = conn.execute(
+                text(
+                    f"SELECT DISTINCT compression FROM pragma_storage_info('{SCHEMA}.stage_opportunities') "
+                    "WHERE column_name = 'raw' AND segment_type = 'VARCHAR'"
+                )
+            ).scalars()
+            assert set(methods) == {"ZSTD"}
 
 
 def test_the_duckdb_warehouse_is_written_in_small_row_groups(duckdb_url: str):
@@ -207,7 +276,7 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
                 VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
                 {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields},
             )
-    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11]
+    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11, 12]
     with engine.connect() as conn:
         rows = conn.execute(
             text(f"SELECT run_id, source_id, event_type, changed_fields, change_id FROM {SCHEMA}.opportunity_events")

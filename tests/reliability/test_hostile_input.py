@@ -170,6 +170,10 @@ ALLOWED = {
     "', '.join(columns)",
     "', '.join(cols)",
     "', '.join((':' + c for c in cols))",
+    # migration 12's DuckDB table rebuild: column definitions and names read from DuckDB's own catalog
+    # (duckdb_columns) of an oppsync table, each name double-quoted; the compression from a module constant
+    "ddl",
+    "names",
     "quoted",  # setup.py: CREATE DATABASE of the configured name, quoted by the dialect (identifiers are not bindable)
 }
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}

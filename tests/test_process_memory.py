@@ -1,5 +1,6 @@
 """lib/memory.py: a sync process keeps few glibc malloc arenas (its read threads each kept one, fragmented:
-a 1,000,000-opportunity Salesforce sync peaked at 668 MB with glibc's default and 577 MB with two)."""
+a 1,000,000-opportunity Salesforce sync peaked at 668 MB with glibc's default and 577 MB with two), and an extract
+runs with fewer garbage collector passes."""
 
 from __future__ import annotations
 
@@ -61,3 +62,62 @@ def test_an_operators_setting_is_kept(monkeypatch):
         check=True,
     ).stdout
     assert out.strip() == "False"
+
+
+def test_an_extract_runs_with_fewer_garbage_collector_passes_and_restores_the_setting(duckdb_url: str, tmp_path):
+    """The young generation at EXTRACT_GC_THRESHOLD0 while the pages are read (seen from the progress callback,
+    called with each page staged), the process's own setting afterwards."""
+    import gc
+
+    from oppsync_pipeline.lib.memory import EXTRACT_GC_THRESHOLD0
+    from oppsync_pipeline.lib.sync import run_extract
+    from oppsync_pipeline.lib.warehouse.engine import make_engine
+    from oppsync_pipeline.sandbox.cluster import build_simulator
+    from oppsync_pipeline.sandbox.server import SandboxServer
+    from tests.conftest import sandbox_config
+
+    before = gc.get_threshold()
+    seen: list[int] = []
+    with SandboxServer(build_simulator("salesforce", opportunities=300, seed=7)) as server:
+        cfg = sandbox_config({"salesforce": server}, duckdb_url, tmp_path)
+        out = run_extract(
+            cfg,
+            cfg.connections[0],
+            make_engine(duckdb_url),
+            run_id="r1",
+            progress=lambda _: seen.append(gc.get_threshold()[0]),
+        )
+    assert out.status == "complete" and seen
+    assert set(seen) == {EXTRACT_GC_THRESHOLD0}
+    assert gc.get_threshold() == before
+
+
+def test_extracts_at_once_share_the_raised_threshold_and_the_last_restores_it():
+    import gc
+    import threading
+
+    from oppsync_pipeline.lib.memory import EXTRACT_GC_THRESHOLD0, fewer_gc_passes
+
+    before = gc.get_threshold()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with fewer_gc_passes():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    with fewer_gc_passes():
+        assert gc.get_threshold()[0] == EXTRACT_GC_THRESHOLD0
+    assert gc.get_threshold()[0] == EXTRACT_GC_THRESHOLD0  # the other extract is still reading
+    release.set()
+    t.join(10)
+    assert gc.get_threshold() == before
+    gc.set_threshold(0, *before[1:])  # disabled by the process: left so
+    try:
+        with fewer_gc_passes():
+            assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)

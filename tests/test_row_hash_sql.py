@@ -1,7 +1,7 @@
-"""Both warehouses compute the row hash of staged records themselves (staging.DUCKDB_ROW_HASH,
-staging.POSTGRES_ROW_HASH), except for the few values columnar.python_hash_mask leaves to record.row_hash. All
-three must give the same digest for the same stored values, or a warehouse whose hashes were written by one
-would see the other's records as touched. Checked here on generated values of every tracked type, staged
+"""DuckDB computes the row hash of staged records (staging.DUCKDB_ROW_HASH: in the DuckDB warehouse as it inserts,
+in process for a Postgres-bound batch), except for the few values columnar.python_hash_mask leaves to
+record.row_hash. Both must give the same digest for the same stored values, on both warehouses, or a warehouse
+whose hashes were written one way would see records written the other way as touched. Checked here on generated values of every tracked type, staged
 through the real (columnar) write path into a real DuckDB file and a real Postgres database."""
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def locks_rows(bind: Bind) -> bool:
 def hashes_in_database(bind: Bind) -> bool:
     """On the row path (staging.write_staged, the reference the columnar path is tested against) DuckDB computes
     row hashes while it inserts (DUCKDB_ROW_HASH) and Postgres gets them from Python. The columnar path
-    (staging.StagingWriter) has both databases compute them (DUCKDB_ROW_HASH, POSTGRES_ROW_HASH)."""
+    (staging.StagingWriter) has DuckDB compute them for both (DUCKDB_ROW_HASH; in process for Postgres)."""
     return is_duckdb(bind)
 
 

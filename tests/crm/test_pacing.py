@@ -78,3 +78,32 @@ def test_a_spent_run_share_names_the_setting_that_raises_it():
     stats = RequestStats(requests=2500, quota_limit=10_000, quota_used=2600)
     with pytest.raises(QuotaExhausted, match=r"quota\.run_share"):
         QuotaBudget(run_share=0.25).check(stats)
+
+
+def test_requests_sent_side_by_side_never_pass_the_usage_stop_together():
+    """Parallel reads: 20 threads ask to send at once with the CRM's usage 5 short of the stop line. Checking and
+    counting is one step, and the requests still unanswered count as used: exactly 5 are admitted."""
+    stats = RequestStats(quota_limit=10_000, quota_used=9_495)
+    budget = QuotaBudget(run_share=1.0, stop_at_usage=0.95)
+    barrier = threading.Barrier(20)
+    admitted, refused = [], []
+
+    def send() -> None:
+        barrier.wait()
+        try:
+            budget.admit(stats)
+            admitted.append(1)
+        except QuotaExhausted as err:
+            refused.append(str(err))
+
+    threads = [threading.Thread(target=send) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 5 and stats.requests == 5 and stats.unanswered == 5
+    assert len(refused) == 15 and "unanswered" in refused[0]
+    stats.count(unanswered=-5)  # their answers came back, reporting the usage they made
+    stats.quota_used = 9_500
+    with pytest.raises(QuotaExhausted, match="9500/10000 of its quota used;"):
+        budget.admit(stats)

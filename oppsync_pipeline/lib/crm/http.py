@@ -89,6 +89,7 @@ class RequestStats:
     seconds_paced: float = 0.0  # slept before sending, to keep within the CRM's rate limit (RollingWindowPacer)
     token_refreshes: int = 0
     quota_used: int | None = None  # the CRM's own usage counter, when it reports one
+    unanswered: int = 0  # requests sent whose answer has not come back (QuotaBudget.admit)
     quota_limit: int | None = None
     server_time: Any = None  # `Date` header of the first response (the run's start, server side)
     server_time_latest: Any = None  # `Date` header of the latest response: "now" for the quality checks
@@ -221,7 +222,16 @@ class QuotaBudget:
     # (300 s per answer, 7 retries per request) would otherwise hold the run, and its lock, for half an hour.
     max_wait_seconds: float = 120.0
 
-    def check(self, stats: RequestStats) -> None:
+    def admit(self, stats: RequestStats) -> None:
+        """`check`, then count the request as sent, in one step under the stats' lock: requests sent side by side
+        (parallel reads) cannot all pass the check before any of them is counted. The CRM's reported usage counts
+        the requests still unanswered as used (their answers will report them)."""
+        with stats.lock:
+            self.check(stats, unanswered=stats.unanswered)
+            stats.requests += 1
+            stats.unanswered += 1
+
+    def check(self, stats: RequestStats, unanswered: int = 0) -> None:
         if self.max_requests is not None and stats.requests >= self.max_requests:
             raise QuotaExhausted(f"run budget of {self.max_requests} API requests spent")
         if stats.quota_limit:
@@ -231,9 +241,11 @@ class QuotaBudget:
                     f"CRM's {stats.quota_limit}; a full sync of a large tenant may need more: raise the "
                     "connection's quota.run_share in oppsync.yaml for it"
                 )
-            if stats.quota_used is not None and stats.quota_used >= self.stop_at_usage * stats.quota_limit:
+            if stats.quota_used is not None and stats.quota_used + unanswered >= self.stop_at_usage * stats.quota_limit:
                 raise QuotaExhausted(
-                    f"CRM reports {stats.quota_used}/{stats.quota_limit} of its quota used; "
+                    f"CRM reports {stats.quota_used}/{stats.quota_limit} of its quota used"
+                    + (f" ({unanswered} more requests unanswered)" if unanswered else "")
+                    + "; "
                     f"stopping at {self.stop_at_usage:.0%} to leave room for other integrations"
                 )
 
@@ -361,7 +373,7 @@ class ApiClient:
     # -- internals -------------------------------------------------------------------------------------------
 
     def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        self.budget.check(self.stats)
+        self.budget.check(self.stats)  # before any pacing wait; admitted (checked again, counted) when sent
         refreshed = False
         while True:
             if self.pace is not None and (wait := self.pace(method, path)) > 0:
@@ -373,16 +385,21 @@ class ApiClient:
             self.auth.apply(self.session, headers)
             # before the request is sent: an answer that echoes it must find the token already known
             self.scrubber.add_sent_headers(unauthenticated, headers)
-            self.stats.count(requests=1)
-            with self.in_flight.slot(method, path) if self.in_flight else nullcontext():
-                response = self.session.request(method, self.url(path), headers=headers, timeout=self.timeout, **kwargs)
-            kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            if response.headers.get("Date"):
-                self.stats.server_time_latest = parsedate_to_datetime(response.headers["Date"])
-                if self.stats.server_time is None:
-                    self.stats.server_time = self.stats.server_time_latest
-            if self.observe:
-                self.observe(response, self.stats)
+            self.budget.admit(self.stats)
+            try:
+                with self.in_flight.slot(method, path) if self.in_flight else nullcontext():
+                    response = self.session.request(
+                        method, self.url(path), headers=headers, timeout=self.timeout, **kwargs
+                    )
+                kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                if response.headers.get("Date"):
+                    self.stats.server_time_latest = parsedate_to_datetime(response.headers["Date"])
+                    if self.stats.server_time is None:
+                        self.stats.server_time = self.stats.server_time_latest
+                if self.observe:
+                    self.observe(response, self.stats)
+            finally:
+                self.stats.count(unanswered=-1)  # its usage is in quota_used now (where the CRM reports it)
             if response.status_code == 401 and self.auth.refreshable and not refreshed:
                 # Token expired mid-run: get a new one once, then repeat the same request (one thread at a time
                 # refreshes; the others repeat their request with the token it got).

@@ -69,7 +69,6 @@ import math
 import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, NotRequired
@@ -776,9 +775,9 @@ class AutotaskConnector(CrmConnector):
         pages.close()  # nothing more was asked: the next page is requested only when it is wanted
         if first is None:
             return
+        yield first
         rest = total - len(first)
         if rest <= 0 and len(first) < self.page_size:
-            yield first
             return
         parts = slice_count(self.degree, self.page_size)
         bounds = [math.ceil(b) for b in split_after(first[0]["id"], first[-1]["id"], len(first), rest, parts)]
@@ -790,10 +789,7 @@ class AutotaskConnector(CrmConnector):
             # the set's count bounds every range (a range paging on past it is a loop, as in one query)
             return lambda: self._query("Opportunities", [*filters, *where], expect=total)
 
-        # the ranges begin now, read while the consumer maps and stages the first page
-        with closing(streams([id_range(i) for i in range(len(bounds))], self.degree)) as ranges:
-            yield first
-            yield from ranges
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter

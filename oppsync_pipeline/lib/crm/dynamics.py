@@ -43,7 +43,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, NotRequired, TypeVar
 
@@ -925,10 +924,10 @@ class DynamicsConnector(CrmConnector):
         pages.close()  # the next page is asked only by the ranges below
         if first is None:
             return
+        yield first
         rows = first["value"]
         rest = (trail.total or 0) - len(rows)
         if not rows or (rest <= 0 and "@odata.nextLink" not in first):
-            yield first
             return
         stamps = [to_utc(parse_datetime(r["createdon"])).replace(tzinfo=UTC).timestamp() for r in rows]
         start = math.floor(stamps[-1])
@@ -950,10 +949,7 @@ class DynamicsConnector(CrmConnector):
 
             return run
 
-        # the ranges begin now, read while the consumer maps and stages the first page
-        with closing(streams([time_range(i) for i in range(len(bounds))], self.degree)) as ranges:
-            yield first
-            yield from ranges
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def _set_size(self, open_set: bool, since: datetime | None, counted: int | None) -> int | None:
         if counted is not None and counted < COUNT_CAP:

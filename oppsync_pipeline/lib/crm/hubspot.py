@@ -51,7 +51,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -848,10 +847,10 @@ class HubSpotConnector(CrmConnector):
         pages.close()  # the next page is asked only by the ranges below
         if first is None:
             return
+        yield first
         records, total = first
         rest = (total or 0) - len(records)
         if rest <= 0 or not records:
-            yield first
             return
         ids = [int(r["id"]) for r in records]
         parts = slice_count(self.degree, self.page_size)
@@ -866,10 +865,7 @@ class HubSpotConnector(CrmConnector):
                 for found, _ in self._keyset(DEAL_SEARCH_PATH, where, properties, self.page_size, bounds[i])
             )
 
-        # the ranges begin now, read while the consumer maps and stages the first page
-        with closing(streams([id_range(i) for i in range(len(bounds))], self.degree)) as ranges:
-            yield first
-            yield from ranges
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
 
     def _keyset(
         self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int, start: int = 0

@@ -239,45 +239,51 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]
     """The items of every slice, slice after slice (each slice's own order kept), while up to `degree` slices are
     read side by side ahead of the consumer. `slices`: a function per slice that starts its read.
 
-    The slices begin as soon as this is called (not at the first item asked): a connector starts them and then
-    hands over the page it already holds, so they are read while the consumer maps and stages that page. Close
-    the result (or read it to its end) to stop them: `contextlib.closing`.
-
     A slice hands each item over and reads its next one only once the consumer took it: a slice ahead holds one
     item (a page), the slice being consumed one more, read while the consumer works on the one it took."""
     if degree <= 1 or len(slices) <= 1:
-        return (item for start in slices for item in start())
-    return _Streams(slices, degree)
+        for start in slices:
+            yield from start()
+        return
+    stop = threading.Event()
+    queues: list[queue.Queue[Any]] = [queue.Queue(1) for _ in slices]
+    taken = [threading.Semaphore(0) for _ in slices]  # released by the consumer as it takes a slice's item
 
+    def put(q: queue.Queue[Any], item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-class _Streams(Iterator[T]):
-    """`streams` over a thread pool: every slice submitted at once (a worker is free for the next slice when an
-    earlier one is read to its end); `close` stops the running slices at their next page."""
+    def hand_over(i: int, item: Any) -> bool:
+        if not put(queues[i], item):
+            return False
+        while not taken[i].acquire(timeout=0.1):
+            if stop.is_set():
+                return False
+        return True
 
-    def __init__(self, slices: list[Callable[[], Iterator[T]]], degree: int) -> None:
-        self._slices = slices
-        self._stop = threading.Event()
-        self._queues: list[queue.Queue[Any]] = [queue.Queue(1) for _ in slices]
-        self._taken = [threading.Semaphore(0) for _ in slices]  # released by the consumer as it takes an item
-        self._pool = ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice")
-        for i in range(len(slices)):  # slices start in order
-            self._pool.submit(self._read, i)
-        self._items = self._consume()
-
-    def __next__(self) -> T:
-        return next(self._items)
-
-    def close(self) -> None:
-        self._items.close()
-        self._shut_down()
-
-    def _shut_down(self) -> None:
-        self._stop.set()  # running slices stop at their next page; those not begun never send a request
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _consume(self) -> Iterator[T]:
+    def read(i: int) -> None:
+        if stop.is_set():  # the read ended (failed, or the consumer stopped) before this slice began
+            return
         try:
-            for q, took in zip(self._queues, self._taken, strict=True):
+            for item in slices[i]():
+                if not hand_over(i, item):
+                    return
+            put(queues[i], _DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
+            put(queues[i], _Failed(err))
+
+    pool = ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice")
+    with pool:
+        try:
+            # slices start in order; a worker is free for the next one when an earlier slice is read to its end
+            for i in range(len(slices)):
+                pool.submit(read, i)
+            for q, took in zip(queues, taken, strict=True):
                 while True:
                     item = q.get()
                     if item is _DONE:
@@ -287,32 +293,5 @@ class _Streams(Iterator[T]):
                     took.release()  # the slice reads its next item while the consumer works on this one
                     yield item
         finally:
-            self._shut_down()
-
-    def _put(self, q: queue.Queue[Any], item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _hand_over(self, i: int, item: Any) -> bool:
-        if not self._put(self._queues[i], item):
-            return False
-        while not self._taken[i].acquire(timeout=0.1):
-            if self._stop.is_set():
-                return False
-        return True
-
-    def _read(self, i: int) -> None:
-        if self._stop.is_set():  # the read ended (failed, or the consumer stopped) before this slice began
-            return
-        try:
-            for item in self._slices[i]():
-                if not self._hand_over(i, item):
-                    return
-            self._put(self._queues[i], _DONE)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
-            self._put(self._queues[i], _Failed(err))
+            stop.set()  # running slices stop at their next page; those not begun never send a request
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Generic, NamedTuple, NotRequired, TypeVar
@@ -851,9 +850,9 @@ class SalesforceConnector(CrmConnector):
         pages.close()  # the next page is asked only by the ranges below
         if first is None:
             return
+        yield first
         rest = first.total - len(first.records)
         if rest <= 0 or not first.records:
-            yield first
             return
         stamps = [_epoch(parse_datetime(r["CreatedDate"])) for r in first.records]
         start = math.floor(stamps[-1])
@@ -874,10 +873,7 @@ class SalesforceConnector(CrmConnector):
 
             return run
 
-        # the ranges begin now, read while the consumer maps and stages the first page
-        with closing(streams([time_range(i) for i in range(len(bounds))], self.degree)) as ranges:
-            yield first
-            yield from ranges
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize

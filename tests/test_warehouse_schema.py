@@ -91,7 +91,7 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     with engine.connect() as conn:
         assert _keys_and_indexes(conn, "opportunities") > 0  # the old layout had its keys
 
-    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
     assert ensure_schema(engine) == []  # once only
 
     with engine.connect() as conn:
@@ -156,7 +156,7 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
         for table, column in M4_COLUMNS:
             conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
     _seed(engine)
-    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
     with engine.connect() as conn:
         for table, column in M4_COLUMNS:
             assert column in _columns(conn, table), (table, column)
@@ -193,7 +193,7 @@ def test_a_version_11_warehouse_compresses_raw_json_and_keeps_its_rows(warehouse
     with engine.connect() as conn:
         before = {t: _columns(conn, t) for t in RAW_TABLES}
         assert all(_raw_compression(conn, t) is None for t in RAW_TABLES)
-    assert ensure_schema(engine) == [12]
+    assert ensure_schema(engine) == [12, 13]
     duckdb = warehouse_url.startswith("duckdb")
     with engine.connect() as conn:
         for table in RAW_TABLES:
@@ -276,7 +276,7 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
                 VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
                 {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields},
             )
-    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11, 12, 13]
     with engine.connect() as conn:
         rows = conn.execute(
             text(f"SELECT run_id, source_id, event_type, changed_fields, change_id FROM {SCHEMA}.opportunity_events")
@@ -318,3 +318,27 @@ def test_runs_that_start_at_once_on_a_fresh_postgres_warehouse_all_migrate_it(pg
     assert versions == [v for v, _ in MIGRATIONS]  # each applied once
     for e in engines:
         e.dispose()
+
+
+def test_postgres_staging_is_indexed_by_extract_and_seq(pg_url: str):
+    """Migration 13: the reconcile finds a record's staged row by (extract_id, seq), one index lookup however stale
+    the planner's statistics of the staging table (the extract_id index alone made each lookup a scan of the
+    whole extract). A fresh warehouse has it too; the old index is gone."""
+    engine = make_engine(pg_url)
+    _migrate_to(engine, 12)
+    with transaction(engine) as conn:  # as release 12 left it: staging indexed by extract_id alone
+        conn.execute(text(f"DROP INDEX {SCHEMA}.ix_stage_opp_extract_seq"))
+        conn.execute(text(f"CREATE INDEX ix_stage_opp_extract ON {SCHEMA}.stage_opportunities (extract_id)"))
+    assert ensure_schema(engine) == [13]
+    with engine.connect() as conn:
+        indexes = _stage_indexes(conn)
+    assert "ix_stage_opp_extract" not in indexes
+    assert "(extract_id, seq)" in indexes["ix_stage_opp_extract_seq"]
+
+
+def _stage_indexes(conn) -> dict[str, str]:
+    rows = conn.execute(
+        text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = :s AND tablename = 'stage_opportunities'"),
+        {"s": SCHEMA},
+    )
+    return {str(name): str(definition) for name, definition in rows}

@@ -129,3 +129,47 @@ def test_columnar_staging_stores_what_the_row_path_defines(warehouse_url):
     expected += store.staged_rows("x", records[2:], False, 2)
     assert stored == expected
     engine.dispose()
+
+
+def test_a_forked_process_hashes_with_a_duckdb_of_its_own():
+    """Postgres-bound batches are hashed by an in-process DuckDB; a forked child (a run worker, a Celery worker)
+    must not use the parent's, whose threads did not come along: it starts its own and hashes the same."""
+    import os
+
+    import pyarrow as pa
+
+    from oppsync_pipeline.lib import staging
+    from oppsync_pipeline.lib.columnar import STAGE_SCHEMA
+
+    batch = pa.Table.from_pylist(
+        [
+            {
+                "extract_id": "x",
+                "connection": "c",
+                "source_id": "1",
+                "seq": 0,
+                "in_open_set": True,
+                "crm": "salesforce",
+                "status": "open",
+                "amount": 12.5,
+                "project_name": "Deal",
+            }
+        ],
+        schema=STAGE_SCHEMA,
+    )
+    parent_digest = staging._hashed(batch).column("row_hash")[0].as_py()
+    parent_hasher = staging._hasher()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it got a new hasher and the digest it computes, then leave at once
+        try:
+            digest = staging._hashed(batch).column("row_hash")[0].as_py()
+            os.write(write, f"{staging._hasher() is not parent_hasher} {digest}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    answer = os.read(read, 200).decode().split()
+    os.close(read)
+    assert answer == ["True", parent_digest]
+    assert staging._hasher() is parent_hasher  # the parent keeps its own

@@ -1,13 +1,15 @@
 """Staging: an extract's records as rows of `oppsync.stage_opportunities`, written in batches while the CRM is
 read, with the row hash of each computed by DuckDB's vectorised md5 (in the DuckDB warehouse during the insert, in
-process for Postgres; by Python for the few values DuckDB would print otherwise). Pages become Arrow record batches column by column (columnar.py); staged_rows,
-the row-at-a-time form, stays as the definition the columnar path is tested against. Nothing outside staging
+process for Postgres; by Python for the few values DuckDB would print otherwise). Pages become Arrow record batches
+column by column (columnar.py); staged_rows, the row-at-a-time form, stays as the definition the columnar path is
+tested against. Nothing outside staging
 changes until the reconcile applies a completed extract."""
 
 from __future__ import annotations
 
 import functools
 import io
+import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from operator import attrgetter
@@ -181,6 +183,21 @@ def _hasher() -> Any:
     import duckdb
 
     return duckdb.connect(config={"threads": 1, "memory_limit": "64MB"})
+
+
+_INHERITED_HASHERS: list[Any] = []
+
+
+def _fresh_hasher_in_child() -> None:
+    """A forked process (a run worker from the warm launcher, a Celery worker) starts its own hasher: the parent's
+    DuckDB came along without its threads. Kept referenced, never closed here (closing an inherited instance can
+    crash the child, as engine._keep_inherited_instances says)."""
+    if _hasher.cache_info().currsize:
+        _INHERITED_HASHERS.append(_hasher())
+        _hasher.cache_clear()
+
+
+os.register_at_fork(after_in_child=_fresh_hasher_in_child)
 
 
 def _hashed(table: pa.Table) -> pa.Table:

@@ -62,7 +62,7 @@ def release_arrow_memory() -> None:
 # the 1990s), and an older one every 10 of those. An extract decodes its pages into millions of dicts and lists,
 # none of them in a cycle (reference counting frees them), so those passes find nothing and traverse what the
 # pages hold in the meantime: with the young generation at 50,000 a 100,000-opportunity Salesforce full sync took
-# 7.2-7.5 s of CPU instead of 8.0-8.3 s (2026-12-07; 100,000 alone the same). Cycles made meanwhile are still
+# 7.2-7.5 s of CPU instead of 8.0-8.3 s (2026-12-07; gc.freeze() alone saved nothing). Cycles made meanwhile are still
 # collected, only less often; the process's own setting comes back when the last extract ends.
 EXTRACT_GC_THRESHOLD0 = 50_000
 _gc_lock = threading.Lock()

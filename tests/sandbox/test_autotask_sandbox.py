@@ -369,6 +369,29 @@ def test_in_takes_at_most_500_values_and_deleted_records_are_absent(server, api)
     assert requests.get(api + f"Opportunities/{gone}", headers=HEADERS, timeout=10).json() == {"item": None}
 
 
+def test_id_lookups_answer_what_a_scan_answers_on_every_entity():
+    """An `id` `eq` / `in` query is answered from the key (a 300,000-company tenant's lookups must not each scan);
+    what it answers is what evaluating the filter on every row answers, other conditions included."""
+    sim = at.build(seed=11, opportunities=400)
+    sim.world.delete(next(iter(sim.world.opps)))  # a deleted opportunity is not a candidate
+    for name, ent in sim.entities.items():
+        ids = ent.ids()
+        assert ids, name
+        named = [ids[0], str(ids[-1]), float(ids[len(ids) // 2]), ids[0] + 0.5, 10**12, -1, *ids[1::5]]
+        deleted = [int(o.native_id) for o in sim.world.opps.values() if o.deleted_at] if name == "opportunities" else []
+        queries = [
+            [{"op": "in", "field": "ID", "value": named + deleted}],
+            [{"op": "eq", "field": "id", "value": ids[-1]}],
+            [{"op": "eq", "field": "id", "value": 10**12}],
+            [{"op": "in", "field": "id", "value": named}, {"op": "gt", "field": "id", "value": ids[len(ids) // 3]}],
+        ]
+        for filters in queries:
+            pred = at._compile({"op": "and", "items": filters}, ent)
+            scanned = [i for i in ids if pred(ent.get(i))]
+            assert sim._matching(ent, {"filter": filters}) == scanned, (name, filters)
+            assert len(at._candidates(ent, filters)) <= len(named), (name, filters)  # the key, not a scan
+
+
 def test_threshold_latency_and_429():
     sim = at.build(seed=3, opportunities=50, threshold=20, latency_scale=0.05)
     with SandboxServer(sim) as srv:

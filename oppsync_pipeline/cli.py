@@ -28,6 +28,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -377,12 +378,25 @@ def cmd_config_generate(tenants: int | None, port_base: int, warehouse_url: str,
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a supervisor's stop, `Popen.terminate()`) stops a serving command as Ctrl-C does, whatever it
+    inherited: a parent that ran Dagster in-process while SIGINT was ignored (a shell's background job, as CI
+    runs) hands its children SIGTERM ignored, since Dagster points SIGTERM at SIGINT's handler after each run
+    (dagster._utils.interrupts), and such a server outlived `terminate()`."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_workers(path: str | None, count: int, queue: str, worker_config: str) -> int:
     from oppsync_pipeline.lib.workers import Workers
 
     # the workers load the code location for each step: the configuration must be valid and found (OPPSYNC_CONFIG),
     # and `dagster-celery worker start` keeps its rendered settings under DAGSTER_HOME
     _prepare_dagster(path)
+    _stop_on_sigterm()
     workers = Workers(count=count, queue=queue, config_yaml=Path(worker_config)).start()
     print(f"{count} Celery worker(s) on queue '{queue}' ({worker_config}); Ctrl-C stops them", flush=True)
     try:
@@ -937,6 +951,7 @@ def cmd_sandbox_variants() -> int:
 def cmd_sandbox_serve(args: argparse.Namespace) -> int:
     from oppsync_pipeline.sandbox.serve import start_sandbox
 
+    _stop_on_sigterm()
     if args.tenants:
         return _serve_tenants(args)
     if args.opportunities is None:

@@ -85,3 +85,41 @@ def test_serve_100k_answers_within_30s_and_writes_a_valid_config(tmp_path: Path)
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _ignore_stop_signals() -> None:  # what a child inherits from a parent that ran Dagster with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_serve_stops_on_sigterm_even_when_it_inherited_it_ignored(tmp_path: Path):
+    """`Popen.terminate()` (a supervisor's stop, the benchmarks' clean-up) ends the server cleanly, even when
+    its parent handed it SIGTERM ignored (Dagster points SIGTERM at SIGINT's handler after an in-process run,
+    and a background shell ignores SIGINT: the CI's memory benchmark smoke test waited 60 s on such a server)."""
+    base = free_port_base(1)
+    proc = subprocess.Popen(
+        [str(BIN / "oppsync"), "sandbox", "serve", "--crm", "salesforce", "--opportunities", "50"]
+        + ["--port-base", str(base)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ignore_stop_signals,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{base}/__sandbox/state", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        with open(f"/proc/{proc.pid}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGINT - 1)), "the child did not inherit SIGINT ignored: the test tests nothing"
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -659,8 +659,7 @@ class AutotaskSimulator(Simulator):
         ent = self._entity(req)
         body, from_get = self._search(req)
         ids = self._matching(ent, body)
-        token = self._snapshots.put(ids)
-        return self._page(req, ent, body, ids, token, 0, from_get)
+        return self._page(req, ent, body, ids, None, 0, from_get)
 
     def query_next(self, req: Request) -> Response:
         ent = self._entity(req)
@@ -684,8 +683,19 @@ class AutotaskSimulator(Simulator):
         return self._page(req, ent, body, ids, token, int(paging.get("lastId", 0)), from_get)
 
     def _page(
-        self, req: Request, ent: Entity, body: dict[str, Any], ids: list[int], token: str, after: int, from_get: bool
+        self,
+        req: Request,
+        ent: Entity,
+        body: dict[str, Any],
+        ids: list[int],
+        token: str | None,
+        after: int,
+        from_get: bool,
     ) -> Response:
+        """One page of `ids` after the id `after`. A first page (`token` None) keeps its result set as a snapshot
+        only when a next page links to it: a query answered whole in one page (a connector's lookup of 500
+        companies by id) would otherwise push out the snapshots of the reads still paging (three id ranges read
+        side by side, one of them waiting while another's pages and their lookups are mapped)."""
         size = body.get("MaxRecords", body.get("maxRecords", 500))
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 500:
             raise HttpError(500, "QUERY", f"MaxRecords must be between 1 and 500; got {size!r}.")
@@ -699,6 +709,8 @@ class AutotaskSimulator(Simulator):
             wanted = {f.lower() for f in include}
             items = [{k: v for k, v in it.items() if k.lower() in wanted} for it in items]
         more = start + size < len(ids)
+        if token is None and (more or start > 0):
+            token = self._snapshots.put(ids)
         next_url = None
         if more and (not include or "id" in {f.lower() for f in include}):
             paging = json.dumps({"pageSize": size, "snapshot": token, "lastId": chunk[-1]}, separators=(",", ":"))

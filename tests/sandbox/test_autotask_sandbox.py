@@ -392,6 +392,29 @@ def test_id_lookups_answer_what_a_scan_answers_on_every_entity():
             assert len(at._candidates(ent, filters)) <= len(named), (name, filters)  # the key, not a scan
 
 
+def test_a_paging_read_keeps_its_snapshot_through_many_one_page_lookups(server, api):
+    """Lookups answered in one page keep no snapshot: a read waiting between its pages (one of three id ranges)
+    while hundreds of lookups are made is paged from its snapshot, not re-run (at 1,000,000 a re-run scans them
+    all, for every page)."""
+    sim = server.simulator
+    first = post(api + "Opportunities/query", {"MaxRecords": 100, "filter": ALL}).json()
+    companies = sim.entities["companies"].ids()
+    kept = len(sim._snapshots._entries)
+    for i in range(300):  # more lookups than the simulator keeps snapshots
+        r = post(api + "Companies/query", {"filter": [{"op": "in", "field": "id", "value": companies[i % 50 :][:3]}]})
+        assert r.status_code == 200 and r.json()["pageDetails"]["nextPageUrl"] is None
+    assert len(sim._snapshots._entries) == kept
+    evaluated = []
+    matching = sim._matching
+    sim._matching = lambda ent, body: evaluated.append(ent.name) or matching(ent, body)
+    try:
+        r = post(first["pageDetails"]["nextPageUrl"], {"MaxRecords": 100, "filter": ALL})
+    finally:
+        del sim._matching
+    assert r.status_code == 200 and r.json()["items"][0]["id"] > first["items"][-1]["id"]
+    assert evaluated == [], "the second page re-ran the query: its snapshot was pushed out"
+
+
 def test_threshold_latency_and_429():
     sim = at.build(seed=3, opportunities=50, threshold=20, latency_scale=0.05)
     with SandboxServer(sim) as srv:

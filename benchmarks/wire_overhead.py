@@ -136,7 +136,7 @@ class Limit:
 
 
 # HubSpot: search 5 requests/s per portal, other calls 190 per 10 s (Professional; the simulator's default).
-# The sync keeps the connector's own search pacing (options.search_requests_per_second, default 4/s).
+# The sync keeps the connector's own search pacing (options.search_requests_per_second, default 4.5/s).
 LIMITS = {"hubspot": (Limit(r"/search$", 5, 1.0), Limit("", 190, 10.0))}
 
 

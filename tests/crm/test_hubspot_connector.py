@@ -236,6 +236,22 @@ def test_real_search_rate_limit_is_respected_and_retried():
         assert len(got) == 300 and connector.stats.rate_limited == 0
 
 
+def test_default_search_pace_stays_under_the_documented_five_per_second():
+    """The default pace (4.5 searches a second, evenly spaced, from every read thread together) against a portal
+    enforcing HubSpot's documented 5 per second: a keyset-split read of a dozen search pages meets no 429."""
+    with SandboxServer(sim.build(seed=8, opportunities=1_200, limits=sim.Limits())) as srv:  # the portal's defaults
+        assert srv.simulator.limits.search_per_second == 5
+        connector = make(srv.url, page_size=100, options={})
+        assert connector.options.search_requests_per_second == 4.5
+        connector.client.sleep = time.sleep
+        searches = []
+        is_search = srv.simulator._is_search
+        srv.simulator._is_search = lambda req: is_search(req) and not searches.append(req.path)
+        got = sync(connector)
+        assert len(got) == 1_200 and connector.stats.rate_limited == 0
+        assert len(searches) >= 12, "too few searches to test the pace"
+
+
 def test_daily_quota_spent_is_not_retried():
     with SandboxServer(sim.build(seed=9, opportunities=100, limits=sim.Limits(0, 0, daily=1000))) as srv:
         srv.simulator.daily_used = 1000

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, or_, select
+from sqlalchemy import ARRAY, String, any_, bindparam, delete, or_, select
 from sqlalchemy.engine import Engine
 
 from oppsync_pipeline.lib.crm.lookups import LookupCache
@@ -39,7 +39,10 @@ class WarehouseLookups:
             if keys is None:
                 found.update((k, v) for k, v in conn.execute(query))
             else:
-                stmt = query.where(_t.lookup_key.in_(bindparam("keys", expanding=True)))
+                # the keys as one array parameter (`= ANY(:keys)`), not an IN list of a parameter each: a page's
+                # 400 company ids among 300,000 kept took 29 ms on DuckDB that way, the statement compiled anew
+                # each time; both databases take a list parameter as an array
+                stmt = query.where(_t.lookup_key == any_(bindparam("keys", type_=ARRAY(String))))
                 for i in range(0, len(keys), _CHUNK):
                     found.update((k, v) for k, v in conn.execute(stmt, {"keys": list(keys[i : i + _CHUNK])}))
         return found

@@ -39,9 +39,9 @@ class WarehouseLookups:
             if keys is None:
                 found.update((k, v) for k, v in conn.execute(query))
             else:
-                # the keys as one array parameter (`= ANY(:keys)`), not an IN list of a parameter each: a page's
-                # 400 company ids among 300,000 kept took 29 ms on DuckDB that way, the statement compiled anew
-                # each time; both databases take a list parameter as an array
+                # the keys as one array parameter (`= ANY(:keys)`), not an IN list of a bound parameter each (a
+                # statement compiled anew for every count of keys): 400 company ids among 300,000 kept, 29 -> 25 ms
+                # on DuckDB, both a hash join over the kept rows; both databases take a list parameter as an array
                 stmt = query.where(_t.lookup_key == any_(bindparam("keys", type_=ARRAY(String))))
                 for i in range(0, len(keys), _CHUNK):
                     found.update((k, v) for k, v in conn.execute(stmt, {"keys": list(keys[i : i + _CHUNK])}))

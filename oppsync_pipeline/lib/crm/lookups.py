@@ -31,8 +31,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-import orjson
-
 K = TypeVar("K", int, str)
 
 # Entries a dictionary keeps in memory: above RESIDENT_MAX, what was read is stored and memory keeps the
@@ -44,19 +42,7 @@ RESIDENT_KEEP = 20_000
 
 
 def entry_json(value: Any) -> str:
-    """An entry as the warehouse keeps it: compact JSON, keys sorted. orjson (~9x the standard library's speed: a
-    100,000-opportunity Autotask full sync stores ~90,000 companies and contacts). As in record.raw_json, a NaN is
-    written null; what orjson refuses (integers past 64 bits, lone surrogates) goes to the standard library."""
-    try:
-        return orjson.dumps(value, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
-    except (orjson.JSONEncodeError, TypeError):
-        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
-
-
-def entry_value(text: str) -> Any:
-    """A kept entry read back. The standard library's decoder, not orjson's: orjson reads an integer past 64 bits
-    as a float, and an entry must read back as it was read from the CRM."""
-    return json.loads(text)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
 class LookupStore(Protocol):
@@ -103,7 +89,7 @@ class Lookup(MutableMapping[K, Any], Generic[K]):
         self._removed: set[K] = set()  # dropped this run, not yet from the store
         self._lock = threading.RLock()
         if whole and kept and store is not None:
-            self._data.update((key_type(k), entry_value(v)) for k, v in store.fetch(kind, None).items())
+            self._data.update((key_type(k), json.loads(v)) for k, v in store.fetch(kind, None).items())
 
     def load(self, keys: Iterable[K]) -> dict[K, Any]:
         """The entries of these keys that the run holds or the warehouse keeps (one query for those not in
@@ -120,7 +106,7 @@ class Lookup(MutableMapping[K, Any], Generic[K]):
                     wanted.add(k)
             if wanted and self._store is not None and self._ask_store and not self._whole:
                 for k, v in self._store.fetch(self.kind, [str(k) for k in sorted(wanted)]).items():
-                    page[self.key_type(k)] = self._data[self.key_type(k)] = entry_value(v)
+                    page[self.key_type(k)] = self._data[self.key_type(k)] = json.loads(v)
                 self._trim()
             return page
 

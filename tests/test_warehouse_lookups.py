@@ -39,3 +39,52 @@ def test_fetch_finds_what_was_stored_and_nothing_else(warehouse_url: str):
         "10000": '{"name":"other"}'
     }
     engine.dispose()
+
+
+def test_a_store_replaces_its_keys_and_drops_the_removed_in_one_batch(warehouse_url: str):
+    """A flush writes tens of thousands of entries: each key is replaced (never doubled: the primary key), the
+    removed ones go, and the entries of other kinds and connections stay."""
+    engine = make_engine(warehouse_url)
+    ensure_schema(engine)
+    first = WarehouseLookups(engine, "c1", EARLIER, full=False)
+    keys = [str(i) for i in range(3 * _CHUNK)] + ODD_KEYS
+    first.store("contacts", [(k, '{"v":1}') for k in keys], [])
+    first.store("companies", [(k, '{"v":"company"}') for k in keys[:10]], [])
+    WarehouseLookups(engine, "c2", EARLIER, full=False).store("contacts", [("0", '{"v":"other"}')], [])
+
+    later = WarehouseLookups(engine, "c1", NOW, full=False)
+    later.store("contacts", [(k, '{"v":2}') for k in keys[::2]], keys[1::2][:100])
+    got = later.fetch("contacts", None)
+    removed = set(keys[1::2][:100])
+    assert got == {k: '{"v":2}' if i % 2 == 0 else '{"v":1}' for i, k in enumerate(keys) if k not in removed}
+    assert later.fetch("companies", keys[:10]) == dict.fromkeys(keys[:10], '{"v":"company"}')
+    assert WarehouseLookups(engine, "c2", NOW, full=False).fetch("contacts", ["0"]) == {"0": '{"v":"other"}'}
+    later.store("contacts", [], keys[:2])  # only removals
+    assert later.fetch("contacts", keys[:3]) == {keys[2]: '{"v":2}'}
+    engine.dispose()
+
+
+def test_postgres_fetches_by_the_whole_key_after_a_large_store(pg_url: str):
+    """A full sync fills the table within the run, long before autovacuum analyzes it: with the statistics of
+    the empty table the planner read every entry of the kind and filtered the keys (34 ms a page's fetch at
+    100,000 entries). A large store refreshes them, so a page's keys are found through the whole primary key."""
+    from sqlalchemy import text
+
+    engine = make_engine(pg_url)
+    ensure_schema(engine)
+    full = WarehouseLookups(engine, "c1", NOW, full=True)
+    for start in range(0, 60_000, 20_000):
+        full.store("contacts", [(str(i), '{"v":1}') for i in range(start, start + 20_000)], [])
+    with engine.connect() as conn:
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                text(
+                    "EXPLAIN SELECT lookup_key, value FROM oppsync.crm_lookups WHERE connection = 'c1' "
+                    "AND kind = 'contacts' AND read_at = :at AND lookup_key = ANY(:keys)"
+                ),
+                {"at": NOW, "keys": [str(i) for i in range(0, 60_000, 300)]},
+            )
+        )
+    assert "lookup_key" in plan.split("Index Cond:", 1)[-1].splitlines()[0], plan
+    engine.dispose()

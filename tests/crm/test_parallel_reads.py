@@ -14,8 +14,11 @@ import requests
 from oppsync_pipeline.lib.config import ConfigError
 from oppsync_pipeline.lib.crm.http import CrmError, InFlightLimit
 from oppsync_pipeline.lib.crm.parallel import (
+    CURRENT_AHEAD,
+    READ_AHEAD,
     begun,
     chain_ahead,
+    current_ahead,
     in_background,
     one_ahead,
     ordered_map,
@@ -126,6 +129,40 @@ def test_a_slice_ahead_holds_one_item_the_slice_being_consumed_one_more() -> Non
             assert read[s] <= taken_here + 1, (s, read, got)
             assert all(read[t] <= 1 for t in range(s + 1, 3)), (s, read, got)
     assert got == [s * 10 + k for s in range(3) for k in range(6)]
+
+
+def test_the_slice_being_consumed_reads_ahead_within_the_read_ahead_budget() -> None:
+    """With the page size known, the slice being consumed reads up to `current_ahead` pages the consumer has not
+    taken (its requests no longer wait for each page to be taken); the slices ahead still hold one page each, and
+    every page held stays within READ_AHEAD records."""
+    page_size = 2_000
+    ahead = current_ahead(3, page_size)
+    assert ahead == CURRENT_AHEAD == 3 and READ_AHEAD // page_size >= ahead + 2
+    assert current_ahead(5, page_size) == 1  # five slices of 2,000 already hold READ_AHEAD: one, as before
+    read = [0, 0, 0]
+    lock = threading.Lock()
+    most_ahead = [0, 0, 0]
+
+    def slice_(s: int):
+        for k in range(8):
+            with lock:
+                read[s] += 1
+            yield s * 10 + k
+
+    got = []
+    for x in streams([lambda s=s: slice_(s) for s in range(3)], 3, page_size):
+        got.append(x)
+        time.sleep(0.03)  # a slow consumer: the slice being consumed reads on meanwhile
+        s = x // 10
+        taken_here = sum(1 for y in got if y // 10 == s)
+        with lock:
+            most_ahead[s] = max(most_ahead[s], read[s] - taken_here)
+            assert read[s] - taken_here <= ahead, (s, read, got)
+            assert all(read[t] <= 1 for t in range(s + 1, 3)), (s, read, got)
+            held = sum(read[t] for t in range(3)) - len(got)
+            assert held * page_size <= READ_AHEAD  # what the slices hold, not yet taken
+    assert got == [s * 10 + k for s in range(3) for k in range(8)]
+    assert most_ahead[0] == ahead  # it did read ahead, as far as allowed
 
 
 def test_a_failing_slice_fails_the_whole_read() -> None:

@@ -789,7 +789,7 @@ class AutotaskConnector(CrmConnector):
             # the set's count bounds every range (a range paging on past it is a loop, as in one query)
             return lambda: self._query("Opportunities", [*filters, *where], expect=total)
 
-        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree, self.page_size)
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter

@@ -949,7 +949,7 @@ class DynamicsConnector(CrmConnector):
 
             return run
 
-        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree, self.page_size)
 
     def _set_size(self, open_set: bool, since: datetime | None, counted: int | None) -> int | None:
         if counted is not None and counted < COUNT_CAP:

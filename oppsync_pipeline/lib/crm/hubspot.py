@@ -867,7 +867,7 @@ class HubSpotConnector(CrmConnector):
                 for found, _ in self._keyset(DEAL_SEARCH_PATH, where, properties, self.page_size, bounds[i])
             )
 
-        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree, self.page_size)
 
     def _keyset(
         self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int, start: int = 0

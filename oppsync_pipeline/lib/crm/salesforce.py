@@ -873,7 +873,7 @@ class SalesforceConnector(CrmConnector):
 
             return run
 
-        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree, self.page_size)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize

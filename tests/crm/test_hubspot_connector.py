@@ -312,8 +312,11 @@ def test_calls_are_paced_to_the_rolling_limit_the_portal_reports():
     limits = sim.Limits(ten_secondly=12, search_per_second=0, daily=1_000_000, interval_seconds=1.0)
     with SandboxServer(sim.build(seed=12, opportunities=2500, limits=limits)) as srv:
         unpaced = make(srv.url, page_size=200, options={"search_requests_per_second": 0, "requests_per_10_seconds": 0})
-        with pytest.raises(CrmError, match="HTTP 429"):  # the limit is real (its retries sleep nothing here)
-            sync(unpaced)
+        try:  # the limit is real: unpaced, the read meets 429s (its retries sleep nothing here, so they often
+            sync(unpaced)  # run out; on a slow machine the window may pass first and a retry get through)
+        except CrmError as err:
+            assert "HTTP 429" in str(err)
+        assert unpaced.stats.rate_limited > 0
         time.sleep(limits.interval_seconds)  # the portal's window forgets those calls (its apps share it)
 
         paced = make(srv.url, page_size=200, options={"search_requests_per_second": 0})

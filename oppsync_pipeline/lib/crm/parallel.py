@@ -242,8 +242,8 @@ def split_after(low: float, high: float, read: int, remaining: int, parts: int) 
 
 
 def current_ahead(parts: int, page_size: int) -> int:
-    """How many pages the slice being consumed may hold ahead (`streams`' `ahead`) when `parts` slices read pages
-    of `page_size`: what READ_AHEAD leaves after one page for each other slice, at most CURRENT_AHEAD, at least 1."""
+    """How many pages the slice being consumed may hold ahead in `streams` when `parts` slices read pages of
+    `page_size`: what READ_AHEAD leaves after one page for each other slice, at most CURRENT_AHEAD, at least 1."""
     room = READ_AHEAD // max(1, page_size) - (parts - 1)
     return max(1, min(CURRENT_AHEAD, room))
 
@@ -270,9 +270,8 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int, page_size: int
     def hand_over(i: int, item: Any) -> bool:
         """Queue the item, then wait until the slice may hold one more (False: the read ended meanwhile)."""
         with turn:
-            held[i] += 1
-        queues[i].put(item)
-        with turn:
+            held[i] += 1  # counted before it is queued: the consumer's take never finds it uncounted
+            queues[i].put(item)
             while held[i] >= (ahead if i == current[0] else 1):
                 if stop.is_set():
                     return False

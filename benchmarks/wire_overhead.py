@@ -246,6 +246,9 @@ def measure(crm: str, n: int, workdir: Path, profile: bool = False) -> list[Figu
         engine.dispose()
         if summary.result is None:
             raise RuntimeError(f"the full sync of {crm} did not complete: {summary.extract.status}")
+        # the simulators keep a query's evaluation for its paging; the sync's left the replay's queries answered
+        # for free (Salesforce: the simulator's CPU 3.5 s replaying 100,000 against 5.4 s serving the sync)
+        requests.post(f"{url}/__sandbox/forget-queries", timeout=30).raise_for_status()
         server0 = cpu_seconds(server.pid)
         wire = replay(session.sent, LIMITS.get(crm, ()))
         server_wire = cpu_seconds(server.pid) - server0

@@ -211,6 +211,7 @@ class Simulator:
         self.route("POST", r"/__sandbox/webhooks", self._control_webhooks)
         self.route("POST", r"/__sandbox/touch", self._control_touch)
         self.route("GET", r"/__sandbox/ids", self._control_ids)
+        self.route("POST", r"/__sandbox/forget-queries", self._control_forget_queries)
         # Simulators of CRMs with webhooks create their sender (sandbox/kit/webhooks.py) and register their
         # subscription endpoints; the control endpoint points it at a URL where the CRM has no API for that.
         self.webhooks: Any = None
@@ -218,6 +219,17 @@ class Simulator:
     def _control_ids(self, req: Request) -> Response:
         """The live opportunities' ids, as the sync keys them (a benchmark picks what to change)."""
         return Response.json({"ids": sorted(o.native_id for o in self.world.live())})
+
+    def _control_forget_queries(self, req: Request) -> Response:
+        """Drop the evaluated queries kept for paging (kit/snapshots.QueryCache), not the cursors already handed
+        out: the next query is evaluated again, as a real CRM evaluates every query it is sent. `make bench`
+        replays a sync's requests after it, so the replay's server does the sync's work, not less."""
+        from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
+
+        caches = [v for v in vars(self).values() if isinstance(v, QueryCache)]
+        for cache in caches:
+            cache.clear()
+        return Response.json({"cleared": len(caches)})
 
     def _control_touch(self, req: Request) -> Response:
         """{"id": native id, "name": new name}: one user edit, as in the CRM's own UI (it moves the change cursor

@@ -130,6 +130,21 @@ def test_batch_size_header_paging_and_totalsize(sf, server):
     assert len(sf.query_more(locator, headers=headers)["records"]) == 200
 
 
+def test_forgetting_the_evaluated_queries_keeps_the_cursors_handed_out(server):
+    h = {**auth_headers(server.url), "Sforce-Query-Options": "batchSize=200"}
+    url = f"{server.url}/services/data/v{V}/query"
+    first = requests.get(url, params={"q": "SELECT Id FROM Opportunity ORDER BY Id"}, headers=h).json()
+    cache = server.simulator.cache
+    assert cache._entries
+    cleared = requests.post(f"{server.url}/__sandbox/forget-queries")
+    assert cleared.status_code == 200 and cleared.json() == {"cleared": 1} and not cache._entries
+    # the cursor handed out before still pages; the same query is evaluated again, to the same answer
+    more = requests.get(f"{server.url}{first['nextRecordsUrl']}", headers=h).json()
+    assert len(more["records"]) == 200 and not {r["Id"] for r in more["records"]} & {r["Id"] for r in first["records"]}
+    again = requests.get(url, params={"q": "SELECT Id FROM Opportunity ORDER BY Id"}, headers=h).json()
+    assert cache._entries and again["records"] == first["records"]
+
+
 def test_batch_size_is_clamped_to_200_2000(server):
     h = auth_headers(server.url)
     url = f"{server.url}/services/data/v{V}/query"

@@ -36,6 +36,10 @@ class QueryCache:
             self._entries[key] = value
         return value
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 class Snapshots:
     """Paging snapshots by id: `put` a result set (under a new id, or the id a stale token named), `get` it

@@ -1,5 +1,5 @@
-"""Parallel full reads (lib/crm/parallel.py) against the simulators over HTTP: the same records in the same order as
-the sequential read, never more requests in flight than the CRM allows (counted by the simulator), and a slice
+"""Parallel full reads (lib/crm/parallel.py) against the simulators over HTTP: the same records as the sequential
+read, never more requests in flight than the CRM allows (counted by the simulator), and a slice
 that fails fails the read."""
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import requests
 from oppsync_pipeline.lib.config import ConfigError
 from oppsync_pipeline.lib.crm.http import CrmError, InFlightLimit
 from oppsync_pipeline.lib.crm.parallel import (
-    CURRENT_AHEAD,
-    READ_AHEAD,
     begun,
     chain_ahead,
-    current_ahead,
     in_background,
     one_ahead,
     ordered_map,
@@ -102,14 +99,30 @@ def test_ordered_map_raises_the_first_failure_in_order() -> None:
     assert got == list(range(7))
 
 
-def test_streams_concatenate_the_slices_in_order() -> None:
+def test_streams_give_every_slice_s_items_each_slice_in_its_order() -> None:
     slices = [lambda i=i: iter(range(i * 10, i * 10 + 10)) for i in range(5)]
-    assert list(streams(slices, 3)) == list(range(50))
+    got = list(streams(slices, 3))
+    assert sorted(got) == list(range(50))
+    for i in range(5):
+        assert [x for x in got if x // 10 == i] == list(range(i * 10, i * 10 + 10))
 
 
-def test_a_slice_ahead_holds_one_item_the_slice_being_consumed_one_more() -> None:
+def test_the_consumer_takes_whichever_slice_delivered_first() -> None:
+    """A slow slice does not hold back the others: its items come when it delivers them (taken in turn, the
+    consumer waited on the slice it was taking while the others stood idle with their page held)."""
+
+    def slow():
+        time.sleep(0.3)
+        yield "slow"
+
+    got = list(streams([slow, lambda: iter(["a1", "a2"]), lambda: iter(["b1"])], 3))
+    assert got.index("slow") == 3 and sorted(got[:3]) == ["a1", "a2", "b1"]
+
+
+def test_each_slice_holds_one_item_the_consumer_has_not_taken() -> None:
     """A slice reads its next page only once the consumer took the last one: the memory a split read holds ahead is
-    one page per slice (parallel.READ_AHEAD), however slow the consumer."""
+    one page per slice (parallel.READ_AHEAD), however slow the consumer; every slice has its next request under way
+    meanwhile."""
     read = [0, 0, 0]
     lock = threading.Lock()
 
@@ -123,46 +136,14 @@ def test_a_slice_ahead_holds_one_item_the_slice_being_consumed_one_more() -> Non
     for x in streams([lambda s=s: slice_(s) for s in range(3)], 3):
         got.append(x)
         time.sleep(0.02)  # the consumer maps and stages; workers would read on if they did not wait for it
-        s = x // 10
-        taken_here = sum(1 for y in got if y // 10 == s)
         with lock:
-            assert read[s] <= taken_here + 1, (s, read, got)
-            assert all(read[t] <= 1 for t in range(s + 1, 3)), (s, read, got)
-    assert got == [s * 10 + k for s in range(3) for k in range(6)]
-
-
-def test_the_slice_being_consumed_reads_ahead_within_the_read_ahead_budget() -> None:
-    """With the page size known, the slice being consumed reads up to `current_ahead` pages the consumer has not
-    taken (its requests no longer wait for each page to be taken); the slices ahead still hold one page each, and
-    every page held stays within READ_AHEAD records."""
-    page_size = 2_000
-    ahead = current_ahead(3, page_size)
-    assert ahead == CURRENT_AHEAD == 3 and READ_AHEAD // page_size >= ahead + 2
-    assert current_ahead(5, page_size) == 1  # five slices of 2,000 already hold READ_AHEAD: one, as before
-    read = [0, 0, 0]
-    lock = threading.Lock()
-    most_ahead = [0, 0, 0]
-
-    def slice_(s: int):
-        for k in range(8):
-            with lock:
-                read[s] += 1
-            yield s * 10 + k
-
-    got = []
-    for x in streams([lambda s=s: slice_(s) for s in range(3)], 3, page_size):
-        got.append(x)
-        time.sleep(0.03)  # a slow consumer: the slice being consumed reads on meanwhile
-        s = x // 10
-        taken_here = sum(1 for y in got if y // 10 == s)
-        with lock:
-            most_ahead[s] = max(most_ahead[s], read[s] - taken_here)
-            assert read[s] - taken_here <= ahead, (s, read, got)
-            assert all(read[t] <= 1 for t in range(s + 1, 3)), (s, read, got)
-            held = sum(read[t] for t in range(3)) - len(got)
-            assert held * page_size <= READ_AHEAD  # what the slices hold, not yet taken
-    assert got == [s * 10 + k for s in range(3) for k in range(8)]
-    assert most_ahead[0] == ahead  # it did read ahead, as far as allowed
+            for s in range(3):
+                taken = sum(1 for y in got if y // 10 == s)
+                assert read[s] <= taken + 1, (s, read, got)
+    assert sorted(got) == [s * 10 + k for s in range(3) for k in range(6)]
+    # the slices were read side by side, not one after another
+    first_of = [next(n for n, y in enumerate(got) if y // 10 == s) for s in range(3)]
+    assert max(first_of) < 6, got
 
 
 def test_a_failing_slice_fails_the_whole_read() -> None:
@@ -175,7 +156,7 @@ def test_a_failing_slice_fails_the_whole_read() -> None:
     with pytest.raises(CrmError, match="slice 2 failed"):
         for x in streams(slices, 3):
             got.append(x)
-    assert got == [1, 2, 100]  # nothing of the slice after it: the read is not a short success
+    assert 100 in got and len(got) <= 5  # the read failed; it is not a short success
 
 
 def test_split_after_covers_the_rest_from_the_first_page_on() -> None:
@@ -370,7 +351,9 @@ def test_split_read_equals_the_sequential_read(crm: str, page_size: int, degree:
         sequential = _read(crm, server, tmp_path, 1, page_size=page_size)
         parallel = _read(crm, server, tmp_path, degree, page_size=page_size)
     assert len(sequential) == sum(1 for o in sim.world.live())
-    assert parallel == sequential  # the same records, in the same order
+    # the same records, each set whole before the next; within a set the ranges' pages interleave
+    assert sorted(parallel) == sorted(sequential)
+    assert [row[0] for row in parallel] == [row[0] for row in sequential]
     if sim.in_flight is not None:
         assert sim.in_flight.refused == 0
         assert max(sim.in_flight.peak.values()) > 1  # the slices did run side by side
@@ -503,8 +486,8 @@ def test_a_failing_read_ahead_fails_the_full_sync_and_changes_nothing(tmp_path: 
 
 def test_autotask_looks_up_pages_side_by_side_each_id_once(tmp_path: Path) -> None:
     """Autotask's map_pages has several pages' company and contact lookups in flight (within three per endpoint),
-    and asks for each id once, in the same requests as one page after another would (ids an earlier page's
-    lookup under way will bring are left out)."""
+    and asks for each id once, the same ids as one page after another would (ids an earlier page's lookup under way
+    will bring are left out)."""
     asked: dict[str, list[int]] = {}
     lock = threading.Lock()
 
@@ -542,7 +525,7 @@ def test_autotask_looks_up_pages_side_by_side_each_id_once(tmp_path: Path) -> No
     sequential, _ = read(1)
     one_by_one = {k: sorted(v) for k, v in asked.items()}
     parallel, peak = read(3)
-    assert parallel == sequential
+    assert sorted(parallel) == sorted(sequential)  # the same records mapped alike (the ranges' pages interleave)
     assert {k: sorted(v) for k, v in asked.items()} == one_by_one  # the same ids
     assert all(len(v) == len(set(v)) for v in asked.values())  # each asked once
     assert 1 < peak <= at.THREAD_LIMIT  # several pages' lookups at once, never a fourth

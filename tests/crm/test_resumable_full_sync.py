@@ -4,6 +4,7 @@ simulator (its hourly threshold counted on its clock), into both warehouses, no 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -45,6 +46,14 @@ def staged(engine, extract_id: str) -> int:
         ).scalar()
 
 
+def resume_after(engine, extract_id: str) -> str | None:
+    with engine.connect() as c:
+        state = c.execute(
+            text("SELECT resume_state FROM oppsync.extracts WHERE extract_id = :x"), {"x": extract_id}
+        ).scalar()
+    return json.loads(state)["after"]
+
+
 def test_a_full_sync_larger_than_a_runs_quota_share_completes_over_several_runs(warehouse_url: str, tmp_path: Path):
     sim = at.build(seed=23, **TENANT)
     world = sim.world
@@ -53,7 +62,7 @@ def test_a_full_sync_larger_than_a_runs_quota_share_completes_over_several_runs(
         conn = cfg.connections[0]
         engine = make_engine(cfg.warehouse.url)
         try:
-            runs, requests, deleted = [], 0, None
+            runs, requests, deleted, positions = [], 0, None, []
             for n in range(1, 12):
                 out = sync_connection(cfg, conn, engine, run_id=f"run-{n}").extract
                 runs.append(out.status)
@@ -61,6 +70,7 @@ def test_a_full_sync_larger_than_a_runs_quota_share_completes_over_several_runs(
                 if out.status != "paused":
                     break
                 assert out.mode == "full" and "quota.run_share" in out.error and "paused" in out.error
+                positions.append(resume_after(engine, out.extract_id))
                 assert staged(engine, out.extract_id) == out.counts["open"] + out.counts["closed"] > 0
                 assert warehouse_rows(engine, conn.name) == {}, "nothing reaches the warehouse before the end"
                 # an hour passes (the threshold's window rolls on); the tenant changes meanwhile: a record
@@ -74,6 +84,9 @@ def test_a_full_sync_larger_than_a_runs_quota_share_completes_over_several_runs(
                     world.create()
                     world.update(live[2].native_id, amount=123456.0)
             assert runs[-1] == "complete" and len(runs) >= 3 and set(runs[:-1]) == {"paused"}, runs
+            # paused within id ranges read side by side (their pages interleaved): the read went on from each
+            # range's own last id (a single id would have skipped what the ranges below it had left)
+            assert any(p and p.startswith("ranges:") and p.count("[") > 2 for p in positions), positions
             # the warehouse is the tenant as it is now (records closed, edited, created while the read paused),
             # but for the record deleted after it was staged: a full read infers deletes from what it did not
             # read, and the next full sync does (as for a record deleted during any one run's read)

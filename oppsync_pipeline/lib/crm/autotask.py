@@ -65,6 +65,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -78,7 +79,7 @@ from pydantic import Field, StrictInt, StrictStr
 from typing_extensions import TypedDict
 
 from oppsync_pipeline.lib.config import ConfigError, RecordFilter
-from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page
+from oppsync_pipeline.lib.crm.base import OPTIONAL_REFUSALS, ConnectorOptions, CrmConnector, Page, PositionedRecords
 from oppsync_pipeline.lib.crm.fields import FieldMap, configured_fields
 from oppsync_pipeline.lib.crm.http import Auth, CrmError, RequestStats, json_object
 from oppsync_pipeline.lib.crm.lookups import Lookup
@@ -695,15 +696,24 @@ class AutotaskConnector(CrmConnector):
             yield from self._mapped(batch)
 
     def resume_key(self, record: dict[str, Any]) -> str | None:
-        return str(record["id"])  # a full read is in id order (Autotask's result order)
+        return str(record["id"])  # a read of one cursor is in id order (Autotask's result order)
 
     def resume_read(self, open_set: bool, after: str) -> Iterator[Page]:
-        """The set's full read after id `after`: the same query with `id gt after` (Autotask returns records in
-        id order), its tally counting the whole set as `opportunities` does."""
+        """The set's full read on from `after`: an id (the read was one cursor: the same query with `id gt
+        after`, split again) or the id ranges a split read had left (`_ranges_position`: each range on from the
+        last id taken of it, side by side); its tally counting the whole set as `opportunities` does."""
         self.prepare()
         self.ensure_zone()
         filters = self._set_filters(open_set, None)
-        yield from self._full_read(open_set, [*filters, {"op": "gt", "field": "id", "value": int(after)}], filters)
+        ranges = _parse_position(after)
+        if len(ranges) == 1 and ranges[0][1] is None:  # one open-ended range left: read and split as a new read
+            yield from self._full_read(
+                open_set, [*filters, {"op": "gt", "field": "id", "value": ranges[0][0]}], filters
+            )
+            return
+        counted = self._count("Opportunities", filters)
+        self.tally(open_set, None, (), crm_count=counted)
+        yield from self.map_pages(self._tallied(open_set, self._read_ranges(filters, ranges, counted)))
 
     def _full_read(
         self, open_set: bool, filters: list[dict[str, Any]], counted: list[dict[str, Any]]
@@ -755,11 +765,9 @@ class AutotaskConnector(CrmConnector):
             yield page[start : start + self.page_size]
 
     def _full(self, filters: list[dict[str, Any]], count: Callable[[], int]) -> Iterator[list[dict[str, Any]]]:
-        """A full read of a set, in id order (Autotask's result order) as one query would give it. With
-        `degree` > 1 the first page is read alone; what comes after its last id is split into `degree` id ranges
-        (widths from the first page's id density and the set's count; the last range is open-ended, so no id
-        is left out however wrong the estimate), each its own query and cursor, read side by side
-        (parallel.streams: each range's pages in order, range after range; a failing range fails the read).
+        """A full read of a set. With `degree` > 1 the first page is read alone; what comes after its last id is
+        split into `degree` id ranges (widths from the first page's id density and the set's count; the last range
+        is open-ended, so no id is left out however wrong the estimate), read side by side (`_read_ranges`).
         `count()`: the set's count, asked beside the first page; it bounds the paging from that page on."""
         pages = self._query("Opportunities", filters, total=lambda page: count())
         if self.degree <= 1:
@@ -781,15 +789,44 @@ class AutotaskConnector(CrmConnector):
             return
         parts = slice_count(self.degree, self.page_size)
         bounds = [math.ceil(b) for b in split_after(first[0]["id"], first[-1]["id"], len(first), rest, parts)]
+        yield from self._read_ranges(
+            filters, [[b, bounds[i + 1] if i + 1 < len(bounds) else None] for i, b in enumerate(bounds)], total
+        )
 
-        def id_range(i: int) -> Callable[[], Iterator[list[dict[str, Any]]]]:
-            where = [{"op": "gt", "field": "id", "value": bounds[i]}]
-            if i + 1 < len(bounds):
-                where.append({"op": "lte", "field": "id", "value": bounds[i + 1]})
-            # the set's count bounds every range (a range paging on past it is a loop, as in one query)
-            return lambda: self._query("Opportunities", [*filters, *where], expect=total)
+    def _read_ranges(
+        self, filters: list[dict[str, Any]], ranges: list[list[int | None]], total: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The records `filters` match in each id range [after, up to] (`id gt after`, `id lte up to`; None: no
+        upper bound), each its own query and cursor in id order, read side by side (parallel.streams: the ranges'
+        pages as they arrive; a failing range fails the read). Each page says where the read stands after it
+        (PositionedRecords: every range's last id taken, the ranges read to their end left out), which is what
+        a paused read goes on from (`resume_read`): the pages of several ranges interleave, so no one id is."""
+        left = [list(r) for r in ranges]  # [last id taken (or the range's lower bound), upper bound]
+        ended = [False] * len(left)
 
-        yield from streams([id_range(i) for i in range(len(bounds))], self.degree, self.page_size)
+        def id_range(i: int) -> Callable[[], Iterator[tuple[int, list[dict[str, Any]] | None]]]:
+            after, up_to = left[i]
+            where = [{"op": "gt", "field": "id", "value": after}]
+            if up_to is not None:
+                where.append({"op": "lte", "field": "id", "value": up_to})
+
+            def read() -> Iterator[tuple[int, list[dict[str, Any]] | None]]:
+                # the set's count bounds every range (a range paging on past it is a loop, as in one query)
+                for page in self._query("Opportunities", [*filters, *where], expect=total):
+                    yield i, page
+                yield i, None  # the range is read to its end
+
+            return read
+
+        for i, page in streams([id_range(i) for i in range(len(left))], self.degree):
+            if page is None:
+                ended[i] = True
+                continue
+            if page:
+                left[i][0] = page[-1]["id"]
+            yield PositionedRecords(
+                page, _ranges_position([r for r, done in zip(left, ended, strict=True) if not done])
+            )
 
     def count(self, open_set: bool) -> int:
         """Autotask's own count of the set, asked now: `POST Opportunities/query/count` with exactly the filter
@@ -1161,6 +1198,21 @@ def _kept(entity: str, x: dict[str, Any]) -> dict[str, Any]:
 def _person(r: dict[str, Any]) -> str | None:
     name = " ".join(str(x) for x in (r.get("firstName"), r.get("lastName")) if x)
     return name or None
+
+
+# A split read's position: the id ranges it has left, each as [last id taken, upper bound or null] (JSON)
+_RANGES = "ranges:"
+
+
+def _ranges_position(ranges: list[list[int | None]]) -> str:
+    return _RANGES + json.dumps(ranges, separators=(",", ":"))
+
+
+def _parse_position(after: str) -> list[list[int | None]]:
+    """The id ranges a read goes on with: those of a split read's position, or everything after an id."""
+    if after.startswith(_RANGES):
+        return [[int(lo), None if hi is None else int(hi)] for lo, hi in json.loads(after[len(_RANGES) :])]
+    return [[int(after), None]]
 
 
 def _str(v: Any) -> str | None:

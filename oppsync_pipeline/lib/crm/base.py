@@ -72,6 +72,15 @@ class Page(list[Opportunity]):
     position: str | None = None
 
 
+class PositionedRecords(list[dict[str, Any]]):
+    """A page of native records that says where its read stands after it (`position`), where that is not its last
+    record's `resume_key`: a read split into slices whose pages interleave (Autotask's id ranges)."""
+
+    def __init__(self, records: Iterable[dict[str, Any]], position: str) -> None:
+        super().__init__(records)
+        self.position = position
+
+
 T = TypeVar("T")
 
 # Optional reads (dictionaries, quota polls, enrichments) that answer with one of these are skipped with a
@@ -646,7 +655,7 @@ class CrmConnector(ABC):
                 continue
             page.append(opp)
         if page.received and self.resumable_full_reads:
-            page.position = self.resume_key(r)
+            page.position = getattr(records, "position", None) or self.resume_key(r)
         return page
 
     def _id_of(self, record: Any) -> str | None:

@@ -914,10 +914,10 @@ class DynamicsConnector(CrmConnector):
                 yield page
 
     def _split(self, flt: str, trail: PageTrail, pages: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A full read in the query's order (createdon, opportunityid), split in the date space: the first page
-        is read alone (its count bounds the set); what comes after it is read as createdon ranges of whole
-        seconds, each its own query and `@odata.nextLink` cursor, side by side (parallel.streams: range after
-        range, each in order; a failing range fails the read). Widths follow the first page's density; the last
+        """A full read split in the date space: the first page is read alone (its count bounds the set); what
+        comes after it is read as createdon ranges of whole seconds, each its own query and `@odata.nextLink`
+        cursor, side by side (parallel.streams: each range in the query's order (createdon, opportunityid), the
+        ranges' pages interleaved as they arrive; a failing range fails the read). Widths follow the first page's density; the last
         range is open-ended; the first starts at the second the first page ended in, without the records of that
         second the first page already held (by id)."""
         first = next(pages, None)
@@ -949,7 +949,7 @@ class DynamicsConnector(CrmConnector):
 
             return run
 
-        yield from streams([time_range(i) for i in range(len(bounds))], self.degree, self.page_size)
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def _set_size(self, open_set: bool, since: datetime | None, counted: int | None) -> int | None:
         if counted is not None and counted < COUNT_CAP:

@@ -838,11 +838,11 @@ class HubSpotConnector(CrmConnector):
     def _split_keyset(
         self, base: list[dict[str, Any]], properties: list[str]
     ) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
-        """A full read in `hs_object_id` order, split in the id space: the first page is read alone (its `total`
-        is the set's count); the deals after its last id are read as `degree` id ranges (`hs_object_id GT lo`
-        and `LTE hi`, the last open-ended; widths from the first page's density), each its own keyset read,
-        side by side (parallel.streams: range after range, each in order; a failing range fails the read).
-        Every search still waits its turn at `pace` (5 per second per portal at most, whatever the
+        """A full read split in the `hs_object_id` space: the first page is read alone (its `total` is the set's
+        count); the deals after its last id are read as `degree` id ranges (`hs_object_id GT lo` and `LTE hi`,
+        the last open-ended; widths from the first page's density), each its own keyset read in id order, side
+        by side (parallel.streams: the ranges' pages interleaved as they arrive; a failing range fails the
+        read). Every search still waits its turn at `pace` (5 per second per portal at most, whatever the
         threads), and no range meets the 10,000-result cap: each is paged by its id bound, not `after`."""
         pages = self._keyset(DEAL_SEARCH_PATH, base, properties, self.page_size)
         first = next(pages, None)
@@ -867,7 +867,7 @@ class HubSpotConnector(CrmConnector):
                 for found, _ in self._keyset(DEAL_SEARCH_PATH, where, properties, self.page_size, bounds[i])
             )
 
-        yield from streams([id_range(i) for i in range(len(bounds))], self.degree, self.page_size)
+        yield from streams([id_range(i) for i in range(len(bounds))], self.degree)
 
     def _keyset(
         self, path: str, base: list[dict[str, Any]], properties: list[str], limit: int, start: int = 0

@@ -1,5 +1,4 @@
-"""Parallel reads, written once for the five connectors: a bounded thread pool whose results come back in the
-order a sequential read would give them.
+"""Parallel reads, written once for the five connectors: a bounded thread pool.
 
 A full read is parallel only where the API allows it (docs/crm-api-notes.md): one server cursor (Salesforce
 `nextRecordsUrl`, Dataverse `@odata.nextLink`, Autotask `nextPageUrl`, HubSpot search `after`) is read page after
@@ -14,8 +13,8 @@ sequential read, in the caller's thread).
 
 Every request still goes through the connector's ApiClient (its retries, Retry-After, rate pacing, quota budget
 and statistics, which are thread-safe), over the client's one Session whose connection pool is sized for
-`degree` (`ApiClient.allow_concurrency`). The output is the sequential read's: slices are yielded in key order,
-results in input order. A slice or request that fails fails the whole read, raising its error in the consumer:
+`degree` (`ApiClient.allow_concurrency`). Results come in input order; a split read's pages come as its slices
+deliver them (each slice in its own order): the same records as the sequential read, not in its order. A slice or request that fails fails the whole read, raising its error in the consumer:
 never a short read that the full sync would take for deletes. Workers stop at the next page when the consumer
 stops or fails.
 """
@@ -34,14 +33,8 @@ R = TypeVar("R")
 # Records the slices of one read may hold ahead of the consumer, at most: a slice ahead hands its page over and
 # reads the next only once the consumer took it (`streams`), so each slice holds one page and a read takes at
 # most READ_AHEAD // page size slices at once (`slice_count`); a 1,000,000-record full sync keeps its flat memory
-# whatever the degree (Dataverse's 51 at 5,000 a page would hold 255,000). What the slices leave of it, the
-# slice being consumed may read ahead (`current_ahead`, at most CURRENT_AHEAD pages).
+# whatever the degree (Dataverse's 51 at 5,000 a page would hold 255,000).
 READ_AHEAD = 10_000
-# Pages the slice being consumed may hold ahead of the consumer. With one, its next request waited for the
-# consumer to take a page, and the consumer's turn waited on staging: the CRM stood idle while the sync mapped
-# and staged (a 100,000-opportunity Autotask full sync had no request in flight for 4.9 s of its 22 s extract;
-# 2.1 s with three).
-CURRENT_AHEAD = 3
 _DONE = object()
 
 
@@ -241,38 +234,31 @@ def split_after(low: float, high: float, read: int, remaining: int, parts: int) 
     return [high + i * width for i in range(parts)]
 
 
-def current_ahead(parts: int, page_size: int) -> int:
-    """How many pages the slice being consumed may hold ahead in `streams` when `parts` slices read pages of
-    `page_size`: what READ_AHEAD leaves after one page for each other slice, at most CURRENT_AHEAD, at least 1."""
-    room = READ_AHEAD // max(1, page_size) - (parts - 1)
-    return max(1, min(CURRENT_AHEAD, room))
+def streams(slices: list[Callable[[], Iterator[T]]], degree: int) -> Iterator[T]:
+    """The items of every slice, as they arrive, while up to `degree` slices are read side by side (each slice's own
+    order kept; items of different slices interleave). `slices`: a function per slice that starts its read.
 
-
-def streams(slices: list[Callable[[], Iterator[T]]], degree: int, page_size: int | None = None) -> Iterator[T]:
-    """The items of every slice, slice after slice (each slice's own order kept), while up to `degree` slices are
-    read side by side ahead of the consumer. `slices`: a function per slice that starts its read.
-
-    A slice ahead hands each item over and reads its next one only once the consumer took it: it holds one item
-    (a page). The slice being consumed holds up to `current_ahead` items (pages of `page_size`; one when not
-    given) that the consumer has not taken, read while the consumer works: its requests no longer wait for each
-    page to be taken."""
+    A slice hands each item over and reads its next one only once the consumer took it: it holds one item (a
+    page), so what a read holds ahead stays within READ_AHEAD (`slice_count`). The consumer takes whichever
+    slice's item came first: every cursor has its next request in flight while the consumer works (taking the
+    slices in turn, as one query's order, left one cursor reading at a time: the consumer waited on the slice
+    it was taking, the others idle with their page held). A caller that needs to know how far each slice got
+    (a resumable read) tags its slices' items."""
     if degree <= 1 or len(slices) <= 1:
         for start in slices:
             yield from start()
         return
-    ahead = current_ahead(len(slices), page_size) if page_size else 1
     stop = threading.Event()
-    queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in slices]
+    arrived: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
     turn = threading.Condition()
     held = [0] * len(slices)  # items handed over and not yet taken, per slice
-    current = [0]  # the slice being consumed
 
     def hand_over(i: int, item: Any) -> bool:
-        """Queue the item, then wait until the slice may hold one more (False: the read ended meanwhile)."""
+        """Queue the item, then wait until the consumer took it (False: the read ended meanwhile)."""
         with turn:
             held[i] += 1  # counted before it is queued: the consumer's take never finds it uncounted
-            queues[i].put(item)
-            while held[i] >= (ahead if i == current[0] else 1):
+            arrived.put((i, item))
+            while held[i] >= 1:
                 if stop.is_set():
                     return False
                 turn.wait(0.1)
@@ -285,9 +271,9 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int, page_size: int
             for item in slices[i]():
                 if not hand_over(i, item):
                     return
-            queues[i].put(_DONE)
+            arrived.put((i, _DONE))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which raises it
-            queues[i].put(_Failed(err))
+            arrived.put((i, _Failed(err)))
 
     pool = ThreadPoolExecutor(degree, thread_name_prefix="oppsync-slice")
     with pool:
@@ -295,20 +281,18 @@ def streams(slices: list[Callable[[], Iterator[T]]], degree: int, page_size: int
             # slices start in order; a worker is free for the next one when an earlier slice is read to its end
             for i in range(len(slices)):
                 pool.submit(read, i)
-            for i, q in enumerate(queues):
+            remaining = len(slices)
+            while remaining:
+                i, item = arrived.get()
+                if item is _DONE:
+                    remaining -= 1
+                    continue
+                if isinstance(item, _Failed):
+                    raise item.error
                 with turn:
-                    current[0] = i  # this slice may now read `ahead` items ahead
+                    held[i] -= 1  # the slice reads its next item while the consumer works on this one
                     turn.notify_all()
-                while True:
-                    item = q.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, _Failed):
-                        raise item.error
-                    with turn:
-                        held[i] -= 1  # the slice reads its next item while the consumer works on this one
-                        turn.notify_all()
-                    yield item
+                yield item
         finally:
             stop.set()  # running slices stop at their next page; those not begun never send a request
             with turn:

@@ -836,10 +836,10 @@ class SalesforceConnector(CrmConnector):
                 yield self.map_page(rows.records)
 
     def _full(self, open_set: bool) -> Iterator[Rows]:
-        """A full read of a set in the query's order (CreatedDate, Id), split in the date space: the first
-        page is read alone (its totalSize is the set's count); what comes after it is read as CreatedDate
-        ranges of whole seconds, each its own query and `nextRecordsUrl` cursor, side by side (parallel.streams:
-        range after range, each in order; a failing range fails the read). The widths follow the first page's
+        """A full read of a set split in the date space: the first page is read alone (its totalSize is the
+        set's count); what comes after it is read as CreatedDate ranges of whole seconds, each its own query
+        (ordered by CreatedDate, Id) and `nextRecordsUrl` cursor, side by side (parallel.streams: the ranges'
+        pages interleaved as they arrive; a failing range fails the read). The widths follow the first page's
         density; the last range is open-ended. The first range starts at the second the first page ended in:
         the records of that second the first page already held are left out of it (by id)."""
         where = self.opportunity_where(open_set, None)
@@ -873,7 +873,7 @@ class SalesforceConnector(CrmConnector):
 
             return run
 
-        yield from streams([time_range(i) for i in range(len(bounds))], self.degree, self.page_size)
+        yield from streams([time_range(i) for i in range(len(bounds))], self.degree)
 
     def count(self, open_set: bool) -> int | None:
         """`SELECT COUNT() FROM Opportunity WHERE <the full read's where>`: the count is the answer's totalSize

@@ -388,6 +388,7 @@ class AutotaskConnector(CrmConnector):
         self._last_poll: int | None = None
         self._poll_turn = threading.Lock()  # reads and lookups run in several threads: one poll when due
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
+        self._label_cache: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (the _fields it came from, labels)
         self._udfs: set[str] | None = None  # user-defined field names (None: refused)
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
@@ -595,12 +596,26 @@ class AutotaskConnector(CrmConnector):
         field = (self._fields or {}).get(name) or {}
         return field.get("picklistValues") or []
 
+    def _labels(self, name: str) -> dict[str, str]:
+        """A picklist's labels by value (as text), built once per field and answer of the fields' read: each record
+        asks for its stage's and status's labels."""
+        fields = self._fields
+        cached = self._label_cache.get(name)
+        if cached is not None and cached[0] is fields:
+            return cached[1]
+        labels: dict[str, str] = {}
+        for v in self._picklist(name):
+            key = str(v["value"])
+            labels.setdefault(key, str(v.get("label") or key))  # the first of a value listed twice, as before
+        self._label_cache[name] = (fields, labels)
+        return labels
+
     def _label(self, field: str, value: Any) -> str | None:
         """A picklist value's label (the value itself when the field is no picklist or the label is unknown)."""
         if value is None or value == "":
             return None
         key = str(value)
-        return next((str(v.get("label") or key) for v in self._picklist(field) if str(v["value"]) == key), key)
+        return self._labels(field).get(key, key)
 
     def fetch_stages(self) -> list[StageInfo]:
         """The stage picklist (Admin > Opportunity Stages): key = value, label = what users see. Autotask gives
@@ -1158,7 +1173,7 @@ class AutotaskConnector(CrmConnector):
     def _value(self, r: dict[str, Any], name: str) -> str | None:
         """A field's value as text users see: a picklist value becomes its label."""
         value = self._get(r, name)
-        if not name.startswith("udf:") and self._picklist(name):
+        if not name.startswith("udf:") and self._labels(name):
             return clean_text(self._label(name, value))
         return clean_text(value) if value not in (None, "") else None
 

@@ -31,6 +31,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import orjson
+
 K = TypeVar("K", int, str)
 
 # Entries a dictionary keeps in memory: above RESIDENT_MAX, what was read is stored and memory keeps the
@@ -42,7 +44,13 @@ RESIDENT_KEEP = 20_000
 
 
 def entry_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    """An entry as the store keeps it: compact JSON, keys sorted (orjson: ~5x the standard library's speed, and
+    an Autotask full sync writes an entry per company and contact it meets; the standard library for what orjson
+    refuses: integers past 64 bits, lone surrogates)."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
 class LookupStore(Protocol):

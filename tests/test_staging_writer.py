@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
 
+from oppsync_pipeline.lib import staging
 from oppsync_pipeline.lib.record import Opportunity
 from oppsync_pipeline.lib.warehouse import store
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine, transaction
@@ -81,11 +82,42 @@ def test_pages_are_written_a_batch_at_a_time(warehouse_url):
 
 def test_a_batch_is_also_bounded_by_raw_payload(warehouse_url):
     engine = started(warehouse_url)
-    writer = store.StagingWriter(engine, "x", batch_rows=10**6, batch_chars=5_000)
+    writer = store.StagingWriter(engine, "x", batch_rows=10**6, batch_chars=5_000, convert_rows=1)
     writer.add(page(0, 2, raw_size=1_000), True, 0)
     assert staged(engine) == []
     writer.add(page(2, 3, raw_size=1_000), True, 2)  # 5 records of ~1 kB: the payload bound is reached
     assert len(staged(engine)) == 5
+    engine.dispose()
+
+
+def test_consecutive_pages_of_a_set_are_converted_together(warehouse_url, monkeypatch):
+    """Pages are converted to Arrow a group at a time (convert_rows), a group never spanning two sets or a gap
+    in seq; what is staged is the same as page by page, scopes included."""
+    conversions = []
+    real_stage_batch = staging.stage_batch
+
+    def counted(*args, **kwargs):
+        conversions.append(len(args[1]))
+        return real_stage_batch(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "stage_batch", counted)
+    engine = started(warehouse_url)
+    writer = store.StagingWriter(engine, "x", convert_rows=5)
+    writer.add(page(0, 2), True, 0)
+    writer.add(page(2, 2), True, 2, scopes=["in", "filtered_out"])
+    assert conversions == []  # 4 records: not yet
+    writer.add(page(4, 2), True, 4)  # 6 records: converted together
+    writer.add(page(6, 1), True, 6)
+    writer.add(page(7, 2), False, 7)  # another set: what the set before left is converted alone
+    writer.add(page(20, 1), False, 20)  # a gap in seq: likewise
+    writer.flush()
+    assert conversions == [6, 1, 2, 1]
+    rows = staged(engine)
+    assert [r.seq for r in rows] == [*range(9), 20]
+    assert [r.in_open_set for r in rows] == [True] * 7 + [False] * 3
+    with transaction(engine) as c:
+        scopes = [r[0] for r in c.execute(text("SELECT scope FROM oppsync.stage_opportunities ORDER BY seq"))]
+    assert scopes == ["in"] * 3 + ["filtered_out"] + ["in"] * 6
     engine.dispose()
 
 

@@ -50,7 +50,6 @@ SMALLER_DEFAULTS = {
     "latency_connectwise": 500,
     "e2e_opportunities": 5_000,  # brief: 100,000
     "e2e_connectwise": 1_000,
-    "wire_opportunities": 20_000,  # brief: 100,000 (a full sync of 100,000 takes 2-4 min per CRM under load)
     # brief: 1,000,000; five tenants of a million take ~4 min each to generate and 3-25 min each to sync
     "memory_opportunities": 100_000,
 }

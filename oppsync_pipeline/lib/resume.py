@@ -12,9 +12,9 @@ failed while a page was being staged, does not (what was staged may be short of 
 Why the records staged so far are exactly those the position leaves out: each page says where the read stands
 after it (`Page.position`): its last record's key where the read is one cursor; where it is split into key ranges
 read side by side, whose pages interleave, every range's last key taken (Autotask's `ranges:` position), from
-which the next run reads each range on. The warehouse does not change until the read completes and is reconciled as one full sync: records changed while the read paused are read again by the full sync's
-read of the changes since it began (on the CRM's clock, from the first run), and its bookmark never passes that
-beginning. A paused read is discarded, and the next run reads from the start, when the connection's scope or
+which the next run reads each range on. The warehouse does not change until the read completes and is
+reconciled as one full sync: records changed while the read paused are read again by the full sync's read of the
+changes since it began (on the CRM's clock, from the first run), and its bookmark never passes that beginning. A paused read is discarded, and the next run reads from the start, when the connection's scope or
 the mapping changed.
 """
 

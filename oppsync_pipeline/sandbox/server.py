@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from oppsync_pipeline.lib.scrub import scrubbed_logger
 from oppsync_pipeline.sandbox.kit.limits import InFlight
+from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
 from oppsync_pipeline.sandbox.world import World
 
 log = scrubbed_logger(__name__)
@@ -224,8 +225,6 @@ class Simulator:
         """Drop the evaluated queries kept for paging (kit/snapshots.QueryCache), not the cursors already handed
         out: the next query is evaluated again, as a real CRM evaluates every query it is sent. `make bench`
         replays a sync's requests after it, so the replay's server does the sync's work, not less."""
-        from oppsync_pipeline.sandbox.kit.snapshots import QueryCache
-
         caches = [v for v in vars(self).values() if isinstance(v, QueryCache)]
         for cache in caches:
             cache.clear()

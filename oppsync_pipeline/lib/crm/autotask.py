@@ -388,7 +388,7 @@ class AutotaskConnector(CrmConnector):
         self._last_poll: int | None = None
         self._poll_turn = threading.Lock()  # reads and lookups run in several threads: one poll when due
         self._fields: dict[str, dict[str, Any]] | None = None  # entityInformation/fields by name (None: refused)
-        self._label_cache: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (the _fields it came from, labels)
+        self._label_cache: dict[str, dict[str, str]] = {}  # picklist labels by value, per field (`_labels`)
         self._udfs: set[str] | None = None  # user-defined field names (None: refused)
         self._refused: set[str] = set()  # optional reads refused this run: not asked again
         self._company_changes: tuple[datetime, list[int]] | None = None
@@ -463,6 +463,7 @@ class AutotaskConnector(CrmConnector):
         )
         if fields is not None:
             self._fields = {f["name"]: f for f in fields["fields"] if f["name"]}
+            self._label_cache = {}
             self.note(
                 "stage picklist",
                 "stage" in self._fields,
@@ -597,17 +598,15 @@ class AutotaskConnector(CrmConnector):
         return field.get("picklistValues") or []
 
     def _labels(self, name: str) -> dict[str, str]:
-        """A picklist's labels by value (as text), built once per field and answer of the fields' read: each record
-        asks for its stage's and status's labels."""
-        fields = self._fields
-        cached = self._label_cache.get(name)
-        if cached is not None and cached[0] is fields:
-            return cached[1]
-        labels: dict[str, str] = {}
-        for v in self._picklist(name):
-            key = str(v["value"])
-            labels.setdefault(key, str(v.get("label") or key))  # the first of a value listed twice, as before
-        self._label_cache[name] = (fields, labels)
+        """A picklist's labels by value (as text), built once per field (again when the fields are read again):
+        each record asks for its stage's and status's labels."""
+        labels = self._label_cache.get(name)
+        if labels is None:
+            labels = {}
+            for v in self._picklist(name):
+                key = str(v["value"])
+                labels.setdefault(key, str(v.get("label") or key))  # the first of a value listed twice, as before
+            self._label_cache[name] = labels
         return labels
 
     def _label(self, field: str, value: Any) -> str | None:

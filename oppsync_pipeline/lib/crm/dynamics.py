@@ -917,9 +917,9 @@ class DynamicsConnector(CrmConnector):
         """A full read split in the date space: the first page is read alone (its count bounds the set); what
         comes after it is read as createdon ranges of whole seconds, each its own query and `@odata.nextLink`
         cursor, side by side (parallel.streams: each range in the query's order (createdon, opportunityid), the
-        ranges' pages interleaved as they arrive; a failing range fails the read). Widths follow the first page's density; the last
-        range is open-ended; the first starts at the second the first page ended in, without the records of that
-        second the first page already held (by id)."""
+        ranges' pages interleaved as they arrive; a failing range fails the read). Widths follow the first page's
+        density; the last range is open-ended; the first starts at the second the first page ended in, without
+        the records of that second the first page already held (by id)."""
         first = next(pages, None)
         pages.close()  # the next page is asked only by the ranges below
         if first is None:

@@ -14,9 +14,9 @@ sequential read, in the caller's thread).
 Every request still goes through the connector's ApiClient (its retries, Retry-After, rate pacing, quota budget
 and statistics, which are thread-safe), over the client's one Session whose connection pool is sized for
 `degree` (`ApiClient.allow_concurrency`). Results come in input order; a split read's pages come as its slices
-deliver them (each slice in its own order): the same records as the sequential read, not in its order. A slice or request that fails fails the whole read, raising its error in the consumer:
-never a short read that the full sync would take for deletes. Workers stop at the next page when the consumer
-stops or fails.
+deliver them (each slice in its own order): the same records as the sequential read, not in its order. A slice
+or request that fails fails the whole read, raising its error in the consumer: never a short read that the full
+sync would take for deletes. Workers stop at the next page when the consumer stops or fails.
 """
 
 from __future__ import annotations

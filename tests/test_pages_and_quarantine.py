@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import StrictBool, StrictStr
@@ -132,3 +132,14 @@ def test_unreadable_values_are_located_in_the_raw_record():
 
 def test_raw_json_keeps_a_lone_surrogate_as_its_escape():
     assert raw_json({"Name": "a\ud800b"}) == '{"Name":"a\\ud800b"}'
+
+
+def test_raw_json_takes_every_kind_of_record_the_fast_path_does_not():
+    # compact JSON by orjson; a key that is no text (not JSON, but a connector may add one), integers past 64 bits
+    # and NUL each take the slower path, and all come out as before the fast path was added
+    assert raw_json({"b": 1.5, "a": [1, None, "é"]}) == '{"b":1.5,"a":[1,null,"é"]}'
+    assert raw_json({1: "x", "k": True}) == '{"1":"x","k":true}'
+    assert raw_json({"n": 2**70}) == '{"n":1180591620717411303424}'
+    assert raw_json({"t": "a\x00b"}) == '{"t":"a\\\\u0000b"}'  # NUL kept visible, escaped: Postgres text refuses it
+    assert raw_json({"n": 2**70, "t": "\x00"}) == '{"n":1180591620717411303424,"t":"\\\\u0000"}'
+    assert raw_json({"d": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)}) == '{"d":"2026-01-02T03:04:05+00:00"}'

@@ -1277,12 +1277,21 @@ def _revenue_breakdown(r: dict[str, Any]) -> dict[str, float | None]:
     """One-time vs recurring revenue (recurring over `totalAmountMonths`, RECURRING_PER_MONTH) and the
     opportunity's total `cost` (required by Autotask). A field the record lacks (a tenant or API user without
     it) leaves that part None, never a zero."""
-    one_time = parse_float(r.get("onetimeRevenue"))
-    months = parse_float(r.get("totalAmountMonths"))
-    rates = [parse_float(r.get(name)) for name in RECURRING_PER_MONTH]
+    get = r.get
+    months = parse_float(get("totalAmountMonths"))
     recurring = None
-    if months is not None and any(v is not None for v in rates):
-        recurring = round(
-            sum((v or 0.0) * per * months for v, per in zip(rates, RECURRING_PER_MONTH.values(), strict=True)), 2
-        )
-    return {"revenue_one_time": one_time, "revenue_recurring": recurring, "cost": parse_float(r.get("cost"))}
+    if months is not None:
+        total, seen = 0.0, False
+        for name, per in _RECURRING:  # in order, each absent rate adding 0.0: the same sum as before, to the bit
+            rate = parse_float(get(name))
+            seen = seen or rate is not None
+            total += (rate or 0.0) * per * months
+        recurring = round(total, 2) if seen else None
+    return {
+        "revenue_one_time": parse_float(get("onetimeRevenue")),
+        "revenue_recurring": recurring,
+        "cost": parse_float(get("cost")),
+    }
+
+
+_RECURRING = tuple(RECURRING_PER_MONTH.items())

@@ -18,6 +18,8 @@ from benchmarks.common import Figure, postgres_available
 TINY = [
     "--rows",
     "1000",
+    "--floor-rows",
+    "1000",
     "--page-size",
     "250",
     "--api-opportunities",
@@ -51,6 +53,24 @@ def test_reconcile_engine_floor_and_dlt_on_duckdb(tmp_path: Path, monkeypatch: p
     subjects = [f.subject for f in figures]
     assert subjects[:5] == ["duckdb engine", "duckdb floor", "duckdb ours/floor", "duckdb dlt merge", "duckdb ours/dlt"]
     figures_ok(figures[:5])
+
+
+def test_reconcile_compares_the_floor_and_dlt_at_their_own_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # make bench: the floor at the brief's size, dlt where its merge finishes in minutes; each ratio on one snapshot
+    monkeypatch.setattr(reconcile_throughput, "postgres_available", lambda: False)
+    figures = reconcile_throughput.run(parse_args(TINY + ["--floor-rows", "600"]), tmp_path)
+    subjects = [f.subject for f in figures]
+    assert subjects[:6] == [
+        "duckdb engine",
+        "duckdb floor",
+        "duckdb ours/floor",
+        "duckdb engine at 1,000",
+        "duckdb dlt merge",
+        "duckdb ours/dlt",
+    ]
+    figures_ok(figures[:6])
+    assert "N=600" in figures[0].notes and "N=600" in figures[2].notes
+    assert "N=1,000" in figures[3].notes and "N=1,000" in figures[5].notes and "at 600" in figures[5].notes
 
 
 @pytest.mark.postgres

@@ -1,6 +1,6 @@
 """python -m benchmarks [--only NAME ...] [sizes]: run the benchmarks, print one table, rewrite RESULTS.md.
 
-Default sizes are the brief's where a default run fits in 20 minutes on 2 shared cores, and smaller where it
+Default sizes are the brief's where a default run fits in ~25 minutes on 2 shared cores, and smaller where it
 does not (DEFAULT_NOTES says which and why); pass the brief's sizes explicitly to run them.
 """
 
@@ -40,7 +40,7 @@ BENCHMARKS = {
     "wire": wire_overhead,  # a full sync per CRM against downloading and decoding the same pages
     "scale": scale,  # 500 connections: definitions load, memory, ticks, DuckDB refused, syncs/hour on Celery
 }
-# Where the default differs from the brief's size, to keep `make bench` within 20 minutes (measured, with the
+# Where the default differs from the brief's size, to keep `make bench` within ~25 minutes (measured, with the
 # machine shared): dlt's merge runs at ~500 rows/s on DuckDB (a million rows would take ~35 min on its own),
 # a million-opportunity Salesforce tenant takes ~4 min to generate before the sync starts, and each full sync
 # costs ~1-3 ms per opportunity, which the end-to-end run pays five times before the timed hour.
@@ -97,7 +97,7 @@ def sizes(args: argparse.Namespace, names: list[str]) -> list[str]:
         parts = []
         for key in shown[name]:
             value = getattr(args, key)
-            note = f" (brief: {brief[key]:,}; smaller to fit 20 min)" if key in brief and value < brief[key] else ""
+            note = f" (brief: {brief[key]:,}; smaller to fit ~25 min)" if key in brief and value < brief[key] else ""
             parts.append(f"{key}={value:,}{note}" if value is not None else f"{key}=same")
         out.append(f"{name}: " + ", ".join(parts))
     return out

@@ -28,6 +28,8 @@ TINY = [
     "300",
     "--latency-connectwise",
     "30",
+    "--latency-rounds",
+    "2",
     "--memory-opportunities",
     "300",
     "--memory-dagster-opportunities",
@@ -130,6 +132,8 @@ def test_a_run_prints_one_table_and_writes_results(tmp_path: Path, capsys: pytes
     assert "benchmark" in out and "latency floor" in out
     text = results.read_text()
     assert "MemTotal" in text and "--latency-opportunities 300" in text and "| latency floor | salesforce |" in text
+    # three rounds by default, interleaved; the fastest of each side compared, every wall shown
+    assert re.search(r"best of 3 rounds \(at 50 ms: [\d.]+ / [\d.]+ / [\d.]+s; with no latency: [\d.]+ / ", text)
     # the overlap figure: the same sync with no latency measured beside it
     hidden = re.search(
         r"\| latency hidden \| salesforce \| ([\d.]+)s = ([\d.]+)x \| <= 1.3x max\(floor, no latency\) \(([\d.]+)s\)",

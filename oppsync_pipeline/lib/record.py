@@ -220,10 +220,9 @@ def raw_json(raw: dict[str, Any]) -> str:
         except TypeError:
             text = json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":"))
             try:
-                text.encode("utf-8")
+                data = text.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: kept, as the JSON escape the CRM sent
-                text = json.dumps(raw, default=str, ensure_ascii=True, separators=(",", ":"))
-            return text.replace("\\u0000", "\\\\u0000")
+                data = json.dumps(raw, default=str, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     if b"\\u0000" in data:  # searched in the bytes: cheaper than in the (often not ASCII) text
         data = data.replace(b"\\u0000", b"\\\\u0000")
     return data.decode("utf-8")

@@ -1271,6 +1271,7 @@ RECURRING_PER_MONTH = {
     "semiannualRevenue": 1 / 6,
     "yearlyRevenue": 1 / 12,
 }
+_RECURRING = tuple(RECURRING_PER_MONTH.items())
 
 
 def _revenue_breakdown(r: dict[str, Any]) -> dict[str, float | None]:
@@ -1292,6 +1293,3 @@ def _revenue_breakdown(r: dict[str, Any]) -> dict[str, float | None]:
         "revenue_recurring": recurring,
         "cost": parse_float(get("cost")),
     }
-
-
-_RECURRING = tuple(RECURRING_PER_MONTH.items())

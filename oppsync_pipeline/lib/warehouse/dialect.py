@@ -97,7 +97,7 @@ def bulk_insert(
     rows: Sequence[Sequence[Any]],
     computed: Mapping[str, str] | None = None,
 ) -> int:
-    """Insert many rows in one statement-level operation: DuckDB scans a DataFrame, Postgres uses COPY.
+    """Insert many rows in one statement-level operation: DuckDB scans an Arrow table, Postgres uses COPY.
 
     `computed` (DuckDB only) gives some columns as SQL expressions over the inserted ones (the column itself
     included), evaluated by the insert."""
@@ -119,18 +119,35 @@ def _duckdb_insert(
     rows: Sequence[Sequence[Any]],
     computed: Mapping[str, str] | None,
 ) -> None:
-    import pandas as pd
-
-    frame = pd.DataFrame.from_records(rows, columns=list(columns))
+    data = _arrow_table(columns, rows)
     raw = conn.connection.dbapi_connection
-    name = f"_bulk_{id(frame)}"
-    raw.register(name, frame)
+    name = f"_bulk_{id(data)}"
+    raw.register(name, data)
     try:
         cols = ", ".join(columns)
         values = ", ".join((computed or {}).get(c, c) for c in columns)
         raw.execute(f"INSERT INTO {table} ({cols}) SELECT {values} FROM {name}")
     finally:
         raw.unregister(name)
+
+
+def _arrow_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """The rows as one Arrow table, each column's type inferred by Arrow: ints stay ints where None is among them
+    (the DataFrame this replaces made such a column float64, and an id past 2**53 came back changed), date-times keep
+    their zone, and no value is boxed into a pandas object (an Autotask full sync stores a dictionary entry per
+    company and contact it meets). A column Arrow cannot take as one plain type (mixed types, an int past 64 bits,
+    a lone surrogate, a nested value) sends the rows through pandas as before."""
+    import pyarrow as pa
+
+    try:
+        arrays = [pa.array(values) for values in zip(*rows, strict=True)]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError, ValueError):
+        arrays = None
+    if arrays is None or any(pa.types.is_nested(a.type) for a in arrays):
+        import pandas as pd
+
+        return pd.DataFrame.from_records(rows, columns=list(columns))
+    return pa.Table.from_arrays(arrays, names=list(columns))
 
 
 def _postgres_copy(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

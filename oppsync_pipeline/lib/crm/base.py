@@ -21,6 +21,7 @@ come from the connector's `field_map` and the connection's `fields:` overrides (
 from __future__ import annotations
 
 import difflib
+import functools
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -33,7 +34,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field
 
 from oppsync_pipeline.lib.config import ConfigError, ConnectionConfig, RecordFilter
-from oppsync_pipeline.lib.crm.fields import FieldMap, as_id, read_fields
+from oppsync_pipeline.lib.crm.fields import FieldMap, FieldReader, as_id
 from oppsync_pipeline.lib.crm.http import (
     ApiClient,
     Auth,
@@ -610,14 +611,14 @@ class CrmConnector(ABC):
         """The canonical values of `record` (fields.read_fields): each field from where the field map or the
         connection's override says, a field the map derives from `derived` (the connector's derivation from
         what `enrich` read), unless overridden."""
-        return read_fields(
-            record,
-            self.field_map,
-            self.conn.fields,
-            value=self.read_value,
-            text=self.read_text,
-            ident=self.read_id,
-            derived=derived,
+        return self._field_reader(record, derived)
+
+    @functools.cached_property
+    def _field_reader(self) -> FieldReader:
+        """The field map and this connection's overrides resolved once, with this connector's getters (the
+        connection's config is frozen: what it names does not change during a run)."""
+        return FieldReader(
+            self.field_map, self.conn.fields, value=self.read_value, text=self.read_text, ident=self.read_id
         )
 
     # -- validation of what a CRM returns ------------------------------------------------------------------------

@@ -72,21 +72,55 @@ def as_id(value: Any) -> str | None:
 
 
 _PARSE: dict[str, Callable[[Any], Any]] = {"number": parse_float, "date": parse_date, "datetime": parse_datetime}
-# (field map, overrides, their items) -> (canonical, native, kind) of every field, resolved once per connection
-# rather than once per record (read_fields runs per record; the overrides are checked unchanged each time)
-_PLANS: dict[tuple[int, int], tuple[FieldMap, Mapping[str, str], tuple, tuple[tuple[str, str | None, Kind], ...]]] = {}
 
 
-def _plan(field_map: FieldMap, overrides: Mapping[str, str]) -> tuple[tuple[str, str | None, Kind], ...]:
-    key, items = (id(field_map), id(overrides)), tuple(overrides.items())
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0] is field_map and hit[1] is overrides and hit[2] == items:
-        return hit[3]
-    plan = tuple((canonical, field_map.native(canonical, overrides), kind) for canonical, kind in KINDS.items())
-    if len(_PLANS) > 1024:  # many short-lived connections (tests, 500-tenant scale runs): start again
-        _PLANS.clear()
-    _PLANS[key] = (field_map, overrides, items, plan)
-    return plan
+class FieldReader:
+    """`read_fields` for one field map, one connection's overrides and one connector's getters, resolved once:
+    each field's native name, how it is read and how its value is parsed, in a tuple the per-record loop walks
+    (a connector keeps one, `CrmConnector.mapped_fields`). Resolving the plan, checking the overrides unchanged
+    and choosing by kind for every record was a quarter of what reading the fields cost (Autotask: ~1.7 us of
+    ~6.7 us a record)."""
+
+    __slots__ = ("_derivable", "_field_map", "_steps")
+
+    def __init__(
+        self,
+        field_map: FieldMap,
+        overrides: Mapping[str, str],
+        *,
+        value: Getter,
+        text: Getter | None = None,
+        ident: Callable[[Any], str | None] = as_id,
+    ):
+        steps: list[tuple[str, str | None, Getter | None, Callable[[Any], Any] | None]] = []
+        for canonical, kind in KINDS.items():
+            native = field_map.native(canonical, overrides)
+            if native is None:
+                steps.append((canonical, None, None, None))
+            elif kind == "text":
+                # a connector's text getter gives the value as users see it; without one, the value as text
+                steps.append((canonical, native, text, None) if text else (canonical, native, value, clean_text))
+            else:
+                steps.append((canonical, native, value, ident if kind == "id" else _PARSE[kind]))
+        self._steps = tuple(steps)
+        self._field_map = field_map
+        self._derivable = frozenset(c for c, n in field_map.items() if n is None)
+
+    def __call__(
+        self, record: dict[str, Any], derived: Mapping[str, Callable[[], Any]] | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for canonical, native, read, parse in self._steps:
+            if read is None:
+                if derived and canonical in derived:
+                    out[canonical] = derived[canonical]()
+                continue
+            raw = read(record, native)  # type: ignore[arg-type]
+            out[canonical] = raw if parse is None else parse(raw)
+        if derived and not self._derivable.issuperset(derived):
+            stray = [c for c in derived if self._field_map[c] is not None]
+            raise TypeError(f"derivations given for fields the map reads from the record: {stray}")
+        return out
 
 
 def read_fields(
@@ -106,28 +140,9 @@ def read_fields(
 
     `value(record, native)` reads a native value as the CRM sent it; `text(record, native)` as users see it
     (a picklist's label, a lookup's name; default: the value as text). A value that cannot be read raises
-    (BadValue): `map_records` quarantines the record, naming the raw field that holds it."""
-    if text is None:
-
-        def text(r: dict[str, Any], native: str) -> Any:
-            return clean_text(value(r, native))
-
-    derived = derived or {}
-    out: dict[str, Any] = {}
-    for canonical, native, kind in _plan(field_map, overrides):
-        if native is None:
-            if canonical in derived:
-                out[canonical] = derived[canonical]()
-            continue
-        if kind == "text":
-            out[canonical] = text(record, native)
-            continue
-        raw = value(record, native)
-        out[canonical] = ident(raw) if kind == "id" else _PARSE[kind](raw)
-    stray = [c for c in derived if field_map[c] is not None]
-    if stray:
-        raise TypeError(f"derivations given for fields the map reads from the record: {stray}")
-    return out
+    (BadValue): `map_records` quarantines the record, naming the raw field that holds it. A connector reads
+    every record of a run through one FieldReader; this resolves the map again at each call."""
+    return FieldReader(field_map, overrides, value=value, text=text, ident=ident)(record, derived)
 
 
 def configured_fields(conn: ConnectionConfig) -> Iterator[tuple[str, str]]:

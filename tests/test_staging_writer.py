@@ -3,6 +3,7 @@ and by raw payload, and whatever is staged is exactly what the pages held, on bo
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
@@ -205,3 +206,31 @@ def test_a_forked_process_hashes_with_a_duckdb_of_its_own():
     os.close(read)
     assert answer == ["True", parent_digest]
     assert staging._hasher() is parent_hasher  # the parent keeps its own
+
+
+def test_reported_counts_take_each_ids_latest_staged_version(warehouse_url):
+    """finish_extract counts what the reconcile will track: each id once, as its latest staged version (latest
+    modified_at, a missing one older than any, ties to the one staged last), in scope or already tracked."""
+    engine = started(warehouse_url)
+    base = page(0, 8)
+    t = datetime(2026, 2, 1)
+
+    def version(i: int, status: str, modified: datetime | None) -> Opportunity:
+        o = base[i]
+        return dataclasses.replace(o, status=status, modified_at=modified)
+
+    writer = store.StagingWriter(engine, "x")
+    # id0: open, then won later (latest: won); id1: won, then open at the same time, staged last (latest: open);
+    # id2: lost with no modified_at, then open (latest: open); id3, id4: once each, open and lost;
+    # id5: open but filtered out; id6: open before the stage trigger, not tracked; id7: lost, seen twice the same
+    writer.add([version(0, "open", t), version(1, "won", t), version(2, "lost", None)], True, 0)
+    writer.add([version(3, "open", t), version(4, "lost", t)], True, 3)
+    writer.add([version(5, "open", t), version(6, "open", t)], True, 5, scopes=["filtered_out", "before_stage"])
+    writer.add([version(7, "lost", t), version(7, "lost", t)], False, 7)
+    writer.add([version(0, "won", t + timedelta(hours=1)), version(1, "open", t), version(2, "open", t)], False, 9)
+    writer.flush()
+    store.finish_extract(engine, "x", status="complete", finished_at=datetime(2026, 3, 1), counts={"open": 12})
+    row = store.load_extract(engine, "x")
+    # open: id1, id2, id3; not open: id0 (won), id4, id7
+    assert (row["reported_open"], row["reported_closed"]) == (3, 3)
+    engine.dispose()

@@ -411,14 +411,22 @@ def load_extract(engine: Engine, extract_id: str) -> dict[str, Any] | None:
 # The latest staged version of each id the reconcile will track: in scope, or before the stage trigger but
 # already tracked (once tracked, kept). Records read by id that left the filters, and untracked ones before
 # the trigger stage, are not part of what the CRM reported for this connection.
-# Counted by status in one pass over the staged rows (the window sorts them all: a million rows on Postgres).
-_LATEST = f"""SELECT count(*) FILTER (WHERE status = 'open') AS open_n,
+# Counted by status in one pass over the staged rows; only the ids staged more than once go through the window, as in
+# the reconcile (reconcile/sql/src.sql): ranking every row took 1.1 s of a 1,000,000-row DuckDB run, 1.6 s on Postgres.
+_LATEST = f"""WITH dup AS (
+        SELECT source_id FROM {S}.stage_opportunities WHERE extract_id = :x GROUP BY source_id HAVING count(*) > 1)
+    SELECT count(*) FILTER (WHERE status = 'open') AS open_n,
     count(*) FILTER (WHERE status <> 'open') AS closed_n FROM (
-    SELECT status, source_id, connection, scope, row_number() OVER (
-        PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
-    FROM {S}.stage_opportunities WHERE extract_id = :x) v
-    WHERE rn = 1 AND (COALESCE(v.scope, 'in') = 'in' OR (v.scope = 'before_stage' AND EXISTS (
-        SELECT 1 FROM {S}.opportunities o WHERE o.connection = v.connection AND o.source_id = v.source_id)))"""
+    SELECT status, source_id, connection, scope FROM {S}.stage_opportunities s
+    WHERE s.extract_id = :x AND NOT EXISTS (SELECT 1 FROM dup d WHERE d.source_id = s.source_id)
+    UNION ALL
+    SELECT status, source_id, connection, scope FROM (
+        SELECT status, source_id, connection, scope, row_number() OVER (
+            PARTITION BY source_id ORDER BY modified_at DESC NULLS LAST, seq DESC) AS rn
+        FROM {S}.stage_opportunities WHERE extract_id = :x AND source_id IN (SELECT source_id FROM dup)) t
+    WHERE rn = 1) v
+    WHERE COALESCE(v.scope, 'in') = 'in' OR (v.scope = 'before_stage' AND EXISTS (
+        SELECT 1 FROM {S}.opportunities o WHERE o.connection = v.connection AND o.source_id = v.source_id))"""
 
 
 # Quarantined records the warehouse holds (live, in scope) and the extract did not stage: kept unchanged.

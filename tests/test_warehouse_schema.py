@@ -26,6 +26,7 @@ from oppsync_pipeline.lib.warehouse.schema import (
     RAW_COMPRESSION,
     RAW_TABLES,
     SCHEMA,
+    UPDATED_TABLES_FILLFACTOR,
     schema_migrations,
 )
 
@@ -91,7 +92,7 @@ def test_an_older_warehouse_is_migrated_without_losing_rows(warehouse_url: str):
     with engine.connect() as conn:
         assert _keys_and_indexes(conn, "opportunities") > 0  # the old layout had its keys
 
-    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert ensure_schema(engine) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     assert ensure_schema(engine) == []  # once only
 
     with engine.connect() as conn:
@@ -156,7 +157,7 @@ def test_a_version_3_warehouse_gets_the_stage_model_columns_and_keeps_its_rows(w
         for table, column in M4_COLUMNS:
             conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} DROP COLUMN {column}"))
     _seed(engine)
-    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert ensure_schema(engine) == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     with engine.connect() as conn:
         for table, column in M4_COLUMNS:
             assert column in _columns(conn, table), (table, column)
@@ -193,7 +194,7 @@ def test_a_version_11_warehouse_compresses_raw_json_and_keeps_its_rows(warehouse
     with engine.connect() as conn:
         before = {t: _columns(conn, t) for t in RAW_TABLES}
         assert all(_raw_compression(conn, t) is None for t in RAW_TABLES)
-    assert ensure_schema(engine) == [12, 13]
+    assert ensure_schema(engine) == [12, 13, 14]
     duckdb = warehouse_url.startswith("duckdb")
     with engine.connect() as conn:
         for table in RAW_TABLES:
@@ -276,7 +277,7 @@ def test_a_version_4_warehouse_gets_one_event_per_kind_and_close_sources(warehou
                 VALUES (:id, 'c', 'salesforce', :s, :k, :t, :t, :r, :f)"""),
                 {"id": f"{run}:{sid}:{kind}", "s": sid, "k": kind, "t": T0, "r": run, "f": fields},
             )
-    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert ensure_schema(engine) == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     with engine.connect() as conn:
         rows = conn.execute(
             text(f"SELECT run_id, source_id, event_type, changed_fields, change_id FROM {SCHEMA}.opportunity_events")
@@ -329,7 +330,7 @@ def test_postgres_staging_is_indexed_by_extract_and_seq(pg_url: str):
     with transaction(engine) as conn:  # as release 12 left it: staging indexed by extract_id alone
         conn.execute(text(f"DROP INDEX {SCHEMA}.ix_stage_opp_extract_seq"))
         conn.execute(text(f"CREATE INDEX ix_stage_opp_extract ON {SCHEMA}.stage_opportunities (extract_id)"))
-    assert ensure_schema(engine) == [13]
+    assert ensure_schema(engine) == [13, 14]
     with engine.connect() as conn:
         indexes = _stage_indexes(conn)
     assert "ix_stage_opp_extract" not in indexes
@@ -342,3 +343,74 @@ def _stage_indexes(conn) -> dict[str, str]:
         {"s": SCHEMA},
     )
     return {str(name): str(definition) for name, definition in rows}
+
+
+def test_postgres_reconcile_updates_are_heap_only_on_a_migrated_warehouse(pg_url: str):
+    """Migration 14: closing a record's current version (valid_to) and rewriting its current row are HOT updates
+    (no index entry written), which they could not be while `ix_history_open` indexed valid_to and the pages were
+    full. A warehouse release 13 left is migrated: the index goes, both tables keep room on their pages."""
+    engine = make_engine(pg_url)
+    _migrate_to(engine, 13)
+    with transaction(engine) as conn:  # as release 13 left it
+        conn.execute(
+            text(f"CREATE INDEX ix_history_open ON {SCHEMA}.opportunity_history (connection, source_id, valid_to)")
+        )
+    assert ensure_schema(engine) == [14]
+    with transaction(engine) as conn:
+        assert "ix_history_open" not in {
+            r[0] for r in conn.execute(text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"), {"s": SCHEMA})
+        }
+        options = dict(
+            conn.execute(
+                text(
+                    "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = :s AND c.relname IN ('opportunities', 'opportunity_history')"
+                ),
+                {"s": SCHEMA},
+            ).all()
+        )
+        assert options == {t: [f"fillfactor={UPDATED_TABLES_FILLFACTOR}"] for t in options} and len(options) == 2
+        for i in range(200):  # rows inserted after the migration: their pages keep room
+            conn.execute(
+                text(f"""
+                INSERT INTO {SCHEMA}.opportunities (connection, source_id, crm, status, row_hash, version,
+                                                    first_seen_at, last_seen_at, raw)
+                VALUES ('c', :id, 'salesforce', 'open', 'h1', 1, :t, :t, :raw)"""),
+                {"id": f"{i:03}", "t": T0, "raw": "x" * 300},
+            )
+            conn.execute(
+                text(f"""
+                INSERT INTO {SCHEMA}.opportunity_history (connection, source_id, version, crm, status, row_hash,
+                                                          valid_from)
+                VALUES ('c', :id, 1, 'salesforce', 'open', 'h1', :t)"""),
+                {"id": f"{i:03}", "t": T0},
+            )
+    with transaction(engine) as conn:
+        # what the reconcile does to a tenth of the records a run changed (history_close.sql, current_update.sql)
+        changed = {"ids": [f"{i:03}" for i in range(0, 200, 10)]}
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.opportunity_history SET valid_to = :t "
+                "WHERE connection = 'c' AND valid_to IS NULL AND source_id = ANY(:ids)"
+            ),
+            {**changed, "t": T0},
+        )
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.opportunities SET status = 'won', row_hash = 'h2', version = 2 "
+                "WHERE connection = 'c' AND source_id = ANY(:ids)"
+            ),
+            changed,
+        )
+        counts = {  # this transaction's own counts
+            name: (updated, hot)
+            for name, updated, hot in conn.execute(
+                text(
+                    "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                    "WHERE schemaname = :s AND relname IN ('opportunities', 'opportunity_history')"
+                ),
+                {"s": SCHEMA},
+            )
+        }
+    assert counts == {"opportunities": (20, 20), "opportunity_history": (20, 20)}
+    engine.dispose()

@@ -70,8 +70,9 @@ opportunity_history = Table(
     Column("valid_from", DateTime, nullable=False),
     Column("valid_to", DateTime),
     Column("run_id", String),
+    # No index on valid_to (migration 14): the primary key's (connection, source_id) prefix finds a record's
+    # versions, and closing the current one can then be a HOT update
     PrimaryKeyConstraint("connection", "source_id", "version"),
-    Index("ix_history_open", "connection", "source_id", "valid_to"),
 )
 
 opportunity_events = Table(
@@ -613,6 +614,28 @@ def _m13_stage_index_by_seq(conn: Connection) -> None:
     conn.execute(text(f"DROP INDEX IF EXISTS {SCHEMA}.ix_stage_opp_extract"))
 
 
+# Postgres: the share of each heap page the fact tables that the reconcile updates in place leave free when rows
+# are inserted. An update of a column no index holds is then HOT (heap-only: the new version on the same page, no
+# index entry written), instead of a new tuple elsewhere plus an entry in every index.
+UPDATED_TABLES_FILLFACTOR = 85
+
+
+def _m14_hot_updates(conn: Connection) -> None:
+    """Postgres: the reconcile's in-place updates made heap-only (HOT). Closing a record's current version
+    (`history_close.sql`, valid_to) could never be HOT while `ix_history_open` indexed valid_to, and neither
+    table left room on its pages. Measured on a 1,000,000-opportunity warehouse with 10% changed (110,000 rows
+    updated in each table; two rounds, interleaved, 2026-12-07): the reconcile 23.2 / 21.3 s -> 19.5 / 18.4 s;
+    the history close 2.7-3.0 s -> under 1.4 s, the current-row update 2.4 -> 1.5-1.7 s; 109,998 and 108,104 of
+    the 110,000 updates HOT; the two tables take 6-9% more space. The primary key's (connection, source_id)
+    prefix serves what the dropped index did (a record has a few versions). Pages written before this migration
+    stay full: an existing warehouse gains as its rows are rewritten."""
+    if dialect.is_duckdb(conn):
+        return  # DuckDB updates columnar segments; there is no heap page to keep room in (and no index, migration 3)
+    conn.execute(text(f"DROP INDEX IF EXISTS {SCHEMA}.ix_history_open"))
+    for table in ("opportunities", "opportunity_history"):
+        conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} SET (fillfactor = {UPDATED_TABLES_FILLFACTOR})"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_resume_tokens),
@@ -627,6 +650,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (11, _m11_paused_extracts),
     (12, _m12_raw_compression),
     (13, _m13_stage_index_by_seq),
+    (14, _m14_hot_updates),
 ]
 
 

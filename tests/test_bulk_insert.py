@@ -84,3 +84,19 @@ def test_computed_columns_are_evaluated_by_the_duckdb_insert(duckdb_url: str):
     with engine.connect() as c:
         assert [tuple(r) for r in c.execute(text("SELECT id, name FROM bulk_t ORDER BY id"))] == [(1, "a"), (2, "x")]
     engine.dispose()
+
+
+def test_postgres_set_query_settings_hold_for_their_transaction_only(pg_url: str):
+    """tune_reconcile (the reconcile's and the extract counts' transactions): sorts and hashes in memory, no JIT
+    compilation, and a pooled connection that serves the next transaction has the server's defaults back."""
+    engine = make_engine(pg_url)
+    with transaction(engine) as conn:
+        default = conn.execute(text("SELECT current_setting('work_mem'), current_setting('jit')")).one()
+    with transaction(engine) as conn:
+        dialect.tune_reconcile(conn)
+        tuned = conn.execute(text("SELECT current_setting('work_mem'), current_setting('jit')")).one()
+    with transaction(engine) as conn:
+        after = conn.execute(text("SELECT current_setting('work_mem'), current_setting('jit')")).one()
+    engine.dispose()
+    assert tuned == (dialect.RECONCILE_WORK_MEM, "off")
+    assert after == default != tuned

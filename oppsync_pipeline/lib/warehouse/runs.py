@@ -14,7 +14,7 @@ from sqlalchemy import and_, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from oppsync_pipeline.lib.record import MAPPING_VERSION
-from oppsync_pipeline.lib.warehouse.dialect import Bind
+from oppsync_pipeline.lib.warehouse.dialect import Bind, tune_reconcile
 from oppsync_pipeline.lib.warehouse.engine import set_memory_limit, transaction
 from oppsync_pipeline.lib.warehouse.schema import SCHEMA as S
 from oppsync_pipeline.lib.warehouse.schema import (
@@ -376,6 +376,7 @@ def finish_extract(
             # already has (kept as they were). A window over every staged row: under DuckDB's lean limit (it
             # spills), as the reconcile; under the configured one it raised a 1,000,000-record sync by ~215 MB.
             set_memory_limit(conn, lean=True)
+            tune_reconcile(conn)  # Postgres: its sorts and hashes in memory, no JIT (they spilled at 4 MB)
             conn.execute(
                 text(f"""
                 UPDATE {S}.extracts SET

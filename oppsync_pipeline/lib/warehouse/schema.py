@@ -624,10 +624,11 @@ def _m14_hot_updates(conn: Connection) -> None:
     """Postgres: the reconcile's in-place updates made heap-only (HOT). Closing a record's current version
     (`history_close.sql`, valid_to) could never be HOT while `ix_history_open` indexed valid_to, and neither
     table left room on its pages. Measured on a 1,000,000-opportunity warehouse with 10% changed (110,000 rows
-    updated in each table; two rounds, interleaved, 2026-12-07): the reconcile 23.2 / 21.3 s -> 19.5 / 18.4 s;
-    the history close 2.7-3.0 s -> under 1.4 s, the current-row update 2.4 -> 1.5-1.7 s; 109,998 and 108,104 of
-    the 110,000 updates HOT; the two tables take 6-9% more space. The primary key's (connection, source_id)
-    prefix serves what the dropped index did (a record has a few versions). Pages written before this migration
+    updated in each table; 2026-12-07, interleaved runs): the history close 2.5-3.0 s -> 1.4-1.7 s, the current-row
+    update 2.0-2.4 -> 1.5-2.0 s; 109,998 and 108,104 of the 110,000 updates HOT; the reconcile 19.1-23.6 s (6 runs,
+    mean 21.6) -> 18.4-22.9 s (8 runs, mean 20.1), the machine's own drift between runs being as large; the two
+    tables take 6-9% more space. The primary key's (connection, source_id) prefix serves what the dropped index did
+    (a record has a few versions). Pages written before this migration
     stay full: an existing warehouse gains as its rows are rewritten."""
     if dialect.is_duckdb(conn):
         return  # DuckDB updates columnar segments; there is no heap page to keep room in (and no index, migration 3)

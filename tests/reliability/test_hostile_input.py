@@ -174,6 +174,7 @@ ALLOWED = {
     # (duckdb_columns) of an oppsync table, each name double-quoted; the compression from a module constant
     "ddl",
     "names",
+    "UPDATED_TABLES_FILLFACTOR",  # migration 14: a module constant (a storage parameter is not bindable)
     "quoted",  # setup.py: CREATE DATABASE of the configured name, quoted by the dialect (identifiers are not bindable)
 }
 SQL_CALLS = {"text", "execute", "exec_driver_sql", "copy_expert"}

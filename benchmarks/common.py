@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from oppsync_pipeline.lib.config import OppsyncConfig, parse_config
+from oppsync_pipeline.lib.crm.http import CrmSession
 from oppsync_pipeline.lib.crm.registry import REGISTRY
 from oppsync_pipeline.sandbox.cluster import sandbox_connection
 
@@ -111,8 +112,8 @@ def scratch_postgres() -> Iterator[str]:
         admin.dispose()
 
 
-class PathCountingSession(requests.Session):
-    """A requests.Session that also tallies requests by a short label of their path (which calls a sync made)."""
+class PathCountingSession(CrmSession):
+    """The connectors' session (CrmSession) that also tallies requests by a short label of their path (which calls a sync made)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ import requests
 from benchmarks.common import Figure, progress, sandbox_config, timed, verdict
 from benchmarks.memory import free_port, wait_until_serving
 from benchmarks.reconcile_throughput import top_lines
+from oppsync_pipeline.lib.crm.http import CrmSession
 from oppsync_pipeline.lib.sync import build_connector, sync_connection
 from oppsync_pipeline.lib.warehouse.engine import ensure_schema, make_engine
 from oppsync_pipeline.sandbox.cluster import CRMS, DEFAULT_PORTS
@@ -110,8 +111,8 @@ class Sent:
 
 
 @dataclass
-class RecordingSession(requests.Session):
-    """A requests.Session that keeps every request it sends, as sent (after auth, before the wire)."""
+class RecordingSession(CrmSession):
+    """The connectors' session (CrmSession) that keeps every request it sends, as sent (after auth, before the wire)."""
 
     sent: list[Sent] = field(default_factory=list)
 

@@ -39,6 +39,7 @@ from oppsync_pipeline.lib.crm.http import (
     ApiClient,
     Auth,
     CrmError,
+    CrmSession,
     InFlightLimit,
     QuotaBudget,
     QuotaExhausted,
@@ -198,7 +199,7 @@ class CrmConnector(ABC):
             classify=self.classify,
             pace=self.pace,
             sleep=sleep,
-            session=session or requests.Session(),
+            session=session or CrmSession(),
             scrubber=self.scrubber,
         )
         # requests in flight at once in a full read (parallel.py): 1 is the sequential read

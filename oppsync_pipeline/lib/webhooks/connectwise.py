@@ -60,6 +60,7 @@ from urllib.parse import urlsplit
 import requests
 
 from oppsync_pipeline.lib.config import ConnectionConfig
+from oppsync_pipeline.lib.crm.http import CrmSession
 from oppsync_pipeline.lib.webhooks.receiver import IncomingRequest, Notification, Refused, WebhookReceiver, same_secret
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class ConnectWiseReceiver(WebhookReceiver):
 
     def __init__(self, conn: ConnectionConfig, secrets: Any, *, session: requests.Session | None = None):
         super().__init__(conn, secrets)
-        self.session = session or requests.Session()
+        self.session = session or CrmSession()
         base = urlsplit(conn.base_url)
         self._base_host = _netloc(base)
         self._base_scheme = base.scheme

@@ -46,10 +46,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import requests
-
 from oppsync_pipeline.lib.config import ConnectionConfig
-from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError
+from oppsync_pipeline.lib.crm.http import ApiClient, Auth, CrmError, CrmSession
 from oppsync_pipeline.lib.webhooks.receiver import IncomingRequest, Notification, Refused, WebhookReceiver, same_secret
 
 if TYPE_CHECKING:
@@ -244,7 +242,7 @@ class DeveloperKey(Auth):
 def developer_client(client: ApiClient, key: str) -> ApiClient:
     """An ApiClient on the connection's base URL, session, retries and error mapping, authenticated with the
     developer API key instead of the portal's token (the webhooks API belongs to the app, not the portal)."""
-    session = requests.Session()
+    session = CrmSession()
     session.params = {"hapikey": key}  # type: ignore[assignment]
     api = ApiClient(
         base_url=client.base_url,

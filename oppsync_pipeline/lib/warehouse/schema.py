@@ -628,8 +628,8 @@ def _m14_hot_updates(conn: Connection) -> None:
     update 2.0-2.4 -> 1.5-2.0 s; 109,998 and 108,104 of the 110,000 updates HOT; the reconcile 19.1-23.6 s (6 runs,
     mean 21.6) -> 18.4-22.9 s (8 runs, mean 20.1), the machine's own drift between runs being as large; the two
     tables take 6-9% more space. The primary key's (connection, source_id) prefix serves what the dropped index did
-    (a record has a few versions). Pages written before this migration
-    stay full: an existing warehouse gains as its rows are rewritten."""
+    (a record has a few versions). Pages written before this migration stay full: an existing warehouse gains as
+    its rows are rewritten."""
     if dialect.is_duckdb(conn):
         return  # DuckDB updates columnar segments; there is no heap page to keep room in (and no index, migration 3)
     conn.execute(text(f"DROP INDEX IF EXISTS {SCHEMA}.ix_history_open"))

@@ -4,8 +4,10 @@ and by raw payload, and whatever is staged is exactly what the pages held, on bo
 from __future__ import annotations
 
 import dataclasses
+import threading
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import text
 
 from oppsync_pipeline.lib import staging
@@ -67,8 +69,9 @@ def test_pages_are_written_a_batch_at_a_time(warehouse_url):
     writer = store.StagingWriter(engine, "x", batch_rows=5, batch_chars=10**9)
     writer.add(page(0, 3), True, 0)
     assert staged(engine) == []  # under the batch size: nothing written yet
-    writer.add(page(3, 3), False, 3)
-    assert len(staged(engine)) == 6 and writer.written == 6  # the batch filled: written in one go
+    writer.add(page(3, 3), False, 3)  # the batch filled: written in one go, behind the read
+    writer.wait()
+    assert len(staged(engine)) == 6 and writer.written == 6
     writer.add(page(6, 2), True, 6)
     assert len(staged(engine)) == 6
     assert writer.flush() == 2 and writer.flush() == 0
@@ -87,6 +90,7 @@ def test_a_batch_is_also_bounded_by_raw_payload(warehouse_url):
     writer.add(page(0, 2, raw_size=1_000), True, 0)
     assert staged(engine) == []
     writer.add(page(2, 3, raw_size=1_000), True, 2)  # 5 records of ~1 kB: the payload bound is reached
+    writer.wait()
     assert len(staged(engine)) == 5
     engine.dispose()
 
@@ -129,9 +133,79 @@ def test_an_extract_that_fails_before_its_flush_stages_nothing_more(warehouse_ur
     writer = store.StagingWriter(engine, "x", batch_rows=4, batch_chars=10**9)
     writer.add(page(0, 4), True, 0)
     writer.add(page(4, 2), True, 4)
+    writer.abandon()  # as run_extract does when the extract fails: the write under way lands first
     assert len(staged(engine)) == 4
     store.finish_extract(engine, "x", status="failed", finished_at=datetime(2026, 3, 1), error="boom")
     assert staged(engine) == []
+    engine.dispose()
+
+
+class GatedWrites:
+    """staging.write_batch, each call held until the test opens its gate: when the writes happen, not what they
+    write (the real write follows)."""
+
+    def __init__(self, monkeypatch, fail_first: bool = False) -> None:
+        self.real, self.fail_first = staging.write_batch, fail_first
+        self.started, self.gate, self.calls = threading.Semaphore(0), threading.Event(), []
+        monkeypatch.setattr(staging, "write_batch", self)
+
+    def __call__(self, engine, table):
+        self.calls.append((threading.current_thread().name, table.num_rows))
+        self.started.release()
+        assert self.gate.wait(30)
+        if self.fail_first and len(self.calls) == 1:
+            raise RuntimeError("the warehouse refused the batch")
+        return self.real(engine, table)
+
+
+def test_a_full_batch_is_written_behind_the_read(warehouse_url, monkeypatch):
+    """`add` hands a full batch to a helper thread and returns: the caller goes on reading and converting while
+    it is written. One batch at a time: the next full batch waits for it; `flush` returns once all is written."""
+    engine = started(warehouse_url)
+    writes = GatedWrites(monkeypatch)
+    writer = store.StagingWriter(engine, "x", batch_rows=4, batch_chars=10**9)
+    writer.add(page(0, 4), True, 0)  # full: handed on, and add returned while it waits at the gate
+    assert writes.started.acquire(timeout=30)
+    writer.add(page(4, 2), True, 4)  # held, not full: the caller is not kept waiting
+    assert writes.calls == [("oppsync-stage_0", 4)] and writer.written == 0
+    flushed = threading.Thread(target=writer.flush)
+    flushed.start()
+    flushed.join(0.3)
+    assert flushed.is_alive()  # flush waits for the batch under way before it writes the rest
+    writes.gate.set()
+    flushed.join(30)
+    assert [c[1] for c in writes.calls] == [4, 2] and writer.written == 6
+    assert [r.source_id for r in staged(engine)] == [f"id{i}" for i in range(6)]
+    engine.dispose()
+
+
+def test_a_batch_that_fails_behind_the_read_raises_in_the_next_call(warehouse_url, monkeypatch):
+    """A failed write is not lost in its thread: the next `add` that hands on a batch, or `flush`, raises it,
+    and the batch after it is not written (the extract fails; its staging is dropped)."""
+    engine = started(warehouse_url)
+    writes = GatedWrites(monkeypatch, fail_first=True)
+    writes.gate.set()
+    writer = store.StagingWriter(engine, "x", batch_rows=4, batch_chars=10**9)
+    writer.add(page(0, 4), True, 0)
+    with pytest.raises(RuntimeError, match="refused the batch"):
+        writer.add(page(4, 4), True, 4)
+    assert len(writes.calls) == 1 and staged(engine) == []
+    engine.dispose()
+
+
+def test_abandon_waits_for_the_write_under_way_and_keeps_the_extracts_failure(warehouse_url, monkeypatch, caplog):
+    engine = started(warehouse_url)
+    writes = GatedWrites(monkeypatch, fail_first=True)
+    writer = store.StagingWriter(engine, "x", batch_rows=4, batch_chars=10**9)
+    writer.add(page(0, 4), True, 0)
+    writer.add(page(4, 2), True, 4)
+    assert writes.started.acquire(timeout=30)
+    threading.Timer(0.2, writes.gate.set).start()
+    writer.abandon()  # returns once the write ended (here: failed), raising nothing; what was held is dropped
+    assert writes.gate.is_set() and len(writes.calls) == 1
+    assert "failed to write as well" in caplog.text
+    writer.flush()
+    assert len(writes.calls) == 1 and staged(engine) == []
     engine.dispose()
 
 

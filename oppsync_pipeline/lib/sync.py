@@ -320,6 +320,8 @@ def run_extract(
             out.error = scrub(f"{err}; the full sync paused and the connection's next run reads on", secrets)
         else:
             out.status, out.error = ExtractStatus.SKIPPED, scrub(str(err), secrets)
+        if staging is not None:
+            staging.abandon()  # a batch still being written lands before the extract closes
         close_extract(engine, out, resume_state=kept)
     except Exception as err:  # noqa: BLE001 - any failure is recorded (scrubbed) in sync_runs, then re-raised
         out.status, out.error = ExtractStatus.FAILED, scrub(f"{type(err).__name__}: {err}", secrets)
@@ -331,6 +333,8 @@ def run_extract(
             kept = _keep_progress(full_read, staging, connector, engine, run_id, conn.name, quiet=True)
         if kept is not None:
             out.error += "; what the full read staged is kept: the connection's next run reads on"
+        if staging is not None:
+            staging.abandon()
         close_extract(engine, out, resume_state=kept)
         failure = ExtractFailed(out.error, permanent=is_permanent(err, str(engine.url)))
     finally:

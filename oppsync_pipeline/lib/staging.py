@@ -11,8 +11,8 @@ import functools
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
@@ -283,7 +283,7 @@ class StagingWriter:
         self._pages: list[tuple[Sequence[Opportunity], Sequence[str] | None]] = []
         self._pages_open = True
         self._pages_seq0 = self._pages_end = 0
-        self._writing: Callable[[], int] | None = None  # the batch being written behind the read: wait for it
+        self._writing: Future[int] | None = None  # the batch being written behind the read
         self._writer: ThreadPoolExecutor | None = None
 
     def add(
@@ -301,7 +301,7 @@ class StagingWriter:
         if pending >= self.convert_rows or self._rows + pending >= self.batch_rows:
             self._convert()
         if self._rows >= self.batch_rows or self._chars >= self.batch_chars:
-            self._write_behind(self._take())
+            self._write_behind()
         return len(page)
 
     def _convert(self) -> None:
@@ -333,7 +333,7 @@ class StagingWriter:
         """Wait for the batch being written behind the read (its failure raises here)."""
         writing, self._writing = self._writing, None
         if writing is not None:
-            self.written += writing()
+            self.written += writing.result()
 
     def abandon(self) -> None:
         """The extract failed: wait for a write under way, whatever its outcome (the failure being handled is
@@ -358,12 +358,14 @@ class StagingWriter:
         batches, self._batches, self._rows, self._chars = self._batches, [], 0, 0
         return pa.Table.from_batches(batches, schema=STAGE_SCHEMA) if batches else None
 
-    def _write_behind(self, table: pa.Table | None) -> None:
+    def _write_behind(self) -> None:
+        """Hand what is held (a full batch, converted before waiting) to the helper thread."""
+        table = self._take()
         self.wait()  # one batch at a time: the one before is written first
         if table is not None:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="oppsync-stage")
-            self._writing = self._writer.submit(write_batch, self.engine, table).result
+            self._writing = self._writer.submit(write_batch, self.engine, table)
 
 
 def stage_deletes(engine: Engine, extract_id: str, connection: str, page: Iterable[tuple[str, datetime | None]]) -> int:
